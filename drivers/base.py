@@ -1,0 +1,222 @@
+"""The Device interface: the one boundary between the host stack and a board.
+
+Units at the boundary:
+- node states are normalised: 1.0 is the full-scale node voltage `Limits.v_read`
+  (volts); clamps, targets and read-outs use this unit;
+- conductances are in siemens;
+- `mvm` returns weight units, ``x @ W`` with ``W = w_max (G+ - G-) / (g_max - g_min)``
+  (multiply by ``v_read * (g_max - g_min) / w_max`` for amperes).
+
+Arrays are numpy float32, batch first. Every backend checks a request against
+`DeviceInfo.limits` before anything is sent to the hardware.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import numpy as np
+
+from drivers.errors import NotSupported
+from drivers.topology import Topology
+
+CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The four fields of an IEEE 488.2 ``*IDN?`` reply."""
+
+    manufacturer: str
+    model: str
+    serial: str
+    firmware: str
+
+    def idn(self) -> str:
+        return f"{self.manufacturer},{self.model},{self.serial},{self.firmware}"
+
+    @staticmethod
+    def parse(text: str) -> Identity:
+        parts = [p.strip() for p in text.strip().split(",")]
+        parts += [""] * (4 - len(parts))
+        return Identity(*parts[:4])
+
+
+@dataclass(frozen=True)
+class Limits:
+    v_read: float  # volts that node state 1.0 stands for
+    v_read_max: float  # absolute read-voltage limit (volts) on any line
+    g_min: float  # siemens
+    g_max: float
+    dac_bits: int | None  # None: ideal DAC
+    adc_bits: int | None  # None: ideal ADC
+    adc_range: tuple[float, float]  # normalised state units the ADC covers
+    tile_rows_max: int
+    tile_cols_max: int
+    max_tiles: int
+    max_settle_steps: int
+    max_pulses: int  # per device per `pulse` call
+    settle_step_s: float  # seconds one settle step takes on the board
+
+    @property
+    def clamp_max(self) -> float:
+        """Largest normalised clamp value the read-voltage limit allows."""
+        return self.v_read_max / self.v_read
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    identity: Identity
+    limits: Limits
+    capabilities: frozenset[str]
+    preset: str = ""  # emulator preset name, "" for hardware
+    extra: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """An extra drive on one group during a nudged settle:
+    ``beta * (target - s) - beta * grad`` (either term may be absent).
+
+    With ``target`` it nudges toward ``1/2 |s - target|^2``; with ``grad`` it injects
+    the error current of a downstream block (``grad`` = dL/ds)."""
+
+    beta: float
+    target: np.ndarray | None = None
+    grad: np.ndarray | None = None
+
+
+@dataclass
+class Equilibrium:
+    states: dict[str, np.ndarray]  # free groups, after the ADC; clamped groups as applied
+    steps: int
+    converged: bool
+    residual: float  # max |s_t - s_{t-1}| at the last check
+    energy: np.ndarray | None  # (batch,) energy at the end, if the board measures it
+    settle_time_s: float
+    energy_j: float
+    trace: dict[str, np.ndarray] | None = None  # "step": (T,), "energy": (T, B), group: (T, B, n)
+
+
+@dataclass
+class ProgramReport:
+    tile: str
+    g_plus: np.ndarray  # conductances read back after programming (siemens)
+    g_minus: np.ndarray
+    iterations: int  # write-verify iterations used (0 without verify)
+    pulses: int  # programming pulses applied in total
+    residual_max: float  # max |G - target| over the tile's devices (siemens, read back)
+    within_tol: float  # fraction of devices within tolerance
+    energy_j: float
+    time_s: float
+
+
+@dataclass
+class PulseReport:
+    tile: str
+    pulses: int
+    energy_j: float
+    time_s: float
+
+
+@dataclass
+class SafetyCounters:
+    refused: int  # requests refused before reaching the array
+    violations: int  # out-of-limit conditions that reached the array: must stay 0
+
+
+class Device(ABC):
+    """One analog crossbar board. Use as a context manager: exit puts it in its safe state."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    @property
+    @abstractmethod
+    def info(self) -> DeviceInfo: ...
+
+    @property
+    @abstractmethod
+    def topology(self) -> Topology | None: ...
+
+    @abstractmethod
+    def configure(self, topology: Topology) -> None:
+        """Allocate tiles for `topology` and set activation gain, settle mode and budget."""
+
+    @abstractmethod
+    def program(
+        self,
+        tile: str,
+        g_plus: np.ndarray,
+        g_minus: np.ndarray,
+        *,
+        verify: bool = False,
+        tol: float | None = None,
+        max_iters: int = 20,
+    ) -> ProgramReport:
+        """Write target conductances; with `verify`, iterate read/correct until within `tol`
+        siemens (default: 2 % of the conductance range) or `max_iters`."""
+
+    @abstractmethod
+    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        """Apply signed pulse counts (positive: potentiate) to each device of a tile."""
+
+    @abstractmethod
+    def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        """One noisy read of (G+, G-) for every device of a tile, in siemens."""
+
+    @abstractmethod
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        """``x @ W`` (or ``x @ W.T``) through the tile, DAC on x and ADC on the result."""
+
+    @abstractmethod
+    def settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        """Relax the network with `clamp` groups held; `trace` True or every-k steps."""
+
+    @abstractmethod
+    def wait(self, seconds: float) -> None:
+        """Let time pass (drift). Hardware sleeps; the emulator advances its clock."""
+
+    @abstractmethod
+    def safety(self) -> SafetyCounters: ...
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Return to power-on state: topology cleared, error queue emptied."""
+
+    @abstractmethod
+    def safe_state(self) -> None:
+        """All lines to 0 V, no settle or programming in flight."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def require(self, capability: str) -> None:
+        if capability not in self.info.capabilities:
+            raise NotSupported(
+                f"{self.info.identity.model} does not support {capability!r}; "
+                f"it supports {sorted(self.info.capabilities)}"
+            )
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.safe_state()
+        finally:
+            self.close()

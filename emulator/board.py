@@ -1,0 +1,556 @@
+"""The emulated board: tiles, node circuits, periphery, a simulated clock and a safety monitor.
+
+Works on torch tensors on one torch device (CPU or CUDA, same code). Everything random
+comes from generators seeded by the board's seed, so a board is deterministic per seed:
+the fabrication draws of physical tile k come from ``seed`` and ``k`` alone (the same chip
+every time), the noise of reads, writes and settles from one noise stream.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from drivers.base import Identity, Limits
+from drivers.checks import check_topology
+from drivers.errors import ConfigurationError, LimitViolation
+from drivers.topology import BIAS, Coupling, Topology
+from emulator.array import TileArray
+from emulator.periphery import ChannelErrors, quantize
+from emulator.presets import BoardPreset
+
+
+def _lsb(bits: int | None, span: float) -> float:
+    return span / ((1 << bits) - 1) if bits else span / 255
+
+
+@dataclass
+class SafetyMonitor:
+    """Counts refused requests and, as a last line of defence, out-of-limit conditions that
+    reached the array (which the checks in front of it should make impossible)."""
+
+    refused: int = 0
+    violations: int = 0
+
+    def refuse(self, exc: LimitViolation) -> LimitViolation:
+        self.refused += 1
+        return exc
+
+
+class NoisePool:
+    """Standard normal noise for the steps of one settle.
+
+    Fresh ``torch.randn`` for every node at every step would cost more than the settle's
+    matmuls; instead each settle draws `blocks` fresh blocks and every request reads a
+    window at a random offset. Every value is exactly N(0, 1) and pools are independent
+    across settles; within a settle, steps reuse pool values at random shifts (the
+    noise-table technique of hardware noise generators), which leaves no correlation
+    between a node's noise at two steps unless two offsets coincide (probability
+    1 / (blocks * size) per pair)."""
+
+    def __init__(self, gen: torch.Generator, size: int, device: torch.device, blocks: int = 8) -> None:
+        self.size = size * blocks
+        self.values = torch.randn(self.size + size, generator=gen, device=gen.device).to(device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+        self.rng = random.Random(seed)
+
+    def draw(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        offset = self.rng.randrange(self.size)
+        return self.values[offset : offset + n].view(shape)
+
+
+@dataclass
+class SettleResult:
+    states: dict[str, torch.Tensor]
+    steps: int
+    converged: bool
+    residual: float
+    energy: torch.Tensor
+    settle_time_s: float
+    energy_j: float
+    trace: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class _Term:
+    """One matmul source in the settle: ``s_src @ matrix`` split over destination groups."""
+
+    src: str
+    matrix: torch.Tensor  # (sum of dst sizes, n_src): F.linear layout, the fastest for thin outputs
+    dsts: list[tuple[str, int, int, float]]  # (group, start, stop, read-noise variance coefficient)
+    noisy: bool  # any coefficient > 0
+
+    def noise_var(self, x: torch.Tensor, k: float) -> torch.Tensor:
+        """Read-noise variance (batch, 1) of one output line of ``x @ matrix``: each of the two
+        devices per cell reads with std sigma, so var = 2 sigma^2 (w_max / span)^2 sum_i x_i^2."""
+        return x.pow(2).sum(1, keepdim=True) * k
+
+
+@dataclass
+class _Plan:
+    """What a settle needs, built once per (topology, clamp set, weights version)."""
+
+    free: list[str]
+    const_terms: list[_Term]  # sources that are clamped (incl. bias)
+    dyn_terms: list[_Term]  # sources that are free
+    energy_pairs: list[tuple[str, str, torch.Tensor, float]] = field(default_factory=list)
+    line_conductance: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (group, sum G)
+
+
+class Board:
+    def __init__(self, preset: BoardPreset, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.preset = preset
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.clock = 0.0
+        self.safety = SafetyMonitor()
+        self.topology: Topology | None = None
+        self._physical: dict[int, TileArray] = {}
+        self._tiles: dict[str, TileArray] = {}
+        self._plans: dict[tuple[frozenset[str], str], _Plan] = {}
+        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 1)
+        per = preset.periphery
+        truth = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 2)
+        lo, hi = per.state_range
+        self.dac_errors = ChannelErrors.draw(
+            per.channels, per.gain_error, per.offset_error * _lsb(per.dac_bits, hi - lo), truth, self.device
+        )
+        self.adc_errors = ChannelErrors.draw(
+            per.channels, per.gain_error, per.offset_error * _lsb(per.adc_bits, hi - lo), truth, self.device
+        )
+        self.mvm_errors = ChannelErrors.draw(
+            per.channels,
+            per.gain_error,
+            per.offset_error * _lsb(per.adc_bits, 2 * per.mvm_range),
+            truth,
+            self.device,
+        )
+        self.energy_j = 0.0
+
+    # ---------------------------------------------------------------- configuration
+
+    @property
+    def limits(self) -> Limits:
+        per, m = self.preset.periphery, self.preset.device
+        return Limits(
+            v_read=per.v_read,
+            v_read_max=per.v_read_max,
+            g_min=m.g_min,
+            g_max=m.g_max,
+            dac_bits=per.dac_bits,
+            adc_bits=per.adc_bits,
+            adc_range=per.state_range,
+            tile_rows_max=per.tile_rows_max,
+            tile_cols_max=per.tile_cols_max,
+            max_tiles=per.max_tiles,
+            max_settle_steps=per.max_settle_steps,
+            max_pulses=per.max_pulses,
+            settle_step_s=per.settle_step_s,
+        )
+
+    @property
+    def identity(self) -> Identity:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            firmware = version("xbar-hil")
+        except PackageNotFoundError:
+            firmware = "dev"
+        return Identity("xbar-hil", f"emulator-{self.preset.name}", f"EMU-{self.seed:08d}", firmware)
+
+    def configure(self, topology: Topology) -> None:
+        try:
+            check_topology(topology, self.limits)
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
+        total = sum(topology.groups.values())
+        if total > self.preset.periphery.channels:
+            raise ConfigurationError(
+                f"topology has {total} nodes; the board has {self.preset.periphery.channels} channels"
+            )
+        tiles: dict[str, TileArray] = {}
+        for k, c in enumerate(topology.couplings):
+            shape = topology.tile_shape(c.tile)
+            phys = self._physical.get(k)
+            if phys is None or phys.shape != shape:
+                fab = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + 7919 * (k + 1))
+                phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
+                self._physical[k] = phys
+            tiles[c.tile] = phys
+        self.topology = topology
+        self._tiles = tiles
+        self._plans.clear()
+        offsets, start = {}, 0
+        for g, n in topology.groups.items():
+            offsets[g] = start
+            start += n
+        self._channel = offsets
+
+    def tile(self, name: str) -> TileArray:
+        if self.topology is None:
+            raise ConfigurationError("the board has no topology yet; call configure(topology) first")
+        try:
+            return self._tiles[name]
+        except KeyError:
+            raise ConfigurationError(f"unknown tile {name!r}; known: {sorted(self._tiles)}") from None
+
+    def reset(self) -> None:
+        """Power-on state: configuration cleared. Conductances are non-volatile and stay."""
+        self.topology = None
+        self._tiles = {}
+        self._plans.clear()
+
+    def wait(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ConfigurationError(f"wait needs a duration >= 0 seconds, got {seconds}")
+        self.clock += float(seconds)
+
+    # ---------------------------------------------------------------- converters
+
+    def _dac(self, x: torch.Tensor, channel: int) -> torch.Tensor:
+        per = self.preset.periphery
+        lo, hi = per.state_range
+        y = quantize(self.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
+        if y.numel() and float(y.abs().max()) * per.v_read > per.v_read_max:
+            self.safety.violations += 1
+        return y
+
+    def _adc_state(self, x: torch.Tensor, channel: int) -> torch.Tensor:
+        per = self.preset.periphery
+        lo, hi = per.state_range
+        return quantize(self.adc_errors.apply(x, channel), per.adc_bits, lo, hi)
+
+    def _adc_mvm(self, y: torch.Tensor) -> torch.Tensor:
+        per = self.preset.periphery
+        return quantize(self.mvm_errors.apply(y), per.adc_bits, -per.mvm_range, per.mvm_range)
+
+    # ---------------------------------------------------------------- array operations
+
+    def _weights(self, c: Coupling) -> torch.Tensor:
+        return self._tiles[c.tile].weights(self.clock) * c.w_max
+
+    def program(
+        self,
+        name: str,
+        g_plus: torch.Tensor,
+        g_minus: torch.Tensor,
+        *,
+        verify: bool,
+        tol: float | None,
+        max_iters: int,
+    ) -> dict[str, object]:
+        tile = self.tile(name)
+        m = self.preset.device
+        tol = 0.02 * (m.g_max - m.g_min) if tol is None else float(tol)
+        if verify:
+            st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
+            iterations, within = st.iterations, st.within_tol
+        else:
+            st = tile.write(g_plus, g_minus, self.clock, self.noise)
+            iterations = 0
+        self.clock += st.time_s
+        self.energy_j += st.energy_j
+        rp, rm = tile.read(self.clock, self.noise)
+        residual = torch.maximum((rp - g_plus).abs().max(), (rm - g_minus).abs().max())
+        if not verify:
+            tp, tm = tile.conductances(self.clock)
+            ok = ((tp - g_plus).abs() <= tol) & ((tm - g_minus).abs() <= tol)
+            within = float(ok.float().mean())
+        self._plans.clear()
+        return {
+            "g_plus": rp,
+            "g_minus": rm,
+            "iterations": iterations,
+            "pulses": int(st.pulses),
+            "residual_max": float(residual),
+            "within_tol": float(within),
+            "energy_j": float(st.energy_j),
+            "time_s": float(st.time_s),
+        }
+
+    def pulse(self, name: str, counts_plus: torch.Tensor, counts_minus: torch.Tensor) -> dict[str, object]:
+        tile = self.tile(name)
+        peak = int(max(counts_plus.abs().max(), counts_minus.abs().max())) if counts_plus.numel() else 0
+        if peak > self.preset.periphery.max_pulses:
+            raise self.safety.refuse(
+                LimitViolation("pulses per device", peak, self.preset.periphery.max_pulses)
+            )
+        st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise)
+        self.clock += st.time_s
+        self.energy_j += st.energy_j
+        self._plans.clear()
+        return {"pulses": int(st.pulses), "energy_j": float(st.energy_j), "time_s": float(st.time_s)}
+
+    def read_conductance(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tile = self.tile(name)
+        self.clock += self.preset.periphery.mvm_time_s
+        return tile.read(self.clock, self.noise)
+
+    def mvm(self, name: str, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        assert self.topology is not None
+        c = self.topology.coupling(name)
+        tile = self.tile(name)
+        w = self._weights(c)
+        xd = self._dac(x, 0)
+        y = xd @ (w.T if transpose else w)
+        scale = c.w_max * tile.mvm_noise_std(xd)  # (B,)
+        if float(scale.abs().max()) > 0:
+            y = y + scale[:, None] * torch.randn(y.shape, generator=self.noise, device=self.device)
+        per = self.preset.periphery
+        self.clock += per.mvm_time_s * x.shape[0]
+        self.energy_j += self._read_energy(tile, xd, transpose) * per.mvm_time_s
+        return self._adc_mvm(y)
+
+    def _read_energy(self, tile: TileArray, v: torch.Tensor, transpose: bool) -> float:
+        """Joules per second of one read: sum_ij (G+ + G-) V_i^2 over the batch."""
+        gp, gm = tile.conductances(self.clock)
+        gsum = (gp + gm).sum(0 if transpose else 1)
+        return float(((v * self.preset.periphery.v_read) ** 2 @ gsum).sum())
+
+    # ---------------------------------------------------------------- settle
+
+    def _plan(self, clamped: frozenset[str]) -> _Plan:
+        assert self.topology is not None
+        version = ",".join(str(id(self._tiles[c.tile].weights(self.clock))) for c in self.topology.couplings)
+        key = (clamped, version)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        topo = self.topology
+        pieces: dict[str, list[tuple[str, torch.Tensor, float]]] = {}
+        energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
+        for c in topo.couplings:
+            w = self._weights(c)
+            tile = self._tiles[c.tile]
+            m = tile.model
+            noise_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
+            r0 = 0
+            for rg in c.rows:
+                rn = topo.size(rg)
+                c0 = 0
+                for cg in c.cols:
+                    cn = topo.size(cg)
+                    block = w[r0 : r0 + rn, c0 : c0 + cn]
+                    if c.kind == "dense" and rg == cg:
+                        block = block * (1 - torch.eye(rn, device=self.device))
+                    if cg not in clamped:
+                        pieces.setdefault(rg, []).append((cg, block, noise_k))
+                    if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
+                        pieces.setdefault(cg, []).append((rg, block.T, noise_k))
+                    factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
+                    energy_pairs.append((rg, cg, block, factor))
+                    c0 += cn
+                r0 += rn
+        const_terms, dyn_terms = [], []
+        for src, items in pieces.items():
+            matrix = torch.cat([b for _, b, _ in items], dim=1).T.contiguous()
+            dsts, start = [], 0
+            for dst, b, k in items:
+                dsts.append((dst, start, start + b.shape[1], k))
+                start += b.shape[1]
+            term = _Term(src, matrix, dsts, any(k > 0 for _, _, k in items))
+            (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
+        free = [g for g in topo.groups if g not in clamped]
+        plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
+        self._plans[key] = plan
+        return plan
+
+    def _line_conductance(self) -> list[tuple[str, torch.Tensor]]:
+        """Per node group, the total conductance its lines see in each tile (for power)."""
+        assert self.topology is not None
+        out: list[tuple[str, torch.Tensor]] = []
+        for c in self.topology.couplings:
+            gp, gm = self._tiles[c.tile].conductances(self.clock)
+            g = gp + gm
+            sides = [(c.rows, g.sum(1))] + ([(c.cols, g.sum(0))] if c.kind == "bipartite" else [])
+            for groups, total in sides:
+                start = 0
+                for grp in groups:
+                    n = self.topology.size(grp)
+                    out.append((grp, total[start : start + n]))
+                    start += n
+        return out
+
+    def _energy(
+        self,
+        s: dict[str, torch.Tensor],
+        plan: _Plan,
+        nudge: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]],
+    ) -> torch.Tensor:
+        assert self.topology is not None
+        gain = self.topology.gain
+        batch = next(iter(s.values())).shape[0]
+        e = torch.zeros(batch, device=self.device)
+        for g in plan.free:
+            e = e + (s[g] ** 2).sum(1) / (2 * gain)
+        for rg, cg, block, factor in plan.energy_pairs:
+            e = e - factor * ((s[rg] @ block) * s[cg]).sum(1)
+        for g, (beta, target, grad) in nudge.items():
+            if target is not None:
+                e = e + 0.5 * beta * ((s[g] - target) ** 2).sum(1)
+            if grad is not None:
+                e = e + beta * (grad * s[g]).sum(1)
+        return e
+
+    def settle(
+        self,
+        clamp: dict[str, torch.Tensor],
+        nudge: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] | None = None,
+        init: dict[str, torch.Tensor] | None = None,
+        trace: int = 0,
+    ) -> SettleResult:
+        """Relax the network. `nudge` maps a group to (beta, target, grad); `trace` records
+        every `trace` steps (0: no trace). Inputs were checked by the caller.
+
+        `analog` mode integrates ds = dt (rho(u) - s) with the node circuits in continuous
+        time: the clamped sources' products are computed once (fresh read noise is added every
+        step) and the ADC digitises only the final states. `mvm` mode is the host iterating
+        the fixed point through the board's MVMs: every source group's product goes through
+        the ADC every step and the new states through the DAC.
+        """
+        if self.topology is None:
+            raise ConfigurationError("the board has no topology yet; call configure(topology) first")
+        topo = self.topology
+        per = self.preset.periphery
+        budget = topo.budget
+        batch = next(iter(clamp.values())).shape[0]
+        plan = self._plan(frozenset(clamp))
+        dev = self.device
+        mvm_mode = topo.mode == "mvm"
+        # Clamps and nudge targets go through the DAC once; the bias node is a constant 1.
+        s: dict[str, torch.Tensor] = {BIAS: torch.ones(batch, 1, device=dev)}
+        for g, x in clamp.items():
+            s[g] = self._dac(x, self._channel[g])
+        for g in plan.free:
+            x0 = init.get(g) if init else None
+            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0.clone()
+        nud: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] = {}
+        for g, (beta, target, grad) in (nudge or {}).items():
+            t = None if target is None else self._dac(target, self._channel[g])
+            gr = None
+            if grad is not None:
+                # The injection DAC is auto-ranged to the current it must carry this settle.
+                span = float(grad.abs().max()) or 1.0
+                gr = quantize(grad, per.dac_bits, -span, span)
+            nud[g] = (beta, t, gr)
+        # Drive that does not depend on the free states: constant sources (analog mode) and
+        # injected nudge currents. In analog mode the read noise of all sources and the node
+        # noise sum on each node line: one Gaussian draw per group and step, whose variance
+        # has a constant part and a part that follows the free sources' states.
+        base = {g: torch.zeros(batch, topo.groups[g], device=dev) for g in plan.free}
+        const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
+        mvm_const: list[tuple[_Term, torch.Tensor]] = []
+        for term in plan.const_terms:
+            out = F.linear(s[term.src], term.matrix)
+            if mvm_mode:
+                mvm_const.append((term, out))
+                continue
+            for dst, a, b, k in term.dsts:
+                base[dst] += out[:, a:b]
+                if k:
+                    const_var[dst] += term.noise_var(s[term.src], k)
+        for g, (beta, _t, gr) in nud.items():
+            if gr is not None:
+                base[g] -= beta * gr
+        noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
+        for term in plan.dyn_terms:
+            for dst, _a, _b, k in term.dsts:
+                noisy[dst] = noisy[dst] or k > 0
+        gain, dt, tol = topo.gain, budget.dt, budget.tol
+        pool = (
+            NoisePool(self.noise, max(batch * n for n in topo.groups.values()), dev)
+            if any(noisy.values()) or any(t.noisy for t in plan.dyn_terms + plan.const_terms)
+            else None
+        )
+        elastic = {g: (beta, t) for g, (beta, t, _gr) in nud.items() if t is not None}
+        traces: dict[str, list[torch.Tensor]] = {}
+        trace_steps: list[int] = []
+
+        def record(step: int) -> None:
+            trace_steps.append(step)
+            traces.setdefault("energy", []).append(self._energy(s, plan, nud))
+            for g in plan.free:
+                traces.setdefault(g, []).append(s[g].clone())
+
+        def mvm_out(term: _Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            """mvm mode: one MVM with its own read noise, digitised by the ADC."""
+            if term.noisy:
+                y = y.clone()
+                for _dst, a, b, k in term.dsts:
+                    std = term.noise_var(x, k).sqrt()
+                    y[:, a:b] += std * pool.draw((batch, b - a))
+            return self._adc_mvm(y)
+
+        if trace:
+            record(0)
+        residual, converged, steps, power = float("inf"), False, 0, 0.0
+        for step in range(1, budget.max_steps + 1):
+            drive = dict(base)
+            var = dict(const_var)
+            for term, out in mvm_const:
+                y = mvm_out(term, s[term.src], out)
+                for dst, a, b, _k in term.dsts:
+                    drive[dst] = drive[dst] + y[:, a:b]
+            for term in plan.dyn_terms:
+                x = s[term.src]
+                y = F.linear(x, term.matrix)
+                if mvm_mode:
+                    y = mvm_out(term, x, y)
+                for dst, a, b, k in term.dsts:
+                    drive[dst] = drive[dst] + y[:, a:b]
+                    if k and not mvm_mode:
+                        var[dst] = var[dst] + term.noise_var(x, k)
+            check = step % budget.check_every == 0 or step == budget.max_steps
+            res = 0.0
+            for g in plan.free:
+                u = drive[g]
+                if g in elastic:
+                    beta, target = elastic[g]
+                    u = u + beta * (target - s[g])
+                if noisy[g]:
+                    u = u + var[g].sqrt() * pool.draw(u.shape)
+                new = (u * gain if gain != 1.0 else u).clamp_(0.0, 1.0)
+                if mvm_mode:
+                    new = self._dac(new, self._channel[g])
+                if check:
+                    res = max(res, float((new - s[g]).abs().max()))
+                s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
+            steps = step
+            if check:
+                residual = res
+                power = self._settle_power(plan, s)
+            if trace and step % trace == 0:
+                record(step)
+            if check and residual <= tol:
+                converged = True
+                break
+        if trace and trace_steps[-1] != steps:
+            record(steps)
+        n_mvm = len(plan.const_terms) + len(plan.dyn_terms)
+        step_s = per.mvm_time_s * n_mvm if mvm_mode else per.settle_step_s
+        settle_time = step_s * steps * batch
+        energy_j = power * step_s * steps
+        self.clock += settle_time
+        self.energy_j += energy_j
+        energy = self._energy(s, plan, nud)
+        states = {g: self._adc_state(s[g], self._channel[g]) for g in plan.free}
+        out_trace = None
+        if trace:
+            out_trace = {"step": torch.tensor(trace_steps), "energy": torch.stack(traces["energy"])}
+            for g in plan.free:
+                out_trace[g] = self._adc_state(torch.stack(traces[g]), self._channel[g])
+        return SettleResult(states, steps, converged, residual, energy, settle_time, energy_j, out_trace)
+
+    def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor]) -> float:
+        """Array power (W, summed over the batch) at the present node voltages: every line
+        driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2."""
+        total = torch.zeros((), device=self.device)
+        for group, gsum in plan.line_conductance:
+            total = total + (s[group].pow(2) @ gsum).sum()
+        return float(total) * self.preset.periphery.v_read**2

@@ -1,0 +1,65 @@
+"""DAC and ADC models with per-channel gain and offset errors (the calibration truth)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PeripheryModel:
+    """Board periphery. States are normalised: 1.0 is `v_read` volts on a node line."""
+
+    dac_bits: int | None = 8
+    adc_bits: int | None = 8
+    state_range: tuple[float, float] = (0.0, 1.0)  # DAC and state-ADC range, normalised
+    mvm_range: float = 4.0  # mvm read-out ADC covers [-mvm_range, mvm_range] (weight units)
+    gain_error: float = 0.0  # std of per-channel relative gain error (ADC and DAC)
+    offset_error: float = 0.0  # std of per-channel offset, in LSB of the channel's converter
+    node_noise: float = 0.0  # input-referred noise of a node circuit per settle step (normalised)
+    v_read: float = 0.2  # volts for state 1.0
+    v_read_max: float = 0.25  # absolute limit on any read line (volts)
+    settle_step_s: float = 10e-9  # one step of the node circuits' relaxation
+    mvm_time_s: float = 100e-9  # one mvm (DAC, array, ADC)
+    tile_rows_max: int = 1024
+    tile_cols_max: int = 1024
+    max_tiles: int = 64
+    max_settle_steps: int = 100_000
+    max_pulses: int = 1000
+    channels: int = 4096  # converter channels per direction
+
+    def ideal(self) -> PeripheryModel:
+        """The same periphery with ideal converters and no noise."""
+        from dataclasses import replace
+
+        return replace(self, dac_bits=None, adc_bits=None, gain_error=0.0, offset_error=0.0, node_noise=0.0)
+
+
+def quantize(x: torch.Tensor, bits: int | None, lo: float, hi: float) -> torch.Tensor:
+    """Uniform quantiser with saturation: at most 2**bits distinct output values."""
+    if bits is None:
+        return x
+    levels = (1 << bits) - 1
+    lsb = (hi - lo) / levels
+    return torch.round((x.clamp(lo, hi) - lo) / lsb) * lsb + lo
+
+
+@dataclass
+class ChannelErrors:
+    """Per-channel gain (multiplicative) and offset (additive, in normalised units)."""
+
+    gain: torch.Tensor
+    offset: torch.Tensor
+
+    @staticmethod
+    def draw(
+        n: int, gain_std: float, offset_std_units: float, gen: torch.Generator, device: torch.device
+    ) -> ChannelErrors:
+        gain = 1.0 + gain_std * torch.randn(n, generator=gen, device=device)
+        offset = offset_std_units * torch.randn(n, generator=gen, device=device)
+        return ChannelErrors(gain, offset)
+
+    def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n = x.shape[-1]
+        return x * self.gain[start : start + n] + self.offset[start : start + n]

@@ -1,0 +1,324 @@
+"""Issue 2: the emulated board seen through the Device interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drivers import LimitViolation, Nudge, SettleBudget, Topology, open_device
+from drivers.base import Device
+
+IDEAL = "emulator://?preset=ideal&seed=0"
+
+
+def program_weights(dev: Device, tile: str, w: np.ndarray, w_max: float = 1.0, **kw: object) -> None:
+    lim = dev.info.limits
+    span = lim.g_max - lim.g_min
+    w = np.clip(w, -w_max, w_max)
+    gp = lim.g_min + np.maximum(w, 0) / w_max * span
+    gm = lim.g_min + np.maximum(-w, 0) / w_max * span
+    dev.program(tile, gp.astype(np.float32), gm.astype(np.float32), **kw)
+
+
+def random_layered(dev: Device, sizes: list[int], seed: int = 0, scale: float = 1.0, **topo: object):
+    topology = Topology.layered(sizes, **topo)
+    dev.configure(topology)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for c in topology.couplings:
+        rows, cols = topology.tile_shape(c.tile)
+        w = rng.normal(0, scale / np.sqrt(rows), size=(rows, cols)).astype(np.float32)
+        program_weights(dev, c.tile, w)
+        weights[c.tile] = w
+    return topology, weights
+
+
+def reference_fixed_point(
+    weights: dict[str, np.ndarray], x: np.ndarray, sizes: list[int]
+) -> list[torch.Tensor]:
+    """A plain torch fixed-point iteration of the layered DHN (damped, to full convergence)."""
+    w = [torch.tensor(weights[f"W{k}"], dtype=torch.float64) for k in range(len(sizes) - 1)]
+    s = [torch.tensor(x, dtype=torch.float64)] + [
+        torch.zeros(x.shape[0], n, dtype=torch.float64) for n in sizes[1:]
+    ]
+    for _ in range(5000):
+        new = list(s)
+        for k in range(1, len(sizes)):
+            u = s[k - 1] @ w[k - 1][:-1] + w[k - 1][-1]
+            if k + 1 < len(sizes):
+                u = u + s[k + 1] @ w[k][:-1].T
+            new[k] = u.clamp(0, 1)
+        s = [s[0]] + [0.5 * a + 0.5 * b for a, b in zip(s[1:], new[1:], strict=True)]
+    return s
+
+
+def test_ideal_settle_matches_torch_fixed_point() -> None:
+    sizes = [20, 30, 10]
+    with open_device(IDEAL) as dev:
+        _, weights = random_layered(dev, sizes, budget=SettleBudget(max_steps=2000, tol=1e-7, dt=0.5))
+        x = np.random.default_rng(1).uniform(0, 1, (8, 20)).astype(np.float32)
+        eq = dev.settle({"s0": x})
+        assert eq.converged
+        ref = reference_fixed_point(weights, x, sizes)
+        for k in (1, 2):
+            assert np.abs(eq.states[f"s{k}"] - ref[k].numpy()).max() < 1e-5
+        # the fixed point is not trivial: some units are strictly inside (0, 1)
+        assert ((eq.states["s1"] > 0.01) & (eq.states["s1"] < 0.99)).any()
+
+
+def test_mvm_mode_reaches_the_same_fixed_point() -> None:
+    sizes = [20, 30, 10]
+    with open_device(IDEAL) as dev:
+        random_layered(dev, sizes, budget=SettleBudget(max_steps=3000, tol=1e-7, dt=0.5))
+        x = np.random.default_rng(1).uniform(0, 1, (4, 20)).astype(np.float32)
+        analog = dev.settle({"s0": x})
+        random_layered(dev, sizes, mode="mvm", budget=SettleBudget(max_steps=3000, tol=1e-7, dt=0.5))
+        mvm = dev.settle({"s0": x})
+        assert mvm.converged and analog.converged
+        np.testing.assert_allclose(mvm.states["s2"], analog.states["s2"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layered", "dense"])
+def test_analog_energy_never_increases(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    budget = SettleBudget(max_steps=300, tol=1e-9, dt=0.3)
+    with open_device(IDEAL) as dev:
+        if kind == "layered":
+            random_layered(dev, [16, 24, 8], scale=1.5, budget=budget)
+            clamp = {"s0": rng.uniform(0, 1, (6, 16)).astype(np.float32)}
+        else:
+            topo = Topology.dense({"x": 10, "h": 20, "z": 6}, budget=budget)
+            dev.configure(topo)
+            w = rng.normal(0, 0.4, (36, 36))
+            w = (w + w.T) / 2
+            np.fill_diagonal(w, 0)
+            b = rng.normal(0, 0.2, (1, 36))
+            program_weights(dev, "W", np.vstack([w, b]).astype(np.float32))
+            clamp = {"x": rng.uniform(0, 1, (6, 10)).astype(np.float32)}
+        eq = dev.settle(clamp, trace=True)
+        energy = eq.trace["energy"]  # (T, B)
+        assert energy.shape == (eq.steps + 1, 6)
+        rise = np.diff(energy, axis=0)
+        assert rise.max() <= 1e-5 * max(1.0, float(np.abs(energy).max()))
+        assert energy[-1].mean() < energy[0].mean() - 1e-3  # it did relax
+
+
+def test_nudge_pulls_output_toward_target() -> None:
+    with open_device(IDEAL) as dev:
+        _, weights = random_layered(dev, [12, 16, 4], scale=0.5, budget=SettleBudget(max_steps=1000, tol=1e-7))
+        weights["W1"][-1] = 0.4  # output biases mid-range: most outputs away from the clamp of rho
+        program_weights(dev, "W1", weights["W1"])
+        x = np.random.default_rng(0).uniform(0, 1, (5, 12)).astype(np.float32)
+        free = dev.settle({"s0": x})
+        assert ((free.states["s2"] > 0) & (free.states["s2"] < 1)).mean() > 0.3  # not all saturated
+        target = np.full((5, 4), 0.5, np.float32)
+        plus = dev.settle({"s0": x}, nudge={"s2": Nudge(0.5, target=target)}, init=free.states)
+        minus = dev.settle({"s0": x}, nudge={"s2": Nudge(-0.5, target=target)}, init=free.states)
+        d_free = np.abs(free.states["s2"] - target).sum()
+        assert np.abs(plus.states["s2"] - target).sum() < d_free < np.abs(minus.states["s2"] - target).sum()
+        # an injected gradient current equal to (s - target) acts like the elastic nudge at first order
+        grad = free.states["s2"] - target
+        g = dev.settle({"s0": x}, nudge={"s2": Nudge(0.01, grad=grad)}, init=free.states)
+        e = dev.settle({"s0": x}, nudge={"s2": Nudge(0.01, target=target)}, init=free.states)
+        assert np.abs(g.states["s2"] - free.states["s2"]).max() > 1e-3  # the nudge did something
+        np.testing.assert_allclose(g.states["s2"], e.states["s2"], atol=1e-4)
+
+
+def test_read_noise_of_mvm_matches_the_preset() -> None:
+    with open_device(
+        "emulator://?preset=rram&seed=0&adc_bits=none&dac_bits=none&gain_error=0&offset_error=0"
+    ) as dev:
+        topo = Topology.layered([64, 32], bias=False)
+        dev.configure(topo)
+        lim = dev.info.limits
+        g = np.full((64, 32), (lim.g_min + lim.g_max) / 2, np.float32)
+        dev.program("W0", g, g)
+        x = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
+        exact = None
+        reads = np.stack([dev.mvm("W0", x)[0] for _ in range(1000)])
+        gp, gm = (np.mean([dev.read_conductance("W0")[i] for _ in range(200)], axis=0) for i in (0, 1))
+        span = lim.g_max - lim.g_min
+        exact = x[0] @ ((gp - gm) / span)
+        sigma = dev.board.preset.device.read_noise
+        declared = sigma * np.sqrt(2 * (x**2).sum()) / span
+        measured = (reads - reads.mean(0)).std()
+        assert abs(measured / declared - 1) < 0.2
+        # and the mean of many reads is the exact product (no bias), up to the averaging error
+        assert np.abs(reads.mean(0) - exact).max() < 6 * declared / np.sqrt(200)
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_adc_and_dac_code_counts(bits: int) -> None:
+    with open_device(f"emulator://?preset=ideal&seed=0&adc_bits={bits}&mvm_range=1") as dev:
+        dev.configure(Topology.layered([1, 40], bias=False))
+        lim = dev.info.limits
+        rng = np.random.default_rng(0)
+        w = rng.uniform(-1, 1, (1, 40)).astype(np.float32)
+        program_weights(dev, "W0", w)
+        x = rng.uniform(0, 1, (500, 1)).astype(np.float32)
+        y = dev.mvm("W0", x)
+        assert len(np.unique(y)) <= 2**bits
+        assert len(np.unique(y)) >= 2 ** (bits - 1)  # the range is really used
+        assert lim.adc_bits == bits
+    with open_device(f"emulator://?preset=ideal&seed=0&dac_bits={bits}") as dev:
+        dev.configure(Topology.layered([1, 1], bias=False))
+        program_weights(dev, "W0", np.ones((1, 1), np.float32))
+        x = np.linspace(0, 1, 1000, dtype=np.float32)[:, None]
+        y = dev.mvm("W0", x)  # ideal ADC, unit weight: y is the DAC's output
+        assert len(np.unique(y)) == 2**bits
+        assert np.abs(y - x).max() <= 0.5 / (2**bits - 1) + 1e-6
+
+
+def test_pulse_response_soft_bounds_and_asymmetry() -> None:
+    with open_device("emulator://?preset=rram&seed=0&stuck_fraction=0&read_noise=0") as dev:
+        dev.configure(Topology.layered([32, 32], bias=False))
+        ones = np.ones((32, 32), np.int32)
+        zero = np.zeros((32, 32), np.int32)
+        lim = dev.info.limits
+        dev.program("W0", np.full((32, 32), lim.g_min, np.float32), np.full((32, 32), lim.g_min, np.float32))
+        levels = [dev.read_conductance("W0")[0].mean()]
+        for _ in range(60):
+            dev.pulse("W0", ones, zero)
+            levels.append(dev.read_conductance("W0")[0].mean())
+        steps = np.diff(levels)
+        assert steps[:5].mean() > 2 * steps[-5:].mean() > 0  # soft bound: the step shrinks toward g_max
+        # asymmetry: from mid-range, one up pulse and one down pulse differ by the preset's up_down
+        mid = np.full((32, 32), (lim.g_min + lim.g_max) / 2, np.float32)
+        up_down = dev.board.preset.device.up_down
+        dev.program("W0", mid, mid)
+        g0 = dev.read_conductance("W0")[0]
+        dev.pulse("W0", ones, zero)
+        up = dev.read_conductance("W0")[0] - g0
+        dev.program("W0", mid, mid)
+        g0 = dev.read_conductance("W0")[0]
+        dev.pulse("W0", -ones, zero)
+        down = g0 - dev.read_conductance("W0")[0]
+        assert up.mean() > 0 and down.mean() > 0
+        ratio = up.mean() / down.mean()
+        assert abs(ratio - (1 + up_down) / (1 - up_down)) < 0.15 * ratio
+
+
+def test_write_verify_reaches_tolerance_on_rram() -> None:
+    with open_device("emulator://?preset=rram&seed=0") as dev:
+        dev.configure(Topology.layered([64, 64], bias=False))
+        lim = dev.info.limits
+        rng = np.random.default_rng(0)
+        tp = rng.uniform(lim.g_min, lim.g_max, (64, 64)).astype(np.float32)
+        tm = rng.uniform(lim.g_min, lim.g_max, (64, 64)).astype(np.float32)
+        report = dev.program("W0", tp, tm, verify=True, max_iters=20)
+        assert report.within_tol >= 0.99
+        assert 1 <= report.iterations <= 20 and report.pulses > 0 and report.energy_j > 0
+        plain = dev.program("W0", tp, tm)  # without verify, write noise leaves more devices out
+        assert plain.within_tol < report.within_tol
+
+
+def test_pcm_drift_follows_power_law() -> None:
+    with open_device("emulator://?preset=pcm&seed=0&stuck_fraction=0") as dev:
+        dev.configure(Topology.layered([64, 64], bias=False))
+        m = dev.board.preset.device
+        g = np.full((64, 64), 0.6 * m.g_max + 0.4 * m.g_min, np.float32)
+        dev.program("W0", g, g)
+        tile = dev.board.tile("W0")
+        g0 = tile.conductances(dev.board.clock)[0].mean().item()
+        start = dev.board.clock
+        for t in (m.drift_t0, 600.0, 3600.0, 86400.0):
+            dev.wait(start + t - dev.board.clock)
+            reads = np.mean([dev.read_conductance("W0")[0].mean() for _ in range(10)])
+            expected = g0 * (t / m.drift_t0) ** -m.drift_nu
+            assert abs(reads / expected - 1) < 0.05, (t, reads, expected)
+        assert reads < 0.8 * g0  # a day of drift is clearly visible
+
+
+def test_stuck_fraction_matches_preset() -> None:
+    with open_device("emulator://?preset=rram&seed=1&read_noise=0&write_noise=0") as dev:
+        dev.configure(Topology.layered([128, 128], bias=False))
+        m = dev.board.preset.device
+        mid = np.full((128, 128), (m.g_min + m.g_max) / 2, np.float32)
+        dev.program("W0", mid, mid)
+        gp, gm = dev.read_conductance("W0")
+        stuck = (np.abs(np.concatenate([gp, gm]) - mid[0, 0]) > 0.3 * (m.g_max - m.g_min)).mean()
+        n = 2 * 128 * 128
+        p = m.stuck_fraction
+        assert abs(stuck - p) < 4 * np.sqrt(p * (1 - p) / n)
+
+
+def test_dense_asymmetry_matches_write_noise() -> None:
+    n = 64
+    uri = "emulator://?preset=rram&seed=0&stuck_fraction=0&read_noise=0"
+    with open_device(uri) as dev:
+        dev.configure(Topology.dense({"v": n}, bias=False))
+        m = dev.board.preset.device
+        rng = np.random.default_rng(0)
+        w = rng.uniform(-0.5, 0.5, (n, n))
+        w = ((w + w.T) / 2).astype(np.float32)
+        span = m.g_max - m.g_min
+        mid = (m.g_max + m.g_min) / 2  # programmed around mid-range: no device sits on a bound
+        dev.program("W", (mid + w / 2 * span).astype(np.float32), (mid - w / 2 * span).astype(np.float32))
+        gp, gm = dev.read_conductance("W")
+        wm = (gp - gm) / span
+        off = ~np.eye(n, dtype=bool)
+        measured = np.linalg.norm((wm - wm.T)[off]) / np.linalg.norm(wm[off])
+        # each weight is a difference of two devices, each written with noise sigma_w; W - W^T
+        # involves four independent writes: std 2 sigma_w / span per element
+        predicted = 2 * m.write_noise / span * np.sqrt(off.sum()) / np.linalg.norm(w[off])
+        assert m.write_noise > 0
+        assert abs(measured / predicted - 1) < 0.15, (measured, predicted)
+
+
+def test_same_seed_is_bit_identical_and_other_seed_differs() -> None:
+    def run(seed: int) -> list[np.ndarray]:
+        with open_device(f"emulator://?preset=rram&seed={seed}") as dev:
+            random_layered(dev, [16, 20, 5], budget=SettleBudget(max_steps=50))
+            x = np.random.default_rng(0).uniform(0, 1, (4, 16)).astype(np.float32)
+            eq = dev.settle({"s0": x}, nudge={"s2": Nudge(0.1, target=np.zeros((4, 5), np.float32))})
+            return [
+                eq.states["s1"],
+                eq.states["s2"],
+                *dev.read_conductance("W0"),
+                dev.mvm("W1", np.hstack([eq.states["s1"], np.ones((4, 1), np.float32)])),
+            ]
+
+    a, b, c = run(0), run(0), run(1)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_clamp_above_read_voltage_limit_is_refused_before_the_array() -> None:
+    with open_device("emulator://?preset=rram&seed=0") as dev:
+        random_layered(dev, [8, 8, 2])
+        lim = dev.info.limits
+        board = dev.board
+        clock, energy = board.clock, board.energy_j
+        x = np.full((1, 8), 0.5, np.float32)
+        x[0, 3] = 2.0
+        with pytest.raises(LimitViolation) as info:
+            dev.settle({"s0": x})
+        text = str(info.value)
+        assert (
+            "read-voltage" in text and f"{2.0 * lim.v_read:.6g}" in text and f"{lim.v_read_max:.6g}" in text
+        )
+        assert board.clock == clock and board.energy_j == energy  # nothing reached the array
+        assert dev.safety().refused == 1 and dev.safety().violations == 0
+        with pytest.raises(LimitViolation, match="conductance range"):
+            dev.program(
+                "W0", np.full((9, 8), 2 * lim.g_max, np.float32), np.full((9, 8), lim.g_min, np.float32)
+            )
+        with pytest.raises(LimitViolation, match="pulses per device"):
+            big = np.full((9, 8), lim.max_pulses + 1, np.int32)
+            dev.pulse("W0", big, big)
+        assert dev.safety().refused == 3 and dev.safety().violations == 0
+        assert board.clock == clock
+
+
+def test_settle_reports_time_energy_and_trace_subsampling() -> None:
+    with open_device("emulator://?preset=rram&seed=0") as dev:
+        random_layered(dev, [16, 20, 5], budget=SettleBudget(max_steps=40, tol=0))
+        x = np.random.default_rng(0).uniform(0, 1, (3, 16)).astype(np.float32)
+        eq = dev.settle({"s0": x}, trace=10)
+        assert eq.steps == 40 and not eq.converged
+        assert list(eq.trace["step"]) == [0, 10, 20, 30, 40]
+        assert eq.trace["s1"].shape == (5, 3, 20)
+        assert eq.settle_time_s == pytest.approx(40 * 3 * dev.info.limits.settle_step_s)
+        assert eq.energy_j > 0
