@@ -85,6 +85,7 @@ class _Term:
     matrix: torch.Tensor  # (sum of dst sizes, n_src): F.linear layout, the fastest for thin outputs
     dsts: list[tuple[str, int, int, float]]  # (group, start, stop, read-noise variance coefficient)
     noisy: bool  # any coefficient > 0
+    pairs: list[tuple[int, bool]]  # per dst: (index into _Plan.energy_pairs, block is transposed)
 
     def noise_var(self, x: torch.Tensor, k: float) -> torch.Tensor:
         """Read-noise variance (batch, 1) of one output line of ``x @ matrix``: each of the two
@@ -113,7 +114,7 @@ class Board:
         self.topology: Topology | None = None
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
-        self._plans: dict[tuple[frozenset[str], str], _Plan] = {}
+        self._plans: dict[frozenset[str], tuple[tuple[torch.Tensor, ...], _Plan]] = {}
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 1)
         per = preset.periphery
         truth = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 2)
@@ -317,13 +318,14 @@ class Board:
 
     def _plan(self, clamped: frozenset[str]) -> _Plan:
         assert self.topology is not None
-        version = ",".join(str(id(self._tiles[c.tile].weights(self.clock))) for c in self.topology.couplings)
-        key = (clamped, version)
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+        # A plan is valid while every tile hands back the very same weights tensor (the tiles
+        # cache it and build a new one after any write, or when drift has moved it).
+        sources = tuple(self._tiles[c.tile].weights(self.clock) for c in self.topology.couplings)
+        cached = self._plans.get(clamped)
+        if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
+            return cached[1]
         topo = self.topology
-        pieces: dict[str, list[tuple[str, torch.Tensor, float]]] = {}
+        pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
         for c in topo.couplings:
             w = self._weights(c)
@@ -340,25 +342,25 @@ class Board:
                     if c.kind == "dense" and rg == cg:
                         block = block * (1 - torch.eye(rn, device=self.device))
                     if cg not in clamped:
-                        pieces.setdefault(rg, []).append((cg, block, noise_k))
+                        pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
-                        pieces.setdefault(cg, []).append((rg, block.T, noise_k))
+                        pieces.setdefault(cg, []).append((rg, block.T, noise_k, (len(energy_pairs), True)))
                     factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
                     energy_pairs.append((rg, cg, block, factor))
                     c0 += cn
                 r0 += rn
         const_terms, dyn_terms = [], []
         for src, items in pieces.items():
-            matrix = torch.cat([b for _, b, _ in items], dim=1).T.contiguous()
+            matrix = torch.cat([b for _, b, _, _ in items], dim=1).T.contiguous()
             dsts, start = [], 0
-            for dst, b, k in items:
+            for dst, b, k, _pair in items:
                 dsts.append((dst, start, start + b.shape[1], k))
                 start += b.shape[1]
-            term = _Term(src, matrix, dsts, any(k > 0 for _, _, k in items))
+            term = _Term(src, matrix, dsts, any(k > 0 for _, _, k, _ in items), [p for *_, p in items])
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
-        self._plans[key] = plan
+        self._plans[clamped] = (sources, plan)
         return plan
 
     def _line_conductance(self) -> list[tuple[str, torch.Tensor]]:
@@ -382,15 +384,22 @@ class Board:
         s: dict[str, torch.Tensor],
         plan: _Plan,
         nudge: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]],
+        products: dict[int, tuple[torch.Tensor, bool]],
     ) -> torch.Tensor:
+        """Energy per sample, E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge terms. `products`
+        holds ``s_src @ block`` of the clamped sources, already computed by the settle."""
         assert self.topology is not None
         gain = self.topology.gain
         batch = next(iter(s.values())).shape[0]
         e = torch.zeros(batch, device=self.device)
         for g in plan.free:
             e = e + (s[g] ** 2).sum(1) / (2 * gain)
-        for rg, cg, block, factor in plan.energy_pairs:
-            e = e - factor * ((s[rg] @ block) * s[cg]).sum(1)
+        for i, (rg, cg, block, factor) in enumerate(plan.energy_pairs):
+            if i in products:
+                product, transposed = products[i]  # s_rg @ block, or s_cg @ block.T
+                e = e - factor * (product * (s[rg] if transposed else s[cg])).sum(1)
+            else:
+                e = e - factor * ((s[rg] @ block) * s[cg]).sum(1)
         for g, (beta, target, grad) in nudge.items():
             if target is not None:
                 e = e + 0.5 * beta * ((s[g] - target) ** 2).sum(1)
@@ -446,15 +455,17 @@ class Board:
         base = {g: torch.zeros(batch, topo.groups[g], device=dev) for g in plan.free}
         const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
         mvm_const: list[tuple[_Term, torch.Tensor]] = []
+        products: dict[int, tuple[torch.Tensor, bool]] = {}
         for term in plan.const_terms:
             out = F.linear(s[term.src], term.matrix)
-            if mvm_mode:
-                mvm_const.append((term, out))
-                continue
-            for dst, a, b, k in term.dsts:
-                base[dst] += out[:, a:b]
+            for (dst, a, b, k), (pair, transposed) in zip(term.dsts, term.pairs, strict=True):
+                products[pair] = (out[:, a:b], transposed)
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
+                if not mvm_mode:
+                    base[dst] += out[:, a:b]
+            if mvm_mode:
+                mvm_const.append((term, out))
         for g, (beta, _t, gr) in nud.items():
             if gr is not None:
                 base[g] -= beta * gr
@@ -474,7 +485,7 @@ class Board:
 
         def record(step: int) -> None:
             trace_steps.append(step)
-            traces.setdefault("energy", []).append(self._energy(s, plan, nud))
+            traces.setdefault("energy", []).append(self._energy(s, plan, nud, products))
             for g in plan.free:
                 traces.setdefault(g, []).append(s[g].clone())
 
@@ -489,7 +500,7 @@ class Board:
 
         if trace:
             record(0)
-        residual, converged, steps, power = float("inf"), False, 0, 0.0
+        residual, converged, steps, power, floor = float("inf"), False, 0, 0.0, 0.0
         for step in range(1, budget.max_steps + 1):
             drive = dict(base)
             var = dict(const_var)
@@ -504,7 +515,7 @@ class Board:
                     y = mvm_out(term, x, y)
                 for dst, a, b, k in term.dsts:
                     drive[dst] = drive[dst] + y[:, a:b]
-                    if k and not mvm_mode:
+                    if k:
                         var[dst] = var[dst] + term.noise_var(x, k)
             check = step % budget.check_every == 0 or step == budget.max_steps
             res = 0.0
@@ -513,7 +524,10 @@ class Board:
                 if g in elastic:
                     beta, target = elastic[g]
                     u = u + beta * (target - s[g])
-                if noisy[g]:
+                if mvm_mode:
+                    if per.node_noise:
+                        u = u + per.node_noise * pool.draw(u.shape)
+                elif noisy[g]:
                     u = u + var[g].sqrt() * pool.draw(u.shape)
                 new = (u * gain if gain != 1.0 else u).clamp_(0.0, 1.0)
                 if mvm_mode:
@@ -525,9 +539,10 @@ class Board:
             if check:
                 residual = res
                 power = self._settle_power(plan, s)
+                floor = self._noise_floor(var, mvm_mode, gain)
             if trace and step % trace == 0:
                 record(step)
-            if check and residual <= tol:
+            if check and residual <= tol + floor:
                 converged = True
                 break
         if trace and trace_steps[-1] != steps:
@@ -538,7 +553,7 @@ class Board:
         energy_j = power * step_s * steps
         self.clock += settle_time
         self.energy_j += energy_j
-        energy = self._energy(s, plan, nud)
+        energy = self._energy(s, plan, nud, products)
         states = {g: self._adc_state(s[g], self._channel[g]) for g in plan.free}
         out_trace = None
         if trace:
@@ -546,6 +561,18 @@ class Board:
             for g in plan.free:
                 out_trace[g] = self._adc_state(torch.stack(traces[g]), self._channel[g])
         return SettleResult(states, steps, converged, residual, energy, settle_time, energy_j, out_trace)
+
+    def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
+        """The step-to-step change of the node states that noise and quantisation alone cause
+        at equilibrium: a settle counts as converged when its residual is within `tol` of it.
+        Six standard deviations: the residual is a maximum over every node of the batch."""
+        sigma = max((float(v.max()) for v in var.values()), default=0.0) ** 0.5
+        floor = 6.0 * gain * sigma
+        if mvm_mode:
+            per = self.preset.periphery
+            floor += gain * (_lsb(per.adc_bits, 2 * per.mvm_range) if per.adc_bits else 0.0)
+            floor += _lsb(per.dac_bits, per.state_range[1] - per.state_range[0]) if per.dac_bits else 0.0
+        return floor
 
     def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor]) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line

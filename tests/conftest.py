@@ -11,7 +11,9 @@ import torch
 
 import drivers.emulated as emulated
 
-torch.set_num_threads(2)
+# One intra-op thread: the tests use small matrices, and several threads (a server thread beside
+# the client) each asking for two OpenMP workers on two cores stall for milliseconds per op.
+torch.set_num_threads(1)
 
 _boards: list[emulated.Board] = []
 

@@ -1,0 +1,425 @@
+"""One crossbar tile of differential conductance pairs (G+, G-), with its hidden truth.
+
+The two devices of every cell are stored stacked as one ``(2, rows, cols)`` tensor
+(index 0: G+, index 1: G-), so every operation treats both arrays at once.
+
+Time: ``t`` is the board's simulated clock in seconds. The tile never keeps a clock of
+its own; it only remembers when each device was last written (for drift). Randomness:
+the chip (every device-to-device draw) comes from the ``fab`` generator at construction;
+every noisy operation draws from the generator it is given (the board's noise generator).
+
+Cost model for programming: rows are programmed one at a time, all devices of a row
+(both G+ and G- columns) in parallel, so a `pulse` call takes ``pulse_time_s`` times the
+sum over rows of the largest pulse count in the row; a direct `write` takes one pulse
+slot per row, and a verify read ``read_time_s`` per row. Energy is ``pulse_energy_j``
+per pulse (a pulse sent to a stuck device still costs energy) plus ``read_energy_j`` per
+device read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from drivers.errors import ConfigurationError
+from emulator.devices import (
+    DeviceModel,
+    DeviceParams,
+    PulsePlan,
+    drift_factor,
+    ir_drop_attenuation,
+    reset_level,
+    step_size,
+)
+
+
+@dataclass
+class WriteStats:
+    pulses: int  # programming pulses sent (one per device for a direct write)
+    energy_j: float
+    time_s: float
+
+    def __add__(self, other: WriteStats) -> WriteStats:
+        return WriteStats(
+            self.pulses + other.pulses, self.energy_j + other.energy_j, self.time_s + other.time_s
+        )
+
+
+@dataclass
+class VerifyStats:
+    iterations: int  # read/correct rounds after the initial write
+    pulses: int  # all programming pulses, the initial write included
+    within_tol: float  # fraction of all devices (stuck ones included) truly within tol at the end
+    residual_max: float  # max |read - target| (S) over all devices at the last read
+    energy_j: float
+    time_s: float
+    gave_up: int = 0  # devices the firmware stopped correcting because they did not move
+    reads: int = 0  # full-tile reads taken
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """N(0,1) from `gen` wherever it lives, moved to `device` (so a CPU generator gives the same
+    numbers whatever the compute device is)."""
+    return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float32)
+
+
+class TileArray:
+    """A ``rows x cols`` tile of differential pairs drawn from `model` with the `fab` generator.
+
+    Power-on state: both devices of every pair at their own g_lo (unprogrammed), written at
+    t = 0; stuck devices at their stuck value.
+    """
+
+    def __init__(
+        self, rows: int, cols: int, model: DeviceModel, fab: torch.Generator, device: torch.device
+    ) -> None:
+        if rows < 1 or cols < 1:
+            raise ConfigurationError(f"a tile needs rows, cols >= 1, got {rows} x {cols}")
+        self.rows = rows
+        self.cols = cols
+        self.model = model
+        self.device = torch.device(device)
+        self._dshape = (2, rows, cols)
+        self.params = DeviceParams.draw(model, self._dshape, fab, self.device)
+        self._nominal = DeviceParams.nominal(model, self._dshape, self.device)
+        self._g0 = torch.where(self.params.stuck, self.params.stuck_value, self.params.g_lo)
+        # float64: the board's clock advances by nanoseconds on top of hours
+        self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
+        self._drifts = bool((self.params.nu > 0).any())
+        self._nu_max = float(self.params.nu.max())
+        self._t_uniform: float | None = 0.0  # the common write time, while all devices share one
+        self._t_latest = 0.0  # the latest write time of any device
+        self._ir = ir_drop_attenuation(model, rows, cols, self.device) if model.ir_drop > 0 else None
+        self._version = 0
+        self._cache_version = -1
+        self._cache_t = 0.0
+        self._cache: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- shape and truth
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def stuck(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks of the stuck devices (G+, G-)."""
+        return self.params.stuck[0], self.params.stuck[1]
+
+    def truth(self) -> dict[str, torch.Tensor]:
+        """The hidden per-device parameters, each ``(2, rows, cols)`` (index 0: G+, 1: G-).
+
+        Keys: g_min, g_max (own bounds), dw_up, dw_down (step scales, see `emulator.devices`),
+        nu (drift exponent), stuck (bool), stuck_value (S). For calibration tests only.
+        """
+        p = self.params
+        return {
+            "g_min": p.g_lo.clone(),
+            "g_max": p.g_hi.clone(),
+            "dw_up": p.dw_up.clone(),
+            "dw_down": p.dw_down.clone(),
+            "nu": p.nu.clone(),
+            "stuck": p.stuck.clone(),
+            "stuck_value": p.stuck_value.clone(),
+        }
+
+    # ----------------------------------------------------------------- state
+    def _now(self, t: float) -> torch.Tensor:
+        """True conductances (2, rows, cols) at time t."""
+        if not self._drifts:
+            return self._g0
+        if self._t_uniform is not None:
+            log_ratio = math.log(max(t - self._t_uniform, self.model.drift_t0) / self.model.drift_t0)
+            if log_ratio == 0.0:
+                return self._g0
+            return self._g0 * torch.exp(self.params.nu * -log_ratio)
+        return self._g0 * drift_factor(self.model, t - self._t_written, self.params.nu)
+
+    def _written(self, t: float, mask: torch.Tensor | None = None) -> None:
+        """Record a write at `t` of all devices (mask None) or of the masked ones."""
+        if mask is None:
+            self._t_written.fill_(t)
+            self._t_uniform = t
+        else:
+            self._t_written = torch.where(mask, torch.full_like(self._t_written, t), self._t_written)
+            self._t_uniform = None
+        self._t_latest = max(self._t_latest, t)
+        self._version += 1
+        self._cache = None
+
+    def conductances(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """True (G+, G-) at time `t`: drift since each device's last write, stuck values.
+        Fresh tensors: the caller may keep or modify them."""
+        g = self._now(t)
+        if g is self._g0:
+            g = g.clone()
+        return g[0], g[1]
+
+    def _read(self, t: float, gen: torch.Generator) -> torch.Tensor:
+        g = self._now(t)
+        if self.model.read_noise > 0:
+            g = g + self.model.read_noise * _randn(self._dshape, gen, self.device)
+        return g
+
+    def read(self, t: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One noisy read of every device: true + N(0, read_noise). Not clipped at 0: this is a
+        measurement, and a clipped one would bias the noise statistics near g = 0."""
+        g = self._read(t, gen)
+        return g[0], g[1]
+
+    def weights(self, t: float) -> torch.Tensor:
+        """``(G+ - G-) / (g_max - g_min)`` (nominal range), IR drop applied, shape (rows, cols).
+
+        Cached: recomputed after a write or pulse, or, on a drifting tile, when the drift
+        since the cached time may have moved some conductance by more than 1e-6 relative
+        (``nu_max |dt| / (time since the latest write)``; far below any read noise, and it
+        keeps the many settles of a training step on one cached tensor). The returned tensor
+        is shared with the cache: do not modify it in place.
+        """
+        if self._cache is not None and self._cache_version == self._version:
+            if not self._drifts:
+                return self._cache
+            since = max(min(t, self._cache_t) - self._t_latest, self.model.drift_t0)
+            if self._nu_max * abs(t - self._cache_t) <= 1e-6 * since:
+                return self._cache
+        g = self._now(t)
+        w = (g[0] - g[1]) / self.model.g_range
+        if self._ir is not None:
+            w = w * self._ir
+        self._cache = w
+        self._cache_version = self._version
+        self._cache_t = t
+        return w
+
+    def mvm_noise_std(self, x: torch.Tensor) -> torch.Tensor:
+        """Std of the read-noise error of ``x @ weights`` for each batch row, shape ``x.shape[:-1]``.
+
+        Output j of ``x @ W`` with noisy devices is
+        ``sum_i x_i (G+_ij + e+_ij - G-_ij - e-_ij) / range``; with independent Gaussian
+        e ~ N(0, read_noise) the error is Gaussian with variance
+        ``2 read_noise^2 sum_i x_i^2 / range^2``, independent across outputs j (disjoint
+        devices) and across batch rows (each input vector is applied in its own read cycle).
+        Adding ``N(0,1) * mvm_noise_std(x)[..., None]`` to each output is therefore
+        statistically identical to drawing per-device read noise, at the cost of one
+        output-sized draw. The same formula holds for ``x @ W.T`` (sum over x's own last
+        axis). IR drop would scale the noise by the same < 1 factor as the signal; it is
+        neglected here.
+        """
+        if self.model.read_noise == 0:
+            return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+        scale = self.model.read_noise * math.sqrt(2.0) / self.model.g_range
+        return scale * torch.linalg.vector_norm(x, dim=-1)
+
+    # ----------------------------------------------------------------- programming
+    def _stack(self, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+        a = torch.as_tensor(a, device=self.device)
+        b = torch.as_tensor(b, device=self.device)
+        if a.shape != self.shape or b.shape != self.shape:
+            raise ConfigurationError(
+                f"{what}: expected two arrays of shape {self.shape}, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}"
+            )
+        return torch.stack((a, b))
+
+    def write(
+        self, target_plus: torch.Tensor, target_minus: torch.Tensor, t: float, gen: torch.Generator
+    ) -> WriteStats:
+        """Direct programming without verify: every non-stuck device lands at
+        ``clip(target + N(0, write_noise), own bounds)`` and is marked written at `t`."""
+        target = self._stack(target_plus, target_minus, "write").to(torch.float32)
+        if self.model.write_noise > 0:
+            target = target + self.model.write_noise * _randn(self._dshape, gen, self.device)
+        p = self.params
+        landed = torch.minimum(torch.maximum(target, p.g_lo), p.g_hi)
+        self._g0 = torch.where(p.stuck, p.stuck_value, landed)
+        self._written(t)
+        n = 2 * self.cells
+        return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
+
+    def set_conductances(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t: float) -> None:
+        """Put every non-stuck device exactly at the given conductance (clipped to its own bounds),
+        written at `t`; no noise, no cost. For tests and for restoring a saved board state."""
+        target = self._stack(g_plus, g_minus, "set_conductances").to(torch.float32)
+        p = self.params
+        landed = torch.minimum(torch.maximum(target, p.g_lo), p.g_hi)
+        self._g0 = torch.where(p.stuck, p.stuck_value, landed)
+        self._written(t)
+
+    def pulse(
+        self, counts_plus: torch.Tensor, counts_minus: torch.Tensor, t: float, gen: torch.Generator
+    ) -> WriteStats:
+        """Apply signed pulse counts (positive: potentiate) to every device, |n| pulses in sequence.
+
+        Each pulse goes through the device model with cycle-to-cycle noise, asymmetry and the
+        device's own bounds; stuck devices do not move. On a one-sided (PCM) device a negative
+        count of any size is one RESET pulse to just above g_lo. A pulsed device takes its
+        drifted conductance as the start and counts as written at `t`.
+        """
+        n = self._stack(counts_plus, counts_minus, "pulse")
+        if n.is_floating_point() and not torch.equal(n, n.round()):
+            raise ConfigurationError("pulse counts must be integers")
+        n = n.to(torch.int64)
+        model = self.model
+        p = self.params
+        mag = n.abs()
+        if model.one_sided:
+            mag = torch.where(n < 0, torch.ones_like(mag), mag)
+        per_row = mag.amax(dim=(0, 2))
+        stats = WriteStats(
+            int(mag.sum()),
+            float(mag.sum()) * model.pulse_energy_j,
+            float(per_row.sum()) * model.pulse_time_s,
+        )
+        act = (mag > 0) & ~p.stuck
+        if not bool(act.any()):
+            return stats
+
+        g_now = self._now(t)
+        idx = torch.nonzero(act.reshape(-1)).squeeze(1)
+        g = g_now.reshape(-1)[idx]
+        m = mag.reshape(-1)[idx]
+        up = n.reshape(-1)[idx] > 0
+        sub = p.index(idx)
+        if model.one_sided:
+            reset = ~up
+            if bool(reset.any()):
+                level = reset_level(model, sub, _randn((idx.numel(),), gen, self.device))
+                g = torch.where(reset, level, g)
+                m = torch.where(reset, torch.zeros_like(m), m)
+
+        # Sort by pulse count, largest first: the devices still pulsing at step k are then a
+        # prefix, and every step works on views of the shrinking prefix (no gathers).
+        m, order = torch.sort(m, descending=True, stable=True)
+        idx, g = idx[order], g[order]
+        plan = PulsePlan.make(model, up[order], sub.index(order))
+        counts = torch.bincount(m, minlength=1)
+        alive = (m.numel() - torch.cumsum(counts, 0)).tolist()  # alive[k] = #devices with m > k
+        for k in range(int(m[0])):
+            a = alive[k]
+            noise = _randn((a,), gen, self.device) if model.dw_min_ctoc > 0 else None
+            g[:a] = plan.head(a).apply(model, g[:a], noise)
+
+        g0 = self._g0.reshape(-1).clone()
+        g0[idx] = g  # pulsed devices restart from their drifted value; the others keep theirs
+        self._g0 = g0.reshape(self._dshape)
+        self._written(t, act)
+        return stats
+
+    def program_verify(
+        self,
+        target_plus: torch.Tensor,
+        target_minus: torch.Tensor,
+        tol: float,
+        max_iters: int,
+        t: float,
+        gen: torch.Generator,
+        *,
+        max_pulses: int = 64,
+        patience: int = 3,
+    ) -> VerifyStats:
+        """Firmware-style write-verify: a direct write, then up to `max_iters` rounds of
+        {one noisy read of the tile; every device not yet verified gets
+        ``n = round(error / mean step at the read value)`` pulses, at least one, at most
+        `max_pulses`}. The loop ends early when every device is verified or given up.
+
+        The firmware knows only the nominal device model and the nominal read noise:
+
+        - a device is verified (and from then on inhibited, as in the incremental
+          program-verify of NAND flash) once a read falls within
+          ``max(tol - 2 read_noise, tol / 2)`` of its target, so that its true value is
+          within `tol` with high probability;
+        - a device that overshoots its target halves its own pulse-count gain (down to
+          1/16), so devices with steps far above nominal converge instead of oscillating;
+        - one-sided (PCM) devices aim low (``floor``), and a device above its target is
+          RESET and climbs again;
+        - stuck devices, and devices whose target lies beyond their own bounds, are detected
+          instead of looped on: a device pulsed in the same direction for `patience` rounds
+          in a row whose read moved by less than a fifth of the expected total movement
+          (once that movement is well above the read noise) is given up (`gave_up`).
+
+        `within_tol` counts every device, stuck ones included, by its true conductance.
+        """
+        if tol <= 0:
+            raise ConfigurationError(f"tol must be > 0 siemens, got {tol}")
+        if max_iters < 0:
+            raise ConfigurationError(f"max_iters must be >= 0, got {max_iters}")
+        model = self.model
+        target = self._stack(target_plus, target_minus, "program_verify").to(torch.float32)
+        stats = self.write(target[0], target[1], t, gen)
+        rn = model.read_noise
+        accept = max(tol - 2.0 * rn, 0.5 * tol)
+        # an expected movement this large is distinguishable from two reads' noise
+        detectable = 6.0 * math.sqrt(2.0) * rn
+        zeros = torch.zeros(self._dshape, dtype=torch.float32, device=self.device)
+        gave_up = torch.zeros(self._dshape, dtype=torch.bool, device=self.device)
+        done = torch.zeros(self._dshape, dtype=torch.bool, device=self.device)
+        streak = torch.zeros(self._dshape, dtype=torch.int32, device=self.device)
+        anchor = zeros  # read before the first pulse of the current same-direction streak
+        expected = zeros  # signed movement the streak's pulses should have produced
+        gain = torch.ones(self._dshape, dtype=torch.float32, device=self.device)
+        n = torch.zeros_like(gain)
+        prev_err = zeros
+        iterations = 0
+        reads = 0
+        while True:
+            r = self._read(t, gen)
+            reads += 1
+            err = target - r
+            if iterations > 0:
+                overshot = (n != 0) & (torch.sign(err) != torch.sign(prev_err))
+                if model.one_sided:
+                    overshot &= n > 0  # landing below the target after a RESET is the plan
+                gain = torch.where(overshot, (0.5 * gain).clamp_min(1.0 / 16.0), gain)
+                progress = (r - anchor) * torch.sign(expected)
+                stalled = (
+                    (streak >= patience)
+                    & (expected.abs() >= detectable)
+                    & (progress < 0.2 * expected.abs())
+                )
+                gave_up |= stalled
+            done |= err.abs() <= accept
+            need = ~done & ~gave_up
+            if iterations >= max_iters or not bool(need.any()):
+                break
+            iterations += 1
+            step = step_size(model, r, err > 0, self._nominal).clamp_min(1e-3 * model.dw_min)
+            ratio = gain * err / step
+            # a one-sided device cannot step back after an overshoot (only RESET and climb
+            # again), so it aims low
+            n = torch.floor(ratio) if model.one_sided else torch.round(ratio)
+            n = n.clamp(-max_pulses, max_pulses)
+            n = torch.where(n == 0, torch.sign(err), n)
+            move = n * step
+            if model.one_sided:
+                n = torch.where(err < 0, -torch.ones_like(n), n)
+                move = torch.where(err < 0, model.g_min - r, move)
+            n = torch.where(need, n, torch.zeros_like(n))
+            move = torch.where(need, move, zeros)
+            same = (streak > 0) & (torch.sign(move) == torch.sign(expected)) & (n != 0)
+            anchor = torch.where(same, anchor, r)
+            expected = torch.where(same, expected + move, move)
+            streak = torch.where(n == 0, torch.zeros_like(streak), torch.where(same, streak + 1, 1))
+            stats = stats + self.pulse(n[0].to(torch.int64), n[1].to(torch.int64), t, gen)
+            prev_err = err
+
+        read_cost = WriteStats(
+            0, reads * 2 * self.cells * model.read_energy_j, reads * self.rows * model.read_time_s
+        )
+        stats = stats + read_cost
+        true = self._now(t)
+        within = float(((true - target).abs() <= tol).to(torch.float32).mean())
+        return VerifyStats(
+            iterations=iterations,
+            pulses=stats.pulses,
+            within_tol=within,
+            residual_max=float((r - target).abs().max()),
+            energy_j=stats.energy_j,
+            time_s=stats.time_s,
+            gave_up=int(gave_up.sum()),
+            reads=reads,
+        )

@@ -1,0 +1,321 @@
+"""Pulse-response models of one resistive device (the physics of one crossbar cell).
+
+Everything is in SI units: siemens, seconds, joules. A device sits at a conductance
+``G`` inside its own bounds ``[g_lo, g_hi]`` (the nominal ``[g_min, g_max]`` scattered
+device to device). With ``x = (G - g_lo) / (g_hi - g_lo)`` the *mean* size of one
+potentiating (up) or depressing (down) pulse is
+
+=============  ===============================  =====================================
+kind           up step                          down step
+=============  ===============================  =====================================
+constant       ``dw_up``                        ``dw_down``
+linear         ``dw_up * (1 - gamma x)``        ``dw_down * (1 - gamma_dn (1 - x))``
+soft_bounds    ``dw_up * (1 - x)``              ``dw_down * x``
+exponential    ``dw_up * exp(-gamma x)``        ``dw_down * exp(-gamma_dn (1 - x))``
+=============  ===============================  =====================================
+
+(steps are clipped at 0), where ``dw_up = dw_min (1 + up_down)`` and
+``dw_down = dw_min (1 - up_down)``, both scaled per device by one log-normal factor of
+mean 1 and relative std ``dw_min_dtod`` (``up_down`` itself is scattered by
+``up_down_dtod``). So ``dw_min`` is the step a pulse takes when it starts at the bound it
+moves away from; ``soft_bounds`` is ``linear`` with ``gamma = 1``, and its mid-range step
+is ``dw_min / 2`` (aihwkit quotes its ``dw_min`` at mid-range). Every pulse is multiplied
+by ``1 + dw_min_ctoc N(0,1)`` (cycle-to-cycle noise, as aihwkit's ``dw_min_std``) and the
+result is clipped to the device's bounds.
+
+A one-sided device (PCM) only has gradual SET (up) pulses; a negative pulse count is a
+RESET, which melts the cell back to ``g_lo + |N(0, reset_noise)|`` whatever the count.
+
+Drift (PCM): after a write at time ``t_w`` the conductance is
+``G(t) = G0 * (max(t - t_w, t0) / t0) ** -nu`` with ``nu`` per device
+(``drift_nu + drift_nu_dtod N(0,1)``, clipped at 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+from drivers.errors import ConfigurationError
+
+DeviceKind = Literal["constant", "linear", "soft_bounds", "exponential"]
+KINDS: tuple[str, ...] = ("constant", "linear", "soft_bounds", "exponential")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Nominal parameters of one device technology and its spreads (SI units).
+
+    ``dw_min_ctoc`` and ``bounds_dtod`` are stds of a factor ``1 + s N(0,1)``;
+    ``dw_min_dtod`` is the relative std of a log-normal factor of mean 1; ``up_down_dtod``
+    and ``drift_nu_dtod`` are absolute stds; ``write_noise``, ``reset_noise`` and
+    ``read_noise`` are stds in siemens. Every d2d draw happens once, at fabrication
+    (`DeviceParams.draw`); ``drift_nu_dtod = 0`` with ``drift_nu = 0`` disables drift.
+    """
+
+    kind: DeviceKind = "constant"
+    g_min: float = 1e-6
+    g_max: float = 10e-6
+    dw_min: float = 1e-9  # nominal step (S), see the module docstring for its meaning per kind
+    up_down: float = 0.0  # up step x (1 + up_down), down step x (1 - up_down)
+    gamma: float = 0.0  # shape of the linear / exponential up step
+    gamma_down: float | None = None  # shape of the down step; None: same as gamma
+    dw_min_dtod: float = 0.0  # relative d2d std of the step (log-normal)
+    up_down_dtod: float = 0.0  # absolute d2d std of up_down
+    dw_min_ctoc: float = 0.0  # relative c2c std of each pulse
+    bounds_dtod: float = 0.0  # relative d2d std of g_min and of g_max (each relative to itself)
+    write_noise: float = 0.0  # std (S) of a direct programming write
+    reset_noise: float = 0.0  # one-sided devices: a RESET lands at g_lo + |N(0, reset_noise)|
+    read_noise: float = 0.0  # std (S) of one read of one device
+    drift_nu: float = 0.0  # power-law drift exponent; 0 disables drift
+    drift_nu_dtod: float = 0.0  # absolute d2d std of nu
+    drift_t0: float = 20.0  # s, drift reference time
+    stuck_fraction: float = 0.0  # fraction of devices stuck, half at g_lo, half at g_hi
+    one_sided: bool = False  # PCM: gradual SET only; negative counts RESET the device
+    ir_drop: float = 0.0  # first-order IR-drop attenuation at the far corner of a tile
+    pulse_energy_j: float = 1e-12  # one programming pulse
+    pulse_time_s: float = 50e-9  # one programming pulse (rows are programmed one at a time)
+    read_time_s: float = 1e-6  # reading one row of devices (all columns in parallel)
+    read_energy_j: float = 0.0  # one read of one device
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigurationError(f"device kind must be one of {KINDS}, got {self.kind!r}")
+        if not 0.0 <= self.g_min < self.g_max:
+            raise ConfigurationError(
+                f"need 0 <= g_min < g_max, got g_min={self.g_min:.3g} S, g_max={self.g_max:.3g} S"
+            )
+        if self.dw_min <= 0:
+            raise ConfigurationError(f"dw_min must be > 0 siemens, got {self.dw_min:.3g}")
+        if not -1.0 < self.up_down < 1.0:
+            raise ConfigurationError(f"up_down must be in (-1, 1), got {self.up_down}")
+        if not 0.0 <= self.stuck_fraction <= 1.0:
+            raise ConfigurationError(f"stuck_fraction must be in [0, 1], got {self.stuck_fraction}")
+        if self.drift_t0 <= 0:
+            raise ConfigurationError(f"drift_t0 must be > 0 seconds, got {self.drift_t0}")
+        if not 0.0 <= self.ir_drop < 1.0:
+            raise ConfigurationError(f"ir_drop must be in [0, 1), got {self.ir_drop}")
+        negative = [
+            name
+            for name in (
+                "dw_min_dtod",
+                "up_down_dtod",
+                "dw_min_ctoc",
+                "bounds_dtod",
+                "write_noise",
+                "reset_noise",
+                "read_noise",
+                "drift_nu",
+                "drift_nu_dtod",
+                "pulse_energy_j",
+                "pulse_time_s",
+                "read_time_s",
+                "read_energy_j",
+            )
+            if getattr(self, name) < 0
+        ]
+        if negative:
+            raise ConfigurationError(f"these device parameters must be >= 0: {negative}")
+
+    @property
+    def g_range(self) -> float:
+        """Nominal conductance range g_max - g_min (the weight scale)."""
+        return self.g_max - self.g_min
+
+    @property
+    def levels(self) -> float:
+        """Nominal number of steps across the range (range / dw_min)."""
+        return self.g_range / self.dw_min
+
+    @property
+    def gamma_dn(self) -> float:
+        return self.gamma if self.gamma_down is None else self.gamma_down
+
+    @property
+    def drifts(self) -> bool:
+        return self.drift_nu > 0 or self.drift_nu_dtod > 0
+
+
+@dataclass
+class DeviceParams:
+    """Per-device parameters (the fabrication draw). All tensors have the tile's device shape.
+
+    ``stuck`` devices sit at ``stuck_value`` forever (their ``nu`` is 0).
+    """
+
+    g_lo: torch.Tensor
+    g_hi: torch.Tensor
+    dw_up: torch.Tensor
+    dw_down: torch.Tensor
+    nu: torch.Tensor
+    stuck: torch.Tensor  # bool
+    stuck_value: torch.Tensor
+
+    @staticmethod
+    def draw(
+        model: DeviceModel, shape: tuple[int, ...], fab: torch.Generator, device: torch.device
+    ) -> DeviceParams:
+        """Draw one chip. Every draw is taken whatever the spreads are, in a fixed order, so
+        turning one spread on does not change the others for the same seed."""
+
+        def normal() -> torch.Tensor:
+            return torch.randn(shape, generator=fab, device=fab.device).to(device, torch.float32)
+
+        def uniform() -> torch.Tensor:
+            return torch.rand(shape, generator=fab, device=fab.device).to(device, torch.float32)
+
+        n_scale, n_ud, n_lo, n_hi, n_nu = normal(), normal(), normal(), normal(), normal()
+        u_stuck, u_side = uniform(), uniform()
+
+        # log-normal with mean 1 and relative std ~dw_min_dtod: a step scale is positive, and a
+        # Gaussian factor would put ~0.4 % of the devices (at 0.3) below a fifth of nominal
+        s = math.sqrt(math.log1p(model.dw_min_dtod**2))
+        scale = model.dw_min * torch.exp(s * n_scale - 0.5 * s * s)
+        ud = (model.up_down + model.up_down_dtod * n_ud).clamp(-1.0, 1.0)
+        g_lo = (model.g_min * (1.0 + model.bounds_dtod * n_lo)).clamp_min(0.0)
+        g_hi = model.g_max * (1.0 + model.bounds_dtod * n_hi)
+        # a device's window never collapses below a tenth of the nominal range
+        g_hi = torch.maximum(g_hi, g_lo + 0.1 * model.g_range)
+        nu = (model.drift_nu + model.drift_nu_dtod * n_nu).clamp_min(0.0)
+        stuck = u_stuck < model.stuck_fraction
+        stuck_value = torch.where(u_side < 0.5, g_lo, g_hi)
+        nu = torch.where(stuck, torch.zeros_like(nu), nu)
+        return DeviceParams(g_lo, g_hi, scale * (1.0 + ud), scale * (1.0 - ud), nu, stuck, stuck_value)
+
+    @staticmethod
+    def nominal(model: DeviceModel, shape: tuple[int, ...], device: torch.device) -> DeviceParams:
+        """The nominal device everywhere: what firmware assumes before calibration."""
+
+        def full(v: float) -> torch.Tensor:
+            return torch.full(shape, v, dtype=torch.float32, device=device)
+
+        return DeviceParams(
+            g_lo=full(model.g_min),
+            g_hi=full(model.g_max),
+            dw_up=full(model.dw_min * (1.0 + model.up_down)),
+            dw_down=full(model.dw_min * (1.0 - model.up_down)),
+            nu=full(model.drift_nu),
+            stuck=torch.zeros(shape, dtype=torch.bool, device=device),
+            stuck_value=full(model.g_min),
+        )
+
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> DeviceParams:
+        return DeviceParams(*(f(getattr(self, name)) for name in _PARAM_FIELDS))
+
+    def index(self, idx: torch.Tensor) -> DeviceParams:
+        """The parameters of the devices at flat indices `idx` (a 1-D result)."""
+        return self._map(lambda t: t.reshape(-1)[idx])
+
+
+_PARAM_FIELDS = tuple(f.name for f in fields(DeviceParams))
+
+
+@dataclass
+class PulsePlan:
+    """Direction-resolved constants for a train of pulses, one direction per device.
+
+    With ``u`` the fraction of its window a device has travelled from the bound its pulse
+    moves away from (``u = x`` going up, ``1 - x`` going down), the mean step is
+    ``dw * shape(u)`` with shape 1 (constant), ``1 - gamma u`` (linear, clipped at 0),
+    ``1 - u`` (soft bounds) or ``exp(-gamma u)`` (exponential). Resolving the direction
+    once per train keeps the per-pulse work to a handful of element-wise operations.
+    """
+
+    origin: torch.Tensor  # g_lo going up, g_hi going down
+    inv_span: torch.Tensor  # +1 / (g_hi - g_lo) going up, -1 / (g_hi - g_lo) going down
+    signed_dw: torch.Tensor  # +dw_up going up, -dw_down going down
+    gamma: torch.Tensor | float
+    g_lo: torch.Tensor
+    g_hi: torch.Tensor
+
+    @staticmethod
+    def make(model: DeviceModel, up: torch.Tensor, p: DeviceParams) -> PulsePlan:
+        inv = 1.0 / (p.g_hi - p.g_lo)
+        gamma: torch.Tensor | float = model.gamma
+        if model.gamma_dn != model.gamma:
+            gamma = torch.where(up, model.gamma, model.gamma_dn)
+        return PulsePlan(
+            origin=torch.where(up, p.g_lo, p.g_hi),
+            inv_span=torch.where(up, inv, -inv),
+            signed_dw=torch.where(up, p.dw_up, -p.dw_down),
+            gamma=gamma,
+            g_lo=p.g_lo,
+            g_hi=p.g_hi,
+        )
+
+    def head(self, n: int) -> PulsePlan:
+        """Views of the first `n` devices (1-D plans)."""
+        gamma = self.gamma[:n] if isinstance(self.gamma, torch.Tensor) else self.gamma
+        return PulsePlan(
+            self.origin[:n], self.inv_span[:n], self.signed_dw[:n], gamma, self.g_lo[:n], self.g_hi[:n]
+        )
+
+    def mean_step(self, model: DeviceModel, g: torch.Tensor) -> torch.Tensor:
+        """Signed mean change (S) of one pulse at conductance `g`."""
+        if model.kind == "constant":
+            return self.signed_dw.expand_as(g)
+        u = ((g - self.origin) * self.inv_span).clamp(0.0, 1.0)
+        if model.kind == "soft_bounds":
+            return self.signed_dw * (1.0 - u)
+        if model.kind == "linear":
+            return self.signed_dw * (1.0 - self.gamma * u).clamp_min(0.0)
+        return self.signed_dw * torch.exp(-self.gamma * u)
+
+    def apply(self, model: DeviceModel, g: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """Conductance after one pulse; `noise` is N(0,1) for the c2c variation (None: none)."""
+        step = self.mean_step(model, g)
+        if noise is not None and model.dw_min_ctoc > 0:
+            step = step * (1.0 + model.dw_min_ctoc * noise)
+        return torch.clamp(g + step, self.g_lo, self.g_hi)
+
+
+def step_size(model: DeviceModel, g: torch.Tensor, up: torch.Tensor, p: DeviceParams) -> torch.Tensor:
+    """Mean magnitude (S, >= 0) of one pulse at conductance `g`; `up` (bool) picks the direction."""
+    return PulsePlan.make(model, up, p).mean_step(model, g).abs()
+
+
+def apply_pulse(
+    model: DeviceModel,
+    g: torch.Tensor,
+    up: torch.Tensor,
+    p: DeviceParams,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Conductance after one gradual pulse per device (up: potentiate, else depress).
+
+    `noise` is N(0,1) of g's shape for the cycle-to-cycle variation (None: no c2c noise).
+    Stuck devices and one-sided RESETs are handled by the caller (`TileArray.pulse`).
+    """
+    return PulsePlan.make(model, up, p).apply(model, g, noise)
+
+
+def reset_level(model: DeviceModel, p: DeviceParams, noise: torch.Tensor) -> torch.Tensor:
+    """Where a one-sided (PCM) device lands after a RESET: just above its own g_lo."""
+    return torch.minimum(p.g_lo + model.reset_noise * noise.abs(), p.g_hi)
+
+
+def drift_factor(model: DeviceModel, elapsed: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """``(max(elapsed, t0) / t0) ** -nu`` (float32), for `elapsed` seconds since the last write."""
+    ratio = (elapsed.clamp_min(model.drift_t0) / model.drift_t0).to(torch.float32)
+    return torch.exp(-nu * torch.log(ratio))
+
+
+def ir_drop_attenuation(model: DeviceModel, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Static first-order IR-drop factor per cell, ``1 - ir_drop * (i/rows + j/cols) / 2``.
+
+    Row i is driven from one end and column j is sensed at one end, so the wire resistance
+    in series with cell (i, j) grows linearly with its distance from the drivers and the
+    sense amplifiers; to first order in ``r_wire * G`` the cell's contribution is attenuated
+    in proportion to that distance. ``ir_drop`` is the attenuation at the far corner. This
+    is a mean-field approximation: the true drop also depends on the line currents, i.e.
+    on the inputs and on the other cells, which a static factor cannot follow. It scales
+    the array operations (mvm, settle), not single-device reads, whose lines carry one
+    cell's current only.
+    """
+    i = torch.arange(rows, device=device, dtype=torch.float32).unsqueeze(1) / rows
+    j = torch.arange(cols, device=device, dtype=torch.float32).unsqueeze(0) / cols
+    return 1.0 - model.ir_drop * (i + j) / 2.0

@@ -1,0 +1,176 @@
+"""Board presets: one device technology plus its periphery.
+
+The numbers are rounded, order-of-magnitude values from the cited device literature and
+from the device fits shipped with IBM's aihwkit; they are not a fit to any one chip. Where
+a value is a choice made for this emulator (rather than a published number) the comment
+says so. The nominal window [g_min, g_max] of each preset is the window the board
+guarantees (every working device saturates at or near it: ``bounds_dtod`` of 1-2 %), so a
+weight mapping may use all of it; aihwkit's much larger bound spreads (``w_max_dtod``
+0.1-0.3) describe raw devices before such a window is chosen, and can be restored with
+``bounds_dtod``. To vary a preset, ``dataclasses.replace(PRESETS["rram"].device, ir_drop=0.05)``.
+
+Conventions (see `emulator.devices`): ``dw_min`` is the step a pulse takes from the bound
+it moves away from; for ``soft_bounds`` the mid-range step is ``dw_min / 2`` (aihwkit quotes
+its ``dw_min`` at mid-range, on a weight range of 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drivers.errors import ConfigurationError
+from emulator.devices import DeviceModel
+from emulator.periphery import PeripheryModel
+
+
+@dataclass(frozen=True)
+class BoardPreset:
+    name: str
+    device: DeviceModel
+    periphery: PeripheryModel
+    description: str = ""
+
+
+# Ideal: a constant-step device with 10,000 levels (like aihwkit's IdealizedPresetDevice,
+# Gokmen & Vlasov, Front. Neurosci. 2016, without its variations), no noise of any kind,
+# no drift, no faults, ideal converters. Window and costs as the rram preset, so energy
+# numbers stay comparable.
+IDEAL_DEVICE = DeviceModel(
+    kind="constant",
+    g_min=1e-6,
+    g_max=10e-6,
+    dw_min=0.9e-9,  # range / 10,000
+    pulse_energy_j=2e-12,
+    pulse_time_s=50e-9,
+    read_time_s=1e-6,
+)
+
+# RRAM (HfOx / TaOx filamentary, 1T1R). Sources:
+# - window 1-10 uS with ~100 usable levels and gradual, soft-bounded pulse response:
+#   Prezioso et al., Nature 521, 61 (2015) (Al2O3/TiO2-x crossbar); Yao et al., Nature 577,
+#   641 (2020) (TaOx/HfOx 1T1R arrays programmed by write-verify);
+# - soft bounds, d2d step spread 0.3, up/down d2d spread 0.05: aihwkit's
+#   ReRamSBPresetDevice / ReRamESPresetDevice, fits to Gong et al., Nat. Commun. 9, 2102
+#   (2018); the ES fit has up_down 0.26, we take 0.2;
+# - c2c noise: the aihwkit fits use a very large c2c std (3.75-5 x dw_min) for stochastic
+#   pulse trains; we choose 0.5 per pulse, since this preset models write-verify use;
+# - write noise 0.25 uS (~2.8 % of the range, "a few %") and read noise 0.03 uS (~0.3 %
+#   of the range, ~0.6 % of a mid-range G; 1/f and RTN): our choices, within the ranges
+#   reported for such arrays;
+# - 0.5 % stuck devices (forming failures, stuck filaments): our choice, typical of the
+#   yields reported for research arrays;
+# - pulse: ~2 V x 20 uA x 50 ns = 2 pJ.
+RRAM_DEVICE = DeviceModel(
+    kind="soft_bounds",
+    g_min=1e-6,
+    g_max=10e-6,
+    dw_min=0.14e-6,  # 64 steps of dw_min, ~128 mid-range steps across the window
+    up_down=0.2,
+    dw_min_dtod=0.3,
+    up_down_dtod=0.05,
+    dw_min_ctoc=0.5,
+    bounds_dtod=0.01,
+    write_noise=0.25e-6,
+    read_noise=0.03e-6,
+    stuck_fraction=0.005,
+    pulse_energy_j=2e-12,
+    pulse_time_s=50e-9,
+    read_time_s=1e-6,
+    read_energy_j=0.2 * 0.2 * 5e-6 * 1e-6,  # V_read^2 G t_read
+)
+
+# PCM (GST mushroom cells). Sources:
+# - window 0-25 uS, drift G0 (t/t0)^-nu with nu ~ 0.05 and t0 = 20 s: Joshi et al.,
+#   Nat. Commun. 11, 2473 (2020) and aihwkit's PCMLikeNoiseModel (g_max = 25 uS, t_0 = 20 s,
+#   mean nu 0.049-0.1 with std 0.008-0.045 depending on the state; we take 0.05 +- 0.01);
+# - programming noise ~1 uS std (aihwkit PCMLikeNoiseModel's polynomial gives 0.26-1.1 uS);
+#   read noise 0.15 uS (1/f; ~1-2 % of a mid-range G at t_read = 250 ns in that model);
+# - gradual SET only, exponentially shrinking increments, large c2c noise (0.6 x dw_min),
+#   d2d 0.2, abrupt RESET landing ~0.25 uS above g_min (aihwkit: reset 0.01 +- 0.02 of a
+#   weight range of 2): Nandakumar et al., J. Appl. Phys. 124, 152135 (2018) and
+#   aihwkit's PCMPresetDevice (fit to Nandakumar et al., Front. Neurosci. 2020);
+#   first-SET increment 1.0 uS and gamma 3 (our choice: ~0.2 uS mid-range steps, ~80
+#   pulses from RESET to 80 % of the window);
+# - pulse energy ~10 pJ for a SET pulse of ~100 ns (Burr et al., Adv. Phys. X 2, 89 (2017)).
+PCM_DEVICE = DeviceModel(
+    kind="exponential",
+    g_min=0.0,
+    g_max=25e-6,
+    dw_min=1e-6,
+    gamma=3.0,
+    dw_min_dtod=0.2,
+    up_down_dtod=0.0,
+    dw_min_ctoc=0.6,
+    bounds_dtod=0.02,
+    write_noise=1e-6,
+    reset_noise=0.25e-6,
+    read_noise=0.15e-6,
+    drift_nu=0.05,
+    drift_nu_dtod=0.01,
+    drift_t0=20.0,
+    stuck_fraction=0.003,
+    one_sided=True,
+    pulse_energy_j=10e-12,
+    pulse_time_s=100e-9,
+    read_time_s=250e-9,
+    read_energy_j=0.2 * 0.2 * 12e-6 * 250e-9,
+)
+
+# ECRAM (Li-ion / protonic electrochemical RAM). Sources:
+# - ~1000 near-linear, near-symmetric states; linear-step shape gamma_up 0.12,
+#   gamma_down 0.51, d2d 0.1, c2c 0.3: aihwkit's EcRamPresetDevice, a fit to Tang et al.,
+#   IEDM 2018 ("ECRAM as scalable synaptic cell for high-speed, low-power neuromorphic
+#   computing");
+# - nanosecond pulses: Onen et al., Science 377, 539 (2022) (5 ns protonic programming);
+# - window: we use 1-5 uS (the order of the reported channel conductances; scale it for a
+#   given device), low write (0.5 % of range) and read (0.1 % of range) noise, 0.1 % stuck;
+#   pulse energy 1 pJ (order of magnitude; the gate charge per pulse is tiny, the driver
+#   dominates).
+ECRAM_DEVICE = DeviceModel(
+    kind="linear",
+    g_min=1e-6,
+    g_max=5e-6,
+    dw_min=4e-9,  # range / 1000
+    gamma=0.12,
+    gamma_down=0.51,
+    up_down=0.0,
+    dw_min_dtod=0.1,
+    up_down_dtod=0.01,
+    dw_min_ctoc=0.3,
+    bounds_dtod=0.01,
+    write_noise=0.02e-6,
+    read_noise=0.004e-6,
+    stuck_fraction=0.001,
+    pulse_energy_j=1e-12,
+    pulse_time_s=5e-9,
+    read_time_s=1e-6,
+    read_energy_j=0.2 * 0.2 * 3e-6 * 1e-6,
+)
+
+# Periphery: 8-bit DAC / 8-bit ADC (9-bit ADC for ecram), the defaults of the analog-AI
+# literature summarised in DESIGN.md section 11 (7-8 bit DAC, 8-9 bit ADC), with a 1 %
+# per-channel gain error and half an LSB offset (our choice: "small" errors that a
+# loop-back calibration must find).
+_PERIPHERY = PeripheryModel(dac_bits=8, adc_bits=8, gain_error=0.01, offset_error=0.5, node_noise=0.002)
+
+PRESETS: dict[str, BoardPreset] = {
+    "ideal": BoardPreset(
+        "ideal", IDEAL_DEVICE, PeripheryModel().ideal(), "constant-step device, no noise, ideal converters"
+    ),
+    "rram": BoardPreset("rram", RRAM_DEVICE, _PERIPHERY, "HfOx/TaOx-like RRAM, soft bounds"),
+    "pcm": BoardPreset("pcm", PCM_DEVICE, _PERIPHERY, "GST PCM, one-sided SET, drift nu ~ 0.05"),
+    "ecram": BoardPreset(
+        "ecram",
+        ECRAM_DEVICE,
+        PeripheryModel(dac_bits=8, adc_bits=9, gain_error=0.005, offset_error=0.5, node_noise=0.001),
+        "ECRAM, ~1000 near-linear symmetric levels, low noise",
+    ),
+}
+
+
+def get_preset(name: str) -> BoardPreset:
+    """The preset called `name`; ConfigurationError naming the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigurationError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None

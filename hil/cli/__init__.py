@@ -1,0 +1,23 @@
+"""The `hil` command line. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from hil.cli import demo
+
+app = typer.Typer(
+    help="xbar-hil: Equilibrium Propagation on analog crossbar boards and their emulator.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+demo.register(app)
+
+
+@app.callback()
+def _root() -> None:
+    """Run `hil COMMAND --help` for each command's options."""
+
+
+def main() -> None:
+    app()

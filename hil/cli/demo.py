@@ -1,0 +1,50 @@
+"""`hil demo`: a first look at a board."""
+
+from __future__ import annotations
+
+import typer
+
+from hil.demo import run_demo
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def demo(
+        uri: str = typer.Option(
+            "emulator://?preset=rram&seed=0",
+            help="Device URI: emulator://?preset=NAME&seed=N, visa://RESOURCE, serial://PORT, ...",
+        ),
+        sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64 pixels of the digits)."),
+        batch: int = typer.Option(64, min=1, help="Test images settled at once."),
+        beta: float = typer.Option(0.2, help="Nudge strength of the two nudged phases."),
+        seed: int = typer.Option(0, help="Seed of the random weights."),
+    ) -> None:
+        """Program a layered network with write-verify, settle free and nudged (+-beta) on
+        handwritten digits, and print convergence, energies, settle time, joules and the
+        board's safety counters."""
+        try:
+            layer_sizes = tuple(int(s) for s in sizes.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+        try:
+            r = run_demo(uri, layer_sizes, batch, beta, seed)
+        except (ValueError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"board     {r.identity}")
+        typer.echo(f"network   {'-'.join(map(str, layer_sizes))}, {r.cells} crossbar cells")
+        for tile, iters, pulses, within in r.programming:
+            typer.echo(
+                f"program   {tile}: {iters} verify iterations, {pulses} pulses, {within:.1%} within tol"
+            )
+        header = ("phase", "steps", "conv", "energy", "settle (us)", "joules", "wall (ms)")
+        typer.echo(
+            f"{header[0]:<14}{header[1]:>6}{header[2]:>6}{header[3]:>10}"
+            + "".join(f"{h:>13}" for h in header[4:])
+        )
+        for p in r.phases:
+            typer.echo(
+                f"{p.name:<14}{p.steps:>6}{'yes' if p.converged else 'no':>6}{p.energy:>10.4f}"
+                f"{p.settle_time_s * 1e6:>13.2f}{p.energy_j:>13.3e}{p.wall_s * 1e3:>13.1f}"
+            )
+        typer.echo(f"safety    {r.refused} refused requests, {r.violations} limit violations at the array")

@@ -1,0 +1,288 @@
+"""Data sets, from the package or from a local folder. Nothing is ever downloaded.
+
+- ``digits``: scikit-learn's handwritten digits (1797 images, 8x8, shipped with
+  scikit-learn), pixels scaled to [0, 1], a fixed stratified split of 1437 train / 360 test
+  images (``random_state=0``).
+- ``mnist`` / ``fashion-mnist``: the four IDX files (optionally gzipped) in a folder::
+
+      train-images-idx3-ubyte  train-labels-idx1-ubyte
+      t10k-images-idx3-ubyte   t10k-labels-idx1-ubyte
+
+- ``cifar10``: the python batches (``data_batch_1`` ... ``data_batch_5``, ``test_batch``),
+  in the folder or in its ``cifar-10-batches-py`` subfolder. They are pickles: they are
+  read with an unpickler that only builds plain containers and numpy arrays, and refuses
+  anything else (a pickle can otherwise run arbitrary code).
+
+Images are float32 in [0, 1], shape (N, C, H, W) or flattened (N, C*H*W); labels int64.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
+CIFAR_TEST = "test_batch"
+
+
+class DataError(Exception):
+    """A data set is missing or malformed; the message names the expected files."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # float32 in [0, 1]
+    y_train: torch.Tensor  # int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    classes: int
+
+    @property
+    def features(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, "
+            f"images {'x'.join(map(str, self.image_shape))}, {self.classes} classes"
+        )
+
+
+# ------------------------------------------------------------------------------------ digits
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
+    return Dataset(
+        "digits",
+        torch.from_numpy(np.ascontiguousarray(xtr)),
+        torch.from_numpy(ytr),
+        torch.from_numpy(np.ascontiguousarray(xte)),
+        torch.from_numpy(yte),
+        (1, 8, 8),
+        10,
+    )
+
+
+# --------------------------------------------------------------------------------------- IDX
+def _find(folder: Path, name: str) -> Path | None:
+    for cand in (name, name + ".gz", name.replace("-idx", ".idx")):
+        for p in (folder / cand, folder / "raw" / cand):
+            if p.is_file():
+                return p
+    return None
+
+
+def _open_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format): magic ``00 00 <type> <ndim>``, big-endian sizes,
+    then the data. Gzipped files are read too."""
+    path = Path(path)
+    data = _open_bytes(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic {data[:4]!r})")
+    types = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in types:
+        raise DataError(f"{path}: unknown IDX data type 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    dtype = np.dtype(types[code])
+    count = int(np.prod(shape)) if shape else 0
+    if len(data) - header != count * dtype.itemsize:
+        raise DataError(
+            f"{path}: IDX header says shape {shape} ({count * dtype.itemsize} bytes of data), "
+            f"the file has {len(data) - header}"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load_idx_folder(name: str, root: str | Path) -> Dataset:
+    folder = Path(root)
+    parts = {}
+    missing = []
+    for split, (img, lab) in IDX_FILES.items():
+        pi, pl = _find(folder, img), _find(folder, lab)
+        if pi is None:
+            missing.append(img)
+        if pl is None:
+            missing.append(lab)
+        parts[split] = (pi, pl)
+    if missing:
+        raise DataError(
+            f"{name}: missing {', '.join(missing)} in {folder} (or its raw/ subfolder); expected the "
+            f"four IDX files {', '.join(f for pair in IDX_FILES.values() for f in pair)} "
+            "(optionally .gz). Nothing is downloaded: copy them there."
+        )
+    arrays = {}
+    for split, (pi, pl) in parts.items():
+        assert pi is not None and pl is not None
+        x, y = read_idx(pi), read_idx(pl)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{name}: {pi.name} has shape {x.shape}, {pl.name} has {y.shape}")
+        arrays[split] = (x, y)
+    (xtr, ytr), (xte, yte) = arrays["train"], arrays["test"]
+    h, w = xtr.shape[1:]
+
+    def img(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a.astype(np.float32) / 255.0).reshape(len(a), 1, h, w))
+
+    return Dataset(
+        name, img(xtr), torch.from_numpy(ytr.astype(np.int64)), img(xte),
+        torch.from_numpy(yte.astype(np.int64)), (1, h, w), 10,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ CIFAR
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("copy_reg", "_reconstructor"),
+    ("copyreg", "_reconstructor"),
+    ("__builtin__", "object"),
+    ("builtins", "object"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _ALLOWED:
+            if module.startswith("numpy"):
+                import importlib
+
+                return getattr(importlib.import_module(module), name)
+            if name == "_reconstructor":
+                import copyreg
+
+                return copyreg._reconstructor
+            return object
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a data file: only plain containers and numpy "
+            "arrays are allowed"
+        )
+
+
+def safe_load(path: str | Path) -> object:
+    """Load a pickle with `SafeUnpickler` (Python 2 pickles: byte strings stay bytes)."""
+    with open(path, "rb") as fh:
+        return SafeUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    obj = safe_load(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    if "data" not in d or "labels" not in d:
+        raise DataError(f"{path}: a CIFAR-10 batch has keys 'data' and 'labels', got {sorted(d)}")
+    x = np.asarray(d["data"], dtype=np.uint8)
+    y = np.asarray(d["labels"], dtype=np.int64)
+    if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
+        raise DataError(f"{path}: data has shape {x.shape} (expected (N, 3072)), labels {y.shape}")
+    return x, y
+
+
+def load_cifar10(root: str | Path) -> Dataset:
+    folder = Path(root)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    names = (*CIFAR_TRAIN, CIFAR_TEST)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(
+            f"cifar10: missing {', '.join(missing)} in {folder}; expected the python batches "
+            f"{', '.join(names)} (the cifar-10-batches-py folder). Nothing is downloaded."
+        )
+    tr = [_cifar_batch(folder / n) for n in CIFAR_TRAIN]
+    xte, yte = _cifar_batch(folder / CIFAR_TEST)
+    xtr = np.concatenate([a for a, _ in tr])
+    ytr = np.concatenate([b for _, b in tr])
+
+    def img(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a.astype(np.float32) / 255.0).reshape(len(a), 3, 32, 32))
+
+    return Dataset(
+        "cifar10", img(xtr), torch.from_numpy(ytr), img(xte), torch.from_numpy(yte), (3, 32, 32), 10
+    )
+
+
+# ----------------------------------------------------------------------------------- front door
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    flatten: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Dataset:
+    """Load a data set by name (see `DATASETS`); `root` is the folder for the non-built-in ones."""
+    key = name.lower().replace("_", "-")
+    if key == "digits":
+        ds = load_digits()
+    elif key in ("mnist", "fashion-mnist", "fashionmnist"):
+        if root is None:
+            raise DataError(f"{name} is read from a local folder: give its path (data.root)")
+        ds = load_idx_folder("fashion-mnist" if "fashion" in key else "mnist", root)
+    elif key in ("cifar10", "cifar-10"):
+        if root is None:
+            raise DataError("cifar10 is read from a local folder: give its path (data.root)")
+        ds = load_cifar10(root)
+    else:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    if limit_train is not None:
+        ds.x_train, ds.y_train = ds.x_train[:limit_train], ds.y_train[:limit_train]
+    if limit_test is not None:
+        ds.x_test, ds.y_test = ds.x_test[:limit_test], ds.y_test[:limit_test]
+    if flatten:
+        ds.x_train = ds.x_train.reshape(len(ds.x_train), -1)
+        ds.x_test = ds.x_test.reshape(len(ds.x_test), -1)
+    else:
+        ds.x_train = ds.x_train.reshape(len(ds.x_train), *ds.image_shape)
+        ds.x_test = ds.x_test.reshape(len(ds.x_test), *ds.image_shape)
+    return ds
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
+    generator: torch.Generator | None = None, drop_last: bool = False,
+):  # fmt: skip
+    """Yield (x, y) mini-batches, shuffled with `generator` when `shuffle`."""
+    n = len(x)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = order[i : i + batch_size]
+        yield x[idx], y[idx]

@@ -1,0 +1,95 @@
+"""Weights <-> conductance pairs, and writing weights to a Device.
+
+The Device convention (`drivers.base`): ``W = w_max (G+ - G-) / (g_max - g_min)``, so one
+differential pair represents weights in ``[-w_max, w_max]``. The default mapping here is
+the plain linear one: the sign decides which device of the pair carries the weight, the
+other sits at ``g_min``:
+
+    G+ = g_min + max(W, 0) / w_max * (g_max - g_min)
+    G- = g_min + max(-W, 0) / w_max * (g_max - g_min)
+
+Weights outside ``[-w_max, w_max]`` are clipped (and counted). The realistic pulsed path
+(incremental updates, stochastic rounding, calibration records) is a later layer on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from drivers.base import Device, ProgramReport
+
+
+@dataclass(frozen=True)
+class LinearMapping:
+    """The default weight <-> conductance-pair mapping for one tile."""
+
+    w_max: float
+    g_min: float
+    g_max: float
+
+    @staticmethod
+    def for_tile(device: Device, tile: str) -> LinearMapping:
+        topo = device.topology
+        if topo is None:
+            raise ValueError("the device has no topology; configure it before mapping weights")
+        lim = device.info.limits
+        return LinearMapping(topo.coupling(tile).w_max, lim.g_min, lim.g_max)
+
+    @property
+    def g_range(self) -> float:
+        return self.g_max - self.g_min
+
+    def to_conductance(self, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+        """Return (G+, G-, number of weights clipped to +-w_max), float32 siemens."""
+        arr = w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
+        arr = arr.astype(np.float32, copy=False)
+        clipped = int(np.count_nonzero(np.abs(arr) > self.w_max))
+        x = np.clip(arr / self.w_max, -1.0, 1.0) * self.g_range
+        gp = (self.g_min + np.maximum(x, 0.0)).astype(np.float32)
+        gm = (self.g_min + np.maximum(-x, 0.0)).astype(np.float32)
+        # float32 rounding may step a hair outside [g_min, g_max]
+        np.clip(gp, self.g_min, self.g_max, out=gp)
+        np.clip(gm, self.g_min, self.g_max, out=gm)
+        return gp, gm, clipped
+
+    def to_weight(self, g_plus: np.ndarray, g_minus: np.ndarray) -> np.ndarray:
+        """``w_max (G+ - G-) / (g_max - g_min)``, float32."""
+        gp = np.asarray(g_plus, dtype=np.float64)
+        gm = np.asarray(g_minus, dtype=np.float64)
+        return (self.w_max * (gp - gm) / self.g_range).astype(np.float32)
+
+
+@dataclass
+class WriteResult:
+    """What a weight write did: the device's report, the weights read back, clipping."""
+
+    report: ProgramReport
+    achieved: np.ndarray  # weights from the read-back conductances
+    clipped: int  # weights that were outside +-w_max
+
+
+def write_weights(
+    device: Device,
+    tile: str,
+    w: np.ndarray | torch.Tensor,
+    *,
+    mapping: LinearMapping | None = None,
+    verify: bool = False,
+    tol: float | None = None,
+    max_iters: int = 20,
+) -> WriteResult:
+    """Map `w` to conductance pairs and program them into `tile` through the Device."""
+    m = mapping or LinearMapping.for_tile(device, tile)
+    gp, gm, clipped = m.to_conductance(w)
+    rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=max_iters)
+    return WriteResult(rep, m.to_weight(rep.g_plus, rep.g_minus), clipped)
+
+
+def read_weights(device: Device, tile: str, mapping: LinearMapping | None = None) -> np.ndarray:
+    """One (noisy) read of a tile's conductances, as weights."""
+    m = mapping or LinearMapping.for_tile(device, tile)
+    gp, gm = device.read_conductance(tile)
+    return m.to_weight(gp, gm)
