@@ -61,7 +61,9 @@ def main() -> None:
     for preset in ("ideal", "rram"):
         with open_device(f"emulator://?preset={preset}&seed=0&device={args.device}") as dev:
             # one convergence check, at the last step: every settle runs `steps` steps
-            topo = Topology.layered(sizes, budget=SettleBudget(max_steps=steps, tol=0.0, dt=dt, check_every=steps))
+            topo = Topology.layered(
+                sizes, budget=SettleBudget(max_steps=steps, tol=0.0, dt=dt, check_every=steps)
+            )
             dev.configure(topo)
             lim = dev.info.limits
             span = lim.g_max - lim.g_min

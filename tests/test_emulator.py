@@ -106,7 +106,9 @@ def test_analog_energy_never_increases(kind: str) -> None:
 
 def test_nudge_pulls_output_toward_target() -> None:
     with open_device(IDEAL) as dev:
-        _, weights = random_layered(dev, [12, 16, 4], scale=0.5, budget=SettleBudget(max_steps=1000, tol=1e-7))
+        _, weights = random_layered(
+            dev, [12, 16, 4], scale=0.5, budget=SettleBudget(max_steps=1000, tol=1e-7)
+        )
         weights["W1"][-1] = 0.4  # output biases mid-range: most outputs away from the clamp of rho
         program_weights(dev, "W1", weights["W1"])
         x = np.random.default_rng(0).uniform(0, 1, (5, 12)).astype(np.float32)
