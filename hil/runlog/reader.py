@@ -1,0 +1,225 @@
+"""Reading a run log: open and validate a store, read its tables and snapshots.
+
+`open_run` checks what a reader relies on before anything is read: the folder is a zarr v3
+group written by this module (``format`` attribute), every table's committed rows are backed
+by its arrays and every chunk file of those rows exists, and every committed snapshot is
+complete. Whatever is wrong is raised as one `RunLogError` line naming the path.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from hil.runlog.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    SNAPSHOTS,
+    TABLE_GROUPS,
+    TRACES,
+    RunLogError,
+)
+from hil.runlog.state import decode_state
+
+
+class Run:
+    """A read-only view of one run log. Use `open_run`; `mode="r+"` is for the writer."""
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        self.path = Path(path)
+        self.root = _open_root(self.path, mode)
+        self.attrs: dict[str, Any] = self.root.attrs.asdict()
+        if self.attrs.get("format") != FORMAT:
+            raise RunLogError(
+                f"{self.path}: a zarr group but not an xbar-hil run log (no format={FORMAT!r} attribute)"
+            )
+        version = self.attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RunLogError(
+                f"{self.path}: run-log format version {version!r}; this xbar-hil reads up to {FORMAT_VERSION}"
+            )
+        for key in ("status", "config", "versions"):
+            if key not in self.attrs:
+                raise RunLogError(f"{self.path}: root attribute {key!r} is missing (truncated store?)")
+
+    # ------------------------------------------------------------------------------ attributes
+    @property
+    def status(self) -> str:
+        return str(self.attrs["status"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.attrs["config"])
+
+    @property
+    def device(self) -> dict[str, Any] | None:
+        return self.attrs.get("device")
+
+    # ------------------------------------------------------------------------------ tables
+    @cached_property
+    def tables(self) -> dict[str, int]:
+        """Every table's path (``metrics/train``, ``traces/points``, ``tiles/W0``, ...) and rows."""
+        out = {}
+        for top in TABLE_GROUPS:
+            group = self._group(top)
+            if group is None:
+                continue
+            try:
+                names = sorted(group.group_keys())
+            except Exception as exc:
+                raise RunLogError(f"{self.path}: cannot list {top}: {_short(exc)}") from None
+            for name in names:
+                sub = self._group(f"{top}/{name}")
+                if sub is not None and "rows" in sub.attrs:
+                    out[f"{top}/{name}"] = int(sub.attrs["rows"])
+        return out
+
+    def streams(self, top: str) -> list[str]:
+        """Table names under one top group, e.g. ``streams("metrics") == ["eval", "train"]``."""
+        return [p.split("/", 1)[1] for p in self.tables if p.startswith(top + "/")]
+
+    def table(self, path: str) -> dict[str, np.ndarray]:
+        """The committed rows of every column of a table."""
+        group = self._group(path)
+        if group is None or "rows" not in group.attrs:
+            raise RunLogError(f"{self.path}: no table {path!r}")
+        rows = int(group.attrs["rows"])
+        out = {}
+        for name in group.attrs.get("columns", []):
+            try:
+                out[name] = np.asarray(group[name][:rows])
+            except Exception as exc:
+                raise RunLogError(f"{self.path}: cannot read {path}/{name}: {_short(exc)}") from None
+        return out
+
+    def labels(self, path: str, column: str) -> list[str]:
+        group = self._group(path)
+        return [] if group is None else list(group.attrs.get("labels", {}).get(column, []))
+
+    # ------------------------------------------------------------------------------ snapshots
+    @property
+    def snapshots(self) -> list[str]:
+        """Committed snapshot names, oldest first."""
+        group = self._group(SNAPSHOTS)
+        return [] if group is None else list(group.attrs.get("committed", []))
+
+    def snapshot_attrs(self, name: str) -> dict[str, Any]:
+        group = self._group(f"{SNAPSHOTS}/{name}")
+        if group is None:
+            raise RunLogError(f"{self.path}: snapshot {name!r} is listed but missing (truncated store?)")
+        attrs = group.attrs.asdict()
+        for key in ("step", "tables", "state"):
+            if key not in attrs:
+                raise RunLogError(f"{self.path}: snapshot {name!r} has no {key!r} attribute")
+        return attrs
+
+    def load_snapshot(self, name: str) -> tuple[int, dict[str, Any]]:
+        """(step, state) of one snapshot, tensors as CPU torch tensors."""
+        attrs = self.snapshot_attrs(name)
+        group = self._group(f"{SNAPSHOTS}/{name}")
+        assert group is not None
+
+        def load(array: str) -> np.ndarray:
+            try:
+                return np.asarray(group[array][...])
+            except Exception as exc:
+                raise RunLogError(
+                    f"{self.path}: cannot read {SNAPSHOTS}/{name}/{array}: {_short(exc)}"
+                ) from None
+
+        return int(attrs["step"]), decode_state(attrs["state"], load)
+
+    # ------------------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise RunLogError unless every committed row and snapshot is fully on disk."""
+        for path, rows in self.tables.items():
+            group = self._group(path)
+            assert group is not None
+            chunk = group.attrs.get("chunk_rows")
+            for name in group.attrs.get("columns", []):
+                arr = self._array(f"{path}/{name}")
+                if arr.shape[0] < rows:
+                    raise RunLogError(
+                        f"{self.path}: {path}/{name} has {arr.shape[0]} rows, the table says {rows} "
+                        "(truncated store)"
+                    )
+                n_chunks = -(-rows // int(chunk)) if rows else 0
+                self._check_chunks(arr, [(i,) + (0,) * (arr.ndim - 1) for i in range(n_chunks)])
+        starts = self.tables.get(f"{TRACES}/settles")
+        if starts:
+            settles = self.table(f"{TRACES}/settles")
+            end = int(np.max(settles["start"] + settles["length"]))
+            if end > self.tables.get(f"{TRACES}/points", 0):
+                raise RunLogError(f"{self.path}: traces/settles points past traces/points (truncated store)")
+        for name in self.snapshots:
+            self.snapshot_attrs(name)
+            group = self._group(f"{SNAPSHOTS}/{name}")
+            assert group is not None
+            try:
+                arrays = list(group.array_keys())
+            except Exception as exc:
+                raise RunLogError(f"{self.path}: cannot list {SNAPSHOTS}/{name}: {_short(exc)}") from None
+            for array in arrays:
+                arr = self._array(f"{SNAPSHOTS}/{name}/{array}")
+                self._check_chunks(arr, list(np.ndindex(*arr.cdata_shape)) if arr.size else [])
+
+    def _check_chunks(self, arr: zarr.Array, coords: list[tuple[int, ...]]) -> None:
+        for c in coords:
+            key = arr.metadata.encode_chunk_key(c)
+            if not (self.path / arr.path / key).is_file():
+                raise RunLogError(f"{self.path}: chunk {arr.path}/{key} is missing (truncated store)")
+
+    def _group(self, path: str) -> zarr.Group | None:
+        try:
+            node = self.root.get(path)
+        except Exception as exc:
+            raise RunLogError(f"{self.path}: cannot open {path}: {_short(exc)}") from None
+        return node if isinstance(node, zarr.Group) else None
+
+    def _array(self, path: str) -> zarr.Array:
+        try:
+            node = self.root.get(path)
+        except Exception as exc:
+            raise RunLogError(f"{self.path}: cannot open {path}: {_short(exc)}") from None
+        if not isinstance(node, zarr.Array):
+            raise RunLogError(f"{self.path}: array {path} is missing (truncated store)")
+        return node
+
+
+def open_run(path: str | Path, validate: bool = True) -> Run:
+    """Open a run log for reading; `validate` checks every committed chunk is on disk."""
+    run = Run(path)
+    if validate:
+        run.validate()
+    return run
+
+
+def _open_root(path: Path, mode: str) -> zarr.Group:
+    if not path.exists():
+        raise RunLogError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise RunLogError(f"{path}: not a run log (a file, not a zarr store folder)")
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        hint = " (a zarr v2 store?)" if (path / ".zgroup").exists() else ""
+        raise RunLogError(f"{path}: not a zarr v3 store (no zarr.json){hint}")
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:
+        raise RunLogError(f"{path}: unreadable zarr.json: {_short(exc)}") from None
+    return root
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

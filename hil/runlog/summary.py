@@ -1,0 +1,137 @@
+"""The text summary of a run that `hil inspect` prints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from hil.runlog.layout import METRICS, PROGRAM, TILES, TRACES
+from hil.runlog.reader import Run
+
+_INDEX = ("step", "epoch")
+
+
+def summary(run: Run) -> str:
+    a = run.attrs
+    lines = [f"run          {run.path}  (kind {a.get('kind', '?')}, name {a.get('name', '?')})"]
+    status = f"status       {run.status}  created {a.get('created')}"
+    if a.get("finished"):
+        status += f"  finished {a['finished']}"
+    lines.append(status)
+    if a.get("error"):
+        lines.append(f"error        {a['error']}")
+    for r in a.get("resumes", []):
+        was = r.get("status_before")
+        lines.append(f"resumed      {r.get('time')} from step {r.get('from_step')} (was {was})")
+    v = a.get("versions", {})
+    lines.append("versions     " + "  ".join(f"{k} {val}" for k, val in v.items() if k != "platform"))
+    lines += _device(run.device)
+    lines.append(f"calibration  {a.get('calibration_id') or 'none'}")
+    lines.append("config")
+    lines += [f"  {k} = {json.dumps(val)}" for k, val in _flatten(run.config)] or ["  (empty)"]
+    lines += _metrics(run)
+    lines += _traces(run)
+    lines += _tiles(run)
+    snaps = run.snapshots
+    if snaps:
+        last = run.snapshot_attrs(snaps[-1])
+        lines.append(f"snapshots    {len(snaps)} kept, last at step {last['step']} ({last.get('time')})")
+    else:
+        lines.append("snapshots    none")
+    return "\n".join(lines)
+
+
+def _device(dev: dict[str, Any] | None) -> list[str]:
+    if not dev:
+        return ["device       not recorded"]
+    out = [f"device       {dev.get('idn')}  preset {dev.get('preset') or '-'}  uri {dev.get('uri') or '-'}"]
+    lim = dev.get("limits") or {}
+    if lim:
+        out.append(
+            f"             G {lim.get('g_min'):.3g}..{lim.get('g_max'):.3g} S, "
+            f"DAC {_bits(lim.get('dac_bits'))}, ADC {_bits(lim.get('adc_bits'))}, "
+            f"tiles up to {lim.get('tile_rows_max')}x{lim.get('tile_cols_max')}, "
+            f"v_read {lim.get('v_read')} V"
+        )
+    return out
+
+
+def _metrics(run: Run) -> list[str]:
+    streams = run.streams(METRICS)
+    if not streams:
+        return ["metrics      none"]
+    out = []
+    for s in streams:
+        t = run.table(f"{METRICS}/{s}")
+        steps = t.get("step", np.zeros(0))
+        n = len(steps)
+        span = f", steps {steps[0]}..{steps[-1]}" if n else ""
+        epochs = t.get("epoch")
+        if n and epochs is not None and epochs.max() >= 0:
+            span += f", epochs {epochs.min()}..{epochs.max()}"
+        out.append(f"metrics      {s}: {n} rows{span}")
+        names = [c for c in t if c not in _INDEX]
+        if not n or not names:
+            continue
+        width = max(len(c) for c in names)
+        out.append(f"  {'name':<{width}}  {'last':>12}  {'min':>12}  {'max':>12}")
+        for c in names:
+            col = t[c].astype(np.float64)
+            ok = col[np.isfinite(col)]
+            last = ok[-1] if ok.size else np.nan
+            lo, hi = (ok.min(), ok.max()) if ok.size else (np.nan, np.nan)
+            out.append(f"  {c:<{width}}  {last:>12.6g}  {lo:>12.6g}  {hi:>12.6g}")
+    return out
+
+
+def _traces(run: Run) -> list[str]:
+    opts = run.attrs.get("log", {}).get("traces", {})
+    cfg = (
+        f"every {opts.get('every_steps')} steps, settle stride {opts.get('settle_stride')}, "
+        f"{opts.get('samples')} samples"
+    )
+    if f"{TRACES}/settles" not in run.tables:
+        return [f"traces       none ({cfg})"]
+    t = run.table(f"{TRACES}/settles")
+    labels = run.labels(f"{TRACES}/settles", "phase")
+    counts = ", ".join(
+        f"{lab} {int(np.sum(t['phase'] == i))}" for i, lab in enumerate(labels) if np.any(t["phase"] == i)
+    )
+    n_steps = len(np.unique(t["step"]))
+    return [f"traces       {len(t['step'])} settles at {n_steps} training steps ({counts}); {cfg}"]
+
+
+def _tiles(run: Run) -> list[str]:
+    out = []
+    for tile in run.streams(TILES):
+        t = run.table(f"{TILES}/{tile}")
+        kinds = [c for c in ("weights", "g_plus", "g_minus") if c in t]
+        shape = next((t[c].shape[1:] for c in kinds), ())
+        dims = "x".join(map(str, shape))
+        out.append(f"tile         {tile} {dims}: {len(t['step'])} snapshots ({', '.join(kinds)})")
+    for tile in run.streams(PROGRAM):
+        t = run.table(f"{PROGRAM}/{tile}")
+        if not len(t["step"]):
+            continue
+        out.append(
+            f"program      {tile}: {len(t['step'])} reports, {int(t['pulses'].sum())} pulses in all; last: "
+            f"{int(t['iterations'][-1])} iterations, {t['within_tol'][-1]:.1%} within tol, "
+            f"residual {t['residual_max'][-1]:.3g} S"
+        )
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _bits(bits: int | None) -> str:
+    return f"{bits} bit" if bits else "ideal"

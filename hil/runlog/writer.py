@@ -1,0 +1,483 @@
+"""The run-log writer: one `RunLog` per run, the only writer of its store."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zarr
+
+from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
+from hil.runlog.layout import (
+    ARRAY_CONFIG,
+    FORMAT,
+    FORMAT_VERSION,
+    METRICS,
+    PROGRAM,
+    SNAPSHOTS,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_RUNNING,
+    TABLE_GROUPS,
+    TILES,
+    TRACES,
+    RunLogError,
+    check_json,
+)
+from hil.runlog.meta import device_record, now, versions, writer
+from hil.runlog.reader import Run, open_run
+from hil.runlog.state import encode_state
+from hil.runlog.table import Table
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RESERVED = ("step", "epoch")
+# Rows written after the last snapshot are dropped on resume anyway, so the timer only bounds
+# what a post-mortem of a killed run can see; a flush of every table costs ~50-100 ms here.
+FLUSH_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Which settle traces are kept.
+
+    every_steps: record the settles of every j-th training step (step % j == 0; 0: none);
+    settle_stride: keep every k-th settle iteration (passed to ``Device.settle(trace=k)``; the
+    first and last iterations are always kept);
+    samples: batch samples whose energies and node states are kept (the batch-mean energy
+    is always kept).
+    """
+
+    every_steps: int = 50
+    settle_stride: int = 4
+    samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.settle_stride < 1 or self.samples < 1:
+            raise RunLogError(
+                f"trace settings need every_steps >= 0, settle_stride >= 1, samples >= 1; got {self}"
+            )
+
+
+class RunLog:
+    """Writer of one run-log store (layout: docs/runlog.md). Create with `RunLog.create`,
+    continue a crashed run with `open_for_resume`. Use as a context manager: a clean exit
+    writes the complete marker, an exception marks the run failed (with the exception text)
+    and keeps everything flushed so far."""
+
+    def __init__(self, run: Run) -> None:
+        self.path = run.path
+        self.root = run.root
+        opts = run.attrs.get("log", {})
+        self.traces = TraceConfig(**opts.get("traces", {}))
+        self.flush_every_s = float(opts.get("flush_every_s", FLUSH_EVERY_S))
+        self.keep_snapshots = int(opts.get("keep_snapshots", 3))
+        self.config: dict[str, Any] = run.config
+        self._tables: dict[str, Table] = {}
+        for path in run.tables:
+            group = self.root[path]
+            assert isinstance(group, zarr.Group)
+            self._tables[path] = Table(group)
+        self._committed: list[str] = run.snapshots
+        self._last_flush = time.monotonic()
+        self._closed = False
+        self.resumed_step: int | None = None
+
+    # ------------------------------------------------------------------------------ creation
+    @staticmethod
+    def create(
+        path: str | Path,
+        config: Mapping[str, Any] | Any,
+        *,
+        kind: str = "train",
+        name: str = "",
+        device: DeviceInfo | None = None,
+        device_uri: str | None = None,
+        calibration_id: str | None = None,
+        traces: TraceConfig | None = None,
+        flush_every_s: float = FLUSH_EVERY_S,
+        keep_snapshots: int = 3,
+        overwrite: bool = False,
+    ) -> RunLog:
+        """Start a new run at `path` (a folder; ``.zarr`` by convention). `config` is the full
+        config of the run: a JSON-serialisable dict, or a dataclass (converted with ``asdict``).
+        `flush_every_s`: the flush timer, checked at every write; `keep_snapshots`: how many
+        resume snapshots to keep (0: all)."""
+        path = Path(path)
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
+        config = dict(config)
+        check_json(config, "config")
+        if path.exists() and not overwrite:
+            raise RunLogError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
+        traces = traces or TraceConfig()
+        try:
+            root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        except OSError as exc:
+            raise RunLogError(f"{path}: cannot create the store: {exc}") from None
+        for top in (*TABLE_GROUPS, SNAPSHOTS):
+            root.create_group(top)
+        root[SNAPSHOTS].attrs.update({"committed": []})
+        # The root attributes last: a store without them is not a run log.
+        root.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "kind": kind,
+                "name": name or path.name.removesuffix(".zarr"),
+                "status": STATUS_RUNNING,
+                "complete": False,
+                "created": now(),
+                "finished": None,
+                "error": None,
+                "config": config,
+                "versions": versions(),
+                "device": None,
+                "calibration_id": calibration_id,
+                "log": {
+                    "traces": dataclasses.asdict(traces),
+                    "flush_every_s": flush_every_s,
+                    "keep_snapshots": keep_snapshots,
+                },
+                "writer": writer(),
+                "resumes": [],
+            }
+        )
+        log = RunLog(Run(path, mode="r+"))
+        if device is not None:
+            log.set_device(device, uri=device_uri)
+        return log
+
+    def set_device(self, info: DeviceInfo, *, uri: str | None = None) -> None:
+        """Record the board: *IDN fields, preset, limits, capabilities."""
+        self._update_root({"device": device_record(info, uri)})
+
+    def set_calibration(self, calibration_id: str | None) -> None:
+        self._update_root({"calibration_id": calibration_id})
+
+    # ------------------------------------------------------------------------------ metrics
+    def metrics(self, stream: str = "train", *, step: int, epoch: int = -1, **values: float) -> None:
+        """Append one row to the metrics table `stream` (e.g. ``"train"`` per step, ``"eval"``
+        per epoch). Metric names may appear at any row; rows without them read NaN."""
+        _check_name(stream, "metrics stream")
+        row: dict[str, Any] = {"step": np.int64(step), "epoch": np.int64(epoch)}
+        for key, value in values.items():
+            if key in _RESERVED:
+                raise RunLogError(f"metric name {key!r} is reserved")
+            _check_name(key, "metric")
+            row[key] = np.float64(value)
+        self._append(f"{METRICS}/{stream}", row)
+
+    # ------------------------------------------------------------------------------ traces
+    def trace_for(self, step: int) -> int:
+        """The ``trace`` argument for this training step's settles: the settle stride on a
+        traced step, 0 (no trace) otherwise."""
+        every = self.traces.every_steps
+        return self.traces.settle_stride if every and step % every == 0 else 0
+
+    def settle(self, step: int, phase: str, eq: Equilibrium, *, block: str = "") -> None:
+        """Record one settle's trace (nothing if `eq` has none). `phase`: ``"free"``,
+        ``"nudged+"``, ``"nudged-"`` or any label; `block`: which EB block, when a model has
+        several (their node groups get separate columns)."""
+        if eq.trace is None:
+            return
+        tr = eq.trace
+        k = self.traces.samples
+        energy = np.asarray(tr["energy"], dtype=np.float32)
+        n = energy.shape[0]
+        points = self._table(f"{TRACES}/points")
+        settles = self._table(f"{TRACES}/settles")
+        start = points.rows + points.buffered
+        block_points: dict[str, np.ndarray] = {
+            "settle_step": np.asarray(tr["step"], dtype=np.int32),
+            "energy_mean": energy.mean(axis=1),
+            "energy": _samples(energy, k),
+        }
+        prefix = f"state.{block}." if block else "state."
+        for group, states in tr.items():
+            if group not in ("step", "energy"):
+                _check_name(group, "node group")
+                block_points[prefix + group] = _samples(np.asarray(states, dtype=np.float32), k)
+        points.extend(block_points, n)
+        if settles.room == 1:  # this row fills the buffer, which writes itself: points first
+            points.flush()
+        settles.append(
+            {
+                "step": np.int64(step),
+                "phase": np.int16(settles.label("phase", phase)),
+                "block": np.int16(settles.label("block", block)),
+                "start": np.int64(start),
+                "length": np.int32(n),
+                "steps": np.int32(eq.steps),
+                "converged": np.bool_(eq.converged),
+                "residual": np.float32(eq.residual),
+                "batch": np.int32(energy.shape[1]),
+                "settle_time_s": np.float64(eq.settle_time_s),
+                "energy_j": np.float64(eq.energy_j),
+            }
+        )
+        self._tick()
+
+    # ------------------------------------------------------------------------------ tiles
+    def tile(
+        self,
+        step: int,
+        tile: str,
+        *,
+        weights: np.ndarray | None = None,
+        g_plus: np.ndarray | None = None,
+        g_minus: np.ndarray | None = None,
+    ) -> None:
+        """Snapshot one tile: host weights and/or conductances (siemens), float32."""
+        _check_name(tile, "tile")
+        row: dict[str, Any] = {"step": np.int64(step)}
+        for key, value in (("weights", weights), ("g_plus", g_plus), ("g_minus", g_minus)):
+            if value is not None:
+                row[key] = _as_f32(value)
+        self._append(f"{TILES}/{tile}", row)
+
+    def conductances(self, step: int, device: Device, tiles: list[str] | None = None) -> None:
+        """Read every tile's conductances from `device` (one read each) and snapshot them."""
+        if tiles is None:
+            topo = device.topology
+            tiles = [] if topo is None else [c.tile for c in topo.couplings]
+        for t in tiles:
+            gp, gm = device.read_conductance(t)
+            self.tile(step, t, g_plus=gp, g_minus=gm)
+
+    def program(self, step: int, report: ProgramReport, *, conductances: bool = False) -> None:
+        """Append a programming report; `conductances` also snapshots its read-back G+/G-."""
+        _check_name(report.tile, "tile")
+        self._append(
+            f"{PROGRAM}/{report.tile}",
+            {
+                "step": np.int64(step),
+                "iterations": np.int32(report.iterations),
+                "pulses": np.int64(report.pulses),
+                "residual_max": np.float64(report.residual_max),
+                "within_tol": np.float64(report.within_tol),
+                "energy_j": np.float64(report.energy_j),
+                "time_s": np.float64(report.time_s),
+            },
+        )
+        if conductances:
+            self.tile(step, report.tile, g_plus=report.g_plus, g_minus=report.g_minus)
+
+    # ------------------------------------------------------------------------------ snapshots
+    def snapshot(self, step: int, state: Mapping[str, Any]) -> None:
+        """Store everything needed to resume at `step` (see `hil.runlog.state` for what
+        `state` may hold). Flushes every table first; the snapshot records their row counts,
+        so resuming drops rows written after it."""
+        self._check_open()
+        tree, arrays = encode_state(state)
+        self.flush()
+        snaps = self.root[SNAPSHOTS]
+        assert isinstance(snaps, zarr.Group)
+        index = int(self._committed[-1]) + 1 if self._committed else 0
+        name = f"{index:06d}"
+        group = snaps.create_group(name, overwrite=True)
+        for key, data in arrays.items():
+            group.create_array(key, data=data, config=ARRAY_CONFIG)
+        group.attrs.update(
+            {
+                "step": int(step),
+                "time": now(),
+                "tables": {path: t.rows for path, t in self._tables.items()},
+                "state": tree,
+            }
+        )
+        committed = [*self._committed, name]
+        keep = committed[-self.keep_snapshots :] if self.keep_snapshots else committed
+        snaps.attrs.update({"committed": keep})
+        self._committed = keep
+        for old in set(snaps.group_keys()) - set(keep):
+            del snaps[old]
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        """Write every buffered row (each table: arrays first, then its row count)."""
+        self._check_open()
+        for path in sorted(self._tables):  # traces/points before traces/settles, which points into it
+            self._tables[path].flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and write the complete marker (status "complete"), last. Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        for table in self._tables.values():
+            table.trim()
+        self._update_root({"status": STATUS_COMPLETE, "complete": True, "finished": now()})
+        self._closed = True
+
+    def fail(self, error: str) -> None:
+        """Flush what can be flushed and mark the run failed with `error`."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            for table in self._tables.values():
+                table.trim()
+        except Exception as exc:
+            error = f"{error} (and the final flush failed: {type(exc).__name__}: {exc})"
+        self._update_root({"status": STATUS_FAILED, "complete": False, "finished": now(), "error": error})
+        self._closed = True
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.fail(f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__)
+
+    # ------------------------------------------------------------------------------ internals
+    def _table(self, path: str) -> Table:
+        table = self._tables.get(path)
+        if table is None:
+            top, name = path.split("/", 1)
+            parent = self.root[top]
+            assert isinstance(parent, zarr.Group)
+            table = Table.create(parent, name)
+            self._tables[path] = table
+        return table
+
+    def _append(self, path: str, row: Mapping[str, Any]) -> None:
+        self._check_open()
+        self._table(path).append(row)
+        self._tick()
+
+    def _tick(self) -> None:
+        """The flush timer, checked at every write."""
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def _update_root(self, values: dict[str, Any]) -> None:
+        check_json(values, "run attributes")
+        self.root.attrs.update(values)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunLogError(f"{self.path}: the run log is closed")
+
+
+def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
+    """Reopen a crashed or failed run to continue it: returns the writer and the state of the
+    last snapshot (None if the run had none: start over, the tables are emptied). Rows written
+    after that snapshot are dropped, so the resumed run appends exactly where it left off."""
+    run = open_run(path)
+    if run.complete:
+        raise RunLogError(f"{run.path}: the run is complete; nothing to resume")
+    _check_writer_gone(run)
+    step, state, tables = None, None, {}
+    if run.snapshots:
+        last = run.snapshots[-1]
+        tables = run.snapshot_attrs(last)["tables"]
+        step, state = run.load_snapshot(last)
+    for table_path, rows in run.tables.items():
+        _check_tail(run, table_path, min(rows, int(tables.get(table_path, 0))))
+    run = Run(path, mode="r+")
+    log = RunLog(run)
+    for table_path, table in log._tables.items():
+        table.truncate(int(tables.get(table_path, 0)))
+    snaps = log.root[SNAPSHOTS]
+    assert isinstance(snaps, zarr.Group)
+    for stray in set(snaps.group_keys()) - set(log._committed):
+        del snaps[stray]  # a snapshot interrupted before it was committed
+    resumes = [
+        *run.attrs.get("resumes", []),
+        {
+            "time": now(),
+            "from_step": step,
+            "status_before": run.status,
+            "error_before": run.attrs.get("error"),
+        },
+    ]
+    log._update_root(
+        {
+            "status": STATUS_RUNNING,
+            "complete": False,
+            "finished": None,
+            "error": None,
+            "writer": writer(),
+            "resumes": resumes,
+        }
+    )
+    log.resumed_step = step
+    return log, state
+
+
+def _check_tail(run: Run, path: str, rows: int) -> None:
+    """Read the partial last chunk a resumed writer will rewrite: a damaged one must stop the
+    resume now, not fail the run at its first flush."""
+    group = run.root[path]
+    chunk = group.attrs.get("chunk_rows")
+    if not rows or not chunk or rows % int(chunk) == 0:
+        return
+    start = rows - rows % int(chunk)
+    for name in group.attrs.get("columns", []):
+        try:
+            group[name][start:rows]
+        except Exception as exc:
+            raise RunLogError(f"{run.path}: cannot read {path}/{name}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_writer_gone(run: Run) -> None:
+    """Refuse to resume a run whose writer still runs on this host (one writer per array)."""
+    if run.status != STATUS_RUNNING:
+        return
+    w = run.attrs.get("writer") or {}
+    pid = w.get("pid")
+    if w.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    if _is_zombie(pid):
+        return
+    raise RunLogError(f"{run.path}: still being written by process {pid} on this host")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.match(name) or name.startswith("__"):
+        raise RunLogError(f"{what} name {name!r}: use letters, digits, '_', '.', '-'")
+
+
+def _as_f32(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _samples(x: np.ndarray, k: int) -> np.ndarray:
+    """The first `k` samples along axis 1, NaN-padded when the batch is smaller."""
+    if x.shape[1] >= k:
+        return np.ascontiguousarray(x[:, :k])
+    pad = np.full((x.shape[0], k - x.shape[1], *x.shape[2:]), np.nan, dtype=x.dtype)
+    return np.concatenate([x, pad], axis=1)
