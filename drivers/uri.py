@@ -15,12 +15,12 @@ from urllib.parse import parse_qsl, urlsplit
 from drivers.base import Device
 from drivers.errors import ConfigurationError
 
-# scheme -> module that defines `open_from_uri(target: str, params: dict[str, str]) -> Device`
+# scheme -> (module, function(target: str, params: dict[str, str]) -> Device)
 BACKENDS = {
-    "emulator": "drivers.emulated",
-    "visa": "drivers.visa",
-    "serial": "drivers.serial",
-    "serial+socket": "drivers.serial",
+    "emulator": ("drivers.emulated", "open_from_uri"),
+    "visa": ("drivers.visa", "open_from_uri"),
+    "serial": ("drivers.serial", "open_from_uri"),
+    "serial+socket": ("drivers.serial", "open_socket_from_uri"),
 }
 
 
@@ -42,7 +42,7 @@ def parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
         target, _, query = rest.partition("?")
     else:
         parts = urlsplit(f"{scheme}://{rest}")
-        target = (parts.netloc + parts.path) if scheme != "serial" else parts.path
+        target = parts.netloc + parts.path
         query = parts.query
     try:
         params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
@@ -53,5 +53,5 @@ def parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
 
 def open_device(uri: str) -> Device:
     scheme, target, params = parse_uri(uri)
-    module = importlib.import_module(BACKENDS[scheme])
-    return module.open_from_uri(target, params)
+    module, function = BACKENDS[scheme]
+    return getattr(importlib.import_module(module), function)(target, params)

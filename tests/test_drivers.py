@@ -18,6 +18,7 @@ from drivers.uri import parse_uri
         ("visa://ASRL/dev/ttyUSB0::INSTR", ("visa", "ASRL/dev/ttyUSB0::INSTR", {})),
         ("serial:///dev/ttyACM0?baud=921600", ("serial", "/dev/ttyACM0", {"baud": "921600"})),
         ("serial+socket://127.0.0.1:7000", ("serial+socket", "127.0.0.1:7000", {})),
+        ("serial://COM3?baud=115200", ("serial", "COM3", {"baud": "115200"})),
     ],
 )
 def test_parse_uri(uri: str, expected: tuple) -> None:
@@ -34,6 +35,8 @@ def test_parse_uri(uri: str, expected: tuple) -> None:
         ("emulator://?preset=rram&adc_bits=six", "adc_bits='six': expected int"),
         ("emulator://?seed=x", "seed='x': expected an integer"),
         ("emulator://somehost?preset=rram", "take no host or path"),
+        ("serial+socket://localhost", "need HOST:PORT"),
+        ("serial://?baud=9600", "need a port"),
     ],
 )
 def test_bad_uris_name_the_problem(uri: str, message: str) -> None:

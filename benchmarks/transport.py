@@ -1,0 +1,288 @@
+"""Transport benchmark: what the wire costs compared with a raw loopback socket.
+
+1. Bulk read: a 512 x 512 tile's conductances (G+ and G-, float32, 2 MiB) read with
+   `read_conductance` over SCPI/TCP (pyvisa-py), as a ratio of throughput to a raw
+   loopback socket moving the same bytes (target >= 0.5). The board serves fixed arrays,
+   so the ratio measures the transport, not the emulator; the emulated board's own read
+   time is reported beside it.
+2. Round trip: one small command per transport (SCPI ``*OPC?`` over TCP and over a pty,
+   a framed PING over a pty and over TCP) as a ratio to a raw socket echo of the same
+   bytes (target <= 2).
+
+The servers run in a child process, as a board's firmware would, so client and server do
+not share one interpreter lock. Ends by printing one JSON object per line.
+
+    .venv/bin/python benchmarks/transport.py [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drivers import open_device
+from drivers.base import (
+    Device,
+    DeviceInfo,
+    Equilibrium,
+    Nudge,
+    ProgramReport,
+    PulseReport,
+    SafetyCounters,
+)
+from drivers.topology import Topology
+
+SIZE = 512
+TOPOLOGY = Topology.layered([SIZE - 1, SIZE])  # W0 is 512 x 512 (bias row included)
+
+
+class FixedReadDevice(Device):
+    """Wraps a Device; `read_conductance` returns fixed arrays, so only the transport is timed."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__()
+        self.inner = inner
+        rng = np.random.default_rng(0)
+        lim = inner.info.limits
+        self.g = rng.uniform(lim.g_min, lim.g_max, (2, SIZE, SIZE)).astype(np.float32)
+
+    @property
+    def info(self) -> DeviceInfo:
+        return self.inner.info
+
+    @property
+    def topology(self) -> Topology | None:
+        return self.inner.topology
+
+    def configure(self, topology: Topology) -> None:
+        self.inner.configure(topology)
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: Any) -> ProgramReport:
+        return self.inner.program(tile, g_plus, g_minus, **kw)
+
+    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        return self.inner.pulse(tile, counts_plus, counts_minus)
+
+    def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.g[0], self.g[1]
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        return self.inner.mvm(tile, x, transpose=transpose)
+
+    def settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        return self.inner.settle(clamp, nudge, init, trace)
+
+    def wait(self, seconds: float) -> None:
+        self.inner.wait(seconds)
+
+    def safety(self) -> SafetyCounters:
+        return self.inner.safety()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def safe_state(self) -> None:
+        self.inner.safe_state()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _raw_bulk_server(sock: socket.socket, payload: bytes) -> None:
+    """Per request byte, send `payload` (the baseline for bulk reads)."""
+    while True:
+        conn, _ = sock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while conn.recv(1):
+                conn.sendall(payload)
+
+
+def _raw_echo_server(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+def _serve(conn: Any, board: str) -> None:
+    """Child process: the board, its servers and the raw baselines."""
+    from emulator.server import FramedServer, ScpiServer
+
+    device = FixedReadDevice(open_device(board))
+    device.configure(TOPOLOGY)
+    scpi, framed = ScpiServer(device), FramedServer(device)
+    bulk = socket.create_server(("127.0.0.1", 0))
+    echo = socket.create_server(("127.0.0.1", 0))
+    payload = device.g.tobytes()
+    threading.Thread(target=_raw_bulk_server, args=(bulk, payload), daemon=True).start()
+    threading.Thread(target=_raw_echo_server, args=(echo,), daemon=True).start()
+    conn.send(
+        {
+            "scpi_tcp": scpi.listen_tcp()[1],
+            "scpi_pty": scpi.open_pty(),
+            "framed_tcp": framed.listen_tcp()[1],
+            "framed_pty": framed.open_pty(),
+            "bulk": bulk.getsockname()[1],
+            "echo": echo.getsockname()[1],
+        }
+    )
+    conn.recv()  # parent says stop
+
+
+@dataclass
+class Timing:
+    median: float  # seconds per call
+    best: float  # fastest call: the cost without interference from other processes
+
+
+def _paired(
+    fn: Callable[[], object], baseline: Callable[[], object], repeats: int, block: int = 10
+) -> tuple[Timing, Timing]:
+    """Seconds per call of `fn` and of `baseline`, timed in alternating blocks of `block`
+    calls (after warm-up) so that load from other processes on a shared machine hits both
+    alike, while the tail of one (a trailing ACK) does not land in the other."""
+    fn()
+    baseline()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(max(1, repeats // block)):
+        for f, out in ((fn, a), (baseline, b)):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                out.append(time.perf_counter() - t0)
+    return Timing(statistics.median(a), min(a)), Timing(statistics.median(b), min(b))
+
+
+def _recv_exactly(sock: socket.socket, n: int, buf: bytearray) -> None:
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        got += sock.recv_into(view[got:], n - got)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--board", default="emulator://?preset=rram&seed=0")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(child, args.board), daemon=True)
+    proc.start()
+    ports = parent.recv()
+    results: list[dict[str, Any]] = []
+    try:
+        nbytes = 2 * SIZE * SIZE * 4
+        # raw baseline: one request byte, 2 MiB back
+        raw = socket.create_connection(("127.0.0.1", ports["bulk"]))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(nbytes)
+
+        def raw_read() -> None:
+            raw.sendall(b"x")
+            _recv_exactly(raw, nbytes, buf)
+
+        with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET") as dev:
+            g = dev.read_conductance("W0")
+            raw_read()
+            assert g[0].shape == (SIZE, SIZE) and g[0].tobytes() + g[1].tobytes() == bytes(buf)
+            scpi, base = _paired(lambda: dev.read_conductance("W0"), raw_read, args.repeats)
+        few = max(10, args.repeats // 2)
+        with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET?fast=0") as dev:
+            plain, plain_base = _paired(lambda: dev.read_conductance("W0"), raw_read, few)
+        raw.close()
+        with open_device(args.board) as local:
+            local.configure(TOPOLOGY)
+            emu, _ = _paired(lambda: local.read_conductance("W0"), lambda: None, few)
+        results.append(
+            {
+                "benchmark": "read_conductance_512x512",
+                "transport": "scpi/tcp (pyvisa-py)",
+                "bytes": nbytes,
+                "seconds": scpi.median,
+                "raw_socket_seconds": base.median,
+                "mb_per_s": nbytes / scpi.median / 1e6,
+                "raw_mb_per_s": nbytes / base.median / 1e6,
+                "throughput_ratio": base.median / scpi.median,
+                "throughput_ratio_best": base.best / scpi.best,
+                "target": ">= 0.5",
+                "throughput_ratio_pyvisa_read_bytes": plain_base.median / plain.median,
+                "emulator_read_seconds_in_process": emu.median,
+            }
+        )
+
+        # round trips
+        echo = socket.create_connection(("127.0.0.1", ports["echo"]))
+        echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg = b"*OPC?\n"
+        small = bytearray(len(msg))
+
+        def raw_echo() -> None:
+            echo.sendall(msg)
+            _recv_exactly(echo, len(msg), small)
+
+        n = args.repeats * 10
+        rtts: dict[str, tuple[Timing, Timing]] = {}
+        for name, uri in (
+            ("scpi/tcp (pyvisa-py)", f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET"),
+            ("scpi/pty (pyvisa-py ASRL)", f"visa://ASRL{ports['scpi_pty']}::INSTR"),
+        ):
+            with open_device(uri) as dev:
+                rtts[name] = _paired(lambda d=dev: d.query("*OPC?"), raw_echo, n)
+        for name, uri in (
+            ("framed/pty (pyserial)", f"serial://{ports['framed_pty']}"),
+            ("framed/tcp (pyserial socket://)", f"serial+socket://127.0.0.1:{ports['framed_tcp']}"),
+        ):
+            with open_device(uri) as dev:
+                rtts[name] = _paired(lambda d=dev: d.ping(b"*OPC?\n"), raw_echo, n)
+        with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET") as dev:
+            rtts["device op safety() over scpi/tcp"] = _paired(dev.safety, raw_echo, n)
+        with open_device(f"serial+socket://127.0.0.1:{ports['framed_tcp']}") as dev:
+            rtts["device op safety() over framed/tcp"] = _paired(dev.safety, raw_echo, n)
+        echo.close()
+        for name, (rtt, echo_t) in rtts.items():
+            results.append(
+                {
+                    "benchmark": "round_trip",
+                    "transport": name,
+                    "seconds": rtt.median,
+                    "raw_socket_echo_seconds": echo_t.median,
+                    "rtt_ratio": rtt.median / echo_t.median,
+                    "rtt_ratio_best": rtt.best / echo_t.best,
+                    "target": "<= 2",
+                }
+            )
+    finally:
+        parent.send("stop")
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Framed binary protocol over a serial port or TCP:
+
+    serial:///dev/ttyACM0?baud=921600[&timeout=10&ack_timeout=0.25&retries=5]
+    serial+socket://127.0.0.1:7000[?timeout=...]
+
+pyserial opens the port (``serial_for_url("socket://HOST:PORT")`` for the socket form).
+Every request and reply is a message of COBS/CRC-32 frames with sequence numbers, each
+acknowledged, retransmitted on NACK or timeout up to `retries` times (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import time
+from typing import Any
+
+import serial as pyserial
+
+from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
+from drivers.wire import codes, frames
+from drivers.wire import payload as pl
+from drivers.wire.client import RemoteDevice
+from drivers.wire.frames import Flag, LinkOp, LinkStats
+from drivers.wire.link import Link
+from drivers.wire.payload import Message, Op
+
+DEFAULT_BAUD = 115200
+DEFAULT_TIMEOUT_S = 10.0
+POLL_S = 0.05
+READ_SIZE = 1 << 16
+
+
+class SerialDevice(RemoteDevice):
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        baud: int = DEFAULT_BAUD,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        ack_timeout: float = 0.25,
+        retries: int = 5,
+        fragment: int = frames.MAX_FRAGMENT,
+    ) -> None:
+        super().__init__(name)
+        self.url = url
+        self.baud = baud
+        self.timeout = timeout
+        self.ack_timeout = ack_timeout
+        self.retries = retries
+        self.fragment = fragment
+        self._port: Any = None
+        self._fd: int | None = None
+        self._link: Link | None = None
+        self.stats = LinkStats()  # this end's counters, kept across reconnects
+
+    # -- link
+    def _connect(self) -> None:
+        try:
+            port = pyserial.serial_for_url(
+                self.url, baudrate=self.baud, timeout=POLL_S, write_timeout=self.timeout
+            )
+        except (pyserial.SerialException, ValueError) as exc:
+            raise ConfigurationError(f"{self.name}: cannot open {self.url!r}: {exc}") from exc
+        port.reset_input_buffer()
+        try:
+            self._fd = port.fileno()
+            port.timeout = 0  # reads return what is there; `_read` waits with select
+        except (AttributeError, NotImplementedError, pyserial.SerialException):
+            self._fd = None
+        sock = getattr(port, "_socket", None)  # socket:// ports: no Nagle delay on small frames
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._port = port
+        seq0 = int.from_bytes(os.urandom(2), "little")  # so a fresh session never looks like a retransmission
+        self._link = Link(
+            self._read,
+            self._write,
+            ack_timeout=self.ack_timeout,
+            retries=self.retries,
+            fragment=self.fragment,
+            seq0=seq0,
+        )
+        self._link.stats = self.stats
+        self._exchange(LinkOp.HELLO, b"")
+
+    def _disconnect(self) -> None:
+        if self._port is not None:
+            sock = getattr(self._port, "_socket", None)
+            if sock is not None:  # pyserial's socket close sleeps 0.3 s; the board needs no pause
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._port.is_open = False
+            with contextlib.suppress(Exception):
+                self._port.close()
+        self._port = None
+        self._link = None
+
+    def _read(self, timeout: float) -> bytes:
+        """What arrives within `timeout`: wait on the port's descriptor, then take all that is
+        there in one read (the port is non-blocking). Ports without a descriptor fall back
+        to a byte-wise blocking read."""
+        port = self._port
+        try:
+            if self._fd is None:
+                first = port.read(1)
+                return bytes(first) + bytes(port.read(port.in_waiting)) if first else b""
+            ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
+            return bytes(port.read(READ_SIZE)) if ready else b""
+        except (pyserial.SerialException, OSError) as exc:
+            raise ProtocolError(f"{self.name}: serial read failed: {exc}") from exc
+
+    def _write(self, data: bytes) -> None:
+        """Write all of `data`; straight to the descriptor when there is one (pyserial's
+        write adds a select per call, a fifth of a round trip on a pty)."""
+        try:
+            if self._fd is None:
+                self._port.write(data)
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(self._fd, view) :]
+                except BlockingIOError:
+                    _, ready, _ = select.select([], [self._fd], [], self.timeout)
+                    if not ready:
+                        raise DeviceTimeout(f"{self.name}: write blocked for {self.timeout:g} s") from None
+        except pyserial.SerialTimeoutException as exc:
+            raise DeviceTimeout(f"{self.name}: write blocked for {self.timeout:g} s") from exc
+        except (pyserial.SerialException, OSError) as exc:
+            raise ProtocolError(f"{self.name}: serial write failed: {exc}") from exc
+
+    def _exchange(self, opcode: int, body: bytes) -> bytes:
+        link = self._link
+        if link is None:
+            raise ProtocolError(f"{self.name}: the link is not open")
+        seq = link.send(opcode, body)
+        got = link.receive(self.timeout, response=True, ref=seq)
+        if got is None:
+            self.stats.timeouts += 1
+            raise DeviceTimeout(
+                f"{self.name}: request {opcode:#x} was acknowledged but no reply came within "
+                f"{self.timeout:g} s; raise timeout= for long operations"
+            )
+        frame, reply = got
+        if frame.flags & Flag.ERROR:
+            err = pl.loads(reply)
+            raise codes.error_for(int(err.get("code", codes.EXECUTION_ERROR)), str(err.get("message", "")))
+        return reply
+
+    def _call(self, op: Op, request: Message) -> Message:
+        return pl.unpack(self._exchange(op, pl.pack(request)))
+
+    # -- link diagnostics
+    def ping(self, data: bytes = b"") -> float:
+        """Round-trip time (seconds) of an echo request through the board's link layer."""
+        with self.lock:
+            t0 = time.perf_counter()
+            reply = self._link_call(LinkOp.PING, data)
+            dt = time.perf_counter() - t0
+        if reply != data:
+            raise ProtocolError(f"{self.name}: ping echoed {len(reply)} bytes, sent {len(data)}")
+        return dt
+
+    def board_link_stats(self) -> dict[str, int]:
+        """The board's end of the link: its counters as it reports them."""
+        with self.lock:
+            return dict(pl.loads(self._link_call(LinkOp.STATS, b"")))
+
+    def _link_call(self, opcode: int, data: bytes) -> bytes:
+        if self._broken:
+            self.reconnect()
+        try:
+            return self._exchange(opcode, data)
+        except (DeviceTimeout, ProtocolError):
+            self._broken = True
+            raise
+
+
+def _number(params: dict[str, str], key: str, default: float, kind: type = float) -> Any:
+    text = params.pop(key, None)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigurationError(f"serial URI parameter {key}={text!r}: expected {kind.__name__}") from None
+
+
+def open_from_uri(target: str, params: dict[str, str]) -> SerialDevice:
+    """``serial://PORT``: `target` is a device path (/dev/ttyACM0) or a port name (COM3)."""
+    if not target:
+        raise ConfigurationError("serial URIs need a port: serial:///dev/ttyACM0 or serial://COM3")
+    return _open(target, f"serial://{target}", params)
+
+
+def open_socket_from_uri(target: str, params: dict[str, str]) -> SerialDevice:
+    """``serial+socket://HOST:PORT``: the framed protocol over TCP."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigurationError(f"serial+socket URIs need HOST:PORT, got {target!r} (e.g. 127.0.0.1:7000)")
+    return _open(f"socket://{target}", f"serial+socket://{target}", params)
+
+
+def _open(url: str, name: str, params: dict[str, str]) -> SerialDevice:
+    params = dict(params)
+    kw = {
+        "baud": _number(params, "baud", DEFAULT_BAUD, int),
+        "timeout": _number(params, "timeout", DEFAULT_TIMEOUT_S),
+        "ack_timeout": _number(params, "ack_timeout", 0.25),
+        "retries": _number(params, "retries", 5, int),
+        "fragment": _number(params, "fragment", frames.MAX_FRAGMENT, int),
+    }
+    if params:
+        raise ConfigurationError(
+            f"unknown serial URI parameters {sorted(params)}; "
+            "known: baud, timeout, ack_timeout, retries, fragment"
+        )
+    if not 16 <= kw["fragment"] <= frames.MAX_FRAGMENT:
+        raise ConfigurationError(f"fragment must be in [16, {frames.MAX_FRAGMENT}], got {kw['fragment']}")
+    return SerialDevice(url, name=name, **kw).open()

@@ -1,0 +1,263 @@
+"""Stop-and-wait ARQ over frames: the engine both ends of a framed link run.
+
+Every data frame is acknowledged on receipt (ACK) or rejected (NACK). The sender keeps
+one frame outstanding, retransmits it on NACK or after `ack_timeout`, and gives up after
+`retries` retransmissions. A frame whose sequence number equals the last one accepted is a
+retransmission whose ACK was lost: it is acknowledged again and never handed up twice,
+so no operation runs twice. Chunks that fail to decode are NACKed and dropped; the
+leading delimiter of the next frame resynchronises the receiver.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drivers.errors import DeviceTimeout, ProtocolError
+from drivers.wire import frames
+from drivers.wire.frames import NO_SEQ, Flag, Frame, FrameError, LinkOp, LinkStats, Reason
+
+ReadFn = Callable[[float], bytes]
+WriteFn = Callable[[bytes], None]
+
+
+@dataclass
+class Faults:
+    """Fault injection on one end of a link (a server option; tests use the counters).
+
+    Counters apply to the next N data frames; probabilities to every frame, ACKs included,
+    drawn from a generator seeded by `seed`."""
+
+    corrupt_tx: int = 0  # flip a byte in the next N outgoing data frames
+    drop_tx: int = 0  # do not send the next N outgoing data frames
+    garbage_tx: int = 0  # send random non-frame bytes before the next N outgoing data frames
+    corrupt_rx: int = 0  # flip a byte in the next N received chunks before decoding
+    p_corrupt: float = 0.0
+    p_drop: float = 0.0
+    delay_s: float = 0.0  # before every outgoing frame
+    seed: int = 0
+
+
+class Abandoned(Exception):
+    """The peer started a new request while this end was still sending the last reply."""
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    """Change one byte inside the frame (never into a delimiter) so its CRC or COBS fails."""
+    buf = bytearray(data)
+    lo, hi = (1, len(buf) - 2) if buf[0] == 0 and buf[-1] == 0 and len(buf) > 2 else (0, len(buf) - 1)
+    i = rng.randint(lo, hi)
+    buf[i] ^= 0x55 if buf[i] != 0x55 else 0xAA
+    return bytes(buf)
+
+
+class Link:
+    def __init__(
+        self,
+        read: ReadFn,
+        write: WriteFn,
+        *,
+        ack_timeout: float = 0.25,
+        retries: int = 5,
+        fragment: int = frames.MAX_FRAGMENT,
+        seq0: int = 0,
+        faults: Faults | None = None,
+    ) -> None:
+        self._read = read
+        self._write = write
+        self.ack_timeout = ack_timeout
+        self.retries = retries
+        self.fragment = fragment
+        self.faults = faults or Faults()
+        self._rng = random.Random(self.faults.seed)
+        self.stats = LinkStats()
+        self._deframer = frames.Deframer()
+        self._tx_seq = seq0 % frames.SEQ_MOD
+        self._last_rx: int | None = None
+        self._inbox: deque[Frame] = deque()
+        self._awaiting: int | None = None
+        self._acked = False
+        self._nacked = False
+        self._rx_first: Frame | None = None
+        self._rx_parts: list[bytes] = []
+
+    @property
+    def next_seq(self) -> int:
+        return self._tx_seq
+
+    # -- bytes out
+    def _emit(self, frame: Frame) -> None:
+        data = frames.encode(frame)
+        f, data_frame = self.faults, not frame.is_control
+        if f.delay_s:
+            time.sleep(f.delay_s)
+        if data_frame and f.drop_tx:
+            f.drop_tx -= 1
+            return
+        if f.p_drop and self._rng.random() < f.p_drop:
+            return
+        if (data_frame and f.corrupt_tx) or (f.p_corrupt and self._rng.random() < f.p_corrupt):
+            if data_frame and f.corrupt_tx:
+                f.corrupt_tx -= 1
+            data = _flip(data, self._rng)
+        if data_frame and f.garbage_tx:
+            f.garbage_tx -= 1
+            data = bytes(self._rng.randint(1, 255) for _ in range(self._rng.randint(1, 40))) + data
+        self._write(data)
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent += len(data)
+        if frame.opcode == LinkOp.ACK:
+            self.stats.acks_sent += 1
+        elif frame.opcode == LinkOp.NACK:
+            self.stats.nacks_sent += 1
+
+    # -- bytes in
+    def _pump(self, timeout: float) -> None:
+        """Read what arrives within `timeout` and handle every complete frame in it."""
+        data = self._read(max(timeout, 0.0))
+        if not data:
+            return
+        self.stats.bytes_received += len(data)
+        dropped = self._deframer.dropped
+        chunks = self._deframer.feed(data)
+        self.stats.garbage_bytes += self._deframer.dropped - dropped
+        for chunk in chunks:
+            if self.faults.corrupt_rx:
+                self.faults.corrupt_rx -= 1
+                chunk = _flip(chunk, self._rng)
+            try:
+                frame = frames.decode(chunk)
+            except FrameError as exc:
+                self.stats.bad_frames += 1
+                if exc.reason == Reason.CRC:
+                    self.stats.crc_errors += 1
+                self._emit(frames.nack(NO_SEQ, exc.reason))
+                continue
+            self._handle(frame)
+
+    def _handle(self, frame: Frame) -> None:
+        self.stats.frames_received += 1
+        if frame.opcode == LinkOp.ACK:
+            self.stats.acks_received += 1
+            if frame.seq == self._awaiting:
+                self._acked = True
+            return
+        if frame.opcode == LinkOp.NACK:
+            self.stats.nacks_received += 1
+            if self._awaiting is not None and frame.seq in (self._awaiting, NO_SEQ):
+                self._nacked = True
+            return
+        hello = frame.opcode == LinkOp.HELLO and not frame.flags & Flag.RESPONSE
+        if frame.seq == self._last_rx and not hello:
+            self.stats.duplicates += 1
+            self._emit(frames.ack(frame.seq))
+            return
+        self._emit(frames.ack(frame.seq))
+        self._last_rx = frame.seq
+        self._inbox.append(frame)
+
+    # -- messages
+    def send(self, opcode: int, payload: bytes = b"", *, flags: int = 0, ref: int = 0) -> int:
+        """Send one message, fragment by fragment; returns the first fragment's seq (the
+        `ref` a reply to this message carries).
+
+        Raises DeviceTimeout after `retries` unanswered retransmissions, ProtocolError if
+        the peer keeps rejecting the frame, Abandoned if (as a responder) a new request
+        arrives before the reply's last fragment went out. A new request while the last
+        fragment awaits its ACK acknowledges the reply: the peer only asks again once it
+        has its answer (or has given up on it)."""
+        parts = frames.fragments(payload, self.fragment)
+        first = self._tx_seq
+        for k, part in enumerate(parts):
+            last = k == len(parts) - 1
+            bits = flags | (Flag.START if k == 0 else 0) | (0 if last else Flag.MORE)
+            seq = self._tx_seq
+            self._tx_seq = (self._tx_seq + 1) % frames.SEQ_MOD
+            preempted = self._deliver(Frame(opcode, seq, bits, part, ref))
+            if preempted and not last:
+                raise Abandoned
+        return first
+
+    def _new_request_waiting(self) -> bool:
+        return any(f.flags & Flag.START and not f.flags & Flag.RESPONSE for f in self._inbox)
+
+    def _deliver(self, frame: Frame) -> bool:
+        """Transmit until acknowledged; True if a responder was preempted by a new request."""
+        responder = bool(frame.flags & Flag.RESPONSE)
+        self._awaiting, self._acked, self._nacked = frame.seq, False, False
+        try:
+            self._emit(frame)
+            tries, nacks = 0, 0
+            deadline = time.monotonic() + self.ack_timeout
+            while True:
+                self._pump(deadline - time.monotonic())
+                if self._acked:
+                    return False
+                if responder and self._new_request_waiting():
+                    return True
+                timed_out = time.monotonic() >= deadline
+                if not (self._nacked or timed_out):
+                    continue
+                if timed_out:
+                    self.stats.timeouts += 1
+                else:
+                    nacks += 1
+                if tries >= self.retries:
+                    if nacks > tries // 2:
+                        raise ProtocolError(
+                            f"frame seq {frame.seq} rejected {nacks} times; the link is too noisy "
+                            "or the peer speaks another protocol version"
+                        )
+                    raise DeviceTimeout(
+                        f"no acknowledgement for frame seq {frame.seq} after {tries} retransmissions "
+                        f"({self.ack_timeout:g} s each); is the board connected and running?"
+                    )
+                tries += 1
+                self.stats.retransmissions += 1
+                self._nacked = False
+                self._emit(frame)
+                deadline = time.monotonic() + self.ack_timeout
+        finally:
+            self._awaiting = None
+
+    def receive(
+        self, timeout: float, *, response: bool, ref: int | None = None
+    ) -> tuple[Frame, bytes] | None:
+        """The next complete message (first frame, joined payload), or None after `timeout`.
+
+        Frames that cannot belong to the exchange (wrong direction, a reply to another
+        request, a fragment without its start) are counted as stale and dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._inbox:
+                f = self._inbox.popleft()
+                if bool(f.flags & Flag.RESPONSE) != response:
+                    self.stats.stale += 1
+                    continue
+                if f.flags & Flag.START:
+                    if ref is not None and f.ref != ref & 0xFF:
+                        self.stats.stale += 1
+                        continue
+                    self._rx_first, self._rx_parts = f, [f.payload]
+                elif self._rx_first is None or f.opcode != self._rx_first.opcode:
+                    self.stats.stale += 1
+                    continue
+                else:
+                    self._rx_parts.append(f.payload)
+                if not f.flags & Flag.MORE:
+                    first, parts = self._rx_first, self._rx_parts
+                    self._rx_first, self._rx_parts = None, []
+                    assert first is not None
+                    return first, b"".join(parts)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._pump(remaining)
+
+    def drain(self) -> None:
+        """Forget partial input (before a new exchange after an error)."""
+        self._inbox.clear()
+        self._rx_first, self._rx_parts = None, []

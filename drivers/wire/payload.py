@@ -1,0 +1,338 @@
+"""Serialisation of the Device operations, shared by both wire protocols.
+
+Every request and reply is a `Message`: a small JSON object (`meta`) for scalars and
+structure, plus named arrays sent as raw little-endian bytes. The JSON carries the array
+layout (``"arrays": [[name, dtype, shape], ...]``) so the bytes need no framing of their
+own. SCPI sends the JSON and the array bytes as two IEEE 488.2 blocks; the framed
+protocol packs them into one payload (`pack` / `unpack`).
+
+Floats in JSON are written with Python's shortest round-trip repr, so scalars come back
+bit-identical; ``NaN`` and ``Infinity`` are allowed tokens. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from drivers.base import (
+    DeviceInfo,
+    Equilibrium,
+    Identity,
+    Limits,
+    Nudge,
+    ProgramReport,
+    PulseReport,
+    SafetyCounters,
+)
+from drivers.errors import ProtocolError
+from drivers.topology import Coupling, SettleBudget, Topology
+
+# dtype codes allowed on the wire (all little-endian): bulk data is f4 (states,
+# conductances) and i4 (pulse counts); i8/f8 only for small metadata arrays.
+DTYPES = {"f4": np.dtype("<f4"), "i4": np.dtype("<i4"), "i8": np.dtype("<i8"), "f8": np.dtype("<f8")}
+MAX_JSON = 1 << 20
+_LEN = struct.Struct("<I")
+
+
+class Op(IntEnum):
+    """Device operations; the values are the framed protocol's opcodes."""
+
+    INFO = 0x10
+    TOPOLOGY = 0x11
+    CONFIGURE = 0x12
+    PROGRAM = 0x13
+    PULSE = 0x14
+    READ_CONDUCTANCE = 0x15
+    MVM = 0x16
+    SETTLE = 0x17
+    WAIT = 0x18
+    SAFETY = 0x19
+    RESET = 0x1A
+    SAFE_STATE = 0x1B
+
+
+@dataclass
+class Message:
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _code(arr: np.ndarray) -> str:
+    kind, size = arr.dtype.kind, arr.dtype.itemsize
+    if kind == "f":
+        return "f8" if size == 8 else "f4"
+    if kind in "iub":
+        return "i8" if size == 8 else "i4"
+    raise ProtocolError(f"cannot send an array of dtype {arr.dtype} on the wire")
+
+
+def layout(arrays: dict[str, np.ndarray]) -> list[list[Any]]:
+    return [[name, _code(a), list(a.shape)] for name, a in arrays.items()]
+
+
+def array_buffers(arrays: dict[str, np.ndarray]) -> list[memoryview]:
+    """The arrays' little-endian bytes, without copying arrays that are already so laid out."""
+    flat = (np.ascontiguousarray(a, dtype=DTYPES[_code(a)]).reshape(-1) for a in arrays.values())
+    return [memoryview(a).cast("B") for a in flat]
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    return b"".join(array_buffers(arrays))
+
+
+def unpack_arrays(spec: list[list[Any]], data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Arrays described by `spec` from `data`; views of `data` when it is writable."""
+    view = memoryview(data)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    try:
+        for name, code, shape in spec:
+            dtype = DTYPES[code]
+            count = int(np.prod(shape, dtype=np.int64))
+            nbytes = count * dtype.itemsize
+            if offset + nbytes > len(view):
+                raise ProtocolError(f"array {name!r} runs past the end of the data ({len(view)} bytes)")
+            out[str(name)] = np.frombuffer(view, dtype, count, offset).reshape(shape)
+            offset += nbytes
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad array layout {spec!r}: {exc}") from exc
+    if offset != len(view):
+        raise ProtocolError(f"array data has {len(view)} bytes, the layout describes {offset}")
+    return out
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def loads(data: bytes | bytearray | memoryview) -> Any:
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON on the wire: {exc}") from exc
+
+
+def meta_json(msg: Message) -> bytes:
+    """The JSON half of a message: its meta plus the array layout under ``"arrays"``."""
+    if "arrays" in msg.meta:
+        raise ProtocolError("'arrays' is a reserved meta key")
+    return dumps({**msg.meta, "arrays": layout(msg.arrays)} if msg.arrays else msg.meta)
+
+
+def from_parts(meta: Any, data: bytes | bytearray | memoryview = b"") -> Message:
+    """Rebuild a message from its decoded JSON and its array bytes."""
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(meta).__name__}")
+    meta = dict(meta)
+    spec = meta.pop("arrays", [])
+    return Message(meta, unpack_arrays(spec, data))
+
+
+def pack(msg: Message) -> bytes:
+    """One payload: u32 JSON length, JSON, then the array bytes."""
+    head = meta_json(msg)
+    return _LEN.pack(len(head)) + head + pack_arrays(msg.arrays)
+
+
+def unpack(payload: bytes | bytearray | memoryview) -> Message:
+    view = memoryview(payload)
+    if len(view) < _LEN.size:
+        raise ProtocolError(f"payload of {len(view)} bytes is too short for a message")
+    (n,) = _LEN.unpack_from(view)
+    if n > min(MAX_JSON, len(view) - _LEN.size):
+        raise ProtocolError(f"JSON length {n} exceeds the payload ({len(view)} bytes)")
+    return from_parts(loads(view[_LEN.size : _LEN.size + n]), view[_LEN.size + n :])
+
+
+# ---- structured metadata -----------------------------------------------------------
+
+
+def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
+    return {
+        "identity": dataclasses.asdict(info.identity),
+        "limits": dataclasses.asdict(info.limits),
+        "capabilities": sorted(info.capabilities),
+        "preset": info.preset,
+        "extra": dict(info.extra),
+    }
+
+
+def info_from_dict(d: dict[str, Any]) -> DeviceInfo:
+    try:
+        limits = dict(d["limits"])
+        limits["adc_range"] = tuple(limits["adc_range"])
+        return DeviceInfo(
+            identity=Identity(**d["identity"]),
+            limits=Limits(**limits),
+            capabilities=frozenset(d["capabilities"]),
+            preset=d.get("preset", ""),
+            extra=dict(d.get("extra", {})),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed device info: {exc}") from exc
+
+
+def topology_to_dict(topo: Topology) -> dict[str, Any]:
+    return {
+        "groups": dict(topo.groups),
+        "couplings": [
+            {"tile": c.tile, "rows": list(c.rows), "cols": list(c.cols), "kind": c.kind, "w_max": c.w_max}
+            for c in topo.couplings
+        ],
+        "gain": topo.gain,
+        "mode": topo.mode,
+        "budget": dataclasses.asdict(topo.budget),
+    }
+
+
+def topology_from_dict(d: dict[str, Any]) -> Topology:
+    """Raises ConfigurationError (from Topology) for a consistent but invalid topology."""
+    try:
+        couplings = tuple(
+            Coupling(
+                tile=c["tile"],
+                rows=tuple(c["rows"]),
+                cols=tuple(c["cols"]),
+                kind=c.get("kind", "bipartite"),
+                w_max=c.get("w_max", 1.0),
+            )
+            for c in d["couplings"]
+        )
+        return Topology(
+            groups={str(k): int(v) for k, v in d["groups"].items()},
+            couplings=couplings,
+            gain=d.get("gain", 1.0),
+            mode=d.get("mode", "analog"),
+            budget=SettleBudget(**d.get("budget", {})),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"malformed topology: {exc}") from exc
+
+
+# ---- requests and replies, one pair per operation ---------------------------------
+
+
+def program_request(
+    tile: str, g_plus: np.ndarray, g_minus: np.ndarray, verify: bool, tol: float | None, max_iters: int
+) -> Message:
+    meta = {"tile": tile, "verify": bool(verify), "tol": tol, "max_iters": int(max_iters)}
+    return Message(meta, {"g_plus": g_plus, "g_minus": g_minus})
+
+
+def program_reply(r: ProgramReport) -> Message:
+    meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("g_plus", "g_minus")}
+    return Message(meta, {"g_plus": r.g_plus, "g_minus": r.g_minus})
+
+
+def program_report(msg: Message) -> ProgramReport:
+    return ProgramReport(g_plus=msg.arrays["g_plus"], g_minus=msg.arrays["g_minus"], **msg.meta)
+
+
+def pulse_request(tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> Message:
+    return Message({"tile": tile}, {"counts_plus": counts_plus, "counts_minus": counts_minus})
+
+
+def pulse_reply(r: PulseReport) -> Message:
+    return Message(dataclasses.asdict(r))
+
+
+def pulse_report(msg: Message) -> PulseReport:
+    return PulseReport(**msg.meta)
+
+
+def conductance_reply(g_plus: np.ndarray, g_minus: np.ndarray) -> Message:
+    return Message({}, {"g_plus": g_plus, "g_minus": g_minus})
+
+
+def mvm_request(tile: str, x: np.ndarray, transpose: bool) -> Message:
+    return Message({"tile": tile, "transpose": bool(transpose)}, {"x": x})
+
+
+def settle_request(
+    clamp: dict[str, np.ndarray],
+    nudge: dict[str, Nudge],
+    init: dict[str, np.ndarray],
+    trace: bool | int,
+) -> Message:
+    """Array names are ``clamp/<group>``, ``target/<group>``, ``grad/<group>``, ``init/<group>``."""
+    arrays: dict[str, np.ndarray] = {f"clamp/{g}": x for g, x in clamp.items()}
+    for g, n in nudge.items():
+        if n.target is not None:
+            arrays[f"target/{g}"] = n.target
+        if n.grad is not None:
+            arrays[f"grad/{g}"] = n.grad
+    arrays.update({f"init/{g}": x for g, x in init.items()})
+    meta = {
+        "trace": trace if isinstance(trace, bool) else int(trace),
+        "beta": {g: float(n.beta) for g, n in nudge.items()},
+    }
+    return Message(meta, arrays)
+
+
+def _by_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == prefix}
+
+
+def settle_args(msg: Message) -> dict[str, Any]:
+    """Keyword arguments of `Device.settle` from a settle request."""
+    targets, grads = _by_prefix(msg.arrays, "target"), _by_prefix(msg.arrays, "grad")
+    betas = msg.meta.get("beta", {})
+    nudge = {g: Nudge(float(b), targets.get(g), grads.get(g)) for g, b in betas.items()}
+    trace = msg.meta.get("trace", False)
+    if not isinstance(trace, bool | int):
+        raise ProtocolError(f"settle trace must be a boolean or an integer, got {trace!r}")
+    return {
+        "clamp": _by_prefix(msg.arrays, "clamp"),
+        "nudge": nudge or None,
+        "init": _by_prefix(msg.arrays, "init") or None,
+        "trace": trace,
+    }
+
+
+def equilibrium_reply(eq: Equilibrium) -> Message:
+    arrays = {f"state/{g}": s for g, s in eq.states.items()}
+    if eq.energy is not None:
+        arrays["energy/"] = eq.energy
+    for k, v in (eq.trace or {}).items():
+        arrays[f"trace/{k}"] = v
+    meta = {
+        "steps": eq.steps,
+        "converged": eq.converged,
+        "residual": eq.residual,
+        "settle_time_s": eq.settle_time_s,
+        "energy_j": eq.energy_j,
+        "has_trace": eq.trace is not None,
+    }
+    return Message(meta, arrays)
+
+
+def equilibrium(msg: Message) -> Equilibrium:
+    m = msg.meta
+    return Equilibrium(
+        states=_by_prefix(msg.arrays, "state"),
+        steps=m["steps"],
+        converged=m["converged"],
+        residual=m["residual"],
+        energy=msg.arrays.get("energy/"),
+        settle_time_s=m["settle_time_s"],
+        energy_j=m["energy_j"],
+        trace=_by_prefix(msg.arrays, "trace") if m.get("has_trace") else None,
+    )
+
+
+def safety_reply(s: SafetyCounters) -> Message:
+    return Message(dataclasses.asdict(s))
+
+
+def safety_counters(msg: Message) -> SafetyCounters:
+    return SafetyCounters(int(msg.meta["refused"]), int(msg.meta["violations"]))

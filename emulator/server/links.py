@@ -1,0 +1,165 @@
+"""Byte links a server answers on: TCP connections and pseudo-terminals.
+
+A server supplies a handler ``handler(stream, stopping)``; each accepted TCP connection
+and each pty gets its own thread running it. Threads are daemons and stop within
+`POLL_S` of `close()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import threading
+import tty
+from collections.abc import Callable
+from typing import Protocol
+
+POLL_S = 0.05
+READ_SIZE = 1 << 16
+
+
+class Stream(Protocol):
+    def read(self, timeout: float) -> bytes:
+        """Bytes available within `timeout` (b"" if none); raises EOFError when the peer left."""
+        ...
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Handler = Callable[[Stream, threading.Event], None]
+
+
+class SocketStream:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def read(self, timeout: float) -> bytes:
+        ready, _, _ = select.select([self.conn], [], [], timeout)
+        if not ready:
+            return b""
+        try:
+            data = self.conn.recv(READ_SIZE)
+        except (ConnectionResetError, OSError) as exc:
+            raise EOFError(str(exc)) from None
+        if not data:
+            raise EOFError("peer closed the connection")
+        return data
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.conn.sendall(data)
+        except OSError as exc:
+            raise EOFError(str(exc)) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
+class PtyStream:
+    """The master side of a pty. The slave stays open here too, so a client may close and
+    reopen it without the master seeing end-of-file; writes give up after `write_timeout`
+    when nobody drains the slave."""
+
+    def __init__(self, master: int, write_timeout: float = 2.0) -> None:
+        self.master = master
+        self.write_timeout = write_timeout
+        os.set_blocking(master, False)
+
+    def read(self, timeout: float) -> bytes:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return b""
+        try:
+            return os.read(self.master, READ_SIZE)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # no slave open at the moment
+                return b""
+            raise EOFError(str(exc)) from None
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self.master], [], self.write_timeout)
+            if not ready:
+                return  # nobody reads the slave: drop, as a serial line would
+            try:
+                n = os.write(self.master, view)
+            except BlockingIOError:
+                continue
+            view = view[n:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+def _serve(handler: Handler, stream: Stream, stopping: threading.Event) -> None:
+    try:
+        handler(stream, stopping)
+    except EOFError:
+        pass
+    finally:
+        stream.close()
+
+
+class TcpListener:
+    """Accepts connections on (host, port); port 0 picks a free port (see `address`)."""
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name=f"tcp-{self.address[1]}", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            ready, _, _ = select.select([self.sock], [], [], POLL_S)
+            if not ready:
+                continue
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(
+                target=_serve, args=(self.handler, SocketStream(conn), self.stopping), daemon=True
+            ).start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+class PtyEndpoint:
+    """A pseudo-terminal in raw mode; clients open `path` as a serial port."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(
+            target=_serve,
+            args=(handler, PtyStream(self.master), self.stopping),
+            name=f"pty-{self.path}",
+            daemon=True,
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2)
+        with contextlib.suppress(OSError):
+            os.close(self.slave)

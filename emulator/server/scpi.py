@@ -1,0 +1,611 @@
+"""SCPI server over any Device, on TCP (VISA ``TCPIP::...::SOCKET``) and on a pty (``ASRL``).
+
+Each connection (or pty) is a session with its own error queue and status registers.
+Malformed input never stops a session: the parser reports the SCPI error, drops the rest
+of that message and carries on with the next line.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from drivers.base import Device
+from drivers.errors import ConfigurationError, DeviceFault, ProtocolError
+from drivers.wire import codes, scpi
+from drivers.wire import payload as pl
+from drivers.wire.payload import Message, Op
+from emulator.server.dispatch import execute
+from emulator.server.links import POLL_S, PtyEndpoint, Stream, TcpListener
+
+MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
+QUEUE_SIZE = 32
+
+
+class ParseError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Param(NamedTuple):
+    kind: str  # "block", "string" or "token"
+    value: bytes | str
+
+
+class Unit(NamedTuple):
+    header: str
+    params: list[Param]
+
+
+@dataclass
+class ScpiFaults:
+    """Fault injection: `delay_s` before each reply; close the link after `drop_after` messages."""
+
+    delay_s: float = 0.0
+    drop_after: int = 0
+
+
+class MessageSplitter:
+    """Cuts a byte stream into program messages at newlines outside blocks.
+
+    Strings cannot hold a newline: a stray quote in garbage must not swallow the commands
+    that follow. Quotes are still tracked so that a '#' inside a string is not a block."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self.quote = 0
+        self.block_end = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next(self) -> bytes | None:
+        buf = self.buf
+        if self.block_end > len(buf):
+            return None
+        i = max(self.pos, self.block_end)
+        n = len(buf)
+        while i < n:
+            c = buf[i]
+            if self.quote and c != 0x0A:  # a newline ends the message even inside quotes
+                if c == self.quote:
+                    self.quote = 0
+            elif c in (0x22, 0x27):
+                self.quote = c
+            elif c == 0x23 and i > 0 and buf[i - 1] in b", \t":
+                try:
+                    extent = scpi.block_extent(buf, i)
+                except scpi.BlockError:
+                    extent = (i + 1, i + 1)  # not a block: the parser will say why
+                if extent is None:
+                    self.pos = i
+                    return None
+                self.block_end = extent[1]
+                if extent[1] > n:
+                    self.pos = i
+                    return None
+                i = extent[1]
+                continue
+            elif c == 0x0A:
+                msg = bytes(buf[:i])
+                del buf[: i + 1]
+                self.pos = self.block_end = self.quote = 0
+                return msg
+            i += 1
+        self.pos = i
+        if self.pos - self.block_end > MAX_LINE:
+            raise ParseError(codes.INPUT_BUFFER_OVERRUN, f"no message terminator in {self.pos} bytes")
+        return None
+
+    def clear(self) -> None:
+        self.buf.clear()
+        self.pos = self.block_end = self.quote = 0
+
+
+def _is_header_char(c: int) -> bool:
+    return 0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A or c in b"*:?_"
+
+
+def parse_message(msg: bytes) -> list[Unit]:
+    """Split a program message into units; raises ParseError on the first malformed one."""
+    units: list[Unit] = []
+    i, n = 0, len(msg)
+    while True:
+        while i < n and msg[i] in b" \t\r":
+            i += 1
+        if i >= n:
+            return units
+        start = i
+        while i < n and _is_header_char(msg[i]):
+            i += 1
+        header = msg[start:i].decode("ascii")
+        if not header:
+            c = msg[i]
+            code = codes.INVALID_CHARACTER if not 0x20 < c < 0x7F else codes.SYNTAX_ERROR
+            raise ParseError(code, f"unexpected {bytes([c])!r} where a header should start")
+        params: list[Param] = []
+        if i < n and msg[i] not in b" \t\r;":
+            raise ParseError(codes.HEADER_SEPARATOR_ERROR, f"{bytes([msg[i]])!r} after header {header!r}")
+        while i < n and msg[i] in b" \t\r":
+            i += 1
+        while i < n and msg[i] != 0x3B:  # ';'
+            param, i = _param(msg, i)
+            params.append(param)
+            while i < n and msg[i] in b" \t\r":
+                i += 1
+            if i < n and msg[i] == 0x2C:  # ','
+                i += 1
+                while i < n and msg[i] in b" \t\r":
+                    i += 1
+                if i >= n or msg[i] == 0x3B:
+                    raise ParseError(codes.MISSING_PARAMETER, f"{header}: nothing after ','")
+            elif i < n and msg[i] != 0x3B:
+                raise ParseError(codes.INVALID_SEPARATOR, f"{header}: {bytes([msg[i]])!r} between parameters")
+        units.append(Unit(header, params))
+        i += 1
+
+
+def _param(msg: bytes, i: int) -> tuple[Param, int]:
+    c = msg[i]
+    if c == 0x23:  # '#'
+        try:
+            extent = scpi.block_extent(msg, i)
+        except scpi.BlockError as exc:
+            raise ParseError(exc.code, str(exc)) from None
+        if extent is None or extent[1] > len(msg):
+            raise ParseError(codes.INVALID_BLOCK_DATA, "block shorter than its header says")
+        return Param("block", msg[extent[0] : extent[1]]), extent[1]
+    if c in (0x22, 0x27):
+        j, out = i + 1, bytearray()
+        while True:
+            k = msg.find(bytes([c]), j)
+            if k < 0:
+                raise ParseError(codes.INVALID_STRING_DATA, "unterminated string")
+            out += msg[j:k]
+            if k + 1 < len(msg) and msg[k + 1] == c:
+                out.append(c)
+                j = k + 2
+                continue
+            try:
+                return Param("string", out.decode("utf-8")), k + 1
+            except UnicodeDecodeError:
+                raise ParseError(codes.INVALID_STRING_DATA, "string is not UTF-8") from None
+    j = i
+    while j < len(msg) and msg[j] not in b",; \t\r":
+        j += 1
+    token = msg[i:j]
+    if not all(0x20 < b < 0x7F for b in token):
+        raise ParseError(codes.INVALID_CHARACTER, f"invalid character in parameter {token!r}")
+    return Param("token", token.decode("ascii")), j
+
+
+# ---- parameter conversion ------------------------------------------------------------
+
+
+def _want(params: list[Param], count: int, header: str) -> None:
+    if len(params) < count:
+        raise ParseError(codes.MISSING_PARAMETER, f"{header} needs {count} parameter(s), got {len(params)}")
+    if len(params) > count:
+        raise ParseError(
+            codes.PARAMETER_NOT_ALLOWED, f"{header} takes {count} parameter(s), got {len(params)}"
+        )
+
+
+def _string(p: Param) -> str:
+    if p.kind == "block":
+        raise ParseError(codes.DATA_TYPE_ERROR, "expected a string, got a block")
+    return str(p.value)
+
+
+def _block(p: Param) -> bytes:
+    if p.kind != "block":
+        raise ParseError(codes.DATA_TYPE_ERROR, f"expected a definite-length block, got {p.value!r}")
+    return bytes(p.value)
+
+
+def _float(p: Param) -> float:
+    try:
+        return float(_string(p))
+    except ValueError:
+        raise ParseError(codes.NUMERIC_DATA_ERROR, f"{p.value!r} is not a number") from None
+
+
+def _int(p: Param) -> int:
+    x = _float(p)
+    if x != int(x):
+        raise ParseError(codes.NUMERIC_DATA_ERROR, f"{p.value!r} is not an integer")
+    return int(x)
+
+
+def _bool(p: Param) -> bool:
+    text = _string(p).upper()
+    if text in ("ON", "1"):
+        return True
+    if text in ("OFF", "0"):
+        return False
+    raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, f"expected ON/OFF/1/0, got {p.value!r}")
+
+
+def _json(p: Param) -> dict[str, object]:
+    try:
+        meta = pl.loads(_block(p))
+    except ProtocolError as exc:
+        raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, str(exc)) from None
+    if not isinstance(meta, dict):
+        raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, "expected a JSON object")
+    return meta
+
+
+def _split_tile(device: Device, tile: str, data: bytes, dtype: str, what: str) -> tuple[np.ndarray, ...]:
+    topo = device.topology
+    if topo is None:
+        raise ConfigurationError("the device has no topology yet; send CONF:TOP first")
+    rows, cols = topo.tile_shape(tile)
+    arr = np.frombuffer(bytearray(data), dtype)
+    if arr.size != 2 * rows * cols:
+        raise ConfigurationError(
+            f"{what} {tile!r}: the block holds {arr.size} values, the tile needs 2 x {rows} x {cols}"
+        )
+    return arr[: rows * cols].reshape(rows, cols), arr[rows * cols :].reshape(rows, cols)
+
+
+# ---- the session ---------------------------------------------------------------------
+
+
+Buffer = bytes | memoryview
+Reply = bytes | list[Buffer] | None  # a list: pieces of one response unit, sent without joining
+
+
+def _block_reply(parts: list[memoryview]) -> list[Buffer]:
+    return [scpi.block_header(sum(len(p) for p in parts)), *parts]
+
+
+def _coalesce(pieces: list[Buffer], small: int = 1 << 16) -> list[Buffer]:
+    """Join runs of small pieces (fewer writes); large ones go out as they are (no copy)."""
+    out: list[Buffer] = []
+    run: list[Buffer] = []
+    for p in pieces:
+        if len(p) < small:
+            run.append(p)
+            continue
+        if run:
+            out.append(b"".join(run))
+            run = []
+        out.append(p)
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
+class ScpiSession:
+    """One client's view of the instrument: error queue, status registers, last data."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.errors: deque[tuple[int, str]] = deque()
+        self.esr = 0
+        self.ese = 0
+        self.sre = 0
+        self.data: list[memoryview] | None = None
+        self.commands: list[tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = []
+        for spec, fn, block_reply in self._table():
+            self.commands.append((scpi.Header(spec), fn, block_reply))
+
+    def _table(self) -> list[tuple[str, Callable[[list[Param], str], Reply], bool]]:
+        return [
+            (scpi.IDN, self._idn, False),
+            (scpi.RST, self._rst, False),
+            (scpi.CLS, self._cls, False),
+            (scpi.OPC, self._opc, False),
+            (scpi.OPC_Q, self._opc_q, False),
+            (scpi.WAI, self._nothing, False),
+            (scpi.STB_Q, self._stb_q, False),
+            (scpi.ESR_Q, self._esr_q, False),
+            (scpi.ESE, self._ese, False),
+            (scpi.ESE_Q, self._ese_q, False),
+            (scpi.SRE, self._sre, False),
+            (scpi.SRE_Q, self._sre_q, False),
+            (scpi.TST_Q, self._tst_q, False),
+            (scpi.ERROR_Q, self._error_q, False),
+            (scpi.ERROR_COUNT_Q, self._error_count_q, False),
+            (scpi.INFO_Q, self._info_q, True),
+            (scpi.SAFETY_Q, self._safety_q, False),
+            (scpi.SAFE, self._safe, False),
+            (scpi.WAIT, self._wait, False),
+            (scpi.TOPOLOGY, self._configure, False),
+            (scpi.TOPOLOGY_Q, self._topology_q, True),
+            (scpi.PROGRAM_Q, self._program_q, True),
+            (scpi.PULSE_Q, self._pulse_q, True),
+            (scpi.CONDUCTANCE_Q, self._conductance_q, True),
+            (scpi.MVM_Q, self._mvm_q, True),
+            (scpi.SETTLE_Q, self._settle_q, True),
+            (scpi.FETCH_DATA_Q, self._fetch_q, True),
+        ]
+
+    # -- error queue and status
+    def push_error(self, code: int, message: str) -> None:
+        if len(self.errors) >= QUEUE_SIZE:
+            self.errors[-1] = (codes.QUEUE_OVERFLOW, "")
+        else:
+            self.errors.append((code, message))
+        if -199 <= code <= -100:
+            self.esr |= scpi.ESR_CME
+        elif -299 <= code <= -200:
+            self.esr |= scpi.ESR_EXE
+        elif -499 <= code <= -400:
+            self.esr |= scpi.ESR_QYE
+        else:
+            self.esr |= scpi.ESR_DDE
+
+    def stb(self) -> int:
+        status = scpi.STATUS_EAV if self.errors else 0
+        if self.esr & self.ese:
+            status |= scpi.STATUS_ESB
+        return status
+
+    # -- running messages
+    def handle(self, msg: bytes) -> list[Buffer] | None:
+        """Run one program message; the pieces of the response message (with terminator)."""
+        replies: list[Reply] = []
+        try:
+            units = parse_message(msg)
+        except ParseError as exc:
+            self.push_error(exc.code, str(exc))
+            units = []
+        for unit in units:
+            reply = self._run(unit)
+            if reply is not None:
+                replies.append(reply)
+        if not replies:
+            return None
+        pieces: list[Buffer] = []
+        for k, reply in enumerate(replies):
+            if k:
+                pieces.append(b";")
+            pieces.extend(reply if isinstance(reply, list) else [reply])  # type: ignore[list-item]
+        pieces.append(scpi.TERMINATOR)
+        return _coalesce(pieces)
+
+    def _run(self, unit: Unit) -> Reply:
+        query = unit.header.endswith("?")
+        found = next((c for c in self.commands if c[0].matches(unit.header)), None)
+        if found is None:
+            self.push_error(codes.UNDEFINED_HEADER, unit.header)
+            return b"" if query else None
+        _, fn, block_reply = found
+        try:
+            return fn(unit.params, unit.header)
+        except ParseError as exc:
+            self.push_error(exc.code, f"{unit.header}: {exc}")
+        except Exception as exc:  # every device error goes to the queue; the session lives on
+            self.push_error(*codes.code_for(exc))
+        if query:
+            return scpi.block(b"") if block_reply else b""
+        return None
+
+    def _op(self, op: Op, request: Message) -> Message:
+        self.data = None
+        return execute(self.device, op, request)
+
+    def _with_data(self, reply: Message) -> bytes:
+        """The JSON block of a reply; its arrays wait for FETC:DATA?."""
+        self.data = pl.array_buffers(reply.arrays) if reply.arrays else None
+        return scpi.block(pl.meta_json(reply))
+
+    # -- IEEE 488.2 commons
+    def _idn(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return self.device.info.identity.idn().encode()
+
+    def _rst(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        self._op(Op.RESET, Message())
+        self.errors.clear()
+        return None
+
+    def _cls(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        self.errors.clear()
+        self.esr = 0
+        return None
+
+    def _opc(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        self.esr |= scpi.ESR_OPC
+        return None
+
+    def _opc_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return b"1"
+
+    def _nothing(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return None
+
+    def _stb_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return str(self.stb()).encode()
+
+    def _esr_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        value, self.esr = self.esr, 0
+        return str(value).encode()
+
+    def _ese(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self.ese = _int(params[0]) & 0xFF
+        return None
+
+    def _ese_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return str(self.ese).encode()
+
+    def _sre(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self.sre = _int(params[0]) & 0xFF
+        return None
+
+    def _sre_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return str(self.sre).encode()
+
+    def _tst_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return b"0"
+
+    def _error_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        code, message = self.errors.popleft() if self.errors else (codes.NO_ERROR, "")
+        return scpi.error_string(code, message).encode()
+
+    def _error_count_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return str(len(self.errors)).encode()
+
+    # -- device operations
+    def _info_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return scpi.block(pl.meta_json(self._op(Op.INFO, Message())))
+
+    def _safety_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        s = pl.safety_counters(self._op(Op.SAFETY, Message()))
+        return f"{s.refused},{s.violations}".encode()
+
+    def _safe(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        self._op(Op.SAFE_STATE, Message())
+        return None
+
+    def _wait(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self._op(Op.WAIT, Message({"seconds": _float(params[0])}))
+        return None
+
+    def _configure(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self._op(Op.CONFIGURE, Message(_json(params[0])))
+        return None
+
+    def _topology_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return scpi.block(pl.meta_json(self._op(Op.TOPOLOGY, Message())))
+
+    def _program_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 5, h)
+        tile = _string(params[0])
+        tol_text = _string(params[2]).upper()
+        tol = None if tol_text in ("DEF", "DEFAULT") else _float(params[2])
+        gp, gm = _split_tile(self.device, tile, _block(params[4]), "<f4", "program")
+        meta = {"tile": tile, "verify": _bool(params[1]), "tol": tol, "max_iters": _int(params[3])}
+        return self._with_data(self._op(Op.PROGRAM, Message(meta, {"g_plus": gp, "g_minus": gm})))
+
+    def _pulse_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 2, h)
+        tile = _string(params[0])
+        cp, cm = _split_tile(self.device, tile, _block(params[1]), "<i4", "pulse")
+        reply = self._op(Op.PULSE, Message({"tile": tile}, {"counts_plus": cp, "counts_minus": cm}))
+        return scpi.block(pl.meta_json(reply))
+
+    def _conductance_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        reply = self._op(Op.READ_CONDUCTANCE, Message({"tile": _string(params[0])}))
+        return _block_reply(pl.array_buffers(reply.arrays))
+
+    def _mvm_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 3, h)
+        tile, transpose = _string(params[0]), _bool(params[1])
+        topo = self.device.topology
+        if topo is None:
+            raise ConfigurationError("the device has no topology yet; send CONF:TOP first")
+        rows, cols = topo.tile_shape(tile)
+        width = cols if transpose else rows
+        x = np.frombuffer(bytearray(_block(params[2])), "<f4")
+        if x.size % width:
+            raise ConfigurationError(f"mvm {tile!r}: {x.size} values are not a whole batch of width {width}")
+        reply = self._op(Op.MVM, Message({"tile": tile, "transpose": transpose}, {"x": x.reshape(-1, width)}))
+        return _block_reply(pl.array_buffers(reply.arrays))
+
+    def _settle_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 2, h)
+        try:
+            request = pl.from_parts(_json(params[0]), bytearray(_block(params[1])))
+        except ProtocolError as exc:
+            raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, str(exc)) from None
+        return self._with_data(self._op(Op.SETTLE, request))
+
+    def _fetch_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        if self.data is None:
+            raise DeviceFault(codes.DATA_STALE, "no data: the last operation returned no arrays or failed")
+        return _block_reply(self.data)
+
+
+class ScpiServer:
+    """Serves one Device over SCPI on any number of TCP ports and ptys."""
+
+    def __init__(self, device: Device, faults: ScpiFaults | None = None) -> None:
+        self.device = device
+        self.faults = faults or ScpiFaults()
+        self.listeners: list[TcpListener] = []
+        self.ptys: list[PtyEndpoint] = []
+
+    def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        listener = TcpListener(self._handler, host, port)
+        self.listeners.append(listener)
+        return listener.address
+
+    def open_pty(self) -> str:
+        endpoint = PtyEndpoint(self._handler)
+        self.ptys.append(endpoint)
+        return endpoint.path
+
+    def _handler(self, stream: Stream, stopping: threading.Event) -> None:
+        session = ScpiSession(self.device)
+        splitter = MessageSplitter()
+        served = 0
+        while not stopping.is_set():
+            data = stream.read(POLL_S)
+            if not data:
+                continue
+            splitter.feed(data)
+            while True:
+                try:
+                    msg = splitter.next()
+                except ParseError as exc:
+                    session.push_error(exc.code, str(exc))
+                    splitter.clear()
+                    break
+                if msg is None:
+                    break
+                reply = session.handle(msg)
+                if self.faults.delay_s:
+                    time.sleep(self.faults.delay_s)
+                for piece in reply or ():
+                    stream.write(piece)
+                served += 1
+                if self.faults.drop_after and served >= self.faults.drop_after:
+                    return
+
+    def close(self) -> None:
+        links = [*self.listeners, *self.ptys]
+        for link in links:
+            link.stopping.set()
+        for link in links:
+            link.close()
+        self.listeners.clear()
+        self.ptys.clear()
+
+    def __enter__(self) -> ScpiServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

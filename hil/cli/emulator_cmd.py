@@ -1,0 +1,102 @@
+"""`hil emulator serve`: one emulated board behind real transports (SCPI and framed binary)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from urllib.parse import urlencode
+
+import typer
+
+from drivers import open_device
+
+_SET_OPTION = typer.Option(
+    None, "--set", help="Board parameter KEY=VALUE (any emulator:// URI parameter); repeatable."
+)
+
+
+def resource_lines(
+    host: str, scpi_port: int | None, scpi_pty: str | None, framed_pty: str | None, framed_port: int | None
+) -> list[tuple[str, str]]:
+    """(what, device URI) for every endpoint that is being served."""
+    lines = []
+    if scpi_port is not None:
+        lines.append(("SCPI over TCP (VISA)", f"visa://TCPIP0::{host}::{scpi_port}::SOCKET"))
+    if scpi_pty is not None:
+        lines.append(("SCPI over a pty (VISA)", f"visa://ASRL{scpi_pty}::INSTR"))
+    if framed_pty is not None:
+        lines.append(("framed binary over a pty", f"serial://{framed_pty}"))
+    if framed_port is not None:
+        lines.append(("framed binary over TCP", f"serial+socket://{host}:{framed_port}"))
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    emulator_app = typer.Typer(help="The behavioural crossbar board emulator.", no_args_is_help=True)
+
+    @emulator_app.command()
+    def serve(
+        preset: str = typer.Option("rram", help="Board preset: ideal, rram, pcm, ecram."),
+        seed: int = typer.Option(0, help="Seed of the board (fabrication and noise)."),
+        scpi_port: int = typer.Option(5025, help="TCP port of the SCPI server (0: any free port, -1: none)."),
+        serial_pty: bool = typer.Option(
+            False, "--serial-pty", help="Also serve on two ptys: SCPI (VISA ASRL) and framed (serial://)."
+        ),
+        serial_port: int = typer.Option(-1, help="TCP port of the framed server (0: a free port, -1: none)."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you mean otherwise."),
+        set_: list[str] | None = _SET_OPTION,
+        corrupt_rate: float = typer.Option(0.0, help="Framed links: probability of corrupting a frame."),
+        drop_rate: float = typer.Option(0.0, help="Framed links: probability of dropping a frame."),
+        delay_ms: float = typer.Option(0.0, help="Delay before every reply (both servers), milliseconds."),
+        fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
+    ) -> None:
+        """Serve one emulated board until Ctrl-C, printing the device URIs to connect with."""
+        from emulator.server import Faults, FramedServer, ScpiFaults, ScpiServer
+
+        params = {"preset": preset, "seed": str(seed)}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise typer.BadParameter(f"--set takes KEY=VALUE, got {item!r}")
+            params[key] = value
+        try:
+            device = open_device(f"emulator://?{urlencode(params)}")
+        except Exception as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        faults = Faults(p_corrupt=corrupt_rate, p_drop=drop_rate, delay_s=delay_ms / 1e3, seed=fault_seed)
+        scpi = ScpiServer(device, ScpiFaults(delay_s=delay_ms / 1e3))
+        framed = FramedServer(device, faults)
+        stop = threading.Event()
+        try:
+            scpi_at = scpi.listen_tcp(host, scpi_port)[1] if scpi_port >= 0 else None
+            framed_at = framed.listen_tcp(host, serial_port)[1] if serial_port >= 0 else None
+            scpi_pty = scpi.open_pty() if serial_pty else None
+            framed_pty = framed.open_pty() if serial_pty else None
+        except OSError as exc:
+            scpi.close()
+            framed.close()
+            typer.echo(f"error: cannot serve: {exc}", err=True)
+            raise typer.Exit(2) from None
+        shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # all interfaces: loopback works here
+        lines = resource_lines(shown, scpi_at, scpi_pty, framed_pty, framed_at)
+        if not lines:
+            typer.echo("nothing to serve: give --scpi-port, --serial-port or --serial-pty", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"board  {device.info.identity.idn()}  (preset {preset}, seed {seed})")
+        for what, uri in lines:
+            typer.echo(f"{what:<26}{uri}")
+        typer.echo("Ctrl-C stops the servers.", err=True)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            scpi.close()
+            framed.close()
+            device.safe_state()
+            device.close()
+
+    app.add_typer(emulator_app, name="emulator")

@@ -1,0 +1,304 @@
+"""The servers and remote backends under abuse: malformed SCPI, corrupted and dropped frames,
+dropped connections, Ctrl-C in the middle of a transaction, the CLI, and a short training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from drivers import Device, DeviceError, SettleBudget, Topology, open_device
+from drivers.serial import SerialDevice
+from drivers.wire import codes, scpi
+from emulator.server import Faults, ScpiFaults
+from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, open_transport, served_board
+
+BOARD = "emulator://?preset=ideal&seed=0"
+
+
+class RawScpi:
+    """A bare socket client: exactly the bytes we choose reach the server."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "server closed the connection"
+            self.buf += chunk
+        out, _, self.buf = self.buf.partition(b"\n")
+        return out
+
+    def query(self, text: str) -> str:
+        self.send(text.encode() + b"\n")
+        return self.line().decode()
+
+    def error(self) -> int:
+        return scpi.parse_error(self.query("SYST:ERR?"))[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[BoardServers]:
+    with served_board(board=BOARD) as s:
+        yield s
+
+
+@pytest.fixture
+def raw(servers: BoardServers) -> Iterator[RawScpi]:
+    port = int(servers.uris["visa-tcp"].split("::")[2])
+    client = RawScpi(port)
+    yield client
+    client.close()
+
+
+# ---- SCPI: malformed input ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (b"FOO:BAR 1", codes.UNDEFINED_HEADER),
+        (b"\xff\xfe\x00garbage", codes.INVALID_CHARACTER),
+        (b"SYST:WAIT", codes.MISSING_PARAMETER),
+        (b"SYST:WAIT 1,2", codes.PARAMETER_NOT_ALLOWED),
+        (b"SYST:WAIT abc", codes.NUMERIC_DATA_ERROR),
+        (b"SYST:WAIT -1", codes.CONFIGURATION),
+        (b'TILE:COND? "W0"', codes.CONFIGURATION),
+        (b"CONF:TOP #15{oops", codes.ILLEGAL_PARAMETER_VALUE),
+        (b'CONF:TOP #218{"groups":{"a":0}}', codes.ILLEGAL_PARAMETER_VALUE),
+        (b"CONF:TOP 12", codes.DATA_TYPE_ERROR),
+        (b"FETC:DATA?", codes.DATA_STALE),
+        (b"SYST:WAIT #9999999999", codes.TOO_MUCH_DATA),
+        (b'SYST:WAIT "unterminated', codes.INVALID_STRING_DATA),
+    ],
+)
+def test_malformed_scpi_is_reported_and_the_server_keeps_serving(
+    raw: RawScpi, message: bytes, code: int
+) -> None:
+    raw.send(message + b"\n")
+    if message.split(b" ")[0].endswith(b"?"):
+        raw.line()  # a failing query still answers (empty), so clients never hang
+    assert raw.error() == code
+    assert raw.error() == codes.NO_ERROR
+    assert raw.query("*IDN?").startswith("xbar-hil,emulator-ideal")
+
+
+def test_status_registers_and_queue_overflow(raw: RawScpi) -> None:
+    raw.send(b"*ESE 255\nNOPE\n")
+    assert int(raw.query("*STB?")) & (scpi.STATUS_EAV | scpi.STATUS_ESB) == scpi.STATUS_EAV | scpi.STATUS_ESB
+    assert int(raw.query("*ESR?")) & scpi.ESR_CME
+    assert raw.query("*ESR?") == "0"
+    raw.send(b"NOPE\n" * 40)
+    assert int(raw.query("SYST:ERR:COUN?")) == 32
+    errors = [raw.error() for _ in range(32)]
+    assert errors[-1] == codes.QUEUE_OVERFLOW and set(errors[:-1]) == {codes.UNDEFINED_HEADER}
+    raw.send(b"NOPE\n*CLS\n")
+    assert raw.query("SYST:ERR?") == '0,"No error"'
+    assert raw.query("*OPC?;*TST?;*ESE?") == "1;0;255"
+
+
+def test_garbage_bytes_then_a_valid_command(raw: RawScpi) -> None:
+    rng = np.random.default_rng(1)
+    raw.send(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes() + b"\n")
+    raw.send(b"*CLS\n")
+    assert raw.query("*IDN?").startswith("xbar-hil")
+
+
+def test_failing_query_raises_the_mapped_error_over_visa(servers: BoardServers) -> None:
+    with open_device(servers.uri("visa-tcp")) as dev:
+        dev.configure(Topology.layered([3, 2]))
+        with pytest.raises(DeviceError, match="unknown tile"):
+            dev.read_conductance("nope")
+        assert dev.query("SYST:ERR?") == '0,"No error"'  # the client drained the queue
+
+
+# ---- framed: corrupted, dropped, garbage ---------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "serial-socket"])
+def test_corrupted_request_frame_is_nacked_and_retransmitted(transport: str) -> None:
+    with served_board(board=BOARD, faults=Faults(corrupt_rx=1)) as s, open_device(s.uri(transport)) as dev:
+        assert isinstance(dev, SerialDevice)
+        assert dev.stats.nacks_received == 1 and dev.stats.retransmissions == 1
+        board = dev.board_link_stats()
+        assert board["nacks_sent"] == 1 and board["bad_frames"] == 1
+        assert dev.safety().violations == 0
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "serial-socket"])
+def test_corrupted_and_dropped_reply_frames_are_recovered(transport: str) -> None:
+    faults = Faults(corrupt_tx=1, drop_tx=1, garbage_tx=2)
+    with (
+        served_board(board=BOARD, faults=faults, ack_timeout=0.05) as s,
+        open_device(s.uri(transport)) as dev,
+    ):
+        assert isinstance(dev, SerialDevice)
+        dev.configure(Topology.layered([4, 3]))
+        g = np.full((5, 3), 5e-6, np.float32)
+        before = dev.read_conductance("W0")[0]
+        dev.pulse("W0", np.ones((5, 3), np.int32), np.zeros((5, 3), np.int32))
+        after = dev.read_conductance("W0")[0]
+        assert (after > before).all()  # pulsed exactly once
+        dev.program("W0", g, g)
+        assert dev.stats.nacks_sent >= 1 and dev.stats.bad_frames >= 1
+        assert dev.board_link_stats()["retransmissions"] >= 2
+
+
+def test_noisy_link_still_gives_the_in_process_results() -> None:
+    faults = Faults(p_corrupt=0.05, p_drop=0.05, seed=4)
+    topo = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
+    x = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 6)
+
+    def run(dev: Device) -> list[np.ndarray]:
+        dev.configure(topo)
+        out = [dev.settle({"s0": x}).states["s2"] for _ in range(6)]
+        for _ in range(3):
+            dev.pulse("W1", np.ones((6, 3), np.int32), np.zeros((6, 3), np.int32))
+        return [*out, *dev.read_conductance("W1")]
+
+    with open_transport(IN_PROCESS, "emulator://?preset=rram&seed=2") as dev:
+        want = run(dev)
+    with (
+        served_board(board="emulator://?preset=rram&seed=2", faults=faults, ack_timeout=0.05) as s,
+        open_device(s.uri("serial-socket", ack_timeout="0.05", retries="8")) as dev,
+    ):
+        got = run(dev)
+        assert dev.stats.retransmissions + dev.board_link_stats()["retransmissions"] > 0
+    for a, b in zip(want, got, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+# ---- reconnect, Ctrl-C, close --------------------------------------------------------
+
+
+def test_visa_reconnects_after_the_connection_drops() -> None:
+    with served_board(board=BOARD, scpi_faults=ScpiFaults(drop_after=5)) as s:
+        dev = open_device(s.uri("visa-tcp", timeout="1"))  # 3 messages
+        dev.safety()
+        dev.safety()  # the 5th message: answered, then the server hangs up
+        with pytest.raises(DeviceError):
+            dev.safety()
+        assert dev.safety().violations == 0  # reconnected: 3 + 1 messages
+        dev.close()  # SYST:SAFE is the 5th: its error check fails, safe_state reconnects and resends
+        assert dev._broken is False
+
+
+def test_serial_reconnects_after_the_board_restarts() -> None:
+    with served_board(board=BOARD) as s:
+        port = int(s.uris["serial-socket"].rsplit(":", 1)[1])
+        with open_device(s.uri("serial-socket", ack_timeout="0.05", retries="2", timeout="1")) as dev:
+            s.framed.close()  # the server goes away: connections end
+            time.sleep(0.3)
+            with pytest.raises(DeviceError):
+                dev.safety()
+            s.framed.listen_tcp("127.0.0.1", port)
+            assert dev.safety().violations == 0
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(transport: str) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    handler = signal.getsignal(signal.SIGINT)
+    scpi_faults = ScpiFaults(delay_s=0.15) if transport == "visa-tcp" else None
+    with served_board(board=BOARD, scpi_faults=scpi_faults) as s:
+        calls: list[str] = []
+        inner = s.device.safe_state
+        s.device.safe_state = lambda: (calls.append("safe"), inner())[1]  # type: ignore[method-assign]
+        with open_device(s.uri(transport)) as dev:
+            if transport != "visa-tcp":
+                s.framed.links[-1].faults.delay_s = 0.1  # each frame from the board waits 0.1 s
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            t0 = time.perf_counter()
+            with pytest.raises(KeyboardInterrupt):
+                dev.wait(1.0)
+            assert time.perf_counter() - t0 >= 0.09  # the interrupt waited for the reply
+            assert calls == ["safe"]
+            assert dev.safety().violations == 0  # the link is intact: no half transaction
+        assert calls == ["safe", "safe"]  # and again on close
+        assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ---- the CLI -------------------------------------------------------------------------
+
+
+def test_cli_serves_on_every_transport() -> None:
+    cmd = [sys.executable, "-c", "from hil.cli import main; main()", "emulator", "serve"]
+    cmd += ["--preset", "ideal", "--scpi-port", "0", "--serial-pty", "--serial-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        uris = []
+        deadline = time.monotonic() + 60
+        while len(uris) < 4 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            uris += [w for w in line.split() if "://" in w]
+        assert [u.split("://")[0] for u in uris] == ["visa", "visa", "serial", "serial+socket"]
+        assert "127.0.0.1" in uris[0] and "ASRL/dev/" in uris[1]
+        for uri in uris:
+            with open_device(uri) as dev:
+                assert dev.info.identity.model == "emulator-ideal"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+# ---- a short digits training: identical metrics over every transport ----------------
+
+
+def _train(transport: str) -> list[tuple[float, float]]:
+    from hil.data import load_digits
+    from hil.ep import EBBlock
+
+    data = load_digits()
+    x_test, y_test = data.x_test[:48], data.y_test[:48]
+    metrics = []
+    with open_transport(transport, "emulator://?preset=rram&seed=1") as dev:
+        block = EBBlock.layered(dev, [64, 12, 10], budget=SettleBudget(max_steps=25, tol=1e-3), seed=0)
+        opt = torch.optim.SGD(block.parameters(), lr=0.2)
+        for step in range(3):
+            x = data.x_train[step * 24 : (step + 1) * 24]
+            y = torch.eye(10)[data.y_train[step * 24 : (step + 1) * 24]]
+            result = block.ep(x, target=y, beta=0.3)
+            opt.zero_grad()
+            for tile, g in result.grads.items():
+                block.weights[tile].grad = g
+            opt.step()
+            out = block.predict(x_test)
+            loss = block.loss({"s2": out.numpy()}, torch.eye(10)[y_test])
+            acc = float((out.argmax(1) == y_test).float().mean())
+            metrics.append((loss, acc))
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def trained_in_process() -> list[tuple[float, float]]:
+    return _train(IN_PROCESS)
+
+
+@pytest.mark.parametrize("transport", REMOTE_TRANSPORTS)
+def test_short_training_matches_in_process(
+    transport: str, trained_in_process: list[tuple[float, float]]
+) -> None:
+    assert _train(transport) == trained_in_process

@@ -1,0 +1,328 @@
+"""The wire codecs on their own: payload messages, SCPI grammar and blocks, frames, the ARQ link."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drivers import (
+    ConfigurationError,
+    DeviceFault,
+    DeviceTimeout,
+    Equilibrium,
+    LimitViolation,
+    NotSupported,
+    Nudge,
+    ProgramReport,
+    SettleBudget,
+    Topology,
+)
+from drivers.wire import codes, frames, scpi
+from drivers.wire import payload as pl
+from drivers.wire.frames import Flag, Frame, LinkOp, Reason
+from drivers.wire.link import Abandoned, Faults, Link
+from emulator.server.scpi import MessageSplitter, ParseError, parse_message
+
+# ---- payload -------------------------------------------------------------------------
+
+
+def test_message_pack_roundtrip_keeps_bits_dtypes_and_order() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "b": rng.normal(size=(3, 4)).astype(np.float32),
+        "a": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "step": np.arange(5, dtype=np.int64),
+        "empty": np.zeros((0, 7), np.float32),
+    }
+    meta = {"x": 0.1 + 0.2, "tiny": 5e-324, "nan": math.nan, "inf": -math.inf, "n": None, "s": "é\n"}
+    out = pl.unpack(pl.pack(pl.Message(meta, arrays)))
+    assert list(out.arrays) == list(arrays)
+    for k, v in arrays.items():
+        assert out.arrays[k].dtype == v.dtype and out.arrays[k].shape == v.shape
+        assert out.arrays[k].tobytes() == v.tobytes()
+        assert out.arrays[k].flags.writeable
+    assert out.meta["x"] == 0.1 + 0.2 and out.meta["tiny"] == 5e-324 and math.isnan(out.meta["nan"])
+    assert out.meta["inf"] == -math.inf and out.meta["n"] is None and out.meta["s"] == "é\n"
+    assert b"\n" not in pl.meta_json(pl.Message(meta, arrays))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"", b"\x05\x00\x00\x00{}", b"\x02\x00\x00\x00{}\x00", b'\x1c\x00\x00\x00{"arrays":[["a","f4",[2]]]}'],
+)
+def test_unpack_rejects_malformed_payloads(bad: bytes) -> None:
+    with pytest.raises(Exception) as info:
+        pl.unpack(bad)
+    assert isinstance(info.value, pl.ProtocolError)
+
+
+def test_info_and_topology_roundtrip() -> None:
+    from drivers import DeviceInfo, Identity, Limits
+
+    limits = Limits(0.2, 0.25, 1e-6, 1e-5, 8, None, (0.0, 1.0), 512, 512, 8, 1000, 100, 1e-8)
+    info = DeviceInfo(Identity("a", "b", "c", "d"), limits, frozenset({"settle", "mvm"}), "rram", {"seed": 3})
+    assert pl.info_from_dict(pl.loads(pl.dumps(pl.info_to_dict(info)))) == info
+    for topo in (
+        Topology.layered([5, 4, 3], budget=SettleBudget(50, 1e-3, 0.3, 2), gain=1.5, w_max=2.0),
+        Topology.dense({"a": 3, "b": 2}, mode="mvm"),
+    ):
+        assert pl.topology_from_dict(pl.loads(pl.dumps(pl.topology_to_dict(topo)))) == topo
+
+
+def test_settle_request_and_equilibrium_roundtrip() -> None:
+    x = np.ones((2, 3), np.float32)
+    msg = pl.unpack(
+        pl.pack(pl.settle_request({"in": x}, {"out/x": Nudge(0.25, target=x, grad=-x)}, {"h": x * 0.5}, 3))
+    )
+    args = pl.settle_args(msg)
+    assert args["trace"] == 3 and list(args["clamp"]) == ["in"] and list(args["init"]) == ["h"]
+    n = args["nudge"]["out/x"]
+    assert n.beta == 0.25 and np.array_equal(n.target, x) and np.array_equal(n.grad, -x)
+    eq = Equilibrium(
+        {"h": x, "in": x},
+        7,
+        False,
+        1e-3,
+        np.zeros(2, np.float32),
+        1e-6,
+        2e-9,
+        {"step": np.arange(3), "energy": np.zeros((3, 2), np.float32)},
+    )
+    back = pl.equilibrium(pl.unpack(pl.pack(pl.equilibrium_reply(eq))))
+    assert back.steps == 7 and back.converged is False and back.residual == 1e-3
+    assert back.trace is not None and back.trace["step"].dtype == np.int64
+    none = pl.equilibrium(pl.unpack(pl.pack(pl.equilibrium_reply(Equilibrium({}, 1, True, 0.0, None, 0, 0)))))
+    assert none.trace is None and none.energy is None
+
+
+def test_program_report_roundtrip() -> None:
+    g = np.full((2, 2), 3e-6, np.float32)
+    r = ProgramReport("W0", g, g, 3, 40, 1e-8, 0.75, 1e-10, 1e-6)
+    assert pl.program_report(pl.unpack(pl.pack(pl.program_reply(r)))).__dict__.keys() == r.__dict__.keys()
+
+
+# ---- error codes ---------------------------------------------------------------------
+
+
+def test_error_codes_map_back_to_the_same_exception_classes() -> None:
+    for exc, cls in (
+        (LimitViolation("clamp", 3.0, 2.0), LimitViolation),
+        (ConfigurationError("unknown tile"), ConfigurationError),
+        (NotSupported("no trace"), NotSupported),
+        (DeviceFault(-240, "hot"), DeviceFault),
+    ):
+        code, message = codes.code_for(exc)
+        back = codes.error_for(*scpi.parse_error(scpi.error_string(code, message)))
+        assert type(back) is cls and str(exc) in str(back)
+
+
+# ---- SCPI ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "good", "bad"),
+    [
+        (scpi.ERROR_Q, ["SYST:ERR?", "system:error:next?", ":SYST:ERR:NEXT?"], ["SYST:ERR", "SYS:ERR?"]),
+        (scpi.IDN, ["*IDN?", "*idn?"], ["*IDN", "IDN?"]),
+        (scpi.PROGRAM_Q, ["TILE:PROG?", "tile:program?"], ["TILE:PROGR?", "TILE?"]),
+    ],
+)
+def test_header_matching(spec: str, good: list[str], bad: list[str]) -> None:
+    h = scpi.Header(spec)
+    assert all(h.matches(g) for g in good)
+    assert not any(h.matches(b) for b in bad)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_block_roundtrip(data: bytes) -> None:
+    b = scpi.block(data)
+    assert bytes(scpi.parse_block(b + b"\n")) == data
+    assert scpi.block_extent(b[:1], 0) is None
+
+
+def test_parse_message_units_strings_and_blocks() -> None:
+    blob = b'a;b\n"#' + bytes(range(256))
+    units = parse_message(b'TILE:PULS? "W""0",' + scpi.block(blob) + b";*OPC?;:SYST:ERR?")
+    assert [u.header for u in units] == ["TILE:PULS?", "*OPC?", ":SYST:ERR?"]
+    assert units[0].params[0].value == 'W"0' and units[0].params[1].value == blob
+
+
+@pytest.mark.parametrize(
+    ("msg", "code"),
+    [
+        (b"\xff\xfe", codes.INVALID_CHARACTER),
+        (b'SYST:WAIT "abc', codes.INVALID_STRING_DATA),
+        (b"SYST:WAIT #9", codes.INVALID_BLOCK_DATA),
+        (b"SYST:WAIT 1,", codes.MISSING_PARAMETER),
+        (b"SYST:WAIT 1 2", codes.INVALID_SEPARATOR),
+        (b"SYST(WAIT 1", codes.HEADER_SEPARATOR_ERROR),
+    ],
+)
+def test_parse_errors(msg: bytes, code: int) -> None:
+    with pytest.raises(ParseError) as info:
+        parse_message(msg)
+    assert info.value.code == code
+
+
+def test_splitter_ignores_newlines_inside_blocks_only() -> None:
+    s = MessageSplitter()
+    body = b"\n\n#3\n"
+    stream = b'CONF:TOP "x, #9y",' + scpi.block(body) + b'\nSYST:WAIT "open\n*IDN?\n'
+    for i in range(len(stream)):  # byte by byte, as a serial line delivers it
+        s.feed(stream[i : i + 1])
+    assert s.next() == b'CONF:TOP "x, #9y",' + scpi.block(body)
+    assert s.next() == b'SYST:WAIT "open'
+    assert s.next() == b"*IDN?"
+    assert s.next() is None
+
+
+# ---- frames --------------------------------------------------------------------------
+
+
+@given(
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 15),
+    st.binary(max_size=600),
+    st.integers(0, 255),
+)
+@settings(max_examples=80, deadline=None)
+def test_frame_roundtrip(opcode: int, seq: int, flags: int, payload: bytes, ref: int) -> None:
+    f = Frame(opcode, seq, flags, payload, ref)
+    wire = frames.encode(f)
+    assert wire[0] == 0 and wire[-1] == 0 and 0 not in wire[1:-1]
+    assert frames.decode(wire[1:-1]) == f
+
+
+def test_frame_rejections_name_the_reason() -> None:
+    wire = frames.encode(Frame(0x10, 5, 0, b"hello"))[1:-1]
+    body = bytearray(frames.cobs.decode(wire))
+    body[-1] ^= 1
+    cases = {
+        Reason.CRC: frames.cobs.encode(bytes(body)),
+        Reason.COBS: b"\x09\x01",
+        Reason.SHORT: frames.cobs.encode(b"\x01\x02"),
+    }
+    for reason, chunk in cases.items():
+        with pytest.raises(frames.FrameError) as info:
+            frames.decode(chunk)
+        assert info.value.reason == reason
+
+
+@given(st.lists(st.binary(max_size=50), max_size=5), st.binary(min_size=1, max_size=80))
+@settings(max_examples=60, deadline=None)
+def test_deframer_resynchronises_after_garbage(garbage: list[bytes], payload: bytes) -> None:
+    good = frames.encode(Frame(0x10, 1, 0, payload))
+    d = frames.Deframer()
+    decoded = []
+    for chunk in d.feed(b"".join(garbage) + good + b"\x00\x00" + good):
+        with contextlib.suppress(frames.FrameError):
+            decoded.append(frames.decode(chunk))
+    assert decoded.count(Frame(0x10, 1, 0, payload)) == 2
+
+
+def test_deframer_bounds_memory_on_endless_garbage() -> None:
+    d = frames.Deframer()
+    assert d.feed(b"\x01" * (frames.MAX_ENCODED + 10)) == []
+    good = frames.encode(Frame(1, 2))
+    assert [frames.decode(c) for c in d.feed(b"\x01\x02" + good)] == [Frame(1, 2)]
+    assert d.dropped >= frames.MAX_ENCODED
+
+
+# ---- the ARQ link over an in-memory pipe ---------------------------------------------
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.q: queue.Queue[bytes] = queue.Queue()
+
+    def write(self, data: bytes) -> None:
+        self.q.put(data)
+
+    def read(self, timeout: float) -> bytes:
+        try:
+            return self.q.get(timeout=max(timeout, 1e-4))
+        except queue.Empty:
+            return b""
+
+
+def _pair(a_faults: Faults | None = None, b_faults: Faults | None = None) -> tuple[Link, Link]:
+    ab, ba = Pipe(), Pipe()
+    a = Link(ba.read, ab.write, ack_timeout=0.05, retries=4, fragment=64, faults=a_faults)
+    b = Link(ab.read, ba.write, ack_timeout=0.05, retries=4, fragment=64, faults=b_faults, seq0=900)
+    return a, b
+
+
+def _echo_server(link: Link, count: int) -> threading.Thread:
+    def run() -> None:
+        for _ in range(count):
+            got = None
+            while got is None:
+                got = link.receive(1.0, response=False)
+            first, body = got
+            with contextlib.suppress(Abandoned):
+                link.send(first.opcode, body[::-1], flags=Flag.RESPONSE, ref=first.seq)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(
+    ("client_faults", "server_faults"),
+    [
+        (None, None),
+        (Faults(corrupt_tx=2), Faults(corrupt_tx=2)),
+        (Faults(drop_tx=1), Faults(drop_tx=1)),
+        (Faults(garbage_tx=3), Faults(garbage_tx=3, corrupt_rx=1)),
+        (Faults(p_drop=0.1, p_corrupt=0.1, seed=1), Faults(p_drop=0.1, p_corrupt=0.1, seed=2)),
+    ],
+)
+def test_link_delivers_every_message_exactly_once(client_faults: Faults, server_faults: Faults) -> None:
+    client, server = _pair(client_faults, server_faults)
+    messages = [bytes(range(n % 256)) * (1 + n // 100) for n in (0, 1, 63, 64, 65, 200)]
+    t = _echo_server(server, len(messages))
+    for m in messages:
+        seq = client.send(LinkOp.PING, m)
+        got = client.receive(2.0, response=True, ref=seq)
+        assert got is not None and got[1] == m[::-1]
+    t.join(timeout=5)
+    assert not t.is_alive()
+    faulty = client_faults is not None
+    assert (client.stats.retransmissions + server.stats.retransmissions > 0) == faulty
+
+
+def test_corrupted_frame_is_nacked_and_retransmitted() -> None:
+    client, server = _pair(None, Faults(corrupt_rx=1))
+    t = _echo_server(server, 1)
+    seq = client.send(LinkOp.PING, b"payload")
+    assert client.receive(2.0, response=True, ref=seq) is not None
+    t.join(timeout=5)
+    assert server.stats.nacks_sent == 1 and server.stats.bad_frames == 1
+    assert client.stats.nacks_received == 1 and client.stats.retransmissions == 1
+
+
+def test_link_gives_up_after_bounded_retries() -> None:
+    client, _ = _pair()
+    with pytest.raises(DeviceTimeout):
+        client.send(LinkOp.PING, b"nobody listens")
+    assert client.stats.retransmissions == client.retries
+
+
+def test_duplicate_request_is_acknowledged_not_redelivered() -> None:
+    client, server = _pair(Faults(), Faults())
+    wire = frames.encode(Frame(LinkOp.PING, 7, Flag.START, b"x"))
+    client._write(wire)
+    client._write(wire)
+    got = server.receive(0.5, response=False)
+    assert got is not None and got[1] == b"x"
+    assert server.receive(0.2, response=False) is None
+    assert server.stats.duplicates == 1 and server.stats.acks_sent == 2
