@@ -102,6 +102,7 @@ class _Plan:
     dyn_terms: list[_Term]  # sources that are free
     energy_pairs: list[tuple[str, str, torch.Tensor, float]] = field(default_factory=list)
     line_conductance: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (group, sum G)
+    coupling_norm: float = 0.0  # estimate of the spectral norm of the free-to-free couplings
 
 
 class Board:
@@ -360,8 +361,31 @@ class Board:
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
+        plan.coupling_norm = self._coupling_norm(plan)
         self._plans[clamped] = (sources, plan)
         return plan
+
+    def _coupling_norm(self, plan: _Plan, iterations: int = 20) -> float:
+        """Power-iteration estimate of the norm of the map the free groups apply to each other
+        (their drive on one another), with a 10 % margin. It bounds how fast an analog settle
+        may be integrated: see `Board.settle`."""
+        assert self.topology is not None
+        if not plan.dyn_terms:
+            return 0.0
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        v = {g: torch.randn(1, self.topology.groups[g], generator=gen, device=self.device) for g in plan.free}
+        norm = 0.0
+        for _ in range(iterations):
+            total = sum(float(x.pow(2).sum()) for x in v.values()) ** 0.5 or 1.0
+            v = {g: x / total for g, x in v.items()}
+            out = {g: torch.zeros_like(x) for g, x in v.items()}
+            for term in plan.dyn_terms:
+                y = F.linear(v[term.src], term.matrix)
+                for dst, a, b, _k in term.dsts:
+                    out[dst] = out[dst] + y[:, a:b]
+            norm = sum(float(x.pow(2).sum()) for x in out.values()) ** 0.5
+            v = out
+        return 1.1 * norm
 
     def _line_conductance(self) -> list[tuple[str, torch.Tensor]]:
         """Per node group, the total conductance its lines see in each tile (for power)."""
@@ -473,7 +497,13 @@ class Board:
         for term in plan.dyn_terms:
             for dst, _a, _b, k in term.dsts:
                 noisy[dst] = noisy[dst] or k > 0
-        gain, dt, tol = topo.gain, budget.dt, budget.tol
+        gain, tol = topo.gain, budget.tol
+        # analog mode integrates the circuit's ODE: the step shrinks below budget.dt where the
+        # couplings are strong enough for a step of dt to overshoot (energy descent needs
+        # dt < 2 / (1 + gain |W|)); each step then stands for that much less circuit time.
+        dt = budget.dt
+        if not mvm_mode and plan.coupling_norm > 0:
+            dt = min(dt, 1.8 / (1.0 + gain * plan.coupling_norm))
         pool = (
             NoisePool(self.noise, max(batch * n for n in topo.groups.values()), dev)
             if any(noisy.values()) or any(t.noisy for t in plan.dyn_terms + plan.const_terms)
@@ -548,7 +578,7 @@ class Board:
         if trace and trace_steps[-1] != steps:
             record(steps)
         n_mvm = len(plan.const_terms) + len(plan.dyn_terms)
-        step_s = per.mvm_time_s * n_mvm if mvm_mode else per.settle_step_s
+        step_s = per.mvm_time_s * n_mvm if mvm_mode else per.settle_step_s * dt / budget.dt
         settle_time = step_s * steps * batch
         energy_j = power * step_s * steps
         self.clock += settle_time

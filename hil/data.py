@@ -172,6 +172,7 @@ _ALLOWED = {
     ("copyreg", "_reconstructor"),
     ("__builtin__", "object"),
     ("builtins", "object"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
 }
 
 
@@ -188,6 +189,10 @@ class SafeUnpickler(pickle.Unpickler):
                 import copyreg
 
                 return copyreg._reconstructor
+            if module == "_codecs":
+                import codecs
+
+                return codecs.encode
             return object
         raise pickle.UnpicklingError(
             f"refusing to load {module}.{name} from a data file: only plain containers and numpy "

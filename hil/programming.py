@@ -44,16 +44,13 @@ class LinearMapping:
 
     def to_conductance(self, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """Return (G+, G-, number of weights clipped to +-w_max), float32 siemens."""
-        arr = w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
-        arr = arr.astype(np.float32, copy=False)
-        clipped = int(np.count_nonzero(np.abs(arr) > self.w_max))
-        x = np.clip(arr / self.w_max, -1.0, 1.0) * self.g_range
-        gp = (self.g_min + np.maximum(x, 0.0)).astype(np.float32)
-        gm = (self.g_min + np.maximum(-x, 0.0)).astype(np.float32)
+        t = torch.as_tensor(w).detach().to("cpu", torch.float32)
+        clipped = int((t.abs() > self.w_max).sum())
+        x = (t * (self.g_range / self.w_max)).clamp_(-self.g_range, self.g_range)
         # float32 rounding may step a hair outside [g_min, g_max]
-        np.clip(gp, self.g_min, self.g_max, out=gp)
-        np.clip(gm, self.g_min, self.g_max, out=gm)
-        return gp, gm, clipped
+        gp = (x.clamp(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
+        gm = ((-x).clamp_(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
+        return gp.numpy(), gm.numpy(), clipped
 
     def to_weight(self, g_plus: np.ndarray, g_minus: np.ndarray) -> np.ndarray:
         """``w_max (G+ - G-) / (g_max - g_min)``, float32."""
@@ -64,11 +61,16 @@ class LinearMapping:
 
 @dataclass
 class WriteResult:
-    """What a weight write did: the device's report, the weights read back, clipping."""
+    """What a weight write did: the device's report, the mapping used, clipping."""
 
     report: ProgramReport
-    achieved: np.ndarray  # weights from the read-back conductances
+    mapping: LinearMapping
     clipped: int  # weights that were outside +-w_max
+
+    @property
+    def achieved(self) -> np.ndarray:
+        """The weights of the read-back conductances."""
+        return self.mapping.to_weight(self.report.g_plus, self.report.g_minus)
 
 
 def write_weights(
@@ -85,7 +87,7 @@ def write_weights(
     m = mapping or LinearMapping.for_tile(device, tile)
     gp, gm, clipped = m.to_conductance(w)
     rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=max_iters)
-    return WriteResult(rep, m.to_weight(rep.g_plus, rep.g_minus), clipped)
+    return WriteResult(rep, m, clipped)
 
 
 def read_weights(device: Device, tile: str, mapping: LinearMapping | None = None) -> np.ndarray:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from hil.cli import demo, emulator_cmd, runs
+from hil.cli import calibrate, demo, emulator_cmd, runs, train
 
 app = typer.Typer(
     help="xbar-hil: Equilibrium Propagation on analog crossbar boards and their emulator.",
     no_args_is_help=True,
     add_completion=False,
 )
+calibrate.register(app)
 demo.register(app)
 emulator_cmd.register(app)
 runs.register(app)
+train.register(app)
 
 
 @app.callback()

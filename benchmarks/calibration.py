@@ -1,0 +1,223 @@
+"""A full calibration session on the emulator (default: one 256 x 256 tile), timed, with the
+recovery of the board's hidden truth. One JSON line per (preset, seed).
+
+    python -m benchmarks.calibration [--presets rram,pcm] [--seeds 0,1,2] [--tile 256]
+                                     [--transport emulator|visa-tcp|serial-socket|...]
+    python -m benchmarks.calibration --train 20 --presets rram --seeds 0,1,2 \
+                                     --board "gain_error=0.05&offset_error=4"
+
+With ``--train EPOCHS`` it instead calibrates the board for the 64-256-10 digits DHN (its
+two tiles, 330 node channels) and trains the classifier on it twice per seed, with and
+without the record applied (`calibration.CalibratedDevice`), printing the test accuracies.
+
+(``python benchmarks/calibration.py`` works too: this file shares its name with the
+`calibration` package, so it takes its own folder off ``sys.path`` before importing it.)
+
+Fields: wall time of the session and of each routine; per converter bank the largest gain
+error (%) and offset error (LSB) over its channels and the fraction within the issue's
+bounds (0.5 %, 1 LSB); stuck-device precision and recall; the conductance map's RMS error
+over read_noise / sqrt(reads); tile-mean pulse-response parameters against the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import calibration.session as session_mod  # noqa: E402
+from calibration import SessionOptions, run_session  # noqa: E402
+from calibration.measure import tile_topology  # noqa: E402
+from drivers import Device, open_device  # noqa: E402
+
+
+@contextlib.contextmanager
+def device_for(transport: str, uri: str) -> Iterator[tuple[Device, object]]:
+    """(device, board): the board is the emulator behind the device, for its truth."""
+    if transport == "emulator":
+        with open_device(uri) as dev:
+            yield dev, dev.board  # type: ignore[attr-defined]
+        return
+    from hil.testing import serve_board
+
+    servers = serve_board(uri)
+    try:
+        with open_device(servers.uri(transport)) as dev:
+            yield dev, servers.device.board  # type: ignore[attr-defined]
+    finally:
+        servers.close()
+
+
+def recovery(board, record, gmap_truth: np.ndarray, shape: tuple[int, int]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    truths = {"dac": board.dac_errors, "adc": board.adc_errors, "mvm": board.mvm_errors}
+    for bank, cal in record.converters.items():
+        t = truths[bank]
+        n = cal.channels
+        g_err = np.abs(cal.gain / t.gain[:n].cpu().numpy() - 1)
+        o_err = np.abs(cal.offset - t.offset[:n].cpu().numpy()) / cal.lsb
+        out[bank] = {
+            "channels": n,
+            "valid": int(cal.valid.sum()),
+            "gain_err_max_pct": float(np.nanmax(g_err) * 100),
+            "gain_err_rms_pct": float(np.sqrt(np.nanmean(g_err**2)) * 100),
+            "offset_err_max_lsb": float(np.nanmax(o_err)),
+            "offset_err_rms_lsb": float(np.sqrt(np.nanmean(o_err**2))),
+            "within_bounds": float(np.mean((g_err <= 0.005) & (o_err <= 1.0))),
+        }
+    tile = record.tiles[0]
+    phys = board.tile("T0")  # the caller configured the session's device-routine layout
+    assert phys.shape == shape
+    truth = {k: v.cpu().numpy() for k, v in phys.truth().items()}
+    if tile.stuck is not None:
+        found, true = tile.stuck.stuck, truth["stuck"]
+        tp = int((found & true).sum())
+        out["stuck"] = {
+            "true": int(true.sum()),
+            "found": int(found.sum()),
+            "precision": tp / int(found.sum()) if found.any() else None,
+            "recall": tp / int(true.sum()) if true.any() else None,
+        }
+    if tile.gmap is not None:
+        sigma = board.preset.device.read_noise
+        err = tile.gmap.mean - gmap_truth
+        bound = sigma / np.sqrt(tile.gmap.reads)
+        out["gmap"] = {
+            "rms_err_over_bound": float(np.sqrt(np.mean(err**2)) / bound) if bound else 0.0,
+            "allowed_ratio": float(1 + 4 / np.sqrt(2 * err.size)),
+            "read_noise_est_over_true": float(tile.gmap.read_noise / sigma) if sigma else 0.0,
+        }
+    if tile.pulse is not None:
+        pm = tile.pulse
+        model = board.preset.device
+        v = pm.valid & ~truth["stuck"]
+        rel = np.abs(pm.dw_up[v] / truth["dw_up"][v] - 1)
+        p: dict[str, object] = {
+            "kind": pm.kind,
+            "kind_true": model.kind,
+            "dw_up_tile_err_pct": float((np.mean(pm.dw_up[v]) / np.mean(truth["dw_up"][v]) - 1) * 100),
+            "g_max_err_pct_of_range": float(np.mean(pm.g_hi[v] - truth["g_max"][v]) / model.g_range * 100),
+            "g_min_err_pct_of_range": float(np.mean(pm.g_lo[v] - truth["g_min"][v]) / model.g_range * 100),
+            "dtod_err_pct": float((pm.summary["dw_min_dtod"] / model.dw_min_dtod - 1) * 100),
+            "ctoc_est": pm.summary["dw_min_ctoc"],
+            "ctoc_true": model.dw_min_ctoc,
+            "per_device_dw_up_median_err_pct": float(np.median(rel) * 100),
+            "per_device_dw_up_within_10pct": float(np.mean(rel <= 0.1)),
+        }
+        if pm.one_sided:
+            p["gamma_err_pct"] = float((pm.gamma_up / model.gamma - 1) * 100)
+        else:
+            p["dw_down_tile_err_pct"] = float(
+                (np.mean(pm.dw_down[v]) / np.mean(truth["dw_down"][v]) - 1) * 100
+            )
+            ud = (truth["dw_up"] - truth["dw_down"]) / (truth["dw_up"] + truth["dw_down"])
+            p["up_down_err_pct"] = float((pm.summary["up_down"] / np.mean(ud[v]) - 1) * 100)
+        out["pulse"] = p
+    return out
+
+
+def run_one(
+    preset: str, seed: int, transport: str, shape: tuple[int, int], board: str = ""
+) -> dict[str, object]:
+    uri = f"emulator://?preset={preset}&seed={seed}" + (f"&{board}" if board else "")
+    truth: list[np.ndarray] = []
+    original = session_mod.conductance_map
+    with device_for(transport, uri) as (dev, board):
+
+        def spy(device, tile, shp, *args, **kwargs):
+            """The session's conductance map, plus the true conductances at that moment."""
+            gmap = original(device, tile, shp, *args, **kwargs)
+            gp, gm = board.tile(tile).conductances(board.clock)
+            truth.append(np.stack((gp.cpu().numpy(), gm.cpu().numpy())))
+            return gmap
+
+        session_mod.conductance_map = spy
+        try:
+            t0 = time.perf_counter()
+            record = run_session(dev, SessionOptions(tile_shapes=(shape,), seed=seed))
+            wall = time.perf_counter() - t0
+        finally:
+            session_mod.conductance_map = original
+        dev.configure(tile_topology([shape]))
+        line: dict[str, object] = {
+            "preset": preset,
+            "seed": seed,
+            "tile": list(shape),
+            "transport": transport,
+            "session_s": round(wall, 2),
+            "routines_s": {k: round(v, 2) for k, v in record.session["durations_s"].items()},
+            "violations": board.safety.violations,
+        }
+        line.update(recovery(board, record, truth[-1], shape))
+    return line
+
+
+def train_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[str, object]]:
+    """Digits classifier trained on the board with and without its calibration applied."""
+    from calibration import CalibratedDevice
+    from hil.config import ModelConfig, RunConfig, TrainConfig
+    from hil.train_classifier import train_classifier
+
+    t0 = time.perf_counter()
+    with open_device(uri) as dev:
+        options = SessionOptions(
+            tile_shapes=((65, 256), (257, 10)), channels=330, routines=("adc", "dac", "stuck", "pulse")
+        )
+        record = run_session(dev, options)
+    calibrated_s = time.perf_counter() - t0
+    for seed in seeds:
+        for mode in ("raw", "calibrated"):
+            model = ModelConfig(sizes=[64, 256, 10])
+            cfg = RunConfig(device=uri, model=model, train=TrainConfig(epochs=epochs, seed=seed))
+
+            def opener(u: str, mode: str = mode) -> Device:
+                dev = open_device(u)
+                return CalibratedDevice(dev, record) if mode == "calibrated" else dev
+
+            res = train_classifier(cfg, opener=opener)
+            accs = [h.test_acc for h in res.history]
+            yield {
+                "uri": uri,
+                "seed": seed,
+                "mode": mode,
+                "epochs": epochs,
+                "test_acc": res.test_acc,
+                "test_acc_last5_mean": float(np.mean(accs[-5:])),
+                "calibration_s": round(calibrated_s, 1),
+            }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="rram,pcm")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--transport", default="emulator")
+    parser.add_argument("--train", type=int, default=0, help="epochs of the training comparison (0: off)")
+    parser.add_argument("--board", default="", help="extra emulator URI parameters, e.g. gain_error=0.05")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for preset in args.presets.split(","):
+        if args.train:
+            uri = f"emulator://?preset={preset}&seed=0" + (f"&{args.board}" if args.board else "")
+            for line in train_comparison(uri, args.train, seeds):
+                print(json.dumps(line), flush=True)
+            continue
+        for seed in seeds:
+            line = run_one(preset, seed, args.transport, (args.tile, args.tile), args.board)
+            print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

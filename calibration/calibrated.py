@@ -1,0 +1,118 @@
+"""`CalibratedDevice`: any Device with a calibration record applied on the way in and out.
+
+A decorator, so the host stack can use a record without changing a line: clamps, nudge
+targets and mvm inputs are pre-compensated for the DAC, read-out states and mvm outputs
+corrected for the ADCs, and programming targets moved into each device's measured window
+with stuck devices compensated by their partners (on the tiles the record calibrated, at
+their positions and shapes; other tiles are programmed as asked). Clamped groups come back
+as the host asked for them, as from any Device. Everything else passes through.
+
+    dev = CalibratedDevice(open_device(uri), calibration.load("cal.zarr"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from calibration.apply import Corrections, conductance_targets
+from calibration.record import CalibrationRecord
+from drivers import (
+    Device,
+    DeviceInfo,
+    Equilibrium,
+    Nudge,
+    ProgramReport,
+    PulseReport,
+    SafetyCounters,
+    Topology,
+)
+
+
+class CalibratedDevice(Device):
+    def __init__(self, device: Device, record: CalibrationRecord, *, targets: bool = True) -> None:
+        record.check_identity(device.info.identity)
+        super().__init__()
+        self.inner = device
+        self.record = record
+        self.targets = targets  # also correct programming targets (per-device windows, stuck devices)
+        self.lock = device.lock
+
+    @property
+    def info(self) -> DeviceInfo:
+        return self.inner.info
+
+    @property
+    def topology(self) -> Topology | None:
+        return self.inner.topology
+
+    def _corrections(self) -> Corrections:
+        topo = self.inner.topology
+        if topo is None:
+            raise ValueError("configure the device before using it")
+        return Corrections(self.record, topo)
+
+    def configure(self, topology: Topology) -> None:
+        self.inner.configure(topology)
+
+    def program(
+        self,
+        tile: str,
+        g_plus: np.ndarray,
+        g_minus: np.ndarray,
+        *,
+        verify: bool = False,
+        tol: float | None = None,
+        max_iters: int = 20,
+    ) -> ProgramReport:
+        corr = self._corrections()
+        position = corr.position(tile)
+        shape = corr.topology.tile_shape(tile)
+        cal = self.record.tiles.get(position)
+        if self.targets and cal is not None and tuple(cal.shape) == shape:
+            t = conductance_targets(self.record, position, g_plus, g_minus, self.info.limits)
+            g_plus, g_minus = t.g_plus, t.g_minus
+        return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
+
+    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        return self.inner.pulse(tile, counts_plus, counts_minus)
+
+    def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.read_conductance(tile)
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        corr = self._corrections()
+        return corr.mvm_outputs(self.inner.mvm(tile, corr.mvm_inputs(np.asarray(x)), transpose=transpose))
+
+    def settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        corr = self._corrections()
+        eq = self.inner.settle(corr.clamp(clamp), nudge=corr.nudge(nudge), init=init, trace=trace)
+        states = corr.states(eq.states, skip=clamp)
+        states.update({g: np.asarray(x) for g, x in clamp.items()})
+        out_trace = eq.trace
+        if out_trace is not None:
+            fixed = {"step", "energy", *clamp}
+            out_trace = {k: v if k in fixed else corr.states({k: v})[k] for k, v in out_trace.items()}
+        return dataclasses.replace(eq, states=states, trace=out_trace)
+
+    def wait(self, seconds: float) -> None:
+        self.inner.wait(seconds)
+
+    def safety(self) -> SafetyCounters:
+        return self.inner.safety()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def safe_state(self) -> None:
+        self.inner.safe_state()
+
+    def close(self) -> None:
+        self.inner.close()

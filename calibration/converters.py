@@ -1,0 +1,416 @@
+"""DAC and ADC gain and offset per channel, by loop-back through known conductances.
+
+A product of two unknown gains (a DAC's and an ADC's) cannot be split by linear
+measurements alone, so every bank is referred to something the board holds exactly:
+
+1. state ADC (``adc``): the bias node is a constant 1 that no DAC touches. A 1 x n tile
+   couples it into nodes 0..n-1 through conductance pairs known from averaged reads, so at
+   activation gain 1 node j settles at ``s_j = W_bj`` (kept inside the linear region, away
+   from the rails where the activation would rectify the node noise). State-ADC channel j
+   reads it; the pairs are reprogrammed to random levels round after round, and a line fit
+   of mean reading against ``s_j`` gives gain and offset. The node and read noise dither
+   the ADC, so the fit resolves fractions of an LSB.
+2. DAC (``dac``): each DAC channel is clamped through its own 1 x 1 tile (a single known
+   conductance pair: no other line feeds the node, so the offsets of idle channels cannot
+   leak in) into a node whose state ADC step 1 calibrated. Random requests in the middle
+   of the range average the DAC's own quantisation out of the fit.
+3. mvm ADC (``mvm``): `mvm` through a tile of known random weights with inputs that the
+   calibrated DAC turns into exact codes; output j is fitted against ``d @ W``.
+
+Stuck devices in a reference pair are recognised from the reads (|W| too small) and the
+channel is measured again through another physical tile. A channel that no working
+reference reaches is returned with ``valid`` False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from calibration.measure import (
+    Progress,
+    ReadStats,
+    fit_lines,
+    lsb,
+    no_progress,
+    pair_weights,
+    place_groups,
+    read_stats,
+    runs,
+)
+from calibration.record import CalibrationError, ChannelCal
+from drivers import BIAS, Coupling, Device, SettleBudget, Topology
+
+REF_HIGH = 0.8  # reference pair: G+ at g_min + REF_HIGH * range, G- at g_min
+REF_MIN_W = 0.3  # a reference pair weaker than this has a stuck device; use another tile
+TILES_PER_DAC_PASS = 16  # 1 x 1 reference tiles per DAC pass (each is read `reads` times)
+
+
+@dataclass(frozen=True)
+class ConverterOptions:
+    levels: int = 96  # rounds of random reference levels of the state-ADC routine
+    repeats: int = 32  # settles per level (one batch)
+    samples: int = 1024  # DAC and mvm samples per channel
+    reads: int = 1024  # reads that pin down each reference pair of the DAC and mvm routines
+    level_reads: int = 256  # reads of the state-ADC reference at each level
+    steps: int = 12  # settle steps per measurement (the node noise reaches its stationary spread)
+    seed: int = 0
+
+
+def _budget(steps: int) -> SettleBudget:
+    # tol 1 ends every settle at its first check, after exactly `steps` steps
+    return SettleBudget(max_steps=steps, tol=1.0, dt=0.5, check_every=steps)
+
+
+def _g_range(device: Device) -> float:
+    lim = device.info.limits
+    return lim.g_max - lim.g_min
+
+
+def _program_pairs(device: Device, tile: str, shape: tuple[int, int], high: float) -> None:
+    lim = device.info.limits
+    gp = np.full(shape, lim.g_min + high * _g_range(device), np.float32)
+    gm = np.full(shape, lim.g_min, np.float32)
+    device.program(tile, gp, gm)
+
+
+def _empty(n: int, bank: str, step: float, units: str) -> ChannelCal:
+    nan = np.full(n, np.nan)
+    return ChannelCal(bank, nan.copy(), nan.copy(), nan.copy(), nan.copy(), np.zeros(n, bool), step, units)
+
+
+# ------------------------------------------------------------------------------ state ADC
+
+
+def measure_adc(
+    device: Device, channels: np.ndarray, options: ConverterOptions, progress: Progress = no_progress
+) -> ChannelCal:
+    """State-ADC gain and offset of the node `channels` (sorted, distinct); arrays cover
+    0..max(channels), channels not asked for are NaN and invalid.
+
+    Each of `options.levels` rounds programs every channel's reference pair to a random
+    weight in the state range, reads it `options.reads` times and settles `options.repeats`
+    times at activation gain 1; one round gives one point per channel (the mean reading
+    against the read weight). The activation gain stays at 1 so that the node noise keeps
+    dithering the ADC at every level, and the random levels make what dithering cannot
+    remove (the ADC's staircase) look like noise to the fit rather than a bias."""
+    device.require("settle")
+    lim = device.info.limits
+    lo, hi = lim.adc_range
+    span = hi - lo
+    channels = np.unique(np.asarray(channels, dtype=np.int64))
+    size = int(channels[-1]) + 1
+    out = _empty(size, "adc", lsb(lim.adc_bits, span), "state (1.0 = v_read)")
+    blocks = runs(channels, lim.tile_cols_max)
+    s_lo, s_hi = max(lo, 0.0) + 0.04 * span, min(hi, 1.0) - 0.06 * span
+    end = int(channels[-1]) + 1
+    rng = np.random.default_rng(options.seed + 11)
+    g_min, g_range = lim.g_min, _g_range(device)
+    xs = np.full((options.levels, size), np.nan)
+    ys = np.full((options.levels, size), np.nan)
+    attempt_of = np.full(size, -1)
+    todo = np.zeros(size, bool)
+    todo[channels] = True
+    for attempt in range(3):
+        if not todo.any():
+            break
+        # Attempt a > 0 puts `a` dummy couplings first, so each block lands on other physical tiles.
+        spans = {f"y{k}": (start, n) for k, (start, n) in enumerate(blocks)}
+        spans["_z"] = (end, 1)
+        for a in range(attempt):
+            spans[f"_d{a}"] = (end + 1 + a, 1)
+        couplings = tuple(Coupling(f"_D{a}", (BIAS,), (f"_d{a}",)) for a in range(attempt)) + tuple(
+            Coupling(f"B{k}", (BIAS,), (f"y{k}",)) for k in range(len(blocks))
+        )
+        device.configure(Topology(place_groups(spans), couplings, budget=_budget(options.steps)))
+        batch = options.repeats
+        w_ref = np.full((options.levels, size), np.nan)
+        r_mean = np.full((options.levels, size), np.nan)
+        for k in range(options.levels):
+            init = {}
+            for b, (start, n) in enumerate(blocks):
+                target = rng.uniform(s_lo, s_hi, n)
+                gp = (g_min + target * g_range).astype(np.float32)[None, :]
+                device.program(f"B{b}", gp, np.full_like(gp, g_min))
+                w, _ = pair_weights(read_stats(device, f"B{b}", options.level_reads), g_range)
+                w_ref[k, start : start + n] = w[0]
+                init[f"y{b}"] = np.tile(np.clip(np.nan_to_num(w[0]), 0, 1), (batch, 1)).astype(np.float32)
+            eq = device.settle({"_z": np.zeros((batch, 1), np.float32)}, init=init)
+            for b, (start, n) in enumerate(blocks):
+                r = eq.states[f"y{b}"].astype(np.float64)
+                rail = (r <= lo + 0.5 * out.lsb) | (r >= hi - 0.5 * out.lsb)
+                # a level with a reading on a rail is clipped: its mean would be biased
+                r_mean[k, start : start + n] = np.where(rail.any(0), np.nan, r.mean(0))
+            progress("adc", k + 1, options.levels)
+        inside = (w_ref >= s_lo - 0.02 * span) & (w_ref <= s_hi + 0.02 * span) & np.isfinite(r_mean)
+        # a reference with a stuck device does not follow the random targets
+        spread = np.zeros(size)
+        seen = np.isfinite(w_ref).sum(0) > 1
+        spread[seen] = np.nanstd(w_ref[:, seen], axis=0)
+        usable = todo & (inside.sum(0) >= max(3, options.levels // 2)) & (spread > 0.1 * span)
+        xs[:, usable] = np.where(inside[:, usable], w_ref[:, usable], np.nan)
+        ys[:, usable] = np.where(inside[:, usable], r_mean[:, usable], np.nan)
+        attempt_of[usable] = attempt
+        todo &= ~usable
+    fit = fit_lines(xs, ys, np.isfinite(xs) & np.isfinite(ys))
+    out.gain = fit.slope
+    out.offset = fit.intercept
+    out.gain_se = fit.slope_se
+    out.offset_se = fit.intercept_se
+    out.valid = np.isfinite(fit.slope)
+    out.raw = {
+        "reference_w": xs.astype(np.float32),
+        "reading_mean": ys.astype(np.float32),
+        "attempt": attempt_of,
+    }
+    out.info = {
+        "method": "bias node through a 1 x n reference tile at random weights, activation gain 1",
+        "levels": options.levels,
+        "repeats": options.repeats,
+        "reads": options.level_reads,
+        "state_range": [s_lo, s_hi],
+        "resid_std_median": float(np.nanmedian(fit.resid_std)),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------ DAC
+
+
+def _readout_channels(adc: ChannelCal, block: np.ndarray, n: int) -> np.ndarray:
+    """`n` calibrated state-ADC channels outside `block`, nearest to it."""
+    cand = np.flatnonzero(adc.valid)
+    cand = cand[~np.isin(cand, block)]
+    if cand.size < n:
+        raise CalibrationError(
+            f"the DAC routine needs {n} calibrated state-ADC channels beside the block "
+            f"{int(block[0])}..{int(block[-1])}; the ADC calibration has {cand.size}: "
+            "calibrate more ADC channels"
+        )
+    centre = 0.5 * (block[0] + block[-1])
+    return np.sort(cand[np.argsort(np.abs(cand - centre), kind="stable")[:n]])
+
+
+def measure_dac(
+    device: Device,
+    channels: np.ndarray,
+    adc: ChannelCal,
+    options: ConverterOptions,
+    progress: Progress = no_progress,
+) -> ChannelCal:
+    """DAC gain and offset of the node `channels`, read through the calibrated state ADC."""
+    device.require("settle")
+    lim = device.info.limits
+    lo, hi = lim.adc_range
+    span = hi - lo
+    channels = np.unique(np.asarray(channels, dtype=np.int64))
+    size = int(channels[-1]) + 1
+    out = _empty(size, "dac", lsb(lim.dac_bits, span), "state (1.0 = v_read)")
+    n_tiles = min(TILES_PER_DAC_PASS, lim.max_tiles, channels.size)
+    rng = np.random.default_rng(options.seed + 101)
+    x_lo, x_hi = lo + 0.03 * span, lo + 0.95 * span
+    blocks = [channels[i : i + n_tiles] for i in range(0, channels.size, n_tiles)]
+    w_tile = np.full(n_tiles, np.nan)
+    w_tile_se = np.full(n_tiles, np.nan)
+    tile_of = np.full(size, -1)
+    readout = np.full(size, -1)
+    xs = np.full((options.samples, size), np.nan)
+    ds = np.full((options.samples, size), np.nan)
+    d_se_rel = np.full(size, np.nan)
+    d_off_se = np.full(size, np.nan)
+    total = len(blocks)
+    for b, block in enumerate(blocks):
+        n = block.size
+        rd = _readout_channels(adc, block, n)
+        todo = np.ones(n, bool)
+        for shift in range(min(3, n)):
+            if not todo.any():
+                break
+            # position p carries local channel i = (p - shift) mod n: each retry moves a channel
+            # onto another physical 1 x 1 tile
+            local = [(p - shift) % n for p in range(n)]
+            spans = {f"x{i}": (int(block[i]), 1) for i in range(n)}
+            spans.update({f"y{i}": (int(rd[i]), 1) for i in range(n)})
+            couplings = tuple(Coupling(f"P{p}", (f"x{local[p]}",), (f"y{local[p]}",)) for p in range(n))
+            topo = Topology(place_groups(spans), couplings, budget=_budget(options.steps))
+            device.configure(topo)
+            for p in range(n):
+                if np.isnan(w_tile[p]):
+                    _program_pairs(device, f"P{p}", (1, 1), REF_HIGH)
+                    w, se = pair_weights(read_stats(device, f"P{p}", options.reads), _g_range(device))
+                    w_tile[p], w_tile_se[p] = float(w[0, 0]), float(se[0, 0])
+            pos = np.array([(i + shift) % n for i in range(n)])
+            usable = todo & (w_tile[pos] >= REF_MIN_W)
+            if not usable.any():
+                continue
+            w_i = w_tile[pos]
+            gamma = 0.85 / float(np.median(w_tile[:n][w_tile[:n] >= REF_MIN_W]))
+            device.configure(replace(topo, gain=gamma))
+            x = rng.uniform(x_lo, x_hi, (options.samples, n)).astype(np.float32)
+            clamp = {f"x{i}": x[:, i : i + 1] for i in range(n)}
+            init = {
+                f"y{i}": np.clip(gamma * np.nan_to_num(w_i[i]) * x[:, i : i + 1], 0, 1).astype(np.float32)
+                for i in range(n)
+            }
+            eq = device.settle(clamp, init=init)
+            for i in np.flatnonzero(usable):
+                ch, rch = int(block[i]), int(rd[i])
+                r = eq.states[f"y{i}"][:, 0].astype(np.float64)
+                s_hat = (r - adc.offset[rch]) / adc.gain[rch]
+                d_hat = s_hat / (gamma * w_i[i])
+                pred = gamma * w_i[i] * x[:, i]
+                ok = (r > lo + 0.5 * adc.lsb) & (r < hi - 0.5 * adc.lsb) & (pred > 0.015) & (pred < 0.95)
+                xs[:, ch] = np.where(ok, x[:, i], np.nan)
+                ds[:, ch] = np.where(ok, d_hat, np.nan)
+                tile_of[ch], readout[ch] = pos[i], rch
+                d_se_rel[ch] = np.hypot(w_tile_se[pos[i]] / w_i[i], adc.gain_se[rch] / adc.gain[rch])
+                d_off_se[ch] = adc.offset_se[rch] / (adc.gain[rch] * gamma * w_i[i])
+            todo &= ~usable
+        progress("dac", b + 1, total)
+    fit = fit_lines(xs, ds, np.isfinite(xs))
+    out.gain = fit.slope
+    out.offset = fit.intercept
+    out.gain_se = np.sqrt(fit.slope_se**2 + (fit.slope * d_se_rel) ** 2)
+    out.offset_se = np.sqrt(fit.intercept_se**2 + d_off_se**2)
+    out.valid = np.isfinite(fit.slope)
+    out.raw = {
+        "reference_w": w_tile,
+        "reference_w_se": w_tile_se,
+        "reference_tile": tile_of,
+        "readout_channel": readout,
+        "request": xs.astype(np.float32),
+        "output": ds.astype(np.float32),
+    }
+    out.info = {
+        "method": "clamp through a 1 x 1 reference tile into a calibrated state-ADC channel",
+        "samples": options.samples,
+        "reads": options.reads,
+        "request_range": [x_lo, x_hi],
+        "resid_std_median": float(np.nanmedian(fit.resid_std)),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------ mvm ADC
+
+
+def dac_codes_to_requests(dac: ChannelCal, d: np.ndarray, start: int = 0) -> np.ndarray:
+    """Requests that make DAC channels start.. output `d` (the inverse of the measured
+    transfer; uncalibrated channels pass `d` through)."""
+    n = d.shape[-1]
+    g = dac.gain[start : start + n]
+    o = dac.offset[start : start + n]
+    ok = dac.valid[start : start + n]
+    return np.where(ok, (d - np.where(ok, o, 0.0)) / np.where(ok, g, 1.0), d).astype(np.float32)
+
+
+def _probe_mvm_range(device: Device, shape: tuple[int, int], lim_lo: float) -> tuple[float, float]:
+    """Saturate the mvm read-out both ways: the rails it clips to are its range."""
+    n, m = shape
+    topo = Topology({"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=1e4 / n),))
+    device.configure(topo)
+    lim = device.info.limits
+    g_hi, g_lo = lim.g_min + 0.9 * _g_range(device), lim.g_min + 0.1 * _g_range(device)
+    sign = np.where(np.arange(m) % 2 == 0, 1.0, -1.0)[None, :]
+    gp = np.where(sign > 0, g_hi, g_lo) * np.ones((n, 1))
+    gm = np.where(sign > 0, g_lo, g_hi) * np.ones((n, 1))
+    device.program("T", gp.astype(np.float32), gm.astype(np.float32))
+    y = device.mvm("T", np.full((1, n), lim_lo + 0.9, np.float32))
+    top = float(y.max())
+    bottom = float(y.min()) if m > 1 else -top
+    return bottom, top
+
+
+def measure_mvm(
+    device: Device,
+    shape: tuple[int, int],
+    dac: ChannelCal,
+    options: ConverterOptions,
+    progress: Progress = no_progress,
+) -> ChannelCal:
+    """mvm-ADC gain and offset of output lines 0..max(shape)-1, with inputs made exact by the
+    calibrated DAC. Uses physical tile 0 with `shape`."""
+    device.require("mvm")
+    lim = device.info.limits
+    n, m = shape
+    if dac.channels < max(n, m):
+        raise CalibrationError(
+            f"the mvm routine drives {max(n, m)} DAC channels; the DAC calibration covers {dac.channels}"
+        )
+    lo, hi = lim.adc_range
+    bottom, top = _probe_mvm_range(device, shape, lo)
+    progress("mvm", 1, 4)
+    half = 0.5 * (top - bottom)
+    rng = np.random.default_rng(options.seed + 202)
+    # Signal-to-noise of one output is sqrt(E[w^2] var(d) / E[d^2]) / (sqrt(2) read_noise / range)
+    # whatever the size: so weights of +-0.8 w_max with random signs, and two-level inputs.
+    # Rows come in antithetic pairs (row 2k+1 is row 2k negated), so that every column sums to
+    # about zero and its output is centred; the outputs' spread is aimed at a third of the range.
+    d_lo, d_hi = 0.03, 0.97
+    w_max = (half / 3.0) / np.sqrt(n * 0.64 * 0.25 * (d_hi - d_lo) ** 2)
+    topo = Topology({"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=float(w_max)),))
+    device.configure(topo)
+    span_g = _g_range(device)
+    sign = rng.choice([-1.0, 1.0], shape)
+    pairs = n - n % 2
+    sign[1:pairs:2] = -sign[0:pairs:2]
+    high, low = lim.g_min + 0.9 * span_g, lim.g_min + 0.1 * span_g
+    gp = np.where(sign > 0, high, low)
+    gm = np.where(sign > 0, low, high)
+    device.program("T", gp.astype(np.float32), gm.astype(np.float32))
+    stats: ReadStats = read_stats(device, "T", options.reads)
+    w, w_se = pair_weights(stats, span_g, float(w_max))
+    progress("mvm", 2, 4)
+    levels = round((hi - lo) / dac.lsb)
+    k_lo, k_hi = round(d_lo * levels), round(d_hi * levels)
+    size = max(n, m)
+    est_step = lsb(lim.adc_bits, top - bottom)
+    out = _empty(size, "mvm", est_step, "weight units (x @ W)")
+    sweeps = [(False, m, w, w_se)] + ([(True, n, w.T, w_se.T)] if n > m else [])
+    raw: dict[str, np.ndarray] = {}
+    all_y = []
+    for k, (transpose, width, wmat, wmat_se) in enumerate(sweeps):
+        width_in = wmat.shape[0]
+        codes = rng.choice([k_lo, k_hi], (options.samples, width_in))
+        d = lo + codes * dac.lsb
+        x = dac_codes_to_requests(dac, d, 0)
+        y = device.mvm("T", x, transpose=transpose).astype(np.float64)
+        v = d @ wmat
+        all_y.append(y.ravel())
+        margin = 1.5 * est_step
+        mask = (y > bottom + margin) & (y < top - margin)
+        fit = fit_lines(v, y, mask)
+        # The reference reads' error in v = d @ W varies from sample to sample (it is in the fit's
+        # residuals) except for its part through the mean input, which looks like an offset.
+        bias = np.sqrt((wmat_se**2).sum(0)) * float(np.mean(d))
+        cols = slice(0, width) if k == 0 else slice(m, width)
+        src = slice(0, width) if k == 0 else slice(m, width)
+        out.gain[cols] = fit.slope[src]
+        out.offset[cols] = fit.intercept[src]
+        out.gain_se[cols] = fit.slope_se[src]
+        out.offset_se[cols] = np.sqrt(fit.intercept_se**2 + (fit.slope * bias) ** 2)[src]
+        raw["transpose_input" if transpose else "input"] = d.astype(np.float32)
+        raw["transpose_output" if transpose else "output"] = y.astype(np.float32)
+        progress("mvm", 3 + k, 4)
+    uniq = np.unique(np.concatenate(all_y))
+    diffs = np.diff(uniq)
+    diffs = diffs[diffs > 1e-6 * (top - bottom)]
+    data_step = float(np.median(diffs)) if diffs.size else float("nan")
+    if lim.adc_bits is not None and np.isfinite(data_step) and abs(data_step / est_step - 1) > 0.05:
+        out.lsb = data_step
+    out.valid = np.isfinite(out.gain)
+    raw["weights"] = w.astype(np.float32)
+    raw["weights_se"] = w_se.astype(np.float32)
+    out.raw = raw
+    out.info = {
+        "method": "mvm through a tile of known random weights, DAC inputs at exact codes",
+        "range": [bottom, top],
+        "lsb_from_bits": est_step,
+        "lsb_from_data": data_step,
+        "w_max": float(w_max),
+        "samples": options.samples,
+        "reads": options.reads,
+    }
+    progress("mvm", 4, 4)
+    return out

@@ -1,0 +1,155 @@
+"""A quick drift check: is the record still true of the board?
+
+It re-measures a sample of what the session measured, with the same routines and fewer
+samples, and compares: state-ADC, DAC and mvm-ADC gain and offset on a few channels at both
+ends of the calibrated range, the read noise, and the stuck-device map of each recorded
+tile. A quantity has drifted when its change exceeds its tolerance by more than three
+combined standard errors (record and re-measurement): tolerances are half the precision the
+calibration promises (0.25 % of gain, 0.5 LSB of offset), a read noise off by 25 %, and new
+stuck devices on more than 0.1 % of a tile. The record's age counts too when `max_age_s`
+is given. The check reconfigures and reprograms the board: configure your topology and
+program your weights afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from calibration.conductance import find_stuck
+from calibration.converters import ConverterOptions, measure_adc, measure_dac, measure_mvm
+from calibration.measure import Progress, no_progress, read_stats, tile_topology
+from calibration.record import CalibrationRecord, ChannelCal
+from drivers import Coupling, Device, Topology
+
+GAIN_TOL = 0.0025
+OFFSET_TOL_LSB = 0.5
+READ_NOISE_TOL = 0.25
+NEW_STUCK_TOL = 0.001
+
+
+@dataclass
+class DriftReport:
+    recalibrate: bool
+    reasons: list[str]
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        head = "re-calibrate: " + "; ".join(self.reasons) if self.recalibrate else "calibration still holds"
+        lines = [head]
+        for name, c in self.checks.items():
+            lines.append(f"  {name}: {'DRIFTED' if c.get('drifted') else 'ok'} {c.get('detail', '')}")
+        return "\n".join(lines)
+
+
+def _sample(channels: int, per_end: int) -> np.ndarray:
+    ends = np.concatenate((np.arange(per_end), np.arange(channels - per_end, channels)))
+    return np.unique(np.clip(ends, 0, channels - 1))
+
+
+def _compare(old: ChannelCal, new: ChannelCal, channels: np.ndarray) -> dict[str, Any]:
+    ch = channels[(channels < new.channels) & old.valid[channels] & new.valid[channels]]
+    dg = new.gain[ch] - old.gain[ch]
+    do = new.offset[ch] - old.offset[ch]
+    sg = np.hypot(old.gain_se[ch], new.gain_se[ch])
+    so = np.hypot(old.offset_se[ch], new.offset_se[ch])
+    bad_g = np.abs(dg) / old.gain[ch] > GAIN_TOL + 3.0 * sg / old.gain[ch]
+    bad_o = np.abs(do) > OFFSET_TOL_LSB * old.lsb + 3.0 * so
+    bad = ch[bad_g | bad_o]
+    return {
+        "drifted": bool(bad.size),
+        "channels_checked": ch.tolist(),
+        "channels_drifted": bad.tolist(),
+        "max_gain_change": float(np.max(np.abs(dg) / old.gain[ch])) if ch.size else float("nan"),
+        "max_offset_change_lsb": float(np.max(np.abs(do)) / old.lsb) if ch.size else float("nan"),
+        "detail": f"max gain change {float(np.max(np.abs(dg) / old.gain[ch])) * 100:.3f} %, "
+        f"max offset change {float(np.max(np.abs(do)) / old.lsb):.2f} LSB"
+        + (f", drifted channels {bad.tolist()}" if bad.size else "")
+        if ch.size
+        else "no channel to compare",
+    }
+
+
+def drift_check(
+    device: Device,
+    record: CalibrationRecord,
+    *,
+    per_end: int = 4,
+    max_age_s: float | None = None,
+    progress: Progress = no_progress,
+) -> DriftReport:
+    """Re-measure a sample and say whether the board has drifted away from `record`."""
+    record.check_identity(device.info.identity)
+    quick = ConverterOptions(
+        levels=16, repeats=32, samples=512, reads=512, seed=record.session.get("seed", 0) + 1
+    )
+    checks: dict[str, dict[str, Any]] = {}
+    reasons: list[str] = []
+    if "adc" in record.converters:
+        old = record.converters["adc"]
+        ch = _sample(old.channels, per_end)
+        checks["adc"] = _compare(old, measure_adc(device, ch, quick), ch)
+        progress("drift", 1, 5)
+    if "dac" in record.converters and "adc" in record.converters:
+        old = record.converters["dac"]
+        ch = _sample(old.channels, per_end)
+        checks["dac"] = _compare(old, measure_dac(device, ch, record.converters["adc"], quick), ch)
+        progress("drift", 2, 5)
+    if "mvm" in record.converters and "dac" in record.converters:
+        old = record.converters["mvm"]
+        n = min(2 * per_end, old.channels)
+        new = measure_mvm(device, (n, n), record.converters["dac"], quick)
+        checks["mvm"] = _compare(old, new, np.arange(n))
+        progress("drift", 3, 5)
+    maps = [t for t in record.tiles.values() if t.gmap is not None]
+    if maps:
+        n = 16
+        device.configure(Topology({"r": n, "c": n}, (Coupling("T", ("r",), ("c",)),)))
+        lim = device.info.limits
+        g = np.full((n, n), lim.g_min + 0.5 * (lim.g_max - lim.g_min), np.float32)
+        device.program("T", g, g)
+        st = read_stats(device, "T", 32)
+        now = float(np.sqrt(np.mean(st.std**2)))
+        then = float(np.mean([t.gmap.read_noise for t in maps if t.gmap is not None]))
+        se = now / np.sqrt(2.0 * st.std.size * 31)
+        drifted = abs(now / then - 1.0) > READ_NOISE_TOL + 3.0 * se / then
+        checks["read_noise"] = {
+            "drifted": bool(drifted),
+            "recorded": then,
+            "measured": now,
+            "detail": f"{now:.3e} S now, {then:.3e} S recorded",
+        }
+        progress("drift", 4, 5)
+    positions = sorted(record.tiles)
+    if positions and positions == list(range(len(positions))):
+        device.configure(tile_topology([record.tiles[p].shape for p in positions]))
+        for p in positions:
+            tile = record.tiles[p]
+            if tile.stuck is None:
+                continue
+            new = find_stuck(device, f"T{p}", tile.shape).stuck & ~tile.stuck.stuck.astype(bool)
+            frac = float(new.mean())
+            checks[f"stuck[{p}]"] = {
+                "drifted": frac > NEW_STUCK_TOL,
+                "new_stuck": int(new.sum()),
+                "recorded_stuck": tile.stuck.count,
+                "detail": f"{int(new.sum())} newly stuck devices ({frac * 100:.3f} %), "
+                f"{tile.stuck.count} recorded",
+            }
+    progress("drift", 5, 5)
+    for name, c in checks.items():
+        if c["drifted"]:
+            reasons.append(f"{name} drifted ({c['detail']})")
+    if max_age_s is not None:
+        age = (datetime.now(UTC) - datetime.fromisoformat(record.created)).total_seconds()
+        checks["age"] = {
+            "drifted": age > max_age_s,
+            "age_s": age,
+            "detail": f"record is {age / 3600:.1f} h old",
+        }
+        if age > max_age_s:
+            reasons.append(f"the record is {age / 3600:.1f} h old (limit {max_age_s / 3600:.1f} h)")
+    return DriftReport(bool(reasons), reasons, checks)

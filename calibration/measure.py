@@ -1,0 +1,151 @@
+"""Measurement helpers shared by the routines: averaged conductance reads, per-channel line fits,
+and node-channel layouts of calibration topologies.
+
+The channel convention of a board (see `calibration.apply.channel_offsets`): node k of the
+configured topology, counting the groups in their declared order, uses DAC channel k and
+state-ADC channel k. A calibration topology therefore places a group on a chosen channel by
+putting uncoupled "pad" groups in front of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from drivers import Coupling, Device, Topology
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: called by the routines as they advance."""
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The default progress callback: says nothing."""
+
+
+@dataclass
+class ReadStats:
+    """Per-device statistics of repeated reads of one tile, shape (2, rows, cols) (0: G+, 1: G-)."""
+
+    mean: np.ndarray  # float64, siemens
+    std: np.ndarray  # float64, sample std (ddof 1; 0 for a single read)
+    reads: int
+
+    @property
+    def se(self) -> np.ndarray:
+        """Standard error of the mean per device."""
+        return self.std / np.sqrt(self.reads)
+
+
+def read_stats(device: Device, tile: str, reads: int) -> ReadStats:
+    """Read every device of `tile` `reads` times (Welford's running mean and variance)."""
+    if reads < 1:
+        raise ValueError(f"reads must be >= 1, got {reads}")
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    for k in range(1, reads + 1):
+        gp, gm = device.read_conductance(tile)
+        g = np.stack((gp, gm)).astype(np.float64)
+        if mean is None:
+            mean = g.copy()
+            m2 = np.zeros_like(g)
+            continue
+        delta = g - mean
+        mean += delta / k
+        m2 += delta * (g - mean)
+    assert mean is not None and m2 is not None
+    std = np.sqrt(m2 / (reads - 1)) if reads > 1 else np.zeros_like(mean)
+    return ReadStats(mean, std, reads)
+
+
+def pair_weights(stats: ReadStats, g_range: float, w_max: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Weights ``w_max (G+ - G-) / g_range`` from averaged reads, and their standard errors."""
+    w = w_max * (stats.mean[0] - stats.mean[1]) / g_range
+    se = w_max * np.sqrt(stats.se[0] ** 2 + stats.se[1] ** 2) / g_range
+    return w, se
+
+
+@dataclass
+class LineFit:
+    """Per-column least-squares lines ``y = slope x + intercept``; NaN where a column has < 3 points."""
+
+    slope: np.ndarray
+    intercept: np.ndarray
+    slope_se: np.ndarray
+    intercept_se: np.ndarray
+    resid_std: np.ndarray
+    n: np.ndarray
+
+
+def fit_lines(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> LineFit:
+    """Fit one line per column of (samples, columns) arrays, using the points where `mask` holds."""
+    m = mask.astype(np.float64)
+    x = np.where(mask, x, 0.0).astype(np.float64)
+    y = np.where(mask, y, 0.0).astype(np.float64)
+    n = m.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx = (m * x).sum(0) / n
+        my = (m * y).sum(0) / n
+        dx = np.where(mask, x - mx, 0.0)
+        dy = np.where(mask, y - my, 0.0)
+        sxx = (dx * dx).sum(0)
+        slope = (dx * dy).sum(0) / sxx
+        intercept = my - slope * mx
+        resid = np.where(mask, y - slope * x - intercept, 0.0)
+        var = (resid * resid).sum(0) / (n - 2)
+        slope_se = np.sqrt(var / sxx)
+        intercept_se = np.sqrt(var * (1.0 / n + mx * mx / sxx))
+    bad = n < 3
+    out = [slope, intercept, slope_se, intercept_se, np.sqrt(var)]
+    for a in out:
+        a[bad] = np.nan
+    return LineFit(*out, n=n.astype(np.int64))
+
+
+def place_groups(spans: dict[str, tuple[int, int]], total: int | None = None) -> dict[str, int]:
+    """Order groups so that each lands on its node channels: `spans` maps a group to (first
+    channel, size). Gaps become uncoupled pad groups ``_pad0``, ``_pad1``, ... (nodes that
+    settle to 0 and are never read); `total`, if given, pads up to that many channels."""
+    order = sorted(spans.items(), key=lambda item: item[1][0])
+    groups: dict[str, int] = {}
+    cursor = 0
+    for name, (start, size) in order:
+        if start < cursor:
+            raise ValueError(f"group {name!r} at channel {start} overlaps the previous group")
+        if start > cursor:
+            groups[f"_pad{len(groups)}"] = start - cursor
+        groups[name] = size
+        cursor = start + size
+    if total is not None and total > cursor:
+        groups[f"_pad{len(groups)}"] = total - cursor
+    return groups
+
+
+def runs(channels: np.ndarray, max_len: int) -> list[tuple[int, int]]:
+    """Split sorted distinct channel indices into contiguous runs (start, length) of <= max_len."""
+    out: list[tuple[int, int]] = []
+    for c in np.asarray(channels, dtype=np.int64).tolist():
+        if out and out[-1][0] + out[-1][1] == c and out[-1][1] < max_len:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((c, 1))
+    return out
+
+
+def lsb(bits: int | None, span: float) -> float:
+    """One step of a `bits`-bit converter over `span` (an ideal converter: 1/255 of the span,
+    the emulator's convention, so offsets stay comparable)."""
+    return span / ((1 << bits) - 1) if bits else span / 255
+
+
+def tile_topology(shapes: list[tuple[int, int]]) -> Topology:
+    """Tiles ``T0, T1, ...`` of the given shapes at positions 0, 1, ..., each coupling its own
+    row group ``r<k>`` to its own column group ``c<k>``: the layout of the device routines
+    (a physical tile is its position and its shape)."""
+    groups: dict[str, int] = {}
+    for k, (rows, cols) in enumerate(shapes):
+        groups[f"r{k}"] = rows
+        groups[f"c{k}"] = cols
+    couplings = tuple(Coupling(f"T{k}", (f"r{k}",), (f"c{k}",)) for k in range(len(shapes)))
+    return Topology(groups, couplings)

@@ -1,0 +1,218 @@
+"""Pulse-response measurement of every device of one tile (the data `pulse_fit` fits).
+
+The sequence, on all devices at once:
+
+1. bursts of `max_pulses` up-pulses until the reads stop moving: every device sits at its own
+   upper bound, read `plateau_reads` times -> g_hi;
+2. one down-pulse: a device that falls most of its window in one pulse is one-sided (PCM: a
+   negative count is a RESET, not a gradual step);
+3. two-sided: bursts of down-pulses to the lower plateau -> g_lo, a sweep of up-pulse chunks,
+   back to the upper plateau, a sweep of down-pulse chunks.
+   one-sided: `reset_cycles` RESETs, each read twice -> the RESET level distribution
+   (g_lo + |N(0, reset_noise)|, so g_lo and reset_noise follow), then a sweep of up chunks.
+
+A sweep applies `chunks` chunks of n pulses (three single pulses first, which size n so that
+the median device crosses its window about five times over its initial step) and reads the
+tile after each chunk once (a) and `b_reads` times more (b): the fit regresses the increment
+of the b reads on the position from the a read, so that no read's noise appears on both
+sides of the regression, and averaging the b reads keeps the read noise of small steps down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration.measure import Progress, ReadStats, no_progress, read_stats
+from drivers import Device
+
+PILOT = 3
+
+
+@dataclass
+class Sweep:
+    """Reads of a pulse sweep: ``a[k]``, ``b[k]`` are two reads of the state before chunk k
+    (``a[K]``, ``b[K]`` after the last), each (K + 1, devices); `chunk` holds n per chunk."""
+
+    sign: int
+    chunk: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    b_reads: int = 1  # reads averaged into each b
+
+
+@dataclass
+class PulseData:
+    """Everything `measure_pulse_response` saw, devices flattened from (2, rows, cols)."""
+
+    shape: tuple[int, int]
+    one_sided: bool
+    g_lo: np.ndarray
+    g_hi: np.ndarray
+    g_lo_se: np.ndarray
+    g_hi_se: np.ndarray
+    up: Sweep
+    down: Sweep | None
+    reset: np.ndarray | None  # (cycles, devices) RESET levels (mean of two reads), one-sided only
+    read_noise: float
+    reset_noise: float = float("nan")
+    bursts: int = 0
+
+
+def _read2(device: Device, tile: str, b_reads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One read (a) and the mean of `b_reads` further reads (b) of every device, flattened."""
+    out = []
+    for _ in range(1 + b_reads):
+        gp, gm = device.read_conductance(tile)
+        out.append(np.concatenate((gp.ravel(), gm.ravel())))
+    return out[0], np.mean(out[1:], axis=0)
+
+
+def _pulse_all(device: Device, tile: str, shape: tuple[int, int], count: int) -> None:
+    c = np.full(shape, count, np.int32)
+    device.pulse(tile, c, c)
+
+
+def _flat(st: ReadStats) -> tuple[np.ndarray, np.ndarray]:
+    return st.mean.reshape(-1), st.se.reshape(-1)
+
+
+def _saturate(
+    device: Device,
+    tile: str,
+    shape: tuple[int, int],
+    sign: int,
+    reads: int,
+    max_bursts: int,
+    working: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pulse bursts in one direction until the plateau holds; returns (mean, se, bursts)."""
+    lim = device.info.limits
+    span = lim.g_max - lim.g_min
+    prev = None
+    bursts = 0
+    while True:
+        _pulse_all(device, tile, shape, sign * lim.max_pulses)
+        bursts += 1
+        mean, se = _flat(read_stats(device, tile, reads))
+        if prev is not None:
+            tol = max(0.002 * span, 4.0 * float(np.median(se[working])) * np.sqrt(2.0))
+            if np.percentile(np.abs(mean - prev)[working], 99) < tol:
+                break
+        if bursts >= max_bursts:
+            break
+        prev = mean
+    return mean, se, bursts
+
+
+def _sweep(
+    device: Device,
+    tile: str,
+    shape: tuple[int, int],
+    sign: int,
+    chunks: int,
+    span: float,
+    working: np.ndarray,
+    progress: Progress,
+    stage: str,
+    b_reads: int,
+) -> Sweep:
+    max_pulses = device.info.limits.max_pulses
+    a0, b0 = _read2(device, tile, b_reads)
+    a, b, sizes = [a0], [b0], []
+    n = 1
+    for k in range(chunks):
+        if k == PILOT:
+            step0 = float(np.median(np.abs(b[PILOT] - b[0])[working])) / PILOT
+            n = int(np.clip(round(5.0 * span / max(step0, 1e-30) / chunks), 1, max_pulses))
+        _pulse_all(device, tile, shape, sign * n)
+        ak, bk = _read2(device, tile, b_reads)
+        a.append(ak)
+        b.append(bk)
+        sizes.append(n)
+        progress(stage, k + 1, chunks)
+    return Sweep(sign, np.asarray(sizes, np.int64), np.stack(a), np.stack(b), b_reads)
+
+
+def measure_pulse_response(
+    device: Device,
+    tile: str,
+    shape: tuple[int, int],
+    *,
+    chunks: int = 200,
+    plateau_reads: int = 16,
+    reset_cycles: int = 8,
+    max_bursts: int = 16,
+    b_reads: int = 3,
+    stuck: np.ndarray | None = None,
+    progress: Progress = no_progress,
+) -> PulseData:
+    """Run the pulse sequence of the module docstring on `tile` (configured by the caller)."""
+    device.require("pulse")
+    lim = device.info.limits
+    nominal = lim.g_max - lim.g_min
+    devices = 2 * shape[0] * shape[1]
+    working = np.ones(devices, bool) if stuck is None else ~np.asarray(stuck).reshape(-1)
+    if not working.any():
+        working = np.ones(devices, bool)
+    g_hi, g_hi_se, bursts = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working)
+    progress("pulse", 1, 4)
+    _pulse_all(device, tile, shape, -1)
+    probe, _ = _read2(device, tile)
+    one_sided = float(np.median((g_hi - probe)[working])) > 0.5 * nominal
+    diffs = []
+    reset = None
+    reset_noise = float("nan")
+    down = None
+    if one_sided:
+        levels = []
+        for _ in range(reset_cycles):
+            _pulse_all(device, tile, shape, -1)
+            r1, r2 = _read2(device, tile)
+            levels.append(0.5 * (r1 + r2))
+            diffs.append(r1 - r2)
+        reset = np.stack(levels)
+        read_var = float(np.var(np.concatenate(diffs)[np.tile(working, reset_cycles)])) / 2.0
+        # a RESET lands at g_lo + |N(0, sigma)|: within-device variance sigma^2 (1 - 2/pi) plus
+        # the read noise of a two-read mean
+        within = float(np.mean(np.var(reset[:, working], axis=0, ddof=1)))
+        reset_noise = float(np.sqrt(max(within - read_var / 2.0, 0.0) / (1.0 - 2.0 / np.pi)))
+        g_lo = reset.mean(0) - reset_noise * np.sqrt(2.0 / np.pi)
+        g_lo_se = np.sqrt(within / reset_cycles) * np.ones(devices)
+        progress("pulse", 2, 4)
+        span = float(np.median((g_hi - g_lo)[working]))
+        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads)
+    else:
+        g_lo, g_lo_se, b2 = _saturate(device, tile, shape, -1, plateau_reads, max_bursts, working)
+        bursts += b2
+        progress("pulse", 2, 4)
+        span = float(np.median((g_hi - g_lo)[working]))
+        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads)
+        g_hi2, g_hi2_se, b3 = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working)
+        bursts += b3
+        g_hi = 0.5 * (g_hi + g_hi2)
+        g_hi_se = 0.5 * np.sqrt(g_hi_se**2 + g_hi2_se**2)
+        progress("pulse", 3, 4)
+        down = _sweep(device, tile, shape, -1, chunks, span, working, progress, "pulse down", b_reads)
+    # var(a - b) = read_noise^2 (1 + 1 / b_reads)
+    variances = [float(np.var(np.concatenate(diffs))) / 2.0] if diffs else []
+    for sw in (up, down):
+        if sw is not None:
+            variances.append(float(np.var((sw.a - sw.b)[:, working])) / (1.0 + 1.0 / sw.b_reads))
+    read_noise = float(np.sqrt(np.mean(variances)))
+    progress("pulse", 4, 4)
+    return PulseData(
+        shape=shape,
+        one_sided=one_sided,
+        g_lo=g_lo,
+        g_hi=g_hi,
+        g_lo_se=g_lo_se,
+        g_hi_se=g_hi_se,
+        up=up,
+        down=down,
+        reset=reset,
+        read_noise=read_noise,
+        reset_noise=reset_noise,
+        bursts=bursts,
+    )

@@ -1,0 +1,183 @@
+"""A calibration session: the routines in dependency order, on any Device, into one record.
+
+Routines (`ROUTINES`) and what each needs first (added automatically):
+
+    adc     state-ADC gain/offset per node channel            (settle)
+    dac     DAC gain/offset per node channel                  needs adc (its read-out reference)
+    mvm     mvm-ADC gain/offset per output line               needs dac (exact input codes)
+    stuck   stuck-device map per tile                         (program, read)
+    gmap    conductance map and read-noise statistics         (program, read)
+    pulse   pulse-response model per tile and per device      (pulse, read; uses the stuck map)
+    settle  settle time and convergence                       (settle)
+
+Physical tiles: the converter routines use tiles at positions 0.. with their own shapes;
+the device routines calibrate the tiles `tile_shapes` at positions 0, 1, ... (the record
+applies to a host topology whose couplings have those shapes at those positions). The
+session leaves the board configured with its own last topology.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+import numpy as np
+
+from calibration.conductance import conductance_map, find_stuck
+from calibration.converters import TILES_PER_DAC_PASS, ConverterOptions, measure_adc, measure_dac, measure_mvm
+from calibration.measure import Progress, no_progress, tile_topology
+from calibration.pulse import measure_pulse_response
+from calibration.pulse_fit import fit_pulse_model
+from calibration.record import CalibrationRecord, TileCalibration
+from calibration.settling import profile_settle
+from drivers import Device
+
+T = TypeVar("T")
+
+ROUTINES = ("adc", "dac", "mvm", "stuck", "gmap", "pulse", "settle")
+REQUIRES = {"dac": ("adc",), "mvm": ("dac",)}
+
+
+def resolve_routines(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate routine names, add what they need, and put them in running order."""
+    unknown = [n for n in names if n not in ROUTINES]
+    if unknown:
+        raise ValueError(f"unknown calibration routine(s) {unknown}; known: {', '.join(ROUTINES)}")
+    chosen = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for name in list(chosen):
+            for need in REQUIRES.get(name, ()):
+                if need not in chosen:
+                    chosen.add(need)
+                    changed = True
+    return tuple(r for r in ROUTINES if r in chosen)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    routines: tuple[str, ...] = ROUTINES
+    tile_shapes: tuple[tuple[int, int], ...] = ((64, 64),)
+    channels: int | None = None  # node channels to calibrate; default rows + cols of the first tile
+    reads: int = 64  # reads of the conductance map
+    stuck_reads: int = 4
+    pulse_chunks: int = 200
+    converter: ConverterOptions = field(default_factory=ConverterOptions)
+    seed: int = 0
+
+    def node_channels(self) -> int:
+        rows, cols = self.tile_shapes[0]
+        n = self.channels if self.channels is not None else rows + cols
+        return max(n, rows, cols) if "mvm" in self.routines else n
+
+
+def _software() -> dict[str, str]:
+    out = {}
+    for pkg in ("xbar-hil", "numpy", "zarr", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def run_session(
+    device: Device, options: SessionOptions, progress: Progress = no_progress
+) -> CalibrationRecord:
+    routines = resolve_routines(options.routines)
+    info = device.info
+    record = CalibrationRecord(
+        identity=info.identity,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        limits=dataclasses.asdict(info.limits),
+        routines=routines,
+    )
+    durations: dict[str, float] = {}
+    conv = dataclasses.replace(options.converter, seed=options.seed)
+    channels = options.node_channels()
+    adc_channels = max(channels, 2 * min(channels, TILES_PER_DAC_PASS))
+
+    def timed(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        durations[name] = time.perf_counter() - t0
+        return out
+
+    if "adc" in routines:
+        record.converters["adc"] = timed("adc", measure_adc, device, np.arange(adc_channels), conv, progress)
+    if "dac" in routines:
+        adc = record.converters["adc"]
+        record.converters["dac"] = timed("dac", measure_dac, device, np.arange(channels), adc, conv, progress)
+    if "mvm" in routines:
+        dac = record.converters["dac"]
+        record.converters["mvm"] = timed(
+            "mvm", measure_mvm, device, options.tile_shapes[0], dac, conv, progress
+        )
+    shapes = list(options.tile_shapes)
+    record.tiles = {k: TileCalibration(k, shape) for k, shape in enumerate(shapes)}
+    if any(r in routines for r in ("stuck", "gmap", "pulse")):
+        topo = tile_topology(shapes)
+        g_range = info.limits.g_max - info.limits.g_min
+        for k, shape in enumerate(shapes):
+            tile = record.tiles[k]
+            name = f"T{k}"
+            device.configure(topo)
+            if "stuck" in routines:
+                tile.stuck = timed(
+                    f"stuck[{k}]", find_stuck, device, name, shape, options.stuck_reads, progress
+                )
+            stuck = tile.stuck.stuck if tile.stuck is not None else None
+            if "gmap" in routines:
+                tile.gmap = timed(
+                    f"gmap[{k}]",
+                    conductance_map,
+                    device,
+                    name,
+                    shape,
+                    options.reads,
+                    stuck,
+                    options.seed,
+                    progress,
+                )
+            if "pulse" in routines:
+                data = timed(
+                    f"pulse[{k}]",
+                    measure_pulse_response,
+                    device,
+                    name,
+                    shape,
+                    chunks=options.pulse_chunks,
+                    stuck=stuck,
+                    progress=progress,
+                )
+                tile.pulse = timed(f"pulse_fit[{k}]", fit_pulse_model, data, stuck, g_range, options.seed)
+                del data
+    if "settle" in routines:
+        record.settle = timed(
+            "settle", profile_settle, device, options.tile_shapes[0], seed=options.seed, progress=progress
+        )
+    record.session = {
+        "options": {
+            "routines": list(routines),
+            "tile_shapes": [list(s) for s in options.tile_shapes],
+            "channels": channels,
+            "adc_channels": adc_channels,
+            "reads": options.reads,
+            "stuck_reads": options.stuck_reads,
+            "pulse_chunks": options.pulse_chunks,
+            "converter": dataclasses.asdict(conv),
+        },
+        "seed": options.seed,
+        "durations_s": durations,
+        "total_s": float(sum(durations.values())),
+        "preset": info.preset,
+        "software": _software(),
+        "safety": dataclasses.asdict(device.safety()),
+    }
+    return record

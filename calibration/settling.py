@@ -1,0 +1,97 @@
+"""Settle-time and convergence measurement.
+
+A three-layer network (rows -> cols -> a small output layer, no bias) is programmed with
+random weights scaled so that the hidden layer works in its linear region, and settled on a
+batch of random inputs in two ways:
+
+- under the default settle budget, as the host stack would: steps taken, converged flag,
+  simulated settle time and joules per sample;
+- once long with a trace of every step: the residual ``max |s_t - s_{t-1}|`` per step, whose
+  geometric decay gives the contraction factor per step and whose plateau is the noise
+  floor the board's read noise and node noise leave.
+
+The summary recommends ``max_steps`` at 1.5 x the largest number of steps taken. The residual
+is measured on read-out (ADC-quantised) states, so its floor is at least one ADC step: it
+says how settled a read-out can look, not the board's analog noise floor (which the board's
+own convergence test adds to `tol`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibration.measure import Progress, no_progress
+from calibration.record import SettleProfile
+from drivers import Device, SettleBudget, Topology
+
+
+def _program_random(device: Device, topology: Topology, rng: np.random.Generator, scale: float) -> None:
+    lim = device.info.limits
+    span = lim.g_max - lim.g_min
+    for c in topology.couplings:
+        rows, cols = topology.tile_shape(c.tile)
+        w = np.clip(rng.normal(0.0, scale / np.sqrt(rows), (rows, cols)), -1.0, 1.0)
+        gp = lim.g_min + np.maximum(w, 0.0) * span
+        gm = lim.g_min + np.maximum(-w, 0.0) * span
+        device.program(c.tile, gp.astype(np.float32), gm.astype(np.float32))
+
+
+def profile_settle(
+    device: Device,
+    shape: tuple[int, int],
+    *,
+    batch: int = 32,
+    repeats: int = 4,
+    long_steps: int = 200,
+    seed: int = 0,
+    progress: Progress = no_progress,
+) -> SettleProfile:
+    device.require("settle")
+    rows, cols = shape
+    out = min(cols, 32)
+    rng = np.random.default_rng(seed + 505)
+    topo = Topology.layered([rows, cols, out], bias=False)
+    device.configure(topo)
+    _program_random(device, topo, rng, 2.0)
+    steps, conv, times, joules = [], [], [], []
+    for k in range(repeats):
+        x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)
+        eq = device.settle({"s0": x})
+        steps.append(eq.steps)
+        conv.append(eq.converged)
+        times.append(eq.settle_time_s / batch)
+        joules.append(eq.energy_j / batch)
+        progress("settle", k + 1, repeats + 1)
+    budget = SettleBudget(max_steps=long_steps, tol=0.0, dt=topo.budget.dt, check_every=long_steps)
+    device.configure(Topology.layered([rows, cols, out], bias=False, budget=budget))
+    x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)
+    eq = device.settle({"s0": x}, trace=True)
+    progress("settle", repeats + 1, repeats + 1)
+    assert eq.trace is not None
+    states = np.concatenate([eq.trace[g] for g in ("s1", "s2")], axis=2)  # (T, batch, nodes)
+    residual = np.abs(np.diff(states, axis=0)).max(axis=2)  # (T - 1, batch)
+    res = np.median(residual, axis=1)
+    floor = float(np.median(res[len(res) * 3 // 4 :]))
+    above = np.flatnonzero(res > 4.0 * max(floor, 1e-12))
+    contraction = float("nan")
+    if above.size >= 3:
+        t = above[: max(3, above.size)]
+        slope = np.polyfit(t, np.log(res[t]), 1)[0]
+        contraction = float(np.exp(slope))
+    per_step = eq.settle_time_s / (eq.steps * batch) if eq.steps else float("nan")
+    steps_arr = np.asarray(steps, np.int64)
+    summary = {
+        "network": [rows, cols, out],
+        "batch": batch,
+        "default_budget": {"max_steps": topo.budget.max_steps, "tol": topo.budget.tol, "dt": topo.budget.dt},
+        "steps_median": float(np.median(steps_arr)),
+        "steps_max": int(steps_arr.max()),
+        "converged_fraction": float(np.mean(conv)),
+        "settle_time_s": float(np.median(times)),
+        "energy_j": float(np.median(joules)),
+        "time_per_step_s": float(per_step),
+        "contraction_per_step": contraction,
+        "readout_residual_floor": floor,
+        "recommended_max_steps": int(np.ceil(1.5 * steps_arr.max())),
+    }
+    return SettleProfile(summary=summary, residual=res.astype(np.float32), steps=steps_arr)

@@ -1,0 +1,114 @@
+"""`hil calibrate`: run a calibration session on a board and write its record and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from calibration import (
+    ROUTINES,
+    CalibrationError,
+    SessionOptions,
+    drift_check,
+    load,
+    resolve_routines,
+    run_session,
+    write,
+)
+from calibration.report import plot, summary
+from drivers import DeviceError, open_device
+
+_OUT = typer.Option(Path("cal.zarr"), "--out", help="Calibration record (Zarr store) to write.")
+_PNG = typer.Option(None, help="PNG report path (default: next to --out, .png).")
+_CHECK = typer.Option(None, help="Instead of calibrating, run the quick drift check of this existing record.")
+
+
+class Bars:
+    """One tqdm bar per stage, created on a stage's first report and closed at its end."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", leave=True, dynamic_ncols=True)
+        bar.total = total
+        bar.n = min(done, total)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            del self.bars[stage]
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ...]:
+    if not tiles:
+        return ((tile_size, tile_size),)
+    out = []
+    for part in tiles.split(","):
+        try:
+            rows, cols = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise typer.BadParameter(f"--tiles takes ROWSxCOLS[,ROWSxCOLS...], got {part!r}") from None
+        out.append((rows, cols))
+    return tuple(out)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def calibrate(
+        uri: str = typer.Argument(
+            ..., help="Device URI: emulator://?preset=rram&seed=0, visa://..., serial://..."
+        ),
+        out: Path = _OUT,
+        routines: str = typer.Option(",".join(ROUTINES), help=f"Subset of {', '.join(ROUTINES)}."),
+        tile_size: int = typer.Option(64, min=1, help="Rows and columns of the tile at position 0."),
+        tiles: str = typer.Option(
+            None, help="Shapes of the tiles at positions 0, 1, ... as ROWSxCOLS,... (overrides --tile-size)."
+        ),
+        channels: int = typer.Option(None, min=1, help="Node channels to calibrate (default rows + cols)."),
+        reads: int = typer.Option(64, min=2, help="Reads of the conductance map."),
+        seed: int = typer.Option(0, help="Seed of the session's random patterns."),
+        png: Path = _PNG,
+        check: Path = _CHECK,
+    ) -> None:
+        """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
+        settling on a board; write the record, a text summary and a PNG report."""
+        bars = Bars()
+        try:
+            with open_device(uri) as dev:
+                if check is not None:
+                    report = drift_check(dev, load(check), progress=bars)
+                    bars.close()
+                    typer.echo(str(report))
+                    raise typer.Exit(1 if report.recalibrate else 0)
+                names = tuple(r.strip() for r in routines.split(",") if r.strip())
+                chosen = resolve_routines(names)
+                added = [r for r in chosen if r not in names]
+                if added:
+                    typer.echo(f"also running {', '.join(added)} (needed by the routines asked for)")
+                options = SessionOptions(
+                    routines=chosen,
+                    tile_shapes=_parse_tiles(tiles, tile_size),
+                    channels=channels,
+                    reads=reads,
+                    seed=seed,
+                )
+                record = run_session(dev, options, bars)
+        except (CalibrationError, DeviceError, ValueError, OSError) as exc:
+            bars.close()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        bars.close()
+        write(record, out)
+        image = plot(record, png if png is not None else out.with_suffix(".png"))
+        typer.echo(summary(record))
+        typer.echo(f"record    {out}")
+        typer.echo(f"report    {image}")

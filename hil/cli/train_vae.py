@@ -1,0 +1,122 @@
+"""`hil train vae`: train a member of the Hopfield VAE family and write its run log and pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(train_app: typer.Typer) -> None:
+    train_app.command("vae")(vae)
+
+
+def vae(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="f-vae (feedforward, backprop), h-vae (separate layered Hopfield nets), dh-vae "
+            "(separate dense), tdh-vae (one dense net as encoder and decoder: half the crossbar), "
+            "shared-layered (one layered net both ways). Default: the config's (tdh-vae).",
+        ),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a config key, dotted, TOML value: --set train.epochs=10 "
+            "--set device=emulator://?preset=rram&seed=0. Repeatable.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run folder (run.zarr, samples.png, reconstructions.png). Default: runs/<variant>.",
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run in this folder from its last snapshot."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
+    show_config: Annotated[
+        bool, typer.Option("--show-config", help="Print the resolved config and exit.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 1,
+) -> None:
+    """Train a VAE on the digits by EP (or backprop for f-vae) on a board or the emulator.
+
+    Defaults: TDH-VAE (hidden 64, latent 4) on the ideal emulator, Gaussian likelihood with sigma 0.3, centered EP with beta 0.2, Adam with a cosine schedule, 40 epochs (--show-config prints them all).
+
+    Prints the crossbar cells used, then the test negative ELBO (nats per image), reconstruction error, Frechet distance of samples (before and after training), settle energy per image and convergence.
+
+    The run log (RUN/run.zarr) records config, device, metrics, settle traces, tile snapshots and a resume snapshot per epoch: see it with `hil inspect RUN/run.zarr` and `hil plot RUN/run.zarr`; continue a killed run with --resume RUN."""
+    import torch
+
+    from hil.config import ConfigError, apply_dict, load_into, to_toml
+    from hil.runlog import RunLog, RunLogError, open_for_resume
+    from hil.vae.config import VAERunConfig, validate_vae
+    from hil.vae.hopfield import dense_topology
+    from hil.vae.train import train_vae
+
+    if threads:
+        torch.set_num_threads(threads)
+    state = None
+    try:
+        if resume is not None:
+            log, state = open_for_resume(resume / "run.zarr")
+            cfg = apply_dict(VAERunConfig(), log.config)
+            run_dir = resume
+        else:
+            cfg = load_into(VAERunConfig(), config, set_ or [])
+            if model is not None:
+                cfg = apply_dict(cfg, {"model": {"variant": model}})
+    except (ConfigError, RunLogError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        validate_vae(cfg)
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if show_config:
+        typer.echo(to_toml(cfg), nl=False)
+        raise typer.Exit(0)
+    m = cfg.model
+    if resume is None:
+        run_dir = out or Path(cfg.out) / m.variant
+        try:
+            log = RunLog.create(
+                run_dir / "run.zarr", cfg, kind="train-vae", name=m.variant, overwrite=overwrite
+            )
+        except RunLogError as exc:
+            typer.echo(f"error: {exc} (or use --resume {run_dir})", err=True)
+            raise typer.Exit(2) from None
+    if m.variant in ("tdh-vae", "dh-vae"):
+        one = dense_topology(64, m.hidden, m.latent * m.copies).cells()
+        typer.echo(
+            f"crossbar cells: TDH-VAE {one}, DH-VAE {2 * one} (same layer sizes): the shared net uses half"
+        )
+    with log:
+        result = train_vae(cfg, progress=progress, out_dir=run_dir, log=log, state=state)
+    f, i = result.final, result.initial
+    typer.echo(f"model        {result.variant}, {result.cells} crossbar cells")
+    typer.echo(f"device       {result.identity}  ({cfg.device})")
+    typer.echo(f"test -ELBO   {f.neg_elbo:.3f} nats/image (untrained {i.neg_elbo:.3f})")
+    typer.echo(f"recon MSE    {f.recon_mse:.4f} per pixel")
+    typer.echo(f"Frechet      {f.frechet:.2f} (untrained {i.frechet:.2f})")
+    typer.echo(
+        f"settle       {f.energy_per_image_j:.3e} J per image (encode + decode), {f.converged:.1%} converged"
+    )
+    typer.echo(
+        f"run log      {run_dir / 'run.zarr'}   pictures: {', '.join(str(p) for p in result.pictures)}"
+    )
+    typer.echo(f"wall time    {result.wall_s:.1f} s")

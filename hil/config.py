@@ -1,0 +1,244 @@
+"""Run configurations: dataclasses loaded from TOML, with ``key=value`` overrides.
+
+A config file has one table per section (``[data]``, ``[model]``, ``[ep]``, ``[train]``)
+plus top-level keys (``device``, ``name``). Overrides use dotted keys, values in TOML
+syntax (a bare word is taken as a string)::
+
+    hil train classifier --config run.toml --set train.epochs=5 --set model.sizes=[64,128,10]
+
+Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10
+    root: str = ""  # folder holding the files of the non-built-in data sets
+    limit_train: int = 0  # use only the first N training images (0: all)
+    limit_test: int = 0
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["dhn", "ffebm"] = "dhn"
+    # dhn: the layer sizes of a layered DHN (first: input, last: classes).
+    # ffebm: the sizes of one DHN that is split into EB blocks of `block_layers` free layers;
+    # the last layer of a block is copied (through `between`) onto the clamped input layer
+    # of the next block.
+    sizes: list[int] = field(default_factory=lambda: [64, 256, 10])
+    block_layers: int = 2
+    between: Literal["identity", "linear"] = "identity"  # digital part between EB blocks
+    gain: float = 1.0  # activation rho(u) = clamp(gain u, 0, 1)
+    w_max: float = 1.0  # weight of a fully-on conductance pair
+    init: Literal["gaussian", "goe"] = "gaussian"
+    init_scale: float = 0.6
+
+
+@dataclass
+class EPConfig:
+    beta: float = 0.2
+    mode: Literal["centered", "positive", "negative", "random"] = "centered"
+    loss: Literal["mse", "ce"] = "ce"  # mse: target nudge; ce: softmax(tau s_out) cross-entropy
+    tau: float = 6.0  # logit scale of the ce loss
+    free_steps: int = 100  # T1: settle budget of the free phase
+    nudge_steps: int = 100  # T2: settle budget of each nudged phase
+    tol: float = 1e-3  # stop a settle when max |s_t - s_{t-1}| <= tol (0: run the full budget)
+    dt: float = 0.5  # integration step of the settle (1: plain fixed-point iteration)
+    settle_mode: Literal["analog", "mvm"] = "analog"
+    verify: bool = False  # program with write-verify
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: list[float] = field(default_factory=lambda: [0.1, 0.05])  # per tile (last value repeats)
+    lr_digital: float = 0.05  # digital (feedforward) parts of an ff-EBM (Adam: ~1e-3)
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "none"] = "cosine"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "classifier"
+    device: str = "emulator://?preset=ideal&seed=0"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ep: EPConfig = field(default_factory=EPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------- checking
+def _type_name(tp: object) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: object, tp: object) -> object:
+    """Check `value` against the annotation `tp` (int -> float is allowed)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected nothing, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _apply(obj: object, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: is a section; give keys like {full}.<name>=...")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_value(text: str) -> object:
+    """A TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.split("."), parse_value(text.strip())
+
+
+def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Fill the config dataclass `cfg` (its defaults) from the TOML file at `path` (if any),
+    then from the ``key=value`` overrides; unknown keys and wrong types name the key."""
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: {exc}") from None
+        _apply(cfg, data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: dict[str, Any] = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            nested = {k: nested}
+        _apply(cfg, nested)
+    return cfg
+
+
+def apply_dict(cfg: T, data: dict[str, Any]) -> T:
+    """Fill the config dataclass `cfg` from a nested dict (e.g. a run log's recorded config)."""
+    _apply(cfg, data)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The classifier's config: defaults, then the TOML file at `path`, then the overrides."""
+    cfg = load_into(RunConfig(), path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that the types alone do not express."""
+    if len(cfg.model.sizes) < 2 or any(n < 1 for n in cfg.model.sizes):
+        raise ConfigError(f"model.sizes: need at least two positive layer sizes, got {cfg.model.sizes}")
+    if cfg.model.block_layers < 1:
+        raise ConfigError("model.block_layers: must be >= 1")
+    if cfg.ep.beta <= 0:
+        raise ConfigError(f"ep.beta: must be > 0, got {cfg.ep.beta}")
+    if not 0 < cfg.ep.dt <= 1:
+        raise ConfigError(f"ep.dt: must be in (0, 1], got {cfg.ep.dt}")
+    if cfg.ep.free_steps < 1 or cfg.ep.nudge_steps < 1:
+        raise ConfigError("ep.free_steps and ep.nudge_steps: must be >= 1")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+    if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
+        raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
+
+
+def to_toml(cfg: Any) -> str:
+    """The config as TOML text (round-trips through `load_config`)."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    d = cfg.to_dict()
+    lines = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,493 @@
+"""Energy-based blocks bound to a Device, and Equilibrium Propagation (EP) gradients.
+
+An `EBBlock` owns a `Topology` (layered or dense), a host copy of the weights (one
+``nn.Parameter`` per tile, in the Device's weight units) and the Device it lives on. It
+programs the weights through `hil.programming` whenever the host copy changed, runs the
+free and nudged settles on the Device, and turns the equilibria into gradients:
+
+- parameters: ``dL/dW = -[dPhi/dW(s^a) - dPhi/dW(s^b)] / (beta_a - beta_b)`` with
+  ``dPhi/dW = s_rows^T s_cols`` for a bipartite tile (bias row: ``1^T s_cols``) and
+  ``[s s^T / 2 (diagonal 0) ; s]`` for a dense tile;
+- clamped inputs: they enter Phi like parameters, ``dPhi/dx`` is the drive the neighbours
+  put on x (``W`` applied to them), and ``dL/dx`` follows by the same difference.
+
+The phases (``mode``): ``"positive"`` (free and +beta, one-sided), ``"negative"`` (-beta and
+free), ``"centered"`` (+beta and -beta: bias O(beta^2) instead of O(beta)) and ``"random"``
+(one-sided with a random sign per call). Nudges follow the Device convention: a group's
+drive gets ``beta (target - s) - beta grad``, i.e. the cost ``l = 1/2|s - target|^2 +
+grad . s`` is added to the energy with weight beta. ``reduce="mean"`` gives the gradient of
+the batch mean of l (the parameter gradients are batch averages), ``"sum"`` of the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from drivers import BIAS, Device, Equilibrium, Nudge, SettleBudget, Topology
+from hil.programming import LinearMapping, WriteResult, write_weights
+from hil.reference import DHN
+
+Mode = Literal["centered", "positive", "negative", "random"]
+MODES: tuple[str, ...] = ("centered", "positive", "negative", "random")
+ArrayLike = Tensor | np.ndarray
+
+
+def gaussian_init(
+    topology: Topology, scale: float = 1.0, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Weights ``N(0, scale^2 / fan_in)`` per tile (fan_in: the tile's rows), biases 0."""
+    out = {}
+    for c in topology.couplings:
+        rows, cols = topology.tile_shape(c.tile)
+        w = torch.randn(rows, cols, generator=generator) * (scale / math.sqrt(rows))
+        if BIAS in c.rows:
+            w[_row_slice(topology, c.tile, BIAS)] = 0.0
+        if c.kind == "dense":
+            n = cols
+            w[:n] = 0.5 * (w[:n] + w[:n].T)
+            w[:n].fill_diagonal_(0.0)
+        out[c.tile] = w
+    return out
+
+
+def _row_slice(topology: Topology, tile: str, group: str) -> slice:
+    start = 0
+    for g in topology.coupling(tile).rows:
+        n = topology.size(g)
+        if g == group:
+            return slice(start, start + n)
+        start += n
+    raise KeyError(group)
+
+
+def to_numpy(x: ArrayLike) -> np.ndarray:
+    """float32 numpy view of a CPU tensor (no copy when possible)."""
+    if isinstance(x, Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        return x.to(torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass
+class EPResult:
+    grads: dict[str, Tensor]  # dL/dW per tile, the tile's shape
+    input_grads: dict[str, Tensor]  # dL/dx per clamped group, (B, n)
+    free: Equilibrium
+    first: Equilibrium  # the phase with the larger beta (the free one in "negative" mode)
+    second: Equilibrium  # the phase with the smaller beta (the free one in "positive" mode)
+    betas: tuple[float, float]  # (beta of `first`, beta of `second`)
+    settle_steps: int  # steps of the nudged settles (not the free one)
+
+
+class EBBlock(nn.Module):
+    """An energy-based block on a Device.
+
+    `inputs`: the clamped groups (default: the first group of the topology); `outputs`: the
+    groups that are read out and nudged (default: the last group). `budgets` may give a
+    separate `SettleBudget` for the ``"free"`` and ``"nudge"`` phases; switching between
+    them re-configures the Device, which must keep its programmed conductances (the
+    emulator does). `verify` programs with write-verify.
+    """
+
+    def __init__(
+        self,
+        device: Device,
+        topology: Topology,
+        *,
+        inputs: tuple[str, ...] | None = None,
+        outputs: tuple[str, ...] | None = None,
+        weights: Mapping[str, ArrayLike] | None = None,
+        init_scale: float = 1.0,
+        budgets: Mapping[str, SettleBudget] | None = None,
+        verify: bool = False,
+        clip: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.device = device
+        self.topology = topology
+        groups = list(topology.groups)
+        self.inputs = tuple(inputs) if inputs is not None else (groups[0],)
+        self.outputs = tuple(outputs) if outputs is not None else (groups[-1],)
+        for g in self.inputs + self.outputs:
+            if g not in topology.groups:
+                raise ValueError(f"group {g!r} is not in the topology; groups: {groups}")
+        if set(self.inputs) & set(self.outputs):
+            raise ValueError("a group cannot be both a (clamped) input and an output")
+        self.free_groups = [g for g in groups if g not in self.inputs]
+        gen = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        w0 = gaussian_init(topology, init_scale, gen) if weights is None else weights
+        self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)
+        # weights as they are on the device (read back after programming), for dPhi/dx
+        # (kept out of the module tree: it is not a parameter of the block)
+        object.__setattr__(
+            self,
+            "device_net",
+            DHN(topology, {t: p.detach() for t, p in self.net.weights.items()}, dtype=torch.float32),
+        )
+        self.device_net.requires_grad_(False)
+        self._pending: dict[str, WriteResult] = {}  # read-backs not yet copied into device_net
+        self.verify = verify
+        self.clip = clip
+        self.budgets = dict(budgets or {})
+        for k in self.budgets:
+            if k not in ("free", "nudge"):
+                raise ValueError(f"budgets keys are 'free' and 'nudge', got {k!r}")
+        self._versions: dict[str, int] = {}
+        self._phase_topologies: dict[str, Topology] = {}
+        self.clipped = 0
+        self.last_reports: dict[str, object] = {}
+        device.configure(topology)
+        self._configured = topology.budget
+        self.mappings = {c.tile: LinearMapping.for_tile(device, c.tile) for c in topology.couplings}
+        self.sync(force=True)
+
+    # ------------------------------------------------------------------------------ factories
+    @staticmethod
+    def layered(
+        device: Device,
+        sizes: list[int],
+        *,
+        gain: float = 1.0,
+        budget: SettleBudget | None = None,
+        w_max: float = 1.0,
+        mode: Literal["analog", "mvm"] = "analog",
+        prefix: str = "s",
+        **kw: object,
+    ) -> EBBlock:
+        """A layered DHN ``sizes[0] -> ... -> sizes[-1]``: s0 clamped, the last group read out."""
+        topo = Topology.layered(sizes, gain=gain, budget=budget, w_max=w_max, mode=mode, prefix=prefix)
+        return EBBlock(device, topo, **kw)  # type: ignore[arg-type]
+
+    @staticmethod
+    def dense(
+        device: Device,
+        groups: dict[str, int],
+        *,
+        inputs: tuple[str, ...],
+        outputs: tuple[str, ...],
+        gain: float = 1.0,
+        budget: SettleBudget | None = None,
+        w_max: float = 1.0,
+        mode: Literal["analog", "mvm"] = "analog",
+        **kw: object,
+    ) -> EBBlock:
+        """An all-to-all network over `groups` (one N x N tile plus a bias row)."""
+        topo = Topology.dense(groups, gain=gain, budget=budget, w_max=w_max, mode=mode)
+        return EBBlock(device, topo, inputs=inputs, outputs=outputs, **kw)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------ weights
+    @property
+    def weights(self) -> nn.ParameterDict:
+        return self.net.weights
+
+    @torch.no_grad()
+    def sync(self, force: bool = False) -> int:
+        """Program every tile whose host weights changed since the last write; return how many
+        tiles were written. Weights outside +-w_max are clipped (`clip`) on the host too."""
+        written = 0
+        for c in self.topology.couplings:
+            p = self.weights[c.tile]
+            if not force and self._versions.get(c.tile) == p._version:
+                continue
+            if c.kind == "dense":
+                n = p.shape[1]
+                p[:n].fill_diagonal_(0.0)  # the diagonal is disconnected
+            if self.clip:
+                self.clipped += int((p.abs() > c.w_max).sum())
+                p.clamp_(-c.w_max, c.w_max)
+            res = write_weights(self.device, c.tile, p, mapping=self.mappings[c.tile], verify=self.verify)
+            self.clipped += res.clipped
+            self.last_reports[c.tile] = res.report
+            self._pending[c.tile] = res
+            self._versions[c.tile] = p._version
+            written += 1
+        return written
+
+    @torch.no_grad()
+    def device_weights(self) -> DHN:
+        """The reference network with the weights as read back after the last programming."""
+        for tile, res in self._pending.items():
+            self.device_net.weights[tile].copy_(torch.from_numpy(res.achieved))
+        self._pending.clear()
+        return self.device_net
+
+    def _use_budget(self, phase: str) -> None:
+        b = self.budgets.get(phase, self.topology.budget)
+        if b is self._configured or b == self._configured:
+            return
+        topo = self._phase_topologies.get(phase)
+        if topo is None or topo.budget != b:
+            topo = self._phase_topologies[phase] = replace(self.topology, budget=b)
+        self.device.configure(topo)
+        self._configured = b
+
+    # ------------------------------------------------------------------------------ settles
+    def _clamp(self, x: ArrayLike | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        if isinstance(x, Mapping):
+            return {g: to_numpy(v) for g, v in x.items()}
+        if len(self.inputs) != 1:
+            raise ValueError(f"this block has inputs {self.inputs}: pass a dict")
+        return {self.inputs[0]: to_numpy(x)}
+
+    def settle(
+        self,
+        clamp: ArrayLike | Mapping[str, ArrayLike],
+        nudge: Mapping[str, Nudge] | None = None,
+        init: Mapping[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        self.sync()
+        self._use_budget("nudge" if nudge else "free")
+        return self.device.settle(
+            self._clamp(clamp),
+            nudge=dict(nudge) if nudge else None,
+            init=dict(init) if init else None,
+            trace=trace,
+        )
+
+    def free(self, clamp: ArrayLike | Mapping[str, ArrayLike], trace: bool | int = False) -> Equilibrium:
+        """The free phase: inputs clamped, outputs not nudged."""
+        return self.settle(clamp, trace=trace)
+
+    def predict(self, clamp: ArrayLike | Mapping[str, ArrayLike]) -> Tensor:
+        """The free-phase state of the (first) output group, (B, n)."""
+        return torch.from_numpy(self.free(clamp).states[self.outputs[0]])
+
+    def _nudges(
+        self,
+        beta: float,
+        target: Mapping[str, ArrayLike] | None,
+        grad: Mapping[str, ArrayLike] | None,
+        clamped: set[str],
+    ) -> dict[str, Nudge]:
+        out = {}
+        for g in set(target or {}) | set(grad or {}):
+            if g in clamped or g not in self.topology.groups:
+                raise ValueError(f"cannot nudge {g!r}: nudge free groups, e.g. the outputs {self.outputs}")
+            t = None if target is None or g not in target else to_numpy(target[g])
+            d = None if grad is None or g not in grad else to_numpy(grad[g])
+            out[g] = Nudge(float(beta), target=t, grad=d)
+        return out
+
+    def _as_groups(self, v: ArrayLike | Mapping[str, ArrayLike] | None) -> Mapping[str, ArrayLike] | None:
+        if v is None or isinstance(v, Mapping):
+            return v
+        if len(self.outputs) != 1:
+            raise ValueError(f"this block has outputs {self.outputs}: pass a dict")
+        return {self.outputs[0]: v}
+
+    # ------------------------------------------------------------------------------ gradients
+    def phi_grads(self, states: Mapping[str, np.ndarray | Tensor]) -> dict[str, Tensor]:
+        """dPhi/dW per tile, summed over the batch, at the given states."""
+        st = {g: torch.as_tensor(v) for g, v in states.items()}
+        out = {}
+        for c in self.topology.couplings:
+            rows, cols = self.topology.tile_shape(c.tile)
+            if c.kind == "dense":
+                s = torch.cat([st[g] for g in c.cols], dim=1) if len(c.cols) > 1 else st[c.cols[0]]
+                g = torch.empty(rows, cols, dtype=s.dtype)
+                g[:cols] = 0.5 * (s.T @ s)
+                g[:cols].fill_diagonal_(0.0)
+                if rows > cols:
+                    g[cols:] = s.sum(0)
+                out[c.tile] = g
+                continue
+            s_c = torch.cat([st[g] for g in c.cols], dim=1) if len(c.cols) > 1 else st[c.cols[0]]
+            parts = []
+            for g in c.rows:
+                if g == BIAS:
+                    parts.append(s_c.sum(0, keepdim=True))
+                else:
+                    parts.append(st[g].T @ s_c)
+            out[c.tile] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        return out
+
+    def input_drive(
+        self, states: Mapping[str, np.ndarray | Tensor], inputs: tuple[str, ...] | None = None
+    ) -> dict[str, Tensor]:
+        """dPhi/dx for the clamped groups `inputs` (default: the block's inputs): the drive
+        their neighbours put on them, (B, n)."""
+        st = {g: torch.as_tensor(v) for g, v in states.items()}
+        with torch.no_grad():
+            return self.device_weights().drive(st, targets=set(inputs or self.inputs))
+
+    def ep(
+        self,
+        clamp: ArrayLike | Mapping[str, ArrayLike],
+        *,
+        target: ArrayLike | Mapping[str, ArrayLike] | None = None,
+        grad: ArrayLike | Mapping[str, ArrayLike] | None = None,
+        beta: float = 0.1,
+        mode: Mode = "centered",
+        reduce: Literal["mean", "sum"] = "mean",
+        free: Equilibrium | None = None,
+        input_grads: bool = True,
+    ) -> EPResult:
+        """EP gradients of ``L = reduce_b beta-cost`` (see the module docstring) for the
+        parameters and (with `input_grads`) the clamped inputs. `free`: reuse a free
+        equilibrium of the same clamp."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0 (the mode sets the sign), got {beta}")
+        tg, gd = self._as_groups(target), self._as_groups(grad)
+        if not tg and not gd:
+            raise ValueError("EP needs a target or a grad for at least one output group")
+        cl = self._clamp(clamp)
+        clamped = set(cl)
+        f = free if free is not None else self.free(cl)
+        init = {g: f.states[g] for g in self.topology.groups if g not in clamped}
+        if mode == "random":
+            sign = 1.0 if torch.rand((), generator=self.generator).item() < 0.5 else -1.0
+            mode = "positive" if sign > 0 else "negative"
+        steps = 0
+        if mode in ("positive", "centered"):
+            first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init)
+            b1 = beta
+            steps += first.steps
+        else:
+            first, b1 = f, 0.0
+        if mode in ("negative", "centered"):
+            second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init)
+            b2 = -beta
+            steps += second.steps
+        else:
+            second, b2 = f, 0.0
+        scale = -1.0 / (b1 - b2)
+        if reduce == "mean":
+            scale /= next(iter(cl.values())).shape[0]
+        pa, pb = self.phi_grads(first.states), self.phi_grads(second.states)
+        grads = {t: (pa[t] - pb[t]) * scale for t in pa}
+        in_grads = {}
+        if input_grads:
+            inputs = tuple(cl)
+            da, db = self.input_drive(first.states, inputs), self.input_drive(second.states, inputs)
+            in_grads = {g: (da[g] - db[g]) * scale for g in inputs}
+        return EPResult(grads, in_grads, f, first, second, (b1, b2), steps)
+
+    def vjp(
+        self,
+        free: Equilibrium,
+        grad: ArrayLike | Mapping[str, ArrayLike],
+        *,
+        beta: float = 0.1,
+        mode: Mode = "centered",
+        normalize: bool = True,
+        inputs: tuple[str, ...] | None = None,
+    ) -> EPResult:
+        """Vector-Jacobian product of the block by EP: given ``dL/ds_out`` (`grad`, as autograd
+        hands it over, already carrying any batch averaging), return dL/dW and dL/dx.
+
+        `inputs`: the groups that were clamped in the free settle (default: the block's
+        inputs; a block used in both directions, e.g. a shared VAE, passes its own). With
+        `normalize`, the nudge is ``grad / max|grad|`` (so `beta` is the peak injected
+        current whatever the loss scale) and the results are scaled back."""
+        gd = self._as_groups(grad)
+        assert gd is not None
+        tens = {g: torch.as_tensor(v, dtype=torch.float32) for g, v in gd.items()}
+        peak = max(float(v.abs().max()) for v in tens.values()) if tens else 0.0
+        c = peak if (normalize and peak > 0) else 1.0
+        clamp = {g: free.states[g] for g in (inputs or self.inputs)}
+        if peak == 0.0:
+            zeros = {t: torch.zeros_like(p) for t, p in self.weights.items()}
+            zx = {g: torch.zeros(clamp[g].shape) for g in clamp}
+            return EPResult(zeros, zx, free, free, free, (0.0, 0.0), 0)
+        res = self.ep(
+            clamp, grad={g: v / c for g, v in tens.items()}, beta=beta, mode=mode, reduce="sum", free=free
+        )
+        if c != 1.0:
+            res.grads = {t: g * c for t, g in res.grads.items()}
+            res.input_grads = {g: v * c for g, v in res.input_grads.items()}
+        return res
+
+    def loss(self, states: Mapping[str, np.ndarray], target: ArrayLike | Mapping[str, ArrayLike]) -> float:
+        """Batch mean of ``1/2 |s_out - target|^2`` over the output groups."""
+        tg = self._as_groups(target)
+        assert tg is not None
+        total = 0.0
+        for g, t in tg.items():
+            d = torch.as_tensor(states[g]) - torch.as_tensor(t, dtype=torch.float32)
+            total += float(0.5 * (d**2).sum(-1).mean())
+        return total
+
+    def reference(self, dtype: torch.dtype = torch.float64, symmetric: bool = True) -> DHN:
+        """A pure-torch `DHN` with the weights as they are on the device (read back)."""
+        return DHN(
+            self.topology,
+            {t: p.detach() for t, p in self.device_weights().weights.items()},
+            dtype=dtype,
+            symmetric=symmetric,
+        )
+
+
+# ----------------------------------------------------------------------------- gradient check
+@dataclass
+class CheckRow:
+    beta: float
+    mode: str  # "one-sided" (+beta and free) or "centered"
+    param: str  # "W0.weight", "W0.bias", ..., "input"
+    cosine: float
+    rel_error: float
+
+
+def split_bias(topology: Topology, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per tile, the weight rows and the bias row as separate entries (``W0.weight``,
+    ``W0.bias``)."""
+    out = {}
+    for c in topology.couplings:
+        g = grads[c.tile]
+        if BIAS in c.rows:
+            sl = _row_slice(topology, c.tile, BIAS)
+            keep = torch.ones(g.shape[0], dtype=torch.bool)
+            keep[sl] = False
+            out[f"{c.tile}.weight"] = g[keep]
+            out[f"{c.tile}.bias"] = g[sl]
+        else:
+            out[f"{c.tile}.weight"] = g
+    return out
+
+
+def gradcheck(
+    block: EBBlock,
+    clamp: ArrayLike | Mapping[str, ArrayLike],
+    target: ArrayLike | Mapping[str, ArrayLike],
+    betas: tuple[float, ...] = (0.1, 0.01, 0.001),
+    modes: tuple[str, ...] = ("positive", "centered"),
+) -> list[CheckRow]:
+    """EP on the block's Device against implicit differentiation of the pure-torch reference
+    (float64, the weights read back from the Device), for the loss ``batch mean of
+    1/2 |s_out - target|^2``. One free settle is shared by every beta and mode."""
+    from hil.reference import cosine, mse_loss, rel_error
+
+    cl = block._clamp(clamp)
+    tg = block._as_groups(target)
+    assert tg is not None
+    ref = block.reference(torch.float64)
+    targets = {g: torch.as_tensor(v, dtype=torch.float64) for g, v in tg.items()}
+
+    def loss(states: dict[str, Tensor]) -> Tensor:
+        return sum(mse_loss(g, t)(states) for g, t in targets.items())  # type: ignore[return-value]
+
+    _, gw, gx, _ = ref.implicit_gradients({g: torch.from_numpy(v) for g, v in cl.items()}, loss)
+    truth = split_bias(block.topology, gw) | {f"input:{g}": v for g, v in gx.items()}
+    free = block.free(cl)
+    rows = []
+    for beta in betas:
+        for mode in modes:
+            r = block.ep(cl, target=tg, beta=beta, mode=mode, free=free)  # type: ignore[arg-type]
+            est = split_bias(block.topology, r.grads) | {f"input:{g}": v for g, v in r.input_grads.items()}
+            name = "one-sided" if mode in ("positive", "negative") else mode
+            for k, v in truth.items():
+                rows.append(CheckRow(beta, name, k, cosine(est[k], v), rel_error(est[k], v)))
+    return rows

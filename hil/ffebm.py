@@ -1,0 +1,267 @@
+"""Feedforward-tied energy-based models (ff-EBM, Nest & Ernoult, NeurIPS 2024).
+
+An ff-EBM chains digital feedforward parts (Linear, Conv2d, BatchNorm, pooling, ...) and
+energy-based (EB) blocks that live on Devices. Gradients are computed by BP-EP chaining:
+backprop through the digital parts, EP through the EB blocks. `EBFunction` is the
+``torch.autograd.Function`` that makes an EB block an ordinary torch op:
+
+- forward: clamp the block's input, free settle on the Device, return the output states;
+- backward: the incoming gradient ``dL/ds_out`` becomes the nudge
+  (``Nudge(beta, grad=dL/ds_out)``, scaled to a peak of 1 and scaled back), and EP gives
+  the parameter gradients and ``dL/dx`` for the block's input, which autograd carries on
+  through the digital parts in front of it.
+
+The block's input is a clamped node group coupled to the block's first free layer by a
+tile: that tile is the feedforward weight of the ff-EBM (the clamped group receives no
+feedback), so one layered DHN split into blocks (`split_layered`) is exactly the ff-EBM of
+the paper: block k's last layer is copied onto block k+1's clamped input layer. Clamped
+values must lie in the board's read-voltage range (normalised [0, 1] by default): a
+digital part that feeds a block should end in `Clamp01` (a hard sigmoid).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from drivers import BIAS, Device, SettleBudget, Topology
+from hil.ep import EBBlock, Mode
+from hil.reference import DHN
+
+
+# --------------------------------------------------------------------------- initialisation
+def goe_init(
+    topology: Topology, scale: float = 0.5, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """GOE initialisation: draw one symmetric Gaussian matrix over all N nodes of the
+    topology (off-diagonal entries ``N(0, scale^2 / N)``, zero diagonal: a Gaussian
+    Orthogonal Ensemble whose spectrum fills ``[-2 scale, 2 scale]``) and give each tile its
+    block of it; bias rows start at 0. Symmetric by construction, so dense tiles get
+    W_ij = W_ji, and the coupling matrix of the whole network is the GOE restricted to the
+    topology's edges, whose spectral radius stays below ``2 scale``: with
+    ``scale < 1 / (2 gain)`` the settle is a contraction from the start."""
+    groups = [g for g in topology.groups]
+    offsets, n = {}, 0
+    for g in groups:
+        offsets[g] = n
+        n += topology.groups[g]
+    a = torch.randn(n, n, generator=generator) * (scale / math.sqrt(n))
+    m = torch.triu(a, diagonal=1)
+    m = m + m.T
+    out = {}
+    for c in topology.couplings:
+        rows, cols = topology.tile_shape(c.tile)
+        w = torch.zeros(rows, cols)
+        r0 = 0
+        for rg in c.rows:
+            rn = topology.size(rg)
+            if rg != BIAS:
+                c0 = 0
+                for cg in c.cols:
+                    cn = topology.size(cg)
+                    w[r0 : r0 + rn, c0 : c0 + cn] = m[
+                        offsets[rg] : offsets[rg] + rn, offsets[cg] : offsets[cg] + cn
+                    ]
+                    c0 += cn
+            r0 += rn
+        out[c.tile] = w
+    return out
+
+
+def split_layered(sizes: Sequence[int], block_layers: int) -> list[list[int]]:
+    """Split a layered DHN ``sizes`` into blocks of `block_layers` free layers each: block k's
+    first layer is the clamped copy of block k-1's last layer (the last block may be shorter).
+
+    >>> split_layered([64, 256, 256, 10], 2)
+    [[64, 256, 256], [256, 10]]
+    """
+    if block_layers < 1:
+        raise ValueError("block_layers must be >= 1")
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError("a DHN needs at least two layers")
+    out = []
+    start = 0
+    while start < len(sizes) - 1:
+        stop = min(start + block_layers, len(sizes) - 1)
+        out.append(sizes[start : stop + 1])
+        start = stop
+    return out
+
+
+# --------------------------------------------------------------------------- autograd glue
+class EBFunction(torch.autograd.Function):
+    """``EBFunction.apply(x, layer, *params)``: free settle forward, EP backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: EBLayer, *params: Tensor) -> Tensor:  # type: ignore[override]
+        blk = layer.block
+        eq = blk.free({blk.inputs[0]: x.detach()})
+        ctx.layer = layer
+        ctx.eq = eq
+        ctx.x_dtype = x.dtype
+        return torch.from_numpy(eq.states[blk.outputs[0]]).to(x.dtype).clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        layer: EBLayer = ctx.layer
+        blk = layer.block
+        res = blk.vjp(ctx.eq, {blk.outputs[0]: grad.detach()}, beta=layer.beta, mode=layer.mode)
+        layer.last_vjp = res
+        gx = res.input_grads[blk.inputs[0]].to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return (gx, None, *[res.grads[t].to(w.dtype) for t, w in blk.weights.items()])
+
+
+class EBLayer(nn.Module):
+    """An EB block as a torch layer: input (B, ...) is flattened onto the clamped group,
+    output (B, n_out) is the settled output group."""
+
+    def __init__(self, block: EBBlock, *, beta: float = 0.2, mode: Mode = "centered") -> None:
+        super().__init__()
+        if len(block.inputs) != 1 or len(block.outputs) != 1:
+            raise ValueError("an EBLayer needs a block with one input group and one output group")
+        self.block = block
+        self.beta = beta
+        self.mode = mode
+        self.last_vjp = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1)
+        return EBFunction.apply(x, self, *self.block.weights.values())
+
+    def extra_repr(self) -> str:
+        sizes = list(self.block.topology.groups.values())
+        return f"sizes={sizes}, beta={self.beta}, mode={self.mode!r}"
+
+
+class Clamp01(nn.Module):
+    """Hard sigmoid ``clamp(x, 0, 1)``: brings a digital part's output into the clamp range."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(x, 0.0, 1.0)
+
+
+class RefLayer(nn.Module):
+    """The pure-torch counterpart of an `EBLayer`: the same network on `hil.reference.DHN`,
+    differentiated by implicit differentiation (for end-to-end gradient checks)."""
+
+    def __init__(self, net: DHN, inp: str, out: str) -> None:
+        super().__init__()
+        self.net = net
+        self.inp = inp
+        self.out = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1)
+        return self.net({self.inp: x}, outputs=(self.out,))[self.out]
+
+
+# ----------------------------------------------------------------------------------- model
+class FFEBM(nn.Module):
+    """A sequence of digital modules and `EBLayer`s; `forward` returns the last output."""
+
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for p in self.parts:
+            x = p(x)
+        return x
+
+    @property
+    def eb_layers(self) -> list[EBLayer]:
+        return [p for p in self.parts if isinstance(p, EBLayer)]
+
+    def block_parameters(self) -> list[Tensor]:
+        return [w for layer in self.eb_layers for w in layer.block.weights.values()]
+
+    def digital_parameters(self) -> list[Tensor]:
+        ids = {id(p) for p in self.block_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def reference(self, dtype: torch.dtype = torch.float64) -> nn.Module:
+        """A copy in which every EB block is replaced by its `RefLayer` (weights as read back
+        from the device) and every digital part is deep-copied, in `dtype`."""
+        import copy
+
+        parts: list[nn.Module] = []
+        for p in self.parts:
+            if isinstance(p, EBLayer):
+                b = p.block
+                parts.append(RefLayer(b.reference(dtype), b.inputs[0], b.outputs[0]))
+            else:
+                parts.append(copy.deepcopy(p).to(dtype))
+        return nn.Sequential(*parts)
+
+    @staticmethod
+    def layered(
+        sizes: Sequence[int],
+        block_layers: int,
+        devices: Callable[[int], Device],
+        *,
+        between: Literal["identity", "linear"] = "identity",
+        gain: float = 1.0,
+        w_max: float = 1.0,
+        budget: SettleBudget | None = None,
+        budgets: dict[str, SettleBudget] | None = None,
+        init: Literal["goe", "gaussian"] = "goe",
+        init_scale: float = 0.5,
+        beta: float = 0.2,
+        mode: Mode = "centered",
+        settle_mode: Literal["analog", "mvm"] = "analog",
+        verify: bool = False,
+        seed: int = 0,
+    ) -> FFEBM:
+        """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
+        on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
+        input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`)."""
+        gen = torch.Generator().manual_seed(seed)
+        parts: list[nn.Module] = []
+        for k, bs in enumerate(split_layered(sizes, block_layers)):
+            if k > 0 and between == "linear":
+                lin = nn.Linear(bs[0], bs[0])
+                with torch.no_grad():
+                    # near-identity start, so the chain works from the first step
+                    lin.weight.copy_(torch.eye(bs[0]) + 0.1 * torch.randn(bs[0], bs[0], generator=gen)
+                                     / math.sqrt(bs[0]))  # fmt: skip
+                    lin.bias.zero_()
+                parts += [lin, Clamp01()]
+            topo = Topology.layered(
+                list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s"
+            )
+            weights = (
+                goe_init(topo, init_scale, gen)
+                if init == "goe"
+                else {t: w for t, w in _gaussian(topo, init_scale, gen).items()}
+            )
+            blk = EBBlock(devices(k), topo, weights=weights, budgets=budgets, verify=verify, seed=seed + k)
+            parts.append(EBLayer(blk, beta=beta, mode=mode))
+        return FFEBM(parts)
+
+
+def _gaussian(topo: Topology, scale: float, gen: torch.Generator) -> dict[str, Tensor]:
+    from hil.ep import gaussian_init
+
+    return gaussian_init(topo, scale, gen)
+
+
+# ------------------------------------------------------------------------------- training
+def make_optimizer(
+    model: FFEBM, lr_blocks: float = 1e-3, lr_digital: float = 1e-3, weight_decay: float = 0.0
+) -> torch.optim.Adam:
+    """Adam with one learning rate for the EB blocks and one for the digital parts."""
+    groups = [{"params": model.block_parameters(), "lr": lr_blocks}]
+    dig = model.digital_parameters()
+    if dig:
+        groups.append({"params": dig, "lr": lr_digital})
+    return torch.optim.Adam(groups, weight_decay=weight_decay)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay of every group's learning rate to 0 over `steps` scheduler steps."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))

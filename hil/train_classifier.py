@@ -1,0 +1,256 @@
+"""Train a classifier on a Device by Equilibrium Propagation.
+
+Two model kinds (``model.kind``):
+
+- ``dhn``: one layered Deep Hopfield Network on one board, trained by EP alone: the free
+  settle gives the prediction (the output layer's states), the loss's gradient at the free
+  equilibrium becomes the nudge of the output layer, and the EP gradients of the two nudged
+  phases update the weights, which are programmed back into the board.
+- ``ffebm``: a layered DHN split into EB blocks (one board per block) chained by digital
+  parts, trained end to end by BP-EP chaining (`hil.ffebm`).
+
+Losses (``ep.loss``): ``ce`` is the cross-entropy of ``softmax(tau * s_out)``; its gradient
+at the free state is injected as a constant current (``Nudge(grad=...)``). ``mse`` is
+``1/2 |s_out - onehot|^2`` through the elastic target nudge (``Nudge(target=...)``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drivers import Device, SettleBudget, Topology, open_device
+from drivers.uri import parse_uri
+from hil.config import RunConfig
+from hil.data import Dataset, batches, load_dataset
+from hil.ep import EBBlock, gaussian_init
+from hil.ffebm import FFEBM, goe_init
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    seconds: float
+    free_steps: float  # mean settle steps of the free phase
+    nudge_steps: float  # mean settle steps of one nudged phase
+    unconverged: float  # fraction of settles that hit their step budget above tol
+
+
+@dataclass
+class TrainResult:
+    config: RunConfig
+    devices: list[str]  # *IDN strings, one per board
+    test_acc: float
+    history: list[EpochStats] = field(default_factory=list)
+    model: object = None
+
+
+def block_uri(uri: str, k: int) -> str:
+    """The URI of the k-th board of a multi-block model: for the emulator, the same preset
+    with seed + k; other schemes name one physical board each, so they cannot be expanded."""
+    if k == 0:
+        return uri
+    scheme, _, params = parse_uri(uri)
+    if scheme != "emulator":
+        raise ValueError(
+            f"an ff-EBM with several EB blocks needs one board per block; {uri!r} names one board. "
+            "Use the emulator (boards seed, seed+1, ...) or a one-block model."
+        )
+    seed = int(params.get("seed", "0")) + k
+    if re.search(r"([?&])seed=[^&]*", uri):
+        return re.sub(r"([?&])seed=[^&]*", rf"\g<1>seed={seed}", uri)
+    return uri + ("&" if "?" in uri else "?") + f"seed={seed}"
+
+
+def _budgets(cfg: RunConfig) -> tuple[SettleBudget, dict[str, SettleBudget]]:
+    e = cfg.ep
+    free = SettleBudget(max_steps=e.free_steps, tol=e.tol, dt=e.dt)
+    nudge = SettleBudget(max_steps=e.nudge_steps, tol=e.tol, dt=e.dt)
+    return free, {"free": free, "nudge": nudge}
+
+
+class Classifier:
+    """The model of a run plus its optimiser: `step(x, y)` trains on one batch, `predict(x)`
+    returns the output states."""
+
+    def __init__(self, cfg: RunConfig, features: int, classes: int, opener: Callable[[str], Device]) -> None:
+        self.cfg = cfg
+        m, e, t = cfg.model, cfg.ep, cfg.train
+        sizes = list(m.sizes)
+        if sizes[0] != features or sizes[-1] != classes:
+            raise ValueError(
+                f"model.sizes {sizes} must start with the {features} input features and end with the "
+                f"{classes} classes of {cfg.data.name}"
+            )
+        free, budgets = _budgets(cfg)
+        gen = torch.Generator().manual_seed(t.seed)
+        self.devices: list[Device] = []
+
+        def dev(k: int) -> Device:
+            d = opener(block_uri(cfg.device, k))
+            self.devices.append(d)
+            return d
+
+        if m.kind == "dhn":
+            topo = Topology.layered(sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode)
+            init = goe_init if m.init == "goe" else gaussian_init
+            self.block = EBBlock(
+                dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets, verify=e.verify,
+                seed=t.seed,
+            )  # fmt: skip
+            self.ffebm: FFEBM | None = None
+            tiles = list(self.block.weights.values())
+        else:
+            self.ffebm = FFEBM.layered(
+                sizes, m.block_layers, dev, between=m.between, gain=m.gain, w_max=m.w_max, budget=free,
+                budgets=budgets, init=m.init, init_scale=m.init_scale, beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
+                settle_mode=e.settle_mode, verify=e.verify, seed=t.seed,
+            )  # fmt: skip
+            tiles = self.ffebm.block_parameters()
+        lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
+        groups: list[dict] = [{"params": [p], "lr": lr} for p, lr in zip(tiles, lrs, strict=True)]
+        if self.ffebm is not None and self.ffebm.digital_parameters():
+            groups.append({"params": self.ffebm.digital_parameters(), "lr": t.lr_digital})
+        if t.optimizer == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(groups, weight_decay=t.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, t.epochs) if t.schedule == "cosine" else None
+        )
+        self.classes = classes
+
+    # --------------------------------------------------------------------------------- loss
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.cfg.ep.loss == "ce":
+            return F.cross_entropy(self.cfg.ep.tau * out, y)
+        return 0.5 * ((out - F.one_hot(y, self.classes).to(out.dtype)) ** 2).sum(-1).mean()
+
+    # --------------------------------------------------------------------------------- step
+    def step(self, x: Tensor, y: Tensor) -> tuple[float, float, dict[str, float]]:
+        """One optimisation step; returns (loss, accuracy, settle statistics) of the batch."""
+        e = self.cfg.ep
+        self.opt.zero_grad(set_to_none=True)
+        if self.ffebm is not None:
+            out = self.ffebm(x)
+            loss = self._loss(out, y)
+            loss.backward()
+            layers = self.ffebm.eb_layers
+            free = [lay.last_vjp.free for lay in layers if lay.last_vjp is not None]
+            nud = [eq for lay in layers if lay.last_vjp is not None
+                   for eq in (lay.last_vjp.first, lay.last_vjp.second)]  # fmt: skip
+        else:
+            blk = self.block
+            f = blk.free(x)
+            out = torch.from_numpy(f.states[blk.outputs[0]])
+            if e.loss == "ce":
+                grad = e.tau * (torch.softmax(e.tau * out, dim=1) - F.one_hot(y, self.classes).to(out.dtype))
+                r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False)
+            else:
+                target = F.one_hot(y, self.classes).to(out.dtype)
+                r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False)
+            loss = self._loss(out, y)
+            for tile, p in blk.weights.items():
+                p.grad = r.grads[tile]
+            free = [f]
+            nud = [eq for eq in (r.first, r.second) if eq is not f]
+        self.opt.step()
+        acc = float((out.argmax(1) == y).float().mean())
+        stats = {
+            "free_steps": sum(q.steps for q in free) / max(1, len(free)),
+            "nudge_steps": sum(q.steps for q in nud) / max(1, len(nud)),
+            "settles": len(free) + len(nud),
+            "unconverged": sum(not q.converged for q in free + nud),
+        }
+        return float(loss.detach()) if isinstance(loss, Tensor) else float(loss), acc, stats
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, batch_size: int = 512) -> Tensor:
+        outs = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size]
+            if self.ffebm is not None:
+                outs.append(self.ffebm(xb))
+            else:
+                outs.append(self.block.predict(xb).clone())
+        return torch.cat(outs)
+
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        return float((self.predict(x).argmax(1) == y).float().mean())
+
+    def epoch_end(self) -> None:
+        if self.sched is not None:
+            self.sched.step()
+
+    def identities(self) -> list[str]:
+        return [d.info.identity.idn() for d in self.devices]
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+
+
+def train_classifier(
+    cfg: RunConfig,
+    *,
+    progress: bool = False,
+    data: Dataset | None = None,
+    opener: Callable[[str], Device] = open_device,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train `cfg` and return the test accuracy after the last epoch and the history."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.train.seed)
+    ds = data or load_dataset(
+        cfg.data.name, cfg.data.root or None, limit_train=cfg.data.limit_train or None,
+        limit_test=cfg.data.limit_test or None,
+    )  # fmt: skip
+    if ds.x_train.min() < 0 or ds.x_train.max() > 1:
+        raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
+    model = Classifier(cfg, ds.features, ds.classes, opener)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    bs = cfg.train.batch_size
+    n_batches = (len(ds.x_train) + bs - 1) // bs
+    history: list[EpochStats] = []
+    bar = tqdm(total=cfg.train.epochs * n_batches, disable=not progress, unit="batch", dynamic_ncols=True)
+    try:
+        for epoch in range(cfg.train.epochs):
+            t0 = time.perf_counter()
+            tot_loss = tot_acc = free_steps = nudge_steps = 0.0
+            settles = unconverged = 0
+            for x, y in batches(ds.x_train, ds.y_train, bs, generator=gen):
+                loss, acc, st = model.step(x, y)
+                tot_loss += loss * len(y)
+                tot_acc += acc * len(y)
+                free_steps += st["free_steps"]
+                nudge_steps += st["nudge_steps"]
+                settles += int(st["settles"])
+                unconverged += int(st["unconverged"])
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+            model.epoch_end()
+            seconds = time.perf_counter() - t0
+            test_acc = model.accuracy(ds.x_test, ds.y_test)
+            n = len(ds.y_train)
+            stats = EpochStats(
+                epoch + 1, tot_loss / n, tot_acc / n, test_acc, seconds, free_steps / n_batches,
+                nudge_steps / n_batches, unconverged / max(1, settles),
+            )  # fmt: skip
+            history.append(stats)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", test=f"{test_acc:.2%}")
+            if on_epoch is not None:
+                on_epoch(stats)
+    finally:
+        bar.close()
+    result = TrainResult(cfg, model.identities(), history[-1].test_acc, history, model)
+    return result

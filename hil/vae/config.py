@@ -1,0 +1,100 @@
+"""The configuration of `hil train vae` (TOML sections [model], [ep], [likelihood], [train], [eval])."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hil.config import ConfigError, DataConfig
+
+
+@dataclass
+class VAEModelConfig:
+    variant: Literal["f-vae", "h-vae", "dh-vae", "tdh-vae", "shared-layered"] = "tdh-vae"
+    hidden: int = 64  # hidden units (h group; the hidden layer of F-VAE)
+    latent: int = 4  # latent dimensions (mu and lv groups have this many units each)
+    gain: float = 1.0
+    w_max: float = 1.0
+    init_scale: float = 0.5
+    mu_scale: float = 3.0  # mu = mu_scale (s_mu - 1/2): z beyond +-mu_scale/2 is clipped when clamped
+    lv_min: float = -6.0  # log sigma^2 = lv_min + (lv_max - lv_min) s_lv
+    lv_max: float = 1.0
+    copies: int = 1  # units per latent dimension in the Hopfield variants (population code)
+
+
+@dataclass
+class VAEEPConfig:
+    beta: float = 0.2
+    mode: Literal["centered", "positive", "negative", "random"] = "centered"
+    steps: int = 200  # settle budget per phase
+    tol: float = 1e-3
+    dt: float = 0.5  # damping of the analog settle (dense networks need < 1)
+
+
+@dataclass
+class LikelihoodConfig:
+    kind: Literal["gaussian", "bernoulli"] = "gaussian"
+    sigma: float = 0.3
+    eps: float = 0.01
+
+
+@dataclass
+class VAETrainConfig:
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 3e-3
+    schedule: Literal["cosine", "none"] = "cosine"
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    eps_draws: int = 4  # noise draws averaged in the test negative ELBO
+    samples: int = 360  # generated images for the Frechet distance
+    every: int = 0  # evaluate on the test set every N epochs (0: only at the end)
+
+
+@dataclass
+class VAERunConfig:
+    name: str = "vae"
+    device: str = "emulator://?preset=ideal&seed=0"
+    out: str = "runs"  # the run folder goes under here
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    ep: VAEEPConfig = field(default_factory=VAEEPConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate_vae(cfg: VAERunConfig) -> None:
+    m, e, t = cfg.model, cfg.ep, cfg.train
+    checks = (
+        ("model.hidden", m.hidden),
+        ("model.latent", m.latent),
+        ("model.copies", m.copies),
+        ("ep.steps", e.steps),
+    )
+    for key, value in checks:
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if e.beta <= 0:
+        raise ConfigError(f"ep.beta: must be > 0, got {e.beta}")
+    if not 0 < e.dt <= 1:
+        raise ConfigError(f"ep.dt: must be in (0, 1], got {e.dt}")
+    if m.lv_max <= m.lv_min:
+        raise ConfigError(f"model.lv_max must exceed model.lv_min, got {m.lv_min}..{m.lv_max}")
+    if m.mu_scale <= 0:
+        raise ConfigError(f"model.mu_scale: must be > 0, got {m.mu_scale}")
+    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
+        raise ConfigError("train.epochs, train.batch_size >= 1 and train.lr > 0 required")
+    if cfg.likelihood.sigma <= 0:
+        raise ConfigError(f"likelihood.sigma: must be > 0, got {cfg.likelihood.sigma}")
+    if not 0 < cfg.likelihood.eps < 0.5:
+        raise ConfigError(f"likelihood.eps: must be in (0, 0.5), got {cfg.likelihood.eps}")
+    if cfg.eval.eps_draws < 1 or cfg.eval.samples < 2:
+        raise ConfigError("eval.eps_draws >= 1 and eval.samples >= 2 required")

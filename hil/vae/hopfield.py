@@ -1,0 +1,226 @@
+"""Hopfield VAEs trained by EP on a Device: H-VAE, DH-VAE, TDH-VAE and the shared layered VAE.
+
+Every Hopfield network of the family has the node groups ``x`` (pixels), ``h`` (hidden),
+``mu`` and ``lv`` (latent mean and log-variance, `latent.LatentCode`). The encoder pass
+clamps ``x`` and reads ``(mu, lv)``; the decoder pass clamps ``mu`` to the sample z and
+reads ``x``. One gradient step (fixed eps):
+
+1. encoder free settle -> (mu, log sigma^2); z = mu + sigma * eps;
+2. decoder free settle with z clamped -> image mean x_hat; loss = -log p(x|z) + KL;
+3. EP on the decoder pass, nudged by d(-log p)/dx_hat, gives the decoder's parameter
+   gradients and, as an EP input gradient, dL/dz;
+4. through the reparameterisation and the KL this becomes (dL/dmu, dL/dlog sigma^2), the
+   nudge of the encoder pass, whose EP gives the encoder's parameter gradients.
+
+In the shared variants (TDH-VAE, shared layered) both passes run on the same network and
+their gradients add on the same weights: half the crossbar cells of the separate variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology
+from hil.ep import EBBlock, Mode
+from hil.vae.latent import LatentCode, Likelihood, kl_normal, reparameterize
+
+Variant = Literal["h-vae", "dh-vae", "tdh-vae", "shared-layered"]
+VARIANTS: tuple[str, ...] = ("h-vae", "dh-vae", "tdh-vae", "shared-layered")
+ENC_IN, ENC_OUT = ("x",), ("mu", "lv")
+DEC_IN, DEC_OUT = ("mu",), ("x",)
+
+
+def _groups(pixels: int, hidden: int, latent: int) -> dict[str, int]:
+    return {"x": pixels, "h": hidden, "mu": latent, "lv": latent}
+
+
+def layered_encoder_topology(
+    pixels: int, hidden: int, latent: int, w_max: float = 1.0, **kw: object
+) -> Topology:
+    """x -> h -> (mu, lv): also the shared layered network, read backwards to decode."""
+    couplings = (
+        Coupling("W0", ("x", BIAS), ("h",), w_max=w_max),
+        Coupling("W1", ("h", BIAS), ("mu", "lv"), w_max=w_max),
+    )
+    return Topology(_groups(pixels, hidden, latent), couplings, **kw)  # type: ignore[arg-type]
+
+
+def layered_decoder_topology(
+    pixels: int, hidden: int, latent: int, w_max: float = 1.0, **kw: object
+) -> Topology:
+    """z (the mu group) -> h -> x, with an lv group of free units beside mu (equal sizes)."""
+    couplings = (
+        Coupling("V0", ("mu", "lv", BIAS), ("h",), w_max=w_max),
+        Coupling("V1", ("h", BIAS), ("x",), w_max=w_max),
+    )
+    return Topology(_groups(pixels, hidden, latent), couplings, **kw)  # type: ignore[arg-type]
+
+
+def dense_topology(pixels: int, hidden: int, latent: int, tile: str = "W", **kw: object) -> Topology:
+    return Topology.dense(_groups(pixels, hidden, latent), tile=tile, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class StepResult:
+    loss: float  # batch-mean negative ELBO (nats), with this eps
+    nll: float
+    kl: float
+    grads: dict[str, dict[str, Tensor]]  # per block name, per tile
+    encoder_free: Equilibrium
+    decoder_free: Equilibrium
+    settle_steps: int
+    settle_energy_j: float
+    converged: bool
+
+
+class HopfieldVAE:
+    """A VAE whose encoder and decoder are EB blocks on Devices (one block when shared)."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        devices: tuple[Device, ...],
+        *,
+        pixels: int = 64,
+        hidden: int = 64,
+        code: LatentCode | None = None,
+        budget: SettleBudget | None = None,
+        gain: float = 1.0,
+        w_max: float = 1.0,
+        init_scale: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Hopfield VAE variant {variant!r}; known: {VARIANTS}")
+        self.variant = variant
+        self.code = code or LatentCode()
+        self.pixels = pixels
+        budget = budget or SettleBudget(max_steps=200, tol=1e-3, dt=0.5)
+        kw = {"gain": gain, "budget": budget, "w_max": w_max}
+        d = self.code.units
+        shared = variant in ("tdh-vae", "shared-layered")
+        need = 1 if shared else 2
+        if len(devices) < need:
+            raise ValueError(f"{variant} needs {need} device(s), got {len(devices)}")
+        if variant in ("dh-vae", "tdh-vae"):
+            enc_topo = dense_topology(pixels, hidden, d, **kw)
+            dec_topo = dense_topology(pixels, hidden, d, **kw)
+        elif variant == "h-vae":
+            enc_topo = layered_encoder_topology(pixels, hidden, d, **kw)
+            dec_topo = layered_decoder_topology(pixels, hidden, d, **kw)
+        else:
+            enc_topo = dec_topo = layered_encoder_topology(pixels, hidden, d, **kw)
+        self.encoder = EBBlock(
+            devices[0], enc_topo, inputs=ENC_IN, outputs=ENC_OUT, init_scale=init_scale, seed=seed
+        )
+        self.decoder = (
+            self.encoder
+            if shared
+            else EBBlock(
+                devices[1], dec_topo, inputs=DEC_IN, outputs=DEC_OUT, init_scale=init_scale, seed=seed + 7
+            )
+        )
+
+    # --------------------------------------------------------------------------- structure
+    @property
+    def shared(self) -> bool:
+        return self.encoder is self.decoder
+
+    def blocks(self) -> dict[str, EBBlock]:
+        return {"net": self.encoder} if self.shared else {"encoder": self.encoder, "decoder": self.decoder}
+
+    def cells(self) -> int:
+        """Crossbar cells (differential pairs) over all blocks."""
+        return sum(b.topology.cells() for b in self.blocks().values())
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for b in self.blocks().values() for p in b.weights.values()]
+
+    # --------------------------------------------------------------------------- passes
+    def encode(self, x: Tensor, trace: int = 0) -> tuple[Tensor, Tensor, Equilibrium]:
+        eq = self.encoder.settle({"x": x}, trace=trace)
+        mu, lv = self.code.stats(torch.from_numpy(eq.states["mu"]), torch.from_numpy(eq.states["lv"]))
+        return mu, lv, eq
+
+    def decode(self, z: Tensor, trace: int = 0) -> tuple[Tensor, Equilibrium, Tensor]:
+        """Image mean for latent z, the decoder equilibrium, and ds_z/dz."""
+        s_z, dsdz = self.code.clamp_state(z)
+        eq = self.decoder.settle({"mu": s_z}, trace=trace)
+        return torch.from_numpy(eq.states["x"]), eq, dsdz
+
+    # --------------------------------------------------------------------------- training
+    def step(
+        self,
+        x: Tensor,
+        eps: Tensor,
+        likelihood: Likelihood,
+        *,
+        beta: float = 0.2,
+        mode: Mode = "centered",
+        trace: int = 0,
+    ) -> StepResult:
+        """Negative ELBO of the batch and its EP gradients (batch mean), for the noise `eps`;
+        `trace` records the free settles every `trace` steps."""
+        batch = x.shape[0]
+        mu, lv, enc = self.encode(x, trace)
+        z = reparameterize(mu, lv, eps)
+        x_hat, dec, dsdz = self.decode(z, trace)
+        nll, kl = likelihood.nll(x, x_hat), kl_normal(mu, lv)
+        # decoder pass: the reconstruction loss nudges x; EP gives dL/dW and dL/ds_z
+        dec_ep = self.decoder.vjp(
+            dec, {"x": likelihood.grad(x, x_hat) / batch}, beta=beta, mode=mode, inputs=DEC_IN
+        )
+        d_z = self.code.z_grad(dec_ep.input_grads["mu"].to(torch.float32), dsdz)
+        sigma = torch.exp(0.5 * lv)
+        d_mu = d_z + mu / batch
+        d_lv = d_z * eps * 0.5 * sigma + 0.5 * (lv.exp() - 1.0) / batch
+        g_mu, g_lv = self.code.state_grads(d_mu, d_lv)
+        enc_ep = self.encoder.vjp(enc, {"mu": g_mu, "lv": g_lv}, beta=beta, mode=mode, inputs=ENC_IN)
+        grads: dict[str, dict[str, Tensor]] = {}
+        if self.shared:
+            grads["net"] = {t: enc_ep.grads[t] + dec_ep.grads[t] for t in enc_ep.grads}
+        else:
+            grads["encoder"], grads["decoder"] = dict(enc_ep.grads), dict(dec_ep.grads)
+        eqs = [enc, dec, enc_ep.first, enc_ep.second, dec_ep.first, dec_ep.second]
+        unique = {id(e): e for e in eqs}.values()
+        return StepResult(
+            loss=float((nll + kl).mean()),
+            nll=float(nll.mean()),
+            kl=float(kl.mean()),
+            grads=grads,
+            encoder_free=enc,
+            decoder_free=dec,
+            settle_steps=enc_ep.settle_steps + dec_ep.settle_steps + enc.steps + dec.steps,
+            settle_energy_j=sum(e.energy_j for e in unique),
+            converged=enc.converged and dec.converged,
+        )
+
+    def apply(self, grads: dict[str, dict[str, Tensor]]) -> None:
+        """Put `grads` on the blocks' parameters (their optimizer steps next)."""
+        for name, block in self.blocks().items():
+            for tile, p in block.weights.items():
+                p.grad = grads[name][tile].to(p.dtype)
+
+    def sync(self) -> None:
+        for block in self.blocks().values():
+            block.sync()
+
+    # --------------------------------------------------------------------------- reference
+    def reference_loss(self, x: Tensor, eps: Tensor, likelihood: Likelihood) -> tuple[Tensor, dict]:
+        """The same negative ELBO through pure-torch reference networks with autograd
+        (implicit differentiation through both settles); returns (loss, {block: DHN})."""
+        nets = {name: b.reference(dtype=torch.float64) for name, b in self.blocks().items()}
+        enc_net = nets["net"] if self.shared else nets["encoder"]
+        dec_net = nets["net"] if self.shared else nets["decoder"]
+        x64 = x.to(torch.float64)
+        out = enc_net({"x": x64}, outputs=ENC_OUT)
+        mu, lv = self.code.stats(out["mu"], out["lv"])
+        z = reparameterize(mu, lv, eps.to(torch.float64))
+        s_z, _ = self.code.clamp_state(z)
+        x_hat = dec_net({"mu": s_z}, outputs=DEC_OUT)["x"]
+        loss = (likelihood.nll(x64, x_hat) + kl_normal(mu, lv)).mean()
+        return loss, nets

@@ -1,0 +1,331 @@
+"""Training and evaluation of the VAE family (`hil train vae`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from drivers import Equilibrium, SettleBudget, open_device
+from hil.data import Dataset, load_dataset
+from hil.runlog import DataOrder, RunLog, restore_training, training_state
+from hil.vae.config import VAERunConfig
+from hil.vae.fvae import FVAE
+from hil.vae.hopfield import HopfieldVAE
+from hil.vae.images import save_grid, save_reconstructions
+from hil.vae.latent import LatentCode, Likelihood, kl_normal, make_likelihood, reparameterize
+from hil.vae.metrics import DigitsFeatures, frechet_distance
+
+
+@dataclass
+class Evaluation:
+    neg_elbo: float  # nats per image, test set, averaged over eps draws
+    recon_mse: float  # mean squared error per pixel, z = mu
+    frechet: float  # Frechet distance of generated samples to the test images (digits features)
+    energy_per_image_j: float  # settle energy of one encode + decode (0 for F-VAE)
+    converged: float  # fraction of evaluation settles that converged (1 for F-VAE)
+
+
+@dataclass
+class VAEResult:
+    config: VAERunConfig
+    variant: str
+    cells: int
+    initial: Evaluation
+    final: Evaluation
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    identity: str = ""
+    pictures: list[Path] = field(default_factory=list)
+
+
+class _Model:
+    """One face for F-VAE (autograd) and the Hopfield VAEs (EP on a Device)."""
+
+    def __init__(self, cfg: VAERunConfig, pixels: int) -> None:
+        m = cfg.model
+        self.cfg = cfg
+        self.code = LatentCode(m.latent, m.mu_scale, m.lv_min, m.lv_max, m.copies)
+        self.fvae: FVAE | None = None
+        self.hvae: HopfieldVAE | None = None
+        self.devices = []
+        self.last_free: dict[str, Equilibrium] = {}
+        if m.variant == "f-vae":
+            self.fvae = FVAE(pixels, m.hidden, m.latent, seed=cfg.train.seed)
+            self.params = list(self.fvae.parameters())
+            self.identity = "digital (no device)"
+            self.module: torch.nn.Module = self.fvae
+            return
+        n_dev = 1 if m.variant in ("tdh-vae", "shared-layered") else 2
+        self.devices = [open_device(cfg.device) for _ in range(n_dev)]
+        budget = SettleBudget(max_steps=cfg.ep.steps, tol=cfg.ep.tol, dt=cfg.ep.dt)
+        self.hvae = HopfieldVAE(
+            m.variant,  # type: ignore[arg-type]
+            tuple(self.devices),
+            pixels=pixels,
+            hidden=m.hidden,
+            code=self.code,
+            budget=budget,
+            gain=m.gain,
+            w_max=m.w_max,
+            init_scale=m.init_scale,
+            seed=cfg.train.seed,
+        )
+        self.params = self.hvae.parameters()
+        self.identity = self.devices[0].info.identity.idn()
+        self.module = torch.nn.ModuleDict(self.hvae.blocks())
+
+    def cells(self) -> int:
+        return 0 if self.hvae is None else self.hvae.cells()
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.safe_state()
+            d.close()
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, float, bool]:
+        """(mu, logvar, settle joules, converged)."""
+        if self.fvae is not None:
+            with torch.no_grad():
+                mu, lv = self.fvae.encode(x)
+            return mu, lv, 0.0, True
+        assert self.hvae is not None
+        mu, lv, eq = self.hvae.encode(x)
+        return mu, lv, eq.energy_j, eq.converged
+
+    def decode(self, z: Tensor) -> tuple[Tensor, float, bool]:
+        if self.fvae is not None:
+            with torch.no_grad():
+                return self.fvae.decode(z), 0.0, True
+        assert self.hvae is not None
+        x_hat, eq, _ = self.hvae.decode(z)
+        return x_hat, eq.energy_j, eq.converged
+
+    def log_tiles(self, log: RunLog, step: int) -> None:
+        """Snapshot every tile's host weights and conductances, and its last programming report."""
+        if self.hvae is None:
+            return
+        for name, block in self.hvae.blocks().items():
+            for tile, p in block.weights.items():
+                gp, gm = block.device.read_conductance(tile)
+                label = tile if self.hvae.shared else f"{name}.{tile}"
+                log.tile(step, label, weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
+            for report in block.last_reports.values():
+                log.program(step, report)
+
+    def train_step(
+        self, x: Tensor, eps: Tensor, lik: Likelihood, opt: torch.optim.Optimizer, trace: int = 0
+    ) -> dict[str, float]:
+        opt.zero_grad()
+        if self.fvae is not None:
+            mu, lv = self.fvae.encode(x)
+            nll = lik.nll(x, self.fvae.decode(reparameterize(mu, lv, eps)))
+            kl = kl_normal(mu, lv)
+            loss = (nll + kl).mean()
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item(), "nll": nll.mean().item(), "kl": kl.mean().item()}
+        assert self.hvae is not None
+        r = self.hvae.step(x, eps, lik, beta=self.cfg.ep.beta, mode=self.cfg.ep.mode, trace=trace)  # type: ignore[arg-type]
+        self.last_free = {"encoder free": r.encoder_free, "decoder free": r.decoder_free}
+        self.hvae.apply(r.grads)
+        opt.step()
+        return {
+            "loss": r.loss,
+            "nll": r.nll,
+            "kl": r.kl,
+            "settle_steps": float(r.settle_steps),
+            "settle_energy_j": r.settle_energy_j,
+            "converged": float(r.converged),
+        }
+
+
+def evaluate(
+    model: _Model,
+    data: Dataset,
+    lik: Likelihood,
+    features: DigitsFeatures,
+    draws: int,
+    samples: int,
+    seed: int,
+) -> Evaluation:
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    x = data.x_test.reshape(len(data.x_test), -1)
+    d = model.code.dim
+    mu, lv, e_enc, c_enc = model.encode(x)
+    total = torch.zeros(len(x), dtype=torch.float64)
+    energy = e_enc
+    conv = [c_enc]
+    for _ in range(draws):
+        z = reparameterize(mu, lv, torch.randn(len(x), d, generator=gen))
+        x_hat, _, c = model.decode(z)
+        total += (lik.nll(x, x_hat) + kl_normal(mu, lv)).double()
+        conv.append(c)
+    recon, e_dec, c = model.decode(mu)
+    energy += e_dec
+    conv.append(c)
+    gen_x, _, c = model.decode(torch.randn(samples, d, generator=gen))
+    conv.append(c)
+    fd = frechet_distance(features.features(gen_x).numpy(), features.features(x).numpy())
+    return Evaluation(
+        neg_elbo=float(total.mean() / draws),
+        recon_mse=float(((recon - x) ** 2).mean()),
+        frechet=fd,
+        energy_per_image_j=energy / len(x),
+        converged=float(np.mean(conv)),
+    )
+
+
+def train_vae(
+    cfg: VAERunConfig,
+    *,
+    progress: bool = True,
+    out_dir: Path | None = None,
+    log: RunLog | None = None,
+    state: dict | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> VAEResult:
+    """Train the configured variant. With `log`, record config, device, metrics, free-settle
+    traces, tile snapshots, programming reports and a resume snapshot per epoch; with `state`
+    (from `open_for_resume`), continue from that snapshot. PNGs of samples and
+    reconstructions go to `out_dir`."""
+    t0 = time.perf_counter()
+    d = cfg.data
+    data = load_dataset(
+        d.name, d.root or None, limit_train=d.limit_train or None, limit_test=d.limit_test or None
+    )
+    pixels = int(np.prod(data.image_shape))
+    torch.manual_seed(cfg.train.seed)
+    lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
+    features = DigitsFeatures.load_or_train()
+    model = _Model(cfg, pixels)
+    try:
+        opt = torch.optim.Adam(model.params, lr=cfg.train.lr)
+        steps_per_epoch = math.ceil(len(data.x_train) / cfg.train.batch_size)
+        total = cfg.train.epochs * steps_per_epoch
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            if cfg.train.schedule == "cosine"
+            else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        )
+        ev = cfg.eval
+        x_train = data.x_train.reshape(len(data.x_train), -1)
+        if state is None:
+            initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
+            order, step = DataOrder(len(x_train), cfg.train.seed), 0
+            noise = torch.Generator().manual_seed(cfg.train.seed + 1)
+            if log is not None:
+                if model.devices:
+                    log.set_device(model.devices[0].info, uri=cfg.device)
+                log.metrics("test", step=0, epoch=0, **_eval_row(initial))
+        else:
+            extra = restore_training(state, model=model.module, optimizer=opt, scheduler=sched)
+            order, step = DataOrder.from_state(extra["order"]), int(extra["step"])
+            noise = torch.Generator()
+            noise.set_state(torch.as_tensor(extra["noise"]))
+            initial = Evaluation(**extra["initial"])
+        history: list[dict[str, float]] = []
+        bar = tqdm(
+            total=total, initial=step, desc=f"train {cfg.model.variant}", disable=not progress, unit="batch"
+        )
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch, idx in order.batches(cfg.train.batch_size, cfg.train.epochs):
+            eps = torch.randn(len(idx), cfg.model.latent, generator=noise)
+            trace = log.trace_for(step) if log is not None else 0
+            stats = model.train_step(x_train[idx], eps, lik, opt, trace)
+            sched.step()
+            step += 1
+            bar.update(1)
+            if log is not None:
+                log.metrics("train", step=step, epoch=epoch, **stats)
+                for phase, eq in model.last_free.items():
+                    log.settle(step, phase, eq)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if order.pos != 0:
+                continue
+            row = {"epoch": float(epoch + 1), **{k: v / count for k, v in sums.items()}}
+            sums, count = {}, 0
+            if ev.every and (epoch + 1) % ev.every == 0 and epoch + 1 < cfg.train.epochs:
+                e = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
+                row.update(test_neg_elbo=e.neg_elbo, test_frechet=e.frechet)
+                if log is not None:
+                    log.metrics("test", step=step, epoch=epoch + 1, **_eval_row(e))
+            history.append(row)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.2f}")
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+            if log is not None:
+                model.log_tiles(log, step)
+                log.snapshot(
+                    step,
+                    training_state(
+                        model=model.module,
+                        optimizer=opt,
+                        scheduler=sched,
+                        step=step,
+                        order=order.state(),
+                        noise=noise.get_state(),
+                        initial=dataclasses.asdict(initial),
+                    ),
+                )
+        bar.close()
+        final = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
+        if log is not None:
+            log.metrics("test", step=step, epoch=cfg.train.epochs, **_eval_row(final))
+        pictures = _pictures(model, data, out_dir, cfg, noise) if out_dir is not None else []
+        return VAEResult(
+            cfg,
+            cfg.model.variant,
+            model.cells(),
+            initial,
+            final,
+            history,
+            time.perf_counter() - t0,
+            model.identity,
+            pictures,
+        )
+    finally:
+        model.close()
+
+
+def _eval_row(e: Evaluation) -> dict[str, float]:
+    return {
+        "neg_elbo": e.neg_elbo,
+        "recon_mse": e.recon_mse,
+        "frechet": e.frechet,
+        "energy_per_image_j": e.energy_per_image_j,
+        "converged": e.converged,
+    }
+
+
+def _pictures(
+    model: _Model, data: Dataset, out_dir: Path, cfg: VAERunConfig, gen: torch.Generator
+) -> list[Path]:
+    shape = data.image_shape[1:]
+    samples = torch.randn(50, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.train.seed + 2))
+    gen_x, _, _ = model.decode(samples)
+    xt = data.x_test[:30].reshape(30, -1)
+    mu, _, _, _ = model.encode(xt)
+    recon, _, _ = model.decode(mu)
+    title = f"{cfg.model.variant}"
+    return [
+        save_grid(out_dir / "samples.png", gen_x.numpy(), shape, f"{title} samples, z ~ N(0, I)"),
+        save_reconstructions(
+            out_dir / "reconstructions.png",
+            xt.numpy(),
+            recon.numpy(),
+            shape,
+            f"{title}: test images (odd rows) and their reconstructions (even rows)",
+        ),
+    ]

@@ -1,0 +1,134 @@
+"""Issue 3: data sets from the package and from local folders (never downloaded)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hil.data import DataError, SafeUnpickler, batches, load_dataset, read_idx, safe_load
+
+
+def test_digits_split_is_fixed_and_scaled() -> None:
+    a = load_dataset("digits")
+    b = load_dataset("digits")
+    assert a.x_train.shape == (1437, 64) and a.x_test.shape == (360, 64)
+    assert a.x_train.dtype == torch.float32 and a.y_train.dtype == torch.int64
+    assert float(a.x_train.min()) == 0.0 and float(a.x_train.max()) == 1.0
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+    # stratified: every class is in the test set 35-37 times
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37
+    img = load_dataset("digits", flatten=False)
+    assert img.x_train.shape == (1437, 1, 8, 8)
+
+
+def _write_idx(path: str, arr: np.ndarray, gz: bool = False) -> None:
+    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    head = bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", n) for n in arr.shape)
+    data = head + arr.tobytes()
+    if gz:
+        path += ".gz"
+        data = gzip.compress(data)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _mnist_folder(root: str, n_train: int = 12, n_test: int = 5, gz: bool = False) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    ytr = rng.integers(0, 10, n_train, dtype=np.uint8)
+    xte = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    yte = rng.integers(0, 10, n_test, dtype=np.uint8)
+    _write_idx(os.path.join(root, "train-images-idx3-ubyte"), xtr, gz)
+    _write_idx(os.path.join(root, "train-labels-idx1-ubyte"), ytr, gz)
+    _write_idx(os.path.join(root, "t10k-images-idx3-ubyte"), xte, gz)
+    _write_idx(os.path.join(root, "t10k-labels-idx1-ubyte"), yte, gz)
+    return xtr, ytr, xte, yte
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_files(tmp_path, gz: bool) -> None:
+    xtr, _, _, yte = _mnist_folder(str(tmp_path), gz=gz)
+    ds = load_dataset("mnist", tmp_path)
+    assert ds.x_train.shape == (12, 784) and ds.x_test.shape == (5, 784)
+    assert np.allclose(ds.x_train.numpy(), xtr.reshape(12, -1) / 255.0)
+    assert np.array_equal(ds.y_test.numpy(), yte.astype(np.int64))
+    fm = load_dataset("fashion-mnist", tmp_path, flatten=False)
+    assert fm.name == "fashion-mnist" and fm.x_train.shape == (12, 1, 28, 28)
+
+
+def test_missing_files_are_named(tmp_path) -> None:
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        _mnist_folder(str(tmp_path))
+        os.remove(tmp_path / "t10k-labels-idx1-ubyte")
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(DataError, match=r"data\.root"):
+        load_dataset("mnist")
+    with pytest.raises(DataError, match="unknown data set"):
+        load_dataset("imagenet")
+
+
+def test_truncated_idx_is_an_error(tmp_path) -> None:
+    p = tmp_path / "x"
+    _write_idx(str(p), np.zeros((3, 4, 4), np.uint8))
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(DataError, match="IDX header"):
+        read_idx(p)
+
+
+def _cifar_folder(root) -> dict[str, tuple[np.ndarray, list[int]]]:
+    rng = np.random.default_rng(1)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    out = {}
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, 4)]
+        # the format of the python batches: a dict with byte-string keys, protocol 2
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"batch_label": b"x", b"data": x, b"labels": y}, fh, protocol=2)
+        out[name] = (x, y)
+    return out
+
+
+def test_cifar10_python_batches(tmp_path) -> None:
+    written = _cifar_folder(tmp_path)
+    ds = load_dataset("cifar10", tmp_path, flatten=False)
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
+    x, y = written["test_batch"]
+    assert np.allclose(ds.x_test.numpy().reshape(4, -1), x / 255.0)
+    assert ds.y_test.tolist() == y
+
+
+class _Evil:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_unpickler_refuses_code(tmp_path) -> None:
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"data": _Evil()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        safe_load(p)
+    # plain containers and arrays load
+    import io
+
+    blob = pickle.dumps({"a": [1, 2.0, "s"], "b": np.arange(3)}, protocol=4)
+    obj = SafeUnpickler(io.BytesIO(blob)).load()
+    assert obj["a"] == [1, 2.0, "s"] and obj["b"].tolist() == [0, 1, 2]
+
+
+def test_batches_cover_the_data_once() -> None:
+    x = torch.arange(10).float()[:, None]
+    y = torch.arange(10)
+    seen = torch.cat([b for _, b in batches(x, y, 3, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert [len(b) for _, b in batches(x, y, 3, shuffle=False, drop_last=True)] == [3, 3, 3]
