@@ -2,7 +2,7 @@
 
 Sessions run through the Device interface only; the tests then compare the record with the
 emulator's truth (`board.dac_errors`, `board.adc_errors`, `board.mvm_errors`, the tile's
-`truth()`). Small tiles keep the suite fast; `benchmarks/calibration.py` times the full
+`truth()`). Small tiles keep the suite fast; `benchmarks/calibration_session.py` times the full
 256 x 256 session.
 """
 

@@ -1,17 +1,16 @@
 """A full calibration session on the emulator (default: one 256 x 256 tile), timed, with the
 recovery of the board's hidden truth. One JSON line per (preset, seed).
 
-    python -m benchmarks.calibration [--presets rram,pcm] [--seeds 0,1,2] [--tile 256]
+    python benchmarks/calibration_session.py [--presets rram,pcm] [--seeds 0,1,2] [--tile 256]
                                      [--transport emulator|visa-tcp|serial-socket|...]
-    python -m benchmarks.calibration --train 20 --presets rram --seeds 0,1,2 \
+    python benchmarks/calibration_session.py --train 20 --presets rram --seeds 0,1,2 \
                                      --board "gain_error=0.05&offset_error=4"
 
 With ``--train EPOCHS`` it instead calibrates the board for the 64-256-10 digits DHN (its
 two tiles, 330 node channels) and trains the classifier on it twice per seed, with and
 without the record applied (`calibration.CalibratedDevice`), printing the test accuracies.
-
-(``python benchmarks/calibration.py`` works too: this file shares its name with the
-`calibration` package, so it takes its own folder off ``sys.path`` before importing it.)
+With ``--deploy EPOCHS`` it trains on the ideal board and deploys the weights (write-verify)
+to the calibrated board: raw, converters corrected only, and the whole record applied.
 
 Fields: wall time of the session and of each routine; per converter bank the largest gain
 error (%) and offset error (LSB) over its channels and the fraction within the issue's
@@ -24,21 +23,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import calibration.session as session_mod  # noqa: E402
-from calibration import SessionOptions, run_session  # noqa: E402
-from calibration.measure import tile_topology  # noqa: E402
-from drivers import Device, open_device  # noqa: E402
+import calibration
+import calibration.session as session_mod
+from calibration import SessionOptions, run_session
+from calibration.measure import tile_topology
+from drivers import Device, open_device
 
 
 @contextlib.contextmanager
@@ -164,16 +159,11 @@ def run_one(
 
 def train_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[str, object]]:
     """Digits classifier trained on the board with and without its calibration applied."""
-    from calibration import CalibratedDevice
     from hil.config import ModelConfig, RunConfig, TrainConfig
     from hil.train_classifier import train_classifier
 
     t0 = time.perf_counter()
-    with open_device(uri) as dev:
-        options = SessionOptions(
-            tile_shapes=((65, 256), (257, 10)), channels=330, routines=("adc", "dac", "stuck", "pulse")
-        )
-        record = run_session(dev, options)
+    record = _calibrate_for_digits(uri)
     calibrated_s = time.perf_counter() - t0
     for seed in seeds:
         for mode in ("raw", "calibrated"):
@@ -182,7 +172,7 @@ def train_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[s
 
             def opener(u: str, mode: str = mode) -> Device:
                 dev = open_device(u)
-                return CalibratedDevice(dev, record) if mode == "calibrated" else dev
+                return calibration.CalibratedDevice(dev, record) if mode == "calibrated" else dev
 
             res = train_classifier(cfg, opener=opener)
             accs = [h.test_acc for h in res.history]
@@ -197,6 +187,42 @@ def train_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[s
             }
 
 
+def _calibrate_for_digits(uri: str) -> calibration.CalibrationRecord:
+    with open_device(uri) as dev:
+        options = SessionOptions(
+            tile_shapes=((65, 256), (257, 10)), channels=330, routines=("adc", "dac", "stuck", "pulse")
+        )
+        return run_session(dev, options)
+
+
+def deploy_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[str, object]]:
+    """Digits classifier trained on the ideal board, its weights deployed to `uri`."""
+    from hil.config import ModelConfig, RunConfig, TrainConfig
+    from hil.data import load_dataset
+    from hil.ep import EBBlock
+    from hil.train_classifier import train_classifier
+
+    ds = load_dataset("digits")
+    record = _calibrate_for_digits(uri)
+    for seed in seeds:
+        model = ModelConfig(sizes=[64, 256, 10])
+        ideal = "emulator://?preset=ideal&seed=0"
+        res = train_classifier(
+            RunConfig(device=ideal, model=model, train=TrainConfig(epochs=epochs, seed=seed))
+        )
+        block = res.model.block
+        weights = {t: p.detach().clone() for t, p in block.weights.items()}
+        line: dict[str, object] = {"uri": uri, "seed": seed, "epochs": epochs, "ideal_board": res.test_acc}
+        for mode in ("raw", "converters_only", "calibrated"):
+            dev = open_device(uri)
+            if mode != "raw":
+                dev = calibration.CalibratedDevice(dev, record, targets=mode == "calibrated")
+            deployed = EBBlock(dev, block.topology, weights=weights, budgets=block.budgets, verify=True)
+            line[mode] = float((deployed.predict(ds.x_test).argmax(1) == ds.y_test).float().mean())
+            dev.close()
+        yield line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="rram,pcm")
@@ -204,14 +230,20 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--transport", default="emulator")
     parser.add_argument("--train", type=int, default=0, help="epochs of the training comparison (0: off)")
+    parser.add_argument("--deploy", type=int, default=0, help="epochs of the deployment comparison (0: off)")
     parser.add_argument("--board", default="", help="extra emulator URI parameters, e.g. gain_error=0.05")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     for preset in args.presets.split(","):
-        if args.train:
-            uri = f"emulator://?preset={preset}&seed=0" + (f"&{args.board}" if args.board else "")
-            for line in train_comparison(uri, args.train, seeds):
+        uri = f"emulator://?preset={preset}&seed=0" + (f"&{args.board}" if args.board else "")
+        if args.train or args.deploy:
+            lines = (
+                train_comparison(uri, args.train, seeds)
+                if args.train
+                else deploy_comparison(uri, args.deploy, seeds)
+            )
+            for line in lines:
                 print(json.dumps(line), flush=True)
             continue
         for seed in seeds:
