@@ -5,7 +5,7 @@ The bare loop gets the same algorithmic shortcut as the board (the clamped input
 product is computed once per settle) so the ratio measures the board's overhead:
 periphery, noise, bookkeeping and the Device boundary.
 
-    python benchmarks/settle.py [--repeats 5] [--device cpu]
+    python benchmarks/settle.py [--repeats 5] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sizes, batch, steps, dt = [784, 512, 10], args.batch, args.steps, 0.5
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (batch, 784)).astype(np.float32)

@@ -103,6 +103,7 @@ class _Plan:
     energy_pairs: list[tuple[str, str, torch.Tensor, float]] = field(default_factory=list)
     line_conductance: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (group, sum G)
     coupling_norm: float = 0.0  # estimate of the spectral norm of the free-to-free couplings
+    by_dst: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)  # dst: (src, rows)
 
 
 class Board:
@@ -116,6 +117,7 @@ class Board:
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
         self._plans: dict[frozenset[str], tuple[tuple[torch.Tensor, ...], _Plan]] = {}
+        self._power_vectors: dict[frozenset[str], dict[str, torch.Tensor]] = {}
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 1)
         per = preset.periphery
         truth = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 2)
@@ -185,9 +187,11 @@ class Board:
                 phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
                 self._physical[k] = phys
             tiles[c.tile] = phys
+        old = self.topology
+        if old is None or (old.groups, old.couplings) != (topology.groups, topology.couplings):
+            self._plans.clear()  # a new budget, gain or mode keeps the plans: they do not depend on them
         self.topology = topology
         self._tiles = tiles
-        self._plans.clear()
         offsets, start = {}, 0
         for g, n in topology.groups.items():
             offsets[g] = start
@@ -362,18 +366,32 @@ class Board:
         free = [g for g in topo.groups if g not in clamped]
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
         plan.coupling_norm = self._coupling_norm(plan)
+        plan.by_dst = {g: [] for g in free}
+        for term in dyn_terms:
+            for dst, a, b, _k in term.dsts:
+                plan.by_dst[dst].append((term.src, term.matrix[a:b]))
         self._plans[clamped] = (sources, plan)
         return plan
 
-    def _coupling_norm(self, plan: _Plan, iterations: int = 20) -> float:
+    def _coupling_norm(self, plan: _Plan) -> float:
         """Power-iteration estimate of the norm of the map the free groups apply to each other
         (their drive on one another), with a 10 % margin. It bounds how fast an analog settle
-        may be integrated: see `Board.settle`."""
+        may be integrated: see `Board.settle`. Weights change little between plans (training
+        steps), so the iteration starts from the previous plan's vector: a few iterations
+        then suffice."""
         assert self.topology is not None
         if not plan.dyn_terms:
             return 0.0
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        v = {g: torch.randn(1, self.topology.groups[g], generator=gen, device=self.device) for g in plan.free}
+        key = frozenset(plan.free)
+        v = self._power_vectors.get(key)
+        iterations = 4
+        if v is None:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            v = {
+                g: torch.randn(1, self.topology.groups[g], generator=gen, device=self.device)
+                for g in plan.free
+            }
+            iterations = 20
         norm = 0.0
         for _ in range(iterations):
             total = sum(float(x.pow(2).sum()) for x in v.values()) ** 0.5 or 1.0
@@ -385,6 +403,7 @@ class Board:
                     out[dst] = out[dst] + y[:, a:b]
             norm = sum(float(x.pow(2).sum()) for x in out.values()) ** 0.5
             v = out
+        self._power_vectors[key] = v
         return 1.1 * norm
 
     def _line_conductance(self) -> list[tuple[str, torch.Tensor]]:
@@ -530,23 +549,35 @@ class Board:
 
         if trace:
             record(0)
-        residual, converged, steps, power, floor = float("inf"), False, 0, 0.0, 0.0
+        residual, converged, steps, floor = float("inf"), False, 0, 0.0
+        # Noise-free analog settles (the ideal preset, or noise switched off) take a lean path:
+        # each free group's drive is one fused multiply-add per source (addmm).
+        quiet = not mvm_mode and not any(noisy.values())
         for step in range(1, budget.max_steps + 1):
-            drive = dict(base)
-            var = dict(const_var)
-            for term, out in mvm_const:
-                y = mvm_out(term, s[term.src], out)
-                for dst, a, b, _k in term.dsts:
-                    drive[dst] = drive[dst] + y[:, a:b]
-            for term in plan.dyn_terms:
-                x = s[term.src]
-                y = F.linear(x, term.matrix)
-                if mvm_mode:
-                    y = mvm_out(term, x, y)
-                for dst, a, b, k in term.dsts:
-                    drive[dst] = drive[dst] + y[:, a:b]
-                    if k:
-                        var[dst] = var[dst] + term.noise_var(x, k)
+            if quiet:
+                drive = {}
+                for g in plan.free:
+                    u = base[g]
+                    for src, m in plan.by_dst[g]:
+                        u = torch.addmm(u, s[src], m.T)
+                    drive[g] = u
+                var = const_var
+            else:
+                drive = dict(base)
+                var = dict(const_var)
+                for term, out in mvm_const:
+                    y = mvm_out(term, s[term.src], out)
+                    for dst, a, b, _k in term.dsts:
+                        drive[dst] = drive[dst] + y[:, a:b]
+                for term in plan.dyn_terms:
+                    x = s[term.src]
+                    y = F.linear(x, term.matrix)
+                    if mvm_mode:
+                        y = mvm_out(term, x, y)
+                    for dst, a, b, k in term.dsts:
+                        drive[dst] = drive[dst] + y[:, a:b]
+                        if k:
+                            var[dst] = var[dst] + term.noise_var(x, k)
             check = step % budget.check_every == 0 or step == budget.max_steps
             res = 0.0
             for g in plan.free:
@@ -559,7 +590,7 @@ class Board:
                         u = u + per.node_noise * pool.draw(u.shape)
                 elif noisy[g]:
                     u = u + var[g].sqrt() * pool.draw(u.shape)
-                new = (u * gain if gain != 1.0 else u).clamp_(0.0, 1.0)
+                new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
                 if mvm_mode:
                     new = self._dac(new, self._channel[g])
                 if check:
@@ -568,7 +599,6 @@ class Board:
             steps = step
             if check:
                 residual = res
-                power = self._settle_power(plan, s)
                 floor = self._noise_floor(var, mvm_mode, gain)
             if trace and step % trace == 0:
                 record(step)
@@ -580,7 +610,9 @@ class Board:
         n_mvm = len(plan.const_terms) + len(plan.dyn_terms)
         step_s = per.mvm_time_s * n_mvm if mvm_mode else per.settle_step_s * dt / budget.dt
         settle_time = step_s * steps * batch
-        energy_j = power * step_s * steps
+        # the array's power at the equilibrium, for the whole settle: the states spend most
+        # of the settle near it, and measuring it once keeps the per-step loop lean
+        energy_j = self._settle_power(plan, s) * step_s * steps
         self.clock += settle_time
         self.energy_j += energy_j
         energy = self._energy(s, plan, nud, products)
