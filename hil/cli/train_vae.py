@@ -105,8 +105,16 @@ def vae(
         typer.echo(
             f"crossbar cells: TDH-VAE {one}, DH-VAE {2 * one} (same layer sizes): the shared net uses half"
         )
-    with log:
-        result = train_vae(cfg, progress=progress, out_dir=run_dir, log=log, state=state)
+    from calibration import CalibrationError
+    from drivers import DeviceError
+    from hil.data import DataError
+
+    try:
+        with log:
+            result = train_vae(cfg, progress=progress, out_dir=run_dir, log=log, state=state)
+    except (CalibrationError, DeviceError, DataError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     f, i = result.final, result.initial
     typer.echo(f"model        {result.variant}, {result.cells} crossbar cells")
     typer.echo(f"device       {result.identity}  ({cfg.device})")

@@ -59,6 +59,7 @@ class EvalConfig:
 class VAERunConfig:
     name: str = "vae"
     device: str = "emulator://?preset=ideal&seed=0"
+    calibration: str = ""  # calibration record (hil calibrate ... --out cal.zarr) applied to the board
     out: str = "runs"  # the run folder goes under here
     data: DataConfig = field(default_factory=DataConfig)
     model: VAEModelConfig = field(default_factory=VAEModelConfig)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from drivers import Equilibrium, SettleBudget, open_device
+from drivers import Device, Equilibrium, SettleBudget, open_device
 from hil.data import Dataset, load_dataset
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 from hil.vae.config import VAERunConfig
@@ -47,6 +47,21 @@ class VAEResult:
     pictures: list[Path] = field(default_factory=list)
 
 
+def open_board(uri: str, calibration: str = "") -> Device:
+    """The Device behind `uri`; with a calibration record, wrapped so that the record corrects
+    clamps, read-outs and programming targets (refused if it belongs to another board)."""
+    device = open_device(uri)
+    if not calibration:
+        return device
+    from calibration import CalibratedDevice, load
+
+    try:
+        return CalibratedDevice(device, load(calibration, identity=device.info.identity))
+    except Exception:
+        device.close()
+        raise
+
+
 class _Model:
     """One face for F-VAE (autograd) and the Hopfield VAEs (EP on a Device)."""
 
@@ -57,6 +72,7 @@ class _Model:
         self.fvae: FVAE | None = None
         self.hvae: HopfieldVAE | None = None
         self.devices = []
+        self.calibration_id: str | None = None
         self.last_free: dict[str, Equilibrium] = {}
         if m.variant == "f-vae":
             self.fvae = FVAE(pixels, m.hidden, m.latent, seed=cfg.train.seed)
@@ -65,7 +81,10 @@ class _Model:
             self.module: torch.nn.Module = self.fvae
             return
         n_dev = 1 if m.variant in ("tdh-vae", "shared-layered") else 2
-        self.devices = [open_device(cfg.device) for _ in range(n_dev)]
+        self.devices = [open_board(cfg.device, cfg.calibration) for _ in range(n_dev)]
+        self.calibration_id = (
+            f"{cfg.calibration} ({self.devices[0].record.created})" if cfg.calibration else None  # type: ignore[attr-defined]
+        )
         budget = SettleBudget(max_steps=cfg.ep.steps, tol=cfg.ep.tol, dt=cfg.ep.dt)
         self.hvae = HopfieldVAE(
             m.variant,  # type: ignore[arg-type]
@@ -225,6 +244,7 @@ def train_vae(
             if log is not None:
                 if model.devices:
                     log.set_device(model.devices[0].info, uri=cfg.device)
+                    log.set_calibration(model.calibration_id)
                 log.metrics("test", step=0, epoch=0, **_eval_row(initial))
         else:
             extra = restore_training(state, model=model.module, optimizer=opt, scheduler=sched)
