@@ -283,8 +283,6 @@ def train_vae(
                     log.metrics("test", step=step, epoch=epoch + 1, **_eval_row(e))
             history.append(row)
             bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.2f}")
-            if on_epoch is not None:
-                on_epoch(epoch, row)
             if log is not None:
                 model.log_tiles(log, step)
                 log.snapshot(
@@ -299,6 +297,8 @@ def train_vae(
                         initial=dataclasses.asdict(initial),
                     ),
                 )
+            if on_epoch is not None:
+                on_epoch(epoch, row)
         bar.close()
         final = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
         if log is not None:
