@@ -61,7 +61,11 @@ class EPConfig:
     tol: float = 1e-3  # stop a settle when max |s_t - s_{t-1}| <= tol (0: run the full budget)
     dt: float = 0.5  # integration step of the settle (1: plain fixed-point iteration)
     settle_mode: Literal["analog", "mvm"] = "analog"
-    verify: bool = False  # program with write-verify
+    verify: bool = False  # program with write-verify (when programming is "ideal")
+    # how weight updates reach the devices (`hil.programming.schemes`): ideal | verify |
+    # pulsed | mixed
+    programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"
+    refresh_every: int = 0  # write-verify every N updates of a tile (0: never)
 
 
 @dataclass
@@ -219,6 +223,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("ep.free_steps and ep.nudge_steps: must be >= 1")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+    if cfg.ep.refresh_every < 0:
+        raise ConfigError(f"ep.refresh_every: must be >= 0, got {cfg.ep.refresh_every}")
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
 

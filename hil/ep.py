@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from drivers import BIAS, Device, Equilibrium, Nudge, SettleBudget, Topology
-from hil.programming import LinearMapping, WriteResult, write_weights
+from hil.programming import Programmed, ProgrammingScheme, UpdateReport, make_scheme
 from hil.reference import DHN
 
 Mode = Literal["centered", "positive", "negative", "random"]
@@ -95,7 +95,11 @@ class EBBlock(nn.Module):
     groups that are read out and nudged (default: the last group). `budgets` may give a
     separate `SettleBudget` for the ``"free"`` and ``"nudge"`` phases; switching between
     them re-configures the Device, which must keep its programmed conductances (the
-    emulator does). `verify` programs with write-verify.
+    emulator does). `programming` is the scheme that brings weight changes to the devices
+    (`hil.programming.ProgrammingScheme` or one of its names ``ideal``, ``verify``, ``pulsed``,
+    ``mixed``); without it, `verify` picks ``verify`` over ``ideal``. The reports of the last
+    `sync` are in `last_reports` (one per tile) and `last_updates` (every operation, refreshes
+    included); the scheme's `history` keeps all of them as dicts.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class EBBlock(nn.Module):
         init_scale: float = 1.0,
         budgets: Mapping[str, SettleBudget] | None = None,
         verify: bool = False,
+        programming: ProgrammingScheme | str | None = None,
         clip: bool = True,
         seed: int = 0,
     ) -> None:
@@ -136,8 +141,9 @@ class EBBlock(nn.Module):
             DHN(topology, {t: p.detach() for t, p in self.net.weights.items()}, dtype=torch.float32),
         )
         self.device_net.requires_grad_(False)
-        self._pending: dict[str, WriteResult] = {}  # read-backs not yet copied into device_net
+        self._pending: dict[str, Programmed] = {}  # read-backs not yet copied into device_net
         self.verify = verify
+        self.programming = make_scheme(programming, verify=verify, seed=seed)
         self.clip = clip
         self.budgets = dict(budgets or {})
         for k in self.budgets:
@@ -146,10 +152,11 @@ class EBBlock(nn.Module):
         self._versions: dict[str, int] = {}
         self._phase_topologies: dict[str, Topology] = {}
         self.clipped = 0
-        self.last_reports: dict[str, object] = {}
+        self.last_reports: dict[str, UpdateReport] = {}
+        self.last_updates: list[UpdateReport] = []
         device.configure(topology)
         self._configured = topology.budget
-        self.mappings = {c.tile: LinearMapping.for_tile(device, c.tile) for c in topology.couplings}
+        self.mappings = {c.tile: self.programming.mapping(device, c.tile) for c in topology.couplings}
         self.sync(force=True)
 
     # ------------------------------------------------------------------------------ factories
@@ -193,9 +200,11 @@ class EBBlock(nn.Module):
 
     @torch.no_grad()
     def sync(self, force: bool = False) -> int:
-        """Program every tile whose host weights changed since the last write; return how many
-        tiles were written. Weights outside +-w_max are clipped (`clip`) on the host too."""
+        """Program every tile whose host weights changed since the last write through the
+        programming scheme; return how many tiles were written. Weights outside +-w_max are
+        clipped (`clip`) on the host too."""
         written = 0
+        self.last_updates = []
         for c in self.topology.couplings:
             p = self.weights[c.tile]
             if not force and self._versions.get(c.tile) == p._version:
@@ -206,13 +215,39 @@ class EBBlock(nn.Module):
             if self.clip:
                 self.clipped += int((p.abs() > c.w_max).sum())
                 p.clamp_(-c.w_max, c.w_max)
-            res = write_weights(self.device, c.tile, p, mapping=self.mappings[c.tile], verify=self.verify)
-            self.clipped += res.clipped
-            self.last_reports[c.tile] = res.report
-            self._pending[c.tile] = res
+            self._record(self.programming.program(self.device, c.tile, p, force=force))
             self._versions[c.tile] = p._version
             written += 1
         return written
+
+    def _record(self, results: list[Programmed]) -> None:
+        for res in results:
+            self.clipped += res.clipped
+            self.last_reports[res.report.tile] = res.report
+            self.last_updates.append(res.report)
+            self._pending[res.report.tile] = res
+
+    def commit(self, reads: int = 4) -> None:
+        """Make what the devices hold now the weights a later `refresh` restores
+        (`ProgrammingScheme.commit`), e.g. right after training, before drift sets in."""
+        self.sync()
+        for c in self.topology.couplings:
+            self.programming.commit(self.device, c.tile, reads)
+
+    @torch.no_grad()
+    def refresh(self, *, only_drifted: bool = False) -> list[UpdateReport]:
+        """Write-verify every tile to the weights it is meant to hold (with `only_drifted`:
+        only the tiles whose conductances decayed by more than the scheme's `drift_tol`)."""
+        self.sync()
+        self.last_updates = []
+        for c in self.topology.couplings:
+            if only_drifted:
+                res = self.programming.refresh_if_drifted(self.device, c.tile)
+                if res is not None:
+                    self._record([res])
+            else:
+                self._record([self.programming.refresh(self.device, c.tile)])
+        return self.last_updates
 
     @torch.no_grad()
     def device_weights(self) -> DHN:

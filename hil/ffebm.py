@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from drivers import BIAS, Device, SettleBudget, Topology
 from hil.ep import EBBlock, Mode
+from hil.programming import make_scheme
 from hil.reference import DHN
 
 
@@ -215,11 +216,14 @@ class FFEBM(nn.Module):
         mode: Mode = "centered",
         settle_mode: Literal["analog", "mvm"] = "analog",
         verify: bool = False,
+        programming: str | None = None,
+        refresh_every: int = 0,
         seed: int = 0,
     ) -> FFEBM:
         """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
         on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
-        input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`)."""
+        input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`).
+        `programming` / `refresh_every`: each block gets its own `ProgrammingScheme`."""
         gen = torch.Generator().manual_seed(seed)
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
@@ -239,7 +243,10 @@ class FFEBM(nn.Module):
                 if init == "goe"
                 else {t: w for t, w in _gaussian(topo, init_scale, gen).items()}
             )
-            blk = EBBlock(devices(k), topo, weights=weights, budgets=budgets, verify=verify, seed=seed + k)
+            scheme = make_scheme(programming, verify=verify, refresh_every=refresh_every, seed=seed + k)
+            blk = EBBlock(
+                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k
+            )
             parts.append(EBLayer(blk, beta=beta, mode=mode))
         return FFEBM(parts)
 

@@ -31,6 +31,7 @@ from hil.config import RunConfig
 from hil.data import Dataset, batches, load_dataset
 from hil.ep import EBBlock, gaussian_init
 from hil.ffebm import FFEBM, goe_init
+from hil.programming import ProgrammingScheme
 
 
 @dataclass
@@ -103,9 +104,13 @@ class Classifier:
         if m.kind == "dhn":
             topo = Topology.layered(sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode)
             init = goe_init if m.init == "goe" else gaussian_init
+            scheme = None
+            if e.programming != "ideal" or e.refresh_every:
+                name = "verify" if e.programming == "ideal" and e.verify else e.programming
+                scheme = ProgrammingScheme(name, refresh_every=e.refresh_every, seed=t.seed)
             self.block = EBBlock(
                 dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets, verify=e.verify,
-                seed=t.seed,
+                programming=scheme, seed=t.seed,
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
             tiles = list(self.block.weights.values())
@@ -114,6 +119,8 @@ class Classifier:
                 sizes, m.block_layers, dev, between=m.between, gain=m.gain, w_max=m.w_max, budget=free,
                 budgets=budgets, init=m.init, init_scale=m.init_scale, beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
                 settle_mode=e.settle_mode, verify=e.verify, seed=t.seed,
+                programming=None if e.programming == "ideal" else e.programming,
+                refresh_every=e.refresh_every,
             )  # fmt: skip
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]

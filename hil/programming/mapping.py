@@ -8,8 +8,12 @@ other sits at ``g_min``:
     G+ = g_min + max(W, 0) / w_max * (g_max - g_min)
     G- = g_min + max(-W, 0) / w_max * (g_max - g_min)
 
-Weights outside ``[-w_max, w_max]`` are clipped (and counted). The realistic pulsed path
-(incremental updates, stochastic rounding, calibration records) is a later layer on top.
+With ``center`` set, both devices sit around that common-mode conductance instead,
+``G+- = center +- (W / w_max) (g_max - g_min) / 2``: the same weight, but every device starts
+mid-window, where a bidirectional soft-bounds device steps about as far up as down, which
+pulsed updates need (`hil.programming.schemes`).
+
+Weights outside ``[-w_max, w_max]`` are clipped (and counted).
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ class LinearMapping:
     w_max: float
     g_min: float
     g_max: float
+    center: float | None = None  # common-mode conductance of both devices (None: one-sided)
 
     @staticmethod
-    def for_tile(device: Device, tile: str) -> LinearMapping:
+    def for_tile(device: Device, tile: str, *, centered: bool = False) -> LinearMapping:
         topo = device.topology
         if topo is None:
             raise ValueError("the device has no topology; configure it before mapping weights")
         lim = device.info.limits
-        return LinearMapping(topo.coupling(tile).w_max, lim.g_min, lim.g_max)
+        center = 0.5 * (lim.g_min + lim.g_max) if centered else None
+        return LinearMapping(topo.coupling(tile).w_max, lim.g_min, lim.g_max, center)
 
     @property
     def g_range(self) -> float:
@@ -47,6 +53,10 @@ class LinearMapping:
         t = torch.as_tensor(w).detach().to("cpu", torch.float32)
         clipped = int((t.abs() > self.w_max).sum())
         x = (t * (self.g_range / self.w_max)).clamp_(-self.g_range, self.g_range)
+        if self.center is not None:
+            gp = (self.center + 0.5 * x).clamp_(self.g_min, self.g_max)
+            gm = (self.center - 0.5 * x).clamp_(self.g_min, self.g_max)
+            return gp.numpy(), gm.numpy(), clipped
         # float32 rounding may step a hair outside [g_min, g_max]
         gp = (x.clamp(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
         gm = ((-x).clamp_(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
