@@ -16,6 +16,7 @@ at the free state is injected as a constant current (``Nudge(grad=...)``). ``mse
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers import Device, SettleBudget, Topology, open_device
+from drivers import Device, Equilibrium, SettleBudget, Topology, open_device
 from drivers.uri import parse_uri
 from hil.config import RunConfig
-from hil.data import Dataset, batches, load_dataset
+from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, gaussian_init
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import ProgrammingScheme
+from hil.runlog import DataOrder, RunLog, restore_training, training_state
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Classifier:
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, t.epochs) if t.schedule == "cosine" else None
         )
         self.classes = classes
+        self.last_free: Equilibrium | None = None
 
     # --------------------------------------------------------------------------------- loss
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -143,8 +146,20 @@ class Classifier:
         return 0.5 * ((out - F.one_hot(y, self.classes).to(out.dtype)) ** 2).sum(-1).mean()
 
     # --------------------------------------------------------------------------------- step
-    def step(self, x: Tensor, y: Tensor) -> tuple[float, float, dict[str, float]]:
-        """One optimisation step; returns (loss, accuracy, settle statistics) of the batch."""
+    def log_tiles(self, log: RunLog, step: int) -> None:
+        """Snapshot every tile's host weights and conductances, and its last programming report."""
+        blocks = [self.block] if self.ffebm is None else [lay.block for lay in self.ffebm.eb_layers]
+        for k, blk in enumerate(blocks):
+            for tile, p in blk.weights.items():
+                gp, gm = blk.device.read_conductance(tile)
+                name = tile if len(blocks) == 1 else f"b{k}.{tile}"
+                log.tile(step, name, weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
+            for report in blk.last_reports.values():
+                log.program(step, report)
+
+    def step(self, x: Tensor, y: Tensor, trace: int = 0) -> tuple[float, float, dict[str, float]]:
+        """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
+        `trace`: record the free settle's trace every `trace` steps (layered DHN only)."""
         e = self.cfg.ep
         self.opt.zero_grad(set_to_none=True)
         if self.ffebm is not None:
@@ -157,7 +172,8 @@ class Classifier:
                    for eq in (lay.last_vjp.first, lay.last_vjp.second)]  # fmt: skip
         else:
             blk = self.block
-            f = blk.free(x)
+            f = blk.free(x, trace=trace)
+            self.last_free = f
             out = torch.from_numpy(f.states[blk.outputs[0]])
             if e.loss == "ce":
                 grad = e.tau * (torch.softmax(e.tau * out, dim=1) - F.one_hot(y, self.classes).to(out.dtype))
@@ -213,8 +229,12 @@ def train_classifier(
     data: Dataset | None = None,
     opener: Callable[[str], Device] = open_device,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    log: RunLog | None = None,
+    state: dict | None = None,
 ) -> TrainResult:
-    """Train `cfg` and return the test accuracy after the last epoch and the history."""
+    """Train `cfg` and return the test accuracy after the last epoch and the history. With
+    `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
+    a resume snapshot per epoch; with `state` (from `open_for_resume`), continue from it."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.train.seed)
@@ -225,36 +245,71 @@ def train_classifier(
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     model = Classifier(cfg, ds.features, ds.classes, opener)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    module = model.block if model.ffebm is None else model.ffebm
     bs = cfg.train.batch_size
     n_batches = (len(ds.x_train) + bs - 1) // bs
     history: list[EpochStats] = []
-    bar = tqdm(total=cfg.train.epochs * n_batches, disable=not progress, unit="batch", dynamic_ncols=True)
+    if state is None:
+        order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
+        if log is not None and model.devices:
+            log.set_device(model.devices[0].info, uri=cfg.device)
+    else:
+        extra = restore_training(state, model=module, optimizer=model.opt, scheduler=model.sched)
+        order, step = DataOrder.from_state(extra["order"]), int(extra["step"])
+        history = [EpochStats(**h) for h in extra["history"]]
+    bar = tqdm(
+        total=cfg.train.epochs * n_batches,
+        initial=step,
+        disable=not progress,
+        unit="batch",
+        dynamic_ncols=True,
+    )
+    totals = dict.fromkeys(("loss", "acc", "free", "nudge", "settles", "unconverged", "n"), 0.0)
+    t0 = time.perf_counter()
     try:
-        for epoch in range(cfg.train.epochs):
-            t0 = time.perf_counter()
-            tot_loss = tot_acc = free_steps = nudge_steps = 0.0
-            settles = unconverged = 0
-            for x, y in batches(ds.x_train, ds.y_train, bs, generator=gen):
-                loss, acc, st = model.step(x, y)
-                tot_loss += loss * len(y)
-                tot_acc += acc * len(y)
-                free_steps += st["free_steps"]
-                nudge_steps += st["nudge_steps"]
-                settles += int(st["settles"])
-                unconverged += int(st["unconverged"])
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+        for epoch, idx in order.batches(bs, cfg.train.epochs):
+            x, y = ds.x_train[idx], ds.y_train[idx]
+            trace = log.trace_for(step) if log is not None and model.ffebm is None else 0
+            loss, acc, st = model.step(x, y, trace=trace)
+            step += 1
+            totals["loss"] += loss * len(y)
+            totals["acc"] += acc * len(y)
+            totals["free"] += st["free_steps"]
+            totals["nudge"] += st["nudge_steps"]
+            totals["settles"] += st["settles"]
+            totals["unconverged"] += st["unconverged"]
+            totals["n"] += len(y)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+            if log is not None:
+                log.metrics("train", step=step, epoch=epoch, loss=loss, acc=acc, **st)
+                if trace and model.last_free is not None:
+                    log.settle(step, "free", model.last_free)
+            if order.pos != 0:
+                continue
             model.epoch_end()
-            seconds = time.perf_counter() - t0
             test_acc = model.accuracy(ds.x_test, ds.y_test)
-            n = len(ds.y_train)
+            n, k = max(1.0, totals["n"]), max(1.0, totals["n"] / bs)
             stats = EpochStats(
-                epoch + 1, tot_loss / n, tot_acc / n, test_acc, seconds, free_steps / n_batches,
-                nudge_steps / n_batches, unconverged / max(1, settles),
+                epoch + 1, totals["loss"] / n, totals["acc"] / n, test_acc, time.perf_counter() - t0,
+                totals["free"] / k, totals["nudge"] / k, totals["unconverged"] / max(1.0, totals["settles"]),
             )  # fmt: skip
+            totals = dict.fromkeys(totals, 0.0)
+            t0 = time.perf_counter()
             history.append(stats)
             bar.set_postfix(epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", test=f"{test_acc:.2%}")
+            if log is not None:
+                log.metrics(
+                    "test", step=step, epoch=epoch + 1, test_acc=test_acc, train_loss=stats.train_loss
+                )
+                model.log_tiles(log, step)
+                log.snapshot(
+                    step,
+                    training_state(
+                        model=module, optimizer=model.opt, scheduler=model.sched, step=step,
+                        order=order.state(), history=[dataclasses.asdict(h) for h in history],
+                    ),
+                )  # fmt: skip
             if on_epoch is not None:
                 on_epoch(stats)
     finally:

@@ -42,6 +42,15 @@ def classifier(
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved config (TOML) and exit.")
     ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run log folder (a Zarr store). Default: runs/classifier-<date-time>.zarr."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run log RUN from its last snapshot.")
+    ] = None,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar (off: one line per epoch).")
     ] = True,
@@ -67,12 +76,19 @@ def classifier(
     read from data.root; nothing is downloaded.
 
     The last line gives the test accuracy, the device identity and the config."""
-    from hil.config import ConfigError, load_config, to_toml
+    from hil.config import ConfigError, RunConfig, apply_dict, load_config, to_toml, validate
+    from hil.runlog import RunLog, RunLogError, open_for_resume
 
+    state = None
     try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
+        if resume is not None:
+            log, state = open_for_resume(resume)
+            cfg = apply_dict(RunConfig(), log.config)
+            validate(cfg)
+        else:
+            cfg = load_config(config, set_ or [])
+    except (ConfigError, RunLogError) as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if show_config:
         typer.echo(to_toml(cfg), nl=False)
@@ -94,8 +110,18 @@ def classifier(
                 f"test {st.test_acc:.2%}  {st.seconds:.2f} s"
             )
 
+    if resume is None:
+        import time
+
+        run = out or Path("runs") / time.strftime("classifier-%Y%m%d-%H%M%S.zarr")
+        try:
+            log = RunLog.create(run, cfg, kind="train-classifier", name=cfg.name)
+        except RunLogError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     try:
-        res = train_classifier(cfg, progress=progress, on_epoch=on_epoch)
+        with log:
+            res = train_classifier(cfg, progress=progress, on_epoch=on_epoch, log=log, state=state)
     except (ConfigError, DataError, DeviceError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -106,4 +132,5 @@ def classifier(
     )
     compact = json.dumps(cfg.to_dict(), separators=(",", ":"))
     devices = " ; ".join(res.devices)
+    typer.echo(f"run log {log.path}")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")

@@ -30,6 +30,7 @@ class VAEEPConfig:
     steps: int = 400  # settle budget per phase
     tol: float = 3e-3  # converged: max |rho(u) - s| over every node of the batch below this
     dt: float = 0.5  # damping of the analog settle (dense networks need < 1)
+    programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"  # docs/programming.md
 
 
 @dataclass

@@ -93,6 +93,7 @@ class HopfieldVAE:
         w_max: float = 1.0,
         init_scale: float = 0.5,
         seed: int = 0,
+        programming: str = "ideal",
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Hopfield VAE variant {variant!r}; known: {VARIANTS}")
@@ -115,13 +116,25 @@ class HopfieldVAE:
         else:
             enc_topo = dec_topo = layered_encoder_topology(pixels, hidden, d, **kw)
         self.encoder = EBBlock(
-            devices[0], enc_topo, inputs=ENC_IN, outputs=ENC_OUT, init_scale=init_scale, seed=seed
+            devices[0],
+            enc_topo,
+            inputs=ENC_IN,
+            outputs=ENC_OUT,
+            init_scale=init_scale,
+            seed=seed,
+            programming=programming,
         )
         self.decoder = (
             self.encoder
             if shared
             else EBBlock(
-                devices[1], dec_topo, inputs=DEC_IN, outputs=DEC_OUT, init_scale=init_scale, seed=seed + 7
+                devices[1],
+                dec_topo,
+                inputs=DEC_IN,
+                outputs=DEC_OUT,
+                init_scale=init_scale,
+                seed=seed + 7,
+                programming=programming,
             )
         )
 

@@ -97,6 +97,7 @@ class _Model:
             w_max=m.w_max,
             init_scale=m.init_scale,
             seed=cfg.train.seed,
+            programming=cfg.ep.programming,
         )
         self.params = self.hvae.parameters()
         self.identity = self.devices[0].info.identity.idn()
