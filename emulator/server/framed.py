@@ -18,7 +18,7 @@ from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Faults, Link
 from drivers.wire.payload import Op
 from emulator.server.dispatch import execute
-from emulator.server.links import POLL_S, PtyEndpoint, Stream, TcpListener
+from emulator.server.links import POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
 
@@ -27,7 +27,7 @@ def _error(code: int, message: str) -> bytes:
     return pl.dumps({"code": code, "message": message})
 
 
-class FramedServer:
+class FramedServer(EndpointServer):
     """Serves one Device over the framed protocol on any number of ptys and TCP ports.
 
     `faults` is copied for each link, so every link sees the same injected faults."""
@@ -44,19 +44,8 @@ class FramedServer:
         self.faults = faults or Faults()
         self.ack_timeout = ack_timeout
         self.retries = retries
-        self.listeners: list[TcpListener] = []
-        self.ptys: list[PtyEndpoint] = []
+        super().__init__()
         self.links: list[Link] = []
-
-    def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        listener = TcpListener(self._handler, host, port)
-        self.listeners.append(listener)
-        return listener.address
-
-    def open_pty(self) -> str:
-        endpoint = PtyEndpoint(self._handler)
-        self.ptys.append(endpoint)
-        return endpoint.path
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         link = Link(
@@ -98,18 +87,3 @@ class FramedServer:
             return 0, pl.pack(execute(self.device, Op(opcode), request))
         except Exception as exc:  # every device error becomes an ERROR reply; the link lives on
             return Flag.ERROR, _error(*codes.code_for(exc))
-
-    def close(self) -> None:
-        links = [*self.listeners, *self.ptys]
-        for link in links:
-            link.stopping.set()
-        for link in links:
-            link.close()
-        self.listeners.clear()
-        self.ptys.clear()
-
-    def __enter__(self) -> FramedServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -14,8 +14,9 @@ import select
 import socket
 import threading
 import tty
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, Self
 
 POLL_S = 0.05
 READ_SIZE = 1 << 16
@@ -163,3 +164,41 @@ class PtyEndpoint:
         self.thread.join(timeout=2)
         with contextlib.suppress(OSError):
             os.close(self.slave)
+
+
+class EndpointServer(ABC):
+    """What both servers share: TCP listeners and ptys that hand each connection's byte
+    stream to the server's `_handler`, and closing them all. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self.listeners: list[TcpListener] = []
+        self.ptys: list[PtyEndpoint] = []
+
+    @abstractmethod
+    def _handler(self, stream: Stream, stopping: threading.Event) -> None:
+        """Serve one connection's byte stream until it closes or `stopping` is set."""
+
+    def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        listener = TcpListener(self._handler, host, port)
+        self.listeners.append(listener)
+        return listener.address
+
+    def open_pty(self) -> str:
+        endpoint = PtyEndpoint(self._handler)
+        self.ptys.append(endpoint)
+        return endpoint.path
+
+    def close(self) -> None:
+        links = [*self.listeners, *self.ptys]
+        for link in links:
+            link.stopping.set()
+        for link in links:
+            link.close()
+        self.listeners.clear()
+        self.ptys.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

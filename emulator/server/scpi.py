@@ -22,7 +22,7 @@ from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from emulator.server.dispatch import execute
-from emulator.server.links import POLL_S, PtyEndpoint, Stream, TcpListener
+from emulator.server.links import POLL_S, EndpointServer, Stream
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 QUEUE_SIZE = 32
@@ -549,24 +549,13 @@ class ScpiSession:
         return _block_reply(self.data)
 
 
-class ScpiServer:
+class ScpiServer(EndpointServer):
     """Serves one Device over SCPI on any number of TCP ports and ptys."""
 
     def __init__(self, device: Device, faults: ScpiFaults | None = None) -> None:
         self.device = device
         self.faults = faults or ScpiFaults()
-        self.listeners: list[TcpListener] = []
-        self.ptys: list[PtyEndpoint] = []
-
-    def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        listener = TcpListener(self._handler, host, port)
-        self.listeners.append(listener)
-        return listener.address
-
-    def open_pty(self) -> str:
-        endpoint = PtyEndpoint(self._handler)
-        self.ptys.append(endpoint)
-        return endpoint.path
+        super().__init__()
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         session = ScpiSession(self.device)
@@ -594,18 +583,3 @@ class ScpiServer:
                 served += 1
                 if self.faults.drop_after and served >= self.faults.drop_after:
                     return
-
-    def close(self) -> None:
-        links = [*self.listeners, *self.ptys]
-        for link in links:
-            link.stopping.set()
-        for link in links:
-            link.close()
-        self.listeners.clear()
-        self.ptys.clear()
-
-    def __enter__(self) -> ScpiServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
