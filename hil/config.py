@@ -85,6 +85,7 @@ class TrainConfig:
 class RunConfig:
     name: str = "classifier"
     device: str = "emulator://?preset=ideal&seed=0"
+    calibration: str = ""  # calibration record (hil calibrate URI --out cal.zarr) applied to the board
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ep: EPConfig = field(default_factory=EPConfig)

@@ -17,6 +17,7 @@ at the free state is injected as a constant current (``Nudge(grad=...)``). ``mse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, SettleBudget, Topology, open_device
 from drivers.uri import parse_uri
+from hil.boards import open_board
 from hil.config import RunConfig
 from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, gaussian_init
@@ -244,6 +246,8 @@ def train_classifier(
     )  # fmt: skip
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
+    if cfg.calibration:
+        opener = functools.partial(open_board, calibration=cfg.calibration)
     model = Classifier(cfg, ds.features, ds.classes, opener)
     module = model.block if model.ffebm is None else model.ffebm
     bs = cfg.train.batch_size
@@ -253,6 +257,7 @@ def train_classifier(
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
         if log is not None and model.devices:
             log.set_device(model.devices[0].info, uri=cfg.device)
+            log.set_calibration(cfg.calibration or None)
     else:
         extra = restore_training(state, model=module, optimizer=model.opt, scheduler=model.sched)
         order, step = DataOrder.from_state(extra["order"]), int(extra["step"])

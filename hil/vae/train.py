@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from drivers import Device, Equilibrium, SettleBudget, open_device
+from drivers import Equilibrium, SettleBudget
+from hil.boards import open_board
 from hil.data import Dataset, load_dataset
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 from hil.vae.config import VAERunConfig
@@ -45,21 +46,6 @@ class VAEResult:
     wall_s: float = 0.0
     identity: str = ""
     pictures: list[Path] = field(default_factory=list)
-
-
-def open_board(uri: str, calibration: str = "") -> Device:
-    """The Device behind `uri`; with a calibration record, wrapped so that the record corrects
-    clamps, read-outs and programming targets (refused if it belongs to another board)."""
-    device = open_device(uri)
-    if not calibration:
-        return device
-    from calibration import CalibratedDevice, load
-
-    try:
-        return CalibratedDevice(device, load(calibration, identity=device.info.identity))
-    except Exception:
-        device.close()
-        raise
 
 
 class _Model:
