@@ -534,9 +534,8 @@ class Board:
 
         def record(step: int) -> None:
             trace_steps.append(step)
-            traces.setdefault("energy", []).append(self._energy(s, plan, nud, products))
             for g in plan.free:
-                traces.setdefault(g, []).append(s[g].clone())
+                traces.setdefault(g, []).append(s[g])  # states are replaced, never written in place
 
         def mvm_out(term: _Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             """mvm mode: one MVM with its own read noise, digitised by the ADC."""
@@ -619,9 +618,13 @@ class Board:
         states = {g: self._adc_state(s[g], self._channel[g]) for g in plan.free}
         out_trace = None
         if trace:
-            out_trace = {"step": torch.tensor(trace_steps), "energy": torch.stack(traces["energy"])}
+            stacked = {g: torch.stack(traces[g]) for g in plan.free}
+            out_trace = {
+                "step": torch.tensor(trace_steps),
+                "energy": self._trace_energy(s, stacked, plan, nud, products),
+            }
             for g in plan.free:
-                out_trace[g] = self._adc_state(torch.stack(traces[g]), self._channel[g])
+                out_trace[g] = self._adc_state(stacked[g], self._channel[g])
         return SettleResult(states, steps, converged, residual, energy, settle_time, energy_j, out_trace)
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
@@ -635,6 +638,27 @@ class Board:
             floor += gain * (_lsb(per.adc_bits, 2 * per.mvm_range) if per.adc_bits else 0.0)
             floor += _lsb(per.dac_bits, per.state_range[1] - per.state_range[0]) if per.dac_bits else 0.0
         return floor
+
+    def _trace_energy(
+        self,
+        s: dict[str, torch.Tensor],
+        stacked: dict[str, torch.Tensor],
+        plan: _Plan,
+        nudge: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]],
+        products: dict[int, tuple[torch.Tensor, bool]],
+    ) -> torch.Tensor:
+        """Energies (T, B) of the recorded states, in one batched evaluation after the settle:
+        the clamped groups, products and nudges are repeated over the T records."""
+        t = next(iter(stacked.values())).shape[0] if stacked else 1
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat(t, 1)
+
+        flat = {g: rep(v) for g, v in s.items() if g not in stacked}
+        flat.update({g: v.reshape(-1, v.shape[-1]) for g, v in stacked.items()})
+        nud = {g: (beta, rep(tg), rep(gr)) for g, (beta, tg, gr) in nudge.items()}
+        prods = {i: (rep(p), tr) for i, (p, tr) in products.items()}
+        return self._energy(flat, plan, nud, prods).reshape(t, -1)  # type: ignore[arg-type]
 
     def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor]) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line
