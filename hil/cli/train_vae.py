@@ -43,7 +43,9 @@ def vae(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue the run in this folder from its last snapshot."),
+        typer.Option(
+            "--resume", help="Continue the run in this folder (or its run.zarr) from its last snapshot."
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
     show_config: Annotated[
@@ -72,9 +74,9 @@ def vae(
     state = None
     try:
         if resume is not None:
-            log, state = open_for_resume(resume / "run.zarr")
+            run_dir = resume.parent if resume.suffix == ".zarr" else resume  # the folder or its run.zarr
+            log, state = open_for_resume(run_dir / "run.zarr")
             cfg = apply_dict(VAERunConfig(), log.config)
-            run_dir = resume
         else:
             cfg = load_into(VAERunConfig(), config, set_ or [])
             if model is not None:
