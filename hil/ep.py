@@ -368,6 +368,7 @@ class EBBlock(nn.Module):
         reduce: Literal["mean", "sum"] = "mean",
         free: Equilibrium | None = None,
         input_grads: bool = True,
+        trace: bool | int = False,
     ) -> EPResult:
         """EP gradients of ``L = reduce_b beta-cost`` (see the module docstring) for the
         parameters and (with `input_grads`) the clamped inputs. `free`: reuse a free
@@ -388,13 +389,13 @@ class EBBlock(nn.Module):
             mode = "positive" if sign > 0 else "negative"
         steps = 0
         if mode in ("positive", "centered"):
-            first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init)
+            first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init, trace=trace)
             b1 = beta
             steps += first.steps
         else:
             first, b1 = f, 0.0
         if mode in ("negative", "centered"):
-            second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init)
+            second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init, trace=trace)
             b2 = -beta
             steps += second.steps
         else:
@@ -419,6 +420,7 @@ class EBBlock(nn.Module):
         beta: float = 0.1,
         mode: Mode = "centered",
         normalize: bool = True,
+        trace: bool | int = False,
         inputs: tuple[str, ...] | None = None,
     ) -> EPResult:
         """Vector-Jacobian product of the block by EP: given ``dL/ds_out`` (`grad`, as autograd
@@ -439,7 +441,13 @@ class EBBlock(nn.Module):
             zx = {g: torch.zeros(clamp[g].shape) for g in clamp}
             return EPResult(zeros, zx, free, free, free, (0.0, 0.0), 0)
         res = self.ep(
-            clamp, grad={g: v / c for g, v in tens.items()}, beta=beta, mode=mode, reduce="sum", free=free
+            clamp,
+            grad={g: v / c for g, v in tens.items()},
+            beta=beta,
+            mode=mode,
+            reduce="sum",
+            free=free,
+            trace=trace,
         )
         if c != 1.0:
             res.grads = {t: g * c for t, g in res.grads.items()}

@@ -139,7 +139,7 @@ class Classifier:
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, t.epochs) if t.schedule == "cosine" else None
         )
         self.classes = classes
-        self.last_free: Equilibrium | None = None
+        self.last_settles: dict[str, Equilibrium] = {}  # phase -> equilibrium of the last step
 
     # --------------------------------------------------------------------------------- loss
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -175,19 +175,22 @@ class Classifier:
         else:
             blk = self.block
             f = blk.free(x, trace=trace)
-            self.last_free = f
+            self.last_settles = {"free": f}
             out = torch.from_numpy(f.states[blk.outputs[0]])
             if e.loss == "ce":
                 grad = e.tau * (torch.softmax(e.tau * out, dim=1) - F.one_hot(y, self.classes).to(out.dtype))
-                r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False)
+                r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
             else:
                 target = F.one_hot(y, self.classes).to(out.dtype)
-                r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False)
+                r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
             loss = self._loss(out, y)
             for tile, p in blk.weights.items():
                 p.grad = r.grads[tile]
             free = [f]
             nud = [eq for eq in (r.first, r.second) if eq is not f]
+            for eq, b in zip((r.first, r.second), r.betas, strict=True):
+                if b != 0:
+                    self.last_settles[f"nudged{'+' if b > 0 else '-'}"] = eq
         self.opt.step()
         acc = float((out.argmax(1) == y).float().mean())
         stats = {
@@ -288,8 +291,9 @@ def train_classifier(
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
             if log is not None:
                 log.metrics("train", step=step, epoch=epoch, loss=loss, acc=acc, **st)
-                if trace and model.last_free is not None:
-                    log.settle(step, "free", model.last_free)
+                if trace:
+                    for phase, eq in model.last_settles.items():
+                        log.settle(step, phase, eq)
             if order.pos != 0:
                 continue
             model.epoch_end()

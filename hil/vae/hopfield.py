@@ -72,6 +72,7 @@ class StepResult:
     grads: dict[str, dict[str, Tensor]]  # per block name, per tile
     encoder_free: Equilibrium
     decoder_free: Equilibrium
+    nudged: dict[str, Equilibrium]  # "encoder nudged+", "decoder nudged-", ... (the phases that ran)
     settle_steps: int
     settle_energy_j: float
     converged: bool
@@ -177,7 +178,7 @@ class HopfieldVAE:
         trace: int = 0,
     ) -> StepResult:
         """Negative ELBO of the batch and its EP gradients (batch mean), for the noise `eps`;
-        `trace` records the free settles every `trace` steps."""
+        `trace` records every settle (free and nudged) every `trace` steps."""
         batch = x.shape[0]
         mu, lv, enc = self.encode(x, trace)
         z = reparameterize(mu, lv, eps)
@@ -185,14 +186,16 @@ class HopfieldVAE:
         nll, kl = likelihood.nll(x, x_hat), kl_normal(mu, lv)
         # decoder pass: the reconstruction loss nudges x; EP gives dL/dW and dL/ds_z
         dec_ep = self.decoder.vjp(
-            dec, {"x": likelihood.grad(x, x_hat) / batch}, beta=beta, mode=mode, inputs=DEC_IN
+            dec, {"x": likelihood.grad(x, x_hat) / batch}, beta=beta, mode=mode, inputs=DEC_IN, trace=trace
         )
         d_z = self.code.z_grad(dec_ep.input_grads["mu"].to(torch.float32), dsdz)
         sigma = torch.exp(0.5 * lv)
         d_mu = d_z + mu / batch
         d_lv = d_z * eps * 0.5 * sigma + 0.5 * (lv.exp() - 1.0) / batch
         g_mu, g_lv = self.code.state_grads(d_mu, d_lv)
-        enc_ep = self.encoder.vjp(enc, {"mu": g_mu, "lv": g_lv}, beta=beta, mode=mode, inputs=ENC_IN)
+        enc_ep = self.encoder.vjp(
+            enc, {"mu": g_mu, "lv": g_lv}, beta=beta, mode=mode, inputs=ENC_IN, trace=trace
+        )
         grads: dict[str, dict[str, Tensor]] = {}
         if self.shared:
             grads["net"] = {t: enc_ep.grads[t] + dec_ep.grads[t] for t in enc_ep.grads}
@@ -207,6 +210,12 @@ class HopfieldVAE:
             grads=grads,
             encoder_free=enc,
             decoder_free=dec,
+            nudged={
+                f"{name} nudged{'+' if b > 0 else '-'}": eq
+                for name, ep in (("encoder", enc_ep), ("decoder", dec_ep))
+                for eq, b in zip((ep.first, ep.second), ep.betas, strict=True)
+                if b != 0
+            },
             settle_steps=enc_ep.settle_steps + dec_ep.settle_steps + enc.steps + dec.steps,
             settle_energy_j=sum(e.energy_j for e in unique),
             converged=enc.converged and dec.converged,

@@ -141,7 +141,7 @@ class _Model:
             return {"loss": loss.item(), "nll": nll.mean().item(), "kl": kl.mean().item()}
         assert self.hvae is not None
         r = self.hvae.step(x, eps, lik, beta=self.cfg.ep.beta, mode=self.cfg.ep.mode, trace=trace)  # type: ignore[arg-type]
-        self.last_free = {"encoder free": r.encoder_free, "decoder free": r.decoder_free}
+        self.last_free = {"encoder free": r.encoder_free, "decoder free": r.decoder_free, **r.nudged}
         self.hvae.apply(r.grads)
         opt.step()
         return {
