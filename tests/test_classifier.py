@@ -84,11 +84,13 @@ def test_layered_dhn_on_digits_ideal_preset(one_thread: None) -> None:
     assert all(h.unconverged < 0.05 for h in res.history)
 
 
-def test_train_cli_reports_accuracy_config_and_device(one_thread: None) -> None:
+def test_train_cli_reports_accuracy_config_and_device(one_thread: None, tmp_path) -> None:
     args = [
         "train",
         "classifier",
         "--no-progress",
+        "--out",
+        str(tmp_path / "run.zarr"),
         "--set",
         "train.epochs=1",
         "--set",
@@ -98,6 +100,7 @@ def test_train_cli_reports_accuracy_config_and_device(one_thread: None) -> None:
     assert res.exit_code == 0, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("test accuracy ") and "emulator-ideal" in last
+    assert f"run log {tmp_path / 'run.zarr'}" in res.output and (tmp_path / "run.zarr").is_dir()
     cfg = json.loads(last.split("| config ", 1)[1])
     assert cfg["model"]["sizes"] == [64, 32, 10] and cfg["train"]["epochs"] == 1
     assert "epoch   1" in res.output
