@@ -81,8 +81,9 @@ def minimal_epoch(
         w1.sub_(lrs[1] * g1)
 
 
-def timing(ds: Dataset, reps: int) -> dict:
-    cfg = load_config(None, ["train.epochs=30", *TIMING])
+def timing(ds: Dataset, reps: int, batch: int | None = None) -> dict:
+    extra = [f"train.batch_size={batch}"] if batch else []
+    cfg = load_config(None, ["train.epochs=30", *TIMING, *extra])
     project = Classifier(cfg, ds.features, ds.classes, open_device)
     blk = project.block
     w0 = blk.weights["W0"].detach().clone()
@@ -190,6 +191,12 @@ def main() -> None:
             "device": f_idn,
         })  # fmt: skip
     out.append(timing(ds, 2 if a.quick else 5))
+    # the host and device work per batch (programming the tiles, settle set-up) is fixed, so
+    # the ratio falls with the batch size: show it at larger batches too
+    for batch in (64, 256):
+        row = timing(ds, 2 if a.quick else 3, batch)
+        row["bench"] = "train_digits_epoch_time_by_batch"
+        out.append(row)
     for o in out:
         print(json.dumps(o))
 
