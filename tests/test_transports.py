@@ -302,3 +302,12 @@ def test_short_training_matches_in_process(
     transport: str, trained_in_process: list[tuple[float, float]]
 ) -> None:
     assert _train(transport) == trained_in_process
+
+
+def test_plugin_fixture_gives_a_working_board_on_every_transport(transport_device) -> None:
+    """`transport_device` comes from the distribution's pytest plugin (hil.testing, entry
+    point pytest11), not from this file: what users get in their own test suites."""
+    transport_device.configure(Topology.layered([4, 3]))
+    eq = transport_device.settle({"s0": np.full((2, 4), 0.5, np.float32)})
+    assert eq.states["s1"].shape == (2, 3) and eq.steps >= 1
+    assert transport_device.info.identity.model == "emulator-rram"
