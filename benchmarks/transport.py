@@ -35,75 +35,25 @@ import numpy as np
 from drivers import open_device
 from drivers.base import (
     Device,
-    DeviceInfo,
-    Equilibrium,
-    Nudge,
-    ProgramReport,
-    PulseReport,
-    SafetyCounters,
 )
 from drivers.topology import Topology
+from drivers.wrapper import DeviceWrapper
 
 SIZE = 512
 TOPOLOGY = Topology.layered([SIZE - 1, SIZE])  # W0 is 512 x 512 (bias row included)
 
 
-class FixedReadDevice(Device):
+class FixedReadDevice(DeviceWrapper):
     """Wraps a Device; `read_conductance` returns fixed arrays, so only the transport is timed."""
 
     def __init__(self, inner: Device) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         rng = np.random.default_rng(0)
         lim = inner.info.limits
         self.g = rng.uniform(lim.g_min, lim.g_max, (2, SIZE, SIZE)).astype(np.float32)
 
-    @property
-    def info(self) -> DeviceInfo:
-        return self.inner.info
-
-    @property
-    def topology(self) -> Topology | None:
-        return self.inner.topology
-
-    def configure(self, topology: Topology) -> None:
-        self.inner.configure(topology)
-
-    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: Any) -> ProgramReport:
-        return self.inner.program(tile, g_plus, g_minus, **kw)
-
-    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
-        return self.inner.pulse(tile, counts_plus, counts_minus)
-
     def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
         return self.g[0], self.g[1]
-
-    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
-        return self.inner.mvm(tile, x, transpose=transpose)
-
-    def settle(
-        self,
-        clamp: dict[str, np.ndarray],
-        nudge: dict[str, Nudge] | None = None,
-        init: dict[str, np.ndarray] | None = None,
-        trace: bool | int = False,
-    ) -> Equilibrium:
-        return self.inner.settle(clamp, nudge, init, trace)
-
-    def wait(self, seconds: float) -> None:
-        self.inner.wait(seconds)
-
-    def safety(self) -> SafetyCounters:
-        return self.inner.safety()
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def safe_state(self) -> None:
-        self.inner.safe_state()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _raw_bulk_server(sock: socket.socket, payload: bytes) -> None:

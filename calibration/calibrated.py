@@ -5,7 +5,7 @@ targets and mvm inputs are pre-compensated for the DAC, read-out states and mvm 
 corrected for the ADCs, and programming targets moved into each device's measured window
 with stuck devices compensated by their partners (on the tiles the record calibrated, at
 their positions and shapes; other tiles are programmed as asked). Clamped groups come back
-as the host asked for them, as from any Device. Everything else passes through.
+as the host asked for them, as from any Device. Everything else passes through (`DeviceWrapper`).
 
     dev = CalibratedDevice(open_device(uri), calibration.load("cal.zarr"))
 """
@@ -18,43 +18,22 @@ import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
 from calibration.record import CalibrationRecord
-from drivers import (
-    Device,
-    DeviceInfo,
-    Equilibrium,
-    Nudge,
-    ProgramReport,
-    PulseReport,
-    SafetyCounters,
-    Topology,
-)
+from drivers import Device, Equilibrium, Nudge, ProgramReport
+from drivers.wrapper import DeviceWrapper
 
 
-class CalibratedDevice(Device):
+class CalibratedDevice(DeviceWrapper):
     def __init__(self, device: Device, record: CalibrationRecord, *, targets: bool = True) -> None:
         record.check_identity(device.info.identity)
-        super().__init__()
-        self.inner = device
+        super().__init__(device)
         self.record = record
         self.targets = targets  # also correct programming targets (per-device windows, stuck devices)
-        self.lock = device.lock
-
-    @property
-    def info(self) -> DeviceInfo:
-        return self.inner.info
-
-    @property
-    def topology(self) -> Topology | None:
-        return self.inner.topology
 
     def _corrections(self) -> Corrections:
         topo = self.inner.topology
         if topo is None:
             raise ValueError("configure the device before using it")
         return Corrections(self.record, topo)
-
-    def configure(self, topology: Topology) -> None:
-        self.inner.configure(topology)
 
     def program(
         self,
@@ -74,12 +53,6 @@ class CalibratedDevice(Device):
             t = conductance_targets(self.record, position, g_plus, g_minus, self.info.limits)
             g_plus, g_minus = t.g_plus, t.g_minus
         return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
-
-    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
-        return self.inner.pulse(tile, counts_plus, counts_minus)
-
-    def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.inner.read_conductance(tile)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         corr = self._corrections()
@@ -101,18 +74,3 @@ class CalibratedDevice(Device):
             fixed = {"step", "energy", *clamp}
             out_trace = {k: v if k in fixed else corr.states({k: v})[k] for k, v in out_trace.items()}
         return dataclasses.replace(eq, states=states, trace=out_trace)
-
-    def wait(self, seconds: float) -> None:
-        self.inner.wait(seconds)
-
-    def safety(self) -> SafetyCounters:
-        return self.inner.safety()
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def safe_state(self) -> None:
-        self.inner.safe_state()
-
-    def close(self) -> None:
-        self.inner.close()

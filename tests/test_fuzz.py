@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from drivers import open_device
 from drivers.wire import frames
 from drivers.wire.frames import Frame
-from emulator.server.scpi import MessageSplitter, ParseError, ScpiSession
+from emulator.server.scpi import MessageSplitter, ScpiSession, respond
 
 # fragments of the real grammar mixed into the noise, so that inputs get past the first byte
 SCPI_WORDS = st.sampled_from(
@@ -51,20 +51,8 @@ def device():
 
 
 def _serve(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> list[bytes]:
-    """What the server's connection loop does with received bytes."""
-    out: list[bytes] = []
-    splitter.feed(data)
-    while True:
-        try:
-            msg = splitter.next()
-        except ParseError as exc:
-            session.push_error(exc.code, str(exc))
-            splitter.clear()
-            break
-        if msg is None:
-            break
-        out += [bytes(piece) for piece in session.handle(msg) or ()]
-    return out
+    """What the server's connection loop does with received bytes (`respond`)."""
+    return [bytes(piece) for reply in respond(session, splitter, data) for piece in reply or ()]
 
 
 @given(SCPI_INPUT)

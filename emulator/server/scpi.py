@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -549,6 +549,23 @@ class ScpiSession:
         return _block_reply(self.data)
 
 
+def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Iterator[list[Buffer] | None]:
+    """Feed received bytes to a connection's splitter and run every complete program message
+    on its session, yielding each message's response pieces (None: no response). A malformed
+    line goes to the error queue and the rest of the input is dropped up to the next one."""
+    splitter.feed(data)
+    while True:
+        try:
+            msg = splitter.next()
+        except ParseError as exc:
+            session.push_error(exc.code, str(exc))
+            splitter.clear()
+            return
+        if msg is None:
+            return
+        yield session.handle(msg)
+
+
 class ScpiServer(EndpointServer):
     """Serves one Device over SCPI on any number of TCP ports and ptys."""
 
@@ -565,17 +582,7 @@ class ScpiServer(EndpointServer):
             data = stream.read(POLL_S)
             if not data:
                 continue
-            splitter.feed(data)
-            while True:
-                try:
-                    msg = splitter.next()
-                except ParseError as exc:
-                    session.push_error(exc.code, str(exc))
-                    splitter.clear()
-                    break
-                if msg is None:
-                    break
-                reply = session.handle(msg)
+            for reply in respond(session, splitter, data):
                 if self.faults.delay_s:
                     time.sleep(self.faults.delay_s)
                 for piece in reply or ():
