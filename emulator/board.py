@@ -9,6 +9,7 @@ every time), the noise of reads, writes and settles from one noise stream.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,9 +102,25 @@ class _Plan:
     const_terms: list[_Term]  # sources that are clamped (incl. bias)
     dyn_terms: list[_Term]  # sources that are free
     energy_pairs: list[tuple[str, str, torch.Tensor, float]] = field(default_factory=list)
-    line_conductance: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (group, sum G)
-    coupling_norm: float = 0.0  # estimate of the spectral norm of the free-to-free couplings
+    line_conductance: dict[str, torch.Tensor] = field(default_factory=dict)  # group: sum of G per line
+    coupling_norm: float = 0.0  # estimate (or bound) of the spectral norm of the free-to-free couplings
+    norm_fresh: bool = False  # coupling_norm comes from a power iteration on these weights
     by_dst: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)  # dst: (src, rows)
+    noisy: bool = False  # any matmul source reads with noise
+    # every clamped source enters the energy with factor 1 (bipartite couplings, bias rows):
+    # then the analog settle's constant drive gives the clamped part of the energy directly
+    const_unit: bool = False
+    dyn_pairs: list[int] = field(default_factory=list)  # energy pairs between free groups
+
+    def __post_init__(self) -> None:
+        terms = self.const_terms + self.dyn_terms
+        self.noisy = any(t.noisy for t in terms)
+        const = {p for t in self.const_terms for p, _tr in t.pairs}
+        self.const_unit = all(self.energy_pairs[p][3] == 1.0 for p in const)
+        free = set(self.free)
+        self.dyn_pairs = [
+            i for i, (rg, cg, _b, _f) in enumerate(self.energy_pairs) if rg in free and cg in free
+        ]
 
 
 class Board:
@@ -117,7 +134,9 @@ class Board:
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
         self._plans: dict[frozenset[str], tuple[tuple[torch.Tensor, ...], _Plan]] = {}
-        self._power_vectors: dict[frozenset[str], dict[str, torch.Tensor]] = {}
+        self._power_vectors: dict[frozenset[str], torch.Tensor] = {}
+        # per clamp set: the last coupling-norm figure and the free-to-free matrices it was for
+        self._norm_refs: dict[frozenset[str], tuple[float, list[torch.Tensor]]] = {}
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 1)
         per = preset.periphery
         truth = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 2)
@@ -365,7 +384,7 @@ class Board:
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
-        plan.coupling_norm = self._coupling_norm(plan)
+        plan.coupling_norm = self._norm_bound(clamped, plan)
         plan.by_dst = {g: [] for g in free}
         for term in dyn_terms:
             for dst, a, b, _k in term.dsts:
@@ -373,43 +392,66 @@ class Board:
         self._plans[clamped] = (sources, plan)
         return plan
 
+    def _norm_bound(self, clamped: frozenset[str], plan: _Plan) -> float:
+        """An upper bound on the coupling norm of a new plan without a power iteration: the
+        last figure for this clamp set plus the Frobenius norm of the change of the
+        free-to-free matrices since then (``|A + D| <= |A| + |D|_F``), with the same 10 %
+        margin. Training changes weights by little per step, so this stays tight for many
+        steps; `settle` runs the power iteration (`_coupling_norm`) only when the bound would
+        shrink its step."""
+        matrices = [t.matrix for t in plan.dyn_terms]
+        ref = self._norm_refs.get(clamped)
+        if ref is None or [m.shape for m in ref[1]] != [m.shape for m in matrices]:
+            norm = self._coupling_norm(plan)
+            plan.norm_fresh = True
+        else:
+            change = sum(
+                float(torch.linalg.matrix_norm(m - o)) ** 2 for m, o in zip(matrices, ref[1], strict=True)
+            )
+            norm = ref[0] + 1.1 * change**0.5
+        self._norm_refs[clamped] = (norm, matrices)
+        return norm
+
     def _coupling_norm(self, plan: _Plan) -> float:
         """Power-iteration estimate of the norm of the map the free groups apply to each other
         (their drive on one another), with a 10 % margin. It bounds how fast an analog settle
-        may be integrated: see `Board.settle`. Weights change little between plans (training
-        steps), so the iteration starts from the previous plan's vector: a few iterations
+        may be integrated: see `Board.settle`. The map is assembled as one matrix, so each
+        iteration is one matrix-vector product; weights change little between plans (training
+        steps), so the iteration starts from the previous plan's vector and a few iterations
         then suffice."""
         assert self.topology is not None
         if not plan.dyn_terms:
             return 0.0
+        sizes = self.topology.groups
+        offset, n = {}, 0
+        for g in plan.free:
+            offset[g] = n
+            n += sizes[g]
+        op = torch.zeros(n, n, device=self.device)  # row-vector convention: drive = v @ op
+        for term in plan.dyn_terms:
+            r0 = offset[term.src]
+            for dst, a, b, _k in term.dsts:
+                c0 = offset[dst]
+                op[r0 : r0 + sizes[term.src], c0 : c0 + b - a] += term.matrix[a:b].T
         key = frozenset(plan.free)
         v = self._power_vectors.get(key)
         iterations = 4
-        if v is None:
+        if v is None or v.shape[1] != n:
             gen = torch.Generator(device=self.device).manual_seed(0)
-            v = {
-                g: torch.randn(1, self.topology.groups[g], generator=gen, device=self.device)
-                for g in plan.free
-            }
+            v = torch.randn(1, n, generator=gen, device=self.device)
             iterations = 20
         norm = 0.0
         for _ in range(iterations):
-            total = sum(float(x.pow(2).sum()) for x in v.values()) ** 0.5 or 1.0
-            v = {g: x / total for g, x in v.items()}
-            out = {g: torch.zeros_like(x) for g, x in v.items()}
-            for term in plan.dyn_terms:
-                y = F.linear(v[term.src], term.matrix)
-                for dst, a, b, _k in term.dsts:
-                    out[dst] = out[dst] + y[:, a:b]
-            norm = sum(float(x.pow(2).sum()) for x in out.values()) ** 0.5
-            v = out
+            v = v / (torch.linalg.vector_norm(v) + 1e-30)
+            v = v @ op
+            norm = float(torch.linalg.vector_norm(v))
         self._power_vectors[key] = v
         return 1.1 * norm
 
-    def _line_conductance(self) -> list[tuple[str, torch.Tensor]]:
-        """Per node group, the total conductance its lines see in each tile (for power)."""
+    def _line_conductance(self) -> dict[str, torch.Tensor]:
+        """Per node group, the total conductance its lines see over all tiles (for power)."""
         assert self.topology is not None
-        out: list[tuple[str, torch.Tensor]] = []
+        out: dict[str, torch.Tensor] = {}
         for c in self.topology.couplings:
             gp, gm = self._tiles[c.tile].conductances(self.clock)
             g = gp + gm
@@ -418,7 +460,8 @@ class Board:
                 start = 0
                 for grp in groups:
                     n = self.topology.size(grp)
-                    out.append((grp, total[start : start + n]))
+                    part = total[start : start + n]
+                    out[grp] = part if grp not in out else out[grp] + part
                     start += n
         return out
 
@@ -448,6 +491,26 @@ class Board:
                 e = e + 0.5 * beta * ((s[g] - target) ** 2).sum(1)
             if grad is not None:
                 e = e + beta * (grad * s[g]).sum(1)
+        return e
+
+    def _energy_from_drive(
+        self,
+        s: dict[str, torch.Tensor],
+        plan: _Plan,
+        base: dict[str, torch.Tensor],
+        elastic: dict[str, tuple[float, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The energy of `_energy` in fewer operations, for analog settles whose clamped
+        sources all enter with factor 1: `base` (the constant drive: clamped products minus
+        the injected nudge currents) gives those terms as one product per free group."""
+        assert self.topology is not None
+        half_inv_gain = 0.5 / self.topology.gain
+        e = sum(torch.linalg.vecdot(s[g], s[g] * half_inv_gain - base[g]) for g in plan.free)
+        for i in plan.dyn_pairs:
+            rg, cg, block, factor = plan.energy_pairs[i]
+            e = e - factor * torch.linalg.vecdot(s[rg] @ block, s[cg])
+        for g, (beta, target) in elastic.items():
+            e = e + 0.5 * beta * (s[g] - target).square().sum(1)
         return e
 
     def settle(
@@ -495,8 +558,11 @@ class Board:
         # injected nudge currents. In analog mode the read noise of all sources and the node
         # noise sum on each node line: one Gaussian draw per group and step, whose variance
         # has a constant part and a part that follows the free sources' states.
-        base = {g: torch.zeros(batch, topo.groups[g], device=dev) for g in plan.free}
-        const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
+        quiet = not mvm_mode and not plan.noisy and not per.node_noise
+        base: dict[str, torch.Tensor] = {}
+        const_var = (
+            {} if quiet else {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
+        )
         mvm_const: list[tuple[_Term, torch.Tensor]] = []
         products: dict[int, tuple[torch.Tensor, bool]] = {}
         for term in plan.const_terms:
@@ -506,14 +572,17 @@ class Board:
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
                 if not mvm_mode:
-                    base[dst] += out[:, a:b]
+                    base[dst] = out[:, a:b] if dst not in base else base[dst] + out[:, a:b]
             if mvm_mode:
                 mvm_const.append((term, out))
+        for g in plan.free:
+            if g not in base:
+                base[g] = torch.zeros(batch, topo.groups[g], device=dev)
         for g, (beta, _t, gr) in nud.items():
             if gr is not None:
-                base[g] -= beta * gr
-        noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
-        for term in plan.dyn_terms:
+                base[g] = base[g] - beta * gr
+        noisy = {} if quiet else {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
+        for term in [] if quiet else plan.dyn_terms:
             for dst, _a, _b, k in term.dsts:
                 noisy[dst] = noisy[dst] or k > 0
         gain, tol = topo.gain, budget.tol
@@ -522,10 +591,14 @@ class Board:
         # dt < 2 / (1 + gain |W|)); each step then stands for that much less circuit time.
         dt = budget.dt
         if not mvm_mode and plan.coupling_norm > 0:
+            if 1.8 / (1.0 + gain * plan.coupling_norm) < dt and not plan.norm_fresh:
+                plan.coupling_norm = self._coupling_norm(plan)  # the bound is too loose to decide
+                plan.norm_fresh = True
+                self._norm_refs[frozenset(clamp)] = (plan.coupling_norm, [t.matrix for t in plan.dyn_terms])
             dt = min(dt, 1.8 / (1.0 + gain * plan.coupling_norm))
         pool = (
             NoisePool(self.noise, max(batch * n for n in topo.groups.values()), dev)
-            if any(noisy.values()) or any(t.noisy for t in plan.dyn_terms + plan.const_terms)
+            if not quiet and (any(noisy.values()) or plan.noisy)
             else None
         )
         elastic = {g: (beta, t) for g, (beta, t, _gr) in nud.items() if t is not None}
@@ -549,19 +622,12 @@ class Board:
         if trace:
             record(0)
         residual, converged, steps, floor = float("inf"), False, 0, 0.0
-        # Noise-free analog settles (the ideal preset, or noise switched off) take a lean path:
-        # each free group's drive is one fused multiply-add per source (addmm).
-        quiet = not mvm_mode and not any(noisy.values())
-        for step in range(1, budget.max_steps + 1):
-            if quiet:
-                drive = {}
-                for g in plan.free:
-                    u = base[g]
-                    for src, m in plan.by_dst[g]:
-                        u = torch.addmm(u, s[src], m.T)
-                    drive[g] = u
-                var = const_var
-            else:
+        if quiet:
+            # Noise-free analog settles (the ideal preset, or noise switched off) take a lean
+            # path: no noise, no noise floor, states updated in place.
+            steps, residual, converged = self._run_quiet(s, plan, base, elastic, dt, trace, record)
+        else:
+            for step in range(1, budget.max_steps + 1):
                 drive = dict(base)
                 var = dict(const_var)
                 for term, out in mvm_const:
@@ -577,33 +643,33 @@ class Board:
                         drive[dst] = drive[dst] + y[:, a:b]
                         if k:
                             var[dst] = var[dst] + term.noise_var(x, k)
-            check = step % budget.check_every == 0 or step == budget.max_steps
-            res = 0.0
-            for g in plan.free:
-                u = drive[g]
-                if g in elastic:
-                    beta, target = elastic[g]
-                    u = u + beta * (target - s[g])
-                if mvm_mode:
-                    if per.node_noise:
-                        u = u + per.node_noise * pool.draw(u.shape)
-                elif noisy[g]:
-                    u = u + var[g].sqrt() * pool.draw(u.shape)
-                new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
-                if mvm_mode:
-                    new = self._dac(new, self._channel[g])
+                check = step % budget.check_every == 0 or step == budget.max_steps
+                res = 0.0
+                for g in plan.free:
+                    u = drive[g]
+                    if g in elastic:
+                        beta, target = elastic[g]
+                        u = u + beta * (target - s[g])
+                    if mvm_mode:
+                        if per.node_noise:
+                            u = u + per.node_noise * pool.draw(u.shape)
+                    elif noisy[g]:
+                        u = u + var[g].sqrt() * pool.draw(u.shape)
+                    new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
+                    if mvm_mode:
+                        new = self._dac(new, self._channel[g])
+                    if check:
+                        res = max(res, float((new - s[g]).abs().max()))
+                    s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
+                steps = step
                 if check:
-                    res = max(res, float((new - s[g]).abs().max()))
-                s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
-            steps = step
-            if check:
-                residual = res
-                floor = self._noise_floor(var, mvm_mode, gain)
-            if trace and step % trace == 0:
-                record(step)
-            if check and residual <= tol + floor:
-                converged = True
-                break
+                    residual = res
+                    floor = self._noise_floor(var, mvm_mode, gain)
+                if trace and step % trace == 0:
+                    record(step)
+                if check and residual <= tol + floor:
+                    converged = True
+                    break
         if trace and trace_steps[-1] != steps:
             record(steps)
         n_mvm = len(plan.const_terms) + len(plan.dyn_terms)
@@ -614,7 +680,10 @@ class Board:
         energy_j = self._settle_power(plan, s) * step_s * steps
         self.clock += settle_time
         self.energy_j += energy_j
-        energy = self._energy(s, plan, nud, products)
+        if not mvm_mode and plan.const_unit:
+            energy = self._energy_from_drive(s, plan, base, elastic)
+        else:
+            energy = self._energy(s, plan, nud, products)
         states = {g: self._adc_state(s[g], self._channel[g]) for g in plan.free}
         out_trace = None
         if trace:
@@ -626,6 +695,59 @@ class Board:
             for g in plan.free:
                 out_trace[g] = self._adc_state(stacked[g], self._channel[g])
         return SettleResult(states, steps, converged, residual, energy, settle_time, energy_j, out_trace)
+
+    def _run_quiet(
+        self,
+        s: dict[str, torch.Tensor],
+        plan: _Plan,
+        base: dict[str, torch.Tensor],
+        elastic: dict[str, tuple[float, torch.Tensor]],
+        dt: float,
+        trace: int,
+        record: Callable[[int], None],
+    ) -> tuple[int, float, bool]:
+        """The analog settle without noise: per free group and step one fused multiply-add
+        per source, then clamp and relax in place. Returns (steps, residual, converged).
+
+        With ``tol = 0`` convergence is never checked: the settle runs exactly `max_steps`
+        (the fixed-step recipe of the EP literature) and the residual is measured at the
+        last step only."""
+        assert self.topology is not None
+        budget, gain = self.topology.budget, self.topology.gain
+        every = budget.check_every if budget.tol > 0 else budget.max_steps + 1
+        schedule = [(g, base[g], plan.by_dst[g], *(elastic.get(g) or (0.0, None))) for g in plan.free]
+        pulls = {g: beta * target for g, (beta, target) in elastic.items()}
+        residual = float("inf")
+        for step in range(1, budget.max_steps + 1):
+            news = []
+            for g, b, sources, beta, target in schedule:
+                if sources:
+                    src0, m0 = sources[0]
+                    u = torch.addmm(b, s[src0], m0.T)
+                    for src, m in sources[1:]:
+                        u.addmm_(s[src], m.T)
+                else:
+                    u = b.clone()
+                if target is not None:
+                    u.add_(pulls[g]).add_(s[g], alpha=-beta)
+                if gain != 1.0:
+                    u.mul_(gain)
+                news.append(u.clamp_(0.0, 1.0))
+            last = step == budget.max_steps
+            if last or step % every == 0:
+                residual = max(
+                    float((u - s[g]).abs().max()) for u, (g, *_rest) in zip(news, schedule, strict=True)
+                )
+            for u, (g, *_rest) in zip(news, schedule, strict=True):
+                if trace:
+                    s[g] = torch.lerp(s[g], u, dt)  # the trace keeps every recorded tensor
+                else:
+                    s[g].lerp_(u, dt)  # the settle's own tensors (zeros or clones of `init`)
+            if trace and step % trace == 0:
+                record(step)
+            if (last or step % every == 0) and residual <= budget.tol:
+                return step, residual, True
+        return budget.max_steps, residual, False
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause
@@ -663,7 +785,35 @@ class Board:
     def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor]) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line
         driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2."""
-        total = torch.zeros((), device=self.device)
-        for group, gsum in plan.line_conductance:
-            total = total + (s[group].pow(2) @ gsum).sum()
-        return float(total) * self.preset.periphery.v_read**2
+        terms = [
+            s[group].square().sum(0) @ gsum if group != BIAS else s[group].shape[0] * gsum.sum()
+            for group, gsum in plan.line_conductance.items()
+        ]
+        return float(sum(terms)) * self.preset.periphery.v_read**2
+
+    # ---------------------------------------------------------------- reliability state
+    # Class-level defaults (immutable), set per instance on first change: the epoch counts
+    # restarts, so a host learns of a reset it did not ask for; `transaction` is the open
+    # programming sequence, kept (as if in non-volatile memory) across restarts.
+    epoch: int = 0
+    transaction: str | None = None
+
+    def restart(self) -> None:
+        """A reset as the host sees it: configuration lost (`reset`), conductances kept
+        (non-volatile), the epoch advanced."""
+        self.reset()
+        self.epoch += 1
+
+    def begin_transaction(self, tag: str) -> None:
+        if not tag or len(tag) > 256:
+            raise ConfigurationError(f"a transaction tag is 1 to 256 characters, got {len(tag)}")
+        self.transaction = tag
+
+    def commit_transaction(self, tag: str) -> None:
+        if self.transaction is None:
+            return  # nothing open: a retried commit
+        if self.transaction != tag:
+            raise ConfigurationError(
+                f"cannot commit transaction {tag!r}: the open one is {self.transaction!r}"
+            )
+        self.transaction = None

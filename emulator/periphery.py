@@ -51,6 +51,7 @@ class ChannelErrors:
 
     gain: torch.Tensor
     offset: torch.Tensor
+    exact: bool = False  # no errors at all (gain 1, offset 0): `apply` hands its input back
 
     @staticmethod
     def draw(
@@ -58,8 +59,10 @@ class ChannelErrors:
     ) -> ChannelErrors:
         gain = 1.0 + gain_std * torch.randn(n, generator=gen, device=device)
         offset = offset_std_units * torch.randn(n, generator=gen, device=device)
-        return ChannelErrors(gain, offset)
+        return ChannelErrors(gain, offset, exact=gain_std == 0 and offset_std_units == 0)
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if self.exact:
+            return x
         n = x.shape[-1]
         return x * self.gain[start : start + n] + self.offset[start : start + n]

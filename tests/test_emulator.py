@@ -368,3 +368,27 @@ def test_reported_energy_is_the_dense_energy_of_the_programmed_weights() -> None
         phi = 0.5 * np.einsum("bi,ij,bj->b", s, wn, s) + s @ w[15]
         expected = 0.5 * (s[:, 5:] ** 2).sum(1) - phi
         np.testing.assert_allclose(eq.energy, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_reported_energy_of_a_nudged_layered_settle(gain: float) -> None:
+    """E = |s_free|^2 / (2 gain) - Phi + beta grad.s + beta/2 |s - target|^2 for a layered
+    DHN, computed here from the programmed weights; the settle's own figure (from its drive)
+    and its trace's last record (the general formula) must both agree with it."""
+    rng = np.random.default_rng(7)
+    sizes = [6, 9, 4]
+    with open_device(IDEAL) as dev:
+        _, w = random_layered(dev, sizes, seed=2, gain=gain, budget=SettleBudget(max_steps=60, tol=0.0))
+        x = rng.uniform(0, 1, (5, 6)).astype(np.float32)
+        grad = rng.normal(0, 1, (5, 4)).astype(np.float32)
+        target = rng.uniform(0, 1, (5, 4)).astype(np.float32)
+        nudge = {"s2": Nudge(0.3, target=target, grad=grad)}
+        eq = dev.settle({"s0": x}, nudge=nudge, trace=20)
+        s0, s1, s2 = (eq.states[g].astype(np.float64) for g in ("s0", "s1", "s2"))
+        phi = np.einsum("bi,ij,bj->b", s0, w["W0"][:6], s1) + s1 @ w["W0"][6]
+        phi += np.einsum("bi,ij,bj->b", s1, w["W1"][:9], s2) + s2 @ w["W1"][9]
+        expected = ((s1**2).sum(1) + (s2**2).sum(1)) / (2 * gain) - phi
+        expected += 0.3 * (grad * s2).sum(1) + 0.15 * ((s2 - target) ** 2).sum(1)
+        assert eq.steps == 60 and not eq.converged  # tol = 0: a fixed number of steps
+        np.testing.assert_allclose(eq.energy, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(eq.trace["energy"][-1], expected, rtol=1e-5, atol=1e-5)
