@@ -128,6 +128,21 @@ class SafetyCounters:
     violations: int  # out-of-limit conditions that reached the array: must stay 0
 
 
+@dataclass(frozen=True)
+class BoardStatus:
+    """What a host checks after a link failure and when a session starts.
+
+    `epoch` changes whenever the board loses its configuration (power-on, reset, watchdog);
+    a host that remembers the value it saw learns of a reset it did not ask for.
+    `transaction` is the tag of a programming sequence begun (`Device.begin`) and never
+    committed: a host died or the board reset in the middle of it, so the conductances may
+    be a mix of old and new targets until the tiles are programmed again."""
+
+    epoch: int = 0
+    transaction: str | None = None
+    configured: bool = False
+
+
 class Device(ABC):
     """One analog crossbar board. Use as a context manager: exit puts it in its safe state."""
 
@@ -199,6 +214,22 @@ class Device(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    # -- reliability: reset detection and programming transactions (defaults for backends
+    # without them: no epoch, transactions not recorded)
+    def status(self) -> BoardStatus:
+        """The board's epoch, open programming transaction and whether it is configured."""
+        return BoardStatus(configured=self.topology is not None)
+
+    def begin(self, tag: str) -> None:
+        """Mark the start of a multi-tile programming sequence `tag` on the board (kept there
+        until `commit`, across host crashes and board resets). Without support: nothing."""
+        return None
+
+    def commit(self, tag: str) -> None:
+        """Mark the sequence `tag` complete. Committing a tag that is not open is a no-op
+        (a retried commit); committing while another tag is open raises ConfigurationError."""
+        return None
 
     def require(self, capability: str) -> None:
         if capability not in self.info.capabilities:

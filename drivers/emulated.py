@@ -17,6 +17,7 @@ import torch
 from drivers import checks
 from drivers.base import (
     CAPABILITIES,
+    BoardStatus,
     Device,
     DeviceInfo,
     Equilibrium,
@@ -244,7 +245,20 @@ class EmulatedDevice(Device):
 
     def reset(self) -> None:
         with self.lock:
-            self.board.reset()
+            self.board.restart()
+
+    def status(self) -> BoardStatus:
+        with self.lock:
+            b = self.board
+            return BoardStatus(epoch=b.epoch, transaction=b.transaction, configured=b.topology is not None)
+
+    def begin(self, tag: str) -> None:
+        with self.lock:
+            self.board.begin_transaction(tag)
+
+    def commit(self, tag: str) -> None:
+        with self.lock:
+            self.board.commit_transaction(tag)
 
     def safe_state(self) -> None:
         """Nothing is in flight between calls of the in-process board: lines are at 0 V."""

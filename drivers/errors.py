@@ -44,3 +44,23 @@ class NotSupported(DeviceError):
 
 class ConfigurationError(DeviceError):
     """Bad topology, unknown tile or group, wrong array shape, or a bad URI."""
+
+
+class BoardReset(DeviceError):
+    """The board reset (its epoch changed) while an operation that must not be repeated
+    blindly was in flight: whether it took effect is unknown. Re-read what it changed (e.g.
+    `read_conductance` after a `pulse`) or re-program from the host's copy."""
+
+
+class RetriesExhausted(DeviceError):
+    """An operation failed on the link on every attempt of its recovery budget; `op` names
+    it, `attempts` counts the tries, `__cause__` is the last failure."""
+
+    def __init__(self, op: str, attempts: int, seconds: float, last: BaseException) -> None:
+        super().__init__(
+            f"{op} failed {attempts} time(s) over {seconds:.2f} s; last cause: "
+            f"{type(last).__name__}: {last}. Is the board powered and the link connected?"
+        )
+        self.op = op
+        self.attempts = attempts
+        self.last = last

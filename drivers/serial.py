@@ -6,6 +6,8 @@
 pyserial opens the port (``serial_for_url("socket://HOST:PORT")`` for the socket form).
 Every request and reply is a message of COBS/CRC-32 frames with sequence numbers, each
 acknowledged, retransmitted on NACK or timeout up to `retries` times (docs/protocol.md).
+A transaction that still fails is retried after a reconnect, `attempts` times in all
+(`drivers.wire.client`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import serial as pyserial
 from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
-from drivers.wire.client import RemoteDevice
+from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link
 from drivers.wire.payload import Message, Op
@@ -44,8 +46,10 @@ class SerialDevice(RemoteDevice):
         ack_timeout: float = 0.25,
         retries: int = 5,
         fragment: int = frames.MAX_FRAGMENT,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, attempts=attempts, backoff=backoff)
         self.url = url
         self.baud = baud
         self.timeout = timeout
@@ -54,7 +58,9 @@ class SerialDevice(RemoteDevice):
         self.fragment = fragment
         self._port: Any = None
         self._fd: int | None = None
+        self._sock: socket.socket | None = None
         self._link: Link | None = None
+        self.board_hello: dict[str, Any] = {}  # the board's HELLO reply
         self.stats = LinkStats()  # this end's counters, kept across reconnects
 
     # -- link
@@ -65,15 +71,17 @@ class SerialDevice(RemoteDevice):
             )
         except (pyserial.SerialException, ValueError) as exc:
             raise ConfigurationError(f"{self.name}: cannot open {self.url!r}: {exc}") from exc
-        port.reset_input_buffer()
-        try:
-            self._fd = port.fileno()
-            port.timeout = 0  # reads return what is there; `_read` waits with select
-        except (AttributeError, NotImplementedError, pyserial.SerialException):
-            self._fd = None
-        sock = getattr(port, "_socket", None)  # socket:// ports: no Nagle delay on small frames
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = getattr(port, "_socket", None)  # socket:// ports: the TCP socket itself
+        self._fd = None
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on frames
+        else:
+            port.reset_input_buffer()
+            try:
+                self._fd = port.fileno()
+                port.timeout = 0  # reads return what is there; `_read` waits with select
+            except (AttributeError, NotImplementedError, pyserial.SerialException):
+                self._fd = None
         self._port = port
         seq0 = int.from_bytes(os.urandom(2), "little")  # so a fresh session never looks like a retransmission
         self._link = Link(
@@ -85,47 +93,63 @@ class SerialDevice(RemoteDevice):
             seq0=seq0,
         )
         self._link.stats = self.stats
-        self._exchange(LinkOp.HELLO, b"")
+        hello = {"version": frames.VERSION, "piggyback": True, "ack_timeout": self.ack_timeout}
+        self.board_hello = pl.loads(self._exchange(LinkOp.HELLO, pl.dumps(hello)))
 
     def _disconnect(self) -> None:
         if self._port is not None:
-            sock = getattr(self._port, "_socket", None)
-            if sock is not None:  # pyserial's socket close sleeps 0.3 s; the board needs no pause
+            if self._sock is not None:  # pyserial's socket close sleeps 0.3 s; the board needs no pause
                 with contextlib.suppress(OSError):
-                    sock.close()
+                    self._sock.close()
                 self._port.is_open = False
             with contextlib.suppress(Exception):
                 self._port.close()
         self._port = None
+        self._sock = None
         self._link = None
 
     def _read(self, timeout: float) -> bytes:
-        """What arrives within `timeout`: wait on the port's descriptor, then take all that is
-        there in one read (the port is non-blocking). Ports without a descriptor fall back
-        to a byte-wise blocking read."""
-        port = self._port
+        """What arrives within `timeout`: one select on the socket or descriptor, then one
+        read of all that is there (both are non-blocking). Ports with neither fall back to
+        pyserial's blocking read."""
         try:
-            if self._fd is None:
+            if self._sock is not None:
+                ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+                if not ready:
+                    return b""
+                data = self._sock.recv(READ_SIZE)
+            elif self._fd is not None:
+                ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
+                if not ready:
+                    return b""
+                data = os.read(self._fd, READ_SIZE)
+            else:
+                port = self._port
                 first = port.read(1)
                 return bytes(first) + bytes(port.read(port.in_waiting)) if first else b""
-            ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
-            return bytes(port.read(READ_SIZE)) if ready else b""
+        except BlockingIOError:
+            return b""
         except (pyserial.SerialException, OSError) as exc:
             raise ProtocolError(f"{self.name}: serial read failed: {exc}") from exc
+        if not data:
+            raise ProtocolError(f"{self.name}: the connection was closed by the board")
+        return data
 
     def _write(self, data: bytes) -> None:
-        """Write all of `data`; straight to the descriptor when there is one (pyserial's
-        write adds a select per call, a fifth of a round trip on a pty)."""
+        """Write all of `data`: straight to the socket or descriptor when there is one
+        (pyserial's write adds a select per call, a fifth of a round trip on a pty)."""
         try:
-            if self._fd is None:
+            if self._sock is None and self._fd is None:
                 self._port.write(data)
                 return
             view = memoryview(data)
             while view:
                 try:
-                    view = view[os.write(self._fd, view) :]
+                    n = self._sock.send(view) if self._sock is not None else os.write(self._fd, view)  # type: ignore[arg-type]
+                    view = view[n:]
                 except BlockingIOError:
-                    _, ready, _ = select.select([], [self._fd], [], self.timeout)
+                    waitable = self._sock if self._sock is not None else self._fd
+                    _, ready, _ = select.select([], [waitable], [], self.timeout)
                     if not ready:
                         raise DeviceTimeout(f"{self.name}: write blocked for {self.timeout:g} s") from None
         except pyserial.SerialTimeoutException as exc:
@@ -213,11 +237,13 @@ def _open(url: str, name: str, params: dict[str, str]) -> SerialDevice:
         "ack_timeout": _number(params, "ack_timeout", 0.25),
         "retries": _number(params, "retries", 5, int),
         "fragment": _number(params, "fragment", frames.MAX_FRAGMENT, int),
+        "attempts": _number(params, "attempts", DEFAULT_ATTEMPTS, int),
+        "backoff": _number(params, "backoff", DEFAULT_BACKOFF_S),
     }
     if params:
         raise ConfigurationError(
             f"unknown serial URI parameters {sorted(params)}; "
-            "known: baud, timeout, ack_timeout, retries, fragment"
+            "known: baud, timeout, ack_timeout, retries, fragment, attempts, backoff"
         )
     if not 16 <= kw["fragment"] <= frames.MAX_FRAGMENT:
         raise ConfigurationError(f"fragment must be in [16, {frames.MAX_FRAGMENT}], got {kw['fragment']}")

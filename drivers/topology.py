@@ -37,7 +37,12 @@ class Coupling:
 
 @dataclass(frozen=True)
 class SettleBudget:
-    """How a settle runs. `dt` < 1 damps the update (needed for dense networks)."""
+    """How a settle runs. `dt` < 1 damps the update (needed for dense networks).
+
+    A settle stops when the largest state change in a step is within `tol` of the board's
+    noise floor (checked every `check_every` steps) or after `max_steps`. On a noise-free
+    board ``tol = 0`` switches the test off: every settle runs exactly `max_steps` (the
+    fixed-step recipe of the EP literature)."""
 
     max_steps: int = 100
     tol: float = 1e-4

@@ -6,6 +6,12 @@ names another (``@ivi`` for NI-VISA/Keysight). Bulk data moves as IEEE 488.2 blo
 little-endian float32 / int32 through pyvisa's binary-value calls; the command set is in
 docs/protocol.md. After every command without a reply the error queue is read; a query
 that fails replies with an empty block and its error is read from the queue.
+
+``?check=1`` turns on checked mode (docs/protocol.md, section 2): every message and every
+response carries a CRC-32, so bytes corrupted on a noisy serial line are detected (and the
+transaction retried) instead of being taken for data. Non-idempotent commands carry a
+request id after their block, so the messages are built here rather than by pyvisa's
+``write_binary_values`` (the bytes are the same: header, block, terminator).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import select
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +30,7 @@ from drivers.base import SafetyCounters
 from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
-from drivers.wire.client import RemoteDevice
+from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
 from drivers.wire.payload import Message, Op
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -38,10 +45,19 @@ def _short(spec: str) -> str:
 
 class VisaDevice(RemoteDevice):
     def __init__(
-        self, resource: str, *, backend: str = "@py", timeout: float = DEFAULT_TIMEOUT_S, fast: bool = True
+        self,
+        resource: str,
+        *,
+        backend: str = "@py",
+        timeout: float = DEFAULT_TIMEOUT_S,
+        fast: bool = True,
+        check: bool = False,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        super().__init__(f"visa://{resource}")
+        super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff)
         self.fast = fast
+        self.check = check
         self.resource_name = resource
         self.backend = backend
         self.timeout = timeout
@@ -68,7 +84,11 @@ class VisaDevice(RemoteDevice):
             if self.resource_name.upper().startswith("ASRL"):  # drop what a previous session left
                 with contextlib.suppress(pyvisa.errors.VisaIOError):
                     self._res.flush(pyvisa.constants.BufferOperation.discard_read_buffer)
-            self._res.write(scpi.CLS)
+            if self.check:
+                self._res.write(f"{scpi.CLS};{_short(scpi.CHECK_MODE)} ON")
+                self._read_checked_line("checked mode")
+            else:
+                self._res.write(scpi.CLS)
 
     def _disconnect(self) -> None:
         if self._res is not None:
@@ -93,31 +113,64 @@ class VisaDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: malformed reply to {what}: {exc}") from exc
 
     # -- SCPI plumbing
+    def _send(self, text: str, values: np.ndarray | None = None, tail: str = "") -> None:
+        """One program message: `text`, then `values` as a block, then `tail`; sealed with
+        its checksum in checked mode."""
+        msg = text.encode("ascii")
+        if values is not None:
+            msg += scpi.block(np.ascontiguousarray(values).view(np.uint8).data)
+        msg += tail.encode("ascii")
+        self._res.write_raw(scpi.seal_request(msg) if self.check else msg + scpi.TERMINATOR)
+
+    def _read_checked_line(self, what: str) -> bytes:
+        raw = bytes(self._res.read_raw())
+        try:
+            return scpi.open_response(raw.removesuffix(b"\n"))
+        except ValueError as exc:
+            raise ProtocolError(f"{self.name}: reply to {what}: {exc}") from None
+
+    def _query_text(self, text: str) -> str:
+        with self._io(text.split(" ", 1)[0]):
+            if not self.check:
+                return str(self._res.query(text))
+            self._send(text)
+            return self._read_checked_line(text).decode("ascii", "replace")
+
     def _errors(self) -> list[tuple[int, str]]:
         found: list[tuple[int, str]] = []
         for _ in range(MAX_ERRORS):
-            code, message = scpi.parse_error(self._res.query(_short(scpi.ERROR_Q)))
+            code, message = scpi.parse_error(self._query_text(_short(scpi.ERROR_Q)))
             if code == codes.NO_ERROR:
                 break
             found.append((code, message))
         return found
 
-    def _raise_queued(self, what: str, *, expected: bool) -> None:
-        errors = self._errors()
+    def _raise_queued(self, what: str, *, expected: bool, first: tuple[int, str] | None = None) -> None:
+        errors = ([first] if first else []) + self._errors()
         if not errors:
             if expected:
                 raise ProtocolError(f"{self.name}: empty reply to {what}, but the error queue is empty")
             return
         code, message = errors[0]
         exc = codes.error_for(code, message)
+        if code == codes.COMMUNICATION_ERROR:  # the board saw a corrupted message: a link failure
+            exc = ProtocolError(f"{self.name}: the board received {what} corrupted ({message})")
         for extra_code, extra in errors[1:]:
             exc.add_note(f"also queued: {extra_code} {extra}")
         raise exc
 
-    def _command(self, text: str) -> None:
-        with self._io(text.split(" ", 1)[0]):
-            self._res.write(text)
-            self._raise_queued(text.split(" ", 1)[0], expected=False)
+    def _command(self, text: str, tail: str = "") -> None:
+        """A command without reply, then its error check (one round trip in checked mode)."""
+        what = text.split(" ", 1)[0]
+        with self._io(what):
+            if not self.check:
+                self._send(text, tail=tail)
+                self._raise_queued(what, expected=False)
+                return
+            self._send(text, tail=f"{tail};{_short(scpi.ERROR_Q)}")
+            code, message = scpi.parse_error(self._read_checked_line(what).decode("ascii", "replace"))
+            if code != codes.NO_ERROR:
+                self._raise_queued(what, expected=False, first=(code, message))
 
     @contextlib.contextmanager
     def _binary_input(self) -> Iterator[None]:
@@ -135,9 +188,11 @@ class VisaDevice(RemoteDevice):
                 if serial_end is not None:
                     res.end_input = serial_end
 
-    def _read_block(self, what: str) -> bytearray:
+    def _read_block(self, what: str, limit: int) -> bytearray:
         """The IEEE 488.2 block answering the query just written (data only, writable); raises
-        the queued error if it is empty. Reads the header, then exactly the announced bytes."""
+        the queued error if it is empty. Reads the header, then exactly the announced bytes
+        (refusing more than `limit`, which only a corrupted header would announce); in
+        checked mode, then the response check."""
         res = self._res
         with self._binary_input():
             head = res.read_bytes(2)
@@ -148,12 +203,21 @@ class VisaDevice(RemoteDevice):
             if not digits.isdigit():
                 raise ProtocolError(f"{self.name}: bad block length {digits!r} from {what}")
             n = int(digits)
+            if n > limit:
+                raise ProtocolError(f"{self.name}: {what} announced a block of {n} bytes, at most {limit}")
             data = self._read_direct(n + 1) if n >= FAST_MIN else None
             if data is None:
                 data = bytearray(res.read_bytes(n + 1, chunk_size=max(n + 1, CHUNK)))
-        if data[-1:] != b"\n":
-            raise ProtocolError(f"{self.name}: the block from {what} does not end with a newline")
-        del data[-1:]
+        if self.check:
+            rest = data[-1:] + bytes(res.read_raw())  # the check unit ';<crc>' and the terminator
+            del data[-1:]
+            crc = zlib.crc32(data, zlib.crc32(digits, zlib.crc32(head)))
+            if rest[:1] != b";" or rest[-1:] != b"\n" or not rest[1:-1].isdigit() or int(rest[1:-1]) != crc:
+                raise ProtocolError(f"{self.name}: the reply to {what} failed its check (corrupted)")
+        else:
+            if data[-1:] != b"\n":
+                raise ProtocolError(f"{self.name}: the block from {what} does not end with a newline")
+            del data[-1:]
         if n == 0:
             self._raise_queued(what, expected=True)
         return data
@@ -187,31 +251,29 @@ class VisaDevice(RemoteDevice):
             got += k
         return out
 
-    def _query_json(self, text: str, *, values: np.ndarray | None = None, datatype: str = "f") -> Any:
+    def _query_json(self, text: str, *, values: np.ndarray | None = None, tail: str = "") -> Any:
         what = text.split(" ", 1)[0]
         with self._io(what):
-            if values is None:
-                self._res.write(text)
-            else:
-                self._res.write_binary_values(text, values, datatype=datatype)
-            return pl.loads(self._read_block(what))
+            self._send(text, values, tail)
+            return pl.loads(self._read_block(what, pl.MAX_JSON))
 
     def _fetch(self, meta: dict[str, Any]) -> Message:
         if not meta.get("arrays"):
             return pl.from_parts(meta)
         what = _short(scpi.FETCH_DATA_Q)
+        try:
+            size = sum(int(np.prod(shape)) * pl.DTYPES[code].itemsize for _, code, shape in meta["arrays"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"{self.name}: bad array layout in a reply: {exc}") from None
         with self._io(what):
-            self._res.write(what)
-            return pl.from_parts(meta, self._read_block(what))
+            self._send(what)
+            return pl.from_parts(meta, self._read_block(what, size))
 
-    def _query_array(self, text: str, values: np.ndarray | None = None) -> np.ndarray:
+    def _query_array(self, text: str, size: int, values: np.ndarray | None = None) -> np.ndarray:
         what = text.split(" ", 1)[0]
         with self._io(what):
-            if values is None:
-                self._res.write(text)
-            else:
-                self._res.write_binary_values(text, values, datatype="f")
-            return np.frombuffer(self._read_block(what), "<f4")
+            self._send(text, values)
+            return np.frombuffer(self._read_block(what, 4 * size), "<f4")
 
     def _shape(self, tile: str) -> tuple[int, int]:
         if self.topology is None:
@@ -221,10 +283,17 @@ class VisaDevice(RemoteDevice):
     # -- one SCPI command per operation
     def _call(self, op: Op, request: Message) -> Message:
         m, a = request.meta, request.arrays
+        rid = f",{m['rid']}" if "rid" in m else ""
         if op is Op.INFO:
             return Message(self._query_json(_short(scpi.INFO_Q)))
         if op is Op.TOPOLOGY:
             return Message(self._query_json(_short(scpi.TOPOLOGY_Q)))
+        if op is Op.STATUS:
+            return Message(self._query_json(_short(scpi.STATE_Q)))
+        if op in (Op.BEGIN, Op.COMMIT):
+            header = scpi.BEGIN if op is Op.BEGIN else scpi.COMMIT
+            self._command(f"{_short(header)} {scpi.quote(m['tag'])}")
+            return Message()
         if op is Op.CONFIGURE:
             self._command(f"{_short(scpi.TOPOLOGY)} {scpi.block(pl.dumps(m)).decode('ascii')}")
             return Message()
@@ -233,15 +302,15 @@ class VisaDevice(RemoteDevice):
             head = (
                 f"{_short(scpi.PROGRAM_Q)} {scpi.quote(m['tile'])},{int(m['verify'])},{tol},{m['max_iters']},"
             )
-            values = np.concatenate([a["g_plus"].ravel(), a["g_minus"].ravel()])
-            return self._fetch(self._query_json(head, values=values))
+            values = np.concatenate([a["g_plus"].ravel(), a["g_minus"].ravel()]).astype("<f4", copy=False)
+            return self._fetch(self._query_json(head, values=values, tail=rid))
         if op is Op.PULSE:
             head = f"{_short(scpi.PULSE_Q)} {scpi.quote(m['tile'])},"
-            values = np.concatenate([a["counts_plus"].ravel(), a["counts_minus"].ravel()])
-            return Message(self._query_json(head, values=values, datatype="i"))
+            values = np.concatenate([a["counts_plus"].ravel(), a["counts_minus"].ravel()]).astype("<i4")
+            return Message(self._query_json(head, values=values, tail=rid))
         if op is Op.READ_CONDUCTANCE:
             rows, cols = self._shape(m["tile"])
-            g = self._query_array(f"{_short(scpi.CONDUCTANCE_Q)} {scpi.quote(m['tile'])}")
+            g = self._query_array(f"{_short(scpi.CONDUCTANCE_Q)} {scpi.quote(m['tile'])}", 2 * rows * cols)
             if g.size != 2 * rows * cols:
                 raise ProtocolError(
                     f"{self.name}: conductance block of {g.size} values, expected {2 * rows * cols}"
@@ -252,8 +321,8 @@ class VisaDevice(RemoteDevice):
             x = a["x"]
             rows, cols = self._shape(m["tile"])
             head = f"{_short(scpi.MVM_Q)} {scpi.quote(m['tile'])},{int(m['transpose'])},"
-            y = self._query_array(head, x.ravel())
             width = rows if m["transpose"] else cols
+            y = self._query_array(head, x.shape[0] * width, x.ravel().astype("<f4", copy=False))
             if y.size != x.shape[0] * width:
                 raise ProtocolError(
                     f"{self.name}: mvm block of {y.size} values, expected {x.shape[0] * width}"
@@ -262,17 +331,20 @@ class VisaDevice(RemoteDevice):
         if op is Op.SETTLE:
             spec = pl.meta_json(request).decode("ascii")
             head = f"{_short(scpi.SETTLE_Q)} {scpi.block(spec.encode()).decode('ascii')},"
-            values = np.concatenate([v.ravel() for v in a.values()]) if a else np.zeros(0, np.float32)
-            return self._fetch(self._query_json(head, values=values))
+            values = pl.pack_arrays(a) if a else b""
+            return self._fetch(self._query_json(head, values=np.frombuffer(values, np.uint8)))
         if op is Op.WAIT:
-            self._command(f"{_short(scpi.WAIT)} {scpi.number(m['seconds'])}")
+            self._command(f"{_short(scpi.WAIT)} {scpi.number(m['seconds'])}", tail=rid)
             return Message()
         if op is Op.SAFETY:
             with self._io("SYST:SAF?"):
-                text = self._res.query(_short(scpi.SAFETY_Q))
+                text = self._query_text(_short(scpi.SAFETY_Q))
                 if not text.strip():
                     self._raise_queued("SYST:SAF?", expected=True)
-            refused, violations = (int(v) for v in text.split(","))
+            try:
+                refused, violations = (int(v) for v in text.split(","))
+            except ValueError:
+                raise ProtocolError(f"{self.name}: malformed safety reply {text!r}") from None
             return pl.safety_reply(SafetyCounters(refused, violations))
         if op is Op.RESET:
             self._command(scpi.RST)
@@ -285,13 +357,16 @@ class VisaDevice(RemoteDevice):
     # -- extras for lab use
     def query(self, text: str) -> str:
         """Send any SCPI query (under the device lock) and return its reply."""
-        with self.lock, self._io(text):
-            return str(self._res.query(text))
+        with self.lock:
+            return self._query_text(text)
 
     def write(self, text: str) -> None:
-        """Send any SCPI command (under the device lock); no error check."""
+        """Send any SCPI command (under the device lock); no error check (in checked mode
+        its empty response is read)."""
         with self.lock, self._io(text):
-            self._res.write(text)
+            self._send(text)
+            if self.check:
+                self._read_checked_line(text)
 
 
 def open_from_uri(target: str, params: dict[str, str]) -> VisaDevice:
@@ -306,9 +381,21 @@ def open_from_uri(target: str, params: dict[str, str]) -> VisaDevice:
         timeout = float(params.pop("timeout", DEFAULT_TIMEOUT_S))
     except ValueError:
         raise ConfigurationError("visa:// timeout must be a number of seconds") from None
-    fast = params.pop("fast", "1")
-    if fast not in ("0", "1"):
-        raise ConfigurationError(f"visa:// fast must be 0 or 1, got {fast!r}")
+    flags = {}
+    for key, default in (("fast", "1"), ("check", "0")):
+        flags[key] = params.pop(key, default)
+        if flags[key] not in ("0", "1"):
+            raise ConfigurationError(f"visa:// {key} must be 0 or 1, got {flags[key]!r}")
+    try:
+        attempts = int(params.pop("attempts", DEFAULT_ATTEMPTS))
+        backoff = float(params.pop("backoff", DEFAULT_BACKOFF_S))
+    except ValueError:
+        raise ConfigurationError("visa:// attempts must be an integer, backoff a number of seconds") from None
     if params:
-        raise ConfigurationError(f"unknown visa:// parameters {sorted(params)}; known: backend timeout fast")
-    return VisaDevice(target, backend=backend, timeout=timeout, fast=fast == "1").open()
+        raise ConfigurationError(
+            f"unknown visa:// parameters {sorted(params)}; known: attempts backoff backend check fast timeout"
+        )
+    return VisaDevice(
+        target, backend=backend, timeout=timeout, fast=flags["fast"] == "1", check=flags["check"] == "1",
+        attempts=attempts, backoff=backoff,
+    ).open()  # fmt: skip

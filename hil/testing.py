@@ -1,7 +1,21 @@
 """Test helpers: an emulated board behind real servers, and a Device over each transport.
 
-Written as a pytest plugin (``pytest_plugins = ["hil.testing"]`` registers the fixtures
-below), and usable without pytest through `serve_board` and `open_transport`:
+A pytest plugin shipped with the distribution (entry point ``pytest11: xbar_hil``): installing
+xbar-hil makes its fixtures available to every test suite, no conftest needed (with plugin
+autoloading off, ``pytest -p hil.testing``). Fixtures:
+
+- ``xbar_board``: the board URI the fixtures start, from ``--xbar-board URI`` or the ini
+  option ``xbar_board`` (default: rram, seed 0)
+- ``board_servers``: that board behind its SCPI server (TCP and pty) and its framed server
+  (TCP and pty): ``.uris`` (device URIs) and ``.resources`` (plain VISA resource strings,
+  serial ports and host:port, for scripts and firmware tools that are not Python)
+- ``emulated_board(board=..., faults=..., scpi_faults=..., ack_timeout=...)``: a factory
+  for more boards, or boards with injected link faults
+- ``transport_device``: a Device for the board over each transport in turn (parametrised)
+- ``device_on(transport, board=..., **params)``: a factory for Devices over one transport
+
+Everything is closed at the end of the test. Usable without pytest through `serve_board` and
+`open_transport`::
 
     with open_transport("serial-pty", "emulator://?preset=rram&seed=0") as dev:
         dev.configure(...)
@@ -13,7 +27,7 @@ from the URI, so two transports opened with the same URI start from identical bo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +52,13 @@ class BoardServers:
     scpi: ScpiServer
     framed: FramedServer
     uris: dict[str, str] = field(default_factory=dict)  # transport -> device URI
+
+    @property
+    def resources(self) -> dict[str, str]:
+        """transport -> what a tool outside this package opens: a VISA resource string
+        (``TCPIP0::127.0.0.1::PORT::SOCKET``, ``ASRL/dev/pts/N::INSTR``), a serial port
+        (``/dev/pts/N``) or ``host:port`` for the framed protocol over TCP."""
+        return {t: uri.split("://", 1)[1] for t, uri in self.uris.items()}
 
     def uri(self, transport: str, **params: str) -> str:
         base = self.uris[transport]
@@ -110,15 +131,58 @@ def served_board(**kw: Any) -> Iterator[BoardServers]:
 # ---- pytest fixtures (active when this module is registered as a plugin) -------------
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("xbar-hil", "xbar-hil emulated boards")
+    group.addoption(
+        "--xbar-board",
+        default=None,
+        metavar="URI",
+        help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD})",
+    )
+    parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
+
+
 @pytest.fixture
-def board_servers() -> Iterator[BoardServers]:
-    """A fresh rram board (seed 0) behind both servers."""
-    with served_board() as servers:
+def xbar_board(request: pytest.FixtureRequest) -> str:
+    """The emulated board's URI: ``--xbar-board``, else the ini option ``xbar_board``."""
+    return request.config.getoption("--xbar-board") or request.config.getini("xbar_board")
+
+
+@pytest.fixture
+def emulated_board(xbar_board: str) -> Iterator[Callable[..., BoardServers]]:
+    """Factory: ``emulated_board(board=URI or Device, faults=..., scpi_faults=...,
+    ack_timeout=...)`` starts a board (default `xbar_board`) behind both servers; all are
+    closed after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(board: str | Device | None = None, **kw: Any) -> BoardServers:
+            return stack.enter_context(served_board(board=board or xbar_board, **kw))
+
+        yield start
+
+
+@pytest.fixture
+def board_servers(xbar_board: str) -> Iterator[BoardServers]:
+    """A fresh board (`xbar_board`) behind both servers."""
+    with served_board(board=xbar_board) as servers:
         yield servers
 
 
 @pytest.fixture(params=TRANSPORTS)
-def transport_device(request: pytest.FixtureRequest) -> Iterator[Device]:
-    """A fresh rram board (seed 0) over each transport in turn, in-process included."""
-    with open_transport(request.param) as dev:
+def transport_device(request: pytest.FixtureRequest, xbar_board: str) -> Iterator[Device]:
+    """A fresh board (`xbar_board`) over each transport in turn, in-process included."""
+    with open_transport(request.param, xbar_board) as dev:
         yield dev
+
+
+@pytest.fixture
+def device_on(xbar_board: str) -> Iterator[Callable[..., Device]]:
+    """Factory: ``device_on(transport, board=None, **params)`` is a Device for a fresh board
+    (default `xbar_board`) over `transport` (one of TRANSPORTS), with URI query parameters
+    such as ``timeout="1"``; closed, with its servers, after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def open_(transport: str, board: str | None = None, **params: str) -> Device:
+            return stack.enter_context(open_transport(transport, board or xbar_board, **params))
+
+        yield open_

@@ -11,7 +11,7 @@ from drivers import Device, SettleBudget, Topology, open_device
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock
-from hil.programming import ProgrammingScheme, read_weights
+from hil.programming import ProgrammingScheme, StepModel, probe_steps, read_weights
 from hil.train_classifier import Classifier, train_classifier
 
 RRAM = "emulator://?preset=rram&seed=0"
@@ -161,3 +161,74 @@ def test_config_selects_the_scheme() -> None:
     res.model.close()
     bad = CliRunner().invoke(app, ["train", "classifier", "--set", "ep.programming=sideways"])
     assert bad.exit_code == 2 and "ep.programming" in bad.output
+
+
+def _drifted_pcm(
+    mode: str | None, scheme_name: str = "mixed"
+) -> tuple[Device, ProgrammingScheme, np.ndarray]:
+    """A pcm tile trained by a few updates, committed, one simulated day later."""
+    dev = open_device(PCM)
+    tile = _configure(dev)
+    scheme = ProgrammingScheme(scheme_name, seed=4, refresh_mode=mode)
+    w = _weights(4, scale=0.3)
+    scheme.program(dev, tile, w)
+    for k in range(3):
+        w = w + 0.02 * (-1) ** k
+        scheme.program(dev, tile, w)
+    committed = scheme.commit(dev, tile)
+    dev.wait(86400.0)
+    return dev, scheme, committed
+
+
+def test_tuning_restores_drifted_pcm_pairs_closer_than_a_rewrite() -> None:
+    errors = {}
+    for mode in ("tune", "verify"):
+        dev, scheme, committed = _drifted_pcm(mode)
+        res = scheme.refresh(dev, "W0")
+        assert res.report.kind == "refresh" and res.report.iterations >= 1 and res.report.pulses > 0
+        errors[mode] = float(np.abs(_mean_read(dev, "W0") - committed).mean())
+        if mode == "tune":
+            h = scheme.history[-1]
+            assert h["mode"] == "tune" and h["reads"] > h["iterations"] and h["within_tol"] > 0.5
+            # the scheme goes on from the tuned state: no drift left, nothing to refresh
+            assert scheme.refresh_if_drifted(dev, "W0") is None
+        dev.close()
+    lim_range = 25e-6  # pcm window, siemens
+    w_per_siemens = 1.0 / lim_range  # w_max = 1
+    assert errors["tune"] < 0.6 * errors["verify"]
+    assert errors["tune"] < 0.15e-6 * w_per_siemens  # mean error below one read's noise
+
+
+def test_refresh_by_tuning_needs_no_setup_measurement() -> None:
+    """A scheme that never pulsed (verify) probes the tile's pulse response in place."""
+    dev, scheme, committed = _drifted_pcm(None, "verify")
+    assert scheme.tiles["W0"].steps is None and not scheme.tiles["W0"].one_sided
+    before = float(np.abs(_mean_read(dev, "W0") - committed).mean())
+    res = scheme.refresh(dev, "W0")
+    st = scheme.tiles["W0"]
+    assert st.steps is not None and st.one_sided  # the probe saw a RESET
+    assert 0.3e-6 < st.steps.dw_up < 1.5e-6  # pcm SET step near RESET: ~0.7-1 uS
+    assert res.report.pulses > st.steps.pulses > 0  # the probe's pulses are counted
+    after = float(np.abs(_mean_read(dev, "W0") - committed).mean())
+    assert after < 0.3 * before
+    dev.close()
+
+
+def test_probe_steps_measures_bidirectional_rram_in_place() -> None:
+    with open_device(RRAM) as dev:
+        tile = _configure(dev)
+        scheme = ProgrammingScheme("pulsed", seed=5)
+        scheme.program(dev, tile, _weights(5, scale=0.2))
+        setup = scheme.tiles[tile].steps
+        assert setup is not None and not setup.one_sided
+        probed = probe_steps(dev, tile)
+        assert not probed.one_sided
+        assert probed.dw_up == pytest.approx(setup.dw_up, rel=0.3)
+        assert probed.dw_down == pytest.approx(setup.dw_down, rel=0.3)
+
+
+def test_step_model_interpolates_exponentially() -> None:
+    m = StepModel(1.0, float("nan"), True, g_up=0.0, dw_mid=0.25, g_mid=2.0)
+    np.testing.assert_allclose(m.up_step(np.array([-1.0, 0.0, 1.0, 2.0])), [1.0, 1.0, 0.5, 0.25])
+    flat = StepModel(1.0, float("nan"), True)  # no mid-window step: constant
+    np.testing.assert_allclose(flat.up_step(np.array([0.0, 5.0])), [1.0, 1.0])

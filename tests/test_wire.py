@@ -6,6 +6,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -326,3 +327,66 @@ def test_duplicate_request_is_acknowledged_not_redelivered() -> None:
     assert got is not None and got[1] == b"x"
     assert server.receive(0.2, response=False) is None
     assert server.stats.duplicates == 1 and server.stats.acks_sent == 2
+
+
+def _slow_echo_server(link: Link, delay: float) -> threading.Thread:
+    def run() -> None:
+        got = None
+        while got is None:
+            got = link.receive(1.0, response=False)
+        first, body = got
+        time.sleep(delay)
+        link.send(first.opcode, body, flags=Flag.RESPONSE, ref=first.seq)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_response_piggybacks_the_ack_of_a_quick_request() -> None:
+    client, server = _pair()
+    server.ack_delay = 0.02
+    try:
+        t = _slow_echo_server(server, 0.0)
+        seq = client.send(LinkOp.PING, b"quick")
+        got = client.receive(2.0, response=True, ref=seq)
+        t.join(timeout=5)
+        assert got is not None and got[1] == b"quick"
+        time.sleep(0.05)  # past the ACK delay: no late ACK either
+        assert server.stats.acks_sent == 0 and client.stats.acks_received == 0
+        assert client.stats.retransmissions == 0 and server.stats.frames_sent == 1
+    finally:
+        server.close()
+
+
+def test_slow_reply_gets_an_explicit_ack_in_time_and_no_retransmission() -> None:
+    client, server = _pair()  # ACK timeout 0.05 s
+    server.ack_delay = 0.0125
+    try:
+        t = _slow_echo_server(server, 0.2)  # four ACK timeouts
+        seq = client.send(LinkOp.PING, b"slow")
+        got = client.receive(2.0, response=True, ref=seq)
+        t.join(timeout=5)
+        assert got is not None and got[1] == b"slow"
+        assert server.stats.acks_sent == 1 and client.stats.acks_received == 1
+        assert client.stats.retransmissions == 0 and server.stats.duplicates == 0
+    finally:
+        server.close()
+
+
+def test_piggybacked_link_still_delivers_exactly_once_under_faults() -> None:
+    noisy = [Faults(p_drop=0.05, p_corrupt=0.05, seed=k) for k in (3, 4)]
+    client, server = _pair(*noisy)
+    server.ack_delay = 0.0125
+    messages = [bytes([n]) * (1 + 37 * n) for n in range(12)]
+    try:
+        t = _echo_server(server, len(messages))
+        for m in messages:
+            seq = client.send(LinkOp.PING, m)
+            got = client.receive(2.0, response=True, ref=seq)
+            assert got is not None and got[1] == m[::-1]
+        t.join(timeout=5)
+        assert not t.is_alive()
+        assert client.stats.retransmissions + server.stats.retransmissions > 0
+    finally:
+        server.close()

@@ -3,24 +3,39 @@
 `RemoteDevice` implements every Device method as: host-side limit checks (the same
 `drivers.checks` the in-process backend runs), encode, one transaction over the link,
 decode. A subclass supplies the transaction (`_call`) and the link (`_connect`,
-`_disconnect`). Transactions hold the device lock, are never cut in half by Ctrl-C (the
-interrupt is delivered after the transaction, once the board is in its safe state), and a
-link that failed mid-transaction is reconnected before the next one.
+`_disconnect`). Transactions hold the device lock and are never cut in half by Ctrl-C (the
+interrupt is delivered after the transaction, once the board is in its safe state).
+
+Recovery (docs/reliability.md): a transaction that fails on the link (timeout, I/O error,
+malformed or corrupted reply) is retried up to `attempts` times in all, with exponential
+backoff, each time after reconnecting. Idempotent operations are simply sent again;
+non-idempotent ones (program, pulse, wait) carry a random request id that the board
+remembers, so a resent request whose first copy did run is answered from the board's
+record rather than run twice. After every reconnect the board's epoch is compared with the
+one last seen: if the board reset, the host's topology is configured again (conductances
+are non-volatile) and an in-flight pulse or wait, whose effect is then unknown, raises
+`BoardReset` instead of being repeated. An exhausted budget raises `RetriesExhausted`
+naming the operation, the attempts and the last cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from drivers import checks
 from drivers.base import (
+    BoardStatus,
     Device,
     DeviceInfo,
     Equilibrium,
@@ -29,10 +44,46 @@ from drivers.base import (
     PulseReport,
     SafetyCounters,
 )
-from drivers.errors import DeviceError, DeviceTimeout, LimitViolation, ProtocolError
+from drivers.errors import (
+    BoardReset,
+    ConfigurationError,
+    DeviceError,
+    DeviceFault,
+    DeviceTimeout,
+    LimitViolation,
+    ProtocolError,
+    RetriesExhausted,
+)
 from drivers.topology import Topology
+from drivers.wire import codes
 from drivers.wire import payload as pl
-from drivers.wire.payload import Message, Op
+from drivers.wire.payload import IDEMPOTENT, REPEATABLE_AFTER_RESET, Message, Op
+
+DEFAULT_ATTEMPTS = 4
+DEFAULT_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+_NEEDS_TOPOLOGY = frozenset({Op.PROGRAM, Op.PULSE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE})
+_UNKNOWN_OP = (codes.UNDEFINED_HEADER, codes.FRAME_ERROR)  # a board without STATUS answers so
+
+
+@dataclass
+class RecoveryStats:
+    """What recovery did on this device (kept across reconnects)."""
+
+    failures: int = 0  # transactions that failed on the link (or met a reset board)
+    retries: int = 0  # transactions sent again
+    reconnects: int = 0
+    resets: int = 0  # board resets detected (epoch changed)
+    reconfigured: int = 0  # topologies configured again after a reset
+    exhausted: int = 0  # operations given up (RetriesExhausted)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _request_id() -> int:
+    """A random 53-bit id: unique across sessions, exact in a JSON double."""
+    return int.from_bytes(os.urandom(7), "little") >> 3
 
 T = TypeVar("T")
 
@@ -75,9 +126,21 @@ class _InterruptGuard:
 class RemoteDevice(Device):
     """A Device whose board sits at the other end of a link."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, *, attempts: int = DEFAULT_ATTEMPTS, backoff: float = DEFAULT_BACKOFF_S
+    ) -> None:
         super().__init__()
+        if attempts < 1:
+            raise ConfigurationError(f"{name}: attempts must be >= 1, got {attempts}")
+        if not backoff >= 0:
+            raise ConfigurationError(f"{name}: backoff must be >= 0 seconds, got {backoff}")
         self.name = name
+        self.attempts = attempts
+        self.backoff = backoff
+        self.recovery = RecoveryStats()
+        self._epoch: int | None = None  # the board's epoch as last seen (None: no STATUS support)
+        self._counted_epoch: int | None = None  # the last epoch counted as a reset
+        self.open_transaction: str | None = None  # found open on the board when the session began
         self._info: DeviceInfo | None = None
         self._topology: Topology | None = None
         self._refused = 0  # requests refused here, before they reached the link
@@ -102,26 +165,77 @@ class RemoteDevice(Device):
 
     # -- connection management
     def open(self) -> RemoteDevice:
+        """Connect, read the board's information, topology and status. An open programming
+        transaction (a host died mid-sequence) is kept in `open_transaction` and warned of."""
         with self.lock:
-            try:
-                self._connect()
-                self._info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
-                self._topology = self._remote_topology()
-            except BaseException:
-                self._disconnect()
-                raise
+            t0 = time.monotonic()
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    self._connect()
+                    self._info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
+                    self._topology = self._remote_topology()
+                    status = self._board_status()
+                    break
+                except (DeviceTimeout, ProtocolError) as exc:
+                    self._disconnect()
+                    if attempt == self.attempts:
+                        raise RetriesExhausted("open", attempt, time.monotonic() - t0, exc) from exc
+                    self.recovery.retries += 1
+                    time.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+                except BaseException:
+                    self._disconnect()
+                    raise
             self._broken = False
+            self._epoch = None if status is None else status.epoch
+            self.open_transaction = None if status is None else status.transaction
+        if self.open_transaction is not None:
+            warnings.warn(
+                f"{self.name}: programming transaction {self.open_transaction!r} was begun and never "
+                "committed (a host stopped mid-sequence or the board reset): the conductances may mix "
+                "old and new targets; program the tiles again (hil train ... resume does) and commit",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self
 
     def reconnect(self) -> None:
-        """Drop the link and open it again (the board keeps its state)."""
+        """Drop the link and open it again; if the board reset meanwhile, configure it again."""
         with self.lock:
-            self._disconnect()
-            self.open()
+            self._recover()
 
     def _remote_topology(self) -> Topology | None:
         t = self._call(Op.TOPOLOGY, Message()).meta.get("topology")
         return None if t is None else pl.topology_from_dict(t)
+
+    def _board_status(self) -> BoardStatus | None:
+        """The board's status, or None if it does not implement STATUS."""
+        try:
+            return pl.board_status(self._call(Op.STATUS, Message()))
+        except DeviceFault as exc:
+            if exc.code in _UNKNOWN_OP:
+                return None
+            raise
+
+    def _recover(self) -> None:
+        """Reconnect; if the board's epoch changed (or, without STATUS, its topology is not
+        the host's), count a reset and configure the host's topology again."""
+        self._disconnect()
+        self._broken = True
+        self.recovery.reconnects += 1
+        self._connect()
+        status = self._board_status()
+        reset = status is not None and self._epoch is not None and status.epoch != self._epoch
+        if status is None and self._topology is not None:
+            reset = self._remote_topology() != self._topology
+        if reset and (status is None or status.epoch != self._counted_epoch):
+            self.recovery.resets += 1
+            self._counted_epoch = None if status is None else status.epoch
+        if reset and self._topology is not None:
+            self._call(Op.CONFIGURE, Message(pl.topology_to_dict(self._topology)))
+            self.recovery.reconfigured += 1
+        if status is not None:
+            self._epoch = status.epoch
+        self._broken = False
 
     def _transact(self, op: Op, request: Message) -> Message:
         with self.lock:
@@ -141,18 +255,57 @@ class RemoteDevice(Device):
             return reply
 
     def _run(self, op: Op, request: Message) -> Message:
-        if self._broken:
-            self.reconnect()
-        self._safe = False
+        """One transaction with recovery (see the module docstring)."""
+        if op not in IDEMPOTENT and "rid" not in request.meta:
+            request.meta["rid"] = _request_id()
+        t0 = time.monotonic()
+        epoch0 = self._epoch
+        attempt = 0
+        sent = False  # a copy of the request may have reached the board
+        while True:
+            attempt += 1
+            self._safe = False
+            try:
+                if self._broken:
+                    self._recover()
+                    unsafe = op not in IDEMPOTENT and op not in REPEATABLE_AFTER_RESET
+                    if sent and unsafe and self._epoch != epoch0:
+                        raise BoardReset(
+                            f"{self.name}: the board reset while {op.name.lower()} was in flight; "
+                            "whether it took effect is unknown, so it was not sent again"
+                        )
+                epoch0 = self._epoch
+                sent = True
+                reply = self._call(op, request)
+                self._safe = op is Op.SAFE_STATE
+                return reply
+            except (DeviceTimeout, ProtocolError, OSError) as exc:
+                self._broken = True
+                last: BaseException = exc
+                if isinstance(exc, OSError):
+                    last = ProtocolError(f"{self.name}: link failed ({exc})")
+            except ConfigurationError as exc:
+                if op not in _NEEDS_TOPOLOGY or not self._silently_reset():
+                    raise
+                self._broken = True  # the board lost its configuration: recover, then retry
+                sent = False  # it refused the request, so the request did not run
+                last = exc
+            self.recovery.failures += 1
+            if attempt >= self.attempts:
+                self.recovery.exhausted += 1
+                raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
+            self.recovery.retries += 1
+            time.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+
+    def _silently_reset(self) -> bool:
+        """After a configuration error from the board: did it reset behind our back?"""
         try:
-            reply = self._call(op, request)
-            self._safe = op is Op.SAFE_STATE
-            return reply
-        except (DeviceTimeout, ProtocolError, OSError) as exc:
-            self._broken = True
-            if isinstance(exc, OSError):
-                raise ProtocolError(f"{self.name}: link failed ({exc}); the next call reconnects") from exc
-            raise
+            status = self._board_status()
+            if status is not None:
+                return self._epoch is not None and status.epoch != self._epoch
+            return self._topology is not None and self._remote_topology() != self._topology
+        except DeviceError:
+            return True  # the link failed too: recover and see
 
     def _after_interrupt(self) -> None:
         """Ctrl-C came during a transaction: now that it is complete, make the board safe
@@ -244,20 +397,29 @@ class RemoteDevice(Device):
         with self.lock:
             self._transact(Op.RESET, Message())
             self._topology = pl.topology_from_dict(t) if (t := self._topology_meta()) else None
+            status = self.status()
+            self._epoch = status.epoch if self._epoch is not None else None
 
     def _topology_meta(self) -> dict[str, Any] | None:
         return self._transact(Op.TOPOLOGY, Message()).meta.get("topology")
 
-    def safe_state(self) -> None:
-        """Idempotent, so a link that fails is reconnected and the request sent once more."""
+    def status(self) -> BoardStatus:
         with self.lock:
-            try:
-                self._transact(Op.SAFE_STATE, Message())
-            except (DeviceTimeout, ProtocolError) as exc:
-                if not self._broken:
-                    raise
-                exc.add_note("reconnected and sent the safe-state request again")
-                self._transact(Op.SAFE_STATE, Message())
+            if self._epoch is None:  # the board has no STATUS: what the host knows
+                return BoardStatus(configured=self._topology is not None)
+            return pl.board_status(self._transact(Op.STATUS, Message()))
+
+    def begin(self, tag: str) -> None:
+        if self._epoch is not None:
+            self._transact(Op.BEGIN, Message({"tag": tag}))
+
+    def commit(self, tag: str) -> None:
+        if self._epoch is not None:
+            self._transact(Op.COMMIT, Message({"tag": tag}))
+
+    def safe_state(self) -> None:
+        """Idempotent: a failed link is reconnected and the request sent again."""
+        self._transact(Op.SAFE_STATE, Message())
 
     def close(self) -> None:
         """Put the board in its safe state (if the link still works) and close the link."""

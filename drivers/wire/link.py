@@ -6,11 +6,18 @@ one frame outstanding, retransmits it on NACK or after `ack_timeout`, and gives 
 retransmission whose ACK was lost: it is acknowledged again and never handed up twice,
 so no operation runs twice. Chunks that fail to decode are NACKed and dropped; the
 leading delimiter of the next frame resynchronises the receiver.
+
+Acknowledgement piggybacking (negotiated by HELLO, docs/protocol.md section 3): a responder
+with `ack_delay` > 0 holds back the ACK of a request's final fragment for up to that long;
+the first fragment of its response then acknowledges the request, so a short transaction
+costs two frames instead of three. A timer sends the plain ACK when the reply takes longer,
+so a long settle never makes the host retransmit.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +46,52 @@ class Faults:
     p_drop: float = 0.0
     delay_s: float = 0.0  # before every outgoing frame
     seed: int = 0
+
+
+class _DeferredAck:
+    """The ACK a responder holds back; a daemon thread sends it once `delay` has passed.
+
+    The thread polls every `delay / 2` rather than being woken per request: arming is then
+    two attribute writes, with no thread switch on the fast path."""
+
+    def __init__(self, emit: Callable[[Frame], None], delay: float) -> None:
+        self._emit = emit
+        self.delay = delay
+        self._lock = threading.Lock()
+        self._seq: int | None = None
+        self._deadline = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deferred-ack", daemon=True)
+        self._thread.start()
+
+    def arm(self, seq: int) -> None:
+        with self._lock:
+            self._deadline = time.monotonic() + self.delay
+            self._seq = seq
+
+    def take(self) -> int | None:
+        """The held-back seq, now no longer the timer's to send (None if it was sent)."""
+        with self._lock:
+            seq, self._seq = self._seq, None
+        return seq
+
+    def flush(self) -> None:
+        seq = self.take()
+        if seq is not None:
+            self._emit(frames.ack(seq))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.delay / 2):
+            with self._lock:
+                due = self._seq is not None and time.monotonic() >= self._deadline
+                seq = self._seq if due else None
+                if due:
+                    self._seq = None
+            if seq is not None:
+                self._emit(frames.ack(seq))
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class Abandoned(Exception):
@@ -83,6 +136,30 @@ class Link:
         self._nacked = False
         self._rx_first: Frame | None = None
         self._rx_parts: list[bytes] = []
+        self._write_lock = threading.Lock()  # the deferred-ACK thread writes too
+        self._deferred: _DeferredAck | None = None
+        self._piggyback: tuple[int, int] | None = None  # (opcode, ref) of a response that acks
+
+    @property
+    def ack_delay(self) -> float:
+        """How long a received request's ACK may wait for the response to carry it (0: never)."""
+        return self._deferred.delay if self._deferred is not None else 0.0
+
+    @ack_delay.setter
+    def ack_delay(self, seconds: float) -> None:
+        if self._deferred is not None and seconds > 0:
+            self._deferred.delay = seconds
+            return
+        if self._deferred is not None:
+            self._deferred.flush()
+            self._deferred.close()
+            self._deferred = None
+        if seconds > 0:
+            self._deferred = _DeferredAck(self._emit, seconds)
+
+    def close(self) -> None:
+        """Stop the deferred-ACK timer (the byte stream is the owner's to close)."""
+        self.ack_delay = 0.0
 
     @property
     def next_seq(self) -> int:
@@ -106,13 +183,14 @@ class Link:
         if data_frame and f.garbage_tx:
             f.garbage_tx -= 1
             data = bytes(self._rng.randint(1, 255) for _ in range(self._rng.randint(1, 40))) + data
-        self._write(data)
-        self.stats.frames_sent += 1
-        self.stats.bytes_sent += len(data)
-        if frame.opcode == LinkOp.ACK:
-            self.stats.acks_sent += 1
-        elif frame.opcode == LinkOp.NACK:
-            self.stats.nacks_sent += 1
+        with self._write_lock:
+            self._write(data)
+            self.stats.frames_sent += 1
+            self.stats.bytes_sent += len(data)
+            if frame.opcode == LinkOp.ACK:
+                self.stats.acks_sent += 1
+            elif frame.opcode == LinkOp.NACK:
+                self.stats.nacks_sent += 1
 
     # -- bytes in
     def _pump(self, timeout: float) -> None:
@@ -150,12 +228,27 @@ class Link:
             if self._awaiting is not None and frame.seq in (self._awaiting, NO_SEQ):
                 self._nacked = True
             return
-        hello = frame.opcode == LinkOp.HELLO and not frame.flags & Flag.RESPONSE
+        if (
+            self._piggyback is not None
+            and frame.flags & Flag.RESPONSE
+            and frame.flags & Flag.START
+            and (frame.opcode, frame.ref) == self._piggyback
+        ):
+            self._acked = True  # the response acknowledges the request it answers
+        request = not frame.flags & Flag.RESPONSE
+        hello = frame.opcode == LinkOp.HELLO and request
+        deferred = self._deferred
+        held = deferred.take() if deferred is not None else None
+        if held is not None and held != frame.seq:
+            self._emit(frames.ack(held))  # whatever comes next, an earlier held-back ACK is due now
         if frame.seq == self._last_rx and not hello:
             self.stats.duplicates += 1
             self._emit(frames.ack(frame.seq))
             return
-        self._emit(frames.ack(frame.seq))
+        if deferred is not None and request and not frame.flags & Flag.MORE:
+            deferred.arm(frame.seq)
+        else:
+            self._emit(frames.ack(frame.seq))
         self._last_rx = frame.seq
         self._inbox.append(frame)
 
@@ -171,12 +264,19 @@ class Link:
         has its answer (or has given up on it)."""
         parts = frames.fragments(payload, self.fragment)
         first = self._tx_seq
+        responder = bool(flags & Flag.RESPONSE)
+        if responder and self._deferred is not None:
+            self._deferred.take()  # this response's first fragment carries the ACK
         for k, part in enumerate(parts):
             last = k == len(parts) - 1
             bits = flags | (Flag.START if k == 0 else 0) | (0 if last else Flag.MORE)
             seq = self._tx_seq
             self._tx_seq = (self._tx_seq + 1) % frames.SEQ_MOD
-            preempted = self._deliver(Frame(opcode, seq, bits, part, ref))
+            self._piggyback = (opcode, first & 0xFF) if last and not responder else None
+            try:
+                preempted = self._deliver(Frame(opcode, seq, bits, part, ref))
+            finally:
+                self._piggyback = None
             if preempted and not last:
                 raise Abandoned
         return first

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from drivers.base import (
+    BoardStatus,
     DeviceInfo,
     Equilibrium,
     Identity,
@@ -56,6 +57,22 @@ class Op(IntEnum):
     SAFETY = 0x19
     RESET = 0x1A
     SAFE_STATE = 0x1B
+    STATUS = 0x1C
+    BEGIN = 0x1D
+    COMMIT = 0x1E
+
+
+# Operations a host may repeat after a link failure without changing the outcome. The
+# others carry a request id ("rid") that the board remembers (docs/protocol.md, section 1).
+IDEMPOTENT = frozenset(
+    {
+        Op.INFO, Op.TOPOLOGY, Op.CONFIGURE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE, Op.SAFETY,
+        Op.RESET, Op.SAFE_STATE, Op.STATUS, Op.BEGIN, Op.COMMIT,
+    }
+)  # fmt: skip
+# Of the others, operations whose repetition after a board reset is still right: program
+# writes absolute targets; a pulse or a wait would be applied twice.
+REPEATABLE_AFTER_RESET = frozenset({Op.PROGRAM})
 
 
 @dataclass
@@ -336,3 +353,16 @@ def safety_reply(s: SafetyCounters) -> Message:
 
 def safety_counters(msg: Message) -> SafetyCounters:
     return SafetyCounters(int(msg.meta["refused"]), int(msg.meta["violations"]))
+
+
+def status_reply(s: BoardStatus) -> Message:
+    return Message(dataclasses.asdict(s))
+
+
+def board_status(msg: Message) -> BoardStatus:
+    m = msg.meta
+    try:
+        tx = m.get("transaction")
+        return BoardStatus(int(m["epoch"]), None if tx is None else str(tx), bool(m.get("configured", False)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed board status {m!r}: {exc}") from exc

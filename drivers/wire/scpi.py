@@ -8,6 +8,7 @@ upper-case part is the short form, ``[...]`` is optional). Clients send short fo
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from drivers.wire import codes
@@ -43,6 +44,15 @@ CONDUCTANCE_Q = "TILE:CONDuctance?"
 MVM_Q = "TILE:MVM?"
 SETTLE_Q = "NETwork:SETTle?"
 FETCH_DATA_Q = "FETCh:DATA?"
+STATE_Q = "SYSTem:STATe?"
+BEGIN = "SYSTem:TRANsaction:BEGin"
+COMMIT = "SYSTem:TRANsaction:COMMit"
+CHECK_MODE = "SYSTem:COMMunicate:CHECk"
+CHECK_MODE_Q = "SYSTem:COMMunicate:CHECk?"
+CHECKSUM = "SYSTem:CHECksum"
+# checked mode (docs/protocol.md, section 2): a message ends with this trailer and the CRC-32
+# (decimal) of the bytes before it; a response ends with ';' (if not empty) and its CRC-32
+CHECK_TRAILER = b";SYST:CHEC "
 
 OP_HEADERS: dict[Op, str] = {
     Op.INFO: INFO_Q,
@@ -57,6 +67,9 @@ OP_HEADERS: dict[Op, str] = {
     Op.SAFETY: SAFETY_Q,
     Op.RESET: RST,
     Op.SAFE_STATE: SAFE,
+    Op.STATUS: STATE_Q,
+    Op.BEGIN: BEGIN,
+    Op.COMMIT: COMMIT,
 }
 
 TERMINATOR = b"\n"
@@ -198,3 +211,27 @@ def parse_error(text: str) -> tuple[int, str]:
         msg = msg[1:-1].replace('""', '"')
     desc, sep, detail = msg.partition(";")
     return code, detail if sep and desc == codes.describe(code) else msg
+
+
+def seal_request(message: bytes) -> bytes:
+    """A program message (without terminator) in checked form, terminator included."""
+    return message + CHECK_TRAILER + str(zlib.crc32(message)).encode() + TERMINATOR
+
+
+def response_check(crc: int, empty: bool) -> bytes:
+    """The check unit ending a response whose bytes have CRC-32 `crc`, terminator included."""
+    return (b"" if empty else b";") + str(crc).encode() + TERMINATOR
+
+
+def open_response(data: bytes | bytearray | memoryview) -> bytes:
+    """The response units of a checked response message (without its terminator); raises
+    ValueError if the check is missing or wrong."""
+    raw = bytes(data)
+    body, sep, check = raw.rpartition(b";")
+    if not check.isdigit():
+        raise ValueError(f"no check value at the end of the response ({raw[-40:]!r})")
+    if int(check) != zlib.crc32(body):
+        raise ValueError("response check mismatch: the reply was corrupted on the way")
+    if not sep and body:
+        raise ValueError("malformed checked response")
+    return body

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceFault, ProtocolError
 from drivers.wire import codes
 from drivers.wire import payload as pl
-from drivers.wire.payload import Message, Op
+from drivers.wire.payload import IDEMPOTENT, Message, Op
 
 
 def _info(d: Device, m: Message) -> Message:
@@ -72,6 +74,27 @@ def _safe_state(d: Device, m: Message) -> Message:
     return Message()
 
 
+def _status(d: Device, m: Message) -> Message:
+    return pl.status_reply(d.status())
+
+
+def _tag(m: Message) -> str:
+    tag = m.meta["tag"]
+    if not isinstance(tag, str):
+        raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, f"a transaction tag is a string, got {tag!r}")
+    return tag
+
+
+def _begin(d: Device, m: Message) -> Message:
+    d.begin(_tag(m))
+    return Message()
+
+
+def _commit(d: Device, m: Message) -> Message:
+    d.commit(_tag(m))
+    return Message()
+
+
 HANDLERS: dict[Op, Callable[[Device, Message], Message]] = {
     Op.INFO: _info,
     Op.TOPOLOGY: _topology,
@@ -85,16 +108,80 @@ HANDLERS: dict[Op, Callable[[Device, Message], Message]] = {
     Op.SAFETY: _safety,
     Op.RESET: _reset,
     Op.SAFE_STATE: _safe_state,
+    Op.STATUS: _status,
+    Op.BEGIN: _begin,
+    Op.COMMIT: _commit,
 }
 
+MAX_RID = (1 << 53) - 1  # request ids are JSON integers that a double holds exactly
 
-def execute(device: Device, op: Op, request: Message) -> Message:
-    """Run `op`; a request the device cannot even read raises DeviceFault(-109/-224)."""
-    handler = HANDLERS[op]
+
+class ReplayCache:
+    """The outcome (reply or error) of the last `size` non-idempotent requests by request id.
+
+    A host that lost a reply sends the request again with the same id and gets the stored
+    outcome instead of a second execution. Entries are tied to the board's epoch: a restart
+    clears them, as it clears a real board's RAM (the host then learns from the new epoch
+    that the request may not have run)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._entries: OrderedDict[int, tuple[int, Message | BaseException]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, rid: int, epoch: int) -> Message | BaseException | None:
+        with self._lock:
+            entry = self._entries.get(rid)
+            if entry is None or entry[0] != epoch:
+                return None
+            self.hits += 1
+            return entry[1]
+
+    def put(self, rid: int, epoch: int, outcome: Message | BaseException) -> None:
+        with self._lock:
+            self._entries[rid] = (epoch, outcome)
+            self._entries.move_to_end(rid)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+def request_id(op: Op, request: Message) -> int | None:
+    """The request id of a non-idempotent request (None: none given)."""
+    rid = request.meta.get("rid")
+    if rid is None or op in IDEMPOTENT:
+        return None
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_RID:
+        raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, f"rid must be an integer in [0, 2^53), got {rid!r}")
+    return rid
+
+
+def execute(device: Device, op: Op, request: Message, cache: ReplayCache | None = None) -> Message:
+    """Run `op`; a request the device cannot even read raises DeviceFault(-109/-224). With a
+    `cache`, a non-idempotent request whose id ran before gets the stored outcome."""
     with device.lock:
+        rid = request_id(op, request) if cache is not None else None
+        if rid is None or cache is None:
+            return _run(device, op, request)
+        epoch = device.status().epoch
+        done = cache.get(rid, epoch)
+        if isinstance(done, BaseException):
+            raise done
+        if done is not None:
+            return done
         try:
-            return handler(device, request)
-        except KeyError as exc:
-            raise DeviceFault(codes.MISSING_PARAMETER, f"{op.name.lower()} request lacks {exc}") from None
-        except ProtocolError as exc:
-            raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, str(exc)) from None
+            reply = _run(device, op, request)
+        except Exception as exc:
+            cache.put(rid, epoch, exc)
+            raise
+        cache.put(rid, epoch, reply)
+        return reply
+
+
+def _run(device: Device, op: Op, request: Message) -> Message:
+    try:
+        return HANDLERS[op](device, request)
+    except KeyError as exc:
+        raise DeviceFault(codes.MISSING_PARAMETER, f"{op.name.lower()} request lacks {exc}") from None
+    except ProtocolError as exc:
+        raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, str(exc)) from None

@@ -17,7 +17,8 @@ from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Faults, Link
 from drivers.wire.payload import Op
-from emulator.server.dispatch import execute
+from emulator.server.dispatch import ReplayCache, execute
+from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
@@ -30,7 +31,11 @@ def _error(code: int, message: str) -> bytes:
 class FramedServer(EndpointServer):
     """Serves one Device over the framed protocol on any number of ptys and TCP ports.
 
-    `faults` is copied for each link, so every link sees the same injected faults."""
+    `faults` (frame faults) is copied for each link, so every link sees the same injected
+    faults; `plan` (byte and request faults, `emulator.server.faults`) is shared by all
+    links, reconnections included. `cache` remembers the outcomes of requests that carry a
+    request id (non-idempotent ones), so a host resending one after a lost reply does not
+    run it twice."""
 
     def __init__(
         self,
@@ -39,15 +44,19 @@ class FramedServer(EndpointServer):
         *,
         ack_timeout: float = 0.25,
         retries: int = 5,
+        plan: FaultPlan | None = None,
+        cache: ReplayCache | None = None,
     ) -> None:
         self.device = device
         self.faults = faults or Faults()
         self.ack_timeout = ack_timeout
         self.retries = retries
+        self.plan = plan or FaultPlan()
+        self.cache = cache or ReplayCache()
         super().__init__()
         self.links: list[Link] = []
 
-    def _handler(self, stream: Stream, stopping: threading.Event) -> None:
+    def _new_link(self, stream: Stream) -> Link:
         link = Link(
             stream.read,
             stream.write,
@@ -56,26 +65,68 @@ class FramedServer(EndpointServer):
             faults=dataclasses.replace(self.faults),
         )
         self.links.append(link)
-        while not stopping.is_set():
-            got = link.receive(POLL_S, response=False)
-            if got is None:
-                continue
-            first, body = got
-            flags, reply = self._answer(link, first.opcode, body)
-            try:
-                link.send(first.opcode, reply, flags=Flag.RESPONSE | flags, ref=first.seq)
-            except Abandoned:
-                continue
-            except Exception:  # the client went away mid-reply: wait for its next request
-                link.drain()
+        return link
+
+    def _handler(self, stream: Stream, stopping: threading.Event) -> None:
+        if self.plan.active:
+            stream = FaultyStream(stream, self.plan)
+        link = self._new_link(stream)
+        try:
+            while not stopping.is_set():
+                got = link.receive(POLL_S, response=False)
+                if got is None:
+                    continue
+                first, body = got
+                fault = self.plan.request_fault(first.opcode) if first.opcode in _OPS else None
+                if fault == "reset":  # the board restarts instead of running the request
+                    self.device.reset()
+                if fault in ("reset", "close"):
+                    if fault == "close":
+                        self._answer(link, first.opcode, body)
+                    if closable(stream):
+                        return
+                    link.close()  # a pty stays: the board forgets the link state, the reply is lost
+                    link = self._new_link(stream)
+                    continue
+                flags, reply = self._answer(link, first.opcode, body)
+                if fault == "delay":
+                    time.sleep(self.plan.delay_s)
+                try:
+                    link.send(first.opcode, reply, flags=Flag.RESPONSE | flags, ref=first.seq)
+                except Abandoned:
+                    continue
+                except Exception:  # the client went away mid-reply: wait for its next request
+                    link.drain()
+        finally:
+            link.close()
+
+    def _hello(self, link: Link, body: bytes) -> dict[str, object]:
+        """A new session: piggyback ACKs on responses if the host asked for it, holding an ACK
+        back for at most a quarter of the host's ACK timeout (and of this end's)."""
+        try:
+            host = pl.loads(body) if body else {}
+        except ProtocolError:
+            host = {}
+        host = host if isinstance(host, dict) else {}
+        piggyback = host.get("piggyback") is True
+        theirs = host.get("ack_timeout")
+        ok = isinstance(theirs, int | float) and not isinstance(theirs, bool) and theirs > 0
+        limit = min(self.ack_timeout, float(theirs)) if ok else self.ack_timeout  # type: ignore[arg-type]
+        link.ack_delay = limit / 4 if piggyback else 0.0
+        info: dict[str, object] = {
+            "version": frames.VERSION,
+            "max_fragment": frames.MAX_FRAGMENT,
+            "time": time.time(),
+            "piggyback": link.ack_delay > 0,
+        }
+        return info
 
     def _answer(self, link: Link, opcode: int, body: bytes) -> tuple[int, bytes]:
         try:
             if opcode == LinkOp.PING:
                 return 0, body
             if opcode == LinkOp.HELLO:
-                info = {"version": frames.VERSION, "max_fragment": frames.MAX_FRAGMENT, "time": time.time()}
-                return 0, pl.dumps(info)
+                return 0, pl.dumps(self._hello(link, body))
             if opcode == LinkOp.STATS:
                 return 0, pl.dumps(link.stats.as_dict())
             if opcode not in _OPS:
@@ -84,6 +135,6 @@ class FramedServer(EndpointServer):
                 request = pl.unpack(body)
             except ProtocolError as exc:
                 return Flag.ERROR, _error(codes.FRAME_ERROR, str(exc))
-            return 0, pl.pack(execute(self.device, Op(opcode), request))
+            return 0, pl.pack(execute(self.device, Op(opcode), request, self.cache))
         except Exception as exc:  # every device error becomes an ERROR reply; the link lives on
             return Flag.ERROR, _error(*codes.code_for(exc))

@@ -90,14 +90,14 @@ class PtyStream:
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
+            try:
+                view = view[os.write(self.master, view) :]
+                continue
+            except BlockingIOError:
+                pass
             _, ready, _ = select.select([], [self.master], [], self.write_timeout)
             if not ready:
                 return  # nobody reads the slave: drop, as a serial line would
-            try:
-                n = os.write(self.master, view)
-            except BlockingIOError:
-                continue
-            view = view[n:]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from drivers.errors import ConfigurationError, DeviceFault, ProtocolError
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
-from emulator.server.dispatch import execute
+from emulator.server.dispatch import ReplayCache, execute
+from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import POLL_S, EndpointServer, Stream
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
@@ -199,6 +201,22 @@ def _want(params: list[Param], count: int, header: str) -> None:
         )
 
 
+def _want_rid(params: list[Param], count: int, header: str) -> int | None:
+    """Check for `count` parameters plus an optional trailing request id; return the id."""
+    if len(params) == count + 1:
+        rid = _int(params[-1])
+        del params[-1]
+        if not 0 <= rid < 1 << 53:
+            raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, f"request id {rid} is not in [0, 2^53)")
+        return rid
+    _want(params, count, header)
+    return None
+
+
+def _with_rid(meta: dict[str, object], rid: int | None) -> dict[str, object]:
+    return meta if rid is None else {**meta, "rid": rid}
+
+
 def _string(p: Param) -> str:
     if p.kind == "block":
         raise ParseError(codes.DATA_TYPE_ERROR, "expected a string, got a block")
@@ -288,8 +306,10 @@ def _coalesce(pieces: list[Buffer], small: int = 1 << 16) -> list[Buffer]:
 class ScpiSession:
     """One client's view of the instrument: error queue, status registers, last data."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, cache: ReplayCache | None = None) -> None:
         self.device = device
+        self.cache = cache
+        self.checked = False  # checked mode: CRC-32 on every message and response
         self.errors: deque[tuple[int, str]] = deque()
         self.esr = 0
         self.ese = 0
@@ -328,6 +348,12 @@ class ScpiSession:
             (scpi.MVM_Q, self._mvm_q, True),
             (scpi.SETTLE_Q, self._settle_q, True),
             (scpi.FETCH_DATA_Q, self._fetch_q, True),
+            (scpi.STATE_Q, self._state_q, True),
+            (scpi.BEGIN, self._begin, False),
+            (scpi.COMMIT, self._commit, False),
+            (scpi.CHECK_MODE, self._check_mode, False),
+            (scpi.CHECK_MODE_Q, self._check_mode_q, False),
+            (scpi.CHECKSUM, self._checksum, False),
         ]
 
     # -- error queue and status
@@ -353,26 +379,48 @@ class ScpiSession:
 
     # -- running messages
     def handle(self, msg: bytes) -> list[Buffer] | None:
-        """Run one program message; the pieces of the response message (with terminator)."""
+        """Run one program message; the pieces of the response message (with terminator).
+
+        In checked mode the message must end with a valid checksum trailer (else nothing of
+        it runs and -360 is queued), and every message gets a response, sealed with its own
+        CRC-32."""
         replies: list[Reply] = []
+        units: list[Unit] = []
+        if self.checked and not self._verify(msg):
+            msg = b""
+        elif self.checked:
+            msg = msg[: msg.rfind(scpi.CHECK_TRAILER)]
         try:
             units = parse_message(msg)
         except ParseError as exc:
             self.push_error(exc.code, str(exc))
-            units = []
         for unit in units:
             reply = self._run(unit)
             if reply is not None:
                 replies.append(reply)
-        if not replies:
-            return None
         pieces: list[Buffer] = []
         for k, reply in enumerate(replies):
             if k:
                 pieces.append(b";")
             pieces.extend(reply if isinstance(reply, list) else [reply])  # type: ignore[list-item]
-        pieces.append(scpi.TERMINATOR)
+        if self.checked:
+            crc = 0
+            for piece in pieces:
+                crc = zlib.crc32(piece, crc)
+            pieces.append(scpi.response_check(crc, empty=not any(len(p) for p in pieces)))
+        elif not replies:
+            return None
+        else:
+            pieces.append(scpi.TERMINATOR)
         return _coalesce(pieces)
+
+    def _verify(self, msg: bytes) -> bool:
+        at = msg.rfind(scpi.CHECK_TRAILER)
+        tail = msg[at + len(scpi.CHECK_TRAILER) :] if at >= 0 else b""
+        if at < 0 or not tail.isdigit() or len(tail) > 10 or int(tail) != zlib.crc32(msg[:at]):
+            self.push_error(codes.COMMUNICATION_ERROR, "checksum mismatch: the message was not run")
+            return False
+        return True
 
     def _run(self, unit: Unit) -> Reply:
         query = unit.header.endswith("?")
@@ -393,7 +441,7 @@ class ScpiSession:
 
     def _op(self, op: Op, request: Message) -> Message:
         self.data = None
-        return execute(self.device, op, request)
+        return execute(self.device, op, request, self.cache)
 
     def _with_data(self, reply: Message) -> bytes:
         """The JSON block of a reply; its arrays wait for FETC:DATA?."""
@@ -486,8 +534,8 @@ class ScpiSession:
         return None
 
     def _wait(self, params: list[Param], h: str) -> Reply:
-        _want(params, 1, h)
-        self._op(Op.WAIT, Message({"seconds": _float(params[0])}))
+        rid = _want_rid(params, 1, h)
+        self._op(Op.WAIT, Message(_with_rid({"seconds": _float(params[0])}, rid)))
         return None
 
     def _configure(self, params: list[Param], h: str) -> Reply:
@@ -500,19 +548,21 @@ class ScpiSession:
         return scpi.block(pl.meta_json(self._op(Op.TOPOLOGY, Message())))
 
     def _program_q(self, params: list[Param], h: str) -> Reply:
-        _want(params, 5, h)
+        rid = _want_rid(params, 5, h)
         tile = _string(params[0])
         tol_text = _string(params[2]).upper()
         tol = None if tol_text in ("DEF", "DEFAULT") else _float(params[2])
         gp, gm = _split_tile(self.device, tile, _block(params[4]), "<f4", "program")
         meta = {"tile": tile, "verify": _bool(params[1]), "tol": tol, "max_iters": _int(params[3])}
-        return self._with_data(self._op(Op.PROGRAM, Message(meta, {"g_plus": gp, "g_minus": gm})))
+        request = Message(_with_rid(meta, rid), {"g_plus": gp, "g_minus": gm})
+        return self._with_data(self._op(Op.PROGRAM, request))
 
     def _pulse_q(self, params: list[Param], h: str) -> Reply:
-        _want(params, 2, h)
+        rid = _want_rid(params, 2, h)
         tile = _string(params[0])
         cp, cm = _split_tile(self.device, tile, _block(params[1]), "<i4", "pulse")
-        reply = self._op(Op.PULSE, Message({"tile": tile}, {"counts_plus": cp, "counts_minus": cm}))
+        request = Message(_with_rid({"tile": tile}, rid), {"counts_plus": cp, "counts_minus": cm})
+        reply = self._op(Op.PULSE, request)
         return scpi.block(pl.meta_json(reply))
 
     def _conductance_q(self, params: list[Param], h: str) -> Reply:
@@ -549,11 +599,38 @@ class ScpiSession:
         return _block_reply(self.data)
 
 
-def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Iterator[list[Buffer] | None]:
-    """Feed received bytes to a connection's splitter and run every complete program message
-    on its session, yielding each message's response pieces (None: no response). A malformed
-    line goes to the error queue and the rest of the input is dropped up to the next one."""
-    splitter.feed(data)
+    def _state_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return scpi.block(pl.meta_json(self._op(Op.STATUS, Message())))
+
+    def _begin(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self._op(Op.BEGIN, Message({"tag": _string(params[0])}))
+        return None
+
+    def _commit(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self._op(Op.COMMIT, Message({"tag": _string(params[0])}))
+        return None
+
+    def _check_mode(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self.checked = _bool(params[0])
+        return None
+
+    def _check_mode_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return b"1" if self.checked else b"0"
+
+    def _checksum(self, params: list[Param], h: str) -> Reply:
+        """Outside checked mode a trailer is accepted and ignored (checked mode strips it)."""
+        _want(params, 1, h)
+        return None
+
+
+def messages(session: ScpiSession, splitter: MessageSplitter) -> Iterator[bytes]:
+    """Every complete program message in the splitter. An overlong line goes to the error
+    queue and the rest of the input is dropped up to the next one."""
     while True:
         try:
             msg = splitter.next()
@@ -563,26 +640,77 @@ def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Ite
             return
         if msg is None:
             return
+        yield msg
+
+
+def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Iterator[list[Buffer] | None]:
+    """Feed received bytes to a connection's splitter and run every complete program message
+    on its session, yielding each message's response pieces (None: no response)."""
+    splitter.feed(data)
+    for msg in messages(session, splitter):
         yield session.handle(msg)
 
 
-class ScpiServer(EndpointServer):
-    """Serves one Device over SCPI on any number of TCP ports and ptys."""
+_RESET_HEADERS = (scpi.Header(scpi.SETTLE_Q), scpi.Header(scpi.PROGRAM_Q))
 
-    def __init__(self, device: Device, faults: ScpiFaults | None = None) -> None:
+
+def _op_of(msg: bytes) -> Op | None:
+    """SETTLE or PROGRAM if the message's first unit is one (the request faults' target)."""
+    head = msg[:64].split(b" ", 1)[0].split(b";", 1)[0]
+    try:
+        header = head.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    for op, pattern in zip((Op.SETTLE, Op.PROGRAM), _RESET_HEADERS, strict=True):
+        if pattern.matches(header):
+            return op
+    return None
+
+
+class ScpiServer(EndpointServer):
+    """Serves one Device over SCPI on any number of TCP ports and ptys.
+
+    `faults`: a delay before each reply and hanging up after N messages; `plan`: byte and
+    request faults (`emulator.server.faults`), shared by all connections. `cache` remembers
+    the outcomes of requests that carry a request id, shared by all sessions."""
+
+    def __init__(
+        self,
+        device: Device,
+        faults: ScpiFaults | None = None,
+        *,
+        plan: FaultPlan | None = None,
+        cache: ReplayCache | None = None,
+    ) -> None:
         self.device = device
         self.faults = faults or ScpiFaults()
+        self.plan = plan or FaultPlan()
+        self.cache = cache or ReplayCache()
         super().__init__()
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
-        session = ScpiSession(self.device)
+        if self.plan.active:
+            stream = FaultyStream(stream, self.plan)
+        session = ScpiSession(self.device, self.cache)
         splitter = MessageSplitter()
         served = 0
         while not stopping.is_set():
             data = stream.read(POLL_S)
             if not data:
                 continue
-            for reply in respond(session, splitter, data):
+            splitter.feed(data)
+            for msg in messages(session, splitter):
+                fault = self.plan.request_fault(_op_of(msg)) if self.plan.active else None
+                if fault == "reset":  # the board restarts instead of running the message
+                    self.device.reset()
+                reply = session.handle(msg) if fault != "reset" else None
+                if fault in ("reset", "close"):
+                    if closable(stream):
+                        return
+                    session, splitter = ScpiSession(self.device, self.cache), MessageSplitter()
+                    break  # a pty stays: a new session, the reply and any buffered input lost
+                if fault == "delay":
+                    time.sleep(self.plan.delay_s)
                 if self.faults.delay_s:
                     time.sleep(self.faults.delay_s)
                 for piece in reply or ():

@@ -48,9 +48,12 @@ import torch
 from calibration import CalibrationRecord, conductance_targets, pulses_needed
 from drivers.base import Device, ProgramReport
 from hil.programming.mapping import LinearMapping, read_weights
+from hil.programming.steps import StepModel, measure_steps, probe_steps
+from hil.programming.tune import tune_pairs
 
 SCHEMES: tuple[str, ...] = ("ideal", "verify", "pulsed", "mixed")
 ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest", "trunc")
+REFRESH_MODES: tuple[str, ...] = ("verify", "tune")
 
 
 @dataclass
@@ -109,17 +112,6 @@ class Programmed:
 
 
 @dataclass
-class StepModel:
-    """Nominal pulse response of one tile, when no calibration record gives it."""
-
-    dw_up: float  # siemens per potentiating pulse
-    dw_down: float  # siemens per depressing pulse (nan on one-sided devices)
-    one_sided: bool
-    energy_j: float = 0.0  # spent measuring it
-    pulses: int = 0
-
-
-@dataclass
 class TileState:
     mapping: LinearMapping
     position: int  # index of the tile in the topology's couplings (calibration records)
@@ -154,6 +146,10 @@ class ProgrammingScheme:
         max_iters: int = 20,
         refresh_tol: float | None = None,
         refresh_every: int = 0,
+        refresh_mode: str | None = None,
+        tune_tol: float = 0.004,
+        tune_reads: int = 8,
+        tune_iters: int = 40,
         drift_tol: float = 0.05,
         max_update_pulses: int = 32,
         calibration_pulses: int = 8,
@@ -164,6 +160,8 @@ class ProgrammingScheme:
             raise ValueError(f"programming scheme must be one of {SCHEMES}, got {name!r}")
         if refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
+        if refresh_mode is not None and refresh_mode not in REFRESH_MODES:
+            raise ValueError(f"refresh_mode must be one of {REFRESH_MODES}, got {refresh_mode!r}")
         self.name = name
         self.rounding = rounding or ("nearest" if name == "mixed" else "stochastic")
         if self.rounding not in ROUNDINGS:
@@ -173,6 +171,10 @@ class ProgrammingScheme:
         self.refresh_tol = refresh_tol
         self.max_iters = max_iters
         self.refresh_every = refresh_every
+        self.refresh_mode = refresh_mode
+        self.tune_tol = tune_tol
+        self.tune_reads = tune_reads
+        self.tune_iters = tune_iters
         self.drift_tol = drift_tol
         self.max_update_pulses = max_update_pulses
         self.calibration_pulses = calibration_pulses
@@ -245,7 +247,8 @@ class ProgrammingScheme:
         periodic = bool(self.refresh_every) and st.updates % self.refresh_every == 0
         saturated = st.one_sided and self.pulsed and self._saturated(st) > 0.01
         if periodic or saturated:
-            out.append(self.refresh(device, tile))
+            # saturation needs the common mode lowered: a re-write, not a tuning from the state
+            out.append(self.refresh(device, tile, mode="verify" if saturated else None))
         return out
 
     def target(self, tile: str) -> np.ndarray:
@@ -278,23 +281,58 @@ class ProgrammingScheme:
         mapping = st.mapping
         return Programmed(report, clipped, lambda: mapping.to_weight(rep.g_plus, rep.g_minus))
 
-    def refresh(self, device: Device, tile: str) -> Programmed:
-        """Write-verify `tile` to the weights it is meant to hold (`target`)."""
+    def refresh(self, device: Device, tile: str, mode: str | None = None) -> Programmed:
+        """Bring `tile` back to the weights it is meant to hold (`target`): a write-verify of
+        fresh targets (``verify``) or a closed-loop tuning of the pairs from the state they
+        are in (``tune``, `hil.programming.tune`); `mode` None: the scheme's `refresh_mode`."""
         st = self._state(device, tile)
-        return self._write(device, tile, st, self.target(tile), kind="refresh", verify=True)
+        mode = mode or self.refresh_mode
+        if mode is None:
+            mode = "tune" if "pulse" in device.info.capabilities else "verify"
+        if mode == "verify":
+            return self._write(device, tile, st, self.target(tile), kind="refresh", verify=True)
+        if mode != "tune":
+            raise ValueError(f"refresh mode must be one of {REFRESH_MODES}, got {mode!r}")
+        return self._tune(device, tile, st)
+
+    def _tune(self, device: Device, tile: str, st: TileState) -> Programmed:
+        m = st.mapping
+        probe = None
+        if st.steps is None and self.record is None:  # a scheme that has not pulsed this tile yet
+            probe = st.steps = probe_steps(device, tile, reads=self.tune_reads)
+            st.one_sided = probe.one_sided
+        target = self.target(tile) * (m.g_range / m.w_max)
+        res = tune_pairs(
+            device, tile, target, lambda g, dev: self.pulse_counts(st, dev, g), one_sided=st.one_sided,
+            g_min=m.g_min, g_max=m.g_max, tol=self.tune_tol * m.g_range, reads=self.tune_reads,
+            max_iters=self.tune_iters, max_pulses=self.max_update_pulses,
+        )  # fmt: skip
+        st.g_est = res.g
+        gp, gm = res.g[0].astype(np.float32), res.g[1].astype(np.float32)
+        report = UpdateReport(
+            tile, gp, gm, res.iterations, res.pulses + (probe.pulses if probe else 0), res.residual_max,
+            res.within_tol, res.energy_j + (probe.energy_j if probe else 0.0), res.time_s, scheme=self.name,
+            kind="refresh", step=st.updates,
+        )  # fmt: skip
+        self.history.append(report.to_dict() | {"mode": "tune", "reads": res.reads, "resets": res.resets,
+                                                "gave_up": res.gave_up})
+        return Programmed(report, 0, lambda: m.to_weight(gp, gm))
 
     # ------------------------------------------------------------------------------ pulses
-    def pulse_counts(self, st: TileState, dev: np.ndarray) -> np.ndarray:
-        """Expected (real-valued) signed pulse counts that move each device by `dev` siemens."""
+    def pulse_counts(self, st: TileState, dev: np.ndarray, g: np.ndarray | None = None) -> np.ndarray:
+        """Expected (real-valued) signed pulse counts that move each device from `g` (default:
+        the conductances the scheme expects, `g_est`) by `dev` siemens."""
+        g = st.g_est if g is None else g
         if self.record is not None:
             lim_lo, lim_hi = st.mapping.g_min, st.mapping.g_max
-            goal = np.clip(st.g_est + dev, lim_lo, lim_hi)
-            n = pulses_needed(self.record, st.position, st.g_est, goal)
+            goal = np.clip(g + dev, lim_lo, lim_hi)
+            n = pulses_needed(self.record, st.position, g, goal)
             n = np.where(np.isfinite(n), n, np.sign(dev) * self.max_update_pulses)
             return np.where(dev == 0, 0.0, np.nan_to_num(n))
         assert st.steps is not None
-        down = st.steps.dw_up if st.one_sided else st.steps.dw_down
-        return np.where(dev >= 0, dev / st.steps.dw_up, dev / down)
+        if st.one_sided:
+            return dev / st.steps.up_step(g)  # decreases are not pulsed on one-sided tiles
+        return np.where(dev >= 0, dev / st.steps.dw_up, dev / st.steps.dw_down)
 
     def round_counts(self, n: np.ndarray) -> np.ndarray:
         """Integer counts by `rounding`: ``stochastic`` (the default of ``pulsed``; unbiased,
@@ -404,42 +442,6 @@ class ProgrammingScheme:
             "updates": float(sum(r["kind"] != "refresh" for r in h)),
             "refreshes": float(sum(r["kind"] == "refresh" for r in h)),
         }
-
-
-def measure_steps(device: Device, tile: str, shape: tuple[int, int], k: int = 8) -> StepModel:
-    """Model-free nominal pulse step of a tile: write every device to mid-window, pulse ``+k``,
-    read, pulse ``-k``, read; medians over the devices. A tile whose devices fall near
-    ``g_min`` after the ``-k`` pulses is one-sided; its step is then measured again by ``+k``
-    pulses from that RESET state. Leaves the tile in an arbitrary state (program it next)."""
-    lim = device.info.limits
-    mid = np.full(shape, 0.5 * (lim.g_min + lim.g_max), np.float32)
-    rep = device.program(tile, mid, mid)
-    energy, pulses = rep.energy_j, rep.pulses
-
-    def read() -> np.ndarray:
-        a, b = device.read_conductance(tile), device.read_conductance(tile)
-        return 0.5 * (np.stack(a).astype(np.float64) + np.stack(b))
-
-    def burst(n: int) -> None:
-        nonlocal energy, pulses
-        c = np.full(shape, n, np.int32)
-        r = device.pulse(tile, c, c)
-        energy += r.energy_j
-        pulses += r.pulses
-
-    r0 = read()
-    burst(k)
-    r1 = read()
-    burst(-k)
-    r2 = read()
-    dw_up = float(np.median(r1 - r0)) / k
-    one_sided = float(np.median(r2 - lim.g_min)) < 0.25 * float(np.median(r0 - lim.g_min))
-    if one_sided:
-        burst(k)
-        r3 = read()
-        return StepModel(float(np.median(r3 - r2)) / k, float("nan"), True, energy, pulses)
-    dw_down = float(np.median(r1 - r2)) / k
-    return StepModel(max(dw_up, 1e-15), max(dw_down, 1e-15), False, energy, pulses)
 
 
 def make_scheme(
