@@ -103,6 +103,8 @@ def check_settle(
         raise ConfigurationError("settle needs at least one clamped group (the input)")
     clamp, batch = check_states("clamp", clamp, topo, limits, None)
     assert batch is not None
+    if batch == 0:
+        raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
         if group in clamp:

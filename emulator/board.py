@@ -105,7 +105,8 @@ class _Plan:
     line_conductance: dict[str, torch.Tensor] = field(default_factory=dict)  # group: sum of G per line
     coupling_norm: float = 0.0  # estimate (or bound) of the spectral norm of the free-to-free couplings
     norm_fresh: bool = False  # coupling_norm comes from a power iteration on these weights
-    by_dst: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)  # dst: (src, rows)
+    # per free group, its free sources and the (n_src, n_dst) matrix each drives it through
+    by_dst: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
     noisy: bool = False  # any matmul source reads with noise
     # every clamped source enters the energy with factor 1 (bipartite couplings, bias rows):
     # then the analog settle's constant drive gives the clamped part of the energy directly
@@ -388,7 +389,7 @@ class Board:
         plan.by_dst = {g: [] for g in free}
         for term in dyn_terms:
             for dst, a, b, _k in term.dsts:
-                plan.by_dst[dst].append((term.src, term.matrix[a:b]))
+                plan.by_dst[dst].append((term.src, term.matrix[a:b].T))
         self._plans[clamped] = (sources, plan)
         return plan
 
@@ -723,9 +724,9 @@ class Board:
             for g, b, sources, beta, target in schedule:
                 if sources:
                     src0, m0 = sources[0]
-                    u = torch.addmm(b, s[src0], m0.T)
+                    u = torch.addmm(b, s[src0], m0)
                     for src, m in sources[1:]:
-                        u.addmm_(s[src], m.T)
+                        u.addmm_(s[src], m)
                 else:
                     u = b.clone()
                 if target is not None:

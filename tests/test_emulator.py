@@ -392,3 +392,13 @@ def test_reported_energy_of_a_nudged_layered_settle(gain: float) -> None:
         assert eq.steps == 60 and not eq.converged  # tol = 0: a fixed number of steps
         np.testing.assert_allclose(eq.energy, expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(eq.trace["energy"][-1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_is_refused_with_a_clear_error() -> None:
+    from drivers import ConfigurationError
+
+    with open_device(IDEAL) as dev:
+        random_layered(dev, [4, 3, 2])
+        with pytest.raises(ConfigurationError, match="empty batch"):
+            dev.settle({"s0": np.zeros((0, 4), np.float32)})
+        assert dev.settle({"s0": np.zeros((1, 4), np.float32)}).states["s2"].shape == (1, 2)
