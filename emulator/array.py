@@ -166,6 +166,14 @@ class TileArray:
             g = g + self.model.read_noise * _randn(self._dshape, gen, self.device)
         return g
 
+    def state(self, t: float) -> torch.Tensor:
+        """True conductances (2, rows, cols) at time `t`; shared with the tile: do not modify."""
+        return self._now(t)
+
+    def read_stacked(self, t: float, gen: torch.Generator) -> torch.Tensor:
+        """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself."""
+        return self._read(t, gen)
+
     def read(self, t: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One noisy read of every device: true + N(0, read_noise). Not clipped at 0: this is a
         measurement, and a clipped one would bias the noise statistics near g = 0."""
@@ -377,9 +385,7 @@ class TileArray:
                 gain = torch.where(overshot, (0.5 * gain).clamp_min(1.0 / 16.0), gain)
                 progress = (r - anchor) * torch.sign(expected)
                 stalled = (
-                    (streak >= patience)
-                    & (expected.abs() >= detectable)
-                    & (progress < 0.2 * expected.abs())
+                    (streak >= patience) & (expected.abs() >= detectable) & (progress < 0.2 * expected.abs())
                 )
                 gave_up |= stalled
             done |= err.abs() <= accept
