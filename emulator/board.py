@@ -383,7 +383,8 @@ class Board:
                 r0 += rn
         const_terms, dyn_terms = [], []
         for src, items in pieces.items():
-            matrix = torch.cat([b for _, b, _, _ in items], dim=1).T.contiguous()
+            blocks = [b for _, b, _, _ in items]
+            matrix = blocks[0].T if len(blocks) == 1 else torch.cat(blocks, dim=1).T.contiguous()
             dsts, start = [], 0
             for dst, b, k, _pair in items:
                 dsts.append((dst, start, start + b.shape[1], k))
@@ -461,8 +462,7 @@ class Board:
         assert self.topology is not None
         out: dict[str, torch.Tensor] = {}
         for c in self.topology.couplings:
-            gp, gm = self._tiles[c.tile].conductances(self.clock)
-            g = gp + gm
+            g = self._tiles[c.tile].state(self.clock).sum(0)
             sides = [(c.rows, g.sum(1))] + ([(c.cols, g.sum(0))] if c.kind == "bipartite" else [])
             for groups, total in sides:
                 start = 0
