@@ -163,3 +163,25 @@ def test_gradcheck_cli() -> None:
     assert len(lines) == 2 * 5  # two betas x (W0.weight, W0.bias, W1.weight, W1.bias, input)
     bad = CliRunner().invoke(app, ["gradcheck", "--betas", "x"])
     assert bad.exit_code != 0
+
+
+def test_phi_grad_difference_equals_the_difference_of_phi_grads() -> None:
+    """The shortcut for rows held equal in both states (clamped inputs, bias) and the full
+    product for rows that differ give dPhi/dW(a) - dPhi/dW(b)."""
+    rng = np.random.default_rng(4)
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        blk = EBBlock.layered(dev, [5, 7, 6, 3])
+        x = rng.uniform(0, 1, (4, 5)).astype(np.float32)
+        a = {
+            "s0": x,
+            **{g: rng.uniform(0, 1, (4, n)).astype(np.float32) for g, n in (("s1", 7), ("s2", 6), ("s3", 3))},
+        }
+        b = {
+            "s0": x.copy(),
+            **{g: rng.uniform(0, 1, (4, n)).astype(np.float32) for g, n in (("s1", 7), ("s2", 6), ("s3", 3))},
+        }
+        pa, pb = blk.phi_grads(a), blk.phi_grads(b)
+        diff = blk.phi_grad_difference(a, b)
+        assert set(diff) == {"W0", "W1", "W2"}
+        for t in diff:
+            torch.testing.assert_close(diff[t], pa[t] - pb[t], rtol=1e-5, atol=1e-5)
