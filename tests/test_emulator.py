@@ -402,3 +402,16 @@ def test_empty_batch_is_refused_with_a_clear_error() -> None:
         with pytest.raises(ConfigurationError, match="empty batch"):
             dev.settle({"s0": np.zeros((0, 4), np.float32)})
         assert dev.settle({"s0": np.zeros((1, 4), np.float32)}).states["s2"].shape == (1, 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_program_refuses_non_finite_targets(bad: float) -> None:
+    from drivers import ConfigurationError
+
+    with open_device(IDEAL) as dev:
+        random_layered(dev, [4, 3, 2])
+        lim = dev.info.limits
+        gp = np.full((5, 3), lim.g_min, np.float32)
+        gp[2, 1] = bad
+        with pytest.raises(ConfigurationError, match="NaN or infinite"):
+            dev.program("W0", gp, np.full((5, 3), lim.g_min, np.float32))
