@@ -85,11 +85,14 @@ class TileArray:
         self.params = DeviceParams.draw(model, self._dshape, fab, self.device)
         self._nominal = DeviceParams.nominal(model, self._dshape, self.device)
         self._g0 = torch.where(self.params.stuck, self.params.stuck_value, self.params.g_lo)
+        self._any_stuck = bool(self.params.stuck.any())
         # float64: the board's clock advances by nanoseconds on top of hours
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
         self._drifts = bool((self.params.nu > 0).any())
         self._nu_max = float(self.params.nu.max())
-        self._t_uniform: float | None = 0.0  # the common write time, while all devices share one
+        # the common write time while all devices share one; `_t_written` holds per-device
+        # times (and is meaningful) only while `_t_uniform` is None
+        self._t_uniform: float | None = 0.0
         self._t_latest = 0.0  # the latest write time of any device
         self._ir = ir_drop_attenuation(model, rows, cols, self.device) if model.ir_drop > 0 else None
         self._version = 0
@@ -143,9 +146,10 @@ class TileArray:
     def _written(self, t: float, mask: torch.Tensor | None = None) -> None:
         """Record a write at `t` of all devices (mask None) or of the masked ones."""
         if mask is None:
-            self._t_written.fill_(t)
-            self._t_uniform = t
+            self._t_uniform = t  # `_t_written` is filled in only when the devices' times part
         else:
+            if self._t_uniform is not None:
+                self._t_written.fill_(self._t_uniform)
             self._t_written = torch.where(mask, torch.full_like(self._t_written, t), self._t_written)
             self._t_uniform = None
         self._t_latest = max(self._t_latest, t)
@@ -243,8 +247,8 @@ class TileArray:
         if self.model.write_noise > 0:
             target = target + self.model.write_noise * _randn(self._dshape, gen, self.device)
         p = self.params
-        landed = torch.minimum(torch.maximum(target, p.g_lo), p.g_hi)
-        self._g0 = torch.where(p.stuck, p.stuck_value, landed)
+        landed = torch.clamp(target, p.g_lo, p.g_hi)
+        self._g0 = torch.where(p.stuck, p.stuck_value, landed) if self._any_stuck else landed
         self._written(t)
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
