@@ -1,0 +1,128 @@
+"""`hil sweep SWEEP.toml`: Bayesian optimisation (Optuna) over a `hil train` config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from hil.sweep import SweepSpec
+    from hil.sweep.trial import TrialEvent
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
+
+
+def sweep(
+    spec_file: Annotated[Path, typer.Argument(metavar="SWEEP.toml", help="The sweep spec (docs/sweep.md).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Sweep folder (study, trials' run logs, summary). Default: runs/sweeps/<name>. An existing folder of the same sweep is continued.",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Run the trials on a Ray cluster's boards: auto, HOST:PORT or ray://HOST:10001; `local` starts Ray on this machine with the --board boards. Needs the ray extra: pip install 'xbar-hil\\[ray]'.",
+        ),
+    ] = None,
+    board: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--board",
+            "-b",
+            help="A board to run trials on: NAME=URI, NAME (the base config's device on the host declaring board:NAME) or URI. Repeatable with --ray-address; without it, one URI replaces the base config's device. Default: every board:NAME resource of the cluster.",
+        ),
+    ] = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials", "-n", min=1, help="Override sweep.n_trials (e.g. to extend a finished sweep)."
+        ),
+    ] = None,
+) -> None:
+    """Tune any `hil train` config by Bayesian optimisation (Optuna's TPE), in this process or across the boards of a Ray cluster.
+
+    SWEEP.toml names the trainer (classifier or vae), the objective (a metric of its result), the budget, the base config and the search space (a \\[space."train.lr"] table with type, low, high, log). Each trial is a normal run log under OUT/trials/NNNN/run.zarr; the study lives in OUT/optuna.db, the table of trials in OUT/summary.json and OUT/trials.csv.
+
+    Prints one line per trial, then the best trial and its run log. A bad spec exits with code 2 and a message that starts with the offending key."""
+    from hil.sweep import SpecError, SweepError, load_spec, run_sweep
+    from hil.sweep.study import claim_folder
+
+    try:
+        spec = load_spec(spec_file, n_trials)
+        executor = _executor(ray_address, board or [], spec.base["device"])
+    except (SpecError, SweepError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        folder = claim_folder(spec, out or Path("runs") / "sweeps" / spec.name)
+    except SweepError as exc:
+        executor.close()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    typer.echo(
+        f"sweep {spec.name}: {spec.n_trials} trials of the {spec.trainer} trainer, {spec.direction} "
+        f"{spec.objective}, {spec.batch} per round, {executor.describe()}; folder {folder}"
+    )
+    try:
+        result = run_sweep(spec, folder, executor, on_event=lambda e: _progress(spec, e))
+    except SweepError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        executor.close()
+    failed = sum(t.state != "COMPLETE" for t in result.trials)
+    typer.echo(f"summary {result.out / 'summary.json'} ({len(result.trials)} trials, {failed} failed)")
+    best = result.best
+    if best is None:
+        typer.echo("error: no trial completed; see the errors in the summary", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"best trial {best.number}: {spec.objective} {best.value:.6g}  {_params(best.params)}")
+    typer.echo(f"best run log {result.best_run_log}")
+
+
+def _executor(ray_address: str | None, boards: list[str], device: str) -> Any:
+    from hil.sweep import SweepError
+    from hil.sweep.local import LocalExecutor
+    from hil.sweep.ray_runner import Board, RayExecutor
+
+    parsed = [Board.parse(b) for b in boards]
+    if ray_address:
+        return RayExecutor(parsed, ray_address, default_uri=device)
+    if len(parsed) > 1:
+        raise SweepError(
+            "several --board need --ray-address (`--ray-address local` for this machine's boards)"
+        )
+    if parsed and parsed[0].uri is None:
+        raise SweepError(f"--board {parsed[0].name}: give a device URI to run in this process")
+    if parsed:
+        return LocalExecutor(parsed[0].uri, parsed[0].name or "local")
+    return LocalExecutor()
+
+
+def _params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _progress(spec: SweepSpec, e: TrialEvent) -> None:
+    if e.kind == "retry":
+        typer.echo(f"trial {e.number:>4}  board {e.board}  lost ({e.message}); retrying on another board")
+    elif e.kind == "done" and e.outcome is not None:
+        o = e.outcome
+        head = f"trial {e.number:>4}  board {e.board}  {o.seconds:6.1f} s  "
+        value = (o.metrics or {}).get(spec.objective)
+        if value is None:
+            typer.echo(f"{head}FAILED {o.error}  {_params(o.params)}")
+        else:
+            typer.echo(f"{head}{spec.objective} {value:.4g}  {_params(o.params)}")

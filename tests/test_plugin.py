@@ -1,0 +1,87 @@
+"""Issue 10: the pytest plugin shipped with the distribution (hil.testing, entry point
+pytest11 ``xbar_hil``): its fixtures here, and in a user's own test suite run by pytest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from drivers import Device, Topology, open_device
+from emulator.server import Faults
+from hil.testing import DEFAULT_BOARD, REMOTE_TRANSPORTS, BoardServers
+
+
+def test_default_board_and_resource_strings(xbar_board: str, board_servers: BoardServers) -> None:
+    import pyvisa
+
+    assert xbar_board == DEFAULT_BOARD
+    res = board_servers.resources
+    assert sorted(res) == sorted(REMOTE_TRANSPORTS)
+    assert res["visa-tcp"].startswith("TCPIP0::127.0.0.1::") and res["serial-pty"].startswith("/dev/")
+    rm = pyvisa.ResourceManager("@py")  # a user's own script: plain pyvisa, no xbar-hil
+    try:
+        inst = rm.open_resource(res["visa-tcp"], read_termination="\n", write_termination="\n")
+        assert inst.query("*IDN?").startswith("xbar-hil,emulator-rram")
+        inst.close()
+    finally:
+        rm.close()
+
+
+def test_board_factory_with_link_faults(emulated_board: Callable[..., BoardServers]) -> None:
+    noisy = emulated_board(faults=Faults(corrupt_rx=1))
+    other = emulated_board("emulator://?preset=pcm&seed=1")
+    with open_device(noisy.uri("serial-socket")) as dev:
+        assert dev.stats.nacks_received == 1 and dev.stats.retransmissions == 1  # type: ignore[attr-defined]
+    with open_device(other.uri("visa-tcp")) as dev:
+        assert dev.info.identity.model == "emulator-pcm"
+
+
+def test_device_factory(device_on: Callable[..., Device]) -> None:
+    a = device_on("visa-tcp", timeout="2")
+    b = device_on("serial-pty", "emulator://?preset=ideal&seed=0")
+    assert a.info.identity.model == "emulator-rram" and b.info.identity.model == "emulator-ideal"
+    b.configure(Topology.layered([3, 2]))
+    assert b.read_conductance("W0")[0].shape[1] == 2  # (inputs + bias row) x outputs
+
+
+USER_TEST = """
+from drivers import Topology
+
+
+def test_my_firmware_tool_talks_to_the_board(board_servers):
+    import pyvisa
+
+    rm = pyvisa.ResourceManager("@py")
+    inst = rm.open_resource(board_servers.resources["visa-tcp"], read_termination="\\n")
+    assert inst.query("*IDN?").startswith("xbar-hil,emulator-pcm")
+    inst.close()
+    rm.close()
+
+
+def test_my_script_on_every_transport(transport_device):
+    transport_device.configure(Topology.layered([4, 3]))
+    assert transport_device.info.identity.model == "emulator-pcm"
+"""
+
+
+def test_a_users_suite_gets_the_fixtures_from_the_installed_distribution(tmp_path: Path) -> None:
+    """No conftest, no pytest_plugins: the entry point alone brings the fixtures, and
+    --xbar-board picks the board."""
+    (tmp_path / "test_user.py").write_text(USER_TEST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"]
+    cmd += ["--xbar-board", "emulator://?preset=pcm&seed=1"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "6 passed" in run.stdout
+
+
+@pytest.mark.parametrize("transport", ["visa-asrl", "serial-socket"])
+def test_transport_device_uris_open(board_servers: BoardServers, transport: str) -> None:
+    with open_device(board_servers.uri(transport)) as dev:
+        assert dev.safety().violations == 0
