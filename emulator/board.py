@@ -425,9 +425,8 @@ class Board:
         """Power-iteration estimate of the norm of the map the free groups apply to each other
         (their drive on one another), with a 10 % margin. It bounds how fast an analog settle
         may be integrated: see `Board.settle`. The map is assembled as one matrix, so each
-        iteration is one matrix-vector product; weights change little between plans (training
-        steps), so the iteration starts from the previous plan's vector and a few iterations
-        then suffice."""
+        iteration is one matrix-vector product; the iteration starts from the previous
+        plan's vector and stops once the estimate has settled."""
         assert self.topology is not None
         if not plan.dyn_terms:
             return 0.0
@@ -444,16 +443,18 @@ class Board:
                 op[r0 : r0 + sizes[term.src], c0 : c0 + b - a] += term.matrix[a:b].T
         key = frozenset(plan.free)
         v = self._power_vectors.get(key)
-        iterations = 4
         if v is None or v.shape[1] != n:
             gen = torch.Generator(device=self.device).manual_seed(0)
             v = torch.randn(1, n, generator=gen, device=self.device)
-            iterations = 20
+        # at least 4 iterations; more while the estimate still rises by over 1 % (a start
+        # vector from other weights, or a slow spectral gap)
         norm = 0.0
-        for _ in range(iterations):
+        for i in range(40):
             v = v / (torch.linalg.vector_norm(v) + 1e-30)
             v = v @ op
-            norm = float(torch.linalg.vector_norm(v))
+            last, norm = norm, float(torch.linalg.vector_norm(v))
+            if i >= 3 and norm <= 1.01 * last:
+                break
         self._power_vectors[key] = v
         return 1.1 * norm
 

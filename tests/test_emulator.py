@@ -415,3 +415,34 @@ def test_program_refuses_non_finite_targets(bad: float) -> None:
         gp[2, 1] = bad
         with pytest.raises(ConfigurationError, match="NaN or infinite"):
             dev.program("W0", gp, np.full((5, 3), lim.g_min, np.float32))
+
+
+def test_coupling_norm_bound_tracks_weight_changes() -> None:
+    """The step bound carries over from plan to plan as ``last + |change|_F``: it must stay
+    above the true coupling norm (so no step overshoots), and a large change must trigger a
+    fresh power iteration that shrinks the step."""
+    rng = np.random.default_rng(11)
+    budget = SettleBudget(max_steps=400, tol=1e-6, dt=1.0)
+    with open_device(IDEAL) as dev:
+        topo = Topology.dense({"x": 6, "h": 30}, budget=budget)
+        dev.configure(topo)
+        board = dev.board
+        x = {"x": rng.uniform(0, 1, (4, 6)).astype(np.float32)}
+
+        def program(scale: float) -> np.ndarray:
+            w = rng.normal(0, scale, (36, 36))
+            w = (w + w.T) / 2
+            np.fill_diagonal(w, 0)
+            program_weights(dev, "W", np.vstack([w, np.zeros((1, 36))]).astype(np.float32))
+            return w[6:, 6:]  # the free-to-free block
+
+        for scale in (0.01, 0.012, 0.3):  # two small steps, then a large change
+            w_free = program(scale)
+            eq = dev.settle(x, trace=True)
+            plan = board._plans[frozenset(x)][1]
+            true = float(np.linalg.norm(w_free, 2))
+            assert plan.coupling_norm >= true  # a bound (or the 10 %-margin estimate)
+            energy = eq.trace["energy"]
+            assert np.diff(energy, axis=0).max() <= 1e-5 * max(1.0, float(np.abs(energy).max()))
+        assert plan.norm_fresh  # the large change needed the power iteration
+        assert 1.8 / (1 + plan.coupling_norm) < 1.0  # and the step did shrink
