@@ -11,7 +11,7 @@ from drivers import Device, SettleBudget, Topology, open_device
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock
-from hil.programming import ProgrammingScheme, StepModel, probe_steps, read_weights
+from hil.programming import ProgrammingScheme, StepModel, probe_steps, read_weights, tune_pairs
 from hil.train_classifier import Classifier, train_classifier
 
 RRAM = "emulator://?preset=rram&seed=0"
@@ -97,7 +97,10 @@ def test_accumulator_keeps_sub_pulse_remainders() -> None:
         applied = m.to_weight(st.g_est[0], st.g_est[1]).astype(np.float64) - w_dev0
         requested = w - start
         np.testing.assert_allclose(applied + st.acc, requested, atol=1e-5)
-        assert float(np.abs(st.acc).max()) <= 0.5 * step_w * 1.01  # nearest rounding
+        # nearest rounding: under half a step, where both devices of the pair can move
+        assert st.stuck is not None
+        free = ~st.stuck.stuck.any(axis=0)
+        assert float(np.abs(st.acc[free]).max()) <= 0.5 * step_w * 1.01
         # and on the devices: the mean move is the requested one
         moved = _mean_read(dev, tile) - before
         assert float(moved.mean()) == pytest.approx(float(requested.mean()), rel=0.2)
@@ -139,7 +142,11 @@ def test_block_uses_the_scheme_and_periodic_refresh() -> None:
                 blk.weights["W0"].add_(0.01 * (k + 1))
             blk.sync()
         kinds = [r["kind"] for r in blk.programming.history if r["tile"] == "W0"]
-        assert kinds == ["write", "pulse", "pulse", "refresh", "pulse", "pulse", "refresh"]
+        st = blk.programming.tiles["W0"]
+        assert st.stuck is not None
+        # a second write when the first found stuck devices (their partners then carry the weights)
+        writes = ["write"] * (2 if st.stuck.stuck.any() else 1)
+        assert kinds == [*writes, "pulse", "pulse", "refresh", "pulse", "pulse", "refresh"]
         assert blk.last_reports["W0"].kind == "refresh"
         w = blk.device_weights().weights["W0"].detach().numpy()
         assert np.abs(w - blk.weights["W0"].detach().numpy()).mean() < 0.05
@@ -232,3 +239,68 @@ def test_step_model_interpolates_exponentially() -> None:
     np.testing.assert_allclose(m.up_step(np.array([-1.0, 0.0, 1.0, 2.0])), [1.0, 1.0, 0.5, 0.25])
     flat = StepModel(1.0, float("nan"), True)  # no mid-window step: constant
     np.testing.assert_allclose(flat.up_step(np.array([0.0, 5.0])), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("level", [0.1, 0.5])
+def test_pcm_pulses_follow_the_shrinking_set_step(level: float) -> None:
+    """PCM SET steps shrink with G (~0.7 uS near RESET, ~0.2 uS mid-window): a pulsed update
+    must ask for more pulses higher in the window to move the weight as requested."""
+    with open_device(PCM) as dev:
+        tile = _configure(dev)
+        scheme = ProgrammingScheme("pulsed", seed=6)
+        w0 = np.full((64, 64), level)  # one-sided mapping: G+ = level * 25 uS, G- at RESET
+        scheme.program(dev, tile, w0)
+        before = _mean_read(dev, tile)
+        (res,) = scheme.program(dev, tile, w0 + 0.04)  # 1 uS more on every G+
+        moved = _mean_read(dev, tile) - before
+        assert float(np.median(moved)) == pytest.approx(0.04, rel=0.25)
+        per_device = res.report.pulses / res.report.devices_pulsed
+        assert per_device > (3.0 if level > 0.3 else 1.0)
+
+
+def test_tuning_near_the_top_resets_the_partner_not_the_pair() -> None:
+    """G+ near the top of its window cannot go up: the tuning RESETs G- instead, which climbs
+    to the difference wanted; a RESET of the whole pair would start both from scratch."""
+    with open_device(PCM) as dev:
+        tile = _configure(dev, 16)
+        scheme = ProgrammingScheme("pulsed", seed=7)
+        scheme.program(dev, tile, np.zeros((16, 16)))  # measures the pulse response
+        st = scheme.tiles[tile]
+        full = np.full((16, 16), 23.5e-6, np.float32)
+        dev.program(tile, full, np.full((16, 16), 12e-6, np.float32))
+        target = np.full((16, 16), 20e-6)  # G+ - G- from ~11.5 to 20 uS: G- must fall
+        res = tune_pairs(
+            dev, tile, target, lambda g, d: scheme.pulse_counts(st, d, g), one_sided=True,
+            g_min=0.0, g_max=25e-6, tol=0.1e-6,
+        )  # fmt: skip
+        gp = np.mean([dev.read_conductance(tile)[0] for _ in range(16)], axis=0)
+        assert float(np.median(gp)) > 22e-6  # G+ kept its state
+        assert res.resets >= target.size  # every G- was RESET at least once
+        diff = _mean_read(dev, tile, 16) * 25e-6  # weights -> G+ - G- (w_max = 1)
+        assert float(np.median(np.abs(diff - target))) < 0.1e-6
+        assert res.within_tol > 0.5
+
+
+def test_stuck_devices_found_from_read_backs_and_compensated_by_the_partner() -> None:
+    with open_device(RRAM) as dev:
+        tile = _configure(dev)
+        truth = dev.board.tile(tile).truth()  # type: ignore[attr-defined]
+        stuck_high = (truth["stuck"] & (truth["stuck_value"] > 5e-6)).numpy()
+        assert stuck_high.sum() >= 3
+        scheme = ProgrammingScheme("ideal")
+        w = _weights(8, scale=0.2)
+        scheme.program(dev, tile, w)
+        assert not scheme.tiles[tile].stuck.stuck.any()  # one direct write is not enough evidence
+        scheme.program(dev, tile, w + 0.01)
+        found = scheme.tiles[tile].stuck.stuck
+        np.testing.assert_array_equal(found, stuck_high)
+        scheme.program(dev, tile, w + 0.02)  # now the partners carry the weights
+        target = w + 0.02
+        err = np.abs(_mean_read(dev, tile) - target)
+        pairs = stuck_high.any(axis=0)
+        # a stuck-high G+ can only carry weights >= 0 (G- climbs to G+_stuck - dG), a G- <= 0
+        reach = (stuck_high[0] & (target >= 0)) | (stuck_high[1] & (target <= 0))
+        assert reach.sum() >= 2
+        assert float(err[reach].max()) < 0.12  # a stuck-high device alone would add ~+-0.9
+        assert np.all(err[pairs & ~reach] < np.abs(target[pairs & ~reach]) + 0.12)  # pinned near 0
+        assert float(err[~pairs].mean()) < 0.05

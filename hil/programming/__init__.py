@@ -3,7 +3,7 @@ schemes that turn host weight changes into writes and pulses (`schemes`), the pu
 model they use without a calibration record (`steps`) and the closed-loop tuning of pairs
 that refreshes a tile from the state it is in (`tune`)."""
 
-from hil.programming.mapping import LinearMapping, WriteResult, read_weights, write_weights
+from hil.programming.mapping import LinearMapping, StuckDevices, WriteResult, read_weights, write_weights
 from hil.programming.schemes import (
     REFRESH_MODES,
     SCHEMES,
@@ -23,6 +23,7 @@ __all__ = [
     "Programmed",
     "ProgrammingScheme",
     "StepModel",
+    "StuckDevices",
     "TileState",
     "TuneResult",
     "UpdateReport",

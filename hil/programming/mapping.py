@@ -14,6 +14,14 @@ mid-window, where a bidirectional soft-bounds device steps about as far up as do
 pulsed updates need (`hil.programming.schemes`).
 
 Weights outside ``[-w_max, w_max]`` are clipped (and counted).
+
+Stuck devices: a calibration record names them (`calibration.conductance_targets` then lets
+the partner carry the weight). Without one, `StuckDevices` finds them from the read-backs of
+writes (a device that misses its target by a quarter of the range, twice, or once after a
+write-verify) and `StuckDevices.compensate` gives the pair's partner the whole difference:
+``G- = G+_stuck - dG`` or ``G+ = G-_stuck + dG``. A stuck-high device otherwise adds a full
+``+-w_max`` to its weight, which can saturate a hard-sigmoid unit for good (no EP gradient
+flows through a clamped node).
 """
 
 from __future__ import annotations
@@ -67,6 +75,45 @@ class LinearMapping:
         gp = np.asarray(g_plus, dtype=np.float64)
         gm = np.asarray(g_minus, dtype=np.float64)
         return (self.w_max * (gp - gm) / self.g_range).astype(np.float32)
+
+
+@dataclass
+class StuckDevices:
+    """Devices of one tile found stuck from write read-backs, each ``(2, rows, cols)``."""
+
+    misses: np.ndarray  # int: evidence that a device did not go where it was sent
+    value: np.ndarray  # float64: where a device read back when it missed
+    threshold: float  # siemens: a miss is a read-back this far from the target
+    confirm: int = 2  # misses that mark a device stuck (for good: a stuck target hides a recovery)
+
+    @staticmethod
+    def empty(shape: tuple[int, int], g_range: float) -> StuckDevices:
+        return StuckDevices(np.zeros((2, *shape), np.int32), np.zeros((2, *shape)), 0.25 * g_range)
+
+    @property
+    def stuck(self) -> np.ndarray:
+        return self.misses >= self.confirm
+
+    def observe(self, target: np.ndarray, readback: np.ndarray, *, verified: bool) -> None:
+        """Count the devices that missed `target` (a write-verify's miss counts as confirmed)."""
+        off = np.abs(np.asarray(readback, np.float64) - target) > self.threshold
+        was = self.stuck
+        step = self.confirm if verified else 1
+        self.misses = np.where(off, self.misses + step, np.where(was, self.misses, 0))
+        self.value = np.where(off & ~was, readback, self.value)
+
+    def compensate(
+        self, gp: np.ndarray, gm: np.ndarray, g_min: float, g_max: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Targets with every stuck device at its own value and its partner carrying ``G+ - G-``
+        (within the window; the stuck device's own target only keeps the request legal)."""
+        s = self.stuck
+        if not s.any():
+            return gp, gm
+        d = gp.astype(np.float64) - gm
+        p = np.where(s[0], self.value[0], np.where(s[1] & ~s[0], self.value[1] + d, gp))
+        m = np.where(s[1], self.value[1], np.where(s[0] & ~s[1], self.value[0] - d, gm))
+        return np.clip(p, g_min, g_max).astype(np.float32), np.clip(m, g_min, g_max).astype(np.float32)
 
 
 @dataclass

@@ -20,17 +20,26 @@ conductances they expect (`g_est`, programmed targets plus the expected move of 
 pulse). The step of one pulse comes from the calibration record's fitted per-device model
 (`calibration.pulses_needed`) when a record is given; otherwise it is measured once per
 tile: all devices are written to mid-window, pulsed ``+k`` and ``-k`` times and read, and
-the median step is the nominal one. A device that lands near ``g_min`` after the ``-k``
-pulses is one-sided (a PCM RESET): its updates are SET pulses only (``dW > 0`` on G+,
-``dW < 0`` on G-), and its step is re-measured from the RESET state, where such cells spend
-most of their life. Bidirectional devices use the centered mapping (both devices of a pair
-around mid-window, see `LinearMapping`), where a soft-bounds device steps about as far up
-as down.
+the median step is the nominal one (`hil.programming.steps`). A device that lands near
+``g_min`` after the ``-k`` pulses is one-sided (a PCM RESET): its updates are SET pulses only
+(``dW > 0`` on G+, ``dW < 0`` on G-), and its step is measured again from the RESET state;
+between that step and the mid-window one the SET step is taken to shrink exponentially with
+G, as PCM increments do, so updates high in the window get more pulses. Bidirectional
+devices use the centered mapping (both devices of a pair around mid-window, see
+`LinearMapping`), where a soft-bounds device steps about as far up as down.
 
-Refresh (any scheme): every `refresh_every` updates, when a one-sided tile has more than 1 %
-of its devices near saturation, or on demand when `drift` says the conductances decayed by
-more than `drift_tol`, the tile is write-verified to the weights it is meant to hold (the
-host weights minus what the accumulator still owes).
+Refresh (any scheme): every `refresh_every` updates, or on demand when `drift` says the
+conductances decayed by more than `drift_tol`, the tile is brought back to the weights it is
+meant to hold (`target`: the host weights minus what the accumulator still owes, or what
+`commit` adopted). Two ways (`refresh_mode`): ``tune`` (the default where the Device can
+pulse) corrects the pairs from the state they are in, closed loop with averaged reads
+(`hil.programming.tune`); ``verify`` re-writes every device with the Device's write-verify.
+On pcm after one simulated day tuning keeps the network within a fraction of a point of its
+accuracy right after training, where a re-write lost 1-2 points: a re-write draws new
+programming errors at the precision of one verify read (~0.25 uS), which the network never
+saw, and a re-mapping also undoes how training compensated stuck devices with their
+partners. When a one-sided tile has more than 1 % of its devices near saturation the
+refresh is always a re-write (``verify``): that lowers the pairs' common mode.
 
 Every call returns an `UpdateReport` (a `ProgramReport` with the scheme's fields added); the
 scheme also keeps the JSON-ready `to_dict()` of every report in `history`.
@@ -47,7 +56,7 @@ import torch
 
 from calibration import CalibrationRecord, conductance_targets, pulses_needed
 from drivers.base import Device, ProgramReport
-from hil.programming.mapping import LinearMapping, read_weights
+from hil.programming.mapping import LinearMapping, StuckDevices, read_weights
 from hil.programming.steps import StepModel, measure_steps, probe_steps
 from hil.programming.tune import tune_pairs
 
@@ -122,6 +131,7 @@ class TileState:
     steps: StepModel | None = None
     updates: int = 0
     written: bool = False
+    stuck: StuckDevices | None = None  # found from read-backs (None with a calibration record)
 
 
 class ProgrammingScheme:
@@ -130,8 +140,11 @@ class ProgrammingScheme:
     `record`: a calibration record of the board (pulse model, per-device windows, stuck
     devices); `tol`: write-verify tolerance in siemens (None: the Device's default, 2 % of the
     range); `refresh_tol`: the tolerance of a refresh as a fraction of the conductance range
-    (None: `tol`; on pcm 1 % made refresh worse: more one-sided devices end the verify budget
-    freshly RESET); `refresh_every`: write-verify every N updates of a tile (0: never periodically);
+    of a ``verify`` refresh (None: `tol`; on pcm 1 % made it worse: more one-sided devices end
+    the verify budget freshly RESET); `refresh_every`: refresh every N updates of a tile (0:
+    never periodically); `refresh_mode`: ``tune`` or ``verify`` (None: ``tune`` when the Device
+    can pulse); `tune_tol` (fraction of the range), `tune_reads` (reads averaged per check),
+    `tune_iters`: the tuning loop's tolerance on ``G+ - G-``, averaging and budget;
     `drift_tol`: relative conductance decay that `refresh_if_drifted` acts on;
     `max_update_pulses`: the most pulses one device gets in one update;
     `calibration_pulses`: ``k`` of the model-free step measurement.
@@ -148,7 +161,7 @@ class ProgrammingScheme:
         refresh_every: int = 0,
         refresh_mode: str | None = None,
         tune_tol: float = 0.004,
-        tune_reads: int = 8,
+        tune_reads: int = 16,
         tune_iters: int = 40,
         drift_tol: float = 0.05,
         max_update_pulses: int = 32,
@@ -216,6 +229,8 @@ class ProgrammingScheme:
         mapping = LinearMapping.for_tile(device, tile, centered=self.pulsed and not one_sided)
         zeros = np.zeros(shape)
         st = TileState(mapping, position, zeros, zeros.copy(), np.zeros((2, *shape)), one_sided, steps)
+        if self.record is None:
+            st.stuck = StuckDevices.empty(shape, mapping.g_range)
         self.tiles[tile] = st
         return st
 
@@ -229,15 +244,22 @@ class ProgrammingScheme:
         st = self._state(device, tile)
         wn = torch.as_tensor(w).detach().to("cpu", torch.float64).numpy().copy()
         if force or not st.written:
-            res = self._write(device, tile, st, wn, kind="write", verify=self.name != "ideal")
+            verify = self.name != "ideal"
+            known = int(st.stuck.stuck.sum()) if st.stuck is not None else 0
+            res = self._write(device, tile, st, wn, kind="write", verify=verify)
             if not st.written and st.steps is not None:
                 res.report.energy_j += st.steps.energy_j  # the step measurement
                 res.report.pulses += st.steps.pulses
                 self.history[-1] = res.report.to_dict()
+            out = [res]
+            if self.pulsed and st.stuck is not None and int(st.stuck.stuck.sum()) > known:
+                # stuck devices found by this write: write again so that their partners carry
+                # the weights (pulsed schemes do not re-write on their own)
+                out.append(self._write(device, tile, st, wn, kind="write", verify=verify))
             st.written = True
             st.host = wn
             st.acc = np.zeros_like(wn)
-            return [res]
+            return out
         if self.pulsed:
             out = [self._pulse(device, tile, st, wn)]
         else:
@@ -262,6 +284,8 @@ class ProgrammingScheme:
         if self.record is not None:
             t = conductance_targets(self.record, st.position, gp, gm, device.info.limits)
             gp, gm = t.g_plus, t.g_minus
+        elif st.stuck is not None:
+            gp, gm = st.stuck.compensate(gp, gm, st.mapping.g_min, st.mapping.g_max)
         return gp, gm, clipped
 
     def _write(
@@ -273,6 +297,8 @@ class ProgrammingScheme:
             tol = self.refresh_tol * st.mapping.g_range
         rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=self.max_iters)
         st.g_est = np.stack([gp, gm]).astype(np.float64)
+        if st.stuck is not None:
+            st.stuck.observe(st.g_est, np.stack([rep.g_plus, rep.g_minus]), verified=verify)
         report = UpdateReport(
             rep.tile, rep.g_plus, rep.g_minus, rep.iterations, rep.pulses, rep.residual_max,
             rep.within_tol, rep.energy_j, rep.time_s, scheme=self.name, kind=kind, step=st.updates,
@@ -314,8 +340,10 @@ class ProgrammingScheme:
             res.within_tol, res.energy_j + (probe.energy_j if probe else 0.0), res.time_s, scheme=self.name,
             kind="refresh", step=st.updates,
         )  # fmt: skip
-        self.history.append(report.to_dict() | {"mode": "tune", "reads": res.reads, "resets": res.resets,
-                                                "gave_up": res.gave_up})
+        self.history.append(
+            report.to_dict()
+            | {"mode": "tune", "reads": res.reads, "resets": res.resets, "gave_up": res.gave_up}
+        )
         return Programmed(report, 0, lambda: m.to_weight(gp, gm))
 
     # ------------------------------------------------------------------------------ pulses
@@ -356,13 +384,18 @@ class ProgrammingScheme:
             dev = np.stack([np.maximum(d_g, 0.0), np.maximum(-d_g, 0.0)])
         else:
             dev = np.stack([0.5 * d_g, -0.5 * d_g])
+            if st.stuck is not None and st.stuck.stuck.any():  # the partner moves for both
+                s = st.stuck.stuck
+                dev = np.stack([np.where(s[1], d_g, dev[0]), np.where(s[0], -d_g, dev[1])])
+                dev = np.where(s, 0.0, dev)
         n = self.pulse_counts(st, dev)
         k = np.clip(self.round_counts(n), -self.max_update_pulses, self.max_update_pulses)
         if st.one_sided:
             k = np.maximum(k, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             frac = np.where(n != 0, k / n, 0.0)
-        moved = dev * frac  # expected move of every device
+        # expected move of every device; a device at the edge of the window does not go past it
+        moved = np.clip(st.g_est + dev * frac, m.g_min, m.g_max) - st.g_est
         applied = (moved[0] - moved[1]) * (m.w_max / m.g_range)
         st.acc = req - applied if self.name == "mixed" else np.zeros_like(req)
         counts = k.astype(np.int32)
@@ -371,7 +404,7 @@ class ProgrammingScheme:
             pulses, energy, time_s = rep.pulses, rep.energy_j, rep.time_s
         else:
             pulses, energy, time_s = 0, 0.0, 0.0
-        st.g_est = np.clip(st.g_est + moved, m.g_min, m.g_max)
+        st.g_est = st.g_est + moved
         missing = np.abs(dev - moved)
         half_step = 0.5 * self._nominal_step(st)
         report = UpdateReport(
