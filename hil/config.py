@@ -65,7 +65,10 @@ class EPConfig:
     # how weight updates reach the devices (`hil.programming.schemes`): ideal | verify |
     # pulsed | mixed
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"
-    refresh_every: int = 0  # write-verify every N updates of a tile (0: never)
+    refresh_every: int = 0  # refresh every N updates of a tile (0: never)
+    # how a refresh restores the weights: tune (pulse the pairs back in place), verify
+    # (write-verify re-write) or auto (tune where the device can pulse)
+    refresh_mode: Literal["auto", "tune", "verify"] = "auto"
 
 
 @dataclass

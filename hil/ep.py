@@ -227,9 +227,11 @@ class EBBlock(nn.Module):
             self.last_updates.append(res.report)
             self._pending[res.report.tile] = res
 
-    def commit(self, reads: int = 4) -> None:
+    def commit(self, reads: int = 32) -> None:
         """Make what the devices hold now the weights a later `refresh` restores
-        (`ProgrammingScheme.commit`), e.g. right after training, before drift sets in."""
+        (`ProgrammingScheme.commit`), e.g. right after training, before drift sets in. Each
+        device is read `reads` times and averaged: with 4 reads the noise left on a pair's
+        difference is as large as a refresh's tolerance."""
         self.sync()
         for c in self.topology.couplings:
             self.programming.commit(self.device, c.tile, reads)

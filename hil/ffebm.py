@@ -218,12 +218,14 @@ class FFEBM(nn.Module):
         verify: bool = False,
         programming: str | None = None,
         refresh_every: int = 0,
+        refresh_mode: str | None = None,
         seed: int = 0,
     ) -> FFEBM:
         """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
         on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
         input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`).
-        `programming` / `refresh_every`: each block gets its own `ProgrammingScheme`."""
+        `programming` / `refresh_every` / `refresh_mode`: each block gets its own
+        `ProgrammingScheme`."""
         gen = torch.Generator().manual_seed(seed)
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
@@ -243,7 +245,13 @@ class FFEBM(nn.Module):
                 if init == "goe"
                 else {t: w for t, w in _gaussian(topo, init_scale, gen).items()}
             )
-            scheme = make_scheme(programming, verify=verify, refresh_every=refresh_every, seed=seed + k)
+            scheme = make_scheme(
+                programming,
+                verify=verify,
+                refresh_every=refresh_every,
+                refresh_mode=refresh_mode,
+                seed=seed + k,
+            )
             blk = EBBlock(
                 devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k
             )

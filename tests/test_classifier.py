@@ -108,6 +108,10 @@ def test_train_cli_reports_accuracy_config_and_device(one_thread: None, tmp_path
     assert shown.exit_code == 0 and "beta = 0.3" in shown.output
     bad = CliRunner().invoke(app, ["train", "classifier", "--set", "train.epoch=1"])
     assert bad.exit_code == 2 and "unknown config key 'train.epoch'" in bad.output
+    mixed = CliRunner().invoke(app, ["train", "classifier", "--programming", "mixed", "--show-config"])
+    assert mixed.exit_code == 0 and 'programming = "mixed"' in mixed.output
+    wrong = CliRunner().invoke(app, ["train", "classifier", "--programming", "sloppy"])
+    assert wrong.exit_code == 2 and "ep.programming: 'sloppy' is not one of" in wrong.output
 
 
 def test_layered_dhn_on_digits_rram_6bit_adc(one_thread: None) -> None:

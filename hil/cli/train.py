@@ -39,6 +39,15 @@ def classifier(
             "--set model.sizes=[64,128,10] --set device=emulator://?preset=rram&seed=0. Repeatable.",
         ),
     ] = None,
+    programming: Annotated[
+        str | None,
+        typer.Option(
+            "--programming",
+            help="How weight updates reach the devices: ideal (direct writes), verify (write-verify), "
+            "pulsed (stochastic pulse counts) or mixed (pulses plus a digital accumulator); the same as "
+            "--set ep.programming=NAME. docs/programming.md compares them.",
+        ),
+    ] = None,
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved config (TOML) and exit.")
     ] = False,
@@ -86,7 +95,8 @@ def classifier(
             cfg = apply_dict(RunConfig(), log.config)
             validate(cfg)
         else:
-            cfg = load_config(config, set_ or [])
+            extra = [f"ep.programming={programming}"] if programming is not None else []
+            cfg = load_config(config, [*(set_ or []), *extra])
     except (ConfigError, RunLogError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
