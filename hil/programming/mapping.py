@@ -59,15 +59,19 @@ class LinearMapping:
     def to_conductance(self, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """Return (G+, G-, number of weights clipped to +-w_max), float32 siemens."""
         t = torch.as_tensor(w).detach().to("cpu", torch.float32)
-        clipped = int((t.abs() > self.w_max).sum())
-        x = (t * (self.g_range / self.w_max)).clamp_(-self.g_range, self.g_range)
+        lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
+        inside = -self.w_max <= float(lo) and float(hi) <= self.w_max
+        clipped = 0 if inside else int((t.abs() > self.w_max).sum())
+        x = t * (self.g_range / self.w_max)
         if self.center is not None:
+            x.clamp_(-self.g_range, self.g_range)
             gp = (self.center + 0.5 * x).clamp_(self.g_min, self.g_max)
             gm = (self.center - 0.5 * x).clamp_(self.g_min, self.g_max)
             return gp.numpy(), gm.numpy(), clipped
-        # float32 rounding may step a hair outside [g_min, g_max]
-        gp = (x.clamp(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
-        gm = ((-x).clamp_(min=0.0) + self.g_min).clamp_(self.g_min, self.g_max)
+        # the sign picks the device; the clamp to [g_min, g_max] also clips the weight and
+        # catches float32 rounding a hair outside the window
+        gp = (x + self.g_min).clamp_(self.g_min, self.g_max)
+        gm = (self.g_min - x).clamp_(self.g_min, self.g_max)
         return gp.numpy(), gm.numpy(), clipped
 
     def to_weight(self, g_plus: np.ndarray, g_minus: np.ndarray) -> np.ndarray:
@@ -94,9 +98,21 @@ class StuckDevices:
     def stuck(self) -> np.ndarray:
         return self.misses >= self.confirm
 
-    def observe(self, target: np.ndarray, readback: np.ndarray, *, verified: bool) -> None:
-        """Count the devices that missed `target` (a write-verify's miss counts as confirmed)."""
-        off = np.abs(np.asarray(readback, np.float64) - target) > self.threshold
+    def observe(
+        self,
+        target: np.ndarray,
+        readback: np.ndarray | tuple[np.ndarray, np.ndarray],
+        *,
+        verified: bool,
+        residual_max: float | None = None,
+    ) -> None:
+        """Count the devices that missed `target` (a write-verify's miss counts as confirmed).
+        `residual_max`, the largest |read-back - target| the device reported, skips the
+        per-device pass when no device missed and none has missed before (nothing changes)."""
+        if residual_max is not None and residual_max <= self.threshold and not self.misses.any():
+            return
+        readback = np.asarray(readback, np.float64)  # (G+, G-) pairs stack to (2, rows, cols)
+        off = np.abs(readback - target) > self.threshold
         was = self.stuck
         step = self.confirm if verified else 1
         self.misses = np.where(off, self.misses + step, np.where(was, self.misses, 0))

@@ -298,7 +298,9 @@ class ProgrammingScheme:
         rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=self.max_iters)
         st.g_est = np.stack([gp, gm]).astype(np.float64)
         if st.stuck is not None:
-            st.stuck.observe(st.g_est, np.stack([rep.g_plus, rep.g_minus]), verified=verify)
+            st.stuck.observe(
+                st.g_est, (rep.g_plus, rep.g_minus), verified=verify, residual_max=rep.residual_max
+            )
         report = UpdateReport(
             rep.tile, rep.g_plus, rep.g_minus, rep.iterations, rep.pulses, rep.residual_max,
             rep.within_tol, rep.energy_j, rep.time_s, scheme=self.name, kind=kind, step=st.updates,
