@@ -7,7 +7,11 @@
    time is reported beside it.
 2. Round trip: one small command per transport (SCPI ``*OPC?`` over TCP and over a pty,
    a framed PING over a pty and over TCP) as a ratio to a raw socket echo of the same
-   bytes (target <= 2).
+   bytes (target <= 2). Rows over a pty also give the ratio to a raw echo over a pty (the
+   protocol's own share), and a row gives the raw pty echo against the socket echo (what
+   the pty costs by itself, a floor under the pty rows' first ratio). Framed rows count
+   the frames per round trip (3 with the ACK piggybacked on the response: request,
+   response, the host's ACK; 4 without).
 
 The servers run in a child process, as a board's firmware would, so client and server do
 not share one interpreter lock. Ends by printing one JSON object per line.
@@ -222,7 +226,7 @@ def main() -> None:
                 got += len(os.read(pty_fd, len(msg) - got))
 
         n = args.repeats * 10
-        pty_base = _paired(raw_pty_echo, raw_echo, n)[0]
+        pty_base, pty_socket = _paired(raw_pty_echo, raw_echo, n)
         rtts: dict[str, tuple[Timing, Timing]] = {}
         for name, uri in (
             ("scpi/tcp (pyvisa-py)", f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET"),
@@ -230,12 +234,16 @@ def main() -> None:
         ):
             with open_device(uri) as dev:
                 rtts[name] = _paired(lambda d=dev: d.query("*OPC?"), raw_echo, n)
+        frames_per_call: dict[str, float] = {}
         for name, uri in (
             ("framed/pty (pyserial)", f"serial://{ports['framed_pty']}"),
             ("framed/tcp (pyserial socket://)", f"serial+socket://127.0.0.1:{ports['framed_tcp']}"),
         ):
             with open_device(uri) as dev:
+                before = dev.stats.frames_sent + dev.stats.frames_received
                 rtts[name] = _paired(lambda d=dev: d.ping(b"*OPC?\n"), raw_echo, n)
+                calls = 1 + max(1, n // 10) * 10  # the warm-up call and the timed blocks (`_paired`)
+                frames_per_call[name] = (dev.stats.frames_sent + dev.stats.frames_received - before) / calls
         with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET") as dev:
             rtts["device op safety() over scpi/tcp"] = _paired(dev.safety, raw_echo, n)
         with open_device(f"serial+socket://127.0.0.1:{ports['framed_tcp']}") as dev:
@@ -255,7 +263,20 @@ def main() -> None:
             if "/pty" in name:  # also against a raw echo over a pty: the protocol's own overhead
                 row["raw_pty_echo_seconds"] = pty_base.median
                 row["rtt_ratio_vs_raw_pty"] = rtt.median / pty_base.median
+            if name in frames_per_call:  # request, response, the host's ACK of it: 3 when piggybacked
+                row["frames_per_round_trip"] = round(frames_per_call[name], 2)
             results.append(row)
+        # what a pty costs by itself: the floor under the ratios of the /pty rows
+        results.append(
+            {
+                "benchmark": "round_trip",
+                "transport": "raw pty echo (no protocol)",
+                "seconds": pty_base.median,
+                "raw_socket_echo_seconds": pty_socket.median,
+                "rtt_ratio": pty_base.median / pty_socket.median,
+                "note": "floor of the /pty rows' rtt_ratio; rtt_ratio_vs_raw_pty is the protocol's share",
+            }
+        )
     finally:
         parent.send("stop")
         proc.join(timeout=5)

@@ -13,8 +13,11 @@ Arrays are numpy float32, batch first. Every backend checks a request against
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -251,3 +254,33 @@ class Device(ABC):
             self.safe_state()
         finally:
             self.close()
+
+
+@contextlib.contextmanager
+def programming_transaction(devices: Iterable[Device], tag: str) -> Iterator[None]:
+    """Bracket a programming sequence on every board: `begin(tag)` before, `commit(tag)`
+    after. If the block raises (or the host dies), the transaction stays open on the
+    boards, and the next session learns of it from `Device.status()`."""
+    devices = list(devices)
+    for d in devices:
+        d.begin(tag)
+    yield
+    for d in devices:
+        d.commit(tag)
+
+
+def report_open_transactions(devices: Iterable[Device]) -> list[str]:
+    """Warn of every board holding a programming transaction that was never committed;
+    return the warnings. The caller repairs by programming every tile again."""
+    found = []
+    for d in devices:
+        tag = d.status().transaction
+        if tag is not None:
+            found.append(
+                f"{d.info.identity.idn()}: programming transaction {tag!r} was begun and never "
+                "committed (a host stopped or the board reset mid-sequence); every tile is "
+                "programmed again before training"
+            )
+    for text in found:
+        warnings.warn(text, RuntimeWarning, stacklevel=2)
+    return found

@@ -81,12 +81,20 @@ class VisaDevice(RemoteDevice):
             session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
             if hasattr(session, "max_recv_size"):  # pyvisa-py TCP reads 4 KiB per recv otherwise
                 session.max_recv_size = CHUNK
+            sock = getattr(session, "interface", None)
+            if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # pyvisa-py leaves Nagle on: a message written in two pieces (a command and its
+                # error query) then waits for the board's delayed ACK, ~40 ms
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.resource_name.upper().startswith("ASRL"):  # drop what a previous session left
                 with contextlib.suppress(pyvisa.errors.VisaIOError):
                     self._res.flush(pyvisa.constants.BufferOperation.discard_read_buffer)
-            if self.check:
-                self._res.write(f"{scpi.CLS};{_short(scpi.CHECK_MODE)} ON")
+            if self.check:  # checked mode first, then a checked *CLS (clears what garbage queued)
+                self._res.write(f"{_short(scpi.CHECK_MODE)} ON")
                 self._read_checked_line("checked mode")
+                self._send(f"{scpi.CLS};{scpi.OPC_Q}")
+                if self._read_checked_line(scpi.CLS) != b"1":
+                    raise ProtocolError(f"{self.name}: the board did not confirm {scpi.CLS} in checked mode")
             else:
                 self._res.write(scpi.CLS)
 

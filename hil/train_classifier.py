@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from drivers import Device, Equilibrium, SettleBudget, Topology, open_device
+from drivers.base import programming_transaction, report_open_transactions
 from drivers.uri import parse_uri
 from hil.boards import open_board
 from hil.config import RunConfig
@@ -252,6 +253,7 @@ def train_classifier(
     if cfg.calibration:
         opener = functools.partial(open_board, calibration=cfg.calibration)
     model = Classifier(cfg, ds.features, ds.classes, opener)
+    report_open_transactions(model.devices)  # left by a killed host: the steps below program every tile
     module = model.block if model.ffebm is None else model.ffebm
     bs = cfg.train.batch_size
     n_batches = (len(ds.x_train) + bs - 1) // bs
@@ -278,7 +280,8 @@ def train_classifier(
         for epoch, idx in order.batches(bs, cfg.train.epochs):
             x, y = ds.x_train[idx], ds.y_train[idx]
             trace = log.trace_for(step) if log is not None and model.ffebm is None else 0
-            loss, acc, st = model.step(x, y, trace=trace)
+            with programming_transaction(model.devices, f"step-{step + 1}"):
+                loss, acc, st = model.step(x, y, trace=trace)
             step += 1
             totals["loss"] += loss * len(y)
             totals["acc"] += acc * len(y)

@@ -61,6 +61,12 @@ def script(dev: Device) -> Record:
             f"program {tile}",
             lambda t=tile, a=gp, b=gm: dev.program(t, a, b, verify=True, max_iters=5),
         )
+    _run(dev, rec, "begin", lambda: dev.begin("update-1"))
+    _run(dev, rec, "status in a transaction", dev.status)
+    _run(dev, rec, "commit another tag", lambda: dev.commit("update-2"))
+    _run(dev, rec, "commit", lambda: dev.commit("update-1"))
+    _run(dev, rec, "commit again", lambda: dev.commit("update-1"))
+    _run(dev, rec, "status committed", dev.status)
     _run(dev, rec, "read", lambda: dev.read_conductance("W0"))
     counts = rng.integers(-3, 4, (6, 4)).astype(np.int32)
     _run(dev, rec, "pulse", lambda: dev.pulse("W0", counts, -counts))
@@ -118,6 +124,7 @@ def script(dev: Device) -> Record:
     _run(dev, rec, "settle dense", lambda: dev.settle({"a": np.full((2, 3), 0.5, np.float32)}))
     _run(dev, rec, "reset", dev.reset)
     rec.append(("topology after reset", dev.topology))
+    _run(dev, rec, "status after reset", dev.status)
     _run(dev, rec, "read after reset", lambda: dev.read_conductance("W0"))
     _run(dev, rec, "safe state", dev.safe_state)
     return rec
@@ -165,6 +172,11 @@ def test_reference_script_exercises_every_outcome(reference: Record) -> None:
     assert dict(reference)["safety"].refused == 4
     assert dict(reference)["safety"].violations == 0
     assert "settle free" not in errors and "settle dense" not in errors
+    assert errors["commit another tag"] == "ConfigurationError" and "commit again" not in errors
+    out = dict(reference)
+    assert out["status in a transaction"].transaction == "update-1"
+    assert out["status committed"].transaction is None
+    assert out["status after reset"].epoch == out["status committed"].epoch + 1
 
 
 @pytest.mark.parametrize("transport", REMOTE_TRANSPORTS)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers import open_device
-from drivers.wire import frames
+from drivers.wire import frames, scpi
 from drivers.wire.frames import Frame
 from emulator.server.scpi import MessageSplitter, ScpiSession, respond
 
@@ -80,3 +80,18 @@ def test_frame_decoder_survives_any_input_and_still_decodes_a_frame(chunks: list
         with contextlib.suppress(frames.FrameError):
             decoded.append(frames.decode(piece))
     assert good in decoded
+
+
+@given(SCPI_INPUT)
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_checked_scpi_session_survives_any_input_and_still_answers_a_sealed_idn(device, data: bytes) -> None:
+    """Checked mode (noisy serial lines): garbage never runs (its checksum fails) and a
+    valid sealed ``*IDN?`` still gets a sealed answer."""
+    session, splitter = ScpiSession(device), MessageSplitter()
+    session.checked = True
+    _serve(session, splitter, data)
+    splitter.clear()
+    assert session.checked  # nothing in the garbage ran, so nothing turned checked mode off
+    reply = b"".join(_serve(session, splitter, scpi.seal_request(b"*IDN?")))
+    assert scpi.open_response(reply.removesuffix(b"\n")) == device.info.identity.idn().encode()
+    assert device.safety().violations == 0

@@ -81,9 +81,17 @@ class RecoveryStats:
         return asdict(self)
 
 
+def _backoff(base: float, attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (1, 2, ...): the first retry at once (a
+    lost frame or a dropped connection needs no pause), then base, 2 base, 4 base ... up to
+    MAX_BACKOFF_S (a board that is rebooting or a cable being replugged does)."""
+    return 0.0 if attempt <= 1 else min(base * 2 ** (attempt - 2), MAX_BACKOFF_S)
+
+
 def _request_id() -> int:
     """A random 53-bit id: unique across sessions, exact in a JSON double."""
     return int.from_bytes(os.urandom(7), "little") >> 3
+
 
 T = TypeVar("T")
 
@@ -178,10 +186,11 @@ class RemoteDevice(Device):
                     break
                 except (DeviceTimeout, ProtocolError) as exc:
                     self._disconnect()
+                    self.recovery.failures += 1
                     if attempt == self.attempts:
                         raise RetriesExhausted("open", attempt, time.monotonic() - t0, exc) from exc
                     self.recovery.retries += 1
-                    time.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+                    time.sleep(_backoff(self.backoff, attempt))
                 except BaseException:
                     self._disconnect()
                     raise
@@ -237,7 +246,7 @@ class RemoteDevice(Device):
             self._epoch = status.epoch
         self._broken = False
 
-    def _transact(self, op: Op, request: Message) -> Message:
+    def _transact(self, op: Op, request: Message, attempts: int | None = None) -> Message:
         with self.lock:
             if self._closed:
                 raise DeviceError(f"{self.name} is closed; open a new device with open_device()")
@@ -245,57 +254,59 @@ class RemoteDevice(Device):
             try:
                 if self._depth == 1:
                     with self._guard.active():
-                        reply = self._run(op, request)
+                        reply = self._run(op, request, attempts)
                 else:
-                    reply = self._run(op, request)
+                    reply = self._run(op, request, attempts)
             finally:
                 self._depth -= 1
             if self._depth == 0 and self._guard.fired:
                 self._after_interrupt()
             return reply
 
-    def _run(self, op: Op, request: Message) -> Message:
-        """One transaction with recovery (see the module docstring)."""
+    def _run(self, op: Op, request: Message, attempts: int | None = None) -> Message:
+        """One transaction with recovery (see the module docstring); `attempts` overrides the
+        device's budget (closing a device whose board is gone should not take long)."""
+        budget = self.attempts if attempts is None else min(attempts, self.attempts)
         if op not in IDEMPOTENT and "rid" not in request.meta:
             request.meta["rid"] = _request_id()
         t0 = time.monotonic()
-        epoch0 = self._epoch
+        unsafe = op not in IDEMPOTENT and op not in REPEATABLE_AFTER_RESET
+        maybe_ran = False  # a copy was sent and its outcome is unknown (the link failed)
+        epoch_sent = self._epoch  # the board's epoch when that copy was sent
         attempt = 0
-        sent = False  # a copy of the request may have reached the board
         while True:
             attempt += 1
             self._safe = False
             try:
                 if self._broken:
                     self._recover()
-                    unsafe = op not in IDEMPOTENT and op not in REPEATABLE_AFTER_RESET
-                    if sent and unsafe and self._epoch != epoch0:
+                    if maybe_ran and unsafe and self._epoch != epoch_sent:
                         raise BoardReset(
                             f"{self.name}: the board reset while {op.name.lower()} was in flight; "
                             "whether it took effect is unknown, so it was not sent again"
                         )
-                epoch0 = self._epoch
-                sent = True
+                if not maybe_ran:
+                    epoch_sent = self._epoch
                 reply = self._call(op, request)
                 self._safe = op is Op.SAFE_STATE
                 return reply
             except (DeviceTimeout, ProtocolError, OSError) as exc:
                 self._broken = True
+                maybe_ran = True
                 last: BaseException = exc
                 if isinstance(exc, OSError):
                     last = ProtocolError(f"{self.name}: link failed ({exc})")
-            except ConfigurationError as exc:
+            except ConfigurationError as exc:  # this copy was refused, so it did not run
                 if op not in _NEEDS_TOPOLOGY or not self._silently_reset():
                     raise
                 self._broken = True  # the board lost its configuration: recover, then retry
-                sent = False  # it refused the request, so the request did not run
                 last = exc
             self.recovery.failures += 1
-            if attempt >= self.attempts:
+            if attempt >= budget:
                 self.recovery.exhausted += 1
                 raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
             self.recovery.retries += 1
-            time.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+            time.sleep(_backoff(self.backoff, attempt))
 
     def _silently_reset(self) -> bool:
         """After a configuration error from the board: did it reset behind our back?"""
@@ -311,7 +322,7 @@ class RemoteDevice(Device):
         """Ctrl-C came during a transaction: now that it is complete, make the board safe
         (itself not interruptible), then deliver the interrupt."""
         with self._guard.active(), contextlib.suppress(DeviceError):
-            self._run(Op.SAFE_STATE, Message())
+            self._run(Op.SAFE_STATE, Message(), attempts=2)
         self._guard.deliver()
 
     def _checked(self, check: Callable[..., T], *args: Any) -> T:
@@ -395,6 +406,7 @@ class RemoteDevice(Device):
 
     def reset(self) -> None:
         with self.lock:
+            self._topology = None  # so that a recovery during the reset does not configure it again
             self._transact(Op.RESET, Message())
             self._topology = pl.topology_from_dict(t) if (t := self._topology_meta()) else None
             status = self.status()
@@ -418,8 +430,9 @@ class RemoteDevice(Device):
             self._transact(Op.COMMIT, Message({"tag": tag}))
 
     def safe_state(self) -> None:
-        """Idempotent: a failed link is reconnected and the request sent again."""
-        self._transact(Op.SAFE_STATE, Message())
+        """Idempotent: a failed link is reconnected and the request sent once more (not the
+        whole budget: leaving a `with` block on a board that is gone should not take long)."""
+        self._transact(Op.SAFE_STATE, Message(), attempts=2)
 
     def close(self) -> None:
         """Put the board in its safe state (if the link still works) and close the link."""
@@ -428,7 +441,7 @@ class RemoteDevice(Device):
                 return
             try:
                 if not (self._broken or self._safe) and self._info is not None:
-                    self.safe_state()
+                    self._transact(Op.SAFE_STATE, Message(), attempts=2)  # one resend at most
             except DeviceError:
                 pass
             finally:

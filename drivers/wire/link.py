@@ -27,6 +27,10 @@ from drivers.errors import DeviceTimeout, ProtocolError
 from drivers.wire import frames
 from drivers.wire.frames import NO_SEQ, Flag, Frame, FrameError, LinkOp, LinkStats, Reason
 
+# the flags as plain ints: IntFlag arithmetic costs microseconds per frame in the hot path
+_RESPONSE, _MORE, _START = int(Flag.RESPONSE), int(Flag.MORE), int(Flag.START)
+_ACK, _NACK = int(LinkOp.ACK), int(LinkOp.NACK)
+
 ReadFn = Callable[[float], bytes]
 WriteFn = Callable[[bytes], None]
 
@@ -187,9 +191,9 @@ class Link:
             self._write(data)
             self.stats.frames_sent += 1
             self.stats.bytes_sent += len(data)
-            if frame.opcode == LinkOp.ACK:
+            if frame.opcode == _ACK:
                 self.stats.acks_sent += 1
-            elif frame.opcode == LinkOp.NACK:
+            elif frame.opcode == _NACK:
                 self.stats.nacks_sent += 1
 
     # -- bytes in
@@ -218,24 +222,24 @@ class Link:
 
     def _handle(self, frame: Frame) -> None:
         self.stats.frames_received += 1
-        if frame.opcode == LinkOp.ACK:
+        if frame.opcode == _ACK:
             self.stats.acks_received += 1
             if frame.seq == self._awaiting:
                 self._acked = True
             return
-        if frame.opcode == LinkOp.NACK:
+        if frame.opcode == _NACK:
             self.stats.nacks_received += 1
             if self._awaiting is not None and frame.seq in (self._awaiting, NO_SEQ):
                 self._nacked = True
             return
         if (
             self._piggyback is not None
-            and frame.flags & Flag.RESPONSE
-            and frame.flags & Flag.START
+            and frame.flags & _RESPONSE
+            and frame.flags & _START
             and (frame.opcode, frame.ref) == self._piggyback
         ):
             self._acked = True  # the response acknowledges the request it answers
-        request = not frame.flags & Flag.RESPONSE
+        request = not frame.flags & _RESPONSE
         hello = frame.opcode == LinkOp.HELLO and request
         deferred = self._deferred
         held = deferred.take() if deferred is not None else None
@@ -245,7 +249,7 @@ class Link:
             self.stats.duplicates += 1
             self._emit(frames.ack(frame.seq))
             return
-        if deferred is not None and request and not frame.flags & Flag.MORE:
+        if deferred is not None and request and not frame.flags & _MORE:
             deferred.arm(frame.seq)
         else:
             self._emit(frames.ack(frame.seq))
@@ -264,12 +268,12 @@ class Link:
         has its answer (or has given up on it)."""
         parts = frames.fragments(payload, self.fragment)
         first = self._tx_seq
-        responder = bool(flags & Flag.RESPONSE)
+        responder = bool(flags & _RESPONSE)
         if responder and self._deferred is not None:
             self._deferred.take()  # this response's first fragment carries the ACK
         for k, part in enumerate(parts):
             last = k == len(parts) - 1
-            bits = flags | (Flag.START if k == 0 else 0) | (0 if last else Flag.MORE)
+            bits = int(flags) | (_START if k == 0 else 0) | (0 if last else _MORE)
             seq = self._tx_seq
             self._tx_seq = (self._tx_seq + 1) % frames.SEQ_MOD
             self._piggyback = (opcode, first & 0xFF) if last and not responder else None
@@ -282,11 +286,11 @@ class Link:
         return first
 
     def _new_request_waiting(self) -> bool:
-        return any(f.flags & Flag.START and not f.flags & Flag.RESPONSE for f in self._inbox)
+        return any(f.flags & _START and not f.flags & _RESPONSE for f in self._inbox)
 
     def _deliver(self, frame: Frame) -> bool:
         """Transmit until acknowledged; True if a responder was preempted by a new request."""
-        responder = bool(frame.flags & Flag.RESPONSE)
+        responder = bool(frame.flags & _RESPONSE)
         self._awaiting, self._acked, self._nacked = frame.seq, False, False
         try:
             self._emit(frame)
@@ -334,10 +338,10 @@ class Link:
         while True:
             while self._inbox:
                 f = self._inbox.popleft()
-                if bool(f.flags & Flag.RESPONSE) != response:
+                if bool(f.flags & _RESPONSE) != response:
                     self.stats.stale += 1
                     continue
-                if f.flags & Flag.START:
+                if f.flags & _START:
                     if ref is not None and f.ref != ref & 0xFF:
                         self.stats.stale += 1
                         continue
@@ -347,7 +351,7 @@ class Link:
                     continue
                 else:
                     self._rx_parts.append(f.payload)
-                if not f.flags & Flag.MORE:
+                if not f.flags & _MORE:
                     first, parts = self._rx_first, self._rx_parts
                     self._rx_first, self._rx_parts = None, []
                     assert first is not None

@@ -78,11 +78,11 @@ class FramedServer(EndpointServer):
                     continue
                 first, body = got
                 fault = self.plan.request_fault(first.opcode) if first.opcode in _OPS else None
-                if fault == "reset":  # the board restarts instead of running the request
+                if fault == "close" or (fault == "reset" and self.plan.reset_after):
+                    self._answer(link, first.opcode, body)
+                if fault == "reset":  # the board restarts (instead of or after running the request)
                     self.device.reset()
                 if fault in ("reset", "close"):
-                    if fault == "close":
-                        self._answer(link, first.opcode, body)
                     if closable(stream):
                         return
                     link.close()  # a pty stays: the board forgets the link state, the reply is lost

@@ -598,7 +598,6 @@ class ScpiSession:
             raise DeviceFault(codes.DATA_STALE, "no data: the last operation returned no arrays or failed")
         return _block_reply(self.data)
 
-
     def _state_q(self, params: list[Param], h: str) -> Reply:
         _want(params, 0, h)
         return scpi.block(pl.meta_json(self._op(Op.STATUS, Message())))
@@ -651,20 +650,17 @@ def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Ite
         yield session.handle(msg)
 
 
-_RESET_HEADERS = (scpi.Header(scpi.SETTLE_Q), scpi.Header(scpi.PROGRAM_Q))
+_OP_HEADERS = [(op, scpi.Header(spec)) for op, spec in scpi.OP_HEADERS.items()]
 
 
 def _op_of(msg: bytes) -> Op | None:
-    """SETTLE or PROGRAM if the message's first unit is one (the request faults' target)."""
+    """The device operation of the message's first unit (what the request faults look at)."""
     head = msg[:64].split(b" ", 1)[0].split(b";", 1)[0]
     try:
         header = head.decode("ascii")
     except UnicodeDecodeError:
         return None
-    for op, pattern in zip((Op.SETTLE, Op.PROGRAM), _RESET_HEADERS, strict=True):
-        if pattern.matches(header):
-            return op
-    return None
+    return next((op for op, pattern in _OP_HEADERS if pattern.matches(header)), None)
 
 
 class ScpiServer(EndpointServer):
@@ -701,9 +697,10 @@ class ScpiServer(EndpointServer):
             splitter.feed(data)
             for msg in messages(session, splitter):
                 fault = self.plan.request_fault(_op_of(msg)) if self.plan.active else None
-                if fault == "reset":  # the board restarts instead of running the message
+                ran = fault != "reset" or self.plan.reset_after
+                reply = session.handle(msg) if ran else None
+                if fault == "reset":  # the board restarts (instead of or after running the message)
                     self.device.reset()
-                reply = session.handle(msg) if fault != "reset" else None
                 if fault in ("reset", "close"):
                     if closable(stream):
                         return

@@ -48,10 +48,25 @@ def register(app: typer.Typer) -> None:
         corrupt_rate: float = typer.Option(0.0, help="Framed links: probability of corrupting a frame."),
         drop_rate: float = typer.Option(0.0, help="Framed links: probability of dropping a frame."),
         delay_ms: float = typer.Option(0.0, help="Delay before every reply (both servers), milliseconds."),
+        ber: float = typer.Option(0.0, help="Both servers: bit-error rate of every byte in and out."),
+        byte_drop_rate: float = typer.Option(0.0, help="Both servers: probability that a byte is lost."),
+        late_rate: float = typer.Option(0.0, help="Probability that a reply comes --late-ms late."),
+        late_ms: float = typer.Option(500.0, help="How late a late reply is (beyond the host's timeout)."),
+        reset_rate: float = typer.Option(
+            0.0, help="Probability that the board resets instead of running a settle or program request."
+        ),
+        close_rate: float = typer.Option(
+            0.0, help="Probability that the board hangs up after a request, before replying."
+        ),
         fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
     ) -> None:
-        """Serve one emulated board until Ctrl-C, printing the device URIs to connect with."""
+        """Serve one emulated board until Ctrl-C, printing the device URIs to connect with.
+
+        Fault options (docs/reliability.md) make it a noisy, slow or crashing board to try a
+        host's recovery against; the injected faults are counted and printed on exit."""
         from emulator.server import Faults, FramedServer, ScpiFaults, ScpiServer
+        from emulator.server.dispatch import ReplayCache
+        from emulator.server.faults import FaultPlan
 
         params = {"preset": preset, "seed": str(seed)}
         for item in set_ or []:
@@ -65,8 +80,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         faults = Faults(p_corrupt=corrupt_rate, p_drop=drop_rate, delay_s=delay_ms / 1e3, seed=fault_seed)
-        scpi = ScpiServer(device, ScpiFaults(delay_s=delay_ms / 1e3))
-        framed = FramedServer(device, faults)
+        try:
+            plan = FaultPlan(
+                ber=ber, drop_rate=byte_drop_rate, p_delay=late_rate, delay_s=late_ms / 1e3,
+                p_reset=reset_rate, p_close=close_rate, seed=fault_seed,
+            )  # fmt: skip
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        cache = ReplayCache()  # one board: one record of requests, whichever server they came by
+        scpi = ScpiServer(device, ScpiFaults(delay_s=delay_ms / 1e3), plan=plan, cache=cache)
+        framed = FramedServer(device, faults, plan=plan, cache=cache)
         stop = threading.Event()
         try:
             scpi_at = scpi.listen_tcp(host, scpi_port)[1] if scpi_port >= 0 else None
@@ -98,5 +122,7 @@ def register(app: typer.Typer) -> None:
             framed.close()
             device.safe_state()
             device.close()
+            if plan.active:
+                typer.echo(f"faults injected: {plan.summary()}", err=True)
 
     app.add_typer(emulator_app, name="emulator")

@@ -1,0 +1,134 @@
+"""Fault injection shared by both servers: what a noisy link, a slow or crashing board and a
+flaky cable do to a host, drawn from one seeded generator and counted per kind.
+
+Byte faults act on the byte stream of every connection in both directions (`FaultyStream`):
+each byte is dropped with probability `drop_rate` and has one bit flipped with probability
+`8 * ber` (a bit-error rate `ber` on 8-bit bytes, for small rates). Request faults act once
+per received request (an SCPI program message, a framed request):
+
+- `delay`: the board runs the request, then holds the reply for `delay_s` (set it beyond
+  the host's timeout);
+- `reset`: on a settle or programming request (`reset_ops`) the board restarts
+  (`Device.reset`: the configuration is lost, the conductances kept, the epoch advanced)
+  instead of running it (with `reset_after`: right after running it), and its link goes
+  down as a rebooting board's does;
+- `close`: the board runs the request, then closes the connection before replying (on a
+  pty, which cannot close, it forgets the link state and swallows the reply).
+
+`limit` caps the number of each kind (None: no cap), so a long run can be given an exact
+budget of faults. `hil emulator serve --ber ... --fault-seed` and the test helpers build one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from drivers.wire.payload import Op
+from emulator.server.links import Stream
+
+KINDS = ("corrupt", "drop", "delay", "reset", "close")
+RESET_OPS = frozenset({Op.SETTLE, Op.PROGRAM})
+
+
+@dataclass
+class FaultPlan:
+    ber: float = 0.0  # bit-error rate of every byte in and out
+    drop_rate: float = 0.0  # probability that a byte in or out is lost
+    p_delay: float = 0.0  # per request: the reply comes `delay_s` late
+    delay_s: float = 0.5
+    p_reset: float = 0.0  # per settle / program request: the board restarts instead
+    p_close: float = 0.0  # per request: run it, then hang up before replying
+    seed: int = 0
+    limit: int | None = None  # at most this many faults of each kind
+    reset_ops: frozenset[int] = RESET_OPS  # the requests a reset strikes
+    reset_after: bool = False  # the reset strikes after the request ran (its reply lost)
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        for name in ("ber", "drop_rate", "p_delay", "p_reset", "p_close"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"fault rate {name} must be in [0, 1], got {value}")
+        if self.delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, got {self.delay_s}")
+        self._rng = np.random.default_rng(self.seed)
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return any((self.ber, self.drop_rate, self.p_delay, self.p_reset, self.p_close))
+
+    def _room(self, kind: str, n: int = 1) -> int:
+        if self.limit is None:
+            return n
+        return max(0, min(n, self.limit - self.injected[kind]))
+
+    def _draw(self, kind: str, p: float) -> bool:
+        with self._lock:
+            if p <= 0 or not self._room(kind) or self._rng.random() >= p:
+                return False
+            self.injected[kind] += 1
+            return True
+
+    def request_fault(self, op: int | None) -> str | None:
+        """The fault (if any) for one received request of opcode `op` (None: unknown)."""
+        if op is not None and op in self.reset_ops and self._draw("reset", self.p_reset):
+            return "reset"
+        if self._draw("close", self.p_close):
+            return "close"
+        if self._draw("delay", self.p_delay):
+            return "delay"
+        return None
+
+    def mangle(self, data: bytes | memoryview) -> bytes | memoryview:
+        """`data` after the byte faults (unchanged, and not copied, when none struck)."""
+        n = len(data)
+        p_flip = min(1.0, 8 * self.ber)
+        if not n or not (p_flip or self.drop_rate):
+            return data
+        with self._lock:
+            flips = self._room("corrupt", int(self._rng.binomial(n, p_flip))) if p_flip else 0
+            drops = self._room("drop", int(self._rng.binomial(n, self.drop_rate))) if self.drop_rate else 0
+            if not (flips or drops):
+                return data
+            buf = bytearray(data)
+            for i in self._rng.integers(0, n, flips):
+                buf[i] ^= 1 << int(self._rng.integers(0, 8))
+            keep = np.ones(n, bool)
+            keep[self._rng.integers(0, n, drops)] = False
+            self.injected["corrupt"] += flips
+            self.injected["drop"] += int(n - keep.sum())
+        return np.frombuffer(bytes(buf), np.uint8)[keep].tobytes() if drops else bytes(buf)
+
+    def summary(self) -> dict[str, int]:
+        return {k: int(self.injected[k]) for k in KINDS}
+
+
+class FaultyStream:
+    """A Stream whose bytes pass through `plan.mangle` both ways."""
+
+    def __init__(self, inner: Stream, plan: FaultPlan) -> None:
+        self.inner = inner
+        self.plan = plan
+
+    def read(self, timeout: float) -> bytes:
+        data = self.inner.read(timeout)
+        return bytes(self.plan.mangle(data)) if data else data
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.inner.write(self.plan.mangle(data))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def closable(stream: object) -> bool:
+    """Whether hanging up ends the connection (TCP) rather than a link that stays (a pty)."""
+    inner = getattr(stream, "inner", None)
+    if inner is not None:
+        return closable(inner)
+    return hasattr(stream, "conn")
