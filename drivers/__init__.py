@@ -1,6 +1,7 @@
 """Device-abstraction layer: one Device interface, several backends, one error hierarchy."""
 
 from drivers.base import (
+    BoardStatus,
     Device,
     DeviceInfo,
     Equilibrium,
@@ -10,8 +11,11 @@ from drivers.base import (
     ProgramReport,
     PulseReport,
     SafetyCounters,
+    programming_transaction,
+    report_open_transactions,
 )
 from drivers.errors import (
+    BoardReset,
     ConfigurationError,
     DeviceError,
     DeviceFault,
@@ -19,12 +23,15 @@ from drivers.errors import (
     LimitViolation,
     NotSupported,
     ProtocolError,
+    RetriesExhausted,
 )
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from drivers.uri import open_device
 
 __all__ = [
     "BIAS",
+    "BoardReset",
+    "BoardStatus",
     "ConfigurationError",
     "Coupling",
     "Device",
@@ -41,8 +48,11 @@ __all__ = [
     "ProgramReport",
     "ProtocolError",
     "PulseReport",
+    "RetriesExhausted",
     "SafetyCounters",
     "SettleBudget",
     "Topology",
     "open_device",
+    "programming_transaction",
+    "report_open_transactions",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from drivers.base import (
+    BoardStatus,
     Device,
     DeviceInfo,
     Equilibrium,
@@ -76,6 +77,15 @@ class DeviceWrapper(Device):
 
     def reset(self) -> None:
         self.inner.reset()
+
+    def status(self) -> BoardStatus:
+        return self.inner.status()
+
+    def begin(self, tag: str) -> None:
+        self.inner.begin(tag)
+
+    def commit(self, tag: str) -> None:
+        self.inner.commit(tag)
 
     def safe_state(self) -> None:
         self.inner.safe_state()

@@ -110,3 +110,16 @@ def test_cuda_board_matches_cpu_board() -> None:
             dev.program("W0", g, g[::-1].copy())
             results.append(dev.settle({"s0": x}).states["s1"])
     np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+def test_wrapper_forwards_status_and_programming_transactions() -> None:
+    """A wrapped board (e.g. calibrated) must not hide its reset epoch or an open transaction."""
+    from drivers.wrapper import DeviceWrapper
+
+    with open_device("emulator://?preset=ideal&seed=0") as inner:
+        inner.configure(Topology.layered([3, 2]))
+        dev = DeviceWrapper(inner)
+        dev.begin("step-7")
+        assert inner.status().transaction == "step-7" and dev.status().transaction == "step-7"
+        dev.commit("step-7")
+        assert dev.status().transaction is None and dev.status().configured
