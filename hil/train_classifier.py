@@ -21,13 +21,13 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers import Device, Equilibrium, SettleBudget, Topology, open_device
+from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.uri import parse_uri
 from hil.boards import open_board
@@ -106,13 +106,16 @@ class Classifier:
             self.devices.append(d)
             return d
 
+        refresh_mode = None if e.refresh_mode == "auto" else e.refresh_mode
         if m.kind == "dhn":
             topo = Topology.layered(sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode)
             init = goe_init if m.init == "goe" else gaussian_init
             scheme = None
-            if e.programming != "ideal" or e.refresh_every:
+            if e.programming != "ideal" or e.refresh_every or refresh_mode:
                 name = "verify" if e.programming == "ideal" and e.verify else e.programming
-                scheme = ProgrammingScheme(name, refresh_every=e.refresh_every, seed=t.seed)
+                scheme = ProgrammingScheme(
+                    name, refresh_every=e.refresh_every, refresh_mode=refresh_mode, seed=t.seed
+                )
             self.block = EBBlock(
                 dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets, verify=e.verify,
                 programming=scheme, seed=t.seed,
@@ -125,7 +128,7 @@ class Classifier:
                 budgets=budgets, init=m.init, init_scale=m.init_scale, beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
                 settle_mode=e.settle_mode, verify=e.verify, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
-                refresh_every=e.refresh_every,
+                refresh_every=e.refresh_every, refresh_mode=refresh_mode,
             )  # fmt: skip
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
@@ -141,6 +144,7 @@ class Classifier:
         )
         self.classes = classes
         self.last_settles: dict[str, Equilibrium] = {}  # phase -> equilibrium of the last step
+        self.last_programming: list[ProgramReport] = []  # what the last step's update did to the tiles
 
     # --------------------------------------------------------------------------------- loss
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -149,16 +153,18 @@ class Classifier:
         return 0.5 * ((out - F.one_hot(y, self.classes).to(out.dtype)) ** 2).sum(-1).mean()
 
     # --------------------------------------------------------------------------------- step
+    def blocks(self) -> list[EBBlock]:
+        return [self.block] if self.ffebm is None else [lay.block for lay in self.ffebm.eb_layers]
+
+    def _tile_name(self, k: int, tile: str) -> str:
+        return tile if len(self.blocks()) == 1 else f"b{k}.{tile}"
+
     def log_tiles(self, log: RunLog, step: int) -> None:
-        """Snapshot every tile's host weights and conductances, and its last programming report."""
-        blocks = [self.block] if self.ffebm is None else [lay.block for lay in self.ffebm.eb_layers]
-        for k, blk in enumerate(blocks):
+        """Snapshot every tile's host weights and conductances."""
+        for k, blk in enumerate(self.blocks()):
             for tile, p in blk.weights.items():
                 gp, gm = blk.device.read_conductance(tile)
-                name = tile if len(blocks) == 1 else f"b{k}.{tile}"
-                log.tile(step, name, weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
-            for report in blk.last_reports.values():
-                log.program(step, report)
+                log.tile(step, self._tile_name(k, tile), weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
 
     def step(self, x: Tensor, y: Tensor, trace: int = 0) -> tuple[float, float, dict[str, float]]:
         """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
@@ -193,6 +199,12 @@ class Classifier:
                 if b != 0:
                     self.last_settles[f"nudged{'+' if b > 0 else '-'}"] = eq
         self.opt.step()
+        # the update reaches the devices inside this step (and its programming transaction):
+        # every report of it, refreshes included, is in `last_programming`
+        self.last_programming = []
+        for k, blk in enumerate(self.blocks()):
+            blk.sync()
+            self.last_programming += [replace(r, tile=self._tile_name(k, r.tile)) for r in blk.last_updates]
         acc = float((out.argmax(1) == y).float().mean())
         stats = {
             "free_steps": sum(q.steps for q in free) / max(1, len(free)),
@@ -240,9 +252,8 @@ def train_classifier(
 ) -> TrainResult:
     """Train `cfg` and return the test accuracy after the last epoch and the history. With
     `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
-    a resume snapshot per epoch; with `state` (from `open_for_resume`), continue from it."""
-    from tqdm.auto import tqdm
-
+    a resume snapshot per epoch; with `state` (from `open_for_resume`), continue from it. If
+    training fails, the boards are closed (left in their safe state) before the error goes on."""
     torch.manual_seed(cfg.train.seed)
     ds = data or load_dataset(
         cfg.data.name, cfg.data.root or None, limit_train=cfg.data.limit_train or None,
@@ -253,6 +264,24 @@ def train_classifier(
     if cfg.calibration:
         opener = functools.partial(open_board, calibration=cfg.calibration)
     model = Classifier(cfg, ds.features, ds.classes, opener)
+    try:
+        return _train(cfg, ds, model, progress, on_epoch, log, state)
+    except BaseException:
+        model.close()  # each board to its safe state, its port released; the run log keeps every step
+        raise
+
+
+def _train(
+    cfg: RunConfig,
+    ds: Dataset,
+    model: Classifier,
+    progress: bool,
+    on_epoch: Callable[[EpochStats], None] | None,
+    log: RunLog | None,
+    state: dict | None,
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
     report_open_transactions(model.devices)  # left by a killed host: the steps below program every tile
     module = model.block if model.ffebm is None else model.ffebm
     bs = cfg.train.batch_size
@@ -294,6 +323,8 @@ def train_classifier(
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
             if log is not None:
                 log.metrics("train", step=step, epoch=epoch, loss=loss, acc=acc, **st)
+                for report in model.last_programming:
+                    log.program(step, report)
                 if trace:
                     for phase, eq in model.last_settles.items():
                         log.settle(step, phase, eq)

@@ -167,3 +167,44 @@ def test_run_log_and_resume_after_a_crash_match_an_uninterrupted_run(tmp_path) -
     run = open_run(path)
     assert run.attrs["status"] == "complete"
     assert len(run.table("metrics/test")["test_acc"]) == 2
+
+
+def test_every_step_programming_report_is_logged(one_thread: None, tmp_path) -> None:
+    """Each optimiser step's update reaches the tiles inside the step, and its report (one per
+    tile and operation) is a row of the run log's program tables."""
+    from hil.runlog import RunLog, open_run
+
+    cfg = load_config(
+        None,
+        ["train.epochs=1", "model.sizes=[64,16,10]", "data.limit_train=64", "data.limit_test=32"],
+    )
+    with RunLog.create(tmp_path / "run.zarr", cfg, kind="train-classifier") as log:
+        res = train_classifier(cfg, progress=False, log=log)
+    res.model.close()  # type: ignore[union-attr]
+    run = open_run(tmp_path / "run.zarr")
+    for tile in ("W0", "W1"):
+        table = run.table(f"program/{tile}")
+        assert table["step"].tolist() == [1, 2, 3, 4]  # 64 samples, batches of 16
+        assert (table["within_tol"] == 1.0).all()
+
+
+def test_a_failed_training_closes_its_boards(one_thread: None) -> None:
+    from drivers import open_device
+    from drivers.wrapper import DeviceWrapper
+
+    closed: list[str] = []
+
+    class Recording(DeviceWrapper):
+        def close(self) -> None:
+            closed.append(self.info.identity.serial)
+            super().close()
+
+    def stop(_stats: object) -> None:
+        raise RuntimeError("operator stop")
+
+    cfg = load_config(
+        None, ["train.epochs=2", "model.sizes=[64,16,10]", "data.limit_train=32", "data.limit_test=16"]
+    )
+    with pytest.raises(RuntimeError, match="operator stop"):
+        train_classifier(cfg, progress=False, opener=lambda uri: Recording(open_device(uri)), on_epoch=stop)
+    assert closed == ["EMU-00000000"]
