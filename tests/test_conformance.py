@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -180,18 +180,18 @@ def test_reference_script_exercises_every_outcome(reference: Record) -> None:
 
 
 @pytest.mark.parametrize("transport", REMOTE_TRANSPORTS)
-def test_transport_matches_in_process(transport: str, reference: Record) -> None:
-    with open_transport(transport, BOARD) as dev:
-        got = script(dev)
+def test_transport_matches_in_process(
+    transport: str, reference: Record, device_on: Callable[..., Device]
+) -> None:
+    got = script(device_on(transport, BOARD))  # the plugin's fixture (hil.testing)
     assert [n for n, _ in got] == [n for n, _ in reference]
     for (name, want), (_, have) in zip(reference, got, strict=True):
         assert_same(want, have, name)
 
 
 @pytest.fixture
-def remote(request: pytest.FixtureRequest) -> Iterator[Device]:
-    with open_transport(request.param, BOARD) as dev:
-        yield dev
+def remote(request: pytest.FixtureRequest, device_on: Callable[..., Device]) -> Device:
+    return device_on(request.param, BOARD)
 
 
 @pytest.mark.parametrize("remote", ["visa-tcp", "serial-socket"], indirect=True)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from drivers import Device, DeviceError, SettleBudget, Topology, open_device
 from drivers.serial import SerialDevice
 from drivers.wire import codes, scpi
 from emulator.server import Faults, ScpiFaults
-from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, open_transport, served_board
+from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, open_transport
 
 BOARD = "emulator://?preset=ideal&seed=0"
 
@@ -55,9 +55,9 @@ class RawScpi:
 
 
 @pytest.fixture
-def servers() -> Iterator[BoardServers]:
-    with served_board(board=BOARD) as s:
-        yield s
+def servers(emulated_board: Callable[..., BoardServers]) -> BoardServers:
+    """The board behind both servers, from the distribution's pytest plugin (`hil.testing`)."""
+    return emulated_board(BOARD)
 
 
 @pytest.fixture
@@ -134,8 +134,11 @@ def test_failing_query_raises_the_mapped_error_over_visa(servers: BoardServers) 
 
 
 @pytest.mark.parametrize("transport", ["serial-pty", "serial-socket"])
-def test_corrupted_request_frame_is_nacked_and_retransmitted(transport: str) -> None:
-    with served_board(board=BOARD, faults=Faults(corrupt_rx=1)) as s, open_device(s.uri(transport)) as dev:
+def test_corrupted_request_frame_is_nacked_and_retransmitted(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD, faults=Faults(corrupt_rx=1))
+    with open_device(s.uri(transport)) as dev:
         assert isinstance(dev, SerialDevice)
         assert dev.stats.nacks_received == 1 and dev.stats.retransmissions == 1
         board = dev.board_link_stats()
@@ -144,12 +147,11 @@ def test_corrupted_request_frame_is_nacked_and_retransmitted(transport: str) -> 
 
 
 @pytest.mark.parametrize("transport", ["serial-pty", "serial-socket"])
-def test_corrupted_and_dropped_reply_frames_are_recovered(transport: str) -> None:
-    faults = Faults(corrupt_tx=1, drop_tx=1, garbage_tx=2)
-    with (
-        served_board(board=BOARD, faults=faults, ack_timeout=0.05) as s,
-        open_device(s.uri(transport)) as dev,
-    ):
+def test_corrupted_and_dropped_reply_frames_are_recovered(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD, faults=Faults(corrupt_tx=1, drop_tx=1, garbage_tx=2), ack_timeout=0.05)
+    with open_device(s.uri(transport)) as dev:
         assert isinstance(dev, SerialDevice)
         dev.configure(Topology.layered([4, 3]))
         g = np.full((5, 3), 5e-6, np.float32)
@@ -162,7 +164,9 @@ def test_corrupted_and_dropped_reply_frames_are_recovered(transport: str) -> Non
         assert dev.board_link_stats()["retransmissions"] >= 2
 
 
-def test_noisy_link_still_gives_the_in_process_results() -> None:
+def test_noisy_link_still_gives_the_in_process_results(
+    emulated_board: Callable[..., BoardServers], device_on: Callable[..., Device]
+) -> None:
     faults = Faults(p_corrupt=0.08, p_drop=0.08, seed=5)
     topo = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
     x = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 6)
@@ -174,12 +178,9 @@ def test_noisy_link_still_gives_the_in_process_results() -> None:
             dev.pulse("W1", np.ones((6, 3), np.int32), np.zeros((6, 3), np.int32))
         return [*out, *dev.read_conductance("W1")]
 
-    with open_transport(IN_PROCESS, "emulator://?preset=rram&seed=2") as dev:
-        want = run(dev)
-    with (
-        served_board(board="emulator://?preset=rram&seed=2", faults=faults, ack_timeout=0.05) as s,
-        open_device(s.uri("serial-socket", ack_timeout="0.05", retries="8")) as dev,
-    ):
+    want = run(device_on(IN_PROCESS, "emulator://?preset=rram&seed=2"))
+    s = emulated_board("emulator://?preset=rram&seed=2", faults=faults, ack_timeout=0.05)
+    with open_device(s.uri("serial-socket", ack_timeout="0.05", retries="8")) as dev:
         got = run(dev)
         assert dev.stats.retransmissions + dev.board_link_stats()["retransmissions"] > 0
     for a, b in zip(want, got, strict=True):
@@ -189,52 +190,54 @@ def test_noisy_link_still_gives_the_in_process_results() -> None:
 # ---- reconnect, Ctrl-C, close --------------------------------------------------------
 
 
-def test_visa_recovers_when_the_connection_drops() -> None:
-    with served_board(board=BOARD, scpi_faults=ScpiFaults(drop_after=6)) as s:
-        dev = open_device(s.uri("visa-tcp", timeout="1"))  # 4 messages
+def test_visa_recovers_when_the_connection_drops(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD, scpi_faults=ScpiFaults(drop_after=6))
+    dev = open_device(s.uri("visa-tcp", timeout="1"))  # 4 messages
+    assert dev.safety().violations == 0
+    assert dev.safety().violations == 0  # the 6th message: answered, then the server hangs up
+    assert dev.safety().violations == 0  # fails on the link: reconnected and sent again
+    assert (dev.recovery.reconnects, dev.recovery.retries, dev.recovery.resets) == (1, 1, 0)
+    dev.close()
+    assert dev._broken is False
+
+
+def test_serial_reconnects_after_the_board_restarts(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    port = int(s.uris["serial-socket"].rsplit(":", 1)[1])
+    with open_device(s.uri("serial-socket", ack_timeout="0.05", retries="2", timeout="1")) as dev:
+        s.framed.close()  # the server goes away: connections end
+        time.sleep(0.3)
+        with pytest.raises(DeviceError):
+            dev.safety()
+        s.framed.listen_tcp("127.0.0.1", port)
         assert dev.safety().violations == 0
-        assert dev.safety().violations == 0  # the 6th message: answered, then the server hangs up
-        assert dev.safety().violations == 0  # fails on the link: reconnected and sent again
-        assert (dev.recovery.reconnects, dev.recovery.retries, dev.recovery.resets) == (1, 1, 0)
-        dev.close()
-        assert dev._broken is False
-
-
-def test_serial_reconnects_after_the_board_restarts() -> None:
-    with served_board(board=BOARD) as s:
-        port = int(s.uris["serial-socket"].rsplit(":", 1)[1])
-        with open_device(s.uri("serial-socket", ack_timeout="0.05", retries="2", timeout="1")) as dev:
-            s.framed.close()  # the server goes away: connections end
-            time.sleep(0.3)
-            with pytest.raises(DeviceError):
-                dev.safety()
-            s.framed.listen_tcp("127.0.0.1", port)
-            assert dev.safety().violations == 0
 
 
 @pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
-def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(transport: str) -> None:
+def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")
     handler = signal.getsignal(signal.SIGINT)
     scpi_faults = ScpiFaults(delay_s=0.15) if transport == "visa-tcp" else None
-    with served_board(board=BOARD, scpi_faults=scpi_faults) as s:
-        calls: list[str] = []
-        inner = s.device.safe_state
-        s.device.safe_state = lambda: (calls.append("safe"), inner())[1]  # type: ignore[method-assign]
-        with open_device(s.uri(transport)) as dev:
-            if transport != "visa-tcp":
-                s.framed.links[-1].faults.delay_s = 0.1  # each frame from the board waits 0.1 s
-            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-            timer.start()
-            t0 = time.perf_counter()
-            with pytest.raises(KeyboardInterrupt):
-                dev.wait(1.0)
-            assert time.perf_counter() - t0 >= 0.09  # the interrupt waited for the reply
-            assert calls == ["safe"]
-            assert dev.safety().violations == 0  # the link is intact: no half transaction
-        assert calls == ["safe", "safe"]  # and again on close
-        assert signal.getsignal(signal.SIGINT) is handler
+    s = emulated_board(BOARD, scpi_faults=scpi_faults)
+    calls: list[str] = []
+    inner = s.device.safe_state
+    s.device.safe_state = lambda: (calls.append("safe"), inner())[1]  # type: ignore[method-assign]
+    with open_device(s.uri(transport)) as dev:
+        if transport != "visa-tcp":
+            s.framed.links[-1].faults.delay_s = 0.1  # each frame from the board waits 0.1 s
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            dev.wait(1.0)
+        assert time.perf_counter() - t0 >= 0.09  # the interrupt waited for the reply
+        assert calls == ["safe"]
+        assert dev.safety().violations == 0  # the link is intact: no half transaction
+    assert calls == ["safe", "safe"]  # and again on close
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 # ---- the CLI -------------------------------------------------------------------------
