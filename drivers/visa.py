@@ -119,6 +119,11 @@ class VisaDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: VISA I/O error during {what}: {exc}") from exc
         except (ValueError, pyvisa.errors.InvalidBinaryFormat) as exc:
             raise ProtocolError(f"{self.name}: malformed reply to {what}: {exc}") from exc
+        except OSError as exc:  # pyvisa-py lets socket errors through (refused, reset, unreachable)
+            raise ProtocolError(
+                f"{self.name}: cannot reach the board during {what} ({exc}); is it on and serving at "
+                "this address? (`hil emulator serve` prints the resource strings of an emulated board)"
+            ) from exc
 
     # -- SCPI plumbing
     def _send(self, text: str, values: np.ndarray | None = None, tail: str = "") -> None:

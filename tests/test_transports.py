@@ -314,3 +314,19 @@ def test_plugin_fixture_gives_a_working_board_on_every_transport(transport_devic
     eq = transport_device.settle({"s0": np.full((2, 4), 0.5, np.float32)})
     assert eq.states["s1"].shape == (2, 3) and eq.steps >= 1
     assert transport_device.info.identity.model == "emulator-rram"
+
+
+@pytest.mark.parametrize("scheme", ["visa", "serial+socket"])
+def test_unreachable_board_gives_a_device_error_naming_it(scheme: str) -> None:
+    """No server at the address: a DeviceError that names the address, on both transports."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now: connections are refused
+    uri = (
+        f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?attempts=2&backoff=0"
+        if scheme == "visa"
+        else f"serial+socket://127.0.0.1:{port}"
+    )
+    with pytest.raises(DeviceError, match=str(port)):
+        open_device(uri)
