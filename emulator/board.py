@@ -263,7 +263,10 @@ class Board:
     # ---------------------------------------------------------------- array operations
 
     def _weights(self, c: Coupling) -> torch.Tensor:
-        return self._tiles[c.tile].weights(self.clock) * c.w_max
+        """The coupling's weights; with ``w_max = 1`` the tile's cached tensor itself (shared:
+        never modified in place)."""
+        w = self._tiles[c.tile].weights(self.clock)
+        return w if c.w_max == 1.0 else w * c.w_max
 
     def program(
         self,
