@@ -170,8 +170,8 @@ class Classifier:
         """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
         `trace`: record the free settle's trace every `trace` steps (layered DHN only)."""
         e = self.cfg.ep
-        self.opt.zero_grad(set_to_none=True)
         if self.ffebm is not None:
+            self.opt.zero_grad(set_to_none=True)  # autograd accumulates; the DHN branch assigns
             out = self.ffebm(x)
             loss = self._loss(out, y)
             loss.backward()
