@@ -351,3 +351,10 @@ def test_vae_sweep_in_process(tmp_path: Path) -> None:
     assert result.best is not None and result.best.value == result.best.metrics["neg_elbo"]
     assert result.best_run_log is not None and open_run(result.best_run_log).complete
     assert (result.best_run_log.parent / "samples.png").exists()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("examples").glob("sweep_*.toml")))
+def test_shipped_example_sweeps_are_valid(path: Path) -> None:
+    """Every example in examples/ parses and checks against its trainer's config."""
+    spec = load_spec(path)
+    assert spec.n_trials > 0 and spec.space
