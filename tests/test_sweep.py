@@ -187,6 +187,32 @@ def test_trial_on_a_killed_board_actor_is_retried_on_the_other(
     _same_trials(json.loads((tmp_path / "ray" / "summary.json").read_text())["trials"], local["trials"])
 
 
+def test_a_trial_that_loses_too_many_boards_is_failed_not_moved_on(
+    ray_cluster: dict[str, str], spec_file: Path, tmp_path: Path
+) -> None:
+    """With max_board_losses=1 the trial whose board actor dies is reported failed (naming
+    the board) and the sweep finishes its other trials on the remaining board."""
+    import ray
+
+    from hil.sweep.ray_runner import RayExecutor
+
+    executor = RayExecutor(max_board_losses=1)
+
+    def kill_a_mid_trial(e: TrialEvent) -> None:
+        if e.kind == "start" and e.number == 2 and e.board == "a":
+            time.sleep(0.2)
+            ray.kill(executor.actors["a"])
+
+    try:
+        result = run_sweep(load_spec(spec_file), tmp_path / "ray", executor, on_event=kill_a_mid_trial)
+    finally:
+        executor.close()
+    by_number = {t.number: t for t in result.trials}
+    assert by_number[2].state != "COMPLETE" and by_number[2].lost_on == ["a"]
+    assert "lost its board on 1 board(s) (a)" in (by_number[2].error or "")
+    assert all(t.state == "COMPLETE" for n, t in by_number.items() if n != 2)
+
+
 def test_a_board_that_does_not_open_is_left_out(ray_cluster: dict[str, str]) -> None:
     from hil.sweep.ray_runner import RayExecutor
 

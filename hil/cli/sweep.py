@@ -47,6 +47,14 @@ def sweep(
             "--n-trials", "-n", min=1, help="Override sweep.n_trials (e.g. to extend a finished sweep)."
         ),
     ] = None,
+    max_board_losses: Annotated[
+        int,
+        typer.Option(
+            "--max-board-losses",
+            min=1,
+            help="With --ray-address: a trial that has lost this many boards (its actor died or its board stopped answering) is reported failed instead of being moved to another board.",
+        ),
+    ] = 2,
 ) -> None:
     """Tune any `hil train` config by Bayesian optimisation (Optuna's TPE), in this process or across the boards of a Ray cluster.
 
@@ -58,7 +66,7 @@ def sweep(
 
     try:
         spec = load_spec(spec_file, n_trials)
-        executor = _executor(ray_address, board or [], spec.base["device"])
+        executor = _executor(ray_address, board or [], spec.base["device"], max_board_losses)
     except (SpecError, SweepError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -92,14 +100,14 @@ def sweep(
     typer.echo(f"best run log {result.best_run_log}")
 
 
-def _executor(ray_address: str | None, boards: list[str], device: str) -> Any:
+def _executor(ray_address: str | None, boards: list[str], device: str, max_board_losses: int = 2) -> Any:
     from hil.sweep import SweepError
     from hil.sweep.local import LocalExecutor
     from hil.sweep.ray_runner import Board, RayExecutor
 
     parsed = [Board.parse(b) for b in boards]
     if ray_address:
-        return RayExecutor(parsed, ray_address, default_uri=device)
+        return RayExecutor(parsed, ray_address, default_uri=device, max_board_losses=max_board_losses)
     if len(parsed) > 1:
         raise SweepError(
             "several --board need --ray-address (`--ray-address local` for this machine's boards)"

@@ -183,7 +183,10 @@ class RayExecutor:
     is opened by the trial's base config `device`. Each actor opens its board once at start
     (boards without a URI: `default_uri`, if given, e.g. the spec's base device); boards that do
     not open are left out (`unavailable`).
-    `ready_timeout_s`: how long the actors may take to start."""
+    `ready_timeout_s`: how long the actors may take to start. `max_board_losses`: a trial
+    that has lost this many boards (its actor died or its board stopped answering each time)
+    is reported failed instead of being moved on: such a trial may itself be what brings
+    boards down, and would otherwise take every board of the cluster with it."""
 
     def __init__(
         self,
@@ -193,7 +196,11 @@ class RayExecutor:
         default_uri: str | None = None,
         cpus_per_board: float = 1.0,
         ready_timeout_s: float = 120.0,
+        max_board_losses: int = 2,
     ) -> None:
+        if max_board_losses < 1:
+            raise SweepError(f"max_board_losses must be >= 1, got {max_board_losses}")
+        self.max_board_losses = max_board_losses
         ray = import_ray()
         boards = name_boards(boards or [])
         self._owns_ray = not ray.is_initialized()
@@ -290,8 +297,15 @@ class RayExecutor:
             if reply["status"] == "lost":
                 self._drop(ray, name)
                 lost[job.number].append(name)
-                queue.appendleft(job)
-                on_event(TrialEvent("retry", job.number, name, message=str(reply["error"])))
+                if len(lost[job.number]) < self.max_board_losses:
+                    queue.appendleft(job)
+                    on_event(TrialEvent("retry", job.number, name, message=str(reply["error"])))
+                    continue
+                error = (
+                    f"lost its board on {len(lost[job.number])} board(s) ({', '.join(lost[job.number])}), "
+                    f"the last time: {reply['error']}; not moved on again (max_board_losses)"
+                )
+                yield TrialOutcome(job.number, job.params, name, error=error, lost_on=lost[job.number])
                 continue
             idle.append(name)
             if reply.get("archive"):
