@@ -414,15 +414,21 @@ class Board:
         matrices = [t.matrix for t in plan.dyn_terms]
         ref = self._norm_refs.get(clamped)
         if ref is None or [m.shape for m in ref[1]] != [m.shape for m in matrices]:
-            norm = self._coupling_norm(plan)
-            plan.norm_fresh = True
-        else:
-            change = sum(
-                float(torch.linalg.matrix_norm(m - o)) ** 2 for m, o in zip(matrices, ref[1], strict=True)
-            )
-            norm = ref[0] + 1.1 * change**0.5
+            return self._fresh_norm(clamped, plan)
+        change = sum(
+            float(torch.linalg.matrix_norm(m - o)) ** 2 for m, o in zip(matrices, ref[1], strict=True)
+        )
+        norm = ref[0] + 1.1 * change**0.5
         self._norm_refs[clamped] = (norm, matrices)
         return norm
+
+    def _fresh_norm(self, clamped: frozenset[str], plan: _Plan) -> float:
+        """Power-iterate the plan's coupling norm and make it the reference later bounds
+        start from."""
+        plan.coupling_norm = self._coupling_norm(plan)
+        plan.norm_fresh = True
+        self._norm_refs[clamped] = (plan.coupling_norm, [t.matrix for t in plan.dyn_terms])
+        return plan.coupling_norm
 
     def _coupling_norm(self, plan: _Plan) -> float:
         """Power-iteration estimate of the norm of the map the free groups apply to each other
@@ -601,10 +607,12 @@ class Board:
         for g, (beta, _t, gr) in nud.items():
             if gr is not None:
                 base[g] = base[g] - beta * gr
-        noisy = {} if quiet else {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
-        for term in [] if quiet else plan.dyn_terms:
-            for dst, _a, _b, k in term.dsts:
-                noisy[dst] = noisy[dst] or k > 0
+        noisy: dict[str, bool] = {}  # per free group: does noise reach its line?
+        if not quiet:
+            noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
+            for term in plan.dyn_terms:
+                for dst, _a, _b, k in term.dsts:
+                    noisy[dst] = noisy[dst] or k > 0
         gain, tol = topo.gain, budget.tol
         # analog mode integrates the circuit's ODE: the step shrinks below budget.dt where the
         # couplings are strong enough for a step of dt to overshoot (energy descent needs
@@ -612,9 +620,7 @@ class Board:
         dt = budget.dt
         if not mvm_mode and plan.coupling_norm > 0:
             if 1.8 / (1.0 + gain * plan.coupling_norm) < dt and not plan.norm_fresh:
-                plan.coupling_norm = self._coupling_norm(plan)  # the bound is too loose to decide
-                plan.norm_fresh = True
-                self._norm_refs[frozenset(clamp)] = (plan.coupling_norm, [t.matrix for t in plan.dyn_terms])
+                self._fresh_norm(frozenset(clamp), plan)  # the bound is too loose to decide
             dt = min(dt, 1.8 / (1.0 + gain * plan.coupling_norm))
         pool = (
             NoisePool(self.noise, max(batch * n for n in topo.groups.values()), dev)
