@@ -88,6 +88,11 @@ class EPResult:
     settle_steps: int  # steps of the nudged settles (not the free one)
 
 
+def _joined(parts: Mapping[str, Tensor], groups: tuple[str, ...], dim: int = 1) -> Tensor:
+    """The tensors of `groups`, concatenated along `dim` (the one tensor itself for one group)."""
+    return torch.cat([parts[g] for g in groups], dim=dim) if len(groups) > 1 else parts[groups[0]]
+
+
 class EBBlock(nn.Module):
     """An energy-based block on a Device.
 
@@ -331,23 +336,18 @@ class EBBlock(nn.Module):
         out = {}
         for c in self.topology.couplings:
             rows, cols = self.topology.tile_shape(c.tile)
+            s = _joined(st, c.cols)
             if c.kind == "dense":
-                s = torch.cat([st[g] for g in c.cols], dim=1) if len(c.cols) > 1 else st[c.cols[0]]
                 g = torch.empty(rows, cols, dtype=s.dtype)
                 g[:cols] = 0.5 * (s.T @ s)
                 g[:cols].fill_diagonal_(0.0)
                 if rows > cols:
                     g[cols:] = s.sum(0)
                 out[c.tile] = g
-                continue
-            s_c = torch.cat([st[g] for g in c.cols], dim=1) if len(c.cols) > 1 else st[c.cols[0]]
-            parts = []
-            for g in c.rows:
-                if g == BIAS:
-                    parts.append(s_c.sum(0, keepdim=True))
-                else:
-                    parts.append(st[g].T @ s_c)
-            out[c.tile] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            else:
+                out[c.tile] = _joined(
+                    {g: s.sum(0, keepdim=True) if g == BIAS else st[g].T @ s for g in c.rows}, c.rows, 0
+                )
         return out
 
     def phi_grad_difference(
@@ -363,18 +363,17 @@ class EBBlock(nn.Module):
             return {t: pa[t] - pb[t] for t in pa}
         out = {}
         for c in self.topology.couplings:
-            ca = torch.cat([sa[g] for g in c.cols], dim=1) if len(c.cols) > 1 else sa[c.cols[0]]
-            cb = torch.cat([sb[g] for g in c.cols], dim=1) if len(c.cols) > 1 else sb[c.cols[0]]
+            ca, cb = _joined(sa, c.cols), _joined(sb, c.cols)
             dc = ca - cb
-            parts = []
+            parts = {}
             for g in c.rows:
                 if g == BIAS:
-                    parts.append(dc.sum(0, keepdim=True))
+                    parts[g] = dc.sum(0, keepdim=True)
                 elif sa[g] is sb[g] or torch.equal(sa[g], sb[g]):
-                    parts.append(sa[g].T @ dc)
+                    parts[g] = sa[g].T @ dc
                 else:
-                    parts.append(torch.addmm(sa[g].T @ ca, sb[g].T, cb, alpha=-1.0))
-            out[c.tile] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+                    parts[g] = torch.addmm(sa[g].T @ ca, sb[g].T, cb, alpha=-1.0)
+            out[c.tile] = _joined(parts, c.rows, 0)
         return out
 
     def input_drive(
