@@ -277,6 +277,17 @@ def _echo_server(link: Link, count: int) -> threading.Thread:
     return t
 
 
+def _exchange(client: Link, server: Link, messages: list[bytes]) -> None:
+    """Send each message and check the echo server's reversed reply; the server ends."""
+    t = _echo_server(server, len(messages))
+    for m in messages:
+        seq = client.send(LinkOp.PING, m)
+        got = client.receive(2.0, response=True, ref=seq)
+        assert got is not None and got[1] == m[::-1]
+    t.join(timeout=5)
+    assert not t.is_alive()
+
+
 @pytest.mark.parametrize(
     ("client_faults", "server_faults"),
     [
@@ -289,14 +300,7 @@ def _echo_server(link: Link, count: int) -> threading.Thread:
 )
 def test_link_delivers_every_message_exactly_once(client_faults: Faults, server_faults: Faults) -> None:
     client, server = _pair(client_faults, server_faults)
-    messages = [bytes(range(n % 256)) * (1 + n // 100) for n in (0, 1, 63, 64, 65, 200)]
-    t = _echo_server(server, len(messages))
-    for m in messages:
-        seq = client.send(LinkOp.PING, m)
-        got = client.receive(2.0, response=True, ref=seq)
-        assert got is not None and got[1] == m[::-1]
-    t.join(timeout=5)
-    assert not t.is_alive()
+    _exchange(client, server, [bytes(range(n % 256)) * (1 + n // 100) for n in (0, 1, 63, 64, 65, 200)])
     faulty = client_faults is not None
     assert (client.stats.retransmissions + server.stats.retransmissions > 0) == faulty
 
@@ -378,15 +382,8 @@ def test_piggybacked_link_still_delivers_exactly_once_under_faults() -> None:
     noisy = [Faults(p_drop=0.05, p_corrupt=0.05, seed=k) for k in (3, 4)]
     client, server = _pair(*noisy)
     server.ack_delay = 0.0125
-    messages = [bytes([n]) * (1 + 37 * n) for n in range(12)]
     try:
-        t = _echo_server(server, len(messages))
-        for m in messages:
-            seq = client.send(LinkOp.PING, m)
-            got = client.receive(2.0, response=True, ref=seq)
-            assert got is not None and got[1] == m[::-1]
-        t.join(timeout=5)
-        assert not t.is_alive()
+        _exchange(client, server, [bytes([n]) * (1 + 37 * n) for n in range(12)])
         assert client.stats.retransmissions + server.stats.retransmissions > 0
     finally:
         server.close()
