@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from drivers.errors import ConfigurationError, LimitViolation
-from drivers.topology import BIAS, Topology
+from drivers.topology import BIAS, SettleBudget, Topology
 
 if TYPE_CHECKING:
     from drivers.base import Limits, Nudge
@@ -37,9 +37,12 @@ def check_topology(topology: Topology, limits: Limits) -> None:
                 1.0,
                 f"tiles hold at most {limits.tile_rows_max} x {limits.tile_cols_max} cells; split the layer",
             )
-    if topology.budget.max_steps > limits.max_settle_steps:
-        raise LimitViolation("settle budget max_steps", topology.budget.max_steps, limits.max_settle_steps)
-    b = topology.budget
+    check_budget(topology.budget, limits)
+
+
+def check_budget(b: SettleBudget, limits: Limits) -> None:
+    if b.max_steps > limits.max_settle_steps:
+        raise LimitViolation("settle budget max_steps", b.max_steps, limits.max_settle_steps)
     if not (0 < b.dt <= 1):
         raise ConfigurationError(f"settle budget dt must be in (0, 1], got {b.dt}")
     if b.max_steps < 1 or b.check_every < 1 or b.tol < 0:

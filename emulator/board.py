@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from drivers.base import Identity, Limits
-from drivers.checks import check_topology
+from drivers.checks import check_budget, check_topology
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.array import TileArray
@@ -136,6 +136,7 @@ class Board:
         self.clock = 0.0
         self.safety = SafetyMonitor()
         self.topology: Topology | None = None
+        self._groups: dict[str, int] = {}  # the configured groups, as they were at configure
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
         self._plans: dict[frozenset[str], tuple[tuple[torch.Tensor, ...], _Plan]] = {}
@@ -193,6 +194,16 @@ class Board:
         return Identity("xbar-hil", f"emulator-{self.preset.name}", f"EMU-{self.seed:08d}", firmware)
 
     def configure(self, topology: Topology) -> None:
+        old = self.topology
+        if old is not None and topology.couplings is old.couplings and topology.groups == self._groups:
+            # the same network with another budget, gain or mode (an EBBlock switching between
+            # its free and nudge budgets): tiles, channels and plans stay as they are
+            try:
+                check_budget(topology.budget, self.limits)
+            except LimitViolation as exc:
+                raise self.safety.refuse(exc) from None
+            self.topology = topology
+            return
         try:
             check_topology(topology, self.limits)
         except LimitViolation as exc:
@@ -211,10 +222,10 @@ class Board:
                 phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
                 self._physical[k] = phys
             tiles[c.tile] = phys
-        old = self.topology
         if old is None or (old.groups, old.couplings) != (topology.groups, topology.couplings):
             self._plans.clear()  # a new budget, gain or mode keeps the plans: they do not depend on them
         self.topology = topology
+        self._groups = dict(topology.groups)
         self._tiles = tiles
         offsets, start = {}, 0
         for g, n in topology.groups.items():
@@ -570,7 +581,7 @@ class Board:
             s[g] = self._dac(x, self._channel[g])
         for g in plan.free:
             x0 = init.get(g) if init else None
-            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0.clone()
+            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0
         nud: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] = {}
         for g, (beta, target, grad) in (nudge or {}).items():
             t = None if target is None else self._dac(target, self._channel[g])
@@ -732,8 +743,15 @@ class Board:
         trace: int,
         record: Callable[[int], None],
     ) -> tuple[int, float, bool]:
-        """The analog settle without noise: per free group and step one fused multiply-add
-        per source, then clamp and relax in place. Returns (steps, residual, converged).
+        """The analog settle without noise. Returns (steps, residual, converged) and leaves
+        the final states in `s`.
+
+        The free groups' states live in one (nodes, batch) buffer, one contiguous row block
+        per group, and so do the new states each step: a step is one matrix product per
+        (source, destination) pair written straight into the destination's rows, then one
+        clamp and one relaxation over all groups at once (4 torch calls per step for a
+        layered network of two free groups, against 6 for per-group (batch, nodes) states;
+        about half the time per step at every batch size).
 
         With ``tol = 0`` convergence is never checked: the settle runs exactly `max_steps`
         (the fixed-step recipe of the EP literature) and the residual is measured at the
@@ -741,39 +759,52 @@ class Board:
         assert self.topology is not None
         budget, gain = self.topology.budget, self.topology.gain
         every = budget.check_every if budget.tol > 0 else budget.max_steps + 1
-        schedule = [(g, base[g], plan.by_dst[g], *(elastic.get(g) or (0.0, None))) for g in plan.free]
-        pulls = {g: beta * target for g, (beta, target) in elastic.items()}
+        rows, n = {}, 0
+        for g in plan.free:
+            rows[g] = slice(n, n + self.topology.groups[g])
+            n = rows[g].stop
+        batch = s[plan.free[0]].shape[0]
+        state = torch.empty(n, batch, device=self.device)
+        new = torch.empty(n, batch, device=self.device)
+        drive0 = torch.empty(n, batch, device=self.device)  # the constant drive, transposed
+        schedule = []
+        for g in plan.free:
+            r = rows[g]
+            state[r].copy_(s[g].T)
+            drive0[r].copy_(base[g].T)
+            # the plan's (n_src, n_dst) blocks, transposed back: contiguous (n_dst, n_src) rows
+            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]
+            beta, target = elastic.get(g) or (0.0, None)
+            pull = None if target is None else (beta * target).T.contiguous()
+            schedule.append((new[r], drive0[r], sources, beta, pull, state[r]))
         residual = float("inf")
         for step in range(1, budget.max_steps + 1):
-            news = []
-            for g, b, sources, beta, target in schedule:
+            for u, b, sources, beta, pull, own in schedule:
                 if sources:
-                    src0, m0 = sources[0]
-                    u = torch.addmm(b, s[src0], m0)
-                    for src, m in sources[1:]:
-                        u.addmm_(s[src], m)
+                    m0, x0 = sources[0]
+                    torch.addmm(b, m0, x0, out=u)
+                    for m, x in sources[1:]:
+                        u.addmm_(m, x)
                 else:
-                    u = b.clone()
-                if target is not None:
-                    u.add_(pulls[g]).add_(s[g], alpha=-beta)
-                if gain != 1.0:
-                    u.mul_(gain)
-                news.append(u.clamp_(0.0, 1.0))
+                    u.copy_(b)
+                if pull is not None:
+                    u.add_(pull).add_(own, alpha=-beta)
+            if gain != 1.0:
+                new.mul_(gain)
+            new.clamp_(0.0, 1.0)
             last = step == budget.max_steps
             if last or step % every == 0:
-                residual = max(
-                    float((u - s[g]).abs_().max()) for u, (g, *_rest) in zip(news, schedule, strict=True)
-                )
-            for u, (g, *_rest) in zip(news, schedule, strict=True):
-                if trace:
-                    s[g] = torch.lerp(s[g], u, dt)  # the trace keeps every recorded tensor
-                else:
-                    s[g].lerp_(u, dt)  # the settle's own tensors (zeros or clones of `init`)
+                residual = float((new - state).abs_().max())
+            state.lerp_(new, dt)
             if trace and step % trace == 0:
+                for g in plan.free:
+                    s[g] = state[rows[g]].T.clone()  # the trace keeps every recorded tensor
                 record(step)
             if (last or step % every == 0) and residual <= budget.tol:
-                return step, residual, True
-        return budget.max_steps, residual, False
+                break
+        for g in plan.free:
+            s[g] = state[rows[g]].T.contiguous()
+        return step, residual, residual <= budget.tol
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause

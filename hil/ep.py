@@ -104,7 +104,9 @@ class EBBlock(nn.Module):
     (`hil.programming.ProgrammingScheme` or one of its names ``ideal``, ``verify``, ``pulsed``,
     ``mixed``); without it, `verify` picks ``verify`` over ``ideal``. The reports of the last
     `sync` are in `last_reports` (one per tile) and `last_updates` (every operation, refreshes
-    included); the scheme's `history` keeps all of them as dicts.
+    included); the scheme's `history` keeps all of them as dicts. With `joint_phases`
+    (default), centered EP with error-current (grad) nudges settles its two nudged phases as
+    one settle over a doubled batch (`_settle_both`); pass False to settle them one by one.
     """
 
     def __init__(
@@ -121,8 +123,10 @@ class EBBlock(nn.Module):
         programming: ProgrammingScheme | str | None = None,
         clip: bool = True,
         seed: int = 0,
+        joint_phases: bool = True,
     ) -> None:
         super().__init__()
+        self.joint_phases = joint_phases
         self.device = device
         self.topology = topology
         groups = list(topology.groups)
@@ -306,6 +310,56 @@ class EBBlock(nn.Module):
         """The free-phase state of the (first) output group, (B, n)."""
         return torch.from_numpy(self.free(clamp).states[self.outputs[0]])
 
+    def _settle_both(
+        self,
+        clamp: dict[str, np.ndarray],
+        beta: float,
+        nudge: dict[str, Nudge],
+        init: dict[str, np.ndarray],
+        trace: bool | int,
+    ) -> tuple[Equilibrium, Equilibrium]:
+        """The +beta and -beta phases of centered EP as one settle over the batch twice over:
+        the samples are independent, so the doubled batch holds the two phases side by side,
+        with the injected current ``-beta grad`` in the first half and ``+beta grad`` in the
+        second (`nudge` carries ``grad`` with beta 1). One Device call instead of two: one
+        round trip to a board, and per step one product over 2B rows instead of two over B.
+        Elastic (target) nudges cannot be expressed this way (their beta is one number per
+        settle), so they settle phase by phase.
+
+        The two halves share `steps`, `converged` and `residual` (taken over both phases);
+        the settle time and the array energy are split equally."""
+        n = next(iter(clamp.values())).shape[0]
+
+        def twice(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([x, x])
+
+        nudges = {}
+        for g, nd in nudge.items():
+            assert nd.target is None and nd.grad is not None
+            d = np.asarray(nd.grad, dtype=np.float32) * np.float32(beta)
+            nudges[g] = Nudge(1.0, grad=np.concatenate([d, -d]))
+        both = self.settle(
+            {g: twice(x) for g, x in clamp.items()}, nudges, {g: twice(x) for g, x in init.items()}, trace
+        )
+
+        def half(rows: slice) -> Equilibrium:
+            states = {g: v[rows] for g, v in both.states.items()}
+            states.update(clamp)  # the clamped groups as applied, one object for both phases
+            return Equilibrium(
+                states=states,
+                steps=both.steps,
+                converged=both.converged,
+                residual=both.residual,
+                energy=None if both.energy is None else both.energy[rows],
+                settle_time_s=both.settle_time_s / 2,
+                energy_j=both.energy_j / 2,
+                trace=None
+                if both.trace is None
+                else {k: v if k == "step" else v[:, rows] for k, v in both.trace.items()},
+            )
+
+        return half(slice(0, n)), half(slice(n, 2 * n))
+
     def _nudges(
         self,
         beta: float,
@@ -416,18 +470,24 @@ class EBBlock(nn.Module):
             sign = 1.0 if torch.rand((), generator=self.generator).item() < 0.5 else -1.0
             mode = "positive" if sign > 0 else "negative"
         steps = 0
-        if mode in ("positive", "centered"):
-            first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init, trace=trace)
-            b1 = beta
-            steps += first.steps
+        if mode == "centered" and self.joint_phases and not tg:
+            assert gd is not None
+            first, second = self._settle_both(cl, beta, self._nudges(1.0, None, gd, clamped), init, trace)
+            b1, b2 = beta, -beta
+            steps += first.steps + second.steps
         else:
-            first, b1 = f, 0.0
-        if mode in ("negative", "centered"):
-            second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init, trace=trace)
-            b2 = -beta
-            steps += second.steps
-        else:
-            second, b2 = f, 0.0
+            if mode in ("positive", "centered"):
+                first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init, trace=trace)
+                b1 = beta
+                steps += first.steps
+            else:
+                first, b1 = f, 0.0
+            if mode in ("negative", "centered"):
+                second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init, trace=trace)
+                b2 = -beta
+                steps += second.steps
+            else:
+                second, b2 = f, 0.0
         scale = -1.0 / (b1 - b2)
         if reduce == "mean":
             scale /= next(iter(cl.values())).shape[0]

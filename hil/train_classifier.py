@@ -185,12 +185,15 @@ class Classifier:
             self.last_settles = {"free": f}
             out = torch.from_numpy(f.states[blk.outputs[0]])
             if e.loss == "ce":
-                grad = e.tau * (torch.softmax(e.tau * out, dim=1) - F.one_hot(y, self.classes).to(out.dtype))
+                # dL/ds of the cross-entropy of tau * s: tau (softmax(tau s) - onehot), and L itself
+                logp = torch.log_softmax(out * e.tau, dim=1)
+                loss = F.nll_loss(logp, y)
+                grad = logp.exp_().sub_(F.one_hot(y, self.classes)).mul_(e.tau)
                 r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
             else:
                 target = F.one_hot(y, self.classes).to(out.dtype)
                 r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
-            loss = self._loss(out, y)
+                loss = self._loss(out, y)
             for tile, p in blk.weights.items():
                 p.grad = r.grads[tile]
             free = [f]
@@ -202,10 +205,15 @@ class Classifier:
         # the update reaches the devices inside this step (and its programming transaction):
         # every report of it, refreshes included, is in `last_programming`
         self.last_programming = []
-        for k, blk in enumerate(self.blocks()):
+        blocks = self.blocks()
+        for k, blk in enumerate(blocks):
             blk.sync()
-            self.last_programming += [replace(r, tile=self._tile_name(k, r.tile)) for r in blk.last_updates]
-        acc = float((out.argmax(1) == y).float().mean())
+            if len(blocks) == 1:  # tiles keep their own names
+                self.last_programming += blk.last_updates
+            else:
+                named = [replace(u, tile=self._tile_name(k, u.tile)) for u in blk.last_updates]
+                self.last_programming += named
+        acc = int((out.argmax(1) == y).sum()) / len(y)
         stats = {
             "free_steps": sum(q.steps for q in free) / max(1, len(free)),
             "nudge_steps": sum(q.steps for q in nud) / max(1, len(nud)),

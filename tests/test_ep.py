@@ -185,3 +185,43 @@ def test_phi_grad_difference_equals_the_difference_of_phi_grads() -> None:
         assert set(diff) == {"W0", "W1", "W2"}
         for t in diff:
             torch.testing.assert_close(diff[t], pa[t] - pb[t], rtol=1e-5, atol=1e-5)
+
+
+def test_joint_nudged_phases_equal_the_phases_one_by_one(digits_batch) -> None:
+    """Centered EP with an error-current nudge settles both nudged phases as one settle over
+    the doubled batch: one Device call, and the same equilibria, energies and gradients as two
+    settles, to float32 rounding."""
+    x, _ = digits_batch
+    g = torch.randn(len(x), 10, generator=torch.Generator().manual_seed(1))
+    with open_device(IDEAL) as dev:
+        blk = check_block(dev, [64, 32, 10], budget=SettleBudget(max_steps=60, tol=0.0))
+        free = blk.free(x)
+        calls = []
+        settle = dev.settle
+
+        def counted(*a, **k):
+            calls.append(k.get("nudge") or (a[1] if len(a) > 1 else None))
+            return settle(*a, **k)
+
+        dev.settle = counted
+        joint = blk.ep(x, grad=g, beta=0.05, free=free, trace=20)
+        assert len(calls) == 1
+        blk.joint_phases = False
+        apart = blk.ep(x, grad=g, beta=0.05, free=free, trace=20)
+        assert len(calls) == 3
+    for a, b in ((joint.first, apart.first), (joint.second, apart.second)):
+        assert a.steps == b.steps == 60
+        assert np.allclose(a.states["s1"], b.states["s1"], atol=1e-6)
+        assert np.allclose(a.states["s2"], b.states["s2"], atol=1e-6)
+        assert a.states["s0"] is b.states["s0"] or np.array_equal(a.states["s0"], b.states["s0"])
+        assert np.allclose(a.energy, b.energy, atol=1e-5)
+        assert a.settle_time_s == pytest.approx(b.settle_time_s)
+        assert a.trace["s2"].shape == b.trace["s2"].shape == (4, len(x), 10)
+        assert np.allclose(a.trace["energy"], b.trace["energy"], atol=1e-5)
+    assert joint.first.energy_j + joint.second.energy_j == pytest.approx(
+        apart.first.energy_j + apart.second.energy_j, rel=1e-5
+    )
+    assert not np.allclose(joint.first.states["s2"], joint.second.states["s2"])  # the phases differ
+    for t in joint.grads:
+        assert torch.allclose(joint.grads[t], apart.grads[t], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(joint.input_grads["s0"], apart.input_grads["s0"], atol=1e-6, rtol=1e-4)
