@@ -19,6 +19,7 @@ row of a tile.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from drivers.errors import ConfigurationError
@@ -89,8 +90,19 @@ class Topology:
         return 1 if group == BIAS else self.groups[group]
 
     def tile_shape(self, tile: str) -> tuple[int, int]:
-        c = self.coupling(tile)
-        return sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols)
+        shape = self._tile_shapes.get(tile)
+        if shape is None:
+            self.coupling(tile)  # raises, naming the known tiles
+            raise AssertionError(tile)
+        return shape
+
+    @cached_property
+    def _tile_shapes(self) -> dict[str, tuple[int, int]]:
+        """(rows, cols) per tile, computed once (the checks of every program call ask)."""
+        return {
+            c.tile: (sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols))
+            for c in self.couplings
+        }
 
     def coupling(self, tile: str) -> Coupling:
         for c in self.couplings:

@@ -228,7 +228,7 @@ class TileArray:
         return scale * torch.linalg.vector_norm(x, dim=-1)
 
     # ----------------------------------------------------------------- programming
-    def _stack(self, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+    def stack_targets(self, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
         a = torch.as_tensor(a, device=self.device)
         b = torch.as_tensor(b, device=self.device)
         if a.shape != self.shape or b.shape != self.shape:
@@ -243,7 +243,11 @@ class TileArray:
     ) -> WriteStats:
         """Direct programming without verify: every non-stuck device lands at
         ``clip(target + N(0, write_noise), own bounds)`` and is marked written at `t`."""
-        target = self._stack(target_plus, target_minus, "write").to(torch.float32)
+        return self.write_stacked(self.stack_targets(target_plus, target_minus, "write"), t, gen)
+
+    def write_stacked(self, target: torch.Tensor, t: float, gen: torch.Generator) -> WriteStats:
+        """`write` with the targets as one (2, rows, cols) tensor (`_stack`)."""
+        target = target.to(torch.float32)
         if self.model.write_noise > 0:
             target = target + self.model.write_noise * _randn(self._dshape, gen, self.device)
         p = self.params
@@ -256,7 +260,7 @@ class TileArray:
     def set_conductances(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t: float) -> None:
         """Put every non-stuck device exactly at the given conductance (clipped to its own bounds),
         written at `t`; no noise, no cost. For tests and for restoring a saved board state."""
-        target = self._stack(g_plus, g_minus, "set_conductances").to(torch.float32)
+        target = self.stack_targets(g_plus, g_minus, "set_conductances").to(torch.float32)
         p = self.params
         landed = torch.minimum(torch.maximum(target, p.g_lo), p.g_hi)
         self._g0 = torch.where(p.stuck, p.stuck_value, landed)
@@ -272,7 +276,7 @@ class TileArray:
         count of any size is one RESET pulse to just above g_lo. A pulsed device takes its
         drifted conductance as the start and counts as written at `t`.
         """
-        n = self._stack(counts_plus, counts_minus, "pulse")
+        n = self.stack_targets(counts_plus, counts_minus, "pulse")
         if n.is_floating_point() and not torch.equal(n, n.round()):
             raise ConfigurationError("pulse counts must be integers")
         n = n.to(torch.int64)
@@ -361,7 +365,7 @@ class TileArray:
         if max_iters < 0:
             raise ConfigurationError(f"max_iters must be >= 0, got {max_iters}")
         model = self.model
-        target = self._stack(target_plus, target_minus, "program_verify").to(torch.float32)
+        target = self.stack_targets(target_plus, target_minus, "program_verify").to(torch.float32)
         stats = self.write(target[0], target[1], t, gen)
         rn = model.read_noise
         accept = max(tol - 2.0 * rn, 0.5 * tol)

@@ -114,10 +114,13 @@ class _Plan:
     dyn_pairs: list[int] = field(default_factory=list)  # energy pairs between free groups
 
     bias_conductance: float = 0.0  # sum of G on the bias lines (the bias node is always at 1)
+    free_lines: torch.Tensor | None = None  # line conductance of the free groups, in plan order
 
     def __post_init__(self) -> None:
         bias = self.line_conductance.get(BIAS)
         self.bias_conductance = 0.0 if bias is None else float(bias.sum())
+        if self.free and all(g in self.line_conductance for g in self.free):
+            self.free_lines = torch.cat([self.line_conductance[g] for g in self.free])
         terms = self.const_terms + self.dyn_terms
         self.noisy = any(t.noisy for t in terms)
         const = {p for t in self.const_terms for p, _tr in t.pairs}
@@ -126,6 +129,31 @@ class _Plan:
         self.dyn_pairs = [
             i for i, (rg, cg, _b, _f) in enumerate(self.energy_pairs) if rg in free and cg in free
         ]
+
+
+@dataclass
+class _Buffers:
+    """The free states of a noise-free settle as one (nodes, batch) buffer, one contiguous row
+    block per free group (`rows`), with the constant drive in the same layout and, per free
+    group, its rows and the (matrix (n_dst, n_src), source state rows) pairs that drive it."""
+
+    state: torch.Tensor
+    drive0: torch.Tensor
+    rows: dict[str, slice]
+    links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
+
+    def energy(self, half_inv_gain: float, elastic: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """`Board._energy_from_drive` on the buffers: ``E = sum_g s_g . (s_g / 2gain - base_g
+        - drive_g / 2)`` is one product over all the free nodes."""
+        t = self.state * half_inv_gain
+        t.sub_(self.drive0)
+        for r, sources in self.links:
+            for m, x in sources:
+                t[r].addmm_(m, x, alpha=-0.5)
+        e = torch.linalg.vecdot(t, self.state, dim=0)
+        for g, (beta, target) in elastic.items():
+            e = e + 0.5 * beta * (self.state[self.rows[g]].T - target).square().sum(1)
+        return e
 
 
 class Board:
@@ -292,15 +320,15 @@ class Board:
         tile = self.tile(name)
         m = self.preset.device
         tol = 0.02 * (m.g_max - m.g_min) if tol is None else float(tol)
+        target = tile.stack_targets(g_plus, g_minus, "program")
         if verify:
             st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
             iterations, within = st.iterations, st.within_tol
         else:
-            st = tile.write(g_plus, g_minus, self.clock, self.noise)
+            st = tile.write_stacked(target, self.clock, self.noise)
             iterations = 0
         self.clock += st.time_s
         self.energy_j += st.energy_j
-        target = torch.stack((g_plus, g_minus))
         read = tile.read_stacked(self.clock, self.noise)
         residual = (read - target).abs_().max()
         if not verify:
@@ -659,10 +687,11 @@ class Board:
         if trace:
             record(0)
         residual, converged, steps, floor = float("inf"), False, 0, 0.0
+        buffers = None
         if quiet:
             # Noise-free analog settles (the ideal preset, or noise switched off) take a lean
             # path: no noise, no noise floor, states updated in place.
-            steps, residual, converged = self._run_quiet(s, plan, base, elastic, dt, trace, record)
+            steps, residual, converged, buffers = self._run_quiet(s, plan, base, elastic, dt, trace, record)
         else:
             for step in range(1, budget.max_steps + 1):
                 drive = dict(base)
@@ -714,10 +743,12 @@ class Board:
         settle_time = step_s * steps * batch
         # the array's power at the equilibrium, for the whole settle: the states spend most
         # of the settle near it, and measuring it once keeps the per-step loop lean
-        energy_j = self._settle_power(plan, s) * step_s * steps
+        energy_j = self._settle_power(plan, s, buffers) * step_s * steps
         self.clock += settle_time
         self.energy_j += energy_j
-        if not mvm_mode and plan.const_unit:
+        if buffers is not None and plan.const_unit:
+            energy = buffers.energy(0.5 / gain, elastic)
+        elif not mvm_mode and plan.const_unit:
             energy = self._energy_from_drive(s, plan, base, elastic)
         else:
             energy = self._energy(s, plan, nud, products)
@@ -742,9 +773,9 @@ class Board:
         dt: float,
         trace: int,
         record: Callable[[int], None],
-    ) -> tuple[int, float, bool]:
-        """The analog settle without noise. Returns (steps, residual, converged) and leaves
-        the final states in `s`.
+    ) -> tuple[int, float, bool, _Buffers]:
+        """The analog settle without noise. Returns (steps, residual, converged, the final
+        buffers) and leaves the final states in `s`.
 
         The free groups' states live in one (nodes, batch) buffer, one contiguous row block
         per group, and so do the new states each step: a step is one matrix product per
@@ -768,12 +799,14 @@ class Board:
         new = torch.empty(n, batch, device=self.device)
         drive0 = torch.empty(n, batch, device=self.device)  # the constant drive, transposed
         schedule = []
+        links = []
         for g in plan.free:
             r = rows[g]
             state[r].copy_(s[g].T)
             drive0[r].copy_(base[g].T)
             # the plan's (n_src, n_dst) blocks, transposed back: contiguous (n_dst, n_src) rows
             sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]
+            links.append((r, sources))
             beta, target = elastic.get(g) or (0.0, None)
             pull = None if target is None else (beta * target).T.contiguous()
             schedule.append((new[r], drive0[r], sources, beta, pull, state[r]))
@@ -804,7 +837,7 @@ class Board:
                 break
         for g in plan.free:
             s[g] = state[rows[g]].T.contiguous()
-        return step, residual, residual <= budget.tol
+        return step, residual, residual <= budget.tol, _Buffers(state, drive0, rows, links)
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause
@@ -839,13 +872,20 @@ class Board:
         prods = {i: (rep(p), tr) for i, (p, tr) in products.items()}
         return self._energy(flat, plan, nud, prods).reshape(t, -1)  # type: ignore[arg-type]
 
-    def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor]) -> float:
+    def _settle_power(
+        self, plan: _Plan, s: dict[str, torch.Tensor], buffers: _Buffers | None = None
+    ) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line
-        driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2."""
+        driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2. With the
+        `buffers` of a noise-free settle the free groups' lines take one product."""
         batch = next(iter(s.values())).shape[0]
         total = batch * plan.bias_conductance
+        done: dict[str, slice] = {}
+        if buffers is not None and plan.free_lines is not None:
+            total += float(buffers.state.square().sum(1) @ plan.free_lines)
+            done = buffers.rows
         for group, gsum in plan.line_conductance.items():
-            if group != BIAS:
+            if group != BIAS and group not in done:
                 total += float(s[group].square().sum(0) @ gsum)
         return total * self.preset.periphery.v_read**2
 

@@ -222,8 +222,10 @@ class EBBlock(nn.Module):
                 n = p.shape[1]
                 p[:n].fill_diagonal_(0.0)  # the diagonal is disconnected
             if self.clip:
-                self.clipped += int((p.abs() > c.w_max).sum())
-                p.clamp_(-c.w_max, c.w_max)
+                lo, hi = torch.aminmax(p)
+                if float(lo) < -c.w_max or float(hi) > c.w_max:
+                    self.clipped += int((p.abs() > c.w_max).sum())
+                    p.clamp_(-c.w_max, c.w_max)
             self._record(self.programming.program(self.device, c.tile, p, force=force))
             self._versions[c.tile] = p._version
             written += 1
@@ -231,7 +233,8 @@ class EBBlock(nn.Module):
 
     def _record(self, results: list[Programmed]) -> None:
         for res in results:
-            self.clipped += res.clipped
+            if res.clipped:
+                self.clipped += res.clipped
             self.last_reports[res.report.tile] = res.report
             self.last_updates.append(res.report)
             self._pending[res.report.tile] = res

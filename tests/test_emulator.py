@@ -394,6 +394,25 @@ def test_reported_energy_of_a_nudged_layered_settle(gain: float) -> None:
         np.testing.assert_allclose(eq.trace["energy"][-1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_settle_energy_is_the_line_power_at_equilibrium_times_the_settle_time() -> None:
+    """energy_j = P t: every line at its node voltage against virtual ground, P = v_read^2
+    sum_lines (sum of G+ + G- on the line) V^2 (bias lines at 1), over the settle's steps."""
+    rng = np.random.default_rng(3)
+    with open_device(IDEAL) as dev:
+        random_layered(dev, [6, 9, 4], seed=4, budget=SettleBudget(max_steps=30, tol=0.0))
+        x = rng.uniform(0, 1, (5, 6)).astype(np.float32)
+        eq = dev.settle({"s0": x})
+        lim = dev.info.limits
+        g = {t: sum(dev.read_conductance(t)).astype(np.float64) for t in ("W0", "W1")}
+        s0, s1, s2 = (eq.states[k].astype(np.float64) for k in ("s0", "s1", "s2"))
+        power = (s0**2).sum(0) @ g["W0"][:6].sum(1) + len(x) * g["W0"][6].sum()
+        power += (s1**2).sum(0) @ (g["W0"].sum(0) + g["W1"][:9].sum(1)) + len(x) * g["W1"][9].sum()
+        power += (s2**2).sum(0) @ g["W1"].sum(0)
+        expected = power * lim.v_read**2 * lim.settle_step_s * eq.steps
+        assert eq.steps == 30
+        assert eq.energy_j == pytest.approx(expected, rel=1e-5)
+
+
 def test_empty_batch_is_refused_with_a_clear_error() -> None:
     from drivers import ConfigurationError
 

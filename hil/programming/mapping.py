@@ -90,6 +90,9 @@ class StuckDevices:
     threshold: float  # siemens: a miss is a read-back this far from the target
     confirm: int = 2  # misses that mark a device stuck (for good: a stuck target hides a recovery)
 
+    def __post_init__(self) -> None:
+        self.any_misses = bool(self.misses.any())  # kept up to date by `observe`
+
     @staticmethod
     def empty(shape: tuple[int, int], g_range: float) -> StuckDevices:
         return StuckDevices(np.zeros((2, *shape), np.int32), np.zeros((2, *shape)), 0.25 * g_range)
@@ -109,7 +112,7 @@ class StuckDevices:
         """Count the devices that missed `target` (a write-verify's miss counts as confirmed).
         `residual_max`, the largest |read-back - target| the device reported, skips the
         per-device pass when no device missed and none has missed before (nothing changes)."""
-        if residual_max is not None and residual_max <= self.threshold and not self.misses.any():
+        if residual_max is not None and residual_max <= self.threshold and not self.any_misses:
             return
         readback = np.asarray(readback, np.float64)  # (G+, G-) pairs stack to (2, rows, cols)
         off = np.abs(readback - target) > self.threshold
@@ -117,12 +120,15 @@ class StuckDevices:
         step = self.confirm if verified else 1
         self.misses = np.where(off, self.misses + step, np.where(was, self.misses, 0))
         self.value = np.where(off & ~was, readback, self.value)
+        self.any_misses = bool(self.misses.any())
 
     def compensate(
         self, gp: np.ndarray, gm: np.ndarray, g_min: float, g_max: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Targets with every stuck device at its own value and its partner carrying ``G+ - G-``
         (within the window; the stuck device's own target only keeps the request legal)."""
+        if not self.any_misses:
+            return gp, gm
         s = self.stuck
         if not s.any():
             return gp, gm

@@ -242,7 +242,7 @@ class ProgrammingScheme:
         `force`), then the scheme's update, plus a refresh when one is due. Returns one
         result per device operation, in order."""
         st = self._state(device, tile)
-        wn = torch.as_tensor(w).detach().to("cpu", torch.float64).numpy().copy()
+        wn = np.array(torch.as_tensor(w).detach().cpu().numpy(), dtype=np.float64)  # a copy
         if force or not st.written:
             verify = self.name != "ideal"
             known = int(st.stuck.stuck.sum()) if st.stuck is not None else 0
@@ -296,7 +296,7 @@ class ProgrammingScheme:
         if kind == "refresh" and self.refresh_tol is not None:
             tol = self.refresh_tol * st.mapping.g_range
         rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=self.max_iters)
-        st.g_est = np.stack([gp, gm]).astype(np.float64)
+        st.g_est = np.stack((gp, gm), dtype=np.float64)
         if st.stuck is not None:
             st.stuck.observe(
                 st.g_est, (rep.g_plus, rep.g_minus), verified=verify, residual_max=rep.residual_max
