@@ -6,6 +6,7 @@ offending value, the limit, and what to do instead.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,8 +50,11 @@ def check_budget(b: SettleBudget, limits: Limits) -> None:
         raise ConfigurationError(f"bad settle budget {b}: max_steps, check_every >= 1 and tol >= 0")
 
 
-def as_batch(name: str, value: object, n: int, batch: int | None = None) -> np.ndarray:
-    """Return a C-contiguous float32 (batch, n) array (a view where possible)."""
+def as_batch(
+    name: str, value: object, n: int, batch: int | None = None, limits: Limits | None = None
+) -> np.ndarray:
+    """Return a C-contiguous float32 (batch, n) array (a view where possible), refusing NaN and
+    infinities and, with `limits`, states beyond the read-voltage limit."""
     arr = np.asarray(value)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -59,13 +63,16 @@ def as_batch(name: str, value: object, n: int, batch: int | None = None) -> np.n
     if batch is not None and arr.shape[0] != batch:
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ConfigurationError(f"{name}: contains NaN or infinite values")
+    if arr.size:
+        lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ConfigurationError(f"{name}: contains NaN or infinite values")
+        if limits is not None:
+            _check_voltage(name, max(-lo, hi), limits)
     return arr
 
 
-def _check_voltage(name: str, arr: np.ndarray, limits: Limits) -> None:
-    peak = float(np.abs(arr).max()) if arr.size else 0.0
+def _check_voltage(name: str, peak: float, limits: Limits) -> None:
     if peak > limits.clamp_max:
         raise LimitViolation(
             f"read-voltage limit on {name}",
@@ -85,8 +92,7 @@ def check_states(
             raise ConfigurationError(f"{kind}: the bias node is fixed at 1 and cannot be set")
         if group not in topology.groups:
             raise ConfigurationError(f"{kind}: unknown group {group!r}; known: {sorted(topology.groups)}")
-        arr = as_batch(f"{kind} {group!r}", value, topology.groups[group], batch)
-        _check_voltage(f"{kind} {group!r}", arr, limits)
+        arr = as_batch(f"{kind} {group!r}", value, topology.groups[group], batch, limits)
         batch = arr.shape[0]
         out[group] = arr
     return out, batch
@@ -119,8 +125,7 @@ def check_settle(
         n = topo.groups[group]
         target = None
         if nd.target is not None:
-            target = as_batch(f"nudge target {group!r}", nd.target, n, batch)
-            _check_voltage(f"nudge target {group!r}", target, limits)
+            target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
         grad = None if nd.grad is None else as_batch(f"nudge grad {group!r}", nd.grad, n, batch)
         nudges[group] = Nudge(float(nd.beta), target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
@@ -185,6 +190,5 @@ def check_mvm(
     topology: Topology | None, limits: Limits, tile: str, x: np.ndarray, transpose: bool
 ) -> np.ndarray:
     rows, cols = check_tile(topology, tile)
-    arr = as_batch(f"mvm input to {tile!r}", x, cols if transpose else rows)
-    _check_voltage(f"mvm input to {tile!r}", arr, limits)
+    arr = as_batch(f"mvm input to {tile!r}", x, cols if transpose else rows, limits=limits)
     return arr

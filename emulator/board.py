@@ -9,7 +9,6 @@ every time), the noise of reads, writes and settles from one noise stream.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +114,8 @@ class _Plan:
 
     bias_conductance: float = 0.0  # sum of G on the bias lines (the bias node is always at 1)
     free_lines: torch.Tensor | None = None  # line conductance of the free groups, in plan order
+    rows: dict[str, slice] = field(default_factory=dict)  # free group: its rows in a (nodes, batch) buffer
+    n_free: int = 0  # free nodes
 
     def __post_init__(self) -> None:
         bias = self.line_conductance.get(BIAS)
@@ -437,6 +438,9 @@ class Board:
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
         plan.coupling_norm = self._norm_bound(clamped, plan)
         plan.by_dst = {g: [] for g in free}
+        for g in free:
+            plan.rows[g] = slice(plan.n_free, plan.n_free + topo.groups[g])
+            plan.n_free += topo.groups[g]
         for term in dyn_terms:
             for dst, a, b, _k in term.dsts:
                 plan.by_dst[dst].append((term.src, term.matrix[a:b].T))
@@ -509,17 +513,16 @@ class Board:
     def _line_conductance(self) -> dict[str, torch.Tensor]:
         """Per node group, the total conductance its lines see over all tiles (for power)."""
         assert self.topology is not None
+        topo = self.topology
         out: dict[str, torch.Tensor] = {}
-        for c in self.topology.couplings:
-            g = self._tiles[c.tile].state(self.clock).sum(0)
-            sides = [(c.rows, g.sum(1))] + ([(c.cols, g.sum(0))] if c.kind == "bipartite" else [])
+        for c in topo.couplings:
+            g = self._tiles[c.tile].state(self.clock)  # (2, rows, cols): G+ and G-
+            sides = [(c.rows, g.sum((0, 2)))] + ([(c.cols, g.sum((0, 1)))] if c.kind == "bipartite" else [])
             for groups, total in sides:
-                start = 0
-                for grp in groups:
-                    n = self.topology.size(grp)
-                    part = total[start : start + n]
+                sizes = [topo.size(grp) for grp in groups]
+                parts = torch.split(total, sizes) if len(groups) > 1 else (total,)
+                for grp, part in zip(groups, parts, strict=True):
                     out[grp] = part if grp not in out else out[grp] + part
-                    start += n
         return out
 
     def _energy(
@@ -600,16 +603,14 @@ class Board:
         per = self.preset.periphery
         budget = topo.budget
         batch = next(iter(clamp.values())).shape[0]
-        plan = self._plan(frozenset(clamp))
+        key = frozenset(clamp)
+        plan = self._plan(key)
         dev = self.device
         mvm_mode = topo.mode == "mvm"
         # Clamps and nudge targets go through the DAC once; the bias node is a constant 1.
         s: dict[str, torch.Tensor] = {BIAS: torch.ones(batch, 1, device=dev)}
         for g, x in clamp.items():
             s[g] = self._dac(x, self._channel[g])
-        for g in plan.free:
-            x0 = init.get(g) if init else None
-            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0
         nud: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] = {}
         for g, (beta, target, grad) in (nudge or {}).items():
             t = None if target is None else self._dac(target, self._channel[g])
@@ -619,15 +620,17 @@ class Board:
                 span = float(grad.abs().max()) or 1.0
                 gr = quantize(grad, per.dac_bits, -span, span)
             nud[g] = (beta, t, gr)
+        if not mvm_mode and not plan.noisy and not per.node_noise:
+            return self._settle_quiet(s, nud, init, plan, key, batch, trace)
+        for g in plan.free:
+            x0 = init.get(g) if init else None
+            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0
         # Drive that does not depend on the free states: constant sources (analog mode) and
         # injected nudge currents. In analog mode the read noise of all sources and the node
         # noise sum on each node line: one Gaussian draw per group and step, whose variance
         # has a constant part and a part that follows the free sources' states.
-        quiet = not mvm_mode and not plan.noisy and not per.node_noise
         base: dict[str, torch.Tensor] = {}
-        const_var = (
-            {} if quiet else {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
-        )
+        const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
         mvm_const: list[tuple[_Term, torch.Tensor]] = []
         products: dict[int, tuple[torch.Tensor, bool]] = {}
         for term in plan.const_terms:
@@ -646,24 +649,16 @@ class Board:
         for g, (beta, _t, gr) in nud.items():
             if gr is not None:
                 base[g] = base[g] - beta * gr
-        noisy: dict[str, bool] = {}  # per free group: does noise reach its line?
-        if not quiet:
-            noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
-            for term in plan.dyn_terms:
-                for dst, _a, _b, k in term.dsts:
-                    noisy[dst] = noisy[dst] or k > 0
+        # per free group: does noise reach its line?
+        noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
+        for term in plan.dyn_terms:
+            for dst, _a, _b, k in term.dsts:
+                noisy[dst] = noisy[dst] or k > 0
         gain, tol = topo.gain, budget.tol
-        # analog mode integrates the circuit's ODE: the step shrinks below budget.dt where the
-        # couplings are strong enough for a step of dt to overshoot (energy descent needs
-        # dt < 2 / (1 + gain |W|)); each step then stands for that much less circuit time.
-        dt = budget.dt
-        if not mvm_mode and plan.coupling_norm > 0:
-            if 1.8 / (1.0 + gain * plan.coupling_norm) < dt and not plan.norm_fresh:
-                self._fresh_norm(frozenset(clamp), plan)  # the bound is too loose to decide
-            dt = min(dt, 1.8 / (1.0 + gain * plan.coupling_norm))
+        dt = self._step_dt(plan, key)
         pool = (
             NoisePool(self.noise, max(batch * n for n in topo.groups.values()), dev)
-            if not quiet and (any(noisy.values()) or plan.noisy)
+            if any(noisy.values()) or plan.noisy
             else None
         )
         elastic = {g: (beta, t) for g, (beta, t, _gr) in nud.items() if t is not None}
@@ -687,157 +682,240 @@ class Board:
         if trace:
             record(0)
         residual, converged, steps, floor = float("inf"), False, 0, 0.0
-        buffers = None
-        if quiet:
-            # Noise-free analog settles (the ideal preset, or noise switched off) take a lean
-            # path: no noise, no noise floor, states updated in place.
-            steps, residual, converged, buffers = self._run_quiet(s, plan, base, elastic, dt, trace, record)
-        else:
-            for step in range(1, budget.max_steps + 1):
-                drive = dict(base)
-                var = dict(const_var)
-                for term, out in mvm_const:
-                    y = mvm_out(term, s[term.src], out)
-                    for dst, a, b, _k in term.dsts:
-                        drive[dst] = drive[dst] + y[:, a:b]
-                for term in plan.dyn_terms:
-                    x = s[term.src]
-                    y = F.linear(x, term.matrix)
-                    if mvm_mode:
-                        y = mvm_out(term, x, y)
-                    for dst, a, b, k in term.dsts:
-                        drive[dst] = drive[dst] + y[:, a:b]
-                        if k:
-                            var[dst] = var[dst] + term.noise_var(x, k)
-                check = step % budget.check_every == 0 or step == budget.max_steps
-                res = 0.0
-                for g in plan.free:
-                    u = drive[g]
-                    if g in elastic:
-                        beta, target = elastic[g]
-                        u = u + beta * (target - s[g])
-                    if mvm_mode:
-                        if per.node_noise:
-                            u = u + per.node_noise * pool.draw(u.shape)
-                    elif noisy[g]:
-                        u = u + var[g].sqrt() * pool.draw(u.shape)
-                    new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
-                    if mvm_mode:
-                        new = self._dac(new, self._channel[g])
-                    if check:
-                        res = max(res, float((new - s[g]).abs().max()))
-                    s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
-                steps = step
+        for step in range(1, budget.max_steps + 1):
+            drive = dict(base)
+            var = dict(const_var)
+            for term, out in mvm_const:
+                y = mvm_out(term, s[term.src], out)
+                for dst, a, b, _k in term.dsts:
+                    drive[dst] = drive[dst] + y[:, a:b]
+            for term in plan.dyn_terms:
+                x = s[term.src]
+                y = F.linear(x, term.matrix)
+                if mvm_mode:
+                    y = mvm_out(term, x, y)
+                for dst, a, b, k in term.dsts:
+                    drive[dst] = drive[dst] + y[:, a:b]
+                    if k:
+                        var[dst] = var[dst] + term.noise_var(x, k)
+            check = step % budget.check_every == 0 or step == budget.max_steps
+            res = 0.0
+            for g in plan.free:
+                u = drive[g]
+                if g in elastic:
+                    beta, target = elastic[g]
+                    u = u + beta * (target - s[g])
+                if mvm_mode:
+                    if per.node_noise:
+                        u = u + per.node_noise * pool.draw(u.shape)
+                elif noisy[g]:
+                    u = u + var[g].sqrt() * pool.draw(u.shape)
+                new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
+                if mvm_mode:
+                    new = self._dac(new, self._channel[g])
                 if check:
-                    residual = res
-                    floor = self._noise_floor(var, mvm_mode, gain)
-                if trace and step % trace == 0:
-                    record(step)
-                if check and residual <= tol + floor:
-                    converged = True
-                    break
+                    res = max(res, float((new - s[g]).abs().max()))
+                s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
+            steps = step
+            if check:
+                residual = res
+                floor = self._noise_floor(var, mvm_mode, gain)
+            if trace and step % trace == 0:
+                record(step)
+            if check and residual <= tol + floor:
+                converged = True
+                break
         if trace and trace_steps[-1] != steps:
             record(steps)
-        n_mvm = len(plan.const_terms) + len(plan.dyn_terms)
-        step_s = per.mvm_time_s * n_mvm if mvm_mode else per.settle_step_s * dt / budget.dt
-        settle_time = step_s * steps * batch
-        # the array's power at the equilibrium, for the whole settle: the states spend most
-        # of the settle near it, and measuring it once keeps the per-step loop lean
-        energy_j = self._settle_power(plan, s, buffers) * step_s * steps
-        self.clock += settle_time
-        self.energy_j += energy_j
-        if buffers is not None and plan.const_unit:
-            energy = buffers.energy(0.5 / gain, elastic)
-        elif not mvm_mode and plan.const_unit:
+        settle_time, energy_j = self._account(plan, s, None, steps, dt, batch)
+        if not mvm_mode and plan.const_unit:
             energy = self._energy_from_drive(s, plan, base, elastic)
         else:
             energy = self._energy(s, plan, nud, products)
+        stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
+        return self._result(s, plan, nud, products, (steps, converged, residual), energy,
+                            (settle_time, energy_j), trace_steps, stacked)  # fmt: skip
+
+    def _step_dt(self, plan: _Plan, key: frozenset[str]) -> float:
+        """The integration step of an analog settle: budget.dt, or less where the couplings are
+        strong enough for a step of dt to overshoot (energy descent needs dt < 2 / (1 + gain
+        |W|)); each step then stands for that much less circuit time. mvm settles iterate the
+        fixed point at budget.dt."""
+        assert self.topology is not None
+        topo = self.topology
+        dt = topo.budget.dt
+        if topo.mode != "mvm" and plan.coupling_norm > 0:
+            if 1.8 / (1.0 + topo.gain * plan.coupling_norm) < dt and not plan.norm_fresh:
+                self._fresh_norm(key, plan)  # the bound is too loose to decide
+            dt = min(dt, 1.8 / (1.0 + topo.gain * plan.coupling_norm))
+        return dt
+
+    def _account(
+        self, plan: _Plan, s: dict[str, torch.Tensor], buffers: _Buffers | None, steps: int, dt: float,
+        batch: int,
+    ) -> tuple[float, float]:  # fmt: skip
+        """Advance the clock and the energy meter by a settle; return (seconds, joules). The
+        array's power is measured at the equilibrium, for the whole settle: the states spend
+        most of the settle near it, and measuring it once keeps the per-step loop lean."""
+        assert self.topology is not None
+        per, budget = self.preset.periphery, self.topology.budget
+        if self.topology.mode == "mvm":
+            step_s = per.mvm_time_s * (len(plan.const_terms) + len(plan.dyn_terms))
+        else:
+            step_s = per.settle_step_s * dt / budget.dt
+        settle_time = step_s * steps * batch
+        energy_j = self._settle_power(plan, s, buffers) * step_s * steps
+        self.clock += settle_time
+        self.energy_j += energy_j
+        return settle_time, energy_j
+
+    def _result(
+        self,
+        s: dict[str, torch.Tensor],
+        plan: _Plan,
+        nud: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]],
+        products: dict[int, tuple[torch.Tensor, bool]],
+        outcome: tuple[int, bool, float],
+        energy: torch.Tensor,
+        cost: tuple[float, float],
+        trace_steps: list[int],
+        stacked: dict[str, torch.Tensor],
+    ) -> SettleResult:
+        """The states through the ADC, and the trace (energies evaluated after the settle)."""
         states = {g: self._adc_state(s[g], self._channel[g]) for g in plan.free}
         out_trace = None
-        if trace:
-            stacked = {g: torch.stack(traces[g]) for g in plan.free}
+        if stacked:
             out_trace = {
                 "step": torch.tensor(trace_steps),
                 "energy": self._trace_energy(s, stacked, plan, nud, products),
             }
             for g in plan.free:
                 out_trace[g] = self._adc_state(stacked[g], self._channel[g])
-        return SettleResult(states, steps, converged, residual, energy, settle_time, energy_j, out_trace)
+        return SettleResult(states, *outcome, energy, *cost, out_trace)
 
-    def _run_quiet(
+    def _const_products(
+        self, s: dict[str, torch.Tensor], plan: _Plan
+    ) -> dict[int, tuple[torch.Tensor, bool]]:
+        """Per energy pair, ``s_src @ block`` of the clamped sources (for `_energy`)."""
+        products = {}
+        for term in plan.const_terms:
+            out = F.linear(s[term.src], term.matrix)
+            for (_dst, a, b, _k), (pair, transposed) in zip(term.dsts, term.pairs, strict=True):
+                products[pair] = (out[:, a:b], transposed)
+        return products
+
+    def _settle_quiet(
         self,
         s: dict[str, torch.Tensor],
+        nud: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]],
+        init: dict[str, torch.Tensor] | None,
         plan: _Plan,
-        base: dict[str, torch.Tensor],
-        elastic: dict[str, tuple[float, torch.Tensor]],
-        dt: float,
+        key: frozenset[str],
+        batch: int,
         trace: int,
-        record: Callable[[int], None],
-    ) -> tuple[int, float, bool, _Buffers]:
-        """The analog settle without noise. Returns (steps, residual, converged, the final
-        buffers) and leaves the final states in `s`.
+    ) -> SettleResult:
+        """The analog settle without noise (the ideal preset, or noise switched off).
 
         The free groups' states live in one (nodes, batch) buffer, one contiguous row block
-        per group, and so do the new states each step: a step is one matrix product per
-        (source, destination) pair written straight into the destination's rows, then one
-        clamp and one relaxation over all groups at once (4 torch calls per step for a
-        layered network of two free groups, against 6 for per-group (batch, nodes) states;
-        about half the time per step at every batch size).
+        per group (`plan.rows`), and so do the new states each step and the constant drive
+        (clamped sources, bias, injected currents): a step is one matrix product per (source,
+        destination) pair written straight into the destination's rows, then one clamp and
+        one relaxation over all groups at once (4 torch calls per step for a layered network
+        of two free groups, against 6 for per-group (batch, nodes) states; about half the time
+        per step at every batch size).
 
         With ``tol = 0`` convergence is never checked: the settle runs exactly `max_steps`
         (the fixed-step recipe of the EP literature) and the residual is measured at the
         last step only."""
         assert self.topology is not None
-        budget, gain = self.topology.budget, self.topology.gain
-        every = budget.check_every if budget.tol > 0 else budget.max_steps + 1
-        rows, n = {}, 0
-        for g in plan.free:
-            rows[g] = slice(n, n + self.topology.groups[g])
-            n = rows[g].stop
-        batch = s[plan.free[0]].shape[0]
-        state = torch.empty(n, batch, device=self.device)
-        new = torch.empty(n, batch, device=self.device)
-        drive0 = torch.empty(n, batch, device=self.device)  # the constant drive, transposed
-        schedule = []
-        links = []
+        budget, gain, dev = self.topology.budget, self.topology.gain, self.device
+        rows = plan.rows
+        if init and any(g in init for g in plan.free):
+            state = torch.empty(plan.n_free, batch, device=dev)
+            for g in plan.free:
+                x0 = init.get(g)
+                if x0 is None:
+                    state[rows[g]].zero_()
+                else:
+                    state[rows[g]].copy_(x0.T)
+        else:
+            state = torch.zeros(plan.n_free, batch, device=dev)
+        new = torch.empty(plan.n_free, batch, device=dev)
+        drive = torch.zeros(plan.n_free, batch, device=dev)  # the constant drive
+        for term in plan.const_terms:
+            for dst, a, b, _k in term.dsts:
+                if term.src == BIAS:
+                    drive[rows[dst]].add_(term.matrix[a:b])  # (n, 1): the same for every sample
+                else:
+                    drive[rows[dst]].addmm_(term.matrix[a:b], s[term.src].T)
+        elastic = {}
+        for g, (beta, target, grad) in nud.items():
+            if grad is not None:
+                drive[rows[g]].sub_(grad.T, alpha=beta)
+            if target is not None:
+                elastic[g] = (beta, target)
+        dt = self._step_dt(plan, key)
+        # the step, as flat lists: first product (written), further products (added), groups
+        # without free sources (the constant drive), elastic pulls
+        first, more, const, pulls, links = [], [], [], [], []
         for g in plan.free:
             r = rows[g]
-            state[r].copy_(s[g].T)
-            drive0[r].copy_(base[g].T)
-            # the plan's (n_src, n_dst) blocks, transposed back: contiguous (n_dst, n_src) rows
-            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]
+            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]  # (n_dst, n_src) rows
             links.append((r, sources))
-            beta, target = elastic.get(g) or (0.0, None)
-            pull = None if target is None else (beta * target).T.contiguous()
-            schedule.append((new[r], drive0[r], sources, beta, pull, state[r]))
-        residual = float("inf")
+            if sources:
+                first.append((drive[r], *sources[0], new[r]))
+                more += [(new[r], m, x) for m, x in sources[1:]]
+            else:
+                const.append((new[r], drive[r]))
+            if g in elastic:
+                beta, target = elastic[g]
+                pulls.append((new[r], (beta * target).T.contiguous(), state[r], beta))
+        every = budget.check_every if budget.tol > 0 else budget.max_steps + 1
+        trace_steps: list[int] = []
+        traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
+
+        def record(step: int) -> None:
+            trace_steps.append(step)
+            for g in plan.free:
+                traces[g].append(state[rows[g]].T.clone())
+
+        if trace:
+            record(0)
+        residual, step = float("inf"), 0
         for step in range(1, budget.max_steps + 1):
-            for u, b, sources, beta, pull, own in schedule:
-                if sources:
-                    m0, x0 = sources[0]
-                    torch.addmm(b, m0, x0, out=u)
-                    for m, x in sources[1:]:
-                        u.addmm_(m, x)
-                else:
-                    u.copy_(b)
-                if pull is not None:
-                    u.add_(pull).add_(own, alpha=-beta)
+            for b, m, x, u in first:
+                torch.addmm(b, m, x, out=u)
+            for u, m, x in more:
+                u.addmm_(m, x)
+            for u, b in const:
+                u.copy_(b)
+            for u, pull, own, beta in pulls:
+                u.add_(pull).add_(own, alpha=-beta)
             if gain != 1.0:
                 new.mul_(gain)
             new.clamp_(0.0, 1.0)
-            last = step == budget.max_steps
-            if last or step % every == 0:
+            checked = step % every == 0 or step == budget.max_steps
+            if checked:
                 residual = float((new - state).abs_().max())
             state.lerp_(new, dt)
             if trace and step % trace == 0:
-                for g in plan.free:
-                    s[g] = state[rows[g]].T.clone()  # the trace keeps every recorded tensor
                 record(step)
-            if (last or step % every == 0) and residual <= budget.tol:
+            if checked and residual <= budget.tol:
                 break
+        if trace and trace_steps[-1] != step:
+            record(step)
         for g in plan.free:
             s[g] = state[rows[g]].T.contiguous()
-        return step, residual, residual <= budget.tol, _Buffers(state, drive0, rows, links)
+        buffers = _Buffers(state, drive, rows, links)
+        cost = self._account(plan, s, buffers, step, dt, batch)
+        products = self._const_products(s, plan) if trace or not plan.const_unit else {}
+        if plan.const_unit:
+            energy = buffers.energy(0.5 / gain, elastic)
+        else:
+            energy = self._energy(s, plan, nud, products)
+        stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
+        outcome = (step, residual <= budget.tol, residual)
+        return self._result(s, plan, nud, products, outcome, energy, cost, trace_steps, stacked)
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivers import BIAS, Device, Equilibrium, Nudge, SettleBudget, Topology
+from drivers import BIAS, Coupling, Device, Equilibrium, Nudge, SettleBudget, Topology
 from hil.programming import Programmed, ProgrammingScheme, UpdateReport, make_scheme
 from hil.reference import DHN
 
@@ -207,17 +207,25 @@ class EBBlock(nn.Module):
     def weights(self) -> nn.ParameterDict:
         return self.net.weights
 
-    @torch.no_grad()
     def sync(self, force: bool = False) -> int:
         """Program every tile whose host weights changed since the last write through the
         programming scheme; return how many tiles were written. Weights outside +-w_max are
         clipped (`clip`) on the host too."""
-        written = 0
-        self.last_updates = []
-        for c in self.topology.couplings:
-            p = self.weights[c.tile]
-            if not force and self._versions.get(c.tile) == p._version:
-                continue
+        if self.last_updates:
+            self.last_updates = []
+        weights = self.weights
+        changed = [
+            (c, weights[c.tile])
+            for c in self.topology.couplings
+            if force or self._versions.get(c.tile) != weights[c.tile]._version
+        ]
+        if changed:
+            with torch.no_grad():
+                self._program(changed, force)
+        return len(changed)
+
+    def _program(self, changed: list[tuple[Coupling, nn.Parameter]], force: bool) -> None:
+        for c, p in changed:
             if c.kind == "dense":
                 n = p.shape[1]
                 p[:n].fill_diagonal_(0.0)  # the diagonal is disconnected
@@ -228,8 +236,6 @@ class EBBlock(nn.Module):
                     p.clamp_(-c.w_max, c.w_max)
             self._record(self.programming.program(self.device, c.tile, p, force=force))
             self._versions[c.tile] = p._version
-            written += 1
-        return written
 
     def _record(self, results: list[Programmed]) -> None:
         for res in results:
