@@ -287,8 +287,10 @@ class Board:
         per = self.preset.periphery
         lo, hi = per.state_range
         y = quantize(self.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
-        if y.numel() and float(y.abs().max()) * per.v_read > per.v_read_max:
-            self.safety.violations += 1
+        if y.numel():
+            y_lo, y_hi = torch.aminmax(y)
+            if max(-float(y_lo), float(y_hi)) * per.v_read > per.v_read_max:
+                self.safety.violations += 1
         return y
 
     def _adc_state(self, x: torch.Tensor, channel: int) -> torch.Tensor:

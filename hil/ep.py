@@ -150,6 +150,9 @@ class EBBlock(nn.Module):
             DHN(topology, {t: p.detach() for t, p in self.net.weights.items()}, dtype=torch.float32),
         )
         self.device_net.requires_grad_(False)
+        # (coupling, parameter) per tile, for `sync`'s check of what changed (the parameters
+        # are created once, with the network; loading a state copies into them)
+        self._tile_params = [(c, self.net.weights[c.tile]) for c in topology.couplings]
         self._pending: dict[str, Programmed] = {}  # read-backs not yet copied into device_net
         self.verify = verify
         self.programming = make_scheme(programming, verify=verify, seed=seed)
@@ -212,13 +215,8 @@ class EBBlock(nn.Module):
         programming scheme; return how many tiles were written. Weights outside +-w_max are
         clipped (`clip`) on the host too."""
         if self.last_updates:
-            self.last_updates = []
-        weights = self.weights
-        changed = [
-            (c, weights[c.tile])
-            for c in self.topology.couplings
-            if force or self._versions.get(c.tile) != weights[c.tile]._version
-        ]
+            object.__setattr__(self, "last_updates", [])  # a plain attribute: skip Module.__setattr__
+        changed = [(c, p) for c, p in self._tile_params if force or self._versions.get(c.tile) != p._version]
         if changed:
             with torch.no_grad():
                 self._program(changed, force)
@@ -285,7 +283,7 @@ class EBBlock(nn.Module):
         if topo is None or topo.budget != b:
             topo = self._phase_topologies[phase] = replace(self.topology, budget=b)
         self.device.configure(topo)
-        self._configured = b
+        object.__setattr__(self, "_configured", b)  # a plain attribute: skip Module.__setattr__
 
     # ------------------------------------------------------------------------------ settles
     def _clamp(self, x: ArrayLike | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:

@@ -58,21 +58,27 @@ class LinearMapping:
 
     def to_conductance(self, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """Return (G+, G-, number of weights clipped to +-w_max), float32 siemens."""
+        g, clipped = self.to_conductance_pair(w)
+        return g[0], g[1], clipped
+
+    def to_conductance_pair(self, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
+        """`to_conductance` as one (2, rows, cols) array: G+ then G-."""
         t = torch.as_tensor(w).detach().to("cpu", torch.float32)
         lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
         inside = -self.w_max <= float(lo) and float(hi) <= self.w_max
         clipped = 0 if inside else int((t.abs() > self.w_max).sum())
-        x = t * (self.g_range / self.w_max)
+        k = self.g_range / self.w_max
+        g = torch.empty(2, *t.shape)
         if self.center is not None:
-            x.clamp_(-self.g_range, self.g_range)
-            gp = (self.center + 0.5 * x).clamp_(self.g_min, self.g_max)
-            gm = (self.center - 0.5 * x).clamp_(self.g_min, self.g_max)
-            return gp.numpy(), gm.numpy(), clipped
+            x = torch.mul(t, k).clamp_(-self.g_range, self.g_range)
+            torch.mul(x, 0.5, out=g[0])
+            torch.mul(x, -0.5, out=g[1])
+            return g.add_(self.center).clamp_(self.g_min, self.g_max).numpy(), clipped
         # the sign picks the device; the clamp to [g_min, g_max] also clips the weight and
         # catches float32 rounding a hair outside the window
-        gp = (x + self.g_min).clamp_(self.g_min, self.g_max)
-        gm = (self.g_min - x).clamp_(self.g_min, self.g_max)
-        return gp.numpy(), gm.numpy(), clipped
+        torch.mul(t, k, out=g[0])
+        torch.mul(t, -k, out=g[1])
+        return g.add_(self.g_min).clamp_(self.g_min, self.g_max).numpy(), clipped
 
     def to_weight(self, g_plus: np.ndarray, g_minus: np.ndarray) -> np.ndarray:
         """``w_max (G+ - G-) / (g_max - g_min)``, float32."""

@@ -264,7 +264,9 @@ class ProgrammingScheme:
             out = [self._pulse(device, tile, st, wn)]
         else:
             st.updates += 1
-            out = [self._write(device, tile, st, wn, kind="write", verify=self.name == "verify")]
+            # the float32 weights themselves: their conductances are those of `wn`
+            w32 = torch.as_tensor(w).detach()
+            out = [self._write(device, tile, st, w32, kind="write", verify=self.name == "verify")]
             st.host = wn
         periodic = bool(self.refresh_every) and st.updates % self.refresh_every == 0
         saturated = st.one_sided and self.pulsed and self._saturated(st) > 0.01
@@ -279,24 +281,26 @@ class ProgrammingScheme:
         return st.host - st.acc
 
     # ------------------------------------------------------------------------------ writes
-    def _targets(self, device: Device, st: TileState, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        gp, gm, clipped = st.mapping.to_conductance(w.astype(np.float32))
+    def _targets(self, device: Device, st: TileState, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
+        """The (G+, G-) targets of weights `w` as one (2, rows, cols) float32 array."""
+        g, clipped = st.mapping.to_conductance_pair(w)
         if self.record is not None:
-            t = conductance_targets(self.record, st.position, gp, gm, device.info.limits)
-            gp, gm = t.g_plus, t.g_minus
-        elif st.stuck is not None:
-            gp, gm = st.stuck.compensate(gp, gm, st.mapping.g_min, st.mapping.g_max)
-        return gp, gm, clipped
+            t = conductance_targets(self.record, st.position, g[0], g[1], device.info.limits)
+            g = np.stack((t.g_plus, t.g_minus))
+        elif st.stuck is not None and st.stuck.any_misses:
+            g = np.stack(st.stuck.compensate(g[0], g[1], st.mapping.g_min, st.mapping.g_max))
+        return g, clipped
 
     def _write(
-        self, device: Device, tile: str, st: TileState, w: np.ndarray, *, kind: str, verify: bool
-    ) -> Programmed:
-        gp, gm, clipped = self._targets(device, st, w)
+        self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor, *, kind: str,
+        verify: bool,
+    ) -> Programmed:  # fmt: skip
+        g, clipped = self._targets(device, st, w)
         tol = self.tol
         if kind == "refresh" and self.refresh_tol is not None:
             tol = self.refresh_tol * st.mapping.g_range
-        rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=self.max_iters)
-        st.g_est = np.stack((gp, gm), dtype=np.float64)
+        rep = device.program(tile, g[0], g[1], verify=verify, tol=tol, max_iters=self.max_iters)
+        st.g_est = g.astype(np.float64)
         if st.stuck is not None:
             st.stuck.observe(
                 st.g_est, (rep.g_plus, rep.g_minus), verified=verify, residual_max=rep.residual_max
