@@ -9,7 +9,9 @@ every time), the noise of reads, writes and settles from one noise stream.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -857,22 +859,34 @@ class Board:
             if target is not None:
                 elastic[g] = (beta, target)
         dt = self._step_dt(plan, key)
-        # the step, as flat lists: first product (written), further products (added), groups
-        # without free sources (the constant drive), elastic pulls
-        first, more, const, pulls, links = [], [], [], [], []
+        # one step as a flat list of bound calls: per free group its first product (written
+        # into its rows of `new`), further products (added), or the constant drive alone, and
+        # the elastic pulls; then gain and clamp over all groups
+        pre: list[Callable[[], object]] = []
+        links = []
         for g in plan.free:
             r = rows[g]
             sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]  # (n_dst, n_src) rows
             links.append((r, sources))
             if sources:
-                first.append((drive[r], *sources[0], new[r]))
-                more += [(new[r], m, x) for m, x in sources[1:]]
+                pre.append(partial(torch.addmm, drive[r], *sources[0], out=new[r]))
+                pre += [partial(new[r].addmm_, m, x) for m, x in sources[1:]]
             else:
-                const.append((new[r], drive[r]))
+                pre.append(partial(new[r].copy_, drive[r]))
             if g in elastic:
                 beta, target = elastic[g]
-                pulls.append((new[r], (beta * target).T.contiguous(), state[r], beta))
-        every = budget.check_every if budget.tol > 0 else budget.max_steps + 1
+                pre.append(partial(new[r].add_, (beta * target).T.contiguous()))
+                pre.append(partial(new[r].add_, state[r], alpha=-beta))
+        if gain != 1.0:
+            pre.append(partial(new.mul_, gain))
+        pre.append(partial(new.clamp_, 0.0, 1.0))
+        relax = partial(state.lerp_, new, dt)
+        step_ops = [*pre, relax]
+        # the steps that check convergence (every `check_every`; with tol = 0 only the last)
+        # or record the trace; the steps between them run the flat list alone
+        last = budget.max_steps
+        every = budget.check_every if budget.tol > 0 else last
+        marks = sorted({*range(every, last, every), *(range(trace, last, trace) if trace else ()), last})
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
 
@@ -884,24 +898,19 @@ class Board:
         if trace:
             record(0)
         residual, step = float("inf"), 0
-        for step in range(1, budget.max_steps + 1):
-            for b, m, x, u in first:
-                torch.addmm(b, m, x, out=u)
-            for u, m, x in more:
-                u.addmm_(m, x)
-            for u, b in const:
-                u.copy_(b)
-            for u, pull, own, beta in pulls:
-                u.add_(pull).add_(own, alpha=-beta)
-            if gain != 1.0:
-                new.mul_(gain)
-            new.clamp_(0.0, 1.0)
-            checked = step % every == 0 or step == budget.max_steps
+        for mark in marks:
+            for _ in range(mark - step - 1):
+                for op in step_ops:
+                    op()
+            for op in pre:
+                op()
+            checked = mark % every == 0 or mark == last
             if checked:
                 residual = float((new - state).abs_().max())
-            state.lerp_(new, dt)
-            if trace and step % trace == 0:
-                record(step)
+            relax()
+            step = mark
+            if trace and mark % trace == 0:
+                record(mark)
             if checked and residual <= budget.tol:
                 break
         if trace and trace_steps[-1] != step:
