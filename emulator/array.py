@@ -99,6 +99,7 @@ class TileArray:
         self._cache_version = -1
         self._cache_t = 0.0
         self._cache: torch.Tensor | None = None
+        self.weights_epoch = 0  # recomputations of the cached weights (see `weights`)
 
     # ----------------------------------------------------------------- shape and truth
     @property
@@ -153,8 +154,7 @@ class TileArray:
             self._t_written = torch.where(mask, torch.full_like(self._t_written, t), self._t_written)
             self._t_uniform = None
         self._t_latest = max(self._t_latest, t)
-        self._version += 1
-        self._cache = None
+        self._version += 1  # the cached weights are stale
 
     def conductances(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """True (G+, G-) at time `t`: drift since each device's last write, stuck values.
@@ -190,8 +190,12 @@ class TileArray:
         Cached: recomputed after a write or pulse, or, on a drifting tile, when the drift
         since the cached time may have moved some conductance by more than 1e-6 relative
         (``nu_max |dt| / (time since the latest write)``; far below any read noise, and it
-        keeps the many settles of a training step on one cached tensor). The returned tensor
-        is shared with the cache: do not modify it in place.
+        keeps the many settles of a training step on one cached tensor).
+
+        The returned tensor is the cache itself, one tensor for the tile's lifetime, updated
+        in place whenever it is recomputed (`weights_epoch` counts the recomputations): a
+        board keeps views of it from one write to the next. Do not modify it; clone it to
+        keep a snapshot.
         """
         if self._cache is not None and self._cache_version == self._version:
             if not self._drifts:
@@ -200,12 +204,14 @@ class TileArray:
             if self._nu_max * abs(t - self._cache_t) <= 1e-6 * since:
                 return self._cache
         g = self._now(t)
-        w = (g[0] - g[1]) / self.model.g_range
+        if self._cache is None:
+            self._cache = torch.empty(self.shape, device=self.device)
+        w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)
         if self._ir is not None:
-            w = w * self._ir
-        self._cache = w
+            w.mul_(self._ir)
         self._cache_version = self._version
         self._cache_t = t
+        self.weights_epoch += 1
         return w
 
     def mvm_noise_std(self, x: torch.Tensor) -> torch.Tensor:

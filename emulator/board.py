@@ -119,11 +119,13 @@ class _Plan:
     rows: dict[str, slice] = field(default_factory=dict)  # free group: its rows in a (nodes, batch) buffer
     n_free: int = 0  # free nodes
 
+    # in-place recomputations of the plan's tensors that are not views of the tiles' weights
+    # (scaled or masked copies, joined matrices), in the order they depend on each other
+    refreshers: list[Callable[[], object]] = field(default_factory=list)
+    epochs: tuple[int, ...] = ()  # the tiles' `weights_epoch` the plan's tensors hold
+
     def __post_init__(self) -> None:
-        bias = self.line_conductance.get(BIAS)
-        self.bias_conductance = 0.0 if bias is None else float(bias.sum())
-        if self.free and all(g in self.line_conductance for g in self.free):
-            self.free_lines = torch.cat([self.line_conductance[g] for g in self.free])
+        self.set_lines(self.line_conductance)
         terms = self.const_terms + self.dyn_terms
         self.noisy = any(t.noisy for t in terms)
         const = {p for t in self.const_terms for p, _tr in t.pairs}
@@ -132,6 +134,18 @@ class _Plan:
         self.dyn_pairs = [
             i for i, (rg, cg, _b, _f) in enumerate(self.energy_pairs) if rg in free and cg in free
         ]
+
+    def set_lines(self, line_conductance: dict[str, torch.Tensor]) -> None:
+        self.line_conductance = line_conductance
+        bias = line_conductance.get(BIAS)
+        self.bias_conductance = 0.0 if bias is None else float(bias.sum())
+        if self.free and all(g in line_conductance for g in self.free):
+            self.free_lines = torch.cat([line_conductance[g] for g in self.free])
+
+
+def _copy_joined(out: torch.Tensor, blocks: list[torch.Tensor]) -> None:
+    """Refresh a source's joined matrix ``cat(blocks, 1).T`` in place."""
+    out.copy_(torch.cat(blocks, dim=1).T)
 
 
 @dataclass
@@ -307,8 +321,8 @@ class Board:
     # ---------------------------------------------------------------- array operations
 
     def _weights(self, c: Coupling) -> torch.Tensor:
-        """The coupling's weights; with ``w_max = 1`` the tile's cached tensor itself (shared:
-        never modified in place)."""
+        """The coupling's weights; with ``w_max = 1`` the tile's cached tensor itself (which
+        the tile updates in place: use it at once)."""
         w = self._tiles[c.tile].weights(self.clock)
         return w if c.w_max == 1.0 else w * c.w_max
 
@@ -341,7 +355,6 @@ class Board:
             err = residual if true is read else (true - target).abs_().max()
             # every device within tol when the largest error is; else count them
             within = 1.0 if float(err) <= tol else float(((true - target).abs_() <= tol).float().mean())
-        self._plans.clear()
         rp, rm = read[0], read[1]
         return {
             "g_plus": rp,
@@ -364,7 +377,6 @@ class Board:
         st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise)
         self.clock += st.time_s
         self.energy_j += st.energy_j
-        self._plans.clear()
         return {"pulses": int(st.pulses), "energy_j": float(st.energy_j), "time_s": float(st.time_s)}
 
     def read_conductance(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,18 +408,36 @@ class Board:
     # ---------------------------------------------------------------- settle
 
     def _plan(self, clamped: frozenset[str]) -> _Plan:
+        """The settle plan for a clamp set. Its tensors are views of the tiles' cached weights,
+        which the tiles update in place (`TileArray.weights`): after a write (a new
+        `weights_epoch`) the plan is refreshed, not rebuilt (its copies recomputed in place,
+        line conductances and the coupling-norm bound taken again); a tile that hands back
+        another tensor (a new topology) makes a new plan."""
         assert self.topology is not None
-        # A plan is valid while every tile hands back the very same weights tensor (the tiles
-        # cache it and build a new one after any write, or when drift has moved it).
-        sources = tuple(self._tiles[c.tile].weights(self.clock) for c in self.topology.couplings)
+        tiles = [self._tiles[c.tile] for c in self.topology.couplings]
+        sources = tuple(t.weights(self.clock) for t in tiles)
+        epochs = tuple(t.weights_epoch for t in tiles)
         cached = self._plans.get(clamped)
         if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
-            return cached[1]
+            plan = cached[1]
+            if plan.epochs != epochs:
+                for refresh in plan.refreshers:
+                    refresh()
+                plan.set_lines(self._line_conductance())
+                plan.norm_fresh = False
+                plan.coupling_norm = self._norm_bound(clamped, plan)
+                plan.epochs = epochs
+            return plan
         topo = self.topology
         pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
+        refreshers: list[Callable[[], object]] = []
         for c in topo.couplings:
-            w = self._weights(c)
+            w = self._tiles[c.tile].weights(self.clock)
+            if c.w_max != 1.0:
+                scaled = w * c.w_max
+                refreshers.append(partial(torch.mul, w, c.w_max, out=scaled))
+                w = scaled
             tile = self._tiles[c.tile]
             m = tile.model
             noise_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
@@ -418,8 +448,11 @@ class Board:
                 for cg in c.cols:
                     cn = topo.size(cg)
                     block = w[r0 : r0 + rn, c0 : c0 + cn]
-                    if c.kind == "dense" and rg == cg:
-                        block = block * (1 - torch.eye(rn, device=self.device))
+                    if c.kind == "dense" and rg == cg:  # the diagonal is disconnected
+                        mask = 1 - torch.eye(rn, device=self.device)
+                        masked = block * mask
+                        refreshers.append(partial(torch.mul, block, mask, out=masked))
+                        block = masked
                     if cg not in clamped:
                         pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
@@ -431,7 +464,11 @@ class Board:
         const_terms, dyn_terms = [], []
         for src, items in pieces.items():
             blocks = [b for _, b, _, _ in items]
-            matrix = blocks[0].T if len(blocks) == 1 else torch.cat(blocks, dim=1).T.contiguous()
+            if len(blocks) == 1:
+                matrix = blocks[0].T
+            else:
+                matrix = torch.cat(blocks, dim=1).T.contiguous()
+                refreshers.append(partial(_copy_joined, matrix, blocks))
             dsts, start = [], 0
             for dst, b, k, _pair in items:
                 dsts.append((dst, start, start + b.shape[1], k))
@@ -440,6 +477,7 @@ class Board:
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = _Plan(free, const_terms, dyn_terms, energy_pairs, self._line_conductance())
+        plan.refreshers, plan.epochs = refreshers, epochs
         plan.coupling_norm = self._norm_bound(clamped, plan)
         plan.by_dst = {g: [] for g in free}
         for g in free:
@@ -462,11 +500,16 @@ class Board:
         ref = self._norm_refs.get(clamped)
         if ref is None or [m.shape for m in ref[1]] != [m.shape for m in matrices]:
             return self._fresh_norm(clamped, plan)
-        change = sum(
-            float(torch.linalg.matrix_norm(m - o)) ** 2 for m, o in zip(matrices, ref[1], strict=True)
-        )
+        # a bipartite pair's two matrices are one block and its transpose: one norm for both
+        change, seen = 0.0, {}
+        for m, o in zip(matrices, ref[1], strict=True):
+            key = (m.data_ptr(), m.numel())
+            if key not in seen:
+                seen[key] = float(torch.linalg.matrix_norm(m - o)) ** 2
+            change += seen[key]
         norm = ref[0] + 1.1 * change**0.5
-        self._norm_refs[clamped] = (norm, matrices)
+        # copies: the plan's matrices are views that later writes update in place
+        self._norm_refs[clamped] = (norm, [m.clone() for m in matrices])
         return norm
 
     def _fresh_norm(self, clamped: frozenset[str], plan: _Plan) -> float:
@@ -474,7 +517,8 @@ class Board:
         start from."""
         plan.coupling_norm = self._coupling_norm(plan)
         plan.norm_fresh = True
-        self._norm_refs[clamped] = (plan.coupling_norm, [t.matrix for t in plan.dyn_terms])
+        # copies: the plan's matrices are views that later writes update in place
+        self._norm_refs[clamped] = (plan.coupling_norm, [t.matrix.clone() for t in plan.dyn_terms])
         return plan.coupling_norm
 
     def _coupling_norm(self, plan: _Plan) -> float:

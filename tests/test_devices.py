@@ -297,14 +297,20 @@ def test_weights_are_cached_and_follow_writes_drift_and_ir_drop() -> None:
     gen = noise()
     a.set_conductances(torch.full(a.shape, 20 * uS), torch.full(a.shape, 5 * uS), 0.0)
     w = a.weights(0.0)
+    epoch = a.weights_epoch
     assert a.weights(0.0) is w and a.weights(1e-6) is w  # cache hit (drift far below 1e-6)
+    assert a.weights_epoch == epoch
     i = torch.arange(8).unsqueeze(1) / 8
     j = torch.arange(4).unsqueeze(0) / 4
     assert torch.allclose(w, 15 / 25 * (1 - 0.1 * (i + j) / 2), rtol=1e-5)
+    fresh = w.clone()
+    # one tensor for the tile's lifetime, recomputed in place (a board keeps views of it)
     later = a.weights(3600.0)
-    assert later is not w and float(later.mean()) < float(w.mean())
+    assert later is w and a.weights_epoch == epoch + 1 and float(later.mean()) < float(fresh.mean())
+    drifted = later.clone()
     a.pulse(torch.ones(a.shape, dtype=torch.int64), torch.zeros(a.shape, dtype=torch.int64), 3600.0, gen)
-    assert a.weights(3600.0) is not later
+    assert a.weights(3600.0) is w and a.weights_epoch == epoch + 2
+    assert float(w.mean()) > float(drifted.mean())  # SET pulses on G+ raise every weight
 
 
 def test_presets_and_validation() -> None:

@@ -413,6 +413,34 @@ def test_settle_energy_is_the_line_power_at_equilibrium_times_the_settle_time() 
         assert eq.energy_j == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["layered", "dense"])
+def test_a_plan_refreshed_after_writes_settles_as_a_new_plan(kind: str) -> None:
+    """Plans keep views of the tiles' weights, which writes update in place; the copies a plan
+    holds (weights scaled by w_max, a dense tile's masked diagonal, a source's joined matrix)
+    are refreshed. After writes, a settle must equal one on a plan built from scratch."""
+    rng = np.random.default_rng(4)
+    budget = SettleBudget(max_steps=80, tol=0.0, dt=0.5)
+    with open_device(IDEAL) as dev:
+        if kind == "layered":
+            topo = Topology.layered([5, 7, 3], w_max=0.5, budget=budget)
+        else:
+            topo = Topology.dense({"x": 4, "h": 6, "z": 2}, w_max=0.5, budget=budget)
+        dev.configure(topo)
+        x = {"x" if kind == "dense" else "s0": rng.uniform(0, 1, (3, 5 if kind == "layered" else 4))}
+        x = {g: v.astype(np.float32) for g, v in x.items()}
+        for _ in range(3):
+            for c in topo.couplings:
+                rows, cols = topo.tile_shape(c.tile)
+                program_weights(dev, c.tile, rng.uniform(-0.5, 0.5, (rows, cols)).astype(np.float32))
+            refreshed = dev.settle(x)
+        dev.board._plans.clear()
+        fresh = dev.settle(x)
+    for g in refreshed.states:
+        np.testing.assert_allclose(refreshed.states[g], fresh.states[g], atol=1e-6)
+    np.testing.assert_allclose(refreshed.energy, fresh.energy, atol=1e-6)
+    assert refreshed.energy_j == pytest.approx(fresh.energy_j, rel=1e-6)
+
+
 def test_empty_batch_is_refused_with_a_clear_error() -> None:
     from drivers import ConfigurationError
 
