@@ -13,7 +13,9 @@ free and nudged settles on the Device, and turns the equilibria into gradients:
 
 The phases (``mode``): ``"positive"`` (free and +beta, one-sided), ``"negative"`` (-beta and
 free), ``"centered"`` (+beta and -beta: bias O(beta^2) instead of O(beta)) and ``"random"``
-(one-sided with a random sign per call). Nudges follow the Device convention: a group's
+(one-sided with a random sign per call). Centered EP with error-current (grad) nudges runs
+its two nudged phases as one settle over the batch twice over (`EBBlock.joint_phases`): one
+Device call instead of two. Nudges follow the Device convention: a group's
 drive gets ``beta (target - s) - beta grad``, i.e. the cost ``l = 1/2|s - target|^2 +
 grad . s`` is added to the energy with weight beta. ``reduce="mean"`` gives the gradient of
 the batch mean of l (the parameter gradients are batch averages), ``"sum"`` of the sum.

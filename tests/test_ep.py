@@ -225,3 +225,26 @@ def test_joint_nudged_phases_equal_the_phases_one_by_one(digits_batch) -> None:
     for t in joint.grads:
         assert torch.allclose(joint.grads[t], apart.grads[t], atol=1e-6, rtol=1e-4)
     assert torch.allclose(joint.input_grads["s0"], apart.input_grads["s0"], atol=1e-6, rtol=1e-4)
+
+
+def test_joint_phases_match_implicit_differentiation(digits_batch) -> None:
+    """The must-show check of centered EP (beta 0.01, converged free phase) on the joint path:
+    an error-current nudge, both nudged phases in one settle, against the reference's VJP by
+    implicit differentiation, for every layer's weights and biases and for the input."""
+    x, _ = digits_batch
+    g = torch.randn(len(x), 10, generator=torch.Generator().manual_seed(3))
+    with open_device(IDEAL) as dev:
+        blk = check_block(dev, [64, 256, 10])
+        assert blk.joint_phases
+        free = blk.free(x)
+        assert free.converged
+        res = blk.ep(x, grad=g, beta=0.01, free=free, reduce="sum")
+        ref = blk.reference()
+        xs = {"s0": x.double()}
+        gw, gx = ref.vjp(xs, ref.settle(xs, newton=True).states, {"s2": g.double()})
+    est = split_bias(blk.topology, res.grads) | {"input:s0": res.input_grads["s0"]}
+    truth = split_bias(blk.topology, gw) | {"input:s0": gx["s0"]}
+    assert set(est) == {"W0.weight", "W0.bias", "W1.weight", "W1.bias", "input:s0"}
+    for k, v in truth.items():
+        assert cosine(est[k], v) >= 0.999, (k, cosine(est[k], v))
+        assert rel_error(est[k], v) <= 0.05, (k, rel_error(est[k], v))
