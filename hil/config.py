@@ -69,6 +69,9 @@ class EPConfig:
     # how a refresh restores the weights: tune (pulse the pairs back in place), verify
     # (write-verify re-write) or auto (tune where the device can pulse)
     refresh_mode: Literal["auto", "tune", "verify"] = "auto"
+    # centered EP with the CE error current: both nudged phases as one settle over the doubled
+    # batch (EBBlock.joint_phases; one Device call instead of two, equal in distribution)
+    joint_phases: bool = True
 
 
 @dataclass

@@ -220,6 +220,7 @@ class FFEBM(nn.Module):
         refresh_every: int = 0,
         refresh_mode: str | None = None,
         seed: int = 0,
+        joint_phases: bool = True,
     ) -> FFEBM:
         """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
         on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
@@ -253,8 +254,9 @@ class FFEBM(nn.Module):
                 seed=seed + k,
             )
             blk = EBBlock(
-                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k
-            )
+                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k,
+                joint_phases=joint_phases,
+            )  # fmt: skip
             parts.append(EBLayer(blk, beta=beta, mode=mode))
         return FFEBM(parts)
 

@@ -95,6 +95,7 @@ class HopfieldVAE:
         init_scale: float = 0.5,
         seed: int = 0,
         programming: str = "ideal",
+        joint_phases: bool = False,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Hopfield VAE variant {variant!r}; known: {VARIANTS}")
@@ -124,6 +125,7 @@ class HopfieldVAE:
             init_scale=init_scale,
             seed=seed,
             programming=programming,
+            joint_phases=joint_phases,
         )
         self.decoder = (
             self.encoder
@@ -136,6 +138,7 @@ class HopfieldVAE:
                 init_scale=init_scale,
                 seed=seed + 7,
                 programming=programming,
+                joint_phases=joint_phases,
             )
         )
 

@@ -84,6 +84,7 @@ class _Model:
             init_scale=m.init_scale,
             seed=cfg.train.seed,
             programming=cfg.ep.programming,
+            joint_phases=cfg.ep.joint_phases,
         )
         self.params = self.hvae.parameters()
         self.identity = self.devices[0].info.identity.idn()
