@@ -123,6 +123,7 @@ class _Plan:
     # (scaled or masked copies, joined matrices), in the order they depend on each other
     refreshers: list[Callable[[], object]] = field(default_factory=list)
     epochs: tuple[int, ...] = ()  # the tiles' `weights_epoch` the plan's tensors hold
+    workspaces: dict[int, _Workspace] = field(default_factory=dict)  # per batch size
 
     def __post_init__(self) -> None:
         self.set_lines(self.line_conductance)
@@ -146,6 +147,17 @@ class _Plan:
 def _copy_joined(out: torch.Tensor, blocks: list[torch.Tensor]) -> None:
     """Refresh a source's joined matrix ``cat(blocks, 1).T`` in place."""
     out.copy_(torch.cat(blocks, dim=1).T)
+
+
+@dataclass
+class _Workspace:
+    """See `Board._workspace`."""
+
+    state: torch.Tensor
+    new: torch.Tensor
+    drive: torch.Tensor
+    products: list[Callable[[], object]]
+    links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
 
 
 @dataclass
@@ -852,6 +864,31 @@ class Board:
                 products[pair] = (out[:, a:b], transposed)
         return products
 
+    def _workspace(self, plan: _Plan, batch: int) -> _Workspace:
+        """The (nodes, batch) buffers of a noise-free settle and the products of one step bound
+        to them, kept with the plan for the next settle of that batch size (a settle writes
+        its results out of the buffers, so they are free again when it returns)."""
+        dev, rows = self.device, plan.rows
+        state = torch.zeros(plan.n_free, batch, device=dev)
+        new = torch.empty(plan.n_free, batch, device=dev)
+        drive = torch.zeros(plan.n_free, batch, device=dev)
+        products: list[Callable[[], object]] = []
+        links = []
+        for g in plan.free:
+            r = rows[g]
+            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]  # (n_dst, n_src) rows
+            links.append((r, sources))
+            if sources:  # the first product written into the group's rows, the others added
+                products.append(partial(torch.addmm, drive[r], *sources[0], out=new[r]))
+                products += [partial(new[r].addmm_, m, x) for m, x in sources[1:]]
+            else:
+                products.append(partial(new[r].copy_, drive[r]))
+        ws = _Workspace(state, new, drive, products, links)
+        if len(plan.workspaces) >= 4:  # a few batch sizes (training, the last batch, evaluation)
+            plan.workspaces.pop(next(iter(plan.workspaces)))
+        plan.workspaces[batch] = ws
+        return ws
+
     def _settle_quiet(
         self,
         s: dict[str, torch.Tensor],
@@ -876,10 +913,13 @@ class Board:
         (the fixed-step recipe of the EP literature) and the residual is measured at the
         last step only."""
         assert self.topology is not None
-        budget, gain, dev = self.topology.budget, self.topology.gain, self.device
+        budget, gain = self.topology.budget, self.topology.gain
         rows = plan.rows
+        ws = plan.workspaces.get(batch)
+        if ws is None:
+            ws = self._workspace(plan, batch)
+        state, new, drive = ws.state, ws.new, ws.drive
         if init and any(g in init for g in plan.free):
-            state = torch.empty(plan.n_free, batch, device=dev)
             for g in plan.free:
                 x0 = init.get(g)
                 if x0 is None:
@@ -887,9 +927,8 @@ class Board:
                 else:
                     state[rows[g]].copy_(x0.T)
         else:
-            state = torch.zeros(plan.n_free, batch, device=dev)
-        new = torch.empty(plan.n_free, batch, device=dev)
-        drive = torch.zeros(plan.n_free, batch, device=dev)  # the constant drive
+            state.zero_()
+        drive.zero_()  # the constant drive
         for term in plan.const_terms:
             for dst, a, b, _k in term.dsts:
                 if term.src == BIAS:
@@ -903,24 +942,13 @@ class Board:
             if target is not None:
                 elastic[g] = (beta, target)
         dt = self._step_dt(plan, key)
-        # one step as a flat list of bound calls: per free group its first product (written
-        # into its rows of `new`), further products (added), or the constant drive alone, and
-        # the elastic pulls; then gain and clamp over all groups
-        pre: list[Callable[[], object]] = []
-        links = []
-        for g in plan.free:
+        # one step as a flat list of bound calls: the workspace's products, the elastic pulls,
+        # then gain and clamp over all groups
+        pre = list(ws.products)
+        for g, (beta, target) in elastic.items():
             r = rows[g]
-            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]  # (n_dst, n_src) rows
-            links.append((r, sources))
-            if sources:
-                pre.append(partial(torch.addmm, drive[r], *sources[0], out=new[r]))
-                pre += [partial(new[r].addmm_, m, x) for m, x in sources[1:]]
-            else:
-                pre.append(partial(new[r].copy_, drive[r]))
-            if g in elastic:
-                beta, target = elastic[g]
-                pre.append(partial(new[r].add_, (beta * target).T.contiguous()))
-                pre.append(partial(new[r].add_, state[r], alpha=-beta))
+            pre.append(partial(new[r].add_, (beta * target).T.contiguous()))
+            pre.append(partial(new[r].add_, state[r], alpha=-beta))
         if gain != 1.0:
             pre.append(partial(new.mul_, gain))
         pre.append(partial(new.clamp_, 0.0, 1.0))
@@ -961,7 +989,7 @@ class Board:
             record(step)
         for g in plan.free:
             s[g] = state[rows[g]].T.contiguous()
-        buffers = _Buffers(state, drive, rows, links)
+        buffers = _Buffers(state, drive, rows, ws.links)
         cost = self._account(plan, s, buffers, step, dt, batch)
         products = self._const_products(s, plan) if trace or not plan.const_unit else {}
         if plan.const_unit:
