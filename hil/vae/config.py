@@ -31,10 +31,10 @@ class VAEEPConfig:
     tol: float = 3e-3  # converged: max |rho(u) - s| over every node of the batch below this
     dt: float = 0.5  # damping of the analog settle (dense networks need < 1)
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"  # docs/programming.md
-    # both nudged phases as one settle over the doubled batch (EBBlock.joint_phases): equal in
-    # distribution and faster, but off by default here: over seeds 0-2 TDH-VAE trained with it
-    # ended worse on 2 of 3 on the ideal board (by 0.2-0.3 nats; the third a tie) and on all 3
-    # on rram with mixed writes (28.9 vs 8.6, 45.0 vs 7.0, 116 vs 110 nats); see docs/vae.md
+    # both nudged phases as one settle over the doubled batch (EBBlock.joint_phases): faster and
+    # its gradients as good or better, but off by default here: over seeds 0-2 TDH-VAE trained
+    # with it ended worse on 2 of 3 on the ideal board (by 0.2-0.3 nats; the third a tie) and on
+    # all 3 on rram with mixed writes (28.9 vs 8.6, 45.0 vs 7.0, 116 vs 110); see docs/vae.md
     joint_phases: bool = False
 
 
