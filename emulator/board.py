@@ -151,31 +151,28 @@ def _copy_joined(out: torch.Tensor, blocks: list[torch.Tensor]) -> None:
 
 @dataclass
 class _Workspace:
-    """See `Board._workspace`."""
+    """The free states of an analog settle as one (nodes, batch) buffer, one row block per
+    free group (`rows`), with the constant drive (clamped products, bias, injected currents)
+    in the same layout and, per free group, its rows and the (matrix (n_dst, n_src), source
+    state rows) pairs that drive it. A noise-free settle also keeps `new` (the next states)
+    and the step's products bound to the buffers (`Board._workspace`)."""
 
     state: torch.Tensor
-    new: torch.Tensor
     drive: torch.Tensor
-    products: list[Callable[[], object]]
-    links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
-
-
-@dataclass
-class _Buffers:
-    """The free states of a noise-free settle as one (nodes, batch) buffer, one contiguous row
-    block per free group (`rows`), with the constant drive in the same layout and, per free
-    group, its rows and the (matrix (n_dst, n_src), source state rows) pairs that drive it."""
-
-    state: torch.Tensor
-    drive0: torch.Tensor
     rows: dict[str, slice]
     links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
+    new: torch.Tensor | None = None
+    products: list[Callable[[], object]] = field(default_factory=list)
 
     def energy(self, half_inv_gain: float, elastic: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
-        """`Board._energy_from_drive` on the buffers: ``E = sum_g s_g . (s_g / 2gain - base_g
-        - drive_g / 2)`` is one product over all the free nodes."""
+        """The energy of `Board._energy` in fewer operations, for analog settles whose clamped
+        sources all enter with factor 1: the constant drive gives those terms and the nudge
+        currents, and the free-to-free terms are half of ``sum_g s_g . drive_g`` (each
+        bipartite pair drives both ways; a dense tile's pairs carry the factor 1/2), so
+        ``E = sum_g s_g . (s_g / 2gain - const_g - drive_g / 2)``, one product over all free
+        nodes."""
         t = self.state * half_inv_gain
-        t.sub_(self.drive0)
+        t.sub_(self.drive)
         for r, sources in self.links:
             for m, x in sources:
                 t[r].addmm_(m, x, alpha=-0.5)
@@ -183,6 +180,13 @@ class _Buffers:
         for g, (beta, target) in elastic.items():
             e = e + 0.5 * beta * (self.state[self.rows[g]].T - target).square().sum(1)
         return e
+
+
+def _links(plan: _Plan, state: torch.Tensor) -> list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Per free group: its rows and the (matrix (n_dst, n_src), source rows of `state`) pairs
+    that drive it (the plan's (n_src, n_dst) blocks, transposed back: contiguous rows)."""
+    rows = plan.rows
+    return [(rows[g], [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]) for g in plan.free]
 
 
 class Board:
@@ -613,34 +617,6 @@ class Board:
                 e = e + beta * (grad * s[g]).sum(1)
         return e
 
-    def _energy_from_drive(
-        self,
-        s: dict[str, torch.Tensor],
-        plan: _Plan,
-        base: dict[str, torch.Tensor],
-        elastic: dict[str, tuple[float, torch.Tensor]],
-    ) -> torch.Tensor:
-        """The energy of `_energy` in fewer operations, for analog settles whose clamped
-        sources all enter with factor 1. `base` (the constant drive: clamped products minus
-        the injected nudge currents) gives those terms, and the free-to-free terms are half of
-        ``sum_g s_g . drive_g`` (each bipartite pair drives both ways; a dense tile's pairs
-        carry the factor 1/2), so per free group:
-        ``E_g = s_g . (s_g / (2 gain) - base_g - drive_g / 2)``."""
-        assert self.topology is not None
-        half_inv_gain = 0.5 / self.topology.gain
-        e = None
-        for g in plan.free:
-            d = base[g].mul(-1.0)
-            for src, m in plan.by_dst[g]:
-                d.addmm_(s[src], m, alpha=-0.5)
-            d.add_(s[g], alpha=half_inv_gain)
-            eg = torch.linalg.vecdot(s[g], d)
-            e = eg if e is None else e + eg
-        assert e is not None
-        for g, (beta, target) in elastic.items():
-            e = e + 0.5 * beta * (s[g] - target).square().sum(1)
-        return e
-
     def settle(
         self,
         clamp: dict[str, torch.Tensor],
@@ -787,9 +763,14 @@ class Board:
                 break
         if trace and trace_steps[-1] != steps:
             record(steps)
-        settle_time, energy_j = self._account(plan, s, None, steps, dt, batch)
-        if not mvm_mode and plan.const_unit:
-            energy = self._energy_from_drive(s, plan, base, elastic)
+        ws = None
+        if not mvm_mode:  # the per-group states and constant drive as (nodes, batch) buffers
+            state = torch.cat([s[g] for g in plan.free], dim=1).T
+            drive = torch.cat([base[g] for g in plan.free], dim=1).T
+            ws = _Workspace(state, drive, plan.rows, _links(plan, state))
+        settle_time, energy_j = self._account(plan, s, ws, steps, dt, batch)
+        if ws is not None and plan.const_unit:
+            energy = ws.energy(0.5 / gain, elastic)
         else:
             energy = self._energy(s, plan, nud, products)
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
@@ -811,7 +792,7 @@ class Board:
         return dt
 
     def _account(
-        self, plan: _Plan, s: dict[str, torch.Tensor], buffers: _Buffers | None, steps: int, dt: float,
+        self, plan: _Plan, s: dict[str, torch.Tensor], ws: _Workspace | None, steps: int, dt: float,
         batch: int,
     ) -> tuple[float, float]:  # fmt: skip
         """Advance the clock and the energy meter by a settle; return (seconds, joules). The
@@ -824,7 +805,7 @@ class Board:
         else:
             step_s = per.settle_step_s * dt / budget.dt
         settle_time = step_s * steps * batch
-        energy_j = self._settle_power(plan, s, buffers) * step_s * steps
+        energy_j = self._settle_power(plan, s, ws) * step_s * steps
         self.clock += settle_time
         self.energy_j += energy_j
         return settle_time, energy_j
@@ -868,22 +849,18 @@ class Board:
         """The (nodes, batch) buffers of a noise-free settle and the products of one step bound
         to them, kept with the plan for the next settle of that batch size (a settle writes
         its results out of the buffers, so they are free again when it returns)."""
-        dev, rows = self.device, plan.rows
-        state = torch.zeros(plan.n_free, batch, device=dev)
-        new = torch.empty(plan.n_free, batch, device=dev)
-        drive = torch.zeros(plan.n_free, batch, device=dev)
+        state = torch.zeros(plan.n_free, batch, device=self.device)
+        new = torch.empty(plan.n_free, batch, device=self.device)
+        drive = torch.zeros(plan.n_free, batch, device=self.device)
+        links = _links(plan, state)
         products: list[Callable[[], object]] = []
-        links = []
-        for g in plan.free:
-            r = rows[g]
-            sources = [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]  # (n_dst, n_src) rows
-            links.append((r, sources))
+        for r, sources in links:
             if sources:  # the first product written into the group's rows, the others added
                 products.append(partial(torch.addmm, drive[r], *sources[0], out=new[r]))
                 products += [partial(new[r].addmm_, m, x) for m, x in sources[1:]]
             else:
                 products.append(partial(new[r].copy_, drive[r]))
-        ws = _Workspace(state, new, drive, products, links)
+        ws = _Workspace(state, drive, plan.rows, links, new, products)
         if len(plan.workspaces) >= 4:  # a few batch sizes (training, the last batch, evaluation)
             plan.workspaces.pop(next(iter(plan.workspaces)))
         plan.workspaces[batch] = ws
@@ -919,6 +896,7 @@ class Board:
         if ws is None:
             ws = self._workspace(plan, batch)
         state, new, drive = ws.state, ws.new, ws.drive
+        assert new is not None
         if init and any(g in init for g in plan.free):
             for g in plan.free:
                 x0 = init.get(g)
@@ -989,13 +967,9 @@ class Board:
             record(step)
         for g in plan.free:
             s[g] = state[rows[g]].T.contiguous()
-        buffers = _Buffers(state, drive, rows, ws.links)
-        cost = self._account(plan, s, buffers, step, dt, batch)
+        cost = self._account(plan, s, ws, step, dt, batch)
         products = self._const_products(s, plan) if trace or not plan.const_unit else {}
-        if plan.const_unit:
-            energy = buffers.energy(0.5 / gain, elastic)
-        else:
-            energy = self._energy(s, plan, nud, products)
+        energy = ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nud, products)
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
         outcome = (step, residual <= budget.tol, residual)
         return self._result(s, plan, nud, products, outcome, energy, cost, trace_steps, stacked)
@@ -1033,18 +1007,16 @@ class Board:
         prods = {i: (rep(p), tr) for i, (p, tr) in products.items()}
         return self._energy(flat, plan, nud, prods).reshape(t, -1)  # type: ignore[arg-type]
 
-    def _settle_power(
-        self, plan: _Plan, s: dict[str, torch.Tensor], buffers: _Buffers | None = None
-    ) -> float:
+    def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor], ws: _Workspace | None = None) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line
         driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2. With the
-        `buffers` of a noise-free settle the free groups' lines take one product."""
+        settle's `_Workspace` the free groups' lines take one product."""
         batch = next(iter(s.values())).shape[0]
         total = batch * plan.bias_conductance
         done: dict[str, slice] = {}
-        if buffers is not None and plan.free_lines is not None:
-            total += float(buffers.state.square().sum(1) @ plan.free_lines)
-            done = buffers.rows
+        if ws is not None and plan.free_lines is not None:
+            total += float(ws.state.square().sum(1) @ plan.free_lines)
+            done = ws.rows
         for group, gsum in plan.line_conductance.items():
             if group != BIAS and group not in done:
                 total += float(s[group].square().sum(0) @ gsum)
