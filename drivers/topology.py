@@ -92,8 +92,7 @@ class Topology:
     def tile_shape(self, tile: str) -> tuple[int, int]:
         shape = self._tile_shapes.get(tile)
         if shape is None:
-            self.coupling(tile)  # raises, naming the known tiles
-            raise AssertionError(tile)
+            raise ConfigurationError(f"unknown tile {tile!r}; known: {list(self._tile_shapes)}")
         return shape
 
     @cached_property
