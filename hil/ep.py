@@ -322,15 +322,15 @@ class EBBlock(nn.Module):
     def _settle_both(
         self,
         clamp: dict[str, np.ndarray],
-        beta: float,
         nudge: dict[str, Nudge],
         init: dict[str, np.ndarray],
         trace: bool | int,
     ) -> tuple[Equilibrium, Equilibrium]:
-        """The +beta and -beta phases of centered EP as one settle over the batch twice over:
-        the samples are independent, so the doubled batch holds the two phases side by side,
-        with the injected current ``-beta grad`` in the first half and ``+beta grad`` in the
-        second (`nudge` carries ``grad`` with beta 1). One Device call instead of two: one
+        """The +beta and -beta phases of centered EP (`nudge`: the +beta phase's error-current
+        nudges) as one settle over the batch twice over: the samples are independent, so the
+        doubled batch holds the two phases side by side, with the injected current ``-beta
+        grad`` in the first half and ``+beta grad`` in the second (one grad nudge with beta 1
+        carries both). One Device call instead of two: one
         round trip to a board, and per step one product over 2B rows instead of two over B.
         Elastic (target) nudges cannot be expressed this way (their beta is one number per
         settle), so they settle phase by phase.
@@ -345,7 +345,7 @@ class EBBlock(nn.Module):
         nudges = {}
         for g, nd in nudge.items():
             assert nd.target is None and nd.grad is not None
-            d = np.asarray(nd.grad, dtype=np.float32) * np.float32(beta)
+            d = np.asarray(nd.grad, dtype=np.float32) * np.float32(nd.beta)
             nudges[g] = Nudge(1.0, grad=np.concatenate([d, -d]))
         both = self.settle(
             {g: twice(x) for g, x in clamp.items()}, nudges, {g: twice(x) for g, x in init.items()}, trace
@@ -481,7 +481,7 @@ class EBBlock(nn.Module):
         steps = 0
         if mode == "centered" and self.joint_phases and not tg:
             assert gd is not None
-            first, second = self._settle_both(cl, beta, self._nudges(1.0, None, gd, clamped), init, trace)
+            first, second = self._settle_both(cl, self._nudges(beta, None, gd, clamped), init, trace)
             b1, b2 = beta, -beta
             steps += first.steps + second.steps
         else:
