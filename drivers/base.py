@@ -28,6 +28,28 @@ from drivers.topology import Topology
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
 
+# What a call needing each capability does, and what a host uses on a board without it:
+# `Device.require` words every refusal from these two tables, so all backends say the same.
+CAPABILITY_ACTIONS = {
+    "settle": "settle",
+    "mvm": "multiply (mvm)",
+    "pulse": "apply programming pulses",
+    "program_verify": "program with write-verify",
+    "trace": "record a settle trace",
+    "preset_state": "start a settle from given node states (init=)",
+}
+CAPABILITY_INSTEAD = {
+    "settle": (
+        "iterate the fixed point on the host: EBBlock(..., settle='host') or `--set ep.settle=host`, "
+        "which use `mvm`"
+    ),
+    "mvm": "use settle, or read_conductance and multiply on the host",
+    "pulse": "program with write-verify instead (programming scheme `verify`)",
+    "program_verify": "use program(..., verify=False), or verify on the host with read_conductance",
+    "trace": "settle with trace=False",
+    "preset_state": "settle without init= (the board relaxes from its rest state), or settle on the host",
+}
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -129,6 +151,18 @@ class PulseReport:
 class SafetyCounters:
     refused: int  # requests refused before reaching the array
     violations: int  # out-of-limit conditions that reached the array: must stay 0
+
+
+@dataclass(frozen=True)
+class Meter:
+    """Cumulative counters of the board since power-on (differences give a call's cost).
+
+    A host that iterates settles through `mvm` accounts time and energy from these, as the
+    board measures them, instead of estimating them itself."""
+
+    clock_s: float  # board clock, seconds (array time of settles, mvms, reads, programming; waits included)
+    energy_j: float  # joules spent in the array
+    mvm_calls: int  # mvm operations run (one per Device.mvm call, whatever the batch)
 
 
 @dataclass(frozen=True)
@@ -234,12 +268,32 @@ class Device(ABC):
         (a retried commit); committing while another tag is open raises ConfigurationError."""
         return None
 
-    def require(self, capability: str) -> None:
-        if capability not in self.info.capabilities:
-            raise NotSupported(
-                f"{self.info.identity.model} does not support {capability!r}; "
-                f"it supports {sorted(self.info.capabilities)}"
-            )
+    def require_settle(self, trace: bool | int = False, init: object = None) -> None:
+        """The capabilities a settle request needs: `settle`; `trace` when traced; `preset_state`
+        when it starts from given states (`init`)."""
+        self.require("settle")
+        if trace:
+            self.require("trace")
+        if init:
+            self.require("preset_state")
+
+    def meter(self) -> Meter | None:
+        """The board's cumulative clock, energy and mvm counters; None: it keeps none."""
+        return None
+
+    def require(self, capability: str, instead: str | None = None) -> None:
+        """Raise NotSupported, saying what to use `instead`, unless the board declares
+        `capability` (the default hint for each capability is `CAPABILITY_INSTEAD`)."""
+        declared = self.info.capabilities
+        if capability in declared:
+            return
+        action = CAPABILITY_ACTIONS.get(capability, f"do {capability!r}")
+        hint = instead if instead is not None else CAPABILITY_INSTEAD.get(capability, "")
+        raise NotSupported(
+            f"this board cannot {action} (capability {capability!r} not declared)"
+            + (f"; {hint}" if hint else "")
+            + f". {self.info.identity.model} declares: {', '.join(sorted(declared)) or 'nothing'}"
+        )
 
     def __enter__(self) -> Device:
         return self

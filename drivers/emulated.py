@@ -2,14 +2,16 @@
 
 On CPU, arrays cross the boundary without copies (``torch.from_numpy`` / ``Tensor.numpy``).
 URI: ``emulator://?preset=rram&seed=0&device=cpu&adc_bits=6&read_noise=1e-7``: any field of
-the preset's PeripheryModel or DeviceModel can be overridden by name.
+the preset's PeripheryModel or DeviceModel can be overridden by name; ``capabilities=mvm,pulse``
+declares a subset of the capabilities (a board that only multiplies, for CI of host-side
+settles). `EmulatorOptions` parses and writes these.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,14 +23,19 @@ from drivers.base import (
     Device,
     DeviceInfo,
     Equilibrium,
+    Meter,
     Nudge,
     ProgramReport,
     PulseReport,
     SafetyCounters,
 )
 from drivers.errors import ConfigurationError, LimitViolation
+from drivers.options import encode_query, format_value, parse_value, settable
 from drivers.topology import Topology
+from drivers.uri import Backend
 from emulator.board import Board
+from emulator.devices import DeviceModel
+from emulator.periphery import PeripheryModel
 from emulator.presets import BoardPreset, get_preset
 
 
@@ -41,82 +48,146 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _convert(name: str, text: str, current: object, annotation: object) -> object:
-    """Parse a URI override by the type of the field it replaces."""
-    allows_none = False
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        allows_none = type(None) in typing.get_args(annotation)
-    if allows_none and text.lower() in ("none", "null", "off", "inf"):
-        return None
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        if isinstance(current, int) or (current is None and "int" in str(annotation)):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, str):
-            return text
-    except ValueError:
+_TARGETS = ("", "/", "localhost")
+_BOARD_PARAMS = ("preset", "seed", "device", "capabilities")
+
+
+def _override_fields() -> dict[str, tuple[str, object]]:
+    """URI-settable fields of the preset's models: name -> (model, annotation)."""
+    found: dict[str, tuple[str, object]] = {}
+    for model, cls in (("periphery", PeripheryModel), ("device", DeviceModel)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            found.setdefault(f.name, (model, hints[f.name]))
+    return found
+
+
+def parse_capabilities(text: str) -> frozenset[str]:
+    """``mvm,pulse,program_verify`` -> a subset of `CAPABILITIES`; unknown names are refused."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CAPABILITIES]
+    if unknown:
         raise ConfigurationError(
-            f"URI parameter {name}={text!r}: expected {type(current).__name__}"
-            + (" or none" if allows_none else "")
-        ) from None
-    raise ConfigurationError(f"URI parameter {name!r} cannot be set from a URI")
-
-
-def preset_with_overrides(name: str, params: dict[str, str]) -> BoardPreset:
-    preset = get_preset(name)
-    per_fields = {f.name: f for f in dataclasses.fields(preset.periphery)}
-    dev_fields = {f.name: f for f in dataclasses.fields(preset.device)}
-    per_over: dict[str, object] = {}
-    dev_over: dict[str, object] = {}
-    for key, text in params.items():
-        if key in per_fields:
-            hints = typing.get_type_hints(type(preset.periphery))
-            per_over[key] = _convert(key, text, getattr(preset.periphery, key), hints[key])
-        elif key in dev_fields:
-            hints = typing.get_type_hints(type(preset.device))
-            dev_over[key] = _convert(key, text, getattr(preset.device, key), hints[key])
-        else:
-            known = sorted({"preset", "seed", "device", *per_fields, *dev_fields})
-            raise ConfigurationError(f"unknown emulator URI parameter {key!r}; known: {', '.join(known)}")
-    return dataclasses.replace(
-        preset,
-        periphery=dataclasses.replace(preset.periphery, **per_over),
-        device=dataclasses.replace(preset.device, **dev_over),
-    )
-
-
-def open_from_uri(target: str, params: dict[str, str]) -> EmulatedDevice:
-    if target not in ("", "/", "localhost"):
-        raise ConfigurationError(
-            f"emulator URIs take no host or path (got {target!r}); use emulator://?preset=NAME&seed=N"
+            f"emulator URI parameter capabilities={text!r}: unknown capabilit"
+            f"{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(CAPABILITIES)} (comma-separated, any subset)"
         )
-    params = dict(params)
-    preset_name = params.pop("preset", "ideal")
-    seed_text = params.pop("seed", "0")
-    try:
-        seed = int(seed_text)
-    except ValueError:
-        raise ConfigurationError(f"URI parameter seed={seed_text!r}: expected an integer") from None
-    device = params.pop("device", "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigurationError(f"device={device} asked for, but torch sees no CUDA device; use device=cpu")
-    return EmulatedDevice(Board(preset_with_overrides(preset_name, params), seed, device))
+    return frozenset(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorOptions:
+    """``emulator://?preset=rram&seed=0[&device=cuda][&capabilities=mvm,program_verify][&FIELD=VALUE]``
+
+    `overrides` replace fields of the preset's PeripheryModel or DeviceModel by name
+    (``adc_bits=6``, ``dac_bits=none``, ``read_noise=1e-7``), kept sorted by name;
+    `capabilities` is the subset of `CAPABILITIES` the board declares (all by default)."""
+
+    preset: str = "ideal"
+    seed: int = 0
+    device: str = "cpu"
+    capabilities: frozenset[str] = frozenset(CAPABILITIES)
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)  # raises, naming the known presets
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigurationError(
+                f"emulator URI parameter device={self.device!r}: expected a torch device "
+                "such as cpu, cuda or cuda:1"
+            ) from None
+        unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
+        if unknown:
+            raise ConfigurationError(f"unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}")
+        fields = _override_fields()
+        for name, value in self.overrides:
+            if name not in fields:
+                known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
+                raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
+            annotation = fields[name][1]
+            if not settable(annotation):
+                raise ConfigurationError(f"emulator URI parameter {name!r} cannot be set from a URI")
+            parse_value("emulator", name, format_value(value), annotation)  # a value of the right type
+        object.__setattr__(self, "capabilities", frozenset(self.capabilities))
+        object.__setattr__(self, "overrides", tuple(sorted(self.overrides, key=lambda kv: kv[0])))
+
+    @classmethod
+    def from_query(cls, target: str, params: Mapping[str, str]) -> EmulatorOptions:
+        if target not in _TARGETS:
+            raise ConfigurationError(
+                f"emulator URIs take no host or path (got {target!r}); use emulator://?preset=NAME&seed=N"
+            )
+        kw: dict[str, object] = {}
+        if "preset" in params:
+            kw["preset"] = params["preset"]
+        if "seed" in params:
+            kw["seed"] = parse_value("emulator", "seed", params["seed"], int)
+        if "device" in params:
+            kw["device"] = params["device"]
+        if "capabilities" in params:
+            kw["capabilities"] = parse_capabilities(params["capabilities"])
+        fields = _override_fields()
+        overrides = []
+        for name, text in params.items():
+            if name in _BOARD_PARAMS:
+                continue
+            if name not in fields:
+                known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
+                raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
+            overrides.append((name, parse_value("emulator", name, text, fields[name][1])))
+        return cls(**kw, overrides=tuple(overrides))  # type: ignore[arg-type]
+
+    def params(self) -> dict[str, str]:
+        """preset and seed always; device, capabilities and overrides when given."""
+        out = {"preset": self.preset, "seed": str(self.seed)}
+        if self.device != "cpu":
+            out["device"] = self.device
+        if self.capabilities != frozenset(CAPABILITIES):
+            out["capabilities"] = ",".join(c for c in CAPABILITIES if c in self.capabilities)
+        out.update((name, format_value(value)) for name, value in self.overrides)
+        return out
+
+    def to_query(self) -> str:
+        return encode_query(self.params())
+
+    def board_preset(self) -> BoardPreset:
+        """The preset with the overrides applied."""
+        preset = get_preset(self.preset)
+        fields = _override_fields()
+        per = {k: v for k, v in self.overrides if fields[k][0] == "periphery"}
+        dev = {k: v for k, v in self.overrides if fields[k][0] == "device"}
+        return dataclasses.replace(
+            preset,
+            periphery=dataclasses.replace(preset.periphery, **per),
+            device=dataclasses.replace(preset.device, **dev),
+        )
+
+
+def open_emulator(target: str, options: EmulatorOptions) -> EmulatedDevice:
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"device={options.device} asked for, but torch sees no CUDA device; use device=cpu"
+        )
+    board = Board(options.board_preset(), options.seed, options.device)
+    return EmulatedDevice(board, capabilities=options.capabilities)
 
 
 class EmulatedDevice(Device):
-    def __init__(self, board: Board) -> None:
+    """`capabilities`: what the board declares (default: all); a call that needs one it
+    lacks raises NotSupported, as a board of that kind would."""
+
+    def __init__(self, board: Board, capabilities: Iterable[str] = CAPABILITIES) -> None:
         super().__init__()
         self.board = board
+        caps = frozenset(capabilities)
+        if not caps <= set(CAPABILITIES):
+            raise ConfigurationError(f"unknown capabilities {sorted(caps - set(CAPABILITIES))}")
         self._info = DeviceInfo(
             identity=board.identity,
             limits=board.limits,
-            capabilities=frozenset(CAPABILITIES),
+            capabilities=caps,
             preset=board.preset.name,
             extra={"seed": board.seed, "torch_device": str(board.device)},
         )
@@ -147,6 +218,8 @@ class EmulatedDevice(Device):
         tol: float | None = None,
         max_iters: int = 20,
     ) -> ProgramReport:
+        if verify:
+            self.require("program_verify")
         with self.lock:
             try:
                 gp, gm = checks.check_program(self.topology, self.info.limits, tile, g_plus, g_minus)
@@ -171,6 +244,7 @@ class EmulatedDevice(Device):
             )
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        self.require("pulse")
         with self.lock:
             try:
                 cp, cm = checks.check_pulse(self.topology, self.info.limits, tile, counts_plus, counts_minus)
@@ -187,6 +261,7 @@ class EmulatedDevice(Device):
             return _np(gp), _np(gm)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        self.require("mvm")
         with self.lock:
             try:
                 arr = checks.check_mvm(self.topology, self.info.limits, tile, x, transpose)
@@ -201,6 +276,7 @@ class EmulatedDevice(Device):
         init: dict[str, np.ndarray] | None = None,
         trace: bool | int = False,
     ) -> Equilibrium:
+        self.require_settle(trace, init)
         with self.lock:
             try:
                 cl, nd, ini, _batch = checks.check_settle(self.topology, self.info.limits, clamp, nudge, init)
@@ -243,6 +319,11 @@ class EmulatedDevice(Device):
     def safety(self) -> SafetyCounters:
         return SafetyCounters(self.board.safety.refused, self.board.safety.violations)
 
+    def meter(self) -> Meter:
+        with self.lock:
+            b = self.board
+            return Meter(clock_s=float(b.clock), energy_j=float(b.energy_j), mvm_calls=int(b.mvm_calls))
+
     def reset(self) -> None:
         with self.lock:
             self.board.restart()
@@ -265,3 +346,6 @@ class EmulatedDevice(Device):
 
     def close(self) -> None:
         self._closed = True
+
+
+BACKEND = Backend("emulator", open_emulator, EmulatorOptions)

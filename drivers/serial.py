@@ -13,15 +13,18 @@ A transaction that still fails is retried after a reconnect, `attempts` times in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import socket
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import serial as pyserial
 
 from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
+from drivers.options import QueryOptions
+from drivers.uri import Backend
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
@@ -204,47 +207,39 @@ class SerialDevice(RemoteDevice):
             raise
 
 
-def _number(params: dict[str, str], key: str, default: float, kind: type = float) -> Any:
-    text = params.pop(key, None)
-    if text is None:
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigurationError(f"serial URI parameter {key}={text!r}: expected {kind.__name__}") from None
+@dataclasses.dataclass(frozen=True)
+class SerialOptions(QueryOptions):
+    """``serial://PORT`` and ``serial+socket://HOST:PORT`` with
+    ``?baud=115200&timeout=10&ack_timeout=0.25&retries=5&fragment=32768&attempts=4&backoff=0.05``"""
+
+    LABEL: ClassVar[str] = "serial"
+
+    baud: int = dataclasses.field(default=DEFAULT_BAUD, metadata={"gt": 0})
+    timeout: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"gt": 0})  # reply deadline, s
+    ack_timeout: float = dataclasses.field(default=0.25, metadata={"gt": 0})  # seconds
+    retries: int = dataclasses.field(default=5, metadata={"ge": 0})  # frame retransmissions
+    fragment: int = dataclasses.field(
+        default=frames.MAX_FRAGMENT, metadata={"ge": 16, "le": frames.MAX_FRAGMENT}
+    )
+    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
+    backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
 
 
-def open_from_uri(target: str, params: dict[str, str]) -> SerialDevice:
+def open_serial(target: str, options: SerialOptions) -> SerialDevice:
     """``serial://PORT``: `target` is a device path (/dev/ttyACM0) or a port name (COM3)."""
     if not target:
         raise ConfigurationError("serial URIs need a port: serial:///dev/ttyACM0 or serial://COM3")
-    return _open(target, f"serial://{target}", params)
+    return SerialDevice(target, name=f"serial://{target}", **dataclasses.asdict(options)).open()
 
 
-def open_socket_from_uri(target: str, params: dict[str, str]) -> SerialDevice:
+def open_socket(target: str, options: SerialOptions) -> SerialDevice:
     """``serial+socket://HOST:PORT``: the framed protocol over TCP."""
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigurationError(f"serial+socket URIs need HOST:PORT, got {target!r} (e.g. 127.0.0.1:7000)")
-    return _open(f"socket://{target}", f"serial+socket://{target}", params)
+    url = f"socket://{target}"
+    return SerialDevice(url, name=f"serial+socket://{target}", **dataclasses.asdict(options)).open()
 
 
-def _open(url: str, name: str, params: dict[str, str]) -> SerialDevice:
-    params = dict(params)
-    kw = {
-        "baud": _number(params, "baud", DEFAULT_BAUD, int),
-        "timeout": _number(params, "timeout", DEFAULT_TIMEOUT_S),
-        "ack_timeout": _number(params, "ack_timeout", 0.25),
-        "retries": _number(params, "retries", 5, int),
-        "fragment": _number(params, "fragment", frames.MAX_FRAGMENT, int),
-        "attempts": _number(params, "attempts", DEFAULT_ATTEMPTS, int),
-        "backoff": _number(params, "backoff", DEFAULT_BACKOFF_S),
-    }
-    if params:
-        raise ConfigurationError(
-            f"unknown serial URI parameters {sorted(params)}; "
-            "known: baud, timeout, ack_timeout, retries, fragment, attempts, backoff"
-        )
-    if not 16 <= kw["fragment"] <= frames.MAX_FRAGMENT:
-        raise ConfigurationError(f"fragment must be in [16, {frames.MAX_FRAGMENT}], got {kw['fragment']}")
-    return SerialDevice(url, name=name, **kw).open()
+SERIAL_BACKEND = Backend("serial", open_serial, SerialOptions)
+SOCKET_BACKEND = Backend("serial+socket", open_socket, SerialOptions)

@@ -17,17 +17,20 @@ request id after their block, so the messages are built here rather than by pyvi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import select
 import socket
 import time
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from drivers.base import SafetyCounters
+from drivers.base import Meter, SafetyCounters
 from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
+from drivers.options import QueryOptions
+from drivers.uri import Backend
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
@@ -359,6 +362,17 @@ class VisaDevice(RemoteDevice):
             except ValueError:
                 raise ProtocolError(f"{self.name}: malformed safety reply {text!r}") from None
             return pl.safety_reply(SafetyCounters(refused, violations))
+        if op is Op.METER:
+            what = _short(scpi.METER_Q)
+            with self._io(what):
+                text = self._query_text(what)
+                if not text.strip():
+                    self._raise_queued(what, expected=True)
+            try:
+                clock, energy, calls = text.split(",")
+                return pl.meter_reply(Meter(float(clock), float(energy), int(calls)))
+            except ValueError:
+                raise ProtocolError(f"{self.name}: malformed meter reply {text!r}") from None
         if op is Op.RESET:
             self._command(scpi.RST)
             return Message()
@@ -382,33 +396,30 @@ class VisaDevice(RemoteDevice):
                 self._read_checked_line(text)
 
 
-def open_from_uri(target: str, params: dict[str, str]) -> VisaDevice:
-    if not target:
-        raise ConfigurationError(
-            "visa:// needs a VISA resource, e.g. visa://TCPIP0::127.0.0.1::5025::SOCKET "
-            "or visa://ASRL/dev/ttyUSB0::INSTR"
-        )
-    params = dict(params)
-    backend = params.pop("backend", "@py")
-    try:
-        timeout = float(params.pop("timeout", DEFAULT_TIMEOUT_S))
-    except ValueError:
-        raise ConfigurationError("visa:// timeout must be a number of seconds") from None
-    flags = {}
-    for key, default in (("fast", "1"), ("check", "0")):
-        flags[key] = params.pop(key, default)
-        if flags[key] not in ("0", "1"):
-            raise ConfigurationError(f"visa:// {key} must be 0 or 1, got {flags[key]!r}")
-    try:
-        attempts = int(params.pop("attempts", DEFAULT_ATTEMPTS))
-        backoff = float(params.pop("backoff", DEFAULT_BACKOFF_S))
-    except ValueError:
-        raise ConfigurationError("visa:// attempts must be an integer, backoff a number of seconds") from None
-    if params:
-        raise ConfigurationError(
-            f"unknown visa:// parameters {sorted(params)}; known: attempts backoff backend check fast timeout"
-        )
-    return VisaDevice(
-        target, backend=backend, timeout=timeout, fast=flags["fast"] == "1", check=flags["check"] == "1",
-        attempts=attempts, backoff=backoff,
-    ).open()  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class VisaOptions(QueryOptions):
+    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05``"""
+
+    LABEL: ClassVar[str] = "visa"
+
+    backend: str = "@py"  # the VISA library: @py (pyvisa-py), @ivi (NI-VISA, Keysight), a path
+    timeout: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"gt": 0})  # seconds
+    fast: bool = True  # receive large blocks straight from pyvisa-py's TCP socket
+    check: bool = False  # checked mode: CRC-32 on every message and response
+    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
+    backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
+
+    @classmethod
+    def check_target(cls, target: str) -> None:
+        if not target:
+            raise ConfigurationError(
+                "visa:// needs a VISA resource, e.g. visa://TCPIP0::127.0.0.1::5025::SOCKET "
+                "or visa://ASRL/dev/ttyUSB0::INSTR"
+            )
+
+
+def open_visa(target: str, options: VisaOptions) -> VisaDevice:
+    return VisaDevice(target, **dataclasses.asdict(options)).open()
+
+
+BACKEND = Backend("visa", open_visa, VisaOptions)

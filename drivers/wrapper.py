@@ -14,6 +14,7 @@ from drivers.base import (
     Device,
     DeviceInfo,
     Equilibrium,
+    Meter,
     Nudge,
     ProgramReport,
     PulseReport,
@@ -74,6 +75,9 @@ class DeviceWrapper(Device):
 
     def safety(self) -> SafetyCounters:
         return self.inner.safety()
+
+    def meter(self) -> Meter | None:
+        return self.inner.meter()
 
     def reset(self) -> None:
         self.inner.reset()

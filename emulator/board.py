@@ -222,6 +222,7 @@ class Board:
             self.device,
         )
         self.energy_j = 0.0
+        self.mvm_calls = 0  # `mvm` operations run since power-on (the meter's count)
 
     # ---------------------------------------------------------------- configuration
 
@@ -413,6 +414,7 @@ class Board:
         per = self.preset.periphery
         self.clock += per.mvm_time_s * x.shape[0]
         self.energy_j += self._read_energy(tile, xd, transpose) * per.mvm_time_s
+        self.mvm_calls += 1
         return self._adc_mvm(y)
 
     def _read_energy(self, tile: TileArray, v: torch.Tensor, transpose: bool) -> float:

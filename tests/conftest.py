@@ -5,6 +5,7 @@ must still be zero."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ _boards: list[emulated.Board] = []
 def _track_boards() -> Iterator[None]:
     original = emulated.EmulatedDevice.__init__
 
-    def tracking_init(self: emulated.EmulatedDevice, board: emulated.Board) -> None:
-        original(self, board)
+    def tracking_init(self: emulated.EmulatedDevice, board: emulated.Board, **kw: Any) -> None:
+        original(self, board, **kw)
         _boards.append(board)
 
     emulated.EmulatedDevice.__init__ = tracking_init  # type: ignore[method-assign]

@@ -75,6 +75,7 @@ def script(dev: Device) -> Record:
     _run(dev, rec, "mvm", lambda: dev.mvm("W0", x))
     _run(dev, rec, "mvm T", lambda: dev.mvm("W0", rng.uniform(0, 1, (2, 4)), transpose=True))
     _run(dev, rec, "mvm 1-D", lambda: dev.mvm("W1", np.full(5, 0.5)))
+    _run(dev, rec, "meter", dev.meter)
     clamp = {"s0": rng.uniform(0, 1, (4, 5)).astype(np.float32)}
     free = _run(dev, rec, "settle free", lambda: dev.settle(clamp, trace=True))
     target = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
@@ -91,6 +92,7 @@ def script(dev: Device) -> Record:
     )
     _run(dev, rec, "settle 1-D", lambda: dev.settle({"s0": np.full(5, 0.25, np.float32)}))
     _run(dev, rec, "wait", lambda: dev.wait(3600.0))
+    _run(dev, rec, "meter after settles and a wait", dev.meter)
     _run(dev, rec, "read after drift", lambda: dev.read_conductance("W1"))
     # host-side refusals (counted as refused) and board-side errors
     _run(dev, rec, "clamp over limit", lambda: dev.settle({"s0": np.full((1, 5), 2 * lim.clamp_max)}))
@@ -177,6 +179,10 @@ def test_reference_script_exercises_every_outcome(reference: Record) -> None:
     assert out["status in a transaction"].transaction == "update-1"
     assert out["status committed"].transaction is None
     assert out["status after reset"].epoch == out["status committed"].epoch + 1
+    before, after = out["meter"], out["meter after settles and a wait"]
+    assert before.mvm_calls == after.mvm_calls == 3  # one per mvm call, whatever the batch
+    assert 0 < before.clock_s and 0 < before.energy_j < after.energy_j  # the settles spent energy
+    assert after.clock_s - before.clock_s > 3600.0  # the wait is on the board's clock
 
 
 @pytest.mark.parametrize("transport", REMOTE_TRANSPORTS)

@@ -32,7 +32,7 @@ def test_parse_uri(uri: str, expected: tuple) -> None:
         ("gpib://1", "unknown device scheme 'gpib'"),
         ("emulator://?preset=memristor", "unknown preset 'memristor'"),
         ("emulator://?preset=rram&adc_bit=6", "unknown emulator URI parameter 'adc_bit'"),
-        ("emulator://?preset=rram&adc_bits=six", "adc_bits='six': expected int"),
+        ("emulator://?preset=rram&adc_bits=six", "adc_bits='six': expected an integer or none"),
         ("emulator://?seed=x", "seed='x': expected an integer"),
         ("emulator://somehost?preset=rram", "take no host or path"),
         ("serial+socket://localhost", "need HOST:PORT"),

@@ -39,6 +39,7 @@ from drivers.base import (
     Device,
     DeviceInfo,
     Equilibrium,
+    Meter,
     Nudge,
     ProgramReport,
     PulseReport,
@@ -51,6 +52,7 @@ from drivers.errors import (
     DeviceFault,
     DeviceTimeout,
     LimitViolation,
+    NotSupported,
     ProtocolError,
     RetriesExhausted,
 )
@@ -359,6 +361,8 @@ class RemoteDevice(Device):
         tol: float | None = None,
         max_iters: int = 20,
     ) -> ProgramReport:
+        if verify:
+            self.require("program_verify")
         with self.lock:
             gp, gm = self._checked(
                 checks.check_program, self.topology, self.info.limits, tile, g_plus, g_minus
@@ -367,6 +371,7 @@ class RemoteDevice(Device):
             return pl.program_report(reply)
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        self.require("pulse")
         with self.lock:
             cp, cm = self._checked(
                 checks.check_pulse, self.topology, self.info.limits, tile, counts_plus, counts_minus
@@ -380,6 +385,7 @@ class RemoteDevice(Device):
             return reply.arrays["g_plus"], reply.arrays["g_minus"]
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        self.require("mvm")
         with self.lock:
             arr = self._checked(checks.check_mvm, self.topology, self.info.limits, tile, x, transpose)
             return self._transact(Op.MVM, pl.mvm_request(tile, arr, transpose)).arrays["y"]
@@ -391,6 +397,7 @@ class RemoteDevice(Device):
         init: dict[str, np.ndarray] | None = None,
         trace: bool | int = False,
     ) -> Equilibrium:
+        self.require_settle(trace, init)
         with self.lock:
             cl, nd, ini, _ = self._checked(
                 checks.check_settle, self.topology, self.info.limits, clamp, nudge, init
@@ -403,6 +410,17 @@ class RemoteDevice(Device):
     def safety(self) -> SafetyCounters:
         remote = pl.safety_counters(self._transact(Op.SAFETY, Message()))
         return SafetyCounters(remote.refused + self._refused, remote.violations)
+
+    def meter(self) -> Meter | None:
+        """The board's meter; None from a board without one (or firmware without METER)."""
+        try:
+            return pl.meter(self._transact(Op.METER, Message()))
+        except NotSupported:
+            return None
+        except DeviceFault as exc:
+            if exc.code in _UNKNOWN_OP:
+                return None
+            raise
 
     def reset(self) -> None:
         with self.lock:

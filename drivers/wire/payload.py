@@ -27,6 +27,7 @@ from drivers.base import (
     Equilibrium,
     Identity,
     Limits,
+    Meter,
     Nudge,
     ProgramReport,
     PulseReport,
@@ -60,6 +61,7 @@ class Op(IntEnum):
     STATUS = 0x1C
     BEGIN = 0x1D
     COMMIT = 0x1E
+    METER = 0x1F
 
 
 # Operations a host may repeat after a link failure without changing the outcome. The
@@ -67,7 +69,7 @@ class Op(IntEnum):
 IDEMPOTENT = frozenset(
     {
         Op.INFO, Op.TOPOLOGY, Op.CONFIGURE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE, Op.SAFETY,
-        Op.RESET, Op.SAFE_STATE, Op.STATUS, Op.BEGIN, Op.COMMIT,
+        Op.RESET, Op.SAFE_STATE, Op.STATUS, Op.BEGIN, Op.COMMIT, Op.METER,
     }
 )  # fmt: skip
 # Of the others, operations whose repetition after a board reset is still right: program
@@ -366,3 +368,15 @@ def board_status(msg: Message) -> BoardStatus:
         return BoardStatus(int(m["epoch"]), None if tx is None else str(tx), bool(m.get("configured", False)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed board status {m!r}: {exc}") from exc
+
+
+def meter_reply(m: Meter) -> Message:
+    return Message(dataclasses.asdict(m))
+
+
+def meter(msg: Message) -> Meter:
+    m = msg.meta
+    try:
+        return Meter(float(m["clock_s"]), float(m["energy_j"]), int(m["mvm_calls"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed meter reply {m!r}: {exc}") from None

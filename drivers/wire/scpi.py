@@ -45,6 +45,7 @@ MVM_Q = "TILE:MVM?"
 SETTLE_Q = "NETwork:SETTle?"
 FETCH_DATA_Q = "FETCh:DATA?"
 STATE_Q = "SYSTem:STATe?"
+METER_Q = "SYSTem:METer?"
 BEGIN = "SYSTem:TRANsaction:BEGin"
 COMMIT = "SYSTem:TRANsaction:COMMit"
 CHECK_MODE = "SYSTem:COMMunicate:CHECk"
@@ -70,6 +71,7 @@ OP_HEADERS: dict[Op, str] = {
     Op.STATUS: STATE_Q,
     Op.BEGIN: BEGIN,
     Op.COMMIT: COMMIT,
+    Op.METER: METER_Q,
 }
 
 TERMINATOR = b"\n"

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from drivers.base import Device
-from drivers.errors import DeviceFault, ProtocolError
+from drivers.errors import DeviceFault, NotSupported, ProtocolError
 from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.payload import IDEMPOTENT, Message, Op
@@ -78,6 +78,13 @@ def _status(d: Device, m: Message) -> Message:
     return pl.status_reply(d.status())
 
 
+def _meter(d: Device, m: Message) -> Message:
+    found = d.meter()
+    if found is None:
+        raise NotSupported("this board keeps no meter (clock, energy and mvm counters)")
+    return pl.meter_reply(found)
+
+
 def _tag(m: Message) -> str:
     tag = m.meta["tag"]
     if not isinstance(tag, str):
@@ -111,6 +118,7 @@ HANDLERS: dict[Op, Callable[[Device, Message], Message]] = {
     Op.STATUS: _status,
     Op.BEGIN: _begin,
     Op.COMMIT: _commit,
+    Op.METER: _meter,
 }
 
 MAX_RID = (1 << 53) - 1  # request ids are JSON integers that a double holds exactly

@@ -349,6 +349,7 @@ class ScpiSession:
             (scpi.SETTLE_Q, self._settle_q, True),
             (scpi.FETCH_DATA_Q, self._fetch_q, True),
             (scpi.STATE_Q, self._state_q, True),
+            (scpi.METER_Q, self._meter_q, False),
             (scpi.BEGIN, self._begin, False),
             (scpi.COMMIT, self._commit, False),
             (scpi.CHECK_MODE, self._check_mode, False),
@@ -601,6 +602,11 @@ class ScpiSession:
     def _state_q(self, params: list[Param], h: str) -> Reply:
         _want(params, 0, h)
         return scpi.block(pl.meta_json(self._op(Op.STATUS, Message())))
+
+    def _meter_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        m = pl.meter(self._op(Op.METER, Message()))
+        return f"{scpi.number(m.clock_s)},{scpi.number(m.energy_j)},{m.mvm_calls}".encode()
 
     def _begin(self, params: list[Param], h: str) -> Reply:
         _want(params, 1, h)
