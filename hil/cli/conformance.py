@@ -1,0 +1,62 @@
+"""`hil conformance URI`: check a board's firmware against the protocol spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from drivers import DeviceError, open_device
+from hil.conformance import Options, plan_topology, run_conformance
+
+_JSON = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--sizes takes comma-separated integers, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise typer.BadParameter(f"--sizes needs two or more positive layer sizes, got {text!r}")
+    return sizes
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def conformance(
+        uri: str = typer.Argument(
+            ..., help="Device URI: visa://TCPIP0::HOST::5025::SOCKET, serial:///dev/ttyACM0, emulator://..."
+        ),
+        json_out: Path = _JSON,
+        sizes: str = typer.Option("5,4,3", help="Layer sizes of the test network (a bias row per tile)."),
+        batch: int = typer.Option(4, min=1, help="Samples per mvm and settle."),
+        reads: int = typer.Option(8, min=2, help="Conductance reads averaged for the reference weights."),
+        repeats: int = typer.Option(4, min=2, help="Repeats of an mvm or settle to measure its noise."),
+        seed: int = typer.Option(0, help="Seed of the test patterns."),
+    ) -> None:
+        """Run the protocol conformance checks for every capability the board declares, one
+        line per operation (PASS/FAIL, what was sent, what came back, what the spec says).
+        Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened."""
+        options = Options(sizes=_sizes(sizes), batch=batch, reads=reads, repeats=repeats, seed=seed)
+        try:
+            dev = open_device(uri)
+        except (DeviceError, OSError, ValueError) as exc:
+            typer.echo(f"error: cannot open {uri}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        try:
+            plan_topology(dev.info.limits, options)
+            report = run_conformance(dev, uri, options)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        finally:
+            dev.close()
+        typer.echo(f"board  {report.identity}  ({uri})")
+        for check in report.checks:
+            typer.echo(check.line())
+        typer.echo(report.summary())
+        if json_out is not None:
+            json_out.write_text(report.to_json())
+            typer.echo(f"results  {json_out}")
+        raise typer.Exit(0 if report.ok else 1)
