@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device
 from drivers.base import programming_transaction, report_open_transactions
-from drivers.uri import parse_uri
+from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
 from hil.config import RunConfig
 from hil.data import Dataset, load_dataset
@@ -65,16 +64,13 @@ def block_uri(uri: str, k: int) -> str:
     with seed + k; other schemes name one physical board each, so they cannot be expanded."""
     if k == 0:
         return uri
-    scheme, _, params = parse_uri(uri)
+    scheme, _, options = parse_options(uri)
     if scheme != "emulator":
         raise ValueError(
             f"an ff-EBM with several EB blocks needs one board per block; {uri!r} names one board. "
             "Use the emulator (boards seed, seed+1, ...) or a one-block model."
         )
-    seed = int(params.get("seed", "0")) + k
-    if re.search(r"([?&])seed=[^&]*", uri):
-        return re.sub(r"([?&])seed=[^&]*", rf"\g<1>seed={seed}", uri)
-    return uri + ("&" if "?" in uri else "?") + f"seed={seed}"
+    return replace_params(uri, seed=options.seed + k)
 
 
 def _budgets(cfg: RunConfig) -> tuple[SettleBudget, dict[str, SettleBudget]]:
