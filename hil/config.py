@@ -61,6 +61,9 @@ class EPConfig:
     tol: float = 1e-3  # stop a settle when max |s_t - s_{t-1}| <= tol (0: run the full budget)
     dt: float = 0.5  # integration step of the settle (1: plain fixed-point iteration)
     settle_mode: Literal["analog", "mvm"] = "analog"
+    # where settles run: board (the board relaxes), host (the host iterates the fixed point
+    # through the board's mvm, for boards that only multiply) or auto (board if it can settle)
+    settle: Literal["auto", "board", "host"] = "auto"
     verify: bool = False  # program with write-verify (when programming is "ideal")
     # how weight updates reach the devices (`hil.programming.schemes`): ideal | verify |
     # pulsed | mixed

@@ -11,14 +11,14 @@ free and nudged settles on the Device, and turns the equilibria into gradients:
 - clamped inputs: they enter Phi like parameters, ``dPhi/dx`` is the drive the neighbours
   put on x (``W`` applied to them), and ``dL/dx`` follows by the same difference.
 
-The phases (``mode``): ``"positive"`` (free and +beta, one-sided), ``"negative"`` (-beta and
-free), ``"centered"`` (+beta and -beta: bias O(beta^2) instead of O(beta)) and ``"random"``
-(one-sided with a random sign per call). Centered EP with error-current (grad) nudges runs
-its two nudged phases as one settle over the batch twice over (`EBBlock.joint_phases`): one
-Device call instead of two. Nudges follow the Device convention: a group's
-drive gets ``beta (target - s) - beta grad``, i.e. the cost ``l = 1/2|s - target|^2 +
-grad . s`` is added to the energy with weight beta. ``reduce="mean"`` gives the gradient of
-the batch mean of l (the parameter gradients are batch averages), ``"sum"`` of the sum.
+The phases, betas and the gradient difference are `hil.estimator.EPEstimator`'s, which takes
+the settle function as an argument: the board's own settle (`Device.settle`), or, on a board
+that only multiplies (no ``settle`` capability), the host-iterated settle over `Device.mvm`
+(`hil.host_settle.HostSettle`); ``settle="auto" | "board" | "host"`` picks it. Nudges follow
+the Device convention: a group's drive gets ``beta (target - s) - beta grad``, i.e. the cost
+``l = 1/2|s - target|^2 + grad . s`` is added to the energy with weight beta.
+``reduce="mean"`` gives the gradient of the batch mean of l (the parameter gradients are batch
+averages), ``"sum"`` of the sum.
 """
 
 from __future__ import annotations
@@ -32,13 +32,40 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivers import BIAS, Coupling, Device, Equilibrium, Nudge, SettleBudget, Topology
+from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology
+from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
+from hil.host_settle import HostSettle
 from hil.programming import Programmed, ProgrammingScheme, UpdateReport, make_scheme
 from hil.reference import DHN
 
-Mode = Literal["centered", "positive", "negative", "random"]
-MODES: tuple[str, ...] = ("centered", "positive", "negative", "random")
+__all__ = ["MODES", "SETTLE_PATHS", "CheckRow", "EBBlock", "EPResult", "Mode", "gaussian_init", "gradcheck"]
+
 ArrayLike = Tensor | np.ndarray
+SettlePath = Literal["auto", "board", "host"]
+SETTLE_PATHS: tuple[str, ...] = ("auto", "board", "host")
+
+
+def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"]:
+    """Where a block's settles run: ``"board"`` (the board relaxes: `Device.settle`) or
+    ``"host"`` (the host iterates the fixed point through `Device.mvm`). ``"auto"`` takes the
+    board's settle when it has one, else the host's."""
+    if choice not in SETTLE_PATHS:
+        raise ValueError(f"settle must be one of {SETTLE_PATHS}, got {choice!r}")
+    caps = device.info.capabilities
+    if choice == "board" or (choice == "auto" and "settle" in caps):
+        if "settle" not in caps:
+            raise NotSupported(
+                f"{device.info.identity.model} cannot settle (capability 'settle' not declared; it has "
+                f"{sorted(caps)}); iterate the fixed point on the host instead: settle='host' "
+                "(config key ep.settle=host), which needs 'mvm'"
+            )
+        return "board"
+    if "mvm" not in caps:
+        raise NotSupported(
+            f"{device.info.identity.model} can neither settle nor multiply (capabilities {sorted(caps)}): "
+            "the host-iterated settle needs 'mvm', the board settle 'settle'"
+        )
+    return "host"
 
 
 def gaussian_init(
@@ -90,11 +117,6 @@ class EPResult:
     settle_steps: int  # steps of the nudged settles (not the free one)
 
 
-def _joined(parts: Mapping[str, Tensor], groups: tuple[str, ...], dim: int = 1) -> Tensor:
-    """The tensors of `groups`, concatenated along `dim` (the one tensor itself for one group)."""
-    return torch.cat([parts[g] for g in groups], dim=dim) if len(groups) > 1 else parts[groups[0]]
-
-
 class EBBlock(nn.Module):
     """An energy-based block on a Device.
 
@@ -108,7 +130,10 @@ class EBBlock(nn.Module):
     `sync` are in `last_reports` (one per tile) and `last_updates` (every operation, refreshes
     included); the scheme's `history` keeps all of them as dicts. With `joint_phases`
     (default), centered EP with error-current (grad) nudges settles its two nudged phases as
-    one settle over a doubled batch (`_settle_both`); pass False to settle them one by one.
+    one settle over a doubled batch (`hil.estimator.settle_both`); pass False to settle them
+    one by one. `settle` picks the minimiser (`settle_path`): the board's analog settle, or
+    the host iterating the fixed point through the board's `mvm` (`HostSettle`), which is
+    what a board without the ``settle`` capability gets with ``"auto"``.
     """
 
     def __init__(
@@ -126,10 +151,11 @@ class EBBlock(nn.Module):
         clip: bool = True,
         seed: int = 0,
         joint_phases: bool = True,
+        settle: SettlePath = "auto",
     ) -> None:
         super().__init__()
-        self.joint_phases = joint_phases
         self.device = device
+        self.settle_path = settle_path(device, settle)
         self.topology = topology
         groups = list(topology.groups)
         self.inputs = tuple(inputs) if inputs is not None else (groups[0],)
@@ -142,6 +168,7 @@ class EBBlock(nn.Module):
         self.free_groups = [g for g in groups if g not in self.inputs]
         gen = torch.Generator().manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed + 1)
+        self.estimator = EPEstimator(topology, joint_phases=joint_phases, generator=self.generator)
         w0 = gaussian_init(topology, init_scale, gen) if weights is None else weights
         self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)
         # weights as they are on the device (read back after programming), for dPhi/dx
@@ -170,10 +197,22 @@ class EBBlock(nn.Module):
         self.last_updates: list[UpdateReport] = []
         device.configure(topology)
         self._configured = topology.budget
+        # the host-iterated settle, for settle path "host" (None: the board's own settle)
+        self.host_settle: HostSettle | None = None
+        if self.settle_path == "host":
+            self.host_settle = HostSettle(device, reference=self.device_weights)
         self.mappings = {c.tile: self.programming.mapping(device, c.tile) for c in topology.couplings}
         self.sync(force=True)
 
     # ------------------------------------------------------------------------------ factories
+    @property
+    def joint_phases(self) -> bool:
+        return self.estimator.joint_phases
+
+    @joint_phases.setter
+    def joint_phases(self, value: bool) -> None:
+        self.estimator.joint_phases = value
+
     @staticmethod
     def layered(
         device: Device,
@@ -304,7 +343,8 @@ class EBBlock(nn.Module):
     ) -> Equilibrium:
         self.sync()
         self._use_budget("nudge" if nudge else "free")
-        return self.device.settle(
+        minimiser: SettleFn = self.device.settle if self.host_settle is None else self.host_settle
+        return minimiser(
             self._clamp(clamp),
             nudge=dict(nudge) if nudge else None,
             init=dict(init) if init else None,
@@ -318,56 +358,6 @@ class EBBlock(nn.Module):
     def predict(self, clamp: ArrayLike | Mapping[str, ArrayLike]) -> Tensor:
         """The free-phase state of the (first) output group, (B, n)."""
         return torch.from_numpy(self.free(clamp).states[self.outputs[0]])
-
-    def _settle_both(
-        self,
-        clamp: dict[str, np.ndarray],
-        nudge: dict[str, Nudge],
-        init: dict[str, np.ndarray],
-        trace: bool | int,
-    ) -> tuple[Equilibrium, Equilibrium]:
-        """The +beta and -beta phases of centered EP (`nudge`: the +beta phase's error-current
-        nudges) as one settle over the batch twice over: the samples are independent, so the
-        doubled batch holds the two phases side by side, with the injected current ``-beta
-        grad`` in the first half and ``+beta grad`` in the second (one grad nudge with beta 1
-        carries both). One Device call instead of two: one
-        round trip to a board, and per step one product over 2B rows instead of two over B.
-        Elastic (target) nudges cannot be expressed this way (their beta is one number per
-        settle), so they settle phase by phase.
-
-        The two halves share `steps`, `converged` and `residual` (taken over both phases);
-        the settle time and the array energy are split equally."""
-        n = next(iter(clamp.values())).shape[0]
-
-        def twice(x: np.ndarray) -> np.ndarray:
-            return np.concatenate([x, x])
-
-        nudges = {}
-        for g, nd in nudge.items():
-            assert nd.target is None and nd.grad is not None
-            d = np.asarray(nd.grad, dtype=np.float32) * np.float32(nd.beta)
-            nudges[g] = Nudge(1.0, grad=np.concatenate([d, -d]))
-        both = self.settle(
-            {g: twice(x) for g, x in clamp.items()}, nudges, {g: twice(x) for g, x in init.items()}, trace
-        )
-
-        def half(rows: slice) -> Equilibrium:
-            states = {g: v[rows] for g, v in both.states.items()}
-            states.update(clamp)  # the clamped groups as applied, one object for both phases
-            return Equilibrium(
-                states=states,
-                steps=both.steps,
-                converged=both.converged,
-                residual=both.residual,
-                energy=None if both.energy is None else both.energy[rows],
-                settle_time_s=both.settle_time_s / 2,
-                energy_j=both.energy_j / 2,
-                trace=None
-                if both.trace is None
-                else {k: v if k == "step" else v[:, rows] for k, v in both.trace.items()},
-            )
-
-        return half(slice(0, n)), half(slice(n, 2 * n))
 
     def _nudges(
         self,
@@ -395,49 +385,13 @@ class EBBlock(nn.Module):
     # ------------------------------------------------------------------------------ gradients
     def phi_grads(self, states: Mapping[str, np.ndarray | Tensor]) -> dict[str, Tensor]:
         """dPhi/dW per tile, summed over the batch, at the given states."""
-        st = {g: torch.as_tensor(v) for g, v in states.items()}
-        out = {}
-        for c in self.topology.couplings:
-            rows, cols = self.topology.tile_shape(c.tile)
-            s = _joined(st, c.cols)
-            if c.kind == "dense":
-                g = torch.empty(rows, cols, dtype=s.dtype)
-                g[:cols] = 0.5 * (s.T @ s)
-                g[:cols].fill_diagonal_(0.0)
-                if rows > cols:
-                    g[cols:] = s.sum(0)
-                out[c.tile] = g
-            else:
-                out[c.tile] = _joined(
-                    {g: s.sum(0, keepdim=True) if g == BIAS else st[g].T @ s for g in c.rows}, c.rows, 0
-                )
-        return out
+        return self.estimator.phi_grads(states)
 
     def phi_grad_difference(
         self, a: Mapping[str, np.ndarray | Tensor], b: Mapping[str, np.ndarray | Tensor]
     ) -> dict[str, Tensor]:
-        """``phi_grads(a) - phi_grads(b)`` with fewer products: a bipartite tile whose row
-        group holds the same states in both (a clamped input, the bias) needs one product
-        of the difference of its column states, ``x^T (c_a - c_b)``."""
-        sa = {g: torch.as_tensor(v) for g, v in a.items()}
-        sb = {g: torch.as_tensor(v) for g, v in b.items()}
-        if any(c.kind == "dense" for c in self.topology.couplings):
-            pa, pb = self.phi_grads(sa), self.phi_grads(sb)
-            return {t: pa[t] - pb[t] for t in pa}
-        out = {}
-        for c in self.topology.couplings:
-            ca, cb = _joined(sa, c.cols), _joined(sb, c.cols)
-            dc = ca - cb
-            parts = {}
-            for g in c.rows:
-                if g == BIAS:
-                    parts[g] = dc.sum(0, keepdim=True)
-                elif sa[g] is sb[g] or torch.equal(sa[g], sb[g]):
-                    parts[g] = sa[g].T @ dc
-                else:
-                    parts[g] = torch.addmm(sa[g].T @ ca, sb[g].T, cb, alpha=-1.0)
-            out[c.tile] = _joined(parts, c.rows, 0)
-        return out
+        """``phi_grads(a) - phi_grads(b)`` (`EPEstimator.phi_grad_difference`)."""
+        return self.estimator.phi_grad_difference(a, b)
 
     def input_drive(
         self, states: Mapping[str, np.ndarray | Tensor], inputs: tuple[str, ...] | None = None
@@ -464,49 +418,24 @@ class EBBlock(nn.Module):
         """EP gradients of ``L = reduce_b beta-cost`` (see the module docstring) for the
         parameters and (with `input_grads`) the clamped inputs. `free`: reuse a free
         equilibrium of the same clamp."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0 (the mode sets the sign), got {beta}")
+        check_phases(beta, mode)
         tg, gd = self._as_groups(target), self._as_groups(grad)
         if not tg and not gd:
             raise ValueError("EP needs a target or a grad for at least one output group")
         cl = self._clamp(clamp)
         clamped = set(cl)
         f = free if free is not None else self.free(cl)
-        init = {g: f.states[g] for g in self.topology.groups if g not in clamped}
-        if mode == "random":
-            sign = 1.0 if torch.rand((), generator=self.generator).item() < 0.5 else -1.0
-            mode = "positive" if sign > 0 else "negative"
-        steps = 0
-        if mode == "centered" and self.joint_phases and not tg:
-            assert gd is not None
-            first, second = self._settle_both(cl, self._nudges(beta, None, gd, clamped), init, trace)
-            b1, b2 = beta, -beta
-            steps += first.steps + second.steps
-        else:
-            if mode in ("positive", "centered"):
-                first = self.settle(cl, self._nudges(beta, tg, gd, clamped), init=init, trace=trace)
-                b1 = beta
-                steps += first.steps
-            else:
-                first, b1 = f, 0.0
-            if mode in ("negative", "centered"):
-                second = self.settle(cl, self._nudges(-beta, tg, gd, clamped), init=init, trace=trace)
-                b2 = -beta
-                steps += second.steps
-            else:
-                second, b2 = f, 0.0
-        scale = -1.0 / (b1 - b2)
-        if reduce == "mean":
-            scale /= next(iter(cl.values())).shape[0]
-        grads = {t: g.mul_(scale) for t, g in self.phi_grad_difference(first.states, second.states).items()}
-        in_grads = {}
-        if input_grads:
-            inputs = tuple(cl)
-            da, db = self.input_drive(first.states, inputs), self.input_drive(second.states, inputs)
-            in_grads = {g: (da[g] - db[g]) * scale for g in inputs}
-        return EPResult(grads, in_grads, f, first, second, (b1, b2), steps)
+        ph = self.estimator.phases(
+            self.settle, cl, f, lambda b: self._nudges(b, tg, gd, clamped), beta=beta, mode=mode, trace=trace
+        )
+        inputs = tuple(cl)
+        grads, in_grads = self.estimator.gradients(
+            ph,
+            next(iter(cl.values())).shape[0],
+            reduce,
+            (lambda st: self.input_drive(st, inputs)) if input_grads else None,
+        )
+        return EPResult(grads, in_grads, f, ph.first, ph.second, ph.betas, ph.steps)
 
     def vjp(
         self,

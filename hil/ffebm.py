@@ -221,12 +221,13 @@ class FFEBM(nn.Module):
         refresh_mode: str | None = None,
         seed: int = 0,
         joint_phases: bool = True,
+        settle: Literal["auto", "board", "host"] = "auto",
     ) -> FFEBM:
         """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
         on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
         input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`).
         `programming` / `refresh_every` / `refresh_mode`: each block gets its own
-        `ProgrammingScheme`."""
+        `ProgrammingScheme`. `settle`: where each block settles (`hil.ep.settle_path`)."""
         gen = torch.Generator().manual_seed(seed)
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
@@ -255,7 +256,7 @@ class FFEBM(nn.Module):
             )
             blk = EBBlock(
                 devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k,
-                joint_phases=joint_phases,
+                joint_phases=joint_phases, settle=settle,
             )  # fmt: skip
             parts.append(EBLayer(blk, beta=beta, mode=mode))
         return FFEBM(parts)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivers.base import Nudge
+from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 
 States = dict[str, Tensor]
@@ -558,6 +558,31 @@ class _FixedPoint(torch.autograd.Function):
         g = {o: gr for o, gr in zip(ctx.outs, grads, strict=True) if gr is not None}
         gw, gx = net.vjp(ctx.clamp, ctx.states, g)
         return (None, None, None, None, *[gw[t] for t in net.weights], *[gx[n] for n in ctx.names])
+
+
+def reference_settle(net: DHN, *, newton: bool = True) -> Callable[..., Equilibrium]:
+    """The reference network's minimiser with the signature of `Device.settle`, so that the EP
+    estimator (`hil.estimator.EPEstimator`) runs on it exactly as on a board: states come
+    back as float32 numpy arrays; with `newton` each settle is polished to the exact fixed
+    point. Settle time and joules are 0 (nothing physical ran); traces are not recorded."""
+
+    def settle(
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        if trace:
+            raise ValueError("the reference settle records no trace; pass trace=False")
+        like = next(iter(net.weights.values()))
+        ini = {g: torch.as_tensor(v).to(like.dtype) for g, v in (init or {}).items() if g not in clamp}
+        eq = net.settle(clamp, nudge, ini, newton=newton)
+        states = {g: v.detach().to(torch.float32).numpy() for g, v in eq.states.items()}
+        cl = net._prepare(clamp)
+        energy = net.energy(eq.states, set(cl), nudge).detach().to(torch.float32).numpy()
+        return Equilibrium(states, eq.steps, eq.converged, eq.residual, energy, 0.0, 0.0)
+
+    return settle
 
 
 # ------------------------------------------------------------------------------- comparisons

@@ -114,7 +114,7 @@ class Classifier:
                 )
             self.block = EBBlock(
                 dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets, verify=e.verify,
-                programming=scheme, seed=t.seed, joint_phases=e.joint_phases,
+                programming=scheme, seed=t.seed, joint_phases=e.joint_phases, settle=e.settle,
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
             tiles = list(self.block.weights.values())
@@ -125,6 +125,7 @@ class Classifier:
                 settle_mode=e.settle_mode, verify=e.verify, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
+                settle=e.settle,
             )  # fmt: skip
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]

@@ -20,11 +20,13 @@ def check_block(
     bias: tuple[float, float] = (0.1, 0.4),
     seed: int = 0,
     budget: SettleBudget = CHECK_BUDGET,
+    settle: str = "auto",
 ) -> EBBlock:
     """The network `hil gradcheck` checks: weights ``N(0, init_scale^2 / fan_in)``, biases
     ``U(bias)`` (so that units are active and few sit on a kink of the hard sigmoid), a
     tight settle budget (a converged free phase). Layered: groups s0 (input) ... sL (output);
-    dense: groups ``x`` (input, clamped), ``h0`` ... (hidden), ``y`` (output) on one tile."""
+    dense: groups ``x`` (input, clamped), ``h0`` ... (hidden), ``y`` (output) on one tile.
+    `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -40,7 +42,7 @@ def check_block(
     for tile, m in w.items():
         if topo.coupling(tile).rows[-1] == "bias":
             m[-1] = lo + (hi - lo) * torch.rand(m.shape[1], generator=gen)
-    return EBBlock(device, topo, inputs=inputs, outputs=outputs, weights=w, seed=seed)
+    return EBBlock(device, topo, inputs=inputs, outputs=outputs, weights=w, seed=seed, settle=settle)  # type: ignore[arg-type]
 
 
 def format_table(rows: list[CheckRow]) -> str:

@@ -31,6 +31,8 @@ class VAEEPConfig:
     tol: float = 3e-3  # converged: max |rho(u) - s| over every node of the batch below this
     dt: float = 0.5  # damping of the analog settle (dense networks need < 1)
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"  # docs/programming.md
+    # where settles run: board, host (iterated through the board's mvm) or auto (board if it can)
+    settle: Literal["auto", "board", "host"] = "auto"
     # both nudged phases as one settle over the doubled batch (EBBlock.joint_phases): faster and
     # its gradients as good or better, but off by default here: over seeds 0-2 TDH-VAE trained
     # with it ended worse on 2 of 3 on the ideal board (by 0.2-0.3 nats; the third a tie) and on

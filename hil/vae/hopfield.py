@@ -96,6 +96,7 @@ class HopfieldVAE:
         seed: int = 0,
         programming: str = "ideal",
         joint_phases: bool = False,
+        settle: str = "auto",
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Hopfield VAE variant {variant!r}; known: {VARIANTS}")
@@ -126,6 +127,7 @@ class HopfieldVAE:
             seed=seed,
             programming=programming,
             joint_phases=joint_phases,
+            settle=settle,  # type: ignore[arg-type]
         )
         self.decoder = (
             self.encoder
@@ -139,6 +141,7 @@ class HopfieldVAE:
                 seed=seed + 7,
                 programming=programming,
                 joint_phases=joint_phases,
+                settle=settle,  # type: ignore[arg-type]
             )
         )
 

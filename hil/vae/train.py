@@ -85,6 +85,7 @@ class _Model:
             seed=cfg.train.seed,
             programming=cfg.ep.programming,
             joint_phases=cfg.ep.joint_phases,
+            settle=cfg.ep.settle,
         )
         self.params = self.hvae.parameters()
         self.identity = self.devices[0].info.identity.idn()

@@ -1,0 +1,311 @@
+"""The host-iterated settle: the equilibrium of a network on a board that only multiplies.
+
+Most crossbar chips program, read and multiply; very few relax to an equilibrium by
+themselves. `HostSettle` runs the settle on the host and lets the board do every product:
+
+- per step, one `Device.mvm` call per coupling and direction whose destination holds free
+  nodes, for the whole batch (a bipartite tile drives its column groups with ``s_rows @ W``
+  and its row groups with ``s_cols @ W.T``, the transposed read of the same crossbar; a dense
+  tile drives all its groups with ``[s, 1] @ W``);
+- a product whose sources are all clamped (the input layer and the bias, usually the widest
+  tile) is constant during the settle: it is read once per settle, not every step;
+- the activation ``clamp(gain u, 0, 1)``, the nudge ``beta (target - s) - beta grad`` and the
+  relaxation ``s <- s + dt (rho(u) - s)`` are applied on the host.
+
+The budget means what it means on a board (`drivers.SettleBudget`): at most `max_steps`
+steps; every `check_every` steps the largest state change is compared with `tol` plus the
+noise floor, below which read noise and converter steps alone move the states; ``tol = 0``
+runs exactly `max_steps`. The noise floor is measured, not assumed: the first product of
+every settle is read twice, the two reads give the read noise (their difference) and the
+ADC step (the smallest gap between distinct output levels), and the constant drive takes
+their mean.
+
+Accounting: settle time and array energy are what the board's meter (`Device.meter`) counted
+over the settle's calls; a board without a meter gets the host's wall time and NaN joules.
+With `reference` (a callable returning the pure-torch network with the weights as read back
+from the board, as `EBBlock.device_weights` does) the host also gives per-sample energies,
+subtracts the read-back diagonal of dense tiles (which a crossbar cannot disconnect when it
+only multiplies) and shortens `dt` where the couplings are strong enough for a step of `dt`
+to overshoot (``dt < 1.8 / (1 + gain |A|)``, the rule the analog board applies).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from drivers import BIAS, ConfigurationError, Device, Equilibrium, Nudge, Topology
+from drivers.checks import check_settle, require_topology
+from hil.reference import DHN
+
+NOISE_SIGMAS = 6.0  # the residual is a maximum over every node of the batch
+
+
+@dataclass
+class _Term:
+    """One product per step (or per settle, `constant`): ``x @ W`` or ``x @ W.T`` of a tile."""
+
+    tile: str
+    transpose: bool
+    sources: tuple[str, ...]  # the groups concatenated into x (the bias as a column of ones)
+    dsts: list[tuple[str, int, int]]  # free destination groups and their columns in the output
+    constant: bool  # every source is clamped (or the bias)
+    diagonal: bool = False  # a dense tile: its read-back diagonal is taken out of the drive
+
+
+@dataclass
+class HostSettleStats:
+    """What the last settle cost on the wire."""
+
+    mvm_calls: int = 0  # every Device.mvm call, the noise probe and the constant products included
+    per_step: int = 0  # mvm calls in each step
+    per_settle: int = 0  # mvm calls once per settle (constant products, the noise probe)
+    noise_floor: float = 0.0  # residual below which the states only move by noise
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
+    out = []
+
+    def free_dsts(groups: tuple[str, ...]) -> list[tuple[str, int, int]]:
+        dsts, start = [], 0
+        for g in groups:
+            n = topo.size(g)
+            if g != BIAS and g not in clamped:
+                dsts.append((g, start, start + n))
+            start += n
+        return dsts
+
+    def fixed(groups: tuple[str, ...]) -> bool:
+        return all(g == BIAS or g in clamped for g in groups)
+
+    for c in topo.couplings:
+        if c.kind == "dense":
+            dsts = free_dsts(c.cols)
+            if dsts:
+                out.append(_Term(c.tile, False, c.rows, dsts, False, diagonal=True))
+            continue
+        fwd = free_dsts(c.cols)
+        if fwd:
+            out.append(_Term(c.tile, False, c.rows, fwd, fixed(c.rows)))
+        bwd = free_dsts(c.rows)
+        if bwd:
+            out.append(_Term(c.tile, True, c.cols, bwd, fixed(c.cols)))
+    # constant products first: the noise probe reads the first term of a settle twice
+    return sorted(out, key=lambda t: not t.constant)
+
+
+def _lsb(bits: int | None, span: float) -> float:
+    return span / ((1 << bits) - 1) if bits else 0.0
+
+
+class HostSettle:
+    """A settle function with the signature of `Device.settle`, iterated on the host through
+    the board's `mvm` (see the module docstring). `stats` describes the last settle."""
+
+    def __init__(
+        self, device: Device, *, reference: Callable[[], DHN] | None = None, probe_noise: bool = True
+    ) -> None:
+        self.device = device
+        self.reference = reference
+        self.probe_noise = probe_noise
+        self.stats = HostSettleStats()
+        self._terms: dict[tuple[int, frozenset[str]], list[_Term]] = {}
+        self._norms: dict[tuple[frozenset[str], tuple[int, ...]], float] = {}
+
+    # ------------------------------------------------------------------------ the iteration
+    def __call__(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        dev = self.device
+        topo = require_topology(dev.topology)
+        limits = dev.info.limits
+        cl, nd, ini, batch = check_settle(topo, limits, clamp, nudge, init)
+        every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
+        if every < 0:
+            raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
+        budget, gain = topo.budget, topo.gain
+        clamped = frozenset(cl)
+        key = (id(topo.couplings), clamped)
+        terms = self._terms.get(key)
+        if terms is None:
+            if len(self._terms) >= 8:
+                self._terms.pop(next(iter(self._terms)))
+            terms = self._terms[key] = _terms(topo, clamped)
+        free = [g for g in topo.groups if g not in cl]
+        s: dict[str, np.ndarray] = dict(cl)
+        for g in free:
+            x0 = ini.get(g)
+            s[g] = np.zeros((batch, topo.groups[g]), np.float32) if x0 is None else x0.copy()
+        ones = np.ones((batch, 1), np.float32)
+        ref = self.reference() if self.reference is not None else None
+        diag = self._diagonals(topo, ref)
+
+        meter = dev.meter()
+        wall = time.perf_counter()
+        stats = HostSettleStats()
+        probe = self.probe_noise and budget.tol > 0
+
+        def product(term: _Term) -> np.ndarray:
+            x = [ones if g == BIAS else s[g] for g in term.sources]
+            xs = np.concatenate(x, axis=1) if len(x) > 1 else x[0]
+            stats.mvm_calls += 1
+            return dev.mvm(term.tile, xs, transpose=term.transpose)
+
+        # the constant drive: clamped products (read once), injected currents
+        const = {g: np.zeros((batch, topo.groups[g]), np.float32) for g in free}
+        for g, n in nd.items():
+            if n.grad is not None:
+                const[g] -= np.float32(n.beta) * n.grad
+        elastic = {g: (np.float32(n.beta), n.target) for g, n in nd.items() if n.target is not None}
+        noise = (0.0, 0.0)
+        dynamic = []
+        for i, term in enumerate(terms):
+            if i == 0 and probe:
+                y1, y2 = product(term), product(term)
+                noise = self._noise(y1, y2, limits.adc_bits)
+                y = (y1 + y2) * np.float32(0.5) if term.constant else None
+                stats.per_settle += 2 if term.constant else 1
+            else:
+                y = product(term) if term.constant else None
+                stats.per_settle += int(term.constant)
+            if term.constant:
+                for g, a, b in term.dsts:
+                    const[g] += y[:, a:b]
+            else:
+                dynamic.append(term)
+        stats.per_step = len(dynamic)
+        fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
+        sigma, step_lsb = noise
+        floor = gain * (step_lsb + NOISE_SIGMAS * sigma * math.sqrt(max(fan_in, 1)))
+        floor += _lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
+        stats.noise_floor = floor if probe else 0.0
+        dt = self._dt(topo, clamped, free, ref)
+        check_every = budget.check_every if budget.tol > 0 else budget.max_steps
+
+        records: list[tuple[int, dict[str, np.ndarray]]] = []
+        if every:
+            records.append((0, {g: s[g].copy() for g in free}))
+        residual, converged, steps = math.inf, False, 0
+        for step in range(1, budget.max_steps + 1):
+            u = {g: const[g].copy() for g in free}
+            for term in dynamic:
+                y = product(term)
+                for g, a, b in term.dsts:
+                    u[g] += y[:, a:b]
+            for g, d in diag.items():
+                if g in u:
+                    u[g] -= s[g] * d
+            for g, (beta, target) in elastic.items():
+                u[g] += beta * (target - s[g])
+            check = step % check_every == 0 or step == budget.max_steps
+            res = 0.0
+            for g in free:
+                new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
+                if check:
+                    res = max(res, float(np.abs(new - s[g]).max()))
+                s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
+            steps = step
+            if every and step % every == 0:
+                records.append((step, {g: s[g].copy() for g in free}))
+            if check:
+                residual = res
+                if budget.tol > 0 and residual <= budget.tol + stats.noise_floor:
+                    converged = True
+                    break
+        if budget.tol == 0:
+            converged = residual <= stats.noise_floor
+        if every and records[-1][0] != steps:
+            records.append((steps, {g: s[g].copy() for g in free}))
+
+        wall = time.perf_counter() - wall
+        after = dev.meter() if meter is not None else None
+        if meter is not None and after is not None:
+            settle_time, energy_j = after.clock_s - meter.clock_s, after.energy_j - meter.energy_j
+        else:
+            settle_time, energy_j = wall, math.nan
+        self.stats = stats
+        energy = None if ref is None else self._energy(ref, s, clamped, nd)
+        out_trace = None
+        if every:
+            out_trace = {"step": np.array([r[0] for r in records], np.int64)}
+            stacked = {g: np.stack([r[1][g] for r in records]) for g in free}
+            if ref is None:
+                out_trace["energy"] = np.full((len(records), batch), np.nan, np.float32)
+            else:
+                out_trace["energy"] = np.stack(
+                    [self._energy(ref, {**cl, **r[1]}, clamped, nd) for r in records]
+                )
+            out_trace.update(stacked)
+        return Equilibrium(
+            states={g: np.ascontiguousarray(v, np.float32) for g, v in s.items()},
+            steps=steps,
+            converged=converged,
+            residual=residual,
+            energy=energy,
+            settle_time_s=float(settle_time),
+            energy_j=float(energy_j),
+            trace=out_trace,
+        )
+
+    # ------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _noise(y1: np.ndarray, y2: np.ndarray, adc_bits: int | None) -> tuple[float, float]:
+        """(read-noise std of one output, ADC step) from two reads of the same product."""
+        d = (y1.astype(np.float64) - y2).ravel()
+        sigma = math.sqrt(float(np.mean(d * d)) / 2.0) if d.size else 0.0
+        step = 0.0
+        if adc_bits:
+            levels = np.unique(y1)
+            if levels.size > 1:
+                step = float(np.diff(levels).min())
+        return sigma, step
+
+    @staticmethod
+    def _diagonals(topo: Topology, ref: DHN | None) -> dict[str, np.ndarray]:
+        """Per free group of a dense tile, the read-back diagonal of its weights (1, n)."""
+        out: dict[str, np.ndarray] = {}
+        if ref is None:
+            return out
+        for c in topo.couplings:
+            if c.kind != "dense":
+                continue
+            d = torch.diagonal(ref.weights[c.tile].detach()).to(torch.float32).numpy()
+            start = 0
+            for g in c.cols:
+                n = topo.size(g)
+                out[g] = d[None, start : start + n]
+                start += n
+        return out
+
+    def _dt(self, topo: Topology, clamped: frozenset[str], free: list[str], ref: DHN | None) -> float:
+        """budget.dt, or less where a step of dt would overshoot (as the analog board does)."""
+        dt = topo.budget.dt
+        if ref is None or not free:
+            return dt
+        key = (clamped, tuple(p._version for p in ref.weights.values()))
+        norm = self._norms.get(key)
+        if norm is None:
+            with torch.no_grad():
+                a = ref.coupling_matrix(free)
+                norm = float(torch.linalg.matrix_norm(a.double(), ord=2)) if a.numel() else 0.0
+            self._norms.clear()
+            self._norms[key] = norm
+        return min(dt, 1.8 / (1.0 + topo.gain * norm)) if norm > 0 else dt
+
+    @staticmethod
+    def _energy(
+        ref: DHN, s: dict[str, np.ndarray], clamped: frozenset[str], nudge: dict[str, Nudge]
+    ) -> np.ndarray:
+        with torch.no_grad():
+            st = {g: torch.from_numpy(np.ascontiguousarray(v)).to(ref.dtype) for g, v in s.items()}
+            return ref.energy(st, set(clamped), nudge).to(torch.float32).numpy()
