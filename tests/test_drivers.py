@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+import typing
+from collections.abc import Iterator
+from typing import ClassVar, Literal
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from drivers import ConfigurationError, Coupling, LimitViolation, Nudge, Topology, open_device
-from drivers.uri import parse_uri
+import drivers.emulated as emulated
+import drivers.options as options_mod
+from drivers import ConfigurationError, Coupling, Device, LimitViolation, Nudge, Topology, open_device
+from drivers.base import CAPABILITIES
+from drivers.emulated import EmulatorOptions
+from drivers.options import QueryOptions, QueryParams
+from drivers.serial import SerialOptions
+from drivers.uri import (
+    BackendRegistry,
+    format_uri,
+    known_schemes,
+    parse_options,
+    parse_uri,
+    register_backend,
+    replace_params,
+    unregister_backend,
+)
+from drivers.visa import VisaOptions
+from emulator.presets import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -123,3 +148,261 @@ def test_wrapper_forwards_status_and_programming_transactions() -> None:
         assert inner.status().transaction == "step-7" and dev.status().transaction == "step-7"
         dev.commit("step-7")
         assert dev.status().transaction is None and dev.status().configured
+
+
+# ---- the backend registry and typed URI options ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyOptions(QueryOptions):
+    LABEL: ClassVar[str] = "toy"
+
+    seed: int = 0
+    gain: float = dataclasses.field(default=1.0, metadata={"gt": 0})
+    noisy: bool = False
+
+
+def _open_toy(target: str, options: ToyOptions) -> Device:
+    """A third-party backend in miniature: a bench name and options, an emulated board inside."""
+    dev = open_device(f"emulator://?preset=ideal&seed={options.seed}")
+    dev.info.extra["bench"] = target
+    return dev
+
+
+@pytest.fixture
+def toy_scheme() -> Iterator[str]:
+    register_backend("toy", _open_toy, options=ToyOptions)
+    try:
+        yield "toy"
+    finally:
+        unregister_backend("toy")
+
+
+def test_a_backend_registered_at_run_time_is_found_by_scheme(toy_scheme: str) -> None:
+    assert "toy" in known_schemes()
+    with open_device("toy://bench-3?seed=5&gain=2.5") as dev:
+        assert dev.info.identity.serial == "EMU-00000005" and dev.info.extra["bench"] == "bench-3"
+    scheme, target, options = parse_options("TOY://bench-3?noisy=yes")
+    assert (scheme, target, options) == ("toy", "bench-3", ToyOptions(noisy=True))
+    assert replace_params("toy://bench-3?seed=5", gain=0.5) == "toy://bench-3?seed=5&gain=0.5"
+    with pytest.raises(ConfigurationError, match=r"toy URI parameter gain=-1\.0: must be > 0"):
+        open_device("toy://bench-3?gain=-1")
+    with pytest.raises(
+        ConfigurationError, match="unknown toy URI parameter 'speed'; known: seed, gain, noisy"
+    ):
+        open_device("toy://bench-3?speed=2")
+    with pytest.raises(ConfigurationError, match="already has a backend; pass replace=True"):
+        register_backend("toy", _open_toy)
+    with pytest.raises(ConfigurationError, match="already has a backend"):
+        register_backend("visa", _open_toy)  # built-in schemes are taken before they are loaded
+    with pytest.raises(ConfigurationError, match="not a URI scheme"):
+        register_backend("My Board", _open_toy)
+
+
+def test_a_backend_without_options_class_gets_the_parameters_as_text() -> None:
+    registry = BackendRegistry(builtin={}, entry_points=False)
+    seen: list[QueryParams] = []
+    registry.register("raw", lambda target, options: seen.append(options) or open_device("emulator://"))
+    with registry.open("raw://x?a=1&b=two") as dev:
+        assert dev.info.preset == "ideal"
+    assert seen[0].as_dict() == {"a": "1", "b": "two"}
+    assert registry.replace_params("raw://x?a=1", b="3") == "raw://x?a=1&b=3"
+    with pytest.raises(ConfigurationError, match="unknown device scheme 'emulator'; known: raw"):
+        registry.open("emulator://")  # this registry has no built-ins
+
+
+def test_an_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_device("gpib://1")
+    text = str(info.value)
+    assert "unknown device scheme 'gpib'; known: emulator, serial, serial+socket, visa" in text
+    assert "xbar_hil.backends" in text  # and how a third-party board adds one
+
+
+def test_a_backend_is_discovered_through_its_entry_point(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed package declares ``[xbar_hil.backends] name = module:BACKEND``; no import
+    or registration by the user is needed."""
+    (tmp_path / "xbar_toy_backend.py").write_text(
+        "from drivers import open_device\n"
+        "from drivers.uri import Backend\n"
+        "BACKEND = Backend('toyep', lambda target, options: open_device('emulator://?preset=rram&seed=2'))\n"
+        "NOT_A_BACKEND = 42\n"
+    )
+    dist = tmp_path / "xbar_toy_backend-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: xbar-toy-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[xbar_hil.backends]\ntoyep = xbar_toy_backend:BACKEND\nbadep = xbar_toy_backend:NOT_A_BACKEND\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = BackendRegistry()  # a fresh one: what a new process would see
+    assert {"toyep", "badep"} <= set(registry.schemes())
+    with registry.open("toyep://") as dev:
+        assert dev.info.preset == "rram" and dev.info.identity.serial == "EMU-00000002"
+    with pytest.raises(ConfigurationError, match=r"is 42, not a drivers.uri.Backend with scheme 'badep'"):
+        registry.open("badep://")
+
+
+EXISTING_URIS = [
+    "emulator://?preset=rram&seed=0",
+    "emulator://?preset=ideal",
+    "emulator://?seed=7",
+    "emulator://?preset=rram&seed=0&adc_bits=6",
+    "emulator://?preset=rram&seed=4&adc_bits=6&dac_bits=none&read_noise=1e-8",
+    "emulator://?preset=pcm&seed=1&mvm_range=2.5&device=cpu",
+    "emulator://?preset=ecram&seed=2&one_sided=true&kind=linear&gamma_down=0.5",
+    "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify",
+    "emulator://?preset=rram&seed=0&capabilities=",
+    "visa://TCPIP0::127.0.0.1::5025::SOCKET",
+    "visa://ASRL/dev/ttyUSB0::INSTR?timeout=0.25&check=1&attempts=16&backoff=0.01",
+    "visa://TCPIP0::127.0.0.1::5025::SOCKET?backend=@py&fast=0&timeout=120",
+    "serial:///dev/ttyACM0?baud=921600",
+    "serial://COM3?baud=115200&retries=8&ack_timeout=0.05",
+    "serial+socket://127.0.0.1:7000?timeout=5&fragment=64&attempts=4&backoff=0.05&retries=2",
+]
+
+
+@pytest.mark.parametrize("uri", EXISTING_URIS)
+def test_options_round_trip(uri: str) -> None:
+    """parse -> to_query -> parse gives the same options; the written URI is a fixed point."""
+    scheme, target, options = parse_options(uri)
+    again = format_uri(scheme, target, options)
+    assert parse_options(again) == (scheme, target, options)
+    assert replace_params(again) == again
+    # nothing is invented: defaults are left out, only an emulator's preset and seed are always written
+    _, _, given = parse_uri(uri)
+    _, _, written = parse_uri(again)
+    assert set(written) <= set(given) | {"preset", "seed"}
+
+
+def test_option_values_are_typed() -> None:
+    _, _, emu = parse_options(
+        "emulator://?preset=rram&seed=4&adc_bits=6&dac_bits=none&capabilities=mvm,trace"
+    )
+    assert isinstance(emu, EmulatorOptions)
+    assert (emu.seed, emu.capabilities) == (4, frozenset({"mvm", "trace"}))
+    assert dict(emu.overrides) == {"adc_bits": 6, "dac_bits": None}
+    _, _, visa = parse_options("visa://TCPIP0::h::5025::SOCKET?check=1&timeout=2")
+    assert visa == VisaOptions(check=True, timeout=2.0)
+    _, _, ser = parse_options("serial+socket://h:7?baud=9600")
+    assert ser == SerialOptions(baud=9600)
+    with open_device("emulator://?preset=ecram&seed=0&gamma_down=0.5&kind=linear") as dev:
+        assert dev.board.preset.device.gamma_down == 0.5 and dev.board.preset.device.kind == "linear"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("visa://X::INSTR?check=maybe", r"visa URI parameter check='maybe': expected 0 or 1"),
+        ("visa://X::INSTR?timeout=0", r"visa URI parameter timeout=0\.0: must be > 0"),
+        ("visa://X::INSTR?attempts=0", r"attempts=0: must be >= 1"),
+        ("visa://X::INSTR?timeout=nan", r"timeout='nan': expected a finite number"),
+        (
+            "visa://X::INSTR?speed=1&colour=2",
+            r"unknown visa URI parameters 'speed', 'colour'; known: backend",
+        ),
+        ("visa://", "needs a VISA resource"),
+        ("serial+socket://h:1?fragment=8", r"fragment=8: must be >= 16 and <= 32768"),
+        ("serial://COM3?baud=fast", r"serial URI parameter baud='fast': expected an integer"),
+        ("serial://COM3?retries=-1", r"retries=-1: must be >= 0"),
+        ("emulator://?capabilities=mvm,relax", r"unknown capability 'relax'; known: settle, mvm, pulse"),
+        ("emulator://?kind=spiral", r"kind='spiral': expected one of 'constant', 'linear'"),
+        ("emulator://?one_sided=maybe", r"one_sided='maybe': expected 0 or 1"),
+        ("emulator://?state_range=0", r"'state_range' cannot be set from a URI"),
+        ("emulator://?device=gpu", r"device='gpu': expected a torch device"),
+    ],
+)
+def test_bad_parameters_name_parameter_value_and_what_is_accepted(uri: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_options(uri)
+
+
+def test_replace_params_rewrites_a_uri() -> None:
+    assert (
+        replace_params("emulator://?preset=rram&seed=0&adc_bits=6", seed=3)
+        == "emulator://?preset=rram&seed=3&adc_bits=6"
+    )
+    assert replace_params(
+        "emulator://?seed=2", read_noise=1e-7, dac_bits=None, capabilities={"settle", "mvm"}
+    ) == ("emulator://?preset=ideal&seed=2&capabilities=settle,mvm&dac_bits=none&read_noise=1e-07")
+    assert (
+        replace_params("visa://TCPIP0::127.0.0.1::5025::SOCKET", check=True, timeout=2.5)
+        == "visa://TCPIP0::127.0.0.1::5025::SOCKET?timeout=2.5&check=1"
+    )
+    assert (
+        replace_params("serial+socket://127.0.0.1:7000?baud=9600", baud=115200)
+        == "serial+socket://127.0.0.1:7000"  # back to the default: nothing to write
+    )
+    with pytest.raises(ConfigurationError, match="seed='x': expected an integer"):
+        replace_params("emulator://?preset=rram", seed="x")
+
+
+_SETTABLE = {
+    name: annotation
+    for name, (_, annotation) in emulated._override_fields().items()
+    if options_mod.settable(annotation)
+}
+
+
+def _value(annotation: object) -> st.SearchStrategy[object]:
+    base, optional = options_mod._split_optional(annotation)
+    if typing.get_origin(base) is Literal:
+        strategy: st.SearchStrategy[object] = st.sampled_from(typing.get_args(base))
+    else:
+        strategy = {
+            bool: st.booleans(),
+            int: st.integers(-(2**40), 2**40),
+            float: st.floats(allow_nan=False, allow_infinity=False),
+            str: st.text(min_size=1),
+        }[base]  # type: ignore[index]
+    return st.none() | strategy if optional else strategy
+
+
+_overrides = st.dictionaries(st.sampled_from(sorted(_SETTABLE)), st.just(None), max_size=5).flatmap(
+    lambda names: st.fixed_dictionaries({n: _value(_SETTABLE[n]) for n in names})
+)
+_emulator_options = st.builds(
+    EmulatorOptions,
+    preset=st.sampled_from(sorted(PRESETS)),
+    seed=st.integers(-(2**31), 2**31),
+    device=st.sampled_from(["cpu", "cuda", "cuda:1"]),
+    capabilities=st.frozensets(st.sampled_from(CAPABILITIES)),
+    overrides=_overrides.map(lambda d: tuple(d.items())),
+)
+_seconds = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False)
+_visa_options = st.builds(
+    VisaOptions,
+    backend=st.sampled_from(["@py", "@ivi", "@sim", "/opt/visa/lib.so@ivi"]),
+    timeout=_seconds,
+    fast=st.booleans(),
+    check=st.booleans(),
+    attempts=st.integers(1, 100),
+    backoff=st.floats(min_value=0, max_value=10),
+)
+_serial_options = st.builds(
+    SerialOptions,
+    baud=st.integers(1, 10**7),
+    timeout=_seconds,
+    ack_timeout=_seconds,
+    retries=st.integers(0, 50),
+    fragment=st.integers(16, 32768),
+    attempts=st.integers(1, 100),
+    backoff=st.floats(min_value=0, max_value=10),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.one_of(
+        _emulator_options.map(lambda o: ("emulator", "", o)),
+        _visa_options.map(lambda o: ("visa", "TCPIP0::10.0.0.2::5025::SOCKET", o)),
+        _serial_options.map(lambda o: ("serial+socket", "127.0.0.1:7000", o)),
+        _serial_options.map(lambda o: ("serial", "/dev/ttyACM0", o)),
+    )
+)
+def test_any_valid_options_survive_a_round_trip_through_their_uri(case: tuple[str, str, object]) -> None:
+    scheme, target, options = case
+    uri = format_uri(scheme, target, options)  # type: ignore[arg-type]
+    assert parse_options(uri) == (scheme, target, options)

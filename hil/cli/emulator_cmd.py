@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import signal
 import threading
-from urllib.parse import urlencode
 
 import typer
 
 from drivers import open_device
+from drivers.base import CAPABILITIES, DeviceInfo
+from drivers.uri import replace_params
 
 _SET_OPTION = typer.Option(
     None, "--set", help="Board parameter KEY=VALUE (any emulator:// URI parameter); repeatable."
 )
+
+
+def board_uri(preset: str, seed: int, capabilities: str | None = None, sets: list[str] | None = None) -> str:
+    """The emulator URI `serve` opens: the preset, the seed, the declared capabilities
+    (comma-separated, None: all) and every ``--set KEY=VALUE``, validated (ConfigurationError
+    naming a bad parameter) and written in canonical form."""
+    params = {"preset": preset, "seed": str(seed)}
+    if capabilities is not None:
+        params["capabilities"] = capabilities
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {item!r}")
+        params[key] = value
+    return replace_params("emulator://", **params)
+
+
+def banner(info: DeviceInfo) -> str:
+    """The first line `serve` prints: the board's identity, preset, seed and capabilities."""
+    caps = ",".join(c for c in CAPABILITIES if c in info.capabilities) or "none"
+    return (
+        f"board  {info.identity.idn()}  (preset {info.preset}, seed {info.extra.get('seed')}, "
+        f"capabilities {caps})"
+    )
 
 
 def resource_lines(
@@ -59,6 +84,12 @@ def register(app: typer.Typer) -> None:
             0.0, help="Probability that the board hangs up after a request, before replying."
         ),
         fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
+        capabilities: str | None = typer.Option(
+            None,
+            help="Capabilities the board declares, comma-separated (default: all of "
+            + ",".join(CAPABILITIES)
+            + "); e.g. mvm,pulse,program_verify for a board that multiplies but does not settle.",
+        ),
     ) -> None:
         """Serve one emulated board until Ctrl-C, printing the device URIs to connect with.
 
@@ -68,14 +99,10 @@ def register(app: typer.Typer) -> None:
         from emulator.server.dispatch import ReplayCache
         from emulator.server.faults import FaultPlan
 
-        params = {"preset": preset, "seed": str(seed)}
-        for item in set_ or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise typer.BadParameter(f"--set takes KEY=VALUE, got {item!r}")
-            params[key] = value
         try:
-            device = open_device(f"emulator://?{urlencode(params)}")
+            device = open_device(board_uri(preset, seed, capabilities, set_))
+        except typer.BadParameter:
+            raise
         except Exception as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -107,7 +134,7 @@ def register(app: typer.Typer) -> None:
         if not lines:
             typer.echo("nothing to serve: give --scpi-port, --serial-port or --serial-pty", err=True)
             raise typer.Exit(2)
-        typer.echo(f"board  {device.info.identity.idn()}  (preset {preset}, seed {seed})")
+        typer.echo(banner(device.info))
         for what, uri in lines:
             typer.echo(f"{what:<26}{uri}")
         typer.echo("Ctrl-C stops the servers.", err=True)
