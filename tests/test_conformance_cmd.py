@@ -1,0 +1,165 @@
+"""`hil conformance URI`: passes on the emulator over every transport, with every capability
+and as an MVM-only board; fails, naming the operation, against boards whose replies break the
+spec; leaves the board safe; refuses a bad URI with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from drivers import Device, DeviceInfo, SafetyCounters, open_device
+from drivers.wrapper import DeviceWrapper
+from hil.cli import app
+from hil.conformance import Options, run_conformance
+from hil.testing import IN_PROCESS, TRANSPORTS, BoardServers
+
+FULL = "emulator://?preset=rram&seed=0"
+MVM_ONLY = "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify"
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["conformance", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _failed(stdout: str) -> set[str]:
+    """Operations on FAIL lines."""
+    return {line[6:29].strip() for line in stdout.splitlines() if line.startswith("FAIL")}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("board", [FULL, MVM_ONLY], ids=["full", "mvm-only"])
+def test_passes_on_every_transport(
+    transport: str, board: str, emulated_board: Callable[..., BoardServers], tmp_path: Path
+) -> None:
+    servers = None if transport == IN_PROCESS else emulated_board(board=board)
+    uri = board if servers is None else servers.uris[transport]
+    out = tmp_path / "conformance.json"
+    code, stdout, stderr = _invoke(uri, "--json", str(out))
+    assert code == 0, stdout + stderr
+    assert not _failed(stdout)
+    lines = stdout.splitlines()
+    assert lines[0].startswith("board  xbar-hil,emulator-rram,"), lines[0]
+    summary = lines[-2]
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["failed"] == 0 and data["passed"] == len(lines) - 3 - data["skipped"]
+    assert summary.startswith(f"{data['passed']} passed, 0 failed, {data['skipped']} skipped")
+    ops = {c["operation"]: c["status"] for c in data["checks"]}
+    for op in ("identity", "limits", "configure", "program W0", "program verify W0", "mvm", "mvm transpose",
+               "pulse +", "pulse -", "unknown tile", "limit conductance", "reset", "safe_state"):  # fmt: skip
+        assert ops[op] == "PASS", op
+    if board == MVM_ONLY:
+        assert data["skipped"] == 1 and ops["settle"] == "SKIP" and ops["settle refused"] == "PASS"
+        assert "settle free" not in ops
+    else:
+        assert data["skipped"] == 0
+        for op in ("settle free", "settle nudged", "settle trace", "settle init", "limit clamp"):
+            assert ops[op] == "PASS", op
+    if servers is not None:
+        # the over-limit requests were refused on the host: none reached the board
+        assert servers.device.safety() == SafetyCounters(refused=0, violations=0)
+
+
+class Recording(DeviceWrapper):
+    """Records the name of every operation that reaches the board."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name: str) -> object:
+        attr = super().__getattribute__(name)
+        if name in ("configure", "program", "pulse", "read_conductance", "mvm", "settle", "reset",
+                    "safe_state", "status", "begin", "commit", "wait"):  # fmt: skip
+            super().__getattribute__("calls").append(name)
+        return attr
+
+
+def test_leaves_the_board_in_its_safe_state() -> None:
+    dev = Recording(open_device(FULL))
+    report = run_conformance(dev, FULL)
+    assert report.ok
+    assert dev.calls[-1] == "safe_state"
+    assert "settle" in dev.calls and "pulse" in dev.calls
+    assert dev.safety().violations == 0
+
+
+class ScaledMvm(DeviceWrapper):
+    """A firmware bug: the mvm result is 1.5 times too large."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        return (1.5 * self.inner.mvm(tile, x, transpose=transpose)).astype(np.float32)
+
+
+class SwappedColumns(DeviceWrapper):
+    """A firmware bug: the output channels of the mvm come back in reverse order."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        return np.ascontiguousarray(self.inner.mvm(tile, x, transpose=transpose)[:, ::-1])
+
+
+@pytest.mark.parametrize("double", [ScaledMvm, SwappedColumns])
+def test_fails_naming_mvm_behind_the_scpi_server(
+    double: type[DeviceWrapper], emulated_board: Callable[..., BoardServers]
+) -> None:
+    servers = emulated_board(board=double(open_device(FULL)))
+    code, stdout, stderr = _invoke(servers.uris["visa-tcp"])
+    assert code == 1, stdout + stderr
+    failed = _failed(stdout)
+    assert "mvm" in failed and failed <= {"mvm", "mvm transpose", "mvm 1-D"}, failed
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL  mvm "))
+    assert "x @ W" in line and "tol" in line  # what came back, against what the spec says
+    assert stdout.splitlines()[-1].split(", ")[1].endswith("failed") and " 0 failed" not in stdout
+
+
+class UndeclaredSettle(DeviceWrapper):
+    """Declares an MVM-only board but settles anyway: it must refuse what it does not declare."""
+
+    @property
+    def info(self) -> DeviceInfo:
+        inner = self.inner.info
+        return DeviceInfo(inner.identity, inner.limits, frozenset({"mvm"}), inner.preset, inner.extra)
+
+
+def test_fails_when_an_undeclared_capability_runs() -> None:
+    # in-process: the remote drivers refuse an undeclared capability on the host already
+    report = run_conformance(UndeclaredSettle(open_device(FULL)))
+    failed = {c.operation for c in report.checks if c.status == "FAIL"}
+    assert failed == {"settle refused", "program verify refused", "pulse refused"}
+    refused = next(c for c in report.checks if c.operation == "settle refused")
+    assert "although it does not declare 'settle'" in refused.got
+    assert report.count("SKIP") == 3 and not report.ok
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["nope://board", "emulator://?preset=unobtainium", "serial+socket://127.0.0.1:1?attempts=1"],
+    ids=["scheme", "preset", "unreachable"],
+)
+def test_bad_uri_is_one_line_and_exit_2(uri: str) -> None:
+    code, stdout, stderr = _invoke(uri)
+    assert code == 2
+    assert stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: cannot open"), stderr
+    assert "Traceback" not in stderr
+
+
+def test_network_beyond_the_limits_is_exit_2() -> None:
+    code, _, stderr = _invoke("emulator://?preset=ideal&tile_rows_max=4", "--sizes", "5,4,3")
+    assert code == 2
+    assert "choose smaller sizes" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_options_reach_the_checks() -> None:
+    with open_device("emulator://?preset=ecram&seed=1") as dev:
+        report = run_conformance(dev, options=Options(sizes=(3, 2), batch=2, reads=3, repeats=2, seed=5))
+    assert report.ok, "\n".join(c.line() for c in report.checks if c.status == "FAIL")
+    ops = [c.operation for c in report.checks]
+    assert "program W0" in ops and "program W1" not in ops
+    mvm = next(c for c in report.checks if c.operation == "mvm")
+    assert "x (2, 4) float32" in mvm.sent
