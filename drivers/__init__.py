@@ -1,6 +1,7 @@
 """Device-abstraction layer: one Device interface, several backends, one error hierarchy."""
 
 from drivers.base import (
+    CAPABILITIES,
     BoardStatus,
     Device,
     DeviceInfo,
@@ -27,10 +28,11 @@ from drivers.errors import (
     RetriesExhausted,
 )
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
-from drivers.uri import open_device
+from drivers.uri import open_device, register_backend, replace_params
 
 __all__ = [
     "BIAS",
+    "CAPABILITIES",
     "BoardReset",
     "BoardStatus",
     "ConfigurationError",
@@ -56,5 +58,7 @@ __all__ = [
     "Topology",
     "open_device",
     "programming_transaction",
+    "register_backend",
+    "replace_params",
     "report_open_transactions",
 ]
