@@ -5,6 +5,7 @@ spec; leaves the board safe; refuses a bad URI with one line and exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from drivers import Device, DeviceInfo, SafetyCounters, open_device
+from drivers import Device, DeviceInfo, Equilibrium, SafetyCounters, open_device
 from drivers.wrapper import DeviceWrapper
 from hil.cli import app
 from hil.conformance import Options, run_conformance
@@ -163,3 +164,28 @@ def test_options_reach_the_checks() -> None:
     assert "program W0" in ops and "program W1" not in ops
     mvm = next(c for c in report.checks if c.operation == "mvm")
     assert "x (2, 4) float32" in mvm.sent
+
+
+def _bringup_example() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "bringup.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, "docs/bringup.md has one complete Python example"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("board", [FULL, MVM_ONLY], ids=["settles", "mvm-only"])
+def test_bringup_example_runs(board: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if board == MVM_ONLY:
+        pytest.importorskip("hil.host_settle")
+    code = _bringup_example()
+    line = 'URI = "emulator://?preset=rram&seed=0"'
+    assert line in code
+    ns: dict[str, object] = {}
+    exec(compile(code.replace(line, f"URI = {board!r}"), "docs/bringup.md", "exec"), ns)
+    free, nudged, target = ns["free"], ns["nudged"], ns["target"]
+    assert isinstance(free, Equilibrium) and isinstance(nudged, Equilibrium)
+    assert free.converged and nudged.converged
+    assert np.abs(nudged.states["s2"] - target).mean() < np.abs(free.states["s2"] - target).mean()
+    out = capsys.readouterr().out
+    assert "violations=0" in out and "board        xbar-hil,emulator-rram" in out
+    assert ("settle" in out.split("capabilities")[1].splitlines()[0]) == (board == FULL)
