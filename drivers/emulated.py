@@ -10,6 +10,7 @@ settles). `EmulatorOptions` parses and writes these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Iterable, Mapping
 
@@ -52,8 +53,9 @@ _TARGETS = ("", "/", "localhost")
 _BOARD_PARAMS = ("preset", "seed", "device", "capabilities")
 
 
+@functools.cache
 def _override_fields() -> dict[str, tuple[str, object]]:
-    """URI-settable fields of the preset's models: name -> (model, annotation)."""
+    """Fields of the preset's models a URI can set: name -> (model, annotation)."""
     found: dict[str, tuple[str, object]] = {}
     for model, cls in (("periphery", PeripheryModel), ("device", DeviceModel)):
         hints = typing.get_type_hints(cls)
@@ -75,13 +77,28 @@ def parse_capabilities(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _override(name: str, value: object) -> tuple[str, object]:
+    """(name, value) of a preset override, the value parsed (from text) or checked by the
+    field's type; unknown names and fields a URI cannot carry are refused."""
+    fields = _override_fields()
+    if name not in fields:
+        known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
+        raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
+    annotation = fields[name][1]
+    if not settable(annotation):
+        raise ConfigurationError(f"emulator URI parameter {name!r} cannot be set from a URI")
+    text = value if isinstance(value, str) else format_value(value)
+    return name, parse_value("emulator", name, text, annotation)
+
+
 @dataclasses.dataclass(frozen=True)
 class EmulatorOptions:
     """``emulator://?preset=rram&seed=0[&device=cuda][&capabilities=mvm,program_verify][&FIELD=VALUE]``
 
     `overrides` replace fields of the preset's PeripheryModel or DeviceModel by name
-    (``adc_bits=6``, ``dac_bits=none``, ``read_noise=1e-7``), kept sorted by name;
-    `capabilities` is the subset of `CAPABILITIES` the board declares (all by default)."""
+    (``adc_bits=6``, ``dac_bits=none``, ``read_noise=1e-7``); values are parsed by the
+    field's type and kept sorted by name. `capabilities` is the subset of `CAPABILITIES` the
+    board declares (all by default)."""
 
     preset: str = "ideal"
     seed: int = 0
@@ -98,20 +115,10 @@ class EmulatorOptions:
                 f"emulator URI parameter device={self.device!r}: expected a torch device "
                 "such as cpu, cuda or cuda:1"
             ) from None
-        unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
-        if unknown:
-            raise ConfigurationError(f"unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}")
-        fields = _override_fields()
-        for name, value in self.overrides:
-            if name not in fields:
-                known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
-                raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
-            annotation = fields[name][1]
-            if not settable(annotation):
-                raise ConfigurationError(f"emulator URI parameter {name!r} cannot be set from a URI")
-            parse_value("emulator", name, format_value(value), annotation)  # a value of the right type
-        object.__setattr__(self, "capabilities", frozenset(self.capabilities))
-        object.__setattr__(self, "overrides", tuple(sorted(self.overrides, key=lambda kv: kv[0])))
+        caps = parse_capabilities(",".join(self.capabilities))
+        overrides = sorted((_override(name, value) for name, value in self.overrides), key=lambda kv: kv[0])
+        object.__setattr__(self, "capabilities", caps)
+        object.__setattr__(self, "overrides", tuple(overrides))
 
     @classmethod
     def from_query(cls, target: str, params: Mapping[str, str]) -> EmulatorOptions:
@@ -119,25 +126,13 @@ class EmulatorOptions:
             raise ConfigurationError(
                 f"emulator URIs take no host or path (got {target!r}); use emulator://?preset=NAME&seed=N"
             )
-        kw: dict[str, object] = {}
-        if "preset" in params:
-            kw["preset"] = params["preset"]
-        if "seed" in params:
-            kw["seed"] = parse_value("emulator", "seed", params["seed"], int)
-        if "device" in params:
-            kw["device"] = params["device"]
-        if "capabilities" in params:
-            kw["capabilities"] = parse_capabilities(params["capabilities"])
-        fields = _override_fields()
-        overrides = []
-        for name, text in params.items():
-            if name in _BOARD_PARAMS:
-                continue
-            if name not in fields:
-                known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
-                raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
-            overrides.append((name, parse_value("emulator", name, text, fields[name][1])))
-        return cls(**kw, overrides=tuple(overrides))  # type: ignore[arg-type]
+        return cls(
+            preset=params.get("preset", cls.preset),
+            seed=parse_value("emulator", "seed", params.get("seed", "0"), int),
+            device=params.get("device", cls.device),
+            capabilities=parse_capabilities(params.get("capabilities", ",".join(CAPABILITIES))),
+            overrides=tuple((k, v) for k, v in params.items() if k not in _BOARD_PARAMS),
+        )
 
     def params(self) -> dict[str, str]:
         """preset and seed always; device, capabilities and overrides when given."""
