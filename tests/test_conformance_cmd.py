@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from drivers import Device, DeviceInfo, Equilibrium, SafetyCounters, open_device
+from drivers import (
+    Device,
+    DeviceInfo,
+    DeviceTimeout,
+    Equilibrium,
+    RetriesExhausted,
+    SafetyCounters,
+    open_device,
+)
 from drivers.wrapper import DeviceWrapper
 from hil.cli import app
 from hil.conformance import Options, run_conformance
@@ -88,6 +96,23 @@ def test_leaves_the_board_in_its_safe_state() -> None:
     assert dev.calls[-1] == "safe_state"
     assert "settle" in dev.calls and "pulse" in dev.calls
     assert dev.safety().violations == 0
+
+
+class LinkDropsAtMvm(Recording):
+    """The board stops answering at the first mvm."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        raise RetriesExhausted("mvm", 4, 1.5, DeviceTimeout("no answer within 1 s"))
+
+
+def test_a_lost_link_stops_the_run_and_the_board_is_made_safe() -> None:
+    dev = LinkDropsAtMvm(open_device(FULL))
+    report = run_conformance(dev, FULL)
+    ops = [c.operation for c in report.checks]
+    assert ops[-2:] == ["mvm", "link"] and "settle free" not in ops and "reset" not in ops
+    assert "RetriesExhausted" in report.checks[-2].got
+    assert "remaining checks were not run" in report.checks[-1].got and not report.ok
+    assert dev.calls[-1] == "safe_state"
 
 
 class ScaledMvm(DeviceWrapper):

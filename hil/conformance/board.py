@@ -1,0 +1,76 @@
+"""Identity, limits, capabilities and configuration."""
+
+from __future__ import annotations
+
+from drivers.base import CAPABILITIES, BoardStatus
+from hil.conformance.report import Mismatch
+from hil.conformance.session import Session
+
+
+def identity(sess: Session) -> None:
+    def body(sent: list[str]) -> str:
+        sent.append("*IDN? (info.identity)")
+        ident = sess.info.identity
+        fields = (ident.manufacturer, ident.model, ident.serial, ident.firmware)
+        if not all(isinstance(f, str) and f.strip() for f in fields):
+            raise Mismatch(f"fields {fields!r}: one is empty")
+        if any("," in f for f in fields):
+            raise Mismatch(f"fields {fields!r}: a field contains a comma")
+        return ident.idn()
+
+    sess.run("identity", "*IDN? -> manufacturer,model,serial,firmware, none empty (IEEE 488.2)", body)
+
+    def limits(sent: list[str]) -> str:
+        sent.append("SYST:INFO? (info.limits)")
+        lim, bad = sess.lim, []
+        if not 0 < lim.v_read <= lim.v_read_max:
+            bad.append(f"v_read {lim.v_read} V vs v_read_max {lim.v_read_max} V")
+        if not 0 <= lim.g_min < lim.g_max:
+            bad.append(f"g_min {lim.g_min} >= g_max {lim.g_max} (or negative)")
+        for name in ("dac_bits", "adc_bits"):
+            bits = getattr(lim, name)
+            if bits is not None and not (isinstance(bits, int) and 1 <= bits <= 32):
+                bad.append(f"{name} {bits!r} (None or 1..32)")
+        lo, hi = lim.adc_range
+        if not lo < hi:
+            bad.append(f"adc_range {lim.adc_range} is empty")
+        for name in ("tile_rows_max", "tile_cols_max", "max_tiles", "max_settle_steps", "max_pulses"):
+            if not getattr(lim, name) >= 1:
+                bad.append(f"{name} {getattr(lim, name)} < 1")
+        if not lim.settle_step_s >= 0:
+            bad.append(f"settle_step_s {lim.settle_step_s} < 0")
+        if bad:
+            raise Mismatch("; ".join(bad))
+        return (
+            f"G [{lim.g_min:.3g}, {lim.g_max:.3g}] S, v_read {lim.v_read} V (max {lim.v_read_max}), "
+            f"DAC {lim.dac_bits} / ADC {lim.adc_bits} bits over {lim.adc_range}, tiles "
+            f"{lim.max_tiles} x {lim.tile_rows_max}x{lim.tile_cols_max}"
+        )
+
+    sess.run("limits", "g_min < g_max, sizes >= 1, bits None or 1..32, 0 < v_read <= v_read_max", limits)
+
+    def capabilities(sent: list[str]) -> str:
+        sent.append("SYST:INFO? (info.capabilities)")
+        unknown = set(sess.caps) - set(CAPABILITIES)
+        if unknown:
+            raise Mismatch(f"unknown names {sorted(unknown)}")
+        return ",".join(sorted(sess.caps)) or "(none)"
+
+    sess.run("capabilities", f"a subset of {', '.join(CAPABILITIES)}", capabilities)
+
+
+def configure(sess: Session) -> bool:
+    def body(sent: list[str]) -> str:
+        t = sess.topo
+        sent.append(
+            f"layered {'-'.join(str(n) for n in t.groups.values())} (+bias), max_steps {t.budget.max_steps}"
+        )
+        sess.dev.configure(t)
+        if sess.dev.topology != t:
+            raise Mismatch(f"topology read back differs: {sess.dev.topology}")
+        status = sess.dev.status()
+        if not isinstance(status, BoardStatus) or not status.configured:
+            raise Mismatch(f"status {status} after configure: configured should be True")
+        return "topology read back equal; status configured"
+
+    return sess.run("configure", "CONF:TOP sets the topology; CONF:TOP? returns it", body)

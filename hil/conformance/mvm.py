@@ -1,0 +1,127 @@
+"""The matrix-vector product against ``x @ W`` from the board's own conductances, and the meter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hil.conformance.report import Mismatch
+from hil.conformance.session import GAIN_ALLOWANCE, Session, desc, expect_array, lsb
+
+
+def mvm(sess: Session) -> None:
+    if "mvm" not in sess.caps:
+        tile = sess.topo.couplings[0].tile
+        rows, _ = sess.topo.tile_shape(tile)
+        sess.skip("mvm", "mvm", lambda: sess.dev.mvm(tile, np.zeros((1, rows), np.float32)))
+        return
+    tile = sess.topo.couplings[0].tile
+    spec = "x @ W, W = w_max (G+ - G-) / (g_max - g_min); DAC on x, ADC on the result"
+    for transpose in (False, True):
+        sess.run(
+            "mvm transpose" if transpose else "mvm",
+            spec.replace("x @ W", "x @ W.T") if transpose else spec,
+            lambda sent, tr=transpose: _mvm(sess, sent, tile, tr),
+        )
+    sess.run(
+        "mvm 1-D", "a 1-D x is one sample: y has shape (1, cols)", lambda sent: _mvm_1d(sess, sent, tile)
+    )
+    meter = getattr(sess.dev, "meter", None)
+    if callable(meter):
+        sess.run(
+            "meter",
+            "meter() is None, or clock_s and energy_j never fall and mvm_calls counts mvm calls",
+            lambda sent: _meter(sess, sent, tile, meter),
+        )
+
+
+def _mvm_tolerance(
+    sess: Session, tile: str, x: np.ndarray, w: np.ndarray, ys: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """Per-output tolerance of ``x @ w`` against repeated board results `ys` (K, B, n)."""
+    noise = float(np.sqrt(ys.var(axis=0, ddof=1).mean())) if len(ys) > 1 else 0.0
+    ref_noise = sess.sigma_w() * np.sqrt((x.astype(np.float64) ** 2).sum(1, keepdims=True) / sess.opt.reads)
+    out_lsb = 0.0
+    if sess.lim.adc_bits is not None:
+        # The mvm ADC's range is not among the limits: its step is the smallest gap between
+        # distinct outputs, at most that of an ADC spanning twice the largest possible
+        # output (+-rows x w_max x |x|max), so that a coarse reply cannot pass as quantised.
+        levels = np.unique(ys.astype(np.float64))
+        gaps = np.diff(levels)
+        gaps = gaps[gaps > 1e-9 * max(1.0, float(np.abs(levels).max()))]
+        full = w.shape[0] * sess.topo.coupling(tile).w_max * max(abs(sess.x_lo), abs(sess.x_hi))
+        cap = 2 * lsb(sess.lim.adc_bits, 2 * full)
+        out_lsb = min(float(gaps.min()) if gaps.size else 0.0, cap)
+    abs_w = np.abs(w)
+    tol = (
+        4 * noise
+        + 4 * ref_noise
+        + 2 * out_lsb
+        + 0.5 * sess.dac_lsb * abs_w.sum(0)
+        + GAIN_ALLOWANCE * (np.abs(x) @ abs_w)
+    )
+    how = (
+        f"tol 4 sigma (noise {noise:.3g}, ref {float(ref_noise.max()):.3g}) + 2 ADC LSB ({out_lsb:.3g}) "
+        f"+ DAC LSB/2 x sum|W| + {GAIN_ALLOWANCE:.0%} x |x| @ |W|"
+    )
+    return tol, how
+
+
+def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
+    w = sess.weights(tile)
+    if transpose:
+        w = w.T
+    n_in, n_out = w.shape
+    x = sess.inputs((sess.opt.batch, n_in))
+    sent.append(f"{tile} x {desc(x)}, transpose={transpose}, {sess.opt.repeats} times")
+    ys = []
+    for _ in range(sess.opt.repeats):
+        ys.append(expect_array("y", sess.dev.mvm(tile, x, transpose=transpose), (sess.opt.batch, n_out)))
+    stack = np.stack(ys).astype(np.float64)
+    ref = x.astype(np.float64) @ w
+    tol, how = _mvm_tolerance(sess, tile, x, w, stack)
+    err = np.abs(stack.mean(0) - ref)
+    worst = float((err - tol).max())
+    got = f"y {desc(ys[0])}, max |y - x @ W| {float(err.max()):.3g}, {how} (min {float(tol.min()):.3g})"
+    if worst > 0:
+        i = np.unravel_index(int(np.argmax(err - tol)), err.shape)
+        raise Mismatch(f"{got}; y{list(map(int, i))} = {stack.mean(0)[i]:.4g}, x @ W = {ref[i]:.4g}")
+    return got
+
+
+def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
+    rows, cols = sess.topo.tile_shape(tile)
+    w = sess.weights(tile)
+    x = sess.inputs((rows,))
+    sent.append(f"{tile} x {desc(x)}")
+    y = expect_array("y", sess.dev.mvm(tile, x), (1, cols))
+    stack = np.stack([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)] + [y]).astype(np.float64)
+    tol, how = _mvm_tolerance(sess, tile, x[None, :], w, stack)
+    err = np.abs(y.astype(np.float64) - x.astype(np.float64) @ w)
+    got = f"y {desc(y)}, max |y - x @ W| {float(err.max()):.3g}"
+    if float((err - tol).max()) > 0:
+        raise Mismatch(f"{got}, {how}")
+    return got
+
+
+def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) -> str:
+    rows, _ = sess.topo.tile_shape(tile)
+    first = meter()
+    if first is None:
+        sent.append("meter()")
+        return "None (the board does not meter)"
+    n = 3
+    sent.append(f"meter(), {n} mvm calls, meter()")
+    x = sess.inputs((1, rows))
+    for _ in range(n):
+        sess.dev.mvm(tile, x)
+    second = meter()
+    if second is None:
+        raise Mismatch(f"{first} first, then None")
+    if second.clock_s < first.clock_s or second.energy_j < first.energy_j:
+        raise Mismatch(f"went backwards: {first} -> {second}")
+    if second.mvm_calls - first.mvm_calls != n:
+        raise Mismatch(f"mvm_calls {first.mvm_calls} -> {second.mvm_calls} after {n} calls")
+    return f"{first} -> {second}"

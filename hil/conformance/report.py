@@ -1,0 +1,66 @@
+"""The results of a conformance run: one `Check` per operation, and the `Report`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Status = Literal["PASS", "FAIL", "SKIP"]
+
+
+class Mismatch(Exception):
+    """A reply that breaks the spec; the text says what came back."""
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    operation: str
+    status: Status
+    sent: str
+    got: str
+    spec: str
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.status:<4}  {self.operation:<22} sent: {self.sent} | got: {self.got} | spec: {self.spec}"
+        )
+
+
+@dataclass
+class Report:
+    uri: str
+    identity: str
+    checks: list[Check] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def count(self, status: Status) -> int:
+        return sum(c.status == status for c in self.checks)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("FAIL") == 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.count('PASS')} passed, {self.count('FAIL')} failed, {self.count('SKIP')} skipped "
+            f"(capabilities the board does not declare) in {self.wall_s:.2f} s"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "uri": self.uri,
+                "identity": self.identity,
+                "ok": self.ok,
+                "passed": self.count("PASS"),
+                "failed": self.count("FAIL"),
+                "skipped": self.count("SKIP"),
+                "wall_s": self.wall_s,
+                "checks": [asdict(c) for c in self.checks],
+            },
+            indent=1,
+        )

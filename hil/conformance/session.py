@@ -1,0 +1,188 @@
+"""What every check needs: the options, the test network, the tolerances' constants, and
+the `Session` that runs one check at a time and keeps what later checks need."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drivers.base import Device, Limits
+from drivers.errors import DeviceTimeout, NotSupported, RetriesExhausted
+from drivers.topology import BIAS, Coupling, SettleBudget, Topology
+from hil.conformance.report import Check, Mismatch, Report
+
+# Relative allowance for the converters' per-channel gain errors (uncalibrated boards: the
+# analog-AI literature and the emulator's presets have ~1 % per converter; 5 % is 3 sigma of
+# a DAC and an ADC in series, with room).
+GAIN_ALLOWANCE = 0.05
+# Without write-verify the spec promises no tolerance; a plain write must still land near
+# its target: mean |G - target| within this fraction of the conductance range.
+WRITE_ALLOWANCE = 0.10
+# Read-backs may fall outside [g_min, g_max] by read noise and device-to-device bounds.
+RANGE_MARGIN = 0.05
+# Fraction of a verified tile's devices that must end within tol (stuck devices exist).
+VERIFY_FRACTION = 0.9
+VERIFY_ITERS = 20  # max_iters of the verified writes
+
+
+# Errors after which the board is not answering: the remaining checks would each wait for
+# the link's timeout and retry budget, so they are not run.
+LINK_LOST = (DeviceTimeout, RetriesExhausted)
+
+
+class LinkLost(Exception):
+    """The board stopped answering during the check named by the message."""
+
+
+@dataclass(frozen=True)
+class Options:
+    sizes: tuple[int, ...] = (5, 4, 3)  # layered network, input first (a bias row per tile)
+    batch: int = 4
+    reads: int = 8  # conductance reads averaged for the reference weights
+    repeats: int = 4  # repeats of an mvm or settle to measure its noise
+    pulses: int = 10  # pulse count per device (capped by limits.max_pulses)
+    seed: int = 0
+
+
+def plan_topology(limits: Limits, options: Options) -> Topology:
+    """The layered test network; ValueError naming the limit when it does not fit the board."""
+    sizes = list(options.sizes)
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must be two or more positive layer sizes, got {sizes}")
+    if len(sizes) - 1 > limits.max_tiles:
+        raise ValueError(f"{len(sizes) - 1} tiles needed, the board has {limits.max_tiles}; use fewer layers")
+    for k in range(len(sizes) - 1):
+        rows, cols = sizes[k] + 1, sizes[k + 1]
+        if rows > limits.tile_rows_max or cols > limits.tile_cols_max:
+            raise ValueError(
+                f"tile W{k} would be {rows} x {cols} (bias row included); the board allows "
+                f"{limits.tile_rows_max} x {limits.tile_cols_max}: choose smaller sizes"
+            )
+    budget = SettleBudget(max_steps=min(200, limits.max_settle_steps), tol=1e-3, dt=0.5, check_every=5)
+    return Topology.layered(sizes, budget=budget)
+
+
+def lsb(bits: int | None, span: float) -> float:
+    return 0.0 if bits is None else span / ((1 << bits) - 1)
+
+
+def desc(a: Any) -> str:
+    """Shape, dtype and range of an array, in a few characters."""
+    arr = np.asarray(a)
+    if arr.size == 0:
+        return f"{arr.shape} {arr.dtype} empty"
+    return f"{arr.shape} {arr.dtype} in [{float(arr.min()):.4g}, {float(arr.max()):.4g}]"
+
+
+def expect_array(name: str, a: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise Mismatch(f"{name} is a {type(a).__name__}, not a numpy array")
+    if a.shape != shape or a.dtype != np.float32:
+        raise Mismatch(f"{name} {a.shape} {a.dtype}, expected {shape} float32")
+    if not np.all(np.isfinite(a)):
+        raise Mismatch(f"{name} {desc(a)} holds NaN or infinite values")
+    return a
+
+
+class Session:
+    """Runs the checks in order on one board; keeps what later checks need."""
+
+    def __init__(self, dev: Device, options: Options, report: Report) -> None:
+        self.dev = dev
+        self.opt = options
+        self.report = report
+        self.rng = np.random.default_rng(options.seed)
+        self.info = dev.info
+        self.lim = dev.info.limits
+        self.caps = dev.info.capabilities
+        self.topo = plan_topology(self.lim, options)
+        self.g_range = self.lim.g_max - self.lim.g_min
+        lo, hi = self.lim.adc_range
+        self.x_lo, self.x_hi = max(lo, -self.lim.clamp_max), min(hi, self.lim.clamp_max)
+        self.dac_lsb = lsb(self.lim.dac_bits, hi - lo)
+        self.adc_lsb = lsb(self.lim.adc_bits, hi - lo)
+        self.g: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tile -> averaged (G+, G-), float64
+        self.sigma_g = 0.0  # read noise of one conductance read (siemens)
+        self.free_mean: dict[str, np.ndarray] = {}  # free equilibrium averaged over repeats
+        self.free_sigma = 0.0  # its noise (std of one settle's states)
+
+    # -- bookkeeping
+    def run(self, operation: str, spec: str, body: Callable[[list[str]], str]) -> bool:
+        """Run one check; `body` puts what it sends in its list argument and returns what came
+        back, or raises Mismatch (any other exception is a failure too)."""
+        sent: list[str] = []
+        t0 = time.perf_counter()
+        lost = False
+        try:
+            got, status = body(sent), "PASS"
+        except Mismatch as exc:
+            got, status = str(exc), "FAIL"
+        except Exception as exc:  # a foreign board may fail in any way: report it, go on
+            got, status = f"raised {type(exc).__name__}: {exc}", "FAIL"
+            lost = isinstance(exc, LINK_LOST)
+        self.report.checks.append(
+            Check(operation, status, "; ".join(sent) or "-", got, spec, time.perf_counter() - t0)
+        )
+        if lost:
+            raise LinkLost(operation)
+        return status == "PASS"
+
+    def skip(self, capability: str, operation: str, call: Callable[[], object], note: str = "") -> None:
+        """An undeclared capability: SKIP its checks, and check that the board refuses it."""
+        self.report.checks.append(
+            Check(operation, "SKIP", "-", "-", f"{capability!r} not in the declared capabilities{note}")
+        )
+
+        def refused(sent: list[str]) -> str:
+            sent.append(f"{operation} without {capability!r}")
+            try:
+                call()
+            except NotSupported as exc:
+                return f"NotSupported: {exc}"
+            raise Mismatch(f"the board ran {operation} although it does not declare {capability!r}")
+
+        self.run(
+            f"{operation} refused",
+            "an undeclared capability raises NotSupported (error 101; host drivers refuse it first)",
+            refused,
+        )
+
+    def weights(self, tile: str) -> np.ndarray:
+        gp, gm = self.g[tile]
+        return self.topo.coupling(tile).w_max * (gp - gm) / self.g_range
+
+    def sigma_w(self) -> float:
+        """Read noise of one weight of one conductance read, in weight units (w_max = 1)."""
+        return math.sqrt(2.0) * self.sigma_g / self.g_range
+
+    def read_avg(self, tile: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """`reads` reads of a tile: mean G+, mean G- (float64) and the pooled read-noise std."""
+        reads = [self.dev.read_conductance(tile) for _ in range(self.opt.reads)]
+        stack = np.stack([np.stack(r) for r in reads]).astype(np.float64)  # (reads, 2, rows, cols)
+        sigma = float(np.sqrt(stack.var(axis=0, ddof=1).mean())) if len(reads) > 1 else 0.0
+        mean = stack.mean(axis=0)
+        return mean[0], mean[1], sigma
+
+    def inputs(self, shape: tuple[int, ...]) -> np.ndarray:
+        return self.rng.uniform(self.x_lo, self.x_hi, shape).astype(np.float32)
+
+    def targets(self, c: Coupling) -> tuple[np.ndarray, np.ndarray]:
+        """Conductance pairs around mid-range for weights in +-0.4 w_max and a bias of +0.5 w_max,
+        which keeps most nodes of the test network off the rails of rho (so that the settle
+        checks test the drive, not only saturation)."""
+        rows, cols = self.topo.tile_shape(c.tile)
+        w = self.rng.uniform(-0.4, 0.4, (rows, cols))
+        a = 0
+        for g in c.rows:
+            n = self.topo.size(g)
+            if g == BIAS:
+                w[a : a + n] = 0.5
+            a += n
+        mid = self.lim.g_min + 0.5 * self.g_range
+        half = 0.5 * w * self.g_range
+        return (mid + half).astype(np.float32), (mid - half).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The board's settle: a fixed point of ``rho(gain * drive)``, the nudge, trace and init."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from drivers.base import Equilibrium, Nudge
+from drivers.topology import BIAS
+from hil.conformance.report import Mismatch
+from hil.conformance.session import GAIN_ALLOWANCE, Session, desc, expect_array
+
+_SETTLE_SPEC = {
+    "trace": "trace: 'step' (T,) rising to steps, 'energy' (T, B), each free group (T, B, n)",
+    "preset_state": "settle from init (preset states) ends at a fixed point s = rho(gain * drive)",
+}
+
+
+def settle(sess: Session) -> None:
+    clamp_group = next(iter(sess.topo.groups))
+    n_in = sess.topo.groups[clamp_group]
+    if "settle" not in sess.caps:
+        sess.skip(
+            "settle",
+            "settle",
+            lambda: sess.dev.settle({clamp_group: np.zeros((1, n_in), np.float32)}),
+            " (nor trace or init, which need it)",
+        )
+        return
+    clamp = {clamp_group: sess.inputs((sess.opt.batch, n_in))}
+    free: list[Equilibrium] = []
+    ok = sess.run(
+        "settle free",
+        "s = rho(gain * drive), rho = clamp(., 0, 1); states after the ADC; steps <= max_steps",
+        lambda sent: _settle_free(sess, sent, clamp, free),
+    )
+    last = list(sess.topo.groups)[-1]
+    if ok:
+        sess.run(
+            "settle nudged",
+            "drive of a nudged group + beta (target - s): the group moves toward the target",
+            lambda sent: _settle_nudged(sess, sent, clamp, free[0], last),
+        )
+    for cap, operation, call in (
+        ("trace", "settle trace", lambda sent: _trace(sess, sent, clamp)),
+        ("preset_state", "settle init", lambda sent: _init(sess, sent, clamp, free)),
+    ):
+        if cap in sess.caps:
+            sess.run(operation, _SETTLE_SPEC[cap], call)
+        elif cap == "trace":
+            sess.skip(cap, operation, lambda: sess.dev.settle(clamp, trace=True))
+        else:
+            init = {g: np.zeros((sess.opt.batch, n), np.float32) for g, n in sess.topo.groups.items()}
+            sess.skip(cap, operation, lambda i=init: sess.dev.settle(clamp, init=i))
+
+
+def _check_equilibrium(sess: Session, eq: Equilibrium, clamp: dict[str, np.ndarray]) -> None:
+    if not isinstance(eq, Equilibrium):
+        raise Mismatch(f"settle returned a {type(eq).__name__}, not an Equilibrium")
+    b = sess.opt.batch
+    lo, hi = sess.lim.adc_range
+    if set(eq.states) != set(sess.topo.groups):
+        raise Mismatch(f"states for {sorted(eq.states)}, expected every group {sorted(sess.topo.groups)}")
+    for g, n in sess.topo.groups.items():
+        s = expect_array(f"state {g!r}", eq.states[g], (b, n))
+        if g not in clamp and (s.min() < lo - 1e-6 or s.max() > hi + 1e-6):
+            raise Mismatch(f"state {g!r} {desc(s)} outside the ADC range {sess.lim.adc_range}")
+    if not 1 <= eq.steps <= sess.topo.budget.max_steps:
+        raise Mismatch(f"steps {eq.steps} outside 1..max_steps {sess.topo.budget.max_steps}")
+    if eq.energy is not None:
+        expect_array("energy", eq.energy, (b,))
+    if not (eq.settle_time_s >= 0 and eq.energy_j >= 0):
+        raise Mismatch(f"settle_time_s {eq.settle_time_s}, energy_j {eq.energy_j}: must be >= 0")
+    if not eq.converged:
+        raise Mismatch(
+            f"not converged after {eq.steps} steps (residual {eq.residual:.3g}) on a tiny network "
+            f"with tol {sess.topo.budget.tol}"
+        )
+
+
+def _settle_repeats(
+    sess: Session, clamp: dict[str, np.ndarray], nudge: dict[str, Nudge] | None = None
+) -> tuple[list[Equilibrium], dict[str, np.ndarray], float]:
+    eqs = [sess.dev.settle(clamp, nudge=nudge) for _ in range(sess.opt.repeats)]
+    for eq in eqs:
+        _check_equilibrium(sess, eq, clamp)
+    mean = {g: np.mean([e.states[g] for e in eqs], axis=0, dtype=np.float64) for g in sess.topo.groups}
+    free = [g for g in sess.topo.groups if g not in clamp]
+    sigma = 0.0
+    if len(eqs) > 1:
+        var = [np.var([e.states[g] for e in eqs], axis=0, ddof=1).mean() for g in free]
+        sigma = float(np.sqrt(np.mean(var)))
+    return eqs, mean, sigma
+
+
+def _fixed_point(
+    sess: Session,
+    states: dict[str, np.ndarray],
+    clamp: dict[str, np.ndarray],
+    sigma_s: float,
+    residual: float,
+    nudge: dict[str, Nudge] | None = None,
+) -> str:
+    """Compare the free states with rho(gain * drive) computed on the host from the averaged
+    conductances; raise Mismatch naming the worst node."""
+    topo, b = sess.topo, sess.opt.batch
+    drive = {g: np.zeros((b, n)) for g, n in topo.groups.items()}
+    scale = {g: np.zeros((b, n)) for g, n in topo.groups.items()}  # |s| @ |W|
+    wsum = {g: np.zeros(n) for g, n in topo.groups.items()}  # sum |W| over the sources
+    ref_var = {g: np.zeros((b, 1)) for g in topo.groups}
+    ones = np.ones((b, 1))
+    sw2 = sess.sigma_w() ** 2 / sess.opt.reads
+    for c in topo.couplings:
+        w = sess.weights(c.tile)
+        rows = np.concatenate([ones if g == BIAS else states[g] for g in c.rows], axis=1)
+        cols = np.concatenate([states[g] for g in c.cols], axis=1)
+        for src, mat, dsts in ((rows, w, c.cols), (cols, w.T, c.rows)):
+            out, absout, a = src @ mat, np.abs(src) @ np.abs(mat), 0
+            for g in dsts:
+                n = topo.size(g)
+                if g != BIAS:
+                    drive[g] += out[:, a : a + n]
+                    scale[g] += absout[:, a : a + n]
+                    wsum[g] += np.abs(mat[:, a : a + n]).sum(0)
+                    ref_var[g] += sw2 * (c.w_max**2) * (src**2).sum(1, keepdims=True)
+                a += n
+    worst, detail = -np.inf, ""
+    dt = topo.budget.dt
+    for g in topo.groups:
+        if g in clamp:
+            continue
+        u = drive[g]
+        nd = (nudge or {}).get(g)
+        if nd is not None and nd.target is not None:
+            u = u + nd.beta * (nd.target - states[g])
+        pred = np.clip(topo.gain * u, 0.0, 1.0)
+        tol = (
+            topo.gain
+            * (
+                GAIN_ALLOWANCE * scale[g]
+                + 0.5 * (sess.dac_lsb + sess.adc_lsb) * wsum[g]
+                + 4 * np.sqrt(ref_var[g])
+                + 4 * sigma_s * wsum[g]
+            )
+            + GAIN_ALLOWANCE * np.abs(states[g])
+            + 2 * sess.adc_lsb
+            + 4 * sigma_s
+            + residual / dt
+        )
+        excess = np.abs(states[g] - pred) - tol
+        if float(excess.max()) > worst:
+            i = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            worst = float(excess.max())
+            detail = (
+                f"{g}[{i[0]}, {i[1]}] = {states[g][i]:.4g}, rho(gain * drive) = {pred[i]:.4g}, "
+                f"tol {tol[i]:.3g}"
+            )
+    text = (
+        f"worst node {detail} (tol: 4 sigma noise {sigma_s:.3g} and conductance reads, "
+        f"{GAIN_ALLOWANCE:.0%} gain, DAC/ADC LSBs, residual / dt)"
+    )
+    if worst > 0:
+        raise Mismatch(f"not a fixed point: {text}")
+    return text
+
+
+def _settle_free(sess: Session, sent: list[str], clamp: dict[str, np.ndarray], out: list[Equilibrium]) -> str:
+    ((g, x),) = clamp.items()
+    sent.append(f"clamp {g} {desc(x)}, {sess.opt.repeats} times")
+    eqs, mean, sigma = _settle_repeats(sess, clamp)
+    out.append(eqs[0])
+    sess.free_mean, sess.free_sigma = mean, sigma
+    residual = max(e.residual for e in eqs)
+    text = _fixed_point(sess, mean, clamp, sigma, residual)
+    steps = [e.steps for e in eqs]
+    return f"steps {min(steps)}..{max(steps)}, converged; {text}"
+
+
+def _settle_nudged(
+    sess: Session, sent: list[str], clamp: dict[str, np.ndarray], free: Equilibrium, group: str
+) -> str:
+    s_free = free.states[group]
+    target = np.where(s_free > 0.5 * sum(sess.lim.adc_range), sess.x_lo, sess.x_hi).astype(np.float32)
+    beta = 0.5
+    nudge = {group: Nudge(beta, target=target)}
+    sent.append(f"clamp as free, nudge {group} beta {beta} toward {desc(target)} (away from the free state)")
+    eqs, mean, sigma = _settle_repeats(sess, clamp, nudge)
+    before = float(np.abs(sess.free_mean[group] - target).mean())
+    after = float(np.abs(mean[group] - target).mean())
+    moved = f"mean |s - target| {before:.3g} free -> {after:.3g} nudged"
+    if not after < before - 2 * sigma - sess.adc_lsb:
+        raise Mismatch(f"{moved}: did not move toward the target")
+    residual = max(e.residual for e in eqs)
+    text = _fixed_point(sess, mean, clamp, sigma, residual, nudge)
+    return f"{moved}; {text}"
+
+
+def _trace(sess: Session, sent: list[str], clamp: dict[str, np.ndarray]) -> str:
+    every = 2
+    sent.append(f"settle with trace=True and trace={every}")
+    b = sess.opt.batch
+    for trace in (True, every):
+        eq = sess.dev.settle(clamp, trace=trace)
+        _check_equilibrium(sess, eq, clamp)
+        tr = eq.trace
+        if not isinstance(tr, dict) or "step" not in tr:
+            raise Mismatch(f"trace={trace!r}: no trace with 'step' in the equilibrium")
+        step = np.asarray(tr["step"])
+        t = step.shape[0] if step.ndim == 1 else -1
+        if t < 1 or np.any(np.diff(step) <= 0) or int(step[-1]) != eq.steps:
+            raise Mismatch(f"trace={trace!r}: step {step.tolist()} must rise to steps {eq.steps}")
+        if trace is not True and np.any(step[:-1] % every):
+            raise Mismatch(f"trace={every}: steps {step.tolist()} are not multiples of {every}")
+        if "energy" in tr and np.shape(tr["energy"]) != (t, b):
+            raise Mismatch(f"trace energy {np.shape(tr['energy'])}, expected {(t, b)}")
+        for g, n in sess.topo.groups.items():
+            if g in clamp:
+                continue
+            if g not in tr or np.shape(tr[g]) != (t, b, n):
+                raise Mismatch(f"trace of {g!r}: {np.shape(tr.get(g))}, expected {(t, b, n)}")
+    return f"{t} records over {eq.steps} steps, every {every}: shapes (T,), (T, B), (T, B, n)"
+
+
+def _init(sess: Session, sent: list[str], clamp: dict[str, np.ndarray], free: list[Equilibrium]) -> str:
+    if not free:
+        raise Mismatch("no free equilibrium to start from (settle free failed)")
+    init = {g: s for g, s in free[0].states.items() if g not in clamp}
+    sent.append("settle from init = a free equilibrium")
+    eq = sess.dev.settle(clamp, init=init)
+    _check_equilibrium(sess, eq, clamp)
+    states = {g: eq.states[g].astype(np.float64) for g in sess.topo.groups}
+    text = _fixed_point(sess, states, clamp, sess.free_sigma, eq.residual)
+    return f"{eq.steps} steps (from zero: {free[0].steps}); {text}"

@@ -1,0 +1,58 @@
+"""`run_conformance`: every family of checks, in order, on one board; the board ends safe."""
+
+from __future__ import annotations
+
+import time
+
+from drivers.base import Device
+from drivers.errors import DeviceError
+from hil.conformance import arrays, board, lifecycle, mvm, refusals, settle
+from hil.conformance.report import Check, Report
+from hil.conformance.session import LinkLost, Options, Session
+
+
+def run_conformance(dev: Device, uri: str = "", options: Options | None = None) -> Report:
+    """Check `dev` against the spec; the board ends in its safe state (not closed).
+
+    ValueError when the test network does not fit the board's limits (see `plan_topology`).
+    When the link is lost (a timeout, or a retry budget spent), the remaining checks are not
+    run: the report says so in a last failed line."""
+    options = options or Options()
+    report = Report(uri=uri, identity=dev.info.identity.idn())
+    t0 = time.perf_counter()
+    sess = Session(dev, options, report)
+    try:
+        board.identity(sess)
+        if board.configure(sess):
+            arrays.program(sess)
+            arrays.read_conductance(sess)
+            mvm.mvm(sess)
+            settle.settle(sess)
+            arrays.pulse(sess)
+            refusals.errors(sess)
+            lifecycle.status_reset(sess)
+    except LinkLost as exc:
+        report.checks.append(
+            Check(
+                "link",
+                "FAIL",
+                "-",
+                f"lost during {exc}; the remaining checks were not run",
+                "a board answers every request within the link's timeout",
+            )
+        )
+    finally:
+        try:
+            dev.safe_state()
+        except DeviceError as exc:
+            report.checks.append(
+                Check(
+                    "safe_state",
+                    "FAIL",
+                    "safe_state() at the end",
+                    f"raised {type(exc).__name__}: {exc}",
+                    "SYST:SAFE: all lines to 0 V, nothing in flight",
+                )
+            )
+        report.wall_s = time.perf_counter() - t0
+    return report
