@@ -20,7 +20,6 @@ are found by scheme, in this order:
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import re
 import threading
@@ -119,30 +118,29 @@ class BackendRegistry:
         if found is not None:
             return found
         if scheme in self._builtin:
-            return self._load(scheme, self._builtin[scheme], "built-in backend")
+            builtin = importlib.metadata.EntryPoint(scheme, self._builtin[scheme], ENTRY_POINT_GROUP)
+            return self._load(builtin, "built-in backend")
         if self._entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=scheme):
-                return self._load(scheme, ep.value, f"entry point {ep.name!r} ({ENTRY_POINT_GROUP})")
+                return self._load(ep, f"entry point {ep.name!r} ({ENTRY_POINT_GROUP})")
         raise ConfigurationError(
             f"unknown device scheme {scheme!r}; known: {', '.join(self.schemes())} "
             f"(a third-party board registers its scheme with drivers.register_backend or an "
             f"entry point in the group {ENTRY_POINT_GROUP!r})"
         )
 
-    def _load(self, scheme: str, reference: str, what: str) -> Backend:
-        module, _, attribute = reference.partition(":")
+    def _load(self, ep: importlib.metadata.EntryPoint, what: str) -> Backend:
+        scheme = ep.name
         try:
-            obj = importlib.import_module(module)
-            for part in filter(None, attribute.split(".")):
-                obj = getattr(obj, part)
+            obj = ep.load()
         except (ImportError, AttributeError) as exc:
             raise ConfigurationError(
-                f"the {what} for {scheme}:// ({reference}) cannot be loaded: {exc}; is its package "
+                f"the {what} for {scheme}:// ({ep.value}) cannot be loaded: {exc}; is its package "
                 "installed with its dependencies?"
             ) from exc
         if not isinstance(obj, Backend) or obj.scheme != scheme:
             raise ConfigurationError(
-                f"the {what} for {scheme}:// ({reference}) is {obj!r}, not a "
+                f"the {what} for {scheme}:// ({ep.value}) is {obj!r}, not a "
                 f"drivers.uri.Backend with scheme {scheme!r}"
             )
         with self._lock:

@@ -235,6 +235,7 @@ def test_a_backend_is_discovered_through_its_entry_point(
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: xbar-toy-backend\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[xbar_hil.backends]\ntoyep = xbar_toy_backend:BACKEND\nbadep = xbar_toy_backend:NOT_A_BACKEND\n"
+        "gone = xbar_no_such_module:BACKEND\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = BackendRegistry()  # a fresh one: what a new process would see
@@ -243,6 +244,8 @@ def test_a_backend_is_discovered_through_its_entry_point(
         assert dev.info.preset == "rram" and dev.info.identity.serial == "EMU-00000002"
     with pytest.raises(ConfigurationError, match=r"is 42, not a drivers.uri.Backend with scheme 'badep'"):
         registry.open("badep://")
+    with pytest.raises(ConfigurationError, match=r"entry point 'gone' .* cannot be loaded: No module named"):
+        registry.open("gone://")
 
 
 EXISTING_URIS = [
