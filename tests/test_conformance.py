@@ -181,7 +181,7 @@ def test_reference_script_exercises_every_outcome(reference: Record) -> None:
     assert out["status after reset"].epoch == out["status committed"].epoch + 1
     before, after = out["meter"], out["meter after settles and a wait"]
     assert before.mvm_calls == after.mvm_calls == 3  # one per mvm call, whatever the batch
-    assert 0 < before.clock_s and 0 < before.energy_j < after.energy_j  # the settles spent energy
+    assert before.clock_s > 0 and 0 < before.energy_j < after.energy_j  # the settles spent energy
     assert after.clock_s - before.clock_s > 3600.0  # the wait is on the board's clock
 
 
