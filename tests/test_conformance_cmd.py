@@ -175,10 +175,19 @@ def test_bad_uri_is_one_line_and_exit_2(uri: str) -> None:
     assert "Traceback" not in stderr
 
 
-def test_network_beyond_the_limits_is_exit_2() -> None:
-    code, _, stderr = _invoke("emulator://?preset=ideal&tile_rows_max=4", "--sizes", "5,4,3")
-    assert code == 2
-    assert "choose smaller sizes" in stderr and len(stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["emulator://?preset=ideal&tile_rows_max=4", "--sizes", "5,4,3"], "choose smaller sizes"),
+        ([FULL, "--sizes", "5,x"], "--sizes takes comma-separated integers"),
+        ([FULL, "--sizes", "5"], "--sizes needs two or more"),
+    ],
+    ids=["beyond-limits", "not-integers", "one-layer"],
+)
+def test_bad_network_is_one_line_and_exit_2(args: list[str], says: str) -> None:
+    code, stdout, stderr = _invoke(*args)
+    assert code == 2 and stdout == ""
+    assert says in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_options_reach_the_checks() -> None:

@@ -12,13 +12,19 @@ from hil.conformance import Options, plan_topology, run_conformance
 _JSON = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 
 
+def _error(message: str) -> typer.Exit:
+    """One line on stderr, exit code 2 (bad input or a board that cannot be opened)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"--sizes takes comma-separated integers, got {text!r}") from None
+        raise _error(f"--sizes takes comma-separated integers (e.g. 5,4,3), got {text!r}") from None
     if len(sizes) < 2 or min(sizes) < 1:
-        raise typer.BadParameter(f"--sizes needs two or more positive layer sizes, got {text!r}")
+        raise _error(f"--sizes needs two or more positive layer sizes (e.g. 5,4,3), got {text!r}")
     return sizes
 
 
@@ -42,21 +48,20 @@ def register(app: typer.Typer) -> None:
         try:
             dev = open_device(uri)
         except (DeviceError, OSError, ValueError) as exc:
-            typer.echo(f"error: cannot open {uri}: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise _error(f"cannot open {uri}: {exc}") from None
         try:
             plan_topology(dev.info.limits, options)
-            report = run_conformance(dev, uri, options)
+            typer.echo(f"board  {dev.info.identity.idn()}  ({uri})")
+            report = run_conformance(dev, uri, options, on_check=lambda c: typer.echo(c.line()))
         except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise _error(str(exc)) from None
         finally:
             dev.close()
-        typer.echo(f"board  {report.identity}  ({uri})")
-        for check in report.checks:
-            typer.echo(check.line())
         typer.echo(report.summary())
         if json_out is not None:
-            json_out.write_text(report.to_json())
+            try:
+                json_out.write_text(report.to_json())
+            except OSError as exc:
+                raise _error(f"cannot write --json {json_out}: {exc}") from None
             typer.echo(f"results  {json_out}")
         raise typer.Exit(0 if report.ok else 1)

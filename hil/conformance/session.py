@@ -92,8 +92,11 @@ def expect_array(name: str, a: Any, shape: tuple[int, ...]) -> np.ndarray:
 class Session:
     """Runs the checks in order on one board; keeps what later checks need."""
 
-    def __init__(self, dev: Device, options: Options, report: Report) -> None:
+    def __init__(
+        self, dev: Device, options: Options, report: Report, on_check: Callable[[Check], None] | None = None
+    ) -> None:
         self.dev = dev
+        self.on_check = on_check
         self.opt = options
         self.report = report
         self.rng = np.random.default_rng(options.seed)
@@ -112,6 +115,11 @@ class Session:
         self.free_sigma = 0.0  # its noise (std of one settle's states)
 
     # -- bookkeeping
+    def add(self, check: Check) -> None:
+        self.report.checks.append(check)
+        if self.on_check is not None:
+            self.on_check(check)
+
     def run(self, operation: str, spec: str, body: Callable[[list[str]], str]) -> bool:
         """Run one check; `body` puts what it sends in its list argument and returns what came
         back, or raises Mismatch (any other exception is a failure too)."""
@@ -125,18 +133,14 @@ class Session:
         except Exception as exc:  # a foreign board may fail in any way: report it, go on
             got, status = f"raised {type(exc).__name__}: {exc}", "FAIL"
             lost = isinstance(exc, LINK_LOST)
-        self.report.checks.append(
-            Check(operation, status, "; ".join(sent) or "-", got, spec, time.perf_counter() - t0)
-        )
+        self.add(Check(operation, status, "; ".join(sent) or "-", got, spec, time.perf_counter() - t0))
         if lost:
             raise LinkLost(operation)
         return status == "PASS"
 
     def skip(self, capability: str, operation: str, call: Callable[[], object], note: str = "") -> None:
         """An undeclared capability: SKIP its checks, and check that the board refuses it."""
-        self.report.checks.append(
-            Check(operation, "SKIP", "-", "-", f"{capability!r} not in the declared capabilities{note}")
-        )
+        self.add(Check(operation, "SKIP", "-", "-", f"{capability!r} not in the declared capabilities{note}"))
 
         def refused(sent: list[str]) -> str:
             sent.append(f"{operation} without {capability!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceError
@@ -11,8 +12,14 @@ from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
 
 
-def run_conformance(dev: Device, uri: str = "", options: Options | None = None) -> Report:
+def run_conformance(
+    dev: Device,
+    uri: str = "",
+    options: Options | None = None,
+    on_check: Callable[[Check], None] | None = None,
+) -> Report:
     """Check `dev` against the spec; the board ends in its safe state (not closed).
+    `on_check` is called with each check as soon as it is done (to print it).
 
     ValueError when the test network does not fit the board's limits (see `plan_topology`).
     When the link is lost (a timeout, or a retry budget spent), the remaining checks are not
@@ -20,7 +27,7 @@ def run_conformance(dev: Device, uri: str = "", options: Options | None = None) 
     options = options or Options()
     report = Report(uri=uri, identity=dev.info.identity.idn())
     t0 = time.perf_counter()
-    sess = Session(dev, options, report)
+    sess = Session(dev, options, report, on_check)
     try:
         board.identity(sess)
         if board.configure(sess):
@@ -32,7 +39,7 @@ def run_conformance(dev: Device, uri: str = "", options: Options | None = None) 
             refusals.errors(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
-        report.checks.append(
+        sess.add(
             Check(
                 "link",
                 "FAIL",
@@ -45,7 +52,7 @@ def run_conformance(dev: Device, uri: str = "", options: Options | None = None) 
         try:
             dev.safe_state()
         except DeviceError as exc:
-            report.checks.append(
+            sess.add(
                 Check(
                     "safe_state",
                     "FAIL",
