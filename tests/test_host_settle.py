@@ -3,6 +3,10 @@ and the EP estimator that takes any settle function."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -11,11 +15,13 @@ import torch
 
 from drivers import NotSupported, Nudge, SettleBudget, open_device
 from hil.cli.gradcheck import check_block
+from hil.config import load_config
 from hil.data import load_digits
 from hil.ep import EBBlock, gradcheck, settle_path
 from hil.estimator import EPEstimator
 from hil.host_settle import HostSettle
 from hil.reference import DHN, cosine, mse_loss, reference_settle, rel_error
+from hil.train_classifier import train_classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 MVM_ONLY = "capabilities=mvm,pulse,program_verify"
@@ -135,3 +141,56 @@ def test_noise_aware_convergence_on_a_coarse_adc(digits) -> None:
     assert eq.converged and eq.steps < 300
     blind = HostSettle(dev, probe_noise=False)
     assert not blind({"s0": x}).converged
+
+
+@contextlib.contextmanager
+def _served(*args: str) -> Iterator[dict[str, str]]:
+    """`hil emulator serve ARGS` in a subprocess; its printed device URIs by kind."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "hil.cli",
+        "emulator",
+        "serve",
+        "--scpi-port",
+        "0",
+        "--serial-port",
+        "0",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        uris: dict[str, str] = {}
+        assert proc.stdout is not None
+        while len(uris) < 2:
+            line = proc.stdout.readline()
+            assert line, "hil emulator serve exited before printing its URIs"
+            for scheme in ("visa://", "serial+socket://"):
+                if scheme in line:
+                    uris[scheme] = line[line.index(scheme) :].strip()
+        yield uris
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("scheme", ["serial+socket://", "visa://"])
+def test_classifier_on_a_served_mvm_only_board_equals_in_process(scheme: str) -> None:
+    """Training by EP through host-iterated settles on an MVM-only rram board behind `hil
+    emulator serve` gives, over either wire protocol, exactly what the in-process board gives."""
+    board = ["--preset", "rram", "--seed", "0", "--capabilities", "mvm,pulse,program_verify"]
+    common = ["train.epochs=2", "model.sizes=[64,24,10]", "data.limit_train=240", "data.limit_test=120"]
+    local = train_classifier(
+        load_config(None, [*common, f"device=emulator://?preset=rram&seed=0&{MVM_ONLY}"])
+    )
+    with _served(*board) as uris:
+        remote = train_classifier(load_config(None, [*common, f"device={uris[scheme]}"]))
+    assert remote.devices == local.devices
+    assert [(h.train_loss, h.test_acc, h.free_steps) for h in remote.history] == [
+        (h.train_loss, h.test_acc, h.free_steps) for h in local.history
+    ]
+    assert local.test_acc > 0.2  # above chance (0.1) after 2 short epochs: it learned
+    for a, b in zip(local.model.blocks, remote.model.blocks, strict=True):
+        assert a.settle_path == b.settle_path == "host"
+        for t in a.weights:
+            assert torch.equal(a.weights[t], b.weights[t]), t
