@@ -190,7 +190,7 @@ def test_classifier_on_a_served_mvm_only_board_equals_in_process(scheme: str) ->
         (h.train_loss, h.test_acc, h.free_steps) for h in local.history
     ]
     assert local.test_acc > 0.2  # above chance (0.1) after 2 short epochs: it learned
-    for a, b in zip(local.model.blocks, remote.model.blocks, strict=True):
+    for a, b in zip(local.model.blocks(), remote.model.blocks(), strict=True):
         assert a.settle_path == b.settle_path == "host"
         for t in a.weights:
             assert torch.equal(a.weights[t], b.weights[t]), t
