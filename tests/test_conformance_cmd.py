@@ -69,9 +69,16 @@ def test_passes_on_every_transport(
         assert data["skipped"] == 0
         for op in ("settle free", "settle nudged", "settle trace", "settle init", "limit clamp"):
             assert ops[op] == "PASS", op
+    if transport.startswith("visa"):  # the board's own error queue and limit checks, by raw SCPI
+        assert ops["scpi error queue"] == "PASS"
+        assert ops["scpi board limit"] == "PASS"
+    else:
+        assert not any(op.startswith("scpi") for op in ops)
     if servers is not None:
-        # the over-limit requests were refused on the host: none reached the board
-        assert servers.device.safety() == SafetyCounters(refused=0, violations=0)
+        # the over-limit requests through the Device API were refused on the host; only the
+        # raw SCPI one reached the board, which refused it
+        raw = int(transport.startswith("visa"))
+        assert servers.device.safety() == SafetyCounters(refused=raw, violations=0)
 
 
 class Recording(DeviceWrapper):
@@ -143,6 +150,25 @@ def test_fails_naming_mvm_behind_the_scpi_server(
     assert stdout.splitlines()[-1].split(", ")[1].endswith("failed") and " 0 failed" not in stdout
 
 
+class UncheckedMvm(DeviceWrapper):
+    """A firmware bug: the board does not check mvm inputs against its limits (it clips them)."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        peak = self.info.limits.clamp_max
+        return self.inner.mvm(tile, np.clip(x, -peak, peak), transpose=transpose)
+
+
+def test_fails_when_the_board_does_not_check_its_limits(emulated_board: Callable[..., BoardServers]) -> None:
+    # the host refuses every over-limit request, so only the raw SCPI check can see this bug
+    servers = emulated_board(board=UncheckedMvm(open_device(FULL)))
+    code, stdout, _ = _invoke(servers.uris["visa-tcp"])
+    assert code == 1
+    assert _failed(stdout) == {"scpi board limit"}
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
+    assert "the board ran the request; expected #10 and error -222" in line, line
+    assert "PASS  limit mvm input" in stdout  # the host's own check
+
+
 class UndeclaredSettle(DeviceWrapper):
     """Declares an MVM-only board but settles anyway: it must refuse what it does not declare."""
 
@@ -198,6 +224,12 @@ def test_options_reach_the_checks() -> None:
     assert "program W0" in ops and "program W1" not in ops
     mvm = next(c for c in report.checks if c.operation == "mvm")
     assert "x (2, 4) float32" in mvm.sent
+
+
+def test_unwritable_json_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    code, _, stderr = _invoke(FULL, "--json", str(tmp_path / "missing" / "out.json"))
+    assert code == 2
+    assert stderr.startswith("error: cannot write --json") and len(stderr.strip().splitlines()) == 1
 
 
 def _bringup_example() -> str:

@@ -107,23 +107,9 @@ def _limit(sess: Session, sent: list[str], what: str, call: Callable[[], object]
 
 
 def _after_error(sess: Session, sent: list[str], tile: str) -> str:
-    query = getattr(sess.dev, "query", None)
-    extra = ""
-    if callable(query) and sess.report.uri.startswith("visa://"):
-        # the SCPI queue itself: a board-side error, read and drained with SYST:ERR?
-        sent.append(f'TILE:COND? "no-such-tile"; SYST:ERR? until 0; read_conductance({tile!r})')
-        query('TILE:COND? "no-such-tile"')
-        first = str(query("SYST:ERR?")).strip()
-        if not first.startswith("100,"):
-            raise Mismatch(f'SYST:ERR? after an unknown tile gave {first!r}, expected 100,"..."')
-        rest = [str(query("SYST:ERR?")).strip() for _ in range(2)]
-        if not rest[0].startswith("0,"):
-            raise Mismatch(f'SYST:ERR? gave {rest} after the one error was read; expected 0,"No error"')
-        extra = f"SYST:ERR? {first!r} then {rest[0]!r}; "
-    else:
-        sent.append(f"read_conductance('no-such-tile'), then read_conductance({tile!r})")
-        with contextlib.suppress(ConfigurationError):
-            sess.dev.read_conductance("no-such-tile")
+    sent.append(f"read_conductance('no-such-tile'), then read_conductance({tile!r})")
+    with contextlib.suppress(ConfigurationError):
+        sess.dev.read_conductance("no-such-tile")
     gp, _ = sess.dev.read_conductance(tile)
     expect_array("G+", gp, sess.topo.tile_shape(tile))
-    return f"{extra}next read {desc(gp)}"
+    return f"next read {desc(gp)}"

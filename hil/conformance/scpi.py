@@ -1,0 +1,106 @@
+"""Board-side checks over raw SCPI (`visa://` boards only): the host drivers check every request
+before sending it, so only raw commands show whether the board itself queues its errors,
+checks its limits again ("a host may be buggy") and refuses what it does not declare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from drivers.errors import ProtocolError
+from hil.conformance.report import Mismatch
+from hil.conformance.session import Session
+
+Query = Callable[[str], str]
+EMPTY_BLOCK = "#10"  # the reply of a block query that failed (docs/protocol.md, section 2)
+
+
+def checks(sess: Session) -> None:
+    query = getattr(sess.dev, "query", None)
+    if not (callable(query) and sess.report.uri.lower().startswith("visa://")):
+        return
+    tile = sess.topo.couplings[0].tile
+    sess.run(
+        "scpi error queue",
+        'a failed query answers #10 and queues its error: SYST:ERR? gives 100,... then 0,"No error"',
+        lambda sent: _queue(sent, query),
+    )
+    if "mvm" in sess.caps:
+        sess.run(
+            "scpi board limit",
+            "the board checks limits again: -222 in the queue, its own refused + 1, violations 0",
+            lambda sent: _board_limit(sess, sent, query, tile),
+        )
+    else:
+        sess.run(
+            "scpi undeclared mvm",
+            "an undeclared capability is error 101 on the board too",
+            lambda sent: _expect_error(sent, query, _mvm_command(sess, tile, 0.0), "101"),
+        )
+
+
+def _errors(query: Query) -> list[str]:
+    """SYST:ERR? until 0 (at most 33: the queue holds 32)."""
+    out = []
+    for _ in range(33):
+        text = str(query("SYST:ERR?")).strip()
+        out.append(text)
+        if text.startswith("0,"):
+            break
+    return out
+
+
+def _queue(sent: list[str], query: Query) -> str:
+    _errors(query)  # start from an empty queue
+    return _expect_error(sent, query, 'TILE:COND? "no-such-tile"', "100")
+
+
+def _expect_error(sent: list[str], query: Query, command: str, code: str) -> str:
+    sent.append(f"{_short(command)}; SYST:ERR? until 0")
+    try:
+        reply = str(query(command)).strip()
+    except (ProtocolError, UnicodeDecodeError) as exc:  # binary data: the board ran the request
+        raise Mismatch(
+            f"a reply that is not text ({type(exc).__name__}): the board ran the request; "
+            f"expected {EMPTY_BLOCK} and error {code}"
+        ) from exc
+    errors = _errors(query)
+    got = f"reply {reply!r}, SYST:ERR? {errors}"
+    if reply != EMPTY_BLOCK:
+        raise Mismatch(f"{got}: expected {EMPTY_BLOCK} (a failed block query) and error {code}")
+    if len(errors) != 2 or not errors[0].startswith(f"{code},") or not errors[1].startswith("0,"):
+        raise Mismatch(f'{got}: expected {code},"..." then 0,"No error"')
+    return got
+
+
+def _short(command: str) -> str:
+    head, _, rest = command.partition("#")
+    return head + (f"<block of {len(rest) - 1 - int(rest[0])} bytes>" if rest else "")
+
+
+def _ascii_float(at_least: float) -> float:
+    """A value above `at_least` whose float32 bytes are all ASCII (2, 8, 32, ...), so that a
+    block of them can travel through a text query."""
+    v = 2.0
+    while v <= at_least:
+        v *= 4.0
+    return v
+
+
+def _mvm_command(sess: Session, tile: str, value: float) -> str:
+    rows, _ = sess.topo.tile_shape(tile)
+    data = np.full(rows, value, "<f4").tobytes().decode("ascii")
+    return f'TILE:MVM? "{tile}",0,#{len(str(len(data)))}{len(data)}{data}'
+
+
+def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
+    value = _ascii_float(sess.lim.clamp_max)
+    before = sess.dev.safety()
+    got = _expect_error(sent, query, _mvm_command(sess, tile, value), "-222")
+    sent.append(f"x = {value:g} > clamp_max {sess.lim.clamp_max:.3g}")
+    after = sess.dev.safety()
+    counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
+    if after.refused != before.refused + 1 or after.violations != 0:
+        raise Mismatch(f"{got}; {counts}: the board must count its refusal, and nothing may reach the array")
+    return f"{got}; {counts}"
