@@ -82,7 +82,8 @@ def test_passes_on_every_transport(
 
 
 class Recording(DeviceWrapper):
-    """Records the name of every operation that reaches the board."""
+    """Records the name of every Device operation looked up on it (a call looks its method up
+    once; the wrapper forwards to the board through `inner`, which is not recorded)."""
 
     def __init__(self, inner: Device) -> None:
         super().__init__(inner)
