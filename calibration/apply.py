@@ -49,7 +49,8 @@ def _transfer(cal: ChannelCal, start: int, n: int) -> tuple[np.ndarray, np.ndarr
     if start < 0 or start + n > cal.channels:
         raise CalibrationError(
             f"{cal.bank} channels {start}..{start + n - 1} asked for; the record calibrates "
-            f"0..{cal.channels - 1}: re-run the session with more channels"
+            f"0..{cal.channels - 1}: re-run the session with more channels "
+            f"(`hil calibrate URI --out RECORD --overwrite --channels {start + n}`)"
         )
     ok = cal.valid[start : start + n]
     gain = np.where(ok, cal.gain[start : start + n], 1.0)

@@ -17,17 +17,40 @@ import dataclasses
 import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
-from calibration.record import CalibrationRecord
-from drivers import Device, Equilibrium, Nudge, ProgramReport
+from calibration.record import CalibrationError, CalibrationRecord
+from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
 
 
 class CalibratedDevice(DeviceWrapper):
-    def __init__(self, device: Device, record: CalibrationRecord, *, targets: bool = True) -> None:
+    def __init__(
+        self,
+        device: Device,
+        record: CalibrationRecord,
+        *,
+        targets: bool = True,
+        session: str = "hil calibrate URI --out RECORD",
+    ) -> None:
         record.check_identity(device.info.identity)
         super().__init__(device)
         self.record = record
         self.targets = targets  # also correct programming targets (per-device windows, stuck devices)
+        self.session = session  # the command that made the record, named when it falls short
+
+    def configure(self, topology: Topology) -> None:
+        """Refuse, before anything reaches the board, a topology with more node channels than the
+        record's DAC or state-ADC calibration covers (the message gives the session to rerun)."""
+        nodes = sum(topology.groups.values())
+        for bank in ("dac", "adc"):
+            cal = self.record.converters.get(bank)
+            if cal is not None and cal.channels < nodes:
+                groups = ", ".join(f"{g} {n}" for g, n in topology.groups.items())
+                raise CalibrationError(
+                    f"this network has {nodes} node channels ({groups}); the calibration record "
+                    f"covers {cal.channels} ({bank} channels 0..{cal.channels - 1}): rerun "
+                    f"`{self.session} --overwrite --channels {nodes}` (or more)"
+                )
+        super().configure(topology)
 
     def _corrections(self) -> Corrections:
         topo = self.inner.topology

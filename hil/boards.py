@@ -14,7 +14,8 @@ def open_board(uri: str, calibration: str = "") -> Device:
     from calibration import CalibratedDevice, load
 
     try:
-        return CalibratedDevice(device, load(calibration, identity=device.info.identity))
+        record = load(calibration, identity=device.info.identity)
+        return CalibratedDevice(device, record, session=f"hil calibrate '{uri}' --out {calibration}")
     except Exception:
         device.close()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from hil.cli.common import fail, one_line_errors
 from hil.demo import run_demo
 
 
@@ -12,6 +13,8 @@ def register(app: typer.Typer) -> None:
     def demo(
         uri: str = typer.Option(
             "emulator://?preset=rram&seed=0",
+            "--uri",
+            "--device",
             help="Device URI: emulator://?preset=NAME&seed=N, visa://RESOURCE, serial://PORT, ...",
         ),
         sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64 pixels of the digits)."),
@@ -25,12 +28,9 @@ def register(app: typer.Typer) -> None:
         try:
             layer_sizes = tuple(int(s) for s in sizes.split(","))
         except ValueError:
-            raise typer.BadParameter(f"--sizes must be comma-separated integers, got {sizes!r}") from None
-        try:
+            raise fail(f"--sizes takes comma-separated integers (e.g. 64,256,10), got {sizes!r}") from None
+        with one_line_errors():
             r = run_demo(uri, layer_sizes, batch, beta, seed)
-        except (ValueError, OSError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         typer.echo(f"board     {r.identity}")
         typer.echo(f"network   {'-'.join(map(str, layer_sizes))}, {r.cells} crossbar cells")
         for tile, iters, pulses, within in r.programming:

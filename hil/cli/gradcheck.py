@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import typer
+from tqdm import tqdm
 
 from drivers import SettleBudget, Topology
 from drivers.base import Device
+from hil.cli.common import fail, one_line_errors
 from hil.ep import CheckRow, EBBlock, gaussian_init
 
+MODES = ("positive", "centered")  # one-sided and centered EP, the two columns of the table
 CHECK_BUDGET = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5, check_every=5)
 
 
@@ -45,6 +53,30 @@ def check_block(
     return EBBlock(device, topo, inputs=inputs, outputs=outputs, weights=w, seed=seed, settle=settle)  # type: ignore[arg-type]
 
 
+@contextmanager
+def _progress(block: EBBlock, checks: int, *, enabled: bool = True) -> Iterator[None]:
+    """A bar over what `hil.ep.gradcheck` does with `block`: one tick for the reference
+    (implicit differentiation, float64) and the free phase, then one per EP estimate (beta x
+    mode), ticked by wrapping this block's `ep` while the bar lives."""
+    bar = tqdm(total=1 + checks, desc="reference", unit="check", disable=not enabled, dynamic_ncols=True)
+    estimate = block.ep
+
+    def ticking(*args: Any, **kwargs: Any) -> Any:
+        if bar.n == 0:
+            bar.update(1)
+        bar.set_description(f"beta {kwargs.get('beta', '?'):g} {kwargs.get('mode', '')}".rstrip())
+        out = estimate(*args, **kwargs)
+        bar.update(1)
+        return out
+
+    block.ep = ticking  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del block.ep
+        bar.close()
+
+
 def format_table(rows: list[CheckRow]) -> str:
     """One line per (beta, parameter): cosine and relative error of one-sided and centered EP."""
     by = {}
@@ -67,13 +99,16 @@ def register(app: typer.Typer) -> None:
     def gradcheck(
         betas: str = typer.Option("0.1,0.01,0.001", help="Comma-separated nudge strengths to tabulate."),
         uri: str = typer.Option(
-            "emulator://?preset=ideal&seed=0", help="Device URI (see `hil demo --help`)."
+            "emulator://?preset=ideal&seed=0", "--uri", "--device", help="Device URI (see `hil demo --help`)."
         ),
         sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64: the digits' pixels)."),
         dense: bool = typer.Option(False, "--dense", help="All-to-all network over the same groups."),
         batch: int = typer.Option(64, min=1, help="Digits images in the checked batch."),
         init_scale: float = typer.Option(0.5, help="Weights N(0, scale^2/fan_in); biases U(0.1, 0.4)."),
         seed: int = typer.Option(0, help="Seed of the random weights."),
+        progress: bool = typer.Option(
+            True, "--progress/--no-progress", help="Progress bar: the reference, then each beta and mode."
+        ),
     ) -> None:
         """Compare EP gradients measured on the device with implicit differentiation of the
         pure-torch reference (float64, the weights read back from the device), for the loss
@@ -90,19 +125,20 @@ def register(app: typer.Typer) -> None:
         from hil.data import load_digits
         from hil.ep import gradcheck as run_check
 
+        t0 = time.perf_counter()
         try:
             beta_list = tuple(float(b) for b in betas.split(","))
             layer_sizes = [int(s) for s in sizes.split(",")]
         except ValueError:
-            raise typer.BadParameter("--betas and --sizes take comma-separated numbers") from None
+            raise fail("--betas and --sizes take comma-separated numbers (e.g. --betas 0.1,0.01)") from None
         if any(b <= 0 for b in beta_list):
-            raise typer.BadParameter("--betas must be > 0")
+            raise fail(f"--betas must be > 0, got {betas!r}")
         ds = load_digits()
         if layer_sizes[0] != ds.features:
-            raise typer.BadParameter(f"the first size must be {ds.features} (the digits' pixels)")
+            raise fail(f"--sizes: the first size must be {ds.features} (the digits' pixels), got {sizes!r}")
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
-        with open_device(uri) as dev:
+        with one_line_errors(), open_device(uri) as dev:
             blk = check_block(dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed)
             free = blk.free(x)
             kind = "dense" if dense else "layered"
@@ -112,5 +148,7 @@ def register(app: typer.Typer) -> None:
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
             )
-            rows = run_check(blk, x, y, betas=beta_list)
+            with _progress(blk, len(beta_list) * len(MODES), enabled=progress):
+                rows = run_check(blk, x, y, betas=beta_list, modes=MODES)
         typer.echo(format_table(rows))
+        typer.echo(f"done in {time.perf_counter() - t0:.1f} s")

@@ -7,14 +7,16 @@ from typing import Annotated
 
 import typer
 
+from hil.cli.common import fail, run_store
 from hil.runlog import RunLogError, open_run
 
-RunArg = Annotated[Path, typer.Argument(help="The run log (a .zarr folder).", show_default=False)]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+RunArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The run: its run-log store (a .zarr folder) or the run folder holding it (RUN/run.zarr).",
+        show_default=False,
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -24,12 +26,13 @@ def register(app: typer.Typer) -> None:
         traces, tiles, programming reports and snapshots."""
         from hil.runlog.summary import summary
 
+        run = run_store(run)
         try:
             text = summary(open_run(run))
         except RunLogError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         except Exception as exc:  # a store this reader did not foresee: still one line
-            raise _fail(f"{run}: cannot read the run log: {type(exc).__name__}: {exc}") from None
+            raise fail(f"{run}: cannot read the run log: {type(exc).__name__}: {exc}") from None
         typer.echo(text)
 
     @app.command()
@@ -43,13 +46,14 @@ def register(app: typer.Typer) -> None:
         conductance histograms per tile over time."""
         from hil.runlog.plots import plot_run
 
+        run = run_store(run)
         target = out or run.with_name(run.name.removesuffix(".zarr") + "-plots")
         try:
             files, notes = plot_run(open_run(run), target)
         except RunLogError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         except Exception as exc:
-            raise _fail(f"{run}: cannot plot the run log: {type(exc).__name__}: {exc}") from None
+            raise fail(f"{run}: cannot plot the run log: {type(exc).__name__}: {exc}") from None
         for f in files:
             typer.echo(f"wrote {f}")
         for n in notes:

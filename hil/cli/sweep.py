@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from hil.cli.common import fail
+
 if TYPE_CHECKING:
     from hil.sweep import SweepSpec
     from hil.sweep.trial import TrialEvent
@@ -61,15 +63,16 @@ def sweep(
     SWEEP.toml names the trainer (classifier or vae), the objective (a metric of its result), the budget, the base config and the search space (a \\[space."train.lr"] table with type, low, high, log). Each trial is a normal run log under OUT/trials/NNNN/run.zarr; the study lives in OUT/optuna.db, the table of trials in OUT/summary.json and OUT/trials.csv.
 
     Prints one line per trial, then the best trial and its run log. A bad spec exits with code 2 and a message that starts with the offending key."""
+    from drivers import DeviceError
     from hil.sweep import SpecError, SweepError, load_spec, run_sweep
     from hil.sweep.study import claim_folder
 
     try:
         spec = load_spec(spec_file, n_trials)
+        _check_uris(spec.base["device"], board or [])
         executor = _executor(ray_address, board or [], spec.base["device"], max_board_losses)
-    except (SpecError, SweepError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except (SpecError, SweepError, DeviceError) as exc:
+        raise fail(str(exc)) from None
     try:
         folder = claim_folder(spec, out or Path("runs") / "sweeps" / spec.name)
     except SweepError as exc:
@@ -98,6 +101,16 @@ def sweep(
         raise typer.Exit(1)
     typer.echo(f"best trial {best.number}: {spec.objective} {best.value:.6g}  {_params(best.params)}")
     typer.echo(f"best run log {result.best_run_log}")
+
+
+def _check_uris(device: str, boards: list[str]) -> None:
+    """Refuse a malformed device URI (base config or --board) before any trial runs: parsed and
+    validated, not opened (a board may only be reachable from the cluster's hosts)."""
+    from drivers.uri import parse_options
+    from hil.sweep.ray_runner import Board
+
+    for uri in [device, *(b.uri for b in map(Board.parse, boards) if b.uri)]:
+        parse_options(uri)
 
 
 def _executor(ray_address: str | None, boards: list[str], device: str, max_board_losses: int = 2) -> Any:

@@ -52,7 +52,13 @@ def vae(
         bool, typer.Option("--show-config", help="Print the resolved config and exit.")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
-    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 1,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="torch CPU threads (0: torch's default, one per core). Default 1, as measured in `hil train classifier --help`.",
+        ),
+    ] = 1,
 ) -> None:
     """Train a VAE on the digits by EP (or backprop for f-vae) on a board or the emulator.
 
@@ -60,11 +66,14 @@ def vae(
 
     Prints the crossbar cells used, then the test negative ELBO (nats per image), reconstruction error, Frechet distance of samples (before and after training), settle energy per image and convergence.
 
-    The run log (RUN/run.zarr) records config, device, metrics, settle traces, tile snapshots and a resume snapshot per epoch: see it with `hil inspect RUN/run.zarr` and `hil plot RUN/run.zarr`; continue a killed run with --resume RUN."""
+    The run log (RUN/run.zarr) records config, device, metrics, settle traces, tile snapshots and a resume snapshot per epoch: see it with `hil inspect RUN` and `hil plot RUN`; continue a killed run with --resume RUN (add --set device=URI if the board moved: the rest of the config must stay as it was)."""
+    import time
+
     import torch
 
+    from hil.cli.common import RUN_STORE, exists_message, fail, one_line_errors, resumed_config, run_store
     from hil.config import ConfigError, apply_dict, load_into, to_toml
-    from hil.runlog import RunLog, RunLogError, open_for_resume
+    from hil.runlog import RunExistsError, RunLog, RunLogError, open_for_resume, open_run
     from hil.vae.config import VAERunConfig, validate_vae
     from hil.vae.hopfield import dense_topology
     from hil.vae.train import train_vae
@@ -74,49 +83,65 @@ def vae(
     state = None
     try:
         if resume is not None:
-            run_dir = resume.parent if resume.suffix == ".zarr" else resume  # the folder or its run.zarr
-            log, state = open_for_resume(run_dir / "run.zarr")
-            cfg = apply_dict(VAERunConfig(), log.config)
+            store = run_store(resume)
+            run_dir = store.parent if store.name == RUN_STORE else store
+            stored = apply_dict(VAERunConfig(), open_run(store, validate=False).config)
+            asked = load_into(apply_dict(VAERunConfig(), stored.to_dict()), config, set_ or [])
+            if model is not None:
+                asked = apply_dict(asked, {"model": {"variant": model}})
+            cfg = resumed_config(stored, asked)
         else:
             cfg = load_into(VAERunConfig(), config, set_ or [])
             if model is not None:
                 cfg = apply_dict(cfg, {"model": {"variant": model}})
     except (ConfigError, RunLogError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc)) from None
     try:
         validate_vae(cfg)
     except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(f"config: {exc}") from None
     if show_config:
         typer.echo(to_toml(cfg), nl=False)
         raise typer.Exit(0)
     m = cfg.model
-    if resume is None:
-        run_dir = out or Path(cfg.out) / m.variant
-        try:
+    try:
+        if resume is not None:
+            log, state = open_for_resume(store)
+            log.set_device_uri(cfg.device)
+        else:
+            run_dir = out or Path(cfg.out) / m.variant
             log = RunLog.create(
-                run_dir / "run.zarr", cfg, kind="train-vae", name=m.variant, overwrite=overwrite
+                run_dir / RUN_STORE, cfg, kind="train-vae", name=m.variant, overwrite=overwrite
             )
-        except RunLogError as exc:
-            typer.echo(f"error: {exc} (or use --resume {run_dir})", err=True)
-            raise typer.Exit(2) from None
+    except RunExistsError:
+        raise fail(exists_message(run_dir, run_dir)) from None
+    except RunLogError as exc:
+        raise fail(str(exc)) from None
     if m.variant in ("tdh-vae", "dh-vae"):
         one = dense_topology(64, m.hidden, m.latent * m.copies).cells()
         typer.echo(
             f"crossbar cells: TDH-VAE {one}, DH-VAE {2 * one} (same layer sizes): the shared net uses half"
         )
-    from calibration import CalibrationError
-    from drivers import DeviceError
-    from hil.data import DataError
+    t0 = time.perf_counter()
 
-    try:
-        with log:
-            result = train_vae(cfg, progress=progress, out_dir=run_dir, log=log, state=state)
-    except (CalibrationError, DeviceError, DataError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        nonlocal t0
+        test = f"  test -ELBO {row['test_neg_elbo']:.3f}" if "test_neg_elbo" in row else ""
+        typer.echo(
+            f"epoch {epoch + 1:>3}/{cfg.train.epochs}  loss {row['loss']:.3f}  nll {row['nll']:.3f}  "
+            f"kl {row['kl']:.3f}{test}  {time.perf_counter() - t0:.1f} s"
+        )
+        t0 = time.perf_counter()
+
+    with one_line_errors(), log:
+        result = train_vae(
+            cfg,
+            progress=progress,
+            out_dir=run_dir,
+            log=log,
+            state=state,
+            on_epoch=None if progress else on_epoch,
+        )
     f, i = result.final, result.initial
     typer.echo(f"model        {result.variant}, {result.cells} crossbar cells")
     typer.echo(f"device       {result.identity}  ({cfg.device})")
@@ -126,7 +151,5 @@ def vae(
     typer.echo(
         f"settle       {f.energy_per_image_j:.3e} J per image (encode + decode), {f.converged:.1%} converged"
     )
-    typer.echo(
-        f"run log      {run_dir / 'run.zarr'}   pictures: {', '.join(str(p) for p in result.pictures)}"
-    )
+    typer.echo(f"run log      {run_dir / RUN_STORE}   pictures: {', '.join(str(p) for p in result.pictures)}")
     typer.echo(f"wall time    {result.wall_s:.1f} s")

@@ -40,20 +40,22 @@ Errors (garbage, truncated or complete stores, a live writer) are `RunLogError`s
 naming the path, for the command line to print and exit 2.
 """
 
-from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunLogError
+from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogError
 from hil.runlog.order import DataOrder
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import restore_rng, restore_training, rng_state, training_state
-from hil.runlog.writer import RunLog, TraceConfig, open_for_resume
+from hil.runlog.writer import RunLog, TraceConfig, never_started, open_for_resume
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "DataOrder",
     "Run",
+    "RunExistsError",
     "RunLog",
     "RunLogError",
     "TraceConfig",
+    "never_started",
     "open_for_resume",
     "open_run",
     "restore_rng",

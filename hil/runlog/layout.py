@@ -38,6 +38,11 @@ class RunLogError(ValueError):
     in one line, fit for a command-line error."""
 
 
+class RunExistsError(RunLogError):
+    """`RunLog.create` found a run at the path (and was not told to overwrite it): the command
+    line turns this into a message that names its own flags (--overwrite, --resume)."""
+
+
 def chunk_rows_for(row_bytes: int) -> int:
     """Rows per chunk: a power of two giving chunks of about `TARGET_CHUNK_BYTES`."""
     if row_bytes <= 0:

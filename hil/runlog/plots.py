@@ -17,6 +17,7 @@ from hil.runlog.reader import Run
 
 _INDEX = ("step", "epoch")
 _MAX_HISTS = 5  # snapshots drawn per tile histogram
+_PANEL_COLS = 3  # panels per row of the metrics figure
 
 
 def plot_run(run: Run, out: Path) -> tuple[list[Path], list[str]]:
@@ -26,16 +27,11 @@ def plot_run(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     files: list[Path] = []
     notes: list[str] = []
     tables = {s: run.table(f"{METRICS}/{s}") for s in run.streams(METRICS)}
-    for name, select, ylabel in (
-        ("loss", lambda c: "loss" in c.lower(), "loss"),
-        ("accuracy", lambda c: "acc" in c.lower(), "accuracy"),
-        (
-            "metrics",
-            lambda c: "loss" not in c.lower() and "acc" not in c.lower(),
-            "value",
-        ),
+    for name, fig in (
+        ("loss", _curves(tables, lambda c: "loss" in c.lower(), "loss")),
+        ("accuracy", _curves(tables, lambda c: "acc" in c.lower(), "accuracy")),
+        ("metrics", metrics_figure(tables)),
     ):
-        fig = _curves(tables, select, ylabel)
         if fig is None:
             what = "other" if name == "metrics" else name
             notes.append(f"no {what} metrics: {name}.png not written")
@@ -85,6 +81,46 @@ def _curves(
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _other(column: str) -> bool:
+    """Neither a loss nor an accuracy (those have figures of their own)."""
+    return "loss" not in column.lower() and "acc" not in column.lower()
+
+
+def metrics_figure(
+    tables: dict[str, dict[str, np.ndarray]], select: Callable[[str], bool] = _other
+) -> Figure | None:
+    """One panel per metric (its own y axis: settle steps, joules and nats differ by orders of
+    magnitude), a line per stream that logged it; a log axis for a positive metric spanning
+    more than two decades."""
+    by_metric: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for stream, t in tables.items():
+        for col in t:
+            y = t[col].astype(np.float64)
+            if col not in _INDEX and select(col) and np.isfinite(y).any():
+                by_metric.setdefault(col, []).append((stream, t["step"], y))
+    if not by_metric:
+        return None
+    cols = min(_PANEL_COLS, len(by_metric))
+    rows = -(-len(by_metric) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (metric, series) in zip(axes, by_metric.items(), strict=False):
+        values = np.concatenate([y[np.isfinite(y)] for *_, y in series])
+        for stream, step, y in series:
+            ok = np.isfinite(y)
+            marker = "o" if ok.sum() <= 50 else None
+            ax.plot(step[ok], y[ok], marker=marker, markersize=3, label=stream)
+        if (values > 0).all() and values.max() > 100 * values.min():
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(by_metric) :]:
+        fig.delaxes(ax)
     return fig
 
 

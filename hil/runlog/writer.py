@@ -30,6 +30,7 @@ from hil.runlog.layout import (
     TABLE_GROUPS,
     TILES,
     TRACES,
+    RunExistsError,
     RunLogError,
     check_json,
 )
@@ -110,14 +111,15 @@ class RunLog:
         """Start a new run at `path` (a folder; ``.zarr`` by convention). `config` is the full
         config of the run: a JSON-serialisable dict, or a dataclass (converted with ``asdict``).
         `flush_every_s`: the flush timer, checked at every write; `keep_snapshots`: how many
-        resume snapshots to keep (0: all)."""
+        resume snapshots to keep (0: all). An existing run at `path` raises `RunExistsError`
+        unless `overwrite`, or unless it never started (`never_started`): then it is replaced."""
         path = Path(path)
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
         config = dict(config)
         check_json(config, "config")
-        if path.exists() and not overwrite:
-            raise RunLogError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
+        if path.exists() and not overwrite and not never_started(path):
+            raise RunExistsError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
         traces = traces or TraceConfig()
         try:
             root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -162,6 +164,19 @@ class RunLog:
 
     def set_calibration(self, calibration_id: str | None) -> None:
         self._update_root({"calibration_id": calibration_id})
+
+    def set_device_uri(self, uri: str) -> None:
+        """Continue a resumed run on another board (the same board at a new address, or its
+        replacement): the config's ``device`` becomes `uri`; the last ``resumes`` entry keeps
+        the one before as ``device_before``. The trainer then records the board's identity."""
+        before = self.config.get("device")
+        if before == uri:
+            return
+        self.config = {**self.config, "device": uri}
+        resumes = list(self.root.attrs.get("resumes", []))
+        if resumes:
+            resumes[-1] = {**resumes[-1], "device_before": before}
+        self._update_root({"config": self.config, "resumes": resumes})
 
     # ------------------------------------------------------------------------------ metrics
     def metrics(self, stream: str = "train", *, step: int, epoch: int = -1, **values: float) -> None:
@@ -420,6 +435,22 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     )
     log.resumed_step = step
     return log, state
+
+
+def never_started(path: str | Path) -> bool:
+    """True for a run log whose run failed before it recorded anything (no device, no table
+    row, no snapshot), e.g. because its board could not be opened: nothing in it is worth
+    keeping, so `RunLog.create` lets a new run take its place without ``overwrite``."""
+    try:
+        run = open_run(path, validate=False)
+    except RunLogError:
+        return False
+    return (
+        run.status == STATUS_FAILED
+        and run.device is None
+        and not run.snapshots
+        and not any(run.tables.values())
+    )
 
 
 def _check_tail(run: Run, path: str, rows: int) -> None:

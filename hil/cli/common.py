@@ -1,0 +1,90 @@
+"""What the `hil` commands share: one-line errors with exit code 2, run folders, resumed configs.
+
+Every command turns the errors a user can cause (a bad device URI, a board that does not
+answer, a missing file, a bad config value, a run log that is not one) into one line on
+stderr, ``error: ...`` naming the problem and the fix, and exit code 2: no traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+RUN_STORE = "run.zarr"  # the run log inside a run folder (`hil train vae --out RUN`)
+
+T = TypeVar("T")
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` on stderr; return the exit (code 2) for the caller to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input or an unreachable board, not a bug."""
+    from calibration import CalibrationError
+    from drivers import DeviceError
+    from hil.data import DataError
+
+    return (DeviceError, CalibrationError, DataError, ValueError, OSError)
+
+
+@contextmanager
+def one_line_errors(prefix: str = "") -> Iterator[None]:
+    """Turn `user_errors` raised inside into `fail` (one line, exit 2)."""
+    try:
+        yield
+    except user_errors() as exc:
+        raise fail(f"{prefix}{exc}") from None
+
+
+def run_store(path: Path) -> Path:
+    """The run-log store that `path` names: the store itself, or a run folder holding one
+    (``RUN/run.zarr``, what `hil train vae --out RUN` writes)."""
+    if not (path / "zarr.json").exists() and (path / RUN_STORE / "zarr.json").exists():
+        return path / RUN_STORE
+    return path
+
+
+def exists_message(path: Path, resume: Path) -> str:
+    """What to say when a new run would replace the run at `path`: the flags that decide."""
+    return (
+        f"{path} already exists (a run); add --overwrite to replace it, --resume {resume} to "
+        "continue it, or pick another --out"
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+RESUME_MAY_CHANGE = ("device",)  # the board's address may change between a run and its resume
+
+
+def resumed_config(stored: T, asked: T) -> T:
+    """`asked` (the stored config with this command's --config/--set applied) if it differs
+    from `stored` (the run's config) only in `RESUME_MAY_CHANGE`; otherwise a `ConfigError`
+    naming the keys: a resumed run must go on as it started, only on another address."""
+    from hil.config import ConfigError
+
+    old = _flatten(stored.to_dict())  # type: ignore[attr-defined]
+    new = _flatten(asked.to_dict())  # type: ignore[attr-defined]
+    changed = [k for k in new if k not in RESUME_MAY_CHANGE and new[k] != old.get(k)]
+    if changed:
+        what = ", ".join(f"{k} (run: {old.get(k)!r}, asked: {new[k]!r})" for k in changed)
+        raise ConfigError(
+            f"--resume continues the run with its own config; these would change it: {what}. "
+            f"Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; start a new run for the rest"
+        )
+    return asked

@@ -1,0 +1,229 @@
+"""The first hour as the README writes it: every command a new user types, run as typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner, Result
+
+from hil.cli import app
+from hil.runlog import open_run
+
+EMU = "emulator://?preset=rram&seed=0"
+DEAD = "visa://TCPIP0::127.0.0.1::1::SOCKET"  # nothing listens on port 1: refused at once
+FAST_VAE = ["data.limit_train=64", "data.limit_test=32", "eval.samples=32", "eval.eps_draws=1"]
+FAST_CLASSIFIER = ["train.epochs=1", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,16,10]"]
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _hil(*args: str | Path) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result: Result) -> str:
+    """The command failed as bad input must: exit 2, one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# ------------------------------------------------------------------------ 1. calibrate, then train
+def test_default_calibration_covers_every_default_network() -> None:
+    from drivers import Topology
+    from hil.cli.calibrate import DEFAULT_CHANNELS
+    from hil.config import RunConfig
+    from hil.vae.config import VAEModelConfig
+    from hil.vae.hopfield import dense_topology, layered_encoder_topology
+
+    m = VAEModelConfig()
+    nets = {
+        "classifier": Topology.layered(RunConfig().model.sizes),
+        "gradcheck": Topology.layered([64, 256, 10]),
+        "vae dense": dense_topology(64, m.hidden, m.latent * m.copies),
+        "vae layered": layered_encoder_topology(64, m.hidden, m.latent * m.copies),
+    }
+    for name, topo in nets.items():
+        assert sum(topo.groups.values()) <= DEFAULT_CHANNELS, name
+
+
+def test_calibrate_then_train_vae_with_the_record(tmp_path: Path) -> None:
+    """README: `hil calibrate URI --out cal.zarr`, then `hil train vae --set calibration=cal.zarr`
+    (the default TDH-VAE has 136 nodes: more than the 128 channels a 64 x 64 tile implies)."""
+    cal = tmp_path / "cal.zarr"
+    done = _hil("calibrate", EMU, "--out", cal, "--routines", "adc,dac")
+    assert done.exit_code == 0, done.output
+    run = _hil(
+        "train", "vae", "--out", tmp_path / "run", "--no-progress",
+        *_sets(f"device={EMU}", f"calibration={cal}", "train.epochs=1", *FAST_VAE),
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert "test -ELBO" in run.output
+
+
+def test_a_short_record_names_the_session_to_rerun(tmp_path: Path) -> None:
+    cal = tmp_path / "short.zarr"
+    assert _hil("calibrate", EMU, "--out", cal, "--routines", "adc,dac", "--channels", "100").exit_code == 0
+    run = _hil("train", "vae", "--out", tmp_path / "run", *_sets(f"device={EMU}", f"calibration={cal}"))
+    line = _one_line_error(run)
+    assert "136 node channels" in line and f"hil calibrate '{EMU}' --out {cal}" in line
+    assert "--channels 136" in line
+
+
+# ------------------------------------------------------------------------ 2. folders and --overwrite
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("runs") / "tdh-vae"
+    done = _hil("train", "vae", "--out", folder, "--no-progress", *_sets("train.epochs=1", *FAST_VAE))
+    assert done.exit_code == 0, done.output
+    return folder
+
+
+def test_inspect_and_plot_take_the_run_folder(vae_run: Path, tmp_path: Path) -> None:
+    shown = _hil("inspect", vae_run)
+    assert shown.exit_code == 0, shown.output
+    assert "status       complete" in shown.output
+    plotted = _hil("plot", vae_run, "--out", tmp_path / "plots")
+    assert plotted.exit_code == 0, plotted.output
+    assert (tmp_path / "plots" / "metrics.png").stat().st_size > 1000
+
+
+def test_a_second_vae_run_into_the_folder_names_the_flag(vae_run: Path) -> None:
+    line = _one_line_error(_hil("train", "vae", "--out", vae_run, *_sets(*FAST_VAE)))
+    assert "--overwrite" in line and f"--resume {vae_run}" in line and "overwrite=True" not in line
+
+
+def test_calibrate_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
+    cal = tmp_path / "cal.zarr"
+    args = ("calibrate", EMU, "--out", cal, "--routines", "settle")
+    assert _hil(*args).exit_code == 0
+    stamp = zarr.open_group(str(cal), mode="r").attrs["created"]
+    line = _one_line_error(_hil(*args))
+    assert "already exists" in line and "--overwrite" in line
+    assert zarr.open_group(str(cal), mode="r").attrs["created"] == stamp
+    assert _hil(*args, "--overwrite").exit_code == 0
+
+
+def test_classifier_overwrite_flag(tmp_path: Path) -> None:
+    run = tmp_path / "c.zarr"
+    args = ("train", "classifier", "--out", run, "--no-progress", *_sets(*FAST_CLASSIFIER))
+    assert _hil(*args).exit_code == 0
+    line = _one_line_error(_hil(*args))
+    assert "--overwrite" in line and "overwrite=True" not in line
+    again = _hil(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+
+
+# ------------------------------------------------------------------------ 3. a board that never opened
+def test_a_run_that_never_reached_its_board_does_not_block_its_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    _one_line_error(_hil("train", "vae", "--out", folder, *_sets(f"device={DEAD}", *FAST_VAE)))
+    again = _hil("train", "vae", "--out", folder, "--no-progress", *_sets("train.epochs=1", *FAST_VAE))
+    assert again.exit_code == 0, again.output
+
+
+def test_resume_takes_a_new_device_and_nothing_else(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    _one_line_error(
+        _hil("train", "vae", "--out", folder, *_sets(f"device={DEAD}", "train.epochs=1", *FAST_VAE))
+    )
+    line = _one_line_error(
+        _hil("train", "vae", "--resume", folder, *_sets(f"device={EMU}", "train.epochs=3"))
+    )
+    assert "train.epochs" in line and "device" in line
+    done = _hil("train", "vae", "--resume", folder, "--no-progress", *_sets(f"device={EMU}"))
+    assert done.exit_code == 0, done.output
+    run = open_run(folder / "run.zarr")
+    assert run.status == "complete" and run.config["device"] == EMU
+    assert run.device is not None and run.device["uri"] == EMU
+    assert run.attrs["resumes"][-1]["device_before"] == DEAD
+
+
+def test_classifier_resume_takes_a_new_device(tmp_path: Path) -> None:
+    run = tmp_path / "c.zarr"
+    _one_line_error(_hil("train", "classifier", "--out", run, *_sets(f"device={DEAD}", *FAST_CLASSIFIER)))
+    done = _hil("train", "classifier", "--resume", run, "--no-progress", *_sets(f"device={EMU}"))
+    assert done.exit_code == 0, done.output
+    assert open_run(run).config["device"] == EMU
+
+
+# ------------------------------------------------------------------------ 4. one line, exit 2
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("demo", "--device", "nope://x"),
+        ("demo", "--device", DEAD),
+        ("gradcheck", "--device", "nope://x"),
+        ("gradcheck", "--device", DEAD),
+        ("train", "classifier", "--set", "device=nope://x"),
+        ("train", "vae", "--set", f"device={DEAD}"),
+        ("calibrate", "nope://x"),
+        ("calibrate", DEAD),
+        ("calibrate", EMU, "--check", "missing.zarr"),
+        ("train", "vae", "--set", "calibration=missing.zarr"),
+        ("train", "classifier", "--config", "missing.toml"),
+        ("inspect", "missing"),
+        ("plot", "missing"),
+        ("sweep", "missing.toml"),
+        ("sweep", "examples/sweep_digits.toml", "--board", "nope://x"),
+        ("emulator", "serve", "--preset", "nope", "--scpi-port", "0"),
+    ],
+    ids=lambda a: " ".join(a)[:40],
+)
+def test_bad_uri_or_missing_file_is_one_line_and_exit_2(
+    args: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    args = tuple(str(root / a) if a.startswith("examples/") else a for a in args)
+    monkeypatch.chdir(tmp_path)
+    out = ("--out", str(tmp_path / "out")) if args[0] in ("train", "calibrate", "sweep") else ()
+    _one_line_error(_hil(*args, *out))
+
+
+# ------------------------------------------------------------------------ 5. progress and wall time
+def test_gradcheck_shows_progress_and_wall_time() -> None:
+    done = _hil("gradcheck", "--betas", "0.1,0.01", "--sizes", "64,16,10", "--batch", "8")
+    assert done.exit_code == 0, done.output
+    assert "beta 0.01 centered" in done.stderr and "5/5" in done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("done in ")
+
+
+def test_vae_without_progress_bar_prints_a_line_per_epoch(tmp_path: Path) -> None:
+    done = _hil("train", "vae", "--out", tmp_path / "r", "--no-progress", *_sets("train.epochs=2", *FAST_VAE))
+    assert done.exit_code == 0, done.output
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [e.split()[1] for e in epochs] == ["1/2", "2/2"]
+    assert done.stdout.strip().splitlines()[-1].startswith("wall time")
+
+
+# ------------------------------------------------------------------------ 6. metrics figure
+def test_metrics_figure_has_one_panel_per_metric() -> None:
+    from hil.runlog.plots import metrics_figure
+
+    steps = np.arange(10)
+    tables = {
+        "train": {"step": steps, "epoch": steps, "settle_steps": 100.0 + steps, "kl": np.ones(10)},
+        "test": {"step": steps[:2], "epoch": steps[:2], "neg_elbo": np.array([50.0, 20.0])},
+    }
+    fig = metrics_figure(tables)
+    assert fig is not None
+    assert sorted(ax.get_title() for ax in fig.axes) == ["kl", "neg_elbo", "settle_steps"]
+
+
+# ------------------------------------------------------------------------ 7. --threads
+def test_classifier_threads_default_is_what_its_help_says() -> None:
+    import inspect
+    import typing
+
+    from hil.cli.train import classifier
+
+    default = inspect.signature(classifier).parameters["threads"].default
+    option = typing.get_type_hints(classifier, include_extras=True)["threads"].__metadata__[0]
+    assert f"Default {default}" in option.help
