@@ -292,11 +292,11 @@ def _train(
     bs = cfg.train.batch_size
     n_batches = (len(ds.x_train) + bs - 1) // bs
     history: list[EpochStats] = []
+    if log is not None and model.devices:  # on resume too: the board may be at another address
+        log.set_device(model.devices[0].info, uri=cfg.device)
+        log.set_calibration(cfg.calibration or None)
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
-        if log is not None and model.devices:
-            log.set_device(model.devices[0].info, uri=cfg.device)
-            log.set_calibration(cfg.calibration or None)
     else:
         extra = restore_training(state, model=module, optimizer=model.opt, scheduler=model.sched)
         order, step = DataOrder.from_state(extra["order"]), int(extra["step"])

@@ -226,14 +226,14 @@ def train_vae(
         )
         ev = cfg.eval
         x_train = data.x_train.reshape(len(data.x_train), -1)
+        if log is not None and model.devices:  # on resume too: the board may be at another address
+            log.set_device(model.devices[0].info, uri=cfg.device)
+            log.set_calibration(model.calibration_id)
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
             noise = torch.Generator().manual_seed(cfg.train.seed + 1)
             if log is not None:
-                if model.devices:
-                    log.set_device(model.devices[0].info, uri=cfg.device)
-                    log.set_calibration(model.calibration_id)
                 log.metrics("test", step=0, epoch=0, **_eval_row(initial))
         else:
             extra = restore_training(state, model=model.module, optimizer=opt, scheduler=sched)
