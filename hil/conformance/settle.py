@@ -60,10 +60,14 @@ def _check_equilibrium(sess: Session, eq: Equilibrium, clamp: dict[str, np.ndarr
     lo, hi = sess.lim.adc_range
     if set(eq.states) != set(sess.topo.groups):
         raise Mismatch(f"states for {sorted(eq.states)}, expected every group {sorted(sess.topo.groups)}")
+    # a quantising ADC saturates at its range; an ideal one (bits None) may pass offsets on
+    margin = 1e-6 if sess.lim.adc_bits is not None else GAIN_ALLOWANCE * (hi - lo)
     for g, n in sess.topo.groups.items():
         s = expect_array(f"state {g!r}", eq.states[g], (b, n))
-        if g not in clamp and (s.min() < lo - 1e-6 or s.max() > hi + 1e-6):
-            raise Mismatch(f"state {g!r} {desc(s)} outside the ADC range {sess.lim.adc_range}")
+        if g not in clamp and (s.min() < lo - margin or s.max() > hi + margin):
+            raise Mismatch(
+                f"state {g!r} {desc(s)} outside the ADC range {sess.lim.adc_range} (+- {margin:.2g})"
+            )
     if not 1 <= eq.steps <= sess.topo.budget.max_steps:
         raise Mismatch(f"steps {eq.steps} outside 1..max_steps {sess.topo.budget.max_steps}")
     if eq.energy is not None:
