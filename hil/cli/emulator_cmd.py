@@ -84,6 +84,11 @@ def register(app: typer.Typer) -> None:
             0.0, help="Probability that the board hangs up after a request, before replying."
         ),
         fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
+        threads: int = typer.Option(
+            1,
+            min=1,
+            help="torch threads for the board's computations. 1 (default): a host-iterated settle sends many small products, and on 2 cores torch's default thread count made each 64-256-10 mvm 10 times slower (2.2 vs 21.9 ms per call over serial+socket, batch 16, cores busy).",
+        ),
         capabilities: str | None = typer.Option(
             None,
             help="Capabilities the board declares, comma-separated (default: all of "
@@ -95,10 +100,13 @@ def register(app: typer.Typer) -> None:
 
         Fault options (docs/reliability.md) make it a noisy, slow or crashing board to try a
         host's recovery against; the injected faults are counted and printed on exit."""
+        import torch
+
         from emulator.server import Faults, FramedServer, ScpiFaults, ScpiServer
         from emulator.server.dispatch import ReplayCache
         from emulator.server.faults import FaultPlan
 
+        torch.set_num_threads(threads)
         try:
             device = open_device(board_uri(preset, seed, capabilities, set_))
         except typer.BadParameter:
