@@ -115,6 +115,7 @@ class HostSettle:
         self.stats = HostSettleStats()
         self._terms: dict[tuple[int, frozenset[str]], list[_Term]] = {}
         self._norms: dict[tuple[frozenset[str], tuple[int, ...]], float] = {}
+        self._vectors: dict[frozenset[str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------------ the iteration
     def __call__(
@@ -298,11 +299,30 @@ class HostSettle:
         norm = self._norms.get(key)
         if norm is None:
             with torch.no_grad():
-                a = ref.coupling_matrix(free)
-                norm = float(torch.linalg.matrix_norm(a.double(), ord=2)) if a.numel() else 0.0
+                norm = self._spectral_norm(ref.coupling_matrix(free).to(torch.float64), clamped)
             self._norms.clear()
             self._norms[key] = norm
         return min(dt, 1.8 / (1.0 + topo.gain * norm)) if norm > 0 else dt
+
+    def _spectral_norm(self, a: torch.Tensor, clamped: frozenset[str], iters: int = 30) -> float:
+        """|A|_2 of the symmetric free-to-free coupling matrix by power iteration, started from
+        the last settle's vector of this clamp set (the weights move little between training
+        steps, so a few iterations suffice), with a 5 % margin against under-estimating (an
+        SVD of a 266 x 266 matrix took 10 ms, a third of a settle)."""
+        if not a.numel():
+            return 0.0
+        v = self._vectors.get(clamped)
+        if v is None or v.shape[0] != a.shape[0]:
+            v = torch.ones(a.shape[0], dtype=a.dtype)
+        est = 0.0
+        for _ in range(iters):
+            w = a @ v
+            est = float(w.norm())
+            if est == 0.0:
+                return 0.0
+            v = w / est
+        self._vectors[clamped] = v
+        return 1.05 * est
 
     @staticmethod
     def _energy(
