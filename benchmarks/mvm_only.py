@@ -129,8 +129,9 @@ def wire_calls() -> dict:
 @contextlib.contextmanager
 def served_board(seed: int) -> Iterator[str]:
     """`hil emulator serve` (MVM-only rram, 6-bit ADC) in its own process: its framed TCP URI."""
-    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", "--preset", "rram", "--seed", str(seed),
-           "--set", "adc_bits=6", "--capabilities", MVM_ONLY, "--scpi-port", "-1", "--serial-port", "0"]  # fmt: skip
+    board = ["--preset", "rram", "--seed", str(seed), "--set", "adc_bits=6", "--capabilities", MVM_ONLY]
+    ports = ["--scpi-port", "-1", "--serial-port", "0"]
+    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", *board, *ports]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
