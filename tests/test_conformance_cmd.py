@@ -4,6 +4,7 @@ spec; leaves the board safe; refuses a bad URI with one line and exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from drivers import (
     DeviceInfo,
     DeviceTimeout,
     Equilibrium,
+    Nudge,
     RetriesExhausted,
     SafetyCounters,
     open_device,
@@ -168,6 +170,31 @@ def test_fails_when_the_board_does_not_check_its_limits(emulated_board: Callable
     line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
     assert "the board ran the request; expected #10 and error -222" in line, line
     assert "PASS  limit mvm input" in stdout  # the host's own check
+
+
+class LowReadout(DeviceWrapper):
+    """A firmware bug: settled states come back 10 % low (a wrong ADC gain)."""
+
+    def settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        eq = self.inner.settle(clamp, nudge, init, trace)
+        low = {g: s if g in clamp else (0.9 * s).astype(np.float32) for g, s in eq.states.items()}
+        return dataclasses.replace(eq, states=low)
+
+
+def test_fails_naming_settle_behind_the_framed_server(emulated_board: Callable[..., BoardServers]) -> None:
+    servers = emulated_board(board=LowReadout(open_device(FULL)))
+    code, stdout, _ = _invoke(servers.uris["serial-socket"])
+    assert code == 1
+    failed = _failed(stdout)
+    assert "settle free" in failed and failed <= {"settle free", "settle nudged", "settle init"}, failed
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL  settle free"))
+    assert "not a fixed point" in line and "rho(gain * drive)" in line
 
 
 class UndeclaredSettle(DeviceWrapper):
