@@ -39,8 +39,9 @@ def mvm(sess: Session) -> None:
 
 def _mvm_tolerance(
     sess: Session, tile: str, x: np.ndarray, w: np.ndarray, ys: np.ndarray
-) -> tuple[np.ndarray, str]:
-    """Per-output tolerance of ``x @ w`` against repeated board results `ys` (K, B, n)."""
+) -> tuple[np.ndarray, str, float]:
+    """Per-output tolerance of ``x @ w`` against repeated board results `ys` (K, B, n), how it
+    was built, and the output LSB it assumed."""
     noise = float(np.sqrt(ys.var(axis=0, ddof=1).mean())) if len(ys) > 1 else 0.0
     ref_noise = sess.sigma_w() * np.sqrt((x.astype(np.float64) ** 2).sum(1, keepdims=True) / sess.opt.reads)
     out_lsb = 0.0
@@ -66,7 +67,7 @@ def _mvm_tolerance(
         f"tol 4 sigma (noise {noise:.3g}, ref {float(ref_noise.max()):.3g}) + 2 ADC LSB ({out_lsb:.3g}) "
         f"+ DAC LSB/2 x sum|W| + {GAIN_ALLOWANCE:.0%} x |x| @ |W|"
     )
-    return tol, how
+    return tol, how, out_lsb
 
 
 def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
@@ -74,21 +75,37 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
     if transpose:
         w = w.T
     n_in, n_out = w.shape
-    x = sess.inputs((sess.opt.batch, n_in))
+    x = sess.inputs((max(16, sess.opt.batch), n_in))
     sent.append(f"{tile} x {desc(x)}, transpose={transpose}, {sess.opt.repeats} times")
     ys = []
     for _ in range(sess.opt.repeats):
-        ys.append(expect_array("y", sess.dev.mvm(tile, x, transpose=transpose), (sess.opt.batch, n_out)))
+        ys.append(expect_array("y", sess.dev.mvm(tile, x, transpose=transpose), (len(x), n_out)))
     stack = np.stack(ys).astype(np.float64)
     ref = x.astype(np.float64) @ w
-    tol, how = _mvm_tolerance(sess, tile, x, w, stack)
+    tol, how, out_lsb = _mvm_tolerance(sess, tile, x, w, stack)
     err = np.abs(stack.mean(0) - ref)
     worst = float((err - tol).max())
     got = f"y {desc(ys[0])}, max |y - x @ W| {float(err.max()):.3g}, {how} (min {float(tol.min()):.3g})"
     if worst > 0:
         i = np.unravel_index(int(np.argmax(err - tol)), err.shape)
         raise Mismatch(f"{got}; y{list(map(int, i))} = {stack.mean(0)[i]:.4g}, x @ W = {ref[i]:.4g}")
-    return got
+    return f"{got}; {_aggregate(ref, stack.mean(0), out_lsb)}"
+
+
+def _aggregate(ref: np.ndarray, y: np.ndarray, out_lsb: float) -> str:
+    """All outputs together: y = a (x @ W) + b by least squares, with |a - 1| within the
+    converters' gain allowance and |b| within one output LSB (at least 1.5 % of the largest
+    output, for a fine or ideal ADC), plus 3 standard errors of the fit. A per-output
+    tolerance cannot resolve a gain 10 % off or an offset of a few LSBs on a noisy board; the
+    fit over every output can."""
+    (a, b), cov = np.polyfit(ref.ravel(), y.ravel(), 1, cov=True)
+    se_a, se_b = (float(v) for v in np.sqrt(np.diag(cov)))
+    slope_tol = GAIN_ALLOWANCE + 3 * se_a
+    offset_tol = max(out_lsb, 0.015 * float(np.abs(ref).max())) + 3 * se_b
+    text = f"fit y = {a:.4f} (x @ W) {b:+.3g}: |a - 1| <= {slope_tol:.3g}, |b| <= {offset_tol:.3g}"
+    if abs(a - 1) > slope_tol or abs(b) > offset_tol:
+        raise Mismatch(f"gain or offset off: {text}")
+    return text
 
 
 def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
@@ -98,7 +115,7 @@ def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
     sent.append(f"{tile} x {desc(x)}")
     y = expect_array("y", sess.dev.mvm(tile, x), (1, cols))
     stack = np.stack([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)] + [y]).astype(np.float64)
-    tol, how = _mvm_tolerance(sess, tile, x[None, :], w, stack)
+    tol, how, _ = _mvm_tolerance(sess, tile, x[None, :], w, stack)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64) @ w)
     got = f"y {desc(y)}, max |y - x @ W| {float(err.max()):.3g}"
     if float((err - tol).max()) > 0:
