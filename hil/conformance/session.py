@@ -46,7 +46,7 @@ class LinkLost(Exception):
 @dataclass(frozen=True)
 class Options:
     sizes: tuple[int, ...] = (5, 4, 3)  # layered network, input first (a bias row per tile)
-    batch: int = 4
+    batch: int = 4  # samples per settle (an mvm takes at least 16)
     reads: int = 8  # conductance reads averaged for the reference weights
     repeats: int = 4  # repeats of an mvm or settle to measure its noise
     pulses: int = 10  # pulse count per device (capped by limits.max_pulses)
