@@ -22,8 +22,10 @@ from hil.cli.common import fail, user_errors
 
 # Node channels a default session calibrates: every node of the default networks of `hil train
 # classifier` and `hil gradcheck` (64-256-10: 330) and `hil train vae` (TDH-VAE 64+64+4+4: 136),
-# with room for wider ones. On the emulator the whole default session takes 9.8 s with 512
-# channels against 8.6 s with 128 (the old default: rows + cols of the 64 x 64 tile); see README.
+# with room for wider ones. Measured on the rram emulator (2 cores, load average about 1): the DAC
+# and state-ADC routines take 5.7 s for 512 channels against 4.1 s for 128 (the old default:
+# rows + cols of the 64 x 64 tile); the whole default session took 28-98 s at load 3-5, most of
+# it in the pulse routine, which the channel count does not touch.
 DEFAULT_CHANNELS = 512
 
 _OUT = typer.Option(Path("cal.zarr"), "--out", help="Calibration record (Zarr store) to write.")
