@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from drivers import (
+    BoardStatus,
     Device,
     DeviceInfo,
     DeviceTimeout,
@@ -214,6 +215,36 @@ def test_fails_when_an_undeclared_capability_runs() -> None:
     refused = next(c for c in report.checks if c.operation == "settle refused")
     assert "although it does not declare 'settle'" in refused.got
     assert report.count("SKIP") == 3 and not report.ok
+
+
+class FrozenEpoch(DeviceWrapper):
+    """A firmware bug: the board keeps STATUS (and transactions) but its epoch never changes."""
+
+    def status(self) -> BoardStatus:
+        s = self.inner.status()
+        return BoardStatus(0, s.transaction, s.configured)
+
+
+class NoStatus(DeviceWrapper):
+    """A board without STATUS (allowed): no epoch, no transactions."""
+
+    def status(self) -> BoardStatus:
+        return BoardStatus(configured=self.topology is not None)
+
+    def begin(self, tag: str) -> None:
+        return None
+
+    def commit(self, tag: str) -> None:
+        return None
+
+
+def test_reset_must_change_the_epoch_of_a_board_with_status() -> None:
+    frozen = run_conformance(FrozenEpoch(open_device(FULL)))
+    assert {c.operation for c in frozen.checks if c.status == "FAIL"} == {"reset"}
+    without = run_conformance(NoStatus(open_device(FULL)))
+    assert without.ok
+    reset = next(c for c in without.checks if c.operation == "reset")
+    assert "no STATUS" in reset.got
 
 
 @pytest.mark.parametrize(

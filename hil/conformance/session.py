@@ -120,6 +120,7 @@ class Session:
         self.sigma_g = 0.0  # read noise of one conductance read (siemens)
         self.free_mean: dict[str, np.ndarray] = {}  # free equilibrium averaged over repeats
         self.free_sigma = 0.0  # its noise (std of one settle's states)
+        self.has_status = False  # the board keeps STATUS (it recorded a transaction)
 
     # -- bookkeeping
     def add(self, check: Check) -> None:
