@@ -167,6 +167,7 @@ def test_classifier_resume_takes_a_new_device(tmp_path: Path) -> None:
         ("calibrate", "nope://x"),
         ("calibrate", DEAD),
         ("calibrate", EMU, "--check", "missing.zarr"),
+        ("calibrate", EMU, "--tiles", "64by64"),
         ("train", "vae", "--set", "calibration=missing.zarr"),
         ("train", "classifier", "--config", "missing.toml"),
         ("inspect", "missing"),

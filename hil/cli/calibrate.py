@@ -65,7 +65,7 @@ def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ..
         try:
             rows, cols = (int(v) for v in part.lower().split("x"))
         except ValueError:
-            raise typer.BadParameter(f"--tiles takes ROWSxCOLS[,ROWSxCOLS...], got {part!r}") from None
+            raise ValueError(f"--tiles takes ROWSxCOLS[,ROWSxCOLS...] (e.g. 64x64,65x10), got {part!r}") from None
         out.append((rows, cols))
     return tuple(out)
 
