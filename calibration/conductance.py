@@ -19,7 +19,7 @@ import numpy as np
 
 from calibration.measure import Progress, no_progress, read_stats
 from calibration.record import ConductanceMap, StuckMap
-from drivers import Device
+from drivers import Device, seeds
 
 LOW, HIGH = 0.2, 0.8
 
@@ -75,7 +75,7 @@ def conductance_map(
     if reads < 2:
         raise ValueError(f"a conductance map needs reads >= 2 (the read noise is their spread), got {reads}")
     g_min, span = _window(device)
-    rng = np.random.default_rng(seed + 303)
+    rng = seeds.numpy_rng(seed, "calibration.conductance")
     target = (g_min + rng.uniform(0.05, 0.95, (2, *shape)) * span).astype(np.float32)
     device.program(tile, target[0], target[1])
     progress("gmap", 1, 2)

@@ -29,9 +29,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from calibration.measure import (
+    SETTLE_ROUTINES,
     Progress,
     ReadStats,
     fit_lines,
+    leave_out,
     lsb,
     no_progress,
     pair_weights,
@@ -40,7 +42,7 @@ from calibration.measure import (
     runs,
 )
 from calibration.record import CalibrationError, ChannelCal
-from drivers import BIAS, Coupling, Device, SettleBudget, Topology
+from drivers import BIAS, Coupling, Device, SettleBudget, Topology, seeds
 
 REF_HIGH = 0.8  # reference pair: G+ at g_min + REF_HIGH * range, G- at g_min
 REF_MIN_W = 0.3  # a reference pair weaker than this has a stuck device; use another tile
@@ -95,7 +97,7 @@ def measure_adc(
     against the read weight). The activation gain stays at 1 so that the node noise keeps
     dithering the ADC at every level, and the random levels make what dithering cannot
     remove (the ADC's staircase) look like noise to the fit rather than a bias."""
-    device.require("settle")
+    device.require("settle", instead=leave_out("the routines that settle", SETTLE_ROUTINES))
     lim = device.info.limits
     lo, hi = lim.adc_range
     span = hi - lo
@@ -105,7 +107,7 @@ def measure_adc(
     blocks = runs(channels, lim.tile_cols_max)
     s_lo, s_hi = max(lo, 0.0) + 0.04 * span, min(hi, 1.0) - 0.06 * span
     end = int(channels[-1]) + 1
-    rng = np.random.default_rng(options.seed + 11)
+    rng = seeds.numpy_rng(options.seed, "calibration.adc")
     g_min, g_range = lim.g_min, _g_range(device)
     xs = np.full((options.levels, size), np.nan)
     ys = np.full((options.levels, size), np.nan)
@@ -200,7 +202,7 @@ def measure_dac(
     progress: Progress = no_progress,
 ) -> ChannelCal:
     """DAC gain and offset of the node `channels`, read through the calibrated state ADC."""
-    device.require("settle")
+    device.require("settle", instead=leave_out("the routines that settle", SETTLE_ROUTINES))
     lim = device.info.limits
     lo, hi = lim.adc_range
     span = hi - lo
@@ -208,7 +210,7 @@ def measure_dac(
     size = int(channels[-1]) + 1
     out = _empty(size, "dac", lsb(lim.dac_bits, span), "state (1.0 = v_read)")
     n_tiles = min(TILES_PER_DAC_PASS, lim.max_tiles, channels.size)
-    rng = np.random.default_rng(options.seed + 101)
+    rng = seeds.numpy_rng(options.seed, "calibration.dac")
     x_lo, x_hi = lo + 0.03 * span, lo + 0.95 * span
     blocks = [channels[i : i + n_tiles] for i in range(0, channels.size, n_tiles)]
     w_tile = np.full(n_tiles, np.nan)
@@ -331,7 +333,7 @@ def measure_mvm(
 ) -> ChannelCal:
     """mvm-ADC gain and offset of output lines 0..max(shape)-1, with inputs made exact by the
     calibrated DAC. Uses physical tile 0 with `shape`."""
-    device.require("mvm")
+    device.require("mvm", instead=leave_out("the mvm-ADC calibration", "mvm"))
     lim = device.info.limits
     n, m = shape
     if dac.channels < max(n, m):
@@ -342,7 +344,7 @@ def measure_mvm(
     bottom, top = _probe_mvm_range(device, shape, lo)
     progress("mvm", 1, 4)
     half = 0.5 * (top - bottom)
-    rng = np.random.default_rng(options.seed + 202)
+    rng = seeds.numpy_rng(options.seed, "calibration.mvm")
     # Signal-to-noise of one output is sqrt(E[w^2] var(d) / E[d^2]) / (sqrt(2) read_noise / range)
     # whatever the size: so weights of +-0.8 w_max with random signs, and two-level inputs.
     # Rows come in antithetic pairs (row 2k+1 is row 2k negated), so that every column sums to

@@ -23,7 +23,7 @@ from calibration.conductance import find_stuck
 from calibration.converters import ConverterOptions, measure_adc, measure_dac, measure_mvm
 from calibration.measure import Progress, no_progress, read_stats, tile_topology
 from calibration.record import CalibrationRecord, ChannelCal
-from drivers import Coupling, Device, Topology
+from drivers import Coupling, Device, Topology, seeds
 
 GAIN_TOL = 0.0025
 OFFSET_TOL_LSB = 0.5
@@ -83,9 +83,8 @@ def drift_check(
 ) -> DriftReport:
     """Re-measure a sample and say whether the board has drifted away from `record`."""
     record.check_identity(device.info.identity)
-    quick = ConverterOptions(
-        levels=16, repeats=32, samples=512, reads=512, seed=record.session.get("seed", 0) + 1
-    )
+    seed = seeds.derive(record.session.get("seed", 0), "calibration.drift")  # not the session's levels
+    quick = ConverterOptions(levels=16, repeats=32, samples=512, reads=512, seed=seed)
     checks: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     if "adc" in record.converters:

@@ -20,6 +20,19 @@ Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called by the routines as they advance."""
 
 
+def leave_out(what: str, routines: str) -> str:
+    """The `instead` hint of a routine's `Device.require`: calibration's way round a missing
+    capability is to run the session without the routines that need it (not the host stack's)."""
+    return (
+        f"calibrate without {what}: leave {routines} out of SessionOptions(routines=...) "
+        f"or `hil calibrate --routines ...`"
+    )
+
+
+SETTLE_ROUTINES = "adc, dac, mvm (it needs dac) and settle"
+"""The routines that settle the board (the converter routines read states through a settle)."""
+
+
 def no_progress(stage: str, done: int, total: int) -> None:
     """The default progress callback: says nothing."""
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from calibration.pulse import PulseData, Sweep
 from calibration.record import PulseModel
+from drivers import seeds
 
 KINDS = ("constant", "soft_bounds", "linear", "exponential")
 GAMMA_RANGE = {"linear": (0.0, 1.5), "exponential": (0.0, 10.0)}
@@ -230,7 +231,7 @@ def fit_pulse_model(data: PulseData, stuck: np.ndarray | None, g_range: float, s
         valid &= ~np.asarray(stuck).reshape(-1)
     sweeps = [data.up] + ([data.down] if data.down is not None else [])
     pts = [points(sw, data.g_lo, data.g_hi, valid) for sw in sweeps]
-    rng = np.random.default_rng(seed + 404)
+    rng = seeds.numpy_rng(seed, "calibration.pulse_fit")
     cand = np.flatnonzero(valid)
     sub_idx = np.sort(rng.choice(cand, min(SUBSET, cand.size), replace=False)) if cand.size else cand
     subs = [_sub(p, sub_idx) for p in pts]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.measure import Progress, no_progress
+from calibration.measure import Progress, leave_out, no_progress
 from calibration.record import SettleProfile
-from drivers import Device, SettleBudget, Topology
+from drivers import Device, SettleBudget, Topology, seeds
 
 
 def _program_random(device: Device, topology: Topology, rng: np.random.Generator, scale: float) -> None:
@@ -46,10 +46,10 @@ def profile_settle(
     seed: int = 0,
     progress: Progress = no_progress,
 ) -> SettleProfile:
-    device.require("settle")
+    device.require("settle", instead=leave_out("the settle-time profile", "settle"))
     rows, cols = shape
     out = min(cols, 32)
-    rng = np.random.default_rng(seed + 505)
+    rng = seeds.numpy_rng(seed, "calibration.settle")
     topo = Topology.layered([rows, cols, out], bias=False)
     device.configure(topo)
     _program_random(device, topo, rng, 2.0)

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from drivers import seeds
 from drivers.base import Identity, Limits
 from drivers.checks import check_budget, check_topology
 from drivers.errors import ConfigurationError, LimitViolation
@@ -204,9 +205,9 @@ class Board:
         self._power_vectors: dict[frozenset[str], torch.Tensor] = {}
         # per clamp set: the last coupling-norm figure and the free-to-free matrices it was for
         self._norm_refs: dict[frozenset[str], tuple[float, list[torch.Tensor]]] = {}
-        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 1)
+        self.noise = seeds.torch_generator(self.seed, "board.noise", device=self.device)
         per = preset.periphery
-        truth = torch.Generator(device=self.device).manual_seed(self.seed * 2 + 2)
+        truth = seeds.torch_generator(self.seed, "board.truth", device=self.device)
         lo, hi = per.state_range
         self.dac_errors = ChannelErrors.draw(
             per.channels, per.gain_error, per.offset_error * _lsb(per.dac_bits, hi - lo), truth, self.device
@@ -280,7 +281,7 @@ class Board:
             shape = topology.tile_shape(c.tile)
             phys = self._physical.get(k)
             if phys is None or phys.shape != shape:
-                fab = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + 7919 * (k + 1))
+                fab = seeds.torch_generator(self.seed, "board.fabrication", k, device=self.device)
                 phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
                 self._physical[k] = phys
             tiles[c.tile] = phys

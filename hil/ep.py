@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology
+from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology, seeds
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle
 from hil.programming import Programmed, ProgrammingScheme, UpdateReport, make_scheme
@@ -166,8 +166,8 @@ class EBBlock(nn.Module):
         if set(self.inputs) & set(self.outputs):
             raise ValueError("a group cannot be both a (clamped) input and an output")
         self.free_groups = [g for g in groups if g not in self.inputs]
-        gen = torch.Generator().manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        gen = seeds.torch_generator(seed, "ep.init")
+        self.generator = seeds.torch_generator(seed, "ep.sign")
         self.estimator = EPEstimator(topology, joint_phases=joint_phases, generator=self.generator)
         w0 = gaussian_init(topology, init_scale, gen) if weights is None else weights
         self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)

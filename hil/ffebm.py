@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from drivers import BIAS, Device, SettleBudget, Topology
+from drivers import BIAS, Device, SettleBudget, Topology, seeds
 from hil.ep import EBBlock, Mode
 from hil.programming import make_scheme
 from hil.reference import DHN
@@ -228,7 +228,7 @@ class FFEBM(nn.Module):
         input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`).
         `programming` / `refresh_every` / `refresh_mode`: each block gets its own
         `ProgrammingScheme`. `settle`: where each block settles (`hil.ep.settle_path`)."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeds.torch_generator(seed, "ffebm.init")
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
             if k > 0 and between == "linear":
@@ -247,15 +247,16 @@ class FFEBM(nn.Module):
                 if init == "goe"
                 else {t: w for t, w in _gaussian(topo, init_scale, gen).items()}
             )
+            block_seed = seeds.derive(seed, "ffebm.block", k)  # one seed per block, independent streams
             scheme = make_scheme(
                 programming,
                 verify=verify,
                 refresh_every=refresh_every,
                 refresh_mode=refresh_mode,
-                seed=seed + k,
+                seed=block_seed,
             )
             blk = EBBlock(
-                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=seed + k,
+                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=block_seed,
                 joint_phases=joint_phases, settle=settle,
             )  # fmt: skip
             parts.append(EBLayer(blk, beta=beta, mode=mode))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device
+from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
@@ -94,7 +94,7 @@ class Classifier:
                 f"{classes} classes of {cfg.data.name}"
             )
         free, budgets = _budgets(cfg)
-        gen = torch.Generator().manual_seed(t.seed)
+        gen = seeds.torch_generator(t.seed, "classifier.init")
         self.devices: list[Device] = []
 
         def dev(k: int) -> Device:

@@ -34,7 +34,7 @@ from calibration import (
     write,
 )
 from calibration.measure import tile_topology
-from drivers import Coupling, SettleBudget, Topology, open_device
+from drivers import Coupling, NotSupported, SettleBudget, Topology, open_device
 from drivers.emulated import EmulatedDevice
 
 SHAPE = (24, 24)
@@ -430,3 +430,15 @@ def test_calibrated_device_corrects_settle_mvm_and_programming(sessions) -> None
     assert np.abs((y - x @ w).mean(0)).max() < 0.5 * s.record.converters["mvm"].lsb
     with pytest.raises(CalibrationMismatch):
         calibration.CalibratedDevice(sessions[("pcm", 2)].dev, s.record)
+
+
+def test_missing_capability_hints_are_calibration_advice() -> None:
+    """A board without `settle` (or `pulse`) is told which routines to leave out, not the
+    host stack's advice (EBBlock(..., settle='host'))."""
+    with open_device("emulator://?preset=rram&seed=0&capabilities=mvm,program_verify") as dev:
+        for routines in (("adc",), ("settle",), ("pulse",)):
+            with pytest.raises(NotSupported) as err:
+                run_session(dev, SessionOptions(routines=routines, tile_shapes=((8, 8),)))
+            msg = str(err.value)
+            assert "SessionOptions(routines=...)" in msg and "--routines" in msg, msg
+            assert "EBBlock" not in msg and "verify" not in msg.split(". ")[0], msg

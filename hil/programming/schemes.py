@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from calibration import CalibrationRecord, conductance_targets, pulses_needed
+from drivers import seeds
 from drivers.base import Device, ProgramReport
 from hil.programming.mapping import LinearMapping, StuckDevices, read_weights
 from hil.programming.steps import StepModel, measure_steps, probe_steps
@@ -191,7 +192,7 @@ class ProgrammingScheme:
         self.drift_tol = drift_tol
         self.max_update_pulses = max_update_pulses
         self.calibration_pulses = calibration_pulses
-        self.rng = np.random.default_rng(seed)
+        self.rng = seeds.numpy_rng(seed, "programming")
         self.tiles: dict[str, TileState] = {}
         self.history: list[dict[str, Any]] = []
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology
+from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
 from hil.ep import EBBlock, Mode
 from hil.vae.latent import LatentCode, Likelihood, kl_normal, reparameterize
 
@@ -138,7 +138,7 @@ class HopfieldVAE:
                 inputs=DEC_IN,
                 outputs=DEC_OUT,
                 init_scale=init_scale,
-                seed=seed + 7,
+                seed=seeds.derive(seed, "vae.decoder"),
                 programming=programming,
                 joint_phases=joint_phases,
                 settle=settle,  # type: ignore[arg-type]

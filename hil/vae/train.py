@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from drivers import Equilibrium, SettleBudget
+from drivers import Equilibrium, SettleBudget, seeds
 from hil.boards import open_board
 from hil.data import Dataset, load_dataset
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
@@ -165,7 +165,7 @@ def evaluate(
     samples: int,
     seed: int,
 ) -> Evaluation:
-    gen = torch.Generator().manual_seed(seed + 10_000)
+    gen = seeds.torch_generator(seed, "vae.eval")
     x = data.x_test.reshape(len(data.x_test), -1)
     d = model.code.dim
     mu, lv, e_enc, c_enc = model.encode(x)
@@ -232,7 +232,7 @@ def train_vae(
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
-            noise = torch.Generator().manual_seed(cfg.train.seed + 1)
+            noise = seeds.torch_generator(cfg.train.seed, "vae.eps")
             if log is not None:
                 log.metrics("test", step=0, epoch=0, **_eval_row(initial))
         else:
@@ -322,7 +322,8 @@ def _pictures(
     model: _Model, data: Dataset, out_dir: Path, cfg: VAERunConfig, gen: torch.Generator
 ) -> list[Path]:
     shape = data.image_shape[1:]
-    samples = torch.randn(50, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.train.seed + 2))
+    latent_gen = seeds.torch_generator(cfg.train.seed, "vae.samples")
+    samples = torch.randn(50, cfg.model.latent, generator=latent_gen)
     gen_x, _, _ = model.decode(samples)
     xt = data.x_test[:30].reshape(30, -1)
     mu, _, _, _ = model.encode(xt)
