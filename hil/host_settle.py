@@ -15,10 +15,11 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
 The budget means what it means on a board (`drivers.SettleBudget`): at most `max_steps`
 steps; every `check_every` steps the largest state change is compared with `tol` plus the
 noise floor, below which read noise and converter steps alone move the states; ``tol = 0``
-runs exactly `max_steps`. The noise floor is measured, not assumed: the first product of
-every settle is read twice, the largest difference of the two reads (read noise and the ADC
-steps it flips, over the whole batch) sets the floor (`HostSettle._floor`), and the constant
-drive takes their mean.
+runs exactly `max_steps`. The noise floor is measured, not assumed, at the state being
+judged: at each convergence check every per-step product is read twice, the largest
+difference of the two reads (read noise and the ADC steps it flips, over the whole batch)
+sets the floor (`HostSettle._floor`) and the step takes their mean. Where the two reads are
+equal (a deterministic board) the settle stops reading twice.
 
 Accounting: settle time and array energy are what the board's meter (`Device.meter`) counted
 over the settle's calls; a board without a meter gets the host's wall time and NaN joules.
@@ -60,9 +61,10 @@ class _Term:
 class HostSettleStats:
     """What the last settle cost on the wire."""
 
-    mvm_calls: int = 0  # every Device.mvm call, the noise probe and the constant products included
+    mvm_calls: int = 0  # every Device.mvm call, the noise probes and the constant products included
     per_step: int = 0  # mvm calls in each step
-    per_settle: int = 0  # mvm calls once per settle (constant products, the noise probe)
+    per_settle: int = 0  # mvm calls once per settle (the constant products)
+    probe_calls: int = 0  # second reads at convergence checks (noise probes)
     noise_floor: float = 0.0  # residual below which the states only move by noise
     extras: dict[str, float] = field(default_factory=dict)
 
@@ -94,8 +96,7 @@ def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
         bwd = free_dsts(c.rows)
         if bwd:
             out.append(_Term(c.tile, True, c.cols, bwd, fixed(c.cols)))
-    # constant products first: the noise probe reads the first term of a settle twice
-    return sorted(out, key=lambda t: not t.constant)
+    return out
 
 
 def _lsb(bits: int | None, span: float) -> float:
@@ -166,18 +167,11 @@ class HostSettle:
             if n.grad is not None:
                 const[g] -= np.float32(n.beta) * n.grad
         elastic = {g: (np.float32(n.beta), n.target) for g, n in nd.items() if n.target is not None}
-        jump = 0.0
         dynamic = []
-        for i, term in enumerate(terms):
-            if i == 0 and probe:
-                y1, y2 = product(term), product(term)
-                jump = self._noise(y1, y2)
-                y = (y1 + y2) * np.float32(0.5) if term.constant else None
-                stats.per_settle += 2 if term.constant else 1
-            else:
-                y = product(term) if term.constant else None
-                stats.per_settle += int(term.constant)
+        for term in terms:
             if term.constant:
+                y = product(term)
+                stats.per_settle += 1
                 for g, a, b in term.dsts:
                     const[g] += y[:, a:b]
             else:
@@ -185,7 +179,6 @@ class HostSettle:
         stats.per_step = len(dynamic)
         dt = self._dt(topo, clamped, free, ref)
         fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
-        stats.noise_floor = self._floor(jump, fan_in, gain, limits) if probe else 0.0
         check_every = budget.check_every if budget.tol > 0 else budget.max_steps
 
         records: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -193,17 +186,26 @@ class HostSettle:
             records.append((0, {g: s[g].copy() for g in free}))
         residual, converged, steps = math.inf, False, 0
         for step in range(1, budget.max_steps + 1):
+            check = step % check_every == 0 or step == budget.max_steps
             u = {g: const[g].copy() for g in free}
+            jump = 0.0
             for term in dynamic:
                 y = product(term)
+                if check and probe:  # a second read of the same product: the noise at this state
+                    y2 = product(term)
+                    stats.probe_calls += 1
+                    jump = max(jump, self._noise(y, y2))
+                    y = (y + y2) * np.float32(0.5)
                 for g, a, b in term.dsts:
                     u[g] += y[:, a:b]
+            if check and probe:
+                stats.noise_floor = self._floor(jump, fan_in, gain, limits)
+                probe = jump > 0  # two equal reads: a deterministic board, no need to read twice again
             for g, d in diag.items():
                 if g in u:
                     u[g] -= s[g] * d
             for g, (beta, target) in elastic.items():
                 u[g] += beta * (target - s[g])
-            check = step % check_every == 0 or step == budget.max_steps
             res = 0.0
             for g in free:
                 new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
@@ -258,7 +260,8 @@ class HostSettle:
     def _noise(y1: np.ndarray, y2: np.ndarray) -> float:
         """The largest change between two reads of the same product: read noise, and the ADC
         steps it flips, bound how far one term of a node's drive moves between two steps when
-        nothing else moves."""
+        nothing else moves. Measured at every check, not once per settle: the noise of a
+        product grows with its input, which changes as a settle leaves its zero start."""
         return float(np.abs(y1 - y2).max()) if y1.size else 0.0
 
     @staticmethod
