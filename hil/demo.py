@@ -14,6 +14,8 @@ import numpy as np
 
 from drivers import Nudge, SettleBudget, Topology, open_device
 from hil.data import load_digits
+from hil.ep import settle_path
+from hil.host_settle import HostSettle
 from hil.programming import write_weights
 
 
@@ -36,6 +38,7 @@ class DemoReport:
     phases: list[PhaseReport]
     refused: int
     violations: int
+    settle: str = "board"  # where the settles ran: the board, or the host through its mvm
 
 
 def run_demo(
@@ -44,6 +47,7 @@ def run_demo(
     batch: int = 64,
     beta: float = 0.2,
     seed: int = 0,
+    settle: str = "auto",
 ) -> DemoReport:
     data = load_digits()
     if sizes[0] != data.features or sizes[-1] != data.classes:
@@ -55,6 +59,8 @@ def run_demo(
     target = np.eye(data.classes, dtype=np.float32)[data.y_test[:batch].numpy()]
     topology = Topology.layered(list(sizes), budget=SettleBudget(max_steps=200, tol=1e-3, dt=0.5))
     with open_device(uri) as dev:
+        path = settle_path(dev, settle)
+        minimiser = dev.settle if path == "board" else HostSettle(dev)
         dev.configure(topology)
         programming = []
         for c in topology.couplings:
@@ -70,7 +76,7 @@ def run_demo(
             (f"nudged -{beta:g}", {f"s{len(sizes) - 1}": Nudge(-beta, target=target)}),
         ):
             t0 = time.perf_counter()
-            eq = dev.settle({"s0": x}, nudge=nudge, init=None if free is None else free.states)
+            eq = minimiser({"s0": x}, nudge=nudge, init=None if free is None else free.states)
             wall = time.perf_counter() - t0
             free = free or eq
             energy = float(np.mean(eq.energy)) if eq.energy is not None else float("nan")
@@ -79,5 +85,11 @@ def run_demo(
             )
         safety = dev.safety()
         return DemoReport(
-            dev.info.identity.idn(), topology.cells(), programming, phases, safety.refused, safety.violations
+            dev.info.identity.idn(),
+            topology.cells(),
+            programming,
+            phases,
+            safety.refused,
+            safety.violations,
+            path,
         )
