@@ -12,8 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from drivers import NotSupported, Nudge, SettleBudget, open_device
+from hil.cli import app
 from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.data import load_digits
@@ -194,3 +196,30 @@ def test_classifier_on_a_served_mvm_only_board_equals_in_process(scheme: str) ->
         assert a.settle_path == b.settle_path == "host"
         for t in a.weights:
             assert torch.equal(a.weights[t], b.weights[t]), t
+
+
+def test_demo_and_gradcheck_on_an_mvm_only_board() -> None:
+    """The first-look commands work on a board that only multiplies, and say where it settled."""
+    board = f"emulator://?preset=ideal&seed=0&{MVM_ONLY}"
+    demo = CliRunner().invoke(app, ["demo", "--device", board, "--sizes", "64,16,10", "--batch", "8"])
+    assert demo.exit_code == 0, demo.output
+    assert "settles   on the host, through the board's mvm" in demo.output
+    check = CliRunner().invoke(
+        app,
+        [
+            "gradcheck",
+            "--device",
+            board,
+            "--sizes",
+            "64,16,10",
+            "--batch",
+            "8",
+            "--betas",
+            "0.01",
+            "--no-progress",
+        ],
+    )
+    assert check.exit_code == 0, check.output
+    assert "settles on the host" in check.output
+    forced = CliRunner().invoke(app, ["demo", "--device", board, "--settle", "board"])
+    assert forced.exit_code == 2 and "settle='host'" in forced.output

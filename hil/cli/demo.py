@@ -21,6 +21,13 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(64, min=1, help="Test images settled at once."),
         beta: float = typer.Option(0.2, help="Nudge strength of the two nudged phases."),
         seed: int = typer.Option(0, help="Seed of the random weights."),
+        settle: str = typer.Option(
+            "auto",
+            help="Where settles run: board (the board relaxes), host (the host iterates through the board's mvm) or auto (board if it can settle).",
+        ),
+        threads: int = typer.Option(
+            1, min=1, help="torch CPU threads (1: fastest for the small products of a settle on 2 cores)."
+        ),
     ) -> None:
         """Program a layered network with write-verify, settle free and nudged (+-beta) on
         handwritten digits, and print convergence, energies, settle time, joules and the
@@ -29,9 +36,16 @@ def register(app: typer.Typer) -> None:
             layer_sizes = tuple(int(s) for s in sizes.split(","))
         except ValueError:
             raise fail(f"--sizes takes comma-separated integers (e.g. 64,256,10), got {sizes!r}") from None
+        if settle not in ("auto", "board", "host"):
+            raise fail(f"--settle takes auto, board or host, got {settle!r}")
+        import torch
+
+        torch.set_num_threads(threads)
         with one_line_errors():
-            r = run_demo(uri, layer_sizes, batch, beta, seed)
+            r = run_demo(uri, layer_sizes, batch, beta, seed, settle)
         typer.echo(f"board     {r.identity}")
+        where = "the board" if r.settle == "board" else "the host, through the board's mvm"
+        typer.echo(f"settles   on {where}")
         typer.echo(f"network   {'-'.join(map(str, layer_sizes))}, {r.cells} crossbar cells")
         for tile, iters, pulses, within in r.programming:
             typer.echo(

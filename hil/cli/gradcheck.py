@@ -106,6 +106,10 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(64, min=1, help="Digits images in the checked batch."),
         init_scale: float = typer.Option(0.5, help="Weights N(0, scale^2/fan_in); biases U(0.1, 0.4)."),
         seed: int = typer.Option(0, help="Seed of the random weights."),
+        settle: str = typer.Option(
+            "auto",
+            help="Where settles run: board, host (iterated through the board's mvm) or auto (board if it can settle).",
+        ),
         progress: bool = typer.Option(
             True, "--progress/--no-progress", help="Progress bar: the reference, then each beta and mode."
         ),
@@ -133,16 +137,18 @@ def register(app: typer.Typer) -> None:
             raise fail("--betas and --sizes take comma-separated numbers (e.g. --betas 0.1,0.01)") from None
         if any(b <= 0 for b in beta_list):
             raise fail(f"--betas must be > 0, got {betas!r}")
+        if settle not in ("auto", "board", "host"):
+            raise fail(f"--settle takes auto, board or host, got {settle!r}")
         ds = load_digits()
         if layer_sizes[0] != ds.features:
             raise fail(f"--sizes: the first size must be {ds.features} (the digits' pixels), got {sizes!r}")
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
         with one_line_errors(), open_device(uri) as dev:
-            blk = check_block(dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed)
+            blk = check_block(dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle)
             free = blk.free(x)
             kind = "dense" if dense else "layered"
-            typer.echo(f"device   {dev.info.identity.idn()}  ({uri})")
+            typer.echo(f"device   {dev.info.identity.idn()}  ({uri}); settles on the {blk.settle_path}")
             typer.echo(
                 f"network  {kind} {'-'.join(map(str, layer_sizes))}, batch {len(x)}; free phase "
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
