@@ -223,3 +223,28 @@ def test_demo_and_gradcheck_on_an_mvm_only_board() -> None:
     assert "settles on the host" in check.output
     forced = CliRunner().invoke(app, ["demo", "--device", board, "--settle", "board"])
     assert forced.exit_code == 2 and "settle='host'" in forced.output
+
+
+@pytest.mark.parametrize("variant", ["tdh-vae", "h-vae"])
+def test_vae_on_an_mvm_only_ideal_board_trains_as_with_the_board_settle(variant: str) -> None:
+    """The VAE family runs unchanged on a board that only multiplies: on the ideal preset the
+    host-iterated settles reach the board's fixed points, so a short training ends where the
+    board settle's does (dense and layered networks)."""
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+    from hil.vae.train import train_vae
+
+    small = [
+        "train.epochs=1",
+        "data.limit_train=192",
+        "data.limit_test=64",
+        "eval.samples=64",
+        "eval.eps_draws=1",
+    ]
+    results = {}
+    for board in ("", f"&{MVM_ONLY}"):
+        cfg = load_into(VAERunConfig(), None, [*small, f"model.variant={variant}", f"device={IDEAL}{board}"])
+        results[board] = train_vae(cfg, progress=False)
+    board, host = results[""], results[f"&{MVM_ONLY}"]
+    assert host.final.neg_elbo == pytest.approx(board.final.neg_elbo, rel=1e-3)
+    assert host.final.neg_elbo < host.initial.neg_elbo  # it learned
