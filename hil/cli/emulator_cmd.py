@@ -102,9 +102,7 @@ def register(app: typer.Typer) -> None:
         host's recovery against; the injected faults are counted and printed on exit."""
         import torch
 
-        from emulator.server import Faults, FramedServer, ScpiFaults, ScpiServer
-        from emulator.server.dispatch import ReplayCache
-        from emulator.server.faults import FaultPlan
+        from emulator.server import FaultPlan, Faults, FramedServer, ReplayCache, ScpiFaults, ScpiServer
 
         torch.set_num_threads(threads)
         try:
