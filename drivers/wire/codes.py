@@ -99,6 +99,8 @@ def code_for(exc: BaseException) -> tuple[int, str]:
         return NOT_SUPPORTED, str(exc)
     if isinstance(exc, DeviceError):
         return HARDWARE_ERROR, str(exc)
+    if isinstance(exc, OverflowError):  # a number too large for its type
+        return DATA_OUT_OF_RANGE, str(exc)
     if isinstance(exc, ValueError | TypeError | KeyError):
         return ILLEGAL_PARAMETER_VALUE, f"{type(exc).__name__}: {exc}"
     return EXECUTION_ERROR, f"{type(exc).__name__}: {exc}"

@@ -23,6 +23,7 @@ VERSION = 1
 HEADER = struct.Struct("<BBBBHH")
 CRC = struct.Struct("<I")
 MAX_FRAGMENT = 32768  # payload bytes per frame; longer messages are fragmented
+MAX_MESSAGE = 8 << 20  # bytes of one reassembled message a board accepts (4 x a 512x512 f4 tile pair)
 MAX_FRAME = HEADER.size + MAX_FRAGMENT + CRC.size
 MAX_ENCODED = MAX_FRAME + MAX_FRAME // 254 + 2  # COBS overhead bound
 SEQ_MOD = 1 << 16

@@ -98,6 +98,17 @@ class _DeferredAck:
         self._stop.set()
 
 
+class MessageTooLarge(Exception):
+    """A received message grew past `Link.max_message`: its fragments were dropped. `first`
+    is its first frame (for the ERROR reply), `size` the bytes seen before it was refused."""
+
+    def __init__(self, first: Frame, size: int, limit: int) -> None:
+        super().__init__(f"message of over {size} bytes exceeds the {limit}-byte limit; dropped")
+        self.first = first
+        self.size = size
+        self.limit = limit
+
+
 class Abandoned(Exception):
     """The peer started a new request while this end was still sending the last reply."""
 
@@ -122,8 +133,10 @@ class Link:
         fragment: int = frames.MAX_FRAGMENT,
         seq0: int = 0,
         faults: Faults | None = None,
+        max_message: int | None = None,
     ) -> None:
         self._read = read
+        self.max_message = max_message  # bytes of one reassembled message (None: no cap)
         self._write = write
         self.ack_timeout = ack_timeout
         self.retries = retries
@@ -140,6 +153,8 @@ class Link:
         self._nacked = False
         self._rx_first: Frame | None = None
         self._rx_parts: list[bytes] = []
+        self._rx_size = 0
+        self._rx_skip: Frame | None = None  # first frame of an over-size message being dropped
         self._write_lock = threading.Lock()  # the deferred-ACK thread writes too
         self._deferred: _DeferredAck | None = None
         self._piggyback: tuple[int, int] | None = None  # (opcode, ref) of a response that acks
@@ -333,7 +348,10 @@ class Link:
         """The next complete message (first frame, joined payload), or None after `timeout`.
 
         Frames that cannot belong to the exchange (wrong direction, a reply to another
-        request, a fragment without its start) are counted as stale and dropped."""
+        request, a fragment without its start) are counted as stale and dropped.
+
+        With `max_message`, a message that grows past it is dropped fragment by fragment as
+        it arrives (nothing more is buffered) and its last fragment raises MessageTooLarge."""
         deadline = time.monotonic() + timeout
         while True:
             while self._inbox:
@@ -345,12 +363,24 @@ class Link:
                     if ref is not None and f.ref != ref & 0xFF:
                         self.stats.stale += 1
                         continue
-                    self._rx_first, self._rx_parts = f, [f.payload]
+                    self._rx_first, self._rx_parts, self._rx_size = f, [f.payload], len(f.payload)
+                    self._rx_skip = None
+                elif self._rx_skip is not None and f.opcode == self._rx_skip.opcode:
+                    self._rx_size += len(f.payload)
                 elif self._rx_first is None or f.opcode != self._rx_first.opcode:
                     self.stats.stale += 1
                     continue
                 else:
                     self._rx_parts.append(f.payload)
+                    self._rx_size += len(f.payload)
+                if self.max_message is not None and self._rx_size > self.max_message:
+                    if self._rx_first is not None:
+                        self._rx_skip, self._rx_first, self._rx_parts = self._rx_first, None, []
+                    if not f.flags & _MORE:
+                        skipped, self._rx_skip = self._rx_skip, None
+                        assert skipped is not None
+                        raise MessageTooLarge(skipped, self._rx_size, self.max_message)
+                    continue
                 if not f.flags & _MORE:
                     first, parts = self._rx_first, self._rx_parts
                     self._rx_first, self._rx_parts = None, []
@@ -364,4 +394,4 @@ class Link:
     def drain(self) -> None:
         """Forget partial input (before a new exchange after an error)."""
         self._inbox.clear()
-        self._rx_first, self._rx_parts = None, []
+        self._rx_first, self._rx_parts, self._rx_skip, self._rx_size = None, [], None, 0

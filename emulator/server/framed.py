@@ -6,6 +6,7 @@ request, acknowledge it, run it, send the reply (or an ERROR reply with the code
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -15,11 +16,11 @@ from drivers.errors import ProtocolError
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
-from drivers.wire.link import Abandoned, Faults, Link
+from drivers.wire.link import Abandoned, Faults, Link, MessageTooLarge
 from drivers.wire.payload import Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
-from emulator.server.links import POLL_S, EndpointServer, Stream
+from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
 
@@ -46,6 +47,8 @@ class FramedServer(EndpointServer):
         retries: int = 5,
         plan: FaultPlan | None = None,
         cache: ReplayCache | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_message: int = frames.MAX_MESSAGE,
     ) -> None:
         self.device = device
         self.faults = faults or Faults()
@@ -53,8 +56,10 @@ class FramedServer(EndpointServer):
         self.retries = retries
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
-        super().__init__()
-        self.links: list[Link] = []
+        self.max_message = max_message
+        super().__init__(max_connections)
+        self.links: list[Link] = []  # the links of open connections (and ptys)
+        self._links_lock = threading.Lock()
 
     def _new_link(self, stream: Stream) -> Link:
         link = Link(
@@ -63,9 +68,16 @@ class FramedServer(EndpointServer):
             ack_timeout=self.ack_timeout,
             retries=self.retries,
             faults=dataclasses.replace(self.faults),
+            max_message=self.max_message,
         )
-        self.links.append(link)
+        with self._links_lock:
+            self.links.append(link)
         return link
+
+    def _free(self, link: Link) -> None:
+        link.close()
+        with self._links_lock, contextlib.suppress(ValueError):
+            self.links.remove(link)
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         if self.plan.active:
@@ -73,7 +85,18 @@ class FramedServer(EndpointServer):
         link = self._new_link(stream)
         try:
             while not stopping.is_set():
-                got = link.receive(POLL_S, response=False)
+                try:
+                    got = link.receive(POLL_S, response=False)
+                except MessageTooLarge as exc:  # its fragments were dropped; the link lives on
+                    error = _error(codes.TOO_MUCH_DATA, str(exc))
+                    flags = Flag.RESPONSE | Flag.ERROR
+                    try:
+                        link.send(exc.first.opcode, error, flags=flags, ref=exc.first.seq)
+                    except Abandoned:
+                        pass
+                    except Exception:
+                        link.drain()
+                    continue
                 if got is None:
                     continue
                 first, body = got
@@ -85,7 +108,7 @@ class FramedServer(EndpointServer):
                 if fault in ("reset", "close"):
                     if closable(stream):
                         return
-                    link.close()  # a pty stays: the board forgets the link state, the reply is lost
+                    self._free(link)  # a pty stays: the board forgets the link state, the reply is lost
                     link = self._new_link(stream)
                     continue
                 flags, reply = self._answer(link, first.opcode, body)
@@ -98,7 +121,7 @@ class FramedServer(EndpointServer):
                 except Exception:  # the client went away mid-reply: wait for its next request
                     link.drain()
         finally:
-            link.close()
+            self._free(link)
 
     def _hello(self, link: Link, body: bytes) -> dict[str, object]:
         """A new session: piggyback ACKs on responses if the host asked for it, holding an ACK

@@ -3,12 +3,18 @@
 A server supplies a handler ``handler(stream, stopping)``; each accepted TCP connection
 and each pty gets its own thread running it. Threads are daemons and stop within
 `POLL_S` of `close()`.
+
+A server admits at most `max_connections` TCP connections at a time (all its listeners
+together); one more is handed to the server's `refuse` (which may write a line to it) and
+closed. The accept loop survives any failure to set up one connection (that socket is
+closed, the failure logged and counted in `failures`) and keeps accepting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -20,6 +26,9 @@ from typing import Protocol, Self
 
 POLL_S = 0.05
 READ_SIZE = 1 << 16
+MAX_CONNECTIONS = 16  # concurrent TCP connections per server (a constructor argument)
+
+log = logging.getLogger(__name__)
 
 
 class Stream(Protocol):
@@ -33,6 +42,40 @@ class Stream(Protocol):
 
 
 Handler = Callable[[Stream, threading.Event], None]
+Refuse = Callable[[socket.socket], None]
+
+
+class Gate:
+    """Counts a server's open TCP connections against its cap."""
+
+    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+        if limit < 1:
+            raise ValueError(f"max_connections must be at least 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.active >= self.limit:
+                self.refused += 1
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+def _refuse_silently(conn: socket.socket) -> None:
+    pass
+
+
+def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: str) -> None:
+    """Start one connection's thread (a seam: tests make it fail)."""
+    threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
 
 class SocketStream:
@@ -116,8 +159,19 @@ def _serve(handler: Handler, stream: Stream, stopping: threading.Event) -> None:
 class TcpListener:
     """Accepts connections on (host, port); port 0 picks a free port (see `address`)."""
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        gate: Gate | None = None,
+        refuse: Refuse = _refuse_silently,
+    ) -> None:
         self.handler = handler
+        self.gate = gate or Gate()
+        self.refuse = refuse
+        self.failures = 0  # connections that could not be set up (closed, not served)
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self.stopping = threading.Event()
@@ -126,16 +180,45 @@ class TcpListener:
 
     def _accept(self) -> None:
         while not self.stopping.is_set():
-            ready, _, _ = select.select([self.sock], [], [], POLL_S)
-            if not ready:
+            try:
+                ready, _, _ = select.select([self.sock], [], [], POLL_S)
+                if not ready:
+                    continue
+                conn, _ = self.sock.accept()
+            except (OSError, ValueError):
+                if self.stopping.wait(POLL_S):
+                    return
                 continue
             try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(
-                target=_serve, args=(self.handler, SocketStream(conn), self.stopping), daemon=True
-            ).start()
+                self._admit(conn)
+            except Exception as exc:  # one connection failed to start: close it, keep accepting
+                self.failures += 1
+                log.warning("tcp %s: could not serve a connection: %r", self.address[1], exc)
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        if not self.gate.enter():
+            try:
+                conn.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    self.refuse(conn)
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            finally:
+                conn.close()
+            return
+        try:
+            _start_thread(self._serve, (SocketStream(conn),), f"tcp-{self.address[1]}-conn")
+        except BaseException:
+            self.gate.leave()
+            raise
+
+    def _serve(self, stream: Stream) -> None:
+        try:
+            _serve(self.handler, stream, self.stopping)
+        finally:
+            self.gate.leave()
 
     def close(self) -> None:
         self.stopping.set()
@@ -170,16 +253,21 @@ class EndpointServer(ABC):
     """What both servers share: TCP listeners and ptys that hand each connection's byte
     stream to the server's `_handler`, and closing them all. Use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
         self.listeners: list[TcpListener] = []
         self.ptys: list[PtyEndpoint] = []
+        self.gate = Gate(max_connections)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """What a connection over the cap gets before it is closed (default: nothing)."""
+        return None
 
     @abstractmethod
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         """Serve one connection's byte stream until it closes or `stopping` is set."""
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        listener = TcpListener(self._handler, host, port)
+        listener = TcpListener(self._handler, host, port, gate=self.gate, refuse=self._refuse)
         self.listeners.append(listener)
         return listener.address
 

@@ -7,6 +7,9 @@ of that message and carries on with the next line.
 
 from __future__ import annotations
 
+import math
+import re
+import socket
 import threading
 import time
 import zlib
@@ -24,10 +27,13 @@ from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
-from emulator.server.links import POLL_S, EndpointServer, Stream
+from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
+MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
+MAX_ERROR_TEXT = 120  # characters of an error message kept in the queue (input is never echoed whole)
 QUEUE_SIZE = 32
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # any integer parameter (commands narrow it)
 
 
 class ParseError(Exception):
@@ -58,18 +64,53 @@ class MessageSplitter:
     """Cuts a byte stream into program messages at newlines outside blocks.
 
     Strings cannot hold a newline: a stray quote in garbage must not swallow the commands
-    that follow. Quotes are still tracked so that a '#' inside a string is not a block."""
+    that follow. Quotes are still tracked so that a '#' inside a string is not a block.
 
-    def __init__(self) -> None:
+    A line of over `MAX_LINE` bytes outside blocks, or one with a block of over
+    `max_block` bytes, raises ParseError once and is then dropped whole, up to and including
+    its terminator (the rest of an over-size block by its declared length first), without
+    buffering it: nothing of it runs."""
+
+    def __init__(self, max_block: int = MAX_BLOCK_IN) -> None:
         self.buf = bytearray()
         self.pos = 0
         self.quote = 0
         self.block_end = 0
+        self.max_block = max_block
+        self.discard = 0  # bytes of a refused block still to come
+        self.skipping = False  # dropping the rest of a refused line
 
     def feed(self, data: bytes) -> None:
         self.buf += data
 
+    def _skip(self) -> bool:
+        """Drop input owed to a refused line; True once all of it has gone."""
+        buf = self.buf
+        if self.discard:
+            k = min(self.discard, len(buf))
+            del buf[:k]
+            self.discard -= k
+            if self.discard:
+                return False
+        if self.skipping:
+            j = buf.find(b"\n")
+            if j < 0:
+                buf.clear()
+                return False
+            del buf[: j + 1]
+            self.skipping = False
+        return True
+
+    def _refuse(self, upto: int) -> None:
+        """Drop the current line: `upto` bytes now and later, then up to its terminator."""
+        self.discard = max(0, upto - len(self.buf))
+        del self.buf[:upto]
+        self.skipping = True
+        self.pos = self.block_end = self.quote = 0
+
     def next(self) -> bytes | None:
+        if (self.discard or self.skipping) and not self._skip():
+            return None
         buf = self.buf
         if self.block_end > len(buf):
             return None
@@ -90,6 +131,13 @@ class MessageSplitter:
                 if extent is None:
                     self.pos = i
                     return None
+                if extent[1] - extent[0] > self.max_block:
+                    size = extent[1] - extent[0]
+                    self._refuse(extent[1])
+                    raise ParseError(
+                        codes.TOO_MUCH_DATA,
+                        f"block of {size} bytes exceeds {self.max_block}; the message was dropped",
+                    )
                 self.block_end = extent[1]
                 if extent[1] > n:
                     self.pos = i
@@ -104,12 +152,18 @@ class MessageSplitter:
             i += 1
         self.pos = i
         if self.pos - self.block_end > MAX_LINE:
-            raise ParseError(codes.INPUT_BUFFER_OVERRUN, f"no message terminator in {self.pos} bytes")
+            head = bytes(buf[:40])
+            self._refuse(len(buf))
+            raise ParseError(
+                codes.INPUT_BUFFER_OVERRUN,
+                f"line of over {MAX_LINE} bytes without a terminator dropped whole: {head!r}...",
+            )
         return None
 
     def clear(self) -> None:
         self.buf.clear()
         self.pos = self.block_end = self.quote = 0
+        self.discard, self.skipping = 0, False
 
 
 def _is_header_char(c: int) -> bool:
@@ -229,18 +283,40 @@ def _block(p: Param) -> bytes:
     return bytes(p.value)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _shown(p: Param) -> str:
+    text = repr(p.value)
+    return text if len(text) <= 42 else text[:40] + "..."
+
+
 def _float(p: Param) -> float:
+    """A finite decimal number: not a number -120, infinite -222, NaN -224."""
     try:
-        return float(_string(p))
+        x = float(_string(p))
     except ValueError:
-        raise ParseError(codes.NUMERIC_DATA_ERROR, f"{p.value!r} is not a number") from None
+        raise ParseError(codes.NUMERIC_DATA_ERROR, f"{_shown(p)} is not a number") from None
+    if math.isnan(x):
+        raise ParseError(codes.ILLEGAL_PARAMETER_VALUE, f"{_shown(p)} is not a number (NaN)")
+    if math.isinf(x):
+        raise ParseError(codes.DATA_OUT_OF_RANGE, f"{_shown(p)} is out of range (not finite)")
+    return x
 
 
-def _int(p: Param) -> int:
-    x = _float(p)
-    if x != int(x):
-        raise ParseError(codes.NUMERIC_DATA_ERROR, f"{p.value!r} is not an integer")
-    return int(x)
+def _int(p: Param, lo: int = INT_MIN, hi: int = INT_MAX) -> int:
+    """An integer in [lo, hi] (exact for integer literals): not an integer -120, outside -222."""
+    text = _string(p).strip()
+    if _INTEGER.fullmatch(text):
+        value = int(text)
+    else:
+        x = _float(p)
+        if x != int(x):
+            raise ParseError(codes.NUMERIC_DATA_ERROR, f"{_shown(p)} is not an integer")
+        value = int(x)
+    if not lo <= value <= hi:
+        raise ParseError(codes.DATA_OUT_OF_RANGE, f"{_shown(p)} is outside [{lo}, {hi}]")
+    return value
 
 
 def _bool(p: Param) -> bool:
@@ -359,6 +435,8 @@ class ScpiSession:
 
     # -- error queue and status
     def push_error(self, code: int, message: str) -> None:
+        if len(message) > MAX_ERROR_TEXT:  # never echo a long input back whole
+            message = message[: MAX_ERROR_TEXT - 3] + "..."
         if len(self.errors) >= QUEUE_SIZE:
             self.errors[-1] = (codes.QUEUE_OVERFLOW, "")
         else:
@@ -490,7 +568,7 @@ class ScpiSession:
 
     def _ese(self, params: list[Param], h: str) -> Reply:
         _want(params, 1, h)
-        self.ese = _int(params[0]) & 0xFF
+        self.ese = _int(params[0], 0, 255)
         return None
 
     def _ese_q(self, params: list[Param], h: str) -> Reply:
@@ -499,7 +577,7 @@ class ScpiSession:
 
     def _sre(self, params: list[Param], h: str) -> Reply:
         _want(params, 1, h)
-        self.sre = _int(params[0]) & 0xFF
+        self.sre = _int(params[0], 0, 255)
         return None
 
     def _sre_q(self, params: list[Param], h: str) -> Reply:
@@ -634,15 +712,15 @@ class ScpiSession:
 
 
 def messages(session: ScpiSession, splitter: MessageSplitter) -> Iterator[bytes]:
-    """Every complete program message in the splitter. An overlong line goes to the error
-    queue and the rest of the input is dropped up to the next one."""
+    """Every complete program message in the splitter. An overlong line (or one with an
+    over-size block) goes to the error queue once and is dropped whole, up to its terminator;
+    the lines after it run."""
     while True:
         try:
             msg = splitter.next()
         except ParseError as exc:
             session.push_error(exc.code, str(exc))
-            splitter.clear()
-            return
+            continue
         if msg is None:
             return
         yield msg
@@ -683,18 +761,27 @@ class ScpiServer(EndpointServer):
         *,
         plan: FaultPlan | None = None,
         cache: ReplayCache | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_block: int = MAX_BLOCK_IN,
     ) -> None:
         self.device = device
         self.faults = faults or ScpiFaults()
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
-        super().__init__()
+        self.max_block = max_block
+        super().__init__(max_connections)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """A connection over the cap reads one error line, then the server closes it."""
+        limit = self.gate.limit
+        line = scpi.error_string(codes.COMMUNICATION_ERROR, f"too many connections ({limit}); closing")
+        conn.sendall(line.encode() + scpi.TERMINATOR)
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         if self.plan.active:
             stream = FaultyStream(stream, self.plan)
         session = ScpiSession(self.device, self.cache)
-        splitter = MessageSplitter()
+        splitter = MessageSplitter(self.max_block)
         served = 0
         while not stopping.is_set():
             data = stream.read(POLL_S)
@@ -710,7 +797,7 @@ class ScpiServer(EndpointServer):
                 if fault in ("reset", "close"):
                     if closable(stream):
                         return
-                    session, splitter = ScpiSession(self.device, self.cache), MessageSplitter()
+                    session, splitter = ScpiSession(self.device, self.cache), MessageSplitter(self.max_block)
                     break  # a pty stays: a new session, the reply and any buffered input lost
                 if fault == "delay":
                     time.sleep(self.plan.delay_s)

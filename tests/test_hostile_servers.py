@@ -1,0 +1,245 @@
+"""Hostile peers against the real servers over sockets (issue 16, classes 4 and 5).
+
+Raw sockets play the attacker; each test then shows a well-formed peer is still served."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from drivers import open_device
+from drivers.base import Device
+from drivers.wire import codes, frames
+from drivers.wire import payload as pl
+from drivers.wire.frames import Flag, LinkOp
+from drivers.wire.link import Link
+from emulator.server import FramedServer, ScpiServer
+from emulator.server import links as links_mod
+from emulator.server import scpi as scpi_mod
+
+BOARD = "emulator://?preset=rram&seed=0"
+
+
+@pytest.fixture
+def device() -> Iterator[Device]:
+    with open_device(BOARD) as dev:
+        yield dev
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class Scpi:
+    def __init__(self, port: int) -> None:
+        self.sock = _connect(port)
+        self.rx = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def ask(self, line: str) -> str:
+        self.send(line.encode() + b"\n")
+        return self.rx.readline().decode().strip()
+
+    def error(self) -> tuple[int, str]:
+        code, _, text = self.ask("SYST:ERR?").partition(",")
+        return int(code), text
+
+    def close(self) -> None:
+        self.rx.close()
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def scpi_server(device: Device, **kw: int) -> Iterator[tuple[ScpiServer, int]]:
+    with ScpiServer(device, **kw) as server:  # type: ignore[arg-type]
+        yield server, server.listen_tcp()[1]
+
+
+def _until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _framed_link(sock: socket.socket) -> Link:
+    def read(timeout: float) -> bytes:
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            return b""
+        data = sock.recv(1 << 16)
+        if not data:
+            raise EOFError("closed")
+        return data
+
+    return Link(read, sock.sendall, ack_timeout=1.0, retries=3)
+
+
+def _exchange(link: Link, opcode: int, body: bytes) -> tuple[frames.Frame, bytes]:
+    seq = link.send(opcode, body)
+    got = link.receive(5.0, response=True, ref=seq)
+    assert got is not None, "no reply"
+    return got
+
+
+# ---- class 4: resource exhaustion ----------------------------------------------------
+
+
+def test_oversize_framed_message_is_refused_and_the_link_lives_on(device: Device) -> None:
+    with FramedServer(device, max_message=100_000) as server:
+        port = server.listen_tcp()[1]
+        with _connect(port) as sock:
+            link = _framed_link(sock)
+            first, body = _exchange(link, LinkOp.PING, b"x" * 200_000)  # 7 fragments, over the cap
+            assert first.flags & Flag.ERROR
+            err = pl.loads(body)
+            assert err["code"] == codes.TOO_MUCH_DATA and "100000" in err["message"]
+            first, body = _exchange(link, LinkOp.PING, b"y" * 90_000)  # under the cap: served
+            assert not first.flags & Flag.ERROR and body == b"y" * 90_000
+            first, body = _exchange(link, pl.Op.STATUS, pl.pack(pl.Message()))
+            assert not first.flags & Flag.ERROR
+        assert frames.MAX_MESSAGE >= 4 * 2 * 512 * 512 * 4  # a 512x512 f4 tile pair, 4 times over
+
+
+def test_links_of_closed_connections_are_freed(device: Device) -> None:
+    with FramedServer(device) as server:
+        port = server.listen_tcp()[1]
+        for _ in range(5):
+            with _connect(port) as sock:
+                _exchange(_framed_link(sock), LinkOp.PING, b"hi")
+        assert _until(lambda: not server.links), f"{len(server.links)} links kept"
+
+
+def test_scpi_connection_cap_refuses_with_an_error_line(device: Device) -> None:
+    with scpi_server(device, max_connections=2) as (server, port):
+        a, b = Scpi(port), Scpi(port)
+        assert a.ask("*OPC?") == "1" and b.ask("*OPC?") == "1"
+        c = Scpi(port)
+        line = c.rx.readline().decode()
+        assert line.startswith(f"{codes.COMMUNICATION_ERROR},") and "too many connections (2)" in line
+        assert c.rx.readline() == b""  # then closed
+        c.close()
+        assert server.gate.refused == 1
+        a.close()
+        assert _until(lambda: server.gate.active == 1)
+        d = Scpi(port)
+        assert d.ask("*OPC?") == "1"
+        b.close()
+        d.close()
+
+
+def test_framed_connection_cap_closes_the_extra_connection(device: Device) -> None:
+    with FramedServer(device, max_connections=1) as server:
+        port = server.listen_tcp()[1]
+        with _connect(port) as first:
+            _exchange(_framed_link(first), LinkOp.PING, b"a")
+            with _connect(port) as extra:
+                assert extra.recv(100) == b""  # closed without a word
+        assert _until(lambda: server.gate.active == 0)
+        with _connect(port) as again:
+            assert _exchange(_framed_link(again), LinkOp.PING, b"b")[1] == b"b"
+
+
+def test_scpi_oversize_block_is_dropped_with_its_line(device: Device) -> None:
+    with scpi_server(device, max_block=1000) as (_, port):
+        peer = Scpi(port)
+        epoch = device.status().epoch
+        data = (b"\n*RST\n" * 400)[:2000]  # newlines and commands inside the block are data
+        peer.send(b'TILE:PULS? "t0",#42000' + data + b";*RST\n")
+        code, text = peer.error()
+        assert code == codes.TOO_MUCH_DATA and "2000" in text
+        assert peer.error()[0] == codes.NO_ERROR
+        assert device.status().epoch == epoch  # nothing of it ran
+        assert peer.ask("*OPC?") == "1"
+        peer.close()
+
+
+def test_accept_loop_survives_a_failed_thread_start(device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = links_mod._start_thread
+    calls = {"n": 0}
+
+    def failing_once(*args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("can't start new thread")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(links_mod, "_start_thread", failing_once)
+    with scpi_server(device) as (server, port):
+        with _connect(port) as victim:
+            assert victim.recv(100) == b""  # that connection is closed, not served
+        peer = Scpi(port)
+        assert peer.ask("*OPC?") == "1"
+        peer.close()
+        assert server.listeners[0].failures == 1
+        assert server.listeners[0].thread.is_alive()
+        assert _until(lambda: server.gate.active == 0)  # the failed one was not counted
+
+
+# ---- class 5: protocol edge semantics ------------------------------------------------
+
+
+def test_overlong_scpi_line_is_dropped_whole(device: Device) -> None:
+    with scpi_server(device) as (_, port):
+        peer = Scpi(port)
+        epoch = device.status().epoch
+        n = scpi_mod.MAX_LINE + (1 << 16)
+        for k in range(0, n, 1 << 16):
+            peer.send(b"A" * min(1 << 16, n - k))
+        peer.send(b";*RST;*ESE 4\n")
+        code, text = peer.error()
+        assert code == codes.INPUT_BUFFER_OVERRUN
+        assert len(text) <= scpi_mod.MAX_ERROR_TEXT + 40  # bounded, not the line
+        assert peer.error()[0] == codes.NO_ERROR  # *RST would have cleared it; nothing more queued
+        assert peer.ask("*ESE?") == "0"  # the tail did not run
+        assert device.status().epoch == epoch
+        assert peer.ask("*OPC?") == "1"
+        peer.close()
+
+
+def test_long_header_error_is_bounded(device: Device) -> None:
+    with scpi_server(device) as (_, port):
+        peer = Scpi(port)
+        peer.send(b"B" * 50_000 + b"\n")
+        code, text = peer.error()
+        assert code == codes.UNDEFINED_HEADER and len(text) <= scpi_mod.MAX_ERROR_TEXT + 40
+        peer.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        ("*ESE 300", codes.DATA_OUT_OF_RANGE),
+        ("*SRE -1", codes.DATA_OUT_OF_RANGE),
+        ("*ESE 1e400", codes.DATA_OUT_OF_RANGE),
+        ("*ESE 99999999999999999999999", codes.DATA_OUT_OF_RANGE),
+        ("*ESE 1.5", codes.NUMERIC_DATA_ERROR),
+        ("*ESE abc", codes.NUMERIC_DATA_ERROR),
+        ("SYST:WAIT inf", codes.DATA_OUT_OF_RANGE),
+        ("SYST:WAIT nan", codes.ILLEGAL_PARAMETER_VALUE),
+        ("SYST:WAIT 0.001,1e300", codes.DATA_OUT_OF_RANGE),
+    ],
+)
+def test_numeric_errors_get_ieee_codes(device: Device, line: str, code: int) -> None:
+    with scpi_server(device) as (_, port):
+        peer = Scpi(port)
+        peer.send(line.encode() + b"\n")
+        got, text = peer.error()
+        assert got == code, text
+        assert "Error:" not in text  # no Python exception names
+        peer.close()
+
+
+def test_overflow_maps_to_data_out_of_range() -> None:
+    assert codes.code_for(OverflowError("int too large"))[0] == codes.DATA_OUT_OF_RANGE
