@@ -243,3 +243,20 @@ def test_numeric_errors_get_ieee_codes(device: Device, line: str, code: int) -> 
 
 def test_overflow_maps_to_data_out_of_range() -> None:
     assert codes.code_for(OverflowError("int too large"))[0] == codes.DATA_OUT_OF_RANGE
+
+
+def test_framed_state_changing_requests_need_a_request_id(device: Device) -> None:
+    """A replayed older frame cannot rerun a pulse, program or wait: each must carry a rid
+    (answered from the board's record when it ran before)."""
+    with FramedServer(device) as server:
+        port = server.listen_tcp()[1]
+        with _connect(port) as sock:
+            link = _framed_link(sock)
+            first, body = _exchange(link, pl.Op.WAIT, pl.pack(pl.Message({"seconds": 0.0})))
+            assert first.flags & Flag.ERROR and pl.loads(body)["code"] == codes.MISSING_PARAMETER
+            before = server.cache.hits
+            request = pl.pack(pl.Message({"seconds": 0.0, "rid": 12345}))
+            for _ in range(2):  # the second copy is a replay: answered from the record
+                first, _ = _exchange(link, pl.Op.WAIT, request)
+                assert not first.flags & Flag.ERROR
+            assert server.cache.hits == before + 1

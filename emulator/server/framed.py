@@ -158,6 +158,10 @@ class FramedServer(EndpointServer):
                 request = pl.unpack(body)
             except ProtocolError as exc:
                 return Flag.ERROR, _error(codes.FRAME_ERROR, str(exc))
-            return 0, pl.pack(execute(self.device, Op(opcode), request, self.cache))
+            op = Op(opcode)
+            if op not in pl.IDEMPOTENT and "rid" not in request.meta:  # a replayed frame must not rerun it
+                message = f"a {op.name.lower()} request needs a request id (rid): it changes state"
+                return Flag.ERROR, _error(codes.MISSING_PARAMETER, message)
+            return 0, pl.pack(execute(self.device, op, request, self.cache))
         except Exception as exc:  # every device error becomes an ERROR reply; the link lives on
             return Flag.ERROR, _error(*codes.code_for(exc))
