@@ -85,6 +85,17 @@ class Limits:
     max_settle_steps: int
     max_pulses: int  # per device per `pulse` call
     settle_step_s: float  # seconds one settle step takes on the board
+    # Bounds on the work and the scale of one request (defaults, so that boards and peers that
+    # predate them keep working; a peer's `info` carries them like every other field):
+    max_verify_iters: int = 1000  # write-verify rounds per `program` call (50x the default of 20)
+    max_wait_s: float = 1e9  # one `wait` (about 32 years: drift studies use days to years)
+    # activation gain: EP uses O(1); past ~100 every node is a comparator and a settle's step is
+    # cut to 1.8 / (1 + gain |W|), so larger gains only buy slower settles and overflow risk
+    max_gain: float = 100.0
+    # weight of a full-on pair: networks use O(1); the mvm-range probe of the calibration
+    # drives a tile with 1e4 / rows to saturate the read-out ADC, so the bound allows 1e4
+    max_w_max: float = 1e4
+    max_beta: float = 100.0  # |beta| of a nudge (EP uses 0.01 to 1; the states clip to the range)
 
     @property
     def clamp_max(self) -> float:

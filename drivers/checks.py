@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from drivers.errors import ConfigurationError, LimitViolation
+from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import BIAS, SettleBudget, Topology
+
+__all__ = ["INT32_MAX", "as_float", "as_int"]  # re-exported: the checks' scalar helpers
 
 if TYPE_CHECKING:
     from drivers.base import Limits, Nudge
@@ -25,6 +28,8 @@ def require_topology(topology: Topology | None) -> Topology:
 
 
 def check_topology(topology: Topology, limits: Limits) -> None:
+    if not isinstance(topology, Topology):
+        raise ConfigurationError(f"configure takes a Topology, got {type(topology).__name__}")
     if len(topology.couplings) > limits.max_tiles:
         raise LimitViolation(
             "tile count", len(topology.couplings), limits.max_tiles, "use fewer couplings or another board"
@@ -38,16 +43,44 @@ def check_topology(topology: Topology, limits: Limits) -> None:
                 1.0,
                 f"tiles hold at most {limits.tile_rows_max} x {limits.tile_cols_max} cells; split the layer",
             )
+    check_settings(topology, limits)
+
+
+def check_settings(topology: Topology, limits: Limits) -> None:
+    """What may change between two configures of the same network: gain, scales and budget
+    (Topology itself has checked that they are finite and > 0)."""
+    if topology.gain > limits.max_gain:
+        raise LimitViolation("activation gain", topology.gain, limits.max_gain)
+    for c in topology.couplings:
+        if c.w_max > limits.max_w_max:
+            raise LimitViolation(f"w_max of {c.tile!r}", c.w_max, limits.max_w_max)
     check_budget(topology.budget, limits)
 
 
 def check_budget(b: SettleBudget, limits: Limits) -> None:
-    if b.max_steps > limits.max_settle_steps:
-        raise LimitViolation("settle budget max_steps", b.max_steps, limits.max_settle_steps)
-    if not (0 < b.dt <= 1):
-        raise ConfigurationError(f"settle budget dt must be in (0, 1], got {b.dt}")
-    if b.max_steps < 1 or b.check_every < 1 or b.tol < 0:
-        raise ConfigurationError(f"bad settle budget {b}: max_steps, check_every >= 1 and tol >= 0")
+    as_int("settle budget max_steps", b.max_steps, 1, limits.max_settle_steps, "settle budget max_steps")
+    as_float("settle budget dt", b.dt, 0.0, 1.0, lo_open=True)
+    as_int("settle budget check_every", b.check_every, 1, max(limits.max_settle_steps, 1))
+    as_float("settle budget tol", b.tol, 0.0, math.inf)
+
+
+def check_verify(limits: Limits, tol: object, max_iters: object) -> tuple[float | None, int]:
+    """`program`'s tolerance (None: the board's default; else finite and >= 0 siemens) and
+    write-verify iteration budget (1 to `Limits.max_verify_iters`)."""
+    t = None if tol is None else as_float("program tol", tol, 0.0, math.inf)
+    n = as_int("max_iters", max_iters, 1, limits.max_verify_iters, "write-verify max_iters")
+    return t, n
+
+
+def check_wait(limits: Limits, seconds: object) -> float:
+    return as_float("wait duration (seconds)", seconds, 0.0, limits.max_wait_s, limit="wait duration (s)")
+
+
+def check_trace(limits: Limits, trace: object) -> int:
+    """A settle's trace request as a step interval (0: no trace)."""
+    if isinstance(trace, bool):
+        return int(trace)
+    return as_int("trace interval", trace, 0, max(limits.max_settle_steps, 1))
 
 
 def as_batch(
@@ -55,7 +88,7 @@ def as_batch(
 ) -> np.ndarray:
     """Return a C-contiguous float32 (batch, n) array (a view where possible), refusing NaN and
     infinities and, with `limits`, states beyond the read-voltage limit."""
-    arr = np.asarray(value)
+    arr = _float32(name, value, copy=False)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != n:
@@ -70,6 +103,21 @@ def as_batch(
         if limits is not None:
             _check_voltage(name, max(-lo, hi), limits)
     return arr
+
+
+_REAL_KINDS = "biuf"  # bool, integers, floats: what converts to float32 without losing meaning
+
+
+def _float32(name: str, value: object, copy: bool = True) -> np.ndarray:
+    """`value` as a numpy array of a real dtype (float32 unless `copy` is False: then as
+    given), refusing complex, object, string and time dtypes."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{name}: not a numeric array ({exc})") from None
+    if arr.dtype.kind not in _REAL_KINDS:
+        raise ConfigurationError(f"{name}: expected real numbers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32) if copy else arr
 
 
 def _check_voltage(name: str, peak: float, limits: Limits) -> None:
@@ -120,14 +168,17 @@ def check_settle(
             raise ConfigurationError(f"nudge on clamped group {group!r} has no effect; nudge a free group")
         if group not in topo.groups:
             raise ConfigurationError(f"nudge: unknown group {group!r}; known: {sorted(topo.groups)}")
-        if not np.isfinite(nd.beta):
-            raise ConfigurationError(f"nudge {group!r}: beta must be finite, got {nd.beta}")
+        if not isinstance(nd, Nudge):
+            raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
+        beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
+        if abs(beta) > limits.max_beta:
+            raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
         n = topo.groups[group]
         target = None
         if nd.target is not None:
             target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
         grad = None if nd.grad is None else as_batch(f"nudge grad {group!r}", nd.grad, n, batch)
-        nudges[group] = Nudge(float(nd.beta), target, grad)
+        nudges[group] = Nudge(beta, target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
     free_init = {g: v for g, v in (init or {}).items() if g not in clamp}
     init_states, _ = check_states("init", free_init, topo, limits, batch)
@@ -135,6 +186,8 @@ def check_settle(
 
 
 def check_tile(topology: Topology | None, tile: str) -> tuple[int, int]:
+    if not isinstance(tile, str):
+        raise ConfigurationError(f"a tile is named by a string, got {type(tile).__name__}")
     return require_topology(topology).tile_shape(tile)
 
 
@@ -144,7 +197,7 @@ def check_program(
     shape = check_tile(topology, tile)
     out = []
     for name, g in (("g_plus", g_plus), ("g_minus", g_minus)):
-        arr = np.ascontiguousarray(g, dtype=np.float32)
+        arr = _float32(f"program {tile!r}: {name}", g)
         if arr.shape != shape:
             raise ConfigurationError(f"program {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
         lo, hi = float(arr.min()), float(arr.max())
@@ -163,27 +216,45 @@ def check_program(
     return out[0], out[1]
 
 
+def pulse_counts(tile: str, name: str, value: object, shape: tuple[int, int], max_pulses: int) -> np.ndarray:
+    """Whole pulse counts of `shape` as int32, each within +-max_pulses: checked in the
+    array's own dtype (min and max, never an absolute value that overflows) before the cast."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"pulse {tile!r}: {name} is not an array of pulse counts ({exc})") from None
+    if arr.shape != shape:
+        raise ConfigurationError(f"pulse {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
+    kind = arr.dtype.kind
+    if kind not in "iuf":
+        raise ConfigurationError(
+            f"pulse {tile!r}: {name} must hold whole pulse counts, got dtype {arr.dtype}"
+        )
+    lo: float | int = 0
+    hi: float | int = 0
+    if arr.size:
+        if kind == "f":
+            lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
+            if not (math.isfinite(lo) and math.isfinite(hi)) or not np.array_equal(arr, np.floor(arr)):
+                raise ConfigurationError(f"pulse {tile!r}: {name} must hold whole pulse counts")
+        else:
+            lo, hi = int(arr.min()), int(arr.max())  # Python ints: no overflow at any width
+    peak = max(-lo, hi)
+    bound = min(int(max_pulses), INT32_MAX)
+    if peak > bound:
+        raise LimitViolation(
+            f"pulses per device ({name} of {tile!r})", float(peak), bound, "split into several calls"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 def check_pulse(
     topology: Topology | None, limits: Limits, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = check_tile(topology, tile)
-    out = []
-    for name, c in (("counts_plus", counts_plus), ("counts_minus", counts_minus)):
-        arr = np.asarray(c)
-        if arr.shape != shape:
-            raise ConfigurationError(f"pulse {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
-        if not np.issubdtype(arr.dtype, np.integer) and (
-            not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
-        ):
-            raise ConfigurationError(f"pulse {tile!r}: {name} must hold whole pulse counts")
-        arr = np.ascontiguousarray(arr, dtype=np.int32)
-        peak = int(np.abs(arr).max()) if arr.size else 0
-        if peak > limits.max_pulses:
-            raise LimitViolation(
-                f"pulses per device ({name} of {tile!r})", peak, limits.max_pulses, "split into several calls"
-            )
-        out.append(arr)
-    return out[0], out[1]
+    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses)
+    cm = pulse_counts(tile, "counts_minus", counts_minus, shape, limits.max_pulses)
+    return cp, cm
 
 
 def check_mvm(

@@ -218,10 +218,9 @@ class EmulatedDevice(Device):
         with self.lock:
             try:
                 gp, gm = checks.check_program(self.topology, self.info.limits, tile, g_plus, g_minus)
+                tol, max_iters = checks.check_verify(self.info.limits, tol, max_iters)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            if max_iters < 1:
-                raise ConfigurationError(f"max_iters must be >= 1, got {max_iters}")
             dev = self.board.device
             r = self.board.program(
                 tile, _t(gp, dev), _t(gm, dev), verify=verify, tol=tol, max_iters=max_iters
@@ -277,9 +276,7 @@ class EmulatedDevice(Device):
                 cl, nd, ini, _batch = checks.check_settle(self.topology, self.info.limits, clamp, nudge, init)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
-            if every < 0:
-                raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
+            every = checks.check_trace(self.info.limits, trace)
             dev = self.board.device
             r = self.board.settle(
                 {g: _t(x, dev) for g, x in cl.items()},

@@ -23,6 +23,7 @@ from functools import cached_property
 from typing import Literal
 
 from drivers.errors import ConfigurationError
+from drivers.scalars import INT32_MAX, as_float, as_int
 
 BIAS = "bias"
 
@@ -65,8 +66,20 @@ class Topology:
         if self.mode not in ("analog", "mvm"):
             raise ConfigurationError(f"mode must be 'analog' or 'mvm', got {self.mode!r}")
         for name, size in self.groups.items():
-            if size < 1:
-                raise ConfigurationError(f"group {name!r} has size {size}; sizes must be >= 1")
+            if not isinstance(name, str):
+                raise ConfigurationError(f"group names are strings, got {name!r}")
+            as_int(f"size of group {name!r}", size, 1, INT32_MAX)
+        # finite and > 0 here; the upper bounds are the board's (Limits.max_gain, max_w_max)
+        as_float("activation gain", self.gain, 0.0, float("inf"), lo_open=True)
+        if not isinstance(self.budget, SettleBudget):
+            raise ConfigurationError(f"budget must be a SettleBudget, got {type(self.budget).__name__}")
+        for c in self.couplings:
+            if not isinstance(c, Coupling) or not isinstance(c.tile, str):
+                raise ConfigurationError(f"couplings are Coupling objects with a tile name, got {c!r:.80}")
+            if not (isinstance(c.rows, tuple) and isinstance(c.cols, tuple)) or not all(
+                isinstance(g, str) for g in c.rows + c.cols
+            ):
+                raise ConfigurationError(f"tile {c.tile!r}: rows and cols are tuples of group names")
         names = [c.tile for c in self.couplings]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"tile names must be unique, got {names}")
@@ -83,8 +96,7 @@ class Topology:
                     f"dense tile {c.tile!r}: rows must be cols (plus optionally 'bias'), "
                     f"got rows={c.rows} cols={c.cols}"
                 )
-            if c.w_max <= 0:
-                raise ConfigurationError(f"tile {c.tile!r}: w_max must be > 0, got {c.w_max}")
+            as_float(f"tile {c.tile!r}: w_max", c.w_max, 0.0, float("inf"), lo_open=True)
 
     def size(self, group: str) -> int:
         return 1 if group == BIAS else self.groups[group]

@@ -8,6 +8,7 @@ every time), the noise of reads, writes and settles from one noise stream.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 
 from drivers import seeds
 from drivers.base import Identity, Limits
-from drivers.checks import check_budget, check_topology
+from drivers.checks import check_settings, check_topology, check_verify, check_wait
 from drivers.errors import ConfigurationError, LimitViolation
+from drivers.scalars import INT32_MAX
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.array import TileArray
 from emulator.periphery import ChannelErrors, quantize
@@ -28,6 +30,24 @@ from emulator.presets import BoardPreset
 
 def _lsb(bits: int | None, span: float) -> float:
     return span / ((1 << bits) - 1) if bits else span / 255
+
+
+def _peak_count(counts: torch.Tensor) -> int | float:
+    """Largest |count| of a tensor of whole pulse counts, from its min and max as Python
+    numbers (``abs`` of the most negative int32 stays negative); other dtypes are refused."""
+    if not isinstance(counts, torch.Tensor):
+        raise ConfigurationError(f"pulse counts must be a tensor, got {type(counts).__name__}")
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise ConfigurationError(f"pulse counts must be whole numbers, got dtype {counts.dtype}")
+    if not counts.numel():
+        return 0
+    lo_t, hi_t = torch.aminmax(counts)
+    if counts.is_floating_point():
+        lo, hi = float(lo_t), float(hi_t)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or not bool(torch.equal(counts, counts.floor())):
+            raise ConfigurationError("pulse counts must be whole numbers")
+        return max(-lo, hi)
+    return max(-int(lo_t), int(hi_t))
 
 
 @dataclass
@@ -262,7 +282,7 @@ class Board:
             # the same network with another budget, gain or mode (an EBBlock switching between
             # its free and nudge budgets): tiles, channels and plans stay as they are
             try:
-                check_budget(topology.budget, self.limits)
+                check_settings(topology, self.limits)
             except LimitViolation as exc:
                 raise self.safety.refuse(exc) from None
             self.topology = topology
@@ -311,9 +331,11 @@ class Board:
         self._plans.clear()
 
     def wait(self, seconds: float) -> None:
-        if not seconds >= 0:
-            raise ConfigurationError(f"wait needs a duration >= 0 seconds, got {seconds}")
-        self.clock += float(seconds)
+        try:
+            seconds = check_wait(self.limits, seconds)
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
+        self.clock += seconds
 
     # ---------------------------------------------------------------- converters
 
@@ -355,8 +377,12 @@ class Board:
         max_iters: int,
     ) -> dict[str, object]:
         tile = self.tile(name)
+        try:
+            tol, max_iters = check_verify(self.limits, tol, max_iters)
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
         m = self.preset.device
-        tol = 0.02 * (m.g_max - m.g_min) if tol is None else float(tol)
+        tol = 0.02 * (m.g_max - m.g_min) if tol is None else tol
         target = tile.stack_targets(g_plus, g_minus, "program")
         if verify:
             st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
@@ -387,11 +413,10 @@ class Board:
 
     def pulse(self, name: str, counts_plus: torch.Tensor, counts_minus: torch.Tensor) -> dict[str, object]:
         tile = self.tile(name)
-        peak = int(max(counts_plus.abs().max(), counts_minus.abs().max())) if counts_plus.numel() else 0
-        if peak > self.preset.periphery.max_pulses:
-            raise self.safety.refuse(
-                LimitViolation("pulses per device", peak, self.preset.periphery.max_pulses)
-            )
+        bound = min(self.preset.periphery.max_pulses, INT32_MAX)
+        peak = max(_peak_count(counts_plus), _peak_count(counts_minus))
+        if peak > bound:
+            raise self.safety.refuse(LimitViolation("pulses per device", float(peak), bound))
         st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise)
         self.clock += st.time_s
         self.energy_j += st.energy_j

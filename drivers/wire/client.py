@@ -367,6 +367,7 @@ class RemoteDevice(Device):
             gp, gm = self._checked(
                 checks.check_program, self.topology, self.info.limits, tile, g_plus, g_minus
             )
+            tol, max_iters = self._checked(checks.check_verify, self.info.limits, tol, max_iters)
             reply = self._transact(Op.PROGRAM, pl.program_request(tile, gp, gm, verify, tol, max_iters))
             return pl.program_report(reply)
 
@@ -402,10 +403,12 @@ class RemoteDevice(Device):
             cl, nd, ini, _ = self._checked(
                 checks.check_settle, self.topology, self.info.limits, clamp, nudge, init
             )
+            self._checked(checks.check_trace, self.info.limits, trace)
             return pl.equilibrium(self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, trace)))
 
     def wait(self, seconds: float) -> None:
-        self._transact(Op.WAIT, Message({"seconds": float(seconds)}))
+        seconds = self._checked(checks.check_wait, self.info.limits, seconds)
+        self._transact(Op.WAIT, Message({"seconds": seconds}))
 
     def safety(self) -> SafetyCounters:
         remote = pl.safety_counters(self._transact(Op.SAFETY, Message()))

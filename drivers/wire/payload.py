@@ -34,12 +34,15 @@ from drivers.base import (
     SafetyCounters,
 )
 from drivers.errors import ProtocolError
+from drivers.scalars import INT32_MAX
 from drivers.topology import Coupling, SettleBudget, Topology
 
 # dtype codes allowed on the wire (all little-endian): bulk data is f4 (states,
 # conductances) and i4 (pulse counts); i8/f8 only for small metadata arrays.
 DTYPES = {"f4": np.dtype("<f4"), "i4": np.dtype("<i4"), "i8": np.dtype("<i8"), "f8": np.dtype("<f8")}
 MAX_JSON = 1 << 20
+MAX_NDIM = 8  # dimensions of one array on the wire (the operations use at most 3)
+MAX_ARRAYS = 4096  # arrays in one message (a settle carries a few per node group)
 _LEN = struct.Struct("<I")
 
 
@@ -113,20 +116,39 @@ def unpack_arrays(spec: list[list[Any]], data: bytes | bytearray | memoryview) -
         view = memoryview(bytearray(view))
     out: dict[str, np.ndarray] = {}
     offset = 0
-    try:
-        for name, code, shape in spec:
-            dtype = DTYPES[code]
-            count = int(np.prod(shape, dtype=np.int64))
-            nbytes = count * dtype.itemsize
-            if offset + nbytes > len(view):
-                raise ProtocolError(f"array {name!r} runs past the end of the data ({len(view)} bytes)")
-            out[str(name)] = np.frombuffer(view, dtype, count, offset).reshape(shape)
-            offset += nbytes
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"bad array layout {spec!r}: {exc}") from exc
+    if not isinstance(spec, list) or len(spec) > MAX_ARRAYS:
+        raise ProtocolError(f"array layout must be a list of at most {MAX_ARRAYS} entries")
+    for entry in spec:
+        name, dtype, shape, count = _array_spec(entry)
+        nbytes = count * dtype.itemsize  # Python ints: no overflow, checked before any view or copy
+        if offset + nbytes > len(view):
+            raise ProtocolError(f"array {name!r} runs past the end of the data ({len(view)} bytes)")
+        out[name] = np.frombuffer(view, dtype, count, offset).reshape(shape)
+        offset += nbytes
     if offset != len(view):
         raise ProtocolError(f"array data has {len(view)} bytes, the layout describes {offset}")
     return out
+
+
+def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """(name, dtype, shape, element count) of one ``[name, dtype, shape]`` layout entry from a
+    peer: every dimension a JSON integer in [0, 2^31), at most `MAX_NDIM` of them."""
+    if not isinstance(entry, list | tuple) or len(entry) != 3:
+        raise ProtocolError(f"bad array layout entry {str(entry)[:80]}: expected [name, dtype, shape]")
+    name, code, shape = entry
+    if not isinstance(name, str) or not isinstance(code, str) or code not in DTYPES:
+        raise ProtocolError(f"bad array layout entry {str(entry)[:80]}: name and a dtype of {sorted(DTYPES)}")
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_NDIM:
+        raise ProtocolError(f"array {name!r}: shape must be a list of at most {MAX_NDIM} dimensions")
+    dims = []
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= INT32_MAX:
+            raise ProtocolError(f"array {name!r}: dimensions are integers in [0, 2^31), got {str(d)[:40]}")
+        dims.append(d)
+    count = 1
+    for d in dims:
+        count *= d
+    return name, DTYPES[code], tuple(dims), count
 
 
 def dumps(obj: Any) -> bytes:
@@ -228,7 +250,7 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
             for c in d["couplings"]
         )
         return Topology(
-            groups={str(k): int(v) for k, v in d["groups"].items()},
+            groups={str(k): v for k, v in d["groups"].items()},  # sizes checked (not truncated) by Topology
             couplings=couplings,
             gain=d.get("gain", 1.0),
             mode=d.get("mode", "analog"),
@@ -306,7 +328,10 @@ def settle_args(msg: Message) -> dict[str, Any]:
     """Keyword arguments of `Device.settle` from a settle request."""
     targets, grads = _by_prefix(msg.arrays, "target"), _by_prefix(msg.arrays, "grad")
     betas = msg.meta.get("beta", {})
-    nudge = {g: Nudge(float(b), targets.get(g), grads.get(g)) for g, b in betas.items()}
+    if not isinstance(betas, dict):
+        raise ProtocolError(f"settle beta must be an object of group: beta, got {str(betas)[:40]}")
+    # beta passes as sent: the device checks its type and range (a float() would take "nan")
+    nudge = {g: Nudge(b, targets.get(g), grads.get(g)) for g, b in betas.items()}
     trace = msg.meta.get("trace", False)
     if not isinstance(trace, bool | int):
         raise ProtocolError(f"settle trace must be a boolean or an integer, got {trace!r}")

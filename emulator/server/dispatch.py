@@ -34,7 +34,7 @@ def _program(d: Device, m: Message) -> Message:
         m.arrays["g_minus"],
         verify=bool(m.meta.get("verify", False)),
         tol=m.meta.get("tol"),
-        max_iters=int(m.meta.get("max_iters", 20)),
+        max_iters=m.meta.get("max_iters", 20),  # the device checks it (an int() would truncate 2.5)
     )
     return pl.program_reply(r)
 
@@ -56,7 +56,7 @@ def _settle(d: Device, m: Message) -> Message:
 
 
 def _wait(d: Device, m: Message) -> Message:
-    d.wait(float(m.meta["seconds"]))
+    d.wait(m.meta["seconds"])  # the device checks type and range
     return Message()
 
 

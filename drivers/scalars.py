@@ -1,0 +1,76 @@
+"""Strict scalar checks: a count, index or scale parameter is checked in the width it is used
+in (a Python int or a float64) before any narrowing cast, and wrong types are refused.
+
+`as_int` takes Python and numpy integers only (the value is used as given, so a float,
+even a whole one, is refused like booleans, complex numbers, strings and other objects). `as_float` takes any
+real number that converts to a finite float64. Out of range: ConfigurationError, or
+LimitViolation when the bound is a declared device limit (`limit` names it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from drivers.errors import ConfigurationError, LimitViolation
+
+INT32_MAX = 2**31 - 1  # widest count the wire and the board's int32 buffers hold
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_reported(v: float | int) -> float:
+    """A value LimitViolation can format (a Python int beyond float range is shown as inf)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def as_int(name: str, value: object, lo: int, hi: int, limit: str | None = None) -> int:
+    """`value` as a Python int in [lo, hi]."""
+    if isinstance(value, bool | np.bool_):
+        raise ConfigurationError(f"{name} must be an integer, got the boolean {value!r}")
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    else:  # floats too, whole or not: the value is used as an int and must arrive as one
+        raise ConfigurationError(f"{name} must be an integer, got {type(value).__name__} {_shown(value)}")
+    if v < lo:
+        raise ConfigurationError(f"{name} must be >= {lo}, got {v}")
+    if v > hi:
+        if limit is not None:
+            raise LimitViolation(limit, _as_reported(v), hi)
+        raise ConfigurationError(f"{name} must be <= {hi}, got {v}")
+    return v
+
+
+def as_float(
+    name: str,
+    value: object,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    limit: str | None = None,
+) -> float:
+    """`value` as a finite float64 in [lo, hi] (``(lo, hi]`` with `lo_open`)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"{name} must be a real number, got {type(value).__name__} {_shown(value)}")
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):
+        f = math.nan
+    if not math.isfinite(f):
+        raise ConfigurationError(f"{name} must be finite, got {_shown(value)}")
+    if f < lo or (lo_open and f == lo):
+        raise ConfigurationError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {f:g}")
+    if f > hi:
+        if limit is not None:
+            raise LimitViolation(limit, f, hi)
+        raise ConfigurationError(f"{name} must be <= {hi:g}, got {f:g}")
+    return f
