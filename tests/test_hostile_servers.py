@@ -260,3 +260,17 @@ def test_framed_state_changing_requests_need_a_request_id(device: Device) -> Non
                 first, _ = _exchange(link, pl.Op.WAIT, request)
                 assert not first.flags & Flag.ERROR
             assert server.cache.hits == before + 1
+
+
+def test_link_inbox_is_bounded_under_a_flood() -> None:
+    """Frames that pile up while a link sends are capped (not acknowledged beyond the cap)."""
+    chunks = iter(
+        frames.encode(frames.Frame(LinkOp.PING, seq, Flag.MORE, b"x" * 10)) for seq in range(1, 200)
+    )
+    sent: list[bytes] = []
+    link = Link(lambda _t: next(chunks, b""), sent.append, max_message=4 * frames.MAX_FRAGMENT)
+    for _ in range(199):
+        link._pump(0)
+    assert len(link._inbox) <= 4 + 3
+    assert link.stats.stale >= 190
+    assert len(sent) <= 4 + 3  # only the frames kept were acknowledged

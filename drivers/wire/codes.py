@@ -101,8 +101,10 @@ def code_for(exc: BaseException) -> tuple[int, str]:
         return HARDWARE_ERROR, str(exc)
     if isinstance(exc, OverflowError):  # a number too large for its type
         return DATA_OUT_OF_RANGE, str(exc)
-    if isinstance(exc, ValueError | TypeError | KeyError):
-        return ILLEGAL_PARAMETER_VALUE, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, KeyError):
+        return ILLEGAL_PARAMETER_VALUE, f"no {exc}"
+    if isinstance(exc, ValueError | TypeError):  # the text says what was wrong; no Python names
+        return ILLEGAL_PARAMETER_VALUE, str(exc) or "illegal parameter value"
     return EXECUTION_ERROR, f"{type(exc).__name__}: {exc}"
 
 

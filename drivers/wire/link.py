@@ -247,6 +247,9 @@ class Link:
             if self._awaiting is not None and frame.seq in (self._awaiting, NO_SEQ):
                 self._nacked = True
             return
+        if self.max_message is not None and len(self._inbox) > self.max_message // frames.MAX_FRAGMENT + 2:
+            self.stats.stale += 1  # a flood while this end sends: unacknowledged, so not lost to a
+            return  # peer that keeps to stop-and-wait (it never has two frames unacknowledged)
         if (
             self._piggyback is not None
             and frame.flags & _RESPONSE
