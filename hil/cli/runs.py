@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
         run = run_store(run)
         try:
-            text = summary(open_run(run))
+            text = summary(open_run(run, verify=True))
         except RunLogError as exc:
             raise fail(str(exc)) from None
         except Exception as exc:  # a store this reader did not foresee: still one line

@@ -40,7 +40,7 @@ Errors (garbage, truncated or complete stores, a live writer) are `RunLogError`s
 naming the path, for the command line to print and exit 2.
 """
 
-from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogError
+from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogCorrupt, RunLogError
 from hil.runlog.order import DataOrder
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import restore_rng, restore_training, rng_state, training_state
@@ -53,6 +53,7 @@ __all__ = [
     "Run",
     "RunExistsError",
     "RunLog",
+    "RunLogCorrupt",
     "RunLogError",
     "TraceConfig",
     "never_started",

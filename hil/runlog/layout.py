@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 FORMAT = "xbar-hil.runlog"
 FORMAT_VERSION = 1
@@ -29,6 +30,12 @@ TABLE_GROUPS = (METRICS, TRACES, TILES, PROGRAM)
 # value, so a missing chunk file always means a truncated store.
 ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
 
+# Every array's chunks: zstd (zarr's default), then a CRC-32C of the compressed bytes (4 bytes
+# appended per chunk), so a flipped byte makes the chunk unreadable instead of wrong. Stores written
+# before the checksum have zstd only and are read unchecked.
+COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+CHECKSUM_CODEC = "crc32c"
+
 TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_ROWS = 4096
 
@@ -41,6 +48,11 @@ class RunLogError(ValueError):
 class RunExistsError(RunLogError):
     """`RunLog.create` found a run at the path (and was not told to overwrite it): the command
     line turns this into a message that names its own flags (--overwrite, --resume)."""
+
+
+class RunLogCorrupt(RunLogError):
+    """A chunk of the run log does not decode (its checksum does not match, or its compressed
+    bytes are damaged): the message names the array and, when known, the chunk."""
 
 
 def chunk_rows_for(row_bytes: int) -> int:
@@ -67,6 +79,11 @@ def fill_value_for(dtype: np.dtype) -> Any:
 def writable(array: zarr.Array) -> zarr.Array:
     """The same array with the write settings of the run log (the config is not persisted)."""
     return array.with_config(ARRAY_CONFIG)
+
+
+def has_checksum(array: zarr.Array) -> bool:
+    """True when every chunk of `array` carries a CRC-32C (stores before it: False)."""
+    return any(getattr(c, "to_dict", lambda: {})().get("name") == CHECKSUM_CODEC for c in array.compressors)
 
 
 def check_json(value: Any, what: str) -> None:

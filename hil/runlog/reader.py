@@ -4,6 +4,11 @@
 group written by this module (``format`` attribute), every table's committed rows are backed
 by its arrays and every chunk file of those rows exists, and every committed snapshot is
 complete. Whatever is wrong is raised as one `RunLogError` line naming the path.
+
+Every chunk carries a CRC-32C (docs/runlog.md, "Checksums"): a chunk that does not decode is
+raised as `RunLogCorrupt` naming the array and the chunk, by every read (`table`,
+`load_snapshot`) and, for the whole store, by `verify` (``open_run(path, verify=True)``, what
+`hil inspect` does). Stores written before the checksum are read unchecked.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from hil.runlog.layout import (
     SNAPSHOTS,
     TABLE_GROUPS,
     TRACES,
+    RunLogCorrupt,
     RunLogError,
 )
 from hil.runlog.state import decode_state
@@ -94,11 +100,40 @@ class Run:
         rows = int(group.attrs["rows"])
         out = {}
         for name in group.attrs.get("columns", []):
-            try:
-                out[name] = np.asarray(group[name][:rows])
-            except Exception as exc:
-                raise RunLogError(f"{self.path}: cannot read {path}/{name}: {_short(exc)}") from None
+            out[name] = self.read(f"{path}/{name}", rows)
         return out
+
+    def read(self, path: str, rows: int | None = None) -> np.ndarray:
+        """The first `rows` rows of the array at `path` (None: all of it). A chunk that does not
+        decode raises `RunLogCorrupt` naming the array and the chunk."""
+        arr = self._array(path)
+        sel = Ellipsis if rows is None else slice(0, rows)
+        try:
+            return np.asarray(arr[sel])
+        except Exception as exc:
+            bad = self.damaged_chunk(path, rows)
+            where = f"chunk {bad[0]}" if bad else "a chunk"
+            raise RunLogCorrupt(
+                f"{self.path}: cannot read {path}: {where} is damaged ({_short(exc)})"
+            ) from None
+
+    def damaged_chunk(self, path: str, rows: int | None = None) -> tuple[str, int] | None:
+        """(chunk key, first row it holds) of the first chunk of the array at `path` (within
+        its first `rows` rows; None: all) that does not decode, or None if all of them do."""
+        arr = self._array(path)
+        if arr.ndim == 0:
+            coords: list[tuple[int, ...]] = [()]
+        else:
+            rows = arr.shape[0] if rows is None else min(rows, arr.shape[0])
+            grid = (-(-rows // arr.chunks[0]), *arr.cdata_shape[1:])
+            coords = list(np.ndindex(*grid)) if arr.size else []
+        for c in coords:
+            sel = tuple(slice(i * n, (i + 1) * n) for i, n in zip(c, arr.chunks, strict=True))
+            try:
+                arr[sel]
+            except Exception:
+                return arr.metadata.encode_chunk_key(c), (c[0] * arr.chunks[0] if c else 0)
+        return None
 
     def labels(self, path: str, column: str) -> list[str]:
         group = self._group(path)
@@ -128,14 +163,25 @@ class Run:
         assert group is not None
 
         def load(array: str) -> np.ndarray:
-            try:
-                return np.asarray(group[array][...])
-            except Exception as exc:
-                raise RunLogError(
-                    f"{self.path}: cannot read {SNAPSHOTS}/{name}/{array}: {_short(exc)}"
-                ) from None
+            return self.read(f"{SNAPSHOTS}/{name}/{array}")
 
         return int(attrs["step"]), decode_state(attrs["state"], load)
+
+    def intact_rows(self, path: str) -> int:
+        """How many leading committed rows of the table at `path` read back intact in every
+        column (its ``rows`` when no chunk is damaged)."""
+        rows = self.tables.get(path, 0)
+        group = self._group(path)
+        if group is None:
+            return 0
+        for name in group.attrs.get("columns", []):
+            try:
+                self._array(f"{path}/{name}")[:rows]
+            except Exception:
+                bad = self.damaged_chunk(f"{path}/{name}", rows)
+                if bad is not None:
+                    rows = min(rows, bad[1])
+        return rows
 
     # ------------------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -171,6 +217,21 @@ class Run:
                 arr = self._array(f"{SNAPSHOTS}/{name}/{array}")
                 self._check_chunks(arr, list(np.ndindex(*arr.cdata_shape)) if arr.size else [])
 
+    def verify(self) -> None:
+        """`validate`, then decode every chunk of every committed row and snapshot: the first
+        damaged one raises `RunLogCorrupt` naming its array and chunk."""
+        self.validate()
+        for path, rows in self.tables.items():
+            group = self._group(path)
+            assert group is not None
+            for name in group.attrs.get("columns", []):
+                self.read(f"{path}/{name}", rows)
+        for name in self.snapshots:
+            group = self._group(f"{SNAPSHOTS}/{name}")
+            assert group is not None
+            for array in sorted(group.array_keys()):
+                self.read(f"{SNAPSHOTS}/{name}/{array}")
+
     def _check_chunks(self, arr: zarr.Array, coords: list[tuple[int, ...]]) -> None:
         for c in coords:
             key = arr.metadata.encode_chunk_key(c)
@@ -194,10 +255,13 @@ class Run:
         return node
 
 
-def open_run(path: str | Path, validate: bool = True) -> Run:
-    """Open a run log for reading; `validate` checks every committed chunk is on disk."""
+def open_run(path: str | Path, validate: bool = True, verify: bool = False) -> Run:
+    """Open a run log for reading; `validate` checks every committed chunk is on disk, `verify`
+    also decodes every one of them (checksums: a damaged chunk raises `RunLogCorrupt`)."""
     run = Run(path)
-    if validate:
+    if verify:
+        run.verify()
+    elif validate:
         run.validate()
     return run
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hil.runlog.layout import ARRAY_CONFIG, RunLogError, chunk_rows_for, fill_value_for, writable
+from hil.runlog.layout import ARRAY_CONFIG, COMPRESSORS, RunLogError, chunk_rows_for, fill_value_for, writable
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,7 @@ class Table:
             chunks=(self.chunk_rows, *col.inner),
             dtype=col.dtype,
             fill_value=col.fill,
+            compressors=COMPRESSORS,
             config=ARRAY_CONFIG,
         )
         if self.rows:  # earlier rows: written out, so every chunk below `rows` exists

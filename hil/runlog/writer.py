@@ -19,6 +19,7 @@ import zarr
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
 from hil.runlog.layout import (
     ARRAY_CONFIG,
+    COMPRESSORS,
     FORMAT,
     FORMAT_VERSION,
     METRICS,
@@ -31,6 +32,7 @@ from hil.runlog.layout import (
     TILES,
     TRACES,
     RunExistsError,
+    RunLogCorrupt,
     RunLogError,
     check_json,
 )
@@ -300,7 +302,7 @@ class RunLog:
         name = f"{index:06d}"
         group = snaps.create_group(name, overwrite=True)
         for key, data in arrays.items():
-            group.create_array(key, data=data, config=ARRAY_CONFIG)
+            group.create_array(key, data=data, compressors=COMPRESSORS, config=ARRAY_CONFIG)
         group.attrs.update(
             {
                 "step": int(step),
@@ -393,36 +395,60 @@ class RunLog:
 
 def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     """Reopen a crashed or failed run to continue it: returns the writer and the state of the
-    last snapshot (None if the run had none: start over, the tables are emptied). Rows written
-    after that snapshot are dropped, so the resumed run appends exactly where it left off."""
+    last intact snapshot (None if the run had none: start over, the tables are emptied). Rows
+    written after that snapshot are dropped, so the resumed run appends exactly where it left off.
+
+    A snapshot is intact when its arrays and every table chunk below the rows it recorded
+    decode (checksums): damaged newer snapshots are skipped (named in the ``resumes`` entry,
+    under ``skipped``) and deleted, and the tables cut back to the snapshot used. Snapshots that
+    are all damaged raise `RunLogCorrupt`."""
     run = open_run(path)
     if run.complete:
         raise RunLogError(f"{run.path}: the run is complete; nothing to resume")
     _check_writer_gone(run)
-    step, state, tables = None, None, {}
-    if run.snapshots:
-        last = run.snapshots[-1]
-        tables = run.snapshot_attrs(last)["tables"]
-        step, state = run.load_snapshot(last)
-    for table_path, rows in run.tables.items():
-        _check_tail(run, table_path, min(rows, int(tables.get(table_path, 0))))
+    step, state, tables, used = None, None, {}, None
+    intact = {table_path: run.intact_rows(table_path) for table_path in run.tables}
+    skipped: list[dict[str, str]] = []
+    for name in reversed(run.snapshots):
+        recorded = {p: int(r) for p, r in run.snapshot_attrs(name)["tables"].items()}
+        damaged = [p for p, rows in run.tables.items() if min(rows, recorded.get(p, 0)) > intact[p]]
+        if damaged:
+            skipped.append({"snapshot": name, "error": _table_error(run, damaged[0])})
+            continue
+        try:
+            step, state = run.load_snapshot(name)
+        except RunLogCorrupt as exc:
+            skipped.append({"snapshot": name, "error": str(exc).removeprefix(f"{run.path}: ")})
+            continue
+        tables, used = recorded, name
+        break
+    if skipped and used is None:
+        raise RunLogCorrupt(
+            f"{run.path}: no intact snapshot to resume from (the newest: {skipped[0]['error']}); "
+            "start the run again"
+        )
     run = Run(path, mode="r+")
     log = RunLog(run)
-    for table_path, table in log._tables.items():
-        table.truncate(int(tables.get(table_path, 0)))
     snaps = log.root[SNAPSHOTS]
     assert isinstance(snaps, zarr.Group)
+    if used is not None and used != log._committed[-1]:  # damaged snapshots: uncommitted first
+        kept = log._committed[: log._committed.index(used) + 1]
+        snaps.attrs.update({"committed": kept})
+        log._committed = kept
+    for table_path, table in log._tables.items():
+        table.truncate(int(tables.get(table_path, 0)))
+        table.trim()  # also drops chunks of an interrupted flush past the rows kept
     for stray in set(snaps.group_keys()) - set(log._committed):
-        del snaps[stray]  # a snapshot interrupted before it was committed
-    resumes = [
-        *run.attrs.get("resumes", []),
-        {
-            "time": now(),
-            "from_step": step,
-            "status_before": run.status,
-            "error_before": run.attrs.get("error"),
-        },
-    ]
+        del snaps[stray]  # a snapshot interrupted before it was committed, or a damaged one
+    entry: dict[str, Any] = {
+        "time": now(),
+        "from_step": step,
+        "status_before": run.status,
+        "error_before": run.attrs.get("error"),
+    }
+    if skipped:
+        entry["skipped"] = skipped
+    resumes = [*run.attrs.get("resumes", []), entry]
     log._update_root(
         {
             "status": STATUS_RUNNING,
@@ -453,19 +479,13 @@ def never_started(path: str | Path) -> bool:
     )
 
 
-def _check_tail(run: Run, path: str, rows: int) -> None:
-    """Read the partial last chunk a resumed writer will rewrite: a damaged one must stop the
-    resume now, not fail the run at its first flush."""
-    group = run.root[path]
-    chunk = group.attrs.get("chunk_rows")
-    if not rows or not chunk or rows % int(chunk) == 0:
-        return
-    start = rows - rows % int(chunk)
-    for name in group.attrs.get("columns", []):
-        try:
-            group[name][start:rows]
-        except Exception as exc:
-            raise RunLogError(f"{run.path}: cannot read {path}/{name}: {type(exc).__name__}: {exc}") from None
+def _table_error(run: Run, path: str) -> str:
+    """The read error of the table at `path` (one of its chunks is damaged)."""
+    try:
+        run.table(path)
+    except RunLogError as exc:
+        return str(exc).removeprefix(f"{run.path}: ")
+    return f"cannot read {path}"
 
 
 def _check_writer_gone(run: Run) -> None:
