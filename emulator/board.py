@@ -32,12 +32,18 @@ def _lsb(bits: int | None, span: float) -> float:
     return span / ((1 << bits) - 1) if bits else span / 255
 
 
+_COUNT_DTYPES = frozenset(
+    {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+)
+
+
 def _peak_count(counts: torch.Tensor) -> int | float:
     """Largest |count| of a tensor of whole pulse counts, from its min and max as Python
     numbers (``abs`` of the most negative int32 stays negative); other dtypes are refused."""
     if not isinstance(counts, torch.Tensor):
         raise ConfigurationError(f"pulse counts must be a tensor, got {type(counts).__name__}")
-    if counts.dtype == torch.bool or counts.is_complex():
+    if counts.dtype not in _COUNT_DTYPES:
         raise ConfigurationError(f"pulse counts must be whole numbers, got dtype {counts.dtype}")
     if not counts.numel():
         return 0
