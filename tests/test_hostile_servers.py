@@ -274,3 +274,22 @@ def test_link_inbox_is_bounded_under_a_flood() -> None:
     assert len(link._inbox) <= 4 + 3
     assert link.stats.stale >= 190
     assert len(sent) <= 4 + 3  # only the frames kept were acknowledged
+
+
+def test_a_peer_that_never_reads_is_disconnected(device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(links_mod, "WRITE_TIMEOUT_S", 0.5)
+    with scpi_server(device, max_connections=1) as (server, port):
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(("127.0.0.1", port))
+        hog.settimeout(2)
+        hog.sendall(b"*OPC?\n")
+        assert hog.recv(10) == b"1\n" and server.gate.active == 1
+        with contextlib.suppress(OSError):
+            for _ in range(5000):  # queries whose answers it never reads, until the server hangs up
+                hog.sendall(b"*IDN?;*IDN?;*IDN?;*IDN?\n" * 100)
+        assert _until(lambda: server.gate.active == 0, timeout=8.0)
+        hog.close()
+        peer = Scpi(port)
+        assert peer.ask("*OPC?") == "1"
+        peer.close()

@@ -6,8 +6,10 @@ and each pty gets its own thread running it. Threads are daemons and stop within
 
 A server admits at most `max_connections` TCP connections at a time (all its listeners
 together); one more is handed to the server's `refuse` (which may write a line to it) and
-closed. The accept loop survives any failure to set up one connection (that socket is
-closed, the failure logged and counted in `failures`) and keeps accepting.
+closed. A peer that reads nothing of a reply for `WRITE_TIMEOUT_S` is disconnected (a
+connection that never reads cannot hold its slot for ever). The accept loop survives any
+failure to set up one connection (that socket is closed, the failure logged and counted in
+`failures`) and keeps accepting.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Protocol, Self
 POLL_S = 0.05
 READ_SIZE = 1 << 16
 MAX_CONNECTIONS = 16  # concurrent TCP connections per server (a constructor argument)
+WRITE_TIMEOUT_S = 30.0  # a peer that reads none of a reply for this long is disconnected
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class SocketStream:
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(WRITE_TIMEOUT_S)  # reads wait in select; a write to a peer that never reads ends
 
     def read(self, timeout: float) -> bytes:
         ready, _, _ = select.select([self.conn], [], [], timeout)
