@@ -361,3 +361,24 @@ def test_the_named_instances(dev: EmulatedDevice) -> None:
     with pytest.raises(DeviceError):
         dev.configure(Topology.layered([3, 2], gain=math.inf))
     assert dev.safety().violations == 0
+
+
+@SETTINGS
+@given(
+    field=st.sampled_from(["max_pulses", "max_verify_iters", "max_wait_s", "max_gain", "adc_bits"]),
+    value=SCALARS,
+)
+def test_limits_declared_by_a_peer(dev: EmulatedDevice, field: str, value: object) -> None:
+    """A board's declared limits reach the host's checks as numbers of their field's type,
+    or the info is refused as malformed."""
+    d = pl.info_to_dict(dev.info)
+    d["limits"][field] = int(value) if isinstance(value, np.integer) else value
+    try:
+        info = pl.info_from_dict(d)
+    except ProtocolError:
+        return
+    got = getattr(info.limits, field)
+    if field in ("max_pulses", "max_verify_iters") or (field == "adc_bits" and got is not None):
+        assert type(got) is int
+    elif field != "adc_bits":
+        assert type(got) is float and math.isfinite(got)

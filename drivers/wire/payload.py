@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -33,8 +34,8 @@ from drivers.base import (
     PulseReport,
     SafetyCounters,
 )
-from drivers.errors import ProtocolError
-from drivers.scalars import INT32_MAX
+from drivers.errors import ConfigurationError, ProtocolError
+from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import Coupling, SettleBudget, Topology
 
 # dtype codes allowed on the wire (all little-endian): bulk data is f4 (states,
@@ -208,10 +209,35 @@ def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
     }
 
 
+def _limits_from_peer(d: Any) -> dict[str, Any]:
+    """A peer's limits, every number checked by its field's type (ints are integers, floats
+    are finite reals, ``| None`` fields may be null) so that the host's checks compare
+    numbers with numbers; fields the peer omits take their defaults."""
+    if not isinstance(d, dict):
+        raise ProtocolError(f"malformed device info: limits must be an object, got {str(d)[:40]}")
+    out = dict(d)
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(Limits)}
+    try:
+        for name, value in d.items():
+            kind = kinds.get(name)
+            if kind is None or (value is None and kind.endswith("| None")):
+                continue
+            if kind.startswith("int"):
+                out[name] = as_int(f"limits.{name}", value, -(2**63), 2**63 - 1)
+            elif kind == "float":
+                out[name] = as_float(f"limits.{name}", value, -math.inf, math.inf)
+            elif name == "adc_range":
+                lo, hi = value
+                lo = as_float("limits.adc_range low", lo, -math.inf, math.inf)
+                out[name] = (lo, as_float("limits.adc_range high", hi, lo, math.inf))
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed device info: {exc}") from None
+    return out
+
+
 def info_from_dict(d: dict[str, Any]) -> DeviceInfo:
     try:
-        limits = dict(d["limits"])
-        limits["adc_range"] = tuple(limits["adc_range"])
+        limits = _limits_from_peer(d["limits"])
         return DeviceInfo(
             identity=Identity(**d["identity"]),
             limits=Limits(**limits),
