@@ -141,6 +141,9 @@ def test_damaged_newest_snapshot_falls_back_to_the_one_before(copy: Path) -> Non
     log, state = open_for_resume(copy)
     assert state is not None and state["step"] == 1 and log.resumed_step == 1
     assert log._committed == ["000000"]
+    (note,) = log.fallback_notes()  # what the train commands print on stderr
+    assert note.startswith("snapshot 000001 is damaged (cannot read snapshots/000001/w: chunk c/0")
+    assert note.endswith("resuming from step 1")
     with log:
         pass
     after = open_run(copy, verify=True)
@@ -150,6 +153,9 @@ def test_damaged_newest_snapshot_falls_back_to_the_one_before(copy: Path) -> Non
     assert entry["from_step"] == 1
     assert [s["snapshot"] for s in entry["skipped"]] == ["000001"]
     assert "snapshots/000001/w" in entry["skipped"][0]["error"]
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "skipped damaged snapshot 000001: cannot read snapshots/000001/w" in result.stdout
 
 
 def test_damaged_rows_below_every_snapshot_refuse_the_resume(copy: Path) -> None:

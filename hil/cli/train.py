@@ -135,6 +135,8 @@ def classifier(
         if resume is not None:
             log, state = open_for_resume(resume)
             log.set_device_uri(cfg.device)
+            for note in log.fallback_notes():
+                typer.echo(f"note: {note}", err=True)
         else:
             import time
 

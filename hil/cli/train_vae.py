@@ -108,6 +108,8 @@ def vae(
         if resume is not None:
             log, state = open_for_resume(store)
             log.set_device_uri(cfg.device)
+            for note in log.fallback_notes():
+                typer.echo(f"note: {note}", err=True)
         else:
             run_dir = out or Path(cfg.out) / m.variant
             log = RunLog.create(

@@ -37,7 +37,9 @@ states (torch, numpy, Python), and returns the rest of what `training_state` was
 Everything is stored as arrays and JSON, never pickled. `open_for_resume` drops the rows
 written after the last snapshot, so the resumed run appends exactly where it left off.
 Errors (garbage, truncated or complete stores, a live writer) are `RunLogError`s: one line
-naming the path, for the command line to print and exit 2.
+naming the path, for the command line to print and exit 2. Every chunk carries a CRC-32C: a
+damaged one raises `RunLogCorrupt` naming the array and chunk, and `open_for_resume` falls back
+past damaged snapshots to the newest intact one (docs/runlog.md, "Checksums").
 """
 
 from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogCorrupt, RunLogError

@@ -25,6 +25,8 @@ def summary(run: Run) -> str:
     for r in a.get("resumes", []):
         was = r.get("status_before")
         lines.append(f"resumed      {r.get('time')} from step {r.get('from_step')} (was {was})")
+        for skip in r.get("skipped", []):
+            lines.append(f"             skipped damaged snapshot {skip.get('snapshot')}: {skip.get('error')}")
     v = a.get("versions", {})
     lines.append("versions     " + "  ".join(f"{k} {val}" for k, val in v.items() if k != "platform"))
     lines += _device(run.device)

@@ -93,6 +93,7 @@ class RunLog:
         self._last_flush = time.monotonic()
         self._closed = False
         self.resumed_step: int | None = None
+        self.skipped_snapshots: list[dict[str, str]] = []  # damaged ones a resume fell back past
 
     # ------------------------------------------------------------------------------ creation
     @staticmethod
@@ -179,6 +180,13 @@ class RunLog:
         if resumes:
             resumes[-1] = {**resumes[-1], "device_before": before}
         self._update_root({"config": self.config, "resumes": resumes})
+
+    def fallback_notes(self) -> list[str]:
+        """One line per damaged snapshot the resume fell back past (`open_for_resume`)."""
+        return [
+            f"snapshot {s['snapshot']} is damaged ({s['error']}); resuming from step {self.resumed_step}"
+            for s in self.skipped_snapshots
+        ]
 
     # ------------------------------------------------------------------------------ metrics
     def metrics(self, stream: str = "train", *, step: int, epoch: int = -1, **values: float) -> None:
@@ -460,6 +468,7 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
         }
     )
     log.resumed_step = step
+    log.skipped_snapshots = skipped
     return log, state
 
 
