@@ -96,6 +96,10 @@ class Limits:
     # drives a tile with 1e4 / rows to saturate the read-out ADC, so the bound allows 1e4
     max_w_max: float = 1e4
     max_beta: float = 100.0  # |beta| of a nudge (EP uses 0.01 to 1; the states clip to the range)
+    # |beta * grad| of an injected nudge current (normalised drive): with gain <= max_gain and
+    # states in [0, 1] a drive past ~1e3 saturates a node anyway; the bound keeps the float32
+    # drive and energy sums of a settle finite (3e38 gave energies of NaN)
+    max_drive: float = 1e6
 
     @property
     def clamp_max(self) -> float:

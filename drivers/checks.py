@@ -178,6 +178,12 @@ def check_settle(
         if nd.target is not None:
             target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
         grad = None if nd.grad is None else as_batch(f"nudge grad {group!r}", nd.grad, n, batch)
+        if grad is not None and grad.size:
+            drive = abs(beta) * float(np.abs(grad).max())
+            if drive > limits.max_drive:
+                raise LimitViolation(
+                    f"injected nudge current |beta * grad| on {group!r}", drive, limits.max_drive
+                )
         nudges[group] = Nudge(beta, target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
     free_init = {g: v for g, v in (init or {}).items() if g not in clamp}

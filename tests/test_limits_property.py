@@ -382,3 +382,22 @@ def test_limits_declared_by_a_peer(dev: EmulatedDevice, field: str, value: objec
         assert type(got) is int
     elif field != "adc_bits":
         assert type(got) is float and math.isfinite(got)
+
+
+@SETTINGS
+@given(beta=st.floats(-100, 100), grad=st.one_of(st.floats(-1e7, 1e7), floats()))
+def test_nudge_drive(dev: EmulatedDevice, beta: float, grad: object) -> None:
+    """An injected current |beta * grad| beyond max_drive is refused; an accepted one keeps
+    the settle's states and energy finite."""
+    lim = dev.info.limits
+    x = np.full((2, 3), 0.5, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g = np.full((2, 2), grad, dtype=np.float32)
+    g_max = float(np.abs(g).max())
+    want = math.isfinite(g_max) and abs(beta) * g_max <= lim.max_drive
+    ok, res = _outcome(lambda: dev.settle({"s0": x}, {"s1": Nudge(beta, grad=g)}))
+    assert ok == want, (beta, grad, res)
+    if ok:
+        assert all(np.isfinite(v).all() for v in res.states.values())  # type: ignore[attr-defined]
+        assert res.energy is None or np.isfinite(res.energy).all()  # type: ignore[attr-defined]
+    _clean(dev)
