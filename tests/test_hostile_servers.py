@@ -293,3 +293,17 @@ def test_a_peer_that_never_reads_is_disconnected(device: Device, monkeypatch: py
         peer = Scpi(port)
         assert peer.ask("*OPC?") == "1"
         peer.close()
+
+
+@pytest.mark.parametrize("theirs", [1e-12, 0.0, -1.0, float("nan"), float("inf"), "x"])
+def test_hello_cannot_negotiate_a_spinning_timer(device: Device, theirs: object) -> None:
+    with FramedServer(device) as server:
+        port = server.listen_tcp()[1]
+        with _connect(port) as sock:
+            link = _framed_link(sock)
+            hello = pl.dumps({"piggyback": True, "ack_timeout": theirs})
+            first, body = _exchange(link, LinkOp.HELLO, hello)
+            assert not first.flags & Flag.ERROR
+            assert pl.loads(body)["piggyback"] is (theirs != 1e-12)  # an unusable value: the board's own
+            assert all(lk.ack_delay == 0 or lk.ack_delay >= 0.001 for lk in server.links)
+            assert _exchange(link, LinkOp.PING, b"p")[1] == b"p"

@@ -85,7 +85,7 @@ class _DeferredAck:
             self._emit(frames.ack(seq))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.delay / 2):
+        while not self._stop.wait(max(self.delay / 2, 0.0005)):  # never a busy loop
             with self._lock:
                 due = self._seq is not None and time.monotonic() >= self._deadline
                 seq = self._seq if due else None

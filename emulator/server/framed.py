@@ -23,6 +23,7 @@ from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
+MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
 
 
 def _error(code: int, message: str) -> bytes:
@@ -135,7 +136,8 @@ class FramedServer(EndpointServer):
         theirs = host.get("ack_timeout")
         ok = isinstance(theirs, int | float) and not isinstance(theirs, bool) and theirs > 0
         limit = min(self.ack_timeout, float(theirs)) if ok else self.ack_timeout  # type: ignore[arg-type]
-        link.ack_delay = limit / 4 if piggyback else 0.0
+        delay = limit / 4 if piggyback else 0.0
+        link.ack_delay = delay if delay >= MIN_ACK_DELAY_S else 0.0  # a near-zero timer would spin
         info: dict[str, object] = {
             "version": frames.VERSION,
             "max_fragment": frames.MAX_FRAGMENT,
