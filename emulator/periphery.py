@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from drivers.scalars import INT32_MAX, as_float, as_int
+
 
 @dataclass(frozen=True)
 class PeripheryModel:
@@ -28,6 +30,23 @@ class PeripheryModel:
     max_settle_steps: int = 100_000
     max_pulses: int = 1000
     channels: int = 4096  # converter channels per direction
+
+    def __post_init__(self) -> None:
+        """Refuse a periphery no board could have (a URI override of 0 bits or a v_read of 0
+        would divide by zero in every later check; a channel count of -1 would crash)."""
+        for name in ("dac_bits", "adc_bits"):
+            bits = getattr(self, name)
+            if bits is not None:
+                as_int(name, bits, 1, 32)
+        for name in ("tile_rows_max", "tile_cols_max", "max_tiles", "max_settle_steps", "max_pulses"):
+            as_int(name, getattr(self, name), 1, INT32_MAX)
+        as_int("channels", self.channels, 1, 1 << 24)
+        for name in ("v_read", "v_read_max", "settle_step_s", "mvm_time_s", "mvm_range"):
+            as_float(name, getattr(self, name), 0.0, float("inf"), lo_open=True)
+        for name in ("gain_error", "offset_error", "node_noise"):
+            as_float(name, getattr(self, name), 0.0, float("inf"))
+        lo, hi = self.state_range
+        as_float("state_range high", hi, as_float("state_range low", lo, -1e30, 1e30), 1e30, lo_open=True)
 
     def ideal(self) -> PeripheryModel:
         """The same periphery with ideal converters and no noise."""

@@ -401,3 +401,24 @@ def test_nudge_drive(dev: EmulatedDevice, beta: float, grad: object) -> None:
         assert all(np.isfinite(v).all() for v in res.states.values())  # type: ignore[attr-defined]
         assert res.energy is None or np.isfinite(res.energy).all()  # type: ignore[attr-defined]
     _clean(dev)
+
+
+@SETTINGS
+@given(
+    field=st.sampled_from(["v_read", "dac_bits", "channels", "max_pulses", "max_settle_steps", "mvm_range"]),
+    value=st.one_of(st.integers(-2, 40), SCALARS),
+)
+def test_periphery_overrides(field: str, value: object) -> None:
+    """A board is never built from a periphery that would divide by zero or overflow later:
+    every override either builds a board or raises ConfigurationError."""
+    from drivers.emulated import EmulatorOptions
+
+    text = str(int(value)) if isinstance(value, np.integer) else str(value)
+    ok, res = _outcome(lambda: EmulatorOptions(overrides=((field, text),)).board_preset())
+    if ok:
+        per = res.periphery  # type: ignore[attr-defined]
+        got = getattr(per, field)
+        if field in ("v_read", "mvm_range"):
+            assert math.isfinite(got) and got > 0
+        elif got is not None:
+            assert type(got) is int and 1 <= got <= 2**31 - 1
