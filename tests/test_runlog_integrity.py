@@ -254,3 +254,31 @@ def test_resume_after_a_damaged_snapshot_matches_an_uninterrupted_run(tmp_path: 
 
 def test_inspect_error_is_a_run_log_error() -> None:
     assert issubclass(RunLogCorrupt, RunLogError) and issubclass(RunLogCorrupt, ValueError)
+
+
+def test_damaged_rows_after_the_newest_snapshot_are_cut_and_written_again(tmp_path: Path) -> None:
+    """A damaged chunk holding only rows written after the newest snapshot does not cost that
+    snapshot: the resume cuts the table back to the snapshot's rows (dropping the chunk) and the
+    resumed run writes those rows again."""
+    path = tmp_path / "run.zarr"
+
+    def rows(log: RunLog, steps: range) -> None:
+        for step in steps:
+            log.metrics("train", step=step, loss=1.0 / (step + 1))
+
+    with pytest.raises(RuntimeError), RunLog.create(path, {}, flush_every_s=1e9) as log:
+        rows(log, range(4096))  # one whole chunk
+        log.snapshot(4096, {"step": 4096})
+        rows(log, range(4096, 4200))
+        log.flush()
+        raise RuntimeError("killed")
+    chunk = _flip(path, "metrics/train/loss", "c/1")
+    result = CliRunner().invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 2 and f"metrics/train/loss: chunk {chunk}" in result.stderr
+    log, state = open_for_resume(path)
+    assert state == {"step": 4096} and not log.skipped_snapshots
+    with log:
+        rows(log, range(4096, 4200))
+    train = open_run(path, verify=True).table("metrics/train")
+    assert train["step"].tolist() == list(range(4200))
+    np.testing.assert_array_equal(train["loss"], 1.0 / (np.arange(4200) + 1))
