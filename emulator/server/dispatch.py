@@ -27,12 +27,22 @@ def _configure(d: Device, m: Message) -> Message:
     return Message()
 
 
+def _flag(m: Message, key: str) -> bool:
+    """A boolean parameter, refused unless it is a JSON boolean (``bool("false")`` is True)."""
+    value = m.meta.get(key, False)
+    if not isinstance(value, bool):
+        raise DeviceFault(
+            codes.ILLEGAL_PARAMETER_VALUE, f"{key} must be true or false, got {str(value)[:40]}"
+        )
+    return value
+
+
 def _program(d: Device, m: Message) -> Message:
     r = d.program(
         m.meta["tile"],
         m.arrays["g_plus"],
         m.arrays["g_minus"],
-        verify=bool(m.meta.get("verify", False)),
+        verify=_flag(m, "verify"),
         tol=m.meta.get("tol"),
         max_iters=m.meta.get("max_iters", 20),  # the device checks it (an int() would truncate 2.5)
     )
@@ -48,7 +58,7 @@ def _read(d: Device, m: Message) -> Message:
 
 
 def _mvm(d: Device, m: Message) -> Message:
-    return Message({}, {"y": d.mvm(m.meta["tile"], m.arrays["x"], transpose=bool(m.meta.get("transpose")))})
+    return Message({}, {"y": d.mvm(m.meta["tile"], m.arrays["x"], transpose=_flag(m, "transpose"))})
 
 
 def _settle(d: Device, m: Message) -> Message:
