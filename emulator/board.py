@@ -21,7 +21,7 @@ from drivers import seeds
 from drivers.base import Identity, Limits
 from drivers.checks import check_settings, check_topology, check_verify, check_wait
 from drivers.errors import ConfigurationError, LimitViolation
-from drivers.scalars import INT32_MAX
+from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.array import TileArray
 from emulator.periphery import ChannelErrors, quantize
@@ -219,7 +219,7 @@ def _links(plan: _Plan, state: torch.Tensor) -> list[tuple[slice, list[tuple[tor
 class Board:
     def __init__(self, preset: BoardPreset, seed: int = 0, device: str | torch.device = "cpu") -> None:
         self.preset = preset
-        self.seed = int(seed)
+        self.seed = as_int("board seed", seed, 0, (1 << 128) - 1)
         self.device = torch.device(device)
         self.clock = 0.0
         self.safety = SafetyMonitor()
