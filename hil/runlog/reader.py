@@ -112,9 +112,10 @@ class Run:
             return np.asarray(arr[sel])
         except Exception as exc:
             bad = self.damaged_chunk(path, rows)
-            where = f"chunk {bad[0]}" if bad else "a chunk"
+            if bad is None:  # every chunk decodes on its own: not a damaged chunk
+                raise RunLogError(f"{self.path}: cannot read {path}: {_short(exc)}") from None
             raise RunLogCorrupt(
-                f"{self.path}: cannot read {path}: {where} is damaged ({_short(exc)})"
+                f"{self.path}: cannot read {path}: chunk {bad[0]} is damaged ({_short(exc)})"
             ) from None
 
     def damaged_chunk(self, path: str, rows: int | None = None) -> tuple[str, int] | None:
