@@ -95,7 +95,8 @@ def as_batch(
         raise ConfigurationError(f"{name}: expected shape (batch, {n}), got {np.shape(value)}")
     if batch is not None and arr.shape[0] != batch:
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -117,7 +118,10 @@ def _float32(name: str, value: object, copy: bool = True) -> np.ndarray:
         raise ConfigurationError(f"{name}: not a numeric array ({exc})") from None
     if arr.dtype.kind not in _REAL_KINDS:
         raise ConfigurationError(f"{name}: expected real numbers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32) if copy else arr
+    if not copy:
+        return arr
+    with np.errstate(over="ignore", invalid="ignore"):  # a value past float32 becomes inf: refused after
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _check_voltage(name: str, peak: float, limits: Limits) -> None:

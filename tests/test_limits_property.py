@@ -29,6 +29,9 @@ from emulator.board import Board
 from emulator.presets import get_preset
 from emulator.server import dispatch
 
+# a check that overflows on its way (a cast warning) has looked at the value in the wrong width
+pytestmark = pytest.mark.filterwarnings("error")
+
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
@@ -422,3 +425,22 @@ def test_periphery_overrides(field: str, value: object) -> None:
             assert math.isfinite(got) and got > 0
         elif got is not None:
             assert type(got) is int and 1 <= got <= 2**31 - 1
+
+
+@SETTINGS
+@given(value=st.one_of(st.floats(-2, 2), floats(), integers()), pos=st.integers(0, 2))
+def test_clamp_states(dev: EmulatedDevice, value: object, pos: int) -> None:
+    """A clamp value of any width is checked after its cast to float32 (a float64 past float32
+    becomes inf and is refused, silently), against the read-voltage limit."""
+    lim = dev.info.limits
+    arr = np.asarray(value)
+    x = np.zeros((1, 3), dtype=object if arr.dtype.kind == "O" else arr.dtype)  # the value's own dtype
+    x.flat[pos] = value
+    f = float(np.asarray(value, dtype=np.float64)) if x.dtype.kind != "O" else math.inf
+    f32 = float(np.float32(f)) if abs(f) < 3.4e38 else math.inf
+    want = math.isfinite(f32) and abs(f32) <= lim.clamp_max
+    ok, res = _outcome(lambda: dev.settle({"s0": x}))
+    assert ok == want, (value, x.dtype, res)
+    ok_m, res_m = _outcome(lambda: dev.mvm("W0", np.concatenate([x, np.ones((1, 1), x.dtype)], 1)))
+    assert ok_m == want, (value, res_m)
+    _clean(dev)
