@@ -31,7 +31,7 @@ from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Strea
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
-MAX_ERROR_TEXT = 120  # characters of an error message kept in the queue (input is never echoed whole)
+MAX_ERROR_TEXT = 255  # characters of a queued error message (SCPI-99 21.8); input is never echoed whole
 QUEUE_SIZE = 32
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # any integer parameter (commands narrow it)
 
