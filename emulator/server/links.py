@@ -73,7 +73,8 @@ class Gate:
 
 
 def _refuse_silently(conn: socket.socket) -> None:
-    pass
+    """The default refusal says nothing before the connection is closed: the framed protocol
+    has no message a board may send unprompted (the SCPI server passes its own, an error line)."""
 
 
 def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: str) -> None:

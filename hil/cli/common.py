@@ -88,3 +88,15 @@ def resumed_config(stored: T, asked: T) -> T:
             f"Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; start a new run for the rest"
         )
     return asked
+
+
+def resume_log(store: Path, device: str) -> tuple[Any, dict | None]:
+    """Reopen the run log `store` for `--resume` on the board at `device` (recorded when it
+    moved), printing a ``note:`` line for every damaged snapshot the resume fell back past."""
+    from hil.runlog import open_for_resume
+
+    log, state = open_for_resume(store)
+    log.set_device_uri(device)
+    for note in log.fallback_notes():
+        typer.echo(f"note: {note}", err=True)
+    return log, state

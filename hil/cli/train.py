@@ -95,9 +95,9 @@ def classifier(
     read from data.root; nothing is downloaded.
 
     The last line gives the test accuracy, the device identity and the config."""
-    from hil.cli.common import exists_message, fail, one_line_errors, resumed_config, run_store
+    from hil.cli.common import exists_message, fail, one_line_errors, resume_log, resumed_config, run_store
     from hil.config import ConfigError, RunConfig, apply_dict, load_config, load_into, to_toml, validate
-    from hil.runlog import RunExistsError, RunLog, RunLogError, open_for_resume, open_run
+    from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
 
     state = None
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
@@ -133,10 +133,7 @@ def classifier(
 
     try:
         if resume is not None:
-            log, state = open_for_resume(resume)
-            log.set_device_uri(cfg.device)
-            for note in log.fallback_notes():
-                typer.echo(f"note: {note}", err=True)
+            log, state = resume_log(resume, cfg.device)
         else:
             import time
 

@@ -71,9 +71,17 @@ def vae(
 
     import torch
 
-    from hil.cli.common import RUN_STORE, exists_message, fail, one_line_errors, resumed_config, run_store
+    from hil.cli.common import (
+        RUN_STORE,
+        exists_message,
+        fail,
+        one_line_errors,
+        resume_log,
+        resumed_config,
+        run_store,
+    )
     from hil.config import ConfigError, apply_dict, load_into, to_toml
-    from hil.runlog import RunExistsError, RunLog, RunLogError, open_for_resume, open_run
+    from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
     from hil.vae.config import VAERunConfig, validate_vae
     from hil.vae.hopfield import dense_topology
     from hil.vae.train import train_vae
@@ -106,10 +114,7 @@ def vae(
     m = cfg.model
     try:
         if resume is not None:
-            log, state = open_for_resume(store)
-            log.set_device_uri(cfg.device)
-            for note in log.fallback_notes():
-                typer.echo(f"note: {note}", err=True)
+            log, state = resume_log(store, cfg.device)
         else:
             run_dir = out or Path(cfg.out) / m.variant
             log = RunLog.create(
