@@ -15,8 +15,6 @@ from drivers.errors import ConfigurationError, LimitViolation
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import BIAS, SettleBudget, Topology
 
-__all__ = ["INT32_MAX", "as_float", "as_int"]  # re-exported: the checks' scalar helpers
-
 if TYPE_CHECKING:
     from drivers.base import Limits, Nudge
 

@@ -41,12 +41,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from drivers import BIAS, ConfigurationError, Device, Equilibrium, Limits, Nudge, Topology
+from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, Limits, Nudge, Topology
 from drivers.checks import check_settle, require_topology
 from hil.reference import DHN
 
@@ -72,7 +72,6 @@ class HostSettleStats:
     per_settle: int = 0  # mvm calls once per settle (the constant products)
     probe_calls: int = 0  # second reads at convergence checks (noise probes)
     noise_floor: float = 0.0  # residual below which the states only move by noise
-    extras: dict[str, float] = field(default_factory=dict)
 
 
 def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
@@ -120,7 +119,7 @@ class HostSettle:
         self.reference = reference
         self.probe_noise = probe_noise
         self.stats = HostSettleStats()
-        self._terms: dict[tuple[int, frozenset[str]], list[_Term]] = {}
+        self._terms: dict[tuple[tuple[Coupling, ...], frozenset[str]], list[_Term]] = {}
         self._norms: dict[tuple[frozenset[str], tuple[int, ...]], float] = {}
         self._vectors: dict[frozenset[str], torch.Tensor] = {}
 
@@ -141,7 +140,7 @@ class HostSettle:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
         budget, gain = topo.budget, topo.gain
         clamped = frozenset(cl)
-        key = (id(topo.couplings), clamped)
+        key = (topo.couplings, clamped)  # the couplings themselves: an id could be reused
         terms = self._terms.get(key)
         if terms is None:
             if len(self._terms) >= 8:
