@@ -24,7 +24,7 @@ averages), ``"sum"`` of the sum.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -532,10 +532,13 @@ def gradcheck(
     target: ArrayLike | Mapping[str, ArrayLike],
     betas: tuple[float, ...] = (0.1, 0.01, 0.001),
     modes: tuple[str, ...] = ("positive", "centered"),
+    on_step: Callable[[str], None] | None = None,
 ) -> list[CheckRow]:
     """EP on the block's Device against implicit differentiation of the pure-torch reference
     (float64, the weights read back from the Device), for the loss ``batch mean of
-    1/2 |s_out - target|^2``. One free settle is shared by every beta and mode."""
+    1/2 |s_out - target|^2``. One free settle is shared by every beta and mode. `on_step(what)`
+    is called after the reference and the free phase (``"reference"``) and after each EP
+    estimate (``"beta 0.01 centered"``), e.g. to advance a progress bar."""
     from hil.reference import cosine, mse_loss, rel_error
 
     cl = block._clamp(clamp)
@@ -550,10 +553,14 @@ def gradcheck(
     _, gw, gx, _ = ref.implicit_gradients({g: torch.from_numpy(v) for g, v in cl.items()}, loss)
     truth = split_bias(block.topology, gw) | {f"input:{g}": v for g, v in gx.items()}
     free = block.free(cl)
+    if on_step is not None:
+        on_step("reference")
     rows = []
     for beta in betas:
         for mode in modes:
             r = block.ep(cl, target=tg, beta=beta, mode=mode, free=free)  # type: ignore[arg-type]
+            if on_step is not None:
+                on_step(f"beta {beta:g} {mode}")
             est = split_bias(block.topology, r.grads) | {f"input:{g}": v for g, v in r.input_grads.items()}
             name = "one-sided" if mode in ("positive", "negative") else mode
             for k, v in truth.items():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import typer
 from tqdm import tqdm
@@ -54,26 +53,19 @@ def check_block(
 
 
 @contextmanager
-def _progress(block: EBBlock, checks: int, *, enabled: bool = True) -> Iterator[None]:
-    """A bar over what `hil.ep.gradcheck` does with `block`: one tick for the reference
-    (implicit differentiation, float64) and the free phase, then one per EP estimate (beta x
-    mode), ticked by wrapping this block's `ep` while the bar lives."""
+def _progress(checks: int, *, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A bar over what `hil.ep.gradcheck` does: one tick for the reference (implicit
+    differentiation, float64) and the free phase, then one per EP estimate (beta x mode);
+    yields the `on_step` callback that advances it."""
     bar = tqdm(total=1 + checks, desc="reference", unit="check", disable=not enabled, dynamic_ncols=True)
-    estimate = block.ep
 
-    def ticking(*args: Any, **kwargs: Any) -> Any:
-        if bar.n == 0:
-            bar.update(1)
-        bar.set_description(f"beta {kwargs.get('beta', '?'):g} {kwargs.get('mode', '')}".rstrip())
-        out = estimate(*args, **kwargs)
+    def tick(what: str) -> None:
+        bar.set_description(what)
         bar.update(1)
-        return out
 
-    block.ep = ticking  # type: ignore[method-assign]
     try:
-        yield
+        yield tick
     finally:
-        del block.ep
         bar.close()
 
 
@@ -154,7 +146,7 @@ def register(app: typer.Typer) -> None:
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
             )
-            with _progress(blk, len(beta_list) * len(MODES), enabled=progress):
-                rows = run_check(blk, x, y, betas=beta_list, modes=MODES)
+            with _progress(len(beta_list) * len(MODES), enabled=progress) as tick:
+                rows = run_check(blk, x, y, betas=beta_list, modes=MODES, on_step=tick)
         typer.echo(format_table(rows))
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
