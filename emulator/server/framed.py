@@ -94,7 +94,7 @@ class FramedServer(EndpointServer):
                     try:
                         link.send(exc.first.opcode, error, flags=flags, ref=exc.first.seq)
                     except Abandoned:
-                        pass
+                        pass  # the peer stopped acknowledging: it has gone, nothing to tell it
                     except Exception:
                         link.drain()
                     continue
