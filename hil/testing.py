@@ -9,8 +9,9 @@ autoloading off, ``pytest -p hil.testing``). Fixtures:
 - ``board_servers``: that board behind its SCPI server (TCP and pty) and its framed server
   (TCP and pty): ``.uris`` (device URIs) and ``.resources`` (plain VISA resource strings,
   serial ports and host:port, for scripts and firmware tools that are not Python)
-- ``emulated_board(board=..., faults=..., scpi_faults=..., ack_timeout=...)``: a factory
-  for more boards, or boards with injected link faults
+- ``emulated_board(board=..., plan=FaultPlan(...), ack_timeout=...)``: a factory for more
+  boards, or boards with injected faults (``hil.testing.FaultPlan`` and ``hil.testing.Faults``
+  are the fault types; ``FaultPlan(link=Faults(corrupt_rx=1))`` corrupts a received frame)
 - ``transport_device``: a Device for the board over each transport in turn (parametrised)
 - ``device_on(transport, board=..., **params)``: a factory for Devices over one transport
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -36,7 +36,8 @@ import pytest
 from drivers import Device, open_device
 
 if TYPE_CHECKING:
-    from emulator.server import Faults, FramedServer, ScpiFaults, ScpiServer
+    from emulator.server.launch import FaultPlan
+    from emulator.server.launch import ServedBoard as BoardServers
 
 IN_PROCESS = "emulator"
 REMOTE_TRANSPORTS = ("visa-tcp", "visa-asrl", "serial-pty", "serial-socket")
@@ -44,61 +45,27 @@ TRANSPORTS = (IN_PROCESS, *REMOTE_TRANSPORTS)
 DEFAULT_BOARD = "emulator://?preset=rram&seed=0"
 
 
-@dataclass
-class BoardServers:
-    """One board behind an SCPI server and a framed server (TCP port and pty each)."""
+_LAUNCHER_NAMES = ("FaultPlan", "Faults", "BoardServers")
 
-    device: Device
-    scpi: ScpiServer
-    framed: FramedServer
-    uris: dict[str, str] = field(default_factory=dict)  # transport -> device URI
 
-    @property
-    def resources(self) -> dict[str, str]:
-        """transport -> what a tool outside this package opens: a VISA resource string
-        (``TCPIP0::127.0.0.1::PORT::SOCKET``, ``ASRL/dev/pts/N::INSTR``), a serial port
-        (``/dev/pts/N``) or ``host:port`` for the framed protocol over TCP."""
-        return {t: uri.split("://", 1)[1] for t, uri in self.uris.items()}
+def __getattr__(name: str) -> Any:
+    """The fault types and the served-board type, imported from the launcher on first use
+    (loading the plugin must not import the emulator and torch into every test session)."""
+    if name in _LAUNCHER_NAMES:
+        from emulator.server import launch
 
-    def uri(self, transport: str, **params: str) -> str:
-        base = self.uris[transport]
-        if not params:
-            return base
-        return base + "?" + "&".join(f"{k}={v}" for k, v in params.items())
-
-    def close(self) -> None:
-        self.scpi.close()
-        self.framed.close()
-        self.device.close()
+        return getattr(launch, "ServedBoard" if name == "BoardServers" else name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve_board(
-    board: str | Device = DEFAULT_BOARD,
-    *,
-    faults: Faults | None = None,
-    scpi_faults: ScpiFaults | None = None,
-    ack_timeout: float = 0.25,
+    board: str | Device = DEFAULT_BOARD, *, plan: FaultPlan | None = None, ack_timeout: float = 0.25
 ) -> BoardServers:
-    """Start both servers over `board` (a Device, or a URI opened here) on every link."""
-    from emulator.server import FramedServer, ScpiServer
+    """Start both servers over `board` (a Device, or a URI opened here) on every link, with
+    the faults of `plan` (`FaultPlan`, re-exported here: byte, frame and request faults)."""
+    from emulator.server.launch import serve
 
-    device = open_device(board) if isinstance(board, str) else board
-    scpi = ScpiServer(device, scpi_faults)
-    framed = FramedServer(device, faults, ack_timeout=ack_timeout)
-    servers = BoardServers(device, scpi, framed)
-    try:
-        _, scpi_port = scpi.listen_tcp()
-        _, framed_port = framed.listen_tcp()
-        servers.uris = {
-            "visa-tcp": f"visa://TCPIP0::127.0.0.1::{scpi_port}::SOCKET",
-            "visa-asrl": f"visa://ASRL{scpi.open_pty()}::INSTR",
-            "serial-pty": f"serial://{framed.open_pty()}",
-            "serial-socket": f"serial+socket://127.0.0.1:{framed_port}",
-        }
-    except BaseException:
-        servers.close()
-        raise
-    return servers
+    return serve(board, plan=plan, ack_timeout=ack_timeout)
 
 
 @contextlib.contextmanager
@@ -150,9 +117,8 @@ def xbar_board(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def emulated_board(xbar_board: str) -> Iterator[Callable[..., BoardServers]]:
-    """Factory: ``emulated_board(board=URI or Device, faults=..., scpi_faults=...,
-    ack_timeout=...)`` starts a board (default `xbar_board`) behind both servers; all are
-    closed after the test."""
+    """Factory: ``emulated_board(board=URI or Device, plan=FaultPlan(...), ack_timeout=...)``
+    starts a board (default `xbar_board`) behind both servers; all are closed after the test."""
     with contextlib.ExitStack() as stack:
 
         def start(board: str | Device | None = None, **kw: Any) -> BoardServers:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from drivers import open_device
 from drivers.wire import frames, scpi
 from drivers.wire.frames import Frame
-from emulator.server.scpi import MessageSplitter, ScpiSession, respond
+from emulator.server.scpi import Connection
 
 # fragments of the real grammar mixed into the noise, so that inputs get past the first byte
 SCPI_WORDS = st.sampled_from(
@@ -50,18 +50,19 @@ def device():
         yield dev
 
 
-def _serve(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> list[bytes]:
-    """What the server's connection loop does with received bytes (`respond`)."""
-    return [bytes(piece) for reply in respond(session, splitter, data) for piece in reply or ()]
+def _serve(conn: Connection, data: bytes) -> list[bytes]:
+    """What the server's connection loop does with received bytes (`Connection.respond`,
+    the function the loop calls), less the writing to a socket."""
+    return [bytes(piece) for answer in conn.respond(data) for piece in answer.reply or ()]
 
 
 @given(SCPI_INPUT)
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_scpi_session_survives_any_input_and_still_answers_idn(device, data: bytes) -> None:
-    session, splitter = ScpiSession(device), MessageSplitter()
-    _serve(session, splitter, data)
-    splitter.clear()
-    reply = b"".join(_serve(session, splitter, b"*IDN?\n"))
+    conn = Connection(device)
+    _serve(conn, data)
+    conn.splitter.clear()
+    reply = b"".join(_serve(conn, b"*IDN?\n"))
     assert device.info.identity.idn().encode() in reply
     assert device.safety().violations == 0
 
@@ -87,11 +88,11 @@ def test_frame_decoder_survives_any_input_and_still_decodes_a_frame(chunks: list
 def test_checked_scpi_session_survives_any_input_and_still_answers_a_sealed_idn(device, data: bytes) -> None:
     """Checked mode (noisy serial lines): garbage never runs (its checksum fails) and a
     valid sealed ``*IDN?`` still gets a sealed answer."""
-    session, splitter = ScpiSession(device), MessageSplitter()
-    session.checked = True
-    _serve(session, splitter, data)
-    splitter.clear()
-    assert session.checked  # nothing in the garbage ran, so nothing turned checked mode off
-    reply = b"".join(_serve(session, splitter, scpi.seal_request(b"*IDN?")))
+    conn = Connection(device)
+    conn.session.checked = True
+    _serve(conn, data)
+    conn.splitter.clear()
+    assert conn.session.checked  # nothing in the garbage ran, so nothing turned checked mode off
+    reply = b"".join(_serve(conn, scpi.seal_request(b"*IDN?")))
     assert scpi.open_response(reply.removesuffix(b"\n")) == device.info.identity.idn().encode()
     assert device.safety().violations == 0

@@ -307,3 +307,61 @@ def test_hello_cannot_negotiate_a_spinning_timer(device: Device, theirs: object)
             assert pl.loads(body)["piggyback"] is (theirs != 1e-12)  # an unusable value: the board's own
             assert all(lk.ack_delay == 0 or lk.ack_delay >= 0.001 for lk in server.links)
             assert _exchange(link, LinkOp.PING, b"p")[1] == b"p"
+
+
+# ---- the launcher, idle connections, the replay window -------------------------------
+
+
+def test_launcher_serves_the_endpoints_asked_for_and_leaves_the_board_safe() -> None:
+    from emulator.server.launch import serve
+
+    calls: list[str] = []
+    with serve(BOARD, scpi_pty=False, framed_port=None) as served:
+        served.device.safe_state = lambda: calls.append("safe")  # type: ignore[method-assign]
+        assert sorted(served.uris) == ["serial-pty", "visa-tcp"]
+        assert served.scpi.cache is served.framed.cache  # one board, one record of request ids
+        with open_device(served.uri("visa-tcp", timeout="2")) as dev:
+            assert dev.info.identity.model == "emulator-rram"
+        calls.clear()  # the client's own close asks for the safe state too
+    assert calls == ["safe"]
+    assert not served.scpi.listeners and not served.framed.ptys
+
+
+def test_an_idle_connection_is_closed_and_frees_its_slot(device: Device) -> None:
+    with ScpiServer(device, max_connections=1, idle_timeout_s=0.3) as server:
+        port = server.listen_tcp()[1]
+        idle = _connect(port)
+        t0 = time.monotonic()
+        assert idle.recv(1) == b""  # the server closed it: end of file
+        assert 0.25 <= time.monotonic() - t0 < 3.0
+        idle.close()
+        assert _until(lambda: server.gate.active == 0)
+        busy = Scpi(port)
+        for _ in range(4):  # a connection in use is not idle
+            time.sleep(0.1)
+            assert busy.ask("*IDN?").startswith("xbar-hil,")
+        busy.close()
+
+
+def test_idle_timeout_must_be_positive(device: Device) -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="idle_timeout_s"):
+            ScpiServer(device, idle_timeout_s=bad)
+
+
+def test_a_replay_older_than_the_outcome_record_is_refused_not_run_again(device: Device) -> None:
+    with scpi_server(device) as (server, port):
+        peer = Scpi(port)
+        peer.send(b"SYST:WAIT 0.5,7\n")
+        assert peer.error()[0] == 0 and device.meter().clock_s == pytest.approx(0.5)
+        peer.send(b"SYST:WAIT 0.5,7\n")  # a replay the record still holds: answered, not run
+        assert peer.error()[0] == 0 and device.meter().clock_s == pytest.approx(0.5)
+        for rid in range(100, 100 + server.cache.size):  # the outcome of id 7 ages out
+            peer.send(f"SYST:WAIT 0,{rid}\n".encode())
+        assert peer.error()[0] == 0
+        peer.send(b"SYST:WAIT 0.5,7\n")
+        code, text = peer.error()
+        assert code == codes.EXECUTION_ERROR and "already ran" in text
+        assert device.meter().clock_s == pytest.approx(0.5)  # not waited twice
+        assert server.cache.refused == 1
+        peer.close()

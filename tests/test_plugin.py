@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from drivers import Device, Topology, open_device
-from emulator.server import Faults
-from hil.testing import DEFAULT_BOARD, REMOTE_TRANSPORTS, BoardServers
+from hil.testing import DEFAULT_BOARD, REMOTE_TRANSPORTS, BoardServers, FaultPlan, Faults
 
 
 def test_default_board_and_resource_strings(xbar_board: str, board_servers: BoardServers) -> None:
@@ -33,7 +32,7 @@ def test_default_board_and_resource_strings(xbar_board: str, board_servers: Boar
 
 
 def test_board_factory_with_link_faults(emulated_board: Callable[..., BoardServers]) -> None:
-    noisy = emulated_board(faults=Faults(corrupt_rx=1))
+    noisy = emulated_board(plan=FaultPlan(link=Faults(corrupt_rx=1)))
     other = emulated_board("emulator://?preset=pcm&seed=1")
     with open_device(noisy.uri("serial-socket")) as dev:
         assert dev.stats.nacks_received == 1 and dev.stats.retransmissions == 1  # type: ignore[attr-defined]

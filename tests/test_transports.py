@@ -19,8 +19,7 @@ import torch
 from drivers import Device, DeviceError, SettleBudget, Topology, open_device
 from drivers.serial import SerialDevice
 from drivers.wire import codes, scpi
-from emulator.server import Faults, ScpiFaults
-from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, open_transport
+from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, FaultPlan, Faults, open_transport
 
 BOARD = "emulator://?preset=ideal&seed=0"
 
@@ -137,7 +136,7 @@ def test_failing_query_raises_the_mapped_error_over_visa(servers: BoardServers) 
 def test_corrupted_request_frame_is_nacked_and_retransmitted(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
-    s = emulated_board(BOARD, faults=Faults(corrupt_rx=1))
+    s = emulated_board(BOARD, plan=FaultPlan(link=Faults(corrupt_rx=1)))
     with open_device(s.uri(transport)) as dev:
         assert isinstance(dev, SerialDevice)
         assert dev.stats.nacks_received == 1 and dev.stats.retransmissions == 1
@@ -150,7 +149,8 @@ def test_corrupted_request_frame_is_nacked_and_retransmitted(
 def test_corrupted_and_dropped_reply_frames_are_recovered(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
-    s = emulated_board(BOARD, faults=Faults(corrupt_tx=1, drop_tx=1, garbage_tx=2), ack_timeout=0.05)
+    plan = FaultPlan(link=Faults(corrupt_tx=1, drop_tx=1, garbage_tx=2))
+    s = emulated_board(BOARD, plan=plan, ack_timeout=0.05)
     with open_device(s.uri(transport)) as dev:
         assert isinstance(dev, SerialDevice)
         dev.configure(Topology.layered([4, 3]))
@@ -179,7 +179,7 @@ def test_noisy_link_still_gives_the_in_process_results(
         return [*out, *dev.read_conductance("W1")]
 
     want = run(device_on(IN_PROCESS, "emulator://?preset=rram&seed=2"))
-    s = emulated_board("emulator://?preset=rram&seed=2", faults=faults, ack_timeout=0.05)
+    s = emulated_board("emulator://?preset=rram&seed=2", plan=FaultPlan(link=faults), ack_timeout=0.05)
     with open_device(s.uri("serial-socket", ack_timeout="0.05", retries="8")) as dev:
         got = run(dev)
         assert dev.stats.retransmissions + dev.board_link_stats()["retransmissions"] > 0
@@ -191,7 +191,7 @@ def test_noisy_link_still_gives_the_in_process_results(
 
 
 def test_visa_recovers_when_the_connection_drops(emulated_board: Callable[..., BoardServers]) -> None:
-    s = emulated_board(BOARD, scpi_faults=ScpiFaults(drop_after=6))
+    s = emulated_board(BOARD, plan=FaultPlan(hang_up_after=6))
     dev = open_device(s.uri("visa-tcp", timeout="1"))  # 4 messages
     assert dev.safety().violations == 0
     assert dev.safety().violations == 0  # the 6th message: answered, then the server hangs up
@@ -220,8 +220,8 @@ def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")
     handler = signal.getsignal(signal.SIGINT)
-    scpi_faults = ScpiFaults(delay_s=0.15) if transport == "visa-tcp" else None
-    s = emulated_board(BOARD, scpi_faults=scpi_faults)
+    plan = FaultPlan(reply_delay_s=0.15) if transport == "visa-tcp" else None
+    s = emulated_board(BOARD, plan=plan)
     calls: list[str] = []
     inner = s.device.safe_state
     s.device.safe_state = lambda: (calls.append("safe"), inner())[1]  # type: ignore[method-assign]

@@ -140,21 +140,40 @@ class ReplayCache:
     A host that lost a reply sends the request again with the same id and gets the stored
     outcome instead of a second execution. Entries are tied to the board's epoch: a restart
     clears them, as it clears a real board's RAM (the host then learns from the new epoch
-    that the request may not have run)."""
+    that the request may not have run).
 
-    def __init__(self, size: int = 64) -> None:
+    The ids alone of the last `window` requests are kept longer than their outcomes (8 bytes
+    each against a reply's kilobytes): a request replayed after its outcome has aged out is
+    refused (`-200`, "already ran") rather than run a second time, so at most once holds for
+    `window` requests, not only for `size`."""
+
+    def __init__(self, size: int = 64, window: int = 4096) -> None:
+        if not 1 <= size <= window:
+            raise ValueError(f"need 1 <= size <= window, got size {size}, window {window}")
         self.size = size
+        self.window = window
         self._entries: OrderedDict[int, tuple[int, Message | BaseException]] = OrderedDict()
+        self._ran: OrderedDict[int, int] = OrderedDict()  # rid -> epoch, the last `window` ids run
         self._lock = threading.Lock()
         self.hits = 0
+        self.refused = 0  # replays of ids whose outcome had aged out
 
     def get(self, rid: int, epoch: int) -> Message | BaseException | None:
+        """The stored outcome of `rid` in `epoch`; None if it has not run in this epoch.
+        Raises DeviceFault if it ran but its outcome is no longer held."""
         with self._lock:
             entry = self._entries.get(rid)
-            if entry is None or entry[0] != epoch:
-                return None
-            self.hits += 1
-            return entry[1]
+            if entry is not None and entry[0] == epoch:
+                self.hits += 1
+                return entry[1]
+            if self._ran.get(rid) == epoch:
+                self.refused += 1
+                raise DeviceFault(
+                    codes.EXECUTION_ERROR,
+                    f"request id {rid} already ran; its outcome is no longer held (the board keeps the "
+                    f"last {self.size}): read the state back instead of resending",
+                )
+            return None
 
     def put(self, rid: int, epoch: int, outcome: Message | BaseException) -> None:
         with self._lock:
@@ -162,6 +181,10 @@ class ReplayCache:
             self._entries.move_to_end(rid)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+            self._ran[rid] = epoch
+            self._ran.move_to_end(rid)
+            while len(self._ran) > self.window:
+                self._ran.popitem(last=False)
 
 
 def request_id(op: Op, request: Message) -> int | None:

@@ -15,8 +15,15 @@ per received request (an SCPI program message, a framed request):
 - `close`: the board runs the request, then closes the connection before replying (on a
   pty, which cannot close, it forgets the link state and swallows the reply).
 
+Link faults act on the frames of each framed link (`link`, a `drivers.wire.link.Faults`
+copied for every link: corrupted, dropped or garbage-prefixed frames, counted or drawn per
+frame). `reply_delay_s` holds every reply of both servers back (a slow board, not a fault
+of the host's making), and `hang_up_after` closes a connection after it has been answered
+that many requests (0: never).
+
 `limit` caps the number of each kind (None: no cap), so a long run can be given an exact
-budget of faults. `hil emulator serve --ber ... --fault-seed` and the test helpers build one.
+budget of faults. This is the one fault type of both servers: `hil emulator serve --ber ...
+--fault-seed`, the pytest plugin and the test harness all build one.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from drivers.wire.link import Faults
 from drivers.wire.payload import Op
 from emulator.server.links import Stream
 
@@ -46,6 +54,9 @@ class FaultPlan:
     limit: int | None = None  # at most this many faults of each kind
     reset_ops: frozenset[int] = RESET_OPS  # the requests a reset strikes
     reset_after: bool = False  # the reset strikes after the request ran (its reply lost)
+    link: Faults = field(default_factory=Faults)  # frame faults of every framed link (each a copy)
+    reply_delay_s: float = 0.0  # both servers: every reply waits this long (a slow board)
+    hang_up_after: int = 0  # both servers: close a connection after answering N requests (0: never)
     injected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -53,8 +64,12 @@ class FaultPlan:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault rate {name} must be in [0, 1], got {value}")
-        if self.delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {self.delay_s}")
+        for name in ("delay_s", "reply_delay_s"):
+            value = getattr(self, name)
+            if not 0.0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.hang_up_after < 0:
+            raise ValueError(f"hang_up_after must be >= 0 (0: never), got {self.hang_up_after}")
         self._rng = np.random.default_rng(self.seed)
         self._lock = threading.Lock()
 

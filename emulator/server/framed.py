@@ -16,11 +16,11 @@ from drivers.errors import ProtocolError
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
-from drivers.wire.link import Abandoned, Faults, Link, MessageTooLarge
+from drivers.wire.link import Abandoned, Link, MessageTooLarge
 from drivers.wire.payload import Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
-from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
 MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
@@ -33,16 +33,16 @@ def _error(code: int, message: str) -> bytes:
 class FramedServer(EndpointServer):
     """Serves one Device over the framed protocol on any number of ptys and TCP ports.
 
-    `faults` (frame faults) is copied for each link, so every link sees the same injected
-    faults; `plan` (byte and request faults, `emulator.server.faults`) is shared by all
-    links, reconnections included. `cache` remembers the outcomes of requests that carry a
-    request id (non-idempotent ones), so a host resending one after a lost reply does not
-    run it twice."""
+    `plan` (`emulator.server.faults.FaultPlan`) is shared by all links, reconnections
+    included; its frame faults (`plan.link`) are copied for each link, so every link sees
+    the same ones. `cache` remembers the outcomes of requests that carry a request id
+    (non-idempotent ones), so a host resending one after a lost reply does not run it
+    twice. A TCP connection that sends and receives nothing for `idle_timeout_s` is closed
+    (None: never)."""
 
     def __init__(
         self,
         device: Device,
-        faults: Faults | None = None,
         *,
         ack_timeout: float = 0.25,
         retries: int = 5,
@@ -50,15 +50,15 @@ class FramedServer(EndpointServer):
         cache: ReplayCache | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_message: int = frames.MAX_MESSAGE,
+        idle_timeout_s: float | None = IDLE_TIMEOUT_S,
     ) -> None:
         self.device = device
-        self.faults = faults or Faults()
         self.ack_timeout = ack_timeout
         self.retries = retries
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
         self.max_message = max_message
-        super().__init__(max_connections)
+        super().__init__(max_connections, idle_timeout_s)
         self.links: list[Link] = []  # the links of open connections (and ptys)
         self._links_lock = threading.Lock()
 
@@ -68,7 +68,7 @@ class FramedServer(EndpointServer):
             stream.write,
             ack_timeout=self.ack_timeout,
             retries=self.retries,
-            faults=dataclasses.replace(self.faults),
+            faults=dataclasses.replace(self.plan.link),
             max_message=self.max_message,
         )
         with self._links_lock:
@@ -81,9 +81,11 @@ class FramedServer(EndpointServer):
             self.links.remove(link)
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
-        if self.plan.active:
-            stream = FaultyStream(stream, self.plan)
+        plan = self.plan
+        if plan.active:
+            stream = FaultyStream(stream, plan)
         link = self._new_link(stream)
+        served = 0
         try:
             while not stopping.is_set():
                 try:
@@ -114,13 +116,18 @@ class FramedServer(EndpointServer):
                     continue
                 flags, reply = self._answer(link, first.opcode, body)
                 if fault == "delay":
-                    time.sleep(self.plan.delay_s)
+                    time.sleep(plan.delay_s)
+                if plan.reply_delay_s:
+                    time.sleep(plan.reply_delay_s)
                 try:
                     link.send(first.opcode, reply, flags=Flag.RESPONSE | flags, ref=first.seq)
                 except Abandoned:
                     continue
                 except Exception:  # the client went away mid-reply: wait for its next request
                     link.drain()
+                served += 1
+                if plan.hang_up_after and served >= plan.hang_up_after:
+                    return
         finally:
             self._free(link)
 

@@ -1,5 +1,6 @@
-"""One board behind both servers with a fault plan: the helper the reliability tests and
-`benchmarks/faults.py` use (`hil emulator serve` builds the same from its options)."""
+"""One board behind both servers with a fault plan, and client URIs fit for the faults: the
+helper the reliability tests and `benchmarks/faults.py` use (it calls the launcher,
+`emulator.server.launch.serve`, as `hil emulator serve` and the pytest plugin do)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,35 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from drivers import open_device
 from drivers.base import Device
-from emulator.server.dispatch import ReplayCache
 from emulator.server.faults import FaultPlan
 from emulator.server.framed import FramedServer
+from emulator.server.launch import ServedBoard, serve
 from emulator.server.scpi import ScpiServer
 
 
 @dataclass
 class FaultyBoard:
-    device: Device  # the board itself (in this process)
-    plan: FaultPlan
-    scpi: ScpiServer
-    framed: FramedServer
+    served: ServedBoard
     visa_uri: str  # SCPI over TCP, checked mode
     serial_uri: str  # framed over TCP
     serial_pty_uri: str  # framed over a pty
 
-    def close(self) -> None:
-        self.scpi.close()
-        self.framed.close()
-        self.device.close()
+    @property
+    def device(self) -> Device:  # the board itself (in this process)
+        return self.served.device
+
+    @property
+    def plan(self) -> FaultPlan:
+        return self.served.plan
+
+    @property
+    def scpi(self) -> ScpiServer:
+        return self.served.scpi
+
+    @property
+    def framed(self) -> FramedServer:
+        return self.served.framed
 
 
 @contextlib.contextmanager
@@ -43,32 +51,12 @@ def faulty_board(
 ) -> Iterator[FaultyBoard]:
     """Serve `board` with `plan`; the URIs carry client settings fit for the faults (a
     `timeout` shorter than `plan.delay_s`, so a delayed reply is a timeout)."""
-    device = open_device(board)
-    plan = plan or FaultPlan()
-    cache = ReplayCache()
-    scpi = ScpiServer(device, plan=plan, cache=cache)
-    framed = FramedServer(device, plan=plan, cache=cache, ack_timeout=ack_timeout)
-    try:
-        scpi_port = scpi.listen_tcp()[1]
-        framed_port = framed.listen_tcp()[1]
-        pty = framed.open_pty()
-        common = f"timeout={timeout}&attempts={attempts}&backoff={backoff}"
-        framed_q = f"{common}&ack_timeout={ack_timeout}"
-        served = FaultyBoard(
-            device,
-            plan,
-            scpi,
-            framed,
-            visa_uri=f"visa://TCPIP0::127.0.0.1::{scpi_port}::SOCKET?check=1&{common}",
-            serial_uri=f"serial+socket://127.0.0.1:{framed_port}?{framed_q}",
-            serial_pty_uri=f"serial://{pty}?{framed_q}",
+    common = f"timeout={timeout}&attempts={attempts}&backoff={backoff}"
+    framed_q = f"{common}&ack_timeout={ack_timeout}"
+    with serve(board, plan=plan, ack_timeout=ack_timeout, scpi_pty=False) as served:
+        yield FaultyBoard(
+            served,
+            visa_uri=f"{served.uris['visa-tcp']}?check=1&{common}",
+            serial_uri=f"{served.uris['serial-socket']}?{framed_q}",
+            serial_pty_uri=f"{served.uris['serial-pty']}?{framed_q}",
         )
-    except BaseException:
-        scpi.close()
-        framed.close()
-        device.close()
-        raise
-    try:
-        yield served
-    finally:
-        served.close()

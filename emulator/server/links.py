@@ -7,7 +7,8 @@ and each pty gets its own thread running it. Threads are daemons and stop within
 A server admits at most `max_connections` TCP connections at a time (all its listeners
 together); one more is handed to the server's `refuse` (which may write a line to it) and
 closed. A peer that reads nothing of a reply for `WRITE_TIMEOUT_S` is disconnected (a
-connection that never reads cannot hold its slot for ever). The accept loop survives any
+connection that never reads cannot hold its slot for ever), and one that sends and receives
+nothing for `idle_timeout_s` is closed (an idle peer cannot either). The accept loop survives any
 failure to set up one connection (that socket is closed, the failure logged and counted in
 `failures`) and keeps accepting.
 """
@@ -21,6 +22,7 @@ import os
 import select
 import socket
 import threading
+import time
 import tty
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,6 +32,10 @@ POLL_S = 0.05
 READ_SIZE = 1 << 16
 MAX_CONNECTIONS = 16  # concurrent TCP connections per server (a constructor argument)
 WRITE_TIMEOUT_S = 30.0  # a peer that reads none of a reply for this long is disconnected
+# a TCP connection with no byte in or out for this long is closed (a server argument; None:
+# never). An hour: a notebook's VISA session left open over lunch survives, a peer that
+# opened 16 connections and went quiet frees the slots the same afternoon
+IDLE_TIMEOUT_S = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +89,22 @@ def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: s
 
 
 class SocketStream:
-    def __init__(self, conn: socket.socket) -> None:
+    """A TCP connection; `read` ends it (EOFError) after `idle_timeout` seconds without a
+    byte in or out."""
+
+    def __init__(self, conn: socket.socket, idle_timeout: float | None = IDLE_TIMEOUT_S) -> None:
         self.conn = conn
+        self.idle_timeout = idle_timeout
+        self.last_active = time.monotonic()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(WRITE_TIMEOUT_S)  # reads wait in select; a write to a peer that never reads ends
 
     def read(self, timeout: float) -> bytes:
         ready, _, _ = select.select([self.conn], [], [], timeout)
         if not ready:
+            idle = time.monotonic() - self.last_active
+            if self.idle_timeout is not None and idle >= self.idle_timeout:
+                raise EOFError(f"idle for {idle:.0f} s (the server's idle timeout)")
             return b""
         try:
             data = self.conn.recv(READ_SIZE)
@@ -98,6 +112,7 @@ class SocketStream:
             raise EOFError(str(exc)) from None
         if not data:
             raise EOFError("peer closed the connection")
+        self.last_active = time.monotonic()
         return data
 
     def write(self, data: bytes | memoryview) -> None:
@@ -105,6 +120,7 @@ class SocketStream:
             self.conn.sendall(data)
         except OSError as exc:
             raise EOFError(str(exc)) from None
+        self.last_active = time.monotonic()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -172,8 +188,10 @@ class TcpListener:
         *,
         gate: Gate | None = None,
         refuse: Refuse = _refuse_silently,
+        idle_timeout: float | None = IDLE_TIMEOUT_S,
     ) -> None:
         self.handler = handler
+        self.idle_timeout = idle_timeout
         self.gate = gate or Gate()
         self.refuse = refuse
         self.failures = 0  # connections that could not be set up (closed, not served)
@@ -214,7 +232,8 @@ class TcpListener:
                 conn.close()
             return
         try:
-            _start_thread(self._serve, (SocketStream(conn),), f"tcp-{self.address[1]}-conn")
+            stream = SocketStream(conn, self.idle_timeout)
+            _start_thread(self._serve, (stream,), f"tcp-{self.address[1]}-conn")
         except BaseException:
             self.gate.leave()
             raise
@@ -258,10 +277,15 @@ class EndpointServer(ABC):
     """What both servers share: TCP listeners and ptys that hand each connection's byte
     stream to the server's `_handler`, and closing them all. Use as a context manager."""
 
-    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self, max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float | None = IDLE_TIMEOUT_S
+    ) -> None:
+        if idle_timeout_s is not None and not 0 < idle_timeout_s < float("inf"):
+            raise ValueError(f"idle_timeout_s must be positive seconds or None (never), got {idle_timeout_s}")
         self.listeners: list[TcpListener] = []
         self.ptys: list[PtyEndpoint] = []
         self.gate = Gate(max_connections)
+        self.idle_timeout_s = idle_timeout_s
 
     def _refuse(self, conn: socket.socket) -> None:
         """What a connection over the cap gets before it is closed (default: nothing)."""
@@ -272,7 +296,9 @@ class EndpointServer(ABC):
         """Serve one connection's byte stream until it closes or `stopping` is set."""
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        listener = TcpListener(self._handler, host, port, gate=self.gate, refuse=self._refuse)
+        listener = TcpListener(
+            self._handler, host, port, gate=self.gate, refuse=self._refuse, idle_timeout=self.idle_timeout_s
+        )
         self.listeners.append(listener)
         return listener.address
 

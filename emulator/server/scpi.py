@@ -15,7 +15,6 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +26,7 @@ from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
-from emulator.server.links import MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
@@ -50,14 +49,6 @@ class Param(NamedTuple):
 class Unit(NamedTuple):
     header: str
     params: list[Param]
-
-
-@dataclass
-class ScpiFaults:
-    """Fault injection: `delay_s` before each reply; close the link after `drop_after` messages."""
-
-    delay_s: float = 0.0
-    drop_after: int = 0
 
 
 class MessageSplitter:
@@ -726,14 +717,6 @@ def messages(session: ScpiSession, splitter: MessageSplitter) -> Iterator[bytes]
         yield msg
 
 
-def respond(session: ScpiSession, splitter: MessageSplitter, data: bytes) -> Iterator[list[Buffer] | None]:
-    """Feed received bytes to a connection's splitter and run every complete program message
-    on its session, yielding each message's response pieces (None: no response)."""
-    splitter.feed(data)
-    for msg in messages(session, splitter):
-        yield session.handle(msg)
-
-
 _OP_HEADERS = [(op, scpi.Header(spec)) for op, spec in scpi.OP_HEADERS.items()]
 
 
@@ -747,29 +730,75 @@ def _op_of(msg: bytes) -> Op | None:
     return next((op for op, pattern in _OP_HEADERS if pattern.matches(header)), None)
 
 
-class ScpiServer(EndpointServer):
-    """Serves one Device over SCPI on any number of TCP ports and ptys.
+class Answer(NamedTuple):
+    reply: list[Buffer] | None  # the response pieces (None: the message has no response)
+    fault: str | None  # the request fault that struck the message (`FaultPlan.request_fault`)
 
-    `faults`: a delay before each reply and hanging up after N messages; `plan`: byte and
-    request faults (`emulator.server.faults`), shared by all connections. `cache` remembers
-    the outcomes of requests that carry a request id, shared by all sessions."""
+
+class Connection:
+    """One SCPI connection: its session, its message splitter and the fault plan.
+    `respond` is everything the server does with received bytes, so the fuzz tests drive
+    the same code as a socket does."""
 
     def __init__(
         self,
         device: Device,
-        faults: ScpiFaults | None = None,
+        cache: ReplayCache | None = None,
+        plan: FaultPlan | None = None,
+        max_block: int = MAX_BLOCK_IN,
+    ) -> None:
+        self.device = device
+        self.cache = cache
+        self.plan = plan or FaultPlan()
+        self.max_block = max_block
+        self.renew()
+
+    def renew(self) -> None:
+        """A new session (what a pty gets after a reset or a hang-up): empty error queue and
+        status registers, buffered input dropped."""
+        self.session = ScpiSession(self.device, self.cache)
+        self.splitter = MessageSplitter(self.max_block)
+
+    def respond(self, data: bytes) -> Iterator[Answer]:
+        """Feed received bytes and run every complete program message, yielding each one's
+        answer. After a `reset` or `close` fault it stops: the link and the input behind the
+        message are gone."""
+        self.splitter.feed(data)
+        plan = self.plan
+        for msg in messages(self.session, self.splitter):
+            fault = plan.request_fault(_op_of(msg)) if plan.active else None
+            ran = fault != "reset" or plan.reset_after
+            reply = self.session.handle(msg) if ran else None
+            if fault == "reset":  # the board restarts (instead of or after running the message)
+                self.device.reset()
+            yield Answer(reply, fault)
+            if fault in ("reset", "close"):
+                return
+
+
+class ScpiServer(EndpointServer):
+    """Serves one Device over SCPI on any number of TCP ports and ptys.
+
+    `plan`: the faults to inject (`emulator.server.faults.FaultPlan`), shared by all
+    connections. `cache` remembers the outcomes of requests that carry a request id, shared
+    by all sessions. A TCP connection that sends and receives nothing for `idle_timeout_s`
+    is closed (None: never), so idle peers cannot hold the connection slots."""
+
+    def __init__(
+        self,
+        device: Device,
         *,
         plan: FaultPlan | None = None,
         cache: ReplayCache | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_block: int = MAX_BLOCK_IN,
+        idle_timeout_s: float | None = IDLE_TIMEOUT_S,
     ) -> None:
         self.device = device
-        self.faults = faults or ScpiFaults()
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
         self.max_block = max_block
-        super().__init__(max_connections)
+        super().__init__(max_connections, idle_timeout_s)
 
     def _refuse(self, conn: socket.socket) -> None:
         """A connection over the cap reads one error line, then the server closes it."""
@@ -778,33 +807,27 @@ class ScpiServer(EndpointServer):
         conn.sendall(line.encode() + scpi.TERMINATOR)
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
-        if self.plan.active:
-            stream = FaultyStream(stream, self.plan)
-        session = ScpiSession(self.device, self.cache)
-        splitter = MessageSplitter(self.max_block)
+        plan = self.plan
+        if plan.active:
+            stream = FaultyStream(stream, plan)
+        conn = Connection(self.device, self.cache, plan, self.max_block)
         served = 0
         while not stopping.is_set():
             data = stream.read(POLL_S)
             if not data:
                 continue
-            splitter.feed(data)
-            for msg in messages(session, splitter):
-                fault = self.plan.request_fault(_op_of(msg)) if self.plan.active else None
-                ran = fault != "reset" or self.plan.reset_after
-                reply = session.handle(msg) if ran else None
-                if fault == "reset":  # the board restarts (instead of or after running the message)
-                    self.device.reset()
-                if fault in ("reset", "close"):
+            for answer in conn.respond(data):
+                if answer.fault in ("reset", "close"):
                     if closable(stream):
                         return
-                    session, splitter = ScpiSession(self.device, self.cache), MessageSplitter(self.max_block)
-                    break  # a pty stays: a new session, the reply and any buffered input lost
-                if fault == "delay":
-                    time.sleep(self.plan.delay_s)
-                if self.faults.delay_s:
-                    time.sleep(self.faults.delay_s)
-                for piece in reply or ():
+                    conn.renew()  # a pty stays: a new session, the reply and any buffered input lost
+                    break
+                if answer.fault == "delay":
+                    time.sleep(plan.delay_s)
+                if plan.reply_delay_s:
+                    time.sleep(plan.reply_delay_s)
+                for piece in answer.reply or ():
                     stream.write(piece)
                 served += 1
-                if self.faults.drop_after and served >= self.faults.drop_after:
+                if plan.hang_up_after and served >= plan.hang_up_after:
                     return

@@ -40,20 +40,17 @@ def banner(info: DeviceInfo) -> str:
     )
 
 
-def resource_lines(
-    host: str, scpi_port: int | None, scpi_pty: str | None, framed_pty: str | None, framed_port: int | None
-) -> list[tuple[str, str]]:
-    """(what, device URI) for every endpoint that is being served."""
-    lines = []
-    if scpi_port is not None:
-        lines.append(("SCPI over TCP (VISA)", f"visa://TCPIP0::{host}::{scpi_port}::SOCKET"))
-    if scpi_pty is not None:
-        lines.append(("SCPI over a pty (VISA)", f"visa://ASRL{scpi_pty}::INSTR"))
-    if framed_pty is not None:
-        lines.append(("framed binary over a pty", f"serial://{framed_pty}"))
-    if framed_port is not None:
-        lines.append(("framed binary over TCP", f"serial+socket://{host}:{framed_port}"))
-    return lines
+ENDPOINT_NAMES = {
+    "visa-tcp": "SCPI over TCP (VISA)",
+    "visa-asrl": "SCPI over a pty (VISA)",
+    "serial-pty": "framed binary over a pty",
+    "serial-socket": "framed binary over TCP",
+}
+
+
+def resource_lines(uris: dict[str, str]) -> list[tuple[str, str]]:
+    """(what, device URI) for every endpoint that is being served, in a fixed order."""
+    return [(what, uris[t]) for t, what in ENDPOINT_NAMES.items() if t in uris]
 
 
 def register(app: typer.Typer) -> None:
@@ -95,6 +92,14 @@ def register(app: typer.Typer) -> None:
             + ",".join(CAPABILITIES)
             + "); e.g. mvm,pulse,program_verify for a board that multiplies but does not settle.",
         ),
+        max_connections: int = typer.Option(
+            16, min=1, max=1024, help="TCP connections each server admits at a time; one more is refused."
+        ),
+        idle_timeout: float = typer.Option(
+            3600.0,
+            min=0.0,
+            help="Close a TCP connection with no byte in or out for this many seconds (0: never).",
+        ),
     ) -> None:
         """Serve one emulated board until Ctrl-C, printing the device URIs to connect with.
 
@@ -102,7 +107,7 @@ def register(app: typer.Typer) -> None:
         host's recovery against; the injected faults are counted and printed on exit."""
         import torch
 
-        from emulator.server import FaultPlan, Faults, FramedServer, ReplayCache, ScpiFaults, ScpiServer
+        from emulator.server.launch import FaultPlan, Faults, serve
 
         torch.set_num_threads(threads)
         try:
@@ -112,36 +117,39 @@ def register(app: typer.Typer) -> None:
         except Exception as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        faults = Faults(p_corrupt=corrupt_rate, p_drop=drop_rate, delay_s=delay_ms / 1e3, seed=fault_seed)
         try:
             plan = FaultPlan(
                 ber=ber, drop_rate=byte_drop_rate, p_delay=late_rate, delay_s=late_ms / 1e3,
                 p_reset=reset_rate, p_close=close_rate, seed=fault_seed,
+                link=Faults(p_corrupt=corrupt_rate, p_drop=drop_rate, seed=fault_seed),
+                reply_delay_s=delay_ms / 1e3,
             )  # fmt: skip
         except ValueError as exc:
+            device.close()
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        cache = ReplayCache()  # one board: one record of requests, whichever server they came by
-        scpi = ScpiServer(device, ScpiFaults(delay_s=delay_ms / 1e3), plan=plan, cache=cache)
-        framed = FramedServer(device, faults, plan=plan, cache=cache)
-        stop = threading.Event()
-        try:
-            scpi_at = scpi.listen_tcp(host, scpi_port)[1] if scpi_port >= 0 else None
-            framed_at = framed.listen_tcp(host, serial_port)[1] if serial_port >= 0 else None
-            scpi_pty = scpi.open_pty() if serial_pty else None
-            framed_pty = framed.open_pty() if serial_pty else None
-        except OSError as exc:
-            scpi.close()
-            framed.close()
-            typer.echo(f"error: cannot serve: {exc}", err=True)
-            raise typer.Exit(2) from None
-        shown = "127.0.0.1" if host in ("", "0.0.0.0") else host  # all interfaces: loopback works here
-        lines = resource_lines(shown, scpi_at, scpi_pty, framed_pty, framed_at)
-        if not lines:
+        if scpi_port < 0 and serial_port < 0 and not serial_pty:
+            device.close()
             typer.echo("nothing to serve: give --scpi-port, --serial-port or --serial-pty", err=True)
             raise typer.Exit(2)
+        try:
+            served = serve(
+                device,
+                plan=plan,
+                host=host,
+                scpi_port=scpi_port if scpi_port >= 0 else None,
+                framed_port=serial_port if serial_port >= 0 else None,
+                scpi_pty=serial_pty,
+                framed_pty=serial_pty,
+                max_connections=max_connections,
+                idle_timeout_s=idle_timeout or None,
+            )
+        except OSError as exc:
+            typer.echo(f"error: cannot serve: {exc}", err=True)
+            raise typer.Exit(2) from None
+        stop = threading.Event()
         typer.echo(banner(device.info))
-        for what, uri in lines:
+        for what, uri in resource_lines(served.uris):
             typer.echo(f"{what:<26}{uri}")
         typer.echo("Ctrl-C stops the servers.", err=True)
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -151,10 +159,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             pass
         finally:
-            scpi.close()
-            framed.close()
-            device.safe_state()
-            device.close()
+            served.close()  # the servers stop, the board goes to its safe state and closes
             if plan.active:
                 typer.echo(f"faults injected: {plan.summary()}", err=True)
 

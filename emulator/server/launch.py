@@ -1,0 +1,121 @@
+"""One board behind its servers: the launcher that `hil emulator serve`, the pytest plugin
+(`hil.testing`) and the fault harness (`emulator.server.harness`) all call, so a server
+option or a fault reaches all three the same way.
+
+`serve(board, ...)` opens the board (a URI, or a Device already open), puts it behind an
+SCPI server and a framed server on the endpoints asked for (TCP ports and ptys), with one
+fault plan and one record of request ids shared by both, and returns a `ServedBoard` whose
+`uris` are the device URIs a host opens. The CLI and the plugin import this module and
+nothing else of the emulator (an import-linter contract in pyproject.toml keeps it so);
+what they need of the fault types is re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Self
+
+from drivers import open_device
+from drivers.base import Device
+from drivers.wire.link import Faults
+from emulator.server.dispatch import ReplayCache
+from emulator.server.faults import FaultPlan
+from emulator.server.framed import FramedServer
+from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS
+from emulator.server.scpi import ScpiServer
+
+__all__ = ["TRANSPORTS", "FaultPlan", "Faults", "ServedBoard", "serve"]
+
+# the remote transports a served board is reached by, as the device URIs name them
+TRANSPORTS = ("visa-tcp", "visa-asrl", "serial-pty", "serial-socket")
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class ServedBoard:
+    """A board behind both servers. `uris`: transport (one of TRANSPORTS) -> device URI,
+    for the endpoints that are served. Closing stops the servers, puts the board in its
+    safe state and closes it."""
+
+    device: Device
+    plan: FaultPlan
+    scpi: ScpiServer
+    framed: FramedServer
+    uris: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resources(self) -> dict[str, str]:
+        """transport -> what a tool outside this package opens: a VISA resource string
+        (``TCPIP0::127.0.0.1::PORT::SOCKET``, ``ASRL/dev/pts/N::INSTR``), a serial port
+        (``/dev/pts/N``) or ``host:port`` for the framed protocol over TCP."""
+        return {t: uri.split("://", 1)[1] for t, uri in self.uris.items()}
+
+    def uri(self, transport: str, **params: str) -> str:
+        """The device URI of `transport` with query parameters (``timeout="1"``) added."""
+        base = self.uris[transport]
+        if not params:
+            return base
+        return base + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+
+    def close(self) -> None:
+        try:
+            self.scpi.close()
+            self.framed.close()
+            with contextlib.suppress(Exception):  # a board that is already gone has no safe state to reach
+                self.device.safe_state()
+        finally:
+            self.device.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(
+    board: str | Device,
+    *,
+    plan: FaultPlan | None = None,
+    host: str = LOOPBACK,
+    scpi_port: int | None = 0,
+    framed_port: int | None = 0,
+    scpi_pty: bool = True,
+    framed_pty: bool = True,
+    ack_timeout: float = 0.25,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+) -> ServedBoard:
+    """Serve `board` (a device URI opened here, or an open Device, which the result then
+    owns) on SCPI over TCP (`scpi_port`; 0: a free port, None: not served) and over a pty
+    (`scpi_pty`), and on the framed protocol over TCP (`framed_port`) and over a pty
+    (`framed_pty`). `host` is the address the TCP servers bind (loopback unless you mean
+    otherwise). On any failure everything started is closed again and the error raised."""
+    device = open_device(board) if isinstance(board, str) else board
+    plan = plan or FaultPlan()
+    cache = ReplayCache()  # one board: one record of requests, whichever server they came by
+    caps = {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s}
+    try:
+        scpi = ScpiServer(device, plan=plan, cache=cache, **caps)  # type: ignore[arg-type]
+        framed = FramedServer(device, plan=plan, cache=cache, ack_timeout=ack_timeout, **caps)  # type: ignore[arg-type]
+    except BaseException:
+        device.close()
+        raise
+    served = ServedBoard(device, plan, scpi, framed)
+    shown = LOOPBACK if host in ("", "0.0.0.0", "::") else host  # all interfaces: loopback works here
+    try:
+        if scpi_port is not None:
+            port = scpi.listen_tcp(host, scpi_port)[1]
+            served.uris["visa-tcp"] = f"visa://TCPIP0::{shown}::{port}::SOCKET"
+        if scpi_pty:
+            served.uris["visa-asrl"] = f"visa://ASRL{scpi.open_pty()}::INSTR"
+        if framed_pty:
+            served.uris["serial-pty"] = f"serial://{framed.open_pty()}"
+        if framed_port is not None:
+            port = framed.listen_tcp(host, framed_port)[1]
+            served.uris["serial-socket"] = f"serial+socket://{shown}:{port}"
+    except BaseException:
+        served.close()
+        raise
+    return served
