@@ -100,6 +100,11 @@ class Limits:
     # states in [0, 1] a drive past ~1e3 saturates a node anyway; the bound keeps the float32
     # drive and energy sums of a settle finite (3e38 gave energies of NaN)
     max_drive: float = 1e6
+    # samples in one mvm or settle request (the work of a request grows with it): at 1024 the
+    # mvm input of the widest default tile (1024 rows of f4, 4 MiB) and the settle reply of a
+    # 784-512-10 network (1306 nodes, 5.3 MiB) fit one framed message (8 MiB) and one SCPI
+    # block (16 MiB); training uses 16 to 128, evaluation chunks of 512
+    max_batch: int = 1024
 
     @property
     def clamp_max(self) -> float:

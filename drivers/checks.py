@@ -93,6 +93,8 @@ def as_batch(
         raise ConfigurationError(f"{name}: expected shape (batch, {n}), got {np.shape(value)}")
     if batch is not None and arr.shape[0] != batch:
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
+    if limits is not None:
+        check_batch(name, arr.shape[0], limits)
     with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.size:
@@ -102,6 +104,18 @@ def as_batch(
         if limits is not None:
             _check_voltage(name, max(-lo, hi), limits)
     return arr
+
+
+def check_batch(name: str, batch: int, limits: Limits) -> int:
+    """A request's batch size (samples) within `Limits.max_batch`."""
+    if batch > limits.max_batch:
+        raise LimitViolation(
+            f"batch size of {name}",
+            batch,
+            limits.max_batch,
+            f"split the {batch} samples into chunks of at most {limits.max_batch} and send one request each",
+        )
+    return batch
 
 
 _REAL_KINDS = "biuf"  # bool, integers, floats: what converts to float32 without losing meaning

@@ -29,7 +29,7 @@ from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
 from drivers.wire.frames import Flag, LinkOp, LinkStats
-from drivers.wire.link import Link
+from drivers.wire.link import Link, MessageTooLarge
 from drivers.wire.payload import Message, Op
 
 DEFAULT_BAUD = 115200
@@ -94,6 +94,7 @@ class SerialDevice(RemoteDevice):
             retries=self.retries,
             fragment=self.fragment,
             seq0=seq0,
+            max_message=pl.MAX_REPLY,  # a board cannot make the host buffer more of one reply
         )
         self._link.stats = self.stats
         hello = {"version": frames.VERSION, "piggyback": True, "ack_timeout": self.ack_timeout}
@@ -165,7 +166,10 @@ class SerialDevice(RemoteDevice):
         if link is None:
             raise ProtocolError(f"{self.name}: the link is not open")
         seq = link.send(opcode, body)
-        got = link.receive(self.timeout, response=True, ref=seq)
+        try:
+            got = link.receive(self.timeout, response=True, ref=seq)
+        except MessageTooLarge as exc:
+            raise ProtocolError(f"{self.name}: reply to request {opcode:#x}: {exc}") from None
         if got is None:
             self.stats.timeouts += 1
             raise DeviceTimeout(
@@ -175,7 +179,12 @@ class SerialDevice(RemoteDevice):
         frame, reply = got
         if frame.flags & Flag.ERROR:
             err = pl.loads(reply)
-            raise codes.error_for(int(err.get("code", codes.EXECUTION_ERROR)), str(err.get("message", "")))
+            code = err.get("code", codes.EXECUTION_ERROR) if isinstance(err, dict) else None
+            if isinstance(code, bool) or not isinstance(code, int) or not -(2**31) <= code < 2**31:
+                raise ProtocolError(
+                    f"{self.name}: malformed error reply to request {opcode:#x}: {str(err)[:80]}"
+                )
+            raise codes.error_for(code, str(err.get("message", ""))[:1024])
         return reply
 
     def _call(self, op: Op, request: Message) -> Message:
@@ -195,7 +204,10 @@ class SerialDevice(RemoteDevice):
     def board_link_stats(self) -> dict[str, int]:
         """The board's end of the link: its counters as it reports them."""
         with self.lock:
-            return dict(pl.loads(self._link_call(LinkOp.STATS, b"")))
+            stats = pl.loads(self._link_call(LinkOp.STATS, b""))
+            if not isinstance(stats, dict):
+                raise ProtocolError(f"{self.name}: malformed link statistics {str(stats)[:80]}")
+            return dict(stats)
 
     def _link_call(self, opcode: int, data: bytes) -> bytes:
         if self._broken:

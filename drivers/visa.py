@@ -273,14 +273,21 @@ class VisaDevice(RemoteDevice):
             self._send(text, values, tail)
             return pl.loads(self._read_block(what, pl.MAX_JSON))
 
-    def _fetch(self, meta: dict[str, Any]) -> Message:
+    def _fetch(self, meta: Any, op: str, limit: int) -> Message:
+        """The arrays a report JSON announces, fetched with FETC:DATA?; the layout is checked
+        (pl.layout_size) and its size bounded by `limit`, the most the request can return,
+        before a byte is read."""
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"{self.name}: malformed {op} reply: expected a JSON object")
         if not meta.get("arrays"):
             return pl.from_parts(meta)
         what = _short(scpi.FETCH_DATA_Q)
-        try:
-            size = sum(int(np.prod(shape)) * pl.DTYPES[code].itemsize for _, code, shape in meta["arrays"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"{self.name}: bad array layout in a reply: {exc}") from None
+        size = pl.layout_size(meta["arrays"])
+        if size > limit:
+            raise ProtocolError(
+                f"{self.name}: malformed {op} reply: its arrays announce {size} bytes, "
+                f"the request can return at most {limit}"
+            )
         with self._io(what):
             self._send(what)
             return pl.from_parts(meta, self._read_block(what, size))
@@ -290,6 +297,19 @@ class VisaDevice(RemoteDevice):
         with self._io(what):
             self._send(text, values)
             return np.frombuffer(self._read_block(what, 4 * size), "<f4")
+
+    def _settle_reply_bound(self, request: Message) -> int:
+        """Bytes a settle reply can hold for `request`: states and energies of its batch, and
+        a trace of at most max_steps // every + 2 records (capped at `pl.MAX_REPLY`)."""
+        topo = self.topology
+        clamp = next((x for k, x in request.arrays.items() if k.startswith("clamp/")), None)
+        if topo is None or clamp is None:
+            return pl.MAX_REPLY
+        per_record = 4 * clamp.shape[0] * (sum(topo.groups.values()) + 1)
+        trace = request.meta.get("trace", False)
+        every = int(trace)
+        records = topo.budget.max_steps // every + 2 if every else 0
+        return min(per_record + records * (per_record + 8), pl.MAX_REPLY)
 
     def _shape(self, tile: str) -> tuple[int, int]:
         if self.topology is None:
@@ -319,7 +339,7 @@ class VisaDevice(RemoteDevice):
                 f"{_short(scpi.PROGRAM_Q)} {scpi.quote(m['tile'])},{int(m['verify'])},{tol},{m['max_iters']},"
             )
             values = np.concatenate([a["g_plus"].ravel(), a["g_minus"].ravel()]).astype("<f4", copy=False)
-            return self._fetch(self._query_json(head, values=values, tail=rid))
+            return self._fetch(self._query_json(head, values=values, tail=rid), "program", 4 * values.size)
         if op is Op.PULSE:
             head = f"{_short(scpi.PULSE_Q)} {scpi.quote(m['tile'])},"
             values = np.concatenate([a["counts_plus"].ravel(), a["counts_minus"].ravel()]).astype("<i4")
@@ -348,7 +368,8 @@ class VisaDevice(RemoteDevice):
             spec = pl.meta_json(request).decode("ascii")
             head = f"{_short(scpi.SETTLE_Q)} {scpi.block(spec.encode()).decode('ascii')},"
             values = pl.pack_arrays(a) if a else b""
-            return self._fetch(self._query_json(head, values=np.frombuffer(values, np.uint8)))
+            reply = self._query_json(head, values=np.frombuffer(values, np.uint8))
+            return self._fetch(reply, "settle", self._settle_reply_bound(request))
         if op is Op.WAIT:
             self._command(f"{_short(scpi.WAIT)} {scpi.number(m['seconds'])}", tail=rid)
             return Message()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from drivers import seeds
 from drivers.base import Identity, Limits
-from drivers.checks import check_settings, check_topology, check_verify, check_wait
+from drivers.checks import check_batch, check_settings, check_topology, check_verify, check_wait
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import BIAS, Coupling, Topology
@@ -433,8 +433,15 @@ class Board:
         self.clock += self.preset.periphery.mvm_time_s
         return tile.read(self.clock, self.noise)
 
+    def _check_batch(self, name: str, batch: int) -> None:
+        try:
+            check_batch(name, batch, self.limits)
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
+
     def mvm(self, name: str, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         assert self.topology is not None
+        self._check_batch(f"mvm input to {name!r}", int(x.shape[0]))
         c = self.topology.coupling(name)
         tile = self.tile(name)
         w = self._weights(c)
@@ -673,6 +680,7 @@ class Board:
         per = self.preset.periphery
         budget = topo.budget
         batch = next(iter(clamp.values())).shape[0]
+        self._check_batch("settle clamp", int(batch))
         key = frozenset(clamp)
         plan = self._plan(key)
         dev = self.device

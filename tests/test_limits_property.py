@@ -444,3 +444,63 @@ def test_clamp_states(dev: EmulatedDevice, value: object, pos: int) -> None:
     ok_m, res_m = _outcome(lambda: dev.mvm("W0", np.concatenate([x, np.ones((1, 1), x.dtype)], 1)))
     assert ok_m == want, (value, res_m)
     _clean(dev)
+
+
+# ---- the batch of mvm and settle (Limits.max_batch) -----------------------------------------
+
+
+@SETTINGS
+@given(
+    batch=st.one_of(st.integers(1, 40), st.sampled_from([1023, 1024, 1025, 2048])),
+    bound=st.one_of(st.integers(1, 40), st.just(1024)),
+)
+def test_batch_size(dev: EmulatedDevice, batch: int, bound: int) -> None:
+    """A batch beyond `max_batch` is refused (LimitViolation naming it, the bound and the fix)
+    by the host's checks of settle and mvm for any declared bound, and by the board itself
+    (EmulatedDevice, Board called directly, the servers' dispatch) against its own; the
+    refusal is counted and nothing reaches the array."""
+    import dataclasses
+
+    lim = dataclasses.replace(dev.info.limits, max_batch=bound)
+    x = np.full((batch, 3), 0.5, np.float32)
+    xm = np.full((batch, 4), 0.5, np.float32)
+    for check in (
+        lambda: checks.check_settle(TOPO, lim, {"s0": x}, None, None),
+        lambda: checks.check_mvm(TOPO, lim, "W0", xm, False),
+    ):
+        ok, res = _outcome(check)
+        assert ok == (batch <= bound), (batch, bound, res)
+        if not ok:
+            assert isinstance(res, LimitViolation) and res.bound == bound and res.value == batch
+            assert f"chunks of at most {bound}" in str(res)
+    want = batch <= dev.info.limits.max_batch
+    refused = dev.board.safety.refused
+    ok_s, res_s = _outcome(lambda: dev.settle({"s0": x}))
+    ok_m, res_m = _outcome(lambda: dev.mvm("W0", xm))
+    assert ok_s == ok_m == want, (batch, res_s, res_m)
+    t, tm = torch.from_numpy(x), torch.from_numpy(xm)
+    ok_b, _ = _outcome(lambda: dev.board.mvm("W0", tm))
+    ok_bs, _ = _outcome(lambda: dev.board.settle({"s0": t}))
+    assert ok_b == ok_bs == want
+    ok_w, _ = _outcome(
+        lambda: dispatch.execute(dev, Op.MVM, Message({"tile": "W0", "transpose": False}, {"x": xm}))
+    )
+    assert ok_w == want
+    if not want:
+        assert dev.board.safety.refused > refused
+    _clean(dev)
+
+
+@SETTINGS
+@given(value=st.one_of(st.integers(-2, 4), st.sampled_from([2**31 - 1, 2**31, 2**63]), SCALARS))
+def test_max_batch_declared_by_a_peer(dev: EmulatedDevice, value: object) -> None:
+    """A peer's max_batch is an integer in [1, 2^31) or its info is malformed; one that
+    omits it (an older board) gets the default."""
+    d = pl.info_to_dict(dev.info)
+    d["limits"]["max_batch"] = int(value) if isinstance(value, np.integer) else value
+    ok, res = _outcome(lambda: pl.info_from_dict(d))
+    assert ok == (_is_int(value) and 1 <= int(value) < 2**31), (value, res)  # type: ignore[call-overload]
+    if ok:
+        assert type(res.limits.max_batch) is int  # type: ignore[attr-defined]
+    del d["limits"]["max_batch"]
+    assert pl.info_from_dict(d).limits.max_batch == 1024

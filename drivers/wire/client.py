@@ -215,8 +215,22 @@ class RemoteDevice(Device):
             self._recover()
 
     def _remote_topology(self) -> Topology | None:
-        t = self._call(Op.TOPOLOGY, Message()).meta.get("topology")
-        return None if t is None else pl.topology_from_dict(t)
+        return self._board_topology(self._call(Op.TOPOLOGY, Message()).meta.get("topology"))
+
+    def _board_topology(self, t: Any) -> Topology | None:
+        """The topology a board reports; one that fails the topology's own rules (or the
+        board's declared limits) is a malformed reply, not the host's configuration error."""
+        if t is None:
+            return None
+        if not isinstance(t, dict):
+            raise ProtocolError(f"malformed topology reply: expected an object or null, got {str(t)[:40]}")
+        try:
+            topo = pl.topology_from_dict(t)
+            if self._info is not None:
+                checks.check_topology(topo, self._info.limits)
+        except (ConfigurationError, LimitViolation) as exc:
+            raise ProtocolError(f"malformed topology reply: {exc}") from None
+        return topo
 
     def _board_status(self) -> BoardStatus | None:
         """The board's status, or None if it does not implement STATUS."""
@@ -369,7 +383,7 @@ class RemoteDevice(Device):
             )
             tol, max_iters = self._checked(checks.check_verify, self.info.limits, tol, max_iters)
             reply = self._transact(Op.PROGRAM, pl.program_request(tile, gp, gm, verify, tol, max_iters))
-            return pl.program_report(reply)
+            return pl.program_report(reply, tile, gp.shape, self.info.limits, max_iters)
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
         self.require("pulse")
@@ -377,19 +391,21 @@ class RemoteDevice(Device):
             cp, cm = self._checked(
                 checks.check_pulse, self.topology, self.info.limits, tile, counts_plus, counts_minus
             )
-            return pl.pulse_report(self._transact(Op.PULSE, pl.pulse_request(tile, cp, cm)))
+            return pl.pulse_report(self._transact(Op.PULSE, pl.pulse_request(tile, cp, cm)), tile)
 
     def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:
-            checks.check_tile(self.topology, tile)
+            shape = checks.check_tile(self.topology, tile)
             reply = self._transact(Op.READ_CONDUCTANCE, Message({"tile": tile}))
-            return reply.arrays["g_plus"], reply.arrays["g_minus"]
+            return pl.conductances(reply, shape, self.info.limits)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         self.require("mvm")
         with self.lock:
             arr = self._checked(checks.check_mvm, self.topology, self.info.limits, tile, x, transpose)
-            return self._transact(Op.MVM, pl.mvm_request(tile, arr, transpose)).arrays["y"]
+            rows, cols = checks.check_tile(self.topology, tile)
+            reply = self._transact(Op.MVM, pl.mvm_request(tile, arr, transpose))
+            return pl.mvm_result(reply, arr.shape[0], rows if transpose else cols)
 
     def settle(
         self,
@@ -400,11 +416,13 @@ class RemoteDevice(Device):
     ) -> Equilibrium:
         self.require_settle(trace, init)
         with self.lock:
-            cl, nd, ini, _ = self._checked(
+            cl, nd, ini, batch = self._checked(
                 checks.check_settle, self.topology, self.info.limits, clamp, nudge, init
             )
-            self._checked(checks.check_trace, self.info.limits, trace)
-            return pl.equilibrium(self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, trace)))
+            every = self._checked(checks.check_trace, self.info.limits, trace)
+            topo = checks.require_topology(self.topology)
+            reply = self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, trace))
+            return pl.equilibrium(reply, topo.groups, batch, every, topo.budget.max_steps)
 
     def wait(self, seconds: float) -> None:
         seconds = self._checked(checks.check_wait, self.info.limits, seconds)
@@ -429,7 +447,7 @@ class RemoteDevice(Device):
         with self.lock:
             self._topology = None  # so that a recovery during the reset does not configure it again
             self._transact(Op.RESET, Message())
-            self._topology = pl.topology_from_dict(t) if (t := self._topology_meta()) else None
+            self._topology = self._board_topology(self._topology_meta())
             status = self.status()
             self._epoch = status.epoch if self._epoch is not None else None
 

@@ -34,7 +34,7 @@ from drivers.base import (
     PulseReport,
     SafetyCounters,
 )
-from drivers.errors import ConfigurationError, ProtocolError
+from drivers.errors import ConfigurationError, LimitViolation, ProtocolError
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import Coupling, SettleBudget, Topology
 
@@ -152,6 +152,20 @@ def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
     return name, DTYPES[code], tuple(dims), count
 
 
+MAX_REPLY = 1 << 28  # bytes of one reply a host takes (a board announcing more is refused unread)
+
+
+def layout_size(spec: Any) -> int:
+    """Bytes an array layout from a peer describes, each entry checked (`_array_spec`)."""
+    if not isinstance(spec, list) or len(spec) > MAX_ARRAYS:
+        raise ProtocolError(f"array layout must be a list of at most {MAX_ARRAYS} entries")
+    total = 0
+    for entry in spec:
+        _, dtype, _, count = _array_spec(entry)
+        total += count * dtype.itemsize  # Python ints: no overflow
+    return total
+
+
 def dumps(obj: Any) -> bytes:
     """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -209,44 +223,102 @@ def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
     }
 
 
+# What a peer may declare, per field of `Limits`: (lowest, highest). Integers are sizes,
+# counts and budgets the host's checks compare in int32 (beyond: refused, never truncated);
+# floats are finite. A board that declares a negative, zero-sized or NaN limit is broken, and
+# the host's checks would pass or refuse everything against it.
+_POSITIVE = 5e-324  # the smallest float above 0 (an open lower bound of 0)
+_LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "v_read": (_POSITIVE, math.inf),
+    "v_read_max": (_POSITIVE, math.inf),
+    "g_min": (0.0, math.inf),
+    "g_max": (_POSITIVE, math.inf),
+    "dac_bits": (1, 64),
+    "adc_bits": (1, 64),
+    "tile_rows_max": (1, INT32_MAX),
+    "tile_cols_max": (1, INT32_MAX),
+    "max_tiles": (1, INT32_MAX),
+    "max_settle_steps": (1, INT32_MAX),
+    "max_pulses": (0, INT32_MAX),
+    "settle_step_s": (0.0, math.inf),
+    "max_verify_iters": (1, INT32_MAX),
+    "max_wait_s": (0.0, math.inf),
+    "max_gain": (_POSITIVE, math.inf),
+    "max_w_max": (_POSITIVE, math.inf),
+    "max_beta": (0.0, math.inf),
+    "max_drive": (0.0, math.inf),
+    "max_batch": (1, INT32_MAX),
+}
+
+
 def _limits_from_peer(d: Any) -> dict[str, Any]:
     """A peer's limits, every number checked by its field's type (ints are integers, floats
-    are finite reals, ``| None`` fields may be null) so that the host's checks compare
-    numbers with numbers; fields the peer omits take their defaults."""
+    are finite reals, ``| None`` fields may be null) and range (`_LIMIT_RANGES`), so that the
+    host's checks compare numbers with numbers; fields the peer omits take their defaults
+    (an older board without ``max_batch`` decodes), fields it adds are ignored."""
     if not isinstance(d, dict):
         raise ProtocolError(f"malformed device info: limits must be an object, got {str(d)[:40]}")
-    out = dict(d)
     kinds = {f.name: str(f.type) for f in dataclasses.fields(Limits)}
+    out: dict[str, Any] = {}
     try:
         for name, value in d.items():
             kind = kinds.get(name)
-            if kind is None or (value is None and kind.endswith("| None")):
-                continue
-            if kind.startswith("int"):
-                out[name] = as_int(f"limits.{name}", value, -(2**63), 2**63 - 1)
+            if kind is None:
+                continue  # a newer peer's field this host does not know
+            lo, hi = _LIMIT_RANGES.get(name, (-math.inf, math.inf))
+            if value is None and kind.endswith("| None"):
+                out[name] = None
+            elif kind.startswith("int"):
+                out[name] = as_int(f"limits.{name}", value, int(lo), int(hi))
             elif kind == "float":
-                out[name] = as_float(f"limits.{name}", value, -math.inf, math.inf)
+                out[name] = as_float(f"limits.{name}", value, lo, hi)
             elif name == "adc_range":
-                lo, hi = value
-                lo = as_float("limits.adc_range low", lo, -math.inf, math.inf)
-                out[name] = (lo, as_float("limits.adc_range high", hi, lo, math.inf))
-    except (ConfigurationError, TypeError, ValueError) as exc:
+                if not isinstance(value, list | tuple) or len(value) != 2:
+                    raise ConfigurationError(f"limits.adc_range must be [low, high], got {str(value)[:40]}")
+                a = as_float("limits.adc_range low", value[0], -math.inf, math.inf)
+                out[name] = (a, as_float("limits.adc_range high", value[1], a, math.inf, lo_open=True))
+        g_min, g_max = out.get("g_min", 0.0), out.get("g_max", math.inf)
+        if "g_max" in out and not g_max > g_min:
+            raise ConfigurationError(f"limits.g_max ({g_max:g}) must exceed limits.g_min ({g_min:g})")
+    except (ConfigurationError, LimitViolation) as exc:
         raise ProtocolError(f"malformed device info: {exc}") from None
     return out
 
 
-def info_from_dict(d: dict[str, Any]) -> DeviceInfo:
+def info_from_dict(d: Any) -> DeviceInfo:
+    if not isinstance(d, dict):
+        raise ProtocolError(f"malformed device info: expected an object, got {type(d).__name__}")
     try:
         limits = _limits_from_peer(d["limits"])
+        ident = d["identity"]
+        if not isinstance(ident, dict) or not all(
+            isinstance(ident.get(k), str) and len(ident[k]) <= 256 for k in _IDENTITY
+        ):
+            raise ProtocolError(
+                f"malformed device info: identity must hold the strings {_IDENTITY} (at most 256 "
+                f"characters each), got {str(ident)[:80]}"
+            )
+        caps = d["capabilities"]
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ProtocolError(
+                f"malformed device info: capabilities must be a list of names, got {str(caps)[:80]}"
+            )
+        preset = d.get("preset", "")
+        extra = d.get("extra", {})
+        if not isinstance(preset, str) or not isinstance(extra, dict):
+            raise ProtocolError("malformed device info: preset must be a string and extra an object")
         return DeviceInfo(
-            identity=Identity(**d["identity"]),
+            identity=Identity(*(ident[k] for k in _IDENTITY)),
             limits=Limits(**limits),
-            capabilities=frozenset(d["capabilities"]),
-            preset=d.get("preset", ""),
-            extra=dict(d.get("extra", {})),
+            capabilities=frozenset(caps),
+            preset=preset,
+            extra=dict(extra),
         )
     except (KeyError, TypeError) as exc:
-        raise ProtocolError(f"malformed device info: {exc}") from exc
+        raise ProtocolError(f"malformed device info: missing or mistyped field {exc}") from exc
+
+
+_IDENTITY = ("manufacturer", "model", "serial", "firmware")
 
 
 def topology_to_dict(topo: Topology) -> dict[str, Any]:
@@ -286,6 +358,108 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
         raise ProtocolError(f"malformed topology: {exc}") from exc
 
 
+# ---- checks of a board's replies ------------------------------------------------------
+# A buggy or hostile board (or a corrupted line that passed its check) must not hand the host
+# a value of the wrong type, shape or range: every decoder below checks a reply against what
+# was asked and what the board declared, and raises ProtocolError naming the operation, the
+# field and what was wrong.
+
+I64_MAX = 2**63 - 1
+
+
+def _bad(op: str, what: str) -> ProtocolError:
+    return ProtocolError(f"malformed {op} reply: {what}")
+
+
+def _meta(op: str, msg: Message, *keys: str) -> dict[str, Any]:
+    m = msg.meta
+    if not isinstance(m, dict):
+        raise _bad(op, f"expected a JSON object, got {type(m).__name__}")
+    for k in keys:
+        if k not in m:
+            raise _bad(op, f"field {k!r} is missing")
+    return m
+
+
+def _int(op: str, name: str, value: object, lo: int = 0, hi: int = I64_MAX) -> int:
+    try:
+        return as_int(name, value, lo, hi)
+    except (ConfigurationError, LimitViolation) as exc:
+        raise _bad(op, str(exc)) from None
+
+
+def _float(
+    op: str, name: str, value: object, lo: float = 0.0, hi: float = math.inf, *, inf: bool = False
+) -> float:
+    """A finite float in [lo, hi] (with `inf`: +infinity allowed too)."""
+    if inf and isinstance(value, float) and value == math.inf and hi == math.inf:
+        return value
+    try:
+        return as_float(name, value, lo, hi)
+    except (ConfigurationError, LimitViolation) as exc:
+        raise _bad(op, str(exc)) from None
+
+
+def _bool(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(op, f"{name} must be a boolean, got {type(value).__name__} {str(value)[:40]}")
+    return value
+
+
+def _str(op: str, name: str, value: object, expected: str | None = None) -> str:
+    if not isinstance(value, str):
+        raise _bad(op, f"{name} must be a string, got {type(value).__name__}")
+    if expected is not None and value != expected:
+        raise _bad(op, f"{name} is {value[:40]!r}, the request was for {expected!r}")
+    return value
+
+
+def _array(
+    op: str,
+    arrays: dict[str, np.ndarray],
+    name: str,
+    shape: tuple[int | None, ...],
+    dtype: np.dtype = DTYPES["f4"],
+    bounds: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Array `name` of `dtype` and `shape` (None: any size in that dimension), finite, within
+    `bounds`: one min and one max over it (a NaN shows in one of them)."""
+    arr = arrays.get(name)
+    if arr is None:
+        raise _bad(op, f"array {name!r} is missing")
+    if arr.dtype != dtype:
+        raise _bad(op, f"array {name!r} has dtype {arr.dtype}, expected {dtype}")
+    if arr.ndim != len(shape) or any(w is not None and w != n for w, n in zip(shape, arr.shape, strict=True)):
+        want = tuple("*" if w is None else w for w in shape)
+        raise _bad(op, f"array {name!r} has shape {arr.shape}, expected {want}")
+    if arr.size and dtype.kind == "f":
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise _bad(op, f"array {name!r} contains NaN or infinite values")
+        if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
+            raise _bad(
+                op,
+                f"array {name!r} holds values in [{lo:.6g}, {hi:.6g}], "
+                f"outside [{bounds[0]:.6g}, {bounds[1]:.6g}]",
+            )
+    return arr
+
+
+def _unexpected(op: str, arrays: dict[str, np.ndarray], known: set[str]) -> None:
+    extra = sorted(set(arrays) - known)
+    if extra:
+        raise _bad(op, f"unexpected arrays {extra[:4]}")
+
+
+def conductance_bounds(limits: Limits | None) -> tuple[float, float] | None:
+    """What a read of a conductance may return: the declared range widened by its span on each
+    side (a read is noisy and not clipped; one off by more than the whole range is no read)."""
+    if limits is None:
+        return None
+    span = limits.g_max - limits.g_min
+    return limits.g_min - span, limits.g_max + span
+
+
 # ---- requests and replies, one pair per operation ---------------------------------
 
 
@@ -301,8 +475,30 @@ def program_reply(r: ProgramReport) -> Message:
     return Message(meta, {"g_plus": r.g_plus, "g_minus": r.g_minus})
 
 
-def program_report(msg: Message) -> ProgramReport:
-    return ProgramReport(g_plus=msg.arrays["g_plus"], g_minus=msg.arrays["g_minus"], **msg.meta)
+def program_report(
+    msg: Message,
+    tile: str | None = None,
+    shape: tuple[int, int] | None = None,
+    limits: Limits | None = None,
+    max_iters: int | None = None,
+) -> ProgramReport:
+    """The report of a `program` reply, checked against the request (`tile`, `shape`,
+    `max_iters`) and the declared `limits` where given."""
+    op = "program"
+    m = _meta(op, msg, "tile", "iterations", "pulses", "residual_max", "within_tol", "energy_j", "time_s")
+    dims: tuple[int | None, ...] = shape if shape is not None else (None, None)
+    bounds = conductance_bounds(limits)
+    return ProgramReport(
+        tile=_str(op, "tile", m["tile"], tile),
+        g_plus=_array(op, msg.arrays, "g_plus", dims, bounds=bounds),
+        g_minus=_array(op, msg.arrays, "g_minus", dims, bounds=bounds),
+        iterations=_int(op, "iterations", m["iterations"], 0, INT32_MAX if max_iters is None else max_iters),
+        pulses=_int(op, "pulses", m["pulses"]),
+        residual_max=_float(op, "residual_max", m["residual_max"]),
+        within_tol=_float(op, "within_tol", m["within_tol"], 0.0, 1.0),
+        energy_j=_float(op, "energy_j", m["energy_j"]),
+        time_s=_float(op, "time_s", m["time_s"]),
+    )
 
 
 def pulse_request(tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> Message:
@@ -313,12 +509,35 @@ def pulse_reply(r: PulseReport) -> Message:
     return Message(dataclasses.asdict(r))
 
 
-def pulse_report(msg: Message) -> PulseReport:
-    return PulseReport(**msg.meta)
+def pulse_report(msg: Message, tile: str | None = None) -> PulseReport:
+    op = "pulse"
+    m = _meta(op, msg, "tile", "pulses", "energy_j", "time_s")
+    return PulseReport(
+        tile=_str(op, "tile", m["tile"], tile),
+        pulses=_int(op, "pulses", m["pulses"]),
+        energy_j=_float(op, "energy_j", m["energy_j"]),
+        time_s=_float(op, "time_s", m["time_s"]),
+    )
 
 
 def conductance_reply(g_plus: np.ndarray, g_minus: np.ndarray) -> Message:
     return Message({}, {"g_plus": g_plus, "g_minus": g_minus})
+
+
+def conductances(
+    msg: Message, shape: tuple[int, int], limits: Limits | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(G+, G-) of a `read_conductance` reply: f4 of the tile's shape, finite, within
+    `conductance_bounds(limits)`."""
+    op, bounds = "read_conductance", conductance_bounds(limits)
+    gp = _array(op, msg.arrays, "g_plus", shape, bounds=bounds)
+    gm = _array(op, msg.arrays, "g_minus", shape, bounds=bounds)
+    return gp, gm
+
+
+def mvm_result(msg: Message, batch: int, width: int) -> np.ndarray:
+    """y of an `mvm` reply: f4 of shape (batch, width) as asked, finite."""
+    return _array("mvm", msg.arrays, "y", (batch, width))
 
 
 def mvm_request(tile: str, x: np.ndarray, transpose: bool) -> Message:
@@ -386,17 +605,59 @@ def equilibrium_reply(eq: Equilibrium) -> Message:
     return Message(meta, arrays)
 
 
-def equilibrium(msg: Message) -> Equilibrium:
-    m = msg.meta
+def equilibrium(
+    msg: Message,
+    groups: dict[str, int] | None = None,
+    batch: int | None = None,
+    every: int = 0,
+    max_steps: int | None = None,
+) -> Equilibrium:
+    """The equilibrium of a `settle` reply. With `groups` (the topology's node groups) and
+    `batch`, every group's state must be there as f4 (batch, n), finite; with `every` (the
+    trace interval asked, 0: none) the trace must be there or absent as asked, of at most
+    `max_steps // every + 2` records; `steps` is at most `max_steps`."""
+    op = "settle"
+    m = _meta(op, msg, "steps", "converged", "residual", "settle_time_s", "energy_j")
+    steps = _int(op, "steps", m["steps"], 0, INT32_MAX if max_steps is None else max_steps)
+    arrays = msg.arrays
+    states = _by_prefix(arrays, "state")
+    if groups is not None:
+        missing = sorted(set(groups) - set(states))
+        if missing:
+            raise _bad(op, f"no state for the groups {missing[:4]}")
+        _unexpected(op, states, set(groups))
+        states = {g: _array(op, arrays, f"state/{g}", (batch, groups[g])) for g in states}  # board's order
+    energy = None
+    if "energy/" in arrays:
+        energy = _array(op, arrays, "energy/", (batch,))
+    has_trace = _bool(op, "has_trace", m.get("has_trace", False))
+    trace = None
+    if groups is not None and has_trace != bool(every):
+        raise _bad(op, f"has_trace is {has_trace}, the request asked for {'a' if every else 'no'} trace")
+    if has_trace:
+        trace = _by_prefix(arrays, "trace")
+        if groups is not None:
+            t_max = (INT32_MAX if max_steps is None else max_steps) // max(every, 1) + 2
+            step = _array(op, arrays, "trace/step", (None,), DTYPES["i8"])
+            t = len(step)
+            if t > t_max:
+                raise _bad(op, f"trace of {t} records, at most {t_max} for {every}-step records")
+            _unexpected(op, trace, {"step", "energy", *groups})
+            for k in trace:  # in the board's order
+                if k == "energy":
+                    trace[k] = _array(op, arrays, "trace/energy", (t, batch))
+                elif k != "step":
+                    trace[k] = _array(op, arrays, f"trace/{k}", (t, batch, groups[k]))
+            trace["step"] = step
     return Equilibrium(
-        states=_by_prefix(msg.arrays, "state"),
-        steps=m["steps"],
-        converged=m["converged"],
-        residual=m["residual"],
-        energy=msg.arrays.get("energy/"),
-        settle_time_s=m["settle_time_s"],
-        energy_j=m["energy_j"],
-        trace=_by_prefix(msg.arrays, "trace") if m.get("has_trace") else None,
+        states=states,
+        steps=steps,
+        converged=_bool(op, "converged", m["converged"]),
+        residual=_float(op, "residual", m["residual"], inf=True),
+        energy=energy,
+        settle_time_s=_float(op, "settle_time_s", m["settle_time_s"]),
+        energy_j=_float(op, "energy_j", m["energy_j"]),
+        trace=trace,
     )
 
 
@@ -405,7 +666,10 @@ def safety_reply(s: SafetyCounters) -> Message:
 
 
 def safety_counters(msg: Message) -> SafetyCounters:
-    return SafetyCounters(int(msg.meta["refused"]), int(msg.meta["violations"]))
+    m = _meta("safety", msg, "refused", "violations")
+    return SafetyCounters(
+        _int("safety", "refused", m["refused"]), _int("safety", "violations", m["violations"])
+    )
 
 
 def status_reply(s: BoardStatus) -> Message:
@@ -413,12 +677,14 @@ def status_reply(s: BoardStatus) -> Message:
 
 
 def board_status(msg: Message) -> BoardStatus:
-    m = msg.meta
-    try:
-        tx = m.get("transaction")
-        return BoardStatus(int(m["epoch"]), None if tx is None else str(tx), bool(m.get("configured", False)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed board status {m!r}: {exc}") from exc
+    op = "status"
+    m = _meta(op, msg, "epoch")
+    tx = m.get("transaction")
+    if tx is not None and (not isinstance(tx, str) or len(tx) > 256):
+        raise _bad(op, f"transaction must be null or a tag of at most 256 characters, got {str(tx)[:40]}")
+    return BoardStatus(
+        _int(op, "epoch", m["epoch"], -I64_MAX - 1), tx, _bool(op, "configured", m.get("configured", False))
+    )
 
 
 def meter_reply(m: Meter) -> Message:
@@ -426,8 +692,10 @@ def meter_reply(m: Meter) -> Message:
 
 
 def meter(msg: Message) -> Meter:
-    m = msg.meta
-    try:
-        return Meter(float(m["clock_s"]), float(m["energy_j"]), int(m["mvm_calls"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed meter reply {m!r}: {exc}") from None
+    op = "meter"
+    m = _meta(op, msg, "clock_s", "energy_j", "mvm_calls")
+    return Meter(
+        _float(op, "clock_s", m["clock_s"]),
+        _float(op, "energy_j", m["energy_j"]),
+        _int(op, "mvm_calls", m["mvm_calls"]),
+    )

@@ -48,6 +48,9 @@ class VAEResult:
     pictures: list[Path] = field(default_factory=list)
 
 
+EVAL_CHUNK = 512  # samples per settle when evaluating a whole test set (as EBBlock's predict)
+
+
 class _Model:
     """One face for F-VAE (autograd) and the Hopfield VAEs (EP on a Device)."""
 
@@ -99,6 +102,12 @@ class _Model:
             d.safe_state()
             d.close()
 
+    def _chunks(self, x: Tensor) -> list[Tensor]:
+        """`x` in pieces a settle takes (evaluation passes a whole test set: 10000 MNIST
+        images exceed a board's `max_batch`); one piece when it fits, so results stay as they were."""
+        size = min([EVAL_CHUNK, *(d.info.limits.max_batch for d in self.devices)])
+        return list(torch.split(x, size)) if len(x) > size else [x]
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, float, bool]:
         """(mu, logvar, settle joules, converged)."""
         if self.fvae is not None:
@@ -106,16 +115,18 @@ class _Model:
                 mu, lv = self.fvae.encode(x)
             return mu, lv, 0.0, True
         assert self.hvae is not None
-        mu, lv, eq = self.hvae.encode(x)
-        return mu, lv, eq.energy_j, eq.converged
+        parts = [self.hvae.encode(xb) for xb in self._chunks(x)]
+        mu, lv = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return mu, lv, sum(p[2].energy_j for p in parts), all(p[2].converged for p in parts)
 
     def decode(self, z: Tensor) -> tuple[Tensor, float, bool]:
         if self.fvae is not None:
             with torch.no_grad():
                 return self.fvae.decode(z), 0.0, True
         assert self.hvae is not None
-        x_hat, eq, _ = self.hvae.decode(z)
-        return x_hat, eq.energy_j, eq.converged
+        parts = [self.hvae.decode(zb) for zb in self._chunks(z)]
+        x_hat = torch.cat([p[0] for p in parts])
+        return x_hat, sum(p[1].energy_j for p in parts), all(p[1].converged for p in parts)
 
     def log_tiles(self, log: RunLog, step: int) -> None:
         """Snapshot every tile's host weights and conductances, and its last programming report."""
