@@ -217,7 +217,9 @@ def deploy_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[
             dev = open_device(uri)
             if mode != "raw":
                 dev = calibration.CalibratedDevice(dev, record, targets=mode == "calibrated")
-            deployed = EBBlock(dev, block.topology, weights=weights, budgets=block.budgets, verify=True)
+            deployed = EBBlock(
+                dev, block.topology, weights=weights, budgets=block.budgets, programming="verify"
+            )
             line[mode] = float((deployed.predict(ds.x_test).argmax(1) == ds.y_test).float().mean())
             dev.close()
         yield line

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10
+    name: str = "digits"  # digits | mnist5k | mnist | fashion-mnist | cifar10
     root: str = ""  # folder holding the files of the non-built-in data sets
     limit_train: int = 0  # use only the first N training images (0: all)
     limit_test: int = 0
@@ -64,7 +64,6 @@ class EPConfig:
     # where settles run: board (the board relaxes), host (the host iterates the fixed point
     # through the board's mvm, for boards that only multiply) or auto (board if it can settle)
     settle: Literal["auto", "board", "host"] = "auto"
-    verify: bool = False  # program with write-verify (when programming is "ideal")
     # how weight updates reach the devices (`hil.programming.schemes`): ideal | verify |
     # pulsed | mixed
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"
@@ -151,12 +150,20 @@ def _coerce(key: str, value: object, tp: object) -> object:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+# keys of earlier versions, with what to write instead
+REMOVED_KEYS = {
+    "ep.verify": 'write ep.programming = "verify" (write-verify every update) instead of ep.verify = true',
+}
+
+
 def _apply(obj: object, data: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
+            if full in REMOVED_KEYS:
+                raise ConfigError(f"config key {full!r} was removed: {REMOVED_KEYS[full]}")
             raise ConfigError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

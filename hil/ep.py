@@ -125,8 +125,8 @@ class EBBlock(nn.Module):
     separate `SettleBudget` for the ``"free"`` and ``"nudge"`` phases; switching between
     them re-configures the Device, which must keep its programmed conductances (the
     emulator does). `programming` is the scheme that brings weight changes to the devices
-    (`hil.programming.ProgrammingScheme` or one of its names ``ideal``, ``verify``, ``pulsed``,
-    ``mixed``); without it, `verify` picks ``verify`` over ``ideal``. The reports of the last
+    (a `hil.programming.ProgrammingScheme` or one of its names ``ideal``, ``verify``,
+    ``pulsed``, ``mixed``; default ``ideal``). The reports of the last
     `sync` are in `last_reports` (one per tile) and `last_updates` (every operation, refreshes
     included); the scheme's `history` keeps all of them as dicts. With `joint_phases`
     (default), centered EP with error-current (grad) nudges settles its two nudged phases as
@@ -146,7 +146,6 @@ class EBBlock(nn.Module):
         weights: Mapping[str, ArrayLike] | None = None,
         init_scale: float = 1.0,
         budgets: Mapping[str, SettleBudget] | None = None,
-        verify: bool = False,
         programming: ProgrammingScheme | str | None = None,
         clip: bool = True,
         seed: int = 0,
@@ -183,8 +182,7 @@ class EBBlock(nn.Module):
         # are created once, with the network; loading a state copies into them)
         self._tile_params = [(c, self.net.weights[c.tile]) for c in topology.couplings]
         self._pending: dict[str, Programmed] = {}  # read-backs not yet copied into device_net
-        self.verify = verify
-        self.programming = make_scheme(programming, verify=verify, seed=seed)
+        self.programming = make_scheme(programming, seed=seed)
         self.clip = clip
         self.budgets = dict(budgets or {})
         for k in self.budgets:

@@ -215,7 +215,6 @@ class FFEBM(nn.Module):
         beta: float = 0.2,
         mode: Mode = "centered",
         settle_mode: Literal["analog", "mvm"] = "analog",
-        verify: bool = False,
         programming: str | None = None,
         refresh_every: int = 0,
         refresh_mode: str | None = None,
@@ -250,7 +249,6 @@ class FFEBM(nn.Module):
             block_seed = seeds.derive(seed, "ffebm.block", k)  # one seed per block, independent streams
             scheme = make_scheme(
                 programming,
-                verify=verify,
                 refresh_every=refresh_every,
                 refresh_mode=refresh_mode,
                 seed=block_seed,

@@ -34,7 +34,7 @@ from hil.config import RunConfig
 from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, gaussian_init
 from hil.ffebm import FFEBM, goe_init
-from hil.programming import ProgrammingScheme
+from hil.programming import make_scheme
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 
 
@@ -108,12 +108,11 @@ class Classifier:
             init = goe_init if m.init == "goe" else gaussian_init
             scheme = None
             if e.programming != "ideal" or e.refresh_every or refresh_mode:
-                name = "verify" if e.programming == "ideal" and e.verify else e.programming
-                scheme = ProgrammingScheme(
-                    name, refresh_every=e.refresh_every, refresh_mode=refresh_mode, seed=t.seed
+                scheme = make_scheme(
+                    e.programming, refresh_every=e.refresh_every, refresh_mode=refresh_mode, seed=t.seed
                 )
             self.block = EBBlock(
-                dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets, verify=e.verify,
+                dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets,
                 programming=scheme, seed=t.seed, joint_phases=e.joint_phases, settle=e.settle,
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
@@ -122,7 +121,7 @@ class Classifier:
             self.ffebm = FFEBM.layered(
                 sizes, m.block_layers, dev, between=m.between, gain=m.gain, w_max=m.w_max, budget=free,
                 budgets=budgets, init=m.init, init_scale=m.init_scale, beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
-                settle_mode=e.settle_mode, verify=e.verify, seed=t.seed,
+                settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
                 settle=e.settle,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from drivers import Device, SettleBudget, Topology, open_device
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock
-from hil.programming import ProgrammingScheme, StepModel, probe_steps, read_weights, tune_pairs
+from hil.programming import StepModel, make_scheme, probe_steps, read_weights, tune_pairs
 from hil.train_classifier import Classifier, train_classifier
 
 RRAM = "emulator://?preset=rram&seed=0"
@@ -35,7 +37,7 @@ def _weights(seed: int, n: int = 64, scale: float = 0.5) -> np.ndarray:
 def test_write_verify_rram_within_two_percent_of_range() -> None:
     with open_device(RRAM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("verify")
+        scheme = make_scheme("verify")
         w = _weights(0)
         (res,) = scheme.program(dev, tile, w)
         rep = res.report
@@ -56,7 +58,7 @@ def test_write_verify_rram_within_two_percent_of_range() -> None:
 def test_pulsed_update_moves_weights_by_the_requested_amount_on_average(sign: float) -> None:
     with open_device(RRAM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("pulsed", seed=1)
+        scheme = make_scheme("pulsed", seed=1)
         w0 = _weights(1, scale=0.2)
         scheme.program(dev, tile, w0)
         before = _mean_read(dev, tile)
@@ -69,18 +71,18 @@ def test_pulsed_update_moves_weights_by_the_requested_amount_on_average(sign: fl
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
-    scheme = ProgrammingScheme("pulsed", seed=3)
+    scheme = make_scheme("pulsed", seed=3)
     for x in (0.3, -1.7, 2.5):
         n = scheme.round_counts(np.full(200_000, x))
         assert set(np.unique(n)) <= {np.floor(x), np.ceil(x)}
         assert float(n.mean()) == pytest.approx(x, abs=0.01)
-    assert ProgrammingScheme("mixed").round_counts(np.array([0.4, -0.6, 1.2])).tolist() == [0.0, -1.0, 1.0]
+    assert make_scheme("mixed").round_counts(np.array([0.4, -0.6, 1.2])).tolist() == [0.0, -1.0, 1.0]
 
 
 def test_accumulator_keeps_sub_pulse_remainders() -> None:
     with open_device(RRAM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("mixed", seed=2)
+        scheme = make_scheme("mixed", seed=2)
         w = _weights(2, scale=0.2)
         scheme.program(dev, tile, w)
         st = scheme.tiles[tile]
@@ -112,7 +114,7 @@ def test_accumulator_keeps_sub_pulse_remainders() -> None:
 def test_refresh_restores_drifted_pcm_weights() -> None:
     with open_device(PCM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("mixed", seed=4)
+        scheme = make_scheme("mixed", seed=4)
         w = _weights(4, scale=0.3)
         scheme.program(dev, tile, w)
         assert scheme.tiles[tile].one_sided  # measured: a negative count RESETs the device
@@ -135,7 +137,7 @@ def test_refresh_restores_drifted_pcm_weights() -> None:
 def test_block_uses_the_scheme_and_periodic_refresh() -> None:
     with open_device(RRAM) as dev:
         topo = Topology.layered([8, 6, 3], budget=SettleBudget(max_steps=20))
-        blk = EBBlock(dev, topo, programming=ProgrammingScheme("mixed", refresh_every=2))
+        blk = EBBlock(dev, topo, programming=make_scheme("mixed", refresh_every=2))
         assert {r.kind for r in blk.last_reports.values()} == {"write"}
         for k in range(4):
             with torch.no_grad():
@@ -162,7 +164,7 @@ def test_config_selects_the_scheme() -> None:
     res = train_classifier(cfg)
     assert isinstance(res.model, Classifier)
     scheme = res.model.block.programming
-    assert scheme.name == "mixed" and scheme.refresh_every == 3
+    assert scheme.name == "mixed" and scheme.refresh_policy.every == 3
     kinds = {r["kind"] for r in scheme.history}
     assert kinds == {"write", "pulse", "refresh"}
     res.model.close()
@@ -172,11 +174,11 @@ def test_config_selects_the_scheme() -> None:
 
 def _drifted_pcm(
     mode: str | None, scheme_name: str = "mixed"
-) -> tuple[Device, ProgrammingScheme, np.ndarray]:
+) -> tuple[Device, Any, np.ndarray]:
     """A pcm tile trained by a few updates, committed, one simulated day later."""
     dev = open_device(PCM)
     tile = _configure(dev)
-    scheme = ProgrammingScheme(scheme_name, seed=4, refresh_mode=mode)
+    scheme = make_scheme(scheme_name, seed=4, refresh_mode=mode)
     w = _weights(4, scale=0.3)
     scheme.program(dev, tile, w)
     for k in range(3):
@@ -224,7 +226,7 @@ def test_refresh_by_tuning_needs_no_setup_measurement() -> None:
 def test_probe_steps_measures_bidirectional_rram_in_place() -> None:
     with open_device(RRAM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("pulsed", seed=5)
+        scheme = make_scheme("pulsed", seed=5)
         scheme.program(dev, tile, _weights(5, scale=0.2))
         setup = scheme.tiles[tile].steps
         assert setup is not None and not setup.one_sided
@@ -247,7 +249,7 @@ def test_pcm_pulses_follow_the_shrinking_set_step(level: float) -> None:
     must ask for more pulses higher in the window to move the weight as requested."""
     with open_device(PCM) as dev:
         tile = _configure(dev)
-        scheme = ProgrammingScheme("pulsed", seed=6)
+        scheme = make_scheme("pulsed", seed=6)
         w0 = np.full((64, 64), level)  # one-sided mapping: G+ = level * 25 uS, G- at RESET
         scheme.program(dev, tile, w0)
         before = _mean_read(dev, tile)
@@ -263,7 +265,7 @@ def test_tuning_near_the_top_resets_the_partner_not_the_pair() -> None:
     to the difference wanted; a RESET of the whole pair would start both from scratch."""
     with open_device(PCM) as dev:
         tile = _configure(dev, 16)
-        scheme = ProgrammingScheme("pulsed", seed=7)
+        scheme = make_scheme("pulsed", seed=7)
         scheme.program(dev, tile, np.zeros((16, 16)))  # measures the pulse response
         st = scheme.tiles[tile]
         full = np.full((16, 16), 23.5e-6, np.float32)
@@ -287,7 +289,7 @@ def test_stuck_devices_found_from_read_backs_and_compensated_by_the_partner() ->
         truth = dev.board.tile(tile).truth()  # type: ignore[attr-defined]
         stuck_high = (truth["stuck"] & (truth["stuck_value"] > 5e-6)).numpy()
         assert stuck_high.sum() >= 3
-        scheme = ProgrammingScheme("ideal")
+        scheme = make_scheme("ideal")
         w = _weights(8, scale=0.2)
         scheme.program(dev, tile, w)
         assert not scheme.tiles[tile].stuck.stuck.any()  # one direct write is not enough evidence
@@ -304,3 +306,22 @@ def test_stuck_devices_found_from_read_backs_and_compensated_by_the_partner() ->
         assert float(err[reach].max()) < 0.12  # a stuck-high device alone would add ~+-0.9
         assert np.all(err[pairs & ~reach] < np.abs(target[pairs & ~reach]) + 0.12)  # pinned near 0
         assert float(err[~pairs].mean()) < 0.05
+
+
+def test_schemes_by_name_and_their_options() -> None:
+    from hil.config import ConfigError
+    from hil.programming import SCHEME_CLASSES, MixedPrecision, RefreshPolicy
+
+    assert sorted(SCHEME_CLASSES) == ["ideal", "mixed", "pulsed", "verify"]
+    mixed = make_scheme("mixed", refresh_every=3, drift_tol=0.1, seed=1)
+    assert isinstance(mixed, MixedPrecision) and mixed.rounding == "nearest"
+    assert mixed.refresh_policy == RefreshPolicy(every=3, drift_tol=0.1)
+    assert make_scheme(mixed) is mixed and make_scheme(None).name == "ideal"
+    with pytest.raises(ValueError, match="one of"):
+        make_scheme("write-verify")
+    with pytest.raises(TypeError, match="'ideal'.*rounding"):
+        make_scheme("ideal", rounding="nearest")  # only pulsed schemes round
+    with pytest.raises(ValueError, match="refresh_every must be >= 0"):
+        make_scheme("verify", refresh_every=-1)
+    with pytest.raises(ConfigError, match='ep.verify.*removed.*ep.programming = "verify"'):
+        load_config(overrides=["ep.verify=true"])
