@@ -1,0 +1,461 @@
+"""Benchmark (issue 17): one EP training step (784-512-10, batch 128, T1 = 30 free steps,
+T2 = 10 + 10 centered nudged steps, fixed step counts, one torch thread) on the 5000 real
+28x28 MNIST images of ``mnist5k`` (the optional extra ``xbar-hil[data]``), four ways,
+interleaved in one process:
+
+(a) ``formulation``: the per-step autograd formulation of the published EP code (Scellier &
+    Bengio 2017; the "Scaling EP" code of Laborieux et al. 2021), written here: the primitive
+    function Phi is built and differentiated by autograd at every step to get the state
+    update, the input layer's product is recomputed every step, states are batch-first,
+    weights in ``nn.Linear`` layout; the +beta and -beta phases settle one after the other
+    from the free state; the weight update is autograd of ``-(Phi(s+) - Phi(s-)) / 2 beta``,
+    then SGD. Two things follow the project instead of that code, so that the three compute
+    the same numbers: the relaxation ``s <- s + dt (rho(dPhi/ds) - s)`` with the project's dt
+    (the published code takes dt = 1) and the cross-entropy nudge as the project applies it
+    (the loss gradient at the free state, ``tau (softmax(tau s) - onehot)``, injected as a
+    constant current: ``Phi -= beta current . s_out``). The ones vector autograd is seeded
+    with is made once per settle (the published code builds it every step): if anything that
+    flatters the formulation.
+(b) ``floor``: a tight plain-torch loop in the board's layout (`emulator.board`: the free
+    states as one (nodes, batch) buffer, per step one ``addmm`` per destination group written
+    into its rows, one clamp and one in-place ``lerp`` over all nodes; weights as the tiles
+    store them, (rows + bias row, cols)), with the clamped input's product hoisted out of the
+    loop and computed once per batch for all phases, the two nudged phases settled as one over
+    the doubled batch as the project does, the update and SGD in place.
+(c) ``project``: `hil.train_classifier.Classifier.step` on ``emulator://?preset=ideal&seed=0``
+    (configured with the same sizes, steps, beta, tau, dt and learning rates), and the same
+    on ``preset=rram`` at equal step counts (the convergence check is moved to the last step
+    so no settle stops early).
+
+The three start from the same weights (what the ideal board holds after its first
+programming) and first run one step on the same batch: the free states and weight gradients
+of (a), (b) and (c) are compared and reported (``check_*``: max abs differences, relative to
+the largest entry for gradients), so the timings cannot drift into measuring different work.
+``tests/test_peer_ep.py`` asserts the same at small sizes.
+
+Timing: each repeat runs one batch through every implementation, in an order rotated per
+repeat, so load from other processes hits all alike; the figures are medians over repeats
+(ms per batch), the ratios medians of the per-repeat ratios. ``programming_share`` is the
+time of the project's per-batch programming (`EBBlock.sync` when it writes tiles) over its
+whole ideal step, measured in the same steps.
+
+Measured on: a shared machine with 2 cores and other agents' jobs on it (load average
+about 2-3 during the runs), one torch thread, torch CPU build; numbers move by 10-30 %
+between runs there, ratios much less.
+
+    python benchmarks/peer_ep.py [--repeats 15] [--quick] [--device cpu|cuda] [--hidden 512]
+
+Ends by printing one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drivers import SettleBudget, open_device
+from hil.config import RunConfig, load_config
+from hil.train_classifier import Classifier
+
+IDEAL = "emulator://?preset=ideal&seed=0"
+RRAM = "emulator://?preset=rram&seed=0"
+
+
+def rho(u: Tensor, gain: float) -> Tensor:
+    """The board's activation, ``clamp(gain u, 0, 1)``."""
+    return (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
+
+
+def ce_current(out: Tensor, y: Tensor, tau: float, classes: int) -> Tensor:
+    """dL/ds_out of the cross-entropy of ``softmax(tau s_out)`` (the nudge current), (B, classes)."""
+    return tau * (torch.softmax(tau * out, 1) - F.one_hot(y, classes).to(out.dtype))
+
+
+# ----------------------------------------------------------------------- (a) the formulation
+class Formulation:
+    """The per-step autograd EP formulation of the published EP code (see the module
+    docstring), on a layered network ``sizes``; the weights come in the board's tile layout
+    ((fan-in + bias row, fan-out)) and are kept as ``nn.Linear`` synapses."""
+
+    def __init__(
+        self, tiles: list[Tensor], *, lrs: list[float], beta: float, tau: float, dt: float, gain: float,
+        t1: int, t2: int, device: str = "cpu",
+    ) -> None:  # fmt: skip
+        self.synapses = nn.ModuleList()
+        for w in tiles:
+            lin = nn.Linear(w.shape[0] - 1, w.shape[1], bias=True)
+            with torch.no_grad():
+                lin.weight.copy_(w[:-1].T)
+                lin.bias.copy_(w[-1])
+            self.synapses.append(lin)
+        self.synapses.to(device)
+        groups = [{"params": list(s.parameters()), "lr": lrs[min(k, len(lrs) - 1)]}
+                  for k, s in enumerate(self.synapses)]  # fmt: skip
+        self.opt = torch.optim.SGD(groups)
+        self.beta, self.tau, self.dt, self.gain, self.t1, self.t2 = beta, tau, dt, gain, t1, t2
+        self.device = device
+
+    def phi(self, x: Tensor, neurons: list[Tensor], beta: float, current: Tensor | None) -> Tensor:
+        """Phi per sample: ``sum_k s_{k+1} . (W_k s_k + b_k)`` (the input layer's product
+        recomputed at every call) minus ``beta`` times the cost ``current . s_out``."""
+        layers = [x, *neurons]
+        phi = 0.0
+        for k, syn in enumerate(self.synapses):
+            phi = phi + (syn(layers[k]) * layers[k + 1]).sum(1)
+        if beta != 0.0 and current is not None:
+            phi = phi - beta * (current * layers[-1]).sum(1)
+        return phi  # type: ignore[return-value]
+
+    def relax(
+        self, x: Tensor, neurons: list[Tensor], steps: int, beta: float = 0.0, current: Tensor | None = None
+    ) -> list[Tensor]:
+        seed = torch.ones(x.shape[0], device=x.device)
+        for _ in range(steps):
+            phi = self.phi(x, neurons, beta, current)
+            grads = torch.autograd.grad(phi, neurons, grad_outputs=seed)
+            neurons = [
+                torch.lerp(s.detach(), rho(g, self.gain), self.dt).requires_grad_()
+                for s, g in zip(neurons, grads, strict=True)
+            ]
+        return neurons
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """One batch: free phase, +beta and -beta phases from the free state, the EP update.
+        Returns (free states per free layer, the weight gradients in tile layout)."""
+        b = x.shape[0]
+        neurons = [torch.zeros(b, s.out_features, device=x.device, requires_grad=True) for s in self.synapses]
+        free = self.relax(x, neurons, self.t1)
+        current = ce_current(free[-1].detach(), y, self.tau, self.synapses[-1].out_features)
+        copy = [s.detach().clone().requires_grad_() for s in free]
+        plus = self.relax(x, copy, self.t2, self.beta, current)
+        copy = [s.detach().clone().requires_grad_() for s in free]
+        minus = self.relax(x, copy, self.t2, -self.beta, current)
+        self.opt.zero_grad(set_to_none=True)
+        phi_p = self.phi(x, plus, self.beta, current).mean()
+        phi_m = self.phi(x, minus, -self.beta, current).mean()
+        delta = -(phi_p - phi_m) / (2 * self.beta)
+        delta.backward()
+        grads = [torch.cat([s.weight.grad.T, s.bias.grad[None]]).detach().clone() for s in self.synapses]
+        self.opt.step()
+        return [s.detach() for s in free], grads
+
+
+# ------------------------------------------------------------------------------- (b) the floor
+class Floor:
+    """Plain torch in the board's layout: states (nodes, batch) in one buffer, the tiles as
+    the board stores them, the input product computed once per batch (see the module
+    docstring). A layered network with one clamped input layer."""
+
+    def __init__(
+        self, tiles: list[Tensor], *, lrs: list[float], beta: float, tau: float, dt: float, gain: float,
+        t1: int, t2: int, device: str = "cpu",
+    ) -> None:  # fmt: skip
+        self.w = [w.detach().clone().to(device) for w in tiles]
+        self.lrs = [lrs[min(k, len(lrs) - 1)] for k in range(len(tiles))]
+        self.beta, self.tau, self.dt, self.gain, self.t1, self.t2 = beta, tau, dt, gain, t1, t2
+        self.sizes = [tiles[0].shape[0] - 1] + [w.shape[1] for w in tiles]
+        n, start = self.sizes[1:], 0
+        self.rows = []
+        for k in n:
+            self.rows.append(slice(start, start + k))
+            start += k
+        self.nodes = start
+
+    def _settle(self, state: Tensor, const: Tensor, steps: int) -> None:
+        """`steps` damped fixed-point steps on `state` (nodes, batch) with the constant drive
+        `const` (nodes, batch): per free layer k, ``new_k = const_k + W_k s_{k-1} + W_{k+1}^T s_{k+1}``
+        (the input's product is in `const`), then clamp and relax, in place."""
+        new = torch.empty_like(state)
+        rows, w = self.rows, self.w
+        links = []  # (destination rows, [(matrix (n_dst, n_src), source rows of state)])
+        for k, r in enumerate(rows):
+            src = []
+            if k > 0:  # from below: s_{k-1} through W_k's weight rows, transposed
+                src.append((w[k][:-1].T, state[rows[k - 1]]))
+            if k + 1 < len(rows):  # from above: s_{k+1} through W_{k+1}'s weight rows
+                src.append((w[k + 1][:-1], state[rows[k + 1]]))
+            links.append((r, src))
+        ops: list[Callable[[], object]] = []
+        for r, src in links:
+            (m0, x0), *more = src
+            ops.append(lambda r=r, m0=m0, x0=x0: torch.addmm(const[r], m0, x0, out=new[r]))
+            ops += [lambda r=r, m=m, x=x: new[r].addmm_(m, x) for m, x in more]
+        gain, dt = self.gain, self.dt
+        for _ in range(steps):
+            for op in ops:
+                op()
+            if gain != 1.0:
+                new.mul_(gain)
+            new.clamp_(0.0, 1.0)
+            state.lerp_(new, dt)
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        b, w, rows = x.shape[0], self.w, self.rows
+        const = torch.empty(self.nodes, b, device=x.device)
+        torch.addmm(w[0][-1:].T, w[0][:-1].T, x.T, out=const[rows[0]])  # hoisted: once per batch
+        for k in range(1, len(rows)):
+            const[rows[k]] = w[k][-1:].T
+        state = torch.zeros(self.nodes, b, device=x.device)
+        self._settle(state, const, self.t1)
+        free = [state[r].T for r in rows]
+        current = ce_current(free[-1], y, self.tau, self.sizes[-1]).T  # (classes, B)
+        # both nudged phases as one settle over the doubled batch: -beta current | +beta current
+        const2 = torch.cat([const, const], 1)
+        const2[rows[-1], :b].sub_(current, alpha=self.beta)
+        const2[rows[-1], b:].add_(current, alpha=self.beta)
+        both = torch.cat([state, state], 1)
+        self._settle(both, const2, self.t2)
+        sp, sm = both[:, :b], both[:, b:]
+        scale = -1.0 / (2 * self.beta * b)
+        grads = []
+        for k, wk in enumerate(w):
+            dc = sp[rows[k]] - sm[rows[k]]  # (n_k, B)
+            g = torch.empty_like(wk)
+            if k == 0:
+                torch.mm(x.T, dc.T, out=g[:-1])
+            else:
+                torch.mm(sp[rows[k - 1]], sp[rows[k]].T, out=g[:-1])
+                g[:-1].addmm_(sm[rows[k - 1]], sm[rows[k]].T, alpha=-1.0)
+            g[-1] = dc.sum(1)
+            g.mul_(scale)
+            grads.append(g)
+            wk.sub_(g, alpha=self.lrs[k])
+        return [s.clone() for s in free], grads
+
+
+# ---------------------------------------------------------------------------- (c) the project
+def project_config(uri: str, sizes: list[int], batch: int, t1: int, t2: int) -> RunConfig:
+    return load_config(
+        None,
+        [
+            f"device={uri}",
+            "data.name=mnist5k",
+            f"model.sizes=[{','.join(map(str, sizes))}]",
+            f"train.batch_size={batch}",
+            f"ep.free_steps={t1}",
+            f"ep.nudge_steps={t2}",
+            "ep.tol=0.0",
+            "ep.mode=centered",
+            "ep.loss=ce",
+        ],
+    )
+
+
+def project(uri: str, sizes: list[int], batch: int, t1: int, t2: int) -> Classifier:
+    """A `Classifier` on `uri` whose settles all run their full step budget: tol 0 and the one
+    convergence check at the last step (a noisy board otherwise stops a settle whose residual
+    is within its noise floor)."""
+    cfg = project_config(uri, sizes, batch, t1, t2)
+    clf = Classifier(cfg, sizes[0], sizes[-1], open_device)
+    blk = clf.block
+    dt = cfg.ep.dt
+    blk.budgets = {
+        "free": SettleBudget(max_steps=t1, tol=0.0, dt=dt, check_every=t1),
+        "nudge": SettleBudget(max_steps=t2, tol=0.0, dt=dt, check_every=t2),
+    }
+    return clf
+
+
+def board_tiles(clf: Classifier) -> list[Tensor]:
+    """The weights the (emulated) board settles with, per tile, (rows + bias row, cols)."""
+    board = clf.block.device.board  # type: ignore[attr-defined]
+    return [board.tile(t).weights(board.clock).detach().clone() for t in clf.block.weights]
+
+
+def peers(clf: Classifier, device: str = "cpu") -> tuple[Formulation, Floor]:
+    """(a) and (b) with the project's hyper-parameters, from the weights its board holds."""
+    e, t = clf.cfg.ep, clf.cfg.train
+    kw = dict(lrs=list(t.lr), beta=e.beta, tau=e.tau, dt=e.dt, gain=clf.cfg.model.gain,
+              t1=e.free_steps, t2=e.nudge_steps, device=device)  # fmt: skip
+    tiles = [w.to(device) for w in board_tiles(clf)]
+    return Formulation(tiles, **kw), Floor(tiles, **kw)  # type: ignore[arg-type]
+
+
+def project_step(clf: Classifier, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """`Classifier.step`, then (free states per free layer, the weight gradients it applied)."""
+    clf.step(x, y)
+    blk = clf.block
+    free = [torch.from_numpy(clf.last_settles["free"].states[g]) for g in blk.free_groups]
+    return free, [p.grad.detach().clone() for p in blk.weights.values()]
+
+
+def compare(
+    a: tuple[list[Tensor], list[Tensor]], b: tuple[list[Tensor], list[Tensor]]
+) -> tuple[float, float]:
+    """(max abs difference of the free states, max abs difference of the gradients relative
+    to their largest entry) between two steps' outputs."""
+    ds = max(float((u.cpu() - v.cpu()).abs().max()) for u, v in zip(a[0], b[0], strict=True))
+    dg = max(
+        float((u.cpu() - v.cpu()).abs().max()) / max(float(v.abs().max()), 1e-30)
+        for u, v in zip(a[1], b[1], strict=True)
+    )
+    return ds, dg
+
+
+def check_same_work(clf: Classifier, x: Tensor, y: Tensor, device: str = "cpu") -> dict[str, float]:
+    """One step of (a), (b) and the project from the same weights on the same batch: the
+    differences of their free states and gradients (see `compare`). Takes a fresh `clf`
+    (it is stepped)."""
+    form, floor = peers(clf, device)
+    xd, yd = x.to(device), y.to(device)
+    ra, rb = form.step(xd, yd), floor.step(xd, yd)
+    rc = project_step(clf, x, y)
+    (s_ab, g_ab), (s_bc, g_bc) = compare(ra, rb), compare(rc, rb)
+    return {"state_a_b": s_ab, "grad_a_b": g_ab, "state_project_b": s_bc, "grad_project_b": g_bc}
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15, help="timed batches per implementation")
+    ap.add_argument("--quick", action="store_true", help="3 repeats")
+    ap.add_argument("--device", default="cpu", help="where (a) and (b) run, and the emulator's torch device")
+    ap.add_argument("--hidden", type=int, default=512, help="hidden layer width (784-H-10)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--t1", type=int, default=30)
+    ap.add_argument("--t2", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
+    ap.add_argument("--skip-rram", action="store_true")
+    a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: this torch has no CUDA device (build {torch.__version__})")
+    torch.set_num_threads(a.threads)
+    repeats = 3 if a.quick else a.repeats
+    sizes, bs, t1, t2, dev = [784, a.hidden, 10], a.batch, a.t1, a.t2, a.device
+    from hil.data import load_dataset
+
+    ds = load_dataset("mnist5k")
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(ds.x_train), generator=gen)
+    n_batches = len(order) // bs
+
+    def batch(k: int) -> tuple[Tensor, Tensor]:
+        idx = order[(k % n_batches) * bs : (k % n_batches + 1) * bs]
+        return ds.x_train[idx], ds.y_train[idx]
+
+    suffix = "" if dev == "cpu" else f"&device={dev}"
+    if suffix:  # the emulator on the accelerator too, where the host stack lets it run there
+        try:
+            project(IDEAL + suffix, sizes, bs, t1, t2).step(*batch(0))
+        except Exception as exc:  # reported; then the project runs on the CPU
+            print(f"project on {dev} failed ({type(exc).__name__}: {exc}); the project runs on the cpu",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            suffix = ""
+    load_start = os.getloadavg()
+    # the same computation, checked on a fresh board before any timing
+    x0, y0 = batch(0)
+    check = check_same_work(project(IDEAL + suffix, sizes, bs, t1, t2), x0, y0, dev)
+    print(f"check (max differences after one step): {check}", file=sys.stderr, flush=True)
+
+    ideal = project(IDEAL + suffix, sizes, bs, t1, t2)
+    form, floor = peers(ideal, dev)
+    rram = None if a.skip_rram else project(RRAM + suffix, sizes, bs, t1, t2)
+    prog = {"s": 0.0}
+    blk = ideal.block
+    plain_sync = blk.sync
+
+    def timed_sync(force: bool = False) -> int:
+        t = time.perf_counter()
+        n = plain_sync(force)
+        if n:
+            prog["s"] += time.perf_counter() - t
+        return n
+
+    blk.sync = timed_sync  # type: ignore[method-assign]
+    steps: dict[str, list[float]] = {}
+
+    def run_project(clf: Classifier, name: str) -> Callable[[Tensor, Tensor], object]:
+        def go(x: Tensor, y: Tensor) -> object:
+            _loss, _acc, st = clf.step(x, y)
+            steps.setdefault(name, []).append(st["free_steps"] + st["nudge_steps"])
+            return st
+
+        return go
+
+    impls: dict[str, Callable[[Tensor, Tensor], object]] = {
+        "formulation": lambda x, y: form.step(x.to(dev), y.to(dev)),
+        "floor": lambda x, y: floor.step(x.to(dev), y.to(dev)),
+        "project": run_project(ideal, "project"),
+    }
+    if rram is not None:
+        impls["rram"] = run_project(rram, "rram")
+    names = list(impls)
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    share: list[float] = []
+    warm = 2
+    for k in range(warm + repeats):
+        x, y = batch(k + 1)
+        rot = k % len(names)
+        for name in names[rot:] + names[:rot]:
+            prog["s"] = 0.0
+            sync(dev)
+            t = time.perf_counter()
+            impls[name](x, y)
+            sync(dev)
+            el = time.perf_counter() - t
+            if k >= warm:
+                ms[name].append(1e3 * el)
+                if name == "project":
+                    share.append(prog["s"] / el)
+        print(f"  repeat {k + 1}/{warm + repeats}: " + ", ".join(f"{n} {ms[n][-1]:.1f} ms" for n in names
+              if ms[n]), file=sys.stderr, flush=True)  # fmt: skip
+
+    def med(n: str) -> float:
+        return round(statistics.median(ms[n]), 2)
+
+    def ratio(n: str, d: str) -> float:
+        return round(statistics.median(p / q for p, q in zip(ms[n], ms[d], strict=True)), 3)
+
+    common = {"sizes": sizes, "batch": bs, "T1": t1, "T2": f"{t2}+{t2}", "device": dev,
+              "project_device": dev if suffix else "cpu", "threads": a.threads, "repeats": repeats,
+              "cpus": os.cpu_count(),
+              "load_avg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
+    out = [
+        {
+            "bench": "peer_ep", "preset": "ideal", **common,
+            "formulation_ms": med("formulation"), "project_ms": med("project"), "floor_ms": med("floor"),
+            "formulation_over_project": ratio("formulation", "project"),
+            "project_over_floor": ratio("project", "floor"),
+            "programming_ms": round(statistics.median(s * p for s, p in zip(share, ms["project"],
+                                                                               strict=True)), 2),
+            "programming_share": round(statistics.median(share), 3),
+            "targets": {"formulation_over_project": ">= 10 (stretch 15)", "project_over_floor": "<= 1.2",
+                        "programming_share": "<= 0.10"},
+            "check_state_max_diff_a_b": check["state_a_b"], "check_grad_rel_diff_a_b": check["grad_a_b"],
+            "check_state_max_diff_project_b": check["state_project_b"],
+            "check_grad_rel_diff_project_b": check["grad_project_b"],
+        }
+    ]  # fmt: skip
+    if rram is not None:
+        out.append({
+            "bench": "peer_ep", "preset": "rram", **common, "rram_ms": med("rram"),
+            "ideal_ms": med("project"), "rram_over_ideal": ratio("rram", "project"), "target": "<= 1.5",
+            "settle_steps_per_batch": {"ideal": statistics.median(steps["project"]),
+                                       "rram": statistics.median(steps["rram"])},
+        })  # fmt: skip
+    for c in (ideal, rram):
+        if c is not None:
+            c.close()
+    for o in out:
+        print(json.dumps(o))
+
+
+if __name__ == "__main__":
+    main()

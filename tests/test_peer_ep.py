@@ -1,0 +1,89 @@
+"""Issue 17: the three EP steps that `benchmarks/peer_ep.py` times compute the same thing: from
+the same weights, one step of the per-step autograd formulation of the published EP code (a),
+of the plain-torch floor in the board's layout (b) and of the project's `Classifier.step` on
+the ideal emulator give the same free states and weight gradients to float tolerance."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.peer_ep import IDEAL, RRAM, check_same_work, compare, peers, project, project_step
+
+T1, T2 = 30, 10
+
+
+def _batch(features: int, batch: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, features, generator=g)
+    return x, torch.randint(0, classes, (batch,), generator=g)
+
+
+@pytest.mark.parametrize("sizes", [[36, 24, 10], [30, 20, 16, 10]])
+def test_formulation_floor_and_project_agree_after_one_step(sizes: list[int]) -> None:
+    torch.manual_seed(0)
+    x, y = _batch(sizes[0], 8)
+    clf = project(IDEAL, sizes, 8, T1, T2)
+    try:
+        d = check_same_work(clf, x, y)
+    finally:
+        clf.close()
+    assert d["state_a_b"] < 1e-5 and d["state_project_b"] < 1e-5, d
+    assert d["grad_a_b"] < 1e-4 and d["grad_project_b"] < 1e-4, d
+
+
+def test_the_three_keep_agreeing_over_steps_and_weights_move() -> None:
+    """Three steps each: the peers keep their own weights in step with the project's SGD."""
+    sizes = [36, 24, 10]
+    clf = project(IDEAL, sizes, 8, T1, T2)
+    try:
+        form, floor = peers(clf)
+        w_start = [w.clone() for w in floor.w]
+        for k in range(3):
+            x, y = _batch(sizes[0], 8, seed=k)
+            ra, rb, rc = form.step(x, y), floor.step(x, y), project_step(clf, x, y)
+            for s, g in (compare(ra, rb), compare(rc, rb)):
+                assert s < 1e-5 and g < 1e-4, (k, s, g)
+        assert any(float((a - b).abs().max()) > 1e-4 for a, b in zip(floor.w, w_start, strict=True))
+        host = [p.detach() for p in clf.block.weights.values()]
+        for a, b in zip(floor.w, host, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+    finally:
+        clf.close()
+
+
+def test_project_steps_run_their_full_budget_on_both_presets() -> None:
+    """Equal step counts: tol 0 and the one convergence check at the last step, so even the
+    noisy board runs T1 free and T2 + T2 nudged steps (no early stop within its noise floor)."""
+    sizes = [36, 24, 10]
+    x, y = _batch(sizes[0], 8)
+    for uri in (IDEAL, RRAM):
+        clf = project(uri, sizes, 8, T1, T2)
+        try:
+            for _ in range(2):
+                _loss, _acc, st = clf.step(x, y)
+                assert st["free_steps"] == T1 and st["nudge_steps"] == T2, (uri, st)
+        finally:
+            clf.close()
+
+
+@pytest.mark.parametrize("change", [{"t1": T1 - 1}, {"t2": T2 - 1}, {"dt": 0.45}])
+def test_the_check_tells_different_work_apart(change: dict[str, float]) -> None:
+    """The tolerances have teeth: one free or nudged step fewer, or another dt, in the floor
+    is outside them (states within 1e-5, gradients within 1e-4 of their largest entry)."""
+    sizes = [36, 24, 10]
+    x, y = _batch(sizes[0], 8)
+    clf = project(IDEAL, sizes, 8, T1, T2)
+    try:
+        form, floor = peers(clf)
+        for k, v in change.items():
+            setattr(floor, k, v)
+        s, g = compare(form.step(x, y), floor.step(x, y))
+        assert s > 1e-5 or g > 1e-4, (s, g)
+    finally:
+        clf.close()
