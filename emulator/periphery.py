@@ -9,6 +9,11 @@ import torch
 from drivers.scalars import INT32_MAX, as_float, as_int
 
 
+def lsb(bits: int | None, span: float) -> float:
+    """One step of a converter of `bits` over `span` (an 8-bit step without `bits`)."""
+    return span / ((1 << bits) - 1) if bits else span / 255
+
+
 @dataclass(frozen=True)
 class PeripheryModel:
     """Board periphery. States are normalised: 1.0 is `v_read` volts on a node line."""

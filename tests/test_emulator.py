@@ -433,7 +433,7 @@ def test_a_plan_refreshed_after_writes_settles_as_a_new_plan(kind: str) -> None:
                 rows, cols = topo.tile_shape(c.tile)
                 program_weights(dev, c.tile, rng.uniform(-0.5, 0.5, (rows, cols)).astype(np.float32))
             refreshed = dev.settle(x)
-        dev.board._plans.clear()
+        dev.board.engine.clear()
         fresh = dev.settle(x)
     for g in refreshed.states:
         np.testing.assert_allclose(refreshed.states[g], fresh.states[g], atol=1e-6)
@@ -455,7 +455,7 @@ def test_settles_of_one_batch_size_share_buffers_but_not_results() -> None:
         for g in kept:
             np.testing.assert_array_equal(first.states[g], kept[g])
         np.testing.assert_array_equal(first.energy, energy)
-        dev.board._plans.clear()  # fresh buffers
+        dev.board.engine.clear()  # fresh buffers
         again = dev.settle({"s0": x2}, init={"s1": kept["s1"]})
     for g in second.states:
         np.testing.assert_array_equal(second.states[g], again.states[g])
@@ -506,7 +506,7 @@ def test_coupling_norm_bound_tracks_weight_changes() -> None:
         for scale in (0.01, 0.012, 0.3):  # two small steps, then a large change
             w_free = program(scale)
             eq = dev.settle(x, trace=True)
-            plan = board._plans[frozenset(x)][1]
+            plan = board.engine._plans[frozenset(x)][1]
             true = float(np.linalg.norm(w_free, 2))
             assert plan.coupling_norm >= true  # a bound (or the 10 %-margin estimate)
             energy = eq.trace["energy"]
