@@ -16,6 +16,24 @@ to its `SettleEngine`, which
 
 Everything random comes from the board's noise generator, so settles stay deterministic per
 board seed.
+
+The input product once per batch. The clamped groups' drive (``x @ W`` of a 784-wide input,
+plus the bias) is constant during a settle, and an EP step settles the same clamps three
+times: free, then the nudged phases, often as one settle over the batch twice over
+(``[x; x]``, `hil.estimator.settle_both`). The engine keeps the constant drive of the last
+clamp (`_ClampCache`) and reuses it when the next settle's clamps equal the cached ones
+exactly (`torch.equal` against a copy) or are them twice over along the batch; a
+different plan or a change of the tiles' `weights_epoch` (a write, a pulse, drift
+recomputing the weights) and `SettleEngine.clear` (configure with a new topology, reset)
+invalidate it. Nothing changes at the Device interface, so hosts over a wire get the same
+saving. On noisy presets the reuse is exact too, statistics included: the emulator splits
+a read into the noise-free product and read noise drawn fresh at every step from a variance
+that follows the inputs (`_Term.noise_var`), so what is reused is only the noise-free part
+(a real board re-reads its input lines every step; here every step still gets fresh noise).
+The mvm mode's per-step MVMs of the clamped sources likewise reuse the product and draw
+their noise and ADC conversion anew every step. The doubled batch's product over 2B rows
+may round differently from the product over B rows that the cache holds (the matmul kernel
+may block differently), so results may differ from an uncached settle at float rounding.
 """
 
 from __future__ import annotations
@@ -220,6 +238,38 @@ def _links(plan: _Plan, state: torch.Tensor) -> list[tuple[slice, list[tuple[tor
     return [(rows[g], [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]) for g in plan.free]
 
 
+@dataclass
+class _ClampCache:
+    """The constant drive of the last clamp (see the module docstring, "The input product
+    once per batch"): the clamps it was computed for (copies), the plan and the tiles'
+    `weights_epoch` s it used, and what it holds: `drive`, the (nodes, batch) constant drive
+    of a noise-free settle, or `outs`, per constant term of the plan its product
+    ``F.linear(s_src, matrix)`` (batch, n_out), for a noisy or mvm-mode settle."""
+
+    plan: _Plan
+    epochs: tuple[int, ...]
+    clamp: dict[str, torch.Tensor]
+    batch: int
+    drive: torch.Tensor | None = None
+    outs: list[torch.Tensor] | None = None
+
+    def match(self, plan: _Plan, clamp: dict[str, torch.Tensor], batch: int) -> int:
+        """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
+        clamps), 2 (the batch twice over, ``[x; x]``, as `settle_both` sends it), or 0 (no
+        reuse). Exact comparisons (`torch.equal`), once per settle."""
+        if plan is not self.plan or plan.epochs != self.epochs or clamp.keys() != self.clamp.keys():
+            return 0
+        n = self.batch
+        if batch == n:
+            return 1 if all(torch.equal(clamp[g], c) for g, c in self.clamp.items()) else 0
+        if batch == 2 * n:
+            same = all(
+                torch.equal(clamp[g][:n], c) and torch.equal(clamp[g][n:], c) for g, c in self.clamp.items()
+            )
+            return 2 if same else 0
+        return 0
+
+
 class SettleEngine:
     """The settles of one `Board`: plans per clamp set, workspaces per batch size, the
     coupling-norm bookkeeping of the step size, the two settle loops and their accounting.
@@ -232,10 +282,33 @@ class SettleEngine:
         self._power_vectors: dict[frozenset[str], torch.Tensor] = {}
         # per clamp set: the last coupling-norm figure and the free-to-free matrices it was for
         self._norm_refs: dict[frozenset[str], tuple[float, list[torch.Tensor]]] = {}
+        self.reuse_clamp = True  # reuse the constant drive of the last clamp (`_ClampCache`)
+        self._clamp_cache: _ClampCache | None = None
+        self.clamp_reuses = 0  # settles that reused a cached constant drive
 
     def clear(self) -> None:
-        """Forget the plans (a new topology, or a reset)."""
+        """Forget the plans and the cached constant drive (a new topology, or a reset)."""
         self._plans.clear()
+        self._clamp_cache = None
+
+    def _cached(self, plan: _Plan, s: dict[str, torch.Tensor], batch: int) -> tuple[_ClampCache | None, int]:
+        """The cached constant drive for the clamps in `s` and how many times over the batch
+        repeats it (`_ClampCache.match`), or (None, 0)."""
+        c = self._clamp_cache
+        if c is None or not self.reuse_clamp:
+            return None, 0
+        reps = c.match(plan, {g: x for g, x in s.items() if g != BIAS}, batch)
+        if not reps:
+            return None, 0
+        self.clamp_reuses += 1
+        return c, reps
+
+    def _keep(self, plan: _Plan, s: dict[str, torch.Tensor], batch: int, **held: object) -> None:
+        """Cache what a settle computed from its clamps (copies of the clamps: a caller may
+        reuse its arrays)."""
+        if self.reuse_clamp:
+            clamp = {g: x.clone() for g, x in s.items() if g != BIAS}
+            self._clamp_cache = _ClampCache(plan, plan.epochs, clamp, batch, **held)  # type: ignore[arg-type]
 
     def _plan(self, clamped: frozenset[str]) -> _Plan:
         """The settle plan for a clamp set. Its tensors are views of the tiles' cached weights,
@@ -484,8 +557,15 @@ class SettleEngine:
         const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
         mvm_const: list[tuple[_Term, torch.Tensor]] = []
         products: dict[int, tuple[torch.Tensor, bool]] = {}
-        for term in plan.const_terms:
-            out = F.linear(s[term.src], term.matrix)
+        # the clamped sources' products (noise-free: read noise is drawn per step below),
+        # reused from the last settle of these clamps
+        cached, reps = self._cached(plan, s, batch)
+        if cached is not None and cached.outs is not None:
+            outs = cached.outs if reps == 1 else [torch.cat([o] * reps) for o in cached.outs]
+        else:
+            outs = [F.linear(s[term.src], term.matrix) for term in plan.const_terms]
+            self._keep(plan, s, batch, outs=outs)
+        for term, out in zip(plan.const_terms, outs, strict=True):
             for (dst, a, b, k), (pair, transposed) in zip(term.dsts, term.pairs, strict=True):
                 products[pair] = (out[:, a:b], transposed)
                 if k:
@@ -718,13 +798,21 @@ class SettleEngine:
                     state[rows[g]].copy_(x0.T)
         else:
             state.zero_()
-        drive.zero_()  # the constant drive
-        for term in plan.const_terms:
-            for dst, a, b, _k in term.dsts:
-                if term.src == BIAS:
-                    drive[rows[dst]].add_(term.matrix[a:b])  # (n, 1): the same for every sample
-                else:
-                    drive[rows[dst]].addmm_(term.matrix[a:b], s[term.src].T)
+        # the constant drive (clamped sources, bias): reused from the last settle of these clamps
+        cached, reps = self._cached(plan, s, batch)
+        if cached is not None and cached.drive is not None:
+            n = cached.batch
+            for k in range(reps):
+                drive[:, k * n : (k + 1) * n].copy_(cached.drive)
+        else:
+            drive.zero_()
+            for term in plan.const_terms:
+                for dst, a, b, _k in term.dsts:
+                    if term.src == BIAS:
+                        drive[rows[dst]].add_(term.matrix[a:b])  # (n, 1): the same for every sample
+                    else:
+                        drive[rows[dst]].addmm_(term.matrix[a:b], s[term.src].T)
+            self._keep(plan, s, batch, drive=drive.clone())
         for g, (beta, grad) in nudge.currents.items():
             drive[rows[g]].sub_(grad.T, alpha=beta)
         elastic = nudge.elastic
