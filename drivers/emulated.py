@@ -49,6 +49,25 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _pair(a: np.ndarray, b: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a` and `b` as tensors; when `b` directly follows `a` in memory (G+ and G- as the two
+    halves of one (2, rows, cols) array, as the programming schemes hand them over), as the
+    two halves of one tensor, so the board sees one stacked target and copies nothing."""
+    if (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.flags.c_contiguous
+        and b.flags.c_contiguous
+        and a.nbytes > 0
+        and b.ctypes.data == a.ctypes.data + a.nbytes
+    ):
+        writeable = bool(a.flags.writeable and b.flags.writeable)  # the board only reads it
+        both = np.lib.stride_tricks.as_strided(a, (2, *a.shape), (a.nbytes, *a.strides), writeable=writeable)
+        t = _t(both, device)
+        return t[0], t[1]
+    return _t(a, device), _t(b, device)
+
+
 _TARGETS = ("", "/", "localhost")
 _BOARD_PARAMS = ("preset", "seed", "device", "capabilities")
 
@@ -221,10 +240,8 @@ class EmulatedDevice(Device):
                 tol, max_iters = checks.check_verify(self.info.limits, tol, max_iters)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            dev = self.board.device
-            r = self.board.program(
-                tile, _t(gp, dev), _t(gm, dev), verify=verify, tol=tol, max_iters=max_iters
-            )
+            tp, tm = _pair(gp, gm, self.board.device)
+            r = self.board.program(tile, tp, tm, verify=verify, tol=tol, max_iters=max_iters)
             return ProgramReport(
                 tile=tile,
                 g_plus=_np(r["g_plus"]),

@@ -59,6 +59,15 @@ class VerifyStats:
     reads: int = 0  # full-tile reads taken
 
 
+def _uniform(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float] | None:
+    """(lo, hi) as two numbers when every device has the same bounds, else None."""
+    lo_min, lo_max = torch.aminmax(lo)
+    hi_min, hi_max = torch.aminmax(hi)
+    if float(lo_min) == float(lo_max) and float(hi_min) == float(hi_max):
+        return float(lo_min), float(hi_min)
+    return None
+
+
 def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """N(0,1) from `gen` wherever it lives, moved to `device` (so a CPU generator gives the same
     numbers whatever the compute device is)."""
@@ -86,6 +95,13 @@ class TileArray:
         self._nominal = DeviceParams.nominal(model, self._dshape, self.device)
         self._g0 = torch.where(self.params.stuck, self.params.stuck_value, self.params.g_lo)
         self._any_stuck = bool(self.params.stuck.any())
+        # for direct writes: the stuck devices' flat indices and values, and the devices' own
+        # bounds as two numbers when every device shares them (a scalar clamp, same result)
+        self._stuck_idx = self.params.stuck.reshape(-1).nonzero().squeeze(1) if self._any_stuck else None
+        self._stuck_val = (
+            None if self._stuck_idx is None else self.params.stuck_value.reshape(-1)[self._stuck_idx]
+        )
+        self._bounds = _uniform(self.params.g_lo, self.params.g_hi)
         # float64: the board's clock advances by nanoseconds on top of hours
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
         self._drifts = bool((self.params.nu > 0).any())
@@ -167,7 +183,8 @@ class TileArray:
     def _read(self, t: float, gen: torch.Generator) -> torch.Tensor:
         g = self._now(t)
         if self.model.read_noise > 0:
-            g = g + self.model.read_noise * _randn(self._dshape, gen, self.device)
+            # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
+            return _randn(self._dshape, gen, self.device).mul_(self.model.read_noise).add_(g)
         return g
 
     def state(self, t: float) -> torch.Tensor:
@@ -235,6 +252,9 @@ class TileArray:
 
     # ----------------------------------------------------------------- programming
     def stack_targets(self, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+        """(a, b) as one (2, rows, cols) tensor: a view when `b` directly follows `a` in one
+        storage (the two halves of one stacked tensor; nothing is copied), else a stack.
+        The tile never modifies or keeps it."""
         a = torch.as_tensor(a, device=self.device)
         b = torch.as_tensor(b, device=self.device)
         if a.shape != self.shape or b.shape != self.shape:
@@ -242,6 +262,14 @@ class TileArray:
                 f"{what}: expected two arrays of shape {self.shape}, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}"
             )
+        if (
+            a.dtype == b.dtype
+            and a.is_contiguous()
+            and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel()
+        ):
+            return a.as_strided((2, *self.shape), (a.numel(), *a.stride()), a.storage_offset())
         return torch.stack((a, b))
 
     def write(
@@ -255,13 +283,22 @@ class TileArray:
         """`write` with the targets as one (2, rows, cols) tensor (`_stack`)."""
         target = target.to(torch.float32)
         if self.model.write_noise > 0:
-            target = target + self.model.write_noise * _randn(self._dshape, gen, self.device)
-        p = self.params
-        landed = torch.clamp(target, p.g_lo, p.g_hi)
-        self._g0 = torch.where(p.stuck, p.stuck_value, landed) if self._any_stuck else landed
+            # write_noise * N(0,1) + target, in the draw's own buffer (the same numbers)
+            landed = _randn(self._dshape, gen, self.device).mul_(self.model.write_noise).add_(target)
+            landed = landed.clamp_(*self._bounds) if self._bounds else self._clamp_own(landed, out=landed)
+        else:
+            landed = torch.clamp(target, *self._bounds) if self._bounds else self._clamp_own(target)
+        if self._stuck_idx is not None:
+            landed.view(-1)[self._stuck_idx] = self._stuck_val
+        self._g0 = landed
         self._written(t)
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
+
+    def _clamp_own(self, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`g` clamped to every device's own bounds."""
+        p = self.params
+        return torch.clamp(g, p.g_lo, p.g_hi) if out is None else torch.clamp(g, p.g_lo, p.g_hi, out=out)
 
     def set_conductances(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t: float) -> None:
         """Put every non-stuck device exactly at the given conductance (clipped to its own bounds),

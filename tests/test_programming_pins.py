@@ -248,6 +248,10 @@ PINNED: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 TOL = {"ideal": 1e-9, "rram": 1e-9}
+# the read-back weights (`device_*`) are now computed in float32 (``w_max (G+ - G-) / range``
+# rounded once or twice in float32 instead of in float64 and rounded at the end): a few
+# float32 ulps per weight, ~1e-7 relative on these sums
+READBACK_TOL = 1e-6
 
 
 @pytest.mark.parametrize(("preset", "programming"), list(PINNED))
@@ -255,10 +259,10 @@ def test_programming_reproduces_the_numbers_from_before_the_rewrite(preset: str,
     got = run(preset, programming)
     want = PINNED[(preset, programming)]
     assert set(got) == set(want)
-    tol = TOL[preset]
     bad = {}
     for key, w in want.items():
         g = got[key]
+        tol = READBACK_TOL if ".device_" in key else TOL[preset]
         if isinstance(w, list):
             ok = all(math.isclose(a, b, rel_tol=tol, abs_tol=1e-12) for a, b in zip(g, w, strict=True))
         elif isinstance(w, int):

@@ -81,14 +81,14 @@ class PulsedUpdates(SchemeBase):
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor
     ) -> list[Programmed]:
         wn = _float64_copy(w)
-        known = int(st.stuck.stuck.sum()) if st.stuck is not None else 0
+        known = st.stuck.count if st.stuck is not None else 0
         res = self._write(device, tile, st, wn, kind="write", verify=True)
         if not st.written and st.steps is not None:
             res.report.energy_j += st.steps.energy_j  # the step measurement
             res.report.pulses += st.steps.pulses
             self.history[-1] = res.report.to_dict()
         out = [res]
-        if st.stuck is not None and int(st.stuck.stuck.sum()) > known:
+        if st.stuck is not None and st.stuck.count > known:
             # stuck devices found by this write: write again so that their partners carry the
             # weights (pulsed schemes do not re-write on their own)
             out.append(self._write(device, tile, st, wn, kind="write", verify=True))
@@ -122,7 +122,7 @@ class PulsedUpdates(SchemeBase):
             dev = np.stack([np.maximum(d_g, 0.0), np.maximum(-d_g, 0.0)])
         else:
             dev = np.stack([0.5 * d_g, -0.5 * d_g])
-            if st.stuck is not None and st.stuck.stuck.any():  # the partner moves for both
+            if st.stuck is not None and st.stuck.count:  # the partner moves for both
                 s = st.stuck.stuck
                 dev = np.stack([np.where(s[1], d_g, dev[0]), np.where(s[0], -d_g, dev[1])])
                 dev = np.where(s, 0.0, dev)

@@ -26,7 +26,7 @@ scheme's fields added; the scheme also keeps the JSON-ready `to_dict()` of every
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -101,14 +101,20 @@ class Programmed:
 class TileState:
     mapping: LinearMapping
     position: int  # index of the tile in the topology's couplings (calibration records)
-    host: np.ndarray  # host weights at the last call (float32 for writes, float64 for pulses)
+    host: np.ndarray  # host weights at the last call (as given for writes, float64 for pulses)
     acc: np.ndarray  # weight change owed to the devices (mixed), float64
-    g_est: np.ndarray  # (2, rows, cols) conductances the scheme expects
+    # (2, rows, cols) conductances the scheme expects: for write schemes the float32 targets of
+    # the last write themselves (a view of one of `targets`), float64 for pulsed schemes
+    g_est: np.ndarray
     one_sided: bool
     steps: StepModel | None = None
     updates: int = 0
     written: bool = False
     stuck: StuckDevices | None = None  # found from read-backs (None with a calibration record)
+    # two (2, rows, cols) float32 target buffers used in turn, so a write allocates nothing of
+    # the tile's size and `g_est` (the last targets) is never the buffer being filled
+    targets: list[torch.Tensor | None] = field(default_factory=lambda: [None, None])
+    turn: int = 0  # the buffer the next write fills
 
 
 @dataclass(frozen=True)
@@ -253,11 +259,10 @@ class SchemeBase:
     def _first_write(
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor
     ) -> list[Programmed]:
-        wn = _float64_copy(w)
-        res = self._write(device, tile, st, wn, kind="write", verify=self.verify_first)
+        res = self._write(device, tile, st, w, kind="write", verify=self.verify_first)
         st.written = True
-        st.host = wn
-        st.acc = np.zeros_like(wn)
+        _keep_host(st, w)
+        st.acc = np.zeros(st.host.shape)
         return [res]
 
     def _update(
@@ -273,14 +278,20 @@ class SchemeBase:
 
     # ------------------------------------------------------------------------------ writes
     def _targets(self, device: Device, st: TileState, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
-        """The (G+, G-) targets of weights `w` as one (2, rows, cols) float32 array."""
-        g, clipped = st.mapping.to_conductance_pair(w)
+        """The (G+, G-) targets of weights `w` as one (2, rows, cols) array (float32, mapped in
+        torch on the device of `w` into one of the tile's two buffers, with stuck devices
+        compensated in place; a calibration record's targets as it gives them)."""
+        k = st.turn
+        st.turn ^= 1
+        g, clipped = st.mapping.conductance_tensor(w, out=st.targets[k])
+        st.targets[k] = g
         if self.record is not None:
-            t = conductance_targets(self.record, st.position, g[0], g[1], device.info.limits)
-            g = np.stack((t.g_plus, t.g_minus))
-        elif st.stuck is not None and st.stuck.any_misses:
-            g = np.stack(st.stuck.compensate(g[0], g[1], st.mapping.g_min, st.mapping.g_max))
-        return g, clipped
+            gn = g.cpu().numpy()
+            t = conductance_targets(self.record, st.position, gn[0], gn[1], device.info.limits)
+            return np.stack((t.g_plus, t.g_minus)), clipped
+        if st.stuck is not None and st.stuck.count:
+            st.stuck.compensate_(g, st.mapping.g_min, st.mapping.g_max)
+        return g.cpu().numpy(), clipped
 
     def _write(
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor, *, kind: str,
@@ -291,10 +302,11 @@ class SchemeBase:
         if kind == "refresh" and self.refresh_policy.tol is not None:
             tol = self.refresh_policy.tol * st.mapping.g_range
         rep = device.program(tile, g[0], g[1], verify=verify, tol=tol, max_iters=self.max_iters)
-        st.g_est = g.astype(np.float64)
+        # pulsed schemes add float64 moves to it; write schemes keep the targets as they are
+        st.g_est = g.astype(np.float64) if self.pulsed else g
         if st.stuck is not None:
             read = (rep.g_plus, rep.g_minus)
-            st.stuck.observe(st.g_est, read, verified=verify, residual_max=rep.residual_max)
+            st.stuck.observe(g, read, verified=verify, residual_max=rep.residual_max)
         report = UpdateReport(
             rep.tile, rep.g_plus, rep.g_minus, rep.iterations, rep.pulses, rep.residual_max,
             rep.within_tol, rep.energy_j, rep.time_s, scheme=self.name, kind=kind, step=st.updates,
@@ -339,7 +351,7 @@ class SchemeBase:
         if st.steps is None and self.record is None:  # a scheme that has not pulsed this tile yet
             probe = st.steps = probe_steps(device, tile, reads=p.tune_reads)
             st.one_sided = probe.one_sided
-        target = self.target(tile) * (m.g_range / m.w_max)
+        target = np.asarray(self.target(tile), np.float64) * (m.g_range / m.w_max)
         res = tune_pairs(
             device, tile, target, lambda g, dev: self.pulse_counts(st, dev, g), one_sided=st.one_sided,
             g_min=m.g_min, g_max=m.g_max, tol=p.tune_tol * m.g_range, reads=p.tune_reads,
@@ -361,7 +373,7 @@ class SchemeBase:
     @staticmethod
     def _saturated(st: TileState) -> float:
         m = st.mapping
-        return float((st.g_est > m.g_min + 0.95 * m.g_range).mean())
+        return float((np.asarray(st.g_est, np.float64) > m.g_min + 0.95 * m.g_range).mean())
 
     def commit(self, device: Device, tile: str, reads: int = 4) -> np.ndarray:
         """Adopt what the devices of `tile` hold now (the mean of `reads` reads) as the weights
@@ -389,7 +401,7 @@ class SchemeBase:
             gp, gm = device.read_conductance(tile)
             acc += np.stack([gp, gm])
         g = acc / reads - st.mapping.g_min
-        expected = float((st.g_est - st.mapping.g_min).mean())
+        expected = float((np.asarray(st.g_est, np.float64) - st.mapping.g_min).mean())
         return 1.0 - float(g.mean()) / expected if expected > 0 else 0.0
 
     def refresh_if_drifted(self, device: Device, tile: str) -> Programmed | None:
@@ -412,3 +424,18 @@ class SchemeBase:
 
 def _float64_copy(w: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array(torch.as_tensor(w).detach().cpu().numpy(), dtype=np.float64)
+
+
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _keep_host(st: TileState, w: np.ndarray | torch.Tensor) -> None:
+    """Keep a host copy of `w` in its own dtype (float32 parameters stay float32) in
+    `st.host`, copied into the array already there when it fits (no allocation per write)."""
+    t = torch.as_tensor(w).detach()
+    h = st.host
+    fits = h.shape == tuple(t.shape) and h.dtype == _NUMPY_DTYPES.get(t.dtype)
+    if fits and h.flags.writeable and h.flags.c_contiguous:
+        torch.from_numpy(h).copy_(t)
+    else:
+        st.host = t.to("cpu", copy=True).numpy()

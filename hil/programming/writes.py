@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from drivers.base import Device
-from hil.programming.scheme import Programmed, SchemeBase, TileState
+from hil.programming.scheme import Programmed, SchemeBase, TileState, _keep_host
 
 
 class IdealWrites(SchemeBase):
@@ -21,9 +21,8 @@ class IdealWrites(SchemeBase):
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor
     ) -> list[Programmed]:
         st.updates += 1
-        w32 = torch.as_tensor(w).detach()  # the float32 weights themselves: no float64 copy
-        out = [self._write(device, tile, st, w32, kind="write", verify=self.verify_first)]
-        st.host = w32.cpu().numpy().copy()  # what `target` and `commit` start from
+        out = [self._write(device, tile, st, w, kind="write", verify=self.verify_first)]
+        _keep_host(st, w)  # what `target` and `commit` start from (no float64 copy)
         return out
 
 
