@@ -6,12 +6,24 @@
    so the ratio measures the transport, not the emulator; the emulated board's own read
    time is reported beside it.
 2. Round trip: one small command per transport (SCPI ``*OPC?`` over TCP and over a pty,
-   a framed PING over a pty and over TCP) as a ratio to a raw socket echo of the same
-   bytes (target <= 2). Rows over a pty also give the ratio to a raw echo over a pty (the
-   protocol's own share), and a row gives the raw pty echo against the socket echo (what
-   the pty costs by itself, a floor under the pty rows' first ratio). Framed rows count
-   the frames per round trip (3 with the ACK piggybacked on the response: request,
-   response, the host's ACK; 4 without).
+   a framed PING over a pty and over TCP) and one Device operation (``safety()``) per
+   protocol, as a ratio to a raw socket echo of the same bytes (target <= 2). Rows over a
+   pty also give the ratio to a raw echo over a pty (the protocol's own share), and a row
+   gives the raw pty echo against the socket echo (what the pty costs by itself, a floor
+   under the pty rows' first ratio). Framed rows count the frames per round trip (3 with
+   the ACK piggybacked on the response: request, response, the host's ACK; 4 without).
+3. Layers ("benchmark": "layer"): what each layer of a round trip adds, timed the same
+   way: an echo through the servers' stream classes (select/recv/send of
+   `emulator.server.links`), pyvisa-py's write/read of a line that such an echo returns
+   (the VISA library alone, no SCPI server), the SCPI server answering a raw socket
+   client (no VISA library), and in-process costs without any I/O: the SCPI server's
+   parse and dispatch of one message, the framed server's answer to a request, the frame
+   codec for the frames of one round trip, the emulated board's own `safety()`, and the
+   host's encode/check/decode around one operation. Every timed row (round trips and
+   layers) also gives the CPU time per call of the client thread (`client_cpu_seconds`)
+   and of the server process, all its threads (`server_cpu_seconds`, from
+   /proc/PID/task/*/schedstat; absent elsewhere): on a shared machine the wall-clock
+   ratios move with the load, the CPU times much less.
 
 The servers run in a child process, as a board's firmware would, so client and server do
 not share one interpreter lock. Ends by printing one JSON object per line.
@@ -22,6 +34,7 @@ not share one interpreter lock. Ends by printing one JSON object per line.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import multiprocessing as mp
 import os
@@ -97,10 +110,20 @@ def _raw_pty_echo() -> str:
 def _serve(conn: Any, board: str) -> None:
     """Child process: the board, its servers and the raw baselines."""
     from emulator.server import FramedServer, ScpiServer
+    from emulator.server.links import POLL_S, EndpointServer, Stream
+
+    class StreamEcho(EndpointServer):
+        """Echoes every byte through the servers' stream classes (their read/write path)."""
+
+        def _handler(self, stream: Stream, stopping: threading.Event) -> None:
+            while not stopping.is_set():
+                if data := stream.read(POLL_S):
+                    stream.write(data)
 
     device = FixedReadDevice(open_device(board))
     device.configure(TOPOLOGY)
     scpi, framed = ScpiServer(device), FramedServer(device)
+    stream_echo = StreamEcho()
     bulk = socket.create_server(("127.0.0.1", 0))
     echo = socket.create_server(("127.0.0.1", 0))
     payload = device.g.tobytes()
@@ -114,6 +137,7 @@ def _serve(conn: Any, board: str) -> None:
             "framed_pty": framed.open_pty(),
             "bulk": bulk.getsockname()[1],
             "echo": echo.getsockname()[1],
+            "stream_echo": stream_echo.listen_tcp()[1],
             "pty_echo": _raw_pty_echo(),
         }
     )
@@ -124,25 +148,72 @@ def _serve(conn: Any, board: str) -> None:
 class Timing:
     median: float  # seconds per call
     best: float  # fastest call: the cost without interference from other processes
+    client_cpu: float = 0.0  # CPU seconds per call of the calling thread
+    server_cpu: float | None = None  # CPU seconds per call of the server process (all threads)
+
+
+class ServerClock:
+    """CPU time of a process, all its threads (Linux: /proc/PID/task/*/schedstat, in ns)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pattern = f"/proc/{pid}/task/*/schedstat" if pid is not None else ""
+        self.works = bool(self.pattern) and self.read() is not None
+
+    def read(self) -> int | None:
+        total = 0
+        for path in glob.glob(self.pattern) if self.pattern else ():
+            try:
+                with open(path) as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):  # a thread ended meanwhile
+                continue
+        return total if self.pattern else None
+
+
+NO_SERVER = ServerClock(None)
 
 
 def _paired(
-    fn: Callable[[], object], baseline: Callable[[], object], repeats: int, block: int = 10
+    fn: Callable[[], object],
+    baseline: Callable[[], object],
+    repeats: int,
+    block: int = 10,
+    server: ServerClock = NO_SERVER,
 ) -> tuple[Timing, Timing]:
     """Seconds per call of `fn` and of `baseline`, timed in alternating blocks of `block`
     calls (after warm-up) so that load from other processes on a shared machine hits both
-    alike, while the tail of one (a trailing ACK) does not land in the other."""
+    alike, while the tail of one (a trailing ACK) does not land in the other. Also the CPU
+    time per call of this thread and (with `server`) of the server process."""
     fn()
     baseline()
     a: list[float] = []
     b: list[float] = []
+    cpu = [0, 0]
+    srv = [0, 0]
     for _ in range(max(1, repeats // block)):
-        for f, out in ((fn, a), (baseline, b)):
+        for k, (f, out) in enumerate(((fn, a), (baseline, b))):
+            s0 = server.read() if server.works else 0
+            c0 = time.thread_time_ns()
             for _ in range(block):
                 t0 = time.perf_counter()
                 f()
                 out.append(time.perf_counter() - t0)
-    return Timing(statistics.median(a), min(a)), Timing(statistics.median(b), min(b))
+            cpu[k] += time.thread_time_ns() - c0
+            srv[k] += (server.read() or 0) - s0 if server.works else 0
+    timings = []
+    for k, out in enumerate((a, b)):
+        per = 1e-9 / len(out)
+        timings.append(
+            Timing(statistics.median(out), min(out), cpu[k] * per, srv[k] * per if server.works else None)
+        )
+    return timings[0], timings[1]
+
+
+def _cpu_fields(t: Timing) -> dict[str, float]:
+    out = {"client_cpu_seconds": t.client_cpu}
+    if t.server_cpu is not None:
+        out["server_cpu_seconds"] = t.server_cpu
+    return out
 
 
 def _recv_exactly(sock: socket.socket, n: int, buf: bytearray) -> None:
@@ -150,6 +221,233 @@ def _recv_exactly(sock: socket.socket, n: int, buf: bytearray) -> None:
     got = 0
     while got < n:
         got += sock.recv_into(view[got:], n - got)
+
+
+def _line_reader(sock: socket.socket) -> Callable[[bytes], bytes]:
+    """A raw socket client: send a message, return the reply line (what a minimal host does)."""
+
+    def ask(msg: bytes) -> bytes:
+        sock.sendall(msg)
+        data = sock.recv(65536)
+        while not data.endswith(b"\n"):
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("server closed the connection")
+            data += more
+        return data
+
+    return ask
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _in_process_layers(board: str) -> dict[str, Callable[[], object]]:
+    """Costs without any I/O: the servers' work per request, the frame codec, the board,
+    and the host's work around one operation."""
+    from drivers.base import SafetyCounters
+    from drivers.wire import frames
+    from drivers.wire import payload as pl
+    from drivers.wire.client import RemoteDevice
+    from drivers.wire.frames import Flag, Frame
+    from drivers.wire.payload import Message, Op
+    from emulator.server import FramedServer
+    from emulator.server.scpi import Connection
+
+    local = open_device(board)
+    local.configure(TOPOLOGY)
+    conn = Connection(local)
+
+    def scpi(msg: bytes) -> Callable[[], object]:
+        def run() -> None:
+            for answer in conn.respond(msg):
+                assert answer.reply is not None
+
+        return run
+
+    framed = FramedServer(local)
+    empty = pl.pack(Message())
+
+    def framed_answer() -> None:
+        flags, _ = framed._answer(None, int(Op.SAFETY), empty)  # type: ignore[arg-type]
+        assert not flags
+
+    deframer = frames.Deframer()
+    request = Frame(int(Op.SAFETY), 7, int(Flag.START), empty)
+    response = Frame(int(Op.SAFETY), 9, int(Flag.RESPONSE | Flag.START), b"x" * 40, 7)
+
+    def codec() -> None:
+        for frame in (request, response, frames.ack(9)):
+            for chunk in deframer.feed(frames.encode(frame)):
+                frames.decode(chunk)
+
+    class Canned(RemoteDevice):
+        """A host whose transaction returns a canned reply: its own work, no link."""
+
+        reply = pl.safety_reply(SafetyCounters(0, 0))
+
+        def _connect(self) -> None:
+            pass
+
+        def _disconnect(self) -> None:
+            pass
+
+        def _call(self, op: Op, request: Message) -> Message:
+            if op is Op.INFO:
+                return Message(pl.info_to_dict(local.info))
+            if op is Op.TOPOLOGY:
+                return Message({"topology": None})
+            if op is Op.STATUS:
+                return pl.status_reply(local.status())
+            return Message(dict(self.reply.meta))
+
+    canned = Canned("canned").open()
+    return {
+        "scpi server: parse + dispatch of *OPC? (in-process)": scpi(b"*OPC?\n"),
+        "scpi server: parse + dispatch of SYST:SAF? (in-process)": scpi(b"SYST:SAF?\n"),
+        "framed server: answer to a SAFETY request (in-process)": framed_answer,
+        "frame codec: the 3 frames of a round trip, encoded and decoded": codec,
+        "board: safety() of the emulated board (in-process)": local.safety,
+        "host: RemoteDevice.safety() around a canned reply (no link)": canned.safety,
+    }
+
+
+def _round_trips(
+    ports: dict[str, Any], args: argparse.Namespace, server: ServerClock
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    echo = _connect(ports["echo"])
+    msg = b"*OPC?\n"
+    small = bytearray(len(msg))
+
+    def raw_echo() -> None:
+        echo.sendall(msg)
+        _recv_exactly(echo, len(msg), small)
+
+    pty_fd = os.open(ports["pty_echo"], os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(pty_fd)
+
+    def raw_pty_echo() -> None:
+        os.write(pty_fd, msg)
+        got = 0
+        while got < len(msg):
+            got += len(os.read(pty_fd, len(msg) - got))
+
+    n = args.repeats * 10
+    pty_base, pty_socket = _paired(raw_pty_echo, raw_echo, n, server=server)
+    rtts: dict[str, tuple[Timing, Timing]] = {}
+    layers: dict[str, tuple[Timing, Timing]] = {}
+
+    # the layers under the SCPI round trip, each alone
+    stream = _connect(ports["stream_echo"])
+    stream_echo = _line_reader(stream)
+    layers["echo through the servers' stream classes (select/recv/send)"] = _paired(
+        lambda: stream_echo(msg), raw_echo, n, server=server
+    )
+    import pyvisa
+
+    rm = pyvisa.ResourceManager("@py")
+    res = rm.open_resource(
+        f"TCPIP0::127.0.0.1::{ports['stream_echo']}::SOCKET", read_termination="\n", write_termination="\n"
+    )
+    session = rm.visalib.sessions[res.session]
+    session.interface.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert res.query("*OPC?") == "*OPC?"
+    layers["pyvisa-py write + read of a line (echoed by the stream classes, no SCPI)"] = _paired(
+        lambda: res.query("*OPC?"), raw_echo, n, server=server
+    )
+    res.close()
+    scpi_sock = _connect(ports["scpi_tcp"])
+    scpi_ask = _line_reader(scpi_sock)
+    assert scpi_ask(b"*OPC?\n") == b"1\n"
+    layers["scpi server answering *OPC? to a raw socket client (no VISA library)"] = _paired(
+        lambda: scpi_ask(b"*OPC?\n"), raw_echo, n, server=server
+    )
+    layers["scpi server answering SYST:SAF? to a raw socket client (no VISA library)"] = _paired(
+        lambda: scpi_ask(b"SYST:SAF?\n"), raw_echo, n, server=server
+    )
+    scpi_sock.close()
+    stream.close()
+    for name, fn in _in_process_layers(args.board).items():
+        layers[name] = _paired(fn, raw_echo, n)
+
+    for name, uri in (
+        ("scpi/tcp (pyvisa-py)", f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET"),
+        ("scpi/pty (pyvisa-py ASRL)", f"visa://ASRL{ports['scpi_pty']}::INSTR"),
+    ):
+        with open_device(uri) as dev:
+            rtts[name] = _paired(lambda d=dev: d.query("*OPC?"), raw_echo, n, server=server)
+    frames_per_call: dict[str, float] = {}
+    for name, uri in (
+        ("framed/pty (pyserial)", f"serial://{ports['framed_pty']}"),
+        ("framed/tcp (pyserial socket://)", f"serial+socket://127.0.0.1:{ports['framed_tcp']}"),
+    ):
+        with open_device(uri) as dev:
+            before = dev.stats.frames_sent + dev.stats.frames_received
+            rtts[name] = _paired(lambda d=dev: d.ping(b"*OPC?\n"), raw_echo, n, server=server)
+            calls = 1 + max(1, n // 10) * 10  # the warm-up call and the timed blocks (`_paired`)
+            frames_per_call[name] = (dev.stats.frames_sent + dev.stats.frames_received - before) / calls
+    with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET") as dev:
+        rtts["device op safety() over scpi/tcp"] = _paired(dev.safety, raw_echo, n, server=server)
+    with open_device(f"serial+socket://127.0.0.1:{ports['framed_tcp']}") as dev:
+        rtts["device op safety() over framed/tcp"] = _paired(dev.safety, raw_echo, n, server=server)
+    echo.close()
+    os.close(pty_fd)
+
+    base_row = {
+        "benchmark": "layer",
+        "layer": "raw socket echo (the baseline of every ratio)",
+        "seconds": pty_socket.median,
+        "raw_socket_echo_seconds": pty_socket.median,
+        "rtt_ratio": 1.0,
+        **_cpu_fields(pty_socket),
+    }
+    results.append(base_row)
+    for name, (t, echo_t) in layers.items():
+        results.append(
+            {
+                "benchmark": "layer",
+                "layer": name,
+                "seconds": t.median,
+                "raw_socket_echo_seconds": echo_t.median,
+                "rtt_ratio": t.median / echo_t.median,
+                "rtt_ratio_best": t.best / echo_t.best,
+                **_cpu_fields(t),
+            }
+        )
+    for name, (rtt, echo_t) in rtts.items():
+        row = {
+            "benchmark": "round_trip",
+            "transport": name,
+            "seconds": rtt.median,
+            "raw_socket_echo_seconds": echo_t.median,
+            "rtt_ratio": rtt.median / echo_t.median,
+            "rtt_ratio_best": rtt.best / echo_t.best,
+            "target": "<= 2",
+            **_cpu_fields(rtt),
+            "raw_socket_echo_client_cpu_seconds": echo_t.client_cpu,
+        }
+        if "/pty" in name:  # also against a raw echo over a pty: the protocol's own overhead
+            row["raw_pty_echo_seconds"] = pty_base.median
+            row["rtt_ratio_vs_raw_pty"] = rtt.median / pty_base.median
+        if name in frames_per_call:  # request, response, the host's ACK of it: 3 when piggybacked
+            row["frames_per_round_trip"] = round(frames_per_call[name], 2)
+        results.append(row)
+    # what a pty costs by itself: the floor under the ratios of the /pty rows
+    results.append(
+        {
+            "benchmark": "round_trip",
+            "transport": "raw pty echo (no protocol)",
+            "seconds": pty_base.median,
+            "raw_socket_echo_seconds": pty_socket.median,
+            "rtt_ratio": pty_base.median / pty_socket.median,
+            "note": "floor of the /pty rows' rtt_ratio; rtt_ratio_vs_raw_pty is the protocol's share",
+        }
+    )
+    return results
 
 
 def main() -> None:
@@ -206,77 +504,7 @@ def main() -> None:
             }
         )
 
-        # round trips
-        echo = socket.create_connection(("127.0.0.1", ports["echo"]))
-        echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        msg = b"*OPC?\n"
-        small = bytearray(len(msg))
-
-        def raw_echo() -> None:
-            echo.sendall(msg)
-            _recv_exactly(echo, len(msg), small)
-
-        pty_fd = os.open(ports["pty_echo"], os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(pty_fd)
-
-        def raw_pty_echo() -> None:
-            os.write(pty_fd, msg)
-            got = 0
-            while got < len(msg):
-                got += len(os.read(pty_fd, len(msg) - got))
-
-        n = args.repeats * 10
-        pty_base, pty_socket = _paired(raw_pty_echo, raw_echo, n)
-        rtts: dict[str, tuple[Timing, Timing]] = {}
-        for name, uri in (
-            ("scpi/tcp (pyvisa-py)", f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET"),
-            ("scpi/pty (pyvisa-py ASRL)", f"visa://ASRL{ports['scpi_pty']}::INSTR"),
-        ):
-            with open_device(uri) as dev:
-                rtts[name] = _paired(lambda d=dev: d.query("*OPC?"), raw_echo, n)
-        frames_per_call: dict[str, float] = {}
-        for name, uri in (
-            ("framed/pty (pyserial)", f"serial://{ports['framed_pty']}"),
-            ("framed/tcp (pyserial socket://)", f"serial+socket://127.0.0.1:{ports['framed_tcp']}"),
-        ):
-            with open_device(uri) as dev:
-                before = dev.stats.frames_sent + dev.stats.frames_received
-                rtts[name] = _paired(lambda d=dev: d.ping(b"*OPC?\n"), raw_echo, n)
-                calls = 1 + max(1, n // 10) * 10  # the warm-up call and the timed blocks (`_paired`)
-                frames_per_call[name] = (dev.stats.frames_sent + dev.stats.frames_received - before) / calls
-        with open_device(f"visa://TCPIP0::127.0.0.1::{ports['scpi_tcp']}::SOCKET") as dev:
-            rtts["device op safety() over scpi/tcp"] = _paired(dev.safety, raw_echo, n)
-        with open_device(f"serial+socket://127.0.0.1:{ports['framed_tcp']}") as dev:
-            rtts["device op safety() over framed/tcp"] = _paired(dev.safety, raw_echo, n)
-        echo.close()
-        os.close(pty_fd)
-        for name, (rtt, echo_t) in rtts.items():
-            row = {
-                "benchmark": "round_trip",
-                "transport": name,
-                "seconds": rtt.median,
-                "raw_socket_echo_seconds": echo_t.median,
-                "rtt_ratio": rtt.median / echo_t.median,
-                "rtt_ratio_best": rtt.best / echo_t.best,
-                "target": "<= 2",
-            }
-            if "/pty" in name:  # also against a raw echo over a pty: the protocol's own overhead
-                row["raw_pty_echo_seconds"] = pty_base.median
-                row["rtt_ratio_vs_raw_pty"] = rtt.median / pty_base.median
-            if name in frames_per_call:  # request, response, the host's ACK of it: 3 when piggybacked
-                row["frames_per_round_trip"] = round(frames_per_call[name], 2)
-            results.append(row)
-        # what a pty costs by itself: the floor under the ratios of the /pty rows
-        results.append(
-            {
-                "benchmark": "round_trip",
-                "transport": "raw pty echo (no protocol)",
-                "seconds": pty_base.median,
-                "raw_socket_echo_seconds": pty_socket.median,
-                "rtt_ratio": pty_base.median / pty_socket.median,
-                "note": "floor of the /pty rows' rtt_ratio; rtt_ratio_vs_raw_pty is the protocol's share",
-            }
-        )
+        results += _round_trips(ports, args, ServerClock(proc.pid))
     finally:
         parent.send("stop")
         proc.join(timeout=5)

@@ -34,9 +34,11 @@ def _as_reported(v: float | int) -> float:
 
 def as_int(name: str, value: object, lo: int, hi: int, limit: str | None = None) -> int:
     """`value` as a Python int in [lo, hi]."""
-    if isinstance(value, bool | np.bool_):
+    if type(value) is int:  # the common case first (a bool's type is bool, not int)
+        v = value
+    elif isinstance(value, bool | np.bool_):
         raise ConfigurationError(f"{name} must be an integer, got the boolean {value!r}")
-    if isinstance(value, numbers.Integral):
+    elif isinstance(value, numbers.Integral):
         v = int(value)
     else:  # floats too, whole or not: the value is used as an int and must arrive as one
         raise ConfigurationError(f"{name} must be an integer, got {type(value).__name__} {_shown(value)}")
@@ -59,12 +61,15 @@ def as_float(
     limit: str | None = None,
 ) -> float:
     """`value` as a finite float64 in [lo, hi] (``(lo, hi]`` with `lo_open`)."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+    if type(value) is float:  # the common case first
+        f = value
+    elif isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise ConfigurationError(f"{name} must be a real number, got {type(value).__name__} {_shown(value)}")
-    try:
-        f = float(value)
-    except (OverflowError, ValueError, TypeError):
-        f = math.nan
+    else:
+        try:
+            f = float(value)
+        except (OverflowError, ValueError, TypeError):
+            f = math.nan
     if not math.isfinite(f):
         raise ConfigurationError(f"{name} must be finite, got {_shown(value)}")
     if f < lo or (lo_open and f == lo):

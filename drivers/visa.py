@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import select
 import socket
 import time
@@ -40,8 +41,79 @@ DEFAULT_TIMEOUT_S = 10.0
 CHUNK = 1 << 20
 FAST_MIN = 1 << 16  # blocks at least this long are received with `_read_direct`
 MAX_ERRORS = 64
+MAX_LINE = 1 << 20  # bytes of a text reply line the fast path accepts (a board sending more is broken)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
+class _SocketIO:
+    """Reads and writes of a pyvisa-py TCPIP SOCKET session done on its socket directly.
+
+    pyvisa-py spends about as long in Python per small message as the whole round trip of a
+    raw socket echo (attribute look-ups, a select and a 4 KiB-chunk loop per read, a select
+    per 4 KiB written, status codes through three layers). These do the same with one
+    select and one recv per read and one send per write. Bytes that pyvisa-py buffered
+    past a terminator are taken first, and bytes read here past one are left in its
+    buffer, so pyvisa-py calls and these can follow each other on the same stream. The
+    device's `timeout` bounds every wait."""
+
+    def __init__(self, session: Any, sock: socket.socket, timeout: float, name: str) -> None:
+        self.session = session
+        self.sock = sock
+        self.timeout = timeout
+        self.name = name
+
+    def write(self, data: bytes) -> None:
+        sock, view = self.sock, memoryview(data)
+        deadline = 0.0
+        while view:
+            try:
+                view = view[sock.send(view, _DONTWAIT) :] if _DONTWAIT else view[sock.send(view) :]
+                continue
+            except BlockingIOError:
+                pass
+            deadline = deadline or time.monotonic() + self.timeout
+            _, ready, _ = select.select([], [sock], [], max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise DeviceTimeout(f"{self.name}: the board accepted no bytes for {self.timeout:g} s")
+
+    def _more(self, pending: bytearray, deadline: float, what: str) -> None:
+        """Append what arrives on the socket (within the deadline) to pyvisa-py's buffer."""
+        ready, _, _ = select.select([self.sock], [], [], max(deadline - time.monotonic(), 0.0))
+        if not ready:
+            raise DeviceTimeout(
+                f"{self.name}: no reply to {what} within {self.timeout:g} s; "
+                "is the instrument on, and the resource string right?"
+            )
+        data = self.sock.recv(CHUNK)
+        if not data:
+            raise ProtocolError(f"{self.name}: the board closed the connection during {what}")
+        pending += data
+
+    def read_line(self, what: str) -> bytes:
+        """Up to and including the next newline."""
+        pending: bytearray = self.session._pending_buffer
+        deadline = time.monotonic() + self.timeout
+        searched = 0
+        while (end := pending.find(b"\n", searched)) < 0:
+            searched = len(pending)
+            if searched > MAX_LINE:
+                raise ProtocolError(f"{self.name}: reply to {what} has no terminator in {MAX_LINE} bytes")
+            self._more(pending, deadline, what)
+        line = bytes(pending[: end + 1])
+        del pending[: end + 1]
+        return line
+
+    def read_exact(self, n: int, what: str) -> bytearray:
+        pending: bytearray = self.session._pending_buffer
+        deadline = time.monotonic() + self.timeout
+        while len(pending) < n:
+            self._more(pending, deadline, what)
+        out = pending[:n]
+        del pending[:n]
+        return out
+
+
+@functools.cache
 def _short(spec: str) -> str:
     return scpi.short_form(spec)
 
@@ -66,11 +138,13 @@ class VisaDevice(RemoteDevice):
         self.timeout = timeout
         self._rm: Any = None
         self._res: Any = None
+        self._fast_io: _SocketIO | None = None  # pyvisa-py TCP sessions with `fast`
 
     # -- link
     def _connect(self) -> None:
         import pyvisa
 
+        self._fast_io = None
         with self._io("open"):
             if self._rm is None:
                 self._rm = pyvisa.ResourceManager(self.backend)
@@ -89,6 +163,8 @@ class VisaDevice(RemoteDevice):
                 # pyvisa-py leaves Nagle on: a message written in two pieces (a command and its
                 # error query) then waits for the board's delayed ACK, ~40 ms
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.fast and isinstance(getattr(session, "_pending_buffer", None), bytearray):
+                    self._fast_io = _SocketIO(session, sock, self.timeout, self.name)
             if self.resource_name.upper().startswith("ASRL"):  # drop what a previous session left
                 with contextlib.suppress(pyvisa.errors.VisaIOError):
                     self._res.flush(pyvisa.constants.BufferOperation.discard_read_buffer)
@@ -102,6 +178,7 @@ class VisaDevice(RemoteDevice):
                 self._res.write(scpi.CLS)
 
     def _disconnect(self) -> None:
+        self._fast_io = None
         if self._res is not None:
             with contextlib.suppress(Exception):
                 self._res.close()
@@ -136,21 +213,35 @@ class VisaDevice(RemoteDevice):
         if values is not None:
             msg += scpi.block(np.ascontiguousarray(values).view(np.uint8).data)
         msg += tail.encode("ascii")
-        self._res.write_raw(scpi.seal_request(msg) if self.check else msg + scpi.TERMINATOR)
+        data = scpi.seal_request(msg) if self.check else msg + scpi.TERMINATOR
+        if self._fast_io is not None:
+            self._fast_io.write(data)
+        else:
+            self._res.write_raw(data)
+
+    def _read_line(self, what: str) -> bytes:
+        """The next reply line, terminator included."""
+        if self._fast_io is not None:
+            return self._fast_io.read_line(what)
+        return bytes(self._res.read_raw())
 
     def _read_checked_line(self, what: str) -> bytes:
-        raw = bytes(self._res.read_raw())
+        raw = self._read_line(what)
         try:
             return scpi.open_response(raw.removesuffix(b"\n"))
         except ValueError as exc:
             raise ProtocolError(f"{self.name}: reply to {what}: {exc}") from None
 
     def _query_text(self, text: str) -> str:
-        with self._io(text.split(" ", 1)[0]):
-            if not self.check:
+        what = text.split(" ", 1)[0]
+        with self._io(what):
+            if self.check:
+                self._send(text)
+                return self._read_checked_line(what).decode("ascii", "replace")
+            if self._fast_io is None:
                 return str(self._res.query(text))
             self._send(text)
-            return self._read_checked_line(text).decode("ascii", "replace")
+            return self._fast_io.read_line(what)[:-1].decode("ascii")  # as pyvisa's query decodes
 
     def _errors(self) -> list[tuple[int, str]]:
         found: list[tuple[int, str]] = []
@@ -209,23 +300,16 @@ class VisaDevice(RemoteDevice):
         the queued error if it is empty. Reads the header, then exactly the announced bytes
         (refusing more than `limit`, which only a corrupted header would announce); in
         checked mode, then the response check."""
-        res = self._res
-        with self._binary_input():
-            head = res.read_bytes(2)
-            if head[:1] != b"#" or not head[1:2].isdigit() or head[1:2] == b"0":
-                rest = res.read_bytes(1, break_on_termchar=True)
-                raise ProtocolError(f"{self.name}: expected a block from {what}, got {head + rest!r}")
-            digits = res.read_bytes(int(head[1:2]))
-            if not digits.isdigit():
-                raise ProtocolError(f"{self.name}: bad block length {digits!r} from {what}")
-            n = int(digits)
-            if n > limit:
-                raise ProtocolError(f"{self.name}: {what} announced a block of {n} bytes, at most {limit}")
-            data = self._read_direct(n + 1) if n >= FAST_MIN else None
-            if data is None:
-                data = bytearray(res.read_bytes(n + 1, chunk_size=max(n + 1, CHUNK)))
+        res, io = self._res, self._fast_io
+        if io is not None:
+            head = bytes(io.read_exact(2, what))
+            digits, n, data = self._block_body(head, what, limit, io)
+        else:
+            with self._binary_input():
+                head = bytes(res.read_bytes(2))
+                digits, n, data = self._block_body(head, what, limit, None)
         if self.check:
-            rest = data[-1:] + bytes(res.read_raw())  # the check unit ';<crc>' and the terminator
+            rest = data[-1:] + self._read_line(what)  # the check unit ';<crc>' and the terminator
             del data[-1:]
             crc = zlib.crc32(data, zlib.crc32(digits, zlib.crc32(head)))
             if rest[:1] != b";" or rest[-1:] != b"\n" or not rest[1:-1].isdigit() or int(rest[1:-1]) != crc:
@@ -237,6 +321,35 @@ class VisaDevice(RemoteDevice):
         if n == 0:
             self._raise_queued(what, expected=True)
         return data
+
+    def _block_body(
+        self, head: bytes, what: str, limit: int, io: _SocketIO | None
+    ) -> tuple[bytes, int, bytearray]:
+        """After a block's first two bytes: its length digits, length and data (with the
+        byte after it), read through `io` or (None) pyvisa-py in binary mode."""
+        res = self._res
+
+        def read(k: int) -> bytes | bytearray:
+            return io.read_exact(k, what) if io is not None else res.read_bytes(k)
+
+        if head[:1] != b"#" or not head[1:2].isdigit() or head[1:2] == b"0":
+            if head.endswith(b"\n"):
+                rest = b""
+            else:
+                rest = io.read_exact(1, what) if io is not None else res.read_bytes(1, break_on_termchar=True)
+            raise ProtocolError(f"{self.name}: expected a block from {what}, got {head + bytes(rest)!r}")
+        digits = bytes(read(int(head[1:2])))
+        if not digits.isdigit():
+            raise ProtocolError(f"{self.name}: bad block length {digits!r} from {what}")
+        n = int(digits)
+        if n > limit:
+            raise ProtocolError(f"{self.name}: {what} announced a block of {n} bytes, at most {limit}")
+        data = self._read_direct(n + 1) if n >= FAST_MIN else None
+        if data is None and io is not None:
+            data = io.read_exact(n + 1, what)
+        elif data is None:
+            data = bytearray(res.read_bytes(n + 1, chunk_size=max(n + 1, CHUNK)))
+        return digits, n, data
 
     def _read_direct(self, n: int) -> bytearray | None:
         """pyvisa-py TCPIP SOCKET only: receive `n` bytes straight into one buffer.

@@ -61,6 +61,11 @@ from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.payload import IDEMPOTENT, REPEATABLE_AFTER_RESET, Message, Op
 
+try:  # the C function under signal.signal, which wraps handlers in enums (7 us a swap, not 1)
+    from _signal import signal as _set_handler
+except ImportError:  # pragma: no cover - interpreters without it
+    _set_handler = signal.signal
+
 DEFAULT_ATTEMPTS = 4
 DEFAULT_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -113,7 +118,7 @@ class _InterruptGuard:
         installed = False
         if threading.current_thread() is threading.main_thread():
             try:
-                self.previous = signal.signal(signal.SIGINT, self._handler)
+                self.previous = _set_handler(signal.SIGINT, self._handler)
                 installed = True
             except ValueError:  # not the interpreter's main thread (embedded interpreters)
                 installed = False
@@ -121,7 +126,7 @@ class _InterruptGuard:
             yield
         finally:
             if installed:
-                signal.signal(signal.SIGINT, self.previous)
+                _set_handler(signal.SIGINT, self.previous)
 
     def deliver(self) -> None:
         """Hand the deferred interrupt to whoever handled SIGINT before us."""

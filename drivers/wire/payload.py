@@ -662,7 +662,7 @@ def equilibrium(
 
 
 def safety_reply(s: SafetyCounters) -> Message:
-    return Message(dataclasses.asdict(s))
+    return Message({"refused": s.refused, "violations": s.violations})  # not asdict: it deep-copies
 
 
 def safety_counters(msg: Message) -> SafetyCounters:
@@ -673,7 +673,7 @@ def safety_counters(msg: Message) -> SafetyCounters:
 
 
 def status_reply(s: BoardStatus) -> Message:
-    return Message(dataclasses.asdict(s))
+    return Message({f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
 
 
 def board_status(msg: Message) -> BoardStatus:
@@ -688,7 +688,7 @@ def board_status(msg: Message) -> BoardStatus:
 
 
 def meter_reply(m: Meter) -> Message:
-    return Message(dataclasses.asdict(m))
+    return Message({"clock_s": m.clock_s, "energy_j": m.energy_j, "mvm_calls": m.mvm_calls})
 
 
 def meter(msg: Message) -> Meter:

@@ -90,14 +90,25 @@ def _start_thread(target: Callable[..., None], args: tuple[object, ...], name: s
 
 class SocketStream:
     """A TCP connection; `read` ends it (EOFError) after `idle_timeout` seconds without a
-    byte in or out."""
+    byte in or out, `write` after `write_timeout` seconds (default `WRITE_TIMEOUT_S`) in which
+    the peer read nothing.
 
-    def __init__(self, conn: socket.socket, idle_timeout: float | None = IDLE_TIMEOUT_S) -> None:
+    The socket is non-blocking and every wait is one select of this class's own: a socket
+    with a Python timeout polls before every recv and send, two system calls more per
+    request. A read is a select and a recv, a write usually one send."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        idle_timeout: float | None = IDLE_TIMEOUT_S,
+        write_timeout: float | None = None,
+    ) -> None:
         self.conn = conn
         self.idle_timeout = idle_timeout
+        self.write_timeout = WRITE_TIMEOUT_S if write_timeout is None else write_timeout
         self.last_active = time.monotonic()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(WRITE_TIMEOUT_S)  # reads wait in select; a write to a peer that never reads ends
+        conn.setblocking(False)
 
     def read(self, timeout: float) -> bytes:
         ready, _, _ = select.select([self.conn], [], [], timeout)
@@ -108,7 +119,9 @@ class SocketStream:
             return b""
         try:
             data = self.conn.recv(READ_SIZE)
-        except (ConnectionResetError, OSError) as exc:
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
             raise EOFError(str(exc)) from None
         if not data:
             raise EOFError("peer closed the connection")
@@ -116,10 +129,25 @@ class SocketStream:
         return data
 
     def write(self, data: bytes | memoryview) -> None:
-        try:
-            self.conn.sendall(data)
-        except OSError as exc:
-            raise EOFError(str(exc)) from None
+        view = memoryview(data).cast("B")
+        deadline = 0.0
+        while view:
+            try:
+                view = view[self.conn.send(view) :]
+                deadline = 0.0  # the peer reads: a new wait starts afresh
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise EOFError(str(exc)) from None
+            now = time.monotonic()
+            deadline = deadline or now + self.write_timeout
+            if now >= deadline:
+                raise EOFError(f"the peer read nothing for {self.write_timeout:g} s")
+            try:
+                select.select([], [self.conn], [], deadline - now)
+            except (OSError, ValueError) as exc:
+                raise EOFError(str(exc)) from None
         self.last_active = time.monotonic()
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
 MAX_ERROR_TEXT = 255  # characters of a queued error message (SCPI-99 21.8); input is never echoed whole
 QUEUE_SIZE = 32
+HEADER_CACHE = 256  # distinct headers a session remembers the command of
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # any integer parameter (commands narrow it)
 
 
@@ -106,6 +107,15 @@ class MessageSplitter:
         if self.block_end > len(buf):
             return None
         i = max(self.pos, self.block_end)
+        if not self.quote and not self.block_end:  # a line without quotes or blocks: no byte loop
+            end = buf.find(b"\n", i)
+            if (
+                end >= 0
+                and buf.find(b"#", i, end) < 0
+                and buf.find(b'"', i, end) < 0
+                and buf.find(b"'", i, end) < 0
+            ):
+                return self._take(end)
         n = len(buf)
         while i < n:
             c = buf[i]
@@ -136,10 +146,7 @@ class MessageSplitter:
                 i = extent[1]
                 continue
             elif c == 0x0A:
-                msg = bytes(buf[:i])
-                del buf[: i + 1]
-                self.pos = self.block_end = self.quote = 0
-                return msg
+                return self._take(i)
             i += 1
         self.pos = i
         if self.pos - self.block_end > MAX_LINE:
@@ -151,14 +158,29 @@ class MessageSplitter:
             )
         return None
 
+    def _take(self, end: int) -> bytes:
+        """The message before the terminator at `end`, removed from the buffer. A line whose
+        text after its last block is over `MAX_LINE` is dropped whole (ParseError), however
+        it arrived: in pieces, or in one read together with its terminator."""
+        buf = self.buf
+        text = end - self.block_end
+        over = text > MAX_LINE
+        msg = bytes(buf[:40] if over else buf[:end])
+        del buf[: end + 1]
+        self.pos = self.block_end = self.quote = 0
+        if over:
+            raise ParseError(
+                codes.INPUT_BUFFER_OVERRUN, f"line of {text} bytes (over {MAX_LINE}) dropped whole: {msg!r}..."
+            )
+        return msg
+
     def clear(self) -> None:
         self.buf.clear()
         self.pos = self.block_end = self.quote = 0
         self.discard, self.skipping = 0, False
 
 
-def _is_header_char(c: int) -> bool:
-    return 0x30 <= c <= 0x39 or 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A or c in b"*:?_"
+_HEADER_CHARS = re.compile(rb"[0-9A-Za-z*:?_]*")  # what a header may hold (IEEE 488.2 program mnemonics)
 
 
 def parse_message(msg: bytes) -> list[Unit]:
@@ -171,8 +193,7 @@ def parse_message(msg: bytes) -> list[Unit]:
         if i >= n:
             return units
         start = i
-        while i < n and _is_header_char(msg[i]):
-            i += 1
+        i = _HEADER_CHARS.match(msg, i).end()  # type: ignore[union-attr]  # matches the empty string too
         header = msg[start:i].decode("ascii")
         if not header:
             c = msg[i]
@@ -385,6 +406,7 @@ class ScpiSession:
         self.commands: list[tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = []
         for spec, fn, block_reply in self._table():
             self.commands.append((scpi.Header(spec), fn, block_reply))
+        self._known: dict[str, tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = {}
 
     def _table(self) -> list[tuple[str, Callable[[list[Param], str], Reply], bool]]:
         return [
@@ -492,9 +514,19 @@ class ScpiSession:
             return False
         return True
 
+    def _find(self, header: str) -> tuple[scpi.Header, Callable[[list[Param], str], Reply], bool] | None:
+        """The command a header names; headers seen before are looked up in a dict (at most
+        `HEADER_CACHE` of them: a peer sending endless new headers cannot grow it)."""
+        found = self._known.get(header)
+        if found is None:
+            found = next((c for c in self.commands if c[0].matches(header)), None)
+            if found is not None and len(self._known) < HEADER_CACHE:
+                self._known[header] = found
+        return found
+
     def _run(self, unit: Unit) -> Reply:
         query = unit.header.endswith("?")
-        found = next((c for c in self.commands if c[0].matches(unit.header)), None)
+        found = self._find(unit.header)
         if found is None:
             self.push_error(codes.UNDEFINED_HEADER, unit.header)
             return b"" if query else None
