@@ -701,12 +701,6 @@ def test_fuzz_helpers_build_what_they_say() -> None:
     assert message.meta == {"seconds": 1, "rid": 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: MessageSplitter checks MAX_LINE only when a read ends without a terminator, "
-    "so a line just over MAX_LINE whose terminator arrives in the same read as its last bytes is run "
-    "whole, tail included (docs/protocol.md: a line of over 1 MiB is dropped whole, -363)",
-)
 def test_scpi_line_just_over_max_line_is_dropped_whole(board: Device) -> None:
     """Found by benchmarks/hostile.py: the existing test sends MAX_LINE + 64 KiB in separate
     chunks and the tail later, so the check between reads catches it; here the whole line

@@ -365,3 +365,17 @@ def test_a_replay_older_than_the_outcome_record_is_refused_not_run_again(device:
         assert device.meter().clock_s == pytest.approx(0.5)  # not waited twice
         assert server.cache.refused == 1
         peer.close()
+
+
+@pytest.mark.parametrize("extra", [1, 10, 70_000])
+def test_an_overlong_line_that_arrives_in_one_read_is_dropped_whole(device: Device, extra: int) -> None:
+    """The length is checked when the terminator is found too, not only between reads."""
+    from emulator.server.scpi import MAX_LINE, Connection
+
+    conn = Connection(device)
+    data = b"*ESE 0\n" + b"A" * (MAX_LINE + extra) + b";*ESE 4\n*ESE?\n"
+    replies = [b"".join(a.reply) for a in conn.respond(data) if a.reply]
+    assert replies == [b"0\n"]  # the tail did not run
+    code, text = conn.session.errors.popleft()
+    assert code == codes.INPUT_BUFFER_OVERRUN and "dropped whole" in text and len(text) <= 255
+    assert not conn.session.errors
