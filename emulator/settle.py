@@ -8,9 +8,10 @@ to its `SettleEngine`, which
   views of the tiles' cached weights, refreshed in place after writes) and per batch size a
   `_Workspace` (the free states as one (nodes, batch) buffer);
 - chooses the integration step (`SettleEngine._step_dt`, from a bound on the coupling norm);
-- runs one of two loops: `_settle_quiet` (analog, noise-free: a flat list of in-place
-  products per step) or `_settle_noisy` (read and node noise from a `NoisePool`, and the
-  ``mvm`` mode where the host iterates the fixed point through quantised MVMs);
+- runs one of two loops: `_settle_analog` (the node circuits relaxing, with or without read
+  and node noise: a flat list of in-place calls per step on (nodes, batch) buffers, noise
+  from the engine's `NoisePool`) or `_settle_noisy` (the ``mvm`` mode, where the host
+  iterates the fixed point through quantised MVMs);
 - stops at the noise floor (`_noise_floor`) and accounts the settle's time and array energy
   (`_account`: line power at equilibrium times the settle time).
 
@@ -22,7 +23,7 @@ plus the bias) is constant during a settle, and an EP step settles the same clam
 times: free, then the nudged phases, often as one settle over the batch twice over
 (``[x; x]``, `hil.estimator.settle_both`). The engine keeps the constant drive of the last
 clamp (`_ClampCache`) and reuses it when the next settle's clamps equal the cached ones
-exactly (`torch.equal` against a copy) or are them twice over along the batch; a
+exactly (every value, against a copy) or are them twice over along the batch; a
 different plan or a change of the tiles' `weights_epoch` (a write, a pulse, drift
 recomputing the weights) and `SettleEngine.clear` (configure with a new topology, reset)
 invalidate it. Nothing changes at the Device interface, so hosts over a wire get the same
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -92,21 +94,39 @@ class SettleNudge:
 
 
 class NoisePool:
-    """Standard normal noise for the steps of one settle.
+    """Standard normal noise for settle steps, drawn in bulk on the compute device.
 
     Fresh ``torch.randn`` for every node at every step would cost more than the settle's
-    matmuls; instead each settle draws `blocks` fresh blocks and every request reads a
-    window at a random offset. Every value is exactly N(0, 1) and pools are independent
-    across settles; within a settle, steps reuse pool values at random shifts (the
-    noise-table technique of hardware noise generators), which leaves no correlation
-    between a node's noise at two steps unless two offsets coincide (probability
-    1 / (blocks * size) per pair)."""
+    matmuls; instead the pool holds ``blocks + 1`` blocks of `block` values and every
+    request reads a window of at most `block` values at a random offset (drawn on the host
+    from the pool's own `random.Random`: no device synchronisation). Every value is exactly
+    N(0, 1). The pool lives with the settle engine and each settle refreshes one block in
+    place (`refresh`, round robin: no allocation), so a value serves at most ``blocks + 1``
+    consecutive settles; within and across those settles, steps reuse pool values at random
+    shifts (the noise-table technique of hardware noise generators), which leaves no
+    correlation between a node's noise at two steps unless two offsets coincide (probability
+    about 1 / (blocks * block) per pair)."""
 
-    def __init__(self, gen: torch.Generator, size: int, device: torch.device, blocks: int = 8) -> None:
-        self.size = size * blocks
-        self.values = torch.randn(self.size + size, generator=gen, device=gen.device).to(device)
+    def __init__(self, gen: torch.Generator, block: int, device: torch.device, blocks: int = 8) -> None:
+        self.gen = gen
+        self.block = block
+        self.size = block * blocks  # the range of window offsets
+        self.values = torch.empty(block * (blocks + 1), device=device)
+        self._next = 0
+        for _ in range(blocks + 1):
+            self.refresh()
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         self.rng = random.Random(seed)
+
+    def refresh(self) -> None:
+        """Draw the next block anew, in place."""
+        k = self._next
+        part = self.values[k * self.block : (k + 1) * self.block]
+        if self.gen.device == part.device:
+            torch.randn(part.shape, generator=self.gen, device=part.device, out=part)
+        else:  # a generator elsewhere: the same numbers whatever the compute device
+            part.copy_(torch.randn(part.shape, generator=self.gen, device=self.gen.device))
+        self._next = (k + 1) % (self.values.numel() // self.block)
 
     def draw(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         n = 1
@@ -238,6 +258,18 @@ def _links(plan: _Plan, state: torch.Tensor) -> list[tuple[slice, list[tuple[tor
     return [(rows[g], [(m.T, state[rows[src]]) for src, m in plan.by_dst[g]]) for g in plan.free]
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal tensors (shape and every value): the first row first (different clamps
+    differ there almost always), then all of them; on the CPU through numpy, several times
+    faster than `torch.equal` there."""
+    if a.shape != b.shape:
+        return False
+    if a.device.type != "cpu" or a.requires_grad or b.requires_grad:
+        return bool(torch.equal(a[:1], b[:1])) and bool(torch.equal(a, b))
+    x, y = a.numpy(), b.numpy()
+    return bool(np.array_equal(x[:1], y[:1])) and bool(np.array_equal(x, y))
+
+
 @dataclass
 class _ClampCache:
     """The constant drive of the last clamp (see the module docstring, "The input product
@@ -256,15 +288,15 @@ class _ClampCache:
     def match(self, plan: _Plan, clamp: dict[str, torch.Tensor], batch: int) -> int:
         """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
         clamps), 2 (the batch twice over, ``[x; x]``, as `settle_both` sends it), or 0 (no
-        reuse). Exact comparisons (`torch.equal`), once per settle."""
+        reuse). Exact comparisons (`_same_values`), once per settle."""
         if plan is not self.plan or plan.epochs != self.epochs or clamp.keys() != self.clamp.keys():
             return 0
         n = self.batch
         if batch == n:
-            return 1 if all(torch.equal(clamp[g], c) for g, c in self.clamp.items()) else 0
+            return 1 if all(_same_values(clamp[g], c) for g, c in self.clamp.items()) else 0
         if batch == 2 * n:
             same = all(
-                torch.equal(clamp[g][:n], c) and torch.equal(clamp[g][n:], c) for g, c in self.clamp.items()
+                _same_values(clamp[g][:n], c) and _same_values(clamp[g][n:], c) for g, c in self.clamp.items()
             )
             return 2 if same else 0
         return 0
@@ -285,6 +317,7 @@ class SettleEngine:
         self.reuse_clamp = True  # reuse the constant drive of the last clamp (`_ClampCache`)
         self._clamp_cache: _ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
+        self._noise_pool: NoisePool | None = None
 
     def clear(self) -> None:
         """Forget the plans and the cached constant drive (a new topology, or a reset)."""
@@ -517,7 +550,6 @@ class SettleEngine:
         """
         topo = self.board.topology
         assert topo is not None
-        per = self.board.preset.periphery
         batch = next(iter(clamp.values())).shape[0]
         key = frozenset(clamp)
         plan = self._plan(key)
@@ -525,8 +557,8 @@ class SettleEngine:
         mvm_mode = topo.mode == "mvm"
         # the bias node is a constant 1
         s: dict[str, torch.Tensor] = {BIAS: torch.ones(batch, 1, device=dev), **clamp}
-        if not mvm_mode and not plan.noisy and not per.node_noise:
-            return self._settle_quiet(s, nudge, init, plan, key, batch, trace)
+        if not mvm_mode:
+            return self._settle_analog(s, nudge, init, plan, key, batch, trace)
         return self._settle_noisy(s, nudge, init, plan, key, batch, trace)
 
     def _settle_noisy(
@@ -587,7 +619,7 @@ class SettleEngine:
         gain, tol = topo.gain, budget.tol
         dt = self._step_dt(plan, key)
         pool = (
-            NoisePool(self.board.noise, max(batch * n for n in topo.groups.values()), dev)
+            self._pool(batch * max(topo.groups[g] for g in plan.free))
             if any(noisy.values()) or plan.noisy
             else None
         )
@@ -758,7 +790,7 @@ class SettleEngine:
         plan.workspaces[batch] = ws
         return ws
 
-    def _settle_quiet(
+    def _settle_analog(
         self,
         s: dict[str, torch.Tensor],
         nudge: SettleNudge,
@@ -768,7 +800,7 @@ class SettleEngine:
         batch: int,
         trace: int,
     ) -> SettleResult:
-        """The analog settle without noise (the ideal preset, or noise switched off).
+        """The analog settle, with or without read and node noise.
 
         The free groups' states live in one (nodes, batch) buffer, one contiguous row block
         per group (`plan.rows`), and so do the new states each step and the constant drive
@@ -778,11 +810,20 @@ class SettleEngine:
         of two free groups, against 6 for per-group (batch, nodes) states; about half the time
         per step at every batch size).
 
-        With ``tol = 0`` convergence is never checked: the settle runs exactly `max_steps`
-        (the fixed-step recipe of the EP literature) and the residual is measured at the
-        last step only."""
+        Noise (`_noise_ops`): the read noise of every source on a node line and the node
+        noise sum to one Gaussian per node and step, added to the line's drive before the
+        gain, with a variance per sample that has a constant part (node noise, clamped
+        sources, bias) and a part that follows the free sources' states; the draws are
+        windows of the engine's `NoisePool`, added in place (``addcmul_``), and the step
+        allocates nothing. A noisy settle counts as converged within `tol` of its noise
+        floor (`_noise_floor`), checked every `check_every` steps.
+
+        Without noise and with ``tol = 0`` convergence is never checked: the settle runs
+        exactly `max_steps` (the fixed-step recipe of the EP literature) and the residual is
+        measured at the last step only."""
         assert self.board.topology is not None
         budget, gain = self.board.topology.budget, self.board.topology.gain
+        noisy = plan.noisy or bool(self.board.preset.periphery.node_noise)
         rows = plan.rows
         ws = plan.workspaces.get(batch)
         if ws is None:
@@ -824,6 +865,10 @@ class SettleEngine:
             r = rows[g]
             pre.append(partial(new[r].add_, (beta * target).T.contiguous()))
             pre.append(partial(new[r].add_, state[r], alpha=-beta))
+        stds: list[torch.Tensor] = []
+        if noisy:
+            noise_ops, stds = self._noise_ops(s, plan, ws, batch)
+            pre += noise_ops
         if gain != 1.0:
             pre.append(partial(new.mul_, gain))
         pre.append(partial(new.clamp_, 0.0, 1.0))
@@ -832,7 +877,7 @@ class SettleEngine:
         # the steps that check convergence (every `check_every`; with tol = 0 only the last)
         # or record the trace; the steps between them run the flat list alone
         last = budget.max_steps
-        every = budget.check_every if budget.tol > 0 else last
+        every = budget.check_every if budget.tol > 0 or noisy else last
         marks = sorted({*range(every, last, every), *(range(trace, last, trace) if trace else ()), last})
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
@@ -844,7 +889,7 @@ class SettleEngine:
 
         if trace:
             record(0)
-        residual, step = float("inf"), 0
+        residual, step, floor = float("inf"), 0, 0.0
         for mark in marks:
             for _ in range(mark - step - 1):
                 for op in step_ops:
@@ -854,11 +899,13 @@ class SettleEngine:
             checked = mark % every == 0 or mark == last
             if checked:
                 residual = float((new - state).abs_().max())
+                if stds:
+                    floor = 6.0 * gain * float(stds[0].max())
             relax()
             step = mark
             if trace and mark % trace == 0:
                 record(mark)
-            if checked and residual <= budget.tol:
+            if checked and residual <= budget.tol + floor:
                 break
         if trace and trace_steps[-1] != step:
             record(step)
@@ -868,8 +915,63 @@ class SettleEngine:
         products = self._const_products(s, plan) if trace or not plan.const_unit else {}
         energy = ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nudge, products)
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
-        outcome = (step, residual <= budget.tol, residual)
+        outcome = (step, residual <= budget.tol + floor, residual)
         return self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)
+
+    def _noise_ops(
+        self, s: dict[str, torch.Tensor], plan: _Plan, ws: _Workspace, batch: int
+    ) -> tuple[list[Callable[[], object]], list[torch.Tensor]]:
+        """The noise of one analog step as calls on preallocated buffers, and the buffer of
+        the per-sample standard deviations ((noisy groups, batch), valid after the step's
+        noise: for the noise floor). Per noisy free group g, ``var_g = const_g + sum_src k
+        |s_src|^2`` over its free sources: for all groups at once one square of the states
+        and one product ``const + K @ s^2`` (K: the coefficients k on the sources' rows);
+        then ``new_g += sqrt(var_g) * N(0, 1)`` with a window of the pool."""
+        node_var = self.board.preset.periphery.node_noise**2
+        rows, state, new = plan.rows, ws.state, ws.new
+        assert new is not None
+        dev = state.device
+        const = {g: torch.full((1, batch), node_var, device=dev) for g in plan.free}
+        for term in plan.const_terms:
+            for dst, _a, _b, k in term.dsts:
+                if k:
+                    const[dst] += term.noise_var(s[term.src], k).T
+        coeff = {g: torch.zeros(1, plan.n_free, device=dev) for g in plan.free}
+        for term in plan.dyn_terms:
+            for dst, _a, _b, k in term.dsts:
+                if k:
+                    coeff[dst][:, rows[term.src]] += k
+        noisy = [g for g in plan.free if bool(coeff[g].any()) or bool(const[g].max() > 0)]
+        if not noisy:
+            return [], []
+        c = torch.cat([const[g] for g in noisy])  # (groups, batch)
+        kmat = torch.cat([coeff[g] for g in noisy])  # (groups, nodes)
+        sq = torch.empty_like(state)
+        std = torch.empty(len(noisy), batch, device=dev)
+        pool = self._pool(batch * max(rows[g].stop - rows[g].start for g in noisy))
+        ops: list[Callable[[], object]] = [
+            partial(torch.mul, state, state, out=sq),
+            partial(torch.addmm, c, kmat, sq, out=std),
+            std.sqrt_,
+        ]
+        for i, g in enumerate(noisy):
+            r = rows[g]
+
+            def add(r: slice = r, i: int = i, shape: tuple[int, int] = (r.stop - r.start, batch)) -> None:
+                new[r].addcmul_(std[i : i + 1], pool.draw(shape))
+
+            ops.append(add)
+        return ops, [std]
+
+    def _pool(self, size: int) -> NoisePool:
+        """The engine's noise pool, with windows of at least `size` values, one block
+        refreshed for this settle."""
+        pool = self._noise_pool
+        if pool is None or pool.block < size:
+            pool = self._noise_pool = NoisePool(self.board.noise, size, self.board.device)
+        else:
+            pool.refresh()
+        return pool
 
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause

@@ -215,7 +215,7 @@ class EPEstimator:
             for g in c.rows:
                 if g == BIAS:
                     parts[g] = dc.sum(0, keepdim=True)
-                elif sa[g] is sb[g] or torch.equal(sa[g], sb[g]):
+                elif sa[g] is sb[g] or (torch.equal(sa[g][:1], sb[g][:1]) and torch.equal(sa[g], sb[g])):
                     parts[g] = sa[g].T @ dc
                 else:
                     parts[g] = torch.addmm(sa[g].T @ ca, sb[g].T, cb, alpha=-1.0)
