@@ -102,6 +102,8 @@ class TileArray:
             None if self._stuck_idx is None else self.params.stuck_value.reshape(-1)[self._stuck_idx]
         )
         self._bounds = _uniform(self.params.g_lo, self.params.g_hi)
+        self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
+        self._scratch_bool: torch.Tensor | None = None
         # float64: the board's clock advances by nanoseconds on top of hours
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
         self._drifts = bool((self.params.nu > 0).any())
@@ -294,6 +296,23 @@ class TileArray:
         self._written(t)
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
+
+    def deviation(self, g: torch.Tensor, target: torch.Tensor) -> float:
+        """``max |g - target|`` over every device (siemens), through a scratch buffer the tile
+        keeps (no allocation of the tile's size per call)."""
+        return float(self._abs_diff(g, target).max())
+
+    def within(self, g: torch.Tensor, target: torch.Tensor, tol: float) -> float:
+        """The fraction of devices with ``|g - target| <= tol``, as a float32 mean computes it."""
+        d = self._abs_diff(g, target)
+        n = torch.le(d, tol, out=self._scratch_bool).sum()
+        return float(n.to(torch.float32) / d.numel())
+
+    def _abs_diff(self, g: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self._dshape, device=self.device)
+            self._scratch_bool = torch.empty(self._dshape, dtype=torch.bool, device=self.device)
+        return torch.sub(g, target, out=self._scratch).abs_()
 
     def _clamp_own(self, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`g` clamped to every device's own bounds."""

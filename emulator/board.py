@@ -246,12 +246,12 @@ class Board:
         self.clock += st.time_s
         self.energy_j += st.energy_j
         read = tile.read_stacked(self.clock, self.noise)
-        residual = (read - target).abs_().max()
+        residual = tile.deviation(read, target)
         if not verify:
             true = tile.state(self.clock)
-            err = residual if true is read else (true - target).abs_().max()
+            err = residual if true is read else tile.deviation(true, target)
             # every device within tol when the largest error is; else count them
-            within = 1.0 if float(err) <= tol else float(((true - target).abs_() <= tol).float().mean())
+            within = 1.0 if err <= tol else tile.within(true, target, tol)
         rp, rm = read[0], read[1]
         return {
             "g_plus": rp,
