@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from drivers.topology import BIAS
-from emulator.periphery import lsb
+from emulator.periphery import lsb, quantize
 
 if TYPE_CHECKING:
     from emulator.board import Board
@@ -643,6 +643,7 @@ class SettleEngine:
 
         if trace:
             record(0)
+        peaks: list[torch.Tensor] = []  # the DAC's peak output per step and group (safety)
         residual, converged, steps, floor = float("inf"), False, 0, 0.0
         for step in range(1, budget.max_steps + 1):
             drive = dict(base)
@@ -661,7 +662,7 @@ class SettleEngine:
                     if k:
                         var[dst] = var[dst] + term.noise_var(x, k)
             check = step % budget.check_every == 0 or step == budget.max_steps
-            res = 0.0
+            changes: list[torch.Tensor] = []
             for g in plan.free:
                 u = drive[g]
                 if g in elastic:
@@ -674,13 +675,13 @@ class SettleEngine:
                     u = u + var[g].sqrt() * pool.draw(u.shape)
                 new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
                 if mvm_mode:
-                    new = self.board._dac(new, self.board._channel[g])
+                    new = self._dac_step(new, self.board._channel[g], peaks)
                 if check:
-                    res = max(res, float((new - s[g]).abs().max()))
+                    changes.append((new - s[g]).abs().max())
                 s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
             steps = step
-            if check:
-                residual = res
+            if check:  # one synchronisation for the residual, one for the noise floor
+                residual = float(torch.stack(changes).max())
                 floor = self._noise_floor(var, mvm_mode, gain)
             if trace and step % trace == 0:
                 record(step)
@@ -689,6 +690,10 @@ class SettleEngine:
                 break
         if trace and trace_steps[-1] != steps:
             record(steps)
+        if peaks:
+            per = self.board.preset.periphery
+            over = torch.stack(peaks).double().mul_(per.v_read).gt_(per.v_read_max).sum()
+            self.board.safety.violations += int(over)
         ws = None
         if not mvm_mode:  # the per-group states and constant drive as (nodes, batch) buffers
             state = torch.cat([s[g] for g in plan.free], dim=1).T
@@ -973,11 +978,22 @@ class SettleEngine:
             pool.refresh()
         return pool
 
+    def _dac_step(self, x: torch.Tensor, channel: int, peaks: list[torch.Tensor]) -> torch.Tensor:
+        """`Board._dac` inside a settle step: the same conversion, with the safety check's
+        peak |output| kept on the device (`peaks`) and checked once after the settle, so the
+        step does not wait for the device."""
+        per = self.board.preset.periphery
+        lo, hi = per.state_range
+        y = quantize(self.board.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
+        if y.numel():
+            peaks.append(y.abs().max())
+        return y
+
     def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
         """The step-to-step change of the node states that noise and quantisation alone cause
         at equilibrium: a settle counts as converged when its residual is within `tol` of it.
         Six standard deviations: the residual is a maximum over every node of the batch."""
-        sigma = max((float(v.max()) for v in var.values()), default=0.0) ** 0.5
+        sigma = float(torch.stack([v.max() for v in var.values()]).max()) ** 0.5 if var else 0.0
         floor = 6.0 * gain * sigma
         if mvm_mode:
             per = self.board.preset.periphery

@@ -1,0 +1,127 @@
+"""Issue 17: no numpy conversion and no host synchronisation inside a settle step.
+
+Every way a tensor's value reaches the host (``item``, ``tolist``, ``numpy``, ``cpu``,
+``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``__array__``, ``torch.equal``) is
+counted while the board settles. A settle has a fixed cost before and after its steps (the
+plan, the clamp comparison, the power and energy at the end); what the steps add is found by
+running the same settle for two budgets: with convergence checks off (``tol = 0``: the one
+check at the last step) the count must not grow with the number of steps, and with checks on
+(``tol > 0``, every `check_every` steps) it may grow by the allowance per check only:
+
+- analog settles (noise-free and noisy): one synchronisation per check for the residual,
+  and one more on a noisy board for its noise floor;
+- mvm-mode settles (the host iterating through quantised MVMs): the same two per check; the
+  DAC's safety check of every step stays on the device until the settle ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from drivers import SettleBudget, Topology, open_device
+
+HOOKS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__")
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counter[str]]:
+    """Count host conversions of tensors while the block runs."""
+    counts: Counter[str] = Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in HOOKS}
+    equal = torch.equal
+
+    def wrap(name: str, fn):
+        def counted(self, *args, **kwargs):
+            counts[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    def counted_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+        counts["equal"] += 1
+        return equal(a, b)
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, wrap(name, fn))
+        torch.equal = counted_equal
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.equal = equal
+
+
+def syncs(board, steps: int, tol: float, every: int, nudge: bool, x: np.ndarray) -> tuple[int, int]:
+    """(host conversions during one settle of `steps` steps on the board, steps taken)."""
+    # the same network (tiles, plans) with another budget
+    board.configure(replace(board.topology, budget=SettleBudget(max_steps=steps, tol=tol, check_every=every)))
+    clamp = {"s0": torch.from_numpy(x)}
+    nd = {"s2": (0.3, None, torch.full((len(x), 5), 0.5))} if nudge else None
+    board.settle(clamp, nd)  # warm: the plan, the workspace, the noise pool
+    with counting() as counts:
+        res = board.settle(clamp, nd)
+    return sum(counts.values()), res.steps
+
+
+def _board(preset: str, mode: str):
+    dev = open_device(f"emulator://?preset={preset}&seed=0")
+    topo = Topology.layered([16, 12, 5], mode=mode)  # type: ignore[arg-type]
+    dev.configure(topo)
+    rng = np.random.default_rng(0)
+    lim = dev.info.limits
+    for c in topo.couplings:
+        w = rng.uniform(-0.5, 0.5, topo.tile_shape(c.tile))
+        gp = lim.g_min + np.maximum(w, 0) * (lim.g_max - lim.g_min)
+        gm = lim.g_min + np.maximum(-w, 0) * (lim.g_max - lim.g_min)
+        dev.program(c.tile, gp.astype(np.float32), gm.astype(np.float32))
+    return dev
+
+
+CASES = [("ideal", "analog", 1), ("rram", "analog", 2), ("rram", "mvm", 2), ("ideal", "mvm", 2)]
+
+
+@pytest.mark.parametrize(("preset", "mode", "per_check"), CASES)
+@pytest.mark.parametrize("nudge", [False, True])
+def test_steps_without_checks_do_not_synchronise(preset: str, mode: str, per_check: int, nudge: bool) -> None:
+    x = np.random.default_rng(1).uniform(0, 1, (6, 16)).astype(np.float32)
+    with _board(preset, mode) as dev:
+        board = dev.board
+        short, n_short = syncs(board, 20, 0.0, 10_000, nudge, x)
+        long, n_long = syncs(board, 60, 0.0, 10_000, nudge, x)
+    assert (n_short, n_long) == (20, 60)
+    assert long == short, f"{long - short} host synchronisations in 40 steps without a check"
+
+
+@pytest.mark.parametrize(("preset", "mode", "per_check"), CASES)
+def test_checks_synchronise_within_their_allowance(preset: str, mode: str, per_check: int) -> None:
+    """tol tiny (never reached on a noise-free board; a noisy one may stop within its noise
+    floor): the count grows by at most `per_check` per check made."""
+    x = np.random.default_rng(2).uniform(0, 1, (6, 16)).astype(np.float32)
+    with _board(preset, mode) as dev:
+        board = dev.board
+        base, _ = syncs(board, 10, 0.0, 10_000, False, x)  # one check, at the last step
+        every = 5
+        total, steps = syncs(board, 60, 1e-12, every, False, x)
+    checks = -(-steps // every)  # at every multiple of `every`, and at the last step
+    assert total - base <= per_check * (checks - 1), (total, base, checks)
+    if preset == "ideal":  # never converges: every check is made, and each is seen
+        assert steps == 60
+        assert total - base == per_check * (checks - 1), (total, base, checks)
+
+
+def test_the_counter_sees_a_synchronisation() -> None:
+    """The hooks have teeth: a float() of a tensor and a numpy conversion are counted."""
+    t = torch.ones(3)
+    with counting() as counts:
+        float(t.sum())
+        t.numpy()
+        bool(t.any())
+    assert counts["__float__"] == 1 and counts["numpy"] == 1 and counts["__bool__"] == 1
