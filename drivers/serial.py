@@ -36,6 +36,8 @@ DEFAULT_BAUD = 115200
 DEFAULT_TIMEOUT_S = 10.0
 POLL_S = 0.05
 READ_SIZE = 1 << 16
+MIN_ACK_DELAY_S = 0.001  # a shorter hold-back of a response's ACK is not worth a timer
+_ERROR = int(Flag.ERROR)  # a plain int: IntFlag arithmetic costs a microsecond per reply
 
 
 class SerialDevice(RemoteDevice):
@@ -99,8 +101,26 @@ class SerialDevice(RemoteDevice):
         self._link.stats = self.stats
         hello = {"version": frames.VERSION, "piggyback": True, "ack_timeout": self.ack_timeout}
         self.board_hello = pl.loads(self._exchange(LinkOp.HELLO, pl.dumps(hello)))
+        self._link.ack_delay = self._response_ack_delay(self.board_hello)
+        self._link.holds_responses = True
+
+    def _response_ack_delay(self, board: Any) -> float:
+        """How long the ACK of a response may wait for the next request to carry it: a
+        quarter of the smaller ACK timeout of the two ends, when the board said that it takes
+        a new request as that ACK (``"request_acks": true`` and its ``"ack_timeout"`` in its
+        HELLO reply); 0 otherwise (every response is acknowledged at once)."""
+        if not isinstance(board, dict) or board.get("request_acks") is not True:
+            return 0.0
+        theirs = board.get("ack_timeout")
+        if isinstance(theirs, bool) or not isinstance(theirs, int | float) or not 0 < theirs < float("inf"):
+            return 0.0
+        delay = min(self.ack_timeout, float(theirs)) / 4
+        return delay if delay >= MIN_ACK_DELAY_S else 0.0
 
     def _disconnect(self) -> None:
+        if self._link is not None:  # stops its ACK timer; a held-back ACK goes out if it still can
+            with contextlib.suppress(Exception):
+                self._link.close()
         if self._port is not None:
             if self._sock is not None:  # pyserial's socket close sleeps 0.3 s; the board needs no pause
                 with contextlib.suppress(OSError):
@@ -177,7 +197,7 @@ class SerialDevice(RemoteDevice):
                 f"{self.timeout:g} s; raise timeout= for long operations"
             )
         frame, reply = got
-        if frame.flags & Flag.ERROR:
+        if frame.flags & _ERROR:
             err = pl.loads(reply)
             code = err.get("code", codes.EXECUTION_ERROR) if isinstance(err, dict) else None
             if isinstance(code, bool) or not isinstance(code, int) or not -(2**31) <= code < 2**31:

@@ -387,3 +387,52 @@ def test_piggybacked_link_still_delivers_exactly_once_under_faults() -> None:
         assert client.stats.retransmissions + server.stats.retransmissions > 0
     finally:
         server.close()
+
+
+def _holding_pair(faults: tuple[Faults | None, Faults | None] = (None, None)) -> tuple[Link, Link]:
+    """A host that holds back the ACK of each response (its next request carries it) and a
+    board that holds back the ACK of each request (its response carries it)."""
+    client, server = _pair(*faults)
+    server.ack_delay = 0.0125
+    client.ack_delay = 0.0125
+    client.holds_responses = True
+    return client, server
+
+
+def test_next_request_carries_the_ack_of_the_last_response() -> None:
+    client, server = _holding_pair()
+    try:
+        _exchange(client, server, [b"one", b"two", b"three"])  # returns once the board's thread ends
+        # two data frames per transaction: each response carries its request's ACK and each
+        # request the last response's; only the last response's ACK went alone (the timer)
+        assert server.stats.acks_sent == 0 and client.stats.acks_sent == 1
+        assert client.stats.frames_sent == 3 + 1 and server.stats.frames_sent == 3
+        assert server.stats.retransmissions == 0 and client.stats.retransmissions == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_an_idle_host_acknowledges_the_response_before_the_board_retransmits() -> None:
+    client, server = _holding_pair()
+    try:
+        t = _echo_server(server, 1)
+        seq = client.send(LinkOp.PING, b"alone")
+        assert client.receive(2.0, response=True, ref=seq) is not None
+        t.join(timeout=5)  # the board's send returns only once the response is acknowledged
+        assert not t.is_alive()
+        assert client.stats.acks_sent == 1 and server.stats.retransmissions == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_held_back_acks_still_deliver_exactly_once_under_faults() -> None:
+    noisy = (Faults(p_drop=0.05, p_corrupt=0.05, seed=5), Faults(p_drop=0.05, p_corrupt=0.05, seed=6))
+    client, server = _holding_pair(noisy)
+    try:
+        _exchange(client, server, [bytes([n]) * (1 + 37 * n) for n in range(12)])
+        assert client.stats.retransmissions + server.stats.retransmissions > 0
+    finally:
+        client.close()
+        server.close()

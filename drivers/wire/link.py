@@ -9,9 +9,11 @@ leading delimiter of the next frame resynchronises the receiver.
 
 Acknowledgement piggybacking (negotiated by HELLO, docs/protocol.md section 3): a responder
 with `ack_delay` > 0 holds back the ACK of a request's final fragment for up to that long;
-the first fragment of its response then acknowledges the request, so a short transaction
-costs two frames instead of three. A timer sends the plain ACK when the reply takes longer,
-so a long settle never makes the host retransmit.
+the first fragment of its response then acknowledges the request. A host link with
+`ack_delay` > 0 and `holds_responses` does the same with the ACK of a response's final
+fragment: its next request acknowledges the response. Back-to-back transactions then cost
+two frames each instead of three (or four). A timer sends the plain ACK when nothing
+carries it in time, so a long settle or an idle host never makes the peer retransmit.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ class _DeferredAck:
                 if due:
                     self._seq = None
             if seq is not None:
-                self._emit(frames.ack(seq))
+                try:
+                    self._emit(frames.ack(seq))
+                except Exception:  # the link broke: its owner finds out on its next read or write
+                    return
 
     def close(self) -> None:
         self._stop.set()
@@ -158,6 +163,9 @@ class Link:
         self._write_lock = threading.Lock()  # the deferred-ACK thread writes too
         self._deferred: _DeferredAck | None = None
         self._piggyback: tuple[int, int] | None = None  # (opcode, ref) of a response that acks
+        # which messages' final ACK `ack_delay` holds back: requests (a responder, the
+        # default) or responses (a host whose peer takes its next request as that ACK)
+        self.holds_responses = False
 
     @property
     def ack_delay(self) -> float:
@@ -267,7 +275,7 @@ class Link:
             self.stats.duplicates += 1
             self._emit(frames.ack(frame.seq))
             return
-        if deferred is not None and request and not frame.flags & _MORE:
+        if deferred is not None and request is not self.holds_responses and not frame.flags & _MORE:
             deferred.arm(frame.seq)
         else:
             self._emit(frames.ack(frame.seq))
@@ -287,8 +295,10 @@ class Link:
         parts = frames.fragments(payload, self.fragment)
         first = self._tx_seq
         responder = bool(flags & _RESPONSE)
-        if responder and self._deferred is not None:
-            self._deferred.take()  # this response's first fragment carries the ACK
+        if self._deferred is not None and responder is not self.holds_responses:
+            # a response carries the ACK of its request; a host's next request, that of the
+            # last response
+            self._deferred.take()
         for k, part in enumerate(parts):
             last = k == len(parts) - 1
             bits = int(flags) | (_START if k == 0 else 0) | (0 if last else _MORE)

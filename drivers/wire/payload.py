@@ -166,9 +166,12 @@ def layout_size(spec: Any) -> int:
     return total
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # json.dumps would build one per call
+
+
 def dumps(obj: Any) -> bytes:
     """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _JSON.encode(obj).encode("ascii")
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:

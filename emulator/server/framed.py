@@ -23,6 +23,7 @@ from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 
 _OPS = {int(op) for op in Op}
+_RESPONSE = int(Flag.RESPONSE)  # IntFlag arithmetic costs a microsecond or two per reply
 MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
 
 
@@ -120,7 +121,7 @@ class FramedServer(EndpointServer):
                 if plan.reply_delay_s:
                     time.sleep(plan.reply_delay_s)
                 try:
-                    link.send(first.opcode, reply, flags=Flag.RESPONSE | flags, ref=first.seq)
+                    link.send(first.opcode, reply, flags=_RESPONSE | flags, ref=first.seq)
                 except Abandoned:
                     continue
                 except Exception:  # the client went away mid-reply: wait for its next request
@@ -150,6 +151,10 @@ class FramedServer(EndpointServer):
             "max_fragment": frames.MAX_FRAGMENT,
             "time": time.time(),
             "piggyback": link.ack_delay > 0,
+            # a new request acknowledges the response before it (the host may hold that ACK
+            # back for a quarter of the smaller ACK timeout, this one included)
+            "request_acks": True,
+            "ack_timeout": self.ack_timeout,
         }
         return info
 
