@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import SettleBudget, open_device
+from drivers import SettleBudget, Topology, open_device
 from hil.config import load_config
 from hil.ep import EBBlock
 from hil.train_classifier import Classifier
@@ -646,3 +646,25 @@ def test_stuck_devices_as_tensors_match_the_float64_rules() -> None:
     keep[1, 2] = False
     np.testing.assert_array_equal(p[keep], gp[keep])
     np.testing.assert_array_equal(m[keep], gm[keep])
+
+
+@pytest.mark.parametrize("preset", ["ideal", "rram"])
+def test_tile_write_statistics_equal_the_devicewise_ones(preset: str) -> None:
+    """`TileArray.deviation` / `within` (scratch buffer; on a noise-free write of shared
+    bounds, the bounds against min and max of the targets) give the numbers of the
+    devicewise ``|g - target|``, targets outside the window included."""
+    with open_device(f"emulator://?preset={preset}&seed=0") as dev:
+        dev.configure(Topology.layered([30, 20]))
+        board = dev.board  # type: ignore[attr-defined]
+        tile = board.tile("W0")
+        gen = torch.Generator().manual_seed(3)
+        m = tile.model
+        for spread in (0.0, 0.3e-6):
+            target = torch.rand((2, *tile.shape), generator=gen) * (m.g_range + 2 * spread) + m.g_min - spread
+            tile.write_stacked(target, board.clock, board.noise)
+            g = tile.read_stacked(board.clock, board.noise)
+            d = (g - target).abs()
+            assert tile.deviation(g, target) == float(d.max())
+            assert tile.deviation(g, target.clone()) == float(d.max())
+            tol = 0.02 * m.g_range
+            assert tile.within(g, target, tol) == float((d <= tol).float().mean())
