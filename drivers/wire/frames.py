@@ -14,6 +14,7 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass
 from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 from cobs import cobs
 
@@ -60,8 +61,10 @@ class Reason(IntEnum):
 NO_SEQ = 0xFFFF
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
+    """One frame (immutable; a named tuple: a frozen dataclass costs a microsecond more to
+    build, twice per frame)."""
+
     opcode: int
     seq: int
     flags: int = 0
@@ -141,6 +144,16 @@ class Deframer:
         self.dropped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
+        n = len(data)
+        if (  # the usual read: one whole frame, delimiters on both sides, nothing held over
+            not self._buf
+            and not self._overflow
+            and 2 < n <= MAX_ENCODED + 2
+            and data[0] == 0
+            and data[-1] == 0
+            and data.find(b"\x00", 1, n - 1) < 0
+        ):
+            return [data[1:-1]]
         chunks: list[bytes] = []
         start = 0
         while True:
