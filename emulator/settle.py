@@ -270,6 +270,11 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(np.array_equal(x[:1], y[:1])) and bool(np.array_equal(x, y))
 
 
+def _clamps(plan: _Plan, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The clamped groups of the states `s` (not the bias, not the free groups)."""
+    return {g: x for g, x in s.items() if g != BIAS and g not in plan.rows}
+
+
 @dataclass
 class _ClampCache:
     """The constant drive of the last clamp (see the module docstring, "The input product
@@ -284,6 +289,7 @@ class _ClampCache:
     batch: int
     drive: torch.Tensor | None = None
     outs: list[torch.Tensor] | None = None
+    line_power: float | None = None  # the clamped groups' share of `_settle_power` (W)
 
     def match(self, plan: _Plan, clamp: dict[str, torch.Tensor], batch: int) -> int:
         """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
@@ -318,6 +324,7 @@ class SettleEngine:
         self._clamp_cache: _ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
         self._noise_pool: NoisePool | None = None
+        self._current: tuple[_ClampCache | None, int] = (None, 0)  # this settle's cache entry, repeats
 
     def clear(self) -> None:
         """Forget the plans and the cached constant drive (a new topology, or a reset)."""
@@ -328,20 +335,23 @@ class SettleEngine:
         """The cached constant drive for the clamps in `s` and how many times over the batch
         repeats it (`_ClampCache.match`), or (None, 0)."""
         c = self._clamp_cache
+        self._current = (None, 0)
         if c is None or not self.reuse_clamp:
             return None, 0
-        reps = c.match(plan, {g: x for g, x in s.items() if g != BIAS}, batch)
+        reps = c.match(plan, _clamps(plan, s), batch)
         if not reps:
             return None, 0
         self.clamp_reuses += 1
+        self._current = (c, reps)
         return c, reps
 
     def _keep(self, plan: _Plan, s: dict[str, torch.Tensor], batch: int, **held: object) -> None:
         """Cache what a settle computed from its clamps (copies of the clamps: a caller may
         reuse its arrays)."""
         if self.reuse_clamp:
-            clamp = {g: x.clone() for g, x in s.items() if g != BIAS}
+            clamp = {g: x.clone() for g, x in _clamps(plan, s).items()}
             self._clamp_cache = _ClampCache(plan, plan.epochs, clamp, batch, **held)  # type: ignore[arg-type]
+            self._current = (self._clamp_cache, 1)
 
     def _plan(self, clamped: frozenset[str]) -> _Plan:
         """The settle plan for a clamp set. Its tensors are views of the tiles' cached weights,
@@ -1024,14 +1034,28 @@ class SettleEngine:
     def _settle_power(self, plan: _Plan, s: dict[str, torch.Tensor], ws: _Workspace | None = None) -> float:
         """Array power (W, summed over the batch) at the present node voltages: every line
         driven at its node voltage against virtual ground, sum_ij (G+ + G-) V^2. With the
-        settle's `_Workspace` the free groups' lines take one product."""
+        settle's `_Workspace` the free groups' lines take one product; the clamped groups'
+        share is kept with the cached constant drive (`_ClampCache.line_power`), since it
+        depends on the clamps and the weights only."""
         batch = next(iter(s.values())).shape[0]
         total = batch * plan.bias_conductance
         done: dict[str, slice] = {}
         if ws is not None and plan.free_lines is not None:
             total += float(ws.state.square().sum(1) @ plan.free_lines)
             done = ws.rows
+        entry, reps = self._current
+        if entry is None or entry.plan is not plan:
+            entry, reps = None, 1
+        clamped = 0.0
         for group, gsum in plan.line_conductance.items():
-            if group != BIAS and group not in done:
+            if group == BIAS or group in done:
+                continue
+            if entry is None or group not in entry.clamp:
                 total += float(s[group].square().sum(0) @ gsum)
+            elif entry.line_power is None:  # the clamped rows once, repeated `reps` times
+                clamped += float(s[group][: entry.batch].square().sum(0) @ gsum)
+        if entry is not None:
+            if entry.line_power is None:
+                entry.line_power = clamped
+            total += reps * entry.line_power
         return total * self.board.preset.periphery.v_read**2
