@@ -10,20 +10,24 @@
    protocol, as a ratio to a raw socket echo of the same bytes (target <= 2). Rows over a
    pty also give the ratio to a raw echo over a pty (the protocol's own share), and a row
    gives the raw pty echo against the socket echo (what the pty costs by itself, a floor
-   under the pty rows' first ratio). Framed rows count the frames per round trip (3 with
-   the ACK piggybacked on the response: request, response, the host's ACK; 4 without).
+   under the pty rows' first ratio). Framed rows count the frames per round trip: 2 when
+   both ends hold ACKs back (the response carries the ACK of the request, the next request
+   that of the response), 3 when only the board does, 4 when neither does.
 3. Layers ("benchmark": "layer"): what each layer of a round trip adds, timed the same
    way: an echo through the servers' stream classes (select/recv/send of
    `emulator.server.links`), pyvisa-py's write/read of a line that such an echo returns
-   (the VISA library alone, no SCPI server), the SCPI server answering a raw socket
-   client (no VISA library), and in-process costs without any I/O: the SCPI server's
-   parse and dispatch of one message, the framed server's answer to a request, the frame
-   codec for the frames of one round trip, the emulated board's own `safety()`, and the
-   host's encode/check/decode around one operation. Every timed row (round trips and
-   layers) also gives the CPU time per call of the client thread (`client_cpu_seconds`)
-   and of the server process, all its threads (`server_cpu_seconds`, from
-   /proc/PID/task/*/schedstat; absent elsewhere): on a shared machine the wall-clock
-   ratios move with the load, the CPU times much less.
+   (the VISA library alone, no SCPI server; the host's default `fast=1` reads and writes
+   small messages on pyvisa-py's socket itself, so this row is what that avoids), the SCPI
+   server answering a raw socket client (no VISA library), and in-process costs without
+   any I/O: the SCPI server's parse and dispatch of one message, the framed server's
+   answer to a request, the frame codec for the frames of one round trip, the emulated
+   board's own `safety()`, and the host's encode/check/decode around one operation.
+   Every timed row (round trips and layers) also gives the CPU time per call of the
+   client thread (`client_cpu_seconds`) and of the server process, all its threads
+   (`server_cpu_seconds`, from /proc/PID/task/*/schedstat; absent elsewhere), and rows
+   over sockets `cpu_ratio`: client and server CPU per call over those of the raw echo
+   in the same blocks. On a shared machine the wall-clock ratios move with the load (a
+   round trip waits for both processes to be scheduled); the CPU times much less.
 
 The servers run in a child process, as a board's firmware would, so client and server do
 not share one interpreter lock. Ends by printing one JSON object per line.
@@ -209,10 +213,13 @@ def _paired(
     return timings[0], timings[1]
 
 
-def _cpu_fields(t: Timing) -> dict[str, float]:
+def _cpu_fields(t: Timing, echo: Timing | None = None) -> dict[str, float]:
+    """CPU per call; with the paired echo's timing, also the ratio of their CPU (both ends)."""
     out = {"client_cpu_seconds": t.client_cpu}
     if t.server_cpu is not None:
         out["server_cpu_seconds"] = t.server_cpu
+        if echo is not None and echo.server_cpu:
+            out["cpu_ratio"] = (t.client_cpu + t.server_cpu) / (echo.client_cpu + echo.server_cpu)
     return out
 
 
@@ -280,7 +287,7 @@ def _in_process_layers(board: str) -> dict[str, Callable[[], object]]:
     response = Frame(int(Op.SAFETY), 9, int(Flag.RESPONSE | Flag.START), b"x" * 40, 7)
 
     def codec() -> None:
-        for frame in (request, response, frames.ack(9)):
+        for frame in (request, response):
             for chunk in deframer.feed(frames.encode(frame)):
                 frames.decode(chunk)
 
@@ -309,7 +316,7 @@ def _in_process_layers(board: str) -> dict[str, Callable[[], object]]:
         "scpi server: parse + dispatch of *OPC? (in-process)": scpi(b"*OPC?\n"),
         "scpi server: parse + dispatch of SYST:SAF? (in-process)": scpi(b"SYST:SAF?\n"),
         "framed server: answer to a SAFETY request (in-process)": framed_answer,
-        "frame codec: the 3 frames of a round trip, encoded and decoded": codec,
+        "frame codec: the frames of a round trip (request, response), encoded and decoded": codec,
         "board: safety() of the emulated board (in-process)": local.safety,
         "host: RemoteDevice.safety() around a canned reply (no link)": canned.safety,
     }
@@ -415,7 +422,7 @@ def _round_trips(
                 "raw_socket_echo_seconds": echo_t.median,
                 "rtt_ratio": t.median / echo_t.median,
                 "rtt_ratio_best": t.best / echo_t.best,
-                **_cpu_fields(t),
+                **_cpu_fields(t, echo_t),
             }
         )
     for name, (rtt, echo_t) in rtts.items():
@@ -427,13 +434,13 @@ def _round_trips(
             "rtt_ratio": rtt.median / echo_t.median,
             "rtt_ratio_best": rtt.best / echo_t.best,
             "target": "<= 2",
-            **_cpu_fields(rtt),
+            **_cpu_fields(rtt, echo_t),
             "raw_socket_echo_client_cpu_seconds": echo_t.client_cpu,
         }
         if "/pty" in name:  # also against a raw echo over a pty: the protocol's own overhead
             row["raw_pty_echo_seconds"] = pty_base.median
             row["rtt_ratio_vs_raw_pty"] = rtt.median / pty_base.median
-        if name in frames_per_call:  # request, response, the host's ACK of it: 3 when piggybacked
+        if name in frames_per_call:  # 2 when both ends hold ACKs back (see the module docstring)
             row["frames_per_round_trip"] = round(frames_per_call[name], 2)
         results.append(row)
     # what a pty costs by itself: the floor under the ratios of the /pty rows

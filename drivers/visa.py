@@ -42,6 +42,7 @@ CHUNK = 1 << 20
 FAST_MIN = 1 << 16  # blocks at least this long are received with `_read_direct`
 MAX_ERRORS = 64
 MAX_LINE = 1 << 20  # bytes of a text reply line the fast path accepts (a board sending more is broken)
+READ_SIZE = 1 << 16  # bytes per recv of the fast path (larger blocks: `_read_direct`)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
@@ -61,6 +62,10 @@ class _SocketIO:
         self.sock = sock
         self.timeout = timeout
         self.name = name
+        # reads land here first: `recv(n)` allocates n bytes each call, and at 1 MiB that is
+        # an mmap, an mremap and a munmap per reply
+        self._scratch = bytearray(READ_SIZE)
+        self._view = memoryview(self._scratch)
 
     def write(self, data: bytes) -> None:
         sock, view = self.sock, memoryview(data)
@@ -84,10 +89,10 @@ class _SocketIO:
                 f"{self.name}: no reply to {what} within {self.timeout:g} s; "
                 "is the instrument on, and the resource string right?"
             )
-        data = self.sock.recv(CHUNK)
-        if not data:
+        n = self.sock.recv_into(self._scratch)
+        if not n:
             raise ProtocolError(f"{self.name}: the board closed the connection during {what}")
-        pending += data
+        pending += self._view[:n]
 
     def read_line(self, what: str) -> bytes:
         """Up to and including the next newline."""
