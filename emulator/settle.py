@@ -290,6 +290,7 @@ class _ClampCache:
     drive: torch.Tensor | None = None
     outs: list[torch.Tensor] | None = None
     line_power: float | None = None  # the clamped groups' share of `_settle_power` (W)
+    noise_var: dict[str, torch.Tensor] | None = None  # per free group, its constant noise variance (1, batch)
 
     def match(self, plan: _Plan, clamp: dict[str, torch.Tensor], batch: int) -> int:
         """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
@@ -946,11 +947,17 @@ class SettleEngine:
         rows, state, new = plan.rows, ws.state, ws.new
         assert new is not None
         dev = state.device
-        const = {g: torch.full((1, batch), node_var, device=dev) for g in plan.free}
-        for term in plan.const_terms:
-            for dst, _a, _b, k in term.dsts:
-                if k:
-                    const[dst] += term.noise_var(s[term.src], k).T
+        entry, reps = self._current  # the constant part depends on the clamps only
+        if entry is not None and entry.plan is plan and entry.noise_var is not None:
+            const = {g: v if reps == 1 else torch.cat([v] * reps, 1) for g, v in entry.noise_var.items()}
+        else:
+            const = {g: torch.full((1, batch), node_var, device=dev) for g in plan.free}
+            for term in plan.const_terms:
+                for dst, _a, _b, k in term.dsts:
+                    if k:
+                        const[dst] += term.noise_var(s[term.src], k).T
+            if entry is not None and entry.plan is plan and reps == 1:
+                entry.noise_var = const
         coeff = {g: torch.zeros(1, plan.n_free, device=dev) for g in plan.free}
         for term in plan.dyn_terms:
             for dst, _a, _b, k in term.dsts:
