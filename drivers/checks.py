@@ -7,6 +7,7 @@ offending value, the limit, and what to do instead.
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -213,6 +214,17 @@ def check_tile(topology: Topology | None, tile: str) -> tuple[int, int]:
     return require_topology(topology).tile_shape(tile)
 
 
+def _min_max(arr: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a non-empty array: in one pass with torch's aminmax (which propagates NaN
+    as numpy's min and max do) for a writeable float32 array when torch is already loaded
+    (this module does not import it), else numpy's two passes."""
+    torch = sys.modules.get("torch")
+    if torch is not None and arr.size and arr.flags.writeable and arr.dtype == np.float32:
+        lo, hi = torch.aminmax(torch.from_numpy(arr))
+        return float(lo), float(hi)
+    return float(arr.min()), float(arr.max())
+
+
 def check_program(
     topology: Topology | None, limits: Limits, tile: str, g_plus: np.ndarray, g_minus: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +234,7 @@ def check_program(
         arr = _float32(f"program {tile!r}: {name}", g)
         if arr.shape != shape:
             raise ConfigurationError(f"program {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = _min_max(arr)
         if not (np.isfinite(lo) and np.isfinite(hi)):  # min and max carry any NaN or infinity
             raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
         slack = 1e-6 * (limits.g_max - limits.g_min)

@@ -53,6 +53,17 @@ def _pair(a: np.ndarray, b: np.ndarray, device: torch.device) -> tuple[torch.Ten
     """`a` and `b` as tensors; when `b` directly follows `a` in memory (G+ and G- as the two
     halves of one (2, rows, cols) array, as the programming schemes hand them over), as the
     two halves of one tensor, so the board sees one stacked target and copies nothing."""
+    base = a.base
+    if (
+        isinstance(base, np.ndarray)
+        and b.base is base
+        and base.shape == (2, *a.shape)
+        and base.flags.c_contiguous
+        and a.ctypes.data == base.ctypes.data
+        and b.ctypes.data == a.ctypes.data + a.nbytes
+    ):  # the common case: a = base[0], b = base[1]
+        t = _t(base, device)
+        return t[0], t[1]
     if (
         a.dtype == b.dtype
         and a.shape == b.shape

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology, seeds
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle
-from hil.programming import Programmed, ProgrammingScheme, UpdateReport, make_scheme
+from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
 
 __all__ = ["MODES", "SETTLE_PATHS", "CheckRow", "EBBlock", "EPResult", "Mode", "gaussian_init", "gradcheck"]
@@ -262,6 +262,8 @@ class EBBlock(nn.Module):
         return len(changed)
 
     def _program(self, changed: list[tuple[Coupling, nn.Parameter]], force: bool) -> None:
+        # clipped here, so a scheme of this package need not check the range again
+        bounded = {"bounded": True} if self.clip and isinstance(self.programming, SchemeBase) else {}
         for c, p in changed:
             if c.kind == "dense":
                 n = p.shape[1]
@@ -271,7 +273,7 @@ class EBBlock(nn.Module):
                 if float(lo) < -c.w_max or float(hi) > c.w_max:
                     self.clipped += int((p.abs() > c.w_max).sum())
                     p.clamp_(-c.w_max, c.w_max)
-            self._record(self.programming.program(self.device, c.tile, p, force=force))
+            self._record(self.programming.program(self.device, c.tile, p, force=force, **bounded))
             self._versions[c.tile] = p._version
 
     def _record(self, results: list[Programmed]) -> None:

@@ -69,18 +69,21 @@ class LinearMapping:
         return g.cpu().numpy(), clipped
 
     def conductance_tensor(
-        self, w: np.ndarray | torch.Tensor, out: torch.Tensor | None = None
+        self, w: np.ndarray | torch.Tensor, out: torch.Tensor | None = None, *, bounded: bool = False
     ) -> tuple[torch.Tensor, int]:
         """`to_conductance_pair` as a float32 tensor on the device of `w` (a numpy `w`: on the
         CPU, sharing its memory when it is float32), written into `out` when given (a
         (2, rows, cols) float32 tensor there; a scheme reuses one per tile, so a write
-        allocates nothing of the tile's size). No float64 copy is made."""
+        allocates nothing of the tile's size). No float64 copy is made. `bounded`: the caller
+        has clipped `w` to +-w_max already, so the range check (and count) is skipped."""
         t = torch.as_tensor(w).detach()
         if t.dtype != torch.float32:
             t = t.to(torch.float32)
-        lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
-        inside = -self.w_max <= float(lo) and float(hi) <= self.w_max
-        clipped = 0 if inside else int((t.abs() > self.w_max).sum())
+        clipped = 0
+        if not bounded and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (-self.w_max <= float(lo) and float(hi) <= self.w_max):
+                clipped = int((t.abs() > self.w_max).sum())
         k = self.g_range / self.w_max
         shape = (2, *t.shape)
         if out is None or out.shape != shape or out.device != t.device or out.dtype != torch.float32:

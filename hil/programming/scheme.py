@@ -115,6 +115,7 @@ class TileState:
     # the tile's size and `g_est` (the last targets) is never the buffer being filled
     targets: list[torch.Tensor | None] = field(default_factory=lambda: [None, None])
     turn: int = 0  # the buffer the next write fills
+    bounded: bool = False  # the weights of the current `program` call are within +-w_max
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,13 @@ class ProgrammingScheme(Protocol):
     def mapping(self, device: Device, tile: str) -> LinearMapping: ...
 
     def program(
-        self, device: Device, tile: str, w: np.ndarray | torch.Tensor, *, force: bool = False
+        self,
+        device: Device,
+        tile: str,
+        w: np.ndarray | torch.Tensor,
+        *,
+        force: bool = False,
+        bounded: bool = False,
     ) -> list[Programmed]: ...
 
     def target(self, tile: str) -> np.ndarray: ...
@@ -239,12 +246,20 @@ class SchemeBase:
 
     # ------------------------------------------------------------------------------ entry
     def program(
-        self, device: Device, tile: str, w: np.ndarray | torch.Tensor, *, force: bool = False
+        self,
+        device: Device,
+        tile: str,
+        w: np.ndarray | torch.Tensor,
+        *,
+        force: bool = False,
+        bounded: bool = False,
     ) -> list[Programmed]:
         """Bring `tile` to the host weights `w`: a whole-tile write the first time (or with
         `force`), then the scheme's update, plus a refresh when one is due. Returns one
-        result per device operation, in order."""
+        result per device operation, in order. `bounded`: the caller has clipped `w` to
+        +-w_max (an `EBBlock` does), so the mapping does not check the range again."""
         st = self._state(device, tile)
+        st.bounded = bounded
         if force or not st.written:
             return self._first_write(device, tile, st, w)
         out = self._update(device, tile, st, w)
@@ -283,7 +298,8 @@ class SchemeBase:
         compensated in place; a calibration record's targets as it gives them)."""
         k = st.turn
         st.turn ^= 1
-        g, clipped = st.mapping.conductance_tensor(w, out=st.targets[k])
+        g, clipped = st.mapping.conductance_tensor(w, out=st.targets[k], bounded=st.bounded)
+        st.bounded = False  # for this call's weights only (a refresh maps the target)
         st.targets[k] = g
         if self.record is not None:
             gn = g.cpu().numpy()
