@@ -379,3 +379,56 @@ def test_an_overlong_line_that_arrives_in_one_read_is_dropped_whole(device: Devi
     code, text = conn.session.errors.popleft()
     assert code == codes.INPUT_BUFFER_OVERRUN and "dropped whole" in text and len(text) <= 255
     assert not conn.session.errors
+
+
+# ---- throttling peers that make errors -----------------------------------------------
+
+
+def test_error_throttle_allowance() -> None:
+    from emulator.server.throttle import MAX_PAUSE_S, ErrorThrottle
+
+    t = ErrorThrottle(rate=10.0, burst=20.0)
+    assert t.charge(20) == 0.0 and not t.spent(0)
+    wait = t.charge(1)  # 1 over: 0.1 s at 10 a second
+    assert 0.09 < wait <= 0.1 and t.spent(1)
+    assert t.charge(5) == MAX_PAUSE_S  # 6 over would be 0.6 s: waited in pieces
+    t.charge(10_000)
+    assert t.tokens >= -20.0  # the debt is capped at one burst
+    with pytest.raises(ValueError):
+        ErrorThrottle(rate=0.0)
+
+
+@pytest.mark.parametrize("kind", ["scpi", "framed"])
+def test_a_flooding_peer_is_held_then_closed_while_others_are_served(
+    device: Device, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emulator.server import throttle
+
+    monkeypatch.setattr(throttle, "ERROR_RATE", 20.0)
+    monkeypatch.setattr(throttle, "ERROR_BURST", 20.0)
+    monkeypatch.setattr(throttle, "KICK_AFTER_S", 0.6)
+    server_cls = ScpiServer if kind == "scpi" else FramedServer
+    with server_cls(device) as server:  # type: ignore[abstract]
+        port = server.listen_tcp()[1]
+        flood = _connect(port)
+        if kind == "scpi":
+            flood.sendall(b"FOO:BAR\n" * 5000)  # 5000 undefined headers: 5000 errors
+        else:
+            flood.sendall(bytes(range(1, 256)) * 2000)  # garbage between frames, 0.5 MB
+        good = Scpi(port) if kind == "scpi" else None
+        t0 = time.monotonic()
+        flood.settimeout(10)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := flood.recv(1 << 16):  # until the server closes it
+                got += chunk
+        held = time.monotonic() - t0
+        assert 0.5 <= held < 5.0
+        if good is not None:
+            assert good.ask("*IDN?").startswith("xbar-hil,")  # the other connection is served
+            good.close()
+        else:
+            with open_device(f"serial+socket://127.0.0.1:{port}") as dev:
+                assert dev.safety().violations == 0
+        assert _until(lambda: server.gate.active == 0)
+        flood.close()

@@ -199,6 +199,7 @@ class LinkStats:
     garbage_bytes: int = 0  # bytes dropped by the deframer (runs too long to be frames)
     duplicates: int = 0  # frames received twice (their ACK was lost); acknowledged, not re-executed
     stale: int = 0  # frames of an abandoned exchange, acknowledged and dropped
+    oversize: int = 0  # fragments dropped because their message grew past max_message
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -387,6 +387,7 @@ class Link:
                     self._rx_parts.append(f.payload)
                     self._rx_size += len(f.payload)
                 if self.max_message is not None and self._rx_size > self.max_message:
+                    self.stats.oversize += 1
                     if self._rx_first is not None:
                         self._rx_skip, self._rx_first, self._rx_parts = self._rx_first, None, []
                     if not f.flags & _MORE:

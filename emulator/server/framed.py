@@ -21,10 +21,19 @@ from drivers.wire.payload import Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.throttle import ErrorThrottle
 
 _OPS = {int(op) for op in Op}
 _RESPONSE = int(Flag.RESPONSE)  # IntFlag arithmetic costs a microsecond or two per reply
 MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
+
+
+def _link_errors(link: Link) -> float:
+    """What a link's counters say its peer got wrong: every NACKed frame, every fragment
+    dropped because its message grew too large, and garbage between frames by the 256 bytes
+    (one bad byte resynchronises; a stream of it is a flood)."""
+    stats = link.stats
+    return stats.nacks_sent + stats.oversize + stats.garbage_bytes / 256
 
 
 def _error(code: int, message: str) -> bytes:
@@ -87,11 +96,23 @@ class FramedServer(EndpointServer):
             stream = FaultyStream(stream, plan)
         link = self._new_link(stream)
         served = 0
+        throttle = ErrorThrottle()
+        charged = 0.0  # of the link's errors, those charged to the throttle
+        errors = 0.0  # ERROR replies and dropped fragments (the link counts its NACKs)
         try:
             while not stopping.is_set():
+                total = errors + _link_errors(link)
+                wait = throttle.charge(total - charged)
+                charged = total
+                if wait:  # a peer making errors by the hundred: not read until its allowance refills
+                    if throttle.kick and closable(stream):
+                        return
+                    throttle.hold(wait, stopping)
+                    continue
                 try:
                     got = link.receive(POLL_S, response=False)
                 except MessageTooLarge as exc:  # its fragments were dropped; the link lives on
+                    errors += 1  # (its dropped fragments are counted by the link)
                     error = _error(codes.TOO_MUCH_DATA, str(exc))
                     flags = Flag.RESPONSE | Flag.ERROR
                     try:
@@ -114,8 +135,11 @@ class FramedServer(EndpointServer):
                         return
                     self._free(link)  # a pty stays: the board forgets the link state, the reply is lost
                     link = self._new_link(stream)
+                    charged = errors
                     continue
                 flags, reply = self._answer(link, first.opcode, body)
+                if flags & Flag.ERROR:
+                    errors += 1
                 if fault == "delay":
                     time.sleep(plan.delay_s)
                 if plan.reply_delay_s:

@@ -6,11 +6,14 @@ and each pty gets its own thread running it. Threads are daemons and stop within
 
 A server admits at most `max_connections` TCP connections at a time (all its listeners
 together); one more is handed to the server's `refuse` (which may write a line to it) and
-closed. A peer that reads nothing of a reply for `WRITE_TIMEOUT_S` is disconnected (a
-connection that never reads cannot hold its slot for ever), and one that sends and receives
-nothing for `idle_timeout_s` is closed (an idle peer cannot either). The accept loop survives any
-failure to set up one connection (that socket is closed, the failure logged and counted in
-`failures`) and keeps accepting.
+closed; refusals are paced (`REFUSAL_PACE_S`), so peers that retry in a loop wait in the
+kernel's backlog rather than costing the server a refusal each. A peer that reads nothing
+of a reply for `WRITE_TIMEOUT_S` is disconnected (a connection that never reads cannot hold
+its slot for ever), and one that sends and receives nothing for `idle_timeout_s` is closed
+(an idle peer cannot either). The accept loop survives any failure to set up one
+connection (that socket is closed, the failure logged and counted in `failures`) and keeps
+accepting. A peer that makes errors by the hundred is throttled by its server
+(`emulator.server.throttle`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ WRITE_TIMEOUT_S = 30.0  # a peer that reads none of a reply for this long is dis
 # never). An hour: a notebook's VISA session left open over lunch survives, a peer that
 # opened 16 connections and went quiet frees the slots the same afternoon
 IDLE_TIMEOUT_S = 3600.0
+# after refusing a connection over the cap the accept loop waits this long: peers retrying in
+# a tight loop then wait in the kernel's listen backlog instead of costing a refusal each
+REFUSAL_PACE_S = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +247,16 @@ class TcpListener:
                     return
                 continue
             try:
-                self._admit(conn)
+                if not self._admit(conn) and self.stopping.wait(REFUSAL_PACE_S):
+                    return  # refusals are paced: the rest wait in the kernel's backlog, at no cost here
             except Exception as exc:  # one connection failed to start: close it, keep accepting
                 self.failures += 1
                 log.warning("tcp %s: could not serve a connection: %r", self.address[1], exc)
                 with contextlib.suppress(OSError):
                     conn.close()
 
-    def _admit(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> bool:
+        """Serve `conn` on its own thread (True), or refuse it over the cap (False)."""
         if not self.gate.enter():
             try:
                 conn.settimeout(0.5)
@@ -258,13 +266,14 @@ class TcpListener:
                     conn.shutdown(socket.SHUT_RDWR)
             finally:
                 conn.close()
-            return
+            return False
         try:
             stream = SocketStream(conn, self.idle_timeout)
             _start_thread(self._serve, (stream,), f"tcp-{self.address[1]}-conn")
         except BaseException:
             self.gate.leave()
             raise
+        return True
 
     def _serve(self, stream: Stream) -> None:
         try:

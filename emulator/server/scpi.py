@@ -27,6 +27,7 @@ from drivers.wire.payload import Message, Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.throttle import ErrorThrottle
 
 MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
@@ -169,9 +170,8 @@ class MessageSplitter:
         del buf[: end + 1]
         self.pos = self.block_end = self.quote = 0
         if over:
-            raise ParseError(
-                codes.INPUT_BUFFER_OVERRUN, f"line of {text} bytes (over {MAX_LINE}) dropped whole: {msg!r}..."
-            )
+            message = f"line of {text} bytes (over {MAX_LINE}) dropped whole: {msg!r}..."
+            raise ParseError(codes.INPUT_BUFFER_OVERRUN, message)
         return msg
 
     def clear(self) -> None:
@@ -398,6 +398,7 @@ class ScpiSession:
         self.device = device
         self.cache = cache
         self.checked = False  # checked mode: CRC-32 on every message and response
+        self.errors_pushed = 0  # errors queued since the session began (the server's throttle)
         self.errors: deque[tuple[int, str]] = deque()
         self.esr = 0
         self.ese = 0
@@ -448,6 +449,7 @@ class ScpiSession:
 
     # -- error queue and status
     def push_error(self, code: int, message: str) -> None:
+        self.errors_pushed += 1
         if len(message) > MAX_ERROR_TEXT:  # never echo a long input back whole
             message = message[: MAX_ERROR_TEXT - 3] + "..."
         if len(self.errors) >= QUEUE_SIZE:
@@ -790,6 +792,7 @@ class Connection:
         status registers, buffered input dropped."""
         self.session = ScpiSession(self.device, self.cache)
         self.splitter = MessageSplitter(self.max_block)
+        self.errors_charged = 0  # of the session's errors, those charged to the throttle
 
     def respond(self, data: bytes) -> Iterator[Answer]:
         """Feed received bytes and run every complete program message, yielding each one's
@@ -843,11 +846,21 @@ class ScpiServer(EndpointServer):
         if plan.active:
             stream = FaultyStream(stream, plan)
         conn = Connection(self.device, self.cache, plan, self.max_block)
+        throttle = ErrorThrottle()
         served = 0
+        backlog = False  # complete messages may wait in the splitter (the allowance ran out)
         while not stopping.is_set():
-            data = stream.read(POLL_S)
-            if not data:
+            wait = throttle.charge(conn.session.errors_pushed - conn.errors_charged)
+            conn.errors_charged = conn.session.errors_pushed
+            if wait:  # a peer making errors by the hundred: not read until its allowance refills
+                if throttle.kick and closable(stream):
+                    return
+                throttle.hold(wait, stopping)
                 continue
+            data = b"" if backlog else stream.read(POLL_S)
+            if not data and not backlog:
+                continue
+            backlog = False
             for answer in conn.respond(data):
                 if answer.fault in ("reset", "close"):
                     if closable(stream):
@@ -863,3 +876,6 @@ class ScpiServer(EndpointServer):
                 served += 1
                 if plan.hang_up_after and served >= plan.hang_up_after:
                     return
+                if throttle.spent(conn.session.errors_pushed - conn.errors_charged):
+                    backlog = True  # the rest of what it sent waits until its allowance refills
+                    break
