@@ -189,26 +189,10 @@ class VisaDevice(RemoteDevice):
                 self._res.close()
             self._res = None
 
-    @contextlib.contextmanager
-    def _io(self, what: str) -> Iterator[None]:
-        import pyvisa
-
-        try:
-            yield
-        except pyvisa.errors.VisaIOError as exc:
-            if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
-                raise DeviceTimeout(
-                    f"{self.name}: no reply to {what} within {self.timeout:g} s; "
-                    "is the instrument on, and the resource string right?"
-                ) from exc
-            raise ProtocolError(f"{self.name}: VISA I/O error during {what}: {exc}") from exc
-        except (ValueError, pyvisa.errors.InvalidBinaryFormat) as exc:
-            raise ProtocolError(f"{self.name}: malformed reply to {what}: {exc}") from exc
-        except OSError as exc:  # pyvisa-py lets socket errors through (refused, reset, unreachable)
-            raise ProtocolError(
-                f"{self.name}: cannot reach the board during {what} ({exc}); is it on and serving at "
-                "this address? (`hil emulator serve` prints the resource strings of an emulated board)"
-            ) from exc
+    def _io(self, what: str) -> _IoErrors:
+        """A context manager turning VISA, socket and parse errors during `what` into
+        DeviceTimeout / ProtocolError (a class, not a generator: it wraps every transaction)."""
+        return _IoErrors(self, what)
 
     # -- SCPI plumbing
     def _send(self, text: str, values: np.ndarray | None = None, tail: str = "") -> None:
@@ -533,6 +517,40 @@ class VisaDevice(RemoteDevice):
             self._send(text)
             if self.check:
                 self._read_checked_line(text)
+
+
+class _IoErrors:
+    """`VisaDevice._io`: VISA, socket and parse errors as the driver's exceptions."""
+
+    __slots__ = ("device", "what")
+
+    def __init__(self, device: VisaDevice, what: str) -> None:
+        self.device = device
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        import pyvisa
+
+        name, what = self.device.name, self.what
+        if isinstance(exc, pyvisa.errors.VisaIOError):
+            if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
+                raise DeviceTimeout(
+                    f"{name}: no reply to {what} within {self.device.timeout:g} s; "
+                    "is the instrument on, and the resource string right?"
+                ) from exc
+            raise ProtocolError(f"{name}: VISA I/O error during {what}: {exc}") from exc
+        if isinstance(exc, ValueError | pyvisa.errors.InvalidBinaryFormat):
+            raise ProtocolError(f"{name}: malformed reply to {what}: {exc}") from exc
+        if isinstance(exc, OSError):  # pyvisa-py lets socket errors through (refused, reset, unreachable)
+            raise ProtocolError(
+                f"{name}: cannot reach the board during {what} ({exc}); is it on and serving at "
+                "this address? (`hil emulator serve` prints the resource strings of an emulated board)"
+            ) from exc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -113,20 +113,10 @@ class _InterruptGuard:
     def _handler(self, signum: int, frame: object) -> None:
         self.fired = True
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        installed = False
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self.previous = _set_handler(signal.SIGINT, self._handler)
-                installed = True
-            except ValueError:  # not the interpreter's main thread (embedded interpreters)
-                installed = False
-        try:
-            yield
-        finally:
-            if installed:
-                _set_handler(signal.SIGINT, self.previous)
+    def active(self) -> _Deferring:
+        """A context manager: SIGINT is deferred inside it (a class, not a generator: this
+        wraps every transaction, and a generator-based one costs a few microseconds)."""
+        return _Deferring(self)
 
     def deliver(self) -> None:
         """Hand the deferred interrupt to whoever handled SIGINT before us."""
@@ -136,6 +126,26 @@ class _InterruptGuard:
             previous(signal.SIGINT, None)
         elif previous != signal.SIG_IGN:
             raise KeyboardInterrupt
+
+
+class _Deferring:
+    __slots__ = ("guard", "installed")
+
+    def __init__(self, guard: _InterruptGuard) -> None:
+        self.guard = guard
+        self.installed = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.guard.previous = _set_handler(signal.SIGINT, self.guard._handler)
+                self.installed = True
+            except ValueError:  # not the interpreter's main thread (embedded interpreters)
+                self.installed = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            _set_handler(signal.SIGINT, self.guard.previous)
 
 
 class RemoteDevice(Device):
