@@ -187,7 +187,7 @@ class SerialDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: the link is not open")
         seq = link.send(opcode, body)
         try:
-            got = link.receive(self.timeout, response=True, ref=seq)
+            got = link.receive(self.timeout, response=True, ref=seq, opcode=opcode)
         except MessageTooLarge as exc:
             raise ProtocolError(f"{self.name}: reply to request {opcode:#x}: {exc}") from None
         if got is None:

@@ -436,3 +436,15 @@ def test_held_back_acks_still_deliver_exactly_once_under_faults() -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_a_stale_reply_with_the_same_ref_but_another_opcode_is_not_taken() -> None:
+    """`ref` is 8 bits of the request's seq: a reply left over from an abandoned exchange
+    can share them; its opcode tells it apart (found by fuzzing through the servers)."""
+    inbox: list[bytes] = []
+    link = Link(lambda t: inbox.pop(0) if inbox else b"", lambda data: None, ack_timeout=0.05, retries=1)
+    stale = Frame(0x11, 500, int(Flag.RESPONSE | Flag.START), b"old", ref=7)
+    fresh = Frame(0x12, 501, int(Flag.RESPONSE | Flag.START), b"new", ref=7)
+    inbox += [frames.encode(stale), frames.encode(fresh)]
+    got = link.receive(0.5, response=True, ref=7, opcode=0x12)
+    assert got is not None and got[1] == b"new" and link.stats.stale == 1

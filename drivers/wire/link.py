@@ -356,12 +356,14 @@ class Link:
             self._awaiting = None
 
     def receive(
-        self, timeout: float, *, response: bool, ref: int | None = None
+        self, timeout: float, *, response: bool, ref: int | None = None, opcode: int | None = None
     ) -> tuple[Frame, bytes] | None:
         """The next complete message (first frame, joined payload), or None after `timeout`.
 
         Frames that cannot belong to the exchange (wrong direction, a reply to another
-        request, a fragment without its start) are counted as stale and dropped.
+        request: another `ref` or, when given, another `opcode`; a fragment without its
+        start) are counted as stale and dropped. (`ref` is 8 bits of the request's sequence
+        number: a stale reply can share them, its opcode then tells it apart.)
 
         With `max_message`, a message that grows past it is dropped fragment by fragment as
         it arrives (nothing more is buffered) and its last fragment raises MessageTooLarge."""
@@ -373,7 +375,8 @@ class Link:
                     self.stats.stale += 1
                     continue
                 if f.flags & _START:
-                    if ref is not None and f.ref != ref & 0xFF:
+                    other = ref is not None and f.ref != ref & 0xFF
+                    if other or (opcode is not None and f.opcode != opcode):
                         self.stats.stale += 1
                         continue
                     self._rx_first, self._rx_parts, self._rx_size = f, [f.payload], len(f.payload)
