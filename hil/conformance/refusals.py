@@ -65,6 +65,17 @@ def errors(sess: Session) -> None:
                 lambda: sess.dev.mvm(tile, np.full((1, shape[0]), big)),
             ),
         )
+        over = sess.lim.max_batch + 1
+        sess.run(
+            "limit batch",
+            "a batch over max_batch is refused (LimitViolation): a request's work is bounded",
+            lambda sent: _limit(
+                sess,
+                sent,
+                f"mvm with a batch of max_batch + 1 = {over}",
+                lambda: sess.dev.mvm(tile, np.zeros((over, shape[0]), np.float32)),
+            ),
+        )
     if "settle" in sess.caps:
         g0, n0 = next(iter(sess.topo.groups.items()))
         sess.run(
