@@ -10,7 +10,7 @@ to its `SettleEngine`, which
 - chooses the integration step (`SettleEngine._step_dt`, from a bound on the coupling norm);
 - runs one of two loops: `_settle_analog` (the node circuits relaxing, with or without read
   and node noise: a flat list of in-place calls per step on (nodes, batch) buffers, noise
-  from the engine's `NoisePool`) or `_settle_noisy` (the ``mvm`` mode, where the host
+  from the engine's `NoisePool`) or `_settle_mvm` (the ``mvm`` mode, where the host
   iterates the fixed point through quantised MVMs);
 - stops at the noise floor (`_noise_floor`) and accounts the settle's time and array energy
   (`_account`: line power at equilibrium times the settle time).
@@ -570,9 +570,9 @@ class SettleEngine:
         s: dict[str, torch.Tensor] = {BIAS: torch.ones(batch, 1, device=dev), **clamp}
         if not mvm_mode:
             return self._settle_analog(s, nudge, init, plan, key, batch, trace)
-        return self._settle_noisy(s, nudge, init, plan, key, batch, trace)
+        return self._settle_mvm(s, nudge, init, plan, key, batch, trace)
 
-    def _settle_noisy(
+    def _settle_mvm(
         self,
         s: dict[str, torch.Tensor],
         nudge: SettleNudge,
@@ -582,56 +582,42 @@ class SettleEngine:
         batch: int,
         trace: int,
     ) -> SettleResult:
-        """The settle with read or node noise, and every settle in ``mvm`` mode (see `settle`)."""
+        """The ``mvm`` mode (see `settle`): every step, every source's product goes through an
+        MVM with its own read noise and the ADC, node noise is added, and the new states go
+        through the DAC."""
         topo = self.board.topology
         assert topo is not None
         per = self.board.preset.periphery
         budget = topo.budget
         dev = self.board.device
-        mvm_mode = topo.mode == "mvm"
         for g in plan.free:
             x0 = init.get(g) if init else None
             s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0
-        # Drive that does not depend on the free states: constant sources (analog mode) and
-        # injected nudge currents. In analog mode the read noise of all sources and the node
-        # noise sum on each node line: one Gaussian draw per group and step, whose variance
-        # has a constant part and a part that follows the free sources' states.
-        base: dict[str, torch.Tensor] = {}
+        # the injected nudge currents; the read noise variance of the clamped sources (for the
+        # noise floor) and their noise-free products, reused from the last settle of these
+        # clamps (each step still draws its own read noise and ADC conversion)
+        base = {g: torch.zeros(batch, topo.groups[g], device=dev) for g in plan.free}
+        for g, (beta, gr) in nudge.currents.items():
+            base[g] = base[g] - beta * gr
         const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
-        mvm_const: list[tuple[_Term, torch.Tensor]] = []
         products: dict[int, tuple[torch.Tensor, bool]] = {}
-        # the clamped sources' products (noise-free: read noise is drawn per step below),
-        # reused from the last settle of these clamps
         cached, reps = self._cached(plan, s, batch)
         if cached is not None and cached.outs is not None:
             outs = cached.outs if reps == 1 else [torch.cat([o] * reps) for o in cached.outs]
         else:
             outs = [F.linear(s[term.src], term.matrix) for term in plan.const_terms]
             self._keep(plan, s, batch, outs=outs)
-        for term, out in zip(plan.const_terms, outs, strict=True):
+        mvm_const = list(zip(plan.const_terms, outs, strict=True))
+        for term, out in mvm_const:
             for (dst, a, b, k), (pair, transposed) in zip(term.dsts, term.pairs, strict=True):
                 products[pair] = (out[:, a:b], transposed)
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
-                if not mvm_mode:
-                    base[dst] = out[:, a:b] if dst not in base else base[dst] + out[:, a:b]
-            if mvm_mode:
-                mvm_const.append((term, out))
-        for g in plan.free:
-            if g not in base:
-                base[g] = torch.zeros(batch, topo.groups[g], device=dev)
-        for g, (beta, gr) in nudge.currents.items():
-            base[g] = base[g] - beta * gr
-        # per free group: does noise reach its line?
-        noisy = {g: bool(float(v.max()) > 0) for g, v in const_var.items()}
-        for term in plan.dyn_terms:
-            for dst, _a, _b, k in term.dsts:
-                noisy[dst] = noisy[dst] or k > 0
         gain, tol = topo.gain, budget.tol
         dt = self._step_dt(plan, key)
         pool = (
             self._pool(batch * max(topo.groups[g] for g in plan.free))
-            if any(noisy.values()) or plan.noisy
+            if plan.noisy or per.node_noise
             else None
         )
         elastic = nudge.elastic
@@ -644,8 +630,9 @@ class SettleEngine:
                 traces.setdefault(g, []).append(s[g])  # states are replaced, never written in place
 
         def mvm_out(term: _Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            """mvm mode: one MVM with its own read noise, digitised by the ADC."""
+            """One MVM with its own read noise, digitised by the ADC."""
             if term.noisy:
+                assert pool is not None
                 y = y.clone()
                 for _dst, a, b, k in term.dsts:
                     std = term.noise_var(x, k).sqrt()
@@ -665,9 +652,7 @@ class SettleEngine:
                     drive[dst] = drive[dst] + y[:, a:b]
             for term in plan.dyn_terms:
                 x = s[term.src]
-                y = F.linear(x, term.matrix)
-                if mvm_mode:
-                    y = mvm_out(term, x, y)
+                y = mvm_out(term, x, F.linear(x, term.matrix))
                 for dst, a, b, k in term.dsts:
                     drive[dst] = drive[dst] + y[:, a:b]
                     if k:
@@ -679,21 +664,18 @@ class SettleEngine:
                 if g in elastic:
                     beta, target = elastic[g]
                     u = u + beta * (target - s[g])
-                if mvm_mode:
-                    if per.node_noise:
-                        u = u + per.node_noise * pool.draw(u.shape)
-                elif noisy[g]:
-                    u = u + var[g].sqrt() * pool.draw(u.shape)
+                if per.node_noise:
+                    assert pool is not None
+                    u = u + per.node_noise * pool.draw(u.shape)
                 new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
-                if mvm_mode:
-                    new = self._dac_step(new, self.board._channel[g], peaks)
+                new = self._dac_step(new, self.board._channel[g], peaks)
                 if check:
                     changes.append((new - s[g]).abs().max())
                 s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
             steps = step
             if check:  # one synchronisation for the residual, one for the noise floor
                 residual = float(torch.stack(changes).max())
-                floor = self._noise_floor(var, mvm_mode, gain)
+                floor = self._noise_floor(var, True, gain)
             if trace and step % trace == 0:
                 record(step)
             if check and residual <= tol + floor:
@@ -702,19 +684,10 @@ class SettleEngine:
         if trace and trace_steps[-1] != steps:
             record(steps)
         if peaks:
-            per = self.board.preset.periphery
             over = torch.stack(peaks).double().mul_(per.v_read).gt_(per.v_read_max).sum()
             self.board.safety.violations += int(over)
-        ws = None
-        if not mvm_mode:  # the per-group states and constant drive as (nodes, batch) buffers
-            state = torch.cat([s[g] for g in plan.free], dim=1).T
-            drive = torch.cat([base[g] for g in plan.free], dim=1).T
-            ws = _Workspace(state, drive, plan.rows, _links(plan, state))
-        settle_time, energy_j = self._account(plan, s, ws, steps, dt, batch)
-        if ws is not None and plan.const_unit:
-            energy = ws.energy(0.5 / gain, elastic)
-        else:
-            energy = self._energy(s, plan, nudge, products)
+        settle_time, energy_j = self._account(plan, s, None, steps, dt, batch)
+        energy = self._energy(s, plan, nudge, products)
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
         return self._result(s, plan, nudge, products, (steps, converged, residual), energy,
                             (settle_time, energy_j), trace_steps, stacked)  # fmt: skip
