@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from drivers.errors import ConfigurationError
@@ -314,8 +315,10 @@ class TileArray:
         c = self._clean
         if c is not None and c[0] is target and c[1] == self._version and g is self._g0 and self._bounds:
             lo, hi = self._bounds
-            t_min, t_max = torch.aminmax(target)
-            return max(0.0, float(lo - t_min), float(t_max - hi))
+            t_min, t_max = torch.aminmax(target)  # float32 subtraction, as the devicewise one rounds
+            return max(
+                0.0, float(np.float32(lo) - np.float32(t_min)), float(np.float32(t_max) - np.float32(hi))
+            )
         return float(self._abs_diff(g, target).max())
 
     def within(self, g: torch.Tensor, target: torch.Tensor, tol: float) -> float:
