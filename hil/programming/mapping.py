@@ -203,6 +203,10 @@ class StuckDevices:
         with a stuck device change, computed in float64 as the partner's difference is."""
         if not self.count or self._cells is None:
             return g
+        if self._cells.device != g.device:  # targets mapped on another device than the evidence
+            self._cells = self._cells.to(g.device)
+            self._s = (self._s[0].to(g.device), self._s[1].to(g.device))
+            self._v = (self._v[0].to(g.device), self._v[1].to(g.device))
         cells = self._cells
         flat = g.reshape(2, -1)
         gp, gm = flat[0, cells], flat[1, cells]
