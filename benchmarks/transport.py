@@ -38,10 +38,12 @@ not share one interpreter lock. Ends by printing one JSON object per line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import multiprocessing as mp
 import os
+import select
 import socket
 import statistics
 import threading
@@ -111,6 +113,52 @@ def _raw_pty_echo() -> str:
     return path
 
 
+def _frames_in(sock: socket.socket, buf: bytearray) -> list[bytes]:
+    """Complete COBS chunks received on `sock` (at least one; what follows stays in `buf`)."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("peer closed the connection")
+        buf += data
+        end = buf.rfind(b"\x00")
+        if end > 0:
+            chunks = [bytes(c) for c in bytes(buf[:end]).split(b"\x00") if c]
+            del buf[: end + 1]
+            if chunks:
+                return chunks
+
+
+def _minimal_responder(sock: socket.socket) -> None:
+    """A framed peer without the link engine: each request frame is answered at once by one
+    response frame echoing its payload (which carries the request's ACK); ACKs are ignored,
+    nothing is retransmitted. The floor under the host link's share of a framed round trip."""
+    from drivers.wire import frames
+    from drivers.wire.frames import Flag, Frame, LinkOp
+
+    response = int(Flag.RESPONSE | Flag.START)
+    while True:
+        conn, _ = sock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seq, buf = 0, bytearray()
+        with conn:
+            try:
+                while True:
+                    out = []
+                    for chunk in _frames_in(conn, buf):
+                        f = frames.decode(chunk)
+                        if f.opcode in (LinkOp.ACK, LinkOp.NACK):
+                            continue
+                        seq = (seq + 1) % frames.SEQ_MOD
+                        body = f.payload
+                        if f.opcode == LinkOp.HELLO:
+                            body = b'{"version":1,"piggyback":true,"request_acks":true,"ack_timeout":0.25}'
+                        out.append(frames.encode(Frame(f.opcode, seq, response, body, f.seq & 0xFF)))
+                    if out:
+                        conn.sendall(b"".join(out))
+            except (ConnectionError, OSError):
+                continue
+
+
 def _serve(conn: Any, board: str) -> None:
     """Child process: the board, its servers and the raw baselines."""
     from emulator.server import FramedServer, ScpiServer
@@ -130,9 +178,11 @@ def _serve(conn: Any, board: str) -> None:
     stream_echo = StreamEcho()
     bulk = socket.create_server(("127.0.0.1", 0))
     echo = socket.create_server(("127.0.0.1", 0))
+    responder = socket.create_server(("127.0.0.1", 0))
     payload = device.g.tobytes()
     threading.Thread(target=_raw_bulk_server, args=(bulk, payload), daemon=True).start()
     threading.Thread(target=_raw_echo_server, args=(echo,), daemon=True).start()
+    threading.Thread(target=_minimal_responder, args=(responder,), daemon=True).start()
     conn.send(
         {
             "scpi_tcp": scpi.listen_tcp()[1],
@@ -142,6 +192,7 @@ def _serve(conn: Any, board: str) -> None:
             "bulk": bulk.getsockname()[1],
             "echo": echo.getsockname()[1],
             "stream_echo": stream_echo.listen_tcp()[1],
+            "framed_responder": responder.getsockname()[1],
             "pty_echo": _raw_pty_echo(),
         }
     )
@@ -250,6 +301,68 @@ def _connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _framed_layers(ports: dict[str, Any]) -> list[tuple[str, Callable[[], object], Callable[[], None]]]:
+    """The two halves of a framed round trip, each against a minimal other half: the
+    board's server answering a raw socket host (frames built and read by hand, the next
+    request acknowledging the last response, as a host that holds ACKs back does), and the
+    host's link (`drivers.wire.link.Link`, as `SerialDevice` sets it up) against a
+    responder without the link engine. Each: (row name, one round trip, close)."""
+    from drivers.wire import frames
+    from drivers.wire import payload as pl
+    from drivers.wire.frames import Flag, Frame, LinkOp
+    from drivers.wire.link import Link
+
+    start = int(Flag.START)
+    board = _connect(ports["framed_tcp"])
+    buf = bytearray()
+    seq = [1000, 0]  # this end's last request, the board's last response
+
+    def ask(opcode: int, body: bytes) -> bytes:
+        seq[0] += 1
+        board.sendall(frames.encode(Frame(opcode, seq[0], start, body)))
+        while True:  # the response (its START acknowledges the request); ACKs are skipped
+            for chunk in _frames_in(board, buf):
+                f = frames.decode(chunk)
+                if f.flags & Flag.RESPONSE and f.ref == seq[0] & 0xFF:
+                    seq[1] = f.seq
+                    return f.payload
+
+    hello = pl.loads(ask(LinkOp.HELLO, pl.dumps({"version": 1, "piggyback": True, "ack_timeout": 0.25})))
+    assert hello.get("request_acks") is True and ask(LinkOp.PING, b"*OPC?\n") == b"*OPC?\n"
+
+    def board_ping() -> None:
+        ask(LinkOp.PING, b"*OPC?\n")
+
+    def close_board() -> None:
+        with contextlib.suppress(OSError):  # the last response's ACK, so the board stops waiting
+            board.sendall(frames.encode(frames.ack(seq[1])))
+        board.close()
+
+    host_sock = _connect(ports["framed_responder"])
+
+    def read(timeout: float) -> bytes:
+        ready, _, _ = select.select([host_sock], [], [], max(timeout, 0.0))
+        return host_sock.recv(65536) if ready else b""
+
+    link = Link(read, host_sock.sendall, ack_timeout=0.25, seq0=7)
+    link.ack_delay = 0.0625
+    link.holds_responses = True
+
+    def host_ping() -> None:
+        ref = link.send(LinkOp.PING, b"*OPC?\n")
+        got = link.receive(10.0, response=True, ref=ref)
+        assert got is not None
+
+    def close_host() -> None:
+        link.close()
+        host_sock.close()
+
+    return [
+        ("framed server answering PING to a raw socket host (no host link)", board_ping, close_board),
+        ("framed host link (Link) against a minimal responder (no server link)", host_ping, close_host),
+    ]
 
 
 def _in_process_layers(board: str) -> dict[str, Callable[[], object]]:
@@ -378,6 +491,9 @@ def _round_trips(
     )
     scpi_sock.close()
     stream.close()
+    for name, fn, done in _framed_layers(ports):
+        layers[name] = _paired(fn, raw_echo, n, server=server)
+        done()
     for name, fn in _in_process_layers(args.board).items():
         layers[name] = _paired(fn, raw_echo, n)
 
