@@ -329,8 +329,10 @@ def _framed_layers(ports: dict[str, Any]) -> list[tuple[str, Callable[[], object
                     seq[1] = f.seq
                     return f.payload
 
+    # a new request ends the wait for the last response's ACK (rule 6 of docs/protocol.md,
+    # section 3), whether or not the board says `request_acks`
     hello = pl.loads(ask(LinkOp.HELLO, pl.dumps({"version": 1, "piggyback": True, "ack_timeout": 0.25})))
-    assert hello.get("request_acks") is True and ask(LinkOp.PING, b"*OPC?\n") == b"*OPC?\n"
+    assert hello.get("piggyback") is True and ask(LinkOp.PING, b"*OPC?\n") == b"*OPC?\n"
 
     def board_ping() -> None:
         ask(LinkOp.PING, b"*OPC?\n")
