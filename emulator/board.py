@@ -327,7 +327,7 @@ class Board:
         per = self.preset.periphery
         batch = next(iter(clamp.values())).shape[0]
         self._check_batch("settle clamp", int(batch))
-        applied = {g: self._dac(x, self._channel[g]) for g, x in clamp.items()}
+        applied = self.engine.apply_clamp(clamp)  # the last settle's conversion when it is the same
         groups: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] = {}
         for g, (beta, target, grad) in (nudge or {}).items():
             t = None if target is None else self._dac(target, self._channel[g])

@@ -23,10 +23,12 @@ plus the bias) is constant during a settle, and an EP step settles the same clam
 times: free, then the nudged phases, often as one settle over the batch twice over
 (``[x; x]``, `hil.estimator.settle_both`). The engine keeps the constant drive of the last
 clamp (`_ClampCache`) and reuses it when the next settle's clamps equal the cached ones
-exactly (every value, against a copy) or are them twice over along the batch; a
-different plan or a change of the tiles' `weights_epoch` (a write, a pulse, drift
-recomputing the weights) and `SettleEngine.clear` (configure with a new topology, reset)
-invalidate it. Nothing changes at the Device interface, so hosts over a wire get the same
+exactly (every value, against a copy of what the host sent) or are them twice over along
+the batch; the DAC's conversion of the clamps is reused the same way (it is deterministic:
+per-channel errors and quantisation; its safety count is counted again). A different plan
+or a change of the tiles' `weights_epoch` (a write, a pulse, drift recomputing the
+weights) invalidates the drive, and `SettleEngine.clear` (configure with a new topology,
+reset) all of it. Nothing changes at the Device interface, so hosts over a wire get the same
 saving. On noisy presets the reuse is exact too, statistics included: the emulator splits
 a read into the noise-free product and read noise drawn fresh at every step from a variance
 that follows the inputs (`_Term.noise_var`), so what is reused is only the noise-free part
@@ -270,43 +272,47 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(np.array_equal(x[:1], y[:1])) and bool(np.array_equal(x, y))
 
 
-def _clamps(plan: _Plan, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The clamped groups of the states `s` (not the bias, not the free groups)."""
-    return {g: x for g, x in s.items() if g != BIAS and g not in plan.rows}
-
-
 @dataclass
 class _ClampCache:
-    """The constant drive of the last clamp (see the module docstring, "The input product
-    once per batch"): the clamps it was computed for (copies), the plan and the tiles'
-    `weights_epoch` s it used, and what it holds: `drive`, the (nodes, batch) constant drive
-    of a noise-free settle, or `outs`, per constant term of the plan its product
-    ``F.linear(s_src, matrix)`` (batch, n_out), for a noisy or mvm-mode settle."""
+    """The last clamp (see the module docstring, "The input product once per batch"): the
+    clamps as the host sent them (`raw`, copies) and as the DAC applied them (`applied`, with
+    the safety violations that conversion counted), and what the settles of one plan
+    computed from them, valid while the plan and the tiles' `weights_epoch` s are those of
+    `plan` and `epochs`: `drive`, the (nodes, batch) constant drive of an analog settle;
+    `outs`, per constant term its product ``F.linear(s_src, matrix)`` (batch, n_out), for an
+    mvm-mode settle; the clamped lines' power and the constant noise variance."""
 
-    plan: _Plan
-    epochs: tuple[int, ...]
-    clamp: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
+    applied: dict[str, torch.Tensor]
     batch: int
+    violations: int = 0
+    plan: _Plan | None = None
+    epochs: tuple[int, ...] = ()
     drive: torch.Tensor | None = None
     outs: list[torch.Tensor] | None = None
     line_power: float | None = None  # the clamped groups' share of `_settle_power` (W)
     noise_var: dict[str, torch.Tensor] | None = None  # per free group, its constant noise variance (1, batch)
 
-    def match(self, plan: _Plan, clamp: dict[str, torch.Tensor], batch: int) -> int:
+    def repeats(self, clamp: dict[str, torch.Tensor], batch: int) -> int:
         """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
         clamps), 2 (the batch twice over, ``[x; x]``, as `settle_both` sends it), or 0 (no
         reuse). Exact comparisons (`_same_values`), once per settle."""
-        if plan is not self.plan or plan.epochs != self.epochs or clamp.keys() != self.clamp.keys():
+        if clamp.keys() != self.raw.keys():
             return 0
         n = self.batch
         if batch == n:
-            return 1 if all(_same_values(clamp[g], c) for g, c in self.clamp.items()) else 0
+            return 1 if all(_same_values(clamp[g], c) for g, c in self.raw.items()) else 0
         if batch == 2 * n:
             same = all(
-                _same_values(clamp[g][:n], c) and _same_values(clamp[g][n:], c) for g, c in self.clamp.items()
+                _same_values(clamp[g][:n], c) and _same_values(clamp[g][n:], c) for g, c in self.raw.items()
             )
             return 2 if same else 0
         return 0
+
+    def bind(self, plan: _Plan) -> None:
+        """Hold what settles of `plan` at its present weights compute (forgetting the rest)."""
+        self.plan, self.epochs = plan, plan.epochs
+        self.drive = self.outs = self.line_power = self.noise_var = None
 
 
 class SettleEngine:
@@ -332,27 +338,47 @@ class SettleEngine:
         self._plans.clear()
         self._clamp_cache = None
 
-    def _cached(self, plan: _Plan, s: dict[str, torch.Tensor], batch: int) -> tuple[_ClampCache | None, int]:
-        """The cached constant drive for the clamps in `s` and how many times over the batch
-        repeats it (`_ClampCache.match`), or (None, 0)."""
+    def apply_clamp(self, clamp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The clamps through the DAC (`Board._dac`), or, when they equal the last settle's
+        clamps or are them twice over, that settle's conversion (and its safety count) again."""
+        batch = next(iter(clamp.values())).shape[0]
         c = self._clamp_cache
+        reps = c.repeats(clamp, batch) if c is not None and self.reuse_clamp else 0
+        if c is not None and reps:
+            self.board.safety.violations += c.violations
+            self._current = (c, reps)
+            return {g: a if reps == 1 else torch.cat([a] * reps) for g, a in c.applied.items()}
+        safety = self.board.safety
+        before = safety.violations
+        applied = {g: self.board._dac(x, self.board._channel[g]) for g, x in clamp.items()}
         self._current = (None, 0)
-        if c is None or not self.reuse_clamp:
-            return None, 0
-        reps = c.match(plan, _clamps(plan, s), batch)
-        if not reps:
-            return None, 0
-        self.clamp_reuses += 1
-        self._current = (c, reps)
-        return c, reps
-
-    def _keep(self, plan: _Plan, s: dict[str, torch.Tensor], batch: int, **held: object) -> None:
-        """Cache what a settle computed from its clamps (copies of the clamps: a caller may
-        reuse its arrays)."""
         if self.reuse_clamp:
-            clamp = {g: x.clone() for g, x in _clamps(plan, s).items()}
-            self._clamp_cache = _ClampCache(plan, plan.epochs, clamp, batch, **held)  # type: ignore[arg-type]
+            raw = {g: x.clone() for g, x in clamp.items()}
+            # an exact DAC hands its input back: keep the copy, not the caller's array
+            kept = {g: raw[g] if a.data_ptr() == clamp[g].data_ptr() else a for g, a in applied.items()}
+            self._clamp_cache = _ClampCache(raw, kept, batch, safety.violations - before)
             self._current = (self._clamp_cache, 1)
+        return applied
+
+    def _cached(self, plan: _Plan) -> tuple[_ClampCache | None, int]:
+        """This settle's cache entry and how many times over the batch repeats its clamps,
+        when the entry holds what this plan computed at the present weights; else (None, 0)
+        (and the entry is bound to this plan, for `_keep`)."""
+        entry, reps = self._current
+        if entry is None:
+            return None, 0
+        if entry.plan is plan and entry.epochs == plan.epochs:
+            return entry, reps
+        if reps == 1:
+            entry.bind(plan)
+        return None, 0
+
+    def _keep(self, plan: _Plan, **held: object) -> None:
+        """Keep what a settle computed from its clamps with this settle's cache entry."""
+        entry, reps = self._current
+        if entry is not None and reps == 1 and entry.plan is plan:
+            for name, value in held.items():
+                setattr(entry, name, value)
 
     def _plan(self, clamped: frozenset[str]) -> _Plan:
         """The settle plan for a clamp set. Its tensors are views of the tiles' cached weights,
@@ -601,12 +627,13 @@ class SettleEngine:
             base[g] = base[g] - beta * gr
         const_var = {g: torch.full((batch, 1), per.node_noise**2, device=dev) for g in plan.free}
         products: dict[int, tuple[torch.Tensor, bool]] = {}
-        cached, reps = self._cached(plan, s, batch)
+        cached, reps = self._cached(plan)
         if cached is not None and cached.outs is not None:
+            self.clamp_reuses += 1
             outs = cached.outs if reps == 1 else [torch.cat([o] * reps) for o in cached.outs]
         else:
             outs = [F.linear(s[term.src], term.matrix) for term in plan.const_terms]
-            self._keep(plan, s, batch, outs=outs)
+            self._keep(plan, outs=outs)
         mvm_const = list(zip(plan.const_terms, outs, strict=True))
         for term, out in mvm_const:
             for (dst, a, b, k), (pair, transposed) in zip(term.dsts, term.pairs, strict=True):
@@ -829,8 +856,9 @@ class SettleEngine:
         else:
             state.zero_()
         # the constant drive (clamped sources, bias): reused from the last settle of these clamps
-        cached, reps = self._cached(plan, s, batch)
+        cached, reps = self._cached(plan)
         if cached is not None and cached.drive is not None:
+            self.clamp_reuses += 1
             n = cached.batch
             for k in range(reps):
                 drive[:, k * n : (k + 1) * n].copy_(cached.drive)
@@ -842,7 +870,7 @@ class SettleEngine:
                         drive[rows[dst]].add_(term.matrix[a:b])  # (n, 1): the same for every sample
                     else:
                         drive[rows[dst]].addmm_(term.matrix[a:b], s[term.src].T)
-            self._keep(plan, s, batch, drive=drive.clone())
+            self._keep(plan, drive=drive.clone())
         for g, (beta, grad) in nudge.currents.items():
             drive[rows[g]].sub_(grad.T, alpha=beta)
         elastic = nudge.elastic
@@ -1030,7 +1058,7 @@ class SettleEngine:
         for group, gsum in plan.line_conductance.items():
             if group == BIAS or group in done:
                 continue
-            if entry is None or group not in entry.clamp:
+            if entry is None or group not in entry.raw:
                 total += float(s[group].square().sum(0) @ gsum)
             elif entry.line_power is None:  # the clamped rows once, repeated `reps` times
                 clamped += float(s[group][: entry.batch].square().sum(0) @ gsum)

@@ -128,3 +128,42 @@ def test_what_changes_weights_or_configuration_invalidates_the_product(change: s
         assert a.board.engine.clamp_reuses == 0
         if change != "reset":  # a reset keeps the conductances (non-volatile): the same states
             assert not np.array_equal(after.states["s1"], first.states["s1"])
+
+
+def test_a_reused_conversion_counts_its_safety_violations_again() -> None:
+    """The DAC's conversion of a clamp is reused with the clamp; the safety monitor must count
+    what the conversion would have counted (one per converted group), cache or not. The
+    host-side checks refuse such a clamp, so two bare boards are driven directly (the DAC
+    check is their last line of defence; bare boards also stay out of the suite's check that
+    no violation ever reaches an array)."""
+    import torch
+
+    from drivers.emulated import EmulatorOptions
+    from emulator.board import Board
+
+    preset = EmulatorOptions(
+        preset="ideal", overrides=(("v_read", 0.3),)
+    ).board_preset()  # 1 -> 0.3 V > 0.25 V
+    a, b = Board(preset, 0), Board(preset, 0)
+    b.engine.reuse_clamp = False
+    topo = Topology.layered([12, 9, 4], budget=SettleBudget(max_steps=10, tol=0.0))
+    rng = np.random.default_rng(5)
+    lim = a.limits
+    weights = {
+        c.tile: rng.uniform(-0.5, 0.5, topo.tile_shape(c.tile)).astype(np.float32) for c in topo.couplings
+    }
+    for board in (a, b):
+        board.configure(topo)
+        for c in topo.couplings:
+            w = torch.from_numpy(weights[c.tile])
+            gp = lim.g_min + w.clamp(min=0) * (lim.g_max - lim.g_min)
+            gm = lim.g_min + (-w).clamp(min=0) * (lim.g_max - lim.g_min)
+            board.program(c.tile, gp, gm, verify=False, tol=None, max_iters=1)
+    x = rng.uniform(0, 1, (8, 12)).astype(np.float32)
+    x[0, 0] = 1.0
+    for clamp in (x, x.copy(), np.concatenate([x, x])):
+        ra = a.settle({"s0": torch.from_numpy(clamp)})
+        rb = b.settle({"s0": torch.from_numpy(clamp)})
+        torch.testing.assert_close(ra.states["s1"], rb.states["s1"], atol=1e-5, rtol=0)
+    assert a.engine.clamp_reuses == 2
+    assert a.safety.violations == b.safety.violations == 3
