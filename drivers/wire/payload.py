@@ -197,13 +197,20 @@ def from_parts(meta: Any, data: bytes | bytearray | memoryview = b"") -> Message
     return Message(meta, unpack_arrays(spec, data))
 
 
+_EMPTY = _LEN.pack(2) + b"{}"  # the payload of an empty message (most requests: safety, status, ...)
+
+
 def pack(msg: Message) -> bytes:
     """One payload: u32 JSON length, JSON, then the array bytes."""
+    if not msg.meta and not msg.arrays:
+        return _EMPTY
     head = meta_json(msg)
     return _LEN.pack(len(head)) + head + pack_arrays(msg.arrays)
 
 
 def unpack(payload: bytes | bytearray | memoryview) -> Message:
+    if payload == _EMPTY:  # what `pack` makes of an empty message, read without the JSON decoder
+        return Message()
     view = memoryview(payload)
     if len(view) < _LEN.size:
         raise ProtocolError(f"payload of {len(view)} bytes is too short for a message")
