@@ -17,9 +17,10 @@ import contextlib
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,50 @@ class Equilibrium:
     settle_time_s: float
     energy_j: float
     trace: dict[str, np.ndarray] | None = None  # "step": (T,), "energy": (T, B), group: (T, B, n)
+
+    def defer_energy(self, fn: Callable[[], np.ndarray | None]) -> Equilibrium:
+        """Compute `energy` by calling `fn` when it is first read (for a backend whose energy
+        costs work that most callers never look at: a training step reads the states only).
+        The equilibrium reads as before; a copy or a pickle carries the computed value."""
+        self.__dict__["_energy_fn"] = fn
+        return self
+
+    @property
+    def energy_pending(self) -> bool:
+        """`energy` is still to be computed (`defer_energy`)."""
+        return "_energy_fn" in self.__dict__
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if "_energy_fn" in state:
+            state["_energy"] = self.energy
+            del state["_energy_fn"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "energy" in state:  # pickled before `energy` became a property
+            state = {("_energy" if k == "energy" else k): v for k, v in state.items()}
+        self.__dict__.update(state)
+
+
+def _energy(self: Equilibrium) -> np.ndarray | None:
+    fn = self.__dict__.pop("_energy_fn", None)
+    if fn is not None:
+        self.__dict__["_energy"] = fn()
+    return self.__dict__.get("_energy")
+
+
+def _set_energy(self: Equilibrium, value: np.ndarray | None) -> None:
+    self.__dict__.pop("_energy_fn", None)
+    self.__dict__["_energy"] = value
+
+
+# `energy` as a property over the dataclass field (set after the class is made, so the field
+# stays an ordinary required field): a backend may hand over a function instead of the value
+# (`defer_energy`), called when someone first reads it.
+Equilibrium.energy = property(  # type: ignore[assignment]
+    _energy, _set_energy, doc="(batch,) energy at the end, if the board measures it"
+)
 
 
 @dataclass

@@ -321,16 +321,18 @@ class EmulatedDevice(Device):
             )
             states = {g: _np(v) for g, v in r.states.items()}
             states.update(cl)
-            return Equilibrium(
+            eq = Equilibrium(
                 states=states,
                 steps=r.steps,
                 converged=r.converged,
                 residual=r.residual,
-                energy=_np(r.energy),
+                energy=None if r.energy_pending else _np(r.energy),
                 settle_time_s=r.settle_time_s,
                 energy_j=r.energy_j,
                 trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
             )
+            # the energy when someone reads it (from what the settle kept for it)
+            return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
 
     def wait(self, seconds: float) -> None:
         with self.lock:

@@ -140,14 +140,29 @@ class NoisePool:
 
 @dataclass
 class SettleResult:
+    """A settle's outcome. The energy per sample is computed when first read (`energy`) from
+    what the settle kept for it (`energy_of`): a training step never reads it."""
+
     states: dict[str, torch.Tensor]
     steps: int
     converged: bool
     residual: float
-    energy: torch.Tensor
+    energy_of: Callable[[], torch.Tensor]
     settle_time_s: float
     energy_j: float
     trace: dict[str, torch.Tensor] | None = None
+    _energy: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def energy(self) -> torch.Tensor:
+        if self._energy is None:
+            self._energy = self.energy_of()
+        return self._energy
+
+    @property
+    def energy_pending(self) -> bool:
+        """The energy has not been computed yet."""
+        return self._energy is None
 
 
 @dataclass
@@ -757,7 +772,7 @@ class SettleEngine:
         nudge: SettleNudge,
         products: dict[int, tuple[torch.Tensor, bool]],
         outcome: tuple[int, bool, float],
-        energy: torch.Tensor,
+        energy: torch.Tensor | Callable[[], torch.Tensor],
         cost: tuple[float, float],
         trace_steps: list[int],
         stacked: dict[str, torch.Tensor],
@@ -772,7 +787,45 @@ class SettleEngine:
             }
             for g in plan.free:
                 out_trace[g] = self.board._adc_state(stacked[g], self.board._channel[g])
-        return SettleResult(states, *outcome, energy, *cost, out_trace)
+        if callable(energy):
+            return SettleResult(states, *outcome, energy, *cost, out_trace)
+        value = energy
+        return SettleResult(states, *outcome, lambda: value, *cost, out_trace, value)
+
+    def _later_energy(
+        self, s: dict[str, torch.Tensor], plan: _Plan, gain: float, nudge: SettleNudge, batch: int
+    ) -> Callable[[], torch.Tensor] | None:
+        """The energy of a finished analog settle (`_Workspace.energy`) as a function to call
+        when someone asks, or None where it must be computed now. It uses the settle's final
+        states as `s` holds them (the states the settle returns: a caller that writes into
+        those before reading the energy changes it), the constant drive kept
+        with the clamp cache, the nudge's tensors (copies of the targets) and copies of the
+        free-to-free matrices, which later writes change in place; when those copies would
+        cost more than the energy itself (matrices larger than the states), or the constant
+        drive is not cached, it is computed now."""
+        entry, reps = self._current
+        if entry is None or entry.plan is not plan or entry.drive is None:
+            return None
+        if sum(m.numel() for ms in plan.by_dst.values() for _src, m in ms) > plan.n_free * batch:
+            return None
+        const = entry.drive
+        by_dst = {g: [(src, m.clone()) for src, m in ms] for g, ms in plan.by_dst.items()}
+        states = {g: s[g] for g in plan.free}
+        currents = nudge.currents
+        elastic = {g: (beta, target.clone()) for g, (beta, target) in nudge.elastic.items()}
+        rows = plan.rows
+
+        def energy() -> torch.Tensor:
+            state = torch.cat([states[g].T for g in plan.free])  # (nodes, batch), as the workspace
+            drive = const if reps == 1 else torch.cat([const] * reps, dim=1)
+            if currents:
+                drive = drive.clone()
+                for g, (beta, grad) in currents.items():
+                    drive[rows[g]].sub_(grad.T, alpha=beta)
+            links = [(rows[g], [(m.T, state[rows[src]]) for src, m in by_dst[g]]) for g in plan.free]
+            return _Workspace(state, drive, rows, links).energy(0.5 / gain, elastic)
+
+        return energy
 
     def _const_products(
         self, s: dict[str, torch.Tensor], plan: _Plan
@@ -930,7 +983,13 @@ class SettleEngine:
             s[g] = state[rows[g]].T.contiguous()
         cost = self._account(plan, s, ws, step, dt, batch)
         products = self._const_products(s, plan) if trace or not plan.const_unit else {}
-        energy = ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nudge, products)
+        energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
+        if plan.const_unit and not trace:
+            energy = self._later_energy(s, plan, gain, nudge, batch)
+        if energy is None:
+            energy = (
+                ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nudge, products)
+            )
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
         outcome = (step, residual <= budget.tol + floor, residual)
         return self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)

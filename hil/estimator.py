@@ -105,18 +105,24 @@ def settle_both(
     def half(rows: slice) -> Equilibrium:
         states = {g: v[rows] for g, v in both.states.items()}
         states.update(clamp)  # the clamped groups as applied, one object for both phases
-        return Equilibrium(
+
+        def energy() -> np.ndarray | None:
+            return None if both.energy is None else both.energy[rows]
+
+        pending = both.energy_pending  # a backend computing the energy when asked: keep it so
+        eq = Equilibrium(
             states=states,
             steps=both.steps,
             converged=both.converged,
             residual=both.residual,
-            energy=None if both.energy is None else both.energy[rows],
+            energy=None if pending else energy(),
             settle_time_s=both.settle_time_s / 2,
             energy_j=both.energy_j / 2,
             trace=None
             if both.trace is None
             else {k: v if k == "step" else v[:, rows] for k, v in both.trace.items()},
         )
+        return eq.defer_energy(energy) if pending else eq
 
     return half(slice(0, n)), half(slice(n, 2 * n))
 
