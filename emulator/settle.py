@@ -1,9 +1,10 @@
 """The settle engine of the emulated board: how the network relaxes to an equilibrium.
 
 `Board` (emulator/board.py) owns the tiles, the converters, programming, the clock and the
-meter; it puts the clamps and nudges through the DAC and hands them, as a `SettleNudge`,
-to its `SettleEngine`, which
+meter; it puts the nudges through the DAC and hands the clamps and the nudge (a
+`SettleNudge`) to its `SettleEngine`, which
 
+- converts the clamps (`apply_clamp`, reusing the last settle's conversion, see below);
 - keeps a *plan* per clamp set (`_Plan`: the matmul sources of the settle as `_Term` s,
   views of the tiles' cached weights, refreshed in place after writes) and per batch size a
   `_Workspace` (the free states as one (nodes, batch) buffer);
@@ -13,7 +14,16 @@ to its `SettleEngine`, which
   from the engine's `NoisePool`) or `_settle_mvm` (the ``mvm`` mode, where the host
   iterates the fixed point through quantised MVMs);
 - stops at the noise floor (`_noise_floor`) and accounts the settle's time and array energy
-  (`_account`: line power at equilibrium times the settle time).
+  (`_account`: line power at equilibrium times the settle time, once per settle; the
+  clamped lines' share is kept with the clamp);
+- leaves the network's energy per sample (`SettleResult.energy`) to be computed when read,
+  where what it needs can be kept for less than computing it (`_later_energy`): a training
+  step never reads it. The meter's joules are computed at once.
+
+No step synchronises with the device or converts to numpy: the loops are flat lists of
+in-place calls on preallocated buffers, noise is read from the pool at offsets drawn on the
+host, and only convergence checks (every `check_every` steps) read a value back
+(tests/test_settle_sync.py counts them).
 
 Everything random comes from the board's noise generator, so settles stay deterministic per
 board seed.
