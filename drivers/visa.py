@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import select
 import socket
 import time
@@ -60,6 +61,7 @@ class _SocketIO:
     def __init__(self, session: Any, sock: socket.socket, timeout: float, name: str) -> None:
         self.session = session
         self.sock = sock
+        self._waitable: socket.socket | int = sock
         self.timeout = timeout
         self.name = name
         # reads land here first: `recv(n)` allocates n bytes each call, and at 1 MiB that is
@@ -67,36 +69,51 @@ class _SocketIO:
         self._scratch = bytearray(READ_SIZE)
         self._view = memoryview(self._scratch)
 
+    def _pending(self) -> bytearray:
+        """Bytes received and not yet taken."""
+        return self.session._pending_buffer  # type: ignore[no-any-return]
+
+    def _fill(self, pending: bytearray) -> int | None:
+        """Append what is there to `pending`: bytes appended, 0 at end of stream, None if none."""
+        n = self.sock.recv_into(self._scratch)
+        pending += self._view[:n]
+        return n
+
+    def _send_some(self, view: memoryview) -> int:
+        return self.sock.send(view, _DONTWAIT) if _DONTWAIT else self.sock.send(view)
+
     def write(self, data: bytes) -> None:
-        sock, view = self.sock, memoryview(data)
+        view = memoryview(data)
         deadline = 0.0
         while view:
             try:
-                view = view[sock.send(view, _DONTWAIT) :] if _DONTWAIT else view[sock.send(view) :]
+                view = view[self._send_some(view) :]
                 continue
             except BlockingIOError:
                 pass
             deadline = deadline or time.monotonic() + self.timeout
-            _, ready, _ = select.select([], [sock], [], max(deadline - time.monotonic(), 0.0))
+            _, ready, _ = select.select([], [self._waitable], [], max(deadline - time.monotonic(), 0.0))
             if not ready:
                 raise DeviceTimeout(f"{self.name}: the board accepted no bytes for {self.timeout:g} s")
 
     def _more(self, pending: bytearray, deadline: float, what: str) -> None:
-        """Append what arrives on the socket (within the deadline) to pyvisa-py's buffer."""
-        ready, _, _ = select.select([self.sock], [], [], max(deadline - time.monotonic(), 0.0))
-        if not ready:
-            raise DeviceTimeout(
-                f"{self.name}: no reply to {what} within {self.timeout:g} s; "
-                "is the instrument on, and the resource string right?"
-            )
-        n = self.sock.recv_into(self._scratch)
-        if not n:
-            raise ProtocolError(f"{self.name}: the board closed the connection during {what}")
-        pending += self._view[:n]
+        """Append what arrives (within the deadline) to the pending bytes."""
+        while True:
+            ready, _, _ = select.select([self._waitable], [], [], max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise DeviceTimeout(
+                    f"{self.name}: no reply to {what} within {self.timeout:g} s; "
+                    "is the instrument on, and the resource string right?"
+                )
+            n = self._fill(pending)
+            if n == 0:
+                raise ProtocolError(f"{self.name}: the board closed the connection during {what}")
+            if n is not None:
+                return
 
     def read_line(self, what: str) -> bytes:
         """Up to and including the next newline."""
-        pending: bytearray = self.session._pending_buffer
+        pending = self._pending()
         deadline = time.monotonic() + self.timeout
         searched = 0
         while (end := pending.find(b"\n", searched)) < 0:
@@ -109,13 +126,52 @@ class _SocketIO:
         return line
 
     def read_exact(self, n: int, what: str) -> bytearray:
-        pending: bytearray = self.session._pending_buffer
+        pending = self._pending()
         deadline = time.monotonic() + self.timeout
         while len(pending) < n:
             self._more(pending, deadline, what)
         out = pending[:n]
         del pending[:n]
         return out
+
+
+class _SerialIO(_SocketIO):
+    """The same on a pyvisa-py ASRL session's serial port, through its file descriptor.
+
+    pyvisa-py reads a serial reply one byte per call (a select and a read per byte: a
+    kilobyte of JSON is two thousand system calls). pyserial keeps no buffer of its own on
+    POSIX, so bytes read here past a reply wait here (`buf`); once this is in use, every
+    read of the session goes through it."""
+
+    def __init__(self, fd: int, timeout: float, name: str) -> None:
+        self.fd = fd
+        self._waitable = fd
+        self.timeout = timeout
+        self.name = name
+        self.buf = bytearray()
+
+    def _pending(self) -> bytearray:
+        return self.buf
+
+    def _fill(self, pending: bytearray) -> int | None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:  # select said ready, the read found nothing: wait again
+            return None
+        pending += data
+        return len(data)
+
+    def _send_some(self, view: memoryview) -> int:
+        return os.write(self.fd, view)
+
+
+def _serial_fd(session: Any) -> int | None:
+    """The file descriptor of a pyvisa-py serial session's port (None: it has none)."""
+    try:
+        fd = session.interface.fileno()
+    except Exception:  # no port, or one without a descriptor (Windows, a URL handler)
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 @functools.cache
@@ -170,6 +226,10 @@ class VisaDevice(RemoteDevice):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.fast and isinstance(getattr(session, "_pending_buffer", None), bytearray):
                     self._fast_io = _SocketIO(session, sock, self.timeout, self.name)
+            elif self.fast and self.resource_name.upper().startswith("ASRL"):
+                fd = _serial_fd(session)
+                if fd is not None:
+                    self._fast_io = _SerialIO(fd, self.timeout, self.name)
             if self.resource_name.upper().startswith("ASRL"):  # drop what a previous session left
                 with contextlib.suppress(pyvisa.errors.VisaIOError):
                     self._res.flush(pyvisa.constants.BufferOperation.discard_read_buffer)
