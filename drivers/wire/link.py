@@ -31,7 +31,8 @@ from drivers.wire.frames import NO_SEQ, Flag, Frame, FrameError, LinkOp, LinkSta
 
 # the flags as plain ints: IntFlag arithmetic costs microseconds per frame in the hot path
 _RESPONSE, _MORE, _START = int(Flag.RESPONSE), int(Flag.MORE), int(Flag.START)
-_ACK, _NACK = int(LinkOp.ACK), int(LinkOp.NACK)
+_ACK, _NACK, _HELLO = int(LinkOp.ACK), int(LinkOp.NACK), int(LinkOp.HELLO)
+_CONTROL = (_ACK, _NACK)
 
 ReadFn = Callable[[float], bytes]
 WriteFn = Callable[[bytes], None]
@@ -195,14 +196,33 @@ class Link:
     # -- bytes out
     def _emit(self, frame: Frame) -> None:
         data = frames.encode(frame)
-        f, data_frame = self.faults, not frame.is_control
+        f = self.faults
+        if f.delay_s or f.drop_tx or f.p_drop or f.corrupt_tx or f.p_corrupt or f.garbage_tx:
+            faulty = self._inject(frame, data)
+            if faulty is None:
+                return
+            data = faulty
+        op = frame.opcode
+        with self._write_lock:
+            self._write(data)
+            stats = self.stats
+            stats.frames_sent += 1
+            stats.bytes_sent += len(data)
+            if op == _ACK:
+                stats.acks_sent += 1
+            elif op == _NACK:
+                stats.nacks_sent += 1
+
+    def _inject(self, frame: Frame, data: bytes) -> bytes | None:
+        """`data` after this end's transmit faults (None: dropped)."""
+        f, data_frame = self.faults, frame.opcode not in _CONTROL
         if f.delay_s:
             time.sleep(f.delay_s)
         if data_frame and f.drop_tx:
             f.drop_tx -= 1
-            return
+            return None
         if f.p_drop and self._rng.random() < f.p_drop:
-            return
+            return None
         if (data_frame and f.corrupt_tx) or (f.p_corrupt and self._rng.random() < f.p_corrupt):
             if data_frame and f.corrupt_tx:
                 f.corrupt_tx -= 1
@@ -210,14 +230,7 @@ class Link:
         if data_frame and f.garbage_tx:
             f.garbage_tx -= 1
             data = bytes(self._rng.randint(1, 255) for _ in range(self._rng.randint(1, 40))) + data
-        with self._write_lock:
-            self._write(data)
-            self.stats.frames_sent += 1
-            self.stats.bytes_sent += len(data)
-            if frame.opcode == _ACK:
-                self.stats.acks_sent += 1
-            elif frame.opcode == _NACK:
-                self.stats.nacks_sent += 1
+        return data
 
     # -- bytes in
     def _pump(self, timeout: float) -> None:
@@ -266,7 +279,7 @@ class Link:
         ):
             self._acked = True  # the response acknowledges the request it answers
         request = not frame.flags & _RESPONSE
-        hello = frame.opcode == LinkOp.HELLO and request
+        hello = frame.opcode == _HELLO and request
         deferred = self._deferred
         held = deferred.take() if deferred is not None else None
         if held is not None and held != frame.seq:
