@@ -112,12 +112,13 @@ class NoisePool:
     matmuls; instead the pool holds ``blocks + 1`` blocks of `block` values and every
     request reads a window of at most `block` values at a random offset (drawn on the host
     from the pool's own `random.Random`: no device synchronisation). Every value is exactly
-    N(0, 1). The pool lives with the settle engine and each settle refreshes one block in
-    place (`refresh`, round robin: no allocation), so a value serves at most ``blocks + 1``
-    consecutive settles; within and across those settles, steps reuse pool values at random
-    shifts (the noise-table technique of hardware noise generators), which leaves no
-    correlation between a node's noise at two steps unless two offsets coincide (probability
-    about 1 / (blocks * block) per pair)."""
+    N(0, 1). The pool lives with the settle engine and each settle draws anew, in place, as
+    many values as its largest window (`refresh`, round robin over the pool: no
+    allocation), so a value serves a few consecutive settles (``blocks + 1`` of the largest
+    ones); within and across those settles, steps reuse pool values at random shifts (the
+    noise-table technique of hardware noise generators), which leaves no correlation between
+    a node's noise at two steps unless two offsets coincide (probability about
+    1 / (blocks * block) per pair)."""
 
     def __init__(self, gen: torch.Generator, block: int, device: torch.device, blocks: int = 8) -> None:
         self.gen = gen
@@ -125,20 +126,22 @@ class NoisePool:
         self.size = block * blocks  # the range of window offsets
         self.values = torch.empty(block * (blocks + 1), device=device)
         self._next = 0
-        for _ in range(blocks + 1):
-            self.refresh()
+        self.refresh(self.values.numel())
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         self.rng = random.Random(seed)
 
-    def refresh(self) -> None:
-        """Draw the next block anew, in place."""
-        k = self._next
-        part = self.values[k * self.block : (k + 1) * self.block]
-        if self.gen.device == part.device:
-            torch.randn(part.shape, generator=self.gen, device=part.device, out=part)
-        else:  # a generator elsewhere: the same numbers whatever the compute device
-            part.copy_(torch.randn(part.shape, generator=self.gen, device=self.gen.device))
-        self._next = (k + 1) % (self.values.numel() // self.block)
+    def refresh(self, n: int) -> None:
+        """Draw the next `n` values anew, in place (round robin over the pool)."""
+        total = self.values.numel()
+        while n > 0:
+            k = self._next
+            part = self.values[k : min(k + n, total)]
+            if self.gen.device == part.device:
+                torch.randn(part.shape, generator=self.gen, device=part.device, out=part)
+            else:  # a generator elsewhere: the same numbers whatever the compute device
+                part.copy_(torch.randn(part.shape, generator=self.gen, device=self.gen.device))
+            n -= part.numel()
+            self._next = (k + part.numel()) % total
 
     def draw(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         n = 1
@@ -1056,13 +1059,13 @@ class SettleEngine:
         return ops, [std]
 
     def _pool(self, size: int) -> NoisePool:
-        """The engine's noise pool, with windows of at least `size` values, one block
-        refreshed for this settle."""
+        """The engine's noise pool, with windows of at least `size` values (this settle's
+        largest), `size` values of it drawn anew for this settle."""
         pool = self._noise_pool
         if pool is None or pool.block < size:
             pool = self._noise_pool = NoisePool(self.board.noise, size, self.board.device)
         else:
-            pool.refresh()
+            pool.refresh(size)
         return pool
 
     def _dac_step(self, x: torch.Tensor, channel: int, peaks: list[torch.Tensor]) -> torch.Tensor:
