@@ -299,6 +299,24 @@ class Device(ABC):
     ) -> Equilibrium:
         """Relax the network with `clamp` groups held; `trace` True or every-k steps."""
 
+    # -- the in-process fast path: numpy stays the documented type of every call above
+    tensor_device: Any = None
+    """The torch device of a backend whose `settle_tensors` takes and returns torch tensors
+    without a host round trip (the in-process emulator); None for backends that speak numpy
+    (every remote board: the wire carries numpy)."""
+
+    def settle_tensors(
+        self,
+        clamp: dict[str, Any],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, Any] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        """`settle` with float32 torch tensors on `tensor_device` in (clamps, nudge arrays,
+        init) and out (the equilibrium's states; energy and trace stay numpy). Only a backend
+        with a `tensor_device` has it."""
+        raise NotSupported(f"{type(self).__name__} takes numpy arrays only (no tensor_device); use settle")
+
     @abstractmethod
     def wait(self, seconds: float) -> None:
         """Let time pass (drift). Hardware sleeps; the emulator advances its clock."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from collections.abc import Iterable, Mapping
 
@@ -32,7 +33,8 @@ from drivers.base import (
 )
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.options import encode_query, format_value, parse_value, settable
-from drivers.topology import Topology
+from drivers.scalars import as_float
+from drivers.topology import BIAS, Topology
 from drivers.uri import Backend
 from emulator.board import Board
 from emulator.devices import DeviceModel
@@ -333,6 +335,123 @@ class EmulatedDevice(Device):
             )
             # the energy when someone reads it (from what the settle kept for it)
             return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+
+    @property
+    def tensor_device(self) -> torch.device:  # type: ignore[override]
+        """The board's torch device: `settle_tensors` takes and returns tensors there."""
+        return self.board.device
+
+    def settle_tensors(
+        self,
+        clamp: dict[str, torch.Tensor],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, torch.Tensor] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        """`settle` without the numpy round trip: clamps, nudge targets and grads, and init as
+        torch tensors (moved to the board's device and cast to float32 if they are not there
+        already: no copy when they are), the states of the equilibrium as tensors on the board's
+        device (views of the settle's results, as `settle`'s arrays are on CPU). The same
+        checks as `settle`, done with torch; their one read-back (the peaks of every array, in
+        one transfer) is per call, not per settle step. Energy and trace stay numpy."""
+        self.require_settle(trace, init)
+        with self.lock:
+            try:
+                cl, nd, ini = self._check_tensors(clamp, nudge, init)
+            except LimitViolation as exc:
+                raise self._refuse(exc) from None
+            every = checks.check_trace(self.info.limits, trace)
+            r = self.board.settle(cl, {g: (n.beta, n.target, n.grad) for g, n in nd.items()}, ini, every)
+            states = dict(r.states)
+            states.update(cl)
+            eq = Equilibrium(
+                states=states,  # type: ignore[arg-type]
+                steps=r.steps,
+                converged=r.converged,
+                residual=r.residual,
+                energy=None if r.energy_pending else _np(r.energy),
+                settle_time_s=r.settle_time_s,
+                energy_j=r.energy_j,
+                trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
+            )
+            return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+
+    def _check_tensors(
+        self,
+        clamp: Mapping[str, torch.Tensor],
+        nudge: Mapping[str, Nudge] | None,
+        init: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Nudge], dict[str, torch.Tensor]]:
+        """`checks.check_settle` for tensors: names, shapes, batch size, finiteness, the read-voltage
+        limit on clamps, targets and init, and the injected current of grad nudges."""
+        topo = checks.require_topology(self.topology)
+        limits = self.info.limits
+        if not clamp:
+            raise ConfigurationError("settle needs at least one clamped group (the input)")
+        dev = self.board.device
+        batch: list[int] = []
+        peaks: list[tuple[str, torch.Tensor, float]] = []  # (what, peak |x|, bound): checked at once
+
+        def as_batch(kind: str, group: str, x: object, voltage: bool) -> torch.Tensor:
+            if group == BIAS and kind in ("clamp", "init"):
+                raise ConfigurationError(f"{kind}: the bias node is fixed at 1 and cannot be set")
+            if group not in topo.groups:
+                raise ConfigurationError(f"{kind}: unknown group {group!r}; known: {sorted(topo.groups)}")
+            t = torch.as_tensor(x)
+            if t.dtype.is_complex:
+                raise ConfigurationError(f"{kind} {group!r}: expected real numbers, got dtype {t.dtype}")
+            if t.requires_grad or t.device != dev or t.dtype != torch.float32:
+                t = t.detach().to(dev, torch.float32)  # else the caller's tensor itself (same object)
+            if t.ndim == 1:
+                t = t[None, :]
+            n = topo.groups[group]
+            if t.ndim != 2 or t.shape[1] != n:
+                shape = tuple(t.shape)
+                raise ConfigurationError(f"{kind} {group!r}: expected shape (batch, {n}), got {shape}")
+            if batch and t.shape[0] != batch[0]:
+                raise ConfigurationError(
+                    f"{kind} {group!r}: batch size {t.shape[0]} differs from the clamp's {batch[0]}"
+                )
+            if not batch:
+                batch.append(checks.check_batch(f"{kind} {group!r}", t.shape[0], limits))
+                if batch[0] == 0:
+                    raise ConfigurationError("settle got an empty batch (0 samples); pass one or more")
+            t = t.contiguous()  # itself when it is contiguous
+            if t.numel():
+                peaks.append((f"{kind} {group!r}", t.abs().amax(), limits.clamp_max if voltage else math.inf))
+            return t
+
+        cl = {g: as_batch("clamp", g, x, True) for g, x in clamp.items()}
+        nudges: dict[str, Nudge] = {}
+        for group, nd in (nudge or {}).items():
+            if group in cl:
+                raise ConfigurationError(f"nudge on clamped group {group!r} has no effect; nudge free groups")
+            if not isinstance(nd, Nudge):
+                raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
+            beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
+            if abs(beta) > limits.max_beta:
+                raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
+            target = None if nd.target is None else as_batch("nudge target", group, nd.target, True)
+            grad = None if nd.grad is None else as_batch("nudge grad", group, nd.grad, False)
+            if grad is not None and grad.numel():
+                what, peak, _ = peaks.pop()
+                peaks.append((f"injected nudge current |beta * grad| on {group!r}", peak * abs(beta), -1.0))
+            nudges[group] = Nudge(beta, target, grad)  # type: ignore[arg-type]
+        ini = {g: as_batch("init", g, x, True) for g, x in (init or {}).items() if g not in cl}
+        if peaks:
+            values = torch.stack([p for _, p, _ in peaks]).tolist()  # the one read-back of the checks
+            for (what, _, bound), v in zip(peaks, values, strict=True):
+                if not math.isfinite(v):
+                    raise ConfigurationError(f"{what}: contains NaN or infinite values")
+                if bound < 0:  # an injected current
+                    if v > limits.max_drive:
+                        raise LimitViolation(what, v, limits.max_drive)
+                elif v > bound:
+                    raise LimitViolation(
+                        f"read-voltage limit on {what}", v * limits.v_read, limits.v_read_max,
+                        f"node states must lie within +-{limits.clamp_max:.4g} (normalised units)",
+                    )  # fmt: skip
+        return cl, nudges, ini
 
     def wait(self, seconds: float) -> None:
         with self.lock:

@@ -77,9 +77,14 @@ class Board:
         self._groups: dict[str, int] = {}  # the configured groups, as they were at configure
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
+        # Run-time noise (read, write, node noise) is drawn on the board's device, from a generator
+        # there seeded from the `board.noise` stream: boards of one seed on CPU and CUDA are noisy
+        # alike in distribution, not number by number (torch's CPU and CUDA generators differ).
+        # What makes the chip (converter errors, fabrication variation) is drawn once from CPU
+        # generators and moved, so one seed is the same chip on every device.
         self.noise = seeds.torch_generator(self.seed, "board.noise", device=self.device)
         per = preset.periphery
-        truth = seeds.torch_generator(self.seed, "board.truth", device=self.device)
+        truth = seeds.torch_generator(self.seed, "board.truth")
         lo, hi = per.state_range
         self.dac_errors = ChannelErrors.draw(
             per.channels, per.gain_error, per.offset_error * lsb(per.dac_bits, hi - lo), truth, self.device
@@ -154,7 +159,7 @@ class Board:
             shape = topology.tile_shape(c.tile)
             phys = self._physical.get(k)
             if phys is None or phys.shape != shape:
-                fab = seeds.torch_generator(self.seed, "board.fabrication", k, device=self.device)
+                fab = seeds.torch_generator(self.seed, "board.fabrication", k)  # CPU: the same chip anywhere
                 phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
                 self._physical[k] = phys
             tiles[c.tile] = phys

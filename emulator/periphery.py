@@ -81,8 +81,9 @@ class ChannelErrors:
     def draw(
         n: int, gain_std: float, offset_std_units: float, gen: torch.Generator, device: torch.device
     ) -> ChannelErrors:
-        gain = 1.0 + gain_std * torch.randn(n, generator=gen, device=device)
-        offset = offset_std_units * torch.randn(n, generator=gen, device=device)
+        # drawn where `gen` lives, then moved (a CPU generator: the same errors on every device)
+        gain = 1.0 + gain_std * torch.randn(n, generator=gen, device=gen.device).to(device)
+        offset = offset_std_units * torch.randn(n, generator=gen, device=gen.device).to(device)
         return ChannelErrors(gain, offset, exact=gain_std == 0 and offset_std_units == 0)
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -92,7 +92,10 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     name: str = "classifier"
-    device: str = "emulator://?preset=ideal&seed=0"
+    device: str = "emulator://?preset=ideal&seed=0"  # the board's URI
+    # torch device of the host stack and of an in-process emulator board (`hil.compute`):
+    # cpu | cuda | cuda:N. Not `device`, which is the board's URI above.
+    compute: str = "cpu"
     calibration: str = ""  # calibration record (hil calibrate URI --out cal.zarr) applied to the board
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -226,8 +229,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def check_compute(value: str, key: str = "compute") -> None:
+    """The compute device's text names a cpu or cuda torch device (whether this machine has
+    it is checked when a run starts: `hil.compute.resolve_compute`)."""
+    from hil.compute import ComputeDeviceError, resolve_compute
+
+    try:
+        resolve_compute(value, key, available=False)
+    except ComputeDeviceError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate(cfg: RunConfig) -> None:
     """Range checks that the types alone do not express."""
+    check_compute(cfg.compute)
     if len(cfg.model.sizes) < 2 or any(n < 1 for n in cfg.model.sizes):
         raise ConfigError(f"model.sizes: need at least two positive layer sizes, got {cfg.model.sizes}")
     if cfg.model.block_layers < 1:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology, seeds
+from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
@@ -134,6 +135,16 @@ class EBBlock(nn.Module):
     one by one. `settle` picks the minimiser (`settle_path`): the board's analog settle, or
     the host iterating the fixed point through the board's `mvm` (`HostSettle`), which is
     what a board without the ``settle`` capability gets with ``"auto"``.
+
+    `compute`: the torch device of the block's host arithmetic (``cpu``, ``cuda``, ``cuda:1``;
+    `hil.compute`). With it, the weights, the read-back network and the EP gradients live
+    there, and on a board that takes tensors (`Device.tensor_device`: the in-process
+    emulator) clamps, nudges and states go to and come from `Device.settle_tensors` as tensors,
+    with no numpy round trip; other boards get numpy (their wire carries it) and their states
+    are moved to the compute device for the gradients. The settle results (`Equilibrium.states`)
+    are then tensors. None (default): the numpy path of the Device API on the CPU, as before.
+    Initial weights and the signs of ``"random"`` mode come from CPU generators of
+    `drivers.seeds` whatever `compute` is (see `hil.compute` on reproducibility).
     """
 
     def __init__(
@@ -151,9 +162,11 @@ class EBBlock(nn.Module):
         seed: int = 0,
         joint_phases: bool = True,
         settle: SettlePath = "auto",
+        compute: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         self.device = device
+        self.compute = None if compute is None else resolve_compute(compute)
         self.settle_path = settle_path(device, settle)
         self.topology = topology
         groups = list(topology.groups)
@@ -165,11 +178,21 @@ class EBBlock(nn.Module):
         if set(self.inputs) & set(self.outputs):
             raise ValueError("a group cannot be both a (clamped) input and an output")
         self.free_groups = [g for g in groups if g not in self.inputs]
+        # CPU generators whatever the compute device: the same seed draws the same numbers
         gen = seeds.torch_generator(seed, "ep.init")
         self.generator = seeds.torch_generator(seed, "ep.sign")
-        self.estimator = EPEstimator(topology, joint_phases=joint_phases, generator=self.generator)
+        self.estimator = EPEstimator(
+            topology, joint_phases=joint_phases, generator=self.generator, device=self.compute
+        )
         w0 = gaussian_init(topology, init_scale, gen) if weights is None else weights
         self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)
+        if self.compute is not None:
+            self.net.to(self.compute)  # drawn on the CPU, moved (the parameters keep their identity)
+        # settles with tensors in and out (`Device.settle_tensors`): a compute device was chosen
+        # and the board takes tensors (the in-process emulator) and settles itself
+        self.tensor_settle = (
+            self.compute is not None and device.tensor_device is not None and self.settle_path == "board"
+        )
         # weights as they are on the device (read back after programming), for dPhi/dx
         # (kept out of the module tree: it is not a parameter of the block)
         object.__setattr__(
@@ -327,12 +350,26 @@ class EBBlock(nn.Module):
         object.__setattr__(self, "_configured", b)  # a plain attribute: skip Module.__setattr__
 
     # ------------------------------------------------------------------------------ settles
+    def _array(self, x: ArrayLike) -> np.ndarray:
+        """What the settle takes: a float32 tensor on the compute device on the tensor path
+        (no copy when `x` already is one), else a float32 numpy array."""
+        if not self.tensor_settle:
+            return to_numpy(x)
+        t = torch.as_tensor(x).detach()
+        return t.to(self.compute, torch.float32)  # type: ignore[return-value]
+
     def _clamp(self, x: ArrayLike | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
         if isinstance(x, Mapping):
-            return {g: to_numpy(v) for g, v in x.items()}
+            return {g: self._array(v) for g, v in x.items()}
         if len(self.inputs) != 1:
             raise ValueError(f"this block has inputs {self.inputs}: pass a dict")
-        return {self.inputs[0]: to_numpy(x)}
+        return {self.inputs[0]: self._array(x)}
+
+    def as_tensor(self, x: ArrayLike) -> Tensor:
+        """A settle result (numpy or tensor) as a tensor on the compute device (on the CPU
+        without one; a view of a numpy array, no copy)."""
+        t = x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
+        return t if self.compute is None else t.to(self.compute)
 
     def settle(
         self,
@@ -344,6 +381,8 @@ class EBBlock(nn.Module):
         self.sync()
         self._use_budget("nudge" if nudge else "free")
         minimiser: SettleFn = self.device.settle if self.host_settle is None else self.host_settle
+        if self.tensor_settle:
+            minimiser = self.device.settle_tensors
         return minimiser(
             self._clamp(clamp),
             nudge=dict(nudge) if nudge else None,
@@ -357,7 +396,7 @@ class EBBlock(nn.Module):
 
     def predict(self, clamp: ArrayLike | Mapping[str, ArrayLike]) -> Tensor:
         """The free-phase state of the (first) output group, (B, n)."""
-        return torch.from_numpy(self.free(clamp).states[self.outputs[0]])
+        return self.as_tensor(self.free(clamp).states[self.outputs[0]])
 
     def _nudges(
         self,
@@ -370,8 +409,8 @@ class EBBlock(nn.Module):
         for g in set(target or {}) | set(grad or {}):
             if g in clamped or g not in self.topology.groups:
                 raise ValueError(f"cannot nudge {g!r}: nudge free groups, e.g. the outputs {self.outputs}")
-            t = None if target is None or g not in target else to_numpy(target[g])
-            d = None if grad is None or g not in grad else to_numpy(grad[g])
+            t = None if target is None or g not in target else self._array(target[g])
+            d = None if grad is None or g not in grad else self._array(grad[g])
             out[g] = Nudge(float(beta), target=t, grad=d)
         return out
 
@@ -398,7 +437,7 @@ class EBBlock(nn.Module):
     ) -> dict[str, Tensor]:
         """dPhi/dx for the clamped groups `inputs` (default: the block's inputs): the drive
         their neighbours put on them, (B, n)."""
-        st = {g: torch.as_tensor(v) for g, v in states.items()}
+        st = {g: torch.as_tensor(v, device=self.compute) for g, v in states.items()}
         with torch.no_grad():
             return self.device_weights().drive(st, targets=set(inputs or self.inputs))
 
@@ -457,13 +496,14 @@ class EBBlock(nn.Module):
         current whatever the loss scale) and the results are scaled back."""
         gd = self._as_groups(grad)
         assert gd is not None
-        tens = {g: torch.as_tensor(v, dtype=torch.float32) for g, v in gd.items()}
-        peak = max(float(v.abs().max()) for v in tens.values()) if tens else 0.0
+        tens = {g: torch.as_tensor(v, dtype=torch.float32, device=self.compute) for g, v in gd.items()}
+        # one read-back of the peaks (it picks the nudge's scale on the host)
+        peak = float(torch.stack([v.abs().max() for v in tens.values()]).max()) if tens else 0.0
         c = peak if (normalize and peak > 0) else 1.0
         clamp = {g: free.states[g] for g in (inputs or self.inputs)}
         if peak == 0.0:
             zeros = {t: torch.zeros_like(p) for t, p in self.weights.items()}
-            zx = {g: torch.zeros(clamp[g].shape) for g in clamp}
+            zx = {g: torch.zeros(clamp[g].shape, device=self.compute) for g in clamp}
             return EPResult(zeros, zx, free, free, free, (0.0, 0.0), 0)
         res = self.ep(
             clamp,
@@ -485,7 +525,7 @@ class EBBlock(nn.Module):
         assert tg is not None
         total = 0.0
         for g, t in tg.items():
-            d = torch.as_tensor(states[g]) - torch.as_tensor(t, dtype=torch.float32)
+            d = self.as_tensor(states[g]) - torch.as_tensor(t, dtype=torch.float32, device=self.compute)
             total += float(0.5 * (d**2).sum(-1).mean())
         return total
 
@@ -545,12 +585,12 @@ def gradcheck(
     tg = block._as_groups(target)
     assert tg is not None
     ref = block.reference(torch.float64)
-    targets = {g: torch.as_tensor(v, dtype=torch.float64) for g, v in tg.items()}
+    targets = {g: torch.as_tensor(v, dtype=torch.float64, device=block.compute) for g, v in tg.items()}
 
     def loss(states: dict[str, Tensor]) -> Tensor:
         return sum(mse_loss(g, t)(states) for g, t in targets.items())  # type: ignore[return-value]
 
-    _, gw, gx, _ = ref.implicit_gradients({g: torch.from_numpy(v) for g, v in cl.items()}, loss)
+    _, gw, gx, _ = ref.implicit_gradients({g: block.as_tensor(v) for g, v in cl.items()}, loss)
     truth = split_bias(block.topology, gw) | {f"input:{g}": v for g, v in gx.items()}
     free = block.free(cl)
     if on_step is not None:

@@ -90,12 +90,17 @@ def settle_both(
     n = next(iter(clamp.values())).shape[0]
 
     def twice(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([x, x])
+        # tensors (a settle on a compute device, `Device.settle_tensors`) stay tensors
+        return torch.cat([x, x]) if isinstance(x, Tensor) else np.concatenate([x, x])
 
     nudges = {}
     for g, nd in nudge.items():
         if nd.target is not None or nd.grad is None:
             raise ValueError(f"settle_both takes error-current (grad) nudges only; {g!r} has a target")
+        if isinstance(nd.grad, Tensor):
+            dt = nd.grad.to(torch.float32) * nd.beta
+            nudges[g] = Nudge(1.0, grad=torch.cat([dt, -dt]))  # type: ignore[arg-type]
+            continue
         d = np.asarray(nd.grad, dtype=np.float32) * np.float32(nd.beta)
         nudges[g] = Nudge(1.0, grad=np.concatenate([d, -d]))
     both = settle(
@@ -131,14 +136,26 @@ class EPEstimator:
     """EP for one topology: which phases to settle, and the gradients from their equilibria.
 
     `joint_phases`: centered EP with error-current nudges settles both nudged phases as one
-    settle (`settle_both`). `generator` draws the sign of ``"random"`` mode."""
+    settle (`settle_both`). `generator` draws the sign of ``"random"`` mode (a CPU generator:
+    the same signs whatever the compute device). `device`: where the gradients are computed
+    (states that arrive as numpy or on another device are moved there; None: where they are,
+    numpy on the CPU)."""
 
     def __init__(
-        self, topology: Topology, *, joint_phases: bool = True, generator: torch.Generator | None = None
+        self,
+        topology: Topology,
+        *,
+        joint_phases: bool = True,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.topology = topology
         self.joint_phases = joint_phases
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.device = device
+
+    def _tensors(self, states: StateMap) -> dict[str, Tensor]:
+        return {g: torch.as_tensor(v, device=self.device) for g, v in states.items()}
 
     # ------------------------------------------------------------------------------ phases
     def phases(
@@ -186,13 +203,13 @@ class EPEstimator:
     # ------------------------------------------------------------------------------ dPhi
     def phi_grads(self, states: StateMap) -> dict[str, Tensor]:
         """dPhi/dW per tile, summed over the batch, at the given states."""
-        st = {g: torch.as_tensor(v) for g, v in states.items()}
+        st = self._tensors(states)
         out = {}
         for c in self.topology.couplings:
             rows, cols = self.topology.tile_shape(c.tile)
             s = joined(st, c.cols)
             if c.kind == "dense":
-                g = torch.empty(rows, cols, dtype=s.dtype)
+                g = torch.empty(rows, cols, dtype=s.dtype, device=s.device)
                 g[:cols] = 0.5 * (s.T @ s)
                 g[:cols].fill_diagonal_(0.0)
                 if rows > cols:
@@ -208,8 +225,7 @@ class EPEstimator:
         """``phi_grads(a) - phi_grads(b)`` with fewer products: a bipartite tile whose row
         group holds the same states in both (a clamped input, the bias) needs one product
         of the difference of its column states, ``x^T (c_a - c_b)``."""
-        sa = {g: torch.as_tensor(v) for g, v in a.items()}
-        sb = {g: torch.as_tensor(v) for g, v in b.items()}
+        sa, sb = self._tensors(a), self._tensors(b)
         if any(c.kind == "dense" for c in self.topology.couplings):
             pa, pb = self.phi_grads(sa), self.phi_grads(sb)
             return {t: pa[t] - pb[t] for t in pa}

@@ -104,8 +104,10 @@ class EBFunction(torch.autograd.Function):
         eq = blk.free({blk.inputs[0]: x.detach()})
         ctx.layer = layer
         ctx.eq = eq
-        ctx.x_dtype = x.dtype
-        return torch.from_numpy(eq.states[blk.outputs[0]]).to(x.dtype).clone()
+        ctx.x_dtype, ctx.x_device = x.dtype, x.device
+        # on the input's device and dtype (a copy: the settle's result may be a view of the board's)
+        out = blk.as_tensor(eq.states[blk.outputs[0]])
+        return out.to(x.device, x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -113,8 +115,8 @@ class EBFunction(torch.autograd.Function):
         blk = layer.block
         res = blk.vjp(ctx.eq, {blk.outputs[0]: grad.detach()}, beta=layer.beta, mode=layer.mode)
         layer.last_vjp = res
-        gx = res.input_grads[blk.inputs[0]].to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return (gx, None, *[res.grads[t].to(w.dtype) for t, w in blk.weights.items()])
+        gx = res.input_grads[blk.inputs[0]].to(ctx.x_device, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return (gx, None, *[res.grads[t].to(w.device, w.dtype) for t, w in blk.weights.items()])
 
 
 class EBLayer(nn.Module):
@@ -221,12 +223,15 @@ class FFEBM(nn.Module):
         seed: int = 0,
         joint_phases: bool = True,
         settle: Literal["auto", "board", "host"] = "auto",
+        compute: str | torch.device | None = None,
     ) -> FFEBM:
         """One layered DHN `sizes` split into EB blocks of `block_layers` free layers, block k
         on ``devices(k)``. `between`: ``identity`` (block k's output is block k+1's clamped
         input, as in the paper) or ``linear`` (a digital ``Linear(n, n)`` + `Clamp01`).
         `programming` / `refresh_every` / `refresh_mode`: each block gets its own
-        `ProgrammingScheme`. `settle`: where each block settles (`hil.ep.settle_path`)."""
+        `ProgrammingScheme`. `settle`: where each block settles (`hil.ep.settle_path`).
+        `compute`: the torch device of the blocks (`EBBlock`) and of the digital parts, which
+        are initialised from the CPU generator of ``ffebm.init`` and moved there."""
         gen = seeds.torch_generator(seed, "ffebm.init")
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
@@ -237,6 +242,8 @@ class FFEBM(nn.Module):
                     lin.weight.copy_(torch.eye(bs[0]) + 0.1 * torch.randn(bs[0], bs[0], generator=gen)
                                      / math.sqrt(bs[0]))  # fmt: skip
                     lin.bias.zero_()
+                if compute is not None:
+                    lin.to(compute)
                 parts += [lin, Clamp01()]
             topo = Topology.layered(
                 list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s"
@@ -255,7 +262,7 @@ class FFEBM(nn.Module):
             )
             blk = EBBlock(
                 devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=block_seed,
-                joint_phases=joint_phases, settle=settle,
+                joint_phases=joint_phases, settle=settle, compute=compute,
             )  # fmt: skip
             parts.append(EBLayer(blk, beta=beta, mode=mode))
         return FFEBM(parts)

@@ -293,7 +293,7 @@ class HostSettle:
         for c in topo.couplings:
             if c.kind != "dense":
                 continue
-            d = torch.diagonal(ref.weights[c.tile].detach()).to(torch.float32).numpy()
+            d = torch.diagonal(ref.weights[c.tile].detach()).to("cpu", torch.float32).numpy()
             start = 0
             for g in c.cols:
                 n = topo.size(g)
@@ -324,7 +324,7 @@ class HostSettle:
             return 0.0
         v = self._vectors.get(clamped)
         if v is None or v.shape[0] != a.shape[0]:
-            v = torch.ones(a.shape[0], dtype=a.dtype)
+            v = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
         est = 0.0
         for _ in range(iters):
             w = a @ v
@@ -340,5 +340,6 @@ class HostSettle:
         ref: DHN, s: dict[str, np.ndarray], clamped: frozenset[str], nudge: dict[str, Nudge]
     ) -> np.ndarray:
         with torch.no_grad():
-            st = {g: torch.from_numpy(np.ascontiguousarray(v)).to(ref.dtype) for g, v in s.items()}
-            return ref.energy(st, set(clamped), nudge).to(torch.float32).numpy()
+            dev = next(iter(ref.weights.values())).device  # the reference may live on a compute device
+            st = {g: torch.from_numpy(np.ascontiguousarray(v)).to(dev, ref.dtype) for g, v in s.items()}
+            return ref.energy(st, set(clamped), nudge).to("cpu", torch.float32).numpy()

@@ -30,6 +30,7 @@ from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, 
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
+from hil.compute import board_uri, resolve_compute
 from hil.config import RunConfig
 from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, gaussian_init
@@ -94,11 +95,13 @@ class Classifier:
                 f"{classes} classes of {cfg.data.name}"
             )
         free, budgets = _budgets(cfg)
-        gen = seeds.torch_generator(t.seed, "classifier.init")
+        gen = seeds.torch_generator(t.seed, "classifier.init")  # a CPU generator whatever `compute` is
         self.devices: list[Device] = []
+        # the host stack's torch device; an in-process emulator board gets it too (`hil.compute`)
+        self.compute = resolve_compute(cfg.compute)
 
         def dev(k: int) -> Device:
-            d = opener(block_uri(cfg.device, k))
+            d = opener(board_uri(block_uri(cfg.device, k), self.compute))
             self.devices.append(d)
             return d
 
@@ -114,6 +117,7 @@ class Classifier:
             self.block = EBBlock(
                 dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets,
                 programming=scheme, seed=t.seed, joint_phases=e.joint_phases, settle=e.settle,
+                compute=self.compute,
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
             tiles = list(self.block.weights.values())
@@ -124,7 +128,7 @@ class Classifier:
                 settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
-                settle=e.settle,
+                settle=e.settle, compute=self.compute,
             )  # fmt: skip
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
@@ -160,12 +164,14 @@ class Classifier:
         for k, blk in enumerate(self.blocks()):
             for tile, p in blk.weights.items():
                 gp, gm = blk.device.read_conductance(tile)
-                log.tile(step, self._tile_name(k, tile), weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
+                w = p.detach().cpu().numpy()
+                log.tile(step, self._tile_name(k, tile), weights=w, g_plus=gp, g_minus=gm)
 
     def step(self, x: Tensor, y: Tensor, trace: int = 0) -> tuple[float, float, dict[str, float]]:
         """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
         `trace`: record the free settle's trace every `trace` steps (layered DHN only)."""
         e = self.cfg.ep
+        x, y = x.to(self.compute), y.to(self.compute)  # no copy when they are there already
         if self.ffebm is not None:
             self.opt.zero_grad(set_to_none=True)  # autograd accumulates; the DHN branch assigns
             out = self.ffebm(x)
@@ -179,7 +185,7 @@ class Classifier:
             blk = self.block
             f = blk.free(x, trace=trace)
             self.last_settles = {"free": f}
-            out = torch.from_numpy(f.states[blk.outputs[0]])
+            out = blk.as_tensor(f.states[blk.outputs[0]])
             if e.loss == "ce":
                 # dL/ds of the cross-entropy of tau * s: tau (softmax(tau s) - onehot), and L itself
                 logp = torch.log_softmax(out * e.tau, dim=1)
@@ -222,7 +228,7 @@ class Classifier:
     def predict(self, x: Tensor, batch_size: int = 512) -> Tensor:
         outs = []
         for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size]
+            xb = x[i : i + batch_size].to(self.compute)
             if self.ffebm is not None:
                 outs.append(self.ffebm(xb))
             else:
@@ -230,7 +236,7 @@ class Classifier:
         return torch.cat(outs)
 
     def accuracy(self, x: Tensor, y: Tensor) -> float:
-        return float((self.predict(x).argmax(1) == y).float().mean())
+        return float((self.predict(x).argmax(1).cpu() == y.cpu()).float().mean())
 
     def epoch_end(self) -> None:
         if self.sched is not None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hil.config import ConfigError, DataConfig
+from hil.config import ConfigError, DataConfig, check_compute
 
 
 @dataclass
@@ -66,7 +66,10 @@ class EvalConfig:
 @dataclass
 class VAERunConfig:
     name: str = "vae"
-    device: str = "emulator://?preset=ideal&seed=0"
+    device: str = "emulator://?preset=ideal&seed=0"  # the board's URI
+    # torch device of an in-process emulator board: cpu | cuda | cuda:N (`hil.compute`; the
+    # classifier's key of the same name). The VAE's own host arithmetic stays on the CPU for now.
+    compute: str = "cpu"
     calibration: str = ""  # calibration record (hil calibrate ... --out cal.zarr) applied to the board
     out: str = "runs"  # the run folder goes under here
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,6 +85,7 @@ class VAERunConfig:
 
 def validate_vae(cfg: VAERunConfig) -> None:
     m, e, t = cfg.model, cfg.ep, cfg.train
+    check_compute(cfg.compute)
     checks = (
         ("model.hidden", m.hidden),
         ("model.latent", m.latent),

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from drivers import Equilibrium, SettleBudget, seeds
 from hil.boards import open_board
+from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 from hil.vae.config import VAERunConfig
@@ -70,7 +71,8 @@ class _Model:
             self.module: torch.nn.Module = self.fvae
             return
         n_dev = 1 if m.variant in ("tdh-vae", "shared-layered") else 2
-        self.devices = [open_board(cfg.device, cfg.calibration) for _ in range(n_dev)]
+        uri = board_uri(cfg.device, resolve_compute(cfg.compute))  # an in-process board on `compute`
+        self.devices = [open_board(uri, cfg.calibration) for _ in range(n_dev)]
         self.calibration_id = (
             f"{cfg.calibration} ({self.devices[0].record.created})" if cfg.calibration else None  # type: ignore[attr-defined]
         )
