@@ -237,11 +237,14 @@ class Floor:
 
 
 # ---------------------------------------------------------------------------- (c) the project
-def project_config(uri: str, sizes: list[int], batch: int, t1: int, t2: int) -> RunConfig:
+def project_config(
+    uri: str, sizes: list[int], batch: int, t1: int, t2: int, compute: str = "cpu"
+) -> RunConfig:
     return load_config(
         None,
         [
             f"device={uri}",
+            f"compute={compute}",
             "data.name=mnist5k",
             f"model.sizes=[{','.join(map(str, sizes))}]",
             f"train.batch_size={batch}",
@@ -254,11 +257,12 @@ def project_config(uri: str, sizes: list[int], batch: int, t1: int, t2: int) -> 
     )
 
 
-def project(uri: str, sizes: list[int], batch: int, t1: int, t2: int) -> Classifier:
+def project(uri: str, sizes: list[int], batch: int, t1: int, t2: int, compute: str = "cpu") -> Classifier:
     """A `Classifier` on `uri` whose settles all run their full step budget: tol 0 and the one
     convergence check at the last step (a noisy board otherwise stops a settle whose residual
-    is within its noise floor)."""
-    cfg = project_config(uri, sizes, batch, t1, t2)
+    is within its noise floor). `compute`: the run's compute device (config key ``compute``):
+    the host stack and the in-process board run there."""
+    cfg = project_config(uri, sizes, batch, t1, t2, compute)
     clf = Classifier(cfg, sizes[0], sizes[-1], open_device)
     blk = clf.block
     dt = cfg.ep.dt
@@ -288,7 +292,7 @@ def project_step(clf: Classifier, x: Tensor, y: Tensor) -> tuple[list[Tensor], l
     """`Classifier.step`, then (free states per free layer, the weight gradients it applied)."""
     clf.step(x, y)
     blk = clf.block
-    free = [torch.from_numpy(clf.last_settles["free"].states[g]) for g in blk.free_groups]
+    free = [blk.as_tensor(clf.last_settles["free"].states[g]) for g in blk.free_groups]
     return free, [p.grad.detach().clone() for p in blk.weights.values()]
 
 
@@ -351,23 +355,25 @@ def main() -> None:
         idx = order[(k % n_batches) * bs : (k % n_batches + 1) * bs]
         return ds.x_train[idx], ds.y_train[idx]
 
-    suffix = "" if dev == "cpu" else f"&device={dev}"
-    if suffix:  # the emulator on the accelerator too, where the host stack lets it run there
+    # the project's compute device (config key `compute`): its host stack and the in-process
+    # emulator run there, the step's tensors stay there (hil.compute)
+    compute = dev
+    if compute != "cpu":
         try:
-            project(IDEAL + suffix, sizes, bs, t1, t2).step(*batch(0))
+            project(IDEAL, sizes, bs, t1, t2, compute).step(*batch(0))
         except Exception as exc:  # reported; then the project runs on the CPU
             print(f"project on {dev} failed ({type(exc).__name__}: {exc}); the project runs on the cpu",
                   file=sys.stderr, flush=True)  # fmt: skip
-            suffix = ""
+            compute = "cpu"
     load_start = os.getloadavg()
     # the same computation, checked on a fresh board before any timing
     x0, y0 = batch(0)
-    check = check_same_work(project(IDEAL + suffix, sizes, bs, t1, t2), x0, y0, dev)
+    check = check_same_work(project(IDEAL, sizes, bs, t1, t2, compute), x0, y0, dev)
     print(f"check (max differences after one step): {check}", file=sys.stderr, flush=True)
 
-    ideal = project(IDEAL + suffix, sizes, bs, t1, t2)
+    ideal = project(IDEAL, sizes, bs, t1, t2, compute)
     form, floor = peers(ideal, dev)
-    rram = None if a.skip_rram else project(RRAM + suffix, sizes, bs, t1, t2)
+    rram = None if a.skip_rram else project(RRAM, sizes, bs, t1, t2, compute)
     prog = {"s": 0.0}
 
     def time_programming(clf: Classifier) -> None:
@@ -436,7 +442,7 @@ def main() -> None:
         return round(statistics.median(p / q for p, q in zip(ms[n], ms[d], strict=True)), 3)
 
     common = {"sizes": sizes, "batch": bs, "T1": t1, "T2": f"{t2}+{t2}", "device": dev,
-              "project_device": dev if suffix else "cpu", "threads": a.threads, "repeats": repeats,
+              "project_device": compute, "threads": a.threads, "repeats": repeats,
               "cpus": os.cpu_count(),
               "load_avg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     out = [

@@ -1,0 +1,286 @@
+"""Issue 17 item 3: the host stack on a chosen torch device (config key ``compute``).
+
+On a machine without CUDA these tests cover the code paths on the CPU: the key is parsed and
+checked with errors that name the fix, an in-process board's URI gets the device, an explicit
+``compute=cpu`` (tensors through `Device.settle_tensors`) gives the numbers of the numpy path,
+`EBFunction` answers on its input's device and dtype, and a classifier step converts nothing to
+numpy between its settles and its gradients. The last test compares CPU and CUDA training and
+runs only where torch sees a CUDA device."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drivers import LimitViolation, Topology, open_device
+from hil.compute import ComputeDeviceError, board_uri, resolve_compute
+from hil.config import ConfigError, load_config
+from hil.ep import EBBlock
+from hil.ffebm import FFEBM, EBLayer
+from hil.train_classifier import Classifier
+from hil.vae.config import VAERunConfig, validate_vae
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ the key
+def test_the_key_is_parsed_and_checked() -> None:
+    assert load_config().compute == "cpu"
+    # a config is checked for its form only: a run recorded on a GPU machine loads anywhere
+    assert load_config(None, ["compute=cuda:1"]).compute == "cuda:1"
+    assert load_config(None, ["compute=cuda"]).device.startswith("emulator://")  # the board URI stays
+    for bad, match in [("gpu", "compute='gpu': not a torch device; use cpu, cuda or cuda:N"),
+                       ("cuda:x", "not a torch device"), ("meta", "runs on cpu or cuda")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [f"compute={bad}"])
+    with pytest.raises(ConfigError, match="compute="):
+        validate_vae(VAERunConfig(compute="gpu"))
+    assert resolve_compute(None) == resolve_compute("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the error of a machine without CUDA")
+def test_cuda_without_cuda_names_the_fix() -> None:
+    with pytest.raises(ComputeDeviceError, match=r"torch sees no CUDA device.*set compute=cpu"):
+        resolve_compute("cuda")
+    cfg = load_config(None, ["compute=cuda", "model.sizes=[4,3,2]"])
+    with pytest.raises(ComputeDeviceError, match="no CUDA device"):
+        Classifier(cfg, 4, 2, open_device)  # before any board is opened
+
+
+def test_an_in_process_board_gets_the_device_a_remote_one_does_not() -> None:
+    ideal = "emulator://?preset=ideal&seed=3"
+    assert board_uri(ideal, "cpu") == ideal  # cpu is the emulator's default
+    uri = board_uri(ideal, torch.device("cuda", 1)) if not NO_CUDA else None
+    if uri is not None:
+        assert "device=cuda%3A1" in uri or "device=cuda:1" in uri
+    own = "emulator://?preset=ideal&seed=3&device=cpu"
+    assert board_uri(own, "cpu") == own
+    visa = "visa://TCPIP0::127.0.0.1::5025::SOCKET"
+    assert board_uri(visa, "cpu") == visa
+
+
+def test_an_in_process_board_gets_the_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`board_uri` with a CUDA device, on a machine without one (the availability check
+    stubbed): the emulator URI gets ``device=``, others keep theirs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    uri = board_uri("emulator://?preset=ideal&seed=3", "cuda:1")
+    assert "device=cuda" in uri and "1" in uri.split("device=")[1] and "seed=3" in uri
+    keep = "emulator://?preset=ideal&seed=3&device=cpu"
+    assert board_uri(keep, "cuda:1") == keep  # the URI's own device wins
+    visa = "visa://TCPIP0::127.0.0.1::5025::SOCKET"
+    assert board_uri(visa, "cuda:1") == visa  # remote boards: numpy on the wire
+    with pytest.raises(ComputeDeviceError, match=r"sees 2 CUDA devices \(cuda:0 .. cuda:1\)"):
+        resolve_compute("cuda:2")
+
+
+# ------------------------------------------------------------------------- the same numbers
+def _block(
+    compute: str | None, settle: str = "auto", uri: str = "emulator://?preset=ideal&seed=0"
+) -> EBBlock:
+    return EBBlock.layered(open_device(uri), [12, 8, 4], seed=5, compute=compute, settle=settle)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("settle", ["board", "host"])
+def test_explicit_cpu_gives_the_numbers_of_the_numpy_path(settle: str) -> None:
+    """compute=None is the numpy path of the Device API; compute="cpu" hands tensors to
+    `Device.settle_tensors` (board settle) or moves the host settle's states to the compute
+    device: the same weights, states and EP gradients."""
+    g = torch.Generator().manual_seed(1)
+    x, grad, target = (
+        torch.rand(16, 12, generator=g),
+        torch.randn(16, 4, generator=g),
+        torch.rand(16, 4, generator=g),
+    )
+    a, b = _block(None, settle), _block("cpu", settle)
+    assert b.tensor_settle is (settle == "board") and not a.tensor_settle
+    for t in a.weights:
+        torch.testing.assert_close(a.weights[t], b.weights[t], rtol=0, atol=0)
+    fa, fb = a.free(x), b.free(x)
+    assert isinstance(fa.states["s2"], np.ndarray)
+    assert isinstance(fb.states["s2"], torch.Tensor) is (settle == "board")
+    for kw in ({"grad": grad, "mode": "centered"}, {"target": target, "mode": "positive"}):
+        ra, rb = a.ep(x, free=fa, **kw), b.ep(x, free=fb, **kw)  # type: ignore[arg-type]
+        for t in ra.grads:
+            torch.testing.assert_close(rb.grads[t], ra.grads[t], rtol=1e-6, atol=1e-7)
+        for gr in ra.input_grads:
+            torch.testing.assert_close(rb.input_grads[gr], ra.input_grads[gr], rtol=1e-6, atol=1e-7)
+
+
+def test_the_tensor_settle_checks_what_settle_checks() -> None:
+    dev = open_device("emulator://?preset=ideal&seed=0")
+    dev.configure(Topology.layered([4, 3, 2]))
+    x = np.random.default_rng(0).uniform(0, 1, (5, 4)).astype(np.float32)
+    a, b = dev.settle({"s0": x}), dev.settle_tensors({"s0": torch.from_numpy(x)})
+    for gr in a.states:
+        np.testing.assert_array_equal(a.states[gr], b.states[gr].numpy())
+    with pytest.raises(LimitViolation, match="read-voltage limit on clamp 's0'"):
+        dev.settle_tensors({"s0": torch.full((5, 4), 1e9)})
+    assert dev.safety().refused == 1
+    with pytest.raises(Exception, match="expected shape"):
+        dev.settle_tensors({"s0": torch.rand(5, 3)})
+    with pytest.raises(Exception, match="NaN"):
+        dev.settle_tensors({"s0": torch.full((5, 4), float("nan"))})
+
+
+def test_a_classifier_on_explicit_cpu_trains_like_the_default() -> None:
+    def run(extra: list[str]) -> list[torch.Tensor]:
+        cfg = load_config(None, ["model.sizes=[12,8,4]", "ep.free_steps=15", "ep.nudge_steps=6", *extra])
+        clf = Classifier(cfg, 12, 4, open_device)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            clf.step(torch.rand(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g))
+        out = [p.detach().clone() for p in clf.block.weights.values()]
+        clf.close()
+        return out
+
+    for u, v in zip(run([]), run(["compute=cpu"]), strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ EBFunction
+@pytest.mark.parametrize("compute", [None, "cpu"])
+def test_ebfunction_answers_on_its_inputs_device_and_dtype(compute: str | None) -> None:
+    blk = _block(compute)
+    layer = EBLayer(blk, beta=0.1)
+    x = torch.rand(6, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.float64 and out.device == x.device and out.shape == (6, 4)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float64 and x.grad.device == x.device
+    for w in blk.weights.values():
+        assert w.grad is not None and w.grad.device == w.device and w.grad.dtype == w.dtype
+
+
+def test_ffebm_digital_parts_follow_the_compute_device() -> None:
+    model = FFEBM.layered([12, 8, 6, 4], 1, lambda k: open_device(f"emulator://?preset=ideal&seed={k}"),
+                          between="linear", compute="cpu")  # fmt: skip
+    assert all(
+        lay.block.compute == torch.device("cpu") and lay.block.tensor_settle for lay in model.eb_layers
+    )
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+    x = torch.rand(5, 12)
+    out = model(x)
+    assert out.shape == (5, 4) and out.device == x.device
+
+
+# ------------------------------------------------------------------------ no numpy round trip
+class _Counter:
+    """Counts numpy conversions of tensors (`Tensor.numpy`, `Tensor.__array__`, which
+    `np.asarray(tensor)` calls) and tensors made from numpy (`torch.from_numpy`) made by the
+    host stack and the Device layer (code under hil/ and drivers/: where a round trip between
+    the host's tensors and the board's would happen). The emulator's own CPU-only numpy views
+    inside the board (its clamp cache compares clamps through them, same memory, no copy) are
+    the board's business and not counted."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        self.paused = False
+        for owner, name in ((torch.Tensor, "numpy"), (torch.Tensor, "__array__"), (torch, "from_numpy")):
+            plain = getattr(owner, name)
+            monkeypatch.setattr(owner, name, self._wrap(plain, name))
+
+    def _wrap(self, plain, name: str):
+        def counted(*args, **kwargs):
+            if not self.paused:
+                caller = sys._getframe(1).f_code.co_filename  # np.asarray(t) calls __array__ from C
+                parts = Path(caller).parts
+                if ("hil" in parts or "drivers" in parts) and "emulator" not in parts:
+                    self.calls.append(f"{name} from {'/'.join(parts[-2:])}")
+            return plain(*args, **kwargs)
+
+        return counted
+
+
+def _step_conversions(monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> tuple[list[str], int]:
+    """Numpy conversions during one `Classifier.step` outside the programming of the update
+    (which writes conductances through `Device.program`, whose documented types are numpy),
+    and how many programming calls there were."""
+    cfg = load_config(None, ["model.sizes=[12,8,4]", "ep.free_steps=10", "ep.nudge_steps=5", *extra])
+    clf = Classifier(cfg, 12, 4, open_device)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+    clf.step(x, y)  # warm: plans, workspaces
+    blk = clf.block
+    plain = blk._program
+    programs = []
+
+    def program(*args, **kwargs):
+        counter.paused = True
+        try:
+            programs.append(1)
+            return plain(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    monkeypatch.setattr(blk, "_program", program)
+    counter = _Counter(monkeypatch)
+    try:
+        clf.step(x, y)
+    finally:
+        monkeypatch.undo()
+        clf.close()
+    return counter.calls, len(programs)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_a_classifier_step_converts_nothing_to_numpy(monkeypatch: pytest.MonkeyPatch, loss: str) -> None:
+    calls, programs = _step_conversions(monkeypatch, [f"ep.loss={loss}"])
+    assert programs == 1  # the update was programmed (its conversions are not counted)
+    assert calls == [], f"numpy conversions on the step path: {calls}"
+
+
+def test_the_counter_sees_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same count on a board without a tensor path (a board that only multiplies: the host
+    settle speaks numpy through `Device.mvm`) is not zero: the test above could fail."""
+    uri = "device=emulator://?preset=ideal&seed=0&capabilities=mvm,pulse,program_verify,preset_state"
+    calls, _ = _step_conversions(monkeypatch, [uri])
+    assert any("hil/ep.py" in c for c in calls) and any("hil/host_settle.py" in c for c in calls), calls
+
+
+# ---------------------------------------------------------------------------- CPU and CUDA
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["dhn", "ffebm"])
+def test_cpu_and_cuda_train_to_the_same_numbers(kind: str) -> None:
+    """Same seed, a few classifier steps on cpu and on cuda (host stack and emulator): the
+    weights agree to float tolerance (initial weights and signs come from CPU generators;
+    CUDA matmuls sum in another order)."""
+
+    def run(compute: str) -> tuple[list[torch.Tensor], list[float]]:
+        extra = ["model.kind=ffebm", "model.block_layers=1"] if kind == "ffebm" else []
+        cfg = load_config(None, ["model.sizes=[64,32,10]", "ep.free_steps=20", "ep.nudge_steps=8",
+                                 f"compute={compute}", *extra])  # fmt: skip
+        clf = Classifier(cfg, 64, 10, open_device)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(4):
+            loss, _acc, _st = clf.step(
+                torch.rand(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+            )
+            losses.append(loss)
+        ws = [p.detach().cpu().clone() for blk in clf.blocks() for p in blk.weights.values()]
+        if compute != "cpu":
+            assert all(p.device.type == "cuda" for blk in clf.blocks() for p in blk.weights.values())
+            assert all(blk.device.tensor_device.type == "cuda" for blk in clf.blocks())
+        clf.close()
+        return ws, losses
+
+    (wc, lc), (wg, lg) = run("cpu"), run("cuda")
+    np.testing.assert_allclose(lg, lc, rtol=1e-4, atol=1e-5)
+    for u, v in zip(wg, wc, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
