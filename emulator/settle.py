@@ -51,6 +51,8 @@ may block differently), so results may differ from an uncached settle at float r
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,6 +225,8 @@ class _Plan:
     refreshers: list[Callable[[], object]] = field(default_factory=list)
     epochs: tuple[int, ...] = ()  # the tiles' `weights_epoch` the plan's tensors hold
     workspaces: dict[int, _Workspace] = field(default_factory=dict)  # per batch size
+    # (epochs, a copy of the plan's energy tensors at those weights) for deferred energies
+    frozen: tuple[tuple[int, ...], _Plan] | None = None
 
     def __post_init__(self) -> None:
         self.set_lines(self.line_conductance)
@@ -840,6 +844,52 @@ class SettleEngine:
 
         return energy
 
+    def _later_pair_energy(
+        self, s: dict[str, torch.Tensor], plan: _Plan, nudge: SettleNudge
+    ) -> Callable[[], torch.Tensor]:
+        """The energy of a finished analog settle whose clamped sources do not all enter with
+        factor 1 (a dense tile), as a function to call when someone asks: `_energy` over the
+        clamped products, exactly as it would run now, on copies of the plan's matrices taken
+        once per weights version (`_frozen`, shared by every settle of that version) and of
+        the nudge's tensors. It uses the settle's final states and clamps as `s` holds them
+        (see `_later_energy`)."""
+        frozen = self._frozen(plan)
+        states = dict(s)
+        groups = {
+            g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
+            for g, (beta, t, gr) in nudge.groups.items()
+        }
+
+        def energy() -> torch.Tensor:
+            return self._energy(states, frozen, SettleNudge(groups), self._const_products(states, frozen))
+
+        return energy
+
+    def _frozen(self, plan: _Plan) -> _Plan:
+        """A shallow copy of `plan` whose clamped products' matrices and energy pairs are
+        copies at the present weights (what `_energy` and `_const_products` read), kept with
+        the plan until its weights change."""
+        held = plan.frozen
+        if held is not None and held[0] == plan.epochs:
+            return held[1]
+        bases: dict[int, torch.Tensor] = {}
+
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            """`t` in a copy of its storage, with its own strides and offset (one copy per
+            storage): products on it run exactly as on `t`."""
+            st = t.untyped_storage()
+            base = bases.get(st.data_ptr())
+            if base is None:
+                base = bases[st.data_ptr()] = torch.empty(0, dtype=t.dtype, device=t.device).set_(st.clone())
+            return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+        frozen = copy.copy(plan)
+        frozen.const_terms = [dataclasses.replace(t, matrix=kept(t.matrix)) for t in plan.const_terms]
+        frozen.energy_pairs = [(rg, cg, kept(b), f) for rg, cg, b, f in plan.energy_pairs]
+        frozen.workspaces, frozen.frozen = {}, None
+        plan.frozen = (plan.epochs, frozen)
+        return frozen
+
     def _const_products(
         self, s: dict[str, torch.Tensor], plan: _Plan
     ) -> dict[int, tuple[torch.Tensor, bool]]:
@@ -995,10 +1045,13 @@ class SettleEngine:
         for g in plan.free:
             s[g] = state[rows[g]].T.contiguous()
         cost = self._account(plan, s, ws, step, dt, batch)
-        products = self._const_products(s, plan) if trace or not plan.const_unit else {}
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
-        if plan.const_unit and not trace:
-            energy = self._later_energy(s, plan, gain, nudge, batch)
+        if not trace:
+            if plan.const_unit:
+                energy = self._later_energy(s, plan, gain, nudge, batch)
+            else:
+                energy = self._later_pair_energy(s, plan, nudge)
+        products = self._const_products(s, plan) if energy is None and (trace or not plan.const_unit) else {}
         if energy is None:
             energy = (
                 ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nudge, products)

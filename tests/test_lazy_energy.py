@@ -91,3 +91,34 @@ def test_traced_and_noisy_settles_report_the_same_energy_as_before(preset: str) 
         x = rng.uniform(0, 1, (5, 12)).astype(np.float32)
         eq = dev.settle({"s0": x}, trace=10)
         np.testing.assert_allclose(eq.energy, eq.trace["energy"][-1], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_settles_defer_their_energy_too() -> None:
+    """A dense tile's clamped sources enter the energy with factor 1/2, which the
+    constant-drive shortcut does not cover: those settles keep copies of the plan's matrices
+    (one per weights version) and of the nudge, and the deferred energy equals the one read at
+    once, bit for bit, after later writes and settles."""
+    rng = np.random.default_rng(1)
+    groups = {"x": 10, "h": 7, "o": 3}
+    topo = Topology.dense(groups, budget=SettleBudget(max_steps=200, tol=1e-4, dt=0.5))
+    w0 = rng.uniform(-0.4, 0.4, topo.tile_shape("W")).astype(np.float32)
+    x = rng.uniform(0, 1, (5, 10)).astype(np.float32)
+    target = rng.uniform(0, 1, (5, 3)).astype(np.float32)
+    calls = [({"x": x}, None), ({"x": x}, {"o": Nudge(0.3, target=target)}), ({"h": x[:, :7]}, None)]
+    a = open_device("emulator://?preset=ideal&seed=0")
+    b = open_device("emulator://?preset=ideal&seed=0")
+    with a, b:
+        at_once = []
+        for dev in (a, b):
+            dev.configure(topo)
+            program_weights(dev, "W", w0)
+        lazy = [a.settle(c, n) for c, n in calls]
+        for c, n in calls:
+            eq = b.settle(c, n)
+            at_once.append(eq.energy.copy())
+        assert all(eq.energy_pending for eq in lazy)
+        program_weights(a, "W", rng.uniform(-0.4, 0.4, topo.tile_shape("W")).astype(np.float32))
+        target[:] = 0.0
+        a.settle({"x": rng.uniform(0, 1, (5, 10)).astype(np.float32)})
+        for p, e in zip(lazy, at_once, strict=True):
+            np.testing.assert_array_equal(p.energy, e)
