@@ -69,14 +69,81 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------------ digits
-def load_digits() -> Dataset:
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+DIGITS_FILE = ("datasets", "data", "digits.csv.gz")  # inside the installed scikit-learn package
 
-    d = sk_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
+
+def _digits_file() -> Path | None:
+    """scikit-learn's digits file, located without importing scikit-learn (about a second
+    of imports: scipy.stats and more); None if it is not where this version keeps it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root).joinpath(*DIGITS_FILE)
+        if path.is_file():
+            return path
+    return None
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's `sklearn.utils.extmath._approximate_mode` (the same draws from `rng`)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices as scikit-learn's ``train_test_split(..., test_size=n_test,
+    random_state=seed, stratify=y)`` draws them (`StratifiedShuffleSplit`, one split), without
+    importing it; tests/test_data.py checks the two agree."""
+    n_train = len(y) - n_test
+    _classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    per_class = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, members in enumerate(per_class):
+        perm = members.take(rng.permutation(counts[i]), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits, 360 test images stratified (random_state 0). The file is read
+    and split here, as scikit-learn would, without importing scikit-learn; where its file is
+    not found, through scikit-learn."""
+    path = _digits_file()
+    if path is not None:
+        with gzip.open(path, mode="rt", encoding="utf-8") as f:
+            data = np.loadtxt(f, delimiter=",")
+        x = (data[:, :-1] / 16.0).astype(np.float32)
+        y = data[:, -1].astype(int).astype(np.int64)
+        train, test = stratified_split(y, 360, 0)
+        xtr, xte, ytr, yte = x[train], x[test], y[train], y[test]
+    else:
+        from sklearn.datasets import load_digits as sk_digits
+        from sklearn.model_selection import train_test_split
+
+        d = sk_digits()
+        x = (d.data / 16.0).astype(np.float32)
+        y = d.target.astype(np.int64)
+        xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
     return Dataset(
         "digits",
         torch.from_numpy(np.ascontiguousarray(xtr)),

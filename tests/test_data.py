@@ -132,3 +132,28 @@ def test_batches_cover_the_data_once() -> None:
     seen = torch.cat([b for _, b in batches(x, y, 3, generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(10))
     assert [len(b) for _, b in batches(x, y, 3, shuffle=False, drop_last=True)] == [3, 3, 3]
+
+
+def test_digits_read_without_scikit_learn_match_its_own_loader_and_split(monkeypatch) -> None:
+    """`load_digits` reads scikit-learn's file and draws its stratified split itself (no
+    scikit-learn import): the same arrays as scikit-learn's loader and `train_test_split`."""
+    from sklearn.model_selection import train_test_split
+
+    import hil.data as data
+
+    assert data._digits_file() is not None
+    ours = data.load_digits()
+    monkeypatch.setattr(data, "_digits_file", lambda: None)
+    theirs = data.load_digits()
+    for a, b in ((ours.x_train, theirs.x_train), (ours.x_test, theirs.x_test)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in ((ours.y_train, theirs.y_train), (ours.y_test, theirs.y_test)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert ours.x_train.dtype == theirs.x_train.dtype and ours.y_train.dtype == theirs.y_train.dtype
+    rng = np.random.default_rng(0)
+    for n, classes, n_test, seed in ((200, 3, 30, 1), (501, 7, 100, 5), (97, 2, 13, 0)):
+        y = rng.integers(0, classes, n)
+        train, test = data.stratified_split(y, n_test, seed)
+        want = train_test_split(np.arange(n), test_size=n_test, random_state=seed, stratify=y)
+        np.testing.assert_array_equal(train, want[0])
+        np.testing.assert_array_equal(test, want[1])
