@@ -34,6 +34,11 @@ from the board, as `EBBlock.device_weights` does) the host also gives per-sample
 subtracts the read-back diagonal of dense tiles (which a crossbar cannot disconnect when it
 only multiplies) and shortens `dt` where the couplings are strong enough for a step of `dt`
 to overshoot (``dt < 1.8 / (1 + gain |A|)``, the rule the analog board applies).
+
+Compute device: the iteration speaks `Device.mvm`'s numpy and runs on the CPU whatever the
+block's compute device (`hil.compute`); the reference network may live on that device (its
+diagonals come back to the CPU once per settle, its energies when asked), and the block moves
+the states it returns there for the gradients.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-RESUME_MAY_CHANGE = ("device",)  # the board's address may change between a run and its resume
+# the board's address may change between a run and its resume, and so may the host's torch
+# device (`compute`: the same seed gives the same numbers on cpu and cuda to float tolerance)
+RESUME_MAY_CHANGE = ("device", "compute")
 
 
 def resumed_config(stored: T, asked: T) -> T:
