@@ -161,10 +161,12 @@ def breakdown(project: Classifier, epoch: Callable[[], None]) -> dict[str, float
 
     blk.sync = timed(blk.sync, "programming")  # type: ignore[method-assign]
     dev.settle = timed(dev.settle, "settle")  # type: ignore[method-assign]
+    # the in-process board's tensor path (a classifier on a compute device: hil.compute)
+    dev.settle_tensors = timed(dev.settle_tensors, "settle")  # type: ignore[method-assign]
     t = time.perf_counter()
     epoch()
     total = time.perf_counter() - t
-    del blk.sync, dev.settle  # back to the class methods
+    del blk.sync, dev.settle, dev.settle_tensors  # back to the class methods
     return {**spent, "host": total - spent["programming"] - spent["settle"]}
 
 
