@@ -319,9 +319,9 @@ def test_schemes_by_name_and_their_options() -> None:
     assert make_scheme(mixed) is mixed and make_scheme(None).name == "ideal"
     with pytest.raises(ValueError, match="one of"):
         make_scheme("write-verify")
-    with pytest.raises(TypeError, match="'ideal'.*rounding"):
+    with pytest.raises(TypeError, match=r"'ideal'.*rounding"):
         make_scheme("ideal", rounding="nearest")  # only pulsed schemes round
     with pytest.raises(ValueError, match="refresh_every must be >= 0"):
         make_scheme("verify", refresh_every=-1)
-    with pytest.raises(ConfigError, match='ep.verify.*removed.*ep.programming = "verify"'):
+    with pytest.raises(ConfigError, match=r'ep\.verify.*removed.*ep\.programming = "verify"'):
         load_config(overrides=["ep.verify=true"])
