@@ -82,7 +82,9 @@ def fingerprint(loss: str, joint: bool) -> dict[str, object]:
             float((w * torch.randn(w.shape, generator=proj, dtype=torch.float64)).sum()) for w in ws
         ]
         f = clf.last_settles["free"]
-        out["free_sum"] = {g: float(v.astype("float64").sum()) for g, v in f.states.items() if g != "s0"}
+        # states: tensors from the in-process board's tensor path (hil.compute), numpy otherwise
+        free = {g: torch.as_tensor(v) for g, v in f.states.items() if g != "s0"}
+        out["free_sum"] = {g: float(v.double().sum()) for g, v in free.items()}
     finally:
         clf.close()
     return out
