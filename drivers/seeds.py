@@ -17,6 +17,13 @@ run 1's first). `derive` gives the integer, `torch_generator` and `numpy_rng` th
 generators. A name that is not in the registry raises `KeyError`: add it to `STREAMS`,
 with a new id (ids are never reused or renumbered: that would change every run's draws).
 
+Devices: a stream's integer seed is the same everywhere, but torch's CPU generator (Mersenne
+Twister) and its CUDA generator (Philox) turn one seed into different numbers. So draws that
+must not depend on the compute device (initial weights, signs, the digital parts' start, an
+emulated chip's fabrication and converter errors) use `torch_generator` on the CPU (its
+default) and move the result; only an emulated board's run-time noise is drawn on the board's
+device (the same distribution on CPU and CUDA, not the same numbers; `hil.compute`).
+
 Seeds that name *boards* are not streams: ``emulator://?seed=N`` picks a chip, and a
 model of several blocks opens boards ``seed, seed + 1, ...`` (`hil.train_classifier`);
 the board then derives its own streams (``board.*``) from its seed.
