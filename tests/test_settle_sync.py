@@ -125,3 +125,40 @@ def test_the_counter_sees_a_synchronisation() -> None:
         t.numpy()
         bool(t.any())
     assert counts["__float__"] == 1 and counts["numpy"] == 1 and counts["__bool__"] == 1
+
+
+@pytest.mark.parametrize("sizes", [(64, 64, 4, 4), (64, 12, 2, 2)])
+def test_joined_step_products_give_the_same_settles(monkeypatch, sizes: tuple[int, ...]) -> None:
+    """A dense tile's step products run source by source over all free rows where the BLAS
+    gives the group-by-group numbers bit for bit (checked on the workspace's own buffers):
+    the settles are the same as with the group-by-group products, whichever is used."""
+    import emulator.settle as engine
+
+    groups = dict(zip(("x", "h", "mu", "lv"), sizes, strict=True))
+    topo = Topology.dense(groups, budget=SettleBudget(max_steps=300, tol=1e-4, dt=0.5))
+    rng = np.random.default_rng(2)
+    w = rng.uniform(-0.3, 0.3, topo.tile_shape("W")).astype(np.float32)
+    x = rng.uniform(0, 1, (32, sizes[0])).astype(np.float32)
+    used: list[bool] = []
+    joined = engine._joined_products
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        out = joined(*args)
+        used.append(out is not None)
+        return out
+
+    results = []
+    for patch in (spy, lambda *args: None):
+        monkeypatch.setattr(engine, "_joined_products", patch)
+        with open_device("emulator://?preset=ideal&seed=0") as dev:
+            dev.configure(topo)
+            lim = dev.info.limits
+            span = lim.g_max - lim.g_min
+            gp, gm = lim.g_min + np.maximum(w, 0) * span, lim.g_min + np.maximum(-w, 0) * span
+            dev.program("W", gp.astype(np.float32), gm.astype(np.float32))
+            results.append([dev.settle({"x": x}), dev.settle({"mu": x[:, : sizes[2]]})])
+    assert len(used) == 2  # consulted once per workspace (MKL on AVX-512 joins both of the first case)
+    for p, q in zip(*results, strict=True):
+        assert p.steps == q.steps
+        for g in q.states:
+            np.testing.assert_array_equal(p.states[g], q.states[g])
