@@ -122,6 +122,27 @@ def test_explicit_cpu_gives_the_numbers_of_the_numpy_path(settle: str) -> None:
             torch.testing.assert_close(rb.input_grads[gr], ra.input_grads[gr], rtol=1e-6, atol=1e-7)
 
 
+def test_a_wrapped_board_speaks_numpy_and_the_states_move_to_the_compute_device() -> None:
+    """A board without a tensor path (a wrapper, e.g. a calibrated board; every remote board)
+    gets numpy; the block moves its states to the compute device for the same gradients."""
+    from drivers.wrapper import DeviceWrapper
+
+    g = torch.Generator().manual_seed(2)
+    x, grad = torch.rand(8, 12, generator=g), torch.randn(8, 4, generator=g)
+    plain = _block(None)
+    wrapped = EBBlock.layered(
+        DeviceWrapper(open_device("emulator://?preset=ideal&seed=0")), [12, 8, 4], seed=5, compute="cpu"
+    )
+    assert wrapped.device.tensor_device is None and not wrapped.tensor_settle
+    fa, fb = plain.free(x), wrapped.free(x)
+    assert isinstance(fb.states["s2"], np.ndarray)
+    ra, rb = plain.ep(x, grad=grad, free=fa), wrapped.ep(x, grad=grad, free=fb)
+    for t in ra.grads:
+        torch.testing.assert_close(rb.grads[t], ra.grads[t], rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match="numpy arrays only"):
+        wrapped.device.settle_tensors({"s0": x})
+
+
 def test_the_tensor_settle_checks_what_settle_checks() -> None:
     dev = open_device("emulator://?preset=ideal&seed=0")
     dev.configure(Topology.layered([4, 3, 2]))
