@@ -636,13 +636,17 @@ class SettleEngine:
         plan: _Plan,
         nudge: SettleNudge,
         products: dict[int, tuple[torch.Tensor, bool]],
+        gain: float | None = None,
     ) -> torch.Tensor:
         """Energy per sample, E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge terms. `products`
-        holds ``s_src @ block`` of the clamped sources, already computed by the settle."""
-        assert self.board.topology is not None
-        gain = self.board.topology.gain
-        batch = next(iter(s.values())).shape[0]
-        e = torch.zeros(batch, device=self.board.device)
+        holds ``s_src @ block`` of the clamped sources, already computed by the settle.
+        `gain`: the activation gain of the settle (None: the board's topology's now; a
+        deferred energy passes the one it settled with, the board may be reset since)."""
+        if gain is None:
+            assert self.board.topology is not None
+            gain = self.board.topology.gain
+        first = next(iter(s.values()))
+        e = torch.zeros(first.shape[0], device=first.device)
         for g in plan.free:
             e = e + (s[g] ** 2).sum(1) / (2 * gain)
         for i, (rg, cg, block, factor) in enumerate(plan.energy_pairs):
@@ -906,6 +910,8 @@ class SettleEngine:
         the nudge's tensors. It uses the settle's final states and clamps as `s` holds them
         (see `_later_energy`)."""
         frozen = self._frozen(plan)
+        assert self.board.topology is not None
+        gain = self.board.topology.gain  # the board may be reconfigured or reset before the call
         states = dict(s)
         groups = {
             g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
@@ -913,7 +919,8 @@ class SettleEngine:
         }
 
         def energy() -> torch.Tensor:
-            return self._energy(states, frozen, SettleNudge(groups), self._const_products(states, frozen))
+            products = self._const_products(states, frozen)
+            return self._energy(states, frozen, SettleNudge(groups), products, gain)
 
         return energy
 
