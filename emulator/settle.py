@@ -226,7 +226,9 @@ class _Plan:
     epochs: tuple[int, ...] = ()  # the tiles' `weights_epoch` the plan's tensors hold
     workspaces: dict[int, _Workspace] = field(default_factory=dict)  # per batch size
     # (epochs, a copy of the plan's energy tensors at those weights) for deferred energies
-    frozen: tuple[tuple[int, ...], _Plan] | None = None
+    frozen: tuple[tuple[int, ...], Callable[[], _Plan]] | None = None
+    # what `SettleEngine._frozen` copies: one tensor per storage, each energy tensor's place in them
+    frozen_layout: tuple[list[torch.Tensor], list, list] | None = None
 
     def __post_init__(self) -> None:
         self.set_lines(self.line_conductance)
@@ -919,33 +921,65 @@ class SettleEngine:
         }
 
         def energy() -> torch.Tensor:
-            products = self._const_products(states, frozen)
-            return self._energy(states, frozen, SettleNudge(groups), products, gain)
+            held = frozen()
+            products = self._const_products(states, held)
+            return self._energy(states, held, SettleNudge(groups), products, gain)
 
         return energy
 
-    def _frozen(self, plan: _Plan) -> _Plan:
-        """A shallow copy of `plan` whose clamped products' matrices and energy pairs are
-        copies at the present weights (what `_energy` and `_const_products` read), kept with
-        the plan until its weights change."""
+    def _frozen(self, plan: _Plan) -> Callable[[], _Plan]:
+        """A function giving a shallow copy of `plan` whose clamped products' matrices and
+        energy pairs read copies of the present weights (what `_energy` and
+        `_const_products` read), each with its own strides and offset, so products on them
+        run exactly as on the plan's. The copies are taken now, one per storage the plan's
+        tensors view (a few), and kept with the plan until its weights change; the views
+        are made only when an energy is read."""
         held = plan.frozen
         if held is not None and held[0] == plan.epochs:
             return held[1]
-        bases: dict[int, torch.Tensor] = {}
+        if plan.frozen_layout is None:  # per plan: which storages, and each tensor's place in them
+            owners: list[torch.Tensor] = []
+            index: dict[int, int] = {}
 
-        def kept(t: torch.Tensor) -> torch.Tensor:
-            """`t` in a copy of its storage, with its own strides and offset (one copy per
-            storage): products on it run exactly as on `t`."""
-            st = t.untyped_storage()
-            base = bases.get(st.data_ptr())
-            if base is None:
-                base = bases[st.data_ptr()] = torch.empty(0, dtype=t.dtype, device=t.device).set_(st.clone())
-            return base.as_strided(t.shape, t.stride(), t.storage_offset())
+            def place(t: torch.Tensor) -> tuple[int, torch.Size, tuple[int, ...], int]:
+                key = t.untyped_storage().data_ptr()
+                if key not in index:
+                    index[key] = len(owners)
+                    owners.append(t)
+                return index[key], t.shape, t.stride(), t.storage_offset()
 
-        frozen = copy.copy(plan)
-        frozen.const_terms = [dataclasses.replace(t, matrix=kept(t.matrix)) for t in plan.const_terms]
-        frozen.energy_pairs = [(rg, cg, kept(b), f) for rg, cg, b, f in plan.energy_pairs]
-        frozen.workspaces, frozen.frozen = {}, None
+            terms = [place(t.matrix) for t in plan.const_terms]
+            pairs = [place(b) for _rg, _cg, b, _f in plan.energy_pairs]
+            plan.frozen_layout = (owners, terms, pairs)
+        owners, terms, pairs = plan.frozen_layout
+        copies = [t.untyped_storage().clone() for t in owners]
+        built: list[_Plan] = []
+
+        def frozen() -> _Plan:
+            if built:
+                return built[0]
+            bases = [
+                torch.empty(0, dtype=t.dtype, device=t.device).set_(c)
+                for t, c in zip(owners, copies, strict=True)
+            ]
+
+            def view(spot: tuple[int, torch.Size, tuple[int, ...], int]) -> torch.Tensor:
+                i, shape, stride, offset = spot
+                return bases[i].as_strided(shape, stride, offset)
+
+            out = copy.copy(plan)
+            out.const_terms = [
+                dataclasses.replace(t, matrix=view(spot))
+                for t, spot in zip(plan.const_terms, terms, strict=True)
+            ]
+            out.energy_pairs = [
+                (rg, cg, view(spot), f)
+                for (rg, cg, _b, f), spot in zip(plan.energy_pairs, pairs, strict=True)
+            ]
+            out.workspaces, out.frozen, out.frozen_layout = {}, None, None
+            built.append(out)
+            return out
+
         plan.frozen = (plan.epochs, frozen)
         return frozen
 
