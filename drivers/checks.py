@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -163,6 +164,25 @@ def check_states(
     return out, batch
 
 
+def nudge_beta(
+    group: str, nd: object, clamped: Mapping[str, object], topo: Topology, limits: Limits
+) -> float:
+    """The checked beta of the nudge `nd` on `group`: a Nudge on a known free group, |beta|
+    within `Limits.max_beta` (what every settle path checks before its arrays)."""
+    from drivers.base import Nudge
+
+    if group in clamped:
+        raise ConfigurationError(f"nudge on clamped group {group!r} has no effect; nudge a free group")
+    if group not in topo.groups:
+        raise ConfigurationError(f"nudge: unknown group {group!r}; known: {sorted(topo.groups)}")
+    if not isinstance(nd, Nudge):
+        raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
+    beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
+    if abs(beta) > limits.max_beta:
+        raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
+    return beta
+
+
 def check_settle(
     topology: Topology | None,
     limits: Limits,
@@ -181,15 +201,7 @@ def check_settle(
         raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
-        if group in clamp:
-            raise ConfigurationError(f"nudge on clamped group {group!r} has no effect; nudge a free group")
-        if group not in topo.groups:
-            raise ConfigurationError(f"nudge: unknown group {group!r}; known: {sorted(topo.groups)}")
-        if not isinstance(nd, Nudge):
-            raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
-        beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
-        if abs(beta) > limits.max_beta:
-            raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
+        beta = nudge_beta(group, nd, clamp, topo, limits)
         n = topo.groups[group]
         target = None
         if nd.target is not None:

@@ -33,7 +33,6 @@ from drivers.base import (
 )
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.options import encode_query, format_value, parse_value, settable
-from drivers.scalars import as_float
 from drivers.topology import BIAS, Topology
 from drivers.uri import Backend
 from emulator.board import Board
@@ -424,13 +423,7 @@ class EmulatedDevice(Device):
         cl = {g: as_batch("clamp", g, x, True) for g, x in clamp.items()}
         nudges: dict[str, Nudge] = {}
         for group, nd in (nudge or {}).items():
-            if group in cl:
-                raise ConfigurationError(f"nudge on clamped group {group!r} has no effect; nudge free groups")
-            if not isinstance(nd, Nudge):
-                raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
-            beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
-            if abs(beta) > limits.max_beta:
-                raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
+            beta = checks.nudge_beta(group, nd, cl, topo, limits)
             target = None if nd.target is None else as_batch("nudge target", group, nd.target, True)
             grad = None if nd.grad is None else as_batch("nudge grad", group, nd.grad, False)
             if grad is not None and grad.numel():
