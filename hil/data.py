@@ -56,6 +56,17 @@ class Dataset:
     image_shape: tuple[int, int, int]  # (C, H, W)
     classes: int
 
+    @classmethod
+    def from_arrays(
+        cls, name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+        image_shape: tuple[int, int, int],
+    ) -> Dataset:  # fmt: skip
+        """A 10-class data set from float32 images in [0, 1] and int64 labels (numpy)."""
+        return cls(
+            name, torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(ytr),
+            torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte), image_shape, 10,
+        )  # fmt: skip
+
     @property
     def features(self) -> int:
         c, h, w = self.image_shape
@@ -144,15 +155,7 @@ def load_digits() -> Dataset:
         x = (d.data / 16.0).astype(np.float32)
         y = d.target.astype(np.int64)
         xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, random_state=0, stratify=y)
-    return Dataset(
-        "digits",
-        torch.from_numpy(np.ascontiguousarray(xtr)),
-        torch.from_numpy(ytr),
-        torch.from_numpy(np.ascontiguousarray(xte)),
-        torch.from_numpy(yte),
-        (1, 8, 8),
-        10,
-    )
+    return Dataset.from_arrays("digits", xtr, ytr, xte, yte, (1, 8, 8))
 
 
 # ----------------------------------------------------------------------------------- mnist5k
@@ -198,15 +201,7 @@ def load_mnist5k() -> Dataset:
     x = (raw[:, :-1].astype(np.float32) / 255.0).clip(0.0, 1.0)
     y = raw[:, -1].astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=1000, random_state=0, stratify=y)
-    return Dataset(
-        "mnist5k",
-        torch.from_numpy(np.ascontiguousarray(xtr)),
-        torch.from_numpy(ytr),
-        torch.from_numpy(np.ascontiguousarray(xte)),
-        torch.from_numpy(yte),
-        (1, 28, 28),
-        10,
-    )
+    return Dataset.from_arrays("mnist5k", xtr, ytr, xte, yte, (1, 28, 28))
 
 
 # --------------------------------------------------------------------------------------- IDX
