@@ -25,6 +25,7 @@ scheme's fields added; the scheme also keeps the JSON-ready `to_dict()` of every
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -176,7 +177,7 @@ class ProgrammingScheme(Protocol):
     def totals(self) -> dict[str, float]: ...
 
 
-class SchemeBase:
+class SchemeBase(ABC):
     """The parts every scheme shares, bound to one Device (one scheme per EBBlock).
 
     `record`: a calibration record of the board (pulse model, per-device windows, stuck
@@ -280,11 +281,11 @@ class SchemeBase:
         st.acc = np.zeros(st.host.shape)
         return [res]
 
+    @abstractmethod
     def _update(
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor
     ) -> list[Programmed]:
         """How a change of the host weights after the first write reaches the devices."""
-        raise NotImplementedError
 
     def target(self, tile: str) -> np.ndarray:
         """The weights the device is meant to hold: host weights minus what is still owed."""
