@@ -26,8 +26,9 @@ in a child process (as a board's firmware would be), and raw sockets playing the
    The hostile process floods as fast as it can and shares the machine's cores with the
    server and the client, so on a small machine part of the slowdown is plain CPU contention.
 
-`overlong_line_tail_ran` (SCPI) is 1 while the server runs the tail of a line just over
-`MAX_LINE` sent in one piece (tests/test_fuzz_servers.py, the xfail test).
+`overlong_line_tail_ran` (SCPI) is 1 if the server runs the tail of a line just over
+`MAX_LINE` sent in one piece (the bug this benchmark found; fixed, and kept as
+tests/test_fuzz_servers.py::test_scpi_line_just_over_max_line_is_dropped_whole).
 
 Ends by printing one JSON object per line.
 
