@@ -60,6 +60,7 @@ from drivers.wire import frames
 from drivers.wire.frames import Flag, Frame, LinkOp
 from drivers.wire.link import Link
 from drivers.wire.payload import Op
+from hil.testing import socket_link
 
 BOARD = "emulator://?preset=rram&seed=0"
 TOPO = Topology.layered([3, 2])  # W0: 4 x 2
@@ -287,16 +288,7 @@ def _scpi_cases(rng: random.Random, n: int) -> dict[str, list[tuple[bytes, str]]
 
 
 def _framed_link(sock: socket.socket) -> Link:
-    def read(timeout: float) -> bytes:
-        ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
-        if not ready:
-            return b""
-        got = sock.recv(1 << 16)
-        if not got:
-            raise EOFError("closed")
-        return got
-
-    return Link(read, sock.sendall, ack_timeout=1.0, retries=4, seq0=random.randrange(1 << 16))
+    return socket_link(sock, ack_timeout=1.0, retries=4, seq0=random.randrange(1 << 16))
 
 
 def _msg(meta: bytes, data: bytes = b"") -> bytes:

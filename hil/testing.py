@@ -28,6 +28,8 @@ from the URI, so two transports opened with the same URI start from identical bo
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ import pytest
 from drivers import Device, open_device
 
 if TYPE_CHECKING:
+    from drivers.wire.link import Link
     from emulator.server.launch import FaultPlan
     from emulator.server.launch import ServedBoard as BoardServers
 
@@ -56,6 +59,24 @@ def __getattr__(name: str) -> Any:
 
         return getattr(launch, "ServedBoard" if name == "BoardServers" else name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def socket_link(sock: socket.socket, **link_options: Any) -> Link:
+    """A framed-protocol `Link` over a connected socket, for tests that play a host (or a
+    hostile peer) frame by frame: reads are one select and one recv; a closed peer raises
+    EOFError. `link_options` go to `Link` (ack_timeout, retries, seq0, ...)."""
+    from drivers.wire.link import Link
+
+    def read(timeout: float) -> bytes:
+        ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        if not ready:
+            return b""
+        got = sock.recv(1 << 16)
+        if not got:
+            raise EOFError("the peer closed the connection")
+        return got
+
+    return Link(read, sock.sendall, **link_options)
 
 
 def serve_board(

@@ -49,10 +49,10 @@ from drivers.topology import Topology
 from drivers.wire import frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, Frame, LinkOp
-from drivers.wire.link import Link
 from drivers.wire.payload import Op
 from emulator.server import FramedServer, ScpiServer
 from emulator.server import scpi as scpi_mod
+from hil.testing import socket_link
 
 BOARD = "emulator://?preset=rram&seed=0"
 TOPO = Topology.layered([3, 2])  # one tile, W0: 4 x 2 (bias row included)
@@ -483,18 +483,8 @@ def _framed_probe(port: int, data: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def read(timeout: float) -> bytes:
-            ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
-            if not ready:
-                return b""
-            got = sock.recv(1 << 16)
-            if not got:
-                raise EOFError("the server closed the connection")
-            return got
-
-        link = Link(
-            read,
-            sock.sendall,
+        link = socket_link(
+            sock,
             # the server NACKs (seq 0xFFFF) every chunk of garbage the input held, and a NACK
             # 0xFFFF makes the sender retransmit: allow a storm of them (a hang still fails)
             ack_timeout=0.5,

@@ -5,7 +5,6 @@ Raw sockets play the attacker; each test then shows a well-formed peer is still 
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from drivers.wire.link import Link
 from emulator.server import FramedServer, ScpiServer
 from emulator.server import links as links_mod
 from emulator.server import scpi as scpi_mod
+from hil.testing import socket_link
 
 BOARD = "emulator://?preset=rram&seed=0"
 
@@ -74,16 +74,7 @@ def _until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
 
 
 def _framed_link(sock: socket.socket) -> Link:
-    def read(timeout: float) -> bytes:
-        ready, _, _ = select.select([sock], [], [], timeout)
-        if not ready:
-            return b""
-        data = sock.recv(1 << 16)
-        if not data:
-            raise EOFError("closed")
-        return data
-
-    return Link(read, sock.sendall, ack_timeout=1.0, retries=3)
+    return socket_link(sock, ack_timeout=1.0, retries=3)
 
 
 def _exchange(link: Link, opcode: int, body: bytes) -> tuple[frames.Frame, bytes]:
