@@ -453,10 +453,12 @@ class EBBlock(nn.Module):
         free: Equilibrium | None = None,
         input_grads: bool = True,
         trace: bool | int = False,
+        out: Mapping[str, Tensor] | None = None,
     ) -> EPResult:
         """EP gradients of ``L = reduce_b beta-cost`` (see the module docstring) for the
         parameters and (with `input_grads`) the clamped inputs. `free`: reuse a free
-        equilibrium of the same clamp."""
+        equilibrium of the same clamp. `out`: per tile, a tensor of its shape to write dL/dW
+        into (e.g. the parameter's ``.grad`` of the last step; `EPEstimator.phi_grad_difference`)."""
         check_phases(beta, mode)
         tg, gd = self._as_groups(target), self._as_groups(grad)
         if not tg and not gd:
@@ -473,6 +475,7 @@ class EBBlock(nn.Module):
             next(iter(cl.values())).shape[0],
             reduce,
             (lambda st: self.input_drive(st, inputs)) if input_grads else None,
+            out,
         )
         return EPResult(grads, in_grads, f, ph.first, ph.second, ph.betas, ph.steps)
 

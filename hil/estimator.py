@@ -221,28 +221,49 @@ class EPEstimator:
                 )
         return out
 
-    def phi_grad_difference(self, a: StateMap, b: StateMap) -> dict[str, Tensor]:
+    def phi_grad_difference(
+        self, a: StateMap, b: StateMap, out: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """``phi_grads(a) - phi_grads(b)`` with fewer products: a bipartite tile whose row
         group holds the same states in both (a clamped input, the bias) needs one product
-        of the difference of its column states, ``x^T (c_a - c_b)``."""
+        of the difference of its column states, ``x^T (c_a - c_b)``. Each row group's part is
+        written straight into its rows of the tile's result (no concatenation). `out`: per
+        tile, a tensor of the tile's shape, dtype and device to write the result into (e.g.
+        the parameter's last ``.grad``); a tile without a usable one gets a new tensor."""
         sa, sb = self._tensors(a), self._tensors(b)
         if any(c.kind == "dense" for c in self.topology.couplings):
             pa, pb = self.phi_grads(sa), self.phi_grads(sb)
             return {t: pa[t] - pb[t] for t in pa}
-        out = {}
+        result = {}
         for c in self.topology.couplings:
             ca, cb = joined(sa, c.cols), joined(sb, c.cols)
             dc = ca - cb
-            parts = {}
-            for g in c.rows:
-                if g == BIAS:
-                    parts[g] = dc.sum(0, keepdim=True)
-                elif sa[g] is sb[g] or (torch.equal(sa[g][:1], sb[g][:1]) and torch.equal(sa[g], sb[g])):
-                    parts[g] = sa[g].T @ dc
+            shape = self.topology.tile_shape(c.tile)
+            g = None if out is None else out.get(c.tile)
+            if (
+                g is None
+                or tuple(g.shape) != shape
+                or g.dtype != dc.dtype
+                or g.device != dc.device
+                or not g.is_contiguous()
+            ):
+                g = torch.empty(shape, dtype=dc.dtype, device=dc.device)
+            start = 0
+            for grp in c.rows:
+                n = self.topology.size(grp)
+                rows = g[start : start + n]  # contiguous: the tile's full-width rows
+                start += n
+                if grp == BIAS:
+                    torch.sum(dc, 0, keepdim=True, out=rows)
+                    continue
+                xa, xb = sa[grp], sb[grp]
+                if xa is xb or (torch.equal(xa[:1], xb[:1]) and torch.equal(xa, xb)):
+                    torch.mm(xa.T, dc, out=rows)
                 else:
-                    parts[g] = torch.addmm(sa[g].T @ ca, sb[g].T, cb, alpha=-1.0)
-            out[c.tile] = joined(parts, c.rows, 0)
-        return out
+                    torch.mm(xa.T, ca, out=rows)
+                    rows.addmm_(xb.T, cb, alpha=-1.0)
+            result[c.tile] = g
+        return result
 
     def gradients(
         self,
@@ -250,11 +271,13 @@ class EPEstimator:
         batch: int,
         reduce: Literal["mean", "sum"] = "mean",
         input_drive: Callable[[StateMap], dict[str, Tensor]] | None = None,
+        out: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(dL/dW per tile, dL/dx per clamped group); `input_drive(states)` gives dPhi/dx of
-        the clamped groups at `states` (skipped when None)."""
+        the clamped groups at `states` (skipped when None). `out`: per tile, a tensor to write
+        dL/dW into (`phi_grad_difference`)."""
         scale = self.scale(phases, batch, reduce)
-        diff = self.phi_grad_difference(phases.first.states, phases.second.states)
+        diff = self.phi_grad_difference(phases.first.states, phases.second.states, out)
         grads = {t: g.mul_(scale) for t, g in diff.items()}
         in_grads: dict[str, Tensor] = {}
         if input_drive is not None:

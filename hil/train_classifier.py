@@ -186,18 +186,24 @@ class Classifier:
             f = blk.free(x, trace=trace)
             self.last_settles = {"free": f}
             out = blk.as_tensor(f.states[blk.outputs[0]])
+            # the gradients are written into last step's .grad tensors (the optimizer has read
+            # them and keeps no reference): no new tile-sized tensors per step
+            grads = {t: p.grad for t, p in blk.weights.items() if p.grad is not None}
             if e.loss == "ce":
                 # dL/ds of the cross-entropy of tau * s: tau (softmax(tau s) - onehot), and L itself
                 logp = torch.log_softmax(out * e.tau, dim=1)
                 loss = F.nll_loss(logp, y)
                 grad = logp.exp_().sub_(F.one_hot(y, self.classes)).mul_(e.tau)
-                r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
+                r = blk.ep(x, grad=grad, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace,
+                           out=grads)  # fmt: skip
             else:
                 target = F.one_hot(y, self.classes).to(out.dtype)
-                r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace)
+                r = blk.ep(x, target=target, beta=e.beta, mode=e.mode, free=f, input_grads=False, trace=trace,
+                           out=grads)  # fmt: skip
                 loss = self._loss(out, y)
             for tile, p in blk.weights.items():
-                p.grad = r.grads[tile]
+                if p.grad is not r.grads[tile]:
+                    p.grad = r.grads[tile]
             free = [f]
             nud = [eq for eq in (r.first, r.second) if eq is not f]
             for eq, b in zip((r.first, r.second), r.betas, strict=True):
