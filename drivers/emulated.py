@@ -417,7 +417,10 @@ class EmulatedDevice(Device):
                     raise ConfigurationError("settle got an empty batch (0 samples); pass one or more")
             t = t.contiguous()  # itself when it is contiguous
             if t.numel():
-                peaks.append((f"{kind} {group!r}", t.abs().amax(), limits.clamp_max if voltage else math.inf))
+                # the peak |x| in one pass without a temporary (aminmax propagates NaN)
+                lo, hi = torch.aminmax(t)
+                peak = torch.maximum(hi, lo.neg())
+                peaks.append((f"{kind} {group!r}", peak, limits.clamp_max if voltage else math.inf))
             return t
 
         cl = {g: as_batch("clamp", g, x, True) for g, x in clamp.items()}
