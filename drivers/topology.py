@@ -10,7 +10,11 @@ concatenated `cols` groups: it drives the column nodes with ``s_rows @ W`` and
 the row nodes with ``s_cols @ W.T`` (one physical crossbar gives both). A
 `dense` coupling is an all-to-all network over the `cols` groups: the tile is
 N x N (plus a bias row), the drive is ``s @ W``, the diagonal is disconnected,
-and W_ij and W_ji are two separate devices.
+and W_ij and W_ji are two separate devices. A `conv` coupling joins two feature
+maps (groups with a shape in `Topology.shapes`): its tile holds one kernel,
+weight-stationary, ``C_in * k * k`` rows (plus a bias row) by ``C_out`` columns,
+applied at every position of the input map (stride 1, zero padding), optionally
+followed by a max-pooling of the pre-activations (`drivers.conv` has the maps).
 
 The reserved group ``bias`` is a single node held at 1: a bias is just one more
 row of a tile.
@@ -28,13 +32,23 @@ from drivers.scalars import INT32_MAX, as_float, as_int
 BIAS = "bias"
 
 
+# declared bounds of a conv coupling's geometry (the work of one settle step grows with them)
+MAX_KERNEL = 15
+MAX_POOL = 8
+MAX_POSITIONS = 1 << 16  # conv output positions per input map (a 256 x 256 image)
+
+
 @dataclass(frozen=True)
 class Coupling:
     tile: str
     rows: tuple[str, ...]
     cols: tuple[str, ...]
-    kind: Literal["bipartite", "dense"] = "bipartite"
+    kind: Literal["bipartite", "dense", "conv"] = "bipartite"
     w_max: float = 1.0
+    # conv couplings only: kernel size k (stride 1), zero padding, max-pooling window (1: none)
+    kernel: int = 0
+    padding: int = 0
+    pool: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class Topology:
     gain: float = 1.0
     mode: Literal["analog", "mvm"] = "analog"
     budget: SettleBudget = field(default_factory=SettleBudget)
+    # feature-map groups: (channels, height, width), flattened channel-major into the group
+    shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if BIAS in self.groups:
@@ -97,6 +113,71 @@ class Topology:
                     f"got rows={c.rows} cols={c.cols}"
                 )
             as_float(f"tile {c.tile!r}: w_max", c.w_max, 0.0, float("inf"), lo_open=True)
+        self._check_shapes()
+        for c in self.couplings:
+            if c.kind == "conv":
+                self._check_conv(c)
+            elif (c.kernel, c.padding, c.pool) != (0, 0, 1):
+                raise ConfigurationError(
+                    f"tile {c.tile!r}: kernel, padding and pool are for conv couplings; "
+                    f"this one is {c.kind!r}"
+                )
+
+    def _check_shapes(self) -> None:
+        if not isinstance(self.shapes, dict):
+            raise ConfigurationError(
+                f"shapes maps group names to (C, H, W), got {type(self.shapes).__name__}"
+            )
+        for g, shape in self.shapes.items():
+            if g not in self.groups:
+                raise ConfigurationError(f"shapes names unknown group {g!r}; known: {sorted(self.groups)}")
+            if not isinstance(shape, tuple) or len(shape) != 3:
+                raise ConfigurationError(
+                    f"the shape of group {g!r} is (channels, height, width), got {shape!r}"
+                )
+            c, h, w = (as_int(f"shape of group {g!r}", v, 1, INT32_MAX) for v in shape)
+            if c * h * w != self.groups[g]:
+                raise ConfigurationError(
+                    f"group {g!r} has {self.groups[g]} nodes but shape {shape} holds {c * h * w}; "
+                    "make the size the product of the shape"
+                )
+
+    def _check_conv(self, c: Coupling) -> None:
+        """A conv coupling: one source map (plus optionally the bias) on the rows, one
+        destination map on the columns, whose shape is the pooled output of the kernel."""
+        src = tuple(g for g in c.rows if g != BIAS)
+        if len(src) != 1 or len(c.cols) != 1 or c.rows[0] != src[0]:
+            raise ConfigurationError(
+                f"conv tile {c.tile!r}: rows are one feature map (then optionally 'bias'), cols one "
+                f"feature map; got rows={c.rows} cols={c.cols}"
+            )
+        for g in (src[0], c.cols[0]):
+            if g not in self.shapes:
+                raise ConfigurationError(
+                    f"conv tile {c.tile!r}: group {g!r} needs a (C, H, W) entry in Topology.shapes"
+                )
+        k = as_int(f"conv tile {c.tile!r}: kernel", c.kernel, 1, MAX_KERNEL)
+        p = as_int(f"conv tile {c.tile!r}: padding", c.padding, 0, k - 1)
+        pool = as_int(f"conv tile {c.tile!r}: pool", c.pool, 1, MAX_POOL)
+        _c_in, h, w = self.shapes[src[0]]
+        ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
+        if ho < 1 or wo < 1:
+            raise ConfigurationError(
+                f"conv tile {c.tile!r}: a {k} x {k} kernel with padding {p} does not fit a {h} x {w} map"
+            )
+        as_int(f"conv tile {c.tile!r}: output positions", ho * wo, 1, MAX_POSITIONS)
+        if ho % pool or wo % pool:
+            raise ConfigurationError(
+                f"conv tile {c.tile!r}: the {ho} x {wo} output does not split into {pool} x {pool} "
+                "pooling windows; change the padding or the pool"
+            )
+        want = (self.shapes[c.cols[0]][0], ho // pool, wo // pool)
+        if self.shapes[c.cols[0]] != want:
+            raise ConfigurationError(
+                f"conv tile {c.tile!r}: {src[0]!r} {self.shapes[src[0]]} through a {k} x {k} kernel "
+                f"(padding {p}, pool {pool}) gives maps of {want[1]} x {want[2]}; group "
+                f"{c.cols[0]!r} has shape {self.shapes[c.cols[0]]}"
+            )
 
     def size(self, group: str) -> int:
         return 1 if group == BIAS else self.groups[group]
@@ -109,11 +190,16 @@ class Topology:
 
     @cached_property
     def _tile_shapes(self) -> dict[str, tuple[int, int]]:
-        """(rows, cols) per tile, computed once (the checks of every program call ask)."""
-        return {
-            c.tile: (sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols))
-            for c in self.couplings
-        }
+        """(rows, cols) per tile, computed once (the checks of every program call ask). A conv
+        tile holds one kernel: ``C_in k^2`` rows (+ the bias row) by ``C_out`` columns."""
+        out = {}
+        for c in self.couplings:
+            if c.kind == "conv":
+                c_in, c_out = self.shapes[c.rows[0]][0], self.shapes[c.cols[0]][0]
+                out[c.tile] = (c_in * c.kernel**2 + (BIAS in c.rows), c_out)
+            else:
+                out[c.tile] = (sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols))
+        return out
 
     def coupling(self, tile: str) -> Coupling:
         for c in self.couplings:
@@ -151,6 +237,53 @@ class Topology:
             for k in range(len(sizes) - 1)
         )
         return Topology(groups, couplings, gain=gain, mode=mode, budget=budget or SettleBudget())
+
+    @staticmethod
+    def convolutional(
+        input_shape: tuple[int, int, int],
+        channels: list[int],
+        *,
+        pools: list[int] | None = None,
+        kernel: int = 3,
+        padding: int = 1,
+        head: list[int] | tuple[int, ...] = (),
+        bias: bool = True,
+        prefix: str = "s",
+        gain: float = 1.0,
+        mode: Literal["analog", "mvm"] = "analog",
+        budget: SettleBudget | None = None,
+        w_max: float = 1.0,
+    ) -> Topology:
+        """A layered convolutional DHN (the conv EB blocks of Laborieux et al. 2021 and Nest &
+        Ernoult 2024): group s0 is the input map `input_shape` (C, H, W), groups s1 ... sL the
+        maps of `channels`, each the output of a `kernel` x `kernel` conv (stride 1, `padding`)
+        of the one before, max-pooled by ``pools[k]`` (default 2 for every layer); then fully
+        connected groups of sizes `head`. Tiles W0 ... in that order, bias rows included."""
+        pools = [2] * len(channels) if pools is None else list(pools)
+        if not channels or len(pools) != len(channels):
+            raise ConfigurationError(
+                f"a convolutional DHN needs one pool per conv layer; got {len(channels)} layers, "
+                f"{len(pools)} pools"
+            )
+        c, h, w = input_shape
+        shapes = {f"{prefix}0": (c, h, w)}
+        couplings = []
+        bias_rows = (BIAS,) if bias else ()
+        for k, (ch, pool) in enumerate(zip(channels, pools, strict=True)):
+            h, w = (h + 2 * padding - kernel + 1) // pool, (w + 2 * padding - kernel + 1) // pool
+            shapes[f"{prefix}{k + 1}"] = (ch, h, w)
+            src, dst = f"{prefix}{k}", f"{prefix}{k + 1}"
+            tile = Coupling(f"W{k}", (src, *bias_rows), (dst,), "conv", w_max, kernel, padding, pool)
+            couplings.append(tile)
+        groups = {g: a * b * d for g, (a, b, d) in shapes.items()}
+        n = len(channels)
+        for j, size in enumerate(head):
+            groups[f"{prefix}{n + j + 1}"] = size
+            src, dst = f"{prefix}{n + j}", f"{prefix}{n + j + 1}"
+            couplings.append(Coupling(f"W{n + j}", (src, *bias_rows), (dst,), w_max=w_max))
+        return Topology(
+            groups, tuple(couplings), gain=gain, mode=mode, budget=budget or SettleBudget(), shapes=shapes
+        )
 
     @staticmethod
     def dense(

@@ -7,6 +7,11 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   nodes, for the whole batch (a bipartite tile drives its column groups with ``s_rows @ W``
   and its row groups with ``s_cols @ W.T``, the transposed read of the same crossbar; a dense
   tile drives all its groups with ``[s, 1] @ W``);
+- a conv tile (`drivers.conv`) is read once per position of its input map, forwards and
+  transposed, as rows of one `mvm` call (split into calls of at most `Limits.max_batch`
+  rows): the patches of every position give the destination's pre-activations, which the
+  host max-pools; the destination's states, routed back to the pooling winners, go through
+  the transposed reads and are summed back onto the source map;
 - a product whose sources are all clamped (the input layer and the bias, usually the widest
   tile) is constant during the settle: it is read once per settle, not every step;
 - the activation ``clamp(gain u, 0, 1)``, the nudge ``beta (target - s) - beta grad`` and the
@@ -51,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, Limits, Nudge, Topology
+from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, Limits, Nudge, Topology, conv
 from drivers.checks import check_settle, require_topology
 from hil.reference import DHN
 
@@ -66,6 +71,7 @@ class _Term:
     dsts: list[tuple[str, int, int]]  # free destination groups and their columns in the output
     constant: bool  # every source is clamped (or the bias)
     diagonal: bool = False  # a dense tile: its read-back diagonal is taken out of the drive
+    geom: conv.ConvGeometry | None = None  # a conv tile: read at every position
 
 
 @dataclass
@@ -95,6 +101,19 @@ def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
         return all(g == BIAS or g in clamped for g in groups)
 
     for c in topo.couplings:
+        if c.kind == "conv":
+            g = conv.ConvGeometry.of(topo, c)
+            a, b = c.rows[0], c.cols[0]
+            if b not in clamped:  # the forward read first: the transposed one routes by its winners
+                out.append(_Term(c.tile, False, c.rows, [(b, 0, topo.size(b))], fixed(c.rows), geom=g))
+            if a not in clamped:
+                if b in clamped:
+                    raise ConfigurationError(
+                        f"conv tile {c.tile!r}: its destination {b!r} is clamped and its source {a!r} "
+                        "free; clamp the source too, or nudge the destination"
+                    )
+                out.append(_Term(c.tile, True, (b,), [(a, 0, topo.size(a))], False, geom=g))
+            continue
         if c.kind == "dense":
             dsts = free_dsts(c.cols)
             if dsts:
@@ -165,11 +184,33 @@ class HostSettle:
         stats = HostSettleStats()
         probe = self.probe_noise and budget.tol > 0
 
+        winners: dict[str, torch.Tensor | None] = {}  # per conv tile, its last forward read's
+
+        def mvm(term: _Term, rows: np.ndarray) -> np.ndarray:
+            step = limits.max_batch
+            parts = []
+            for k in range(0, max(rows.shape[0], 1), step):
+                stats.mvm_calls += 1
+                parts.append(dev.mvm(term.tile, rows[k : k + step], transpose=term.transpose))
+            return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
         def product(term: _Term) -> np.ndarray:
+            if term.geom is not None:
+                return conv_product(term, term.geom)
             x = [ones if g == BIAS else s[g] for g in term.sources]
             xs = np.concatenate(x, axis=1) if len(x) > 1 else x[0]
             stats.mvm_calls += 1
             return dev.mvm(term.tile, xs, transpose=term.transpose)
+
+        def conv_product(term: _Term, g: conv.ConvGeometry) -> np.ndarray:
+            if not term.transpose:  # every position's patch, then the pooling on the host
+                rows = conv.patches(torch.from_numpy(s[term.sources[0]]), g).numpy()
+                pre = conv.from_positions(torch.from_numpy(mvm(term, rows)), g)
+                y, winners[term.tile] = conv.pool(pre, g)
+                return y.numpy()
+            routed = conv.unpool(torch.from_numpy(s[term.sources[0]]), g, winners.get(term.tile))
+            out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
+            return conv.fold_patches(torch.from_numpy(out), g).numpy()
 
         # the constant drive: clamped products (read once), injected currents
         const = {g: np.zeros((batch, topo.groups[g]), np.float32) for g in free}
@@ -315,7 +356,10 @@ class HostSettle:
         norm = self._norms.get(key)
         if norm is None:
             with torch.no_grad():
-                norm = self._spectral_norm(ref.coupling_matrix(free).to(torch.float64), clamped)
+                if ref.has_conv():
+                    norm = self._drive_norm(ref, free)
+                else:
+                    norm = self._spectral_norm(ref.coupling_matrix(free).to(torch.float64), clamped)
             self._norms.clear()
             self._norms[key] = norm
         return min(dt, 1.8 / (1.0 + topo.gain * norm)) if norm > 0 else dt
@@ -338,6 +382,23 @@ class HostSettle:
                 return 0.0
             v = w / est
         self._vectors[clamped] = v
+        return 1.05 * est
+
+    @staticmethod
+    def _drive_norm(ref: DHN, free: list[str], iters: int = 30) -> float:
+        """The norm of the free groups' drive on one another where it is no fixed matrix (conv
+        couplings: the pooling winners move with the states), by power iteration on the drive
+        itself from a fixed random start, with the same 5 % margin."""
+        w = next(iter(ref.weights.values()))
+        gen = torch.Generator().manual_seed(0)
+        v = {g: torch.rand(1, ref.size(g), generator=gen, dtype=w.dtype).to(w.device) for g in free}
+        est = 0.0
+        for _ in range(iters):
+            u = ref.drive(v, targets=set(free), sources=set(free), bias=False)
+            est = sum(float(x.square().sum()) for x in u.values()) ** 0.5
+            if est == 0.0:
+                return 0.0
+            v = {g: x / est for g, x in u.items()}
         return 1.05 * est
 
     @staticmethod

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from drivers import conv
 from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 
@@ -193,6 +194,9 @@ class DHN(nn.Module):
         out: States = {}
         for c in self.topology.couplings:
             row_groups = tuple(g for g in c.rows if g != BIAS or bias)
+            if c.kind == "conv":
+                self._conv_drive(c, states, src, out, targets, bias, any_state)
+                continue
             if c.kind == "dense":
                 w = self._dense_matrix(c)
                 n = w.shape[1]
@@ -220,12 +224,48 @@ class DHN(nn.Module):
                 out[g] = torch.zeros(batch, self.size(g), dtype=any_state.dtype, device=any_state.device)
         return out
 
+    def _conv_drive(
+        self,
+        c: Coupling,
+        states: Mapping[str, Tensor],
+        src: Mapping[str, Tensor],
+        out: States,
+        targets: set[str] | None,
+        bias: bool,
+        like: Tensor,
+    ) -> None:
+        """A conv coupling's share of `drive`: ``pool(conv(x) + b)`` on its destination map and
+        ``conv_transpose(unpool(y))`` on its source map, the pooling winners taken at the
+        source's state in `states` (given or not as a source)."""
+        g = conv.ConvGeometry.of(self.topology, c)
+        w = self.weights[c.tile]
+        a, b = c.rows[0], c.cols[0]
+        batch = like.shape[0]
+        x_state = states.get(a)
+        if x_state is None:
+            x_state = torch.zeros(batch, self.size(a), dtype=like.dtype, device=like.device)
+        idx = conv.winners(x_state.detach(), w.detach(), g)
+        if (targets is None or b in targets) and (a in src or bias):
+            x = src[a] if a in src else torch.zeros_like(x_state)
+            y = conv.pool_at(conv.pre_activation(x, w, g, bias=bias), g, idx)
+            out[b] = out[b] + y if b in out else y
+        if (targets is None or a in targets) and b in src:
+            d = conv.backward(src[b], w, g, idx)
+            out[a] = out[a] + d if a in out else d
+
+    def has_conv(self) -> bool:
+        return any(c.kind == "conv" for c in self.topology.couplings)
+
     def phi(self, states: Mapping[str, Tensor]) -> Tensor:
         """The primitive function Phi per sample, shape (B,)."""
         any_state = next(iter(states.values()))
         batch = any_state.shape[0]
         total = torch.zeros(batch, dtype=any_state.dtype, device=any_state.device)
         for c in self.topology.couplings:
+            if c.kind == "conv":
+                x, y = states[c.rows[0]], states[c.cols[0]]
+                total = total + conv.phi(x, y, self.weights[c.tile], conv.ConvGeometry.of(self.topology, c))
+                continue
             s_rows = self._cat(c.rows, states, batch, any_state)
             if c.kind == "dense":
                 w = self._dense_matrix(c)
@@ -257,6 +297,13 @@ class DHN(nn.Module):
             raise ValueError(
                 f"clamped groups {sorted(unknown)} are not in the topology {sorted(self.topology.groups)}"
             )
+        for c in self.topology.couplings:
+            if c.kind == "conv" and c.cols[0] in clamp and c.rows[0] not in clamp:
+                raise ValueError(
+                    f"conv tile {c.tile!r}: its destination {c.cols[0]!r} is clamped and its source "
+                    f"{c.rows[0]!r} free; the pooling winners would move with the free source, so "
+                    "the clamped drive is not constant: clamp the source too, or nudge the destination"
+                )
         return [g for g in self.topology.groups if g not in clamp]
 
     def _prepare(self, clamp: Mapping[str, Tensor | np.ndarray]) -> States:
@@ -392,6 +439,25 @@ class DHN(nn.Module):
                         a[idx[gc], idx[gr]] += block.T
         return a
 
+    def local_matrix(self, free: list[str], states: Mapping[str, Tensor]) -> Tensor:
+        """A of ``drive_free = s_free @ A + c`` around `states`: `coupling_matrix` (N, N) when
+        no coupling is a conv, else one matrix per sample (B, N, N): a pooled conv coupling is
+        bilinear only for a fixed choice of pooling winners, which depends on the sample's
+        state; its matrix is the Jacobian of the drive there (exact: the drive is piecewise
+        linear)."""
+        if not self.has_conv():
+            return self.coupling_matrix(free)
+        flat = self._flat({g: states[g].detach() for g in free}, free)
+
+        def drive_of(x: Tensor) -> Tensor:
+            st = self._unflat(x[None], free)
+            return self._flat(self.drive(st, targets=set(free), sources=set(free), bias=False), free)[0]
+
+        with torch.enable_grad():
+            jac = [torch.autograd.functional.jacobian(drive_of, row, vectorize=True) for row in flat]
+        # jacobian[j, i] = d drive_j / d s_i; row convention A[i, j]
+        return torch.stack(jac).transpose(1, 2).detach()
+
     def _flat(self, s: Mapping[str, Tensor], free: list[str]) -> Tensor:
         return torch.cat([s[g] for g in free], dim=1)
 
@@ -410,8 +476,8 @@ class DHN(nn.Module):
     ) -> tuple[States, int, bool]:
         if not free:
             return s, 0, True
-        a = self.coupling_matrix(free)
-        n = a.shape[0]
+        a = self.local_matrix(free, s)
+        n = a.shape[-1]
         eye = torch.eye(n, dtype=a.dtype, device=a.device)
         # the target term of a nudge adds -beta to the diagonal of the Jacobian of the drive
         diag = torch.zeros(n, dtype=a.dtype, device=a.device)
@@ -419,17 +485,19 @@ class DHN(nn.Module):
         for g, nd in (nudge or {}).items():
             if nd.target is not None and g in idx:
                 diag[idx[g]] = -nd.beta
-        a_full = a + torch.diag(diag)
         x = self._flat(s, free)
         for it in range(max_iter):
             st = self._unflat(x, free)
+            if it and self.has_conv():  # the pooling winners move with the states
+                a = self.local_matrix(free, st)
+            a_full = a + torch.diag(diag)
             u = self._flat(self._drive_total(st, c_ext, nudge, free), free)
             f = x - rho(u, self.gain)
             if float(f.abs().max()) < 1e-13 * max(1.0, float(x.abs().max())):
                 return st, it, True
             d = rho_prime(u, self.gain)
             # F(x) = x - rho(x A + c); Jacobian (row form) I - A D  ->  (I - D A^T) dx^T = -f^T
-            m = (eye - d[:, :, None] * a_full.T[None]).contiguous()
+            m = (eye - d[:, :, None] * a_full.transpose(-1, -2)).contiguous()
             dx = _solve(m, -f)
             x = x + dx
         st = self._unflat(x, free)
@@ -468,8 +536,8 @@ class DHN(nn.Module):
                 ],
                 dim=1,
             )
-            a = self.coupling_matrix(free).detach()
-            m = (torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - a[None] * d[:, None, :]).contiguous()
+            a = self.local_matrix(free, st).detach()
+            m = (torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a * d[:, None, :]).contiguous()
             v = _solve(m, gflat)
         return self._unflat(d * v, free)
 

@@ -331,17 +331,24 @@ def info_from_dict(d: Any) -> DeviceInfo:
 _IDENTITY = ("manufacturer", "model", "serial", "firmware")
 
 
+def _coupling_to_dict(c: Coupling) -> dict[str, Any]:
+    d = {"tile": c.tile, "rows": list(c.rows), "cols": list(c.cols), "kind": c.kind, "w_max": c.w_max}
+    if c.kind == "conv":  # only conv couplings carry a geometry: older peers see what they know
+        d.update(kernel=c.kernel, padding=c.padding, pool=c.pool)
+    return d
+
+
 def topology_to_dict(topo: Topology) -> dict[str, Any]:
-    return {
+    d = {
         "groups": dict(topo.groups),
-        "couplings": [
-            {"tile": c.tile, "rows": list(c.rows), "cols": list(c.cols), "kind": c.kind, "w_max": c.w_max}
-            for c in topo.couplings
-        ],
+        "couplings": [_coupling_to_dict(c) for c in topo.couplings],
         "gain": topo.gain,
         "mode": topo.mode,
         "budget": dataclasses.asdict(topo.budget),
     }
+    if topo.shapes:
+        d["shapes"] = {g: list(shape) for g, shape in topo.shapes.items()}
+    return d
 
 
 def topology_from_dict(d: dict[str, Any]) -> Topology:
@@ -354,6 +361,9 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
                 cols=tuple(c["cols"]),
                 kind=c.get("kind", "bipartite"),
                 w_max=c.get("w_max", 1.0),
+                kernel=c.get("kernel", 0),
+                padding=c.get("padding", 0),
+                pool=c.get("pool", 1),
             )
             for c in d["couplings"]
         )
@@ -363,6 +373,8 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
             gain=d.get("gain", 1.0),
             mode=d.get("mode", "analog"),
             budget=SettleBudget(**d.get("budget", {})),
+            # a list of three sizes per group, checked by Topology (a non-list fails there too)
+            shapes={str(g): tuple(v) for g, v in d.get("shapes", {}).items()},
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ProtocolError(f"malformed topology: {exc}") from exc

@@ -1,0 +1,199 @@
+"""The maps of a conv coupling (`drivers.topology`): a kernel on a tile, applied at every
+position of a feature map, with an optional max-pooling.
+
+A conv tile stores one kernel weight-stationary, as in-memory computing chips map a
+convolution (im2col): row ``r = c k^2 + i k + j`` of the tile holds kernel entry (c, i, j)
+for every output channel (column o), and the last row the bias when the coupling has one.
+Applying the tile to the patch of every position of the input map (stride 1, zero padding)
+is the 2-d convolution with that kernel; the board reuses the one tile at every position.
+
+Feature maps travel flattened, channel-major, as node groups: (B, C * H * W).
+
+With pooling, the coupling's term of the primitive function is, per sample,
+
+    Phi_c = s_dst . pool(conv(s_src, K) + b)
+
+(the energy of the convolutional DHNs of Laborieux et al. 2021 and of the conv EB blocks of
+Nest & Ernoult 2024). Pooling takes the largest pre-activation of each window, so Phi_c is
+bilinear in (s_src, s_dst) for a fixed choice of winners, and its derivatives are
+
+- drive of the destination: ``pool(conv(s_src) + b)`` (`forward`);
+- drive of the source: ``conv_transpose(unpool(s_dst))``: each destination node's state is
+  routed back to the position that won its window, then through the transposed tile
+  (`backward`);
+- ``dPhi/dK``: the sum over positions of patch x routed destination state, and ``dPhi/db``
+  the sum of the destination states (`weight_grad`).
+
+The emulator, the host's iterated settle, the EP estimator and the pure-torch reference all
+use these maps, so the four agree on what a conv coupling is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drivers.topology import BIAS, Coupling, Topology
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kernel: int
+    padding: int
+    pool: int
+    bias: bool
+
+    @staticmethod
+    def of(topology: Topology, coupling: Coupling) -> ConvGeometry:
+        c_in, h, w = topology.shapes[coupling.rows[0]]
+        c_out = topology.shapes[coupling.cols[0]][0]
+        return ConvGeometry(
+            c_in, h, w, c_out, coupling.kernel, coupling.padding, coupling.pool, BIAS in coupling.rows
+        )
+
+    @property
+    def conv_hw(self) -> tuple[int, int]:
+        """(height, width) of the conv output before pooling."""
+        k, p = self.kernel, self.padding
+        return self.h + 2 * p - k + 1, self.w + 2 * p - k + 1
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        ho, wo = self.conv_hw
+        return self.c_out, ho // self.pool, wo // self.pool
+
+    @property
+    def positions(self) -> int:
+        """Positions the kernel is applied at: one tile read (MVM) each."""
+        ho, wo = self.conv_hw
+        return ho * wo
+
+    @property
+    def kernel_rows(self) -> int:
+        return self.c_in * self.kernel**2
+
+    @property
+    def rows(self) -> int:
+        """The tile's rows: the kernel's, plus the bias row."""
+        return self.kernel_rows + int(self.bias)
+
+    def maps(self, x: Tensor) -> Tensor:
+        """A flat source state (B, C_in H W) as maps (B, C_in, H, W)."""
+        return x.reshape(x.shape[0], self.c_in, self.h, self.w)
+
+
+def kernel(tile: Tensor, g: ConvGeometry) -> tuple[Tensor, Tensor | None]:
+    """The tile (rows, C_out) as a conv weight (C_out, C_in, k, k) and a bias (C_out) or None."""
+    k = tile[: g.kernel_rows].T.reshape(g.c_out, g.c_in, g.kernel, g.kernel)
+    return k, (tile[g.kernel_rows] if g.bias else None)
+
+
+def to_tile(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A conv weight (C_out, C_in, k, k) and bias (C_out) as the tile (rows, C_out)."""
+    rows = weight.reshape(weight.shape[0], -1).T
+    return rows if bias is None else torch.cat([rows, bias.reshape(1, -1)])
+
+
+def pre_activation(x: Tensor, tile: Tensor, g: ConvGeometry, bias: bool = True) -> Tensor:
+    """``conv(x, K) (+ b)`` before pooling, (B, C_out, H_o, W_o); `bias` False leaves the bias
+    row out (for a drive from the states alone)."""
+    k, b = kernel(tile, g)
+    return F.conv2d(g.maps(x), k, b if bias else None, padding=g.padding)
+
+
+def pool(pre: Tensor, g: ConvGeometry) -> tuple[Tensor, Tensor | None]:
+    """The pooled pre-activations, flat (B, n_dst), and the winners' indices (None without
+    pooling)."""
+    if g.pool == 1:
+        return pre.reshape(pre.shape[0], -1), None
+    y, idx = F.max_pool2d(pre, g.pool, return_indices=True)
+    return y.reshape(pre.shape[0], -1), idx
+
+
+def forward(x: Tensor, tile: Tensor, g: ConvGeometry, bias: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The destination's drive ``pool(conv(x) + b)`` (B, n_dst) and the pooling winners."""
+    return pool(pre_activation(x, tile, g, bias), g)
+
+
+def pool_at(pre: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
+    """The pre-activations at given pooling winners, flat (B, n_dst): a drive taken without
+    the bias pools at the winners of the biased pre-activations, which the circuit compares."""
+    if g.pool == 1 or idx is None:
+        return pool(pre, g)[0]
+    return pre.flatten(2).gather(2, idx.flatten(2)).reshape(pre.shape[0], -1)
+
+
+def unpool(y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
+    """Flat destination states (B, n_dst) routed to the winning positions, (B, C_out, H_o, W_o)."""
+    maps = y.reshape(y.shape[0], *g.out_shape)
+    if g.pool == 1:
+        return maps
+    if idx is None:
+        raise ValueError("a pooled conv coupling needs the pooling winners (`forward`'s indices)")
+    return F.max_unpool2d(maps, idx, g.pool, output_size=g.conv_hw)
+
+
+def backward(y: Tensor, tile: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
+    """The source's drive ``conv_transpose(unpool(y), K)``, flat (B, n_src)."""
+    k, _ = kernel(tile, g)
+    out = F.conv_transpose2d(unpool(y, g, idx), k, padding=g.padding)
+    return out.reshape(y.shape[0], -1)
+
+
+def winners(x: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor | None:
+    """The pooling winners at source state `x` (None without pooling)."""
+    if g.pool == 1:
+        return None
+    return forward(x, tile, g)[1]
+
+
+def weight_grad(x: Tensor, y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
+    """``dPhi_c/dW`` summed over the batch, in the tile's layout (rows, C_out)."""
+    u = unpool(y, g, idx)
+    gk = torch.nn.grad.conv2d_weight(
+        g.maps(x), (g.c_out, g.c_in, g.kernel, g.kernel), u, padding=g.padding
+    )
+    return to_tile(gk, u.sum((0, 2, 3)) if g.bias else None)
+
+
+def phi(x: Tensor, y: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor:
+    """``Phi_c`` per sample, (B,)."""
+    return (forward(x, tile, g)[0] * y).sum(1)
+
+
+# ------------------------------------------------------------------ as MVMs of the one tile
+def patches(x: Tensor, g: ConvGeometry) -> Tensor:
+    """The input vector of every position, (B * positions, rows), in the tile's row order
+    (the bias column of ones last): one row per MVM of the tile."""
+    cols = F.unfold(g.maps(x), g.kernel, padding=g.padding)  # (B, C_in k^2, L)
+    rows = cols.transpose(1, 2).reshape(-1, g.kernel_rows)
+    if g.bias:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
+    return rows
+
+
+def from_positions(y: Tensor, g: ConvGeometry) -> Tensor:
+    """MVM outputs per position (B * positions, C_out) as maps (B, C_out, H_o, W_o)."""
+    ho, wo = g.conv_hw
+    return y.reshape(-1, ho * wo, g.c_out).transpose(1, 2).reshape(-1, g.c_out, ho, wo)
+
+
+def to_positions(u: Tensor) -> Tensor:
+    """Maps (B, C_out, H_o, W_o) as one row per position, (B * positions, C_out): the inputs of
+    the transposed MVMs."""
+    return u.flatten(2).transpose(1, 2).reshape(-1, u.shape[1])
+
+
+def fold_patches(rows: Tensor, g: ConvGeometry) -> Tensor:
+    """Transposed MVM outputs per position (B * positions, rows) summed back onto the source
+    map (the bias column dropped), flat (B, n_src)."""
+    cols = rows[:, : g.kernel_rows].reshape(-1, g.positions, g.kernel_rows).transpose(1, 2)
+    out = F.fold(cols, (g.h, g.w), g.kernel, padding=g.padding)
+    return out.reshape(out.shape[0], -1)

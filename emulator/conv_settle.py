@@ -1,0 +1,417 @@
+"""The settle of networks with conv couplings (`drivers.topology`, `drivers.conv`) on the
+emulated board.
+
+A conv tile holds one kernel and is read once per position of its input map (im2col, as
+in-memory computing chips run convolutions): the board cannot relax such a coupling in one
+analog step over the whole map, so every settle step reads the tile at every position,
+forwards (the destination's drive ``pool(conv(x) + b)``) and transposed (the source's drive
+``conv_transpose(unpool(y))``), with the pooling (a winner-take-all per window) in the
+periphery. Fully connected couplings of the same network (a classifier head) settle as in
+`emulator.settle`. The node circuits integrate ``s <- s + dt (rho(u) - s)`` on the drive u.
+
+Physics, as for the other tiles: the weights are the tiles' (drift, IR drop, stuck devices
+included); each read of a tile adds read noise to every output line with variance
+``2 (w_max sigma / span)^2 |input|^2`` (the input of one position's read is its patch; of a
+transposed read, the routed destination states), drawn per step from the board's noise table;
+node noise on every free node; clamps through the DAC (`Board.settle`), states through the
+ADC at the end.
+
+Accounting: a step's time is the analog step (``settle_step_s``, when the network has fully
+connected couplings between free groups) plus one ``mvm_time_s`` per tile read (positions of
+every conv coupling with a free destination, and again with a free source); the product of a
+clamped source is read once per settle. Joules: the reads' array energy, ``sum (G+ + G-) V^2``
+over the driven lines per read, at the equilibrium states, times the read time, for every
+read of the settle; the fully connected lines' power times the analog time. Per sample, as
+the board runs samples one after the other.
+
+Energy per sample: ``E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge`` with the conv terms
+of `drivers.conv`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from drivers import conv
+from drivers.errors import ConfigurationError
+from drivers.topology import BIAS, Coupling
+from emulator.noise_table import NoisePool
+from emulator.settle import SettleNudge, SettleResult
+
+if TYPE_CHECKING:
+    from emulator.board import Board
+
+
+@dataclass
+class _Link:
+    """One coupling as the settle uses it: weights (scaled by w_max, dense diagonal masked),
+    its read-noise coefficient, the tile's line conductances (sum of G+ + G- per row line and
+    per column line) and, for a conv, its geometry."""
+
+    c: Coupling
+    w: torch.Tensor
+    noise_k: float
+    g_rows: torch.Tensor
+    g_cols: torch.Tensor
+    geom: conv.ConvGeometry | None = None
+
+
+class ConvSettle:
+    """The settles of a `Board` whose topology has conv couplings (`Board.settle` picks it)."""
+
+    def __init__(self, board: Board) -> None:
+        self.board = board
+        self._pool: NoisePool | None = None
+        self._norm: tuple[tuple[int, ...], float] | None = None  # (tiles' weights epochs, norm)
+
+    # ------------------------------------------------------------------------ the network
+    def _links(self) -> list[_Link]:
+        board = self.board
+        topo = board.topology
+        assert topo is not None
+        out = []
+        for c in topo.couplings:
+            tile = board._tiles[c.tile]
+            w = tile.weights(board.clock)
+            if c.w_max != 1.0:
+                w = w * c.w_max
+            if c.kind == "dense":
+                n = w.shape[1]
+                w = torch.cat([w[:n] * (1 - torch.eye(n, device=w.device)), w[n:]])
+            m = tile.model
+            k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
+            g = tile.state(board.clock)
+            geom = conv.ConvGeometry.of(topo, c) if c.kind == "conv" else None
+            out.append(_Link(c, w, k, g.sum((0, 2)), g.sum((0, 1)), geom))
+        return out
+
+    def _draw(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        assert self._pool is not None
+        return self._pool.draw(shape)
+
+    def _step_drive(
+        self,
+        links: list[_Link],
+        s: dict[str, torch.Tensor],
+        free: list[str],
+        held: dict[str, torch.Tensor],
+        noisy: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The drive of every free group at states `s` (every group, the bias included), read
+        noise and node noise added when `noisy`. `held`: the noise-free pre-activations of the
+        conv couplings whose source is clamped (read once per settle, per tile name)."""
+        topo = self.board.topology
+        assert topo is not None
+        u: dict[str, torch.Tensor] = {}
+        var: dict[str, torch.Tensor] = {}
+
+        def add(g: str, d: torch.Tensor, v: torch.Tensor | None) -> None:
+            u[g] = u[g] + d if g in u else d
+            if v is not None:
+                var[g] = var[g] + v if g in var else v
+
+        for link in links:
+            c = link.c
+            if c.kind == "conv":
+                self._conv_drive(link, s, free, held.get(c.tile), noisy, add)
+                continue
+            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            cols = [topo.size(g) for g in c.cols]
+            if any(g in free for g in c.cols):
+                y = x @ link.w
+                v = x.square().sum(1, keepdim=True) * link.noise_k if noisy and link.noise_k else None
+                for g, part in zip(c.cols, torch.split(y, cols, 1), strict=True):
+                    if g in free:
+                        add(g, part, v)
+            if c.kind == "bipartite" and any(g in free for g in c.rows):
+                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+                back = y @ link.w.T
+                v = y.square().sum(1, keepdim=True) * link.noise_k if noisy and link.noise_k else None
+                rows = [topo.size(g) for g in c.rows]
+                for g, part in zip(c.rows, torch.split(back, rows, 1), strict=True):
+                    if g in free:
+                        add(g, part, v)
+        batch = s[BIAS].shape[0]
+        for g in free:
+            if g not in u:
+                u[g] = torch.zeros(batch, topo.groups[g], device=s[BIAS].device)
+        if noisy:
+            node_var = self.board.preset.periphery.node_noise**2
+            for g in free:
+                v = var.get(g)
+                if v is None and not node_var:
+                    continue
+                std = torch.sqrt((0.0 if v is None else v) + node_var) if v is not None else node_var**0.5
+                u[g] = u[g] + std * self._draw(u[g].shape)
+        return u
+
+    def _conv_drive(
+        self,
+        link: _Link,
+        s: dict[str, torch.Tensor],
+        free: list[str],
+        held: torch.Tensor | None,
+        noisy: bool,
+        add: Callable[[str, torch.Tensor, torch.Tensor | None], None],
+    ) -> None:
+        """A conv coupling's drives: the tile read at every position (read noise on each
+        position's output lines, then the pooling), and transposed at every position with the
+        destination's states routed to the pooling winners."""
+        g = link.geom
+        assert g is not None
+        a, b = link.c.rows[0], link.c.cols[0]
+        x = s[a]
+        idx = None
+        if b in free:
+            pre = held if held is not None else conv.pre_activation(x, link.w, g)
+            if noisy and link.noise_k:
+                pre = pre + torch.sqrt(_patch_square(x, g) * link.noise_k) * self._draw(pre.shape)
+            y, idx = conv.pool(pre, g)
+            add(b, y, None)
+        if a in free:
+            if idx is None:  # else the comparators' winners of this step's (noisy) read
+                idx = conv.winners(x, link.w, g)
+            back = conv.backward(s[b], link.w, g, idx)
+            v = None
+            if noisy and link.noise_k:
+                routed = conv.unpool(s[b], g, idx).square().sum(1, keepdim=True)
+                ones = torch.ones(1, 1, g.kernel, g.kernel, device=x.device)
+                per_node = F.conv_transpose2d(routed, ones, padding=g.padding) * link.noise_k
+                v = per_node.expand(-1, g.c_in, -1, -1).reshape(back.shape)
+            add(a, back, v)
+
+    # ------------------------------------------------------------------------------ settle
+    def settle(
+        self,
+        clamp: dict[str, torch.Tensor],
+        nudge: SettleNudge,
+        init: dict[str, torch.Tensor] | None,
+        trace: int,
+    ) -> SettleResult:
+        """Relax from the clamps and the nudge as the DAC applied them (see the module doc)."""
+        board = self.board
+        topo = board.topology
+        assert topo is not None
+        if topo.mode != "analog":
+            raise ConfigurationError(
+                "a network with conv couplings settles in analog mode on the emulated board; for a "
+                "board that only multiplies, settle it on the host (EBBlock settle='host')"
+            )
+        for c in topo.couplings:
+            if c.kind == "conv" and c.cols[0] in clamp and c.rows[0] not in clamp:
+                raise ConfigurationError(
+                    f"conv tile {c.tile!r}: its destination {c.cols[0]!r} is clamped and its source "
+                    f"{c.rows[0]!r} free; clamp the source too, or nudge the destination"
+                )
+        batch = next(iter(clamp.values())).shape[0]
+        dev = board.device
+        links = self._links()
+        free = [g for g in topo.groups if g not in clamp]
+        s: dict[str, torch.Tensor] = {BIAS: torch.ones(batch, 1, device=dev), **clamp}
+        for g in free:
+            x0 = (init or {}).get(g)
+            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0.clone()
+        noisy = bool(board.preset.periphery.node_noise) or any(link.noise_k for link in links)
+        if noisy:
+            size = max(
+                [batch * topo.groups[g] for g in free]
+                + [batch * lk.geom.c_out * lk.geom.positions for lk in links if lk.geom is not None]
+            )
+            if self._pool is None or self._pool.block < size:
+                self._pool = NoisePool(board.noise, size, dev)
+            else:
+                self._pool.refresh(size)
+        held = {
+            lk.c.tile: conv.pre_activation(s[lk.c.rows[0]], lk.w, lk.geom)
+            for lk in links
+            if lk.geom is not None and lk.c.rows[0] in clamp
+        }
+        budget, gain = topo.budget, topo.gain
+        dt = min(budget.dt, 1.8 / (1.0 + gain * self._coupling_norm(links, s, free)))
+        elastic, currents = nudge.elastic, nudge.currents
+        traces: dict[str, list[torch.Tensor]] = {g: [] for g in free} if trace else {}
+        trace_steps: list[int] = []
+
+        def record(step: int) -> None:
+            trace_steps.append(step)
+            for g in free:
+                traces[g].append(s[g].clone())
+
+        if trace:
+            record(0)
+        check_every = budget.check_every if budget.tol > 0 or noisy else budget.max_steps
+        residual, step, floor = float("inf"), 0, 0.0
+        while step < budget.max_steps:
+            u = self._step_drive(links, s, free, held, noisy)
+            for g, (beta, target) in elastic.items():
+                u[g] = u[g] + beta * (target - s[g])
+            for g, (beta, grad) in currents.items():
+                u[g] = u[g] - beta * grad
+            new = {g: torch.clamp(gain * u[g], 0.0, 1.0) for g in free}
+            step += 1
+            checked = step % check_every == 0 or step == budget.max_steps
+            if checked:
+                residual = max(float((new[g] - s[g]).abs().max()) for g in free) if free else 0.0
+                if noisy:
+                    floor = 6.0 * gain * self._noise_sigma(links, s)
+            for g in free:
+                s[g] = s[g] + dt * (new[g] - s[g])
+            if trace and step % trace == 0:
+                record(step)
+            if checked and residual <= budget.tol + floor:
+                break
+        if trace and trace_steps[-1] != step:
+            record(step)
+        seconds, joules = self._account(links, s, free, held, step, dt, batch)
+        states = {g: board._adc_state(s[g], board._channel[g]) for g in free}
+        final = dict(s)
+        out_trace = None
+        if trace:
+            stacked = {g: torch.stack(traces[g]) for g in free}
+            t = len(trace_steps)
+            energies = [
+                self._energy(links, {**final, **{g: stacked[g][i] for g in free}}, free, nudge)
+                for i in range(t)
+            ]
+            out_trace = {"step": torch.tensor(trace_steps), "energy": torch.stack(energies)}
+            for g in free:
+                out_trace[g] = board._adc_state(stacked[g], board._channel[g])
+        value = self._energy(links, final, free, nudge)
+        outcome = (step, residual <= budget.tol + floor, residual)
+        return SettleResult(states, *outcome, lambda: value, seconds, joules, out_trace, value)
+
+    def _energy(
+        self, links: list[_Link], s: dict[str, torch.Tensor], free: list[str], nudge: SettleNudge
+    ) -> torch.Tensor:
+        """``E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge`` per sample."""
+        topo = self.board.topology
+        assert topo is not None
+        e = sum((s[g].square().sum(1) for g in free), torch.zeros(s[BIAS].shape[0], device=s[BIAS].device))
+        e = e / (2 * topo.gain)
+        for link in links:
+            c = link.c
+            if c.kind == "conv":
+                assert link.geom is not None
+                e = e - conv.phi(s[c.rows[0]], s[c.cols[0]], link.w, link.geom)
+                continue
+            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            if c.kind == "dense":
+                n = link.w.shape[1]
+                e = e - 0.5 * ((x[:, :n] @ link.w[:n]) * x[:, :n]).sum(1)
+                if link.w.shape[0] > n:
+                    e = e - (x[:, :n] * link.w[n]).sum(1)
+            else:
+                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+                e = e - ((x @ link.w) * y).sum(1)
+        return nudge.add_energy(e, s)
+
+    def _noise_sigma(self, links: list[_Link], s: dict[str, torch.Tensor]) -> float:
+        """The largest read + node noise std of a drive at states `s`: for the noise floor."""
+        var = self.board.preset.periphery.node_noise**2
+        worst = 0.0
+        for link in links:
+            if not link.noise_k:
+                continue
+            c = link.c
+            if c.kind == "conv":
+                assert link.geom is not None
+                x = s[c.rows[0]]
+                worst = max(worst, float(_patch_square(x, link.geom).max()) * link.noise_k)
+                continue
+            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            worst = max(worst, float(x.square().sum(1).max()) * link.noise_k)
+        return (var + worst) ** 0.5
+
+    def _coupling_norm(self, links: list[_Link], s: dict[str, torch.Tensor], free: list[str]) -> float:
+        """A power-iteration estimate of the norm of the free groups' drive on one another
+        (pooling winners at a random state), with a 10 % margin: the step is cut to
+        ``1.8 / (1 + gain norm)`` where it would overshoot, as in `emulator.settle`. Kept per
+        weights version of the tiles."""
+        board = self.board
+        topo = board.topology
+        assert topo is not None
+        epochs = (*(board._tiles[lk.c.tile].weights_epoch for lk in links), len(free))
+        if self._norm is not None and self._norm[0] == epochs:
+            return self._norm[1]
+        gen = torch.Generator(device=board.device).manual_seed(0)
+        one = {g: v[:1] for g, v in s.items()}
+        v = {g: torch.rand(1, topo.groups[g], generator=gen, device=board.device) for g in free}
+        norm = 0.0
+        for i in range(40):
+            total = sum(float(x.square().sum()) for x in v.values()) ** 0.5 + 1e-30
+            v = {g: x / total for g, x in v.items()}
+            # the free-to-free drive alone: clamped states and the bias at 0
+            st = {g: torch.zeros_like(x) for g, x in one.items()}
+            st.update(v)
+            u = self._step_drive(links, st, free, {}, noisy=False)
+            last, norm = norm, sum(float(x.square().sum()) for x in u.values()) ** 0.5
+            v = u
+            if i >= 3 and norm <= 1.01 * last:
+                break
+        self._norm = (epochs, 1.1 * norm)
+        return 1.1 * norm
+
+    def _account(
+        self,
+        links: list[_Link],
+        s: dict[str, torch.Tensor],
+        free: list[str],
+        held: dict[str, torch.Tensor],
+        steps: int,
+        dt: float,
+        batch: int,
+    ) -> tuple[float, float]:
+        """(seconds, joules) of the settle: see the module doc."""
+        board = self.board
+        topo = board.topology
+        assert topo is not None
+        per = board.preset.periphery
+        v2 = per.v_read**2
+        analog = any(
+            lk.c.kind != "conv" and any(g in free for g in lk.c.rows + lk.c.cols) for lk in links
+        )
+        reads_per_step, once, read_j, analog_w = 0, 0, 0.0, 0.0
+        for link in links:
+            c = link.c
+            if c.kind == "conv":
+                g = link.geom
+                assert g is not None
+                a, b = c.rows[0], c.cols[0]
+                x = s[a]
+                if b in free:
+                    cols = F.unfold(g.maps(x.square()), g.kernel, padding=g.padding).sum(2)  # (B, C_in k^2)
+                    fwd = float(cols.sum(0) @ link.g_rows[: g.kernel_rows])
+                    fwd += batch * g.positions * float(link.g_rows[g.kernel_rows :].sum())  # the bias line
+                    if c.tile in held:
+                        once += g.positions
+                        read_j += fwd * per.mvm_time_s
+                    else:
+                        reads_per_step += g.positions
+                        read_j += fwd * per.mvm_time_s * steps
+                if a in free:
+                    routed = conv.unpool(s[b], g, conv.winners(x, link.w, g)).square().sum((2, 3))
+                    reads_per_step += g.positions
+                    read_j += float(routed.sum(0) @ link.g_cols) * per.mvm_time_s * steps
+                continue
+            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            analog_w += float(x.square().sum(0) @ link.g_rows)
+            if c.kind == "bipartite":
+                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+                analog_w += float(y.square().sum(0) @ link.g_cols)
+        analog_s = per.settle_step_s * dt / topo.budget.dt if analog else 0.0
+        step_s = analog_s + reads_per_step * per.mvm_time_s
+        seconds = (step_s * steps + once * per.mvm_time_s) * batch
+        joules = (read_j + analog_w * analog_s * steps) * v2
+        return seconds, joules
+
+
+def _patch_square(x: torch.Tensor, g: conv.ConvGeometry) -> torch.Tensor:
+    """Per position, the squared norm of the read's input (its patch, plus the bias line at
+    1): (B, 1, H_o, W_o)."""
+    ones = torch.ones(1, g.c_in, g.kernel, g.kernel, device=x.device, dtype=x.dtype)
+    return F.conv2d(g.maps(x.square()), ones, padding=g.padding) + float(g.bias)
