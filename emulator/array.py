@@ -34,6 +34,7 @@ from emulator.devices import (
     reset_level,
     step_size,
 )
+from emulator.noise_table import NoisePool
 
 
 @dataclass
@@ -80,7 +81,34 @@ class TileArray:
 
     Power-on state: both devices of every pair at their own g_lo (unprogrammed), written at
     t = 0; stuck devices at their stuck value.
+
+    Write and read noise of a large tile (at least `noise_table_min` devices, both of every
+    pair counted) come from a noise table (`emulator.noise_table.NoisePool.fresh_window`)
+    instead of a fresh ``randn`` of the whole tile: the tile keeps a table of
+    ``noise_table_blocks + 1`` tiles' worth of N(0,1) values drawn from the generator it is
+    given (a new table when it is given another generator), and each noisy write or full-tile
+    read renews ``1 / noise_table_reuse`` of a tile's worth of them in place and reads a
+    window of one value per device at a random offset: an eighth of a fresh draw's cost plus
+    one multiply-add pass (torch's CPU randn: ~4 ns a value, 3-6 ms for a 785 x 512 tile on
+    one thread; its window and refresh ~0.5 ms). Fidelity: every value is exactly N(0,1) and
+    the values of one write (or read) are i.i.d.; no device ever gets the same value twice
+    (not in two writes, not in its write and a read), so a device's noise is independent from
+    one operation to the next. What is not independent: each value serves about
+    `noise_table_reuse` operations at different devices, so the noise pattern of a write is,
+    but for its renewed values, an earlier one's shifted by some number of devices along the
+    flattened (2, rows, cols) layout (the offsets are uniform over ``noise_table_blocks``
+    tiles' worth); two given distinct devices share a value in two given operations with
+    probability about 1 / (noise_table_blocks * 2 rows cols), but sums over many devices (a
+    tile's mean write error, one column's error summed against inputs correlated at the
+    shift's row lag) are correlated across the operations whose windows overlap. Smaller tiles
+    draw fresh values every time (there a table would cost more than it saves; their noise
+    streams, and the figures tests pin from them, are as before the table).
+    `noise_table_min = math.inf` turns the table off.
     """
+
+    noise_table_min: float = 1 << 16  # devices; a 256 x 128 tile has 65536
+    noise_table_reuse = 8
+    noise_table_blocks = 4
 
     def __init__(
         self, rows: int, cols: int, model: DeviceModel, fab: torch.Generator, device: torch.device
@@ -106,7 +134,7 @@ class TileArray:
         self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
         self._clean: tuple[torch.Tensor, int] | None = None  # see `write_stacked`, `deviation`
         self._scratch_key: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
-        self._scratch_bool: torch.Tensor | None = None
+        self._scratch_count: torch.Tensor | None = None  # `within`'s comparison
         # float64: the board's clock advances by nanoseconds on top of hours
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
         self._drifts = bool((self.params.nu > 0).any())
@@ -121,6 +149,7 @@ class TileArray:
         self._cache_t = 0.0
         self._cache: torch.Tensor | None = None
         self.weights_epoch = 0  # recomputations of the cached weights (see `weights`)
+        self._table: NoisePool | None = None  # write and read noise of a large tile
 
     # ----------------------------------------------------------------- shape and truth
     @property
@@ -186,9 +215,24 @@ class TileArray:
             g = g.clone()
         return g[0], g[1]
 
+    def _table_window(self, gen: torch.Generator) -> torch.Tensor | None:
+        """N(0,1) for every device of one write or read from the tile's noise table (a view of
+        the table: use it at once, do not modify it), or None where the tile draws fresh
+        values instead (fewer than `noise_table_min` devices). See `noise_table_min`."""
+        n = self._dshape[0] * self.cells
+        if n < self.noise_table_min:
+            return None
+        table = self._table
+        if table is None or table.gen is not gen:
+            table = self._table = NoisePool(gen, n, self.device, blocks=self.noise_table_blocks)
+        return table.fresh_window(self._dshape, -(-n // self.noise_table_reuse))
+
     def _read(self, t: float, gen: torch.Generator) -> torch.Tensor:
         g = self._now(t)
         if self.model.read_noise > 0:
+            z = self._table_window(gen)
+            if z is not None:
+                return torch.add(g, z, alpha=self.model.read_noise)
             # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
             return _randn(self._dshape, gen, self.device).mul_(self.model.read_noise).add_(g)
         return g
@@ -289,8 +333,12 @@ class TileArray:
         """`write` with the targets as one (2, rows, cols) tensor (`_stack`)."""
         target = target.to(torch.float32)
         if self.model.write_noise > 0:
-            # write_noise * N(0,1) + target, in the draw's own buffer (the same numbers)
-            landed = _randn(self._dshape, gen, self.device).mul_(self.model.write_noise).add_(target)
+            z = self._table_window(gen)
+            if z is not None:
+                landed = torch.add(target, z, alpha=self.model.write_noise)
+            else:
+                # write_noise * N(0,1) + target, in the draw's own buffer (the same numbers)
+                landed = _randn(self._dshape, gen, self.device).mul_(self.model.write_noise).add_(target)
             landed = landed.clamp_(*self._bounds) if self._bounds else self._clamp_own(landed, out=landed)
         else:
             landed = torch.clamp(target, *self._bounds) if self._bounds else self._clamp_own(target)
@@ -325,13 +373,16 @@ class TileArray:
         """The fraction of devices with ``|g - target| <= tol``, as a float32 mean computes it
         (right after `deviation` of the same tensors, from its ``|g - target|``)."""
         d = self._abs_diff(g, target)
-        n = torch.le(d, tol, out=self._scratch_bool).sum()
-        return float(n.to(torch.float32) / d.numel())
+        # the comparison written as 0.0 / 1.0 into a float32 scratch: several times faster than
+        # a bool result and its sum on CPU, and the float32 sum of ones is exact below 2^24
+        inside = torch.le(d, tol, out=self._scratch_count)
+        n = inside.sum() if d.numel() < 1 << 24 else inside.sum(dtype=torch.float64).to(torch.float32)
+        return float(n / d.numel())
 
     def _abs_diff(self, g: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._scratch is None:
             self._scratch = torch.empty(self._dshape, device=self.device)
-            self._scratch_bool = torch.empty(self._dshape, dtype=torch.bool, device=self.device)
+            self._scratch_count = torch.empty(self._dshape, device=self.device)
         key = self._scratch_key
         if key is not None and key[0] is g and key[1] is target and key[2] == (g._version, target._version):
             return self._scratch  # |g - target| of the previous call: neither tensor changed since

@@ -254,7 +254,12 @@ class Board:
         residual = tile.deviation(read, target)
         if not verify:
             true = tile.state(self.clock)
-            err = residual if true is read else tile.deviation(true, target)
+            if true is read:
+                err = residual
+            elif m.write_noise > 0:
+                err = math.inf  # a noisy write: count at once (the largest error would cost a pass)
+            else:
+                err = tile.deviation(true, target)  # noise-free: one read of the targets if clean
             # every device within tol when the largest error is; else count them
             within = 1.0 if err <= tol else tile.within(true, target, tol)
         rp, rm = read[0], read[1]

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from drivers.topology import BIAS
+from emulator.noise_table import NoisePool
 from emulator.periphery import lsb, quantize
 
 if TYPE_CHECKING:
@@ -105,52 +105,6 @@ class SettleNudge:
             return None if x is None else x.repeat(t, 1)
 
         return SettleNudge({g: (beta, rep(tg), rep(gr)) for g, (beta, tg, gr) in self.groups.items()})
-
-
-class NoisePool:
-    """Standard normal noise for settle steps, drawn in bulk on the compute device.
-
-    Fresh ``torch.randn`` for every node at every step would cost more than the settle's
-    matmuls; instead the pool holds ``blocks + 1`` blocks of `block` values and every
-    request reads a window of at most `block` values at a random offset (drawn on the host
-    from the pool's own `random.Random`: no device synchronisation). Every value is exactly
-    N(0, 1). The pool lives with the settle engine and each settle draws anew, in place, as
-    many values as its largest window (`refresh`, round robin over the pool: no
-    allocation), so a value serves a few consecutive settles (``blocks + 1`` of the largest
-    ones); within and across those settles, steps reuse pool values at random shifts (the
-    noise-table technique of hardware noise generators), which leaves no correlation between
-    a node's noise at two steps unless two offsets coincide (probability about
-    1 / (blocks * block) per pair)."""
-
-    def __init__(self, gen: torch.Generator, block: int, device: torch.device, blocks: int = 8) -> None:
-        self.gen = gen
-        self.block = block
-        self.size = block * blocks  # the range of window offsets
-        self.values = torch.empty(block * (blocks + 1), device=device)
-        self._next = 0
-        self.refresh(self.values.numel())
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-        self.rng = random.Random(seed)
-
-    def refresh(self, n: int) -> None:
-        """Draw the next `n` values anew, in place (round robin over the pool)."""
-        total = self.values.numel()
-        while n > 0:
-            k = self._next
-            part = self.values[k : min(k + n, total)]
-            if self.gen.device == part.device:
-                torch.randn(part.shape, generator=self.gen, device=part.device, out=part)
-            else:  # a generator elsewhere: the same numbers whatever the compute device
-                part.copy_(torch.randn(part.shape, generator=self.gen, device=self.gen.device))
-            n -= part.numel()
-            self._next = (k + part.numel()) % total
-
-    def draw(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        offset = self.rng.randrange(self.size)
-        return self.values[offset : offset + n].view(shape)
 
 
 @dataclass
