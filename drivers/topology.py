@@ -96,6 +96,10 @@ class Topology:
                 isinstance(g, str) for g in c.rows + c.cols
             ):
                 raise ConfigurationError(f"tile {c.tile!r}: rows and cols are tuples of group names")
+            if c.kind not in ("bipartite", "dense", "conv"):
+                raise ConfigurationError(
+                    f"tile {c.tile!r}: kind must be 'bipartite', 'dense' or 'conv', got {c.kind!r}"
+                )
         names = [c.tile for c in self.couplings]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"tile names must be unique, got {names}")

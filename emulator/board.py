@@ -3,7 +3,8 @@
 The board configures, programs, pulses, reads and multiplies; its settles run in
 `emulator.settle.SettleEngine` (plans, workspaces, the two settle loops, step size, noise
 floor and the settle's accounting), which `Board.settle` calls with the clamps and the nudge
-(`emulator.settle.SettleNudge`) as the DAC applied them.
+(`emulator.settle.SettleNudge`) as the DAC applied them; networks with conv couplings settle
+in `emulator.conv_settle.ConvSettle` (one tile read at every position of its input map).
 
 Works on torch tensors on one torch device (CPU or CUDA, same code). Everything random
 comes from generators seeded by the board's seed, so a board is deterministic per seed:
@@ -25,6 +26,7 @@ from drivers.errors import ConfigurationError, LimitViolation
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
 from emulator.array import TileArray
+from emulator.conv_settle import ConvSettle
 from emulator.periphery import ChannelErrors, lsb, quantize
 from emulator.presets import BoardPreset
 from emulator.settle import SettleEngine, SettleNudge, SettleResult
@@ -100,6 +102,7 @@ class Board:
             self.device,
         )
         self.engine = SettleEngine(self)  # plans, workspaces and the settle loops
+        self.conv_engine = ConvSettle(self)  # networks with conv couplings
         self.energy_j = 0.0
         self.mvm_calls = 0  # `mvm` operations run since power-on (the meter's count)
 
@@ -337,7 +340,11 @@ class Board:
         per = self.preset.periphery
         batch = next(iter(clamp.values())).shape[0]
         self._check_batch("settle clamp", int(batch))
-        applied = self.engine.apply_clamp(clamp)  # the last settle's conversion when it is the same
+        conv = any(c.kind == "conv" for c in self.topology.couplings)
+        if conv:
+            applied = {g: self._dac(x, self._channel[g]) for g, x in clamp.items()}
+        else:
+            applied = self.engine.apply_clamp(clamp)  # the last settle's conversion when it is the same
         groups: dict[str, tuple[float, torch.Tensor | None, torch.Tensor | None]] = {}
         for g, (beta, target, grad) in (nudge or {}).items():
             t = None if target is None else self._dac(target, self._channel[g])
@@ -346,7 +353,8 @@ class Board:
                 span = float(grad.abs().max()) or 1.0
                 gr = quantize(grad, per.dac_bits, -span, span)
             groups[g] = (beta, t, gr)
-        result = self.engine.settle(applied, SettleNudge(groups), init, trace)
+        engine = self.conv_engine if conv else self.engine
+        result = engine.settle(applied, SettleNudge(groups), init, trace)
         self.clock += result.settle_time_s
         self.energy_j += result.energy_j
         return result

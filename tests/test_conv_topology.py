@@ -58,6 +58,8 @@ def test_conv_shape_mismatch_and_missing_shape_are_refused() -> None:
     lin = Coupling("W1", ("a",), ("b",), kernel=3)
     with pytest.raises(ConfigurationError, match="for conv couplings"):
         Topology({"a": 4, "b": 4}, (lin,))
+    with pytest.raises(ConfigurationError, match="kind must be"):
+        Topology({"a": 4, "b": 4}, (Coupling("W1", ("a",), ("b",), "sparse"),))  # type: ignore[arg-type]
 
 
 @settings(max_examples=40, deadline=None)
