@@ -320,7 +320,7 @@ class EmulatedDevice(Device):
                 {g: _t(x, dev) for g, x in ini.items()},
                 every,
             )
-            states = {g: _np(v) for g, v in r.states.items()}
+            states = {g: np.ascontiguousarray(_np(v)) for g, v in r.states.items()}
             states.update(cl)
             eq = Equilibrium(
                 states=states,
@@ -415,7 +415,8 @@ class EmulatedDevice(Device):
                 batch.append(checks.check_batch(f"{kind} {group!r}", t.shape[0], limits))
                 if batch[0] == 0:
                     raise ConfigurationError("settle got an empty batch (0 samples); pass one or more")
-            t = t.contiguous()  # itself when it is contiguous
+            if kind != "init":  # an init is copied into the board's state buffer, in any layout
+                t = t.contiguous()  # itself when it is contiguous
             if t.numel():
                 # the peak |x| in one pass without a temporary (aminmax propagates NaN)
                 lo, hi = torch.aminmax(t)

@@ -332,6 +332,7 @@ class _ClampCache:
     outs: list[torch.Tensor] | None = None
     line_power: float | None = None  # the clamped groups' share of `_settle_power` (W)
     noise_var: dict[str, torch.Tensor] | None = None  # per free group, its constant noise variance (1, batch)
+    exact: bool = False  # the DAC handed every clamp back unchanged (`applied` is `raw`)
 
     def repeats(self, clamp: dict[str, torch.Tensor], batch: int) -> int:
         """How many times over `clamp` repeats the cached clamps along the batch: 1 (the same
@@ -387,6 +388,8 @@ class SettleEngine:
         if c is not None and reps:
             self.board.safety.violations += c.violations
             self._current = (c, reps)
+            if c.exact:  # the conversion is the identity: the clamps (equal to it, checked) themselves
+                return dict(clamp)
             return {g: a if reps == 1 else torch.cat([a] * reps) for g, a in c.applied.items()}
         safety = self.board.safety
         before = safety.violations
@@ -395,8 +398,10 @@ class SettleEngine:
         if self.reuse_clamp:
             raw = {g: x.clone() for g, x in clamp.items()}
             # an exact DAC hands its input back: keep the copy, not the caller's array
-            kept = {g: raw[g] if a.data_ptr() == clamp[g].data_ptr() else a for g, a in applied.items()}
+            same = {g: a is clamp[g] or a.data_ptr() == clamp[g].data_ptr() for g, a in applied.items()}
+            kept = {g: raw[g] if same[g] else a for g, a in applied.items()}
             self._clamp_cache = _ClampCache(raw, kept, batch, safety.violations - before)
+            self._clamp_cache.exact = all(same.values())
             self._current = (self._clamp_cache, 1)
         return applied
 
@@ -662,7 +667,7 @@ class SettleEngine:
         dev = self.board.device
         for g in plan.free:
             x0 = init.get(g) if init else None
-            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0
+            s[g] = torch.zeros(batch, topo.groups[g], device=dev) if x0 is None else x0.contiguous()
         # the injected nudge currents; the read noise variance of the clamped sources (for the
         # noise floor) and their noise-free products, reused from the last settle of these
         # clamps (each step still draws its own read noise and ADC conversion)
@@ -1090,8 +1095,13 @@ class SettleEngine:
                 break
         if trace and trace_steps[-1] != step:
             record(step)
+        # the final states out of the workspace (the next settle reuses it) in one copy of the
+        # (nodes, batch) buffer; each group's states are a (batch, n) view of it, batch-major in
+        # memory as the buffer is (no transposing copy: an `init` or a product takes them as
+        # they are)
+        final = state.clone()
         for g in plan.free:
-            s[g] = state[rows[g]].T.contiguous()
+            s[g] = final[rows[g]].T
         cost = self._account(plan, s, ws, step, dt, batch)
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
         if not trace:

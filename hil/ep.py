@@ -366,10 +366,12 @@ class EBBlock(nn.Module):
         return {self.inputs[0]: self._array(x)}
 
     def as_tensor(self, x: ArrayLike) -> Tensor:
-        """A settle result (numpy or tensor) as a tensor on the compute device (on the CPU
-        without one; a view of a numpy array, no copy)."""
+        """A settle result (numpy or tensor) as a row-major tensor on the compute device (on
+        the CPU without one; a view of a numpy array, no copy). A board may hand its states
+        over as (batch, n) views of a batch-major buffer: they are copied row-major here, so
+        what a caller computes from them rounds as it did from the row-major states."""
         t = x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
-        return t if self.compute is None else t.to(self.compute)
+        return (t if self.compute is None else t.to(self.compute)).contiguous()
 
     def settle(
         self,
@@ -437,7 +439,7 @@ class EBBlock(nn.Module):
     ) -> dict[str, Tensor]:
         """dPhi/dx for the clamped groups `inputs` (default: the block's inputs): the drive
         their neighbours put on them, (B, n)."""
-        st = {g: torch.as_tensor(v, device=self.compute) for g, v in states.items()}
+        st = {g: torch.as_tensor(v, device=self.compute).contiguous() for g, v in states.items()}
         with torch.no_grad():
             return self.device_weights().drive(st, targets=set(inputs or self.inputs))
 

@@ -90,8 +90,14 @@ def settle_both(
     n = next(iter(clamp.values())).shape[0]
 
     def twice(x: np.ndarray) -> np.ndarray:
-        # tensors (a settle on a compute device, `Device.settle_tensors`) stay tensors
-        return torch.cat([x, x]) if isinstance(x, Tensor) else np.concatenate([x, x])
+        # tensors (a settle on a compute device, `Device.settle_tensors`) stay tensors; states
+        # that are batch-major in memory (the (batch, n) views of an emulated board's (nodes,
+        # batch) buffer) are doubled along that axis, so they stay so (no transposing copy)
+        if not isinstance(x, Tensor):
+            return np.concatenate([x, x])
+        if x.ndim == 2 and not x.is_contiguous() and x.T.is_contiguous():
+            return torch.cat([x.T, x.T], 1).T
+        return torch.cat([x, x])
 
     nudges = {}
     for g, nd in nudge.items():
@@ -155,7 +161,9 @@ class EPEstimator:
         self.device = device
 
     def _tensors(self, states: StateMap) -> dict[str, Tensor]:
-        return {g: torch.as_tensor(v, device=self.device) for g, v in states.items()}
+        # row-major (batch, n) tensors: a board may hand its states over as views of a
+        # batch-major buffer, and the products' rounding depends on the operands' layout
+        return {g: torch.as_tensor(v, device=self.device).contiguous() for g, v in states.items()}
 
     # ------------------------------------------------------------------------------ phases
     def phases(
