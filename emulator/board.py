@@ -55,6 +55,17 @@ def _peak_count(counts: torch.Tensor) -> int | float:
     return max(-int(lo_t), int(hi_t))
 
 
+def _channels_needed(topology: Topology) -> int:
+    """Converter channels a topology needs at once: one per node of the groups that fully
+    connected or dense tiles drive (their lines are all driven in one analog step); a feature
+    map that only conv tiles touch is read patch by patch through its tiles' lines (`ConvSettle`,
+    channels shared in time), so it needs only the widest of those tiles' rows and columns."""
+    analog = {g for c in topology.couplings if c.kind != "conv" for g in (*c.rows, *c.cols)}
+    total = sum(n for g, n in topology.groups.items() if g in analog or g not in topology.shapes)
+    lines = [max(topology.tile_shape(c.tile)) for c in topology.couplings if c.kind == "conv"]
+    return total + max(lines, default=0)
+
+
 @dataclass
 class SafetyMonitor:
     """Counts refused requests and, as a last line of defence, out-of-limit conditions that
@@ -152,10 +163,11 @@ class Board:
             check_topology(topology, self.limits)
         except LimitViolation as exc:
             raise self.safety.refuse(exc) from None
-        total = sum(topology.groups.values())
+        total = _channels_needed(topology)
         if total > self.preset.periphery.channels:
             raise ConfigurationError(
-                f"topology has {total} nodes; the board has {self.preset.periphery.channels} channels"
+                f"topology needs {total} converter channels (its nodes; a conv map only its tile's "
+                f"lines); the board has {self.preset.periphery.channels} channels"
             )
         tiles: dict[str, TileArray] = {}
         for k, c in enumerate(topology.couplings):

@@ -87,7 +87,13 @@ class ChannelErrors:
         return ChannelErrors(gain, offset, exact=gain_std == 0 and offset_std_units == 0)
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`x` (..., n) through channels ``start ... start + n - 1``, counted modulo the number
+        of channels: the nodes of a feature map beyond the last channel share converters with
+        the first ones, in time, as the reads of a conv tile do (`emulator.conv_settle`)."""
         if self.exact:
             return x
-        n = x.shape[-1]
-        return x * self.gain[start : start + n] + self.offset[start : start + n]
+        n, m = x.shape[-1], self.gain.shape[0]
+        if start + n <= m:
+            return x * self.gain[start : start + n] + self.offset[start : start + n]
+        idx = torch.arange(start, start + n, device=self.gain.device) % m
+        return x * self.gain[idx] + self.offset[idx]
