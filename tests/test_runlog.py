@@ -275,6 +275,35 @@ def test_metrics_are_written_in_chunk_aligned_blocks(tmp_path: Path) -> None:
     assert np.isnan(t["extra"][:5000]).all() and t["extra"][5000] == 2.0
 
 
+def test_chunks_written_past_zarr_read_back_through_plain_zarr(tmp_path: Path) -> None:
+    """Table chunks and snapshot arrays go straight to the store (hil.runlog.chunks); plain
+    zarr reads them, checksums included, as if zarr had written them."""
+    from hil.runlog.chunks import chunk_writer
+
+    path = tmp_path / "d.zarr"
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    log = RunLog.create(path, {}, flush_every_s=3600)
+    for i in range(3):  # three flushes into the same chunk: its earlier rows come from memory
+        for j in range(7):
+            log.metrics("train", step=7 * i + j, loss=float(7 * i + j))
+        log.tile(i, "W", weights=w + i)
+        log.snapshot(7 * i + 6, {"w": torch.from_numpy(w + i), "n": np.arange(i + 3)})
+    assert chunk_writer(log._tables["metrics/train"].arrays["loss"]) is not None
+    log.close()
+    root = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(root["metrics/train/loss"][:], np.arange(21.0))
+    np.testing.assert_array_equal(root["tiles/W/weights"][:], np.stack([w, w + 1, w + 2]))
+    for k, name in enumerate(root["snapshots"].attrs["committed"]):
+        snap = root[f"snapshots/{name}"]
+        state = snap.attrs["state"]
+        np.testing.assert_array_equal(snap[state["w"]["__array__"]][:], w + k)
+        np.testing.assert_array_equal(snap[state["n"]["__array__"]][:], np.arange(k + 3))
+    run = open_run(path, verify=True)
+    assert run.table("metrics/train")["step"].tolist() == list(range(21))
+    assert not list(path.rglob("*.partial"))
+
+
 def test_flush_interrupted_before_the_row_count_leaves_a_consistent_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

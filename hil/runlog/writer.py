@@ -7,7 +7,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
+from hil.runlog.chunks import ArrayCopier
 from hil.runlog.layout import (
     ARRAY_CONFIG,
     COMPRESSORS,
@@ -39,7 +41,7 @@ from hil.runlog.layout import (
 from hil.runlog.meta import device_record, now, versions, writer
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import encode_state
-from hil.runlog.table import Table
+from hil.runlog.table import Table, gather
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED = ("step", "epoch")
@@ -90,6 +92,7 @@ class RunLog:
             assert isinstance(group, zarr.Group)
             self._tables[path] = Table(group)
         self._committed: list[str] = run.snapshots
+        self._copier = ArrayCopier()  # a snapshot's arrays, past zarr's array creation
         self._last_flush = time.monotonic()
         self._closed = False
         self.resumed_step: int | None = None
@@ -130,9 +133,9 @@ class RunLog:
             raise RunLogError(f"{path}: cannot create the store: {exc}") from None
         for top in (*TABLE_GROUPS, SNAPSHOTS):
             root.create_group(top)
-        root[SNAPSHOTS].attrs.update({"committed": []})
+        root[SNAPSHOTS].update_attributes({"committed": []})
         # The root attributes last: a store without them is not a run log.
-        root.attrs.update(
+        root.update_attributes(  # one metadata write, so the store becomes a run log at once
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -300,18 +303,27 @@ class RunLog:
     def snapshot(self, step: int, state: Mapping[str, Any]) -> None:
         """Store everything needed to resume at `step` (see `hil.runlog.state` for what
         `state` may hold). Flushes every table first; the snapshot records their row counts,
-        so resuming drops rows written after it."""
+        so resuming drops rows written after it. The snapshot's arrays and the tables' chunks
+        are written first (straight to the store where `hil.runlog.chunks` can, the rest in
+        one batch of concurrent zarr writes); then come the tables' row counts, the
+        snapshot's attributes and, last, its name in ``committed``."""
         self._check_open()
         tree, arrays = encode_state(state)
-        self.flush()
         snaps = self.root[SNAPSHOTS]
         assert isinstance(snaps, zarr.Group)
         index = int(self._committed[-1]) + 1 if self._committed else 0
         name = f"{index:06d}"
         group = snaps.create_group(name, overwrite=True)
-        for key, data in arrays.items():
-            group.create_array(key, data=data, compressors=COMPRESSORS, config=ARRAY_CONFIG)
-        group.attrs.update(
+        created = [key for key, data in arrays.items() if not self._copier.write(group, key, data)]
+        create = group._async_group.create_array
+        self._flush(
+            create(key, data=arrays[key], compressors=COMPRESSORS, config=ARRAY_CONFIG) for key in created
+        )
+        for key in created:
+            array = group[key]
+            assert isinstance(array, zarr.Array)
+            self._copier.learn(array, arrays[key])
+        group.update_attributes(
             {
                 "step": int(step),
                 "time": now(),
@@ -321,17 +333,33 @@ class RunLog:
         )
         committed = [*self._committed, name]
         keep = committed[-self.keep_snapshots :] if self.keep_snapshots else committed
-        snaps.attrs.update({"committed": keep})
+        snaps.update_attributes({"committed": keep})
         self._committed = keep
         for old in set(snaps.group_keys()) - set(keep):
             del snaps[old]
 
     # ------------------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        """Write every buffered row (each table: arrays first, then its row count)."""
+        """Write every buffered row (all tables' arrays, then each table's row count)."""
         self._check_open()
-        for path in sorted(self._tables):  # traces/points before traces/settles, which points into it
-            self._tables[path].flush()
+        self._flush(())
+
+    def _flush(self, also: Iterable[Coroutine[Any, Any, Any]]) -> None:
+        """Flush every table, writing the chunks of all of them (and the writes in `also`; those
+        that need zarr concurrently, in one call into its event loop); then commit the row
+        counts in sorted path order, so traces/points is committed before the traces/settles
+        rows that point into it."""
+        tables = [self._tables[path] for path in sorted(self._tables)]
+        for table in tables:
+            if table.buffered:
+                table.create_columns()
+        pending = [*also]
+        for table in tables:
+            pending += table.write_chunks()
+        if pending:
+            sync(gather(pending))
+        for table in tables:
+            table.commit_written()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -394,7 +422,7 @@ class RunLog:
 
     def _update_root(self, values: dict[str, Any]) -> None:
         check_json(values, "run attributes")
-        self.root.attrs.update(values)
+        self.root.update_attributes(values)  # one metadata write (attrs.update writes one per key)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -441,7 +469,7 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     assert isinstance(snaps, zarr.Group)
     if used is not None and used != log._committed[-1]:  # damaged snapshots: uncommitted first
         kept = log._committed[: log._committed.index(used) + 1]
-        snaps.attrs.update({"committed": kept})
+        snaps.update_attributes({"committed": kept})
         log._committed = kept
     for table_path, table in log._tables.items():
         table.truncate(int(tables.get(table_path, 0)))
