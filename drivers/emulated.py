@@ -418,8 +418,9 @@ class EmulatedDevice(Device):
             if kind != "init":  # an init is copied into the board's state buffer, in any layout
                 t = t.contiguous()  # itself when it is contiguous
             if t.numel():
-                # the peak |x| in one pass without a temporary (aminmax propagates NaN)
-                lo, hi = torch.aminmax(t)
+                # the peak |x| in one pass without a temporary (aminmax propagates NaN), over the
+                # values in memory order (a transposed init's transpose: several times faster)
+                lo, hi = torch.aminmax(t.T if not t.is_contiguous() and t.T.is_contiguous() else t)
                 peak = torch.maximum(hi, lo.neg())
                 peaks.append((f"{kind} {group!r}", peak, limits.clamp_max if voltage else math.inf))
             return t
