@@ -205,6 +205,14 @@ class Topology:
                 out[c.tile] = (sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols))
         return out
 
+    def row_sizes(self, tile: str) -> list[int]:
+        """The rows of `tile` each of its row groups occupies, in order (a conv tile's source
+        map holds ``C_in k^2`` rows, its bias one)."""
+        c = self.coupling(tile)
+        if c.kind == "conv":
+            return [self.tile_shape(tile)[0] - (BIAS in c.rows)] + ([1] if BIAS in c.rows else [])
+        return [self.size(g) for g in c.rows]
+
     def coupling(self, tile: str) -> Coupling:
         for c in self.couplings:
             if c.tile == tile:

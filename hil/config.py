@@ -43,7 +43,18 @@ class ModelConfig:
     # of the next block.
     sizes: list[int] = field(default_factory=lambda: [64, 256, 10])
     block_layers: int = 2
-    between: Literal["identity", "linear"] = "identity"  # digital part between EB blocks
+    # digital part between EB blocks: identity, linear (Linear + Clamp01; fully connected
+    # blocks) or bn (batch-norm of the map + Clamp01; conv blocks)
+    between: Literal["identity", "linear", "bn"] = "identity"
+    # ffebm on images with conv EB blocks (issue 18), when `channels` is set: one conv DHN of
+    # these maps (kernel x kernel, stride 1, padding; layer k max-pooled by pools[k], default
+    # 2 each) split into blocks of `block_layers` conv layers; `sizes` is then not used
+    channels: list[int] = field(default_factory=list)
+    pools: list[int] = field(default_factory=list)
+    kernel: int = 3
+    padding: int = 1
+    front: int = 0  # channels of a digital conv + max-pool + batch-norm before the first block
+    head: Literal["eb", "digital"] = "eb"  # the classes layer: a tile of the last block, or digital
     gain: float = 1.0  # activation rho(u) = clamp(gain u, 0, 1)
     w_max: float = 1.0  # weight of a fully-on conductance pair
     init: Literal["gaussian", "goe"] = "gaussian"

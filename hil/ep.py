@@ -89,8 +89,7 @@ def gaussian_init(
 
 def _row_slice(topology: Topology, tile: str, group: str) -> slice:
     start = 0
-    for g in topology.coupling(tile).rows:
-        n = topology.size(g)
+    for g, n in zip(topology.coupling(tile).rows, topology.row_sizes(tile), strict=True):
         if g == group:
             return slice(start, start + n)
         start += n
@@ -182,8 +181,9 @@ class EBBlock(nn.Module):
         gen = seeds.torch_generator(seed, "ep.init")
         self.generator = seeds.torch_generator(seed, "ep.sign")
         self.estimator = EPEstimator(
-            topology, joint_phases=joint_phases, generator=self.generator, device=self.compute
-        )
+            topology, joint_phases=joint_phases, generator=self.generator, device=self.compute,
+            weights=lambda: self.device_weights().weights,
+        )  # fmt: skip
         w0 = gaussian_init(topology, init_scale, gen) if weights is None else weights
         self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)
         if self.compute is not None:

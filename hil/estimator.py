@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drivers import BIAS, Equilibrium, Nudge, Topology
+from drivers import BIAS, Coupling, Equilibrium, Nudge, Topology, conv
 
 Mode = Literal["centered", "positive", "negative", "random"]
 MODES: tuple[str, ...] = ("centered", "positive", "negative", "random")
@@ -145,7 +145,9 @@ class EPEstimator:
     settle (`settle_both`). `generator` draws the sign of ``"random"`` mode (a CPU generator:
     the same signs whatever the compute device). `device`: where the gradients are computed
     (states that arrive as numpy or on another device are moved there; None: where they are,
-    numpy on the CPU)."""
+    numpy on the CPU). `weights`: the tiles' weights as the device holds them, for conv
+    couplings, whose dPhi/dW routes the destination's states to the pooling winners of the
+    source's pre-activations (`drivers.conv`)."""
 
     def __init__(
         self,
@@ -154,11 +156,13 @@ class EPEstimator:
         joint_phases: bool = True,
         generator: torch.Generator | None = None,
         device: torch.device | None = None,
+        weights: Callable[[], Mapping[str, Tensor]] | None = None,
     ) -> None:
         self.topology = topology
         self.joint_phases = joint_phases
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.device = device
+        self.weights = weights
 
     def _tensors(self, states: StateMap) -> dict[str, Tensor]:
         # row-major (batch, n) tensors: a board may hand its states over as views of a
@@ -215,6 +219,9 @@ class EPEstimator:
         out = {}
         for c in self.topology.couplings:
             rows, cols = self.topology.tile_shape(c.tile)
+            if c.kind == "conv":
+                out[c.tile] = self._conv_grad(c, st)
+                continue
             s = joined(st, c.cols)
             if c.kind == "dense":
                 g = torch.empty(rows, cols, dtype=s.dtype, device=s.device)
@@ -229,6 +236,17 @@ class EPEstimator:
                 )
         return out
 
+    def _conv_grad(self, c: Coupling, st: dict[str, Tensor]) -> Tensor:
+        if self.weights is None:
+            raise ValueError(
+                f"conv tile {c.tile!r}: the estimator needs the device's weights (EPEstimator(weights=...)) "
+                "to find the pooling winners"
+            )
+        g = conv.ConvGeometry.of(self.topology, c)
+        w = self.weights()[c.tile].detach().to(st[c.rows[0]].device, st[c.rows[0]].dtype)
+        x, y = st[c.rows[0]], st[c.cols[0]]
+        return conv.weight_grad(x, y, g, conv.winners(x, w, g))
+
     def phi_grad_difference(
         self, a: StateMap, b: StateMap, out: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
@@ -239,7 +257,7 @@ class EPEstimator:
         tile, a tensor of the tile's shape, dtype and device to write the result into (e.g.
         the parameter's last ``.grad``); a tile without a usable one gets a new tensor."""
         sa, sb = self._tensors(a), self._tensors(b)
-        if any(c.kind == "dense" for c in self.topology.couplings):
+        if any(c.kind in ("dense", "conv") for c in self.topology.couplings):
             pa, pb = self.phi_grads(sa), self.phi_grads(sb)
             return {t: pa[t] - pb[t] for t in pa}
         result = {}
