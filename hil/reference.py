@@ -454,7 +454,7 @@ class DHN(nn.Module):
             return self._flat(self.drive(st, targets=set(free), sources=set(free), bias=False), free)[0]
 
         with torch.enable_grad():
-            jac = [torch.autograd.functional.jacobian(drive_of, row, vectorize=True) for row in flat]
+            jac = [torch.autograd.functional.jacobian(drive_of, row) for row in flat]
         # jacobian[j, i] = d drive_j / d s_i; row convention A[i, j]
         return torch.stack(jac).transpose(1, 2).detach()
 

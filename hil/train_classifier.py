@@ -58,6 +58,16 @@ class TrainResult:
     test_acc: float
     history: list[EpochStats] = field(default_factory=list)
     model: object = None
+    tiles: dict[str, tuple[int, int]] = field(default_factory=dict)  # crossbar (rows, cols) per tile
+
+    @property
+    def cells(self) -> int:
+        """Crossbar cells (differential pairs) of every tile, bias rows included."""
+        return sum(r * c for r, c in self.tiles.values())
+
+    def describe_tiles(self) -> str:
+        """``W0 19x8, W1 73x16`` (a conv tile: C_in k^2 + 1 rows by C_out columns)."""
+        return ", ".join(f"{t} {r}x{c}" for t, (r, c) in self.tiles.items())
 
 
 def block_uri(uri: str, k: int) -> str:
@@ -85,10 +95,34 @@ class Classifier:
     """The model of a run plus its optimiser: `step(x, y)` trains on one batch, `predict(x)`
     returns the output states."""
 
-    def __init__(self, cfg: RunConfig, features: int, classes: int, opener: Callable[[str], Device]) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        features: int,
+        classes: int,
+        opener: Callable[[str], Device],
+        image_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         self.cfg = cfg
         m, e, t = cfg.model, cfg.ep, cfg.train
         sizes = list(m.sizes)
+        conv = m.kind == "ffebm" and bool(m.channels)
+        if conv:
+            if image_shape is None or image_shape[0] * image_shape[1] * image_shape[2] != features:
+                raise ValueError(
+                    "model.channels (a conv ff-EBM) needs image data with its (C, H, W) shape; "
+                    f"got {image_shape} for {features} features"
+                )
+            if m.between == "linear":
+                raise ValueError(
+                    "model.between = 'linear' is for fully connected blocks; use 'identity' or 'bn'"
+                )
+            sizes = [features, classes]  # model.sizes is not used by a conv ff-EBM
+        elif m.between == "bn" or m.head != "eb" or m.front:
+            raise ValueError(
+                "model.between = 'bn', model.head and model.front are for conv ff-EBMs: set "
+                "model.kind = 'ffebm' and model.channels"
+            )
         if sizes[0] != features or sizes[-1] != classes:
             raise ValueError(
                 f"model.sizes {sizes} must start with the {features} input features and end with the "
@@ -121,6 +155,20 @@ class Classifier:
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
             tiles = list(self.block.weights.values())
+        elif conv:
+            assert image_shape is not None
+            self.ffebm = FFEBM.convolutional(
+                image_shape, m.channels, m.pools or [2] * len(m.channels), m.block_layers, classes, dev,
+                kernel=m.kernel, padding=m.padding, front=m.front,
+                between=m.between, head=m.head, gain=m.gain,  # type: ignore[arg-type]
+                w_max=m.w_max, budget=free, budgets=budgets, init=m.init, init_scale=m.init_scale,
+                beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
+                settle_mode=e.settle_mode, seed=t.seed,
+                programming=None if e.programming == "ideal" else e.programming,
+                refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
+                settle=e.settle, compute=self.compute,
+            )  # fmt: skip
+            tiles = self.ffebm.block_parameters()
         else:
             self.ffebm = FFEBM.layered(
                 sizes, m.block_layers, dev, between=m.between, gain=m.gain, w_max=m.w_max, budget=free,
@@ -155,6 +203,14 @@ class Classifier:
     # --------------------------------------------------------------------------------- step
     def blocks(self) -> list[EBBlock]:
         return [self.block] if self.ffebm is None else [lay.block for lay in self.ffebm.eb_layers]
+
+    def tile_shapes(self) -> dict[str, tuple[int, int]]:
+        """(rows, cols) of every tile on the boards, by run-log name."""
+        return {
+            self._tile_name(k, c.tile): blk.topology.tile_shape(c.tile)
+            for k, blk in enumerate(self.blocks())
+            for c in blk.topology.couplings
+        }
 
     def _tile_name(self, k: int, tile: str) -> str:
         return tile if len(self.blocks()) == 1 else f"b{k}.{tile}"
@@ -279,7 +335,7 @@ def train_classifier(
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     if cfg.calibration:
         opener = functools.partial(open_board, calibration=cfg.calibration)
-    model = Classifier(cfg, ds.features, ds.classes, opener)
+    model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
     try:
         return _train(cfg, ds, model, progress, on_epoch, log, state)
     except BaseException:
@@ -373,5 +429,5 @@ def _train(
                 on_epoch(stats)
     finally:
         bar.close()
-    result = TrainResult(cfg, model.identities(), history[-1].test_acc, history, model)
+    result = TrainResult(cfg, model.identities(), history[-1].test_acc, history, model, model.tile_shapes())
     return result

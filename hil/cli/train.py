@@ -152,5 +152,6 @@ def classifier(
     )
     compact = json.dumps(cfg.to_dict(), separators=(",", ":"))
     devices = " ; ".join(res.devices)
+    typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()})")
     typer.echo(f"run log {log.path}")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")
