@@ -91,8 +91,10 @@ def classifier(
     layers (one board per block; emulator seeds seed, seed+1, ...) chained by digital parts
     (model.between) and trains them end to end by BP-EP chaining, e.g. --set model.kind=ffebm
     --set model.sizes=[64,256,128,10] --set model.between=linear --set model.init=goe --set
-    model.init_scale=0.5. MNIST / Fashion-MNIST (IDX files) and CIFAR-10 (python batches) are
-    read from data.root; nothing is downloaded.
+    model.init_scale=0.5. With model.channels (e.g. --config examples/ffebm_conv_mnist.toml) the
+    EB blocks are convolutional: one kernel per crossbar tile, read at every position
+    (docs/conv.md). MNIST / Fashion-MNIST (IDX files) and CIFAR-10 (python batches) are read
+    from data.root, the 28 x 28 mnist5k subset from the [data] extra; nothing is downloaded.
 
     The last line gives the test accuracy, the device identity and the config."""
     from hil.cli.common import exists_message, fail, one_line_errors, resume_log, resumed_config, run_store
