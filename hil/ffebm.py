@@ -288,23 +288,11 @@ class FFEBM(nn.Module):
             topo = Topology.layered(
                 list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s"
             )
-            weights = (
-                goe_init(topo, init_scale, gen)
-                if init == "goe"
-                else {t: w for t, w in _gaussian(topo, init_scale, gen).items()}
-            )
-            block_seed = seeds.derive(seed, "ffebm.block", k)  # one seed per block, independent streams
-            scheme = make_scheme(
-                programming,
-                refresh_every=refresh_every,
-                refresh_mode=refresh_mode,
-                seed=block_seed,
-            )
-            blk = EBBlock(
-                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=block_seed,
-                joint_phases=joint_phases, settle=settle, compute=compute,
-            )  # fmt: skip
-            parts.append(EBLayer(blk, beta=beta, mode=mode))
+            parts.append(_eb_layer(
+                topo, k, devices, gen, init=init, init_scale=init_scale, seed=seed, programming=programming,
+                refresh_every=refresh_every, refresh_mode=refresh_mode, budgets=budgets,
+                joint_phases=joint_phases, settle=settle, compute=compute, beta=beta, mode=mode,
+            ))  # fmt: skip
         return FFEBM(parts)
 
     @staticmethod
@@ -369,15 +357,11 @@ class FFEBM(nn.Module):
                 budget=budget, w_max=w_max,
             )  # fmt: skip
             out_shape = topo.shapes[f"s{len(ch)}"]
-            weights = goe_init(topo, init_scale, gen) if init == "goe" else _gaussian(topo, init_scale, gen)
-            block_seed = seeds.derive(seed, "ffebm.block", k)
-            scheme = make_scheme(programming, refresh_every=refresh_every, refresh_mode=refresh_mode,
-                                 seed=block_seed)  # fmt: skip
-            blk = EBBlock(
-                devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=block_seed,
-                joint_phases=joint_phases, settle=settle, compute=compute,
-            )  # fmt: skip
-            parts.append(EBLayer(blk, beta=beta, mode=mode))
+            parts.append(_eb_layer(
+                topo, k, devices, gen, init=init, init_scale=init_scale, seed=seed, programming=programming,
+                refresh_every=refresh_every, refresh_mode=refresh_mode, budgets=budgets,
+                joint_phases=joint_phases, settle=settle, compute=compute, beta=beta, mode=mode,
+            ))  # fmt: skip
         if head == "digital":
             n = out_shape[0] * out_shape[1] * out_shape[2]
             lin = nn.Linear(n, classes)
@@ -392,6 +376,24 @@ class FFEBM(nn.Module):
     def cells(self) -> int:
         """Crossbar cells of every EB block (bias rows included)."""
         return sum(layer.block.topology.cells() for layer in self.eb_layers)
+
+
+def _eb_layer(
+    topo: Topology, k: int, devices: Callable[[int], Device], gen: torch.Generator, *, init: str,
+    init_scale: float, seed: int, programming: str | None, refresh_every: int, refresh_mode: str | None,
+    budgets: dict[str, SettleBudget] | None, joint_phases: bool, settle: Literal["auto", "board", "host"],
+    compute: str | torch.device | None, beta: float, mode: Mode,
+) -> EBLayer:  # fmt: skip
+    """Block k of an ff-EBM on ``devices(k)``: weights drawn from `gen` (GOE or Gaussian), its own
+    programming scheme and seed (independent streams per block)."""
+    weights = goe_init(topo, init_scale, gen) if init == "goe" else _gaussian(topo, init_scale, gen)
+    block_seed = seeds.derive(seed, "ffebm.block", k)
+    scheme = make_scheme(programming, refresh_every=refresh_every, refresh_mode=refresh_mode, seed=block_seed)
+    blk = EBBlock(
+        devices(k), topo, weights=weights, budgets=budgets, programming=scheme, seed=block_seed,
+        joint_phases=joint_phases, settle=settle, compute=compute,
+    )  # fmt: skip
+    return EBLayer(blk, beta=beta, mode=mode)
 
 
 def _draw_digital(module: nn.Module, gen: torch.Generator) -> None:

@@ -155,29 +155,26 @@ class Classifier:
             )  # fmt: skip
             self.ffebm: FFEBM | None = None
             tiles = list(self.block.weights.values())
-        elif conv:
-            assert image_shape is not None
-            self.ffebm = FFEBM.convolutional(
-                image_shape, m.channels, m.pools or [2] * len(m.channels), m.block_layers, classes, dev,
-                kernel=m.kernel, padding=m.padding, front=m.front,
-                between=m.between, head=m.head, gain=m.gain,  # type: ignore[arg-type]
-                w_max=m.w_max, budget=free, budgets=budgets, init=m.init, init_scale=m.init_scale,
-                beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
-                settle_mode=e.settle_mode, seed=t.seed,
-                programming=None if e.programming == "ideal" else e.programming,
-                refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
-                settle=e.settle, compute=self.compute,
-            )  # fmt: skip
-            tiles = self.ffebm.block_parameters()
         else:
-            self.ffebm = FFEBM.layered(
-                sizes, m.block_layers, dev, between=m.between, gain=m.gain, w_max=m.w_max, budget=free,
-                budgets=budgets, init=m.init, init_scale=m.init_scale, beta=e.beta, mode=e.mode,  # type: ignore[arg-type]
-                settle_mode=e.settle_mode, seed=t.seed,
+            # the options every EB block of an ff-EBM shares
+            blocks = dict(
+                gain=m.gain, w_max=m.w_max, budget=free, budgets=budgets, init=m.init,
+                init_scale=m.init_scale, beta=e.beta, mode=e.mode, settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,
                 settle=e.settle, compute=self.compute,
             )  # fmt: skip
+            if conv:
+                assert image_shape is not None
+                self.ffebm = FFEBM.convolutional(
+                    image_shape, m.channels, m.pools or [2] * len(m.channels), m.block_layers, classes, dev,
+                    kernel=m.kernel, padding=m.padding, front=m.front, between=m.between,  # type: ignore[arg-type]
+                    head=m.head, **blocks,  # type: ignore[arg-type]
+                )  # fmt: skip
+            else:
+                self.ffebm = FFEBM.layered(
+                    sizes, m.block_layers, dev, between=m.between, **blocks  # type: ignore[arg-type]
+                )
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
         groups: list[dict] = [{"params": [p], "lr": lr} for p, lr in zip(tiles, lrs, strict=True)]
