@@ -120,6 +120,28 @@ def check_batch(name: str, batch: int, limits: Limits) -> int:
     return batch
 
 
+# values of one settle reply (batch x nodes): 256 MiB of float32, the most a host takes in
+# one reply (`drivers.wire.payload.MAX_REPLY`); a feature-map network reaches it well below
+# max_batch (a 28 x 28 map of 32 channels: 2674 samples)
+MAX_SETTLE_VALUES = 1 << 26
+
+
+def check_settle_batch(topology: Topology, batch: int, limits: Limits) -> int:
+    """A settle's batch within `Limits.max_batch`, and its states (batch x the topology's
+    nodes) within `MAX_SETTLE_VALUES`."""
+    check_batch("settle clamp", batch, limits)
+    nodes = sum(topology.groups.values())
+    if batch * nodes > MAX_SETTLE_VALUES:
+        most = max(1, MAX_SETTLE_VALUES // nodes)
+        raise LimitViolation(
+            f"values in one settle ({batch} samples x {nodes} nodes)",
+            batch * nodes,
+            MAX_SETTLE_VALUES,
+            f"split the {batch} samples into chunks of at most {most} for this network",
+        )
+    return batch
+
+
 _REAL_KINDS = "biuf"  # bool, integers, floats: what converts to float32 without losing meaning
 
 
@@ -199,6 +221,7 @@ def check_settle(
     assert batch is not None
     if batch == 0:
         raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
+    check_settle_batch(topo, batch, limits)
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
         beta = nudge_beta(group, nd, clamp, topo, limits)

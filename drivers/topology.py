@@ -36,6 +36,9 @@ BIAS = "bias"
 MAX_KERNEL = 15
 MAX_POOL = 8
 MAX_POSITIONS = 1 << 16  # conv output positions per input map (a 256 x 256 image)
+# nodes of a topology: every settle step touches each; feature maps make large counts possible
+# (the CIFAR-10 example's widest block has 166 912), the bound keeps a settle's state in memory
+MAX_NODES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Topology:
             if not isinstance(name, str):
                 raise ConfigurationError(f"group names are strings, got {name!r}")
             as_int(f"size of group {name!r}", size, 1, INT32_MAX)
+        as_int("nodes of the topology (sum of group sizes)", sum(self.groups.values()), 1, MAX_NODES)
         # finite and > 0 here; the upper bounds are the board's (Limits.max_gain, max_w_max)
         as_float("activation gain", self.gain, 0.0, float("inf"), lo_open=True)
         if not isinstance(self.budget, SettleBudget):

@@ -21,7 +21,14 @@ import torch
 
 from drivers import seeds
 from drivers.base import Identity, Limits
-from drivers.checks import check_batch, check_settings, check_topology, check_verify, check_wait
+from drivers.checks import (
+    check_batch,
+    check_settings,
+    check_settle_batch,
+    check_topology,
+    check_verify,
+    check_wait,
+)
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
@@ -351,7 +358,10 @@ class Board:
             raise ConfigurationError("the board has no topology yet; call configure(topology) first")
         per = self.preset.periphery
         batch = next(iter(clamp.values())).shape[0]
-        self._check_batch("settle clamp", int(batch))
+        try:
+            check_settle_batch(self.topology, int(batch), self.limits)
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
         conv = any(c.kind == "conv" for c in self.topology.couplings)
         if conv:
             applied = {g: self._dac(x, self._channel[g]) for g, x in clamp.items()}

@@ -22,7 +22,7 @@ from drivers import checks
 from drivers.base import Nudge
 from drivers.emulated import EmulatedDevice
 from drivers.errors import DeviceError, LimitViolation, ProtocolError
-from drivers.topology import Coupling, SettleBudget, Topology
+from drivers.topology import MAX_NODES, Coupling, SettleBudget, Topology
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from emulator.board import Board
@@ -184,10 +184,11 @@ def test_budget_integers(dev: EmulatedDevice, value: object, field: str) -> None
 
 
 @SETTINGS
-@given(value=st.one_of(st.integers(-2, 1030), SCALARS))
+@given(value=st.one_of(st.integers(-2, 1030), st.integers(MAX_NODES - 4, MAX_NODES + 2), SCALARS))
 def test_group_sizes(dev: EmulatedDevice, value: object) -> None:
     lim = dev.info.limits
-    want = _is_int(value) and 1 <= int(value) <= 2**31 - 1  # type: ignore[call-overload]
+    # a group's size in int32, and the topology's nodes (2 + value) within MAX_NODES
+    want = _is_int(value) and 1 <= int(value) <= 2**31 - 1 and 2 + int(value) <= MAX_NODES  # type: ignore[call-overload]
     ok, res = _outcome(lambda: Topology({"a": 2, "b": value}, (Coupling("W", ("a",), ("b",)),)))  # type: ignore[dict-item]
     assert ok == want, (value, res)
     if ok:
