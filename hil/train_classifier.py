@@ -28,6 +28,7 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device, seeds
 from drivers.base import programming_transaction, report_open_transactions
+from drivers.checks import MAX_SETTLE_VALUES
 from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
@@ -285,6 +286,9 @@ class Classifier:
 
     @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 512) -> Tensor:
+        # chunks whose settles fit the bound on one settle's values (feature-map networks)
+        nodes = max(sum(blk.topology.groups.values()) for blk in self.blocks())
+        batch_size = max(1, min(batch_size, MAX_SETTLE_VALUES // nodes))
         outs = []
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].to(self.compute)
