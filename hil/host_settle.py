@@ -12,6 +12,8 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   rows): the patches of every position give the destination's pre-activations, which the
   host max-pools; the destination's states, routed back to the pooling winners, go through
   the transposed reads and are summed back onto the source map;
+- every product goes to the board in requests of at most `Limits.max_batch` rows, so a settle
+  may hold more samples than one request (up to `drivers.checks.MAX_SETTLE_VALUES` values);
 - a product whose sources are all clamped (the input layer and the bias, usually the widest
   tile) is constant during the settle: it is read once per settle, not every step;
 - the activation ``clamp(gain u, 0, 1)``, the nudge ``beta (target - s) - beta grad`` and the
@@ -48,6 +50,7 @@ the states it returns there for the gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -57,7 +60,7 @@ import numpy as np
 import torch
 
 from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, Limits, Nudge, Topology, conv
-from drivers.checks import check_settle, require_topology
+from drivers.checks import MAX_SETTLE_VALUES, check_settle, require_topology
 from hil.reference import DHN
 
 
@@ -158,7 +161,11 @@ class HostSettle:
         dev = self.device
         topo = require_topology(dev.topology)
         limits = dev.info.limits
-        cl, nd, ini, batch = check_settle(topo, limits, clamp, nudge, init)
+        # the settle runs here: the board's max_batch bounds each mvm request (products are
+        # split into requests of at most that many rows), not the batch; the bound on one
+        # settle's values still holds
+        unbounded = dataclasses.replace(limits, max_batch=MAX_SETTLE_VALUES)
+        cl, nd, ini, batch = check_settle(topo, unbounded, clamp, nudge, init)
         every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
         if every < 0:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
@@ -199,8 +206,7 @@ class HostSettle:
                 return conv_product(term, term.geom)
             x = [ones if g == BIAS else s[g] for g in term.sources]
             xs = np.concatenate(x, axis=1) if len(x) > 1 else x[0]
-            stats.mvm_calls += 1
-            return dev.mvm(term.tile, xs, transpose=term.transpose)
+            return mvm(term, xs)
 
         def conv_product(term: _Term, g: conv.ConvGeometry) -> np.ndarray:
             if not term.transpose:  # every position's patch, then the pooling on the host

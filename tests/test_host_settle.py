@@ -248,3 +248,26 @@ def test_vae_on_an_mvm_only_ideal_board_trains_as_with_the_board_settle(variant:
     board, host = results[""], results[f"&{MVM_ONLY}"]
     assert host.final.neg_elbo == pytest.approx(board.final.neg_elbo, rel=1e-3)
     assert host.final.neg_elbo < host.initial.neg_elbo  # it learned
+
+
+def test_a_host_settle_larger_than_max_batch_is_split_into_requests() -> None:
+    """1500 samples on a board that takes at most 1024 per request: the products go in two
+    requests each, and the states equal two settles of the halves (a deterministic board)."""
+    from drivers import SettleBudget, Topology, open_device
+    from hil.host_settle import HostSettle
+
+    dev = open_device("emulator://?preset=ideal&seed=0&capabilities=mvm")
+    t = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=20, tol=0.0))
+    dev.configure(t)
+    for tile in ("W0", "W1"):
+        rows, cols = t.tile_shape(tile)
+        g = np.random.default_rng(len(tile)).uniform(2e-6, 8e-6, (2, rows, cols)).astype(np.float32)
+        dev.program(tile, g[0], g[1])
+    assert dev.info.limits.max_batch == 1024
+    x = np.random.default_rng(3).random((1500, 6), dtype=np.float32)
+    hs = HostSettle(dev)
+    whole = hs({"s0": x})
+    # every product in two requests: the clamped one once, two per step for 20 steps
+    assert hs.stats.mvm_calls == 2 * (1 + 20 * 2)
+    parts = [hs({"s0": x[:750]}).states["s2"], hs({"s0": x[750:]}).states["s2"]]
+    assert np.allclose(whole.states["s2"], np.concatenate(parts), atol=1e-6)
