@@ -150,7 +150,7 @@ class ConvSettle:
                 v = var.get(g)
                 if v is None and not node_var:
                     continue
-                std = torch.sqrt((0.0 if v is None else v) + node_var) if v is not None else node_var**0.5
+                std = node_var**0.5 if v is None else torch.sqrt(v + node_var)
                 u[g] = u[g] + std * self._draw(u[g].shape)
         return u
 
