@@ -39,6 +39,7 @@ from emulator.board import Board
 from emulator.devices import DeviceModel
 from emulator.periphery import PeripheryModel
 from emulator.presets import BoardPreset, get_preset
+from emulator.settle import SettleResult
 
 
 def _t(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -200,6 +201,22 @@ def open_emulator(target: str, options: EmulatorOptions) -> EmulatedDevice:
     return EmulatedDevice(board, capabilities=options.capabilities)
 
 
+
+def _equilibrium(r: SettleResult, states: dict[str, np.ndarray]) -> Equilibrium:
+    """A board settle's result as an `Equilibrium` with `states`; a pending energy is computed
+    when someone reads it (from what the settle kept for it). Trace values are numpy."""
+    eq = Equilibrium(
+        states=states,
+        steps=r.steps,
+        converged=r.converged,
+        residual=r.residual,
+        energy=None if r.energy_pending else _np(r.energy),
+        settle_time_s=r.settle_time_s,
+        energy_j=r.energy_j,
+        trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
+    )
+    return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+
 class EmulatedDevice(Device):
     """`capabilities`: what the board declares (default: all); a call that needs one it
     lacks raises NotSupported, as a board of that kind would."""
@@ -322,18 +339,7 @@ class EmulatedDevice(Device):
             )
             states = {g: np.ascontiguousarray(_np(v)) for g, v in r.states.items()}
             states.update(cl)
-            eq = Equilibrium(
-                states=states,
-                steps=r.steps,
-                converged=r.converged,
-                residual=r.residual,
-                energy=None if r.energy_pending else _np(r.energy),
-                settle_time_s=r.settle_time_s,
-                energy_j=r.energy_j,
-                trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
-            )
-            # the energy when someone reads it (from what the settle kept for it)
-            return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+            return _equilibrium(r, states)
 
     @property
     def tensor_device(self) -> torch.device:  # type: ignore[override]
@@ -363,17 +369,7 @@ class EmulatedDevice(Device):
             r = self.board.settle(cl, {g: (n.beta, n.target, n.grad) for g, n in nd.items()}, ini, every)
             states = dict(r.states)
             states.update(cl)
-            eq = Equilibrium(
-                states=states,  # type: ignore[arg-type]
-                steps=r.steps,
-                converged=r.converged,
-                residual=r.residual,
-                energy=None if r.energy_pending else _np(r.energy),
-                settle_time_s=r.settle_time_s,
-                energy_j=r.energy_j,
-                trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
-            )
-            return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+            return _equilibrium(r, states)  # type: ignore[arg-type]
 
     def _check_tensors(
         self,
