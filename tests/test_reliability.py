@@ -78,7 +78,7 @@ def test_every_fault_kind_is_recovered_with_in_process_results(
     the results are bit-identical to the in-process board's (ideal preset: a retried settle
     or read gives the same values; a pulse run twice would not)."""
     plan = FaultPlan(
-        ber=1e-4, drop_rate=2e-4, p_delay=0.2, delay_s=0.4, p_reset=0.3, p_close=0.2, seed=3, limit=3
+        ber=1e-4, drop_rate=5e-4, p_delay=0.2, delay_s=0.4, p_reset=0.3, p_close=0.2, seed=3, limit=3
     )
     with (
         faulty_board("emulator://?preset=ideal&seed=5", plan, timeout=0.25, attempts=16) as served,
