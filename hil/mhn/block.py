@@ -1,0 +1,239 @@
+"""An MHN block on a crossbar: patterns on a tile, retrieval iterated on the host through
+`Device.mvm`.
+
+Per step, for the whole batch (in requests of at most `Limits.max_batch` rows):
+
+1. the similarities ``xi^T x``: one forward `mvm` of ``[u(x), 1]`` (`hil.mhn.tile`);
+2. the softmax ``p = softmax(beta xi^T x)``, on the host (the digital periphery);
+3. the read-out ``xi p``: one transposed `mvm` of the scaled probabilities;
+4. with a nudge (EP), the host adds ``-beta_ep * mask * (x - target)`` (the gradient of the
+   cost ``1/2 |mask (x - target)|^2``), so the fixed point is the nudged energy's stationary point.
+
+The budget (`hil.mhn.core.RetrievalBudget`) means what it means for the host settle
+(`hil.host_settle`): every `check_every` steps the largest state change over the batch is
+compared with `tol`; on a noisy board the update is read twice at each check, the largest
+difference of the two reads is the noise floor (below it only noise moves the states), the step
+takes their mean, and a retrieval also stops when its change is within `tol` of the floor and
+no smaller than at the previous check. ``tol = 0`` runs exactly `max_steps`. A deterministic
+board (the two reads equal) stops being read twice.
+
+After the last step one more forward read gives the similarities at the returned state, so
+the probabilities and the energy ``-1/beta logsumexp(beta xi^T x) + |x|^2 / 2`` are those of
+the state returned, as the board sees it. Time and array energy come from the board's meter
+(`Device.meter`); a board without one gets the host's wall time and NaN joules.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from drivers import ConfigurationError, Device
+from hil.mhn.core import RetrievalBudget, check_beta
+from hil.mhn.tile import Encoding, topology
+from hil.programming import ProgrammingScheme, make_scheme
+
+
+@dataclass
+class Retrieval:
+    """What one retrieval of a batch returned and cost."""
+
+    x: np.ndarray  # (batch, d) float64 final states
+    p: np.ndarray  # (batch, N) softmax at the final states (from the last forward read)
+    energy: np.ndarray  # (batch,) the energy at the final states
+    steps: int
+    converged: bool
+    residual: float  # the largest state change at the last check
+    noise_floor: float  # the largest difference of two reads of one update (0: deterministic)
+    mvm_calls: int
+    time_s: float
+    energy_j: float  # array energy (NaN without a board meter)
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """The EP nudge of a retrieval: ``beta_ep * 1/2 |mask (x - target)|^2`` added to the energy."""
+
+    beta: float
+    target: np.ndarray  # (batch, d)
+    mask: np.ndarray | None = None  # (d,) 1 where the cost applies (None: everywhere)
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        g = x - self.target
+        return g if self.mask is None else g * self.mask
+
+
+class MHNBlock:
+    """Patterns (the columns of a (d, N) matrix) on one tile of `device`, and retrieval.
+
+    `patterns` is an ``nn.Parameter`` (float32, host copy); `sync` programs the tile through the
+    programming scheme whenever it changed (`hil.programming`, as `hil.ep.EBBlock` does).
+    `out_range`: the mvm read-out ADC's range in weight units (the emulator's periphery default;
+    a calibration record gives a real board's); `margin`: room in the DAC's state box beyond the
+    initial patterns' range, for patterns that learning moves."""
+
+    def __init__(
+        self,
+        device: Device,
+        patterns: Tensor | np.ndarray,
+        *,
+        beta: float,
+        budget: RetrievalBudget | None = None,
+        programming: str | ProgrammingScheme | None = None,
+        out_range: float = 4.0,
+        margin: float = 0.0,
+        tile: str = "xi",
+        probe_noise: bool = True,
+        seed: int = 0,
+    ) -> None:
+        device.require("mvm")
+        xi = torch.as_tensor(np.asarray(patterns, dtype=np.float32)).clone()
+        self.device = device
+        self.tile = tile
+        self.beta = check_beta(beta)
+        self.budget = budget or RetrievalBudget()
+        self.encoding = Encoding.of(xi, device.info.limits, out_range=out_range, margin=margin)
+        self.d, self.n = xi.shape
+        device.configure(topology(self.d, self.n, self.encoding.w_max, tile))
+        self.patterns = nn.Parameter(xi)
+        self.programming = make_scheme(programming, seed=seed)
+        self.probe_noise = probe_noise
+        self.clipped = 0
+        self._version: int | None = None
+        self._achieved: Tensor | None = None
+        self._reader = None
+        self.sync()
+
+    # ------------------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def sync(self, force: bool = False) -> bool:
+        """Program the tile if the host patterns changed (or `force`); True when written."""
+        p = self.patterns
+        if not force and self._version == p._version:
+            return False
+        w = self.encoding.weights(p.detach())
+        wm = self.encoding.w_max
+        if float(w.abs().max()) > wm:
+            self.clipped += int((w.abs() > wm).sum())
+            w = w.clamp(-wm, wm)
+        results = self.programming.program(self.device, self.tile, w, force=force, bounded=True)
+        self._reader = results[-1].reader if results else self._reader
+        self._achieved = None
+        self._version = p._version
+        return True
+
+    def device_patterns(self) -> Tensor:
+        """The patterns the tile holds, as read back after the last programming (float64)."""
+        self.sync()
+        if self._achieved is None:
+            assert self._reader is not None
+            w = torch.as_tensor(self._reader(), dtype=torch.float64)
+            self._achieved = self.encoding.patterns(w)
+        return self._achieved
+
+    # ---------------------------------------------------------------------------- retrieval
+    def box(self) -> tuple[float, float]:
+        """The states the DAC can carry: queries must lie within it."""
+        return self.encoding.x_lo, self.encoding.x_hi
+
+    def _mvm(self, x: np.ndarray, transpose: bool, calls: list[int]) -> np.ndarray:
+        step = self.device.info.limits.max_batch
+        parts = []
+        for k in range(0, max(x.shape[0], 1), step):
+            calls[0] += 1
+            parts.append(self.device.mvm(self.tile, x[k : k + step], transpose=transpose))
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0]).astype(np.float64)
+
+    def _similarities(self, x: np.ndarray, calls: list[int]) -> np.ndarray:
+        """``xi^T x`` per sample, through one forward read."""
+        enc = self.encoding
+        u = np.clip(x * enc.a + enc.b, enc.dac_lo, enc.dac_hi)  # float rounding at the box's edge
+        rows = np.concatenate([u, np.ones((x.shape[0], 1))], 1).astype(np.float32)
+        return self._mvm(rows, False, calls) / (enc.k * enc.a)
+
+    def _readout(self, p: np.ndarray, calls: list[int]) -> np.ndarray:
+        """``xi p`` per sample, through one transposed read of p scaled to the DAC's top."""
+        enc = self.encoding
+        top = p.max(1, keepdims=True)
+        q = (p * (enc.dac_hi / top)).astype(np.float32)
+        return self._mvm(q, True, calls)[:, : self.d] * (top / (enc.k * enc.dac_hi))
+
+    def _update(self, x: np.ndarray, beta: float, calls: list[int]) -> np.ndarray:
+        return self._readout(_softmax(beta * self._similarities(x, calls)), calls)
+
+    def retrieve(
+        self,
+        x0: Tensor | np.ndarray,
+        *,
+        beta: float | None = None,
+        budget: RetrievalBudget | None = None,
+        nudge: Nudge | None = None,
+    ) -> Retrieval:
+        """Iterate ``x <- xi softmax(beta xi^T x)`` (minus the nudge's gradient) from `x0`
+        (batch, d) under `budget` (default: the block's)."""
+        beta = self.beta if beta is None else check_beta(beta)
+        budget = budget or self.budget
+        self.sync()
+        x = np.array(x0, dtype=np.float64, copy=True)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ConfigurationError(f"queries must have shape (batch, {self.d}), got {np.shape(x0)}")
+        lo, hi = self.box()
+        if not np.isfinite(x).all() or (x.size and (x.min() < lo - 1e-6 or x.max() > hi + 1e-6)):
+            raise ConfigurationError(
+                f"queries must lie in the DAC's state box [{lo:.4g}, {hi:.4g}] (the patterns' range "
+                "plus margin); clip or rescale them"
+            )
+        if nudge is not None and not (math.isfinite(nudge.beta) and abs(nudge.beta) < 1.0):
+            raise ConfigurationError(f"nudge beta must be finite with |beta| < 1, got {nudge.beta!r}")
+        meter = self.device.meter()
+        wall = time.perf_counter()
+        calls = [0]
+        probe = self.probe_noise and budget.tol > 0
+        residual, last, floor, converged, steps = math.inf, math.inf, 0.0, False, 0
+        for steps in range(1, budget.max_steps + 1):
+            check = budget.tol > 0 and steps % budget.check_every == 0
+            nxt = self._update(x, beta, calls)
+            if check and probe:
+                again = self._update(x, beta, calls)
+                floor = float(np.abs(again - nxt).max()) if nxt.size else 0.0
+                probe = floor > 0.0  # a deterministic board: one read is enough
+                nxt = 0.5 * (nxt + again)
+            if nudge is not None:
+                nxt = nxt - nudge.beta * nudge.grad(x)
+                nxt = np.clip(nxt, lo, hi)
+            if check:
+                residual = float(np.abs(nxt - x).max()) if x.size else 0.0
+            x = nxt
+            if check and (residual <= budget.tol or (floor > 0 and residual <= budget.tol + floor and residual >= last)):
+                converged = True
+                break
+            if check:
+                last = residual
+        if budget.tol == 0:
+            converged = True  # a fixed number of steps was asked for
+        sims = self._similarities(x, calls)
+        p = _softmax(beta * sims)
+        energy = -_logsumexp(beta * sims) / beta + 0.5 * (x * x).sum(1)
+        after = self.device.meter()
+        if meter is not None and after is not None:
+            t, j = after.clock_s - meter.clock_s, after.energy_j - meter.energy_j
+        else:
+            t, j = time.perf_counter() - wall, math.nan
+        return Retrieval(x, p, energy, steps, converged, residual, floor, calls[0], t, j)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(1)
+    return m + np.log(np.exp(z - m[:, None]).sum(1))
