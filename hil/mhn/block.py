@@ -211,10 +211,11 @@ class MHNBlock:
             if check:
                 residual = float(np.abs(nxt - x).max()) if x.size else 0.0
             x = nxt
-            if check and (residual <= budget.tol or (floor > 0 and residual <= budget.tol + floor and residual >= last)):
-                converged = True
-                break
             if check:
+                noisy_stop = floor > 0 and residual <= budget.tol + floor and residual >= last
+                if residual <= budget.tol or noisy_stop:
+                    converged = True
+                    break
                 last = residual
         if budget.tol == 0:
             converged = True  # a fixed number of steps was asked for

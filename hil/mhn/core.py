@@ -51,7 +51,9 @@ class RetrievalBudget:
         for name, lo, hi in (("max_steps", 1, MAX_RETRIEVAL_STEPS), ("check_every", 1, MAX_RETRIEVAL_STEPS)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ConfigurationError(f"retrieval budget: {name} must be an integer in [{lo}, {hi}], got {v!r}")
+                raise ConfigurationError(
+                    f"retrieval budget: {name} must be an integer in [{lo}, {hi}], got {v!r}"
+                )
         t = self.tol
         if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t >= 0):
             raise ConfigurationError(f"retrieval budget: tol must be a finite number >= 0, got {t!r}")
