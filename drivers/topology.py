@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from drivers.activation import HARD_SIGMOID, Activation
 from drivers.errors import ConfigurationError
 from drivers.scalars import INT32_MAX, as_float, as_int
 
@@ -78,6 +79,9 @@ class Topology:
     budget: SettleBudget = field(default_factory=SettleBudget)
     # feature-map groups: (channels, height, width), flattened channel-major into the group
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # the node circuits' transfer curve (`drivers.activation`); a name such as "logistic" or
+    # "soft_sigmoid:0.05" is parsed
+    activation: Activation = HARD_SIGMOID
 
     def __post_init__(self) -> None:
         if BIAS in self.groups:
@@ -91,6 +95,7 @@ class Topology:
         as_int("nodes of the topology (sum of group sizes)", sum(self.groups.values()), 1, MAX_NODES)
         # finite and > 0 here; the upper bounds are the board's (Limits.max_gain, max_w_max)
         as_float("activation gain", self.gain, 0.0, float("inf"), lo_open=True)
+        object.__setattr__(self, "activation", Activation.parse(self.activation))
         if not isinstance(self.budget, SettleBudget):
             raise ConfigurationError(f"budget must be a SettleBudget, got {type(self.budget).__name__}")
         for c in self.couplings:
@@ -237,6 +242,7 @@ class Topology:
         mode: Literal["analog", "mvm"] = "analog",
         budget: SettleBudget | None = None,
         w_max: float = 1.0,
+        activation: Activation | str = HARD_SIGMOID,
     ) -> Topology:
         """A layered DHN: groups s0 (input) ... sL, tiles W0 ... W{L-1} (bias in the rows of W_k
         feeds group s{k+1})."""
@@ -252,7 +258,10 @@ class Topology:
             )
             for k in range(len(sizes) - 1)
         )
-        return Topology(groups, couplings, gain=gain, mode=mode, budget=budget or SettleBudget())
+        return Topology(
+            groups, couplings, gain=gain, mode=mode, budget=budget or SettleBudget(),
+            activation=activation,  # type: ignore[arg-type]  # parsed by Topology
+        )  # fmt: skip
 
     @staticmethod
     def convolutional(
@@ -269,6 +278,7 @@ class Topology:
         mode: Literal["analog", "mvm"] = "analog",
         budget: SettleBudget | None = None,
         w_max: float = 1.0,
+        activation: Activation | str = HARD_SIGMOID,
     ) -> Topology:
         """A layered convolutional DHN (the conv EB blocks of Laborieux et al. 2021 and Nest &
         Ernoult 2024): group s0 is the input map `input_shape` (C, H, W), groups s1 ... sL the
@@ -298,8 +308,9 @@ class Topology:
             src, dst = f"{prefix}{n + j}", f"{prefix}{n + j + 1}"
             couplings.append(Coupling(f"W{n + j}", (src, *bias_rows), (dst,), w_max=w_max))
         return Topology(
-            groups, tuple(couplings), gain=gain, mode=mode, budget=budget or SettleBudget(), shapes=shapes
-        )
+            groups, tuple(couplings), gain=gain, mode=mode, budget=budget or SettleBudget(), shapes=shapes,
+            activation=activation,  # type: ignore[arg-type]  # parsed by Topology
+        )  # fmt: skip
 
     @staticmethod
     def dense(
@@ -311,9 +322,13 @@ class Topology:
         mode: Literal["analog", "mvm"] = "analog",
         budget: SettleBudget | None = None,
         w_max: float = 1.0,
+        activation: Activation | str = HARD_SIGMOID,
     ) -> Topology:
         """An all-to-all network over `groups` on one N x N tile (plus a bias row)."""
         cols = tuple(groups)
         rows = cols + ((BIAS,) if bias else ())
         c = Coupling(tile=tile, rows=rows, cols=cols, kind="dense", w_max=w_max)
-        return Topology(dict(groups), (c,), gain=gain, mode=mode, budget=budget or SettleBudget())
+        return Topology(
+            dict(groups), (c,), gain=gain, mode=mode, budget=budget or SettleBudget(),
+            activation=activation,  # type: ignore[arg-type]  # parsed by Topology
+        )  # fmt: skip

@@ -263,7 +263,7 @@ class ConvSettle:
                 u[g] = u[g] + beta * (target - s[g])
             for g, (beta, grad) in currents.items():
                 u[g] = u[g] - beta * grad
-            new = {g: torch.clamp(gain * u[g], 0.0, 1.0) for g in free}
+            new = {g: topo.activation.rho(u[g], gain) for g in free}
             step += 1
             checked = step % check_every == 0 or step == budget.max_steps
             if checked:
@@ -304,11 +304,15 @@ class ConvSettle:
     def _energy(
         self, links: list[_Link], s: dict[str, torch.Tensor], free: list[str], nudge: SettleNudge
     ) -> torch.Tensor:
-        """``E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge`` per sample."""
+        """``E = sum_free G(s) - Phi(s) + nudge`` per sample (``G = |s|^2 / (2 gain)`` for the hard
+        sigmoid, `drivers.activation`)."""
         topo = self.board.topology
         assert topo is not None
-        e = sum((s[g].square().sum(1) for g in free), torch.zeros(s[BIAS].shape[0], device=s[BIAS].device))
-        e = e / (2 * topo.gain)
+        zero = torch.zeros(s[BIAS].shape[0], device=s[BIAS].device)
+        if topo.activation.hard:
+            e = sum((s[g].square().sum(1) for g in free), zero) / (2 * topo.gain)
+        else:
+            e = sum((topo.activation.leak(s[g], topo.gain).sum(1) for g in free), zero)
         for link in links:
             c = link.c
             if c.kind == "conv":

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drivers.activation import HARD_SIGMOID, Activation
 from drivers.topology import BIAS
 from emulator.noise_table import NoisePool
 from emulator.periphery import lsb, quantize
@@ -223,19 +224,28 @@ class _Workspace:
     new: torch.Tensor | None = None
     products: list[Callable[[], object]] = field(default_factory=list)
 
-    def energy(self, half_inv_gain: float, elastic: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
+    def energy(
+        self,
+        half_inv_gain: float,
+        elastic: dict[str, tuple[float, torch.Tensor]],
+        act: Activation = HARD_SIGMOID,
+    ) -> torch.Tensor:
         """The energy of `Board._energy` in fewer operations, for analog settles whose clamped
         sources all enter with factor 1: the constant drive gives those terms and the nudge
         currents, and the free-to-free terms are half of ``sum_g s_g . drive_g`` (each
         bipartite pair drives both ways; a dense tile's pairs carry the factor 1/2), so
         ``E = sum_g s_g . (s_g / 2gain - const_g - drive_g / 2)``, one product over all free
-        nodes."""
-        t = self.state * half_inv_gain
-        t.sub_(self.drive)
+        nodes. Another activation than the hard sigmoid adds its node terms ``sum G(s)``
+        (`drivers.activation`) in place of ``|s|^2 / 2gain``."""
+        t = self.state * half_inv_gain if act.hard else -self.drive
+        if act.hard:
+            t.sub_(self.drive)
         for r, sources in self.links:
             for m, x in sources:
                 t[r].addmm_(m, x, alpha=-0.5)
         e = torch.linalg.vecdot(t, self.state, dim=0)
+        if not act.hard:
+            e = e + act.leak(self.state, 0.5 / half_inv_gain).sum(0)
         for g, (beta, target) in elastic.items():
             e = e + 0.5 * beta * (self.state[self.rows[g]].T - target).square().sum(1)
         return e
@@ -598,18 +608,21 @@ class SettleEngine:
         nudge: SettleNudge,
         products: dict[int, tuple[torch.Tensor, bool]],
         gain: float | None = None,
+        act: Activation | None = None,
     ) -> torch.Tensor:
-        """Energy per sample, E = sum_free |s|^2 / (2 gain) - Phi(s) + nudge terms. `products`
+        """Energy per sample, E = sum_free G(s) - Phi(s) + nudge terms, G = |s|^2 / (2 gain) for
+        the hard sigmoid (`drivers.activation`). `products`
         holds ``s_src @ block`` of the clamped sources, already computed by the settle.
-        `gain`: the activation gain of the settle (None: the board's topology's now; a
+        `gain`, `act`: the activation of the settle (None: the board's topology's now; a
         deferred energy passes the one it settled with, the board may be reset since)."""
-        if gain is None:
+        if gain is None or act is None:
             assert self.board.topology is not None
-            gain = self.board.topology.gain
+            gain = self.board.topology.gain if gain is None else gain
+            act = self.board.topology.activation if act is None else act
         first = next(iter(s.values()))
         e = torch.zeros(first.shape[0], device=first.device)
         for g in plan.free:
-            e = e + (s[g] ** 2).sum(1) / (2 * gain)
+            e = e + ((s[g] ** 2).sum(1) / (2 * gain) if act.hard else act.leak(s[g], gain).sum(1))
         for i, (rg, cg, block, factor) in enumerate(plan.energy_pairs):
             if i in products:
                 product, transposed = products[i]  # s_rg @ block, or s_cg @ block.T
@@ -689,7 +702,7 @@ class SettleEngine:
                 products[pair] = (out[:, a:b], transposed)
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
-        gain, tol = topo.gain, budget.tol
+        gain, tol, act = topo.gain, budget.tol, topo.activation
         dt = self._step_dt(plan, key)
         pool = (
             self._pool(batch * max(topo.groups[g] for g in plan.free))
@@ -743,7 +756,10 @@ class SettleEngine:
                 if per.node_noise:
                     assert pool is not None
                     u = u + per.node_noise * pool.draw(u.shape)
-                new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
+                if act.hard:
+                    new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
+                else:
+                    new = act.rho(u, gain)
                 new = self._dac_step(new, self.board._channel[g], peaks)
                 if check:
                     changes.append((new - s[g]).abs().max())
@@ -843,6 +859,8 @@ class SettleEngine:
         if sum(m.numel() for ms in plan.by_dst.values() for _src, m in ms) > plan.n_free * batch:
             return None
         const = entry.drive
+        assert self.board.topology is not None
+        act = self.board.topology.activation  # the board may be reconfigured before the call
         by_dst = {g: [(src, m.clone()) for src, m in ms] for g, ms in plan.by_dst.items()}
         states = {g: s[g] for g in plan.free}
         currents = nudge.currents
@@ -857,7 +875,7 @@ class SettleEngine:
                 for g, (beta, grad) in currents.items():
                     drive[rows[g]].sub_(grad.T, alpha=beta)
             links = [(rows[g], [(m.T, state[rows[src]]) for src, m in by_dst[g]]) for g in plan.free]
-            return _Workspace(state, drive, rows, links).energy(0.5 / gain, elastic)
+            return _Workspace(state, drive, rows, links).energy(0.5 / gain, elastic, act)
 
         return energy
 
@@ -873,6 +891,7 @@ class SettleEngine:
         frozen = self._frozen(plan)
         assert self.board.topology is not None
         gain = self.board.topology.gain  # the board may be reconfigured or reset before the call
+        act = self.board.topology.activation
         states = dict(s)
         groups = {
             g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
@@ -882,7 +901,7 @@ class SettleEngine:
         def energy() -> torch.Tensor:
             held = frozen()
             products = self._const_products(states, held)
-            return self._energy(states, held, SettleNudge(groups), products, gain)
+            return self._energy(states, held, SettleNudge(groups), products, gain, act)
 
         return energy
 
@@ -1008,6 +1027,7 @@ class SettleEngine:
         measured at the last step only."""
         assert self.board.topology is not None
         budget, gain = self.board.topology.budget, self.board.topology.gain
+        act = self.board.topology.activation
         noisy = plan.noisy or bool(self.board.preset.periphery.node_noise)
         rows = plan.rows
         ws = plan.workspaces.get(batch)
@@ -1045,7 +1065,7 @@ class SettleEngine:
         elastic = nudge.elastic
         dt = self._step_dt(plan, key)
         # one step as a flat list of bound calls: the workspace's products, the elastic pulls,
-        # then gain and clamp over all groups
+        # then gain and clamp (the activation) over all groups
         pre = list(ws.products)
         for g, (beta, target) in elastic.items():
             r = rows[g]
@@ -1055,9 +1075,12 @@ class SettleEngine:
         if noisy:
             noise_ops, stds = self._noise_ops(s, plan, ws, batch)
             pre += noise_ops
-        if gain != 1.0:
-            pre.append(partial(new.mul_, gain))
-        pre.append(partial(new.clamp_, 0.0, 1.0))
+        if not act.hard:
+            pre.append(partial(act.rho_, new, gain))
+        else:
+            if gain != 1.0:
+                pre.append(partial(new.mul_, gain))
+            pre.append(partial(new.clamp_, 0.0, 1.0))
         relax = partial(state.lerp_, new, dt)
         step_ops = [*pre, relax]
         # the steps that check convergence (every `check_every`; with tol = 0 only the last)
@@ -1112,7 +1135,9 @@ class SettleEngine:
         products = self._const_products(s, plan) if energy is None and (trace or not plan.const_unit) else {}
         if energy is None:
             energy = (
-                ws.energy(0.5 / gain, elastic) if plan.const_unit else self._energy(s, plan, nudge, products)
+                ws.energy(0.5 / gain, elastic, act)
+                if plan.const_unit
+                else self._energy(s, plan, nudge, products)
             )
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
         outcome = (step, residual <= budget.tol + floor, residual)

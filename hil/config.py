@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from drivers.activation import Activation
+from drivers.errors import ConfigurationError
+
 T = TypeVar("T")
 
 
@@ -55,7 +58,10 @@ class ModelConfig:
     padding: int = 1
     front: int = 0  # channels of a digital conv + max-pool + batch-norm before the first block
     head: Literal["eb", "digital"] = "eb"  # the classes layer: a tile of the last block, or digital
-    gain: float = 1.0  # activation rho(u) = clamp(gain u, 0, 1)
+    gain: float = 1.0  # activation slope: rho(u) = clamp(gain u, 0, 1) for the hard sigmoid
+    # the node circuits' curve (drivers.activation, docs/neuron.md): hard_sigmoid, logistic or
+    # soft_sigmoid[:corner width]
+    activation: str = "hard_sigmoid"
     w_max: float = 1.0  # weight of a fully-on conductance pair
     init: Literal["gaussian", "goe"] = "gaussian"
     init_scale: float = 0.6
@@ -271,6 +277,10 @@ def validate(cfg: RunConfig) -> None:
             f"model.kernel in [1, 15], model.padding in [0, kernel - 1], model.front >= 0; got kernel "
             f"{m.kernel}, padding {m.padding}, front {m.front}"
         )
+    try:
+        Activation.parse(m.activation)
+    except ConfigurationError as exc:
+        raise ConfigError(f"model.activation: {exc}") from None
     if cfg.ep.beta <= 0:
         raise ConfigError(f"ep.beta: must be > 0, got {cfg.ep.beta}")
     if not 0 < cfg.ep.dt <= 1:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from drivers import BIAS, Coupling, Device, Equilibrium, NotSupported, Nudge, SettleBudget, Topology, seeds
+from drivers.activation import HARD_SIGMOID, Activation
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle
@@ -244,10 +245,14 @@ class EBBlock(nn.Module):
         w_max: float = 1.0,
         mode: Literal["analog", "mvm"] = "analog",
         prefix: str = "s",
+        activation: Activation | str = HARD_SIGMOID,
         **kw: object,
     ) -> EBBlock:
-        """A layered DHN ``sizes[0] -> ... -> sizes[-1]``: s0 clamped, the last group read out."""
-        topo = Topology.layered(sizes, gain=gain, budget=budget, w_max=w_max, mode=mode, prefix=prefix)
+        """A layered DHN ``sizes[0] -> ... -> sizes[-1]``: s0 clamped, the last group read out.
+        `activation`: the node curve (`drivers.activation`, e.g. ``"soft_sigmoid:0.05"``)."""
+        topo = Topology.layered(
+            sizes, gain=gain, budget=budget, w_max=w_max, mode=mode, prefix=prefix, activation=activation
+        )
         return EBBlock(device, topo, **kw)  # type: ignore[arg-type]
 
     @staticmethod
@@ -261,10 +266,11 @@ class EBBlock(nn.Module):
         budget: SettleBudget | None = None,
         w_max: float = 1.0,
         mode: Literal["analog", "mvm"] = "analog",
+        activation: Activation | str = HARD_SIGMOID,
         **kw: object,
     ) -> EBBlock:
         """An all-to-all network over `groups` (one N x N tile plus a bias row)."""
-        topo = Topology.dense(groups, gain=gain, budget=budget, w_max=w_max, mode=mode)
+        topo = Topology.dense(groups, gain=gain, budget=budget, w_max=w_max, mode=mode, activation=activation)
         return EBBlock(device, topo, inputs=inputs, outputs=outputs, **kw)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ weights

@@ -249,6 +249,7 @@ class FFEBM(nn.Module):
         *,
         between: Literal["identity", "linear"] = "identity",
         gain: float = 1.0,
+        activation: str = "hard_sigmoid",
         w_max: float = 1.0,
         budget: SettleBudget | None = None,
         budgets: dict[str, SettleBudget] | None = None,
@@ -286,7 +287,8 @@ class FFEBM(nn.Module):
                     lin.to(compute)
                 parts += [lin, Clamp01()]
             topo = Topology.layered(
-                list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s"
+                list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s",
+                activation=activation,
             )
             parts.append(_eb_layer(
                 topo, k, devices, gen, init=init, init_scale=init_scale, seed=seed, programming=programming,
@@ -310,6 +312,7 @@ class FFEBM(nn.Module):
         between: Literal["identity", "bn"] = "identity",
         head: Literal["eb", "digital"] = "eb",
         gain: float = 1.0,
+        activation: str = "hard_sigmoid",
         w_max: float = 1.0,
         budget: SettleBudget | None = None,
         budgets: dict[str, SettleBudget] | None = None,
@@ -354,7 +357,7 @@ class FFEBM(nn.Module):
             topo = Topology.convolutional(
                 in_shape, ch, pools=pl, kernel=kernel, padding=padding,
                 head=[classes] if last and head == "eb" else [], gain=gain, mode=settle_mode,
-                budget=budget, w_max=w_max,
+                budget=budget, w_max=w_max, activation=activation,
             )  # fmt: skip
             out_shape = topo.shapes[f"s{len(ch)}"]
             parts.append(_eb_layer(

@@ -16,7 +16,8 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   may hold more samples than one request (up to `drivers.checks.MAX_SETTLE_VALUES` values);
 - a product whose sources are all clamped (the input layer and the bias, usually the widest
   tile) is constant during the settle: it is read once per settle, not every step;
-- the activation ``clamp(gain u, 0, 1)``, the nudge ``beta (target - s) - beta grad`` and the
+- the activation (the topology's `drivers.activation.Activation`, e.g. ``clamp(gain u, 0, 1)``),
+  the nudge ``beta (target - s) - beta grad`` and the
   relaxation ``s <- s + dt (rho(u) - s)`` are applied on the host.
 
 The budget means what it means on a board (`drivers.SettleBudget`): at most `max_steps`
@@ -169,7 +170,7 @@ class HostSettle:
         every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
         if every < 0:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
-        budget, gain = topo.budget, topo.gain
+        budget, gain, act = topo.budget, topo.gain, topo.activation
         clamped = frozenset(cl)
         key = (topo.couplings, clamped)  # the couplings themselves: an id could be reused
         terms = self._terms.get(key)
@@ -265,7 +266,10 @@ class HostSettle:
                 u[g] += beta * (target - s[g])
             res = 0.0
             for g in free:
-                new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
+                if act.hard:
+                    new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
+                else:
+                    new = act.rho(torch.from_numpy(u[g]), gain).numpy()
                 if check:
                     res = max(res, float(np.abs(new - s[g]).max()))
                 s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])

@@ -2,14 +2,16 @@
 
 It uses exactly the conventions of the Device interface (`drivers.base`, `drivers.topology`):
 
-- node states in [0, 1]; activation ``rho(u) = clamp(gain * u, 0, 1)``;
+- node states in [0, 1]; activation ``rho(u)``, the topology's `drivers.activation.Activation`
+  (the hard sigmoid ``clamp(gain * u, 0, 1)`` by default);
 - a bipartite tile ``W`` (rows x cols) drives its column groups with ``s_rows @ W`` and its
   row groups with ``s_cols @ W.T``; the reserved group ``bias`` is one node held at 1, so a
   bias is one more row of a tile;
 - a dense tile (N + optional bias row) x N drives its groups with ``s_rows @ W``, diagonal
   disconnected;
 - ``Phi = sum_bipartite s_rows^T W s_cols + sum_dense (1/2 s^T W s + b^T s)``;
-- energy ``E = sum_free |s|^2 / (2 gain) - Phi + beta * l`` with the nudge's cost
+- energy ``E = sum_free G(s) - Phi + beta * l`` with ``G' = rho^{-1}`` (``|s|^2 / (2 gain)``
+  for the hard sigmoid) and the nudge's cost
   ``l = 1/2 |s - target|^2 + grad . s``, so a nudge adds ``beta (target - s) - beta grad``
   to the drive, as on a board;
 - the settle integrates ``s <- (1 - dt) s + dt rho(drive)`` (dt = 1: the plain fixed-point
@@ -23,7 +25,7 @@ behaves like a crossbar, whose W_ij and W_ji are two devices.
 Gradients of a loss of the free equilibrium s* are given by
 
 - implicit differentiation (`DHN.vjp`, `DHN.forward`): at the fixed point
-  ``s = rho(s A + c)`` with ``D = diag(rho'(drive))`` (zero on saturated units), the adjoint
+  ``s = rho(s A + c)`` with ``D = diag(rho'(drive))`` (zero on saturated hard-sigmoid units), the adjoint
   ``v`` solves ``(I - A D) v = dL/ds`` and ``dL/dc = D v``, which autograd carries to the
   weights and to the clamped inputs. The fixed point is first polished by semismooth Newton
   steps so the result is exact to float precision;
@@ -41,21 +43,21 @@ import torch
 from torch import Tensor, nn
 
 from drivers import conv
+from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 
 States = dict[str, Tensor]
 
 
-def rho(u: Tensor, gain: float) -> Tensor:
-    """The board's hard-sigmoid activation ``clamp(gain * u, 0, 1)``."""
-    return torch.clamp(gain * u, 0.0, 1.0)
+def rho(u: Tensor, gain: float, act: Activation = HARD_SIGMOID) -> Tensor:
+    """The board's activation (`drivers.activation`; by default ``clamp(gain * u, 0, 1)``)."""
+    return act.rho(u, gain)
 
 
-def rho_prime(u: Tensor, gain: float) -> Tensor:
-    """Derivative of `rho`: ``gain`` where the unit is not saturated, else 0."""
-    a = gain * u
-    return ((a > 0) & (a < 1)).to(u.dtype) * gain
+def rho_prime(u: Tensor, gain: float, act: Activation = HARD_SIGMOID) -> Tensor:
+    """Derivative of `rho` (for the hard sigmoid: ``gain`` where the unit is not saturated, else 0)."""
+    return act.rho_prime(u, gain)
 
 
 @dataclass
@@ -130,6 +132,10 @@ class DHN(nn.Module):
     @property
     def gain(self) -> float:
         return self.topology.gain
+
+    @property
+    def activation(self) -> Activation:
+        return self.topology.activation
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,11 +288,12 @@ class DHN(nn.Module):
     def energy(
         self, states: Mapping[str, Tensor], clamped: set[str], nudge: Mapping[str, Nudge] | None = None
     ) -> Tensor:
-        """``E = sum_free |s|^2/(2 gain) - Phi + beta l`` per sample."""
+        """``E = sum_free G(s) - Phi + beta l`` per sample (``G = |s|^2/(2 gain)`` for the hard sigmoid)."""
         e = -self.phi(states)
+        act = self.activation
         for g, s in states.items():
             if g not in clamped:
-                e = e + 0.5 * (s**2).sum(-1) / self.gain
+                e = e + (0.5 * (s**2).sum(-1) / self.gain if act.hard else act.leak(s, self.gain).sum(-1))
         for g, n in (nudge or {}).items():
             e = e + n.beta * _nudge_cost(n, states[g])
         return e
@@ -326,7 +333,7 @@ class DHN(nn.Module):
             u = d[g] + c_ext[g]
             if nudge and g in nudge:
                 u = u + _nudge_drive(nudge[g], s_free[g])
-            r = rho(u, self.gain)
+            r = rho(u, self.gain, self.activation)
             new[g] = r if dt == 1.0 else s_free[g] + dt * (r - s_free[g])
         return new
 
@@ -492,17 +499,17 @@ class DHN(nn.Module):
                 a = self.local_matrix(free, st)
             a_full = a + torch.diag(diag)
             u = self._flat(self._drive_total(st, c_ext, nudge, free), free)
-            f = x - rho(u, self.gain)
+            f = x - rho(u, self.gain, self.activation)
             if float(f.abs().max()) < 1e-13 * max(1.0, float(x.abs().max())):
                 return st, it, True
-            d = rho_prime(u, self.gain)
+            d = rho_prime(u, self.gain, self.activation)
             # F(x) = x - rho(x A + c); Jacobian (row form) I - A D  ->  (I - D A^T) dx^T = -f^T
             m = (eye - d[:, :, None] * a_full.transpose(-1, -2)).contiguous()
             dx = _solve(m, -f)
             x = x + dx
         st = self._unflat(x, free)
         u = self._flat(self._drive_total(st, c_ext, nudge, free), free)
-        ok = float((x - rho(u, self.gain)).abs().max()) < 1e-10
+        ok = float((x - rho(u, self.gain, self.activation)).abs().max()) < 1e-10
         return (st if ok else s), max_iter, ok
 
     def _drive_total(
@@ -525,7 +532,7 @@ class DHN(nn.Module):
         with torch.no_grad():
             st = {g: states[g].detach() for g in self.topology.groups}
             u = self.drive(st, targets=set(free))
-            d = self._flat({g: rho_prime(u[g], self.gain) for g in free}, free)
+            d = self._flat({g: rho_prime(u[g], self.gain, self.activation) for g in free}, free)
             batch = d.shape[0]
             gflat = torch.cat(
                 [

@@ -142,7 +142,9 @@ class Classifier:
 
         refresh_mode = None if e.refresh_mode == "auto" else e.refresh_mode
         if m.kind == "dhn":
-            topo = Topology.layered(sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode)
+            topo = Topology.layered(
+                sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode, activation=m.activation
+            )
             init = goe_init if m.init == "goe" else gaussian_init
             scheme = None
             if e.programming != "ideal" or e.refresh_every or refresh_mode:
@@ -159,7 +161,8 @@ class Classifier:
         else:
             # the options every EB block of an ff-EBM shares
             blocks = dict(
-                gain=m.gain, w_max=m.w_max, budget=free, budgets=budgets, init=m.init,
+                gain=m.gain, activation=m.activation, w_max=m.w_max, budget=free, budgets=budgets,
+                init=m.init,
                 init_scale=m.init_scale, beta=e.beta, mode=e.mode, settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,

@@ -343,6 +343,7 @@ def topology_to_dict(topo: Topology) -> dict[str, Any]:
         "groups": dict(topo.groups),
         "couplings": [_coupling_to_dict(c) for c in topo.couplings],
         "gain": topo.gain,
+        "activation": topo.activation.spec,
         "mode": topo.mode,
         "budget": dataclasses.asdict(topo.budget),
     }
@@ -371,6 +372,8 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
             groups={str(k): v for k, v in d["groups"].items()},  # sizes checked (not truncated) by Topology
             couplings=couplings,
             gain=d.get("gain", 1.0),
+            # the node curve by name (drivers.activation); an older host's message has none
+            activation=d.get("activation", "hard_sigmoid"),
             mode=d.get("mode", "analog"),
             budget=SettleBudget(**d.get("budget", {})),
             # a list of three sizes per group, checked by Topology (a non-list fails there too)

@@ -28,21 +28,23 @@ def check_block(
     seed: int = 0,
     budget: SettleBudget = CHECK_BUDGET,
     settle: str = "auto",
+    activation: str = "hard_sigmoid",
 ) -> EBBlock:
     """The network `hil gradcheck` checks: weights ``N(0, init_scale^2 / fan_in)``, biases
     ``U(bias)`` (so that units are active and few sit on a kink of the hard sigmoid), a
     tight settle budget (a converged free phase). Layered: groups s0 (input) ... sL (output);
     dense: groups ``x`` (input, clamped), ``h0`` ... (hidden), ``y`` (output) on one tile.
-    `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`)."""
+    `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`); `activation`: the node
+    curve (`drivers.activation`)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     if dense:
         groups = {"x": sizes[0], **{f"h{k}": n for k, n in enumerate(sizes[1:-1])}, "y": sizes[-1]}
-        topo = Topology.dense(groups, budget=budget)
+        topo = Topology.dense(groups, budget=budget, activation=activation)
         inputs, outputs = ("x",), ("y",)
     else:
-        topo = Topology.layered(sizes, budget=budget)
+        topo = Topology.layered(sizes, budget=budget, activation=activation)
         inputs, outputs = ("s0",), (f"s{len(sizes) - 1}",)
     w = gaussian_init(topo, init_scale, gen)
     lo, hi = bias
@@ -105,6 +107,9 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(
             True, "--progress/--no-progress", help="Progress bar: the reference, then each beta and mode."
         ),
+        activation: str = typer.Option(
+            "hard_sigmoid", help="Node curve: hard_sigmoid, logistic or soft_sigmoid[:width] (docs/neuron.md)."
+        ),
     ) -> None:
         """Compare EP gradients measured on the device with implicit differentiation of the
         pure-torch reference (float64, the weights read back from the device), for the loss
@@ -137,7 +142,10 @@ def register(app: typer.Typer) -> None:
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
         with one_line_errors(), open_device(uri) as dev:
-            blk = check_block(dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle)
+            blk = check_block(
+                dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle,
+                activation=activation,
+            )  # fmt: skip
             free = blk.free(x)
             kind = "dense" if dense else "layered"
             typer.echo(f"device   {dev.info.identity.idn()}  ({uri}); settles on the {blk.settle_path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS
@@ -138,7 +139,10 @@ def _fixed_point(
         nd = (nudge or {}).get(g)
         if nd is not None and nd.target is not None:
             u = u + nd.beta * (nd.target - states[g])
-        pred = np.clip(topo.gain * u, 0.0, 1.0)
+        if topo.activation.hard:
+            pred = np.clip(topo.gain * u, 0.0, 1.0)
+        else:  # the topology's curve (`drivers.activation`); its slope is at most the gain's
+            pred = topo.activation.rho(torch.from_numpy(np.asarray(u, np.float64)), topo.gain).numpy()
         tol = (
             topo.gain
             * (
