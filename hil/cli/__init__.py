@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from hil.cli import calibrate, conformance, demo, emulator_cmd, runs, sweep, train
+from hil.cli import calibrate, conformance, demo, emulator_cmd, mhn, runs, sweep, train
 
 app = typer.Typer(
     help="xbar-hil: Equilibrium Propagation on analog crossbar boards and their emulator.",
@@ -15,6 +15,7 @@ calibrate.register(app)
 conformance.register(app)
 demo.register(app)
 emulator_cmd.register(app)
+mhn.register(app)
 runs.register(app)
 sweep.register(app)
 train.register(app)

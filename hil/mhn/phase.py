@@ -13,10 +13,12 @@ covariance, so
 
 For any other pattern set x* moves with beta and p is not uniform; `critical_beta` follows x*
 by continuation (Newton at each beta from the previous one) and bisects on
-``lambda_max(J(x*(beta), beta)) = 1``. The effective inverse temperature is
-``beta_eff = beta lambda_max(C)``: the same dimensionless number for any scale and spread of
-the patterns, whose critical value is 1 for equidistant sets; `beta / beta_c` is the ratio
-that says on which side a memory sits for any set.
+``lambda_max(J(x*(beta), beta)) = 1``, which a general set reaches at a fold (x* meets a
+saddle and the branch ends). Some sets never reach it: x* slides smoothly towards one pattern
+(a crossover, not a transition); there beta_c is where lambda_max(J) peaks. The effective
+inverse temperature is ``beta_eff = beta lambda_max(C)``: the same dimensionless number for
+any scale and spread of the patterns, whose critical value is 1 for equidistant sets;
+`beta / beta_c` is the ratio that says on which side a memory sits for any set.
 
 Measured: from starts near x* (a small random displacement) and from random points of the
 patterns' convex hull, the board retrieves; the distinct end states are the minima reached,
@@ -74,8 +76,15 @@ class Critical:
 
     beta_c: float
     lambda_cov: float  # lambda_max of the patterns' covariance
-    symmetric: bool  # the mean is the fixed point with uniform p (equidistant-like sets)
+    # how the single attractor ends: "pitchfork" (the mean, p uniform: equidistant-like sets),
+    # "fold" (x* meets a saddle), "crossover" (x* never loses stability, it slides towards a
+    # pattern: beta_c is where lambda_max(J) peaks, the softest point of the branch)
+    kind: str
     centre: Tensor  # x* at beta_c (d,)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.kind == "pitchfork"
 
     @property
     def beta_eff_c(self) -> float:
@@ -108,7 +117,7 @@ def critical_beta(xi: Tensor, *, rel_tol: float = 1e-6) -> Critical:
     m = xi.mean(1)
     sims = m @ xi
     if float(sims.max() - sims.min()) <= 1e-9 * max(float(sims.abs().max()), 1e-30):
-        return Critical(1.0 / lam_c, lam_c, True, m)
+        return Critical(1.0 / lam_c, lam_c, "pitchfork", m)
     # continuation from a beta where T is a strong contraction. The branch ends where
     # lambda_max(J) reaches 1: at a pitchfork (symmetric sets) or at a fold, where x* meets a
     # saddle and Newton jumps to another branch; a jump counts as the end too.
@@ -121,14 +130,18 @@ def critical_beta(xi: Tensor, *, rel_tol: float = 1e-6) -> Critical:
 
     beta, x = 0.05 / lam_c, m
     b_lo, x_lo = beta, m
+    peak = (0.0, beta, m)  # lambda_max, beta, x* where the branch was softest
     while True:
         ok, x = stable(beta, x_lo)
         if not ok:
             break
+        lam = stability(xi, beta, x)[1]
+        if lam > peak[0]:
+            peak = (lam, beta, x)
+        elif lam < 0.5 * peak[0] or beta > 1e3 / lam_c:
+            return Critical(peak[1], lam_c, "crossover", peak[2])
         b_lo, x_lo = beta, x
         beta *= 1.02
-        if beta > 1e6 / lam_c:
-            raise ConfigurationError("no transition found: the single attractor stays stable")
     b_hi = beta
     while b_hi - b_lo > rel_tol * b_hi:
         mid = 0.5 * (b_lo + b_hi)
@@ -137,7 +150,7 @@ def critical_beta(xi: Tensor, *, rel_tol: float = 1e-6) -> Critical:
             b_lo, x_lo = mid, xm
         else:
             b_hi = mid
-    return Critical(0.5 * (b_lo + b_hi), lam_c, False, x_lo)
+    return Critical(0.5 * (b_lo + b_hi), lam_c, "fold", x_lo)
 
 
 def centre_at(xi: Tensor, beta: float, crit: Critical) -> Tensor:
@@ -160,16 +173,16 @@ def meaning(ratio: float) -> str:
     """One plain sentence on what ``beta / beta_c`` means for retrieval."""
     if ratio < 0.9:
         return (
-            f"beta is {ratio:.2f} of beta_c: the memory sits in the single-attractor phase, so queries "
+            f"beta is {ratio:.3g} of beta_c: the memory sits in the single-attractor phase, so queries "
             "near the patterns' centre all fall to one blended state instead of a stored pattern."
         )
     if ratio <= 1.1:
         return (
-            f"beta is {ratio:.2f} of beta_c: the memory sits at the transition, where retrieval is slow "
+            f"beta is {ratio:.3g} of beta_c: the memory sits at the transition, where retrieval is slow "
             "and device noise decides whether a query reaches a pattern or the blended state."
         )
     return (
-        f"beta is {ratio:.2f} of beta_c: the memory sits in the retrieval phase, where each stored "
+        f"beta is {ratio:.3g} of beta_c: the memory sits in the retrieval phase, where each stored "
         "pattern is its own minimum and a query falls to the pattern it is nearest."
     )
 

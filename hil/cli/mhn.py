@@ -1,0 +1,81 @@
+"""`hil mhn phase`: which side of the temperature transition a modern Hopfield memory sits on,
+on any board (docs/mhn.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hil.cli.common import one_line_errors
+
+IDEAL = "emulator://?preset=ideal&seed=0"
+
+
+def register(app: typer.Typer) -> None:
+    mhn_app = typer.Typer(help="Modern Hopfield network blocks on crossbars.", no_args_is_help=True)
+
+    @mhn_app.command()
+    def phase(
+        device: Annotated[str, typer.Option(help="Board URI.")] = IDEAL,
+        n: Annotated[int, typer.Option(help="Patterns (with --digits: digit classes, at most 10).")] = 10,
+        d: Annotated[int, typer.Option(help="Pattern dimension (ignored with --digits: 64).")] = 64,
+        norm: Annotated[float, typer.Option(help="Norm of every pattern.")] = 1.0,
+        cos: Annotated[float, typer.Option(help="Cosine between every pair of equidistant patterns.")] = 0.0,
+        digits: Annotated[
+            bool, typer.Option("--digits", help="Store digits (one per class, centred, scaled to --norm).")
+        ] = False,
+        beta: Annotated[
+            float | None, typer.Option(help="Your inverse temperature (default 1/sqrt(d), attention's).")
+        ] = None,
+        starts: Annotated[int, typer.Option(help="Random starts per family (near-centre, anywhere).")] = 32,
+        seed: Annotated[int, typer.Option(help="Seed of the patterns and the starts.")] = 0,
+        programming: Annotated[str, typer.Option(help="Programming scheme (ideal, verify, ...).")] = "verify",
+        out: Annotated[Path, typer.Option(help="Folder for phase.png and phase.json.")] = Path("mhn_phase"),
+    ) -> None:
+        """Sweep beta on the board, count the minima reached and their overlap with the patterns,
+        mark the derived critical beta, and say where your beta sits."""
+        import torch
+
+        from drivers import open_device
+        from hil.mhn.diagnose import describe, phase_diagnostic
+        from hil.mhn.digits import digit_memory
+        from hil.mhn.phase import equidistant_patterns
+        from hil.mhn.plot import save_phase_figure
+
+        torch.set_num_threads(1)
+        with one_line_errors():
+            if digits:
+                if not 1 <= n <= 10:
+                    raise ValueError(f"--digits stores one image per class: --n must be 1 to 10, got {n}")
+                xi = digit_memory(1, norm=norm, classes=n).patterns
+                what = f"{n} digits (centred, norm {norm:g})"
+            else:
+                xi = equidistant_patterns(n, d, norm, cos=cos, seed=seed)
+                what = f"{n} equidistant patterns, d={d}, norm {norm:g}, cos {cos:g}"
+            if starts < 1:
+                raise ValueError(f"--starts must be >= 1, got {starts}")
+            user_beta = beta if beta is not None else 1.0 / math.sqrt(xi.shape[0])
+            with open_device(device) as dev:
+                report = phase_diagnostic(
+                    dev,
+                    xi,
+                    centre_starts=starts,
+                    anywhere_starts=starts,
+                    seed=seed,
+                    extra=(user_beta,),
+                    programming=programming,
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            png = save_phase_figure(report, out / "phase.png", f"{what} on {device}", user_beta)
+            data = {"device": device, "patterns": what, "beta": user_beta, **report.to_dict()}
+            (out / "phase.json").write_text(json.dumps(data, indent=1) + "\n")
+        typer.echo(f"{what} on {device}")
+        for line in describe(report, user_beta):
+            typer.echo(line)
+        typer.echo(f"wrote {png} and {out / 'phase.json'}")
+
+    app.add_typer(mhn_app, name="mhn")

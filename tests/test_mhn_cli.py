@@ -1,0 +1,47 @@
+"""Issue 19: `hil mhn phase` on the ideal board."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hil.cli import app
+
+IDEAL = "emulator://?preset=ideal&seed=0"
+
+
+def test_phase_command_writes_the_plot_and_places_the_users_beta(tmp_path: Path) -> None:
+    out = tmp_path / "phase"
+    args = ["mhn", "phase", "--device", IDEAL, "--n", "5", "--d", "16", "--norm", "2.0", "--starts", "12"]
+    res = CliRunner().invoke(app, [*args, "--beta", "2.0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    # 5 orthogonal patterns of norm 2: beta_c = N / r^2 = 1.25, so beta 2 is 1.6 of it
+    assert "beta_c derived 1.25 " in res.output
+    assert "beta_eff / beta_c = 1.600" in res.output
+    assert "retrieval phase" in res.output
+    png = (out / "phase.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    data = json.loads((out / "phase.json").read_text())
+    assert data["beta_c_derived"] == pytest.approx(1.25)
+    assert data["beta_c_measured"] == pytest.approx(1.25, rel=0.1)
+    assert any(p["beta"] == 2.0 for p in data["points"])  # the user's beta was measured too
+
+
+def test_phase_command_on_digits_below_the_transition(tmp_path: Path) -> None:
+    args = ["mhn", "phase", "--digits", "--n", "4", "--starts", "8", "--beta", "0.5"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "single-attractor branch at a fold" in res.output or "crossover" in res.output
+    assert "single-attractor phase" in res.output
+
+
+def test_phase_command_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["mhn", "phase", "--digits", "--n", "11", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "--n must be 1 to 10" in res.output
+    res = CliRunner().invoke(app, ["mhn", "phase", "--n", "9", "--d", "4", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "n <= d" in res.output
