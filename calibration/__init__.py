@@ -8,9 +8,10 @@ Run a session (any Device: emulator, VISA, serial)::
         record = run_session(dev, SessionOptions(tile_shapes=((256, 256),)))
     write(record, "cal.zarr")          # or: hil calibrate URI --out cal.zarr
 
-Load it for one board (refuses a record of another board, naming both identities)::
+Load it for one board (refuses a record of another board, or of this board in another
+configuration: converter bits or ranges, limits, the emulator's preset; naming both)::
 
-    record = calibration.load("cal.zarr", identity=dev.info.identity)
+    record = calibration.load("cal.zarr", board=dev.info)
 
 Apply it (pure numpy; no device access). Channels: node k of the configured topology (groups
 in declared order) is DAC channel k and state-ADC channel k; mvm input line i is DAC channel
@@ -66,6 +67,7 @@ from calibration.record import (
     SettleProfile,
     StuckMap,
     TileCalibration,
+    board_fingerprint,
     load,
     write,
 )
@@ -89,6 +91,7 @@ __all__ = [
     "StuckMap",
     "Targets",
     "TileCalibration",
+    "board_fingerprint",
     "channel_offsets",
     "conductance_targets",
     "correct_mvm",

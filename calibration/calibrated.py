@@ -31,7 +31,7 @@ class CalibratedDevice(DeviceWrapper):
         targets: bool = True,
         session: str = "hil calibrate URI --out RECORD",
     ) -> None:
-        record.check_identity(device.info.identity)
+        record.check_board(device.info)
         super().__init__(device)
         self.record = record
         self.targets = targets  # also correct programming targets (per-device windows, stuck devices)

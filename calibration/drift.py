@@ -82,9 +82,13 @@ def drift_check(
     progress: Progress = no_progress,
 ) -> DriftReport:
     """Re-measure a sample and say whether the board has drifted away from `record`."""
-    record.check_identity(device.info.identity)
+    record.check_board(device.info)
     seed = seeds.derive(record.session.get("seed", 0), "calibration.drift")  # not the session's levels
-    quick = ConverterOptions(levels=16, repeats=32, samples=512, reads=512, seed=seed)
+    # a quick re-measurement, compared with the record within its own standard errors: no
+    # precision requirement of its own (its channels are not applied, only compared)
+    quick = ConverterOptions(
+        levels=16, repeats=32, samples=512, reads=512, seed=seed, gain_tol=None, offset_tol_lsb=None
+    )
     checks: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     if "adc" in record.converters:

@@ -24,6 +24,8 @@ physical tiles, and a record applies to a host tile only when both match.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from drivers import Identity
+from drivers import DeviceInfo, Identity
 
 FORMAT = "xbar-hil-calibration"
 FORMAT_VERSION = 1
@@ -161,6 +163,31 @@ class CalibrationRecord:
     settle: SettleProfile | None = None
     session: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    fingerprint: str = ""  # `board_fingerprint` of the board measured ("": an older record)
+    configuration: str = ""  # the board's own configuration fingerprint (DeviceInfo.extra["config"])
+
+    def check_board(self, info: DeviceInfo) -> None:
+        """Refuse a board other than the one measured (`check_identity`), or the same board in
+        another configuration: converter resolution or ranges, tile limits, or (where the
+        board reports one, as the emulator does) the fingerprint of its device and converter
+        setup. A record made before fingerprints existed is checked by identity alone."""
+        self.check_identity(info.identity)
+        now = board_fingerprint(info)
+        if not self.fingerprint or now == self.fingerprint:
+            return
+        limits, before = _jsonable(dataclasses.asdict(info.limits)), _jsonable(self.limits)
+        changed = [k for k in sorted(set(limits) | set(before)) if limits.get(k) != before.get(k)]
+        what = (
+            "limits " + ", ".join(f"{k} {before.get(k)!r} -> {limits.get(k)!r}" for k in changed[:4])
+            if changed
+            else f"device and converter setup {self.configuration!r} -> {info.extra.get('config', '')!r}"
+        )
+        raise CalibrationMismatch(
+            f"this calibration record was measured on {self.identity.idn()!r} in configuration "
+            f"{self.fingerprint}, and this board reports configuration {now} ({what}): a record "
+            "does not carry over to another configuration of the same board; calibrate it as it "
+            "is set up now with `hil calibrate`"
+        )
 
     def check_identity(self, identity: Identity) -> None:
         """Refuse a board other than the one measured. Manufacturer, model and serial must
@@ -253,6 +280,17 @@ def _read_section(group: zarr.Group, cls: type) -> Any:
     return cls(**kwargs)
 
 
+def board_fingerprint(info: DeviceInfo) -> str:
+    """The configuration a record is bound to besides the identity: the board's limits
+    (converter bits and ranges, tile and settle limits) and the configuration fingerprint the
+    board reports, if any (`DeviceInfo.extra["config"]`), hashed."""
+    text = json.dumps(
+        {"limits": _jsonable(dataclasses.asdict(info.limits)), "config": str(info.extra.get("config", ""))},
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write(record: CalibrationRecord, path: str | Path) -> Path:
     """Write `record` to a new Zarr store at `path` (an existing store there is replaced)."""
     path = Path(path)
@@ -268,6 +306,8 @@ def write(record: CalibrationRecord, path: str | Path) -> Path:
             "limits": _jsonable(record.limits),
             "channel_map": CHANNEL_MAP,
             "session": _jsonable(record.session),
+            "fingerprint": record.fingerprint,
+            "configuration": record.configuration,
         }
     )
     conv = root.create_group("converters")
@@ -286,8 +326,12 @@ def write(record: CalibrationRecord, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, identity: Identity | None = None) -> CalibrationRecord:
-    """Read a record; with `identity`, refuse it unless it was measured on that board."""
+def load(
+    path: str | Path, identity: Identity | None = None, *, board: DeviceInfo | None = None
+) -> CalibrationRecord:
+    """Read a record; with `board` (a device's `info`), refuse it unless it was measured on
+    that board in its present configuration (`CalibrationRecord.check_board`); with
+    `identity` alone, unless it was measured on that board."""
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"no calibration record at {str(path)!r}")
@@ -325,7 +369,11 @@ def load(path: str | Path, identity: Identity | None = None) -> CalibrationRecor
         settle=settle,
         session=_unjson(attrs.get("session", {})),
         version=version,
+        fingerprint=str(attrs.get("fingerprint", "")),
+        configuration=str(attrs.get("configuration", "")),
     )
-    if identity is not None:
+    if board is not None:
+        record.check_board(board)
+    elif identity is not None:
         record.check_identity(identity)
     return record

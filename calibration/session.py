@@ -33,7 +33,7 @@ from calibration.converters import TILES_PER_DAC_PASS, ConverterOptions, measure
 from calibration.measure import Progress, no_progress, tile_topology
 from calibration.pulse import measure_pulse_response
 from calibration.pulse_fit import fit_pulse_model
-from calibration.record import CalibrationRecord, TileCalibration
+from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint
 from calibration.settling import profile_settle
 from drivers import Device
 
@@ -97,6 +97,8 @@ def run_session(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         limits=dataclasses.asdict(info.limits),
         routines=routines,
+        fingerprint=board_fingerprint(info),
+        configuration=str(info.extra.get("config", "")),
     )
     durations: dict[str, float] = {}
     conv = dataclasses.replace(options.converter, seed=options.seed)

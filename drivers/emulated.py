@@ -232,7 +232,7 @@ class EmulatedDevice(Device):
             limits=board.limits,
             capabilities=caps,
             preset=board.preset.name,
-            extra={"seed": board.seed, "torch_device": str(board.device)},
+            extra={"seed": board.seed, "torch_device": str(board.device), "config": board.configuration},
         )
         self._closed = False
 

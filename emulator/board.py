@@ -14,6 +14,7 @@ every time), the noise of reads, writes and settles from one noise stream.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -144,6 +145,13 @@ class Board:
             max_pulses=per.max_pulses,
             settle_step_s=per.settle_step_s,
         )
+
+    @property
+    def configuration(self) -> str:
+        """A fingerprint of everything the board is built from (device model, periphery,
+        converters' error spreads, limits): boards with equal identities but another preset
+        or override differ here, so a calibration record can tell them apart."""
+        return hashlib.sha256(repr(self.preset).encode()).hexdigest()[:16]
 
     @property
     def identity(self) -> Identity:

@@ -14,7 +14,7 @@ def open_board(uri: str, calibration: str = "") -> Device:
     from calibration import CalibratedDevice, load
 
     try:
-        record = load(calibration, identity=device.info.identity)
+        record = load(calibration, board=device.info)
         return CalibratedDevice(device, record, session=f"hil calibrate '{uri}' --out {calibration}")
     except Exception:
         device.close()

@@ -382,7 +382,11 @@ SMALL = SessionOptions(
     tile_shapes=((8, 8),),
     reads=8,
     pulse_chunks=40,
-    converter=calibration.ConverterOptions(levels=16, repeats=8, samples=128, reads=64, level_reads=32),
+    # a quick session for the transports' bit-for-bit comparison: too few levels to pin every
+    # channel to 0.5 % and 1 LSB, so no precision requirement (else most would be invalid)
+    converter=calibration.ConverterOptions(
+        levels=16, repeats=8, samples=128, reads=64, level_reads=32, gain_tol=None, offset_tol_lsb=None
+    ),
 )
 
 

@@ -94,11 +94,22 @@ def register(app: typer.Typer) -> None:
         png: Path = _PNG,
         check: Path = _CHECK,
         overwrite: bool = _OVERWRITE,
+        threads: int = typer.Option(
+            1,
+            min=0,
+            help="torch CPU threads (0: torch's default, one per core). Default 1: the routines work "
+            "on small tiles and batches, where more threads only add overhead; see docs/calibration.md "
+            "for the measured times.",
+        ),
     ) -> None:
         """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
         settling on a board; write the record, a text summary and a PNG report."""
         if check is None and out.exists() and not overwrite:
             raise fail(f"{out} already exists; add --overwrite to replace it, or pick another --out")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         bars = Bars()
         try:
             with open_device(uri) as dev:
