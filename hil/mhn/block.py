@@ -112,10 +112,18 @@ class MHNBlock:
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()
     def sync(self, force: bool = False) -> bool:
-        """Program the tile if the host patterns changed (or `force`); True when written."""
+        """Program the tile if the host patterns changed (or `force`); True when written. Patterns
+        outside the state box are clipped to it, weights beyond +-w_max to that (`clipped`
+        counts both)."""
         p = self.patterns
         if not force and self._version == p._version:
             return False
+        lo, hi = self.box()
+        if float(p.min()) < lo or float(p.max()) > hi:
+            # patterns stay in the DAC's state box, so every retrieved state (a convex
+            # combination of them) is a state the DAC can carry back
+            self.clipped += int(((p < lo) | (p > hi)).sum())
+            p.clamp_(lo, hi)
         w = self.encoding.weights(p.detach())
         wm = self.encoding.w_max
         if float(w.abs().max()) > wm:
@@ -124,7 +132,7 @@ class MHNBlock:
         results = self.programming.program(self.device, self.tile, w, force=force, bounded=True)
         self._reader = results[-1].reader if results else self._reader
         self._achieved = None
-        self._version = p._version
+        self._version = p._version  # after the in-place clamp, which bumps the version
         return True
 
     def device_patterns(self) -> Tensor:
