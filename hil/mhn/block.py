@@ -181,9 +181,13 @@ class MHNBlock:
         beta: float | None = None,
         budget: RetrievalBudget | None = None,
         nudge: Nudge | None = None,
+        clamp: np.ndarray | None = None,
     ) -> Retrieval:
         """Iterate ``x <- xi softmax(beta xi^T x)`` (minus the nudge's gradient) from `x0`
-        (batch, d) under `budget` (default: the block's)."""
+        (batch, d) under `budget` (default: the block's). `clamp`: a (d,) bool mask of the
+        components held at `x0`'s values (an input, as a DHN clamps its input layer): the
+        retrieval then minimises the energy over the other components only, and its end state
+        depends on the query continuously, not only through the basin it starts in."""
         beta = self.beta if beta is None else check_beta(beta)
         budget = budget or self.budget
         self.sync()
@@ -200,6 +204,11 @@ class MHNBlock:
             )
         if nudge is not None and not (math.isfinite(nudge.beta) and abs(nudge.beta) < 1.0):
             raise ConfigurationError(f"nudge beta must be finite with |beta| < 1, got {nudge.beta!r}")
+        held = None
+        if clamp is not None:
+            held = np.asarray(clamp, dtype=bool)
+            if held.shape != (self.d,):
+                raise ConfigurationError(f"clamp must be a ({self.d},) bool mask, got shape {held.shape}")
         meter = self.device.meter()
         wall = time.perf_counter()
         calls = [0]
@@ -215,7 +224,11 @@ class MHNBlock:
                 nxt = 0.5 * (nxt + again)
             if nudge is not None:
                 nxt = nxt - nudge.beta * nudge.grad(x)
-                nxt = np.clip(nxt, lo, hi)
+            # the state box holds every convex combination of the patterns; read noise (or a
+            # nudge) can carry a decoded state past it, where the DAC could not take it back
+            nxt = np.clip(nxt, lo, hi)
+            if held is not None:
+                nxt[:, held] = x[:, held]
             if check:
                 residual = float(np.abs(nxt - x).max()) if x.size else 0.0
             x = nxt

@@ -110,19 +110,28 @@ def retrieve(x0: Tensor, xi: Tensor, beta: float, budget: RetrievalBudget | None
 
 
 def fixed_point(
-    x0: Tensor, xi: Tensor, beta: float, *, iters: int = 100, tol: float = 1e-12, damping: int = 50
+    x0: Tensor,
+    xi: Tensor,
+    beta: float,
+    *,
+    iters: int = 100,
+    tol: float = 1e-12,
+    damping: int = 50,
+    free: Tensor | None = None,
 ) -> Tensor:
     """A stationary point of the energy near `x0` by Newton's method on ``x - T(x) = 0`` (float64
     advised), after `damping` plain updates. Newton converges where plain iteration crawls
-    (near the transition the update contracts by lambda_max(J) -> 1 per step)."""
-    x = x0
+    (near the transition the update contracts by lambda_max(J) -> 1 per step). `free`: a (d,)
+    bool mask of the components that move (the others stay clamped at `x0`'s values)."""
+    idx = torch.arange(xi.shape[0]) if free is None else torch.nonzero(free).flatten()
+    x = x0.clone()
     for _ in range(damping):
-        x = update(x, xi, beta)
-    eye = torch.eye(xi.shape[0], dtype=xi.dtype, device=xi.device)
+        x[:, idx] = update(x, xi, beta)[:, idx]
+    eye = torch.eye(len(idx), dtype=xi.dtype, device=xi.device)
     for _ in range(iters):
-        f = x - update(x, xi, beta)
+        f = (x - update(x, xi, beta))[:, idx]
         if float(f.abs().max()) <= tol:
             break
-        h = eye - jacobian(x, xi, beta)
-        x = x - torch.linalg.solve(h, f.unsqueeze(-1)).squeeze(-1)
+        h = eye - jacobian(x, xi, beta)[:, idx][:, :, idx]
+        x[:, idx] = x[:, idx] - torch.linalg.solve(h, f.unsqueeze(-1)).squeeze(-1)
     return x

@@ -51,12 +51,14 @@ def ep_gradient(
     mask: np.ndarray | None = None,
     beta_ep: float = 0.01,
     budget: RetrievalBudget | None = None,
+    clamp: np.ndarray | None = None,
 ) -> EPGradient:
     """Centered EP estimate of the patterns' gradient: a free retrieval from `x0`, then the
-    two nudged ones from its end state."""
-    free = block.retrieve(x0, budget=budget)
-    plus = block.retrieve(free.x, budget=budget, nudge=Nudge(beta_ep, target, mask))
-    minus = block.retrieve(free.x, budget=budget, nudge=Nudge(-beta_ep, target, mask))
+    two nudged ones from its end state (`clamp`: components held at `x0`'s values in all
+    three, `MHNBlock.retrieve`)."""
+    free = block.retrieve(x0, budget=budget, clamp=clamp)
+    plus = block.retrieve(free.x, budget=budget, nudge=Nudge(beta_ep, target, mask), clamp=clamp)
+    minus = block.retrieve(free.x, budget=budget, nudge=Nudge(-beta_ep, target, mask), clamp=clamp)
     dplus = -plus.x.T @ plus.p  # sum over the batch of dE/dxi
     dminus = -minus.x.T @ minus.p
     grad = torch.from_numpy((dplus - dminus) / (2 * beta_ep * x0.shape[0]))
@@ -64,18 +66,27 @@ def ep_gradient(
 
 
 def implicit_gradient(
-    xi: Tensor, x_free: np.ndarray, target: np.ndarray, beta: float, *, mask: np.ndarray | None = None
+    xi: Tensor,
+    x_free: np.ndarray,
+    target: np.ndarray,
+    beta: float,
+    *,
+    mask: np.ndarray | None = None,
+    clamp: np.ndarray | None = None,
 ) -> Tensor:
-    """dL/dxi by implicit differentiation at the fixed point near `x_free` (float64)."""
+    """dL/dxi by implicit differentiation at the fixed point near `x_free` (float64); with
+    `clamp`, over the free components only (``(I - J_ff) lambda = grad_f L``)."""
+    free = None if clamp is None else torch.from_numpy(~np.asarray(clamp, dtype=bool))
+    idx = torch.arange(xi.shape[0]) if free is None else torch.nonzero(free).flatten()
     xi = xi.detach().double().clone().requires_grad_(True)
-    x = fixed_point(torch.from_numpy(np.asarray(x_free, np.float64)), xi.detach(), beta, damping=0)
+    x = fixed_point(torch.from_numpy(np.asarray(x_free, np.float64)), xi.detach(), beta, damping=0, free=free)
     g = x - torch.from_numpy(np.asarray(target, np.float64))
     if mask is not None:
         g = g * torch.from_numpy(np.asarray(mask, np.float64))
-    eye = torch.eye(xi.shape[0], dtype=torch.float64)
-    h = eye - jacobian(x, xi.detach(), beta)
-    lam = torch.linalg.solve(h, g.unsqueeze(-1)).squeeze(-1)
-    (grad,) = torch.autograd.grad((update(x, xi, beta) * lam).sum(), xi)
+    eye = torch.eye(len(idx), dtype=torch.float64)
+    h = eye - jacobian(x, xi.detach(), beta)[:, idx][:, :, idx]
+    lam = torch.linalg.solve(h, g[:, idx].unsqueeze(-1)).squeeze(-1)
+    (grad,) = torch.autograd.grad((update(x, xi, beta)[:, idx] * lam).sum(), xi)
     return grad / x.shape[0]
 
 
