@@ -10,6 +10,12 @@
    noise, at beta = 0.8, 2 and 4 beta_c: the fraction retrieved to the right pattern, and the
    distinct end states (within a tenth of the closest two patterns' distance of each other).
 
+4. An MHN classifier on the digits (`hil.mhn.classifier`: prototypes ``[image ; label]``, the
+   image clamped, patterns learned by centered EP through the board) against the layered DHN
+   classifier (64-256-10, `hil.train_classifier` with its default config) for the same
+   number of epochs: test accuracy, crossbar cells (differential pairs), array energy per
+   test image of the free settle/retrieval.
+
 Ends by printing one JSON object per line. Usage::
 
     python benchmarks/mhn_phase.py [--quick] [--seeds N]
@@ -96,6 +102,48 @@ def retrieval(preset: str, seed: int, fractions: list[float], per: int) -> list[
     return rows
 
 
+def mhn_classifier(preset: str, per_class: int, epochs: int, seed: int = 0) -> dict:
+    from hil.mhn.classifier import MHNClassifier
+
+    t = time.perf_counter()
+    with open_device(uri(preset, seed)) as dev:
+        clf = MHNClassifier(dev, per_class=per_class, beta_ratio=1.5, programming="verify", seed=seed)
+        res = clf.fit(epochs=epochs, lr=2.0, seed=seed)
+    return {
+        "bench": "mhn_classifier", "preset": preset, "seed": seed,
+        "model": f"MHN {per_class * 10} prototypes",
+        "epochs": epochs, "test_acc_before": round(res.test_accuracy[0], 4),
+        "test_acc": round(res.test_accuracy[-1], 4), "best_test_acc": round(max(res.test_accuracy), 4),
+        "cells": res.cells, "energy_j_per_image": res.energy_j_per_image,
+        "beta_over_beta_c": 1.5, "clipped": clf.block.clipped, "wall_s": round(time.perf_counter() - t, 1),
+    }  # fmt: skip
+
+
+def dhn_classifier(preset: str, epochs: int, seed: int = 0) -> dict:
+    from hil.config import load_config
+    from hil.train_classifier import train_classifier
+
+    t = time.perf_counter()
+    cfg = load_config(None, [f"train.epochs={epochs}", f"device=emulator://?preset={preset}&seed={seed}"])
+    res = train_classifier(cfg)
+    from hil.data import load_digits
+
+    x_test = load_digits().x_test
+    dev = res.model.blocks()[0].device  # type: ignore[attr-defined]
+    before = dev.meter()
+    res.model.predict(x_test)  # type: ignore[attr-defined]
+    after = dev.meter()
+    energy = float("nan")
+    if before is not None and after is not None:
+        energy = (after.energy_j - before.energy_j) / len(x_test)
+    return {
+        "bench": "mhn_classifier", "preset": preset, "seed": seed, "model": "DHN 64-256-10",
+        "epochs": epochs, "test_acc": round(res.test_acc, 4),
+        "best_test_acc": round(max(h.test_acc for h in res.history), 4), "cells": res.cells,
+        "energy_j_per_image": energy, "wall_s": round(time.perf_counter() - t, 1),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, two settings, fewer queries")
@@ -117,6 +165,12 @@ def main() -> None:
     out += retrieval("ideal", 0, fractions, per)
     for s in range(seeds):
         out += retrieval("rram", s, fractions, per)
+    epochs = 2 if args.quick else 8
+    out.append(mhn_classifier("ideal", 2, epochs))
+    if not args.quick:
+        out.append(mhn_classifier("ideal", 4, epochs))
+        out.append(mhn_classifier("rram", 2, epochs))
+    out.append(dhn_classifier("ideal", epochs))
     out.append({"bench": "mhn_phase", "metric": "wall_s", "value": round(time.perf_counter() - t0, 1),
                 "threads": args.threads})  # fmt: skip
     for o in out:

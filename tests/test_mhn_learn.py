@@ -89,4 +89,4 @@ def test_mhn_classifier_learns_the_digits_by_ep() -> None:
     before, after = res.test_accuracy[0], res.test_accuracy[-1]
     assert after >= 0.9 and after >= before + 0.1, res.test_accuracy
     assert res.train_loss[-1] < res.train_loss[0]
-    assert res.cells == 2 * 75 * 20 and res.energy_j_per_image > 0
+    assert res.cells == 75 * 20 and res.energy_j_per_image > 0

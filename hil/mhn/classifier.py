@@ -36,7 +36,7 @@ class ClassifierResult:
     train_loss: list[float] = field(default_factory=list)  # per epoch, mean over batches
     beta: float = 0.0
     beta_c: float = 0.0
-    cells: int = 0  # devices on the tile: 2 per weight ((d + 1) x N pairs)
+    cells: int = 0  # crossbar cells (differential pairs) of the tile, bias row included: (d + 1) N
     energy_j_per_image: float = 0.0  # array energy of one test retrieval per image (last epoch)
 
 
@@ -94,7 +94,7 @@ class MHNClassifier:
 
     def fit(self, epochs: int = 2, batch: int = 32, lr: float = 0.5, beta_ep: float = 0.01, seed: int = 0):
         res = ClassifierResult(beta=self.beta, beta_c=self.beta_c)
-        res.cells = 2 * (self.block.d + 1) * self.block.n
+        res.cells = (self.block.d + 1) * self.block.n
         acc, _ = self.evaluate()
         res.test_accuracy.append(acc)
         rng = np.random.default_rng(seed)
