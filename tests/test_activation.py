@@ -29,7 +29,7 @@ from hil.reference import DHN
 IDEAL = "emulator://?preset=ideal&seed=0"
 # the smooth neuron the gradient-bias benchmark ranks best (benchmarks/gradient_bias.py,
 # docs/neuron.md); the must-show checks run on it
-SMOOTH = "soft_sigmoid:0.1"
+SMOOTH = "logistic"
 CURVES = ["hard_sigmoid", "soft_sigmoid:0.05", "soft_sigmoid:0.1", "logistic"]
 
 
