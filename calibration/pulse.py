@@ -58,6 +58,17 @@ class PulseData:
     read_noise: float
     reset_noise: float = float("nan")
     bursts: int = 0
+    # one read's noise std (S) against the conductance read (S): (levels, stds), ascending,
+    # from the two reads of every sweep point; None: the pooled `read_noise` everywhere
+    read_noise_curve: tuple[np.ndarray, np.ndarray] | None = None
+
+    def read_var(self, g: np.ndarray) -> np.ndarray:
+        """One read's noise variance at conductances `g` (S): the curve interpolated, held
+        flat beyond its ends; the pooled figure without a curve."""
+        if self.read_noise_curve is None:
+            return np.full(np.shape(g), self.read_noise**2)
+        levels, stds = self.read_noise_curve
+        return np.interp(g, levels, stds) ** 2
 
 
 def _read2(device: Device, tile: str, b_reads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +212,7 @@ def measure_pulse_response(
         if sw is not None:
             variances.append(float(np.var((sw.a - sw.b)[:, working])) / (1.0 + 1.0 / sw.b_reads))
     read_noise = float(np.sqrt(np.mean(variances)))
+    curve = _read_noise_curve([sw for sw in (up, down) if sw is not None], working)
     progress("pulse", 4, 4)
     return PulseData(
         shape=shape,
@@ -215,4 +227,30 @@ def measure_pulse_response(
         read_noise=read_noise,
         reset_noise=reset_noise,
         bursts=bursts,
+        read_noise_curve=curve,
     )
+
+
+CURVE_BINS = 16  # conductance bins of the read-noise curve (equal counts of sweep points)
+
+
+def _read_noise_curve(sweeps: list[Sweep], working: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """One read's noise std against the conductance, from ``a - b`` of every sweep point
+    (``var(a - b) = sigma^2 (1 + 1 / b_reads)`` at that point's conductance) in
+    `CURVE_BINS` bins of equal counts: devices whose read noise depends on their state (PCM)
+    are weighted by the noise where each point was read, not by one pooled figure."""
+    xs, vs = [], []
+    for sw in sweeps:
+        x = (0.5 * (sw.a + sw.b))[:, working].ravel()
+        v = ((sw.a - sw.b)[:, working].ravel() ** 2) / (1.0 + 1.0 / sw.b_reads)
+        ok = np.isfinite(x) & np.isfinite(v)
+        xs.append(x[ok])
+        vs.append(v[ok])
+    x, v = np.concatenate(xs), np.concatenate(vs)
+    if x.size < 10 * CURVE_BINS:
+        return None
+    order = np.argsort(x, kind="stable")
+    parts = np.array_split(order, CURVE_BINS)
+    levels = np.array([float(np.mean(x[i])) for i in parts])
+    stds = np.array([float(np.sqrt(np.mean(v[i]))) for i in parts])
+    return levels, stds

@@ -22,6 +22,7 @@ n-pulse chunks the shape is evaluated halfway through the chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,7 @@ class Points:
     n: np.ndarray  # (chunks, 1) pulses per chunk
     span: np.ndarray  # (devices,) g_hi - g_lo
     mask: np.ndarray
+    var_b: np.ndarray  # the mean of the b-read variances at the two ends of each increment
 
 
 @dataclass
@@ -72,7 +74,15 @@ class DirectionFit:
     resid: np.ndarray  # (chunks, devices), NaN outside the mask
 
 
-def points(sweep: Sweep, g_lo: np.ndarray, g_hi: np.ndarray, valid: np.ndarray) -> Points:
+def points(
+    sweep: Sweep,
+    g_lo: np.ndarray,
+    g_hi: np.ndarray,
+    valid: np.ndarray,
+    read_var: Callable[[np.ndarray], np.ndarray],
+) -> Points:
+    """`sweep`'s increments as regression data; `read_var(g)`: one read's noise variance at
+    conductance g (S^2), for each increment's two b reads."""
     span = g_hi - g_lo
     pos = sweep.a[:-1]
     lo32, hi32, inv = g_lo.astype(np.float32), g_hi.astype(np.float32), (1.0 / span).astype(np.float32)
@@ -84,22 +94,25 @@ def points(sweep: Sweep, g_lo: np.ndarray, g_hi: np.ndarray, valid: np.ndarray) 
     s0 = float(np.median(s[:3][:, valid])) if valid.any() else 0.0
     terminal = (1.0 - u) * span > 3.0 * n * max(s0, 0.0)
     mask = valid[None, :] & np.isfinite(u) & np.isfinite(s) & (u > -0.05) & (u < 0.97) & terminal
-    return Points(u, s, n, span, mask)
+    rv = read_var(np.nan_to_num(sweep.b.astype(np.float64)))
+    var_b = 0.5 * (rv[:-1] + rv[1:]) / sweep.b_reads
+    return Points(u, s, n, span, mask, var_b)
 
 
-def weights(p: Points, f: np.ndarray, noise: tuple[float, float, float] | None) -> np.ndarray:
+def weights(p: Points, f: np.ndarray, noise: tuple[float, float] | None) -> np.ndarray:
     """Inverse variance of each increment, ``1 / (c^2 (dw f)^2 / n + 2 sigma_b^2 / n^2)``, from the
-    tile's cycle-to-cycle std c, its typical step dw and the read noise sigma_b of a b read
-    (None: equal weights). The weights depend on the positions only, not on the measured
-    steps: weights that followed a device's own steps would bias its fit."""
+    tile's cycle-to-cycle std c, its typical step dw (`noise`; None: equal weights) and the
+    read noise sigma_b of its b reads where they were read (`Points.var_b`). The weights
+    depend on the positions only, not on the measured steps: weights that followed a
+    device's own steps would bias its fit."""
     if noise is None:
         return np.ones_like(f)
-    c, dw_ref, var_b = noise
-    return 1.0 / (c * c * (dw_ref * f) ** 2 / p.n + 2.0 * var_b / p.n**2)
+    c, dw_ref = noise
+    return 1.0 / (c * c * (dw_ref * f) ** 2 / p.n + 2.0 * p.var_b / p.n**2)
 
 
 def fit_direction(
-    p: Points, kind: str, gamma: float, noise: tuple[float, float, float] | None = None
+    p: Points, kind: str, gamma: float, noise: tuple[float, float] | None = None
 ) -> DirectionFit:
     """Per-device (weighted) least-squares ``dw`` for a given shape (two passes for n-pulse
     chunks: the second evaluates the shape halfway through each chunk).
@@ -144,10 +157,10 @@ def fit_direction(
 
 
 def _sub(p: Points, idx: np.ndarray) -> Points:
-    return Points(p.u[:, idx], p.s[:, idx], p.n, p.span[idx], p.mask[:, idx])
+    return Points(p.u[:, idx], p.s[:, idx], p.n, p.span[idx], p.mask[:, idx], p.var_b[:, idx])
 
 
-def _objective(p: Points, kind: str, gamma: float, noise: tuple[float, float, float] | None) -> float:
+def _objective(p: Points, kind: str, gamma: float, noise: tuple[float, float] | None) -> float:
     """-2 log-likelihood up to constants: n log(WSSE / n) + sum log(variance factor)."""
     fit = fit_direction(p, kind, gamma, noise)
     if noise is None:
@@ -157,7 +170,7 @@ def _objective(p: Points, kind: str, gamma: float, noise: tuple[float, float, fl
     return fit.points * float(np.log(max(fit.sse, 1e-300) / max(fit.points, 1))) + logv
 
 
-def best_gamma(p: Points, kind: str, noise: tuple[float, float, float] | None = None) -> float:
+def best_gamma(p: Points, kind: str, noise: tuple[float, float] | None = None) -> float:
     """Grid then golden-section search of the summed squared error over gamma."""
     lo, hi = GAMMA_RANGE[kind]
     grid = np.linspace(lo, hi, 16)
@@ -181,11 +194,11 @@ def best_gamma(p: Points, kind: str, noise: tuple[float, float, float] | None = 
     return float(0.5 * (a + b))
 
 
-def _noise_model(p: Points, kind: str, gamma: float, var_b: float) -> tuple[float, float, float]:
-    """(c2c std, median step, b-read variance) from an equal-weight fit of `kind`."""
+def _noise_model(p: Points, kind: str, gamma: float) -> tuple[float, float]:
+    """(c2c std, median step) from an equal-weight fit of `kind`."""
     first = fit_direction(p, kind, gamma)
-    c = _ctoc(p, first, kind, gamma, var_b)
-    return (max(c, 0.05), float(np.nanmedian(first.dw)), var_b)
+    c = _ctoc(p, first, kind, gamma)
+    return (max(c, 0.05), float(np.nanmedian(first.dw)))
 
 
 def _gamma_se(p: Points, kind: str, gamma: float, noise: tuple[float, float, float]) -> float:
@@ -198,7 +211,7 @@ def _gamma_se(p: Points, kind: str, gamma: float, noise: tuple[float, float, flo
     return float(np.sqrt(2.0 / d2)) if d2 > 0 else float("inf")
 
 
-def _ctoc(p: Points, fit: DirectionFit, kind: str, gamma: float, var_b: float) -> float:
+def _ctoc(p: Points, fit: DirectionFit, kind: str, gamma: float) -> float:
     """Cycle-to-cycle relative std from the residuals of an equal-weight fit:
     E[r^2] = (1 - h) (c^2 (dw f)^2 / n + 2 var_b / n^2), with the leverage ``h = f^2 / sum f^2``
     of each point in its device's one-parameter fit (the fit absorbs part of the noise of the
@@ -209,7 +222,7 @@ def _ctoc(p: Points, fit: DirectionFit, kind: str, gamma: float, var_b: float) -
     lev = f2 / np.maximum(f2.sum(0), 1e-300)
     keep = p.mask & (lev < 0.5)
     x = np.where(keep, step**2 / p.n, 0.0)
-    y = np.where(keep, np.nan_to_num(fit.resid) ** 2 / (1.0 - lev) - 2.0 * var_b / p.n**2, 0.0)
+    y = np.where(keep, np.nan_to_num(fit.resid) ** 2 / (1.0 - lev) - 2.0 * p.var_b / p.n**2, 0.0)
     c2 = float((x * y).sum() / max((x * x).sum(), 1e-300))
     return float(np.sqrt(max(c2, 0.0)))
 
@@ -230,15 +243,14 @@ def fit_pulse_model(data: PulseData, stuck: np.ndarray | None, g_range: float, s
     if stuck is not None:
         valid &= ~np.asarray(stuck).reshape(-1)
     sweeps = [data.up] + ([data.down] if data.down is not None else [])
-    pts = [points(sw, data.g_lo, data.g_hi, valid) for sw in sweeps]
+    pts = [points(sw, data.g_lo, data.g_hi, valid, data.read_var) for sw in sweeps]
     rng = seeds.numpy_rng(seed, "calibration.pulse_fit")
     cand = np.flatnonzero(valid)
     sub_idx = np.sort(rng.choice(cand, min(SUBSET, cand.size), replace=False)) if cand.size else cand
     subs = [_sub(p, sub_idx) for p in pts]
-    var_bs = [data.read_noise**2 / sw.b_reads for sw in sweeps]
     # Inverse-variance weights need a noise model (c2c std, typical step): take it from an
     # equal-weight soft-bounds fit; the weights only have to be about right.
-    noises = [_noise_model(sp, "soft_bounds", 1.0, vb) for sp, vb in zip(subs, var_bs, strict=True)]
+    noises = [_noise_model(sp, "soft_bounds", 1.0) for sp in subs]
     npts = max(sum(int(sp.mask.sum()) for sp in subs), 2)
     scores: dict[str, float] = {}
     gammas: dict[str, list[float]] = {}
@@ -265,7 +277,7 @@ def fit_pulse_model(data: PulseData, stuck: np.ndarray | None, g_range: float, s
         elif all(flat):
             kind = "constant"
     # Final: noise model from the chosen shape, gamma again under it, per-device fits of all devices.
-    noises = [_noise_model(sp, kind, g, vb) for sp, g, vb in zip(subs, gammas[kind], var_bs, strict=True)]
+    noises = [_noise_model(sp, kind, g) for sp, g in zip(subs, gammas[kind], strict=True)]
     gs = [
         best_gamma(sp, kind, nz) if kind in GAMMA_RANGE else FIXED_GAMMA[kind]
         for sp, nz in zip(subs, noises, strict=True)
@@ -298,6 +310,12 @@ def fit_pulse_model(data: PulseData, stuck: np.ndarray | None, g_range: float, s
         "dw_min_dtod": _dtod(scale, scale_se),
         "dw_min_ctoc": noises[0][0],
         "read_noise": data.read_noise,
+        # one read's noise std against the conductance it read (S): state-dependent on PCM
+        "read_noise_curve": (
+            None
+            if data.read_noise_curve is None
+            else {"g": data.read_noise_curve[0].tolist(), "std": data.read_noise_curve[1].tolist()}
+        ),
         "reset_noise": data.reset_noise,
         "reset_mean": float(np.mean(data.reset[:, v])) if data.reset is not None else float("nan"),
         "dw_up_rel_se_median": float(np.median((up.dw_se / up.dw)[v])),

@@ -35,6 +35,7 @@ from emulator.devices import (
     step_size,
 )
 from emulator.noise_table import NoisePool
+from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std, read_rms
 
 
 @dataclass
@@ -150,6 +151,16 @@ class TileArray:
         self._cache: torch.Tensor | None = None
         self.weights_epoch = 0  # recomputations of the cached weights (see `weights`)
         self._table: NoisePool | None = None  # write and read noise of a large tile
+        # state-dependent statistics (`emulator.statistics`): a device's drift exponent is
+        # drawn anew from what it holds at every write, from a stream of the tile's own (so
+        # the board's noise stream is the same with and without them)
+        self._pcm = model.statistics == "pcm"
+        self._nu_gen: torch.Generator | None = None
+        self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
+        if self._pcm:
+            seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
+            self._nu_gen = torch.Generator().manual_seed(seed)
+            self._redraw_nu(None)
 
     # ----------------------------------------------------------------- shape and truth
     @property
@@ -206,6 +217,18 @@ class TileArray:
         self._t_latest = max(self._t_latest, t)
         self._version += 1  # the cached weights are stale
         self._scratch_key = None  # (and `_abs_diff` holds no old state alive)
+        if self._pcm:
+            self._redraw_nu(mask)
+
+    def _redraw_nu(self, mask: torch.Tensor | None) -> None:
+        """New drift exponents for the devices just written (`mask`; None: all), drawn from
+        the conductance each holds (`emulator.statistics.pcm_nu`); stuck devices keep 0."""
+        assert self._nu_gen is not None
+        z = torch.randn(self._dshape, generator=self._nu_gen).to(self.device)
+        written = ~self.params.stuck if mask is None else mask & ~self.params.stuck
+        self.params.nu = torch.where(written, pcm_nu(self._g0, self.model.g_max, z), self.params.nu)
+        self._drifts = bool((self.params.nu > 0).any())
+        self._nu_max = float(self.params.nu.max())
 
     def conductances(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """True (G+, G-) at time `t`: drift since each device's last write, stuck values.
@@ -229,6 +252,10 @@ class TileArray:
 
     def _read(self, t: float, gen: torch.Generator) -> torch.Tensor:
         g = self._now(t)
+        if self._pcm and self.model.read_noise > 0:  # each device's std follows what it holds
+            z = self._table_window(gen)
+            z = _randn(self._dshape, gen, self.device) if z is None else z
+            return torch.addcmul(g, pcm_read_std(g, self.model.g_max, self.model.read_noise), z)
         if self.model.read_noise > 0:
             z = self._table_window(gen)
             if z is not None:
@@ -281,6 +308,18 @@ class TileArray:
         self.weights_epoch += 1
         return w
 
+    def read_noise_rms(self) -> float:
+        """One read's noise std, as one number for the tile: the model's `read_noise`, or with
+        state-dependent statistics the RMS over the devices of their stds in the state they
+        hold now (what the mvm's noise formula, which assumes equal devices, takes)."""
+        if not self._pcm:
+            return self.model.read_noise
+        cached = self._read_rms
+        if cached is None or cached[0] != self._version:
+            rms = read_rms(pcm_read_std(self._g0, self.model.g_max, self.model.read_noise))
+            cached = self._read_rms = (self._version, rms)
+        return cached[1]
+
     def mvm_noise_std(self, x: torch.Tensor) -> torch.Tensor:
         """Std of the read-noise error of ``x @ weights`` for each batch row, shape ``x.shape[:-1]``.
 
@@ -297,7 +336,7 @@ class TileArray:
         """
         if self.model.read_noise == 0:
             return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-        scale = self.model.read_noise * math.sqrt(2.0) / self.model.g_range
+        scale = self.read_noise_rms() * math.sqrt(2.0) / self.model.g_range
         return scale * torch.linalg.vector_norm(x, dim=-1)
 
     # ----------------------------------------------------------------- programming
@@ -332,7 +371,12 @@ class TileArray:
     def write_stacked(self, target: torch.Tensor, t: float, gen: torch.Generator) -> WriteStats:
         """`write` with the targets as one (2, rows, cols) tensor (`_stack`)."""
         target = target.to(torch.float32)
-        if self.model.write_noise > 0:
+        if self._pcm and self.model.write_noise > 0:  # the std follows the target
+            z = self._table_window(gen)
+            z = _randn(self._dshape, gen, self.device) if z is None else z
+            landed = torch.addcmul(target, pcm_write_std(target, self.model.g_max), z)
+            landed = landed.clamp_(*self._bounds) if self._bounds else self._clamp_own(landed, out=landed)
+        elif self.model.write_noise > 0:
             z = self._table_window(gen)
             if z is not None:
                 landed = torch.add(target, z, alpha=self.model.write_noise)

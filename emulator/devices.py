@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 
 from drivers.errors import ConfigurationError
+from emulator.statistics import check_statistics
 
 DeviceKind = Literal["constant", "linear", "soft_bounds", "exponential"]
 KINDS: tuple[str, ...] = ("constant", "linear", "soft_bounds", "exponential")
@@ -77,6 +78,9 @@ class DeviceModel:
     stuck_fraction: float = 0.0  # fraction of devices stuck, half at g_lo, half at g_hi
     one_sided: bool = False  # PCM: gradual SET only; negative counts RESET the device
     ir_drop: float = 0.0  # first-order IR-drop attenuation at the far corner of a tile
+    # "constant": the noise and drift figures above hold for every device in every state;
+    # "pcm": they are the mid-window values of the state-dependent model of `emulator.statistics`
+    statistics: str = "constant"
     pulse_energy_j: float = 1e-12  # one programming pulse
     pulse_time_s: float = 50e-9  # one programming pulse (rows are programmed one at a time)
     read_time_s: float = 1e-6  # reading one row of devices (all columns in parallel)
@@ -97,6 +101,7 @@ class DeviceModel:
             raise ConfigurationError(f"stuck_fraction must be in [0, 1], got {self.stuck_fraction}")
         if self.drift_t0 <= 0:
             raise ConfigurationError(f"drift_t0 must be > 0 seconds, got {self.drift_t0}")
+        check_statistics(self.statistics)
         if not 0.0 <= self.ir_drop < 1.0:
             raise ConfigurationError(f"ir_drop must be in [0, 1), got {self.ir_drop}")
         negative = [
@@ -137,7 +142,7 @@ class DeviceModel:
 
     @property
     def drifts(self) -> bool:
-        return self.drift_nu > 0 or self.drift_nu_dtod > 0
+        return self.drift_nu > 0 or self.drift_nu_dtod > 0 or self.statistics == "pcm"
 
 
 @dataclass
