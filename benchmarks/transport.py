@@ -159,8 +159,27 @@ def _minimal_responder(sock: socket.socket) -> None:
                 continue
 
 
-def _serve(conn: Any, board: str) -> None:
-    """Child process: the board, its servers and the raw baselines."""
+def _placement(kind: str) -> tuple[set[int] | None, set[int] | None]:
+    """(client CPUs, server CPUs) for `--placement`: `separate` pins the client to one core
+    and the server process (all its threads) to another, `shared` both to one core, `free`
+    leaves placement to the scheduler (None: not pinned). Unpinned, the scheduler may put
+    the echo thread and a protocol server's thread on different sides of the client, and a
+    round trip between two cores of a virtual machine costs about 35 us more than one on a
+    single core (an idle vCPU is woken through the hypervisor): the ratios then measure the
+    placement, not the protocol."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if kind == "free" or not cpus:
+        return None, None
+    if kind == "shared" or len(cpus) < 2:
+        return {cpus[0]}, {cpus[0]}
+    return {cpus[0]}, {cpus[1]}
+
+
+def _serve(conn: Any, board: str, cpus: set[int] | None = None) -> None:
+    """Child process: the board, its servers and the raw baselines (pinned to `cpus`
+    before any thread starts, so that every server thread and the echo share them)."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     from emulator.server import FramedServer, ScpiServer
     from emulator.server.links import POLL_S, EndpointServer, Stream
 
@@ -581,12 +600,21 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--board", default="emulator://?preset=rram&seed=0")
+    parser.add_argument(
+        "--placement",
+        choices=("separate", "shared", "free"),
+        default="separate",
+        help="client and server on two cores (default), on one core, or wherever the scheduler puts them",
+    )
     args = parser.parse_args()
 
+    client_cpus, server_cpus = _placement(args.placement)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(child, args.board), daemon=True)
+    proc = ctx.Process(target=_serve, args=(child, args.board, server_cpus), daemon=True)
     proc.start()
+    if client_cpus is not None:
+        os.sched_setaffinity(0, client_cpus)
     ports = parent.recv()
     results: list[dict[str, Any]] = []
     try:
@@ -635,8 +663,13 @@ def main() -> None:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.terminate()
+    placement = {
+        "placement": args.placement,
+        "client_cpus": sorted(client_cpus) if client_cpus is not None else None,
+        "server_cpus": sorted(server_cpus) if server_cpus is not None else None,
+    }
     for r in results:
-        print(json.dumps(r))
+        print(json.dumps({**r, **placement}))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.throttle import ErrorThrottle
 
-_OPS = {int(op) for op in Op}
+_OP_OF = {int(op): op for op in Op}
+_OPS = set(_OP_OF)
 _RESPONSE = int(Flag.RESPONSE)  # IntFlag arithmetic costs a microsecond or two per reply
 MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
 
@@ -128,7 +129,8 @@ class FramedServer(EndpointServer):
                 if got is None:
                     continue
                 first, body = got
-                fault = self.plan.request_fault(first.opcode) if first.opcode in _OPS else None
+                # an inactive plan draws no fault (its rates are all 0): no draw, no lock per request
+                fault = plan.request_fault(first.opcode) if plan.active and first.opcode in _OPS else None
                 if fault == "close" or (fault == "reset" and self.plan.reset_after):
                     self._answer(link, first.opcode, body)
                 if fault == "reset":  # the board restarts (instead of or after running the request)
@@ -199,7 +201,7 @@ class FramedServer(EndpointServer):
                 request = pl.unpack(body)
             except ProtocolError as exc:
                 return Flag.ERROR, _error(codes.FRAME_ERROR, str(exc))
-            op = Op(opcode)
+            op = _OP_OF[opcode]  # a dict: Op(opcode) goes through the enum's call machinery
             if op not in pl.IDEMPOTENT and "rid" not in request.meta:  # a replayed frame must not rerun it
                 message = f"a {op.name.lower()} request needs a request id (rid): it changes state"
                 return Flag.ERROR, _error(codes.MISSING_PARAMETER, message)

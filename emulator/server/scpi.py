@@ -105,6 +105,8 @@ class MessageSplitter:
         if (self.discard or self.skipping) and not self._skip():
             return None
         buf = self.buf
+        if not buf:  # all taken (the call after each message): nothing to scan
+            return None
         if self.block_end > len(buf):
             return None
         i = max(self.pos, self.block_end)
@@ -800,8 +802,9 @@ class Connection:
         message are gone."""
         self.splitter.feed(data)
         plan = self.plan
+        active = plan.active  # a property over five rates: once per read, not once per message
         for msg in messages(self.session, self.splitter):
-            fault = plan.request_fault(_op_of(msg)) if plan.active else None
+            fault = plan.request_fault(_op_of(msg)) if active else None
             ran = fault != "reset" or plan.reset_after
             reply = self.session.handle(msg) if ran else None
             if fault == "reset":  # the board restarts (instead of or after running the message)

@@ -43,6 +43,8 @@ class ErrorThrottle:
 
     def charge(self, errors: float = 0.0) -> float:
         """Spend `errors`; the seconds to wait before reading the connection again (0: none)."""
+        if not errors and self.tokens >= self.burst:  # the usual call: nothing to spend, nothing owed
+            return 0.0  # (a full bucket stays full whatever the time: no clock read needed)
         now = time.monotonic()
         # the debt is capped at one burst: what a peer did long ago does not hold it for ever
         self.tokens = max(-self.burst, min(self.burst, self.tokens + (now - self.t) * self.rate) - errors)
