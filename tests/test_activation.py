@@ -246,3 +246,30 @@ def test_activations_are_named() -> None:
     assert ACTIVATIONS == ("hard_sigmoid", "soft_sigmoid", "logistic")
     assert Topology.layered([3, 2]).activation == Activation("hard_sigmoid")  # the default
     assert RunConfig().model.activation == "hard_sigmoid"
+
+
+def test_gradcheck_cli_takes_the_activation() -> None:
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    args = ["gradcheck", "--betas", "0.01", "--sizes", "64,12,10", "--batch", "8", "--no-progress"]
+    res = CliRunner().invoke(app, [*args, "--activation", "logistic"])
+    assert res.exit_code == 0, res.output
+    assert "layered 64-12-10, logistic" in res.output
+    bad = CliRunner().invoke(app, [*args, "--activation", "soft_sigmoid:0.001"])
+    assert bad.exit_code != 0
+    assert "corner width must be in [0.01, 0.25]" in bad.output
+
+
+def test_the_vae_takes_the_activation() -> None:
+    from hil.vae.config import VAERunConfig, validate_vae
+    from hil.vae.hopfield import HopfieldVAE
+
+    cfg = VAERunConfig()
+    cfg.model.activation = "tanh"
+    with pytest.raises(ConfigError, match=r"model\.activation: unknown activation 'tanh'"):
+        validate_vae(cfg)
+    with open_device(IDEAL) as dev:
+        vae = HopfieldVAE("tdh-vae", (dev,), pixels=64, hidden=8, activation="logistic")
+        assert vae.encoder.topology.activation == Activation("logistic")

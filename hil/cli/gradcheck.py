@@ -150,7 +150,8 @@ def register(app: typer.Typer) -> None:
             kind = "dense" if dense else "layered"
             typer.echo(f"device   {dev.info.identity.idn()}  ({uri}); settles on the {blk.settle_path}")
             typer.echo(
-                f"network  {kind} {'-'.join(map(str, layer_sizes))}, batch {len(x)}; free phase "
+                f"network  {kind} {'-'.join(map(str, layer_sizes))}, {blk.topology.activation.spec}, "
+                f"batch {len(x)}; free phase "
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
             )

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from drivers.activation import Activation
+from drivers.errors import ConfigurationError
 from hil.config import ConfigError, DataConfig, check_compute
 
 
@@ -15,6 +17,8 @@ class VAEModelConfig:
     hidden: int = 64  # hidden units (h group; the hidden layer of F-VAE)
     latent: int = 4  # latent dimensions (mu and lv groups have this many units each)
     gain: float = 1.0
+    # the node curve of the Hopfield variants (drivers.activation, docs/neuron.md)
+    activation: str = "hard_sigmoid"
     w_max: float = 1.0
     init_scale: float = 0.5
     mu_scale: float = 3.0  # mu = mu_scale (s_mu - 1/2): z beyond +-mu_scale/2 is clipped when clamped
@@ -103,6 +107,10 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(f"model.lv_max must exceed model.lv_min, got {m.lv_min}..{m.lv_max}")
     if m.mu_scale <= 0:
         raise ConfigError(f"model.mu_scale: must be > 0, got {m.mu_scale}")
+    try:
+        Activation.parse(m.activation)
+    except ConfigurationError as exc:
+        raise ConfigError(f"model.activation: {exc}") from None
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size >= 1 and train.lr > 0 required")
     if cfg.likelihood.sigma <= 0:

@@ -95,6 +95,7 @@ class HopfieldVAE:
         init_scale: float = 0.5,
         seed: int = 0,
         programming: str = "ideal",
+        activation: str = "hard_sigmoid",
         joint_phases: bool = False,
         settle: str = "auto",
     ) -> None:
@@ -104,7 +105,7 @@ class HopfieldVAE:
         self.code = code or LatentCode()
         self.pixels = pixels
         budget = budget or SettleBudget(max_steps=200, tol=1e-3, dt=0.5)
-        kw = {"gain": gain, "budget": budget, "w_max": w_max}
+        kw = {"gain": gain, "budget": budget, "w_max": w_max, "activation": activation}
         d = self.code.units
         shared = variant in ("tdh-vae", "shared-layered")
         need = 1 if shared else 2

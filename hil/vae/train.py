@@ -85,6 +85,7 @@ class _Model:
             code=self.code,
             budget=budget,
             gain=m.gain,
+            activation=m.activation,
             w_max=m.w_max,
             init_scale=m.init_scale,
             seed=cfg.train.seed,
