@@ -167,11 +167,22 @@ def layout_size(spec: Any) -> int:
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # json.dumps would build one per call
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # None where json has no C accelerator
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line)."""
-    return _JSON.encode(obj).encode("ascii")
+    """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line).
+
+    What `_JSON.encode` does, less its Python layers (1.4 -> 0.8 us for a small reply): the C
+    encoder it would make, with a fresh circular-reference memo for every call."""
+    if _C_ENCODER is None or isinstance(obj, str):
+        return _JSON.encode(obj).encode("ascii")
+    j = _JSON
+    encode = _C_ENCODER(
+        {}, j.default, json.encoder.encode_basestring_ascii, None,
+        j.key_separator, j.item_separator, j.sort_keys, j.skipkeys, j.allow_nan,
+    )  # fmt: skip
+    return "".join(encode(obj, 0)).encode("ascii")
 
 
 # json's C scanner, which json.loads runs after two whitespace matches and its argument checks
@@ -224,6 +235,8 @@ def pack(msg: Message) -> bytes:
     if not msg.meta and not msg.arrays:
         return _EMPTY
     head = meta_json(msg)
+    if not msg.arrays:
+        return _LEN.pack(len(head)) + head
     return _LEN.pack(len(head)) + head + pack_arrays(msg.arrays)
 
 
