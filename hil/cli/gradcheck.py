@@ -119,7 +119,9 @@ def register(app: typer.Typer) -> None:
         the clamped input) it prints the cosine and the relative error |g_EP - g| / |g| of
         one-sided EP (free and +beta) and of centered EP (+beta and -beta). Centered EP's bias
         is O(beta^2), one-sided's O(beta); with the hard sigmoid both also err where a unit
-        crosses a saturation kink between the phases, which shrinks with beta."""
+        crosses a saturation kink between the phases, which shrinks with beta (and can make
+        centered EP no better than one-sided: docs/neuron.md); a smooth --activation has no
+        kinks."""
         import torch
 
         from drivers import open_device
