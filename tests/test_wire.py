@@ -156,6 +156,58 @@ def test_parse_message_units_strings_and_blocks() -> None:
     assert units[0].params[0].value == 'W"0' and units[0].params[1].value == blob
 
 
+def test_parse_message_remembers_short_messages_and_builds_fresh_units() -> None:
+    from emulator.server import scpi as server_scpi
+
+    msg = b"*OPC?;SYST:SAF?"
+    first, again = parse_message(msg), parse_message(msg)
+    assert first == again == [("*OPC?", []), ("SYST:SAF?", [])]
+    assert server_scpi._parsed.get(msg) == ("*OPC?", "SYST:SAF?")
+    first[0].params.append("x")  # a handler changing its units cannot change the next parse
+    assert parse_message(msg)[0].params == []
+    parse_message(b"SYST:WAIT 1.5")
+    assert b"SYST:WAIT 1.5" not in server_scpi._parsed  # parameters: parsed every time
+    for _ in range(2):  # a malformed message is refused every time, never remembered
+        with pytest.raises(ParseError):
+            parse_message(b"SYST(WAIT")
+    assert b"SYST(WAIT" not in server_scpi._parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":1}',
+        b' {"a":1} ',
+        b"NaN",
+        b"[1,2]",
+        b'"x"',
+        b"\xef\xbb\xbf{}",
+        b'{"a":1}x',
+        b"{",
+        b"",
+        b"\xff",
+        b"[1,]",
+    ],
+)
+def test_loads_accepts_and_refuses_what_json_loads_does(text: bytes) -> None:
+    import json
+
+    try:
+        expected = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        with pytest.raises(pl.ProtocolError, match=r"malformed JSON"):
+            pl.loads(text)
+        return
+    got = pl.loads(text)
+    assert got == expected or (isinstance(got, float) and math.isnan(got))
+
+
+def test_from_parts_refuses_array_bytes_without_a_layout() -> None:
+    with pytest.raises(pl.ProtocolError, match=r"array data has 3 bytes, the layout describes 0"):
+        pl.from_parts({"a": 1}, b"xyz")
+    assert pl.from_parts({"a": 1}) == pl.Message({"a": 1})
+
+
 @pytest.mark.parametrize(
     ("msg", "code"),
     [

@@ -305,7 +305,8 @@ class Link:
         arrives before the reply's last fragment went out. A new request while the last
         fragment awaits its ACK acknowledges the reply: the peer only asks again once it
         has its answer (or has given up on it)."""
-        parts = frames.fragments(payload, self.fragment)
+        # one frame (every message but bulk data) without the slicing of `fragments`
+        parts = [payload] if len(payload) <= self.fragment else frames.fragments(payload, self.fragment)
         first = self._tx_seq
         responder = bool(flags & _RESPONSE)
         if self._deferred is not None and responder is not self.holds_responses:

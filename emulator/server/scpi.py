@@ -185,8 +185,30 @@ class MessageSplitter:
 _HEADER_CHARS = re.compile(rb"[0-9A-Za-z*:?_]*")  # what a header may hold (IEEE 488.2 program mnemonics)
 
 
+PARSE_CACHE = 256  # short messages without parameters whose headers are remembered
+PARSE_CACHE_LINE = 64  # bytes: a longer message is parsed every time
+_parsed: dict[bytes, tuple[str, ...]] = {}  # message -> its headers (only messages that parsed)
+
+
 def parse_message(msg: bytes) -> list[Unit]:
-    """Split a program message into units; raises ParseError on the first malformed one."""
+    """Split a program message into units; raises ParseError on the first malformed one.
+
+    A short message without parameters (``*OPC?``, ``SYST:SAF?``, ``SYST:ERR?``: most of a
+    session) is parsed once: its headers are kept (`PARSE_CACHE` messages at most, so a
+    peer sending endless new ones cannot grow it) and its units built anew on every call.
+    Parsing is a function of the bytes alone, so a cached message gets the same units;
+    malformed messages are never cached."""
+    headers = _parsed.get(msg) if type(msg) is bytes else None
+    if headers is not None:
+        return [Unit(h, []) for h in headers]
+    units = _parse(msg)
+    short = type(msg) is bytes and len(msg) <= PARSE_CACHE_LINE
+    if short and len(_parsed) < PARSE_CACHE and not any(u.params for u in units):
+        _parsed[msg] = tuple(u.header for u in units)
+    return units
+
+
+def _parse(msg: bytes) -> list[Unit]:
     units: list[Unit] = []
     i, n = 0, len(msg)
     while True:
@@ -494,6 +516,8 @@ class ScpiSession:
             reply = self._run(unit)
             if reply is not None:
                 replies.append(reply)
+        if not self.checked and len(replies) == 1 and type(replies[0]) is bytes and len(replies[0]) < 1 << 16:
+            return [replies[0] + scpi.TERMINATOR]  # one short reply: what _coalesce makes of it
         pieces: list[Buffer] = []
         for k, reply in enumerate(replies):
             if k:
