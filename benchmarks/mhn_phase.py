@@ -14,7 +14,8 @@
    image clamped, patterns learned by centered EP through the board) against the layered DHN
    classifier (64-256-10, `hil.train_classifier` with its default config) for the same
    number of epochs: test accuracy, crossbar cells (differential pairs), array energy per
-   test image of the free settle/retrieval.
+   test image of the free settle/retrieval. On `rram` with beta_EP 0.3: its noise floor
+   (~0.08 in state units) hides the state shift of a 0.01 nudge.
 
 Ends by printing one JSON object per line. Usage::
 
@@ -102,20 +103,23 @@ def retrieval(preset: str, seed: int, fractions: list[float], per: int) -> list[
     return rows
 
 
-def mhn_classifier(preset: str, per_class: int, epochs: int, seed: int = 0) -> dict:
+def mhn_classifier(
+    preset: str, per_class: int, epochs: int, *, lr: float = 2.0, beta_ep: float = 0.01, seed: int = 0
+) -> dict:
     from hil.mhn.classifier import MHNClassifier
 
     t = time.perf_counter()
     with open_device(uri(preset, seed)) as dev:
         clf = MHNClassifier(dev, per_class=per_class, beta_ratio=1.5, programming="verify", seed=seed)
-        res = clf.fit(epochs=epochs, lr=2.0, seed=seed)
+        res = clf.fit(epochs=epochs, lr=lr, beta_ep=beta_ep, seed=seed)
     return {
         "bench": "mhn_classifier", "preset": preset, "seed": seed,
         "model": f"MHN {per_class * 10} prototypes",
         "epochs": epochs, "test_acc_before": round(res.test_accuracy[0], 4),
         "test_acc": round(res.test_accuracy[-1], 4), "best_test_acc": round(max(res.test_accuracy), 4),
         "cells": res.cells, "energy_j_per_image": res.energy_j_per_image,
-        "beta_over_beta_c": 1.5, "clipped": clf.block.clipped, "wall_s": round(time.perf_counter() - t, 1),
+        "beta_over_beta_c": 1.5, "beta_ep": beta_ep, "lr": lr, "clipped": clf.block.clipped,
+        "wall_s": round(time.perf_counter() - t, 1),
     }  # fmt: skip
 
 
@@ -169,7 +173,8 @@ def main() -> None:
     out.append(mhn_classifier("ideal", 2, epochs))
     if not args.quick:
         out.append(mhn_classifier("ideal", 4, epochs))
-        out.append(mhn_classifier("rram", 2, epochs))
+        # on rram the noise floor (~0.08) dwarfs a nudge of 0.01: beta_EP 0.3 (0.01 did not learn)
+        out.append(mhn_classifier("rram", 2, epochs, lr=1.0, beta_ep=0.3))
     out.append(dhn_classifier("ideal", epochs))
     out.append({"bench": "mhn_phase", "metric": "wall_s", "value": round(time.perf_counter() - t0, 1),
                 "threads": args.threads})  # fmt: skip
