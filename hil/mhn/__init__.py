@@ -3,7 +3,7 @@ retrieval budget), `tile` (patterns on a tile through the converters), `block` (
 iterated on the host through `Device.mvm`), `phase` (the temperature transition, derived and
 measured), `digits` (stored digits), `learn` (EP gradients of the patterns). docs/mhn.md."""
 
-from hil.mhn.block import MHNBlock, Nudge, Retrieval
+from hil.mhn.block import ElasticNudge, MHNBlock, Retrieval
 from hil.mhn.core import MAX_BETA, MAX_RETRIEVAL_STEPS, RetrievalBudget, energy, retrieve, update
 from hil.mhn.phase import Critical, PhasePoint, critical_beta, equidistant_patterns, measured_critical, sweep
 
@@ -11,8 +11,8 @@ __all__ = [
     "MAX_BETA",
     "MAX_RETRIEVAL_STEPS",
     "Critical",
+    "ElasticNudge",
     "MHNBlock",
-    "Nudge",
     "PhasePoint",
     "Retrieval",
     "RetrievalBudget",

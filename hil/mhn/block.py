@@ -56,7 +56,7 @@ class Retrieval:
 
 
 @dataclass(frozen=True)
-class Nudge:
+class ElasticNudge:
     """The EP nudge of a retrieval: ``beta_ep * 1/2 |mask (x - target)|^2`` added to the energy."""
 
     beta: float
@@ -180,7 +180,7 @@ class MHNBlock:
         *,
         beta: float | None = None,
         budget: RetrievalBudget | None = None,
-        nudge: Nudge | None = None,
+        nudge: ElasticNudge | None = None,
         clamp: np.ndarray | None = None,
     ) -> Retrieval:
         """Iterate ``x <- xi softmax(beta xi^T x)`` (minus the nudge's gradient) from `x0`

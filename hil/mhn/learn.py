@@ -4,7 +4,7 @@ reference they are checked against.
 A retrieval's end state x* minimises ``E(x; xi)``; a loss ``L(x*)`` (here the elastic cost
 ``1/2 |mask (x - target)|^2``, averaged over the batch) depends on xi through x*. Centered EP:
 nudge the retrieval with ``+-beta_ep L`` (the host adds ``-+beta_ep grad L`` to each update,
-`hil.mhn.block.Nudge`), and
+`hil.mhn.block.ElasticNudge`), and
 
     dL/dxi ~ [dE/dxi(x+) - dE/dxi(x-)] / (2 beta_ep),    dE/dxi = -x p^T
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hil.mhn.block import MHNBlock, Nudge, Retrieval
+from hil.mhn.block import ElasticNudge, MHNBlock, Retrieval
 from hil.mhn.core import RetrievalBudget, fixed_point, jacobian, update
 
 
@@ -57,8 +57,8 @@ def ep_gradient(
     two nudged ones from its end state (`clamp`: components held at `x0`'s values in all
     three, `MHNBlock.retrieve`)."""
     free = block.retrieve(x0, budget=budget, clamp=clamp)
-    plus = block.retrieve(free.x, budget=budget, nudge=Nudge(beta_ep, target, mask), clamp=clamp)
-    minus = block.retrieve(free.x, budget=budget, nudge=Nudge(-beta_ep, target, mask), clamp=clamp)
+    plus = block.retrieve(free.x, budget=budget, nudge=ElasticNudge(beta_ep, target, mask), clamp=clamp)
+    minus = block.retrieve(free.x, budget=budget, nudge=ElasticNudge(-beta_ep, target, mask), clamp=clamp)
     dplus = -plus.x.T @ plus.p  # sum over the batch of dE/dxi
     dminus = -minus.x.T @ minus.p
     grad = torch.from_numpy((dplus - dminus) / (2 * beta_ep * x0.shape[0]))
