@@ -30,10 +30,10 @@ from emulator.devices import (
     DeviceParams,
     PulsePlan,
     drift_factor,
-    ir_drop_attenuation,
     reset_level,
     step_size,
 )
+from emulator.ir_drop import check_ir_work, effective_conductance
 from emulator.noise_table import NoisePool
 from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std, read_rms
 
@@ -144,7 +144,9 @@ class TileArray:
         # times (and is meaningful) only while `_t_uniform` is None
         self._t_uniform: float | None = 0.0
         self._t_latest = 0.0  # the latest write time of any device
-        self._ir = ir_drop_attenuation(model, rows, cols, self.device) if model.ir_drop > 0 else None
+        self._wire = model.wire_resistance  # ohms per segment; > 0: weights through `emulator.ir_drop`
+        if self._wire > 0:
+            check_ir_work(rows, cols)
         self._version = 0
         self._cache_version = -1
         self._cache_t = 0.0
@@ -300,9 +302,11 @@ class TileArray:
         g = self._now(t)
         if self._cache is None:
             self._cache = torch.empty(self.shape, device=self.device)
-        w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)
-        if self._ir is not None:
-            w.mul_(self._ir)
+        if self._wire > 0:  # each array's effective conductance, wires included (exact)
+            m = [effective_conductance(g[k], self._wire) for k in (0, 1)]
+            w = torch.sub(m[0], m[1], out=self._cache).div_(self.model.g_range)
+        else:
+            w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)
         self._cache_version = self._version
         self._cache_t = t
         self.weights_epoch += 1

@@ -43,6 +43,8 @@ import torch
 from drivers.errors import ConfigurationError
 from emulator.statistics import check_statistics
 
+MAX_WIRE_OHMS = 1e3  # per cell segment: a declared bound, far above any metal line
+
 DeviceKind = Literal["constant", "linear", "soft_bounds", "exponential"]
 KINDS: tuple[str, ...] = ("constant", "linear", "soft_bounds", "exponential")
 
@@ -77,7 +79,9 @@ class DeviceModel:
     drift_t0: float = 20.0  # s, drift reference time
     stuck_fraction: float = 0.0  # fraction of devices stuck, half at g_lo, half at g_hi
     one_sided: bool = False  # PCM: gradual SET only; negative counts RESET the device
-    ir_drop: float = 0.0  # first-order IR-drop attenuation at the far corner of a tile
+    # ohms of each wire segment between neighbouring cells (row and column wires alike): the
+    # tile's IR drop, solved exactly (`emulator.ir_drop`); 0 = ideal wires
+    wire_resistance: float = 0.0
     # "constant": the noise and drift figures above hold for every device in every state;
     # "pcm": they are the mid-window values of the state-dependent model of `emulator.statistics`
     statistics: str = "constant"
@@ -102,8 +106,11 @@ class DeviceModel:
         if self.drift_t0 <= 0:
             raise ConfigurationError(f"drift_t0 must be > 0 seconds, got {self.drift_t0}")
         check_statistics(self.statistics)
-        if not 0.0 <= self.ir_drop < 1.0:
-            raise ConfigurationError(f"ir_drop must be in [0, 1), got {self.ir_drop}")
+        if not 0.0 <= self.wire_resistance <= MAX_WIRE_OHMS:
+            raise ConfigurationError(
+                f"wire_resistance must be in [0, {MAX_WIRE_OHMS:g}] ohms per cell segment, got "
+                f"{self.wire_resistance}"
+            )
         negative = [
             name
             for name in (
@@ -307,20 +314,3 @@ def drift_factor(model: DeviceModel, elapsed: torch.Tensor, nu: torch.Tensor) ->
     """``(max(elapsed, t0) / t0) ** -nu`` (float32), for `elapsed` seconds since the last write."""
     ratio = (elapsed.clamp_min(model.drift_t0) / model.drift_t0).to(torch.float32)
     return torch.exp(-nu * torch.log(ratio))
-
-
-def ir_drop_attenuation(model: DeviceModel, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """Static first-order IR-drop factor per cell, ``1 - ir_drop * (i/rows + j/cols) / 2``.
-
-    Row i is driven from one end and column j is sensed at one end, so the wire resistance
-    in series with cell (i, j) grows linearly with its distance from the drivers and the
-    sense amplifiers; to first order in ``r_wire * G`` the cell's contribution is attenuated
-    in proportion to that distance. ``ir_drop`` is the attenuation at the far corner. This
-    is a mean-field approximation: the true drop also depends on the line currents, i.e.
-    on the inputs and on the other cells, which a static factor cannot follow. It scales
-    the array operations (mvm, settle), not single-device reads, whose lines carry one
-    cell's current only.
-    """
-    i = torch.arange(rows, device=device, dtype=torch.float32).unsqueeze(1) / rows
-    j = torch.arange(cols, device=device, dtype=torch.float32).unsqueeze(0) / cols
-    return 1.0 - model.ir_drop * (i + j) / 2.0

@@ -7,7 +7,7 @@ says so. The nominal window [g_min, g_max] of each preset is the window the boar
 guarantees (every working device saturates at or near it: ``bounds_dtod`` of 1-2 %), so a
 weight mapping may use all of it; aihwkit's much larger bound spreads (``w_max_dtod``
 0.1-0.3) describe raw devices before such a window is chosen, and can be restored with
-``bounds_dtod``. To vary a preset, ``dataclasses.replace(PRESETS["rram"].device, ir_drop=0.05)``.
+``bounds_dtod``. To vary a preset, ``dataclasses.replace(PRESETS["rram"].device, wire_resistance=2.0)``.
 
 Conventions (see `emulator.devices`): ``dw_min`` is the step a pulse takes from the bound
 it moves away from; for ``soft_bounds`` the mid-range step is ``dw_min / 2`` (aihwkit quotes
@@ -121,23 +121,54 @@ PCM_DEVICE = DeviceModel(
 )
 
 # ECRAM (Li-ion / protonic electrochemical RAM). Sources:
-# - ~1000 near-linear, near-symmetric states; linear-step shape gamma_up 0.12,
-#   gamma_down 0.51, d2d 0.1, c2c 0.3: aihwkit's EcRamPresetDevice, a fit to Tang et al.,
-#   IEDM 2018 ("ECRAM as scalable synaptic cell for high-speed, low-power neuromorphic
-#   computing");
+# - ~1000 near-linear states, linear-step shape, d2d 0.1, c2c 0.3: aihwkit's
+#   EcRamPresetDevice, a fit to Tang et al., IEDM 2018 ("ECRAM as scalable synaptic cell
+#   for high-speed, low-power neuromorphic computing"): dw_min 0.002 on a weight range of 2
+#   over [w_min, w_max] = [-0.8276, 1.1724] (its symmetry point at w = 0, 41.4 % of the
+#   window), gamma_up 0.1153 and gamma_down 0.5085 referred to w = 0 and scaled by the
+#   bound each step moves towards (aihwkit: step_up = s (1 - gamma_up w / w_max),
+#   step_down = s (1 + gamma_down w / |w_min|)). This emulator refers a step to the bound it
+#   moves away from (`emulator.devices`: step = dw_min (1 +- up_down) (1 - gamma u), u the
+#   fraction of the window travelled from that bound). Converted (`from_aihwkit_linear_step`):
+#   up step s a_up (1 - g_up u) with a_up = 1 + gamma_up |w_min| / w_max = 1.0814 and
+#   g_up = 2 gamma_up / (w_max a_up) = 0.1819; down step s a_dn (1 - g_dn u) with
+#   a_dn = 1 + gamma_down w_max / |w_min| = 1.7204 and g_dn = 2 gamma_down / (|w_min| a_dn)
+#   = 0.7143; dw_min = s (a_up + a_dn) / 2 = 1.4009 s, up_down = (a_up - a_dn) / (a_up +
+#   a_dn) = -0.2281. The symmetry point stays at 41.4 % of the window (taking aihwkit's
+#   gammas as they were put it at 82 %);
 # - nanosecond pulses: Onen et al., Science 377, 539 (2022) (5 ns protonic programming);
 # - window: we use 1-5 uS (the order of the reported channel conductances; scale it for a
 #   given device), low write (0.5 % of range) and read (0.1 % of range) noise, 0.1 % stuck;
 #   pulse energy 1 pJ (order of magnitude; the gate charge per pulse is tiny, the driver
-#   dominates).
+#   dominates): our choices.
+def from_aihwkit_linear_step(
+    dw_min: float, w_min: float, w_max: float, gamma_up: float, gamma_down: float, g_range: float
+) -> dict[str, float]:
+    """`DeviceModel` step fields (``dw_min`` in S, ``up_down``, ``gamma``, ``gamma_down``) of
+    an aihwkit LinearStepDevice with ``mean_bound_reference`` (its steps
+    ``s (1 - gamma_up w / w_max)`` up and ``s (1 + gamma_down w / |w_min|)`` down, s =
+    `dw_min` on the weight range ``w_max - w_min``), for a window of `g_range` siemens: the
+    same mean step at every point of the window (see the ECRAM comment above)."""
+    span = w_max - w_min
+    s = dw_min / span * g_range
+    a_up = 1.0 + gamma_up * (-w_min) / w_max
+    a_dn = 1.0 + gamma_down * w_max / (-w_min)
+    return {
+        "dw_min": s * (a_up + a_dn) / 2.0,
+        "up_down": (a_up - a_dn) / (a_up + a_dn),
+        "gamma": gamma_up * span / w_max / a_up,
+        "gamma_down": gamma_down * span / (-w_min) / a_dn,
+    }
+
+
+# aihwkit's EcRamPresetDevice (Tang et al., IEDM 2018) on a 4 uS window
+_ECRAM_STEPS = from_aihwkit_linear_step(0.002, -0.8276, 1.1724, 0.1153, 0.5085, 4e-6)
+
 ECRAM_DEVICE = DeviceModel(
     kind="linear",
     g_min=1e-6,
     g_max=5e-6,
-    dw_min=4e-9,  # range / 1000
-    gamma=0.12,
-    gamma_down=0.51,
-    up_down=0.0,
+    **_ECRAM_STEPS,
     dw_min_dtod=0.1,
     up_down_dtod=0.01,
     dw_min_ctoc=0.3,
@@ -151,10 +182,11 @@ ECRAM_DEVICE = DeviceModel(
     read_energy_j=0.2 * 0.2 * 3e-6 * 1e-6,
 )
 
-# Periphery: 8-bit DAC / 8-bit ADC (9-bit ADC for ecram), the defaults of the analog-AI
-# literature summarised in DESIGN.md section 11 (7-8 bit DAC, 8-9 bit ADC), with a 1 %
-# per-channel gain error and half an LSB offset (our choice: "small" errors that a
-# loop-back calibration must find).
+# Periphery: 8-bit DAC / 8-bit ADC (9-bit ADC for ecram), within the 7-8 bit DACs and 8-9 bit
+# ADCs usual in analog in-memory computing designs (our choice of one point in that range,
+# not a fit to a chip), with a 1 % per-channel gain error, half an LSB offset and a node
+# noise of 0.2 % of the state range (our choices: "small" errors that a loop-back
+# calibration must find).
 _PERIPHERY = PeripheryModel(dac_bits=8, adc_bits=8, gain_error=0.01, offset_error=0.5, node_noise=0.002)
 
 PRESETS: dict[str, BoardPreset] = {

@@ -1,0 +1,136 @@
+"""Issue 21: IR drop from wire resistance. The emulated read of a tile equals the exact nodal
+solution of its resistor network (built and solved here independently, by Kirchhoff's
+current law over every wire node), and the error grows with the tile size at fixed wire
+resistance, as physics says."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drivers import Coupling, Topology, open_device
+from drivers.emulated import EmulatedDevice
+from drivers.errors import ConfigurationError
+from emulator.array import TileArray
+from emulator.devices import MAX_WIRE_OHMS
+from emulator.ir_drop import MAX_IR_WORK, effective_conductance, output_currents
+from emulator.presets import PRESETS
+
+
+def nodal_solution(g: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Column currents of one array: row i driven at v_i through one segment into cell
+    (i, 0); column j sensed at 0 V through one segment below cell (R-1, j); every node's
+    currents sum to zero. Unknowns: the row-wire and column-wire voltage at every cell."""
+    rows, cols = g.shape
+    n = rows * cols
+
+    def row_node(i: int, j: int) -> int:
+        return i * cols + j
+
+    def col_node(i: int, j: int) -> int:
+        return n + i * cols + j
+
+    a = np.zeros((2 * n, 2 * n))
+    b = np.zeros(2 * n)
+    gw = 1.0 / r
+
+    def link(p: int, q: int, c: float) -> None:
+        a[p, p] += c
+        a[q, q] += c
+        a[p, q] -= c
+        a[q, p] -= c
+
+    for i in range(rows):
+        for j in range(cols):
+            link(row_node(i, j), col_node(i, j), g[i, j])  # the device
+            if j + 1 < cols:
+                link(row_node(i, j), row_node(i, j + 1), gw)
+            if i + 1 < rows:
+                link(col_node(i, j), col_node(i + 1, j), gw)
+        a[row_node(i, 0), row_node(i, 0)] += gw  # the driver at v_i
+        b[row_node(i, 0)] += gw * v[i]
+    for j in range(cols):
+        a[col_node(rows - 1, j), col_node(rows - 1, j)] += gw  # the sense amplifier at 0 V
+    x = np.linalg.solve(a, b)
+    return np.array([x[col_node(rows - 1, j)] * gw for j in range(cols)])
+
+
+@pytest.mark.parametrize(("rows", "cols", "r"), [(4, 3, 50.0), (6, 5, 200.0), (3, 7, 1000.0)])
+def test_the_solve_equals_the_nodal_solution(rows: int, cols: int, r: float) -> None:
+    gen = np.random.default_rng(rows * cols)
+    g = gen.uniform(1e-6, 1e-4, (rows, cols))  # large conductances: a drop of several %
+    v = gen.uniform(0.0, 0.2, (5, rows))
+    want = np.stack([nodal_solution(g, vk, r) for vk in v])
+    got = output_currents(torch.tensor(g), torch.tensor(v), r).numpy()
+    ideal = v @ g
+    assert np.abs(want - ideal).max() > 1e-3 * np.abs(ideal).max()  # the drop is there
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # and the effective conductance is the same map, for any input
+    m = effective_conductance(torch.tensor(g), r).double().numpy()
+    np.testing.assert_allclose(v @ m, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_an_emulated_mvm_reads_the_nodal_solution() -> None:
+    """Through the board: ideal converters, no read noise, the two arrays of the pairs."""
+    r = 20.0
+    uri = f"emulator://?preset=ideal&seed=3&wire_resistance={r}"
+    with open_device(uri) as dev:
+        assert isinstance(dev, EmulatedDevice)
+        dev.configure(Topology({"x": 5, "y": 4}, (Coupling("W", ("x",), ("y",)),)))
+        lim = dev.info.limits
+        gen = np.random.default_rng(1)
+        gp = gen.uniform(lim.g_min, lim.g_max, (5, 4)).astype(np.float32)
+        gm = gen.uniform(lim.g_min, lim.g_max, (5, 4)).astype(np.float32)
+        dev.program("W", gp, gm)
+        gp_t, gm_t = (t.double().numpy() for t in dev.board.tile("W").conductances(dev.board.clock))
+        x = gen.uniform(0.0, 1.0, (3, 5)).astype(np.float32)
+        y = dev.mvm("W", x)
+    g_range = lim.g_max - lim.g_min
+    want = np.stack([(nodal_solution(gp_t, xk, r) - nodal_solution(gm_t, xk, r)) / g_range for xk in x])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(want - x @ ((gp_t - gm_t) / g_range)).max() > 1e-4  # and it differs from no wires
+
+
+def test_the_drop_grows_with_the_tile_size() -> None:
+    r, g_level = 2.0, 50e-6
+    errors = []
+    for n in (8, 16, 32, 64):
+        g = torch.full((n, n), g_level, dtype=torch.float64)
+        m = effective_conductance(g, r).double()
+        errors.append(float((1 - m.sum() / g.sum()).abs()))  # lost share of a uniform read's current
+    assert all(b > 2 * a for a, b in itertools.pairwise(errors)), errors
+    assert errors[0] > 0 and errors[-1] < 1
+
+
+def test_wire_resistance_bounds_and_work_bound() -> None:
+    model = PRESETS["rram"].device
+    with pytest.raises(ConfigurationError, match="wire_resistance must be in"):
+        dataclasses.replace(model, wire_resistance=-1.0)
+    with pytest.raises(ConfigurationError, match="wire_resistance must be in"):
+        dataclasses.replace(model, wire_resistance=MAX_WIRE_OHMS * 2)
+    wired = dataclasses.replace(model, wire_resistance=1.0)
+    with pytest.raises(ConfigurationError, match="use smaller tiles"):
+        TileArray(1024, 1024, wired, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert MAX_IR_WORK >= 512 * 512 * 1024  # the documented largest tile is allowed
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 6),
+    r=st.floats(0.0, MAX_WIRE_OHMS),
+    level=st.floats(0.0, 1e-3),
+)
+def test_the_solve_is_passive_for_any_wire_and_device(rows: int, cols: int, r: float, level: float) -> None:
+    """Wires only ever take current away: 0 <= M <= G elementwise sums, for any r and G."""
+    g = torch.full((rows, cols), level, dtype=torch.float64)
+    m = effective_conductance(g, r).double()
+    assert bool(torch.isfinite(m).all())
+    assert float(m.sum()) <= float(g.sum()) * (1 + 1e-5) + 1e-30
+    assert float(m.sum()) >= -1e-12
