@@ -68,6 +68,18 @@ class ElasticNudge:
         return g if self.mask is None else g * self.mask
 
 
+@dataclass(frozen=True)
+class CurrentNudge:
+    """The EP nudge of a retrieval with a linear cost ``beta_ep * current . x`` (an error
+    current from a downstream part, as in an ff-EBM's backward pass)."""
+
+    beta: float
+    current: np.ndarray  # (batch, d): dL/dx, zero where the cost does not apply
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        return self.current
+
+
 class MHNBlock:
     """Patterns (the columns of a (d, N) matrix) on one tile of `device`, and retrieval.
 
@@ -180,7 +192,7 @@ class MHNBlock:
         *,
         beta: float | None = None,
         budget: RetrievalBudget | None = None,
-        nudge: ElasticNudge | None = None,
+        nudge: ElasticNudge | CurrentNudge | None = None,
         clamp: np.ndarray | None = None,
     ) -> Retrieval:
         """Iterate ``x <- xi softmax(beta xi^T x)`` (minus the nudge's gradient) from `x0`
