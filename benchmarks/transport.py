@@ -30,9 +30,63 @@
    round trip waits for both processes to be scheduled); the CPU times much less.
 
 The servers run in a child process, as a board's firmware would, so client and server do
-not share one interpreter lock. Ends by printing one JSON object per line.
+not share one interpreter lock. Ends by printing one JSON object per line (each with the
+placement and the CPUs used).
 
-    .venv/bin/python benchmarks/transport.py [--repeats 20]
+Placement (`--placement`, default `separate`): the client is pinned to one core and the
+server process (all its threads) to another; `shared` pins both to one core, `free` leaves
+them to the scheduler. On a 2-vCPU virtual machine a raw echo takes 16-20 us when both ends
+share a core and 45-65 us when they do not (each wake-up of an idle vCPU goes through the
+hypervisor). Unpinned, the scheduler often put the echo thread and a protocol server's
+thread on different sides of the client, so one row's echo was 16 us and the next row's
+round trip paid the cross-core wake-ups: ratios of 5 to 9 that measured the placement.
+With both placements pinned:
+- `shared`: the echo costs little besides two wake-ups, so a ratio is close to the CPU
+  both ends spend per round trip over the echo's 13 + 13 us; a ratio of 2 leaves the host
+  and the server 16-20 us together for everything they do beyond an echo.
+- `separate`: the echo is dominated by the two cross-core wake-ups; Python code that runs
+  right after such a wake-up runs with cold caches (CPU per call 3 to 5 times the
+  in-process figures below), so the ratio still grows with the code per round trip.
+
+Measured for issue 17 (2 vCPUs, AMD EPYC, Python 3.11.7, pyvisa-py 0.8.1, shared with other
+agents' jobs; `--repeats 20`). Quiet machine (load average 0.4), pinned, before this work
+(commit 2fb6d32), x the raw echo, `shared` / `separate`: SCPI server answering a raw client
+`*OPC?` 1.6 / 1.3, `SYST:SAF?` 1.9 / 1.5; host `query("*OPC?")` over SCPI/TCP 2.1-2.3 /
+1.5-1.6; Device `safety()` over SCPI/TCP 3.3-3.6 / 1.9-2.0; framed PING over TCP 3.6-3.8 /
+1.9-2.1; `safety()` over framed/TCP 6.1-6.5 / 2.6-2.8 (echo 16 us / 52-55 us). Loaded
+machine (load average 2.4 to 5.8), medians of 3 interleaved runs of the code before
+(2fb6d32) and after (d2a1fc6), x the echo, before -> after: `shared` SCPI/TCP `*OPC?` 2.70
+-> 2.25, `safety()` over SCPI/TCP 4.98 -> 4.88, framed/TCP PING 4.82 -> 4.75, `safety()` over
+framed/TCP 9.09 -> 6.96; `separate` 1.79 -> 1.83, 2.27 -> 2.75, 2.66 -> 2.39, 3.55 -> 3.49
+(at that load the run-to-run spread is +-30 %: only the in-process rows separate the code).
+
+CPU per call without I/O (fake streams handing back pre-built bytes; best of 5 chunks of
+4000 calls; before at load 0.5, after at load 2.5), before -> after: host framed
+`safety()` 16.7 -> 14.6 us, framed `ping()` 9.4 -> 8.6 us, host SCPI `safety()` 5.9 -> 5.9 us,
+host SCPI `query("*OPC?")` 1.0 -> 1.0 us; SCPI server `*OPC?` 4.5 -> 3.4 us, `SYST:SAF?` 7.0
+-> 5.7 us; framed server PING 9.4 -> 8.5 us, SAFETY 15.1 -> 13.0 us. Where it went: a
+reply's JSON decoded by json's C scanner alone (3.0 -> 0.9 us), a message's JSON encoded by
+the C encoder without JSONEncoder's Python layers (1.4 -> 0.8 us), short parameterless SCPI
+messages parsed once, the error throttle's clock read only when there is something to
+charge, fault draws only from an active fault plan. System calls were already at the floor
+(one send, one select and one recv per round trip on each end; a framed round trip is 2
+frames) and both ends set TCP_NODELAY.
+
+What is left, per layer, and why 2 is not reached everywhere: on one core the budget of
+16-20 us beyond an echo is smaller than the Python that a protocol needs per round trip,
+before any cache effect: the SCPI server's parse and dispatch (3.4 us for `*OPC?`, 5.7 us
+for `SYST:SAF?`) and its stream class (select, recv, send: 1.2 x the echo), the host's device
+layers (lock, the SIGINT guard's two handler swaps, request ids, reply checks: 5 us of the
+host's 5.9 us `safety()`), and for the framed link the link engine on each end (8.5-8.6 us per
+PING: COBS and CRC-32 framing, sequence numbers, the held-back ACK and its timer's lock) plus
+the device layers (4-6 us per end). Two interpreters taking turns on one core also evict
+each other's caches, so the measured CPU per call is 1.5 to 2 times these figures. Every
+check stays (host limit checks, reply validation, request ids, the board's replay cache).
+Across two cores the protocols are within 2 of the echo on a quiet machine, except
+`safety()` over the framed link (2.6-2.8), whose two link engines and device layers add
+about 45 us of CPU per round trip there.
+
+    .venv/bin/python benchmarks/transport.py [--repeats 20] [--placement separate|shared|free]
 """
 
 from __future__ import annotations
