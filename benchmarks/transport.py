@@ -54,11 +54,14 @@ agents' jobs; `--repeats 20`). Quiet machine (load average 0.4), pinned, before 
 `*OPC?` 1.6 / 1.3, `SYST:SAF?` 1.9 / 1.5; host `query("*OPC?")` over SCPI/TCP 2.1-2.3 /
 1.5-1.6; Device `safety()` over SCPI/TCP 3.3-3.6 / 1.9-2.0; framed PING over TCP 3.6-3.8 /
 1.9-2.1; `safety()` over framed/TCP 6.1-6.5 / 2.6-2.8 (echo 16 us / 52-55 us). Loaded
-machine (load average 2.4 to 5.8), medians of 3 interleaved runs of the code before
-(2fb6d32) and after (d2a1fc6), x the echo, before -> after: `shared` SCPI/TCP `*OPC?` 2.70
--> 2.25, `safety()` over SCPI/TCP 4.98 -> 4.88, framed/TCP PING 4.82 -> 4.75, `safety()` over
-framed/TCP 9.09 -> 6.96; `separate` 1.79 -> 1.83, 2.27 -> 2.75, 2.66 -> 2.39, 3.55 -> 3.49
-(at that load the run-to-run spread is +-30 %: only the in-process rows separate the code).
+machine (load average 2.4 to 5.8), medians of 6 interleaved runs of the code before
+(2fb6d32) and after (d2a1fc6), x the echo, before -> after: `shared` (echo 20 us) SCPI/TCP
+`*OPC?` 2.62 -> 2.32, SCPI/pty 2.89 -> 2.81, framed/TCP PING 4.79 -> 4.53, framed/pty 4.91 ->
+4.63, `safety()` over SCPI/TCP 4.86 -> 4.36, over framed/TCP 8.73 -> 6.87; layers: SCPI server
+answering a raw client `*OPC?` 2.00 -> 1.68, `SYST:SAF?` 2.55 -> 2.07, framed server PING
+4.03 -> 3.39, host link 3.31 -> 2.77. `separate` (echo 50-59 us): 1.82 -> 1.81, 1.69 -> 1.68,
+2.70 -> 2.55, 2.30 -> 2.36, 2.42 -> 2.52, 3.76 -> 3.38 (at that load a run's ratios move by
++-30 %: the in-process rows are what separates the code).
 
 CPU per call without I/O (fake streams handing back pre-built bytes; best of 5 chunks of
 4000 calls; before at load 0.5, after at load 2.5), before -> after: host framed
