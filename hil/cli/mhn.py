@@ -35,12 +35,22 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the patterns and the starts.")] = 0,
         programming: Annotated[str, typer.Option(help="Programming scheme (ideal, verify, ...).")] = "verify",
         out: Annotated[Path, typer.Option(help="Folder for phase.png and phase.json.")] = Path("mhn_phase"),
+        calibration: Annotated[
+            str,
+            typer.Option(
+                help="Calibration record of the board (hil calibrate URI --routines adc,dac,mvm --tiles "
+                "(d+1)x(d+1) --out REC): its DAC and mvm-ADC corrections apply to every read (per-device "
+                "corrections only from a record of the (d+1)xN tile). A square tile, so that all d+1 "
+                "mvm-ADC lines are fitted from forward reads: on a (d+1)xN tile the lines past N keep "
+                "up to half an ADC step of offset (docs/mhn.md)."
+            ),
+        ] = "",
     ) -> None:
         """Sweep beta on the board, count the minima reached and their overlap with the patterns,
         mark the derived critical beta, and say where your beta sits."""
         import torch
 
-        from drivers import open_device
+        from hil.boards import open_board
         from hil.mhn.diagnose import describe, phase_diagnostic
         from hil.mhn.digits import digit_memory
         from hil.mhn.phase import equidistant_patterns
@@ -59,7 +69,7 @@ def register(app: typer.Typer) -> None:
             if starts < 1:
                 raise ValueError(f"--starts must be >= 1, got {starts}")
             user_beta = beta if beta is not None else 1.0 / math.sqrt(xi.shape[0])
-            with open_device(device) as dev:
+            with open_board(device, calibration) as dev:
                 report = phase_diagnostic(
                     dev,
                     xi,

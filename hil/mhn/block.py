@@ -87,7 +87,18 @@ class MHNBlock:
     programming scheme whenever it changed (`hil.programming`, as `hil.ep.EBBlock` does).
     `out_range`: the mvm read-out ADC's range in weight units (the emulator's periphery default;
     a calibration record gives a real board's); `margin`: room in the DAC's state box beyond the
-    initial patterns' range, for patterns that learning moves."""
+    initial patterns' range, for patterns that learning moves.
+
+    `dither`: subtractive dither of the mvm inputs, in DAC units (0: none; ``"auto"``: sized so
+    that every read-out line spreads over about one mvm-ADC step, from `Limits.adc_bits` and
+    `out_range`; none on a board without ADC quantisation). Each read adds uniform noise of that
+    amplitude to the driven lines (clipped to the DAC's range) and subtracts its product with the
+    weights the tile holds, so the reads are the products of the undithered inputs with the
+    ADC's rounding turned into zero-mean noise. Without it a noiseless board rounds away every
+    change of a similarity below half an ADC step (an 8-bit ADC and the default range: a step
+    of 0.136 in similarity for 5 patterns of norm 2 in d = 16), so a small displacement from an
+    unstable fixed point is never seen and the measured critical beta comes out high, or not at
+    all (`hil.mhn.diagnose` uses ``"auto"``)."""
 
     def __init__(
         self,
@@ -102,6 +113,7 @@ class MHNBlock:
         tile: str = "xi",
         probe_noise: bool = True,
         seed: int = 0,
+        dither: float | str = 0.0,
     ) -> None:
         device.require("mvm")
         xi = torch.as_tensor(np.asarray(patterns, dtype=np.float32)).clone()
@@ -119,7 +131,40 @@ class MHNBlock:
         self._version: int | None = None
         self._achieved: Tensor | None = None
         self._reader = None
+        self._rng = np.random.default_rng(seed)
         self.sync()
+        self.dither = self._dither_amplitudes(dither, out_range)  # (forward, read-out), DAC units
+
+    def _dither_amplitudes(self, dither: float | str, out_range: float) -> tuple[float, float]:
+        enc = self.encoding
+        span = enc.dac_hi - enc.dac_lo
+        if dither != "auto":
+            amp = float(dither)
+            if not (math.isfinite(amp) and 0.0 <= amp <= span):
+                raise ConfigurationError(f"dither must be 'auto' or in [0, {span:g}], got {dither!r}")
+            return amp, amp
+        bits = self.device.info.limits.adc_bits
+        if bits is None:
+            return 0.0, 0.0
+        step = 2.0 * out_range / 2**bits  # the mvm ADC's step, weight units
+        w = self.encoding.weights(self.patterns.detach().double())[:-1]
+        # uniform noise of amplitude A on lines with weights w spreads a read-out by A |w| / sqrt(3)
+        cols = float(w.norm(dim=0).min())
+        rows = float(w.norm(dim=1).min())
+        cap = 0.25 * span
+        fwd = min(math.sqrt(3.0) * step / max(cols, 1e-30), cap)
+        back = min(math.sqrt(3.0) * step / max(rows, 1e-30), cap)
+        return fwd, back
+
+    def _held_weights(self) -> np.ndarray:
+        """The (d, N) state rows of the tile's weights as read back (host weights without a reader)."""
+        if self._reader is not None:
+            return (self.device_patterns() * self.encoding.k).numpy()
+        return (self.patterns.detach().double() * self.encoding.k).numpy()
+
+    def _dithered(self, v: np.ndarray, amp: float) -> np.ndarray:
+        enc = self.encoding
+        return np.clip(v + self._rng.uniform(-amp, amp, v.shape), enc.dac_lo, enc.dac_hi)
 
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -173,15 +218,25 @@ class MHNBlock:
         """``xi^T x`` per sample, through one forward read."""
         enc = self.encoding
         u = np.clip(x * enc.a + enc.b, enc.dac_lo, enc.dac_hi)  # float rounding at the box's edge
-        rows = np.concatenate([u, np.ones((x.shape[0], 1))], 1).astype(np.float32)
-        return self._mvm(rows, False, calls) / (enc.k * enc.a)
+        amp = self.dither[0]
+        ud = self._dithered(u, amp).astype(np.float32) if amp > 0 else u
+        rows = np.concatenate([ud, np.ones((x.shape[0], 1))], 1).astype(np.float32)
+        y = self._mvm(rows, False, calls)
+        if amp > 0:
+            y = y - (ud.astype(np.float64) - u) @ self._held_weights()
+        return y / (enc.k * enc.a)
 
     def _readout(self, p: np.ndarray, calls: list[int]) -> np.ndarray:
         """``xi p`` per sample, through one transposed read of p scaled to the DAC's top."""
         enc = self.encoding
         top = p.max(1, keepdims=True)
         q = (p * (enc.dac_hi / top)).astype(np.float32)
-        return self._mvm(q, True, calls)[:, : self.d] * (top / (enc.k * enc.dac_hi))
+        amp = self.dither[1]
+        qd = self._dithered(q, amp).astype(np.float32) if amp > 0 else q
+        y = self._mvm(qd, True, calls)[:, : self.d]
+        if amp > 0:
+            y = y - (qd.astype(np.float64) - q) @ self._held_weights().T
+        return y * (top / (enc.k * enc.dac_hi))
 
     def _update(self, x: np.ndarray, beta: float, calls: list[int]) -> np.ndarray:
         return self._readout(_softmax(beta * self._similarities(x, calls)), calls)

@@ -62,13 +62,22 @@ def phase_diagnostic(
     seed: int = 0,
     extra: Sequence[float] = (),
     programming: str = "verify",
+    dither: float | str = "auto",
 ) -> PhaseReport:
     """Store `xi` (d, N) on `device` (`programming`: a scheme of `hil.programming`), sweep beta
     over `ratios` of the derived beta_c from the same starts (and at the `extra` betas, e.g.
-    the user's), and bisect `refine` times inside the bracket where the escape crosses 1/2."""
+    the user's), and bisect `refine` times inside the bracket where the escape crosses 1/2.
+    `dither` (`MHNBlock`): "auto" dithers the reads on a board whose mvm ADC quantises, so
+    that displacements of the near-centre starts below an ADC step are not rounded away."""
     crit = critical_beta(xi)
     blk = MHNBlock(
-        device, xi.float().numpy(), beta=crit.beta_c, budget=budget, seed=seed, programming=programming
+        device,
+        xi.float().numpy(),
+        beta=crit.beta_c,
+        budget=budget,
+        seed=seed,
+        programming=programming,
+        dither=dither,
     )
     # a second write: the first one's read-back finds stuck devices, and the scheme lets their
     # partners carry the weight (`hil.programming.StuckDevices`); on rram one stuck-high device
