@@ -353,6 +353,8 @@ def _imprecise(cal: ChannelCal, known: dict[int, str], options: ConverterOptions
     return out
 
 
+TWO_LEVEL_MIN_LINES = 16  # mvm routine: two-level inputs (the most signal) from this many input lines on
+
 MIN_UNSATURATED = 0.25  # a DAC channel fitted on less than this share of its samples is invalid
 RESID_LIMIT = 2.0  # ... and one whose residual spread is over this many times the bank's median
 
@@ -485,7 +487,12 @@ def measure_mvm(
     all_y = []
     for k, (transpose, width, wmat, wmat_se) in enumerate(sweeps):
         width_in = wmat.shape[0]
-        codes = rng.choice([k_lo, k_hi], (options.samples, width_in))
+        if width_in >= TWO_LEVEL_MIN_LINES:
+            codes = rng.choice([k_lo, k_hi], (options.samples, width_in))
+        else:
+            # few input lines give few distinct two-level inputs (2^lines), too few for the
+            # ADC's rounding to average out of the fit: every code between the two levels
+            codes = rng.integers(k_lo, k_hi + 1, (options.samples, width_in))
         d = lo + codes * dac.lsb
         x = dac_codes_to_requests(dac, d, 0)
         y = device.mvm("T", x, transpose=transpose).astype(np.float64)
