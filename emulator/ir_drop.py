@@ -16,7 +16,8 @@ With ``S = sqrt(G)`` and ``y = x / S`` this is ``(1 + r S A S) y = S v``: symmet
 definite for any r and G (zero conductances included), solved here by conjugate gradients
 in float64 to a relative residual of `TOL`. The network is linear, so its output currents
 are ``v @ M`` for one matrix M (the tile's effective conductance): `effective_conductance`
-computes it once per write from the R unit inputs, and every later mvm and settle step
+computes it once per write from the R unit inputs (or, by reciprocity, from the C unit
+outputs when C < R), and every later mvm and settle step
 uses it exactly, at no cost of its own. The cost is at the write: about
 ``iterations x R^2 x C`` operations (measured by `benchmarks/ir_drop.py` at 2 ohms on one
 CPU thread of a loaded 2-core machine: 0.10 s for a 64 x 64 array, 12.7 s for 256 x 256);
@@ -55,12 +56,16 @@ def wire_operator(x: torch.Tensor) -> torch.Tensor:
     return _revcumsum(x, -1).cumsum(-1) + _revcumsum(x.cumsum(-2), -2)
 
 
-def cell_currents(g: torch.Tensor, v: torch.Tensor, r: float) -> torch.Tensor:
+def cell_currents(g: torch.Tensor, v: torch.Tensor, r: float, *, columns: bool = False) -> torch.Tensor:
     """Currents (B, R, C) through the cells of conductances `g` (R, C) with row inputs `v`
-    (B, R), float64, solved to `TOL`. ConfigurationError if the solve does not converge."""
+    (B, R), float64, solved to `TOL`. With `columns`, `v` (B, C) drives the columns' sense
+    ends instead, every row driver held at 0 V (the reciprocal problem: a cell then sees
+    ``-v_j`` and its current flows from the column into the row). ConfigurationError if the
+    solve does not converge."""
     g64 = g.to(torch.float64).clamp_min(0.0)
     s = g64.sqrt()
-    b = s * v.to(torch.float64)[:, :, None]  # S v, v along each row
+    v64 = v.to(torch.float64)
+    b = s * (-v64[:, None, :] if columns else v64[:, :, None])  # S v, v along each row (column)
 
     def op(y: torch.Tensor) -> torch.Tensor:
         return y + r * s * wire_operator(s * y)
@@ -92,10 +97,21 @@ def output_currents(g: torch.Tensor, v: torch.Tensor, r: float) -> torch.Tensor:
 
 
 def effective_conductance(g: torch.Tensor, r: float) -> torch.Tensor:
-    """M (R, C), float32 on the device of `g`: output currents are ``v @ M`` for any input v."""
+    """M (R, C), float32 on the device of `g`: output currents are ``v @ M`` for any input v.
+
+    Row by row (R solves: the column currents for each unit row input), or, on a tile with
+    fewer columns than rows, column by column (C solves): by reciprocity, M[m, j] is also
+    the current a unit voltage at column j's sense end drives into row m's (grounded)
+    driver, so a 1024 x 10 tile takes 10 solves, not 1024."""
     rows, cols = g.shape
     check_ir_work(rows, cols)
     chunk = max(1, CHUNK_VALUES // (rows * cols))
+    if cols < rows:
+        eye = torch.eye(cols, dtype=torch.float64, device=g.device)
+        parts = [
+            -cell_currents(g, eye[k : k + chunk], r, columns=True).sum(-1) for k in range(0, cols, chunk)
+        ]
+        return torch.cat(parts).T.contiguous().to(torch.float32)
     eye = torch.eye(rows, dtype=torch.float64, device=g.device)
     parts = [output_currents(g, eye[k : k + chunk], r) for k in range(0, rows, chunk)]
     return torch.cat(parts).to(torch.float32)

@@ -76,6 +76,16 @@ def test_the_solve_equals_the_nodal_solution(rows: int, cols: int, r: float) -> 
     np.testing.assert_allclose(v @ m, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_reciprocity_gives_the_same_effective_conductance() -> None:
+    """A tall tile is solved column by column (C solves, by reciprocity), a wide one row by
+    row: both are the same map as the row-by-row unit-input responses."""
+    gen = torch.Generator().manual_seed(3)
+    for rows, cols in ((40, 9), (9, 40)):
+        g = torch.rand((rows, cols), generator=gen, dtype=torch.float64) * 1e-4 + 1e-6
+        direct = output_currents(g, torch.eye(rows, dtype=torch.float64), 50.0)
+        torch.testing.assert_close(effective_conductance(g, 50.0).double(), direct, rtol=1e-5, atol=1e-12)
+
+
 def test_an_emulated_mvm_reads_the_nodal_solution() -> None:
     """Through the board: ideal converters, no read noise, the two arrays of the pairs."""
     r = 20.0
