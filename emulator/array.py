@@ -314,8 +314,9 @@ class TileArray:
 
     def read_noise_rms(self) -> float:
         """One read's noise std, as one number for the tile: the model's `read_noise`, or with
-        state-dependent statistics the RMS over the devices of their stds in the state they
-        hold now (what the mvm's noise formula, which assumes equal devices, takes)."""
+        state-dependent statistics the RMS over the devices of their stds at the conductances
+        they were last written to (drift since is neglected; what the mvm's noise formula,
+        which assumes equal devices, takes)."""
         if not self._pcm:
             return self.model.read_noise
         cached = self._read_rms
