@@ -5,6 +5,8 @@ recovery of the board's hidden truth. One JSON line per (preset, seed).
                                      [--transport emulator|visa-tcp|serial-socket|...]
     python benchmarks/calibration_session.py --train 20 --presets rram --seeds 0,1,2 \
                                      --board "gain_error=0.05&offset_error=4"
+    python benchmarks/calibration_session.py --presets rram --seeds 0 --tile 64 \
+                     --board "" --board "gain_error=0.05&offset_error=4" --board "wire_resistance=2"
 
 With ``--train EPOCHS`` it instead calibrates the board for the 64-256-10 digits DHN (its
 two tiles, 330 node channels) and trains the classifier on it twice per seed, with and
@@ -233,24 +235,32 @@ def main() -> None:
     parser.add_argument("--transport", default="emulator")
     parser.add_argument("--train", type=int, default=0, help="epochs of the training comparison (0: off)")
     parser.add_argument("--deploy", type=int, default=0, help="epochs of the deployment comparison (0: off)")
-    parser.add_argument("--board", default="", help="extra emulator URI parameters, e.g. gain_error=0.05")
+    parser.add_argument(
+        "--board",
+        action="append",
+        default=None,
+        help="extra emulator URI parameters, e.g. 'gain_error=0.05&offset_error=4' (the bad-converter "
+        "board) or 'wire_resistance=2' (IR drop); repeat for several boards (default: the preset as it is)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    for preset in args.presets.split(","):
-        uri = f"emulator://?preset={preset}&seed=0" + (f"&{args.board}" if args.board else "")
-        if args.train or args.deploy:
-            lines = (
-                train_comparison(uri, args.train, seeds)
-                if args.train
-                else deploy_comparison(uri, args.deploy, seeds)
-            )
-            for line in lines:
+    for board in args.board or [""]:
+        for preset in args.presets.split(","):
+            uri = f"emulator://?preset={preset}&seed=0" + (f"&{board}" if board else "")
+            if args.train or args.deploy:
+                lines = (
+                    train_comparison(uri, args.train, seeds)
+                    if args.train
+                    else deploy_comparison(uri, args.deploy, seeds)
+                )
+                for line in lines:
+                    print(json.dumps(line), flush=True)
+                continue
+            for seed in seeds:
+                line = run_one(preset, seed, args.transport, (args.tile, args.tile), board)
+                line["board"] = board
                 print(json.dumps(line), flush=True)
-            continue
-        for seed in seeds:
-            line = run_one(preset, seed, args.transport, (args.tile, args.tile), args.board)
-            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
