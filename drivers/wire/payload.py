@@ -167,42 +167,28 @@ def layout_size(spec: Any) -> int:
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # json.dumps would build one per call
-_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # None where json has no C accelerator
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line).
-
-    What `_JSON.encode` does, less its Python layers (1.4 -> 0.8 us for a small reply): the C
-    encoder it would make, with a fresh circular-reference memo for every call."""
-    if _C_ENCODER is None or isinstance(obj, str):
-        return _JSON.encode(obj).encode("ascii")
-    j = _JSON
-    encode = _C_ENCODER(
-        {}, j.default, json.encoder.encode_basestring_ascii, None,
-        j.key_separator, j.item_separator, j.sort_keys, j.skipkeys, j.allow_nan,
-    )  # fmt: skip
-    return "".join(encode(obj, 0)).encode("ascii")
+    """Compact ASCII JSON (no raw newlines, so it is safe inside an SCPI line)."""
+    return _JSON.encode(obj).encode("ascii")
 
 
-# json's C scanner, which json.loads runs after two whitespace matches and its argument checks
-# (together 2 us of the 3 us that a reply's JSON took on every round trip)
-_SCAN = json.JSONDecoder().scan_once
+# json's public raw decoder: one value from the start of the text, no whitespace skipping
+_DECODER = json.JSONDecoder()
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
     """One JSON value, strictly UTF-8. The usual text (a value with nothing around it) goes
-    through the scanner alone; anything else (leading or trailing whitespace, a byte order
+    through json.JSONDecoder.raw_decode alone; anything else (leading or trailing whitespace, a byte order
     mark, extra data, malformed text) through json.loads, which accepts or refuses it."""
     try:
         text = str(data, "utf-8")
         try:
-            obj, end = _SCAN(text, 0)
-            if end == len(text):
-                return obj
-        except (StopIteration, json.JSONDecodeError):
-            pass
-        return json.loads(text)
+            obj, end = _DECODER.raw_decode(text)
+        except json.JSONDecodeError:
+            return json.loads(text)  # refuses it with json's own message, or accepts e.g. whitespace
+        return obj if end == len(text) else json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"malformed JSON on the wire: {exc}") from exc
 
