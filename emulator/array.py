@@ -35,7 +35,7 @@ from emulator.devices import (
 )
 from emulator.ir_drop import check_ir_work, effective_conductance
 from emulator.noise_table import NoisePool
-from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std, read_rms
+from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std
 
 
 @dataclass
@@ -321,7 +321,8 @@ class TileArray:
             return self.model.read_noise
         cached = self._read_rms
         if cached is None or cached[0] != self._version:
-            rms = read_rms(pcm_read_std(self._g0, self.model.g_max, self.model.read_noise))
+            std = pcm_read_std(self._g0, self.model.g_max, self.model.read_noise)
+            rms = math.sqrt(float(std.double().square().mean()))
             cached = self._read_rms = (self._version, rms)
         return cached[1]
 

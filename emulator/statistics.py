@@ -27,8 +27,6 @@ devices follow.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from drivers.errors import ConfigurationError
@@ -76,8 +74,8 @@ def _relative_1f(g: torch.Tensor, g_max: float) -> torch.Tensor:
 def pcm_read_std(g: torch.Tensor, g_max: float, read_noise_mid: float) -> torch.Tensor:
     """One read's noise std (S) of devices at `g`: ``Q(G) G`` scaled so that a device at
     mid-window reads with std `read_noise_mid`."""
-    mid = _relative_1f(torch.tensor(0.5 * g_max, dtype=torch.float64), g_max).item()
-    return _relative_1f(g, g_max).mul_(read_noise_mid / mid) if mid > 0 else torch.zeros_like(g)
+    mid = min(0.0088 / 0.5**0.65, 0.2) * 0.5 * g_max  # Q(G) G at G = g_max / 2
+    return _relative_1f(g, g_max).mul_(read_noise_mid / mid)
 
 
 def pcm_nu_mid(g_max: float) -> tuple[float, float]:
@@ -88,9 +86,3 @@ def pcm_nu_mid(g_max: float) -> tuple[float, float]:
 
 def pcm_write_std_mid(g_max: float) -> float:
     return float(pcm_write_std(torch.tensor(0.5 * g_max, dtype=torch.float64), g_max))
-
-
-def read_rms(read_std: torch.Tensor) -> float:
-    """The RMS of per-device read-noise stds: the one number a read-noise formula that
-    assumes equal devices (the settle's and the mvm's noise variance) takes."""
-    return math.sqrt(float(read_std.double().square().mean())) if read_std.numel() else 0.0
