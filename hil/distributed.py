@@ -1,0 +1,171 @@
+"""Data parallel training over boards on `torch.distributed` (docs/distributed.md).
+
+Each rank of a ``torchrun`` job owns one board (an emulated one, or a real one with its own
+calibration record) and settles a contiguous shard of every global batch. Before the
+optimiser steps, the EP gradients of all ranks are all-reduced (averaged, each rank weighted
+by its shard size, so the result is the gradient of the whole batch); every rank then takes
+the same optimiser step and programs the same host weights onto its own board. Rank 0 writes
+the run log; on a restart every rank continues from rank 0's last snapshot, broadcast to all.
+
+The process group uses gloo when the host stack computes on the CPU and NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from drivers.uri import parse_options, replace_params
+from hil.config import ConfigError, RunConfig
+
+MAX_WORLD = 1024  # ranks (boards) one job may span
+RANK_SEED_STRIDE = 1000  # emulator seed of rank r: seed + 1000 r (ff-EBM blocks take seed + k, k < 1000)
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class DataParallel:
+    """This process's place in a data parallel job, and the collectives the training loop uses.
+
+    `shard` picks this rank's slice of a global batch and remembers the shard sizes that
+    `reduce_grads` weights by. `reduce_s` and `reduce_calls` count the time spent in
+    collectives (for `benchmarks/many_boards.py`)."""
+
+    rank: int
+    world: int
+    local_rank: int = 0
+    backend: str = "gloo"
+    device: str = "cpu"  # where collectives' tensors live: cuda:LOCAL_RANK under NCCL
+    reduce_s: float = 0.0
+    reduce_calls: int = 0
+    _batch: tuple[int, int] = field(default=(0, 0), repr=False)  # (this rank's, global) examples
+
+    @staticmethod
+    def from_env(compute: str = "cpu", timeout_s: float = 600.0) -> DataParallel:
+        """Join the process group that ``torchrun`` describes in the environment (RANK,
+        WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+        missing = [v for v in ENV_VARS if v not in os.environ]
+        if missing:
+            raise ConfigError(
+                f"data parallel training needs torchrun's environment ({', '.join(missing)} not set): "
+                "launch it as torchrun --nproc-per-node N -m hil.cli train classifier ... --distributed"
+            )
+        rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        if not 1 <= world <= MAX_WORLD:
+            raise ConfigError(f"WORLD_SIZE={world}: a data parallel job spans 1 to {MAX_WORLD} ranks")
+        cuda = torch.device(compute).type == "cuda"
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return DataParallel(rank, world, local, backend, f"cuda:{local}" if cuda else "cpu")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------ shards
+    def span(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous share of `n` items (sizes differ by at most 1)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    def shard(self, idx: Tensor) -> Tensor:
+        """This rank's slice of the global batch `idx`; `reduce_grads` weights by its size."""
+        start, stop = self.span(len(idx))
+        self._batch = (stop - start, len(idx))
+        return idx[start:stop]
+
+    def check_batches(self, n_train: int, batch_size: int) -> None:
+        """Refuse a batch size that would leave a rank without examples in some batch."""
+        last = n_train % batch_size
+        if batch_size < self.world or 0 < last < self.world:
+            raise ConfigError(
+                f"train.batch_size = {batch_size} over {n_train} examples gives a batch of "
+                f"{last or batch_size} for {self.world} ranks: every rank needs one example of every "
+                f"batch; set train.batch_size to at least {self.world} with a last batch "
+                f"(n mod batch_size) of 0 or at least {self.world}, or use fewer ranks"
+            )
+
+    # ------------------------------------------------------------------------- collectives
+    def _all_reduce(self, t: Tensor) -> None:
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        self.reduce_s += time.perf_counter() - t0
+        self.reduce_calls += 1
+
+    def reduce_grads(self, params: Sequence[Tensor]) -> None:
+        """Replace every parameter's ``.grad`` by the gradient of the global batch: the sum
+        over ranks of (shard size / batch size) x the rank's gradient, in one all-reduce."""
+        n_local, n_global = self._batch
+        if n_global == 0:
+            raise RuntimeError("reduce_grads before shard: the shard sizes are unknown")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(n_local / n_global)
+        self._all_reduce(flat)
+        for p, g, part in zip(params, grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+            if p.grad is None:
+                p.grad = g
+
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """The sums over ranks of `values` (float64, one all-reduce)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._all_reduce(t)
+        return t.tolist()
+
+    def accuracy(self, predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> float:
+        """Test accuracy over all of (x, y), each rank predicting its contiguous share."""
+        start, stop = self.span(len(x))
+        right = (
+            int((predict(x[start:stop]).argmax(1).cpu() == y[start:stop].cpu()).sum()) if stop > start else 0
+        )
+        return self.sums([right])[0] / max(1, len(x))
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (e.g. the resume state of rank 0's run log)."""
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def rank_config(
+    cfg: RunConfig, dp: DataParallel, devices: Sequence[str] = (), calibrations: Sequence[str] = ()
+) -> RunConfig:
+    """The config rank `dp.rank` trains with: its own board and calibration record.
+
+    `devices` (one URI per rank, in rank order) names real boards; without it, an emulator
+    URI is spread over the ranks by seed (rank r: seed + 1000 r), and any other URI, which
+    names one physical board, is refused for more than one rank. `calibrations`, when given,
+    holds one record per rank."""
+    for name, items in (("--rank-device", devices), ("--rank-calibration", calibrations)):
+        if items and len(items) != dp.world:
+            raise ConfigError(
+                f"{name} was given {len(items)} times for {dp.world} ranks: give it once per rank, in "
+                "rank order"
+            )
+    if devices:
+        device = devices[dp.rank]
+    else:
+        scheme, _, options = parse_options(cfg.device)
+        if scheme == "emulator":
+            device = replace_params(cfg.device, seed=options.seed + RANK_SEED_STRIDE * dp.rank)
+        elif dp.world > 1:
+            raise ConfigError(
+                f"device = {cfg.device!r} names one board, and each of the {dp.world} ranks needs its own: "
+                "give --rank-device URI once per rank (and --rank-calibration PATH per rank)"
+            )
+        else:
+            device = cfg.device
+    calibration = calibrations[dp.rank] if calibrations else cfg.calibration
+    return replace(cfg, device=device, calibration=calibration)
