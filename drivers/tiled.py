@@ -1,0 +1,268 @@
+"""`TiledDevice`: a logical network on a board whose tiles are smaller than its couplings.
+
+`configure` places the logical topology (`drivers.placement.place`) and configures the inner
+board with the physical one; every other call speaks logical tiles and groups and is split
+on the way in and reassembled on the way out:
+
+- `program`, `pulse`: the (rows, cols) arrays are cut into the blocks of the physical tiles;
+  `program` returns one report for the logical tile (conductances reassembled, iterations the
+  most of any block, pulses, energy and time summed, `within_tol` weighted by cells);
+- `read_conductance`: the blocks' reads reassembled;
+- `mvm`: each physical tile multiplies its slice of the input (DAC, array, ADC); the row
+  blocks' outputs are summed on the host and the column blocks concatenated (``transpose``:
+  the other way round);
+- `settle`, `settle_tensors`: clamps, nudges and initial states are cut into the sub-groups,
+  the equilibrium's states (and trace) put back together as logical groups; steps, energy and
+  times are the board's.
+
+`topology` is the logical topology; `placement` says where it lies. A topology that fits the
+board's tiles passes through as itself (no copies, no extra calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport
+from drivers.errors import ConfigurationError
+from drivers.placement import Placement, place, rebudget
+from drivers.topology import Topology
+from drivers.wrapper import DeviceWrapper
+
+
+def _cat(parts: list[Any], axis: int) -> Any:
+    """Concatenate numpy arrays or torch tensors (`settle_tensors`' states) along `axis`."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=axis)
+    import torch
+
+    return torch.cat(parts, dim=axis)
+
+
+class TiledDevice(DeviceWrapper):
+    """Wraps `inner` so that couplings larger than its tiles are placed on grids of tiles."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self._placement: Placement | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """What the inner device has beyond the Device interface (a `CalibratedDevice`'s
+        `record`, ...), so that wrapping a board for placement hides nothing of it."""
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the configured topology lies on the board (None before `configure`)."""
+        return self._placement
+
+    @property
+    def topology(self) -> Topology | None:
+        p = self._placement
+        if p is None or self.inner.topology is None:
+            return self.inner.topology
+        return p.logical
+
+    @property
+    def tensor_device(self) -> Any:  # type: ignore[override]
+        return self.inner.tensor_device
+
+    def configure(self, topology: Topology) -> None:
+        if not isinstance(topology, Topology):
+            raise ConfigurationError(f"configure takes a Topology, got {type(topology).__name__}")
+        p = None if self._placement is None else rebudget(self._placement, topology)
+        if p is None:
+            p = place(topology, self.inner.info.limits)
+        self.inner.configure(p.physical)
+        self._placement = p
+
+    def _placed(self) -> Placement:
+        p = self._placement
+        if p is None or self.inner.topology is None:
+            raise ConfigurationError("the device has no topology yet; call configure(topology) first")
+        return p
+
+    def _blocks(self, tile: str) -> tuple[Placement, Any]:
+        p = self._placed()
+        blocks = p.blocks.get(tile)
+        if blocks is None:
+            raise ConfigurationError(f"unknown tile {tile!r}; known: {list(p.blocks)}")
+        return p, blocks
+
+    def _shape_check(self, what: str, p: Placement, tile: str, a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        shape = p.logical.tile_shape(tile)
+        if a.shape != shape:
+            raise ConfigurationError(f"{what} for tile {tile!r}: expected shape {shape}, got {a.shape}")
+        return a
+
+    # ------------------------------------------------------------------------ tiles
+    def program(
+        self,
+        tile: str,
+        g_plus: np.ndarray,
+        g_minus: np.ndarray,
+        *,
+        verify: bool = False,
+        tol: float | None = None,
+        max_iters: int = 20,
+    ) -> ProgramReport:
+        p, blocks = self._blocks(tile)
+        if not p.split:
+            return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
+        gp = self._shape_check("g_plus", p, tile, g_plus)
+        gm = self._shape_check("g_minus", p, tile, g_minus)
+        out_p, out_m = np.empty(gp.shape, np.float32), np.empty(gm.shape, np.float32)
+        reps = []
+        for b in blocks:
+            r = self.inner.program(
+                b.tile,
+                np.ascontiguousarray(gp[b.r0 : b.r1, b.c0 : b.c1]),
+                np.ascontiguousarray(gm[b.r0 : b.r1, b.c0 : b.c1]),
+                verify=verify,
+                tol=tol,
+                max_iters=max_iters,
+            )
+            out_p[b.r0 : b.r1, b.c0 : b.c1], out_m[b.r0 : b.r1, b.c0 : b.c1] = r.g_plus, r.g_minus
+            reps.append((r, (b.r1 - b.r0) * (b.c1 - b.c0)))
+        cells = sum(n for _, n in reps)
+        return ProgramReport(
+            tile=tile,
+            g_plus=out_p,
+            g_minus=out_m,
+            iterations=max(r.iterations for r, _ in reps),
+            pulses=sum(r.pulses for r, _ in reps),
+            residual_max=max(r.residual_max for r, _ in reps),
+            within_tol=sum(r.within_tol * n for r, n in reps) / cells,
+            energy_j=sum(r.energy_j for r, _ in reps),
+            time_s=sum(r.time_s for r, _ in reps),
+        )
+
+    def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
+        p, blocks = self._blocks(tile)
+        if not p.split:
+            return self.inner.pulse(tile, counts_plus, counts_minus)
+        cp = self._shape_check("counts_plus", p, tile, counts_plus)
+        cm = self._shape_check("counts_minus", p, tile, counts_minus)
+        reps = [
+            self.inner.pulse(
+                b.tile,
+                np.ascontiguousarray(cp[b.r0 : b.r1, b.c0 : b.c1]),
+                np.ascontiguousarray(cm[b.r0 : b.r1, b.c0 : b.c1]),
+            )
+            for b in blocks
+        ]
+        return PulseReport(
+            tile, sum(r.pulses for r in reps), sum(r.energy_j for r in reps), sum(r.time_s for r in reps)
+        )
+
+    def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        p, blocks = self._blocks(tile)
+        if not p.split:
+            return self.inner.read_conductance(tile)
+        shape = p.logical.tile_shape(tile)
+        gp, gm = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for b in blocks:
+            gp[b.r0 : b.r1, b.c0 : b.c1], gm[b.r0 : b.r1, b.c0 : b.c1] = self.inner.read_conductance(b.tile)
+        return gp, gm
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        p, blocks = self._blocks(tile)
+        if not p.split:
+            return self.inner.mvm(tile, x, transpose=transpose)
+        x = np.asarray(x)
+        rows, cols = p.logical.tile_shape(tile)
+        n_in, n_out = (cols, rows) if transpose else (rows, cols)
+        if x.ndim != 2 or x.shape[1] != n_in:
+            raise ConfigurationError(
+                f"mvm input for tile {tile!r}{' (transposed)' if transpose else ''}: expected shape "
+                f"(batch, {n_in}), got {x.shape}"
+            )
+        y = np.zeros((x.shape[0], n_out), np.float32)
+        for b in blocks:
+            (i0, i1), (o0, o1) = ((b.c0, b.c1), (b.r0, b.r1)) if transpose else ((b.r0, b.r1), (b.c0, b.c1))
+            y[:, o0:o1] += self.inner.mvm(b.tile, np.ascontiguousarray(x[:, i0:i1]), transpose=transpose)
+        return y
+
+    # ------------------------------------------------------------------------ settles
+    def _split(self, p: Placement, values: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Logical groups' (batch, n) arrays or tensors cut into the sub-groups' (views)."""
+        if values is None:
+            return None
+        out: dict[str, Any] = {}
+        for g, v in values.items():
+            parts = p.parts.get(g)
+            if parts is None or len(parts) == 1:
+                out[g] = v  # unknown names reach the board's own check as they are
+                continue
+            a = v if v.ndim == 2 else v[None, :]
+            for q in parts:
+                out[q.name] = a[:, q.start : q.stop]
+        return out
+
+    def _split_nudge(self, p: Placement, nudge: dict[str, Nudge] | None) -> dict[str, Nudge] | None:
+        if nudge is None:
+            return None
+        out: dict[str, Nudge] = {}
+        for g, n in nudge.items():
+            parts = p.parts.get(g)
+            if parts is None or len(parts) == 1 or not isinstance(n, Nudge):
+                out[g] = n
+                continue
+            t = self._split(p, {g: n.target}) if n.target is not None else None
+            d = self._split(p, {g: n.grad}) if n.grad is not None else None
+            for q in parts:
+                out[q.name] = Nudge(n.beta, t[q.name] if t else None, d[q.name] if d else None)
+        return out
+
+    def _join(self, p: Placement, eq: Equilibrium) -> Equilibrium:
+        """The equilibrium with its sub-groups' states (and trace) put back into logical groups."""
+        eq.states = self._join_groups(p, eq.states, axis=1)
+        if eq.trace is not None:
+            eq.trace = self._join_groups(p, eq.trace, axis=2)
+        return eq
+
+    @staticmethod
+    def _join_groups(p: Placement, values: dict[str, Any], axis: int) -> dict[str, Any]:
+        out = {k: v for k, v in values.items() if k not in p.physical.groups}  # "step", "energy"
+        for g, parts in p.parts.items():
+            if all(q.name in values for q in parts):
+                out[g] = _cat([values[q.name] for q in parts], axis)
+        return out
+
+    def settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        p = self._placed()
+        if not p.split:
+            return self.inner.settle(clamp, nudge, init, trace)
+        clamp = {g: np.asarray(v, np.float32) for g, v in clamp.items()}
+        eq = self.inner.settle(
+            self._split(p, clamp) or {}, self._split_nudge(p, nudge), self._split(p, init), trace
+        )
+        return self._join(p, eq)
+
+    def settle_tensors(
+        self,
+        clamp: dict[str, Any],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, Any] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        p = self._placed()
+        if not p.split:
+            return self.inner.settle_tensors(clamp, nudge, init, trace)
+        eq = self.inner.settle_tensors(
+            self._split(p, clamp) or {}, self._split_nudge(p, nudge), self._split(p, init), trace
+        )
+        return self._join(p, eq)

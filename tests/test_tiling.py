@@ -1,0 +1,192 @@
+"""Issue 22 part 1: couplings larger than the board's tiles, placed on grids of physical tiles
+(`drivers.placement`, `drivers.tiled.TiledDevice`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drivers import ConfigurationError, LimitViolation, Nudge, SettleBudget, Topology, open_device
+from drivers.placement import place
+from drivers.tiled import TiledDevice
+from drivers.topology import BIAS, Coupling
+from hil.boards import open_board
+from hil.ep import EBBlock
+
+IDEAL = "emulator://?preset=ideal&seed=0"
+# 10 x 8 tiles: a 20-12-8 network's W0 (21 x 12) lies on a 3 x 2 grid, W1 (13 x 8) on 2 x 1
+SMALL = IDEAL + "&tile_rows_max=10&tile_cols_max=8&max_tiles=16"
+SIZES = [20, 12, 8]
+BUDGET = SettleBudget(max_steps=3000, tol=1e-6, dt=0.5, check_every=5)
+
+
+def _pair() -> tuple[TiledDevice, TiledDevice]:
+    return TiledDevice(open_device(SMALL)), TiledDevice(open_device(IDEAL))
+
+
+def test_placement_of_the_small_network() -> None:
+    """W0 (20 inputs + bias = 21 rows, 12 columns) on 10 x 8 tiles: s0 in parts of 8 (8, 8, 4
+    + bias), s1 in parts of 8 (8, 4): a 3 x 2 grid; W1 (12 + 1 rows, 8 columns) 2 x 1."""
+    lim = open_device(SMALL).info.limits
+    topo = Topology.layered(SIZES)
+    p = place(topo, lim)
+    assert p.split and p.grid("W0") == (3, 2) and p.grid("W1") == (2, 1)
+    assert p.tiles == 8 and p.cells == topo.cells()
+    assert p.utilisation == pytest.approx(topo.cells() / (8 * 10 * 8))
+    assert [q.size for q in p.parts["s0"]] == [8, 8, 4] and [q.size for q in p.parts["s1"]] == [8, 4]
+    assert p.physical.coupling("W0#2.0").rows == ("s0#2", BIAS)
+    assert "3x2 tiles" in p.describe() and p.as_dict()["tiles"] == 8
+
+
+def test_a_fitting_topology_passes_through_unchanged() -> None:
+    dev = TiledDevice(open_device(IDEAL))
+    topo = Topology.layered(SIZES)
+    p = place(topo, dev.info.limits)
+    assert not p.split and p.physical is topo
+    dev.configure(topo)
+    assert dev.inner.topology is topo and dev.topology is topo
+
+
+def test_tile_operations_through_the_split_equal_the_unsplit() -> None:
+    """program / read_conductance / mvm (both directions) / pulse reports on the ideal board."""
+    small, big = _pair()
+    topo = Topology.layered(SIZES)
+    small.configure(topo)
+    big.configure(topo)
+    rng = np.random.default_rng(0)
+    lim = small.info.limits
+    for tile in ("W0", "W1"):
+        shape = topo.tile_shape(tile)
+        gp = rng.uniform(lim.g_min, lim.g_max, shape).astype(np.float32)
+        gm = rng.uniform(lim.g_min, lim.g_max, shape).astype(np.float32)
+        rs, rb = small.program(tile, gp, gm), big.program(tile, gp, gm)
+        np.testing.assert_allclose(rs.g_plus, rb.g_plus, rtol=1e-6)
+        np.testing.assert_allclose(rs.g_minus, rb.g_minus, rtol=1e-6)
+        assert rs.tile == tile and rs.within_tol == pytest.approx(rb.within_tol)
+        for a, b in zip(small.read_conductance(tile), big.read_conductance(tile), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+        x = rng.uniform(0, 1, (5, shape[0])).astype(np.float32)
+        np.testing.assert_allclose(small.mvm(tile, x), big.mvm(tile, x), rtol=1e-5, atol=1e-5)
+        xt = rng.uniform(0, 1, (5, shape[1])).astype(np.float32)
+        np.testing.assert_allclose(
+            small.mvm(tile, xt, transpose=True), big.mvm(tile, xt, transpose=True), rtol=1e-5, atol=1e-5
+        )
+    # the inner board holds the blocks: W0's block (1, 1) is rows 8:16, columns 8:12
+    gp_small, _ = small.inner.read_conductance("W0#1.1")
+    np.testing.assert_allclose(gp_small, big.read_conductance("W0")[0][8:16, 8:12], rtol=1e-6)
+    with pytest.raises(ConfigurationError, match=r"expected shape \(21, 12\)"):
+        small.program("W0", np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32))
+    with pytest.raises(ConfigurationError, match=r"expected shape \(batch, 21\)"):
+        small.mvm("W0", np.zeros((2, 5), np.float32))
+    with pytest.raises(ConfigurationError, match=r"unknown tile 'W0#0.0'"):
+        small.mvm("W0#0.0", np.zeros((2, 8), np.float32))
+
+
+def _blocks(settle: str) -> tuple[EBBlock, EBBlock]:
+    small, big = _pair()
+    topo = Topology.layered(SIZES, budget=BUDGET)
+    kw = {"seed": 3, "settle": settle}
+    return EBBlock(small, topo, **kw), EBBlock(big, topo, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("settle", ["board", "host"])
+def test_ep_through_the_split_equals_the_unsplit(settle: str) -> None:
+    """The same fixed point (free and nudged) to 1e-5 and the same EP gradients."""
+    a, b = _blocks(settle)
+    assert a.device.placement.split and not b.device.placement.split
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (6, SIZES[0])).astype(np.float32)
+    y = np.eye(SIZES[-1], dtype=np.float32)[rng.integers(0, SIZES[-1], 6)]
+    fa, fb = a.free(x), b.free(x)
+    assert fa.converged and fb.converged and set(fa.states) == set(fb.states) == {"s0", "s1", "s2"}
+    for g in fb.states:
+        np.testing.assert_allclose(fa.states[g], fb.states[g], rtol=0, atol=1e-5, err_msg=g)
+    na = a.settle(x, nudge={"s2": Nudge(0.3, target=y, grad=y - 0.5)})
+    nb = b.settle(x, nudge={"s2": Nudge(0.3, target=y, grad=y - 0.5)})
+    for g in nb.states:
+        np.testing.assert_allclose(na.states[g], nb.states[g], rtol=0, atol=1e-5, err_msg=g)
+    ra, rb = a.ep(x, target=y, beta=0.2), b.ep(x, target=y, beta=0.2)
+    for t in rb.grads:
+        ga, gb = ra.grads[t], rb.grads[t]
+        assert float(gb.abs().max()) > 1e-3  # a gradient worth comparing
+        rel = float((ga - gb).norm() / gb.norm())
+        assert rel < 1e-4, (t, rel)
+    torch.testing.assert_close(ra.input_grads["s0"], rb.input_grads["s0"], rtol=1e-4, atol=1e-5)
+
+
+def test_settle_tensors_and_trace_are_reassembled() -> None:
+    small, big = _pair()
+    topo = Topology.layered(SIZES, budget=BUDGET)
+    EBBlock(small, topo, seed=5)
+    EBBlock(big, topo, seed=5)
+    x = torch.rand(3, SIZES[0], generator=torch.Generator().manual_seed(0))
+    ea = small.settle_tensors({"s0": x}, trace=50)
+    eb = big.settle_tensors({"s0": x}, trace=50)
+    assert isinstance(ea.states["s1"], torch.Tensor) and ea.states["s1"].shape == (3, 12)
+    for g in eb.states:
+        torch.testing.assert_close(ea.states[g], eb.states[g], rtol=0, atol=1e-5)
+    assert ea.trace is not None and ea.trace["s1"].shape == eb.trace["s1"].shape
+    np.testing.assert_array_equal(ea.trace["step"], eb.trace["step"])
+    assert ea.energy is not None and np.allclose(ea.energy, eb.energy, atol=1e-4)
+
+
+def test_open_board_wraps_and_places() -> None:
+    dev = open_board(SMALL)
+    try:
+        assert isinstance(dev, TiledDevice)
+        dev.configure(Topology.layered(SIZES))
+        assert dev.placement is not None and dev.placement.tiles == 8
+        assert len(dev.inner.topology.couplings) == 8
+    finally:
+        dev.close()
+
+
+def test_what_cannot_be_split_is_refused_with_a_reason() -> None:
+    lim = open_device(SMALL).info.limits
+    with pytest.raises(ConfigurationError, match=r"dense tile 'W'.*cannot be split.*layered"):
+        place(Topology.dense({"a": 12, "b": 4}), lim)
+    conv = Topology.convolutional((3, 8, 8), [16], pools=[2], head=[4])  # kernel tile 28 x 16
+    with pytest.raises(ConfigurationError, match=r"conv tile 'W0'.*kernel tile \(28 x 16.*fewer channels"):
+        place(conv, lim)
+    with pytest.raises(LimitViolation, match=r"physical tiles of the split network.*limit 16"):
+        place(Topology.layered([60, 40]), lim)  # 7 x 5 = 35 tiles
+    clash = Topology({"a": 20, "a#0": 3}, (Coupling("W", ("a",), ("a#0",)),))
+    with pytest.raises(ConfigurationError, match=r"clash.*rename the groups"):
+        place(clash, lim)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    bias=st.booleans(),
+    rmax=st.integers(2, 17),
+    cmax=st.integers(1, 17),
+)
+def test_placement_covers_every_cell_once(sizes: list[int], bias: bool, rmax: int, cmax: int) -> None:
+    """Every logical cell of every tile lies in exactly one physical block, each block's shape
+    is its physical tile's and within the limits, and the sub-groups tile each group."""
+    topo = Topology.layered(sizes, bias=bias)
+    lim = replace(open_device(IDEAL).info.limits, tile_rows_max=rmax, tile_cols_max=cmax, max_tiles=10_000)
+    p = place(topo, lim)
+    phys = p.physical
+    for g, parts in p.parts.items():
+        assert parts[0].start == 0 and parts[-1].stop == topo.groups[g]
+        assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
+        assert all(phys.groups[q.name] == q.size for q in parts)
+    assert sum(phys.groups.values()) == sum(topo.groups.values())
+    for c in topo.couplings:
+        rows, cols = topo.tile_shape(c.tile)
+        seen = np.zeros((rows, cols), np.int64)
+        for b in p.blocks[c.tile]:
+            seen[b.r0 : b.r1, b.c0 : b.c1] += 1
+            r, k = phys.tile_shape(b.tile)
+            assert (r, k) == (b.r1 - b.r0, b.c1 - b.c0)
+            assert r <= rmax and k <= cmax
+        assert (seen == 1).all()
+    assert p.cells == topo.cells() and 0 < p.utilisation <= 1
