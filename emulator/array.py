@@ -33,7 +33,7 @@ from emulator.devices import (
     reset_level,
     step_size,
 )
-from emulator.ir_drop import check_ir_work, effective_conductance
+from emulator.ir_drop import WireSolver
 from emulator.noise_table import NoisePool
 from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std
 
@@ -145,8 +145,9 @@ class TileArray:
         self._t_uniform: float | None = 0.0
         self._t_latest = 0.0  # the latest write time of any device
         self._wire = model.wire_resistance  # ohms per segment; > 0: weights through `emulator.ir_drop`
-        if self._wire > 0:
-            check_ir_work(rows, cols)
+        # one IR-drop solver per array (G+, G-), keeping its warm start between writes
+        arrays = 2 if self._wire > 0 else 0
+        self._ir = [WireSolver(rows, cols, self._wire, model.ir_model) for _ in range(arrays)]
         self._version = 0
         self._cache_version = -1
         self._cache_t = 0.0
@@ -302,8 +303,8 @@ class TileArray:
         g = self._now(t)
         if self._cache is None:
             self._cache = torch.empty(self.shape, device=self.device)
-        if self._wire > 0:  # each array's effective conductance, wires included (exact)
-            m = [effective_conductance(g[k], self._wire) for k in (0, 1)]
+        if self._wire > 0:  # each array's effective conductance, wires included
+            m = [self._ir[k].effective(g[k]) for k in (0, 1)]
             w = torch.sub(m[0], m[1], out=self._cache).div_(self.model.g_range)
         else:
             w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)

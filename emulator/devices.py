@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 
 from drivers.errors import ConfigurationError
+from emulator.ir_drop import check_ir_model
 from emulator.statistics import check_statistics
 
 MAX_WIRE_OHMS = 1e3  # per cell segment: a declared bound, far above any metal line
@@ -80,8 +81,12 @@ class DeviceModel:
     stuck_fraction: float = 0.0  # fraction of devices stuck, half at g_lo, half at g_hi
     one_sided: bool = False  # PCM: gradual SET only; negative counts RESET the device
     # ohms of each wire segment between neighbouring cells (row and column wires alike): the
-    # tile's IR drop, solved exactly (`emulator.ir_drop`); 0 = ideal wires
+    # tile's IR drop (`emulator.ir_drop`); 0 = ideal wires
     wire_resistance: float = 0.0
+    # how the IR drop is turned into the tile's effective conductances at each write:
+    # "attenuation" (one warm-started solve per write, cheap enough to train with; its error
+    # against the exact map is measured in docs/emulator.md) or "exact" (R solves per write)
+    ir_model: str = "attenuation"
     # "constant": the noise and drift figures above hold for every device in every state;
     # "pcm": they are the mid-window values of the state-dependent model of `emulator.statistics`
     statistics: str = "constant"
@@ -106,6 +111,7 @@ class DeviceModel:
         if self.drift_t0 <= 0:
             raise ConfigurationError(f"drift_t0 must be > 0 seconds, got {self.drift_t0}")
         check_statistics(self.statistics)
+        check_ir_model(self.ir_model)
         if not 0.0 <= self.wire_resistance <= MAX_WIRE_OHMS:
             raise ConfigurationError(
                 f"wire_resistance must be in [0, {MAX_WIRE_OHMS:g}] ohms per cell segment, got "

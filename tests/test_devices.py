@@ -293,7 +293,7 @@ def test_one_sided_negative_count_resets_toward_g_min() -> None:
 
 
 def test_weights_are_cached_and_follow_writes_drift_and_ir_drop() -> None:
-    model = replace(get_preset("pcm").device, wire_resistance=200.0, stuck_fraction=0.0)
+    model = replace(get_preset("pcm").device, wire_resistance=200.0, ir_model="exact", stuck_fraction=0.0)
     a = tile(model, 8, 4)
     gen = noise()
     a.set_conductances(torch.full(a.shape, 20 * uS), torch.full(a.shape, 5 * uS), 0.0)
