@@ -25,6 +25,9 @@ from drivers.errors import ConfigurationError
 T = TypeVar("T")
 
 
+MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -110,6 +113,9 @@ class TrainConfig:
 class RunConfig:
     name: str = "classifier"
     device: str = "emulator://?preset=ideal&seed=0"  # the board's URI
+    # ff-EBM: one board URI per EB block (docs/multiboard.md); blocks naming the same URI share
+    # that board. Empty: `device` for block 0 and, on the emulator, seed + k for block k.
+    devices: list[str] = field(default_factory=list)
     # torch device of the host stack and of an in-process emulator board (`hil.compute`):
     # cpu | cuda | cuda:N. Not `device`, which is the board's URI above.
     compute: str = "cpu"
@@ -287,12 +293,42 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {cfg.ep.dt}")
     if cfg.ep.free_steps < 1 or cfg.ep.nudge_steps < 1:
         raise ConfigError("ep.free_steps and ep.nudge_steps: must be >= 1")
+    check_devices(cfg)
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size: must be >= 1")
     if cfg.ep.refresh_every < 0:
         raise ConfigError(f"ep.refresh_every: must be >= 0, got {cfg.ep.refresh_every}")
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
+
+
+def eb_blocks(cfg: RunConfig) -> int:
+    """The EB blocks (boards' worth of tiles) of the model: 1 for a DHN; for an ff-EBM the
+    layers (or conv layers) in blocks of `model.block_layers` (`hil.ffebm.split_layered`,
+    `split_conv`)."""
+    m = cfg.model
+    if m.kind == "dhn":
+        return 1
+    layers = len(m.channels) if m.channels else len(m.sizes) - 1
+    return max(1, -(-layers // max(1, m.block_layers)))
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """`devices`: empty, or one non-empty board URI per EB block."""
+    if not cfg.devices:
+        return
+    if len(cfg.devices) > MAX_DEVICES:
+        raise ConfigError(f"devices: at most {MAX_DEVICES} board URIs, got {len(cfg.devices)}")
+    for i, uri in enumerate(cfg.devices):
+        if not uri.strip():
+            raise ConfigError(f"devices[{i}]: an empty URI; name the board of EB block {i}")
+    n = eb_blocks(cfg)
+    if len(cfg.devices) != n:
+        raise ConfigError(
+            f"devices: {len(cfg.devices)} board URI(s) for the {n} EB block(s) of this model "
+            f"(model.kind = {cfg.model.kind!r}, block_layers = {cfg.model.block_layers}); give one "
+            "URI per block (repeat a URI to put blocks on one board) or leave devices empty"
+        )
 
 
 def to_toml(cfg: Any) -> str:

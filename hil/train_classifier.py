@@ -21,6 +21,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,19 @@ from torch import Tensor
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.checks import MAX_SETTLE_VALUES
+from drivers.shared import SharedBoard
 from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
-from hil.config import RunConfig
+from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
 from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, gaussian_init
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import make_scheme
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
+
+if TYPE_CHECKING:
+    from hil.distributed import DataParallel
 
 
 @dataclass
@@ -78,11 +83,18 @@ def block_uri(uri: str, k: int) -> str:
         return uri
     scheme, _, options = parse_options(uri)
     if scheme != "emulator":
-        raise ValueError(
-            f"an ff-EBM with several EB blocks needs one board per block; {uri!r} names one board. "
-            "Use the emulator (boards seed, seed+1, ...) or a one-block model."
+        raise ConfigError(
+            f"an ff-EBM with several EB blocks needs one board per block; device = {uri!r} names one "
+            "board. List one URI per block in `devices` (repeat a URI to put blocks on one board), "
+            "or use the emulator (boards seed, seed+1, ...) or a one-block model."
         )
     return replace_params(uri, seed=options.seed + k)
+
+
+def block_uris(cfg: RunConfig) -> list[str]:
+    """The board URI of every EB block: `cfg.devices`, or `cfg.device` expanded by `block_uri`."""
+    check_devices(cfg)
+    return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]
 
 
 def _budgets(cfg: RunConfig) -> tuple[SettleBudget, dict[str, SettleBudget]]:
@@ -131,14 +143,25 @@ class Classifier:
             )
         free, budgets = _budgets(cfg)
         gen = seeds.torch_generator(t.seed, "classifier.init")  # a CPU generator whatever `compute` is
-        self.devices: list[Device] = []
+        self.devices: list[Device] = []  # the boards, each once (a board blocks share: once)
+        self.board_uris: list[str] = []  # the URI of each of `devices`
+        self.block_boards: list[int] = []  # block k lives on devices[block_boards[k]]
         # the host stack's torch device; an in-process emulator board gets it too (`hil.compute`)
         self.compute = resolve_compute(cfg.compute)
+        uris = block_uris(cfg)
+        shared: dict[str, SharedBoard] = {}  # URI -> the board several blocks share
 
         def dev(k: int) -> Device:
-            d = opener(board_uri(block_uri(cfg.device, k), self.compute))
-            self.devices.append(d)
-            return d
+            uri = uris[k]
+            if uri not in self.board_uris:
+                board = opener(board_uri(uri, self.compute))
+                self.devices.append(board)
+                self.board_uris.append(uri)
+                if uris.count(uri) > 1:
+                    shared[uri] = SharedBoard(board)
+            self.block_boards.append(self.board_uris.index(uri))
+            # a block alone on its board gets the board itself; blocks sharing one get views
+            return shared[uri].view(f"b{k}") if uri in shared else self.devices[-1]
 
         refresh_mode = None if e.refresh_mode == "auto" else e.refresh_mode
         if m.kind == "dhn":
@@ -224,9 +247,13 @@ class Classifier:
                 w = p.detach().cpu().numpy()
                 log.tile(step, self._tile_name(k, tile), weights=w, g_plus=gp, g_minus=gm)
 
-    def step(self, x: Tensor, y: Tensor, trace: int = 0) -> tuple[float, float, dict[str, float]]:
+    def step(
+        self, x: Tensor, y: Tensor, trace: int = 0, dp: DataParallel | None = None
+    ) -> tuple[float, float, dict[str, float]]:
         """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
-        `trace`: record the free settle's trace every `trace` steps (layered DHN only)."""
+        `trace`: record the free settle's trace every `trace` steps (layered DHN only). With
+        `dp`, (x, y) is this rank's shard and the gradients are all-reduced over the ranks
+        before the optimiser steps (`hil.distributed`)."""
         e = self.cfg.ep
         x, y = x.to(self.compute), y.to(self.compute)  # no copy when they are there already
         if self.ffebm is not None:
@@ -266,6 +293,8 @@ class Classifier:
             for eq, b in zip((r.first, r.second), r.betas, strict=True):
                 if b != 0:
                     self.last_settles[f"nudged{'+' if b > 0 else '-'}"] = eq
+        if dp is not None:
+            dp.reduce_grads([p for g in self.opt.param_groups for p in g["params"]])
         self.opt.step()
         # the update reaches the devices inside this step (and its programming transaction):
         # every report of it, refreshes included, is in `last_programming`
@@ -309,9 +338,25 @@ class Classifier:
             self.sched.step()
 
     def identities(self) -> list[str]:
+        """The *IDN string of every board, each once (`devices`' order)."""
         return [d.info.identity.idn() for d in self.devices]
 
+    def board_records(self) -> list[dict[str, object]]:
+        """Which board holds which EB block: per block its URI, *IDN and board index (blocks
+        with the same index share one board), and the run-log names of its tiles."""
+        return [
+            {
+                "block": k,
+                "board": i,
+                "uri": self.board_uris[i],
+                "idn": self.devices[i].info.identity.idn(),
+                "tiles": [self._tile_name(k, c.tile) for c in blk.topology.couplings],
+            }
+            for k, (i, blk) in enumerate(zip(self.block_boards, self.blocks(), strict=True))
+        ]
+
     def close(self) -> None:
+        """Close every board once (a board several blocks share included)."""
         for d in self.devices:
             d.close()
 
@@ -325,11 +370,15 @@ def train_classifier(
     on_epoch: Callable[[EpochStats], None] | None = None,
     log: RunLog | None = None,
     state: dict | None = None,
+    dp: DataParallel | None = None,
 ) -> TrainResult:
     """Train `cfg` and return the test accuracy after the last epoch and the history. With
     `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
     a resume snapshot per epoch; with `state` (from `open_for_resume`), continue from it. If
-    training fails, the boards are closed (left in their safe state) before the error goes on."""
+    training fails, the boards are closed (left in their safe state) before the error goes on.
+    With `dp` (`hil.distributed`), this is one rank of a data parallel job: it settles its
+    shard of every batch on its own board (cfg.device), `log` is given on rank 0 only, and
+    rank 0's `state` is broadcast to every rank."""
     torch.manual_seed(cfg.train.seed)
     ds = data or load_dataset(
         cfg.data.name, cfg.data.root or None, limit_train=cfg.data.limit_train or None,
@@ -339,9 +388,14 @@ def train_classifier(
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     if cfg.calibration:
         opener = functools.partial(open_board, calibration=cfg.calibration)
+    if dp is not None:
+        dp.check_batches(len(ds.x_train), cfg.train.batch_size)
+        state = dp.broadcast(state)
     model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
+    if log is not None:
+        log.set_boards(model.board_records())
     try:
-        return _train(cfg, ds, model, progress, on_epoch, log, state)
+        return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
     except BaseException:
         model.close()  # each board to its safe state, its port released; the run log keeps every step
         raise
@@ -355,6 +409,7 @@ def _train(
     on_epoch: Callable[[EpochStats], None] | None,
     log: RunLog | None,
     state: dict | None,
+    dp: DataParallel | None = None,
 ) -> TrainResult:
     from tqdm.auto import tqdm
 
@@ -364,7 +419,7 @@ def _train(
     n_batches = (len(ds.x_train) + bs - 1) // bs
     history: list[EpochStats] = []
     if log is not None and model.devices:  # on resume too: the board may be at another address
-        log.set_device(model.devices[0].info, uri=cfg.device)
+        log.set_device(model.devices[0].info, uri=model.board_uris[0])
         log.set_calibration(cfg.calibration or None)
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
@@ -383,18 +438,28 @@ def _train(
     t0 = time.perf_counter()
     try:
         for epoch, idx in order.batches(bs, cfg.train.epochs):
+            n = len(idx)
+            if dp is not None:
+                idx = dp.shard(idx)
             x, y = ds.x_train[idx], ds.y_train[idx]
             trace = log.trace_for(step) if log is not None and model.ffebm is None else 0
             with programming_transaction(model.devices, f"step-{step + 1}"):
-                loss, acc, st = model.step(x, y, trace=trace)
+                loss, acc, st = model.step(x, y, trace=trace, dp=dp)
+            if dp is not None:  # the global batch's loss and accuracy, settle steps averaged over ranks
+                keys = ("free_steps", "nudge_steps", "settles", "unconverged")
+                sums = dp.sums([loss * len(y), acc * len(y), *(st[k] for k in keys)])
+                loss, acc = sums[0] / n, sums[1] / n
+                st = dict(zip(keys, sums[2:], strict=True))
+                st["free_steps"] /= dp.world
+                st["nudge_steps"] /= dp.world
             step += 1
-            totals["loss"] += loss * len(y)
-            totals["acc"] += acc * len(y)
+            totals["loss"] += loss * n
+            totals["acc"] += acc * n
             totals["free"] += st["free_steps"]
             totals["nudge"] += st["nudge_steps"]
             totals["settles"] += st["settles"]
             totals["unconverged"] += st["unconverged"]
-            totals["n"] += len(y)
+            totals["n"] += n
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
             if log is not None:
@@ -407,7 +472,10 @@ def _train(
             if order.pos != 0:
                 continue
             model.epoch_end()
-            test_acc = model.accuracy(ds.x_test, ds.y_test)
+            if dp is None:
+                test_acc = model.accuracy(ds.x_test, ds.y_test)
+            else:
+                test_acc = dp.accuracy(model.predict, ds.x_test, ds.y_test)
             n, k = max(1.0, totals["n"]), max(1.0, totals["n"] / bs)
             stats = EpochStats(
                 epoch + 1, totals["loss"] / n, totals["acc"] / n, test_acc, time.perf_counter() - t0,

@@ -69,6 +69,11 @@ class Run:
     def device(self) -> dict[str, Any] | None:
         return self.attrs.get("device")
 
+    @property
+    def boards(self) -> list[dict[str, Any]]:
+        """Which board held which EB block (`RunLog.set_boards`); [] if not recorded."""
+        return list(self.attrs.get("boards", []))
+
     # ------------------------------------------------------------------------------ tables
     @cached_property
     def tables(self) -> dict[str, int]:

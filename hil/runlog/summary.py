@@ -30,6 +30,9 @@ def summary(run: Run) -> str:
     v = a.get("versions", {})
     lines.append("versions     " + "  ".join(f"{k} {val}" for k, val in v.items() if k != "platform"))
     lines += _device(run.device)
+    for b in run.boards:  # which board held which EB block (`RunLog.set_boards`)
+        label = f"block {b.get('block')}"
+        lines.append(f"{label:<13}board {b.get('board')}: {b.get('idn')}  uri {b.get('uri')}")
     lines.append(f"calibration  {a.get('calibration_id') or 'none'}")
     lines.append("config")
     lines += [f"  {k} = {json.dumps(val)}" for k, val in _flatten(run.config)] or ["  (empty)"]

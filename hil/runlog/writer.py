@@ -168,6 +168,12 @@ class RunLog:
         """Record the board: *IDN fields, preset, limits, capabilities."""
         self._update_root({"device": device_record(info, uri)})
 
+    def set_boards(self, boards: list[dict[str, Any]]) -> None:
+        """Record which board held which block: one JSON record per EB block (block index,
+        board index, URI, *IDN, tile names; `Classifier.board_records`), read back as
+        `RunReader.boards`."""
+        self._update_root({"boards": [dict(b) for b in boards]})
+
     def set_calibration(self, calibration_id: str | None) -> None:
         self._update_root({"calibration_id": calibration_id})
 
