@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from calibration.apply import channel_offsets
 from drivers import ConfigurationError, LimitViolation, Nudge, SettleBudget, Topology, open_device
 from drivers.placement import place
 from drivers.tiled import TiledDevice
@@ -170,15 +171,19 @@ def test_what_cannot_be_split_is_refused_with_a_reason() -> None:
 )
 def test_placement_covers_every_cell_once(sizes: list[int], bias: bool, rmax: int, cmax: int) -> None:
     """Every logical cell of every tile lies in exactly one physical block, each block's shape
-    is its physical tile's and within the limits, and the sub-groups tile each group."""
+    is its physical tile's and within the limits, and the sub-groups tile each group on the
+    same node channels (so a calibration record's per-channel converter corrections apply to
+    the split network as to the logical one)."""
     topo = Topology.layered(sizes, bias=bias)
     lim = replace(open_device(IDEAL).info.limits, tile_rows_max=rmax, tile_cols_max=cmax, max_tiles=10_000)
     p = place(topo, lim)
     phys = p.physical
+    channels_l, channels_p = channel_offsets(topo), channel_offsets(phys)
     for g, parts in p.parts.items():
         assert parts[0].start == 0 and parts[-1].stop == topo.groups[g]
         assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
         assert all(phys.groups[q.name] == q.size for q in parts)
+        assert all(channels_p[q.name] == channels_l[g] + q.start for q in parts)
     assert sum(phys.groups.values()) == sum(topo.groups.values())
     for c in topo.couplings:
         rows, cols = topo.tile_shape(c.tile)
