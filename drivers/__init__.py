@@ -27,12 +27,14 @@ from drivers.errors import (
     ProtocolError,
     RetriesExhausted,
 )
+from drivers.shared import BlockView, SharedBoard
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from drivers.uri import open_device, register_backend, replace_params
 
 __all__ = [
     "BIAS",
     "CAPABILITIES",
+    "BlockView",
     "BoardReset",
     "BoardStatus",
     "ConfigurationError",
@@ -55,6 +57,7 @@ __all__ = [
     "RetriesExhausted",
     "SafetyCounters",
     "SettleBudget",
+    "SharedBoard",
     "Topology",
     "open_device",
     "programming_transaction",
