@@ -20,6 +20,7 @@ from drivers.errors import ConfigurationError
 from emulator.array import TileArray
 from emulator.devices import MAX_WIRE_OHMS
 from emulator.ir_drop import (
+    ATTENUATION_TOL,
     MAX_IR_CELLS,
     MAX_IR_WORK,
     WireSolver,
@@ -195,7 +196,9 @@ def test_the_warm_start_converges_to_the_cold_solution_in_fewer_iterations() -> 
     warm = solver.effective(g2).double()
     cold, _, cold_iters = uniform_currents(g2, 2.5)
     assert solver.iterations < cold_iters and cold_iters <= cold_first + 2
-    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5 * float(cold.abs().max()))
+    # both solved to a relative residual of ATTENUATION_TOL (float32); the system's condition
+    # number here is small (a few), so the solutions agree to a few times that
+    assert float((warm - cold.double()).norm() / cold.double().norm()) < 10 * ATTENUATION_TOL
 
 
 def test_the_attenuation_drop_grows_with_the_tile_size_up_to_the_classifier_tile() -> None:
