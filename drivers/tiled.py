@@ -266,3 +266,11 @@ class TiledDevice(DeviceWrapper):
             self._split(p, clamp) or {}, self._split_nudge(p, nudge), self._split(p, init), trace
         )
         return self._join(p, eq)
+
+
+def placement_record(device: Device) -> dict[str, object]:
+    """``{"placement": ...}`` (`Placement.as_dict`) for a `TiledDevice` whose network is split
+    over several tiles, for a run log's board record; ``{}`` otherwise (records of networks
+    that fit stay as they were)."""
+    p = device.placement if isinstance(device, TiledDevice) else None
+    return {"placement": p.as_dict()} if p is not None and p.split else {}

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, open_device, seeds
+from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.checks import MAX_SETTLE_VALUES
 from drivers.shared import SharedBoard
+from drivers.tiled import placement_record
 from drivers.uri import parse_options, replace_params
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
@@ -351,6 +352,7 @@ class Classifier:
                 "uri": self.board_uris[i],
                 "idn": self.devices[i].info.identity.idn(),
                 "tiles": [self._tile_name(k, c.tile) for c in blk.topology.couplings],
+                **placement_record(blk.device),  # a block larger than the board's tiles: where it lies
             }
             for k, (i, blk) in enumerate(zip(self.block_boards, self.blocks(), strict=True))
         ]
@@ -366,7 +368,7 @@ def train_classifier(
     *,
     progress: bool = False,
     data: Dataset | None = None,
-    opener: Callable[[str], Device] = open_device,
+    opener: Callable[[str], Device] = open_board,
     on_epoch: Callable[[EpochStats], None] | None = None,
     log: RunLog | None = None,
     state: dict | None = None,

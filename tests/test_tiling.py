@@ -195,3 +195,27 @@ def test_placement_covers_every_cell_once(sizes: list[int], bias: bool, rmax: in
             assert r <= rmax and k <= cmax
         assert (seen == 1).all()
     assert p.cells == topo.cells() and 0 < p.utilisation <= 1
+
+
+def test_classifier_trains_on_small_tiles_and_logs_the_placement(tmp_path) -> None:
+    """A 64-24-10 classifier on 16 x 16 tiles (W0 65 x 24 on 5 x 2 tiles, W1 25 x 10 on 2 x 1):
+    the run trains, its program tables name the logical tiles, and the board record carries
+    the placement; the same run on a board whose tiles fit gives the same test accuracy."""
+    from hil.config import load_config
+    from hil.runlog import RunLog, open_run
+    from hil.train_classifier import train_classifier
+
+    torch.set_num_threads(1)
+    base = ["train.epochs=1", "model.sizes=[64,24,10]", "data.limit_train=64", "data.limit_test=64"]
+    small = load_config(None, [*base, f"device={IDEAL}&tile_rows_max=16&tile_cols_max=16"])
+    with RunLog.create(tmp_path / "run.zarr", small, kind="train-classifier") as log:
+        res = train_classifier(small, progress=False, log=log)
+    res.model.close()  # type: ignore[union-attr]
+    whole = train_classifier(load_config(None, base), progress=False)
+    whole.model.close()  # type: ignore[union-attr]
+    run = open_run(tmp_path / "run.zarr")
+    placement = run.boards[0]["placement"]
+    assert placement["tiles"] == 12 and placement["grid"] == {"W0": [5, 2], "W1": [2, 1]}
+    assert placement["cells"] == 65 * 24 + 25 * 10
+    assert run.table("program/W0")["step"].tolist() == [1, 2, 3, 4]
+    assert res.history[-1].test_acc == pytest.approx(whole.history[-1].test_acc, abs=1e-9)
