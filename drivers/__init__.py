@@ -27,7 +27,9 @@ from drivers.errors import (
     ProtocolError,
     RetriesExhausted,
 )
+from drivers.placement import Placement, place
 from drivers.shared import BlockView, SharedBoard
+from drivers.tiled import TiledDevice
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from drivers.uri import open_device, register_backend, replace_params
 
@@ -51,6 +53,7 @@ __all__ = [
     "Meter",
     "NotSupported",
     "Nudge",
+    "Placement",
     "ProgramReport",
     "ProtocolError",
     "PulseReport",
@@ -58,8 +61,10 @@ __all__ = [
     "SafetyCounters",
     "SettleBudget",
     "SharedBoard",
+    "TiledDevice",
     "Topology",
     "open_device",
+    "place",
     "programming_transaction",
     "register_backend",
     "replace_params",
