@@ -71,7 +71,10 @@ from hil.config import RunConfig, load_config
 from hil.train_classifier import Classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
-RRAM = "emulator://?preset=rram&seed=0"
+# IR drop off: the rram figures measure the noise draws and stuck-device bookkeeping issue 17
+# is about; a preset with wire resistance adds a resistor-network solve per write
+# (`emulator.ir_drop`), which `--rram-uri emulator://?preset=rram&seed=0` measures as well
+RRAM = "emulator://?preset=rram&seed=0&wire_resistance=0"
 
 
 def rho(u: Tensor, gain: float) -> Tensor:
@@ -338,6 +341,7 @@ def main() -> None:
     ap.add_argument("--t2", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     ap.add_argument("--skip-rram", action="store_true")
+    ap.add_argument("--rram-uri", default=RRAM, help="the rram line's board (default: rram, IR drop off)")
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: this torch has no CUDA device (build {torch.__version__})")
@@ -373,7 +377,7 @@ def main() -> None:
 
     ideal = project(IDEAL, sizes, bs, t1, t2, compute)
     form, floor = peers(ideal, dev)
-    rram = None if a.skip_rram else project(RRAM, sizes, bs, t1, t2, compute)
+    rram = None if a.skip_rram else project(a.rram_uri, sizes, bs, t1, t2, compute)
     prog = {"s": 0.0}
 
     def time_programming(clf: Classifier) -> None:
@@ -463,7 +467,7 @@ def main() -> None:
     ]  # fmt: skip
     if rram is not None:
         out.append({
-            "bench": "peer_ep", "preset": "rram", **common, "rram_ms": med("rram"),
+            "bench": "peer_ep", "preset": "rram", "uri": a.rram_uri, **common, "rram_ms": med("rram"),
             "ideal_ms": med("project"), "rram_over_ideal": ratio("rram", "project"), "target": "<= 1.5",
             "rram_programming_ms": round(statistics.median(prog_ms["rram"]), 2),
             "ideal_programming_ms": round(statistics.median(prog_ms["project"]), 2),

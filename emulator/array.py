@@ -134,7 +134,8 @@ class TileArray:
         self._bounds = _uniform(self.params.g_lo, self.params.g_hi)
         self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
         self._clean: tuple[torch.Tensor, int] | None = None  # see `write_stacked`, `deviation`
-        self._scratch_key: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
+        # (g, target, their versions, absolute) of the difference the scratch holds (`_diff`)
+        self._scratch_key: tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool] | None = None
         self._scratch_count: torch.Tensor | None = None  # `within`'s comparison
         # float64: the board's clock advances by nanoseconds on top of hours
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
@@ -219,7 +220,7 @@ class TileArray:
             self._t_uniform = None
         self._t_latest = max(self._t_latest, t)
         self._version += 1  # the cached weights are stale
-        self._scratch_key = None  # (and `_abs_diff` holds no old state alive)
+        self._scratch_key = None  # (and `_diff` holds no old state alive)
         if self._pcm:
             self._redraw_nu(mask)
 
@@ -418,27 +419,42 @@ class TileArray:
             return max(
                 0.0, float(np.float32(lo) - np.float32(t_min)), float(np.float32(t_max) - np.float32(hi))
             )
-        return float(self._abs_diff(g, target).max())
+        # max |d| as max(-min d, max d) of the signed difference: one pass fewer than abs, then
+        # max (negation is exact: the same number); a NaN shows in both ends
+        d_min, d_max = torch.aminmax(self._diff(g, target, absolute=False))
+        lo_d, hi_d = float(d_min), float(d_max)
+        if math.isnan(lo_d) or math.isnan(hi_d):
+            return math.nan
+        return max(0.0, -lo_d, hi_d)
 
     def within(self, g: torch.Tensor, target: torch.Tensor, tol: float) -> float:
         """The fraction of devices with ``|g - target| <= tol``, as a float32 mean computes it
         (right after `deviation` of the same tensors, from its ``|g - target|``)."""
-        d = self._abs_diff(g, target)
+        d = self._diff(g, target, absolute=True)
         # the comparison written as 0.0 / 1.0 into a float32 scratch: several times faster than
         # a bool result and its sum on CPU, and the float32 sum of ones is exact below 2^24
         inside = torch.le(d, tol, out=self._scratch_count)
         n = inside.sum() if d.numel() < 1 << 24 else inside.sum(dtype=torch.float64).to(torch.float32)
         return float(n / d.numel())
 
-    def _abs_diff(self, g: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _diff(self, g: torch.Tensor, target: torch.Tensor, *, absolute: bool) -> torch.Tensor:
+        """``g - target`` (``|g - target|`` with `absolute`) in the tile's scratch buffer; the
+        previous call's difference again when neither tensor changed since (`within` right
+        after `deviation` of the same tensors takes its absolute value in place)."""
         if self._scratch is None:
             self._scratch = torch.empty(self._dshape, device=self.device)
             self._scratch_count = torch.empty(self._dshape, device=self.device)
         key = self._scratch_key
-        if key is not None and key[0] is g and key[1] is target and key[2] == (g._version, target._version):
-            return self._scratch  # |g - target| of the previous call: neither tensor changed since
-        torch.sub(g, target, out=self._scratch).abs_()
-        self._scratch_key = (g, target, (g._version, target._version))
+        versions = (g._version, target._version)
+        if key is not None and key[0] is g and key[1] is target and key[2] == versions:
+            if absolute and not key[3]:
+                self._scratch.abs_()
+                self._scratch_key = (g, target, versions, True)
+            return self._scratch
+        torch.sub(g, target, out=self._scratch)
+        if absolute:
+            self._scratch.abs_()
+        self._scratch_key = (g, target, versions, absolute)
         return self._scratch
 
     def _clamp_own(self, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
