@@ -117,6 +117,21 @@ class Classifier:
         opener: Callable[[str], Device],
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
+        self.devices: list[Device] = []  # the boards, each once (a board blocks share: once)
+        try:
+            self._build(cfg, features, classes, opener, image_shape)
+        except BaseException:
+            self.close()  # the boards opened before the failure, each to its safe state
+            raise
+
+    def _build(
+        self,
+        cfg: RunConfig,
+        features: int,
+        classes: int,
+        opener: Callable[[str], Device],
+        image_shape: tuple[int, int, int] | None,
+    ) -> None:
         self.cfg = cfg
         m, e, t = cfg.model, cfg.ep, cfg.train
         sizes = list(m.sizes)
@@ -144,7 +159,6 @@ class Classifier:
             )
         free, budgets = _budgets(cfg)
         gen = seeds.torch_generator(t.seed, "classifier.init")  # a CPU generator whatever `compute` is
-        self.devices: list[Device] = []  # the boards, each once (a board blocks share: once)
         self.board_uris: list[str] = []  # the URI of each of `devices`
         self.block_boards: list[int] = []  # block k lives on devices[block_boards[k]]
         # the host stack's torch device; an in-process emulator board gets it too (`hil.compute`)

@@ -48,6 +48,18 @@ def _params(res: TrainResult) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.ffebm.block_parameters() + model.ffebm.digital_parameters()]
 
 
+class CountingCloses(DeviceWrapper):
+    """A real board that counts its `close` calls."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
+
+
 # ---------------------------------------------------------------------------------- training
 def test_blocks_on_two_boards_train_like_blocks_sharing_one_board() -> None:
     """Ideal preset, same seed: three batches of BP-EP chaining end at the same weights whether
@@ -151,10 +163,17 @@ def test_classifier_checks_devices_without_load_config() -> None:
 def test_shared_board_without_enough_tiles_is_refused() -> None:
     small = "emulator://?preset=ideal&seed=0&max_tiles=2"  # block 0 needs 2 tiles, block 1 one more
     cfg = load_config(None, [*MODEL, _devices(small, small)])
+    opened: list[CountingCloses] = []
+
+    def opener(uri: str) -> Device:
+        opened.append(CountingCloses(open_device(uri)))
+        return opened[-1]
+
     with pytest.raises(
         LimitViolation, match=r"tile count of the blocks sharing this board exceeded: requested 3"
     ):
-        Classifier(cfg, 64, 10, open_device)
+        Classifier(cfg, 64, 10, opener)
+    assert [d.closes for d in opened] == [1]  # the board opened before the refusal is closed
     # on two such boards the blocks fit
     ok = load_config(None, [*MODEL, _devices(small, small.replace("seed=0", "seed=1"))])
     model = Classifier(ok, 64, 10, open_device)
@@ -224,18 +243,6 @@ def test_views_keep_programmed_tiles_and_settle_like_a_board_of_their_own() -> N
     for d in (alone_a, alone_b):
         d.close()
     shared.close()
-
-
-class CountingCloses(DeviceWrapper):
-    """A real board that counts its `close` calls."""
-
-    def __init__(self, inner: Device) -> None:
-        super().__init__(inner)
-        self.closes = 0
-
-    def close(self) -> None:
-        self.closes += 1
-        super().close()
 
 
 def test_view_errors_and_closing() -> None:
