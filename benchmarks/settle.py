@@ -17,6 +17,16 @@ strong: the floor is given the same one).
 
 Board and floor alternate per repeat; the figures are medians (ms per sample, and the
 median of the per-repeat ratios).
+
+IR drop (issue 21): the rram preset has wires of 2.12 ohms per segment; it is measured
+with them (``rram``) and without (``rram&wire_resistance=0``). A settle reads the tiles'
+effective conductances, computed once per write, so its time should not change; the cost
+is at the write: ``write_ms_per_batch`` is the median time of one training-like write
+(every tile reprogrammed with its conductances moved by a small step, 0.2 % of the window
+on average, then one single-row mvm per tile, which makes the tile compute its effective
+conductances), and ``write_ratio_ir`` that time over the same preset's without wires,
+measured in the same process; ``settle_ratio_ir`` is the settle's ratio to its floor with
+wires over the same without.
 """
 
 from __future__ import annotations
@@ -50,6 +60,28 @@ def floor_settle(floor: Floor, x: torch.Tensor, steps: int) -> torch.Tensor:
     return state
 
 
+def time_writes(dev, targets: dict[str, tuple[np.ndarray, np.ndarray]], repeats: int) -> float:
+    """Median seconds of one training-like write of every tile: its targets moved by
+    N(0, 0.25 % of the window) (a small update, as between two training batches), clipped to
+    the window and programmed directly, then a one-row mvm per tile (a tile computes its
+    effective conductances, IR drop included, at its first read after a write)."""
+    lim = dev.info.limits
+    span = lim.g_max - lim.g_min
+    rng = np.random.default_rng(1)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for tile, (gp, gm) in targets.items():
+            gp += rng.normal(0.0, 0.0025 * span, gp.shape).astype(np.float32)
+            gm += rng.normal(0.0, 0.0025 * span, gm.shape).astype(np.float32)
+            np.clip(gp, lim.g_min, lim.g_max, out=gp)
+            np.clip(gm, lim.g_min, lim.g_max, out=gm)
+            dev.program(tile, gp, gm)
+            dev.mvm(tile, np.zeros((1, gp.shape[0]), np.float32))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def interleaved(board, floor, repeats: int) -> tuple[float, float, float]:
     """Time `board(k)` and `floor(k)` on input k, alternating which goes first, after one
     warm-up each; (median board s, median floor s, median of the per-repeat ratios): load
@@ -77,10 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes, batch, steps, dt = [784, 512, 10], args.batch, args.steps, 0.5
-    rng = np.random.default_rng(0)
     results = []
-    for preset in ("ideal", "rram"):
-        with open_device(f"emulator://?preset={preset}&seed=0&device={args.device}") as dev:
+    write_ms: dict[str, float] = {}
+    for preset, extra in (("ideal", ""), ("rram", "&wire_resistance=0"), ("rram", "")):
+        rng = np.random.default_rng(0)  # the same weights and inputs for every board
+        with open_device(f"emulator://?preset={preset}&seed=0&device={args.device}{extra}") as dev:
             # one convergence check, at the last step: every settle runs `steps` steps
             topo = Topology.layered(
                 sizes, budget=SettleBudget(max_steps=steps, tol=0.0, dt=dt, check_every=steps)
@@ -88,13 +121,17 @@ def main() -> None:
             dev.configure(topo)
             lim = dev.info.limits
             span = lim.g_max - lim.g_min
+            targets = {}
             for c in topo.couplings:
                 rows, cols = topo.tile_shape(c.tile)
                 w = np.clip(rng.normal(0, 1 / np.sqrt(rows), (rows, cols)), -1, 1).astype(np.float32)
                 gp = (lim.g_min + np.maximum(w, 0) * span).astype(np.float32)
                 gm = (lim.g_min + np.maximum(-w, 0) * span).astype(np.float32)
                 dev.program(c.tile, gp, gm)
+                targets[c.tile] = (gp, gm)
             board = dev.board
+            label = preset + extra
+            write_ms[label] = 1e3 * time_writes(dev, targets, args.repeats)
             tiles = [board.tile(c.tile).weights(board.clock).clone() for c in topo.couplings]
             # a new input per settle: the board's cache of the last clamp's product does not apply
             xs = [rng.uniform(0, 1, (batch, 784)).astype(np.float32) for _ in range(args.repeats + 1)]
@@ -113,7 +150,12 @@ def main() -> None:
             results.append(
                 {
                     "bench": "settle",
-                    "preset": preset,
+                    "preset": label,
+                    "wire_ohms": board.preset.device.wire_resistance,
+                    "write_ms_per_batch": write_ms[label],
+                    "write_ratio_ir": (
+                        write_ms[label] / write_ms["rram&wire_resistance=0"] if preset == "rram" else None
+                    ),
                     "sizes": sizes,
                     "batch": batch,
                     "steps": steps,
@@ -125,6 +167,11 @@ def main() -> None:
                     "target": 1.5 if preset == "ideal" else 3.0,
                 }
             )
+    off = next(r for r in results if r["preset"] == "rram&wire_resistance=0")
+    for r in results:
+        if r["preset"] == "rram":  # the settle's overhead with wires over that without (same
+            # weights and inputs; each against its own floor, so load between the runs cancels)
+            r["settle_ratio_ir"] = r["ratio"] / off["ratio"]
     for r in results:
         print(json.dumps(r))
 
