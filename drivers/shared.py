@@ -8,11 +8,12 @@ both ways. What that means for a block:
 - `configure`: the first configure of a block, or a change of its network, re-configures
   the merged topology. A board may lose programmed conductances when its topology changes
   (the emulator keeps them; a lab board may not), so the shared board re-writes the last
-  targets every block programmed (`program`'s arguments, kept on the host) after such a
-  re-configure. On a noisy board that re-write is a fresh write: the conductances of the
-  earlier blocks get new write noise (and the pulses and energy it costs), as after a
-  refresh. A configure that only changes the settle budget keeps the merged network (the
-  emulator then keeps its tiles and plans) and re-writes nothing.
+  targets every block programmed (`program`'s arguments, kept on the host; for a tile pulsed
+  since, what it reads just before the re-configure) after such a re-configure. On a noisy
+  board that re-write is a fresh write: the conductances of the earlier blocks get new write
+  noise (and the pulses and energy it costs), as after a refresh. A configure that only
+  changes the settle budget keeps the merged network (the emulator then keeps its tiles and
+  plans) and re-writes nothing.
 - `settle`: the view clamps its own inputs and holds every other block's groups clamped at 0,
   so only its own block moves and only its own nodes count in the convergence test. The
   blocks share one gain, settle mode and activation (one network on the board); each view
@@ -106,6 +107,8 @@ class SharedBoard:
                 view.own = topology
                 return
             merged = _merge(blocks, topology)  # type: ignore[arg-type]
+            for v in others:
+                v.keep_pulsed()
             self.device.configure(merged)
             self._merged, self._merged_key = merged, key
             view.own = topology
@@ -177,6 +180,7 @@ class BlockView(DeviceWrapper):
         self.closed = False
         # the last `program` call per tile: (g_plus, g_minus, verify, tol, max_iters)
         self._targets: dict[str, tuple[np.ndarray, np.ndarray, bool, float | None, int]] = {}
+        self._pulsed: set[str] = set()  # tiles pulsed since their last `program`
 
     @property
     def topology(self) -> Topology | None:
@@ -202,6 +206,7 @@ class BlockView(DeviceWrapper):
             topology.couplings,
         ):
             self._targets.clear()  # another network: the old targets are not its tiles'
+            self._pulsed.clear()
         self.shared.configure_block(self, topology)
 
     def rewrite(self) -> None:
@@ -220,6 +225,7 @@ class BlockView(DeviceWrapper):
         max_iters: int = 20,
     ) -> ProgramReport:
         r = self.inner.program(self._tile(tile), g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
+        self._pulsed.discard(tile)
         self._targets[tile] = (
             np.array(g_plus, copy=True),
             np.array(g_minus, copy=True),
@@ -231,14 +237,17 @@ class BlockView(DeviceWrapper):
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
         r = self.inner.pulse(self._tile(tile), counts_plus, counts_minus)
-        # the tile is no longer at its last target: a re-write restores what it reads now
-        gp, gm = self.inner.read_conductance(self.prefix + tile)
-        if tile in self._targets:
-            _, _, verify, tol, iters = self._targets[tile]
-            self._targets[tile] = (gp, gm, verify, tol, iters)
-        else:
-            self._targets[tile] = (gp, gm, False, None, 20)
+        self._pulsed.add(tile)  # no longer at its last target: `keep_pulsed` reads it back
         return dataclasses.replace(r, tile=tile)
+
+    def keep_pulsed(self) -> None:
+        """Before the merged topology changes: the tiles pulsed since their last `program`
+        get what they read now as their target (one read per such tile, not one per pulse)."""
+        for tile in sorted(self._pulsed):
+            gp, gm = self.inner.read_conductance(self.prefix + tile)
+            _, _, verify, tol, iters = self._targets.get(tile, (gp, gm, False, None, 20))
+            self._targets[tile] = (gp, gm, verify, tol, iters)
+        self._pulsed.clear()
 
     def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
         return self.inner.read_conductance(self._tile(tile))

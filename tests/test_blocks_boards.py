@@ -4,16 +4,27 @@ which block."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from drivers import ConfigurationError, Device, LimitViolation, SettleBudget, Topology, open_device
+from drivers import (
+    ConfigurationError,
+    Device,
+    LimitViolation,
+    ProgramReport,
+    SettleBudget,
+    Topology,
+    open_device,
+)
 from drivers.shared import SharedBoard
 from drivers.wrapper import DeviceWrapper
-from hil.config import ConfigError, RunConfig, load_config
+from hil.config import ConfigError, RunConfig, eb_blocks, load_config
+from hil.ffebm import split_conv, split_layered
 from hil.runlog import RunLog, open_run
 from hil.train_classifier import Classifier, TrainResult, train_classifier
 
@@ -49,11 +60,16 @@ def _params(res: TrainResult) -> list[torch.Tensor]:
 
 
 class CountingCloses(DeviceWrapper):
-    """A real board that counts its `close` calls."""
+    """A real board that counts its `close` calls and records the tiles it is asked to program."""
 
     def __init__(self, inner: Device) -> None:
         super().__init__(inner)
         self.closes = 0
+        self.programmed: list[tuple[str, np.ndarray]] = []
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: Any) -> ProgramReport:
+        self.programmed.append((tile, np.array(g_plus, copy=True)))
+        return super().program(tile, g_plus, g_minus, **kw)
 
     def close(self) -> None:
         self.closes += 1
@@ -232,6 +248,9 @@ def test_views_keep_programmed_tiles_and_settle_like_a_board_of_their_own() -> N
         assert got.steps == want.steps and got.converged == want.converged
         for g in want.states:
             np.testing.assert_allclose(got.states[g], want.states[g], rtol=1e-5, atol=1e-6)
+        # hard sigmoid: the other blocks, clamped at 0, add nothing to the energy
+        assert got.energy is not None and want.energy is not None
+        np.testing.assert_allclose(got.energy, want.energy, rtol=1e-5, atol=1e-7)
         assert view.topology is not None
         ones = np.ones((2, view.topology.tile_shape("W0")[0]), np.float32)
         np.testing.assert_allclose(view.mvm("W0", ones), alone.mvm("W0", ones), rtol=1e-5, atol=1e-6)
@@ -269,3 +288,48 @@ def test_view_errors_and_closing() -> None:
     assert board.closes == 1
     shared.close()
     assert board.closes == 1  # closed once
+
+
+def test_a_pulsed_tile_is_rewritten_as_it_reads_when_another_block_configures() -> None:
+    board = CountingCloses(open_device(U0))
+    shared = SharedBoard(board)
+    va, vb = shared.view("b0"), shared.view("b1")
+    a = _topo([5, 4])
+    va.configure(a)
+    target = _program(va, a, np.random.default_rng(1))["W0"][0]
+    counts = np.zeros(a.tile_shape("W0"), np.int32)
+    counts[0, :] = 3
+    va.pulse("W0", counts, np.zeros_like(counts))
+    after_pulse = va.read_conductance("W0")[0]
+    assert not np.allclose(after_pulse[0], target[0], rtol=1e-3)  # the pulses moved row 0
+    board.programmed.clear()
+    vb.configure(_topo([3, 2]))
+    assert [t for t, _ in board.programmed] == ["b0.W0"]  # block 0's tile, written again
+    np.testing.assert_allclose(board.programmed[0][1], after_pulse, rtol=1e-6)
+    np.testing.assert_allclose(va.read_conductance("W0")[0], after_pulse, rtol=1e-6)
+    board.programmed.clear()
+    va.configure(dataclasses.replace(a, budget=SettleBudget(max_steps=5)))  # budget only
+    assert board.programmed == []  # the same networks: nothing written
+    shared.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "want"),
+    [
+        (["model.sizes=[64,24,16,10]", "model.block_layers=1"], None),
+        (["model.sizes=[64,24,16,10]", "model.block_layers=2"], None),
+        (["model.sizes=[64,24,16,10]", "model.block_layers=3"], None),
+        (["model.sizes=[64,24,16,10]", "model.block_layers=5"], None),
+        (["model.channels=[4,4,8]", "model.block_layers=2"], "conv"),
+        (["model.channels=[4,4,8,8]", "model.block_layers=1", "model.pools=[1,2,1,2]"], "conv"),
+    ],
+)
+def test_eb_blocks_counts_the_blocks_the_model_builds(model: list[str], want: str | None) -> None:
+    cfg = load_config(None, ["model.kind=ffebm", *model])
+    m = cfg.model
+    if want == "conv":
+        n = len(split_conv((1, 8, 8), m.channels, m.pools or [2] * len(m.channels), m.block_layers))
+    else:
+        n = len(split_layered(m.sizes, m.block_layers))
+    assert eb_blocks(cfg) == n
+    assert eb_blocks(load_config(None, [])) == 1  # a DHN
