@@ -7,13 +7,20 @@ what the exact solve costs.
    accuracy on the 360 held-out digits is reported per (H, r), with the RMS relative
    deviation of the effective weights from the programmed ones (the tile's IR-drop error).
 2. Cost: seconds per exact effective-conductance solve (one write of one array) per tile
-   size, and the conjugate-gradient work it bounds (R^2 C).
+   size, and the conjugate-gradient work it bounds (R^2 C); and per attenuation-model solve
+   (`ir_model="attenuation"`, the default), cold and warm-started after a small change of
+   the conductances (N(0, 0.25 % of the window), as between two training batches).
+3. Error of the attenuation model against the exact map: random 1-10 uS tiles, 256 inputs
+   uniform in [0, 1] and 256 sparse binary ones (20 % on), the relative RMS difference of
+   their outputs, next to the IR drop itself (the exact outputs against ideal wires).
 
 No compensation is applied (the host does not know r yet): this is the degradation a user
 would see. One torch thread.
 
     .venv/bin/python benchmarks/ir_drop.py [--sizes 64,256,512,1023] [--ohms 0,2,8,32]
-                                           [--epochs 10] [--seed 0]
+                                           [--epochs 10] [--seed 0] [--skip-deploy]
+                                           [--error-sizes 16,32,64,128] [--error-ohms 0.35,2.12,8]
+                                           [--cost-sizes 64,128,256]
 
 Ends by printing one JSON object per line.
 """
@@ -28,7 +35,7 @@ import time
 import torch
 
 from drivers import open_device
-from emulator.ir_drop import effective_conductance
+from emulator.ir_drop import effective_conductance, uniform_currents
 
 
 def deploy_rows(sizes: list[int], ohms: list[float], epochs: int, seed: int) -> list[dict[str, object]]:
@@ -102,6 +109,54 @@ def cost_rows(sizes: list[int], r: float) -> list[dict[str, object]]:
     return rows
 
 
+def attenuation_cost_rows(shapes: list[tuple[int, int]], r: float) -> list[dict[str, object]]:
+    rows = []
+    for n, m in shapes:
+        gen = torch.Generator().manual_seed(n * m)
+        g = torch.rand((n, m), generator=gen) * 9e-6 + 1e-6
+        t0 = time.perf_counter()
+        x, u, cold_iters = uniform_currents(g, r)
+        cold = time.perf_counter() - t0
+        g2 = (g + 0.0025 * 9e-6 * torch.randn((n, m), generator=gen)).clamp(1e-6, 10e-6)
+        t0 = time.perf_counter()
+        _, _, warm_iters = uniform_currents(g2, r, u)
+        warm = time.perf_counter() - t0
+        line = {
+            "bench": "ir_drop",
+            "kind": "attenuation_cost",
+            "tile": [n, m],
+            "wire_ohms": r,
+            "cold_s": round(cold, 4),
+            "cold_iterations": cold_iters,
+            "warm_s": round(warm, 4),
+            "warm_iterations": warm_iters,
+            "current_lost": float(1 - x.double().sum() / g.double().sum()),
+        }
+        print(json.dumps(line), flush=True)
+        rows.append(line)
+    return rows
+
+
+def error_rows(sizes: list[int], ohms: list[float]) -> list[dict[str, object]]:
+    rows = []
+    for n in sizes:
+        for r in ohms:
+            gen = torch.Generator().manual_seed(n)
+            g = torch.rand((n, n), generator=gen, dtype=torch.float64) * 9e-6 + 1e-6
+            exact = effective_conductance(g, r).double()
+            approx = uniform_currents(g, r)[0].double()
+            dense = torch.rand((256, n), generator=gen, dtype=torch.float64)
+            line: dict[str, object] = {"bench": "ir_drop", "kind": "attenuation_error", "tile": [n, n]}
+            line["wire_ohms"] = r
+            for name, v in (("dense", dense), ("sparse", (dense < 0.2).double())):
+                want = v @ exact
+                line[f"{name}_model_error"] = float((v @ approx - want).norm() / want.norm())
+                line[f"{name}_ir_drop"] = float((v @ g - want).norm() / want.norm())
+            print(json.dumps(line), flush=True)
+            rows.append(line)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,256,512,1023")
@@ -109,12 +164,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-sizes", default="64,128,256")
+    parser.add_argument("--error-sizes", default="16,32,64,128")
+    parser.add_argument("--error-ohms", default="0.35,2.12,8")
+    parser.add_argument("--skip-deploy", action="store_true", help="only the cost and error rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [int(v) for v in args.sizes.split(",")]
     ohms = [float(v) for v in args.ohms.split(",")]
     load = os.getloadavg()[0]
-    rows = deploy_rows(sizes, ohms, args.epochs, args.seed)
+    rows = [] if args.skip_deploy else deploy_rows(sizes, ohms, args.epochs, args.seed)
+    rows += error_rows(
+        [int(v) for v in args.error_sizes.split(",")], [float(v) for v in args.error_ohms.split(",")]
+    )
+    shapes = [(64, 64), (128, 128), (256, 256), (785, 512), (1024, 1024)]
+    rows += attenuation_cost_rows(shapes, 2.12)
     rows += cost_rows([int(v) for v in args.cost_sizes.split(",")], 2.0)
     print(f"# load average {load:.2f} -> {os.getloadavg()[0]:.2f}, 1 torch thread")
     for line in rows:
