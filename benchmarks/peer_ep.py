@@ -35,7 +35,8 @@ the largest entry for gradients), so the timings cannot drift into measuring dif
 
 Timing: each repeat runs one batch through every implementation, in an order rotated per
 repeat, so load from other processes hits all alike; the figures are medians over repeats
-(ms per batch), the ratios medians of the per-repeat ratios. ``rram_over_ideal_without_programming``
+(ms per batch), the ratios medians of the per-repeat ratios (``*_quartiles``: their 25 % and 75 %
+quartiles, how far the load moved them). ``rram_over_ideal_without_programming``
 is the same ratio with each step's programming time taken out of both. ``programming_share`` is the
 time of the project's per-batch programming (`EBBlock.sync` when it writes tiles) over its
 whole ideal step, measured in the same steps.
@@ -445,6 +446,14 @@ def main() -> None:
     def ratio(n: str, d: str) -> float:
         return round(statistics.median(p / q for p, q in zip(ms[n], ms[d], strict=True)), 3)
 
+    def spread(n: str, d: str) -> list[float]:
+        """The quartiles (25 %, 75 %) of the per-repeat ratios `n` / `d`: how far load moved them."""
+        r = [p / q for p, q in zip(ms[n], ms[d], strict=True)]
+        if len(r) < 2:
+            return [round(r[0], 3)] * 2 if r else []
+        q = statistics.quantiles(r, n=4)
+        return [round(q[0], 3), round(q[2], 3)]
+
     common = {"sizes": sizes, "batch": bs, "T1": t1, "T2": f"{t2}+{t2}", "device": dev,
               "project_device": compute, "threads": a.threads, "repeats": repeats,
               "cpus": os.cpu_count(),
@@ -455,6 +464,8 @@ def main() -> None:
             "formulation_ms": med("formulation"), "project_ms": med("project"), "floor_ms": med("floor"),
             "formulation_over_project": ratio("formulation", "project"),
             "project_over_floor": ratio("project", "floor"),
+            "formulation_over_project_quartiles": spread("formulation", "project"),
+            "project_over_floor_quartiles": spread("project", "floor"),
             "programming_ms": round(statistics.median(s * p for s, p in zip(share, ms["project"],
                                                                                strict=True)), 2),
             "programming_share": round(statistics.median(share), 3),
@@ -469,6 +480,7 @@ def main() -> None:
         out.append({
             "bench": "peer_ep", "preset": "rram", "uri": a.rram_uri, **common, "rram_ms": med("rram"),
             "ideal_ms": med("project"), "rram_over_ideal": ratio("rram", "project"), "target": "<= 1.5",
+            "rram_over_ideal_quartiles": spread("rram", "project"),
             "rram_programming_ms": round(statistics.median(prog_ms["rram"]), 2),
             "ideal_programming_ms": round(statistics.median(prog_ms["project"]), 2),
             "rram_over_ideal_without_programming": round(statistics.median(
