@@ -59,7 +59,11 @@ IDEAL_DEVICE = DeviceModel(
 #   reported for such arrays;
 # - 0.5 % stuck devices (forming failures, stuck filaments): our choice, typical of the
 #   yields reported for research arrays;
-# - pulse: ~2 V x 20 uA x 50 ns = 2 pJ.
+# - pulse: ~2 V x 20 uA x 50 ns = 2 pJ;
+# - wire resistance 2.12 ohms per cell segment: NeuroSim's (Chen, Peng & Yu, IEEE TCAD 37,
+#   3067 (2018); DNN+NeuroSim `Param.cpp`) copper wire of 40 nm width (aspect ratio 1.9,
+#   resistivity 4.03e-8 ohm m) across a 1T1R cell of 4 F = 160 nm: 4.03e-8 x 160e-9 /
+#   (1.9 x (40e-9)^2) = 2.12 ohm; IR drop through the attenuation model (`emulator.ir_drop`).
 RRAM_DEVICE = DeviceModel(
     kind="soft_bounds",
     g_min=1e-6,
@@ -73,6 +77,7 @@ RRAM_DEVICE = DeviceModel(
     write_noise=0.25e-6,
     read_noise=0.03e-6,
     stuck_fraction=0.005,
+    wire_resistance=2.12,
     pulse_energy_j=2e-12,
     pulse_time_s=50e-9,
     read_time_s=1e-6,
@@ -94,7 +99,11 @@ RRAM_DEVICE = DeviceModel(
 #   aihwkit's PCMPresetDevice (fit to Nandakumar et al., Front. Neurosci. 2020);
 #   first-SET increment 1.0 uS and gamma 3 (our choice: ~0.2 uS mid-range steps, ~80
 #   pulses from RESET to 80 % of the window);
-# - pulse energy ~10 pJ for a SET pulse of ~100 ns (Burr et al., Adv. Phys. X 2, 89 (2017)).
+# - pulse energy ~10 pJ for a SET pulse of ~100 ns (Burr et al., Adv. Phys. X 2, 89 (2017));
+# - wire resistance 0.35 ohms per cell segment: aihwkit's IR-drop default for its PCM
+#   inference studies (IBM/aihwkit `src/aihwkit/simulator/parameters/io.py`, ir_drop_g_ratio
+#   = 1 / (0.35 ohm x 5 uS), "0.35 Ohm wire resistance"); IR drop through the attenuation
+#   model (`emulator.ir_drop`).
 PCM_DEVICE = DeviceModel(
     kind="exponential",
     g_min=0.0,
@@ -113,6 +122,7 @@ PCM_DEVICE = DeviceModel(
     drift_t0=20.0,
     statistics="pcm",
     stuck_fraction=0.003,
+    wire_resistance=0.35,
     one_sided=True,
     pulse_energy_j=10e-12,
     pulse_time_s=100e-9,

@@ -128,8 +128,9 @@ def test_nudge_pulls_output_toward_target() -> None:
 
 
 def test_read_noise_of_mvm_matches_the_preset() -> None:
-    with open_device(
+    with open_device(  # ideal wires: the mean read is compared with the devices' own G+ - G-
         "emulator://?preset=rram&seed=0&adc_bits=none&dac_bits=none&gain_error=0&offset_error=0"
+        "&wire_resistance=0"
     ) as dev:
         topo = Topology.layered([64, 32], bias=False)
         dev.configure(topo)
