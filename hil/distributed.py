@@ -66,7 +66,10 @@ class DataParallel:
         if cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend, store=_job_store(rank, world, timeout_s), rank=rank, world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )  # fmt: skip
         return DataParallel(rank, world, local, backend, f"cuda:{local}" if cuda else "cpu")
 
     def close(self) -> None:
@@ -139,6 +142,26 @@ class DataParallel:
         return box[0]
 
 
+def _job_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store of this attempt of the job.
+
+    torchrun's agent shares one TCP store with its workers for all attempts
+    (TORCHELASTIC_USE_AGENT_STORE): the process group of a restarted job would find the
+    addresses the killed attempt's ranks published there and fail to connect to them
+    ("Gloo connectFullMesh failed ... Connection refused"). So each attempt's keys go under
+    its restart count. Without the agent's store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the
+    setting for multi-host jobs, whose hosts may count restarts differently), rank 0 serves a
+    fresh store for every attempt, as ``env://`` does."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout_s),
+    )  # fmt: skip
+    if not agent:
+        return store
+    return dist.PrefixStore(f"hil-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def rank_config(
     cfg: RunConfig, dp: DataParallel, devices: Sequence[str] = (), calibrations: Sequence[str] = ()
 ) -> RunConfig:
@@ -168,4 +191,17 @@ def rank_config(
         else:
             device = cfg.device
     calibration = calibrations[dp.rank] if calibrations else cfg.calibration
-    return replace(cfg, device=device, calibration=calibration)
+    cfg = replace(cfg, device=device, calibration=calibration)
+    blocks = list(getattr(cfg, "devices", ()))  # per-block boards of an ff-EBM (docs/multiboard.md)
+    if blocks and dp.world > 1:
+        spread = []
+        for uri in blocks:
+            scheme, _, options = parse_options(uri)
+            if scheme != "emulator":
+                raise ConfigError(
+                    f"devices = {blocks}: per-block boards are one set for one rank; data parallel over "
+                    "real per-block boards is not supported: use emulator URIs or one board per rank"
+                )
+            spread.append(replace_params(uri, seed=options.seed + RANK_SEED_STRIDE * dp.rank))
+        cfg = replace(cfg, devices=spread)
+    return cfg

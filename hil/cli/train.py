@@ -81,6 +81,32 @@ def classifier(
             "wide layers and large batches on idle cores.",
         ),
     ] = 1,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="One rank of a data parallel job launched by torchrun (torchrun --nproc-per-node N -m "
+            "hil.cli train classifier --distributed --out RUN ...): each rank settles its share of every "
+            "batch on its own board, the gradients are all-reduced, rank 0 writes the run log, and a "
+            "job restarted by torchrun --max-restarts resumes from its last snapshot (docs/distributed.md).",
+        ),
+    ] = False,
+    rank_device: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rank-device",
+            help="With --distributed: the board URI of each rank, once per rank in rank order (real "
+            "boards). Default: the emulator's device with seed + 1000 x rank.",
+        ),
+    ] = None,
+    rank_calibration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rank-calibration",
+            help="With --distributed: the calibration record of each rank's board, once per rank in rank "
+            "order.",
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier by EP on a device and report its test accuracy.
 
@@ -124,17 +150,41 @@ def classifier(
 
         torch.set_num_threads(threads)
 
+    import contextlib
+    import os
+
+    dp = None
+    if distributed:
+        from hil.distributed import DataParallel, rank_config
+
+        if out is None and resume is None:
+            raise fail("--distributed needs --out RUN: a restarted job resumes from the run log there")
+        try:
+            dp = DataParallel.from_env(cfg.compute)
+            cfg = rank_config(cfg, dp, rank_device or (), rank_calibration or ())
+        except ConfigError as exc:
+            raise fail(str(exc)) from None
+        # torchrun restarted the job (--max-restarts): continue from the run log it left
+        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            assert out is not None
+            if (run_store(out) / "zarr.json").exists():
+                resume = run_store(out)
+    elif rank_device or rank_calibration:
+        raise fail("--rank-device and --rank-calibration are for --distributed runs")
+
     from hil.train_classifier import EpochStats, train_classifier
 
     def on_epoch(st: EpochStats) -> None:
-        if not progress:
+        if not progress and (dp is None or dp.rank == 0):
             typer.echo(
                 f"epoch {st.epoch:>3}  loss {st.train_loss:.4f}  train {st.train_acc:.2%}  "
                 f"test {st.test_acc:.2%}  {st.seconds:.2f} s"
             )
 
     try:
-        if resume is not None:
+        if dp is not None and dp.rank != 0:
+            log = None  # rank 0 writes the run log
+        elif resume is not None:
             log, state = resume_log(resume, cfg.device)
         else:
             import time
@@ -145,8 +195,17 @@ def classifier(
         raise fail(exists_message(run, run)) from None
     except RunLogError as exc:
         raise fail(str(exc)) from None
-    with one_line_errors(), log:
-        res = train_classifier(cfg, progress=progress, on_epoch=on_epoch, log=log, state=state)
+    try:
+        with one_line_errors(), log if log is not None else contextlib.nullcontext():
+            res = train_classifier(
+                cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
+                state=state, dp=dp,
+            )  # fmt: skip
+    finally:
+        if dp is not None:
+            dp.close()
+    if log is None:
+        return
     last = res.history[-1]
     typer.echo(
         f"trained {len(res.history)} epochs in {sum(h.seconds for h in res.history):.1f} s; "

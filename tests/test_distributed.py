@@ -1,0 +1,206 @@
+"""Data parallel training over boards (`hil.distributed`, docs/distributed.md): real `torchrun`
+jobs of two ranks on gloo, each rank on its own emulated board, against one board in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hil.cli import app
+from hil.config import ConfigError, RunConfig
+from hil.distributed import DataParallel, rank_config
+from hil.runlog import RunLogError, open_run
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ROOT = Path(__file__).resolve().parents[1]
+# 16 batches of 25 per epoch: shards of 13 and 12, so the all-reduce's weighting by shard size
+# matters. ep.tol = 0 makes every settle run its full budget: a batch-wide convergence test
+# would stop a shard's settle at another step than the whole batch's (docs/distributed.md).
+RUN = [
+    "data.limit_train=400", "data.limit_test=200", "model.sizes=[64,32,10]", "train.batch_size=25",
+    "ep.tol=0", "ep.free_steps=40", "ep.nudge_steps=20",
+]  # fmt: skip
+IDEAL = [*RUN, "train.epochs=6"]
+# a recipe that trains on the noisy rram board (digits_98.toml's, smaller), whole test set
+RRAM = [
+    "data.limit_train=800", "model.sizes=[64,64,10]", "model.activation=soft_sigmoid:0.1", "train.epochs=6",
+    "train.optimizer=adam", "train.lr=[0.002,0.001]", "train.batch_size=25",
+    "device=emulator://?preset=rram&seed=0",
+]  # fmt: skip
+JOB_TIMEOUT_S = 240
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _torchrun(out: Path, sets: list[str], max_restarts: int = 0) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", f"--max-restarts={max_restarts}",
+        "-m", "hil.cli", "train", "classifier", "--distributed", "--no-progress", "--out", str(out),
+        *_sets(sets),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(job: subprocess.Popen[str]) -> str:
+    output, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode == 0, output[-4000:]
+    return output
+
+
+def _one_board(out: Path, sets: list[str]) -> None:
+    result = CliRunner().invoke(
+        app, ["train", "classifier", "--no-progress", "--out", str(out), *_sets(sets)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+
+
+def _final(run_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(host weights of the last snapshot, train metrics, test metrics) of a complete run."""
+    run = open_run(run_path)
+    assert run.complete
+    _, state = run.load_snapshot(run.snapshots[-1])
+    weights = {k: v.numpy() for k, v in state["model"].items()}
+    return weights, run.table("metrics/train"), run.table("metrics/test")
+
+
+@pytest.fixture(scope="module")
+def ideal_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dp") / "ideal.zarr"
+    _finish(_torchrun(out, IDEAL))
+    return out
+
+
+def test_two_ideal_boards_equal_one_board_with_the_whole_batch(ideal_job: Path, tmp_path: Path) -> None:
+    _one_board(tmp_path / "one.zarr", IDEAL)
+    w2, train2, test2 = _final(ideal_job)
+    w1, train1, test1 = _final(tmp_path / "one.zarr")
+    assert w2.keys() == w1.keys() == {"net.weights.W0", "net.weights.W1"}
+    for k in w1:
+        assert np.abs(w1[k]).max() > 0.1  # trained weights, not zeros
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
+    assert len(train2["loss"]) == len(train1["loss"]) == 6 * 16
+    np.testing.assert_allclose(train2["loss"], train1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(train2["acc"], train1["acc"], rtol=0, atol=1e-9)
+    # the same test examples right (one board takes the mean in float32, the ranks count in float64)
+    np.testing.assert_array_equal(np.rint(test2["test_acc"] * 200), np.rint(test1["test_acc"] * 200))
+    assert test1["test_acc"][-1] > 0.6  # it learned
+    # rank 0 alone wrote the run log, with the config of its board
+    assert open_run(ideal_job).config["device"] == "emulator://?preset=ideal&seed=0"
+
+
+def test_two_rram_boards_train_within_a_point_of_one(tmp_path: Path) -> None:
+    job = _torchrun(tmp_path / "two.zarr", RRAM)
+    _one_board(tmp_path / "one.zarr", RRAM)  # meanwhile, in this process
+    _finish(job)
+    w2, _, test2 = _final(tmp_path / "two.zarr")
+    w1, _, test1 = _final(tmp_path / "one.zarr")
+    assert test1["test_acc"][-1] > 0.8
+    assert abs(test2["test_acc"][-1] - test1["test_acc"][-1]) <= 0.01, (test2["test_acc"], test1["test_acc"])
+    # the second board's own noise (its own seed) moved the run: not bit-equal to one board
+    assert any(not np.array_equal(w2[k], w1[k]) for k in w1)
+
+
+def _worker(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker of `rank` under the launcher `parent`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[-1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} worker under torchrun {parent}")
+
+
+def _snapshots(path: Path) -> int:
+    try:
+        return len(open_run(path, validate=False).snapshots)
+    except (RunLogError, OSError, ValueError, KeyError):
+        return 0  # not created yet, or caught mid-write
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_killed_rank_is_restarted_and_finishes_equal(ideal_job: Path, tmp_path: Path, rank: int) -> None:
+    """SIGKILL one worker (rank 0 writes the run log; rank 1 does not) once the first epoch's
+    snapshot is in the run log: torchrun --max-restarts=1 restarts the job, which resumes from
+    that snapshot and ends with the uninterrupted job's weights and metrics."""
+    out = tmp_path / "killed.zarr"
+    job = _torchrun(out, IDEAL, max_restarts=1)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _snapshots(out) == 0:
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no snapshot"
+        time.sleep(0.01)
+    os.kill(_worker(job.pid, rank), signal.SIGKILL)
+    output = _finish(job)
+    run = open_run(out)
+    resumes = run.attrs.get("resumes", [])
+    assert len(resumes) == 1, (resumes, output[-2000:])  # the kill landed before the end
+    assert 0 < resumes[0]["from_step"] < 6 * 16
+    w, train, test = _final(out)
+    w_ref, train_ref, test_ref = _final(ideal_job)
+    for k in w_ref:
+        np.testing.assert_array_equal(w[k], w_ref[k], err_msg=k)
+    np.testing.assert_array_equal(train["loss"], train_ref["loss"])
+    np.testing.assert_array_equal(test["test_acc"], test_ref["test_acc"])
+
+
+# ------------------------------------------------------------------- shards and bad input
+def test_shards_are_contiguous_and_cover_the_batch() -> None:
+    idx = torch.arange(100, 125)
+    parts = [DataParallel(rank=r, world=3).shard(idx) for r in range(3)]
+    assert [len(p) for p in parts] == [9, 8, 8]
+    assert torch.equal(torch.cat(parts), idx)
+
+
+def test_a_batch_that_leaves_a_rank_empty_is_refused() -> None:
+    dp = DataParallel(rank=0, world=4)
+    dp.check_batches(400, 25)  # 16 full batches
+    with pytest.raises(ConfigError, match=r"batch of 2 for 4 ranks.*train\.batch_size"):
+        dp.check_batches(402, 25)
+    with pytest.raises(ConfigError, match=r"batch of 3 for 4 ranks"):
+        dp.check_batches(9, 3)
+
+
+def test_rank_boards() -> None:
+    cfg = RunConfig(device="emulator://?preset=rram&seed=5")
+    assert rank_config(cfg, DataParallel(rank=1, world=2)).device == "emulator://?preset=rram&seed=1005"
+    assert rank_config(cfg, DataParallel(rank=0, world=2)).device == cfg.device
+    real = RunConfig(device="visa://TCPIP0::10.0.0.1::5025::SOCKET")
+    with pytest.raises(ConfigError, match=r"--rank-device"):
+        rank_config(real, DataParallel(rank=0, world=2))
+    mine = rank_config(real, DataParallel(rank=1, world=2), ["visa://a", "visa://b"], ["a.zarr", "b.zarr"])
+    assert (mine.device, mine.calibration) == ("visa://b", "b.zarr")
+    with pytest.raises(ConfigError, match=r"given 1 times for 2 ranks"):
+        rank_config(real, DataParallel(rank=1, world=2), ["visa://a"])
+
+
+def test_distributed_outside_torchrun_is_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(
+        app, ["train", "classifier", "--distributed", "--out", str(tmp_path / "r.zarr")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "torchrun" in result.stderr and "RANK" in result.stderr
+    result = CliRunner().invoke(app, ["train", "classifier", "--distributed"])
+    assert result.exit_code == 2 and "--out" in result.stderr
