@@ -200,7 +200,8 @@ def test_placement_covers_every_cell_once(sizes: list[int], bias: bool, rmax: in
 def test_classifier_trains_on_small_tiles_and_logs_the_placement(tmp_path) -> None:
     """A 64-24-10 classifier on 16 x 16 tiles (W0 65 x 24 on 5 x 2 tiles, W1 25 x 10 on 2 x 1):
     the run trains, its program tables name the logical tiles, and the board record carries
-    the placement; the same run on a board whose tiles fit gives the same test accuracy."""
+    the placement; the same run on a board whose tiles fit gives the same training loss and
+    test accuracy."""
     from hil.config import load_config
     from hil.runlog import RunLog, open_run
     from hil.train_classifier import train_classifier
@@ -219,3 +220,4 @@ def test_classifier_trains_on_small_tiles_and_logs_the_placement(tmp_path) -> No
     assert placement["cells"] == 65 * 24 + 25 * 10
     assert run.table("program/W0")["step"].tolist() == [1, 2, 3, 4]
     assert res.history[-1].test_acc == pytest.approx(whole.history[-1].test_acc, abs=1e-9)
+    assert res.history[-1].train_loss == pytest.approx(whole.history[-1].train_loss, rel=1e-4)
