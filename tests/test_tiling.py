@@ -148,6 +148,42 @@ def test_open_board_wraps_and_places() -> None:
         dev.close()
 
 
+def test_a_calibration_record_corrects_the_split_network_as_the_unsplit(tmp_path) -> None:
+    """Boards with converter gain and offset errors, each calibrated (DAC and state ADC): the
+    split network behind its record settles where the unsplit one behind its own does (1e-5),
+    and the record moves the states by more than 1e-2 (it is applied per node channel, through
+    the `CalibratedDevice` under the `TiledDevice`, which sees the physical topology)."""
+    from calibration import CalibratedDevice, write
+    from calibration.session import SessionOptions, run_session
+
+    err = "&gain_error=0.03&offset_error=2"
+    out = {}
+    for name, uri in (("split", SMALL + err), ("whole", IDEAL + err)):
+        board = open_device(uri)
+        options = SessionOptions(routines=("adc", "dac"), tile_shapes=((10, 8),), channels=40)
+        record = run_session(board, options)
+        board.close()
+        write(record, tmp_path / f"{name}.zarr")
+    x = np.random.default_rng(1).uniform(0, 1, (6, SIZES[0])).astype(np.float32)
+    topo = Topology.layered(SIZES, budget=BUDGET)
+    for name, uri, cal in (
+        ("split", SMALL + err, str(tmp_path / "split.zarr")),
+        ("whole", IDEAL + err, str(tmp_path / "whole.zarr")),
+        ("raw", SMALL + err, ""),
+    ):
+        dev = open_board(uri, cal)
+        try:
+            out[name] = EBBlock(dev, topo, seed=3).free(x).states
+            if name == "split":
+                assert isinstance(dev.inner, CalibratedDevice) and dev.record is dev.inner.record
+                assert len(dev.inner.topology.couplings) == 8
+        finally:
+            dev.close()
+    for g in ("s1", "s2"):
+        np.testing.assert_allclose(out["split"][g], out["whole"][g], rtol=0, atol=1e-5, err_msg=g)
+        assert float(np.abs(out["split"][g] - out["raw"][g]).max()) > 1e-2
+
+
 def test_what_cannot_be_split_is_refused_with_a_reason() -> None:
     lim = open_device(SMALL).info.limits
     with pytest.raises(ConfigurationError, match=r"dense tile 'W'.*cannot be split.*layered"):
