@@ -131,10 +131,7 @@ def _pack(items: list[tuple[str, int]], cap: int) -> list[list[tuple[str, int]]]
 
 
 def _fits(topology: Topology, limits: Limits) -> bool:
-    return all(
-        r <= limits.tile_rows_max and c <= limits.tile_cols_max
-        for r, c in (topology.tile_shape(c.tile) for c in topology.couplings)
-    )
+    return all(_tile_fits(topology, c, limits) for c in topology.couplings)
 
 
 def place(topology: Topology, limits: Limits) -> Placement:
