@@ -13,7 +13,10 @@ Time in collectives (the gradient all-reduce and the metric sums, waiting for th
 rank included) is each rank's `DataParallel.reduce_s`, averaged over ranks; the rest of the
 epoch is settling, programming and host work.
 
-    python benchmarks/many_boards.py [--boards 1,2,4] [--epochs 3] [--batch 32]
+    python benchmarks/many_boards.py [--boards 1,2,4] [--epochs 3] [--batch 32] [--repeats 3]
+
+Each configuration runs `--repeats` times, interleaved with the others; the figures are
+the median run's.
 
 Every process runs one torch thread. Ranks beyond the machine's cores share them: on a
 2-core machine 4 boards cannot scale, and other jobs loading it lower every figure.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 MAX_BOARDS = 16  # ranks one benchmark job may start on this host
 MAX_EPOCHS = 20
+MAX_REPEATS = 15
 MAX_BATCH = 256  # images per board per step
 TRAIN = 1024  # training images: divisible by every global batch 32 x 2^k used here
 JOB_TIMEOUT_S = 900
@@ -88,8 +93,10 @@ def worker(batch: int, epochs: int) -> None:
                 ),
                 flush=True,
             )
-    finally:
-        dp.close()
+    except BaseException:
+        dp.close(wait=False)
+        raise
+    dp.close()
 
 
 def plain(batch: int, epochs: int) -> dict[str, float]:
@@ -121,26 +128,33 @@ def main() -> None:
     ap.add_argument("--boards", default="1,2,4", help="comma-separated rank counts (1 is the baseline)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32, help="images per board per step")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each (medians)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     boards = sorted({int(b) for b in args.boards.split(",")} | {1})
-    if not 1 <= args.epochs <= MAX_EPOCHS or not 1 <= args.batch <= MAX_BATCH or max(boards) > MAX_BOARDS:
+    bounds = (1 <= args.epochs <= MAX_EPOCHS, 1 <= args.batch <= MAX_BATCH, 1 <= args.repeats <= MAX_REPEATS)
+    if not all(bounds) or max(boards) > MAX_BOARDS:
         raise SystemExit(
-            f"--epochs in 1..{MAX_EPOCHS}, --batch in 1..{MAX_BATCH}, --boards at most {MAX_BOARDS}; "
-            f"got {args.epochs}, {args.batch}, {args.boards}"
+            f"--epochs in 1..{MAX_EPOCHS}, --batch in 1..{MAX_BATCH}, --repeats in 1..{MAX_REPEATS}, "
+            f"--boards at most {MAX_BOARDS}; got {args.epochs}, {args.batch}, {args.repeats}, {args.boards}"
         )
     if any(0 < TRAIN % (args.batch * b) < b for b in boards):
         raise SystemExit(f"--batch x boards must leave every rank an example of the last of {TRAIN} images")
     if args.worker:
         worker(args.batch, args.epochs)
         return
-    base = plain(args.batch, args.epochs)
-    base_ips = TRAIN * args.epochs / base["seconds"]
+    # interleaved repeats, medians: the load of other jobs drifts over a run
+    plain_ips: list[float] = []
+    runs: dict[int, list[dict[str, float]]] = {k: [] for k in boards}
+    for _ in range(args.repeats):
+        plain_ips.append(TRAIN * args.epochs / plain(args.batch, args.epochs)["seconds"])
+        for k in boards:
+            runs[k].append(job(k, args.batch, args.epochs))
+    base_ips = statistics.median(plain_ips)
     rows = []
     for k in boards:
-        r = job(k, args.batch, args.epochs)
-        ips = r["images"] / r["seconds"]
-        rows.append((k, r, ips))
+        r = sorted(runs[k], key=lambda f: f["images"] / f["seconds"])[len(runs[k]) // 2]  # the median run
+        rows.append((k, r, r["images"] / r["seconds"]))
     one = next(ips for k, _, ips in rows if k == 1)
     cores = len(os.sched_getaffinity(0))
     print(f"plain (no torch.distributed, one process): {base_ips:.0f} images/s")
@@ -164,6 +178,7 @@ def main() -> None:
                     "settle_fraction": round(1 - r["reduce_s"] / r["seconds"], 4),
                     "reduce_ms_per_call": round(1e3 * r["reduce_s"] / max(1.0, r["reduce_calls"]), 3),
                     "test_acc": round(r["test_acc"], 4),
+                    "repeats": args.repeats,
                     "cores": cores,
                     "threads_per_rank": 1,
                     "load_avg_1min": round(load, 2),

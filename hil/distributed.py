@@ -72,8 +72,13 @@ class DataParallel:
             )  # fmt: skip
         return DataParallel(rank, world, local, backend, f"cuda:{local}" if cuda else "cpu")
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group; with `wait`, once every rank is done with its collectives
+        (a gloo rank torn down while a peer still talks to it can abort its process at exit).
+        `wait=False` after a failure, when the other ranks may be gone."""
         if dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------ shards

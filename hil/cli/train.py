@@ -201,9 +201,12 @@ def classifier(
                 cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
                 state=state, dp=dp,
             )  # fmt: skip
-    finally:
+    except BaseException:
         if dp is not None:
-            dp.close()
+            dp.close(wait=False)
+        raise
+    if dp is not None:
+        dp.close()
     if log is None:
         return
     last = res.history[-1]
