@@ -333,3 +333,16 @@ def test_eb_blocks_counts_the_blocks_the_model_builds(model: list[str], want: st
         n = len(split_layered(m.sizes, m.block_layers))
     assert eb_blocks(cfg) == n
     assert eb_blocks(load_config(None, [])) == 1  # a DHN
+
+
+def test_resume_may_move_the_blocks_boards_but_not_the_blocks() -> None:
+    """A resumed run may find its boards at new addresses (`devices`), never with other blocks."""
+    from hil.cli.common import resumed_config
+
+    uris = ["emulator://?preset=ideal&seed=0", "emulator://?preset=ideal&seed=1"]
+    stored = load_config(None, [*MODEL, _devices(*uris)])
+    moved = dataclasses.replace(stored, devices=[uris[1], uris[0]])
+    assert resumed_config(stored, moved).devices == [uris[1], uris[0]]
+    other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, block_layers=1))
+    with pytest.raises(ConfigError, match=r"model\.block_layers"):
+        resumed_config(stored, other)

@@ -69,9 +69,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# the board's address may change between a run and its resume, and so may the host's torch
-# device (`compute`: the same seed gives the same numbers on cpu and cuda to float tolerance)
-RESUME_MAY_CHANGE = ("device", "compute")
+# the boards' addresses may change between a run and its resume (`device`, and `devices` of a
+# model whose EB blocks have boards of their own), and so may the host's torch device
+# (`compute`: the same seed gives the same numbers on cpu and cuda to float tolerance)
+RESUME_MAY_CHANGE = ("device", "devices", "compute")
 
 
 def resumed_config(stored: T, asked: T) -> T:
