@@ -110,6 +110,19 @@ class BoardActor:
             "error": self._probe(uri) if (uri := self.uri or default_uri) else None,
         }
 
+    def endpoint(self) -> tuple[str, int]:
+        """This host's address and a free port: the rendezvous when this actor is rank 0 of a
+        data parallel job (`hil.distributed_ray`)."""
+        from hil.distributed_ray import endpoint
+
+        return endpoint()
+
+    def run_rank(self, *args: Any) -> dict[str, Any] | None:
+        """One rank of a data parallel job on this actor's board (`hil.distributed_ray.run_rank`)."""
+        from hil.distributed_ray import run_rank
+
+        return run_rank(*args)
+
     @staticmethod
     def _probe(uri: str) -> str | None:
         """None if the board at `uri` opens (and closes) now, else why not."""
@@ -242,13 +255,9 @@ class RayExecutor:
                     f"(declared: {', '.join(declared) or 'none'}); start the node it is attached to with "
                     f"ray start ... --resources='{{\"{b.resource}\": 1}}'"
                 )
-        remote = ray.remote(BoardActor)
-        self.actors: dict[str, Any] = {
-            b.name: remote.options(resources={b.resource: 1}, num_cpus=cpus, max_restarts=0).remote(
-                b.name, b.uri
-            )
-            for b in boards
-        }
+        self.boards = {b.name: b for b in boards}
+        self._cpus = cpus
+        self.actors: dict[str, Any] = {b.name: self._actor(ray, b) for b in boards}
         refs = {self.actors[n].where.remote(default_uri): n for n in self.actors}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if pending:
@@ -262,6 +271,18 @@ class RayExecutor:
             self._drop(ray, name)
         if not self.actors:
             raise SweepError(f"no board opens: {'; '.join(self.unavailable.values())}")
+
+    def _actor(self, ray: Any, board: Board) -> Any:
+        remote = ray.remote(BoardActor)
+        return remote.options(resources={board.resource: 1}, num_cpus=self._cpus, max_restarts=0).remote(
+            board.name, board.uri
+        )
+
+    def restart(self, name: str) -> None:
+        """Replace the actor of board `name` by a fresh one (the old one killed, if alive)."""
+        ray = import_ray()
+        self._drop(ray, name)
+        self.actors[name] = self._actor(ray, self.boards[name])
 
     def describe(self) -> str:
         where = ", ".join(f"{n}@{self.placement[n]['host']}" for n in sorted(self.actors))
