@@ -141,6 +141,21 @@ def run_data_parallel(
     )
 
 
+def train_on_ray(
+    cfg: RunConfig, address: str, boards: list[str], out: Path, resume: bool, overwrite: bool
+) -> RayJobResult:
+    """`hil train classifier --distributed --ray-address ADDRESS --board ...`: the job on the
+    board actors of the cluster at `address` (`local`: a Ray instance started here declaring
+    `boards`), restarted once from its last snapshot if a rank fails."""
+    from hil.sweep.ray_runner import Board
+
+    executor = RayExecutor([Board.parse(b) for b in boards], address, default_uri=cfg.device)
+    try:
+        return run_data_parallel(executor, cfg, out, resume=resume, overwrite=overwrite)
+    finally:
+        executor.close()
+
+
 def _first_error(ray: Any, refs: list[Any], names: list[str]) -> str | None:
     """Wait for every rank; at the first one that fails, say which and why (None: all done)."""
     pending = list(refs)

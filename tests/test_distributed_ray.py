@@ -4,6 +4,9 @@ trained in-process on the whole batch (the comparison of tests/test_distributed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from hil.config import load_config
 from hil.sweep.ray_runner import Board
 from hil.sweep.study import SweepError
 
+ROOT = Path(__file__).resolve().parents[1]
 # the ideal run of tests/test_distributed.py, shortened: 3 epochs of 16 batches of 25 (shards 13 and 12)
 SHORT = [*IDEAL, "train.epochs=3"]
 TIMEOUT_S = 240
@@ -42,6 +46,40 @@ def one_board(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one") / "one.zarr"
     _one_board(out, SHORT)
     return out
+
+
+def test_cli_runs_the_job_on_a_local_ray_instance(one_board: Path, tmp_path: Path) -> None:
+    """`hil train classifier --distributed --ray-address local --board b0 --board b1`, a real
+    subprocess with its own Ray instance (first in this module: before the fixture's Ray
+    instance holds the boards b0 and b1)."""
+    pytest.importorskip("ray")
+    out = tmp_path / "cli.zarr"
+    cmd = [
+        sys.executable, "-m", "hil.cli", "train", "classifier", "--distributed", "--ray-address", "local",
+        "--board", "b0", "--board", "b1", "--no-progress", "--out", str(out),
+        *[a for s in SHORT for a in ("--set", s)],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "boards b0, b1 | restarts 0" in job.stdout.splitlines()[-1]
+    w2, _, test2 = _final(out)
+    w1, _, _ = _final(one_board)
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
+    assert f"test accuracy {test2['test_acc'][-1]:.2%}" in job.stdout
+
+
+def test_cli_ray_options_need_distributed(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    result = CliRunner().invoke(
+        app, ["train", "classifier", "--ray-address", "local", "--out", str(tmp_path / "r.zarr")]
+    )
+    assert result.exit_code == 2 and "--distributed" in result.stderr, result.output
+    assert not (tmp_path / "r.zarr").exists()
 
 
 def test_two_board_actors_equal_one_board_with_the_whole_batch(

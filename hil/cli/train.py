@@ -107,6 +107,24 @@ def classifier(
             "order.",
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --distributed, instead of torchrun: run the ranks on the board actors of a Ray "
+            "cluster (auto, HOST:PORT, ray://HOST:10001; `local` starts Ray here with the --board boards), "
+            "one rank per board in name order; a failed job restarts once from its last snapshot "
+            "(docs/distributed.md). Needs the ray extra.",
+        ),
+    ] = None,
+    board: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--board",
+            help="With --ray-address: a board of the job, NAME=URI or NAME (the config's device, emulator "
+            "seeds spread over the ranks). Repeatable. Default: every board:NAME resource of the cluster.",
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier by EP on a device and report its test accuracy.
 
@@ -154,6 +172,26 @@ def classifier(
     import os
 
     dp = None
+    if ray_address is not None or board:
+        if not distributed or ray_address is None or (out is None and resume is None):
+            raise fail("--ray-address and --board go with --distributed and --out RUN (or --resume RUN)")
+        if rank_device or rank_calibration:
+            raise fail("with --ray-address, give each rank's board as --board NAME=URI (no --rank-device)")
+        from hil.distributed_ray import train_on_ray
+        from hil.sweep.study import SweepError
+
+        try:
+            with one_line_errors():
+                res = train_on_ray(
+                    cfg, ray_address, board or [], resume or out, resume is not None, overwrite
+                )
+        except (SweepError, ConfigError, RunLogError) as exc:
+            raise fail(str(exc)) from None
+        typer.echo(f"run log {res.run_log}")
+        typer.echo(
+            f"test accuracy {res.test_acc:.2%} | boards {', '.join(res.boards)} | restarts {res.restarts}"
+        )
+        return
     if distributed:
         from hil.distributed import DataParallel, rank_config
 
