@@ -100,14 +100,16 @@ def run_rank(
 
 def run_data_parallel(
     executor: RayExecutor, cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
-    max_restarts: int = 1,
+    max_restarts: int = 1, start_timeout_s: float = 120.0,
 ) -> RayJobResult:  # fmt: skip
     """Train `cfg` data parallel over every board of `executor` (one rank per board, in board
     name order; a board without its own URI trains on `cfg.device`) and return rank 0's
     result. `resume`: continue the run log `out` from its last snapshot (else it is created;
     `overwrite` replaces one there). A failed attempt is restarted up to `max_restarts` times
     from rank 0's last snapshot in `out`; then the error says what to rerun. The error names
-    the first rank that reported a failure, which may be a peer of the rank that died."""
+    the first rank that reported a failure, which may be a peer of the rank that died.
+    `start_timeout_s`: how long the actors of an attempt may take to start (a restarted
+    actor waits for its board's host)."""
     if not 0 <= max_restarts <= MAX_RESTARTS:
         raise SweepError(f"max_restarts = {max_restarts}: give 0 to {MAX_RESTARTS}")
     ray = import_ray()
@@ -117,7 +119,16 @@ def run_data_parallel(
     errors: list[str] = []
     for attempt in range(max_restarts + 1):
         actors = [executor.actors[n] for n in names]
-        master = ray.get(actors[0].endpoint.remote())
+        probes = [a.endpoint.remote() for a in actors]  # every actor up (a restarted one: placed again)
+        _, late = ray.wait(probes, num_returns=len(probes), timeout=start_timeout_s)
+        if late:
+            missing = ", ".join(names[probes.index(r)] for r in late)
+            raise SweepError(
+                f"board actors {missing} did not start within {start_timeout_s:.0f} s (is the host of the "
+                f"board up, with a free CPU?); the run log {out} keeps rank 0's last snapshot: continue "
+                "with run_data_parallel(..., resume=True) or hil train classifier --resume RUN --distributed"
+            )
+        master = ray.get(probes[0])
         refs = [
             a.run_rank.remote(cfg, devices, r, len(names), master, str(out), resume or attempt > 0, overwrite)
             for r, a in enumerate(actors)
