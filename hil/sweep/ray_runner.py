@@ -7,7 +7,8 @@ actor opens its board afresh for every trial (as `hil train` does), trains into 
 temporary folder and sends the run folder back as a tar archive, so no shared file system
 is needed. A trial whose actor dies (the host went down, the actor was killed) or whose board
 stops answering goes back to the queue and runs on another board; the lost board leaves the
-pool for the rest of the sweep.
+pool for the rest of the sweep. The same actors can instead be the ranks of one data parallel
+training (`BoardActor.run_rank`, driven by `hil.distributed_ray.run_data_parallel`).
 
 Ray is optional: this module imports it only when an executor is made.
 """
