@@ -24,15 +24,18 @@ reference reaches is returned with ``valid`` False.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from calibration.measure import (
     SETTLE_ROUTINES,
+    CrosstalkFit,
     LineFit,
     Progress,
     ReadStats,
+    fit_crosstalk,
     fit_lines,
     leave_out,
     lsb,
@@ -43,11 +46,15 @@ from calibration.measure import (
     runs,
 )
 from calibration.record import CalibrationError, ChannelCal
+from calibration.wires import MAX_OHMS, effective_weights
 from drivers import BIAS, Coupling, Device, SettleBudget, Topology, seeds
 
 REF_HIGH = 0.8  # reference pair: G+ at g_min + REF_HIGH * range, G- at g_min
 REF_MIN_W = 0.3  # a reference pair weaker than this has a stuck device; use another tile
 TILES_PER_DAC_PASS = 16  # 1 x 1 reference tiles per DAC pass (each is read `reads` times)
+ADC_LOAD_SHIFT = 0.3  # state-ADC routine: every other round raises both devices of a pair by this
+MAX_REF_WIDTH = 1024  # cells of a state-ADC reference row, at most
+IR_CORRECT_MAX = 0.02  # a state-ADC reference row's IR drop corrected to first order up to this share
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,11 @@ class ConverterOptions:
     repeats: int = 32  # settles per level (one batch)
     samples: int = 1024  # DAC and mvm samples per channel
     reads: int = 1024  # reads that pin down each reference pair of the DAC and mvm routines
-    level_reads: int = 256  # reads of the state-ADC reference at each level
+    level_reads: int = 32  # reads of each state-ADC reference row at each level
+    # cells of a state-ADC reference row: its wires carry the current of them all, and their
+    # IR drop grows with the square of the width (0.04 % of the gain at 8 cells of rram,
+    # 2 % at 64; calibration.wires)
+    ref_width: int = 8
     steps: int = 12  # settle steps per measurement (the node noise reaches its stationary spread)
     seed: int = 0
     # a DAC or state-ADC channel is valid only if its fit pins the gain to `gain_tol` (relative)
@@ -65,6 +76,13 @@ class ConverterOptions:
     # the apply functions leave it uncorrected: rerun with more levels or samples
     gain_tol: float | None = 0.005
     offset_tol_lsb: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ref_width <= MAX_REF_WIDTH:
+            raise CalibrationError(
+                f"ref_width must be 1 to {MAX_REF_WIDTH} cells, got {self.ref_width}: 8 keeps the "
+                "reference rows' IR drop under 0.1 % on the rram preset"
+            )
 
 
 def _budget(steps: int) -> SettleBudget:
@@ -99,11 +117,17 @@ def measure_adc(
     0..max(channels), channels not asked for are NaN and invalid.
 
     Each of `options.levels` rounds programs every channel's reference pair to a random
-    weight in the state range, reads it `options.reads` times and settles `options.repeats`
-    times at activation gain 1; one round gives one point per channel (the mean reading
-    against the read weight). The activation gain stays at 1 so that the node noise keeps
-    dithering the ADC at every level, and the random levels make what dithering cannot
-    remove (the ADC's staircase) look like noise to the fit rather than a bias."""
+    weight in the state range, reads it `options.level_reads` times and settles
+    `options.repeats` times at activation gain 1; one round gives one point per channel (the
+    mean reading against the read weight). The activation gain stays at 1 so that the node
+    noise keeps dithering the ADC at every level, and the random levels make what dithering
+    cannot remove (the ADC's staircase) look like noise to the fit rather than a bias.
+
+    The reference rows are `options.ref_width` cells wide, so that their wires carry little
+    current (IR drop, `calibration.wires`, grows with the square of a row's length); every
+    other round raises both devices of every pair by `ADC_LOAD_SHIFT` of the range (the
+    weights stay, the row's current rises), and a channel whose gain moves with its row's
+    current (`fit_crosstalk`) by more than the tolerance allows is invalid ("ir_drop")."""
     device.require("settle", instead=leave_out("the routines that settle", SETTLE_ROUTINES))
     lim = device.info.limits
     lo, hi = lim.adc_range
@@ -111,81 +135,155 @@ def measure_adc(
     channels = np.unique(np.asarray(channels, dtype=np.int64))
     size = int(channels[-1]) + 1
     out = _empty(size, "adc", lsb(lim.adc_bits, span), "state (1.0 = v_read)")
-    blocks = runs(channels, lim.tile_cols_max)
+    blocks = runs(channels, min(options.ref_width, lim.tile_cols_max))
+    per_pass = max(1, lim.max_tiles - 3)  # room for the retries' dummy couplings
     s_lo, s_hi = max(lo, 0.0) + 0.04 * span, min(hi, 1.0) - 0.06 * span
+    s_hi_loaded = min(s_hi, 0.97 - ADC_LOAD_SHIFT)
     end = int(channels[-1]) + 1
     rng = seeds.numpy_rng(options.seed, "calibration.adc")
     g_min, g_range = lim.g_min, _g_range(device)
     xs = np.full((options.levels, size), np.nan)
     ys = np.full((options.levels, size), np.nan)
+    loads = np.full((options.levels, size), np.nan)
     attempt_of = np.full(size, -1)
     todo = np.zeros(size, bool)
     todo[channels] = True
+    steps = 0
     for attempt in range(3):
         if not todo.any():
             break
-        # Attempt a > 0 puts `a` dummy couplings first, so each block lands on other physical tiles.
-        spans = {f"y{k}": (start, n) for k, (start, n) in enumerate(blocks)}
-        spans["_z"] = (end, 1)
-        for a in range(attempt):
-            spans[f"_d{a}"] = (end + 1 + a, 1)
-        couplings = tuple(Coupling(f"_D{a}", (BIAS,), (f"_d{a}",)) for a in range(attempt)) + tuple(
-            Coupling(f"B{k}", (BIAS,), (f"y{k}",)) for k in range(len(blocks))
-        )
-        device.configure(Topology(place_groups(spans), couplings, budget=_budget(options.steps)))
-        batch = options.repeats
         w_ref = np.full((options.levels, size), np.nan)
         r_mean = np.full((options.levels, size), np.nan)
-        for k in range(options.levels):
-            init = {}
-            for b, (start, n) in enumerate(blocks):
-                target = rng.uniform(s_lo, s_hi, n)
-                gp = (g_min + target * g_range).astype(np.float32)[None, :]
-                device.program(f"B{b}", gp, np.full_like(gp, g_min))
-                w, _ = pair_weights(read_stats(device, f"B{b}", options.level_reads), g_range)
-                w_ref[k, start : start + n] = w[0]
-                init[f"y{b}"] = np.tile(np.clip(np.nan_to_num(w[0]), 0, 1), (batch, 1)).astype(np.float32)
-            eq = device.settle({"_z": np.zeros((batch, 1), np.float32)}, init=init)
-            for b, (start, n) in enumerate(blocks):
-                r = eq.states[f"y{b}"].astype(np.float64)
-                rail = (r <= lo + 0.5 * out.lsb) | (r >= hi - 0.5 * out.lsb)
-                # a level with a reading on a rail is clipped: its mean would be biased
-                r_mean[k, start : start + n] = np.where(rail.any(0), np.nan, r.mean(0))
-            progress("adc", k + 1, options.levels)
+        load = np.full((options.levels, size), np.nan)
+        passes = [blocks[i : i + per_pass] for i in range(0, len(blocks), per_pass)]
+        passes = [p for p in passes if any(todo[s : s + n].any() for s, n in p)]
+        for chunk in passes:
+            # Attempt a > 0 puts `a` dummy couplings first, so each block lands on other physical tiles.
+            spans = {f"y{k}": (start, n) for k, (start, n) in enumerate(chunk)}
+            spans["_z"] = (end, 1)
+            for a in range(attempt):
+                spans[f"_d{a}"] = (end + 1 + a, 1)
+            couplings = tuple(Coupling(f"_D{a}", (BIAS,), (f"_d{a}",)) for a in range(attempt)) + tuple(
+                Coupling(f"B{k}", (BIAS,), (f"y{k}",)) for k in range(len(chunk))
+            )
+            device.configure(Topology(place_groups(spans), couplings, budget=_budget(options.steps)))
+            batch = options.repeats
+            for k in range(options.levels):
+                shift = ADC_LOAD_SHIFT * g_range * (k % 2)
+                init = {}
+                for b, (start, n) in enumerate(chunk):
+                    target = rng.uniform(s_lo, s_hi_loaded if k % 2 else s_hi, n)
+                    gp = (g_min + shift + target * g_range).astype(np.float32)[None, :]
+                    device.program(f"B{b}", gp, np.full_like(gp, g_min + shift))
+                    stats = read_stats(device, f"B{b}", options.level_reads)
+                    w, _ = pair_weights(stats, g_range)
+                    w_ref[k, start : start + n] = w[0]
+                    cell = (stats.mean[0, 0] + stats.mean[1, 0]) / g_range
+                    load[k, start : start + n] = cell.sum() - cell  # the rest of the row
+                    init[f"y{b}"] = np.tile(np.clip(np.nan_to_num(w[0]), 0, 1), (batch, 1)).astype(np.float32)
+                eq = device.settle({"_z": np.zeros((batch, 1), np.float32)}, init=init)
+                for b, (start, n) in enumerate(chunk):
+                    r = eq.states[f"y{b}"].astype(np.float64)
+                    rail = (r <= lo + 0.5 * out.lsb) | (r >= hi - 0.5 * out.lsb)
+                    # a level with a reading on a rail is clipped: its mean would be biased
+                    r_mean[k, start : start + n] = np.where(rail.any(0), np.nan, r.mean(0))
+                steps += 1
+                progress("adc", steps, options.levels * len(passes))
         inside = (w_ref >= s_lo - 0.02 * span) & (w_ref <= s_hi + 0.02 * span) & np.isfinite(r_mean)
         # a reference with a stuck device does not follow the random targets
         spread = np.zeros(size)
         seen = np.isfinite(w_ref).sum(0) > 1
         spread[seen] = np.nanstd(w_ref[:, seen], axis=0)
-        usable = todo & (inside.sum(0) >= max(3, options.levels // 2)) & (spread > 0.1 * span)
+        usable = todo & (inside.sum(0) >= max(4, options.levels // 2)) & (spread > 0.1 * span)
         xs[:, usable] = np.where(inside[:, usable], w_ref[:, usable], np.nan)
         ys[:, usable] = np.where(inside[:, usable], r_mean[:, usable], np.nan)
+        loads[:, usable] = load[:, usable]
         attempt_of[usable] = attempt
         todo &= ~usable
-    fit = fit_lines(xs, ys, np.isfinite(xs) & np.isfinite(ys))
+    mask = np.isfinite(xs) & np.isfinite(ys)
+    fit = fit_lines(xs, ys, mask)
     out.gain = fit.slope
     out.offset = fit.intercept
     out.gain_se = fit.slope_se
     out.offset_se = fit.intercept_se
-    reasons = _imprecise(out, {}, options)
+    cross = fit_crosstalk(xs, loads, ys, mask & np.isfinite(loads))
+    share, share_se = _pooled_ir_share(cross, fit.slope, channels, blocks)
+    reasons = {}
+    with np.errstate(invalid="ignore"):
+        # first order in the wires' effect: the gain at no line current is the fitted one
+        # raised by the share the row's mean load takes
+        out.gain = fit.slope * (1.0 + share)
+        out.gain_se = np.hypot(fit.slope_se, fit.slope * share_se)
+        too_large = np.abs(share) > IR_CORRECT_MAX
+    for ch in np.flatnonzero(too_large):
+        reasons[int(ch)] = (
+            f"ir_drop: the reading moves with the current of the rest of its reference row (IR drop "
+            f"in the wires: {100 * share[ch]:.2f} +- {100 * share_se[ch]:.2f} % of the gain, over the "
+            f"{100 * IR_CORRECT_MAX:g} % a first-order correction takes): measure with narrower "
+            "reference rows (ConverterOptions.ref_width)"
+        )
+    reasons.update(_imprecise(out, reasons, options))
     for ch in reasons:
         out.gain[ch] = out.offset[ch] = np.nan
     out.valid = np.isfinite(out.gain)
     out.raw = {
         "reference_w": xs.astype(np.float32),
         "reading_mean": ys.astype(np.float32),
+        "row_load": loads.astype(np.float32),
+        "ir_drop": share.astype(np.float32),
+        "ir_drop_se": share_se.astype(np.float32),
         "attempt": attempt_of,
     }
     out.info = {
-        "method": "bias node through a 1 x n reference tile at random weights, activation gain 1",
+        "method": "bias node through 1 x n reference rows at random weights, activation gain 1",
         "levels": options.levels,
         "repeats": options.repeats,
         "reads": options.level_reads,
+        "ref_width": options.ref_width,
         "state_range": [s_lo, s_hi],
         "resid_std_median": float(np.nanmedian(fit.resid_std)),
+        "ir_drop_median": float(np.nanmedian(share)) if np.isfinite(share).any() else float("nan"),
         "invalid": {str(ch): why for ch, why in reasons.items()},
     }
     return out
+
+
+def _pooled_ir_share(
+    cross: CrosstalkFit, gain: np.ndarray, channels: np.ndarray, blocks: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the share of its gain the wires of its reference row take at the row's mean
+    load, and its standard error (0 where not measured).
+
+    A channel's own fit of how its slope moves with the rest of the row's current is noisy (it
+    is one term more of the same data); rows of the same width share their geometry and
+    wires, so the relative slope change per unit of load is pooled (inverse-variance mean)
+    over the channels at the same position of rows of the same width, and each channel's
+    share is that times its own mean load."""
+    size = gain.shape[0]
+    share = np.zeros(size)
+    share_se = np.zeros(size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kappa = -cross.cross / gain
+        kappa_se = cross.cross_se / np.abs(gain)
+    width_of = np.zeros(size, np.int64)
+    pos_of = np.zeros(size, np.int64)
+    for start, n in blocks:
+        width_of[start : start + n] = n
+        pos_of[start : start + n] = np.arange(n)
+    ok = np.isfinite(kappa) & np.isfinite(kappa_se) & (kappa_se > 0)
+    for n in np.unique(width_of[channels]):
+        for p in range(int(n)):
+            members = channels[(width_of[channels] == n) & (pos_of[channels] == p)]
+            use = members[ok[members]]
+            if use.size == 0:
+                continue
+            wts = 1.0 / kappa_se[use] ** 2
+            k = float((wts * kappa[use]).sum() / wts.sum())
+            k_se = float(1.0 / np.sqrt(wts.sum()))
+            load = np.nan_to_num(cross.z_mean[members])
+            share[members] = k * load
+            share_se[members] = k_se * load
+    return share, share_se
 
 
 # ------------------------------------------------------------------------------ DAC
@@ -353,6 +451,8 @@ def _imprecise(cal: ChannelCal, known: dict[int, str], options: ConverterOptions
     return out
 
 
+MVM_LOADS = ((0.8, 0.0), (1.0, 0.2))  # mvm routine: (high, low) device of a pair, shares of the range
+WIRE_FIT_TOL = 1e-3  # relative precision of the bisection for the wire resistance
 TWO_LEVEL_MIN_LINES = 16  # mvm routine: two-level inputs (the most signal) from this many input lines on
 
 MIN_UNSATURATED = 0.25  # a DAC channel fitted on less than this share of its samples is invalid
@@ -445,7 +545,16 @@ def measure_mvm(
     progress: Progress = no_progress,
 ) -> ChannelCal:
     """mvm-ADC gain and offset of output lines 0..max(shape)-1, with inputs made exact by the
-    calibrated DAC. Uses physical tile 0 with `shape`."""
+    calibrated DAC, and the wire resistance of the tile (IR drop). Uses physical tile 0 with
+    `shape`.
+
+    The tile holds random +-0.8 weights twice: once as device pairs (0.8, 0) and once as
+    (1.0, 0.2) of the range (`MVM_LOADS`), the same weights carrying more current. Converters
+    answer both alike; the wires attenuate the second more. The wire resistance per segment
+    is the one whose modelled effective weights (`calibration.wires`, from the conductance
+    reads) make the two fits' gains agree on average (`_fit_wires`); the gains and offsets
+    are then fitted against those effective weights. A channel whose two gains still differ
+    by more than the tolerance (the model does not explain its wires) is invalid ("ir_drop")."""
     device.require("mvm", instead=leave_out("the mvm-ADC calibration", "mvm"))
     lim = device.info.limits
     n, m = shape
@@ -470,67 +579,154 @@ def measure_mvm(
     sign = rng.choice([-1.0, 1.0], shape)
     pairs = n - n % 2
     sign[1:pairs:2] = -sign[0:pairs:2]
-    high, low = lim.g_min + 0.9 * span_g, lim.g_min + 0.1 * span_g
-    gp = np.where(sign > 0, high, low)
-    gm = np.where(sign > 0, low, high)
-    device.program("T", gp.astype(np.float32), gm.astype(np.float32))
-    stats: ReadStats = read_stats(device, "T", options.reads)
-    w, w_se = pair_weights(stats, span_g, float(w_max))
-    progress("mvm", 2, 4)
     levels = round((hi - lo) / dac.lsb)
     k_lo, k_hi = round(d_lo * levels), round(d_hi * levels)
     size = max(n, m)
     est_step = lsb(lim.adc_bits, top - bottom)
     out = _empty(size, "mvm", est_step, "weight units (x @ W)")
-    sweeps = [(False, m, w, w_se)] + ([(True, n, w.T, w_se.T)] if n > m else [])
-    raw: dict[str, np.ndarray] = {}
-    all_y = []
-    for k, (transpose, width, wmat, wmat_se) in enumerate(sweeps):
-        width_in = wmat.shape[0]
+    sweeps = [False] + ([True] if n > m else [])
+    inputs = []
+    for transpose in sweeps:
+        width_in = m if transpose else n
         if width_in >= TWO_LEVEL_MIN_LINES:
             codes = rng.choice([k_lo, k_hi], (options.samples, width_in))
         else:
             # few input lines give few distinct two-level inputs (2^lines), too few for the
             # ADC's rounding to average out of the fit: every code between the two levels
             codes = rng.integers(k_lo, k_hi + 1, (options.samples, width_in))
-        d = lo + codes * dac.lsb
-        x = dac_codes_to_requests(dac, d, 0)
-        y = device.mvm("T", x, transpose=transpose).astype(np.float64)
-        v = d @ wmat
-        all_y.append(y.ravel())
-        margin = 1.5 * est_step
-        mask = (y > bottom + margin) & (y < top - margin)
-        fit = fit_lines(v, y, mask)
+        inputs.append(lo + codes * dac.lsb)
+    reads: list[ReadStats] = []
+    outputs: list[list[np.ndarray]] = []
+    for high, low in MVM_LOADS:
+        g_hi, g_lo = lim.g_min + high * span_g, lim.g_min + low * span_g
+        gp = np.where(sign > 0, g_hi, g_lo)
+        gm = np.where(sign > 0, g_lo, g_hi)
+        device.program("T", gp.astype(np.float32), gm.astype(np.float32))
+        reads.append(read_stats(device, "T", options.reads))
+        outputs.append(
+            [
+                device.mvm("T", dac_codes_to_requests(dac, d, 0), transpose=t).astype(np.float64)
+                for t, d in zip(sweeps, inputs, strict=True)
+            ]
+        )
+    progress("mvm", 2, 4)
+    margin = 1.5 * est_step
+    masks = [[(y > bottom + margin) & (y < top - margin) for y in ys] for ys in outputs]
+
+    def weights(k: int, r: float) -> np.ndarray:
+        g = reads[k].mean
+        return float(w_max) * effective_weights(g[0], g[1], r, span_g)
+
+    def fits(k: int, r: float) -> list[LineFit]:
+        w = weights(k, r)
+        mats = [w.T if t else w for t in sweeps]
+        data = zip(inputs, mats, outputs[k], masks[k], strict=True)
+        return [fit_lines(d @ wm, y, mk) for d, wm, y, mk in data]
+
+    wire = _fit_wires(fits)
+    progress("mvm", 3, 4)
+    r_hat = wire["ohms"]
+    final = fits(0, r_hat)
+    other = fits(1, r_hat)
+    w0 = weights(0, r_hat)
+    w_read, w_se = pair_weights(reads[0], span_g, float(w_max))
+    raw: dict[str, np.ndarray] = {}
+    reasons: dict[int, str] = {}
+    tol = np.inf if options.gain_tol is None else options.gain_tol
+    for k, transpose in enumerate(sweeps):
+        d, fit, fit1 = inputs[k], final[k], other[k]
+        width = n if transpose else m
+        wmat_se = w_se.T if transpose else w_se
         # The reference reads' error in v = d @ W varies from sample to sample (it is in the fit's
         # residuals) except for its part through the mean input, which looks like an offset.
         bias = np.sqrt((wmat_se**2).sum(0)) * float(np.mean(d))
         cols = slice(0, width) if k == 0 else slice(m, width)
-        src = slice(0, width) if k == 0 else slice(m, width)
-        out.gain[cols] = fit.slope[src]
-        out.offset[cols] = fit.intercept[src]
-        out.gain_se[cols] = fit.slope_se[src]
-        out.offset_se[cols] = np.sqrt(fit.intercept_se**2 + (fit.slope * bias) ** 2)[src]
+        out.gain[cols] = fit.slope[cols]
+        out.offset[cols] = fit.intercept[cols]
+        out.gain_se[cols] = fit.slope_se[cols]
+        out.offset_se[cols] = np.sqrt(fit.intercept_se**2 + (fit.slope * bias) ** 2)[cols]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            moved = fit1.slope / fit.slope - 1
+            moved_se = np.hypot(fit.slope_se, fit1.slope_se) / np.abs(fit.slope)
+            bad = (np.abs(moved) > tol) & (np.abs(moved) > 3 * moved_se)
+        for j in np.flatnonzero(bad[cols]) + cols.start:
+            reasons[int(j)] = (
+                f"ir_drop: the gain moved {100 * moved[j]:+.2f} % when the tile's line currents rose at "
+                f"the same weights, after the wire model ({r_hat:.3g} ohm per segment) took its part: "
+                "the wires' effect on this output is not what the model says; calibrate on a smaller tile"
+            )
         raw["transpose_input" if transpose else "input"] = d.astype(np.float32)
-        raw["transpose_output" if transpose else "output"] = y.astype(np.float32)
-        progress("mvm", 3 + k, 4)
-    uniq = np.unique(np.concatenate(all_y))
+        raw["transpose_output" if transpose else "output"] = outputs[0][k].astype(np.float32)
+    uniq = np.unique(np.concatenate([y.ravel() for y in outputs[0]]))
     diffs = np.diff(uniq)
     diffs = diffs[diffs > 1e-6 * (top - bottom)]
     data_step = float(np.median(diffs)) if diffs.size else float("nan")
     if lim.adc_bits is not None and np.isfinite(data_step) and abs(data_step / est_step - 1) > 0.05:
         out.lsb = data_step
+    for j in reasons:
+        out.gain[j] = out.offset[j] = np.nan
     out.valid = np.isfinite(out.gain)
-    raw["weights"] = w.astype(np.float32)
+    raw["weights"] = w0.astype(np.float32)
     raw["weights_se"] = w_se.astype(np.float32)
+    raw["g_plus"] = reads[0].mean[0].astype(np.float32)
+    raw["g_minus"] = reads[0].mean[1].astype(np.float32)
     out.raw = raw
     out.info = {
-        "method": "mvm through a tile of known random weights, DAC inputs at exact codes",
+        "method": "mvm through a tile of known random weights at two line loads, DAC inputs at exact codes",
         "range": [bottom, top],
         "lsb_from_bits": est_step,
         "lsb_from_data": data_step,
         "w_max": float(w_max),
         "samples": options.samples,
         "reads": options.reads,
+        "wire_resistance": r_hat,
+        "wire_resistance_se": wire["ohms_se"],
+        # the share of the weights' magnitude the wires take, by the model at the fitted resistance
+        "ir_drop_mean": float(1.0 - np.abs(w0).sum() / np.abs(w_read).sum()),
+        "invalid": {str(ch): why for ch, why in reasons.items()},
     }
     progress("mvm", 4, 4)
     return out
+
+
+def _load_gap(fits: list[LineFit], others: list[LineFit]) -> tuple[float, float]:
+    """Mean and standard error over the output lines of ``log(gain at load 0 / gain at load 1)``."""
+    gaps = np.concatenate([np.log(a.slope / b.slope) for a, b in zip(fits, others, strict=True)])
+    gaps = gaps[np.isfinite(gaps)]
+    if gaps.size == 0:
+        raise CalibrationError("the mvm routine got no usable output line: every reading saturated")
+    return float(gaps.mean()), float(gaps.std(ddof=1) / np.sqrt(gaps.size)) if gaps.size > 1 else 0.0
+
+
+def _fit_wires(fits: Callable[[int, float], list[LineFit]]) -> dict[str, float]:
+    """The wire resistance (ohms per segment) whose modelled effective weights give the two
+    loads' fits the same mean gain: the gap in log gain falls as the resistance rises (the
+    model takes more of the attenuation), so it is bisected on [0, `wires.MAX_OHMS`] to
+    `WIRE_FIT_TOL` of the answer. 0 where the gap is not positive at no resistance (no wire
+    effect to see); its standard error from the lines' scatter through the gap's slope."""
+
+    def gap(r: float) -> tuple[float, float]:
+        return _load_gap(fits(0, r), fits(1, r))
+
+    g0, g0_se = gap(0.0)
+    if g0 <= 0.0:
+        return {"ohms": 0.0, "ohms_se": float("nan"), "gap_at_zero": g0}
+    lo_r, hi_r = 0.0, 1.0
+    while gap(hi_r)[0] > 0.0:
+        lo_r, hi_r = hi_r, 2.0 * hi_r
+        if hi_r > MAX_OHMS:
+            raise CalibrationError(
+                f"the mvm outputs move with the line load more than {MAX_OHMS:g} ohms of wire per "
+                "segment explain: the tile's wires are out of the model's reach; calibrate on a smaller tile"
+            )
+    while hi_r - lo_r > WIRE_FIT_TOL * hi_r:
+        mid = 0.5 * (lo_r + hi_r)
+        if gap(mid)[0] > 0.0:
+            lo_r = mid
+        else:
+            hi_r = mid
+    r_hat = 0.5 * (lo_r + hi_r)
+    # the gap's slope in r, over a step of a tenth of the answer
+    step = max(0.1 * r_hat, 1e-3)
+    slope = (gap(r_hat + step)[0] - gap(max(r_hat - step, 0.0))[0]) / (r_hat + step - max(r_hat - step, 0.0))
+    return {"ohms": r_hat, "ohms_se": abs(g0_se / slope) if slope else float("nan"), "gap_at_zero": g0}

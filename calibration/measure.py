@@ -162,3 +162,38 @@ def tile_topology(shapes: list[tuple[int, int]]) -> Topology:
         groups[f"c{k}"] = cols
     couplings = tuple(Coupling(f"T{k}", (f"r{k}",), (f"c{k}",)) for k in range(len(shapes)))
     return Topology(groups, couplings)
+
+
+@dataclass
+class CrosstalkFit:
+    """Per-column fits ``y = a x + b + c x (z - mean z)`` (the line of `fit_lines` with a term
+    for how the slope moves with `z`); NaN where a column has < 4 points or no spread in z."""
+
+    slope: np.ndarray  # a
+    cross: np.ndarray  # c
+    cross_se: np.ndarray
+    z_mean: np.ndarray
+
+
+def fit_crosstalk(x: np.ndarray, z: np.ndarray, y: np.ndarray, mask: np.ndarray) -> CrosstalkFit:
+    """Fit `CrosstalkFit` per column of (samples, columns) arrays where `mask` holds."""
+    m = mask.astype(np.float64)
+    n = m.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zm = (m * np.where(mask, z, 0.0)).sum(0) / n
+        cols = [np.ones_like(m), np.where(mask, x, 0.0), np.where(mask, x * (z - zm), 0.0)]
+        design = np.stack(cols, -1) * m[..., None]  # (samples, columns, 3)
+        yy = np.where(mask, y, 0.0)
+        xtx = np.einsum("sci,scj->cij", design, design)
+        xty = np.einsum("sci,sc->ci", design, yy)
+        ok = (n >= 4) & (np.abs(np.linalg.det(xtx)) > 1e-300)
+        eye = np.eye(3)
+        inv = np.linalg.inv(np.where(ok[:, None, None], xtx, eye))
+        beta = np.einsum("cij,cj->ci", inv, xty)
+        resid = yy - np.einsum("sci,ci->sc", design, beta)
+        var = (resid * resid * m).sum(0) / (n - 3)
+        se = np.sqrt(var * inv[:, 2, 2])
+    out = [beta[:, 1].copy(), beta[:, 2].copy(), se, zm]
+    for a in out:
+        a[~ok] = np.nan
+    return CrosstalkFit(*out)
