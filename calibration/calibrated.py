@@ -4,8 +4,11 @@ A decorator, so the host stack can use a record without changing a line: clamps,
 targets and mvm inputs are pre-compensated for the DAC, read-out states and mvm outputs
 corrected for the ADCs, and programming targets moved into each device's measured window
 with stuck devices compensated by their partners (on the tiles the record calibrated, at
-their positions and shapes; other tiles are programmed as asked). Clamped groups come back
-as the host asked for them, as from any Device. Everything else passes through (`DeviceWrapper`).
+their positions and shapes; other tiles are programmed as asked), and, where the record
+measured the wires' resistance (its mvm routine), every tile's targets pre-distorted for
+the wires' IR drop (`calibration.wires.predistort`: the effective conductances an mvm or a
+settle sees are then the ones asked for). Clamped groups come back as the host asked for
+them, as from any Device. Everything else passes through (`DeviceWrapper`).
 
     dev = CalibratedDevice(open_device(uri), calibration.load("cal.zarr"))
 """
@@ -18,6 +21,7 @@ import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
 from calibration.record import CalibrationError, CalibrationRecord
+from calibration.wires import predistort
 from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
 
@@ -29,13 +33,18 @@ class CalibratedDevice(DeviceWrapper):
         record: CalibrationRecord,
         *,
         targets: bool = True,
+        wires: bool = True,
         session: str = "hil calibrate URI --out RECORD",
     ) -> None:
         record.check_board(device.info)
         super().__init__(device)
         self.record = record
         self.targets = targets  # also correct programming targets (per-device windows, stuck devices)
+        # pre-distort programming targets for IR drop, by the record's wire resistance (if any)
+        self.wires = wires
         self.session = session  # the command that made the record, named when it falls short
+        # per (tile, shape): each array's attenuation at its last targets, to warm-start the next
+        self._attenuation: dict[tuple[str, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
@@ -72,9 +81,22 @@ class CalibratedDevice(DeviceWrapper):
         position = corr.position(tile)
         shape = corr.topology.tile_shape(tile)
         cal = self.record.tiles.get(position)
+        stuck = None
         if self.targets and cal is not None and tuple(cal.shape) == shape:
             t = conductance_targets(self.record, position, g_plus, g_minus, self.info.limits)
             g_plus, g_minus = t.g_plus, t.g_minus
+            if cal.stuck is not None:
+                stuck = (cal.stuck.stuck[0].astype(bool), cal.stuck.stuck[1].astype(bool))
+        r = self.record.wire_resistance
+        if self.wires and r:
+            lim = self.info.limits
+            key = (tile, shape)
+            pre = predistort(
+                np.asarray(g_plus), np.asarray(g_minus), r, lim.g_min, lim.g_max,
+                fixed=stuck, start=self._attenuation.get(key),
+            )  # fmt: skip
+            self._attenuation[key] = pre.attenuation
+            g_plus, g_minus = pre.g_plus, pre.g_minus
         return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:

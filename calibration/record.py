@@ -212,6 +212,14 @@ class CalibrationRecord:
             )
         return cal
 
+    @property
+    def wire_resistance(self) -> float | None:
+        """Ohms per wire segment the mvm routine measured (`calibration.converters.measure_mvm`),
+        or None where the record has no mvm routine (or one from before it measured them)."""
+        cal = self.converters.get("mvm")
+        r = None if cal is None else cal.info.get("wire_resistance")
+        return None if r is None else float(r)
+
     def bank(self, name: str) -> ChannelCal:
         cal = self.converters.get(name)
         if cal is None:

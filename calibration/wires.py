@@ -121,45 +121,60 @@ class Predistorted:
     unreachable: np.ndarray  # bool (R, C): a device of the pair stopped at its bound short of it
     residual: float  # largest |effective - requested| of the reachable cells (siemens)
     iterations: int
+    attenuation: tuple[np.ndarray, np.ndarray]  # each array's `attenuation` at the answer
 
 
 def _one_array(
-    target: np.ndarray, r: float, g_lo: float, g_hi: float
-) -> tuple[np.ndarray, np.ndarray, float, int]:
+    target: np.ndarray, r: float, g_lo: float, g_hi: float, fixed: np.ndarray | None, u0: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, float, int, np.ndarray]:
     t = np.asarray(target, dtype=np.float64)
+    keep = np.zeros(t.shape, bool) if fixed is None else np.asarray(fixed, bool)
     g = t.copy()
-    u = attenuation(g, r)
+    u = attenuation(g, r, u0)
     tol = PREDISTORT_TOL * (g_hi - g_lo)
     iterations = 0
     for _ in range(PREDISTORT_ITERS):
         iterations += 1
         # the fixed point of G = T / u(G): a cell whose effective value falls short is raised
         # by the share it loses, and the line currents it adds are taken into the next solve
-        g = np.clip(t / np.maximum(u, 1e-6), g_lo, g_hi)
+        g = np.where(keep, t, np.clip(t / np.maximum(u, 1e-6), g_lo, g_hi))
         u = attenuation(g, r, u)
         err = np.abs(g * u - t)
         short = (g >= g_hi) & (g * u < t - tol)
-        if float(np.where(short, 0.0, err).max()) <= tol:
+        if float(np.where(short | keep, 0.0, err).max()) <= tol:
             break
     err = np.abs(g * u - t)
     short = (g >= g_hi) & (g * u < t - tol)
-    return g, short, float(np.where(short, 0.0, err).max()), iterations
+    return g, short, float(np.where(short | keep, 0.0, err).max()), iterations, u
 
 
 def predistort(
-    g_plus: np.ndarray, g_minus: np.ndarray, r: float, g_lo: float, g_hi: float
+    g_plus: np.ndarray,
+    g_minus: np.ndarray,
+    r: float,
+    g_lo: float,
+    g_hi: float,
+    *,
+    fixed: tuple[np.ndarray, np.ndarray] | None = None,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Predistorted:
     """Conductances in [g_lo, g_hi] whose effective values through `r` ohms of wire per
     segment are `g_plus` and `g_minus` (each array separately, so the weights match too).
-    A requested value that needs more than g_hi is left at g_hi and flagged."""
+    A requested value that needs more than g_hi is left at g_hi and flagged. `fixed` (masks
+    for G+ and G-) names devices that hold their value whatever is asked (stuck ones): they
+    keep it, and their current is in the others' solve. `start` (the `attenuation` of each
+    array from an earlier call, `Predistorted.attenuation`) warm-starts the solves."""
     if not g_lo < g_hi:
         raise CalibrationError(f"predistort needs g_lo < g_hi, got {g_lo} and {g_hi}")
-    gp, short_p, res_p, it_p = _one_array(g_plus, r, g_lo, g_hi)
-    gm, short_m, res_m, it_m = _one_array(g_minus, r, g_lo, g_hi)
+    fp, fm = (None, None) if fixed is None else fixed
+    sp, sm = (None, None) if start is None else start
+    gp, short_p, res_p, it_p, up = _one_array(g_plus, r, g_lo, g_hi, fp, sp)
+    gm, short_m, res_m, it_m, um = _one_array(g_minus, r, g_lo, g_hi, fm, sm)
     return Predistorted(
         g_plus=gp.astype(np.float32),
         g_minus=gm.astype(np.float32),
         unreachable=short_p | short_m,
         residual=max(res_p, res_m),
         iterations=max(it_p, it_m),
+        attenuation=(up, um),
     )
