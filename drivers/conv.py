@@ -24,6 +24,14 @@ bilinear in (s_src, s_dst) for a fixed choice of winners, and its derivatives ar
 - ``dPhi/dK``: the sum over positions of patch x routed destination state, and ``dPhi/db``
   the sum of the destination states (`weight_grad`).
 
+A conv coupling split into row blocks by source channels (`drivers.placement`) is several
+conv tiles whose products sum at one destination map. With pooling, a max of sums is not a
+sum of maxes, so such tiles name one ``pool_group`` (`drivers.topology.Coupling`): the group is
+one *unit* (`units`) that sums its members' pre-activations before the pooling (a node-side
+pool) and routes the destination's states back to the shared winners through every member's
+transposed tile (`unit_forward`, `unit_winners`, `unit_phi`; `backward` and `weight_grad` per
+member with the unit's winners). A conv tile without a pool group is a unit of its own.
+
 The emulator, the host's iterated settle, the EP estimator and the pure-torch reference all
 use these maps, so the four agree on what a conv coupling is.
 """
@@ -168,6 +176,51 @@ def weight_grad(x: Tensor, y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Te
 def phi(x: Tensor, y: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor:
     """``Phi_c`` per sample, (B,)."""
     return (forward(x, tile, g)[0] * y).sum(1)
+
+
+# ------------------------------------------------------------------ pool groups
+def units(topology: Topology) -> list[tuple[Coupling, ...]]:
+    """The conv couplings of `topology` as units that pool together: a tile alone, or the tiles
+    of one pool group (at the place of its first tile, in topology order)."""
+    out: list[list[Coupling]] = []
+    at: dict[str, int] = {}
+    for c in topology.couplings:
+        if c.kind != "conv":
+            continue
+        if c.pool_group and c.pool_group in at:
+            out[at[c.pool_group]].append(c)
+            continue
+        if c.pool_group:
+            at[c.pool_group] = len(out)
+        out.append([c])
+    return [tuple(u) for u in out]
+
+
+def unit_pre(xs: list[Tensor], tiles: list[Tensor], geoms: list[ConvGeometry], bias: bool = True) -> Tensor:
+    """The summed pre-activations of a unit's members (their sources `xs`), (B, C_out, H_o, W_o)."""
+    pre = pre_activation(xs[0], tiles[0], geoms[0], bias)
+    for x, t, g in zip(xs[1:], tiles[1:], geoms[1:], strict=True):
+        pre = pre + pre_activation(x, t, g, bias)
+    return pre
+
+
+def unit_forward(
+    xs: list[Tensor], tiles: list[Tensor], geoms: list[ConvGeometry], bias: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """A unit's drive of its destination ``pool(sum_m conv(x_m, K_m) + b)`` and the winners."""
+    return pool(unit_pre(xs, tiles, geoms, bias), geoms[0])
+
+
+def unit_winners(xs: list[Tensor], tiles: list[Tensor], geoms: list[ConvGeometry]) -> Tensor | None:
+    """The pooling winners of a unit at sources `xs` (None without pooling)."""
+    if geoms[0].pool == 1:
+        return None
+    return unit_forward(xs, tiles, geoms)[1]
+
+
+def unit_phi(xs: list[Tensor], y: Tensor, tiles: list[Tensor], geoms: list[ConvGeometry]) -> Tensor:
+    """A unit's ``Phi`` per sample, (B,): ``s_dst . pool(sum of the members' pre-activations)``."""
+    return (unit_forward(xs, tiles, geoms)[0] * y).sum(1)
 
 
 # ------------------------------------------------------------------ as MVMs of the one tile

@@ -1,20 +1,36 @@
 """Placing a logical network on a board's physical tiles.
 
-A bipartite coupling larger than the board's tiles (`Limits.tile_rows_max` x `tile_cols_max`)
-is split as in-memory-computing compilers split a layer: every group larger than a tile side
-becomes consecutive sub-groups ``g#0``, ``g#1``, ... (each at most ``min(tile_rows_max,
-tile_cols_max)`` nodes), the coupling's rows (its sub-groups and the bias node, in order) are
-packed into row blocks of at most `tile_rows_max` and its columns into column blocks of at most
-`tile_cols_max`, and block (i, j) becomes the physical tile ``W#i.j``. Column block j's drive is
-the sum of the row blocks' products (summed on the host after each tile's ADC, or by the node
-circuits in an analog settle: a node sums the currents of every tile it is wired to); the
-column blocks are concatenated. The sub-groups carry the same nodes, so the energy and the
-fixed point are the logical network's.
+A coupling larger than the board's tiles (`Limits.tile_rows_max` x `tile_cols_max`) is split
+as in-memory-computing compilers split a layer: its groups become consecutive sub-groups
+``g#0``, ``g#1``, ... and its matrix a grid of physical tiles ``W#i_j``, each joining row
+block i's sub-groups to column block j's. The sub-groups carry the same nodes in the same
+order, so the energy and the fixed points are the logical network's. Per kind:
 
-What cannot be split exactly is refused: a dense coupling (its W_ij and W_ji are separate
-devices on one square tile with a disconnected diagonal, wired as one node set) and a conv
-coupling whose kernel tile (``C_in k^2`` (+ 1) x ``C_out``) exceeds the tile (its weight-stationary
-kernel is applied at every position by one tile).
+- **bipartite**: every group larger than ``min(tile_rows_max, tile_cols_max)`` becomes parts of
+  that size; the rows (sub-groups, then the bias) are packed into row blocks of at most
+  `tile_rows_max`, the columns into column blocks of at most `tile_cols_max`. Column block j's
+  drive is the sum of the row blocks' products (summed on the host after each tile's ADC, or
+  by the node circuits in an analog settle); the column blocks are concatenated.
+- **dense** (all-to-all over N nodes, an (N + bias) x N tile, diagonal disconnected): the nodes
+  become consecutive parts of at most ``min(tile_rows_max - bias, tile_cols_max)`` (room for
+  the bias row). Part a's diagonal block is a dense tile ``W#a_a`` on its sub-groups with its
+  share of the bias row; each pair a < b is ONE bipartite tile ``W#a_b`` (rows part a, columns
+  part b) holding the symmetric coupling ``(W[a, b] + W[b, a]^T) / 2``: a bipartite tile couples
+  both ways with energy factor 1, which is the dense energy's ``1/2 (W_ab + W_ba^T)``. Exact on
+  a symmetric W (which EP keeps); `drivers.tiled` maps program, pulse, read and mvm both ways.
+- **conv** (one kernel tile, ``C_in k^2`` (+ bias) rows by ``C_out`` columns, read at every
+  position): the feature maps are split by channels into sub-groups of shape
+  ``(c_part, H, W)``. Columns: one tile per destination part (exact: pooling acts per output
+  channel). Rows: one tile per source part of at most ``(tile_rows_max - bias) // k^2``
+  channels, the bias row on the last; their products sum at the destination. Without pooling
+  that sum is all there is; with pooling (a max of sums is not a sum of maxes) the row tiles
+  of one destination part name one ``pool_group`` and every settle sums their
+  pre-activations before the pooling and routes back through the shared winners
+  (`drivers.conv.units`).
+
+A group split for one coupling is split for every coupling that holds it: the other couplings
+are re-expressed on the parts (a conv map split as the destination of one conv is the source
+of the next one's row blocks; a dense or conv coupling then splits too).
 
 A topology that fits is placed as itself: `Placement.split` is False and `physical` is the
 logical topology, the same object.
@@ -29,7 +45,10 @@ from drivers.base import Limits
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.topology import BIAS, Coupling, Topology
 
-SEP = "#"  # separates a logical name from its part index in a physical group or tile name
+# separates a logical name from its part index in a physical group or tile name (``W0#1_2``: no
+# dot, so that the physical topology's tile names are valid torch parameter names in `hil`)
+SEP = "#"
+MAX_PARTS = 1 << 12  # parts of one group (a dense coupling's tiles grow with their square)
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,11 @@ class Part:
 
 @dataclass(frozen=True)
 class Block:
-    """Physical tile `tile`: logical rows ``[r0, r1)`` by columns ``[c0, c1)`` of its coupling."""
+    """Physical tile `tile`: logical rows ``[r0, r1)`` by columns ``[c0, c1)`` of its coupling.
+
+    A dense coupling's blocks also use `bias_row` (a diagonal tile: the logical bias row, its
+    tile's last row; -1 for none) and `mirror` (an off-diagonal tile: it also holds logical
+    ``[c0, c1) x [r0, r1)`` as its transpose, the other half of the symmetric pair)."""
 
     tile: str
     i: int  # row block
@@ -56,6 +79,13 @@ class Block:
     r1: int
     c0: int
     c1: int
+    bias_row: int = -1
+    mirror: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The physical tile's (rows, cols)."""
+        return self.r1 - self.r0 + (self.bias_row >= 0), self.c1 - self.c0
 
 
 @dataclass(frozen=True)
@@ -82,7 +112,8 @@ class Placement:
 
     @property
     def cells(self) -> int:
-        """Crossbar cells (differential pairs) the network uses, bias rows included."""
+        """Crossbar cells (differential pairs) the network uses, bias rows included (a split
+        dense coupling uses one cell per node pair across parts, not two)."""
         return self.physical.cells()
 
     @property
@@ -91,21 +122,40 @@ class Placement:
         return self.cells / (self.tiles * self.tile_rows_max * self.tile_cols_max)
 
     def grid(self, tile: str) -> tuple[int, int]:
-        """(row blocks, column blocks) of logical `tile`."""
+        """(row blocks, column blocks) of logical `tile` (a dense one: parts x parts, its
+        upper triangle used)."""
         b = self.blocks[tile]
-        return b[-1].i + 1, b[-1].j + 1
+        return max(x.i for x in b) + 1, max(x.j for x in b) + 1
+
+    def pooled(self, tile: str) -> bool:
+        """Logical conv `tile` is split into row blocks that pool at the destination nodes."""
+        return any(self.physical.coupling(b.tile).pool_group for b in self.blocks[tile])
+
+    def _what(self, tile: str) -> str:
+        c = self.logical.coupling(tile)
+        r, k = self.logical.tile_shape(tile)
+        n = len(self.blocks[tile])
+        if c.kind == "dense":
+            parts = self.grid(tile)[0]
+            return f"{tile} dense {r}x{k} in {parts} parts on {n} tiles"
+        pool = " (node-side pool)" if c.kind == "conv" and self.pooled(tile) else ""
+        return "{} {} {}x{} on {}x{} tiles{}".format(tile, c.kind, r, k, *self.grid(tile), pool)
 
     def describe(self) -> str:
-        """``W0 785x2048 on 4x8 tiles, ...; 73 tiles of 256x256, 4198400 cells, utilisation 0.88``."""
-        shape, grid = self.logical.tile_shape, self.grid
-        per = ", ".join("{} {}x{} on {}x{} tiles".format(t, *shape(t), *grid(t)) for t in self.blocks)
+        """``W0 bipartite 785x2048 on 4x8 tiles, ...; 73 tiles of 256x256, 4198400 cells,
+        utilisation 0.88``."""
+        per = ", ".join(self._what(t) for t in self.blocks)
         return (
             f"{per}; {self.tiles} tiles of {self.tile_rows_max}x{self.tile_cols_max}, "
             f"{self.cells} cells, utilisation {self.utilisation:.3f}"
         )
 
+    def _kinds(self) -> list[tuple[str, str]]:
+        return [(t, self.logical.coupling(t).kind) for t in self.blocks]
+
     def as_dict(self) -> dict[str, object]:
-        """The figures of the placement, JSON-ready (for run logs and benchmarks)."""
+        """The figures of the placement, JSON-ready (for run logs and benchmarks): per logical
+        tile its kind, grid and physical tiles, and which conv tiles pool at the nodes."""
         return {
             "split": self.split,
             "tiles": self.tiles,
@@ -114,6 +164,9 @@ class Placement:
             "tile_rows_max": self.tile_rows_max,
             "tile_cols_max": self.tile_cols_max,
             "grid": {t: list(self.grid(t)) for t in self.blocks},
+            "kinds": dict(self._kinds()),
+            "physical_tiles": {t: len(b) for t, b in self.blocks.items()},
+            "node_pools": [t for t, c in self._kinds() if c == "conv" and self.pooled(t)],
         }
 
 
@@ -134,59 +187,119 @@ def _fits(topology: Topology, limits: Limits) -> bool:
     return all(_tile_fits(topology, c, limits) for c in topology.couplings)
 
 
+class _Caps:
+    """The largest part of every group, in units: channels for a feature map that a conv
+    coupling holds (it is split by channels), nodes for any other group."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.maps = {g for c in topology.couplings if c.kind == "conv" for g in (c.rows[0], c.cols[0])}
+        shapes = topology.shapes
+        self.unit = {g: (shapes[g][1] * shapes[g][2] if g in self.maps else 1) for g in topology.groups}
+        self.units = {g: topology.groups[g] // self.unit[g] for g in topology.groups}
+        self.cap = dict(self.units)
+
+    def split(self, g: str) -> bool:
+        return g != BIAS and self.cap[g] < self.units[g]
+
+    def nodes(self, g: str, cap: int, tile: str, why: str) -> bool:
+        """At most `cap` nodes per part of `g`; True when that lowers its cap."""
+        if self.topology.groups[g] <= cap:
+            return False  # its parts, if another coupling split it, are smaller still
+        units = cap // self.unit[g]
+        if units < 1:
+            raise ConfigurationError(
+                f"tile {tile!r} must be split into parts of at most {cap} nodes ({why}), but a channel "
+                f"of feature map {g!r} {self.topology.shapes[g]} has {self.unit[g]} nodes and a map is "
+                "split by whole channels; use smaller maps, or a board with larger tiles"
+            )
+        return self.channels(g, units)
+
+    def channels(self, g: str, units: int) -> bool:
+        if units >= self.cap[g]:
+            return False
+        self.cap[g] = units
+        return True
+
+
+def _caps(topology: Topology, limits: Limits) -> _Caps:
+    """Tighten the groups' part sizes until every coupling that must split (larger than a
+    tile, or holding a split group) fits its tiles."""
+    rmax, cmax = limits.tile_rows_max, limits.tile_cols_max
+    caps = _Caps(topology)
+    changed = True
+    while changed:
+        changed = False
+        for c in topology.couplings:
+            fits = _tile_fits(topology, c, limits)
+            groups = [g for g in c.rows + c.cols if g != BIAS]
+            if fits and not any(caps.split(g) for g in groups):
+                continue
+            b = int(BIAS in c.rows)
+            if c.kind == "bipartite" and not fits:
+                for g in groups:
+                    # a map in parts of whole channels, as many as its side of the tile holds
+                    side = min(rmax, cmax) if g not in caps.maps else (rmax if g in c.rows else cmax)
+                    changed |= caps.nodes(g, side, c.tile, "a bipartite tile larger than a tile")
+            elif c.kind == "dense":
+                side = min(rmax - b, cmax)
+                if side < 1:
+                    raise ConfigurationError(
+                        f"dense tile {c.tile!r}: a {rmax}-row tile has no room for a node besides the "
+                        "bias row; use a board with larger tiles"
+                    )
+                for g in c.cols:
+                    changed |= caps.nodes(g, side, c.tile, "a dense coupling leaves room for its bias row")
+            elif c.kind == "conv" and not fits:
+                rows, cols = topology.tile_shape(c.tile)
+                src, dst = c.rows[0], c.cols[0]
+                if rows > rmax:
+                    per = (rmax - b) // c.kernel**2
+                    if per < 1:
+                        raise ConfigurationError(
+                            f"conv tile {c.tile!r}: the kernel of one source channel ({c.kernel}^2 rows"
+                            f"{' plus the bias row' if b else ''}) does not fit the board's {rmax}-row "
+                            "tiles; use a smaller kernel or a board with larger tiles"
+                        )
+                    changed |= caps.channels(src, per)
+                if cols > cmax:
+                    changed |= caps.channels(dst, cmax)
+    return caps
+
+
 def place(topology: Topology, limits: Limits) -> Placement:
     """Place `topology` on tiles of ``limits.tile_rows_max x tile_cols_max``, at most
-    `limits.max_tiles` of them. Raises ConfigurationError for a coupling that cannot be split
-    (dense, or a conv kernel larger than a tile) and LimitViolation when the split needs more
-    tiles than the board has."""
+    `limits.max_tiles` of them (see the module doc). Raises ConfigurationError for a coupling
+    that cannot be split (a conv kernel of one channel larger than a tile, a feature-map
+    channel larger than a part) and LimitViolation when the split needs more tiles than the
+    board has."""
     rmax, cmax = limits.tile_rows_max, limits.tile_cols_max
     if _fits(topology, limits):
         blocks = {c.tile: _whole(topology, c.tile) for c in topology.couplings}
         parts = {g: (Part(g, 0, n),) for g, n in topology.groups.items()}
         return Placement(topology, topology, parts, blocks, rmax, cmax)
-    for c in topology.couplings:
-        r, k = topology.tile_shape(c.tile)
-        if r <= rmax and k <= cmax:
-            continue
-        if c.kind == "dense":
-            raise ConfigurationError(
-                f"dense tile {c.tile!r} ({r} x {k}) does not fit the board's {rmax} x {cmax} tiles and an "
-                "all-to-all coupling cannot be split (W_ij and W_ji are separate devices of one square "
-                "tile, its diagonal disconnected); use fewer nodes, or a layered (bipartite) network"
-            )
-        if c.kind == "conv":
-            raise ConfigurationError(
-                f"conv tile {c.tile!r}: its kernel tile ({r} x {k}: C_in k^2 rows plus the bias row, C_out "
-                f"columns) does not fit the board's {rmax} x {cmax} tiles, and one kernel is applied at "
-                "every position by one tile; use fewer channels or a smaller kernel"
-            )
-    chunk = min(rmax, cmax)
-    # a group is split only when it is larger than a tile side and a coupling that needs splitting
-    # holds it (the other couplings keep their groups whole)
-    big = {
-        g
-        for c in topology.couplings
-        if c.kind == "bipartite" and not _tile_fits(topology, c, limits)
-        for g in c.rows + c.cols
-        if g != BIAS and topology.groups[g] > chunk
-    }
-    for c in topology.couplings:
-        if c.kind != "bipartite" and big & set(c.rows + c.cols):
-            raise ConfigurationError(
-                f"{c.kind} tile {c.tile!r} joins group(s) {sorted(big & set(c.rows + c.cols))} that must be "
-                f"split into parts of at most {chunk} nodes for another tile; a {c.kind} coupling needs its "
-                "groups whole: make those groups at most the tile side, or use a board with larger tiles"
-            )
+    caps = _caps(topology, limits)
     parts: dict[str, tuple[Part, ...]] = {}
     groups: dict[str, int] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
     for g, n in topology.groups.items():
-        if g in big:
-            k = math.ceil(n / chunk)
-            parts[g] = tuple(Part(f"{g}{SEP}{i}", i * chunk, min(n, (i + 1) * chunk)) for i in range(k))
+        if caps.split(g):
+            k = math.ceil(caps.units[g] / caps.cap[g])
+            if k > MAX_PARTS:
+                why = "use a smaller network or a board with larger tiles"
+                raise LimitViolation(f"parts of group {g!r}", k, MAX_PARTS, why)
+            step = caps.cap[g] * caps.unit[g]
+            parts[g] = tuple(Part(f"{g}{SEP}{i}", i * step, min(n, (i + 1) * step)) for i in range(k))
         else:
             parts[g] = (Part(g, 0, n),)
+        if g in topology.shapes and len(parts[g]) == 1:
+            shapes[g] = topology.shapes[g]
         for p in parts[g]:
             groups[p.name] = p.size
+            # a map is split by channels; another shaped group keeps its shape only whole
+            if g in caps.maps and len(parts[g]) > 1:
+                _, h, w = topology.shapes[g]
+                shapes[p.name] = (p.size // (h * w), h, w)
     if len(groups) != sum(len(p) for p in parts.values()) or BIAS in groups:
         raise ConfigurationError(
             f"the sub-group names of the split ({SEP}-numbered) clash with the topology's own group "
@@ -195,28 +308,12 @@ def place(topology: Topology, limits: Limits) -> Placement:
     couplings: list[Coupling] = []
     blocks: dict[str, tuple[Block, ...]] = {}
     for c in topology.couplings:
-        if c.kind != "bipartite":
-            couplings.append(c)
-            blocks[c.tile] = _whole(topology, c.tile)
-            continue
-        rows = [(p.name, p.size) for g in c.rows for p in ((Part(BIAS, 0, 1),) if g == BIAS else parts[g])]
-        cols = [(p.name, p.size) for g in c.cols for p in parts[g]]
-        rblocks, cblocks = _pack(rows, rmax), _pack(cols, cmax)
-        out = []
-        r0 = 0
-        for i, rb in enumerate(rblocks):
-            r1 = r0 + sum(n for _, n in rb)
-            c0 = 0
-            for j, cb in enumerate(cblocks):
-                c1 = c0 + sum(n for _, n in cb)
-                one = len(rblocks) == len(cblocks) == 1  # a tile that fits keeps its name
-                name = c.tile if one else f"{c.tile}{SEP}{i}.{j}"
-                couplings.append(
-                    Coupling(name, tuple(g for g, _ in rb), tuple(g for g, _ in cb), "bipartite", c.w_max)
-                )
-                out.append(Block(name, i, j, r0, r1, c0, c1))
-                c0 = c1
-            r0 = r1
+        if c.kind == "dense":
+            out = _dense(topology, c, parts, min(rmax - int(BIAS in c.rows), cmax), couplings)
+        elif c.kind == "conv":
+            out = _conv(topology, c, parts, couplings)
+        else:
+            out = _bipartite(topology, c, parts, rmax, cmax, couplings)
         blocks[c.tile] = tuple(out)
     names = [c.tile for c in couplings]
     if len(set(names)) != len(names):
@@ -238,10 +335,102 @@ def place(topology: Topology, limits: Limits) -> Placement:
         gain=topology.gain,
         mode=topology.mode,
         budget=topology.budget,
-        shapes={g: s for g, s in topology.shapes.items() if g not in big},
+        shapes=shapes,
         activation=topology.activation,
     )
     return Placement(topology, physical, parts, blocks, rmax, cmax)
+
+
+def _sub(parts: dict[str, tuple[Part, ...]], groups: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The (name, size) of the parts of `groups` in order (the bias as itself, one row)."""
+    return [(p.name, p.size) for g in groups for p in ((Part(BIAS, 0, 1),) if g == BIAS else parts[g])]
+
+
+def _bipartite(
+    topology: Topology,
+    c: Coupling,
+    parts: dict[str, tuple[Part, ...]],
+    rmax: int,
+    cmax: int,
+    couplings: list[Coupling],
+) -> list[Block]:
+    rblocks, cblocks = _pack(_sub(parts, c.rows), rmax), _pack(_sub(parts, c.cols), cmax)
+    out = []
+    r0 = 0
+    for i, rb in enumerate(rblocks):
+        r1 = r0 + sum(n for _, n in rb)
+        c0 = 0
+        for j, cb in enumerate(cblocks):
+            c1 = c0 + sum(n for _, n in cb)
+            one = len(rblocks) == len(cblocks) == 1  # a tile that fits keeps its name
+            name = c.tile if one else f"{c.tile}{SEP}{i}_{j}"
+            rows, cols = tuple(g for g, _ in rb), tuple(g for g, _ in cb)
+            couplings.append(replace(c, tile=name, rows=rows, cols=cols))
+            out.append(Block(name, i, j, r0, r1, c0, c1))
+            c0 = c1
+        r0 = r1
+    return out
+
+
+def _dense(
+    topology: Topology,
+    c: Coupling,
+    parts: dict[str, tuple[Part, ...]],
+    side: int,
+    couplings: list[Coupling],
+) -> list[Block]:
+    """Diagonal dense tiles and one bipartite tile per pair of parts (module doc)."""
+    packed = _pack(_sub(parts, c.cols), side)
+    bias = BIAS in c.rows
+    n = topology.tile_shape(c.tile)[1]
+    if len(packed) == 1:  # fits: the tile keeps its name (on sub-groups if a group was split)
+        cols = tuple(g for g, _ in packed[0])
+        couplings.append(replace(c, rows=cols + ((BIAS,) if bias else ()), cols=cols))
+        return list(_whole(topology, c.tile))
+    starts = [0]
+    for p in packed:
+        starts.append(starts[-1] + sum(k for _, k in p))
+    out = []
+    for a, pa in enumerate(packed):
+        ga = tuple(g for g, _ in pa)
+        for b in range(a, len(packed)):
+            name = f"{c.tile}{SEP}{a}_{b}"
+            r0, r1, c0, c1 = starts[a], starts[a + 1], starts[b], starts[b + 1]
+            if a == b:
+                rows = ga + ((BIAS,) if bias else ())
+                couplings.append(Coupling(name, rows, ga, "dense", c.w_max))
+                out.append(Block(name, a, b, r0, r1, c0, c1, bias_row=n if bias else -1))
+            else:
+                gb = tuple(g for g, _ in packed[b])
+                couplings.append(Coupling(name, ga, gb, "bipartite", c.w_max))
+                out.append(Block(name, a, b, r0, r1, c0, c1, mirror=True))
+    return out
+
+
+def _conv(
+    topology: Topology, c: Coupling, parts: dict[str, tuple[Part, ...]], couplings: list[Coupling]
+) -> list[Block]:
+    """One conv tile per (source part, destination part); row tiles of a pooled conv share a
+    pool group per destination part (module doc)."""
+    src, dst = c.rows[0], c.cols[0]
+    _, h, w = topology.shapes[src]
+    _, ho, wo = topology.shapes[dst]
+    k2, bias = c.kernel**2, BIAS in c.rows
+    ps, pd = parts[src], parts[dst]
+    if len(ps) == len(pd) == 1:
+        couplings.append(replace(c, rows=(ps[0].name, *c.rows[1:]), cols=(pd[0].name,)))
+        return list(_whole(topology, c.tile))
+    out = []
+    for i, p in enumerate(ps):
+        last = i == len(ps) - 1
+        r0, r1 = p.start // (h * w) * k2, p.stop // (h * w) * k2 + int(bias and last)
+        rows = (p.name, BIAS) if bias and last else (p.name,)
+        for j, q in enumerate(pd):
+            name = f"{c.tile}{SEP}{i}_{j}"
+            group = "" if c.pool == 1 or len(ps) == 1 else (c.tile if len(pd) == 1 else f"{c.tile}{SEP}{j}")
+            couplings.append(replace(c, tile=name, rows=rows, cols=(q.name,), pool_group=group))
+            out.append(Block(name, i, j, r0, r1, q.start // (ho * wo), q.stop // (ho * wo)))
+    return out
 
 
 def _whole(topology: Topology, tile: str) -> tuple[Block]:

@@ -11,6 +11,12 @@ on the way in and reassembled on the way out:
 - `mvm`: each physical tile multiplies its slice of the input (DAC, array, ADC); the row
   blocks' outputs are summed on the host and the column blocks concatenated (``transpose``:
   the other way round);
+- a split dense coupling (`drivers.placement`): a diagonal tile's rows are its part's rows
+  and the logical bias row; an off-diagonal tile ``W#a_b`` holds both ``W[a, b]`` and
+  ``W[b, a] = W[a, b]^T``: `program` writes the mean of the two (their symmetric part; equal on
+  a symmetric W), `pulse` the mean of the two counts (rounded half to even where their sum
+  is odd), `read_conductance` puts the read back in both places, and `mvm` reads the tile
+  twice, forwards for one block and transposed for the other;
 - `settle`, `settle_tensors`: clamps, nudges and initial states are cut into the sub-groups,
   the equilibrium's states (and trace) put back together as logical groups; steps, energy and
   times are the board's.
@@ -27,7 +33,7 @@ import numpy as np
 
 from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport
 from drivers.errors import ConfigurationError
-from drivers.placement import Placement, place, rebudget
+from drivers.placement import Block, Placement, place, rebudget
 from drivers.topology import Topology
 from drivers.wrapper import DeviceWrapper
 
@@ -122,15 +128,11 @@ class TiledDevice(DeviceWrapper):
         reps = []
         for b in blocks:
             r = self.inner.program(
-                b.tile,
-                np.ascontiguousarray(gp[b.r0 : b.r1, b.c0 : b.c1]),
-                np.ascontiguousarray(gm[b.r0 : b.r1, b.c0 : b.c1]),
-                verify=verify,
-                tol=tol,
-                max_iters=max_iters,
+                b.tile, _cut(gp, b), _cut(gm, b), verify=verify, tol=tol, max_iters=max_iters
             )
-            out_p[b.r0 : b.r1, b.c0 : b.c1], out_m[b.r0 : b.r1, b.c0 : b.c1] = r.g_plus, r.g_minus
-            reps.append((r, (b.r1 - b.r0) * (b.c1 - b.c0)))
+            _put(out_p, b, r.g_plus)
+            _put(out_m, b, r.g_minus)
+            reps.append((r, b.shape[0] * b.shape[1]))
         cells = sum(n for _, n in reps)
         return ProgramReport(
             tile=tile,
@@ -150,14 +152,7 @@ class TiledDevice(DeviceWrapper):
             return self.inner.pulse(tile, counts_plus, counts_minus)
         cp = self._shape_check("counts_plus", p, tile, counts_plus)
         cm = self._shape_check("counts_minus", p, tile, counts_minus)
-        reps = [
-            self.inner.pulse(
-                b.tile,
-                np.ascontiguousarray(cp[b.r0 : b.r1, b.c0 : b.c1]),
-                np.ascontiguousarray(cm[b.r0 : b.r1, b.c0 : b.c1]),
-            )
-            for b in blocks
-        ]
+        reps = [self.inner.pulse(b.tile, _cut(cp, b, counts=True), _cut(cm, b, counts=True)) for b in blocks]
         return PulseReport(
             tile, sum(r.pulses for r in reps), sum(r.energy_j for r in reps), sum(r.time_s for r in reps)
         )
@@ -169,7 +164,9 @@ class TiledDevice(DeviceWrapper):
         shape = p.logical.tile_shape(tile)
         gp, gm = np.empty(shape, np.float32), np.empty(shape, np.float32)
         for b in blocks:
-            gp[b.r0 : b.r1, b.c0 : b.c1], gm[b.r0 : b.r1, b.c0 : b.c1] = self.inner.read_conductance(b.tile)
+            rp, rm = self.inner.read_conductance(b.tile)
+            _put(gp, b, rp)
+            _put(gm, b, rm)
         return gp, gm
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
@@ -186,8 +183,21 @@ class TiledDevice(DeviceWrapper):
             )
         y = np.zeros((x.shape[0], n_out), np.float32)
         for b in blocks:
-            (i0, i1), (o0, o1) = ((b.c0, b.c1), (b.r0, b.r1)) if transpose else ((b.r0, b.r1), (b.c0, b.c1))
-            y[:, o0:o1] += self.inner.mvm(b.tile, np.ascontiguousarray(x[:, i0:i1]), transpose=transpose)
+            n = b.r1 - b.r0
+            if transpose:
+                out = self.inner.mvm(b.tile, np.ascontiguousarray(x[:, b.c0 : b.c1]), transpose=True)
+                y[:, b.r0 : b.r1] += out[:, :n]
+                if b.bias_row >= 0:
+                    y[:, b.bias_row] += out[:, n]
+            else:
+                rows = x[:, b.r0 : b.r1]
+                if b.bias_row >= 0:
+                    rows = np.concatenate([rows, x[:, b.bias_row : b.bias_row + 1]], axis=1)
+                y[:, b.c0 : b.c1] += self.inner.mvm(b.tile, np.ascontiguousarray(rows))
+            if b.mirror:  # the other block of the pair: W[c-range, r-range] = M^T
+                src = x[:, b.r0 : b.r1] if transpose else x[:, b.c0 : b.c1]
+                dst = slice(b.c0, b.c1) if transpose else slice(b.r0, b.r1)
+                y[:, dst] += self.inner.mvm(b.tile, np.ascontiguousarray(src), transpose=not transpose)
         return y
 
     # ------------------------------------------------------------------------ settles
@@ -266,6 +276,29 @@ class TiledDevice(DeviceWrapper):
             self._split(p, clamp) or {}, self._split_nudge(p, nudge), self._split(p, init), trace
         )
         return self._join(p, eq)
+
+
+def _cut(a: np.ndarray, b: Block, counts: bool = False) -> np.ndarray:
+    """Physical tile `b.tile`'s (rows, cols) array from a logical tile's: its rectangle, the
+    bias row of a dense diagonal tile appended, the mean with the transposed mirror block of a
+    dense off-diagonal tile (pulse `counts` rounded half to even)."""
+    x = a[b.r0 : b.r1, b.c0 : b.c1]
+    if b.bias_row >= 0:
+        x = np.concatenate([x, a[b.bias_row : b.bias_row + 1, b.c0 : b.c1]])
+    if b.mirror:
+        mean = 0.5 * (x.astype(np.float64) + a[b.c0 : b.c1, b.r0 : b.r1].T)
+        x = (np.rint(mean) if counts else mean).astype(a.dtype)
+    return np.ascontiguousarray(x)
+
+
+def _put(out: np.ndarray, b: Block, x: np.ndarray) -> None:
+    """Physical tile `b.tile`'s (rows, cols) array put back into the logical tile's `out`."""
+    n = b.r1 - b.r0
+    out[b.r0 : b.r1, b.c0 : b.c1] = x[:n]
+    if b.bias_row >= 0:
+        out[b.bias_row, b.c0 : b.c1] = x[n]
+    if b.mirror:
+        out[b.c0 : b.c1, b.r0 : b.r1] = x.T
 
 
 def placement_record(device: Device) -> dict[str, object]:

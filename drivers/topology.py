@@ -53,6 +53,10 @@ class Coupling:
     kernel: int = 0
     padding: int = 0
     pool: int = 1
+    # conv couplings only: conv tiles naming the same pool group (one logical conv split into
+    # row blocks by source channels, `drivers.placement`) drive one destination map and sum
+    # their pre-activations before its max-pooling (a node-side pool); "" for none
+    pool_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,12 @@ class Topology:
         for c in self.couplings:
             if c.kind == "conv":
                 self._check_conv(c)
-            elif (c.kernel, c.padding, c.pool) != (0, 0, 1):
+            elif (c.kernel, c.padding, c.pool, c.pool_group) != (0, 0, 1, ""):
                 raise ConfigurationError(
-                    f"tile {c.tile!r}: kernel, padding and pool are for conv couplings; "
+                    f"tile {c.tile!r}: kernel, padding, pool and pool_group are for conv couplings; "
                     f"this one is {c.kind!r}"
                 )
+        self._check_pool_groups()
 
     def _check_shapes(self) -> None:
         if not isinstance(self.shapes, dict):
@@ -191,6 +196,23 @@ class Topology:
                 f"(padding {p}, pool {pool}) gives maps of {want[1]} x {want[2]}; group "
                 f"{c.cols[0]!r} has shape {self.shapes[c.cols[0]]}"
             )
+
+    def _check_pool_groups(self) -> None:
+        """The conv tiles of one pool group sum their pre-activations before one pooling: they
+        drive the same destination map with the same kernel size, padding and pool."""
+        first: dict[str, Coupling] = {}
+        for c in self.couplings:
+            if c.kind != "conv" or not c.pool_group:
+                continue
+            if not isinstance(c.pool_group, str):
+                raise ConfigurationError(f"conv tile {c.tile!r}: pool_group is a name, got {c.pool_group!r}")
+            a = first.setdefault(c.pool_group, c)
+            if (a.cols, a.kernel, a.padding, a.pool) != (c.cols, c.kernel, c.padding, c.pool):
+                raise ConfigurationError(
+                    f"conv tiles {a.tile!r} and {c.tile!r} share pool group {c.pool_group!r} but differ in "
+                    "destination, kernel, padding or pool; the tiles of a pool group sum their "
+                    "pre-activations before one pooling: give them the same, or separate groups"
+                )
 
     def size(self, group: str) -> int:
         return 1 if group == BIAS else self.groups[group]

@@ -119,10 +119,11 @@ class ConvSettle:
             if v is not None:
                 var[g] = var[g] + v if g in var else v
 
+        for unit in _units(links):
+            self._conv_drive(unit, s, free, held, noisy, add)
         for link in links:
             c = link.c
             if c.kind == "conv":
-                self._conv_drive(link, s, free, held.get(c.tile), noisy, add)
                 continue
             x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
             cols = [topo.size(g) for g in c.cols]
@@ -156,45 +157,65 @@ class ConvSettle:
 
     def _conv_drive(
         self,
-        link: _Link,
+        unit: list[_Link],
         s: dict[str, torch.Tensor],
         free: list[str],
-        held: tuple[torch.Tensor, torch.Tensor] | None,
+        held: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
         noisy: bool,
         add: Callable[[str, torch.Tensor, torch.Tensor | None], None],
     ) -> None:
-        """A conv coupling's drives: the tile read at every position (read noise on each
-        position's output lines, then the pooling), and transposed at every position with the
-        destination's states routed to the pooling winners."""
-        g = link.geom
+        """A conv unit's drives (`drivers.conv.units`: one conv tile, or the row tiles of a
+        pool group, whose pre-activations the destination's node-side pool sums): every tile
+        read at every position (read noise on each position's output lines, then the pooling),
+        and transposed at every position with the destination's states routed to the pooling
+        winners. `held`: per tile whose source is clamped, its noise-free pre-activations and,
+        for the unit's first tile when every source is clamped, the unit's pooled drive."""
+        g = unit[0].geom
         assert g is not None
-        a, b = link.c.rows[0], link.c.cols[0]
-        x = s[a]
+        b = unit[0].c.cols[0]
         idx = None
         if b in free:
-            read_noise = noisy and bool(link.noise_k)
-            if held is not None and not read_noise:
-                y = held[1]  # a clamped source read without noise: the same every step
+            read_noise = noisy and any(lk.noise_k for lk in unit)
+            whole = held.get(unit[0].c.tile, (None, None))[1]
+            if whole is not None and not read_noise:
+                y = whole  # clamped sources read without noise: the same every step
             else:
-                pre = held[0] if held is not None else conv.pre_activation(x, link.w, g)
+                pre = sum(
+                    (held[lk.c.tile][0] if lk.c.tile in held else self._pre(lk, s) for lk in unit[1:]),
+                    held[unit[0].c.tile][0] if unit[0].c.tile in held else self._pre(unit[0], s),
+                )
                 y, idx = conv.pool(pre, g)
                 if read_noise:
-                    # the read noise rides on the value passed on; the pooling comparators pick
-                    # their winner from the time-averaged (noise-free) pre-activations
-                    read = pre + torch.sqrt(_patch_square(x, g) * link.noise_k) * self._draw(pre.shape)
+                    # the read noise rides on the value passed on (each tile's read its own); the
+                    # pooling comparators pick their winner from the time-averaged (noise-free)
+                    # pre-activations
+                    read = pre
+                    for lk in unit:
+                        if lk.noise_k:
+                            sq = _patch_square(s[lk.c.rows[0]], lk.geom)  # type: ignore[arg-type]
+                            read = read + torch.sqrt(sq * lk.noise_k) * self._draw(pre.shape)
                     y = conv.pool_at(read, g, idx)
             add(b, y, None)
-        if a in free:
+        for lk in unit:
+            a, gm = lk.c.rows[0], lk.geom
+            assert gm is not None
+            if a not in free:
+                continue
             if idx is None:  # else the comparators' winners of this step's (noisy) read
-                idx = conv.winners(x, link.w, g)
-            back = conv.backward(s[b], link.w, g, idx)
+                idx = _unit_winners(unit, s)
+            back = conv.backward(s[b], lk.w, gm, idx)
             v = None
-            if noisy and link.noise_k:
-                routed = conv.unpool(s[b], g, idx).square().sum(1, keepdim=True)
-                ones = torch.ones(1, 1, g.kernel, g.kernel, device=x.device)
-                per_node = F.conv_transpose2d(routed, ones, padding=g.padding) * link.noise_k
-                v = per_node.expand(-1, g.c_in, -1, -1).reshape(back.shape)
+            if noisy and lk.noise_k:
+                routed = conv.unpool(s[b], gm, idx).square().sum(1, keepdim=True)
+                ones = torch.ones(1, 1, gm.kernel, gm.kernel, device=back.device)
+                per_node = F.conv_transpose2d(routed, ones, padding=gm.padding) * lk.noise_k
+                v = per_node.expand(-1, gm.c_in, -1, -1).reshape(back.shape)
             add(a, back, v)
+
+    @staticmethod
+    def _pre(link: _Link, s: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert link.geom is not None
+        return conv.pre_activation(s[link.c.rows[0]], link.w, link.geom)
 
     # ------------------------------------------------------------------------------ settle
     def settle(
@@ -237,11 +258,14 @@ class ConvSettle:
                 self._pool = NoisePool(board.noise, size, dev)
             else:
                 self._pool.refresh(size)
-        held = {}
-        for lk in links:
-            if lk.geom is not None and lk.c.rows[0] in clamp:
-                pre = conv.pre_activation(s[lk.c.rows[0]], lk.w, lk.geom)
-                held[lk.c.tile] = (pre, conv.pool(pre, lk.geom)[0])
+        held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for unit in _units(links):
+            for lk in unit:
+                if lk.c.rows[0] in clamp:
+                    held[lk.c.tile] = (self._pre(lk, s), None)
+            if all(lk.c.tile in held for lk in unit):
+                pre = sum((held[lk.c.tile][0] for lk in unit[1:]), held[unit[0].c.tile][0])
+                held[unit[0].c.tile] = (held[unit[0].c.tile][0], conv.pool(pre, unit[0].geom)[0])  # type: ignore[arg-type]
         budget, gain = topo.budget, topo.gain
         dt = min(budget.dt, 1.8 / (1.0 + gain * self._coupling_norm(links, s, free)))
         elastic, currents = nudge.elastic, nudge.currents
@@ -313,11 +337,12 @@ class ConvSettle:
             e = sum((s[g].square().sum(1) for g in free), zero) / (2 * topo.gain)
         else:
             e = sum((topo.activation.leak(s[g], topo.gain).sum(1) for g in free), zero)
+        for unit in _units(links):
+            xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
+            e = e - conv.unit_phi(xs, s[unit[0].c.cols[0]], ws, gs)  # type: ignore[arg-type]
         for link in links:
             c = link.c
             if c.kind == "conv":
-                assert link.geom is not None
-                e = e - conv.phi(s[c.rows[0]], s[c.cols[0]], link.w, link.geom)
                 continue
             x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
             if c.kind == "dense":
@@ -381,7 +406,7 @@ class ConvSettle:
         links: list[_Link],
         s: dict[str, torch.Tensor],
         free: list[str],
-        held: dict[str, torch.Tensor],
+        held: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
         steps: int,
         dt: float,
         batch: int,
@@ -396,6 +421,7 @@ class ConvSettle:
             lk.c.kind != "conv" and any(g in free for g in lk.c.rows + lk.c.cols) for lk in links
         )
         reads_per_step, once, read_j, analog_w = 0, 0, 0.0, 0.0
+        winners = {lk.c.tile: _unit_winners(u, s) for u in _units(links) for lk in u if lk.c.rows[0] in free}
         for link in links:
             c = link.c
             if c.kind == "conv":
@@ -414,7 +440,7 @@ class ConvSettle:
                         reads_per_step += g.positions
                         read_j += fwd * per.mvm_time_s * steps
                 if a in free:
-                    routed = conv.unpool(s[b], g, conv.winners(x, link.w, g)).square().sum((2, 3))
+                    routed = conv.unpool(s[b], g, winners[c.tile]).square().sum((2, 3))
                     reads_per_step += g.positions
                     read_j += float(routed.sum(0) @ link.g_cols) * per.mvm_time_s * steps
                 continue
@@ -428,6 +454,29 @@ class ConvSettle:
         seconds = (step_s * steps + once * per.mvm_time_s) * batch
         joules = (read_j + analog_w * analog_s * steps) * v2
         return seconds, joules
+
+
+def _units(links: list[_Link]) -> list[list[_Link]]:
+    """The conv links as units that pool together (`drivers.conv.units`)."""
+    out: list[list[_Link]] = []
+    at: dict[str, int] = {}
+    for lk in links:
+        if lk.geom is None:
+            continue
+        group = lk.c.pool_group
+        if group and group in at:
+            out[at[group]].append(lk)
+            continue
+        if group:
+            at[group] = len(out)
+        out.append([lk])
+    return out
+
+
+def _unit_winners(unit: list[_Link], s: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pooling winners of a unit at states `s` (noise-free pre-activations)."""
+    xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
+    return conv.unit_winners(xs, ws, gs)  # type: ignore[arg-type]
 
 
 def _patch_square(x: torch.Tensor, g: conv.ConvGeometry) -> torch.Tensor:

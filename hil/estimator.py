@@ -222,10 +222,12 @@ class EPEstimator:
         """dPhi/dW per tile, summed over the batch, at the given states."""
         st = self._tensors(states)
         out = {}
+        units = {c.tile: u for u in conv.units(self.topology) for c in u}
+        winners: dict[str, Tensor | None] = {}  # per unit (its first tile): shared by its tiles
         for c in self.topology.couplings:
             rows, cols = self.topology.tile_shape(c.tile)
             if c.kind == "conv":
-                out[c.tile] = self._conv_grad(c, st)
+                out[c.tile] = self._conv_grad(c, st, units[c.tile], winners)
                 continue
             s = joined(st, c.cols)
             if c.kind == "dense":
@@ -241,16 +243,28 @@ class EPEstimator:
                 )
         return out
 
-    def _conv_grad(self, c: Coupling, st: dict[str, Tensor]) -> Tensor:
+    def _conv_grad(
+        self,
+        c: Coupling,
+        st: dict[str, Tensor],
+        unit: tuple[Coupling, ...],
+        winners: dict[str, Tensor | None],
+    ) -> Tensor:
+        """dPhi/dW of conv tile `c`, at the pooling winners of its unit (`drivers.conv.units`:
+        a pool group's tiles share the winners of their summed pre-activations)."""
         if self.weights is None:
             raise ValueError(
                 f"conv tile {c.tile!r}: the estimator needs the device's weights (EPEstimator(weights=...)) "
                 "to find the pooling winners"
             )
         g = conv.ConvGeometry.of(self.topology, c)
-        w = self.weights()[c.tile].detach().to(st[c.rows[0]].device, st[c.rows[0]].dtype)
         x, y = st[c.rows[0]], st[c.cols[0]]
-        return conv.weight_grad(x, y, g, conv.winners(x, w, g))
+        if unit[0].tile not in winners:
+            weights = self.weights()
+            ws = [weights[m.tile].detach().to(x.device, x.dtype) for m in unit]
+            geoms = [conv.ConvGeometry.of(self.topology, m) for m in unit]
+            winners[unit[0].tile] = conv.unit_winners([st[m.rows[0]] for m in unit], ws, geoms)
+        return conv.weight_grad(x, y, g, winners[unit[0].tile])
 
     def phi_grad_difference(
         self, a: StateMap, b: StateMap, out: Mapping[str, Tensor] | None = None

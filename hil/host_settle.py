@@ -11,7 +11,9 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   transposed, as rows of one `mvm` call (split into calls of at most `Limits.max_batch`
   rows): the patches of every position give the destination's pre-activations, which the
   host max-pools; the destination's states, routed back to the pooling winners, go through
-  the transposed reads and are summed back onto the source map;
+  the transposed reads and are summed back onto the source map; the tiles of a pool group
+  (`drivers.conv.units`) are read one after the other and their pre-activations summed
+  before the one pooling, whose winners route every member's transposed read;
 - every product goes to the board in requests of at most `Limits.max_batch` rows, so a settle
   may hold more samples than one request (up to `drivers.checks.MAX_SETTLE_VALUES` values);
 - a product whose sources are all clamped (the input layer and the bias, usually the widest
@@ -76,6 +78,8 @@ class _Term:
     constant: bool  # every source is clamped (or the bias)
     diagonal: bool = False  # a dense tile: its read-back diagonal is taken out of the drive
     geom: conv.ConvGeometry | None = None  # a conv tile: read at every position
+    # the forward read of a pool group: its tiles' reads (this term's first), summed before pooling
+    members: tuple[_Term, ...] = ()
 
 
 @dataclass
@@ -104,12 +108,21 @@ def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
     def fixed(groups: tuple[str, ...]) -> bool:
         return all(g == BIAS or g in clamped for g in groups)
 
+    groups = {u[0].tile: u for u in conv.units(topo) if len(u) > 1}
+    later = {c.tile for u in groups.values() for c in u[1:]}  # read in their group's first term
     for c in topo.couplings:
         if c.kind == "conv":
             g = conv.ConvGeometry.of(topo, c)
             a, b = c.rows[0], c.cols[0]
-            if b not in clamped:  # the forward read first: the transposed one routes by its winners
-                out.append(_Term(c.tile, False, c.rows, [(b, 0, topo.size(b))], fixed(c.rows), geom=g))
+            if b not in clamped and c.tile not in later:  # the forward read first: the transposed
+                # one routes by its winners
+                members = tuple(
+                    _Term(m.tile, False, m.rows, [], fixed(m.rows), geom=conv.ConvGeometry.of(topo, m))
+                    for m in groups.get(c.tile, ())
+                )
+                constant = all(m.constant for m in members) and fixed(c.rows)
+                dst = [(b, 0, topo.size(b))]
+                out.append(_Term(c.tile, False, c.rows, dst, constant, geom=g, members=members))
             if a not in clamped:
                 if b in clamped:
                     raise ConfigurationError(
@@ -211,9 +224,16 @@ class HostSettle:
 
         def conv_product(term: _Term, g: conv.ConvGeometry) -> np.ndarray:
             if not term.transpose:  # every position's patch, then the pooling on the host
-                rows = conv.patches(torch.from_numpy(s[term.sources[0]]), g).numpy()
-                pre = conv.from_positions(torch.from_numpy(mvm(term, rows)), g)
-                y, winners[term.tile] = conv.pool(pre, g)
+                pre = None
+                for m in term.members or (term,):
+                    assert m.geom is not None
+                    rows = conv.patches(torch.from_numpy(s[m.sources[0]]), m.geom).numpy()
+                    part = conv.from_positions(torch.from_numpy(mvm(m, rows)), m.geom)
+                    pre = part if pre is None else pre + part
+                assert pre is not None
+                y, idx = conv.pool(pre, g)
+                for m in term.members or (term,):
+                    winners[m.tile] = idx
                 return y.numpy()
             routed = conv.unpool(torch.from_numpy(s[term.sources[0]]), g, winners.get(term.tile))
             out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
@@ -229,12 +249,12 @@ class HostSettle:
         for term in terms:
             if term.constant:
                 y = product(term)
-                stats.per_settle += 1
+                stats.per_settle += len(term.members) or 1
                 for g, a, b in term.dsts:
                     const[g] += y[:, a:b]
             else:
                 dynamic.append(term)
-        stats.per_step = len(dynamic)
+        stats.per_step = sum(len(t.members) or 1 for t in dynamic)
         dt = self._dt(topo, clamped, free, ref)
         fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
         check_every = budget.check_every if budget.tol > 0 else budget.max_steps

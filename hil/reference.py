@@ -198,10 +198,12 @@ class DHN(nn.Module):
         batch = any_state.shape[0]
         src = {g: s for g, s in states.items() if sources is None or g in sources}
         out: States = {}
+        units = {u[0].tile: u for u in conv.units(self.topology)}  # pool groups sum before pooling
         for c in self.topology.couplings:
             row_groups = tuple(g for g in c.rows if g != BIAS or bias)
             if c.kind == "conv":
-                self._conv_drive(c, states, src, out, targets, bias, any_state)
+                if c.tile in units:
+                    self._conv_drive(units[c.tile], states, src, out, targets, bias, any_state)
                 continue
             if c.kind == "dense":
                 w = self._dense_matrix(c)
@@ -232,7 +234,7 @@ class DHN(nn.Module):
 
     def _conv_drive(
         self,
-        c: Coupling,
+        unit: tuple[Coupling, ...],
         states: Mapping[str, Tensor],
         src: Mapping[str, Tensor],
         out: States,
@@ -240,24 +242,33 @@ class DHN(nn.Module):
         bias: bool,
         like: Tensor,
     ) -> None:
-        """A conv coupling's share of `drive`: ``pool(conv(x) + b)`` on its destination map and
-        ``conv_transpose(unpool(y))`` on its source map, the pooling winners taken at the
-        source's state in `states` (given or not as a source)."""
-        g = conv.ConvGeometry.of(self.topology, c)
-        w = self.weights[c.tile]
-        a, b = c.rows[0], c.cols[0]
+        """A conv unit's share of `drive` (one conv coupling, or the tiles of a pool group,
+        `drivers.conv.units`): ``pool(sum_m conv(x_m) + b)`` on its destination map and
+        ``conv_transpose(unpool(y))`` through every tile on its source map, the pooling winners
+        taken at the sources' states in `states` (given or not as sources)."""
+        geoms = [conv.ConvGeometry.of(self.topology, c) for c in unit]
+        ws = [self.weights[c.tile] for c in unit]
+        b = unit[0].cols[0]
         batch = like.shape[0]
-        x_state = states.get(a)
-        if x_state is None:
-            x_state = torch.zeros(batch, self.size(a), dtype=like.dtype, device=like.device)
-        idx = conv.winners(x_state.detach(), w.detach(), g)
-        if (targets is None or b in targets) and (a in src or bias):
-            x = src[a] if a in src else torch.zeros_like(x_state)
-            y = conv.pool_at(conv.pre_activation(x, w, g, bias=bias), g, idx)
+        x_states = []
+        for c in unit:
+            x_state = states.get(c.rows[0])
+            if x_state is None:
+                x_state = torch.zeros(batch, self.size(c.rows[0]), dtype=like.dtype, device=like.device)
+            x_states.append(x_state)
+        idx = conv.unit_winners([x.detach() for x in x_states], [w.detach() for w in ws], geoms)
+        if (targets is None or b in targets) and (any(c.rows[0] in src for c in unit) or bias):
+            xs = [
+                src[c.rows[0]] if c.rows[0] in src else torch.zeros_like(x)
+                for c, x in zip(unit, x_states, strict=True)
+            ]
+            y = conv.pool_at(conv.unit_pre(xs, ws, geoms, bias=bias), geoms[0], idx)
             out[b] = out[b] + y if b in out else y
-        if (targets is None or a in targets) and b in src:
-            d = conv.backward(src[b], w, g, idx)
-            out[a] = out[a] + d if a in out else d
+        for c, g, w in zip(unit, geoms, ws, strict=True):
+            a = c.rows[0]
+            if (targets is None or a in targets) and b in src:
+                d = conv.backward(src[b], w, g, idx)
+                out[a] = out[a] + d if a in out else d
 
     def has_conv(self) -> bool:
         return any(c.kind == "conv" for c in self.topology.couplings)
@@ -267,10 +278,12 @@ class DHN(nn.Module):
         any_state = next(iter(states.values()))
         batch = any_state.shape[0]
         total = torch.zeros(batch, dtype=any_state.dtype, device=any_state.device)
+        for unit in conv.units(self.topology):
+            xs, y = [states[c.rows[0]] for c in unit], states[unit[0].cols[0]]
+            geoms = [conv.ConvGeometry.of(self.topology, c) for c in unit]
+            total = total + conv.unit_phi(xs, y, [self.weights[c.tile] for c in unit], geoms)
         for c in self.topology.couplings:
             if c.kind == "conv":
-                x, y = states[c.rows[0]], states[c.cols[0]]
-                total = total + conv.phi(x, y, self.weights[c.tile], conv.ConvGeometry.of(self.topology, c))
                 continue
             s_rows = self._cat(c.rows, states, batch, any_state)
             if c.kind == "dense":

@@ -41,7 +41,7 @@ def test_placement_of_the_small_network() -> None:
     assert p.tiles == 8 and p.cells == topo.cells()
     assert p.utilisation == pytest.approx(topo.cells() / (8 * 10 * 8))
     assert [q.size for q in p.parts["s0"]] == [8, 8, 4] and [q.size for q in p.parts["s1"]] == [8, 4]
-    assert p.physical.coupling("W0#2.0").rows == ("s0#2", BIAS)
+    assert p.physical.coupling("W0#2_0").rows == ("s0#2", BIAS)
     assert "3x2 tiles" in p.describe() and p.as_dict()["tiles"] == 8
 
 
@@ -79,14 +79,14 @@ def test_tile_operations_through_the_split_equal_the_unsplit() -> None:
             small.mvm(tile, xt, transpose=True), big.mvm(tile, xt, transpose=True), rtol=1e-5, atol=1e-5
         )
     # the inner board holds the blocks: W0's block (1, 1) is rows 8:16, columns 8:12
-    gp_small, _ = small.inner.read_conductance("W0#1.1")
+    gp_small, _ = small.inner.read_conductance("W0#1_1")
     np.testing.assert_allclose(gp_small, big.read_conductance("W0")[0][8:16, 8:12], rtol=1e-6)
     with pytest.raises(ConfigurationError, match=r"expected shape \(21, 12\)"):
         small.program("W0", np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32))
     with pytest.raises(ConfigurationError, match=r"expected shape \(batch, 21\)"):
         small.mvm("W0", np.zeros((2, 5), np.float32))
-    with pytest.raises(ConfigurationError, match=r"unknown tile 'W0#0.0'"):
-        small.mvm("W0#0.0", np.zeros((2, 8), np.float32))
+    with pytest.raises(ConfigurationError, match=r"unknown tile 'W0#0_0'"):
+        small.mvm("W0#0_0", np.zeros((2, 8), np.float32))
 
 
 def _blocks(settle: str) -> tuple[EBBlock, EBBlock]:
@@ -186,11 +186,16 @@ def test_a_calibration_record_corrects_the_split_network_as_the_unsplit(tmp_path
 
 def test_what_cannot_be_split_is_refused_with_a_reason() -> None:
     lim = open_device(SMALL).info.limits
-    with pytest.raises(ConfigurationError, match=r"dense tile 'W'.*cannot be split.*layered"):
-        place(Topology.dense({"a": 12, "b": 4}), lim)
-    conv = Topology.convolutional((3, 8, 8), [16], pools=[2], head=[4])  # kernel tile 28 x 16
-    with pytest.raises(ConfigurationError, match=r"conv tile 'W0'.*kernel tile \(28 x 16.*fewer channels"):
+    conv = Topology.convolutional((3, 8, 8), [2], kernel=5, padding=2, pools=[2])  # 25 rows a channel
+    with pytest.raises(ConfigurationError, match=r"conv tile 'W0'.*one source channel \(5\^2 rows.*10-row"):
         place(conv, lim)
+    # the head's rows from a map split by whole channels: a channel of s1 has 16 nodes > 10 rows
+    head = Topology.convolutional((3, 8, 8), [16], pools=[2], head=[4])
+    with pytest.raises(ConfigurationError, match=r"tile 'W1'.*channel of feature map 's1'.*16 nodes"):
+        place(head, lim)
+    one_row = replace(lim, tile_rows_max=1)
+    with pytest.raises(ConfigurationError, match=r"dense tile 'W'.*no room for a node besides the bias"):
+        place(Topology.dense({"a": 12}), one_row)
     with pytest.raises(LimitViolation, match=r"physical tiles of the split network.*limit 16"):
         place(Topology.layered([60, 40]), lim)  # 7 x 5 = 35 tiles
     clash = Topology({"a": 20, "a#0": 3}, (Coupling("W", ("a",), ("a#0",)),))
@@ -257,3 +262,102 @@ def test_classifier_trains_on_small_tiles_and_logs_the_placement(tmp_path) -> No
     assert run.table("program/W0")["step"].tolist() == [1, 2, 3, 4]
     assert res.history[-1].test_acc == pytest.approx(whole.history[-1].test_acc, abs=1e-9)
     assert res.history[-1].train_loss == pytest.approx(whole.history[-1].train_loss, rel=1e-4)
+
+
+# a dense network of 22 nodes (+ bias) on 10 x 8 tiles: parts of at most min(10 - 1, 8) = 8 nodes
+DENSE = {"a": 12, "b": 4, "c": 6}
+
+
+def test_placement_of_a_dense_network() -> None:
+    """a (12) in parts of 8 and 4; the parts [a#0], [a#1, b], [c]: three diagonal dense tiles
+    (each with the bias row) and one bipartite tile per pair, the upper triangle of a 3 x 3 grid."""
+    lim = open_device(SMALL).info.limits
+    p = place(Topology.dense(DENSE), lim)
+    assert p.split and p.grid("W") == (3, 3) and p.tiles == 6
+    kinds = {c.tile: (c.kind, c.rows, c.cols) for c in p.physical.couplings}
+    assert kinds["W#1_1"] == ("dense", ("a#1", "b", BIAS), ("a#1", "b"))
+    assert kinds["W#0_2"] == ("bipartite", ("a#0",), ("c",))
+    assert set(kinds) == {"W#0_0", "W#0_1", "W#0_2", "W#1_1", "W#1_2", "W#2_2"}
+    # half the cells across parts: 8x8 + 8x8 + 8x6 + 8x6 off the diagonal, against 2 * that unsplit
+    assert p.cells == 9 * 8 + 9 * 8 + 7 * 6 + 8 * 8 + 8 * 6 + 8 * 6
+    assert "W dense 23x22 in 3 parts on 6 tiles" in p.describe()
+    assert p.as_dict()["kinds"] == {"W": "dense"} and p.as_dict()["physical_tiles"] == {"W": 6}
+
+
+def _dense_blocks(settle: str) -> tuple[EBBlock, EBBlock]:
+    small, big = _pair()
+    topo = Topology.dense(DENSE, budget=BUDGET)
+    kw = {"seed": 3, "settle": settle}
+    return EBBlock(small, topo, **kw), EBBlock(big, topo, **kw)  # type: ignore[arg-type]
+
+
+def test_dense_tile_operations_through_the_split_equal_the_unsplit() -> None:
+    """On a symmetric W: program read-backs, read_conductance and mvm (both directions) equal
+    the unsplit tile's; an asymmetric target is programmed as its symmetric part; pulses of a
+    symmetric count table move the pair as the unsplit tile moves both devices."""
+    small, big = _pair()
+    topo = Topology.dense(DENSE)
+    small.configure(topo)
+    big.configure(topo)
+    lim = small.info.limits
+    rng = np.random.default_rng(0)
+    shape = topo.tile_shape("W")
+    n = shape[1]
+
+    def sym(a: np.ndarray) -> np.ndarray:
+        a[:n] = 0.5 * (a[:n] + a[:n].T)
+        return a
+
+    gp = sym(rng.uniform(lim.g_min, lim.g_max, shape).astype(np.float32))
+    gm = sym(rng.uniform(lim.g_min, lim.g_max, shape).astype(np.float32))
+    rs, rb = small.program("W", gp, gm), big.program("W", gp, gm)
+    np.testing.assert_allclose(rs.g_plus, rb.g_plus, rtol=1e-6)
+    np.testing.assert_allclose(rs.g_minus, rb.g_minus, rtol=1e-6)
+    for a, b in zip(small.read_conductance("W"), big.read_conductance("W"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    x = rng.uniform(0, 1, (5, shape[0])).astype(np.float32)
+    np.testing.assert_allclose(small.mvm("W", x), big.mvm("W", x), rtol=1e-5, atol=1e-5)
+    xt = rng.uniform(0, 1, (5, shape[1])).astype(np.float32)
+    xt_s, xt_b = small.mvm("W", xt, transpose=True), big.mvm("W", xt, transpose=True)
+    np.testing.assert_allclose(xt_s, xt_b, rtol=1e-5, atol=1e-5)
+    counts = rng.integers(0, 3, shape).astype(np.int32)
+    counts[:n] = np.triu(counts[:n]) + np.triu(counts[:n], 1).T
+    small.pulse("W", counts, 0 * counts)
+    big.pulse("W", counts, 0 * counts)
+    np.testing.assert_allclose(small.read_conductance("W")[0], big.read_conductance("W")[0], rtol=1e-6)
+    # the off-diagonal pair (a#0, c) is one device per pair: an asymmetric target gives its mean
+    asym = rng.uniform(lim.g_min, lim.g_max, shape).astype(np.float32)
+    got = small.program("W", asym, gm).g_plus
+    mean = 0.5 * (asym[0:8, 16:22] + asym[16:22, 0:8].T)
+    np.testing.assert_allclose(got[0:8, 16:22], mean, rtol=1e-6)
+    np.testing.assert_array_equal(got[16:22, 0:8], got[0:8, 16:22].T)
+    np.testing.assert_allclose(small.inner.read_conductance("W#0_2")[0], mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("settle", ["board", "host"])
+def test_dense_ep_through_the_split_equals_the_unsplit(settle: str) -> None:
+    """The same free and nudged fixed points (1e-5) and EP gradients (relative error below
+    1e-4, input gradients too) as the dense network on one tile."""
+    a, b = _dense_blocks(settle)
+    assert a.device.placement.tiles == 6 and not b.device.placement.split
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (6, DENSE["a"])).astype(np.float32)
+    y = np.eye(DENSE["c"], dtype=np.float32)[rng.integers(0, DENSE["c"], 6)]
+    fa, fb = a.free(x), b.free(x)
+    assert fa.converged and fb.converged
+    for g in fb.states:
+        assert float(np.abs(fb.states[g]).max()) > 1e-2 or g == "a"  # states worth comparing
+        np.testing.assert_allclose(fa.states[g], fb.states[g], rtol=0, atol=1e-5, err_msg=g)
+    nudge = {"c": Nudge(0.3, target=y, grad=y - 0.5)}
+    na, nb = a.settle(x, nudge=nudge), b.settle(x, nudge=nudge)
+    for g in nb.states:
+        np.testing.assert_allclose(na.states[g], nb.states[g], rtol=0, atol=1e-5, err_msg=g)
+    ra, rb = a.ep(x, target={"c": y}, beta=0.2), b.ep(x, target={"c": y}, beta=0.2)
+    for t in rb.grads:
+        ga, gb = ra.grads[t], rb.grads[t]
+        assert float(gb.abs().max()) > 1e-3
+        rel = float((ga - gb).norm() / gb.norm())
+        assert rel < 1e-4, (t, rel)
+    gi_a, gi_b = ra.input_grads["a"], rb.input_grads["a"]
+    assert float(gi_b.abs().max()) > 1e-4
+    assert float((gi_a - gi_b).norm() / gi_b.norm()) < 1e-4
