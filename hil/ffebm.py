@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from drivers import BIAS, Device, SettleBudget, Topology, seeds
-from hil.ep import EBBlock, Mode
+from hil.ep import EBBlock, Mode, centre_biases
 from hil.programming import make_scheme
 from hil.reference import DHN
 
@@ -255,6 +255,7 @@ class FFEBM(nn.Module):
         budgets: dict[str, SettleBudget] | None = None,
         init: Literal["goe", "gaussian"] = "goe",
         init_scale: float = 0.5,
+        init_bias: Literal["zero", "mid"] = "zero",
         beta: float = 0.2,
         mode: Mode = "centered",
         settle_mode: Literal["analog", "mvm"] = "analog",
@@ -291,7 +292,8 @@ class FFEBM(nn.Module):
                 activation=activation,
             )
             parts.append(_eb_layer(
-                topo, k, devices, gen, init=init, init_scale=init_scale, seed=seed, programming=programming,
+                topo, k, devices, gen, init=init, init_scale=init_scale, init_bias=init_bias, seed=seed,
+                programming=programming,
                 refresh_every=refresh_every, refresh_mode=refresh_mode, budgets=budgets,
                 joint_phases=joint_phases, settle=settle, compute=compute, beta=beta, mode=mode,
             ))  # fmt: skip
@@ -318,6 +320,7 @@ class FFEBM(nn.Module):
         budgets: dict[str, SettleBudget] | None = None,
         init: Literal["goe", "gaussian"] = "goe",
         init_scale: float = 0.5,
+        init_bias: Literal["zero", "mid"] = "zero",
         beta: float = 0.2,
         mode: Mode = "centered",
         settle_mode: Literal["analog", "mvm"] = "analog",
@@ -361,7 +364,8 @@ class FFEBM(nn.Module):
             )  # fmt: skip
             out_shape = topo.shapes[f"s{len(ch)}"]
             parts.append(_eb_layer(
-                topo, k, devices, gen, init=init, init_scale=init_scale, seed=seed, programming=programming,
+                topo, k, devices, gen, init=init, init_scale=init_scale, init_bias=init_bias, seed=seed,
+                programming=programming,
                 refresh_every=refresh_every, refresh_mode=refresh_mode, budgets=budgets,
                 joint_phases=joint_phases, settle=settle, compute=compute, beta=beta, mode=mode,
             ))  # fmt: skip
@@ -383,13 +387,16 @@ class FFEBM(nn.Module):
 
 def _eb_layer(
     topo: Topology, k: int, devices: Callable[[int], Device], gen: torch.Generator, *, init: str,
-    init_scale: float, seed: int, programming: str | None, refresh_every: int, refresh_mode: str | None,
+    init_scale: float, init_bias: str, seed: int, programming: str | None, refresh_every: int,
+    refresh_mode: str | None,
     budgets: dict[str, SettleBudget] | None, joint_phases: bool, settle: Literal["auto", "board", "host"],
     compute: str | torch.device | None, beta: float, mode: Mode,
 ) -> EBLayer:  # fmt: skip
     """Block k of an ff-EBM on ``devices(k)``: weights drawn from `gen` (GOE or Gaussian), its own
     programming scheme and seed (independent streams per block)."""
     weights = goe_init(topo, init_scale, gen) if init == "goe" else _gaussian(topo, init_scale, gen)
+    if init_bias == "mid":
+        weights = centre_biases(topo, weights)
     block_seed = seeds.derive(seed, "ffebm.block", k)
     scheme = make_scheme(programming, refresh_every=refresh_every, refresh_mode=refresh_mode, seed=block_seed)
     blk = EBBlock(

@@ -37,7 +37,7 @@ from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
 from hil.data import Dataset, load_dataset
-from hil.ep import EBBlock, gaussian_init
+from hil.ep import EBBlock, centre_biases, gaussian_init
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import make_scheme
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
@@ -184,13 +184,15 @@ class Classifier:
                 sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode, activation=m.activation
             )
             init = goe_init if m.init == "goe" else gaussian_init
+            w0 = init(topo, m.init_scale, gen)
+            w0 = centre_biases(topo, w0) if m.init_bias == "mid" else w0
             scheme = None
             if e.programming != "ideal" or e.refresh_every or refresh_mode:
                 scheme = make_scheme(
                     e.programming, refresh_every=e.refresh_every, refresh_mode=refresh_mode, seed=t.seed
                 )
             self.block = EBBlock(
-                dev(0), topo, weights=init(topo, m.init_scale, gen), budgets=budgets,
+                dev(0), topo, weights=w0, budgets=budgets,
                 programming=scheme, seed=t.seed, joint_phases=e.joint_phases, settle=e.settle,
                 compute=self.compute,
             )  # fmt: skip
@@ -200,7 +202,7 @@ class Classifier:
             # the options every EB block of an ff-EBM shares
             blocks = dict(
                 gain=m.gain, activation=m.activation, w_max=m.w_max, budget=free, budgets=budgets,
-                init=m.init,
+                init=m.init, init_bias=m.init_bias,
                 init_scale=m.init_scale, beta=e.beta, mode=e.mode, settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
                 refresh_every=e.refresh_every, refresh_mode=refresh_mode, joint_phases=e.joint_phases,

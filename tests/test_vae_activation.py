@@ -1,6 +1,7 @@
-"""Issue 20: the VAE's whole-ELBO EP gradient at the trainer's own initialisation (zero biases,
-no units moved off the kinks) matches implicit differentiation at the training beta with a
-smooth neuron, and does not with the hard sigmoid (so the test can fail)."""
+"""Issue 20: the VAE's whole-ELBO EP gradient at the zero-bias initialisation (the trainer's
+before `model.init_bias = "mid"` became its default; no units moved off the kinks) matches
+implicit differentiation at the training beta with a smooth neuron, and does not with the
+hard sigmoid (so the test can fail). tests/test_init_kinks.py checks the trainer's default."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _cosine(activation: str, seed: int) -> float:
             code=LatentCode(dim=cfg.model.latent),
             budget=SettleBudget(max_steps=20000, tol=1e-9, dt=0.5),  # settled to the fixed point
             init_scale=cfg.model.init_scale,
+            init_bias="zero",
             seed=seed,
             activation=activation,
         )

@@ -34,6 +34,9 @@ EXPECTED = {
 def fingerprint(n: int = 6) -> dict[str, list[float]]:
     """`n` steps of `train_vae`'s loop with the default config (data order, eps, Adam)."""
     cfg = VAERunConfig()
+    # the initialisation these figures were computed with (zero biases; the default is now
+    # "mid", issue 20): the test pins the training loop's arithmetic, not the init
+    cfg.model.init_bias = "zero"
     data = load_dataset("digits")
     torch.manual_seed(cfg.train.seed)
     lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)

@@ -21,6 +21,12 @@ class VAEModelConfig:
     activation: str = "hard_sigmoid"
     w_max: float = 1.0
     init_scale: float = 0.5
+    # biases at the start of the Hopfield variants: mid (every biased unit's drive in the middle
+    # of the linear range, hil.ep.centre_biases) or zero (as before issue 20); docs/vae.md
+    init_bias: Literal["zero", "mid"] = "mid"
+    # weights at the start: gaussian (N(0, init_scale^2 / rows) per tile) or goe (one symmetric
+    # matrix over all nodes, hil.ffebm.goe_init; the layered variants' small tiles stay small)
+    init: Literal["gaussian", "goe"] = "gaussian"
     mu_scale: float = 3.0  # mu = mu_scale (s_mu - 1/2): z beyond +-mu_scale/2 is clipped when clamped
     lv_min: float = -6.0  # log sigma^2 = lv_min + (lv_max - lv_min) s_lv
     lv_max: float = 1.0

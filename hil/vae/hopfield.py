@@ -24,8 +24,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
-from hil.ep import EBBlock, Mode
+from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
+from hil.ep import EBBlock, InitBias, Mode, centre_biases, gaussian_init
+from hil.ffebm import goe_init
+from hil.reference import cosine
 from hil.vae.latent import LatentCode, Likelihood, kl_normal, reparameterize
 
 Variant = Literal["h-vae", "dh-vae", "tdh-vae", "shared-layered"]
@@ -64,6 +66,22 @@ def dense_topology(pixels: int, hidden: int, latent: int, tile: str = "W", **kw:
     return Topology.dense(_groups(pixels, hidden, latent), tile=tile, **kw)  # type: ignore[arg-type]
 
 
+def initial_weights(
+    topology: Topology, scale: float, bias: InitBias, seed: int, init: str = "gaussian"
+) -> dict[str, Tensor]:
+    """A block's initial weights, drawn from the stream `EBBlock` draws from for `seed`:
+    ``gaussian`` (`gaussian_init`, ``N(0, scale^2 / rows)`` per tile) or ``goe`` (`goe_init`:
+    one symmetric matrix over all nodes, a contraction for ``scale < 1/2``); biases zero or
+    (``bias="mid"``) centred in the linear range (`centre_biases`)."""
+    gen = seeds.torch_generator(seed, "ep.init")
+    if init == "goe":
+        w = goe_init(topology, scale, gen)
+        return centre_biases(topology, w) if bias == "mid" else w
+    if init != "gaussian":
+        raise ConfigurationError(f"init must be 'gaussian' or 'goe', got {init!r}")
+    return gaussian_init(topology, scale, gen, bias)
+
+
 @dataclass
 class StepResult:
     loss: float  # batch-mean negative ELBO (nats), with this eps
@@ -93,6 +111,8 @@ class HopfieldVAE:
         gain: float = 1.0,
         w_max: float = 1.0,
         init_scale: float = 0.5,
+        init_bias: InitBias = "zero",
+        init: str = "gaussian",
         seed: int = 0,
         programming: str = "ideal",
         activation: str = "hard_sigmoid",
@@ -124,7 +144,7 @@ class HopfieldVAE:
             enc_topo,
             inputs=ENC_IN,
             outputs=ENC_OUT,
-            init_scale=init_scale,
+            weights=initial_weights(enc_topo, init_scale, init_bias, seed, init),
             seed=seed,
             programming=programming,
             joint_phases=joint_phases,
@@ -138,7 +158,9 @@ class HopfieldVAE:
                 dec_topo,
                 inputs=DEC_IN,
                 outputs=DEC_OUT,
-                init_scale=init_scale,
+                weights=initial_weights(
+                    dec_topo, init_scale, init_bias, seeds.derive(seed, "vae.decoder"), init
+                ),
                 seed=seeds.derive(seed, "vae.decoder"),
                 programming=programming,
                 joint_phases=joint_phases,
@@ -237,6 +259,28 @@ class HopfieldVAE:
     def sync(self) -> None:
         for block in self.blocks().values():
             block.sync()
+
+    # --------------------------------------------------------------------------- reference
+    def gradient_check(
+        self, x: Tensor, eps: Tensor, likelihood: Likelihood, *, beta: float = 0.2, mode: Mode = "centered"
+    ) -> dict[str, float]:
+        """The cosine of EP's whole negative-ELBO gradient (`step`, both passes, noise `eps`)
+        with autograd through the reference (`reference_loss`: implicit differentiation
+        through both settles, float64): per tile (``"encoder.W0"``, ``"net.W"``) and over all
+        parameters as one vector (``"all"``). Settle the board to its fixed point (a tight
+        `budget`) to check EP rather than the settle."""
+        step = self.step(x, eps, likelihood, beta=beta, mode=mode)
+        loss, nets = self.reference_loss(x, eps, likelihood)
+        loss.backward()
+        est, ref, out = [], [], {}
+        for name, net in nets.items():
+            for tile, p in net.weights.items():
+                g = step.grads[name][tile].to(torch.float64)
+                out[f"{name}.{tile}"] = cosine(g, p.grad)
+                est.append(g.flatten())
+                ref.append(p.grad.flatten())
+        out["all"] = cosine(torch.cat(est), torch.cat(ref))
+        return out
 
     # --------------------------------------------------------------------------- reference
     def reference_loss(self, x: Tensor, eps: Tensor, likelihood: Likelihood) -> tuple[Tensor, dict]:

@@ -88,6 +88,8 @@ class _Model:
             activation=m.activation,
             w_max=m.w_max,
             init_scale=m.init_scale,
+            init_bias=m.init_bias,
+            init=m.init,
             seed=cfg.train.seed,
             programming=cfg.ep.programming,
             joint_phases=cfg.ep.joint_phases,
