@@ -6,7 +6,9 @@ recovery of the board's hidden truth. One JSON line per (preset, seed).
     python benchmarks/calibration_session.py --train 20 --presets rram --seeds 0,1,2 \
                                      --board "gain_error=0.05&offset_error=4"
     python benchmarks/calibration_session.py --presets rram --seeds 0 --tile 64 \
-                     --board "" --board "gain_error=0.05&offset_error=4" --board "wire_resistance=2"
+                     --board "" --board "gain_error=0.05&offset_error=4" --board "wire_resistance=0"
+    python benchmarks/calibration_session.py --presets rram --seeds 0 --tile 64 --ir-baseline \
+                     --board "gain_error=0.05"
 
 With ``--train EPOCHS`` it instead calibrates the board for the 64-256-10 digits DHN (its
 two tiles, 330 node channels) and trains the classifier on it twice per seed, with and
@@ -15,9 +17,15 @@ With ``--deploy EPOCHS`` it trains on the ideal board and deploys the weights (w
 to the calibrated board: raw, converters corrected only, and the whole record applied.
 
 Fields: wall time of the session and of each routine; per converter bank the largest gain
-error (%) and offset error (LSB) over its channels and the fraction within the issue's
-bounds (0.5 %, 1 LSB); stuck-device precision and recall; the conductance map's RMS error
-over read_noise / sqrt(reads); tile-mean pulse-response parameters against the truth.
+error (%) and offset error (LSB) over its valid channels, their mean signed gain error (a
+bias), the fraction of all channels within the issue's bounds (0.5 %, 1 LSB), the valid
+channels outside them (0 is the goal) and the invalid ones counted by reason (ir_drop,
+rail, imprecise, not_a_line); the wire resistance the mvm routine measured against the
+board's; stuck-device precision and recall; the conductance map's RMS error over
+read_noise / sqrt(reads); tile-mean pulse-response parameters against the truth.
+With ``--ir-baseline`` every board is also run with ``wire_resistance=0`` (the baseline, in
+the same process) and a ratio line gives the session time and the invalid channels of the
+board with wires over those without.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -71,6 +80,18 @@ def recovery(board, record, gmap_truth: np.ndarray, shape: tuple[int, int]) -> d
             "offset_err_max_lsb": float(np.nanmax(o_err)),
             "offset_err_rms_lsb": float(np.sqrt(np.nanmean(o_err**2))),
             "within_bounds": float(np.mean((g_err <= 0.005) & (o_err <= 1.0))),
+            # the valid channels' mean signed gain error: a bias (IR drop taken for gain) shows here
+            "gain_err_mean_pct": float(np.nanmean(cal.gain / t.gain[:n].cpu().numpy() - 1) * 100),
+            "valid_outside_bounds": int((cal.valid & ((g_err > 0.005) | (o_err > 1.0))).sum()),
+            "invalid_by_reason": _reasons(cal.info.get("invalid", {})),
+        }
+    mvm = record.converters.get("mvm")
+    if mvm is not None:
+        out["wires"] = {
+            "ohms_true": board.preset.device.wire_resistance,
+            "ohms_est": mvm.info.get("wire_resistance"),
+            "ohms_se": mvm.info.get("wire_resistance_se"),
+            "ir_drop_mean_of_mvm_tile": mvm.info.get("ir_drop_mean"),
         }
     tile = record.tiles[0]
     phys = board.tile("T0")  # the caller configured the session's device-routine layout
@@ -120,6 +141,16 @@ def recovery(board, record, gmap_truth: np.ndarray, shape: tuple[int, int]) -> d
             ud = (truth["dw_up"] - truth["dw_down"]) / (truth["dw_up"] + truth["dw_down"])
             p["up_down_err_pct"] = float((pm.summary["up_down"] / np.mean(ud[v]) - 1) * 100)
         out["pulse"] = p
+    return out
+
+
+def _reasons(invalid: dict[str, str]) -> dict[str, int]:
+    """Invalid channels counted by the kind of reason their record gives."""
+    kinds = {"ir_drop": "ir_drop", "rail": "rail", "pins the gain": "imprecise", "residuals": "not_a_line"}
+    out: dict[str, int] = {}
+    for why in invalid.values():
+        kind = next((k for key, k in kinds.items() if key in str(why)), "other")
+        out[kind] = out.get(kind, 0) + 1
     return out
 
 
@@ -242,9 +273,16 @@ def main() -> None:
         help="extra emulator URI parameters, e.g. 'gain_error=0.05&offset_error=4' (the bad-converter "
         "board) or 'wire_resistance=2' (IR drop); repeat for several boards (default: the preset as it is)",
     )
+    parser.add_argument(
+        "--ir-baseline",
+        action="store_true",
+        help="also run every board with wire_resistance=0 and print the ratios (session time, invalid)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
+    load = os.getloadavg()[0]
+    lines: list[dict[str, object]] = []
     for board in args.board or [""]:
         for preset in args.presets.split(","):
             uri = f"emulator://?preset={preset}&seed=0" + (f"&{board}" if board else "")
@@ -261,6 +299,34 @@ def main() -> None:
                 line = run_one(preset, seed, args.transport, (args.tile, args.tile), board)
                 line["board"] = board
                 print(json.dumps(line), flush=True)
+                lines.append(line)
+                if args.ir_baseline:
+                    flat = "&".join(p for p in (board, "wire_resistance=0") if p)
+                    base = run_one(preset, seed, args.transport, (args.tile, args.tile), flat)
+                    base["board"] = flat
+                    print(json.dumps(base), flush=True)
+                    lines.append(base)
+                    lines.append(_ratio(line, base))
+    print(f"# load average {load:.2f} -> {os.getloadavg()[0]:.2f}, 1 torch thread")
+    for line in lines:
+        print(json.dumps(line))
+
+
+def _ratio(wires: dict[str, object], flat: dict[str, object]) -> dict[str, object]:
+    """The board with its wires against the same board without (the baseline)."""
+    out: dict[str, object] = {
+        "kind": "ir_ratio",
+        "preset": wires["preset"],
+        "seed": wires["seed"],
+        "board": wires["board"],
+        "session_s_ratio": round(float(wires["session_s"]) / float(flat["session_s"]), 3),  # type: ignore[arg-type]
+    }
+    for bank in ("adc", "dac", "mvm"):
+        a, b = wires.get(bank), flat.get(bank)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out[f"{bank}_invalid"] = [a["channels"] - a["valid"], b["channels"] - b["valid"]]
+            out[f"{bank}_gain_err_max_pct"] = [a["gain_err_max_pct"], b["gain_err_max_pct"]]
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ what the exact solve costs.
    wires have `r` ohms per cell segment (`wire_resistance`, `emulator.ir_drop`); the test
    accuracy on the 360 held-out digits is reported per (H, r), with the RMS relative
    deviation of the effective weights from the programmed ones (the tile's IR-drop error).
+   With --compensate the same weights are also deployed through `calibration.CalibratedDevice`
+   with a record whose mvm routine measured the board's wire resistance (`adc,dac,mvm` on a
+   64 x 64 tile, made in the same run): the targets are pre-distorted for the wires
+   (`calibration.wires`). Per mode: test accuracy and the relative RMS error of the
+   effective weights against the weights asked for (`raw_...`, `compensated_...`), and their
+   ratio (`error_ratio`, raw over compensated: the baseline is the raw deployment of the
+   same weights on the same board). `--ir-model` picks the board's IR model (default exact:
+   the host's model is the attenuation map, so on an exact board compensation is approximate).
 2. Cost: seconds per exact effective-conductance solve (one write of one array) per tile
    size, and the conjugate-gradient work it bounds (R^2 C); and per attenuation-model solve
    (`ir_model="attenuation"`, the default), cold and warm-started after a small change of
@@ -16,11 +24,11 @@ what the exact solve costs.
 4. With --train: the digits classifier 64-H-10 trained in the loop on `rram` and `pcm` with
    their preset wires and without (`train_rows`).
 
-No compensation is applied (the host does not know r yet): this is the degradation a user
-would see. One torch thread.
+Without --compensate this is the degradation a user sees without a record. One torch thread.
 
     .venv/bin/python benchmarks/ir_drop.py [--sizes 64,256,512,1023] [--ohms 0,2,8,32]
                                            [--epochs 10] [--seed 0] [--skip-deploy]
+                                           [--compensate] [--ir-model exact|attenuation]
                                            [--error-sizes 16,32,64,128] [--error-ohms 0.35,2.12,8]
                                            [--cost-sizes 64,128,256] [--train]
 
@@ -39,8 +47,32 @@ import torch
 from drivers import open_device
 from emulator.ir_drop import effective_conductance, uniform_currents
 
+# the converter routines of the compensation's session: enough to measure the wires on a 64 x 64
+# tile (the board is ideal but for its wires, so the converters need few samples)
+SESSION_CONVERTER = dict(levels=24, repeats=8, samples=512, reads=64, level_reads=8)
 
-def deploy_rows(sizes: list[int], ohms: list[float], epochs: int, seed: int) -> list[dict[str, object]]:
+
+def _measure_wires(uri: str, channels: int) -> tuple[object, float]:
+    """A calibration record with the mvm routine (which measures the wire resistance) for the
+    board at `uri`, made on its own connection, and the session's seconds."""
+    from calibration import ConverterOptions, SessionOptions, run_session
+
+    opts = SessionOptions(
+        routines=("adc", "dac", "mvm"),
+        tile_shapes=((64, 64),),
+        channels=channels,
+        converter=ConverterOptions(**SESSION_CONVERTER),  # type: ignore[arg-type]
+    )
+    t0 = time.perf_counter()
+    with open_device(uri) as dev:
+        record = run_session(dev, opts)
+    return record, time.perf_counter() - t0
+
+
+def deploy_rows(
+    sizes: list[int], ohms: list[float], epochs: int, seed: int, ir_model: str, compensate: bool
+) -> list[dict[str, object]]:
+    from calibration import CalibratedDevice
     from hil.config import ModelConfig, RunConfig, TrainConfig
     from hil.data import load_dataset
     from hil.ep import EBBlock
@@ -57,35 +89,59 @@ def deploy_rows(sizes: list[int], ohms: list[float], epochs: int, seed: int) -> 
         train_s = time.perf_counter() - t0
         block = res.model.block
         weights = {t: p.detach().clone() for t, p in block.weights.items()}
+        nodes = sum(block.topology.groups.values())
         for r in ohms:
-            # the exact map (the table in docs/emulator.md was measured with it)
-            with open_device(f"emulator://?preset=ideal&seed=0&wire_resistance={r}&ir_model=exact") as dev:
-                t0 = time.perf_counter()
-                deployed = EBBlock(
-                    dev, block.topology, weights=weights, budgets=block.budgets, programming="verify"
-                )
-                acc = float((deployed.predict(ds.x_test).argmax(1) == ds.y_test).float().mean())
-                deploy_s = time.perf_counter() - t0
-                # the tiles' IR-drop error: effective weights against (G+ - G-) / range of the
-                # conductances the devices hold (board internals: this is the emulator)
-                err = {}
-                for t in weights:
-                    tile = dev.board.tile(t)
-                    g = tile.state(dev.board.clock)
-                    plain = (g[0] - g[1]) / tile.model.g_range
-                    err[t] = float((tile.weights(dev.board.clock) - plain).norm() / plain.norm())
-            line = {
+            uri = f"emulator://?preset=ideal&seed=0&wire_resistance={r}&ir_model={ir_model}"
+            line: dict[str, object] = {
                 "bench": "ir_drop",
                 "kind": "deploy",
                 "hidden": h,
                 "tiles": {t: list(w.shape) for t, w in weights.items()},
                 "wire_ohms": r,
-                "test_acc": acc,
+                "ir_model": ir_model,
                 "ideal_board_acc": res.test_acc,
-                "weight_rel_error": err,
                 "train_s": round(train_s, 1),
-                "deploy_s": round(deploy_s, 2),
             }
+            errors: dict[str, dict[str, float]] = {}
+            for mode in ("raw", "compensated") if compensate else ("raw",):
+                dev = open_device(uri)
+                if mode == "compensated":
+                    record, session_s = _measure_wires(uri, nodes)
+                    line["wire_ohms_measured"] = record.wire_resistance  # type: ignore[attr-defined]
+                    line["session_s"] = round(session_s, 2)
+                    dev = CalibratedDevice(dev, record)  # type: ignore[arg-type]
+                t0 = time.perf_counter()
+                deployed = EBBlock(
+                    dev, block.topology, weights=weights, budgets=block.budgets, programming="verify"
+                )
+                acc = float((deployed.predict(ds.x_test).argmax(1) == ds.y_test).float().mean())
+                line[f"{mode}_deploy_s"] = round(time.perf_counter() - t0, 2)
+                line[f"{mode}_test_acc"] = acc
+                # the effective weights (what the mvm and the settles see) against the weights the
+                # host asked for, per tile (board internals: this is the emulator)
+                board = dev.inner.board if mode == "compensated" else dev.board  # type: ignore[attr-defined]
+                err = {}
+                plain_err = {}
+                for t, w in weights.items():
+                    tile = board.tile(t)
+                    c = block.topology.coupling(t)
+                    want = w.clamp(-c.w_max, c.w_max)
+                    eff = tile.weights(board.clock) * c.w_max
+                    err[t] = float((eff - want).norm() / want.norm())
+                    g = tile.state(board.clock)
+                    plain = (g[0] - g[1]) / tile.model.g_range
+                    plain_err[t] = float((tile.weights(board.clock) - plain).norm() / plain.norm())
+                line[f"{mode}_weight_rel_error"] = err
+                errors[mode] = err
+                if mode == "raw":
+                    # the tiles' IR-drop error alone: effective weights against (G+ - G-) / range
+                    line["weight_rel_error"] = plain_err
+                dev.close()
+            if compensate:
+                line["error_ratio"] = {
+                    t: errors["raw"][t] / max(errors["compensated"][t], 1e-12) for t in weights
+                }
+            line["test_acc"] = line["raw_test_acc"]
             print(json.dumps(line), flush=True)
             rows.append(line)
     return rows
@@ -205,6 +261,12 @@ def main() -> None:
     parser.add_argument("--error-ohms", default="0.35,2.12,8")
     parser.add_argument("--skip-deploy", action="store_true", help="only the cost and error rows")
     parser.add_argument(
+        "--compensate",
+        action="store_true",
+        help="also deploy through a calibration record that measured the wires (host-side compensation)",
+    )
+    parser.add_argument("--ir-model", default="exact", choices=("exact", "attenuation"))
+    parser.add_argument(
         "--train", action="store_true", help="also train on rram / pcm with and without wires"
     )
     parser.add_argument("--train-sizes", default="64,256,1023")
@@ -215,7 +277,11 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     ohms = [float(v) for v in args.ohms.split(",")]
     load = os.getloadavg()[0]
-    rows = [] if args.skip_deploy else deploy_rows(sizes, ohms, args.epochs, args.seed)
+    rows = (
+        []
+        if args.skip_deploy
+        else deploy_rows(sizes, ohms, args.epochs, args.seed, args.ir_model, args.compensate)
+    )
     rows += error_rows(
         [int(v) for v in args.error_sizes.split(",")], [float(v) for v in args.error_ohms.split(",")]
     )

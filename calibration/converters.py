@@ -222,7 +222,15 @@ def measure_adc(
             f"{100 * IR_CORRECT_MAX:g} % a first-order correction takes): measure with narrower "
             "reference rows (ConverterOptions.ref_width)"
         )
-    reasons.update(_imprecise(out, reasons, options))
+    for ch, why in _imprecise(out, reasons, options).items():
+        if abs(fit.slope[ch]) * share_se[ch] > fit.slope_se[ch]:
+            # the uncertainty is the IR correction's more than the fit's own
+            why = (
+                f"ir_drop: the correction for the wires' IR drop ({100 * share[ch]:.2f} +- "
+                f"{100 * share_se[ch]:.2f} % of the gain) leaves it too uncertain ({why}); measure "
+                "with narrower reference rows (ConverterOptions.ref_width)"
+            )
+        reasons[ch] = why
     for ch in reasons:
         out.gain[ch] = out.offset[ch] = np.nan
     out.valid = np.isfinite(out.gain)

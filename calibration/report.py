@@ -31,6 +31,21 @@ def summary(record: CalibrationRecord) -> str:
     lines.append(f"routines   {', '.join(record.routines)}")
     for cal in record.converters.values():
         lines.append(_bank_line(cal))
+        invalid = cal.info.get("invalid", {})
+        ir = sum(1 for why in invalid.values() if str(why).startswith("ir_drop"))
+        if ir:
+            lines.append(
+                f"{'':<10} {ir} channels invalid for the wires' IR drop (record: converters/{cal.bank})"
+            )
+    r = record.wire_resistance
+    if r is not None:
+        mvm = record.converters["mvm"].info
+        se = mvm.get("wire_resistance_se")
+        se_text = f" +- {se:.3f}" if isinstance(se, float) and np.isfinite(se) else ""
+        lines.append(
+            f"wires      {r:.3f}{se_text} ohm per segment (IR drop takes {100 * mvm['ir_drop_mean']:.2f} % "
+            f"of the mvm tile's weights); programming targets are pre-distorted for it"
+        )
     for pos, tile in sorted(record.tiles.items()):
         name = f"tile {pos} {tile.shape[0]}x{tile.shape[1]}"
         if tile.stuck is not None:
