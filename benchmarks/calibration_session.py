@@ -155,7 +155,12 @@ def _reasons(invalid: dict[str, str]) -> dict[str, int]:
 
 
 def run_one(
-    preset: str, seed: int, transport: str, shape: tuple[int, int], board: str = ""
+    preset: str,
+    seed: int,
+    transport: str,
+    shape: tuple[int, int],
+    board: str = "",
+    channels: int | None = None,
 ) -> dict[str, object]:
     uri = f"emulator://?preset={preset}&seed={seed}" + (f"&{board}" if board else "")
     truth: list[np.ndarray] = []
@@ -172,7 +177,7 @@ def run_one(
         session_mod.conductance_map = spy
         try:
             t0 = time.perf_counter()
-            record = run_session(dev, SessionOptions(tile_shapes=(shape,), seed=seed))
+            record = run_session(dev, SessionOptions(tile_shapes=(shape,), seed=seed, channels=channels))
             wall = time.perf_counter() - t0
         finally:
             session_mod.conductance_map = original
@@ -183,6 +188,7 @@ def run_one(
             "tile": list(shape),
             "transport": transport,
             "session_s": round(wall, 2),
+            "channels": record.session["options"]["channels"],
             "routines_s": {k: round(v, 2) for k, v in record.session["durations_s"].items()},
             "violations": board.safety.violations,
         }
@@ -274,6 +280,9 @@ def main() -> None:
         "board) or 'wire_resistance=2' (IR drop); repeat for several boards (default: the preset as it is)",
     )
     parser.add_argument(
+        "--channels", type=int, default=None, help="node channels (default: rows + cols; hil calibrate: 512)"
+    )
+    parser.add_argument(
         "--ir-baseline",
         action="store_true",
         help="also run every board with wire_resistance=0 and print the ratios (session time, invalid)",
@@ -296,13 +305,13 @@ def main() -> None:
                     print(json.dumps(line), flush=True)
                 continue
             for seed in seeds:
-                line = run_one(preset, seed, args.transport, (args.tile, args.tile), board)
+                line = run_one(preset, seed, args.transport, (args.tile, args.tile), board, args.channels)
                 line["board"] = board
                 print(json.dumps(line), flush=True)
                 lines.append(line)
                 if args.ir_baseline:
                     flat = "&".join(p for p in (board, "wire_resistance=0") if p)
-                    base = run_one(preset, seed, args.transport, (args.tile, args.tile), flat)
+                    base = run_one(preset, seed, args.transport, (args.tile, args.tile), flat, args.channels)
                     base["board"] = flat
                     print(json.dumps(base), flush=True)
                     lines.append(base)

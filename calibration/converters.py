@@ -3,19 +3,27 @@
 A product of two unknown gains (a DAC's and an ADC's) cannot be split by linear
 measurements alone, so every bank is referred to something the board holds exactly:
 
-1. state ADC (``adc``): the bias node is a constant 1 that no DAC touches. A 1 x n tile
-   couples it into nodes 0..n-1 through conductance pairs known from averaged reads, so at
+1. state ADC (``adc``): the bias node is a constant 1 that no DAC touches. 1 x n tiles
+   (n = `ConverterOptions.ref_width`, 8: short rows, little IR drop in their wires)
+   couple it into nodes 0..n-1 through conductance pairs known from averaged reads, so at
    activation gain 1 node j settles at ``s_j = W_bj`` (kept inside the linear region, away
    from the rails where the activation would rectify the node noise). State-ADC channel j
    reads it; the pairs are reprogrammed to random levels round after round, and a line fit
    of mean reading against ``s_j`` gives gain and offset. The node and read noise dither
-   the ADC, so the fit resolves fractions of an LSB.
+   the ADC, so the fit resolves fractions of an LSB. Every other round raises both devices
+   of every pair alike (the same weights, more current in the row): how a channel's slope
+   moves with its row's current is the wires' share of it, which is corrected to first
+   order (pooled over the channels at the same place in their rows) up to `IR_CORRECT_MAX`
+   and marked "ir_drop" beyond.
 2. DAC (``dac``): each DAC channel is clamped through its own 1 x 1 tile (a single known
    conductance pair: no other line feeds the node, so the offsets of idle channels cannot
    leak in) into a node whose state ADC step 1 calibrated. Random requests in the middle
    of the range average the DAC's own quantisation out of the fit.
 3. mvm ADC (``mvm``): `mvm` through a tile of known random weights with inputs that the
-   calibrated DAC turns into exact codes; output j is fitted against ``d @ W``.
+   calibrated DAC turns into exact codes, at two line loads (the same weights on devices
+   set higher); the wire resistance is the one whose modelled effective weights
+   (`calibration.wires`) make the two loads agree, and output j is fitted against
+   ``d @ W_eff``. A channel the model does not explain is marked "ir_drop".
 
 Stuck devices in a reference pair are recognised from the reads (|W| too small) and the
 channel is measured again through another physical tile. A channel that no working
@@ -302,9 +310,11 @@ def _readout_channels(adc: ChannelCal, block: np.ndarray, n: int) -> np.ndarray:
     cand = np.flatnonzero(adc.valid)
     cand = cand[~np.isin(cand, block)]
     if cand.size < n:
+        invalid = adc.info.get("invalid", {})
+        why = f" ({len(invalid)} are invalid, e.g. {next(iter(invalid.values()))})" if invalid else ""
         raise CalibrationError(
             f"the DAC routine needs {n} calibrated state-ADC channels beside the block "
-            f"{int(block[0])}..{int(block[-1])}; the ADC calibration has {cand.size}: "
+            f"{int(block[0])}..{int(block[-1])}; the ADC calibration has {cand.size}{why}: "
             "calibrate more ADC channels"
         )
     centre = 0.5 * (block[0] + block[-1])

@@ -4,7 +4,8 @@ Routines (`ROUTINES`) and what each needs first (added automatically):
 
     adc     state-ADC gain/offset per node channel            (settle)
     dac     DAC gain/offset per node channel                  needs adc (its read-out reference)
-    mvm     mvm-ADC gain/offset per output line               needs dac (exact input codes)
+    mvm     mvm-ADC gain/offset per output line, and the      needs dac (exact input codes)
+            wires' resistance per segment (IR drop)
     stuck   stuck-device map per tile                         (program, read)
     gmap    conductance map and read-noise statistics         (program, read)
     pulse   pulse-response model per tile and per device      (pulse, read; uses the stuck map)

@@ -63,8 +63,8 @@ def sessions() -> Iterator[dict[tuple[str, int], Session]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(session_mod, "conductance_map", spy)
         for preset, seed in CASES:
-            # ideal wires: these tests check the converter routines, which take IR drop for
-            # converter error (docs/calibration.md)
+            # ideal wires: these tests pin the routines against converter and device truth
+            # alone; tests/test_calibration_ir.py does the same with the presets' wires on
             dev = open_device(f"emulator://?preset={preset}&seed={seed}&wire_resistance=0")
             assert isinstance(dev, EmulatedDevice)
             record = run_session(dev, SessionOptions(tile_shapes=(SHAPE,), seed=seed))

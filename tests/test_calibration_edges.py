@@ -29,7 +29,7 @@ from drivers.emulated import EmulatedDevice
 
 CHANNELS = 48
 QUICK = ConverterOptions(levels=48, repeats=16, samples=512, reads=256, level_reads=128)
-# ideal wires: the converter routines take IR drop for converter error (docs/calibration.md)
+# ideal wires: converter errors alone (tests/test_calibration_ir.py has the presets' wires on)
 BAD = "emulator://?preset=rram&seed={seed}&gain_error=0.05&offset_error=4&wire_resistance=0"
 # offsets of tens to hundreds of LSB: many channels reach a rail over part of their range
 WORSE = "emulator://?preset=rram&seed=2&gain_error=0.05&offset_error=100&wire_resistance=0"
