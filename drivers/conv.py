@@ -7,7 +7,10 @@ for every output channel (column o), and the last row the bias when the coupling
 Applying the tile to the patch of every position of the input map (stride 1, zero padding)
 is the 2-d convolution with that kernel; the board reuses the one tile at every position.
 
-Feature maps travel flattened, channel-major, as node groups: (B, C * H * W).
+Feature maps travel flattened, channel-major, as node groups: (B, C * H * W). A conv tile may
+drive several destination maps of one size (the channel parts of split maps that one tile's
+columns hold, `drivers.placement`): their channels are concatenated, which for flat
+channel-major states is the concatenation of the groups (`joined`, `split`).
 
 With pooling, the coupling's term of the primitive function is, per sample,
 
@@ -38,6 +41,7 @@ use these maps, so the four agree on what a conv coupling is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +65,7 @@ class ConvGeometry:
     @staticmethod
     def of(topology: Topology, coupling: Coupling) -> ConvGeometry:
         c_in, h, w = topology.shapes[coupling.rows[0]]
-        c_out = topology.shapes[coupling.cols[0]][0]
+        c_out = sum(topology.shapes[g][0] for g in coupling.cols)
         return ConvGeometry(
             c_in, h, w, c_out, coupling.kernel, coupling.padding, coupling.pool, BIAS in coupling.rows
         )
@@ -176,6 +180,18 @@ def weight_grad(x: Tensor, y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Te
 def phi(x: Tensor, y: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor:
     """``Phi_c`` per sample, (B,)."""
     return (forward(x, tile, g)[0] * y).sum(1)
+
+
+def joined(states: Mapping[str, Tensor], groups: tuple[str, ...]) -> Tensor:
+    """The flat states of `groups` (maps of one size) as one map of their channels."""
+    return states[groups[0]] if len(groups) == 1 else torch.cat([states[g] for g in groups], 1)
+
+
+def split(y: Tensor, topology: Topology, groups: tuple[str, ...]) -> list[tuple[str, Tensor]]:
+    """A flat drive of the concatenated maps `groups` cut back into (group, its part)."""
+    if len(groups) == 1:
+        return [(groups[0], y)]
+    return list(zip(groups, torch.split(y, [topology.groups[g] for g in groups], 1), strict=True))
 
 
 # ------------------------------------------------------------------ pool groups

@@ -193,7 +193,7 @@ class _Caps:
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
-        self.maps = {g for c in topology.couplings if c.kind == "conv" for g in (c.rows[0], c.cols[0])}
+        self.maps = {g for c in topology.couplings if c.kind == "conv" for g in (c.rows[0], *c.cols)}
         shapes = topology.shapes
         self.unit = {g: (shapes[g][1] * shapes[g][2] if g in self.maps else 1) for g in topology.groups}
         self.units = {g: topology.groups[g] // self.unit[g] for g in topology.groups}
@@ -252,7 +252,7 @@ def _caps(topology: Topology, limits: Limits) -> _Caps:
                     changed |= caps.nodes(g, side, c.tile, "a dense coupling leaves room for its bias row")
             elif c.kind == "conv" and not fits:
                 rows, cols = topology.tile_shape(c.tile)
-                src, dst = c.rows[0], c.cols[0]
+                src = c.rows[0]
                 if rows > rmax:
                     per = (rmax - b) // c.kernel**2
                     if per < 1:
@@ -262,8 +262,9 @@ def _caps(topology: Topology, limits: Limits) -> _Caps:
                             "tiles; use a smaller kernel or a board with larger tiles"
                         )
                     changed |= caps.channels(src, per)
-                if cols > cmax:
-                    changed |= caps.channels(dst, cmax)
+                if cols > cmax:  # destination maps in parts of at most cmax channels, then packed
+                    for dst in c.cols:
+                        changed |= caps.channels(dst, cmax)
     return caps
 
 
@@ -311,7 +312,7 @@ def place(topology: Topology, limits: Limits) -> Placement:
         if c.kind == "dense":
             out = _dense(topology, c, parts, min(rmax - int(BIAS in c.rows), cmax), couplings)
         elif c.kind == "conv":
-            out = _conv(topology, c, parts, couplings)
+            out = _conv(topology, c, parts, cmax, couplings)
         else:
             out = _bipartite(topology, c, parts, rmax, cmax, couplings)
         blocks[c.tile] = tuple(out)
@@ -408,28 +409,43 @@ def _dense(
 
 
 def _conv(
-    topology: Topology, c: Coupling, parts: dict[str, tuple[Part, ...]], couplings: list[Coupling]
+    topology: Topology,
+    c: Coupling,
+    parts: dict[str, tuple[Part, ...]],
+    cmax: int,
+    couplings: list[Coupling],
 ) -> list[Block]:
-    """One conv tile per (source part, destination part); row tiles of a pooled conv share a
-    pool group per destination part (module doc)."""
-    src, dst = c.rows[0], c.cols[0]
+    """One conv tile per (source part, column block): the destination's channel parts (of all
+    its maps, in order) packed into column blocks of at most `cmax` channels; the row tiles of
+    a pooled conv share a pool group per column block (module doc)."""
+    src = c.rows[0]
     _, h, w = topology.shapes[src]
-    _, ho, wo = topology.shapes[dst]
     k2, bias = c.kernel**2, BIAS in c.rows
-    ps, pd = parts[src], parts[dst]
-    if len(ps) == len(pd) == 1:
-        couplings.append(replace(c, rows=(ps[0].name, *c.rows[1:]), cols=(pd[0].name,)))
+    ps = parts[src]
+    cols, at = [], 0  # (part, its first channel in the logical destination)
+    for g in c.cols:
+        plane = topology.shapes[g][1] * topology.shapes[g][2]
+        for q in parts[g]:
+            cols.append((q.name, q.size // plane, at + q.start // plane))
+        at += topology.shapes[g][0]
+    first = {name: ch for name, _, ch in cols}
+    cblocks = _pack([(name, n) for name, n, _ in cols], cmax)
+    if len(ps) == len(cblocks) == 1:
+        couplings.append(replace(c, rows=(ps[0].name, *c.rows[1:]), cols=tuple(n for n, _ in cblocks[0])))
         return list(_whole(topology, c.tile))
     out = []
     for i, p in enumerate(ps):
         last = i == len(ps) - 1
         r0, r1 = p.start // (h * w) * k2, p.stop // (h * w) * k2 + int(bias and last)
         rows = (p.name, BIAS) if bias and last else (p.name,)
-        for j, q in enumerate(pd):
+        for j, cb in enumerate(cblocks):
             name = f"{c.tile}{SEP}{i}_{j}"
-            group = "" if c.pool == 1 or len(ps) == 1 else (c.tile if len(pd) == 1 else f"{c.tile}{SEP}{j}")
-            couplings.append(replace(c, tile=name, rows=rows, cols=(q.name,), pool_group=group))
-            out.append(Block(name, i, j, r0, r1, q.start // (ho * wo), q.stop // (ho * wo)))
+            pooled = c.pool > 1 and len(ps) > 1
+            group = "" if not pooled else (c.tile if len(cblocks) == 1 else f"{c.tile}{SEP}{j}")
+            dst = tuple(n for n, _ in cb)
+            couplings.append(replace(c, tile=name, rows=rows, cols=dst, pool_group=group))
+            c0 = first[dst[0]]
+            out.append(Block(name, i, j, r0, r1, c0, c0 + sum(n for _, n in cb)))
     return out
 
 

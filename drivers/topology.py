@@ -162,14 +162,16 @@ class Topology:
 
     def _check_conv(self, c: Coupling) -> None:
         """A conv coupling: one source map (plus optionally the bias) on the rows, one
-        destination map on the columns, whose shape is the pooled output of the kernel."""
+        destination map on the columns, whose shape is the pooled output of the kernel; or
+        several destination maps of that size, their channels concatenated (the channel parts
+        of split maps that one tile's columns hold, `drivers.placement`)."""
         src = tuple(g for g in c.rows if g != BIAS)
-        if len(src) != 1 or len(c.cols) != 1 or c.rows[0] != src[0]:
+        if len(src) != 1 or not c.cols or c.rows[0] != src[0]:
             raise ConfigurationError(
                 f"conv tile {c.tile!r}: rows are one feature map (then optionally 'bias'), cols one "
-                f"feature map; got rows={c.rows} cols={c.cols}"
+                f"feature map (or several of one size); got rows={c.rows} cols={c.cols}"
             )
-        for g in (src[0], c.cols[0]):
+        for g in (src[0], *c.cols):
             if g not in self.shapes:
                 raise ConfigurationError(
                     f"conv tile {c.tile!r}: group {g!r} needs a (C, H, W) entry in Topology.shapes"
@@ -189,13 +191,14 @@ class Topology:
                 f"conv tile {c.tile!r}: the {ho} x {wo} output does not split into {pool} x {pool} "
                 "pooling windows; change the padding or the pool"
             )
-        want = (self.shapes[c.cols[0]][0], ho // pool, wo // pool)
-        if self.shapes[c.cols[0]] != want:
-            raise ConfigurationError(
-                f"conv tile {c.tile!r}: {src[0]!r} {self.shapes[src[0]]} through a {k} x {k} kernel "
-                f"(padding {p}, pool {pool}) gives maps of {want[1]} x {want[2]}; group "
-                f"{c.cols[0]!r} has shape {self.shapes[c.cols[0]]}"
-            )
+        for g in c.cols:
+            want = (self.shapes[g][0], ho // pool, wo // pool)
+            if self.shapes[g] != want:
+                raise ConfigurationError(
+                    f"conv tile {c.tile!r}: {src[0]!r} {self.shapes[src[0]]} through a {k} x {k} kernel "
+                    f"(padding {p}, pool {pool}) gives maps of {want[1]} x {want[2]}; group "
+                    f"{g!r} has shape {self.shapes[g]}"
+                )
 
     def _check_pool_groups(self) -> None:
         """The conv tiles of one pool group sum their pre-activations before one pooling: they
@@ -230,7 +233,7 @@ class Topology:
         out = {}
         for c in self.couplings:
             if c.kind == "conv":
-                c_in, c_out = self.shapes[c.rows[0]][0], self.shapes[c.cols[0]][0]
+                c_in, c_out = self.shapes[c.rows[0]][0], sum(self.shapes[g][0] for g in c.cols)
                 out[c.tile] = (c_in * c.kernel**2 + (BIAS in c.rows), c_out)
             else:
                 out[c.tile] = (sum(self.size(g) for g in c.rows), sum(self.size(g) for g in c.cols))

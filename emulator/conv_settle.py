@@ -172,9 +172,11 @@ class ConvSettle:
         for the unit's first tile when every source is clamped, the unit's pooled drive."""
         g = unit[0].geom
         assert g is not None
-        b = unit[0].c.cols[0]
+        topo = self.board.topology
+        assert topo is not None
+        b = unit[0].c.cols
         idx = None
-        if b in free:
+        if any(d in free for d in b):
             read_noise = noisy and any(lk.noise_k for lk in unit)
             whole = held.get(unit[0].c.tile, (None, None))[1]
             if whole is not None and not read_noise:
@@ -195,7 +197,10 @@ class ConvSettle:
                             sq = _patch_square(s[lk.c.rows[0]], lk.geom)  # type: ignore[arg-type]
                             read = read + torch.sqrt(sq * lk.noise_k) * self._draw(pre.shape)
                     y = conv.pool_at(read, g, idx)
-            add(b, y, None)
+            for d, part in conv.split(y, topo, b):
+                if d in free:
+                    add(d, part, None)
+        y_dst = conv.joined(s, b)
         for lk in unit:
             a, gm = lk.c.rows[0], lk.geom
             assert gm is not None
@@ -203,10 +208,10 @@ class ConvSettle:
                 continue
             if idx is None:  # else the comparators' winners of this step's (noisy) read
                 idx = _unit_winners(unit, s)
-            back = conv.backward(s[b], lk.w, gm, idx)
+            back = conv.backward(y_dst, lk.w, gm, idx)
             v = None
             if noisy and lk.noise_k:
-                routed = conv.unpool(s[b], gm, idx).square().sum(1, keepdim=True)
+                routed = conv.unpool(y_dst, gm, idx).square().sum(1, keepdim=True)
                 ones = torch.ones(1, 1, gm.kernel, gm.kernel, device=back.device)
                 per_node = F.conv_transpose2d(routed, ones, padding=gm.padding) * lk.noise_k
                 v = per_node.expand(-1, gm.c_in, -1, -1).reshape(back.shape)
@@ -235,9 +240,10 @@ class ConvSettle:
                 "board that only multiplies, settle it on the host (EBBlock settle='host')"
             )
         for c in topo.couplings:
-            if c.kind == "conv" and c.cols[0] in clamp and c.rows[0] not in clamp:
+            if c.kind == "conv" and any(g in clamp for g in c.cols) and c.rows[0] not in clamp:
+                dst = " + ".join(map(repr, c.cols))
                 raise ConfigurationError(
-                    f"conv tile {c.tile!r}: its destination {c.cols[0]!r} is clamped and its source "
+                    f"conv tile {c.tile!r}: its destination {dst} is clamped and its source "
                     f"{c.rows[0]!r} free; clamp the source too, or nudge the destination"
                 )
         batch = next(iter(clamp.values())).shape[0]
@@ -339,7 +345,7 @@ class ConvSettle:
             e = sum((topo.activation.leak(s[g], topo.gain).sum(1) for g in free), zero)
         for unit in _units(links):
             xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
-            e = e - conv.unit_phi(xs, s[unit[0].c.cols[0]], ws, gs)  # type: ignore[arg-type]
+            e = e - conv.unit_phi(xs, conv.joined(s, unit[0].c.cols), ws, gs)  # type: ignore[arg-type]
         for link in links:
             c = link.c
             if c.kind == "conv":
@@ -427,9 +433,9 @@ class ConvSettle:
             if c.kind == "conv":
                 g = link.geom
                 assert g is not None
-                a, b = c.rows[0], c.cols[0]
+                a, b = c.rows[0], c.cols
                 x = s[a]
-                if b in free:
+                if any(d in free for d in b):
                     cols = F.unfold(g.maps(x.square()), g.kernel, padding=g.padding).sum(2)  # (B, C_in k^2)
                     fwd = float(cols.sum(0) @ link.g_rows[: g.kernel_rows])
                     fwd += batch * g.positions * float(link.g_rows[g.kernel_rows :].sum())  # the bias line
@@ -440,7 +446,7 @@ class ConvSettle:
                         reads_per_step += g.positions
                         read_j += fwd * per.mvm_time_s * steps
                 if a in free:
-                    routed = conv.unpool(s[b], g, winners[c.tile]).square().sum((2, 3))
+                    routed = conv.unpool(conv.joined(s, b), g, winners[c.tile]).square().sum((2, 3))
                     reads_per_step += g.positions
                     read_j += float(routed.sum(0) @ link.g_cols) * per.mvm_time_s * steps
                 continue

@@ -258,7 +258,7 @@ class EPEstimator:
                 "to find the pooling winners"
             )
         g = conv.ConvGeometry.of(self.topology, c)
-        x, y = st[c.rows[0]], st[c.cols[0]]
+        x, y = st[c.rows[0]], conv.joined(st, c.cols)
         if unit[0].tile not in winners:
             weights = self.weights()
             ws = [weights[m.tile].detach().to(x.device, x.dtype) for m in unit]

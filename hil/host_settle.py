@@ -113,23 +113,23 @@ def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
     for c in topo.couplings:
         if c.kind == "conv":
             g = conv.ConvGeometry.of(topo, c)
-            a, b = c.rows[0], c.cols[0]
-            if b not in clamped and c.tile not in later:  # the forward read first: the transposed
-                # one routes by its winners
+            a, b = c.rows[0], c.cols  # one source map; one or more destination maps of one size
+            dst = free_dsts(b)
+            if dst and c.tile not in later:  # the forward read first: the transposed one routes
+                # by its winners
                 members = tuple(
                     _Term(m.tile, False, m.rows, [], fixed(m.rows), geom=conv.ConvGeometry.of(topo, m))
                     for m in groups.get(c.tile, ())
                 )
                 constant = all(m.constant for m in members) and fixed(c.rows)
-                dst = [(b, 0, topo.size(b))]
                 out.append(_Term(c.tile, False, c.rows, dst, constant, geom=g, members=members))
             if a not in clamped:
-                if b in clamped:
+                if any(d in clamped for d in b):
                     raise ConfigurationError(
-                        f"conv tile {c.tile!r}: its destination {b!r} is clamped and its source {a!r} "
-                        "free; clamp the source too, or nudge the destination"
+                        f"conv tile {c.tile!r}: its destination {' + '.join(map(repr, b))} is clamped and "
+                        f"its source {a!r} free; clamp the source too, or nudge the destination"
                     )
-                out.append(_Term(c.tile, True, (b,), [(a, 0, topo.size(a))], False, geom=g))
+                out.append(_Term(c.tile, True, b, [(a, 0, topo.size(a))], False, geom=g))
             continue
         if c.kind == "dense":
             dsts = free_dsts(c.cols)
@@ -235,7 +235,8 @@ class HostSettle:
                 for m in term.members or (term,):
                     winners[m.tile] = idx
                 return y.numpy()
-            routed = conv.unpool(torch.from_numpy(s[term.sources[0]]), g, winners.get(term.tile))
+            y_dst = conv.joined({d: torch.from_numpy(s[d]) for d in term.sources}, term.sources)
+            routed = conv.unpool(y_dst, g, winners.get(term.tile))
             out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
             return conv.fold_patches(torch.from_numpy(out), g).numpy()
 

@@ -248,7 +248,7 @@ class DHN(nn.Module):
         taken at the sources' states in `states` (given or not as sources)."""
         geoms = [conv.ConvGeometry.of(self.topology, c) for c in unit]
         ws = [self.weights[c.tile] for c in unit]
-        b = unit[0].cols[0]
+        b = unit[0].cols  # one destination map, or several of one size (their channels joined)
         batch = like.shape[0]
         x_states = []
         for c in unit:
@@ -257,17 +257,27 @@ class DHN(nn.Module):
                 x_state = torch.zeros(batch, self.size(c.rows[0]), dtype=like.dtype, device=like.device)
             x_states.append(x_state)
         idx = conv.unit_winners([x.detach() for x in x_states], [w.detach() for w in ws], geoms)
-        if (targets is None or b in targets) and (any(c.rows[0] in src for c in unit) or bias):
+        wanted = targets is None or any(d in targets for d in b)
+        if wanted and (any(c.rows[0] in src for c in unit) or bias):
             xs = [
                 src[c.rows[0]] if c.rows[0] in src else torch.zeros_like(x)
                 for c, x in zip(unit, x_states, strict=True)
             ]
             y = conv.pool_at(conv.unit_pre(xs, ws, geoms, bias=bias), geoms[0], idx)
-            out[b] = out[b] + y if b in out else y
+            for d, part in conv.split(y, self.topology, b):
+                if targets is None or d in targets:
+                    out[d] = out[d] + part if d in out else part
+        if not any(d in src for d in b):
+            return
+        y_src = conv.joined(
+            {d: src[d] if d in src else torch.zeros(batch, self.size(d), dtype=like.dtype, device=like.device)
+             for d in b},
+            b,
+        )  # fmt: skip
         for c, g, w in zip(unit, geoms, ws, strict=True):
             a = c.rows[0]
-            if (targets is None or a in targets) and b in src:
-                d = conv.backward(src[b], w, g, idx)
+            if targets is None or a in targets:
+                d = conv.backward(y_src, w, g, idx)
                 out[a] = out[a] + d if a in out else d
 
     def has_conv(self) -> bool:
@@ -279,7 +289,7 @@ class DHN(nn.Module):
         batch = any_state.shape[0]
         total = torch.zeros(batch, dtype=any_state.dtype, device=any_state.device)
         for unit in conv.units(self.topology):
-            xs, y = [states[c.rows[0]] for c in unit], states[unit[0].cols[0]]
+            xs, y = [states[c.rows[0]] for c in unit], conv.joined(states, unit[0].cols)
             geoms = [conv.ConvGeometry.of(self.topology, c) for c in unit]
             total = total + conv.unit_phi(xs, y, [self.weights[c.tile] for c in unit], geoms)
         for c in self.topology.couplings:
@@ -318,9 +328,10 @@ class DHN(nn.Module):
                 f"clamped groups {sorted(unknown)} are not in the topology {sorted(self.topology.groups)}"
             )
         for c in self.topology.couplings:
-            if c.kind == "conv" and c.cols[0] in clamp and c.rows[0] not in clamp:
+            if c.kind == "conv" and any(d in clamp for d in c.cols) and c.rows[0] not in clamp:
+                dst = " + ".join(map(repr, c.cols))
                 raise ValueError(
-                    f"conv tile {c.tile!r}: its destination {c.cols[0]!r} is clamped and its source "
+                    f"conv tile {c.tile!r}: its destination {dst} is clamped and its source "
                     f"{c.rows[0]!r} free; the pooling winners would move with the free source, so "
                     "the clamped drive is not constant: clamp the source too, or nudge the destination"
                 )

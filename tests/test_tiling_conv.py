@@ -22,9 +22,10 @@ from drivers.wire.payload import topology_from_dict, topology_to_dict
 from hil.ep import EBBlock, gaussian_init
 
 IDEAL = "emulator://?preset=ideal&seed=0"
-# 20 x 4 tiles: a 3x4x4 -> 6 -> 4 conv chain's W0 (28 x 6) lies on 2 x 3 tiles (source parts of
-# (20 - 1) // 9 = 2 channels, destination parts of at most 4 channels, then 2 for W1's rows), W1
-# (55 x 4) on 3 x 1 (row blocks of 2 channels of the split s1: the next conv's source)
+# 20 x 4 tiles: a 3x4x4 -> 6 -> 4 conv chain's W0 (28 x 6) lies on 2 x 2 tiles (source parts of
+# (20 - 1) // 9 = 2 channels; s1 in parts of 2 channels for W1's rows, packed into column blocks
+# of at most 4 channels: s1#0 + s1#1, then s1#2), W1 (55 x 4) on 3 x 1 (row blocks of the split
+# s1, the destination of W0, as the next conv's source)
 SMALL = IDEAL + "&tile_rows_max=20&tile_cols_max=4&max_tiles=32"
 BUDGET = SettleBudget(max_steps=3000, tol=1e-6, dt=0.5, check_every=5)
 
@@ -39,25 +40,28 @@ def _limits(rows: int, cols: int) -> object:
 
 @pytest.mark.parametrize("pools", [[1, 2], [2, 1]])
 def test_placement_of_a_conv_chain(pools: list[int]) -> None:
-    """Row blocks by source channels (the bias row on the last), column blocks by destination
-    channels; a pooled conv's row tiles of one destination part share one pool group."""
+    """Row blocks by source channels (the bias row on the last), column blocks of destination
+    channel parts (a tile may drive several parts); a pooled conv's row tiles of one column
+    block share one pool group."""
     topo = _chain(pools)
     p = place(topo, open_device(SMALL).info.limits)
-    assert p.grid("W0") == (2, 3) and p.grid("W1") == (3, 1) and p.grid("W2") == (1, 1)
+    assert p.grid("W0") == (2, 2) and p.grid("W1") == (3, 1) and p.grid("W2") == (1, 1)
     assert [q.size for q in p.parts["s0"]] == [32, 16]
     assert [q.size for q in p.parts["s1"]] == [2 * 16 // pools[0] ** 2] * 3
     s1 = (2, 4 // pools[0], 4 // pools[0])
     assert p.physical.shapes["s1#2"] == s1 and p.physical.shapes["s2"] == topo.shapes["s2"]
     phys = {c.tile: c for c in p.physical.couplings}
-    assert phys["W0#1_2"].rows == ("s0#1", BIAS) and phys["W0#0_2"].rows == ("s0#0",)
-    assert p.physical.tile_shape("W0#1_2") == (10, 2) and p.physical.tile_shape("W1#2_0") == (19, 4)
+    assert phys["W0#1_1"].rows == ("s0#1", BIAS) and phys["W0#0_1"].rows == ("s0#0",)
+    assert phys["W0#0_0"].cols == ("s1#0", "s1#1") and phys["W0#1_1"].cols == ("s1#2",)
+    assert p.physical.tile_shape("W0#0_0") == (18, 4) and p.physical.tile_shape("W0#1_1") == (10, 2)
+    assert p.physical.tile_shape("W1#2_0") == (19, 4)
     groups = {t: c.pool_group for t, c in phys.items() if c.kind == "conv"}
     if pools == [1, 2]:  # W0 sums its row blocks' products; W1's pool at the nodes
-        assert {groups[f"W0#{i}_{j}"] for i in range(2) for j in range(3)} == {""}
+        assert {groups[f"W0#{i}_{j}"] for i in range(2) for j in range(2)} == {""}
         assert {groups[f"W1#{i}_0"] for i in range(3)} == {"W1"}
     else:
-        want = [f"W0#{j}" for j in range(3) for _ in range(2)]  # one pool per destination part
-        assert [groups[f"W0#{i}_{j}"] for j in range(3) for i in range(2)] == want
+        want = [f"W0#{j}" for j in range(2) for _ in range(2)]  # one pool per column block
+        assert [groups[f"W0#{i}_{j}"] for j in range(2) for i in range(2)] == want
         assert {groups[f"W1#{i}_0"] for i in range(3)} == {""}
     pooled = "W1" if pools == [1, 2] else "W0"
     assert p.as_dict()["node_pools"] == [pooled] and f"{pooled} conv" in p.describe()
@@ -99,8 +103,8 @@ def test_conv_tile_operations_through_the_split_equal_the_unsplit() -> None:
         xt = rng.uniform(0, 1, (7, shape[1])).astype(np.float32)
         xt_s, xt_b = small.mvm(tile, xt, transpose=True), big.mvm(tile, xt, transpose=True)
         np.testing.assert_allclose(xt_s, xt_b, rtol=1e-5, atol=1e-5)
-    # W0's block (1, 2): source channel 2 (rows 18:27) plus the bias row 27, destination channels 4:6
-    block = small.inner.read_conductance("W0#1_2")[0]
+    # W0's block (1, 1): source channel 2 (rows 18:27) plus the bias row 27, destination channels 4:6
+    block = small.inner.read_conductance("W0#1_1")[0]
     np.testing.assert_allclose(block, big.read_conductance("W0")[0][18:28, 4:6], rtol=1e-6)
 
 
@@ -116,7 +120,7 @@ def test_conv_ep_through_the_split_equals_the_unsplit(pools: list[int], settle: 
     kw = {"weights": w, "settle": settle}
     a = EBBlock(TiledDevice(open_device(SMALL)), topo, **kw)  # type: ignore[arg-type]
     b = EBBlock(TiledDevice(open_device(IDEAL)), topo, **kw)  # type: ignore[arg-type]
-    assert a.device.placement.tiles == 10 and not b.device.placement.split
+    assert a.device.placement.tiles == 8 and not b.device.placement.split
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, (4, 48)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]
@@ -161,7 +165,7 @@ def _covers_once(p: Placement) -> None:
             pc = phys.coupling(b.tile)
             if c.kind == "conv":
                 assert pc.kind == "conv" and (pc.kernel, pc.padding, pc.pool) == (c.kernel, c.padding, c.pool)
-                assert b.r0 % c.kernel**2 == 0 and phys.shapes[pc.cols[0]][0] == b.c1 - b.c0
+                assert b.r0 % c.kernel**2 == 0 and sum(phys.shapes[d][0] for d in pc.cols) == b.c1 - b.c0
                 assert bool(pc.pool_group) == (c.pool > 1 and p.grid(c.tile)[0] > 1)
         assert (seen == 1).all(), c.tile
     for g, parts in p.parts.items():
@@ -223,7 +227,8 @@ def test_dense_placement_covers_every_cell_once(sizes: list[int], bias: bool, rm
 
 def test_conv_classifier_trains_on_small_tiles_as_on_whole_ones(tmp_path) -> None:
     """A conv ff-EBM (digits 1x8x8 -> 4 -> 6 channels, pools 1 and 2, head in the block) on
-    20 x 4 tiles (W1 in pooled row blocks at a node-side pool) trains with the same loss (1e-4)
+    20 x 4 tiles (W1 in pooled row blocks at a node-side pool, its column blocks on several
+    destination maps) trains with the same loss (1e-4)
     and accuracy as on tiles that hold every coupling, and its run log carries the placement."""
     from hil.config import load_config
     from hil.runlog import RunLog, open_run
@@ -242,7 +247,9 @@ def test_conv_classifier_trains_on_small_tiles_as_on_whole_ones(tmp_path) -> Non
     whole.model.close()  # type: ignore[union-attr]
     placement = open_run(tmp_path / "run.zarr").boards[0]["placement"]
     assert placement["node_pools"] == ["W1"] and placement["kinds"]["W1"] == "conv"
-    assert placement["grid"]["W1"] == [2, 6] and placement["tiles"] == 32
+    # W0 whole on s1's parts; W1 2 row blocks x 2 column blocks (s2's six 1-channel parts, split
+    # for the head's 20-row tiles, packed 4 + 2); the head 6 x 3: 1 + 4 + 18 tiles
+    assert placement["grid"] == {"W0": [1, 1], "W1": [2, 2], "W2": [6, 3]} and placement["tiles"] == 23
     assert res.history[-1].test_acc == pytest.approx(whole.history[-1].test_acc, abs=1e-9)
     assert res.history[-1].train_loss == pytest.approx(whole.history[-1].train_loss, rel=1e-4)
 
@@ -255,7 +262,7 @@ def test_a_physical_topology_with_pool_groups_runs_as_the_logical_one(settle: st
     gradients (reassembled per block) are the logical network's."""
     from hil.reference import DHN
 
-    topo = _chain([2, 2])  # both convs pooled; W0 on 2 x 3 tiles, W1 on 3 x 1
+    topo = _chain([2, 2])  # both convs pooled; W0 on 2 x 2 tiles, W1 on 3 x 1
     p = place(topo, open_device(SMALL).info.limits)
     assert p.pooled("W0") and p.pooled("W1")
     w = gaussian_init(topo, 1.0, torch.Generator().manual_seed(3), bias="mid")
