@@ -23,7 +23,7 @@ from hil.ffebm import FFEBM
 from hil.reference import DHN
 from hil.train_classifier import Classifier
 from hil.vae.config import VAERunConfig
-from hil.vae.hopfield import HopfieldVAE
+from hil.vae.hopfield import AUTO_INIT, HopfieldVAE
 from hil.vae.latent import LatentCode, make_likelihood
 
 IDEAL = "emulator://?preset=ideal&seed=0"
@@ -69,7 +69,7 @@ def test_init_bias_is_checked() -> None:
         gaussian_init(topo, 0.5, None, "middle")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"model\.init_bias: 'middle' is not one of 'zero', 'mid'"):
         load_config(None, ["model.init_bias=middle"])
-    with pytest.raises(ConfigError, match=r"model\.init_bias: 'middle' is not one of 'zero', 'mid'"):
+    with pytest.raises(ConfigError, match=r"model\.init_bias: 'middle' is not one of 'auto', 'zero', 'mid'"):
         load_into(VAERunConfig(), None, ["model.init_bias=middle"])
 
 
@@ -103,15 +103,31 @@ def _vae_check(variant: str, seed: int, init_bias: str) -> tuple[dict[str, float
     return cos, kinks
 
 
-@pytest.mark.parametrize("variant", ["tdh-vae", "dh-vae"])
+@pytest.mark.parametrize("variant", ["tdh-vae", "dh-vae", "h-vae"])
 @pytest.mark.parametrize("seed", [5, 6])
 def test_vae_whole_elbo_gradient_at_initialisation(variant: str, seed: int) -> None:
-    assert VAERunConfig().model.init_bias == "mid"  # the trainer's default
-    cos, kinks = _vae_check(variant, seed, "mid")
+    m = VAERunConfig().model
+    assert (m.init_bias, m.init) == ("auto", "auto")  # the trainer's defaults: mid biases for these
+    assert AUTO_INIT[variant][1] == "mid"
+    cos, kinks = _vae_check(variant, seed, m.init_bias)
     assert min(cos.values()) >= 0.99, cos
     assert kinks <= 0.01
     old, old_kinks = _vae_check(variant, seed, "zero")  # the check can fail: zero biases miss
     assert old["all"] < 0.97 and old_kinks > 0.3, (old, old_kinks)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_shared_layered_vae_is_limited_by_its_unbiased_pixels(seed: int) -> None:
+    """The shared layered network decodes by reading x -> h -> (mu, lv) backwards: the pixels
+    are free then but no bias row reaches them, so about half of them start on the lower kink
+    whatever the biases. Mid biases still lift the whole-ELBO cosine above zero biases' (measured
+    0.92-0.99 against 0.72-0.91 on seeds 0-2, 5, 6; by 0.06-0.27), short of 0.99; and it trains
+    far worse with them (docs/vae.md), so its default stays zero biases."""
+    assert AUTO_INIT["shared-layered"] == ("gaussian", "zero")
+    cos, kinks = _vae_check("shared-layered", seed, "mid")
+    old, old_kinks = _vae_check("shared-layered", seed, "zero")
+    assert cos["all"] >= old["all"] + 0.04, (cos, old)
+    assert kinks <= 0.05 < 0.3 < old_kinks
 
 
 # ------------------------------------------------------------------------ classifiers

@@ -22,11 +22,12 @@ class VAEModelConfig:
     w_max: float = 1.0
     init_scale: float = 0.5
     # biases at the start of the Hopfield variants: mid (every biased unit's drive in the middle
-    # of the linear range, hil.ep.centre_biases) or zero (as before issue 20); docs/vae.md
-    init_bias: Literal["zero", "mid"] = "mid"
-    # weights at the start: gaussian (N(0, init_scale^2 / rows) per tile) or goe (one symmetric
-    # matrix over all nodes, hil.ffebm.goe_init; the layered variants' small tiles stay small)
-    init: Literal["gaussian", "goe"] = "gaussian"
+    # of the linear range, hil.ep.centre_biases), zero (as before issue 20) or auto (mid, but
+    # zero for shared-layered); weights: gaussian (N(0, init_scale^2 / rows) per tile), goe (one
+    # symmetric matrix over all nodes, hil.ffebm.goe_init) or auto (goe for h-vae, else
+    # gaussian). What auto picks and why: hil.vae.hopfield.AUTO_INIT, docs/vae.md
+    init_bias: Literal["auto", "zero", "mid"] = "auto"
+    init: Literal["auto", "gaussian", "goe"] = "auto"
     mu_scale: float = 3.0  # mu = mu_scale (s_mu - 1/2): z beyond +-mu_scale/2 is clipped when clamped
     lv_min: float = -6.0  # log sigma^2 = lv_min + (lv_max - lv_min) s_lv
     lv_max: float = 1.0
