@@ -20,13 +20,14 @@ order, so the energy and the fixed points are the logical network's. Per kind:
   a symmetric W (which EP keeps); `drivers.tiled` maps program, pulse, read and mvm both ways.
 - **conv** (one kernel tile, ``C_in k^2`` (+ bias) rows by ``C_out`` columns, read at every
   position): the feature maps are split by channels into sub-groups of shape
-  ``(c_part, H, W)``. Columns: one tile per destination part (exact: pooling acts per output
-  channel). Rows: one tile per source part of at most ``(tile_rows_max - bias) // k^2``
-  channels, the bias row on the last; their products sum at the destination. Without pooling
-  that sum is all there is; with pooling (a max of sums is not a sum of maxes) the row tiles
-  of one destination part name one ``pool_group`` and every settle sums their
-  pre-activations before the pooling and routes back through the shared winners
-  (`drivers.conv.units`).
+  ``(c_part, H, W)``. Columns: the destination's parts (at most `tile_cols_max` channels
+  each) packed into column blocks of at most `tile_cols_max` channels, one tile per block
+  driving its parts as one map of their channels (exact: pooling acts per output channel).
+  Rows: one tile per source part of at most ``(tile_rows_max - bias) // k^2`` channels, the
+  bias row on the last; their products sum at the destination. Without pooling that sum is
+  all there is; with pooling (a max of sums is not a sum of maxes) the row tiles of one column
+  block name one ``pool_group`` and every settle sums their pre-activations before the
+  pooling and routes back through the shared winners (`drivers.conv.units`).
 
 A group split for one coupling is split for every coupling that holds it: the other couplings
 are re-expressed on the parts (a conv map split as the destination of one conv is the source
