@@ -295,3 +295,21 @@ def test_a_physical_topology_with_pool_groups_runs_as_the_logical_one(settle: st
         assert float((got - rb.grads[t]).norm() / rb.grads[t].norm()) < 1e-4, t
     gi = torch.cat([ra.input_grads["s0#0"], ra.input_grads["s0#1"]], 1)
     assert float((gi - rb.input_grads["s0"]).norm() / rb.input_grads["s0"].norm()) < 1e-4
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_split_conv_network_on_a_served_board_settles_as_in_process(transport: str, device_on) -> None:
+    """Over the real servers the physical topology (pool groups, tiles driving several
+    destination parts) crosses the wire at configure; the board's settle of the split network
+    equals the unsplit one in process (1e-5)."""
+    topo = _chain([2, 2])
+    w = gaussian_init(topo, 1.0, torch.Generator().manual_seed(3), bias="mid")
+    remote = TiledDevice(device_on(transport, board=SMALL))
+    a = EBBlock(remote, topo, weights=w, settle="board")
+    b = EBBlock(TiledDevice(open_device(IDEAL)), topo, weights=w, settle="board")
+    assert remote.placement.pooled("W0") and remote.inner.topology == remote.placement.physical
+    x = np.random.default_rng(1).uniform(0, 1, (4, 48)).astype(np.float32)
+    fa, fb = a.free(x), b.free(x)
+    for g in ("s1", "s2", "s3"):
+        assert float(fb.states[g].mean()) > 0.1
+        np.testing.assert_allclose(fa.states[g], fb.states[g], rtol=0, atol=1e-5, err_msg=g)
