@@ -7,7 +7,8 @@ with stuck devices compensated by their partners (on the tiles the record calibr
 their positions and shapes; other tiles are programmed as asked), and, where the record
 measured the wires' resistance (its mvm routine), every tile's targets pre-distorted for
 the wires' IR drop (`calibration.wires.predistort`: the effective conductances an mvm or a
-settle sees are then the ones asked for). Clamped groups come back as the host asked for
+settle sees are then the ones asked for; a tile whose wires take more than that can give
+back is programmed as asked, and named in `uncompensated`). Clamped groups come back as the host asked for
 them, as from any Device. Everything else passes through (`DeviceWrapper`).
 
     dev = CalibratedDevice(open_device(uri), calibration.load("cal.zarr"))
@@ -24,6 +25,10 @@ from calibration.record import CalibrationError, CalibrationRecord
 from calibration.wires import predistort
 from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
+
+# a tile is compensated for IR drop only where no column's weights must be scaled below this
+# (`calibration.wires.Predistorted.column_scale`)
+MIN_COMPENSATED_SCALE = 0.9
 
 
 class CalibratedDevice(DeviceWrapper):
@@ -45,6 +50,9 @@ class CalibratedDevice(DeviceWrapper):
         self.session = session  # the command that made the record, named when it falls short
         # per (tile, shape): each array's attenuation at its last targets, to warm-start the next
         self._attenuation: dict[tuple[str, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}
+        # (tile, shape) programmed without IR compensation from then on, with the smallest
+        # column scale pre-distortion would have needed
+        self.uncompensated: dict[tuple[str, tuple[int, int]], float] = {}
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
@@ -88,15 +96,22 @@ class CalibratedDevice(DeviceWrapper):
             if cal.stuck is not None:
                 stuck = (cal.stuck.stuck[0].astype(bool), cal.stuck.stuck[1].astype(bool))
         r = self.record.wire_resistance
-        if self.wires and r:
+        key = (tile, shape)
+        if self.wires and r and key not in self.uncompensated:
             lim = self.info.limits
-            key = (tile, shape)
             pre = predistort(
                 np.asarray(g_plus), np.asarray(g_minus), r, lim.g_min, lim.g_max,
                 fixed=stuck, start=self._attenuation.get(key),
             )  # fmt: skip
             self._attenuation[key] = pre.attenuation
-            g_plus, g_minus = pre.g_plus, pre.g_minus
+            scale = float(pre.column_scale.min())
+            if scale >= MIN_COMPENSATED_SCALE:
+                g_plus, g_minus = pre.g_plus, pre.g_minus
+            else:
+                # the wires take more than the devices can give back: pre-distortion would
+                # scale some column's weights below MIN_COMPENSATED_SCALE, which deploys worse
+                # than the wires' own attenuation (docs/calibration.md); programmed as asked
+                self.uncompensated[key] = scale
         return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:

@@ -33,6 +33,7 @@ MAX_CELLS = 1 << 22  # R C of a tile the host models (2048 x 2048)
 MAX_OHMS = 100.0  # wire resistance per segment the host considers (ohms)
 PREDISTORT_ITERS = 30  # fixed-point steps of `predistort`
 PREDISTORT_TOL = 1e-5  # ... until every effective conductance is within this share of the range
+MIN_COLUMN_SCALE = 0.05  # `predistort` scales a column's weights down to this factor at most
 
 
 def _revcumsum(x: np.ndarray, axis: int) -> np.ndarray:
@@ -113,39 +114,18 @@ def effective_weights(g_plus: np.ndarray, g_minus: np.ndarray, r: float, g_range
 
 @dataclass
 class Predistorted:
-    """Conductances to program (R, C) so that each array's effective conductances match the
-    requested ones, with the cells no conductance in [g_lo, g_hi] reaches."""
+    """Conductances to program (R, C) so that each array's effective conductances are the
+    requested ones, each column's weights scaled by `column_scale` where the wires take more
+    than [g_lo, g_hi] can give back."""
 
     g_plus: np.ndarray
     g_minus: np.ndarray
-    unreachable: np.ndarray  # bool (R, C): a device of the pair stopped at its bound short of it
-    residual: float  # largest |effective - requested| of the reachable cells (siemens)
+    # (C,) in (0, 1]: column j's effective conductances are g_lo + s_j (requested - g_lo), so
+    # its weights (differences) are s_j times the requested ones; 1 where every cell is reached
+    column_scale: np.ndarray
+    residual: float  # largest |effective - scaled request| of the devices not `fixed` (siemens)
     iterations: int
     attenuation: tuple[np.ndarray, np.ndarray]  # each array's `attenuation` at the answer
-
-
-def _one_array(
-    target: np.ndarray, r: float, g_lo: float, g_hi: float, fixed: np.ndarray | None, u0: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, float, int, np.ndarray]:
-    t = np.asarray(target, dtype=np.float64)
-    keep = np.zeros(t.shape, bool) if fixed is None else np.asarray(fixed, bool)
-    g = t.copy()
-    u = attenuation(g, r, u0)
-    tol = PREDISTORT_TOL * (g_hi - g_lo)
-    iterations = 0
-    for _ in range(PREDISTORT_ITERS):
-        iterations += 1
-        # the fixed point of G = T / u(G): a cell whose effective value falls short is raised
-        # by the share it loses, and the line currents it adds are taken into the next solve
-        g = np.where(keep, t, np.clip(t / np.maximum(u, 1e-6), g_lo, g_hi))
-        u = attenuation(g, r, u)
-        err = np.abs(g * u - t)
-        short = (g >= g_hi) & (g * u < t - tol)
-        if float(np.where(short | keep, 0.0, err).max()) <= tol:
-            break
-    err = np.abs(g * u - t)
-    short = (g >= g_hi) & (g * u < t - tol)
-    return g, short, float(np.where(short | keep, 0.0, err).max()), iterations, u
 
 
 def predistort(
@@ -160,21 +140,44 @@ def predistort(
 ) -> Predistorted:
     """Conductances in [g_lo, g_hi] whose effective values through `r` ohms of wire per
     segment are `g_plus` and `g_minus` (each array separately, so the weights match too).
-    A requested value that needs more than g_hi is left at g_hi and flagged. `fixed` (masks
-    for G+ and G-) names devices that hold their value whatever is asked (stuck ones): they
-    keep it, and their current is in the others' solve. `start` (the `attenuation` of each
-    array from an earlier call, `Predistorted.attenuation`) warm-starts the solves."""
+
+    The fixed point of ``G = T / u(G)``: a cell whose effective value falls short is raised by
+    the share it loses, and the line current it adds goes into the next solve. Where a
+    column's cells would need more than g_hi, the column's requests are scaled towards g_lo
+    by the largest factor that every one of them reaches (`Predistorted.column_scale`):
+    clipping the cells one by one would bend the column's weights against each other, while
+    a common factor only scales its output (as the wires themselves mostly do). `fixed`
+    (masks for G+ and G-) names devices that hold their value whatever is asked (stuck ones):
+    they keep it, and their current is in the others' solve. `start` (each array's
+    `attenuation` from an earlier call, `Predistorted.attenuation`) warm-starts the solves."""
     if not g_lo < g_hi:
         raise CalibrationError(f"predistort needs g_lo < g_hi, got {g_lo} and {g_hi}")
-    fp, fm = (None, None) if fixed is None else fixed
-    sp, sm = (None, None) if start is None else start
-    gp, short_p, res_p, it_p, up = _one_array(g_plus, r, g_lo, g_hi, fp, sp)
-    gm, short_m, res_m, it_m, um = _one_array(g_minus, r, g_lo, g_hi, fm, sm)
+    t = np.stack((np.asarray(g_plus, np.float64), np.asarray(g_minus, np.float64)))
+    keep = np.zeros(t.shape, bool) if fixed is None else np.stack([np.asarray(f, bool) for f in fixed])
+    g = t.copy()
+    u = np.stack([attenuation(g[k], r, None if start is None else start[k]) for k in (0, 1)])
+    scale = np.ones(t.shape[-1])
+    tol = PREDISTORT_TOL * (g_hi - g_lo)
+    lift = np.where(keep, 0.0, t - g_lo)  # what each request asks above g_lo
+    iterations = 0
+    for _ in range(PREDISTORT_ITERS):
+        iterations += 1
+        # the largest common factor of each column that keeps (g_lo + s lift) / u <= g_hi;
+        # never raised again once lowered, so the iteration settles
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(lift > 0, (g_hi * u - g_lo) / lift, np.inf)
+        scale = np.minimum(scale, np.clip(room.min(axis=(0, 1)), MIN_COLUMN_SCALE, 1.0))
+        want = g_lo + scale * lift
+        g = np.where(keep, t, np.clip(want / np.maximum(u, 1e-6), g_lo, g_hi))
+        u = np.stack([attenuation(g[k], r, u[k]) for k in (0, 1)])
+        if float(np.where(keep, 0.0, np.abs(g * u - want)).max()) <= tol:
+            break
+    want = g_lo + scale * lift
     return Predistorted(
-        g_plus=gp.astype(np.float32),
-        g_minus=gm.astype(np.float32),
-        unreachable=short_p | short_m,
-        residual=max(res_p, res_m),
-        iterations=max(it_p, it_m),
-        attenuation=(up, um),
+        g_plus=g[0].astype(np.float32),
+        g_minus=g[1].astype(np.float32),
+        column_scale=scale,
+        residual=float(np.where(keep, 0.0, np.abs(g * u - want)).max()),
+        iterations=iterations,
+        attenuation=(u[0], u[1]),
     )

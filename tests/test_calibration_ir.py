@@ -137,14 +137,16 @@ def test_predistorted_targets_reach_the_requested_effective_conductances() -> No
     want_m = np.full((64, 64), g_lo)
     want_p[0, -1] = g_hi  # at the far end of a loaded row: needs more than g_hi
     pre = predistort(want_p, want_m, r, g_lo, g_hi)
+    # the last column is scaled down as a whole, by what its hardest cell needs; the others not
+    s = pre.column_scale
+    assert s[-1] < 0.99 and (s[:-1] == 1.0).mean() > 0.9 and s.min() > 0.9
     got_p = effective_conductance(pre.g_plus.astype(np.float64), r)
     got_m = effective_conductance(pre.g_minus.astype(np.float64), r)
-    ok = ~pre.unreachable
-    assert pre.unreachable[0, -1] and ok.mean() > 0.99
-    assert np.abs(got_p - want_p)[ok].max() < 1e-3 * (g_hi - g_lo)
-    assert np.abs(got_m - want_m)[ok].max() < 1e-3 * (g_hi - g_lo)
-    before = np.abs(effective_conductance(want_p, r) - want_p)[ok].max()
-    assert before > 30 * np.abs(got_p - want_p)[ok].max()
+    want_p_scaled = g_lo + s * (want_p - g_lo)
+    assert np.abs(got_p - want_p_scaled).max() < 1e-3 * (g_hi - g_lo)
+    assert np.abs(got_m - want_m).max() < 1e-3 * (g_hi - g_lo)
+    before = np.abs(effective_conductance(want_p, r) - want_p)[:, :-1].max()
+    assert before > 30 * np.abs(got_p - want_p)[:, :-1].max()
 
 
 def test_compensation_cuts_the_effective_weight_error(bad_board) -> None:
