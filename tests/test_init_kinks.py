@@ -19,7 +19,7 @@ from drivers import ConfigurationError, SettleBudget, Topology, open_device
 from hil.config import ConfigError, load_config, load_into
 from hil.data import load_digits
 from hil.ep import centre_biases, gaussian_init, kink_fraction
-from hil.ffebm import FFEBM
+from hil.ffebm import FFEBM, goe_init
 from hil.reference import DHN
 from hil.train_classifier import Classifier
 from hil.vae.config import VAERunConfig
@@ -173,3 +173,19 @@ def test_ffebm_blocks_start_centred() -> None:
             assert torch.equal(w["W0"][:-1], w0["W0"][:-1])
             assert torch.allclose(w["W0"], centre_biases(topo, w0)["W0"], atol=1e-6)
             assert not torch.equal(w["W0"][-1], w0["W0"][-1])
+
+
+def test_conv_biases_centre_each_channel() -> None:
+    """A conv tile has one bias per output channel: the mean over the map's positions of each
+    channel's drive (neighbours at 1/2) is mid-range; the fully connected head's units each are."""
+    topo = Topology.convolutional((2, 6, 6), [3, 4], pools=[1, 2], head=[5], gain=2.0)
+    w = goe_init(topo, 0.5, torch.Generator().manual_seed(21))
+    drive = DHN(topo, centre_biases(topo, w)).drive(
+        {g: torch.full((1, topo.size(g)), 0.5, dtype=torch.float64) for g in topo.groups}
+    )
+    for g in ("s1", "s2"):
+        c = topo.shapes[g][0]
+        per_channel = drive[g].reshape(c, -1).mean(dim=1)  # maps are (C, H, W), channel-major
+        assert torch.allclose(2.0 * per_channel, torch.full((c,), 0.5, dtype=torch.float64), atol=1e-6), g
+        assert drive[g].reshape(c, -1).std(dim=1).max() > 0.01  # positions differ (padding, weights)
+    assert torch.allclose(2.0 * drive["s3"], torch.full_like(drive["s3"], 0.5), atol=1e-6)
