@@ -7,16 +7,17 @@
    random layered and dense networks whose sizes and seeds no test uses, each at two
    initialisations: ``check`` (weights N(0, 0.5^2 / fan_in), biases U(0.1, 0.4), as
    `hil gradcheck`), ``trainer`` (N(0, 0.6^2 / fan_in), zero biases: the classifier's
-   gaussian init) and ``trainer-mid`` (the same weights, biases centred: `model.init_bias =
-   "mid"`, `hil.ep.centre_biases`). Per (activation, init, beta, mode): the worst cosine and
+   gaussian init), ``trainer-mid`` (the same weights, biases centred: `model.init_bias =
+   "mid"`, `hil.ep.centre_biases`), ``goe`` (`hil.ffebm.goe_init` at 0.5, zero biases:
+   `model.init = "goe"`) and ``goe-mid`` (centred). Per (activation, init, beta, mode): the worst cosine and
    the worst relative error over every parameter (each tile's weights and bias row, and the
    input) and every network, the median over networks of each network's worst relative error,
    and the fraction of free units on a kink of the hard sigmoid in the free settle
    (`hil.ep.kink_fraction`).
 2. Accuracy: the digits classifier (`hil.train_classifier`, the default 64-256-10 recipe:
    centered EP, CE nudge, beta 0.2, SGD + cosine) on the ideal preset with that activation,
-   `--epochs` epochs per seed of `--seeds`; test accuracy per seed and the mean (``--epochs 0``:
-   none).
+   `--epochs` epochs per seed of `--seeds`, with the config overrides of `--set` (e.g.
+   ``--set model.init_bias=mid``); test accuracy per seed and the mean (``--epochs 0``: none).
 3. ``--vae``: each Hopfield VAE variant at the trainer's initialisation (`hil train vae`
    defaults), zero and mid biases (and GOE weights with mid biases): the cosine of the
    whole-ELBO EP gradient with implicit differentiation at the training beta
@@ -27,7 +28,8 @@ One torch thread. Ends by printing one JSON object per line. Usage::
 
     python benchmarks/gradient_bias.py [--epochs 30] [--seeds 0,1,2] [--quick] [--vae]
                                        [--activations hard_sigmoid,soft_sigmoid:0.1,logistic]
-                                       [--inits check,trainer,trainer-mid]
+                                       [--inits check,trainer,trainer-mid,goe,goe-mid]
+                                       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.data import load_digits
 from hil.ep import EBBlock, centre_biases, gradcheck, kink_fraction
+from hil.ffebm import goe_init
 from hil.train_classifier import train_classifier
 from hil.vae.config import VAERunConfig
 from hil.vae.hopfield import VARIANTS, HopfieldVAE
@@ -71,6 +74,8 @@ INITS = {
     "check": (0.5, (0.1, 0.4), False),
     "trainer": (0.6, (0.0, 0.0), False),
     "trainer-mid": (0.6, (0.0, 0.0), True),
+    "goe": (0.5, (0.0, 0.0), False),  # `model.init = "goe"`, `hil.ffebm.goe_init`
+    "goe-mid": (0.5, (0.0, 0.0), True),
 }
 VAE_INITS = (("gaussian", "zero"), ("gaussian", "mid"), ("goe", "mid"))  # (model.init, model.init_bias)
 
@@ -87,8 +92,11 @@ def bias_rows(activation: str, nets: list, x: torch.Tensor, y: torch.Tensor, ini
                     dev, sizes, dense=kind == "dense", init_scale=scale, bias=bias, seed=seed,
                     activation=activation,
                 )  # fmt: skip
-                if centre:
-                    w = centre_biases(blk.topology, {t: p.detach() for t, p in blk.weights.items()})
+                if init.startswith("goe") or centre:
+                    w = {t: p.detach() for t, p in blk.weights.items()}
+                    if init.startswith("goe"):
+                        w = goe_init(blk.topology, scale, torch.Generator().manual_seed(seed))
+                    w = centre_biases(blk.topology, w) if centre else w
                     blk = EBBlock(
                         dev, blk.topology, inputs=blk.inputs, outputs=blk.outputs, weights=w, seed=seed
                     )
@@ -136,10 +144,10 @@ def vae_rows(activation: str, seeds: list[int]) -> list[dict]:
     return out
 
 
-def digits_accuracy(activation: str, seeds: list[int], epochs: int) -> list[float]:
+def digits_accuracy(activation: str, seeds: list[int], epochs: int, sets: list[str]) -> list[float]:
     accs = []
     for s in seeds:
-        over = [f"device={IDEAL}", f"model.activation={activation}", f"train.epochs={epochs}"]
+        over = [f"device={IDEAL}", f"model.activation={activation}", f"train.epochs={epochs}", *sets]
         over.append(f"train.seed={s}")
         cfg = load_config(None, over)
         accs.append(float(train_classifier(cfg).test_acc))
@@ -155,6 +163,10 @@ def main() -> None:
     ap.add_argument("--inits", default=",".join(INITS), help=f"of {', '.join(INITS)}")
     ap.add_argument("--vae", action="store_true", help="also the VAE variants' whole-ELBO gradient at init")
     ap.add_argument("--vae-seeds", default="0,1")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override of the digits runs, e.g. model.init_bias=mid (repeatable)",
+    )  # fmt: skip
     args = ap.parse_args()
     inits = args.inits.split(",")
     for i in inits:
@@ -177,6 +189,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
         "torch": torch.__version__, "networks": [f"{k} {s} seed {d}" for k, s, d in nets],
         "inits": {k: {"init_scale": INITS[k][0], "bias": INITS[k][1], "centred": INITS[k][2]} for k in inits},
+        "sets": args.set,
         "batch": int(x.shape[0]), "epochs": epochs, "seeds": seeds,
     }]  # fmt: skip
     # the summaries: per init, and over the first two (the table of docs/neuron.md's first section)
@@ -206,9 +219,10 @@ def main() -> None:
         if epochs == 0:
             continue
         t0 = time.perf_counter()
-        accs = digits_accuracy(act, seeds, epochs)
+        accs = digits_accuracy(act, seeds, epochs, args.set)
         lines.append({
-            "activation": act, "digits_acc": accs, "digits_mean": statistics.mean(accs), "epochs": epochs,
+            "activation": act, "sets": args.set, "digits_acc": accs, "digits_mean": statistics.mean(accs),
+            "epochs": epochs,
             "train_s": round(time.perf_counter() - t0, 1), "bias_s": round(t_bias, 1),
             "load_avg": os.getloadavg(),
         })  # fmt: skip
