@@ -58,10 +58,7 @@ def test_calibrate_then_train_vae_with_the_record(tmp_path: Path) -> None:
     """README: `hil calibrate URI --out cal.zarr`, then `hil train vae --set calibration=cal.zarr`
     (the default TDH-VAE has 136 nodes: more than the 128 channels a 64 x 64 tile implies)."""
     cal = tmp_path / "cal.zarr"
-    # ideal wires: the converter routines take the preset's IR drop for converter error (a
-    # known gap, docs/calibration.md), and a record made so pushes a corrected init past the
-    # read-voltage limit
-    board = EMU + "&wire_resistance=0"
+    board = EMU  # the preset's wires on: the converter routines keep them out of the gains
     done = _hil("calibrate", board, "--out", cal, "--routines", "adc,dac")
     assert done.exit_code == 0, done.output
     run = _hil(
