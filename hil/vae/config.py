@@ -38,7 +38,7 @@ class VAEModelConfig:
 class VAEEPConfig:
     beta: float = 0.2
     mode: Literal["centered", "positive", "negative", "random"] = "centered"
-    steps: int = 800  # settle budget per phase (most settles stop far earlier, at tol)
+    steps: int = 1600  # settle budget per phase (a cap: most settles stop far earlier, at tol)
     tol: float = 3e-3  # converged: max |rho(u) - s| over every node of the batch below this
     dt: float = 0.5  # damping of the analog settle (dense networks need < 1)
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"  # docs/programming.md
