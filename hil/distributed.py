@@ -12,12 +12,14 @@ The process group uses gloo when the host stack computes on the CPU and NCCL on 
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -75,11 +77,28 @@ class DataParallel:
     def close(self, wait: bool = True) -> None:
         """Leave the process group; with `wait`, once every rank is done with its collectives
         (a gloo rank torn down while a peer still talks to it can abort its process at exit).
-        `wait=False` after a failure, when the other ranks may be gone."""
+        `wait=False` after a failure, when the other ranks may be gone. The collection that
+        follows runs the destructors of the group's C++ objects (worker threads, pairs) now,
+        while the interpreter is whole, not during its teardown."""
         if dist.is_initialized():
             if wait:
                 dist.barrier()
             dist.destroy_process_group()
+        gc.collect()
+
+    @staticmethod
+    def exit_worker(code: int = 0) -> NoReturn:
+        """End a torchrun worker whose work is done, flushed and closed, without the
+        interpreter's teardown.
+
+        At teardown the C++ state of torch's distributed runtime is destroyed in an order
+        nobody controls; once in a full CI run that aborted rank 1 of a finished job
+        ("terminate called without an active exception", SIGABRT), torchrun then reported the
+        whole job failed, and with --max-restarts it would have restarted a finished job. The
+        run log is closed and the output flushed before this is called, so nothing is lost."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     # ------------------------------------------------------------------------------ shards
     def span(self, n: int) -> tuple[int, int]:

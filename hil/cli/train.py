@@ -245,6 +245,8 @@ def classifier(
         raise
     if dp is not None:
         dp.close()
+        if log is None:
+            dp.exit_worker()
     if log is None:
         return
     last = res.history[-1]
@@ -257,3 +259,5 @@ def classifier(
     typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()})")
     typer.echo(f"run log {log.path}")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")
+    if dp is not None:
+        dp.exit_worker()
