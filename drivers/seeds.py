@@ -52,6 +52,7 @@ STREAMS: dict[str, int] = {
     "ffebm.block": 21,  # index: block number; the root seed of block k (its EBBlock and scheme)
     # hil/train_classifier.py
     "classifier.init": 25,  # initial weights of a one-block (dhn) classifier
+    "classifier.augment": 26,  # index: the training step; random translations (hil.augment)
     # hil/programming/schemes.py
     "programming": 30,  # a ProgrammingScheme's generator (stochastic rounding of pulse counts)
     # hil/vae

@@ -25,6 +25,7 @@ from drivers.errors import ConfigurationError
 T = TypeVar("T")
 
 
+MAX_SHIFT = 8  # pixels: train.shift, the random translations of training images (hil.augment)
 MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 
 
@@ -113,6 +114,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: Literal["cosine", "none"] = "cosine"
     seed: int = 0
+    # augmentation: move each training image by up to `shift` pixels along each axis, drawn
+    # per image and step (hil.augment); 0 = off
+    shift: int = 0
 
 
 @dataclass
@@ -304,6 +308,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.epochs and train.batch_size: must be >= 1")
     if cfg.ep.refresh_every < 0:
         raise ConfigError(f"ep.refresh_every: must be >= 0, got {cfg.ep.refresh_every}")
+    if not 0 <= cfg.train.shift <= MAX_SHIFT:
+        raise ConfigError(
+            f"train.shift: random translations of 0 to {MAX_SHIFT} pixels (0: off), got {cfg.train.shift}"
+        )
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
 

@@ -33,6 +33,7 @@ from drivers.checks import MAX_SETTLE_VALUES
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
 from drivers.uri import parse_options, replace_params
+from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
@@ -217,7 +218,11 @@ class Classifier:
                 )  # fmt: skip
             else:
                 self.ffebm = FFEBM.layered(
-                    sizes, m.block_layers, dev, between=m.between, **blocks  # type: ignore[arg-type]
+                    sizes,
+                    m.block_layers,
+                    dev,
+                    between=m.between,
+                    **blocks,  # type: ignore[arg-type]
                 )
             tiles = self.ffebm.block_parameters()
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
@@ -404,6 +409,7 @@ def train_classifier(
     )  # fmt: skip
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
+    check_shift(cfg.train.shift, ds.image_shape)
     if cfg.calibration:
         opener = functools.partial(open_board, calibration=cfg.calibration)
     if dp is not None:
@@ -457,9 +463,14 @@ def _train(
     try:
         for epoch, idx in order.batches(bs, cfg.train.epochs):
             n = len(idx)
+            offsets = step_offsets(n, cfg.train.shift, cfg.train.seed, step) if cfg.train.shift else None
             if dp is not None:
+                start, stop = dp.span(n)
                 idx = dp.shard(idx)
+                offsets = None if offsets is None else offsets[start:stop]
             x, y = ds.x_train[idx], ds.y_train[idx]
+            if offsets is not None:
+                x = shift_images(x, ds.image_shape, offsets)
             trace = log.trace_for(step) if log is not None and model.ffebm is None else 0
             with programming_transaction(model.devices, f"step-{step + 1}"):
                 loss, acc, st = model.step(x, y, trace=trace, dp=dp)
