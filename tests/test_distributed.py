@@ -29,7 +29,8 @@ RUN = [
     "data.limit_train=400", "data.limit_test=200", "model.sizes=[64,32,10]", "train.batch_size=25",
     "ep.tol=0", "ep.free_steps=40", "ep.nudge_steps=20",
 ]  # fmt: skip
-IDEAL = [*RUN, "train.epochs=6"]
+# train.shift: each rank moves its images by its share of the global batch's offsets
+IDEAL = [*RUN, "train.epochs=6", "train.shift=1"]
 # a recipe that trains on the noisy rram board (digits_98.toml's, smaller), whole test set
 RRAM = [
     "data.limit_train=800", "model.sizes=[64,64,10]", "model.activation=soft_sigmoid:0.1", "train.epochs=6",
