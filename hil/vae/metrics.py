@@ -90,3 +90,31 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     s1, s2 = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
     covmean = np.real(linalg.sqrtm(s1 @ s2))
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def frechet_references(
+    features: DigitsFeatures, x_train: Tensor, x_test: Tensor, samples: int = 360, seed: int = 0
+) -> dict[str, float]:
+    """Frechet distances to the test images of image sets that bracket a generator, in the
+    same features as the trainer's `Evaluation.frechet` (`samples` generated images against
+    every test image):
+
+    - ``train_vs_test``: `samples` training images drawn without replacement (seeded): what a
+      generator that reproduced the data distribution would score, sampling noise included;
+    - ``train_all_vs_test``: every training image;
+    - ``mean_image_vs_test``: the mean training image repeated `samples` times: a generator
+      that ignores its latent input and draws the average digit (right mean, no spread).
+
+    The untrained model, the other end of the scale, is each run's ``initial.frechet``.
+    """
+    xtr = x_train.reshape(len(x_train), -1).to(torch.float32)
+    xte = x_test.reshape(len(x_test), -1).to(torch.float32)
+    f_test = features.features(xte).numpy()
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(xtr), generator=gen)[: min(samples, len(xtr))]
+    mean_image = xtr.mean(0, keepdim=True).expand(samples, -1)
+    return {
+        "train_vs_test": frechet_distance(features.features(xtr[pick]).numpy(), f_test),
+        "train_all_vs_test": frechet_distance(features.features(xtr).numpy(), f_test),
+        "mean_image_vs_test": frechet_distance(features.features(mean_image).numpy(), f_test),
+    }
