@@ -201,6 +201,8 @@ class DHN(nn.Module):
         units = {u[0].tile: u for u in conv.units(self.topology)}  # pool groups sum before pooling
         for c in self.topology.couplings:
             row_groups = tuple(g for g in c.rows if g != BIAS or bias)
+            if not row_groups:
+                continue  # a tile of the bias row alone (a calibration tile), bias left out
             if c.kind == "conv":
                 if c.tile in units:
                     self._conv_drive(units[c.tile], states, src, out, targets, bias, any_state)

@@ -113,3 +113,32 @@ def test_weight_shape_is_checked() -> None:
     topo = Topology.layered([3, 2])
     with pytest.raises(ValueError, match="expected"):
         DHN(topo, {"W0": torch.zeros(3, 2)})
+
+
+def test_a_tile_of_the_bias_row_alone_drives_like_a_bias_row_on_another_tile() -> None:
+    """A coupling whose rows hold only the bias (a calibration tile) is a valid topology; the
+    reference once failed on it (IndexError) wherever the drive leaves the bias out, which the
+    newton finish and EP's gradients do. It must act as the same bias row on a tile with rows."""
+    from drivers import Coupling
+
+    g = torch.Generator().manual_seed(3)
+    w_x = 0.6 * torch.randn(6, 4, generator=g, dtype=torch.float64)
+    b = torch.empty(1, 4, dtype=torch.float64).uniform_(0.1, 0.4, generator=g)
+    split = DHN(
+        Topology(
+            {"x": 6, "h": 4}, (Coupling("B", ("bias",), ("h",)), Coupling("V", ("x",), ("h",))), budget=TIGHT
+        ),
+        {"B": b, "V": w_x},
+    )
+    joined = DHN(
+        Topology({"x": 6, "h": 4}, (Coupling("V", ("x", "bias"), ("h",)),), budget=TIGHT),
+        {"V": torch.cat([w_x, b])},
+    )
+    x, _ = _data()
+    for bias in (True, False):
+        torch.testing.assert_close(
+            split.drive({"x": x}, bias=bias)["h"], joined.drive({"x": x}, bias=bias)["h"]
+        )
+    a, c = split.settle({"x": x}, newton=True), joined.settle({"x": x}, newton=True)
+    assert a.converged and c.converged
+    torch.testing.assert_close(a.states["h"], c.states["h"], rtol=0, atol=1e-12)
