@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,27 @@ def test_shipped_example_sweeps_are_valid(path: Path) -> None:
     """Every example in examples/ parses and checks against its trainer's config."""
     spec = load_spec(path)
     assert spec.n_trials > 0 and spec.space
+
+
+def test_start_at_base_runs_the_base_values_first_and_refuses_a_base_outside_the_space(
+    tmp_path: Path,
+) -> None:
+    """`start_at_base = true`: trial 0 runs the base config's own values of the tuned keys (a
+    list setting tuned as one number takes its first element), then the sampler goes on; a
+    base value outside its parameter's range is refused when the spec is read."""
+    from hil.sweep.local import LocalExecutor
+
+    data = tomllib.loads(SPEC.replace("n_trials = 4", "n_trials = 2\nstart_at_base = true"))
+    spec = parse_spec(data, default_name="base-first")
+    assert spec.base_params() == {"train.lr": 0.1, "ep.beta": 0.2, "ep.mode": "centered"}  # trainer defaults
+    result = run_sweep(spec, tmp_path / "sweep", LocalExecutor())
+    first, second = sorted(result.trials, key=lambda t: t.number)
+    assert first.params == {"train.lr": 0.1, "ep.beta": 0.2, "ep.mode": "centered"}
+    assert second.params != first.params and first.state == second.state == "COMPLETE"
+    assert parse_spec(tomllib.loads(SPEC)).to_dict().keys() == spec.to_dict().keys() - {"start_at_base"}
+    data["space"]["ep"]["beta"]["low"] = 0.3
+    with pytest.raises(SpecError, match=r"^sweep\.start_at_base: the base ep\.beta = 0\.2 is outside"):
+        parse_spec(data)
+    data["sweep"]["start_at_base"] = "yes"
+    with pytest.raises(SpecError, match=r"^sweep\.start_at_base: expected true or false"):
+        parse_spec(data)

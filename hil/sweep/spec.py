@@ -13,6 +13,7 @@
     startup_trials = 10         # TPE: random trials before its model takes over
     threads = 1                 # torch CPU threads per trial (0: torch's default)
     config = "train.toml"       # optional trainer TOML, relative to this file
+    start_at_base = false       # true: trial 0 is the base config itself (counts in n_trials)
 
     [base]                      # trainer config keys, on top of `config`
     train.epochs = 5
@@ -108,6 +109,9 @@ class SweepSpec:
     sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: int = 10
     threads: int = 1
+    # trial 0 runs the base config's own values of the tuned keys (optuna's enqueue_trial), so
+    # the sweep's best is never worse, on its objective, than not sweeping at all
+    start_at_base: bool = False
     source: str = ""  # the spec file, for messages
 
     @property
@@ -125,6 +129,29 @@ class SweepSpec:
             cfg.name = name
         return cfg
 
+    def base_params(self) -> dict[str, Scalar]:
+        """The base config's values of the tuned keys (the first element of a list setting
+        tuned as one number), each checked against its parameter's range."""
+        cfg = apply_dict(self.trainer_def.make_config(), copy.deepcopy(self.base))
+        out: dict[str, Scalar] = {}
+        for p in self.space:
+            path, index = _split_index(p.key)
+            value = functools.reduce(getattr, path.split("."), cfg)
+            if isinstance(value, list):
+                value = value[index or 0]
+            if p.kind == "categorical":
+                ok = value in p.choices
+            else:
+                ok = isinstance(value, int | float) and p.low <= value <= p.high  # type: ignore[operator]
+            if not ok:
+                where = f"one of {list(p.choices)}" if p.kind == "categorical" else f"[{p.low}, {p.high}]"
+                raise SpecError(
+                    f"sweep.start_at_base: the base {p.key} = {value!r} is outside space.{p.key} ({where}); "
+                    "widen the space or set start_at_base = false"
+                )
+            out[p.key] = value
+        return out
+
     def make_sampler(self) -> Any:
         import optuna
 
@@ -137,13 +164,15 @@ class SweepSpec:
         d = dataclasses.asdict(self)
         d["space"] = {p.key: p.to_dict() for p in self.space}
         d.pop("source")
+        if not self.start_at_base:
+            d.pop("start_at_base")  # so that sweeps recorded before the key still match
         return d
 
 
 # ------------------------------------------------------------------------------------ loading
 _SWEEP_KEYS = {
     "name", "trainer", "objective", "direction", "n_trials", "batch", "seed", "sampler",
-    "startup_trials", "threads", "config",
+    "startup_trials", "threads", "config", "start_at_base",
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
@@ -215,10 +244,13 @@ def parse_spec(
     space = tuple(_param(key, entry, cfg, trainer) for key, entry in _space_entries(_table(data, "space")))
     if not space:
         raise SpecError('space: empty; add at least one [space."<config key>"] table')
+    start_at_base = sw.get("start_at_base", False)
+    if not isinstance(start_at_base, bool):
+        raise SpecError(f"sweep.start_at_base: expected true or false, got {start_at_base!r}")
     name = _get(sw, "name", str, re.sub(r"[^A-Za-z0-9_.-]+", "-", default_name))
     if not _NAME.match(name):
         raise SpecError(f"sweep.name: {name!r} must be letters, digits, '_', '.', '-' (it names folders)")
-    return SweepSpec(
+    spec = SweepSpec(
         name=name,
         trainer=trainer_name,
         objective=objective,
@@ -227,8 +259,12 @@ def parse_spec(
         space=space,
         sampler=sampler,  # type: ignore[arg-type]
         source=source,
+        start_at_base=start_at_base,
         **ints,
     )
+    if start_at_base:
+        spec.base_params()  # out-of-range base values are refused now, not at trial 0
+    return spec
 
 
 def _names_a_key(message: str) -> bool:

@@ -90,6 +90,8 @@ def run_sweep(
     )
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left running by a killed sweep
+    if spec.start_at_base and not study.trials:
+        study.enqueue_trial(spec.base_params())  # trial 0: the base config itself
     while (k := min(spec.batch, spec.n_trials - len(study.trials))) > 0:
         asked: dict[int, optuna.trial.Trial] = {}
         jobs = []
