@@ -4,7 +4,8 @@ must still be zero."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,3 +33,28 @@ def _track_boards() -> Iterator[None]:
     emulated.EmulatedDevice.__init__ = original  # type: ignore[method-assign]
     bad = [(b.preset.name, b.seed, b.safety.violations) for b in _boards if b.safety.violations]
     assert not bad, f"limit violations reached the array on boards {bad}"
+
+
+@pytest.fixture
+def crash_and_resume() -> Callable[[Any, Path], Any]:
+    """`run(cfg, path)`: train the classifier `cfg` with a run log at `path`, let it die after
+    its first epoch's snapshot, resume it from the run log and return the resumed run's
+    result (a `TrainResult`)."""
+    from hil.runlog import RunLog, open_for_resume
+    from hil.train_classifier import train_classifier
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(stats: Any) -> None:
+        raise Crash("simulated crash after epoch 1")
+
+    def run(cfg: Any, path: Path) -> Any:
+        with pytest.raises(Crash), RunLog.create(path, cfg) as log:
+            train_classifier(cfg, log=log, on_epoch=crash)
+        log, state = open_for_resume(path)
+        assert state is not None
+        with log:
+            return train_classifier(cfg, log=log, state=state)
+
+    return run

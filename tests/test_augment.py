@@ -74,28 +74,17 @@ def test_shift_bounds_are_checked_against_the_config_and_the_images() -> None:
             check_shift(bad, (1, 28, 28))
 
 
-def test_training_with_shifts_resumes_exactly_and_differs_from_training_without(tmp_path) -> None:
+def test_training_with_shifts_resumes_exactly_and_differs_from_training_without(
+    tmp_path, crash_and_resume
+) -> None:
     """Ideal preset, 8 x 8 digits moved by up to one pixel: a run that dies after its first
     epoch and is resumed ends with the weights of a run that never stopped (the offsets are
     indexed by the step), and those weights differ from the same run without shifts."""
-    from hil.runlog import RunLog, open_for_resume
     from hil.train_classifier import train_classifier
 
     sets = ["train.epochs=2", "data.limit_train=160", "data.limit_test=60", "model.sizes=[64,32,10]"]
     cfg = load_config(None, [*sets, "train.shift=1"])
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(stats) -> None:
-        raise Crash("simulated crash after epoch 1")
-
-    path = tmp_path / "run.zarr"
-    with pytest.raises(Crash), RunLog.create(path, cfg) as log:
-        train_classifier(cfg, log=log, on_epoch=crash)
-    log, state = open_for_resume(path)
-    with log:
-        resumed = train_classifier(cfg, log=log, state=state)
+    resumed = crash_and_resume(cfg, tmp_path / "run.zarr")
     straight = train_classifier(cfg)
     plain = train_classifier(load_config(None, sets))
     for tile, p in straight.model.block.weights.items():

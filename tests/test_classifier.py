@@ -134,32 +134,18 @@ def test_ffebm_on_digits(one_thread: None) -> None:
     assert res.test_acc >= 0.97, [h.test_acc for h in res.history]
 
 
-def test_run_log_and_resume_after_a_crash_match_an_uninterrupted_run(tmp_path) -> None:
+def test_run_log_and_resume_after_a_crash_match_an_uninterrupted_run(tmp_path, crash_and_resume) -> None:
     """Ideal preset: a run that dies after its first epoch's snapshot, resumed from its run log,
     ends with the test accuracy and weights of a run that never stopped."""
-    import pytest
-
     from hil.config import load_config
-    from hil.runlog import RunLog, open_for_resume, open_run
+    from hil.runlog import open_run
     from hil.train_classifier import train_classifier
 
     cfg = load_config(
         None, ["train.epochs=2", "data.limit_train=160", "data.limit_test=60", "model.sizes=[64,32,10]"]
     )
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(stats) -> None:
-        raise Crash("simulated crash after epoch 1")
-
     path = tmp_path / "run.zarr"
-    with pytest.raises(Crash), RunLog.create(path, cfg) as log:
-        train_classifier(cfg, log=log, on_epoch=crash)
-    log, state = open_for_resume(path)
-    assert state is not None
-    with log:
-        resumed = train_classifier(cfg, log=log, state=state)
+    resumed = crash_and_resume(cfg, path)
     straight = train_classifier(cfg)
     assert resumed.test_acc == straight.test_acc
     for tile, p in resumed.model.block.weights.items():
