@@ -55,7 +55,16 @@ def test_every_variant_has_a_sweep_with_one_budget() -> None:
     for v, s in specs.items():
         assert (s.trainer, s.objective, s.direction) == ("vae", "neg_elbo", "minimize"), v
         budgets.add(
-            (s.n_trials, s.batch, s.seed, s.sampler, s.startup_trials, s.threads, s.base["train"]["epochs"])
+            (
+                s.n_trials,
+                s.batch,
+                s.seed,
+                s.sampler,
+                s.startup_trials,
+                s.threads,
+                s.start_at_base,
+                s.base["train"]["epochs"],
+            )
         )
         # the base is the trainer's defaults (ideal board, default init) but for variant and epochs
         expected = VAERunConfig()
@@ -63,6 +72,8 @@ def test_every_variant_has_a_sweep_with_one_budget() -> None:
         expected.train.epochs = s.base["train"]["epochs"]
         assert s.base == dataclasses.asdict(expected), v
     assert len(budgets) == 1, budgets
+    # trial 0 of every sweep is the defaults, so no variant's best is worse than not sweeping
+    assert all(s.start_at_base for s in specs.values())
     # one search space for the Hopfield variants; F-VAE searches the same keys but for ep.*
     spaces = {v: specs[v].space for v in HOPFIELD}
     assert len(set(spaces.values())) == 1, spaces
