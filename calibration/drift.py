@@ -19,9 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from calibration.adc import measure_adc
 from calibration.conductance import find_stuck
-from calibration.converters import ConverterOptions, measure_adc, measure_dac, measure_mvm
+from calibration.converters import ConverterOptions
+from calibration.dac import measure_dac
 from calibration.measure import Progress, no_progress, read_stats, tile_topology
+from calibration.mvm import measure_mvm
 from calibration.record import CalibrationRecord, ChannelCal
 from drivers import Coupling, Device, Topology, seeds
 

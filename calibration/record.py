@@ -214,7 +214,7 @@ class CalibrationRecord:
 
     @property
     def wire_resistance(self) -> float | None:
-        """Ohms per wire segment the mvm routine measured (`calibration.converters.measure_mvm`),
+        """Ohms per wire segment the mvm routine measured (`calibration.mvm.measure_mvm`),
         or None where the record has no mvm routine (or one from before it measured them)."""
         cal = self.converters.get("mvm")
         r = None if cal is None else cal.info.get("wire_resistance")

@@ -29,9 +29,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from calibration.adc import measure_adc
 from calibration.conductance import conductance_map, find_stuck
-from calibration.converters import TILES_PER_DAC_PASS, ConverterOptions, measure_adc, measure_dac, measure_mvm
+from calibration.converters import ConverterOptions
+from calibration.dac import TILES_PER_DAC_PASS, measure_dac
 from calibration.measure import Progress, no_progress, tile_topology
+from calibration.mvm import measure_mvm
 from calibration.pulse import measure_pulse_response
 from calibration.pulse_fit import fit_pulse_model
 from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint

@@ -9,7 +9,7 @@ after the last row, every segment `r` ohms, and takes the map of a uniform drive
 row at the same voltage, cell (i, j) keeps the fraction ``u_ij`` of it, and its effective
 conductance is ``G_ij u_ij`` (first order in the wires' effect, exact for a uniform input;
 the emulator's default `ir_model="attenuation"` is this map). `r` is measured by the mvm
-routine (`calibration.converters.measure_mvm`, from how the outputs move when the line load
+routine (`calibration.mvm.measure_mvm`, from how the outputs move when the line load
 changes at fixed weights); `predistort` finds conductances whose effective values are the
 ones asked for, and `calibration.CalibratedDevice` programs those.
 

@@ -25,7 +25,7 @@ from calibration import (
     load,
     run_session,
 )
-from calibration.converters import measure_adc
+from calibration.adc import measure_adc
 from calibration.measure import lsb
 from calibration.wires import attenuation, effective_conductance, predistort
 from drivers import Coupling, Topology, open_device
