@@ -249,6 +249,18 @@ def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tup
     return cfg
 
 
+def dotted_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested table (a config's `to_dict`, a TOML file) as {"section.key": value}, the keys
+    as `--set` names them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(dotted_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def apply_dict(cfg: T, data: dict[str, Any]) -> T:
     """Fill the config dataclass `cfg` from a nested dict (e.g. a run log's recorded config)."""
     _apply(cfg, data)

@@ -465,9 +465,8 @@ def _train(
             n = len(idx)
             offsets = step_offsets(n, cfg.train.shift, cfg.train.seed, step) if cfg.train.shift else None
             if dp is not None:
-                start, stop = dp.span(n)
                 idx = dp.shard(idx)
-                offsets = None if offsets is None else offsets[start:stop]
+                offsets = None if offsets is None else dp.shard(offsets)  # the same share of the batch
             x, y = ds.x_train[idx], ds.y_train[idx]
             if offsets is not None:
                 x = shift_images(x, ds.image_shape, offsets)

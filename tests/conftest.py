@@ -44,7 +44,7 @@ def crash_and_resume() -> Callable[[Any, Path], Any]:
     from hil.train_classifier import train_classifier
 
     class Crash(RuntimeError):
-        pass
+        """The simulated failure after the first epoch."""
 
     def crash(stats: Any) -> None:
         raise Crash("simulated crash after epoch 1")

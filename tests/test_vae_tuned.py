@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hil.config import load_into
+from hil.config import dotted_keys, load_into
 from hil.data import load_digits
 from hil.sweep.spec import SweepSpec, load_spec
 from hil.vae.config import VAEModelConfig, VAERunConfig, validate_vae
@@ -29,16 +29,6 @@ HOPFIELD = tuple(v for v in VARIANTS if v != "f-vae")
 
 def _sweep(variant: str) -> SweepSpec:
     return load_spec(EXAMPLES / f"sweep_{variant.replace('-', '_')}.toml")
-
-
-def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _bench() -> Any:
@@ -85,7 +75,7 @@ def test_every_variant_has_a_sweep_with_one_budget() -> None:
 def test_tuned_settings_load_and_name_only_swept_keys(variant: str) -> None:
     bench = _bench()
     path = bench.tuned_path(variant)
-    keys = _flat(tomllib.loads(path.read_text()))
+    keys = dotted_keys(tomllib.loads(path.read_text()))
     cfg = load_into(VAERunConfig(), path)  # raises on a key the VAE config does not have
     validate_vae(cfg)
     assert cfg.model.variant == variant

@@ -59,16 +59,6 @@ def exists_message(path: Path, resume: Path) -> str:
     )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # the boards' addresses may change between a run and its resume (`device`, and `devices` of a
 # model whose EB blocks have boards of their own), and so may the host's torch device
 # (`compute`: the same seed gives the same numbers on cpu and cuda to float tolerance)
@@ -79,10 +69,10 @@ def resumed_config(stored: T, asked: T) -> T:
     """`asked` (the stored config with this command's --config/--set applied) if it differs
     from `stored` (the run's config) only in `RESUME_MAY_CHANGE`; otherwise a `ConfigError`
     naming the keys: a resumed run must go on as it started, only on another address."""
-    from hil.config import ConfigError
+    from hil.config import ConfigError, dotted_keys
 
-    old = _flatten(stored.to_dict())  # type: ignore[attr-defined]
-    new = _flatten(asked.to_dict())  # type: ignore[attr-defined]
+    old = dotted_keys(stored.to_dict())  # type: ignore[attr-defined]
+    new = dotted_keys(asked.to_dict())  # type: ignore[attr-defined]
     changed = [k for k in new if k not in RESUME_MAY_CHANGE and new[k] != old.get(k)]
     if changed:
         what = ", ".join(f"{k} (run: {old.get(k)!r}, asked: {new[k]!r})" for k in changed)

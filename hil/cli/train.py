@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from hil.config import RunConfig
+    from hil.runlog import RunLog
+    from hil.train_classifier import TrainResult
 
 train_app = typer.Typer(
     help="Train models on a board (or the emulator) by Equilibrium Propagation.",
@@ -245,10 +250,14 @@ def classifier(
         raise
     if dp is not None:
         dp.close()
-        if log is None:
-            dp.exit_worker()
-    if log is None:
-        return
+    if log is not None:
+        _print_result(res, log, cfg)
+    if dp is not None:
+        dp.exit_worker()
+
+
+def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
+    """Rank 0's (or a single board's) summary of a finished run."""
     last = res.history[-1]
     typer.echo(
         f"trained {len(res.history)} epochs in {sum(h.seconds for h in res.history):.1f} s; "
@@ -259,5 +268,3 @@ def classifier(
     typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()})")
     typer.echo(f"run log {log.path}")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")
-    if dp is not None:
-        dp.exit_worker()
