@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.peer_ep import Floor
 from drivers import SettleBudget, Topology, open_device
+from drivers.numerics import denormals_flushed
 
 
 def floor_settle(floor: Floor, x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -56,7 +57,8 @@ def floor_settle(floor: Floor, x: torch.Tensor, steps: int) -> torch.Tensor:
     for k in range(1, len(rows)):
         const[rows[k]] = w[k][-1:].T
     state = torch.zeros(floor.nodes, x.shape[0], device=x.device)
-    floor._settle(state, const, steps)
+    with denormals_flushed():  # as the board's settle (drivers.numerics): the same arithmetic
+        floor._settle(state, const, steps)
     return state
 
 

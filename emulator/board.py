@@ -31,6 +31,7 @@ from drivers.checks import (
     check_wait,
 )
 from drivers.errors import ConfigurationError, LimitViolation
+from drivers.numerics import denormals_flushed
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
 from emulator.array import TileArray
@@ -392,7 +393,8 @@ class Board:
                 gr = quantize(grad, per.dac_bits, -span, span)
             groups[g] = (beta, t, gr)
         engine = self.conv_engine if conv else self.engine
-        result = engine.settle(applied, SettleNudge(groups), init, trace)
+        with denormals_flushed():  # states decaying at a clamp go subnormal (drivers.numerics)
+            result = engine.settle(applied, SettleNudge(groups), init, trace)
         self.clock += result.settle_time_s
         self.energy_j += result.energy_j
         return result

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from drivers import conv
 from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import Equilibrium, Nudge
+from drivers.numerics import denormals_flushed
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 
 States = dict[str, Tensor]
@@ -402,16 +403,17 @@ class DHN(nn.Module):
         c_ext = self._external(cl, free, batch)
         s = self._init(init, free, batch)
         steps, residual, converged = 0, math.inf, False
-        while steps < b.max_steps:
-            new = self._step(s, cl, c_ext, nudge, b.dt, free)
-            steps += 1
-            if steps % b.check_every == 0 or steps == b.max_steps:
-                residual = max(float((new[g] - s[g]).abs().max()) for g in free) if free else 0.0
-                if residual < b.tol:
-                    s = new
-                    converged = True
-                    break
-            s = new
+        with denormals_flushed():  # states decaying at a clamp go subnormal (drivers.numerics)
+            while steps < b.max_steps:
+                new = self._step(s, cl, c_ext, nudge, b.dt, free)
+                steps += 1
+                if steps % b.check_every == 0 or steps == b.max_steps:
+                    residual = max(float((new[g] - s[g]).abs().max()) for g in free) if free else 0.0
+                    if residual < b.tol:
+                        s = new
+                        converged = True
+                        break
+                s = new
         n_newton = 0
         if newton:
             s, n_newton, ok = self._newton(s, cl, c_ext, nudge, free)
