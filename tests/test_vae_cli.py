@@ -49,6 +49,14 @@ def test_train_vae_prints_cells_and_writes_run_log_and_pictures(tmp_path: Path) 
     assert (out / "samples.png").stat().st_size > 1000 and (out / "reconstructions.png").stat().st_size > 1000
     run = open_run(out / "run.zarr")
     assert run.attrs["status"] == "complete" and run.attrs["config"]["model"]["variant"] == "tdh-vae"
+    # the config keeps "auto"; the run records and prints what it became for this variant
+    assert run.attrs["config"]["model"]["activation"] == "auto"
+    assert run.attrs["resolved"] == {
+        "model.activation": "hard_sigmoid",
+        "model.init": "gaussian",
+        "model.init_bias": "mid",
+    }
+    assert "crossbar cells, hard_sigmoid neuron" in text
     root = zarr.open_group(str(out / "run.zarr"), mode="r")
     assert "metrics" in root and "traces" in root
     # a second run into the same folder is refused without --overwrite
@@ -134,3 +142,22 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> No
     a, b = done.table("metrics/test"), ref.table("metrics/test")
     for key in ("neg_elbo", "frechet", "recon_mse"):
         assert abs(float(a[key][-1]) - float(b[key][-1])) <= 1e-6, key
+
+
+def test_the_shared_layered_net_gets_the_logistic_by_default(tmp_path: Path) -> None:
+    """`model.activation = "auto"`: the logistic for the shared layered net (docs/vae.md), which
+    the run records, the summary prints and `hil inspect` shows; an explicit curve wins."""
+    out = tmp_path / "sl"
+    args = ["train", "vae", "--model", "shared-layered", "--no-progress", *_args(*SMALL, "train.epochs=1")]
+    result = CliRunner().invoke(app, [*args[:4], "--out", str(out), *args[4:]])
+    assert result.exit_code == 0, result.output
+    assert "crossbar cells, logistic neuron" in result.output
+    assert open_run(out / "run.zarr").attrs["resolved"]["model.activation"] == "logistic"
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert "model.activation = logistic" in shown.output
+    hard = tmp_path / "hard"
+    result = CliRunner().invoke(
+        app, [*args[:4], "--out", str(hard), *args[4:], "--set", "model.activation=hard_sigmoid"]
+    )
+    assert result.exit_code == 0, result.output
+    assert open_run(hard / "run.zarr").attrs["resolved"]["model.activation"] == "hard_sigmoid"

@@ -19,12 +19,14 @@ from hil.config import dotted_keys, load_into
 from hil.data import load_digits
 from hil.sweep.spec import SweepSpec, load_spec
 from hil.vae.config import VAEModelConfig, VAERunConfig, validate_vae
+from hil.vae.hopfield import AUTO_ACTIVATION
 from hil.vae.metrics import DigitsFeatures, frechet_distance, frechet_references
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 VARIANTS: tuple[str, ...] = typing.get_args(typing.get_type_hints(VAEModelConfig)["variant"])
 HOPFIELD = tuple(v for v in VARIANTS if v != "f-vae")
+SWEPT_CURVE = "hard_sigmoid"  # the node curve every shipped sweep ran with
 
 
 def _sweep(variant: str) -> SweepSpec:
@@ -56,10 +58,14 @@ def test_every_variant_has_a_sweep_with_one_budget() -> None:
                 s.base["train"]["epochs"],
             )
         )
-        # the base is the trainer's defaults (ideal board, default init) but for variant and epochs
+        # the base is the trainer's defaults (ideal board, default init) but for variant and epochs,
+        # and every variant was swept with the hard sigmoid (the shared layered net's default
+        # curve is the logistic since, so its sweep names the curve it ran with)
         expected = VAERunConfig()
         expected.model.variant = v  # type: ignore[assignment]
         expected.train.epochs = s.base["train"]["epochs"]
+        if v != "f-vae":
+            expected.model.activation = SWEPT_CURVE if AUTO_ACTIVATION[v] != SWEPT_CURVE else "auto"
         assert s.base == dataclasses.asdict(expected), v
     assert len(budgets) == 1, budgets
     # trial 0 of every sweep is the defaults, so no variant's best is worse than not sweeping
@@ -79,8 +85,13 @@ def test_tuned_settings_load_and_name_only_swept_keys(variant: str) -> None:
     cfg = load_into(VAERunConfig(), path)  # raises on a key the VAE config does not have
     validate_vae(cfg)
     assert cfg.model.variant == variant
-    swept = {p.key for p in _sweep(variant).space}
-    assert set(keys) == swept | {"model.variant"}, f"{path} should set exactly the swept keys"
+    sweep = _sweep(variant)
+    swept = {p.key for p in sweep.space}
+    # and the curve, where the sweep named it (it ran with another than the variant's default)
+    curve = sweep.base["model"]["activation"]
+    pinned = {"model.activation"} if curve != "auto" else set()
+    assert set(keys) == swept | {"model.variant"} | pinned, f"{path} should set exactly the swept keys"
+    assert cfg.model.activation == curve
     # the benchmark reads it, and changes only the board, the seed and (if asked) the epochs
     run = bench.run_config(variant, "ideal", "", 2, None, bench.TUNED_DIR)
     assert run.train.seed == 2 and run.train.epochs == VAERunConfig().train.epochs

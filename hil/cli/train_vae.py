@@ -150,7 +150,8 @@ def vae(
             on_epoch=None if progress else on_epoch,
         )
     f, i = result.final, result.initial
-    typer.echo(f"model        {result.variant}, {result.cells} crossbar cells")
+    neuron = f", {result.neuron} neuron" if result.neuron else ""
+    typer.echo(f"model        {result.variant}, {result.cells} crossbar cells{neuron}")
     typer.echo(f"device       {result.identity}  ({cfg.device})")
     typer.echo(f"test -ELBO   {f.neg_elbo:.3f} nats/image (untrained {i.neg_elbo:.3f})")
     typer.echo(f"recon MSE    {f.recon_mse:.4f} per pixel")

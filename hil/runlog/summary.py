@@ -34,6 +34,8 @@ def summary(run: Run) -> str:
         label = f"block {b.get('block')}"
         lines.append(f"{label:<13}board {b.get('board')}: {b.get('idn')}  uri {b.get('uri')}")
     lines.append(f"calibration  {a.get('calibration_id') or 'none'}")
+    if resolved := a.get("resolved"):
+        lines.append("resolved     " + ", ".join(f"{k} = {v}" for k, v in resolved.items()))
     lines.append("config")
     lines += [f"  {k} = {json.dumps(val)}" for k, val in _flatten(run.config)] or ["  (empty)"]
     lines += _metrics(run)

@@ -177,6 +177,12 @@ class RunLog:
     def set_calibration(self, calibration_id: str | None) -> None:
         self._update_root({"calibration_id": calibration_id})
 
+    def set_resolved(self, values: Mapping[str, Any]) -> None:
+        """Record what the config's ``auto`` keys became in this run (dotted key -> value, e.g.
+        ``model.activation`` -> ``logistic``): the config keeps ``auto``, whose meaning is the
+        code's and may change, so the run says what it used."""
+        self._update_root({"resolved": {str(k): v for k, v in values.items()}})
+
     def set_device_uri(self, uri: str) -> None:
         """Continue a resumed run on another board (the same board at a new address, or its
         replacement): the config's ``device`` becomes `uri`; the last ``resumes`` entry keeps

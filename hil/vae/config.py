@@ -17,8 +17,9 @@ class VAEModelConfig:
     hidden: int = 64  # hidden units (h group; the hidden layer of F-VAE)
     latent: int = 4  # latent dimensions (mu and lv groups have this many units each)
     gain: float = 1.0
-    # the node curve of the Hopfield variants (drivers.activation, docs/neuron.md)
-    activation: str = "hard_sigmoid"
+    # the node curve of the Hopfield variants (drivers.activation, docs/neuron.md), or auto: the
+    # logistic for shared-layered, the hard sigmoid for the others (hil.vae.hopfield.AUTO_ACTIVATION)
+    activation: str = "auto"
     w_max: float = 1.0
     init_scale: float = 0.5
     # biases at the start of the Hopfield variants: mid (every biased unit's drive in the middle
@@ -115,9 +116,10 @@ def validate_vae(cfg: VAERunConfig) -> None:
     if m.mu_scale <= 0:
         raise ConfigError(f"model.mu_scale: must be > 0, got {m.mu_scale}")
     try:
-        Activation.parse(m.activation)
+        if m.activation != "auto":
+            Activation.parse(m.activation)
     except ConfigurationError as exc:
-        raise ConfigError(f"model.activation: {exc}") from None
+        raise ConfigError(f"model.activation: {exc} (or auto: the variant's default)") from None
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size >= 1 and train.lr > 0 required")
     if cfg.likelihood.sigma <= 0:

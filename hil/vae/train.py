@@ -47,6 +47,7 @@ class VAEResult:
     wall_s: float = 0.0
     identity: str = ""
     pictures: list[Path] = field(default_factory=list)
+    neuron: str = ""  # the Hopfield variants' node curve ("auto" resolved); "" for F-VAE
 
 
 EVAL_CHUNK = 512  # samples per settle when evaluating a whole test set (as EBBlock's predict)
@@ -245,6 +246,9 @@ def train_vae(
         if log is not None and model.devices:  # on resume too: the board may be at another address
             log.set_device(model.devices[0].info, uri=cfg.device)
             log.set_calibration(model.calibration_id)
+            if (h := model.hvae) is not None:
+                resolved = {"activation": h.activation, "init": h.weight_init, "init_bias": h.bias_init}
+                log.set_resolved({f"model.{k}": v for k, v in resolved.items()})
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
@@ -319,6 +323,7 @@ def train_vae(
             time.perf_counter() - t0,
             model.identity,
             pictures,
+            "" if model.hvae is None else model.hvae.activation,
         )
     finally:
         model.close()
