@@ -50,7 +50,7 @@ def config(uri: str, epochs: int, limit_train: int) -> Any:
     return load_config(
         None,
         [f"device={uri}", f"train.epochs={epochs}", f"data.limit_train={limit_train}",
-         "data.limit_test=48", "model.sizes=[64,32,10]"],
+         "data.limit_test=48", "model.sizes=[64,32,10]", "model.activation=hard_sigmoid"],
     )  # fmt: skip
 
 

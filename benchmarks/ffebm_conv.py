@@ -51,7 +51,10 @@ sys.path.insert(0, str(ROOT))
 
 EXAMPLE = ROOT / "examples" / "ffebm_conv_mnist.toml"
 PRESETS = {"ideal": "emulator://?preset=ideal&seed={seed}", "rram": "emulator://?preset=rram&seed={seed}"}
-FC = ["model.kind=dhn", "model.sizes=[784,512,10]", "model.channels=[]", "model.pools=[]", "model.front=0"]
+FC = [
+    "model.kind=dhn", "model.activation=hard_sigmoid", "model.sizes=[784,512,10]", "model.channels=[]",
+    "model.pools=[]", "model.front=0",
+]  # fmt: skip
 # the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv DHN
 # (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block boundaries,
 # settles to a tolerance within the same step budget; w_max 1 as when it was measured (on the

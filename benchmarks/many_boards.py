@@ -56,6 +56,7 @@ def _config(batch: int, epochs: int) -> RunConfig:
         None,
         [
             f"data.limit_train={TRAIN}", "data.limit_test=64", "model.sizes=[64,256,10]",
+            "model.activation=hard_sigmoid",
             f"train.batch_size={batch}", f"train.epochs={epochs}",
         ],
     )  # fmt: skip

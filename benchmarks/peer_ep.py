@@ -257,6 +257,7 @@ def project_config(
             "ep.tol=0.0",
             "ep.mode=centered",
             "ep.loss=ce",
+            "model.activation=hard_sigmoid",  # the formulation and the floor clamp
         ],
     )
 

@@ -43,7 +43,7 @@ def run(
     cfg = load_config(
         None,
         [f"device=emulator://?preset={preset}&seed={seed}", f"train.epochs={epochs}", f"train.seed={seed}",
-         f"ep.programming={scheme}", *extra],
+         f"ep.programming={scheme}", "model.activation=hard_sigmoid", *extra],
     )  # fmt: skip
     t0 = time.perf_counter()
     res = train_classifier(cfg)

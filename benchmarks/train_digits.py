@@ -40,7 +40,8 @@ RRAM6 = "emulator://?preset=rram&seed=0&adc_bits=6"
 
 # the fixed-step recipe used for the timing comparison (tol = 0: every settle runs T1 / T2)
 T1, T2 = 40, 15
-TIMING = [f"ep.free_steps={T1}", f"ep.nudge_steps={T2}", "ep.tol=0.0"]
+# fixed step counts, and the clamp the minimal loop uses (the classifier default is the soft sigmoid)
+TIMING = [f"ep.free_steps={T1}", f"ep.nudge_steps={T2}", "ep.tol=0.0", "model.activation=hard_sigmoid"]
 
 
 def minimal_step(

@@ -36,7 +36,7 @@ from drivers.uri import parse_options, replace_params
 from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
-from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
+from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, model_activation
 from hil.data import Dataset, load_dataset
 from hil.ep import EBBlock, centre_biases, gaussian_init
 from hil.ffebm import FFEBM, goe_init
@@ -181,8 +181,9 @@ class Classifier:
 
         refresh_mode = None if e.refresh_mode == "auto" else e.refresh_mode
         if m.kind == "dhn":
+            curve = model_activation(m)
             topo = Topology.layered(
-                sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode, activation=m.activation
+                sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode, activation=curve
             )
             init = goe_init if m.init == "goe" else gaussian_init
             w0 = init(topo, m.init_scale, gen)
@@ -202,7 +203,7 @@ class Classifier:
         else:
             # the options every EB block of an ff-EBM shares
             blocks = dict(
-                gain=m.gain, activation=m.activation, w_max=m.w_max, budget=free, budgets=budgets,
+                gain=m.gain, activation=model_activation(m), w_max=m.w_max, budget=free, budgets=budgets,
                 init=m.init, init_bias=m.init_bias,
                 init_scale=m.init_scale, beta=e.beta, mode=e.mode, settle_mode=e.settle_mode, seed=t.seed,
                 programming=None if e.programming == "ideal" else e.programming,
@@ -445,6 +446,7 @@ def _train(
     if log is not None and model.devices:  # on resume too: the board may be at another address
         log.set_device(model.devices[0].info, uri=model.board_uris[0])
         log.set_calibration(cfg.calibration or None)
+        log.set_resolved({"model.activation": model_activation(cfg.model)})
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
     else:

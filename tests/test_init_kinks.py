@@ -161,6 +161,7 @@ def test_classifier_units_off_the_kinks_at_initialisation(sizes: list[int], init
         cfg = load_config(None, [
             f"model.sizes={sizes}", f"model.init={init}", f"model.init_scale={scale}",
             f"model.init_bias={bias}", "train.seed=13",
+            "model.activation=hard_sigmoid",  # the corners counted are the hard sigmoid's
         ])  # fmt: skip
         clf = Classifier(cfg, 64, 10, open_device)
         try:

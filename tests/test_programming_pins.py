@@ -74,6 +74,7 @@ def run(preset: str, programming: str = "ideal", steps: int = STEPS) -> dict[str
             "ep.mode=centered",
             "ep.loss=ce",
             f"ep.programming={programming}",
+            "model.activation=hard_sigmoid",  # the curve the pins were computed with
         ],
     )
     clf = Classifier(cfg, SIZES[0], SIZES[-1], open_device)

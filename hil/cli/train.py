@@ -147,7 +147,16 @@ def classifier(
 
     The last line gives the test accuracy, the device identity and the config."""
     from hil.cli.common import exists_message, fail, one_line_errors, resume_log, resumed_config, run_store
-    from hil.config import ConfigError, RunConfig, apply_dict, load_config, load_into, to_toml, validate
+    from hil.config import (
+        ConfigError,
+        RunConfig,
+        apply_dict,
+        apply_recorded,
+        load_config,
+        load_into,
+        to_toml,
+        validate,
+    )
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
 
     state = None
@@ -155,7 +164,7 @@ def classifier(
     try:
         if resume is not None:
             resume = run_store(resume)
-            stored = apply_dict(RunConfig(), open_run(resume, validate=False).config)
+            stored = apply_recorded(RunConfig(), open_run(resume, validate=False).config)
             cfg = resumed_config(
                 stored, load_into(apply_dict(RunConfig(), stored.to_dict()), config, overrides)
             )
@@ -258,6 +267,8 @@ def classifier(
 
 def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     """Rank 0's (or a single board's) summary of a finished run."""
+    from hil.config import model_activation
+
     last = res.history[-1]
     typer.echo(
         f"trained {len(res.history)} epochs in {sum(h.seconds for h in res.history):.1f} s; "
@@ -265,6 +276,6 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     )
     compact = json.dumps(cfg.to_dict(), separators=(",", ":"))
     devices = " ; ".join(res.devices)
-    typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()})")
+    typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()}); {model_activation(cfg.model)} neuron")
     typer.echo(f"run log {log.path}")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")

@@ -80,7 +80,7 @@ def vae(
         resumed_config,
         run_store,
     )
-    from hil.config import ConfigError, apply_dict, load_into, to_toml
+    from hil.config import ConfigError, apply_dict, apply_recorded, load_into, to_toml
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
     from hil.vae.config import VAERunConfig, validate_vae
     from hil.vae.hopfield import dense_topology
@@ -93,7 +93,7 @@ def vae(
         if resume is not None:
             store = run_store(resume)
             run_dir = store.parent if store.name == RUN_STORE else store
-            stored = apply_dict(VAERunConfig(), open_run(store, validate=False).config)
+            stored = apply_recorded(VAERunConfig(), open_run(store, validate=False).config)
             asked = load_into(apply_dict(VAERunConfig(), stored.to_dict()), config, set_ or [])
             if model is not None:
                 asked = apply_dict(asked, {"model": {"variant": model}})
