@@ -81,9 +81,9 @@ def classifier(
         typer.Option(
             min=0,
             help="torch CPU threads (0: torch's default, one per core). Default 1: small networks run "
-            "fastest on one thread; on a 2-core machine with other jobs running, 5 epochs of the "
-            "default classifier took 2.6-3.0 s on 1 thread and 38-67 s on 2. Extra threads only help "
-            "wide layers and large batches on idle cores.",
+            "fastest on one thread; on a 2-core Intel Xeon with a test suite on the other core, 5 "
+            "epochs of the default classifier trained in 3.8-3.9 s on 1 thread and 23-29 s on 2 "
+            "(2026-12-04). Extra threads only help wide layers and large batches on idle cores.",
         ),
     ] = 1,
     distributed: Annotated[
