@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from hil.cli import app
 from hil.config import ConfigError, load_config, to_toml
+from hil.runlog import open_run
 from hil.train_classifier import block_uri, train_classifier
 
 
@@ -104,6 +105,9 @@ def test_train_cli_reports_accuracy_config_and_device(one_thread: None, tmp_path
     cfg = json.loads(last.split("| config ", 1)[1])
     assert cfg["model"]["sizes"] == [64, 32, 10] and cfg["train"]["epochs"] == 1
     assert "epoch   1" in res.output
+    # the config keeps "auto"; the summary and the run log say which curve it became
+    assert cfg["model"]["activation"] == "auto" and "soft_sigmoid:0.1 neuron" in res.output
+    assert open_run(tmp_path / "run.zarr").attrs["resolved"] == {"model.activation": "soft_sigmoid:0.1"}
     shown = CliRunner().invoke(app, ["train", "classifier", "--show-config", "--set", "ep.beta=0.3"])
     assert shown.exit_code == 0 and "beta = 0.3" in shown.output
     bad = CliRunner().invoke(app, ["train", "classifier", "--set", "train.epoch=1"])
