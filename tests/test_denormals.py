@@ -12,6 +12,7 @@ element, which made the README's main job 20 times slower there).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from drivers import SettleBudget, open_device
@@ -42,9 +43,8 @@ def _setup(budget: SettleBudget, settle: str = "auto") -> tuple[EBBlock, np.ndar
     inputs, and an initial state of 1 for every free unit."""
     blk = check_block(open_device(IDEAL), [16, 12, 4], bias=(-0.6, -0.3), budget=budget, settle=settle)
     x = np.random.default_rng(0).random((8, 16), dtype=np.float32)
-    sizes = dict(zip(blk.topology.groups, (16, 12, 4), strict=False))
     free = [g for g in blk.topology.groups if g not in blk.inputs]
-    return blk, x, {g: np.ones((8, sizes[g]), np.float32) for g in free}
+    return blk, x, {g: np.ones((8, blk.topology.size(g)), np.float32) for g in free}
 
 
 def test_a_board_settle_returns_no_subnormal_state_and_restores_the_mode() -> None:
@@ -85,10 +85,7 @@ def test_the_float64_reference_settle_returns_no_subnormal_state() -> None:
 
 
 def test_the_mode_is_restored_when_the_block_raises() -> None:
-    try:
-        with denormals_flushed():
-            assert flushing_denormals()
-            raise RuntimeError("inside")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="inside"), denormals_flushed():
+        assert flushing_denormals()
+        raise RuntimeError("inside")
     assert not flushing_denormals()

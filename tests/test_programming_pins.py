@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -246,12 +247,9 @@ PINNED_BY_CPU = {"AuthenticAMD": PINNED_AMD, "GenuineIntel/AVX512": PINNED_INTEL
 def _cpu_kind() -> str:
     """The CPU vendor, and for Intel the instruction set torch's kernels use (MKL takes its
     AVX-512 kernels only on Intel)."""
-    vendor = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), vendor)
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    vendor = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("vendor_id")), "unknown")
     return vendor if vendor != "GenuineIntel" else f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
 
 

@@ -80,7 +80,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     cfg = load_into(VAERunConfig(), None, [*SMALL, "train.epochs=2"])
 
     class Crash(RuntimeError):
-        pass
+        """The failure the test injects after the first epoch."""
 
     def crash(epoch: int, row: dict) -> None:
         if epoch == 0:
