@@ -83,8 +83,8 @@ class ModelConfig:
 # 96.30 against 96.48 % on rram) while EP's gradient bias at beta 0.01 falls from 26 % to 0.15 % at
 # worst (the logistic's, 0.06 %, is smaller, but it trained to 96.11 % on rram); a run takes about
 # twice the hard sigmoid's time. The hard sigmoid for ff-EBMs, whose blocks were built and measured
-# with it (the conv example learns with neither smooth curve: 94.9 % with the soft sigmoid against
-# 97.6 %, seed 0).
+# with it (the conv example did not learn with the logistic, and reached 94.9 % with the soft
+# sigmoid against 97.6 %, seed 0).
 AUTO_ACTIVATION: dict[str, str] = {"dhn": "soft_sigmoid:0.1", "ffebm": "hard_sigmoid"}
 
 
