@@ -344,6 +344,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     ap.add_argument("--skip-rram", action="store_true")
     ap.add_argument("--rram-uri", default=RRAM, help="the rram line's board (default: rram, IR drop off)")
+    ap.add_argument("--ideal-uri", default=IDEAL, help="the project's ideal board; a hidden layer wider "
+                    "than 1024 needs wider tiles, e.g. emulator://?preset=ideal&seed=0&tile_cols_max=4096")
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: this torch has no CUDA device (build {torch.__version__})")
@@ -366,7 +368,7 @@ def main() -> None:
     compute = dev
     if compute != "cpu":
         try:
-            project(IDEAL, sizes, bs, t1, t2, compute).step(*batch(0))
+            project(a.ideal_uri, sizes, bs, t1, t2, compute).step(*batch(0))
         except Exception as exc:  # reported; then the project runs on the CPU
             print(f"project on {dev} failed ({type(exc).__name__}: {exc}); the project runs on the cpu",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -374,10 +376,10 @@ def main() -> None:
     load_start = os.getloadavg()
     # the same computation, checked on a fresh board before any timing
     x0, y0 = batch(0)
-    check = check_same_work(project(IDEAL, sizes, bs, t1, t2, compute), x0, y0, dev)
+    check = check_same_work(project(a.ideal_uri, sizes, bs, t1, t2, compute), x0, y0, dev)
     print(f"check (max differences after one step): {check}", file=sys.stderr, flush=True)
 
-    ideal = project(IDEAL, sizes, bs, t1, t2, compute)
+    ideal = project(a.ideal_uri, sizes, bs, t1, t2, compute)
     form, floor = peers(ideal, dev)
     rram = None if a.skip_rram else project(a.rram_uri, sizes, bs, t1, t2, compute)
     prog = {"s": 0.0}
@@ -461,7 +463,7 @@ def main() -> None:
               "load_avg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     out = [
         {
-            "bench": "peer_ep", "preset": "ideal", **common,
+            "bench": "peer_ep", "preset": "ideal", "uri": a.ideal_uri, **common,
             "formulation_ms": med("formulation"), "project_ms": med("project"), "floor_ms": med("floor"),
             "formulation_over_project": ratio("formulation", "project"),
             "project_over_floor": ratio("project", "floor"),

@@ -415,10 +415,9 @@ class TileArray:
         c = self._clean
         if c is not None and c[0] is target and c[1] == self._version and g is self._g0 and self._bounds:
             lo, hi = self._bounds
-            t_min, t_max = torch.aminmax(target)  # float32 subtraction, as the devicewise one rounds
-            return max(
-                0.0, float(np.float32(lo) - np.float32(t_min)), float(np.float32(t_max) - np.float32(hi))
-            )
+            ends = torch.aminmax(target)  # float32 subtraction, as the devicewise one rounds
+            t_min, t_max = (np.float32(float(e)) for e in ends)  # a CUDA tensor reaches numpy as a float
+            return max(0.0, float(np.float32(lo) - t_min), float(t_max - np.float32(hi)))
         # max |d| as max(-min d, max d) of the signed difference: one pass fewer than abs, then
         # max (negation is exact: the same number); a NaN shows in both ends
         d_min, d_max = torch.aminmax(self._diff(g, target, absolute=False))

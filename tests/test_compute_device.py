@@ -65,9 +65,10 @@ def test_cuda_without_cuda_names_the_fix() -> None:
 def test_an_in_process_board_gets_the_device_a_remote_one_does_not() -> None:
     ideal = "emulator://?preset=ideal&seed=3"
     assert board_uri(ideal, "cpu") == ideal  # cpu is the emulator's default
-    uri = board_uri(ideal, torch.device("cuda", 1)) if not NO_CUDA else None
-    if uri is not None:
-        assert "device=cuda%3A1" in uri or "device=cuda:1" in uri
+    if not NO_CUDA:  # the last CUDA device this machine has
+        last = torch.cuda.device_count() - 1
+        uri = board_uri(ideal, torch.device("cuda", last))
+        assert f"device=cuda%3A{last}" in uri or f"device=cuda:{last}" in uri
     own = "emulator://?preset=ideal&seed=3&device=cpu"
     assert board_uri(own, "cpu") == own
     visa = "visa://TCPIP0::127.0.0.1::5025::SOCKET"
