@@ -317,6 +317,22 @@ class Device(ABC):
         with a `tensor_device` has it."""
         raise NotSupported(f"{type(self).__name__} takes numpy arrays only (no tensor_device); use settle")
 
+    def program_stacked(
+        self,
+        tile: str,
+        g: Any,
+        *,
+        verify: bool = False,
+        tol: float | None = None,
+        max_iters: int = 20,
+    ) -> ProgramReport:
+        """`program` of the (2, rows, cols) targets `g` (G+ then G-, a numpy array or a torch
+        tensor). Here: `g` as numpy through `program` (a tensor is copied to the host once). A
+        backend with a `tensor_device` keeps a tensor there: checked with torch, written without
+        a host copy, its report's read-backs tensors on that device (the in-process emulator)."""
+        arr = g.detach().cpu().numpy() if hasattr(g, "detach") else np.asarray(g)
+        return self.program(tile, arr[0], arr[1], verify=verify, tol=tol, max_iters=max_iters)
+
     @abstractmethod
     def wait(self, seconds: float) -> None:
         """Let time pass (drift). Hardware sleeps; the emulator advances its clock."""

@@ -269,20 +269,26 @@ def check_program(
         arr = _float32(f"program {tile!r}: {name}", g)
         if arr.shape != shape:
             raise ConfigurationError(f"program {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
-        lo, hi = _min_max(arr)
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # min and max carry any NaN or infinity
-            raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
-        slack = 1e-6 * (limits.g_max - limits.g_min)
-        if lo < limits.g_min - slack:
-            raise LimitViolation(
-                f"conductance range ({name} of {tile!r})", lo, limits.g_min, "targets must be >= g_min"
-            )
-        if hi > limits.g_max + slack:
-            raise LimitViolation(
-                f"conductance range ({name} of {tile!r})", hi, limits.g_max, "targets must be <= g_max"
-            )
+        check_conductance_range(limits, tile, name, *_min_max(arr))
         out.append(arr)
     return out[0], out[1]
+
+
+def check_conductance_range(limits: Limits, tile: str, name: str, lo: float, hi: float) -> None:
+    """The program targets `name` of `tile`, whose smallest and largest values are `lo` and
+    `hi` (siemens, as float32 holds them; min and max carry any NaN or infinity), are finite
+    and within the board's conductance window (to a slack of 1e-6 of the window)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
+    slack = 1e-6 * (limits.g_max - limits.g_min)
+    if lo < limits.g_min - slack:
+        raise LimitViolation(
+            f"conductance range ({name} of {tile!r})", lo, limits.g_min, "targets must be >= g_min"
+        )
+    if hi > limits.g_max + slack:
+        raise LimitViolation(
+            f"conductance range ({name} of {tile!r})", hi, limits.g_max, "targets must be <= g_max"
+        )
 
 
 def pulse_counts(tile: str, name: str, value: object, shape: tuple[int, int], max_pulses: int) -> np.ndarray:

@@ -433,7 +433,7 @@ class EBBlock(nn.Module):
     def device_weights(self) -> DHN:
         """The reference network with the weights as read back after the last programming."""
         for tile, res in self._pending.items():
-            self.device_net.weights[tile].copy_(torch.from_numpy(res.achieved))
+            self.device_net.weights[tile].copy_(torch.as_tensor(res.achieved))
         self._pending.clear()
         return self.device_net
 

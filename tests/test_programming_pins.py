@@ -667,8 +667,8 @@ if __name__ == "__main__":  # print the pins for the current code
 
 def test_write_path_keeps_float32_targets_and_reuses_its_buffers() -> None:
     """Write schemes keep no float64 copy of a tile: the expected conductances are the float32
-    targets themselves, filled into two per-tile buffers in turn, and the host copy is
-    refreshed in place."""
+    target tensors themselves (handed to the board as they are), filled into two per-tile
+    buffers in turn, and the host copy is refreshed in place."""
     with open_device("emulator://?preset=ideal&seed=0") as dev:
         blk = EBBlock.layered(dev, [20, 12, 4], seed=0)
         st = blk.programming.tiles["W0"]  # type: ignore[attr-defined]
@@ -677,13 +677,13 @@ def test_write_path_keeps_float32_targets_and_reuses_its_buffers() -> None:
             with torch.no_grad():
                 blk.weights["W0"].mul_(0.9)
             blk.sync()
-            assert st.g_est.dtype == np.float32 and st.host.dtype == np.float32
-            ptrs.add(st.g_est.ctypes.data)
-            hosts.add(st.host.ctypes.data)
+            assert st.g_est.dtype == torch.float32 and st.host.dtype == torch.float32
+            ptrs.add(st.g_est.data_ptr())
+            hosts.add(st.host.data_ptr())
         assert len(ptrs) == 2 and len(hosts) == 1
         # the expected conductances are what the board holds (ideal: no noise)
         g = dev.board.tile("W0").state(dev.board.clock)  # type: ignore[attr-defined]
-        np.testing.assert_array_equal(st.g_est, g.numpy())
+        torch.testing.assert_close(st.g_est, g, rtol=0, atol=0)
 
 
 def test_read_back_weights_in_float32_within_a_few_ulps_of_float64() -> None:

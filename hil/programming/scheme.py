@@ -91,10 +91,11 @@ class Programmed:
 
     report: UpdateReport
     clipped: int
-    reader: Callable[[], np.ndarray]
+    reader: Callable[[], np.ndarray | torch.Tensor]
 
     @property
-    def achieved(self) -> np.ndarray:
+    def achieved(self) -> np.ndarray | torch.Tensor:
+        """The weights (a tensor on the board's device after a write through a tensor path)."""
         return self.reader()
 
 
@@ -102,11 +103,13 @@ class Programmed:
 class TileState:
     mapping: LinearMapping
     position: int  # index of the tile in the topology's couplings (calibration records)
-    host: np.ndarray  # host weights at the last call (as given for writes, float64 for pulses)
+    # host weights at the last call (write schemes: a tensor as given, on its device; pulsed
+    # schemes: float64 numpy)
+    host: np.ndarray | torch.Tensor
     acc: np.ndarray  # weight change owed to the devices (mixed), float64
     # (2, rows, cols) conductances the scheme expects: for write schemes the float32 targets of
-    # the last write themselves (a view of one of `targets`), float64 for pulsed schemes
-    g_est: np.ndarray
+    # the last write themselves (one of `targets`, a tensor), float64 numpy for pulsed schemes
+    g_est: np.ndarray | torch.Tensor
     one_sided: bool
     steps: StepModel | None = None
     updates: int = 0
@@ -290,13 +293,15 @@ class SchemeBase(ABC):
     def target(self, tile: str) -> np.ndarray:
         """The weights the device is meant to hold: host weights minus what is still owed."""
         st = self.tiles[tile]
-        return st.host - st.acc
+        return _as_numpy(st.host) - st.acc
 
     # ------------------------------------------------------------------------------ writes
-    def _targets(self, device: Device, st: TileState, w: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
-        """The (G+, G-) targets of weights `w` as one (2, rows, cols) array (float32, mapped in
-        torch on the device of `w` into one of the tile's two buffers, with stuck devices
-        compensated in place; a calibration record's targets as it gives them)."""
+    def _targets(
+        self, device: Device, st: TileState, w: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor | np.ndarray, int]:
+        """The (G+, G-) targets of weights `w` as one (2, rows, cols) float32 tensor, mapped on
+        the device of `w` into one of the tile's two buffers, with stuck devices compensated
+        in place (a calibration record's targets: a numpy array, as it gives them)."""
         k = st.turn
         st.turn ^= 1
         g, clipped = st.mapping.conductance_tensor(w, out=st.targets[k], bounded=st.bounded)
@@ -308,7 +313,7 @@ class SchemeBase(ABC):
             return np.stack((t.g_plus, t.g_minus)), clipped
         if st.stuck is not None and st.stuck.count:
             st.stuck.compensate_(g, st.mapping.g_min, st.mapping.g_max)
-        return g.cpu().numpy(), clipped
+        return g, clipped
 
     def _write(
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor, *, kind: str,
@@ -318,9 +323,11 @@ class SchemeBase(ABC):
         tol = self.tol
         if kind == "refresh" and self.refresh_policy.tol is not None:
             tol = self.refresh_policy.tol * st.mapping.g_range
-        rep = device.program(tile, g[0], g[1], verify=verify, tol=tol, max_iters=self.max_iters)
+        # stacked targets: a board with a tensor path (the in-process emulator) takes the tensor
+        # where it is, with no host copy; others get numpy (`Device.program_stacked`)
+        rep = device.program_stacked(tile, g, verify=verify, tol=tol, max_iters=self.max_iters)
         # pulsed schemes add float64 moves to it; write schemes keep the targets as they are
-        st.g_est = g.astype(np.float64) if self.pulsed else g
+        st.g_est = _as_numpy(g).astype(np.float64) if self.pulsed else g
         if st.stuck is not None:
             read = (rep.g_plus, rep.g_minus)
             st.stuck.observe(g, read, verified=verify, residual_max=rep.residual_max)
@@ -330,7 +337,7 @@ class SchemeBase(ABC):
         )  # fmt: skip
         self.history.append(report.to_dict())
         mapping = st.mapping
-        return Programmed(report, clipped, lambda: mapping.to_weight(rep.g_plus, rep.g_minus))
+        return Programmed(report, clipped, lambda: mapping.weight_tensor(rep.g_plus, rep.g_minus))
 
     # ------------------------------------------------------------------------------ refresh
     def refresh(self, device: Device, tile: str, mode: str | None = None) -> Programmed:
@@ -350,7 +357,7 @@ class SchemeBase(ABC):
     def pulse_counts(self, st: TileState, dev: np.ndarray, g: np.ndarray | None = None) -> np.ndarray:
         """Expected (real-valued) signed pulse counts that move each device from `g` (default:
         the conductances the scheme expects, `g_est`) by `dev` siemens (what tuning pulses)."""
-        g = st.g_est if g is None else g
+        g = _as_numpy(st.g_est) if g is None else g
         if self.record is not None:
             goal = np.clip(g + dev, st.mapping.g_min, st.mapping.g_max)
             n = pulses_needed(self.record, st.position, g, goal)
@@ -390,7 +397,7 @@ class SchemeBase(ABC):
     @staticmethod
     def _saturated(st: TileState) -> float:
         m = st.mapping
-        return float((np.asarray(st.g_est, np.float64) > m.g_min + 0.95 * m.g_range).mean())
+        return float((np.asarray(_as_numpy(st.g_est), np.float64) > m.g_min + 0.95 * m.g_range).mean())
 
     def commit(self, device: Device, tile: str, reads: int = 4) -> np.ndarray:
         """Adopt what the devices of `tile` hold now (the mean of `reads` reads) as the weights
@@ -404,7 +411,7 @@ class SchemeBase(ABC):
             g += np.stack([gp, gm])
         st.g_est = g / reads
         w = st.mapping.to_weight(st.g_est[0], st.g_est[1]).astype(np.float64)
-        st.acc = st.host - w
+        st.acc = _as_numpy(st.host) - w
         return w
 
     # ------------------------------------------------------------------------------ drift
@@ -418,7 +425,7 @@ class SchemeBase(ABC):
             gp, gm = device.read_conductance(tile)
             acc += np.stack([gp, gm])
         g = acc / reads - st.mapping.g_min
-        expected = float((np.asarray(st.g_est, np.float64) - st.mapping.g_min).mean())
+        expected = float((np.asarray(_as_numpy(st.g_est), np.float64) - st.mapping.g_min).mean())
         return 1.0 - float(g.mean()) / expected if expected > 0 else 0.0
 
     def refresh_if_drifted(self, device: Device, tile: str) -> Programmed | None:
@@ -443,16 +450,21 @@ def _float64_copy(w: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array(torch.as_tensor(w).detach().cpu().numpy(), dtype=np.float64)
 
 
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """`x` as a numpy array (a tensor off the CPU copied to the host)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _keep_host(st: TileState, w: np.ndarray | torch.Tensor) -> None:
-    """Keep a host copy of `w` in its own dtype (float32 parameters stay float32) in
-    `st.host`, copied into the array already there when it fits (no allocation per write)."""
+    """Keep a copy of `w` in its own dtype (float32 parameters stay float32) in `st.host`, a
+    tensor on the device of `w` (no host copy per write: `target` and `commit` bring it to
+    the host when they are asked), copied into the one already there when it fits (no
+    allocation per write)."""
     t = torch.as_tensor(w).detach()
     h = st.host
-    fits = h.shape == tuple(t.shape) and h.dtype == _NUMPY_DTYPES.get(t.dtype)
-    if fits and h.flags.writeable and h.flags.c_contiguous:
-        torch.from_numpy(h).copy_(t)
+    if isinstance(h, torch.Tensor) and h.shape == t.shape and h.dtype == t.dtype and h.device == t.device:
+        h.copy_(t)
     else:
-        st.host = t.to("cpu", copy=True).numpy()
+        st.host = t.clone()
