@@ -94,6 +94,10 @@ class Board:
         self._limits: tuple[BoardPreset, Limits] | None = None  # (the preset they are of, `limits`)
         self.seed = as_int("board seed", seed, 0, (1 << 128) - 1)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # indexed, as the device of every tensor made there is: `cuda` != `cuda:0` in torch,
+            # and the driver's tensor paths compare a tensor's device with this one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.clock = 0.0
         self.safety = SafetyMonitor()
         self.topology: Topology | None = None

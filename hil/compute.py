@@ -67,7 +67,9 @@ def resolve_compute(
                 "install a CUDA build of torch on a machine with an NVIDIA GPU"
             )
         n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
+        if dev.index is None:  # indexed, as a tensor's device is (`cuda` != `cuda:0` in torch)
+            return torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= n:
             raise ComputeDeviceError(
                 f"{key}={text!r}: torch sees {n} CUDA device{'s' if n != 1 else ''} "
                 f"(cuda:0{f' .. cuda:{n - 1}' if n > 1 else ''}); pick one of them"
