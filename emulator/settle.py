@@ -223,6 +223,10 @@ class _Workspace:
     links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
     new: torch.Tensor | None = None
     products: list[Callable[[], object]] = field(default_factory=list)
+    # CUDA: the integration step as a device scalar the captured steps read, and the captured
+    # runs of steps by (steps, calls per step) (`SettleEngine._graph_steps`)
+    dt: torch.Tensor | None = None
+    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = field(default_factory=dict)
 
     def energy(
         self,
@@ -379,6 +383,9 @@ class SettleEngine:
         # per clamp set: the last coupling-norm figure and the free-to-free matrices it was for
         self._norm_refs: dict[frozenset[str], tuple[float, list[torch.Tensor]]] = {}
         self.reuse_clamp = True  # reuse the constant drive of the last clamp (`_ClampCache`)
+        # on CUDA, run a noise-free settle's steps between checks as one captured CUDA graph
+        # (`_graph_steps`); False: the same steps launched one call at a time
+        self.cuda_graphs = True
         self._clamp_cache: _ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
         self._noise_pool: NoisePool | None = None
@@ -1083,6 +1090,12 @@ class SettleEngine:
             pre.append(partial(new.clamp_, 0.0, 1.0))
         relax = partial(state.lerp_, new, dt)
         step_ops = [*pre, relax]
+        graphed = self.cuda_graphs and state.is_cuda and not noisy and not elastic
+        if graphed:  # the step reads dt from the device, so one capture serves every dt
+            if ws.dt is None:
+                ws.dt = torch.empty((), device=state.device)
+            ws.dt.fill_(dt)
+            graph_ops = [*pre, partial(state.lerp_, new, ws.dt)]
         # the steps that check convergence (every `check_every`; with tol = 0 only the last)
         # or record the trace; the steps between them run the flat list alone
         last = budget.max_steps
@@ -1100,9 +1113,12 @@ class SettleEngine:
             record(0)
         residual, step, floor = float("inf"), 0, 0.0
         for mark in marks:
-            for _ in range(mark - step - 1):
-                for op in step_ops:
-                    op()
+            if graphed and mark - step - 1 > 1:
+                self._graph_steps(ws, graph_ops, mark - step - 1)
+            else:
+                for _ in range(mark - step - 1):
+                    for op in step_ops:
+                        op()
             for op in pre:
                 op()
             checked = mark % every == 0 or mark == last
@@ -1142,6 +1158,35 @@ class SettleEngine:
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
         outcome = (step, residual <= budget.tol + floor, residual)
         return self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)
+
+    @staticmethod
+    def _graph_steps(ws: _Workspace, ops: list[Callable[[], object]], n: int) -> None:
+        """`n` steps of `ops` (the workspace's in-place calls: products, activation, the
+        relaxation reading ``ws.dt``) as one CUDA graph replay: a settle on a GPU is bound by
+        launching its small kernels one by one (about 5 per step), and a replay launches them
+        all at once. Captured the first time per (n, calls per step) and kept with the
+        workspace; the calls write into the workspace's buffers and read the plan's matrices,
+        which writes refresh in place, so a replay computes what the eager loop would. The
+        capture is preceded by one warm-up step on a side stream (CUDA libraries allocate
+        their workspaces there, as capture requires), whose change of the states is undone."""
+        key = (n, len(ops))
+        graph = ws.graphs.get(key)
+        if graph is None:
+            saved = ws.state.clone()
+            side = torch.cuda.Stream(device=ws.state.device)
+            side.wait_stream(torch.cuda.current_stream(ws.state.device))
+            with torch.cuda.stream(side):
+                for op in ops:
+                    op()
+            torch.cuda.current_stream(ws.state.device).wait_stream(side)
+            ws.state.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(n):
+                    for op in ops:
+                        op()
+            ws.graphs[key] = graph
+        graph.replay()
 
     def _noise_ops(
         self, s: dict[str, torch.Tensor], plan: _Plan, ws: _Workspace, batch: int

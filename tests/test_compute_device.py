@@ -9,6 +9,7 @@ runs only where torch sees a CUDA device."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +301,39 @@ def test_cpu_and_cuda_train_to_the_same_numbers(kind: str) -> None:
     np.testing.assert_allclose(lg, lc, rtol=1e-4, atol=1e-5)
     for u, v in zip(wg, wc, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_cuda_graph_steps_settle_as_the_eager_loop(tol: float) -> None:
+    """On a CUDA board the noise-free settle replays its steps as a captured graph: the same
+    states as the call-by-call loop, after a re-programming too (the graph reads the weights
+    the write refreshed in place), for a fixed step count and for checks every few steps."""
+    from drivers.topology import SettleBudget, Topology
+
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(0)).cuda()
+    runs = []
+    for graphs in (True, False):
+        with open_device("emulator://?preset=ideal&seed=0&device=cuda") as dev:
+            budget = SettleBudget(max_steps=40, tol=tol, dt=0.5, check_every=8)
+            topo = dataclasses.replace(Topology.layered([16, 12, 8, 4]), budget=budget)
+            dev.configure(topo)
+            dev.board.engine.cuda_graphs = graphs  # type: ignore[attr-defined]
+            lim = dev.info.limits
+            out = []
+            for seed in (1, 2):
+                rng = np.random.default_rng(seed)
+                for c in topo.couplings:
+                    r, k = dev.board.tile(c.tile).rows, dev.board.tile(c.tile).cols  # type: ignore[attr-defined]
+                    g = rng.uniform(lim.g_min, lim.g_max, (2, r, k)).astype(np.float32)
+                    dev.program_stacked(c.tile, torch.from_numpy(g).cuda())
+                eq = dev.settle_tensors({"s0": x})
+                out.append([eq.states[g].clone() for g in ("s1", "s2", "s3")] + [torch.tensor(eq.steps)])
+            plans = [p for _, p in dev.board.engine._plans.values()]  # type: ignore[attr-defined]
+            graphed = [len(ws.graphs) for p in plans for ws in p.workspaces.values()]
+            assert (sum(graphed) > 0) == graphs
+            runs.append(out)
+    for a, b in zip(runs[0], runs[1], strict=True):
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u.cpu(), v.cpu(), rtol=0, atol=1e-6)
+    assert not torch.allclose(runs[0][0][0], runs[0][1][0])  # the second weights settle elsewhere
