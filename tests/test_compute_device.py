@@ -271,23 +271,32 @@ def test_the_counter_sees_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 # ---------------------------------------------------------------------------- CPU and CUDA
+CONV = [  # a small conv ff-EBM on 12 x 12 images: digital conv front, conv EB block, EB head
+    "model.kind=ffebm", "model.front=4", "model.channels=[6,8]", "model.pools=[2,1]", "model.kernel=3",
+    "model.padding=1", "model.block_layers=2", "model.head=eb", "model.init=goe", "model.init_scale=0.5",
+    "model.init_bias=zero", "train.optimizer=adam", "train.lr=[0.003]", "train.lr_digital=0.001",
+]  # fmt: skip
+
+
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["dhn", "ffebm"])
+@pytest.mark.parametrize("kind", ["dhn", "ffebm", "conv"])
 def test_cpu_and_cuda_train_to_the_same_numbers(kind: str) -> None:
     """Same seed, a few classifier steps on cpu and on cuda (host stack and emulator): the
     weights agree to float tolerance (initial weights and signs come from CPU generators;
     CUDA matmuls sum in another order)."""
+    features = 144 if kind == "conv" else 64
 
     def run(compute: str) -> tuple[list[torch.Tensor], list[float]]:
-        extra = ["model.kind=ffebm", "model.block_layers=1"] if kind == "ffebm" else []
+        extra = {"ffebm": ["model.kind=ffebm", "model.block_layers=1"], "conv": CONV}.get(kind, [])
         cfg = load_config(None, ["model.sizes=[64,32,10]", "ep.free_steps=20", "ep.nudge_steps=8",
                                  f"compute={compute}", *extra])  # fmt: skip
-        clf = Classifier(cfg, 64, 10, open_device)
+        shape = {"image_shape": (1, 12, 12)} if kind == "conv" else {}
+        clf = Classifier(cfg, features, 10, open_device, **shape)
         g = torch.Generator().manual_seed(0)
         losses = []
         for _ in range(4):
             loss, _acc, _st = clf.step(
-                torch.rand(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+                torch.rand(32, features, generator=g), torch.randint(0, 10, (32,), generator=g)
             )
             losses.append(loss)
         ws = [p.detach().cpu().clone() for blk in clf.blocks() for p in blk.weights.values()]
