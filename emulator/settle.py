@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -204,6 +205,36 @@ class _Plan:
             self.free_lines = torch.cat([line_conductance[g] for g in self.free])
 
 
+def _capture(state: torch.Tensor, ops: list[Callable[[], object]], n: int) -> torch.cuda.CUDAGraph | None:
+    """`n` steps of `ops` captured as a CUDA graph (see `SettleEngine._graph_steps`), or None,
+    with a warning, where capturing fails. Thread-local capture: another thread (another board
+    on the same GPU) may launch its own work meanwhile."""
+    saved = state.clone()
+    current = torch.cuda.current_stream(state.device)
+    side = torch.cuda.Stream(device=state.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for op in ops:
+            op()
+    current.wait_stream(side)
+    state.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(n):
+                for op in ops:
+                    op()
+    except RuntimeError as exc:
+        warnings.warn(
+            f"a settle's steps could not be captured as a CUDA graph ({exc}); they run call by call",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        state.copy_(saved)
+        return None
+    return graph
+
+
 def _copy_joined(out: torch.Tensor, blocks: list[torch.Tensor]) -> None:
     """Refresh a source's joined matrix ``cat(blocks, 1).T`` in place."""
     out.copy_(torch.cat(blocks, dim=1).T)
@@ -226,7 +257,7 @@ class _Workspace:
     # CUDA: the integration step as a device scalar the captured steps read, and the captured
     # runs of steps by (steps, calls per step) (`SettleEngine._graph_steps`)
     dt: torch.Tensor | None = None
-    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = field(default_factory=dict)
+    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = field(default_factory=dict)
 
     def energy(
         self,
@@ -1170,23 +1201,15 @@ class SettleEngine:
         capture is preceded by one warm-up step on a side stream (CUDA libraries allocate
         their workspaces there, as capture requires), whose change of the states is undone."""
         key = (n, len(ops))
-        graph = ws.graphs.get(key)
-        if graph is None:
-            saved = ws.state.clone()
-            side = torch.cuda.Stream(device=ws.state.device)
-            side.wait_stream(torch.cuda.current_stream(ws.state.device))
-            with torch.cuda.stream(side):
+        if key not in ws.graphs:
+            ws.graphs[key] = _capture(ws.state, ops, n)
+        graph = ws.graphs[key]
+        if graph is None:  # the capture failed once (warned): these steps run call by call
+            for _ in range(n):
                 for op in ops:
                     op()
-            torch.cuda.current_stream(ws.state.device).wait_stream(side)
-            ws.state.copy_(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(n):
-                    for op in ops:
-                        op()
-            ws.graphs[key] = graph
-        graph.replay()
+        else:
+            graph.replay()
 
     def _noise_ops(
         self, s: dict[str, torch.Tensor], plan: _Plan, ws: _Workspace, batch: int

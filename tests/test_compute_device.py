@@ -339,10 +339,53 @@ def test_cuda_graph_steps_settle_as_the_eager_loop(tol: float) -> None:
                 eq = dev.settle_tensors({"s0": x})
                 out.append([eq.states[g].clone() for g in ("s1", "s2", "s3")] + [torch.tensor(eq.steps)])
             plans = [p for _, p in dev.board.engine._plans.values()]  # type: ignore[attr-defined]
-            graphed = [len(ws.graphs) for p in plans for ws in p.workspaces.values()]
+            graphed = [g is not None for p in plans for w in p.workspaces.values() for g in w.graphs.values()]
             assert (sum(graphed) > 0) == graphs
             runs.append(out)
     for a, b in zip(runs[0], runs[1], strict=True):
         for u, v in zip(a, b, strict=True):
             torch.testing.assert_close(u.cpu(), v.cpu(), rtol=0, atol=1e-6)
     assert not torch.allclose(runs[0][0][0], runs[0][1][0])  # the second weights settle elsewhere
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_boards_on_one_gpu_settle_from_threads_while_one_captures() -> None:
+    """Two CUDA boards settled from two threads at once, each capturing its graphs on its
+    first settles while the other launches work: the same states as settled one at a time."""
+    import threading
+
+    from drivers.topology import Topology
+
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(1)).cuda()
+
+    def settle_many(dev, out: list) -> None:
+        for _ in range(5):
+            out.append(dev.settle_tensors({"s0": x}).states["s2"].clone())
+
+    def boards():
+        devs = [open_device(f"emulator://?preset=ideal&seed={k}&device=cuda") for k in (0, 1)]
+        for k, dev in enumerate(devs):
+            dev.configure(Topology.layered([16, 12, 4]))
+            lim = dev.info.limits
+            for tile, shape in (("W0", (2, 17, 12)), ("W1", (2, 13, 4))):
+                g = np.random.default_rng(k).uniform(lim.g_min, lim.g_max, shape).astype(np.float32)
+                dev.program_stacked(tile, torch.from_numpy(g).cuda())
+        return devs
+
+    alone: list[list[torch.Tensor]] = [[], []]
+    for dev, out in zip(boards(), alone, strict=True):
+        settle_many(dev, out)
+        dev.close()
+    together: list[list[torch.Tensor]] = [[], []]
+    devs = boards()
+    threads = [threading.Thread(target=settle_many, args=(d, o)) for d, o in zip(devs, together, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for dev in devs:
+        dev.close()
+    for a, b in zip(alone, together, strict=True):
+        assert len(b) == 5
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(v, u, rtol=0, atol=1e-6)
