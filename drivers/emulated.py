@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,22 @@ def _t(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def _program_report(tile: str, r: dict[str, Any], arrays: Callable[[Any], Any]) -> ProgramReport:
+    """The board's program result `r` as a `ProgramReport`, its read-backs through `arrays`
+    (numpy for `program`, the board's tensors as they are for `program_stacked`)."""
+    return ProgramReport(
+        tile=tile,
+        g_plus=arrays(r["g_plus"]),
+        g_minus=arrays(r["g_minus"]),
+        iterations=int(r["iterations"]),
+        pulses=int(r["pulses"]),
+        residual_max=float(r["residual_max"]),
+        within_tol=float(r["within_tol"]),
+        energy_j=float(r["energy_j"]),
+        time_s=float(r["time_s"]),
+    )
 
 
 def _pair(a: np.ndarray, b: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,17 +288,7 @@ class EmulatedDevice(Device):
                 raise self._refuse(exc) from None
             tp, tm = _pair(gp, gm, self.board.device)
             r = self.board.program(tile, tp, tm, verify=verify, tol=tol, max_iters=max_iters)
-            return ProgramReport(
-                tile=tile,
-                g_plus=_np(r["g_plus"]),
-                g_minus=_np(r["g_minus"]),
-                iterations=int(r["iterations"]),
-                pulses=int(r["pulses"]),
-                residual_max=float(r["residual_max"]),
-                within_tol=float(r["within_tol"]),
-                energy_j=float(r["energy_j"]),
-                time_s=float(r["time_s"]),
-            )
+            return _program_report(tile, r, _np)
 
     def program_stacked(
         self,
@@ -319,17 +326,7 @@ class EmulatedDevice(Device):
                 raise self._refuse(exc) from None
             t = g.detach()
             r = self.board.program(tile, t[0], t[1], verify=verify, tol=tol, max_iters=max_iters)
-            return ProgramReport(
-                tile=tile,
-                g_plus=r["g_plus"],
-                g_minus=r["g_minus"],
-                iterations=int(r["iterations"]),
-                pulses=int(r["pulses"]),
-                residual_max=float(r["residual_max"]),
-                within_tol=float(r["within_tol"]),
-                energy_j=float(r["energy_j"]),
-                time_s=float(r["time_s"]),
-            )
+            return _program_report(tile, r, lambda x: x)
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:
         self.require("pulse")
