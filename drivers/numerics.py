@@ -4,7 +4,7 @@ A settle relaxes ``s <- s + dt (rho(u) - s)``: a unit held at the lower clamp (`
 decays geometrically, ``(1 - dt)^k s``, and after about 130 steps at ``dt = 0.5`` its state is
 a subnormal float32 (below 1.2e-38). CPUs that take a microcode assist for every subnormal
 operand (the Intel Xeon this project runs on since 2026-12-04 does) pay ~100 times a normal
-element for each: the README's main job took over 12 minutes there instead of 37-41 s (2 cores,
+element for each: the README's main job took over 12 minutes there instead of 37-58 s (2 cores,
 one thread) until its settles flushed subnormals to zero.
 
 `denormals_flushed` is a context manager that turns on the calling thread's flush-to-zero and
