@@ -14,7 +14,6 @@ import functools
 import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +51,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _program_report(tile: str, r: dict[str, Any], arrays: Callable[[Any], Any]) -> ProgramReport:
+def _program_report(
+    tile: str, r: dict[str, typing.Any], arrays: Callable[[typing.Any], typing.Any]
+) -> ProgramReport:
     """The board's program result `r` as a `ProgramReport`, its read-backs through `arrays`
     (numpy for `program`, the board's tensors as they are for `program_stacked`)."""
     return ProgramReport(

@@ -450,8 +450,6 @@ def _float64_copy(w: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array(torch.as_tensor(w).detach().cpu().numpy(), dtype=np.float64)
 
 
-
-
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     """`x` as a numpy array (a tensor off the CPU copied to the host)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
