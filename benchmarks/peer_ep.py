@@ -46,6 +46,11 @@ about 2-3 during the runs), one torch thread, torch CPU build; numbers move by 1
 between runs there, ratios much less.
 
     python benchmarks/peer_ep.py [--repeats 15] [--quick] [--device cpu|cuda] [--hidden 512]
+    python benchmarks/peer_ep.py --device cuda --hidden 4096 --skip-rram \
+        --ideal-uri 'emulator://?preset=ideal&seed=0&tile_cols_max=4096&tile_rows_max=4097&channels=8192'
+
+(the second: the 4096-wide network on a GPU, on a board with tiles and converters wide enough
+for it; docs/programming.md has both on an H200.)
 
 Ends by printing one JSON object per line.
 """
