@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.errors import NotSupported
+from drivers.errors import ConfigurationError, NotSupported
 from drivers.topology import Topology
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
@@ -331,6 +331,11 @@ class Device(ABC):
         backend with a `tensor_device` keeps a tensor there: checked with torch, written without
         a host copy, its report's read-backs tensors on that device (the in-process emulator)."""
         arr = g.detach().cpu().numpy() if hasattr(g, "detach") else np.asarray(g)
+        if arr.ndim != 3 or arr.shape[0] != 2:
+            raise ConfigurationError(
+                f"program {tile!r}: targets have shape {arr.shape}; stacked targets are (2, rows, cols), "
+                "G+ then G-"
+            )
         return self.program(tile, arr[0], arr[1], verify=verify, tol=tol, max_iters=max_iters)
 
     @abstractmethod

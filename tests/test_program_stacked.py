@@ -94,6 +94,18 @@ def test_a_tensor_of_the_wrong_shape_names_the_tile_shape() -> None:
             dev.program_stacked("W0", g)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (7, 5), (1, 7, 5)])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_targets_that_are_not_two_stacked_halves_are_refused(shape: tuple[int, ...], as_tensor: bool) -> None:
+    """A third half is not dropped and a single matrix is not split by rows: the call names
+    the shape it expected."""
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        dev.configure(TOPOLOGY)
+        g = np.full(shape, dev.info.limits.g_min, np.float32)
+        with pytest.raises(ConfigurationError, match=r"stacked targets are \(2, rows, cols\)|the tile is"):
+            dev.program_stacked("W0", torch.from_numpy(g) if as_tensor else g)
+
+
 @pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
 def test_a_remote_board_gets_the_tensor_as_numpy(transport: str) -> None:
     """A board behind a wire has no tensor path: `program_stacked` sends the tensor's numbers
