@@ -219,7 +219,6 @@ def open_emulator(target: str, options: EmulatorOptions) -> EmulatedDevice:
     return EmulatedDevice(board, capabilities=options.capabilities)
 
 
-
 def _equilibrium(r: SettleResult, states: dict[str, np.ndarray]) -> Equilibrium:
     """A board settle's result as an `Equilibrium` with `states`; a pending energy is computed
     when someone reads it (from what the settle kept for it). Trace values are numpy."""
@@ -234,6 +233,7 @@ def _equilibrium(r: SettleResult, states: dict[str, np.ndarray]) -> Equilibrium:
         trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
     )
     return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+
 
 class EmulatedDevice(Device):
     """`capabilities`: what the board declares (default: all); a call that needs one it
