@@ -49,6 +49,7 @@ class NoisePool:
         self.block = block
         self.size = block * blocks  # the range of window offsets
         self.values = torch.empty(block * (blocks + 1), device=device)
+        self._base = self.values.storage_offset()  # `draw_rows` addresses the storage
         self._next = 0
         self.drawn = 0  # values drawn since construction (the initial fill included)
         self.refresh(self.values.numel())
@@ -80,6 +81,14 @@ class NoisePool:
             n *= d
         offset = self.rng.randrange(self.size)
         return self.values[offset : offset + n].view(shape)
+
+    def draw_rows(self, rows: int, cols: int) -> torch.Tensor:
+        """`draw` of a (rows, cols) window (``rows * cols`` at most `block`), made in one call:
+        the same offset from the same generator, the same values, as ``draw((rows, cols))``.
+        A settle step adds one per noisy group, where slicing and viewing cost as much as the
+        addition itself."""
+        offset = self.rng.randrange(self.size)
+        return self.values.as_strided((rows, cols), (cols, 1), self._base + offset)
 
     def fresh_window(self, shape: tuple[int, ...] | torch.Size, fresh: int) -> torch.Tensor:
         """`refresh` `fresh` values (at least 1), then a window (a view, as `draw`) at a random

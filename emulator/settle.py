@@ -235,6 +235,12 @@ def _capture(state: torch.Tensor, ops: list[Callable[[], object]], n: int) -> to
     return graph
 
 
+def _add_noise(dst: torch.Tensor, std: torch.Tensor, pool: NoisePool, rows: int, batch: int) -> None:
+    """One noisy group's noise of one settle step: ``dst += std * N(0, 1)``, a window of the
+    pool (`dst`, `std`: views of the workspace, made once per settle)."""
+    dst.addcmul_(std, pool.draw_rows(rows, batch))
+
+
 def _copy_joined(out: torch.Tensor, blocks: list[torch.Tensor]) -> None:
     """Refresh a source's joined matrix ``cat(blocks, 1).T`` in place."""
     out.copy_(torch.cat(blocks, dim=1).T)
@@ -1255,11 +1261,7 @@ class SettleEngine:
         ]
         for i, g in enumerate(noisy):
             r = rows[g]
-
-            def add(r: slice = r, i: int = i, shape: tuple[int, int] = (r.stop - r.start, batch)) -> None:
-                new[r].addcmul_(std[i : i + 1], pool.draw(shape))
-
-            ops.append(add)
+            ops.append(partial(_add_noise, new[r], std[i : i + 1], pool, r.stop - r.start, batch))
         return ops, [std]
 
     def _pool(self, size: int) -> NoisePool:

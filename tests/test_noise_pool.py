@@ -35,3 +35,19 @@ def test_windows_are_standard_normal_and_fit_the_pool() -> None:
         draws.append(w.clone())
     x = torch.stack(draws)
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1.0) < 0.01
+
+
+def test_a_window_of_rows_is_the_window_draw_gives() -> None:
+    """`draw_rows` (one as_strided call) reads the same values at the same offsets as `draw`
+    (slice, then view), call by call, windows running into the pool's spare block included."""
+    pools = [NoisePool(torch.Generator().manual_seed(2), 60, torch.device("cpu"), blocks=2) for _ in range(2)]
+    assert torch.equal(pools[0].values, pools[1].values)
+    reached = 0
+    for k in range(300):
+        rows = 1 + k % 6
+        a, b = pools[0].draw((rows, 10)), pools[1].draw_rows(rows, 10)
+        assert b.shape == (rows, 10) and b.is_contiguous()
+        assert torch.equal(a, b)
+        reached = max(reached, b.data_ptr() // 4 + b.numel() - pools[1].values.data_ptr() // 4)
+    # some window ran past the offsets' range into the pool's spare block, and none past its end
+    assert pools[1].size < reached <= pools[1].values.numel()
