@@ -1150,9 +1150,7 @@ class SettleEngine:
             record(0)
         residual, step, floor = float("inf"), 0, 0.0
         for mark in marks:
-            if graphed and mark - step - 1 > 1:
-                self._graph_steps(ws, graph_ops, mark - step - 1)
-            else:
+            if not (graphed and mark - step - 1 > 1 and self._graph_steps(ws, graph_ops, mark - step - 1)):
                 for _ in range(mark - step - 1):
                     for op in step_ops:
                         op()
@@ -1197,7 +1195,7 @@ class SettleEngine:
         return self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)
 
     @staticmethod
-    def _graph_steps(ws: _Workspace, ops: list[Callable[[], object]], n: int) -> None:
+    def _graph_steps(ws: _Workspace, ops: list[Callable[[], object]], n: int) -> bool:
         """`n` steps of `ops` (the workspace's in-place calls: products, activation, the
         relaxation reading ``ws.dt``) as one CUDA graph replay: a settle on a GPU is bound by
         launching its small kernels one by one (about 5 per step), and a replay launches them
@@ -1205,17 +1203,15 @@ class SettleEngine:
         workspace; the calls write into the workspace's buffers and read the plan's matrices,
         which writes refresh in place, so a replay computes what the eager loop would. The
         capture is preceded by one warm-up step on a side stream (CUDA libraries allocate
-        their workspaces there, as capture requires), whose change of the states is undone."""
+        their workspaces there, as capture requires), whose change of the states is undone.
+        False where the capture failed (warned once): the caller runs the steps call by call."""
         key = (n, len(ops))
         if key not in ws.graphs:
             ws.graphs[key] = _capture(ws.state, ops, n)
         graph = ws.graphs[key]
-        if graph is None:  # the capture failed once (warned): these steps run call by call
-            for _ in range(n):
-                for op in ops:
-                    op()
-        else:
+        if graph is not None:
             graph.replay()
+        return graph is not None
 
     def _noise_ops(
         self, s: dict[str, torch.Tensor], plan: _Plan, ws: _Workspace, batch: int
