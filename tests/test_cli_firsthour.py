@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -122,6 +123,29 @@ def test_classifier_overwrite_flag(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
 
 
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --out each run claims its own folder under runs/: two in one second (a shell
+    loop starting one per GPU) used to collide, and all but one stopped at "already exists"."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hil.cli.common import claim_new_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-183935")
+    for _ in range(2):
+        r = _hil("train", "classifier", "--no-progress", *_sets(*FAST_CLASSIFIER))
+        assert r.exit_code == 0, r.output
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["classifier-20261204-183935-2.zarr", "classifier-20261204-183935.zarr"]
+    assert all(open_run(tmp_path / "runs" / name).status == "complete" for name in runs)
+    with ThreadPoolExecutor(8) as pool:  # claimed by mkdir: one winner per name
+        claimed = list(pool.map(lambda _: claim_new_run("classifier"), range(16)))
+    assert len(set(claimed)) == 16 and all(p.is_dir() and not any(p.iterdir()) for p in claimed)
+
+
 # ------------------------------------------------------------------------ 3. a board that never opened
 def test_a_run_that_never_reached_its_board_does_not_block_its_folder(tmp_path: Path) -> None:
     folder = tmp_path / "run"
@@ -229,3 +253,32 @@ def test_classifier_threads_default_is_what_its_help_says() -> None:
     default = inspect.signature(classifier).parameters["threads"].default
     option = typing.get_type_hints(classifier, include_extras=True)["threads"].__metadata__[0]
     assert f"Default {default}" in option.help
+
+
+def test_help_keeps_every_bracketed_word() -> None:
+    """Rich markup reads ``[data]`` as a style tag and drops it ("the mnist5k subset from the
+    extra"): every ``[word]`` in a command's help or its options' help reaches the screen."""
+    import re
+
+    import typer
+
+    token = re.compile(r"\\?\[([A-Za-z_][\w.-]*)\]")
+
+    def walk(cmd: Any, path: list[str]) -> list[tuple[list[str], Any]]:
+        out = [(path, cmd)]
+        for name, sub in getattr(cmd, "commands", {}).items():  # typer's groups (its own click)
+            out += walk(sub, [*path, name])
+        return out
+
+    checked = 0
+    for path, cmd in walk(typer.main.get_command(app), []):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        words = {m.group(1) for t in texts for m in token.finditer(t)}
+        if not words:
+            continue
+        shown = _hil(*path, "--help")
+        assert shown.exit_code == 0, shown.output
+        missing = sorted(w for w in words if f"[{w}]" not in shown.output)
+        assert not missing, (path, missing)
+        checked += len(words)
+    assert checked >= 5  # [data] [model] [ep] [train] of --config, [ray] of sweep

@@ -51,6 +51,25 @@ def run_store(path: Path) -> Path:
     return path
 
 
+def claim_new_run(kind: str, root: Path = Path("runs")) -> Path:
+    """A new run-log folder ``root/KIND-YYYYmmdd-HHMMSS.zarr`` (``-2``, ``-3``... when taken),
+    made here so that runs started in the same second (a shell loop, one per GPU) each get
+    their own: ``mkdir`` succeeds for one process only. The caller creates the run log in it
+    with ``overwrite=True`` (the folder is empty and its own)."""
+    import time
+
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1, 1000):
+        path = root / (f"{stem}.zarr" if k == 1 else f"{stem}-{k}.zarr")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise OSError(f"{root}: 999 runs named {stem}*.zarr already; pass --out")
+
+
 def exists_message(path: Path, resume: Path) -> str:
     """What to say when a new run would replace the run at `path`: the flags that decide."""
     return (

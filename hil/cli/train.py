@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
 def classifier(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML config file (sections [data] [model] [ep] [train])."),
+        typer.Option(
+            "--config", "-c", help="TOML config file (sections \\[data] \\[model] \\[ep] \\[train])."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -143,10 +145,18 @@ def classifier(
     model.init_scale=0.5. With model.channels (e.g. --config examples/ffebm_conv_mnist.toml) the
     EB blocks are convolutional: one kernel per crossbar tile, read at every position
     (docs/conv.md). MNIST / Fashion-MNIST (IDX files) and CIFAR-10 (python batches) are read
-    from data.root, the 28 x 28 mnist5k subset from the [data] extra; nothing is downloaded.
+    from data.root, the 28 x 28 mnist5k subset from the \\[data] extra; nothing is downloaded.
 
     The last line gives the test accuracy, the device identity and the config."""
-    from hil.cli.common import exists_message, fail, one_line_errors, resume_log, resumed_config, run_store
+    from hil.cli.common import (
+        claim_new_run,
+        exists_message,
+        fail,
+        one_line_errors,
+        resume_log,
+        resumed_config,
+        run_store,
+    )
     from hil.config import (
         ConfigError,
         RunConfig,
@@ -239,10 +249,10 @@ def classifier(
         elif resume is not None:
             log, state = resume_log(resume, cfg.device)
         else:
-            import time
-
-            run = out or Path("runs") / time.strftime("classifier-%Y%m%d-%H%M%S.zarr")
-            log = RunLog.create(run, cfg, kind="train-classifier", name=cfg.name, overwrite=overwrite)
+            run = out or claim_new_run("classifier")
+            log = RunLog.create(
+                run, cfg, kind="train-classifier", name=cfg.name, overwrite=overwrite or out is None
+            )
     except RunExistsError:
         raise fail(exists_message(run, run)) from None
     except RunLogError as exc:
