@@ -326,7 +326,10 @@ class EmulatedDevice(Device):
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             t = g.detach()
-            r = self.board.program(tile, t[0], t[1], verify=verify, tol=tol, max_iters=max_iters)
+            ends_all = (min(ends[0], ends[2]), max(ends[1], ends[3]))
+            r = self.board.program(
+                tile, t[0], t[1], verify=verify, tol=tol, max_iters=max_iters, target_range=ends_all
+            )
             return _program_report(tile, r, lambda x: x)
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:

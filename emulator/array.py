@@ -405,18 +405,23 @@ class TileArray:
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
 
-    def deviation(self, g: torch.Tensor, target: torch.Tensor) -> float:
+    def deviation(
+        self, g: torch.Tensor, target: torch.Tensor, target_range: tuple[float, float] | None = None
+    ) -> float:
         """``max |g - target|`` over every device (siemens), through a scratch buffer the tile
         keeps (no allocation of the tile's size per call). When `g` is the tile's state just
         after a noise-free `write_stacked` of `target` (with shared bounds, nothing stuck),
         every device holds ``clamp(target, lo, hi)`` and the largest deviation is
         ``max(0, lo - min target, max target - hi)``, in float32 as the devicewise
-        subtraction rounds it (rounding is monotone): one read of `target`, the same number."""
+        subtraction rounds it (rounding is monotone): one read of `target`, the same number,
+        or none when the caller knows `target`'s smallest and largest values already
+        (`target_range`: the driver's range check read them)."""
         c = self._clean
         if c is not None and c[0] is target and c[1] == self._version and g is self._g0 and self._bounds:
             lo, hi = self._bounds
-            ends = torch.aminmax(target)  # float32 subtraction, as the devicewise one rounds
-            t_min, t_max = (np.float32(float(e)) for e in ends)  # a CUDA tensor reaches numpy as a float
+            # float32 subtraction, as the devicewise one rounds; a CUDA tensor reaches numpy as a float
+            ends = torch.aminmax(target) if target_range is None else target_range
+            t_min, t_max = (np.float32(float(e)) for e in ends)
             return max(0.0, float(np.float32(lo) - t_min), float(t_max - np.float32(hi)))
         # max |d| as max(-min d, max d) of the signed difference: one pass fewer than abs, then
         # max (negation is exact: the same number); a NaN shows in both ends

@@ -276,7 +276,12 @@ class Board:
         verify: bool,
         tol: float | None,
         max_iters: int,
+        target_range: tuple[float, float] | None = None,
     ) -> dict[str, object]:
+        """Write (G+, G-) to tile `name` (write-verify with `verify`) and read it back.
+        `target_range`: the smallest and largest target, when the caller has read them (the
+        in-process driver's range check): a noise-free write then needs no second read of
+        the targets to report its largest error."""
         tile = self.tile(name)
         try:
             tol, max_iters = check_verify(self.limits, tol, max_iters)
@@ -294,7 +299,7 @@ class Board:
         self.clock += st.time_s
         self.energy_j += st.energy_j
         read = tile.read_stacked(self.clock, self.noise)
-        residual = tile.deviation(read, target)
+        residual = tile.deviation(read, target, target_range)
         if not verify:
             true = tile.state(self.clock)
             if true is read:
@@ -302,7 +307,7 @@ class Board:
             elif m.write_noise > 0:
                 err = math.inf  # a noisy write: count at once (the largest error would cost a pass)
             else:
-                err = tile.deviation(true, target)  # noise-free: one read of the targets if clean
+                err = tile.deviation(true, target, target_range)  # noise-free: no read of targets if clean
             # every device within tol when the largest error is; else count them
             within = 1.0 if err <= tol else tile.within(true, target, tol)
         rp, rm = read[0], read[1]

@@ -390,8 +390,8 @@ class EBBlock(nn.Module):
                 n = p.shape[1]
                 p[:n].fill_diagonal_(0.0)  # the diagonal is disconnected
             if self.clip:
-                lo, hi = torch.aminmax(p)
-                if float(lo) < -c.w_max or float(hi) > c.w_max:
+                lo, hi = torch.stack(torch.aminmax(p)).tolist()  # one read-back (a GPU waits once)
+                if lo < -c.w_max or hi > c.w_max:
                     self.clipped += int((p.abs() > c.w_max).sum())
                     p.clamp_(-c.w_max, c.w_max)
             self._record(self.programming.program(self.device, c.tile, p, force=force, **bounded))
