@@ -96,3 +96,34 @@ def test_mnist_conv_example_maps_its_weights_onto_enough_of_the_rram_window() ->
     assert min(full_window.values()) > 0.8, full_window
     for tile, err in example.items():
         assert err < 0.6 * full_window[tile], (tile, err, full_window[tile])
+
+
+@pytest.mark.parametrize("study", ["fc", "conv"])
+def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> None:
+    """benchmarks/ffebm_conv.py's splitting runs: every block size at every init scale is a
+    valid config, and each splits the same network (the same crossbar cells) into the blocks
+    it says (the output layer a block of its own in the fully connected study)."""
+    import argparse
+    import sys
+
+    if str(EXAMPLES.parent) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES.parent))
+    from benchmarks import ffebm_conv
+
+    args = argparse.Namespace(quick=False, skip_main=True, skip_split=False, split_model=study,
+                              split_scales="", split_epochs=0, split_train=None)  # fmt: skip
+    todo = ffebm_conv.jobs(args)
+    assert [(j["tags"]["block_layers"], j["tags"]["init_scale"]) for j in todo] == list(
+        itertools.product((1, 2, 3, 6), ffebm_conv.SPLIT_SCALES[study])
+    )
+    cells, blocks = set(), {}
+    for job in todo:
+        cfg = load_config(ffebm_conv.EXAMPLE, job["overrides"])
+        assert cfg.model.init_scale == job["tags"]["init_scale"]
+        clf = Classifier(cfg, 28 * 28, 10, open_device, image_shape=(1, 28, 28))
+        cells.add(sum(r * c for r, c in clf.tile_shapes().values()))
+        blocks[job["tags"]["block_layers"]] = len(clf.blocks())
+        clf.close()
+    assert len(cells) == 1
+    expected = {1: 7, 2: 4, 3: 3, 6: 2} if study == "fc" else {1: 6, 2: 3, 3: 2, 6: 1}
+    assert blocks == expected
