@@ -283,3 +283,12 @@ def test_help_keeps_every_bracketed_word() -> None:
         assert not missing, (path, missing)
         checked += sum(words.values())
     assert checked >= 6  # [data] [model] [ep] [train] of --config, [data] extra, [ray] of sweep
+
+
+def test_readme_lists_every_benchmark() -> None:
+    """The README's benchmarks table names every script in benchmarks/ (a new one is found)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    scripts = sorted(p.name for p in (root / "benchmarks").iterdir() if p.suffix in (".py", ".sh"))
+    assert len(scripts) >= 20
+    assert [s for s in scripts if f"`benchmarks/{s}`" not in readme] == []
