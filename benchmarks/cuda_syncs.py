@@ -20,12 +20,65 @@ import json
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_ep import IDEAL, project
+
+if TYPE_CHECKING:
+    from hil.train_classifier import Classifier
+
+
+def count_syncs(clf: Classifier, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, object]:
+    """Train `clf` one step per batch and count the warnings of torch's sync debug mode (on
+    when the caller turned it on) by the phase of the step they came from: ``programming``
+    (`EBBlock.sync`), ``settle`` (the device's settles), ``optimizer``, ``other``."""
+    blk = clf.block
+    phase = {"now": "other"}
+
+    def tagged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def go(*args: Any, **kw: Any) -> Any:
+            outer, phase["now"] = phase["now"], name
+            try:
+                return fn(*args, **kw)
+            finally:
+                phase["now"] = outer
+
+        return go
+
+    plain = blk.sync, blk.device.settle_tensors, clf.opt.step
+    blk.sync = tagged("programming", blk.sync)  # type: ignore[method-assign]
+    blk.device.settle_tensors = tagged("settle", blk.device.settle_tensors)  # type: ignore[method-assign]
+    clf.opt.step = tagged("optimizer", clf.opt.step)  # type: ignore[method-assign]
+    counts: Counter[str] = Counter()
+    settles = tiles = 0
+
+    def count(message: Warning | str, *rest: object) -> None:
+        if "synchroniz" in str(message):
+            counts[phase["now"]] += 1
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = count  # type: ignore[assignment]
+            for x, y in batches:
+                stats = clf.step(x, y)[2]
+                settles += int(stats["settles"])
+                tiles += len(clf.last_programming)
+    finally:
+        blk.sync, blk.device.settle_tensors, clf.opt.step = plain  # type: ignore[method-assign]
+    n = len(batches)
+    return {
+        "steps": n, "syncs_per_step": round(sum(counts.values()) / n, 2),
+        "by_phase": {p: round(c / n, 2) for p, c in sorted(counts.items())},
+        "settles_per_step": settles / n, "tiles_programmed_per_step": tiles / n,
+        "per_settle": round(counts["settle"] / max(settles, 1), 2),
+        "per_programmed_tile": round(counts["programming"] / max(tiles, 1), 2),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -38,55 +91,17 @@ def main() -> None:
 
     ds = load_dataset("mnist5k")
     clf = project(IDEAL, [784, 512, 10], 128, 30, 10, "cuda")
-    blk = clf.block
-    phase = {"now": "other"}
-
-    def tagged(name: str, fn):  # type: ignore[no-untyped-def]
-        def go(*args, **kw):  # type: ignore[no-untyped-def]
-            outer, phase["now"] = phase["now"], name
-            try:
-                return fn(*args, **kw)
-            finally:
-                phase["now"] = outer
-
-        return go
-
-    blk.sync = tagged("programming", blk.sync)  # type: ignore[method-assign]
-    blk.device.settle_tensors = tagged("settle", blk.device.settle_tensors)  # type: ignore[method-assign]
-    clf.opt.step = tagged("optimizer", clf.opt.step)  # type: ignore[method-assign]
-
-    def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return ds.x_train[k * 128 : (k + 1) * 128], ds.y_train[k * 128 : (k + 1) * 128]
-
-    for k in range(2):
-        clf.step(*batch(k))
-    counts: Counter[str] = Counter()
-    settles = tiles = 0
-
-    def count(message, category, *rest):  # type: ignore[no-untyped-def]
-        if "synchroniz" in str(message):
-            counts[phase["now"]] += 1
-
+    batches = [
+        (ds.x_train[k * 128 : (k + 1) * 128], ds.y_train[k * 128 : (k + 1) * 128]) for k in range(2 + a.steps)
+    ]
+    for x, y in batches[:2]:
+        clf.step(x, y)
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = count
-            for k in range(a.steps):
-                stats = clf.step(*batch(k + 2))[2]
-                settles += int(stats["settles"])
-                tiles += len(clf.last_programming)
+        figures = count_syncs(clf, batches[2:])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    n = a.steps
-    per_step = {p: round(c / n, 2) for p, c in sorted(counts.items())}
-    print(json.dumps({
-        "bench": "cuda_syncs", "device": torch.cuda.get_device_name(), "steps": n,
-        "syncs_per_step": round(sum(counts.values()) / n, 2), "by_phase": per_step,
-        "settles_per_step": settles / n, "tiles_programmed_per_step": tiles / n,
-        "per_settle": round(counts["settle"] / max(settles, 1), 2),
-        "per_programmed_tile": round(counts["programming"] / max(tiles, 1), 2),
-    }))  # fmt: skip
+    print(json.dumps({"bench": "cuda_syncs", "device": torch.cuda.get_device_name(), **figures}))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,28 @@ def test_the_check_tells_different_work_apart(change: dict[str, float]) -> None:
         assert s > 1e-5 or g > 1e-4, (s, g)
     finally:
         clf.close()
+
+
+def test_cuda_syncs_counts_each_wait_in_the_phase_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/cuda_syncs.py on the CPU: torch's sync debug mode warns only on CUDA, so a
+    warning of the same text is raised where the driver writes a tile; each lands in the
+    programming phase, once per tile written, and the step is untouched afterwards."""
+    import warnings
+
+    from benchmarks.cuda_syncs import count_syncs
+
+    clf = project(IDEAL, [64, 32, 10], 16, T1, T2)
+    dev, blk = clf.block.device, clf.block
+    plain = dev.program_stacked
+
+    def waits(*args: object, **kw: object) -> object:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(dev, "program_stacked", waits)
+    before = (blk.sync, dev.settle_tensors, clf.opt.step)
+    figures = count_syncs(clf, [_batch(64, 16, seed=k) for k in range(3)])
+    assert figures["steps"] == 3 and figures["tiles_programmed_per_step"] == 2.0
+    assert figures["by_phase"] == {"programming": 2.0} and figures["per_programmed_tile"] == 1.0
+    assert figures["settles_per_step"] >= 2 and figures["per_settle"] == 0.0
+    assert (blk.sync, dev.settle_tensors, clf.opt.step) == before  # the wrappers are gone
