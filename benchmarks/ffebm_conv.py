@@ -79,7 +79,7 @@ SPLIT = {"fc": SPLIT_FC, "conv": SPLIT_CONV}
 SPLIT_BUDGET = {"fc": (10, 0), "conv": (4, 2000)}
 # per study, the GOE init scales each block size is trained with (the best one counts): a deep
 # block needs a gain near 1 per layer for the input to reach its output, a shallow one less
-SPLIT_SCALES = {"fc": [0.5, 0.75, 1.0], "conv": [1.0]}
+SPLIT_SCALES = {"fc": [0.5, 0.75, 1.0], "conv": [0.5, 1.0]}
 
 
 def run(job: dict) -> dict:
@@ -227,7 +227,7 @@ def main() -> None:
                    help="the deep DHN the splitting study splits: fc (784-128x6-10) or conv (behind the "
                         "example's front)")  # fmt: skip
     p.add_argument("--split-scales", default="", help="GOE init scales per block size, comma-separated "
-                   "(default: fc 0.5,0.75,1.0, conv 1.0); the best of each size counts")  # fmt: skip
+                   "(default: fc 0.5,0.75,1.0, conv 0.5,1.0); the best of each size counts")  # fmt: skip
     p.add_argument("--split-epochs", type=int, default=0, help="epochs per splitting run (0: fc 10, conv 4)")
     p.add_argument("--split-train", type=int, default=None,
                    help="training images per splitting run (0: all; default: fc all, conv 2000)")  # fmt: skip
