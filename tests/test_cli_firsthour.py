@@ -134,7 +134,10 @@ def test_default_run_folders_of_runs_started_in_the_same_second_differ(
     from hil.cli.common import claim_new_run
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-183935")
+    real = time.strftime
+    monkeypatch.setattr(
+        time, "strftime", lambda fmt, *a: "20261204-183935" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *a)
+    )
     for _ in range(2):
         r = _hil("train", "classifier", "--no-progress", *_sets(*FAST_CLASSIFIER))
         assert r.exit_code == 0, r.output
