@@ -23,6 +23,7 @@ Images are float32 in [0, 1], shape (N, C, H, W) or flattened (N, C*H*W); labels
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -365,6 +366,14 @@ def load_cifar10(root: str | Path) -> Dataset:
     )
 
 
+def limited(ds: Dataset, limit_train: int | None, limit_test: int | None) -> Dataset:
+    """`ds` with its first `limit_train` training and `limit_test` test images (None or 0:
+    all), as views in a new `Dataset`: the one given is left as it is."""
+    train, test = slice(limit_train or None), slice(limit_test or None)
+    x, y = ds.x_train[train], ds.y_train[train]
+    return dataclasses.replace(ds, x_train=x, y_train=y, x_test=ds.x_test[test], y_test=ds.y_test[test])
+
+
 # ----------------------------------------------------------------------------------- front door
 def load_dataset(
     name: str,
@@ -390,10 +399,7 @@ def load_dataset(
         ds = load_cifar10(root)
     else:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    if limit_train is not None:
-        ds.x_train, ds.y_train = ds.x_train[:limit_train], ds.y_train[:limit_train]
-    if limit_test is not None:
-        ds.x_test, ds.y_test = ds.x_test[:limit_test], ds.y_test[:limit_test]
+    ds = limited(ds, limit_train, limit_test)
     if flatten:
         ds.x_train = ds.x_train.reshape(len(ds.x_train), -1)
         ds.x_test = ds.x_test.reshape(len(ds.x_test), -1)

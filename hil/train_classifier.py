@@ -37,7 +37,7 @@ from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, model_activation
-from hil.data import Dataset, load_dataset
+from hil.data import Dataset, limited, load_dataset
 from hil.ep import EBBlock, centre_biases, gaussian_init
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import make_scheme
@@ -404,10 +404,13 @@ def train_classifier(
     shard of every batch on its own board (cfg.device), `log` is given on rank 0 only, and
     rank 0's `state` is broadcast to every rank."""
     torch.manual_seed(cfg.train.seed)
-    ds = data or load_dataset(
-        cfg.data.name, cfg.data.root or None, limit_train=cfg.data.limit_train or None,
-        limit_test=cfg.data.limit_test or None,
-    )  # fmt: skip
+    # a data set given by the caller is limited as the config says too: the run log records
+    # the config, and a limit that is not applied would make that record wrong
+    limits = (cfg.data.limit_train or None, cfg.data.limit_test or None)
+    if data is not None:
+        ds = limited(data, *limits)
+    else:
+        ds = load_dataset(cfg.data.name, cfg.data.root or None, limit_train=limits[0], limit_test=limits[1])
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     check_shift(cfg.train.shift, ds.image_shape)

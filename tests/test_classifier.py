@@ -198,3 +198,23 @@ def test_a_failed_training_closes_its_boards(one_thread: None) -> None:
     with pytest.raises(RuntimeError, match="operator stop"):
         train_classifier(cfg, progress=False, opener=lambda uri: Recording(open_device(uri)), on_epoch=stop)
     assert closed == ["EMU-00000000"]
+
+
+def test_a_data_set_given_by_the_caller_is_limited_as_the_config_says() -> None:
+    """`train_classifier(cfg, data=ds)` trains on cfg.data.limit_train images and tests on
+    limit_test, as loading by name does (the benchmarks pass their data set; the limits were
+    ignored, so a run log recorded limits its run did not have), and leaves `ds` as it was."""
+    from hil.data import load_dataset
+
+    cfg = load_config(
+        None, ["train.epochs=1", "model.sizes=[64,16,10]", "data.limit_train=48", "data.limit_test=24"]
+    )
+    ds = load_dataset("digits")
+    sizes = (len(ds.x_train), len(ds.x_test))
+    given = train_classifier(cfg, data=ds)
+    loaded = train_classifier(cfg)
+    assert (len(ds.x_train), len(ds.x_test)) == sizes and sizes[0] > 48
+    assert given.test_acc == loaded.test_acc
+    assert given.history[0].train_loss == loaded.history[0].train_loss
+    everything = train_classifier(load_config(None, ["train.epochs=1", "model.sizes=[64,16,10]"]), data=ds)
+    assert everything.history[0].train_loss != given.history[0].train_loss
