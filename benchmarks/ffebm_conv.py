@@ -76,9 +76,9 @@ SPLIT_FC = ["model.channels=[]", "model.pools=[]", "model.front=0", "model.betwe
             "model.sizes=[784,128,128,128,128,128,128,10]", "model.w_max=1.0", "train.lr=[0.001]",
             "train.shift=0", "ep.tol=0.002", "ep.free_steps=60", "ep.nudge_steps=20"]  # fmt: skip
 SPLIT = {"fc": SPLIT_FC, "conv": SPLIT_CONV}
-# per study: (epochs, training images; 0: all 4000): a 6-layer conv block's settles cost
-# minutes per epoch here, the fully connected one's seconds
-SPLIT_BUDGET = {"fc": (10, 0), "conv": (4, 0)}
+# epochs per study: a 6-layer conv block's settles cost minutes per epoch here, the fully
+# connected one's seconds
+SPLIT_EPOCHS = {"fc": 10, "conv": 4}
 # per study, the GOE init scales each block size is trained with (the best one counts): a deep
 # block needs a gain near 1 per layer for the input to reach its output, a shallow one less
 SPLIT_SCALES = {"fc": [0.5, 0.75, 1.0], "conv": [0.5, 1.0]}
@@ -202,11 +202,9 @@ def jobs(args: argparse.Namespace) -> list[dict]:
                     out.append({"overrides": ov, "tags": {"part": "main", "model": model, "preset": preset,
                                                           "seed": seed}})  # fmt: skip
     if not args.skip_split:
-        n_epochs, n_train = SPLIT_BUDGET[args.split_model]
-        n_epochs = args.split_epochs or n_epochs
-        n_train = n_train if args.split_train is None else args.split_train
-        few = epochs or [f"train.epochs={n_epochs}", f"data.limit_train={n_train}"]
         model = args.split_model
+        n_epochs = args.split_epochs or SPLIT_EPOCHS[model]
+        few = epochs or [f"train.epochs={n_epochs}", f"data.limit_train={args.split_train}"]
         scales = (
             [float(v) for v in args.split_scales.split(",")] if args.split_scales else SPLIT_SCALES[model]
         )
@@ -231,8 +229,7 @@ def main() -> None:
     p.add_argument("--split-scales", default="", help="GOE init scales per block size, comma-separated "
                    "(default: fc 0.5,0.75,1.0, conv 0.5,1.0); the best of each size counts")  # fmt: skip
     p.add_argument("--split-epochs", type=int, default=0, help="epochs per splitting run (0: fc 10, conv 4)")
-    p.add_argument("--split-train", type=int, default=None,
-                   help="training images per splitting run (0: all, the default)")  # fmt: skip
+    p.add_argument("--split-train", type=int, default=0, help="training images per splitting run (0: all)")
     args = p.parse_args()
     todo = jobs(args)
     load0 = os.getloadavg()[0]

@@ -111,7 +111,7 @@ def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> No
     from benchmarks import ffebm_conv
 
     args = argparse.Namespace(quick=False, skip_main=True, skip_split=False, split_model=study,
-                              split_scales="", split_epochs=0, split_train=None)  # fmt: skip
+                              split_scales="", split_epochs=0, split_train=0)  # fmt: skip
     todo = ffebm_conv.jobs(args)
     assert [(j["tags"]["block_layers"], j["tags"]["init_scale"]) for j in todo] == list(
         itertools.product((1, 2, 3, 6), ffebm_conv.SPLIT_SCALES[study])
