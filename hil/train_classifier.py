@@ -404,13 +404,11 @@ def train_classifier(
     shard of every batch on its own board (cfg.device), `log` is given on rank 0 only, and
     rank 0's `state` is broadcast to every rank."""
     torch.manual_seed(cfg.train.seed)
-    # a data set given by the caller is limited as the config says too: the run log records
+    # one path for a data set given by the caller and one loaded by name: the run log records
     # the config, and a limit that is not applied would make that record wrong
-    limits = (cfg.data.limit_train or None, cfg.data.limit_test or None)
-    if data is not None:
-        ds = limited(data, *limits)
-    else:
-        ds = load_dataset(cfg.data.name, cfg.data.root or None, limit_train=limits[0], limit_test=limits[1])
+    if data is None:
+        data = load_dataset(cfg.data.name, cfg.data.root or None)
+    ds = limited(data, cfg.data.limit_train, cfg.data.limit_test)
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     check_shift(cfg.train.shift, ds.image_shape)
