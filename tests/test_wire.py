@@ -173,6 +173,19 @@ def test_parse_message_remembers_short_messages_and_builds_fresh_units() -> None
     assert b"SYST(WAIT" not in server_scpi._parsed
 
 
+def test_parse_cache_full_of_other_messages_still_takes_new_ones() -> None:
+    """A peer that sent `PARSE_CACHE` distinct messages (a fuzzer, a scan) does not keep the
+    next ones out of the cache: it is emptied and the new message kept."""
+    from emulator.server import scpi as server_scpi
+
+    for k in range(server_scpi.PARSE_CACHE + 5):
+        parse_message(b" " * (k % 20) + b"*OPC?" + b"\t" * (k // 20))  # short, distinct
+    assert 0 < len(server_scpi._parsed) <= server_scpi.PARSE_CACHE
+    msg = b"SYST:SAF?;*OPC?"
+    assert parse_message(msg) == [("SYST:SAF?", []), ("*OPC?", [])]
+    assert server_scpi._parsed.get(msg) == ("SYST:SAF?", "*OPC?")
+
+
 @pytest.mark.parametrize(
     "text",
     [

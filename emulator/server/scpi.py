@@ -194,8 +194,10 @@ def parse_message(msg: bytes) -> list[Unit]:
     """Split a program message into units; raises ParseError on the first malformed one.
 
     A short message without parameters (``*OPC?``, ``SYST:SAF?``, ``SYST:ERR?``: most of a
-    session) is parsed once: its headers are kept (`PARSE_CACHE` messages at most, so a
-    peer sending endless new ones cannot grow it) and its units built anew on every call.
+    session) is parsed once: its headers are kept and its units built anew on every call. At
+    most `PARSE_CACHE` messages are kept: a new one that finds the cache full empties it
+    first, so a peer sending endless new messages can neither grow it nor keep a session's
+    common messages out of it for good (they come back at their next use).
     Parsing is a function of the bytes alone, so a cached message gets the same units;
     malformed messages are never cached."""
     headers = _parsed.get(msg) if type(msg) is bytes else None
@@ -203,7 +205,9 @@ def parse_message(msg: bytes) -> list[Unit]:
         return [Unit(h, []) for h in headers]
     units = _parse(msg)
     short = type(msg) is bytes and len(msg) <= PARSE_CACHE_LINE
-    if short and len(_parsed) < PARSE_CACHE and not any(u.params for u in units):
+    if short and not any(u.params for u in units):
+        if len(_parsed) >= PARSE_CACHE:
+            _parsed.clear()  # one call: safe with other server threads parsing meanwhile
         _parsed[msg] = tuple(u.header for u in units)
     return units
 
