@@ -140,7 +140,7 @@ def main() -> None:
             dev.settle({"s0": xs[0]})
             # the step the board takes (its bound on the couplings may shrink the budget's dt)
             key = frozenset({"s0"})
-            step_dt = board.engine._step_dt(board.engine._plan(key), key)
+            step_dt = board.engine.planner.step_dt(board.engine.planner.plan(key), key)
             floor = Floor(tiles, lrs=[0.0], beta=0.0, tau=1.0, dt=step_dt, gain=1.0, t1=steps, t2=0,
                           device=args.device)  # fmt: skip
             xt = [torch.from_numpy(v).to(args.device) for v in xs]

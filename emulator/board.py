@@ -1,10 +1,12 @@
 """The emulated board: tiles, node circuits, periphery, a simulated clock and a safety monitor.
 
 The board configures, programs, pulses, reads and multiplies; its settles run in
-`emulator.settle.SettleEngine` (plans, workspaces, the two settle loops, step size, noise
-floor and the settle's accounting), which `Board.settle` calls with the clamps and the nudge
-(`emulator.settle.SettleNudge`) as the DAC applied them; networks with conv couplings settle
-in `emulator.conv_settle.ConvSettle` (one tile read at every position of its input map).
+`emulator.settle.SettleEngine` (workspaces, the two settle loops, noise floor and the
+settle's accounting; its plans and step size in `emulator.settle_plan`, the last clamp in
+`emulator.clamp_cache`, energy and power in `emulator.settle_energy`), which `Board.settle`
+calls with the clamps and the nudge (`emulator.settle.SettleNudge`) as the DAC applied them;
+networks with conv couplings settle in `emulator.conv_settle.ConvSettle` (one tile read at
+every position of its input map).
 
 Works on torch tensors on one torch device (CPU or CUDA, same code). Everything random
 comes from generators seeded by the board's seed, so a board is deterministic per seed:

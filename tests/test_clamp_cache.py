@@ -1,5 +1,5 @@
 """Issue 17: the clamped input's product is computed once per batch. The board keeps the
-constant drive of the last clamp (`emulator.settle._ClampCache`) and reuses it when the next
+constant drive of the last clamp (`emulator.clamp_cache.ClampCache`) and reuses it when the next
 settle clamps the same values (the nudged phases after the free one) or the same values twice
 over (`settle_both`'s doubled batch); anything that changes the weights (write, pulse,
 drift), a new topology or a reset invalidates it. These tests compare every settle against

@@ -338,7 +338,7 @@ def test_cuda_graph_steps_settle_as_the_eager_loop(tol: float) -> None:
                     dev.program_stacked(c.tile, torch.from_numpy(g).cuda())
                 eq = dev.settle_tensors({"s0": x})
                 out.append([eq.states[g].clone() for g in ("s1", "s2", "s3")] + [torch.tensor(eq.steps)])
-            plans = [p for _, p in dev.board.engine._plans.values()]  # type: ignore[attr-defined]
+            plans = [p for _, p in dev.board.engine.planner.plans.values()]  # type: ignore[attr-defined]
             graphed = [g is not None for p in plans for w in p.workspaces.values() for g in w.graphs.values()]
             assert (sum(graphed) > 0) == graphs
             runs.append(out)

@@ -507,7 +507,7 @@ def test_coupling_norm_bound_tracks_weight_changes() -> None:
         for scale in (0.01, 0.012, 0.3):  # two small steps, then a large change
             w_free = program(scale)
             eq = dev.settle(x, trace=True)
-            plan = board.engine._plans[frozenset(x)][1]
+            plan = board.engine.planner.plans[frozenset(x)][1]
             true = float(np.linalg.norm(w_free, 2))
             assert plan.coupling_norm >= true  # a bound (or the 10 %-margin estimate)
             energy = eq.trace["energy"]
