@@ -34,13 +34,13 @@ The input product once per batch. The clamped groups' drive (``x @ W`` of a 784-
 plus the bias) is constant during a settle, and an EP step settles the same clamps three
 times: free, then the nudged phases, often as one settle over the batch twice over
 (``[x; x]``, `hil.estimator.settle_both`). The engine keeps the constant drive of the last
-clamp (`emulator.clamp_cache.ClampCache`) and reuses it when the next settle's clamps equal the cached ones
-exactly (every value, against a copy of what the host sent) or are them twice over along
-the batch; the DAC's conversion of the clamps is reused the same way (it is deterministic:
-per-channel errors and quantisation; its safety count is counted again). A different plan
-or a change of the tiles' `weights_epoch` (a write, a pulse, drift recomputing the
-weights) invalidates the drive, and `SettleEngine.clear` (configure with a new topology,
-reset) all of it. Nothing changes at the Device interface, so hosts over a wire get the same
+clamp (`emulator.clamp_cache.ClampCache`) and reuses it when the next settle's clamps equal
+the cached ones exactly (every value, against a copy of what the host sent) or are them
+twice over along the batch; the DAC's conversion of the clamps is reused the same way (it
+is deterministic: per-channel errors and quantisation; its safety count is counted again).
+A different plan or a change of the tiles' `weights_epoch` (a write, a pulse, drift
+recomputing the weights) invalidates the drive, and `SettleEngine.clear` (configure with a
+new topology, reset) all of it. Nothing changes at the Device interface, so hosts over a wire get the same
 saving. On noisy presets the reuse is exact too, statistics included: the emulator splits
 a read into the noise-free product and read noise drawn fresh at every step from a variance
 that follows the inputs (`Term.noise_var`), so what is reused is only the noise-free part
