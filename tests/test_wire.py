@@ -29,7 +29,7 @@ from drivers.wire import codes, frames, scpi
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, Frame, LinkOp, Reason
 from drivers.wire.link import Abandoned, Faults, Link
-from emulator.server.scpi import MessageSplitter, ParseError, parse_message
+from emulator.server.scpi import MessageParser, MessageSplitter, ParseError, parse_message
 
 # ---- payload -------------------------------------------------------------------------
 
@@ -157,33 +157,33 @@ def test_parse_message_units_strings_and_blocks() -> None:
 
 
 def test_parse_message_remembers_short_messages_and_builds_fresh_units() -> None:
-    from emulator.server import scpi as server_scpi
-
+    parser = MessageParser()
     msg = b"*OPC?;SYST:SAF?"
-    first, again = parse_message(msg), parse_message(msg)
-    assert first == again == [("*OPC?", []), ("SYST:SAF?", [])]
-    assert server_scpi._parsed.get(msg) == ("*OPC?", "SYST:SAF?")
+    first, again = parser.parse(msg), parser.parse(msg)
+    assert first == again == parse_message(msg) == [("*OPC?", []), ("SYST:SAF?", [])]
+    assert parser.headers.get(msg) == ("*OPC?", "SYST:SAF?")
     first[0].params.append("x")  # a handler changing its units cannot change the next parse
-    assert parse_message(msg)[0].params == []
-    parse_message(b"SYST:WAIT 1.5")
-    assert b"SYST:WAIT 1.5" not in server_scpi._parsed  # parameters: parsed every time
+    assert parser.parse(msg)[0].params == []
+    parser.parse(b"SYST:WAIT 1.5")
+    assert b"SYST:WAIT 1.5" not in parser.headers  # parameters: parsed every time
     for _ in range(2):  # a malformed message is refused every time, never remembered
         with pytest.raises(ParseError):
-            parse_message(b"SYST(WAIT")
-    assert b"SYST(WAIT" not in server_scpi._parsed
+            parser.parse(b"SYST(WAIT")
+    assert b"SYST(WAIT" not in parser.headers
 
 
 def test_parse_cache_full_of_other_messages_still_takes_new_ones() -> None:
     """A peer that sent `PARSE_CACHE` distinct messages (a fuzzer, a scan) does not keep the
-    next ones out of the cache: it is emptied and the new message kept."""
-    from emulator.server import scpi as server_scpi
+    next ones out of its session's cache: it is emptied and the new message kept."""
+    from emulator.server.scpi import PARSE_CACHE
 
-    for k in range(server_scpi.PARSE_CACHE + 5):
-        parse_message(b" " * (k % 20) + b"*OPC?" + b"\t" * (k // 20))  # short, distinct
-    assert 0 < len(server_scpi._parsed) <= server_scpi.PARSE_CACHE
+    parser = MessageParser()
+    for k in range(PARSE_CACHE + 5):
+        parser.parse(b" " * (k % 20) + b"*OPC?" + b"\t" * (k // 20))  # short, distinct
+    assert 0 < len(parser.headers) <= PARSE_CACHE
     msg = b"SYST:SAF?;*OPC?"
-    assert parse_message(msg) == [("SYST:SAF?", []), ("*OPC?", [])]
-    assert server_scpi._parsed.get(msg) == ("SYST:SAF?", "*OPC?")
+    assert parser.parse(msg) == [("SYST:SAF?", []), ("*OPC?", [])]
+    assert parser.headers.get(msg) == ("SYST:SAF?", "*OPC?")
 
 
 @pytest.mark.parametrize(

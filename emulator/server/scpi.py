@@ -185,31 +185,39 @@ class MessageSplitter:
 _HEADER_CHARS = re.compile(rb"[0-9A-Za-z*:?_]*")  # what a header may hold (IEEE 488.2 program mnemonics)
 
 
-PARSE_CACHE = 256  # short messages without parameters whose headers are remembered
+PARSE_CACHE = 256  # short messages without parameters whose headers a session remembers
 PARSE_CACHE_LINE = 64  # bytes: a longer message is parsed every time
-_parsed: dict[bytes, tuple[str, ...]] = {}  # message -> its headers (only messages that parsed)
 
 
 def parse_message(msg: bytes) -> list[Unit]:
     """Split a program message into units; raises ParseError on the first malformed one.
+    (`MessageParser` does the same and remembers short messages.)"""
+    return _parse(msg)
 
-    A short message without parameters (``*OPC?``, ``SYST:SAF?``, ``SYST:ERR?``: most of a
-    session) is parsed once: its headers are kept and its units built anew on every call. At
-    most `PARSE_CACHE` messages are kept: a new one that finds the cache full empties it
-    first, so a peer sending endless new messages can neither grow it nor keep a session's
-    common messages out of it for good (they come back at their next use).
-    Parsing is a function of the bytes alone, so a cached message gets the same units;
-    malformed messages are never cached."""
-    headers = _parsed.get(msg) if type(msg) is bytes else None
-    if headers is not None:
-        return [Unit(h, []) for h in headers]
-    units = _parse(msg)
-    short = type(msg) is bytes and len(msg) <= PARSE_CACHE_LINE
-    if short and not any(u.params for u in units):
-        if len(_parsed) >= PARSE_CACHE:
-            _parsed.clear()  # one call: safe with other server threads parsing meanwhile
-        _parsed[msg] = tuple(u.header for u in units)
-    return units
+
+class MessageParser:
+    """`parse_message` that parses a short message without parameters (``*OPC?``,
+    ``SYST:SAF?``, ``SYST:ERR?``: most of a session) once: its headers are kept and its
+    units built anew on every call. At most `PARSE_CACHE` messages are kept: a new one that
+    finds the cache full empties it first, so a peer sending endless new messages can
+    neither grow it nor keep the session's common messages out of it for good (they come
+    back at their next use). Parsing is a function of the bytes alone, so a cached message
+    gets the same units; malformed messages are never cached. One per `ScpiSession`."""
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, tuple[str, ...]] = {}  # message -> its headers (messages that parsed)
+
+    def parse(self, msg: bytes) -> list[Unit]:
+        headers = self.headers.get(msg) if type(msg) is bytes else None
+        if headers is not None:
+            return [Unit(h, []) for h in headers]
+        units = _parse(msg)
+        short = type(msg) is bytes and len(msg) <= PARSE_CACHE_LINE
+        if short and not any(u.params for u in units):
+            if len(self.headers) >= PARSE_CACHE:
+                self.headers.clear()
+            self.headers[msg] = tuple(u.header for u in units)
+        return units
 
 
 def _parse(msg: bytes) -> list[Unit]:
@@ -436,6 +444,7 @@ class ScpiSession:
         for spec, fn, block_reply in self._table():
             self.commands.append((scpi.Header(spec), fn, block_reply))
         self._known: dict[str, tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = {}
+        self._parser = MessageParser()
 
     def _table(self) -> list[tuple[str, Callable[[list[Param], str], Reply], bool]]:
         return [
@@ -513,7 +522,7 @@ class ScpiSession:
         elif self.checked:
             msg = msg[: msg.rfind(scpi.CHECK_TRAILER)]
         try:
-            units = parse_message(msg)
+            units = self._parser.parse(msg)
         except ParseError as exc:
             self.push_error(exc.code, str(exc))
         for unit in units:
