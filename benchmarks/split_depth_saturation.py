@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ffebm_conv
+from split_depth_gradcheck import budgets
 
 from drivers import open_device
 from hil.config import load_config
@@ -37,12 +38,11 @@ from hil.train_classifier import Classifier
 
 
 def budget(text: str) -> tuple[str, list[str]]:
-    """(the budget as given, its config overrides)."""
+    """(the budget as given, its config overrides): ``study``, or one free/nudged pair as
+    `split_depth_gradcheck.budgets` reads it."""
     if text == "study":
         return text, []
-    free, _, nudge = text.partition("/")
-    if not (free.isdigit() and nudge.isdigit() and 1 <= int(free) <= 5000 and 1 <= int(nudge) <= 5000):
-        raise argparse.ArgumentTypeError(f"budget {text!r}: 'study' or free/nudged steps, each in [1, 5000]")
+    ((free, nudge),) = budgets(text)
     return text, [f"ep.free_steps={free}", f"ep.nudge_steps={nudge}", "ep.tol=0"]
 
 

@@ -189,12 +189,6 @@ PARSE_CACHE = 256  # short messages without parameters whose headers a session r
 PARSE_CACHE_LINE = 64  # bytes: a longer message is parsed every time
 
 
-def parse_message(msg: bytes) -> list[Unit]:
-    """Split a program message into units; raises ParseError on the first malformed one.
-    (`MessageParser` does the same and remembers short messages.)"""
-    return _parse(msg)
-
-
 class MessageParser:
     """`parse_message` that parses a short message without parameters (``*OPC?``,
     ``SYST:SAF?``, ``SYST:ERR?``: most of a session) once: its headers are kept and its
@@ -211,7 +205,7 @@ class MessageParser:
         headers = self.headers.get(msg) if type(msg) is bytes else None
         if headers is not None:
             return [Unit(h, []) for h in headers]
-        units = _parse(msg)
+        units = parse_message(msg)
         short = type(msg) is bytes and len(msg) <= PARSE_CACHE_LINE
         if short and not any(u.params for u in units):
             if len(self.headers) >= PARSE_CACHE:
@@ -220,7 +214,9 @@ class MessageParser:
         return units
 
 
-def _parse(msg: bytes) -> list[Unit]:
+def parse_message(msg: bytes) -> list[Unit]:
+    """Split a program message into units; raises ParseError on the first malformed one
+    (`MessageParser` does the same and remembers short messages)."""
     units: list[Unit] = []
     i, n = 0, len(msg)
     while True:
