@@ -96,6 +96,9 @@ class Topology:
             if not isinstance(name, str):
                 raise ConfigurationError(f"group names are strings, got {name!r}")
             as_int(f"size of group {name!r}", size, 1, INT32_MAX)
+        # kept as Python integers: numpy sizes (int32) would wrap around in the sums and
+        # products the limit checks take of them (nodes, batch x nodes) past 2^31 - 1
+        object.__setattr__(self, "groups", {name: int(size) for name, size in self.groups.items()})
         as_int("nodes of the topology (sum of group sizes)", sum(self.groups.values()), 1, MAX_NODES)
         # finite and > 0 here; the upper bounds are the board's (Limits.max_gain, max_w_max)
         as_float("activation gain", self.gain, 0.0, float("inf"), lo_open=True)

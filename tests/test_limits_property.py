@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from drivers import checks
 from drivers.base import Nudge
 from drivers.emulated import EmulatedDevice
-from drivers.errors import DeviceError, LimitViolation, ProtocolError
+from drivers.errors import ConfigurationError, DeviceError, LimitViolation, ProtocolError
 from drivers.topology import MAX_NODES, Coupling, SettleBudget, Topology
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
@@ -181,6 +181,16 @@ def test_budget_integers(dev: EmulatedDevice, value: object, field: str) -> None
     ok_b, res_b = _outcome(lambda: dev.board.configure(topo))
     assert ok_b == want, (field, value, res_b)
     _clean(dev)
+
+
+def test_numpy_group_sizes_do_not_wrap_around() -> None:
+    """Found by `test_group_sizes`: two int32 sizes summed in int32 wrapped around (with an
+    overflow warning) instead of being refused; the topology keeps its sizes as Python ints,
+    so the sums and products of the checks cannot wrap."""
+    with pytest.raises(ConfigurationError, match="nodes of the topology"):
+        Topology({"a": np.int32(2), "b": np.int32(2**31 - 2)}, (Coupling("W", ("a",), ("b",)),))
+    topo = Topology({"a": np.int32(3), "b": np.int64(4)}, (Coupling("W", ("a",), ("b",)),))
+    assert [type(n) for n in topo.groups.values()] == [int, int]
 
 
 @SETTINGS
