@@ -133,13 +133,7 @@ class Activation:
 
     def rho_(self, x: Tensor, gain: float) -> Tensor:
         """`rho` in place on the drive `x` (the settle loops' buffers); returns `x`."""
-        if self.kind == "hard_sigmoid":
-            if gain != 1.0:
-                x.mul_(gain)
-            return x.clamp_(0.0, 1.0)
-        if self.kind == "logistic":
-            return x.mul_(4.0 * gain).sub_(2.0).sigmoid_()
-        return _soft_rho_(x.mul_(gain) if gain != 1.0 else x, self.width)
+        return rho_inplace(x, self.kind, gain, self.width)
 
     def rho_prime(self, u: Tensor, gain: float) -> Tensor:
         """d rho / du: for the hard sigmoid ``gain`` off the rails and 0 on them (its value at
@@ -180,6 +174,21 @@ def _logistic_g(x: Tensor) -> Tensor:
     """An antiderivative of the logistic's inverse ``(logit(x) + 2) / 4``: the binary entropy's
     negative over 4, plus x / 2."""
     return (torch.xlogy(x, x) + torch.xlogy(1.0 - x, 1.0 - x)) / 4.0 + x / 2.0
+
+
+def rho_inplace(x: Tensor, kind: str, gain: float, width: float) -> Tensor:
+    """`Activation.rho_` of the curve named `kind` (with its corner `width`) as a plain
+    function of tensors, strings and floats, so that TorchScript can compile it into a
+    settle loop (`emulator.settle_script`): the same calls, so the same numbers."""
+    if kind == "hard_sigmoid":
+        if gain != 1.0:
+            x.mul_(gain)
+        return x.clamp_(0.0, 1.0)
+    if kind == "logistic":
+        return x.mul_(4.0 * gain).sub_(2.0).sigmoid_()
+    if gain != 1.0:
+        x.mul_(gain)
+    return _soft_rho_(x, width)
 
 
 def _soft_rho_(a: Tensor, w: float) -> Tensor:

@@ -12,7 +12,8 @@ meter; it puts the nudges through the DAC and hands the clamps and the nudge (a
 - chooses the integration step (`SettlePlanner.step_dt`, from a bound on the coupling norm);
 - runs one of two loops: `_settle_analog` (the node circuits relaxing, with or without read
   and node noise: a flat list of in-place calls per step on (nodes, batch) buffers, noise
-  from the engine's `NoisePool`) or `_settle_mvm` (the ``mvm`` mode, where the host
+  from the engine's `NoisePool`; on the CPU a noise-free settle runs that loop as one
+  TorchScript call, `emulator.settle_script`) or `_settle_mvm` (the ``mvm`` mode, where the host
   iterates the fixed point through quantised MVMs);
 - stops at the noise floor (`_noise_floor`) and accounts the settle's time and array energy
   (`_account`: line power at equilibrium times the settle time, once per settle; the
@@ -63,11 +64,12 @@ import torch
 import torch.nn.functional as F
 
 from drivers.topology import BIAS
-from emulator import settle_energy
+from emulator import settle_energy, settle_script
 from emulator.clamp_cache import ClampCache
 from emulator.noise_table import NoisePool
 from emulator.periphery import lsb, quantize
 from emulator.settle_plan import Plan, SettlePlanner, Term, Workspace, group_links
+from emulator.settle_script import Product
 
 if TYPE_CHECKING:
     from emulator.board import Board
@@ -178,8 +180,8 @@ def _joined_products(
     state: torch.Tensor,
     new: torch.Tensor,
     drive: torch.Tensor,
-    per_group: list[Callable[[], object]],
-) -> list[Callable[[], object]] | None:
+    per_group: list[Product],
+) -> list[Product] | None:
     """One step's products source by source over all free rows at once, where that gives
     the very numbers of the group-by-group products (`per_group`), else None.
 
@@ -205,20 +207,18 @@ def _joined_products(
             return None
         if t.matrix.shape[0] != plan.n_free or not t.matrix.is_contiguous():
             return None
-    joined: list[Callable[[], object]] = [
-        partial(torch.addmm, drive, terms[0].matrix, state[rows[terms[0].src]], out=new)
-    ]
-    joined += [partial(new.addmm_, t.matrix, state[rows[t.src]]) for t in terms[1:]]
+    joined = [Product.into(new, drive, terms[0].matrix, state[rows[terms[0].src]])]
+    joined += [Product.add(new, t.matrix, state[rows[t.src]]) for t in terms[1:]]
     gen = torch.Generator().manual_seed(0)  # a probe of its own: the board's generators untouched
     same = True
     for _ in range(2):
         state.copy_(torch.rand(state.shape, generator=gen).to(state.device))
         drive.copy_(torch.rand(drive.shape, generator=gen).to(drive.device))
-        for op in per_group:
-            op()
+        for p in per_group:
+            p.bind()()
         want = new.clone()
-        for op in joined:
-            op()
+        for p in joined:
+            p.bind()()
         same = same and bool(torch.equal(new, want))
     state.zero_()
     drive.zero_()
@@ -238,6 +238,9 @@ class SettleEngine:
         # on CUDA, run a noise-free settle's steps between checks as one captured CUDA graph
         # (`_graph_steps`); False: the same steps launched one call at a time
         self.cuda_graphs = True
+        # on the CPU, run a noise-free settle's whole loop as one TorchScript call
+        # (`emulator.settle_script`); False: the same calls one at a time from Python
+        self.scripted = True
         self._clamp_cache: ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
         self._noise_pool: NoisePool | None = None
@@ -503,15 +506,15 @@ class SettleEngine:
         new = torch.empty(plan.n_free, batch, device=self.board.device)
         drive = torch.zeros(plan.n_free, batch, device=self.board.device)
         links = group_links(plan, state)
-        products: list[Callable[[], object]] = []
+        products: list[Product] = []
         for r, sources in links:
             if sources:  # the first product written into the group's rows, the others added
-                products.append(partial(torch.addmm, drive[r], *sources[0], out=new[r]))
-                products += [partial(new[r].addmm_, m, x) for m, x in sources[1:]]
+                products.append(Product.into(new[r], drive[r], *sources[0]))
+                products += [Product.add(new[r], m, x) for m, x in sources[1:]]
             else:
-                products.append(partial(new[r].copy_, drive[r]))
-        joined = _joined_products(plan, state, new, drive, products)
-        ws = Workspace(state, drive, plan.rows, links, new, joined or products)
+                products.append(Product.copy(new[r], drive[r]))
+        step = _joined_products(plan, state, new, drive, products) or products
+        ws = Workspace(state, drive, plan.rows, links, new, [p.bind() for p in step], step)
         if len(plan.workspaces) >= 4:  # a few batch sizes (training, the last batch, evaluation)
             plan.workspaces.pop(next(iter(plan.workspaces)))
         plan.workspaces[batch] = ws
@@ -628,6 +631,13 @@ class SettleEngine:
         if trace:
             record(0)
         residual, step, floor = float("inf"), 0, 0.0
+        if self.scripted and not (noisy or elastic or trace or state.is_cuda):
+            done = settle_script.run(
+                ws.steps, marks, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt
+            )
+            if done is not None:
+                step, residual = done
+                marks = []  # the compiled loop ran them
         for mark in marks:
             if not (graphed and mark - step - 1 > 1 and self._graph_steps(ws, graph_ops, mark - step - 1)):
                 for _ in range(mark - step - 1):

@@ -24,6 +24,7 @@ from drivers.topology import BIAS
 
 if TYPE_CHECKING:
     from emulator.board import Board
+    from emulator.settle_script import Product
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Workspace:
     links: list[tuple[slice, list[tuple[torch.Tensor, torch.Tensor]]]]
     new: torch.Tensor | None = None
     products: list[Callable[[], object]] = field(default_factory=list)
+    steps: list[Product] = field(default_factory=list)  # `products` as data, for the compiled loop
     # CUDA: the integration step as a device scalar the captured steps read, and the captured
     # runs of steps by (steps, calls per step) (`SettleEngine._graph_steps`)
     dt: torch.Tensor | None = None

@@ -1,0 +1,147 @@
+"""The noise-free analog settle loop as one TorchScript function, for the CPU.
+
+A noise-free settle step is a handful of in-place torch calls on (nodes, batch) buffers: the
+step's products (`Product`), the activation, the relaxation. On the small networks of the
+README's main job (buffers of 72 to 132 nodes by 32 samples, about a million steps) each
+call from Python costs about as much as its arithmetic (a clamp of 4000 values: 1.1 us, most
+of it dispatch). `SettleEngine._settle_analog` hands such a settle to `run`: the whole loop,
+its convergence checks included, in one call, compiled by TorchScript from `_settle_loop`
+below. It calls the same aten kernels in the same order on the same buffers, so its states,
+step counts and residuals equal the Python loop's bit for bit (tests/test_settle_script.py
+checks them for every activation, with and without checks).
+
+TorchScript is deprecated in favour of `torch.compile`, which on the CPU needs a C++
+compiler when a program runs and compiles again per shape (seconds each: more than the main
+job saves). Where TorchScript cannot compile the loop (a torch without it), `loop()` returns
+None and the engine runs its Python loop; `SettleEngine.scripted = False` chooses that
+loop too. Noisy settles (the pool's windows are drawn on the host), elastic nudges, traces
+and CUDA (captured graphs: `SettleEngine._graph_steps`) keep the Python loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, partial
+
+import torch
+from torch import Tensor
+
+from drivers.activation import rho_inplace
+
+# how a product writes into its destination rows
+ADDMM_INTO = 0  # out = a + m @ x (the first product of a destination: it starts from the drive)
+ADDMM_ADD = 1  # out += m @ x
+COPY = 2  # out = a (a destination with no free source: the drive alone)
+
+
+@dataclass(frozen=True)
+class Product:
+    """One call of a settle step's products, on views of the workspace's buffers."""
+
+    kind: int  # ADDMM_INTO, ADDMM_ADD or COPY
+    out: Tensor
+    a: Tensor  # the drive rows (ADDMM_INTO, COPY); unused by ADDMM_ADD
+    m: Tensor  # (n_dst, n_src) matrix; unused by COPY
+    x: Tensor  # source state rows (n_src, batch); unused by COPY
+
+    @classmethod
+    def into(cls, out: Tensor, drive: Tensor, m: Tensor, x: Tensor) -> Product:
+        return cls(ADDMM_INTO, out, drive, m, x)
+
+    @classmethod
+    def add(cls, out: Tensor, m: Tensor, x: Tensor) -> Product:
+        return cls(ADDMM_ADD, out, m, m, x)
+
+    @classmethod
+    def copy(cls, out: Tensor, drive: Tensor) -> Product:
+        return cls(COPY, out, drive, drive, drive)
+
+    def bind(self) -> Callable[[], object]:
+        """The call as the Python loop runs it."""
+        if self.kind == ADDMM_INTO:
+            return partial(torch.addmm, self.a, self.m, self.x, out=self.out)
+        if self.kind == ADDMM_ADD:
+            return partial(self.out.addmm_, self.m, self.x)
+        return partial(self.out.copy_, self.a)
+
+
+def _settle_loop(
+    marks: list[int],
+    every: int,
+    last: int,
+    tol: float,
+    kinds: list[int],
+    outs: list[Tensor],
+    a: list[Tensor],
+    m: list[Tensor],
+    x: list[Tensor],
+    act: str,
+    gain: float,
+    width: float,
+    new: Tensor,
+    state: Tensor,
+    dt: float,
+) -> tuple[int, float]:
+    """`SettleEngine._settle_analog`'s noise-free loop without a trace: up to each mark the
+    steps (products, activation, relaxation), at a checked mark (every `every` steps, and
+    the `last`) the largest change before the relaxation; stop once it is within `tol`.
+    Returns (steps, the last checked residual)."""
+    residual = float("inf")
+    step = 0
+    for mark in marks:
+        for j in range(mark - step):
+            for i in range(len(kinds)):
+                k = kinds[i]
+                if k == 0:
+                    torch.addmm(a[i], m[i], x[i], out=outs[i])
+                elif k == 1:
+                    outs[i].addmm_(m[i], x[i])
+                else:
+                    outs[i].copy_(a[i])
+            rho_inplace(new, act, gain, width)
+            checked = j == mark - step - 1 and (mark % every == 0 or mark == last)
+            if checked:
+                residual = float((new - state).abs_().max())
+            state.lerp_(new, dt)
+            if checked and residual <= tol:
+                return mark, residual
+        step = mark
+    return step, residual
+
+
+@cache
+def loop() -> Callable[..., tuple[int, float]] | None:
+    """`_settle_loop` compiled by TorchScript (once per process), or None where it cannot be."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's notice
+            return torch.jit.script(_settle_loop)
+    except Exception:  # any failure to compile means: use the Python loop
+        return None
+
+
+def run(
+    products: list[Product],
+    marks: list[int],
+    every: int,
+    last: int,
+    tol: float,
+    act: tuple[str, float, float],
+    new: Tensor,
+    state: Tensor,
+    dt: float,
+) -> tuple[int, float] | None:
+    """Run a noise-free settle's steps (`act`: the activation's kind, gain and corner width);
+    (steps, residual), or None where the loop is not compiled (the caller runs its own)."""
+    compiled = loop()
+    if compiled is None:
+        return None
+    kinds = [p.kind for p in products]
+    outs = [p.out for p in products]
+    a = [p.a for p in products]
+    m = [p.m for p in products]
+    x = [p.x for p in products]
+    kind, gain, width = act
+    return compiled(marks, every, last, tol, kinds, outs, a, m, x, kind, gain, width, new, state, dt)
