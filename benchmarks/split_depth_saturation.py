@@ -12,6 +12,7 @@ rail of the hard sigmoid (0 or 1) in the free state, and each weight tile's spec
 docs/conv.md has what it showed.
 
     python benchmarks/split_depth_saturation.py [--budget study|200/60] [--steps 130] [--every 10]
+                                                [--set KEY=VALUE ...]
 
 Ends by printing one JSON object per line (one per logged step). About a minute on one
 thread for 200 / 60.
@@ -51,10 +52,17 @@ def main() -> None:
     p.add_argument("--budget", type=budget, default=budget("200/60"), help="study, or free/nudged steps")
     p.add_argument("--steps", type=int, default=130, choices=range(1, 2001), metavar="1..2000")
     p.add_argument("--every", type=int, default=10, choices=range(1, 2001), metavar="1..2000")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override on top of the study's, e.g. model.gain=1.4 (repeatable)",
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    overrides = [*ffebm_conv.SPLIT_FC, "model.block_layers=6", "model.init_scale=1.0", *a.budget[1]]
+    overrides = [*ffebm_conv.SPLIT_FC, "model.block_layers=6", "model.init_scale=1.0", *a.budget[1], *a.set]
     cfg = load_config(ffebm_conv.EXAMPLE, overrides)
     ds = load_dataset("mnist5k")
     clf = Classifier(cfg, ds.x_train.shape[1], 10, open_device)
@@ -78,6 +86,7 @@ def main() -> None:
                 {
                     "bench": "split_depth_saturation",
                     "budget": a.budget[0],
+                    "overrides": a.set,
                     "step": step,
                     "loss": round(loss, 3),
                     "acc": round(acc, 3),
