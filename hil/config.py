@@ -39,6 +39,10 @@ class DataConfig:
     root: str = ""  # folder holding the files of the non-built-in data sets
     limit_train: int = 0  # use only the first N training images (0: all)
     limit_test: int = 0
+    # classifier: hold out this many training images (stratified, the same split in every run:
+    # hil.data.hold_out) and report their accuracy (val_acc) each epoch; a sweep tunes on it with
+    # sweep.objective = "val_acc" and never sees the test images (0: no validation split)
+    validation: int = 0
 
 
 @dataclass
@@ -349,6 +353,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.ep.free_steps < 1 or cfg.ep.nudge_steps < 1:
         raise ConfigError("ep.free_steps and ep.nudge_steps: must be >= 1")
     check_devices(cfg)
+    if cfg.data.validation < 0:
+        raise ConfigError(
+            f"data.validation: held-out training images, >= 0 (0: none), got {cfg.data.validation}"
+        )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size: must be >= 1")
     if cfg.ep.refresh_every < 0:

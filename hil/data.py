@@ -19,6 +19,11 @@
   anything else (a pickle can otherwise run arbitrary code).
 
 Images are float32 in [0, 1], shape (N, C, H, W) or flattened (N, C*H*W); labels int64.
+
+`hold_out` sets aside a stratified validation split of the training images (``data.validation``
+in a run config): a sweep that picks its settings by their validation accuracy
+(``sweep.objective = "val_acc"``) never looks at the test images, so the test accuracy of its
+choice is not a selected maximum.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class Dataset:
     y_test: torch.Tensor
     image_shape: tuple[int, int, int]  # (C, H, W)
     classes: int
+    # held out of the training images by `hold_out` (None: no validation split)
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(
@@ -74,8 +82,9 @@ class Dataset:
         return c * h * w
 
     def describe(self) -> str:
+        val = "" if self.y_val is None else f" / {len(self.y_val)} validation"
         return (
-            f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, "
+            f"{self.name}: {len(self.y_train)} train{val} / {len(self.y_test)} test, "
             f"images {'x'.join(map(str, self.image_shape))}, {self.classes} classes"
         )
 
@@ -372,6 +381,30 @@ def limited(ds: Dataset, limit_train: int | None, limit_test: int | None) -> Dat
     train, test = slice(limit_train or None), slice(limit_test or None)
     x, y = ds.x_train[train], ds.y_train[train]
     return dataclasses.replace(ds, x_train=x, y_train=y, x_test=ds.x_test[test], y_test=ds.y_test[test])
+
+
+def hold_out(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """`ds` with `n` of its training images set aside as a validation split (``x_val``,
+    ``y_val``), stratified by class as `stratified_split` draws them with `seed`; the rest
+    stay the training images, in their order. The split depends on `seed` only, not on a run's
+    training seed, so every run of a sweep validates on the same images. `n` = 0: `ds` as it
+    is. The one given is left as it is."""
+    if n == 0:
+        return ds
+    total = len(ds.y_train)
+    classes = int(torch.unique(ds.y_train).numel())
+    if not classes <= n <= total - classes:
+        raise DataError(
+            f"data.validation = {n}: a stratified split of {total} training images of {classes} "
+            f"classes holds out {classes} to {total - classes} of them (at least one per class on "
+            "each side); give a count in that range, or 0 for no validation split"
+        )
+    train, val = stratified_split(ds.y_train.numpy(), n, seed)
+    keep = torch.from_numpy(np.sort(train))
+    pick = torch.from_numpy(np.sort(val))
+    return dataclasses.replace(
+        ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep], x_val=ds.x_train[pick], y_val=ds.y_train[pick]
+    )
 
 
 # ----------------------------------------------------------------------------------- front door

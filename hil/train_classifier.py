@@ -37,7 +37,7 @@ from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, model_activation
-from hil.data import Dataset, limited, load_dataset
+from hil.data import Dataset, hold_out, limited, load_dataset
 from hil.ep import EBBlock, centre_biases, gaussian_init
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import make_scheme
@@ -57,6 +57,7 @@ class EpochStats:
     free_steps: float  # mean settle steps of the free phase
     nudge_steps: float  # mean settle steps of one nudged phase
     unconverged: float  # fraction of settles that hit their step budget above tol
+    val_acc: float | None = None  # on the held-out training images (data.validation), if any
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
     model: object = None
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)  # crossbar (rows, cols) per tile
+    val_acc: float | None = None  # the last epoch's, with a validation split (data.validation)
 
     @property
     def cells(self) -> int:
@@ -408,7 +410,7 @@ def train_classifier(
     # the config, and a limit that is not applied would make that record wrong
     if data is None:
         data = load_dataset(cfg.data.name, cfg.data.root or None)
-    ds = limited(data, cfg.data.limit_train, cfg.data.limit_test)
+    ds = hold_out(limited(data, cfg.data.limit_train, cfg.data.limit_test), cfg.data.validation)
     if ds.x_train.min() < 0 or ds.x_train.max() > 1:
         raise ValueError("input pixels must lie in [0, 1] (the clamp range of the board)")
     check_shift(cfg.train.shift, ds.image_shape)
@@ -503,22 +505,23 @@ def _train(
             if order.pos != 0:
                 continue
             model.epoch_end()
-            if dp is None:
-                test_acc = model.accuracy(ds.x_test, ds.y_test)
-            else:
-                test_acc = dp.accuracy(model.predict, ds.x_test, ds.y_test)
+            accuracy = model.accuracy if dp is None else functools.partial(dp.accuracy, model.predict)
+            test_acc = accuracy(ds.x_test, ds.y_test)
+            val_acc = None if ds.x_val is None else accuracy(ds.x_val, ds.y_val)
             n, k = max(1.0, totals["n"]), max(1.0, totals["n"] / bs)
             stats = EpochStats(
                 epoch + 1, totals["loss"] / n, totals["acc"] / n, test_acc, time.perf_counter() - t0,
                 totals["free"] / k, totals["nudge"] / k, totals["unconverged"] / max(1.0, totals["settles"]),
+                val_acc,
             )  # fmt: skip
             totals = dict.fromkeys(totals, 0.0)
             t0 = time.perf_counter()
             history.append(stats)
             bar.set_postfix(epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", test=f"{test_acc:.2%}")
             if log is not None:
+                held = {} if val_acc is None else {"val_acc": val_acc}
                 log.metrics(
-                    "test", step=step, epoch=epoch + 1, test_acc=test_acc, train_loss=stats.train_loss
+                    "test", step=step, epoch=epoch + 1, test_acc=test_acc, train_loss=stats.train_loss, **held
                 )
                 model.log_tiles(log, step)
                 log.snapshot(
@@ -532,5 +535,8 @@ def _train(
                 on_epoch(stats)
     finally:
         bar.close()
-    result = TrainResult(cfg, model.identities(), history[-1].test_acc, history, model, model.tile_shapes())
+    last = history[-1]
+    result = TrainResult(
+        cfg, model.identities(), last.test_acc, history, model, model.tile_shapes(), last.val_acc
+    )
     return result

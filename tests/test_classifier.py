@@ -51,6 +51,7 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("train=3", "train: is a section"),
         ("ep.beta", "not key=value"),
         ("ep.beta=-1", "ep.beta: must be > 0"),
+        ("data.validation=-5", "data.validation: held-out training images, >= 0"),
     ],
 )
 def test_config_errors_name_the_key(override: str, match: str) -> None:
@@ -218,3 +219,33 @@ def test_a_data_set_given_by_the_caller_is_limited_as_the_config_says() -> None:
     assert given.history[0].train_loss == loaded.history[0].train_loss
     everything = train_classifier(load_config(None, ["train.epochs=1", "model.sizes=[64,16,10]"]), data=ds)
     assert everything.history[0].train_loss != given.history[0].train_loss
+
+
+def test_validation_split_is_held_out_of_training_and_scored_each_epoch(tmp_path) -> None:
+    """``data.validation = N``: the run trains on the other training images (its first step's
+    loss differs from a run on all of them), scores the N held out each epoch (val_acc in the
+    history, the result, the run log and the epoch line) and tests on the test images as
+    before; a count the data cannot split is an error that names the key and the range."""
+    from hil.data import DataError
+
+    sets = ["train.epochs=2", "model.sizes=[64,16,10]", "data.limit_train=200", "data.limit_test=100"]
+    plain = train_classifier(load_config(None, sets))
+    held = train_classifier(load_config(None, [*sets, "data.validation=50"]))
+    assert plain.val_acc is None and all(h.val_acc is None for h in plain.history)
+    assert [h.val_acc is not None for h in held.history] == [True, True]
+    assert held.val_acc == held.history[-1].val_acc
+    assert (
+        0.0 <= held.val_acc <= 1.0 and abs(held.val_acc * 50 - round(held.val_acc * 50)) < 1e-4
+    )  # of 50 images
+    assert held.history[0].train_loss != plain.history[0].train_loss
+    res = CliRunner().invoke(
+        app, ["train", "classifier", "--no-progress", "--out", str(tmp_path / "run"),
+              *(f"--set={s}" for s in [*sets, "data.validation=50"])],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"val {held.history[0].val_acc:.2%}  test" in res.output
+    assert f"validation accuracy {held.val_acc:.2%} (50 held-out training images)" in res.output
+    run = open_run(tmp_path / "run")
+    assert list(run.table("metrics/test")["val_acc"]) == [h.val_acc for h in held.history]
+    with pytest.raises(DataError, match=r"data\.validation = 195: .* holds out 10 to 190"):
+        train_classifier(load_config(None, [*sets, "data.validation=195"]))

@@ -10,8 +10,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hil.data import DataError, SafeUnpickler, batches, load_dataset, read_idx, safe_load
+from hil.data import DataError, SafeUnpickler, batches, hold_out, load_dataset, read_idx, safe_load
 
 
 def test_digits_split_is_fixed_and_scaled() -> None:
@@ -132,6 +134,35 @@ def test_batches_cover_the_data_once() -> None:
     seen = torch.cat([b for _, b in batches(x, y, 3, generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(10))
     assert [len(b) for _, b in batches(x, y, 3, shuffle=False, drop_last=True)] == [3, 3, 3]
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(min_value=-3, max_value=1440))
+def test_hold_out_splits_the_training_images_by_class(n: int) -> None:
+    """Any count: either an error naming data.validation and the range it takes, or a split
+    whose two sides partition the training images (nothing lost, nothing twice, order kept),
+    every class on each side in proportion (within one image of it), the same split on every
+    call, the test images untouched."""
+    ds = load_dataset("digits")
+    if n == 0:
+        assert hold_out(ds, 0) is ds
+        return
+    if not 10 <= n <= len(ds.y_train) - 10:
+        with pytest.raises(DataError, match=rf"^data\.validation = {n}: .* holds out 10 to 1427 of them"):
+            hold_out(ds, n)
+        return
+    a, b = hold_out(ds, n), hold_out(ds, n)
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.y_train, b.y_train)
+    assert len(a.y_val) == n and len(a.y_train) == len(ds.y_train) - n
+    assert a.x_test is ds.x_test and len(ds.y_train) == 1437 and ds.x_val is None
+    rows = {tuple(r.tolist()): i for i, r in enumerate(ds.x_train)}
+    kept = [rows[tuple(r.tolist())] for r in a.x_train]
+    held = [rows[tuple(r.tolist())] for r in a.x_val]
+    assert kept == sorted(kept) and held == sorted(held)
+    assert sorted(kept + held) == list(range(len(ds.y_train)))
+    share = torch.bincount(ds.y_train, minlength=10).double() * n / len(ds.y_train)
+    assert torch.all((torch.bincount(a.y_val, minlength=10) - share).abs() <= 1.0)
+    assert f"{len(a.y_train)} train / {n} validation / 360 test" in a.describe()
 
 
 def test_digits_read_without_scikit_learn_match_its_own_loader_and_split(monkeypatch) -> None:

@@ -24,7 +24,7 @@ from hil.sweep.trial import TrialEvent
 SPEC = """
 [sweep]
 trainer = "classifier"
-objective = "test_acc"
+objective = "val_acc"
 n_trials = 4
 batch = 2
 seed = 3
@@ -37,6 +37,7 @@ train.epochs = 2
 train.batch_size = 32
 data.limit_train = 300
 data.limit_test = 200
+data.validation = 60
 ep.free_steps = 30
 ep.nudge_steps = 15
 
@@ -91,7 +92,7 @@ def test_in_process_sweep_keeps_and_links_every_run_log(local: dict[str, Any]) -
     assert best["value"] == max(t["value"] for t in trials)
     lines = local["output"].splitlines()
     assert sum(line.startswith("trial ") for line in lines) == 4
-    assert f"best trial {best['number']}: test_acc" in local["output"]
+    assert f"best trial {best['number']}: val_acc" in local["output"]
     assert lines[-1] == f"best run log {out / best['run_log']}"
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{out / 'optuna.db'}")
     for t, ft in zip(trials, study.trials, strict=True):
@@ -101,7 +102,7 @@ def test_in_process_sweep_keeps_and_links_every_run_log(local: dict[str, Any]) -
         assert run.config["train"]["lr"] == [t["params"]["train.lr"]]
         assert run.config["ep"]["beta"] == t["params"]["ep.beta"]
         assert run.config["ep"]["mode"] == t["params"]["ep.mode"]
-        assert ft.value == t["value"] == pytest.approx(run.table("metrics/test")["test_acc"][-1])
+        assert ft.value == t["value"] == pytest.approx(run.table("metrics/test")["val_acc"][-1])
     assert (out / "trials.csv").read_text().count("\n") == 5
 
 
@@ -409,3 +410,13 @@ def test_start_at_base_runs_the_base_values_first_and_refuses_a_base_outside_the
     data["sweep"]["start_at_base"] = "yes"
     with pytest.raises(SpecError, match=r"^sweep\.start_at_base: expected true or false"):
         parse_spec(data)
+
+
+def test_validation_objective_needs_a_validation_split() -> None:
+    """Scoring trials on held-out training images needs them held out: a spec whose base
+    config has none is refused when read, naming the key that fixes it."""
+    space = {"space": {"ep.beta": {"type": "float", "low": 0.1, "high": 0.5}}}
+    with pytest.raises(SpecError, match=r"^sweep\.objective: 'val_acc' .*data\.validation = N"):
+        parse_spec({"sweep": {"objective": "val_acc"}, **space})
+    spec = parse_spec({"sweep": {"objective": "val_acc"}, "base": {"data": {"validation": 50}}, **space})
+    assert spec.objective == "val_acc" and spec.direction == "maximize"

@@ -69,6 +69,14 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "model.hiden" in result.output
     result = CliRunner().invoke(app, ["train", "vae", "--out", str(tmp_path / "y"), "--model", "vae-9000"])
     assert result.exit_code == 2 and "model.variant" in result.output
+    # the classifier's validation split is not something this trainer has: refused, not ignored
+    result = CliRunner().invoke(
+        app, ["train", "vae", "--out", str(tmp_path / "z"), "--set", "data.validation=50"]
+    )
+    assert (
+        result.exit_code == 2
+        and "data.validation: the VAE trainer holds out no validation split" in result.output
+    )
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:

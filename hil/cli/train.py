@@ -240,7 +240,8 @@ def classifier(
         if not progress and (dp is None or dp.rank == 0):
             typer.echo(
                 f"epoch {st.epoch:>3}  loss {st.train_loss:.4f}  train {st.train_acc:.2%}  "
-                f"test {st.test_acc:.2%}  {st.seconds:.2f} s"
+                f"{'' if st.val_acc is None else f'val {st.val_acc:.2%}  '}test {st.test_acc:.2%}  "
+                f"{st.seconds:.2f} s"
             )
 
     try:
@@ -288,4 +289,6 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     devices = " ; ".join(res.devices)
     typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()}); {model_activation(cfg.model)} neuron")
     typer.echo(f"run log {log.path}")
+    if res.val_acc is not None:
+        typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")

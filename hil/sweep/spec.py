@@ -4,7 +4,7 @@
 
     [sweep]
     trainer = "classifier"      # classifier | vae
-    objective = "test_acc"      # a metric of the trainer's result
+    objective = "val_acc"       # a metric of the trainer's result (val_acc: needs data.validation)
     direction = "maximize"      # default: the metric's natural direction
     n_trials = 20
     batch = 4                   # trials asked together per round (see below)
@@ -17,6 +17,7 @@
 
     [base]                      # trainer config keys, on top of `config`
     train.epochs = 5
+    data.validation = 500       # training images held out to score trials on (not the test set)
 
     [space."train.lr"]          # one table per tuned key (dotted, as in --set)
     type = "float"              # float | int | categorical
@@ -241,6 +242,10 @@ def parse_spec(
         trainer.validate(cfg)
     except ConfigError as exc:
         raise SpecError(f"base.{exc}" if _names_a_key(str(exc)) else f"base: {exc}") from None
+    need = trainer.requires.get(objective)
+    fix = None if need is None else need(cfg)
+    if fix is not None:
+        raise SpecError(f"sweep.objective: {objective!r} is not measured with this base config: {fix}")
     space = tuple(_param(key, entry, cfg, trainer) for key, entry in _space_entries(_table(data, "space")))
     if not space:
         raise SpecError('space: empty; add at least one [space."<config key>"] table')

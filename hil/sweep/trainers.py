@@ -8,7 +8,7 @@ modules are imported only when a trial runs, so reading a sweep spec stays cheap
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -24,6 +24,8 @@ class Trainer:
     validate: Callable[[Any], None]  # range checks; raises hil.config.ConfigError naming the key
     metrics: dict[str, Direction]  # metric of the result -> its natural direction
     run: Callable[[Any, Path], dict[str, float]]  # config, run folder -> metrics
+    # metric -> what a config needs for the run to report it: None when it has it, else the fix
+    requires: Mapping[str, Callable[[Any], str | None]] = field(default_factory=dict)
 
 
 def _classifier_config() -> Any:
@@ -47,7 +49,16 @@ def _classifier_run(cfg: Any, run_dir: Path) -> dict[str, float]:
         res = train_classifier(cfg, log=log)
     res.model.close()  # type: ignore[attr-defined]  # a real board must be free for the next trial
     last = res.history[-1]
-    return {"test_acc": res.test_acc, "train_acc": last.train_acc, "train_loss": last.train_loss}
+    out = {"test_acc": res.test_acc, "train_acc": last.train_acc, "train_loss": last.train_loss}
+    if res.val_acc is not None:
+        out["val_acc"] = res.val_acc
+    return out
+
+
+def _needs_validation(cfg: Any) -> str | None:
+    if cfg.data.validation > 0:
+        return None
+    return "set data.validation = N in [base] (N training images held out, e.g. 500 of mnist5k's 4000)"
 
 
 def _vae_config() -> Any:
@@ -85,8 +96,14 @@ TRAINERS: Mapping[str, Trainer] = MappingProxyType(
             "classifier",
             _classifier_config,
             _classifier_validate,
-            {"test_acc": "maximize", "train_acc": "maximize", "train_loss": "minimize"},
+            {
+                "test_acc": "maximize",
+                "val_acc": "maximize",
+                "train_acc": "maximize",
+                "train_loss": "minimize",
+            },
             _classifier_run,
+            MappingProxyType({"val_acc": _needs_validation}),
         ),
         "vae": Trainer(
             "vae",

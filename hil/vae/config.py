@@ -122,6 +122,11 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(f"model.activation: {exc} (or auto: the variant's default)") from None
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size >= 1 and train.lr > 0 required")
+    if cfg.data.validation:
+        raise ConfigError(
+            "data.validation: the VAE trainer holds out no validation split (the classifier does); "
+            "leave it at 0"
+        )
     if cfg.likelihood.sigma <= 0:
         raise ConfigError(f"likelihood.sigma: must be > 0, got {cfg.likelihood.sigma}")
     if not 0 < cfg.likelihood.eps < 0.5:
