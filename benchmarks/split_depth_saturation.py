@@ -1,5 +1,6 @@
-"""Benchmark (issue 18): what happens inside the fully connected splitting study's 6-layer
-block while it trains, with the study's settles or longer ones.
+"""Benchmark (issue 18): what happens inside the splitting study's 6-layer block while it
+trains, with the study's settles or longer ones (``--model conv``: the conv study's 6-layer
+block, `benchmarks/ffebm_conv.py --split-model conv`, behind the example's digital front).
 
 Trains the split of 784-128x6-10 into a 6-layer block and the output block
 (`benchmarks/ffebm_conv.py --split-model fc`: centered EP at beta 0.2, Adam at 1e-3, init
@@ -12,7 +13,7 @@ rail of the hard sigmoid (0 or 1) in the free state, and each weight tile's spec
 docs/conv.md has what it showed.
 
     python benchmarks/split_depth_saturation.py [--budget study|200/60] [--steps 130] [--every 10]
-                                                [--set KEY=VALUE ...]
+                                                [--model fc|conv] [--set KEY=VALUE ...]
 
 Ends by printing one JSON object per line (one per logged step). About a minute on one
 thread for 200 / 60.
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--budget", type=budget, default=budget("200/60"), help="study, or free/nudged steps")
     p.add_argument("--steps", type=int, default=130, choices=range(1, 2001), metavar="1..2000")
     p.add_argument("--every", type=int, default=10, choices=range(1, 2001), metavar="1..2000")
+    p.add_argument("--model", choices=sorted(ffebm_conv.SPLIT), default="fc", help="which study's block")
     p.add_argument(
         "--set",
         action="append",
@@ -62,10 +64,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    overrides = [*ffebm_conv.SPLIT_FC, "model.block_layers=6", "model.init_scale=1.0", *a.budget[1], *a.set]
+    study = ffebm_conv.SPLIT[a.model]
+    overrides = [*study, "model.block_layers=6", "model.init_scale=1.0", *a.budget[1], *a.set]
     cfg = load_config(ffebm_conv.EXAMPLE, overrides)
     ds = load_dataset("mnist5k")
-    clf = Classifier(cfg, ds.x_train.shape[1], 10, open_device)
+    clf = Classifier(cfg, ds.features, ds.classes, open_device, image_shape=ds.image_shape)
     assert clf.ffebm is not None
     layer, blk = clf.ffebm.eb_layers[0], clf.blocks()[0]
     groups = list(blk.free_groups)
@@ -85,6 +88,7 @@ def main() -> None:
             lines.append(
                 {
                     "bench": "split_depth_saturation",
+                    "model": a.model,
                     "budget": a.budget[0],
                     "overrides": a.set,
                     "step": step,
@@ -93,8 +97,8 @@ def main() -> None:
                     "free_last_change": float(f"{res.free.residual:.2e}"),
                     "nudge_gap": [round(float((second[g] - first[g]).abs().mean()), 4) for g in groups],
                     "at_rail": [round(float(((s <= 0) | (s >= 1)).float().mean()), 3) for s in free.values()],
-                    "spectral_norm": [
-                        round(float(torch.linalg.matrix_norm(w.detach()[:-1], 2)), 3)
+                    "spectral_norm": [  # a conv tile's (C_in k^2, C_out) matrix
+                        round(float(torch.linalg.matrix_norm(w.detach()[:-1].reshape(-1, w.shape[-1]), 2)), 3)
                         for w in blk.weights.values()
                     ],
                 }
