@@ -518,9 +518,7 @@ def _train(
             t0 = time.perf_counter()
             history.append(stats)
             shown = {} if val_acc is None else {"val": f"{val_acc:.2%}"}
-            bar.set_postfix(
-                epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", **shown, test=f"{test_acc:.2%}"
-            )
+            bar.set_postfix(epoch=epoch + 1, loss=f"{stats.train_loss:.3f}", **shown, test=f"{test_acc:.2%}")
             if log is not None:
                 held = {} if val_acc is None else {"val_acc": val_acc}
                 log.metrics(
