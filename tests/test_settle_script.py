@@ -15,6 +15,7 @@ import torch
 
 import emulator.settle_script as settle_script
 from drivers import SettleBudget, Topology, open_device
+from tests.test_emulator import program_weights
 
 ACTIVATIONS = [("hard_sigmoid", 1.0), ("hard_sigmoid", 1.5), ("logistic", 1.0), ("soft_sigmoid:0.1", 1.2)]
 BUDGETS = [
@@ -37,12 +38,8 @@ def _settle(topo: Topology, scripted: bool, nudge: bool, calls: list[int]):
         dev.configure(topo)
         dev.board.engine.scripted = scripted  # type: ignore[attr-defined]
         rng = np.random.default_rng(3)
-        lim = dev.info.limits
         for c in topo.couplings:
-            w = rng.uniform(-0.3, 0.3, topo.tile_shape(c.tile))
-            gp = lim.g_min + np.maximum(w, 0) * (lim.g_max - lim.g_min)
-            gm = lim.g_min + np.maximum(-w, 0) * (lim.g_max - lim.g_min)
-            dev.program(c.tile, gp.astype(np.float32), gm.astype(np.float32))
+            program_weights(dev, c.tile, rng.uniform(-0.3, 0.3, topo.tile_shape(c.tile)))
         first = next(iter(topo.groups))
         last = list(topo.groups)[-1]
         x = torch.from_numpy(rng.uniform(0, 1, (6, topo.groups[first])).astype(np.float32))

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from drivers import SettleBudget, Topology, open_device
+from tests.test_emulator import program_weights
 
 HOOKS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__")
 
@@ -80,12 +81,8 @@ def _board(preset: str, mode: str):
     # only; CUDA settles keep the Python loop); tests/test_settle_script.py holds them equal
     dev.board.engine.scripted = False
     rng = np.random.default_rng(0)
-    lim = dev.info.limits
     for c in topo.couplings:
-        w = rng.uniform(-0.5, 0.5, topo.tile_shape(c.tile))
-        gp = lim.g_min + np.maximum(w, 0) * (lim.g_max - lim.g_min)
-        gm = lim.g_min + np.maximum(-w, 0) * (lim.g_max - lim.g_min)
-        dev.program(c.tile, gp.astype(np.float32), gm.astype(np.float32))
+        program_weights(dev, c.tile, rng.uniform(-0.5, 0.5, topo.tile_shape(c.tile)))
     return dev
 
 
@@ -156,10 +153,7 @@ def test_joined_step_products_give_the_same_settles(monkeypatch, sizes: tuple[in
         monkeypatch.setattr(engine, "_joined_products", patch)
         with open_device("emulator://?preset=ideal&seed=0") as dev:
             dev.configure(topo)
-            lim = dev.info.limits
-            span = lim.g_max - lim.g_min
-            gp, gm = lim.g_min + np.maximum(w, 0) * span, lim.g_min + np.maximum(-w, 0) * span
-            dev.program("W", gp.astype(np.float32), gm.astype(np.float32))
+            program_weights(dev, "W", w)
             results.append([dev.settle({"x": x}), dev.settle({"mu": x[:, : sizes[2]]})])
     assert len(used) == 2  # consulted once per workspace (MKL on AVX-512 joins both of the first case)
     for p, q in zip(*results, strict=True):
