@@ -17,7 +17,8 @@ None and the engine runs its Python loop; `SettleEngine.scripted = False` choose
 loop too. Noisy settles (the pool's windows are drawn on the host), elastic nudges, traces
 and CUDA (captured graphs: `SettleEngine._graph_steps`) keep the Python loop.
 
-Noisy settles were run in this loop once (2026-12-05), bit for bit the Python loop's: the
+Noisy settles were run in this loop once (2026-12-05; Intel Xeon, 2 vCPUs, one torch thread,
+a sweep on the other core, load average 1.1 to 1.5), bit for bit the Python loop's: the
 pool's window offsets computed ahead from its generator's 32-bit words, the generator then
 advanced by the words the steps used. Per step it was faster on long settles (24.6 against
 29.2 us at 200 fixed steps of the main job's network on `rram`), but it cost about 100 us per
