@@ -619,7 +619,6 @@ class SettleEngine:
         # or record the trace; the steps between them run the flat list alone
         last = budget.max_steps
         every = budget.check_every if budget.tol > 0 or noisy else last
-        marks = sorted({*range(every, last, every), *(range(trace, last, trace) if trace else ()), last})
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
 
@@ -631,13 +630,16 @@ class SettleEngine:
         if trace:
             record(0)
         residual, step, floor = float("inf"), 0, 0.0
+        done = None
         if self.scripted and not (noisy or elastic or trace or state.is_cuda):
             done = settle_script.run(
-                ws.steps, marks, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt
+                ws.steps, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt
             )
-            if done is not None:
-                step, residual = done
-                marks = []  # the compiled loop ran them
+        if done is not None:
+            step, residual = done
+            marks: list[int] = []  # the compiled loop ran them
+        else:
+            marks = sorted({*range(every, last, every), *(range(trace, last, trace) if trace else ()), last})
         for mark in marks:
             if not (graphed and mark - step - 1 > 1 and self._graph_steps(ws, graph_ops, mark - step - 1)):
                 for _ in range(mark - step - 1):

@@ -128,6 +128,9 @@ class DHN(nn.Module):
                 w = torch.randn(shape, generator=generator, dtype=dtype) / math.sqrt(shape[0])
             self.weights[c.tile] = nn.Parameter(w)
         self._masks: dict[str, Tensor] = {}
+        # per dense tile: (its weights tensor, their version, the effective matrix), reused
+        # while the tensor is not written (`_dense_matrix`)
+        self._dense: dict[str, tuple[Tensor, int, Tensor]] = {}
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -158,8 +161,14 @@ class DHN(nn.Module):
 
     def _dense_matrix(self, c: Coupling) -> Tensor:
         """The effective N x N (+ bias row) matrix of a dense tile: diagonal removed,
-        symmetrised when `symmetric`."""
+        symmetrised when `symmetric`. Without autograd it is kept until the weights are
+        written (a new version): EP reads it for dPhi/dx of both nudged phases of each block
+        at the same weights (4 times per step of the VAE), 5 torch calls each time."""
         w = self.weights[c.tile]
+        tracked = w.requires_grad and torch.is_grad_enabled()
+        held = self._dense.get(c.tile)
+        if not tracked and held is not None and held[0] is w and held[1] == w._version:
+            return held[2]
         n = w.shape[1]
         key = f"{c.tile}:{n}:{w.dtype}:{w.device}"
         if key not in self._masks:
@@ -167,7 +176,10 @@ class DHN(nn.Module):
         mask = self._masks[key]
         core = w[:n]
         core = 0.5 * (core + core.T) * mask if self.symmetric else core * mask
-        return torch.cat([core, w[n:]], dim=0) if w.shape[0] > n else core
+        out = torch.cat([core, w[n:]], dim=0) if w.shape[0] > n else core
+        if not tracked:
+            self._dense[c.tile] = (w, w._version, out)
+        return out
 
     def effective_weights(self) -> dict[str, Tensor]:
         """The matrices the drive uses (dense tiles symmetrised / diagonal removed)."""

@@ -99,6 +99,33 @@ def test_dense_symmetrisation_and_energy() -> None:
     assert bool((net.energy(en.states, {inp}, nud) < e0).all())
 
 
+def test_the_kept_dense_matrix_follows_every_write_and_keeps_autograd() -> None:
+    """`_dense_matrix` is kept between calls without autograd: a write into the weights (in
+    place, as programming read-backs and optimisers do) must show in the next drive, and a
+    drive under autograd must still differentiate (twice: nothing of one graph is reused)."""
+    net, _, _ = _net("dense")
+    x = torch.rand(3, 6, dtype=torch.float64)
+    states = {"x": x, "h": torch.rand(3, 9, dtype=torch.float64), "y": torch.rand(3, 4, dtype=torch.float64)}
+
+    def fresh() -> dict[str, torch.Tensor]:
+        other = DHN(net.topology, {t: w.detach() for t, w in net.weights.items()})
+        with torch.no_grad():
+            return other.drive(states)
+
+    with torch.no_grad():
+        before = net.drive(states)
+        assert net.drive(states)["h"] is not None  # a second call, from what was kept
+        net.weights["W"][2, 8] += 0.25  # x_2 with h_2
+        after = net.drive(states)
+    assert not torch.equal(before["h"], after["h"])
+    for g, want in fresh().items():
+        torch.testing.assert_close(after[g], want, rtol=0, atol=0)
+    for _ in range(2):
+        net.zero_grad()
+        net.drive(states)["h"].sum().backward()
+        assert net.weights["W"].grad is not None and net.weights["W"].grad.abs().sum() > 0
+
+
 def test_nudged_fixed_point_includes_the_nudge() -> None:
     net, inp, out = _net("layered")
     x, y = _data()

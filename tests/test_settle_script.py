@@ -21,6 +21,10 @@ ACTIVATIONS = [("hard_sigmoid", 1.0), ("hard_sigmoid", 1.5), ("logistic", 1.0), 
 BUDGETS = [
     SettleBudget(max_steps=40, tol=0.0, dt=0.5),
     SettleBudget(max_steps=300, tol=1e-4, dt=0.5, check_every=5),
+    # the last mark off the checks' grid (5, 10, ..., 35, then 37), and checks sparser than the
+    # budget (one, at step 7): the compiled loop counts its marks itself
+    SettleBudget(max_steps=37, tol=1e-9, dt=0.5, check_every=5),
+    SettleBudget(max_steps=7, tol=1e-9, dt=0.5, check_every=10),
 ]
 
 
@@ -53,7 +57,7 @@ def _settle(topo: Topology, scripted: bool, nudge: bool, calls: list[int]):
 
 @pytest.mark.parametrize("kind", ["layered", "dense"])
 @pytest.mark.parametrize(("activation", "gain"), ACTIVATIONS)
-@pytest.mark.parametrize("budget", BUDGETS, ids=["fixed-steps", "checked"])
+@pytest.mark.parametrize("budget", BUDGETS, ids=["fixed-steps", "checked", "off-grid", "sparse"])
 @pytest.mark.parametrize("nudge", [False, True])
 def test_compiled_loop_gives_the_python_loops_settles(
     monkeypatch, kind: str, activation: str, gain: float, budget: SettleBudget, nudge: bool
@@ -77,8 +81,10 @@ def test_compiled_loop_gives_the_python_loops_settles(
         assert a.states.keys() == b.states.keys()
         for g in a.states:
             assert torch.equal(torch.as_tensor(a.states[g]), torch.as_tensor(b.states[g])), g
-    if budget.tol > 0:
+    if budget.tol >= 1e-4:
         assert compiled[0].steps < budget.max_steps  # the checks stopped it: they were made
+    elif budget.tol > 0:  # too tight to stop: the whole budget ran, checked at its last step
+        assert compiled[0].steps == budget.max_steps and 0 < compiled[0].residual < float("inf")
 
 
 def test_without_the_compiled_loop_the_engine_runs_its_own(monkeypatch) -> None:
@@ -87,7 +93,7 @@ def test_without_the_compiled_loop_the_engine_runs_its_own(monkeypatch) -> None:
     want, _ = _settle(topo, False, True, [])
     monkeypatch.setattr(settle_script, "loop", lambda: None)
     zero = torch.zeros(1)
-    assert settle_script.run([], [1], 1, 1, 0.0, ("hard_sigmoid", 1.0, 0.0), zero, zero, 0.5) is None
+    assert settle_script.run([], 1, 1, 0.0, ("hard_sigmoid", 1.0, 0.0), zero, zero, 0.5) is None
     got, _ = _settle(topo, True, True, [])
     for a, b in zip(got, want, strict=True):
         assert a.steps == b.steps
