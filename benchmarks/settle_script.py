@@ -1,14 +1,17 @@
 """The compiled settle loop (`emulator.settle_script`) against the engine's Python loop, on
-the settles of the README's main job, in one process.
+the settles of the README's main job, in one process; the compiled loop both in
+`torch.inference_mode` (the engine's default) and with autograd's dispatch.
 
 The TDH-VAE of `hil train vae --model tdh-vae` settles a dense network of 64 pixels, 64
 hidden units and two latent groups of 4 on batches of 32: encoding clamps the pixels (72
 free nodes), decoding clamps the latent mean (132 free nodes), each to a tolerance checked
 every 5 steps. The same topology here, with fixed random weights on the ideal board, settles
-one batch repeatedly with `SettleEngine.scripted` on and off, alternating per repeat; each
-settle starts from zero states, so each takes the same steps. The figures are medians of
-microseconds per settle step, and of the per-repeat ratios of the Python loop's time to
-the compiled loop's. The states of the two loops are compared too (they must be equal).
+one batch repeatedly with `SettleEngine.scripted` on and off (and, on, with
+`SettleEngine.inference` on and off), alternating per repeat; each settle starts from zero
+states, so each takes the same steps. The figures are medians of microseconds per settle
+step, and of the per-repeat ratios of the Python loop's time to the compiled loop's (and of
+the compiled loop without inference mode to with it). The states of the three loops are
+compared too (they must be equal).
 
     python benchmarks/settle_script.py [--repeats 21] [--threads 1] [--main-job]
 
@@ -39,12 +42,13 @@ GROUPS = {"x": 64, "h": 64, "mu": 4, "lv": 4}
 BUDGET = SettleBudget(max_steps=400, tol=1e-4, dt=0.5, check_every=5)
 
 
-def board(scripted: bool):
+def board(scripted: bool, inference: bool = True):
     """The main job's network on an ideal board, fixed weights, with the chosen loop."""
     topo = Topology.dense(GROUPS, budget=BUDGET)
     dev = open_device("emulator://?preset=ideal&seed=0")
     dev.configure(topo)
     dev.board.engine.scripted = scripted  # type: ignore[attr-defined]
+    dev.board.engine.inference = inference  # type: ignore[attr-defined]
     rng = np.random.default_rng(0)
     w = rng.normal(0.0, 0.08, topo.tile_shape("W"))
     lim = dev.info.limits
@@ -68,20 +72,21 @@ def settles(repeats: int) -> list[dict]:
     }
     lines = []
     for name, clamp in cases.items():
-        devs = {True: board(True), False: board(False)}
+        devs = {"python": board(False), "compiled": board(True), "dispatch": board(True, inference=False)}
         try:
             for d in devs.values():  # warm: plans, workspaces, the compiled loop
                 timed(d, clamp)
-            times: dict[bool, list[float]] = {True: [], False: []}
-            ratios, steps, equal = [], 0, True
+            times: dict[str, list[float]] = {k: [] for k in devs}
+            ratios, dispatch_ratios, steps, equal = [], [], 0, True
             for _ in range(repeats):
-                t_py, n_py, s_py = timed(devs[False], clamp)
-                t_js, n_js, s_js = timed(devs[True], clamp)
-                times[False].append(t_py / n_py)
-                times[True].append(t_js / n_js)
-                ratios.append(t_py / t_js)
-                steps = n_js
-                equal = equal and n_py == n_js and all(torch.equal(s_py[g], s_js[g]) for g in s_py)
+                took = {k: timed(d, clamp) for k, d in devs.items()}
+                for k, (t, n, _s) in took.items():
+                    times[k].append(t / n)
+                ratios.append(took["python"][0] / took["compiled"][0])
+                dispatch_ratios.append(took["dispatch"][0] / took["compiled"][0])
+                _t, steps, s_js = took["compiled"]
+                for _t2, n, s in took.values():
+                    equal = equal and n == steps and all(torch.equal(s[g], s_js[g]) for g in s)
         finally:
             for d in devs.values():
                 d.close()
@@ -92,9 +97,13 @@ def settles(repeats: int) -> list[dict]:
                 "free_nodes": sum(v for g, v in GROUPS.items() if g not in clamp),
                 "batch": 32,
                 "steps": steps,
-                "python_us_per_step": round(statistics.median(times[False]) * 1e6, 2),
-                "compiled_us_per_step": round(statistics.median(times[True]) * 1e6, 2),
+                "python_us_per_step": round(statistics.median(times["python"]) * 1e6, 2),
+                "compiled_us_per_step": round(statistics.median(times["compiled"]) * 1e6, 2),
+                "compiled_without_inference_mode_us_per_step": round(
+                    statistics.median(times["dispatch"]) * 1e6, 2
+                ),
                 "python_over_compiled": round(statistics.median(ratios), 3),
+                "without_over_with_inference_mode": round(statistics.median(dispatch_ratios), 3),
                 "same_states": equal,
             }
         )

@@ -241,6 +241,9 @@ class SettleEngine:
         # on the CPU, run a noise-free settle's whole loop as one TorchScript call
         # (`emulator.settle_script`); False: the same calls one at a time from Python
         self.scripted = True
+        # run that loop in torch.inference_mode (the same numbers, less dispatch per call);
+        # False: with autograd's dispatch, as the Python loop
+        self.inference = True
         self._clamp_cache: ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
         self._noise_pool: NoisePool | None = None
@@ -633,7 +636,7 @@ class SettleEngine:
         done = None
         if self.scripted and not (noisy or elastic or trace or state.is_cuda):
             done = settle_script.run(
-                ws.steps, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt
+                ws.steps, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt, self.inference
             )
         if done is not None:
             step, residual = done

@@ -99,3 +99,36 @@ def test_without_the_compiled_loop_the_engine_runs_its_own(monkeypatch) -> None:
         assert a.steps == b.steps
         for g in a.states:
             assert torch.equal(torch.as_tensor(a.states[g]), torch.as_tensor(b.states[g]))
+
+
+@pytest.mark.parametrize("kind", ["layered", "dense"])
+def test_inference_mode_changes_no_number_and_leaks_no_inference_tensor(kind: str) -> None:
+    """The compiled loop runs in `torch.inference_mode` (`SettleEngine.inference`): the same
+    states, steps and residuals as with autograd's dispatch, and what a caller gets back (the
+    states, which the host may use under autograd) and what the next settle reuses (the
+    workspace's buffers) are ordinary tensors."""
+    topo = _topology(kind, "hard_sigmoid", 1.0, BUDGETS[1])
+    dev = open_device("emulator://?preset=ideal&seed=0")
+    try:
+        dev.configure(topo)
+        rng = np.random.default_rng(4)
+        for c in topo.couplings:
+            program_weights(dev, c.tile, rng.uniform(-0.3, 0.3, topo.tile_shape(c.tile)))
+        first = next(iter(topo.groups))
+        x = torch.from_numpy(rng.uniform(0, 1, (6, topo.groups[first])).astype(np.float32))
+        engine = dev.board.engine  # type: ignore[attr-defined]
+        results = {}
+        for inference in (False, True):
+            engine.inference = inference
+            results[inference] = dev.board.settle({first: x}, None)  # type: ignore[attr-defined]
+        off, on = results[False], results[True]
+        assert (on.steps, on.residual) == (off.steps, off.residual) and on.steps < BUDGETS[1].max_steps
+        for g, s in on.states.items():
+            assert torch.equal(s, off.states[g]) and not s.is_inference()
+            w = torch.ones_like(s, requires_grad=True)
+            (w * s).sum().backward()  # usable under autograd
+        for plan_key, (_, plan) in engine.planner.plans.items():
+            for ws in plan.workspaces.values():
+                assert not any(t.is_inference() for t in (ws.state, ws.new, ws.drive)), plan_key
+    finally:
+        dev.close()
