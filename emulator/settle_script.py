@@ -149,10 +149,10 @@ def run(
 
     With `inference` the loop runs in `torch.inference_mode`: its calls then skip autograd's
     dispatch keys: 0.2 to 0.6 us of a 10 to 16 us step on the main job's settles
-    (benchmarks/settle_script.py, 2026-12-05, Intel Xeon, one torch thread, load 0.7). The same kernels run, so the numbers are the same. The
-    loop only writes into the workspace's buffers, which were made outside inference mode,
-    and returns plain numbers, so no inference tensor escapes to a caller that might use it
-    under autograd."""
+    (benchmarks/settle_script.py, 2026-12-05, Intel Xeon, one torch thread, load 0.7). The
+    same kernels run, so the numbers are the same. The loop only writes into the
+    workspace's buffers, which were made outside inference mode, and returns plain numbers,
+    so no inference tensor escapes to a caller that might use it under autograd."""
     compiled = loop()
     if compiled is None:
         return None

@@ -128,9 +128,9 @@ class DHN(nn.Module):
                 w = torch.randn(shape, generator=generator, dtype=dtype) / math.sqrt(shape[0])
             self.weights[c.tile] = nn.Parameter(w)
         self._masks: dict[str, Tensor] = {}
-        # per dense tile: (its weights tensor, their version, the effective matrix), reused
-        # while the tensor is not written (`_dense_matrix`)
-        self._dense: dict[str, tuple[Tensor, int, Tensor]] = {}
+        # per dense tile: (its weights tensor, their version and storage, the effective
+        # matrix), reused while the tensor is neither written nor moved (`_dense_matrix`)
+        self._dense: dict[str, tuple[Tensor, int, int, Tensor]] = {}
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -167,8 +167,14 @@ class DHN(nn.Module):
         w = self.weights[c.tile]
         tracked = w.requires_grad and torch.is_grad_enabled()
         held = self._dense.get(c.tile)
-        if not tracked and held is not None and held[0] is w and held[1] == w._version:
-            return held[2]
+        if (
+            not tracked
+            and held is not None
+            and held[0] is w
+            and held[1] == w._version
+            and held[2] == w.data_ptr()
+        ):
+            return held[3]
         n = w.shape[1]
         key = f"{c.tile}:{n}:{w.dtype}:{w.device}"
         if key not in self._masks:
@@ -178,7 +184,7 @@ class DHN(nn.Module):
         core = 0.5 * (core + core.T) * mask if self.symmetric else core * mask
         out = torch.cat([core, w[n:]], dim=0) if w.shape[0] > n else core
         if not tracked:
-            self._dense[c.tile] = (w, w._version, out)
+            self._dense[c.tile] = (w, w._version, w.data_ptr(), out)
         return out
 
     def effective_weights(self) -> dict[str, Tensor]:

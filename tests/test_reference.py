@@ -124,6 +124,11 @@ def test_the_kept_dense_matrix_follows_every_write_and_keeps_autograd() -> None:
         net.zero_grad()
         net.drive(states)["h"].sum().backward()
         assert net.weights["W"].grad is not None and net.weights["W"].grad.abs().sum() > 0
+    # moved to another dtype (Module.to swaps the parameters' data: a new storage, not a write)
+    net.to(torch.float32)
+    with torch.no_grad():
+        moved = net.drive({g: v.float() for g, v in states.items()})
+    assert all(v.dtype == torch.float32 for v in moved.values())
 
 
 def test_nudged_fixed_point_includes_the_nudge() -> None:
