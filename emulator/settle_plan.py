@@ -292,20 +292,10 @@ class SettlePlanner:
         may be integrated: see `step_dt`. The map is assembled as one matrix, so each
         iteration is one matrix-vector product; the iteration starts from the previous
         plan's vector and stops once the estimate has settled."""
-        assert self.board.topology is not None
         if not plan.dyn_terms:
             return 0.0
-        sizes = self.board.topology.groups
-        offset, n = {}, 0
-        for g in plan.free:
-            offset[g] = n
-            n += sizes[g]
-        op = torch.zeros(n, n, device=self.board.device)  # row-vector convention: drive = v @ op
-        for term in plan.dyn_terms:
-            r0 = offset[term.src]
-            for dst, a, b, _k in term.dsts:
-                c0 = offset[dst]
-                op[r0 : r0 + sizes[term.src], c0 : c0 + b - a] += term.matrix[a:b].T
+        op = self.coupling_operator(plan)
+        n = op.shape[0]
         key = frozenset(plan.free)
         v = self._power_vectors.get(key)
         if v is None or v.shape[1] != n:
@@ -322,6 +312,28 @@ class SettlePlanner:
                 break
         self._power_vectors[key] = v
         return 1.1 * norm
+
+    def coupling_operator(self, plan: Plan) -> torch.Tensor:
+        """The map the free groups apply to each other as one (n, n) matrix over the free
+        nodes in the plan's order, in the row-vector convention (their drive on each other is
+        ``s_free @ op``): source rows, destination columns."""
+        assert self.board.topology is not None
+        sizes = self.board.topology.groups
+        offset, n = {}, 0
+        for g in plan.free:
+            offset[g] = n
+            n += sizes[g]
+        op = torch.zeros(n, n, device=self.board.device)
+        every_row = [(g, offset[g], offset[g] + sizes[g]) for g in plan.free]
+        for term in plan.dyn_terms:
+            r0 = offset[term.src]
+            if [(dst, a, b) for dst, a, b, _k in term.dsts] == every_row:  # a dense tile's source
+                op[r0 : r0 + sizes[term.src]] += term.matrix.T  # all its row blocks in one call
+                continue
+            for dst, a, b, _k in term.dsts:
+                c0 = offset[dst]
+                op[r0 : r0 + sizes[term.src], c0 : c0 + b - a] += term.matrix[a:b].T
+        return op
 
     def line_conductance(self) -> dict[str, torch.Tensor]:
         """Per node group, the total conductance its lines see over all tiles (for power)."""

@@ -485,6 +485,37 @@ def test_program_refuses_non_finite_targets(bad: float) -> None:
             dev.program("W0", gp, np.full((5, 3), lim.g_min, np.float32))
 
 
+@pytest.mark.parametrize("kind", ["dense", "layered"])
+def test_the_coupling_operator_is_the_free_to_free_weights(kind: str) -> None:
+    """The matrix the step bound power-iterates holds, row by source and column by
+    destination, exactly the weights the free groups drive each other through: a dense tile's
+    free block with its diagonal cut (asymmetric weights, so a transposed block would show),
+    or a layered network's tiles and their transposes."""
+    rng = np.random.default_rng(5)
+    with open_device(IDEAL) as dev:
+        if kind == "dense":
+            groups = {"x": 5, "h": 7, "mu": 3, "lv": 2}
+            topo = Topology.dense(groups)
+            dev.configure(topo)
+            w = rng.uniform(-0.5, 0.5, topo.tile_shape("W")).astype(np.float32)
+            program_weights(dev, "W", w)
+            board_w = dev.board.tile("W").weights(dev.board.clock).numpy()  # type: ignore[attr-defined]
+            want = board_w[5:17, 5:17] * (1 - np.eye(12, dtype=np.float32))
+        else:
+            topo = Topology.layered([5, 6, 4, 3])
+            dev.configure(topo)
+            for c in topo.couplings:
+                program_weights(dev, c.tile, rng.uniform(-0.5, 0.5, topo.tile_shape(c.tile)))
+            w1, w2 = (dev.board.tile(t).weights(dev.board.clock).numpy() for t in ("W1", "W2"))  # type: ignore[attr-defined]
+            want = np.zeros((13, 13), np.float32)
+            want[0:6, 6:10], want[6:10, 0:6] = w1[:6], w1[:6].T  # s1 -> s2 and back
+            want[6:10, 10:13], want[10:13, 6:10] = w2[:4], w2[:4].T
+        planner = dev.board.engine.planner  # type: ignore[attr-defined]
+        clamp = next(iter(topo.groups))
+        op = planner.coupling_operator(planner.plan(frozenset({clamp})))
+        np.testing.assert_array_equal(op.numpy(), want)
+
+
 def test_coupling_norm_bound_tracks_weight_changes() -> None:
     """The step bound carries over from plan to plan as ``last + |change|_F``: it must stay
     above the true coupling norm (so no step overshoots), and a large change must trigger a
