@@ -97,8 +97,11 @@ def as_batch(
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
     if limits is not None:
         check_batch(name, arr.shape[0], limits)
-    with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+    elif not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
         if not (math.isfinite(lo) and math.isfinite(hi)):
