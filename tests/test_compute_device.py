@@ -4,8 +4,8 @@ On a machine without CUDA these tests cover the code paths on the CPU: the key i
 checked with errors that name the fix, an in-process board's URI gets the device, an explicit
 ``compute=cpu`` (tensors through `Device.settle_tensors`) gives the numbers of the numpy path,
 `EBFunction` answers on its input's device and dtype, and a classifier step converts nothing to
-numpy between its settles and its gradients. The last test compares CPU and CUDA training and
-runs only where torch sees a CUDA device."""
+numpy between its settles and its gradients; the same for the Hopfield VAE. The tests that
+compare CPU and CUDA training run only where torch sees a CUDA device."""
 
 from __future__ import annotations
 
@@ -268,6 +268,98 @@ def test_the_counter_sees_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> Non
     uri = "device=emulator://?preset=ideal&seed=0&capabilities=mvm,pulse,program_verify,preset_state"
     calls, _ = _step_conversions(monkeypatch, [uri])
     assert any("hil/ep.py" in c for c in calls) and any("hil/host_settle.py" in c for c in calls), calls
+
+
+# ------------------------------------------------------------------------------------- VAE
+def _vae(variant: str, compute: str | None):
+    from drivers import SettleBudget
+    from hil.vae.hopfield import HopfieldVAE
+    from hil.vae.latent import LatentCode
+
+    n = 1 if variant in ("tdh-vae", "shared-layered") else 2
+    uri = board_uri("emulator://?preset=ideal&seed=0", None if compute is None else resolve_compute(compute))
+    devices = tuple(open_device(uri) for _ in range(n))
+    vae = HopfieldVAE(
+        variant,  # type: ignore[arg-type]
+        devices,
+        pixels=64,
+        hidden=12,
+        code=LatentCode(dim=2),
+        budget=SettleBudget(max_steps=200, tol=1e-3, dt=0.5),
+        init_scale=0.5,
+        compute=compute,
+    )
+    return vae, devices
+
+
+def _vae_steps(variant: str, compute: str | None, steps: int = 3) -> tuple[list[torch.Tensor], list[float]]:
+    """A few EP steps of a small Hopfield VAE (Adam on its tiles) on fixed data: the weights
+    after them and the losses, both on the CPU."""
+    from hil.vae.latent import make_likelihood
+
+    vae, devices = _vae(variant, compute)
+    params = vae.parameters()
+    opt = torch.optim.Adam(params, lr=3e-3)
+    lik = make_likelihood("gaussian", 0.3, 0.01)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x, eps = torch.rand(16, 64, generator=g), torch.randn(16, 2, generator=g)
+        opt.zero_grad()
+        r = vae.step(x, eps, lik)
+        vae.apply(r.grads)
+        opt.step()
+        losses.append(r.loss)
+    if compute is not None:
+        assert all(p.device == resolve_compute(compute) for p in params)
+        assert all(b.tensor_settle for b in vae.blocks().values())  # tensors in and out of the board
+    out = [p.detach().cpu().clone() for p in params]
+    for d in devices:
+        d.close()
+    return out, losses
+
+
+@pytest.mark.parametrize("variant", ["tdh-vae", "h-vae"])
+def test_a_vae_on_explicit_cpu_trains_like_the_numpy_path(variant: str) -> None:
+    """The VAE's blocks take `compute` (`VAERunConfig.compute`): with "cpu" their settles go
+    through `Device.settle_tensors` and the step's arithmetic stays in tensors; the weights
+    and losses are those of the numpy path bit for bit (the README's main job ends with the
+    same weights either way)."""
+    (wa, la), (wb, lb) = _vae_steps(variant, None), _vae_steps(variant, "cpu")
+    assert la == lb
+    for u, v in zip(wa, wb, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_a_vae_step_converts_nothing_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a compute device, a VAE step (both settles, the four nudged phases, the gradients
+    and the programming of the update) makes no numpy round trip in the host stack."""
+    from hil.vae.latent import make_likelihood
+
+    vae, devices = _vae("tdh-vae", "cpu")
+    lik = make_likelihood("gaussian", 0.3, 0.01)
+    x, eps = torch.rand(8, 64), torch.randn(8, 2)
+    vae.step(x, eps, lik)  # warm: plans, workspaces
+    counter = _Counter(monkeypatch)
+    try:
+        r = vae.step(x, eps, lik)
+        vae.apply(r.grads)
+        vae.sync()
+    finally:
+        monkeypatch.undo()
+        for d in devices:
+            d.close()
+    assert counter.calls == [], f"numpy conversions on the VAE's step path: {counter.calls}"
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_a_vae_trains_on_cuda_as_on_the_cpu() -> None:
+    """Same seed, a few TDH-VAE steps with the host stack and the board on cuda and on cpu:
+    losses and weights agree to float tolerance."""
+    (wc, lc), (wg, lg) = _vae_steps("tdh-vae", "cpu", 4), _vae_steps("tdh-vae", "cuda", 4)
+    np.testing.assert_allclose(lg, lc, rtol=1e-4, atol=1e-5)
+    for u, v in zip(wg, wc, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- CPU and CUDA

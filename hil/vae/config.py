@@ -79,8 +79,9 @@ class EvalConfig:
 class VAERunConfig:
     name: str = "vae"
     device: str = "emulator://?preset=ideal&seed=0"  # the board's URI
-    # torch device of an in-process emulator board: cpu | cuda | cuda:N (`hil.compute`; the
-    # classifier's key of the same name). The VAE's own host arithmetic stays on the CPU for now.
+    # torch device of the host's arithmetic and of an in-process emulator board: cpu | cuda |
+    # cuda:N (`hil.compute`; the classifier's key of the same name). The blocks' weights, EP
+    # gradients and settles' tensors live there; evaluation metrics are computed on the CPU.
     compute: str = "cpu"
     calibration: str = ""  # calibration record (hil calibrate ... --out cal.zarr) applied to the board
     out: str = "runs"  # the run folder goes under here

@@ -151,6 +151,7 @@ class HopfieldVAE:
         activation: str = "hard_sigmoid",
         joint_phases: bool = False,
         settle: str = "auto",
+        compute: str | torch.device | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown Hopfield VAE variant {variant!r}; known: {VARIANTS}")
@@ -187,6 +188,7 @@ class HopfieldVAE:
             programming=programming,
             joint_phases=joint_phases,
             settle=settle,  # type: ignore[arg-type]
+            compute=compute,
         )
         self.decoder = (
             self.encoder
@@ -201,6 +203,7 @@ class HopfieldVAE:
                 programming=programming,
                 joint_phases=joint_phases,
                 settle=settle,  # type: ignore[arg-type]
+                compute=compute,
             )
         )
 
@@ -220,16 +223,23 @@ class HopfieldVAE:
         return [p for b in self.blocks().values() for p in b.weights.values()]
 
     # --------------------------------------------------------------------------- passes
+    @property
+    def compute(self) -> torch.device:
+        """Where the host's arithmetic runs (`EBBlock.compute`; the CPU without one)."""
+        return self.encoder.compute or torch.device("cpu")
+
     def encode(self, x: Tensor, trace: int = 0) -> tuple[Tensor, Tensor, Equilibrium]:
+        """Latent mean and log-variance (on `compute`) and the encoder equilibrium."""
         eq = self.encoder.settle({"x": x}, trace=trace)
-        mu, lv = self.code.stats(torch.from_numpy(eq.states["mu"]), torch.from_numpy(eq.states["lv"]))
+        states = self.encoder.as_tensor(eq.states["mu"]), self.encoder.as_tensor(eq.states["lv"])
+        mu, lv = self.code.stats(*states)
         return mu, lv, eq
 
     def decode(self, z: Tensor, trace: int = 0) -> tuple[Tensor, Equilibrium, Tensor]:
-        """Image mean for latent z, the decoder equilibrium, and ds_z/dz."""
-        s_z, dsdz = self.code.clamp_state(z)
+        """Image mean for latent z (on `compute`), the decoder equilibrium, and ds_z/dz."""
+        s_z, dsdz = self.code.clamp_state(z.to(self.compute))
         eq = self.decoder.settle({"mu": s_z}, trace=trace)
-        return torch.from_numpy(eq.states["x"]), eq, dsdz
+        return self.decoder.as_tensor(eq.states["x"]), eq, dsdz
 
     # --------------------------------------------------------------------------- training
     def step(
@@ -245,6 +255,7 @@ class HopfieldVAE:
         """Negative ELBO of the batch and its EP gradients (batch mean), for the noise `eps`;
         `trace` records every settle (free and nudged) every `trace` steps."""
         batch = x.shape[0]
+        x, eps = x.to(self.compute), eps.to(self.compute)  # no copy where they are already
         mu, lv, enc = self.encode(x, trace)
         z = reparameterize(mu, lv, eps)
         x_hat, dec, dsdz = self.decode(z, trace)

@@ -72,7 +72,8 @@ class _Model:
             self.module: torch.nn.Module = self.fvae
             return
         n_dev = 1 if m.variant in ("tdh-vae", "shared-layered") else 2
-        uri = board_uri(cfg.device, resolve_compute(cfg.compute))  # an in-process board on `compute`
+        compute = resolve_compute(cfg.compute)
+        uri = board_uri(cfg.device, compute)  # an in-process board on `compute`
         self.devices = [open_board(uri, cfg.calibration) for _ in range(n_dev)]
         self.calibration_id = (
             f"{cfg.calibration} ({self.devices[0].record.created})" if cfg.calibration else None  # type: ignore[attr-defined]
@@ -95,6 +96,7 @@ class _Model:
             programming=cfg.ep.programming,
             joint_phases=cfg.ep.joint_phases,
             settle=cfg.ep.settle,
+            compute=compute,  # the blocks' weights, gradients and settles' tensors there too
         )
         self.params = self.hvae.parameters()
         self.identity = self.devices[0].info.identity.idn()
@@ -122,7 +124,8 @@ class _Model:
             return mu, lv, 0.0, True
         assert self.hvae is not None
         parts = [self.hvae.encode(xb) for xb in self._chunks(x)]
-        mu, lv = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # on the CPU, where the evaluation's metrics are computed (no copy when computed there)
+        mu, lv = torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
         return mu, lv, sum(p[2].energy_j for p in parts), all(p[2].converged for p in parts)
 
     def decode(self, z: Tensor) -> tuple[Tensor, float, bool]:
@@ -131,7 +134,7 @@ class _Model:
                 return self.fvae.decode(z), 0.0, True
         assert self.hvae is not None
         parts = [self.hvae.decode(zb) for zb in self._chunks(z)]
-        x_hat = torch.cat([p[0] for p in parts])
+        x_hat = torch.cat([p[0] for p in parts]).cpu()
         return x_hat, sum(p[1].energy_j for p in parts), all(p[1].converged for p in parts)
 
     def log_tiles(self, log: RunLog, step: int) -> None:
@@ -142,7 +145,7 @@ class _Model:
             for tile, p in block.weights.items():
                 gp, gm = block.device.read_conductance(tile)
                 label = tile if self.hvae.shared else f"{name}.{tile}"
-                log.tile(step, label, weights=p.detach().numpy(), g_plus=gp, g_minus=gm)
+                log.tile(step, label, weights=p.detach(), g_plus=gp, g_minus=gm)
             for report in block.last_reports.values():
                 log.program(step, report)
 
