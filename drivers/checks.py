@@ -208,6 +208,17 @@ def nudge_beta(
     return beta
 
 
+def check_injected_current(group: str, beta: float, peak: float, limits: Limits) -> float:
+    """The largest current a grad nudge injects, ``|beta| x max |grad|``, within
+    `Limits.max_drive`: computed in float32, as the board applies ``beta * grad``, so a product
+    past float32's range is the infinite current it would be."""
+    with np.errstate(over="ignore"):
+        drive = float(np.float32(beta) * np.float32(peak))
+    if not drive <= limits.max_drive:
+        raise LimitViolation(f"injected nudge current |beta * grad| on {group!r}", drive, limits.max_drive)
+    return drive
+
+
 def check_settle(
     topology: Topology | None,
     limits: Limits,
@@ -234,11 +245,7 @@ def check_settle(
             target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
         grad = None if nd.grad is None else as_batch(f"nudge grad {group!r}", nd.grad, n, batch)
         if grad is not None and grad.size:
-            drive = abs(beta) * float(np.abs(grad).max())
-            if drive > limits.max_drive:
-                raise LimitViolation(
-                    f"injected nudge current |beta * grad| on {group!r}", drive, limits.max_drive
-                )
+            check_injected_current(group, abs(beta), float(np.abs(grad).max()), limits)
         nudges[group] = Nudge(beta, target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
     free_init = {g: v for g, v in (init or {}).items() if g not in clamp}

@@ -434,7 +434,9 @@ class EmulatedDevice(Device):
             raise ConfigurationError("settle needs at least one clamped group (the input)")
         dev = self.board.device
         batch: list[int] = []
-        peaks: list[tuple[str, torch.Tensor, float]] = []  # (what, peak |x|, bound): checked at once
+        # (what, smallest and largest value, bound on the peak |x|, the nudge group and |beta| of
+        # an injected current): the extremes of every array read back at once, in one transfer
+        peaks: list[tuple[str, torch.Tensor, torch.Tensor, float, tuple[str, float] | None]] = []
 
         def as_batch(kind: str, group: str, x: object, voltage: bool) -> torch.Tensor:
             if group == BIAS and kind in ("clamp", "init"):
@@ -466,8 +468,7 @@ class EmulatedDevice(Device):
                 # the peak |x| in one pass without a temporary (aminmax propagates NaN), over the
                 # values in memory order (a transposed init's transpose: several times faster)
                 lo, hi = torch.aminmax(t.T if not t.is_contiguous() and t.T.is_contiguous() else t)
-                peak = torch.maximum(hi, lo.neg())
-                peaks.append((f"{kind} {group!r}", peak, limits.clamp_max if voltage else math.inf))
+                peaks.append((f"{kind} {group!r}", lo, hi, limits.clamp_max if voltage else math.inf, None))
             return t
 
         cl = {g: as_batch("clamp", g, x, True) for g, x in clamp.items()}
@@ -477,23 +478,25 @@ class EmulatedDevice(Device):
             target = None if nd.target is None else as_batch("nudge target", group, nd.target, True)
             grad = None if nd.grad is None else as_batch("nudge grad", group, nd.grad, False)
             if grad is not None and grad.numel():
-                what, peak, _ = peaks.pop()
-                peaks.append((f"injected nudge current |beta * grad| on {group!r}", peak * abs(beta), -1.0))
+                what, lo, hi, bound, _ = peaks.pop()
+                peaks.append((what, lo, hi, bound, (group, abs(beta))))
             nudges[group] = Nudge(beta, target, grad)  # type: ignore[arg-type]
         ini = {g: as_batch("init", g, x, True) for g, x in (init or {}).items() if g not in cl}
         if peaks:
-            values = torch.stack([p for _, p, _ in peaks]).tolist()  # the one read-back of the checks
-            for (what, _, bound), v in zip(peaks, values, strict=True):
-                if not math.isfinite(v):
+            ends = torch.stack([e for _, lo, hi, _, _ in peaks for e in (lo, hi)]).tolist()  # one read-back
+            for k, (what, _lo, _hi, bound, current) in enumerate(peaks):
+                lo, hi = ends[2 * k], ends[2 * k + 1]
+                if not (math.isfinite(lo) and math.isfinite(hi)):
                     raise ConfigurationError(f"{what}: contains NaN or infinite values")
-                if bound < 0:  # an injected current
-                    if v > limits.max_drive:
-                        raise LimitViolation(what, v, limits.max_drive)
-                elif v > bound:
+                v = max(-lo, hi)  # the peak |x|, as the float32 array holds it (negation is exact)
+                if v > bound:
                     raise LimitViolation(
                         f"read-voltage limit on {what}", v * limits.v_read, limits.v_read_max,
                         f"node states must lie within +-{limits.clamp_max:.4g} (normalised units)",
                     )  # fmt: skip
+                if current is not None:
+                    group, beta = current
+                    checks.check_injected_current(group, beta, v, limits)
         return cl, nudges, ini
 
     def wait(self, seconds: float) -> None:

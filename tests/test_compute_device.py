@@ -161,6 +161,52 @@ def test_the_tensor_settle_checks_what_settle_checks() -> None:
         dev.settle_tensors({"s0": torch.full((5, 4), float("nan"))})
 
 
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("clamp_low", "read-voltage limit on clamp 's0'"),  # the negative side of the peak
+        ("init_inf", "init 's1': contains NaN or infinite"),
+        ("target_high", "read-voltage limit on nudge target 's2'"),
+        ("grad_nan", "nudge grad 's2': contains NaN or infinite"),
+        ("grad_big", "injected nudge current"),  # |beta| x peak past the drive limit
+        ("grad_overflow", "injected nudge current .* requested inf"),  # past float32
+        ("fine", None),
+    ],
+)
+def test_the_tensor_settle_refuses_what_settle_refuses(case: str, error: str | None) -> None:
+    """Every array's extremes are read back at once and checked on the host: the same
+    refusals, naming the same array, as the numpy path's checks (`checks.check_settle`)."""
+    from drivers import Nudge
+
+    dev = open_device("emulator://?preset=ideal&seed=0")
+    dev.configure(Topology.layered([4, 3, 2]))
+    lim = dev.info.limits
+    x, init = np.full((5, 4), 0.5, np.float32), np.full((5, 3), 0.5, np.float32)
+    grad, target, beta = np.ones((5, 2), np.float32), None, 0.5
+    if case == "clamp_low":
+        x[2, 1] = -2.0 * lim.clamp_max
+    elif case == "init_inf":
+        init[0, 0] = np.inf
+    elif case == "target_high":
+        target, grad = np.full((5, 2), 2.0 * lim.clamp_max, np.float32), None
+    elif case == "grad_nan":
+        grad[1, 1] = np.nan
+    elif case == "grad_big":
+        grad[3, 0] = -np.float32(2.0 * lim.max_drive / beta)
+    elif case == "grad_overflow":
+        beta = lim.max_beta
+        grad[0, 0] = np.finfo(np.float32).max
+    for settle, conv in ((dev.settle, np.asarray), (dev.settle_tensors, torch.from_numpy)):
+        nudge = Nudge(beta, None if target is None else conv(target), None if grad is None else conv(grad))
+        args = ({"s0": conv(x)}, {"s2": nudge}, {"s1": conv(init)})
+        if error is None:
+            settle(*args)
+        else:
+            with pytest.raises(Exception, match=error):
+                settle(*args)
+    dev.close()
+
+
 def test_a_classifier_on_explicit_cpu_trains_like_the_default() -> None:
     def run(extra: list[str]) -> list[torch.Tensor]:
         cfg = load_config(None, ["model.sizes=[12,8,4]", "ep.free_steps=15", "ep.nudge_steps=6", *extra])
