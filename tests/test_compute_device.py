@@ -318,24 +318,15 @@ def test_the_counter_sees_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> Non
 
 # ------------------------------------------------------------------------------------- VAE
 def _vae(variant: str, compute: str | None):
+    """`tests.test_vae._small_vae` on in-process boards (on `compute`), with short settles."""
     from drivers import SettleBudget
-    from hil.vae.hopfield import HopfieldVAE
-    from hil.vae.latent import LatentCode
+    from tests.test_vae import _small_vae
 
     n = 1 if variant in ("tdh-vae", "shared-layered") else 2
     uri = board_uri("emulator://?preset=ideal&seed=0", None if compute is None else resolve_compute(compute))
     devices = tuple(open_device(uri) for _ in range(n))
-    vae = HopfieldVAE(
-        variant,  # type: ignore[arg-type]
-        devices,
-        pixels=64,
-        hidden=12,
-        code=LatentCode(dim=2),
-        budget=SettleBudget(max_steps=200, tol=1e-3, dt=0.5),
-        init_scale=0.5,
-        compute=compute,
-    )
-    return vae, devices
+    budget = SettleBudget(max_steps=200, tol=1e-3, dt=0.5)
+    return _small_vae(variant, devices, budget=budget, compute=compute), devices
 
 
 def _vae_steps(variant: str, compute: str | None, steps: int = 3) -> tuple[list[torch.Tensor], list[float]]:

@@ -60,16 +60,26 @@ def test_latent_code_round_trip_and_kl() -> None:
     torch.testing.assert_close(pop.z_grad(w, dsdz), expected)
 
 
-def _small_vae(variant: str, devices: tuple, seed: int = 0, active: bool = False) -> HopfieldVAE:
+def _small_vae(
+    variant: str,
+    devices: tuple,
+    seed: int = 0,
+    active: bool = False,
+    budget: SettleBudget | None = None,
+    compute: str | None = None,
+) -> HopfieldVAE:
+    """64 pixels, 12 hidden units, 2 latent dimensions; settles run to a tight tolerance unless
+    `budget` says otherwise; `compute`: the blocks' torch device (`HopfieldVAE`)."""
     vae = HopfieldVAE(
         variant,  # type: ignore[arg-type]
         devices,
         pixels=64,
         hidden=12,
         code=LatentCode(dim=2),
-        budget=SettleBudget(max_steps=20000, tol=1e-9, dt=0.5),
+        budget=budget or SettleBudget(max_steps=20000, tol=1e-9, dt=0.5),
         init_scale=0.5,
         seed=seed,
+        compute=compute,
     )
     if active:
         # biases U(0.1, 0.4), as `hil gradcheck` does: units sit inside the hard sigmoid's
