@@ -88,6 +88,14 @@ def as_batch(
 ) -> np.ndarray:
     """Return a C-contiguous float32 (batch, n) array (a view where possible), refusing NaN and
     infinities and, with `limits`, states beyond the read-voltage limit."""
+    return batch_and_peak(name, value, n, batch, limits)[0]
+
+
+def batch_and_peak(
+    name: str, value: object, n: int, batch: int | None = None, limits: Limits | None = None
+) -> tuple[np.ndarray, float]:
+    """`as_batch`, and the array's peak ``max |x|`` from the extremes its checks read (0 for
+    an empty array): a caller that bounds the peak needs no pass of its own."""
     arr = _float32(name, value, copy=False)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -102,13 +110,15 @@ def as_batch(
             arr = np.ascontiguousarray(arr, dtype=np.float32)
     elif not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
+    peak = 0.0
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ConfigurationError(f"{name}: contains NaN or infinite values")
+        peak = max(-lo, hi)
         if limits is not None:
-            _check_voltage(name, max(-lo, hi), limits)
-    return arr
+            _check_voltage(name, peak, limits)
+    return arr, peak
 
 
 def check_batch(name: str, batch: int, limits: Limits) -> int:
@@ -243,9 +253,11 @@ def check_settle(
         target = None
         if nd.target is not None:
             target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
-        grad = None if nd.grad is None else as_batch(f"nudge grad {group!r}", nd.grad, n, batch)
-        if grad is not None and grad.size:
-            check_injected_current(group, abs(beta), float(np.abs(grad).max()), limits)
+        grad = None
+        if nd.grad is not None:
+            grad, peak = batch_and_peak(f"nudge grad {group!r}", nd.grad, n, batch)
+            if grad.size:
+                check_injected_current(group, abs(beta), peak, limits)
         nudges[group] = Nudge(beta, target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
     free_init = {g: v for g, v in (init or {}).items() if g not in clamp}
