@@ -324,14 +324,17 @@ class SettlePlanner:
             offset[g] = n
             n += sizes[g]
         op = torch.zeros(n, n, device=self.board.device)
-        every_row = [(g, offset[g], offset[g] + sizes[g]) for g in plan.free]
         for term in plan.dyn_terms:
             r0 = offset[term.src]
-            if [(dst, a, b) for dst, a, b, _k in term.dsts] == every_row:  # a dense tile's source
-                op[r0 : r0 + sizes[term.src]] += term.matrix.T  # all its row blocks in one call
-                continue
+            # destinations whose rows follow on in the term's matrix and in the free order go
+            # in as one block (a dense tile's source: all of them, one call)
+            spans: list[list[int]] = []  # [first column, first matrix row, end matrix row]
             for dst, a, b, _k in term.dsts:
-                c0 = offset[dst]
+                if spans and spans[-1][2] == a and spans[-1][0] + (a - spans[-1][1]) == offset[dst]:
+                    spans[-1][2] = b
+                else:
+                    spans.append([offset[dst], a, b])
+            for c0, a, b in spans:
                 op[r0 : r0 + sizes[term.src], c0 : c0 + b - a] += term.matrix[a:b].T
         return op
 

@@ -162,8 +162,9 @@ class DHN(nn.Module):
     def _dense_matrix(self, c: Coupling) -> Tensor:
         """The effective N x N (+ bias row) matrix of a dense tile: diagonal removed,
         symmetrised when `symmetric`. Without autograd it is kept until the weights are
-        written (a new version): EP reads it for dPhi/dx of both nudged phases of each block
-        at the same weights (4 times per step of the VAE), 5 torch calls each time."""
+        written (a new version) or moved (new storage): EP reads it for dPhi/dx of both
+        nudged phases of each block at the same weights (4 times per step of the VAE), 5
+        torch calls each time."""
         w = self.weights[c.tile]
         tracked = w.requires_grad and torch.is_grad_enabled()
         held = self._dense.get(c.tile)
