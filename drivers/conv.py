@@ -1,5 +1,5 @@
 """The maps of a conv coupling (`drivers.topology`): a kernel on a tile, applied at every
-position of a feature map, with an optional max-pooling.
+position of a feature map, with an optional max- or average-pooling.
 
 A conv tile stores one kernel weight-stationary, as in-memory computing chips map a
 convolution (im2col): row ``r = c k^2 + i k + j`` of the tile holds kernel entry (c, i, j)
@@ -27,13 +27,20 @@ bilinear in (s_src, s_dst) for a fixed choice of winners, and its derivatives ar
 - ``dPhi/dK``: the sum over positions of patch x routed destination state, and ``dPhi/db``
   the sum of the destination states (`weight_grad`).
 
+Average-pooling (``pool_mode = "avg"``) takes each window's mean instead: a linear map, so
+Phi_c is bilinear whatever the states, and the route back spreads each destination state
+over its window, divided by the window's size (the adjoint of the mean). There are no
+winners (`winners` is None), so the drive is smooth: a max-pool's winners can switch from one
+settle step to the next, which kept deep conv blocks from settling (docs/conv.md).
+
 A conv coupling split into row blocks by source channels (`drivers.placement`) is several
-conv tiles whose products sum at one destination map. With pooling, a max of sums is not a
-sum of maxes, so such tiles name one ``pool_group`` (`drivers.topology.Coupling`): the group is
+conv tiles whose products sum at one destination map. With max-pooling, a max of sums is not
+a sum of maxes, so such tiles name one ``pool_group`` (`drivers.topology.Coupling`): the group is
 one *unit* (`units`) that sums its members' pre-activations before the pooling (a node-side
 pool) and routes the destination's states back to the shared winners through every member's
 transposed tile (`unit_forward`, `unit_winners`, `unit_phi`; `backward` and `weight_grad` per
-member with the unit's winners). A conv tile without a pool group is a unit of its own.
+member with the unit's winners). A conv tile without a pool group is a unit of its own; the
+mean of a sum is the sum of the means, so average-pooled tiles need no group.
 
 The emulator, the host's iterated settle, the EP estimator and the pure-torch reference all
 use these maps, so the four agree on what a conv coupling is.
@@ -61,14 +68,16 @@ class ConvGeometry:
     padding: int
     pool: int
     bias: bool
+    pool_mode: str = "max"
 
     @staticmethod
     def of(topology: Topology, coupling: Coupling) -> ConvGeometry:
         c_in, h, w = topology.shapes[coupling.rows[0]]
         c_out = sum(topology.shapes[g][0] for g in coupling.cols)
         return ConvGeometry(
-            c_in, h, w, c_out, coupling.kernel, coupling.padding, coupling.pool, BIAS in coupling.rows
-        )
+            c_in, h, w, c_out, coupling.kernel, coupling.padding, coupling.pool, BIAS in coupling.rows,
+            coupling.pool_mode,
+        )  # fmt: skip
 
     @property
     def conv_hw(self) -> tuple[int, int]:
@@ -80,6 +89,11 @@ class ConvGeometry:
     def out_shape(self) -> tuple[int, int, int]:
         ho, wo = self.conv_hw
         return self.c_out, ho // self.pool, wo // self.pool
+
+    @property
+    def has_winners(self) -> bool:
+        """Whether the pooling picks winners (a max-pool), which the route back needs."""
+        return self.pool > 1 and self.pool_mode == "max"
 
     @property
     def positions(self) -> int:
@@ -122,9 +136,11 @@ def pre_activation(x: Tensor, tile: Tensor, g: ConvGeometry, bias: bool = True) 
 
 def pool(pre: Tensor, g: ConvGeometry) -> tuple[Tensor, Tensor | None]:
     """The pooled pre-activations, flat (B, n_dst), and the winners' indices (None without
-    pooling)."""
+    max-pooling)."""
     if g.pool == 1:
         return pre.reshape(pre.shape[0], -1), None
+    if g.pool_mode == "avg":
+        return F.avg_pool2d(pre, g.pool).reshape(pre.shape[0], -1), None
     # channels-last: torch's CPU max-pooling with indices is 3x faster there (0.9 against 2.7 ms
     # for (128, 16, 14, 14), copies included); the values and indices are the same
     y, idx = F.max_pool2d(pre.contiguous(memory_format=torch.channels_last), g.pool, return_indices=True)
@@ -138,17 +154,22 @@ def forward(x: Tensor, tile: Tensor, g: ConvGeometry, bias: bool = True) -> tupl
 
 def pool_at(pre: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
     """The pre-activations at given pooling winners, flat (B, n_dst): a drive taken without
-    the bias pools at the winners of the biased pre-activations, which the circuit compares."""
-    if g.pool == 1 or idx is None:
+    the bias pools at the winners of the biased pre-activations, which the circuit compares.
+    Without winners (no max-pool), the plain pooling."""
+    if not g.has_winners or idx is None:
         return pool(pre, g)[0]
     return pre.flatten(2).gather(2, idx.flatten(2)).reshape(pre.shape[0], -1)
 
 
 def unpool(y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
-    """Flat destination states (B, n_dst) routed to the winning positions, (B, C_out, H_o, W_o)."""
+    """Flat destination states (B, n_dst) routed to the winning positions, (B, C_out, H_o, W_o);
+    average-pooled, spread evenly over their windows (the mean's adjoint)."""
     maps = y.reshape(y.shape[0], *g.out_shape)
     if g.pool == 1:
         return maps
+    if g.pool_mode == "avg":
+        p = g.pool
+        return (maps / p**2).repeat_interleave(p, 2).repeat_interleave(p, 3)
     if idx is None:
         raise ValueError("a pooled conv coupling needs the pooling winners (`forward`'s indices)")
     return F.max_unpool2d(maps, idx, g.pool, output_size=g.conv_hw)
@@ -162,8 +183,8 @@ def backward(y: Tensor, tile: Tensor, g: ConvGeometry, idx: Tensor | None) -> Te
 
 
 def winners(x: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor | None:
-    """The pooling winners at source state `x` (None without pooling)."""
-    if g.pool == 1:
+    """The pooling winners at source state `x` (None without max-pooling)."""
+    if not g.has_winners:
         return None
     return forward(x, tile, g)[1]
 
@@ -228,8 +249,8 @@ def unit_forward(
 
 
 def unit_winners(xs: list[Tensor], tiles: list[Tensor], geoms: list[ConvGeometry]) -> Tensor | None:
-    """The pooling winners of a unit at sources `xs` (None without pooling)."""
-    if geoms[0].pool == 1:
+    """The pooling winners of a unit at sources `xs` (None without max-pooling)."""
+    if not geoms[0].has_winners:
         return None
     return unit_forward(xs, tiles, geoms)[1]
 

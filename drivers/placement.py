@@ -25,7 +25,8 @@ order, so the energy and the fixed points are the logical network's. Per kind:
   driving its parts as one map of their channels (exact: pooling acts per output channel).
   Rows: one tile per source part of at most ``(tile_rows_max - bias) // k^2`` channels, the
   bias row on the last; their products sum at the destination. Without pooling that sum is
-  all there is; with pooling (a max of sums is not a sum of maxes) the row tiles of one column
+  all there is, and so with average-pooling (a mean of sums is a sum of means); with
+  max-pooling (a max of sums is not a sum of maxes) the row tiles of one column
   block name one ``pool_group`` and every settle sums their pre-activations before the
   pooling and routes back through the shared winners (`drivers.conv.units`).
 
@@ -441,7 +442,7 @@ def _conv(
         rows = (p.name, BIAS) if bias and last else (p.name,)
         for j, cb in enumerate(cblocks):
             name = f"{c.tile}{SEP}{i}_{j}"
-            pooled = c.pool > 1 and len(ps) > 1
+            pooled = c.pool > 1 and c.pool_mode == "max" and len(ps) > 1  # a mean of sums is a sum of means
             group = "" if not pooled else (c.tile if len(cblocks) == 1 else f"{c.tile}{SEP}{j}")
             dst = tuple(n for n, _ in cb)
             couplings.append(replace(c, tile=name, rows=rows, cols=dst, pool_group=group))

@@ -36,6 +36,7 @@ BIAS = "bias"
 # declared bounds of a conv coupling's geometry (the work of one settle step grows with them)
 MAX_KERNEL = 15
 MAX_POOL = 8
+POOL_MODES = ("max", "avg")
 MAX_POSITIONS = 1 << 16  # conv output positions per input map (a 256 x 256 image)
 # nodes of a topology: every settle step touches each; feature maps make large counts possible
 # (the CIFAR-10 example's widest block has 166 912), the bound keeps a settle's state in memory
@@ -49,10 +50,13 @@ class Coupling:
     cols: tuple[str, ...]
     kind: Literal["bipartite", "dense", "conv"] = "bipartite"
     w_max: float = 1.0
-    # conv couplings only: kernel size k (stride 1), zero padding, max-pooling window (1: none)
+    # conv couplings only: kernel size k (stride 1), zero padding, pooling window (1: none)
     kernel: int = 0
     padding: int = 0
     pool: int = 1
+    # conv couplings only: "max" (the largest pre-activation of each window wins) or "avg"
+    # (the window's mean: linear, so the energy is bilinear whatever the states)
+    pool_mode: str = "max"
     # conv couplings only: conv tiles naming the same pool group (one logical conv split into
     # row blocks by source channels, `drivers.placement`) drive one destination map and sum
     # their pre-activations before its max-pooling (a node-side pool); "" for none
@@ -137,9 +141,10 @@ class Topology:
         for c in self.couplings:
             if c.kind == "conv":
                 self._check_conv(c)
-            elif (c.kernel, c.padding, c.pool, c.pool_group) != (0, 0, 1, ""):
+            elif (c.kernel, c.padding, c.pool, c.pool_mode, c.pool_group) != (0, 0, 1, "max", ""):
                 raise ConfigurationError(
-                    f"tile {c.tile!r}: kernel, padding, pool and pool_group are for conv couplings; "
+                    f"tile {c.tile!r}: kernel, padding, pool, pool_mode and pool_group are for conv "
+                    "couplings; "
                     f"this one is {c.kind!r}"
                 )
         self._check_pool_groups()
@@ -182,6 +187,11 @@ class Topology:
         k = as_int(f"conv tile {c.tile!r}: kernel", c.kernel, 1, MAX_KERNEL)
         p = as_int(f"conv tile {c.tile!r}: padding", c.padding, 0, k - 1)
         pool = as_int(f"conv tile {c.tile!r}: pool", c.pool, 1, MAX_POOL)
+        if c.pool_mode not in POOL_MODES:
+            raise ConfigurationError(
+                f"conv tile {c.tile!r}: pool_mode is one of {', '.join(map(repr, POOL_MODES))}, "
+                f"got {c.pool_mode!r}"
+            )
         _c_in, h, w = self.shapes[src[0]]
         ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
         if ho < 1 or wo < 1:
@@ -213,10 +223,11 @@ class Topology:
             if not isinstance(c.pool_group, str):
                 raise ConfigurationError(f"conv tile {c.tile!r}: pool_group is a name, got {c.pool_group!r}")
             a = first.setdefault(c.pool_group, c)
-            if (a.cols, a.kernel, a.padding, a.pool) != (c.cols, c.kernel, c.padding, c.pool):
+            shared = ("cols", "kernel", "padding", "pool", "pool_mode")
+            if any(getattr(a, f) != getattr(c, f) for f in shared):
                 raise ConfigurationError(
                     f"conv tiles {a.tile!r} and {c.tile!r} share pool group {c.pool_group!r} but differ in "
-                    "destination, kernel, padding or pool; the tiles of a pool group sum their "
+                    "destination, kernel, padding, pool or pool_mode; the tiles of a pool group sum their "
                     "pre-activations before one pooling: give them the same, or separate groups"
                 )
 
@@ -297,6 +308,7 @@ class Topology:
         channels: list[int],
         *,
         pools: list[int] | None = None,
+        pool_mode: str = "max",
         kernel: int = 3,
         padding: int = 1,
         head: list[int] | tuple[int, ...] = (),
@@ -311,8 +323,9 @@ class Topology:
         """A layered convolutional DHN (the conv EB blocks of Laborieux et al. 2021 and Nest &
         Ernoult 2024): group s0 is the input map `input_shape` (C, H, W), groups s1 ... sL the
         maps of `channels`, each the output of a `kernel` x `kernel` conv (stride 1, `padding`)
-        of the one before, max-pooled by ``pools[k]`` (default 2 for every layer); then fully
-        connected groups of sizes `head`. Tiles W0 ... in that order, bias rows included."""
+        of the one before, pooled by ``pools[k]`` (default 2 for every layer; `pool_mode` "max"
+        or "avg"); then fully connected groups of sizes `head`. Tiles W0 ... in that order, bias
+        rows included."""
         pools = [2] * len(channels) if pools is None else list(pools)
         if not channels or len(pools) != len(channels):
             raise ConfigurationError(
@@ -327,7 +340,9 @@ class Topology:
             h, w = (h + 2 * padding - kernel + 1) // pool, (w + 2 * padding - kernel + 1) // pool
             shapes[f"{prefix}{k + 1}"] = (ch, h, w)
             src, dst = f"{prefix}{k}", f"{prefix}{k + 1}"
-            tile = Coupling(f"W{k}", (src, *bias_rows), (dst,), "conv", w_max, kernel, padding, pool)
+            tile = Coupling(
+                f"W{k}", (src, *bias_rows), (dst,), "conv", w_max, kernel, padding, pool, pool_mode
+            )
             couplings.append(tile)
         groups = {g: a * b * d for g, (a, b, d) in shapes.items()}
         n = len(channels)

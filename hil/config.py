@@ -58,10 +58,13 @@ class ModelConfig:
     # blocks) or bn (batch-norm of the map + Clamp01; conv blocks)
     between: Literal["identity", "linear", "bn"] = "identity"
     # ffebm on images with conv EB blocks (issue 18), when `channels` is set: one conv DHN of
-    # these maps (kernel x kernel, stride 1, padding; layer k max-pooled by pools[k], default
+    # these maps (kernel x kernel, stride 1, padding; layer k pooled by pools[k], default
     # 2 each) split into blocks of `block_layers` conv layers; `sizes` is then not used
     channels: list[int] = field(default_factory=list)
     pools: list[int] = field(default_factory=list)
+    # the EB blocks' pooling: "max" (the paper's) or "avg" (the window's mean: smooth, so the
+    # drive has no winners that switch between settle steps; the digital front max-pools)
+    pool_mode: Literal["max", "avg"] = "max"
     kernel: int = 3
     padding: int = 1
     front: int = 0  # channels of a digital conv + max-pool + batch-norm before the first block
@@ -337,6 +340,8 @@ def validate(cfg: RunConfig) -> None:
             f"model.channels / model.pools: positive channel counts and one pool per conv layer, "
             f"got channels {m.channels}, pools {m.pools}"
         )
+    if m.pool_mode not in ("max", "avg"):
+        raise ConfigError(f"model.pool_mode: 'max' or 'avg', got {m.pool_mode!r}")
     if m.channels and not (1 <= m.kernel <= 15 and 0 <= m.padding < m.kernel and m.front >= 0):
         raise ConfigError(
             f"model.kernel in [1, 15], model.padding in [0, kernel - 1], model.front >= 0; got kernel "

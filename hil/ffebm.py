@@ -310,6 +310,7 @@ class FFEBM(nn.Module):
         *,
         kernel: int = 3,
         padding: int = 1,
+        pool_mode: Literal["max", "avg"] = "max",
         front: int = 0,
         between: Literal["identity", "bn"] = "identity",
         head: Literal["eb", "digital"] = "eb",
@@ -333,8 +334,9 @@ class FFEBM(nn.Module):
         compute: str | torch.device | None = None,
     ) -> FFEBM:
         """A convolutional ff-EBM (Nest & Ernoult 2024): one conv DHN of maps `channels`
-        (`kernel` x `kernel`, stride 1, `padding`; layer k max-pooled by ``pools[k]``) split
-        into EB blocks of `block_layers` conv layers (`split_conv`), block k on ``devices(k)``.
+        (`kernel` x `kernel`, stride 1, `padding`; layer k pooled by ``pools[k]``, `pool_mode`
+        "max" or "avg") split into EB blocks of `block_layers` conv layers (`split_conv`), block
+        k on ``devices(k)``.
 
         `front` > 0: a digital `ConvFront` of that many channels before the first block (the
         input is then any (C, H, W) image, not only [0, 1] values). `between`: ``identity``
@@ -358,7 +360,7 @@ class FFEBM(nn.Module):
                 parts.append(MapNorm(in_shape))
             last = k == len(blocks) - 1
             topo = Topology.convolutional(
-                in_shape, ch, pools=pl, kernel=kernel, padding=padding,
+                in_shape, ch, pools=pl, pool_mode=pool_mode, kernel=kernel, padding=padding,
                 head=[classes] if last and head == "eb" else [], gain=gain, mode=settle_mode,
                 budget=budget, w_max=w_max, activation=activation,
             )  # fmt: skip

@@ -216,7 +216,8 @@ class Classifier:
                 assert image_shape is not None
                 self.ffebm = FFEBM.convolutional(
                     image_shape, m.channels, m.pools or [2] * len(m.channels), m.block_layers, classes, dev,
-                    kernel=m.kernel, padding=m.padding, front=m.front, between=m.between,  # type: ignore[arg-type]
+                    kernel=m.kernel, padding=m.padding, pool_mode=m.pool_mode, front=m.front,
+                    between=m.between,  # type: ignore[arg-type]
                     head=m.head, **blocks,  # type: ignore[arg-type]
                 )  # fmt: skip
             else:

@@ -29,10 +29,11 @@ def _off_kinks(w: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]
     return w
 
 
-def test_conv_block_ep_gradients_match_implicit_differentiation() -> None:
-    """Two conv layers, each max-pooled 2 x 2, and a fully connected output: weights, biases
-    and the input gradient at beta 0.01, centered."""
-    t = Topology.convolutional((1, 8, 8), [4, 6], pools=[2, 2], head=[3], budget=CHECK)
+@pytest.mark.parametrize("pool_mode", ["max", "avg"])
+def test_conv_block_ep_gradients_match_implicit_differentiation(pool_mode: str) -> None:
+    """Two conv layers, each max- or average-pooled 2 x 2, and a fully connected output:
+    weights, biases and the input gradient at beta 0.01, centered."""
+    t = Topology.convolutional((1, 8, 8), [4, 6], pools=[2, 2], pool_mode=pool_mode, head=[3], budget=CHECK)
     w = _off_kinks(goe_init(t, 0.5, torch.Generator().manual_seed(0)), 1)
     blk = EBBlock(_devices(0), t, weights=w)
     gen = torch.Generator().manual_seed(2)

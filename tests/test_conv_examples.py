@@ -61,9 +61,24 @@ def test_conv_keys_are_checked_by_name() -> None:
         load_config(None, ["model.channels=[8,16]"])  # kind is dhn
     with pytest.raises(ConfigError, match="one pool per conv layer"):
         load_config(None, ["model.kind=ffebm", "model.channels=[8,16]", "model.pools=[2]"])
+    with pytest.raises(ConfigError, match=r"model\.pool_mode.*'mean'"):
+        load_config(None, ["model.kind=ffebm", "model.channels=[8,16]", "model.pool_mode=mean"])
     cfg = load_config(None, ["model.kind=ffebm", "model.channels=[4]", "data.name=digits"])
     with pytest.raises(ValueError, match="needs image data"):
         Classifier(cfg, 64, 10, open_device)
+
+
+def test_the_pool_mode_key_reaches_every_conv_tile_of_the_blocks() -> None:
+    cfg = load_config(
+        None, ["model.kind=ffebm", "model.channels=[4,4,6]", "model.pools=[2,1,2]", "model.block_layers=2",
+               "model.pool_mode=avg"],
+    )  # fmt: skip
+    model = Classifier(cfg, 64, 10, open_device, image_shape=(1, 8, 8))
+    try:
+        modes = [c.pool_mode for b in model.blocks() for c in b.topology.couplings if c.kind == "conv"]
+        assert modes == ["avg"] * 3
+    finally:
+        model.close()
 
 
 def _device_error(w_max: float) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +16,12 @@ from drivers.wire import payload
 from hil.reference import DHN, cosine, rel_error
 
 
-def small(pool: int = 2, head: tuple[int, ...] = (3,), budget: SettleBudget | None = None) -> Topology:
-    return Topology.convolutional((2, 8, 8), [3, 4], pools=[pool, pool], head=list(head), budget=budget)
+def small(
+    pool: int = 2, head: tuple[int, ...] = (3,), budget: SettleBudget | None = None, pool_mode: str = "max"
+) -> Topology:
+    return Topology.convolutional(
+        (2, 8, 8), [3, 4], pools=[pool, pool], head=list(head), budget=budget, pool_mode=pool_mode
+    )
 
 
 def test_tile_shape_and_cells_are_one_kernel_per_layer() -> None:
@@ -37,12 +42,13 @@ def test_tile_shape_and_cells_are_one_kernel_per_layer() -> None:
         ({"padding": 3}, "padding"),
         ({"pool": 3}, "pooling windows"),
         ({"pool": 9}, "pool"),
+        ({"pool_mode": "mean"}, "pool_mode is one of 'max', 'avg', got 'mean'"),
     ],
 )
 def test_bad_conv_geometry_is_refused_with_its_name(change: dict, match: str) -> None:
-    base = {"kernel": 3, "padding": 1, "pool": 2}
+    base = {"kernel": 3, "padding": 1, "pool": 2, "pool_mode": "max"}
     base.update(change)
-    c = Coupling("W0", ("a", BIAS), ("b",), "conv", 1.0, base["kernel"], base["padding"], base["pool"])
+    c = Coupling("W0", ("a", BIAS), ("b",), "conv", 1.0, **base)
     with pytest.raises(ConfigurationError, match=match):
         Topology({"a": 64, "b": 48}, (c,), shapes={"a": (1, 8, 8), "b": (3, 4, 4)})
 
@@ -55,9 +61,9 @@ def test_conv_shape_mismatch_and_missing_shape_are_refused() -> None:
         Topology({"a": 64, "b": 48}, (c,), shapes={"a": (1, 8, 8)})
     with pytest.raises(ConfigurationError, match="holds 60"):
         Topology({"a": 64, "b": 48}, (c,), shapes={"a": (1, 8, 8), "b": (3, 4, 5)})
-    lin = Coupling("W1", ("a",), ("b",), kernel=3)
-    with pytest.raises(ConfigurationError, match="for conv couplings"):
-        Topology({"a": 4, "b": 4}, (lin,))
+    for lin in (Coupling("W1", ("a",), ("b",), kernel=3), Coupling("W1", ("a",), ("b",), pool_mode="avg")):
+        with pytest.raises(ConfigurationError, match="for conv couplings"):
+            Topology({"a": 4, "b": 4}, (lin,))
     with pytest.raises(ConfigurationError, match="kind must be"):
         Topology({"a": 4, "b": 4}, (Coupling("W1", ("a",), ("b",), "sparse"),))  # type: ignore[arg-type]
 
@@ -69,18 +75,19 @@ def test_conv_shape_mismatch_and_missing_shape_are_refused() -> None:
     c_out=st.integers(1, 3),
     kernel=st.integers(1, 3),
     padding=st.integers(0, 2),
-    pool=st.integers(1, 2),
+    pool=st.integers(1, 3),
+    mode=st.sampled_from(["max", "avg"]),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_maps_are_the_derivatives_of_phi_and_the_tile_read_at_every_position(
-    c_in: int, size: int, c_out: int, kernel: int, padding: int, pool: int, bias: bool, seed: int
+    c_in: int, size: int, c_out: int, kernel: int, padding: int, pool: int, mode: str, bias: bool, seed: int
 ) -> None:
     padding = min(padding, kernel - 1)
     side = size + 2 * padding - kernel + 1
     if side < 1 or side % pool:
         return
-    g = conv.ConvGeometry(c_in, size, size, c_out, kernel, padding, pool, bias)
+    g = conv.ConvGeometry(c_in, size, size, c_out, kernel, padding, pool, bias, mode)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(g.rows, c_out, generator=gen, dtype=torch.float64)
     x = torch.rand(3, c_in * size * size, generator=gen, dtype=torch.float64)
@@ -95,10 +102,15 @@ def test_maps_are_the_derivatives_of_phi_and_the_tile_read_at_every_position(
     assert torch.allclose(conv.pool(pre, g)[0], conv.forward(x, w, g)[0], atol=1e-12)
     back = conv.fold_patches(conv.to_positions(conv.unpool(y, g, idx)) @ w.T, g)
     assert torch.allclose(back, conv.backward(y, w, g, idx), atol=1e-12)
+    if mode == "avg" and pool > 1:  # the window's mean, with no winners to route through
+        assert idx is None
+        want = F.avg_pool2d(F.conv2d(g.maps(x), *conv.kernel(w, g), padding=padding), pool)
+        assert torch.allclose(conv.forward(x, w, g)[0], want.flatten(1), atol=1e-12)
 
 
-def test_reference_implicit_gradients_equal_backprop_through_time() -> None:
-    t = small(budget=SettleBudget(max_steps=400, tol=1e-10, dt=0.5))
+@pytest.mark.parametrize("pool_mode", ["max", "avg"])
+def test_reference_implicit_gradients_equal_backprop_through_time(pool_mode: str) -> None:
+    t = small(budget=SettleBudget(max_steps=400, tol=1e-10, dt=0.5), pool_mode=pool_mode)
     gen = torch.Generator().manual_seed(3)
     net = DHN(t, generator=gen)
     with torch.no_grad():  # units away from the kinks: biases at mid-range
@@ -134,6 +146,11 @@ def test_the_wire_carries_the_geometry_and_an_older_topology_reads_as_before() -
     t = small()
     back = payload.topology_from_dict(payload.topology_to_dict(t))
     assert back == t and back.tile_shape("W1") == t.tile_shape("W1")
+    assert "pool_mode" not in payload.topology_to_dict(t)["couplings"][0]  # a max-pool's payload as before
+    avg = small(pool_mode="avg")
+    d = payload.topology_to_dict(avg)
+    assert d["couplings"][0]["pool_mode"] == "avg"
+    assert payload.topology_from_dict(d) == avg != t
     flat = Topology.layered([4, 3])
     d = payload.topology_to_dict(flat)
     assert "shapes" not in d and "kernel" not in d["couplings"][0]

@@ -30,8 +30,10 @@ SMALL = IDEAL + "&tile_rows_max=20&tile_cols_max=4&max_tiles=32"
 BUDGET = SettleBudget(max_steps=3000, tol=1e-6, dt=0.5, check_every=5)
 
 
-def _chain(pools: list[int]) -> Topology:
-    return Topology.convolutional((3, 4, 4), [6, 4], pools=pools, head=[3], budget=BUDGET)
+def _chain(pools: list[int], pool_mode: str = "max") -> Topology:
+    return Topology.convolutional(
+        (3, 4, 4), [6, 4], pools=pools, pool_mode=pool_mode, head=[3], budget=BUDGET
+    )
 
 
 def _limits(rows: int, cols: int) -> object:
@@ -109,18 +111,21 @@ def test_conv_tile_operations_through_the_split_equal_the_unsplit() -> None:
 
 
 @pytest.mark.parametrize("settle", ["board", "host"])
-@pytest.mark.parametrize("pools", [[1, 2], [2, 1]])
-def test_conv_ep_through_the_split_equals_the_unsplit(pools: list[int], settle: str) -> None:
+@pytest.mark.parametrize(("pools", "pool_mode"), [([1, 2], "max"), ([2, 1], "max"), ([1, 2], "avg")])
+def test_conv_ep_through_the_split_equals_the_unsplit(pools: list[int], pool_mode: str, settle: str) -> None:
     """The same free and nudged fixed points (1e-5), energies, EP gradients (relative error
     below 1e-4) and input gradients as the unsplit conv chain: row and column splits, with and
-    without pooling, a split destination feeding the next conv."""
-    topo = _chain(pools)
+    without pooling, a split destination feeding the next conv. An average-pooled conv's row
+    tiles need no pool group (a mean of sums is a sum of means)."""
+    topo = _chain(pools, pool_mode)
     # biases in the middle of the linear range: every layer's states away from 0
     w = gaussian_init(topo, 1.0, torch.Generator().manual_seed(3), bias="mid")
     kw = {"weights": w, "settle": settle}
     a = EBBlock(TiledDevice(open_device(SMALL)), topo, **kw)  # type: ignore[arg-type]
     b = EBBlock(TiledDevice(open_device(IDEAL)), topo, **kw)  # type: ignore[arg-type]
     assert a.device.placement.tiles == 8 and not b.device.placement.split
+    groups = {c.pool_group for c in a.device.placement.physical.couplings if c.kind == "conv"} - {""}
+    assert bool(groups) == (pool_mode == "max")
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, (4, 48)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]
@@ -164,9 +169,10 @@ def _covers_once(p: Placement) -> None:
             assert (r, k) == b.shape and r <= p.tile_rows_max and k <= p.tile_cols_max
             pc = phys.coupling(b.tile)
             if c.kind == "conv":
-                assert pc.kind == "conv" and (pc.kernel, pc.padding, pc.pool) == (c.kernel, c.padding, c.pool)
+                geometry = ("kernel", "padding", "pool", "pool_mode")
+                assert pc.kind == "conv" and all(getattr(pc, f) == getattr(c, f) for f in geometry)
                 assert b.r0 % c.kernel**2 == 0 and sum(phys.shapes[d][0] for d in pc.cols) == b.c1 - b.c0
-                assert bool(pc.pool_group) == (c.pool > 1 and p.grid(c.tile)[0] > 1)
+                assert bool(pc.pool_group) == (c.pool > 1 and c.pool_mode == "max" and p.grid(c.tile)[0] > 1)
         assert (seen == 1).all(), c.tile
     for g, parts in p.parts.items():
         assert parts[0].start == 0 and parts[-1].stop == topo.groups[g]
@@ -182,15 +188,16 @@ def _covers_once(p: Placement) -> None:
     kernel=st.sampled_from([1, 3]),
     rmax=st.integers(10, 40),
     cmax=st.integers(1, 12),
+    mode=st.sampled_from(["max", "avg"]),
 )
 def test_conv_placement_covers_every_cell_once(
-    channels: list[int], pools: list[int], c_in: int, side: int, kernel: int, rmax: int, cmax: int
+    channels: list[int], pools: list[int], c_in: int, side: int, kernel: int, rmax: int, cmax: int, mode: str
 ) -> None:
     pools = pools[: len(channels)]
     if side >> sum(p == 2 for p in pools) < 1:
         return
     topo = Topology.convolutional(
-        (c_in, side, side), channels, pools=pools, kernel=kernel, padding=kernel // 2
+        (c_in, side, side), channels, pools=pools, pool_mode=mode, kernel=kernel, padding=kernel // 2
     )
     try:
         p = place(topo, _limits(rmax, cmax))  # type: ignore[arg-type]

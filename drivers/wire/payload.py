@@ -353,6 +353,8 @@ def _coupling_to_dict(c: Coupling) -> dict[str, Any]:
     d = {"tile": c.tile, "rows": list(c.rows), "cols": list(c.cols), "kind": c.kind, "w_max": c.w_max}
     if c.kind == "conv":  # only conv couplings carry a geometry: older peers see what they know
         d.update(kernel=c.kernel, padding=c.padding, pool=c.pool)
+        if c.pool_mode != "max":  # only average-pooled convs: older peers' payloads stay as they were
+            d["pool_mode"] = c.pool_mode
         if c.pool_group:  # only the tiles of a split pooled conv (a node-side pool)
             d["pool_group"] = c.pool_group
     return d
@@ -385,6 +387,7 @@ def topology_from_dict(d: dict[str, Any]) -> Topology:
                 kernel=c.get("kernel", 0),
                 padding=c.get("padding", 0),
                 pool=c.get("pool", 1),
+                pool_mode=c.get("pool_mode", "max"),
                 pool_group=c.get("pool_group", ""),
             )
             for c in d["couplings"]
