@@ -5,8 +5,8 @@ A conv tile holds one kernel and is read once per position of its input map (im2
 in-memory computing chips run convolutions): the board cannot relax such a coupling in one
 analog step over the whole map, so every settle step reads the tile at every position,
 forwards (the destination's drive ``pool(conv(x) + b)``) and transposed (the source's drive
-``conv_transpose(unpool(y))``), with the pooling (a winner-take-all per window) in the
-periphery. Fully connected couplings of the same network (a classifier head) settle as in
+``conv_transpose(unpool(y))``), with the pooling in the periphery: a winner-take-all per
+window for a max-pool, a summing node divided by the window's size for an average-pool. Fully connected couplings of the same network (a classifier head) settle as in
 `emulator.settle`. The node circuits integrate ``s <- s + dt (rho(u) - s)`` on the drive u.
 
 Physics, as for the other tiles: the weights are the tiles' (drift, IR drop, stuck devices
