@@ -31,7 +31,7 @@ Average-pooling (``pool_mode = "avg"``) takes each window's mean instead: a line
 Phi_c is bilinear whatever the states, and the route back spreads each destination state
 over its window, divided by the window's size (the adjoint of the mean). There are no
 winners (`winners` is None), so the drive is smooth: a max-pool's winners can switch from one
-settle step to the next, which kept deep conv blocks from settling (docs/conv.md).
+settle step to the next, and a deep block's free settle then keeps moving (docs/conv.md).
 
 A conv coupling split into row blocks by source channels (`drivers.placement`) is several
 conv tiles whose products sum at one destination map. With max-pooling, a max of sums is not

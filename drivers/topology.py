@@ -144,8 +144,7 @@ class Topology:
             elif (c.kernel, c.padding, c.pool, c.pool_mode, c.pool_group) != (0, 0, 1, "max", ""):
                 raise ConfigurationError(
                     f"tile {c.tile!r}: kernel, padding, pool, pool_mode and pool_group are for conv "
-                    "couplings; "
-                    f"this one is {c.kind!r}"
+                    f"couplings; this one is {c.kind!r}"
                 )
         self._check_pool_groups()
 

@@ -6,7 +6,8 @@ in-memory computing chips run convolutions): the board cannot relax such a coupl
 analog step over the whole map, so every settle step reads the tile at every position,
 forwards (the destination's drive ``pool(conv(x) + b)``) and transposed (the source's drive
 ``conv_transpose(unpool(y))``), with the pooling in the periphery: a winner-take-all per
-window for a max-pool, a summing node divided by the window's size for an average-pool. Fully connected couplings of the same network (a classifier head) settle as in
+window for a max-pool, a summing node divided by the window's size for an average-pool.
+Fully connected couplings of the same network (a classifier head) settle as in
 `emulator.settle`. The node circuits integrate ``s <- s + dt (rho(u) - s)`` on the drive u.
 
 Physics, as for the other tiles: the weights are the tiles' (drift, IR drop, stuck devices
