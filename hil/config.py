@@ -109,6 +109,9 @@ class EPConfig:
     free_steps: int = 100  # T1: settle budget of the free phase
     nudge_steps: int = 100  # T2: settle budget of each nudged phase
     tol: float = 1e-3  # stop a settle when max |s_t - s_{t-1}| <= tol (0: run the full budget)
+    # the nudged phases run their whole budget, whatever tol (the free phase still stops at it):
+    # EP reads the small difference of the nudged states, which a stopping rule can swamp
+    nudge_fixed: bool = False
     dt: float = 0.5  # integration step of the settle (1: plain fixed-point iteration)
     settle_mode: Literal["analog", "mvm"] = "analog"
     # where settles run: board (the board relaxes), host (the host iterates the fixed point

@@ -104,7 +104,7 @@ def block_uris(cfg: RunConfig) -> list[str]:
 def _budgets(cfg: RunConfig) -> tuple[SettleBudget, dict[str, SettleBudget]]:
     e = cfg.ep
     free = SettleBudget(max_steps=e.free_steps, tol=e.tol, dt=e.dt)
-    nudge = SettleBudget(max_steps=e.nudge_steps, tol=e.tol, dt=e.dt)
+    nudge = SettleBudget(max_steps=e.nudge_steps, tol=0.0 if e.nudge_fixed else e.tol, dt=e.dt)
     return free, {"free": free, "nudge": nudge}
 
 

@@ -249,3 +249,12 @@ def test_validation_split_is_held_out_of_training_and_scored_each_epoch(tmp_path
     assert list(run.table("metrics/test")["val_acc"]) == [h.val_acc for h in held.history]
     with pytest.raises(DataError, match=r"data\.validation = 195: .* holds out 10 to 190"):
         train_classifier(load_config(None, [*sets, "data.validation=195"]))
+
+
+def test_nudge_fixed_runs_the_nudged_phases_to_their_budget_and_the_free_one_to_tol() -> None:
+    base = ["train.epochs=1", "model.sizes=[64,16,10]", "data.limit_train=64", "data.limit_test=16",
+            "ep.free_steps=200", "ep.nudge_steps=40", "ep.tol=0.01"]  # fmt: skip
+    stopped = train_classifier(load_config(None, base), progress=False).history[0]
+    fixed = train_classifier(load_config(None, [*base, "ep.nudge_fixed=true"]), progress=False).history[0]
+    assert stopped.nudge_steps < 40 and fixed.nudge_steps == 40
+    assert fixed.free_steps == stopped.free_steps < 200  # the free phase stops at tol in both
