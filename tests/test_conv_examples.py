@@ -116,7 +116,7 @@ def test_mnist_conv_example_maps_its_weights_onto_enough_of_the_rram_window() ->
 @pytest.mark.parametrize("study", ["fc", "conv"])
 def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> None:
     """benchmarks/ffebm_conv.py's splitting runs: every block size at every init scale is a
-    valid config, and each splits the same network (the same crossbar cells) into the blocks
+    valid config at every Adam rate, and each splits the same network (the same crossbar cells) into the blocks
     it says (the output layer a block of its own in the fully connected study)."""
     import argparse
     import sys
@@ -126,15 +126,15 @@ def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> No
     from benchmarks import ffebm_conv
 
     args = argparse.Namespace(quick=False, skip_main=True, skip_split=False, split_model=study,
-                              split_scales="", split_epochs=0, split_train=0)  # fmt: skip
+                              split_scales="", split_lrs="", split_epochs=0, split_train=0)  # fmt: skip
     todo = ffebm_conv.jobs(args)
-    assert [(j["tags"]["block_layers"], j["tags"]["init_scale"]) for j in todo] == list(
-        itertools.product((1, 2, 3, 6), ffebm_conv.SPLIT_SCALES[study])
+    assert [(j["tags"]["block_layers"], j["tags"]["init_scale"], j["tags"]["lr"]) for j in todo] == list(
+        itertools.product((1, 2, 3, 6), ffebm_conv.SPLIT_SCALES[study], ffebm_conv.SPLIT_LRS[study])
     )
     cells, blocks = set(), {}
     for job in todo:
         cfg = load_config(ffebm_conv.EXAMPLE, job["overrides"])
-        assert cfg.model.init_scale == job["tags"]["init_scale"]
+        assert cfg.model.init_scale == job["tags"]["init_scale"] and cfg.train.lr == [job["tags"]["lr"]]
         clf = Classifier(cfg, 28 * 28, 10, open_device, image_shape=(1, 28, 28))
         cells.add(sum(r * c for r, c in clf.tile_shapes().values()))
         blocks[job["tags"]["block_layers"]] = len(clf.blocks())
