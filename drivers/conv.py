@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers.topology import BIAS, Coupling, Topology
+from drivers.topology import BIAS, Coupling, Topology, picks_winners
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ConvGeometry:
     @property
     def has_winners(self) -> bool:
         """Whether the pooling picks winners (a max-pool), which the route back needs."""
-        return self.pool > 1 and self.pool_mode == "max"
+        return picks_winners(self.pool, self.pool_mode)
 
     @property
     def positions(self) -> int:

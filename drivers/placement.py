@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 
 from drivers.base import Limits
 from drivers.errors import ConfigurationError, LimitViolation
-from drivers.topology import BIAS, Coupling, Topology
+from drivers.topology import BIAS, Coupling, Topology, picks_winners
 
 # separates a logical name from its part index in a physical group or tile name (``W0#1_2``: no
 # dot, so that the physical topology's tile names are valid torch parameter names in `hil`)
@@ -442,7 +442,7 @@ def _conv(
         rows = (p.name, BIAS) if bias and last else (p.name,)
         for j, cb in enumerate(cblocks):
             name = f"{c.tile}{SEP}{i}_{j}"
-            pooled = c.pool > 1 and c.pool_mode == "max" and len(ps) > 1  # a mean of sums is a sum of means
+            pooled = picks_winners(c.pool, c.pool_mode) and len(ps) > 1  # a mean of sums is a sum of means
             group = "" if not pooled else (c.tile if len(cblocks) == 1 else f"{c.tile}{SEP}{j}")
             dst = tuple(n for n, _ in cb)
             couplings.append(replace(c, tile=name, rows=rows, cols=dst, pool_group=group))

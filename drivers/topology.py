@@ -43,6 +43,12 @@ MAX_POSITIONS = 1 << 16  # conv output positions per input map (a 256 x 256 imag
 MAX_NODES = 1 << 20
 
 
+def picks_winners(pool: int, pool_mode: str) -> bool:
+    """Whether a conv coupling's pooling picks a winner per window (a max-pool): its route
+    back needs them, and a max of sums is not a sum of maxes (`drivers.conv`)."""
+    return pool > 1 and pool_mode == "max"
+
+
 @dataclass(frozen=True)
 class Coupling:
     tile: str

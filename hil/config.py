@@ -343,8 +343,6 @@ def validate(cfg: RunConfig) -> None:
             f"model.channels / model.pools: positive channel counts and one pool per conv layer, "
             f"got channels {m.channels}, pools {m.pools}"
         )
-    if m.pool_mode not in ("max", "avg"):
-        raise ConfigError(f"model.pool_mode: 'max' or 'avg', got {m.pool_mode!r}")
     if m.channels and not (1 <= m.kernel <= 15 and 0 <= m.padding < m.kernel and m.front >= 0):
         raise ConfigError(
             f"model.kernel in [1, 15], model.padding in [0, kernel - 1], model.front >= 0; got kernel "
