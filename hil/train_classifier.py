@@ -401,11 +401,12 @@ def train_classifier(
 ) -> TrainResult:
     """Train `cfg` and return the test accuracy after the last epoch and the history. With
     `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
-    a resume snapshot per epoch; with `state` (from `open_for_resume`), continue from it. If
-    training fails, the boards are closed (left in their safe state) before the error goes on.
-    With `dp` (`hil.distributed`), this is one rank of a data parallel job: it settles its
-    shard of every batch on its own board (cfg.device), `log` is given on rank 0 only, and
-    rank 0's `state` is broadcast to every rank."""
+    resume snapshots (at an epoch's end, at most every `log.snapshot_every_s`, and at the
+    last); with `state` (from `open_for_resume`), continue from it. If training fails, the
+    boards are closed (left in their safe state) before the error goes on. With `dp`
+    (`hil.distributed`), this is one rank of a data parallel job: it settles its shard of
+    every batch on its own board (cfg.device), `log` is given on rank 0 only, and rank 0's
+    `state` is broadcast to every rank."""
     torch.manual_seed(cfg.train.seed)
     # one path for a data set given by the caller and one loaded by name: the run log records
     # the config, and a limit that is not applied would make that record wrong
@@ -422,6 +423,7 @@ def train_classifier(
         state = dp.broadcast(state)
     model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
     if log is not None:
+        log.configure(**dataclasses.asdict(cfg.log))
         log.set_boards(model.board_records())
     try:
         return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
@@ -526,6 +528,7 @@ def _train(
                     "test", step=step, epoch=epoch + 1, test_acc=test_acc, train_loss=stats.train_loss, **held
                 )
                 model.log_tiles(log, step)
+            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs):
                 log.snapshot(
                     step,
                     training_state(

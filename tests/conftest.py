@@ -4,6 +4,7 @@ must still be zero."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ def crash_and_resume() -> Callable[[Any, Path], Any]:
         raise Crash("simulated crash after epoch 1")
 
     def run(cfg: Any, path: Path) -> Any:
+        # a snapshot at every epoch (the default waits 10 s between them), so the crash after
+        # the first epoch leaves one to resume from
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, snapshot_every_s=0.0))
         with pytest.raises(Crash), RunLog.create(path, cfg) as log:
             train_classifier(cfg, log=log, on_epoch=crash)
         log, state = open_for_resume(path)

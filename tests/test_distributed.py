@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = [
     "data.limit_train=400", "data.limit_test=200", "model.sizes=[64,32,10]", "train.batch_size=25",
     "ep.tol=0", "ep.free_steps=40", "ep.nudge_steps=20",
+    "log.snapshot_every_s=0",  # a snapshot per epoch, for the killed ranks to resume from
 ]  # fmt: skip
 # train.shift: each rank moves its images by its share of the global batch's offsets
 IDEAL = [*RUN, "train.epochs=6", "train.shift=1"]

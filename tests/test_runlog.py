@@ -405,6 +405,43 @@ def test_trace_sub_sampling_and_snapshot_pruning(tmp_path: Path) -> None:
     off.close()
 
 
+def test_snapshot_cadence_waits_its_interval_and_always_takes_the_last_epoch(tmp_path: Path) -> None:
+    log = RunLog.create(tmp_path / "c.zarr", {}, snapshot_every_s=3600.0)
+    assert not log.snapshot_due() and log.snapshot_due(last=True)
+    log.configure(snapshot_every_s=0.0, flush_every_s=5.0, keep_snapshots=0)
+    assert log.snapshot_due() and (log.flush_every_s, log.keep_snapshots) == (5.0, 0)
+    assert log.root.attrs["log"]["snapshot_every_s"] == 0.0  # recorded for the run's reader
+    log.configure(snapshot_every_s=0.05, flush_every_s=5.0, keep_snapshots=0)
+    log.snapshot(1, {"s": 1})
+    assert not log.snapshot_due()  # the interval counts from the last snapshot
+    time.sleep(0.06)
+    assert log.snapshot_due()
+    log.close()
+
+
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_trainer_snapshots_every_epoch_or_only_the_last_by_the_log_config(
+    every_s: float, tmp_path: Path
+) -> None:
+    """`log.snapshot_every_s` reaches the run log through the trainer: 0 gives a snapshot per
+    epoch (the last 3 kept), an hour only the last epoch's, at the final step."""
+    from hil.config import ConfigError, load_config, validate
+    from hil.train_classifier import train_classifier
+
+    sets = ["train.epochs=4", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,16,10]"]
+    cfg = load_config(None, [*sets, f"log.snapshot_every_s={every_s}"])
+    with RunLog.create(tmp_path / "t.zarr", cfg) as log:
+        res = train_classifier(cfg, log=log)
+    res.model.close()
+    run = open_run(tmp_path / "t.zarr")
+    steps = [run.snapshot_attrs(name)["step"] for name in run.snapshots]
+    per_epoch = 64 // cfg.train.batch_size + (64 % cfg.train.batch_size > 0)
+    assert steps == ([2 * per_epoch, 3 * per_epoch, 4 * per_epoch] if every_s == 0 else [4 * per_epoch])
+    assert run.attrs["log"]["snapshot_every_s"] == every_s
+    with pytest.raises(ConfigError, match="snapshot_every_s"):
+        validate(load_config(None, ["log.snapshot_every_s=-1"]))
+
+
 def test_resume_refusals(copy: Path, tmp_path: Path) -> None:
     with pytest.raises(RunLogError, match="complete; nothing to resume"):
         open_for_resume(copy)

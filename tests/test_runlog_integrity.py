@@ -202,7 +202,14 @@ def test_resume_after_a_damaged_snapshot_matches_an_uninterrupted_run(tmp_path: 
     torch.set_num_threads(1)
     try:
         cfg = load_config(
-            None, ["train.epochs=3", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,16,10]"]
+            None,
+            [
+                "train.epochs=3",
+                "data.limit_train=64",
+                "data.limit_test=32",
+                "model.sizes=[64,16,10]",
+                "log.snapshot_every_s=0",
+            ],
         )
 
         class Crash(RuntimeError):

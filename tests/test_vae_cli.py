@@ -85,7 +85,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     from hil.config import load_into
     from hil.runlog import RunLog
 
-    cfg = load_into(VAERunConfig(), None, [*SMALL, "train.epochs=2"])
+    cfg = load_into(VAERunConfig(), None, [*SMALL, "train.epochs=2", "log.snapshot_every_s=0"])
 
     class Crash(RuntimeError):
         """The failure the test injects after the first epoch."""

@@ -66,7 +66,7 @@ def vae(
 
     Prints the crossbar cells used, then the test negative ELBO (nats per image), reconstruction error, Frechet distance of samples (before and after training), settle energy per image and convergence.
 
-    The run log (RUN/run.zarr) records config, device, metrics, settle traces, tile snapshots and a resume snapshot per epoch: see it with `hil inspect RUN` and `hil plot RUN`; continue a killed run with --resume RUN (add --set device=URI if the board moved: the rest of the config must stay as it was)."""
+    The run log (RUN/run.zarr) records config, device, metrics, settle traces, tile snapshots and resume snapshots (at an epoch's end, at most every log.snapshot_every_s seconds, default 10, and at the last epoch): see it with `hil inspect RUN` and `hil plot RUN`; continue a killed run with --resume RUN (add --set device=URI if the board moved: the rest of the config must stay as it was)."""
     import time
 
     import torch

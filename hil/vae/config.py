@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from drivers.activation import Activation
 from drivers.errors import ConfigurationError
-from hil.config import ConfigError, DataConfig, check_compute
+from hil.config import ConfigError, DataConfig, LogConfig, check_compute, check_log
 
 
 @dataclass
@@ -91,6 +91,7 @@ class VAERunConfig:
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +100,7 @@ class VAERunConfig:
 def validate_vae(cfg: VAERunConfig) -> None:
     m, e, t = cfg.model, cfg.ep, cfg.train
     check_compute(cfg.compute)
+    check_log(cfg.log)
     checks = (
         ("model.hidden", m.hidden),
         ("model.latent", m.latent),

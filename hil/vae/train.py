@@ -222,7 +222,8 @@ def train_vae(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> VAEResult:
     """Train the configured variant. With `log`, record config, device, metrics, free-settle
-    traces, tile snapshots, programming reports and a resume snapshot per epoch; with `state`
+    traces, tile snapshots, programming reports and resume snapshots (`RunLog.snapshot_due`: at an
+    epoch's end, at most every `log.snapshot_every_s`, and at the last); with `state`
     (from `open_for_resume`), continue from that snapshot. PNGs of samples and
     reconstructions go to `out_dir`."""
     t0 = time.perf_counter()
@@ -246,6 +247,8 @@ def train_vae(
         )
         ev = cfg.eval
         x_train = data.x_train.reshape(len(data.x_train), -1)
+        if log is not None:
+            log.configure(**dataclasses.asdict(cfg.log))
         if log is not None and model.devices:  # on resume too: the board may be at another address
             log.set_device(model.devices[0].info, uri=cfg.device)
             log.set_calibration(model.calibration_id)
@@ -297,6 +300,7 @@ def train_vae(
             bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.2f}")
             if log is not None:
                 model.log_tiles(log, step)
+            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs):
                 log.snapshot(
                     step,
                     training_state(
