@@ -134,8 +134,17 @@ def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> No
     cells, blocks = set(), {}
     for job in todo:
         cfg = load_config(ffebm_conv.EXAMPLE, job["overrides"])
-        assert cfg.model.init_scale == job["tags"]["init_scale"] and cfg.train.lr == [job["tags"]["lr"]]
+        rates = ffebm_conv.tile_rates(job["tags"]["lr"])
+        assert cfg.model.init_scale == job["tags"]["init_scale"] and cfg.train.lr == rates
         clf = Classifier(cfg, 28 * 28, 10, open_device, image_shape=(1, 28, 28))
+        # a per-tile profile names one rate for every tile, the lowest layer's first
+        tile_lrs = [g["lr"] for g in clf.opt.param_groups[: len(clf.tile_shapes())]]
+        assert len(rates) == 1 or len(rates) == len(tile_lrs), (rates, tile_lrs)
+        assert tile_lrs == [rates[min(k, len(rates) - 1)] for k in range(len(tile_lrs))]
+        shapes = [tuple(g["params"][0].shape) for g in clf.opt.param_groups[: len(tile_lrs)]]
+        assert shapes == list(clf.tile_shapes().values())  # the groups in the tiles' order
+        if study == "conv":  # from the lowest layer (8 maps in: 8 x 3 x 3 + 1 rows) to the head
+            assert shapes[0] == (73, 8) and shapes[-1] == (16 * 7 * 7 + 1, 10), shapes
         cells.add(sum(r * c for r, c in clf.tile_shapes().values()))
         blocks[job["tags"]["block_layers"]] = len(clf.blocks())
         clf.close()
