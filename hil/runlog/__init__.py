@@ -30,6 +30,10 @@ this loop, killed by SIGKILL and resumed)::
                 log.snapshot(step, training_state(model=model, optimizer=opt, scheduler=sched,
                                                   step=step, order=order.state()))
 
+The project's trainers snapshot at an epoch's end when ``log.snapshot_due(last=...)`` says
+so: once `snapshot_every_s` (10 s by default; the config's ``log.snapshot_every_s``) has
+passed since the last snapshot, and at the last epoch.
+
 `restore_training` puts the model, optimizer and scheduler states back and the global RNG
 states (torch, numpy, Python), and returns the rest of what `training_state` was given
 (here the step to continue from and the data order). A model's own generators
