@@ -151,7 +151,7 @@ class LogConfig:
     at the end of an epoch once `snapshot_every_s` seconds have passed since the last one
     (0: every epoch; the last epoch always has one), the flush timer, and how many snapshots
     are kept (0: all). A snapshot flushes every table: about 47 file writes for `hil train
-    vae`, which every epoch made 5 % of the main job (docs/runlog.md)."""
+    vae`, which at every epoch made 8 % of the main job (docs/runlog.md)."""
 
     snapshot_every_s: float = 10.0
     flush_every_s: float = 30.0

@@ -57,6 +57,9 @@ def test_train_vae_prints_cells_and_writes_run_log_and_pictures(tmp_path: Path) 
         "model.init_bias": "mid",
     }
     assert "crossbar cells, hard_sigmoid neuron" in text
+    # two sub-second epochs, the default log.snapshot_every_s (10 s): the last epoch's snapshot only
+    assert [run.snapshot_attrs(name)["step"] for name in run.snapshots] == [2 * 96 // 32]
+    assert run.attrs["log"]["snapshot_every_s"] == 10.0
     root = zarr.open_group(str(out / "run.zarr"), mode="r")
     assert "metrics" in root and "traces" in root
     # a second run into the same folder is refused without --overwrite

@@ -48,8 +48,8 @@ _RESERVED = ("step", "epoch")
 # Rows written after the last snapshot are dropped on resume anyway, so the timer only bounds
 # what a post-mortem of a killed run can see; a flush of every table costs ~50-100 ms here.
 FLUSH_EVERY_S = 30.0
-# A snapshot flushes every table (some 47 atomic file writes for `hil train vae`: 20-30 ms
-# here), so one per epoch of sub-second emulator epochs cost 5 % of a run; a trainer takes one
+# A snapshot flushes every table (some 47 atomic file writes for `hil train vae`: about 65 ms
+# here), so one per epoch of sub-second emulator epochs cost 8 % of a run; a trainer takes one
 # when `snapshot_due` says so. A crash then loses at most this long plus an epoch; on a real
 # board an epoch takes longer, so every epoch still gets one.
 SNAPSHOT_EVERY_S = 10.0
