@@ -153,7 +153,11 @@ class LogConfig:
     are kept (0: all). A snapshot flushes every table: about 47 file writes for `hil train
     vae`, which at every epoch made 8 % of the main job (docs/runlog.md)."""
 
+    # a snapshot costs about 65 ms here; a crash loses at most this long plus one epoch, and on
+    # a real board, whose epochs take longer, every epoch still gets one
     snapshot_every_s: float = 10.0
+    # rows written after the last snapshot are dropped on resume anyway, so the flush timer only
+    # bounds what a post-mortem of a killed run can see; a flush of every table costs 50-100 ms
     flush_every_s: float = 30.0
     keep_snapshots: int = 3
 

@@ -18,6 +18,7 @@ import zarr
 from zarr.core.sync import sync
 
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
+from hil.config import LogConfig
 from hil.runlog.chunks import ArrayCopier
 from hil.runlog.layout import (
     ARRAY_CONFIG,
@@ -45,14 +46,11 @@ from hil.runlog.table import Table, gather
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED = ("step", "epoch")
-# Rows written after the last snapshot are dropped on resume anyway, so the timer only bounds
-# what a post-mortem of a killed run can see; a flush of every table costs ~50-100 ms here.
-FLUSH_EVERY_S = 30.0
-# A snapshot flushes every table (some 47 atomic file writes for `hil train vae`: about 65 ms
-# here), so one per epoch of sub-second emulator epochs cost 8 % of a run; a trainer takes one
-# when `snapshot_due` says so. A crash then loses at most this long plus an epoch; on a real
-# board an epoch takes longer, so every epoch still gets one.
-SNAPSHOT_EVERY_S = 10.0
+# The writer's defaults are the run config's ``[log]`` defaults (`hil.config.LogConfig` says
+# why they are what they are), so a store written without a trainer behaves as one with.
+FLUSH_EVERY_S: float = LogConfig.flush_every_s
+SNAPSHOT_EVERY_S: float = LogConfig.snapshot_every_s
+KEEP_SNAPSHOTS: int = LogConfig.keep_snapshots
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class RunLog:
         opts = run.attrs.get("log", {})
         self.traces = TraceConfig(**opts.get("traces", {}))
         self.flush_every_s = float(opts.get("flush_every_s", FLUSH_EVERY_S))
-        self.keep_snapshots = int(opts.get("keep_snapshots", 3))
+        self.keep_snapshots = int(opts.get("keep_snapshots", KEEP_SNAPSHOTS))
         self.snapshot_every_s = float(opts.get("snapshot_every_s", SNAPSHOT_EVERY_S))
         self.config: dict[str, Any] = run.config
         self._tables: dict[str, Table] = {}
@@ -117,7 +115,7 @@ class RunLog:
         calibration_id: str | None = None,
         traces: TraceConfig | None = None,
         flush_every_s: float = FLUSH_EVERY_S,
-        keep_snapshots: int = 3,
+        keep_snapshots: int = KEEP_SNAPSHOTS,
         snapshot_every_s: float = SNAPSHOT_EVERY_S,
         overwrite: bool = False,
     ) -> RunLog:
