@@ -176,53 +176,15 @@ def _add_noise(dst: torch.Tensor, std: torch.Tensor, pool: NoisePool, rows: int,
 
 
 def _joined_products(
-    plan: Plan,
-    state: torch.Tensor,
-    new: torch.Tensor,
-    drive: torch.Tensor,
-    per_group: list[Product],
+    plan: Plan, state: torch.Tensor, new: torch.Tensor, drive: torch.Tensor
 ) -> list[Product] | None:
-    """One step's products source by source over all free rows at once, where that gives
-    the very numbers of the group-by-group products (`per_group`), else None.
-
-    Where every free source drives every free group (a dense tile) and its joined matrix
-    (`Term.matrix`, one row block per free group, in the buffer's row order) is contiguous,
-    the products of a step are one ``addmm`` per source over all free rows instead of one
-    per (source, group) pair: 3 calls instead of 9 for three free groups, about half the
-    time of a small settle's step. Each output element is still the same dot product over
-    the same source, added in the same order of sources; whether the BLAS computes it with
-    the same rounding when the output has more rows depends on the kernel it picks for the
-    shapes (on MKL: the same for 64- and 4-row blocks, not for 12- or 2-row ones), so it is
-    checked once here, on these very buffers and matrices, against `per_group` with probe
-    states: the joined calls are used only where the two agree bit for bit."""
-    terms, rows = plan.dyn_terms, plan.rows
-    if len(plan.free) < 2 or not terms:
+    """One step's products as one ``addmm`` over all free nodes, through the plan's joined
+    free-to-free matrix (`settle_plan.joined_coupling`), where it has one; else None (one
+    product per (source, group) pair). The same sums in another order: the numbers equal
+    the group-by-group products' to float rounding."""
+    if plan.coupling is None:
         return None
-    order = [t.src for t in terms]
-    if any([src for src, _m in plan.by_dst[g]] != order for g in plan.free):
-        return None
-    for t in terms:
-        spans = [(dst, a, b) for dst, a, b, _k in t.dsts]
-        if spans != [(g, rows[g].start, rows[g].stop) for g in plan.free]:
-            return None
-        if t.matrix.shape[0] != plan.n_free or not t.matrix.is_contiguous():
-            return None
-    joined = [Product.into(new, drive, terms[0].matrix, state[rows[terms[0].src]])]
-    joined += [Product.add(new, t.matrix, state[rows[t.src]]) for t in terms[1:]]
-    gen = torch.Generator().manual_seed(0)  # a probe of its own: the board's generators untouched
-    same = True
-    for _ in range(2):
-        state.copy_(torch.rand(state.shape, generator=gen).to(state.device))
-        drive.copy_(torch.rand(drive.shape, generator=gen).to(drive.device))
-        for p in per_group:
-            p.bind()()
-        want = new.clone()
-        for p in joined:
-            p.bind()()
-        same = same and bool(torch.equal(new, want))
-    state.zero_()
-    drive.zero_()
-    return joined if same else None
+    return [Product.into(new, drive, plan.coupling, state)]
 
 
 class SettleEngine:
@@ -244,6 +206,10 @@ class SettleEngine:
         # run that loop in torch.inference_mode (the same numbers, less dispatch per call);
         # False: with autograd's dispatch, as the Python loop
         self.inference = True
+        # a dense tile's step products as one addmm over all free rows through the plan's
+        # joined matrix (`settle_plan.joined_coupling`); False: one per (source, group) pair.
+        # Read when a workspace is made: set it before a batch size's first settle
+        self.joined = True
         self._clamp_cache: ClampCache | None = None
         self.clamp_reuses = 0  # settles that reused a cached constant drive
         self._noise_pool: NoisePool | None = None
@@ -516,7 +482,7 @@ class SettleEngine:
                 products += [Product.add(new[r], m, x) for m, x in sources[1:]]
             else:
                 products.append(Product.copy(new[r], drive[r]))
-        step = _joined_products(plan, state, new, drive, products) or products
+        step = (self.joined and _joined_products(plan, state, new, drive)) or products
         ws = Workspace(state, drive, plan.rows, links, new, [p.bind() for p in step], step)
         if len(plan.workspaces) >= 4:  # a few batch sizes (training, the last batch, evaluation)
             plan.workspaces.pop(next(iter(plan.workspaces)))

@@ -130,22 +130,23 @@ def test_the_counter_sees_a_synchronisation() -> None:
 
 @pytest.mark.parametrize("sizes", [(64, 64, 4, 4), (64, 12, 2, 2)])
 def test_joined_step_products_give_the_same_settles(monkeypatch, sizes: tuple[int, ...]) -> None:
-    """A dense tile's step products run source by source over all free rows where the BLAS
-    gives the group-by-group numbers bit for bit (checked on the workspace's own buffers):
-    the settles are the same as with the group-by-group products, whichever is used."""
+    """A dense tile's step products run as one ``addmm`` over all free rows through the
+    plan's joined free-to-free matrix: one product per step, and the same settles as the
+    group-by-group products to float rounding (its sums run in another order), after writes
+    too (the joined matrix is refreshed with the tile)."""
     import emulator.settle as engine
 
     groups = dict(zip(("x", "h", "mu", "lv"), sizes, strict=True))
-    topo = Topology.dense(groups, budget=SettleBudget(max_steps=300, tol=1e-4, dt=0.5))
+    topo = Topology.dense(groups, budget=SettleBudget(max_steps=300, tol=1e-6, dt=0.5))
     rng = np.random.default_rng(2)
-    w = rng.uniform(-0.3, 0.3, topo.tile_shape("W")).astype(np.float32)
+    weights = [rng.uniform(-0.2, 0.2, topo.tile_shape("W")).astype(np.float32) for _ in range(2)]
     x = rng.uniform(0, 1, (32, sizes[0])).astype(np.float32)
-    used: list[bool] = []
+    products: list[int] = []
     joined = engine._joined_products
 
     def spy(*args):  # type: ignore[no-untyped-def]
         out = joined(*args)
-        used.append(out is not None)
+        products.append(0 if out is None else len(out))
         return out
 
     results = []
@@ -153,10 +154,13 @@ def test_joined_step_products_give_the_same_settles(monkeypatch, sizes: tuple[in
         monkeypatch.setattr(engine, "_joined_products", patch)
         with open_device("emulator://?preset=ideal&seed=0") as dev:
             dev.configure(topo)
-            program_weights(dev, "W", w)
-            results.append([dev.settle({"x": x}), dev.settle({"mu": x[:, : sizes[2]]})])
-    assert len(used) == 2  # consulted once per workspace (MKL on AVX-512 joins both of the first case)
+            settles = []
+            for w in weights:
+                program_weights(dev, "W", w)
+                settles += [dev.settle({"x": x}), dev.settle({"mu": x[:, : sizes[2]]})]
+            results.append(settles)
+    assert products == [1, 1]  # one workspace per clamp set, each stepping with one product
     for p, q in zip(*results, strict=True):
-        assert p.steps == q.steps
+        assert abs(p.steps - q.steps) <= 5  # a convergence check may fall one mark later
         for g in q.states:
-            np.testing.assert_array_equal(p.states[g], q.states[g])
+            np.testing.assert_allclose(p.states[g], q.states[g], rtol=0, atol=1e-5, err_msg=g)
