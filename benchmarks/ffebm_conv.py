@@ -67,9 +67,9 @@ FC = [
 # the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv DHN
 # (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block boundaries,
 # free settles stopped at 0.002 within 120 steps (blocks of 1 to 3 layers stop earlier; the
-# 6-layer block reached 91.9 % in 8 epochs with 120, 89.7 % with 60), then 20 nudged steps
-# per phase, all of them (`ep.nudge_fixed`: nudged phases stopped at the tolerance too left
-# the 6-layer block at chance, its lower layers' error signal, about 1e-4, below what the
+# 6-layer block, at Adam rates falling from 1e-3, reached 91.9 % in 8 epochs with 120, 89.7 %
+# with 60), then 20 nudged steps per phase, all of them (`ep.nudge_fixed`: nudged phases
+# stopped at the tolerance too left the 6-layer block at chance, its lower layers' error signal, about 1e-4, below what the
 # stopping rule leaves unsettled between the two phases; docs/conv.md); w_max 1 as when it
 # was first measured (on the ideal board w_max only sets where weights clip); the Adam rates
 # are `SPLIT_LRS` (the example's 3e-3 collapsed the 2- and 3-layer splits)
