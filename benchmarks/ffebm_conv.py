@@ -64,15 +64,16 @@ FC = [
     "model.kind=dhn", "model.activation=hard_sigmoid", "model.sizes=[784,512,10]", "model.channels=[]",
     "model.pools=[]", "model.front=0",
 ]  # fmt: skip
-# the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv DHN
-# (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block boundaries,
-# free settles stopped at 0.002 within 120 steps (blocks of 1 to 3 layers stop earlier; the
-# 6-layer block, at Adam rates falling from 1e-3, reached 91.9 % in 8 epochs with 120, 89.7 %
-# with 60), then 20 nudged steps per phase, all of them (`ep.nudge_fixed`: nudged phases
-# stopped at the tolerance too left the 6-layer block at chance, its lower layers' error signal, about 1e-4, below what the
-# stopping rule leaves unsettled between the two phases; docs/conv.md); w_max 1 as when it
-# was first measured (on the ideal board w_max only sets where weights clip); the Adam rates
-# are `SPLIT_LRS` (the example's 3e-3 collapsed the 2- and 3-layer splits)
+# the splitting study: the example's digital front (8 x 14 x 14 maps), then one 6-layer conv
+# DHN (maps 8x14x14 twice, 16x7x7 four times) split into blocks, batch-norm at the block
+# boundaries, free settles stopped at 0.002 within 120 steps (blocks of 1 to 3 layers stop
+# earlier; the 6-layer block, at Adam rates falling from 1e-3, reached 91.9 % in 8 epochs with
+# 120, 89.7 % with 60), then 20 nudged steps per phase, all of them (`ep.nudge_fixed`: nudged
+# phases stopped at the tolerance too left the 6-layer block at chance, its lower layers'
+# error signal, about 1e-4, below what the stopping rule leaves unsettled between the two
+# phases; docs/conv.md); w_max 1 as when it was first measured (on the ideal board w_max only
+# sets where weights clip); the Adam rates are `SPLIT_LRS` (the example's 3e-3 collapsed the
+# 2- and 3-layer splits)
 SPLIT_CONV = ["model.channels=[8,8,16,16,16,16]", "model.pools=[1,1,2,1,1,1]", "model.between=bn",
               "model.init_scale=0.5", "model.w_max=1.0", "train.lr=[0.0003]", "ep.tol=0.002",
               "ep.nudge_fixed=true", "ep.free_steps=120", "ep.nudge_steps=20"]  # fmt: skip
