@@ -127,6 +127,9 @@ class EPConfig:
     # centered EP with the CE error current: both nudged phases as one settle over the doubled
     # batch (EBBlock.joint_phases; one Device call instead of two, equal in distribution)
     joint_phases: bool = True
+    # where a free settle starts: "zero", or "forward" (the states of one feedforward sweep
+    # through the device's weights, `EBBlock.forward_start`)
+    free_start: Literal["zero", "forward"] = "zero"
 
 
 @dataclass
