@@ -497,6 +497,8 @@ class EBBlock(nn.Module):
         sweep's states where `free_start` is ``"forward"`` (`forward_start`), else from 0."""
         if self.free_start == "zero":
             return self.settle(clamp, trace=trace)
+        if self.free_start != "forward":
+            raise ValueError(f"free_start must be 'zero' or 'forward', got {self.free_start!r}")
         start = self.forward_start(clamp)
         init = start if self.tensor_settle else {g: to_numpy(v) for g, v in start.items()}
         return self.settle(clamp, init=init, trace=trace)  # type: ignore[arg-type]
@@ -524,9 +526,9 @@ class EBBlock(nn.Module):
         """The free groups' states after one feedforward sweep from the inputs through the
         weights the device holds (`device_weights`): group by group in `sweep_order`, each
         ``rho(drive)`` of the groups before it, with the groups after it at 0 (so only the
-        drive from below counts). A layered block with a clamped input relaxes from there in
-        far fewer steps than from 0 when its feedback is weak; a block of one layer settles
-        there at once."""
+        drive from below counts). A block of one layer with a clamped input starts at its
+        fixed point; a deeper one at the same fixed point as from 0, a few steps sooner or
+        later (its damped relaxation's slow tail sets the count; docs/conv.md)."""
         net = self.device_weights()
         given = self._clamp(clamp)
         states = {g: torch.as_tensor(v, device=self.compute).float() for g, v in given.items()}

@@ -78,7 +78,7 @@ def test_both_starts_reach_the_same_fixed_point_the_sweep_sooner(kind: str, sett
     near = max(float(np.abs(start[g].numpy() - v).max()) for g, v in states(a, zero.free_groups).items())
     assert near < far
     every = topology(SettleBudget(max_steps=600, tol=1e-4, dt=0.5, check_every=1))
-    steps = [block(every, 0.5, start, settle).free(x).steps for start in ("zero", "forward")]
+    steps = [block(every, 0.5, origin, settle).free(x).steps for origin in ("zero", "forward")]
     assert steps[1] < steps[0]
 
 
@@ -96,3 +96,7 @@ def test_the_config_key_reaches_every_block_and_a_bad_value_is_refused() -> None
     assert np.isfinite(loss)
     with pytest.raises(ConfigError, match="free_start"):
         load_config(None, ["ep.free_start=ones"])
+    blk = clf.blocks()[0]
+    blk.free_start = "ones"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="'zero' or 'forward'"):
+        blk.free(torch.zeros(2, 64))
