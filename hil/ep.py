@@ -529,13 +529,13 @@ class EBBlock(nn.Module):
         drive from below counts). A block of one layer with a clamped input starts at its
         fixed point; a deeper one at the same fixed point as from 0, a few steps sooner or
         later (its damped relaxation's slow tail sets the count; docs/conv.md)."""
+        self.sync()  # the weights the settle will use (a no-op when nothing changed)
         net = self.device_weights()
         given = self._clamp(clamp)
         states = {g: torch.as_tensor(v, device=self.compute).float() for g, v in given.items()}
-        batch = next(iter(states.values())).shape[0]
         like = next(iter(states.values()))
         for g in self.free_groups:
-            states[g] = like.new_zeros(batch, self.topology.size(g))
+            states[g] = like.new_zeros(like.shape[0], self.topology.size(g))
         for layer in self.sweep_order():
             drive = net.drive(states, targets=set(layer))
             for g in layer:
