@@ -15,6 +15,7 @@ first); docs/conv.md has the table.
 
     python benchmarks/split_depth_gradcheck.py [--epochs 2] [--block-layers 6]
         [--budgets 60/20,200/60,1000/200] [--betas 0.2,0.05,0.01]
+        [--settle board|host|host-alternating]
 
 Ends by printing one JSON object per line. About 15 s on one thread.
 """
@@ -51,6 +52,14 @@ def budgets(text: str) -> list[tuple[int, int]]:
     return out
 
 
+# how the checked block settles: (settle path, host update, dt; None: the training's)
+SETTLES = {
+    "board": ("board", "synchronous", None),
+    "host": ("host", "synchronous", None),
+    "host-alternating": ("host", "alternating", 1.0),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=2, choices=range(1, 21), metavar="1..20",
@@ -60,6 +69,10 @@ def main() -> None:
     p.add_argument("--betas", default="0.2,0.05,0.01")
     p.add_argument("--block-layers", type=int, default=6, choices=(1, 2, 3, 6),
                    help="layers per block of the split; the first block is checked")  # fmt: skip
+    p.add_argument("--settle", choices=SETTLES, default="board",
+                   help="how the checked block settles after training (on the board, as it trained; "
+                        "or iterated on the host through the board's mvm, synchronous at the "
+                        "training's dt or alternating at dt 1)")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -68,6 +81,8 @@ def main() -> None:
     ds = load_dataset("mnist5k")
     res = train_classifier(load_config(ffebm_conv.EXAMPLE, overrides), data=ds)
     blk = res.model.blocks()[0]
+    path, update, dt_check = SETTLES[a.settle]
+    blk.use_settle(path, update)  # type: ignore[arg-type]
     x = ds.x_train[:64]
     cl = blk._clamp(x)
     free_groups = list(blk.free_groups)
@@ -86,10 +101,11 @@ def main() -> None:
         "epochs": a.epochs,
         "test_acc": round(res.history[-1].test_acc, 4),
         "truth_converged": bool(eq.converged),
+        "settle": a.settle,
     }
     lines = []
     for f, n in a.budgets:
-        dt = blk.budgets["free"].dt
+        dt = blk.budgets["free"].dt if dt_check is None else dt_check
         blk.budgets = {
             "free": SettleBudget(max_steps=f, tol=0.0, dt=dt),
             "nudge": SettleBudget(max_steps=n, tol=0.0, dt=dt),

@@ -47,7 +47,7 @@ from drivers import (
 from drivers.activation import HARD_SIGMOID, Activation
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
-from hil.host_settle import HostSettle
+from hil.host_settle import HOST_UPDATES, HostSettle, HostUpdate
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
 
@@ -282,11 +282,6 @@ class EBBlock(nn.Module):
         self.net = DHN(topology, {t: torch.as_tensor(w0[t]) for t in w0}, dtype=torch.float32, generator=gen)
         if self.compute is not None:
             self.net.to(self.compute)  # drawn on the CPU, moved (the parameters keep their identity)
-        # settles with tensors in and out (`Device.settle_tensors`): a compute device was chosen
-        # and the board takes tensors (the in-process emulator) and settles itself
-        self.tensor_settle = (
-            self.compute is not None and device.tensor_device is not None and self.settle_path == "board"
-        )
         # weights as they are on the device (read back after programming), for dPhi/dx
         # (kept out of the module tree: it is not a parameter of the block)
         object.__setattr__(
@@ -313,10 +308,8 @@ class EBBlock(nn.Module):
         self.last_updates: list[UpdateReport] = []
         device.configure(topology)
         self._configured = topology.budget
-        # the host-iterated settle, for settle path "host" (None: the board's own settle)
         self.host_settle: HostSettle | None = None
-        if self.settle_path == "host":
-            self.host_settle = HostSettle(device, reference=self.device_weights)
+        self.use_settle(settle)
         self.mappings = {c.tile: self.programming.mapping(device, c.tile) for c in topology.couplings}
         self.sync(force=True)
 
@@ -328,6 +321,43 @@ class EBBlock(nn.Module):
     @joint_phases.setter
     def joint_phases(self, value: bool) -> None:
         self.estimator.joint_phases = value
+
+    def use_settle(self, settle: SettlePath, host_update: HostUpdate = "synchronous") -> None:
+        """Where this block's settles run from now on (`settle_path`: the board's own settle, or
+        the host iterating through the board's `mvm`, with `host_update`); e.g. a block trained
+        on a board that relaxes, checked as an MVM-only board would settle it."""
+        self.settle_path = settle_path(self.device, settle)
+        # settles with tensors in and out (`Device.settle_tensors`): a compute device was chosen
+        # and the board takes tensors (the in-process emulator) and settles itself
+        self.tensor_settle = (
+            self.compute is not None and self.device.tensor_device is not None and self.settle_path == "board"
+        )
+        # the host-iterated settle, for settle path "host" (None: the board's own settle)
+        self.host_settle = None
+        if self.settle_path == "host":
+            self.host_settle = HostSettle(self.device, reference=self.device_weights)
+        self.host_update = host_update
+
+    @property
+    def host_update(self) -> HostUpdate:
+        """How the host-iterated settle updates the groups (`HostSettle.update`):
+        ``"synchronous"`` (all from the same states) or ``"alternating"`` (the two halves of a
+        layered network in turn); a board that relaxes by itself has only its own dynamics."""
+        return "synchronous" if self.host_settle is None else self.host_settle.update
+
+    @host_update.setter
+    def host_update(self, value: HostUpdate) -> None:
+        if value not in HOST_UPDATES:
+            raise ConfigurationError(f"host_update must be one of {HOST_UPDATES}, got {value!r}")
+        if self.host_settle is None:
+            if value != "synchronous":
+                raise ConfigurationError(
+                    f"host_update={value!r} orders the steps of a settle the host iterates, and this "
+                    "block's board settles by itself: iterate on the host (settle='host', config key "
+                    "ep.settle=host) or leave host_update='synchronous'"
+                )
+            return
+        self.host_settle.update = value
 
     @staticmethod
     def layered(

@@ -20,7 +20,12 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   tile) is constant during the settle: it is read once per settle, not every step;
 - the activation (the topology's `drivers.activation.Activation`, e.g. ``clamp(gain u, 0, 1)``),
   the nudge ``beta (target - s) - beta grad`` and the
-  relaxation ``s <- s + dt (rho(u) - s)`` are applied on the host.
+  relaxation ``s <- s + dt (rho(u) - s)`` are applied on the host;
+- `update` orders a step: ``"synchronous"`` drives every free group from the states at the
+  step's start (as a board that relaxes does); ``"alternating"`` updates the half of a layered
+  network's groups next to the inputs first and the other half from its new states (the
+  asynchronous fixed-point iteration of the EP codebases: at dt 1 each half-step is the
+  lowest energy given the other half, so no damping is needed, and the same reads per step).
 
 The budget means what it means on a board (`drivers.SettleBudget`): at most `max_steps`
 steps; every `check_every` steps the largest state change is compared with `tol`, and a
@@ -58,6 +63,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -146,6 +152,54 @@ def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
     return out
 
 
+HostUpdate = Literal["synchronous", "alternating"]
+HOST_UPDATES: tuple[str, ...] = ("synchronous", "alternating")
+
+
+def _two_colouring(topo: Topology, clamped: frozenset[str]) -> tuple[list[str], list[str]]:
+    """The free groups in two halves such that no coupling joins two groups of one half (a
+    layered network's even and odd layers), the half next to the clamped inputs first: what an
+    alternating update needs to be exact (every group of a half is updated from groups of the
+    other half only). Refused, naming the coupling, where no such split exists (a dense tile,
+    which couples a group with itself, or an odd cycle of couplings)."""
+    links: dict[str, set[str]] = {g: set() for g in topo.groups if g != BIAS}
+    for c in topo.couplings:
+        rows, cols = [g for g in c.rows if g != BIAS], [g for g in c.cols if g != BIAS]
+        if c.kind == "dense":
+            raise ConfigurationError(
+                f"host_update='alternating' needs couplings between distinct groups only; dense tile "
+                f"{c.tile!r} couples its nodes with one another: use host_update='synchronous' "
+                "(config key ep.host_update)"
+            )
+        for a in rows:
+            for b in cols:
+                links[a].add(b)
+                links[b].add(a)
+    free = [g for g in topo.groups if g != BIAS and g not in clamped]
+    colour: dict[str, int] = {}
+    starts = [g for g in free if links[g] & clamped] + free
+    for root in starts:
+        if root in colour:
+            continue
+        colour[root] = 0
+        front = [root]
+        while front:
+            nxt = []
+            for a in front:
+                for b in sorted(links[a] - clamped, key=free.index):
+                    if b not in colour:
+                        colour[b] = 1 - colour[a]
+                        nxt.append(b)
+                    elif colour[b] == colour[a]:
+                        raise ConfigurationError(
+                            f"host_update='alternating' needs the free groups in two halves with no "
+                            f"coupling inside a half; {a!r} and {b!r} would share one (an odd cycle of "
+                            "couplings): use host_update='synchronous' (config key ep.host_update)"
+                        )
+            front = nxt
+    return [g for g in free if colour[g] == 0], [g for g in free if colour[g] == 1]
+
+
 def _lsb(bits: int | None, span: float) -> float:
     return span / ((1 << bits) - 1) if bits else 0.0
 
@@ -155,11 +209,17 @@ class HostSettle:
     the board's `mvm` (see the module docstring). `stats` describes the last settle."""
 
     def __init__(
-        self, device: Device, *, reference: Callable[[], DHN] | None = None, probe_noise: bool = True
+        self,
+        device: Device,
+        *,
+        reference: Callable[[], DHN] | None = None,
+        probe_noise: bool = True,
+        update: HostUpdate = "synchronous",
     ) -> None:
         self.device = device
         self.reference = reference
         self.probe_noise = probe_noise
+        self.update = update
         self.stats = HostSettleStats()
         self._terms: dict[tuple[tuple[Coupling, ...], frozenset[str]], list[_Term]] = {}
         self._norms: dict[tuple[frozenset[str], tuple[int, ...]], float] = {}
@@ -197,6 +257,8 @@ class HostSettle:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
         budget, gain, act = topo.budget, topo.gain, topo.activation
         clamped = frozenset(cl)
+        if self.update not in HOST_UPDATES:
+            raise ConfigurationError(f"host update must be one of {HOST_UPDATES}, got {self.update!r}")
         key = (topo.couplings, clamped)  # the couplings themselves: an id could be reused
         terms = self._terms.get(key)
         if terms is None:
@@ -268,7 +330,17 @@ class HostSettle:
             else:
                 dynamic.append(term)
         stats.per_step = sum(len(t.members) or 1 for t in dynamic)
-        dt = self._dt(topo, clamped, free, ref)
+        # one step: every free group from the same states (synchronous), or the half next to
+        # the inputs first and then the other half from its new states (alternating)
+        halves = [free] if self.update == "synchronous" else list(_two_colouring(topo, clamped))
+        phases = [(h, [t for t in dynamic if t.dsts[0][0] in h]) for h in halves]
+        # alternating: the halves' terms hold one tile's two reads apart, so a pooled conv
+        # tile's transposed read may come before any forward read of this settle: it then
+        # reads forwards first for the pooling winners (`winners_for`)
+        forward_of = {t.tile: t for t in dynamic if t.geom is not None and not t.transpose}
+        # a layered step with dt 1 sets each half to its minimiser given the other half: no
+        # overshoot to guard against, unlike a synchronous step (`_dt`)
+        dt = self._dt(topo, clamped, free, ref) if self.update == "synchronous" else budget.dt
         fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
         check_every = budget.check_every if budget.tol > 0 else budget.max_steps
 
@@ -278,34 +350,39 @@ class HostSettle:
         residual, converged, steps = math.inf, False, 0
         for step in range(1, budget.max_steps + 1):
             check = step % check_every == 0 or step == budget.max_steps
-            u = {g: const[g].copy() for g in free}
-            jump = 0.0
-            for term in dynamic:
-                y = product(term)
-                if check and probe:  # a second read of the same product: the noise at this state
-                    y2 = product(term)
-                    stats.probe_calls += 1
-                    jump = max(jump, self._noise(y, y2))
-                    y = (y + y2) * np.float32(0.5)
-                for g, a, b in term.dsts:
-                    u[g] += y[:, a:b]
+            jump, res = 0.0, 0.0
+            for half, half_terms in phases:
+                u = {g: const[g].copy() for g in half}
+                for term in half_terms:
+                    if term.geom is not None and term.transpose and term.tile not in winners:
+                        fwd = forward_of.get(term.tile)
+                        if fwd is not None and term.geom.has_winners:
+                            product(fwd)
+                    y = product(term)
+                    if check and probe:  # a second read of the same product: the noise at this state
+                        y2 = product(term)
+                        stats.probe_calls += 1
+                        jump = max(jump, self._noise(y, y2))
+                        y = (y + y2) * np.float32(0.5)
+                    for g, a, b in term.dsts:
+                        u[g] += y[:, a:b]
+                for g, d in diag.items():
+                    if g in u:
+                        u[g] -= s[g] * d
+                for g, (beta, target) in elastic.items():
+                    if g in u:
+                        u[g] += beta * (target - s[g])
+                for g in u:
+                    if act.hard:
+                        new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
+                    else:
+                        new = act.rho(torch.from_numpy(u[g]), gain).numpy()
+                    if check:
+                        res = max(res, float(np.abs(new - s[g]).max()))
+                    s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
             if check and probe:
                 stats.noise_floor = self._floor(jump, fan_in, gain, limits)
                 probe = jump > 0  # two equal reads: a deterministic board, no need to read twice again
-            for g, d in diag.items():
-                if g in u:
-                    u[g] -= s[g] * d
-            for g, (beta, target) in elastic.items():
-                u[g] += beta * (target - s[g])
-            res = 0.0
-            for g in free:
-                if act.hard:
-                    new = np.clip(u[g] * np.float32(gain), 0.0, 1.0)
-                else:
-                    new = act.rho(torch.from_numpy(u[g]), gain).numpy()
-                if check:
-                    res = max(res, float(np.abs(new - s[g]).max()))
-                s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
             steps = step
             if every and step % every == 0:
                 records.append((step, {g: s[g].copy() for g in free}))

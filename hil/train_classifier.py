@@ -231,6 +231,7 @@ class Classifier:
             tiles = self.ffebm.block_parameters()
         for blk in self.blocks():
             blk.free_start = e.free_start
+            blk.host_update = e.host_update
         lrs = [t.lr[min(i, len(t.lr) - 1)] for i in range(len(tiles))]
         groups: list[dict] = [{"params": [p], "lr": lr} for p, lr in zip(tiles, lrs, strict=True)]
         if self.ffebm is not None and self.ffebm.digital_parameters():
