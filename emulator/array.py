@@ -161,6 +161,7 @@ class TileArray:
         self._pcm = model.statistics == "pcm"
         self._nu_gen: torch.Generator | None = None
         self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
+        self._lines: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, `line_sums`)
         if self._pcm:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
             self._nu_gen = torch.Generator().manual_seed(seed)
@@ -271,6 +272,19 @@ class TileArray:
     def state(self, t: float) -> torch.Tensor:
         """True conductances (2, rows, cols) at time `t`; shared with the tile: do not modify."""
         return self._now(t)
+
+    def line_sums(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum (G+ + G-)`` along each row and along each column at time `t`, shapes (rows,)
+        and (cols,): the conductance each input line of a read sees (a read's energy is
+        ``sum_i line_i V_i^2``). Cached between writes of a tile that does not drift (the
+        host's iteration reads a tile many times between two writes); do not modify them."""
+        hit = self._lines
+        if hit is not None and hit[0] == self._version and not self._drifts:
+            return hit[1], hit[2]
+        g = self._now(t)
+        rows, cols = g.sum((0, 2)), g.sum((0, 1))
+        self._lines = (self._version, rows, cols)
+        return rows, cols
 
     def read_stacked(self, t: float, gen: torch.Generator) -> torch.Tensor:
         """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself."""

@@ -365,9 +365,8 @@ class Board:
 
     def _read_energy(self, tile: TileArray, v: torch.Tensor, transpose: bool) -> float:
         """Joules per second of one read: sum_ij (G+ + G-) V_i^2 over the batch."""
-        gp, gm = tile.conductances(self.clock)
-        gsum = (gp + gm).sum(0 if transpose else 1)
-        return float(((v * self.preset.periphery.v_read) ** 2 @ gsum).sum())
+        per_row, per_col = tile.line_sums(self.clock)
+        return float(((v * self.preset.periphery.v_read) ** 2 @ (per_col if transpose else per_row)).sum())
 
     # ---------------------------------------------------------------- settle
 

@@ -380,8 +380,8 @@ class SettlePlanner:
         topo = self.board.topology
         out: dict[str, torch.Tensor] = {}
         for c in topo.couplings:
-            g = self.board._tiles[c.tile].state(self.board.clock)  # (2, rows, cols): G+ and G-
-            sides = [(c.rows, g.sum((0, 2)))] + ([(c.cols, g.sum((0, 1)))] if c.kind == "bipartite" else [])
+            per_row, per_col = self.board._tiles[c.tile].line_sums(self.board.clock)
+            sides = [(c.rows, per_row)] + ([(c.cols, per_col)] if c.kind == "bipartite" else [])
             for groups, total in sides:
                 sizes = [topo.size(grp) for grp in groups]
                 parts = torch.split(total, sizes) if len(groups) > 1 else (total,)

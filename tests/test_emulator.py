@@ -414,6 +414,58 @@ def test_settle_energy_is_the_line_power_at_equilibrium_times_the_settle_time() 
         assert eq.energy_j == pytest.approx(expected, rel=1e-5)
 
 
+def test_an_mvm_reads_energy_from_the_conductances_it_holds_now() -> None:
+    """One mvm costs ``v_read^2 sum_i (line conductance_i) x_i^2`` times its read time, from the
+    conductances after the latest write (the tile's line sums are cached between writes)."""
+    rng = np.random.default_rng(5)
+    with open_device(IDEAL) as dev:
+        random_layered(dev, [6, 4], seed=1)
+        lim, per = dev.info.limits, dev.board.preset.periphery
+        x = rng.uniform(0, 1, (3, 7)).astype(np.float32)
+
+        def read_energy(transpose: bool) -> tuple[float, float]:
+            before = dev.board.energy_j
+            v = x[:, :4] if transpose else x
+            dev.mvm("W0", v, transpose=transpose)
+            g = dev.board.tile("W0").state(dev.board.clock).double().sum(0).numpy()
+            lines = g.sum(0) if transpose else g.sum(1)
+            expected = float(((v.astype(np.float64) * lim.v_read) ** 2 @ lines).sum()) * per.mvm_time_s
+            return dev.board.energy_j - before, expected
+
+        for transpose in (False, True):
+            got, expected = read_energy(transpose)
+            assert got == pytest.approx(expected, rel=1e-5, abs=0)
+        first = read_energy(False)[0]
+        program_weights(dev, "W0", rng.normal(0, 0.3, (7, 4)).astype(np.float32))
+        got, expected = read_energy(False)
+        assert got == pytest.approx(expected, rel=1e-5, abs=0)
+        assert got != pytest.approx(first, rel=1e-3, abs=0)  # the write changed the lines
+
+
+def test_line_sums_follow_writes_and_drift() -> None:
+    """A drifting (pcm) tile's line sums are those of its conductances at the time asked,
+    after a write too."""
+    with open_device("emulator://?preset=pcm&seed=0&stuck_fraction=0") as dev:
+        dev.configure(Topology.layered([16, 8], bias=False))
+        m = dev.board.preset.device
+        dev.program("W0", *(np.full((16, 8), 0.6 * m.g_max + 0.4 * m.g_min, np.float32),) * 2)
+        tile = dev.board.tile("W0")
+
+        def check(t: float) -> torch.Tensor:
+            rows, cols = tile.line_sums(t)
+            g = tile.state(t).sum(0)
+            torch.testing.assert_close(rows, g.sum(1), rtol=1e-6, atol=0)
+            torch.testing.assert_close(cols, g.sum(0), rtol=1e-6, atol=0)
+            return rows
+
+        start = dev.board.clock
+        early = check(start + m.drift_t0)
+        late = check(start + 3600.0)
+        assert float(late.sum()) < 0.9 * float(early.sum())
+        dev.program("W0", *(np.full((16, 8), m.g_min, np.float32),) * 2)
+        assert float(check(dev.board.clock).sum()) < 0.9 * float(late.sum())
+
+
 @pytest.mark.parametrize("kind", ["layered", "dense"])
 def test_a_plan_refreshed_after_writes_settles_as_a_new_plan(kind: str) -> None:
     """Plans keep views of the tiles' weights, which writes update in place; the copies a plan
