@@ -102,6 +102,13 @@ def test_maps_are_the_derivatives_of_phi_and_the_tile_read_at_every_position(
     assert torch.allclose(conv.pool(pre, g)[0], conv.forward(x, w, g)[0], atol=1e-12)
     back = conv.fold_patches(conv.to_positions(conv.unpool(y, g, idx)) @ w.T, g)
     assert torch.allclose(back, conv.backward(y, w, g, idx), atol=1e-12)
+    # the patches and the fold are torch's im2col and col2im, bit for bit
+    cols = F.unfold(g.maps(x), kernel, padding=padding).transpose(1, 2).reshape(-1, g.kernel_rows)
+    assert torch.equal(conv.patches(x, g)[:, : g.kernel_rows], cols)
+    rows = torch.rand(3 * g.positions, g.rows, generator=gen, dtype=torch.float64)
+    blocks = rows[:, : g.kernel_rows].reshape(3, g.positions, g.kernel_rows).transpose(1, 2)
+    folded = F.fold(blocks, (size, size), kernel, padding=padding).flatten(1)
+    assert torch.equal(conv.fold_patches(rows, g), folded)
     if mode == "avg" and pool > 1:  # the window's mean, with no winners to route through
         assert idx is None
         want = F.avg_pool2d(F.conv2d(g.maps(x), *conv.kernel(w, g), padding=padding), pool)
