@@ -336,8 +336,10 @@ class HostSettle:
         phases = [(h, [t for t in dynamic if t.dsts[0][0] in h]) for h in halves]
         # alternating: the halves' terms hold one tile's two reads apart, so a pooled conv
         # tile's transposed read may come before any forward read of this settle: it then
-        # reads forwards first for the pooling winners (`winners_for`)
-        forward_of = {t.tile: t for t in dynamic if t.geom is not None and not t.transpose}
+        # reads forwards first for the pooling winners (the forward read of its pool group)
+        forward_of = {
+            m.tile: t for t in dynamic if t.geom is not None and not t.transpose for m in (t.members or (t,))
+        }
         # a layered step with dt 1 sets each half to its minimiser given the other half: no
         # overshoot to guard against, unlike a synchronous step (`_dt`)
         dt = self._dt(topo, clamped, free, ref) if self.update == "synchronous" else budget.dt

@@ -261,12 +261,13 @@ def test_conv_classifier_trains_on_small_tiles_as_on_whole_ones(tmp_path) -> Non
     assert res.history[-1].train_loss == pytest.approx(whole.history[-1].train_loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("settle", ["board", "host"])
+@pytest.mark.parametrize("settle", ["board", "host", "host-alternating"])
 def test_a_physical_topology_with_pool_groups_runs_as_the_logical_one(settle: str) -> None:
     """The split topology itself (its pool groups declared, no `TiledDevice`) on a board whose
-    tiles hold it: the board's settle, the host-iterated settle, the pure-torch reference and
-    the EP estimator all sum a pool group's pre-activations before pooling, so states and EP
-    gradients (reassembled per block) are the logical network's."""
+    tiles hold it: the board's settle, the host-iterated settle (synchronous, or alternating:
+    a member's transposed read may then come before its group's forward read), the pure-torch
+    reference and the EP estimator all sum a pool group's pre-activations before pooling, so
+    states and EP gradients (reassembled per block) are the logical network's."""
     from hil.reference import DHN
 
     topo = _chain([2, 2])  # both convs pooled; W0 on 2 x 2 tiles, W1 on 3 x 1
@@ -274,8 +275,11 @@ def test_a_physical_topology_with_pool_groups_runs_as_the_logical_one(settle: st
     assert p.pooled("W0") and p.pooled("W1")
     w = gaussian_init(topo, 1.0, torch.Generator().manual_seed(3), bias="mid")
     wp = {b.tile: w[t][b.r0 : b.r1, b.c0 : b.c1].clone() for t, bs in p.blocks.items() for b in bs}
-    logical = EBBlock(open_device(IDEAL), topo, weights=w, settle=settle)
-    physical = EBBlock(open_device(IDEAL), p.physical, weights=wp, settle=settle, inputs=("s0#0", "s0#1"))
+    path = settle.split("-")[0]
+    logical = EBBlock(open_device(IDEAL), topo, weights=w, settle=path)  # type: ignore[arg-type]
+    physical = EBBlock(open_device(IDEAL), p.physical, weights=wp, settle=path, inputs=("s0#0", "s0#1"))  # type: ignore[arg-type]
+    if settle == "host-alternating":
+        logical.host_update = physical.host_update = "alternating"
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, (4, 48)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]
