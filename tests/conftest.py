@@ -36,6 +36,16 @@ def _track_boards() -> Iterator[None]:
     assert not bad, f"limit violations reached the array on boards {bad}"
 
 
+@pytest.fixture(scope="module")
+def digits() -> tuple[Any, Any]:
+    """24 scikit-learn digits (8 x 8) and their one-hot labels, numpy float32, for the checks of
+    small networks on the host-iterated settle (a module may define its own `digits`)."""
+    from hil.data import load_digits
+
+    ds = load_digits()
+    return ds.x_train[:24].numpy(), torch.nn.functional.one_hot(ds.y_train[:24], 10).float().numpy()
+
+
 @pytest.fixture
 def crash_and_resume() -> Callable[[Any, Path], Any]:
     """`run(cfg, path)`: train the classifier `cfg` with a run log at `path`, let it die after

@@ -18,7 +18,6 @@ from drivers import NotSupported, Nudge, SettleBudget, open_device
 from hil.cli import app
 from hil.cli.gradcheck import check_block
 from hil.config import load_config
-from hil.data import load_digits
 from hil.ep import EBBlock, gradcheck, settle_path
 from hil.estimator import EPEstimator
 from hil.host_settle import HostSettle
@@ -28,12 +27,6 @@ from hil.train_classifier import train_classifier
 IDEAL = "emulator://?preset=ideal&seed=0"
 MVM_ONLY = "capabilities=mvm,pulse,program_verify"
 TIGHT = SettleBudget(max_steps=4000, tol=1e-7, dt=0.5, check_every=5)
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    ds = load_digits()
-    return ds.x_train[:24].numpy(), torch.nn.functional.one_hot(ds.y_train[:24], 10).float().numpy()
 
 
 def _block(dense: bool, settle: str = "auto", uri: str = IDEAL) -> EBBlock:

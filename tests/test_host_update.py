@@ -15,7 +15,6 @@ import torch
 from drivers import ConfigurationError, Nudge, SettleBudget, Topology, open_device
 from hil.cli.gradcheck import check_block
 from hil.config import ConfigError, load_config
-from hil.data import load_digits
 from hil.ep import EBBlock, gradcheck
 from hil.ffebm import goe_init
 from hil.host_settle import HostSettle
@@ -23,12 +22,6 @@ from hil.train_classifier import Classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 TIGHT = SettleBudget(max_steps=4000, tol=1e-7, dt=0.5, check_every=1)
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    ds = load_digits()
-    return ds.x_train[:24].numpy(), torch.nn.functional.one_hot(ds.y_train[:24], 10).float().numpy()
 
 
 def deep_block(init_scale: float = 0.5) -> EBBlock:
