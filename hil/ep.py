@@ -260,7 +260,7 @@ class EBBlock(nn.Module):
         super().__init__()
         self.device = device
         self.compute = None if compute is None else resolve_compute(compute)
-        self.settle_path = settle_path(device, settle)
+        settle_path(device, settle)  # a bad choice is refused before the network is built (`use_settle`)
         self.topology = topology
         groups = list(topology.groups)
         self.inputs = tuple(inputs) if inputs is not None else (groups[0],)

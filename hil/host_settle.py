@@ -219,11 +219,22 @@ class HostSettle:
         self.device = device
         self.reference = reference
         self.probe_noise = probe_noise
-        self.update = update
+        self.update = update  # checked by the setter
         self.stats = HostSettleStats()
         self._terms: dict[tuple[tuple[Coupling, ...], frozenset[str]], list[_Term]] = {}
         self._norms: dict[tuple[frozenset[str], tuple[int, ...]], float] = {}
         self._vectors: dict[frozenset[str], torch.Tensor] = {}
+
+    @property
+    def update(self) -> HostUpdate:
+        """How a step updates the free groups: ``"synchronous"`` or ``"alternating"``."""
+        return self._update
+
+    @update.setter
+    def update(self, value: HostUpdate) -> None:
+        if value not in HOST_UPDATES:
+            raise ConfigurationError(f"host update must be one of {HOST_UPDATES}, got {value!r}")
+        self._update = value
 
     # ------------------------------------------------------------------------ the iteration
     def __call__(
@@ -257,8 +268,6 @@ class HostSettle:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
         budget, gain, act = topo.budget, topo.gain, topo.activation
         clamped = frozenset(cl)
-        if self.update not in HOST_UPDATES:
-            raise ConfigurationError(f"host update must be one of {HOST_UPDATES}, got {self.update!r}")
         key = (topo.couplings, clamped)  # the couplings themselves: an id could be reused
         terms = self._terms.get(key)
         if terms is None:
@@ -334,9 +343,10 @@ class HostSettle:
         # the inputs first and then the other half from its new states (alternating)
         halves = [free] if self.update == "synchronous" else list(_two_colouring(topo, clamped))
         phases = [(h, [t for t in dynamic if t.dsts[0][0] in h]) for h in halves]
-        # alternating: the halves' terms hold one tile's two reads apart, so a pooled conv
-        # tile's transposed read may come before any forward read of this settle: it then
-        # reads forwards first for the pooling winners (the forward read of its pool group)
+        # alternating: the halves' terms hold one tile's two reads apart, so the first half's
+        # transposed reads of a pooled conv tile come before any forward read of this settle;
+        # their pool groups are read forwards once first, for the winners (the second half's
+        # find them from the first half's forward reads)
         forward_of = {
             m.tile: t for t in dynamic if t.geom is not None and not t.transpose for m in (t.members or (t,))
         }
@@ -346,6 +356,12 @@ class HostSettle:
         fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
         check_every = budget.check_every if budget.tol > 0 else budget.max_steps
 
+        if len(phases) > 1:
+            for term in phases[0][1]:
+                fwd = forward_of.get(term.tile)
+                pooled = term.geom is not None and term.geom.has_winners
+                if term.transpose and pooled and fwd is not None and term.tile not in winners:
+                    product(fwd)
         records: list[tuple[int, dict[str, np.ndarray]]] = []
         if every:
             records.append((0, {g: s[g].copy() for g in free}))
@@ -356,10 +372,6 @@ class HostSettle:
             for half, half_terms in phases:
                 u = {g: const[g].copy() for g in half}
                 for term in half_terms:
-                    if term.geom is not None and term.transpose and term.tile not in winners:
-                        fwd = forward_of.get(term.tile)
-                        if fwd is not None and term.geom.has_winners:
-                            product(fwd)
                     y = product(term)
                     if check and probe:  # a second read of the same product: the noise at this state
                         y2 = product(term)
