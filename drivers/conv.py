@@ -281,6 +281,24 @@ def patches(x: Tensor, g: ConvGeometry) -> Tensor:
     return out
 
 
+def patch_totals(a: Tensor, g: ConvGeometry) -> Tensor:
+    """Each kernel entry's patch values summed over the batch and every position, (C_in k^2,)
+    in the tile's row order: ``patches(a, g)[:, :kernel_rows].sum(0)`` without the patches.
+    Position (i, j) reads entry (c, di, dj) at map cell (i + di - p, j + dj - p), zero outside
+    the map, so an entry's total is the sum of the batch-summed map over one rectangle: a
+    settle's read energy needs these totals of the squared states, and the patches themselves
+    are k^2 times the map (summed in another order: equal to float rounding)."""
+    k, p = g.kernel, g.padding
+    ho, wo = g.conv_hw
+    m = g.maps(a).sum(0)  # (C_in, H, W)
+    out = torch.empty(g.c_in, k, k, dtype=a.dtype, device=a.device)
+    for i in range(k):
+        band = m[:, max(0, i - p) : min(g.h, ho + i - p)].sum(1)  # (C_in, W)
+        for j in range(k):
+            out[:, i, j] = band[:, max(0, j - p) : min(g.w, wo + j - p)].sum(1)
+    return out.reshape(-1)
+
+
 def from_positions(y: Tensor, g: ConvGeometry) -> Tensor:
     """MVM outputs per position (B * positions, C_out) as maps (B, C_out, H_o, W_o)."""
     ho, wo = g.conv_hw

@@ -437,8 +437,7 @@ class ConvSettle:
                 a, b = c.rows[0], c.cols
                 x = s[a]
                 if any(d in free for d in b):
-                    cols = F.unfold(g.maps(x.square()), g.kernel, padding=g.padding).sum(2)  # (B, C_in k^2)
-                    fwd = float(cols.sum(0) @ link.g_rows[: g.kernel_rows])
+                    fwd = float(conv.patch_totals(x.square(), g) @ link.g_rows[: g.kernel_rows])
                     fwd += batch * g.positions * float(link.g_rows[g.kernel_rows :].sum())  # the bias line
                     if c.tile in held:
                         once += g.positions
