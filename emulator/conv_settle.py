@@ -35,6 +35,7 @@ of `drivers.conv`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from drivers import conv
 from drivers.errors import ConfigurationError
-from drivers.topology import BIAS, Coupling
+from drivers.topology import BIAS, Coupling, Topology
 from emulator.noise_table import NoisePool
 from emulator.settle import SettleNudge, SettleResult
 
@@ -64,6 +65,11 @@ class _Link:
     g_rows: torch.Tensor
     g_cols: torch.Tensor
     geom: conv.ConvGeometry | None = None
+    shared: bool = False  # `w` is the tile's cached weights, which a later write updates in place
+
+    def frozen(self) -> _Link:
+        """This link with weights a later write cannot change (a copy where `w` is shared)."""
+        return dataclasses.replace(self, w=self.w.clone(), shared=False) if self.shared else self
 
 
 class ConvSettle:
@@ -82,7 +88,7 @@ class ConvSettle:
         out = []
         for c in topo.couplings:
             tile = board._tiles[c.tile]
-            w = tile.weights(board.clock)
+            cached = w = tile.weights(board.clock)
             if c.w_max != 1.0:
                 w = w * c.w_max
             if c.kind == "dense":
@@ -90,9 +96,9 @@ class ConvSettle:
                 w = torch.cat([w[:n] * (1 - torch.eye(n, device=w.device)), w[n:]])
             m = tile.model
             k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
-            g = tile.state(board.clock)
+            per_row, per_col = tile.line_sums(board.clock)
             geom = conv.ConvGeometry.of(topo, c) if c.kind == "conv" else None
-            out.append(_Link(c, w, k, g.sum((0, 2)), g.sum((0, 1)), geom))
+            out.append(_Link(c, w, k, per_row, per_col, geom, w is cached))
         return out
 
     def _draw(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -322,45 +328,17 @@ class ConvSettle:
             stacked = {g: torch.stack(traces[g]) for g in free}
             t = len(trace_steps)
             energies = [
-                self._energy(links, {**final, **{g: stacked[g][i] for g in free}}, free, nudge)
+                _energy(topo, links, {**final, **{g: stacked[g][i] for g in free}}, free, nudge)
                 for i in range(t)
             ]
             out_trace = {"step": torch.tensor(trace_steps), "energy": torch.stack(energies)}
             for g in free:
                 out_trace[g] = board._adc_state(stacked[g], board._channel[g])
-        value = self._energy(links, final, free, nudge)
         outcome = (step, residual <= budget.tol + floor, residual)
-        return SettleResult(states, *outcome, lambda: value, seconds, joules, out_trace, value)
-
-    def _energy(
-        self, links: list[_Link], s: dict[str, torch.Tensor], free: list[str], nudge: SettleNudge
-    ) -> torch.Tensor:
-        """``E = sum_free G(s) - Phi(s) + nudge`` per sample (``G = |s|^2 / (2 gain)`` for the hard
-        sigmoid, `drivers.activation`)."""
-        topo = self.board.topology
-        assert topo is not None
-        zero = torch.zeros(s[BIAS].shape[0], device=s[BIAS].device)
-        if topo.activation.hard:
-            e = sum((s[g].square().sum(1) for g in free), zero) / (2 * topo.gain)
-        else:
-            e = sum((topo.activation.leak(s[g], topo.gain).sum(1) for g in free), zero)
-        for unit in _units(links):
-            xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
-            e = e - conv.unit_phi(xs, conv.joined(s, unit[0].c.cols), ws, gs)  # type: ignore[arg-type]
-        for link in links:
-            c = link.c
-            if c.kind == "conv":
-                continue
-            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
-            if c.kind == "dense":
-                n = link.w.shape[1]
-                e = e - 0.5 * ((x[:, :n] @ link.w[:n]) * x[:, :n]).sum(1)
-                if link.w.shape[0] > n:
-                    e = e - (x[:, :n] * link.w[n]).sum(1)
-            else:
-                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
-                e = e - ((x @ link.w) * y).sum(1)
-        return nudge.add_energy(e, s)
+        if trace:
+            value = _energy(topo, links, final, free, nudge)
+            return SettleResult(states, *outcome, lambda: value, seconds, joules, out_trace, value)
+        return SettleResult(states, *outcome, _later_energy(topo, links, final, free, nudge), seconds, joules)
 
     def _noise_sigma(self, links: list[_Link], s: dict[str, torch.Tensor]) -> float:
         """The largest read + node noise std of a drive at states `s`: for the noise floor."""
@@ -424,9 +402,7 @@ class ConvSettle:
         assert topo is not None
         per = board.preset.periphery
         v2 = per.v_read**2
-        analog = any(
-            lk.c.kind != "conv" and any(g in free for g in lk.c.rows + lk.c.cols) for lk in links
-        )
+        analog = any(lk.c.kind != "conv" and any(g in free for g in lk.c.rows + lk.c.cols) for lk in links)
         reads_per_step, once, read_j, analog_w = 0, 0, 0.0, 0.0
         winners = {lk.c.tile: _unit_winners(u, s) for u in _units(links) for lk in u if lk.c.rows[0] in free}
         for link in links:
@@ -460,6 +436,52 @@ class ConvSettle:
         seconds = (step_s * steps + once * per.mvm_time_s) * batch
         joules = (read_j + analog_w * analog_s * steps) * v2
         return seconds, joules
+
+
+def _later_energy(
+    topo: Topology, links: list[_Link], s: dict[str, torch.Tensor], free: list[str], nudge: SettleNudge
+) -> Callable[[], torch.Tensor]:
+    """`_energy` of a finished settle as a function to call when someone asks (a training
+    step never does), on what a later settle or write cannot change: the weights copied
+    where the links share the tiles' cached tensors, the nudge's tensors copied. It uses
+    the final states as `s` holds them (the settle's results: a caller that writes into
+    those before reading the energy changes it)."""
+    held = [lk.frozen() for lk in links]
+    groups = {
+        g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
+        for g, (beta, t, gr) in nudge.groups.items()
+    }
+    states = dict(s)
+    return lambda: _energy(topo, held, states, free, SettleNudge(groups))
+
+
+def _energy(
+    topo: Topology, links: list[_Link], s: dict[str, torch.Tensor], free: list[str], nudge: SettleNudge
+) -> torch.Tensor:
+    """``E = sum_free G(s) - Phi(s) + nudge`` per sample (``G = |s|^2 / (2 gain)`` for the hard
+    sigmoid, `drivers.activation`)."""
+    zero = torch.zeros(s[BIAS].shape[0], device=s[BIAS].device)
+    if topo.activation.hard:
+        e = sum((s[g].square().sum(1) for g in free), zero) / (2 * topo.gain)
+    else:
+        e = sum((topo.activation.leak(s[g], topo.gain).sum(1) for g in free), zero)
+    for unit in _units(links):
+        xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
+        e = e - conv.unit_phi(xs, conv.joined(s, unit[0].c.cols), ws, gs)  # type: ignore[arg-type]
+    for link in links:
+        c = link.c
+        if c.kind == "conv":
+            continue
+        x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+        if c.kind == "dense":
+            n = link.w.shape[1]
+            e = e - 0.5 * ((x[:, :n] @ link.w[:n]) * x[:, :n]).sum(1)
+            if link.w.shape[0] > n:
+                e = e - (x[:, :n] * link.w[n]).sum(1)
+        else:
+            y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+            e = e - ((x @ link.w) * y).sum(1)
+    return nudge.add_energy(e, s)
 
 
 def _units(links: list[_Link]) -> list[list[_Link]]:

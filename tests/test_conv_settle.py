@@ -111,6 +111,24 @@ def test_conv_settle_accounting_counts_a_read_per_position() -> None:
     assert eq.energy_j > 0 and info.max_batch >= 4
 
 
+def test_conv_settle_energy_is_computed_when_read_from_the_settles_weights() -> None:
+    t = topology()
+    dev = open_device("emulator://?preset=ideal&seed=0")
+    blk = EBBlock(dev, t, weights=weights(t))
+    x = {"s0": torch.rand(4, 128, generator=torch.Generator().manual_seed(2))}
+    first = dev.board.settle(x)
+    assert first.energy_pending  # a training step never reads it
+    want = first.energy.clone()
+    later = dev.board.settle(x)
+    with torch.no_grad():  # new weights on every tile before the second settle's energy is read
+        for p in blk.weights.values():
+            p.mul_(0.5)
+    blk.sync()
+    assert dev.board.settle(x).energy_pending
+    assert later.energy_pending
+    assert torch.equal(later.energy, want)
+
+
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("transport", ["emulator", "visa-tcp", "serial-socket"])
 def test_host_iterated_conv_settle_through_mvm_equals_the_reference(
