@@ -307,8 +307,8 @@ class ConvSettle:
                 residual = max(float((new[g] - s[g]).abs().max()) for g in free) if free else 0.0
                 if noisy:
                     floor = 6.0 * gain * self._noise_sigma(links, s)
-            for g in free:
-                s[g] = s[g] + dt * (new[g] - s[g])
+            for g in free:  # s + dt (new - s), in place on the step's own tensors: the same roundings
+                s[g].add_(new[g].sub_(s[g]).mul_(dt))
             if trace and step % trace == 0:
                 record(step)
             # within tol, or within the noise floor and no better than at the last check (a
