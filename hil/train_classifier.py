@@ -347,17 +347,27 @@ class Classifier:
 
     @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 512) -> Tensor:
+        """The output states for `x`. An ff-EBM's digital parts run in eval mode here (its
+        batch-norm normalises with the running statistics of training and does not update
+        them), so an image's output does not depend on the others predicted with it."""
         # chunks whose settles fit the bound on one settle's values (feature-map networks)
         nodes = max(sum(blk.topology.groups.values()) for blk in self.blocks())
         batch_size = max(1, min(batch_size, MAX_SETTLE_VALUES // nodes))
-        outs = []
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(self.compute)
+        training = self.ffebm is not None and self.ffebm.training
+        if self.ffebm is not None:
+            self.ffebm.eval()
+        try:
+            outs = []
+            for i in range(0, len(x), batch_size):
+                xb = x[i : i + batch_size].to(self.compute)
+                if self.ffebm is not None:
+                    outs.append(self.ffebm(xb))
+                else:
+                    outs.append(self.block.predict(xb).clone())
+            return torch.cat(outs)
+        finally:
             if self.ffebm is not None:
-                outs.append(self.ffebm(xb))
-            else:
-                outs.append(self.block.predict(xb).clone())
-        return torch.cat(outs)
+                self.ffebm.train(training)
 
     def accuracy(self, x: Tensor, y: Tensor) -> float:
         return float((self.predict(x).argmax(1).cpu() == y.cpu()).float().mean())

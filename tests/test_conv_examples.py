@@ -56,6 +56,29 @@ def test_mnist_conv_example_learns_on_a_subset(preset: str, pool_mode: str) -> N
         res.model.close()  # type: ignore[attr-defined]
 
 
+def test_mnist_conv_example_predicts_each_image_alone_with_the_running_batch_norm() -> None:
+    """After training steps the digital front's batch-norm normalises with its running
+    statistics at prediction: an image's output is the same predicted alone or among others,
+    prediction leaves those statistics as training left them, and training mode comes back."""
+    cfg = load_config(EXAMPLES / "ffebm_conv_mnist.toml", ["ep.free_steps=5", "ep.nudge_steps=2"])
+    clf = Classifier(cfg, 28 * 28, 10, open_device, image_shape=(1, 28, 28))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            clf.step(torch.rand(16, 28 * 28, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+        ffebm = clf.ffebm
+        assert ffebm is not None
+        stats = {k: v.clone() for k, v in ffebm.state_dict().items() if "running" in k}
+        x = torch.rand(6, 28 * 28, generator=gen)
+        together = clf.predict(x)
+        alone = torch.cat([clf.predict(x[i : i + 1]) for i in range(len(x))])
+        assert torch.allclose(alone, together, atol=1e-6)
+        assert all(torch.equal(ffebm.state_dict()[k], v) for k, v in stats.items())
+        assert ffebm.training
+    finally:
+        clf.close()
+
+
 def test_conv_keys_are_checked_by_name() -> None:
     with pytest.raises(ConfigError, match=r"model\.channels"):
         load_config(None, ["model.channels=[8,16]"])  # kind is dhn
