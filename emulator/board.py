@@ -364,9 +364,11 @@ class Board:
         return self._adc_mvm(y)
 
     def _read_energy(self, tile: TileArray, v: torch.Tensor, transpose: bool) -> float:
-        """Joules per second of one read: sum_ij (G+ + G-) V_i^2 over the batch."""
+        """Joules per second of one read: sum_ij (G+ + G-) V_i^2 over the batch (the read
+        voltage's square applied to the sum: one temporary of the input's size, not two)."""
         per_row, per_col = tile.line_sums(self.clock)
-        return float(((v * self.preset.periphery.v_read) ** 2 @ (per_col if transpose else per_row)).sum())
+        lines = per_col if transpose else per_row
+        return float((v.square() @ lines).sum()) * self.preset.periphery.v_read**2
 
     # ---------------------------------------------------------------- settle
 
