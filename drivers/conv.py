@@ -192,9 +192,7 @@ def winners(x: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor | None:
 def weight_grad(x: Tensor, y: Tensor, g: ConvGeometry, idx: Tensor | None) -> Tensor:
     """``dPhi_c/dW`` summed over the batch, in the tile's layout (rows, C_out)."""
     u = unpool(y, g, idx)
-    gk = torch.nn.grad.conv2d_weight(
-        g.maps(x), (g.c_out, g.c_in, g.kernel, g.kernel), u, padding=g.padding
-    )
+    gk = torch.nn.grad.conv2d_weight(g.maps(x), (g.c_out, g.c_in, g.kernel, g.kernel), u, padding=g.padding)
     return to_tile(gk, u.sum((0, 2, 3)) if g.bias else None)
 
 
@@ -297,6 +295,24 @@ def patch_totals(a: Tensor, g: ConvGeometry) -> Tensor:
         for j in range(k):
             out[:, i, j] = band[:, max(0, j - p) : min(g.w, wo + j - p)].sum(1)
     return out.reshape(-1)
+
+
+def patch_norms(x: Tensor, g: ConvGeometry) -> Tensor:
+    """Per position, the squared norm of the read's input (its patch, plus the bias line at 1
+    when the tile has one): ``(patches(x, g) ** 2).sum(1)`` as (B, 1, H_o, W_o), without the
+    patches. The squares summed over the channels, then a k x k box sum over the zero-padded
+    map, written as k shifted adds along each axis (equal to float rounding)."""
+    k, p = g.kernel, g.padding
+    ho, wo = g.conv_hw
+    m = g.maps(x).square().sum(1, keepdim=True)
+    m = F.pad(m, (p, p, p, p)) if p else m
+    rows = m[..., 0:wo].clone()
+    for j in range(1, k):
+        rows += m[..., j : j + wo]
+    out = rows[..., 0:ho, :].clone()
+    for i in range(1, k):
+        out += rows[..., i : i + ho, :]
+    return out + 1.0 if g.bias else out
 
 
 def from_positions(y: Tensor, g: ConvGeometry) -> Tensor:

@@ -201,7 +201,7 @@ class ConvSettle:
                     read = pre
                     for lk in unit:
                         if lk.noise_k:
-                            sq = _patch_square(s[lk.c.rows[0]], lk.geom)  # type: ignore[arg-type]
+                            sq = conv.patch_norms(s[lk.c.rows[0]], lk.geom)  # type: ignore[arg-type]
                             read = read + torch.sqrt(sq * lk.noise_k) * self._draw(pre.shape)
                     y = conv.pool_at(read, g, idx)
             for d, part in conv.split(y, topo, b):
@@ -351,7 +351,7 @@ class ConvSettle:
             if c.kind == "conv":
                 assert link.geom is not None
                 x = s[c.rows[0]]
-                worst = max(worst, float(_patch_square(x, link.geom).max()) * link.noise_k)
+                worst = max(worst, float(conv.patch_norms(x, link.geom).max()) * link.noise_k)
                 continue
             x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
             worst = max(worst, float(x.square().sum(1).max()) * link.noise_k)
@@ -505,10 +505,3 @@ def _unit_winners(unit: list[_Link], s: dict[str, torch.Tensor]) -> torch.Tensor
     """The pooling winners of a unit at states `s` (noise-free pre-activations)."""
     xs, ws, gs = [s[lk.c.rows[0]] for lk in unit], [lk.w for lk in unit], [lk.geom for lk in unit]
     return conv.unit_winners(xs, ws, gs)  # type: ignore[arg-type]
-
-
-def _patch_square(x: torch.Tensor, g: conv.ConvGeometry) -> torch.Tensor:
-    """Per position, the squared norm of the read's input (its patch, plus the bias line at
-    1): (B, 1, H_o, W_o)."""
-    ones = torch.ones(1, g.c_in, g.kernel, g.kernel, device=x.device, dtype=x.dtype)
-    return F.conv2d(g.maps(x.square()), ones, padding=g.padding) + float(g.bias)

@@ -107,6 +107,9 @@ def test_maps_are_the_derivatives_of_phi_and_the_tile_read_at_every_position(
     assert torch.equal(conv.patches(x, g)[:, : g.kernel_rows], cols)
     # the read energy's totals per kernel entry, without the patches
     assert torch.allclose(conv.patch_totals(x, g), cols.sum(0), rtol=1e-12, atol=0)
+    # and per position, each read's squared input norm (the bias line included), for its noise
+    norms = conv.patch_norms(x, g).flatten(1)
+    assert torch.allclose(norms, (conv.patches(x, g) ** 2).sum(1).reshape(3, -1), rtol=1e-12, atol=0)
     rows = torch.rand(3 * g.positions, g.rows, generator=gen, dtype=torch.float64)
     blocks = rows[:, : g.kernel_rows].reshape(3, g.positions, g.kernel_rows).transpose(1, 2)
     folded = F.fold(blocks, (size, size), kernel, padding=padding).flatten(1)
