@@ -47,7 +47,7 @@ from drivers import (
 from drivers.activation import HARD_SIGMOID, Activation
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
-from hil.host_settle import HOST_UPDATES, HostSettle, HostUpdate
+from hil.host_settle import HostSettle, HostUpdate, check_host_update
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
 
@@ -347,8 +347,7 @@ class EBBlock(nn.Module):
 
     @host_update.setter
     def host_update(self, value: HostUpdate) -> None:
-        if value not in HOST_UPDATES:
-            raise ConfigurationError(f"host_update must be one of {HOST_UPDATES}, got {value!r}")
+        check_host_update(value)
         if self.host_settle is None:
             if value != "synchronous":
                 raise ConfigurationError(

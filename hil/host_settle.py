@@ -156,6 +156,13 @@ HostUpdate = Literal["synchronous", "alternating"]
 HOST_UPDATES: tuple[str, ...] = ("synchronous", "alternating")
 
 
+def check_host_update(value: object) -> HostUpdate:
+    """`value` if it names an update order (`HOST_UPDATES`), else a clear error."""
+    if value not in HOST_UPDATES:
+        raise ConfigurationError(f"host_update must be one of {HOST_UPDATES}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def _two_colouring(topo: Topology, clamped: frozenset[str]) -> tuple[list[str], list[str]]:
     """The free groups in two halves such that no coupling joins two groups of one half (a
     layered network's even and odd layers), the half next to the clamped inputs first: what an
@@ -232,9 +239,7 @@ class HostSettle:
 
     @update.setter
     def update(self, value: HostUpdate) -> None:
-        if value not in HOST_UPDATES:
-            raise ConfigurationError(f"host update must be one of {HOST_UPDATES}, got {value!r}")
-        self._update = value
+        self._update = check_host_update(value)
 
     # ------------------------------------------------------------------------ the iteration
     def __call__(
@@ -343,13 +348,6 @@ class HostSettle:
         # the inputs first and then the other half from its new states (alternating)
         halves = [free] if self.update == "synchronous" else list(_two_colouring(topo, clamped))
         phases = [(h, [t for t in dynamic if t.dsts[0][0] in h]) for h in halves]
-        # alternating: the halves' terms hold one tile's two reads apart, so the first half's
-        # transposed reads of a pooled conv tile come before any forward read of this settle;
-        # their pool groups are read forwards once first, for the winners (the second half's
-        # find them from the first half's forward reads)
-        forward_of = {
-            m.tile: t for t in dynamic if t.geom is not None and not t.transpose for m in (t.members or (t,))
-        }
         # a layered step with dt 1 sets each half to its minimiser given the other half: no
         # overshoot to guard against, unlike a synchronous step (`_dt`)
         dt = self._dt(topo, clamped, free, ref) if self.update == "synchronous" else budget.dt
@@ -357,6 +355,12 @@ class HostSettle:
         check_every = budget.check_every if budget.tol > 0 else budget.max_steps
 
         if len(phases) > 1:
+            # the halves' terms hold one tile's two reads apart, so the first half's transposed
+            # reads of a pooled conv tile come before any forward read of this settle; their pool
+            # groups are read forwards once first, for the winners (the second half's find them
+            # from the first half's forward reads)
+            forwards = [t for t in dynamic if t.geom is not None and not t.transpose]
+            forward_of = {m.tile: t for t in forwards for m in (t.members or (t,))}
             for term in phases[0][1]:
                 fwd = forward_of.get(term.tile)
                 pooled = term.geom is not None and term.geom.has_winners
