@@ -446,13 +446,8 @@ def _later_energy(
     where the links share the tiles' cached tensors, the nudge's tensors copied. It uses
     the final states as `s` holds them (the settle's results: a caller that writes into
     those before reading the energy changes it)."""
-    held = [lk.frozen() for lk in links]
-    groups = {
-        g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
-        for g, (beta, t, gr) in nudge.groups.items()
-    }
-    states = dict(s)
-    return lambda: _energy(topo, held, states, free, SettleNudge(groups))
+    held, kept, states = [lk.frozen() for lk in links], nudge.copied(), dict(s)
+    return lambda: _energy(topo, held, states, free, kept)
 
 
 def _energy(

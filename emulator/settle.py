@@ -103,6 +103,15 @@ class SettleNudge:
                 e = e + beta * (grad * s[g]).sum(1)
         return e
 
+    def copied(self) -> SettleNudge:
+        """The nudge with its own copies of the targets and grads (for an energy computed later,
+        after the caller's tensors may have changed)."""
+
+        def copy(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.clone()
+
+        return SettleNudge({g: (beta, copy(tg), copy(gr)) for g, (beta, tg, gr) in self.groups.items()})
+
     def repeated(self, t: int) -> SettleNudge:
         """The nudge with every tensor repeated `t` times along the batch (trace energies)."""
 

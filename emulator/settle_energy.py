@@ -191,16 +191,11 @@ def later_pair_energy(
     reset before the call)."""
     frozen = frozen_plan(plan)
     states = dict(s)
-    groups = {
-        g: (beta, None if t is None else t.clone(), None if gr is None else gr.clone())
-        for g, (beta, t, gr) in nudge.groups.items()
-    }
+    kept = nudge.copied()
 
     def pair_energy() -> torch.Tensor:
         held = frozen()
-        return energy(
-            states, held, dataclasses.replace(nudge, groups=groups), const_products(states, held), gain, act
-        )
+        return energy(states, held, kept, const_products(states, held), gain, act)
 
     return pair_energy
 
