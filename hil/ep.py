@@ -260,7 +260,8 @@ class EBBlock(nn.Module):
         super().__init__()
         self.device = device
         self.compute = None if compute is None else resolve_compute(compute)
-        settle_path(device, settle)  # a bad choice is refused before the network is built (`use_settle`)
+        self.host_settle: HostSettle | None = None
+        self.use_settle(settle)  # a bad choice is refused before the network is built
         self.topology = topology
         groups = list(topology.groups)
         self.inputs = tuple(inputs) if inputs is not None else (groups[0],)
@@ -308,8 +309,6 @@ class EBBlock(nn.Module):
         self.last_updates: list[UpdateReport] = []
         device.configure(topology)
         self._configured = topology.budget
-        self.host_settle: HostSettle | None = None
-        self.use_settle(settle)
         self.mappings = {c.tile: self.programming.mapping(device, c.tile) for c in topology.couplings}
         self.sync(force=True)
 
