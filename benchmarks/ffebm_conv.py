@@ -264,8 +264,13 @@ def main() -> None:
                    f"0.001,{FALLING}); the best of each size over scales and rates counts")  # fmt: skip
     p.add_argument("--split-epochs", type=int, default=0, help="epochs per splitting run (0: fc 10, conv 8)")
     p.add_argument("--split-train", type=int, default=0, help="training images per splitting run (0: all)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, after the benchmark's own (repeatable), "
+                        "e.g. --set train.warmup=1")  # fmt: skip
     args = p.parse_args()
     todo = jobs(args)
+    for job in todo:
+        job["overrides"] = [*job["overrides"], *args.extra]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -325,7 +330,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     for d in lines:
         d.update(load_avg_start_end=[round(load0, 2), round(os.getloadavg()[0], 2)], jobs=args.jobs,
-                 threads_per_job=1, total_wall_s=round(wall, 1), quick=args.quick)  # fmt: skip
+                 threads_per_job=1, total_wall_s=round(wall, 1), quick=args.quick,
+                 set=args.extra)  # fmt: skip
         print(json.dumps(d))
 
 

@@ -147,6 +147,9 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: Literal["cosine", "none"] = "cosine"
+    # epochs over which every learning rate rises linearly from 1/(warmup steps) of its
+    # value to its value, step by step, on top of the schedule (0: off; fractions allowed)
+    warmup: float = 0.0
     seed: int = 0
     # augmentation: move each training image by up to `shift` pixels along each axis, drawn
     # per image and step (hil.augment); 0 = off
@@ -405,6 +408,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.train.shift <= MAX_SHIFT:
         raise ConfigError(
             f"train.shift: random translations of 0 to {MAX_SHIFT} pixels (0: off), got {cfg.train.shift}"
+        )
+    if not 0 <= cfg.train.warmup <= cfg.train.epochs:
+        raise ConfigError(
+            f"train.warmup: epochs of learning-rate warmup, 0 (off) to train.epochs ({cfg.train.epochs}), "
+            f"got {cfg.train.warmup}"
         )
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")

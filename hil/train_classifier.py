@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -277,12 +278,13 @@ class Classifier:
                 log.tile(step, self._tile_name(k, tile), weights=w, g_plus=gp, g_minus=gm)
 
     def step(
-        self, x: Tensor, y: Tensor, trace: int = 0, dp: DataParallel | None = None
+        self, x: Tensor, y: Tensor, trace: int = 0, dp: DataParallel | None = None, lr_scale: float = 1.0
     ) -> tuple[float, float, dict[str, float]]:
         """One optimisation step; returns (loss, accuracy, settle statistics) of the batch.
         `trace`: record the free settle's trace every `trace` steps (layered DHN only). With
         `dp`, (x, y) is this rank's shard and the gradients are all-reduced over the ranks
-        before the optimiser steps (`hil.distributed`)."""
+        before the optimiser steps (`hil.distributed`). `lr_scale` multiplies every learning
+        rate for this step only (`warmup_scale`); the schedule never sees it."""
         e = self.cfg.ep
         x, y = x.to(self.compute), y.to(self.compute)  # no copy when they are there already
         if self.ffebm is not None:
@@ -324,7 +326,15 @@ class Classifier:
                     self.last_settles[f"nudged{'+' if b > 0 else '-'}"] = eq
         if dp is not None:
             dp.reduce_grads([p for g in self.opt.param_groups for p in g["params"]])
-        self.opt.step()
+        if lr_scale == 1.0:
+            self.opt.step()
+        else:
+            rates = [g["lr"] for g in self.opt.param_groups]
+            for g in self.opt.param_groups:
+                g["lr"] = g["lr"] * lr_scale
+            self.opt.step()
+            for g, lr in zip(self.opt.param_groups, rates, strict=True):
+                g["lr"] = lr
         # the update reaches the devices inside this step (and its programming transaction):
         # every report of it, refreshes included, is in `last_programming`
         self.last_programming = []
@@ -445,6 +455,15 @@ def train_classifier(
         raise
 
 
+def warmup_scale(step: int, warmup: float, steps_per_epoch: int) -> float:
+    """The learning-rate factor of optimiser step `step` (0-based) under a linear warmup over
+    `warmup` epochs of `steps_per_epoch` steps: ``(step + 1) / n`` for the first ``n =
+    ceil(warmup * steps_per_epoch)`` steps, then 1. A function of the step alone, so a resumed
+    run continues the ramp where it stopped."""
+    n = math.ceil(warmup * steps_per_epoch)
+    return 1.0 if step >= n else (step + 1) / n
+
+
 def _train(
     cfg: RunConfig,
     ds: Dataset,
@@ -492,8 +511,9 @@ def _train(
             if offsets is not None:
                 x = shift_images(x, ds.image_shape, offsets)
             trace = log.trace_for(step) if log is not None and model.ffebm is None else 0
+            scale = warmup_scale(step, cfg.train.warmup, n_batches)
             with programming_transaction(model.devices, f"step-{step + 1}"):
-                loss, acc, st = model.step(x, y, trace=trace, dp=dp)
+                loss, acc, st = model.step(x, y, trace=trace, dp=dp, lr_scale=scale)
             if dp is not None:  # the global batch's loss and accuracy, settle steps averaged over ranks
                 keys = ("free_steps", "nudge_steps", "settles", "unconverged")
                 sums = dp.sums([loss * len(y), acc * len(y), *(st[k] for k in keys)])

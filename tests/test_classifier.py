@@ -52,6 +52,9 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("ep.beta", "not key=value"),
         ("ep.beta=-1", "ep.beta: must be > 0"),
         ("data.validation=-5", "data.validation: held-out training images, >= 0"),
+        ("train.warmup=-1", r"train.warmup: epochs of learning-rate warmup, 0 \(off\) to train.epochs"),
+        ("train.warmup=nan", "train.warmup: epochs of learning-rate warmup"),
+        ("train.warmup=31", r"to train.epochs \(30\), got 31"),
     ],
 )
 def test_config_errors_name_the_key(override: str, match: str) -> None:
@@ -258,3 +261,30 @@ def test_nudge_fixed_runs_the_nudged_phases_to_their_budget_and_the_free_one_to_
     fixed = train_classifier(load_config(None, [*base, "ep.nudge_fixed=true"]), progress=False).history[0]
     assert stopped.nudge_steps < 40 and fixed.nudge_steps == 40
     assert fixed.free_steps == stopped.free_steps < 200  # the free phase stops at tol in both
+
+
+def test_warmup_scales_each_steps_rates_and_leaves_the_schedule_alone(one_thread: None) -> None:
+    """A linear warmup over `train.warmup` epochs: step k's rates are (k + 1) / n of the
+    schedule's, and the optimiser's rates are the schedule's again after the step."""
+    from drivers import open_device
+    from hil.train_classifier import Classifier, warmup_scale
+
+    assert [warmup_scale(k, 0.5, 10) for k in range(7)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0]
+    assert warmup_scale(0, 0.0, 10) == 1.0 and warmup_scale(2, 0.25, 10) == 1.0  # ceil(2.5) = 3 steps
+    cfg = load_config(None, ["model.sizes=[64,16,10]", "train.optimizer=sgd", "train.lr=[0.1,0.05]"])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)
+    moved = []
+    for scale in (1.0, 0.25):
+        clf = Classifier(cfg, 64, 10, open_device)
+        try:
+            before = {t: p.detach().clone() for t, p in clf.block.weights.items()}
+            clf.step(x, y, lr_scale=scale)
+            assert [grp["lr"] for grp in clf.opt.param_groups] == [0.1, 0.05]
+            moved.append({t: p.detach() - before[t] for t, p in clf.block.weights.items()})
+        finally:
+            clf.close()
+    full, quarter = moved
+    for t in full:
+        assert full[t].abs().max() > 0
+        torch.testing.assert_close(4 * quarter[t], full[t], rtol=1e-4, atol=1e-7)
