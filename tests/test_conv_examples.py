@@ -148,7 +148,7 @@ def test_the_splitting_study_builds_one_network_in_every_split(study: str) -> No
         sys.path.insert(0, str(EXAMPLES.parent))
     from benchmarks import ffebm_conv
 
-    args = argparse.Namespace(quick=False, skip_main=True, skip_split=False, split_model=study,
+    args = argparse.Namespace(quick=False, seeds="0,1,2", skip_main=True, skip_split=False, split_model=study,
                               split_scales="", split_lrs="", split_epochs=0, split_train=0)  # fmt: skip
     todo = ffebm_conv.jobs(args)
     assert [(j["tags"]["block_layers"], j["tags"]["init_scale"], j["tags"]["lr"]) for j in todo] == list(
