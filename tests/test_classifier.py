@@ -288,3 +288,19 @@ def test_warmup_scales_each_steps_rates_and_leaves_the_schedule_alone(one_thread
     for t in full:
         assert full[t].abs().max() > 0
         torch.testing.assert_close(4 * quarter[t], full[t], rtol=1e-4, atol=1e-7)
+
+
+def test_a_resumed_run_continues_the_warmup_where_it_stopped(tmp_path, crash_and_resume) -> None:
+    """Warmup over 1.5 of 2 epochs: a run that dies after its first epoch and is resumed ends
+    with the weights of a run that never stopped (a ramp restarted on resume would not), and
+    the warmup changes them (so the comparison can tell)."""
+    base = ["train.epochs=2", "data.limit_train=160", "data.limit_test=60", "model.sizes=[64,32,10]"]
+    cfg = load_config(None, [*base, "train.warmup=1.5"])
+    resumed = crash_and_resume(cfg, tmp_path / "run.zarr")
+    straight = train_classifier(cfg, progress=False)
+    plain = train_classifier(load_config(None, base), progress=False)
+    for tile, p in resumed.model.block.weights.items():
+        torch.testing.assert_close(p, straight.model.block.weights[tile], atol=1e-6, rtol=0)
+        assert (p - plain.model.block.weights[tile]).abs().max() > 1e-3
+    for res in (resumed, straight, plain):
+        res.model.close()
