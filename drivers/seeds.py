@@ -41,9 +41,11 @@ if TYPE_CHECKING:
 # name -> fixed stream id (append only: never renumber or reuse an id)
 STREAMS: dict[str, int] = {
     # emulator/board.py: an emulated board (its seed is the URI's seed)
-    "board.noise": 1,  # run-time noise: read, programming, node noise
+    "board.noise": 1,  # run-time noise: programming (and its read-back), MVM and node noise
     "board.truth": 2,  # the periphery's true converter gain/offset errors
     "board.fabrication": 3,  # index: the physical tile position; device-to-device variation
+    "board.read": 4,  # the read noise of host reads (read_conductance): what a host reads never
+    # changes the noise its settles and writes see (a run log does not change a run)
     # hil/ep.py: an EBBlock
     "ep.init": 10,  # initial weights (when none are given) and the network's own generator
     "ep.sign": 11,  # the sign of beta per step (EPEstimator)

@@ -255,14 +255,16 @@ class TileArray:
             table = self._table = NoisePool(gen, n, self.device, blocks=self.noise_table_blocks)
         return table.fresh_window(self._dshape, -(-n // self.noise_table_reuse))
 
-    def _read(self, t: float, gen: torch.Generator) -> torch.Tensor:
+    def _read(self, t: float, gen: torch.Generator, table: bool = True) -> torch.Tensor:
+        """True + N(0, read_noise) at `t`; `table=False` draws fresh values from `gen` even on a
+        large tile, leaving the tile's noise table (and the generator it draws from) alone."""
         g = self._now(t)
         if self._pcm and self.model.read_noise > 0:  # each device's std follows what it holds
-            z = self._table_window(gen)
+            z = self._table_window(gen) if table else None
             z = _randn(self._dshape, gen, self.device) if z is None else z
             return torch.addcmul(g, pcm_read_std(g, self.model.g_max, self.model.read_noise), z)
         if self.model.read_noise > 0:
-            z = self._table_window(gen)
+            z = self._table_window(gen) if table else None
             if z is not None:
                 return torch.add(g, z, alpha=self.model.read_noise)
             # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
@@ -291,9 +293,11 @@ class TileArray:
         return self._read(t, gen)
 
     def read(self, t: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One noisy read of every device: true + N(0, read_noise). Not clipped at 0: this is a
-        measurement, and a clipped one would bias the noise statistics near g = 0."""
-        g = self._read(t, gen)
+        """One noisy read of every device for the host: true + N(0, read_noise), fresh from
+        `gen` (its own stream: the board's `read_conductance`), never from the noise table
+        that the tile's writes share. Not clipped at 0: this is a measurement, and a clipped
+        one would bias the noise statistics near g = 0."""
+        g = self._read(t, gen, table=False)
         return g[0], g[1]
 
     def weights(self, t: float) -> torch.Tensor:

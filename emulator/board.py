@@ -11,7 +11,9 @@ every position of its input map).
 Works on torch tensors on one torch device (CPU or CUDA, same code). Everything random
 comes from generators seeded by the board's seed, so a board is deterministic per seed:
 the fabrication draws of physical tile k come from ``seed`` and ``k`` alone (the same chip
-every time), the noise of reads, writes and settles from one noise stream.
+every time), the noise of writes, MVMs and settles from one noise stream, and the noise of
+the host's reads (`read_conductance`) from another, so that reading a tile (a run log, a
+calibration) never changes what the board's later settles and writes draw.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Board:
         # What makes the chip (converter errors, fabrication variation) is drawn once from CPU
         # generators and moved, so one seed is the same chip on every device.
         self.noise = seeds.torch_generator(self.seed, "board.noise", device=self.device)
+        self.read_noise = seeds.torch_generator(self.seed, "board.read", device=self.device)
         per = preset.periphery
         truth = seeds.torch_generator(self.seed, "board.truth")
         lo, hi = per.state_range
@@ -336,9 +339,12 @@ class Board:
         return {"pulses": int(st.pulses), "energy_j": float(st.energy_j), "time_s": float(st.time_s)}
 
     def read_conductance(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host read of tile `name`, its noise drawn from the `board.read` stream: a run
+        with reads (a run log's) trains as one without. The read still takes the board's
+        time, so on a drifting preset (`pcm`) later states are a read's time older."""
         tile = self.tile(name)
         self.clock += self.preset.periphery.mvm_time_s
-        return tile.read(self.clock, self.noise)
+        return tile.read(self.clock, self.read_noise)
 
     def _check_batch(self, name: str, batch: int) -> None:
         try:

@@ -104,16 +104,27 @@ def test_two_ideal_boards_equal_one_board_with_the_whole_batch(ideal_job: Path, 
     assert open_run(ideal_job).config["device"] == "emulator://?preset=ideal&seed=0"
 
 
-def test_two_rram_boards_train_within_a_point_of_one(tmp_path: Path) -> None:
-    job = _torchrun(tmp_path / "two.zarr", RRAM)
-    _one_board(tmp_path / "one.zarr", RRAM)  # meanwhile, in this process
-    _finish(job)
-    w2, _, test2 = _final(tmp_path / "two.zarr")
-    w1, _, test1 = _final(tmp_path / "one.zarr")
-    assert test1["test_acc"][-1] > 0.8
-    assert abs(test2["test_acc"][-1] - test1["test_acc"][-1]) <= 0.01, (test2["test_acc"], test1["test_acc"])
-    # the second board's own noise (its own seed) moved the run: not bit-equal to one board
-    assert any(not np.array_equal(w2[k], w1[k]) for k in w1)
+def test_two_rram_boards_train_at_least_as_well_as_one(tmp_path: Path) -> None:
+    """Data parallel over noisy boards costs no accuracy: over three board seeds s (ranks on
+    boards s and s + 1, one board on s), the two-board jobs' mean final test accuracy is at
+    most 1 point below the one-board runs' mean. One pair is not enough: the final accuracy
+    follows the noise of the last write (the same weights programmed again on the same
+    board score 81-88 %), and one-board runs on twelve board seeds spread over 77.8-88.3 %
+    (docs/distributed.md)."""
+    one, two = [], []
+    for s in (0, 2, 4):
+        sets = [*RRAM[:-1], f"device=emulator://?preset=rram&seed={s}"]
+        job = _torchrun(tmp_path / f"two{s}.zarr", sets)
+        _one_board(tmp_path / f"one{s}.zarr", sets)  # meanwhile, in this process
+        _finish(job)
+        w2, _, test2 = _final(tmp_path / f"two{s}.zarr")
+        w1, _, test1 = _final(tmp_path / f"one{s}.zarr")
+        # the second board's own noise (its own seed) moved the run: not bit-equal to one board
+        assert any(not np.array_equal(w2[k], w1[k]) for k in w1)
+        one.append(float(test1["test_acc"][-1]))
+        two.append(float(test2["test_acc"][-1]))
+    assert min(one + two) > 0.8, (one, two)  # every run learned
+    assert np.mean(two) >= np.mean(one) - 0.01, (two, one)
 
 
 def _worker(parent: int, rank: int) -> int:

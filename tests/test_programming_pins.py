@@ -29,6 +29,12 @@ partner still gets its compensated target in float64 (on the stuck pairs only), 
 is now tested as ``|read - target| > threshold`` in float32 rather than float64: it could
 flip only for a device within a float32 rounding (~1e-13 S) of the threshold (2.25 uS),
 which these runs do not have; the exact stuck counts would show it.
+
+Re-pinned once since: ``("rram", "mixed")`` on 2026-12-05, when the host's reads
+(`Device.read_conductance`, which the mixed scheme's read-backs are) got their own noise
+stream (`board.read`, docs/emulator.md). Until that change the pins above held at 5f07541;
+the new ones come from that commit plus the change. The stuck devices found (counts, index
+sums) stayed the same; the noise drawn after each read-back moved.
 """
 
 from __future__ import annotations
@@ -552,55 +558,55 @@ PINNED_PROGRAMMING: dict[tuple[str, str], dict[str, Any]] = {
     ("rram", "mixed"): {
         "W0.residual_max_uS": [
             0.2595273952101706,
-            0.4282393480752944,
+            0.42823934555053716,
             0.47299089655280113,
             0.5948136784136295,
-            0.5386294252821237,
+            0.5254799508838907,
             0.6892515241634093,
         ],
         "W0.within_tol": [
             0.9982371794871795,
             0.9982371794871795,
             0.9977564102564103,
-            0.9977564102564103,
+            0.9975961538461539,
             0.9974358974358974,
             0.9979166666666667,
         ],
-        "W0.pulses": [6878.0, 6950.0, 6750.0, 6930.0, 6851.0, 6875.0],
+        "W0.pulses": [6865.0, 6925.0, 6727.0, 6908.0, 6852.0, 6866.0],
         "W1.residual_max_uS": [
             0.15748953889124012,
             0.2855985469650469,
             0.2798661298584185,
-            0.0365772250693226,
-            0.036549747958360974,
-            0.03662303571354641,
+            0.03625711446511559,
+            0.03622273955534184,
+            0.03620608213077505,
         ],
         "W1.within_tol": [0.9989795918367347, 0.9989795918367347, 0.9989795918367347, 1.0, 1.0, 1.0],
-        "W1.pulses": [1063.0, 1037.0, 1089.0, 1074.0, 1026.0, 1081.0],
+        "W1.pulses": [1078.0, 1053.0, 1109.0, 1101.0, 1035.0, 1105.0],
         "W0.host_sum": -3.624987315153703,
         "W0.host_abs": 333.6631256362889,
-        "W0.device_sum": -4.333650965989364,
-        "W0.device_abs": 310.1244480829446,
-        "W0.device_sq": 49.59272473185207,
-        "W0.g_sum_uS": 34577.49220729056,
-        "W0.g_sq_uS2": 194922.59067839416,
-        "W0.g_est_sum_uS": 34389.14176890149,
-        "W0.target_sum": -3.987148666759519,
+        "W0.device_sum": -4.265040105878143,
+        "W0.device_abs": 308.9422125610581,
+        "W0.device_sq": 49.198403028577665,
+        "W0.g_sum_uS": 34585.11858411839,
+        "W0.g_sq_uS2": 194992.77519334768,
+        "W0.g_est_sum_uS": 34388.04881671641,
+        "W0.target_sum": -3.9171113877031942,
         "W0.stuck": 38,
         "W0.stuck_index_sum": 100003,
-        "W0.stuck_value_uS": 254.57268031914282,
+        "W0.stuck_value_uS": 254.7019223584357,
         "W1.host_sum": 0.4505398478358984,
         "W1.host_abs": 55.867027439177036,
-        "W1.device_sum": 0.8504583103494952,
-        "W1.device_abs": 51.52706794104597,
-        "W1.device_sq": 8.835378774284592,
-        "W1.g_sum_uS": 5449.6780605859385,
-        "W1.g_sq_uS2": 30829.448989069642,
-        "W1.g_est_sum_uS": 5415.567940686889,
-        "W1.target_sum": 0.4410790660649577,
+        "W1.device_sum": 0.5841365950400359,
+        "W1.device_abs": 51.490222686006746,
+        "W1.device_sq": 8.811718666331206,
+        "W1.g_sum_uS": 5454.265866092101,
+        "W1.g_sq_uS2": 30880.97621301979,
+        "W1.g_est_sum_uS": 5417.107314314569,
+        "W1.target_sum": 0.5167716726179306,
         "W1.stuck": 6,
         "W1.stuck_index_sum": 2491,
-        "W1.stuck_value_uS": 50.87857289254316,
+        "W1.stuck_value_uS": 50.692070431068714,
     },
 }
 
