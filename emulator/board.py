@@ -108,13 +108,15 @@ class Board:
         self._groups: dict[str, int] = {}  # the configured groups, as they were at configure
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
-        # Run-time noise (read, write, node noise) is drawn on the board's device, from a generator
-        # there seeded from the `board.noise` stream: boards of one seed on CPU and CUDA are noisy
-        # alike in distribution, not number by number (torch's CPU and CUDA generators differ).
+        # Run-time noise (write, read-back, MVM and node noise) is drawn on the board's device, from
+        # a generator there seeded from the `board.noise` stream, and that of the host's reads
+        # (`read_conductance`) from one seeded from `board.read`: boards of one seed on CPU and
+        # CUDA are noisy alike in distribution, not number by number (torch's CPU and CUDA
+        # generators differ).
         # What makes the chip (converter errors, fabrication variation) is drawn once from CPU
         # generators and moved, so one seed is the same chip on every device.
         self.noise = seeds.torch_generator(self.seed, "board.noise", device=self.device)
-        self.read_noise = seeds.torch_generator(self.seed, "board.read", device=self.device)
+        self.host_reads = seeds.torch_generator(self.seed, "board.read", device=self.device)
         per = preset.periphery
         truth = seeds.torch_generator(self.seed, "board.truth")
         lo, hi = per.state_range
@@ -344,7 +346,7 @@ class Board:
         time, so on a drifting preset (`pcm`) later states are a read's time older."""
         tile = self.tile(name)
         self.clock += self.preset.periphery.mvm_time_s
-        return tile.read(self.clock, self.read_noise)
+        return tile.read(self.clock, self.host_reads)
 
     def _check_batch(self, name: str, batch: int) -> None:
         try:
