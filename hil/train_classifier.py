@@ -326,15 +326,12 @@ class Classifier:
                     self.last_settles[f"nudged{'+' if b > 0 else '-'}"] = eq
         if dp is not None:
             dp.reduce_grads([p for g in self.opt.param_groups for p in g["params"]])
-        if lr_scale == 1.0:
-            self.opt.step()
-        else:
-            rates = [g["lr"] for g in self.opt.param_groups]
-            for g in self.opt.param_groups:
-                g["lr"] = g["lr"] * lr_scale
-            self.opt.step()
-            for g, lr in zip(self.opt.param_groups, rates, strict=True):
-                g["lr"] = lr
+        rates = [g["lr"] for g in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["lr"] = g["lr"] * lr_scale  # exact at 1.0: no warmup, the schedule's rates
+        self.opt.step()
+        for g, lr in zip(self.opt.param_groups, rates, strict=True):
+            g["lr"] = lr
         # the update reaches the devices inside this step (and its programming transaction):
         # every report of it, refreshes included, is in `last_programming`
         self.last_programming = []
