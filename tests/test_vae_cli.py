@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
@@ -57,6 +58,11 @@ def test_train_vae_prints_cells_and_writes_run_log_and_pictures(tmp_path: Path) 
         "model.init_bias": "mid",
     }
     assert "crossbar cells, hard_sigmoid neuron" in text
+    # every step's settle steps, split between the encoding and the decoding settles
+    train = run.table("metrics/train")
+    assert len(train["settle_steps"]) == 2 * 96 // 32
+    assert (train["encoder_steps"] > 0).all() and (train["decoder_steps"] > 0).all()
+    np.testing.assert_array_equal(train["encoder_steps"] + train["decoder_steps"], train["settle_steps"])
     # two sub-second epochs, the default log.snapshot_every_s (10 s): the last epoch's snapshot only
     assert [run.snapshot_attrs(name)["step"] for name in run.snapshots] == [2 * 96 // 32]
     assert run.attrs["log"]["snapshot_every_s"] == 10.0

@@ -124,7 +124,9 @@ class StepResult:
     encoder_free: Equilibrium
     decoder_free: Equilibrium
     nudged: dict[str, Equilibrium]  # "encoder nudged+", "decoder nudged-", ... (the phases that ran)
-    settle_steps: int
+    settle_steps: int  # encoder_steps + decoder_steps
+    encoder_steps: int  # the encoding settles' steps, free and nudged (one network or two)
+    decoder_steps: int  # the decoding settles' steps, free and nudged
     settle_energy_j: float
     converged: bool
 
@@ -293,6 +295,8 @@ class HopfieldVAE:
                 if b != 0
             },
             settle_steps=enc_ep.settle_steps + dec_ep.settle_steps + enc.steps + dec.steps,
+            encoder_steps=enc_ep.settle_steps + enc.steps,
+            decoder_steps=dec_ep.settle_steps + dec.steps,
             settle_energy_j=sum(e.energy_j for e in unique),
             converged=enc.converged and dec.converged,
         )

@@ -171,6 +171,8 @@ class _Model:
             "nll": r.nll,
             "kl": r.kl,
             "settle_steps": float(r.settle_steps),
+            "encoder_steps": float(r.encoder_steps),
+            "decoder_steps": float(r.decoder_steps),
             "settle_energy_j": r.settle_energy_j,
             "converged": float(r.converged),
         }
