@@ -9,7 +9,8 @@ meter; it puts the nudges through the DAC and hands the clamps and the nudge (a
   matmul sources of the settle as `Term` s, views of the tiles' cached weights, refreshed in
   place after writes) and per batch size a `Workspace` (the free states as one (nodes,
   batch) buffer);
-- chooses the integration step (`SettlePlanner.step_dt`, from a bound on the coupling norm);
+- chooses the integration steps (`SettlePlanner.step_sizes`: the asked step, and a bound from
+  the coupling norm to fall back to where it stops converging);
 - runs one of two loops: `_settle_analog` (the node circuits relaxing, with or without read
   and node noise: a flat list of in-place calls per step on (nodes, batch) buffers, noise
   from the engine's `NoisePool`; on the CPU a noise-free settle runs that loop as one
@@ -212,6 +213,10 @@ class SettleEngine:
         # on the CPU, run a noise-free settle's whole loop as one TorchScript call
         # (`emulator.settle_script`); False: the same calls one at a time from Python
         self.scripted = True
+        # a checked analog settle starts at budget.dt and falls back to the energy-descent
+        # bound where its residual stops making progress (`SettlePlanner.step_sizes`); False:
+        # the bound throughout
+        self.bold_steps = True
         # run that loop in torch.inference_mode (the same numbers, less dispatch per call);
         # False: with autograd's dispatch, as the Python loop
         self.inference = True
@@ -567,7 +572,12 @@ class SettleEngine:
         for g, (beta, grad) in nudge.currents.items():
             drive[rows[g]].sub_(grad.T, alpha=beta)
         elastic = nudge.elastic
-        dt = self.planner.step_dt(plan, key)
+        # the steps that check convergence (every `check_every`; with tol = 0 only the last)
+        # or record the trace; the steps between them run the flat list alone
+        last = budget.max_steps
+        every = budget.check_every if budget.tol > 0 or noisy else last
+        first_dt, safe_dt = self.planner.step_sizes(plan, key, self.bold_steps and every < last)
+        dt = first_dt
         # one step as a flat list of bound calls: the workspace's products, the elastic pulls,
         # then gain and clamp (the activation) over all groups
         pre = list(ws.products)
@@ -593,10 +603,6 @@ class SettleEngine:
                 ws.dt = torch.empty((), device=state.device)
             ws.dt.fill_(dt)
             graph_ops = [*pre, partial(state.lerp_, new, ws.dt)]
-        # the steps that check convergence (every `check_every`; with tol = 0 only the last)
-        # or record the trace; the steps between them run the flat list alone
-        last = budget.max_steps
-        every = budget.check_every if budget.tol > 0 or noisy else last
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
 
@@ -608,13 +614,22 @@ class SettleEngine:
         if trace:
             record(0)
         residual, step, floor = float("inf"), 0, 0.0
+        best, stalled, fell_back = float("inf"), 0, -1
         done = None
         if self.scripted and not (noisy or elastic or trace or state.is_cuda):
             done = settle_script.run(
-                ws.steps, every, last, budget.tol, (act.kind, gain, act.width), new, state, dt, self.inference
+                ws.steps,
+                every,
+                last,
+                budget.tol,
+                (act.kind, gain, act.width),
+                new,
+                state,
+                (first_dt, safe_dt),
+                self.inference,
             )
         if done is not None:
-            step, residual = done
+            step, residual, fell_back = done
             marks: list[int] = []  # the compiled loop ran them
         else:
             marks = sorted({*range(every, last, every), *(range(trace, last, trace) if trace else ()), last})
@@ -636,6 +651,15 @@ class SettleEngine:
                 record(mark)
             if checked and residual <= budget.tol + floor:
                 break
+            if checked and residual < best:
+                best, stalled = residual, 0
+            elif checked:  # no progress: after STALL_CHECKS of these, the second step size
+                stalled += 1
+                if stalled == settle_script.STALL_CHECKS and fell_back < 0 and dt != safe_dt:
+                    dt, fell_back = safe_dt, mark
+                    relax = step_ops[-1] = partial(state.lerp_, new, dt)
+                    if ws.dt is not None:  # the captured steps read it
+                        ws.dt.fill_(dt)
         if trace and trace_steps[-1] != step:
             record(step)
         # the final states out of the workspace (the next settle reuses it) in one copy of the
@@ -645,7 +669,11 @@ class SettleEngine:
         final = state.clone()
         for g in plan.free:
             s[g] = final[rows[g]].T
-        cost = self._account(plan, s, ws, step, dt, batch)
+        # the settle's circuit time in steps of size 1: the steps before the fallback at the
+        # first size, the rest at the second
+        before = step if fell_back < 0 else fell_back
+        mean_dt = (before * first_dt + (step - before) * safe_dt) / max(step, 1)
+        cost = self._account(plan, s, ws, step, mean_dt, batch)
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
         if not trace:
             if plan.const_unit:

@@ -48,7 +48,9 @@ With `reference` (a callable returning the pure-torch network with the weights a
 from the board, as `EBBlock.device_weights` does) the host also gives per-sample energies,
 subtracts the read-back diagonal of dense tiles (which a crossbar cannot disconnect when it
 only multiplies) and shortens `dt` where the couplings are strong enough for a step of `dt`
-to overshoot (``dt < 1.8 / (1 + gain |A|)``, the rule the analog board applies).
+to overshoot (``dt < 1.8 / (1 + gain |A|)``, the bound the analog board falls back to; the
+board starts a checked settle at the asked step, `SettlePlanner.step_sizes`, the host keeps
+the bound throughout).
 
 Compute device: the iteration speaks `Device.mvm`'s numpy and runs on the CPU whatever the
 block's compute device (`hil.compute`); the reference network may live on that device (its

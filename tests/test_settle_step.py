@@ -1,0 +1,117 @@
+"""An analog settle's two step sizes (`SettlePlanner.step_sizes`).
+
+A settle that checks its convergence starts at the budget's `dt` and falls back to the
+energy-descent bound ``1.8 / (1 + gain |W|)`` once `settle_script.STALL_CHECKS` checks in a
+row made no new smallest residual; one that does not check runs the bound throughout. These
+tests run the emulator's settles on dense networks whose couplings make the bound bind, with
+the compiled loop and the Python loop, and read the circuit time the board's clock advanced,
+which counts every step at the size it ran at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import emulator.settle_script as settle_script
+from drivers import SettleBudget, Topology, open_device
+from emulator.settle import SettleResult
+from tests.test_emulator import program_weights
+
+GROUPS = {"x": 8, "h": 24, "y": 6}
+BATCH = 4
+
+
+def _settle(
+    scale: float, budget: SettleBudget, bold: bool = True, scripted: bool = True
+) -> tuple[SettleResult, float, np.ndarray, torch.Tensor]:
+    """Settle a dense network with symmetric couplings of spectral radius about `scale` (the
+    bound then caps a step of 1 at about 1.8 / (1 + scale)); return the result, the circuit
+    time in steps of size 1 (the clock's advance over the time of a step of budget.dt, times
+    budget.dt), the tile's weights as programmed and the clamp."""
+    topo = Topology.dense(GROUPS, budget=budget)
+    dev = open_device("emulator://?preset=ideal&seed=0")
+    try:
+        dev.configure(topo)
+        engine = dev.board.engine  # type: ignore[attr-defined]
+        engine.bold_steps, engine.scripted = bold, scripted
+        rng = np.random.default_rng(1)
+        n = sum(GROUPS.values())
+        w = rng.normal(0, scale / np.sqrt(n), (n, n))
+        w = (w + w.T) / 2
+        np.fill_diagonal(w, 0)
+        full = np.vstack([w, rng.uniform(-0.5, 0.5, (1, n))])
+        program_weights(dev, "W", full)
+        x = torch.from_numpy(np.random.default_rng(5).uniform(0, 1, (BATCH, GROUPS["x"])).astype(np.float32))
+        before = dev.board.clock  # type: ignore[attr-defined]
+        result = dev.board.settle({"x": x})  # type: ignore[attr-defined]
+        step_s = dev.board.preset.periphery.settle_step_s  # type: ignore[attr-defined]
+        circuit = (dev.board.clock - before) / (step_s * BATCH) * budget.dt  # type: ignore[attr-defined]
+        return result, circuit, np.clip(full, -1, 1), x
+    finally:
+        dev.close()
+
+
+def _fixed_point_error(result: SettleResult, w: np.ndarray, x: torch.Tensor) -> float:
+    """max |rho(u) - s| over the free nodes, u computed in float64 from the programmed weights."""
+    s = np.concatenate([x.numpy(), np.asarray(result.states["h"]), np.asarray(result.states["y"])], 1)
+    u = s.astype(np.float64) @ w[:-1] + w[-1]
+    free = slice(GROUPS["x"], None)
+    return float(np.abs(np.clip(u[:, free], 0, 1) - s[:, free]).max())
+
+
+def _same(a: SettleResult, b: SettleResult) -> bool:
+    return (
+        a.steps == b.steps
+        and a.residual == b.residual
+        and all(torch.equal(torch.as_tensor(a.states[g]), torch.as_tensor(b.states[g])) for g in ("h", "y"))
+    )
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_a_settle_runs_the_asked_step_and_reaches_the_bounded_fixed_point_sooner(scale: float) -> None:
+    budget = SettleBudget(max_steps=3000, tol=1e-6, dt=1.0, check_every=5)
+    bold, bold_time, w, x = _settle(scale, budget)
+    safe, safe_time, _, _ = _settle(scale, budget, bold=False)
+    assert bold.converged and safe.converged
+    safe_dt = safe_time / safe.steps
+    assert safe_dt < 0.9  # the bound binds: the asked step of 1 would be cut
+    assert bold.steps < safe.steps
+    assert bold_time == pytest.approx(bold.steps * 1.0)  # every step ran at the asked size
+    for g in ("h", "y"):  # the step changes the path, not the equilibrium (unique here)
+        assert np.abs(np.asarray(bold.states[g]) - np.asarray(safe.states[g])).max() < 1e-4
+    assert _fixed_point_error(bold, w, x) < 1e-5
+    assert _same(bold, _settle(scale, budget, scripted=False)[0])  # compiled loop == Python loop
+
+
+def test_a_settle_that_stops_progressing_falls_back_to_the_bound_and_converges(monkeypatch) -> None:
+    """Strong couplings: a step of 1 (the synchronous fixed-point map) oscillates; the settle
+    falls back after STALL_CHECKS checks and converges to a fixed point of the network. Without
+    the fallback the same settle never converges."""
+    budget = SettleBudget(max_steps=3000, tol=1e-5, dt=1.0, check_every=5)
+    result, circuit, w, x = _settle(3.0, budget)
+    _, safe_time, _, _ = _settle(3.0, budget, bold=False)
+    safe_dt = safe_time / _settle(3.0, budget, bold=False)[0].steps
+    assert result.converged and _fixed_point_error(result, w, x) < 1e-4
+    stalled = settle_script.STALL_CHECKS * budget.check_every
+    assert result.steps > stalled
+    # some steps at 1, the rest at the bound: the clock counts each at its size
+    assert result.steps * safe_dt + stalled * (1 - safe_dt) <= circuit + 1e-6
+    assert circuit < result.steps * 1.0
+    assert _same(result, _settle(3.0, budget, scripted=False)[0])
+    monkeypatch.setattr(settle_script, "STALL_CHECKS", 10**6)
+    for scripted in (True, False):
+        never, _, _, _ = _settle(3.0, budget, scripted=scripted)
+        assert not never.converged and never.steps == budget.max_steps
+
+
+def test_a_settle_without_checks_runs_the_bound_throughout() -> None:
+    """With tol = 0 no residual is checked before the last step, so nothing could catch an
+    overshoot: the settle runs the bound, exactly as with the bold steps switched off."""
+    budget = SettleBudget(max_steps=60, tol=0.0, dt=1.0)
+    unchecked, circuit, _, _ = _settle(1.5, budget)
+    off, off_circuit, _, _ = _settle(1.5, budget, bold=False)
+    assert unchecked.steps == off.steps == 60
+    assert circuit == pytest.approx(off_circuit) and circuit < 0.9 * 60
+    assert _same(unchecked, off)
