@@ -625,9 +625,18 @@ class SettleEngine:
                 (act.kind, gain, act.width),
                 new,
                 state,
-                (first_dt, safe_dt),
+                (first_dt, safe_dt or 0.0),
                 self.inference,
             )
+        if done is not None and safe_dt is None and done[2] == done[0] < last:
+            # stalled at the asked step: the rest at the bound, computed now (as below)
+            safe_dt = self.planner.step_dt(plan, key)
+            rest = settle_script.run(
+                ws.steps, every, last - done[0], budget.tol, (act.kind, gain, act.width), new, state,
+                (safe_dt, safe_dt), self.inference,
+            )  # fmt: skip
+            assert rest is not None  # compiled a moment ago
+            done = (done[0] + rest[0], rest[1], done[0])
         if done is not None:
             step, residual, fell_back = done
             marks: list[int] = []  # the compiled loop ran them
@@ -655,7 +664,10 @@ class SettleEngine:
                 best, stalled = residual, 0
             elif checked:  # no progress: after STALL_CHECKS of these, the second step size
                 stalled += 1
+                if stalled == settle_script.STALL_CHECKS and safe_dt is None:
+                    safe_dt = self.planner.step_dt(plan, key)
                 if stalled == settle_script.STALL_CHECKS and fell_back < 0 and dt != safe_dt:
+                    assert safe_dt is not None
                     dt, fell_back = safe_dt, mark
                     relax = step_ops[-1] = partial(state.lerp_, new, dt)
                     if ws.dt is not None:  # the captured steps read it
@@ -671,8 +683,8 @@ class SettleEngine:
             s[g] = final[rows[g]].T
         # the settle's circuit time in steps of size 1: the steps before the fallback at the
         # first size, the rest at the second
-        before = step if fell_back < 0 else fell_back
-        mean_dt = (before * first_dt + (step - before) * safe_dt) / max(step, 1)
+        before = step if fell_back < 0 or safe_dt is None else fell_back
+        mean_dt = (before * first_dt + (step - before) * (safe_dt or first_dt)) / max(step, 1)
         cost = self._account(plan, s, ws, step, mean_dt, batch)
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
         if not trace:

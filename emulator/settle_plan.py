@@ -389,9 +389,11 @@ class SettlePlanner:
                     out[grp] = part if grp not in out else out[grp] + part
         return out
 
-    def step_sizes(self, plan: Plan, key: frozenset[str], checked: bool) -> tuple[float, float]:
+    def step_sizes(self, plan: Plan, key: frozenset[str], checked: bool) -> tuple[float, float | None]:
         """An analog settle's two integration steps: the first, and the one it falls back to
-        once `settle_script.STALL_CHECKS` checks in a row have made no new smallest residual.
+        once `settle_script.STALL_CHECKS` checks in a row have made no new smallest residual
+        (None: `step_dt`, computed when the settle falls back; after a write it may need a
+        power iteration, which most settles then never pay).
 
         The fallback is `step_dt`, small enough for energy descent from any state. That bound
         takes every node at full gain; the states a settle visits have most nodes on a rail
@@ -402,9 +404,11 @@ class SettlePlanner:
         step oscillates or grows); one that does not check runs `step_dt` throughout. Both
         steps reach fixed points of the same network; where it has several, a larger step may
         reach another one (tests/test_settle_step.py)."""
-        safe = self.step_dt(plan, key)
         assert self.board.topology is not None
-        return (self.board.topology.budget.dt if checked else safe), safe
+        if checked:
+            return self.board.topology.budget.dt, None
+        safe = self.step_dt(plan, key)
+        return safe, safe
 
     def step_dt(self, plan: Plan, key: frozenset[str]) -> float:
         """The integration step of an analog settle: budget.dt, or less where the couplings are

@@ -107,10 +107,12 @@ def _settle_loop(
     activation, relaxation) up to each checked mark (every `every` steps, and the `last`), at
     a mark the largest change before the relaxation; stop once it is within `tol`. The steps
     relax by `dt` until `patience` checks in a row made no new smallest residual, and by
-    `safe_dt` from there on (`SettlePlanner.step_sizes`). Returns (steps, the last checked
-    residual, the step from which `safe_dt` ran, or -1). The marks are counted here, not
-    passed in: a call given a settle's 320 marks (1600 steps checked every 5) took 20.4 us
-    against 3.7 us given 32 (2026-12-05, Intel Xeon, one thread, load 0.6)."""
+    `safe_dt` from there on (`SettlePlanner.step_sizes`); where `safe_dt` is 0 (not computed
+    yet) the loop returns at that check instead. Returns (steps, the last checked residual,
+    the step from which `safe_dt` ran or at which the loop returned for it, or -1). The marks
+    are counted here, not passed in: a call given a settle's 320 marks (1600 steps checked
+    every 5) took 20.4 us against 3.7 us given 32 (2026-12-05, Intel Xeon, one thread, load
+    0.6)."""
     residual = float("inf")
     best = float("inf")
     stalled = 0
@@ -140,6 +142,8 @@ def _settle_loop(
                 else:
                     stalled += 1
                     if stalled == patience and fell_back < 0 and dt != safe_dt:
+                        if safe_dt <= 0.0:  # not known yet: the caller computes it and goes on
+                            return mark, residual, mark
                         dt, fell_back = safe_dt, mark
         step = mark
     return step, residual, fell_back
@@ -168,9 +172,9 @@ def run(
     inference: bool = True,
 ) -> tuple[int, float, int] | None:
     """Run a noise-free settle's steps (`act`: the activation's kind, gain and corner width;
-    `dt`: the step sizes before and after a residual fails to shrink); (steps, residual, the
-    step from which the second size ran or -1), or None where the loop is not compiled (the
-    caller runs its own).
+    `dt`: the step sizes before and after the residual stalls, the second 0 where it is not
+    known yet); (steps, residual, the step from which the second size ran or at which the loop
+    returned for it, or -1), or None where the loop is not compiled (the caller runs its own).
 
     With `inference` the loop runs in `torch.inference_mode`: its calls then skip autograd's
     dispatch keys: 0.2 to 0.6 us of a 10 to 16 us step on the main job's settles

@@ -115,3 +115,28 @@ def test_a_settle_without_checks_runs_the_bound_throughout() -> None:
     assert unchecked.steps == off.steps == 60
     assert circuit == pytest.approx(off_circuit) and circuit < 0.9 * 60
     assert _same(unchecked, off)
+
+
+@pytest.mark.parametrize("bold", [True, False])
+def test_the_bound_is_computed_only_for_a_settle_that_needs_it(bold: bool) -> None:
+    """After a write the bound may need a power iteration (`SettlePlanner._fresh_norm`); a
+    settle that converges at the asked step never asks for the bound, so it skips that work."""
+    budget = SettleBudget(max_steps=3000, tol=1e-6, dt=0.8, check_every=5)
+    topo = Topology.dense(GROUPS, budget=budget)
+    n = sum(GROUPS.values())
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.uniform(0, 1, (BATCH, GROUPS["x"])).astype(np.float32))
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        dev.configure(topo)
+        board = dev.board  # type: ignore[attr-defined]
+        board.engine.bold_steps = bold
+        for scale in (1.5, 2.0):  # the first plan starts from a power iteration; then a write
+            w = rng.normal(0, scale / np.sqrt(n), (n, n))
+            w = (w + w.T) / 2
+            np.fill_diagonal(w, 0)
+            program_weights(dev, "W", np.vstack([w, np.zeros((1, n))]))
+            result = board.settle({"x": x})
+        plan = board.engine.planner.plans[frozenset({"x"})][1]
+        assert result.converged
+        assert 1.8 / (1 + plan.coupling_norm) < budget.dt  # the bound binds
+        assert plan.norm_fresh is not bold  # the bound-only settle needed the power iteration
