@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from drivers import topology
 from drivers.topology import BIAS
 from emulator import settle_energy, settle_script
 from emulator.clamp_cache import ClampCache
@@ -664,9 +665,9 @@ class SettleEngine:
                 best, stalled = residual, 0
             elif checked:  # no progress: after STALL_CHECKS of these, the second step size
                 stalled += 1
-                if stalled == settle_script.STALL_CHECKS and safe_dt is None:
+                if stalled == topology.STALL_CHECKS and safe_dt is None:
                     safe_dt = self.planner.step_dt(plan, key)
-                if stalled == settle_script.STALL_CHECKS and fell_back < 0 and dt != safe_dt:
+                if stalled == topology.STALL_CHECKS and fell_back < 0 and dt != safe_dt:
                     assert safe_dt is not None
                     dt, fell_back = safe_dt, mark
                     relax = step_ops[-1] = partial(state.lerp_, new, dt)

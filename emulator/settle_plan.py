@@ -391,7 +391,7 @@ class SettlePlanner:
 
     def step_sizes(self, plan: Plan, key: frozenset[str], checked: bool) -> tuple[float, float | None]:
         """An analog settle's two integration steps: the first, and the one it falls back to
-        once `settle_script.STALL_CHECKS` checks in a row have made no new smallest residual
+        once `drivers.topology.STALL_CHECKS` checks in a row have made no new smallest residual
         (None: `step_dt`, computed when the settle falls back; after a write it may need a
         power iteration, which most settles then never pay).
 

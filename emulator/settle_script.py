@@ -38,20 +38,13 @@ from functools import cache, partial
 import torch
 from torch import Tensor
 
+from drivers import topology
 from drivers.activation import rho_inplace
 
 # how a product writes into its destination rows
 ADDMM_INTO = 0  # out = a + m @ x (the first product of a destination: it starts from the drive)
 ADDMM_ADD = 1  # out += m @ x
 COPY = 2  # out = a (a destination with no free source: the drive alone)
-# checks in a row without a new smallest residual after which a settle falls back to its
-# second step size (`SettlePlanner.step_sizes`). A converging settle's largest change is not
-# monotone: the main job at step 0.8 ran its decoding settles 866, 658 and 502 thousand steps
-# with 1, 4 and 16 here (-ELBO 1.27, 1.27, 1.49: seed noise), and 506 thousand with no
-# fallback at all (2026-12-06). A settle that truly oscillates wastes 16 checks before it
-# falls back: at step 1.0 without the fallback 14 % of the main job's test settles converged
-# and -ELBO was 9.7; with it all converged and -ELBO was 1.12, in 1.45 million steps
-STALL_CHECKS = 16
 
 
 @dataclass(frozen=True)
@@ -193,5 +186,5 @@ def run(
     kind, gain, width = act
     with torch.inference_mode(inference):
         return compiled(
-            every, last, tol, kinds, outs, a, m, x, kind, gain, width, new, state, *dt, STALL_CHECKS
+            every, last, tol, kinds, outs, a, m, x, kind, gain, width, new, state, *dt, topology.STALL_CHECKS
         )

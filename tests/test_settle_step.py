@@ -1,7 +1,7 @@
 """An analog settle's two step sizes (`SettlePlanner.step_sizes`).
 
 A settle that checks its convergence starts at the budget's `dt` and falls back to the
-energy-descent bound ``1.8 / (1 + gain |W|)`` once `settle_script.STALL_CHECKS` checks in a
+energy-descent bound ``1.8 / (1 + gain |W|)`` once `drivers.topology.STALL_CHECKS` checks in a
 row made no new smallest residual; one that does not check runs the bound throughout. These
 tests run the emulator's settles on dense networks whose couplings make the bound bind, with
 the compiled loop and the Python loop, and read the circuit time the board's clock advanced,
@@ -14,13 +14,26 @@ import numpy as np
 import pytest
 import torch
 
-import emulator.settle_script as settle_script
-from drivers import SettleBudget, Topology, open_device
+from drivers import Equilibrium, SettleBudget, Topology, open_device, topology
 from emulator.settle import SettleResult
+from hil.host_settle import HostSettle
+from hil.reference import DHN
 from tests.test_emulator import program_weights
 
 GROUPS = {"x": 8, "h": 24, "y": 6}
+MVM_ONLY = "capabilities=mvm,pulse,program_verify"
 BATCH = 4
+
+
+def _weights(scale: float) -> np.ndarray:
+    """The dense tile's matrix: symmetric couplings of spectral radius about `scale` with a
+    zero diagonal, and a bias row."""
+    rng = np.random.default_rng(1)
+    n = sum(GROUPS.values())
+    w = rng.normal(0, scale / np.sqrt(n), (n, n))
+    w = (w + w.T) / 2
+    np.fill_diagonal(w, 0)
+    return np.vstack([w, rng.uniform(-0.5, 0.5, (1, n))])
 
 
 def _settle(
@@ -36,12 +49,7 @@ def _settle(
         dev.configure(topo)
         engine = dev.board.engine  # type: ignore[attr-defined]
         engine.bold_steps, engine.scripted = bold, scripted
-        rng = np.random.default_rng(1)
-        n = sum(GROUPS.values())
-        w = rng.normal(0, scale / np.sqrt(n), (n, n))
-        w = (w + w.T) / 2
-        np.fill_diagonal(w, 0)
-        full = np.vstack([w, rng.uniform(-0.5, 0.5, (1, n))])
+        full = _weights(scale)
         program_weights(dev, "W", full)
         x = torch.from_numpy(np.random.default_rng(5).uniform(0, 1, (BATCH, GROUPS["x"])).astype(np.float32))
         before = dev.board.clock  # type: ignore[attr-defined]
@@ -94,13 +102,13 @@ def test_a_settle_that_stops_progressing_falls_back_to_the_bound_and_converges(m
     _, safe_time, _, _ = _settle(3.0, budget, bold=False)
     safe_dt = safe_time / _settle(3.0, budget, bold=False)[0].steps
     assert result.converged and _fixed_point_error(result, w, x) < 1e-4
-    stalled = settle_script.STALL_CHECKS * budget.check_every
+    stalled = topology.STALL_CHECKS * budget.check_every
     assert result.steps > stalled
     # some steps at 1, the rest at the bound: the clock counts each at its size
     assert result.steps * safe_dt + stalled * (1 - safe_dt) <= circuit + 1e-6
     assert circuit < result.steps * 1.0
     assert _same(result, _settle(3.0, budget, scripted=False)[0])
-    monkeypatch.setattr(settle_script, "STALL_CHECKS", 10**6)
+    monkeypatch.setattr(topology, "STALL_CHECKS", 10**6)
     for scripted in (True, False):
         never, _, _, _ = _settle(3.0, budget, scripted=scripted)
         assert not never.converged and never.steps == budget.max_steps
@@ -140,3 +148,42 @@ def test_the_bound_is_computed_only_for_a_settle_that_needs_it(bold: bool) -> No
         assert result.converged
         assert 1.8 / (1 + plan.coupling_norm) < budget.dt  # the bound binds
         assert plan.norm_fresh is not bold  # the bound-only settle needed the power iteration
+
+
+def _host_settle(scale: float, budget: SettleBudget, bold: bool = True) -> tuple[Equilibrium, int, float]:
+    """The same network on a board that only multiplies, settled by the host through `mvm`
+    (`HostSettle`, synchronous update, the reference giving the bound): the equilibrium, the
+    board's mvm calls and the largest distance to the analog board's fixed point at the
+    bound (the same weights on the in-process emulator)."""
+    full = _weights(scale)
+    topo = Topology.dense(GROUPS, budget=budget)
+    x = np.random.default_rng(5).uniform(0, 1, (BATCH, GROUPS["x"])).astype(np.float32)
+    with open_device(f"emulator://?preset=ideal&seed=0&{MVM_ONLY}") as dev:
+        dev.configure(topo)
+        program_weights(dev, "W", full)
+        ref = DHN(topo, {"W": torch.from_numpy(np.clip(full, -1, 1))})
+        host = HostSettle(dev, reference=lambda: ref, bold_steps=bold)
+        before = dev.meter().mvm_calls
+        eq = host({"x": x})
+        calls = dev.meter().mvm_calls - before
+    board, _, _, _ = _settle(scale, budget, bold=False)
+    far = max(float(np.abs(eq.states[g] - np.asarray(board.states[g])).max()) for g in ("h", "y"))
+    return eq, calls, far
+
+
+def test_a_host_iterated_settle_runs_the_asked_step_too_in_fewer_mvm_calls() -> None:
+    budget = SettleBudget(max_steps=3000, tol=1e-6, dt=1.0, check_every=5)
+    bold, bold_calls, far = _host_settle(1.5, budget)
+    safe, safe_calls, safe_far = _host_settle(1.5, budget, bold=False)
+    assert bold.converged and safe.converged
+    assert bold.steps < safe.steps and bold_calls < safe_calls
+    assert far < 1e-4 and safe_far < 1e-4  # both at the analog board's (unique) fixed point
+
+
+def test_a_host_iterated_settle_that_stalls_falls_back(monkeypatch) -> None:
+    budget = SettleBudget(max_steps=3000, tol=1e-5, dt=1.0, check_every=5)
+    eq, _, _ = _host_settle(3.0, budget)
+    assert eq.converged and eq.steps > topology.STALL_CHECKS * budget.check_every
+    monkeypatch.setattr(topology, "STALL_CHECKS", 10**6)
+    never, _, _ = _host_settle(3.0, budget)
+    assert not never.converged and never.steps == budget.max_steps
