@@ -172,7 +172,9 @@ class FramedServer(EndpointServer):
         piggyback = host.get("piggyback") is True
         theirs = host.get("ack_timeout")
         ok = isinstance(theirs, int | float) and not isinstance(theirs, bool) and theirs > 0
-        limit = min(self.ack_timeout, float(theirs)) if ok else self.ack_timeout  # type: ignore[arg-type]
+        # compared before any float(): a JSON integer past 1e308 would overflow it
+        shorter = ok and theirs < self.ack_timeout  # type: ignore[operator]
+        limit = float(theirs) if shorter else self.ack_timeout  # type: ignore[arg-type]
         delay = limit / 4 if piggyback else 0.0
         link.ack_delay = delay if delay >= MIN_ACK_DELAY_S else 0.0  # a near-zero timer would spin
         info: dict[str, object] = {
