@@ -114,7 +114,8 @@ class SerialDevice(RemoteDevice):
         theirs = board.get("ack_timeout")
         if isinstance(theirs, bool) or not isinstance(theirs, int | float) or not 0 < theirs < float("inf"):
             return 0.0
-        delay = min(self.ack_timeout, float(theirs)) / 4
+        # compared before any float(): a JSON integer past 1e308 would overflow it
+        delay = (float(theirs) if theirs < self.ack_timeout else self.ack_timeout) / 4
         return delay if delay >= MIN_ACK_DELAY_S else 0.0
 
     def _disconnect(self) -> None:

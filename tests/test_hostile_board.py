@@ -819,3 +819,26 @@ def test_unpack_never_crashes(meta: object, data: bytes) -> None:
 
 def test_errors_are_device_errors() -> None:
     assert issubclass(ProtocolError, DeviceError)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "delay"),
+    [
+        (0.1, 0.025),
+        (10.0, 0.0625),
+        (10**400, 0.0625),
+        (-1, 0.0),
+        (float("nan"), 0.0),
+        (True, 0.0),
+        ("1", 0.0),
+    ],
+    ids=["shorter", "longer", "1e400", "negative", "nan", "bool", "str"],
+)
+def test_a_hello_reply_sets_a_sane_ack_delay_whatever_its_ack_timeout(theirs: object, delay: float) -> None:
+    """The board's HELLO reply names its ACK timeout; a value the host cannot use (not a
+    positive number) means no held-back ACKs, and one no float holds (a JSON integer of 401
+    digits) is longer than the host's own: a quarter of the host's 0.25 s."""
+    from drivers.serial import SerialDevice
+
+    host = SerialDevice("socket://127.0.0.1:9", name="unopened", ack_timeout=0.25)
+    assert host._response_ack_delay({"request_acks": True, "ack_timeout": theirs}) == pytest.approx(delay)
