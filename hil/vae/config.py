@@ -44,7 +44,7 @@ class VAEEPConfig:
     # the analog settle's step: the board runs it while the settle converges and falls back
     # to its stability bound (0.39-0.5 on TDH-VAE's decoding settles) where it stalls
     # (emulator.settle_plan.SettlePlanner.step_sizes). 0.8 against 0.5 on TDH-VAE, seeds 0-2:
-    # 45 % fewer decoder steps, test -ELBO 1.23 against 1.36 on average (docs/vae.md)
+    # 44 % fewer decoder steps, test -ELBO 1.42 against 1.36 on average (docs/vae.md)
     dt: float = 0.8
     programming: Literal["ideal", "verify", "pulsed", "mixed"] = "ideal"  # docs/programming.md
     # where settles run: board, host (iterated through the board's mvm) or auto (board if it can)
