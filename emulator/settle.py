@@ -665,14 +665,14 @@ class SettleEngine:
                 best, stalled = residual, 0
             elif checked:  # no progress: after STALL_CHECKS of these, the second step size
                 stalled += 1
-                if stalled == topology.STALL_CHECKS and safe_dt is None:
-                    safe_dt = self.planner.step_dt(plan, key)
-                if stalled == topology.STALL_CHECKS and fell_back < 0 and dt != safe_dt:
-                    assert safe_dt is not None
-                    dt, fell_back = safe_dt, mark
-                    relax = step_ops[-1] = partial(state.lerp_, new, dt)
-                    if ws.dt is not None:  # the captured steps read it
-                        ws.dt.fill_(dt)
+                if stalled == topology.STALL_CHECKS and fell_back < 0:
+                    if safe_dt is None:
+                        safe_dt = self.planner.step_dt(plan, key)
+                    if dt != safe_dt:
+                        dt, fell_back = safe_dt, mark
+                        relax = step_ops[-1] = partial(state.lerp_, new, dt)
+                        if ws.dt is not None:  # the captured steps read it
+                            ws.dt.fill_(dt)
         if trace and trace_steps[-1] != step:
             record(step)
         # the final states out of the workspace (the next settle reuses it) in one copy of the
@@ -684,7 +684,7 @@ class SettleEngine:
             s[g] = final[rows[g]].T
         # the settle's circuit time in steps of size 1: the steps before the fallback at the
         # first size, the rest at the second
-        before = step if fell_back < 0 or safe_dt is None else fell_back
+        before = step if fell_back < 0 else fell_back
         mean_dt = (before * first_dt + (step - before) * (safe_dt or first_dt)) / max(step, 1)
         cost = self._account(plan, s, ws, step, mean_dt, batch)
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None

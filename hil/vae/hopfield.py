@@ -281,6 +281,7 @@ class HopfieldVAE:
             grads["encoder"], grads["decoder"] = dict(enc_ep.grads), dict(dec_ep.grads)
         eqs = [enc, dec, enc_ep.first, enc_ep.second, dec_ep.first, dec_ep.second]
         unique = {id(e): e for e in eqs}.values()
+        encoder_steps, decoder_steps = enc_ep.settle_steps + enc.steps, dec_ep.settle_steps + dec.steps
         return StepResult(
             loss=float((nll + kl).mean()),
             nll=float(nll.mean()),
@@ -294,9 +295,9 @@ class HopfieldVAE:
                 for eq, b in zip((ep.first, ep.second), ep.betas, strict=True)
                 if b != 0
             },
-            settle_steps=enc_ep.settle_steps + dec_ep.settle_steps + enc.steps + dec.steps,
-            encoder_steps=enc_ep.settle_steps + enc.steps,
-            decoder_steps=dec_ep.settle_steps + dec.steps,
+            settle_steps=encoder_steps + decoder_steps,
+            encoder_steps=encoder_steps,
+            decoder_steps=decoder_steps,
             settle_energy_j=sum(e.energy_j for e in unique),
             converged=enc.converged and dec.converged,
         )
