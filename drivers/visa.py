@@ -240,6 +240,12 @@ class VisaDevice(RemoteDevice):
                 if self._read_checked_line(scpi.CLS) != b"1":
                     raise ProtocolError(f"{self.name}: the board did not confirm {scpi.CLS} in checked mode")
             else:
+                if self.resource_name.upper().startswith("ASRL"):
+                    # a serial line is one session for its whole life: a host before this one may
+                    # have left it in checked mode, where an unsealed message is not run. Sealed,
+                    # this one runs in either mode (outside it the trailer is ignored) and is
+                    # answered in neither (checked mode is off once it has run)
+                    self._res.write_raw(scpi.seal_request(f"{_short(scpi.CHECK_MODE)} OFF".encode("ascii")))
                 self._res.write(scpi.CLS)
 
     def _disconnect(self) -> None:
