@@ -222,6 +222,15 @@ def test_gradcheck_shows_progress_and_wall_time() -> None:
     assert done.exit_code == 0, done.output
     assert "beta 0.01 centered" in done.stderr and "5/5" in done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("done in ")
+    assert "warning" not in done.stderr  # the ideal board settles to the check's tolerance
+
+
+def test_gradcheck_warns_when_a_noisy_board_stops_the_free_phase_at_its_noise() -> None:
+    uri = "emulator://?preset=rram&seed=0&wire_resistance=0"
+    done = _hil("gradcheck", "--device", uri, "--betas", "0.01", "--sizes", "64,16,10", "--batch", "8")
+    assert done.exit_code == 0, done.output
+    assert "warning: the free states still move by" in done.stderr
+    assert "emulator://?preset=ideal" in done.stderr
 
 
 def test_vae_without_progress_bar_prints_a_line_per_epoch(tmp_path: Path) -> None:

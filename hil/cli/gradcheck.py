@@ -16,6 +16,9 @@ from hil.ep import CheckRow, EBBlock, gaussian_init
 
 MODES = ("positive", "centered")  # one-sided and centered EP, the two columns of the table
 CHECK_BUDGET = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5, check_every=5)
+# a free phase still moving by more than this (100 times the check's tolerance) was stopped by
+# a noisy board's noise floor (`SettleResult.converged` counts that as converged), not settled
+NOISY_RESIDUAL = 100 * CHECK_BUDGET.tol
 
 
 def check_block(
@@ -157,6 +160,15 @@ def register(app: typer.Typer) -> None:
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
             )
+            if free.residual > NOISY_RESIDUAL:
+                typer.echo(
+                    f"warning: the free states still move by {free.residual:.1e} from one settle step to "
+                    f"the next (the check settles to {CHECK_BUDGET.tol:.0e}). On a noisy board that is its "
+                    "noise, and where it exceeds what a nudge of beta moves the states, the cosines below "
+                    "measure the noise, not EP: check EP itself on emulator://?preset=ideal, and on this "
+                    "board compare larger --betas.",
+                    err=True,
+                )
             with _progress(len(beta_list) * len(MODES), enabled=progress) as tick:
                 rows = run_check(blk, x, y, betas=beta_list, modes=MODES, on_step=tick)
         typer.echo(format_table(rows))
