@@ -203,6 +203,7 @@ def test_classifier_resume_takes_a_new_device(tmp_path: Path) -> None:
         ("sweep", "missing.toml"),
         ("sweep", "examples/sweep_digits.toml", "--board", "nope://x"),
         ("emulator", "serve", "--preset", "nope", "--scpi-port", "0"),
+        ("emulator", "serve", "--scpi-port", "-1"),
     ],
     ids=lambda a: " ".join(a)[:40],
 )
@@ -214,6 +215,21 @@ def test_bad_uri_or_missing_file_is_one_line_and_exit_2(
     monkeypatch.chdir(tmp_path)
     out = ("--out", str(tmp_path / "out")) if args[0] in ("train", "calibrate", "sweep") else ()
     _one_line_error(_hil(*args, *out))
+
+
+def test_serve_refuses_a_port_out_of_range_before_binding() -> None:
+    done = _hil("emulator", "serve", "--scpi-port", "99999")
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert "--scpi-port" in done.output and "65535" in done.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field"), [("--drop-rate", "-1", "p_drop"), ("--corrupt-rate", "5", "p_corrupt")]
+)
+def test_serve_refuses_a_link_fault_rate_outside_0_1(option: str, value: str, field: str) -> None:
+    # --scpi-port -1 and no pty: nothing is served even where the rate got through
+    line = _one_line_error(_hil("emulator", "serve", "--scpi-port", "-1", option, value))
+    assert field in line and "[0, 1]" in line and value in line
 
 
 # ------------------------------------------------------------------------ 5. progress and wall time

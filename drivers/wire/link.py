@@ -54,6 +54,17 @@ class Faults:
     delay_s: float = 0.0  # before every outgoing frame
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("p_corrupt", "p_drop"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"link fault rate {name} must be in [0, 1], got {value}")
+        for name in ("corrupt_tx", "drop_tx", "garbage_tx", "corrupt_rx"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"link fault count {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.delay_s < float("inf"):
+            raise ValueError(f"link delay_s must be a finite number of seconds >= 0, got {self.delay_s}")
+
 
 class _DeferredAck:
     """The ACK a responder holds back; a daemon thread sends it once `delay` has passed.

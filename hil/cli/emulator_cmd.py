@@ -60,11 +60,15 @@ def register(app: typer.Typer) -> None:
     def serve(
         preset: str = typer.Option("rram", help="Board preset: ideal, rram, pcm, ecram."),
         seed: int = typer.Option(0, help="Seed of the board (fabrication and noise)."),
-        scpi_port: int = typer.Option(5025, help="TCP port of the SCPI server (0: any free port, -1: none)."),
+        scpi_port: int = typer.Option(
+            5025, min=-1, max=65535, help="TCP port of the SCPI server (0: any free port, -1: none)."
+        ),
         serial_pty: bool = typer.Option(
             False, "--serial-pty", help="Also serve on two ptys: SCPI (VISA ASRL) and framed (serial://)."
         ),
-        serial_port: int = typer.Option(-1, help="TCP port of the framed server (0: a free port, -1: none)."),
+        serial_port: int = typer.Option(
+            -1, min=-1, max=65535, help="TCP port of the framed server (0: a free port, -1: none)."
+        ),
         host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you mean otherwise."),
         set_: list[str] | None = _SET_OPTION,
         corrupt_rate: float = typer.Option(0.0, help="Framed links: probability of corrupting a frame."),
@@ -130,7 +134,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         if scpi_port < 0 and serial_port < 0 and not serial_pty:
             device.close()
-            typer.echo("nothing to serve: give --scpi-port, --serial-port or --serial-pty", err=True)
+            typer.echo("error: nothing to serve: give --scpi-port, --serial-port or --serial-pty", err=True)
             raise typer.Exit(2)
         try:
             served = serve(
