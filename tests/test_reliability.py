@@ -261,6 +261,54 @@ def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
         assert served.device.status().transaction is None
 
 
+HIL = [sys.executable, "-c", "from hil.cli import main; main()"]
+
+
+def test_the_cli_shows_an_open_transaction_as_one_warning_line() -> None:
+    """What a lab user sees on the next session after a killed host: one ``warning:`` line
+    naming the transaction and the repair, not Python's warning with its source line."""
+    with faulty_board() as served:
+        served.device.configure(Topology.layered([6, 5, 3]))
+        served.device.begin("step-145")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [*HIL, "demo", "--device", served.visa_uri], capture_output=True, text=True, env=env
+        )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "step-145" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), done.stderr
+    assert "RuntimeWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run.zarr"
+    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("epoch"), line  # training runs
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    hint = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    assert len(hint) == 1, err
+    assert str(run) in hint[0] and f"hil train classifier --resume {run}" in hint[0]
+    from hil.runlog import open_run
+
+    assert open_run(run, validate=False).status == "failed"
+    named = hint[0].split("`")[1].split()  # the command the hint names, as it is
+    assert named[0] == "hil"
+    resumed = subprocess.run([*HIL, *named[1:], "--no-progress"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained 200 epochs" in resumed.stdout
+
+
 # ---- training under faults ---------------------------------------------------------------
 
 

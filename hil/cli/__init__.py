@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from hil.cli import calibrate, conformance, demo, emulator_cmd, mhn, runs, sweep, train
@@ -26,5 +28,16 @@ def _root() -> None:
     """Run `hil COMMAND --help` for each command's options."""
 
 
+def one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as the command line shows it: ``warning: MESSAGE``, one line on stderr (the
+    project's warnings name the problem and what to do; the source line that Python's format
+    adds tells a lab user nothing)."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    app()
+    with warnings.catch_warnings():
+        warnings.formatwarning = one_line_warning
+        app()

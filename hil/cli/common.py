@@ -43,6 +43,23 @@ def one_line_errors(prefix: str = "") -> Iterator[None]:
         raise fail(f"{prefix}{exc}") from None
 
 
+@contextmanager
+def resume_hint(command: str, run: Path | None) -> Iterator[None]:
+    """On Ctrl-C inside, say before exiting where the run stopped and how to continue it (the
+    interrupt then ends the command as before)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run is not None:
+            typer.echo(
+                f"interrupted: the run log {run} keeps what was logged up to its last snapshot; "
+                f"`{command} --resume {run}` continues from there and programs every tile again "
+                "(the board may hold a half-finished update)",
+                err=True,
+            )
+        raise
+
+
 def run_store(path: Path) -> Path:
     """The run-log store that `path` names: the store itself, or a run folder holding one
     (``RUN/run.zarr``, what `hil train vae --out RUN` writes)."""

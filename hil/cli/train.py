@@ -153,6 +153,7 @@ def classifier(
         exists_message,
         fail,
         one_line_errors,
+        resume_hint,
         resume_log,
         resumed_config,
         run_store,
@@ -259,7 +260,12 @@ def classifier(
     except RunLogError as exc:
         raise fail(str(exc)) from None
     try:
-        with one_line_errors(), log if log is not None else contextlib.nullcontext():
+        run_path = None if log is None else log.path
+        with (
+            resume_hint("hil train classifier", run_path),
+            one_line_errors(),
+            log if log is not None else contextlib.nullcontext(),
+        ):
             res = train_classifier(
                 cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
                 state=state, dp=dp,

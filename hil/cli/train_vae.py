@@ -76,6 +76,7 @@ def vae(
         exists_message,
         fail,
         one_line_errors,
+        resume_hint,
         resume_log,
         resumed_config,
         run_store,
@@ -140,7 +141,7 @@ def vae(
         )
         t0 = time.perf_counter()
 
-    with one_line_errors(), log:
+    with resume_hint("hil train vae", run_dir), one_line_errors(), log:
         result = train_vae(
             cfg,
             progress=progress,
