@@ -257,6 +257,14 @@ def test_vae_without_progress_bar_prints_a_line_per_epoch(tmp_path: Path) -> Non
     assert done.stdout.strip().splitlines()[-1].startswith("wall time")
 
 
+def test_calibrate_without_progress_prints_a_line_per_stage(tmp_path: Path) -> None:
+    done = _hil("calibrate", EMU, "--out", tmp_path / "cal.zarr", "--routines", "adc,dac", "--no-progress")
+    assert done.exit_code == 0, done.output
+    stages = [line.split()[0] for line in done.stdout.splitlines() if " done in " in line]
+    assert "adc" in stages and len(stages) == len(set(stages))
+    assert "%|" not in done.stderr  # no tqdm bar
+
+
 # ------------------------------------------------------------------------ 6. metrics figure
 def test_metrics_figure_has_one_panel_per_metric() -> None:
     from hil.runlog.plots import metrics_figure

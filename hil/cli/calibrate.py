@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -57,6 +58,24 @@ class Bars:
         self.bars.clear()
 
 
+class StageLines:
+    """`--no-progress`: one line per stage as it ends, with its time (for logs and CI, where
+    redrawn bars pile up as hundreds of lines)."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        start = self.started.setdefault(stage, now)
+        if done >= total:
+            typer.echo(f"{stage:<10} done in {now - start:.1f} s")
+            del self.started[stage]
+
+    def close(self) -> None:
+        self.started.clear()
+
+
 def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ...]:
     if not tiles:
         return ((tile_size, tile_size),)
@@ -94,6 +113,9 @@ def register(app: typer.Typer) -> None:
         png: Path = _PNG,
         check: Path = _CHECK,
         overwrite: bool = _OVERWRITE,
+        progress: bool = typer.Option(
+            True, "--progress/--no-progress", help="A bar per stage (--no-progress: a line as a stage ends)."
+        ),
         threads: int = typer.Option(
             1,
             min=0,
@@ -110,7 +132,7 @@ def register(app: typer.Typer) -> None:
             import torch
 
             torch.set_num_threads(threads)
-        bars = Bars()
+        bars = Bars() if progress else StageLines()
         try:
             with open_device(uri) as dev:
                 if check is not None:
