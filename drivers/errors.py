@@ -57,9 +57,13 @@ class RetriesExhausted(DeviceError):
     it, `attempts` counts the tries, `__cause__` is the last failure."""
 
     def __init__(self, op: str, attempts: int, seconds: float, last: BaseException) -> None:
+        cause = str(last)
+        # a cause that ends by asking what to check (a refused connection, a VISA timeout) is
+        # not followed by the generic question
+        hint = "" if cause.rstrip().endswith("?") else ". Is the board powered and the link connected?"
         super().__init__(
             f"{op} failed {attempts} time(s) over {seconds:.2f} s; last cause: "
-            f"{type(last).__name__}: {last}. Is the board powered and the link connected?"
+            f"{type(last).__name__}: {cause}{hint}"
         )
         self.op = op
         self.attempts = attempts

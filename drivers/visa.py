@@ -660,8 +660,8 @@ class _IoErrors:
             raise ProtocolError(f"{name}: malformed reply to {what}: {exc}") from exc
         if isinstance(exc, OSError):  # pyvisa-py lets socket errors through (refused, reset, unreachable)
             raise ProtocolError(
-                f"{name}: cannot reach the board during {what} ({exc}); is it on and serving at "
-                "this address? (`hil emulator serve` prints the resource strings of an emulated board)"
+                f"{name}: cannot reach the board during {what} ({exc}); `hil emulator serve` prints the "
+                "resource strings of an emulated board. Is the board on and serving at this address?"
             ) from exc
 
 
@@ -688,6 +688,16 @@ class VisaOptions(QueryOptions):
 
 
 def open_visa(target: str, options: VisaOptions) -> VisaDevice:
+    if options.backend == "@py":  # pyvisa-py knows no aliases: a name it cannot parse is a typo
+        from pyvisa.rname import InvalidResourceName, parse_resource_name
+
+        try:
+            parse_resource_name(target)
+        except InvalidResourceName as exc:
+            raise ConfigurationError(
+                f"visa://{target}: not a VISA resource string ({exc}); e.g. "
+                "visa://TCPIP0::192.168.1.20::5025::SOCKET or visa://ASRL/dev/ttyUSB0::INSTR"
+            ) from None
     return VisaDevice(target, **dataclasses.asdict(options)).open()
 
 

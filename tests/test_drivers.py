@@ -62,11 +62,21 @@ def test_parse_uri(uri: str, expected: tuple) -> None:
         ("emulator://somehost?preset=rram", "take no host or path"),
         ("serial+socket://localhost", "need HOST:PORT"),
         ("serial://?baud=9600", "need a port"),
+        ("visa://garbage", "not a VISA resource string"),
     ],
 )
 def test_bad_uris_name_the_problem(uri: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         open_device(uri)
+
+
+def test_exhausted_retries_ask_the_generic_question_only_where_the_cause_asks_none() -> None:
+    from drivers.errors import ProtocolError, RetriesExhausted
+
+    plain = str(RetriesExhausted("open", 4, 0.2, ProtocolError("bad framing")))
+    assert plain.endswith("bad framing. Is the board powered and the link connected?")
+    asking = str(RetriesExhausted("open", 4, 0.2, ProtocolError("refused. Is the board on at this address?")))
+    assert asking.endswith("Is the board on at this address?") and asking.count("?") == 1
 
 
 def test_uri_overrides_reach_the_board() -> None:
