@@ -224,7 +224,11 @@ def _coerce(key: str, value: object, tp: object) -> object:
         raise ConfigError(f"{key}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {value!r}")
+            example = f"[{value!r}]" if isinstance(value, int | float | str) else "[...]"
+            raise ConfigError(
+                f"{key}: expected a list of {_type_name(args[0])}, got {value!r}; write it in brackets, "
+                f"e.g. {key}={example}"
+            )
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if tp is type(None):
         if value is not None:
@@ -394,15 +398,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"ep.beta: must be > 0, got {cfg.ep.beta}")
     if not 0 < cfg.ep.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {cfg.ep.dt}")
-    if cfg.ep.free_steps < 1 or cfg.ep.nudge_steps < 1:
-        raise ConfigError("ep.free_steps and ep.nudge_steps: must be >= 1")
+    for key, value in (("ep.free_steps", cfg.ep.free_steps), ("ep.nudge_steps", cfg.ep.nudge_steps)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
     check_devices(cfg)
     if cfg.data.validation < 0:
         raise ConfigError(
             f"data.validation: held-out training images, >= 0 (0: none), got {cfg.data.validation}"
         )
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.ep.refresh_every < 0:
         raise ConfigError(f"ep.refresh_every: must be >= 0, got {cfg.ep.refresh_every}")
     if not 0 <= cfg.train.shift <= MAX_SHIFT:

@@ -55,6 +55,13 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("train.warmup=-1", r"train.warmup: epochs of learning-rate warmup, 0 \(off\) to train.epochs"),
         ("train.warmup=nan", "train.warmup: epochs of learning-rate warmup"),
         ("train.warmup=31", r"to train.epochs \(30\), got 31"),
+        (
+            "train.lr=-0.1",
+            r"train.lr: expected a list of float, got -0.1; write it in brackets, e.g. train.lr=\[-0.1\]",
+        ),
+        ("train.epochs=0", r"^train.epochs: must be >= 1, got 0$"),
+        ("train.batch_size=-2", r"^train.batch_size: must be >= 1, got -2$"),
+        ("ep.nudge_steps=0", r"^ep.nudge_steps: must be >= 1, got 0$"),
     ],
 )
 def test_config_errors_name_the_key(override: str, match: str) -> None:
