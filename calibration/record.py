@@ -342,7 +342,10 @@ def load(
     `identity` alone, unless it was measured on that board."""
     path = Path(path)
     if not path.exists():
-        raise CalibrationError(f"no calibration record at {str(path)!r}")
+        raise CalibrationError(
+            f"no calibration record at {str(path)!r}; `hil calibrate URI --out {path}` writes one for "
+            "the board at URI"
+        )
     root = zarr.open_group(str(path), mode="r")
     attrs = dict(root.attrs)
     if attrs.get("format") != FORMAT:

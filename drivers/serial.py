@@ -75,7 +75,12 @@ class SerialDevice(RemoteDevice):
                 self.url, baudrate=self.baud, timeout=POLL_S, write_timeout=self.timeout
             )
         except (pyserial.SerialException, ValueError) as exc:
-            raise ConfigurationError(f"{self.name}: cannot open {self.url!r}: {exc}") from exc
+            tcp = self.url.startswith("socket://")
+            raise ConfigurationError(
+                f"{self.name}: cannot open the link ({exc}). Is the board on and this the right "
+                f"{'address' if tcp else 'port'}? (`hil emulator serve "
+                f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board)"
+            ) from exc
         self._sock = getattr(port, "_socket", None)  # socket:// ports: the TCP socket itself
         self._fd = None
         if self._sock is not None:

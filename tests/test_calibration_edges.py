@@ -128,3 +128,10 @@ def test_the_configuration_travels_over_the_wire(tmp_path: Path) -> None:
         load(path, board=remote.info)
     with open_transport("visa-tcp", BAD.format(seed=5)) as remote, pytest.raises(CalibrationMismatch):
         load(path, board=remote.info)
+
+
+def test_a_missing_record_names_the_command_that_writes_one(tmp_path) -> None:
+    from calibration import CalibrationError
+
+    with pytest.raises(CalibrationError, match=r"hil calibrate URI --out .*nope\.zarr"):
+        load(tmp_path / "nope.zarr")

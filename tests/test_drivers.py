@@ -63,6 +63,10 @@ def test_parse_uri(uri: str, expected: tuple) -> None:
         ("serial+socket://localhost", "need HOST:PORT"),
         ("serial://?baud=9600", "need a port"),
         ("visa://garbage", "not a VISA resource string"),
+        (
+            "serial+socket://127.0.0.1:1?attempts=1",
+            r"Is the board on and this the right address\? \(`hil emulator",
+        ),
     ],
 )
 def test_bad_uris_name_the_problem(uri: str, message: str) -> None:
