@@ -309,6 +309,39 @@ def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_pat
     assert "trained 200 epochs" in resumed.stdout
 
 
+def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_path: Path) -> None:
+    """SIGKILL after the run log's tables exist but before any flush or snapshot: `hil inspect`
+    reads it (empty tables, no snapshot) and `--resume` says it starts over."""
+    run = tmp_path / "run.zarr"
+    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    sets += ["log.flush_every_s=600", "log.snapshot_every_s=600"]
+    cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "program" / "W0").is_dir():  # the first step's programming report is appended
+            assert proc.poll() is None and time.monotonic() < deadline, "no step before the run ended"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    inspected = subprocess.run([*HIL, "inspect", str(run)], capture_output=True, text=True, env=env)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "status       running" in inspected.stdout and "snapshots    none" in inspected.stdout
+    resumed = subprocess.run(
+        [*HIL, "train", "classifier", "--resume", str(run), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "before its first snapshot: training starts again from its first step" in resumed.stderr
+    again = subprocess.run([*HIL, "inspect", str(run)], capture_output=True, text=True, env=env)
+    assert "from the start (no snapshot had been taken) (was running)" in again.stdout
+
+
 # ---- training under faults ---------------------------------------------------------------
 
 

@@ -128,4 +128,9 @@ def resume_log(store: Path, device: str) -> tuple[Any, dict | None]:
     log.set_device_uri(device)
     for note in log.fallback_notes():
         typer.echo(f"note: {note}", err=True)
+    if state is None:
+        typer.echo(
+            "note: the run was stopped before its first snapshot: training starts again from its first step",
+            err=True,
+        )
     return log, state

@@ -24,7 +24,9 @@ def summary(run: Run) -> str:
         lines.append(f"error        {a['error']}")
     for r in a.get("resumes", []):
         was = r.get("status_before")
-        lines.append(f"resumed      {r.get('time')} from step {r.get('from_step')} (was {was})")
+        start = r.get("from_step")
+        origin = "the start (no snapshot had been taken)" if start is None else f"step {start}"
+        lines.append(f"resumed      {r.get('time')} from {origin} (was {was})")
         for skip in r.get("skipped", []):
             lines.append(f"             skipped damaged snapshot {skip.get('snapshot')}: {skip.get('error')}")
     v = a.get("versions", {})
@@ -102,6 +104,8 @@ def _traces(run: Run) -> list[str]:
     if f"{TRACES}/settles" not in run.tables:
         return [f"traces       none ({cfg})"]
     t = run.table(f"{TRACES}/settles")
+    if not len(t.get("step", ())):  # created, nothing flushed yet (a run killed early)
+        return [f"traces       none flushed ({cfg})"]
     labels = run.labels(f"{TRACES}/settles", "phase")
     counts = ", ".join(
         f"{lab} {int(np.sum(t['phase'] == i))}" for i, lab in enumerate(labels) if np.any(t["phase"] == i)
@@ -114,13 +118,15 @@ def _tiles(run: Run) -> list[str]:
     out = []
     for tile in run.streams(TILES):
         t = run.table(f"{TILES}/{tile}")
+        if not len(t.get("step", ())):
+            continue
         kinds = [c for c in ("weights", "g_plus", "g_minus") if c in t]
         shape = next((t[c].shape[1:] for c in kinds), ())
         dims = "x".join(map(str, shape))
         out.append(f"tile         {tile} {dims}: {len(t['step'])} snapshots ({', '.join(kinds)})")
     for tile in run.streams(PROGRAM):
         t = run.table(f"{PROGRAM}/{tile}")
-        if not len(t["step"]):
+        if not len(t.get("step", ())):
             continue
         out.append(
             f"program      {tile}: {len(t['step'])} reports, {int(t['pulses'].sum())} pulses in all; last: "
