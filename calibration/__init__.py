@@ -71,7 +71,7 @@ from calibration.record import (
     load,
     write,
 )
-from calibration.session import ROUTINES, SessionOptions, resolve_routines, run_session
+from calibration.session import ROUTINES, SessionOptions, resolve_routines, run_session, runnable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -102,6 +102,7 @@ __all__ = [
     "pulses_needed",
     "resolve_routines",
     "run_session",
+    "runnable",
     "weights_to_conductances",
     "write",
 ]

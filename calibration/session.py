@@ -47,6 +47,25 @@ ROUTINES = ("adc", "dac", "mvm", "stuck", "gmap", "pulse", "settle")
 REQUIRES = {"dac": ("adc",), "mvm": ("dac",)}
 
 
+# the capability each routine needs beyond reading conductances (adc and dac read node states
+# through a settle; stuck and gmap only read)
+NEEDS = {"adc": "settle", "dac": "settle", "mvm": "mvm", "pulse": "pulse", "settle": "settle"}
+
+
+def runnable(routines: tuple[str, ...], capabilities: frozenset[str] | set[str]) -> dict[str, str]:
+    """Of `routines` (resolved, `resolve_routines`), those a board with `capabilities` cannot
+    run, each with why (``needs 'settle'``, or ``needs dac, which cannot run``): the rest run."""
+    missing: dict[str, str] = {}
+    for name in routines:  # running order: what a routine needs comes before it
+        need = NEEDS.get(name)
+        blocked = [r for r in REQUIRES.get(name, ()) if r in missing]
+        if need is not None and need not in capabilities:
+            missing[name] = f"needs '{need}'"
+        elif blocked:
+            missing[name] = f"needs {', '.join(blocked)}, which cannot run"
+    return missing
+
+
 def resolve_routines(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Validate routine names, add what they need, and put them in running order."""
     unknown = [n for n in names if n not in ROUTINES]

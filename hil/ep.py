@@ -84,7 +84,8 @@ def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"
             raise NotSupported(
                 f"{device.info.identity.model} cannot settle (capability 'settle' not declared; it has "
                 f"{sorted(caps)}); iterate the fixed point on the host instead: settle='host' "
-                "(config key ep.settle=host), which needs 'mvm'"
+                "(`--set ep.settle=host` for hil train, `--settle host` for hil demo and hil gradcheck), "
+                "which needs 'mvm'"
             )
         return "board"
     if "mvm" not in caps:

@@ -25,6 +25,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+def _sets(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
 def test_config_file_and_overrides(tmp_path) -> None:
     p = tmp_path / "run.toml"
     p.write_text(
@@ -118,7 +122,18 @@ def test_train_cli_reports_accuracy_config_and_device(one_thread: None, tmp_path
     assert "epoch   1" in res.output
     # the config keeps "auto"; the summary and the run log say which curve it became
     assert cfg["model"]["activation"] == "auto" and "soft_sigmoid:0.1 neuron" in res.output
-    assert open_run(tmp_path / "run.zarr").attrs["resolved"] == {"model.activation": "soft_sigmoid:0.1"}
+    assert "settles on the board" in res.output
+    resolved = {"model.activation": "soft_sigmoid:0.1", "ep.settle": "board"}
+    assert open_run(tmp_path / "run.zarr").attrs["resolved"] == resolved
+    # a board that only multiplies: ep.settle = "auto" settles on the host, and the run says so
+    mvm_only = "device=emulator://?preset=ideal&seed=0&capabilities=mvm,program_verify"
+    small = ["train.epochs=1", "data.limit_train=32", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    host = CliRunner().invoke(
+        app, ["train", "classifier", "--out", str(tmp_path / "host.zarr"), *_sets(mvm_only, *small)]
+    )
+    assert host.exit_code == 0, host.output
+    assert "settles on the host" in host.output
+    assert open_run(tmp_path / "host.zarr").attrs["resolved"]["ep.settle"] == "host"
     shown = CliRunner().invoke(app, ["train", "classifier", "--show-config", "--set", "ep.beta=0.3"])
     assert shown.exit_code == 0 and "beta = 0.3" in shown.output
     bad = CliRunner().invoke(app, ["train", "classifier", "--set", "train.epoch=1"])

@@ -265,6 +265,23 @@ def test_calibrate_without_progress_prints_a_line_per_stage(tmp_path: Path) -> N
     assert "%|" not in done.stderr  # no tqdm bar
 
 
+MVM_ONLY = "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify"
+
+
+def test_calibrate_on_a_board_that_does_not_settle_runs_what_it_can(tmp_path: Path) -> None:
+    done = _hil("calibrate", MVM_ONLY, "--out", tmp_path / "cal.zarr", "--no-progress")
+    assert done.exit_code == 0, done.output
+    assert (
+        "skipping adc (needs 'settle'), dac (needs 'settle'), mvm (needs dac, which cannot run)"
+        in done.stdout
+    )
+    stages = {line.split()[0] for line in done.stdout.splitlines() if " done in " in line}
+    assert {"stuck", "gmap", "pulse"} <= stages and not stages & {"adc", "dac", "mvm", "settle"}
+    # asked for by name, a routine it cannot run is refused with the command that runs the rest
+    line = _one_line_error(_hil("calibrate", MVM_ONLY, "--out", tmp_path / "c2.zarr", "--routines", "mvm"))
+    assert f"`hil calibrate {MVM_ONLY} --routines stuck,gmap,pulse` runs what it can" in line
+
+
 # ------------------------------------------------------------------------ 6. metrics figure
 def test_metrics_figure_has_one_panel_per_metric() -> None:
     from hil.runlog.plots import metrics_figure

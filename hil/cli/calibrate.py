@@ -15,6 +15,7 @@ from calibration import (
     load,
     resolve_routines,
     run_session,
+    runnable,
     write,
 )
 from calibration.report import plot, summary
@@ -96,7 +97,11 @@ def register(app: typer.Typer) -> None:
             ..., help="Device URI: emulator://?preset=rram&seed=0, visa://..., serial://..."
         ),
         out: Path = _OUT,
-        routines: str = typer.Option(",".join(ROUTINES), help=f"Subset of {', '.join(ROUTINES)}."),
+        routines: str = typer.Option(
+            None,
+            help=f"Subset of {', '.join(ROUTINES)}. Default: every routine the board's capabilities allow "
+            "(a board that does not settle skips adc, dac, mvm and settle, and says so).",
+        ),
         tile_size: int = typer.Option(64, min=1, help="Rows and columns of the tile at position 0."),
         tiles: str = typer.Option(
             None, help="Shapes of the tiles at positions 0, 1, ... as ROWSxCOLS,... (overrides --tile-size)."
@@ -140,11 +145,28 @@ def register(app: typer.Typer) -> None:
                     bars.close()
                     typer.echo(str(report))
                     raise typer.Exit(1 if report.recalibrate else 0)
-                names = tuple(r.strip() for r in routines.split(",") if r.strip())
+                asked = routines is not None
+                names = tuple(r.strip() for r in (routines or ",".join(ROUTINES)).split(",") if r.strip())
                 chosen = resolve_routines(names)
                 added = [r for r in chosen if r not in names]
                 if added:
                     typer.echo(f"also running {', '.join(added)} (needed by the routines asked for)")
+                caps = dev.info.capabilities
+                missing = runnable(chosen, caps)
+                lacking = ", ".join(f"{r} ({why})" for r, why in missing.items())
+                if missing and asked:
+                    can = [r for r in ROUTINES if r not in runnable(ROUTINES, caps)]
+                    raise ValueError(
+                        f"this board cannot run {lacking}; `hil calibrate {uri} --routines {','.join(can)}` "
+                        "runs what it can"
+                        if can
+                        else f"this board cannot run {lacking}, nor any other calibration routine"
+                    )
+                if missing:
+                    typer.echo(f"skipping {lacking}: the board does not declare those capabilities")
+                    chosen = tuple(r for r in chosen if r not in missing)
+                    if not chosen:
+                        raise ValueError("this board can run none of the calibration routines")
                 shapes = _parse_tiles(tiles, tile_size)
                 options = SessionOptions(
                     routines=chosen,

@@ -285,6 +285,7 @@ def classifier(
 def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     """Rank 0's (or a single board's) summary of a finished run."""
     from hil.config import model_activation
+    from hil.train_classifier import settle_paths
 
     last = res.history[-1]
     typer.echo(
@@ -293,7 +294,10 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     )
     compact = json.dumps(cfg.to_dict(), separators=(",", ":"))
     devices = " ; ".join(res.devices)
-    typer.echo(f"crossbar cells {res.cells} ({res.describe_tiles()}); {model_activation(cfg.model)} neuron")
+    typer.echo(
+        f"crossbar cells {res.cells} ({res.describe_tiles()}); {model_activation(cfg.model)} neuron; "
+        f"settles on the {settle_paths(res.model)}"
+    )
     typer.echo(f"run log {log.path}")
     if res.val_acc is not None:
         typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
