@@ -282,6 +282,13 @@ def test_calibrate_on_a_board_that_does_not_settle_runs_what_it_can(tmp_path: Pa
     assert f"`hil calibrate {MVM_ONLY} --routines stuck,gmap,pulse` runs what it can" in line
 
 
+def test_demo_on_a_board_that_does_not_settle_shows_no_nan() -> None:
+    done = _hil("demo", "--device", MVM_ONLY)
+    assert done.exit_code == 0, done.output
+    assert "settles   on the host" in done.stdout and "nan" not in done.stdout
+    assert "energy    - : a host-iterated settle reads products from the board" in done.stdout
+
+
 # ------------------------------------------------------------------------ 6. metrics figure
 def test_metrics_figure_has_one_panel_per_metric() -> None:
     from hil.runlog.plots import metrics_figure
