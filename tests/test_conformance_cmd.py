@@ -75,6 +75,7 @@ def test_passes_on_every_transport(
     if transport.startswith("visa"):  # the board's own error queue and limit checks, by raw SCPI
         assert ops["scpi error queue"] == "PASS"
         assert ops["scpi board limit"] == "PASS"
+        assert ops.get("scpi undeclared settle") == ("PASS" if board == MVM_ONLY else None)
     else:
         assert not any(op.startswith("scpi") for op in ops)
     if servers is not None:
@@ -215,6 +216,19 @@ def test_fails_when_an_undeclared_capability_runs() -> None:
     refused = next(c for c in report.checks if c.operation == "settle refused")
     assert "although it does not declare 'settle'" in refused.got
     assert report.count("SKIP") == 3 and not report.ok
+
+
+def test_a_board_that_settles_undeclared_fails_over_raw_scpi(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The host driver refuses an undeclared settle before sending it, so only a raw SCPI
+    settle shows whether the board refuses it too."""
+    served = emulated_board(board=UndeclaredSettle(open_device(FULL)))
+    uri = served.uris["visa-tcp"]
+    with open_device(uri) as dev:
+        report = run_conformance(dev, uri)
+    raw = next(c for c in report.checks if c.operation == "scpi undeclared settle")
+    assert raw.status == "FAIL" and not report.ok, raw
 
 
 class FrozenEpoch(DeviceWrapper):

@@ -4,11 +4,13 @@ checks its limits again ("a host may be buggy") and refuses what it does not dec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
 
 from drivers.errors import ProtocolError
+from drivers.wire import scpi
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
 
@@ -37,6 +39,12 @@ def checks(sess: Session) -> None:
             "scpi undeclared mvm",
             "an undeclared capability is error 101 on the board too",
             lambda sent: _expect_error(sent, query, _mvm_command(sess, tile, 0.0), "101"),
+        )
+    if "settle" not in sess.caps:  # the host driver refuses it first: only a raw one reaches the board
+        sess.run(
+            "scpi undeclared settle",
+            "a settle on a board that does not declare it is error 101 on the board too",
+            lambda sent: _expect_error(sent, query, _settle_command(), "101"),
         )
 
 
@@ -92,6 +100,13 @@ def _mvm_command(sess: Session, tile: str, value: float) -> str:
     rows, _ = sess.topo.tile_shape(tile)
     data = np.full(rows, value, "<f4").tobytes().decode("ascii")
     return f'TILE:MVM? "{tile}",0,#{len(str(len(data)))}{len(data)}{data}'
+
+
+def _settle_command() -> str:
+    """A settle request as the host's driver sends it, without arrays (a board that settles
+    refuses it for its missing clamp; one that does not must refuse it as undeclared)."""
+    spec = json.dumps({"trace": False, "beta": {}}).encode("ascii")
+    return f"{scpi.short_form(scpi.SETTLE_Q)} {scpi.block(spec).decode('ascii')},{EMPTY_BLOCK}"
 
 
 def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
