@@ -29,14 +29,13 @@ from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
 from drivers.wire.frames import Flag, LinkOp, LinkStats
-from drivers.wire.link import Link, MessageTooLarge
+from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import Message, Op
 
 DEFAULT_BAUD = 115200
 DEFAULT_TIMEOUT_S = 10.0
 POLL_S = 0.05
 READ_SIZE = 1 << 16
-MIN_ACK_DELAY_S = 0.001  # a shorter hold-back of a response's ACK is not worth a timer
 _ERROR = int(Flag.ERROR)  # a plain int: IntFlag arithmetic costs a microsecond per reply
 
 
@@ -116,12 +115,8 @@ class SerialDevice(RemoteDevice):
         HELLO reply); 0 otherwise (every response is acknowledged at once)."""
         if not isinstance(board, dict) or board.get("request_acks") is not True:
             return 0.0
-        theirs = board.get("ack_timeout")
-        if isinstance(theirs, bool) or not isinstance(theirs, int | float) or not 0 < theirs < float("inf"):
-            return 0.0
-        # compared before any float(): a JSON integer past 1e308 would overflow it
-        delay = (float(theirs) if theirs < self.ack_timeout else self.ack_timeout) / 4
-        return delay if delay >= MIN_ACK_DELAY_S else 0.0
+        limit = smaller_timeout(self.ack_timeout, board.get("ack_timeout"))
+        return 0.0 if limit is None else ack_hold(limit)
 
     def _disconnect(self) -> None:
         if self._link is not None:  # stops its ACK timer; a held-back ACK goes out if it still can

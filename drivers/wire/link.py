@@ -34,6 +34,26 @@ _RESPONSE, _MORE, _START = int(Flag.RESPONSE), int(Flag.MORE), int(Flag.START)
 _ACK, _NACK, _HELLO = int(LinkOp.ACK), int(LinkOp.NACK), int(LinkOp.HELLO)
 _CONTROL = (_ACK, _NACK)
 
+MIN_ACK_DELAY_S = 0.001  # a shorter hold-back of an ACK is not worth a timer (a near-zero one would spin)
+
+
+def smaller_timeout(mine: float, theirs: object) -> float | None:
+    """The smaller of this end's ACK timeout and the one a peer's HELLO named, or None where
+    the peer's is not a positive finite number (a JSON bool, a string, NaN, 0). Compared
+    before any float(): a JSON integer past 1e308 would overflow it."""
+    if isinstance(theirs, bool) or not isinstance(theirs, int | float) or not 0 < theirs < float("inf"):
+        return None
+    return float(theirs) if theirs < mine else mine
+
+
+def ack_hold(timeout: float) -> float:
+    """How long an end may hold an ACK back for the next message to carry it, given the ACK
+    timeout both ends agreed on: a quarter of it, or 0 (acknowledge at once) below
+    `MIN_ACK_DELAY_S`."""
+    delay = timeout / 4
+    return delay if delay >= MIN_ACK_DELAY_S else 0.0
+
+
 ReadFn = Callable[[float], bytes]
 WriteFn = Callable[[bytes], None]
 

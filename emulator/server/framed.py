@@ -16,7 +16,7 @@ from drivers.errors import ProtocolError
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
-from drivers.wire.link import Abandoned, Link, MessageTooLarge
+from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
@@ -26,7 +26,6 @@ from emulator.server.throttle import ErrorThrottle
 _OP_OF = {int(op): op for op in Op}
 _OPS = set(_OP_OF)
 _RESPONSE = int(Flag.RESPONSE)  # IntFlag arithmetic costs a microsecond or two per reply
-MIN_ACK_DELAY_S = 0.001  # a shorter hold-back negotiated by a peer turns piggybacking off
 
 
 _ERROR = int(Flag.ERROR)  # a plain int: an IntFlag test costs a microsecond per reply
@@ -170,13 +169,8 @@ class FramedServer(EndpointServer):
             host = {}
         host = host if isinstance(host, dict) else {}
         piggyback = host.get("piggyback") is True
-        theirs = host.get("ack_timeout")
-        ok = isinstance(theirs, int | float) and not isinstance(theirs, bool) and theirs > 0
-        # compared before any float(): a JSON integer past 1e308 would overflow it
-        shorter = ok and theirs < self.ack_timeout  # type: ignore[operator]
-        limit = float(theirs) if shorter else self.ack_timeout  # type: ignore[arg-type]
-        delay = limit / 4 if piggyback else 0.0
-        link.ack_delay = delay if delay >= MIN_ACK_DELAY_S else 0.0  # a near-zero timer would spin
+        limit = smaller_timeout(self.ack_timeout, host.get("ack_timeout")) or self.ack_timeout
+        link.ack_delay = ack_hold(limit) if piggyback else 0.0
         info: dict[str, object] = {
             "version": frames.VERSION,
             "max_fragment": frames.MAX_FRAGMENT,
