@@ -227,10 +227,13 @@ def train_comparison(uri: str, epochs: int, seeds: list[int]) -> Iterator[dict[s
 
 
 def _calibrate_for_digits(uri: str) -> calibration.CalibrationRecord:
+    """The record of the digits DHN's two tiles: converters and devices, less what the board
+    cannot run (a board that only multiplies: stuck devices and pulse windows alone)."""
     with open_device(uri) as dev:
-        options = SessionOptions(
-            tile_shapes=((65, 256), (257, 10)), channels=330, routines=("adc", "dac", "stuck", "pulse")
-        )
+        wanted = session_mod.resolve_routines(("adc", "dac", "stuck", "pulse"))
+        skipped = session_mod.runnable(wanted, dev.info.capabilities)
+        routines = tuple(r for r in wanted if r not in skipped)
+        options = SessionOptions(tile_shapes=((65, 256), (257, 10)), channels=330, routines=routines)
         return run_session(dev, options)
 
 

@@ -22,7 +22,8 @@ Devices (per physical tile: position in the topology's couplings and shape):
 - `pulses_needed`: expected number of pulses that move each device from its present
   conductance to a target under the fitted per-device pulse model.
 
-`Corrections` binds a record to a topology and offers all of the above by group and tile name.
+`Corrections` binds a record to a topology and offers all of the above by group and tile name;
+the path through a converter bank the record lacks passes uncorrected.
 """
 
 from __future__ import annotations
@@ -245,14 +246,23 @@ class Corrections:
     def _start(self, group: str) -> int:
         return channel_offsets(self.topology)[group]
 
+    def corrects(self, bank: str) -> bool:
+        """Whether the record calibrated converter bank `bank` (``dac``, ``adc``, ``mvm``). The
+        path through a bank it lacks passes as it is: a session on a board that does not settle
+        cannot measure ``dac``, ``adc`` or ``mvm``, and its record still corrects programming
+        (`CalibratedDevice.configure` says which paths go uncorrected)."""
+        return bank in self.record.converters
+
     def clamp(self, clamp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.corrects("dac"):
+            return clamp
         return {g: dac_requests(self.record, x, self._start(g)) for g, x in clamp.items()}
 
     def nudge(self, nudge: dict[str, Nudge] | None) -> dict[str, Nudge] | None:
         """Targets go through the group's DAC channels; injected gradients do not (the
         injection DAC is auto-ranged, with no per-channel trim to correct)."""
-        if nudge is None:
-            return None
+        if nudge is None or not self.corrects("dac"):
+            return nudge
         return {
             g: Nudge(
                 n.beta,
@@ -264,6 +274,8 @@ class Corrections:
 
     def states(self, states: dict[str, np.ndarray], skip: Iterable[str] = ()) -> dict[str, np.ndarray]:
         """Correct read-out states; groups in `skip` (the clamped ones) are returned as they are."""
+        if not self.corrects("adc"):
+            return states
         skipped = set(skip)
         return {
             g: s if g in skipped else correct_readings(self.record, s, self._start(g))
@@ -271,10 +283,10 @@ class Corrections:
         }
 
     def mvm_inputs(self, x: np.ndarray) -> np.ndarray:
-        return dac_requests(self.record, x, 0)
+        return dac_requests(self.record, x, 0) if self.corrects("dac") else x
 
     def mvm_outputs(self, y: np.ndarray) -> np.ndarray:
-        return correct_mvm(self.record, y, 0)
+        return correct_mvm(self.record, y, 0) if self.corrects("mvm") else y
 
     def position(self, tile: str) -> int:
         names = [c.tile for c in self.topology.couplings]

@@ -9,7 +9,9 @@ measured the wires' resistance (its mvm routine), every tile's targets pre-disto
 the wires' IR drop (`calibration.wires.predistort`: the effective conductances an mvm or a
 settle sees are then the ones asked for; a tile whose wires take more than that can give
 back is programmed as asked, and named in `uncompensated`). Clamped groups come back as the host asked for
-them, as from any Device. Everything else passes through (`DeviceWrapper`).
+them, as from any Device. A path through a converter bank the record lacks (a record from a
+board that does not settle has none) passes uncorrected, said once by a warning at the first
+`configure`. Everything else passes through (`DeviceWrapper`).
 
     dev = CalibratedDevice(open_device(uri), calibration.load("cal.zarr"))
 """
@@ -17,6 +19,7 @@ them, as from any Device. Everything else passes through (`DeviceWrapper`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -29,6 +32,12 @@ from drivers.wrapper import DeviceWrapper
 # a tile is compensated for IR drop only where no column's weights must be scaled below this
 # (`calibration.wires.Predistorted.column_scale`)
 MIN_COMPENSATED_SCALE = 0.9
+# what passes uncorrected when a record lacks each converter bank
+UNCORRECTED_PATHS = {
+    "dac": "clamps, nudge targets and mvm inputs",
+    "adc": "read-out states",
+    "mvm": "mvm outputs",
+}
 
 
 class CalibratedDevice(DeviceWrapper):
@@ -53,6 +62,7 @@ class CalibratedDevice(DeviceWrapper):
         # (tile, shape) programmed without IR compensation from then on, with the smallest
         # column scale pre-distortion would have needed
         self.uncompensated: dict[tuple[str, tuple[int, int]], float] = {}
+        self._told_uncorrected = False
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
@@ -67,7 +77,27 @@ class CalibratedDevice(DeviceWrapper):
                     f"covers {cal.channels} ({bank} channels 0..{cal.channels - 1}): rerun "
                     f"`{self.session} --overwrite --channels {nodes}` (or more)"
                 )
+        if not self._told_uncorrected:
+            self._told_uncorrected = True
+            self._warn_uncorrected()
         super().configure(topology)
+
+    def _warn_uncorrected(self) -> None:
+        """Say once which paths the record leaves uncorrected: those through a converter bank
+        it lacks (a board that does not settle cannot have them measured)."""
+        missing = [b for b in UNCORRECTED_PATHS if b not in self.record.converters]
+        if not missing:
+            return
+        paths = "; ".join(f"{UNCORRECTED_PATHS[b]} ({b})" for b in missing)
+        if "settle" in self.info.capabilities:
+            why = f"rerun `{self.session} --overwrite` to measure them"
+        else:
+            why = "a board that does not settle cannot have them measured"
+        warnings.warn(
+            f"the calibration record has no {', '.join(missing)} calibration ({why}): {paths} pass "
+            f"uncorrected; it still corrects programming targets",
+            stacklevel=3,
+        )
 
     def _corrections(self) -> Corrections:
         topo = self.inner.topology

@@ -24,6 +24,7 @@ from drivers.errors import (
     DeviceTimeout,
     LimitViolation,
     NotSupported,
+    OpenTransactionWarning,
     ProtocolError,
     RetriesExhausted,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Meter",
     "NotSupported",
     "Nudge",
+    "OpenTransactionWarning",
     "Placement",
     "ProgramReport",
     "ProtocolError",

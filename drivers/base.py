@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.errors import ConfigurationError, NotSupported
+from drivers.errors import ConfigurationError, NotSupported, OpenTransactionWarning
 from drivers.topology import Topology
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
@@ -440,5 +440,5 @@ def report_open_transactions(devices: Iterable[Device]) -> list[str]:
                 "programmed again before training"
             )
     for text in found:
-        warnings.warn(text, RuntimeWarning, stacklevel=2)
+        warnings.warn(text, OpenTransactionWarning, stacklevel=2)
     return found

@@ -68,3 +68,10 @@ class RetriesExhausted(DeviceError):
         self.op = op
         self.attempts = attempts
         self.last = last
+
+
+class OpenTransactionWarning(RuntimeWarning):
+    """A board holds a programming transaction that was begun and never committed (a host
+    stopped mid-sequence, or the board reset): its conductances may mix old and new targets
+    until every tile is programmed again. Warned when a link opens to such a board, and by a
+    trainer, which programs every tile again, in its stead."""

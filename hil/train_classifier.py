@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
+from drivers import Device, Equilibrium, OpenTransactionWarning, ProgramReport, SettleBudget, Topology, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.checks import MAX_SETTLE_VALUES
 from drivers.shared import SharedBoard
@@ -441,7 +442,11 @@ def train_classifier(
     if dp is not None:
         dp.check_batches(len(ds.x_train), cfg.train.batch_size)
         state = dp.broadcast(state)
-    model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
+    with warnings.catch_warnings():
+        # a board left mid-transaction is reported once, by `_train` (which programs it again),
+        # not also by its link as it opens
+        warnings.simplefilter("ignore", OpenTransactionWarning)
+        model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
     if log is not None:
         log.configure(**dataclasses.asdict(cfg.log))
         log.set_boards(model.board_records())

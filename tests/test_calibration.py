@@ -9,6 +9,7 @@ emulator's truth (`board.dac_errors`, `board.adc_errors`, `board.mvm_errors`, th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -449,3 +450,38 @@ def test_missing_capability_hints_are_calibration_advice() -> None:
             msg = str(err.value)
             assert "SessionOptions(routines=...)" in msg and "--routines" in msg, msg
             assert "EBBlock" not in msg and "verify" not in msg.split(". ")[0], msg
+
+
+def test_a_record_from_a_board_that_only_multiplies_corrects_programming() -> None:
+    """A board without `settle` gets no converter banks (they need a settle to measure), yet
+    its record still moves weights off stuck devices; the paths it cannot correct pass as
+    they are, said once when the board is first configured."""
+    uri = "emulator://?preset=rram&seed=2&wire_resistance=0&capabilities=mvm,pulse,program_verify"
+    with open_device(uri) as dev:
+        assert isinstance(dev, EmulatedDevice)
+        record = run_session(dev, SessionOptions(tile_shapes=(SHAPE,), routines=("stuck", "pulse")))
+        assert not record.converters and record.tiles[0].stuck.count > 0
+        cal = calibration.CalibratedDevice(dev, record)
+        topo = tile_topology([SHAPE])
+        with pytest.warns(UserWarning, match=r"no dac, adc, mvm calibration \(a board that does not settle"):
+            cal.configure(topo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once, not at every configure
+            cal.configure(topo)
+        corr = Corrections(record, topo)
+        x = np.random.default_rng(1).uniform(0.1, 0.9, (4, SHAPE[0])).astype(np.float32)
+        assert corr.mvm_inputs(x) is x and corr.states({"r": x})["r"] is x
+        lim = dev.info.limits
+        w = np.random.default_rng(3).uniform(-0.6, 0.6, SHAPE).astype(np.float32)
+        d = w * (lim.g_max - lim.g_min)
+        gp = (lim.g_min + np.maximum(d, 0)).astype(np.float32)
+        gm = (lim.g_min + np.maximum(-d, 0)).astype(np.float32)
+        t = weights_to_conductances(record, 0, w, 1.0, lim)
+        cells = record.tiles[0].stuck.stuck.any(0) & ~t.unreachable
+        errors = {}
+        for label, device in (("raw", dev), ("calibrated", cal)):
+            device.program("T0", gp, gm, verify=True)
+            achieved = dev.board.tile("T0").weights(dev.board.clock).numpy()
+            errors[label] = float(np.abs(achieved - w)[cells].mean())
+        assert errors["calibrated"] < 0.3 * errors["raw"], errors
+        assert cal.mvm("T0", x).shape == (4, SHAPE[1])

@@ -280,6 +280,16 @@ def test_calibrate_on_a_board_that_does_not_settle_runs_what_it_can(tmp_path: Pa
     # asked for by name, a routine it cannot run is refused with the command that runs the rest
     line = _one_line_error(_hil("calibrate", MVM_ONLY, "--out", tmp_path / "c2.zarr", "--routines", "mvm"))
     assert f"`hil calibrate {MVM_ONLY} --routines stuck,gmap,pulse` runs what it can" in line
+    # its record, with no converter banks, trains: what it leaves uncorrected is said once
+    # (in-process, pytest takes the warning the CLI would print as one `warning:` line)
+    run = tmp_path / "c.zarr"
+    sets = _sets(f"device={MVM_ONLY}", f"calibration={tmp_path / 'cal.zarr'}", *FAST_CLASSIFIER)
+    with pytest.warns(UserWarning) as said:
+        trained = _hil("train", "classifier", "--out", run, "--no-progress", *sets)
+    assert trained.exit_code == 0, trained.output
+    told = [w for w in said if "record has no dac, adc, mvm calibration" in str(w.message)]
+    assert len(told) == 1 and "pass uncorrected" in str(told[0].message)
+    assert "test accuracy" in trained.stdout
 
 
 def test_demo_on_a_board_that_does_not_settle_shows_no_nan() -> None:

@@ -280,6 +280,23 @@ def test_the_cli_shows_an_open_transaction_as_one_warning_line() -> None:
     assert "RuntimeWarning" not in done.stderr and "warnings.warn" not in done.stderr
 
 
+def test_training_reports_an_open_transaction_once(tmp_path: Path) -> None:
+    """The link and the trainer both notice a board left mid-transaction; the user reads it
+    once, in the trainer's words (it programs every tile again before training)."""
+    with faulty_board() as served:
+        served.device.configure(Topology.layered([6, 5, 3]))
+        served.device.begin("step-77")
+        sets = ["train.epochs=1", "data.limit_train=32", "data.limit_test=16", "model.sizes=[64,8,10]"]
+        cmd = [*HIL, "train", "classifier", "--out", str(tmp_path / "r.zarr"), "--no-progress"]
+        cmd += [a for s in [f"device={served.visa_uri}", *sets] for a in ("--set", s)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "step-77" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), done.stderr
+    assert "programmed again before training" in lines[0]
+
+
 def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_path: Path) -> None:
     run = tmp_path / "run.zarr"
     sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]

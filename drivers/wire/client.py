@@ -53,6 +53,7 @@ from drivers.errors import (
     DeviceTimeout,
     LimitViolation,
     NotSupported,
+    OpenTransactionWarning,
     ProtocolError,
     RetriesExhausted,
 )
@@ -219,7 +220,7 @@ class RemoteDevice(Device):
                 f"{self.name}: programming transaction {self.open_transaction!r} was begun and never "
                 "committed (a host stopped mid-sequence or the board reset): the conductances may mix "
                 "old and new targets; program the tiles again (hil train ... resume does) and commit",
-                RuntimeWarning,
+                OpenTransactionWarning,
                 stacklevel=2,
             )
         return self
