@@ -78,11 +78,15 @@ def test_passes_on_every_transport(
         assert ops.get("scpi undeclared settle") == ("PASS" if board == MVM_ONLY else None)
     else:
         assert not any(op.startswith("scpi") for op in ops)
+    if servers is not None and not transport.startswith("visa"):  # the framed link: unchecked requests
+        assert ops["unchecked board limit"] == "PASS"
+        assert ops.get("unchecked undeclared settle") == ("PASS" if board == MVM_ONLY else None)
+    else:
+        assert not any(op.startswith("unchecked") for op in ops)
     if servers is not None:
         # the over-limit requests through the Device API were refused on the host; only the
-        # raw SCPI one reached the board, which refused it
-        raw = int(transport.startswith("visa"))
-        assert servers.device.safety() == SafetyCounters(refused=raw, violations=0)
+        # raw SCPI one, or the unchecked framed one, reached the board, which refused it
+        assert servers.device.safety() == SafetyCounters(refused=1, violations=0)
 
 
 class Recording(DeviceWrapper):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceError
-from hil.conformance import arrays, board, lifecycle, mvm, refusals, scpi, settle
+from hil.conformance import arrays, board, framed, lifecycle, mvm, refusals, scpi, settle
 from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
 
@@ -38,6 +38,7 @@ def run_conformance(
             arrays.pulse(sess)
             refusals.errors(sess)
             scpi.checks(sess)
+            framed.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
         sess.add(

@@ -1,0 +1,73 @@
+"""Board-side checks through unchecked requests (`RemoteDevice.send_unchecked`), for links
+without a raw text path (the framed link; `visa://` boards get the raw SCPI ones of
+`hil.conformance.scpi`): the host drivers check every request before sending it, so only an
+unchecked one shows whether the board checks its limits again ("a host may be buggy") and
+refuses what it does not declare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from drivers.errors import DeviceError, LimitViolation, NotSupported
+from drivers.wire import payload as pl
+from hil.conformance.report import Mismatch
+from hil.conformance.session import Session
+
+Send = Callable[[pl.Op, pl.Message], pl.Message]
+
+
+def checks(sess: Session) -> None:
+    send = getattr(sess.dev, "send_unchecked", None)
+    if not callable(send) or sess.report.uri.lower().startswith("visa://"):
+        return
+    tile = sess.topo.couplings[0].tile
+    rows, _ = sess.topo.tile_shape(tile)
+    if "mvm" in sess.caps:
+        sess.run(
+            "unchecked board limit",
+            "the board checks limits again: an mvm input above clamp_max is error -222, its own "
+            "refused + 1, violations 0",
+            lambda sent: _board_limit(sess, sent, send, tile, rows),
+        )
+    else:
+        sess.run(
+            "unchecked undeclared mvm",
+            "an undeclared capability is error 101 on the board too",
+            lambda sent: _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, 0.0), NotSupported),
+        )
+    if "settle" not in sess.caps:  # the host driver refuses it first: only an unchecked one reaches the board
+        settle = pl.settle_request({}, {}, {}, False)
+        sess.run(
+            "unchecked undeclared settle",
+            "a settle on a board that does not declare it is error 101 on the board too",
+            lambda sent: _refused(sent, send, pl.Op.SETTLE, settle, NotSupported),
+        )
+
+
+def _mvm(tile: str, rows: int, value: float) -> pl.Message:
+    return pl.mvm_request(tile, np.full((1, rows), value, np.float32), False)
+
+
+def _refused(sent: list[str], send: Send, op: pl.Op, request: pl.Message, expected: type[DeviceError]) -> str:
+    sent.append(f"{op.name} unchecked")
+    try:
+        send(op, request)
+    except expected as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except DeviceError as exc:
+        raise Mismatch(f"refused as {type(exc).__name__} ({exc}); expected {expected.__name__}") from exc
+    raise Mismatch(f"the board ran {op.name}; expected {expected.__name__}")
+
+
+def _board_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: int) -> str:
+    value = 2.0 * max(1.0, sess.lim.clamp_max)
+    before = sess.dev.safety()
+    got = _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, value), LimitViolation)
+    sent.append(f"x = {value:g} > clamp_max {sess.lim.clamp_max:.3g}")
+    after = sess.dev.safety()
+    counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
+    if after.refused != before.refused + 1 or after.violations != 0:
+        raise Mismatch(f"{got}; {counts}: the board must count its refusal, and nothing may reach the array")
+    return f"{got}; {counts}"
