@@ -222,16 +222,17 @@ def test_fails_when_an_undeclared_capability_runs() -> None:
     assert report.count("SKIP") == 3 and not report.ok
 
 
-def test_a_board_that_settles_undeclared_fails_over_raw_scpi(
-    emulated_board: Callable[..., BoardServers],
+@pytest.mark.parametrize(("transport", "check"), [("visa-tcp", "scpi"), ("serial-socket", "unchecked")])
+def test_a_board_that_settles_undeclared_fails_over_a_request_the_host_did_not_check(
+    emulated_board: Callable[..., BoardServers], transport: str, check: str
 ) -> None:
     """The host driver refuses an undeclared settle before sending it, so only a raw SCPI
-    settle shows whether the board refuses it too."""
+    settle, or an unchecked framed one, shows whether the board refuses it too."""
     served = emulated_board(board=UndeclaredSettle(open_device(FULL)))
-    uri = served.uris["visa-tcp"]
+    uri = served.uris[transport]
     with open_device(uri) as dev:
         report = run_conformance(dev, uri)
-    raw = next(c for c in report.checks if c.operation == "scpi undeclared settle")
+    raw = next(c for c in report.checks if c.operation == f"{check} undeclared settle")
     assert raw.status == "FAIL" and not report.ok, raw
 
 
