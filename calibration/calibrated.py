@@ -63,6 +63,7 @@ class CalibratedDevice(DeviceWrapper):
         # column scale pre-distortion would have needed
         self.uncompensated: dict[tuple[str, tuple[int, int]], float] = {}
         self._told_uncorrected = False
+        self._told_tiles: set[tuple[tuple[int, int], ...]] = set()
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
@@ -80,7 +81,36 @@ class CalibratedDevice(DeviceWrapper):
         if not self._told_uncorrected:
             self._told_uncorrected = True
             self._warn_uncorrected()
+        self._warn_unmatched_tiles(topology)
         super().configure(topology)
+
+    def _warn_unmatched_tiles(self, topology: Topology) -> None:
+        """Say once per set of tile shapes which tiles the record has no device calibration
+        for (stuck devices, windows) at their position and shape: they are programmed as asked.
+        A record of the default session (one 64 x 64 tile) corrects no tile of the default
+        64-256-10 network (65 x 256 and 257 x 10), so this names the session that would."""
+        measured = {k: t for k, t in self.record.tiles.items() if t.stuck is not None or t.pulse is not None}
+        names = list(dict.fromkeys(c.tile for c in topology.couplings))
+        shapes = [topology.tile_shape(name) for name in names]
+        if not measured or tuple(shapes) in self._told_tiles:
+            return
+        self._told_tiles.add(tuple(shapes))
+        unmatched = []
+        for k, (name, (rows, cols)) in enumerate(zip(names, shapes, strict=True)):
+            cal = measured.get(k)
+            if cal is None:
+                unmatched.append(f"{name} {rows}x{cols} at position {k} (none measured there)")
+            elif tuple(cal.shape) != (rows, cols):
+                got = "x".join(str(n) for n in cal.shape)
+                unmatched.append(f"{name} {rows}x{cols} at position {k} (measured as {got})")
+        if unmatched:
+            tiles = ",".join(f"{r}x{c}" for r, c in shapes)
+            warnings.warn(
+                f"the calibration record has no device calibration for {'; '.join(unmatched)}: "
+                "programmed without stuck-device or window correction; rerun "
+                f"`{self.session} --overwrite --tiles {tiles}` to calibrate this network's tiles",
+                stacklevel=3,
+            )
 
     def _warn_uncorrected(self) -> None:
         """Say once which paths the record leaves uncorrected: those through a converter bank
@@ -95,7 +125,7 @@ class CalibratedDevice(DeviceWrapper):
             why = "a board that does not settle cannot have them measured"
         warnings.warn(
             f"the calibration record has no {', '.join(missing)} calibration ({why}): {paths} pass "
-            f"uncorrected; it still corrects programming targets",
+            "uncorrected; programming targets are still corrected on the tiles the record measured",
             stacklevel=3,
         )
 

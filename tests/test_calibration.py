@@ -9,6 +9,7 @@ emulator's truth (`board.dac_errors`, `board.adc_errors`, `board.mvm_errors`, th
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -463,11 +464,20 @@ def test_a_record_from_a_board_that_only_multiplies_corrects_programming() -> No
         assert not record.converters and record.tiles[0].stuck.count > 0
         cal = calibration.CalibratedDevice(dev, record)
         topo = tile_topology([SHAPE])
-        with pytest.warns(UserWarning, match=r"no dac, adc, mvm calibration \(a board that does not settle"):
+        with pytest.warns(UserWarning) as said:
             cal.configure(topo)
+        assert len(said) == 1, [str(w.message) for w in said]  # the tile matches the record's
+        assert re.search(r"no dac, adc, mvm calibration \(a board that does not settle", str(said[0].message))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once, not at every configure
             cal.configure(topo)
+        # a network whose tiles the record did not measure is told how to calibrate them
+        other = tile_topology([(SHAPE[0], 8), (8, 4)])
+        with pytest.warns(
+            UserWarning, match=r"T0 24x8 at position 0 \(measured as 24x24\); T1 8x4 .*--tiles 24x8,8x4"
+        ):
+            cal.configure(other)
+        cal.configure(topo)
         corr = Corrections(record, topo)
         x = np.random.default_rng(1).uniform(0.1, 0.9, (4, SHAPE[0])).astype(np.float32)
         assert corr.mvm_inputs(x) is x and corr.states({"r": x})["r"] is x
