@@ -24,7 +24,7 @@ averages), ``"sum"`` of the sum.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -70,6 +70,12 @@ ArrayLike = Tensor | np.ndarray
 SettlePath = Literal["auto", "board", "host"]
 FreeStart = Literal["zero", "forward"]  # where a free settle starts: 0, or the forward sweep
 SETTLE_PATHS: tuple[str, ...] = ("auto", "board", "host")
+
+
+def settle_paths(blocks: Iterable[EBBlock]) -> str:
+    """Where `blocks` settle, as `ep.settle` resolved: ``board``, ``host`` or both
+    (``ep.settle = "auto"`` picks per board: its own settle if it has one, else the host's)."""
+    return ", ".join(sorted({blk.settle_path for blk in blocks}))
 
 
 def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"]:

@@ -40,7 +40,7 @@ from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, model_activation
 from hil.data import Dataset, hold_out, limited, load_dataset
-from hil.ep import EBBlock, centre_biases, gaussian_init
+from hil.ep import EBBlock, centre_biases, gaussian_init, settle_paths
 from hil.ffebm import FFEBM, goe_init
 from hil.programming import make_scheme
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
@@ -466,12 +466,6 @@ def warmup_scale(step: int, warmup: float, steps_per_epoch: int) -> float:
     return 1.0 if step >= n else (step + 1) / n
 
 
-def settle_paths(model: Classifier) -> str:
-    """Where the model's EB blocks settle, as `ep.settle` resolved: ``board``, ``host`` or both
-    (``ep.settle = "auto"`` picks per board: its own settle if it has one, else the host's)."""
-    return ", ".join(sorted({blk.settle_path for blk in model.blocks()}))
-
-
 def _train(
     cfg: RunConfig,
     ds: Dataset,
@@ -492,7 +486,9 @@ def _train(
     if log is not None and model.devices:  # on resume too: the board may be at another address
         log.set_device(model.devices[0].info, uri=model.board_uris[0])
         log.set_calibration(cfg.calibration or None)
-        log.set_resolved({"model.activation": model_activation(cfg.model), "ep.settle": settle_paths(model)})
+        log.set_resolved(
+            {"model.activation": model_activation(cfg.model), "ep.settle": settle_paths(model.blocks())}
+        )
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
     else:

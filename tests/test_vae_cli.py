@@ -27,6 +27,23 @@ def _args(*sets: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def test_train_vae_on_a_board_that_does_not_settle_says_it_settles_on_the_host(tmp_path: Path) -> None:
+    board = "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify"
+    out = tmp_path / "mvm"
+    args = [
+        "train",
+        "vae",
+        "--out",
+        str(out),
+        "--no-progress",
+        *_args(*SMALL, "train.epochs=1", f"device={board}"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"({board}); settles on the host" in result.output
+    assert open_run(out / "run.zarr").attrs["resolved"]["ep.settle"] == "host"
+
+
 def test_train_vae_prints_cells_and_writes_run_log_and_pictures(tmp_path: Path) -> None:
     out = tmp_path / "tdh"
     result = CliRunner().invoke(
@@ -56,8 +73,9 @@ def test_train_vae_prints_cells_and_writes_run_log_and_pictures(tmp_path: Path) 
         "model.activation": "hard_sigmoid",
         "model.init": "gaussian",
         "model.init_bias": "mid",
+        "ep.settle": "board",
     }
-    assert "crossbar cells, hard_sigmoid neuron" in text
+    assert "crossbar cells, hard_sigmoid neuron" in text and "; settles on the board" in text
     # every step's settle steps, split between the encoding and the decoding settles
     train = run.table("metrics/train")
     assert len(train["settle_steps"]) == 2 * 96 // 32

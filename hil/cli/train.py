@@ -285,7 +285,7 @@ def classifier(
 def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     """Rank 0's (or a single board's) summary of a finished run."""
     from hil.config import model_activation
-    from hil.train_classifier import settle_paths
+    from hil.ep import settle_paths
 
     last = res.history[-1]
     typer.echo(
@@ -296,7 +296,7 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     devices = " ; ".join(res.devices)
     typer.echo(
         f"crossbar cells {res.cells} ({res.describe_tiles()}); {model_activation(cfg.model)} neuron; "
-        f"settles on the {settle_paths(res.model)}"
+        f"settles on the {settle_paths(res.model.blocks())}"
     )
     typer.echo(f"run log {log.path}")
     if res.val_acc is not None:

@@ -153,7 +153,8 @@ def vae(
     f, i = result.final, result.initial
     neuron = f", {result.neuron} neuron" if result.neuron else ""
     typer.echo(f"model        {result.variant}, {result.cells} crossbar cells{neuron}")
-    typer.echo(f"device       {result.identity}  ({cfg.device})")
+    settles = f"; settles on the {result.settles}" if result.settles else ""
+    typer.echo(f"device       {result.identity}  ({cfg.device}){settles}")
     typer.echo(f"test -ELBO   {f.neg_elbo:.3f} nats/image (untrained {i.neg_elbo:.3f})")
     typer.echo(f"recon MSE    {f.recon_mse:.4f} per pixel")
     typer.echo(f"Frechet      {f.frechet:.2f} (untrained {i.frechet:.2f})")

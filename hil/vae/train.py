@@ -18,6 +18,7 @@ from drivers import Equilibrium, SettleBudget, seeds
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
+from hil.ep import settle_paths
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 from hil.vae.config import VAERunConfig
 from hil.vae.fvae import FVAE
@@ -48,6 +49,7 @@ class VAEResult:
     identity: str = ""
     pictures: list[Path] = field(default_factory=list)
     neuron: str = ""  # the Hopfield variants' node curve ("auto" resolved); "" for F-VAE
+    settles: str = ""  # where the Hopfield variants settle, `ep.settle` resolved; "" for F-VAE
 
 
 EVAL_CHUNK = 512  # samples per settle when evaluating a whole test set (as EBBlock's predict)
@@ -104,6 +106,10 @@ class _Model:
 
     def cells(self) -> int:
         return 0 if self.hvae is None else self.hvae.cells()
+
+    def settles(self) -> str:
+        """Where the Hopfield VAE's blocks settle (``board``, ``host``); "" for F-VAE."""
+        return "" if self.hvae is None else settle_paths(self.hvae.blocks().values())
 
     def close(self) -> None:
         for d in self.devices:
@@ -256,7 +262,9 @@ def train_vae(
             log.set_calibration(model.calibration_id)
             if (h := model.hvae) is not None:
                 resolved = {"activation": h.activation, "init": h.weight_init, "init_bias": h.bias_init}
-                log.set_resolved({f"model.{k}": v for k, v in resolved.items()})
+                log.set_resolved(
+                    {**{f"model.{k}": v for k, v in resolved.items()}, "ep.settle": model.settles()}
+                )
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
@@ -333,6 +341,7 @@ def train_vae(
             model.identity,
             pictures,
             "" if model.hvae is None else model.hvae.activation,
+            model.settles(),
         )
     finally:
         model.close()
