@@ -63,11 +63,6 @@ def _refused(sent: list[str], send: Send, op: pl.Op, request: pl.Message, expect
 
 def _board_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: int) -> str:
     value = 2.0 * max(1.0, sess.lim.clamp_max)
-    before = sess.dev.safety()
-    got = _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, value), LimitViolation)
-    sent.append(f"x = {value:g} > clamp_max {sess.lim.clamp_max:.3g}")
-    after = sess.dev.safety()
-    counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
-    if after.refused != before.refused + 1 or after.violations != 0:
-        raise Mismatch(f"{got}; {counts}: the board must count its refusal, and nothing may reach the array")
-    return f"{got}; {counts}"
+    return sess.counted_refusal(
+        sent, value, lambda: _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, value), LimitViolation)
+    )

@@ -111,11 +111,6 @@ def _settle_command() -> str:
 
 def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
     value = _ascii_float(sess.lim.clamp_max)
-    before = sess.dev.safety()
-    got = _expect_error(sent, query, _mvm_command(sess, tile, value), "-222")
-    sent.append(f"x = {value:g} > clamp_max {sess.lim.clamp_max:.3g}")
-    after = sess.dev.safety()
-    counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
-    if after.refused != before.refused + 1 or after.violations != 0:
-        raise Mismatch(f"{got}; {counts}: the board must count its refusal, and nothing may reach the array")
-    return f"{got}; {counts}"
+    return sess.counted_refusal(
+        sent, value, lambda: _expect_error(sent, query, _mvm_command(sess, tile, value), "-222")
+    )

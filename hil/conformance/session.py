@@ -164,6 +164,21 @@ class Session:
             refused,
         )
 
+    def counted_refusal(self, sent: list[str], value: float, attempt: Callable[[], str]) -> str:
+        """`attempt` sends an mvm input of `value` (above clamp_max) past the host's checks and
+        returns how the board refused it; the board must also count the refusal, and let
+        nothing reach the array."""
+        before = self.dev.safety()
+        got = attempt()
+        sent.append(f"x = {value:g} > clamp_max {self.lim.clamp_max:.3g}")
+        after = self.dev.safety()
+        counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
+        if after.refused != before.refused + 1 or after.violations != 0:
+            raise Mismatch(
+                f"{got}; {counts}: the board must count its refusal, and nothing may reach the array"
+            )
+        return f"{got}; {counts}"
+
     def weights(self, tile: str) -> np.ndarray:
         gp, gm = self.g[tile]
         return self.topo.coupling(tile).w_max * (gp - gm) / self.g_range
