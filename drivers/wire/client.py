@@ -282,7 +282,7 @@ class RemoteDevice(Device):
         """Send one request exactly as given, without the host's capability and limit checks,
         and return the board's reply (its refusal raised as the matching `drivers.errors`
         exception). For conformance suites: the host refuses a bad request before sending it,
-        so only an unchecked one shows whether the board refuses it too. Never for operation."""
+        so only an unchecked one shows whether the board refuses it too. Not for normal use."""
         return self._transact(op, request, attempts=1)
 
     def _transact(self, op: Op, request: Message, attempts: int | None = None) -> Message:
