@@ -355,6 +355,34 @@ def test_help_keeps_every_bracketed_word() -> None:
     assert checked >= 6  # [data] [model] [ep] [train] of --config, [data] extra, [ray] of sweep
 
 
+def test_help_descriptions_are_filled_paragraphs_at_80_columns() -> None:
+    """A command's description is wrapped in the source at about 90 columns; on an 80-column
+    terminal (or a pipe) its paragraphs are refilled, not wrapped twice into ragged lines
+    ("... on the" / "ideal" / "emulator ..."): every line of a paragraph but its last is
+    at least 60 columns wide."""
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> list[list[str]]:
+        out = [path]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            out += walk(sub, [*path, name])
+        return out
+
+    paragraphs = 0
+    for path in walk(typer.main.get_command(app), []):
+        shown = _hil(*path, "--help")
+        assert shown.exit_code == 0, shown.output
+        lines = shown.output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith("Usage:")) + 1
+        end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("╭"))
+        text = "\n".join(line.rstrip() for line in lines[start:end]).strip("\n")
+        for para in text.split("\n\n"):
+            body = para.splitlines()
+            paragraphs += 1
+            assert all(len(line) >= 60 for line in body[:-1]), (path, body)
+    assert paragraphs >= 20
+
+
 def test_readme_lists_every_benchmark() -> None:
     """The README's benchmarks table names every script in benchmarks/ (a new one is found)."""
     root = Path(__file__).resolve().parents[1]

@@ -12,6 +12,9 @@ app = typer.Typer(
     help="xbar-hil: Equilibrium Propagation on analog crossbar boards and their emulator.",
     no_args_is_help=True,
     add_completion=False,
+    # Markdown refills each paragraph of a docstring to the terminal's width; Rich's mode keeps
+    # the source's line breaks, which an 80-column terminal or a pipe then wraps a second time
+    rich_markup_mode="markdown",
 )
 calibrate.register(app)
 conformance.register(app)
