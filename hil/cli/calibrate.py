@@ -104,7 +104,10 @@ def register(app: typer.Typer) -> None:
         ),
         tile_size: int = typer.Option(64, min=1, help="Rows and columns of the tile at position 0."),
         tiles: str = typer.Option(
-            None, help="Shapes of the tiles at positions 0, 1, ... as ROWSxCOLS,... (overrides --tile-size)."
+            None,
+            help="Shapes of the tiles at positions 0, 1, ... as ROWSxCOLS,... (overrides --tile-size): "
+            "a network's own tiles get their devices corrected, e.g. 65x256,257x10 for the default "
+            "classifier (training with a record names the --tiles of its network when they differ).",
         ),
         channels: int = typer.Option(
             None,
