@@ -195,9 +195,28 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
             ylabel="max |s_t - s_(t-1)| (read-out)",
         )
         ax_settle.grid(alpha=0.3)
-    for ax in axes.ravel():
+    # a panel whose routine did not run (a board that does not settle has no converter or
+    # settle routines) says so, instead of a title over nothing
+    wanted = {
+        ax_gain: ("per-channel gain error", "adc, dac, mvm"),
+        ax_off: ("per-channel offset", "adc, dac, mvm"),
+        ax_hist: ("write error", "gmap"),
+        ax_map: (f"conductance map, tile {tile}", "gmap"),
+        ax_stuck: (f"stuck devices, tile {tile}", "stuck"),
+        ax_pulse: (f"pulse response, tile {tile}", "pulse"),
+        ax_settle: ("settle convergence", "settle"),
+        ax_noise: ("read noise per device", "gmap"),
+        ax_pdist: ("fitted step per device", "pulse"),
+    }
+    for ax, (what, routines) in wanted.items():
         if not ax.has_data() and not ax.images:
             ax.set_axis_off()
+            ax.set_title("")
+            ax.text(
+                0.5, 0.5, f"{what}: not in this record\n(measured by {routines}; this session ran "
+                f"{', '.join(record.routines)})", ha="center", va="center", transform=ax.transAxes,
+                color="0.4", fontsize=9, wrap=True,
+            )  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)

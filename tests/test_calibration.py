@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import calibration
+import calibration.report
 import calibration.session as session_mod
 from calibration import (
     CalibrationError,
@@ -453,7 +454,7 @@ def test_missing_capability_hints_are_calibration_advice() -> None:
             assert "EBBlock" not in msg and "verify" not in msg.split(". ")[0], msg
 
 
-def test_a_record_from_a_board_that_only_multiplies_corrects_programming() -> None:
+def test_a_record_from_a_board_that_only_multiplies_corrects_programming(tmp_path: Path) -> None:
     """A board without `settle` gets no converter banks (they need a settle to measure), yet
     its record still moves weights off stuck devices; the paths it cannot correct pass as
     they are, said once when the board is first configured."""
@@ -495,3 +496,19 @@ def test_a_record_from_a_board_that_only_multiplies_corrects_programming() -> No
             errors[label] = float(np.abs(achieved - w)[cells].mean())
         assert errors["calibrated"] < 0.3 * errors["raw"], errors
         assert cal.mvm("T0", x).shape == (4, SHAPE[1])
+    # its report says which panels the session could not fill, not a title over nothing
+    import matplotlib.pyplot as plt
+
+    figures = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt, "close", figures.append)
+        calibration.report.plot(record, tmp_path / "cal.png")
+    notes = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    plt.close(figures[0])
+    # no converters (they need a settle), no settle profile, no conductance map (not asked)
+    assert sorted(n.split(":")[0] for n in notes) == [
+        "conductance map, tile 0", "per-channel gain error", "per-channel offset", "read noise per device",
+        "settle convergence", "write error",
+    ], notes  # fmt: skip
+    assert all("this session ran stuck, pulse" in n for n in notes)
+    assert (tmp_path / "cal.png").stat().st_size > 10_000
