@@ -28,7 +28,7 @@ the path through a converter bank the record lacks passes uncorrected.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,10 +283,33 @@ class Corrections:
         }
 
     def mvm_inputs(self, x: np.ndarray) -> np.ndarray:
-        return dac_requests(self.record, x, 0) if self.corrects("dac") else x
+        return self._covered("dac", x, dac_requests)
 
     def mvm_outputs(self, y: np.ndarray) -> np.ndarray:
-        return correct_mvm(self.record, y, 0) if self.corrects("mvm") else y
+        return self._covered("mvm", y, correct_mvm)
+
+    def _covered(
+        self, bank: str, a: np.ndarray, correct: Callable[[CalibrationRecord, np.ndarray, int], np.ndarray]
+    ) -> np.ndarray:
+        """`a`'s lines corrected through `bank` as far as the record measured it; lines beyond
+        pass as they are. An mvm reaches max(rows, cols) lines of every tile, which can exceed
+        the lines the record's mvm routine measured (those of its first tile);
+        `CalibratedDevice.configure` says so once."""
+        cal = self.record.converters.get(bank)
+        if cal is None:
+            return a
+        a = np.asarray(a)
+        n = a.shape[-1]
+        if n <= cal.channels:
+            return correct(self.record, a, 0)
+        out = np.array(a, dtype=np.float32)
+        out[..., : cal.channels] = correct(self.record, a[..., : cal.channels], 0)
+        return out
+
+    def mvm_lines(self) -> int:
+        """The most input or output lines an mvm of this topology's tiles reaches."""
+        names = {c.tile for c in self.topology.couplings}
+        return max((max(self.topology.tile_shape(t)) for t in names), default=0)
 
     def position(self, tile: str) -> int:
         names = [c.tile for c in self.topology.couplings]

@@ -64,6 +64,7 @@ class CalibratedDevice(DeviceWrapper):
         self.uncompensated: dict[tuple[str, tuple[int, int]], float] = {}
         self._told_uncorrected = False
         self._told_tiles: set[tuple[tuple[int, int], ...]] = set()
+        self._told_reach: set[str] = set()
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
@@ -123,9 +124,16 @@ class CalibratedDevice(DeviceWrapper):
             why = f"rerun `{self.session} --overwrite` to measure them"
         else:
             why = "a board that does not settle cannot have them measured"
+        devices = any(t.stuck is not None or t.pulse is not None for t in self.record.tiles.values())
+        rest = (
+            "programming targets are still corrected on the tiles the record measured"
+            if devices or self.record.wire_resistance
+            else "and it has no stuck-device or device-window calibration (routines stuck, pulse) "
+            "either: it corrects nothing"
+        )
         warnings.warn(
             f"the calibration record has no {', '.join(missing)} calibration ({why}): {paths} pass "
-            "uncorrected; programming targets are still corrected on the tiles the record measured",
+            f"uncorrected; {rest}",
             stacklevel=3,
         )
 
@@ -172,11 +180,42 @@ class CalibratedDevice(DeviceWrapper):
                 # scale some column's weights below MIN_COMPENSATED_SCALE, which deploys worse
                 # than the wires' own attenuation (docs/calibration.md); programmed as asked
                 self.uncompensated[key] = scale
+                warnings.warn(
+                    f"{tile} ({shape[0]}x{shape[1]}) is programmed without IR-drop pre-distortion: its "
+                    f"wires ({r:.3g} ohm per segment) take more than its devices can give back (a column "
+                    f"would keep {100 * scale:.1f} % of its weights, under {100 * MIN_COMPENSATED_SCALE:.0f} "
+                    "%); smaller tiles are compensated (docs/calibration.md)",
+                    stacklevel=2,
+                )
         return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         corr = self._corrections()
+        self._warn_mvm_reach(corr, tile, transpose)
         return corr.mvm_outputs(self.inner.mvm(tile, corr.mvm_inputs(np.asarray(x)), transpose=transpose))
+
+    def _warn_mvm_reach(self, corr: Corrections, tile: str, transpose: bool) -> None:
+        """Say once per bank when an mvm reaches lines the record did not measure (they pass
+        uncorrected): the mvm routine measures the lines of the session's first tile, the DAC
+        routine the node channels."""
+        rows, cols = corr.topology.tile_shape(tile)
+        reach = {"dac": cols if transpose else rows, "mvm": rows if transpose else cols}
+        for bank, n in reach.items():
+            cal = self.record.converters.get(bank)
+            if cal is None or n <= cal.channels or bank in self._told_reach:
+                continue
+            self._told_reach.add(bank)
+            fix = (
+                f"a session whose first tile (--tiles) has a side of at least {n}"
+                if bank == "mvm"
+                else f"`{self.session} --overwrite --channels {n}`"
+            )
+            warnings.warn(
+                f"an mvm of {tile} ({rows}x{cols}{', transposed' if transpose else ''}) reaches {n} "
+                f"{bank} lines; the calibration record measured 0..{cal.channels - 1}: lines "
+                f"{cal.channels}..{n - 1} pass uncorrected ({fix} measures them)",
+                stacklevel=3,
+            )
 
     def settle(
         self,

@@ -26,6 +26,7 @@ from calibration import (
     Corrections,
     SessionOptions,
     channel_offsets,
+    correct_mvm,
     correct_readings,
     dac_requests,
     drift_check,
@@ -440,6 +441,30 @@ def test_calibrated_device_corrects_settle_mvm_and_programming(sessions) -> None
     assert np.abs((y - x @ w).mean(0)).max() < 0.5 * s.record.converters["mvm"].lsb
     with pytest.raises(CalibrationMismatch):
         calibration.CalibratedDevice(sessions[("pcm", 2)].dev, s.record)
+
+
+def test_mvm_lines_beyond_the_record_pass_uncorrected_and_are_named_once(sessions) -> None:
+    """The mvm routine measures the lines of the session's first tile (24 here); a network's
+    transposed mvm can reach more. Those lines pass as they are, the rest are corrected, and
+    the first such mvm says so once."""
+    s = sessions[("rram", 1)]
+    topo = Topology({"a": 30, "b": 8}, (Coupling("W", ("a",), ("b",)),))
+    cal = calibration.CalibratedDevice(s.dev, s.record)
+    cal.configure(topo)
+    assert s.record.converters["mvm"].channels == SHAPE[0] < 30
+    y = np.random.default_rng(4).uniform(-1, 1, (5, 30)).astype(np.float32)
+    out = Corrections(s.record, topo).mvm_outputs(y)
+    np.testing.assert_array_equal(out[:, SHAPE[0] :], y[:, SHAPE[0] :])
+    np.testing.assert_allclose(out[:, : SHAPE[0]], correct_mvm(s.record, y[:, : SHAPE[0]]), rtol=1e-6)
+    x = np.full((2, 8), 0.5, np.float32)
+    with pytest.warns(
+        UserWarning, match=r"reaches 30 mvm lines; .* measured 0..23: lines 24..29 pass uncorrected"
+    ):
+        assert cal.mvm("W", x, transpose=True).shape == (2, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal.mvm("W", x, transpose=True)
+        cal.mvm("W", np.full((2, 30), 0.5, np.float32))  # forward: 8 output lines, all measured
 
 
 def test_missing_capability_hints_are_calibration_advice() -> None:
