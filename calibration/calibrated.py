@@ -210,10 +210,11 @@ class CalibratedDevice(DeviceWrapper):
                 if bank == "mvm"
                 else f"`{self.session} --overwrite --channels {n}`"
             )
+            lines = f"line {n - 1} passes" if n - 1 == cal.channels else f"lines {cal.channels}..{n - 1} pass"
             warnings.warn(
                 f"an mvm of {tile} ({rows}x{cols}{', transposed' if transpose else ''}) reaches {n} "
-                f"{bank} lines; the calibration record measured 0..{cal.channels - 1}: lines "
-                f"{cal.channels}..{n - 1} pass uncorrected ({fix} measures them)",
+                f"{bank} lines; the calibration record measured 0..{cal.channels - 1}: {lines} "
+                f"uncorrected ({fix} measures them)",
                 stacklevel=3,
             )
 
