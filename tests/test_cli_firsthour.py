@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,23 @@ def test_vae_without_progress_bar_prints_a_line_per_epoch(tmp_path: Path) -> Non
     assert done.stdout.strip().splitlines()[-1].startswith("wall time")
 
 
+def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> None:
+    """A report that cannot be written, or would replace another one, is refused before the
+    board is touched (it used to fail after the session, losing the summary); --check says
+    the session options it would ignore."""
+    line = _one_line_error(
+        _hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--png", tmp_path / "no" / "a.png")
+    )
+    assert "does not exist" in line and not (tmp_path / "a.zarr").exists()
+    (tmp_path / "b.png").write_bytes(b"another record's report")
+    line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--png", tmp_path / "b.png"))
+    assert "b.png already exists; add --overwrite" in line
+    line = _one_line_error(_hil("calibrate", EMU, "--check", tmp_path / "a.zarr", "--tiles", "8x8"))
+    assert "--check runs the drift check" in line and "--tiles" in line
+    line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--tiles", "0x10"))
+    assert "at least 1 row and 1 column, got '0x10'" in line
+
+
 def test_calibrate_without_progress_prints_a_line_per_stage(tmp_path: Path) -> None:
     done = _hil("calibrate", EMU, "--out", tmp_path / "cal.zarr", "--routines", "adc,dac", "--no-progress")
     assert done.exit_code == 0, done.output
@@ -278,8 +296,12 @@ def test_calibrate_on_a_board_that_does_not_settle_runs_what_it_can(tmp_path: Pa
     stages = {line.split()[0] for line in done.stdout.splitlines() if " done in " in line}
     assert {"stuck", "gmap", "pulse"} <= stages and not stages & {"adc", "dac", "mvm", "settle"}
     # asked for by name, a routine it cannot run is refused with the command that runs the rest
-    line = _one_line_error(_hil("calibrate", MVM_ONLY, "--out", tmp_path / "c2.zarr", "--routines", "mvm"))
-    assert f"`hil calibrate {MVM_ONLY} --routines stuck,gmap,pulse` runs what it can" in line
+    c2 = tmp_path / "c2.zarr"
+    line = _one_line_error(_hil("calibrate", MVM_ONLY, "--out", c2, "--routines", "mvm", "--tiles", "8x4"))
+    # quoted for a shell (the URI's & would end the command), with this call's --out and --tiles
+    rerun = shlex.join(["hil", "calibrate", MVM_ONLY, "--out", str(c2), "--routines", "stuck,gmap,pulse"])
+    assert f"`{rerun} --tiles 8x4` runs what it can" in line
+    assert shlex.split(line.split("`")[1])[2] == MVM_ONLY
     # its record, with no converter banks, trains: what it leaves uncorrected is said once
     # (in-process, pytest takes the warning the CLI would print as one `warning:` line)
     run = tmp_path / "c.zarr"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -85,9 +86,22 @@ def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ..
         try:
             rows, cols = (int(v) for v in part.lower().split("x"))
         except ValueError:
-            raise ValueError(f"--tiles takes ROWSxCOLS[,ROWSxCOLS...] (e.g. 64x64,65x10), got {part!r}") from None
+            raise ValueError(
+                f"--tiles takes ROWSxCOLS[,ROWSxCOLS...] (e.g. 64x64,65x10), got {part!r}"
+            ) from None
+        if rows < 1 or cols < 1:
+            raise ValueError(f"--tiles: a tile needs at least 1 row and 1 column, got {part!r}")
         out.append((rows, cols))
     return tuple(out)
+
+
+def _rerun(uri: str, out: Path, tiles: str | None, channels: int | None, routines: list[str]) -> str:
+    """The `hil calibrate` command line that runs `routines` with this invocation's other
+    settings, quoted for a shell (a URI's ``&`` would end the command)."""
+    words = ["hil", "calibrate", uri, "--out", str(out), "--routines", ",".join(routines)]
+    words += ["--tiles", tiles] if tiles else []
+    words += ["--channels", str(channels)] if channels else []
+    return shlex.join(words)
 
 
 def register(app: typer.Typer) -> None:
@@ -134,8 +148,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
         settling on a board; write the record, a text summary and a PNG report."""
+        if check is not None:
+            unused = [
+                f"--{n}" for n, v in (("routines", routines), ("tiles", tiles), ("channels", channels)) if v
+            ]
+            if unused:
+                raise fail(
+                    f"--check runs the drift check of an existing record, which {', '.join(unused)} do not "
+                    "change; leave them out (they are for a new session)"
+                )
+        image_path = png if png is not None else out.with_suffix(".png")
         if check is None and out.exists() and not overwrite:
             raise fail(f"{out} already exists; add --overwrite to replace it, or pick another --out")
+        if check is None and not image_path.parent.is_dir():
+            raise fail(
+                f"--png {image_path}: folder {image_path.parent} does not exist; create it or pick another"
+            )
+        if check is None and image_path.exists() and not overwrite:
+            raise fail(f"{image_path} already exists; add --overwrite to replace it, or pick another --png")
         if threads:
             import torch
 
@@ -160,7 +190,7 @@ def register(app: typer.Typer) -> None:
                 if missing and asked:
                     can = [r for r in ROUTINES if r not in runnable(ROUTINES, caps)]
                     raise ValueError(
-                        f"this board cannot run {lacking}; `hil calibrate {uri} --routines {','.join(can)}` "
+                        f"this board cannot run {lacking}; `{_rerun(uri, out, tiles, channels, can)}` "
                         "runs what it can"
                         if can
                         else f"this board cannot run {lacking}, nor any other calibration routine"
@@ -184,7 +214,6 @@ def register(app: typer.Typer) -> None:
             raise fail(str(exc)) from None
         bars.close()
         write(record, out)
-        image = plot(record, png if png is not None else out.with_suffix(".png"))
         typer.echo(summary(record))
         typer.echo(f"record    {out}")
-        typer.echo(f"report    {image}")
+        typer.echo(f"report    {plot(record, image_path)}")
