@@ -77,13 +77,29 @@ class CalibratedDevice(DeviceWrapper):
                 raise CalibrationError(
                     f"this network has {nodes} node channels ({groups}); the calibration record "
                     f"covers {cal.channels} ({bank} channels 0..{cal.channels - 1}): rerun "
-                    f"`{self.session} --overwrite --channels {nodes}` (or more)"
+                    f"`{self.rerun(channels=nodes)}` (or more channels)"
                 )
         if not self._told_uncorrected:
             self._told_uncorrected = True
             self._warn_uncorrected()
         self._warn_unmatched_tiles(topology)
         super().configure(topology)
+
+    def rerun(self, tiles: str | None = None, channels: int | None = None) -> str:
+        """The session command that replaces this record: `session` with ``--overwrite``, the
+        record's own tiles and channels unless `tiles` (``ROWSxCOLS,...``) or `channels` say
+        otherwise (so that following the advice does not lose what the record covered)."""
+        opts = self.record.session.get("options", {})
+        shapes = tiles or ",".join(f"{r}x{c}" for r, c in opts.get("tile_shapes", []))
+        n = channels or opts.get("channels")
+        return " ".join(
+            [
+                self.session,
+                "--overwrite",
+                *(["--tiles", shapes] if shapes else []),
+                *(["--channels", str(n)] if n else []),
+            ]
+        )
 
     def _warn_unmatched_tiles(self, topology: Topology) -> None:
         """Say once per set of tile shapes which tiles the record has no device calibration
@@ -109,7 +125,7 @@ class CalibratedDevice(DeviceWrapper):
             warnings.warn(
                 f"the calibration record has no device calibration for {'; '.join(unmatched)}: "
                 "programmed without stuck-device or window correction; rerun "
-                f"`{self.session} --overwrite --tiles {tiles}` to calibrate this network's tiles",
+                f"`{self.rerun(tiles=tiles)}` to calibrate this network's tiles",
                 stacklevel=3,
             )
 
@@ -121,7 +137,7 @@ class CalibratedDevice(DeviceWrapper):
             return
         paths = "; ".join(f"{UNCORRECTED_PATHS[b]} ({b})" for b in missing)
         if "settle" in self.info.capabilities:
-            why = f"rerun `{self.session} --overwrite` to measure them"
+            why = f"rerun `{self.rerun()}` to measure them"
         else:
             why = "a board that does not settle cannot have them measured"
         devices = any(t.stuck is not None or t.pulse is not None for t in self.record.tiles.values())
@@ -208,7 +224,7 @@ class CalibratedDevice(DeviceWrapper):
             fix = (
                 f"a session whose first tile (--tiles) has a side of at least {n}"
                 if bank == "mvm"
-                else f"`{self.session} --overwrite --channels {n}`"
+                else f"`{self.rerun(channels=n)}`"
             )
             lines = f"line {n - 1} passes" if n - 1 == cal.channels else f"lines {cal.channels}..{n - 1} pass"
             warnings.warn(

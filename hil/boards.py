@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from drivers import Device, open_device
 from drivers.tiled import TiledDevice
 
@@ -20,7 +22,8 @@ def open_board(uri: str, calibration: str = "") -> TiledDevice:
     inner: Device
     try:
         record = load(calibration, board=device.info)
-        inner = CalibratedDevice(device, record, session=f"hil calibrate '{uri}' --out {calibration}")
+        session = shlex.join(["hil", "calibrate", uri, "--out", calibration])
+        inner = CalibratedDevice(device, record, session=session)
     except Exception:
         device.close()
         raise

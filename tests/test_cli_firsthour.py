@@ -76,8 +76,14 @@ def test_a_short_record_names_the_session_to_rerun(tmp_path: Path) -> None:
     assert _hil("calibrate", EMU, "--out", cal, "--routines", "adc,dac", "--channels", "100").exit_code == 0
     run = _hil("train", "vae", "--out", tmp_path / "run", *_sets(f"device={EMU}", f"calibration={cal}"))
     line = _one_line_error(run)
-    assert "136 node channels" in line and f"hil calibrate '{EMU}' --out {cal}" in line
-    assert "--channels 136" in line
+    assert "136 node channels" in line
+    # the command to paste keeps the record's tiles and asks for the channels the network needs
+    rerun = line.split("`")[1]
+    assert (
+        rerun
+        == shlex.join(["hil", "calibrate", EMU, "--out", str(cal)])
+        + " --overwrite --tiles 64x64 --channels 136"
+    )
 
 
 # ------------------------------------------------------------------------ 2. folders and --overwrite
