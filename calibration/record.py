@@ -195,7 +195,9 @@ class CalibrationRecord:
         if identity != self.identity:
             raise CalibrationMismatch(
                 f"this calibration record belongs to board {self.identity.idn()!r}, "
-                f"not to {identity.idn()!r}; calibrate this board with `hil calibrate`"
+                f"not to {identity.idn()!r}: use it with the board it belongs to (hil train: --set "
+                "device=URI, whose default is the ideal emulator), or calibrate this board with "
+                "`hil calibrate`"
             )
 
     def tile(self, position: int, shape: tuple[int, int]) -> TileCalibration:
@@ -346,7 +348,13 @@ def load(
             f"no calibration record at {str(path)!r}; `hil calibrate URI --out {path}` writes one for "
             "the board at URI"
         )
-    root = zarr.open_group(str(path), mode="r")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, NotADirectoryError) as exc:
+        raise CalibrationError(
+            f"{str(path)!r} is not a calibration record (a Zarr store written by `hil calibrate "
+            f"URI --out RECORD`; its PNG report sits next to it): {type(exc).__name__}"
+        ) from None
     attrs = dict(root.attrs)
     if attrs.get("format") != FORMAT:
         raise CalibrationError(f"{str(path)!r} is not a calibration record (format {attrs.get('format')!r})")

@@ -222,6 +222,11 @@ def test_record_refuses_future_versions_and_foreign_stores(tmp_path: Path) -> No
     root.attrs.update({"format": "xbar-hil-calibration", "version": 99})
     with pytest.raises(CalibrationError, match="version 99"):
         load(tmp_path / "x.zarr")
+    # the report next to a record, or any folder, is named as not a record (not zarr's own error)
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    for other in (tmp_path / "x.png", tmp_path):
+        with pytest.raises(CalibrationError, match=r"is not a calibration record \(a Zarr store written by"):
+            load(other)
 
 
 def test_resolve_routines_adds_dependencies() -> None:
