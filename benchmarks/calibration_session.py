@@ -44,6 +44,7 @@ import calibration
 import calibration.session as session_mod
 from calibration import SessionOptions, run_session
 from calibration.measure import tile_topology
+from calibration.report import reason_kind
 from drivers import Device, open_device
 
 
@@ -146,10 +147,9 @@ def recovery(board, record, gmap_truth: np.ndarray, shape: tuple[int, int]) -> d
 
 def _reasons(invalid: dict[str, str]) -> dict[str, int]:
     """Invalid channels counted by the kind of reason their record gives."""
-    kinds = {"ir_drop": "ir_drop", "rail": "rail", "pins the gain": "imprecise", "residuals": "not_a_line"}
     out: dict[str, int] = {}
     for why in invalid.values():
-        kind = next((k for key, k in kinds.items() if key in str(why)), "other")
+        kind = reason_kind(str(why))
         out[kind] = out.get(kind, 0) + 1
     return out
 

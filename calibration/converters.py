@@ -81,6 +81,7 @@ def _imprecise(cal: ChannelCal, known: dict[int, str], options: ConverterOptions
             out[int(ch)] = (
                 f"the fit pins the gain to +-{300 * cal.gain_se[ch] / abs(cal.gain[ch]):.2f} % and the "
                 f"offset to +-{3 * cal.offset_se[ch] / cal.lsb:.2f} LSB (3 standard errors; asked: "
-                f"{100 * gain_tol:g} % and {offset_tol:g} LSB): measure with more levels or samples"
+                f"{100 * gain_tol:g} % and {offset_tol:g} LSB): it passes uncorrected; more levels or "
+                "samples (`ConverterOptions`, from Python) pin it closer"
             )
     return out

@@ -10,6 +10,14 @@ from calibration.pulse_fit import shape
 from calibration.record import CalibrationRecord, ChannelCal, PulseModel
 
 BANK_TITLES = {"dac": "DAC", "adc": "state ADC", "mvm": "mvm ADC"}
+# the kind of reason an invalid converter channel's record gives, by a phrase it contains
+REASON_KINDS = {"ir_drop": "ir_drop", "rail": "rail", "pins the gain": "imprecise", "residuals": "not_a_line"}
+
+
+def reason_kind(why: str) -> str:
+    """``ir_drop``, ``rail``, ``imprecise``, ``not_a_line`` or ``other``: the kind of reason a
+    record gives for an invalid converter channel."""
+    return next((kind for key, kind in REASON_KINDS.items() if key in why), "other")
 
 
 def _bank_line(cal: ChannelCal) -> str:
@@ -36,6 +44,14 @@ def summary(record: CalibrationRecord) -> str:
         if ir:
             lines.append(
                 f"{'':<10} {ir} channels invalid for the wires' IR drop (record: converters/{cal.bank})"
+            )
+        others = {int(ch): str(why) for ch, why in invalid.items() if not str(why).startswith("ir_drop")}
+        if others:
+            shown = ", ".join(f"{ch} ({reason_kind(why)})" for ch, why in sorted(others.items())[:8])
+            more = f" and {len(others) - 8} more" if len(others) > 8 else ""
+            lines.append(
+                f"{'':<10} invalid, passing uncorrected: channel {shown}{more} (why: the record's "
+                f"converters/{cal.bank} info)"
             )
     r = record.wire_resistance
     if r is not None:

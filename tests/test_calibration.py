@@ -229,6 +229,20 @@ def test_record_refuses_future_versions_and_foreign_stores(tmp_path: Path) -> No
             load(other)
 
 
+def test_summary_names_the_invalid_channels(sessions) -> None:
+    rec = sessions[("rram", 0)].record
+    adc = rec.converters["adc"]
+    reasons = {
+        "7": "the fit pins the gain to +-0.62 % ...",
+        "3": "rail: every reading saturated",
+        "9": "ir_drop: ...",
+    }
+    shown = dataclasses.replace(adc, info={**adc.info, "invalid": reasons})
+    text = calibration.report.summary(dataclasses.replace(rec, converters={**rec.converters, "adc": shown}))
+    assert "invalid, passing uncorrected: channel 3 (rail), 7 (imprecise) (why:" in text
+    assert "1 channels invalid for the wires' IR drop" in text
+
+
 def test_resolve_routines_adds_dependencies() -> None:
     assert resolve_routines(["mvm"]) == ("adc", "dac", "mvm")
     assert resolve_routines(["settle", "stuck"]) == ("stuck", "settle")
