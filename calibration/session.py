@@ -99,6 +99,13 @@ class SessionOptions:
         n = self.channels if self.channels is not None else rows + cols
         return max(n, rows, cols) if "mvm" in self.routines else n
 
+    def adc_channels(self) -> int:
+        """State-ADC channels the session calibrates: the node channels, and at least twice
+        the DAC routine's reference tiles per pass (each DAC channel is read through an ADC
+        channel of its own beside it)."""
+        n = self.node_channels()
+        return max(n, 2 * min(n, TILES_PER_DAC_PASS))
+
 
 def _software() -> dict[str, str]:
     out = {}
@@ -126,7 +133,7 @@ def run_session(
     durations: dict[str, float] = {}
     conv = dataclasses.replace(options.converter, seed=options.seed)
     channels = options.node_channels()
-    adc_channels = max(channels, 2 * min(channels, TILES_PER_DAC_PASS))
+    adc_channels = options.adc_channels()
 
     def timed(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         t0 = time.perf_counter()

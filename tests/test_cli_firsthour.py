@@ -11,6 +11,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner, Result
 
+from calibration import load
 from hil.cli import app
 from hil.runlog import open_run
 
@@ -279,6 +280,12 @@ def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> 
     assert "--check runs the drift check" in line and "--tiles" in line
     line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--tiles", "0x10"))
     assert "at least 1 row and 1 column, got '0x10'" in line
+    # channels the session raises above --channels are said, not changed silently
+    args = ("--routines", "dac", "--tile-size", "8", "--channels", "8", "--no-progress")
+    done = _hil("calibrate", EMU, "--out", tmp_path / "c.zarr", *args)
+    assert done.exit_code == 0, done.output
+    assert "calibrating 16 state-ADC channels (the DAC routine reads" in done.stdout
+    assert load(tmp_path / "c.zarr").converters["adc"].channels == 16
 
 
 def test_calibrate_without_progress_prints_a_line_per_stage(tmp_path: Path) -> None:

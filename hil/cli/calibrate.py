@@ -208,6 +208,18 @@ def register(app: typer.Typer) -> None:
                     reads=reads,
                     seed=seed,
                 )
+                n, adc = options.node_channels(), options.adc_channels()
+                said = []
+                if channels is not None and n != channels:
+                    said.append(
+                        f"{n} node channels, not --channels {channels} (the mvm routine covers the first tile's lines)"
+                    )
+                if channels is not None and "adc" in chosen and adc != n:
+                    said.append(
+                        f"{adc} state-ADC channels (the DAC routine reads each DAC channel through one of its own)"
+                    )
+                if said:
+                    typer.echo(f"calibrating {'; '.join(said)}")
                 record = run_session(dev, options, bars)
         except user_errors() as exc:
             bars.close()
