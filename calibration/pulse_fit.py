@@ -108,7 +108,11 @@ def weights(p: Points, f: np.ndarray, noise: tuple[float, float] | None) -> np.n
     if noise is None:
         return np.ones_like(f)
     c, dw_ref = noise
-    return 1.0 / (c * c * (dw_ref * f) ** 2 / p.n + 2.0 * p.var_b / p.n**2)
+    var = c * c * (dw_ref * f) ** 2 / p.n + 2.0 * p.var_b / p.n**2
+    positive = var > 0
+    if not positive.all():  # a noiseless board (the ideal emulator): no increment is surer than another
+        var = np.maximum(var, var[positive].min() if positive.any() else 1.0)
+    return 1.0 / var
 
 
 def fit_direction(
@@ -147,7 +151,10 @@ def fit_direction(
     r = np.where(m, p.s - dw * f, 0.0)
     npts = m.sum(0)
     wsse_dev = (w * r * r).sum(0)
-    resid = np.where(m, r, np.nan).astype(np.float32)
+    with np.errstate(
+        over="ignore"
+    ):  # a degenerate trial (gamma far off on a noiseless board) saturates to inf
+        resid = np.where(m, r, np.nan).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         dw_se = np.sqrt(wsse_dev / np.maximum(npts - 1, 1) / (w * f * f).sum(0))
     bad = npts < 3

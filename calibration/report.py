@@ -33,6 +33,11 @@ def _bank_line(cal: ChannelCal) -> str:
     )
 
 
+def _sigmas(margin: float) -> str:
+    """A stuck-device margin in standard deviations; a noiseless board's is huge."""
+    return f"{margin:.1f} sigma" if margin < 1000 else "more than 1000 sigma (no read noise)"
+
+
 def summary(record: CalibrationRecord) -> str:
     """A few lines per routine: what was found, and how precisely."""
     lines = [f"board      {record.identity.idn()}", f"created    {record.created}"]
@@ -54,7 +59,9 @@ def summary(record: CalibrationRecord) -> str:
                 f"converters/{cal.bank} info)"
             )
     r = record.wire_resistance
-    if r is not None:
+    if r is not None and r < 5e-4:  # what prints as 0.000: no drop to pre-distort for
+        lines.append(f"wires      no IR drop measured ({r:.2g} ohm per segment): nothing to pre-distort for")
+    elif r is not None:
         mvm = record.converters["mvm"].info
         se = mvm.get("wire_resistance_se")
         se_text = f" +- {se:.3f}" if isinstance(se, float) and np.isfinite(se) else ""
@@ -68,12 +75,12 @@ def summary(record: CalibrationRecord) -> str:
             n = tile.stuck.stuck.size
             lines.append(
                 f"{name}  stuck {tile.stuck.count} of {n} devices ({tile.stuck.count / n * 100:.2f} %), "
-                f"closest device {tile.stuck.margin:.1f} sigma from the threshold"
+                f"closest device {_sigmas(tile.stuck.margin)} from the threshold"
             )
         if tile.gmap is not None:
             gm = tile.gmap
             lines.append(
-                f"{name}  read noise {gm.read_noise * 1e6:.4f} uS (+- {gm.read_noise_se * 1e6:.4f}), "
+                f"{name}  read noise {gm.read_noise * 1e6:.4f} uS (+- {gm.read_noise_se * 1e6:.2g}), "
                 f"write noise {gm.write_noise * 1e6:.3f} uS, map from {gm.reads} reads "
                 f"(error {gm.read_noise / np.sqrt(gm.reads) * 1e6:.4f} uS per device)"
             )

@@ -243,6 +243,16 @@ def test_summary_names_the_invalid_channels(sessions) -> None:
     assert "1 channels invalid for the wires' IR drop" in text
 
 
+def test_a_noiseless_board_calibrates_without_numpy_warnings_and_reads_sensibly() -> None:
+    """The ideal emulator (no noise, no wires): the pulse fit's weights had divided by zero."""
+    with open_device("emulator://?preset=ideal&seed=0") as dev, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        record = run_session(dev, SessionOptions(tile_shapes=((12, 12),), channels=24))
+    text = calibration.report.summary(record)
+    assert "wires      no IR drop measured" in text and "pre-distorted for it" not in text
+    assert "more than 1000 sigma (no read noise)" in text
+
+
 def test_resolve_routines_adds_dependencies() -> None:
     assert resolve_routines(["mvm"]) == ("adc", "dac", "mvm")
     assert resolve_routines(["settle", "stuck"]) == ("stuck", "settle")
