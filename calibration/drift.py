@@ -48,6 +48,14 @@ class DriftReport:
         return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _sample(channels: int, per_end: int) -> np.ndarray:
     ends = np.concatenate((np.arange(per_end), np.arange(channels - per_end, channels)))
     return np.unique(np.clip(ends, 0, channels - 1))
@@ -62,14 +70,20 @@ def _compare(old: ChannelCal, new: ChannelCal, channels: np.ndarray) -> dict[str
     bad_g = np.abs(dg) / old.gain[ch] > GAIN_TOL + 3.0 * sg / old.gain[ch]
     bad_o = np.abs(do) > OFFSET_TOL_LSB * old.lsb + 3.0 * so
     bad = ch[bad_g | bad_o]
+    if ch.size:
+        k = int(np.argmax(np.abs(dg) / old.gain[ch]))  # the channel of the largest gain change
+        allowed = (GAIN_TOL + 3.0 * sg[k] / old.gain[ch][k]) * 100
+        j = int(np.argmax(np.abs(do)))
+        allowed_o = OFFSET_TOL_LSB + 3.0 * so[j] / old.lsb
     return {
         "drifted": bool(bad.size),
         "channels_checked": ch.tolist(),
         "channels_drifted": bad.tolist(),
         "max_gain_change": float(np.max(np.abs(dg) / old.gain[ch])) if ch.size else float("nan"),
         "max_offset_change_lsb": float(np.max(np.abs(do)) / old.lsb) if ch.size else float("nan"),
-        "detail": f"max gain change {float(np.max(np.abs(dg) / old.gain[ch])) * 100:.3f} %, "
-        f"max offset change {float(np.max(np.abs(do)) / old.lsb):.2f} LSB"
+        "detail": f"max gain change {float(np.max(np.abs(dg) / old.gain[ch])) * 100:.3f} % (allowed "
+        f"{allowed:.3f} %: {GAIN_TOL * 100:g} % + 3 standard errors), max offset change "
+        f"{float(np.max(np.abs(do)) / old.lsb):.2f} LSB (allowed {allowed_o:.2f})"
         + (f", drifted channels {bad.tolist()}" if bad.size else "")
         if ch.size
         else "no channel to compare",
@@ -126,7 +140,8 @@ def drift_check(
             "drifted": bool(drifted),
             "recorded": then,
             "measured": now,
-            "detail": f"{now:.3e} S now, {then:.3e} S recorded",
+            "detail": f"{now * 1e6:.4f} uS now, {then * 1e6:.4f} uS recorded "
+            f"(allowed +-{READ_NOISE_TOL:.0%})",
         }
         progress("drift", 4, 5)
     positions = sorted(record.tiles)
@@ -154,8 +169,8 @@ def drift_check(
         checks["age"] = {
             "drifted": age > max_age_s,
             "age_s": age,
-            "detail": f"record is {age / 3600:.1f} h old",
+            "detail": f"record is {_duration(age)} old",
         }
         if age > max_age_s:
-            reasons.append(f"the record is {age / 3600:.1f} h old (limit {max_age_s / 3600:.1f} h)")
+            reasons.append(f"the record is {_duration(age)} old (limit {_duration(max_age_s)})")
     return DriftReport(bool(reasons), reasons, checks)

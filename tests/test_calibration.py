@@ -373,6 +373,12 @@ def test_drift_check_passes_then_flags_a_shifted_adc(sessions) -> None:
     assert report.recalibrate
     assert 1 in report.checks["adc"]["channels_drifted"]
     assert "adc drifted" in "; ".join(report.reasons)
+    # each line gives what it allowed, read noise in the summary's unit, an age in its own scale
+    text = str(report)
+    assert re.search(r"max offset change [\d.]+ LSB \(allowed [\d.]+\)", text), text
+    assert re.search(r"read_noise: ok 0\.0\d{3} uS now, 0\.0\d{3} uS recorded \(allowed \+-25%\)", text), text
+    aged = drift_check(s.dev, s.record, per_end=1, max_age_s=1)
+    assert re.search(r"the record is (\d+ s|\d+ min|\d+\.\d h) old \(limit 1 s\)", "; ".join(aged.reasons))
     with pytest.raises(CalibrationMismatch):
         drift_check(sessions[("rram", 1)].dev, s.record)
 
