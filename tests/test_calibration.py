@@ -381,6 +381,14 @@ def test_drift_check_passes_then_flags_a_shifted_adc(sessions) -> None:
     assert re.search(r"the record is (\d+ s|\d+ min|\d+\.\d h) old \(limit 1 s\)", "; ".join(aged.reasons))
     with pytest.raises(CalibrationMismatch):
         drift_check(sessions[("rram", 1)].dev, s.record)
+    # the same board declaring no settle: the converters are not re-measured, and it says so
+    uri = "emulator://?preset=rram&seed=0&wire_resistance=0&capabilities=mvm,pulse,program_verify"
+    with open_device(uri) as dev:
+        partial = drift_check(dev, s.record, per_end=1)
+    assert {b: partial.checks[b].get("skipped") for b in ("adc", "dac", "mvm")} == dict.fromkeys(
+        ("adc", "dac", "mvm"), True
+    )
+    assert "adc: not checked (the board does not settle)" in str(partial)
 
 
 # ------------------------------------------------------------------------- CLI
