@@ -265,6 +265,19 @@ def test_vae_without_progress_bar_prints_a_line_per_epoch(tmp_path: Path) -> Non
     assert done.stdout.strip().splitlines()[-1].startswith("wall time")
 
 
+def test_stage_lines_time_a_stage_from_the_end_of_the_one_before(capsys: pytest.CaptureFixture[str]) -> None:
+    """A routine reports its first step once that step is done: the line must still count it."""
+    import time
+
+    from hil.cli.calibrate import StageLines
+
+    lines = StageLines()
+    time.sleep(0.3)  # the stage's first step, before its first report
+    lines("drift", 5, 5)
+    seconds = float(capsys.readouterr().out.split("done in")[1].split()[0])
+    assert seconds >= 0.3
+
+
 def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> None:
     """A report that cannot be written, or would replace another one, is refused before the
     board is touched (it used to fail after the session, losing the summary); --check says

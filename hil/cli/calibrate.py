@@ -66,13 +66,17 @@ class StageLines:
 
     def __init__(self) -> None:
         self.started: dict[str, float] = {}
+        # stages run one after another, and a routine reports its first step only once it is
+        # done: a stage is timed from the end of the one before (or from the start)
+        self.last_end = time.perf_counter()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.perf_counter()
-        start = self.started.setdefault(stage, now)
+        start = self.started.setdefault(stage, self.last_end)
         if done >= total:
             typer.echo(f"{stage:<10} done in {now - start:.1f} s")
             del self.started[stage]
+            self.last_end = now
 
     def close(self) -> None:
         self.started.clear()
