@@ -166,6 +166,15 @@ class CalibrationRecord:
     fingerprint: str = ""  # `board_fingerprint` of the board measured ("": an older record)
     configuration: str = ""  # the board's own configuration fingerprint (DeviceInfo.extra["config"])
 
+    def __repr__(self) -> str:
+        """One line (the dataclass's own repr prints every array); `report.summary` says more."""
+        banks = ", ".join(f"{b} {c.channels}" for b, c in self.converters.items()) or "none"
+        tiles = ", ".join(f"{k}: {t.shape[0]}x{t.shape[1]}" for k, t in sorted(self.tiles.items())) or "none"
+        return (
+            f"CalibrationRecord({self.identity.idn()!r}, created {self.created}, routines "
+            f"{','.join(self.routines)}; converter channels {banks}; tiles {tiles})"
+        )
+
     def check_board(self, info: DeviceInfo) -> None:
         """Refuse a board other than the one measured (`check_identity`), or the same board in
         another configuration: converter resolution or ranges, tile limits, or (where the

@@ -212,6 +212,12 @@ def test_record_roundtrip_and_identity(sessions, tmp_path: Path) -> None:
     assert s.record.identity.idn() in str(exc.value) and other.idn() in str(exc.value)
 
 
+def test_a_record_reprs_as_one_line(sessions) -> None:
+    text = repr(sessions[("rram", 0)].record)
+    assert "\n" not in text and len(text) < 300, text
+    assert "converter channels adc 48, dac 48, mvm 24; tiles 0: 24x24)" in text
+
+
 def test_record_refuses_future_versions_and_foreign_stores(tmp_path: Path) -> None:
     import zarr
 
