@@ -293,6 +293,12 @@ def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> 
     assert "--check runs the drift check" in line and "--tiles" in line
     line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--tiles", "0x10"))
     assert "at least 1 row and 1 column, got '0x10'" in line
+    # a page of the report per tile
+    args = ("--routines", "stuck", "--tiles", "6x6,4x3", "--no-progress")
+    done = _hil("calibrate", EMU, "--out", tmp_path / "two.zarr", *args)
+    assert done.exit_code == 0, done.output
+    assert f"report    {tmp_path / 'two.png'}, {tmp_path / 'two-tile1.png'}" in done.stdout
+    assert (tmp_path / "two-tile1.png").stat().st_size > 10_000
     # channels the session raises above --channels are said, not changed silently
     args = ("--routines", "dac", "--tile-size", "8", "--channels", "8", "--no-progress")
     done = _hil("calibrate", EMU, "--out", tmp_path / "c.zarr", *args)

@@ -33,7 +33,11 @@ DEFAULT_CHANNELS = 512
 
 _OUT = typer.Option(Path("cal.zarr"), "--out", help="Calibration record (Zarr store) to write.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing record at --out (and its PNG).")
-_PNG = typer.Option(None, help="PNG report path (default: next to --out, .png).")
+_PNG = typer.Option(
+    None,
+    help="PNG report path (default: next to --out, .png); a record of several tiles adds a page per "
+    "further tile, NAME-tileK.png.",
+)
 _CHECK = typer.Option(None, help="Instead of calibrating, run the quick drift check of this existing record.")
 
 
@@ -99,6 +103,11 @@ def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ..
     return tuple(out)
 
 
+def _report_pages(first: Path, tiles: int) -> list[Path]:
+    """The report's pages: `first` for tile 0, then NAME-tileK.png for each further tile."""
+    return [first] + [first.with_name(f"{first.stem}-tile{k}{first.suffix}") for k in range(1, tiles)]
+
+
 def _rerun(uri: str, out: Path, tiles: str | None, channels: int | None, routines: list[str]) -> str:
     """The `hil calibrate` command line that runs `routines` with this invocation's other
     settings, quoted for a shell (a URI's ``&`` would end the command)."""
@@ -161,15 +170,21 @@ def register(app: typer.Typer) -> None:
                     f"--check runs the drift check of an existing record, which {', '.join(unused)} do not "
                     "change; leave them out (they are for a new session)"
                 )
+        try:
+            shapes = _parse_tiles(tiles, tile_size)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
         image_path = png if png is not None else out.with_suffix(".png")
+        pages = _report_pages(image_path, len(shapes))
         if check is None and out.exists() and not overwrite:
             raise fail(f"{out} already exists; add --overwrite to replace it, or pick another --out")
         if check is None and not image_path.parent.is_dir():
             raise fail(
                 f"--png {image_path}: folder {image_path.parent} does not exist; create it or pick another"
             )
-        if check is None and image_path.exists() and not overwrite:
-            raise fail(f"{image_path} already exists; add --overwrite to replace it, or pick another --png")
+        taken = [page for page in pages if page.exists()]
+        if check is None and taken and not overwrite:
+            raise fail(f"{taken[0]} already exists; add --overwrite to replace it, or pick another --png")
         if threads:
             import torch
 
@@ -204,7 +219,6 @@ def register(app: typer.Typer) -> None:
                     chosen = tuple(r for r in chosen if r not in missing)
                     if not chosen:
                         raise ValueError("this board can run none of the calibration routines")
-                shapes = _parse_tiles(tiles, tile_size)
                 options = SessionOptions(
                     routines=chosen,
                     tile_shapes=shapes,
@@ -232,4 +246,5 @@ def register(app: typer.Typer) -> None:
         write(record, out)
         typer.echo(summary(record))
         typer.echo(f"record    {out}")
-        typer.echo(f"report    {plot(record, image_path)}")
+        drawn = [plot(record, page, tile=k) for k, page in enumerate(pages)]
+        typer.echo(f"report    {', '.join(str(page) for page in drawn)}")
