@@ -151,9 +151,8 @@ def fit_direction(
     r = np.where(m, p.s - dw * f, 0.0)
     npts = m.sum(0)
     wsse_dev = (w * r * r).sum(0)
-    with np.errstate(
-        over="ignore"
-    ):  # a degenerate trial (gamma far off on a noiseless board) saturates to inf
+    # a degenerate trial (a gamma far off, on a noiseless board) saturates to inf in float32
+    with np.errstate(over="ignore"):
         resid = np.where(m, r, np.nan).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         dw_se = np.sqrt(wsse_dev / np.maximum(npts - 1, 1) / (w * f * f).sum(0))

@@ -230,11 +230,13 @@ def register(app: typer.Typer) -> None:
                 said = []
                 if channels is not None and n != channels:
                     said.append(
-                        f"{n} node channels, not --channels {channels} (the mvm routine covers the first tile's lines)"
+                        f"{n} node channels, not --channels {channels} (the mvm routine covers the "
+                        "first tile's lines)"
                     )
                 if channels is not None and "adc" in chosen and adc != n:
                     said.append(
-                        f"{adc} state-ADC channels (the DAC routine reads each DAC channel through one of its own)"
+                        f"{adc} state-ADC channels (the DAC routine reads each DAC channel through one "
+                        "of its own)"
                     )
                 if said:
                     typer.echo(f"calibrating {'; '.join(said)}")
