@@ -293,6 +293,8 @@ def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> 
     assert "--check runs the drift check" in line and "--tiles" in line
     line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--tiles", "0x10"))
     assert "at least 1 row and 1 column, got '0x10'" in line
+    line = _one_line_error(_hil("calibrate", EMU, "--out", tmp_path / "a.zarr", "--tiles", "5000x5000"))
+    assert "--tiles 5000x5000: this board's tiles hold at most 1024 rows x 1024 columns" in line
     # a page of the report per tile
     args = ("--routines", "stuck", "--tiles", "6x6,4x3", "--no-progress")
     done = _hil("calibrate", EMU, "--out", tmp_path / "two.zarr", *args)

@@ -20,7 +20,7 @@ from calibration import (
     write,
 )
 from calibration.report import plot, summary
-from drivers import open_device
+from drivers import Limits, open_device
 from hil.cli.common import fail, user_errors
 
 # Node channels a default session calibrates: every node of the default networks of `hil train
@@ -101,6 +101,20 @@ def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ..
             raise ValueError(f"--tiles: a tile needs at least 1 row and 1 column, got {part!r}")
         out.append((rows, cols))
     return tuple(out)
+
+
+def _check_tiles_fit(shapes: tuple[tuple[int, int], ...], limits: Limits) -> None:
+    """Refuse, in the terms of --tiles, tiles the board cannot hold (the session would stop
+    at its first configure, naming its own internal tiles)."""
+    rows, cols = limits.tile_rows_max, limits.tile_cols_max
+    for r, c in shapes:
+        if r > rows or c > cols:
+            raise ValueError(
+                f"--tiles {r}x{c}: this board's tiles hold at most {rows} rows x {cols} columns (a "
+                "network's larger couplings are split over several tiles: calibrate those)"
+            )
+    if len(shapes) > limits.max_tiles:
+        raise ValueError(f"--tiles names {len(shapes)} tiles; this board holds {limits.max_tiles}")
 
 
 def _report_pages(first: Path, tiles: int) -> list[Path]:
@@ -219,6 +233,7 @@ def register(app: typer.Typer) -> None:
                     chosen = tuple(r for r in chosen if r not in missing)
                     if not chosen:
                         raise ValueError("this board can run none of the calibration routines")
+                _check_tiles_fit(shapes, dev.info.limits)
                 options = SessionOptions(
                     routines=chosen,
                     tile_shapes=shapes,
