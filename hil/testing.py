@@ -1,8 +1,11 @@
 """Test helpers: an emulated board behind real servers, and a Device over each transport.
 
-A pytest plugin shipped with the distribution (entry point ``pytest11: xbar_hil``): installing
-xbar-hil makes its fixtures available to every test suite, no conftest needed (with plugin
-autoloading off, ``pytest -p hil.testing``). Fixtures:
+Its pytest fixtures live in `hil.pytest_plugin`, shipped with the distribution (entry point
+``pytest11: xbar_hil``): installing xbar-hil makes them available to every test suite, no
+conftest needed (with plugin autoloading off, ``pytest -p hil.pytest_plugin``). This module
+imports neither pytest nor, until a helper is called, the drivers, the emulator or torch:
+loading the plugin costs a test session nothing, and a session's own packages named like
+this toolkit's (``drivers``, ``emulator``) do not stop it. Fixtures:
 
 - ``xbar_board``: the board URI the fixtures start, from ``--xbar-board URI`` or the ini
   option ``xbar_board`` (default: rram, seed 0)
@@ -30,14 +33,11 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
-from drivers import Device, open_device
-
 if TYPE_CHECKING:
+    from drivers import Device
     from drivers.wire.link import Link
     from emulator.server.launch import FaultPlan
     from emulator.server.launch import ServedBoard as BoardServers
@@ -93,6 +93,8 @@ def serve_board(
 def open_transport(transport: str, board: str = DEFAULT_BOARD, **params: str) -> Iterator[Device]:
     """A Device for `board` reached over `transport` (one of TRANSPORTS); the board and its
     servers live as long as the context."""
+    from drivers import open_device
+
     if transport == IN_PROCESS:
         with open_device(board) as dev:
             yield dev
@@ -114,62 +116,3 @@ def served_board(**kw: Any) -> Iterator[BoardServers]:
         yield servers
     finally:
         servers.close()
-
-
-# ---- pytest fixtures (active when this module is registered as a plugin) -------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("xbar-hil", "xbar-hil emulated boards")
-    group.addoption(
-        "--xbar-board",
-        default=None,
-        metavar="URI",
-        help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD})",
-    )
-    parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
-
-
-@pytest.fixture
-def xbar_board(request: pytest.FixtureRequest) -> str:
-    """The emulated board's URI: ``--xbar-board``, else the ini option ``xbar_board``."""
-    return request.config.getoption("--xbar-board") or request.config.getini("xbar_board")
-
-
-@pytest.fixture
-def emulated_board(xbar_board: str) -> Iterator[Callable[..., BoardServers]]:
-    """Factory: ``emulated_board(board=URI or Device, plan=FaultPlan(...), ack_timeout=...)``
-    starts a board (default `xbar_board`) behind both servers; all are closed after the test."""
-    with contextlib.ExitStack() as stack:
-
-        def start(board: str | Device | None = None, **kw: Any) -> BoardServers:
-            return stack.enter_context(served_board(board=board or xbar_board, **kw))
-
-        yield start
-
-
-@pytest.fixture
-def board_servers(xbar_board: str) -> Iterator[BoardServers]:
-    """A fresh board (`xbar_board`) behind both servers."""
-    with served_board(board=xbar_board) as servers:
-        yield servers
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport_device(request: pytest.FixtureRequest, xbar_board: str) -> Iterator[Device]:
-    """A fresh board (`xbar_board`) over each transport in turn, in-process included."""
-    with open_transport(request.param, xbar_board) as dev:
-        yield dev
-
-
-@pytest.fixture
-def device_on(xbar_board: str) -> Iterator[Callable[..., Device]]:
-    """Factory: ``device_on(transport, board=None, **params)`` is a Device for a fresh board
-    (default `xbar_board`) over `transport` (one of TRANSPORTS), with URI query parameters
-    such as ``timeout="1"``; closed, with its servers, after the test."""
-    with contextlib.ExitStack() as stack:
-
-        def open_(transport: str, board: str | None = None, **params: str) -> Device:
-            return stack.enter_context(open_transport(transport, board or xbar_board, **params))
-
-        yield open_

@@ -1,4 +1,4 @@
-"""Issue 10: the pytest plugin shipped with the distribution (hil.testing, entry point
+"""Issue 10: the pytest plugin shipped with the distribution (hil.pytest_plugin, entry point
 pytest11 ``xbar_hil``): its fixtures here, and in a user's own test suite run by pytest."""
 
 from __future__ import annotations
@@ -84,3 +84,43 @@ def test_a_users_suite_gets_the_fixtures_from_the_installed_distribution(tmp_pat
 def test_transport_device_uris_open(board_servers: BoardServers, transport: str) -> None:
     with open_device(board_servers.uri(transport)) as dev:
         assert dev.safety().violations == 0
+
+
+def test_loading_the_plugin_imports_no_drivers_emulator_or_torch() -> None:
+    """Every pytest session in the environment loads the plugin: it must cost a session that
+    uses no fixture nothing (torch alone took 1.2 s)."""
+    code = (
+        "import sys, hil.pytest_plugin\n"
+        "print(sorted(m for m in ('torch', 'drivers', 'emulator') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_a_users_repository_with_its_own_drivers_package_still_runs(tmp_path: Path) -> None:
+    """The toolkit's top-level names are generic: a repository's own ``drivers`` package
+    shadows ours. The plugin loads anyway; the repository's tests (which use no fixture) run."""
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_mine.py").write_text(
+        "from drivers import X\n\n\ndef test_x():\n    assert X == 1\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
+
+
+def test_the_helpers_work_without_pytest() -> None:
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "from hil.testing import open_transport, serve_board\n"
+        "with open_transport('serial-socket') as dev:\n"
+        "    print(dev.info.identity.model)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "emulator-rram"
