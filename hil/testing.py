@@ -96,6 +96,11 @@ def open_transport(transport: str, board: str = DEFAULT_BOARD, **params: str) ->
     from drivers import open_device
 
     if transport == IN_PROCESS:
+        if params:
+            raise ValueError(
+                f"link parameters {sorted(params)} are for the remote transports {REMOTE_TRANSPORTS}; "
+                "the in-process board takes its settings in its URI (emulator://?preset=...&FIELD=VALUE)"
+            )
         with open_device(board) as dev:
             yield dev
         return

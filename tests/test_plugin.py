@@ -41,6 +41,8 @@ def test_board_factory_with_link_faults(emulated_board: Callable[..., BoardServe
 
 
 def test_device_factory(device_on: Callable[..., Device]) -> None:
+    with pytest.raises(ValueError, match=r"link parameters \['timeout'\] are for the remote transports"):
+        device_on("emulator", timeout="1")  # it used to be dropped without a word
     a = device_on("visa-tcp", timeout="2")
     b = device_on("serial-pty", "emulator://?preset=ideal&seed=0")
     assert a.info.identity.model == "emulator-rram" and b.info.identity.model == "emulator-ideal"
