@@ -294,7 +294,7 @@ class Corrections:
         """`a`'s lines corrected through `bank` as far as the record measured it; lines beyond
         pass as they are. An mvm reaches max(rows, cols) lines of every tile, which can exceed
         the lines the record's mvm routine measured (those of its first tile);
-        `CalibratedDevice.configure` says so once."""
+        `CalibratedDevice.mvm` says so once."""
         cal = self.record.converters.get(bank)
         if cal is None:
             return a
@@ -305,11 +305,6 @@ class Corrections:
         out = np.array(a, dtype=np.float32)
         out[..., : cal.channels] = correct(self.record, a[..., : cal.channels], 0)
         return out
-
-    def mvm_lines(self) -> int:
-        """The most input or output lines an mvm of this topology's tiles reaches."""
-        names = {c.tile for c in self.topology.couplings}
-        return max((max(self.topology.tile_shape(t)) for t in names), default=0)
 
     def position(self, tile: str) -> int:
         names = [c.tile for c in self.topology.couplings]

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
-from calibration.record import CalibrationError, CalibrationRecord
+from calibration.record import CalibrationError, CalibrationRecord, TileCalibration
 from calibration.wires import predistort
 from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
@@ -101,12 +101,17 @@ class CalibratedDevice(DeviceWrapper):
             ]
         )
 
+    def _device_tiles(self) -> dict[int, TileCalibration]:
+        """The record's tiles with a device calibration that corrects programming targets
+        (stuck devices or pulse windows), by position."""
+        return {k: t for k, t in self.record.tiles.items() if t.stuck is not None or t.pulse is not None}
+
     def _warn_unmatched_tiles(self, topology: Topology) -> None:
         """Say once per set of tile shapes which tiles the record has no device calibration
         for (stuck devices, windows) at their position and shape: they are programmed as asked.
         A record of the default session (one 64 x 64 tile) corrects no tile of the default
         64-256-10 network (65 x 256 and 257 x 10), so this names the session that would."""
-        measured = {k: t for k, t in self.record.tiles.items() if t.stuck is not None or t.pulse is not None}
+        measured = self._device_tiles()
         names = list(dict.fromkeys(c.tile for c in topology.couplings))
         shapes = [topology.tile_shape(name) for name in names]
         if not measured or tuple(shapes) in self._told_tiles:
@@ -140,10 +145,9 @@ class CalibratedDevice(DeviceWrapper):
             why = f"rerun `{self.rerun()}` to measure them"
         else:
             why = "a board that does not settle cannot have them measured"
-        devices = any(t.stuck is not None or t.pulse is not None for t in self.record.tiles.values())
         rest = (
             "programming targets are still corrected on the tiles the record measured"
-            if devices or self.record.wire_resistance
+            if self._device_tiles() or self.record.wire_resistance
             else "and it has no stuck-device or device-window calibration (routines stuck, pulse) "
             "either: it corrects nothing"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 
 from hil.cli.common import fail, one_line_errors
@@ -57,12 +59,12 @@ def register(app: typer.Typer) -> None:
             + "".join(f"{h:>13}" for h in header[4:])
         )
         for p in r.phases:
-            energy = f"{p.energy:>10.4f}" if p.energy == p.energy else f"{'-':>10}"  # NaN: not measured
+            energy = f"{'-':>10}" if math.isnan(p.energy) else f"{p.energy:>10.4f}"  # NaN: not measured
             typer.echo(
                 f"{p.name:<14}{p.steps:>6}{'yes' if p.converged else 'no':>6}{energy}"
                 f"{p.settle_time_s * 1e6:>13.2f}{p.energy_j:>13.3e}{p.wall_s * 1e3:>13.1f}"
             )
-        if any(p.energy != p.energy for p in r.phases):
+        if any(math.isnan(p.energy) for p in r.phases):
             typer.echo(
                 "energy    - : a host-iterated settle reads products from the board, not the network's energy"
             )
