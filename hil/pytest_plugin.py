@@ -32,10 +32,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
 
 
+@pytest.fixture(scope="session")
+def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
+    """The board URI, checked once per session: a URI no board can be opened from stops the
+    session with one usage error (where every test using a fixture would fail with the same)."""
+    from drivers.uri import parse_options
+
+    uri = pytestconfig.getoption("--xbar-board")
+    where = "--xbar-board"
+    if not uri:
+        uri, where = pytestconfig.getini("xbar_board"), "the ini option xbar_board"
+    try:
+        parse_options(uri)
+    except Exception as exc:  # a ConfigurationError, or a third-party backend's own error
+        pytest.exit(f"{where} {uri!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    return uri
+
+
 @pytest.fixture
-def xbar_board(request: pytest.FixtureRequest) -> str:
+def xbar_board(_xbar_board_checked: str) -> str:
     """The emulated board's URI: ``--xbar-board``, else the ini option ``xbar_board``."""
-    return request.config.getoption("--xbar-board") or request.config.getini("xbar_board")
+    return _xbar_board_checked
 
 
 @pytest.fixture

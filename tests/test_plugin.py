@@ -82,6 +82,21 @@ def test_a_users_suite_gets_the_fixtures_from_the_installed_distribution(tmp_pat
     assert "6 passed" in run.stdout
 
 
+def test_a_bad_board_uri_is_one_usage_error_for_the_session(tmp_path: Path) -> None:
+    """A typo in --xbar-board stops the session once, naming the option and the fix, instead
+    of failing every test that uses a fixture."""
+    tests = "".join(f"def test_{k}(xbar_board):\n    pass\n\n\n" for k in range(3))
+    (tmp_path / "test_user.py").write_text(tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"]
+    cmd += ["--xbar-board", "emulator://?preset=nope"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, out
+    assert out.count("unknown preset 'nope'") == 1, out
+    assert "--xbar-board 'emulator://?preset=nope'" in out and "known presets" in out
+
+
 @pytest.mark.parametrize("transport", ["visa-asrl", "serial-socket"])
 def test_transport_device_uris_open(board_servers: BoardServers, transport: str) -> None:
     with open_device(board_servers.uri(transport)) as dev:
