@@ -439,6 +439,36 @@ def test_help_descriptions_are_filled_paragraphs_at_80_columns() -> None:
     assert paragraphs >= 20
 
 
+def test_help_option_columns_are_short_metavars() -> None:
+    """Typer's type labels (``<int range>``, ``<path>``, ``<bool>`` on flags that take no
+    value) left the descriptions about 25 of 80 columns: every option shows INT, FLOAT,
+    PATH, TEXT, a choice, or nothing for a flag, in every command's --help."""
+    import re
+
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> list[list[str]]:
+        out = [path]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            out += walk(sub, [*path, name])
+        return out
+
+    flags = values = 0
+    for path in walk(typer.main.get_command(app), []):
+        shown = _hil(*path, "--help")
+        assert shown.exit_code == 0, shown.output
+        options = shown.output[shown.output.index("─ Options ─") :]  # arguments keep Typer's labels
+        assert not re.search(r"<(int|float|str|path|bool|list)[^>]*>", options), (path, options)
+        for line in shown.output.splitlines():
+            row = re.match(r"│ (?:\*\s+)?(--[\w-]+)(?:\s+-\w)?(?:\s+--no-[\w-]+)?\s{2,}(\S+)", line)
+            if row and row.group(1) in ("--help", "--overwrite"):
+                flags += 1
+                assert not row.group(2).isupper(), line  # the description, no type
+            elif row and row.group(2) in ("INT", "FLOAT", "PATH", "TEXT"):
+                values += 1
+    assert flags >= 10 and values >= 30
+
+
 def test_readme_lists_every_benchmark() -> None:
     """The README's benchmarks table names every script in benchmarks/ (a new one is found)."""
     root = Path(__file__).resolve().parents[1]

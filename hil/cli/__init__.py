@@ -7,6 +7,7 @@ import warnings
 import typer
 
 from hil.cli import calibrate, conformance, demo, emulator_cmd, mhn, runs, sweep, train
+from hil.cli.help_format import ShortMetavarGroup
 
 app = typer.Typer(
     help="xbar-hil: Equilibrium Propagation on analog crossbar boards and their emulator.",
@@ -15,6 +16,7 @@ app = typer.Typer(
     # Markdown refills each paragraph of a docstring to the terminal's width; Rich's mode keeps
     # the source's line breaks, which an 80-column terminal or a pipe then wraps a second time
     rich_markup_mode="markdown",
+    cls=ShortMetavarGroup,  # INT, PATH, TEXT and no value for flags: room for the help column
 )
 calibrate.register(app)
 conformance.register(app)
