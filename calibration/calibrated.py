@@ -171,7 +171,7 @@ class CalibratedDevice(DeviceWrapper):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         corr = self._corrections()
         position = corr.position(tile)

@@ -109,8 +109,23 @@ class Limits:
 
     @property
     def clamp_max(self) -> float:
-        """Largest normalised clamp value the read-voltage limit allows."""
-        return self.v_read_max / self.v_read
+        """Largest normalised clamp value the read-voltage limit allows: the largest float32
+        ``x`` (states travel as float32) whose voltage ``x * v_read`` (computed in float64, as
+        the board computes it) is within `v_read_max`. So the host's ``|x| <= clamp_max`` and
+        the board's ``|x| * v_read <= v_read_max`` agree on every float32 value, where
+        ``v_read_max / v_read`` could pass one that the board then counts as a violation."""
+        return largest_state(self.v_read, self.v_read_max)
+
+
+def largest_state(v_read: float, v_read_max: float) -> float:
+    """The largest float32 ``x`` with ``float(x) * v_read <= v_read_max`` (`Limits.clamp_max`)."""
+    with np.errstate(over="ignore"):  # past float32's range: inf, which callers refuse
+        x = np.float32(v_read_max / v_read)
+        while np.isfinite(x) and float(x) * v_read > v_read_max:
+            x = np.nextafter(x, np.float32(-np.inf))
+        while np.isfinite(up := np.nextafter(x, np.float32(np.inf))) and float(up) * v_read <= v_read_max:
+            x = up
+    return float(x)
 
 
 @dataclass(frozen=True)
@@ -272,7 +287,7 @@ class Device(ABC):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         """Write target conductances; with `verify`, iterate read/correct until within `tol`
         siemens (default: 2 % of the conductance range) or `max_iters`."""
@@ -324,7 +339,7 @@ class Device(ABC):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         """`program` of the (2, rows, cols) targets `g` (G+ then G-, a numpy array or a torch
         tensor). Here: `g` as numpy through `program` (a tensor is copied to the host once). A

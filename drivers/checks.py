@@ -64,10 +64,17 @@ def check_budget(b: SettleBudget, limits: Limits) -> None:
     as_float("settle budget tol", b.tol, 0.0, math.inf)
 
 
+DEFAULT_VERIFY_ITERS = 20  # write-verify rounds of a `program` that names none (or the board's bound)
+
+
 def check_verify(limits: Limits, tol: object, max_iters: object) -> tuple[float | None, int]:
     """`program`'s tolerance (None: the board's default; else finite and >= 0 siemens) and
-    write-verify iteration budget (1 to `Limits.max_verify_iters`)."""
+    write-verify iteration budget (1 to `Limits.max_verify_iters`; None: `DEFAULT_VERIFY_ITERS`,
+    or the board's bound when that is lower: a board that declares fewer rounds still takes a
+    program that names none)."""
     t = None if tol is None else as_float("program tol", tol, 0.0, math.inf)
+    if max_iters is None:
+        return t, min(DEFAULT_VERIFY_ITERS, limits.max_verify_iters)
     n = as_int("max_iters", max_iters, 1, limits.max_verify_iters, "write-verify max_iters")
     return t, n
 
@@ -159,8 +166,10 @@ _REAL_KINDS = "biuf"  # bool, integers, floats: what converts to float32 without
 
 
 def _float32(name: str, value: object, copy: bool = True) -> np.ndarray:
-    """`value` as a numpy array of a real dtype (float32 unless `copy` is False: then as
-    given), refusing complex, object, string and time dtypes."""
+    """`value` as a numpy array of a real dtype, refusing complex, object, string and time
+    dtypes. With `copy` a C-contiguous float32 array of its own, always (what is checked is
+    what is sent: a caller's array changed after the check cannot reach the board through
+    it); without, the array as given."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -170,7 +179,29 @@ def _float32(name: str, value: object, copy: bool = True) -> np.ndarray:
     if not copy:
         return arr
     with np.errstate(over="ignore", invalid="ignore"):  # a value past float32 becomes inf: refused after
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return np.array(arr, dtype=np.float32, order="C", copy=True)
+
+
+def check_state_range_voltage(v_read: float, v_read_max: float, state_range: tuple[float, float]) -> None:
+    """Refuse limits under which the board's own nodes break its read-voltage limit: every
+    state its converters cover (`state_range`, normalised) times `v_read` must be within
+    `v_read_max` (else a settle drives free nodes past the limit with every clamp accepted)."""
+    from drivers.base import largest_state
+
+    peak = max(abs(state_range[0]), abs(state_range[1]))
+    top = largest_state(v_read, v_read_max)
+    if not math.isfinite(top):
+        raise ConfigurationError(
+            f"v_read_max / v_read ({v_read_max:g} V / {v_read:g} V) is past float32's range: the largest "
+            "allowed state would be infinite; declare the read voltage and its limit in volts"
+        )
+    if peak > top:
+        raise ConfigurationError(
+            f"v_read_max {v_read_max:g} V is below the voltage of the board's own states: the state "
+            f"range [{state_range[0]:g}, {state_range[1]:g}] at v_read {v_read:g} V reaches "
+            f"{peak * v_read:g} V, so a settle would drive free nodes past the limit; raise v_read_max "
+            f"to at least {peak * v_read:g} V or lower v_read"
+        )
 
 
 def _check_voltage(name: str, peak: float, limits: Limits) -> None:
@@ -241,6 +272,9 @@ def check_settle(
     topo = require_topology(topology)
     if not clamp:
         raise ConfigurationError("settle needs at least one clamped group (the input)")
+    # the scalars first: converting one runs the caller's code (`__float__`), which must not
+    # change an array after its check
+    betas = {group: nudge_beta(group, nd, clamp, topo, limits) for group, nd in (nudge or {}).items()}
     clamp, batch = check_states("clamp", clamp, topo, limits, None)
     assert batch is not None
     if batch == 0:
@@ -248,7 +282,7 @@ def check_settle(
     check_settle_batch(topo, batch, limits)
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
-        beta = nudge_beta(group, nd, clamp, topo, limits)
+        beta = betas[group]
         n = topo.groups[group]
         target = None
         if nd.target is not None:

@@ -277,14 +277,16 @@ class EmulatedDevice(Device):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         if verify:
             self.require("program_verify")
         with self.lock:
             try:
-                gp, gm = checks.check_program(self.topology, self.info.limits, tile, g_plus, g_minus)
+                # the scalars before the arrays (converting one runs the caller's code); the
+                # arrays checked are the board's own copies
                 tol, max_iters = checks.check_verify(self.info.limits, tol, max_iters)
+                gp, gm = checks.check_program(self.topology, self.info.limits, tile, g_plus, g_minus)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             tp, tm = _pair(gp, gm, self.board.device)
@@ -298,7 +300,7 @@ class EmulatedDevice(Device):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         """`program` of stacked (2, rows, cols) targets without a host round trip: a float32
         tensor on the board's device is checked there (one read-back: both halves' extremes)
@@ -311,6 +313,9 @@ class EmulatedDevice(Device):
             self.require("program_verify")
         with self.lock:
             try:
+                # the scalars before the targets (converting one runs the caller's code); the
+                # targets are the caller's tensor itself, which it must not change during the call
+                tol, max_iters = checks.check_verify(self.info.limits, tol, max_iters)
                 shape = checks.check_tile(self.topology, tile)
                 if tuple(g.shape) != (2, *shape):
                     raise ConfigurationError(
@@ -322,7 +327,6 @@ class EmulatedDevice(Device):
                 ends = torch.stack([*torch.aminmax(g[0]), *torch.aminmax(g[1])]).tolist()
                 checks.check_conductance_range(self.info.limits, tile, "g_plus", ends[0], ends[1])
                 checks.check_conductance_range(self.info.limits, tile, "g_minus", ends[2], ends[3])
-                tol, max_iters = checks.check_verify(self.info.limits, tol, max_iters)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             t = g.detach()
@@ -367,11 +371,11 @@ class EmulatedDevice(Device):
     ) -> Equilibrium:
         self.require_settle(trace, init)
         with self.lock:
+            every = checks.check_trace(self.info.limits, trace)  # before the arrays' checks
             try:
                 cl, nd, ini, _batch = checks.check_settle(self.topology, self.info.limits, clamp, nudge, init)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            every = checks.check_trace(self.info.limits, trace)
             dev = self.board.device
             r = self.board.settle(
                 {g: _t(x, dev) for g, x in cl.items()},
@@ -410,11 +414,11 @@ class EmulatedDevice(Device):
         one transfer) is per call, not per settle step. Energy and trace stay numpy."""
         self.require_settle(trace, init)
         with self.lock:
+            every = checks.check_trace(self.info.limits, trace)  # before the arrays' checks
             try:
                 cl, nd, ini = self._check_tensors(clamp, nudge, init)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            every = checks.check_trace(self.info.limits, trace)
             r = self.board.settle(cl, {g: (n.beta, n.target, n.grad) for g, n in nd.items()}, ini, every)
             states = dict(r.states)
             states.update(cl)
@@ -471,10 +475,12 @@ class EmulatedDevice(Device):
                 peaks.append((f"{kind} {group!r}", lo, hi, limits.clamp_max if voltage else math.inf, None))
             return t
 
+        # the betas before any array (converting one runs the caller's code)
+        betas = {g: checks.nudge_beta(g, nd, clamp, topo, limits) for g, nd in (nudge or {}).items()}
         cl = {g: as_batch("clamp", g, x, True) for g, x in clamp.items()}
         nudges: dict[str, Nudge] = {}
         for group, nd in (nudge or {}).items():
-            beta = checks.nudge_beta(group, nd, cl, topo, limits)
+            beta = betas[group]
             target = None if nd.target is None else as_batch("nudge target", group, nd.target, True)
             grad = None if nd.grad is None else as_batch("nudge grad", group, nd.grad, False)
             if grad is not None and grad.numel():

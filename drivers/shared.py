@@ -222,7 +222,7 @@ class BlockView(DeviceWrapper):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         r = self.inner.program(self._tile(tile), g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
         self._pulsed.discard(tile)

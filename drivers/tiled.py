@@ -117,7 +117,7 @@ class TiledDevice(DeviceWrapper):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         p, blocks = self._blocks(tile)
         if not p.split:

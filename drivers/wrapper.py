@@ -48,7 +48,7 @@ class DeviceWrapper(Device):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
 

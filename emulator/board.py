@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from drivers import seeds
-from drivers.base import Identity, Limits
+from drivers.base import Identity, Limits, largest_state
 from drivers.checks import (
     check_batch,
     check_settings,
@@ -251,6 +251,11 @@ class Board:
         per = self.preset.periphery
         lo, hi = per.state_range
         y = quantize(self.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
+        if per.dac_bits is None and not self.dac_errors.exact:
+            # an unquantised DAC with gain and offset errors still has rails: at the voltage
+            # limit (a quantised one saturates at the state range, within it)
+            rail = largest_state(per.v_read, per.v_read_max)
+            y = y.clamp(-rail, rail)
         if y.numel():
             y_lo, y_hi = torch.aminmax(y)
             if max(-float(y_lo), float(y_hi)) * per.v_read > per.v_read_max:
@@ -282,7 +287,7 @@ class Board:
         *,
         verify: bool,
         tol: float | None,
-        max_iters: int,
+        max_iters: int | None,
         target_range: tuple[float, float] | None = None,
     ) -> dict[str, object]:
         """Write (G+, G-) to tile `name` (write-verify with `verify`) and read it back.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from drivers.checks import check_state_range_voltage
 from drivers.scalars import INT32_MAX, as_float, as_int
 
 
@@ -52,6 +53,7 @@ class PeripheryModel:
             as_float(name, getattr(self, name), 0.0, float("inf"))
         lo, hi = self.state_range
         as_float("state_range high", hi, as_float("state_range low", lo, -1e30, 1e30), 1e30, lo_open=True)
+        check_state_range_voltage(self.v_read, self.v_read_max, self.state_range)
 
     def ideal(self) -> PeripheryModel:
         """The same periphery with ideal converters and no noise."""

@@ -396,7 +396,7 @@ class RemoteDevice(Device):
         *,
         verify: bool = False,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
     ) -> ProgramReport:
         if verify:
             self.require("program_verify")

@@ -34,6 +34,7 @@ from drivers.base import (
     PulseReport,
     SafetyCounters,
 )
+from drivers.checks import check_state_range_voltage
 from drivers.errors import ConfigurationError, LimitViolation, ProtocolError
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import Coupling, SettleBudget, Topology
@@ -308,6 +309,8 @@ def _limits_from_peer(d: Any) -> dict[str, Any]:
         g_min, g_max = out.get("g_min", 0.0), out.get("g_max", math.inf)
         if "g_max" in out and not g_max > g_min:
             raise ConfigurationError(f"limits.g_max ({g_max:g}) must exceed limits.g_min ({g_min:g})")
+        if {"v_read", "v_read_max", "adc_range"} <= out.keys():
+            check_state_range_voltage(out["v_read"], out["v_read_max"], out["adc_range"])
     except (ConfigurationError, LimitViolation) as exc:
         raise ProtocolError(f"malformed device info: {exc}") from None
     return out

@@ -242,7 +242,7 @@ def write_weights(
     mapping: LinearMapping | None = None,
     verify: bool = False,
     tol: float | None = None,
-    max_iters: int = 20,
+    max_iters: int | None = None,
 ) -> WriteResult:
     """Map `w` to conductance pairs and program them into `tile` through the Device."""
     m = mapping or LinearMapping.for_tile(device, tile)

@@ -202,7 +202,7 @@ class SchemeBase(ABC):
         *,
         record: CalibrationRecord | None = None,
         tol: float | None = None,
-        max_iters: int = 20,
+        max_iters: int | None = None,
         refresh: RefreshPolicy | None = None,
         seed: int = 0,
     ) -> None:
