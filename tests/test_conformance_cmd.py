@@ -21,6 +21,7 @@ from drivers import (
     DeviceTimeout,
     Equilibrium,
     Nudge,
+    ProgramReport,
     RetriesExhausted,
     SafetyCounters,
     open_device,
@@ -41,7 +42,7 @@ def _invoke(*args: str) -> tuple[int, str, str]:
 
 def _failed(stdout: str) -> set[str]:
     """Operations on FAIL lines."""
-    return {line[6:29].strip() for line in stdout.splitlines() if line.startswith("FAIL")}
+    return {line[6:].split(" sent: ")[0].strip() for line in stdout.splitlines() if line.startswith("FAIL")}
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -75,18 +76,21 @@ def test_passes_on_every_transport(
     if transport.startswith("visa"):  # the board's own error queue and limit checks, by raw SCPI
         assert ops["scpi error queue"] == "PASS"
         assert ops["scpi board limit"] == "PASS"
+        assert ops["scpi board conductance limit"] == "PASS"
         assert ops.get("scpi undeclared settle") == ("PASS" if board == MVM_ONLY else None)
     else:
         assert not any(op.startswith("scpi") for op in ops)
     if servers is not None and not transport.startswith("visa"):  # the framed link: unchecked requests
         assert ops["unchecked board limit"] == "PASS"
+        assert ops["unchecked board conductance limit"] == "PASS"
         assert ops.get("unchecked undeclared settle") == ("PASS" if board == MVM_ONLY else None)
     else:
         assert not any(op.startswith("unchecked") for op in ops)
     if servers is not None:
         # the over-limit requests through the Device API were refused on the host; only the
-        # raw SCPI one, or the unchecked framed one, reached the board, which refused it
-        assert servers.device.safety() == SafetyCounters(refused=1, violations=0)
+        # raw SCPI ones, or the unchecked framed ones (an mvm input, program targets), reached
+        # the board, which refused them
+        assert servers.device.safety() == SafetyCounters(refused=2, violations=0)
 
 
 class Recording(DeviceWrapper):
@@ -176,6 +180,31 @@ def test_fails_when_the_board_does_not_check_its_limits(emulated_board: Callable
     line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
     assert "the board ran the request; expected #10 and error -222" in line, line
     assert "PASS  limit mvm input" in stdout  # the host's own check
+
+
+class ClippedProgram(DeviceWrapper):
+    """A firmware bug: program targets past the window are clipped into it and written, not
+    refused (the devices would take whatever a buggy host sends next)."""
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: object) -> ProgramReport:
+        lim = self.info.limits
+        gp, gm = (np.clip(g, lim.g_min, lim.g_max).astype(np.float32) for g in (g_plus, g_minus))
+        return self.inner.program(tile, gp, gm, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("transport", "check"), [("visa-tcp", "scpi"), ("serial-socket", "unchecked")])
+def test_fails_when_the_board_does_not_refuse_program_targets_past_its_window(
+    emulated_board: Callable[..., BoardServers], transport: str, check: str
+) -> None:
+    """The limit that destroys devices: the host refuses such targets itself, so only a raw
+    program (SCPI) or an unchecked one (framed) shows that the board would write them."""
+    servers = emulated_board(board=ClippedProgram(open_device(FULL)))
+    code, stdout, _ = _invoke(servers.uris[transport])
+    assert code == 1
+    assert _failed(stdout) == {f"{check} board conductance limit"}, stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
+    assert "g_max" in line or "-222" in line, line
+    assert "PASS  limit conductance" in stdout  # the host's own check
 
 
 class LowReadout(DeviceWrapper):

@@ -23,20 +23,26 @@ def identity(sess: Session) -> None:
     def limits(sent: list[str]) -> str:
         sent.append("SYST:INFO? (info.limits)")
         lim, bad = sess.lim, []
-        if not 0 < lim.v_read <= lim.v_read_max:
-            bad.append(f"v_read {lim.v_read} V vs v_read_max {lim.v_read_max} V")
+        peak = max(abs(lim.adc_range[0]), abs(lim.adc_range[1]))
+        if not 0 < lim.v_read * peak <= lim.v_read_max:
+            bad.append(
+                f"the state range {lim.adc_range} at v_read {lim.v_read} V vs v_read_max {lim.v_read_max} V"
+            )
         if not 0 <= lim.g_min < lim.g_max:
             bad.append(f"g_min {lim.g_min} >= g_max {lim.g_max} (or negative)")
         for name in ("dac_bits", "adc_bits"):
             bits = getattr(lim, name)
-            if bits is not None and not (isinstance(bits, int) and 1 <= bits <= 32):
-                bad.append(f"{name} {bits!r} (None or 1..32)")
+            if bits is not None and not (isinstance(bits, int) and 1 <= bits <= 64):
+                bad.append(f"{name} {bits!r} (None or 1..64)")
         lo, hi = lim.adc_range
         if not lo < hi:
             bad.append(f"adc_range {lim.adc_range} is empty")
-        for name in ("tile_rows_max", "tile_cols_max", "max_tiles", "max_settle_steps", "max_pulses"):
+        for name in ("tile_rows_max", "tile_cols_max", "max_tiles", "max_settle_steps"):
             if not getattr(lim, name) >= 1:
                 bad.append(f"{name} {getattr(lim, name)} < 1")
+        least_pulses = 1 if "pulse" in sess.caps else 0  # a board that does not pulse may declare 0
+        if not lim.max_pulses >= least_pulses:
+            bad.append(f"max_pulses {lim.max_pulses} < {least_pulses}")
         if not lim.settle_step_s >= 0:
             bad.append(f"settle_step_s {lim.settle_step_s} < 0")
         if bad:
@@ -47,7 +53,12 @@ def identity(sess: Session) -> None:
             f"{lim.max_tiles} x {lim.tile_rows_max}x{lim.tile_cols_max}"
         )
 
-    sess.run("limits", "g_min < g_max, sizes >= 1, bits None or 1..32, 0 < v_read <= v_read_max", limits)
+    sess.run(
+        "limits",
+        "g_min < g_max, sizes >= 1 (max_pulses >= 0 without pulse), bits None or 1..64, "
+        "0 < v_read x the state range <= v_read_max",
+        limits,
+    )
 
     def capabilities(sent: list[str]) -> str:
         sent.append("SYST:INFO? (info.capabilities)")

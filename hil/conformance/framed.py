@@ -24,6 +24,12 @@ def checks(sess: Session) -> None:
         return
     tile = sess.topo.couplings[0].tile
     rows, _ = sess.topo.tile_shape(tile)
+    sess.run(
+        "unchecked board conductance limit",
+        "the board checks program targets again: above g_max is error -222, its own refused + 1, "
+        "violations 0, the tile unchanged",
+        lambda sent: _board_conductance_limit(sess, sent, send, tile),
+    )
     if "mvm" in sess.caps:
         sess.run(
             "unchecked board limit",
@@ -66,3 +72,14 @@ def _board_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: in
     return sess.counted_refusal(
         sent, value, lambda: _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, value), LimitViolation)
     )
+
+
+def _board_conductance_limit(sess: Session, sent: list[str], send: Send, tile: str) -> str:
+    value = 4.0 * sess.lim.g_max
+    g = np.full(sess.topo.tile_shape(tile), value, np.float32)
+    request = pl.program_request(tile, g, g, False, None, 1)
+    got = sess.counted_refusal(
+        sent, value, lambda: _refused(sent, send, pl.Op.PROGRAM, request, LimitViolation),
+        what=f"G = {value:g} S > g_max {sess.lim.g_max:.3g} S",
+    )  # fmt: skip
+    return got + sess.tile_within_window(tile)

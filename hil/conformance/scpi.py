@@ -28,6 +28,12 @@ def checks(sess: Session) -> None:
         'a failed query answers #10 and queues its error: SYST:ERR? gives 100,... then 0,"No error"',
         lambda sent: _queue(sent, query),
     )
+    sess.run(
+        "scpi board conductance limit",
+        "the board checks program targets again: above g_max is -222 in the queue, its own refused + 1, "
+        "violations 0, the tile unchanged",
+        lambda sent: _board_conductance_limit(sess, sent, query, tile),
+    )
     if "mvm" in sess.caps:
         sess.run(
             "scpi board limit",
@@ -88,9 +94,11 @@ def _short(command: str) -> str:
 
 
 def _ascii_float(at_least: float) -> float:
-    """A value above `at_least` whose float32 bytes are all ASCII (2, 8, 32, ...), so that a
-    block of them can travel through a text query."""
+    """The smallest odd power of 2 above `at_least` (..., 2**-15, ..., 0.5, 2, 8, 32, ...):
+    its float32 bytes are all ASCII, so that a block of them can travel through a text query."""
     v = 2.0
+    while v / 4.0 > at_least:
+        v /= 4.0
     while v <= at_least:
         v *= 4.0
     return v
@@ -114,3 +122,19 @@ def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str
     return sess.counted_refusal(
         sent, value, lambda: _expect_error(sent, query, _mvm_command(sess, tile, value), "-222")
     )
+
+
+def _program_command(sess: Session, tile: str, value: float) -> str:
+    """A plain program of every device of `tile` to `value` siemens, without a request id."""
+    rows, cols = sess.topo.tile_shape(tile)
+    data = np.full(2 * rows * cols, value, "<f4").tobytes().decode("ascii")
+    return f'TILE:PROG? "{tile}",0,DEF,1,#{len(str(len(data)))}{len(data)}{data}'
+
+
+def _board_conductance_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
+    value = _ascii_float(sess.lim.g_max)
+    got = sess.counted_refusal(
+        sent, value, lambda: _expect_error(sent, query, _program_command(sess, tile, value), "-222"),
+        what=f"G = {value:g} S > g_max {sess.lim.g_max:.3g} S",
+    )  # fmt: skip
+    return got + sess.tile_within_window(tile)

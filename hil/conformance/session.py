@@ -164,13 +164,15 @@ class Session:
             refused,
         )
 
-    def counted_refusal(self, sent: list[str], value: float, attempt: Callable[[], str]) -> str:
-        """`attempt` sends an mvm input of `value` (above clamp_max) past the host's checks and
-        returns how the board refused it; the board must also count the refusal, and let
-        nothing reach the array."""
+    def counted_refusal(
+        self, sent: list[str], value: float, attempt: Callable[[], str], what: str | None = None
+    ) -> str:
+        """`attempt` sends a value past a limit (default: an mvm input of `value` above
+        clamp_max; `what` says otherwise) past the host's checks and returns how the board
+        refused it; the board must also count the refusal, and let nothing reach the array."""
         before = self.dev.safety()
         got = attempt()
-        sent.append(f"x = {value:g} > clamp_max {self.lim.clamp_max:.3g}")
+        sent.append(what or f"x = {value:g} > clamp_max {self.lim.clamp_max:.3g}")
         after = self.dev.safety()
         counts = f"refused {before.refused} -> {after.refused}, violations {after.violations}"
         if after.refused != before.refused + 1 or after.violations != 0:
@@ -178,6 +180,16 @@ class Session:
                 f"{got}; {counts}: the board must count its refusal, and nothing may reach the array"
             )
         return f"{got}; {counts}"
+
+    def tile_within_window(self, tile: str) -> str:
+        """After a refused program: the tile's devices still read within [g_min, g_max] (a
+        board that wrote the targets anyway holds them now), with the read noise's margin."""
+        gp, gm = self.dev.read_conductance(tile)
+        top = float(max(np.max(gp), np.max(gm)))
+        margin = 6.0 * self.sigma_g + 1e-6 * self.g_range
+        if top > self.lim.g_max + margin:
+            raise Mismatch(f"the tile reads up to {top:.4g} S after the refusal: the board wrote the targets")
+        return f"; the tile reads at most {top:.4g} S"
 
     def weights(self, tile: str) -> np.ndarray:
         gp, gm = self.g[tile]
