@@ -33,6 +33,7 @@ from drivers.shared import BlockView, SharedBoard
 from drivers.tiled import TiledDevice
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from drivers.uri import open_device, register_backend, replace_params
+from drivers.watch import BoardViolations, SafetyWatch
 
 __all__ = [
     "BIAS",
@@ -40,6 +41,7 @@ __all__ = [
     "BlockView",
     "BoardReset",
     "BoardStatus",
+    "BoardViolations",
     "ConfigurationError",
     "Coupling",
     "Device",
@@ -61,6 +63,7 @@ __all__ = [
     "PulseReport",
     "RetriesExhausted",
     "SafetyCounters",
+    "SafetyWatch",
     "SettleBudget",
     "SharedBoard",
     "TiledDevice",

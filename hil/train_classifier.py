@@ -35,6 +35,7 @@ from drivers.checks import MAX_SETTLE_VALUES
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
 from drivers.uri import parse_options, replace_params
+from drivers.watch import SafetyWatch
 from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
@@ -479,6 +480,7 @@ def _train(
     from tqdm.auto import tqdm
 
     report_open_transactions(model.devices)  # left by a killed host: the steps below program every tile
+    watch = SafetyWatch(model.devices)  # the boards' violation counters, read once per epoch
     module = model.block if model.ffebm is None else model.ffebm
     bs = cfg.train.batch_size
     n_batches = (len(ds.x_train) + bs - 1) // bs
@@ -565,7 +567,8 @@ def _train(
                     "test", step=step, epoch=epoch + 1, test_acc=test_acc, train_loss=stats.train_loss, **held
                 )
                 model.log_tiles(log, step)
-            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs):
+            unsafe = watch.new_violations()
+            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs or bool(unsafe)):
                 log.snapshot(
                     step,
                     training_state(
@@ -575,6 +578,8 @@ def _train(
                 )  # fmt: skip
             if on_epoch is not None:
                 on_epoch(stats)
+            if unsafe:  # after the snapshot: the run can resume once the board is mended
+                raise watch.error(unsafe, f"during epoch {epoch + 1}", model.board_uris[0])
     finally:
         bar.close()
     last = history[-1]

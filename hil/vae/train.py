@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from drivers import Equilibrium, SettleBudget, seeds
+from drivers.watch import SafetyWatch
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
@@ -283,6 +284,7 @@ def train_vae(
         )
         sums: dict[str, float] = {}
         count = 0
+        watch = SafetyWatch(model.devices)  # the boards' violation counters, read once per epoch
         for epoch, idx in order.batches(cfg.train.batch_size, cfg.train.epochs):
             eps = torch.randn(len(idx), cfg.model.latent, generator=noise)
             trace = log.trace_for(step) if log is not None else 0
@@ -310,7 +312,8 @@ def train_vae(
             bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.2f}")
             if log is not None:
                 model.log_tiles(log, step)
-            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs):
+            unsafe = watch.new_violations()
+            if log is not None and log.snapshot_due(last=epoch + 1 == cfg.train.epochs or bool(unsafe)):
                 log.snapshot(
                     step,
                     training_state(
@@ -325,6 +328,8 @@ def train_vae(
                 )
             if on_epoch is not None:
                 on_epoch(epoch, row)
+            if unsafe:  # after the snapshot: the run can resume once the board is mended
+                raise watch.error(unsafe, f"during epoch {epoch + 1}", cfg.device)
         bar.close()
         final = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
         if log is not None:

@@ -1,0 +1,50 @@
+"""A board that counts violations while the host trains on it stops the run (the firmware
+audit of 2026-12-06: training ran to the end on a board reporting ``SYST:SAF? 0,1``, and
+neither the run log nor the output said so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drivers import BoardViolations, Device, SafetyCounters
+from drivers.wrapper import DeviceWrapper
+from hil.boards import open_board
+from hil.config import load_config
+from hil.runlog import RunLog, open_run
+from hil.train_classifier import train_classifier
+
+
+class ViolatesAfter(DeviceWrapper):
+    """A firmware whose array takes an out-of-limit condition once `reads` safety reads have
+    passed (the watch reads once before training and once per epoch)."""
+
+    def __init__(self, inner: Device, reads: int) -> None:
+        super().__init__(inner)
+        self.reads, self.seen = reads, 0
+
+    def safety(self) -> SafetyCounters:
+        s = self.inner.safety()
+        self.seen += 1
+        return SafetyCounters(s.refused, s.violations + (self.seen > self.reads))
+
+
+def test_training_stops_at_the_epoch_whose_board_counted_a_violation(tmp_path: Path) -> None:
+    sets = ["train.epochs=4", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,16,10]"]
+    cfg = load_config(None, [*sets, "log.snapshot_every_s=1e9"])  # else only the last epoch is kept
+    boards: list[ViolatesAfter] = []
+
+    def opener(uri: str) -> Device:
+        boards.append(ViolatesAfter(open_board(uri), reads=2))
+        return boards[-1]
+
+    epochs: list[int] = []
+    with RunLog.create(tmp_path / "t.zarr", cfg) as log, pytest.raises(BoardViolations) as err:
+        train_classifier(cfg, log=log, opener=opener, on_epoch=lambda s: epochs.append(s.epoch))
+    text = str(err.value)
+    assert "during epoch 2" in text and "1 violation(s)" in text and "hil conformance emulator://" in text
+    assert epochs == [1, 2]  # the epoch's results were reported, then the run stopped
+    run = open_run(tmp_path / "t.zarr")
+    per_epoch = 64 // cfg.train.batch_size
+    assert [run.snapshot_attrs(name)["step"] for name in run.snapshots] == [2 * per_epoch]  # resumable
