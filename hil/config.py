@@ -12,6 +12,7 @@ Unknown keys and values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -216,6 +217,8 @@ def _coerce(key: str, value: object, tp: object) -> object:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            return _coerce(key, value, float)  # its own message, not "is not a float or None"
         for a in args:
             try:
                 return _coerce(key, value, a)
@@ -245,6 +248,8 @@ def _coerce(key: str, value: object, tp: object) -> object:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `<= 0` check; no setting means infinity
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -57,7 +57,12 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("ep.beta=-1", "ep.beta: must be > 0"),
         ("data.validation=-5", "data.validation: held-out training images, >= 0"),
         ("train.warmup=-1", r"train.warmup: epochs of learning-rate warmup, 0 \(off\) to train.epochs"),
-        ("train.warmup=nan", "train.warmup: epochs of learning-rate warmup"),
+        ("train.warmup=nan", "train.warmup: expected a finite number, got nan"),
+        # NaN passed every `<= 0` check, and the run then failed writing its config to the log
+        ("ep.beta=nan", "^ep.beta: expected a finite number, got nan$"),
+        ("ep.tau=inf", "^ep.tau: expected a finite number, got inf$"),
+        (r"train.lr=[0.1, nan]", r"^train.lr\[1\]: expected a finite number, got nan$"),
+        ("model.init_scale=-inf", "^model.init_scale: expected a finite number, got -inf$"),
         ("train.warmup=31", r"to train.epochs \(30\), got 31"),
         (
             "train.lr=-0.1",
