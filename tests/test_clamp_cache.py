@@ -141,9 +141,7 @@ def test_a_reused_conversion_counts_its_safety_violations_again() -> None:
     from drivers.emulated import EmulatorOptions
     from emulator.board import Board
 
-    preset = EmulatorOptions(
-        preset="ideal", overrides=(("v_read", 0.3),)
-    ).board_preset()  # 1 -> 0.3 V > 0.25 V
+    preset = EmulatorOptions(preset="ideal").board_preset()  # an unquantised DAC: 1.3 -> 0.26 V > 0.25 V
     a, b = Board(preset, 0), Board(preset, 0)
     b.engine.reuse_clamp = False
     topo = Topology.layered([12, 9, 4], budget=SettleBudget(max_steps=10, tol=0.0))
@@ -160,7 +158,7 @@ def test_a_reused_conversion_counts_its_safety_violations_again() -> None:
             gm = lim.g_min + (-w).clamp(min=0) * (lim.g_max - lim.g_min)
             board.program(c.tile, gp, gm, verify=False, tol=None, max_iters=1)
     x = rng.uniform(0, 1, (8, 12)).astype(np.float32)
-    x[0, 0] = 1.0
+    x[0, 0] = 1.3
     for clamp in (x, x.copy(), np.concatenate([x, x])):
         ra = a.settle({"s0": torch.from_numpy(clamp)})
         rb = b.settle({"s0": torch.from_numpy(clamp)})
