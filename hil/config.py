@@ -30,6 +30,10 @@ MAX_SHIFT = 8  # pixels: train.shift, the random translations of training images
 MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 
 
+MAX_EPOCHS = 100_000  # declared bounds on the work one run config can ask for
+MAX_BATCH = 65_536  # samples per batch (a board splits a batch past its max_batch into requests)
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -411,9 +415,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.validation: held-out training images, >= 0 (0: none), got {cfg.data.validation}"
         )
-    for key, value in (("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size)):
+    for key, value, most in (
+        ("train.epochs", cfg.train.epochs, MAX_EPOCHS),
+        ("train.batch_size", cfg.train.batch_size, MAX_BATCH),
+    ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if value > most:
+            raise ConfigError(f"{key}: at most {most} (a declared bound on the run's work), got {value}")
     if cfg.ep.refresh_every < 0:
         raise ConfigError(f"ep.refresh_every: must be >= 0, got {cfg.ep.refresh_every}")
     if not 0 <= cfg.train.shift <= MAX_SHIFT:

@@ -469,6 +469,30 @@ def test_help_option_columns_are_short_metavars() -> None:
     assert flags >= 10 and values >= 30
 
 
+def test_every_integer_option_that_sets_an_amount_of_work_declares_a_bound() -> None:
+    """``hil mhn phase --d 100000000`` took 16 GB before the board's tile limit was looked at,
+    and ``hil calibrate --reads 1000000000`` ran on: every integer option but a seed or a port
+    declares its largest value, and one past it is refused before any work (exit 2)."""
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> list[tuple[list[str], Any]]:
+        out = [(path, p) for p in getattr(cmd, "params", [])]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            out += walk(sub, [*path, name])
+        return out
+
+    bounded = []
+    for path, p in walk(typer.main.get_command(app), []):
+        if "int" not in str(p.display_type(None)) or "seed" in p.name or p.name.endswith("_port"):
+            continue
+        assert p.max is not None, (path, p.name)
+        bounded.append((path, p))
+    assert len(bounded) >= 18
+    path, p = next((path, p) for path, p in bounded if path == ["mhn", "phase"] and p.name == "d")
+    shown = _hil(*path, f"--{p.name}", str(p.max + 1))
+    assert shown.exit_code == 2 and "less than or equal to 8192" in shown.output, shown.output
+
+
 def test_readme_lists_every_benchmark() -> None:
     """The README's benchmarks table names every script in benchmarks/ (a new one is found)."""
     root = Path(__file__).resolve().parents[1]

@@ -143,7 +143,9 @@ def register(app: typer.Typer) -> None:
             help=f"Subset of {', '.join(ROUTINES)}. Default: every routine the board's capabilities allow "
             "(a board that does not settle skips adc, dac, mvm and settle, and says so).",
         ),
-        tile_size: int = typer.Option(64, min=1, help="Rows and columns of the tile at position 0."),
+        tile_size: int = typer.Option(
+            64, min=1, max=65536, help="Rows and columns of the tile at position 0."
+        ),
         tiles: str = typer.Option(
             None,
             help="Shapes of the tiles at positions 0, 1, ... as ROWSxCOLS,... (overrides --tile-size): "
@@ -153,11 +155,12 @@ def register(app: typer.Typer) -> None:
         channels: int = typer.Option(
             None,
             min=1,
+            max=65536,
             help=f"Node channels (DAC and state ADC) to calibrate: a network uses channels 0 .. its node "
             f"count - 1. Default {DEFAULT_CHANNELS} (every node of the trainers' default networks), or "
             "rows + cols of the first tile if larger.",
         ),
-        reads: int = typer.Option(64, min=2, help="Reads of the conductance map."),
+        reads: int = typer.Option(64, min=2, max=4096, help="Reads of the conductance map."),
         seed: int = typer.Option(0, help="Seed of the session's random patterns."),
         png: Path = _PNG,
         check: Path = _CHECK,
@@ -168,6 +171,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(
             1,
             min=0,
+            max=1024,
             help="torch CPU threads (0: torch's default, one per core). Default 1: the routines work "
             "on small tiles and batches, where more threads only add overhead; see docs/calibration.md "
             "for the measured times.",

@@ -36,9 +36,13 @@ def register(app: typer.Typer) -> None:
         ),
         json_out: Path = _JSON,
         sizes: str = typer.Option("5,4,3", help="Layer sizes of the test network (a bias row per tile)."),
-        batch: int = typer.Option(4, min=1, help="Samples per settle (and per mvm, at least 16)."),
-        reads: int = typer.Option(8, min=2, help="Conductance reads averaged for the reference weights."),
-        repeats: int = typer.Option(4, min=2, help="Repeats of an mvm or settle to measure its noise."),
+        batch: int = typer.Option(4, min=1, max=1024, help="Samples per settle (and per mvm, at least 16)."),
+        reads: int = typer.Option(
+            8, min=2, max=1024, help="Conductance reads averaged for the reference weights."
+        ),
+        repeats: int = typer.Option(
+            4, min=2, max=1024, help="Repeats of an mvm or settle to measure its noise."
+        ),
         seed: int = typer.Option(0, help="Seed of the test patterns."),
     ) -> None:
         """Run the protocol conformance checks for every capability the board declares, one

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
             help="Device URI: emulator://?preset=NAME&seed=N, visa://RESOURCE, serial://PORT, ...",
         ),
         sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64 pixels of the digits)."),
-        batch: int = typer.Option(64, min=1, help="Test images settled at once."),
+        batch: int = typer.Option(64, min=1, max=1024, help="Test images settled at once."),
         beta: float = typer.Option(0.2, help="Nudge strength of the two nudged phases."),
         seed: int = typer.Option(0, help="Seed of the random weights."),
         settle: str = typer.Option(
@@ -28,7 +28,10 @@ def register(app: typer.Typer) -> None:
             help="Where settles run: board (the board relaxes), host (the host iterates through the board's mvm) or auto (board if it can settle).",
         ),
         threads: int = typer.Option(
-            1, min=1, help="torch CPU threads (1: fastest for the small products of a settle on 2 cores)."
+            1,
+            min=1,
+            max=1024,
+            help="torch CPU threads (1: fastest for the small products of a settle on 2 cores).",
         ),
     ) -> None:
         """Program a layered network with write-verify, settle free and nudged (+-beta) on

@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(
             1,
             min=1,
+            max=1024,
             help="torch threads for the board's computations. 1 (default): a host-iterated settle sends many small products, and on 2 cores torch's default thread count made each 64-256-10 mvm 10 times slower (2.2 vs 21.9 ms per call over serial+socket, batch 16, cores busy).",
         ),
         capabilities: str | None = typer.Option(

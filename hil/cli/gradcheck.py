@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         ),
         sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64: the digits' pixels)."),
         dense: bool = typer.Option(False, "--dense", help="All-to-all network over the same groups."),
-        batch: int = typer.Option(64, min=1, help="Digits images in the checked batch."),
+        batch: int = typer.Option(64, min=1, max=1024, help="Digits images in the checked batch."),
         init_scale: float = typer.Option(0.5, help="Weights N(0, scale^2/fan_in); biases U(0.1, 0.4)."),
         seed: int = typer.Option(0, help="Seed of the random weights."),
         settle: str = typer.Option(
@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
             True, "--progress/--no-progress", help="Progress bar: the reference, then each beta and mode."
         ),
         activation: str = typer.Option(
-            "hard_sigmoid", help="Node curve: hard_sigmoid, logistic or soft_sigmoid[:width] (docs/neuron.md)."
+            "hard_sigmoid",
+            help="Node curve: hard_sigmoid, logistic or soft_sigmoid[:width] (docs/neuron.md).",
         ),
     ) -> None:
         """Compare EP gradients measured on the device with implicit differentiation of the

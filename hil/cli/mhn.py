@@ -21,8 +21,17 @@ def register(app: typer.Typer) -> None:
     @mhn_app.command()
     def phase(
         device: Annotated[str, typer.Option(help="Board URI.")] = IDEAL,
-        n: Annotated[int, typer.Option(help="Patterns (with --digits: digit classes, at most 10).")] = 10,
-        d: Annotated[int, typer.Option(help="Pattern dimension (ignored with --digits: 64).")] = 64,
+        n: Annotated[
+            int, typer.Option(min=1, max=1024, help="Patterns (with --digits: digit classes, at most 10).")
+        ] = 10,
+        d: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                max=8192,
+                help="Pattern dimension (ignored with --digits: 64); the board's tile needs d + 1 rows.",
+            ),
+        ] = 64,
         norm: Annotated[float, typer.Option(help="Norm of every pattern.")] = 1.0,
         cos: Annotated[float, typer.Option(help="Cosine between every pair of equidistant patterns.")] = 0.0,
         digits: Annotated[
@@ -31,7 +40,9 @@ def register(app: typer.Typer) -> None:
         beta: Annotated[
             float | None, typer.Option(help="Your inverse temperature (default 1/sqrt(d), attention's).")
         ] = None,
-        starts: Annotated[int, typer.Option(help="Random starts per family (near-centre, anywhere).")] = 32,
+        starts: Annotated[
+            int, typer.Option(min=1, max=1024, help="Random starts per family (near-centre, anywhere).")
+        ] = 32,
         seed: Annotated[int, typer.Option(help="Seed of the patterns and the starts.")] = 0,
         programming: Annotated[str, typer.Option(help="Programming scheme (ideal, verify, ...).")] = "verify",
         out: Annotated[Path, typer.Option(help="Folder for phase.png and phase.json.")] = Path("mhn_phase"),

@@ -46,7 +46,11 @@ def sweep(
     n_trials: Annotated[
         int | None,
         typer.Option(
-            "--n-trials", "-n", min=1, help="Override sweep.n_trials (e.g. to extend a finished sweep)."
+            "--n-trials",
+            "-n",
+            min=1,
+            max=100_000,
+            help="Override sweep.n_trials (e.g. to extend a finished sweep).",
         ),
     ] = None,
     max_board_losses: Annotated[
@@ -54,6 +58,7 @@ def sweep(
         typer.Option(
             "--max-board-losses",
             min=1,
+            max=1024,
             help="With --ray-address: a trial that has lost this many boards (its actor died or its board stopped answering) is reported failed instead of being moved to another board.",
         ),
     ] = 2,

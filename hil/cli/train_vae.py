@@ -56,6 +56,7 @@ def vae(
         int,
         typer.Option(
             min=0,
+            max=1024,
             help="torch CPU threads (0: torch's default, one per core). Default 1, as measured in `hil train classifier --help`.",
         ),
     ] = 1,

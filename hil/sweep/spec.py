@@ -227,9 +227,16 @@ def parse_spec(
     ints = {k: _get(sw, k, int, d) for k, d in defaults.items()}
     if n_trials is not None:
         ints["n_trials"] = n_trials
-    for key, minimum in (("n_trials", 1), ("batch", 1), ("startup_trials", 0), ("threads", 0)):
-        if ints[key] < minimum:
-            raise SpecError(f"sweep.{key}: must be >= {minimum}, got {ints[key]}")
+    # declared bounds on the work a spec can ask for
+    bounds = {
+        "n_trials": (1, 100_000),
+        "batch": (1, 1024),
+        "startup_trials": (0, 100_000),
+        "threads": (0, 1024),
+    }
+    for key, (minimum, most) in bounds.items():
+        if not minimum <= ints[key] <= most:
+            raise SpecError(f"sweep.{key}: must be in [{minimum}, {most}], got {ints[key]}")
 
     cfg = trainer.make_config()
     if "config" in sw:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from drivers.activation import Activation
 from drivers.errors import ConfigurationError
-from hil.config import ConfigError, DataConfig, LogConfig, check_compute, check_log
+from hil.config import MAX_BATCH, MAX_EPOCHS, ConfigError, DataConfig, LogConfig, check_compute, check_log
 
 
 @dataclass
@@ -129,6 +129,11 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(f"model.activation: {exc} (or auto: the variant's default)") from None
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size >= 1 and train.lr > 0 required")
+    if t.epochs > MAX_EPOCHS or t.batch_size > MAX_BATCH:
+        raise ConfigError(
+            f"train.epochs at most {MAX_EPOCHS} and train.batch_size at most {MAX_BATCH} (declared bounds "
+            f"on the run's work), got {t.epochs} and {t.batch_size}"
+        )
     if cfg.data.validation:
         raise ConfigError(
             "data.validation: the VAE trainer holds out no validation split (the classifier does); "
