@@ -333,15 +333,17 @@ def check_program(
 def check_conductance_range(limits: Limits, tile: str, name: str, lo: float, hi: float) -> None:
     """The program targets `name` of `tile`, whose smallest and largest values are `lo` and
     `hi` (siemens, as float32 holds them; min and max carry any NaN or infinity), are finite
-    and within the board's conductance window (to a slack of 1e-6 of the window)."""
+    and within the board's conductance window, compared in float32, the width targets travel
+    in: with the window's ends rounded to float32 (a target clamped to g_min in float32 is
+    float32(g_min), which may lie a half-ulp below it). A slack of 1e-6 of the window let
+    negative targets through on a board with g_min 0."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
-    slack = 1e-6 * (limits.g_max - limits.g_min)
-    if lo < limits.g_min - slack:
+    if lo < float(np.float32(limits.g_min)):
         raise LimitViolation(
             f"conductance range ({name} of {tile!r})", lo, limits.g_min, "targets must be >= g_min"
         )
-    if hi > limits.g_max + slack:
+    if hi > float(np.float32(limits.g_max)):
         raise LimitViolation(
             f"conductance range ({name} of {tile!r})", hi, limits.g_max, "targets must be <= g_max"
         )

@@ -142,3 +142,17 @@ def test_a_program_that_names_no_budget_takes_a_lower_board_bound() -> None:
     assert checks.check_verify(_LIMITS, None, None) == (None, checks.DEFAULT_VERIFY_ITERS)
     with pytest.raises(LimitViolation, match="max_iters"):
         checks.check_verify(limits, None, 20)
+
+
+def test_conductance_targets_are_compared_in_float32_and_none_is_negative() -> None:
+    """A slack of 1e-6 of the window let -5e-12 S through on a board with g_min 0; the
+    window's ends as float32 holds them are accepted exactly, one float32 step past is not."""
+    dev = _board("emulator://?preset=ideal&seed=0&g_min=0")
+    top = np.float32(dev.info.limits.g_max)
+    full, empty = np.full((5, 3), top, np.float32), np.zeros((5, 3), np.float32)
+    dev.program("W0", full, empty)
+    with pytest.raises(LimitViolation, match="g_min"):
+        dev.program("W0", np.full((5, 3), -5e-12, np.float32), full)
+    with pytest.raises(LimitViolation, match="g_max"):
+        dev.program("W0", np.full((5, 3), np.nextafter(top, np.float32(1)), np.float32), empty)
+    assert dev.safety().violations == 0

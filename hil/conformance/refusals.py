@@ -57,7 +57,7 @@ def errors(sess: Session) -> None:
     if "mvm" in sess.caps:
         sess.run(
             "limit mvm input",
-            "inputs beyond clamp_max = v_read_max / v_read are refused (LimitViolation)",
+            "inputs beyond clamp_max (x * v_read <= v_read_max) are refused (LimitViolation)",
             lambda sent: _limit(
                 sess,
                 sent,
@@ -80,7 +80,7 @@ def errors(sess: Session) -> None:
         g0, n0 = next(iter(sess.topo.groups.items()))
         sess.run(
             "limit clamp",
-            "clamps beyond clamp_max = v_read_max / v_read are refused (LimitViolation)",
+            "clamps beyond clamp_max (x * v_read <= v_read_max) are refused (LimitViolation)",
             lambda sent: _limit(
                 sess,
                 sent,
