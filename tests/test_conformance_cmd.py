@@ -29,7 +29,7 @@ from drivers import (
 from drivers.wrapper import DeviceWrapper
 from hil.cli import app
 from hil.conformance import Options, run_conformance
-from hil.testing import IN_PROCESS, TRANSPORTS, BoardServers
+from hil.testing import IN_PROCESS, TRANSPORTS, BoardServers, FaultPlan
 
 FULL = "emulator://?preset=rram&seed=0"
 MVM_ONLY = "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify"
@@ -363,3 +363,20 @@ def test_bringup_example_runs(board: str, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "violations=0" in out and "board        xbar-hil,emulator-rram" in out
     assert ("settle" in out.split("capabilities")[1].splitlines()[0]) == (board == FULL)
+
+
+@pytest.mark.parametrize(("transport", "check"), [("visa-tcp", "scpi"), ("serial-socket", "unchecked")])
+def test_fails_when_a_resent_pulse_runs_again(
+    emulated_board: Callable[..., BoardServers], transport: str, check: str
+) -> None:
+    """A firmware without the at-most-once record applies a resent pulse twice (a host resends
+    after a lost reply); every other check passes on it, and so did the whole suite."""
+    servers = emulated_board(board=FULL, plan=FaultPlan(rerun_ids=True))
+    code, stdout, _ = _invoke(servers.uris[transport])
+    assert code == 1
+    assert _failed(stdout) == {f"{check} request id"}, stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
+    assert "the resend ran again (its pulses were applied twice)" in line, line
+    good = emulated_board(board=FULL)
+    code, stdout, _ = _invoke(good.uris[transport])
+    assert code == 0 and f"PASS  {check} request id" in stdout, stdout

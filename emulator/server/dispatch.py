@@ -147,9 +147,12 @@ class ReplayCache:
     refused (`-200`, "already ran") rather than run a second time, so at most once holds for
     `window` requests, not only for `size`."""
 
-    def __init__(self, size: int = 64, window: int = 4096) -> None:
+    def __init__(self, size: int = 64, window: int = 4096, keep: bool = True) -> None:
+        """`keep` False: a firmware without the record (`FaultPlan.rerun_ids`): every request
+        runs, resent or not."""
         if not 1 <= size <= window:
             raise ValueError(f"need 1 <= size <= window, got size {size}, window {window}")
+        self.keep = keep
         self.size = size
         self.window = window
         self._entries: OrderedDict[int, tuple[int, Message | BaseException]] = OrderedDict()
@@ -161,6 +164,8 @@ class ReplayCache:
     def get(self, rid: int, epoch: int) -> Message | BaseException | None:
         """The stored outcome of `rid` in `epoch`; None if it has not run in this epoch.
         Raises DeviceFault if it ran but its outcome is no longer held."""
+        if not self.keep:
+            return None
         with self._lock:
             entry = self._entries.get(rid)
             if entry is not None and entry[0] == epoch:

@@ -57,6 +57,7 @@ class FaultPlan:
     link: Faults = field(default_factory=Faults)  # frame faults of every framed link (each a copy)
     reply_delay_s: float = 0.0  # both servers: every reply waits this long (a slow board)
     hang_up_after: int = 0  # both servers: close a connection after answering N requests (0: never)
+    rerun_ids: bool = False  # both servers: no at-most-once record, a resent request runs again
     injected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:

@@ -94,7 +94,8 @@ def serve(
     otherwise). On any failure everything started is closed again and the error raised."""
     device = open_device(board) if isinstance(board, str) else board
     plan = plan or FaultPlan()
-    cache = ReplayCache()  # one board: one record of requests, whichever server they came by
+    # one board: one record of requests, whichever server they came by
+    cache = ReplayCache(keep=not plan.rerun_ids)
     caps = {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s}
     try:
         scpi = ScpiServer(device, plan=plan, cache=cache, **caps)  # type: ignore[arg-type]

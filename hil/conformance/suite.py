@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceError
-from hil.conformance import arrays, board, framed, lifecycle, mvm, refusals, scpi, settle
+from hil.conformance import arrays, board, framed, lifecycle, mvm, refusals, replay, scpi, settle
 from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
 
@@ -39,6 +39,7 @@ def run_conformance(
             refusals.errors(sess)
             scpi.checks(sess)
             framed.checks(sess)
+            replay.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
         sess.add(
