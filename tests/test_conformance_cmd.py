@@ -163,6 +163,28 @@ def test_fails_naming_mvm_behind_the_scpi_server(
     assert stdout.splitlines()[-1].split(", ")[1].endswith("failed") and " 0 failed" not in stdout
 
 
+class IgnoresWMax(DeviceWrapper):
+    """A firmware bug: the multiply leaves out the coupling's w_max (as if it were 1)."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        assert self.topology is not None
+        y = self.inner.mvm(tile, x, transpose=transpose)
+        return (y / self.topology.coupling(tile).w_max).astype(np.float32)
+
+
+def test_fails_when_the_multiply_ignores_w_max(emulated_board: Callable[..., BoardServers]) -> None:
+    """The test network runs at w_max 1, where this bug gives the right numbers: the same
+    conductances configured at twice the w_max must give twice the outputs."""
+    servers = emulated_board(board=IgnoresWMax(open_device(FULL)))
+    code, stdout, _ = _invoke(servers.uris["visa-tcp"])
+    assert code == 1
+    assert _failed(stdout) == {"mvm w_max"}, stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
+    assert "a = 1: w_max is left out of the product" in line, line
+    a = float(re.search(r"fit y\(2 w_max\) = ([-\d.]+) y", line).group(1))  # type: ignore[union-attr]
+    assert abs(a - 1) < 0.1, line
+
+
 class UncheckedMvm(DeviceWrapper):
     """A firmware bug: the board does not check mvm inputs against its limits (it clips them)."""
 

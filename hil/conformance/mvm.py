@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ def mvm(sess: Session) -> None:
     sess.run(
         "mvm 1-D", "a 1-D x is one sample: y has shape (1, cols)", lambda sent: _mvm_1d(sess, sent, tile)
     )
+
     meter = getattr(sess.dev, "meter", None)
     if callable(meter):
         sess.run(
@@ -90,6 +92,61 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
         i = np.unravel_index(int(np.argmax(err - tol)), err.shape)
         raise Mismatch(f"{got}; y{list(map(int, i))} = {stack.mean(0)[i]:.4g}, x @ W = {ref[i]:.4g}")
     return f"{got}; {_aggregate(ref, stack.mean(0), out_lsb)}"
+
+
+def w_max(sess: Session) -> None:
+    """After the checks that use the test network's weights (it reprograms the first tile)."""
+    if "mvm" not in sess.caps:
+        return
+    tile = sess.topo.couplings[0].tile
+    sess.run(
+        "mvm w_max",
+        "the coupling's w_max scales the product: configured with twice the w_max, the same "
+        "conductances give twice the outputs",
+        lambda sent: _w_max(sess, sent, tile),
+    )
+
+
+def _w_max(sess: Session, sent: list[str], tile: str) -> str:
+    """The test network runs at w_max 1, where a firmware that leaves w_max out of the product
+    gives the right numbers: the tile is programmed to random weights of +-0.5, then
+    configured again with w_max doubled (the conductances stay, as a configure keeps them),
+    and must give twice the outputs, by a fit ``y2 = a y1 + b`` over repeated products,
+    |a - 2| within the converters' allowance."""
+    rows, cols = sess.topo.tile_shape(tile)
+    sign = sess.rng.choice([-1.0, 1.0], (rows, cols))
+    mid = sess.lim.g_min + 0.5 * sess.g_range
+    gp = (mid + 0.25 * sess.g_range * sign).astype(np.float32)
+    gm = (mid - 0.25 * sess.g_range * sign).astype(np.float32)
+    sess.dev.program(tile, gp, gm, verify="program_verify" in sess.caps)
+    x = (0.5 * sess.inputs((max(16, sess.opt.batch), rows))).astype(np.float32)  # half: room to double
+    w_max = sess.topo.coupling(tile).w_max
+    doubled = dataclasses.replace(
+        sess.topo,
+        couplings=tuple(
+            dataclasses.replace(c, w_max=2 * c.w_max) if c.tile == tile else c for c in sess.topo.couplings
+        ),
+    )
+    sent.append(
+        f"{tile} +-0.5 weights, x {desc(x)} at w_max {w_max:g}, then configured at {2 * w_max:g}; "
+        f"{sess.opt.repeats} times"
+    )
+
+    def mean_y() -> np.ndarray:
+        return np.mean([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)], axis=0, dtype=np.float64)
+
+    y1 = mean_y()
+    sess.dev.configure(doubled)
+    try:
+        y2 = mean_y()
+    finally:
+        sess.dev.configure(sess.topo)
+    (a, b), cov = np.polyfit(y1.ravel(), y2.ravel(), 1, cov=True)
+    tol = 2 * GAIN_ALLOWANCE + 3 * float(np.sqrt(cov[0, 0]))
+    got = f"fit y(2 w_max) = {a:.3f} y(w_max) {b:+.3g} over outputs in [{y1.min():.3g}, {y1.max():.3g}]"
+    if abs(a - 2) > tol:
+        raise Mismatch(f"{got}: expected a = 2 within {tol:.3g} (a = 1: w_max is left out of the product)")
+    return f"{got}, |a - 2| <= {tol:.3g}"
 
 
 def _aggregate(ref: np.ndarray, y: np.ndarray, out_lsb: float) -> str:

@@ -37,6 +37,7 @@ def run_conformance(
             settle.settle(sess)
             arrays.pulse(sess)
             refusals.errors(sess)
+            mvm.w_max(sess)
             scpi.checks(sess)
             framed.checks(sess)
             replay.checks(sess)
