@@ -366,6 +366,11 @@ COND_CASES = [
         r"array 'g_plus' holds values in \[1, 1\], outside",
     ),
     ("short", lambda r: block(_f4(np.zeros(31))), r"conductance block of 31 values, expected 32"),
+    (
+        "big-endian",  # a firmware that sends its numbers in its own byte order: the message says so
+        lambda r: block(np.linspace(3.7e-6, 7.75e-6, 32).astype(">f4").tobytes()),
+        r"byte-swapped they would lie in \[3.7e-06, 5.6\d*e-06\]: the board sends big-endian numbers",
+    ),
 ]
 
 

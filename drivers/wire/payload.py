@@ -487,14 +487,31 @@ def _array(
     if arr.size and dtype.kind == "f":
         lo, hi = float(arr.min()), float(arr.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise _bad(op, f"array {name!r} contains NaN or infinite values")
+            raise _bad(op, f"array {name!r} contains NaN or infinite values{_byte_order_hint(arr, bounds)}")
         if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
             raise _bad(
                 op,
                 f"array {name!r} holds values in [{lo:.6g}, {hi:.6g}], "
-                f"outside [{bounds[0]:.6g}, {bounds[1]:.6g}]",
+                f"outside [{bounds[0]:.6g}, {bounds[1]:.6g}]{_byte_order_hint(arr, bounds)}",
             )
     return arr
+
+
+def _byte_order_hint(arr: np.ndarray, bounds: tuple[float, float] | None) -> str:
+    """What to say when `arr` byte-swapped is finite and within `bounds` (or, with none, of a
+    sane size): the peer sent big-endian numbers, and arrays are little-endian."""
+    swapped = arr.byteswap()
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = float(swapped.min()), float(swapped.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    ok = bounds[0] <= lo and hi <= bounds[1] if bounds is not None else max(-lo, hi) < 1e6
+    if not ok:
+        return ""
+    return (
+        f"; byte-swapped they would lie in [{lo:.6g}, {hi:.6g}]: the board sends big-endian numbers, and "
+        "arrays are little-endian (docs/protocol.md, Arrays)"
+    )
 
 
 def _unexpected(op: str, arrays: dict[str, np.ndarray], known: set[str]) -> None:

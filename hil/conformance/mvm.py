@@ -141,6 +141,8 @@ def _w_max(sess: Session, sent: list[str], tile: str) -> str:
         y2 = mean_y()
     finally:
         sess.dev.configure(sess.topo)
+    if float(np.ptp(y1)) == 0.0:
+        raise Mismatch(f"every output is {float(y1.flat[0]):.4g} at +-0.5 weights: the program did not take")
     (a, b), cov = np.polyfit(y1.ravel(), y2.ravel(), 1, cov=True)
     tol = 2 * GAIN_ALLOWANCE + 3 * float(np.sqrt(cov[0, 0]))
     got = f"fit y(2 w_max) = {a:.3f} y(w_max) {b:+.3g} over outputs in [{y1.min():.3g}, {y1.max():.3g}]"
@@ -155,6 +157,11 @@ def _aggregate(ref: np.ndarray, y: np.ndarray, out_lsb: float) -> str:
     output, for a fine or ideal ADC), plus 3 standard errors of the fit. A per-output
     tolerance cannot resolve a gain 10 % off or an offset of a few LSBs on a noisy board; the
     fit over every output can."""
+    if float(np.ptp(ref)) == 0.0:
+        raise Mismatch(
+            "the reference x @ W is the same for every output (the weights read back are all equal, "
+            "e.g. all zero): the program did not take, or the read-back does not show it"
+        )
     (a, b), cov = np.polyfit(ref.ravel(), y.ravel(), 1, cov=True)
     se_a, se_b = (float(v) for v in np.sqrt(np.diag(cov)))
     slope_tol = GAIN_ALLOWANCE + 3 * se_a

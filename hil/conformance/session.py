@@ -192,6 +192,12 @@ class Session:
         return f"; the tile reads at most {top:.4g} S"
 
     def weights(self, tile: str) -> np.ndarray:
+        """The reference weights of `tile` from the averaged reads of `read_conductance`."""
+        if tile not in self.g:
+            raise Mismatch(
+                f"no reference weights for {tile}: its read_conductance check failed above (the "
+                "products and settles are compared with the weights read back); mend that first"
+            )
         gp, gm = self.g[tile]
         return self.topo.coupling(tile).w_max * (gp - gm) / self.g_range
 
