@@ -59,8 +59,18 @@ class RetriesExhausted(DeviceError):
     def __init__(self, op: str, attempts: int, seconds: float, last: BaseException) -> None:
         cause = str(last)
         # a cause that ends by asking what to check (a refused connection, a VISA timeout) is
-        # not followed by the generic question
-        hint = "" if cause.rstrip().endswith("?") else ". Is the board powered and the link connected?"
+        # not followed by the generic question; a malformed reply came from a board that
+        # answers, so the question is its firmware's, not the cable's
+        if cause.rstrip().endswith("?"):
+            hint = ""
+        elif isinstance(last, ProtocolError) and cause.startswith("malformed"):
+            hint = (
+                ". The board answered, so the link works: its reply breaks docs/protocol.md at the field "
+                "named (a reply that belongs to another request, e.g. an extra reply line sent earlier, "
+                "shows the same way)"
+            )
+        else:
+            hint = ". Is the board powered and the link connected?"
         super().__init__(
             f"{op} failed {attempts} time(s) over {seconds:.2f} s; last cause: "
             f"{type(last).__name__}: {cause}{hint}"

@@ -47,6 +47,17 @@ READ_SIZE = 1 << 16  # bytes per recv of the fast path (larger blocks: `_read_di
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
+def no_reply(name: str, what: str, timeout: float) -> str:
+    """The timeout message of a query: the cable first, then the one firmware habit that
+    looks the same (a failed query left unanswered, as IEEE 488.2 allows)."""
+    return (
+        f"{name}: no reply to {what} within {timeout:g} s (a board that leaves a failed query "
+        "unanswered, as IEEE 488.2 allows, breaks this protocol: a failed query answers an empty "
+        "line, #10 for a block, and queues its error; docs/protocol.md section 2); is the "
+        "instrument on, and the resource string right?"
+    )
+
+
 class _SocketIO:
     """Reads and writes of a pyvisa-py TCPIP SOCKET session done on its socket directly.
 
@@ -101,10 +112,7 @@ class _SocketIO:
         while True:
             ready, _, _ = select.select([self._waitable], [], [], max(deadline - time.monotonic(), 0.0))
             if not ready:
-                raise DeviceTimeout(
-                    f"{self.name}: no reply to {what} within {self.timeout:g} s; "
-                    "is the instrument on, and the resource string right?"
-                )
+                raise DeviceTimeout(no_reply(self.name, what, self.timeout))
             n = self._fill(pending)
             if n == 0:
                 raise ProtocolError(f"{self.name}: the board closed the connection during {what}")
@@ -651,10 +659,7 @@ class _IoErrors:
         name, what = self.device.name, self.what
         if isinstance(exc, pyvisa.errors.VisaIOError):
             if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
-                raise DeviceTimeout(
-                    f"{name}: no reply to {what} within {self.device.timeout:g} s; "
-                    "is the instrument on, and the resource string right?"
-                ) from exc
+                raise DeviceTimeout(no_reply(name, what, self.device.timeout)) from exc
             raise ProtocolError(f"{name}: VISA I/O error during {what}: {exc}") from exc
         if isinstance(exc, ValueError | pyvisa.errors.InvalidBinaryFormat):
             raise ProtocolError(f"{name}: malformed reply to {what}: {exc}") from exc

@@ -81,6 +81,10 @@ def test_exhausted_retries_ask_the_generic_question_only_where_the_cause_asks_no
     assert plain.endswith("bad framing. Is the board powered and the link connected?")
     asking = str(RetriesExhausted("open", 4, 0.2, ProtocolError("refused. Is the board on at this address?")))
     assert asking.endswith("Is the board on at this address?") and asking.count("?") == 1
+    # a board that answers every time with a malformed reply: its firmware, not the cable
+    malformed = ProtocolError("malformed status reply: field 'epoch' is missing")
+    bad = str(RetriesExhausted("status", 4, 0.2, malformed))
+    assert "powered" not in bad and "the link works: its reply breaks docs/protocol.md" in bad
 
 
 def test_uri_overrides_reach_the_board() -> None:

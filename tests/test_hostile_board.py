@@ -206,12 +206,14 @@ def board() -> Iterator[Device]:
 
 
 @contextlib.contextmanager
-def scpi_host(board: Device, rewrite: Rewrite, configure: bool = True) -> Iterator[Device]:
+def scpi_host(
+    board: Device, rewrite: Rewrite, configure: bool = True, timeout: float = 3
+) -> Iterator[Device]:
     """A VISA host talking to the real SCPI server through a relay that applies `rewrite`."""
     with ScpiServer(board) as server:  # type: ignore[call-arg]
         relay = Relay(server.listen_tcp()[1], lambda: ScpiParser(rewrite))
         try:
-            dev = open_device(f"visa://TCPIP0::127.0.0.1::{relay.port}::SOCKET?attempts=1&timeout=3")
+            dev = open_device(f"visa://TCPIP0::127.0.0.1::{relay.port}::SOCKET?attempts=1&timeout={timeout}")
             try:
                 if configure:
                     dev.configure(TOPO)
@@ -372,6 +374,19 @@ COND_CASES = [
         r"byte-swapped they would lie in \[3.7e-06, 5.6\d*e-06\]: the board sends big-endian numbers",
     ),
 ]
+
+
+def test_a_query_left_unanswered_names_the_ieee_habit(board: Device) -> None:
+    """IEEE 488.2 lets a failed query answer nothing; this protocol does not. The timeout says
+    so besides asking about the cable (a lab's firmware did exactly this)."""
+    with (
+        scpi_host(board, _on("TILE:COND?", lambda r: b""), timeout=0.5) as dev,
+        pytest.raises(DeviceError) as info,
+    ):
+        dev.read_conductance("W0")
+    text = str(info.value)
+    assert "no reply to" in text and "IEEE 488.2" in text and "#10 for a block" in text, text
+    assert text.rstrip().endswith("resource string right?")
 
 
 @pytest.mark.parametrize(("case", "make", "pattern"), COND_CASES, ids=[c[0] for c in COND_CASES])
