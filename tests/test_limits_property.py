@@ -256,7 +256,10 @@ def test_wire_layout_from_a_peer(shape: list[object], code: object, data: bytes)
 def test_program_tol_and_iterations(dev: EmulatedDevice, tol: object, max_iters: object) -> None:
     lim = dev.info.limits
     want_tol = tol is None or ((f := _real(tol)) is not None and f >= 0)
-    want_iters = _is_int(max_iters) and 1 <= int(max_iters) <= lim.max_verify_iters  # type: ignore[call-overload]
+    # None: the default budget, min(20, max_verify_iters)
+    want_iters = max_iters is None or (
+        _is_int(max_iters) and 1 <= int(max_iters) <= lim.max_verify_iters  # type: ignore[call-overload]
+    )
     want = want_tol and want_iters
     ok, res = _outcome(lambda: checks.check_verify(lim, tol, max_iters))
     assert ok == want, (tol, max_iters, res)

@@ -44,7 +44,8 @@ def _program(d: Device, m: Message) -> Message:
         m.arrays["g_minus"],
         verify=_flag(m, "verify"),
         tol=m.meta.get("tol"),
-        max_iters=m.meta.get("max_iters", 20),  # the device checks it (an int() would truncate 2.5)
+        # the device checks it (an int() would truncate 2.5); none given: the board's default
+        max_iters=m.meta.get("max_iters"),
     )
     return pl.program_reply(r)
 
