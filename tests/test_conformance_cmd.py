@@ -185,6 +185,23 @@ def test_fails_when_the_multiply_ignores_w_max(emulated_board: Callable[..., Boa
     assert abs(a - 1) < 0.1, line
 
 
+class MoreTilesDeclared(DeviceWrapper):
+    """A firmware bug: it declares 64 tiles and has 2 (the test network needs two)."""
+
+    @property
+    def info(self) -> DeviceInfo:
+        inner = self.inner.info
+        limits = dataclasses.replace(inner.limits, max_tiles=64)
+        return DeviceInfo(inner.identity, limits, inner.capabilities, inner.preset, inner.extra)
+
+
+def test_fails_when_the_board_has_fewer_tiles_than_it_declares() -> None:
+    report = run_conformance(MoreTilesDeclared(open_device(FULL + "&max_tiles=2")))
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == {"configure max_tiles"}, failed
+    assert "64" in failed["configure max_tiles"].sent and not report.ok
+
+
 class UncheckedMvm(DeviceWrapper):
     """A firmware bug: the board does not check mvm inputs against its limits (it clips them)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from drivers.base import CAPABILITIES, BoardStatus
+from drivers.topology import Topology
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
 
@@ -71,6 +72,13 @@ def identity(sess: Session) -> None:
 
 
 def configure(sess: Session) -> bool:
+    sess.run(
+        "configure max_tiles",
+        "a board holds as many tiles as its max_tiles declares: a chain of max_tiles 1-node layers "
+        "(2 x 1 tiles) is configured and read back",
+        lambda sent: _max_tiles(sess, sent),
+    )
+
     def body(sent: list[str]) -> str:
         t = sess.topo
         sent.append(
@@ -85,3 +93,21 @@ def configure(sess: Session) -> bool:
         return "topology read back equal; status configured"
 
     return sess.run("configure", "CONF:TOP sets the topology; CONF:TOP? returns it", body)
+
+
+MAX_TILES_CHECKED = 4096  # a board declaring more is checked at this many tiles
+
+
+def _max_tiles(sess: Session, sent: list[str]) -> str:
+    """A board that declares more tiles than it has passes every other check (the test network
+    needs two) and fails mid-training on a network of more tiles."""
+    n = min(sess.lim.max_tiles, MAX_TILES_CHECKED)
+    chain = Topology.layered([1] * (n + 1), budget=sess.topo.budget)
+    sent.append(f"layered 1-1-...-1 ({n + 1} layers: {n} tiles of 2 x 1), then the test network")
+    sess.dev.configure(chain)
+    back = sess.dev.topology
+    if back != chain:
+        tiles = "none" if back is None else len(back.couplings)
+        raise Mismatch(f"the {n}-tile topology read back differs ({tiles} tiles)")
+    of = "" if n == sess.lim.max_tiles else f" (of {sess.lim.max_tiles})"
+    return f"{n} tiles configured and read back{of}"
