@@ -344,7 +344,9 @@ class Device(ABC):
         """`program` of the (2, rows, cols) targets `g` (G+ then G-, a numpy array or a torch
         tensor). Here: `g` as numpy through `program` (a tensor is copied to the host once). A
         backend with a `tensor_device` keeps a tensor there: checked with torch, written without
-        a host copy, its report's read-backs tensors on that device (the in-process emulator)."""
+        a host copy, its report's read-backs tensors on that device (the in-process emulator).
+        Without a copy, the tensor checked is the one written: the caller must not change it
+        (from another thread, say) until the call returns, as with any in-place torch work."""
         arr = g.detach().cpu().numpy() if hasattr(g, "detach") else np.asarray(g)
         if arr.ndim != 3 or arr.shape[0] != 2:
             raise ConfigurationError(

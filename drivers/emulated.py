@@ -411,7 +411,9 @@ class EmulatedDevice(Device):
         already: no copy when they are), the states of the equilibrium as tensors on the board's
         device (views of the settle's results, as `settle`'s arrays are on CPU). The same
         checks as `settle`, done with torch; their one read-back (the peaks of every array, in
-        one transfer) is per call, not per settle step. Energy and trace stay numpy."""
+        one transfer) is per call, not per settle step. Energy and trace stay numpy. The
+        tensors checked are the ones the board reads (no copy): the caller must not change them
+        until the call returns."""
         self.require_settle(trace, init)
         with self.lock:
             every = checks.check_trace(self.info.limits, trace)  # before the arrays' checks
