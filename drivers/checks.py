@@ -330,20 +330,33 @@ def check_program(
     return out[0], out[1]
 
 
+WINDOW_ULPS = 4  # float32 steps past an end of the conductance window that a target may lie
+
+
+def conductance_window(limits: Limits) -> tuple[float, float]:
+    """The smallest and largest program target accepted (`check_conductance_range`)."""
+    g_min, g_max = np.float32(limits.g_min), np.float32(limits.g_max)
+    step = np.spacing(max(abs(g_min), abs(g_max)))
+    low = max(float(g_min) - WINDOW_ULPS * float(step), 0.0 if limits.g_min >= 0 else -math.inf)
+    return low, float(g_max) + WINDOW_ULPS * float(step)
+
+
 def check_conductance_range(limits: Limits, tile: str, name: str, lo: float, hi: float) -> None:
     """The program targets `name` of `tile`, whose smallest and largest values are `lo` and
     `hi` (siemens, as float32 holds them; min and max carry any NaN or infinity), are finite
-    and within the board's conductance window, compared in float32, the width targets travel
-    in: with the window's ends rounded to float32 (a target clamped to g_min in float32 is
-    float32(g_min), which may lie a half-ulp below it). A slack of 1e-6 of the window let
-    negative targets through on a board with g_min 0."""
+    and within the board's conductance window in float32, the width targets travel in: the
+    window's ends rounded to float32, widened by `WINDOW_ULPS` float32 steps (targets computed
+    in float32 as ``g_min + w (g_max - g_min)`` land a step or two past an end), and never
+    below 0 siemens. A slack of 1e-6 of the window let negative targets through on a board
+    with g_min 0, and 8e-12 S past g_max on one with g_max 1e-5."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
-    if lo < float(np.float32(limits.g_min)):
+    low, high = conductance_window(limits)
+    if lo < low:
         raise LimitViolation(
             f"conductance range ({name} of {tile!r})", lo, limits.g_min, "targets must be >= g_min"
         )
-    if hi > float(np.float32(limits.g_max)):
+    if hi > high:
         raise LimitViolation(
             f"conductance range ({name} of {tile!r})", hi, limits.g_max, "targets must be <= g_max"
         )

@@ -145,14 +145,19 @@ def test_a_program_that_names_no_budget_takes_a_lower_board_bound() -> None:
 
 
 def test_conductance_targets_are_compared_in_float32_and_none_is_negative() -> None:
-    """A slack of 1e-6 of the window let -5e-12 S through on a board with g_min 0; the
-    window's ends as float32 holds them are accepted exactly, one float32 step past is not."""
+    """A slack of 1e-6 of the window let -5e-12 S through on a board with g_min 0, and 8e-12 S
+    past g_max: now the window's ends in float32, give or take 4 float32 steps (targets
+    computed in float32 as g_min + w (g_max - g_min) land a step past g_max), never below 0."""
     dev = _board("emulator://?preset=ideal&seed=0&g_min=0")
-    top = np.float32(dev.info.limits.g_max)
-    full, empty = np.full((5, 3), top, np.float32), np.zeros((5, 3), np.float32)
-    dev.program("W0", full, empty)
+    g_max = dev.info.limits.g_max
+    span = np.float32(g_max) - np.float32(0.0)
+    in_float32 = np.float32(0.0) + np.ones((5, 3), np.float32) * span  # float32 arithmetic
+    empty = np.zeros((5, 3), np.float32)
+    dev.program("W0", in_float32, empty)
+    two_steps = np.nextafter(np.nextafter(np.float32(g_max), np.float32(1)), np.float32(1))
+    dev.program("W0", np.full((5, 3), two_steps, np.float32), empty)
     with pytest.raises(LimitViolation, match="g_min"):
-        dev.program("W0", np.full((5, 3), -5e-12, np.float32), full)
+        dev.program("W0", np.full((5, 3), -5e-12, np.float32), empty)
     with pytest.raises(LimitViolation, match="g_max"):
-        dev.program("W0", np.full((5, 3), np.nextafter(top, np.float32(1)), np.float32), empty)
+        dev.program("W0", np.full((5, 3), g_max * (1 + 8e-7), np.float32), empty)
     assert dev.safety().violations == 0
