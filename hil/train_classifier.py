@@ -582,6 +582,8 @@ def _train(
                 raise watch.error(unsafe, f"during epoch {epoch + 1}", model.board_uris[0])
     finally:
         bar.close()
+    for dev in model.devices:  # every line to 0 V: the model stays usable, the boards stay open
+        dev.safe_state()
     last = history[-1]
     result = TrainResult(
         cfg, model.identities(), last.test_acc, history, model, model.tile_shapes(), last.val_acc

@@ -277,8 +277,11 @@ def classifier(
         raise
     if dp is not None:
         dp.close()
-    if log is not None:
-        _print_result(res, log, cfg)
+    try:
+        if log is not None:
+            _print_result(res, log, cfg)
+    finally:
+        res.model.close()  # each board to its safe state, its link released
     if dp is not None:
         dp.exit_worker()
 

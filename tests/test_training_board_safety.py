@@ -1,6 +1,7 @@
-"""A board that counts violations while the host trains on it stops the run (the firmware
-audit of 2026-12-06: training ran to the end on a board reporting ``SYST:SAF? 0,1``, and
-neither the run log nor the output said so)."""
+"""The boards a host trains on, kept safe: a board that counts violations stops the run (the
+firmware audit of 2026-12-06: training ran to the end on a board reporting ``SYST:SAF? 0,1``),
+and a run that ends is followed by the boards' safe state (the crash audit: a classifier run
+that finished normally never sent ``SYST:SAFE``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from drivers import BoardViolations, Device, SafetyCounters
 from drivers.wrapper import DeviceWrapper
 from hil.boards import open_board
 from hil.config import load_config
+from hil.data import load_dataset
 from hil.runlog import RunLog, open_run
 from hil.train_classifier import train_classifier
 
@@ -48,3 +50,32 @@ def test_training_stops_at_the_epoch_whose_board_counted_a_violation(tmp_path: P
     run = open_run(tmp_path / "t.zarr")
     per_epoch = 64 // cfg.train.batch_size
     assert [run.snapshot_attrs(name)["step"] for name in run.snapshots] == [2 * per_epoch]  # resumable
+
+
+class SafeStates(DeviceWrapper):
+    """Counts the calls of `safe_state` (and `close`, which makes the board safe too)."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.calls: list[str] = []
+
+    def safe_state(self) -> None:
+        self.calls.append("safe_state")
+        self.inner.safe_state()
+
+
+def test_a_finished_run_leaves_its_boards_in_the_safe_state() -> None:
+    cfg = load_config(
+        None, ["train.epochs=1", "data.limit_train=32", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    )
+    boards: list[SafeStates] = []
+
+    def opener(uri: str) -> Device:
+        boards.append(SafeStates(open_board(uri)))
+        return boards[-1]
+
+    res = train_classifier(cfg, opener=opener)
+    assert boards and all(b.calls == ["safe_state"] for b in boards)
+    data = load_dataset("digits")  # the model stays usable: safe, not closed
+    assert 0.0 <= res.model.accuracy(data.x_test[:16], data.y_test[:16]) <= 1.0
+    res.model.close()
