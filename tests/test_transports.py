@@ -214,6 +214,45 @@ def test_serial_reconnects_after_the_board_restarts(emulated_board: Callable[...
 
 
 @pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_board_powered_up_again_is_configured_again(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """A board that powers up again at the same address may start at the epoch it had (here
+    0, as a fresh emulator does): the host finds it without a topology and configures it
+    again, where it used to fail with "the device has no topology yet"."""
+    from emulator.server.launch import serve
+
+    s = emulated_board(BOARD)
+    uri = s.uri(transport, timeout="1", **({"ack_timeout": "0.05"} if transport == "serial-socket" else {}))
+    port = (
+        int(s.uris["serial-socket"].rsplit(":", 1)[1])
+        if transport == "serial-socket"
+        else int(s.uris["visa-tcp"].split("::")[2])
+    )
+    fresh = None
+    try:
+        with open_device(uri) as dev:
+            dev.configure(Topology.layered([4, 3]))
+            before = dev.status().epoch
+            s.close()  # the board and its servers go away
+            time.sleep(0.3)
+            ports = (
+                {"framed_port": port, "scpi_port": None}
+                if transport == "serial-socket"
+                else {"scpi_port": port, "framed_port": None}
+            )
+            fresh = serve(BOARD, scpi_pty=False, framed_pty=False, **ports)  # type: ignore[arg-type]
+            y = dev.mvm("W0", np.full((2, 5), 0.5, np.float32))
+            assert y.shape == (2, 3)
+            assert fresh.device.status().epoch == before  # the same epoch: only the topology tells
+            assert fresh.device.topology == dev.topology
+            assert dev.recovery.reconfigured == 1
+    finally:
+        if fresh is not None:  # after the host closed (its close makes the board safe)
+            fresh.close()
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
 def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:

@@ -258,14 +258,18 @@ class RemoteDevice(Device):
             raise
 
     def _recover(self) -> None:
-        """Reconnect; if the board's epoch changed (or, without STATUS, its topology is not
-        the host's), count a reset and configure the host's topology again."""
+        """Reconnect; if the board's epoch changed, or it holds no topology while the host has
+        one (a board powered up again may start at the epoch it had before), or, without
+        STATUS, its topology is not the host's: count a reset and configure the host's
+        topology again."""
         self._disconnect()
         self._broken = True
         self.recovery.reconnects += 1
         self._connect()
         status = self._board_status()
         reset = status is not None and self._epoch is not None and status.epoch != self._epoch
+        if status is not None and not status.configured and self._topology is not None:
+            reset = True
         if status is None and self._topology is not None:
             reset = self._remote_topology() != self._topology
         if reset and (status is None or status.epoch != self._counted_epoch):
