@@ -79,3 +79,50 @@ def test_a_finished_run_leaves_its_boards_in_the_safe_state() -> None:
     data = load_dataset("digits")  # the model stays usable: safe, not closed
     assert 0.0 <= res.model.accuracy(data.x_test[:16], data.y_test[:16]) <= 1.0
     res.model.close()
+
+
+class Transactions(DeviceWrapper):
+    """Records begin/commit tags: what a killed host leaves on the board (an open tag)."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.tags: list[str] = []
+
+    def begin(self, tag: str) -> None:
+        self.tags.append(f"begin {tag}")
+        self.inner.begin(tag)
+
+    def commit(self, tag: str) -> None:
+        self.tags.append(f"commit {tag}")
+        self.inner.commit(tag)
+
+
+def test_the_vae_trainer_brackets_each_steps_programming_in_a_transaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The crash audit: a VAE host killed mid-write left no mark on the board (66 programs, no
+    SYST:TRAN:BEG); the classifier's trainer always bracketed its steps. Each step is now a
+    transaction, committed when the step's programming is done."""
+    import hil.vae.train as vae_train
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+
+    boards: list[Transactions] = []
+
+    def opener(uri: str, calibration: str = "") -> Device:
+        boards.append(Transactions(open_board(uri, calibration)))
+        return boards[-1]
+
+    monkeypatch.setattr(vae_train, "open_board", opener)
+    sets = [
+        "train.epochs=1",
+        "data.limit_train=64",
+        "data.limit_test=32",
+        "eval.samples=32",
+        "eval.eps_draws=1",
+    ]
+    res = vae_train.train_vae(load_into(VAERunConfig(), None, sets), progress=False)
+    steps = 64 // VAERunConfig().train.batch_size
+    assert boards and res.final.neg_elbo > 0
+    for b in boards:
+        assert b.tags == [f"{kind} step-{k}" for k in range(1, steps + 1) for kind in ("begin", "commit")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from drivers import Equilibrium, SettleBudget, seeds
+from drivers import Equilibrium, OpenTransactionWarning, SettleBudget, seeds
+from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
@@ -244,8 +246,13 @@ def train_vae(
     torch.manual_seed(cfg.train.seed)
     lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
     features = DigitsFeatures.load_or_train()
-    model = _Model(cfg, pixels)
+    with warnings.catch_warnings():
+        # a board left mid-transaction is reported once, below, not also by its link as it opens
+        warnings.simplefilter("ignore", OpenTransactionWarning)
+        model = _Model(cfg, pixels)
     try:
+        # left by a killed host: the first step programs every tile again, in its own transaction
+        report_open_transactions(model.devices)
         opt = torch.optim.Adam(model.params, lr=cfg.train.lr)
         steps_per_epoch = math.ceil(len(data.x_train) / cfg.train.batch_size)
         total = cfg.train.epochs * steps_per_epoch
@@ -288,7 +295,8 @@ def train_vae(
         for epoch, idx in order.batches(cfg.train.batch_size, cfg.train.epochs):
             eps = torch.randn(len(idx), cfg.model.latent, generator=noise)
             trace = log.trace_for(step) if log is not None else 0
-            stats = model.train_step(x_train[idx], eps, lik, opt, trace)
+            with programming_transaction(model.devices, f"step-{step + 1}"):
+                stats = model.train_step(x_train[idx], eps, lik, opt, trace)
             sched.step()
             step += 1
             bar.update(1)
