@@ -455,6 +455,12 @@ def test_resume_refusals(copy: Path, tmp_path: Path) -> None:
         open_for_resume(path)
     with pytest.raises(RunLogError, match="already exists"):
         RunLog.create(path, {})
+    # the crash audit: overwrite deleted part of a live store under its writer
+    with pytest.raises(
+        RunLogError, match=r"still being written by process .*cannot be overwritten while it runs"
+    ):
+        RunLog.create(path, {}, overwrite=True)
+    assert open_run(path, validate=False).status == "running"  # nothing of it was removed
     with pytest.raises(RunLogError, match="plain JSON"):
         RunLog.create(tmp_path / "bad.zarr", {"x": float("nan")})
 

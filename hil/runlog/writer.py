@@ -132,6 +132,8 @@ class RunLog:
         check_json(config, "config")
         if path.exists() and not overwrite and not never_started(path):
             raise RunExistsError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
+        if path.exists() and overwrite:
+            _check_not_live(path)  # overwriting a run that is still written would delete it under its writer
         traces = traces or TraceConfig()
         try:
             root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -564,6 +566,20 @@ def _table_error(run: Run, path: str) -> str:
     except RunLogError as exc:
         return str(exc).removeprefix(f"{run.path}: ")
     return f"cannot read {path}"
+
+
+def _check_not_live(path: Path) -> None:
+    """Refuse to replace a run log whose writer still runs on this host."""
+    try:
+        run = open_run(path, validate=False)
+    except RunLogError:
+        return  # not a run log (or a damaged one): nothing is writing it
+    try:
+        _check_writer_gone(run)
+    except RunLogError as exc:
+        raise RunLogError(
+            f"{exc}: it cannot be overwritten while it runs; stop that process or pick a new run folder"
+        ) from None
 
 
 def _check_writer_gone(run: Run) -> None:
