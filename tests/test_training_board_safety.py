@@ -6,6 +6,7 @@ that finished normally never sent ``SYST:SAFE``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,29 @@ def test_the_vae_trainer_brackets_each_steps_programming_in_a_transaction(
     assert boards and res.final.neg_elbo > 0
     for b in boards:
         assert b.tags == [f"{kind} step-{k}" for k in range(1, steps + 1) for kind in ("begin", "commit")]
+
+
+def test_a_run_stopped_by_its_link_says_how_to_resume(tmp_path: Path, emulated_board: Any) -> None:
+    """The crash audit: only Ctrl-C printed the --resume command; a board that stops answering
+    ended the run with the link's error alone. The board hangs up for good (one attempt per
+    request) after the first epoch's snapshot."""
+    import os
+    import subprocess
+    import sys
+
+    from hil.testing import FaultPlan
+
+    servers = emulated_board(board="emulator://?preset=ideal&seed=0", plan=FaultPlan(hang_up_after=150))
+    sets = ["train.epochs=3", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,8,10]"]
+    args = [a for s in [*sets, "log.snapshot_every_s=0", f"device={servers.uri('visa-tcp', attempts='1')}"]
+            for a in ("--set", s)]  # fmt: skip
+    run = tmp_path / "run.zarr"
+    cmd = [sys.executable, "-m", "hil.cli", "train", "classifier", *args, "--out", str(run), "--no-progress"]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "closed the connection" in lines[0], res.stderr
+    assert f"`hil train classifier --resume {run}` continues from there" in lines[-1], res.stderr
+    assert open_run(run, validate=False).snapshots

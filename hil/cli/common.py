@@ -45,8 +45,9 @@ def one_line_errors(prefix: str = "") -> Iterator[None]:
 
 @contextmanager
 def resume_hint(command: str, run: Path | None) -> Iterator[None]:
-    """On Ctrl-C inside, say before exiting where the run stopped and how to continue it (the
-    interrupt then ends the command as before)."""
+    """On Ctrl-C inside, or on an error of the board, its link or the disk (`user_errors`
+    less bad input), say where the run stopped and how to continue it; the exception then
+    ends the command as before. Put it outside `one_line_errors`, which prints the error."""
     try:
         yield
     except KeyboardInterrupt:
@@ -58,6 +59,30 @@ def resume_hint(command: str, run: Path | None) -> Iterator[None]:
                 err=True,
             )
         raise
+    except typer.Exit as exc:
+        from drivers import ConfigurationError, DeviceError
+
+        cause = exc.__context__  # what `one_line_errors` reported
+        stopped = isinstance(cause, DeviceError | OSError) and not isinstance(cause, ConfigurationError)
+        if run is not None and stopped and _has_snapshot(run):
+            typer.echo(
+                f"the run log {run} keeps what was logged up to its last snapshot; once the board "
+                f"(or the disk) is back, `{command} --resume {run}` continues from there",
+                err=True,
+            )
+        raise
+
+
+def _has_snapshot(run: Path) -> bool:
+    """Whether the run log at `run` (a store, or a run folder holding one) can be resumed from
+    a snapshot (without one, a rerun starts over anyway)."""
+    from hil.runlog import RunLogError, open_run
+
+    store = run / RUN_STORE if (run / RUN_STORE).exists() else run
+    try:
+        return bool(open_run(store, validate=False).snapshots)
+    except RunLogError:
+        return False
 
 
 def run_store(path: Path) -> Path:
