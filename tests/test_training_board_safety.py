@@ -153,3 +153,29 @@ def test_a_run_stopped_by_its_link_says_how_to_resume(tmp_path: Path, emulated_b
     assert lines[0].startswith("error: ") and "closed the connection" in lines[0], res.stderr
     assert f"`hil train classifier --resume {run}` continues from there" in lines[-1], res.stderr
     assert open_run(run, validate=False).snapshots
+
+
+def test_a_run_resumed_on_another_board_says_so_and_keeps_both(tmp_path: Path) -> None:
+    """The crash audit: a run resumed on a board of another identity at the same address was
+    accepted without a word, and the run log lost which board trained the earlier steps."""
+    import dataclasses
+
+    from hil.runlog import AnotherBoardWarning, open_for_resume
+
+    sets = ["train.epochs=2", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,8,10]"]
+    cfg = load_config(None, [*sets, "log.snapshot_every_s=0"])
+
+    def crash(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+        train_classifier(cfg, log=log, on_epoch=crash)
+    other = dataclasses.replace(cfg, device="emulator://?preset=ideal&seed=7")
+    log, state = open_for_resume(path)
+    with log, pytest.warns(AnotherBoardWarning, match=r"EMU-00000007.*than it ran on .*EMU-00000000"):
+        log.set_device_uri(other.device)
+        train_classifier(other, log=log, state=state).model.close()
+    run = open_run(path)
+    assert run.attrs["resumes"][-1]["device_identity_before"].split(",")[2] == "EMU-00000000"
+    assert run.attrs["device"]["identity"]["serial"] == "EMU-00000007"

@@ -50,11 +50,12 @@ from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogCorr
 from hil.runlog.order import DataOrder
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import restore_rng, restore_training, rng_state, training_state
-from hil.runlog.writer import RunLog, TraceConfig, never_started, open_for_resume
+from hil.runlog.writer import AnotherBoardWarning, RunLog, TraceConfig, never_started, open_for_resume
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "AnotherBoardWarning",
     "DataOrder",
     "Run",
     "RunExistsError",

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +175,25 @@ class RunLog:
         return log
 
     def set_device(self, info: DeviceInfo, *, uri: str | None = None) -> None:
-        """Record the board: *IDN fields, preset, limits, capabilities."""
-        self._update_root({"device": device_record(info, uri)})
+        """Record the board: *IDN fields, preset, limits, capabilities. A resumed run on a
+        board of another identity than the one recorded keeps the one before in the last
+        ``resumes`` entry (``device_identity_before``) and says so (`AnotherBoardWarning`)."""
+        record = device_record(info, uri)
+        update: dict[str, Any] = {"device": record}
+        before = self.root.attrs.get("device")
+        resumes = list(self.root.attrs.get("resumes", []))
+        if isinstance(before, dict) and before.get("idn") not in (None, record["idn"]) and resumes:
+            resumes[-1] = {**resumes[-1], "device_identity_before": before["idn"]}
+            update["resumes"] = resumes
+            warnings.warn(
+                f"{self.path}: this run continues on another board ({record['idn']}) than it ran on "
+                f"({before['idn']}); the run log keeps both. Every tile is programmed again from the "
+                "snapshot; the new board's devices differ, so expect the first steps to differ from "
+                "what the old board would have given",
+                AnotherBoardWarning,
+                stacklevel=2,
+            )
+        self._update_root(update)
 
     def set_boards(self, boards: list[dict[str, Any]]) -> None:
         """Record which board held which block: one JSON record per EB block (block index,
@@ -566,6 +584,10 @@ def _table_error(run: Run, path: str) -> str:
     except RunLogError as exc:
         return str(exc).removeprefix(f"{run.path}: ")
     return f"cannot read {path}"
+
+
+class AnotherBoardWarning(UserWarning):
+    """A resumed run continues on a board of another identity than the one it ran on."""
 
 
 def _check_not_live(path: Path) -> None:
