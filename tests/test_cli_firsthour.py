@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -500,3 +501,20 @@ def test_readme_lists_every_benchmark() -> None:
     scripts = sorted(p.name for p in (root / "benchmarks").iterdir() if p.suffix in (".py", ".sh"))
     assert len(scripts) >= 20
     assert [s for s in scripts if f"`benchmarks/{s}`" not in readme] == []
+
+
+def test_a_full_or_read_only_disk_is_named_with_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    """The crash audit: a full disk ended training with "[Errno 28] No space left on device",
+    no path and no word of what to do; a read-only store gave a 231-line traceback on resume."""
+    import errno
+
+    import typer
+
+    from hil.cli.common import one_line_errors
+
+    for code, fix in ((errno.ENOSPC, "free some space"), (errno.EROFS, "make it writable")):
+        with pytest.raises(typer.Exit) as info, one_line_errors():
+            raise OSError(code, os.strerror(code), "/data/run.zarr/metrics/train/c/3")
+        assert info.value.exit_code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "run.zarr/metrics/train/c/3" in err and fix in err, err

@@ -7,6 +7,7 @@ stderr, ``error: ...`` naming the problem and the fix, and exit code 2: no trace
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,13 +35,32 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (DeviceError, CalibrationError, DataError, ValueError, OSError)
 
 
+DISK_ERRNOS = {
+    errno.ENOSPC: "free some space",
+    errno.EROFS: "make it writable",
+    errno.EDQUOT: "free some space",
+}
+
+
 @contextmanager
 def one_line_errors(prefix: str = "") -> Iterator[None]:
-    """Turn `user_errors` raised inside into `fail` (one line, exit 2)."""
+    """Turn `user_errors` raised inside into `fail` (one line, exit 2); a full or read-only
+    disk is named as such, with what to do."""
     try:
         yield
     except user_errors() as exc:
-        raise fail(f"{prefix}{exc}") from None
+        fix = DISK_ERRNOS.get(exc.errno) if isinstance(exc, OSError) else None  # type: ignore[arg-type]
+        where = (
+            f" ({exc.filename})"
+            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc)
+            else ""
+        )
+        hint = (
+            f"{where}: the disk of the run log or its output is full or read-only; {fix} before going on"
+            if fix
+            else ""
+        )
+        raise fail(f"{prefix}{exc}{hint}") from None
 
 
 @contextmanager

@@ -258,7 +258,7 @@ def classifier(
             )
     except RunExistsError:
         raise fail(exists_message(run, run)) from None
-    except RunLogError as exc:
+    except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
         raise fail(str(exc)) from None
     try:
         run_path = None if log is None else log.path

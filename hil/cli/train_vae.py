@@ -124,7 +124,7 @@ def vae(
             )
     except RunExistsError:
         raise fail(exists_message(run_dir, run_dir)) from None
-    except RunLogError as exc:
+    except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
         raise fail(str(exc)) from None
     if m.variant in ("tdh-vae", "dh-vae"):
         one = dense_topology(64, m.hidden, m.latent * m.copies).cells()
