@@ -212,16 +212,52 @@ class Run:
             if end > self.tables.get(f"{TRACES}/points", 0):
                 raise RunLogError(f"{self.path}: traces/settles points past traces/points (truncated store)")
         for name in self.snapshots:
+            problem = self.snapshot_problem(name)
+            if problem is not None:
+                raise RunLogError(f"{self.path}: {problem}")
+
+    def snapshot_problem(self, name: str) -> str | None:
+        """Why snapshot `name` is not whole on disk (unreadable metadata, a missing array or
+        chunk), or None. A missing chunk would read back as zeros: a resume must not load it."""
+        try:
             self.snapshot_attrs(name)
             group = self._group(f"{SNAPSHOTS}/{name}")
-            assert group is not None
+            if group is None:
+                return f"{SNAPSHOTS}/{name} is missing (truncated store)"
             try:
                 arrays = list(group.array_keys())
             except Exception as exc:
-                raise RunLogError(f"{self.path}: cannot list {SNAPSHOTS}/{name}: {_short(exc)}") from None
+                return f"cannot list {SNAPSHOTS}/{name}: {_short(exc)}"
             for array in arrays:
                 arr = self._array(f"{SNAPSHOTS}/{name}/{array}")
                 self._check_chunks(arr, list(np.ndindex(*arr.cdata_shape)) if arr.size else [])
+        except RunLogError as exc:
+            return str(exc).removeprefix(f"{self.path}: ")
+        return None
+
+    def present_rows(self, path: str) -> tuple[int, str | None]:
+        """How many leading committed rows of the table at `path` have every column's chunks
+        on disk (a missing chunk reads back as fill values, not as an error), and what is
+        missing first (None: nothing)."""
+        rows, missing = self.tables.get(path, 0), None
+        group = self._group(path)
+        if group is None or not rows:
+            return 0, None if group is not None else f"{path} is missing (truncated store)"
+        chunk = int(group.attrs.get("chunk_rows") or rows)
+        for name in group.attrs.get("columns", []):
+            try:
+                arr = self._array(f"{path}/{name}")
+            except RunLogError as exc:
+                return 0, str(exc).removeprefix(f"{self.path}: ")
+            n = min(rows, arr.shape[0])
+            for i in range(-(-n // chunk)):
+                key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+                if not (self.path / arr.path / key).is_file():
+                    n = i * chunk
+                    missing = missing or f"chunk {arr.path}/{key} is missing (truncated store)"
+                    break
+            rows = min(rows, n)
+        return rows, missing
 
     def verify(self) -> None:
         """`validate`, then decode every chunk of every committed row and snapshot: the first

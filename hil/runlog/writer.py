@@ -495,22 +495,30 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     last intact snapshot (None if the run had none: start over, the tables are emptied). Rows
     written after that snapshot are dropped, so the resumed run appends exactly where it left off.
 
-    A snapshot is intact when its arrays and every table chunk below the rows it recorded
-    decode (checksums): damaged newer snapshots are skipped (named in the ``resumes`` entry,
-    under ``skipped``) and deleted, and the tables cut back to the snapshot used. Snapshots that
-    are all damaged raise `RunLogCorrupt`."""
-    run = open_run(path)
+    A snapshot is intact when its arrays are whole on disk and decode (checksums), and every
+    table chunk below the rows it recorded is on disk and decodes: damaged newer snapshots
+    are skipped (named in the ``resumes`` entry, under ``skipped``) and deleted, and the
+    tables cut back to the snapshot used. Snapshots that are all damaged raise
+    `RunLogCorrupt`."""
+    run = open_run(path, validate=False)  # each snapshot and table is checked below, on its own
     if run.complete:
         raise RunLogError(f"{run.path}: the run is complete; nothing to resume")
     _check_writer_gone(run)
     step, state, tables, used = None, None, {}, None
-    intact = {table_path: run.intact_rows(table_path) for table_path in run.tables}
+    present = {p: run.present_rows(p) for p in run.tables}
+    intact = {p: min(run.intact_rows(p), present[p][0]) for p in run.tables}
     skipped: list[dict[str, str]] = []
     for name in reversed(run.snapshots):
+        problem = run.snapshot_problem(name)
+        if problem is not None:  # a missing chunk or torn metadata: an older snapshot may be whole
+            skipped.append({"snapshot": name, "error": problem})
+            continue
         recorded = {p: int(r) for p, r in run.snapshot_attrs(name)["tables"].items()}
         damaged = [p for p, rows in run.tables.items() if min(rows, recorded.get(p, 0)) > intact[p]]
         if damaged:
-            skipped.append({"snapshot": name, "error": _table_error(run, damaged[0])})
+            skipped.append(
+                {"snapshot": name, "error": present[damaged[0]][1] or _table_error(run, damaged[0])}
+            )
             continue
         try:
             step, state = run.load_snapshot(name)
