@@ -196,7 +196,6 @@ class SettlePlanner:
     def __init__(self, board: Board) -> None:
         self.board = board
         self.plans: dict[frozenset[str], tuple[tuple[torch.Tensor, ...], Plan]] = {}
-        self._power_vectors: dict[frozenset[str], torch.Tensor] = {}
         # per clamp set: the last coupling-norm figure and the free-to-free matrices it was for
         self._norm_refs: dict[frozenset[str], tuple[float, list[torch.Tensor]]] = {}
 
@@ -326,19 +325,19 @@ class SettlePlanner:
         """Power-iteration estimate of the norm of the map the free groups apply to each other
         (their drive on one another), with a 10 % margin. It bounds how fast an analog settle
         may be integrated: see `step_dt`. The map is assembled as one matrix, so each
-        iteration is one matrix-vector product; the iteration starts from the previous
-        plan's vector and stops once the estimate has settled."""
+        iteration is one matrix-vector product; the iteration starts from a fixed random
+        vector and stops once the estimate has settled."""
         if not plan.dyn_terms:
             return 0.0
         op = self.coupling_operator(plan)
         n = op.shape[0]
-        key = frozenset(plan.free)
-        v = self._power_vectors.get(key)
-        if v is None or v.shape[1] != n:
-            gen = torch.Generator(device=self.board.device).manual_seed(0)
-            v = torch.randn(1, n, generator=gen, device=self.board.device)
-        # at least 4 iterations; more while the estimate still rises by over 1 % (a start
-        # vector from other weights, or a slow spectral gap)
+        # the same start vector every time: the estimate (and the settle step it sets) is a
+        # function of the weights alone, not of the settles this process ran before, so a run
+        # resumed in a fresh process settles as the uninterrupted run did
+        gen = torch.Generator(device=self.board.device).manual_seed(0)
+        v = torch.randn(1, n, generator=gen, device=self.board.device)
+        # at least 4 iterations; more while the estimate still rises by over 1 % (a slow
+        # spectral gap)
         norm = 0.0
         for i in range(40):
             v = v / (torch.linalg.vector_norm(v) + 1e-30)
@@ -346,7 +345,6 @@ class SettlePlanner:
             last, norm = norm, float(torch.linalg.vector_norm(v))
             if i >= 3 and norm <= 1.01 * last:
                 break
-        self._power_vectors[key] = v
         return 1.1 * norm
 
     def coupling_operator(self, plan: Plan) -> torch.Tensor:

@@ -188,3 +188,25 @@ def test_a_host_iterated_settle_that_stalls_falls_back(monkeypatch) -> None:
     monkeypatch.setattr(topology, "STALL_CHECKS", 10**6)
     never, _, _ = _host_settle(3.0, budget)
     assert not never.converged and never.steps == budget.max_steps
+
+
+def test_the_bound_is_a_function_of_the_weights_not_of_earlier_settles() -> None:
+    """The bound's power iteration started from the vector the previous estimate ended with,
+    so a step depended on every settle the process had run before, and a run resumed in a
+    fresh process (the main job after a crash) ended elsewhere than the uninterrupted run.
+    A board that estimated other weights first gives the same figure as a fresh one."""
+    topo = Topology.dense(GROUPS, budget=SettleBudget(max_steps=50, tol=0.0, dt=1.0, check_every=50))
+
+    def estimate(*scales: float) -> float:
+        dev = open_device("emulator://?preset=ideal&seed=0")
+        try:
+            dev.configure(topo)
+            planner = dev.board.engine.planner  # type: ignore[attr-defined]
+            for scale in scales:  # each: program, then the estimate of those weights
+                program_weights(dev, "W", _weights(scale))
+                norm = planner._coupling_norm(planner.plan(frozenset({"x"})))
+            return norm
+        finally:
+            dev.close()
+
+    assert estimate(0.7, 1.5) == estimate(1.5)
