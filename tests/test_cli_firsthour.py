@@ -518,3 +518,13 @@ def test_a_full_or_read_only_disk_is_named_with_what_to_do(capsys: pytest.Captur
         assert info.value.exit_code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "run.zarr/metrics/train/c/3" in err and fix in err, err
+
+
+@pytest.mark.parametrize("command", [["train", "classifier"], ["train", "vae"]])
+@pytest.mark.parametrize("extra", [["--out", "elsewhere"], ["--overwrite"]])
+def test_resume_refuses_the_options_of_a_new_run(
+    command: list[str], extra: list[str], tmp_path: Path
+) -> None:
+    """The crash audit: --resume with --out (or --overwrite) ignored them without a word."""
+    line = _one_line_error(_hil(*command, "--resume", tmp_path / "run", *extra))
+    assert "--out and --overwrite are for a new run: drop them" in line
