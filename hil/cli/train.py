@@ -174,7 +174,9 @@ def classifier(
     state = None
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
     if resume is not None and (out is not None or overwrite):
-        raise fail(f"--resume {resume} continues that run log where it is; --out and --overwrite are for a new run: drop them")
+        raise fail(
+            f"--resume {resume} continues that run log where it is; --out and --overwrite are for a new run: drop them"
+        )
     try:
         if resume is not None:
             resume = run_store(resume)

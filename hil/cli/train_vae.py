@@ -92,7 +92,9 @@ def vae(
         torch.set_num_threads(threads)
     state = None
     if resume is not None and (out is not None or overwrite):
-        raise fail(f"--resume {resume} continues that run log where it is; --out and --overwrite are for a new run: drop them")
+        raise fail(
+            f"--resume {resume} continues that run log where it is; --out and --overwrite are for a new run: drop them"
+        )
     try:
         if resume is not None:
             store = run_store(resume)
