@@ -276,6 +276,25 @@ BASE = {"sweep": {"trainer": "classifier"}}
         ({"device": {"type": "categorical", "choices": ["emulator://"]}}, "space.device:"),
         ({"model.sizes[3]": {"type": "int", "low": 16, "high": 64}}, "space.model.sizes[3]:"),
         ({"ep.beta[0]": {"type": "float", "low": 0.1, "high": 0.3}}, "space.ep.beta[0]:"),
+        # the sweep audit: these ran, one drawn for nothing and reported as if it counted
+        (
+            {
+                "train.lr": {"type": "float", "low": 0.1, "high": 0.3},
+                "train.lr[0]": {"type": "float", "low": 0.1, "high": 0.3},
+            },
+            "space.train.lr[0]: sets what space.train.lr sets",
+        ),
+        (
+            {
+                "train.lr": {"type": "float", "low": 0.1, "high": 0.3},
+                "train": {"lr": {"type": "float", "low": 0.1, "high": 0.3}},
+            },
+            "space.train.lr: given twice",
+        ),
+        (
+            {"train.batch_size": {"type": "int", "low": 8, "high": 64, "step": 0}},
+            "space.train.batch_size.step: must be > 0",
+        ),
     ],
 )
 def test_bad_search_space_names_the_key(space: dict[str, Any], key: str) -> None:

@@ -253,7 +253,9 @@ def parse_spec(
     fix = None if need is None else need(cfg)
     if fix is not None:
         raise SpecError(f"sweep.objective: {objective!r} is not measured with this base config: {fix}")
-    space = tuple(_param(key, entry, cfg, trainer) for key, entry in _space_entries(_table(data, "space")))
+    entries = _space_entries(_table(data, "space"))
+    _check_distinct([key for key, _ in entries])
+    space = tuple(_param(key, entry, cfg, trainer) for key, entry in entries)
     if not space:
         raise SpecError('space: empty; add at least one [space."<config key>"] table')
     start_at_base = sw.get("start_at_base", False)
@@ -298,6 +300,25 @@ def _get(table: dict[str, Any], key: str, tp: type, default: Any) -> Any:
     if tp is str and not isinstance(value, str):
         raise SpecError(f"sweep.{key}: expected a string, got {value!r}")
     return value
+
+
+def _check_distinct(keys: list[str]) -> None:
+    """Refuse two tables that set one setting: the same key twice (``[space."train.lr"]`` and
+    ``[space.train.lr]``), or a list setting and one of its elements (``train.lr`` and
+    ``train.lr[0]``): one of them would be drawn for nothing, and reported as if it counted."""
+    seen: list[str] = []
+    for key in keys:
+        path, index = _split_index(key)
+        for other in seen:
+            other_path, other_index = _split_index(other)
+            if other == key:
+                raise SpecError(
+                    f'space.{key}: given twice (as [space."{key}"] and [space.{key}], which mean the same '
+                    "key); keep one of the two tables"
+                )
+            if other_path == path and (index is None or other_index is None):
+                raise SpecError(f"space.{key}: sets what space.{other} sets; keep one of the two tables")
+        seen.append(key)
 
 
 def _space_entries(space: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -428,8 +449,10 @@ def _param(key: str, entry: dict[str, Any], cfg: Any, trainer: Trainer) -> Param
         if log and low <= 0:
             raise SpecError(f"space.{key}.low: a log scale needs low > 0, got {low}")
         step = _number(key, entry, "step", integer)
-        if step is not None and (step <= 0 or log):
-            raise SpecError(f"space.{key}.step: must be > 0 and cannot be combined with log = true")
+        if step is not None and step <= 0:
+            raise SpecError(f"space.{key}.step: must be > 0, got {step}")
+        if step is not None and log:
+            raise SpecError(f"space.{key}.step: cannot be combined with log = true; drop one of the two")
         param = Param(key, kind, low=low, high=high, log=log, step=step)
         probes = [low, high]
     for value in probes:  # each end of the range (each choice) must make a valid config
