@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 import tomllib
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 from hil.cli import app
 from hil.runlog import open_run
 from hil.sweep import SpecError, SweepError, load_spec, parse_spec, run_sweep
+from hil.sweep.local import LocalExecutor
 from hil.sweep.ray_runner import Board, import_ray
 from hil.sweep.trial import TrialEvent
 
@@ -439,3 +442,61 @@ def test_validation_objective_needs_a_validation_split() -> None:
         parse_spec({"sweep": {"objective": "val_acc"}, **space})
     spec = parse_spec({"sweep": {"objective": "val_acc"}, "base": {"data": {"validation": 50}}, **space})
     assert spec.objective == "val_acc" and spec.direction == "maximize"
+
+
+KILLED_AFTER_ONE = """
+import os, sys
+from hil.sweep import load_spec, run_sweep
+from hil.sweep.local import LocalExecutor
+
+class DiesMidRound(LocalExecutor):
+    # the first trial of the second round finishes; the process dies while the second runs
+    def run(self, spec, jobs, on_event):
+        for outcome in super().run(spec, jobs, on_event):
+            yield outcome
+            if outcome.number == 2:
+                os._exit(9)
+
+run_sweep(load_spec(sys.argv[1]), sys.argv[2], DiesMidRound())
+"""
+
+
+def test_a_killed_sweep_keeps_its_finished_trials_and_reruns_the_cut_one(
+    spec_file: Path, tmp_path: Path
+) -> None:
+    """The sweep audit: a trial that finished before the sweep was killed mid-round was lost
+    (told only when the round ended), and the cut trial counted towards n_trials: the
+    continued sweep tried 4 settings of 6. Now the finished one is kept, the cut one fails as
+    interrupted, its parameters run again, and n_trials counts the others."""
+    import subprocess
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_ONE, str(spec_file), str(out)],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == 9, killed.stderr
+    assert json.loads((out / "sweep.lock").read_text())["pid"] != os.getpid()  # the dead process's lock
+    result = run_sweep(load_spec(spec_file), out, LocalExecutor())
+    by = {t.number: t for t in result.trials}
+    assert by[2].state == "COMPLETE" and by[2].value is not None  # finished before the kill: kept
+    assert by[3].state == "FAIL" and by[3].error.startswith("interrupted")
+    assert by[4].params == by[3].params and by[4].state == "COMPLETE"  # the cut one, again
+    assert len(result.trials) == 5 and sum(t.state == "COMPLETE" for t in result.trials) == 4  # n_trials 4
+
+
+def test_a_second_sweep_on_a_busy_folder_is_refused(spec_file: Path, tmp_path: Path) -> None:
+    """The sweep audit: a second sweep on the folder of a running one failed the first one's
+    trials and crashed it with an Optuna traceback."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    res = CliRunner().invoke(app, ["sweep", str(spec_file), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert f"is in use by the sweep of process {os.getppid()}" in res.stderr
+    (out / "sweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # gone
+    assert run_sweep(load_spec(spec_file), out, LocalExecutor()).best is not None
+    assert not (out / "sweep.lock").exists()

@@ -70,7 +70,7 @@ def sweep(
     Prints one line per trial, then the best trial and its run log. A bad spec exits with code 2 and a message that starts with the offending key."""
     from drivers import DeviceError
     from hil.sweep import SpecError, SweepError, load_spec, run_sweep
-    from hil.sweep.study import claim_folder
+    from hil.sweep.study import FolderInUse, claim_folder, trials_done
 
     try:
         spec = load_spec(spec_file, n_trials)
@@ -87,15 +87,29 @@ def sweep(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = trials_done(folder)
+    so_far = f" (continued: {done} done)" if done else ""
     typer.echo(
-        f"sweep {spec.name}: {spec.n_trials} trials of the {spec.trainer} trainer, {spec.direction} "
+        f"sweep {spec.name}: {spec.n_trials} trials{so_far} of the {spec.trainer} trainer, {spec.direction} "
         f"{spec.objective}, {spec.batch} per round, {executor.describe()}; folder {folder}"
     )
+    if done >= spec.n_trials:
+        typer.echo(f"nothing to run: {done} trials are done; --n-trials N (above {done}) extends the sweep")
     try:
         result = run_sweep(spec, folder, executor, on_event=lambda e: _progress(spec, e))
+    except FolderInUse as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except SweepError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: {folder} keeps every finished trial; `hil sweep {spec_file} --out {folder}` "
+            "continues the sweep (a trial cut short runs again, and does not count towards n_trials)",
+            err=True,
+        )
+        raise
     finally:
         executor.close()
     failed = sum(t.state != "COMPLETE" for t in result.trials)

@@ -11,8 +11,10 @@ Folder layout (``--out``)::
 Each round asks `spec.batch` trials, hands them to the executor (which may run them in any
 order, on any board), and tells the results in trial-number order once the round is over:
 the sampler's history, and so the trials it proposes, does not depend on the executor.
-Running the same folder again continues the sweep up to `n_trials` (trials left running by a
-killed sweep are marked failed).
+Running the same folder again continues the sweep up to `n_trials`. A trial's outcome is kept
+as soon as it finishes, so one that finished before a sweep was killed is told then; one
+that was interrupted is failed as such, its parameters run again, and it does not count
+towards `n_trials`. One sweep at a time runs in a folder (`FolderLock`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SPEC = "spec.json"
 
 class SweepError(RuntimeError):
     """The sweep cannot go on (a folder holding another sweep, no board left, ...)."""
+
+
+class FolderInUse(SweepError):
+    """Another sweep runs in the folder (`FolderLock`)."""
 
 
 class Executor(Protocol):
@@ -79,38 +85,129 @@ def run_sweep(
     """Run (or continue) the sweep `spec` in the folder `out` on `executor`."""
     import optuna
 
-    out = claim_folder(spec, out)
-    hook: EventHook = on_event or (lambda _: None)
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=f"sqlite:///{out / STORAGE}",
-        direction=spec.direction,
-        sampler=spec.make_sampler(),
-        load_if_exists=True,
-    )
+    folder = Path(out).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with FolderLock(folder):
+        out = claim_folder(spec, folder)
+        hook: EventHook = on_event or (lambda _: None)
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=f"sqlite:///{out / STORAGE}",
+            direction=spec.direction,
+            sampler=spec.make_sampler(),
+            load_if_exists=True,
+        )
+        _settle_left_running(study, spec, out)
+        if spec.start_at_base and not study.trials:
+            study.enqueue_trial(spec.base_params())  # trial 0: the base config itself
+        while (k := min(spec.batch, spec.n_trials - _counted(study))) > 0:
+            asked: dict[int, optuna.trial.Trial] = {}
+            jobs = []
+            for _ in range(k):
+                trial = study.ask()
+                params = {p.key: p.suggest(trial) for p in spec.space}
+                asked[trial.number] = trial
+                jobs.append(TrialJob(trial.number, params, out / "trials" / f"{trial.number:04d}"))
+            outcomes: dict[int, TrialOutcome] = {}
+            try:
+                for outcome in executor.run(spec, jobs, hook):
+                    outcomes[outcome.number] = outcome
+                    # kept at once: a sweep killed before the round ends still has it
+                    asked[outcome.number].set_user_attr(FINISHED, asdict(outcome))
+                    hook(TrialEvent("done", outcome.number, outcome.board, outcome=outcome))
+            finally:
+                for number in sorted(outcomes):
+                    _tell(study, asked[number], outcomes[number], spec, out)
+                write_summary(out, spec, records(study))
+        trials = records(study)
+        return SweepResult(out, spec, trials, best_of(spec, trials))
+
+
+FINISHED = "finished"  # a trial's user attribute: its outcome, kept as soon as it finished
+INTERRUPTED = "interrupted"  # ... and on a trial the sweep was stopped in the middle of
+
+
+def _settle_left_running(study: Any, spec: SweepSpec, out: Path) -> None:
+    """Trials a killed or interrupted sweep left running: one that had finished is told its
+    kept outcome; one that had not is failed as interrupted, its parameters queued to run
+    again, and it does not count towards `n_trials` (`_counted`)."""
+    import optuna
+
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left running by a killed sweep
-    if spec.start_at_base and not study.trials:
-        study.enqueue_trial(spec.base_params())  # trial 0: the base config itself
-    while (k := min(spec.batch, spec.n_trials - len(study.trials))) > 0:
-        asked: dict[int, optuna.trial.Trial] = {}
-        jobs = []
-        for _ in range(k):
-            trial = study.ask()
-            params = {p.key: p.suggest(trial) for p in spec.space}
-            asked[trial.number] = trial
-            jobs.append(TrialJob(trial.number, params, out / "trials" / f"{trial.number:04d}"))
-        outcomes: dict[int, TrialOutcome] = {}
+        trial = optuna.trial.Trial(study, t._trial_id)  # a live handle on the stored trial
+        kept = t.user_attrs.get(FINISHED)
+        if kept is not None:
+            _tell(study, trial, TrialOutcome(**kept), spec, out)
+            continue
+        trial.set_user_attr(INTERRUPTED, True)
+        trial.set_user_attr(
+            "error", "interrupted: the sweep stopped while it ran; its parameters run again as a new trial"
+        )
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(dict(t.params))
+
+
+def trials_done(out: Path) -> int:
+    """Trials of the sweep in folder `out` that count towards `n_trials`, from its summary (0:
+    none yet)."""
+    try:
+        trials = json.loads((out / "summary.json").read_text())["trials"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return sum(not str(t.get("error") or "").startswith("interrupted") for t in trials)
+
+
+def _counted(study: Any) -> int:
+    """Trials that count towards `n_trials`: all but those a stopped sweep interrupted, and
+    those queued to run (an interrupted trial's parameters, which count once they ran)."""
+    import optuna
+
+    waiting = optuna.trial.TrialState.WAITING
+    return sum(
+        not t.user_attrs.get(INTERRUPTED) and t.state != waiting for t in study.get_trials(deepcopy=False)
+    )
+
+
+class FolderLock:
+    """One sweep at a time in a folder: ``sweep.lock`` holds the running sweep's process id
+    and host; a second sweep on the same folder is refused while that process lives."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "sweep.lock"
+
+    def __enter__(self) -> FolderLock:
+        import os
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
         try:
-            for outcome in executor.run(spec, jobs, hook):
-                outcomes[outcome.number] = outcome
-                hook(TrialEvent("done", outcome.number, outcome.board, outcome=outcome))
-        finally:
-            for number in sorted(outcomes):
-                _tell(study, asked[number], outcomes[number], spec, out)
-            write_summary(out, spec, records(study))
-    trials = records(study)
-    return SweepResult(out, spec, trials, best_of(spec, trials))
+            held = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            held = None
+        if isinstance(held, dict) and held.get("host") == me["host"] and _alive(held.get("pid")):
+            raise FolderInUse(
+                f"{self.path.parent} is in use by the sweep of process {held['pid']} on this host; wait "
+                "for it to end (or stop it), or pick another --out"
+            )
+        self.path.write_text(json.dumps(me))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: object) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def claim_folder(spec: SweepSpec, out: str | Path) -> Path:
