@@ -330,7 +330,8 @@ def place(topology: Topology, limits: Limits) -> Placement:
             len(couplings),
             limits.max_tiles,
             f"the network needs {len(couplings)} tiles of {rmax} x {cmax}; use a smaller network, a board "
-            "with more or larger tiles, or spread the blocks over several boards",
+            "with more or larger tiles, or split it into EB blocks on several boards (model.kind = "
+            "'ffebm' with model.block_layers and one URI per block in devices; docs/multiboard.md)",
         )
     physical = Topology(
         groups,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -346,3 +347,18 @@ def test_resume_may_move_the_blocks_boards_but_not_the_blocks() -> None:
     other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, block_layers=1))
     with pytest.raises(ConfigError, match=r"model\.block_layers"):
         resumed_config(stored, other)
+
+
+def test_the_command_names_the_boards_it_used(tmp_path: Path) -> None:
+    """The sweep audit: with `devices` set, the last line named the unused `device` URI."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    args = [a for s in [*MODEL, *SHORT, _devices(U0, U1)] for a in ("--set", s)]
+    res = CliRunner().invoke(
+        app, ["train", "classifier", *args, "--out", str(tmp_path / "r"), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    last = res.stdout.strip().splitlines()[-1]
+    assert f"({U0} ; {U1})" in last, last

@@ -309,4 +309,5 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     typer.echo(f"run log {log.path}")
     if res.val_acc is not None:
         typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
-    typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({cfg.device}) | config {compact}")
+    uris = " ; ".join(cfg.devices) if cfg.devices else cfg.device  # `device` is unused when `devices` is set
+    typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({uris}) | config {compact}")
