@@ -286,6 +286,15 @@ def _apply(obj: object, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(full, value, hints[key]))
 
 
+def toml_error(exc: tomllib.TOMLDecodeError) -> str:
+    """A TOML parse error, with what it means where tomllib's words do not say it (a key or
+    table given twice reads "Cannot overwrite a value (at line 5, column 13)")."""
+    text = str(exc)
+    if text.startswith("Cannot overwrite a value") or "twice" in text:
+        return f"{text}: a key or table given twice (the line named is the second); keep one"
+    return text
+
+
 def parse_value(text: str) -> object:
     """A TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``); a bare word is a string."""
     try:
@@ -314,7 +323,7 @@ def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tup
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p}: {exc}") from None
+            raise ConfigError(f"config file {p}: {toml_error(exc)}") from None
         _apply(cfg, data)
     for item in overrides:
         keys, value = parse_override(item)

@@ -500,3 +500,11 @@ def test_a_second_sweep_on_a_busy_folder_is_refused(spec_file: Path, tmp_path: P
     (out / "sweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # gone
     assert run_sweep(load_spec(spec_file), out, LocalExecutor()).best is not None
     assert not (out / "sweep.lock").exists()
+
+
+def test_a_key_given_twice_in_the_file_says_so(tmp_path: Path) -> None:
+    """tomllib says "Cannot overwrite a value (at line 5, column 13)", not what it means."""
+    path = tmp_path / "twice.toml"
+    path.write_text('[sweep]\ntrainer = "classifier"\n\n[space."ep.beta"]\ntype = "float"\ntype = "int"\n')
+    with pytest.raises(SpecError, match=r"twice\.toml: Cannot overwrite a value .*given twice .*keep one"):
+        load_spec(path)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hil.config import ConfigError, apply_dict, load_into
+from hil.config import ConfigError, apply_dict, load_into, toml_error
 from hil.sweep.trainers import TRAINERS, Direction, Trainer
 
 ParamKind = Literal["float", "int", "categorical"]
@@ -187,7 +187,7 @@ def load_spec(path: str | Path, n_trials: int | None = None) -> SweepSpec:
     except FileNotFoundError:
         raise SpecError(f"{p}: no such sweep file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{p}: {exc}") from None
+        raise SpecError(f"{p}: {toml_error(exc)}") from None
     return parse_spec(data, base_dir=p.parent, default_name=p.stem, source=str(p), n_trials=n_trials)
 
 
