@@ -72,6 +72,7 @@ class TrainResult:
     model: object = None
     tiles: dict[str, tuple[int, int]] = field(default_factory=dict)  # crossbar (rows, cols) per tile
     val_acc: float | None = None  # the last epoch's, with a validation split (data.validation)
+    resumed_epochs: int = 0  # epochs of `history` that a run before the resume trained
 
     @property
     def cells(self) -> int:
@@ -491,12 +492,14 @@ def _train(
         log.set_resolved(
             {"model.activation": model_activation(cfg.model), "ep.settle": settle_paths(model.blocks())}
         )
+    resumed_epochs = 0
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
     else:
         extra = restore_training(state, model=module, optimizer=model.opt, scheduler=model.sched)
         order, step = DataOrder.from_state(extra["order"]), int(extra["step"])
         history = [EpochStats(**h) for h in extra["history"]]
+    resumed_epochs = len(history)
     bar = tqdm(
         total=cfg.train.epochs * n_batches,
         initial=step,
@@ -586,6 +589,7 @@ def _train(
         dev.safe_state()
     last = history[-1]
     result = TrainResult(
-        cfg, model.identities(), last.test_acc, history, model, model.tile_shapes(), last.val_acc
-    )
+        cfg, model.identities(), last.test_acc, history, model, model.tile_shapes(), last.val_acc,
+        resumed_epochs,
+    )  # fmt: skip
     return result

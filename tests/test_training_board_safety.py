@@ -5,6 +5,7 @@ that finished normally never sent ``SYST:SAFE``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,21 @@ def test_a_run_stopped_by_its_link_says_how_to_resume(tmp_path: Path, emulated_b
     lines = res.stderr.strip().splitlines()
     assert lines[0].startswith("error: ") and "closed the connection" in lines[0], res.stderr
     assert f"`hil train classifier --resume {run}` continues from there" in lines[-1], res.stderr
-    assert open_run(run, validate=False).snapshots
+    snapshots = open_run(run, validate=False).snapshots
+    assert snapshots
+    # resumed on the in-process board: the summary counts this session's epochs only
+    resume = [
+        *cmd[:5],
+        "--resume",
+        str(run),
+        "--set",
+        "device=emulator://?preset=ideal&seed=0",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    again = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"^trained epochs [23]-3 in ", again.stdout, re.M), again.stdout
 
 
 def test_a_run_resumed_on_another_board_says_so_and_keeps_both(tmp_path: Path) -> None:

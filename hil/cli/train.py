@@ -296,8 +296,10 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
     from hil.ep import settle_paths
 
     last = res.history[-1]
+    ran = res.history[res.resumed_epochs :]  # this session's epochs (a resume continues a run)
+    what = f"{len(ran)} epochs" if not res.resumed_epochs else f"epochs {res.resumed_epochs + 1}-{len(res.history)}"
     typer.echo(
-        f"trained {len(res.history)} epochs in {sum(h.seconds for h in res.history):.1f} s; "
+        f"trained {what} in {sum(h.seconds for h in ran):.1f} s; "
         f"final train loss {last.train_loss:.4f}, train accuracy {last.train_acc:.2%}"
     )
     compact = json.dumps(cfg.to_dict(), separators=(",", ":"))
