@@ -3,6 +3,7 @@ dropped connections, Ctrl-C in the middle of a transaction, the CLI, and a short
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -315,6 +316,34 @@ def test_cli_serves_on_every_transport() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_cli_serve_stops_on_sigint_even_when_started_with_it_ignored_and_counts_frame_faults() -> None:
+    """The CI audit: `hil emulator serve &` from a non-interactive shell inherits SIGINT
+    ignored, and `kill -INT` did not stop it; and the frame faults of --corrupt-rate were
+    never reported on exit."""
+    cmd = [sys.executable, "-c", "from hil.cli import main; main()", "emulator", "serve", "--preset", "ideal"]
+    cmd += ["--scpi-port", "-1", "--serial-port", "0", "--corrupt-rate", "0.3", "--fault-seed", "1"]
+    ignored = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as bash does for `&`)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, preexec_fn=ignored, **pipes)  # type: ignore[call-overload]
+    try:
+        assert proc.stdout is not None
+        uri = ""
+        deadline = time.monotonic() + 60
+        while not uri and time.monotonic() < deadline:
+            uri = next((w for w in proc.stdout.readline().split() if w.startswith("serial+socket://")), "")
+        with open_device(uri + "?ack_timeout=0.05&retries=8") as dev:
+            for _ in range(10):
+                assert dev.safety().violations == 0
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("frame faults injected (framed links): "))
+    counts = ast.literal_eval(line.split(": ", 1)[1])  # the printed dict
+    assert counts["corrupt"] > 0 and counts["drop"] == 0, line
 
 
 # ---- a short digits training: identical metrics over every transport ----------------

@@ -513,3 +513,25 @@ def test_a_stale_reply_with_the_same_ref_but_another_opcode_is_not_taken() -> No
     inbox += [frames.encode(stale), frames.encode(fresh)]
     got = link.receive(0.5, response=True, ref=7, opcode=0x12)
     assert got is not None and got[1] == b"new" and link.stats.stale == 1
+
+
+def test_the_frames_a_seed_corrupts_do_not_depend_on_the_frames_lengths() -> None:
+    """The CI audit: the byte to flip was drawn with `randint` over the frame's length, whose
+    rejection sampling draws a length-dependent number of times; a reply of another length (the
+    HELLO reply carries the time) shifted every later fault of the seed. Two links with one
+    seed, sending frames of different lengths, corrupt the same frames (each in one byte)."""
+    hit = []
+    for lengths in ([40, 41, 300, 7, 1000] * 20, [33, 90, 12, 512, 64] * 20):
+        link = Link(lambda t: b"", lambda data: None, faults=Faults(p_corrupt=0.3, seed=7))
+        marks = []
+        for k, n in enumerate(lengths):
+            frame = Frame(LinkOp.PING, k % frames.SEQ_MOD)
+            data = b"\x00" + bytes([1 + (i % 200) for i in range(n)]) + b"\x00"
+            out = link._inject(frame, data)
+            assert out is not None and len(out) == len(data)
+            changed = [i for i, (a, b) in enumerate(zip(out, data, strict=True)) if a != b]
+            assert len(changed) <= 1 and 0 not in changed and len(data) - 1 not in changed
+            marks.append(bool(changed))
+        hit.append(marks)
+    assert hit[0] == hit[1] and 10 < sum(hit[0]) < 50
+    assert link.faults.injected["corrupt"] == sum(hit[1])

@@ -21,9 +21,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from drivers.errors import DeviceTimeout, ProtocolError
 from drivers.wire import frames
@@ -73,6 +73,8 @@ class Faults:
     p_drop: float = 0.0
     delay_s: float = 0.0  # before every outgoing frame
     seed: int = 0
+    # what was injected, by kind ("corrupt", "drop", "garbage"): a server reports it on exit
+    injected: Counter[str] = field(default_factory=Counter, compare=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("p_corrupt", "p_drop"):
@@ -151,10 +153,13 @@ class Abandoned(Exception):
 
 
 def _flip(data: bytes, rng: random.Random) -> bytes:
-    """Change one byte inside the frame (never into a delimiter) so its CRC or COBS fails."""
+    """Change one byte inside the frame (never into a delimiter) so its CRC or COBS fails. The
+    byte is picked with one draw whatever the frame's length (`randint`'s rejection sampling
+    draws a number of times that depends on the range: a frame of another length, e.g. a
+    reply carrying the time, then shifted every later fault of the seed)."""
     buf = bytearray(data)
     lo, hi = (1, len(buf) - 2) if buf[0] == 0 and buf[-1] == 0 and len(buf) > 2 else (0, len(buf) - 1)
-    i = rng.randint(lo, hi)
+    i = min(hi, lo + int(rng.random() * (hi - lo + 1)))
     buf[i] ^= 0x55 if buf[i] != 0x55 else 0xAA
     return bytes(buf)
 
@@ -251,16 +256,20 @@ class Link:
             time.sleep(f.delay_s)
         if data_frame and f.drop_tx:
             f.drop_tx -= 1
+            f.injected["drop"] += 1
             return None
         if f.p_drop and self._rng.random() < f.p_drop:
+            f.injected["drop"] += 1
             return None
         if (data_frame and f.corrupt_tx) or (f.p_corrupt and self._rng.random() < f.p_corrupt):
             if data_frame and f.corrupt_tx:
                 f.corrupt_tx -= 1
             data = _flip(data, self._rng)
+            f.injected["corrupt"] += 1
         if data_frame and f.garbage_tx:
             f.garbage_tx -= 1
             data = bytes(self._rng.randint(1, 255) for _ in range(self._rng.randint(1, 40))) + data
+            f.injected["garbage"] += 1
         return data
 
     # -- bytes in

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections import Counter
 
 from drivers.base import Device
 from drivers.errors import ProtocolError
@@ -74,6 +75,7 @@ class FramedServer(EndpointServer):
         super().__init__(max_connections, idle_timeout_s)
         self.links: list[Link] = []  # the links of open connections (and ptys)
         self._links_lock = threading.Lock()
+        self._closed_injected: Counter[str] = Counter()  # frame faults of the links already closed
 
     def _new_link(self, stream: Stream) -> Link:
         link = Link(
@@ -92,6 +94,15 @@ class FramedServer(EndpointServer):
         link.close()
         with self._links_lock, contextlib.suppress(ValueError):
             self.links.remove(link)
+            self._closed_injected.update(link.faults.injected)
+
+    def frame_faults(self) -> dict[str, int]:
+        """The frame faults injected on every link so far (`plan.link`), by kind."""
+        with self._links_lock:
+            total = Counter(self._closed_injected)
+            for link in self.links:
+                total.update(link.faults.injected)
+        return {k: int(total[k]) for k in ("corrupt", "drop", "garbage")}
 
     def _handler(self, stream: Stream, stopping: threading.Event) -> None:
         plan = self.plan

@@ -71,18 +71,31 @@ def register(app: typer.Typer) -> None:
         ),
         host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you mean otherwise."),
         set_: list[str] | None = _SET_OPTION,
-        corrupt_rate: float = typer.Option(0.0, help="Framed links: probability of corrupting a frame."),
-        drop_rate: float = typer.Option(0.0, help="Framed links: probability of dropping a frame."),
-        delay_ms: float = typer.Option(0.0, help="Delay before every reply (both servers), milliseconds."),
+        corrupt_rate: float = typer.Option(
+            0.0,
+            help="Framed links: probability of corrupting a frame the board sends (ACKs included). Each link "
+            "draws from its own copy of the seed: a reconnection meets the same faults again.",
+        ),
+        drop_rate: float = typer.Option(
+            0.0, help="Framed links: probability of dropping a frame the board sends (ACKs included)."
+        ),
+        delay_ms: float = typer.Option(
+            0.0, help="Delay before every reply (both servers), milliseconds; not counted on exit."
+        ),
         ber: float = typer.Option(0.0, help="Both servers: bit-error rate of every byte in and out."),
         byte_drop_rate: float = typer.Option(0.0, help="Both servers: probability that a byte is lost."),
-        late_rate: float = typer.Option(0.0, help="Probability that a reply comes --late-ms late."),
+        late_rate: float = typer.Option(
+            0.0, help="Probability that a reply comes --late-ms late (counted as 'delay' on exit)."
+        ),
         late_ms: float = typer.Option(500.0, help="How late a late reply is (beyond the host's timeout)."),
         reset_rate: float = typer.Option(
             0.0, help="Probability that the board resets instead of running a settle or program request."
         ),
         close_rate: float = typer.Option(
-            0.0, help="Probability that the board hangs up after a request, before replying."
+            0.0,
+            help="Probability that the board hangs up after a request ran, before replying (also after a "
+            "command with no reply: the client then finds out on its next send). Over a pty the port stays: "
+            "the reply is lost, like a late one.",
         ),
         fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
         threads: int = typer.Option(
@@ -106,10 +119,14 @@ def register(app: typer.Typer) -> None:
             help="Close a TCP connection with no byte in or out for this many seconds (0: never).",
         ),
     ) -> None:
-        """Serve one emulated board until Ctrl-C, printing the device URIs to connect with.
+        """Serve one emulated board until Ctrl-C (SIGINT) or SIGTERM, printing the device URIs
+        to connect with (`visa://RESOURCE` for pyvisa: drop `visa://`; `serial://PORT` and
+        `serial+socket://HOST:PORT` for the framed protocol: drop the scheme).
 
         Fault options (docs/reliability.md) make it a noisy, slow or crashing board to try a
-        host's recovery against; the injected faults are counted and printed on exit."""
+        host's recovery against; the same --fault-seed gives the same faults at the same
+        requests. The injected faults are counted and printed on exit, by kind (the frame
+        faults of the framed links on a line of their own; --delay-ms is not counted)."""
         import torch
 
         from emulator.server.launch import FaultPlan, Faults, serve
@@ -156,8 +173,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(banner(device.info))
         for what, uri in resource_lines(served.uris):
             typer.echo(f"{what:<26}{uri}")
-        typer.echo("Ctrl-C stops the servers.", err=True)
+        typer.echo("Ctrl-C (SIGINT) or SIGTERM stops the servers.", err=True)
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # a job a non-interactive shell starts in the background inherits SIGINT ignored
+        # (`hil emulator serve &` in CI): `kill -INT` must stop it as Ctrl-C does
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while not stop.wait(0.5):
                 pass
@@ -167,5 +187,7 @@ def register(app: typer.Typer) -> None:
             served.close()  # the servers stop, the board goes to its safe state and closes
             if plan.active:
                 typer.echo(f"faults injected: {plan.summary()}", err=True)
+            if corrupt_rate or drop_rate:
+                typer.echo(f"frame faults injected (framed links): {served.framed.frame_faults()}", err=True)
 
     app.add_typer(emulator_app, name="emulator")
