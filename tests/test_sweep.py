@@ -494,9 +494,12 @@ def test_a_second_sweep_on_a_busy_folder_is_refused(spec_file: Path, tmp_path: P
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "sweep.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    (out / "spec.json").write_text("{}")  # the running sweep's: not rewritten under it
     res = CliRunner().invoke(app, ["sweep", str(spec_file), "--out", str(out)])
     assert res.exit_code == 2, res.output
     assert f"is in use by the sweep of process {os.getppid()}" in res.stderr
+    assert (out / "spec.json").read_text() == "{}"
+    (out / "spec.json").unlink()
     (out / "sweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # gone
     assert run_sweep(load_spec(spec_file), out, LocalExecutor()).best is not None
     assert not (out / "sweep.lock").exists()

@@ -175,21 +175,26 @@ class FolderLock:
     def __init__(self, out: Path) -> None:
         self.path = out / "sweep.lock"
 
-    def __enter__(self) -> FolderLock:
-        import os
+    def check(self) -> None:
+        """Raise `FolderInUse` if a live process on this host holds the folder."""
         import socket
 
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
         try:
             held = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            held = None
-        if isinstance(held, dict) and held.get("host") == me["host"] and _alive(held.get("pid")):
+            return
+        if isinstance(held, dict) and held.get("host") == socket.gethostname() and _alive(held.get("pid")):
             raise FolderInUse(
                 f"{self.path.parent} is in use by the sweep of process {held['pid']} on this host; wait "
                 "for it to end (or stop it), or pick another --out"
             )
-        self.path.write_text(json.dumps(me))
+
+    def __enter__(self) -> FolderLock:
+        import os
+        import socket
+
+        self.check()
+        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -214,6 +219,7 @@ def claim_folder(spec: SweepSpec, out: str | Path) -> Path:
     """Record the spec in the sweep folder `out` (made if missing), or check that the sweep
     already there is the same one (n_trials aside); returns the folder's absolute path."""
     out = Path(out).resolve()
+    FolderLock(out).check()  # a running sweep's spec is not rewritten under it
     path = out / SPEC
     mine = spec.to_dict()
     if path.exists():
