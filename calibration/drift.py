@@ -68,27 +68,33 @@ def _compare(old: ChannelCal, new: ChannelCal, channels: np.ndarray) -> dict[str
     do = new.offset[ch] - old.offset[ch]
     sg = np.hypot(old.gain_se[ch], new.gain_se[ch])
     so = np.hypot(old.offset_se[ch], new.offset_se[ch])
-    bad_g = np.abs(dg) / old.gain[ch] > GAIN_TOL + 3.0 * sg / old.gain[ch]
+    rel_g = np.abs(dg) / old.gain[ch]  # relative gain change per channel
+    bad_g = rel_g > GAIN_TOL + 3.0 * sg / old.gain[ch]
     bad_o = np.abs(do) > OFFSET_TOL_LSB * old.lsb + 3.0 * so
     bad = ch[bad_g | bad_o]
-    if ch.size:
-        k = int(np.argmax(np.abs(dg) / old.gain[ch]))  # the channel of the largest gain change
-        allowed = (GAIN_TOL + 3.0 * sg[k] / old.gain[ch][k]) * 100
-        j = int(np.argmax(np.abs(do)))
-        allowed_o = OFFSET_TOL_LSB + 3.0 * so[j] / old.lsb
-    return {
+    out: dict[str, Any] = {
         "drifted": bool(bad.size),
         "channels_checked": ch.tolist(),
         "channels_drifted": bad.tolist(),
-        "max_gain_change": float(np.max(np.abs(dg) / old.gain[ch])) if ch.size else float("nan"),
-        "max_offset_change_lsb": float(np.max(np.abs(do)) / old.lsb) if ch.size else float("nan"),
-        "detail": f"max gain change {float(np.max(np.abs(dg) / old.gain[ch])) * 100:.3f} % (allowed "
-        f"{allowed:.3f} %: {GAIN_TOL * 100:g} % + 3 standard errors), max offset change "
-        f"{float(np.max(np.abs(do)) / old.lsb):.2f} LSB (allowed {allowed_o:.2f})"
-        + (f", drifted channels {bad.tolist()}" if bad.size else "")
-        if ch.size
-        else "no channel to compare",
+        "max_gain_change": float("nan"),
+        "max_offset_change_lsb": float("nan"),
+        "detail": "no channel to compare",
     }
+    if not ch.size:
+        return out
+    k = int(np.argmax(rel_g))  # the channel of the largest gain change, and its allowance
+    j = int(np.argmax(np.abs(do)))  # ... of the largest offset change
+    allowed = (GAIN_TOL + 3.0 * sg[k] / old.gain[ch][k]) * 100
+    allowed_o = OFFSET_TOL_LSB + 3.0 * so[j] / old.lsb
+    out["max_gain_change"] = float(rel_g[k])
+    out["max_offset_change_lsb"] = float(abs(do[j]) / old.lsb)
+    out["detail"] = (
+        f"max gain change {out['max_gain_change'] * 100:.3f} % (allowed {allowed:.3f} %: "
+        f"{GAIN_TOL * 100:g} % + 3 standard errors), max offset change "
+        f"{out['max_offset_change_lsb']:.2f} LSB (allowed {allowed_o:.2f})"
+        + (f", drifted channels {bad.tolist()}" if bad.size else "")
+    )
+    return out
 
 
 def drift_check(
@@ -109,9 +115,10 @@ def drift_check(
     )
     checks: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
-    if "settle" not in device.info.capabilities:
-        # the converter routines clamp and read nodes through a settle: this board cannot
-        # re-measure them (a record made when it could, or on a board that can)
+    # the converter routines clamp and read nodes through a settle: a board that does not
+    # settle cannot re-measure them (a record made when it could, or on a board that can)
+    settles = "settle" in device.info.capabilities
+    if not settles:
         for bank in (b for b in ("adc", "dac", "mvm") if b in record.converters):
             checks[bank] = {"drifted": False, "skipped": True, "detail": "(the board does not settle)"}
     elif "adc" in record.converters:
@@ -119,12 +126,12 @@ def drift_check(
         ch = _sample(old.channels, per_end)
         checks["adc"] = _compare(old, measure_adc(device, ch, quick), ch)
         progress("drift", 1, 5)
-    if "settle" in device.info.capabilities and "dac" in record.converters and "adc" in record.converters:
+    if settles and "dac" in record.converters and "adc" in record.converters:
         old = record.converters["dac"]
         ch = _sample(old.channels, per_end)
         checks["dac"] = _compare(old, measure_dac(device, ch, record.converters["adc"], quick), ch)
         progress("drift", 2, 5)
-    if "settle" in device.info.capabilities and "mvm" in record.converters and "dac" in record.converters:
+    if settles and "mvm" in record.converters and "dac" in record.converters:
         old = record.converters["mvm"]
         n = min(2 * per_end, old.channels)
         new = measure_mvm(device, (n, n), record.converters["dac"], quick)
