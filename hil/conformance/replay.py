@@ -18,6 +18,7 @@ import numpy as np
 from drivers.wire import payload as pl
 from drivers.wire import scpi
 from hil.conformance.report import Mismatch
+from hil.conformance.scpi import text_block
 from hil.conformance.session import Session
 
 Pulse = Callable[[np.ndarray, int], object]  # (counts of G+, request id) -> the board's reply
@@ -48,9 +49,8 @@ def checks(sess: Session) -> None:
 def _scpi_pulse(tile: str, counts: np.ndarray, rid: int) -> str:
     """``TILE:PULS?`` with G+ counts `counts` and none on G-; small counts, so the block's
     bytes are ASCII and travel through a text query."""
-    data = np.concatenate([counts.ravel(), np.zeros(counts.size, np.int32)]).astype("<i4").tobytes()
-    text = data.decode("ascii")
-    return f"{scpi.short_form(scpi.PULSE_Q)} {scpi.quote(tile)},#{len(str(len(text)))}{len(text)}{text},{rid}"
+    values = np.concatenate([counts.ravel(), np.zeros(counts.size, np.int32)]).astype("<i4")
+    return f"{scpi.short_form(scpi.PULSE_Q)} {scpi.quote(tile)},{text_block(values)},{rid}"
 
 
 def _framed_pulse(tile: str, counts: np.ndarray, rid: int) -> pl.Message:

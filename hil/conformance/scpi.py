@@ -104,10 +104,15 @@ def _ascii_float(at_least: float) -> float:
     return v
 
 
+def text_block(values: np.ndarray) -> str:
+    """`values` as an IEEE 488.2 block inside a text query: their bytes must all be ASCII
+    (`_ascii_float` values, small counts)."""
+    return scpi.block(values.tobytes()).decode("ascii")
+
+
 def _mvm_command(sess: Session, tile: str, value: float) -> str:
     rows, _ = sess.topo.tile_shape(tile)
-    data = np.full(rows, value, "<f4").tobytes().decode("ascii")
-    return f'TILE:MVM? "{tile}",0,#{len(str(len(data)))}{len(data)}{data}'
+    return f'TILE:MVM? "{tile}",0,{text_block(np.full(rows, value, "<f4"))}'
 
 
 def _settle_command() -> str:
@@ -127,8 +132,7 @@ def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str
 def _program_command(sess: Session, tile: str, value: float) -> str:
     """A plain program of every device of `tile` to `value` siemens, without a request id."""
     rows, cols = sess.topo.tile_shape(tile)
-    data = np.full(2 * rows * cols, value, "<f4").tobytes().decode("ascii")
-    return f'TILE:PROG? "{tile}",0,DEF,1,#{len(str(len(data)))}{len(data)}{data}'
+    return f'TILE:PROG? "{tile}",0,DEF,1,{text_block(np.full(2 * rows * cols, value, "<f4"))}'
 
 
 def _board_conductance_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
