@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import os
 import platform
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -18,6 +16,7 @@ import torch
 import zarr
 
 from drivers.base import DeviceInfo
+from hil.processes import this_process
 
 
 def now() -> str:
@@ -66,7 +65,7 @@ def _git_commit() -> str | None:
 
 def writer() -> dict[str, Any]:
     """Who writes the store: the one-writer check of `open_for_resume` reads it."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv[:8]}
+    return {**this_process(), "argv": sys.argv[:8]}
 
 
 def device_record(info: DeviceInfo, uri: str | None = None) -> dict[str, Any]:

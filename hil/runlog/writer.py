@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import socket
 import time
 import warnings
 from collections.abc import Coroutine, Iterable, Mapping
@@ -20,6 +18,7 @@ from zarr.core.sync import sync
 
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
 from hil.config import LogConfig
+from hil.processes import other_process_alive
 from hil.runlog.chunks import ArrayCopier
 from hil.runlog.layout import (
     ARRAY_CONFIG,
@@ -616,27 +615,9 @@ def _check_writer_gone(run: Run) -> None:
     """Refuse to resume a run whose writer still runs on this host (one writer per array)."""
     if run.status != STATUS_RUNNING:
         return
-    w = run.attrs.get("writer") or {}
-    pid = w.get("pid")
-    if w.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
-        return
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return
-    except PermissionError:
-        pass
-    if _is_zombie(pid):
-        return
-    raise RunLogError(f"{run.path}: still being written by process {pid} on this host")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    pid = other_process_alive(run.attrs.get("writer"))
+    if pid is not None:
+        raise RunLogError(f"{run.path}: still being written by process {pid} on this host")
 
 
 def _check_name(name: str, what: str) -> None:

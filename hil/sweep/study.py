@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from hil.processes import other_process_alive, this_process
 from hil.sweep.spec import SweepSpec
 from hil.sweep.trainers import RUN_LOG
 from hil.sweep.trial import EventHook, TrialEvent, TrialJob, TrialOutcome
@@ -177,42 +178,24 @@ class FolderLock:
 
     def check(self) -> None:
         """Raise `FolderInUse` if a live process on this host holds the folder."""
-        import socket
-
         try:
             held = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
-        if isinstance(held, dict) and held.get("host") == socket.gethostname() and _alive(held.get("pid")):
+        pid = other_process_alive(held)
+        if pid is not None:
             raise FolderInUse(
-                f"{self.path.parent} is in use by the sweep of process {held['pid']} on this host; wait "
+                f"{self.path.parent} is in use by the sweep of process {pid} on this host; wait "
                 "for it to end (or stop it), or pick another --out"
             )
 
     def __enter__(self) -> FolderLock:
-        import os
-        import socket
-
         self.check()
-        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        self.path.write_text(json.dumps(this_process()))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: object) -> bool:
-    import os
-
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def claim_folder(spec: SweepSpec, out: str | Path) -> Path:
