@@ -19,6 +19,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import TracebackType
 from typing import Any
 
@@ -107,7 +108,7 @@ class Limits:
     # block (16 MiB); training uses 16 to 128, evaluation chunks of 512
     max_batch: int = 1024
 
-    @property
+    @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once
     def clamp_max(self) -> float:
         """Largest normalised clamp value the read-voltage limit allows: the largest float32
         ``x`` (states travel as float32) whose voltage ``x * v_read`` (computed in float64, as
