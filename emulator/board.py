@@ -247,10 +247,20 @@ class Board:
 
     # ---------------------------------------------------------------- converters
 
-    def _dac(self, x: torch.Tensor, channel: int) -> torch.Tensor:
+    def _dac(self, x: torch.Tensor, channel: int, *, signed: bool = False) -> torch.Tensor:
+        """Drive `x` through DAC `channel`: quantised over the state range, saturating at its
+        ends. `signed` (mvm inputs, which docs/protocol.md allows in ``[-clamp_max,
+        clamp_max]``): a sign-magnitude DAC, a polarity and `dac_bits` of magnitude over
+        ``[0, max |state range|]``, so a negative input is a negative read voltage (its
+        product the negative of the positive input's) and a nonnegative one is driven
+        exactly as the state DAC drives it."""
         per = self.preset.periphery
         lo, hi = per.state_range
-        y = quantize(self.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
+        y = self.dac_errors.apply(x, channel)
+        if signed:
+            y = quantize(y.abs(), per.dac_bits, 0.0, max(abs(lo), abs(hi))).mul_(torch.sign(y))
+        else:
+            y = quantize(y, per.dac_bits, lo, hi)
         if per.dac_bits is None and not self.dac_errors.exact:
             # an unquantised DAC with gain and offset errors still has rails: at the voltage
             # limit (a quantised one saturates at the state range, within it)
@@ -365,7 +375,7 @@ class Board:
         c = self.topology.coupling(name)
         tile = self.tile(name)
         w = self._weights(c)
-        xd = self._dac(x, 0)
+        xd = self._dac(x, 0, signed=True)
         y = xd @ (w.T if transpose else w)
         scale = c.w_max * tile.mvm_noise_std(xd)  # (B,)
         if float(scale.abs().max()) > 0:

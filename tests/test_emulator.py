@@ -600,3 +600,27 @@ def test_coupling_norm_bound_tracks_weight_changes() -> None:
             assert np.diff(energy, axis=0).max() <= 1e-5 * max(1.0, float(np.abs(energy).max()))
         assert plan.norm_fresh  # the large change needed the power iteration
         assert 1.8 / (1 + plan.coupling_norm) < 1.0  # and the step did shrink
+
+
+def test_negative_mvm_inputs_are_driven_as_negative_voltages() -> None:
+    """docs/protocol.md allows mvm inputs in ``[-clamp_max, clamp_max]``: an 8-bit DAC drives a
+    negative input as the negative of the positive one's voltage (sign and magnitude), so its
+    product is the negative product, costs the same read energy, and a nonnegative input is
+    quantised as before (1/255 steps of the state range). The DAC used to clip negatives to 0."""
+    uri = "emulator://?preset=ideal&seed=0&dac_bits=8"
+    rng = np.random.default_rng(2)
+    with open_device(uri) as dev:
+        random_layered(dev, [6, 4], seed=1)
+        x = rng.uniform(0, 1, (5, 7)).astype(np.float32)
+        w = dev.board.tile("W0").weights(dev.board.clock).double().numpy()
+        q = np.round(x.astype(np.float64) * 255) / 255
+        meter = []
+        outs = []
+        for v in (x, -x):
+            before = dev.board.energy_j
+            outs.append(dev.mvm("W0", v))
+            meter.append(dev.board.energy_j - before)
+        np.testing.assert_allclose(outs[0], q @ w, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(outs[1], -outs[0], rtol=0, atol=0)
+        assert meter[1] == pytest.approx(meter[0], rel=1e-6) and meter[0] > 0
+        assert (dev.safety().refused, dev.safety().violations) == (0, 0)
