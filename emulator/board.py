@@ -358,9 +358,13 @@ class Board:
     def read_conductance(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A host read of tile `name`, its noise drawn from the `board.read` stream: a run
         with reads (a run log's) trains as one without. The read still takes the board's
-        time, so on a drifting preset (`pcm`) later states are a read's time older."""
+        time, so on a drifting preset (`pcm`) later states are a read's time older. It costs
+        what a verify read of the tile costs (`TileArray.program_verify`): one row at a time,
+        ``read_time_s`` each, and ``read_energy_j`` per device."""
         tile = self.tile(name)
-        self.clock += self.preset.periphery.mvm_time_s
+        m = tile.model
+        self.clock += tile.rows * m.read_time_s
+        self.energy_j += 2 * tile.cells * m.read_energy_j
         return tile.read(self.clock, self.host_reads)
 
     def _check_batch(self, name: str, batch: int) -> None:

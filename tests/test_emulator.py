@@ -624,3 +624,17 @@ def test_negative_mvm_inputs_are_driven_as_negative_voltages() -> None:
         np.testing.assert_allclose(outs[1], -outs[0], rtol=0, atol=0)
         assert meter[1] == pytest.approx(meter[0], rel=1e-6) and meter[0] > 0
         assert (dev.safety().refused, dev.safety().violations) == (0, 0)
+
+
+def test_a_host_read_costs_what_a_verify_read_costs() -> None:
+    """`read_conductance` reads every device of the tile, one row at a time: ``rows x
+    read_time_s`` of board time and ``2 x cells x read_energy_j`` (it took one mvm's time, 1e-7
+    s for any tile, and no energy, while the same read inside a write-verify cost both)."""
+    with open_device("emulator://?preset=rram&seed=0") as dev:
+        dev.configure(Topology.layered([64, 32]))
+        m = dev.board.preset.device
+        clock, energy = dev.board.clock, dev.board.energy_j
+        dev.read_conductance("W0")
+        assert dev.board.clock - clock == pytest.approx(65 * m.read_time_s, rel=1e-9)
+        assert dev.board.energy_j - energy == pytest.approx(2 * 65 * 32 * m.read_energy_j, rel=1e-9)
+        assert m.read_energy_j > 0
