@@ -759,32 +759,51 @@ def gradcheck(
     betas: tuple[float, ...] = (0.1, 0.01, 0.001),
     modes: tuple[str, ...] = ("positive", "centered"),
     on_step: Callable[[str], None] | None = None,
+    loss: Literal["mse", "ce"] = "mse",
+    tau: float = 1.0,
 ) -> list[CheckRow]:
     """EP on the block's Device against implicit differentiation of the pure-torch reference
-    (float64, the weights read back from the Device), for the loss ``batch mean of
-    1/2 |s_out - target|^2``. One free settle is shared by every beta and mode. `on_step(what)`
-    is called after the reference and the free phase (``"reference"``) and after each EP
-    estimate (``"beta 0.01 centered"``), e.g. to advance a progress bar."""
-    from hil.reference import cosine, mse_loss, rel_error
+    (float64, the weights read back from the Device). `loss` ``"mse"``: the batch mean of
+    ``1/2 |s_out - target|^2``, nudged towards the target; ``"ce"``: the batch mean of the
+    cross-entropy of ``softmax(tau s_out)`` against the one-hot `target`, nudged as the
+    classifier trains (`Classifier.step`): the loss gradient at the free state,
+    ``tau (softmax(tau s_out) - target)``, injected as a constant current of ``beta`` times
+    it (its peak is up to `tau`: at the classifier's beta 0.2 and tau 6 a nudge of about one
+    state unit, far from the small-beta limit; docs/neuron.md). One free settle is shared by
+    every beta and mode. `on_step(what)` is called after the reference and the free phase
+    (``"reference"``) and after each EP estimate (``"beta 0.01 centered"``), e.g. to advance
+    a progress bar."""
+    from hil.reference import ce_loss, cosine, mse_loss, rel_error
 
+    if loss not in ("mse", "ce"):
+        raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}")
     cl = block._clamp(clamp)
     tg = block._as_groups(target)
     assert tg is not None
     ref = block.reference(torch.float64)
     targets = {g: torch.as_tensor(v, dtype=torch.float64, device=block.compute) for g, v in tg.items()}
 
-    def loss(states: dict[str, Tensor]) -> Tensor:
-        return sum(mse_loss(g, t)(states) for g, t in targets.items())  # type: ignore[return-value]
+    def total(states: dict[str, Tensor]) -> Tensor:
+        one = ce_loss if loss == "ce" else mse_loss
+        kw = {"tau": tau} if loss == "ce" else {}
+        return sum(one(g, t, **kw)(states) for g, t in targets.items())  # type: ignore[return-value]
 
-    _, gw, gx, _ = ref.implicit_gradients({g: block.as_tensor(v) for g, v in cl.items()}, loss)
+    _, gw, gx, _ = ref.implicit_gradients({g: block.as_tensor(v) for g, v in cl.items()}, total)
     truth = split_bias(block.topology, gw) | {f"input:{g}": v for g, v in gx.items()}
     free = block.free(cl)
     if on_step is not None:
         on_step("reference")
+    nudge: dict[str, dict[str, Tensor]] = {"target": tg}  # type: ignore[dict-item]
+    if loss == "ce":
+        nudge = {"grad": {}}
+        for g, t in tg.items():
+            s = block.as_tensor(free.states[g])
+            onehot = torch.as_tensor(t, dtype=s.dtype).to(s.device)
+            nudge["grad"][g] = tau * (torch.softmax(tau * s, -1) - onehot)
     rows = []
     for beta in betas:
         for mode in modes:
-            r = block.ep(cl, target=tg, beta=beta, mode=mode, free=free)  # type: ignore[arg-type]
+            r = block.ep(cl, beta=beta, mode=mode, free=free, **nudge)  # type: ignore[arg-type]
             if on_step is not None:
                 on_step(f"beta {beta:g} {mode}")
             est = split_bias(block.topology, r.grads) | {f"input:{g}": v for g, v in r.input_grads.items()}

@@ -728,3 +728,14 @@ def mse_loss(output: str, target: Tensor) -> Callable[[States], Tensor]:
         return 0.5 * ((states[output] - target.to(states[output].dtype)) ** 2).sum(-1).mean()
 
     return f
+
+
+def ce_loss(output: str, target: Tensor, tau: float) -> Callable[[States], Tensor]:
+    """The loss the classifier's cross-entropy nudge optimises: batch mean of the cross-entropy
+    of ``softmax(tau s_out)`` against the one-hot `target`."""
+
+    def f(states: States) -> Tensor:
+        s = states[output]
+        return -(torch.log_softmax(tau * s, -1) * target.to(s.dtype)).sum(-1).mean()
+
+    return f

@@ -300,3 +300,33 @@ def test_the_vae_takes_the_activation() -> None:
     with open_device(IDEAL) as dev:
         vae = HopfieldVAE("tdh-vae", (dev,), pixels=64, hidden=8, activation="logistic")
         assert vae.encoder.topology.activation == Activation("logistic")
+
+
+def test_gradcheck_with_the_classifiers_cross_entropy_nudge() -> None:
+    """`gradcheck(loss="ce")` checks the nudge the classifier trains with (beta times
+    ``tau (softmax(tau s_out) - onehot)`` at the free state, a constant current) against
+    implicit differentiation of the cross-entropy of ``softmax(tau s_out)``: exact as beta goes
+    to 0, and far off at the classifier's beta 0.2 with tau 6, whose nudge peaks near one
+    state unit (docs/neuron.md, "What beta means")."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    ds = load_digits()
+    x, labels = ds.x_train[:8], ds.y_train[:8]
+    y = torch.nn.functional.one_hot(labels, 10).float()
+    with open_device(IDEAL) as dev:
+        blk = check_block(dev, [64, 12, 10], activation=DEFAULT)
+        small = gradcheck(blk, x, y, betas=(0.001,), modes=("centered",), loss="ce", tau=6.0)
+        large = gradcheck(blk, x, y, betas=(0.2,), modes=("centered",), loss="ce", tau=6.0)
+    for r in small:
+        assert r.cosine >= 0.9999 and r.rel_error <= 0.01, r
+    assert max(r.rel_error for r in large) > 0.1
+    res = CliRunner().invoke(
+        app, ["gradcheck", "--betas", "0.001", "--sizes", "64,12,10", "--batch", "8", "--no-progress",
+              "--activation", "soft_sigmoid:0.1", "--loss", "ce"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "loss ce (tau 6)" in res.output
+    bad = CliRunner().invoke(app, ["gradcheck", "--loss", "hinge", "--no-progress"])
+    assert bad.exit_code != 0 and "--loss takes mse or ce" in bad.output

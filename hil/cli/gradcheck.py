@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import typer
 from tqdm import tqdm
@@ -114,10 +115,19 @@ def register(app: typer.Typer) -> None:
             "hard_sigmoid",
             help="Node curve: hard_sigmoid, logistic or soft_sigmoid[:width] (docs/neuron.md).",
         ),
+        loss: str = typer.Option(
+            "mse",
+            help="mse (nudged towards the one-hot target) or ce (the classifier's nudge: beta times "
+            "tau (softmax(tau s_out) - onehot), as `hil train classifier` applies it).",
+        ),
+        tau: float = typer.Option(
+            6.0, min=1e-6, max=1e3, help="Softmax temperature of --loss ce (the classifier's ep.tau)."
+        ),
     ) -> None:
         """Compare EP gradients measured on the device with implicit differentiation of the
         pure-torch reference (float64, the weights read back from the device), for the loss
-        1/2 |s_out - onehot|^2 on a batch of digits.
+        1/2 |s_out - onehot|^2 (or, with --loss ce, the classifier's cross-entropy of
+        softmax(tau s_out)) on a batch of digits.
 
         For every beta and every parameter (each tile's weights and bias row separately, and
         the clamped input) it prints the cosine and the relative error |g_EP - g| / |g| of
@@ -140,6 +150,8 @@ def register(app: typer.Typer) -> None:
             raise fail("--betas and --sizes take comma-separated numbers (e.g. --betas 0.1,0.01)") from None
         if any(b <= 0 for b in beta_list):
             raise fail(f"--betas must be > 0, got {betas!r}")
+        if loss not in ("mse", "ce"):
+            raise fail(f"--loss takes mse or ce, got {loss!r}")
         if settle not in ("auto", "board", "host"):
             raise fail(f"--settle takes auto, board or host, got {settle!r}")
         ds = load_digits()
@@ -157,7 +169,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"device   {dev.info.identity.idn()}  ({uri}); settles on the {blk.settle_path}")
             typer.echo(
                 f"network  {kind} {'-'.join(map(str, layer_sizes))}, {blk.topology.activation.spec}, "
-                f"batch {len(x)}; free phase "
+                f"batch {len(x)}, loss {'mse' if loss == 'mse' else f'ce (tau {tau:g})'}; free phase "
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
             )
@@ -171,6 +183,9 @@ def register(app: typer.Typer) -> None:
                     err=True,
                 )
             with _progress(len(beta_list) * len(MODES), enabled=progress) as tick:
-                rows = run_check(blk, x, y, betas=beta_list, modes=MODES, on_step=tick)
+                kind_of_loss: Literal["mse", "ce"] = "ce" if loss == "ce" else "mse"
+                rows = run_check(
+                    blk, x, y, betas=beta_list, modes=MODES, on_step=tick, loss=kind_of_loss, tau=tau
+                )
         typer.echo(format_table(rows))
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
