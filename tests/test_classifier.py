@@ -333,3 +333,25 @@ def test_a_resumed_run_continues_the_warmup_where_it_stopped(tmp_path, crash_and
         assert (p - plain.model.block.weights[tile]).abs().max() > 1e-3
     for res in (resumed, straight, plain):
         res.model.close()
+
+
+def test_training_warns_once_when_settles_stop_before_they_settle(tmp_path) -> None:
+    """Settles cut at 3 steps above ep.tol: the run says so once, naming the keys to raise (an
+    audit trained with ep.free_steps=5, 7.6 % off the gradient, and saw no word of it); the epoch
+    lines show the share. With ep.tol=0 the step counts are fixed by choice: no warning."""
+    small = ["train.epochs=2", "data.limit_train=32", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    cut = ["ep.free_steps=3", "ep.nudge_steps=2", "ep.tol=1e-3"]
+    res = CliRunner().invoke(
+        app, ["train", "classifier", "--no-progress", "--out", str(tmp_path / "a.zarr"), *_sets(*small, *cut)]
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.count("warning (epoch 1): ") == 1
+    assert "stopped at their step budget (ep.free_steps 3, ep.nudge_steps 2)" in res.output
+    assert "unconverged 100%" in res.output
+    fixed = CliRunner().invoke(
+        app,
+        ["train", "classifier", "--no-progress", "--out", str(tmp_path / "b.zarr"),
+         *_sets(*small, "ep.free_steps=3", "ep.nudge_steps=2", "ep.tol=0")],
+    )  # fmt: skip
+    assert fixed.exit_code == 0, fixed.output
+    assert "warning" not in fixed.output and "unconverged" not in fixed.output

@@ -242,13 +242,22 @@ def classifier(
 
     from hil.train_classifier import EpochStats, train_classifier
 
+    warned = []
+
     def on_epoch(st: EpochStats) -> None:
-        if not progress and (dp is None or dp.rank == 0):
+        if dp is not None and dp.rank != 0:
+            return
+        if not progress:
             typer.echo(
                 f"epoch {st.epoch:>3}  loss {st.train_loss:.4f}  train {st.train_acc:.2%}  "
                 f"{'' if st.val_acc is None else f'val {st.val_acc:.2%}  '}test {st.test_acc:.2%}  "
                 f"{st.seconds:.2f} s"
+                + (f"  unconverged {st.unconverged:.0%}" if st.unconverged and cfg.ep.tol > 0 else "")
             )
+        note = unconverged_warning(st.unconverged, cfg.ep.tol, cfg.ep.free_steps, cfg.ep.nudge_steps)
+        if note and not warned:
+            warned.append(st.epoch)
+            typer.echo(f"warning (epoch {st.epoch}): {note}", err=True)
 
     try:
         if dp is not None and dp.rank != 0:
@@ -313,3 +322,21 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
         typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
     uris = " ; ".join(cfg.devices) if cfg.devices else cfg.device  # `device` is unused when `devices` is set
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({uris}) | config {compact}")
+
+
+UNCONVERGED_WARN = 0.05  # share of an epoch's settles that stopped at their budget above tol
+
+
+def unconverged_warning(share: float, tol: float, free_steps: int, nudge_steps: int) -> str | None:
+    """The warning `hil train classifier` prints once, at the first epoch in which more than
+    `UNCONVERGED_WARN` of the settles hit their step budget with the states still moving by
+    more than `tol` (None otherwise; with ``tol = 0`` the step counts are fixed by choice and
+    no settle claims convergence)."""
+    if tol <= 0 or share <= UNCONVERGED_WARN:
+        return None
+    return (
+        f"{share:.0%} of this epoch's settles stopped at their step budget (ep.free_steps {free_steps}, "
+        f"ep.nudge_steps {nudge_steps}) with states still moving by more than ep.tol {tol:g}: EP then "
+        "differences states that have not settled, which biases its gradient. Raise ep.free_steps / "
+        "ep.nudge_steps (or ep.tol), or set ep.tol=0 to run fixed step counts knowingly."
+    )
