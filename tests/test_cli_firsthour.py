@@ -494,6 +494,30 @@ def test_every_integer_option_that_sets_an_amount_of_work_declares_a_bound() -> 
     assert shown.exit_code == 2 and "less than or equal to 8192" in shown.output, shown.output
 
 
+def test_help_texts_keep_their_placeholders() -> None:
+    """The help is rendered as markdown, where ``<date-time>`` is an HTML tag and vanished:
+    ``--out`` read "Default: runs/classifier-.zarr." No option or command help holds an
+    angle-bracket placeholder, and the run log's default name shows in full."""
+    import re
+
+    import typer
+
+    def walk(cmd: Any) -> list[Any]:
+        out = [cmd, *getattr(cmd, "params", [])]
+        for sub in getattr(cmd, "commands", {}).values():
+            out += walk(sub)
+        return out
+
+    tagged = [
+        (getattr(o, "name", None), o.help)
+        for o in walk(typer.main.get_command(app))
+        if re.search(r"<[A-Za-z][\w -]*>", getattr(o, "help", None) or "")
+    ]
+    assert tagged == []
+    shown = CliRunner().invoke(app, ["train", "classifier", "--help"], env={"COLUMNS": "200"})
+    assert "runs/classifier-DATE-TIME.zarr" in shown.output, shown.output
+
+
 def test_readme_lists_every_benchmark() -> None:
     """The README's benchmarks table names every script in benchmarks/ (a new one is found)."""
     root = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ def sweep(
         typer.Option(
             "--out",
             "-o",
-            help="Sweep folder (study, trials' run logs, summary). Default: runs/sweeps/<name>. An existing folder of the same sweep is continued.",
+            help="Sweep folder (study, trials' run logs, summary). Default: runs/sweeps/NAME (the spec's name). An existing folder of the same sweep is continued.",
         ),
     ] = None,
     ray_address: Annotated[

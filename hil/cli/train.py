@@ -61,7 +61,7 @@ def classifier(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Run log folder (a Zarr store). Default: runs/classifier-<date-time>.zarr."
+            "--out", "-o", help="Run log folder (a Zarr store). Default: runs/classifier-DATE-TIME.zarr."
         ),
     ] = None,
     resume: Annotated[

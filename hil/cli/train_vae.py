@@ -38,7 +38,7 @@ def vae(
         typer.Option(
             "--out",
             "-o",
-            help="Run folder (run.zarr, samples.png, reconstructions.png). Default: runs/<variant>.",
+            help="Run folder (run.zarr, samples.png, reconstructions.png). Default: runs/VARIANT (the model.variant).",
         ),
     ] = None,
     resume: Annotated[
