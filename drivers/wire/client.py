@@ -513,3 +513,11 @@ class RemoteDevice(Device):
             finally:
                 self._closed = True
                 self._disconnect()
+
+    def close_link(self) -> None:
+        """Close the link without `close`'s safe state: for a session that only looked at a
+        board another host drives (`hil info`), whose lines it must not drive to 0 V."""
+        with self.lock:
+            if not self._closed:
+                self._closed = True
+                self._disconnect()

@@ -6,7 +6,7 @@ import warnings
 
 import typer
 
-from hil.cli import calibrate, conformance, demo, emulator_cmd, mhn, runs, sweep, train
+from hil.cli import calibrate, conformance, demo, emulator_cmd, info, mhn, runs, sweep, train
 from hil.cli.help_format import ShortMetavarGroup
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ calibrate.register(app)
 conformance.register(app)
 demo.register(app)
 emulator_cmd.register(app)
+info.register(app)
 mhn.register(app)
 runs.register(app)
 sweep.register(app)

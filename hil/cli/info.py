@@ -1,0 +1,72 @@
+"""`hil info`: what a board says about itself, read without changing anything on it."""
+
+from __future__ import annotations
+
+import typer
+
+from drivers.base import Device
+from hil.cli.common import one_line_errors
+
+
+def describe(dev: Device, uri: str) -> list[str]:
+    """The lines `hil info` prints: identity, capabilities, limits, status and counters, each
+    with its unit. Only queries: no configure, program, settle, mvm or safe state."""
+    info, lim = dev.info, dev.info.limits
+    conv = [
+        f"DAC {'ideal' if lim.dac_bits is None else f'{lim.dac_bits} bit'}",
+        f"ADC {'ideal' if lim.adc_bits is None else f'{lim.adc_bits} bit'} over "
+        f"[{lim.adc_range[0]:g}, {lim.adc_range[1]:g}]",
+    ]
+    lines = [
+        f"device        {info.identity.idn()}  ({uri})",
+        f"capabilities  {', '.join(sorted(info.capabilities)) or 'none'}",
+        f"voltages      v_read {lim.v_read:g} V per state unit, at most {lim.v_read_max:g} V on any line "
+        f"(states up to {lim.clamp_max:g})",
+        f"conductances  {lim.g_min:g} to {lim.g_max:g} S per device",
+        f"converters    {', '.join(conv)}",
+        f"tiles         up to {lim.max_tiles} of at most {lim.tile_rows_max} x {lim.tile_cols_max} cells",
+        f"work bounds   batch {lim.max_batch} samples, settle {lim.max_settle_steps} steps "
+        f"({lim.settle_step_s:g} s each), {lim.max_pulses} pulses per device per call, "
+        f"{lim.max_verify_iters} write-verify rounds, wait {lim.max_wait_s:g} s",
+    ]
+    st = dev.status()
+    open_tx = f"open transaction {st.transaction!r}" if st.transaction else "no open transaction"
+    lines.append(
+        f"status        epoch {st.epoch}, {'configured' if st.configured else 'not configured'}, {open_tx}"
+    )
+    safety = dev.safety()
+    lines.append(f"safety        refused {safety.refused}, violations {safety.violations} (must stay 0)")
+    meter = dev.meter()
+    if meter is not None:
+        lines.append(
+            f"meter         clock {meter.clock_s:g} s, energy {meter.energy_j:g} J, {meter.mvm_calls} mvm calls "
+            "(since power-on)"
+        )
+    if info.extra:
+        lines.append(f"extra         {info.extra}")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def info(
+        uri: str = typer.Argument(
+            ..., help="Device URI: visa://RESOURCE, serial://PORT, serial+socket://HOST:PORT, emulator://..."
+        ),
+    ) -> None:
+        """Print what a board says about itself: identity, capabilities, limits (with units),
+        status (epoch, configuration, an open programming transaction), safety counters and
+        its meter. It only queries: nothing is configured or programmed, and the lines are not
+        driven to the safe state on close, so it can look at a board another host is using.
+        On an emulator:// URI it shows a fresh emulated board."""
+        from drivers import open_device
+
+        with one_line_errors():
+            dev = open_device(uri)
+            try:
+                lines = describe(dev, uri)
+            finally:
+                # not `close`: its safe state would drive the lines of a board another host uses
+                getattr(dev, "close_link", dev.close)()
+        for line in lines:
+            typer.echo(line)

@@ -1,0 +1,51 @@
+"""`hil info URI`: what a board says about itself, read over a real transport without
+changing anything on it (the instrument audit found no read-only command: `conformance` and
+`demo` both reconfigure and program the board)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from drivers import Topology, open_device
+from hil.cli import app
+from hil.testing import BoardServers
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_info_reads_a_board_in_use_without_touching_it(
+    board_servers: BoardServers, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    safe_calls: list[int] = []
+    board = board_servers.device
+    real_safe = board.safe_state
+    monkeypatch.setattr(board, "safe_state", lambda: (safe_calls.append(1), real_safe())[1])
+    uri = board_servers.uri(transport)
+    x = np.full((2, 5), 0.5, np.float32)
+    with open_device(uri) as host:  # another host's session on the same board
+        host.configure(Topology.layered([4, 3]))
+        lim = host.info.limits
+        host.program("W0", np.full((5, 3), lim.g_max, np.float32), np.full((5, 3), lim.g_min, np.float32))
+        before = host.mvm("W0", x)
+        calls = host.meter().mvm_calls
+        res = CliRunner().invoke(app, ["info", uri])
+        assert res.exit_code == 0, res.output
+        lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
+        assert lines["device"].startswith("xbar-hil,emulator-") and uri in lines["device"]
+        assert "mvm" in lines["capabilities"] and "settle" in lines["capabilities"]
+        assert f"v_read {lim.v_read:g} V" in lines["voltages"]
+        assert f"{lim.g_min:g} to {lim.g_max:g} S" in lines["conductances"]
+        assert "configured, no open transaction" in lines["status"]
+        assert lines["safety"].startswith("refused 0, violations 0")
+        assert f"{calls} mvm calls" in lines["meter"]
+        # nothing changed: no safe state, the topology and weights as the host left them
+        assert safe_calls == []
+        assert host.meter().mvm_calls == calls
+        np.testing.assert_array_equal(host.mvm("W0", x), before)
+
+
+def test_info_on_a_bad_uri_is_one_line() -> None:
+    res = CliRunner().invoke(app, ["info", "emulator://?preset=nope"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
