@@ -35,7 +35,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
     """The board URI, checked once per session: a URI no board can be opened from stops the
-    session with one usage error (where every test using a fixture would fail with the same)."""
+    session with one usage error (where every test using a fixture would fail with the same).
+    A lab board's URI (not ``emulator://``) is opened once to check it answers, and closed
+    without the safe state (it may be another host's board)."""
     from drivers.uri import parse_options
 
     uri = pytestconfig.getoption("--xbar-board")
@@ -46,6 +48,18 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
         parse_options(uri)
     except Exception as exc:  # a ConfigurationError, or a third-party backend's own error
         pytest.exit(f"{where} {uri!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    if not uri.startswith("emulator://"):
+        from drivers import open_device
+
+        try:
+            dev = open_device(uri)
+        except Exception as exc:  # unreachable, refused, or no board answering there
+            pytest.exit(
+                f"{where} {uri!r}: cannot open the board ({type(exc).__name__}: {exc}); check that it is "
+                "powered, connected and served at that address, or pass an emulator:// URI",
+                returncode=pytest.ExitCode.USAGE_ERROR,
+            )
+        getattr(dev, "close_link", dev.close)()
     return uri
 
 

@@ -97,6 +97,27 @@ def test_a_bad_board_uri_is_one_usage_error_for_the_session(tmp_path: Path) -> N
     assert "--xbar-board 'emulator://?preset=nope'" in out and "known presets" in out
 
 
+def test_an_unreachable_lab_board_is_one_usage_error_for_the_session(tmp_path: Path) -> None:
+    """A lab URI nothing answers at gave one ERROR per test (the instrument audit: 6 errors,
+    each a RetriesExhausted); it stops the session once, naming the URI and what to check."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = "".join(f"def test_{k}(xbar_board):\n    pass\n\n\n" for k in range(3))
+    (tmp_path / "test_user.py").write_text(tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    uri = f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?attempts=1"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"]
+    cmd += ["--xbar-board", uri]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, out
+    assert out.count("cannot open the board") == 1 and f"--xbar-board {uri!r}" in out, out
+    assert "ERROR at setup" not in out and "passed" not in out, out
+
+
 @pytest.mark.parametrize("transport", ["visa-asrl", "serial-socket"])
 def test_transport_device_uris_open(board_servers: BoardServers, transport: str) -> None:
     with open_device(board_servers.uri(transport)) as dev:
