@@ -444,11 +444,15 @@ class SettleEngine:
         assert self.board.topology is not None
         per, budget = self.board.preset.periphery, self.board.topology.budget
         if self.board.topology.mode == "mvm":
+            # one mvm per source group and step, one after the other; each drives only its own
+            # group's lines, for one mvm time: a step's energy is the array's power (every
+            # group's lines) times one mvm time, not times the step's duration
             step_s = per.mvm_time_s * (len(plan.const_terms) + len(plan.dyn_terms))
+            driven_s = per.mvm_time_s
         else:
-            step_s = per.settle_step_s * dt / budget.dt
+            step_s = driven_s = per.settle_step_s * dt / budget.dt
         settle_time = step_s * steps * batch
-        energy_j = settle_energy.settle_power(plan, s, ws, self._current, per.v_read) * step_s * steps
+        energy_j = settle_energy.settle_power(plan, s, ws, self._current, per.v_read) * driven_s * steps
         return settle_time, energy_j
 
     def _result(

@@ -638,3 +638,24 @@ def test_a_host_read_costs_what_a_verify_read_costs() -> None:
         assert dev.board.clock - clock == pytest.approx(65 * m.read_time_s, rel=1e-9)
         assert dev.board.energy_j - energy == pytest.approx(2 * 65 * 32 * m.read_energy_j, rel=1e-9)
         assert m.read_energy_j > 0
+
+
+def test_an_mvm_mode_settle_charges_each_lines_power_for_its_own_mvm() -> None:
+    """In ``mvm`` mode a step is one mvm per source group, one after the other: the step takes
+    that many mvm times, and each mvm drives only its source's lines, so a step's energy is the
+    array's line power times one mvm time (it was charged for the whole step: 4 times over on
+    this network, whose bias, s0, s1 and s2 each drive an mvm)."""
+    rng = np.random.default_rng(3)
+    with open_device(IDEAL) as dev:
+        random_layered(dev, [6, 9, 4], seed=4, budget=SettleBudget(max_steps=30, tol=0.0), mode="mvm")
+        x = rng.uniform(0, 1, (5, 6)).astype(np.float32)
+        g = {t: sum(dev.read_conductance(t)).astype(np.float64) for t in ("W0", "W1")}
+        eq = dev.settle({"s0": x})
+        lim, per = dev.info.limits, dev.board.preset.periphery
+        s0, s1, s2 = (eq.states[k].astype(np.float64) for k in ("s0", "s1", "s2"))
+        power = (s0**2).sum(0) @ g["W0"][:6].sum(1) + len(x) * g["W0"][6].sum()
+        power += (s1**2).sum(0) @ (g["W0"].sum(0) + g["W1"][:9].sum(1)) + len(x) * g["W1"][9].sum()
+        power += (s2**2).sum(0) @ g["W1"].sum(0)
+        assert eq.steps == 30
+        assert eq.energy_j == pytest.approx(power * lim.v_read**2 * per.mvm_time_s * eq.steps, rel=1e-5)
+        assert eq.settle_time_s == pytest.approx(4 * per.mvm_time_s * eq.steps * len(x), rel=1e-9)
