@@ -162,6 +162,8 @@ class TileArray:
         self._nu_gen: torch.Generator | None = None
         self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
         self._lines: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, `line_sums`)
+        # with wire resistance: the line sums of the effective conductances `weights` last used
+        self._eff_lines: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._pcm:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
             self._nu_gen = torch.Generator().manual_seed(seed)
@@ -278,13 +280,22 @@ class TileArray:
     def line_sums(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``sum (G+ + G-)`` along each row and along each column at time `t`, shapes (rows,)
         and (cols,): the conductance each input line of a read sees (a read's energy is
-        ``sum_i line_i V_i^2``). Cached between writes of a tile that does not drift (the
-        host's iteration reads a tile many times between two writes); do not modify them."""
+        ``sum_i line_i V_i^2``). With wire resistance, the sums of the effective
+        conductances (`emulator.ir_drop`): the wires let less current through than the
+        devices alone would, and a line driven at V delivers V times the current it carries
+        (exact for a single line, and for a uniform input under the attenuation model).
+        Cached between writes of a tile that does not drift (the host's iteration reads a
+        tile many times between two writes); do not modify them."""
         hit = self._lines
         if hit is not None and hit[0] == self._version and not self._drifts:
             return hit[1], hit[2]
-        g = self._now(t)
-        rows, cols = g.sum((0, 2)), g.sum((0, 1))
+        if self._wire > 0:
+            self.weights(t)  # computes (or keeps) the effective conductances and their sums
+            assert self._eff_lines is not None
+            rows, cols = self._eff_lines
+        else:
+            g = self._now(t)
+            rows, cols = g.sum((0, 2)), g.sum((0, 1))
         self._lines = (self._version, rows, cols)
         return rows, cols
 
@@ -324,6 +335,8 @@ class TileArray:
             self._cache = torch.empty(self.shape, device=self.device)
         if self._wire > 0:  # each array's effective conductance, wires included
             m = [self._ir[k].effective(g[k]) for k in (0, 1)]
+            both = m[0] + m[1]
+            self._eff_lines = (both.sum(1), both.sum(0))
             w = torch.sub(m[0], m[1], out=self._cache).div_(self.model.g_range)
         else:
             w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)

@@ -445,7 +445,9 @@ def test_an_mvm_reads_energy_from_the_conductances_it_holds_now() -> None:
 def test_line_sums_follow_writes_and_drift() -> None:
     """A drifting (pcm) tile's line sums are those of its conductances at the time asked,
     after a write too."""
-    with open_device("emulator://?preset=pcm&seed=0&stuck_fraction=0") as dev:
+    # no wires: the sums of the devices' own conductances (with wires, of the effective ones:
+    # tests/test_ir_drop.py)
+    with open_device("emulator://?preset=pcm&seed=0&stuck_fraction=0&wire_resistance=0") as dev:
         dev.configure(Topology.layered([16, 8], bias=False))
         m = dev.board.preset.device
         dev.program("W0", *(np.full((16, 8), 0.6 * m.g_max + 0.4 * m.g_min, np.float32),) * 2)

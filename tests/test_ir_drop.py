@@ -211,3 +211,39 @@ def test_the_attenuation_drop_grows_with_the_tile_size_up_to_the_classifier_tile
         lost.append(float(1 - m.sum() / g.sum()))
     assert all(b > a for a, b in itertools.pairwise(lost)), lost
     assert lost[0] > 0 and lost[-1] < 1
+
+
+@pytest.mark.parametrize("ir_model", ["exact", "attenuation"])
+def test_an_mvm_pays_for_the_current_the_wires_let_through(ir_model: str) -> None:
+    """A read's energy is what its drivers deliver, V times the current each line carries: with
+    wire resistance less than ``sum G V^2`` (the audit: the same 1.180e-9 J at 0, 2.12 and 8
+    ohms). One line driven: exactly V^2 times its effective row sum, from the nodal solution;
+    every line at the same V: V times the total column current of the uniform solve."""
+    r = 8.0
+    uri = f"emulator://?preset=ideal&seed=3&wire_resistance={r}&ir_model={ir_model}"
+    with open_device(uri) as dev:
+        dev.configure(Topology({"x": 64, "y": 48}, (Coupling("W", ("x",), ("y",)),)))
+        lim, per = dev.info.limits, dev.board.preset.periphery
+        gen = np.random.default_rng(4)
+        gp = gen.uniform(lim.g_min, lim.g_max, (64, 48)).astype(np.float32)
+        gm = gen.uniform(lim.g_min, lim.g_max, (64, 48)).astype(np.float32)
+        dev.program("W", gp, gm)
+        g = [t.double() for t in dev.board.tile("W").conductances(dev.board.clock)]
+
+        def energy(x: np.ndarray) -> float:
+            before = dev.board.energy_j
+            dev.mvm("W", x)
+            return (dev.board.energy_j - before) / (per.mvm_time_s * lim.v_read**2)
+
+        ones = np.ones((1, 64), np.float32)
+        bare = float(g[0].sum() + g[1].sum())
+        carried = sum(float(output_currents(gk, torch.ones(1, 64, dtype=torch.float64), r).sum()) for gk in g)
+        assert energy(ones) == pytest.approx(carried, rel=1e-3)
+        assert carried < 0.97 * bare
+        if ir_model == "exact":
+            one = np.zeros((1, 64), np.float32)
+            one[0, 5] = 1.0
+            unit = torch.zeros(1, 64, dtype=torch.float64)
+            unit[0, 5] = 1.0
+            row5 = sum(float(output_currents(gk, unit, r).sum()) for gk in g)
+            assert energy(one) == pytest.approx(row5, rel=1e-4)
