@@ -79,3 +79,40 @@ def as_float(
             raise LimitViolation(limit, f, hi)
         raise ConfigurationError(f"{name} must be <= {hi:g}, got {f:g}")
     return f
+
+
+def check_within(
+    label: str,
+    name: str,
+    value: object,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    unit: str = "",
+    why: str = "",
+) -> float:
+    """`value` as a float in the interval from `lo` to `hi` (closed unless `lo_open` /
+    `hi_open`); otherwise ConfigurationError naming the ``label`` parameter `name`, its value,
+    the allowed interval, `why` the bound is there and the fix. NaN and infinities fall outside
+    every interval."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}{' ' + unit if unit else ''}"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(
+            f"{label} parameter {name} must be a real number in {interval}, got "
+            f"{type(value).__name__} {_shown(value)}"
+        )
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):
+        f = math.nan
+    above = f > lo if lo_open else f >= lo
+    below = f < hi if hi_open else f <= hi
+    if not (above and below):  # NaN fails both
+        raise ConfigurationError(
+            f"{label} parameter {name}={f:g} is outside {interval}"
+            + (f": {why}" if why else "")
+            + f"; set {name} to a value in {interval}"
+        )
+    return f

@@ -36,18 +36,53 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from drivers.errors import ConfigurationError
+from drivers.scalars import check_within
 from emulator.ir_drop import check_ir_model
 from emulator.statistics import check_statistics
 
 MAX_WIRE_OHMS = 1e3  # per cell segment: a declared bound, far above any metal line
+MAX_G = 1e-2  # S: 10 mS (100 ohm), ten times the most conductive ReRAM/PCM state (~1 mS)
+MAX_GAMMA = 100.0  # step-shape factor: at 100 steps vanish within 1 % (linear) of the window
+MAX_CTOC = 5.0  # c2c std of a pulse, relative: the largest of aihwkit's published fits
+MAX_DRIFT_T0 = 10 * 365.25 * 86400.0  # s: the 10-year retention of a non-volatile memory
+MAX_ENERGY_J = 1e-6  # J per pulse or per device read
+MAX_TIME_S = 1.0  # s per pulse or per row read
 
 DeviceKind = Literal["constant", "linear", "soft_bounds", "exponential"]
 KINDS: tuple[str, ...] = ("constant", "linear", "soft_bounds", "exponential")
+
+
+class Bound(NamedTuple):
+    """The allowed range of one numeric model parameter and why (`DeviceModel.bounds`)."""
+
+    name: str
+    lo: float
+    hi: float
+    why: str
+    unit: str = ""
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def check(self, label: str, value: object) -> None:
+        """ConfigurationError naming the parameter, `value`, the range, why and the fix, unless
+        `value` is inside (None: an optional parameter left unset, always accepted)."""
+        if value is not None:
+            check_within(
+                label,
+                self.name,
+                value,
+                self.lo,
+                self.hi,
+                lo_open=self.lo_open,
+                hi_open=self.hi_open,
+                unit=self.unit,
+                why=self.why,
+            )
 
 
 @dataclass(frozen=True)
@@ -102,14 +137,10 @@ class DeviceModel:
             raise ConfigurationError(
                 f"need 0 <= g_min < g_max, got g_min={self.g_min:.3g} S, g_max={self.g_max:.3g} S"
             )
-        if self.dw_min <= 0:
-            raise ConfigurationError(f"dw_min must be > 0 siemens, got {self.dw_min:.3g}")
         if not -1.0 < self.up_down < 1.0:
             raise ConfigurationError(f"up_down must be in (-1, 1), got {self.up_down}")
         if not 0.0 <= self.stuck_fraction <= 1.0:
             raise ConfigurationError(f"stuck_fraction must be in [0, 1], got {self.stuck_fraction}")
-        if self.drift_t0 <= 0:
-            raise ConfigurationError(f"drift_t0 must be > 0 seconds, got {self.drift_t0}")
         check_statistics(self.statistics)
         check_ir_model(self.ir_model)
         if not 0.0 <= self.wire_resistance <= MAX_WIRE_OHMS:
@@ -117,27 +148,68 @@ class DeviceModel:
                 f"wire_resistance must be in [0, {MAX_WIRE_OHMS:g}] ohms per cell segment, got "
                 f"{self.wire_resistance}"
             )
-        negative = [
-            name
-            for name in (
-                "dw_min_dtod",
-                "up_down_dtod",
-                "dw_min_ctoc",
-                "bounds_dtod",
-                "write_noise",
-                "reset_noise",
-                "read_noise",
+        for bound in self.bounds():
+            bound.check("device", getattr(self, bound.name))
+
+    def bounds(self) -> tuple[Bound, ...]:
+        """The physically meaningful range of each numeric parameter not checked above,
+        generous (users explore) but refusing values that make the model's formulas (module
+        docstring) or the board's circuit accounting meaningless. Some depend on the window."""
+        window, g_max = self.g_max - self.g_min, self.g_max
+        shape = "steps shrink toward the bound they approach (< 0 grows them); past 100 they vanish"
+        noise = "a noise std is >= 0, and one above g_max is the state rather than noise on it"
+        return (
+            # ReRAM / PCM / ECRAM cells hold 1e-7..1e-3 S; line currents, IR drop and energies
+            # assume uA-mA per device (10 mS at 0.25 V is already 2.5 mA per cell)
+            Bound("g_max", self.g_min, MAX_G, "cells hold 1e-7..1e-3 S; currents assume uA-mA", "S", True),
+            # one step across the whole window is a binary device; a larger one means no more
+            Bound("dw_min", 0.0, window, "a step is > 0 and at most the window g_max - g_min", "S", True),
+            # linear: 1 - gamma u (clipped at 0); exponential: exp(-gamma u). gamma < 0 grows the
+            # steps toward the bound; at 100 they vanish within 1 % (linear) / 5 % of the window
+            Bound("gamma", 0.0, MAX_GAMMA, shape),
+            Bound("gamma_down", 0.0, MAX_GAMMA, shape),
+            # a log-normal factor of mean 1, always > 0; a spread past 100 % of the step leaves
+            # the nominal dw_min (what write-verify firmware steers by) describing no device
+            Bound("dw_min_dtod", 0.0, 1.0, "a step spread past 100 % leaves dw_min describing no device"),
+            # up_down + s N(0,1) is clipped to [-1, 1], where one direction's step is 0: past 0.5
+            # over 5 % of the devices could move one way only
+            Bound("up_down_dtod", 0.0, 0.5, "past 0.5 over 5 % of the devices clip at up_down = +-1"),
+            # each pulse x (1 + ctoc N(0,1)): aihwkit's ReRAM fits (3.75-5, cited in
+            # `emulator.presets`) already send ~40 % of pulses the wrong way; past 5 a pulse's
+            # direction is a coin flip (46 % wrong at 10)
+            Bound(
+                "dw_min_ctoc", 0.0, MAX_CTOC, "each pulse is x (1 + ctoc N(0,1)); past 5 its sign is random"
+            ),
+            # bounds x (1 + s N(0,1)): aihwkit's raw-device spreads are 0.1-0.3; at 0.5, 2 % of
+            # the g_max draws are already negative (and clipped to a tenth of the window)
+            Bound("bounds_dtod", 0.0, 0.5, "bounds are x (1 + s N(0,1)); past 0.5 over 2 % turn negative"),
+            # stds (S) of one write, one RESET landing, one read
+            Bound("write_noise", 0.0, g_max, noise, "S"),
+            Bound("reset_noise", 0.0, g_max, noise, "S"),
+            Bound("read_noise", 0.0, g_max, noise, "S"),
+            # measured PCM nu is 0.005-0.1 (Joshi et al. 2020; up to 0.1 at low G, Nandakumar et
+            # al. 2019); nu >= 1 makes the conductance vanish faster than 1/t
+            Bound(
                 "drift_nu",
-                "drift_nu_dtod",
-                "pulse_energy_j",
-                "pulse_time_s",
-                "read_time_s",
-                "read_energy_j",
-            )
-            if getattr(self, name) < 0
-        ]
-        if negative:
-            raise ConfigurationError(f"these device parameters must be >= 0: {negative}")
+                0.0,
+                1.0,
+                "measured nu is 0.005-0.1; nu >= 1 vanishes faster than 1/t",
+                hi_open=True,
+            ),
+            # the spread of nu (measured 0.008-0.045) likewise: within nu's own range
+            Bound("drift_nu_dtod", 0.0, 1.0, "a spread of nu past nu's own range [0, 1)", hi_open=True),
+            # drift is referred to seconds-minutes after a write (20 s for PCM); a non-volatile
+            # memory retains for 10 years, so a later t0 never drifts in the device's life
+            Bound("drift_t0", 0.0, MAX_DRIFT_T0, "t0 is > 0 and within a 10-year retention", "s", True),
+            # a cell's pulse costs pJ (PCM RESET ~10-100 pJ); a read of 10 mS at 0.25 V for 1 us
+            # is 0.6 nJ; pulses last ns-ms, a row read ns-us
+            Bound(
+                "pulse_energy_j", 0.0, MAX_ENERGY_J, "a pulse costs pJ, a microjoule is past any cell", "J"
+            ),
+            Bound("read_energy_j", 0.0, MAX_ENERGY_J, "a device read costs < 1 nJ even at 10 mS", "J"),
+            Bound("pulse_time_s", 0.0, MAX_TIME_S, "programming pulses last ns-ms", "s"),
+            Bound("read_time_s", 0.0, MAX_TIME_S, "a row read takes ns-us", "s"),
+        )
 
     @property
     def g_range(self) -> float:

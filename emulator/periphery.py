@@ -8,6 +8,12 @@ import torch
 
 from drivers.checks import check_state_range_voltage
 from drivers.scalars import INT32_MAX, as_float, as_int
+from emulator.devices import Bound
+
+MAX_GAIN_ERROR = 0.2  # std of a per-channel relative gain error: gains 1 + N(0, 0.2) stay > 0 to 5 sigma
+MIN_READ_V = 1e-3  # volts: a read under a millivolt is below the sense amplifiers' offsets
+MAX_READ_V = 10.0  # volts on a read line: past any cell's breakdown (reads are 0.1-0.3 V)
+MAX_STEP_S = 1.0  # seconds per node step or per mvm
 
 
 def lsb(bits: int | None, span: float) -> float:
@@ -49,11 +55,40 @@ class PeripheryModel:
         as_int("channels", self.channels, 1, 1 << 24)
         for name in ("v_read", "v_read_max", "settle_step_s", "mvm_time_s", "mvm_range"):
             as_float(name, getattr(self, name), 0.0, float("inf"), lo_open=True)
-        for name in ("gain_error", "offset_error", "node_noise"):
-            as_float(name, getattr(self, name), 0.0, float("inf"))
         lo, hi = self.state_range
         as_float("state_range high", hi, as_float("state_range low", lo, -1e30, 1e30), 1e30, lo_open=True)
         check_state_range_voltage(self.v_read, self.v_read_max, self.state_range)
+        for bound in self.bounds():
+            bound.check("periphery", getattr(self, bound.name))
+
+    def bounds(self) -> tuple[Bound, ...]:
+        """The physically meaningful range of the converter errors, noise, read voltages and
+        times (`emulator.devices.Bound`); mvm_range has none above (a range past the largest sum
+        only leaves ADC codes unused), bits and counts are checked above."""
+        lo, hi = self.state_range
+        read = "reads are 0.1-0.3 V, below the cells' switching (~0.5-2 V); 10 V breaks any cell"
+        return (
+            # gains are 1 + gain_error N(0,1): at 0.2 a gain <= 0 (a channel that inverts or
+            # vanishes) is a 5-sigma draw, 3e-7 per channel; at 0.5 it is 2 % of the channels
+            Bound("gain_error", 0.0, MAX_GAIN_ERROR, "gains 1 + gain_error N(0,1) must stay positive"),
+            # in LSB of each converter: past the narrowest one's full scale it saturates channels
+            Bound(
+                "offset_error", 0.0, self._full_scale_lsb(), "an offset past a converter's full scale", "LSB"
+            ),
+            # input-referred, normalised: a std past the whole state range drowns every state
+            Bound("node_noise", 0.0, hi - lo, "a node noise std past the whole state range"),
+            # a read below a millivolt is under the sense amplifiers' offsets
+            Bound("v_read", MIN_READ_V, MAX_READ_V, "a read above 1 mV (amplifier offsets); " + read, "V"),
+            # at least the voltage of the board's own states (`check_state_range_voltage`)
+            Bound("v_read_max", max(abs(lo), abs(hi)) * self.v_read, MAX_READ_V, read, "V"),
+            # a node step or an mvm takes ns-us on a crossbar; a second is a million times slower
+            Bound("settle_step_s", 0.0, MAX_STEP_S, "a node step takes ns-us", "s", True),
+            Bound("mvm_time_s", 0.0, MAX_STEP_S, "an mvm takes ns-us", "s", True),
+        )
+
+    def _full_scale_lsb(self) -> float:
+        """Codes across the narrowest converter's range (`lsb`: 255 for an ideal one)."""
+        return float(min(((1 << b) - 1 if b else 255) for b in (self.dac_bits, self.adc_bits)))
 
     def ideal(self) -> PeripheryModel:
         """The same periphery with ideal converters and no noise."""
