@@ -141,6 +141,11 @@ class TileArray:
         self._t_written = torch.zeros(self._dshape, dtype=torch.float64, device=self.device)
         self._drifts = bool((self.params.nu > 0).any())
         self._nu_max = float(self.params.nu.max())
+        # drift lowers G toward 0 but never below a device's own g_lo (its RESET / HRS floor):
+        # one number when the bounds are uniform, None when every g_lo is 0 (pcm), where
+        # G0 (t / t0)^-nu >= 0 already holds and a drifted state needs no extra pass
+        floor: float | torch.Tensor | None = self._bounds[0] if self._bounds else self.params.g_lo
+        self._drift_floor = None if float(self.params.g_lo.max()) <= 0.0 else floor
         # the common write time while all devices share one; `_t_written` holds per-device
         # times (and is meaningful) only while `_t_uniform` is None
         self._t_uniform: float | None = 0.0
@@ -209,8 +214,17 @@ class TileArray:
             log_ratio = math.log(max(t - self._t_uniform, self.model.drift_t0) / self.model.drift_t0)
             if log_ratio == 0.0:
                 return self._g0
-            return self._g0 * torch.exp(self.params.nu * -log_ratio)
-        return self._g0 * drift_factor(self.model, t - self._t_written, self.params.nu)
+            return self._floored(self._g0 * torch.exp(self.params.nu * -log_ratio))
+        return self._floored(self._g0 * drift_factor(self.model, t - self._t_written, self.params.nu))
+
+    def _floored(self, g: torch.Tensor) -> torch.Tensor:
+        """A drifted state `g` (a fresh tensor) raised, in place, to the devices' own g_lo."""
+        floor = self._drift_floor
+        if floor is None:
+            return g
+        if isinstance(floor, float):
+            return g.clamp_min_(floor)
+        return torch.maximum(g, floor, out=g)
 
     def _written(self, t: float, mask: torch.Tensor | None = None) -> None:
         """Record a write at `t` of all devices (mask None) or of the masked ones."""

@@ -28,7 +28,8 @@ RESET, which melts the cell back to ``g_lo + |N(0, reset_noise)|`` whatever the 
 
 Drift (PCM): after a write at time ``t_w`` the conductance is
 ``G(t) = G0 * (max(t - t_w, t0) / t0) ** -nu`` with ``nu`` per device
-(``drift_nu + drift_nu_dtod N(0,1)``, clipped at 0).
+(``drift_nu + drift_nu_dtod N(0,1)``, clipped at 0), never below the device's own ``g_lo``
+(`TileArray` clamps the drifted state: a device does not drift past its RESET / HRS floor).
 """
 
 from __future__ import annotations

@@ -11,12 +11,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers import open_device
 from drivers.errors import ConfigurationError
 from drivers.topology import Topology
+from emulator.array import TileArray
 from emulator.devices import Bound, DeviceModel
 from emulator.periphery import MAX_READ_V, PeripheryModel
 from emulator.presets import PRESETS
@@ -167,3 +169,45 @@ def test_generous_settings_inside_the_bounds_open_and_compute(uri: str) -> None:
         dev.configure(Topology.layered([4, 3], bias=False))
         out = dev.mvm("W0", np.full((2, 4), 0.5, np.float32))
         assert np.isfinite(out).all() and dev.safety().violations == 0
+
+
+NU_TOP = math.nextafter(_bound(DEVICES["rram"], "drift_nu").hi, 0.0)  # the largest allowed nu
+
+
+@pytest.mark.parametrize("preset", ["rram", "pcm", "ecram"])
+@settings(max_examples=25, deadline=None)
+@given(
+    since=st.floats(0.0, 1e12),
+    level=st.floats(0.0, 1.0),
+    partial=st.booleans(),
+    bounds_dtod=st.sampled_from([0.0, 0.5]),
+)
+def test_drift_never_takes_a_device_below_its_own_floor(
+    preset: str, since: float, level: float, partial: bool, bounds_dtod: float
+) -> None:
+    """The largest allowed nu and spread, up to 30,000 years after the write: every device
+    stays at or above its own g_lo (and so above 0 S), with uniform and scattered bounds,
+    one write time for the tile or a different one per device."""
+    model = dataclasses.replace(
+        DEVICES[preset],
+        drift_nu=NU_TOP,
+        drift_nu_dtod=NU_TOP,
+        statistics="constant",
+        bounds_dtod=bounds_dtod,
+    )
+    a = TileArray(6, 5, model, torch.Generator().manual_seed(0), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    g = torch.full(a.shape, model.g_min + level * model.g_range)
+    a.write(g, g, 0.0, gen)
+    if partial:  # the devices' write times part: the per-device drift path
+        counts = torch.zeros(a.shape, dtype=torch.int64)
+        counts[0] = 1
+        a.pulse(counts, counts, 1.0, gen)
+    assert a._drifts
+    floor = a.truth()["g_min"]
+    for t in (since, 2 * since + 100.0):
+        now = torch.stack(a.conductances(t))
+        assert bool((now >= floor).all()) and bool((now >= 0).all()), (t, float((now - floor).min()))
+        assert bool((a.state(t) >= floor).all())
+        rows, _ = a.line_sums(t)
+        assert float(rows.min()) >= float(floor.sum((0, 2)).min()) * (1 - 1e-6)
