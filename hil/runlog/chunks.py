@@ -14,10 +14,12 @@ from `chunk_writer`, and the caller writes through zarr as before.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -84,22 +86,26 @@ def atomic_write(path: Path, data: bytes) -> None:
 class ArrayCopier:
     """Writes new single-chunk arrays (a snapshot's) without zarr's array creation: the first
     array of each shape and dtype is created through zarr, and its metadata document (which
-    names no path) is kept; later arrays of that shape and dtype get a copy of it and their one
-    chunk, written as `chunk_writer` does."""
+    names no path) is kept; later arrays of that shape and dtype get a copy of it, with their
+    own ``dimension_names``, and their one chunk, written as `chunk_writer` does."""
 
     def __init__(self) -> None:
-        self._meta: dict[tuple[tuple[int, ...], str], tuple[bytes, str] | None] = {}
+        self._meta: dict[tuple[tuple[int, ...], str], tuple[dict[str, Any], str] | None] = {}
 
-    def write(self, group: zarr.Group, name: str, data: np.ndarray) -> bool:
-        """Write `data` as the array `name` of `group`; False when it has to go through zarr
-        (the caller then creates it and calls `learn`)."""
+    def write(
+        self, group: zarr.Group, name: str, data: np.ndarray, dimension_names: tuple[str, ...] | None = None
+    ) -> bool:
+        """Write `data` as the array `name` of `group` (with `dimension_names`); False when it
+        has to go through zarr (the caller then creates it and calls `learn`)."""
         known = self._meta.get(_signature(data))
         store = group.store_path.store
         if known is None or not isinstance(store, LocalStore):
             return False
-        meta, key = known
+        doc, key = known
+        dims = None if dimension_names is None else list(dimension_names)
+        meta = json.dumps({**doc, "dimension_names": dims})
         folder = Path(store.root) / group.path / name
-        atomic_write(folder / "zarr.json", meta)
+        atomic_write(folder / "zarr.json", meta.encode())
         raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
         atomic_write(folder / key, encode_chunk(raw))
         return True
@@ -120,8 +126,8 @@ class ArrayCopier:
             return
         store = array.store_path.store
         assert isinstance(store, LocalStore)
-        meta = (Path(store.root) / array.path / "zarr.json").read_bytes()
-        self._meta[sig] = (meta, array.metadata.encode_chunk_key((0,) * data.ndim))
+        doc = json.loads((Path(store.root) / array.path / "zarr.json").read_bytes())
+        self._meta[sig] = (doc, array.metadata.encode_chunk_key((0,) * data.ndim))
 
 
 def _signature(data: np.ndarray) -> tuple[tuple[int, ...], str]:

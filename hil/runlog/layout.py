@@ -36,6 +36,44 @@ ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
 COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 CHECKSUM_CODEC = "crc32c"
 
+# zarr 3 ``dimension_names`` of every array (xarray reads a table group as one Dataset by
+# them): the columns of one table share their first (row) dimension, named for what a row is;
+# the dimensions after it are named per column below (tile matrices, trace samples), else
+# ``<column>.dim<i>``. A snapshot's arrays: ``<array>.dim<i>``.
+ROW_DIMS: dict[str, str] = {
+    METRICS: "row",
+    f"{TRACES}/settles": "settle",
+    f"{TRACES}/points": "point",
+    TILES: "snapshot",
+    PROGRAM: "report",
+}
+INNER_DIMS: dict[tuple[str, str], tuple[str, ...]] = {
+    (TILES, "weights"): ("tile_row", "tile_col"),
+    (TILES, "g_plus"): ("tile_row", "tile_col"),
+    (TILES, "g_minus"): ("tile_row", "tile_col"),
+    (f"{TRACES}/points", "energy"): ("sample",),
+}
+STATE_PREFIX = "state."  # traces/points: state.<group> (rows, samples, nodes of the group)
+
+
+def column_dims(table: str, column: str, ndim: int) -> tuple[str, ...]:
+    """The dimension names of `column` (an array of `ndim` dimensions) of the table at path
+    `table` (e.g. ``metrics/train``, ``tiles/W0``, ``traces/points``)."""
+    top = table.split("/", 1)[0]
+    row = ROW_DIMS.get(table) or ROW_DIMS.get(top) or "row"
+    inner = INNER_DIMS.get((table, column)) or INNER_DIMS.get((top, column))
+    if inner is None and table == f"{TRACES}/points" and column.startswith(STATE_PREFIX):
+        inner = ("sample", f"{column}.node")
+    if inner is None or len(inner) != ndim - 1:
+        inner = tuple(f"{column}.dim{i}" for i in range(1, ndim))
+    return (row, *inner)
+
+
+def array_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """The dimension names of a snapshot's array `name`."""
+    return tuple(f"{name}.dim{i}" for i in range(ndim))
+
+
 TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_ROWS = 4096
 

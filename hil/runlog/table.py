@@ -32,7 +32,15 @@ import zarr
 from zarr.core.sync import sync
 
 from hil.runlog.chunks import ChunkWriter, chunk_writer
-from hil.runlog.layout import ARRAY_CONFIG, COMPRESSORS, RunLogError, chunk_rows_for, fill_value_for, writable
+from hil.runlog.layout import (
+    ARRAY_CONFIG,
+    COMPRESSORS,
+    RunLogError,
+    chunk_rows_for,
+    column_dims,
+    fill_value_for,
+    writable,
+)
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,7 @@ class Table:
             fill_value=col.fill,
             compressors=COMPRESSORS,
             config=ARRAY_CONFIG,
+            dimension_names=column_dims(self.group.path, name, 1 + len(col.inner)),
         )
         if self.rows:  # earlier rows: written out, so every chunk below `rows` exists
             arr[:] = np.full((self.rows, *col.inner), col.fill, dtype=col.dtype)

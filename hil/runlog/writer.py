@@ -37,6 +37,7 @@ from hil.runlog.layout import (
     RunExistsError,
     RunLogCorrupt,
     RunLogError,
+    array_dims,
     check_json,
 )
 from hil.runlog.meta import device_record, now, versions, writer
@@ -373,10 +374,21 @@ class RunLog:
         index = int(self._committed[-1]) + 1 if self._committed else 0
         name = f"{index:06d}"
         group = snaps.create_group(name, overwrite=True)
-        created = [key for key, data in arrays.items() if not self._copier.write(group, key, data)]
+        created = [
+            key
+            for key, data in arrays.items()
+            if not self._copier.write(group, key, data, array_dims(key, data.ndim))
+        ]
         create = group._async_group.create_array
         self._flush(
-            create(key, data=arrays[key], compressors=COMPRESSORS, config=ARRAY_CONFIG) for key in created
+            create(
+                key,
+                data=arrays[key],
+                compressors=COMPRESSORS,
+                config=ARRAY_CONFIG,
+                dimension_names=array_dims(key, arrays[key].ndim),
+            )
+            for key in created
         )
         for key in created:
             array = group[key]

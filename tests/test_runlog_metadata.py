@@ -1,0 +1,136 @@
+"""Run logs as other tools read them: zarr 3 dimension names (xarray opens a table group as one
+Dataset), units on the arrays, the writer's full argv, the boards' counters at a run's start
+and end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from hil.runlog import RunLog, TraceConfig, open_for_resume, open_run
+from tests.test_runlog import _make_run
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short run on the ideal emulator: metrics, traces, tiles, programming, two snapshots
+    (the second snapshot's arrays go past zarr's array creation)."""
+    path = tmp_path_factory.mktemp("runs") / "made.zarr"
+    _make_run(path, TraceConfig(every_steps=2, settle_stride=2, samples=4))
+    return path
+
+
+def _arrays(group: zarr.Group, prefix: str = "") -> dict[str, zarr.Array]:
+    out: dict[str, zarr.Array] = {}
+    for name, node in group.members():
+        if isinstance(node, zarr.Array):
+            out[prefix + name] = node
+        else:
+            out.update(_arrays(node, f"{prefix}{name}/"))
+    return out
+
+
+def _dims(array: zarr.Array) -> tuple[str, ...] | None:
+    return array.metadata.dimension_names  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------- dimension names
+def test_every_array_has_dimension_names_and_a_table_shares_its_row_dimension(made: Path) -> None:
+    root = zarr.open_group(made, mode="r")
+    arrays = _arrays(root)
+    assert len(arrays) > 20
+    for path, arr in arrays.items():
+        dims = _dims(arr)
+        assert dims is not None and len(dims) == arr.ndim and all(dims), (path, dims)
+    run = open_run(made)
+    for table in run.tables:
+        columns = root[table].attrs["columns"]
+        firsts = {_dims(root[f"{table}/{c}"])[0] for c in columns}  # type: ignore[index]
+        assert len(firsts) == 1, (table, firsts)
+    assert _dims(root["metrics/train/loss"]) == ("row",)
+    assert _dims(root["traces/settles/energy_j"]) == ("settle",)
+    assert _dims(root["traces/points/energy"]) == ("point", "sample")
+    assert _dims(root["traces/points/state.s1"]) == ("point", "sample", "state.s1.node")
+    for col in ("weights", "g_plus", "g_minus"):
+        assert _dims(root[f"tiles/W0/{col}"]) == ("snapshot", "tile_row", "tile_col")
+    assert _dims(root["tiles/W0/step"]) == ("snapshot",)
+    assert _dims(root["program/W0/pulses"]) == ("report",)
+    snaps = root["snapshots"].attrs["committed"]
+    assert len(snaps) == 2
+    for name in snaps:  # the first through zarr, the second copied past it: both named
+        assert _dims(root[f"snapshots/{name}/w"]) == ("w.dim0",)
+
+
+def test_grown_trimmed_and_resumed_columns_keep_their_dimension_names(tmp_path: Path) -> None:
+    """A table grows a chunk at a time, is trimmed at close and cut back on resume: every
+    resize keeps the names."""
+    path = tmp_path / "g.zarr"
+    log = RunLog.create(path, {}, flush_every_s=3600)
+    for step in range(5000):  # past one 4096-row chunk: the columns are resized
+        log.metrics("train", step=step, loss=1.0 / (step + 1))
+        if step == 4500:
+            log.snapshot(step, {"step": step})
+    log.flush()
+    loss = zarr.open_array(path / "metrics/train/loss", mode="r")
+    assert loss.shape[0] == 8192 and _dims(loss) == ("row",)
+    del log  # killed: resume cuts the table back to the snapshot's rows
+    log, _ = open_for_resume(path)
+    log.metrics("train", step=4501, loss=0.5)
+    log.close()
+    loss = zarr.open_array(path / "metrics/train/loss", mode="r")
+    assert loss.shape == (4502,) and _dims(loss) == ("row",)
+
+
+def test_xarray_opens_each_table_group_as_one_dataset(made: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    train = xr.open_zarr(made, group="metrics/train", consolidated=False)
+    assert dict(train.sizes) == {"row": 4} and {"step", "epoch", "loss", "acc"} <= set(train.data_vars)
+    np.testing.assert_allclose(train["loss"].values, [1.0, 0.5, 1 / 3, 0.25])
+    tile = xr.open_zarr(made, group="tiles/W0", consolidated=False)
+    assert tile["weights"].dims == ("snapshot", "tile_row", "tile_col")
+    assert tile["g_plus"].dims == ("snapshot", "tile_row", "tile_col")
+    program = xr.open_zarr(made, group="program/W0", consolidated=False)
+    assert program["pulses"].dims == ("report",) and program.sizes["report"] == 4
+    points = xr.open_zarr(made, group="traces/points", consolidated=False)
+    assert points["energy"].dims == ("point", "sample")
+    xr.open_zarr(made, group="traces/settles", consolidated=False)
+
+
+def _strip_to_old_store(path: Path) -> None:
+    """The store as the writer before dimension names and units left it, crashed mid-run."""
+    for meta in path.rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        if doc.get("node_type") == "array":
+            doc.pop("dimension_names", None)
+            doc["attributes"] = {}
+            meta.write_text(json.dumps(doc))
+    root = zarr.open_group(path, mode="r+")
+    root.update_attributes({"status": "running", "complete": False, "finished": None})
+
+
+def test_older_run_logs_without_dimension_names_still_resume_inspect_and_plot(
+    made: Path, tmp_path: Path
+) -> None:
+    from hil.runlog.plots import plot_run
+    from hil.runlog.summary import summary
+
+    path = tmp_path / "old.zarr"
+    shutil.copytree(made, path)
+    _strip_to_old_store(path)
+    assert _dims(zarr.open_array(path / "metrics/train/loss", mode="r")) is None
+    log, state = open_for_resume(path)
+    assert state is not None
+    log.metrics("train", step=4, epoch=2, loss=0.2, acc=1.0)
+    log.metrics("train", step=4, epoch=2, new_metric=1.0)  # a column created after the resume
+    log.close()
+    run = open_run(path, verify=True)
+    assert run.table("metrics/train")["loss"].tolist()[-2:] == [0.2, pytest.approx(np.nan, nan_ok=True)]
+    assert _dims(run.root["metrics/train/new_metric"]) == ("row",)  # type: ignore[arg-type]
+    assert "train: 6 rows" in summary(run)
+    files, _ = plot_run(run, tmp_path / "plots")
+    assert {p.name for p in files} >= {"loss.png", "conductance_W0.png"}
