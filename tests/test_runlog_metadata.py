@@ -134,3 +134,33 @@ def test_older_run_logs_without_dimension_names_still_resume_inspect_and_plot(
     assert "train: 6 rows" in summary(run)
     files, _ = plot_run(run, tmp_path / "plots")
     assert {p.name for p in files} >= {"loss.png", "conductance_W0.png"}
+
+
+# ---------------------------------------------------------------------------------- units
+def test_arrays_of_a_known_unit_record_it(made: Path, tmp_path: Path) -> None:
+    root = zarr.open_group(made, mode="r")
+    expected = {
+        "tiles/W0/g_plus": "S",
+        "tiles/W1/g_minus": "S",
+        "program/W0/residual_max": "S",
+        "program/W0/within_tol": "1",
+        "program/W0/energy_j": "J",
+        "program/W0/time_s": "s",
+        "traces/settles/energy_j": "J",
+        "traces/settles/settle_time_s": "s",
+    }
+    for path, unit in expected.items():
+        assert root[path].attrs.asdict() == {"units": unit}, path
+    for path in ("metrics/train/step", "metrics/train/loss", "tiles/W0/weights", "traces/points/energy"):
+        assert "units" not in root[path].attrs, path  # no physical unit
+    with RunLog.create(tmp_path / "m.zarr", {}) as log:  # a metric named as the project names quantities
+        log.metrics("test", step=0, energy_per_image_j=1e-9, settle_s=0.5, neg_elbo=3.0)
+    test = zarr.open_group(tmp_path / "m.zarr/metrics/test", mode="r")
+    assert [test[c].attrs.get("units") for c in ("energy_per_image_j", "settle_s", "neg_elbo")] == [
+        "J",
+        "s",
+        None,
+    ]
+    xr = pytest.importorskip("xarray")
+    program = xr.open_zarr(made, group="program/W0", consolidated=False)
+    assert program["energy_j"].attrs["units"] == "J"

@@ -69,6 +69,28 @@ def column_dims(table: str, column: str, ndim: int) -> tuple[str, ...]:
     return (row, *inner)
 
 
+# Units (the array attribute ``units``, SI symbols as UDUNITS/CF write them; "1": a
+# dimensionless fraction): the one table of them. By (top group, column) first, then by the
+# suffix the project names quantities with (``energy_j``, ``settle_time_s``, a metric
+# ``energy_per_image_j``). Arrays of no physical unit (steps, counts, labels, weights in device
+# weight units, node states and energies in state units) get no ``units``.
+UNITS: dict[tuple[str, str], str] = {
+    (TILES, "g_plus"): "S",
+    (TILES, "g_minus"): "S",
+    (PROGRAM, "residual_max"): "S",
+    (PROGRAM, "within_tol"): "1",
+}
+UNIT_SUFFIXES: dict[str, str] = {"_j": "J", "_s": "s", "_v": "V"}
+
+
+def units_for(table: str, column: str) -> str | None:
+    """The unit of `column` of the table at path `table`, or None when it has none known."""
+    unit = UNITS.get((table.split("/", 1)[0], column))
+    if unit is not None:
+        return unit
+    return next((u for suffix, u in UNIT_SUFFIXES.items() if column.endswith(suffix)), None)
+
+
 def array_dims(name: str, ndim: int) -> tuple[str, ...]:
     """The dimension names of a snapshot's array `name`."""
     return tuple(f"{name}.dim{i}" for i in range(ndim))

@@ -39,6 +39,7 @@ from hil.runlog.layout import (
     chunk_rows_for,
     column_dims,
     fill_value_for,
+    units_for,
     writable,
 )
 
@@ -277,6 +278,7 @@ class Table:
             compressors=COMPRESSORS,
             config=ARRAY_CONFIG,
             dimension_names=column_dims(self.group.path, name, 1 + len(col.inner)),
+            attributes=None if (unit := units_for(self.group.path, name)) is None else {"units": unit},
         )
         if self.rows:  # earlier rows: written out, so every chunk below `rows` exists
             arr[:] = np.full((self.rows, *col.inner), col.fill, dtype=col.dtype)
