@@ -164,3 +164,21 @@ def test_arrays_of_a_known_unit_record_it(made: Path, tmp_path: Path) -> None:
     xr = pytest.importorskip("xarray")
     program = xr.open_zarr(made, group="program/W0", consolidated=False)
     assert program["energy_j"].attrs["units"] == "J"
+
+
+# ---------------------------------------------------------------------------------- writer argv
+def test_the_writer_records_the_whole_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["hil", "train", "classifier", "--config", "c.toml", "--no-progress", "--threads", "1"]
+    argv += ["--out", str(tmp_path / "r.zarr"), "--set", "train.epochs=2", "--set", "model.sizes=[64,16,10]"]
+    monkeypatch.setattr("sys.argv", argv)
+    with RunLog.create(tmp_path / "r.zarr", {}):
+        pass
+    writer = open_run(tmp_path / "r.zarr").attrs["writer"]
+    assert writer["argv"] == argv and "argv_total" not in writer
+    huge = ["hil", "x" * 5000, *(f"--set=k{i}=1" for i in range(500))]  # bounded, and says so
+    monkeypatch.setattr("sys.argv", huge)
+    with RunLog.create(tmp_path / "h.zarr", {}):
+        pass
+    writer = open_run(tmp_path / "h.zarr").attrs["writer"]
+    assert len(writer["argv"]) == 200 and writer["argv_total"] == 502
+    assert writer["argv"][1] == "x" * 1000 + "..." and writer["argv"][2] == "--set=k0=1"

@@ -63,9 +63,19 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# The command line is kept whole (every --out and --set); the bounds only keep a pathological
+# one (a script passing thousands of arguments, or a data blob as one) from bloating the root
+# attributes, which every attribute update rewrites. A cut argv says so in ``argv_total``.
+ARGV_ITEMS = 200
+ARGV_ITEM_CHARS = 1000
+
+
 def writer() -> dict[str, Any]:
-    """Who writes the store: the one-writer check of `open_for_resume` reads it."""
-    return {**this_process(), "argv": sys.argv[:8]}
+    """Who writes the store (the one-writer check of `open_for_resume` reads it) and its
+    command line."""
+    argv = [a if len(a) <= ARGV_ITEM_CHARS else a[:ARGV_ITEM_CHARS] + "..." for a in sys.argv[:ARGV_ITEMS]]
+    cut = len(sys.argv) > ARGV_ITEMS or any(len(a) > ARGV_ITEM_CHARS for a in sys.argv[:ARGV_ITEMS])
+    return {**this_process(), "argv": argv, **({"argv_total": len(sys.argv)} if cut else {})}
 
 
 def device_record(info: DeviceInfo, uri: str | None = None) -> dict[str, Any]:
