@@ -16,6 +16,7 @@ at the free state is injected as a constant current (``Nudge(grad=...)``). ``mse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -455,6 +456,9 @@ def train_classifier(
     try:
         return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
     except BaseException:
+        if log is not None and model.devices:  # the boards' counters as the run failed
+            with contextlib.suppress(Exception):  # never in place of the run's own error
+                log.device_state("end", model.devices, model.board_uris)
         model.close()  # each board to its safe state, its port released; the run log keeps every step
         raise
 
@@ -492,6 +496,7 @@ def _train(
         log.set_resolved(
             {"model.activation": model_activation(cfg.model), "ep.settle": settle_paths(model.blocks())}
         )
+        log.device_state("start", model.devices, model.board_uris)
     resumed_epochs = 0
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
@@ -587,6 +592,8 @@ def _train(
         bar.close()
     for dev in model.devices:  # every line to 0 V: the model stays usable, the boards stay open
         dev.safe_state()
+    if log is not None and model.devices:
+        log.device_state("end", model.devices, model.board_uris)
     last = history[-1]
     result = TrainResult(
         cfg, model.identities(), last.test_acc, history, model, model.tile_shapes(), last.val_acc,

@@ -5,14 +5,21 @@ and end."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 
-from hil.runlog import RunLog, TraceConfig, open_for_resume, open_run
+from drivers import Device, Meter, Topology, open_device
+from drivers.errors import DeviceTimeout
+from drivers.wrapper import DeviceWrapper
+from hil.runlog import RunLog, RunLogError, TraceConfig, open_for_resume, open_run
+from hil.runlog.summary import summary
 from tests.test_runlog import _make_run
 
 
@@ -117,7 +124,6 @@ def test_older_run_logs_without_dimension_names_still_resume_inspect_and_plot(
     made: Path, tmp_path: Path
 ) -> None:
     from hil.runlog.plots import plot_run
-    from hil.runlog.summary import summary
 
     path = tmp_path / "old.zarr"
     shutil.copytree(made, path)
@@ -182,3 +188,118 @@ def test_the_writer_records_the_whole_command_line(tmp_path: Path, monkeypatch: 
     writer = open_run(tmp_path / "h.zarr").attrs["writer"]
     assert len(writer["argv"]) == 200 and writer["argv_total"] == 502
     assert writer["argv"][1] == "x" * 1000 + "..." and writer["argv"][2] == "--set=k0=1"
+
+
+# ---------------------------------------------------------------------------------- board state
+IDEAL0 = "emulator://?preset=ideal&seed=0"
+IDEAL1 = "emulator://?preset=ideal&seed=1"
+
+
+class BrokenMeter(DeviceWrapper):
+    """A board whose meter read fails (a lost link at a failed run's end)."""
+
+    def meter(self) -> Meter | None:
+        raise DeviceTimeout("no reply to METER within 1 s")
+
+
+def test_device_state_records_counters_per_uri_errors_and_resumes(
+    tmp_path: Path, device_on: Callable[..., Device]
+) -> None:
+    path = tmp_path / "d.zarr"
+    remote = device_on("visa-tcp", board=IDEAL0)
+    with open_device(IDEAL1) as local, RunLog.create(path, {}) as log:
+        log.device_state("start", [remote, BrokenMeter(local)], ["visa://remote", IDEAL1])
+        topo = Topology.layered([4, 3])
+        local.configure(topo)
+        local.mvm("W0", np.ones((2, topo.tile_shape("W0")[0]), np.float32))
+        log.device_state("end", [remote, local, local], ["visa://remote", IDEAL1, IDEAL1])
+        log.snapshot(0, {"step": 0})
+        with pytest.raises(RunLogError, match="'start' or 'end'"):
+            log.device_state("middle", local)
+    state = open_run(path).attrs["device_state"]
+    start, end = state["start"], state["end"]
+    assert list(start) == ["visa://remote", IDEAL1] and list(end) == ["visa://remote", IDEAL1, f"{IDEAL1}#2"]
+    assert start["visa://remote"]["safety"] == {"refused": 0, "violations": 0}
+    assert set(start["visa://remote"]["recovery"]) >= {"retries", "reconnects", "resets", "exhausted"}
+    assert "recovery" not in start[IDEAL1]  # the in-process board has no link to recover
+    assert start[IDEAL1]["meter"] == {"error": "DeviceTimeout: no reply to METER within 1 s"}
+    assert start[IDEAL1]["status"]["configured"] is False and end[IDEAL1]["status"]["configured"] is True
+    assert end[IDEAL1]["meter"]["mvm_calls"] == 1 and end[IDEAL1]["meter"]["clock_s"] > 0
+    assert set(end[IDEAL1]) == {"time", "safety", "meter", "status"}
+    text = summary(open_run(path))
+    assert re.search(r"^board start  visa://remote: violations 0, refused 0; clock .* \| ", text, re.M), text
+    assert "meter unread (DeviceTimeout: no reply to METER within 1 s)" in text
+    assert re.search(r"^board end    .*1 mvm; epoch \d+", text, re.M), text
+
+    zarr.open_group(path, mode="r+").update_attributes({"status": "failed", "complete": False})
+    log, _ = open_for_resume(path)  # a new session: the counters of the one before go to its resumes entry
+    log.close()
+    run = open_run(path)
+    assert run.attrs["device_state"] == {} and run.attrs["resumes"][-1]["device_state_before"] == state
+
+
+def _classifier_cfg(*sets: str) -> Any:
+    from hil.config import load_config
+
+    return load_config(None, ["train.epochs=1", "data.limit_train=32", "data.limit_test=16", *sets])
+
+
+def test_the_classifier_trainer_records_every_boards_state_at_start_and_end(tmp_path: Path) -> None:
+    from hil.train_classifier import train_classifier
+
+    model = ["model.kind=ffebm", "model.sizes=[64,24,16,10]", "model.block_layers=2", "model.between=linear"]
+    cfg = _classifier_cfg(*model, "train.batch_size=16", f'devices=["{IDEAL0}", "{IDEAL1}"]')
+    with RunLog.create(tmp_path / "two.zarr", cfg) as log:
+        train_classifier(cfg, log=log).model.close()
+    run = open_run(tmp_path / "two.zarr")
+    state = run.attrs["device_state"]
+    for uri in (IDEAL0, IDEAL1):
+        start, end = state["start"][uri], state["end"][uri]
+        assert start["safety"] == end["safety"] == {"refused": 0, "violations": 0}
+        assert end["meter"]["clock_s"] > start["meter"]["clock_s"]
+        assert end["meter"]["energy_j"] > start["meter"]["energy_j"]
+    text = summary(run)
+    assert re.search(
+        rf"^board start  {re.escape(IDEAL0)}: violations 0, refused 0; .* \| {re.escape(IDEAL1)}:", text, re.M
+    )
+    assert re.search(r"^board end    ", text, re.M)
+
+
+def test_a_failed_classifier_run_records_its_boards_end_state(tmp_path: Path) -> None:
+    from hil.train_classifier import train_classifier
+
+    cfg = _classifier_cfg("model.sizes=[64,8,10]", "train.epochs=2")
+
+    def crash(_: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), RunLog.create(tmp_path / "f.zarr", cfg) as log:
+        train_classifier(cfg, log=log, on_epoch=crash)
+    run = open_run(tmp_path / "f.zarr")
+    assert run.status == "failed"
+    (uri,) = run.attrs["device_state"]["end"]
+    end, start = run.attrs["device_state"]["end"][uri], run.attrs["device_state"]["start"][uri]
+    assert end["meter"]["mvm_calls"] >= start["meter"]["mvm_calls"] and end["meter"]["clock_s"] > 0
+
+
+def test_the_vae_trainer_records_its_boards_state_at_start_and_end(tmp_path: Path) -> None:
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+    from hil.vae.train import train_vae
+
+    sets = [
+        "train.epochs=1",
+        "data.limit_train=64",
+        "data.limit_test=32",
+        "eval.samples=32",
+        "eval.eps_draws=1",
+    ]
+    cfg = load_into(VAERunConfig(), None, [*sets, "model.hidden=16", "model.variant=h-vae"])
+    with RunLog.create(tmp_path / "v.zarr", cfg) as log:
+        train_vae(cfg, progress=False, log=log)
+    state = open_run(tmp_path / "v.zarr").attrs["device_state"]
+    assert (
+        list(state["start"]) == list(state["end"]) == [cfg.device, f"{cfg.device}#1"]
+    )  # two boards, one URI
+    for key in state["end"]:
+        assert state["end"][key]["meter"]["clock_s"] > state["start"][key]["meter"]["clock_s"]

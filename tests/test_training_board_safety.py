@@ -22,7 +22,8 @@ from hil.train_classifier import train_classifier
 
 class ViolatesAfter(DeviceWrapper):
     """A firmware whose array takes an out-of-limit condition once `reads` safety reads have
-    passed (the watch reads once before training and once per epoch)."""
+    passed (the watch reads once before training, the run log's board state once at the start,
+    the watch once per epoch)."""
 
     def __init__(self, inner: Device, reads: int) -> None:
         super().__init__(inner)
@@ -40,7 +41,7 @@ def test_training_stops_at_the_epoch_whose_board_counted_a_violation(tmp_path: P
     boards: list[ViolatesAfter] = []
 
     def opener(uri: str) -> Device:
-        boards.append(ViolatesAfter(open_board(uri), reads=2))
+        boards.append(ViolatesAfter(open_board(uri), reads=3))
         return boards[-1]
 
     epochs: list[int] = []
@@ -52,6 +53,8 @@ def test_training_stops_at_the_epoch_whose_board_counted_a_violation(tmp_path: P
     run = open_run(tmp_path / "t.zarr")
     per_epoch = 64 // cfg.train.batch_size
     assert [run.snapshot_attrs(name)["step"] for name in run.snapshots] == [2 * per_epoch]  # resumable
+    (end,) = run.attrs["device_state"]["end"].values()  # the failed run's board state, recorded
+    assert end["safety"]["violations"] == 1
 
 
 class SafeStates(DeviceWrapper):

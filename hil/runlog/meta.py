@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import platform
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from drivers.base import DeviceInfo
+from drivers.base import Device, DeviceInfo
 from hil.processes import this_process
 
 
@@ -90,3 +91,51 @@ def device_record(info: DeviceInfo, uri: str | None = None) -> dict[str, Any]:
         "capabilities": sorted(info.capabilities),
         "extra": dict(info.extra),
     }
+
+
+def device_state(device: Device) -> dict[str, Any]:
+    """The board's dynamic counters now, as plain JSON (a station snapshot): `safety`
+    (refused, violations), `meter` (clock_s, energy_j, mvm_calls; null: the board keeps none),
+    `status` (epoch, transaction, configured) and, where the driver has them (a remote
+    board's link), `recovery` (failures, retries, reconnects, resets, reconfigured, exhausted).
+    Each is read on its own: one that fails (a lost board at a failed run's end) is recorded as
+    ``{"error": ...}`` and the others still are."""
+    out: dict[str, Any] = {"time": now()}
+    reads: dict[str, Any] = {
+        "safety": lambda: dataclasses.asdict(device.safety()),
+        "meter": lambda: None if (m := device.meter()) is None else dataclasses.asdict(m),
+        "status": lambda: dataclasses.asdict(device.status()),
+    }
+    recovery = _recovery(device)
+    if recovery is not None:
+        reads["recovery"] = recovery.as_dict
+    for key, read in reads.items():
+        try:
+            out[key] = _finite(read())
+        except Exception as exc:
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return out
+
+
+def _recovery(device: Device) -> Any:
+    """The driver's recovery statistics (an object with ``as_dict``), looked for through the
+    wrappers (calibration, tiling, shared-board views) down to the driver; None if none."""
+    seen: set[int] = set()
+    dev: Any = device
+    while dev is not None and id(dev) not in seen:
+        seen.add(id(dev))
+        own = getattr(dev, "__dict__", {})  # not getattr: a wrapper's __getattr__ may forward
+        stats = own.get("recovery")
+        if stats is not None and callable(getattr(stats, "as_dict", None)):
+            return stats
+        dev = own.get("inner")
+    return None
+
+
+def _finite(value: Any) -> Any:
+    """`value` with non-finite floats as None (the run attributes are strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -35,6 +35,7 @@ def summary(run: Run) -> str:
     for b in run.boards:  # which board held which EB block (`RunLog.set_boards`)
         label = f"block {b.get('block')}"
         lines.append(f"{label:<13}board {b.get('board')}: {b.get('idn')}  uri {b.get('uri')}")
+    lines += _device_state(a.get("device_state") or {})
     lines.append(f"calibration  {a.get('calibration_id') or 'none'}")
     if resolved := a.get("resolved"):
         lines.append("resolved     " + ", ".join(f"{k} = {v}" for k, v in resolved.items()))
@@ -65,6 +66,56 @@ def _device(dev: dict[str, Any] | None) -> list[str]:
             f"v_read {lim.get('v_read')} V"
         )
     return out
+
+
+def _device_state(states: dict[str, Any]) -> list[str]:
+    """One line for the boards' counters at the run's start and one at its end
+    (`RunLog.device_state`); several boards are separated by ``|``."""
+    out = []
+    for when in ("start", "end"):
+        records = states.get(when)
+        if records:
+            boards = " | ".join(f"{uri}: {_counters(rec)}" for uri, rec in records.items())
+            out.append(f"{'board ' + when:<13}{boards}")
+    return out
+
+
+def _counters(rec: dict[str, Any]) -> str:
+    def read(key: str) -> Any:
+        value = rec.get(key)
+        return value.get("error", "?") if isinstance(value, dict) and "error" in value else value
+
+    parts = []
+    safety = read("safety")
+    if isinstance(safety, dict):
+        parts.append(f"violations {safety.get('violations')}, refused {safety.get('refused')}")
+    elif safety is not None:
+        parts.append(f"safety unread ({safety})")
+    meter = read("meter")
+    if isinstance(meter, dict):
+        parts.append(
+            f"clock {_num(meter.get('clock_s'))} s, {_num(meter.get('energy_j'))} J, "
+            f"{meter.get('mvm_calls')} mvm"
+        )
+    else:
+        parts.append("no meter" if meter is None else f"meter unread ({meter})")
+    status = read("status")
+    if isinstance(status, dict):
+        open_tx = status.get("transaction")
+        parts.append(f"epoch {status.get('epoch')}" + (f", open transaction {open_tx}" if open_tx else ""))
+    elif status is not None:
+        parts.append(f"status unread ({status})")
+    recovery = read("recovery")
+    if isinstance(recovery, dict):
+        counts = ", ".join(f"{k} {v}" for k, v in recovery.items() if v)
+        parts.append(f"recovery {counts or 'none'}")
+    elif recovery is not None:
+        parts.append(f"recovery unread ({recovery})")
+    return "; ".join(parts)
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, int | float) else str(x)
 
 
 def _metrics(run: Run) -> list[str]:

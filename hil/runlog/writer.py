@@ -6,7 +6,7 @@ import dataclasses
 import re
 import time
 import warnings
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +40,7 @@ from hil.runlog.layout import (
     array_dims,
     check_json,
 )
-from hil.runlog.meta import device_record, now, versions, writer
+from hil.runlog.meta import device_record, device_state, now, versions, writer
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import encode_state
 from hil.runlog.table import Table, gather
@@ -158,6 +158,7 @@ class RunLog:
                 "config": config,
                 "versions": versions(),
                 "device": None,
+                "device_state": {},
                 "calibration_id": calibration_id,
                 "log": {
                     "traces": dataclasses.asdict(traces),
@@ -194,6 +195,32 @@ class RunLog:
                 stacklevel=2,
             )
         self._update_root(update)
+
+    def device_state(
+        self, when: str, devices: Device | Sequence[Device], uris: Sequence[str | None] | None = None
+    ) -> None:
+        """Record the boards' dynamic counters at the run's ``"start"`` or ``"end"``, like a
+        station snapshot: safety counters, meter, status and the driver's recovery statistics
+        (`hil.runlog.meta.device_state`), under ``device_state[when]``, one record per device
+        URI (`uris`, one per device; a URI given twice, as the VAE's two boards of one URI, gets
+        ``#<index>``; no URI: ``device<index>``). A read that fails is recorded as its error,
+        so the end of a failed run is recorded too. A resumed run starts a new ``device_state``
+        (`open_for_resume` keeps the one before in its ``resumes`` entry)."""
+        if when not in ("start", "end"):
+            raise RunLogError(f"device_state: when is 'start' or 'end', got {when!r}")
+        self._check_open()
+        devs = [devices] if isinstance(devices, Device) else list(devices)
+        names = list(uris) if uris is not None else [None] * len(devs)
+        if len(names) != len(devs):
+            raise RunLogError(f"device_state: {len(devs)} devices but {len(names)} URIs")
+        records: dict[str, Any] = {}
+        for i, (dev, uri) in enumerate(zip(devs, names, strict=True)):
+            key = uri or f"device{i}"
+            if key in records:
+                key = f"{key}#{i}"
+            records[key] = device_state(dev)
+        states = {**(self.root.attrs.get("device_state") or {}), when: records}
+        self._update_root({"device_state": states})
 
     def set_boards(self, boards: list[dict[str, Any]]) -> None:
         """Record which board held which block: one JSON record per EB block (block index,
@@ -564,6 +591,8 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     }
     if skipped:
         entry["skipped"] = skipped
+    if run.attrs.get("device_state"):  # the boards' counters of the session before
+        entry["device_state_before"] = run.attrs["device_state"]
     resumes = [*run.attrs.get("resumes", []), entry]
     log._update_root(
         {
@@ -573,6 +602,7 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
             "error": None,
             "writer": writer(),
             "resumes": resumes,
+            "device_state": {},
         }
     )
     log.resumed_step = step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -273,6 +274,7 @@ def train_vae(
                 log.set_resolved(
                     {**{f"model.{k}": v for k, v in resolved.items()}, "ep.settle": model.settles()}
                 )
+            log.device_state("start", model.devices, [cfg.device] * len(model.devices))
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
@@ -343,6 +345,8 @@ def train_vae(
         if log is not None:
             log.metrics("test", step=step, epoch=cfg.train.epochs, **_eval_row(final))
         pictures = _pictures(model, data, out_dir, cfg, noise) if out_dir is not None else []
+        if log is not None and model.devices:
+            log.device_state("end", model.devices, [cfg.device] * len(model.devices))
         return VAEResult(
             cfg,
             cfg.model.variant,
@@ -356,6 +360,11 @@ def train_vae(
             "" if model.hvae is None else model.hvae.activation,
             model.settles(),
         )
+    except BaseException:
+        if log is not None and model.devices:  # the boards' counters as the run failed
+            with contextlib.suppress(Exception):  # never in place of the run's own error
+                log.device_state("end", model.devices, [cfg.device] * len(model.devices))
+        raise
     finally:
         model.close()
 
