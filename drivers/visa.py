@@ -58,6 +58,34 @@ def no_reply(name: str, what: str, timeout: float) -> str:
     )
 
 
+# how pyvisa-py's TCPIP sessions word the plain Exception they raise when they cannot connect
+_PYVISA_PY_CONNECT_FAILED = ("could not connect", "error creating link")
+
+
+def unreachable(name: str, what: str, exc: BaseException) -> str:
+    """The message of a board that cannot be reached (refused, reset, unreachable, no answer
+    to the connect)."""
+    return (
+        f"{name}: cannot reach the board during {what} ({exc}); `hil emulator serve` prints the "
+        "resource strings of an emulated board. Is the board on and serving at this address?"
+    )
+
+
+def unresolved(name: str, what: str, resource: str, exc: BaseException) -> str:
+    """The message of a resource whose host name does not resolve."""
+    from pyvisa.rname import parse_resource_name
+
+    try:
+        host = getattr(parse_resource_name(resource), "host_address", None)
+    except Exception:  # not a resource string pyvisa parses: the resource names the host
+        host = None
+    where = f"the host name {host!r}" if host else f"the host of {resource}"
+    return (
+        f"{name}: cannot resolve {where} during {what} ({exc}); give the board's IP address, or check "
+        "the name: is it spelt right, and known to this computer's DNS or hosts file?"
+    )
+
+
 class _SocketIO:
     """Reads and writes of a pyvisa-py TCPIP SOCKET session done on its socket directly.
 
@@ -663,11 +691,20 @@ class _IoErrors:
             raise ProtocolError(f"{name}: VISA I/O error during {what}: {exc}") from exc
         if isinstance(exc, ValueError | pyvisa.errors.InvalidBinaryFormat):
             raise ProtocolError(f"{name}: malformed reply to {what}: {exc}") from exc
+        if type(exc) is Exception and str(exc).startswith(_PYVISA_PY_CONNECT_FAILED):
+            # pyvisa-py raises a plain Exception when it cannot open a TCPIP session (a host name
+            # that does not resolve, a connect that times out); the socket error, if any, is its
+            # context
+            cause = exc.__context__
+            if isinstance(cause, socket.gaierror):
+                raise ProtocolError(unresolved(name, what, self.device.resource_name, cause)) from exc
+            if isinstance(cause, OSError):
+                raise ProtocolError(unreachable(name, what, cause)) from exc
+            raise ProtocolError(unreachable(name, what, exc)) from exc
+        if isinstance(exc, socket.gaierror):
+            raise ProtocolError(unresolved(name, what, self.device.resource_name, exc)) from exc
         if isinstance(exc, OSError):  # pyvisa-py lets socket errors through (refused, reset, unreachable)
-            raise ProtocolError(
-                f"{name}: cannot reach the board during {what} ({exc}); `hil emulator serve` prints the "
-                "resource strings of an emulated board. Is the board on and serving at this address?"
-            ) from exc
+            raise ProtocolError(unreachable(name, what, exc)) from exc
 
 
 @dataclasses.dataclass(frozen=True)
