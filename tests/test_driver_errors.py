@@ -5,11 +5,17 @@ already in use."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 from typer.testing import CliRunner
 
-from drivers import ProtocolError, RetriesExhausted, open_device
+from drivers import ConfigurationError, ProtocolError, RetriesExhausted, open_device
 from hil.cli import app
+from hil.testing import BoardServers
+
+BOARD = "emulator://?preset=ideal&seed=0"
 
 UNRESOLVABLE = "visa://TCPIP0::nosuchhost.invalid::5025::SOCKET"  # .invalid never resolves (RFC 6761)
 
@@ -31,3 +37,42 @@ def test_conformance_on_an_unresolvable_host_is_one_error_line_and_exit_code_2()
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot open ") and "nosuchhost.invalid" in lines[0]
     assert "Traceback" not in result.output
+
+
+# ---- a link lost for good -------------------------------------------------------------
+
+
+def _until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "serial-socket", "visa-tcp"])
+def test_a_link_lost_for_good_spends_the_retry_budget(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """The board's server goes away: every transport retries, reconnecting, and ends in
+    RetriesExhausted (the framed ones raised the first open's ConfigurationError from inside
+    the first reconnect)."""
+    s = emulated_board(BOARD)
+    link = {"ack_timeout": "0.05", "retries": "1"} if transport.startswith("serial") else {}
+    dev = open_device(s.uri(transport, timeout="0.5", attempts="3", backoff="0.01", **link))
+    try:
+        s.scpi.close()
+        s.framed.close()
+        assert _until(lambda: not s.framed.links)  # the TCP connections' threads have ended
+        with pytest.raises(RetriesExhausted) as info:
+            dev.safety()
+        assert info.value.attempts == 3 and dev.recovery.reconnects == 2
+        assert isinstance(info.value.last, ProtocolError)
+        if transport.startswith("serial"):
+            assert "reconnecting it failed: cannot open the link" in str(info.value)
+    finally:
+        dev.close()
+
+
+def test_a_first_open_of_a_missing_port_is_still_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="cannot open the link"):
+        open_device("serial:///dev/no-such-port-xbar?attempts=3")

@@ -265,7 +265,17 @@ class RemoteDevice(Device):
         self._disconnect()
         self._broken = True
         self.recovery.reconnects += 1
-        self._connect()
+        try:
+            self._connect()
+        except ConfigurationError as exc:
+            # a link that opened before and cannot be opened again (the board's server is down,
+            # its serial port gone while it reboots) is a failure of the link, retried with the
+            # rest of the budget; on a first open the same error means a wrong URI and stays one
+            self._disconnect()
+            detail = str(exc).removeprefix(f"{self.name}: ")
+            raise ProtocolError(
+                f"{self.name}: the link worked, and reconnecting it failed: {detail}"
+            ) from exc
         status = self._board_status()
         reset = status is not None and self._epoch is not None and status.epoch != self._epoch
         if status is not None and not status.configured and self._topology is not None:
