@@ -27,7 +27,7 @@ from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
-from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
+from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import Message, Op
@@ -56,16 +56,28 @@ class SerialDevice(RemoteDevice):
         super().__init__(name, attempts=attempts, backoff=backoff)
         self.url = url
         self.baud = baud
-        self.timeout = timeout
         self.ack_timeout = ack_timeout
         self.retries = retries
         self.fragment = fragment
         self._port: Any = None
         self._fd: int | None = None
         self._sock: socket.socket | None = None
+        self.timeout = timeout
         self._link: Link | None = None
         self.board_hello: dict[str, Any] = {}  # the board's HELLO reply
         self.stats = LinkStats()  # this end's counters, kept across reconnects
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a reply once its request was acknowledged, or for the port to
+        take a write. Set it at any time: the next wait uses it."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = check_timeout(self.name, seconds)
+        if self._port is not None and self._sock is None and self._fd is None:
+            self._port.write_timeout = self._timeout  # only pyserial's own writes use it (see _write)
 
     # -- link
     def _connect(self) -> None:

@@ -35,7 +35,7 @@ from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
-from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice
+from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
 from drivers.wire.payload import Message, Op
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -232,10 +232,24 @@ class VisaDevice(RemoteDevice):
         self.check = check
         self.resource_name = resource
         self.backend = backend
-        self.timeout = timeout
         self._rm: Any = None
         self._res: Any = None
         self._fast_io: _SocketIO | None = None  # pyvisa-py TCP sessions with `fast`
+        self.timeout = timeout
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a reply, or for the board to take the bytes of a request.
+        Set it at any time: the open session (pyvisa's and the fast path's) takes it at once."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = check_timeout(self.name, seconds)
+        if self._fast_io is not None:
+            self._fast_io.timeout = self._timeout
+        if self._res is not None:
+            self._res.timeout = int(self._timeout * 1000)
 
     # -- link
     def _connect(self) -> None:

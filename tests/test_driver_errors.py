@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from typer.testing import CliRunner
 
-from drivers import ConfigurationError, ProtocolError, RetriesExhausted, open_device
+from drivers import ConfigurationError, DeviceTimeout, ProtocolError, RetriesExhausted, open_device
 from hil.cli import app
 from hil.testing import BoardServers
 
@@ -76,3 +76,36 @@ def test_a_link_lost_for_good_spends_the_retry_budget(
 def test_a_first_open_of_a_missing_port_is_still_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="cannot open the link"):
         open_device("serial:///dev/no-such-port-xbar?attempts=3")
+
+
+# ---- a timeout set on an open device ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("transport", "params"),
+    [
+        ("visa-tcp", {}),
+        ("visa-tcp", {"fast": "0"}),  # pyvisa-py's own reads
+        ("visa-asrl", {}),
+        ("serial-pty", {}),
+        ("serial-socket", {}),
+    ],
+)
+def test_a_timeout_set_after_open_takes_effect(
+    transport: str, params: dict[str, str], emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD, ack_timeout=0.05)  # its unacknowledged late reply is given up soon
+    dev = open_device(s.uri(transport, timeout="0.1", attempts="1", **params))
+    try:
+        s.plan.reply_delay_s = 0.25  # every reply from now on comes 0.25 s late
+        dev.timeout = 2.0
+        assert dev.timeout == 2.0
+        assert dev.safety().violations == 0  # waited for it (VISA kept waiting 0.1 s)
+        dev.timeout = 0.05
+        with pytest.raises(RetriesExhausted) as info:
+            dev.safety()
+        assert isinstance(info.value.last, DeviceTimeout) and "0.05 s" in str(info.value)
+        with pytest.raises(ConfigurationError, match="timeout must be"):
+            dev.timeout = 0
+    finally:
+        dev.close()

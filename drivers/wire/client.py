@@ -96,6 +96,14 @@ def _backoff(base: float, attempt: int) -> float:
     return 0.0 if attempt <= 1 else min(base * 2 ** (attempt - 2), MAX_BACKOFF_S)
 
 
+def check_timeout(name: str, seconds: object) -> float:
+    """A link's reply timeout as a float: a finite number of seconds above 0 (a URI's
+    ``timeout=`` is checked by its options; this checks one set on an open device)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+        raise ConfigurationError(f"{name}: timeout must be a finite number of seconds > 0, got {seconds!r}")
+    return float(seconds)
+
+
 def _request_id() -> int:
     """A random 53-bit id: unique across sessions, exact in a JSON double."""
     return int.from_bytes(os.urandom(7), "little") >> 3
