@@ -27,6 +27,7 @@ from drivers.errors import (
     OpenTransactionWarning,
     ProtocolError,
     RetriesExhausted,
+    SafeStateWarning,
 )
 from drivers.placement import Placement, place
 from drivers.shared import BlockView, SharedBoard
@@ -62,6 +63,7 @@ __all__ = [
     "ProtocolError",
     "PulseReport",
     "RetriesExhausted",
+    "SafeStateWarning",
     "SafetyCounters",
     "SafetyWatch",
     "SettleBudget",

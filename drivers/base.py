@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.errors import ConfigurationError, NotSupported, OpenTransactionWarning
+from drivers.errors import ConfigurationError, NotSupported, OpenTransactionWarning, SafeStateWarning
 from drivers.topology import Topology
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
@@ -426,8 +426,24 @@ class Device(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Put the board in its safe state, then close it. If the block raised, its exception
+        is the one that propagates: a safe_state failure (the board that made the block fail
+        is often the one that cannot be reached) is then a `SafeStateWarning` and a note on
+        that exception, not a replacement for it."""
         try:
             self.safe_state()
+        except Exception as failure:
+            if exc is None:
+                raise
+            what = f"{type(failure).__name__}: {failure}"
+            exc.add_note(f"leaving the with block, safe_state() failed too ({what})")
+            name = getattr(self, "name", type(self).__name__)
+            warnings.warn(
+                f"{name}: the board may not be in its safe state: safe_state() failed ({what}) "
+                f"while the with block raised {type(exc).__name__}",
+                SafeStateWarning,
+                stacklevel=2,
+            )
         finally:
             self.close()
 

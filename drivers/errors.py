@@ -85,3 +85,9 @@ class OpenTransactionWarning(RuntimeWarning):
     stopped mid-sequence, or the board reset): its conductances may mix old and new targets
     until every tile is programmed again. Warned when a link opens to such a board, and by a
     trainer, which programs every tile again, in its stead."""
+
+
+class SafeStateWarning(RuntimeWarning):
+    """Leaving a Device's `with` block because of an exception, the board could not be put in
+    its safe state either (its link is gone, say). The block's exception is raised as it
+    was, with a note saying so; the board may still hold its lines driven."""

@@ -11,7 +11,14 @@ from collections.abc import Callable
 import pytest
 from typer.testing import CliRunner
 
-from drivers import ConfigurationError, DeviceTimeout, ProtocolError, RetriesExhausted, open_device
+from drivers import (
+    ConfigurationError,
+    DeviceTimeout,
+    ProtocolError,
+    RetriesExhausted,
+    SafeStateWarning,
+    open_device,
+)
 from hil.cli import app
 from hil.testing import BoardServers
 
@@ -109,3 +116,40 @@ def test_a_timeout_set_after_open_takes_effect(
             dev.timeout = 0
     finally:
         dev.close()
+
+
+# ---- leaving a with block on a board that is gone ----------------------------------------
+
+
+def _lose_the_board(s: BoardServers) -> None:
+    """Stop both servers and wait until their connections have ended."""
+    s.scpi.close()
+    s.framed.close()
+    assert _until(lambda: not s.framed.links and s.scpi.gate.active == 0)
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_with_block_keeps_its_exception_when_safe_state_fails(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    uri = s.uri(transport, timeout="0.5", attempts="2", backoff="0")
+    warned = r"safe_state\(\) failed .*while the with block raised ValueError"
+    with (
+        pytest.warns(SafeStateWarning, match=warned),
+        pytest.raises(ValueError, match="the block's own error") as info,
+        open_device(uri),
+    ):
+        _lose_the_board(s)
+        raise ValueError("the block's own error")
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1 and "safe_state() failed too (RetriesExhausted: safe_state failed" in notes[0]
+
+
+def test_a_safe_state_failure_still_raises_when_the_block_did_not(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    s = emulated_board(BOARD)
+    uri = s.uri("visa-tcp", timeout="0.5", attempts="2", backoff="0")
+    with pytest.raises(RetriesExhausted, match="safe_state failed 2 time"), open_device(uri):
+        _lose_the_board(s)
