@@ -39,6 +39,10 @@ READ_SIZE = 1 << 16
 _ERROR = int(Flag.ERROR)  # a plain int: IntFlag arithmetic costs a microsecond per reply
 
 
+class _Closed(ProtocolError):
+    """The board closed the link (end of stream, or a reset connection)."""
+
+
 class SerialDevice(RemoteDevice):
     def __init__(
         self,
@@ -116,7 +120,18 @@ class SerialDevice(RemoteDevice):
         )
         self._link.stats = self.stats
         hello = {"version": frames.VERSION, "piggyback": True, "ack_timeout": self.ack_timeout}
-        self.board_hello = pl.loads(self._exchange(LinkOp.HELLO, pl.dumps(hello)))
+        try:
+            self.board_hello = pl.loads(self._exchange(LinkOp.HELLO, pl.dumps(hello)))
+        except _Closed as exc:
+            # the framed protocol has no message a board may send unprompted, so a board that
+            # will not serve this connection (over its connection limit) closes it without a word
+            raise ProtocolError(
+                f"{self.name}: the board closed the connection before answering its HELLO "
+                f"({str(exc).removeprefix(self.name + ': ')}); "
+                "a board that will not serve a connection closes it so, e.g. one over its "
+                "connection limit: is another session holding it (`hil emulator serve "
+                "--max-connections N` admits N)?"
+            ) from exc
         self._link.ack_delay = self._response_ack_delay(self.board_hello)
         self._link.holds_responses = True
 
@@ -166,10 +181,12 @@ class SerialDevice(RemoteDevice):
                 return bytes(first) + bytes(port.read(port.in_waiting)) if first else b""
         except BlockingIOError:
             return b""
+        except ConnectionResetError as exc:
+            raise _Closed(f"{self.name}: the connection was reset by the board") from exc
         except (pyserial.SerialException, OSError) as exc:
             raise ProtocolError(f"{self.name}: serial read failed: {exc}") from exc
         if not data:
-            raise ProtocolError(f"{self.name}: the connection was closed by the board")
+            raise _Closed(f"{self.name}: the connection was closed by the board")
         return data
 
     def _write(self, data: bytes) -> None:
@@ -191,6 +208,8 @@ class SerialDevice(RemoteDevice):
                         raise DeviceTimeout(f"{self.name}: write blocked for {self.timeout:g} s") from None
         except pyserial.SerialTimeoutException as exc:
             raise DeviceTimeout(f"{self.name}: write blocked for {self.timeout:g} s") from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise _Closed(f"{self.name}: the board closed the connection ({exc})") from exc
         except (pyserial.SerialException, OSError) as exc:
             raise ProtocolError(f"{self.name}: serial write failed: {exc}") from exc
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import select
 import socket
 import time
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from drivers.base import Meter, SafetyCounters
-from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
+from drivers.errors import ConfigurationError, DeviceFault, DeviceTimeout, ProtocolError
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, scpi
@@ -45,6 +46,8 @@ MAX_ERRORS = 64
 MAX_LINE = 1 << 20  # bytes of a text reply line the fast path accepts (a board sending more is broken)
 READ_SIZE = 1 << 16  # bytes per recv of the fast path (larger blocks: `_read_direct`)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+MAX_ERROR_LINE = 1024  # bytes of an error line read where a block belongs
+_ERROR_START = re.compile(rb"-\d[\d,]")  # the first three bytes of an error string (-360,"...")
 
 
 def no_reply(name: str, what: str, timeout: float) -> str:
@@ -335,7 +338,55 @@ class VisaDevice(RemoteDevice):
         try:
             return scpi.open_response(raw.removesuffix(b"\n"))
         except ValueError as exc:
+            self._raise_error_line(what, raw)
             raise ProtocolError(f"{self.name}: reply to {what}: {exc}") from None
+
+    def _rest_of_line(self, what: str, io: _SocketIO | None) -> bytes:
+        """The bytes up to and including the next terminator (at most MAX_ERROR_LINE)."""
+        out = bytearray()
+        while len(out) < MAX_ERROR_LINE and not out.endswith(b"\n"):
+            out += io.read_exact(1, what) if io is not None else self._res.read_bytes(1)
+        return bytes(out)
+
+    def _said_before_closing(self) -> bytes:
+        """What the board sent that nobody has read, taken without waiting (pyvisa-py TCPIP
+        sessions; b"" for others). A board that refuses a connection writes its reason and
+        closes it, so a write of ours can fail before the reason is read."""
+        if self._rm is None or self._res is None:
+            return b""
+        session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
+        pending = getattr(session, "_pending_buffer", None)
+        got = bytearray(pending) if isinstance(pending, bytearray) else bytearray()
+        sock = getattr(session, "interface", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError, ValueError):
+                while len(got) < MAX_ERROR_LINE and select.select([sock], [], [], 0)[0]:
+                    chunk = sock.recv(MAX_ERROR_LINE)
+                    if not chunk:
+                        break
+                    got += chunk
+        return bytes(got)
+
+    def _raise_error_line(self, what: str, line: bytes) -> None:
+        """If `line`, read where the response to `what` belongs (a block, or a sealed line in
+        checked mode), is an error string (``-360,"..."``), raise it as the board's refusal: a
+        DeviceFault quoting it, which no retry gets past (sending again gets the same answer).
+        A board writes one there when it will not serve the connection (the emulator's server
+        over its `--max-connections`, before it closes the connection)."""
+        found = scpi.error_line(line)
+        if found is None:
+            return
+        code = found[0]
+        text = line.strip().decode("ascii", "replace")
+        hint = (
+            "; a board refuses a connection so, e.g. one over its connection limit: close another "
+            "session to it, or raise its limit (`hil emulator serve --max-connections N`)"
+            if code == codes.COMMUNICATION_ERROR
+            else ""
+        )
+        raise DeviceFault(
+            code, f"{self.name}: in place of the reply to {what} the board sent the error {text}{hint}"
+        )
 
     def _query_text(self, text: str) -> str:
         what = text.split(" ", 1)[0]
@@ -442,7 +493,11 @@ class VisaDevice(RemoteDevice):
                 rest = b""
             else:
                 rest = io.read_exact(1, what) if io is not None else res.read_bytes(1, break_on_termchar=True)
-            raise ProtocolError(f"{self.name}: expected a block from {what}, got {head + bytes(rest)!r}")
+            got = head + bytes(rest)
+            if _ERROR_START.fullmatch(got):  # the start of an error line: read it to its end
+                got += self._rest_of_line(what, io)
+                self._raise_error_line(what, got)
+            raise ProtocolError(f"{self.name}: expected a block from {what}, got {got!r}")
         digits = bytes(read(int(head[1:2])))
         if not digits.isdigit():
             raise ProtocolError(f"{self.name}: bad block length {digits!r} from {what}")
@@ -715,6 +770,10 @@ class _IoErrors:
             if isinstance(cause, OSError):
                 raise ProtocolError(unreachable(name, what, cause)) from exc
             raise ProtocolError(unreachable(name, what, exc)) from exc
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):  # did it say why, before it closed?
+            said = self.device._said_before_closing()
+            if said:
+                self.device._raise_error_line(what, said.split(b"\n", 1)[0] + b"\n")
         if isinstance(exc, socket.gaierror):
             raise ProtocolError(unresolved(name, what, self.device.resource_name, exc)) from exc
         if isinstance(exc, OSError):  # pyvisa-py lets socket errors through (refused, reset, unreachable)

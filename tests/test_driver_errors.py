@@ -13,12 +13,15 @@ from typer.testing import CliRunner
 
 from drivers import (
     ConfigurationError,
+    DeviceFault,
     DeviceTimeout,
     ProtocolError,
     RetriesExhausted,
     SafeStateWarning,
     open_device,
 )
+from drivers.wire import codes
+from emulator.server.launch import serve
 from hil.cli import app
 from hil.testing import BoardServers
 
@@ -153,3 +156,32 @@ def test_a_safe_state_failure_still_raises_when_the_block_did_not(
     uri = s.uri("visa-tcp", timeout="0.5", attempts="2", backoff="0")
     with pytest.raises(RetriesExhausted, match="safe_state failed 2 time"), open_device(uri):
         _lose_the_board(s)
+
+
+# ---- a board that refuses the connection ------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [{}, {"fast": "0"}, {"check": "1"}], ids=["fast", "pyvisa", "checked"])
+def test_a_visa_connection_over_the_limit_is_one_error_quoting_the_board(params: dict[str, str]) -> None:
+    """The SCPI server answers a connection over its cap with an error line, then closes it:
+    the host says so at once (it used to read it as a malformed block, four times)."""
+    with serve(BOARD, max_connections=1, scpi_pty=False, framed_pty=False) as s:
+        with open_device(s.uris["visa-tcp"]):  # takes the one connection
+            with pytest.raises(DeviceFault, match=r"too many connections \(1\); closing") as info:
+                open_device(s.uri("visa-tcp", attempts="4", **params))
+            assert info.value.code == codes.COMMUNICATION_ERROR and "--max-connections" in str(info.value)
+            assert s.scpi.gate.refused == 1  # a refusal is not retried
+        with open_device(s.uri("visa-tcp", **params)) as dev:  # the slot is free again
+            assert dev.info.identity.model == "emulator-ideal"
+
+
+def test_a_framed_connection_over_the_limit_says_what_a_closed_greeting_means() -> None:
+    """The framed server closes a connection over its cap without a word (its protocol has no
+    unprompted message), which the host cannot tell from a board that died: it retries, and
+    says what a connection closed before the HELLO was answered may mean."""
+    with (
+        serve(BOARD, max_connections=1, scpi_pty=False, framed_pty=False) as s,
+        open_device(s.uris["serial-socket"]),  # takes the one connection
+        pytest.raises(RetriesExhausted, match="closed the connection before answering its HELLO"),
+    ):
+        open_device(s.uri("serial-socket", attempts="2", backoff="0"))

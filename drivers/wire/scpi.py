@@ -215,6 +215,19 @@ def parse_error(text: str) -> tuple[int, str]:
     return code, detail if sep and desc == codes.describe(code) else msg
 
 
+_ERROR_LINE = re.compile(rb'(-\d{1,9}),"((?:[^"\n]|"")*)"\r?\n?')
+
+
+def error_line(data: bytes | bytearray) -> tuple[int, str] | None:
+    """(code, message) if `data` is one unsealed error string, ``-360,"..."`` (terminator
+    optional), else None: what a board writes in place of a response when it will not serve a
+    connection (over its connection limit, say), where a conforming response would be a
+    block or a sealed line."""
+    if not _ERROR_LINE.fullmatch(bytes(data)):
+        return None
+    return parse_error(bytes(data).decode("ascii", "replace"))
+
+
 def seal_request(message: bytes) -> bytes:
     """A program message (without terminator) in checked form, terminator included."""
     return message + CHECK_TRAILER + str(zlib.crc32(message)).encode() + TERMINATOR
