@@ -262,6 +262,7 @@ class SerialDevice(RemoteDevice):
             return dict(stats)
 
     def _link_call(self, opcode: int, data: bytes) -> bytes:
+        self._refuse_if_closed()
         if self._broken:
             self.reconnect()
         try:

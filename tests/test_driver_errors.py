@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from drivers import (
     ConfigurationError,
+    DeviceError,
     DeviceFault,
     DeviceTimeout,
     ProtocolError,
@@ -185,3 +186,20 @@ def test_a_framed_connection_over_the_limit_says_what_a_closed_greeting_means() 
         pytest.raises(RetriesExhausted, match="closed the connection before answering its HELLO"),
     ):
         open_device(s.uri("serial-socket", attempts="2", backoff="0"))
+
+
+# ---- a closed device ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["open", "reconnect"])
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_closed_device_opens_no_connection_again(
+    transport: str, call: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    gate = (s.scpi if transport == "visa-tcp" else s.framed).gate
+    dev = open_device(s.uri(transport))
+    dev.close()
+    with pytest.raises(DeviceError, match="is closed; open a new device"):
+        getattr(dev, call)()
+    assert _until(lambda: gate.active == 0)  # a connection the call opened would hold its slot

@@ -202,6 +202,7 @@ class RemoteDevice(Device):
         """Connect, read the board's information, topology and status. An open programming
         transaction (a host died mid-sequence) is kept in `open_transaction` and warned of."""
         with self.lock:
+            self._refuse_if_closed()
             t0 = time.monotonic()
             for attempt in range(1, self.attempts + 1):
                 try:
@@ -236,7 +237,14 @@ class RemoteDevice(Device):
     def reconnect(self) -> None:
         """Drop the link and open it again; if the board reset meanwhile, configure it again."""
         with self.lock:
+            self._refuse_if_closed()
             self._recover()
+
+    def _refuse_if_closed(self) -> None:
+        """A closed device opens nothing again (a connection opened after `close` would be
+        left open: every call on the device refuses to run)."""
+        if self._closed:
+            raise DeviceError(f"{self.name} is closed; open a new device with open_device()")
 
     def _remote_topology(self) -> Topology | None:
         return self._board_topology(self._call(Op.TOPOLOGY, Message()).meta.get("topology"))
