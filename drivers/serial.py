@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import select
 import socket
@@ -85,17 +86,23 @@ class SerialDevice(RemoteDevice):
 
     # -- link
     def _connect(self) -> None:
+        # a local port is opened exclusively (pyserial's flock on POSIX): two hosts sharing one
+        # line would each read parts of the other's replies. URL handlers (socket://) take no lock
+        exclusive = {"exclusive": True} if os.name == "posix" and "://" not in self.url else {}
         try:
             port = pyserial.serial_for_url(
-                self.url, baudrate=self.baud, timeout=POLL_S, write_timeout=self.timeout
+                self.url, baudrate=self.baud, timeout=POLL_S, write_timeout=self.timeout, **exclusive
             )
-        except (pyserial.SerialException, ValueError) as exc:
-            tcp = self.url.startswith("socket://")
-            raise ConfigurationError(
-                f"{self.name}: cannot open the link ({exc}). Is the board on and this the right "
-                f"{'address' if tcp else 'port'}? (`hil emulator serve "
-                f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board)"
-            ) from exc
+        except pyserial.SerialException as exc:
+            if exclusive and exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise ConfigurationError(
+                    f"{self.name}: the port {self.url} is in use: another process (or another device "
+                    "in this one) holds its exclusive lock, e.g. another host session on this board; "
+                    f"close that first (`fuser {self.url}` names the processes that have it open)"
+                ) from exc
+            raise self._cannot_open(exc) from exc
+        except ValueError as exc:
+            raise self._cannot_open(exc) from exc
         self._sock = getattr(port, "_socket", None)  # socket:// ports: the TCP socket itself
         self._fd = None
         if self._sock is not None:
@@ -134,6 +141,14 @@ class SerialDevice(RemoteDevice):
             ) from exc
         self._link.ack_delay = self._response_ack_delay(self.board_hello)
         self._link.holds_responses = True
+
+    def _cannot_open(self, exc: Exception) -> ConfigurationError:
+        tcp = self.url.startswith("socket://")
+        return ConfigurationError(
+            f"{self.name}: cannot open the link ({exc}). Is the board on and this the right "
+            f"{'address' if tcp else 'port'}? (`hil emulator serve "
+            f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board)"
+        )
 
     def _response_ack_delay(self, board: Any) -> float:
         """How long the ACK of a response may wait for the next request to carry it: a

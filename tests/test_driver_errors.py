@@ -203,3 +203,17 @@ def test_a_closed_device_opens_no_connection_again(
     with pytest.raises(DeviceError, match="is closed; open a new device"):
         getattr(dev, call)()
     assert _until(lambda: gate.active == 0)  # a connection the call opened would hold its slot
+
+
+# ---- a serial port in use ------------------------------------------------------------------
+
+
+def test_a_serial_port_is_opened_exclusively(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    port = s.resources["serial-pty"]
+    with open_device(s.uris["serial-pty"]) as first:
+        with pytest.raises(ConfigurationError, match=f"the port {port} is in use: another process"):
+            open_device(s.uris["serial-pty"])
+        assert first.safety().violations == 0  # the first is served as before
+    with open_device(s.uris["serial-pty"]) as again:  # closed, the port is free again
+        assert again.safety().violations == 0
