@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import select
 import socket
@@ -32,6 +33,8 @@ from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevic
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import Message, Op
+
+log = logging.getLogger("drivers.serial")  # DEBUG: each message's operation and size (docs/bringup.md)
 
 DEFAULT_BAUD = 115200
 DEFAULT_TIMEOUT_S = 10.0
@@ -233,6 +236,7 @@ class SerialDevice(RemoteDevice):
         if link is None:
             raise ProtocolError(f"{self.name}: the link is not open")
         seq = link.send(opcode, body)
+        log.debug("%s >> request %#x, seq %d, %d bytes", self.name, opcode, seq, len(body))
         try:
             got = link.receive(self.timeout, response=True, ref=seq, opcode=opcode)
         except MessageTooLarge as exc:
@@ -244,6 +248,8 @@ class SerialDevice(RemoteDevice):
                 f"{self.timeout:g} s; raise timeout= for long operations"
             )
         frame, reply = got
+        failed = frame.flags & _ERROR
+        log.debug("%s << reply %#x, %d bytes%s", self.name, opcode, len(reply), " (error)" if failed else "")
         if frame.flags & _ERROR:
             err = pl.loads(reply)
             code = err.get("code", codes.EXECUTION_ERROR) if isinstance(err, dict) else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import re
 import select
@@ -38,6 +39,8 @@ from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
 from drivers.wire.payload import Message, Op
+
+log = logging.getLogger("drivers.visa")  # DEBUG: every SCPI line sent and received (docs/bringup.md)
 
 DEFAULT_TIMEOUT_S = 10.0
 CHUNK = 1 << 20
@@ -229,8 +232,15 @@ class VisaDevice(RemoteDevice):
         check: bool = False,
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
+        baud: int | None = None,
     ) -> None:
         super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff)
+        if baud is not None and not resource.upper().startswith("ASRL"):
+            raise ConfigurationError(
+                f"visa://{resource}: baud= is the line rate of a serial (ASRL) resource; this one is "
+                "not serial: leave baud out"
+            )
+        self.baud = baud  # None: the VISA library's default (9600 for pyvisa-py's ASRL sessions)
         self.fast = fast
         self.check = check
         self.resource_name = resource
@@ -269,6 +279,8 @@ class VisaDevice(RemoteDevice):
                 timeout=int(self.timeout * 1000),
             )
             self._res.chunk_size = CHUNK
+            if self.baud is not None:
+                self._res.baud_rate = self.baud
             session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
             if hasattr(session, "max_recv_size"):  # pyvisa-py TCP reads 4 KiB per recv otherwise
                 session.max_recv_size = CHUNK
@@ -321,6 +333,9 @@ class VisaDevice(RemoteDevice):
         if values is not None:
             msg += scpi.block(np.ascontiguousarray(values).view(np.uint8).data)
         msg += tail.encode("ascii")
+        if log.isEnabledFor(logging.DEBUG):
+            block = "" if values is None else f"<block of {np.asarray(values).nbytes} bytes>"
+            log.debug("%s >> %s%s%s", self.name, text, block, tail)
         data = scpi.seal_request(msg) if self.check else msg + scpi.TERMINATOR
         if self._fast_io is not None:
             self._fast_io.write(data)
@@ -329,9 +344,9 @@ class VisaDevice(RemoteDevice):
 
     def _read_line(self, what: str) -> bytes:
         """The next reply line, terminator included."""
-        if self._fast_io is not None:
-            return self._fast_io.read_line(what)
-        return bytes(self._res.read_raw())
+        line = self._fast_io.read_line(what) if self._fast_io is not None else bytes(self._res.read_raw())
+        log.debug("%s << %.200r", self.name, line)
+        return line
 
     def _read_checked_line(self, what: str) -> bytes:
         raw = self._read_line(what)
@@ -395,9 +410,12 @@ class VisaDevice(RemoteDevice):
                 self._send(text)
                 return self._read_checked_line(what).decode("ascii", "replace")
             if self._fast_io is None:
-                return str(self._res.query(text))
+                log.debug("%s >> %s", self.name, text)
+                reply = str(self._res.query(text))
+                log.debug("%s << %.200r", self.name, reply)
+                return reply
             self._send(text)
-            return self._fast_io.read_line(what)[:-1].decode("ascii")  # as pyvisa's query decodes
+            return self._read_line(what)[:-1].decode("ascii")  # as pyvisa's query decodes
 
     def _errors(self) -> list[tuple[int, str]]:
         found: list[tuple[int, str]] = []
@@ -474,6 +492,7 @@ class VisaDevice(RemoteDevice):
             if data[-1:] != b"\n":
                 raise ProtocolError(f"{self.name}: the block from {what} does not end with a newline")
             del data[-1:]
+        log.debug("%s << block of %d bytes (%s)", self.name, n, what)
         if n == 0:
             self._raise_queued(what, expected=True)
         return data
@@ -782,7 +801,7 @@ class _IoErrors:
 
 @dataclasses.dataclass(frozen=True)
 class VisaOptions(QueryOptions):
-    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05``"""
+    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05[&baud=N]``"""
 
     LABEL: ClassVar[str] = "visa"
 
@@ -792,6 +811,8 @@ class VisaOptions(QueryOptions):
     check: bool = False  # checked mode: CRC-32 on every message and response
     attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
+    # line rate of an ASRL (serial) resource, bits per second; None: the VISA library's default
+    baud: int | None = dataclasses.field(default=None, metadata={"gt": 0, "le": 10_000_000})
 
     @classmethod
     def check_target(cls, target: str) -> None:

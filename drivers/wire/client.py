@@ -16,11 +16,19 @@ one last seen: if the board reset, the host's topology is configured again (cond
 are non-volatile) and an in-flight pulse or wait, whose effect is then unknown, raises
 `BoardReset` instead of being repeated. An exhausted budget raises `RetriesExhausted`
 naming the operation, the attempts and the last cause.
+
+Logging (standard `logging`, nothing configured here): the logger ``drivers.wire`` gets a
+DEBUG line per transaction (operation, request fields, the arrays' shapes, its reply time)
+and a WARNING for every failed attempt that is retried, every reconnect and every board
+reset found, so a run through a flaky link says so; the transports log their raw traffic
+on their own loggers (``drivers.visa``: each SCPI line sent and received; ``drivers.serial``:
+each message's operation and size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -61,6 +69,16 @@ from drivers.topology import Topology
 from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.payload import IDEMPOTENT, REPEATABLE_AFTER_RESET, Message, Op
+
+log = logging.getLogger("drivers.wire")
+
+
+def _summary(request: Message) -> str:
+    """A request for the log: its fields (long values cut) and its arrays' shapes."""
+    meta = ", ".join(f"{k}={str(v)[:60]}" for k, v in request.meta.items())
+    arrays = ", ".join(f"{k}{list(a.shape)}" for k, a in request.arrays.items())
+    return "; ".join(p for p in (meta, arrays) if p) or "-"
+
 
 try:  # the C function under signal.signal, which wraps handlers in enums (7 us a swap, not 1)
     from _signal import signal as _set_handler
@@ -217,7 +235,12 @@ class RemoteDevice(Device):
                     if attempt == self.attempts:
                         raise RetriesExhausted("open", attempt, time.monotonic() - t0, exc) from exc
                     self.recovery.retries += 1
-                    time.sleep(_backoff(self.backoff, attempt))
+                    pause = _backoff(self.backoff, attempt)
+                    log.warning(
+                        "%s: open failed (%s); attempt %d of %d in %.2f s", self.name, exc, attempt + 1,
+                        self.attempts, pause,
+                    )  # fmt: skip
+                    time.sleep(pause)
                 except BaseException:
                     self._disconnect()
                     raise
@@ -298,9 +321,16 @@ class RemoteDevice(Device):
             reset = True
         if status is None and self._topology is not None:
             reset = self._remote_topology() != self._topology
+        log.info("%s: reconnected (%d reconnects in this session)", self.name, self.recovery.reconnects)
         if reset and (status is None or status.epoch != self._counted_epoch):
             self.recovery.resets += 1
             self._counted_epoch = None if status is None else status.epoch
+            log.warning(
+                "%s: the board reset (epoch %s, before %s)%s", self.name,
+                None if status is None else status.epoch, self._epoch,
+                "; configuring its topology again (the conductances are whatever it kept: "
+                "a board whose arrays lost them needs programming again)" if self._topology else "",
+            )  # fmt: skip
         if reset and self._topology is not None:
             self._call(Op.CONFIGURE, Message(pl.topology_to_dict(self._topology)))
             self.recovery.reconfigured += 1
@@ -356,7 +386,14 @@ class RemoteDevice(Device):
                         )
                 if not maybe_ran:
                     epoch_sent = self._epoch
+                debug = log.isEnabledFor(logging.DEBUG)
+                if debug:
+                    log.debug("%s -> %s %s", self.name, op.name.lower(), _summary(request))
+                sent = time.monotonic()
                 reply = self._call(op, request)
+                if debug:
+                    ms = 1e3 * (time.monotonic() - sent)
+                    log.debug("%s <- %s in %.2f ms", self.name, op.name.lower(), ms)
                 self._safe = op is Op.SAFE_STATE
                 return reply
             except (DeviceTimeout, ProtocolError, OSError) as exc:
@@ -371,11 +408,18 @@ class RemoteDevice(Device):
                 self._broken = True  # the board lost its configuration: recover, then retry
                 last = exc
             self.recovery.failures += 1
+            what = op.name.lower()
             if attempt >= budget:
                 self.recovery.exhausted += 1
+                log.warning("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)
                 raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
             self.recovery.retries += 1
-            time.sleep(_backoff(self.backoff, attempt))
+            pause = _backoff(self.backoff, attempt)
+            log.warning(
+                "%s: %s failed (%s); reconnecting, attempt %d of %d in %.2f s",
+                self.name, op.name.lower(), last, attempt + 1, budget, pause,
+            )  # fmt: skip
+            time.sleep(pause)
 
     def _silently_reset(self) -> bool:
         """After a configuration error from the board: did it reset behind our back?"""
