@@ -211,10 +211,6 @@ def unregister_backend(scheme: str) -> None:
     REGISTRY.unregister(scheme)
 
 
-def backend_for(scheme: str) -> Backend:
-    return REGISTRY.get(scheme.lower())
-
-
 def known_schemes() -> list[str]:
     return REGISTRY.schemes()
 

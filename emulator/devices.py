@@ -369,21 +369,6 @@ def step_size(model: DeviceModel, g: torch.Tensor, up: torch.Tensor, p: DevicePa
     return PulsePlan.make(model, up, p).mean_step(model, g).abs()
 
 
-def apply_pulse(
-    model: DeviceModel,
-    g: torch.Tensor,
-    up: torch.Tensor,
-    p: DeviceParams,
-    noise: torch.Tensor | None,
-) -> torch.Tensor:
-    """Conductance after one gradual pulse per device (up: potentiate, else depress).
-
-    `noise` is N(0,1) of g's shape for the cycle-to-cycle variation (None: no c2c noise).
-    Stuck devices and one-sided RESETs are handled by the caller (`TileArray.pulse`).
-    """
-    return PulsePlan.make(model, up, p).apply(model, g, noise)
-
-
 def reset_level(model: DeviceModel, p: DeviceParams, noise: torch.Tensor) -> torch.Tensor:
     """Where a one-sided (PCM) device lands after a RESET: just above its own g_lo."""
     return torch.minimum(p.g_lo + model.reset_noise * noise.abs(), p.g_hi)

@@ -72,11 +72,6 @@ class Frame(NamedTuple):
     payload: bytes = b""
     ref: int = 0
 
-    @property
-    def is_control(self) -> bool:
-        """ACK and NACK: not sequenced, never acknowledged."""
-        return self.opcode in (LinkOp.ACK, LinkOp.NACK)
-
 
 class FrameError(ProtocolError):
     """A received chunk is not a valid frame; `reason` goes into the NACK."""

@@ -225,10 +225,6 @@ class Link:
         """Stop the deferred-ACK timer (the byte stream is the owner's to close)."""
         self.ack_delay = 0.0
 
-    @property
-    def next_seq(self) -> int:
-        return self._tx_seq
-
     # -- bytes out
     def _emit(self, frame: Frame) -> None:
         data = frames.encode(frame)

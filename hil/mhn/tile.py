@@ -51,9 +51,6 @@ class Encoding:
     def b(self) -> float:
         return self.dac_lo - self.a * self.x_lo
 
-    def to_dac(self, x: Tensor) -> Tensor:
-        return x * self.a + self.b
-
     def weights(self, xi: Tensor) -> Tensor:
         """The tile's (d + 1, N) weights for patterns `xi` (d, N)."""
         return self.k * torch.cat([xi, -self.b * xi.sum(0, keepdim=True)], 0)

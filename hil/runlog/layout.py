@@ -141,11 +141,6 @@ def writable(array: zarr.Array) -> zarr.Array:
     return array.with_config(ARRAY_CONFIG)
 
 
-def has_checksum(array: zarr.Array) -> bool:
-    """True when every chunk of `array` carries a CRC-32C (stores before it: False)."""
-    return any(getattr(c, "to_dict", lambda: {})().get("name") == CHECKSUM_CODEC for c in array.compressors)
-
-
 def check_json(value: Any, what: str) -> None:
     """Raise RunLogError unless `value` is strict JSON (no NaN/inf, str keys, plain types)."""
     try:
