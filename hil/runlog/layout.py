@@ -34,7 +34,6 @@ ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
 # appended per chunk), so a flipped byte makes the chunk unreadable instead of wrong. Stores written
 # before the checksum have zstd only and are read unchecked.
 COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
-CHECKSUM_CODEC = "crc32c"
 
 # zarr 3 ``dimension_names`` of every array (xarray reads a table group as one Dataset by
 # them): the columns of one table share their first (row) dimension, named for what a row is;
