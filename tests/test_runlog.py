@@ -337,6 +337,37 @@ def test_flush_interrupted_before_the_row_count_leaves_a_consistent_store(
     np.testing.assert_array_equal(t["loss"], [*range(10), -1.0])
 
 
+def test_a_new_tables_first_flush_interrupted_before_its_columns_are_committed_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The distributed audit: torchrun stopped rank 0 while its run log's first flush of a new
+    table had created the column arrays but not yet committed their names; every resume then
+    failed on "An array exists in store ... at path 'metrics/test/step'". The orphans of an
+    uncommitted flush are replaced, as rows past the committed count are."""
+    path = tmp_path / "o.zarr"
+    log = RunLog.create(path, {})
+    for i in range(4):
+        log.metrics("train", step=i, loss=float(i))
+    log.snapshot(4, {"step": 4})
+    log.metrics("test", step=4, acc=0.5)
+    from hil.runlog.table import Table
+
+    def killed(self: Table, rows: int) -> None:
+        raise KeyboardInterrupt  # the process died between the arrays and their names
+
+    monkeypatch.setattr(Table, "_commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        log.flush()
+    monkeypatch.undo()
+    root = zarr.open_group(str(path), mode="r")
+    assert "acc" in root["metrics/test"] and root["metrics/test"].attrs["columns"] == []
+    log2, state = open_for_resume(path)
+    assert state == {"step": 4}
+    log2.metrics("test", step=4, acc=0.75)
+    log2.close()
+    assert open_run(path, verify=True).table("metrics/test")["acc"].tolist() == [0.75]
+
+
 def test_exception_marks_failed_and_keeps_flushed_rows(tmp_path: Path) -> None:
     path = tmp_path / "f.zarr"
     with pytest.raises(RuntimeError), RunLog.create(path, {"a": 1}) as log:

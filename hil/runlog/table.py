@@ -269,8 +269,12 @@ class Table:
 
     def _create_column(self, name: str, col: Column) -> zarr.Array:
         assert self.chunk_rows is not None
+        # a column not in `columns` is new to the table; an array already there under its name is
+        # the orphan of a flush cut before its commit (the process died between the two), holding
+        # no committed row: it is replaced, as rows past the committed count are
         arr = self.group.create_array(
             name,
+            overwrite=True,
             shape=(self.rows, *col.inner),
             chunks=(self.chunk_rows, *col.inner),
             dtype=col.dtype,
