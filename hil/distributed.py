@@ -33,6 +33,28 @@ RANK_SEED_STRIDE = 1000  # emulator seed of rank r: seed + 1000 r (ff-EBM blocks
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class PeerFailed(ConnectionError):
+    """A collective failed because another rank of the job stopped (its board, link or disk
+    failed, or it was killed): that rank printed its own error; this one names the job's
+    state. A ConnectionError, so the command line prints it on one line with the resume hint."""
+
+
+def peer_failure(exc: BaseException, rank: int) -> PeerFailed | None:
+    """`exc` as a `PeerFailed` when it is a collective's error (gloo or NCCL: the peer's
+    connection closed or reset, a timeout), else None."""
+    dist_error = getattr(dist, "DistError", ())
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not (
+        isinstance(exc, dist_error) or any(k in text for k in ("gloo", "NCCL", "Connection closed by peer"))
+    ):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return PeerFailed(
+        f"rank {rank}: another rank of this job stopped, so the gradients could not be all-reduced "
+        f"({first[:200]}); that rank's own error is in its output"
+    )
+
+
 @dataclass
 class DataParallel:
     """This process's place in a data parallel job, and the collectives the training loop uses.

@@ -4,6 +4,7 @@ jobs of two ranks on gloo, each rank on its own emulated board, against one boar
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,31 @@ def test_killed_rank_is_restarted_and_finishes_equal(ideal_job: Path, tmp_path: 
         np.testing.assert_array_equal(w[k], w_ref[k], err_msg=k)
     np.testing.assert_array_equal(train["loss"], train_ref["loss"])
     np.testing.assert_array_equal(test["test_acc"], test_ref["test_acc"])
+
+
+def test_a_killed_rank_without_restarts_leaves_a_closed_run_log_and_says_how_to_resume(
+    tmp_path: Path,
+) -> None:
+    """The distributed audit: with no restarts left, rank 0 died of torchrun's SIGTERM (the run log
+    stayed "running") or of gloo's "Connection closed by peer" (a traceback); no rank said how to
+    go on. Now rank 0 closes the run log as failed, naming what stopped it, and the resume
+    command is printed."""
+    out = tmp_path / "stopped.zarr"
+    job = _torchrun(out, IDEAL, max_restarts=0)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _snapshots(out) == 0:
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no snapshot"
+        time.sleep(0.01)
+    os.kill(_worker(job.pid, 1), signal.SIGKILL)
+    output, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode != 0
+    assert f"-m hil.cli train classifier --distributed --resume {out}" in output, output[-3000:]
+    assert not re.search(r'File ".*/hil/', output), output[-3000:]  # torchrun's own traceback only
+    run = open_run(out, validate=False)
+    assert run.status == "failed", run.status
+    error = run.attrs["error"]
+    assert "another rank" in error or "KeyboardInterrupt" in error, error
 
 
 # ------------------------------------------------------------------- shards and bad input

@@ -328,6 +328,33 @@ def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_pat
     assert re.search(r"trained (200 epochs|epochs \d+-200) in", resumed.stdout), resumed.stdout
 
 
+def test_sigterm_in_training_is_taken_as_ctrl_c(tmp_path: Path) -> None:
+    """torchrun stops the other ranks of a failed job with SIGTERM, as schedulers do at a time
+    limit: the default action ended the process at once, the run log still said "running" and
+    nothing said how to resume (the distributed audit). Now it is Ctrl-C: the run log is closed
+    as failed and the hint is printed."""
+    run = tmp_path / "run.zarr"
+    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("epoch"), line  # training runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    hint = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    assert len(hint) == 1 and f"hil train classifier --resume {run}" in hint[0], err
+    from hil.runlog import open_run
+
+    assert open_run(run, validate=False).status == "failed"
+
+
 def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_path: Path) -> None:
     """SIGKILL after the run log's tables exist but before any flush or snapshot: `hil inspect`
     reads it (empty tables, no snapshot) and `--resume` says it starts over."""

@@ -18,9 +18,10 @@ are non-volatile) and an in-flight pulse or wait, whose effect is then unknown, 
 naming the operation, the attempts and the last cause.
 
 Logging (standard `logging`, nothing configured here): the logger ``drivers.wire`` gets a
-DEBUG line per transaction (operation, request fields, the arrays' shapes, its reply time)
-and a WARNING for every failed attempt that is retried, every reconnect and every board
-reset found, so a run through a flaky link says so; the transports log their raw traffic
+DEBUG line per transaction (operation, request fields, the arrays' shapes, its reply time),
+a WARNING for every failed attempt of a session's request that is retried and every board
+reset found, so a run through a flaky link says so, and INFO for reconnects, retried opens
+and a request given up (the exception it raises says so); the transports log their raw traffic
 on their own loggers (``drivers.visa``: each SCPI line sent and received; ``drivers.serial``:
 each message's operation and size).
 """
@@ -236,7 +237,7 @@ class RemoteDevice(Device):
                         raise RetriesExhausted("open", attempt, time.monotonic() - t0, exc) from exc
                     self.recovery.retries += 1
                     pause = _backoff(self.backoff, attempt)
-                    log.warning(
+                    log.info(  # not a warning: an open that fails for good raises, naming the cause
                         "%s: open failed (%s); attempt %d of %d in %.2f s", self.name, exc, attempt + 1,
                         self.attempts, pause,
                     )  # fmt: skip
@@ -411,7 +412,7 @@ class RemoteDevice(Device):
             what = op.name.lower()
             if attempt >= budget:
                 self.recovery.exhausted += 1
-                log.warning("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)
+                log.info("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)  # raised
                 raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
             self.recovery.retries += 1
             pause = _backoff(self.backoff, attempt)

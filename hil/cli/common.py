@@ -8,6 +8,8 @@ stderr, ``error: ...`` naming the problem and the fix, and exit code 2: no trace
 from __future__ import annotations
 
 import errno
+import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,34 @@ def one_line_errors(prefix: str = "") -> Iterator[None]:
             else ""
         )
         raise fail(f"{prefix}{exc}{hint}") from None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (torchrun stopping the other ranks of a job whose rank failed, a batch
+    scheduler's time limit, `kill`) is taken as Ctrl-C: the board's transaction in flight
+    finishes, the board goes to its safe state, the run log is closed as interrupted and the
+    `--resume` command is printed, where the default action ended the process at once and left
+    the run log saying it still runs. Later SIGTERMs are ignored from then on (torchrun and
+    schedulers send more than one, and the clean-up after the block must not be cut; they kill
+    with SIGKILL after their grace period). Outside the main thread it does nothing."""
+    received = []
+
+    def interrupt(*_: object) -> None:
+        received.append(True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        if not received:
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextmanager

@@ -158,6 +158,7 @@ def classifier(
         resume_log,
         resumed_config,
         run_store,
+        sigterm_as_interrupt,
     )
     from hil.config import (
         ConfigError,
@@ -274,16 +275,30 @@ def classifier(
     except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
         raise fail(str(exc)) from None
     try:
-        run_path = None if log is None else log.path
+        # every rank names the run to resume (rank 0 writes it; the others were given its --out)
+        run_path = log.path if log is not None else (resume or out)
         with (
-            resume_hint("hil train classifier", run_path),
+            sigterm_as_interrupt(),
+            resume_hint(
+                "torchrun [its options] -m hil.cli train classifier --distributed" if dp is not None
+                else "hil train classifier",
+                run_path,
+            ),
             one_line_errors(),
             log if log is not None else contextlib.nullcontext(),
         ):
-            res = train_classifier(
-                cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
-                state=state, dp=dp,
-            )  # fmt: skip
+            try:
+                res = train_classifier(
+                    cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
+                    state=state, dp=dp,
+                )  # fmt: skip
+            except RuntimeError as exc:  # a collective whose peer stopped: said so, and logged so
+                from hil.distributed import peer_failure
+
+                peer = None if dp is None else peer_failure(exc, dp.rank)
+                if peer is None:
+                    raise
+                raise peer from exc
     except BaseException:
         if dp is not None:
             dp.close(wait=False)

@@ -81,6 +81,7 @@ def vae(
         resume_log,
         resumed_config,
         run_store,
+        sigterm_as_interrupt,
     )
     from hil.config import ConfigError, apply_dict, apply_recorded, load_into, to_toml
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
@@ -146,7 +147,7 @@ def vae(
         )
         t0 = time.perf_counter()
 
-    with resume_hint("hil train vae", run_dir), one_line_errors(), log:
+    with sigterm_as_interrupt(), resume_hint("hil train vae", run_dir), one_line_errors(), log:
         result = train_vae(
             cfg,
             progress=progress,

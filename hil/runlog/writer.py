@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -465,24 +468,26 @@ class RunLog:
         """Flush and write the complete marker (status "complete"), last. Idempotent."""
         if self._closed:
             return
-        self.flush()
-        for table in self._tables.values():
-            table.trim()
-        self._update_root({"status": STATUS_COMPLETE, "complete": True, "finished": now()})
-        self._closed = True
+        with _signals_held():
+            self.flush()
+            for table in self._tables.values():
+                table.trim()
+            self._update_root({"status": STATUS_COMPLETE, "complete": True, "finished": now()})
+            self._closed = True
 
     def fail(self, error: str) -> None:
         """Flush what can be flushed and mark the run failed with `error`."""
         if self._closed:
             return
-        try:
-            self.flush()
-            for table in self._tables.values():
-                table.trim()
-        except Exception as exc:
-            error = f"{error} (and the final flush failed: {type(exc).__name__}: {exc})"
-        self._update_root({"status": STATUS_FAILED, "complete": False, "finished": now(), "error": error})
-        self._closed = True
+        with _signals_held():
+            try:
+                self.flush()
+                for table in self._tables.values():
+                    table.trim()
+            except Exception as exc:
+                error = f"{error} (and the final flush failed: {type(exc).__name__}: {exc})"
+            self._update_root({"status": STATUS_FAILED, "complete": False, "finished": now(), "error": error})
+            self._closed = True
 
     def __enter__(self) -> RunLog:
         return self
@@ -526,6 +531,30 @@ class RunLog:
     def _check_open(self) -> None:
         if self._closed:
             raise RunLogError(f"{self.path}: the run log is closed")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while the run log writes its final status, then delivered:
+    torchrun's SIGTERM (taken as Ctrl-C by the command line) arriving while a failed rank's log
+    wrote "failed" cut that write and left the log saying it still ran. In the main thread only
+    (the only one Python runs signal handlers in)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # a handler not set from Python cannot be put back: left alone
+            before[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
