@@ -24,8 +24,8 @@ import time
 import torch
 
 from drivers import SettleBudget, Topology, open_device
-from hil.ep import EBBlock, centre_biases, gradcheck
-from hil.ffebm import goe_init
+from hil.ep import EBBlock, gradcheck
+from hil.init import centre_biases, goe_init
 
 CHANNELS, POOLS = [4, 4, 8, 8, 8, 8], [1, 1, 2, 1, 1, 1]
 

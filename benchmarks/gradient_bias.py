@@ -8,12 +8,12 @@
    initialisations: ``check`` (weights N(0, 0.5^2 / fan_in), biases U(0.1, 0.4), as
    `hil gradcheck`), ``trainer`` (N(0, 0.6^2 / fan_in), zero biases: the classifier's
    gaussian init), ``trainer-mid`` (the same weights, biases centred: `model.init_bias =
-   "mid"`, `hil.ep.centre_biases`), ``goe`` (`hil.ffebm.goe_init` at 0.5, zero biases:
+   "mid"`, `hil.init.centre_biases`), ``goe`` (`hil.init.goe_init` at 0.5, zero biases:
    `model.init = "goe"`) and ``goe-mid`` (centred). Per (activation, init, beta, mode): the worst cosine and
    the worst relative error over every parameter (each tile's weights and bias row, and the
    input) and every network, the median over networks of each network's worst relative error,
    and the fraction of free units on a kink of the hard sigmoid in the free settle
-   (`hil.ep.kink_fraction`).
+   (`hil.init.kink_fraction`).
 2. Accuracy: the digits classifier (`hil.train_classifier`, the default 64-256-10 recipe:
    centered EP, CE nudge, beta 0.2, SGD + cosine) on the ideal preset with that activation,
    `--epochs` epochs per seed of `--seeds`, with the config overrides of `--set` (e.g.
@@ -51,8 +51,8 @@ from drivers import SettleBudget, open_device
 from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.data import load_digits
-from hil.ep import EBBlock, centre_biases, gradcheck, kink_fraction
-from hil.ffebm import goe_init
+from hil.ep import EBBlock, gradcheck
+from hil.init import centre_biases, goe_init, kink_fraction
 from hil.train_classifier import train_classifier
 from hil.vae.config import VAERunConfig
 from hil.vae.hopfield import VARIANTS, HopfieldVAE
@@ -74,7 +74,7 @@ INITS = {
     "check": (0.5, (0.1, 0.4), False),
     "trainer": (0.6, (0.0, 0.0), False),
     "trainer-mid": (0.6, (0.0, 0.0), True),
-    "goe": (0.5, (0.0, 0.0), False),  # `model.init = "goe"`, `hil.ffebm.goe_init`
+    "goe": (0.5, (0.0, 0.0), False),  # `model.init = "goe"`, `hil.init.goe_init`
     "goe-mid": (0.5, (0.0, 0.0), True),
 }
 VAE_INITS = (("gaussian", "zero"), ("gaussian", "mid"), ("goe", "mid"))  # (model.init, model.init_bias)

@@ -277,6 +277,18 @@ class Topology:
             return [self.tile_shape(tile)[0] - (BIAS in c.rows)] + ([1] if BIAS in c.rows else [])
         return [self.size(g) for g in c.rows]
 
+    def row_slice(self, tile: str, group: str) -> slice:
+        """The rows of `tile` that its row group `group` occupies (`row_sizes`; a conv tile's
+        bias: its last row)."""
+        start = 0
+        for g, n in zip(self.coupling(tile).rows, self.row_sizes(tile), strict=True):
+            if g == group:
+                return slice(start, start + n)
+            start += n
+        raise ConfigurationError(
+            f"tile {tile!r} has no row group {group!r}; rows: {self.coupling(tile).rows}"
+        )
+
     def coupling(self, tile: str) -> Coupling:
         for c in self.couplings:
             if c.tile == tile:

@@ -83,7 +83,7 @@ class ModelConfig:
     init_scale: float = 0.6
     # biases at the start: zero (about half the units on the hard sigmoid's lower kink) or mid
     # (each unit's drive in the middle of the linear range for neighbours at 1/2,
-    # hil.ep.centre_biases: few on a kink, EP's gradient exact at the start). zero stays the
+    # hil.init.centre_biases: few on a kink, EP's gradient exact at the start). zero stays the
     # default: with mid every unit is active, and the default SGD rates kill the outputs; see
     # docs/neuron.md
     init_bias: Literal["zero", "mid"] = "zero"

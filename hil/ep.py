@@ -23,7 +23,6 @@ averages), ``"sum"`` of the sum.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -48,22 +47,18 @@ from drivers.activation import HARD_SIGMOID, Activation
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle, HostUpdate, check_host_update
+from hil.init import gaussian_init
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
 
 __all__ = [
-    "INIT_BIASES",
     "MODES",
     "SETTLE_PATHS",
     "CheckRow",
     "EBBlock",
     "EPResult",
-    "InitBias",
     "Mode",
-    "centre_biases",
-    "gaussian_init",
     "gradcheck",
-    "kink_fraction",
 ]
 
 ArrayLike = Tensor | np.ndarray
@@ -100,101 +95,6 @@ def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"
             "the host-iterated settle needs 'mvm', the board settle 'settle'"
         )
     return "host"
-
-
-InitBias = Literal["zero", "mid"]
-INIT_BIASES: tuple[str, ...] = ("zero", "mid")
-
-
-def centre_biases(
-    topology: Topology, weights: Mapping[str, Tensor], means: Mapping[str, float] | None = None
-) -> dict[str, Tensor]:
-    """`weights` with every bias row set so that each unit's normalised drive ``a = gain u``
-    is 1/2, the middle of the curve's linear range, when every other unit sits at its mean
-    state (`means`, per group; 1/2 where not given). With zero biases the drives are centred on
-    the hard sigmoid's lower corner (a = 0), so about half the units sit on it at the start,
-    where a finite-beta EP estimate straddles the kink (issue 20); centred, a unit reaches a
-    corner only when its weighted inputs move it by 1/2. Conv tiles get one bias per output
-    channel: the mean over the map's positions. A group fed by several bias rows gets the
-    whole correction on the first; a group that no bias row reaches keeps its drive (centring
-    it through its weights would need a row sum of 1/mean: a rank-one loop of gain 1, which
-    drives it onto the rails). Weights are copied, not changed in place; a bias beyond the
-    tile's ``w_max`` is clipped when the block programs it (`EBBlock.sync`), which leaves that
-    unit's drive off the middle (measured on 64-256-10 at gaussian scale 0.6: 5.5-5.9 % of the
-    hidden units and 1-2 of the 10 outputs, seeds 0-2)."""
-    out = {t: torch.as_tensor(w).detach().clone() for t, w in weights.items()}
-    net = DHN(topology, {t: w.to(torch.float64) for t, w in out.items()}, dtype=torch.float64)
-    with torch.no_grad():
-        mean = {
-            g: torch.full((1, topology.size(g)), float((means or {}).get(g, 0.5)), dtype=torch.float64)
-            for g in topology.groups
-        }
-        drive = net.drive(mean, bias=False)
-    mid = 0.5 / topology.gain
-    done: set[str] = set()
-    for c in topology.couplings:
-        if BIAS not in c.rows:
-            continue
-        row = _row_slice(topology, c.tile, BIAS) if c.kind != "conv" else slice(-1, None)
-        start = 0
-        for g in c.cols:
-            n = topology.size(g) if c.kind != "conv" else topology.shapes[g][0]
-            if g not in done:
-                d = drive[g].reshape(n, -1).mean(dim=1) if c.kind == "conv" else drive[g][0]
-                out[c.tile][row, start : start + n] = (mid - d).to(out[c.tile].dtype)
-                done.add(g)
-            start += n
-    return out
-
-
-def gaussian_init(
-    topology: Topology,
-    scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    bias: InitBias = "zero",
-) -> dict[str, Tensor]:
-    """Weights ``N(0, scale^2 / fan_in)`` per tile (fan_in: the tile's rows); biases 0
-    (``bias="zero"``) or centred in the linear range (``"mid"``: `centre_biases`)."""
-    if bias not in INIT_BIASES:
-        raise ConfigurationError(f"init bias must be one of {INIT_BIASES}, got {bias!r}")
-    out = {}
-    for c in topology.couplings:
-        rows, cols = topology.tile_shape(c.tile)
-        w = torch.randn(rows, cols, generator=generator) * (scale / math.sqrt(rows))
-        if BIAS in c.rows:
-            w[_row_slice(topology, c.tile, BIAS)] = 0.0
-        if c.kind == "dense":
-            n = cols
-            w[:n] = 0.5 * (w[:n] + w[:n].T)
-            w[:n].fill_diagonal_(0.0)
-        out[c.tile] = w
-    return centre_biases(topology, out) if bias == "mid" else out
-
-
-def kink_fraction(
-    net: DHN, states: Mapping[str, Tensor | np.ndarray], free: list[str], margin: float = 0.0
-) -> float:
-    """Fraction of the free units (over the batch) of the equilibrium `states` whose normalised
-    drive ``a = gain u`` is not inside ``(margin, 1 - margin)``: with ``margin=0`` the units on
-    a rail of the hard sigmoid (rho' = 0), whose EP estimate a nudge that moves them back
-    across the corner biases; a margin counts those within it of a corner too."""
-    if not 0.0 <= margin < 0.5:
-        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
-    like = next(iter(net.weights.values()))
-    st = {g: torch.as_tensor(v).to(dtype=like.dtype, device=like.device) for g, v in states.items()}
-    with torch.no_grad():
-        drive = net.drive(st, targets=set(free))
-    a = torch.cat([drive[g].reshape(drive[g].shape[0], -1) for g in free], dim=1) * net.gain
-    return float(((a <= margin) | (a >= 1.0 - margin)).double().mean())
-
-
-def _row_slice(topology: Topology, tile: str, group: str) -> slice:
-    start = 0
-    for g, n in zip(topology.coupling(tile).rows, topology.row_sizes(tile), strict=True):
-        if g == group:
-            return slice(start, start + n)
-        start += n
-    raise KeyError(group)
 
 
 def to_numpy(x: ArrayLike) -> np.ndarray:
@@ -742,7 +642,7 @@ def split_bias(topology: Topology, grads: Mapping[str, Tensor]) -> dict[str, Ten
     for c in topology.couplings:
         g = grads[c.tile]
         if BIAS in c.rows:
-            sl = _row_slice(topology, c.tile, BIAS)
+            sl = topology.row_slice(c.tile, BIAS)
             keep = torch.ones(g.shape[0], dtype=torch.bool)
             keep[sl] = False
             out[f"{c.tile}.weight"] = g[keep]

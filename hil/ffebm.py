@@ -28,89 +28,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from drivers import BIAS, Device, SettleBudget, Topology, seeds
-from hil.ep import EBBlock, Mode, centre_biases
+from drivers import Device, SettleBudget, Topology, seeds
+from hil.ep import EBBlock, Mode
+from hil.init import init_weights
 from hil.programming import make_scheme
 from hil.reference import DHN
-
-
-# --------------------------------------------------------------------------- initialisation
-def goe_init(
-    topology: Topology, scale: float = 0.5, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
-    """GOE initialisation: draw one symmetric Gaussian matrix over all N nodes of the
-    topology (off-diagonal entries ``N(0, scale^2 / N)``, zero diagonal: a Gaussian
-    Orthogonal Ensemble whose spectrum fills ``[-2 scale, 2 scale]``) and give each tile its
-    block of it; bias rows start at 0. Symmetric by construction, so dense tiles get
-    W_ij = W_ji, and the coupling matrix of the whole network is the GOE restricted to the
-    topology's edges, whose spectral radius stays below ``2 scale``: with
-    ``scale < 1 / (2 gain)`` the settle is a contraction from the start.
-
-    A topology with conv couplings has feature maps of thousands of nodes, whose N x N matrix
-    is not drawn (`_goe_conv`)."""
-    if any(c.kind == "conv" for c in topology.couplings):
-        return _goe_conv(topology, scale, generator)
-    groups = [g for g in topology.groups]
-    offsets, n = {}, 0
-    for g in groups:
-        offsets[g] = n
-        n += topology.groups[g]
-    a = torch.randn(n, n, generator=generator) * (scale / math.sqrt(n))
-    m = torch.triu(a, diagonal=1)
-    m = m + m.T
-    out = {}
-    for c in topology.couplings:
-        rows, cols = topology.tile_shape(c.tile)
-        w = torch.zeros(rows, cols)
-        r0 = 0
-        for rg in c.rows:
-            rn = topology.size(rg)
-            if rg != BIAS:
-                c0 = 0
-                for cg in c.cols:
-                    cn = topology.size(cg)
-                    w[r0 : r0 + rn, c0 : c0 + cn] = m[
-                        offsets[rg] : offsets[rg] + rn, offsets[cg] : offsets[cg] + cn
-                    ]
-                    c0 += cn
-            r0 += rn
-        out[c.tile] = w
-    return out
-
-
-def _goe_conv(topology: Topology, scale: float, generator: torch.Generator | None) -> dict[str, Tensor]:
-    """GOE-scaled weights for a network with conv couplings, tile by tile: a bipartite tile is
-    the off-diagonal block of a GOE over the two groups it joins (entries
-    ``N(0, scale^2 / (m + n))``, norm about ``scale (sqrt m + sqrt n) / sqrt(m + n)``, at most
-    ``sqrt 2 scale``); a conv tile's kernel entries are ``N(0, sigma^2)`` with
-    ``sigma = sqrt 2 scale / (k (sqrt C_in + sqrt C_out))``, which gives the convolution an
-    operator norm of about ``sqrt 2 scale`` (measured by power iteration: 0.94 to 1.03 times
-    that for 1 to 64 channels, 7 x 7 to 28 x 28 maps); bias rows start at 0. Dense tiles are
-    drawn as in `goe_init`, on their own groups."""
-    out = {}
-    for c in topology.couplings:
-        rows, cols = topology.tile_shape(c.tile)
-        bias = int(BIAS in c.rows)
-        if c.kind == "conv":
-            c_in, c_out = topology.shapes[c.rows[0]][0], topology.shapes[c.cols[0]][0]
-            sigma = math.sqrt(2.0) * scale / (c.kernel * (math.sqrt(c_in) + math.sqrt(c_out)))
-            w = torch.randn(rows, cols, generator=generator) * sigma
-        elif c.kind == "dense":
-            a = torch.randn(cols, cols, generator=generator) * (scale / math.sqrt(cols))
-            core = torch.triu(a, diagonal=1)
-            w = torch.zeros(rows, cols)
-            w[:cols] = core + core.T
-        else:
-            w = torch.randn(rows, cols, generator=generator) * (scale / math.sqrt(rows - bias + cols))
-        start = 0
-        for g in c.rows if c.kind != "conv" else ():
-            if g == BIAS:
-                w[start] = 0.0
-            start += topology.size(g)
-        if c.kind == "conv" and bias:
-            w[-1] = 0.0
-        out[c.tile] = w
-    return out
 
 
 def split_layered(sizes: Sequence[int], block_layers: int) -> list[list[int]]:
@@ -396,9 +318,7 @@ def _eb_layer(
 ) -> EBLayer:  # fmt: skip
     """Block k of an ff-EBM on ``devices(k)``: weights drawn from `gen` (GOE or Gaussian), its own
     programming scheme and seed (independent streams per block)."""
-    weights = goe_init(topo, init_scale, gen) if init == "goe" else _gaussian(topo, init_scale, gen)
-    if init_bias == "mid":
-        weights = centre_biases(topo, weights)
+    weights = init_weights(topo, init, init_scale, gen, init_bias)
     block_seed = seeds.derive(seed, "ffebm.block", k)
     scheme = make_scheme(programming, refresh_every=refresh_every, refresh_mode=refresh_mode, seed=block_seed)
     blk = EBBlock(
@@ -475,12 +395,6 @@ class MapNorm(nn.Sequential):
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         super().__init__(nn.Unflatten(1, shape), nn.BatchNorm2d(shape[0]), Clamp01(), nn.Flatten())
-
-
-def _gaussian(topo: Topology, scale: float, gen: torch.Generator) -> dict[str, Tensor]:
-    from hil.ep import gaussian_init
-
-    return gaussian_init(topo, scale, gen)
 
 
 # ------------------------------------------------------------------------------- training

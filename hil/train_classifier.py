@@ -42,8 +42,9 @@ from hil.boards import open_board
 from hil.compute import board_uri, resolve_compute
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, model_activation
 from hil.data import Dataset, hold_out, limited, load_dataset
-from hil.ep import EBBlock, centre_biases, gaussian_init, settle_paths
-from hil.ffebm import FFEBM, goe_init
+from hil.ep import EBBlock, settle_paths
+from hil.ffebm import FFEBM
+from hil.init import init_weights
 from hil.programming import make_scheme
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
 
@@ -192,9 +193,7 @@ class Classifier:
             topo = Topology.layered(
                 sizes, gain=m.gain, w_max=m.w_max, budget=free, mode=e.settle_mode, activation=curve
             )
-            init = goe_init if m.init == "goe" else gaussian_init
-            w0 = init(topo, m.init_scale, gen)
-            w0 = centre_biases(topo, w0) if m.init_bias == "mid" else w0
+            w0 = init_weights(topo, m.init, m.init_scale, gen, m.init_bias)
             scheme = None
             if e.programming != "ideal" or e.refresh_every or refresh_mode:
                 scheme = make_scheme(

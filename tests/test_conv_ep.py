@@ -11,7 +11,8 @@ from torch import nn
 from drivers import Device, SettleBudget, Topology, open_device
 from hil.data import load_digits
 from hil.ep import EBBlock, gradcheck
-from hil.ffebm import FFEBM, goe_init, split_conv
+from hil.ffebm import FFEBM, split_conv
+from hil.init import goe_init
 from hil.reference import cosine, rel_error
 
 CHECK = SettleBudget(max_steps=600, tol=0.0, dt=0.5)

@@ -16,8 +16,8 @@ from drivers import ConfigurationError, Nudge, SettleBudget, Topology, open_devi
 from hil.cli.gradcheck import check_block
 from hil.config import ConfigError, load_config
 from hil.ep import EBBlock, gradcheck
-from hil.ffebm import goe_init
 from hil.host_settle import HostSettle
+from hil.init import goe_init
 from hil.train_classifier import Classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"

@@ -2,7 +2,7 @@
 
 With zero biases every unit's drive is centred on the lower corner (a = 0), so about half the
 units of a fresh network sit on it and a finite-beta EP estimate straddles the kink. The
-``mid`` initialisation (`hil.ep.centre_biases`) puts each unit's drive in the middle of the
+``mid`` initialisation (`hil.init.centre_biases`) puts each unit's drive in the middle of the
 linear range. Checked here, on sizes and seeds no other test uses: the VAE's whole-ELBO EP
 gradient at the trainer's initialisation matches implicit differentiation at the training beta
 (cosine >= 0.99), and a fresh classifier has few units on a kink.
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from drivers import ConfigurationError, SettleBudget, Topology, open_device
 from hil.config import ConfigError, load_config, load_into
 from hil.data import load_digits
-from hil.ep import centre_biases, gaussian_init, kink_fraction
-from hil.ffebm import FFEBM, goe_init
+from hil.ffebm import FFEBM
+from hil.init import centre_biases, gaussian_init, goe_init, kink_fraction
 from hil.reference import DHN, cosine
 from hil.train_classifier import Classifier
 from hil.vae.config import VAERunConfig

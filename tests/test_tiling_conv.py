@@ -19,7 +19,8 @@ from drivers.placement import Placement, place
 from drivers.tiled import TiledDevice
 from drivers.topology import BIAS, Coupling
 from drivers.wire.payload import topology_from_dict, topology_to_dict
-from hil.ep import EBBlock, gaussian_init
+from hil.ep import EBBlock
+from hil.init import gaussian_init
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 # 20 x 4 tiles: a 3x4x4 -> 6 -> 4 conv chain's W0 (28 x 6) lies on 2 x 2 tiles (source parts of

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from drivers import SettleBudget, Topology
 from drivers.base import Device
 from hil.cli.common import fail, one_line_errors
-from hil.ep import CheckRow, EBBlock, gaussian_init
+from hil.ep import CheckRow, EBBlock
+from hil.init import gaussian_init
 
 MODES = ("positive", "centered")  # one-sided and centered EP, the two columns of the table
 CHECK_BUDGET = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5, check_every=5)

@@ -23,9 +23,9 @@ class VAEModelConfig:
     w_max: float = 1.0
     init_scale: float = 0.5
     # biases at the start of the Hopfield variants: mid (every biased unit's drive in the middle
-    # of the linear range, hil.ep.centre_biases), zero (as before issue 20) or auto (mid, but
+    # of the linear range, hil.init.centre_biases), zero (as before issue 20) or auto (mid, but
     # zero for shared-layered); weights: gaussian (N(0, init_scale^2 / rows) per tile), goe (one
-    # symmetric matrix over all nodes, hil.ffebm.goe_init) or auto (goe for h-vae, else
+    # symmetric matrix over all nodes, hil.init.goe_init) or auto (goe for h-vae, else
     # gaussian). What auto picks and why: hil.vae.hopfield.AUTO_INIT, docs/vae.md
     init_bias: Literal["auto", "zero", "mid"] = "auto"
     init: Literal["auto", "gaussian", "goe"] = "auto"

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from drivers import BIAS, ConfigurationError, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
-from hil.ep import INIT_BIASES, EBBlock, InitBias, Mode, centre_biases, gaussian_init
-from hil.ffebm import goe_init
+from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
+from hil.ep import EBBlock, Mode
+from hil.init import InitBias, init_weights
 from hil.reference import cosine
 from hil.vae.latent import LatentCode, Likelihood, kl_normal, reparameterize
 
@@ -98,21 +98,9 @@ def dense_topology(pixels: int, hidden: int, latent: int, tile: str = "W", **kw:
 def initial_weights(
     topology: Topology, scale: float, bias: str, seed: int, init: str = "gaussian"
 ) -> dict[str, Tensor]:
-    """A block's initial weights, drawn from the stream `EBBlock` draws from for `seed`:
-    ``gaussian`` (`gaussian_init`, ``N(0, scale^2 / rows)`` per tile) or ``goe`` (`goe_init`:
-    one symmetric matrix over all nodes, a contraction for ``scale < 1/2``); biases zero or
-    (``bias="mid"``) centred in the linear range (`centre_biases`)."""
-    if bias not in INIT_BIASES:
-        raise ConfigurationError(
-            f"init bias must be one of {INIT_BIASES} (or, for HopfieldVAE, 'auto'), got {bias!r}"
-        )
-    gen = seeds.torch_generator(seed, "ep.init")
-    if init == "goe":
-        w = goe_init(topology, scale, gen)
-        return centre_biases(topology, w) if bias == "mid" else w
-    if init != "gaussian":
-        raise ConfigurationError(f"init must be 'gaussian', 'goe' or (HopfieldVAE) 'auto', got {init!r}")
-    return gaussian_init(topology, scale, gen, bias)
+    """A block's initial weights (`hil.init.init_weights`), drawn from the stream `EBBlock`
+    draws from for `seed`."""
+    return init_weights(topology, init, scale, seeds.torch_generator(seed, "ep.init"), bias)
 
 
 @dataclass
