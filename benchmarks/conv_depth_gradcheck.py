@@ -1,6 +1,6 @@
 """Benchmark (issue 18): is EP's gradient right on a deep conv EB block?
 
-`hil.ep.gradcheck` (centered EP on the ideal emulated board against implicit differentiation
+`hil.gradcheck.gradcheck` (centered EP on the ideal emulated board against implicit differentiation
 of the float64 reference, Newton-settled) on one 6-layer conv block of the splitting study's
 shape, with smaller maps so the reference stays cheap: input 4 x 8 x 8, channels 4, 4, 8, 8, 8,
 8, pools 1, 1, 2, 1, 1, 1, a head of 10; 16 random images and one-hot targets; GOE
@@ -24,7 +24,8 @@ import time
 import torch
 
 from drivers import SettleBudget, Topology, open_device
-from hil.ep import EBBlock, gradcheck
+from hil.ep import EBBlock
+from hil.gradcheck import gradcheck
 from hil.init import centre_biases, goe_init
 
 CHANNELS, POOLS = [4, 4, 8, 8, 8, 8], [1, 1, 2, 1, 1, 1]
@@ -58,7 +59,7 @@ def main() -> None:
         means = [round(float(eq.states[f"s{k}"].mean()), 3) for k in range(1, len(CHANNELS) + 2)]
         betas = tuple(float(b) for b in a.betas.split(","))
         rows = gradcheck(blk, x, target, betas=betas, modes=("centered",))
-        free = blk.free(blk._clamp(x))
+        free = blk.free(blk.clamp_arrays(x))
     common = {"bench": "conv_depth_gradcheck", "scale": a.scale, "bias": a.bias, "free_steps": a.free,
               "nudge_steps": a.nudge, "converged": bool(free.converged), "layer_means": means}  # fmt: skip
     checked = [r for r in rows if r.param.endswith("weight") or r.param.startswith("input")]

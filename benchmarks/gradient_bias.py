@@ -1,7 +1,7 @@
 """Benchmark (issue 20): EP's gradient bias per neuron curve, next to its digits accuracy.
 
 1. Bias: for every activation (`drivers.activation`), EP on the ideal emulator against
-   implicit differentiation of the float64 reference (`hil.ep.gradcheck`: the loss
+   implicit differentiation of the float64 reference (`hil.gradcheck.gradcheck`: the loss
    ``1/2 |s_out - onehot|^2`` on 64 digits images, the weights read back from the board), at
    beta 0.1, 0.01 and 0.001, one-sided (free and +beta) and centered (+beta and -beta), on
    random layered and dense networks whose sizes and seeds no test uses, each at two
@@ -51,7 +51,8 @@ from drivers import SettleBudget, open_device
 from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.data import load_digits
-from hil.ep import EBBlock, gradcheck
+from hil.ep import EBBlock
+from hil.gradcheck import gradcheck
 from hil.init import centre_biases, goe_init, kink_fraction
 from hil.train_classifier import train_classifier
 from hil.vae.config import VAERunConfig

@@ -36,8 +36,7 @@ import ffebm_conv
 from drivers import SettleBudget
 from hil.config import load_config
 from hil.data import load_dataset
-from hil.ep import split_bias
-from hil.reference import cosine, mse_loss, rel_error
+from hil.gradcheck import cosine, mse_loss, rel_error, split_bias
 from hil.train_classifier import train_classifier
 
 
@@ -84,7 +83,7 @@ def main() -> None:
     path, update, dt_check = SETTLES[a.settle]
     blk.use_settle(path, update)  # type: ignore[arg-type]
     x = ds.x_train[:64]
-    cl = blk._clamp(x)
+    cl = blk.clamp_arrays(x)
     free_groups = list(blk.free_groups)
     out = free_groups[-1]
     s_out = blk.as_tensor(blk.free(cl).states[out])
@@ -114,7 +113,7 @@ def main() -> None:
         ends = {g: blk.as_tensor(free.states[g]).double() for g in free_groups}
         dist = max(float((ends[g] - eq.states[g]).abs().max()) for g in free_groups)
         for beta in (float(b) for b in a.betas.split(",")):
-            r = blk.ep(cl, target=blk._as_groups({out: target}), beta=beta, mode="centered", free=free)
+            r = blk.ep(cl, target=blk.as_groups({out: target}), beta=beta, mode="centered", free=free)
             est = split_bias(blk.topology, r.grads)
             lines.append(
                 {

@@ -23,7 +23,7 @@ averages), ``"sum"`` of the sum.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -54,11 +54,9 @@ from hil.reference import DHN
 __all__ = [
     "MODES",
     "SETTLE_PATHS",
-    "CheckRow",
     "EBBlock",
     "EPResult",
     "Mode",
-    "gradcheck",
 ]
 
 ArrayLike = Tensor | np.ndarray
@@ -393,7 +391,9 @@ class EBBlock(nn.Module):
         t = torch.as_tensor(x).detach()
         return t.to(self.compute, torch.float32)  # type: ignore[return-value]
 
-    def _clamp(self, x: ArrayLike | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+    def clamp_arrays(self, x: ArrayLike | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        """`x` as the clamp a settle takes: per input group, the array `_array` makes of it (one
+        array, not a dict: the block's only input)."""
         if isinstance(x, Mapping):
             return {g: self._array(v) for g, v in x.items()}
         if len(self.inputs) != 1:
@@ -421,7 +421,7 @@ class EBBlock(nn.Module):
         if self.tensor_settle:
             minimiser = self.device.settle_tensors
         return minimiser(
-            self._clamp(clamp),
+            self.clamp_arrays(clamp),
             nudge=dict(nudge) if nudge else None,
             init=dict(init) if init else None,
             trace=trace,
@@ -466,7 +466,7 @@ class EBBlock(nn.Module):
         later (its damped relaxation's slow tail sets the count; docs/conv.md)."""
         self.sync()  # the weights the settle will use (a no-op when nothing changed)
         net = self.device_weights()
-        given = self._clamp(clamp)
+        given = self.clamp_arrays(clamp)
         states = {g: torch.as_tensor(v, device=self.compute).float() for g, v in given.items()}
         like = next(iter(states.values()))
         for g in self.free_groups:
@@ -497,7 +497,8 @@ class EBBlock(nn.Module):
             out[g] = Nudge(float(beta), target=t, grad=d)
         return out
 
-    def _as_groups(self, v: ArrayLike | Mapping[str, ArrayLike] | None) -> Mapping[str, ArrayLike] | None:
+    def as_groups(self, v: ArrayLike | Mapping[str, ArrayLike] | None) -> Mapping[str, ArrayLike] | None:
+        """`v` per output group (one array: the block's only output); None or a dict as given."""
         if v is None or isinstance(v, Mapping):
             return v
         if len(self.outputs) != 1:
@@ -543,10 +544,10 @@ class EBBlock(nn.Module):
         equilibrium of the same clamp. `out`: per tile, a tensor of its shape to write dL/dW
         into (e.g. the parameter's ``.grad`` of the last step; `EPEstimator.phi_grad_difference`)."""
         check_phases(beta, mode)
-        tg, gd = self._as_groups(target), self._as_groups(grad)
+        tg, gd = self.as_groups(target), self.as_groups(grad)
         if not tg and not gd:
             raise ValueError("EP needs a target or a grad for at least one output group")
-        cl = self._clamp(clamp)
+        cl = self.clamp_arrays(clamp)
         clamped = set(cl)
         f = free if free is not None else self.free(cl)
         ph = self.estimator.phases(
@@ -580,7 +581,7 @@ class EBBlock(nn.Module):
         inputs; a block used in both directions, e.g. a shared VAE, passes its own). With
         `normalize`, the nudge is ``grad / max|grad|`` (so `beta` is the peak injected
         current whatever the loss scale) and the results are scaled back."""
-        gd = self._as_groups(grad)
+        gd = self.as_groups(grad)
         assert gd is not None
         tens = {g: torch.as_tensor(v, dtype=torch.float32, device=self.compute) for g, v in gd.items()}
         # one read-back of the peaks (it picks the nudge's scale on the host)
@@ -607,7 +608,7 @@ class EBBlock(nn.Module):
 
     def loss(self, states: Mapping[str, np.ndarray], target: ArrayLike | Mapping[str, ArrayLike]) -> float:
         """Batch mean of ``1/2 |s_out - target|^2`` over the output groups."""
-        tg = self._as_groups(target)
+        tg = self.as_groups(target)
         assert tg is not None
         total = 0.0
         for g, t in tg.items():
@@ -623,91 +624,3 @@ class EBBlock(nn.Module):
             dtype=dtype,
             symmetric=symmetric,
         )
-
-
-# ----------------------------------------------------------------------------- gradient check
-@dataclass
-class CheckRow:
-    beta: float
-    mode: str  # "one-sided" (+beta and free) or "centered"
-    param: str  # "W0.weight", "W0.bias", ..., "input"
-    cosine: float
-    rel_error: float
-
-
-def split_bias(topology: Topology, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per tile, the weight rows and the bias row as separate entries (``W0.weight``,
-    ``W0.bias``)."""
-    out = {}
-    for c in topology.couplings:
-        g = grads[c.tile]
-        if BIAS in c.rows:
-            sl = topology.row_slice(c.tile, BIAS)
-            keep = torch.ones(g.shape[0], dtype=torch.bool)
-            keep[sl] = False
-            out[f"{c.tile}.weight"] = g[keep]
-            out[f"{c.tile}.bias"] = g[sl]
-        else:
-            out[f"{c.tile}.weight"] = g
-    return out
-
-
-def gradcheck(
-    block: EBBlock,
-    clamp: ArrayLike | Mapping[str, ArrayLike],
-    target: ArrayLike | Mapping[str, ArrayLike],
-    betas: tuple[float, ...] = (0.1, 0.01, 0.001),
-    modes: tuple[str, ...] = ("positive", "centered"),
-    on_step: Callable[[str], None] | None = None,
-    loss: Literal["mse", "ce"] = "mse",
-    tau: float = 1.0,
-) -> list[CheckRow]:
-    """EP on the block's Device against implicit differentiation of the pure-torch reference
-    (float64, the weights read back from the Device). `loss` ``"mse"``: the batch mean of
-    ``1/2 |s_out - target|^2``, nudged towards the target; ``"ce"``: the batch mean of the
-    cross-entropy of ``softmax(tau s_out)`` against the one-hot `target`, nudged as the
-    classifier trains (`Classifier.step`): the loss gradient at the free state,
-    ``tau (softmax(tau s_out) - target)``, injected as a constant current of ``beta`` times
-    it (its peak is up to `tau`: at the classifier's beta 0.2 and tau 6 a nudge of about one
-    state unit, far from the small-beta limit; docs/neuron.md). One free settle is shared by
-    every beta and mode. `on_step(what)` is called after the reference and the free phase
-    (``"reference"``) and after each EP estimate (``"beta 0.01 centered"``), e.g. to advance
-    a progress bar."""
-    from hil.reference import ce_loss, cosine, mse_loss, rel_error
-
-    if loss not in ("mse", "ce"):
-        raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}")
-    cl = block._clamp(clamp)
-    tg = block._as_groups(target)
-    assert tg is not None
-    ref = block.reference(torch.float64)
-    targets = {g: torch.as_tensor(v, dtype=torch.float64, device=block.compute) for g, v in tg.items()}
-
-    def total(states: dict[str, Tensor]) -> Tensor:
-        one = ce_loss if loss == "ce" else mse_loss
-        kw = {"tau": tau} if loss == "ce" else {}
-        return sum(one(g, t, **kw)(states) for g, t in targets.items())  # type: ignore[return-value]
-
-    _, gw, gx, _ = ref.implicit_gradients({g: block.as_tensor(v) for g, v in cl.items()}, total)
-    truth = split_bias(block.topology, gw) | {f"input:{g}": v for g, v in gx.items()}
-    free = block.free(cl)
-    if on_step is not None:
-        on_step("reference")
-    nudge: dict[str, dict[str, Tensor]] = {"target": tg}  # type: ignore[dict-item]
-    if loss == "ce":
-        nudge = {"grad": {}}
-        for g, t in tg.items():
-            s = block.as_tensor(free.states[g])
-            onehot = torch.as_tensor(t, dtype=s.dtype).to(s.device)
-            nudge["grad"][g] = tau * (torch.softmax(tau * s, -1) - onehot)
-    rows = []
-    for beta in betas:
-        for mode in modes:
-            r = block.ep(cl, beta=beta, mode=mode, free=free, **nudge)  # type: ignore[arg-type]
-            if on_step is not None:
-                on_step(f"beta {beta:g} {mode}")
-            est = split_bias(block.topology, r.grads) | {f"input:{g}": v for g, v in r.input_grads.items()}
-            name = "one-sided" if mode in ("positive", "negative") else mode
-            for k, v in truth.items():
-                rows.append(CheckRow(beta, name, k, cosine(est[k], v), rel_error(est[k], v)))
-    return rows

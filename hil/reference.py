@@ -705,37 +705,3 @@ def reference_settle(net: DHN, *, newton: bool = True) -> Callable[..., Equilibr
         return Equilibrium(states, eq.steps, eq.converged, eq.residual, energy, 0.0, 0.0)
 
     return settle
-
-
-# ------------------------------------------------------------------------------- comparisons
-def cosine(a: Tensor, b: Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    den = float(a.norm() * b.norm())
-    return float((a @ b) / den) if den > 0 else (1.0 if float(a.norm()) == float(b.norm()) else 0.0)
-
-
-def rel_error(est: Tensor, ref: Tensor) -> float:
-    """``|est - ref| / |ref|`` (Frobenius norms)."""
-    est, ref = est.flatten().double(), ref.flatten().double()
-    den = float(ref.norm())
-    return float((est - ref).norm()) / den if den > 0 else float(est.norm())
-
-
-def mse_loss(output: str, target: Tensor) -> Callable[[States], Tensor]:
-    """The loss a target nudge optimises: batch mean of ``1/2 |s_out - target|^2``."""
-
-    def f(states: States) -> Tensor:
-        return 0.5 * ((states[output] - target.to(states[output].dtype)) ** 2).sum(-1).mean()
-
-    return f
-
-
-def ce_loss(output: str, target: Tensor, tau: float) -> Callable[[States], Tensor]:
-    """The loss the classifier's cross-entropy nudge optimises: batch mean of the cross-entropy
-    of ``softmax(tau s_out)`` against the one-hot `target`."""
-
-    def f(states: States) -> Tensor:
-        s = states[output]
-        return -(torch.log_softmax(tau * s, -1) * target.to(s.dtype)).sum(-1).mean()
-
-    return f

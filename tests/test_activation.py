@@ -23,7 +23,8 @@ from drivers.wire.payload import topology_from_dict, topology_to_dict
 from hil.cli.gradcheck import check_block
 from hil.config import AUTO_ACTIVATION, ConfigError, RunConfig, apply_recorded, model_activation, validate
 from hil.data import load_digits
-from hil.ep import EBBlock, gradcheck
+from hil.ep import EBBlock
+from hil.gradcheck import gradcheck
 from hil.reference import DHN
 
 IDEAL = "emulator://?preset=ideal&seed=0"

@@ -10,10 +10,10 @@ from torch import nn
 
 from drivers import Device, SettleBudget, Topology, open_device
 from hil.data import load_digits
-from hil.ep import EBBlock, gradcheck
+from hil.ep import EBBlock
 from hil.ffebm import FFEBM, split_conv
+from hil.gradcheck import cosine, gradcheck, rel_error
 from hil.init import goe_init
-from hil.reference import cosine, rel_error
 
 CHECK = SettleBudget(max_steps=600, tol=0.0, dt=0.5)
 

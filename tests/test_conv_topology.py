@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from drivers import BIAS, ConfigurationError, Coupling, SettleBudget, Topology, conv
 from drivers.wire import payload
-from hil.reference import DHN, cosine, rel_error
+from hil.gradcheck import cosine, rel_error
+from hil.reference import DHN
 
 
 def small(

@@ -11,9 +11,9 @@ from drivers import SettleBudget, Topology, open_device
 from hil.cli import app
 from hil.cli.gradcheck import check_block
 from hil.data import load_digits
-from hil.ep import EBBlock, gradcheck, split_bias
+from hil.ep import EBBlock
+from hil.gradcheck import cosine, gradcheck, rel_error, split_bias
 from hil.programming import LinearMapping, read_weights
-from hil.reference import cosine, rel_error
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 

@@ -10,8 +10,8 @@ from drivers import Device, SettleBudget, Topology, open_device
 from hil.data import load_digits
 from hil.ep import EBBlock
 from hil.ffebm import FFEBM, Clamp01, EBLayer, cosine_schedule, make_optimizer, split_layered
+from hil.gradcheck import cosine, rel_error
 from hil.init import goe_init
-from hil.reference import cosine, rel_error
 
 CHECK = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5)
 

@@ -15,7 +15,8 @@ import torch
 from drivers import ConfigurationError, Nudge, SettleBudget, Topology, open_device
 from hil.cli.gradcheck import check_block
 from hil.config import ConfigError, load_config
-from hil.ep import EBBlock, gradcheck
+from hil.ep import EBBlock
+from hil.gradcheck import gradcheck
 from hil.host_settle import HostSettle
 from hil.init import goe_init
 from hil.train_classifier import Classifier

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from drivers import Nudge, SettleBudget, Topology
-from hil.reference import DHN, cosine, mse_loss, rel_error, rho
+from hil.gradcheck import cosine, mse_loss, rel_error
+from hil.reference import DHN, rho
 
 TIGHT = SettleBudget(max_steps=20_000, tol=1e-13, dt=0.5)
 

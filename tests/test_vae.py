@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drivers import SettleBudget, open_device
-from hil.reference import cosine
+from hil.gradcheck import cosine
 from hil.vae.hopfield import HopfieldVAE
 from hil.vae.latent import BernoulliLikelihood, GaussianLikelihood, LatentCode, kl_normal
 from hil.vae.metrics import DigitsFeatures, FeatureRecipe, frechet_distance

@@ -10,7 +10,7 @@ import torch
 
 from drivers import SettleBudget, open_device
 from hil.data import load_digits
-from hil.reference import cosine
+from hil.gradcheck import cosine
 from hil.vae.config import VAERunConfig
 from hil.vae.hopfield import HopfieldVAE
 from hil.vae.latent import LatentCode, make_likelihood

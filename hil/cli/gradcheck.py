@@ -13,7 +13,8 @@ from tqdm import tqdm
 from drivers import SettleBudget, Topology
 from drivers.base import Device
 from hil.cli.common import fail, one_line_errors
-from hil.ep import CheckRow, EBBlock
+from hil.ep import EBBlock
+from hil.gradcheck import CheckRow
 from hil.init import gaussian_init
 
 MODES = ("positive", "centered")  # one-sided and centered EP, the two columns of the table
@@ -61,7 +62,7 @@ def check_block(
 
 @contextmanager
 def _progress(checks: int, *, enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A bar over what `hil.ep.gradcheck` does: one tick for the reference (implicit
+    """A bar over what `hil.gradcheck.gradcheck` does: one tick for the reference (implicit
     differentiation, float64) and the free phase, then one per EP estimate (beta x mode);
     yields the `on_step` callback that advances it."""
     bar = tqdm(total=1 + checks, desc="reference", unit="check", disable=not enabled, dynamic_ncols=True)
@@ -141,7 +142,7 @@ def register(app: typer.Typer) -> None:
 
         from drivers import open_device
         from hil.data import load_digits
-        from hil.ep import gradcheck as run_check
+        from hil.gradcheck import gradcheck as run_check
 
         t0 = time.perf_counter()
         try:

@@ -91,4 +91,6 @@ def implicit_gradient(
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
+    """0 when either is zero, unlike `hil.gradcheck.cosine` (1 for two zero vectors): a test
+    asserting a cosine near 1 does not pass on two zero gradients."""
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from drivers import BIAS, Coupling, Device, Equilibrium, SettleBudget, Topology, seeds
 from hil.ep import EBBlock, Mode
+from hil.gradcheck import cosine
 from hil.init import InitBias, init_weights
-from hil.reference import cosine
 from hil.vae.latent import LatentCode, Likelihood, kl_normal, reparameterize
 
 Variant = Literal["h-vae", "dh-vae", "tdh-vae", "shared-layered"]
