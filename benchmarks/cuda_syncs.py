@@ -4,7 +4,7 @@ Every read-back of a CUDA tensor (``float(t)``, ``t.tolist()``, ``t.item()``, a 
 blocks the host until the GPU has finished all the work queued before it: on a GPU a step
 is bound by how fast the host launches work, and each wait empties the queue the host had
 filled ahead. torch's sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) warns once
-per such synchronisation; this counts them per phase of `hil.train_classifier.Classifier.step`
+per such synchronisation; this counts them per phase of `hil.classifier.Classifier.step`
 (784-512-10, batch 128, T1 = 30, T2 = 10 + 10 centered, fixed step counts, the ideal board,
 as `benchmarks/peer_ep.py`) and per settle and per programmed tile.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_ep import IDEAL, project
 
 if TYPE_CHECKING:
-    from hil.train_classifier import Classifier
+    from hil.classifier import Classifier
 
 
 def count_syncs(clf: Classifier, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, object]:

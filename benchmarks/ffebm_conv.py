@@ -163,9 +163,9 @@ def mapping(w_max: float, batches: int = 8, batch: int = 64) -> dict:
 
     torch.set_num_threads(1)
     from drivers import open_device
+    from hil.classifier import Classifier
     from hil.config import load_config
     from hil.data import load_dataset
-    from hil.train_classifier import Classifier
 
     if not (1 <= batches <= 32 and 1 <= batch <= 128):
         raise ValueError(f"batches must be in [1, 32] and batch in [1, 128], got {batches}, {batch}")

@@ -22,7 +22,7 @@ interleaved in one process:
     store them, (rows + bias row, cols)), with the clamped input's product hoisted out of the
     loop and computed once per batch for all phases, the two nudged phases settled as one over
     the doubled batch as the project does, the update and SGD in place.
-(c) ``project``: `hil.train_classifier.Classifier.step` on ``emulator://?preset=ideal&seed=0``
+(c) ``project``: `hil.classifier.Classifier.step` on ``emulator://?preset=ideal&seed=0``
     (configured with the same sizes, steps, beta, tau, dt and learning rates), and the same
     on ``preset=rram`` at equal step counts (the convergence check is moved to the last step
     so no settle stops early).
@@ -73,8 +73,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drivers import SettleBudget, open_device
+from hil.classifier import Classifier
 from hil.config import RunConfig, load_config
-from hil.train_classifier import Classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 # IR drop off: the rram figures measure the noise draws and stuck-device bookkeeping issue 17

@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hil.classifier import Classifier
 from hil.config import load_config
 from hil.data import load_dataset
 from hil.programming import SCHEMES
-from hil.train_classifier import Classifier, train_classifier
+from hil.train_classifier import train_classifier
 
 
 def run(

@@ -34,9 +34,9 @@ import ffebm_conv
 from split_depth_gradcheck import budgets
 
 from drivers import open_device
+from hil.classifier import Classifier
 from hil.config import load_config
 from hil.data import load_dataset
-from hil.train_classifier import Classifier
 
 
 def budget(text: str) -> tuple[str, list[str]]:

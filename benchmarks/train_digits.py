@@ -31,9 +31,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drivers import open_device
+from hil.classifier import Classifier
 from hil.config import load_config
 from hil.data import Dataset, batches, load_dataset
-from hil.train_classifier import Classifier, train_classifier
+from hil.train_classifier import train_classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 RRAM6 = "emulator://?preset=rram&seed=0&adc_bits=6"

@@ -1,4 +1,5 @@
-"""Opening the board a run trains on, with its calibration record applied when one is given."""
+"""Opening the board a run trains on, with its calibration record applied when one is given, and
+the board URI of every EB block of a multi-block model (`block_uris`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import shlex
 
 from drivers import Device, open_device
 from drivers.tiled import TiledDevice
+from drivers.uri import parse_options, replace_params
+from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
 
 
 def open_board(uri: str, calibration: str = "") -> TiledDevice:
@@ -28,3 +31,24 @@ def open_board(uri: str, calibration: str = "") -> TiledDevice:
         device.close()
         raise
     return TiledDevice(inner)
+
+
+def block_uri(uri: str, k: int) -> str:
+    """The URI of the k-th board of a multi-block model: for the emulator, the same preset
+    with seed + k; other schemes name one physical board each, so they cannot be expanded."""
+    if k == 0:
+        return uri
+    scheme, _, options = parse_options(uri)
+    if scheme != "emulator":
+        raise ConfigError(
+            f"an ff-EBM with several EB blocks needs one board per block; device = {uri!r} names one "
+            "board. List one URI per block in `devices` (repeat a URI to put blocks on one board), "
+            "or use the emulator (boards seed, seed+1, ...) or a one-block model."
+        )
+    return replace_params(uri, seed=options.seed + k)
+
+
+def block_uris(cfg: RunConfig) -> list[str]:
+    """The board URI of every EB block: `cfg.devices`, or `cfg.device` expanded by `block_uri`."""
+    check_devices(cfg)
+    return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]

@@ -24,10 +24,11 @@ from drivers import (
 )
 from drivers.shared import SharedBoard
 from drivers.wrapper import DeviceWrapper
+from hil.classifier import Classifier
 from hil.config import ConfigError, RunConfig, eb_blocks, load_config
 from hil.ffebm import split_conv, split_layered
 from hil.runlog import RunLog, open_run
-from hil.train_classifier import Classifier, TrainResult, train_classifier
+from hil.train_classifier import TrainResult, train_classifier
 
 U0 = "emulator://?preset=ideal&seed=0"
 U1 = "emulator://?preset=ideal&seed=1"

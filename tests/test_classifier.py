@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hil.boards import block_uri
 from hil.cli import app
 from hil.config import ConfigError, load_config, to_toml
 from hil.runlog import open_run
-from hil.train_classifier import block_uri, train_classifier
+from hil.train_classifier import train_classifier
 
 
 @pytest.fixture
@@ -296,7 +297,8 @@ def test_warmup_scales_each_steps_rates_and_leaves_the_schedule_alone(one_thread
     """A linear warmup over `train.warmup` epochs: step k's rates are (k + 1) / n of the
     schedule's, and the optimiser's rates are the schedule's again after the step."""
     from drivers import open_device
-    from hil.train_classifier import Classifier, warmup_scale
+    from hil.classifier import Classifier
+    from hil.train_classifier import warmup_scale
 
     assert [warmup_scale(k, 0.5, 10) for k in range(7)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0]
     assert warmup_scale(0, 0.0, 10) == 1.0 and warmup_scale(2, 0.25, 10) == 1.0  # ceil(2.5) = 3 steps

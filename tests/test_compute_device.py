@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drivers import LimitViolation, Topology, open_device
+from hil.classifier import Classifier
 from hil.compute import ComputeDeviceError, board_uri, resolve_compute
 from hil.config import ConfigError, load_config
 from hil.ep import EBBlock
 from hil.ffebm import FFEBM, EBLayer
-from hil.train_classifier import Classifier
 from hil.vae.config import VAERunConfig, validate_vae
 
 NO_CUDA = not torch.cuda.is_available()

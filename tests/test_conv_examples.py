@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from drivers import open_device
+from hil.classifier import Classifier
 from hil.config import ConfigError, load_config
-from hil.train_classifier import Classifier, train_classifier
+from hil.train_classifier import train_classifier
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -83,8 +83,8 @@ def test_both_starts_reach_the_same_fixed_point_the_sweep_sooner(kind: str, sett
 
 
 def test_the_config_key_reaches_every_block_and_a_bad_value_is_refused() -> None:
+    from hil.classifier import Classifier
     from hil.data import load_dataset
-    from hil.train_classifier import Classifier
 
     ds = load_dataset("digits")
     over = ["model.kind=ffebm", "model.sizes=[64,16,16,10]", "model.block_layers=2", "ep.free_start=forward",

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from drivers import ConfigurationError, Nudge, SettleBudget, Topology, open_device
+from hil.classifier import Classifier
 from hil.cli.gradcheck import check_block
 from hil.config import ConfigError, load_config
 from hil.ep import EBBlock
 from hil.gradcheck import gradcheck
 from hil.host_settle import HostSettle
 from hil.init import goe_init
-from hil.train_classifier import Classifier
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 TIGHT = SettleBudget(max_steps=4000, tol=1e-7, dt=0.5, check_every=1)

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers import ConfigurationError, SettleBudget, Topology, open_device
+from hil.classifier import Classifier
 from hil.config import ConfigError, load_config, load_into
 from hil.data import load_digits
 from hil.ffebm import FFEBM
 from hil.gradcheck import cosine
 from hil.init import centre_biases, gaussian_init, goe_init, kink_fraction
 from hil.reference import DHN
-from hil.train_classifier import Classifier
 from hil.vae.config import VAERunConfig
 from hil.vae.hopfield import AUTO_ACTIVATION, AUTO_INIT, HopfieldVAE
 from hil.vae.latent import LatentCode, make_likelihood

@@ -10,11 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from drivers import Device, SettleBudget, Topology, open_device
+from hil.classifier import Classifier
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock
 from hil.programming import StepModel, make_scheme, probe_steps, read_weights, tune_pairs
-from hil.train_classifier import Classifier, train_classifier
+from hil.train_classifier import train_classifier
 
 RRAM = "emulator://?preset=rram&seed=0"
 PCM = "emulator://?preset=pcm&seed=0"

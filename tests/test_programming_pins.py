@@ -49,9 +49,9 @@ import pytest
 import torch
 
 from drivers import SettleBudget, Topology, open_device
+from hil.classifier import Classifier
 from hil.config import load_config
 from hil.ep import EBBlock
-from hil.train_classifier import Classifier
 
 SIZES = [36, 24, 10]
 BATCH = 16
