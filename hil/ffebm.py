@@ -395,20 +395,3 @@ class MapNorm(nn.Sequential):
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         super().__init__(nn.Unflatten(1, shape), nn.BatchNorm2d(shape[0]), Clamp01(), nn.Flatten())
-
-
-# ------------------------------------------------------------------------------- training
-def make_optimizer(
-    model: FFEBM, lr_blocks: float = 1e-3, lr_digital: float = 1e-3, weight_decay: float = 0.0
-) -> torch.optim.Adam:
-    """Adam with one learning rate for the EB blocks and one for the digital parts."""
-    groups = [{"params": model.block_parameters(), "lr": lr_blocks}]
-    dig = model.digital_parameters()
-    if dig:
-        groups.append({"params": dig, "lr": lr_digital})
-    return torch.optim.Adam(groups, weight_decay=weight_decay)
-
-
-def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine decay of every group's learning rate to 0 over `steps` scheduler steps."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
