@@ -1,14 +1,22 @@
-"""Opening the board a run trains on, with its calibration record applied when one is given, and
-the board URI of every EB block of a multi-block model (`block_uris`)."""
+"""Opening the board a run trains on, with its calibration record applied when one is given;
+the board URI of every EB block of a multi-block model (`block_uris`); and, as a run ends,
+every board put in its safe state and closed (`close_boards`), and the boards' state recorded
+when a run fails (`record_end_state`)."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from drivers import Device, open_device
 from drivers.tiled import TiledDevice
 from drivers.uri import parse_options, replace_params
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
+
+if TYPE_CHECKING:
+    from hil.runlog import RunLog
 
 
 def open_board(uri: str, calibration: str = "") -> TiledDevice:
@@ -52,3 +60,38 @@ def block_uris(cfg: RunConfig) -> list[str]:
     """The board URI of every EB block: `cfg.devices`, or `cfg.device` expanded by `block_uri`."""
     check_devices(cfg)
     return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]
+
+
+def close_boards(devices: Iterable[Device], *, during: BaseException | None = None) -> None:
+    """Put every board of `devices` in its safe state and close it, carrying on after a failure
+    (a board whose `safe_state` or `close` raises does not keep the others driven or open);
+    then raise the first error, the others added to it as notes (an interrupt, e.g. Ctrl-C,
+    before any other error). With `during`, the error a failed run is raising, nothing is
+    raised: the errors are added to `during` as notes, never in place of the run's own error."""
+    errors: list[BaseException] = []
+    for d in devices:
+        for op in (d.safe_state, d.close):  # close after a failed safe_state too: the port is released
+            try:
+                op()
+            except BaseException as e:  # an interrupt too: the remaining boards are still closed
+                errors.append(e)
+    if not errors:
+        return
+    if during is not None:
+        for e in errors:
+            during.add_note(f"closing the boards also failed: {type(e).__name__}: {e}")
+        return
+    first = next((e for e in errors if not isinstance(e, Exception)), errors[0])
+    for e in errors:
+        if e is not first:
+            first.add_note(f"closing another board also failed: {type(e).__name__}: {e}")
+    raise first
+
+
+def record_end_state(log: RunLog | None, devices: Sequence[Device], uris: Sequence[str]) -> None:
+    """Record the boards' state (their counters) in `log` as a run fails, ignoring errors:
+    the failure's cause may be the boards themselves, and this is never in place of the run's
+    own error. Nothing without a log or boards."""
+    if log is not None and devices:
+        with contextlib.suppress(Exception):
+            log.device_state("end", devices, uris)

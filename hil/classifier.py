@@ -28,7 +28,7 @@ from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, 
 from drivers.checks import MAX_SETTLE_VALUES
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
-from hil.boards import block_uris
+from hil.boards import block_uris, close_boards
 from hil.compute import board_uri, resolve_compute
 from hil.config import RunConfig, model_activation
 from hil.ep import EBBlock
@@ -63,8 +63,8 @@ class Classifier:
         self.devices: list[Device] = []  # the boards, each once (a board blocks share: once)
         try:
             self._build(cfg, features, classes, opener, image_shape)
-        except BaseException:
-            self.close()  # the boards opened before the failure, each to its safe state
+        except BaseException as err:
+            close_boards(self.devices, during=err)  # the boards opened before the failure, each safe
             raise
 
     def _build(
@@ -340,6 +340,6 @@ class Classifier:
         ]
 
     def close(self) -> None:
-        """Close every board once (a board several blocks share included)."""
-        for d in self.devices:
-            d.close()
+        """Put every board in its safe state and close it, once each (a board several blocks
+        share included); a board that fails does not keep the others open (`close_boards`)."""
+        close_boards(self.devices)

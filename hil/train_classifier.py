@@ -5,7 +5,6 @@ with its logging, resume and safety watch. The model, its optimiser and its per-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -21,7 +20,7 @@ from drivers import Device, OpenTransactionWarning
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.augment import check_shift, shift_images, step_offsets
-from hil.boards import open_board
+from hil.boards import close_boards, open_board, record_end_state
 from hil.classifier import Classifier
 from hil.config import RunConfig, model_activation
 from hil.data import Dataset, hold_out, limited, load_dataset
@@ -109,11 +108,10 @@ def train_classifier(
         log.set_boards(model.board_records())
     try:
         return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
-    except BaseException:
-        if log is not None and model.devices:  # the boards' counters as the run failed
-            with contextlib.suppress(Exception):  # never in place of the run's own error
-                log.device_state("end", model.devices, model.board_uris)
-        model.close()  # each board to its safe state, its port released; the run log keeps every step
+    except BaseException as err:
+        record_end_state(log, model.devices, model.board_uris)  # the boards' counters as the run failed
+        # each board to its safe state, its port released; the run log keeps every step
+        close_boards(model.devices, during=err)
         raise
 
 

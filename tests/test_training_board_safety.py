@@ -197,3 +197,75 @@ def test_a_run_resumed_on_another_board_says_so_and_keeps_both(tmp_path: Path) -
     run = open_run(path)
     assert run.attrs["resumes"][-1]["device_identity_before"].split(",")[2] == "EMU-00000000"
     assert run.attrs["device"]["identity"]["serial"] == "EMU-00000007"
+
+
+class SafeStatesServed(DeviceWrapper):
+    """The board behind a server, counting the safe states the host's requests reached."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.safe_states = 0
+
+    def safe_state(self) -> None:
+        self.safe_states += 1
+        self.inner.safe_state()
+
+
+def test_closing_the_boards_carries_on_past_a_board_that_is_gone(emulated_board: Any) -> None:
+    """A board whose safe state fails (its server gone) keeps neither the boards after it
+    driven nor their ports open: each is put in its safe state and closed, then the first
+    error is raised, the later ones as its notes."""
+    from drivers import DeviceError, open_device
+    from hil.boards import close_boards
+
+    served = [SafeStatesServed(open_device(f"emulator://?preset=ideal&seed={k}")) for k in range(3)]
+    servers = [emulated_board(board=b) for b in served]
+    devices = [open_device(s.uri("visa-tcp", attempts="1", timeout="2")) for s in servers]
+    gone = [servers[0].uri("visa-tcp").split("//")[1], servers[2].uri("visa-tcp").split("//")[1]]
+    servers[0].close()
+    servers[2].close()
+    with pytest.raises(DeviceError, match="safe_state failed") as err:
+        close_boards(devices)
+    assert gone[0] in str(err.value) and gone[1] not in str(err.value)  # the first board's error
+    assert len(err.value.__notes__) == 1 and gone[1] in err.value.__notes__[0]  # the third's, noted
+    assert served[1].safe_states == 1  # the board between them reached its safe state
+    for d in devices:  # and every port was released: a closed device refuses every call
+        with pytest.raises(DeviceError, match="is closed"):
+            d.safe_state()
+
+
+def test_a_failed_vae_run_closes_every_board_and_keeps_its_own_error(
+    emulated_board: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VAE trainer made each board safe and closed it in turn, so a board whose safe
+    state failed left the next one open, and its error replaced the run's own. A run of two
+    boards stopped after the first board's server went away."""
+    import hil.vae.train as vae_train
+    from drivers import DeviceError, open_device
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+
+    served = [SafeStatesServed(open_device(f"emulator://?preset=ideal&seed={k}")) for k in range(2)]
+    servers = [emulated_board(board=b) for b in served]
+    boards: list[Device] = []
+
+    def opener(uri: str, calibration: str = "") -> Device:
+        boards.append(open_device(servers[len(boards)].uri("visa-tcp", attempts="1", timeout="2")))
+        return boards[-1]
+
+    def board_gone(epoch: int, row: dict[str, float]) -> None:
+        servers[0].close()
+        raise RuntimeError("the run stops here")
+
+    monkeypatch.setattr(vae_train, "open_board", opener)
+    sets = ["model.variant=h-vae", "train.epochs=1", "data.limit_train=32", "data.limit_test=16",
+            "eval.samples=16", "eval.eps_draws=1"]  # fmt: skip
+    before = served[1].safe_states
+    with pytest.raises(RuntimeError, match="the run stops here") as err:
+        vae_train.train_vae(load_into(VAERunConfig(), None, sets), progress=False, on_epoch=board_gone)
+    assert len(boards) == 2
+    assert any("safe_state failed" in note for note in err.value.__notes__)  # noted, not raised instead
+    assert served[1].safe_states == before + 1  # the second board reached its safe state
+    for d in boards:
+        with pytest.raises(DeviceError, match="is closed"):
+            d.safe_state()

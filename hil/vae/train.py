@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from drivers import Equilibrium, OpenTransactionWarning, SettleBudget, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
-from hil.boards import open_board
+from hil.boards import close_boards, open_board, record_end_state
 from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
@@ -116,9 +115,8 @@ class _Model:
         return "" if self.hvae is None else settle_paths(self.hvae.blocks().values())
 
     def close(self) -> None:
-        for d in self.devices:
-            d.safe_state()
-            d.close()
+        """Every board to its safe state and closed; one that fails does not keep the others open."""
+        close_boards(self.devices)
 
     def _chunks(self, x: Tensor) -> list[Tensor]:
         """`x` in pieces a settle takes (evaluation passes a whole test set: 10000 MNIST
@@ -347,7 +345,7 @@ def train_vae(
         pictures = _pictures(model, data, out_dir, cfg, noise) if out_dir is not None else []
         if log is not None and model.devices:
             log.device_state("end", model.devices, [cfg.device] * len(model.devices))
-        return VAEResult(
+        result = VAEResult(
             cfg,
             cfg.model.variant,
             model.cells(),
@@ -360,13 +358,12 @@ def train_vae(
             "" if model.hvae is None else model.hvae.activation,
             model.settles(),
         )
-    except BaseException:
-        if log is not None and model.devices:  # the boards' counters as the run failed
-            with contextlib.suppress(Exception):  # never in place of the run's own error
-                log.device_state("end", model.devices, [cfg.device] * len(model.devices))
+    except BaseException as err:
+        record_end_state(log, model.devices, [cfg.device] * len(model.devices))  # as the run failed
+        close_boards(model.devices, during=err)  # never in place of the run's own error
         raise
-    finally:
-        model.close()
+    model.close()
+    return result
 
 
 def _eval_row(e: Evaluation) -> dict[str, float]:
