@@ -39,7 +39,7 @@ from emulator.board import Board
 from emulator.devices import DeviceModel
 from emulator.periphery import PeripheryModel
 from emulator.presets import BoardPreset, get_preset
-from emulator.settle import SettleResult
+from emulator.settle_types import SettleResult
 
 
 def _t(x: np.ndarray, device: torch.device) -> torch.Tensor:

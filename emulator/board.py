@@ -4,7 +4,7 @@ The board configures, programs, pulses, reads and multiplies; its settles run in
 `emulator.settle.SettleEngine` (workspaces, the two settle loops, noise floor and the
 settle's accounting; its plans and step size in `emulator.settle_plan`, the last clamp in
 `emulator.clamp_cache`, energy and power in `emulator.settle_energy`), which `Board.settle`
-calls with the clamps and the nudge (`emulator.settle.SettleNudge`) as the DAC applied them;
+calls with the clamps and the nudge (`emulator.settle_types.SettleNudge`) as the DAC applied them;
 networks with conv couplings settle in `emulator.conv_settle.ConvSettle` (one tile read at
 every position of its input map).
 
@@ -42,7 +42,8 @@ from emulator.array import TileArray
 from emulator.conv_settle import ConvSettle
 from emulator.periphery import ChannelErrors, lsb, quantize
 from emulator.presets import BoardPreset
-from emulator.settle import SettleEngine, SettleNudge, SettleResult
+from emulator.settle import SettleEngine
+from emulator.settle_types import SettleNudge, SettleResult
 
 _COUNT_DTYPES = frozenset(
     {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}

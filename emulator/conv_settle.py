@@ -47,7 +47,7 @@ from drivers import conv
 from drivers.errors import ConfigurationError
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.noise_table import NoisePool
-from emulator.settle import SettleNudge, SettleResult
+from emulator.settle_types import SettleNudge, SettleResult
 
 if TYPE_CHECKING:
     from emulator.board import Board

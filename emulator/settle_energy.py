@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,7 @@ from drivers.activation import Activation
 from drivers.topology import BIAS
 from emulator.clamp_cache import ClampCache
 from emulator.settle_plan import Plan, Workspace
-
-if TYPE_CHECKING:
-    from emulator.settle import SettleNudge
+from emulator.settle_types import SettleNudge
 
 
 def energy(

@@ -1,11 +1,11 @@
-"""The settle engine's noise pool (emulator.settle.NoisePool): values N(0, 1), drawn in place
+"""The settle engine's noise pool (emulator.noise_table.NoisePool): values N(0, 1), drawn in place
 (no new tensor), each settle renewing as many values as its largest window, round robin."""
 
 from __future__ import annotations
 
 import torch
 
-from emulator.settle import NoisePool
+from emulator.noise_table import NoisePool
 
 
 def test_refresh_renews_exactly_n_values_in_place_round_robin() -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from drivers import Equilibrium, SettleBudget, Topology, open_device, topology
-from emulator.settle import SettleResult
+from emulator.settle_types import SettleResult
 from hil.host_settle import HostSettle
 from hil.reference import DHN
 from tests.test_emulator import program_weights
