@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from drivers.errors import ConfigurationError, NotSupported, OpenTransactionWarning, SafeStateWarning
+from drivers.numerics import to_numpy
 from drivers.topology import Topology
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
@@ -348,7 +349,7 @@ class Device(ABC):
         a host copy, its report's read-backs tensors on that device (the in-process emulator).
         Without a copy, the tensor checked is the one written: the caller must not change it
         (from another thread, say) until the call returns, as with any in-place torch work."""
-        arr = g.detach().cpu().numpy() if hasattr(g, "detach") else np.asarray(g)
+        arr = to_numpy(g, dtype=None)
         if arr.ndim != 3 or arr.shape[0] != 2:
             raise ConfigurationError(
                 f"program {tile!r}: targets have shape {arr.shape}; stacked targets are (2, rows, cols), "

@@ -32,6 +32,7 @@ from drivers.base import (
     SafetyCounters,
 )
 from drivers.errors import ConfigurationError, LimitViolation
+from drivers.numerics import to_numpy
 from drivers.options import encode_query, format_value, parse_value, settable
 from drivers.topology import BIAS, Topology
 from drivers.uri import Backend
@@ -45,10 +46,6 @@ from emulator.settle_types import SettleResult
 def _t(x: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(x)
     return t if device.type == "cpu" else t.to(device)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 def _program_report(
@@ -227,12 +224,12 @@ def _equilibrium(r: SettleResult, states: dict[str, np.ndarray]) -> Equilibrium:
         steps=r.steps,
         converged=r.converged,
         residual=r.residual,
-        energy=None if r.energy_pending else _np(r.energy),
+        energy=None if r.energy_pending else to_numpy(r.energy, dtype=None),
         settle_time_s=r.settle_time_s,
         energy_j=r.energy_j,
-        trace=None if r.trace is None else {k: _np(v) for k, v in r.trace.items()},
+        trace=None if r.trace is None else {k: to_numpy(v, dtype=None) for k, v in r.trace.items()},
     )
-    return eq.defer_energy(lambda: _np(r.energy)) if r.energy_pending else eq
+    return eq.defer_energy(lambda: to_numpy(r.energy, dtype=None)) if r.energy_pending else eq
 
 
 class EmulatedDevice(Device):
@@ -291,7 +288,7 @@ class EmulatedDevice(Device):
                 raise self._refuse(exc) from None
             tp, tm = _pair(gp, gm, self.board.device)
             r = self.board.program(tile, tp, tm, verify=verify, tol=tol, max_iters=max_iters)
-            return _program_report(tile, r, _np)
+            return _program_report(tile, r, functools.partial(to_numpy, dtype=None))
 
     def program_stacked(
         self,
@@ -351,7 +348,7 @@ class EmulatedDevice(Device):
         with self.lock:
             checks.check_tile(self.topology, tile)
             gp, gm = self.board.read_conductance(tile)
-            return _np(gp), _np(gm)
+            return to_numpy(gp, dtype=None), to_numpy(gm, dtype=None)
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         self.require("mvm")
@@ -360,7 +357,7 @@ class EmulatedDevice(Device):
                 arr = checks.check_mvm(self.topology, self.info.limits, tile, x, transpose)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
-            return _np(self.board.mvm(tile, _t(arr, self.board.device), transpose))
+            return to_numpy(self.board.mvm(tile, _t(arr, self.board.device), transpose), dtype=None)
 
     def settle(
         self,
@@ -390,7 +387,7 @@ class EmulatedDevice(Device):
                 {g: _t(x, dev) for g, x in ini.items()},
                 every,
             )
-            states = {g: np.ascontiguousarray(_np(v)) for g, v in r.states.items()}
+            states = {g: to_numpy(v, dtype=None) for g, v in r.states.items()}
             states.update(cl)
             return _equilibrium(r, states)
 

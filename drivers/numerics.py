@@ -15,17 +15,21 @@ the caller's own arithmetic (hypothesis, for one, refuses to draw floats under i
 loops follow the same register, so a numpy settle is covered too. Entering and leaving costs
 about 1 us (timeit, this machine). The numerical effect is confined to values under 1.2e-38
 (float32) or 2.2e-308 (float64), far below any node's noise floor or converter LSB.
+
+`to_numpy` is the one conversion of a tensor (or array-like) to a numpy array that the host
+stack and the Device layer use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["denormals_flushed", "flushing_denormals"]
+__all__ = ["denormals_flushed", "flushing_denormals", "to_numpy"]
 
 # the smallest float32 subnormal, from its bits: a literal would be flushed itself if this module
 # were imported on a thread that already flushes
@@ -50,3 +54,34 @@ def denormals_flushed() -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+# the numpy dtypes a tensor is converted to before it leaves torch (a bfloat16 tensor has no
+# numpy view); any other dtype is cast by numpy after the conversion
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+}
+
+
+def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
+    """`x` (a torch tensor, a numpy array or anything `np.asarray` takes) as a C-contiguous
+    numpy array of `dtype` (float32 by default; None keeps the input's dtype). No copy when
+    possible: a contiguous CPU tensor or array of that dtype is returned as a view of its
+    memory. A tensor is detached and, off the CPU, copied to the host; a 0-d input stays 0-d."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if dtype is None:
+            return x.contiguous().numpy()
+        want = np.dtype(dtype)
+        to = _TORCH_DTYPES.get(want)
+        if to is not None:
+            return x.to(to).contiguous().numpy()
+        return np.ascontiguousarray(x.contiguous().numpy(), dtype=want)
+    a = np.asarray(x, dtype=dtype)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)

@@ -44,6 +44,7 @@ from drivers import (
     seeds,
 )
 from drivers.activation import HARD_SIGMOID, Activation
+from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
 from hil.host_settle import HostSettle, HostUpdate, check_host_update
@@ -95,14 +96,6 @@ def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"
     return "host"
 
 
-def to_numpy(x: ArrayLike) -> np.ndarray:
-    """float32 numpy view of a CPU tensor (no copy when possible)."""
-    if isinstance(x, Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        return x.to(torch.float32).contiguous().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 @dataclass

@@ -265,10 +265,14 @@ class _Counter:
 
     def _wrap(self, plain, name: str):
         def counted(*args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename  # np.asarray(t) calls __array__ from C
-            parts = Path(caller).parts
+            frame = sys._getframe(1)  # np.asarray(t) calls __array__ from C
+            parts = Path(frame.f_code.co_filename).parts
             if ("hil" in parts or "drivers" in parts) and "emulator" not in parts:
-                self.calls.append(f"{name} from {'/'.join(parts[-2:])}")
+                where = "/".join(parts[-2:])
+                if where == "drivers/numerics.py" and frame.f_back is not None:
+                    # the shared conversion (`drivers.numerics.to_numpy`): name its caller too
+                    where += " via " + "/".join(Path(frame.f_back.f_code.co_filename).parts[-2:])
+                self.calls.append(f"{name} from {where}")
             return plain(*args, **kwargs)
 
         return counted
@@ -313,7 +317,8 @@ def test_the_counter_sees_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> Non
     settle speaks numpy through `Device.mvm`) is not zero: the test above could fail."""
     uri = "device=emulator://?preset=ideal&seed=0&capabilities=mvm,pulse,program_verify,preset_state"
     calls, _ = _step_conversions(monkeypatch, [uri])
-    assert any("hil/ep.py" in c for c in calls) and any("hil/host_settle.py" in c for c in calls), calls
+    assert any("drivers/numerics.py via hil/ep.py" in c for c in calls), calls
+    assert any("hil/host_settle.py" in c for c in calls), calls
 
 
 # ------------------------------------------------------------------------------------- VAE

@@ -36,6 +36,7 @@ import torch
 from calibration import CalibrationRecord, conductance_targets, pulses_needed
 from drivers import seeds
 from drivers.base import Device, ProgramReport
+from drivers.numerics import to_numpy
 from hil.programming.mapping import LinearMapping, StuckDevices
 from hil.programming.steps import StepModel, probe_steps
 from hil.programming.tune import tune_pairs
@@ -293,7 +294,7 @@ class SchemeBase(ABC):
     def target(self, tile: str) -> np.ndarray:
         """The weights the device is meant to hold: host weights minus what is still owed."""
         st = self.tiles[tile]
-        return _as_numpy(st.host) - st.acc
+        return to_numpy(st.host, dtype=None) - st.acc
 
     # ------------------------------------------------------------------------------ writes
     def _targets(
@@ -327,7 +328,7 @@ class SchemeBase(ABC):
         # where it is, with no host copy; others get numpy (`Device.program_stacked`)
         rep = device.program_stacked(tile, g, verify=verify, tol=tol, max_iters=self.max_iters)
         # pulsed schemes add float64 moves to it; write schemes keep the targets as they are
-        st.g_est = _as_numpy(g).astype(np.float64) if self.pulsed else g
+        st.g_est = to_numpy(g, dtype=None).astype(np.float64) if self.pulsed else g
         if st.stuck is not None:
             read = (rep.g_plus, rep.g_minus)
             st.stuck.observe(g, read, verified=verify, residual_max=rep.residual_max)
@@ -357,7 +358,7 @@ class SchemeBase(ABC):
     def pulse_counts(self, st: TileState, dev: np.ndarray, g: np.ndarray | None = None) -> np.ndarray:
         """Expected (real-valued) signed pulse counts that move each device from `g` (default:
         the conductances the scheme expects, `g_est`) by `dev` siemens (what tuning pulses)."""
-        g = _as_numpy(st.g_est) if g is None else g
+        g = to_numpy(st.g_est, dtype=None) if g is None else g
         if self.record is not None:
             goal = np.clip(g + dev, st.mapping.g_min, st.mapping.g_max)
             n = pulses_needed(self.record, st.position, g, goal)
@@ -397,7 +398,7 @@ class SchemeBase(ABC):
     @staticmethod
     def _saturated(st: TileState) -> float:
         m = st.mapping
-        return float((np.asarray(_as_numpy(st.g_est), np.float64) > m.g_min + 0.95 * m.g_range).mean())
+        return float((to_numpy(st.g_est, dtype=np.float64) > m.g_min + 0.95 * m.g_range).mean())
 
     def commit(self, device: Device, tile: str, reads: int = 4) -> np.ndarray:
         """Adopt what the devices of `tile` hold now (the mean of `reads` reads) as the weights
@@ -411,7 +412,7 @@ class SchemeBase(ABC):
             g += np.stack([gp, gm])
         st.g_est = g / reads
         w = st.mapping.to_weight(st.g_est[0], st.g_est[1]).astype(np.float64)
-        st.acc = _as_numpy(st.host) - w
+        st.acc = to_numpy(st.host, dtype=None) - w
         return w
 
     # ------------------------------------------------------------------------------ drift
@@ -425,7 +426,7 @@ class SchemeBase(ABC):
             gp, gm = device.read_conductance(tile)
             acc += np.stack([gp, gm])
         g = acc / reads - st.mapping.g_min
-        expected = float((np.asarray(_as_numpy(st.g_est), np.float64) - st.mapping.g_min).mean())
+        expected = float((to_numpy(st.g_est, dtype=np.float64) - st.mapping.g_min).mean())
         return 1.0 - float(g.mean()) / expected if expected > 0 else 0.0
 
     def refresh_if_drifted(self, device: Device, tile: str) -> Programmed | None:
@@ -448,11 +449,6 @@ class SchemeBase(ABC):
 
 def _float64_copy(w: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array(torch.as_tensor(w).detach().cpu().numpy(), dtype=np.float64)
-
-
-def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """`x` as a numpy array (a tensor off the CPU copied to the host)."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _keep_host(st: TileState, w: np.ndarray | torch.Tensor) -> None:

@@ -20,6 +20,7 @@ import zarr
 from zarr.core.sync import sync
 
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
+from drivers.numerics import to_numpy
 from hil.config import LogConfig
 from hil.processes import other_process_alive
 from hil.runlog.chunks import ArrayCopier
@@ -338,7 +339,7 @@ class RunLog:
         row: dict[str, Any] = {"step": np.int64(step)}
         for key, value in (("weights", weights), ("g_plus", g_plus), ("g_minus", g_minus)):
             if value is not None:
-                row[key] = _as_f32(value)
+                row[key] = to_numpy(value)
         self._append(f"{TILES}/{tile}", row)
 
     def conductances(self, step: int, device: Device, tiles: list[str] | None = None) -> None:
@@ -694,12 +695,6 @@ def _check_writer_gone(run: Run) -> None:
 def _check_name(name: str, what: str) -> None:
     if not _NAME.match(name) or name.startswith("__"):
         raise RunLogError(f"{what} name {name!r}: use letters, digits, '_', '.', '-'")
-
-
-def _as_f32(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
 
 
 def _samples(x: np.ndarray, k: int) -> np.ndarray:
