@@ -54,6 +54,10 @@ CHECKSUM = "SYSTem:CHECksum"
 # checked mode (docs/protocol.md, section 2): a message ends with this trailer and the CRC-32
 # (decimal) of the bytes before it; a response ends with ';' (if not empty) and its CRC-32
 CHECK_TRAILER = b";SYST:CHEC "
+# bytes of non-block text before a line's terminator, both ways: the SCPI server drops a longer
+# message whole, the VISA client's fast path refuses a longer reply line (a board sending more
+# is broken)
+MAX_LINE = 1 << 20
 
 OP_HEADERS: dict[Op, str] = {
     Op.INFO: INFO_Q,

@@ -24,12 +24,12 @@ from drivers.errors import ConfigurationError, DeviceFault, ProtocolError
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
+from drivers.wire.scpi import MAX_LINE
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.throttle import ErrorThrottle
 
-MAX_LINE = 1 << 20  # bytes of non-block text before a message terminator
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
 MAX_ERROR_TEXT = 255  # characters of a queued error message (SCPI-99 21.8); input is never echoed whole
 QUEUE_SIZE = 32
