@@ -96,8 +96,6 @@ def settle_path(device: Device, choice: str = "auto") -> Literal["board", "host"
     return "host"
 
 
-
-
 @dataclass
 class EPResult:
     grads: dict[str, Tensor]  # dL/dW per tile, the tile's shape
