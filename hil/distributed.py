@@ -16,7 +16,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -31,6 +31,27 @@ from hil.config import ConfigError, RunConfig
 MAX_WORLD = 1024  # ranks (boards) one job may span
 RANK_SEED_STRIDE = 1000  # emulator seed of rank r: seed + 1000 r (ff-EBM blocks take seed + k, k < 1000)
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class MixedBoardsWarning(UserWarning):
+    """The ranks of a data parallel job train on boards of different kinds (models or limits):
+    their gradients are averaged as if they came from one kind of board."""
+
+
+def rank_boards(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """From every rank's board record (``rank``, ``uri``, ``idn``, ``model``, ``limits``), a
+    warning naming the ranks whose boards differ in model or limits from rank 0's (None: all
+    alike). Boards of one model and limits are the data parallel case; others mix their
+    errors into one average gradient."""
+    first = records[0]
+    odd = [r for r in records[1:] if (r["model"], r["limits"]) != (first["model"], first["limits"])]
+    if not odd:
+        return None
+    named = "; ".join(f"rank {r['rank']}: {r['idn']} ({r['uri']})" for r in [first, *odd])
+    return (
+        f"the ranks train on boards of different kinds ({named}): their gradients are averaged as if "
+        "from one kind of board; give every rank the same model and limits (--rank-device)"
+    )
 
 
 class PeerFailed(ConnectionError):
@@ -180,6 +201,12 @@ class DataParallel:
             int((predict(x[start:stop]).argmax(1).cpu() == y[start:stop].cpu()).sum()) if stop > start else 0
         )
         return self.sums([right])[0] / max(1, len(x))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (picklable objects)."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. the resume state of rank 0's run log)."""

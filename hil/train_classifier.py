@@ -142,6 +142,19 @@ def _train(
     bs = cfg.train.batch_size
     n_batches = (len(ds.x_train) + bs - 1) // bs
     history: list[EpochStats] = []
+    if dp is not None:  # every rank's board, recorded by rank 0; boards of different kinds said so
+        from hil.distributed import MixedBoardsWarning, rank_boards
+
+        info = model.devices[0].info
+        ranks = dp.gather({
+            "rank": dp.rank, "uri": model.board_uris[0], "idn": info.identity.idn(),
+            "model": info.identity.model, "limits": repr(info.limits),
+        })  # fmt: skip
+        mixed = rank_boards(ranks)
+        if mixed and dp.rank == 0:
+            warnings.warn(MixedBoardsWarning(mixed), stacklevel=2)
+        if log is not None:
+            log.set_ranks([{k: r[k] for k in ("rank", "uri", "idn", "model")} for r in ranks])
     if log is not None and model.devices:  # on resume too: the board may be at another address
         log.set_device(model.devices[0].info, uri=model.board_uris[0])
         log.set_calibration(cfg.calibration or None)

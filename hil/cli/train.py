@@ -284,7 +284,7 @@ def classifier(
                 else "hil train classifier",
                 run_path,
             ),
-            one_line_errors(),
+            one_line_errors(prefix="" if dp is None else f"rank {dp.rank}: "),
             log if log is not None else contextlib.nullcontext(),
         ):
             try:

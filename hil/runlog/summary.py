@@ -35,6 +35,9 @@ def summary(run: Run) -> str:
     for b in run.boards:  # which board held which EB block (`RunLog.set_boards`)
         label = f"block {b.get('block')}"
         lines.append(f"{label:<13}board {b.get('board')}: {b.get('idn')}  uri {b.get('uri')}")
+    for r in a.get("ranks") or []:  # a data parallel job's board per rank (`RunLog.set_ranks`)
+        label = f"rank {r.get('rank')}"
+        lines.append(f"{label:<13}{r.get('idn')}  uri {r.get('uri')}")
     lines += _device_state(a.get("device_state") or {})
     lines.append(f"calibration  {a.get('calibration_id') or 'none'}")
     if resolved := a.get("resolved"):

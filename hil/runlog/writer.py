@@ -232,6 +232,11 @@ class RunLog:
         `RunReader.boards`."""
         self._update_root({"boards": [dict(b) for b in boards]})
 
+    def set_ranks(self, ranks: list[dict[str, Any]]) -> None:
+        """Record the board of every rank of a data parallel job (rank, URI, *IDN, model), read
+        back as the run attribute ``ranks``: rank 0's is also the run's ``device``."""
+        self._update_root({"ranks": [dict(r) for r in ranks]})
+
     def set_calibration(self, calibration_id: str | None) -> None:
         self._update_root({"calibration_id": calibration_id})
 
