@@ -153,6 +153,16 @@ def _snapshots(path: Path) -> int:
         return 0  # not created yet, or caught mid-write
 
 
+def _kill_after_first_snapshot(job: subprocess.Popen[str], out: Path, rank: int) -> None:
+    """SIGKILL rank `rank`'s worker of `job` once the run log at `out` holds a snapshot."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _snapshots(out) == 0:
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no snapshot"
+        time.sleep(0.01)
+    os.kill(_worker(job.pid, rank), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_killed_rank_is_restarted_and_finishes_equal(ideal_job: Path, tmp_path: Path, rank: int) -> None:
     """SIGKILL one worker (rank 0 writes the run log; rank 1 does not) once the first epoch's
@@ -160,12 +170,7 @@ def test_killed_rank_is_restarted_and_finishes_equal(ideal_job: Path, tmp_path: 
     that snapshot and ends with the uninterrupted job's weights and metrics."""
     out = tmp_path / "killed.zarr"
     job = _torchrun(out, IDEAL, max_restarts=1)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while _snapshots(out) == 0:
-        assert job.poll() is None, job.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "no snapshot"
-        time.sleep(0.01)
-    os.kill(_worker(job.pid, rank), signal.SIGKILL)
+    _kill_after_first_snapshot(job, out, rank)
     output = _finish(job)
     run = open_run(out)
     resumes = run.attrs.get("resumes", [])
@@ -188,12 +193,7 @@ def test_a_killed_rank_without_restarts_leaves_a_closed_run_log_and_says_how_to_
     command is printed."""
     out = tmp_path / "stopped.zarr"
     job = _torchrun(out, IDEAL, max_restarts=0)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while _snapshots(out) == 0:
-        assert job.poll() is None, job.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "no snapshot"
-        time.sleep(0.01)
-    os.kill(_worker(job.pid, 1), signal.SIGKILL)
+    _kill_after_first_snapshot(job, out, 1)
     output, _ = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode != 0
     assert f"-m hil.cli train classifier --distributed --resume {out}" in output, output[-3000:]

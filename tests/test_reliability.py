@@ -298,8 +298,9 @@ def test_training_reports_an_open_transaction_once(tmp_path: Path) -> None:
     assert "programmed again before training" in lines[0]
 
 
-def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_path: Path) -> None:
-    run = tmp_path / "run.zarr"
+def _stop_training(run: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Start a long `hil train classifier`, send `sig` once its first epoch is done; (exit code,
+    stderr)."""
     sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
     cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
     cmd += [a for s in sets for a in ("--set", s)]
@@ -309,11 +310,18 @@ def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_pat
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("epoch"), line  # training runs
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0
+    return proc.returncode, err
+
+
+def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run.zarr"
+    code, err = _stop_training(run, signal.SIGINT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert code != 0
     hint = [line for line in err.splitlines() if line.startswith("interrupted: ")]
     assert len(hint) == 1, err
     assert str(run) in hint[0] and f"hil train classifier --resume {run}" in hint[0]
@@ -334,20 +342,8 @@ def test_sigterm_in_training_is_taken_as_ctrl_c(tmp_path: Path) -> None:
     nothing said how to resume (the distributed audit). Now it is Ctrl-C: the run log is closed
     as failed and the hint is printed."""
     run = tmp_path / "run.zarr"
-    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
-    cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
-    cmd += [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("epoch"), line  # training runs
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
+    code, err = _stop_training(run, signal.SIGTERM)
+    assert code != 0
     hint = [line for line in err.splitlines() if line.startswith("interrupted: ")]
     assert len(hint) == 1 and f"hil train classifier --resume {run}" in hint[0], err
     from hil.runlog import open_run
