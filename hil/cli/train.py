@@ -43,7 +43,7 @@ def classifier(
             "--set",
             "-s",
             help="Override one config key, dotted, TOML value: --set train.epochs=5 "
-            "--set model.sizes=[64,128,10] --set device=emulator://?preset=rram&seed=0. Repeatable.",
+            "--set model.sizes=[64,128,10] --set 'device=emulator://?preset=rram&seed=0' (quoted: a shell ends a command at &). Repeatable.",
         ),
     ] = None,
     programming: Annotated[

@@ -83,6 +83,10 @@ class EvalConfig:
 class VAERunConfig:
     name: str = "vae"
     device: str = "emulator://?preset=ideal&seed=0"  # the board's URI
+    # h-vae and dh-vae: the encoder's and the decoder's boards, in that order. Empty: both from
+    # `device`, which an emulator:// URI can give (two in-process boards) and a lab board's
+    # URI cannot (one physical board holds one network: the two networks' tiles share names)
+    devices: list[str] = field(default_factory=list)
     # torch device of the host's arithmetic and of an in-process emulator board: cpu | cuda |
     # cuda:N (`hil.compute`; the classifier's key of the same name). The blocks' weights, EP
     # gradients and settles' tensors live there; evaluation metrics are computed on the CPU.
@@ -101,9 +105,46 @@ class VAERunConfig:
         return dataclasses.asdict(self)
 
 
+TWO_BOARDS = ("h-vae", "dh-vae")  # variants whose encoder and decoder are two networks on two boards
+
+
+def vae_boards(cfg: VAERunConfig) -> list[str]:
+    """The board URIs of the variant: none for f-vae, one for tdh-vae and the shared layered
+    net, the encoder's and the decoder's for h-vae and dh-vae (`devices`, else `device` twice
+    where it names an emulator: two in-process boards)."""
+    variant = cfg.model.variant
+    if variant == "f-vae":
+        return []
+    if variant not in TWO_BOARDS:
+        return [cfg.device]
+    return list(cfg.devices) if cfg.devices else [cfg.device, cfg.device]
+
+
+def _check_boards(cfg: VAERunConfig) -> None:
+    variant, devices = cfg.model.variant, cfg.devices
+    if devices and variant not in TWO_BOARDS:
+        raise ConfigError(
+            f"devices: {variant} runs on one board (`device`); `devices` names the two boards of "
+            f"{' and '.join(TWO_BOARDS)}: drop it"
+        )
+    if devices and (len(devices) != 2 or not all(isinstance(u, str) and u.strip() for u in devices)):
+        raise ConfigError(
+            f"devices: {variant} needs the encoder's and the decoder's board URIs, two non-empty "
+            f"strings, got {devices!r}"
+        )
+    if variant in TWO_BOARDS and not devices and not cfg.device.startswith("emulator://"):
+        raise ConfigError(
+            f"{variant} puts its encoder and decoder on two boards, and device={cfg.device!r} names one "
+            "physical board, which cannot hold both (their tiles share names: the decoder's writes "
+            'would overwrite the encoder\'s): give both, --set \'devices=["URI1","URI2"]\' '
+            "(encoder's, then decoder's), or train tdh-vae, whose one network is both"
+        )
+
+
 def validate_vae(cfg: VAERunConfig) -> None:
     m, e, t = cfg.model, cfg.ep, cfg.train
     check_compute(cfg.compute)
+    _check_boards(cfg)
     check_log(cfg.log)
     checks = (
         ("model.hidden", m.hidden),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from drivers import Equilibrium, OpenTransactionWarning, SettleBudget, seeds
+from drivers import Device, Equilibrium, OpenTransactionWarning, SettleBudget, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.boards import close_boards, open_board, record_end_state
@@ -23,7 +23,7 @@ from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
-from hil.vae.config import VAERunConfig
+from hil.vae.config import VAERunConfig, vae_boards
 from hil.vae.fvae import FVAE
 from hil.vae.hopfield import HopfieldVAE
 from hil.vae.images import save_grid, save_reconstructions
@@ -67,7 +67,8 @@ class _Model:
         self.code = LatentCode(m.latent, m.mu_scale, m.lv_min, m.lv_max, m.copies)
         self.fvae: FVAE | None = None
         self.hvae: HopfieldVAE | None = None
-        self.devices = []
+        self.devices: list[Device] = []
+        self.uris: list[str] = []  # the URI of each of `devices`
         self.calibration_id: str | None = None
         self.last_free: dict[str, Equilibrium] = {}
         if m.variant == "f-vae":
@@ -76,10 +77,15 @@ class _Model:
             self.identity = "digital (no device)"
             self.module: torch.nn.Module = self.fvae
             return
-        n_dev = 1 if m.variant in ("tdh-vae", "shared-layered") else 2
         compute = resolve_compute(cfg.compute)
-        uri = board_uri(cfg.device, compute)  # an in-process board on `compute`
-        self.devices = [open_board(uri, cfg.calibration) for _ in range(n_dev)]
+        self.uris = vae_boards(cfg)
+        for uri in self.uris:  # one at a time: a board that fails to open closes those before it
+            try:
+                # an in-process board on `compute`
+                self.devices.append(open_board(board_uri(uri, compute), cfg.calibration))
+            except BaseException as err:
+                close_boards(self.devices, during=err)
+                raise
         self.calibration_id = (
             f"{cfg.calibration} ({self.devices[0].record.created})" if cfg.calibration else None  # type: ignore[attr-defined]
         )
@@ -265,14 +271,14 @@ def train_vae(
         if log is not None:
             log.configure(**dataclasses.asdict(cfg.log))
         if log is not None and model.devices:  # on resume too: the board may be at another address
-            log.set_device(model.devices[0].info, uri=cfg.device)
+            log.set_device(model.devices[0].info, uri=model.uris[0])
             log.set_calibration(model.calibration_id)
             if (h := model.hvae) is not None:
                 resolved = {"activation": h.activation, "init": h.weight_init, "init_bias": h.bias_init}
                 log.set_resolved(
                     {**{f"model.{k}": v for k, v in resolved.items()}, "ep.settle": model.settles()}
                 )
-            log.device_state("start", model.devices, [cfg.device] * len(model.devices))
+            log.device_state("start", model.devices, model.uris)
         if state is None:
             initial = evaluate(model, data, lik, features, ev.eps_draws, ev.samples, cfg.train.seed)
             order, step = DataOrder(len(x_train), cfg.train.seed), 0
@@ -344,7 +350,7 @@ def train_vae(
             log.metrics("test", step=step, epoch=cfg.train.epochs, **_eval_row(final))
         pictures = _pictures(model, data, out_dir, cfg, noise) if out_dir is not None else []
         if log is not None and model.devices:
-            log.device_state("end", model.devices, [cfg.device] * len(model.devices))
+            log.device_state("end", model.devices, model.uris)
         result = VAEResult(
             cfg,
             cfg.model.variant,
@@ -359,7 +365,7 @@ def train_vae(
             model.settles(),
         )
     except BaseException as err:
-        record_end_state(log, model.devices, [cfg.device] * len(model.devices))  # as the run failed
+        record_end_state(log, model.devices, model.uris)  # as the run failed
         close_boards(model.devices, during=err)  # never in place of the run's own error
         raise
     model.close()
