@@ -187,13 +187,15 @@ def test_drift_never_takes_a_device_below_its_own_floor(
 ) -> None:
     """The largest allowed nu and spread, up to 30,000 years after the write: every device
     stays at or above its own g_lo (and so above 0 S), with uniform and scattered bounds,
-    one write time for the tile or a different one per device."""
+    one write time for the tile or a different one per device. No wires: the line sums are
+    then the devices' own (with wires, the effective conductances', less: test_ir_drop.py)."""
     model = dataclasses.replace(
         DEVICES[preset],
         drift_nu=NU_TOP,
         drift_nu_dtod=NU_TOP,
         statistics="constant",
         bounds_dtod=bounds_dtod,
+        wire_resistance=0.0,
     )
     a = TileArray(6, 5, model, torch.Generator().manual_seed(0), torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
