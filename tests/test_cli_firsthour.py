@@ -491,7 +491,7 @@ def test_every_integer_option_that_sets_an_amount_of_work_declares_a_bound() -> 
     assert len(bounded) >= 18
     path, p = next((path, p) for path, p in bounded if path == ["mhn", "phase"] and p.name == "d")
     shown = _hil(*path, f"--{p.name}", str(p.max + 1))
-    assert shown.exit_code == 2 and "less than or equal to 8192" in shown.output, shown.output
+    assert shown.exit_code == 2 and "less than or equal to 1024" in shown.output, shown.output
 
 
 def test_help_texts_keep_their_placeholders() -> None:

@@ -30,6 +30,21 @@ def test_phase_command_writes_the_plot_and_places_the_users_beta(tmp_path: Path)
     assert any(p["beta"] == 2.0 for p in data["points"])  # the user's beta was measured too
 
 
+def test_a_board_whose_starts_escape_at_every_beta_measures_no_transition(tmp_path: Path) -> None:
+    """The MHN audit: on a 2-bit ADC every near-centre start escapes at the sweep's lowest beta,
+    and the command reported that point (or the user's own --beta) as "measured on the board",
+    with advice built on it. It says the transition lies below the sweep and gives no advice."""
+    board = "emulator://?preset=ideal&seed=0&adc_bits=2"
+    args = ["mhn", "phase", "--device", board, "--n", "4", "--d", "16", "--starts", "8", "--beta", "0.1"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "measured on the board below the sweep" in res.output, res.output
+    assert "On this board the transition was measured" not in res.output
+    data = json.loads((tmp_path / "phase.json").read_text())
+    assert data["beta_c_measured"] == float("-inf")
+    assert all(p["escaped"] >= 0.5 for p in data["points"])
+
+
 def test_phase_command_on_digits_below_the_transition(tmp_path: Path) -> None:
     args = ["mhn", "phase", "--digits", "--n", "4", "--starts", "8", "--beta", "0.5"]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])

@@ -28,24 +28,44 @@ def register(app: typer.Typer) -> None:
             int,
             typer.Option(
                 min=1,
-                max=8192,
-                help="Pattern dimension (ignored with --digits: 64); the board's tile needs d + 1 rows.",
+                max=1024,
+                help="Pattern dimension (ignored with --digits: 64); the memory is a (d + 1) x n tile, "
+                "split over the board's tiles where it holds fewer rows. Bounded at 1024: the read-back "
+                "patterns' critical beta takes d x d eigenproblems (d = 1023: about 45 s on 2 cores).",
             ),
         ] = 64,
         norm: Annotated[float, typer.Option(help="Norm of every pattern.")] = 1.0,
-        cos: Annotated[float, typer.Option(help="Cosine between every pair of equidistant patterns.")] = 0.0,
+        cos: Annotated[
+            float,
+            typer.Option(help="Cosine between every pair of equidistant patterns, in (-1/(n-1), 1); n <= d."),
+        ] = 0.0,
         digits: Annotated[
             bool, typer.Option("--digits", help="Store digits (one per class, centred, scaled to --norm).")
         ] = False,
         beta: Annotated[
-            float | None, typer.Option(help="Your inverse temperature (default 1/sqrt(d), attention's).")
+            float | None,
+            typer.Option(
+                help="Your inverse temperature (default 1/sqrt(d), attention's); also measured, as one "
+                "more point of the sweep (so it can move the measured transition a little)."
+            ),
         ] = None,
         starts: Annotated[
             int, typer.Option(min=1, max=1024, help="Random starts per family (near-centre, anywhere).")
         ] = 32,
-        seed: Annotated[int, typer.Option(help="Seed of the patterns and the starts.")] = 0,
-        programming: Annotated[str, typer.Option(help="Programming scheme (ideal, verify, ...).")] = "verify",
-        out: Annotated[Path, typer.Option(help="Folder for phase.png and phase.json.")] = Path("mhn_phase"),
+        seed: Annotated[
+            int,
+            typer.Option(
+                help="Seed of the equidistant patterns (not of --digits) and of the starts; the board's "
+                "own seed is the URI's seed=."
+            ),
+        ] = 0,
+        programming: Annotated[
+            str, typer.Option(help="Programming scheme: ideal, verify, pulsed or mixed (docs/programming.md).")
+        ] = "verify",
+        out: Annotated[
+            Path,
+            typer.Option(help="Folder for phase.png and phase.json (relative to here; existing ones replaced)."),
+        ] = Path("mhn_phase"),
         calibration: Annotated[
             str,
             typer.Option(
@@ -57,8 +77,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = "",
     ) -> None:
-        """Sweep beta on the board, count the minima reached and their overlap with the patterns,
-        mark the derived critical beta, and say where your beta sits."""
+        """Sweep beta on the board (0.25 to 3 times the derived critical beta, 12 points, and your
+        --beta), count the minima reached and their overlap with the patterns, mark the derived
+        critical beta and the one measured on the board, and say where your beta sits. A few
+        seconds at the defaults on the ideal board; longer with larger d, n and --starts."""
         import torch
 
         from hil.boards import open_board

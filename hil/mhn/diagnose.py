@@ -119,7 +119,17 @@ def describe(report: PhaseReport, beta: float) -> list[str]:
     c = report.crit
     ratio = c.ratio(beta)
     meas = report.beta_c_measured
-    where = f"{meas:.4g} ({meas / c.beta_c:.3f} of derived)" if math.isfinite(meas) else "not in the sweep"
+    lowest = min(p.beta for p in report.points)
+    if math.isfinite(meas):
+        where = f"{meas:.4g} ({meas / c.beta_c:.3f} of derived)"
+    elif meas < 0:
+        where = (
+            f"below the sweep: the starts near the centre escape already at its lowest beta, {lowest:.4g} "
+            "(no transition measured; on a noisy board or coarse converters the memory may never settle "
+            "near its centre: compare with emulator://?preset=ideal)"
+        )
+    else:
+        where = "not in the sweep (no beta of it made the starts escape)"
     lines = [
         f"beta_c derived {c.beta_c:.4g} (lambda_max of the pattern covariance {c.lambda_cov:.4g}; "
         f"{KINDS[c.kind]}); "

@@ -294,12 +294,14 @@ def sweep(
 
 def measured_critical(points: Sequence[PhasePoint], level: float = 0.5) -> float:
     """The beta where the near-centre starts' escaped fraction first reaches `level`,
-    interpolated linearly between the sweep's points (NaN where it never does)."""
+    interpolated linearly between the sweep's points: NaN where it never does, -inf where it
+    already does at the sweep's lowest beta (the transition lies below the sweep, or the board
+    keeps the memory from ever settling near the centre: not a measurement)."""
     prev = None
     for pt in sorted(points, key=lambda q: q.beta):
         if pt.escaped >= level:
             if prev is None:
-                return pt.beta
+                return -math.inf
             f = (level - prev.escaped) / max(pt.escaped - prev.escaped, 1e-12)
             return prev.beta + f * (pt.beta - prev.beta)
         prev = pt
