@@ -60,11 +60,14 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 0,
         programming: Annotated[
-            str, typer.Option(help="Programming scheme: ideal, verify, pulsed or mixed (docs/programming.md).")
+            str,
+            typer.Option(help="Programming scheme: ideal, verify, pulsed or mixed (docs/programming.md)."),
         ] = "verify",
         out: Annotated[
             Path,
-            typer.Option(help="Folder for phase.png and phase.json (relative to here; existing ones replaced)."),
+            typer.Option(
+                help="Folder for phase.png and phase.json (relative to here; existing ones replaced)."
+            ),
         ] = Path("mhn_phase"),
         calibration: Annotated[
             str,
