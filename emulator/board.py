@@ -203,7 +203,8 @@ class Board:
         if total > self.preset.periphery.channels:
             raise ConfigurationError(
                 f"topology needs {total} converter channels (its nodes; a conv map only its tile's "
-                f"lines); the board has {self.preset.periphery.channels} channels"
+                f"lines); the board has {self.preset.periphery.channels} channels: give the emulated "
+                f"board more with &channels={total} in its URI, or make the network smaller"
             )
         tiles: dict[str, TileArray] = {}
         for k, c in enumerate(topology.couplings):

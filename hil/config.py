@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 
 MAX_SHIFT = 8  # pixels: train.shift, the random translations of training images (hil.augment)
+MAX_POOL = 8  # a conv layer's pooling window (`drivers.conv`: pool must be <= 8)
 MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 
 
@@ -402,6 +403,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.channels / model.pools: positive channel counts and one pool per conv layer, "
             f"got channels {m.channels}, pools {m.pools}"
+        )
+    if any(not 1 <= p <= MAX_POOL for p in m.pools):
+        raise ConfigError(
+            f"model.pools: each conv layer's pooling window is 1 (none) to {MAX_POOL}, got {m.pools}"
         )
     if m.channels and not (1 <= m.kernel <= 15 and 0 <= m.padding < m.kernel and m.front >= 0):
         raise ConfigError(

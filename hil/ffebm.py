@@ -358,11 +358,21 @@ def split_conv(
         raise ValueError(f"one pool per conv layer: {len(channels)} channels, {len(pools)} pools")
     out = []
     c, h, w = input_shape
+    layer = 0
     for start in range(0, len(channels), block_layers):
         ch, pl = list(channels[start : start + block_layers]), list(pools[start : start + block_layers])
         out.append(((c, h, w), ch, pl))
         for n, p in zip(ch, pl, strict=True):
-            c, h, w = n, (h + 2 * padding - kernel + 1) // p, (w + 2 * padding - kernel + 1) // p
+            conv_h, conv_w = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+            if min(conv_h, conv_w) // max(p, 1) < 1:
+                raise ValueError(
+                    f"conv layer {layer}: its {h} x {w} input map with model.kernel {kernel} and "
+                    f"model.padding {padding} gives {conv_h} x {conv_w}, which model.pools[{layer}] = {p} "
+                    "pools to nothing: use a smaller kernel or pool, more padding, or fewer conv layers "
+                    "(model.channels)"
+                )
+            c, h, w = n, conv_h // p, conv_w // p
+            layer += 1
     return out
 
 
