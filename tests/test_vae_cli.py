@@ -196,3 +196,20 @@ def test_the_shared_layered_net_gets_the_logistic_by_default(tmp_path: Path) -> 
     )
     assert result.exit_code == 0, result.output
     assert open_run(hard / "run.zarr").attrs["resolved"]["model.activation"] == "hard_sigmoid"
+
+
+def test_the_digital_baseline_prints_no_board_and_no_settle(tmp_path) -> None:
+    """F-VAE has no board: it printed 'device digital (no device) (emulator://...)' and a settle
+    line of 0 J, 100 % converged (the VAE audit)."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    sets = ["train.epochs=1", "data.limit_train=32", "data.limit_test=32", "eval.samples=32"]
+    res = CliRunner().invoke(
+        app, ["train", "vae", "--model", "f-vae", "--out", str(tmp_path / "f"), "--no-progress",
+              *[a for s in sets for a in ("--set", s)]],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "device       none (f-vae is digital" in res.output
+    assert "emulator://" not in res.output and "settle " not in res.output

@@ -85,7 +85,7 @@ def vae(
     )
     from hil.config import ConfigError, apply_dict, apply_recorded, load_into, to_toml
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
-    from hil.vae.config import VAERunConfig, validate_vae
+    from hil.vae.config import VAERunConfig, vae_boards, validate_vae
     from hil.vae.hopfield import dense_topology
     from hil.vae.train import train_vae
 
@@ -160,12 +160,18 @@ def vae(
     neuron = f", {result.neuron} neuron" if result.neuron else ""
     typer.echo(f"model        {result.variant}, {result.cells} crossbar cells{neuron}")
     settles = f"; settles on the {result.settles}" if result.settles else ""
-    typer.echo(f"device       {result.identity}  ({cfg.device}){settles}")
+    digital = result.cells == 0  # f-vae: no board, no settles
+    if digital:
+        typer.echo("device       none (f-vae is digital: backprop on the host)")
+    else:
+        boards = ", ".join(vae_boards(cfg))
+        typer.echo(f"device       {result.identity}  ({boards}){settles}")
     typer.echo(f"test -ELBO   {f.neg_elbo:.3f} nats/image (untrained {i.neg_elbo:.3f})")
     typer.echo(f"recon MSE    {f.recon_mse:.4f} per pixel")
     typer.echo(f"Frechet      {f.frechet:.2f} (untrained {i.frechet:.2f})")
-    typer.echo(
-        f"settle       {f.energy_per_image_j:.3e} J per image (encode + decode), {f.converged:.1%} converged"
-    )
+    if not digital:
+        typer.echo(
+            f"settle       {f.energy_per_image_j:.3e} J per image (encode + decode), {f.converged:.1%} converged"
+        )
     typer.echo(f"run log      {run_dir / RUN_STORE}   pictures: {', '.join(str(p) for p in result.pictures)}")
     typer.echo(f"wall time    {result.wall_s:.1f} s")
