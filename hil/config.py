@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 
 MAX_SHIFT = 8  # pixels: train.shift, the random translations of training images (hil.augment)
+MAX_INIT_SCALE = 100.0  # initial weights' scale (N(0, scale^2 / fan_in)): O(1) in use; w_max clips past it
 MAX_POOL = 8  # a conv layer's pooling window (`drivers.conv`: pool must be <= 8)
 MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 
@@ -403,6 +404,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.channels / model.pools: positive channel counts and one pool per conv layer, "
             f"got channels {m.channels}, pools {m.pools}"
+        )
+    if not 0 < m.init_scale <= MAX_INIT_SCALE:
+        raise ConfigError(
+            f"model.init_scale: the initial weights' scale, in (0, {MAX_INIT_SCALE:g}], got {m.init_scale}"
         )
     if any(not 1 <= p <= MAX_POOL for p in m.pools):
         raise ConfigError(

@@ -64,6 +64,7 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("ep.tau=inf", "^ep.tau: expected a finite number, got inf$"),
         (r"train.lr=[0.1, nan]", r"^train.lr\[1\]: expected a finite number, got nan$"),
         ("model.init_scale=-inf", "^model.init_scale: expected a finite number, got -inf$"),
+        ("model.init_scale=-1", r"^model.init_scale: the initial weights' scale, in \(0, 100\], got -1"),
         ("train.warmup=31", r"to train.epochs \(30\), got 31"),
         (
             "train.lr=-0.1",

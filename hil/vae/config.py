@@ -8,7 +8,16 @@ from typing import Any, Literal
 
 from drivers.activation import Activation
 from drivers.errors import ConfigurationError
-from hil.config import MAX_BATCH, MAX_EPOCHS, ConfigError, DataConfig, LogConfig, check_compute, check_log
+from hil.config import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_INIT_SCALE,
+    ConfigError,
+    DataConfig,
+    LogConfig,
+    check_compute,
+    check_log,
+)
 
 
 @dataclass
@@ -161,6 +170,10 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {e.dt}")
     if m.lv_max <= m.lv_min:
         raise ConfigError(f"model.lv_max must exceed model.lv_min, got {m.lv_min}..{m.lv_max}")
+    if not 0 < m.init_scale <= MAX_INIT_SCALE:
+        raise ConfigError(
+            f"model.init_scale: the initial weights' scale, in (0, {MAX_INIT_SCALE:g}], got {m.init_scale}"
+        )
     if m.mu_scale <= 0:
         raise ConfigError(f"model.mu_scale: must be > 0, got {m.mu_scale}")
     try:
