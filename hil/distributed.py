@@ -60,7 +60,7 @@ class PeerFailed(ConnectionError):
     state. A ConnectionError, so the command line prints it on one line with the resume hint."""
 
 
-def peer_failure(exc: BaseException, rank: int) -> PeerFailed | None:
+def peer_failure(exc: BaseException) -> PeerFailed | None:
     """`exc` as a `PeerFailed` when it is a collective's error (gloo or NCCL: the peer's
     connection closed or reset, a timeout), else None."""
     dist_error = getattr(dist, "DistError", ())
@@ -70,8 +70,8 @@ def peer_failure(exc: BaseException, rank: int) -> PeerFailed | None:
     ):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return PeerFailed(
-        f"rank {rank}: another rank of this job stopped, so the gradients could not be all-reduced "
+    return PeerFailed(  # the command line puts this rank's number in front
+        "another rank of this job stopped, so the gradients could not be all-reduced "
         f"({first[:200]}); that rank's own error is in its output"
     )
 

@@ -295,7 +295,7 @@ def classifier(
             except RuntimeError as exc:  # a collective whose peer stopped: said so, and logged so
                 from hil.distributed import peer_failure
 
-                peer = None if dp is None else peer_failure(exc, dp.rank)
+                peer = None if dp is None else peer_failure(exc)
                 if peer is None:
                     raise
                 raise peer from exc
