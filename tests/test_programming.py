@@ -71,6 +71,23 @@ def test_pulsed_update_moves_weights_by_the_requested_amount_on_average(sign: fl
         assert scheme.history[-1]["devices_pulsed"] > 0.9 * 2 * w0.size
 
 
+def test_pulsed_schemes_keep_to_the_boards_pulse_limit() -> None:
+    """A board declaring 8 pulses per device per call refused the pulsed schemes' 32 with a
+    LimitViolation (the programming audit); the schemes now clip to it, report the shortfall in
+    the update (applied below requested) and carry it (mixed) to the next update."""
+    with open_device(RRAM + "&max_pulses=8") as dev:
+        assert dev.info.limits.max_pulses == 8
+        tile = _configure(dev)
+        scheme = make_scheme("mixed", seed=1)
+        w0 = _weights(1, scale=0.2)
+        scheme.program(dev, tile, w0)
+        (res,) = scheme.program(dev, tile, w0 + 0.3)  # ~18 mid-range pulses per device asked
+        hist = scheme.history[-1]
+        assert res.report.pulses > 0 and hist["applied"] < 0.9 * hist["requested"]
+        assert float(np.abs(scheme.tiles[tile].acc).max()) > 0  # owed to the next update
+        assert (dev.safety().refused, dev.safety().violations) == (0, 0)
+
+
 def test_stochastic_rounding_is_unbiased() -> None:
     scheme = make_scheme("pulsed", seed=3)
     for x in (0.3, -1.7, 2.5):

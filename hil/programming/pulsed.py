@@ -74,7 +74,7 @@ class PulsedUpdates(SchemeBase):
             if pm is None:
                 raise ValueError(f"the calibration record has no pulse model for tile {tile!r}")
             return None, bool(pm.one_sided)
-        steps = measure_steps(device, tile, shape, self.calibration_pulses)
+        steps = measure_steps(device, tile, shape, min(self.calibration_pulses, self._pulse_limit(device)))
         return steps, steps.one_sided
 
     def _first_write(
@@ -127,7 +127,7 @@ class PulsedUpdates(SchemeBase):
                 dev = np.stack([np.where(s[1], d_g, dev[0]), np.where(s[0], -d_g, dev[1])])
                 dev = np.where(s, 0.0, dev)
         n = self.pulse_counts(st, dev)
-        limit = self._max_pulses
+        limit = self._pulse_limit(device)
         k = np.clip(self.round_counts(n), -limit, limit)
         if st.one_sided:
             k = np.maximum(k, 0.0)

@@ -198,6 +198,12 @@ class SchemeBase(ABC):
     pulsed: ClassVar[bool] = False
     _max_pulses: int = 32  # the most pulses one device gets in one update or tuning round
 
+    def _pulse_limit(self, device: Device) -> int:
+        """Pulses one device gets in one call: the scheme's bound, or the board's own
+        (`Limits.max_pulses`) where that is lower: a board declaring 8 refused the scheme's 32
+        with a LimitViolation, where the scheme clips and reports the shortfall."""
+        return max(1, min(self._max_pulses, device.info.limits.max_pulses))
+
     def __init__(
         self,
         *,
@@ -380,7 +386,7 @@ class SchemeBase(ABC):
         res = tune_pairs(
             device, tile, target, lambda g, dev: self.pulse_counts(st, dev, g), one_sided=st.one_sided,
             g_min=m.g_min, g_max=m.g_max, tol=p.tune_tol * m.g_range, reads=p.tune_reads,
-            max_iters=p.tune_iters, max_pulses=self._max_pulses,
+            max_iters=p.tune_iters, max_pulses=self._pulse_limit(device),
         )  # fmt: skip
         st.g_est = res.g
         gp, gm = res.g[0].astype(np.float32), res.g[1].astype(np.float32)
@@ -404,7 +410,9 @@ class SchemeBase(ABC):
         """Adopt what the devices of `tile` hold now (the mean of `reads` reads) as the weights
         they are meant to hold, and return them. After open-loop pulsed training the devices
         differ from the host weights by the pulse noise the network has learned around; a
-        later `refresh` restores the committed weights rather than the host's."""
+        later `refresh` restores the committed weights rather than the host's, as long as no
+        update is programmed in between (the next update starts from the host weights again:
+        `mixed` pays the committed difference back with pulses, `pulsed` drops it)."""
         st = self.tiles[tile]
         g = np.zeros(st.g_est.shape)
         for _ in range(reads):
