@@ -88,6 +88,24 @@ def test_pulsed_schemes_keep_to_the_boards_pulse_limit() -> None:
         assert (dev.safety().refused, dev.safety().violations) == (0, 0)
 
 
+@pytest.mark.parametrize("name", ["pulsed", "mixed"])
+def test_pulsed_updates_clip_and_count_weights_past_w_max(name: str) -> None:
+    """A pulse update to weights past +-w_max reported 0 clipped (the writes count them), and
+    mixed kept the unreachable part owed for good (the programming audit)."""
+    with open_device(RRAM) as dev:
+        tile = _configure(dev)
+        scheme = make_scheme(name, seed=1)
+        w0 = _weights(1, scale=0.2)
+        scheme.program(dev, tile, w0)
+        w1 = w0.copy()
+        w1.flat[:40] = 1.8
+        (res,) = scheme.program(dev, tile, w1)
+        assert res.clipped == 40
+        st = scheme.tiles[tile]
+        np.testing.assert_array_equal(st.host.flat[:40], 1.0)  # the scheme aims at w_max, reachable
+        assert float(np.abs(st.host).max()) <= 1.0
+
+
 def test_stochastic_rounding_is_unbiased() -> None:
     scheme = make_scheme("pulsed", seed=3)
     for x in (0.3, -1.7, 2.5):

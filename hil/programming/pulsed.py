@@ -114,6 +114,11 @@ class PulsedUpdates(SchemeBase):
         wn = _float64_copy(w)
         st.updates += 1
         m = st.mapping
+        clipped = 0
+        if not st.bounded:  # as the writes' mapping does: weights past +-w_max are clipped, counted
+            clipped = int((np.abs(wn) > m.w_max).sum())
+            if clipped:
+                wn = np.clip(wn, -m.w_max, m.w_max)
         dw = wn - st.host
         st.host = wn
         req = st.acc + dw if self.carries else dw
@@ -154,7 +159,7 @@ class PulsedUpdates(SchemeBase):
             remainder=float(np.abs(st.acc).sum()), devices_pulsed=int((counts != 0).sum()),
         )  # fmt: skip
         self.history.append(report.to_dict())
-        return [Programmed(report, 0, lambda: read_weights(device, tile, m))]
+        return [Programmed(report, clipped, lambda: read_weights(device, tile, m))]
 
     def _nominal_step(self, st: TileState) -> float:
         if st.steps is not None:
