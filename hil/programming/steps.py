@@ -13,8 +13,6 @@ import numpy as np
 
 from drivers.base import Device
 
-MAX_EXTRAPOLATION = 3.0  # the up step below g_up, at most this many times dw_up
-
 
 @dataclass
 class StepModel:
@@ -23,9 +21,7 @@ class StepModel:
     On one-sided devices the up step is measured twice, climbing from RESET (`dw_up`, at
     about `g_up`) and from mid-window (`dw_mid`, at `g_mid`); `up_step` interpolates the two
     exponentially (PCM SET increments shrink about exponentially with G, Nandakumar et al.,
-    J. Appl. Phys. 2018), and extrapolates the exponential below `g_up`, down to RESET, where
-    the steps are larger still (capped at `MAX_EXTRAPOLATION` times `dw_up`). Elsewhere the
-    step is taken as constant.
+    J. Appl. Phys. 2018). Elsewhere the step is taken as constant.
     """
 
     dw_up: float  # siemens per potentiating pulse
@@ -44,11 +40,7 @@ class StepModel:
         if not usable:
             return np.full(g.shape, self.dw_up)
         rate = np.log(self.dw_up / self.dw_mid) / (self.g_mid - self.g_up)
-        # below g_up too: capped at dw_up there, a SET from RESET moved 1.4 times what the
-        # pulsed schemes asked on pcm (1.0 uS true, 0.70 modelled; the exponential gives 1.01)
-        return np.clip(
-            self.dw_up * np.exp(-rate * (g - self.g_up)), 0.02 * self.dw_up, MAX_EXTRAPOLATION * self.dw_up
-        )
+        return np.clip(self.dw_up * np.exp(-rate * (g - self.g_up)), 0.02 * self.dw_up, self.dw_up)
 
 
 def measure_steps(device: Device, tile: str, shape: tuple[int, int], k: int = 8) -> StepModel:
