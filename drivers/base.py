@@ -375,6 +375,12 @@ class Device(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def close_link(self) -> None:
+        """Close without driving the lines to the safe state, for a session that only looked
+        at a board another host may drive (`hil info`, the pytest plugin's URI check). A
+        backend whose `close` leaves the board as it is (the in-process emulator) closes."""
+        self.close()
+
     # -- reliability: reset detection and programming transactions (defaults for backends
     # without them: no epoch, transactions not recorded)
     def status(self) -> BoardStatus:

@@ -96,3 +96,6 @@ class DeviceWrapper(Device):
 
     def close(self) -> None:
         self.inner.close()
+
+    def close_link(self) -> None:
+        self.inner.close_link()

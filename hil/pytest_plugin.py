@@ -59,7 +59,7 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
                 "powered, connected and served at that address, or pass an emulator:// URI",
                 returncode=pytest.ExitCode.USAGE_ERROR,
             )
-        getattr(dev, "close_link", dev.close)()
+        dev.close_link()
     return uri
 
 

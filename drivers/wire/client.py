@@ -582,8 +582,7 @@ class RemoteDevice(Device):
             except DeviceError:
                 pass
             finally:
-                self._closed = True
-                self._disconnect()
+                self.close_link()
 
     def close_link(self) -> None:
         """Close the link without `close`'s safe state: for a session that only looked at a

@@ -67,6 +67,6 @@ def register(app: typer.Typer) -> None:
                 lines = describe(dev, uri)
             finally:
                 # not `close`: its safe state would drive the lines of a board another host uses
-                getattr(dev, "close_link", dev.close)()
+                dev.close_link()
         for line in lines:
             typer.echo(line)

@@ -160,16 +160,15 @@ def vae(
     neuron = f", {result.neuron} neuron" if result.neuron else ""
     typer.echo(f"model        {result.variant}, {result.cells} crossbar cells{neuron}")
     settles = f"; settles on the {result.settles}" if result.settles else ""
-    digital = result.cells == 0  # f-vae: no board, no settles
-    if digital:
+    boards = vae_boards(cfg)  # none for f-vae: no board, no settles
+    if not boards:
         typer.echo("device       none (f-vae is digital: backprop on the host)")
     else:
-        boards = ", ".join(vae_boards(cfg))
-        typer.echo(f"device       {result.identity}  ({boards}){settles}")
+        typer.echo(f"device       {result.identity}  ({', '.join(boards)}){settles}")
     typer.echo(f"test -ELBO   {f.neg_elbo:.3f} nats/image (untrained {i.neg_elbo:.3f})")
     typer.echo(f"recon MSE    {f.recon_mse:.4f} per pixel")
     typer.echo(f"Frechet      {f.frechet:.2f} (untrained {i.frechet:.2f})")
-    if not digital:
+    if boards:
         typer.echo(
             f"settle       {f.energy_per_image_j:.3e} J per image (encode + decode), {f.converged:.1%} converged"
         )
