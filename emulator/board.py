@@ -259,7 +259,7 @@ class Board:
         per = self.preset.periphery
         lo, hi = per.state_range
         y = self.dac_errors.apply(x, channel)
-        if signed:
+        if signed and per.dac_bits is not None:  # an ideal DAC passes any sign as it is
             y = quantize(y.abs(), per.dac_bits, 0.0, max(abs(lo), abs(hi))).mul_(torch.sign(y))
         else:
             y = quantize(y, per.dac_bits, lo, hi)
