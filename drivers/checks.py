@@ -408,4 +408,6 @@ def check_mvm(
 ) -> np.ndarray:
     rows, cols = check_tile(topology, tile)
     arr = as_batch(f"mvm input to {tile!r}", x, cols if transpose else rows, limits=limits)
+    if arr.shape[0] == 0:
+        raise ConfigurationError(f"mvm input to {tile!r} is an empty batch (0 samples); pass one or more")
     return arr

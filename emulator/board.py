@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from drivers import seeds
-from drivers.base import Identity, Limits, largest_state
+from drivers.base import Identity, Limits
 from drivers.checks import (
     check_batch,
     check_settings,
@@ -250,12 +250,24 @@ class Board:
     # ---------------------------------------------------------------- converters
 
     def _dac(self, x: torch.Tensor, channel: int, *, signed: bool = False) -> torch.Tensor:
-        """Drive `x` through DAC `channel`: quantised over the state range, saturating at its
-        ends. `signed` (mvm inputs, which docs/protocol.md allows in ``[-clamp_max,
+        """Drive `x` through DAC `channel` (`dac_convert`), counting an output past the
+        voltage limit as a violation."""
+        per = self.preset.periphery
+        y = self.dac_convert(x, channel, signed=signed)
+        if y.numel():
+            y_lo, y_hi = torch.aminmax(y)
+            if max(-float(y_lo), float(y_hi)) * per.v_read > per.v_read_max:
+                self.safety.violations += 1
+        return y
+
+    def dac_convert(self, x: torch.Tensor, channel: int, *, signed: bool = False) -> torch.Tensor:
+        """What DAC `channel` outputs for `x`: quantised over the state range, saturating at
+        its ends. `signed` (mvm inputs, which docs/protocol.md allows in ``[-clamp_max,
         clamp_max]``): a sign-magnitude DAC, a polarity and `dac_bits` of magnitude over
         ``[0, max |state range|]``, so a negative input is a negative read voltage (its
         product the negative of the positive input's) and a nonnegative one is driven
-        exactly as the state DAC drives it."""
+        exactly as the state DAC drives it. The one conversion of every DAC path (`_dac`,
+        and the settle engine's write-back of node states), so their rails cannot differ."""
         per = self.preset.periphery
         lo, hi = per.state_range
         y = self.dac_errors.apply(x, channel)
@@ -266,12 +278,8 @@ class Board:
         if per.dac_bits is None and not self.dac_errors.exact:
             # an unquantised DAC with gain and offset errors still has rails: at the voltage
             # limit (a quantised one saturates at the state range, within it)
-            rail = largest_state(per.v_read, per.v_read_max)
+            rail = self.limits.clamp_max  # `largest_state`, found once per preset
             y = y.clamp(-rail, rail)
-        if y.numel():
-            y_lo, y_hi = torch.aminmax(y)
-            if max(-float(y_lo), float(y_hi)) * per.v_read > per.v_read_max:
-                self.safety.violations += 1
         return y
 
     def _adc_state(self, x: torch.Tensor, channel: int) -> torch.Tensor:

@@ -69,7 +69,7 @@ from drivers.topology import BIAS
 from emulator import settle_energy, settle_script
 from emulator.clamp_cache import ClampCache
 from emulator.noise_table import NoisePool
-from emulator.periphery import lsb, quantize
+from emulator.periphery import lsb
 from emulator.settle_plan import Plan, SettlePlanner, Term, Workspace, group_links
 from emulator.settle_script import Product
 from emulator.settle_types import SettleNudge, SettleResult
@@ -715,12 +715,10 @@ class SettleEngine:
         return pool
 
     def _dac_step(self, x: torch.Tensor, channel: int, peaks: list[torch.Tensor]) -> torch.Tensor:
-        """`Board._dac` inside a settle step: the same conversion, with the safety check's
-        peak |output| kept on the device (`peaks`) and checked once after the settle, so the
-        step does not wait for the device."""
-        per = self.board.preset.periphery
-        lo, hi = per.state_range
-        y = quantize(self.board.dac_errors.apply(x, channel), per.dac_bits, lo, hi)
+        """`Board._dac` inside a settle step: the same conversion (`Board.dac_convert`), with
+        the safety check's peak |output| kept on the device (`peaks`) and checked once after
+        the settle, so the step does not wait for the device."""
+        y = self.board.dac_convert(x, channel)
         if y.numel():
             peaks.append(y.abs().max())
         return y

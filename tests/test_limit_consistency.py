@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers import Nudge, Topology, checks, open_device
+from drivers import Coupling, Nudge, Topology, checks, open_device
 from drivers.errors import ConfigurationError, LimitViolation, ProtocolError
 from drivers.wire import payload as pl
 
@@ -132,6 +132,31 @@ def test_an_unquantised_dac_with_gain_errors_saturates_at_its_rails() -> None:
     assert dev.safety().violations == 0
     gains = dev.board.dac_errors.gain[:5]  # type: ignore[attr-defined]
     assert float(gains.max()) > 1.0  # the case arises: some channel amplifies
+
+
+def test_the_mvm_settles_write_back_of_free_nodes_has_the_same_rails() -> None:
+    """The mvm-mode settle drives each free node's state back through the DAC every step; with
+    an unquantised DAC of 20 % gain error that write-back had no rail, and nodes at 1.0 were
+    driven up to 1.6 x v_read, past v_read_max, on a board whose every request passed."""
+    dev = _board("emulator://?preset=ideal&seed=0&dac_bits=none&gain_error=0.2")
+    lim = dev.info.limits
+    topo = Topology({"x": 8, "h": 64}, (Coupling("W", ("x", "bias"), ("h",)),), gain=4.0, mode="mvm")
+    dev.configure(topo)
+    dev.program("W", np.full((9, 64), lim.g_max, np.float32), np.full((9, 64), lim.g_min, np.float32))
+    eq = dev.settle({"x": np.ones((4, 8), np.float32)})
+    assert float(eq.states["h"].mean()) > 0.9  # the nodes sit near the top of the range
+    gains = dev.board.dac_errors.gain  # type: ignore[attr-defined]
+    assert float(gains.max()) > lim.clamp_max  # where some channel's gain takes 1.0 past the rail
+    safety = dev.safety()
+    assert (safety.violations, safety.refused) == (0, 0)
+
+
+def test_an_mvm_of_an_empty_batch_is_refused_with_a_clear_error() -> None:
+    """An mvm of 0 samples reached the board's noise scale and failed inside torch's `max`."""
+    dev = _board("emulator://?preset=ideal&seed=0")
+    with pytest.raises(ConfigurationError, match="empty batch"):
+        dev.mvm("W0", np.zeros((0, 5), np.float32))
+    assert dev.mvm("W0", np.zeros((1, 5), np.float32)).shape == (1, 3)
 
 
 def test_a_program_that_names_no_budget_takes_a_lower_board_bound() -> None:
