@@ -200,7 +200,7 @@ class FFEBM(nn.Module):
         parts: list[nn.Module] = []
         for k, bs in enumerate(split_layered(sizes, block_layers)):
             if k > 0 and between == "linear":
-                lin = nn.Linear(bs[0], bs[0])
+                lin = nn.utils.skip_init(nn.Linear, bs[0], bs[0])  # drawn from `gen` below
                 with torch.no_grad():
                     # near-identity start, so the chain works from the first step
                     lin.weight.copy_(torch.eye(bs[0]) + 0.1 * torch.randn(bs[0], bs[0], generator=gen)
@@ -271,8 +271,7 @@ class FFEBM(nn.Module):
         parts: list[nn.Module] = []
         shape = tuple(input_shape)
         if front:
-            f = ConvFront(shape, front, kernel, padding)  # type: ignore[arg-type]
-            _draw_digital(f, gen)
+            f = ConvFront(shape, front, kernel, padding, generator=gen)  # type: ignore[arg-type]
             parts.append(f)
             shape = f.out_shape
         blocks = split_conv(shape, channels, pools, block_layers, kernel, padding)  # type: ignore[arg-type]
@@ -295,7 +294,7 @@ class FFEBM(nn.Module):
             ))  # fmt: skip
         if head == "digital":
             n = out_shape[0] * out_shape[1] * out_shape[2]
-            lin = nn.Linear(n, classes)
+            lin = nn.utils.skip_init(nn.Linear, n, classes)  # allocated, drawn from `gen`
             _draw_digital(lin, gen)
             parts.append(lin)
         if compute is not None:
@@ -380,19 +379,21 @@ class ConvFront(nn.Sequential):
     """The digital part in front of a conv EB block: ``Conv2d (k, stride 1, padding) -> MaxPool2d
     (2) -> BatchNorm2d -> Clamp01`` (the feedforward transformation of Nest & Ernoult: batch-norm
     after convolution and pooling, the clamp into the board's input range). Input (B, C, H, W)
-    or flat (B, C H W) with `in_shape`; output flat, for the block's clamped input map."""
+    or flat (B, C H W) with `in_shape`; output flat, for the block's clamped input map. The
+    convolution is drawn from `generator` (`_draw_digital`)."""
 
     def __init__(self, in_shape: tuple[int, int, int], channels: int, kernel: int = 3, padding: int = 1,
-                 pool: int = 2) -> None:  # fmt: skip
+                 pool: int = 2, *, generator: torch.Generator) -> None:  # fmt: skip
         c, h, w = in_shape
         super().__init__(
             nn.Unflatten(1, in_shape),
-            nn.Conv2d(c, channels, kernel, padding=padding),
+            nn.utils.skip_init(nn.Conv2d, c, channels, kernel, padding=padding),  # drawn below
             nn.MaxPool2d(pool) if pool > 1 else nn.Identity(),
             nn.BatchNorm2d(channels),
             Clamp01(),
             nn.Flatten(),
         )
+        _draw_digital(self, generator)
         ho, wo = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
         self.out_shape = (channels, ho // pool, wo // pool)
 

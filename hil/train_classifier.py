@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from drivers import Device, OpenTransactionWarning
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
@@ -84,7 +82,6 @@ def train_classifier(
     (`hil.distributed`), this is one rank of a data parallel job: it settles its shard of
     every batch on its own board (cfg.device), `log` is given on rank 0 only, and rank 0's
     `state` is broadcast to every rank."""
-    torch.manual_seed(cfg.train.seed)
     # one path for a data set given by the caller and one loaded by name: the run log records
     # the config, and a limit that is not applied would make that record wrong
     if data is None:
@@ -166,7 +163,10 @@ def _train(
     if state is None:
         order, step = DataOrder(len(ds.x_train), cfg.train.seed), 0
     else:
-        extra = restore_training(state, model=module, optimizer=model.opt, scheduler=model.sched)
+        # the loop draws from its own generators (`extra`), never from the process's global ones
+        extra = restore_training(
+            state, model=module, optimizer=model.opt, scheduler=model.sched, global_rng=False
+        )
         order, step = DataOrder.from_state(extra["order"]), int(extra["step"])
         history = [EpochStats(**h) for h in extra["history"]]
     resumed_epochs = len(history)

@@ -42,7 +42,6 @@ def fingerprint(n: int = 6) -> dict[str, list[float]]:
     # these six steps, so the settles are the same whether or not the board may step bolder
     cfg.ep.dt = 0.5
     data = load_dataset("digits")
-    torch.manual_seed(cfg.train.seed)
     lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
     model = _Model(cfg, 64)
     out: dict[str, list[float]] = {"loss": [], "steps": []}

@@ -173,14 +173,18 @@ def restore_training(
     model: _StateDict | None = None,
     optimizer: _StateDict | None = None,
     scheduler: _StateDict | None = None,
+    global_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load a `training_state` back into the objects given, restore the RNG states (last, so
-    nothing in between draws from them) and return the ``extra`` values."""
+    """Load a `training_state` back into the objects given, restore the global RNG states (last,
+    so nothing in between draws from them) and return the ``extra`` values. `global_rng=False`
+    leaves the global generators alone: for a loop whose every draw comes from generators of
+    its own (kept in ``extra``), such as the project's trainers."""
     for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
             continue
         if key not in state:
             raise RunLogError(f"the snapshot has no {key} state to restore")
         obj.load_state_dict(state[key])
-    restore_rng(state["rng"])
+    if global_rng:
+        restore_rng(state["rng"])
     return dict(state.get("extra", {}))

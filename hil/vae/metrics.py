@@ -63,7 +63,9 @@ class DigitsFeatures:
                 path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
         data = load_digits()
         gen = torch.Generator().manual_seed(recipe.seed)
-        net = nn.Sequential(nn.Linear(data.features, recipe.hidden), nn.ReLU(), nn.Linear(recipe.hidden, 10))
+        # allocated without drawing (torch's initialisers draw from its global generator); drawn below
+        lin1 = nn.utils.skip_init(nn.Linear, data.features, recipe.hidden)
+        net = nn.Sequential(lin1, nn.ReLU(), nn.utils.skip_init(nn.Linear, recipe.hidden, 10))
         with torch.no_grad():
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / np.sqrt(p.shape[-1])))

@@ -248,7 +248,6 @@ def train_vae(
         d.name, d.root or None, limit_train=d.limit_train or None, limit_test=d.limit_test or None
     )
     pixels = int(np.prod(data.image_shape))
-    torch.manual_seed(cfg.train.seed)
     lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
     features = DigitsFeatures.load_or_train()
     with warnings.catch_warnings():
@@ -286,7 +285,11 @@ def train_vae(
             if log is not None:
                 log.metrics("test", step=0, epoch=0, **_eval_row(initial))
         else:
-            extra = restore_training(state, model=model.module, optimizer=opt, scheduler=sched)
+            # every draw of the loop is from its own generators (`extra`): the process's global
+            # ones are neither set nor used
+            extra = restore_training(
+                state, model=model.module, optimizer=opt, scheduler=sched, global_rng=False
+            )
             order, step = DataOrder.from_state(extra["order"]), int(extra["step"])
             noise = torch.Generator()
             noise.set_state(torch.as_tensor(extra["noise"]))
