@@ -29,7 +29,6 @@ from calibration.measure import (
     fit_crosstalk,
     fit_lines,
     leave_out,
-    lsb,
     no_progress,
     pair_weights,
     place_groups,
@@ -38,6 +37,7 @@ from calibration.measure import (
 )
 from calibration.record import ChannelCal
 from drivers import BIAS, Coupling, Device, Topology, seeds
+from drivers.converters import IDEAL_LSB_BITS, lsb
 
 ADC_LOAD_SHIFT = 0.3  # state-ADC routine: every other round raises both devices of a pair by this
 IR_CORRECT_MAX = 0.02  # a state-ADC reference row's IR drop corrected to first order up to this share
@@ -67,7 +67,7 @@ def measure_adc(
     span = hi - lo
     channels = np.unique(np.asarray(channels, dtype=np.int64))
     size = int(channels[-1]) + 1
-    out = _empty(size, "adc", lsb(lim.adc_bits, span), "state (1.0 = v_read)")
+    out = _empty(size, "adc", lsb(lim.adc_bits, span, ideal_bits=IDEAL_LSB_BITS), "state (1.0 = v_read)")
     blocks = runs(channels, min(options.ref_width, lim.tile_cols_max))
     per_pass = max(1, lim.max_tiles - 3)  # room for the retries' dummy couplings
     s_lo, s_hi = max(lo, 0.0) + 0.04 * span, min(hi, 1.0) - 0.06 * span

@@ -24,7 +24,6 @@ from calibration.measure import (
     Progress,
     fit_lines,
     leave_out,
-    lsb,
     no_progress,
     pair_weights,
     place_groups,
@@ -32,6 +31,7 @@ from calibration.measure import (
 )
 from calibration.record import CalibrationError, ChannelCal
 from drivers import Coupling, Device, Topology, seeds
+from drivers.converters import IDEAL_LSB_BITS, lsb
 
 REF_HIGH = 0.8  # reference pair: G+ at g_min + REF_HIGH * range, G- at g_min
 REF_MIN_W = 0.3  # a reference pair weaker than this has a stuck device; use another tile
@@ -77,7 +77,7 @@ def measure_dac(
     span = hi - lo
     channels = np.unique(np.asarray(channels, dtype=np.int64))
     size = int(channels[-1]) + 1
-    out = _empty(size, "dac", lsb(lim.dac_bits, span), "state (1.0 = v_read)")
+    out = _empty(size, "dac", lsb(lim.dac_bits, span, ideal_bits=IDEAL_LSB_BITS), "state (1.0 = v_read)")
     n_tiles = min(TILES_PER_DAC_PASS, lim.max_tiles, channels.size)
     rng = seeds.numpy_rng(options.seed, "calibration.dac")
     x_lo, x_hi = lo + 0.03 * span, lo + 0.95 * span

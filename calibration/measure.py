@@ -146,12 +146,6 @@ def runs(channels: np.ndarray, max_len: int) -> list[tuple[int, int]]:
     return out
 
 
-def lsb(bits: int | None, span: float) -> float:
-    """One step of a `bits`-bit converter over `span` (an ideal converter: 1/255 of the span,
-    the emulator's convention, so offsets stay comparable)."""
-    return span / ((1 << bits) - 1) if bits else span / 255
-
-
 def tile_topology(shapes: list[tuple[int, int]]) -> Topology:
     """Tiles ``T0, T1, ...`` of the given shapes at positions 0, 1, ..., each coupling its own
     row group ``r<k>`` to its own column group ``c<k>``: the layout of the device routines

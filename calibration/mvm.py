@@ -21,7 +21,6 @@ from calibration.measure import (
     ReadStats,
     fit_lines,
     leave_out,
-    lsb,
     no_progress,
     pair_weights,
     read_stats,
@@ -29,6 +28,7 @@ from calibration.measure import (
 from calibration.record import CalibrationError, ChannelCal
 from calibration.wires import MAX_OHMS, effective_weights
 from drivers import Coupling, Device, Topology, seeds
+from drivers.converters import IDEAL_LSB_BITS, lsb
 
 MVM_LOADS = ((0.8, 0.0), (1.0, 0.2))  # mvm routine: (high, low) device of a pair, shares of the range
 WIRE_FIT_TOL = 1e-3  # relative precision of the bisection for the wire resistance
@@ -97,7 +97,7 @@ def measure_mvm(
     levels = round((hi - lo) / dac.lsb)
     k_lo, k_hi = round(d_lo * levels), round(d_hi * levels)
     size = max(n, m)
-    est_step = lsb(lim.adc_bits, top - bottom)
+    est_step = lsb(lim.adc_bits, top - bottom, ideal_bits=IDEAL_LSB_BITS)
     out = _empty(size, "mvm", est_step, "weight units (x @ W)")
     sweeps = [False] + ([True] if n > m else [])
     inputs = []

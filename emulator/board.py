@@ -34,13 +34,14 @@ from drivers.checks import (
     check_verify,
     check_wait,
 )
+from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.numerics import denormals_flushed
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
 from emulator.array import TileArray
 from emulator.conv_settle import ConvSettle
-from emulator.periphery import ChannelErrors, lsb, quantize
+from emulator.periphery import ChannelErrors, quantize
 from emulator.presets import BoardPreset
 from emulator.settle import SettleEngine
 from emulator.settle_types import SettleNudge, SettleResult
@@ -121,18 +122,18 @@ class Board:
         per = preset.periphery
         truth = seeds.torch_generator(self.seed, "board.truth")
         lo, hi = per.state_range
+        # offsets in LSB: of an 8-bit converter where the converter is ideal
+        dac_lsb = lsb(per.dac_bits, hi - lo, ideal_bits=IDEAL_LSB_BITS)
+        adc_lsb = lsb(per.adc_bits, hi - lo, ideal_bits=IDEAL_LSB_BITS)
+        mvm_lsb = lsb(per.adc_bits, 2 * per.mvm_range, ideal_bits=IDEAL_LSB_BITS)
         self.dac_errors = ChannelErrors.draw(
-            per.channels, per.gain_error, per.offset_error * lsb(per.dac_bits, hi - lo), truth, self.device
+            per.channels, per.gain_error, per.offset_error * dac_lsb, truth, self.device
         )
         self.adc_errors = ChannelErrors.draw(
-            per.channels, per.gain_error, per.offset_error * lsb(per.adc_bits, hi - lo), truth, self.device
+            per.channels, per.gain_error, per.offset_error * adc_lsb, truth, self.device
         )
         self.mvm_errors = ChannelErrors.draw(
-            per.channels,
-            per.gain_error,
-            per.offset_error * lsb(per.adc_bits, 2 * per.mvm_range),
-            truth,
-            self.device,
+            per.channels, per.gain_error, per.offset_error * mvm_lsb, truth, self.device
         )
         self.engine = SettleEngine(self)  # plans, workspaces and the settle loops
         self.conv_engine = ConvSettle(self)  # networks with conv couplings

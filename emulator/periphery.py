@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from drivers.checks import check_state_range_voltage
+from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.scalars import INT32_MAX, as_float, as_int
 from emulator.devices import Bound
 
@@ -14,11 +15,6 @@ MAX_GAIN_ERROR = 0.2  # std of a per-channel relative gain error: gains 1 + N(0,
 MIN_READ_V = 1e-3  # volts: a read under a millivolt is below the sense amplifiers' offsets
 MAX_READ_V = 10.0  # volts on a read line: past any cell's breakdown (reads are 0.1-0.3 V)
 MAX_STEP_S = 1.0  # seconds per node step or per mvm
-
-
-def lsb(bits: int | None, span: float) -> float:
-    """One step of a converter of `bits` over `span` (an 8-bit step without `bits`)."""
-    return span / ((1 << bits) - 1) if bits else span / 255
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class PeripheryModel:
 
     def _full_scale_lsb(self) -> float:
         """Codes across the narrowest converter's range (`lsb`: 255 for an ideal one)."""
-        return float(min(((1 << b) - 1 if b else 255) for b in (self.dac_bits, self.adc_bits)))
+        return float(min((1 << (b or IDEAL_LSB_BITS)) - 1 for b in (self.dac_bits, self.adc_bits)))
 
     def ideal(self) -> PeripheryModel:
         """The same periphery with ideal converters and no noise."""
@@ -101,9 +97,8 @@ def quantize(x: torch.Tensor, bits: int | None, lo: float, hi: float) -> torch.T
     """Uniform quantiser with saturation: at most 2**bits distinct output values."""
     if bits is None:
         return x
-    levels = (1 << bits) - 1
-    lsb = (hi - lo) / levels
-    return torch.round((x.clamp(lo, hi) - lo) / lsb) * lsb + lo
+    step = lsb(bits, hi - lo)
+    return torch.round((x.clamp(lo, hi) - lo) / step) * step + lo
 
 
 @dataclass

@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 
 from drivers import topology
+from drivers.converters import lsb
 from drivers.topology import BIAS
 from emulator import settle_energy, settle_script
 from emulator.clamp_cache import ClampCache
 from emulator.noise_table import NoisePool
-from emulator.periphery import lsb
 from emulator.settle_plan import Plan, SettlePlanner, Term, Workspace, group_links
 from emulator.settle_script import Product
 from emulator.settle_types import SettleNudge, SettleResult
@@ -731,6 +731,6 @@ class SettleEngine:
         floor = 6.0 * gain * sigma
         if mvm_mode:
             per = self.board.preset.periphery
-            floor += gain * (lsb(per.adc_bits, 2 * per.mvm_range) if per.adc_bits else 0.0)
-            floor += lsb(per.dac_bits, per.state_range[1] - per.state_range[0]) if per.dac_bits else 0.0
+            floor += gain * lsb(per.adc_bits, 2 * per.mvm_range)
+            floor += lsb(per.dac_bits, per.state_range[1] - per.state_range[0])
         return floor

@@ -85,6 +85,7 @@ from drivers import (
     topology,
 )
 from drivers.checks import MAX_SETTLE_VALUES, check_settle, require_topology
+from drivers.converters import lsb
 from drivers.numerics import denormals_flushed
 from hil.reference import DHN
 
@@ -220,10 +221,6 @@ def _two_colouring(topo: Topology, clamped: frozenset[str]) -> tuple[list[str], 
                         )
             front = nxt
     return [g for g in free if colour[g] == 0], [g for g in free if colour[g] == 1]
-
-
-def _lsb(bits: int | None, span: float) -> float:
-    return span / ((1 << bits) - 1) if bits else 0.0
 
 
 class HostSettle:
@@ -493,7 +490,7 @@ class HostSettle:
         most settles of a 6-bit rram board running to their step budget without a better
         result, so the floor keeps the whole jump."""
         floor = gain * jump * math.sqrt(max(fan_in, 1))
-        return floor + _lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
+        return floor + lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
 
     @staticmethod
     def _diagonals(topo: Topology, ref: DHN | None) -> dict[str, np.ndarray]:

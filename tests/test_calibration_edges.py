@@ -23,8 +23,8 @@ from calibration import (
     run_session,
     write,
 )
-from calibration.measure import lsb
 from drivers import open_device
+from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.emulated import EmulatedDevice
 
 CHANNELS = 48
@@ -47,7 +47,7 @@ def _errors(dev: EmulatedDevice, record, bank: str) -> tuple[np.ndarray, np.ndar
     truth = {"dac": dev.board.dac_errors, "adc": dev.board.adc_errors}[bank]
     lim = dev.info.limits
     bits = lim.dac_bits if bank == "dac" else lim.adc_bits
-    step = lsb(bits, lim.adc_range[1] - lim.adc_range[0])
+    step = lsb(bits, lim.adc_range[1] - lim.adc_range[0], ideal_bits=IDEAL_LSB_BITS)
     cal = record.converters[bank]
     gain = truth.gain[:CHANNELS].numpy().astype(np.float64)
     offset = truth.offset[:CHANNELS].numpy().astype(np.float64)

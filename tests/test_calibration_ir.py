@@ -26,9 +26,9 @@ from calibration import (
     run_session,
 )
 from calibration.adc import measure_adc
-from calibration.measure import lsb
 from calibration.wires import attenuation, effective_conductance, predistort
 from drivers import Coupling, Topology, open_device
+from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.emulated import EmulatedDevice
 from emulator.ir_drop import uniform_currents
 from hil.cli import app
@@ -101,7 +101,7 @@ def test_wide_reference_rows_are_corrected_or_marked_ir_drop() -> None:
     truth = dev.board.adc_errors
     gain = truth.gain[:64].numpy().astype(np.float64)
     offset = truth.offset[:64].numpy().astype(np.float64)
-    step = lsb(dev.info.limits.adc_bits, 1.0)
+    step = lsb(dev.info.limits.adc_bits, 1.0, ideal_bits=IDEAL_LSB_BITS)
     for width in (32, 64):
         opts = ConverterOptions(levels=48, repeats=16, level_reads=32, ref_width=width)
         cal = measure_adc(dev, np.arange(64), opts)

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from drivers.converters import lsb
 from hil.conformance.report import Mismatch
-from hil.conformance.session import GAIN_ALLOWANCE, Session, desc, expect_array, lsb
+from hil.conformance.session import GAIN_ALLOWANCE, Session, desc, expect_array
 
 
 def mvm(sess: Session) -> None:

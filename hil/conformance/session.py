@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from drivers.base import Device, Limits
+from drivers.converters import lsb
 from drivers.errors import DeviceTimeout, NotSupported, RetriesExhausted
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from hil.conformance.report import Check, Mismatch, Report
@@ -72,10 +73,6 @@ def plan_topology(limits: Limits, options: Options) -> Topology:
     steps = min(200, limits.max_settle_steps)
     budget = SettleBudget(max_steps=steps, tol=1e-3, dt=0.5, check_every=min(20, steps))
     return Topology.layered(sizes, budget=budget)
-
-
-def lsb(bits: int | None, span: float) -> float:
-    return 0.0 if bits is None else span / ((1 << bits) - 1)
 
 
 def desc(a: Any) -> str:
