@@ -339,14 +339,18 @@ class RemoteDevice(Device):
             self._epoch = status.epoch
         self._broken = False
 
-    def send_unchecked(self, op: Op, request: Message) -> Message:
+    def send_unchecked(self, op: Op, request: Message, *, request_id: bool = True) -> Message:
         """Send one request exactly as given, without the host's capability and limit checks,
         and return the board's reply (its refusal raised as the matching `drivers.errors`
         exception). For conformance suites: the host refuses a bad request before sending it,
-        so only an unchecked one shows whether the board refuses it too. Not for normal use."""
-        return self._transact(op, request, attempts=1)
+        so only an unchecked one shows whether the board refuses it too. Not for normal use.
+        A program, pulse or wait gets a request id as always unless it carries one or
+        `request_id` is False (then it goes without: a framed board must refuse it, -109)."""
+        return self._transact(op, request, attempts=1, request_id=request_id)
 
-    def _transact(self, op: Op, request: Message, attempts: int | None = None) -> Message:
+    def _transact(
+        self, op: Op, request: Message, attempts: int | None = None, request_id: bool = True
+    ) -> Message:
         with self.lock:
             if self._closed:
                 raise DeviceError(f"{self.name} is closed; open a new device with open_device()")
@@ -354,20 +358,21 @@ class RemoteDevice(Device):
             try:
                 if self._depth == 1:
                     with self._guard.active():
-                        reply = self._run(op, request, attempts)
+                        reply = self._run(op, request, attempts, request_id)
                 else:
-                    reply = self._run(op, request, attempts)
+                    reply = self._run(op, request, attempts, request_id)
             finally:
                 self._depth -= 1
             if self._depth == 0 and self._guard.fired:
                 self._after_interrupt()
             return reply
 
-    def _run(self, op: Op, request: Message, attempts: int | None = None) -> Message:
+    def _run(self, op: Op, request: Message, attempts: int | None = None, request_id: bool = True) -> Message:
         """One transaction with recovery (see the module docstring); `attempts` overrides the
-        device's budget (closing a device whose board is gone should not take long)."""
+        device's budget (closing a device whose board is gone should not take long);
+        `request_id` False sends a non-idempotent request without an id (`send_unchecked`)."""
         budget = self.attempts if attempts is None else min(attempts, self.attempts)
-        if op not in IDEMPOTENT and "rid" not in request.meta:
+        if request_id and op not in IDEMPOTENT and "rid" not in request.meta:
             request.meta["rid"] = _request_id()
         t0 = time.monotonic()
         unsafe = op not in IDEMPOTENT and op not in REPEATABLE_AFTER_RESET

@@ -40,11 +40,11 @@ def mvm(sess: Session) -> None:
         )
 
 
-def _mvm_tolerance(
-    sess: Session, tile: str, x: np.ndarray, w: np.ndarray, ys: np.ndarray
+def mvm_tolerance(
+    sess: Session, w_max: float, x: np.ndarray, w: np.ndarray, ys: np.ndarray
 ) -> tuple[np.ndarray, str, float]:
-    """Per-output tolerance of ``x @ w`` against repeated board results `ys` (K, B, n), how it
-    was built, and the output LSB it assumed."""
+    """Per-output tolerance of ``x @ w`` (a tile of `w_max`) against repeated board results
+    `ys` (K, B, n), how it was built, and the output LSB it assumed."""
     noise = float(np.sqrt(ys.var(axis=0, ddof=1).mean())) if len(ys) > 1 else 0.0
     ref_noise = sess.sigma_w() * np.sqrt((x.astype(np.float64) ** 2).sum(1, keepdims=True) / sess.opt.reads)
     out_lsb = 0.0
@@ -55,7 +55,7 @@ def _mvm_tolerance(
         levels = np.unique(ys.astype(np.float64))
         gaps = np.diff(levels)
         gaps = gaps[gaps > 1e-9 * max(1.0, float(np.abs(levels).max()))]
-        full = w.shape[0] * sess.topo.coupling(tile).w_max * max(abs(sess.x_lo), abs(sess.x_hi))
+        full = w.shape[0] * w_max * max(abs(sess.x_lo), abs(sess.x_hi))
         cap = 2 * lsb(sess.lim.adc_bits, 2 * full)
         out_lsb = min(float(gaps.min()) if gaps.size else 0.0, cap)
     abs_w = np.abs(w)
@@ -85,7 +85,7 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
         ys.append(expect_array("y", sess.dev.mvm(tile, x, transpose=transpose), (len(x), n_out)))
     stack = np.stack(ys).astype(np.float64)
     ref = x.astype(np.float64) @ w
-    tol, how, out_lsb = _mvm_tolerance(sess, tile, x, w, stack)
+    tol, how, out_lsb = mvm_tolerance(sess, sess.topo.coupling(tile).w_max, x, w, stack)
     err = np.abs(stack.mean(0) - ref)
     worst = float((err - tol).max())
     got = f"y {desc(ys[0])}, max |y - x @ W| {float(err.max()):.3g}, {how} (min {float(tol.min()):.3g})"
@@ -180,7 +180,7 @@ def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
     sent.append(f"{tile} x {desc(x)}")
     y = expect_array("y", sess.dev.mvm(tile, x), (1, cols))
     stack = np.stack([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)] + [y]).astype(np.float64)
-    tol, how, _ = _mvm_tolerance(sess, tile, x[None, :], w, stack)
+    tol, how, _ = mvm_tolerance(sess, sess.topo.coupling(tile).w_max, x[None, :], w, stack)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64) @ w)
     got = f"y {desc(y)}, max |y - x @ W| {float(err.max()):.3g}"
     if float((err - tol).max()) > 0:

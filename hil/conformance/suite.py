@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceError
-from hil.conformance import arrays, board, framed, lifecycle, mvm, refusals, replay, scpi, settle
+from hil.conformance import arrays, board, fragments, framed, lifecycle, mvm, refusals, replay, scpi, settle
 from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
 
@@ -41,6 +41,8 @@ def run_conformance(
             scpi.checks(sess)
             framed.checks(sess)
             replay.checks(sess)
+            replay.program_ids(sess)
+            fragments.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
         sess.add(
