@@ -78,14 +78,19 @@ def test_passes_on_every_transport(
         assert ops["scpi board limit"] == "PASS"
         assert ops["scpi board conductance limit"] == "PASS"
         assert ops.get("scpi undeclared settle") == ("PASS" if board == MVM_ONLY else None)
+        # blocks of five length digits; a program resent with its id after another program
+        assert ops["scpi large blocks"] == ops["scpi program request id"] == "PASS"
     else:
         assert not any(op.startswith("scpi") for op in ops)
     if servers is not None and not transport.startswith("visa"):  # the framed link: unchecked requests
         assert ops["unchecked board limit"] == "PASS"
         assert ops["unchecked board conductance limit"] == "PASS"
         assert ops.get("unchecked undeclared settle") == ("PASS" if board == MVM_ONLY else None)
+        assert ops["unchecked program without id"] == ops["unchecked program request id"] == "PASS"
+        assert ops["fragmented messages"] == "PASS"
     else:
         assert not any(op.startswith("unchecked") for op in ops)
+        assert "fragmented messages" not in ops
     if servers is not None:
         # the over-limit requests through the Device API were refused on the host; only the
         # raw SCPI ones, or the unchecked framed ones (an mvm input, program targets), reached
@@ -157,7 +162,8 @@ def test_fails_naming_mvm_behind_the_scpi_server(
     code, stdout, stderr = _invoke(servers.uris["visa-tcp"])
     assert code == 1, stdout + stderr
     failed = _failed(stdout)
-    assert "mvm" in failed and failed <= {"mvm", "mvm transpose", "mvm 1-D"}, failed
+    # the large-blocks check's mvm (a 129 x 65 input) is compared with x @ W as well
+    assert "mvm" in failed and failed <= {"mvm", "mvm transpose", "mvm 1-D", "scpi large blocks"}, failed
     line = next(x for x in stdout.splitlines() if x.startswith("FAIL  mvm "))
     assert "x @ W" in line and "tol" in line  # what came back, against what the spec says
     assert stdout.splitlines()[-1].split(", ")[1].endswith("failed") and " 0 failed" not in stdout
@@ -413,9 +419,11 @@ def test_fails_when_a_resent_pulse_runs_again(
     servers = emulated_board(board=FULL, plan=FaultPlan(rerun_ids=True))
     code, stdout, _ = _invoke(servers.uris[transport])
     assert code == 1
-    assert _failed(stdout) == {f"{check} request id"}, stdout
+    # the pulse resent with its id, and a program resent with its id after another program
+    assert _failed(stdout) == {f"{check} request id", f"{check} program request id"}, stdout
     line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
     assert "the resend ran again (its pulses were applied twice)" in line, line
     good = emulated_board(board=FULL)
     code, stdout, _ = _invoke(good.uris[transport])
     assert code == 0 and f"PASS  {check} request id" in stdout, stdout
+    assert f"PASS  {check} program request id" in stdout, stdout

@@ -1,0 +1,483 @@
+"""A second, independent firmware: an MVM-only board speaking the framed protocol over TCP,
+written from docs/protocol.md alone (after an audit's `fwboard.py`), with switches for three
+firmware bugs that the conformance suite must catch:
+
+- `nofrag`: each frame is taken as a whole message (MORE ignored, every frame a START);
+- `noack`: the board never sends an ACK frame (the host's piggyback acceptance of the reply
+  hides it until a request needs two fragments);
+- `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids.
+
+It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
+the board are its own), so tests that pass against both are tests of the spec.
+`FirmwareBoard(bug).start()` serves it on a free loopback port (`.uri`); `.stop()` ends it."""
+
+from __future__ import annotations
+
+import json
+import math
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+BUGS = ("nofrag", "noack", "norid")
+
+HDR = struct.Struct("<BBBBHH")
+RESP, MORE, ERR, START = 1, 2, 4, 8
+ACK, NACK, PING, HELLO, STATS = 1, 2, 3, 4, 5
+FRAG = 32768
+OPS = {
+    0x10: "info", 0x11: "topology", 0x12: "configure", 0x13: "program", 0x14: "pulse",
+    0x15: "read_conductance", 0x16: "mvm", 0x17: "settle", 0x18: "wait", 0x19: "safety",
+    0x1A: "reset", 0x1B: "safe_state", 0x1C: "status", 0x1D: "begin", 0x1E: "commit", 0x1F: "meter",
+}  # fmt: skip
+NOT_IDEMPOTENT = ("program", "pulse", "wait")
+LIM: dict[str, Any] = {
+    "v_read": 0.2, "v_read_max": 0.25, "g_min": 1e-6, "g_max": 1e-5, "dac_bits": 8, "adc_bits": 8,
+    "adc_range": [0.0, 1.0], "tile_rows_max": 512, "tile_cols_max": 512, "max_tiles": 16,
+    "max_settle_steps": 100000, "max_pulses": 1000, "settle_step_s": 0.0, "max_verify_iters": 1000,
+    "max_wait_s": 1e9, "max_gain": 100.0, "max_w_max": 1e4, "max_beta": 100.0, "max_drive": 1e6,
+    "max_batch": 1024,
+}  # fmt: skip
+F32 = np.float32
+
+
+def cobs_encode(data: bytes) -> bytes:
+    out, block = bytearray(), bytearray()
+    for byte in data:
+        if byte == 0:
+            out += bytes([len(block) + 1]) + block
+            block = bytearray()
+        else:
+            block.append(byte)
+            if len(block) == 254:
+                out += b"\xff" + block
+                block = bytearray()
+    return bytes(out + bytes([len(block) + 1]) + block)
+
+
+def cobs_decode(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(data):
+        code = data[i]
+        if code == 0 or i + code > len(data):
+            raise ValueError("bad COBS")
+        out += data[i + 1 : i + code]
+        i += code
+        if code < 255 and i < len(data):
+            out.append(0)
+    return bytes(out)
+
+
+def frame(flags: int, op: int, ref: int, seq: int, payload: bytes = b"") -> bytes:
+    body = HDR.pack(1, flags, op, ref, seq & 0xFFFF, len(payload)) + payload
+    return b"\0" + cobs_encode(body + struct.pack("<I", zlib.crc32(body))) + b"\0"
+
+
+class Fail(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def message(meta: dict[str, Any], arrays: tuple[tuple[str, np.ndarray], ...] = ()) -> bytes:
+    if arrays:
+        meta = dict(meta, arrays=[[n, "f4", list(a.shape)] for n, a in arrays])
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    data = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for _, a in arrays)
+    return struct.pack("<I", len(text)) + text + data
+
+
+def unmessage(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if len(payload) < 4:
+        raise Fail(110, "short message")
+    n = struct.unpack_from("<I", payload)[0]
+    if n == 0 or 4 + n > len(payload):
+        raise Fail(110, "bad json length")
+    try:
+        meta = json.loads(payload[4 : 4 + n])
+    except ValueError as exc:
+        raise Fail(-224, "malformed JSON") from exc
+    if not isinstance(meta, dict):
+        raise Fail(-224, "JSON is not an object")
+    arrays, offset, data = {}, 0, payload[4 + n :]
+    for name, dtype, shape in meta.get("arrays", []):
+        if dtype not in ("f4", "i4", "i8", "f8") or any(not 0 <= d < 2**31 for d in shape):
+            raise Fail(-224, f"bad layout for {name}")
+        size = np.dtype("<" + dtype).itemsize * math.prod(shape)
+        if offset + size > len(data):
+            raise Fail(-224, "array bytes missing")
+        arrays[name] = np.frombuffer(data, "<" + dtype, math.prod(shape), offset).reshape(shape)
+        offset += size
+    if offset != len(data):
+        raise Fail(-224, "array bytes do not match layout")
+    return meta, arrays
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Board:
+    """The board: tiles of (G+, G-) float32 with write and read noise; mvm only."""
+
+    def __init__(self, norid: bool = False, seed: int = 0) -> None:
+        self.norid = norid
+        self.rng = np.random.default_rng(seed)
+        self.g: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.shapes: dict[str, tuple[int, int, float]] = {}
+        self.topology: dict[str, Any] | None = None
+        self.epoch, self.transaction = 1, None
+        self.refused = self.mvm_calls = 0
+        self.clock = self.energy = 0.0
+        self.outcomes: OrderedDict[int, tuple[str, Any]] = OrderedDict()
+        self.seen: OrderedDict[int, None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def refuse(self, text: str) -> Fail:
+        self.refused += 1
+        return Fail(-222, text)
+
+    def op_info(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        identity = {"manufacturer": "TestLab", "model": "fw-reference", "serial": "R-0001", "firmware": "0.1"}
+        return message(
+            {"identity": identity, "limits": LIM, "capabilities": ["mvm"], "preset": "test", "extra": {}}
+        )
+
+    def op_topology(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        return message({"topology": self.topology})
+
+    def op_configure(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        groups, couplings = meta.get("groups"), meta.get("couplings")
+        if not isinstance(groups, dict) or not isinstance(couplings, list):
+            raise Fail(100, "groups/couplings missing")
+        if len(couplings) > LIM["max_tiles"]:
+            raise self.refuse(f"{len(couplings)} tiles > max_tiles")
+        shapes = {}
+        for c in couplings:
+            if c.get("kind") not in ("bipartite", "dense"):
+                raise Fail(100, f"unsupported kind {c.get('kind')!r}")
+            if any(g not in groups and g != "bias" for g in c["rows"]) or any(
+                g not in groups for g in c["cols"]
+            ):
+                raise Fail(100, f"tile {c['tile']}: unknown group")
+            rows = sum(1 if g == "bias" else groups[g] for g in c["rows"])
+            cols = sum(groups[g] for g in c["cols"])
+            if rows > LIM["tile_rows_max"] or cols > LIM["tile_cols_max"]:
+                raise self.refuse(f"tile {c['tile']} {rows}x{cols} too large")
+            shapes[c["tile"]] = (rows, cols, float(c["w_max"]))
+        self.topology, self.shapes = meta, shapes
+        for name, (rows, cols, _) in shapes.items():
+            if name not in self.g or self.g[name][0].shape != (rows, cols):
+                self.g[name] = (
+                    self.rng.uniform(2e-6, 9e-6, (rows, cols)).astype(F32),
+                    self.rng.uniform(2e-6, 9e-6, (rows, cols)).astype(F32),
+                )
+        return message({})
+
+    def _tile(self, meta: dict[str, Any]) -> tuple[str, tuple[int, int, float]]:
+        if self.topology is None:
+            raise Fail(100, "no topology configured")
+        tile = meta.get("tile")
+        if tile not in self.shapes:
+            raise Fail(100, f"unknown tile {tile!r}")
+        return tile, self.shapes[tile]
+
+    def _read(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        gp, gm = self.g[tile]
+        return (gp + self.rng.normal(0, 1e-8, gp.shape)).astype(F32), (
+            gm + self.rng.normal(0, 1e-8, gm.shape)
+        ).astype(F32)
+
+    def op_program(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        tile, (rows, cols, _) = self._tile(meta)
+        if meta.get("verify"):
+            raise Fail(101, "program_verify not supported: program with verify=False")
+        gp, gm = arrays.get("g_plus"), arrays.get("g_minus")
+        if gp is None or gm is None or gp.shape != (rows, cols) or gm.shape != (rows, cols):
+            raise Fail(100, f"program {tile}: need g_plus, g_minus f4 of shape {(rows, cols)}")
+        for g in (gp, gm):
+            if not np.all(np.isfinite(g)) or g.min() < LIM["g_min"] * 0.999 or g.max() > LIM["g_max"] * 1.001:
+                raise self.refuse("conductance target outside [g_min, g_max]")
+        self.g[tile] = tuple(  # type: ignore[assignment]
+            np.clip(g + self.rng.normal(0, 4.5e-8, g.shape), LIM["g_min"], LIM["g_max"]).astype(F32)
+            for g in (gp, gm)
+        )
+        self.clock += 1e-6 * rows * cols
+        rp, rm = self._read(tile)
+        residual = float(np.maximum(abs(rp - gp), abs(rm - gm)).max())
+        report = {"tile": tile, "iterations": 0, "pulses": 2 * rows * cols, "residual_max": residual,
+                  "within_tol": 1.0, "energy_j": 0.0, "time_s": 1e-6 * rows * cols}  # fmt: skip
+        return message(report, (("g_plus", rp), ("g_minus", rm)))
+
+    def op_read_conductance(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        tile, _ = self._tile(meta)
+        rp, rm = self._read(tile)
+        return message({}, (("g_plus", rp), ("g_minus", rm)))
+
+    def op_mvm(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        tile, (rows, cols, w_max) = self._tile(meta)
+        x, transpose = arrays.get("x"), bool(meta.get("transpose"))
+        n = cols if transpose else rows
+        if x is None or x.ndim != 2 or x.shape[1] != n:
+            raise Fail(100, f"mvm {tile}: x must be f4 B x {n}")
+        if x.shape[0] > LIM["max_batch"]:
+            raise self.refuse("batch > max_batch")
+        if not np.all(np.isfinite(x)) or float(np.abs(x).max(initial=0)) * LIM["v_read"] > LIM["v_read_max"]:
+            raise self.refuse("mvm input beyond clamp_max")
+        gp, gm = self._read(tile)
+        w = w_max * (gp.astype(np.float64) - gm) / (LIM["g_max"] - LIM["g_min"])
+        self.mvm_calls += 1
+        return message({}, (("y", (x @ (w.T if transpose else w)).astype(F32)),))
+
+    def op_settle(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        raise Fail(101, "settle not supported: settle on the host with mvm")
+
+    def op_pulse(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        raise Fail(101, "pulse not supported: program instead")
+
+    def op_wait(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        seconds = meta.get("seconds")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
+            raise Fail(100, "seconds")
+        self.clock += seconds
+        return message({})
+
+    def op_safety(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        return message({"refused": self.refused, "violations": 0})
+
+    def op_reset(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        self.topology, self.shapes, self.epoch = None, {}, self.epoch + 1
+        self.outcomes.clear()
+        self.seen.clear()
+        return message({})
+
+    def op_safe_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        return message({})
+
+    def op_status(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        status = {
+            "epoch": self.epoch,
+            "transaction": self.transaction,
+            "configured": self.topology is not None,
+        }
+        return message(status)
+
+    def op_begin(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        self.transaction = meta.get("tag")
+        return message({})
+
+    def op_commit(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        if self.transaction is not None and meta.get("tag") != self.transaction:
+            raise Fail(100, f"commit {meta.get('tag')!r}: the open transaction is {self.transaction!r}")
+        self.transaction = None
+        return message({})
+
+    def op_meter(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        return message({"clock_s": self.clock, "energy_j": self.energy, "mvm_calls": self.mvm_calls})
+
+    def handle(self, op: int, payload: bytes) -> tuple[str, Any]:
+        """("ok", reply message) or ("err", Fail); program, pulse and wait at most once by id."""
+        name = OPS[op]
+        meta, arrays = unmessage(payload)
+        run = getattr(self, f"op_{name}")
+        if name not in NOT_IDEMPOTENT or self.norid:
+            return "ok", run(meta, arrays)
+        rid = meta.get("rid")
+        if not _is_int(rid) or not 0 <= rid < 2**53:
+            raise Fail(-109, "missing request id (rid)")
+        if rid in self.outcomes:
+            return self.outcomes[rid]
+        if rid in self.seen:
+            raise Fail(-200, "already ran; its outcome is no longer held")
+        try:
+            outcome: tuple[str, Any] = ("ok", run(meta, arrays))
+        except Fail as exc:
+            outcome = ("err", exc)
+        self.outcomes[rid], self.seen[rid] = outcome, None
+        while len(self.outcomes) > 64:
+            self.outcomes.popitem(last=False)
+        while len(self.seen) > 4096:
+            self.seen.popitem(last=False)
+        return outcome
+
+
+class Link:
+    """One connection's link engine: stop-and-wait, fragments, ACKs, duplicate filter."""
+
+    def __init__(self, sock: socket.socket, board: Board, bug: str | None) -> None:
+        self.sock, self.board, self.bug = sock, board, bug
+        self.buf = bytearray()
+        self.seq, self.last_rx = 0, -1
+        self.assembly: list[Any] | None = None  # [op, ref, bytearray]
+        self.outq: list[tuple[int, int, int, bytes]] = []
+        self.sent_at, self.tries = 0.0, 0
+
+    def send(self, data: bytes, ack: bool = False) -> None:
+        if ack and self.bug == "noack":
+            return
+        self.sock.sendall(data)
+
+    def reply(self, op: int, ref: int, payload: bytes, error: bool = False) -> None:
+        if error:
+            self.outq = [(RESP | ERR | START, op, ref, payload)]
+        else:
+            parts = [payload[i : i + FRAG] for i in range(0, max(len(payload), 1), FRAG)]
+            last = len(parts) - 1
+            self.outq = [
+                (RESP | (START if i == 0 else 0) | (MORE if i < last else 0), op, ref, p)
+                for i, p in enumerate(parts)
+            ]
+        self.push()
+
+    def push(self, again: bool = False) -> None:
+        if not self.outq:
+            return
+        flags, op, ref, payload = self.outq[0]
+        if not again:
+            self.seq, self.tries = (self.seq + 1) & 0xFFFF, 0
+        self.send(frame(flags, op, ref, self.seq, payload))
+        self.sent_at = time.monotonic()
+
+    def nack(self, reason: int) -> None:
+        self.send(frame(RESP, NACK, 0, 0xFFFF, bytes([reason])))
+
+    def on_chunk(self, chunk: bytes) -> None:
+        try:
+            body = cobs_decode(chunk)
+        except ValueError:
+            return self.nack(1)
+        if len(body) < 12:
+            return self.nack(2)
+        version, flags, op, _, seq, length = HDR.unpack_from(body)
+        if length != len(body) - 12:
+            return self.nack(3)
+        if zlib.crc32(body[:-4]) != struct.unpack_from("<I", body, len(body) - 4)[0]:
+            return self.nack(4)
+        if version != 1:
+            return self.nack(5)
+        payload = body[8:-4]
+        if op == ACK:
+            if self.outq and seq == self.seq:
+                self.outq.pop(0)
+                self.push()
+            return None
+        if op == NACK:
+            if self.outq and seq in (self.seq, 0xFFFF):
+                self.push(again=True)
+            return None
+        self.send(frame(RESP, ACK, 0, seq), ack=True)
+        if op != HELLO and seq == self.last_rx:
+            return None  # a retransmission whose ACK was lost
+        self.last_rx = seq
+        if op == HELLO:
+            self.last_rx = -1
+            hello = {"version": 1, "max_fragment": FRAG, "piggyback": False, "request_acks": False}
+            return self.reply(op, seq & 0xFF, json.dumps(hello).encode())
+        self.outq = []  # rule 6: a new request ends a reply in flight
+        if self.bug == "nofrag":
+            flags = (flags | START) & ~MORE
+        if flags & START:
+            self.assembly = [op, seq & 0xFF, bytearray()]
+        if self.assembly is None or self.assembly[0] != op:
+            return None
+        self.assembly[2] += payload
+        if flags & MORE:
+            return None
+        op, ref, data = self.assembly
+        self.assembly = None
+        return self.answer(op, ref, bytes(data))
+
+    def answer(self, op: int, ref: int, data: bytes) -> None:
+        if op == PING:
+            return self.reply(op, ref, data)
+        if op == STATS:
+            return self.reply(op, ref, b"{}")
+        if op not in OPS:
+            return self.reply(
+                op, ref, json.dumps({"code": 110, "message": f"unknown opcode {op:#x}"}).encode(), True
+            )
+        try:
+            with self.board.lock:
+                kind, out = self.board.handle(op, data)
+        except Fail as exc:
+            kind, out = "err", exc
+        if kind == "ok":
+            return self.reply(op, ref, out)
+        return self.reply(op, ref, json.dumps({"code": out.code, "message": str(out)}).encode(), True)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            readable, _, _ = select.select([self.sock], [], [], 0.05)
+            if readable:
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+                self.buf += data
+                while (i := self.buf.find(0)) >= 0:
+                    chunk, self.buf = bytes(self.buf[:i]), self.buf[i + 1 :]
+                    if chunk:
+                        self.on_chunk(chunk)
+            if self.outq and time.monotonic() - self.sent_at > 0.25:
+                self.tries += 1
+                if self.tries > 5:
+                    self.outq = []
+                else:
+                    self.push(again=True)
+
+
+class FirmwareBoard:
+    """The board served on a loopback TCP port, one thread per connection."""
+
+    def __init__(self, bug: str | None = None) -> None:
+        if bug is not None and bug not in BUGS:
+            raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
+        self.bug = bug
+        self.board = Board(norid=bug == "norid")
+        self.stop_event = threading.Event()
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.server.settimeout(0.1)
+        self.uri = f"serial+socket://127.0.0.1:{self.server.getsockname()[1]}"
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> FirmwareBoard:
+        thread = threading.Thread(target=self._accept, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return self
+
+    def _accept(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            Link(conn, self.board, self.bug).run(self.stop_event)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.server.close()
+        for thread in self.threads:
+            thread.join(timeout=2)

@@ -1,0 +1,65 @@
+"""`hil conformance` against a second, independent firmware (tests/fw_reference_board.py,
+over real TCP sockets): the correct board passes every check, and each deliberately broken
+variant fails the check named for its bug, with a line that says what the board did wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from drivers import open_device
+from hil.conformance import Report, run_conformance
+from tests.fw_reference_board import FirmwareBoard
+
+FRAGMENTED = "fragmented messages"
+NO_ID = "unchecked program without id"
+RESENT = "unchecked program request id"
+
+
+def _conformance(bug: str | None) -> Report:
+    board = FirmwareBoard(bug).start()
+    try:
+        dev = open_device(f"{board.uri}?attempts=2&timeout=5")
+        try:
+            return run_conformance(dev, board.uri)
+        finally:
+            dev.close()
+    finally:
+        board.stop()
+
+
+@pytest.fixture(scope="module")
+def correct() -> Iterator[Report]:
+    yield _conformance(None)
+
+
+def test_the_reference_firmware_passes_every_check(correct: Report) -> None:
+    failed = [c.line() for c in correct.checks if c.status == "FAIL"]
+    assert not failed, failed
+    ops = {c.operation: c.status for c in correct.checks}
+    for op in (FRAGMENTED, NO_ID, RESENT, "unchecked board limit", "reset"):
+        assert ops[op] == "PASS", op
+    fragmented = next(c for c in correct.checks if c.operation == FRAGMENTED)
+    assert "2 fragments" in fragmented.sent and "mvm x (129, 65)" in fragmented.sent
+
+
+@pytest.mark.parametrize(
+    ("bug", "fails", "says"),
+    [
+        ("nofrag", {FRAGMENTED}, "decoded one fragment as a whole message"),
+        ("noack", {FRAGMENTED}, "no acknowledgement of its first fragment"),
+        ("norid", {NO_ID, RESENT}, "ran a program without a request id"),
+    ],
+)
+def test_a_broken_firmware_fails_the_check_of_its_bug(bug: str, fails: set[str], says: str) -> None:
+    report = _conformance(bug)
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == fails, [c.line() for c in failed.values()]
+    lines = " ".join(c.got for c in failed.values())
+    assert says in lines
+    assert "docs/protocol.md section" in lines  # the rule it broke
+    if bug == "norid":
+        assert "ran again after B" in failed[RESENT].got
+    else:
+        assert "rule 4" in failed[FRAGMENTED].got
