@@ -12,7 +12,8 @@ pass. `hil conformance URI` prints them.
 
 Modules: `report` (the results), `session` (options, test network, one check at a time),
 then one module per family of operations (`board`, `arrays`, `mvm`, `settle`, `refusals`,
-`lifecycle`), run in that order by `suite`.
+then the board-side checks past the host's own: `scpi`, `framed`, `replay` (request ids),
+`fragments` (messages over one frame), and `lifecycle`), run in that order by `suite`.
 """
 
 from hil.conformance.report import Check, Report
