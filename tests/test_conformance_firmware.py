@@ -4,12 +4,14 @@ variant fails the check named for its bug, with a line that says what the board 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 
 from drivers import open_device
 from hil.conformance import Report, run_conformance
+from hil.conformance.fragments import FRAGMENT, tile_shape
 from tests.fw_reference_board import FirmwareBoard
 
 FRAGMENTED = "fragmented messages"
@@ -63,3 +65,12 @@ def test_a_broken_firmware_fails_the_check_of_its_bug(bug: str, fails: set[str],
         assert "ran again after B" in failed[RESENT].got
     else:
         assert "rule 4" in failed[FRAGMENTED].got
+
+
+def test_the_large_tile_is_over_one_fragment_within_the_limits_or_none() -> None:
+    lim = open_device("emulator://?preset=ideal").info.limits
+    assert tile_shape(lim) == (65, 64)
+    narrow = tile_shape(dataclasses.replace(lim, tile_rows_max=40, tile_cols_max=200))
+    assert narrow is not None and narrow[0] <= 40 and narrow[1] <= 200
+    assert 8 * narrow[0] * narrow[1] > FRAGMENT
+    assert tile_shape(dataclasses.replace(lim, tile_rows_max=64, tile_cols_max=64)) is None  # 32768 exactly
