@@ -60,7 +60,8 @@ class RetriesExhausted(DeviceError):
         cause = str(last)
         # a cause that ends by asking what to check (a refused connection, a VISA timeout) is
         # not followed by the generic question; a malformed reply came from a board that
-        # answers, so the question is its firmware's, not the cable's
+        # answers, so the question is its firmware's, not the cable's (as is one that names the
+        # rule of docs/protocol.md the board breaks)
         if cause.rstrip().endswith("?"):
             hint = ""
         elif isinstance(last, ProtocolError) and cause.startswith("malformed"):
@@ -69,6 +70,8 @@ class RetriesExhausted(DeviceError):
                 "named (a reply that belongs to another request, e.g. an extra reply line sent earlier, "
                 "shows the same way)"
             )
+        elif "docs/protocol.md" in cause:
+            hint = ""
         else:
             hint = ". Is the board powered and the link connected?"
         super().__init__(

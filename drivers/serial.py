@@ -29,7 +29,14 @@ from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
-from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
+from drivers.wire.client import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BACKOFF_S,
+    RemoteDevice,
+    check_timeout,
+    describe_request,
+    message_too_large,
+)
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import Message, Op
@@ -73,6 +80,7 @@ class SerialDevice(RemoteDevice):
         self.timeout = timeout
         self._link: Link | None = None
         self.board_hello: dict[str, Any] = {}  # the board's HELLO reply
+        self.board_max_message: int | None = None  # the HELLO's max_message (None: not declared)
         self.stats = LinkStats()  # this end's counters, kept across reconnects
 
     @property
@@ -144,6 +152,30 @@ class SerialDevice(RemoteDevice):
             ) from exc
         self._link.ack_delay = self._response_ack_delay(self.board_hello)
         self._link.holds_responses = True
+        self._apply_hello(self._link, self.board_hello)
+
+    def _apply_hello(self, link: Link, board: Any) -> None:
+        """What the board's HELLO reply binds this session to: a response is taken as the
+        ACK of its request only if it said ``"piggyback": true``; requests go in fragments of
+        at most its ``max_fragment`` payload bytes, and none is larger than its optional
+        ``max_message`` (docs/protocol.md, section 3)."""
+        board = board if isinstance(board, dict) else {}
+        link.reply_acks = board.get("piggyback") is True
+        link.fragment = self.fragment
+        self.board_max_message = None
+        for key in ("max_fragment", "max_message"):
+            value = board.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+                raise ProtocolError(
+                    f"{self.name}: malformed HELLO reply: {key} must be an integer >= 16 (bytes), "
+                    f"got {str(value)[:40]}"
+                )
+            if key == "max_fragment":
+                link.fragment = min(self.fragment, value)
+            else:
+                self.board_max_message = value
 
     def _cannot_open(self, exc: Exception) -> ConfigurationError:
         tcp = self.url.startswith("socket://")
@@ -231,10 +263,16 @@ class SerialDevice(RemoteDevice):
         except (pyserial.SerialException, OSError) as exc:
             raise ProtocolError(f"{self.name}: serial write failed: {exc}") from exc
 
-    def _exchange(self, opcode: int, body: bytes) -> bytes:
+    def _exchange(self, opcode: int, body: bytes, what: str = "") -> bytes:
         link = self._link
         if link is None:
             raise ProtocolError(f"{self.name}: the link is not open")
+        label = f"request {opcode:#x}" + (f" ({what})" if what else "")
+        limit = self.board_max_message
+        if limit is not None and len(body) > limit:
+            self._refused += 1
+            raise message_too_large(self.name, what or f"request {opcode:#x}", len(body), limit)
+        stale0, crc0 = self.stats.stale, self.stats.crc_errors
         seq = link.send(opcode, body)
         log.debug("%s >> request %#x, seq %d, %d bytes", self.name, opcode, seq, len(body))
         try:
@@ -243,9 +281,21 @@ class SerialDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: reply to request {opcode:#x}: {exc}") from None
         if got is None:
             self.stats.timeouts += 1
+            stale, crc = self.stats.stale - stale0, self.stats.crc_errors - crc0
+            if stale:
+                why = (
+                    f"{stale} frames from the board were dropped as stale (a response needs the START "
+                    "flag, and `ref` = the low byte of the request's first seq; docs/protocol.md, section 3)"
+                )
+            elif crc:
+                why = (
+                    f"received {crc} frames from the board that failed their CRC (the CRC covers "
+                    "header + payload: zlib.crc32; docs/protocol.md, section 3)"
+                )
+            else:
+                why = "raise timeout= for long operations"
             raise DeviceTimeout(
-                f"{self.name}: request {opcode:#x} was acknowledged but no reply came within "
-                f"{self.timeout:g} s; raise timeout= for long operations"
+                f"{self.name}: {label} was acknowledged but no reply came within {self.timeout:g} s; {why}"
             )
         frame, reply = got
         failed = frame.flags & _ERROR
@@ -261,7 +311,7 @@ class SerialDevice(RemoteDevice):
         return reply
 
     def _call(self, op: Op, request: Message) -> Message:
-        return pl.unpack(self._exchange(op, pl.pack(request)))
+        return pl.unpack(self._exchange(op, pl.pack(request), describe_request(op, request)))
 
     # -- link diagnostics
     def ping(self, data: bytes = b"") -> float:

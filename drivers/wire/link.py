@@ -13,7 +13,14 @@ the first fragment of its response then acknowledges the request. A host link wi
 `ack_delay` > 0 and `holds_responses` does the same with the ACK of a response's final
 fragment: its next request acknowledges the response. Back-to-back transactions then cost
 two frames each instead of three (or four). A timer sends the plain ACK when nothing
-carries it in time, so a long settle or an idle host never makes the peer retransmit.
+carries it in time, so a long settle or an idle host never makes the peer retransmit. A
+host takes a response as the ACK of its request only where the peer's HELLO agreed to
+piggyback (`reply_acks`); a board that says it does not must send every ACK.
+
+The duplicate filter compares whole frames: a retransmission repeats the frame it resends
+byte for byte, while a peer that restarted (a board reset behind a serial line that stayed
+open) numbers its frames from its start again, and its fresh frame that happens to carry
+the last accepted seq differs (another `ref`, opcode or payload) and is handed up.
 """
 
 from __future__ import annotations
@@ -188,7 +195,7 @@ class Link:
         self.stats = LinkStats()
         self._deframer = frames.Deframer()
         self._tx_seq = seq0 % frames.SEQ_MOD
-        self._last_rx: int | None = None
+        self._last_rx: Frame | None = None  # the last data frame accepted (the duplicate filter)
         self._inbox: deque[Frame] = deque()
         self._awaiting: int | None = None
         self._acked = False
@@ -200,6 +207,13 @@ class Link:
         self._write_lock = threading.Lock()  # the deferred-ACK thread writes too
         self._deferred: _DeferredAck | None = None
         self._piggyback: tuple[int, int] | None = None  # (opcode, ref) of a response that acks
+        # whether a response acknowledges the request it answers (the peer's HELLO agreed to
+        # piggyback; a host clears it for a board that said it would not)
+        self.reply_acks = True
+        # this link's own counters (`stats` may be shared across links): a peer that answers
+        # but never acknowledges is told apart from one that is gone
+        self.acks_in = 0
+        self.responses_in = 0
         # which messages' final ACK `ack_delay` holds back: requests (a responder, the
         # default) or responses (a host whose peer takes its next request as that ACK)
         self.holds_responses = False
@@ -296,6 +310,7 @@ class Link:
         self.stats.frames_received += 1
         if frame.opcode == _ACK:
             self.stats.acks_received += 1
+            self.acks_in += 1
             if frame.seq == self._awaiting:
                 self._acked = True
             return
@@ -307,6 +322,8 @@ class Link:
         if self.max_message is not None and len(self._inbox) > self.max_message // frames.MAX_FRAGMENT + 2:
             self.stats.stale += 1  # a flood while this end sends: unacknowledged, so not lost to a
             return  # peer that keeps to stop-and-wait (it never has two frames unacknowledged)
+        if frame.flags & _RESPONSE:
+            self.responses_in += 1
         if (
             self._piggyback is not None
             and frame.flags & _RESPONSE
@@ -320,7 +337,7 @@ class Link:
         held = deferred.take() if deferred is not None else None
         if held is not None and held != frame.seq:
             self._emit(frames.ack(held))  # whatever comes next, an earlier held-back ACK is due now
-        if frame.seq == self._last_rx and not hello:
+        if frame == self._last_rx and not hello:
             self.stats.duplicates += 1
             self._emit(frames.ack(frame.seq))
             return
@@ -328,7 +345,7 @@ class Link:
             deferred.arm(frame.seq)
         else:
             self._emit(frames.ack(frame.seq))
-        self._last_rx = frame.seq
+        self._last_rx = frame
         self._inbox.append(frame)
 
     # -- messages
@@ -354,7 +371,10 @@ class Link:
             bits = int(flags) | (_START if k == 0 else 0) | (0 if last else _MORE)
             seq = self._tx_seq
             self._tx_seq = (self._tx_seq + 1) % frames.SEQ_MOD
-            self._piggyback = (opcode, first & 0xFF) if last and not responder else None
+            # the HELLO's reply is always taken as its ACK: a board may still hold ACKs back as
+            # the previous session's HELLO agreed (its reply tells whether it will go on to)
+            takes = self.reply_acks or opcode == _HELLO
+            self._piggyback = (opcode, first & 0xFF) if last and not responder and takes else None
             try:
                 preempted = self._deliver(Frame(opcode, seq, bits, part, ref))
             finally:
@@ -370,6 +390,7 @@ class Link:
         """Transmit until acknowledged; True if a responder was preempted by a new request."""
         responder = bool(frame.flags & _RESPONSE)
         self._awaiting, self._acked, self._nacked = frame.seq, False, False
+        crc0 = self.stats.crc_errors
         try:
             self._emit(frame)
             tries, nacks = 0, 0
@@ -395,7 +416,7 @@ class Link:
                         )
                     raise DeviceTimeout(
                         f"no acknowledgement for frame seq {frame.seq} after {tries} retransmissions "
-                        f"({self.ack_timeout:g} s each); is the board connected and running?"
+                        f"({self.ack_timeout:g} s each); {self._why_no_ack(self.stats.crc_errors - crc0)}"
                     )
                 tries += 1
                 self.stats.retransmissions += 1
@@ -404,6 +425,20 @@ class Link:
                 deadline = time.monotonic() + self.ack_timeout
         finally:
             self._awaiting = None
+
+    def _why_no_ack(self, crc_errors: int) -> str:
+        """What a missing ACK most likely means, from what did arrive meanwhile."""
+        if crc_errors:
+            return (
+                f"received {crc_errors} frames from the board that failed their CRC (the CRC covers "
+                "header + payload: zlib.crc32; docs/protocol.md, section 3)"
+            )
+        if self.responses_in and not self.acks_in:
+            return (
+                "the board answers but sends no ACK frame; it must ACK every data frame, MORE "
+                "fragments included (docs/protocol.md, section 3, rule 1)"
+            )
+        return "is the board connected and running?"
 
     def receive(
         self, timeout: float, *, response: bool, ref: int | None = None, opcode: int | None = None
