@@ -81,6 +81,31 @@ def _summary(request: Message) -> str:
     return "; ".join(p for p in (meta, arrays) if p) or "-"
 
 
+def describe_request(op: Op, request: Message) -> str:
+    """A request as error messages name it: the operation and its tile, if it has one
+    (``program 'W0'``, ``settle``)."""
+    tile = request.meta.get("tile")
+    return f"{op.name.lower()} {tile!r}" if isinstance(tile, str) else op.name.lower()
+
+
+def message_too_large(name: str, what: str, size: int, limit: int) -> LimitViolation:
+    """The host's refusal of a request larger than the board's HELLO ``max_message``."""
+    exc = LimitViolation("max_message", size, limit)
+    exc.args = (
+        f"{what}: the request is {size} bytes, over the {limit}-byte max_message that {name} "
+        "declared in its HELLO; it was not sent. Use a smaller batch (an mvm input is 4*B*R bytes) "
+        "or smaller tiles (a program request is 8*R*C bytes + JSON); docs/protocol.md, section 3",
+    )
+    return exc
+
+
+def _name_operation(exc: DeviceError, what: str) -> None:
+    """Prefix an error the board reported with the request it answered (once)."""
+    text = str(exc)
+    if not text.startswith(f"{what}: "):
+        exc.args = (f"{what}: {text}",)
+
+
 try:  # the C function under signal.signal, which wraps handlers in enums (7 us a swap, not 1)
     from _signal import signal as _set_handler
 except ImportError:  # pragma: no cover - interpreters without it
@@ -396,7 +421,11 @@ class RemoteDevice(Device):
                 if debug:
                     log.debug("%s -> %s %s", self.name, op.name.lower(), _summary(request))
                 sent = time.monotonic()
-                reply = self._call(op, request)
+                try:
+                    reply = self._call(op, request)
+                except (DeviceFault, LimitViolation, ConfigurationError, NotSupported) as exc:
+                    _name_operation(exc, describe_request(op, request))  # the board refused it
+                    raise
                 if debug:
                     ms = 1e3 * (time.monotonic() - sent)
                     log.debug("%s <- %s in %.2f ms", self.name, op.name.lower(), ms)
