@@ -194,10 +194,12 @@ class ReplayCache:
 
 
 def request_id(op: Op, request: Message) -> int | None:
-    """The request id of a non-idempotent request (None: none given)."""
-    rid = request.meta.get("rid")
-    if rid is None or op in IDEMPOTENT:
+    """The request id of a non-idempotent request (None: none given). One that is present
+    but not an integer in [0, 2^53), JSON null included, is -224 (docs/protocol.md, section 1):
+    a null must not run the request without a record of it."""
+    if op in IDEMPOTENT or "rid" not in request.meta:
         return None
+    rid = request.meta["rid"]
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_RID:
         raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, f"rid must be an integer in [0, 2^53), got {rid!r}")
     return rid
