@@ -135,7 +135,7 @@ class DeviceInfo:
     identity: Identity
     limits: Limits
     capabilities: frozenset[str]
-    preset: str = ""  # emulator preset name, "" for hardware
+    preset: str = ""  # the emulator's preset name; a real board's device technology or model ("" if none)
     extra: dict[str, float | int | str] = field(default_factory=dict)
 
 
