@@ -16,7 +16,7 @@ from drivers.wire import frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, Frame, LinkOp
 from drivers.wire.link import Link
-from drivers.wire.payload import Op
+from drivers.wire.payload import Message, Op
 from hil.testing import BoardServers, served_board
 from tests.framed_proxy import FrameProxy, is_hello_reply, payload_crc, with_json
 
@@ -186,3 +186,11 @@ def _configure_small(dev: Device) -> None:
 
 def _tile_rows(dev: Device, tile: str) -> int:
     return dev.topology.tile_shape(tile)[0]  # type: ignore[union-attr]
+
+
+def test_a_null_request_id_is_refused_not_run_without_a_record(board: BoardServers) -> None:
+    with open_device(board.uri("serial-socket")) as dev:
+        with pytest.raises(DeviceFault) as info:
+            dev.send_unchecked(Op.WAIT, Message({"seconds": 0.0, "rid": None}))  # type: ignore[attr-defined]
+        assert info.value.code == -224
+        assert str(info.value).startswith("wait: device fault -224: ")
