@@ -3,8 +3,9 @@ written from docs/protocol.md alone (after an audit's `fwboard.py`), with switch
 firmware bugs that the conformance suite must catch:
 
 - `nofrag`: each frame is taken as a whole message (MORE ignored, every frame a START);
-- `noack`: the board never sends an ACK frame (the host's piggyback acceptance of the reply
-  hides it until a request needs two fragments);
+- `noack`: the board says `"piggyback": true` in its HELLO, then never sends an ACK frame (the
+  host's acceptance of a reply as its request's ACK hides it until a request needs two
+  fragments; a board that does not say so fails at open, tests/test_link_diagnostics.py);
 - `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
@@ -378,7 +379,8 @@ class Link:
         self.last_rx = seq
         if op == HELLO:
             self.last_rx = -1
-            hello = {"version": 1, "max_fragment": FRAG, "piggyback": False, "request_acks": False}
+            agreed = self.bug == "noack"  # it may hold ACKs back for replies, so it skips them all
+            hello = {"version": 1, "max_fragment": FRAG, "piggyback": agreed, "request_acks": False}
             return self.reply(op, seq & 0xFF, json.dumps(hello).encode())
         self.outq = []  # rule 6: a new request ends a reply in flight
         if self.bug == "nofrag":
