@@ -255,6 +255,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+_IDX_NAMES = {"u1": "uint8", "i1": "int8", "i2": "int16", "i4": "int32", "f4": "float32", "f8": "float64"}
+
+
 def load_idx_folder(name: str, root: str | Path) -> Dataset:
     folder = Path(root)
     parts = {}
@@ -276,6 +279,13 @@ def load_idx_folder(name: str, root: str | Path) -> Dataset:
     for split, (pi, pl) in parts.items():
         assert pi is not None and pl is not None
         x, y = read_idx(pi), read_idx(pl)
+        if x.dtype != np.uint8:
+            raise DataError(
+                f"{name}: {pi} holds {_IDX_NAMES.get(x.dtype.str[1:], x.dtype.name)} pixels (IDX type "
+                f"0x{_open_bytes(pi)[2]:02x}); images are read as unsigned bytes (type 0x08, 0..255) "
+                "and scaled to [0, 1], which other types do not fit (negative or above 1 after "
+                "scaling). Convert the file to IDX type 0x08 with pixels 0..255"
+            )
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{name}: {pi.name} has shape {x.shape}, {pl.name} has {y.shape}")
         arrays[split] = (x, y)
@@ -344,7 +354,14 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
     if "data" not in d or "labels" not in d:
         raise DataError(f"{path}: a CIFAR-10 batch has keys 'data' and 'labels', got {sorted(d)}")
-    x = np.asarray(d["data"], dtype=np.uint8)
+    x = np.asarray(d["data"])
+    if x.dtype != np.uint8:
+        # a cast would wrap 256 to 0 and -1 to 255 without a word
+        raise DataError(
+            f"{path}: 'data' holds {x.dtype} values; a CIFAR-10 batch holds uint8 pixels (0..255), "
+            "which are scaled to [0, 1]: use the original python batches (cifar-10-batches-py), or "
+            "convert 'data' to uint8 pixels 0..255"
+        )
     y = np.asarray(d["labels"], dtype=np.int64)
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise DataError(f"{path}: data has shape {x.shape} (expected (N, 3072)), labels {y.shape}")
@@ -408,6 +425,22 @@ def hold_out(ds: Dataset, n: int, seed: int = 0) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------- front door
+def check_unit_range(ds: Dataset) -> None:
+    """Refuse a data set whose images leave [0, 1] (or are not finite): they become clamp
+    voltages on a board, where a negative value is a legal read voltage that trains on
+    silently, and one above 1 is refused only at the first settle, without naming the data."""
+    for split, x in (("train", ds.x_train), ("test", ds.x_test), ("validation", ds.x_val)):
+        if x is None or x.numel() == 0:
+            continue
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both
+            raise DataError(
+                f"{ds.name}: the {split} images span [{lo:.4g}, {hi:.4g}], not [0, 1] as a data "
+                "set's pixels must (they are the boards' clamp voltages); the files hold values "
+                "outside what the loader scales to [0, 1]: check their format"
+            )
+
+
 def load_dataset(
     name: str,
     root: str | Path | None = None,
@@ -432,6 +465,7 @@ def load_dataset(
         ds = load_cifar10(root)
     else:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    check_unit_range(ds)
     ds = limited(ds, limit_train, limit_test)
     if flatten:
         ds.x_train = ds.x_train.reshape(len(ds.x_train), -1)

@@ -86,6 +86,56 @@ def test_truncated_idx_is_an_error(tmp_path) -> None:
         read_idx(p)
 
 
+def _write_typed_idx(path, arr: np.ndarray, code: int) -> None:
+    head = bytes([0, 0, code, arr.ndim]) + b"".join(struct.pack(">I", n) for n in arr.shape)
+    path.write_bytes(head + arr.tobytes())
+
+
+@pytest.mark.parametrize(
+    ("code", "dtype", "lo", "hi", "named"),
+    [(0x0B, ">i2", 0, 1000, "int16"), (0x09, "i1", -128, 127, "int8"), (0x0D, ">f4", 0, 65535, "float32")],
+)
+def test_idx_images_other_than_bytes_are_refused_naming_the_file(
+    tmp_path, code, dtype, lo, hi, named
+) -> None:
+    """The safety audit: int16 images loaded as x in [0, 3.92], float32 [0, 257] and int8
+    [-0.5, 0.49] (a negative clamp is a legal read voltage: trained on silently). Images that
+    are not unsigned bytes are refused, naming the file, its type and the fix."""
+    from hil.data import IDX_FILES
+
+    rng = np.random.default_rng(0)
+    for img, lab in IDX_FILES.values():
+        _write_typed_idx(tmp_path / img, rng.integers(lo, hi, (6, 28, 28)).astype(dtype), code)
+        _write_typed_idx(tmp_path / lab, rng.integers(0, 10, 6).astype("u1"), 0x08)
+    says = rf"train-images-idx3-ubyte holds {named} pixels \(IDX type 0x{code:02x}\).*type 0x08"
+    with pytest.raises(DataError, match=says):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("values", [np.full((4, 3072), 300, np.int64), np.full((4, 3072), -1, np.int16)])
+def test_cifar_batches_that_are_not_bytes_are_refused_not_wrapped(tmp_path, values) -> None:
+    """``np.asarray(data, dtype=np.uint8)`` wrapped 300 to 44 and -1 to 255 without a word."""
+    _cifar_folder(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": values, b"labels": [0, 1, 2, 3]}, fh, protocol=2)
+    with pytest.raises(DataError, match=rf"data_batch_3: 'data' holds {values.dtype} values.*uint8"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_images_outside_the_unit_range_are_refused() -> None:
+    from hil.data import Dataset, check_unit_range
+
+    x = np.zeros((2, 4), np.float32)
+    ok = Dataset.from_arrays("t", x, np.zeros(2, np.int64), x, np.zeros(2, np.int64), (1, 2, 2))
+    check_unit_range(ok)
+    for bad in (-0.5, 1.5, np.nan):
+        xb = x.copy()
+        xb[1, 2] = bad
+        ds = Dataset.from_arrays("t", x, np.zeros(2, np.int64), xb, np.zeros(2, np.int64), (1, 2, 2))
+        with pytest.raises(DataError, match=r"the test images span .* not \[0, 1\]"):
+            check_unit_range(ds)
+
+
 def _cifar_folder(root) -> dict[str, tuple[np.ndarray, list[int]]]:
     rng = np.random.default_rng(1)
     folder = root / "cifar-10-batches-py"
