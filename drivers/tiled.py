@@ -27,12 +27,15 @@ board's tiles passes through as itself (no copies, no extra calls).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from drivers import checks
 from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport
-from drivers.errors import ConfigurationError
+from drivers.errors import ConfigurationError, DeviceError
 from drivers.placement import Block, Placement, place, rebudget
 from drivers.topology import Topology
 from drivers.wrapper import DeviceWrapper
@@ -108,6 +111,18 @@ class TiledDevice(DeviceWrapper):
             raise ConfigurationError(f"{what} for tile {tile!r}: expected shape {shape}, got {a.shape}")
         return a
 
+    def _checked(
+        self, tile: str, b: Block, check: Callable[..., tuple[np.ndarray, np.ndarray]], x: Any, y: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`check` (`checks.check_program` or `check_pulse`, what the inner board runs) on
+        block `b`'s arrays; a refusal names the logical tile and the block's place in it, and
+        says that nothing was written."""
+        try:
+            return check(self.inner.topology, self.inner.info.limits, b.tile, x, y)
+        except DeviceError as exc:
+            exc.args = (f"{_where(tile, b)}: {exc}; nothing of {tile!r} was written", *exc.args[1:])
+            raise
+
     # ------------------------------------------------------------------------ tiles
     def program(
         self,
@@ -124,15 +139,18 @@ class TiledDevice(DeviceWrapper):
             return self.inner.program(tile, g_plus, g_minus, verify=verify, tol=tol, max_iters=max_iters)
         gp = self._shape_check("g_plus", p, tile, g_plus)
         gm = self._shape_check("g_minus", p, tile, g_minus)
+        # every block's targets are cut and checked as the inner board checks them before the
+        # first is written: a refused block after a written one left the tile half-programmed
+        checks.check_verify(self.inner.info.limits, tol, max_iters)
+        cuts = [self._checked(tile, b, checks.check_program, _cut(gp, b), _cut(gm, b)) for b in blocks]
         out_p, out_m = np.empty(gp.shape, np.float32), np.empty(gm.shape, np.float32)
         reps = []
-        for b in blocks:
-            r = self.inner.program(
-                b.tile, _cut(gp, b), _cut(gm, b), verify=verify, tol=tol, max_iters=max_iters
-            )
-            _put(out_p, b, r.g_plus)
-            _put(out_m, b, r.g_minus)
-            reps.append((r, b.shape[0] * b.shape[1]))
+        with _stopped_note("program", tile, blocks, reps):
+            for b, (bp, bm) in zip(blocks, cuts, strict=True):
+                r = self.inner.program(b.tile, bp, bm, verify=verify, tol=tol, max_iters=max_iters)
+                _put(out_p, b, r.g_plus)
+                _put(out_m, b, r.g_minus)
+                reps.append((r, b.shape[0] * b.shape[1]))
         cells = sum(n for _, n in reps)
         return ProgramReport(
             tile=tile,
@@ -152,7 +170,14 @@ class TiledDevice(DeviceWrapper):
             return self.inner.pulse(tile, counts_plus, counts_minus)
         cp = self._shape_check("counts_plus", p, tile, counts_plus)
         cm = self._shape_check("counts_minus", p, tile, counts_minus)
-        reps = [self.inner.pulse(b.tile, _cut(cp, b, counts=True), _cut(cm, b, counts=True)) for b in blocks]
+        cuts = [
+            self._checked(tile, b, checks.check_pulse, _cut(cp, b, counts=True), _cut(cm, b, counts=True))
+            for b in blocks
+        ]
+        reps: list[PulseReport] = []
+        with _stopped_note("pulse", tile, blocks, reps):
+            for b, (bp, bm) in zip(blocks, cuts, strict=True):
+                reps.append(self.inner.pulse(b.tile, bp, bm))
         return PulseReport(
             tile, sum(r.pulses for r in reps), sum(r.energy_j for r in reps), sum(r.time_s for r in reps)
         )
@@ -276,6 +301,34 @@ class TiledDevice(DeviceWrapper):
             self._split(p, clamp) or {}, self._split_nudge(p, nudge), self._split(p, init), trace
         )
         return self._join(p, eq)
+
+
+def _where(tile: str, b: Block) -> str:
+    """Block `b` of logical tile `tile` in the logical tile's terms."""
+    rows = f"rows {b.r0}..{b.r1 - 1}" + (f" and bias row {b.bias_row}" if b.bias_row >= 0 else "")
+    mirror = f" (and its mirror, rows {b.c0}..{b.c1 - 1} x cols {b.r0}..{b.r1 - 1})" if b.mirror else ""
+    return f"logical tile {tile!r}, {rows} x cols {b.c0}..{b.c1 - 1}{mirror} (physical tile {b.tile!r})"
+
+
+@contextmanager
+def _stopped_note(op: str, tile: str, blocks: list[Block], done: list[Any]) -> Iterator[None]:
+    """On anything raised inside (a link error, Ctrl-C between blocks) after `len(done)` of
+    `blocks` were written, a note on the exception: which blocks, and what to do."""
+    try:
+        yield
+    except BaseException as exc:
+        if done:
+            written = "; ".join(_where(tile, b) for b in blocks[: len(done)])
+            fix = (
+                f"program {tile!r} again (all of it) before using it"
+                if op == "program"
+                else f"read {tile!r} back (read_conductance) or program it again before using it"
+            )
+            exc.add_note(
+                f"{op} of {tile!r} stopped after {len(done)} of its {len(blocks)} blocks: {written} "
+                f"{'were' if len(done) > 1 else 'was'} written, the rest not; {fix}"
+            )
+        raise
 
 
 def _cut(a: np.ndarray, b: Block, counts: bool = False) -> np.ndarray:

@@ -13,10 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calibration.apply import channel_offsets
-from drivers import ConfigurationError, LimitViolation, Nudge, SettleBudget, Topology, open_device
+from drivers import (
+    ConfigurationError,
+    Device,
+    DeviceError,
+    LimitViolation,
+    Nudge,
+    SettleBudget,
+    Topology,
+    open_device,
+)
 from drivers.placement import place
 from drivers.tiled import TiledDevice
 from drivers.topology import BIAS, Coupling
+from drivers.wrapper import DeviceWrapper
 from hil.boards import open_board
 from hil.ep import EBBlock
 
@@ -361,3 +371,76 @@ def test_dense_ep_through_the_split_equals_the_unsplit(settle: str) -> None:
     gi_a, gi_b = ra.input_grads["a"], rb.input_grads["a"]
     assert float(gi_b.abs().max()) > 1e-4
     assert float((gi_a - gi_b).norm() / gi_b.norm()) < 1e-4
+
+
+# ---- a split tile is checked whole before its first block is written (safety audit) -------
+
+
+def _split_w0() -> tuple[TiledDevice, np.ndarray]:
+    """W0 (7 rows + bias = 8 rows, 3 columns) on tiles of 4 rows: blocks rows 0..3 and 4..7,
+    programmed to g_min."""
+    dev = TiledDevice(open_device(IDEAL + "&tile_rows_max=4"))
+    dev.configure(Topology({"s0": 7, "s1": 3}, (Coupling("W0", ("s0", BIAS), ("s1",)),)))
+    lo = np.full((8, 3), dev.info.limits.g_min, np.float32)
+    dev.program("W0", lo, lo)
+    return dev, lo
+
+
+def test_a_bad_target_in_a_later_block_is_refused_before_any_block_is_written() -> None:
+    """The audit: a target above g_max in the second block was refused after the first block
+    had been written (the tile left half-programmed), by an error naming only the physical
+    tile. Every block is checked first; the error names the logical tile and the block."""
+    dev, lo = _split_w0()
+    lim = dev.info.limits
+    before = dev.read_conductance("W0")[0].copy()
+    new = np.full((8, 3), 0.5 * (lim.g_min + lim.g_max), np.float32)
+    new[6, 0] = 2 * lim.g_max
+    with pytest.raises(
+        LimitViolation, match=r"logical tile 'W0', rows 4\.\.7 x cols 0\.\.2 .*nothing of 'W0'"
+    ):
+        dev.program("W0", new, lo)
+    assert np.array_equal(dev.read_conductance("W0")[0], before)
+    counts = np.zeros((8, 3), np.int32)
+    counts[1, 1], counts[5, 2] = 3, lim.max_pulses + 1
+    with pytest.raises(
+        LimitViolation, match=r"logical tile 'W0', rows 4\.\.7 x cols 0\.\.2 .*pulses per device"
+    ):
+        dev.pulse("W0", counts, np.zeros_like(counts))
+    assert np.array_equal(dev.read_conductance("W0")[0], before)
+
+
+class _LinkLostOnSecondWrite(DeviceWrapper):
+    """A board whose link goes down after the first block's write (the error a RemoteDevice
+    raises when its retries are spent): the stand-in for pulling a cable mid-program."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.writes = 0
+
+    def _write(self) -> None:
+        self.writes += 1
+        if self.writes == 2:
+            raise DeviceError("link lost")
+
+    def program(self, tile, g_plus, g_minus, **kw):  # type: ignore[override]
+        self._write()
+        return self.inner.program(tile, g_plus, g_minus, **kw)
+
+    def pulse(self, tile, counts_plus, counts_minus):  # type: ignore[override]
+        self._write()
+        return self.inner.pulse(tile, counts_plus, counts_minus)
+
+
+@pytest.mark.parametrize("op", ["program", "pulse"])
+def test_a_write_stopped_between_blocks_says_which_blocks_were_written(op: str) -> None:
+    dev, lo = _split_w0()
+    dev = TiledDevice(_LinkLostOnSecondWrite(dev.inner))
+    dev.configure(Topology({"s0": 7, "s1": 3}, (Coupling("W0", ("s0", BIAS), ("s1",)),)))
+    with pytest.raises(DeviceError, match="link lost") as info:
+        if op == "program":
+            dev.program("W0", lo, lo)
+        else:
+            dev.pulse("W0", np.ones((8, 3), np.int32), np.zeros((8, 3), np.int32))
+    note = " ".join(getattr(info.value, "__notes__", []))
+    assert f"{op} of 'W0' stopped after 1 of its 2 blocks: logical tile 'W0', rows 0..3 x cols 0..2" in note
+    assert ("program 'W0' again" if op == "program" else "read 'W0' back") in note
