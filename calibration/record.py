@@ -175,6 +175,13 @@ class CalibrationRecord:
             f"{','.join(self.routines)}; converter channels {banks}; tiles {tiles})"
         )
 
+    @property
+    def partial(self) -> bool:
+        """Whether the session was stopped part-way (`run_session`'s `partial`): the record
+        holds the routines that had finished (`routines`); ``session["stopped_in"]`` names
+        the part that was running."""
+        return bool(self.session.get("partial", False))
+
     def check_board(self, info: DeviceInfo) -> None:
         """Refuse a board other than the one measured (`check_identity`), or the same board in
         another configuration: converter resolution or ranges, tile limits, or (where the
@@ -327,6 +334,7 @@ def write(record: CalibrationRecord, path: str | Path) -> Path:
             "session": _jsonable(record.session),
             "fingerprint": record.fingerprint,
             "configuration": record.configuration,
+            "partial": record.partial,
         }
     )
     conv = root.create_group("converters")

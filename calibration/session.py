@@ -118,7 +118,57 @@ def _software() -> dict[str, str]:
 
 
 def run_session(
-    device: Device, options: SessionOptions, progress: Progress = no_progress
+    device: Device,
+    options: SessionOptions,
+    progress: Progress = no_progress,
+    partial: Callable[[CalibrationRecord], None] | None = None,
+) -> CalibrationRecord:
+    """Run the session's routines on `device` into one record. Stopped part-way (Ctrl-C,
+    SIGTERM taken as one, a board or link error), it calls `partial` with a record of what
+    had finished (`CalibrationRecord.partial`: ``session["partial"]`` true, `routines` those
+    finished on every tile, ``session["stopped_in"]`` the part that was running), then lets
+    the exception go on: a long session keeps its finished routines."""
+    state: dict[str, Any] = {}
+    try:
+        return _run(device, options, progress, state)
+    except BaseException:
+        record = state.get("record")
+        if partial is not None and record is not None and state["durations"]:
+            finished = tuple(r for r in state["routines"] if r in state["finished"])
+            record.routines = finished
+            record.session = {
+                **_session_options(options, state["conv"], state["channels"], state["adc_channels"]),
+                "partial": True,
+                "stopped_in": state.get("running"),
+                "durations_s": dict(state["durations"]),
+                "total_s": float(sum(state["durations"].values())),
+                "preset": device.info.preset,
+                "software": _software(),
+            }
+            partial(record)
+        raise
+
+
+def _session_options(
+    options: SessionOptions, conv: ConverterOptions, channels: int, adc_channels: int
+) -> dict[str, Any]:
+    return {
+        "options": {
+            "routines": list(resolve_routines(options.routines)),
+            "tile_shapes": [list(s) for s in options.tile_shapes],
+            "channels": channels,
+            "adc_channels": adc_channels,
+            "reads": options.reads,
+            "stuck_reads": options.stuck_reads,
+            "pulse_chunks": options.pulse_chunks,
+            "converter": dataclasses.asdict(conv),
+        },
+        "seed": options.seed,
+    }
+
+
+def _run(
+    device: Device, options: SessionOptions, progress: Progress, state: dict[str, Any]
 ) -> CalibrationRecord:
     routines = resolve_routines(options.routines)
     info = device.info
@@ -135,10 +185,21 @@ def run_session(
     channels = options.node_channels()
     adc_channels = options.adc_channels()
 
+    state.update(
+        record=record, durations=durations, routines=routines, finished=set(), conv=conv,
+        channels=channels, adc_channels=adc_channels,
+    )  # fmt: skip
+    tiles = len(options.tile_shapes)
+
     def timed(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        state["running"] = name
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         durations[name] = time.perf_counter() - t0
+        base = name.split("[")[0]  # a tile routine is finished once done on every tile
+        if base != "pulse" and (base == name or all(f"{base}[{k}]" in durations for k in range(tiles))):
+            state["finished"].add("pulse" if base == "pulse_fit" else base)  # pulse: measured, fitted
+        state["running"] = None
         return out
 
     if "adc" in routines:
@@ -195,17 +256,7 @@ def run_session(
             "settle", profile_settle, device, options.tile_shapes[0], seed=options.seed, progress=progress
         )
     record.session = {
-        "options": {
-            "routines": list(routines),
-            "tile_shapes": [list(s) for s in options.tile_shapes],
-            "channels": channels,
-            "adc_channels": adc_channels,
-            "reads": options.reads,
-            "stuck_reads": options.stuck_reads,
-            "pulse_chunks": options.pulse_chunks,
-            "converter": dataclasses.asdict(conv),
-        },
-        "seed": options.seed,
+        **_session_options(options, conv, channels, adc_channels),
         "durations_s": durations,
         "total_s": float(sum(durations.values())),
         "preset": info.preset,

@@ -44,6 +44,13 @@ def one_line_warning(
 
 
 def main() -> None:
-    with warnings.catch_warnings():
+    """The `hil` command. SIGTERM (a batch scheduler's time limit, `kill`, torchrun stopping
+    a job's ranks) is Ctrl-C for every command (`sigterm_as_interrupt`): the transaction in
+    flight finishes, the board goes to its safe state, the command says what it kept, and it
+    exits with code 130, where the default action ended it mid-request with the board left
+    as it was."""
+    from hil.cli.common import sigterm_as_interrupt
+
+    with warnings.catch_warnings(), sigterm_as_interrupt():
         warnings.formatwarning = one_line_warning
         app()

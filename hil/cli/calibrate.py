@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from calibration import (
     ROUTINES,
+    CalibrationRecord,
     SessionOptions,
     drift_check,
     load,
@@ -131,6 +132,24 @@ def _rerun(uri: str, out: Path, tiles: str | None, channels: int | None, routine
     return shlex.join(words)
 
 
+def _keep_partial(stopped: list[CalibrationRecord], out: Path) -> str:
+    """Write the record of a stopped session's finished routines to `out` (marked partial);
+    say where it is, or why there is none."""
+    if not stopped:
+        return "no routine had finished: no record written"
+    record = stopped[-1]
+    done = ", ".join(record.routines) or "no whole routine"
+    try:
+        write(record, out)
+    except OSError as exc:
+        return f"the finished routines ({done}) could not be written to {out}: {exc}"
+    return (
+        f"the record of the routines that finished ({done}; stopped in "
+        f"{record.session.get('stopped_in') or 'between routines'}) is at {out}, marked partial "
+        "(its attribute partial is true); run `hil calibrate` again with --overwrite for a whole one"
+    )
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
@@ -208,6 +227,7 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         bars = Bars() if progress else StageLines()
+        stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
         try:
             with open_device(uri) as dev:
                 if check is not None:
@@ -259,10 +279,15 @@ def register(app: typer.Typer) -> None:
                     )
                 if said:
                     typer.echo(f"calibrating {'; '.join(said)}")
-                record = run_session(dev, options, bars)
+                record = run_session(dev, options, bars, partial=stopped.append)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM taken as one: the board is in its safe state
+            bars.close()
+            typer.echo(f"interrupted: {_keep_partial(stopped, out)}", err=True)
+            raise
         except user_errors() as exc:
             bars.close()
-            raise fail(str(exc)) from None
+            kept = f"; {_keep_partial(stopped, out)}" if stopped else ""
+            raise fail(f"{exc}{kept}") from None
         bars.close()
         write(record, out)
         typer.echo(summary(record))

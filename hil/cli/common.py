@@ -73,7 +73,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     `--resume` command is printed, where the default action ended the process at once and left
     the run log saying it still runs. Later SIGTERMs are ignored from then on (torchrun and
     schedulers send more than one, and the clean-up after the block must not be cut; they kill
-    with SIGKILL after their grace period). Outside the main thread it does nothing."""
+    with SIGKILL after their grace period). Outside the main thread it does nothing.
+
+    `hil` (`hil.cli.main`) runs every command inside it: each command that drives a board
+    (calibrate, demo, gradcheck, mhn, conformance, sweep, train...) stops on SIGTERM as on
+    Ctrl-C, with exit code 130. A process started in the background by a non-interactive
+    shell inherits SIGINT ignored: inside, SIGINT is then Python's Ctrl-C again, or the
+    SIGTERM taken as one would be ignored too."""
     received = []
 
     def interrupt(*_: object) -> None:
@@ -86,11 +92,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
     except ValueError:  # not the main thread: signals are not ours to take
         yield
         return
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         if not received:
             signal.signal(signal.SIGTERM, before)
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager
