@@ -28,6 +28,15 @@ from calibration.measure import Progress, ReadStats, leave_out, no_progress, rea
 from drivers import Device
 
 PILOT = 3
+# the pulse budget of a calibration session, per device: the default is the worst case of the
+# default sequence on a board of max_pulses 1000 (`pulse_worst_case(1000)`: 442 007; the
+# emulator's presets, and typical of RRAM/PCM testers); no session may declare more
+DEFAULT_PULSE_BUDGET = 442_007
+PULSE_BUDGET_MAX = 1_000_000
+
+
+class PulseBudgetError(ValueError):
+    """The pulse routine's worst case exceeds the session's pulse budget (nothing pulsed)."""
 
 
 @dataclass
@@ -61,6 +70,7 @@ class PulseData:
     # one read's noise std (S) against the conductance read (S): (levels, stds), ascending,
     # from the two reads of every sweep point; None: the pooled `read_noise` everywhere
     read_noise_curve: tuple[np.ndarray, np.ndarray] | None = None
+    pulses_per_device: int = 0  # pulses every device got (all calls pulse the whole tile)
 
     def read_var(self, g: np.ndarray) -> np.ndarray:
         """One read's noise variance at conductances `g` (S): the curve interpolated, held
@@ -80,9 +90,27 @@ def _read2(device: Device, tile: str, b_reads: int = 1) -> tuple[np.ndarray, np.
     return out[0], np.mean(out[1:], axis=0)
 
 
-def _pulse_all(device: Device, tile: str, shape: tuple[int, int], count: int) -> None:
+def pulse_worst_case(
+    max_pulses: int, *, chunks: int = 200, max_bursts: int = 16, reset_cycles: int = 8
+) -> int:
+    """The most pulses any one device gets from `measure_pulse_response` on a board whose
+    `pulse` call takes at most `max_pulses` per device: every `_saturate` running all its
+    `max_bursts` bursts of `max_pulses`, and every sweep chunk after the `PILOT` single pulses
+    sized `max_pulses` (devices that barely move). Two-sided boards (3 saturations, 1 probe,
+    2 sweeps) cost more than one-sided ones (1 saturation, probe, `reset_cycles` RESETs, 1
+    sweep). With the defaults and max_pulses 1000: 3 x 16 x 1000 + 1 + 2 x (3 + 197 x 1000)
+    = 442 007."""
+    sweep = min(chunks, PILOT) + max(chunks - PILOT, 0) * max_pulses
+    two_sided = 3 * max_bursts * max_pulses + 1 + 2 * sweep
+    one_sided = max_bursts * max_pulses + 1 + reset_cycles + sweep
+    return max(two_sided, one_sided)
+
+
+def _pulse_all(device: Device, tile: str, shape: tuple[int, int], count: int, tally: list[int]) -> None:
+    """`count` pulses on every device of `tile`; `tally[0]` counts the pulses per device."""
     c = np.full(shape, count, np.int32)
     device.pulse(tile, c, c)
+    tally[0] += abs(count)
 
 
 def _flat(st: ReadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +125,7 @@ def _saturate(
     reads: int,
     max_bursts: int,
     working: np.ndarray,
+    tally: list[int],
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pulse bursts in one direction until the plateau holds; returns (mean, se, bursts)."""
     lim = device.info.limits
@@ -104,7 +133,7 @@ def _saturate(
     prev = None
     bursts = 0
     while True:
-        _pulse_all(device, tile, shape, sign * lim.max_pulses)
+        _pulse_all(device, tile, shape, sign * lim.max_pulses, tally)
         bursts += 1
         mean, se = _flat(read_stats(device, tile, reads))
         if prev is not None:
@@ -128,6 +157,7 @@ def _sweep(
     progress: Progress,
     stage: str,
     b_reads: int,
+    tally: list[int],
 ) -> Sweep:
     max_pulses = device.info.limits.max_pulses
     a0, b0 = _read2(device, tile, b_reads)
@@ -137,7 +167,7 @@ def _sweep(
         if k == PILOT:
             step0 = float(np.median(np.abs(b[PILOT] - b[0])[working])) / PILOT
             n = int(np.clip(round(5.0 * span / max(step0, 1e-30) / chunks), 1, max_pulses))
-        _pulse_all(device, tile, shape, sign * n)
+        _pulse_all(device, tile, shape, sign * n, tally)
         ak, bk = _read2(device, tile, b_reads)
         a.append(ak)
         b.append(bk)
@@ -158,18 +188,32 @@ def measure_pulse_response(
     b_reads: int = 3,
     stuck: np.ndarray | None = None,
     progress: Progress = no_progress,
+    budget: int | None = None,
 ) -> PulseData:
-    """Run the pulse sequence of the module docstring on `tile` (configured by the caller)."""
+    """Run the pulse sequence of the module docstring on `tile` (configured by the caller).
+    With `budget` (pulses per device), refuse before the first pulse when the sequence's
+    worst case (`pulse_worst_case`) exceeds it. `PulseData.pulses_per_device` counts what
+    every device got (the same for all: every call pulses the whole tile)."""
     device.require("pulse", instead=leave_out("the pulse-response model", "pulse"))
     lim = device.info.limits
+    worst = pulse_worst_case(lim.max_pulses, chunks=chunks, max_bursts=max_bursts, reset_cycles=reset_cycles)
+    if budget is not None and worst > budget:
+        raise PulseBudgetError(
+            f"the pulse routine on {tile!r} may apply up to {worst} pulses per device on this board "
+            f"(max_pulses {lim.max_pulses} per call, {chunks} sweep chunks, {max_bursts} bursts per "
+            f"plateau), above the session's pulse budget of {budget}: nothing was pulsed. Raise the "
+            f"budget (hil calibrate --pulse-budget {worst}, at most {PULSE_BUDGET_MAX}) if the "
+            "devices' endurance allows it, or lower the sweep chunks (SessionOptions.pulse_chunks)"
+        )
+    tally = [0]
     nominal = lim.g_max - lim.g_min
     devices = 2 * shape[0] * shape[1]
     working = np.ones(devices, bool) if stuck is None else ~np.asarray(stuck).reshape(-1)
     if not working.any():
         working = np.ones(devices, bool)
-    g_hi, g_hi_se, bursts = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working)
+    g_hi, g_hi_se, bursts = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working, tally)
     progress("pulse", 1, 4)
-    _pulse_all(device, tile, shape, -1)
+    _pulse_all(device, tile, shape, -1, tally)
     probe, _ = _read2(device, tile)
     one_sided = float(np.median((g_hi - probe)[working])) > 0.5 * nominal
     diffs = []
@@ -179,7 +223,7 @@ def measure_pulse_response(
     if one_sided:
         levels = []
         for _ in range(reset_cycles):
-            _pulse_all(device, tile, shape, -1)
+            _pulse_all(device, tile, shape, -1, tally)
             r1, r2 = _read2(device, tile)
             levels.append(0.5 * (r1 + r2))
             diffs.append(r1 - r2)
@@ -193,19 +237,19 @@ def measure_pulse_response(
         g_lo_se = np.sqrt(within / reset_cycles) * np.ones(devices)
         progress("pulse", 2, 4)
         span = float(np.median((g_hi - g_lo)[working]))
-        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads)
+        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads, tally)
     else:
-        g_lo, g_lo_se, b2 = _saturate(device, tile, shape, -1, plateau_reads, max_bursts, working)
+        g_lo, g_lo_se, b2 = _saturate(device, tile, shape, -1, plateau_reads, max_bursts, working, tally)
         bursts += b2
         progress("pulse", 2, 4)
         span = float(np.median((g_hi - g_lo)[working]))
-        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads)
-        g_hi2, g_hi2_se, b3 = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working)
+        up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads, tally)
+        g_hi2, g_hi2_se, b3 = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working, tally)
         bursts += b3
         g_hi = 0.5 * (g_hi + g_hi2)
         g_hi_se = 0.5 * np.sqrt(g_hi_se**2 + g_hi2_se**2)
         progress("pulse", 3, 4)
-        down = _sweep(device, tile, shape, -1, chunks, span, working, progress, "pulse down", b_reads)
+        down = _sweep(device, tile, shape, -1, chunks, span, working, progress, "pulse down", b_reads, tally)
     # var(a - b) = read_noise^2 (1 + 1 / b_reads)
     variances = [float(np.var(np.concatenate(diffs))) / 2.0] if diffs else []
     for sw in (up, down):
@@ -228,6 +272,7 @@ def measure_pulse_response(
         reset_noise=reset_noise,
         bursts=bursts,
         read_noise_curve=curve,
+        pulses_per_device=tally[0],
     )
 
 

@@ -35,7 +35,12 @@ from calibration.converters import ConverterOptions
 from calibration.dac import TILES_PER_DAC_PASS, measure_dac
 from calibration.measure import Progress, no_progress, tile_topology
 from calibration.mvm import measure_mvm
-from calibration.pulse import measure_pulse_response
+from calibration.pulse import (
+    DEFAULT_PULSE_BUDGET,
+    PULSE_BUDGET_MAX,
+    measure_pulse_response,
+    pulse_worst_case,
+)
 from calibration.pulse_fit import fit_pulse_model
 from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint
 from calibration.settling import profile_settle
@@ -91,8 +96,27 @@ class SessionOptions:
     reads: int = 64  # reads of the conductance map
     stuck_reads: int = 4
     pulse_chunks: int = 200
+    # pulses per device the pulse routine may apply to each tile, worst case (checked before it
+    # starts; `calibration.pulse.pulse_worst_case`); at most PULSE_BUDGET_MAX
+    pulse_budget: int = DEFAULT_PULSE_BUDGET
     converter: ConverterOptions = field(default_factory=ConverterOptions)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        b = self.pulse_budget
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= PULSE_BUDGET_MAX:
+            raise ValueError(
+                f"pulse budget {b!r}: give a whole number of pulses per device from 1 to "
+                f"{PULSE_BUDGET_MAX} (default {DEFAULT_PULSE_BUDGET}, the worst case of the default "
+                "pulse routine on a board of max_pulses 1000)"
+            )
+
+    def pulse_worst_case(self, max_pulses: int) -> int:
+        """The most pulses one device can get from this session's pulse routine on a board
+        of `max_pulses` per call (0 without the pulse routine)."""
+        if "pulse" not in self.routines:
+            return 0
+        return pulse_worst_case(max_pulses, chunks=self.pulse_chunks)
 
     def node_channels(self) -> int:
         rows, cols = self.tile_shapes[0]
@@ -161,6 +185,7 @@ def _session_options(
             "reads": options.reads,
             "stuck_reads": options.stuck_reads,
             "pulse_chunks": options.pulse_chunks,
+            "pulse_budget": options.pulse_budget,
             "converter": dataclasses.asdict(conv),
         },
         "seed": options.seed,
@@ -190,6 +215,7 @@ def _run(
         channels=channels, adc_channels=adc_channels,
     )  # fmt: skip
     tiles = len(options.tile_shapes)
+    pulses: dict[str, int] = {}  # pulses per device of each tile's pulse routine
 
     def timed(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         state["running"] = name
@@ -248,7 +274,9 @@ def _run(
                     chunks=options.pulse_chunks,
                     stuck=stuck,
                     progress=progress,
+                    budget=options.pulse_budget,
                 )
+                pulses[name] = data.pulses_per_device
                 tile.pulse = timed(f"pulse_fit[{k}]", fit_pulse_model, data, stuck, g_range, options.seed)
                 del data
     if "settle" in routines:
@@ -263,4 +291,26 @@ def _run(
         "software": _software(),
         "safety": dataclasses.asdict(device.safety()),
     }
+    if pulses:
+        record.session["pulses_per_device"] = _pulse_counts(pulses, options, info.limits.max_pulses)
     return record
+
+
+def _tile_names(options: SessionOptions) -> list[str]:
+    return [f"T{k}" for k in range(len(options.tile_shapes))]
+
+
+def _pulse_counts(pulses: dict[str, int], options: SessionOptions, max_pulses: int) -> dict[str, Any]:
+    """Pulses per device the pulse routine applied: max and mean over the devices of every
+    tile (every call pulses a whole tile: each device of a tile gets the same), per tile, and
+    the worst case and budget they were held to."""
+    values = np.array(list(pulses.values()), np.float64)
+    shapes = dict(zip(_tile_names(options), options.tile_shapes, strict=True))
+    devices = np.array([2 * shapes[name][0] * shapes[name][1] for name in pulses], np.float64)
+    return {
+        "max": int(values.max()),
+        "mean": float(np.average(values, weights=devices)),
+        "per_tile": dict(pulses),
+        "worst_case": options.pulse_worst_case(max_pulses),
+        "budget": options.pulse_budget,
+    }

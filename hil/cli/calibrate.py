@@ -20,6 +20,7 @@ from calibration import (
     runnable,
     write,
 )
+from calibration.pulse import DEFAULT_PULSE_BUDGET, PULSE_BUDGET_MAX
 from calibration.report import plot, summary
 from drivers import Limits, open_device
 from hil.cli.common import fail, user_errors
@@ -187,6 +188,14 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(
             True, "--progress/--no-progress", help="A bar per stage (--no-progress: a line as a stage ends)."
         ),
+        pulse_budget: int = typer.Option(
+            DEFAULT_PULSE_BUDGET,
+            min=1,
+            max=PULSE_BUDGET_MAX,
+            help="Pulses per device the pulse routine may apply to a tile, worst case (checked before it "
+            f"starts; default {DEFAULT_PULSE_BUDGET}: the worst case of the default routine on a board of "
+            "max_pulses 1000). The record keeps what was applied (session.pulses_per_device).",
+        ),
         threads: int = typer.Option(
             1,
             min=0,
@@ -264,7 +273,14 @@ def register(app: typer.Typer) -> None:
                     channels=channels or max(DEFAULT_CHANNELS, sum(shapes[0])),
                     reads=reads,
                     seed=seed,
+                    pulse_budget=pulse_budget,
                 )
+                worst = options.pulse_worst_case(dev.info.limits.max_pulses)
+                if worst:
+                    typer.echo(
+                        f"pulse routine: at most {worst} pulses per device of each tile (budget "
+                        f"{pulse_budget}; {dev.info.limits.max_pulses} per call on this board)"
+                    )
                 n, adc = options.node_channels(), options.adc_channels()
                 said = []
                 if channels is not None and n != channels:

@@ -79,6 +79,10 @@ def tune_pairs(
     `counts` is the pulse-response model; `gain` scales the counts it gives (below 1: aim
     short, since a one-sided device cannot step back); a device above
     ``g_min + ceiling (g_max - g_min)`` that must go up RESETs its partner instead.
+
+    Pulse bound: each round gives a device at most `max_pulses` pulses (or one RESET), and
+    there are at most `max_iters` rounds: at most ``max_iters * max_pulses`` pulses per device
+    in one call (1280 with the defaults).
     """
     if reads < 1 or max_iters < 0 or tol <= 0:
         raise ValueError(f"need reads >= 1, max_iters >= 0, tol > 0; got {reads}, {max_iters}, {tol}")
