@@ -81,6 +81,7 @@ class CalibratedDevice(DeviceWrapper):
                 )
         if not self._told_uncorrected:
             self._told_uncorrected = True
+            self._warn_partial()
             self._warn_uncorrected()
         self._warn_unmatched_tiles(topology)
         super().configure(topology)
@@ -133,6 +134,19 @@ class CalibratedDevice(DeviceWrapper):
                 f"`{self.rerun(tiles=tiles)}` to calibrate this network's tiles",
                 stacklevel=3,
             )
+
+    def _warn_partial(self) -> None:
+        """Say that the record is of a session stopped part-way (`CalibrationRecord.partial`):
+        it corrects what its finished routines measured, and nothing the stopped one would have."""
+        if not self.record.partial:
+            return
+        stopped = self.record.session.get("stopped_in", "an unknown routine")
+        warnings.warn(
+            f"the calibration record is partial: its session stopped in {stopped}, and it holds "
+            f"only the routines that had finished ({', '.join(self.record.routines) or 'none'}); "
+            f"rerun `{self.rerun()}` for a whole record",
+            stacklevel=4,
+        )
 
     def _warn_uncorrected(self) -> None:
         """Say once which paths the record leaves uncorrected: those through a converter bank

@@ -9,6 +9,7 @@ transport.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,25 @@ def test_a_missing_record_names_the_command_that_writes_one(tmp_path) -> None:
 
     with pytest.raises(CalibrationError, match=r"hil calibrate URI --out .*nope\.zarr"):
         load(tmp_path / "nope.zarr")
+
+
+def test_a_partial_record_says_so_when_a_network_uses_it(tmp_path: Path) -> None:
+    """A session stopped part-way writes the routines that finished, marked partial; a training
+    that loaded it corrected only those without a word about the rest."""
+    from calibration import CalibratedDevice
+    from drivers import Topology
+
+    dev = open_device("emulator://?preset=rram&seed=0")
+    record = run_session(dev, SessionOptions(routines=("stuck",), tile_shapes=((4, 4),)))
+    record.session.update(partial=True, stopped_in="pulse[0]")
+    write(record, tmp_path / "cal.zarr")
+    loaded = load(tmp_path / "cal.zarr", board=dev.info)
+    assert loaded.partial
+    wrapped = CalibratedDevice(dev, loaded, session="hil calibrate emulator://?preset=rram --out cal.zarr")
+    with pytest.warns(UserWarning, match=r"record is partial: its session stopped in pulse\[0\].*\(stuck\)"):
+        wrapped.configure(Topology.layered([3, 4]))
+    full = CalibratedDevice(dev, run_session(dev, SessionOptions(routines=("stuck",), tile_shapes=((4, 4),))))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        full.configure(Topology.layered([3, 4]))
+    assert not [w for w in said if "partial" in str(w.message)]
