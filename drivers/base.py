@@ -262,6 +262,20 @@ class BoardStatus:
     configured: bool = False
 
 
+@dataclass(frozen=True)
+class BoardOwner:
+    """Who owns a shared board (docs/protocol.md, "Ownership"): the token of the host that
+    holds it (None: nobody), when it took it (Unix seconds, the board's clock), how many open
+    connections present that token, the lease the board keeps for a token no connection
+    presents, and the seconds left of that lease (None while a connection presents it)."""
+
+    token: str | None = None
+    since: float | None = None
+    connections: int = 0
+    lease_s: float = 0.0
+    lapses_in: float | None = None
+
+
 class Device(ABC):
     """One analog crossbar board. Use as a context manager: exit puts it in its safe state."""
 
@@ -408,6 +422,11 @@ class Device(ABC):
 
     def meter(self) -> Meter | None:
         """The board's cumulative clock, energy and mvm counters; None: it keeps none."""
+        return None
+
+    def owner(self) -> BoardOwner | None:
+        """Who owns the board (a served board that announces the capability ``lock``);
+        None: a board no other host can reach, or one without ownership."""
         return None
 
     def require(self, capability: str, instead: str | None = None) -> None:

@@ -27,6 +27,20 @@ class DeviceFault(DeviceError):
         self.message = message
 
 
+class BoardLocked(DeviceFault):
+    """Another host owns the board (docs/protocol.md, "Ownership"): the request was refused
+    before it reached the array. `message` is the board's and names the owner; `uri`, where
+    known, is the board's, for the command that breaks the lock."""
+
+    def __init__(self, code: int, message: str, uri: str | None = None) -> None:
+        super().__init__(code, message)
+        self.uri = uri
+        where = uri or "URI"
+        self.args = (
+            f"device fault {code}: {message}. From this host, when its owner is gone: hil lock break {where}",
+        )
+
+
 class LimitViolation(DeviceError):
     """A request would exceed a device limit; it was refused before reaching the array."""
 

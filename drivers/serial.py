@@ -67,8 +67,9 @@ class SerialDevice(RemoteDevice):
         fragment: int = frames.MAX_FRAGMENT,
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
+        lock: bool = True,
     ) -> None:
-        super().__init__(name, attempts=attempts, backoff=backoff)
+        super().__init__(name, attempts=attempts, backoff=backoff, lock=lock)
         self.url = url
         self.baud = baud
         self.ack_timeout = ack_timeout
@@ -346,7 +347,7 @@ class SerialDevice(RemoteDevice):
 @dataclasses.dataclass(frozen=True)
 class SerialOptions(QueryOptions):
     """``serial://PORT`` and ``serial+socket://HOST:PORT`` with
-    ``?baud=115200&timeout=10&ack_timeout=0.25&retries=5&fragment=32768&attempts=4&backoff=0.05``"""
+    ``?baud=115200&timeout=10&ack_timeout=0.25&retries=5&fragment=32768&attempts=4&backoff=0.05&lock=1``"""
 
     LABEL: ClassVar[str] = "serial"
 
@@ -359,6 +360,7 @@ class SerialOptions(QueryOptions):
     )
     attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
+    lock: bool = True  # take the board while open, if it announces ownership (docs/protocol.md)
 
 
 def open_serial(target: str, options: SerialOptions) -> SerialDevice:

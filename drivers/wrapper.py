@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from drivers.base import (
+    BoardOwner,
     BoardStatus,
     Device,
     DeviceInfo,
@@ -78,6 +79,9 @@ class DeviceWrapper(Device):
 
     def meter(self) -> Meter | None:
         return self.inner.meter()
+
+    def owner(self) -> BoardOwner | None:
+        return self.inner.owner()
 
     def reset(self) -> None:
         self.inner.reset()

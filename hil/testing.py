@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from drivers import Device
     from drivers.wire.link import Link
-    from emulator.server.launch import FaultPlan
+    from emulator.server.launch import BoardLock, FaultPlan
     from emulator.server.launch import ServedBoard as BoardServers
 
 IN_PROCESS = "emulator"
@@ -48,7 +48,7 @@ TRANSPORTS = (IN_PROCESS, *REMOTE_TRANSPORTS)
 DEFAULT_BOARD = "emulator://?preset=rram&seed=0"
 
 
-_LAUNCHER_NAMES = ("FaultPlan", "Faults", "BoardServers")
+_LAUNCHER_NAMES = ("BoardLock", "FaultPlan", "Faults", "BoardServers")
 
 
 def __getattr__(name: str) -> Any:
@@ -80,13 +80,19 @@ def socket_link(sock: socket.socket, **link_options: Any) -> Link:
 
 
 def serve_board(
-    board: str | Device = DEFAULT_BOARD, *, plan: FaultPlan | None = None, ack_timeout: float = 0.25
+    board: str | Device = DEFAULT_BOARD,
+    *,
+    plan: FaultPlan | None = None,
+    ack_timeout: float = 0.25,
+    lock: BoardLock | bool = True,
 ) -> BoardServers:
     """Start both servers over `board` (a Device, or a URI opened here) on every link, with
-    the faults of `plan` (`FaultPlan`, re-exported here: byte, frame and request faults)."""
+    the faults of `plan` (`FaultPlan`, re-exported here: byte, frame and request faults).
+    `lock`: the board's ownership (True: served with the default lease; a `BoardLock`: with
+    its lease; False: a board without the capability ``lock``, as older firmware)."""
     from emulator.server.launch import serve
 
-    return serve(board, plan=plan, ack_timeout=ack_timeout)
+    return serve(board, plan=plan, ack_timeout=ack_timeout, lock=lock)
 
 
 @contextlib.contextmanager

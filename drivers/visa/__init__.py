@@ -70,8 +70,9 @@ class VisaDevice(RemoteDevice):
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
         baud: int | None = None,
+        lock: bool = True,
     ) -> None:
-        super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff)
+        super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff, lock=lock)
         if baud is not None and not resource.upper().startswith("ASRL"):
             raise ConfigurationError(
                 f"visa://{resource}: baud= is the line rate of a serial (ASRL) resource; this one is "
@@ -547,6 +548,20 @@ class VisaDevice(RemoteDevice):
         except ValueError:
             raise ProtocolError(f"{self.name}: malformed meter reply {text!r}") from None
 
+    def _op_acquire(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
+        return Message(self._query_json(f"{_short(scpi.LOCK_ACQUIRE_Q)} {scpi.quote(m['token'])}"))
+
+    def _op_owner(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
+        return Message(self._query_json(_short(scpi.LOCK_OWNER_Q)))
+
+    def _op_release(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
+        self._command(f"{_short(scpi.LOCK_RELEASE)} {scpi.quote(m['token'])}")
+        return Message()
+
+    def _op_break(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
+        self._command(_short(scpi.LOCK_BREAK))
+        return Message()
+
     def _op_reset(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
         self._command(scpi.RST)
         return Message()
@@ -589,12 +604,16 @@ _CALLS: dict[Op, Callable[..., Message]] = {
     Op.METER: VisaDevice._op_meter,
     Op.RESET: VisaDevice._op_reset,
     Op.SAFE_STATE: VisaDevice._op_safe_state,
+    Op.ACQUIRE: VisaDevice._op_acquire,
+    Op.OWNER: VisaDevice._op_owner,
+    Op.RELEASE: VisaDevice._op_release,
+    Op.BREAK: VisaDevice._op_break,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class VisaOptions(QueryOptions):
-    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05[&baud=N]``"""
+    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05[&baud=N]&lock=1``"""
 
     LABEL: ClassVar[str] = "visa"
 
@@ -606,6 +625,7 @@ class VisaOptions(QueryOptions):
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
     # line rate of an ASRL (serial) resource, bits per second; None: the VISA library's default
     baud: int | None = dataclasses.field(default=None, metadata={"gt": 0, "le": 10_000_000})
+    lock: bool = True  # take the board while open, if it announces ownership (docs/protocol.md)
 
     @classmethod
     def check_target(cls, target: str) -> None:

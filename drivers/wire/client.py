@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -44,6 +45,7 @@ import numpy as np
 
 from drivers import checks
 from drivers.base import (
+    BoardOwner,
     BoardStatus,
     Device,
     DeviceInfo,
@@ -55,6 +57,7 @@ from drivers.base import (
     SafetyCounters,
 )
 from drivers.errors import (
+    BoardLocked,
     BoardReset,
     ConfigurationError,
     DeviceError,
@@ -69,7 +72,7 @@ from drivers.errors import (
 from drivers.topology import Topology
 from drivers.wire import codes
 from drivers.wire import payload as pl
-from drivers.wire.payload import IDEMPOTENT, REPEATABLE_AFTER_RESET, Message, Op
+from drivers.wire.payload import IDEMPOTENT, LOCK_CAPABILITY, MAX_TOKEN, REPEATABLE_AFTER_RESET, Message, Op
 
 log = logging.getLogger("drivers.wire")
 
@@ -148,6 +151,14 @@ def check_timeout(name: str, seconds: object) -> float:
     return float(seconds)
 
 
+def owner_token() -> str:
+    """A token naming this process: ``host:pid:random`` (printable ASCII, at most MAX_TOKEN
+    characters), what a colleague reads in the refusal to find who holds the board."""
+    host = "".join(ch if " " < ch <= "~" and ch != ":" else "_" for ch in socket.gethostname()) or "host"
+    tail = f":{os.getpid()}:{os.urandom(4).hex()}"
+    return host[: MAX_TOKEN - len(tail)] + tail
+
+
 def _request_id() -> int:
     """A random 53-bit id: unique across sessions, exact in a JSON double."""
     return int.from_bytes(os.urandom(7), "little") >> 3
@@ -205,8 +216,15 @@ class RemoteDevice(Device):
     """A Device whose board sits at the other end of a link."""
 
     def __init__(
-        self, name: str, *, attempts: int = DEFAULT_ATTEMPTS, backoff: float = DEFAULT_BACKOFF_S
+        self,
+        name: str,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff: float = DEFAULT_BACKOFF_S,
+        lock: bool = True,
     ) -> None:
+        """`lock`: take the board (docs/protocol.md, "Ownership") when it announces the
+        capability ``lock``, so no other host drives it while this one is open."""
         super().__init__()
         if attempts < 1:
             raise ConfigurationError(f"{name}: attempts must be >= 1, got {attempts}")
@@ -227,6 +245,9 @@ class RemoteDevice(Device):
         self._depth = 0
         self._guard = _InterruptGuard()
         self._safe = False  # the last transaction was a successful safe_state
+        self.take_lock = lock
+        self.lock_token = owner_token()  # presented on every (re)connect while this host owns the board
+        self._owns = False  # this host took the board (and presents its token after a reconnect)
 
     # -- what a transport provides
     @abstractmethod
@@ -252,6 +273,8 @@ class RemoteDevice(Device):
                 try:
                     self._connect()
                     self._info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
+                    if self.take_lock and LOCK_CAPABILITY in self._info.capabilities:
+                        self._acquire()
                     self._topology = self._remote_topology()
                     status = self._board_status()
                     break
@@ -267,6 +290,9 @@ class RemoteDevice(Device):
                         self.attempts, pause,
                     )  # fmt: skip
                     time.sleep(pause)
+                except BoardLocked as exc:
+                    self._disconnect()
+                    raise self._locked(exc) from None
                 except BaseException:
                     self._disconnect()
                     raise
@@ -282,6 +308,47 @@ class RemoteDevice(Device):
                 stacklevel=2,
             )
         return self
+
+    def _locked(self, exc: BoardLocked) -> BoardLocked:
+        """The refusal, naming this board's URI in its fix."""
+        return exc if exc.uri is not None else BoardLocked(exc.code, exc.message, self.name)
+
+    def _acquire(self) -> None:
+        """Take the board with this host's token, or present the token again (a reconnect)."""
+        pl.board_owner(self._call(Op.ACQUIRE, Message({"token": self.lock_token})))
+        self._owns = True
+
+    def _release(self) -> None:
+        """Give the board up (closing); a link that fails leaves it to the board's lease."""
+        if self._owns and not self._broken:
+            with contextlib.suppress(DeviceError):
+                self._run(Op.RELEASE, Message({"token": self.lock_token}), attempts=1)
+        self._owns = False
+
+    def owner(self) -> BoardOwner | None:
+        """Who owns the board; None for a board without ownership (capability ``lock``)."""
+        if LOCK_CAPABILITY not in self.info.capabilities:
+            return None
+        return pl.board_owner(self._transact(Op.OWNER, Message()))
+
+    @property
+    def owns(self) -> bool:
+        """Whether this host holds the board (it took it when it opened)."""
+        return self._owns
+
+    def break_lock(self) -> BoardOwner:
+        """End whoever's ownership of the board (an admin's tool: `hil lock break URI`); the
+        owner as it was. The host that held it is refused from its next request on."""
+        if LOCK_CAPABILITY not in self.info.capabilities:
+            raise NotSupported(
+                f"{self.name}: the board has no ownership (capability 'lock'); nothing to break"
+            )
+        with self.lock:
+            before = self.owner()
+            self._transact(Op.BREAK, Message())
+            self._owns = False
+            assert before is not None
+            return before
 
     def reconnect(self) -> None:
         """Drop the link and open it again; if the board reset meanwhile, configure it again."""
@@ -341,6 +408,8 @@ class RemoteDevice(Device):
             raise ProtocolError(
                 f"{self.name}: the link worked, and reconnecting it failed: {detail}"
             ) from exc
+        if self._owns:  # the lock is the token's: present it again on the new connection
+            self._acquire()
         status = self._board_status()
         reset = status is not None and self._epoch is not None and status.epoch != self._epoch
         if status is not None and not status.configured and self._topology is not None:
@@ -386,6 +455,8 @@ class RemoteDevice(Device):
                         reply = self._run(op, request, attempts, request_id)
                 else:
                     reply = self._run(op, request, attempts, request_id)
+            except BoardLocked as exc:
+                raise self._locked(exc) from None
             finally:
                 self._depth -= 1
             if self._depth == 0 and self._guard.fired:
@@ -616,12 +687,15 @@ class RemoteDevice(Device):
             except DeviceError:
                 pass
             finally:
-                self.close_link()
+                self.close_link()  # releases the board first
 
     def close_link(self) -> None:
         """Close the link without `close`'s safe state: for a session that only looked at a
         board another host drives (`hil info`), whose lines it must not drive to 0 V."""
         with self.lock:
             if not self._closed:
-                self._closed = True
-                self._disconnect()
+                try:
+                    self._release()
+                finally:
+                    self._closed = True
+                    self._disconnect()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from drivers.errors import (
+    BoardLocked,
     ConfigurationError,
     DeviceError,
     DeviceFault,
@@ -49,6 +50,7 @@ QUERY_UNTERMINATED = -420
 CONFIGURATION = 100  # unknown tile or group, wrong shape, no topology yet
 NOT_SUPPORTED = 101  # the board lacks the capability the command needs
 FRAME_ERROR = 110  # framed protocol: bad opcode, version or payload
+LOCKED = 120  # another host owns the board: a request that drives or changes it was refused
 
 MESSAGES = {
     NO_ERROR: "No error",
@@ -80,6 +82,7 @@ MESSAGES = {
     CONFIGURATION: "Configuration error",
     NOT_SUPPORTED: "Not supported",
     FRAME_ERROR: "Frame error",
+    LOCKED: "Board locked",
 }
 
 
@@ -123,4 +126,6 @@ def error_for(code: int, message: str) -> DeviceError:
         return ConfigurationError(message)
     if code == NOT_SUPPORTED:
         return NotSupported(message)
+    if code == LOCKED:
+        return BoardLocked(code, message)
     return DeviceFault(code, message)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from drivers.base import (
+    BoardOwner,
     BoardStatus,
     DeviceInfo,
     Equilibrium,
@@ -67,6 +68,11 @@ class Op(IntEnum):
     BEGIN = 0x1D
     COMMIT = 0x1E
     METER = 0x1F
+    # ownership (capability "lock"; docs/protocol.md, "Ownership")
+    ACQUIRE = 0x20
+    OWNER = 0x21
+    RELEASE = 0x22
+    BREAK = 0x23
 
 
 # Operations a host may repeat after a link failure without changing the outcome. The
@@ -75,11 +81,34 @@ IDEMPOTENT = frozenset(
     {
         Op.INFO, Op.TOPOLOGY, Op.CONFIGURE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE, Op.SAFETY,
         Op.RESET, Op.SAFE_STATE, Op.STATUS, Op.BEGIN, Op.COMMIT, Op.METER,
+        Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK,
     }
 )  # fmt: skip
 # Of the others, operations whose repetition after a board reset is still right: program
 # writes absolute targets; a pulse or a wait would be applied twice.
 REPEATABLE_AFTER_RESET = frozenset({Op.PROGRAM})
+
+# Ownership (docs/protocol.md, "Ownership"). The capability a board that implements it
+# announces; the operations on the lock itself; and the operations any connection may run
+# while another host owns the board: they read what the board says about itself and change
+# nothing the owner relies on. Every other operation (configure, program, pulse,
+# read_conductance, mvm, settle, wait, reset, safe_state, begin, commit) drives the array,
+# changes its state or spends its clock, and is the owner's alone.
+LOCK_CAPABILITY = "lock"
+LOCK_OPS = frozenset({Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK})
+OPEN_WHILE_OWNED = frozenset({Op.INFO, Op.TOPOLOGY, Op.SAFETY, Op.STATUS, Op.METER, *LOCK_OPS})
+MAX_TOKEN = 100  # characters of an owner token (an error message that names it fits 255)
+
+
+def check_token(token: object) -> str:
+    """An owner token: 1 to `MAX_TOKEN` printable ASCII characters (ValueError otherwise)."""
+    if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN:
+        raise ValueError(
+            f"an owner token is a string of 1 to {MAX_TOKEN} characters, got {str(token)[:40]!r}"
+        )
+    if not all(" " <= ch <= "~" for ch in token):
+        raise ValueError(f"an owner token is printable ASCII, got {token[:40]!r}")
+    return token
 
 
 @dataclass
@@ -767,4 +796,27 @@ def meter(msg: Message) -> Meter:
         _float(op, "clock_s", m["clock_s"]),
         _float(op, "energy_j", m["energy_j"]),
         _int(op, "mvm_calls", m["mvm_calls"]),
+    )
+
+
+def owner_reply(o: BoardOwner) -> Message:
+    return Message({f.name: getattr(o, f.name) for f in dataclasses.fields(o)})
+
+
+def board_owner(msg: Message) -> BoardOwner:
+    op = "owner"
+    m = _meta(op, msg, "token")
+    token = m["token"]
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise _bad(op, str(exc)) from None
+    since, lapses = m.get("since"), m.get("lapses_in")
+    return BoardOwner(
+        token,
+        None if since is None else _float(op, "since", since),
+        _int(op, "connections", m.get("connections", 0)),
+        _float(op, "lease_s", m.get("lease_s", 0.0)),
+        None if lapses is None else _float(op, "lapses_in", lapses),
     )

@@ -48,6 +48,11 @@ STATE_Q = "SYSTem:STATe?"
 METER_Q = "SYSTem:METer?"
 BEGIN = "SYSTem:TRANsaction:BEGin"
 COMMIT = "SYSTem:TRANsaction:COMMit"
+# ownership (capability "lock"; docs/protocol.md, "Ownership")
+LOCK_ACQUIRE_Q = "SYSTem:LOCK:ACQuire?"
+LOCK_OWNER_Q = "SYSTem:LOCK:OWNer?"
+LOCK_RELEASE = "SYSTem:LOCK:RELease"
+LOCK_BREAK = "SYSTem:LOCK:BREak"
 CHECK_MODE = "SYSTem:COMMunicate:CHECk"
 CHECK_MODE_Q = "SYSTem:COMMunicate:CHECk?"
 CHECKSUM = "SYSTem:CHECksum"
@@ -76,6 +81,10 @@ OP_HEADERS: dict[Op, str] = {
     Op.BEGIN: BEGIN,
     Op.COMMIT: COMMIT,
     Op.METER: METER_Q,
+    Op.ACQUIRE: LOCK_ACQUIRE_Q,
+    Op.OWNER: LOCK_OWNER_Q,
+    Op.RELEASE: LOCK_RELEASE,
+    Op.BREAK: LOCK_BREAK,
 }
 
 TERMINATOR = b"\n"

@@ -10,11 +10,15 @@ from drivers.base import Device
 from drivers.errors import DeviceFault, NotSupported, ProtocolError
 from drivers.wire import codes
 from drivers.wire import payload as pl
-from drivers.wire.payload import IDEMPOTENT, Message, Op
+from drivers.wire.payload import IDEMPOTENT, LOCK_CAPABILITY, LOCK_OPS, Message, Op
+from emulator.server.ownership import LockSession
 
 
 def _info(d: Device, m: Message) -> Message:
-    return Message(pl.info_to_dict(d.info))
+    info = pl.info_to_dict(d.info)
+    # ownership is the server's, not the device's: announced by `execute` where it is served
+    info["capabilities"] = [c for c in info["capabilities"] if c != LOCK_CAPABILITY]
+    return Message(info)
 
 
 def _topology(d: Device, m: Message) -> Message:
@@ -205,10 +209,45 @@ def request_id(op: Op, request: Message) -> int | None:
     return rid
 
 
-def execute(device: Device, op: Op, request: Message, cache: ReplayCache | None = None) -> Message:
+def _lock_op(session: LockSession, op: Op, request: Message) -> Message:
+    lock = session.lock
+    if op is Op.ACQUIRE:
+        return pl.owner_reply(lock.acquire(session, request.meta["token"]))
+    if op is Op.RELEASE:
+        lock.release(session, request.meta["token"])
+        return Message()
+    if op is Op.BREAK:
+        lock.break_()
+        return Message()
+    return pl.owner_reply(lock.state())
+
+
+def execute(
+    device: Device,
+    op: Op,
+    request: Message,
+    cache: ReplayCache | None = None,
+    session: LockSession | None = None,
+) -> Message:
     """Run `op`; a request the device cannot even read raises DeviceFault(-109/-224). With a
-    `cache`, a non-idempotent request whose id ran before gets the stored outcome."""
+    `cache`, a non-idempotent request whose id ran before gets the stored outcome. With a
+    `session` (the connection's side of the board's lock; None: a board without ownership),
+    a request that drives or changes a board another host owns is refused (120), and the
+    board announces the capability ``lock``."""
+    if op in LOCK_OPS:
+        if session is None:
+            raise DeviceFault(codes.NOT_SUPPORTED, "this board has no ownership (capability 'lock')")
+        try:
+            return _lock_op(session, op, request)
+        except KeyError as exc:
+            raise DeviceFault(codes.MISSING_PARAMETER, f"{op.name.lower()} request lacks {exc}") from None
     with device.lock:
+        if session is not None:
+            session.lock.check(session, op)
+            if op is Op.INFO:
+                reply = _run(device, op, request)
+                reply.meta["capabilities"] = sorted({*reply.meta["capabilities"], LOCK_CAPABILITY})
+                return reply
         rid = request_id(op, request) if cache is not None else None
         if rid is None or cache is None:
             return _run(device, op, request)

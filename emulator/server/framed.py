@@ -18,14 +18,16 @@ from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smaller_timeout
-from drivers.wire.payload import Op
+from drivers.wire.payload import LOCK_OPS, Op
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
 
 _OP_OF = {int(op): op for op in Op}
 _OPS = set(_OP_OF)
+_LOCK_OPCODES = {int(op) for op in LOCK_OPS}  # unknown opcodes to a board without ownership
 _RESPONSE = int(Flag.RESPONSE)  # IntFlag arithmetic costs a microsecond or two per reply
 
 
@@ -52,7 +54,8 @@ class FramedServer(EndpointServer):
     the same ones. `cache` remembers the outcomes of requests that carry a request id
     (non-idempotent ones), so a host resending one after a lost reply does not run it
     twice. A TCP connection that sends and receives nothing for `idle_timeout_s` is closed
-    (None: never)."""
+    (None: never). `lock`: the board's owner (`emulator.server.ownership`), shared with its
+    other servers; None serves a board without ownership (firmware without the capability)."""
 
     def __init__(
         self,
@@ -65,8 +68,10 @@ class FramedServer(EndpointServer):
         max_connections: int = MAX_CONNECTIONS,
         max_message: int = frames.MAX_MESSAGE,
         idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+        lock: BoardLock | None = None,
     ) -> None:
         self.device = device
+        self.lock = lock
         self.ack_timeout = ack_timeout
         self.retries = retries
         self.plan = plan or FaultPlan()
@@ -109,6 +114,7 @@ class FramedServer(EndpointServer):
         if plan.active:
             stream = FaultyStream(stream, plan)
         link = self._new_link(stream)
+        session = None if self.lock is None else self.lock.session()
         served = 0
         throttle = ErrorThrottle()
         charged = 0.0  # of the link's errors, those charged to the throttle
@@ -142,7 +148,7 @@ class FramedServer(EndpointServer):
                 # an inactive plan draws no fault (its rates are all 0): no draw, no lock per request
                 fault = plan.request_fault(first.opcode) if plan.active and first.opcode in _OPS else None
                 if fault == "close" or (fault == "reset" and self.plan.reset_after):
-                    self._answer(link, first.opcode, body)
+                    self._answer(link, first.opcode, body, session)
                 if fault == "reset":  # the board restarts (instead of or after running the request)
                     self.device.reset()
                 if fault in ("reset", "close"):
@@ -152,7 +158,7 @@ class FramedServer(EndpointServer):
                     link = self._new_link(stream)
                     charged = errors
                     continue
-                flags, reply = self._answer(link, first.opcode, body)
+                flags, reply = self._answer(link, first.opcode, body, session)
                 if flags & _ERROR:
                     errors += 1
                 if fault == "delay":
@@ -170,6 +176,8 @@ class FramedServer(EndpointServer):
                     return
         finally:
             self._free(link)
+            if session is not None:
+                session.close()  # the token it presented starts its lease
 
     def _hello(self, link: Link, body: bytes) -> dict[str, object]:
         """A new session: piggyback ACKs on responses if the host asked for it, holding an ACK
@@ -194,15 +202,17 @@ class FramedServer(EndpointServer):
         }
         return info
 
-    def _answer(self, link: Link, opcode: int, body: bytes) -> tuple[int, bytes]:
+    def _answer(self, link: Link, opcode: int, body: bytes, session: LockSession | None) -> tuple[int, bytes]:
         try:
             if opcode == LinkOp.PING:
                 return 0, body
             if opcode == LinkOp.HELLO:
+                if session is not None:  # a new session on this link (a pty's next host) presents nothing yet
+                    session.withdraw()
                 return 0, pl.dumps(self._hello(link, body))
             if opcode == LinkOp.STATS:
                 return 0, pl.dumps(link.stats.as_dict())
-            if opcode not in _OPS:
+            if opcode not in _OPS or (session is None and opcode in _LOCK_OPCODES):
                 return Flag.ERROR, _error(codes.FRAME_ERROR, f"unknown opcode {opcode:#x}")
             try:
                 request = pl.unpack(body)
@@ -212,6 +222,6 @@ class FramedServer(EndpointServer):
             if op not in pl.IDEMPOTENT and "rid" not in request.meta:  # a replayed frame must not rerun it
                 message = f"a {op.name.lower()} request needs a request id (rid): it changes state"
                 return Flag.ERROR, _error(codes.MISSING_PARAMETER, message)
-            return 0, pl.pack(execute(self.device, op, request, self.cache))
+            return 0, pl.pack(execute(self.device, op, request, self.cache, session))
         except Exception as exc:  # every device error becomes an ERROR reply; the link lives on
             return Flag.ERROR, _error(*codes.code_for(exc))

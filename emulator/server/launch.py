@@ -23,9 +23,10 @@ from emulator.server.dispatch import ReplayCache
 from emulator.server.faults import FaultPlan
 from emulator.server.framed import FramedServer
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS
+from emulator.server.ownership import BoardLock
 from emulator.server.scpi import ScpiServer
 
-__all__ = ["TRANSPORTS", "FaultPlan", "Faults", "ServedBoard", "serve"]
+__all__ = ["TRANSPORTS", "BoardLock", "FaultPlan", "Faults", "ServedBoard", "serve"]
 
 # the remote transports a served board is reached by, as the device URIs name them
 TRANSPORTS = ("visa-tcp", "visa-asrl", "serial-pty", "serial-socket")
@@ -42,6 +43,7 @@ class ServedBoard:
     plan: FaultPlan
     scpi: ScpiServer
     framed: FramedServer
+    lock: BoardLock | None = None  # the board's owner, shared by both servers (None: no ownership)
     uris: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -86,24 +88,29 @@ def serve(
     ack_timeout: float = 0.25,
     max_connections: int = MAX_CONNECTIONS,
     idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+    lock: BoardLock | bool = True,
 ) -> ServedBoard:
     """Serve `board` (a device URI opened here, or an open Device, which the result then
     owns) on SCPI over TCP (`scpi_port`; 0: a free port, None: not served) and over a pty
     (`scpi_pty`), and on the framed protocol over TCP (`framed_port`) and over a pty
     (`framed_pty`). `host` is the address the TCP servers bind (loopback unless you mean
-    otherwise). On any failure everything started is closed again and the error raised."""
+    otherwise). `lock`: the board's ownership (capability ``lock``, docs/protocol.md), one
+    owner for both servers: True a `BoardLock` with the default lease, a `BoardLock` of your
+    own (another lease), False a board without ownership (firmware that lacks it). On any
+    failure everything started is closed again and the error raised."""
     device = open_device(board) if isinstance(board, str) else board
     plan = plan or FaultPlan()
     # one board: one record of requests, whichever server they came by
     cache = ReplayCache(keep=not plan.rerun_ids)
-    caps = {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s}
+    owner = BoardLock() if lock is True else (lock or None)
+    caps = {"max_connections": max_connections, "idle_timeout_s": idle_timeout_s, "lock": owner}
     try:
         scpi = ScpiServer(device, plan=plan, cache=cache, **caps)  # type: ignore[arg-type]
         framed = FramedServer(device, plan=plan, cache=cache, ack_timeout=ack_timeout, **caps)  # type: ignore[arg-type]
     except BaseException:
         device.close()
         raise
-    served = ServedBoard(device, plan, scpi, framed)
+    served = ServedBoard(device, plan, scpi, framed, owner)
     shown = LOOPBACK if host in ("", "0.0.0.0", "::") else host  # all interfaces: loopback works here
     try:
         if scpi_port is not None:

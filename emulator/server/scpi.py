@@ -28,6 +28,7 @@ from drivers.wire.scpi import MAX_LINE
 from emulator.server.dispatch import ReplayCache, execute
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
 
 MAX_BLOCK_IN = 16 << 20  # bytes of one block a connection may send (8 x a 512x512 f4 tile pair)
@@ -426,9 +427,12 @@ def _coalesce(pieces: list[Buffer], small: int = 1 << 16) -> list[Buffer]:
 class ScpiSession:
     """One client's view of the instrument: error queue, status registers, last data."""
 
-    def __init__(self, device: Device, cache: ReplayCache | None = None) -> None:
+    def __init__(
+        self, device: Device, cache: ReplayCache | None = None, lock: LockSession | None = None
+    ) -> None:
         self.device = device
         self.cache = cache
+        self.lock = lock  # this session's side of the board's owner (None: a board without ownership)
         self.checked = False  # checked mode: CRC-32 on every message and response
         self.errors_pushed = 0  # errors queued since the session began (the server's throttle)
         self.errors: deque[tuple[int, str]] = deque()
@@ -443,7 +447,13 @@ class ScpiSession:
         self._parser = MessageParser()
 
     def _table(self) -> list[tuple[str, Callable[[list[Param], str], Reply], bool]]:
-        return [
+        owned = [
+            (scpi.LOCK_ACQUIRE_Q, self._lock_acquire_q, True),
+            (scpi.LOCK_OWNER_Q, self._lock_owner_q, True),
+            (scpi.LOCK_RELEASE, self._lock_release, False),
+            (scpi.LOCK_BREAK, self._lock_break, False),
+        ]
+        return (owned if self.lock is not None else []) + [
             (scpi.IDN, self._idn, False),
             (scpi.RST, self._rst, False),
             (scpi.CLS, self._cls, False),
@@ -580,7 +590,7 @@ class ScpiSession:
 
     def _op(self, op: Op, request: Message) -> Message:
         self.data = None
-        return execute(self.device, op, request, self.cache)
+        return execute(self.device, op, request, self.cache, self.lock)
 
     def _with_data(self, reply: Message) -> bytes:
         """The JSON block of a reply; its arrays wait for FETC:DATA?."""
@@ -756,6 +766,25 @@ class ScpiSession:
         self._op(Op.COMMIT, Message({"tag": _string(params[0])}))
         return None
 
+    # -- ownership
+    def _lock_acquire_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        return scpi.block(pl.meta_json(self._op(Op.ACQUIRE, Message({"token": _string(params[0])}))))
+
+    def _lock_owner_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return scpi.block(pl.meta_json(self._op(Op.OWNER, Message())))
+
+    def _lock_release(self, params: list[Param], h: str) -> Reply:
+        _want(params, 1, h)
+        self._op(Op.RELEASE, Message({"token": _string(params[0])}))
+        return None
+
+    def _lock_break(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        self._op(Op.BREAK, Message())
+        return None
+
     def _check_mode(self, params: list[Param], h: str) -> Reply:
         _want(params, 1, h)
         self.checked = _bool(params[0])
@@ -815,19 +844,31 @@ class Connection:
         cache: ReplayCache | None = None,
         plan: FaultPlan | None = None,
         max_block: int = MAX_BLOCK_IN,
+        lock: BoardLock | None = None,
     ) -> None:
         self.device = device
         self.cache = cache
         self.plan = plan or FaultPlan()
         self.max_block = max_block
-        self.renew()
+        self.lock = lock
+        self._start()
+
+    def _start(self) -> None:
+        lock = None if self.lock is None else self.lock.session()
+        self.session = ScpiSession(self.device, self.cache, lock)
+        self.splitter = MessageSplitter(self.max_block)
+        self.errors_charged = 0  # of the session's errors, those charged to the throttle
 
     def renew(self) -> None:
         """A new session (what a pty gets after a reset or a hang-up): empty error queue and
-        status registers, buffered input dropped."""
-        self.session = ScpiSession(self.device, self.cache)
-        self.splitter = MessageSplitter(self.max_block)
-        self.errors_charged = 0  # of the session's errors, those charged to the throttle
+        status registers, buffered input dropped, no owner token presented."""
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        """The session ends: the owner token it presented (if any) starts its lease."""
+        if self.session.lock is not None:
+            self.session.lock.close()
 
     def respond(self, data: bytes) -> Iterator[Answer]:
         """Feed received bytes and run every complete program message, yielding each one's
@@ -853,7 +894,9 @@ class ScpiServer(EndpointServer):
     `plan`: the faults to inject (`emulator.server.faults.FaultPlan`), shared by all
     connections. `cache` remembers the outcomes of requests that carry a request id, shared
     by all sessions. A TCP connection that sends and receives nothing for `idle_timeout_s`
-    is closed (None: never), so idle peers cannot hold the connection slots."""
+    is closed (None: never), so idle peers cannot hold the connection slots. `lock`: the
+    board's owner (`emulator.server.ownership`), shared with its other servers; None serves
+    a board without ownership (firmware without the capability)."""
 
     def __init__(
         self,
@@ -864,8 +907,10 @@ class ScpiServer(EndpointServer):
         max_connections: int = MAX_CONNECTIONS,
         max_block: int = MAX_BLOCK_IN,
         idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+        lock: BoardLock | None = None,
     ) -> None:
         self.device = device
+        self.lock = lock
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
         self.max_block = max_block
@@ -881,7 +926,14 @@ class ScpiServer(EndpointServer):
         plan = self.plan
         if plan.active:
             stream = FaultyStream(stream, plan)
-        conn = Connection(self.device, self.cache, plan, self.max_block)
+        conn = Connection(self.device, self.cache, plan, self.max_block, self.lock)
+        try:
+            self._serve_connection(conn, stream, stopping)
+        finally:
+            conn.close()  # the owner token it presented (if any) starts its lease
+
+    def _serve_connection(self, conn: Connection, stream: Stream, stopping: threading.Event) -> None:
+        plan = self.plan
         throttle = ErrorThrottle()
         served = 0
         backlog = False  # complete messages may wait in the splitter (the allowance ran out)

@@ -1,0 +1,166 @@
+"""Board ownership (capability ``lock``; docs/protocol.md, "Ownership"): one owner per board.
+
+A host takes the board with a token it chose (ACQUIRE); from then on every request that
+drives or changes the board (`drivers.wire.payload.OPEN_WHILE_OWNED` lists the ones that do
+not) is refused with error 120 unless it comes over a connection that presented that token.
+The lock belongs to the token, not to a connection: a host that lost its link and reconnects
+presents the token again and still owns the board. While at least one open connection
+presents the token the lock holds; once none does (the owner closed without RELEASE, or its
+process died), it lapses `lease_s` seconds later unless the token is presented again in the
+meantime. BREAK ends it at once, whoever asks (a lab admin whose colleague went home). A
+connection that presents the owner's token may acquire with another token: the board passes
+to it (an SCPI serial line is one session for as long as the board is powered, so the next
+host on that line takes the board over from the one before).
+
+One `BoardLock` per board, shared by all its servers and connections; one `LockSession`
+per connection (or pty session), holding the token that connection presented.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from drivers.base import BoardOwner
+from drivers.errors import DeviceFault
+from drivers.wire import codes
+from drivers.wire.payload import OPEN_WHILE_OWNED, Op, check_token
+
+DEFAULT_LEASE_S = 60.0  # how long a token no connection presents keeps the board
+
+
+class LockSession:
+    """One connection's side of the lock: the token it presented (None: none)."""
+
+    def __init__(self, lock: BoardLock) -> None:
+        self.lock = lock
+        self.token: str | None = None
+
+    def withdraw(self) -> None:
+        """The connection stops presenting its token (it closed, or a framed link began a new
+        session with HELLO); the lease starts if no other connection presents it."""
+        self.lock.withdraw(self)
+
+    def close(self) -> None:
+        self.lock.leave(self)
+
+
+class BoardLock:
+    """The board's owner, shared by every connection of every server of one board."""
+
+    def __init__(
+        self,
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if not lease_s >= 0:
+            raise ValueError(f"lease_s must be >= 0 seconds, got {lease_s}")
+        self.lease_s = float(lease_s)
+        self._clock = clock
+        self._wall = wall
+        self._mutex = threading.Lock()
+        self._sessions: set[LockSession] = set()
+        self._token: str | None = None
+        self._since: float | None = None  # wall-clock time the owner took the board
+        self._left_at: float | None = None  # clock time the last connection presenting it left
+        self.broken = 0  # locks broken (BREAK) since the board started
+
+    def session(self) -> LockSession:
+        s = LockSession(self)
+        with self._mutex:
+            self._sessions.add(s)
+        return s
+
+    # -- state (call with the mutex held)
+    def _presenting(self) -> int:
+        return sum(1 for s in self._sessions if s.token is not None and s.token == self._token)
+
+    def _expire(self) -> None:
+        """Drop an owner whose lease ran out (no connection presented its token for lease_s)."""
+        if self._token is None or self._presenting():
+            self._left_at = None
+            return
+        now = self._clock()
+        if self._left_at is None:
+            self._left_at = now
+        if now - self._left_at >= self.lease_s:
+            self._token = self._since = self._left_at = None
+
+    def _state(self) -> BoardOwner:
+        self._expire()
+        if self._token is None:
+            return BoardOwner(None, None, 0, self.lease_s, None)
+        left = None if self._left_at is None else max(0.0, self.lease_s - (self._clock() - self._left_at))
+        return BoardOwner(self._token, self._since, self._presenting(), self.lease_s, left)
+
+    def _refusal(self, what: str) -> DeviceFault:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._since or 0.0))
+        return DeviceFault(
+            codes.LOCKED,
+            f"{what} refused: the board is owned by {self._token!r} since {since}; wait for it to "
+            "release the board, or break the lock (SYST:LOCK:BRE, framed opcode 0x23)",
+        )
+
+    # -- the operations
+    def acquire(self, session: LockSession, token: object) -> BoardOwner:
+        """Take the board for `token` (or present it again: the owner's reconnect)."""
+        token = check_token(token)
+        with self._mutex:
+            self._expire()
+            taking_over = session.token is not None and session.token == self._token
+            if self._token is not None and self._token != token and not taking_over:
+                raise self._refusal("acquire")
+            session.token = token  # a connection presents one token: the one it acquired with last
+            if self._token != token:  # a free board, or the owner's own connection passing it on
+                self._token, self._since = token, self._wall()
+            self._expire()  # presented now: no lease running
+            return self._state()
+
+    def release(self, session: LockSession, token: object) -> None:
+        """Give the board up; a token that does not own it releases nothing (a retried release)."""
+        token = check_token(token)
+        with self._mutex:
+            if self._token == token:
+                self._token = self._since = self._left_at = None
+            if session.token == token:
+                session.token = None
+
+    def break_(self) -> BoardOwner:
+        """End the ownership whoever holds it; the owner as it was."""
+        with self._mutex:
+            before = self._state()
+            if self._token is not None:
+                self.broken += 1
+            self._token = self._since = self._left_at = None
+            return before
+
+    def state(self) -> BoardOwner:
+        with self._mutex:
+            return self._state()
+
+    def check(self, session: LockSession, op: Op) -> None:
+        """Raise DeviceFault(120) if `op` drives or changes a board another token owns."""
+        if op in OPEN_WHILE_OWNED:
+            return
+        with self._mutex:
+            if self._token is None:
+                return
+            if session.token == self._token:
+                return
+            self._expire()
+            if self._token is not None:
+                raise self._refusal(op.name.lower())
+
+    def withdraw(self, session: LockSession) -> None:
+        with self._mutex:
+            session.token = None
+            self._expire()  # starts the lease if that was the last connection presenting it
+
+    def leave(self, session: LockSession) -> None:
+        with self._mutex:
+            session.token = None
+            self._sessions.discard(session)
+            self._expire()
