@@ -37,7 +37,7 @@ class BoardLocked(DeviceFault):
         self.uri = uri
         where = uri or "URI"
         self.args = (
-            f"device fault {code}: {message}. From this host, when its owner is gone: hil lock break {where}",
+            f"device fault {code}: {message} (to take a board whose owner is gone: hil lock break {where})",
         )
 
 

@@ -7,7 +7,9 @@ The lock belongs to the token, not to a connection: a host that lost its link an
 presents the token again and still owns the board. While at least one open connection
 presents the token the lock holds; once none does (the owner closed without RELEASE, or its
 process died), it lapses `lease_s` seconds later unless the token is presented again in the
-meantime. BREAK ends it at once, whoever asks (a lab admin whose colleague went home). A
+meantime. BREAK ends it at once, whoever asks (a lab admin whose colleague went home); the
+board then refuses the broken token (its host's next request, and its reconnect), so that
+host cannot go on unnoticed or take the board back without opening it again. A
 connection that presents the owner's token may acquire with another token: the board passes
 to it (an SCPI serial line is one session for as long as the board is powered, so the next
 host on that line takes the board over from the one before).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from drivers.base import BoardOwner
@@ -28,6 +31,7 @@ from drivers.wire import codes
 from drivers.wire.payload import OPEN_WHILE_OWNED, Op, check_token
 
 DEFAULT_LEASE_S = 60.0  # how long a token no connection presents keeps the board
+BROKEN_KEPT = 16  # broken tokens the board refuses (their hosts open the board again, with new ones)
 
 
 class LockSession:
@@ -67,6 +71,7 @@ class BoardLock:
         self._since: float | None = None  # wall-clock time the owner took the board
         self._left_at: float | None = None  # clock time the last connection presenting it left
         self.broken = 0  # locks broken (BREAK) since the board started
+        self._broken: deque[str] = deque(maxlen=BROKEN_KEPT)  # tokens whose lock was broken
 
     def session(self) -> LockSession:
         s = LockSession(self)
@@ -96,6 +101,13 @@ class BoardLock:
         left = None if self._left_at is None else max(0.0, self.lease_s - (self._clock() - self._left_at))
         return BoardOwner(self._token, self._since, self._presenting(), self.lease_s, left)
 
+    def _broken_refusal(self, what: str) -> DeviceFault:
+        return DeviceFault(
+            codes.LOCKED,
+            f"{what} refused: this host's lock on the board was broken (SYST:LOCK:BRE, framed opcode "
+            "0x23), someone else may be using it now; close and open the board again to take it",
+        )
+
     def _refusal(self, what: str) -> DeviceFault:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._since or 0.0))
         return DeviceFault(
@@ -109,6 +121,8 @@ class BoardLock:
         """Take the board for `token` (or present it again: the owner's reconnect)."""
         token = check_token(token)
         with self._mutex:
+            if token in self._broken:
+                raise self._broken_refusal("acquire")
             self._expire()
             taking_over = session.token is not None and session.token == self._token
             if self._token is not None and self._token != token and not taking_over:
@@ -134,6 +148,7 @@ class BoardLock:
             before = self._state()
             if self._token is not None:
                 self.broken += 1
+                self._broken.append(self._token)
             self._token = self._since = self._left_at = None
             return before
 
@@ -146,9 +161,11 @@ class BoardLock:
         if op in OPEN_WHILE_OWNED:
             return
         with self._mutex:
-            if self._token is None:
+            if session.token is not None and session.token == self._token:
                 return
-            if session.token == self._token:
+            if session.token is not None and session.token in self._broken:
+                raise self._broken_refusal(op.name.lower())
+            if self._token is None:
                 return
             self._expire()
             if self._token is not None:

@@ -6,7 +6,7 @@ import warnings
 
 import typer
 
-from hil.cli import calibrate, conformance, demo, emulator_cmd, info, mhn, runs, sweep, train
+from hil.cli import calibrate, conformance, demo, emulator_cmd, info, lock, mhn, runs, sweep, train
 from hil.cli.help_format import ShortMetavarGroup
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ conformance.register(app)
 demo.register(app)
 emulator_cmd.register(app)
 info.register(app)
+lock.register(app)
 mhn.register(app)
 runs.register(app)
 sweep.register(app)

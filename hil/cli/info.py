@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 
-from drivers.base import Device
+from drivers.base import BoardOwner, Device
 from hil.cli.common import one_line_errors
+
+
+def looking(uri: str) -> str:
+    """`uri` opened without taking the board (``lock=0``) where its backend has the option: a
+    session that only looks must neither wait for nor take a board another host owns."""
+    from drivers.uri import parse_options, replace_params
+
+    _, _, options = parse_options(uri)
+    return replace_params(uri, lock=False) if hasattr(options, "lock") else uri
+
+
+def owner_line(owner: BoardOwner | None) -> str:
+    """Who owns the board, for `hil info` and `hil lock status`."""
+    if owner is None:
+        return "owner         - (the board has no ownership: any host may drive it)"
+    if owner.token is None:
+        return f"owner         nobody (a host takes the board when it opens it; lease {owner.lease_s:g} s)"
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.since or 0.0))
+    held = (
+        f"{owner.connections} connection(s) present its token"
+        if owner.lapses_in is None
+        else f"no connection presents its token: lapses in {owner.lapses_in:.0f} s"
+    )
+    return f"owner         {owner.token} since {since}; {held}"
 
 
 def describe(dev: Device, uri: str) -> list[str]:
@@ -42,6 +68,7 @@ def describe(dev: Device, uri: str) -> list[str]:
             f"meter         clock {meter.clock_s:g} s, energy {meter.energy_j:g} J, {meter.mvm_calls} mvm calls "
             "(since power-on)"
         )
+    lines.append(owner_line(dev.owner()))
     if info.extra:
         lines.append(f"extra         {info.extra}")
     return lines
@@ -56,13 +83,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print what a board says about itself: identity, capabilities, limits (with units),
         status (epoch, configuration, an open programming transaction), safety counters and
-        its meter. It only queries: nothing is configured or programmed, and the lines are not
-        driven to the safe state on close, so it can look at a board another host is using.
-        On an emulator:// URI it shows a fresh emulated board."""
+        its meter, and who owns it. It only queries: nothing is configured or programmed, the
+        board is not taken (as if `?lock=0`), and the lines are not driven to the safe state on
+        close, so it can look at a board another host is using. On an emulator:// URI it shows
+        a fresh emulated board."""
         from drivers import open_device
 
         with one_line_errors():
-            dev = open_device(uri)
+            dev = open_device(looking(uri))
             try:
                 lines = describe(dev, uri)
             finally:
