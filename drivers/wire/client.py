@@ -39,6 +39,7 @@ import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -310,7 +311,9 @@ class RemoteDevice(Device):
         return self
 
     def _locked(self, exc: BoardLocked) -> BoardLocked:
-        """The refusal, naming this board's URI in its fix."""
+        """The refusal, naming this board's URI in its fix. Refused, this host does not own the
+        board (whatever it thought: its lock may have been broken)."""
+        self._owns = False
         return exc if exc.uri is not None else BoardLocked(exc.code, exc.message, self.name)
 
     def _acquire(self) -> None:
@@ -354,7 +357,10 @@ class RemoteDevice(Device):
         """Drop the link and open it again; if the board reset meanwhile, configure it again."""
         with self.lock:
             self._refuse_if_closed()
-            self._recover()
+            try:
+                self._recover()
+            except BoardLocked as exc:
+                raise self._locked(exc) from None
 
     def _refuse_if_closed(self) -> None:
         """A closed device opens nothing again (a connection opened after `close` would be
@@ -688,6 +694,20 @@ class RemoteDevice(Device):
                 pass
             finally:
                 self.close_link()  # releases the board first
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """As `Device.__exit__`, except on a board another host owns (a session opened with
+        ``lock=0``, or one whose lock was broken): its safe state is not this host's to apply,
+        so leaving the block only closes (`close` tries the safe state and takes a refusal)."""
+        if self._info is not None and LOCK_CAPABILITY in self._info.capabilities and not self._owns:
+            self.close()
+            return
+        super().__exit__(exc_type, exc, tb)
 
     def close_link(self) -> None:
         """Close the link without `close`'s safe state: for a session that only looked at a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from drivers.base import CAPABILITIES, BoardStatus
 from drivers.topology import Topology
+from drivers.wire.payload import LOCK_CAPABILITY
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
 
@@ -63,12 +64,12 @@ def identity(sess: Session) -> None:
 
     def capabilities(sent: list[str]) -> str:
         sent.append("SYST:INFO? (info.capabilities)")
-        unknown = set(sess.caps) - set(CAPABILITIES)
+        unknown = set(sess.caps) - {*CAPABILITIES, LOCK_CAPABILITY}
         if unknown:
             raise Mismatch(f"unknown names {sorted(unknown)}")
         return ",".join(sorted(sess.caps)) or "(none)"
 
-    sess.run("capabilities", f"a subset of {', '.join(CAPABILITIES)}", capabilities)
+    sess.run("capabilities", f"a subset of {', '.join((*CAPABILITIES, LOCK_CAPABILITY))}", capabilities)
 
 
 def configure(sess: Session) -> bool:

@@ -7,7 +7,19 @@ from collections.abc import Callable
 
 from drivers.base import Device
 from drivers.errors import DeviceError
-from hil.conformance import arrays, board, fragments, framed, lifecycle, mvm, refusals, replay, scpi, settle
+from hil.conformance import (
+    arrays,
+    board,
+    fragments,
+    framed,
+    lifecycle,
+    mvm,
+    ownership,
+    refusals,
+    replay,
+    scpi,
+    settle,
+)
 from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
 
@@ -43,6 +55,7 @@ def run_conformance(
             replay.checks(sess)
             replay.program_ids(sess)
             fragments.checks(sess)
+            ownership.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
         sess.add(

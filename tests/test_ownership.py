@@ -1,0 +1,319 @@
+"""Board ownership (capability ``lock``, docs/protocol.md "Ownership") through the real
+servers: raw SCPI and framed bytes, and the drivers over pyvisa-py TCP and pyserial sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from drivers import ConfigurationError, open_device
+from drivers.errors import BoardLocked
+from drivers.uri import replace_params
+from drivers.wire import codes, scpi
+from drivers.wire import payload as pl
+from drivers.wire.frames import Flag
+from drivers.wire.link import Link
+from hil.testing import BoardLock, BoardServers, socket_link
+
+BOARD = "emulator://?preset=ideal&seed=0"
+TRANSPORTS = ["visa-tcp", "serial-socket"]
+
+
+class RawScpi:
+    """A bare socket: exactly the bytes we choose reach the server."""
+
+    def __init__(self, uri: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", int(uri.split("::")[2])), timeout=5)
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "server closed the connection"
+            self.buf += chunk
+        out, _, self.buf = self.buf.partition(b"\n")
+        return out
+
+    def query(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\n")
+        return self.line()
+
+    def error(self) -> tuple[int, str]:
+        return scpi.parse_error(self.query("SYST:ERR?").decode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _block_json(reply: bytes) -> dict[str, object]:
+    digits = int(reply[1:2])
+    assert reply[:1] == b"#" and int(reply[2 : 2 + digits]) == len(reply) - 2 - digits
+    return json.loads(reply[2 + digits :])
+
+
+# ---- SCPI, byte by byte --------------------------------------------------------------
+
+
+def test_scpi_lock_commands_byte_exact(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    a, b = RawScpi(s.uris["visa-tcp"]), RawScpi(s.uris["visa-tcp"])
+    try:
+        free = b'{"token":null,"since":null,"connections":0,"lease_s":60.0,"lapses_in":null}'
+        assert a.query("SYST:LOCK:OWN?") == b"#275" + free
+        got = a.query('SYST:LOCK:ACQ? "alice:1:aa"')  # its time stamp's length varies
+        body = got[2 + int(got[1:2]) :]
+        assert body.startswith(b'{"token":"alice:1:aa","since":') and body.endswith(
+            b',"connections":1,"lease_s":60.0,"lapses_in":null}'
+        )
+        assert _block_json(got)["since"] == pytest.approx(time.time(), abs=60)
+        # the second connection: everything that drives the board is refused with 120 ...
+        for command in ("SYST:WAIT 0", "SYST:SAFE", "*RST", "SYST:TRAN:BEG 'x'", "CONF:TOP #12{}"):
+            assert b.query(f"{command};SYST:ERR?").startswith(b'120,"Board locked;')
+        assert b.query('TILE:COND? "W0"') == b"#10"
+        code, message = b.error()
+        assert code == codes.LOCKED and "owned by 'alice:1:aa'" in message and "SYST:LOCK:BRE" in message
+        assert b.query('SYST:LOCK:ACQ? "bob:2:bb"') == b"#10" and b.error()[0] == codes.LOCKED
+        # ... what reads stays open (hil info's queries)
+        assert b.query("*IDN?").startswith(b"xbar-hil,emulator-ideal,")
+        assert b.query("SYST:SAF?") == b"0,0"
+        assert _block_json(b.query("SYST:STAT?"))["epoch"] == 0
+        assert b.query("SYST:MET?") == b"0.0,0.0,0"
+        assert _block_json(b.query("SYST:INFO?"))["capabilities"] == [  # type: ignore[comparison-overlap]
+            "lock", "mvm", "preset_state", "program_verify", "pulse", "settle", "trace",
+        ]  # fmt: skip
+        assert _block_json(b.query("SYST:LOCK:OWN?"))["token"] == "alice:1:aa"
+        assert b.query("SYST:ERR?") == b'0,"No error"'
+        # the owner is served; a release by the wrong token releases nothing
+        assert a.query("SYST:WAIT 0;SYST:ERR?") == b'0,"No error"'
+        assert b.query('SYST:LOCK:REL "bob:2:bb";SYST:ERR?') == b'0,"No error"'
+        assert _block_json(b.query("SYST:LOCK:OWN?"))["token"] == "alice:1:aa"
+        assert a.query('SYST:LOCK:REL "alice:1:aa";SYST:ERR?') == b'0,"No error"'
+        assert a.query("SYST:LOCK:OWN?") == b"#275" + free
+        assert _block_json(b.query('SYST:LOCK:ACQ? "bob:2:bb"'))["token"] == "bob:2:bb"
+        # a break frees the board and refuses the broken token from then on
+        assert a.query("SYST:LOCK:BRE;SYST:ERR?") == b'0,"No error"'
+        assert a.query("SYST:LOCK:OWN?") == b"#275" + free
+        assert b.query("SYST:WAIT 0;SYST:ERR?").startswith(b'120,"Board locked;wait refused: this host')
+        assert b.query('SYST:LOCK:ACQ? "bob:2:bb"') == b"#10" and b.error()[0] == codes.LOCKED
+        assert b.query('SYST:LOCK:ACQ? "";SYST:ERR?').startswith(b'#10;-224,"Illegal parameter value;')
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_board_without_ownership_answers_the_lock_commands_as_unknown(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    s = emulated_board(BOARD, lock=False)
+    raw = RawScpi(s.uris["visa-tcp"])
+    try:
+        assert raw.query("SYST:LOCK:OWN?;SYST:ERR?") == b';-113,"Undefined header;SYST:LOCK:OWN?"'
+        assert "lock" not in _block_json(raw.query("SYST:INFO?"))["capabilities"]  # type: ignore[operator]
+    finally:
+        raw.close()
+    link = _framed(s)
+    flags, body = _exchange(link, pl.Op.OWNER, pl.pack(pl.Message()))
+    assert flags & Flag.ERROR and json.loads(body)["code"] == codes.FRAME_ERROR
+
+
+# ---- framed, byte by byte ------------------------------------------------------------
+
+
+def _framed(s: BoardServers) -> Link:
+    host, port = s.uris["serial-socket"].split("://", 1)[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return socket_link(sock, ack_timeout=1.0, retries=3)
+
+
+def _exchange(link: Link, op: int, body: bytes) -> tuple[int, bytes]:
+    seq = link.send(op, body)
+    got = link.receive(5.0, response=True, ref=seq, opcode=op)
+    assert got is not None, "no reply"
+    return int(got[0].flags), got[1]
+
+
+def test_framed_lock_opcodes_byte_exact(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    assert [int(op) for op in (pl.Op.ACQUIRE, pl.Op.OWNER, pl.Op.RELEASE, pl.Op.BREAK)] == [
+        0x20,
+        0x21,
+        0x22,
+        0x23,
+    ]
+    acquire = pl.pack(pl.Message({"token": "alice:1:aa"}))
+    assert acquire == b'\x16\x00\x00\x00{"token":"alice:1:aa"}'
+    empty = pl.pack(pl.Message())
+    assert empty == b"\x02\x00\x00\x00{}"
+    a, b = _framed(s), _framed(s)
+    flags, body = _exchange(a, 0x21, empty)
+    free = b'{"token":null,"since":null,"connections":0,"lease_s":60.0,"lapses_in":null}'
+    assert flags == Flag.RESPONSE | Flag.START and body == b"\x4b\x00\x00\x00" + free
+    flags, body = _exchange(a, 0x20, acquire)
+    assert not flags & Flag.ERROR and pl.unpack(body).meta["token"] == "alice:1:aa"
+    # the second link: WAIT refused with 120 (the rid is there: it is the lock that refuses)
+    flags, body = _exchange(b, int(pl.Op.WAIT), pl.pack(pl.Message({"seconds": 0.0, "rid": 7})))
+    error = json.loads(body)
+    assert flags == Flag.RESPONSE | Flag.ERROR | Flag.START and error["code"] == 120
+    assert error["message"].startswith("wait refused: the board is owned by 'alice:1:aa' since ")
+    flags, body = _exchange(b, int(pl.Op.SAFETY), empty)
+    assert not flags & Flag.ERROR and pl.unpack(body).meta == {"refused": 0, "violations": 0}
+    # the owner is served; release (0x22) frees the board and break (0x23) ends another's lock
+    flags, body = _exchange(a, int(pl.Op.WAIT), pl.pack(pl.Message({"seconds": 0.0, "rid": 8})))
+    assert not flags & Flag.ERROR and body == empty
+    assert _exchange(a, 0x22, acquire) == (Flag.RESPONSE | Flag.START, empty)
+    assert _exchange(b, 0x21, empty)[1] == b"\x4b\x00\x00\x00" + free
+    assert not _exchange(b, 0x20, pl.pack(pl.Message({"token": "bob"})))[0] & Flag.ERROR
+    assert _exchange(a, 0x23, empty) == (Flag.RESPONSE | Flag.START, empty)
+    assert _exchange(a, 0x21, empty)[1] == b"\x4b\x00\x00\x00" + free
+    flags, body = _exchange(b, int(pl.Op.WAIT), pl.pack(pl.Message({"seconds": 0.0, "rid": 9})))
+    assert json.loads(body)["code"] == 120 and "was broken" in json.loads(body)["message"]
+
+
+# ---- the drivers over pyvisa-py TCP and pyserial sockets -----------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_second_host_is_refused_while_the_first_owns_the_board(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    other_transport = TRANSPORTS[1 - TRANSPORTS.index(transport)]  # the lock is the board's, not a server's
+    with open_device(s.uri(transport)) as first:
+        assert "lock" in first.info.capabilities and first.owns
+        owner = first.owner()
+        assert owner is not None and owner.token == first.lock_token and owner.connections == 1
+        for uri in (s.uri(transport), s.uri(other_transport)):
+            with pytest.raises(BoardLocked) as refused:
+                open_device(uri)
+            assert refused.value.code == codes.LOCKED == 120
+            assert first.lock_token in str(refused.value) and "hil lock break" in str(refused.value)
+        looker = open_device(s.uri(other_transport, lock="0"))  # as hil info opens it
+        try:
+            assert not looker.owns
+            assert looker.status().epoch == 0 and looker.safety().violations == 0
+            assert looker.meter() is not None and looker.info.identity.model == "emulator-ideal"
+            assert looker.owner() == first.owner()
+            for call in (lambda: looker.wait(0.0), looker.safe_state, looker.reset):
+                with pytest.raises(BoardLocked, match="owned by"):
+                    call()
+        finally:
+            looker.close()  # its safe state is refused (120) and swallowed: close still closes
+        first.wait(0.0)  # the owner is served throughout
+    with open_device(s.uri(other_transport)) as second:  # the first released the board on close
+        assert second.owns and second.owner().token == second.lock_token  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_owner_keeps_the_board_across_a_reconnect(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    with open_device(s.uri(transport, timeout="2")) as dev:
+        dev.reconnect()  # a new connection: the old one closes, the token is presented again
+        assert dev.recovery.reconnects == 1
+        dev.wait(0.0)
+        owner = dev.owner()
+        assert owner is not None and owner.token == dev.lock_token and owner.lapses_in is None
+        with pytest.raises(BoardLocked):
+            open_device(s.uri(transport))
+
+
+def test_the_owner_keeps_the_board_across_a_lost_connection(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    s = emulated_board(BOARD, plan=pytest.importorskip("hil.testing").FaultPlan(hang_up_after=7))
+    with open_device(s.uri("visa-tcp", timeout="2")) as dev:  # 5 messages: *CLS, INFO, ACQ, TOP, STAT
+        dev.wait(0.0)
+        dev.wait(0.0)  # the 7th message: answered, then the server hangs up
+        dev.wait(0.0)  # fails on the link: reconnected (ACQ with the same token), sent again
+        assert (dev.recovery.reconnects, dev.recovery.retries) == (1, 1)
+        assert dev.owner().token == dev.lock_token  # type: ignore[union-attr]
+        with pytest.raises(BoardLocked):
+            open_device(s.uri("serial-socket"))
+
+
+def test_a_dead_owners_lease_lapses_and_frees_the_board(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD, lock=BoardLock(lease_s=0.5))
+    dead = RawScpi(s.uris["visa-tcp"])  # a host that takes the board and dies without releasing it
+    assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
+    dead.close()
+    time.sleep(0.1)  # the server sees the connection end
+    with pytest.raises(BoardLocked, match="dead:1:00"):
+        open_device(s.uri("serial-socket"))
+    with open_device(s.uri("serial-socket", lock="0")) as looker:
+        owner = looker.owner()
+        assert owner is not None and owner.connections == 0 and owner.lapses_in is not None
+        assert 0.0 < owner.lapses_in <= 0.5
+    time.sleep(0.6)
+    with open_device(s.uri("serial-socket")) as dev:
+        assert dev.owns
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_break_frees_the_board_and_refuses_the_old_owner(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    gone = open_device(s.uri(transport))  # a colleague who went home
+    admin = open_device(s.uri(transport, lock="0"))
+    before = admin.break_lock()
+    assert before.token == gone.lock_token
+    assert admin.owner().token is None  # type: ignore[union-attr]
+    admin.close_link()
+    with pytest.raises(BoardLocked, match="was broken"):
+        gone.reconnect()  # a new connection presenting the broken token: refused
+    assert not gone.owns
+    with open_device(s.uri(transport)) as mine:  # the board is free for the next host
+        mine.wait(0.0)
+        with pytest.raises(BoardLocked, match=f"owned by '{mine.lock_token}'"):
+            gone.wait(0.0)
+    gone.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_old_board_without_ownership_still_opens(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD, lock=False)
+    with open_device(s.uri(transport)) as one, open_device(s.uri(transport)) as two:
+        assert "lock" not in one.info.capabilities and not one.owns
+        assert one.owner() is None and two.owner() is None
+        one.wait(0.0)
+        two.wait(0.0)
+
+
+def test_the_lock_option_is_validated_and_written_back() -> None:
+    uri = "visa://TCPIP0::127.0.0.1::5025::SOCKET"
+    assert replace_params(uri, lock=False) == uri + "?lock=0"
+    assert replace_params(uri + "?lock=0", lock=True) == uri
+    assert (
+        replace_params("serial+socket://127.0.0.1:7000", lock="no") == "serial+socket://127.0.0.1:7000?lock=0"
+    )
+    with pytest.raises(ConfigurationError, match=r"lock='maybe': expected 0 or 1"):
+        replace_params(uri, lock="maybe")
+
+
+def test_cli_info_and_lock_status_and_break(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    with open_device(s.uri("visa-tcp")) as dev:  # leaving the block after the break only closes
+
+        def hil(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "hil.cli", *args], capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        info = hil("info", s.uris["serial-socket"])
+        assert f"owner         {dev.lock_token} since " in info and "1 connection(s)" in info
+        assert dev.lock_token in hil("lock", "status", s.uris["visa-tcp"])
+        assert f"broke the lock of {dev.lock_token}" in hil("lock", "break", "--yes", s.uris["serial-socket"])
+        assert "owner         nobody" in hil("lock", "status", s.uris["visa-tcp"])
+        with pytest.raises(BoardLocked, match="was broken"):
+            dev.wait(0.0)
