@@ -104,7 +104,7 @@ def test_every_capability_subset_is_accepted_and_unknown_names_are_not() -> None
 @pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
 def test_an_mvm_only_board_over_a_transport(transport: str, device_on: Callable[..., Device]) -> None:
     dev = device_on(transport, board=MVM_ONLY)
-    assert dev.info.capabilities == {"mvm", "program_verify"}
+    assert dev.info.capabilities == {"mvm", "program_verify", "lock"}  # lock: the server's ownership
     dev.configure(TOPO)
     _program(dev, verify=True)
     assert dev.mvm("W0", np.full((2, 5), 0.5)).shape == (2, 3)
@@ -232,7 +232,7 @@ def test_serve_declares_the_capabilities_it_was_given() -> None:
         assert lines and "capabilities mvm,program_verify" in lines[0], (lines, proc.stderr)
         uri = next(line.split()[-1] for line in lines if line.startswith("SCPI over TCP"))
         with open_device(uri) as dev:
-            assert dev.info.capabilities == {"mvm", "program_verify"}
+            assert dev.info.capabilities == {"mvm", "program_verify", "lock"}  # lock: the server's
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -13,7 +13,7 @@ from hil.conformance.session import Session
 
 
 def checks(sess: Session) -> None:
-    if LOCK_CAPABILITY not in sess.caps or not sess.report.uri:
+    if LOCK_CAPABILITY not in sess.caps or not sess.report.uri or _serial_line(sess.report.uri):
         return
     owner = sess.dev.owner()
     if owner is None or not getattr(sess.dev, "owns", False):  # opened with lock=0: nothing to check
@@ -24,6 +24,13 @@ def checks(sess: Session) -> None:
         "taking the board, and still reads SYST:INFO?, SYST:STAT?, SYST:SAF?, SYST:MET? and the owner",
         lambda sent: _second_connection(sess, sent),
     )
+
+
+def _serial_line(uri: str) -> bool:
+    """A serial port is one session: a second host cannot share it, so there is no second
+    connection to refuse (over TCP there is)."""
+    scheme, _, target = uri.partition("://")
+    return scheme.lower() == "serial" or (scheme.lower() == "visa" and target.upper().startswith("ASRL"))
 
 
 def _second_connection(sess: Session, sent: list[str]) -> str:
