@@ -64,12 +64,12 @@ def test_scpi_lock_commands_byte_exact(emulated_board: Callable[..., BoardServer
     s = emulated_board(BOARD)
     a, b = RawScpi(s.uris["visa-tcp"]), RawScpi(s.uris["visa-tcp"])
     try:
-        free = b'{"token":null,"since":null,"connections":0,"lease_s":60.0,"lapses_in":null}'
+        free = b'{"token":null,"since":null,"connections":0,"lease_s":15.0,"lapses_in":null}'
         assert a.query("SYST:LOCK:OWN?") == b"#275" + free
         got = a.query('SYST:LOCK:ACQ? "alice:1:aa"')  # its time stamp's length varies
         body = got[2 + int(got[1:2]) :]
         assert body.startswith(b'{"token":"alice:1:aa","since":') and body.endswith(
-            b',"connections":1,"lease_s":60.0,"lapses_in":null}'
+            b',"connections":1,"lease_s":15.0,"lapses_in":null}'
         )
         assert _block_json(got)["since"] == pytest.approx(time.time(), abs=60)
         # the second connection: everything that drives the board is refused with 120 ...
@@ -152,7 +152,7 @@ def test_framed_lock_opcodes_byte_exact(emulated_board: Callable[..., BoardServe
     assert empty == b"\x02\x00\x00\x00{}"
     a, b = _framed(s), _framed(s)
     flags, body = _exchange(a, 0x21, empty)
-    free = b'{"token":null,"since":null,"connections":0,"lease_s":60.0,"lapses_in":null}'
+    free = b'{"token":null,"since":null,"connections":0,"lease_s":15.0,"lapses_in":null}'
     assert flags == Flag.RESPONSE | Flag.START and body == b"\x4b\x00\x00\x00" + free
     flags, body = _exchange(a, 0x20, acquire)
     assert not flags & Flag.ERROR and pl.unpack(body).meta["token"] == "alice:1:aa"

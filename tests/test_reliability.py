@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from drivers import SettleBudget, Topology, open_device
-from drivers.errors import BoardReset, RetriesExhausted
+from drivers.errors import BoardLocked, BoardReset, RetriesExhausted
 from drivers.wire import codes, scpi
 from drivers.wire.payload import Op
 from emulator.server.faults import KINDS, FaultPlan
 from emulator.server.harness import faulty_board
+from emulator.server.ownership import BoardLock
 
 TOPO = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
 X = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 6)
@@ -231,7 +232,7 @@ def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
 ) -> None:
     script = tmp_path / "host.py"
     script.write_text(textwrap.dedent(_HOST))
-    with faulty_board() as served:
+    with faulty_board(lock=BoardLock(lease_s=0.5)) as served:
         uri = getattr(served, transport)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         host = subprocess.Popen(
@@ -243,6 +244,10 @@ def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
             host.send_signal(signal.SIGKILL)
             host.wait(timeout=10)
         assert served.device.status().transaction == "update-7"
+        # the killed host owned the board: its lease keeps it a moment (for a reconnect), then frees it
+        with pytest.raises(BoardLocked, match="no connection presents its token: free in"):
+            open_device(uri)
+        time.sleep(0.6)
         with pytest.warns(RuntimeWarning, match="update-7"), open_device(uri) as dev:
             assert dev.open_transaction == "update-7"
         # the trainer repairs it: every tile programmed again inside its own transaction

@@ -12,6 +12,7 @@ from drivers.base import Device
 from emulator.server.faults import FaultPlan
 from emulator.server.framed import FramedServer
 from emulator.server.launch import ServedBoard, serve
+from emulator.server.ownership import BoardLock
 from emulator.server.scpi import ScpiServer
 
 
@@ -48,12 +49,14 @@ def faulty_board(
     ack_timeout: float = 0.05,
     attempts: int = 8,
     backoff: float = 0.02,
+    lock: BoardLock | bool = True,
 ) -> Iterator[FaultyBoard]:
     """Serve `board` with `plan`; the URIs carry client settings fit for the faults (a
-    `timeout` shorter than `plan.delay_s`, so a delayed reply is a timeout)."""
+    `timeout` shorter than `plan.delay_s`, so a delayed reply is a timeout). `lock`: the
+    board's ownership, as `serve` takes it."""
     common = f"timeout={timeout}&attempts={attempts}&backoff={backoff}"
     framed_q = f"{common}&ack_timeout={ack_timeout}"
-    with serve(board, plan=plan, ack_timeout=ack_timeout, scpi_pty=False) as served:
+    with serve(board, plan=plan, ack_timeout=ack_timeout, scpi_pty=False, lock=lock) as served:
         yield FaultyBoard(
             served,
             visa_uri=f"{served.uris['visa-tcp']}?check=1&{common}",

@@ -30,7 +30,9 @@ from drivers.errors import DeviceFault
 from drivers.wire import codes
 from drivers.wire.payload import OPEN_WHILE_OWNED, Op, check_token
 
-DEFAULT_LEASE_S = 60.0  # how long a token no connection presents keeps the board
+# how long a token no connection presents keeps the board: the host drivers' reconnect takes a
+# few seconds at most (attempts with backoff up to 1 s); a crashed run resumed at once waits this
+DEFAULT_LEASE_S = 15.0
 BROKEN_KEPT = 16  # broken tokens the board refuses (their hosts open the board again, with new ones)
 
 
@@ -110,10 +112,16 @@ class BoardLock:
 
     def _refusal(self, what: str) -> DeviceFault:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._since or 0.0))
+        state = self._state()
+        wait = (
+            "wait for it to release the board"
+            if state.lapses_in is None
+            else f"no connection presents its token: free in {state.lapses_in:.1f} s"
+        )
         return DeviceFault(
             codes.LOCKED,
-            f"{what} refused: the board is owned by {self._token!r} since {since}; wait for it to "
-            "release the board, or break the lock (SYST:LOCK:BRE, framed opcode 0x23)",
+            f"{what} refused: the board is owned by {self._token!r} since {since}; {wait}, or break "
+            "the lock (SYST:LOCK:BRE, framed opcode 0x23)",
         )
 
     # -- the operations
