@@ -231,6 +231,14 @@ def replace_params(uri: str, /, **params: object) -> str:
     return REGISTRY.replace_params(uri, **params)
 
 
+def looking_uri(uri: str) -> str:
+    """`uri` with ``lock=0`` where its backend has that option: a session that only looks at a
+    board (`hil info`, `hil lock`, a URI check) must neither wait for nor take a board another
+    host owns (docs/protocol.md, "Ownership")."""
+    _, _, options = parse_options(uri)
+    return replace_params(uri, lock=False) if hasattr(options, "lock") else uri
+
+
 def open_device(uri: str) -> Device:
     """Open the board `uri` names (see the module docstring for the schemes)."""
     return REGISTRY.open(uri)

@@ -38,7 +38,7 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
     session with one usage error (where every test using a fixture would fail with the same).
     A lab board's URI (not ``emulator://``) is opened once to check it answers, and closed
     without the safe state (it may be another host's board)."""
-    from drivers.uri import parse_options
+    from drivers.uri import looking_uri, parse_options
 
     uri = pytestconfig.getoption("--xbar-board")
     where = "--xbar-board"
@@ -52,7 +52,7 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
         from drivers import open_device
 
         try:
-            dev = open_device(uri)
+            dev = open_device(looking_uri(uri))  # not taking a board another host may own
         except Exception as exc:  # unreachable, refused, or no board answering there
             pytest.exit(
                 f"{where} {uri!r}: cannot open the board ({type(exc).__name__}: {exc}); check that it is "

@@ -317,3 +317,27 @@ def test_cli_info_and_lock_status_and_break(emulated_board: Callable[..., BoardS
         assert "owner         nobody" in hil("lock", "status", s.uris["visa-tcp"])
         with pytest.raises(BoardLocked, match="was broken"):
             dev.wait(0.0)
+
+
+class _AnnouncedNotEnforced(BoardLock):
+    """Firmware that announces ``lock`` and answers its commands, but refuses nothing."""
+
+    def check(self, session: object, op: object) -> None:  # type: ignore[override]
+        return None
+
+
+@pytest.mark.parametrize("enforced", [True, False])
+def test_conformance_checks_ownership_over_tcp(
+    enforced: bool, emulated_board: Callable[..., BoardServers]
+) -> None:
+    from hil.conformance.suite import run_conformance
+
+    s = emulated_board(BOARD, lock=BoardLock() if enforced else _AnnouncedNotEnforced())
+    with open_device(s.uris["serial-socket"]) as dev:
+        report = run_conformance(dev, s.uris["serial-socket"])
+    found = [c for c in report.checks if c.operation == "ownership"]
+    assert len(found) == 1
+    if enforced:
+        assert found[0].status == "PASS", found[0].got
+    else:
+        assert found[0].status == "FAIL" and "ran while this one owns the board" in found[0].got

@@ -7,16 +7,8 @@ import time
 import typer
 
 from drivers.base import BoardOwner, Device
+from drivers.uri import looking_uri
 from hil.cli.common import one_line_errors
-
-
-def looking(uri: str) -> str:
-    """`uri` opened without taking the board (``lock=0``) where its backend has the option: a
-    session that only looks must neither wait for nor take a board another host owns."""
-    from drivers.uri import parse_options, replace_params
-
-    _, _, options = parse_options(uri)
-    return replace_params(uri, lock=False) if hasattr(options, "lock") else uri
 
 
 def owner_line(owner: BoardOwner | None) -> str:
@@ -90,7 +82,7 @@ def register(app: typer.Typer) -> None:
         from drivers import open_device
 
         with one_line_errors():
-            dev = open_device(looking(uri))
+            dev = open_device(looking_uri(uri))
             try:
                 lines = describe(dev, uri)
             finally:

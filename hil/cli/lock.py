@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from drivers.uri import looking_uri
 from hil.cli.common import one_line_errors
-from hil.cli.info import looking, owner_line
+from hil.cli.info import owner_line
 
 _URI = typer.Argument(
     ..., help="Device URI of a served board: visa://RESOURCE, serial://PORT, serial+socket://HOST:PORT"
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
         from drivers import open_device
 
         with one_line_errors():
-            dev = open_device(looking(uri))
+            dev = open_device(looking_uri(uri))
             try:
                 line = owner_line(dev.owner())
             finally:
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from drivers import open_device
 
         with one_line_errors():
-            dev = open_device(looking(uri))
+            dev = open_device(looking_uri(uri))
             try:
                 owner = dev.owner()
                 if owner is None:

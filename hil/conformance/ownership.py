@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from drivers.base import Device
 from drivers.errors import BoardLocked, DeviceError
-from drivers.uri import open_device, parse_options, replace_params
+from drivers.uri import looking_uri, open_device, parse_options, replace_params
 from drivers.wire.payload import LOCK_CAPABILITY
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
@@ -38,7 +38,7 @@ def _second_connection(sess: Session, sent: list[str]) -> str:
     if not hasattr(parse_options(uri)[2], "lock"):
         raise Mismatch(f"{uri}: its backend has no lock= option to open a second, looking connection")
     sent.append("a second connection (lock=0): SYST:INFO?, SYST:STAT?, SYST:SAF?, SYST:MET?, owner")
-    other: Device = open_device(replace_params(uri, lock=False))
+    other: Device = open_device(looking_uri(uri))
     try:
         other.status()
         other.safety()
