@@ -14,6 +14,7 @@ Arrays are numpy float32, batch first. Every backend checks a request against
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from abc import ABC, abstractmethod
@@ -108,6 +109,10 @@ class Limits:
     # 784-512-10 network (1306 nodes, 5.3 MiB) fit one framed message (8 MiB) and one SCPI
     # block (16 MiB); training uses 16 to 128, evaluation chunks of 512
     max_batch: int = 1024
+    # amps one line of a tile may carry (a column into its TIA/ADC, a row out of its driver),
+    # computed as docs/protocol.md "Limits" says; inf: not declared (a board or peer that
+    # predates the field), nothing checked. A declared value is finite and > 0.
+    max_line_current_a: float = math.inf
 
     @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once
     def clamp_max(self) -> float:

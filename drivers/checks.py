@@ -404,10 +404,131 @@ def check_pulse(
 
 
 def check_mvm(
-    topology: Topology | None, limits: Limits, tile: str, x: np.ndarray, transpose: bool
+    topology: Topology | None, limits: Limits, tile: str, x: np.ndarray, transpose: bool, lines: bool = False
 ) -> np.ndarray:
+    """The mvm input `x` as checked float32; with `lines`, also the host's line-current bound
+    (`check_mvm_lines`: the remote backends; a board checks from its own conductances)."""
     rows, cols = check_tile(topology, tile)
-    arr = as_batch(f"mvm input to {tile!r}", x, cols if transpose else rows, limits=limits)
+    arr, peak = batch_and_peak(f"mvm input to {tile!r}", x, cols if transpose else rows, limits=limits)
     if arr.shape[0] == 0:
         raise ConfigurationError(f"mvm input to {tile!r} is an empty batch (0 samples); pass one or more")
+    if lines:
+        check_mvm_lines(topology, limits, tile, arr, peak, transpose)
     return arr
+
+
+# ---------------------------------------------------------------- line currents
+LINE_CURRENT_FIX = (
+    "drive smaller inputs, split the layer over more tiles (fewer devices on each line), or program "
+    "lower conductances (a smaller weight scale)"
+)
+# a bound computed in float64 from line sums may differ from the exact sum by rounding: a request
+# is waved through on a bound only with this relative margin below the limit
+_BOUND_MARGIN = 1e-9
+
+
+def check_line_current(what: str, current: float, limits: Limits, fix: str = LINE_CURRENT_FIX) -> None:
+    """`current` (amps, float64) of the line `what` within `Limits.max_line_current_a`: a
+    current equal to the limit passes, the next float above it is refused (`LimitViolation`
+    naming the line, the current, the limit and what to do). Host and board compare with this."""
+    if not current <= limits.max_line_current_a:
+        raise LimitViolation(f"line current (A) of {what}", current, limits.max_line_current_a, fix)
+
+
+def worst_line_currents(limits: Limits, n_out: int, volts: np.ndarray) -> tuple[tuple[float, int], float]:
+    """The host's bound on a tile's line currents when its input lines are driven at `volts`
+    (float64, the peak |V| of each input line over the request), with every device of both
+    arrays (G+ and G-, each its own crossbar) at `g_max`: ((the largest driven-line current
+    ``V_i * (n_out * g_max)``, its line), the current of every sensed line
+    ``g_max * sum_i V_i``).
+
+    Why g_max and not the conductances the host programmed: the host does not know what a
+    tile holds (pulses move devices by amounts only the board sees, PCM drifts, reads are
+    noisy), a bound from the window holds whatever it holds, and it costs nothing per step
+    (one multiply from the peak the voltage check found, `check_mvm_lines`). The board checks
+    again from the conductances it holds (it is the authority), and accepts everything the host
+    accepts as long as every device is within the declared window."""
+    if not volts.size:
+        return (0.0, 0), 0.0
+    line = int(np.argmax(volts))
+    return (float(volts[line]) * (n_out * limits.g_max), line), limits.g_max * float(volts.sum())
+
+
+def _lines_of(transpose: bool) -> tuple[str, str]:
+    """(driven, sensed) line names of a tile read forwards or transposed."""
+    return ("column", "row") if transpose else ("row", "column")
+
+
+def check_mvm_lines(
+    topology: Topology | None, limits: Limits, tile: str, x: np.ndarray, peak: float, transpose: bool
+) -> None:
+    """The host's line-current check of an mvm input `x` (checked float32, peak ``max |x|``)
+    through `tile` (`worst_line_currents`). Costs one multiply unless the quick bound
+    (every line at the peak voltage) reaches the limit: then one pass over `x`."""
+    limit = limits.max_line_current_a
+    if limit == math.inf or not x.size:
+        return
+    rows, cols = check_tile(topology, tile)
+    n_in, n_out = (cols, rows) if transpose else (rows, cols)
+    quick = peak * limits.v_read * (max(n_in, n_out) * limits.g_max)
+    if quick * (1.0 + _BOUND_MARGIN) <= limit:
+        return
+    volts = np.abs(x).max(axis=0).astype(np.float64) * limits.v_read
+    _check_worst(limits, tile, n_out, volts, transpose, "mvm")
+
+
+def _check_worst(
+    limits: Limits, tile: str, n_out: int, volts: np.ndarray, transpose: bool, what: str
+) -> None:
+    driven_name, sensed_name = _lines_of(transpose)
+    (driven, line), sensed = worst_line_currents(limits, n_out, volts)
+    bound = f"{what}, every device at g_max {limits.g_max:g} S (the host's bound)"
+    check_line_current(f"{driven_name} {line} of {tile!r} ({bound})", driven, limits)
+    check_line_current(f"every {sensed_name} of {tile!r} ({bound})", sensed, limits)
+
+
+def settle_line_volts(
+    topology: Topology, limits: Limits, peaks: Mapping[str, float], free_peak: float
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tile, the peak |V| (float64 volts) of each row and each column line during a
+    settle: a clamped or initialised group's lines at its largest |x| (`peaks`), a free group's
+    at `free_peak` (the largest state the board's converters cover; the larger of the two for a
+    group with `init`), the bias row at 1. A conv tile's lines take the largest peak of the
+    groups on its side (its rows hold kernel entries of every channel). The bound holds for
+    every step of the settle, so a settle is checked once, before it starts."""
+    v = limits.v_read
+
+    def peak(g: str) -> float:
+        return 1.0 if g == BIAS else max(peaks.get(g, free_peak), 0.0)
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for c in topology.couplings:
+        rows, cols = topology.tile_shape(c.tile)
+        if c.kind == "conv":
+            body = [g for g in c.rows if g != BIAS]
+            r = np.full(rows, max(peak(g) for g in body) * v, np.float64)
+            if BIAS in c.rows:
+                r[-1] = v
+            k = np.full(cols, max(peak(g) for g in c.cols) * v, np.float64)
+        else:
+            r = np.concatenate([np.full(1 if g == BIAS else topology.groups[g], peak(g) * v) for g in c.rows])
+            k = np.concatenate([np.full(topology.groups[g], peak(g) * v) for g in c.cols])
+        out[c.tile] = (r.astype(np.float64), k.astype(np.float64))
+    return out
+
+
+def check_settle_lines(
+    topology: Topology, limits: Limits, clamp: Mapping[str, np.ndarray], init: Mapping[str, np.ndarray]
+) -> None:
+    """The host's line-current check of a settle (checked clamps and init): every tile forwards
+    (rows driven) and transposed (columns driven), lines at `settle_line_volts`, devices at
+    g_max (`worst_line_currents`)."""
+    if limits.max_line_current_a == math.inf:
+        return
+    free_peak = max(abs(limits.adc_range[0]), abs(limits.adc_range[1]))
+    peaks = {g: float(np.abs(x).max()) if x.size else 0.0 for g, x in clamp.items()}
+    for g, x in init.items():
+        peaks[g] = max(free_peak, float(np.abs(x).max()) if x.size else 0.0)
+    for tile, (r, k) in settle_line_volts(topology, limits, peaks, free_peak).items():
+        _check_worst(limits, tile, k.size, r, False, "settle")
+        _check_worst(limits, tile, r.size, k, True, "settle")

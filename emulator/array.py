@@ -167,6 +167,7 @@ class TileArray:
         self._nu_gen: torch.Generator | None = None
         self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
         self._lines: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, `line_sums`)
+        self._line_max: tuple[int, float] | None = None  # (version, `line_sum_max`)
         # with wire resistance: the line sums of the effective conductances `weights` last used
         self._eff_lines: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._pcm:
@@ -312,6 +313,23 @@ class TileArray:
             rows, cols = g.sum((0, 2)), g.sum((0, 1))
         self._lines = (self._version, rows, cols)
         return rows, cols
+
+    def line_sum_max(self) -> float:
+        """The largest ``sum G`` along any one line (row or column) of either array (G+, G-),
+        float64 siemens, of the conductances as last written: drift only lowers them, so a line
+        driven at V carries at most V times this (`Board` waves a request through on it). Cached
+        between writes."""
+        hit = self._line_max
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        g = self._g0.double()
+        top = max(float(g.sum(2).max()), float(g.sum(1).max()))
+        self._line_max = (self._version, top)
+        return top
+
+    def state64(self, t: float) -> torch.Tensor:
+        """True conductances (2, rows, cols) at `t` in float64 (a line current's sum is taken in it)."""
+        return self._now(t).double()
 
     def read_stacked(self, t: float, gen: torch.Generator) -> torch.Tensor:
         """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself."""

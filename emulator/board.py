@@ -28,11 +28,13 @@ from drivers import seeds
 from drivers.base import Identity, Limits
 from drivers.checks import (
     check_batch,
+    check_line_current,
     check_settings,
     check_settle_batch,
     check_topology,
     check_verify,
     check_wait,
+    settle_line_volts,
 )
 from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.errors import ConfigurationError, LimitViolation
@@ -41,7 +43,7 @@ from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
 from emulator.array import TileArray
 from emulator.conv_settle import ConvSettle
-from emulator.periphery import ChannelErrors, quantize
+from emulator.periphery import ChannelErrors, line_current_limit, quantize
 from emulator.presets import BoardPreset
 from emulator.settle import SettleEngine
 from emulator.settle_types import SettleNudge, SettleResult
@@ -164,6 +166,7 @@ class Board:
             max_settle_steps=per.max_settle_steps,
             max_pulses=per.max_pulses,
             settle_step_s=per.settle_step_s,
+            max_line_current_a=line_current_limit(per, m.g_max),
         )
         self._limits = (self.preset, lim)
         return lim
@@ -323,6 +326,7 @@ class Board:
         m = self.preset.device
         tol = 0.02 * (m.g_max - m.g_min) if tol is None else tol
         target = tile.stack_targets(g_plus, g_minus, "program")
+        self._check_read_lines(name, target)
         if verify:
             st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
             iterations, within = st.iterations, st.within_tol
@@ -331,6 +335,7 @@ class Board:
             iterations = 0
         self.clock += st.time_s
         self.energy_j += st.energy_j
+        self._count_read_violation(tile)
         read = tile.read_stacked(self.clock, self.noise)
         residual = tile.deviation(read, target, target_range)
         if not verify:
@@ -373,6 +378,7 @@ class Board:
         what a verify read of the tile costs (`TileArray.program_verify`): one row at a time,
         ``read_time_s`` each, and ``read_energy_j`` per device."""
         tile = self.tile(name)
+        self._check_read_lines(name)
         m = tile.model
         self.clock += tile.rows * m.read_time_s
         self.energy_j += 2 * tile.cells * m.read_energy_j
@@ -389,6 +395,7 @@ class Board:
         self._check_batch(f"mvm input to {name!r}", int(x.shape[0]))
         c = self.topology.coupling(name)
         tile = self.tile(name)
+        self._check_lines(name, [(self._input_volts(x), transpose)], "mvm")
         w = self._weights(c)
         xd = self._dac(x, 0, signed=True)
         y = xd @ (w.T if transpose else w)
@@ -407,6 +414,102 @@ class Board:
         per_row, per_col = tile.line_sums(self.clock)
         lines = per_col if transpose else per_row
         return float((v.square() @ lines).sum()) * self.preset.periphery.v_read**2
+
+    # ---------------------------------------------------------------- line currents
+
+    def line_currents(
+        self, name: str, volts: torch.Tensor, transpose: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The currents (amps, float64) of tile `name`'s lines when its input lines (rows;
+        columns with `transpose`) are driven at `volts` (float64, one per line), from the
+        conductances the tile holds now, each array (G+, G-) its own crossbar: (driven lines
+        ``V_i sum_j G_ij``, shape (2, inputs); sensed lines ``sum_i V_i G_ij``, shape (2,
+        outputs)). Wire resistance is left out: it only lowers the currents."""
+        g = self.tile(name).state64(self.clock)
+        if transpose:
+            return volts * g.sum(1), torch.einsum("kij,j->ki", g, volts)
+        return volts * g.sum(2), torch.einsum("kij,i->kj", g, volts)
+
+    def _check_lines(self, name: str, drives: list[tuple[torch.Tensor, bool]], what: str) -> None:
+        """Refuse (-222, counted in `refused`) a request whose lines would carry more than the
+        declared line current, before anything is driven. `drives`: (the peak |V| of each input
+        line over the request, float64 volts; transposed). Waved through at once when every
+        line at the largest voltage would pass (the common case: no pass over the tile)."""
+        limit = self.limits.max_line_current_a
+        if limit == math.inf:
+            return
+        top = self.tile(name).line_sum_max()
+        for volts, transpose in drives:
+            if not volts.numel() or float(volts.max()) * top * (1.0 + 1e-9) <= limit:
+                continue
+            driven_name, sensed_name = ("column", "row") if transpose else ("row", "column")
+            currents = self.line_currents(name, volts, transpose)
+            for line_name, cur in zip((driven_name, sensed_name), currents, strict=True):
+                k, i = divmod(int(torch.argmax(cur)), cur.shape[1])
+                try:
+                    check_line_current(
+                        f"{line_name} {i} of {name!r} ({'G+' if k == 0 else 'G-'} array, {what})",
+                        float(cur[k, i]),
+                        self.limits,
+                    )
+                except LimitViolation as exc:
+                    raise self.safety.refuse(exc) from None
+
+    def _input_volts(self, x: torch.Tensor) -> torch.Tensor:
+        """The peak |V| of each input line over a request's batch (float64 volts)."""
+        if not x.numel():
+            return torch.zeros(x.shape[-1], dtype=torch.float64, device=self.device)
+        return x.abs().amax(0).to(torch.float64) * self.preset.periphery.v_read
+
+    def _check_read_lines(self, name: str, target: torch.Tensor | None = None) -> None:
+        """A read (host read or write-verify) drives one row at a time at v_read: the row
+        carries ``v_read sum_j G_ij``, each column one device's current (less). With `target`
+        (a program's, before it writes), from the targets the verify reads will find."""
+        limit = self.limits.max_line_current_a
+        if limit == math.inf:
+            return
+        tile = self.tile(name)
+        v = self.preset.periphery.v_read
+        if target is None and v * tile.line_sum_max() * (1.0 + 1e-9) <= limit:
+            return
+        g = tile.state64(self.clock) if target is None else target.to(torch.float64)
+        cur = v * g.sum(2)
+        k, i = divmod(int(torch.argmax(cur)), cur.shape[1])
+        what = "read" if target is None else "the verify reads of a program, from its targets"
+        try:
+            check_line_current(f"row {i} of {name!r} ({'G+' if k == 0 else 'G-'} array, {what})",
+                               float(cur[k, i]), self.limits)  # fmt: skip
+        except LimitViolation as exc:
+            raise self.safety.refuse(exc) from None
+
+    def _count_read_violation(self, tile: TileArray) -> None:
+        """After a write: a row whose reads carried more than the limit (the written
+        conductances landed past the targets that were checked) reached the array."""
+        limit = self.limits.max_line_current_a
+        v = self.preset.periphery.v_read
+        if limit == math.inf or v * tile.line_sum_max() <= limit:
+            return
+        if float((v * tile.state64(self.clock).sum(2)).max()) > limit:
+            self.safety.violations += 1
+
+    def _check_settle_lines(self, clamp: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> None:
+        """A settle's line currents, checked once before it starts: every line of a clamped
+        group at its clamp's largest |x|, of a free group at the largest state the converters
+        cover (or its init's, if larger), the bias row at 1 (`drivers.checks.settle_line_volts`),
+        forwards and transposed, from the conductances the tiles hold."""
+        limits = self.limits
+        if limits.max_line_current_a == math.inf or self.topology is None:
+            return
+        lo, hi = self.preset.periphery.state_range
+        free = max(abs(lo), abs(hi))
+        peaks = {g: float(x.abs().max()) if x.numel() else 0.0 for g, x in clamp.items()}
+        for g, x in init.items():
+            if g not in clamp:
+                peaks[g] = max(free, float(x.abs().max()) if x.numel() else 0.0)
+        for name, (r, k) in settle_line_volts(self.topology, limits, peaks, free).items():
+            rt = torch.from_numpy(r).to(self.device)
+            kt = torch.from_numpy(k).to(self.device)
+            self._check_lines(name, [(rt, False), (kt, True)], "settle")
 
     # ---------------------------------------------------------------- settle
 
@@ -429,6 +532,7 @@ class Board:
             check_settle_batch(self.topology, int(batch), self.limits)
         except LimitViolation as exc:
             raise self.safety.refuse(exc) from None
+        self._check_settle_lines(clamp, init or {})
         conv = any(c.kind == "conv" for c in self.topology.couplings)
         if conv:
             applied = {g: self._dac(x, self._channel[g]) for g, x in clamp.items()}

@@ -38,6 +38,10 @@ class PeripheryModel:
     max_settle_steps: int = 100_000
     max_pulses: int = 1000
     channels: int = 4096  # converter channels per direction
+    # amps one tile line may carry (a column into its TIA/ADC, a row out of its driver); None:
+    # the board's design point, a full line of the largest tile at g_max read at v_read
+    # (`Board.limits`, `line_current_limit`)
+    max_line_current_a: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse a periphery no board could have (a URI override of 0 bits or a v_read of 0
@@ -51,6 +55,8 @@ class PeripheryModel:
         as_int("channels", self.channels, 1, 1 << 24)
         for name in ("v_read", "v_read_max", "settle_step_s", "mvm_time_s", "mvm_range"):
             as_float(name, getattr(self, name), 0.0, float("inf"), lo_open=True)
+        if self.max_line_current_a is not None:
+            as_float("max_line_current_a", self.max_line_current_a, 0.0, float("inf"), lo_open=True)
         lo, hi = self.state_range
         as_float("state_range high", hi, as_float("state_range low", lo, -1e30, 1e30), 1e30, lo_open=True)
         check_state_range_voltage(self.v_read, self.v_read_max, self.state_range)
@@ -91,6 +97,23 @@ class PeripheryModel:
         from dataclasses import replace
 
         return replace(self, dac_bits=None, adc_bits=None, gain_error=0.0, offset_error=0.0, node_noise=0.0)
+
+
+def line_current_limit(periphery: PeripheryModel, g_max: float) -> float:
+    """The line-current limit a board declares (`Limits.max_line_current_a`, amps): the
+    periphery's own value, or by default its design point, the current of a full line of the
+    largest tile (``max(tile_rows_max, tile_cols_max)`` devices of one array) at `g_max`, read at
+    the nominal read voltage `v_read`: ``1024 x 10 uS x 0.2 V = 2.05 mA`` for rram and ideal,
+    ``1024 x 25 uS x 0.2 V = 5.12 mA`` for pcm, ``1024 x 5 uS x 0.2 V = 1.02 mA`` for ecram. A
+    line driver and its TIA are sized for the array they serve at its nominal read (our choice;
+    real periphery is sized the same way, to the worst-case line at full read), so every request
+    of states in [0, 1] on a tile the board accepts passes, as do the default networks (their
+    states and inputs are in [0, 1]); what is refused is a line of many devices near g_max
+    driven past v_read (up to v_read_max, 1.25 x v_read), whose current the periphery was not
+    sized for."""
+    if periphery.max_line_current_a is not None:
+        return periphery.max_line_current_a
+    return max(periphery.tile_rows_max, periphery.tile_cols_max) * g_max * periphery.v_read
 
 
 def quantize(x: torch.Tensor, bits: int | None, lo: float, hi: float) -> torch.Tensor:

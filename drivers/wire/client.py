@@ -611,7 +611,7 @@ class RemoteDevice(Device):
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         self.require("mvm")
         with self.lock:
-            arr = self._checked(checks.check_mvm, self.topology, self.info.limits, tile, x, transpose)
+            arr = self._checked(checks.check_mvm, self.topology, self.info.limits, tile, x, transpose, True)
             rows, cols = checks.check_tile(self.topology, tile)
             reply = self._transact(Op.MVM, pl.mvm_request(tile, arr, transpose))
             return pl.mvm_result(reply, arr.shape[0], rows if transpose else cols)
@@ -630,6 +630,7 @@ class RemoteDevice(Device):
             )
             every = self._checked(checks.check_trace, self.info.limits, trace)
             topo = checks.require_topology(self.topology)
+            self._checked(checks.check_settle_lines, topo, self.info.limits, cl, ini)
             reply = self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, trace))
             return pl.equilibrium(reply, topo.groups, batch, every, topo.budget.max_steps)
 

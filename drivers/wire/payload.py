@@ -272,9 +272,12 @@ def unpack(payload: bytes | bytearray | memoryview) -> Message:
 
 
 def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
+    limits = dataclasses.asdict(info.limits)
+    if limits["max_line_current_a"] == math.inf:  # not declared: omitted, as an older board omits it
+        del limits["max_line_current_a"]
     return {
         "identity": dataclasses.asdict(info.identity),
-        "limits": dataclasses.asdict(info.limits),
+        "limits": limits,
         "capabilities": sorted(info.capabilities),
         "preset": info.preset,
         "extra": dict(info.extra),
@@ -306,6 +309,7 @@ _LIMIT_RANGES: dict[str, tuple[float, float]] = {
     "max_beta": (0.0, math.inf),
     "max_drive": (0.0, math.inf),
     "max_batch": (1, INT32_MAX),
+    "max_line_current_a": (_POSITIVE, math.inf),  # finite (as_float), > 0; omitted: not declared
 }
 
 
