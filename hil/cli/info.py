@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import typer
@@ -41,6 +42,12 @@ def describe(dev: Device, uri: str) -> list[str]:
         f"voltages      v_read {lim.v_read:g} V per state unit, at most {lim.v_read_max:g} V on any line "
         f"(states up to {lim.clamp_max:g})",
         f"conductances  {lim.g_min:g} to {lim.g_max:g} S per device",
+        "line current  "
+        + (
+            f"at most {lim.max_line_current_a:g} A on any tile line (row driver or column into its ADC)"
+            if math.isfinite(lim.max_line_current_a)
+            else "not declared (the board checks none)"
+        ),
         f"converters    {', '.join(conv)}",
         f"tiles         up to {lim.max_tiles} of at most {lim.tile_rows_max} x {lim.tile_cols_max} cells",
         f"work bounds   batch {lim.max_batch} samples, settle {lim.max_settle_steps} steps "
