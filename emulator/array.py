@@ -168,6 +168,7 @@ class TileArray:
         self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
         self._lines: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, `line_sums`)
         self._line_max: tuple[int, float] | None = None  # (version, `line_sum_max`)
+        self._ceiling: float | None = None  # `line_ceiling`
         # with wire resistance: the line sums of the effective conductances `weights` last used
         self._eff_lines: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._pcm:
@@ -313,6 +314,17 @@ class TileArray:
             rows, cols = g.sum((0, 2)), g.sum((0, 1))
         self._lines = (self._version, rows, cols)
         return rows, cols
+
+    def line_ceiling(self) -> float:
+        """A bound on ``sum G`` along any line that holds whatever the tile is written to: the
+        longest line's device count times the largest conductance a device can hold (its own
+        upper bound, or its stuck value), float64 siemens. Fixed at fabrication: O(1) per call."""
+        if self._ceiling is None:
+            top = max(
+                float(self.params.g_hi.max()), float(self.params.stuck_value.max()), float(self._g0.max())
+            )
+            self._ceiling = max(self.rows, self.cols) * top
+        return self._ceiling
 
     def line_sum_max(self) -> float:
         """The largest ``sum G`` along any one line (row or column) of either array (G+, G-),

@@ -438,9 +438,12 @@ class Board:
         limit = self.limits.max_line_current_a
         if limit == math.inf:
             return
-        top = self.tile(name).line_sum_max()
+        tile = self.tile(name)
         for volts, transpose in drives:
-            if not volts.numel() or float(volts.max()) * top * (1.0 + 1e-9) <= limit:
+            if not volts.numel():
+                continue
+            peak = float(volts.max()) * (1.0 + 1e-9)
+            if peak * tile.line_ceiling() <= limit or peak * tile.line_sum_max() <= limit:
                 continue
             driven_name, sensed_name = ("column", "row") if transpose else ("row", "column")
             currents = self.line_currents(name, volts, transpose)
@@ -469,8 +472,10 @@ class Board:
         if limit == math.inf:
             return
         tile = self.tile(name)
-        v = self.preset.periphery.v_read
-        if target is None and v * tile.line_sum_max() * (1.0 + 1e-9) <= limit:
+        v = self.preset.periphery.v_read * (1.0 + 1e-9)
+        if v * tile.line_ceiling() <= limit:  # whatever the tile holds or is written to
+            return
+        if target is None and v * tile.line_sum_max() <= limit:
             return
         g = tile.state64(self.clock) if target is None else target.to(torch.float64)
         cur = v * g.sum(2)
@@ -487,7 +492,7 @@ class Board:
         conductances landed past the targets that were checked) reached the array."""
         limit = self.limits.max_line_current_a
         v = self.preset.periphery.v_read
-        if limit == math.inf or v * tile.line_sum_max() <= limit:
+        if limit == math.inf or v * tile.line_ceiling() <= limit or v * tile.line_sum_max() <= limit:
             return
         if float((v * tile.state64(self.clock).sum(2)).max()) > limit:
             self.safety.violations += 1
