@@ -224,6 +224,9 @@ class ProgramReport:
     within_tol: float  # fraction of devices within tolerance
     energy_j: float
     time_s: float
+    # devices write-verify stopped correcting because they did not move (stuck or worn; 0
+    # without verify); None: the board did not report it (an older board), unknown, not 0
+    gave_up: int | None = None
 
 
 @dataclass

@@ -63,6 +63,7 @@ def _program_report(
         within_tol=float(r["within_tol"]),
         energy_j=float(r["energy_j"]),
         time_s=float(r["time_s"]),
+        gave_up=int(r["gave_up"]),
     )
 
 

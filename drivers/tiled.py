@@ -6,7 +6,7 @@ on the way in and reassembled on the way out:
 
 - `program`, `pulse`: the (rows, cols) arrays are cut into the blocks of the physical tiles;
   `program` returns one report for the logical tile (conductances reassembled, iterations the
-  most of any block, pulses, energy and time summed, `within_tol` weighted by cells);
+  most of any block, pulses, `gave_up`, energy and time summed, `within_tol` weighted by cells);
 - `read_conductance`: the blocks' reads reassembled;
 - `mvm`: each physical tile multiplies its slice of the input (DAC, array, ADC); the row
   blocks' outputs are summed on the host and the column blocks concatenated (``transpose``:
@@ -162,6 +162,8 @@ class TiledDevice(DeviceWrapper):
             within_tol=sum(r.within_tol * n for r, n in reps) / cells,
             energy_j=sum(r.energy_j for r, _ in reps),
             time_s=sum(r.time_s for r, _ in reps),
+            # unknown (None) when any block's board did not report it
+            gave_up=None if any(r.gave_up is None for r, _ in reps) else sum(r.gave_up or 0 for r, _ in reps),
         )
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:

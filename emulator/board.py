@@ -329,10 +329,10 @@ class Board:
         self._check_read_lines(name, target)
         if verify:
             st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
-            iterations, within = st.iterations, st.within_tol
+            iterations, within, gave_up = st.iterations, st.within_tol, st.gave_up
         else:
             st = tile.write_stacked(target, self.clock, self.noise)
-            iterations = 0
+            iterations, gave_up = 0, 0
         self.clock += st.time_s
         self.energy_j += st.energy_j
         self._count_read_violation(tile)
@@ -358,6 +358,7 @@ class Board:
             "within_tol": float(within),
             "energy_j": float(st.energy_j),
             "time_s": float(st.time_s),
+            "gave_up": int(gave_up),
         }
 
     def pulse(self, name: str, counts_plus: torch.Tensor, counts_minus: torch.Tensor) -> dict[str, object]:

@@ -105,8 +105,57 @@ def test_settle_request_and_equilibrium_roundtrip() -> None:
 
 def test_program_report_roundtrip() -> None:
     g = np.full((2, 2), 3e-6, np.float32)
-    r = ProgramReport("W0", g, g, 3, 40, 1e-8, 0.75, 1e-10, 1e-6)
-    assert pl.program_report(pl.unpack(pl.pack(pl.program_reply(r)))).__dict__.keys() == r.__dict__.keys()
+    r = ProgramReport("W0", g, g, 3, 40, 1e-8, 0.75, 1e-10, 1e-6, gave_up=5)
+    back = pl.program_report(pl.unpack(pl.pack(pl.program_reply(r))))
+    assert back.__dict__.keys() == r.__dict__.keys() and back.gave_up == 5
+
+
+# a program reply with gave_up, byte for byte: the JSON (fields in this order, compact) after
+# its little-endian u32 length, then the arrays' f4 bytes (docs/protocol.md, sections 1 and 3)
+_PROGRAM_JSON = (
+    b'{"tile":"W0","iterations":3,"pulses":40,"residual_max":1e-08,"within_tol":0.75,'
+    b'"energy_j":1e-10,"time_s":1e-06,"gave_up":2,'
+    b'"arrays":[["g_plus","f4",[1,2]],["g_minus","f4",[1,2]]]}'
+)
+
+
+def test_program_reply_bytes_with_gave_up() -> None:
+    g = np.full((1, 2), 3e-6, np.float32)
+    r = ProgramReport("W0", g, g, 3, 40, 1e-8, 0.75, 1e-10, 1e-6, gave_up=2)
+    data = pl.pack(pl.program_reply(r))
+    f4 = np.float32(3e-6).astype("<f4").tobytes()
+    assert data == len(_PROGRAM_JSON).to_bytes(4, "little") + _PROGRAM_JSON + f4 * 4
+    assert pl.meta_json(pl.program_reply(r)) == _PROGRAM_JSON  # the SCPI reply block's JSON
+    # an unknown count is not sent (not sent as 0 or null)
+    unknown = pl.meta_json(pl.program_reply(ProgramReport("W0", g, g, 3, 40, 1e-8, 0.75, 1e-10, 1e-6)))
+    assert unknown == _PROGRAM_JSON.replace(b'"gave_up":2,', b"")
+
+
+def test_a_program_reply_without_gave_up_parses_as_unknown() -> None:
+    """A board older than the field: its reply parses, with gave_up None (unknown, not 0)."""
+    old = _PROGRAM_JSON.replace(b'"gave_up":2,', b"")
+    data = len(old).to_bytes(4, "little") + old + np.zeros(4, "<f4").tobytes()
+    r = pl.program_report(pl.unpack(data), "W0", (1, 2))
+    assert r.gave_up is None and r.iterations == 3 and r.pulses == 40 and r.within_tol == 0.75
+
+
+def test_program_report_tolerates_unknown_fields_and_bounds_gave_up() -> None:
+    """A host ignores fields it does not know (what an older host does with gave_up); a
+    gave_up that is not a count of the tile's devices is a malformed reply."""
+    g = np.zeros((1, 2), np.float32)
+
+    def reply(**extra: object) -> pl.Message:
+        meta = dict(
+            tile="W0", iterations=0, pulses=2, residual_max=0.0, within_tol=1.0, energy_j=0.0, time_s=0.0
+        )
+        return pl.Message({**meta, **extra}, {"g_plus": g, "g_minus": g})
+
+    assert pl.program_report(reply(from_the_future=[1, 2]), "W0", (1, 2)).gave_up is None
+    assert pl.program_report(reply(gave_up=None), "W0", (1, 2)).gave_up is None
+    assert pl.program_report(reply(gave_up=4), "W0", (1, 2)).gave_up == 4
+    for bad in (-1, 5, 1.5, "2", True):
+        with pytest.raises(pl.ProtocolError, match="gave_up"):
+            pl.program_report(reply(gave_up=bad), "W0", (1, 2))
 
 
 # ---- error codes ---------------------------------------------------------------------
