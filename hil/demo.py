@@ -34,7 +34,8 @@ class PhaseReport:
 class DemoReport:
     identity: str
     cells: int
-    programming: list[tuple[str, int, int, float]]  # tile, iterations, pulses, within_tol
+    # tile, iterations, pulses, within_tol, gave_up (None: the board did not report it)
+    programming: list[tuple[str, int, int, float, int | None]]
     phases: list[PhaseReport]
     refused: int
     violations: int
@@ -67,7 +68,7 @@ def run_demo(
             rows, cols = topology.tile_shape(c.tile)
             w = rng.normal(0.0, 1.0 / np.sqrt(rows), (rows, cols)).astype(np.float32)
             rep = write_weights(dev, c.tile, w, verify="program_verify" in dev.info.capabilities).report
-            programming.append((c.tile, rep.iterations, rep.pulses, rep.within_tol))
+            programming.append((c.tile, rep.iterations, rep.pulses, rep.within_tol, rep.gave_up))
         phases = []
         free = None
         for name, nudge in (

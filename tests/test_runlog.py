@@ -497,18 +497,21 @@ def test_resume_refusals(copy: Path, tmp_path: Path) -> None:
 
 
 def test_program_report_fields(tmp_path: Path) -> None:
-    rep = ProgramReport("W0", np.ones((2, 2)), np.ones((2, 2)), 3, 40, 1e-7, 0.75, 1e-9, 2e-3)
+    rep = ProgramReport("W0", np.ones((2, 2)), np.ones((2, 2)), 3, 40, 1e-7, 0.75, 1e-9, 2e-3, gave_up=2)
+    unknown = ProgramReport("W0", np.ones((2, 2)), np.ones((2, 2)), 3, 40, 1e-7, 0.75, 1e-9, 2e-3)
     with RunLog.create(tmp_path / "p.zarr", {}) as log:
         log.program(7, rep)
+        log.program(8, unknown)  # a board that did not report gave_up: -1
     t = open_run(tmp_path / "p.zarr").table("program/W0")
     assert {k: v.tolist() for k, v in t.items()} == {
-        "step": [7],
-        "iterations": [3],
-        "pulses": [40],
-        "residual_max": [1e-7],
-        "within_tol": [0.75],
-        "energy_j": [1e-9],
-        "time_s": [2e-3],
+        "step": [7, 8],
+        "iterations": [3, 3],
+        "pulses": [40, 40],
+        "residual_max": [1e-7, 1e-7],
+        "within_tol": [0.75, 0.75],
+        "energy_j": [1e-9, 1e-9],
+        "time_s": [2e-3, 2e-3],
+        "gave_up": [2, -1],
     }
 
 

@@ -52,9 +52,10 @@ def register(app: typer.Typer) -> None:
         where = "the board" if r.settle == "board" else "the host, through the board's mvm"
         typer.echo(f"settles   on {where}")
         typer.echo(f"network   {'-'.join(map(str, layer_sizes))}, {r.cells} crossbar cells")
-        for tile, iters, pulses, within in r.programming:
+        for tile, iters, pulses, within, gave_up in r.programming:
             typer.echo(
                 f"program   {tile}: {iters} verify iterations, {pulses} pulses, {within:.1%} within tol"
+                + ("" if gave_up is None else f", gave up on {gave_up} devices")
             )
         header = ("phase", "steps", "conv", "energy", "settle (us)", "joules", "wall (ms)")
         typer.echo(

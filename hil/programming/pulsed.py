@@ -154,7 +154,7 @@ class PulsedUpdates(SchemeBase):
         report = UpdateReport(
             tile, st.g_est[0].astype(np.float32), st.g_est[1].astype(np.float32), 0, pulses,
             float(missing.max()) if missing.size else 0.0, float((missing <= half_step).mean()),
-            energy, time_s, scheme=self.name, kind="pulse", step=st.updates,
+            energy, time_s, 0, scheme=self.name, kind="pulse", step=st.updates,
             requested=float(np.abs(req).sum()), applied=float(np.abs(applied).sum()),
             remainder=float(np.abs(st.acc).sum()), devices_pulsed=int((counts != 0).sum()),
         )  # fmt: skip

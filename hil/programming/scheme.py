@@ -55,6 +55,12 @@ class UpdateReport(ProgramReport):
     ``requested``, ``applied`` and ``remainder`` are sums of ``|dW|`` over the tile in weight
     units: asked for by this update (plus, for ``mixed``, what the accumulator carried in),
     expected to be moved by the pulses, and left in the accumulator.
+
+    ``gave_up`` (from `ProgramReport`): the devices the closed loop stopped correcting because
+    they did not move (stuck or worn); for a ``tune`` refresh, the pairs tuning gave up on;
+    None when the board did not report it. ``verified``: how many devices (``tune``: pairs)
+    that closed loop worked on (0 for a write without verify and for pulses), the share's
+    denominator: ``gave_up / verified``.
     """
 
     scheme: str = "ideal"
@@ -64,6 +70,7 @@ class UpdateReport(ProgramReport):
     applied: float = 0.0
     remainder: float = 0.0
     devices_pulsed: int = 0
+    verified: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The scalar fields, JSON-ready (no conductance arrays)."""
@@ -82,6 +89,8 @@ class UpdateReport(ProgramReport):
             "applied": float(self.applied),
             "remainder": float(self.remainder),
             "devices_pulsed": int(self.devices_pulsed),
+            "gave_up": None if self.gave_up is None else int(self.gave_up),
+            "verified": int(self.verified),
         }
 
 
@@ -340,7 +349,8 @@ class SchemeBase(ABC):
             st.stuck.observe(g, read, verified=verify, residual_max=rep.residual_max)
         report = UpdateReport(
             rep.tile, rep.g_plus, rep.g_minus, rep.iterations, rep.pulses, rep.residual_max,
-            rep.within_tol, rep.energy_j, rep.time_s, scheme=self.name, kind=kind, step=st.updates,
+            rep.within_tol, rep.energy_j, rep.time_s, rep.gave_up, scheme=self.name, kind=kind,
+            step=st.updates, verified=int(np.prod(g.shape)) if verify else 0,  # g: (2, rows, cols)
         )  # fmt: skip
         self.history.append(report.to_dict())
         mapping = st.mapping
@@ -392,13 +402,10 @@ class SchemeBase(ABC):
         gp, gm = res.g[0].astype(np.float32), res.g[1].astype(np.float32)
         report = UpdateReport(
             tile, gp, gm, res.iterations, res.pulses + (probe.pulses if probe else 0), res.residual_max,
-            res.within_tol, res.energy_j + (probe.energy_j if probe else 0.0), res.time_s, scheme=self.name,
-            kind="refresh", step=st.updates,
+            res.within_tol, res.energy_j + (probe.energy_j if probe else 0.0), res.time_s, res.gave_up,
+            scheme=self.name, kind="refresh", step=st.updates, verified=int(gp.size),
         )  # fmt: skip
-        self.history.append(
-            report.to_dict()
-            | {"mode": "tune", "reads": res.reads, "resets": res.resets, "gave_up": res.gave_up}
-        )
+        self.history.append(report.to_dict() | {"mode": "tune", "reads": res.reads, "resets": res.resets})
         return Programmed(report, 0, lambda: m.to_weight(gp, gm))
 
     @staticmethod

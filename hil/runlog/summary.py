@@ -182,10 +182,12 @@ def _tiles(run: Run) -> list[str]:
         t = run.table(f"{PROGRAM}/{tile}")
         if not len(t.get("step", ())):
             continue
+        # gave_up: -1 where the board did not report it; absent in logs older than the column
+        gave = int(t["gave_up"][-1]) if len(t.get("gave_up", ())) else -1
         out.append(
             f"program      {tile}: {len(t['step'])} reports, {int(t['pulses'].sum())} pulses in all; last: "
             f"{int(t['iterations'][-1])} iterations, {t['within_tol'][-1]:.1%} within tol, "
-            f"residual {t['residual_max'][-1]:.3g} S"
+            f"residual {t['residual_max'][-1]:.3g} S" + (f", gave up on {gave} devices" if gave >= 0 else "")
         )
     return out
 

@@ -357,7 +357,8 @@ class RunLog:
             self.tile(step, t, g_plus=gp, g_minus=gm)
 
     def program(self, step: int, report: ProgramReport, *, conductances: bool = False) -> None:
-        """Append a programming report; `conductances` also snapshots its read-back G+/G-."""
+        """Append a programming report; `conductances` also snapshots its read-back G+/G-.
+        ``gave_up`` is -1 where the board did not report it (unknown)."""
         _check_name(report.tile, "tile")
         self._append(
             f"{PROGRAM}/{report.tile}",
@@ -369,6 +370,7 @@ class RunLog:
                 "within_tol": np.float64(report.within_tol),
                 "energy_j": np.float64(report.energy_j),
                 "time_s": np.float64(report.time_s),
+                "gave_up": np.int64(-1 if report.gave_up is None else report.gave_up),
             },
         )
         if conductances:
