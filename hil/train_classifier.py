@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from drivers import Device, OpenTransactionWarning
-from drivers.base import programming_transaction, report_open_transactions
+from drivers.base import ProgramReport, programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import close_boards, open_board, record_end_state
@@ -40,6 +40,18 @@ class EpochStats:
     nudge_steps: float  # mean settle steps of one nudged phase
     unconverged: float  # fraction of settles that hit their step budget above tol
     val_acc: float | None = None  # on the held-out training images (data.validation), if any
+    # the epoch's closed-loop programming (write-verify, tuning refreshes): `verified` devices
+    # (tuning: pairs) worked on, `gave_up` of them given up on because they did not move; None
+    # when a board did not report it (the count is then unknown, not 0)
+    verified: int = 0
+    gave_up: int | None = 0
+
+    @property
+    def gave_up_share(self) -> float | None:
+        """`gave_up / verified`, or None when nothing was verified or the count is unknown."""
+        if not self.verified or self.gave_up is None:
+            return None
+        return self.gave_up / self.verified
 
 
 @dataclass
@@ -178,6 +190,7 @@ def _train(
         dynamic_ncols=True,
     )
     totals = dict.fromkeys(("loss", "acc", "free", "nudge", "settles", "unconverged", "n"), 0.0)
+    verified, gave_up = 0, 0  # this epoch's closed-loop programming (gave_up None: unknown)
     t0 = time.perf_counter()
     try:
         for epoch, idx in order.batches(bs, cfg.train.epochs):
@@ -208,6 +221,7 @@ def _train(
             totals["settles"] += st["settles"]
             totals["unconverged"] += st["unconverged"]
             totals["n"] += n
+            verified, gave_up = _closed_loop(model.last_programming, verified, gave_up)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
             if log is not None:
@@ -227,9 +241,10 @@ def _train(
             stats = EpochStats(
                 epoch + 1, totals["loss"] / n, totals["acc"] / n, test_acc, time.perf_counter() - t0,
                 totals["free"] / k, totals["nudge"] / k, totals["unconverged"] / max(1.0, totals["settles"]),
-                val_acc,
+                val_acc, verified, gave_up,
             )  # fmt: skip
             totals = dict.fromkeys(totals, 0.0)
+            verified, gave_up = 0, 0
             t0 = time.perf_counter()
             history.append(stats)
             shown = {} if val_acc is None else {"val": f"{val_acc:.2%}"}
@@ -265,3 +280,15 @@ def _train(
         resumed_epochs,
     )  # fmt: skip
     return result
+
+
+def _closed_loop(reports: list[ProgramReport], verified: int, gave_up: int | None) -> tuple[int, int | None]:
+    """`verified` and `gave_up` with the closed-loop reports among `reports` added (an
+    `UpdateReport`'s `verified`; a report whose board did not say `gave_up` makes it None)."""
+    for r in reports:
+        n = int(getattr(r, "verified", 0))
+        if not n:
+            continue
+        verified += n
+        gave_up = None if gave_up is None or r.gave_up is None else gave_up + int(r.gave_up)
+    return verified, gave_up

@@ -11,7 +11,7 @@ import typer
 if TYPE_CHECKING:
     from hil.config import RunConfig
     from hil.runlog import RunLog
-    from hil.train_classifier import TrainResult
+    from hil.train_classifier import EpochStats, TrainResult
 
 train_app = typer.Typer(
     help="Train models on a board (or the emulator) by Equilibrium Propagation.",
@@ -241,9 +241,10 @@ def classifier(
     elif rank_device or rank_calibration:
         raise fail("--rank-device and --rank-calibration are for --distributed runs")
 
-    from hil.train_classifier import EpochStats, train_classifier
+    from hil.train_classifier import train_classifier
 
     warned = []
+    warned_gave_up = []
 
     def on_epoch(st: EpochStats) -> None:
         if dp is not None and dp.rank != 0:
@@ -254,10 +255,15 @@ def classifier(
                 f"{'' if st.val_acc is None else f'val {st.val_acc:.2%}  '}test {st.test_acc:.2%}  "
                 f"{st.seconds:.2f} s"
                 + (f"  unconverged {st.unconverged:.0%}" if st.unconverged and cfg.ep.tol > 0 else "")
+                + ("" if st.gave_up_share is None else f"  gave up {st.gave_up_share:.2%}")
             )
         note = unconverged_warning(st.unconverged, cfg.ep.tol, cfg.ep.free_steps, cfg.ep.nudge_steps)
         if note and not warned:
             warned.append(st.epoch)
+            typer.echo(f"warning (epoch {st.epoch}): {note}", err=True)
+        note = gave_up_warning(st.gave_up, st.verified)
+        if note and not warned_gave_up:
+            warned_gave_up.append(st.epoch)
             typer.echo(f"warning (epoch {st.epoch}): {note}", err=True)
 
     try:
@@ -280,7 +286,8 @@ def classifier(
         with (
             sigterm_as_interrupt(),
             resume_hint(
-                "torchrun [its options] -m hil.cli train classifier --distributed" if dp is not None
+                "torchrun [its options] -m hil.cli train classifier --distributed"
+                if dp is not None
                 else "hil train classifier",
                 run_path,
             ),
@@ -321,7 +328,11 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
 
     last = res.history[-1]
     ran = res.history[res.resumed_epochs :]  # this session's epochs (a resume continues a run)
-    what = f"{len(ran)} epochs" if not res.resumed_epochs else f"epochs {res.resumed_epochs + 1}-{len(res.history)}"
+    what = (
+        f"{len(ran)} epochs"
+        if not res.resumed_epochs
+        else f"epochs {res.resumed_epochs + 1}-{len(res.history)}"
+    )
     typer.echo(
         f"trained {what} in {sum(h.seconds for h in ran):.1f} s; "
         f"final train loss {last.train_loss:.4f}, train accuracy {last.train_acc:.2%}"
@@ -333,6 +344,9 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
         f"settles on the {settle_paths(res.model.blocks())}"
     )
     typer.echo(f"run log {log.path}")
+    line = gave_up_line(ran)
+    if line:
+        typer.echo(line)
     if res.val_acc is not None:
         typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
     uris = " ; ".join(cfg.devices) if cfg.devices else cfg.device  # `device` is unused when `devices` is set
@@ -355,3 +369,36 @@ def unconverged_warning(share: float, tol: float, free_steps: int, nudge_steps: 
         "differences states that have not settled, which biases its gradient. Raise ep.free_steps / "
         "ep.nudge_steps (or ep.tol), or set ep.tol=0 to run fixed step counts knowingly."
     )
+
+
+# Share of the devices write-verify worked on that it gave up on (they did not move), above
+# which `hil train classifier` warns. Healthy emulated chips stay well below it: with
+# ep.programming=verify, pcm 0.63-0.68 % and rram 0.18-0.19 % per epoch (docs/programming.md).
+GAVE_UP_WARN = 0.02
+
+
+def gave_up_warning(gave_up: int | None, verified: int) -> str | None:
+    """The warning `hil train classifier` prints once, at the first epoch in which write-verify
+    (or a tuning refresh) gave up on more than `GAVE_UP_WARN` of the devices it worked on
+    (None otherwise, and when the board did not report the count)."""
+    if gave_up is None or not verified or gave_up <= GAVE_UP_WARN * verified:
+        return None
+    return (
+        f"write-verify gave up on {gave_up} of the {verified} devices it programmed this epoch "
+        f"({gave_up / verified:.1%}, more than {GAVE_UP_WARN:.0%}): they did not move when pulsed, "
+        "so they are stuck or worn, and the weights they hold are not the ones trained. A share that "
+        "grows over a run is a chip wearing out: check it (hil conformance, hil calibrate) or move "
+        "the network to a fresh tile or board."
+    )
+
+
+def gave_up_line(epochs: list[EpochStats]) -> str | None:
+    """The summary line on write-verify's give-ups over `epochs` (None when nothing was
+    write-verified)."""
+    verified = sum(h.verified for h in epochs)
+    if not verified:
+        return None
+    if any(h.gave_up is None for h in epochs):
+        return f"write-verify programmed {verified} devices; the board did not report how many it gave up on"
+    gave_up = sum(int(h.gave_up or 0) for h in epochs)
+    return f"write-verify gave up on {gave_up} of {verified} devices programmed ({gave_up / verified:.2%})"
