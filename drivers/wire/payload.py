@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -46,6 +47,10 @@ DTYPES = {"f4": np.dtype("<f4"), "i4": np.dtype("<i4"), "i8": np.dtype("<i8"), "
 MAX_JSON = 1 << 20
 MAX_NDIM = 8  # dimensions of one array on the wire (the operations use at most 3)
 MAX_ARRAYS = 4096  # arrays in one message (a settle carries a few per node group)
+# Nesting of arrays and objects in one JSON text: the deepest message (a topology's conv
+# coupling, an array layout) nests 4; deeper is refused before decoding (Python's decoder
+# would recurse once per level and fail with a RecursionError)
+MAX_JSON_DEPTH = 32
 _LEN = struct.Struct("<I")
 
 
@@ -151,6 +156,8 @@ def unpack_arrays(spec: list[list[Any]], data: bytes | bytearray | memoryview) -
         raise ProtocolError(f"array layout must be a list of at most {MAX_ARRAYS} entries")
     for entry in spec:
         name, dtype, shape, count = _array_spec(entry)
+        if name in out:  # the last would silently win: a peer that sends two means one of them
+            raise ProtocolError(f"array layout names {name!r} twice: each array appears once")
         nbytes = count * dtype.itemsize  # Python ints: no overflow, checked before any view or copy
         if offset + nbytes > len(view):
             raise ProtocolError(f"array {name!r} runs past the end of the data ({len(view)} bytes)")
@@ -208,12 +215,44 @@ def dumps(obj: Any) -> bytes:
 _DECODER = json.JSONDecoder()
 
 
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in `text` (JSON, possibly malformed), without decoding
+    it, in one vectorised pass: brackets inside strings do not count (a quote after an odd run
+    of backslashes is inside its string)."""
+    b = np.frombuffer(text.encode("utf-8", "replace"), np.uint8)
+    if not b.size:
+        return 0
+    at = np.arange(b.size)
+    backslash = b == 0x5C
+    last_other = np.maximum.accumulate(np.where(backslash, -1, at))  # last non-backslash up to i
+    run_before = np.empty(b.size, np.int64)  # backslashes right before each byte
+    run_before[0] = 0
+    run_before[1:] = at[:-1] - last_other[:-1]
+    quote = (b == 0x22) & (run_before % 2 == 0)
+    inside = (np.cumsum(quote) - quote) % 2 == 1  # after an odd number of quotes: in a string
+    step = ((b == 0x5B) | (b == 0x7B)).astype(np.int64) - ((b == 0x5D) | (b == 0x7D))
+    step[inside | quote] = 0
+    return int(np.cumsum(step).max())
+
+
 def loads(data: bytes | bytearray | memoryview) -> Any:
     """One JSON value, strictly UTF-8. The usual text (a value with nothing around it) goes
     through json.JSONDecoder.raw_decode alone; anything else (leading or trailing whitespace, a byte order
-    mark, extra data, malformed text) through json.loads, which accepts or refuses it."""
+    mark, extra data, malformed text) through json.loads, which accepts or refuses it. Refused
+    (ProtocolError naming what is allowed) before or instead of a decoder's own failure: arrays
+    and objects nested deeper than `MAX_JSON_DEPTH`, integers of more digits than Python
+    converts (4300; every field takes far fewer)."""
     try:
         text = str(data, "utf-8")
+        # the usual message has fewer brackets than the limit: nothing to scan
+        if (
+            text.count("[") + text.count("{") > MAX_JSON_DEPTH
+            and (depth := json_depth(text)) > MAX_JSON_DEPTH
+        ):
+            raise ProtocolError(
+                f"malformed JSON on the wire: arrays and objects nested {depth} levels deep; a message "
+                f"nests at most {MAX_JSON_DEPTH} (the protocol's own messages nest at most 4)"
+            )
         try:
             obj, end = _DECODER.raw_decode(text)
         except json.JSONDecodeError:
@@ -221,6 +260,34 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
         return obj if end == len(text) else json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"malformed JSON on the wire: {exc}") from exc
+    except RecursionError:  # nesting within MAX_JSON_DEPTH on a thread with little stack left
+        raise ProtocolError(
+            f"malformed JSON on the wire: nested too deep to decode; a message nests at most {MAX_JSON_DEPTH}"
+        ) from None
+    except ValueError as exc:  # int(): a number of more digits than Python converts
+        if "digits" not in str(exc):
+            raise ProtocolError(f"malformed JSON on the wire: {exc}") from exc
+        limit = sys.get_int_max_str_digits()
+        where = _long_number_at(text, limit)
+        raise ProtocolError(
+            f"malformed JSON on the wire: an integer of more than {limit} digits{where}; "
+            "integers on the wire are sizes, counts and ids, at most 2^63 (19 digits): send the field's "
+            "value, not a longer number"
+        ) from None
+
+
+def _long_number_at(text: str, limit: int) -> str:
+    """Where the first run of more than `limit` digits starts in `text`, and what comes before
+    it (the field's key), in one vectorised pass."""
+    b = np.frombuffer(text.encode("utf-8", "replace"), np.uint8)
+    digit = np.concatenate([[False], (b >= 0x30) & (b <= 0x39), [False]])
+    edges = np.flatnonzero(np.diff(digit.astype(np.int8)))
+    starts, ends = edges[::2], edges[1::2]
+    long = np.flatnonzero(ends - starts > limit)
+    if not long.size:
+        return ""
+    at = int(starts[long[0]])
+    return f" at character {at} (after {text[max(0, at - 40) : at]!r})"
 
 
 def meta_json(msg: Message) -> bytes:
@@ -410,36 +477,76 @@ def topology_to_dict(topo: Topology) -> dict[str, Any]:
     return d
 
 
+_BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(SettleBudget))
+
+
+def _object(what: str, value: Any, takes: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"malformed topology: {what} must be an object of {takes}, got {str(value)[:60]}")
+    return value
+
+
 def topology_from_dict(d: dict[str, Any]) -> Topology:
-    """Raises ConfigurationError (from Topology) for a consistent but invalid topology."""
+    """Raises ProtocolError naming the field for a malformed one (a wrong type, a missing or
+    unknown key), ConfigurationError (from Topology) for a consistent but invalid topology."""
     try:
-        couplings = tuple(
-            Coupling(
-                tile=c["tile"],
-                rows=tuple(c["rows"]),
-                cols=tuple(c["cols"]),
-                kind=c.get("kind", "bipartite"),
-                w_max=c.get("w_max", 1.0),
-                kernel=c.get("kernel", 0),
-                padding=c.get("padding", 0),
-                pool=c.get("pool", 1),
-                pool_mode=c.get("pool_mode", "max"),
-                pool_group=c.get("pool_group", ""),
+        _object("the topology", d, "groups, couplings, gain, activation, mode, budget, shapes")
+        groups = _object("groups", d["groups"], "group: size")
+        budget = _object("budget", d.get("budget", {}), ", ".join(_BUDGET_KEYS))
+        unknown = sorted(str(k) for k in budget if k not in _BUDGET_KEYS)
+        if unknown:
+            raise ProtocolError(
+                f"malformed topology: budget has unknown keys {unknown[:4]}; a budget takes "
+                f"{', '.join(_BUDGET_KEYS)} (each optional)"
             )
-            for c in d["couplings"]
-        )
+        shapes = _object("shapes", d.get("shapes", {}), "group: [channels, height, width]")
+        if not isinstance(d["couplings"], list):
+            raise ProtocolError(
+                f"malformed topology: couplings must be a list, got {str(d['couplings'])[:60]}"
+            )
+        couplings = []
+        for i, c in enumerate(d["couplings"]):
+            c = _object(
+                f"couplings[{i}]", c, "tile, rows, cols and optional kind, w_max, kernel, padding, pool"
+            )
+            for key in ("rows", "cols"):
+                if key not in c:
+                    raise ProtocolError(
+                        f"malformed topology: couplings[{i}] lacks {key!r} (a list of group names)"
+                    )
+                if not isinstance(c[key], list):
+                    raise ProtocolError(
+                        f"malformed topology: couplings[{i}].{key} must be a list of group names, "
+                        f"got {str(c[key])[:60]}"
+                    )
+            couplings.append(
+                Coupling(
+                    tile=c["tile"],
+                    rows=tuple(c["rows"]),
+                    cols=tuple(c["cols"]),
+                    kind=c.get("kind", "bipartite"),
+                    w_max=c.get("w_max", 1.0),
+                    kernel=c.get("kernel", 0),
+                    padding=c.get("padding", 0),
+                    pool=c.get("pool", 1),
+                    pool_mode=c.get("pool_mode", "max"),
+                    pool_group=c.get("pool_group", ""),
+                )
+            )
         return Topology(
-            groups={str(k): v for k, v in d["groups"].items()},  # sizes checked (not truncated) by Topology
-            couplings=couplings,
+            groups={str(k): v for k, v in groups.items()},  # sizes checked (not truncated) by Topology
+            couplings=tuple(couplings),
             gain=d.get("gain", 1.0),
             # the node curve by name (drivers.activation); an older host's message has none
             activation=d.get("activation", "hard_sigmoid"),
             mode=d.get("mode", "analog"),
-            budget=SettleBudget(**d.get("budget", {})),
+            budget=SettleBudget(**budget),
             # a list of three sizes per group, checked by Topology (a non-list fails there too)
-            shapes={str(g): tuple(v) for g, v in d.get("shapes", {}).items()},
+            shapes={str(g): tuple(v) for g, v in shapes.items()},
         )
-    except (KeyError, TypeError, AttributeError) as exc:
+    except KeyError as exc:
+        raise ProtocolError(f"malformed topology: missing field {exc}") from exc
+    except (TypeError, AttributeError) as exc:
         raise ProtocolError(f"malformed topology: {exc}") from exc
 
 
@@ -679,16 +786,37 @@ def settle_request(
     return Message(meta, arrays)
 
 
+SETTLE_ARRAYS = ("clamp", "target", "grad", "init")  # the prefixes of a settle request's arrays
+_SETTLE_TAKES = (
+    "a settle takes the arrays clamp/<group>, init/<group>, and target/<group> and grad/<group> "
+    "of a group nudged by beta[<group>]"
+)
+
+
 def _by_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == prefix}
 
 
 def settle_args(msg: Message) -> dict[str, Any]:
-    """Keyword arguments of `Device.settle` from a settle request."""
+    """Keyword arguments of `Device.settle` from a settle request. An array it would not use
+    is refused (ProtocolError naming it): one of no known prefix, or a nudge's target or grad
+    for a group without beta."""
+    for name in msg.arrays:
+        prefix, slash, _ = name.partition("/")
+        if prefix not in SETTLE_ARRAYS or not slash:
+            raise ProtocolError(f"settle request: unknown array {name[:60]!r}; {_SETTLE_TAKES}")
     targets, grads = _by_prefix(msg.arrays, "target"), _by_prefix(msg.arrays, "grad")
     betas = msg.meta.get("beta", {})
     if not isinstance(betas, dict):
         raise ProtocolError(f"settle beta must be an object of group: beta, got {str(betas)[:40]}")
+    for kind, found in (("target", targets), ("grad", grads)):
+        orphans = sorted(g for g in found if g not in betas)
+        if orphans:
+            raise ProtocolError(
+                f"settle request: array '{kind}/{orphans[0][:40]}' without a beta for its group: a nudge "
+                f"is beta[<group>] in the JSON with its target/<group> or grad/<group>; send "
+                f'"beta": {{"{orphans[0][:40]}": ...}} or leave the array out'
+            )
     # beta passes as sent: the device checks its type and range (a float() would take "nan")
     nudge = {g: Nudge(b, targets.get(g), grads.get(g)) for g, b in betas.items()}
     trace = msg.meta.get("trace", False)
@@ -700,6 +828,27 @@ def settle_args(msg: Message) -> dict[str, Any]:
         "init": _by_prefix(msg.arrays, "init") or None,
         "trace": trace,
     }
+
+
+# The arrays of the other requests that carry any (a settle's are checked by `settle_args`).
+REQUEST_ARRAYS: dict[Op, tuple[str, ...]] = {
+    Op.PROGRAM: ("g_plus", "g_minus"),
+    Op.PULSE: ("counts_plus", "counts_minus"),
+    Op.MVM: ("x",),
+}
+
+
+def check_request_arrays(op: Op, msg: Message) -> None:
+    """A request of `op` other than settle carries exactly the arrays it takes (none but
+    those of `REQUEST_ARRAYS`): an extra one would be silently ignored (ProtocolError naming
+    it and what the request takes); a missing one is the caller's KeyError."""
+    takes = REQUEST_ARRAYS.get(op, ())
+    extra = [name for name in msg.arrays if name not in takes]
+    if extra:
+        what = f"the arrays {', '.join(takes)}" if takes else "no arrays"
+        raise ProtocolError(
+            f"{op.name.lower()} request: unknown array {extra[0][:60]!r}; a {op.name.lower()} takes {what}"
+        )
 
 
 def equilibrium_reply(eq: Equilibrium) -> Message:

@@ -268,6 +268,8 @@ def execute(
 
 def _run(device: Device, op: Op, request: Message) -> Message:
     try:
+        if op is not Op.SETTLE:  # a settle's arrays are checked with its nudges (`settle_args`)
+            pl.check_request_arrays(op, request)
         return HANDLERS[op](device, request)
     except KeyError as exc:
         raise DeviceFault(codes.MISSING_PARAMETER, f"{op.name.lower()} request lacks {exc}") from None
