@@ -13,6 +13,7 @@ from hil.conformance import (
     fragments,
     framed,
     lifecycle,
+    lines,
     mvm,
     ownership,
     refusals,
@@ -55,6 +56,7 @@ def run_conformance(
             replay.checks(sess)
             replay.program_ids(sess)
             fragments.checks(sess)
+            lines.checks(sess)
             ownership.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
