@@ -95,7 +95,9 @@ def test_passes_on_every_transport(
         # the over-limit requests through the Device API were refused on the host; only the
         # raw SCPI ones, or the unchecked framed ones (an mvm input, program targets), reached
         # the board, which refused them
-        assert servers.device.safety() == SafetyCounters(refused=2, violations=0)
+        assert ops["line current limit"] == "PASS"
+        # ... and the mvm over the line-current limit, sent unchecked on either link
+        assert servers.device.safety() == SafetyCounters(refused=3, violations=0)
 
 
 class Recording(DeviceWrapper):
@@ -427,3 +429,55 @@ def test_fails_when_a_resent_pulse_runs_again(
     code, stdout, _ = _invoke(good.uris[transport])
     assert code == 0 and f"PASS  {check} request id" in stdout, stdout
     assert f"PASS  {check} program request id" in stdout, stdout
+
+
+class UnenforcedLineCurrent(DeviceWrapper):
+    """A firmware bug: the board declares a line-current limit (the rram preset's 2.048 mA) and
+    does not enforce it (its own check runs against 1 A)."""
+
+    @property
+    def info(self) -> DeviceInfo:
+        inner = self.inner.info
+        limits = dataclasses.replace(inner.limits, max_line_current_a=2.048e-3)
+        return DeviceInfo(inner.identity, limits, inner.capabilities, inner.preset, inner.extra)
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_fails_when_the_board_does_not_enforce_its_line_current_limit(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    servers = emulated_board(board=UnenforcedLineCurrent(open_device(FULL + "&max_line_current_a=1")))
+    code, stdout, _ = _invoke(servers.uris[transport])
+    assert code == 1
+    assert _failed(stdout) == {"line current limit"}, stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
+    assert "the board ran the mvm" in line and "does not enforce the limit it declares" in line, line
+    assert 'docs/protocol.md section 1, "Limits", Line currents' in line, line
+
+
+def test_line_current_check_skips_without_a_limit_and_where_no_tile_can_exceed_it() -> None:
+    from hil.conformance.lines import line_tile
+
+    lim = open_device(FULL).info.limits
+    tile = line_tile(lim)
+    assert not isinstance(tile, str) and tile.cols == 1 and not tile.transpose
+    assert tile.rows * lim.g_max * float(np.float32(lim.clamp_max)) * lim.v_read > lim.max_line_current_a
+    wide = line_tile(dataclasses.replace(lim, tile_rows_max=8))  # only a long row: read transposed
+    assert not isinstance(wide, str) and wide.rows == 1 and wide.transpose
+    assert wide.cols * wide.g * lim.v_read <= lim.max_line_current_a  # its reads stay within the limit
+    small = line_tile(dataclasses.replace(lim, tile_rows_max=8, tile_cols_max=8))
+    assert isinstance(small, str) and "no tile within the limits can exceed" in small
+
+    class Undeclared(DeviceWrapper):
+        @property
+        def info(self) -> DeviceInfo:
+            inner = self.inner.info
+            limits = dataclasses.replace(inner.limits, max_line_current_a=float("inf"))
+            return DeviceInfo(inner.identity, limits, inner.capabilities, inner.preset, inner.extra)
+
+        def send_unchecked(self, op: object, request: object) -> object:
+            raise AssertionError("nothing is sent to a board without a limit")
+
+    report = run_conformance(Undeclared(open_device(FULL)))
+    check = next(c for c in report.checks if c.operation == "line current limit")
+    assert check.status == "SKIP" and "not declared" in check.spec

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 
 from drivers import open_device
 from drivers.base import Device
+from drivers.topology import Topology
 from drivers.wire import codes, frames
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Link
+from drivers.wire.scpi import SETTLE_Q
+from drivers.wire.scpi import block as scpi_block
+from drivers.wire.scpi import short_form as scpi_short
 from emulator.server import FramedServer, ScpiServer
 from emulator.server import links as links_mod
 from emulator.server import scpi as scpi_mod
@@ -437,3 +443,115 @@ def test_a_flooding_peer_is_held_then_closed_while_others_are_served(
                 assert dev.safety().violations == 0
         assert _until(lambda: server.gate.active == 0)
         flood.close()
+
+
+# ---- malformed payloads: a clear protocol error naming the field and what is allowed ----------
+
+HOSTILE_TOPOLOGY = Topology.layered([3, 2])  # W0: 4 x 2 (bias row included)
+DEEP = b"[" * 200_000 + b"]" * 200_000
+LONG_INT = b'{"groups":' + b"9" * 5000 + b"}"
+NO_BETA = {"trace": False, "beta": {}}  # a settle whose target/s1 has no beta
+
+
+def _bogus_budget() -> bytes:
+    t = pl.topology_to_dict(HOSTILE_TOPOLOGY)
+    t["budget"]["bogus"] = 1
+    return pl.dumps(t)
+
+
+def _settle_parts(arrays: list[tuple[str, int]], meta: dict[str, object]) -> tuple[bytes, bytes]:
+    """JSON (with the layout of `arrays`: name, width; one sample of f4 each) and array bytes."""
+    layout = [[name, "f4", [1, n]] for name, n in arrays]
+    data = b"".join(np.full(n, 0.5, "<f4").tobytes() for _, n in arrays)
+    return pl.dumps({**meta, "arrays": layout}), data
+
+
+# (request, what the refusal must say), each answered before anything runs
+SETTLES = {
+    "target without beta": (
+        _settle_parts([("clamp/s0", 3), ("target/s1", 2)], NO_BETA),
+        "array 'target/s1' without a beta for its group",
+    ),
+    "unknown settle array": (
+        _settle_parts([("clamp/s0", 3), ("bogus/s1", 2)], NO_BETA),
+        "unknown array 'bogus/s1'; a settle takes the arrays clamp/<group>",
+    ),
+    "duplicate array": (
+        _settle_parts([("clamp/s0", 3), ("clamp/s0", 3)], NO_BETA),
+        "array layout names 'clamp/s0' twice",
+    ),
+}
+CONFIGURES = {
+    "deep": (DEEP, "nested 200000 levels deep; a message nests at most 32"),
+    "long integer": (LONG_INT, "an integer of more than 4300 digits at character 10"),
+    "budget key": (_bogus_budget(), "budget has unknown keys ['bogus']; a budget takes max_steps, tol"),
+}
+
+
+@pytest.fixture
+def configured(device: Device) -> Device:
+    device.configure(HOSTILE_TOPOLOGY)
+    return device
+
+
+@pytest.mark.parametrize("case", [*CONFIGURES, *SETTLES])
+def test_scpi_malformed_payloads_are_illegal_parameter_values_naming_the_field(
+    configured: Device, case: str
+) -> None:
+    with scpi_server(configured) as (_, port):
+        raw = Scpi(port)
+        try:
+            if case in CONFIGURES:
+                body, says = CONFIGURES[case]
+                raw.send(b"CONF:TOP " + scpi_block(body) + b"\n")
+            else:
+                (meta, data), says = SETTLES[case]
+                raw.send(
+                    scpi_short(SETTLE_Q).encode() + b" " + scpi_block(meta) + b"," + scpi_block(data) + b"\n"
+                )
+                assert raw.rx.readline() == b"#10\n"  # a failed block query
+            code, text = raw.error()
+            assert code == codes.ILLEGAL_PARAMETER_VALUE and says in text, text
+            assert "Error:" not in text and "sys." not in text and "__init__" not in text  # no Python in it
+            assert raw.error()[0] == 0
+        finally:
+            raw.close()
+    assert configured.topology == HOSTILE_TOPOLOGY and configured.safety().violations == 0
+
+
+def _program_with(extra: bool) -> bytes:
+    g = np.full((4, 2), 5e-6, np.float32)
+    msg = pl.program_request("W0", g, g, False, None, 1)
+    msg.meta["rid"] = 4242 + extra
+    if extra:
+        msg.arrays["g_bogus"] = g
+    return pl.pack(msg)
+
+
+@pytest.mark.parametrize("case", [*CONFIGURES, *SETTLES, "program extra array"])
+def test_framed_malformed_payloads_are_refused_naming_the_field(configured: Device, case: str) -> None:
+    """Undecodable JSON and layouts are a frame error (110: an undecodable payload), JSON that
+    decodes to a wrong request an illegal parameter value (-224)."""
+    if case in CONFIGURES:
+        (body, says), op = CONFIGURES[case], pl.Op.CONFIGURE
+        payload = struct.pack("<I", len(body)) + body
+    elif case in SETTLES:
+        ((meta, data), says), op = SETTLES[case], pl.Op.SETTLE
+        payload = struct.pack("<I", len(meta)) + meta + data
+    else:
+        op, payload = pl.Op.PROGRAM, _program_with(extra=True)
+        says = "program request: unknown array 'g_bogus'; a program takes the arrays g_plus, g_minus"
+    undecodable = case in ("deep", "long integer", "duplicate array")
+    with FramedServer(configured) as server:
+        port = server.listen_tcp()[1]
+        with _connect(port) as sock:
+            link = _framed_link(sock)
+            first, body = _exchange(link, op, payload)
+            assert first.flags & Flag.ERROR, body[:200]
+            err = pl.loads(body)
+            assert err["code"] == (codes.FRAME_ERROR if undecodable else codes.ILLEGAL_PARAMETER_VALUE), err
+            assert says in err["message"], err
+            assert "Error:" not in err["message"] and "sys." not in err["message"]
+            first, _ = _exchange(link, pl.Op.PROGRAM, _program_with(extra=False))  # the link lives on
+            assert not first.flags & Flag.ERROR
+    assert configured.topology == HOSTILE_TOPOLOGY and configured.safety().violations == 0
