@@ -327,15 +327,20 @@ class TileArray:
         return self._ceiling
 
     def line_sum_max(self) -> float:
-        """The largest ``sum G`` along any one line (row or column) of either array (G+, G-),
-        float64 siemens, of the conductances as last written: drift only lowers them, so a line
-        driven at V carries at most V times this (`Board` waves a request through on it). Cached
+        """A bound on the largest ``sum G`` along any one line (row or column) of either array
+        (G+, G-), siemens, of the conductances as last written: drift only lowers them, so a
+        line driven at V carries at most V times this (`Board` waves a request through on it).
+        Summed in float32 and raised by ``n 2^-23`` relative (n the longest line's devices),
+        more than a float32 sum of n nonnegative values can fall short of the exact one in any
+        order (``(n - 1) 2^-24``; a float64 copy of the tile cost a pass and 8 bytes a device
+        every write); a request this bound does not wave through is checked exactly. Cached
         between writes."""
         hit = self._line_max
         if hit is not None and hit[0] == self._version:
             return hit[1]
-        g = self._g0.double()
-        top = max(float(g.sum(2).max()), float(g.sum(1).max()))
+        g = self._g0
+        margin = max(self.rows, self.cols) * 2.0**-23
+        top = max(float(g.sum(2).max()), float(g.sum(1).max())) * (1.0 + margin)
         self._line_max = (self._version, top)
         return top
 
