@@ -459,6 +459,11 @@ def _bogus_budget() -> bytes:
     return pl.dumps(t)
 
 
+def _duplicate_key() -> bytes:
+    text = pl.dumps(pl.topology_to_dict(HOSTILE_TOPOLOGY)).decode()
+    return ('{"groups": {"s0": 1000000}, ' + text[1:]).encode()
+
+
 def _settle_parts(arrays: list[tuple[str, int]], meta: dict[str, object]) -> tuple[bytes, bytes]:
     """JSON (with the layout of `arrays`: name, width; one sample of f4 each) and array bytes."""
     layout = [[name, "f4", [1, n]] for name, n in arrays]
@@ -485,6 +490,8 @@ CONFIGURES = {
     "deep": (DEEP, "nested 200000 levels deep; a message nests at most 32"),
     "long integer": (LONG_INT, "an integer of more than 4300 digits at character 10"),
     "budget key": (_bogus_budget(), "budget has unknown keys ['bogus']; a budget takes max_steps, tol"),
+    # json keeps the last of two keys: a request could say one value to a check, another after it
+    "duplicate key": (_duplicate_key(), "the key 'groups' appears twice in one object"),
 }
 
 
@@ -541,7 +548,7 @@ def test_framed_malformed_payloads_are_refused_naming_the_field(configured: Devi
     else:
         op, payload = pl.Op.PROGRAM, _program_with(extra=True)
         says = "program request: unknown array 'g_bogus'; a program takes the arrays g_plus, g_minus"
-    undecodable = case in ("deep", "long integer", "duplicate array")
+    undecodable = case in ("deep", "long integer", "duplicate key", "duplicate array")
     with FramedServer(configured) as server:
         port = server.listen_tcp()[1]
         with _connect(port) as sock:

@@ -212,7 +212,18 @@ def dumps(obj: Any) -> bytes:
 
 
 # json's public raw decoder: one value from the start of the text, no whitespace skipping
-_DECODER = json.JSONDecoder()
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members, refusing a key given twice: json keeps the last one, so a request
+    could say one tile (or one count) to a check and another to the code after it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ProtocolError(f"malformed JSON on the wire: the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def json_depth(text: str) -> int:
@@ -256,8 +267,8 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
         try:
             obj, end = _DECODER.raw_decode(text)
         except json.JSONDecodeError:
-            return json.loads(text)  # refuses it with json's own message, or accepts e.g. whitespace
-        return obj if end == len(text) else json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)  # refuses it, or accepts e.g. whitespace
+        return obj if end == len(text) else json.loads(text, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"malformed JSON on the wire: {exc}") from exc
     except RecursionError:  # nesting within MAX_JSON_DEPTH on a thread with little stack left
