@@ -229,6 +229,8 @@ class TcpListener:
         self.gate = gate or Gate()
         self.refuse = refuse
         self.failures = 0  # connections that could not be set up (closed, not served)
+        self._streams: set[SocketStream] = set()  # connections being served (`close` ends them)
+        self._streams_lock = threading.Lock()
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self.stopping = threading.Event()
@@ -269,22 +271,37 @@ class TcpListener:
             return False
         try:
             stream = SocketStream(conn, self.idle_timeout)
+            with self._streams_lock:
+                self._streams.add(stream)
             _start_thread(self._serve, (stream,), f"tcp-{self.address[1]}-conn")
         except BaseException:
+            with self._streams_lock:
+                self._streams.discard(stream)
             self.gate.leave()
             raise
         return True
 
-    def _serve(self, stream: Stream) -> None:
+    def _serve(self, stream: SocketStream) -> None:
         try:
             _serve(self.handler, stream, self.stopping)
         finally:
+            with self._streams_lock:
+                self._streams.discard(stream)
             self.gate.leave()
 
     def close(self) -> None:
+        """Stop accepting and end every connection being served: each is shut down here (its
+        handler then reads end-of-file and closes it), so nothing is answered once `close`
+        returns; a handler that only noticed `stopping` at its next poll still answered a
+        request that came in meanwhile."""
         self.stopping.set()
         self.thread.join(timeout=2)
         self.sock.close()
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            with contextlib.suppress(OSError):
+                stream.conn.shutdown(socket.SHUT_RDWR)
 
 
 class PtyEndpoint:
