@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -477,3 +478,35 @@ def test_cli_serves_a_faulty_board_and_reports_the_faults() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert "faults injected:" in err and "'close': 0" not in err and "'delay': 0" not in err
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_closing_a_server_ends_a_reply_held_back_by_a_slow_board(transport: str) -> None:
+    """A reply held back by `reply_delay_s` (a slow board) is abandoned when the server closes:
+    the connection's thread ends at once, not when the delay has run out."""
+    errors: list[BaseException] = []
+    before = set(threading.enumerate())
+    with faulty_board(lock=False) as served:
+        dev = open_device(getattr(served, transport).replace("attempts=8", "attempts=1"))
+        dev.timeout = 60.0
+        served.plan.reply_delay_s = 30.0
+
+        def ask() -> None:
+            try:
+                dev.safety()
+            except Exception as e:  # the server went away: expected
+                errors.append(e)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        time.sleep(0.3)  # the request has arrived and its reply is being held back
+        conns = [t for t in threading.enumerate() if t not in before and t.name.endswith("-conn")]
+        assert conns, "the request never reached the server"
+    t0 = time.monotonic()
+    for t in conns:
+        t.join(timeout=5.0)
+    assert not any(t.is_alive() for t in conns), "the connection's thread waited out the delay"
+    assert time.monotonic() - t0 < 1.0
+    asker.join(timeout=10.0)
+    dev.close()
+    assert errors, "a request answered after its server closed"

@@ -161,10 +161,9 @@ class FramedServer(EndpointServer):
                 flags, reply = self._answer(link, first.opcode, body, session)
                 if flags & _ERROR:
                     errors += 1
-                if fault == "delay":
-                    time.sleep(plan.delay_s)
-                if plan.reply_delay_s:
-                    time.sleep(plan.reply_delay_s)
+                delay = (plan.delay_s if fault == "delay" else 0.0) + plan.reply_delay_s
+                if delay and stopping.wait(delay):
+                    return  # the server closed while the reply was held back: nobody waits for it
                 try:
                     link.send(first.opcode, reply, flags=_RESPONSE | flags, ref=first.seq)
                 except Abandoned:

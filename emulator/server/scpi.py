@@ -11,7 +11,6 @@ import math
 import re
 import socket
 import threading
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -955,10 +954,9 @@ class ScpiServer(EndpointServer):
                         return
                     conn.renew()  # a pty stays: a new session, the reply and any buffered input lost
                     break
-                if answer.fault == "delay":
-                    time.sleep(plan.delay_s)
-                if plan.reply_delay_s:
-                    time.sleep(plan.reply_delay_s)
+                delay = (plan.delay_s if answer.fault == "delay" else 0.0) + plan.reply_delay_s
+                if delay and stopping.wait(delay):
+                    return  # the server closed while the reply was held back: nobody waits for it
                 for piece in answer.reply or ():
                     stream.write(piece)
                 served += 1
