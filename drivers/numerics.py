@@ -18,18 +18,23 @@ about 1 us (timeit, this machine). The numerical effect is confined to values un
 
 `to_numpy` is the one conversion of a tensor (or array-like) to a numpy array that the host
 stack and the Device layer use.
+
+`power_norm` is the one power iteration that estimates the norm of the free groups' drive on one
+another, which bounds a settle's step: the emulator's analog settles (`emulator.settle_plan`,
+`emulator.conv_settle`) and the host-iterated settle (`hil.host_settle`) call it with their own
+operator, start vector, iteration count, stopping rule and margin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["denormals_flushed", "flushing_denormals", "to_numpy"]
+__all__ = ["denormals_flushed", "flushing_denormals", "power_norm", "to_numpy"]
 
 # the smallest float32 subnormal, from its bits: a literal would be flushed itself if this module
 # were imported on a thread that already flushes
@@ -85,3 +90,60 @@ def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
         return np.ascontiguousarray(x.contiguous().numpy(), dtype=want)
     a = np.asarray(x, dtype=dtype)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+# a vector of the power iteration: one tensor, or one tensor per node group (one vector over all
+# of them, whose norm is that of all their entries together)
+Vector = TypeVar("Vector", torch.Tensor, dict[str, torch.Tensor])
+
+
+def _norm(v: Vector) -> tuple[float, torch.Tensor | None]:
+    """The 2-norm of `v` as a float, and for a single tensor as the 0-d tensor it came from."""
+    if isinstance(v, torch.Tensor):
+        n = torch.linalg.vector_norm(v)
+        return float(n), n
+    return sum(float(x.square().sum()) for x in v.values()) ** 0.5, None
+
+
+def _divided(v: Vector, est: float, n: torch.Tensor | None, eps: float | None) -> Vector:
+    """`v` over its norm (`est`, or `n` for one tensor), plus `eps` where that is given."""
+    if isinstance(v, torch.Tensor):
+        assert n is not None
+        return v / est if eps is None else v / (n + eps)
+    by = est if eps is None else est + eps
+    return {g: x / by for g, x in v.items()}
+
+
+def power_norm(
+    apply: Callable[[Vector], Vector],
+    v: Vector,
+    *,
+    iters: int,
+    margin: float,
+    stop: float | None = None,
+    eps: float | None = None,
+) -> tuple[float, Vector]:
+    """Estimate the norm of the linear map `apply` by power iteration from `v`: the norm of the
+    map's image of the last unit vector, times `margin` (the iteration approaches the norm from
+    below), and that unit vector (to start a later iteration from). A zero image ends it at 0.
+
+    `iters` is the most iterations; `stop`, where given, ends them from the fourth on once the
+    estimate is no more than `stop` times the one before (a settled estimate). `eps`: None, each
+    image is divided by its norm as a float and the start is used as it is (the host's
+    iterations); a float, the start is normalised too and each vector is divided by its norm
+    plus `eps`, for a single tensor a 0-d tensor on its device (the emulator's). The two are
+    kept apart so that every caller's figures stay what they were to the bit (a CUDA division
+    by a Python float multiplies by its reciprocal, one by a tensor divides)."""
+    if eps is not None:
+        est, n = _norm(v)
+        v = _divided(v, est, n, eps)
+    est = 0.0
+    for i in range(iters):
+        u = apply(v)
+        last, (est, n) = est, _norm(u)
+        if est == 0.0:
+            return 0.0, v
+        v = _divided(u, est, n, eps)
+        if stop is not None and i >= 3 and est <= stop * last:
+            break
+    return margin * est, v

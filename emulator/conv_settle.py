@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from drivers import conv
 from drivers.errors import ConfigurationError
+from drivers.numerics import power_norm
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.noise_table import NoisePool
 from emulator.settle_types import SettleNudge, SettleResult
@@ -371,20 +372,17 @@ class ConvSettle:
         gen = torch.Generator(device=board.device).manual_seed(0)
         one = {g: v[:1] for g, v in s.items()}
         v = {g: torch.rand(1, topo.groups[g], generator=gen, device=board.device) for g in free}
-        norm = 0.0
-        for i in range(40):
-            total = sum(float(x.square().sum()) for x in v.values()) ** 0.5 + 1e-30
-            v = {g: x / total for g, x in v.items()}
+
+        def drive(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             # the free-to-free drive alone: clamped states and the bias at 0
             st = {g: torch.zeros_like(x) for g, x in one.items()}
             st.update(v)
-            u = self._step_drive(links, st, free, {}, noisy=False)
-            last, norm = norm, sum(float(x.square().sum()) for x in u.values()) ** 0.5
-            v = u
-            if i >= 3 and norm <= 1.01 * last:
-                break
-        self._norm = (epochs, 1.1 * norm)
-        return 1.1 * norm
+            return self._step_drive(links, st, free, {}, noisy=False)
+
+        # as `emulator.settle_plan`: at least 4 iterations, more while the estimate rises by 1 %
+        norm = power_norm(drive, v, iters=40, margin=1.1, stop=1.01, eps=1e-30)[0]
+        self._norm = (epochs, norm)
+        return norm
 
     def _account(
         self,

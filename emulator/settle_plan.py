@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from drivers.activation import HARD_SIGMOID, Activation
+from drivers.numerics import power_norm
 from drivers.topology import BIAS
 
 if TYPE_CHECKING:
@@ -338,14 +339,7 @@ class SettlePlanner:
         v = torch.randn(1, n, generator=gen, device=self.board.device)
         # at least 4 iterations; more while the estimate still rises by over 1 % (a slow
         # spectral gap)
-        norm = 0.0
-        for i in range(40):
-            v = v / (torch.linalg.vector_norm(v) + 1e-30)
-            v = v @ op
-            last, norm = norm, float(torch.linalg.vector_norm(v))
-            if i >= 3 and norm <= 1.01 * last:
-                break
-        return 1.1 * norm
+        return power_norm(lambda x: x @ op, v, iters=40, margin=1.1, stop=1.01, eps=1e-30)[0]
 
     def coupling_operator(self, plan: Plan) -> torch.Tensor:
         """The map the free groups apply to each other as one (n, n) matrix over the free

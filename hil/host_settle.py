@@ -86,7 +86,7 @@ from drivers import (
 )
 from drivers.checks import MAX_SETTLE_VALUES, check_settle, require_topology
 from drivers.converters import lsb
-from drivers.numerics import denormals_flushed
+from drivers.numerics import denormals_flushed, power_norm
 from hil.reference import DHN
 
 
@@ -536,15 +536,10 @@ class HostSettle:
         v = self._vectors.get(clamped)
         if v is None or v.shape[0] != a.shape[0]:
             v = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
-        est = 0.0
-        for _ in range(iters):
-            w = a @ v
-            est = float(w.norm())
-            if est == 0.0:
-                return 0.0
-            v = w / est
-        self._vectors[clamped] = v
-        return 1.05 * est
+        norm, v = power_norm(lambda x: a @ x, v, iters=iters, margin=1.05)
+        if norm:  # a zero map gives no vector to start from
+            self._vectors[clamped] = v
+        return norm
 
     @staticmethod
     def _drive_norm(ref: DHN, free: list[str], iters: int = 30) -> float:
@@ -554,14 +549,11 @@ class HostSettle:
         w = next(iter(ref.weights.values()))
         gen = torch.Generator().manual_seed(0)
         v = {g: torch.rand(1, ref.size(g), generator=gen, dtype=w.dtype).to(w.device) for g in free}
-        est = 0.0
-        for _ in range(iters):
-            u = ref.drive(v, targets=set(free), sources=set(free), bias=False)
-            est = sum(float(x.square().sum()) for x in u.values()) ** 0.5
-            if est == 0.0:
-                return 0.0
-            v = {g: x / est for g, x in u.items()}
-        return 1.05 * est
+
+        def drive(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return ref.drive(v, targets=set(free), sources=set(free), bias=False)
+
+        return power_norm(drive, v, iters=iters, margin=1.05)[0]
 
     @staticmethod
     def _energy(
