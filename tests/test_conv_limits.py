@@ -6,7 +6,6 @@ invalid one is refused with a ConfigurationError and the server keeps serving.""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from drivers import ConfigurationError, Coupling, LimitViolation, SettleBudget, 
 from drivers.checks import MAX_SETTLE_VALUES, check_settle
 from drivers.topology import MAX_NODES
 from drivers.wire import payload
+from tests.raw_scpi import RawScpi
 
 BUDGET = SettleBudget(max_steps=2, tol=0.0)
 
@@ -82,16 +82,6 @@ def _topology(g: dict) -> dict:
     }
 
 
-def _scpi(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line + b"\n")
-    out = b""
-    while not out.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        assert chunk, "the server closed the connection"
-        out += chunk
-    return out.strip()
-
-
 accepted: list[bool] = []  # per example: the board took the topology (the test below checks both occur)
 
 
@@ -107,7 +97,6 @@ def random_geometry_example(g: dict, emulated_board) -> None:
     what `Topology` accepts, reports the tile shape the host computes, and refuses the rest
     with an error naming it, still serving afterwards."""
     served = emulated_board(board="emulator://?preset=ideal&seed=0")
-    host, port = served.resources["visa-tcp"].split("::")[1:3]
     d = _topology(g)
     accepted.append(False)
     try:
@@ -116,16 +105,16 @@ def random_geometry_example(g: dict, emulated_board) -> None:
         want = None
     body = json.dumps(d).encode()
     n = str(len(body)).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"CONF:TOP #" + str(len(n)).encode() + n + body + b"\n")
-        err = _scpi(sock, b"SYST:ERR?")
+    with RawScpi(served.resources["visa-tcp"], timeout=10) as raw:
+        raw.send(b"CONF:TOP #" + str(len(n)).encode() + n + body + b"\n")
+        err = raw.query("SYST:ERR?")
         if want is None:
             assert not err.startswith(b"0,"), err  # refused
         else:
             assert err.startswith(b"0,"), err
             assert want == (g["c_in"] * g["kernel"] ** 2 + g["bias"], g["c_out"])
             accepted[-1] = True
-        assert b"xbar-hil" in _scpi(sock, b"*IDN?")  # still serving
+        assert b"xbar-hil" in raw.query("*IDN?")  # still serving
 
 
 def test_random_conv_geometries_through_the_scpi_server(emulated_board) -> None:

@@ -53,6 +53,7 @@ from drivers.wire.payload import Op
 from emulator.server import FramedServer, ScpiServer
 from emulator.server import scpi as scpi_mod
 from hil.testing import socket_link
+from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=rram&seed=0"
 TOPO = Topology.layered([3, 2])  # one tile, W0: 4 x 2 (bias row included)
@@ -551,21 +552,16 @@ def _fuzz_scpi(board: Device, port: int, examples: int) -> Tally:
     return tally
 
 
-def _scpi_ask(sock: socket.socket, rx: object, line: bytes) -> bytes:
-    sock.sendall(line + b"\n")
-    return rx.readline()  # type: ignore[attr-defined, no-any-return]
-
-
 def _check_scpi_after(board: Device, server: ScpiServer, port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, sock.makefile("rb") as rx:
+    with RawScpi(port) as raw:
         for _ in range(scpi_mod.QUEUE_SIZE + 2):  # a fresh session's queue empties
-            if _scpi_ask(sock, rx, b"SYST:ERR?").startswith(b"0,"):
+            if raw.error()[0] == 0:
                 break
         else:
             pytest.fail("the error queue of a fresh session never emptied")
-        sock.sendall(b"*ESE 300;*ESE 1e309;SYST:WAIT nan\n")  # three errors, then drained
-        got = [_scpi_ask(sock, rx, b"SYST:ERR?").split(b",")[0] for _ in range(4)]
-        assert got == [b"-222", b"-222", b"-224", b"0"], got
+        raw.send(b"*ESE 300;*ESE 1e309;SYST:WAIT nan\n")  # three errors, then drained
+        got = [raw.error()[0] for _ in range(4)]
+        assert got == [-222, -222, -224, 0], got
     with open_device(f"visa://TCPIP0::127.0.0.1::{port}::SOCKET") as dev:
         assert dev.info.identity == board.info.identity
         dev.configure(TOPO)
@@ -698,9 +694,9 @@ def test_scpi_line_just_over_max_line_is_dropped_whole(board: Device) -> None:
     _ensure_topology(board)
     with ScpiServer(board) as server:
         port = server.listen_tcp()[1]
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as rx:
-            sock.sendall(b"*ESE 0\n" + b"A" * (scpi_mod.MAX_LINE + 10) + b";*ESE 4\n")
-            errors = [_scpi_ask(sock, rx, b"SYST:ERR?").split(b",")[0] for _ in range(2)]
-            ese = _scpi_ask(sock, rx, b"*ESE?").strip()
+        with RawScpi(port, timeout=10) as raw:
+            raw.send(b"*ESE 0\n" + b"A" * (scpi_mod.MAX_LINE + 10) + b";*ESE 4\n")
+            errors = [raw.error()[0] for _ in range(2)]
+            ese = raw.query("*ESE?")
     assert ese == b"0", "the tail of an overlong line ran"
-    assert errors == [b"-363", b"0"], errors
+    assert errors == [-363, 0], errors

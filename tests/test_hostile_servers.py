@@ -27,6 +27,7 @@ from emulator.server import FramedServer, ScpiServer
 from emulator.server import links as links_mod
 from emulator.server import scpi as scpi_mod
 from hil.testing import socket_link
+from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=rram&seed=0"
 
@@ -41,27 +42,6 @@ def _connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-class Scpi:
-    def __init__(self, port: int) -> None:
-        self.sock = _connect(port)
-        self.rx = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def ask(self, line: str) -> str:
-        self.send(line.encode() + b"\n")
-        return self.rx.readline().decode().strip()
-
-    def error(self) -> tuple[int, str]:
-        code, _, text = self.ask("SYST:ERR?").partition(",")
-        return int(code), text
-
-    def close(self) -> None:
-        self.rx.close()
-        self.sock.close()
 
 
 @contextlib.contextmanager
@@ -120,17 +100,17 @@ def test_links_of_closed_connections_are_freed(device: Device) -> None:
 
 def test_scpi_connection_cap_refuses_with_an_error_line(device: Device) -> None:
     with scpi_server(device, max_connections=2) as (server, port):
-        a, b = Scpi(port), Scpi(port)
+        a, b = RawScpi(port), RawScpi(port)
         assert a.ask("*OPC?") == "1" and b.ask("*OPC?") == "1"
-        c = Scpi(port)
-        line = c.rx.readline().decode()
+        c = RawScpi(port)
+        line = c.line().decode()
         assert line.startswith(f"{codes.COMMUNICATION_ERROR},") and "too many connections (2)" in line
-        assert c.rx.readline() == b""  # then closed
+        assert c.at_end()  # then closed
         c.close()
         assert server.gate.refused == 1
         a.close()
         assert _until(lambda: server.gate.active == 1)
-        d = Scpi(port)
+        d = RawScpi(port)
         assert d.ask("*OPC?") == "1"
         b.close()
         d.close()
@@ -150,7 +130,7 @@ def test_framed_connection_cap_closes_the_extra_connection(device: Device) -> No
 
 def test_scpi_oversize_block_is_dropped_with_its_line(device: Device) -> None:
     with scpi_server(device, max_block=1000) as (_, port):
-        peer = Scpi(port)
+        peer = RawScpi(port)
         epoch = device.status().epoch
         data = (b"\n*RST\n" * 400)[:2000]  # newlines and commands inside the block are data
         peer.send(b'TILE:PULS? "t0",#42000' + data + b";*RST\n")
@@ -176,7 +156,7 @@ def test_accept_loop_survives_a_failed_thread_start(device: Device, monkeypatch:
     with scpi_server(device) as (server, port):
         with _connect(port) as victim:
             assert victim.recv(100) == b""  # that connection is closed, not served
-        peer = Scpi(port)
+        peer = RawScpi(port)
         assert peer.ask("*OPC?") == "1"
         peer.close()
         assert server.listeners[0].failures == 1
@@ -189,7 +169,7 @@ def test_accept_loop_survives_a_failed_thread_start(device: Device, monkeypatch:
 
 def test_overlong_scpi_line_is_dropped_whole(device: Device) -> None:
     with scpi_server(device) as (_, port):
-        peer = Scpi(port)
+        peer = RawScpi(port)
         epoch = device.status().epoch
         n = scpi_mod.MAX_LINE + (1 << 16)
         for k in range(0, n, 1 << 16):
@@ -207,7 +187,7 @@ def test_overlong_scpi_line_is_dropped_whole(device: Device) -> None:
 
 def test_long_header_error_is_bounded(device: Device) -> None:
     with scpi_server(device) as (_, port):
-        peer = Scpi(port)
+        peer = RawScpi(port)
         peer.send(b"B" * 50_000 + b"\n")
         code, text = peer.error()
         assert code == codes.UNDEFINED_HEADER and len(text) <= scpi_mod.MAX_ERROR_TEXT + 40
@@ -230,7 +210,7 @@ def test_long_header_error_is_bounded(device: Device) -> None:
 )
 def test_numeric_errors_get_ieee_codes(device: Device, line: str, code: int) -> None:
     with scpi_server(device) as (_, port):
-        peer = Scpi(port)
+        peer = RawScpi(port)
         peer.send(line.encode() + b"\n")
         got, text = peer.error()
         assert got == code, text
@@ -287,7 +267,7 @@ def test_a_peer_that_never_reads_is_disconnected(device: Device, monkeypatch: py
                 hog.sendall(b"*IDN?;*IDN?;*IDN?;*IDN?\n" * 100)
         assert _until(lambda: server.gate.active == 0, timeout=8.0)
         hog.close()
-        peer = Scpi(port)
+        peer = RawScpi(port)
         assert peer.ask("*OPC?") == "1"
         peer.close()
 
@@ -347,7 +327,7 @@ def test_an_idle_connection_is_closed_and_frees_its_slot(device: Device) -> None
         assert 0.25 <= time.monotonic() - t0 < 3.0
         idle.close()
         assert _until(lambda: server.gate.active == 0)
-        busy = Scpi(port)
+        busy = RawScpi(port)
         for _ in range(4):  # a connection in use is not idle
             time.sleep(0.1)
             assert busy.ask("*IDN?").startswith("xbar-hil,")
@@ -362,7 +342,7 @@ def test_idle_timeout_must_be_positive(device: Device) -> None:
 
 def test_a_replay_older_than_the_outcome_record_is_refused_not_run_again(device: Device) -> None:
     with scpi_server(device) as (server, port):
-        peer = Scpi(port)
+        peer = RawScpi(port)
         peer.send(b"SYST:WAIT 0.5,7\n")
         assert peer.error()[0] == 0 and device.meter().clock_s == pytest.approx(0.5)
         peer.send(b"SYST:WAIT 0.5,7\n")  # a replay the record still holds: answered, not run
@@ -426,7 +406,7 @@ def test_a_flooding_peer_is_held_then_closed_while_others_are_served(
             flood.sendall(b"FOO:BAR\n" * 5000)  # 5000 undefined headers: 5000 errors
         else:
             flood.sendall(bytes(range(1, 256)) * 2000)  # garbage between frames, 0.5 MB
-        good = Scpi(port) if kind == "scpi" else None
+        good = RawScpi(port) if kind == "scpi" else None
         t0 = time.monotonic()
         flood.settimeout(10)
         got = b""
@@ -506,7 +486,7 @@ def test_scpi_malformed_payloads_are_illegal_parameter_values_naming_the_field(
     configured: Device, case: str
 ) -> None:
     with scpi_server(configured) as (_, port):
-        raw = Scpi(port)
+        raw = RawScpi(port)
         try:
             if case in CONFIGURES:
                 body, says = CONFIGURES[case]
@@ -516,7 +496,7 @@ def test_scpi_malformed_payloads_are_illegal_parameter_values_naming_the_field(
                 raw.send(
                     scpi_short(SETTLE_Q).encode() + b" " + scpi_block(meta) + b"," + scpi_block(data) + b"\n"
                 )
-                assert raw.rx.readline() == b"#10\n"  # a failed block query
+                assert raw.line() == b"#10"  # a failed block query
             code, text = raw.error()
             assert code == codes.ILLEGAL_PARAMETER_VALUE and says in text, text
             assert "Error:" not in text and "sys." not in text and "__init__" not in text  # no Python in it

@@ -15,40 +15,15 @@ import pytest
 from drivers import ConfigurationError, open_device
 from drivers.errors import BoardLocked
 from drivers.uri import replace_params
-from drivers.wire import codes, scpi
+from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag
 from drivers.wire.link import Link
 from hil.testing import BoardLock, BoardServers, socket_link
+from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=ideal&seed=0"
 TRANSPORTS = ["visa-tcp", "serial-socket"]
-
-
-class RawScpi:
-    """A bare socket: exactly the bytes we choose reach the server."""
-
-    def __init__(self, uri: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", int(uri.split("::")[2])), timeout=5)
-        self.buf = b""
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "server closed the connection"
-            self.buf += chunk
-        out, _, self.buf = self.buf.partition(b"\n")
-        return out
-
-    def query(self, text: str) -> bytes:
-        self.sock.sendall(text.encode() + b"\n")
-        return self.line()
-
-    def error(self) -> tuple[int, str]:
-        return scpi.parse_error(self.query("SYST:ERR?").decode())
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _block_json(reply: bytes) -> dict[str, object]:

@@ -4,7 +4,6 @@ by the training loop and warned about above `GAVE_UP_WARN`."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from hil.cli.train import GAVE_UP_WARN, gave_up_line, gave_up_warning
 from hil.programming.scheme import UpdateReport
 from hil.testing import BoardServers
 from hil.train_classifier import EpochStats, _closed_loop
+from tests.raw_scpi import RawScpi
 
 STUCK_BOARD = "emulator://?preset=pcm&seed=0&stuck_fraction=0.05"
 WIRES = ("visa-tcp", "serial-socket")  # pyvisa-py to the SCPI server, a socket to the framed one
@@ -97,21 +97,17 @@ def test_the_scpi_program_reply_carries_gave_up_byte_for_byte(
     inner = open_device("emulator://?preset=ideal&seed=0")
     inner.configure(Topology.layered([1, 2], bias=False))
     servers = emulated_board(board=FixedReport(inner))
-    port = int(servers.uris["visa-tcp"].split("::")[2])
     values = np.full(4, 2e-6, "<f4").tobytes()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b'TILE:PROG? "W0",1,DEF,10,' + scpi.block(values) + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection"
-            buf += chunk
+    with RawScpi(servers.uris["visa-tcp"]) as raw:
+        raw.send(b'TILE:PROG? "W0",1,DEF,10,' + scpi.block(values) + b"\n")
+        reply = raw.line()
+        assert not raw.buf  # nothing after it
     json = (
         b'{"tile":"W0","iterations":3,"pulses":40,"residual_max":1e-08,"within_tol":0.75,'
         b'"energy_j":1e-10,"time_s":1e-06,"gave_up":2,'
         b'"arrays":[["g_plus","f4",[1,2]],["g_minus","f4",[1,2]]]}'
     )
-    assert buf == scpi.block(json) + b"\n"
+    assert reply == scpi.block(json)
 
 
 # ---- the host: training's share and its warning ------------------------------------

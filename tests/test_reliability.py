@@ -25,6 +25,7 @@ from drivers.wire.payload import Op
 from emulator.server.faults import KINDS, FaultPlan
 from emulator.server.harness import faulty_board
 from emulator.server.ownership import BoardLock
+from tests.raw_scpi import RawScpi
 
 TOPO = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
 X = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 6)
@@ -178,35 +179,21 @@ def test_silent_reset_is_detected_from_the_configuration_error() -> None:
 
 
 def test_checked_scpi_refuses_a_corrupted_message_and_seals_responses() -> None:
-    import socket
-
-    with faulty_board() as served:
-        port = int(served.visa_uri.split("::")[2])
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        buf = b""
-
-        def line() -> bytes:
-            nonlocal buf
-            while b"\n" not in buf:
-                buf += sock.recv(65536)
-            out, _, buf = buf.partition(b"\n")
-            return out
-
-        sock.sendall(b"SYST:COMM:CHEC ON\n")
-        assert line() == b"0"  # the empty response, sealed
+    with faulty_board() as served, RawScpi(served.visa_uri) as raw:
+        raw.send(b"SYST:COMM:CHEC ON\n")
+        assert raw.line() == b"0"  # the empty response, sealed
         good = scpi.seal_request(b"*IDN?")
-        sock.sendall(good)
-        assert scpi.open_response(line()).startswith(b"xbar-hil,emulator-ideal")
+        raw.send(good)
+        assert scpi.open_response(raw.line()).startswith(b"xbar-hil,emulator-ideal")
         bad = bytearray(good)
         bad[1] ^= 0x01  # '*JDN?': still a message, but its checksum fails
-        sock.sendall(bytes(bad))
-        assert scpi.open_response(line()) == b""  # nothing ran
-        sock.sendall(scpi.seal_request(b"SYST:ERR?"))
-        code = scpi.parse_error(scpi.open_response(line()).decode())[0]
+        raw.send(bytes(bad))
+        assert scpi.open_response(raw.line()) == b""  # nothing ran
+        raw.send(scpi.seal_request(b"SYST:ERR?"))
+        code = scpi.parse_error(scpi.open_response(raw.line()).decode())[0]
         assert code == codes.COMMUNICATION_ERROR
         with pytest.raises(ValueError, match="check"):
             scpi.open_response(b"1;12345")
-        sock.close()
 
 
 # ---- programming transactions and a killed host ------------------------------------------

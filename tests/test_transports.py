@@ -21,37 +21,9 @@ from drivers import Device, DeviceError, SettleBudget, Topology, open_device
 from drivers.serial import SerialDevice
 from drivers.wire import codes, scpi
 from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, FaultPlan, Faults, open_transport
+from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=ideal&seed=0"
-
-
-class RawScpi:
-    """A bare socket client: exactly the bytes we choose reach the server."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, "server closed the connection"
-            self.buf += chunk
-        out, _, self.buf = self.buf.partition(b"\n")
-        return out
-
-    def query(self, text: str) -> str:
-        self.send(text.encode() + b"\n")
-        return self.line().decode()
-
-    def error(self) -> int:
-        return scpi.parse_error(self.query("SYST:ERR?"))[0]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -62,10 +34,8 @@ def servers(emulated_board: Callable[..., BoardServers]) -> BoardServers:
 
 @pytest.fixture
 def raw(servers: BoardServers) -> Iterator[RawScpi]:
-    port = int(servers.uris["visa-tcp"].split("::")[2])
-    client = RawScpi(port)
-    yield client
-    client.close()
+    with RawScpi(servers.uris["visa-tcp"]) as client:
+        yield client
 
 
 # ---- SCPI: malformed input ----------------------------------------------------------
@@ -96,30 +66,30 @@ def test_malformed_scpi_is_reported_and_the_server_keeps_serving(
     raw.send(message + b"\n")
     if message.split(b" ")[0].endswith(b"?"):
         raw.line()  # a failing query still answers (empty), so clients never hang
-    assert raw.error() == code
-    assert raw.error() == codes.NO_ERROR
-    assert raw.query("*IDN?").startswith("xbar-hil,emulator-ideal")
+    assert raw.error()[0] == code
+    assert raw.error()[0] == codes.NO_ERROR
+    assert raw.ask("*IDN?").startswith("xbar-hil,emulator-ideal")
 
 
 def test_status_registers_and_queue_overflow(raw: RawScpi) -> None:
     raw.send(b"*ESE 255\nNOPE\n")
-    assert int(raw.query("*STB?")) & (scpi.STATUS_EAV | scpi.STATUS_ESB) == scpi.STATUS_EAV | scpi.STATUS_ESB
-    assert int(raw.query("*ESR?")) & scpi.ESR_CME
-    assert raw.query("*ESR?") == "0"
+    assert int(raw.ask("*STB?")) & (scpi.STATUS_EAV | scpi.STATUS_ESB) == scpi.STATUS_EAV | scpi.STATUS_ESB
+    assert int(raw.ask("*ESR?")) & scpi.ESR_CME
+    assert raw.ask("*ESR?") == "0"
     raw.send(b"NOPE\n" * 40)
-    assert int(raw.query("SYST:ERR:COUN?")) == 32
-    errors = [raw.error() for _ in range(32)]
+    assert int(raw.ask("SYST:ERR:COUN?")) == 32
+    errors = [raw.error()[0] for _ in range(32)]
     assert errors[-1] == codes.QUEUE_OVERFLOW and set(errors[:-1]) == {codes.UNDEFINED_HEADER}
     raw.send(b"NOPE\n*CLS\n")
-    assert raw.query("SYST:ERR?") == '0,"No error"'
-    assert raw.query("*OPC?;*TST?;*ESE?") == "1;0;255"
+    assert raw.ask("SYST:ERR?") == '0,"No error"'
+    assert raw.ask("*OPC?;*TST?;*ESE?") == "1;0;255"
 
 
 def test_garbage_bytes_then_a_valid_command(raw: RawScpi) -> None:
     rng = np.random.default_rng(1)
     raw.send(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes() + b"\n")
     raw.send(b"*CLS\n")
-    assert raw.query("*IDN?").startswith("xbar-hil")
+    assert raw.ask("*IDN?").startswith("xbar-hil")
 
 
 def test_failing_query_raises_the_mapped_error_over_visa(servers: BoardServers) -> None:
