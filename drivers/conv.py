@@ -202,7 +202,8 @@ def phi(x: Tensor, y: Tensor, tile: Tensor, g: ConvGeometry) -> Tensor:
 
 
 def joined(states: Mapping[str, Tensor], groups: tuple[str, ...]) -> Tensor:
-    """The flat states of `groups` (maps of one size) as one map of their channels."""
+    """The flat (batch, n) states of `groups` side by side: for maps of one size, one map of
+    their channels; for the groups of a fully connected coupling, its rows' or columns' input."""
     return states[groups[0]] if len(groups) == 1 else torch.cat([states[g] for g in groups], 1)
 
 

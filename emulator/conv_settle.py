@@ -133,7 +133,7 @@ class ConvSettle:
             c = link.c
             if c.kind == "conv":
                 continue
-            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            x = conv.joined(s, c.rows)
             cols = [topo.size(g) for g in c.cols]
             if any(g in free for g in c.cols):
                 y = x @ link.w
@@ -142,7 +142,7 @@ class ConvSettle:
                     if g in free:
                         add(g, part, v)
             if c.kind == "bipartite" and any(g in free for g in c.rows):
-                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+                y = conv.joined(s, c.cols)
                 back = y @ link.w.T
                 v = y.square().sum(1, keepdim=True) * link.noise_k if noisy and link.noise_k else None
                 rows = [topo.size(g) for g in c.rows]
@@ -354,7 +354,7 @@ class ConvSettle:
                 x = s[c.rows[0]]
                 worst = max(worst, float(conv.patch_norms(x, link.geom).max()) * link.noise_k)
                 continue
-            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            x = conv.joined(s, c.rows)
             worst = max(worst, float(x.square().sum(1).max()) * link.noise_k)
         return (var + worst) ** 0.5
 
@@ -424,10 +424,10 @@ class ConvSettle:
                     reads_per_step += g.positions
                     read_j += float(routed.sum(0) @ link.g_cols) * per.mvm_time_s * steps
                 continue
-            x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+            x = conv.joined(s, c.rows)
             analog_w += float(x.square().sum(0) @ link.g_rows)
             if c.kind == "bipartite":
-                y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+                y = conv.joined(s, c.cols)
                 analog_w += float(y.square().sum(0) @ link.g_cols)
         analog_s = per.settle_step_s * dt / topo.budget.dt if analog else 0.0
         step_s = analog_s + reads_per_step * per.mvm_time_s
@@ -465,14 +465,14 @@ def _energy(
         c = link.c
         if c.kind == "conv":
             continue
-        x = torch.cat([s[g] for g in c.rows], 1) if len(c.rows) > 1 else s[c.rows[0]]
+        x = conv.joined(s, c.rows)
         if c.kind == "dense":
             n = link.w.shape[1]
             e = e - 0.5 * ((x[:, :n] @ link.w[:n]) * x[:, :n]).sum(1)
             if link.w.shape[0] > n:
                 e = e - (x[:, :n] * link.w[n]).sum(1)
         else:
-            y = torch.cat([s[g] for g in c.cols], 1) if len(c.cols) > 1 else s[c.cols[0]]
+            y = conv.joined(s, c.cols)
             e = e - ((x @ link.w) * y).sum(1)
     return nudge.add_energy(e, s)
 
