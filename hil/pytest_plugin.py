@@ -1,6 +1,11 @@
 """The pytest plugin of xbar-hil (entry point ``pytest11: xbar_hil``): emulated boards behind
 real servers as fixtures, for any test suite in the environment (`hil.testing` lists them).
 
+``--xbar-board URI`` with a lab board's URI (not emulator://) points them at that board: the
+session takes it (its lock, docs/protocol.md "Ownership") when a test first needs it, lends it
+to every fixture, resets it before and after each test, and gives it back at the end
+(docs/sweep.md section 4).
+
 Loading it imports pytest and `hil.testing` only, which imports nothing of the drivers, the
 emulator or torch until a fixture is used: a session that uses none pays nothing, and a
 repository with packages named like this toolkit's (``drivers``, ``emulator``) still runs.
@@ -14,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil.testing import DEFAULT_BOARD, TRANSPORTS, open_transport, served_board
+from hil.testing import DEFAULT_BOARD, TRANSPORTS, lend, open_transport, served_board
 
 if TYPE_CHECKING:
     from drivers import Device
@@ -22,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("xbar-hil", "xbar-hil emulated boards")
+    group = parser.getgroup("xbar-hil", "xbar-hil boards: emulated, or a lab board")
     group.addoption(
         "--xbar-board",
         default=None,
@@ -30,6 +35,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD})",
     )
     parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
+
+
+def _is_lab(uri: str) -> bool:
+    """A board the fixtures do not start but open: anything but an emulator:// URI."""
+    return not uri.startswith("emulator://")
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +58,7 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
         parse_options(uri)
     except Exception as exc:  # a ConfigurationError, or a third-party backend's own error
         pytest.exit(f"{where} {uri!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
-    if not uri.startswith("emulator://"):
+    if _is_lab(uri):
         from drivers import open_device
 
         try:
@@ -63,46 +73,126 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
     return uri
 
 
+class _LabBoards:
+    """The lab boards (URIs other than emulator://) this session holds: each opened once, when
+    a test first needs it, taking the board's lock (docs/protocol.md, "Ownership") with one
+    token for the whole session; every fixture of every test is lent that one device. Closed,
+    with the safe state and the lock given back, when the session ends."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+
+    def take(self, uri: str) -> Device:
+        from drivers import open_device
+
+        if uri not in self.devices:
+            self.devices[uri] = open_device(uri)
+        return self.devices[uri]
+
+    def close(self) -> None:
+        """Each board reset (unconfigured for whoever comes next), then closed: the safe state,
+        then the lock given back; one that fails does not keep the others."""
+        with contextlib.ExitStack() as stack:
+            for dev in self.devices.values():
+                stack.callback(dev.close)
+                stack.callback(dev.reset)  # the stack runs it first
+            self.devices.clear()
+
+
+@pytest.fixture(scope="session")
+def _xbar_lab_boards() -> Iterator[_LabBoards]:
+    boards = _LabBoards()
+    try:
+        yield boards
+    finally:
+        boards.close()
+
+
+def _fresh(dev: Device) -> None:
+    """A lab board as a test gets it and leaves it: reset (power-on state: no topology, the
+    error queue empty) and in its safe state. What a reset keeps (the board's own state: its
+    non-volatile conductances, meter, safety counters, an open programming transaction) stays."""
+    dev.reset()
+    dev.safe_state()
+
+
+@pytest.fixture
+def _xbar_board_for(_xbar_lab_boards: _LabBoards) -> Iterator[Callable[[str], str | Device]]:
+    """Factory: the board a fixture serves for `uri` in this test: the URI itself for an
+    emulator:// board (each fixture starts its own), the session's device, lent, for a lab
+    board, reset when this test first uses it and again when the test ends."""
+    used: list[Device] = []
+
+    def board_for(uri: str) -> str | Device:
+        if not _is_lab(uri):
+            return uri
+        dev = _xbar_lab_boards.take(uri)
+        if dev not in used:
+            _fresh(dev)
+            used.append(dev)
+        return lend(dev)
+
+    yield board_for
+    for dev in used:
+        _fresh(dev)
+
+
 @pytest.fixture
 def xbar_board(_xbar_board_checked: str) -> str:
-    """The emulated board's URI: ``--xbar-board``, else the ini option ``xbar_board``."""
+    """The board's URI: ``--xbar-board``, else the ini option ``xbar_board``."""
     return _xbar_board_checked
 
 
 @pytest.fixture
-def emulated_board(xbar_board: str) -> Iterator[Callable[..., BoardServers]]:
+def emulated_board(
+    xbar_board: str, _xbar_board_for: Callable[[str], str | Device]
+) -> Iterator[Callable[..., BoardServers]]:
     """Factory: ``emulated_board(board=URI or Device, plan=FaultPlan(...), ack_timeout=...)``
-    starts a board (default `xbar_board`) behind both servers; all are closed after the test."""
+    starts a board (default `xbar_board`) behind both servers; all are closed after the test
+    (a Device given is closed with them; a lab board's URI serves the session's board)."""
     with contextlib.ExitStack() as stack:
 
         def start(board: str | Device | None = None, **kw: Any) -> BoardServers:
-            return stack.enter_context(served_board(board=board or xbar_board, **kw))
+            board = board or xbar_board
+            board = _xbar_board_for(board) if isinstance(board, str) else board
+            return stack.enter_context(served_board(board=board, **kw))
 
         yield start
 
 
 @pytest.fixture
-def board_servers(xbar_board: str) -> Iterator[BoardServers]:
-    """A fresh board (`xbar_board`) behind both servers."""
-    with served_board(board=xbar_board) as servers:
+def board_servers(xbar_board: str, _xbar_board_for: Callable[[str], str | Device]) -> Iterator[BoardServers]:
+    """The board (`xbar_board`) behind both servers: a new board for an emulator:// URI; a lab
+    board, reset, is the session's (docs/sweep.md section 4)."""
+    with served_board(board=_xbar_board_for(xbar_board)) as servers:
         yield servers
 
 
 @pytest.fixture(params=TRANSPORTS)
-def transport_device(request: pytest.FixtureRequest, xbar_board: str) -> Iterator[Device]:
-    """A fresh board (`xbar_board`) over each transport in turn, in-process included."""
-    with open_transport(request.param, xbar_board) as dev:
+def transport_device(
+    request: pytest.FixtureRequest, xbar_board: str, _xbar_board_for: Callable[[str], str | Device]
+) -> Iterator[Device]:
+    """The board (`xbar_board`) over each transport in turn: its own URI opened as it is
+    (in-process for emulator://), then behind each server. A new board for an emulator://
+    URI; a lab board, reset, is the session's."""
+    with open_transport(request.param, _xbar_board_for(xbar_board)) as dev:
         yield dev
 
 
 @pytest.fixture
-def device_on(xbar_board: str) -> Iterator[Callable[..., Device]]:
-    """Factory: ``device_on(transport, board=None, **params)`` is a Device for a fresh board
+def device_on(
+    xbar_board: str, _xbar_board_for: Callable[[str], str | Device]
+) -> Iterator[Callable[..., Device]]:
+    """Factory: ``device_on(transport, board=None, **params)`` is a Device for the board
     (default `xbar_board`) over `transport` (one of TRANSPORTS), with URI query parameters
-    such as ``timeout="1"``; closed, with its servers, after the test."""
+    such as ``timeout="1"``; closed, with its servers, after the test. Each call on an
+    emulator:// URI starts a new board; on a lab board every call reaches the one board the
+    session holds, reset before the test's first use and after the test."""
     with contextlib.ExitStack() as stack:
 
         def open_(transport: str, board: str | None = None, **params: str) -> Device:
-            return stack.enter_context(open_transport(transport, board or xbar_board, **params))
+            return stack.enter_context(
+                open_transport(transport, _xbar_board_for(board or xbar_board), **params)
+            )
 
         yield open_

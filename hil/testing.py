@@ -18,14 +18,17 @@ this toolkit's (``drivers``, ``emulator``) do not stop it. Fixtures:
 - ``transport_device``: a Device for the board over each transport in turn (parametrised)
 - ``device_on(transport, board=..., **params)``: a factory for Devices over one transport
 
-Everything is closed at the end of the test. Usable without pytest through `serve_board` and
-`open_transport`::
+Everything is closed at the end of the test; on a lab board (``--xbar-board visa://...``) the
+fixtures lend the one board the session holds, reset before and after each test (docs/sweep.md
+section 4). Usable without pytest through `serve_board` and `open_transport`::
 
     with open_transport("serial-pty", "emulator://?preset=rram&seed=0") as dev:
         dev.configure(...)
 
-Servers bind 127.0.0.1 on free ports and ptys; each `open_transport` starts its own board
-from the URI, so two transports opened with the same URI start from identical boards.
+Servers bind 127.0.0.1 on free ports and ptys; each `open_transport` of a URI starts its own
+board from it, so two transports opened with the same emulator:// URI start from identical
+boards. `open_transport` of an open Device serves (or hands over) that one board and leaves
+it open.
 """
 
 from __future__ import annotations
@@ -96,28 +99,44 @@ def serve_board(
 
 
 @contextlib.contextmanager
-def open_transport(transport: str, board: str = DEFAULT_BOARD, **params: str) -> Iterator[Device]:
-    """A Device for `board` reached over `transport` (one of TRANSPORTS); the board and its
-    servers live as long as the context."""
+def open_transport(transport: str, board: str | Device = DEFAULT_BOARD, **params: str) -> Iterator[Device]:
+    """A Device for `board` reached over `transport` (one of TRANSPORTS). `board`: a URI,
+    whose board is opened here and lives as long as the context with its servers; or an open
+    Device, lent (`hil.lent.LentDevice`): served, or given as it is for IN_PROCESS, and left
+    open at the end (it is the caller's)."""
     from drivers import open_device
 
-    if transport == IN_PROCESS:
-        if params:
-            raise ValueError(
-                f"link parameters {sorted(params)} are for the remote transports {REMOTE_TRANSPORTS}; "
-                "the in-process board takes its settings in its URI (emulator://?preset=...&FIELD=VALUE)"
-            )
-        with open_device(board) as dev:
-            yield dev
-        return
-    if transport not in REMOTE_TRANSPORTS:
+    if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; known: {TRANSPORTS}")
-    servers = serve_board(board)
+    if transport == IN_PROCESS and params:
+        raise ValueError(
+            f"link parameters {sorted(params)} are for the remote transports {REMOTE_TRANSPORTS}; "
+            "the board's own URI takes its settings in its query (emulator://?preset=...&FIELD=VALUE)"
+        )
+    if isinstance(board, str):
+        if transport == IN_PROCESS:
+            with open_device(board) as dev:
+                yield dev
+            return
+        servers = serve_board(board)
+    else:
+        if transport == IN_PROCESS:
+            yield lend(board)
+            return
+        servers = serve_board(lend(board))
     try:
         with open_device(servers.uri(transport, **params)) as dev:
             yield dev
     finally:
         servers.close()
+
+
+def lend(device: Device) -> Device:
+    """`device` behind a `hil.lent.LentDevice`: closing what is returned (or the servers
+    serving it) leaves `device` open."""
+    from hil.lent import LentDevice
+
+    return device if isinstance(device, LentDevice) else LentDevice(device)
 
 
 @contextlib.contextmanager

@@ -162,3 +162,71 @@ def test_the_helpers_work_without_pytest() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "emulator-rram"
+
+
+# ---- a lab board: `--xbar-board visa://...` at a served board that announces ``lock`` ----------
+# The stand-in for a lab board is a real server in this process (what `hil emulator serve`
+# starts); the user's suite runs in a subprocess, as a CI job would.
+
+
+def _lab_board(emulated_board: Callable[..., BoardServers]) -> str:
+    return emulated_board("emulator://?preset=ideal&seed=0").uri("visa-tcp")
+
+
+def _pytest(tmp_path: Path, *args: str, name: str = "test_user.py") -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", name, *args]
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+LAB_SUITE = """
+from drivers import Topology
+
+
+def test_a_configures_the_board(device_on):
+    dev = device_on("visa-tcp")
+    dev.configure(Topology.layered([4, 3]))
+    assert dev.status().configured
+
+
+def test_b_starts_from_the_reset_board(device_on):
+    dev = device_on("serial-socket")
+    assert dev.topology is None and not dev.status().configured
+
+
+def test_two_devices_in_one_test_are_one_board(device_on):
+    a = device_on("visa-tcp")
+    b = device_on("serial-pty")
+    a.configure(Topology.layered([3, 2]))
+    assert b.status().configured
+
+
+def test_a_device_and_servers_in_one_test(transport_device, board_servers):
+    transport_device.configure(Topology.layered([2, 2]))
+    assert board_servers.device.status().configured
+"""
+
+
+def test_a_lab_board_is_reset_for_each_test_and_shared_within_one(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """The CI audit against a served board: a test started with the topology the one before it
+    configured (on emulator:// each gets a new board), and a second device in one test was
+    refused by the board (owned by this very pytest process). Each test now starts from the
+    board reset; its devices are one owner's; the session gives the board back when it ends."""
+    lab = _lab_board(emulated_board)
+    (tmp_path / "test_user.py").write_text(LAB_SUITE)
+    code, out = _finish(_pytest(tmp_path, "-v", "--xbar-board", lab))
+    assert code == 0, out
+    assert "8 passed" in out, out  # 3 + transport_device on each of its 5 transports
+    with open_device(lab) as dev:  # the session released it, unconfigured
+        assert not dev.status().configured
+        owner = dev.owner()
+        assert owner is not None and owner.token == dev.lock_token  # type: ignore[attr-defined]
