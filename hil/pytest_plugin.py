@@ -3,8 +3,8 @@ real servers as fixtures, for any test suite in the environment (`hil.testing` l
 
 ``--xbar-board URI`` with a lab board's URI (not emulator://) points them at that board: the
 session takes it (its lock, docs/protocol.md "Ownership") when a test first needs it, lends it
-to every fixture, resets it before and after each test, and gives it back at the end
-(docs/sweep.md section 4).
+to every fixture, resets it before and after each test, and gives it back at the end; a board
+another session holds is waited for up to ``--xbar-board-wait SECONDS`` (docs/sweep.md 4).
 
 Loading it imports pytest and `hil.testing` only, which imports nothing of the drivers, the
 emulator or torch until a fixture is used: a session that uses none pays nothing, and a
@@ -14,6 +14,8 @@ repository with packages named like this toolkit's (``drivers``, ``emulator``) s
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,24 @@ if TYPE_CHECKING:
     from drivers import Device
     from hil.testing import BoardServers
 
+MAX_BOARD_WAIT_S = 3600.0  # --xbar-board-wait: at most an hour for another suite to give a lab board back
+WAIT_POLL_S = (0.1, 2.0)  # first and longest pause between two tries to take a busy lab board
+
+
+def _wait_seconds(text: str) -> float:
+    """--xbar-board-wait's value: seconds from 0 to MAX_BOARD_WAIT_S."""
+    import argparse
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_BOARD_WAIT_S:  # nan included
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seconds to wait for a lab board another session holds, from 0 to {MAX_BOARD_WAIT_S:g}"
+        )
+    return seconds
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("xbar-hil", "xbar-hil boards: emulated, or a lab board")
@@ -34,7 +54,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="URI",
         help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD})",
     )
+    group.addoption(
+        "--xbar-board-wait",
+        default=None,
+        type=_wait_seconds,
+        metavar="SECONDS",
+        help="a lab board another session (another pytest run, another xdist worker, another host) "
+        "holds: wait up to SECONDS for it, at most "
+        f"{MAX_BOARD_WAIT_S:g} (default: ini xbar_board_wait, else 0: fail at once)",
+    )
     parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
+    parser.addini("xbar_board_wait", "seconds to wait for a busy lab board (--xbar-board-wait)", default="0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Check the ini option xbar_board_wait as the command line's is checked."""
+    if config.getoption("--xbar-board-wait", None) is None:
+        import argparse
+
+        try:
+            _wait_seconds(str(config.getini("xbar_board_wait")))
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"ini option xbar_board_wait (--xbar-board-wait): {exc}") from None
 
 
 def _is_lab(uri: str) -> bool:
@@ -76,18 +117,48 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
 class _LabBoards:
     """The lab boards (URIs other than emulator://) this session holds: each opened once, when
     a test first needs it, taking the board's lock (docs/protocol.md, "Ownership") with one
-    token for the whole session; every fixture of every test is lent that one device. Closed,
-    with the safe state and the lock given back, when the session ends."""
+    token for the whole session; every fixture of every test is lent that one device. A board
+    another session holds is waited for up to `wait_s` (--xbar-board-wait), then refused once
+    for the session (each test that needs it fails with the same message, without waiting
+    again). Closed, with the safe state and the lock given back, when the session ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
         self.devices: dict[str, Device] = {}
+        self.refused: dict[str, str] = {}
 
     def take(self, uri: str) -> Device:
-        from drivers import open_device
-
+        if uri in self.refused:
+            pytest.fail(self.refused[uri], pytrace=False)
         if uri not in self.devices:
-            self.devices[uri] = open_device(uri)
+            self.devices[uri] = self._open(uri)
         return self.devices[uri]
+
+    def _open(self, uri: str) -> Device:
+        from drivers import open_device
+        from drivers.errors import BoardLocked
+
+        deadline = time.monotonic() + self.wait_s
+        pause = WAIT_POLL_S[0]
+        while True:
+            try:
+                return open_device(uri)
+            except BoardLocked as exc:
+                refusal = exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, WAIT_POLL_S[1])
+        waited = f"waited {self.wait_s:g} s (--xbar-board-wait)" if self.wait_s else "did not wait for it"
+        self.refused[uri] = (
+            f"lab board {uri!r} is held by {_holder(uri, refusal.message)}; {waited}. One board runs one "
+            f"test session at a time: pass --xbar-board-wait SECONDS (at most {MAX_BOARD_WAIT_S:g}; or the "
+            "ini option xbar_board_wait) so that this session waits for the other to finish, or use an "
+            "emulator:// board, whose fixtures run in parallel; if the owner is gone: "
+            f"hil lock break {uri}"
+        )
+        pytest.fail(self.refused[uri], pytrace=False)
 
     def close(self) -> None:
         """Each board reset (unconfigured for whoever comes next), then closed: the safe state,
@@ -99,9 +170,29 @@ class _LabBoards:
             self.devices.clear()
 
 
+def _holder(uri: str, refusal: str) -> str:
+    """Who holds the board, as its owner query says (the refusal's text if that fails)."""
+    from drivers import open_device
+    from drivers.uri import looking_uri
+
+    try:
+        dev = open_device(looking_uri(uri))  # only looking: no lock, closed without the safe state
+        try:
+            owner = dev.owner()
+        finally:
+            dev.close_link()
+    except Exception:  # the board went away meanwhile: its refusal says who held it
+        return f"another session or host ({refusal})"
+    if owner is None or owner.token is None:
+        return f"another session or host ({refusal}; it has let go since)"
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(owner.since)) if owner.since else "?"
+    return f"{owner.token!r} (another test session or host) since {since}"
+
+
 @pytest.fixture(scope="session")
-def _xbar_lab_boards() -> Iterator[_LabBoards]:
-    boards = _LabBoards()
+def _xbar_lab_boards(pytestconfig: pytest.Config) -> Iterator[_LabBoards]:
+    wait = pytestconfig.getoption("--xbar-board-wait")
+    boards = _LabBoards(_wait_seconds(str(pytestconfig.getini("xbar_board_wait"))) if wait is None else wait)
     try:
         yield boards
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -230,3 +231,107 @@ def test_a_lab_board_is_reset_for_each_test_and_shared_within_one(
         assert not dev.status().configured
         owner = dev.owner()
         assert owner is not None and owner.token == dev.lock_token  # type: ignore[attr-defined]
+
+
+HELD_SUITE = """
+import pathlib
+import time
+
+
+def test_holds_the_board(xbar_board, device_on):
+    device_on("emulator")
+    pathlib.Path("started").write_text(str(time.time()))
+    time.sleep(3)
+    pathlib.Path("ended").write_text(str(time.time()))
+"""
+
+WAITING_SUITE = """
+import pathlib
+import time
+
+
+def test_gets_the_board(device_on):
+    device_on("emulator").safety()
+    pathlib.Path("got").write_text(str(time.time()))
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert proc.poll() is None, _finish(proc)[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_two_suites_on_one_lab_board_take_turns_with_the_wait_option(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """Two pytest runs (or pytest-xdist workers) at one board failed with BoardLocked: one
+    physical board runs one suite at a time, so the second waits for it (--xbar-board-wait),
+    polling, and takes it once the first session gives it back."""
+    lab = _lab_board(emulated_board)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "test_user.py").write_text(HELD_SUITE)
+    (tmp_path / "b" / "test_user.py").write_text(WAITING_SUITE)
+    (tmp_path / "b" / "pytest.ini").write_text("[pytest]\nxbar_board_wait = 120\n")  # the ini option
+    first = _pytest(tmp_path / "a", "--xbar-board", lab)
+    _wait_for(tmp_path / "a" / "started", first)
+    second = _pytest(tmp_path / "b", "--xbar-board", lab)
+    (code_a, out_a), (code_b, out_b) = _finish(first), _finish(second)
+    assert code_a == 0, out_a
+    assert code_b == 0, out_b
+    ended = float((tmp_path / "a" / "ended").read_text())
+    assert float((tmp_path / "b" / "got").read_text()) > ended  # it waited for the first session
+
+
+BUSY_SUITE = """
+import pathlib
+import time
+
+
+def _take(device_on, k):
+    t0 = time.monotonic()
+    try:
+        device_on("emulator")
+    finally:
+        pathlib.Path(f"took{k}").write_text(str(time.monotonic() - t0))
+""" + "".join(f"\n\ndef test_{k}(device_on):\n    _take(device_on, {k})\n" for k in range(3))
+
+
+def test_a_busy_lab_board_fails_naming_its_owner_and_the_wait_option(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """Past --xbar-board-wait, each test that needs the board fails naming who holds it, the
+    option and `hil lock break`; the session waits once, not once per test. By default
+    (no option) it does not wait."""
+    lab = _lab_board(emulated_board)
+    (tmp_path / "test_user.py").write_text(BUSY_SUITE)
+    with open_device(lab) as holder:  # another host's session
+        token = holder.lock_token  # type: ignore[attr-defined]
+        code, out = _finish(_pytest(tmp_path, "--xbar-board", lab, "--xbar-board-wait", "1.5"))
+        assert code == pytest.ExitCode.TESTS_FAILED, out
+        assert "3 failed" in out and out.count(f"is held by {token!r}") == 3, out
+        assert (
+            "waited 1.5 s" in out and "--xbar-board-wait SECONDS" in out and f"hil lock break {lab}" in out
+        ), out
+        took = [float((tmp_path / f"took{k}").read_text()) for k in range(3)]
+        assert took[0] >= 1.5 and max(took[1:]) < 1.0, took
+        code, out = _finish(_pytest(tmp_path, "--xbar-board", lab))
+        assert code == pytest.ExitCode.TESTS_FAILED and "did not wait for it" in out, out
+        assert float((tmp_path / "took0").read_text()) < 1.0
+
+
+@pytest.mark.parametrize("value", ["-1", "3601", "nan", "soon", "ini 86400"])
+def test_the_wait_option_is_bounded(tmp_path: Path, value: str) -> None:
+    """A wait is bounded (a CI job must not hang on a board for a day): a value past the
+    maximum, on the command line or in the ini file, is a usage error naming it."""
+    (tmp_path / "test_user.py").write_text("def test_x():\n    pass\n")
+    if value.startswith("ini "):
+        (tmp_path / "pytest.ini").write_text(f"[pytest]\nxbar_board_wait = {value[4:]}\n")
+        code, out = _finish(_pytest(tmp_path))
+    else:
+        code, out = _finish(_pytest(tmp_path, f"--xbar-board-wait={value}"))
+    assert code == pytest.ExitCode.USAGE_ERROR, out
+    assert "xbar_board_wait" in out.replace("-", "_") and "from 0 to 3600" in out, out
