@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hil.testing import DEFAULT_BOARD, TRANSPORTS, lend, open_transport, served_board
+from hil.testing import DEFAULT_BOARD, IN_PROCESS, TRANSPORTS, lend, open_transport, served_board
 
 if TYPE_CHECKING:
     from drivers import Device
@@ -67,8 +67,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("xbar_board_wait", "seconds to wait for a busy lab board (--xbar-board-wait)", default="0")
 
 
+_direct_id = IN_PROCESS  # the id of transport_device's IN_PROCESS parameter in this session
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Check the ini option xbar_board_wait as the command line's is checked."""
+    """Check the ini option xbar_board_wait as the command line's is checked; name the link of
+    `transport_device`'s first parameter after the board's URI scheme."""
+    global _direct_id
+    uri = config.getoption("--xbar-board", None) or str(config.getini("xbar_board"))
+    _direct_id = uri.split("://", 1)[0] if "://" in uri else IN_PROCESS
     if config.getoption("--xbar-board-wait", None) is None:
         import argparse
 
@@ -81,6 +88,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def _is_lab(uri: str) -> bool:
     """A board the fixtures do not start but open: anything but an emulator:// URI."""
     return not uri.startswith("emulator://")
+
+
+def _transport_id(transport: str) -> str:
+    """`transport_device`'s ids name the link truthfully: IN_PROCESS is the board's URI opened
+    as it is, so its id is the URI's scheme (set by pytest_configure: ``emulator``, in
+    process, on emulator:// boards; ``visa``, ``serial``, ... on a lab board)."""
+    return _direct_id if transport == IN_PROCESS else transport
 
 
 @pytest.fixture(scope="session")
@@ -259,13 +273,13 @@ def board_servers(xbar_board: str, _xbar_board_for: Callable[[str], str | Device
         yield servers
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=TRANSPORTS, ids=_transport_id)
 def transport_device(
     request: pytest.FixtureRequest, xbar_board: str, _xbar_board_for: Callable[[str], str | Device]
 ) -> Iterator[Device]:
-    """The board (`xbar_board`) over each transport in turn: its own URI opened as it is
-    (in-process for emulator://), then behind each server. A new board for an emulator://
-    URI; a lab board, reset, is the session's."""
+    """The board (`xbar_board`) over each transport in turn: its own URI opened as it is (id:
+    the URI's scheme, ``emulator`` in process), then behind each server. A new board for an
+    emulator:// URI; a lab board, reset, is the session's."""
     with open_transport(request.param, _xbar_board_for(xbar_board)) as dev:
         yield dev
 

@@ -233,6 +233,20 @@ def test_a_lab_board_is_reset_for_each_test_and_shared_within_one(
         assert owner is not None and owner.token == dev.lock_token  # type: ignore[attr-defined]
 
 
+def test_transport_device_ids_name_the_link_the_board_is_reached_by(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """`transport_device[emulator]` talked VISA on a visa:// board: the id of the board's own
+    URI, opened as it is, is its scheme (``emulator`` stays the id on emulator:// boards)."""
+    (tmp_path / "test_user.py").write_text("def test_t(transport_device):\n    pass\n")
+    code, out = _finish(_pytest(tmp_path, "--collect-only", "-q", "--xbar-board", _lab_board(emulated_board)))
+    assert code == 0, out
+    ids = sorted(line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "test_t[" in line)
+    assert ids == sorted(["visa", *REMOTE_TRANSPORTS]), out
+    code, out = _finish(_pytest(tmp_path, "--collect-only", "-q"))
+    assert code == 0 and "test_t[emulator]" in out, out
+
+
 HELD_SUITE = """
 import pathlib
 import time
