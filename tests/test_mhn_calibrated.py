@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from drivers import open_device
+from drivers.converters import lsb
 from hil.cli import app
 from hil.mhn.block import MHNBlock
 from hil.mhn.diagnose import phase_diagnostic
@@ -46,6 +47,23 @@ def test_auto_dither_is_sized_from_the_adc_and_off_without_quantisation() -> Non
     with open_device("emulator://?preset=ideal&seed=0") as dev:
         if dev.info.limits.adc_bits is None:
             assert MHNBlock(dev, xi, beta=1.0, dither="auto").dither == (0.0, 0.0)
+
+
+def test_auto_dither_uses_the_projects_one_adc_step() -> None:
+    """The dither of "auto" is sqrt(3) ADC steps over the smallest line norm of the weights,
+    the step being `drivers.converters.lsb` over the mvm range (span / (2**bits - 1), as the
+    board quantises), not span / 2**bits."""
+    xi = equidistant_patterns(5, 16, 2.0, seed=0).numpy()
+    for bits, out_range in ((8, 4.0), (9, 3.0)):
+        uri = f"emulator://?preset=ideal&seed=0&adc_bits={bits}&dac_bits=8"
+        with open_device(uri) as dev:
+            block = MHNBlock(dev, xi, beta=1.0, dither="auto", out_range=out_range)
+        w = block.encoding.weights(block.patterns.detach().double())[:-1]
+        step = lsb(bits, 2.0 * out_range)
+        fwd, back = block.dither
+        assert fwd < 0.25 * (block.encoding.dac_hi - block.encoding.dac_lo)  # not capped
+        assert fwd == pytest.approx(math.sqrt(3.0) * step / float(w.norm(dim=0).min()), rel=1e-12)
+        assert back == pytest.approx(math.sqrt(3.0) * step / float(w.norm(dim=1).min()), rel=1e-12)
 
 
 def _record(tmp_path: Path, uri: str, name: str) -> Path:

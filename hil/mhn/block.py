@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from drivers import ConfigurationError, Device
+from drivers.converters import lsb
 from hil.mhn.core import RetrievalBudget, check_beta
 from hil.mhn.tile import Encoding, topology
 from hil.programming import ProgrammingScheme, make_scheme
@@ -96,7 +97,7 @@ class MHNBlock:
     weights the tile holds, so the reads are the products of the undithered inputs with the
     ADC's rounding turned into zero-mean noise. Without it a noiseless board rounds away every
     change of a similarity below half an ADC step (an 8-bit ADC and the default range: a step
-    of 0.136 in similarity for 5 patterns of norm 2 in d = 16), so a small displacement from an
+    of 0.137 in similarity for 5 patterns of norm 2 in d = 16), so a small displacement from an
     unstable fixed point is never seen and the measured critical beta comes out high, or not at
     all (`hil.mhn.diagnose` uses ``"auto"``)."""
 
@@ -143,10 +144,11 @@ class MHNBlock:
             if not (math.isfinite(amp) and 0.0 <= amp <= span):
                 raise ConfigurationError(f"dither must be 'auto' or in [0, {span:g}], got {dither!r}")
             return amp, amp
-        bits = self.device.info.limits.adc_bits
-        if bits is None:
+        # the mvm ADC's step over its range [-out_range, out_range], weight units (the project's
+        # one converter step, as the board quantises); an ideal ADC has none: no dither
+        step = lsb(self.device.info.limits.adc_bits, 2.0 * out_range)
+        if step == 0.0:
             return 0.0, 0.0
-        step = 2.0 * out_range / 2**bits  # the mvm ADC's step, weight units
         w = self.encoding.weights(self.patterns.detach().double())[:-1]
         # uniform noise of amplitude A on lines with weights w spreads a read-out by A |w| / sqrt(3)
         cols = float(w.norm(dim=0).min())
