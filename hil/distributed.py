@@ -194,6 +194,14 @@ class DataParallel:
         self._all_reduce(t)
         return t.tolist()
 
+    def count_sums(self, count: int, known: int | None) -> tuple[int, int | None]:
+        """(`count`, `known`) summed over ranks, in one all-reduce; `known` is None (unknown:
+        a board that does not report it) when it is None on any rank. For the closed-loop
+        programming counts (devices written, devices write-verify gave up on): each rank
+        programs its own board, so the job's figures are the sums over its boards."""
+        total, part, unknown = self.sums([count, known or 0, known is None])
+        return int(total), None if unknown else int(part)
+
     def accuracy(self, predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> float:
         """Test accuracy over all of (x, y), each rank predicting its contiguous share."""
         start, stop = self.span(len(x))

@@ -42,7 +42,8 @@ class EpochStats:
     val_acc: float | None = None  # on the held-out training images (data.validation), if any
     # the epoch's closed-loop programming (write-verify, tuning refreshes): `verified` devices
     # (tuning: pairs) worked on, `gave_up` of them given up on because they did not move; None
-    # when a board did not report it (the count is then unknown, not 0)
+    # when a board did not report it (the count is then unknown, not 0); in a data parallel job
+    # the sums over every rank's board
     verified: int = 0
     gave_up: int | None = 0
 
@@ -234,6 +235,8 @@ def _train(
             if order.pos != 0:
                 continue
             model.epoch_end()
+            if dp is not None:  # every rank programmed its own board: the job's counts are the sums
+                verified, gave_up = dp.count_sums(verified, gave_up)
             accuracy = model.accuracy if dp is None else functools.partial(dp.accuracy, model.predict)
             test_acc = accuracy(ds.x_test, ds.y_test)
             val_acc = None if ds.x_val is None else accuracy(ds.x_val, ds.y_val)

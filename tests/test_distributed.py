@@ -224,6 +224,31 @@ def test_ranks_on_boards_of_different_kinds_are_named(tmp_path: Path) -> None:
     assert [r["model"] for r in ranks] == ["emulator-ideal", "emulator-rram"]
 
 
+def test_write_verify_counts_are_summed_over_every_ranks_board(tmp_path: Path) -> None:
+    """Each rank write-verifies the same update onto its own board; the devices written and
+    those write-verify gave up on are the job's sums, not rank 0's board alone. Here rank 0's
+    ideal board has no stuck devices and rank 1's has 5 %: rank 0's counts were 0 given up of
+    77 120 written (16 steps x 4820 devices), which hid rank 1's stuck devices."""
+    out = tmp_path / "verify.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
+        "--distributed", "--no-progress", "--out", str(out), "--rank-device", "emulator://?preset=ideal&seed=0",
+        "--rank-device", "emulator://?preset=ideal&seed=1000&stuck_fraction=0.05",
+        *_sets([*RUN, "train.epochs=1", "ep.programming=verify"]),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    per_rank = 16 * 2 * (65 * 32 + 33 * 10)  # steps x devices of the 64-32-10 network's tiles
+    run = open_run(out)
+    _, state = run.load_snapshot(run.snapshots[-1])
+    (epoch,) = state["extra"]["history"]
+    assert epoch["verified"] == 2 * per_rank
+    assert 0.005 * per_rank < epoch["gave_up"] < 0.05 * per_rank  # rank 1's stuck devices (rank 0: none)
+    said = re.search(r"write-verify gave up on (\d+) of (\d+) devices", done.stdout)
+    assert said is not None and said.groups() == (str(epoch["gave_up"]), str(2 * per_rank)), done.stdout
+
+
 # ------------------------------------------------------------------- shards and bad input
 def test_shards_are_contiguous_and_cover_the_batch() -> None:
     idx = torch.arange(100, 125)
