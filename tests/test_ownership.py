@@ -131,7 +131,7 @@ def test_framed_lock_opcodes_byte_exact(emulated_board: Callable[..., BoardServe
     assert flags == Flag.RESPONSE | Flag.START and body == b"\x4b\x00\x00\x00" + free
     flags, body = _exchange(a, 0x20, acquire)
     assert not flags & Flag.ERROR and pl.unpack(body).meta["token"] == "alice:1:aa"
-    # the second link: WAIT refused with 120 (the rid is there: it is the lock that refuses)
+    # the second link: WAIT refused with 120
     flags, body = _exchange(b, int(pl.Op.WAIT), pl.pack(pl.Message({"seconds": 0.0, "rid": 7})))
     error = json.loads(body)
     assert flags == Flag.RESPONSE | Flag.ERROR | Flag.START and error["code"] == 120
@@ -148,6 +148,87 @@ def test_framed_lock_opcodes_byte_exact(emulated_board: Callable[..., BoardServe
     assert _exchange(a, 0x21, empty)[1] == b"\x4b\x00\x00\x00" + free
     flags, body = _exchange(b, int(pl.Op.WAIT), pl.pack(pl.Message({"seconds": 0.0, "rid": 9})))
     assert json.loads(body)["code"] == 120 and "was broken" in json.loads(body)["message"]
+
+
+# ---- the order of the checks: a non-owner gets 120 before its parameters are read ----------
+
+
+# requests that drive the board, each malformed, and what the board says to its owner
+SCPI_MALFORMED = [
+    ("SYST:WAIT", codes.MISSING_PARAMETER),
+    ("SYST:WAIT abc", codes.NUMERIC_DATA_ERROR),
+    ("SYST:WAIT 0,1,2", codes.PARAMETER_NOT_ALLOWED),
+    ("*RST 1", codes.PARAMETER_NOT_ALLOWED),
+    ("CONF:TOP #15{x:1}", codes.ILLEGAL_PARAMETER_VALUE),
+    ('TILE:PROG? "nope",1,DEF,5,#10', codes.CONFIGURATION),  # the board's state: no such tile
+    ('TILE:PULS? "W0",#14abcd', codes.CONFIGURATION),
+    ('TILE:MVM? "W0",1,#10', codes.CONFIGURATION),
+    ("TILE:COND?", codes.MISSING_PARAMETER),
+    ("NET:SETT? #10,#10", codes.ILLEGAL_PARAMETER_VALUE),
+]
+
+
+def _answered(raw: RawScpi, command: str) -> list[int]:
+    """Send `command` (then *OPC?, so a command without a reply is answered too) and read back
+    every error it queued."""
+    raw.query(f"{command};*OPC?")
+    found = []
+    while (error := raw.error())[0] != codes.NO_ERROR:
+        found.append(error[0])
+    return found
+
+
+def test_scpi_a_non_owner_gets_120_whatever_its_parameters(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """docs/protocol.md "Ownership", the order of the checks. The non-owner got the owner's
+    answers here (100 "the device has no topology yet" for a program, pulse or mvm: the SCPI
+    server looked the tile up before the lock, where the framed server answered 120)."""
+    s = emulated_board(BOARD)
+    owner, other = RawScpi(s.uris["visa-tcp"]), RawScpi(s.uris["visa-tcp"])
+    try:
+        assert _block_json(owner.query('SYST:LOCK:ACQ? "alice:1:aa"'))["token"] == "alice:1:aa"
+        for command, code in SCPI_MALFORMED:
+            assert _answered(owner, command) == [code], command
+            assert _answered(other, command) == [codes.LOCKED], command
+        # what the board must read to know the operation comes first, for everyone: the message's
+        # grammar (no unit of it runs) and the header
+        for command, code in (
+            ("SYST:WAIT 0 1", codes.INVALID_SEPARATOR),
+            ("SYST:WAIT 0,", codes.MISSING_PARAMETER),
+        ):
+            for raw in (owner, other):
+                raw.sock.sendall(command.encode() + b"\n")
+                assert raw.error()[0] == code and raw.error()[0] == codes.NO_ERROR, command
+        assert _answered(other, "FOO:BAR") == [codes.UNDEFINED_HEADER]
+        # an open query's parameters are read as before
+        assert _answered(other, "SYST:STAT? 1") == [codes.PARAMETER_NOT_ALLOWED]
+    finally:
+        owner.close()
+        other.close()
+
+
+def test_framed_a_non_owner_gets_120_whatever_its_payload(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The same order over the framed link: the opcode, then ownership, then the payload."""
+    s = emulated_board(BOARD)
+    owner, other = _framed(s), _framed(s)
+    assert (
+        not _exchange(owner, int(pl.Op.ACQUIRE), pl.pack(pl.Message({"token": "alice:1:aa"})))[0] & Flag.ERROR
+    )
+    malformed = [
+        (pl.Op.WAIT, pl.pack(pl.Message({"seconds": 0.0})), codes.MISSING_PARAMETER),  # no request id
+        (pl.Op.WAIT, b"not a message", codes.FRAME_ERROR),  # an undecodable payload
+        (pl.Op.PROGRAM, pl.pack(pl.Message({"tile": "nope", "rid": 1})), codes.MISSING_PARAMETER),
+        (pl.Op.CONFIGURE, pl.pack(pl.Message({"groups": 3})), codes.ILLEGAL_PARAMETER_VALUE),
+    ]
+    for op, body, code in malformed:
+        for link, expected in ((owner, code), (other, codes.LOCKED)):
+            flags, reply = _exchange(link, int(op), body)
+            assert flags & Flag.ERROR and json.loads(reply)["code"] == expected, (op, reply)
+    flags, reply = _exchange(other, 0x7E, b"")  # an unknown opcode: before ownership
+    assert flags & Flag.ERROR and json.loads(reply)["code"] == codes.FRAME_ERROR
 
 
 # ---- the drivers over pyvisa-py TCP and pyserial sockets -----------------------------

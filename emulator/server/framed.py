@@ -213,11 +213,13 @@ class FramedServer(EndpointServer):
                 return 0, pl.dumps(link.stats.as_dict())
             if opcode not in _OPS or (session is None and opcode in _LOCK_OPCODES):
                 return Flag.ERROR, _error(codes.FRAME_ERROR, f"unknown opcode {opcode:#x}")
+            op = _OP_OF[opcode]  # a dict: Op(opcode) goes through the enum's call machinery
+            if session is not None:  # ownership before the payload is read (docs/protocol.md,
+                session.lock.check(session, op)  # "Ownership": the order of the checks): 120
             try:
                 request = pl.unpack(body)
             except ProtocolError as exc:
                 return Flag.ERROR, _error(codes.FRAME_ERROR, str(exc))
-            op = _OP_OF[opcode]  # a dict: Op(opcode) goes through the enum's call machinery
             if op not in pl.IDEMPOTENT and "rid" not in request.meta:  # a replayed frame must not rerun it
                 message = f"a {op.name.lower()} request needs a request id (rid): it changes state"
                 return Flag.ERROR, _error(codes.MISSING_PARAMETER, message)

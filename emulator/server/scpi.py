@@ -400,6 +400,10 @@ def _split_tile(device: Device, tile: str, data: bytes, dtype: str, what: str) -
 
 Buffer = bytes | memoryview
 Reply = bytes | list[Buffer] | None  # a list: pieces of one response unit, sent without joining
+# a command: its header, its handler, whether its empty reply is a block, the device operation
+# it runs (None: what belongs to the session alone, e.g. SYST:ERR?, FETC:DATA?)
+Command = tuple[scpi.Header, Callable[[list[Param], str], Reply], bool, Op | None]
+_OP_OF_SPEC = {spec: op for op, spec in scpi.OP_HEADERS.items()}
 
 
 def _block_reply(parts: list[memoryview]) -> list[Buffer]:
@@ -439,10 +443,10 @@ class ScpiSession:
         self.ese = 0
         self.sre = 0
         self.data: list[memoryview] | None = None
-        self.commands: list[tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = []
+        self.commands: list[Command] = []
         for spec, fn, block_reply in self._table():
-            self.commands.append((scpi.Header(spec), fn, block_reply))
-        self._known: dict[str, tuple[scpi.Header, Callable[[list[Param], str], Reply], bool]] = {}
+            self.commands.append((scpi.Header(spec), fn, block_reply, _OP_OF_SPEC.get(spec)))
+        self._known: dict[str, Command] = {}
         self._parser = MessageParser()
 
     def _table(self) -> list[tuple[str, Callable[[list[Param], str], Reply], bool]]:
@@ -560,7 +564,7 @@ class ScpiSession:
             return False
         return True
 
-    def _find(self, header: str) -> tuple[scpi.Header, Callable[[list[Param], str], Reply], bool] | None:
+    def _find(self, header: str) -> Command | None:
         """The command a header names; headers seen before are looked up in a dict (at most
         `HEADER_CACHE` of them: a peer sending endless new headers cannot grow it)."""
         found = self._known.get(header)
@@ -576,8 +580,13 @@ class ScpiSession:
         if found is None:
             self.push_error(codes.UNDEFINED_HEADER, unit.header)
             return b"" if query else None
-        _, fn, block_reply = found
+        _, fn, block_reply, op = found
         try:
+            if op is not None and self.lock is not None:
+                # ownership before any parameter is read (docs/protocol.md, "Ownership": the
+                # order of the checks): a non-owner's request that drives the board is 120,
+                # whatever its parameters, so nothing of the board's state answers it
+                self.lock.lock.check(self.lock, op)
             return fn(unit.params, unit.header)
         except ParseError as exc:
             self.push_error(exc.code, f"{unit.header}: {exc}")
