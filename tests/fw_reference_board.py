@@ -9,7 +9,10 @@ firmware bugs that the conformance suite must catch:
 - `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
-the board are its own), so tests that pass against both are tests of the spec.
+the board are its own), so tests that pass against both are tests of the spec. It is a board
+without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 110); its RESET keeps
+what docs/bringup.md's RESET and SAFE_STATE table says (topology cleared, epoch advanced, the
+record of request ids cleared, transaction tag and meter kept).
 `FirmwareBoard(bug).start()` serves it on a free loopback port (`.uri`); `.stop()` ends it."""
 
 from __future__ import annotations

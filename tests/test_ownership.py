@@ -19,7 +19,7 @@ from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.frames import Flag
 from drivers.wire.link import Link
-from hil.testing import BoardLock, BoardServers, socket_link
+from hil.testing import BoardLock, BoardServers, FaultPlan, socket_link
 from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=ideal&seed=0"
@@ -330,6 +330,45 @@ def test_break_frees_the_board_and_refuses_the_old_owner(
         with pytest.raises(BoardLocked, match=f"owned by '{mine.lock_token}'"):
             gone.wait(0.0)
     gone.close()
+
+
+def _reboot_through(transport: str, s: BoardServers) -> None:
+    """A program request over `transport` (SCPI or framed) that the fault plan turns into a
+    reboot of the board instead: it is not run, so its content does not matter."""
+    if transport == "visa-tcp":
+        RawScpi(s.uris["visa-tcp"]).sock.sendall(b'TILE:PROG? "W0",1,DEF,5,#10\n')
+    else:
+        _framed(s).send(int(pl.Op.PROGRAM), pl.pack(pl.Message({"rid": 1})))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_reboot_forgets_the_lock_and_the_reset_command_keeps_it(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """The lock lives in the board's RAM (docs/protocol.md, "Ownership"): the RESET command
+    (`*RST`, 0x1A) the owner sends keeps it; a reboot (the fault plan's injected reset: a
+    power cycle, a watchdog reset) forgets it. The emulator kept it through a reboot."""
+    s = emulated_board(BOARD, plan=FaultPlan(p_reset=1.0, limit=1))
+    other = TRANSPORTS[1 - TRANSPORTS.index(transport)]
+    owner = open_device(s.uri(transport, timeout="2"))
+    looker = open_device(s.uri(other, lock="0"))
+    try:
+        owner.reset()
+        assert looker.status().epoch == 1 and looker.owner().token == owner.lock_token  # type: ignore[union-attr]
+        _reboot_through(transport, s)
+        deadline = time.monotonic() + 5
+        while looker.status().epoch == 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert looker.status().epoch == 2 and s.plan.injected["reset"] == 1
+        freed = looker.owner()
+        assert freed is not None and (freed.token, freed.connections, freed.lapses_in) == (None, 0, None)
+        with open_device(s.uri(other)) as taker:  # the next host takes the rebooted board ...
+            assert taker.owns
+            with pytest.raises(BoardLocked, match=f"owned by '{taker.lock_token}'"):
+                owner.wait(0.0)  # ... and the old owner's run stops instead of driving it
+    finally:
+        looker.close()
+        owner.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

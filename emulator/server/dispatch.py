@@ -11,7 +11,7 @@ from drivers.errors import DeviceFault, NotSupported, ProtocolError
 from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.payload import IDEMPOTENT, LOCK_CAPABILITY, LOCK_OPS, Message, Op
-from emulator.server.ownership import LockSession
+from emulator.server.ownership import BoardLock, LockSession
 
 
 def _info(d: Device, m: Message) -> Message:
@@ -207,6 +207,16 @@ def request_id(op: Op, request: Message) -> int | None:
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_RID:
         raise DeviceFault(codes.ILLEGAL_PARAMETER_VALUE, f"rid must be an integer in [0, 2^53), got {rid!r}")
     return rid
+
+
+def reboot(device: Device, lock: BoardLock | None) -> None:
+    """The board reboots (the fault plan's injected `reset`: a power cycle or a watchdog
+    reset, not the RESET command): its configuration is lost and its epoch advances
+    (`Device.reset`), the conductances and the transaction tag are kept (non-volatile), and
+    the ownership, which lives in RAM, is forgotten (`BoardLock.reboot`)."""
+    device.reset()
+    if lock is not None:
+        lock.reboot()
 
 
 def _lock_op(session: LockSession, op: Op, request: Message) -> Message:

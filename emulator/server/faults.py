@@ -8,10 +8,11 @@ per received request (an SCPI program message, a framed request):
 
 - `delay`: the board runs the request, then holds the reply for `delay_s` (set it beyond
   the host's timeout);
-- `reset`: on a settle or programming request (`reset_ops`) the board restarts
-  (`Device.reset`: the configuration is lost, the conductances kept, the epoch advanced)
-  instead of running it (with `reset_after`: right after running it), and its link goes
-  down as a rebooting board's does;
+- `reset`: on a settle or programming request (`reset_ops`) the board reboots
+  (`emulator.server.dispatch.reboot`: the configuration is lost, the conductances and the
+  transaction tag kept, the epoch advanced, the ownership forgotten) instead of running it
+  (with `reset_after`: right after running it), and its link goes down as a rebooting
+  board's does;
 - `close`: the board runs the request, then closes the connection before replying (on a
   pty, which cannot close, it forgets the link state and swallows the reply).
 

@@ -19,7 +19,7 @@ from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import LOCK_OPS, Op
-from emulator.server.dispatch import ReplayCache, execute
+from emulator.server.dispatch import ReplayCache, execute, reboot
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
@@ -149,8 +149,8 @@ class FramedServer(EndpointServer):
                 fault = plan.request_fault(first.opcode) if plan.active and first.opcode in _OPS else None
                 if fault == "close" or (fault == "reset" and self.plan.reset_after):
                     self._answer(link, first.opcode, body, session)
-                if fault == "reset":  # the board restarts (instead of or after running the request)
-                    self.device.reset()
+                if fault == "reset":  # the board reboots (instead of or after running the request)
+                    reboot(self.device, self.lock)
                 if fault in ("reset", "close"):
                     if closable(stream):
                         return

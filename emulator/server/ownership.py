@@ -9,7 +9,9 @@ presents the token the lock holds; once none does (the owner closed without RELE
 process died), it lapses `lease_s` seconds later unless the token is presented again in the
 meantime. BREAK ends it at once, whoever asks (a lab admin whose colleague went home); the
 board then refuses the broken token (its host's next request, and its reconnect), so that
-host cannot go on unnoticed or take the board back without opening it again. A
+host cannot go on unnoticed or take the board back without opening it again. A reboot of the
+board (`reboot`: power-on, a watchdog reset, the fault plan's injected reset; not the RESET
+command, `*RST`, which the owner sends and which keeps the lock) forgets it all: it lives in RAM. A
 connection that presents the owner's token may acquire with another token: the board passes
 to it (an SCPI serial line is one session for as long as the board is powered, so the next
 host on that line takes the board over from the one before).
@@ -163,6 +165,18 @@ class BoardLock:
     def state(self) -> BoardOwner:
         with self._mutex:
             return self._state()
+
+    def reboot(self) -> None:
+        """The board rebooted (power-on, a watchdog reset; not the RESET command): the lock
+        lived in its RAM, so the owner, the broken tokens and the token every connection
+        presented are forgotten (a real board's connections all go down with it; the
+        emulator's other connections stay open and present nothing until they acquire again)."""
+        with self._mutex:
+            self._token = self._since = self._left_at = None
+            self._broken.clear()
+            self.broken = 0
+            for s in self._sessions:
+                s.token = None
 
     def check(self, session: LockSession, op: Op) -> None:
         """Raise DeviceFault(120) if `op` drives or changes a board another token owns."""

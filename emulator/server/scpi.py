@@ -24,7 +24,7 @@ from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from drivers.wire.scpi import MAX_LINE
-from emulator.server.dispatch import ReplayCache, execute
+from emulator.server.dispatch import ReplayCache, execute, reboot
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
@@ -889,8 +889,8 @@ class Connection:
             fault = plan.request_fault(_op_of(msg)) if active else None
             ran = fault != "reset" or plan.reset_after
             reply = self.session.handle(msg) if ran else None
-            if fault == "reset":  # the board restarts (instead of or after running the message)
-                self.device.reset()
+            if fault == "reset":  # the board reboots (instead of or after running the message)
+                reboot(self.device, self.lock)
             yield Answer(reply, fault)
             if fault in ("reset", "close"):
                 return

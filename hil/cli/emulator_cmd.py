@@ -89,7 +89,9 @@ def register(app: typer.Typer) -> None:
         ),
         late_ms: float = typer.Option(500.0, help="How late a late reply is (beyond the host's timeout)."),
         reset_rate: float = typer.Option(
-            0.0, help="Probability that the board resets instead of running a settle or program request."
+            0.0,
+            help="Probability that the board reboots instead of running a settle or program request "
+            "(configuration lost, epoch advanced, conductances kept, its owner lock forgotten).",
         ),
         close_rate: float = typer.Option(
             0.0,
