@@ -39,7 +39,7 @@ from drivers.wire.client import (
 )
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
-from drivers.wire.payload import Message, Op
+from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, Message, Op
 
 log = logging.getLogger("drivers.serial")  # DEBUG: each message's operation and size (docs/bringup.md)
 
@@ -68,8 +68,9 @@ class SerialDevice(RemoteDevice):
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
         lock: bool = True,
+        lease: float | None = None,
     ) -> None:
-        super().__init__(name, attempts=attempts, backoff=backoff, lock=lock)
+        super().__init__(name, attempts=attempts, backoff=backoff, lock=lock, lease=lease)
         self.url = url
         self.baud = baud
         self.ack_timeout = ack_timeout
@@ -347,7 +348,7 @@ class SerialDevice(RemoteDevice):
 @dataclasses.dataclass(frozen=True)
 class SerialOptions(QueryOptions):
     """``serial://PORT`` and ``serial+socket://HOST:PORT`` with
-    ``?baud=115200&timeout=10&ack_timeout=0.25&retries=5&fragment=32768&attempts=4&backoff=0.05&lock=1``"""
+    ``?baud=115200&timeout=10&ack_timeout=0.25&retries=5&fragment=32768&attempts=4&backoff=0.05&lock=1[&lease=S]``"""
 
     LABEL: ClassVar[str] = "serial"
 
@@ -361,6 +362,8 @@ class SerialOptions(QueryOptions):
     attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
     lock: bool = True  # take the board while open, if it announces ownership (docs/protocol.md)
+    # seconds the board keeps this host's lock while no connection of it is open; None: the board's
+    lease: float | None = dataclasses.field(default=None, metadata={"ge": LEASE_MIN_S, "le": LEASE_MAX_S})
 
 
 def open_serial(target: str, options: SerialOptions) -> SerialDevice:

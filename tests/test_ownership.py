@@ -4,6 +4,7 @@ servers: raw SCPI and framed bytes, and the drivers over pyvisa-py TCP and pyser
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -381,6 +382,99 @@ def test_an_old_board_without_ownership_still_opens(
         assert one.owner() is None and two.owner() is None
         one.wait(0.0)
         two.wait(0.0)
+
+
+def _dead_host_with_lease(s: BoardServers, transport: str, token: str, lease: float) -> None:
+    """A host that takes the board asking for `lease` seconds and dies without releasing it."""
+    if transport == "visa-tcp":
+        raw = RawScpi(s.uris["visa-tcp"])
+        assert _block_json(raw.query(f'SYST:LOCK:ACQ? "{token}",{lease!r}'))["lease_s"] == lease
+        raw.close()
+        return
+    host, port = s.uris["serial-socket"].split("://", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        request = pl.pack(pl.Message({"token": token, "lease_s": lease}))
+        flags, body = _exchange(socket_link(sock, ack_timeout=1.0, retries=3), int(pl.Op.ACQUIRE), request)
+        assert not flags & Flag.ERROR and pl.unpack(body).meta["lease_s"] == lease
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_host_chooses_its_lease_within_the_bounds(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """`lease=S` (LEASE_MIN_S to LEASE_MAX_S seconds) in the URI: the board keeps the host's
+    lock that long for its reconnect, instead of the board's own 15 s."""
+    s = emulated_board(BOARD)
+    other = TRANSPORTS[1 - TRANSPORTS.index(transport)]
+    with open_device(s.uri(other, lock="0")) as looker:
+        with open_device(s.uri(transport, lease="60")) as dev:
+            assert dev.owner().lease_s == looker.owner().lease_s == 60.0  # type: ignore[union-attr]
+            dev.reconnect()  # the reconnect asks for it again
+            assert looker.owner().lease_s == 60.0 and looker.owner().token == dev.lock_token  # type: ignore[union-attr]
+        assert looker.owner().lease_s == 15.0  # released: a free board shows its own lease  # type: ignore[union-attr]
+        # a dead host that asked for the shortest lease frees the board in 1 s, not 15
+        _dead_host_with_lease(s, transport, "dead:1:00", pl.LEASE_MIN_S)
+        time.sleep(0.1)
+        owner = looker.owner()
+        assert owner is not None and owner.token == "dead:1:00" and 0.5 < owner.lapses_in <= 1.0  # type: ignore[operator]
+        time.sleep(1.0)
+        assert looker.owner().token is None  # type: ignore[union-attr]
+    for bad in ("0.5", "601", "nan"):  # refused before anything is sent
+        with pytest.raises(ConfigurationError, match=r"lease=.*(>= 1.0 and <= 600.0|finite number)"):
+            open_device(s.uri(transport, lease=bad))
+
+
+def test_the_board_refuses_a_lease_outside_the_bounds(emulated_board: Callable[..., BoardServers]) -> None:
+    s = emulated_board(BOARD)
+    raw = RawScpi(s.uris["visa-tcp"])
+    try:
+        for lease, code in (
+            ("0.5", codes.DATA_OUT_OF_RANGE),
+            ("601", codes.DATA_OUT_OF_RANGE),
+            ("abc", -120),
+        ):
+            assert raw.query(f'SYST:LOCK:ACQ? "x:1:aa",{lease}') == b"#10"
+            code_got, message = raw.error()
+            assert code_got == code, (lease, message)
+        assert "outside [1, 600] s" in (raw.query('SYST:LOCK:ACQ? "x:1:aa",0') and raw.error()[1])
+    finally:
+        raw.close()
+    link = _framed(s)
+    for lease, code in (
+        (1000.0, codes.DATA_OUT_OF_RANGE),
+        ("60", codes.ILLEGAL_PARAMETER_VALUE),
+        (True, -224),
+    ):
+        flags, body = _exchange(
+            link, int(pl.Op.ACQUIRE), pl.pack(pl.Message({"token": "x:1:aa", "lease_s": lease}))
+        )
+        assert flags & Flag.ERROR and json.loads(body)["code"] == code, (lease, body)
+    assert _exchange(link, int(pl.Op.OWNER), pl.pack(pl.Message()))[1].endswith(
+        b'"lease_s":15.0,"lapses_in":null}'
+    )
+
+
+class _NoLease(BoardLock):
+    """Firmware from before a host could ask for a lease: it keeps its own."""
+
+    takes_lease = False
+
+
+@pytest.mark.parametrize(
+    ("transport", "says"),
+    [("visa-tcp", "takes no lease from the host;"), ("serial-socket", "(it keeps its own 15 s)")],
+)
+def test_a_lease_asked_of_older_firmware_is_refused_clearly(
+    transport: str, says: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """Older firmware refuses the SCPI parameter (-108) or ignores the framed field: the host
+    says so and leaves the board free, rather than run on a lease it does not have. Without
+    lease= it opens as before."""
+    s = emulated_board(BOARD, lock=_NoLease())
+    with pytest.raises(ConfigurationError, match=re.escape(says) + ".*open it without lease="):
+        open_device(s.uri(transport, lease="60"))
+    with open_device(s.uri(transport)) as dev:
+        assert dev.owns and dev.owner().lease_s == 15.0  # type: ignore[union-attr]
 
 
 def test_the_lock_option_is_validated_and_written_back() -> None:

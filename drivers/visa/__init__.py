@@ -41,7 +41,7 @@ from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
-from drivers.wire.payload import Message, Op
+from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, Message, Op
 
 log = logging.getLogger("drivers.visa")  # DEBUG: every SCPI line sent and received (docs/bringup.md)
 
@@ -71,8 +71,9 @@ class VisaDevice(RemoteDevice):
         backoff: float = DEFAULT_BACKOFF_S,
         baud: int | None = None,
         lock: bool = True,
+        lease: float | None = None,
     ) -> None:
-        super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff, lock=lock)
+        super().__init__(f"visa://{resource}", attempts=attempts, backoff=backoff, lock=lock, lease=lease)
         if baud is not None and not resource.upper().startswith("ASRL"):
             raise ConfigurationError(
                 f"visa://{resource}: baud= is the line rate of a serial (ASRL) resource; this one is "
@@ -549,7 +550,8 @@ class VisaDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: malformed meter reply {text!r}") from None
 
     def _op_acquire(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
-        return Message(self._query_json(f"{_short(scpi.LOCK_ACQUIRE_Q)} {scpi.quote(m['token'])}"))
+        lease = f",{scpi.number(m['lease_s'])}" if "lease_s" in m else ""  # only when asked: older firmware
+        return Message(self._query_json(f"{_short(scpi.LOCK_ACQUIRE_Q)} {scpi.quote(m['token'])}{lease}"))
 
     def _op_owner(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
         return Message(self._query_json(_short(scpi.LOCK_OWNER_Q)))
@@ -613,7 +615,7 @@ _CALLS: dict[Op, Callable[..., Message]] = {
 
 @dataclasses.dataclass(frozen=True)
 class VisaOptions(QueryOptions):
-    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05[&baud=N]&lock=1``"""
+    """``visa://RESOURCE?backend=@py&timeout=10&fast=1&check=0&attempts=4&backoff=0.05[&baud=N]&lock=1[&lease=S]``"""
 
     LABEL: ClassVar[str] = "visa"
 
@@ -626,6 +628,8 @@ class VisaOptions(QueryOptions):
     # line rate of an ASRL (serial) resource, bits per second; None: the VISA library's default
     baud: int | None = dataclasses.field(default=None, metadata={"gt": 0, "le": 10_000_000})
     lock: bool = True  # take the board while open, if it announces ownership (docs/protocol.md)
+    # seconds the board keeps this host's lock while no connection of it is open; None: the board's
+    lease: float | None = dataclasses.field(default=None, metadata={"ge": LEASE_MIN_S, "le": LEASE_MAX_S})
 
     @classmethod
     def check_target(cls, target: str) -> None:

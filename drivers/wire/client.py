@@ -73,7 +73,16 @@ from drivers.errors import (
 from drivers.topology import Topology
 from drivers.wire import codes
 from drivers.wire import payload as pl
-from drivers.wire.payload import IDEMPOTENT, LOCK_CAPABILITY, MAX_TOKEN, REPEATABLE_AFTER_RESET, Message, Op
+from drivers.wire.payload import (
+    IDEMPOTENT,
+    LEASE_MAX_S,
+    LEASE_MIN_S,
+    LOCK_CAPABILITY,
+    MAX_TOKEN,
+    REPEATABLE_AFTER_RESET,
+    Message,
+    Op,
+)
 
 log = logging.getLogger("drivers.wire")
 
@@ -223,12 +232,20 @@ class RemoteDevice(Device):
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
         lock: bool = True,
+        lease: float | None = None,
     ) -> None:
         """`lock`: take the board (docs/protocol.md, "Ownership") when it announces the
-        capability ``lock``, so no other host drives it while this one is open."""
+        capability ``lock``, so no other host drives it while this one is open. `lease`: the
+        seconds the board keeps it for this host when no connection of it is open (its
+        reconnect), within [LEASE_MIN_S, LEASE_MAX_S]; None: the board's own."""
         super().__init__()
         if attempts < 1:
             raise ConfigurationError(f"{name}: attempts must be >= 1, got {attempts}")
+        if lease is not None and not LEASE_MIN_S <= lease <= LEASE_MAX_S:
+            raise ConfigurationError(
+                f"{name}: lease={lease!r}: a lease is {LEASE_MIN_S:g} to {LEASE_MAX_S:g} seconds "
+                "(docs/protocol.md, 'Ownership'); leave it out for the board's own"
+            )
         if not backoff >= 0:
             raise ConfigurationError(f"{name}: backoff must be >= 0 seconds, got {backoff}")
         self.name = name
@@ -247,6 +264,7 @@ class RemoteDevice(Device):
         self._guard = _InterruptGuard()
         self._safe = False  # the last transaction was a successful safe_state
         self.take_lock = lock
+        self.lease = lease
         self.lock_token = owner_token()  # presented on every (re)connect while this host owns the board
         self._owns = False  # this host took the board (and presents its token after a reconnect)
 
@@ -317,9 +335,30 @@ class RemoteDevice(Device):
         return exc if exc.uri is not None else BoardLocked(exc.code, exc.message, self.name)
 
     def _acquire(self) -> None:
-        """Take the board with this host's token, or present the token again (a reconnect)."""
-        pl.board_owner(self._call(Op.ACQUIRE, Message({"token": self.lock_token})))
+        """Take the board with this host's token, or present the token again (a reconnect),
+        with the lease asked for. A board whose firmware takes no lease from the host (it
+        refuses the parameter, or keeps its own) is given back and refused here."""
+        request = {"token": self.lock_token}
+        if self.lease is not None:
+            request["lease_s"] = self.lease
+        try:
+            owner = pl.board_owner(self._call(Op.ACQUIRE, Message(request)))
+        except DeviceFault as exc:
+            if self.lease is None or exc.code != codes.PARAMETER_NOT_ALLOWED:
+                raise
+            raise self._no_lease(None) from None
+        if self.lease is not None and owner.lease_s != self.lease:
+            with contextlib.suppress(DeviceError):
+                self._call(Op.RELEASE, Message({"token": self.lock_token}))
+            raise self._no_lease(owner.lease_s)
         self._owns = True
+
+    def _no_lease(self, kept: float | None) -> ConfigurationError:
+        has = "" if kept is None else f" (it keeps its own {kept:g} s)"
+        return ConfigurationError(
+            f"{self.name}: lease={self.lease:g} asked for, but this board's firmware takes no lease "
+            f"from the host{has}; open it without lease= to accept the board's own"
+        )
 
     def _release(self) -> None:
         """Give the board up (closing); a link that fails leaves it to the board's lease."""

@@ -103,6 +103,14 @@ LOCK_CAPABILITY = "lock"
 LOCK_OPS = frozenset({Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK})
 OPEN_WHILE_OWNED = frozenset({Op.INFO, Op.TOPOLOGY, Op.SAFETY, Op.STATUS, Op.METER, *LOCK_OPS})
 MAX_TOKEN = 100  # characters of an owner token (an error message that names it fits 255)
+# The lease a host may ask for when it acquires (optional; without one, the board's own): at
+# least 1 s, so a dropped link always leaves the owner time for its drivers' reconnect (the
+# first attempt at once, the next ones up to 1 s apart); at most 600 s, so a host that died
+# keeps its colleagues off the board ten minutes at most without `hil lock break`. The
+# drivers' reconnect to a board that does not answer takes attempts x timeout (4 x 10 s by
+# default): hosts with longer timeouts than the board's lease covers ask for a longer one.
+LEASE_MIN_S = 1.0
+LEASE_MAX_S = 600.0
 
 
 def check_token(token: object) -> str:

@@ -222,7 +222,7 @@ def reboot(device: Device, lock: BoardLock | None) -> None:
 def _lock_op(session: LockSession, op: Op, request: Message) -> Message:
     lock = session.lock
     if op is Op.ACQUIRE:
-        return pl.owner_reply(lock.acquire(session, request.meta["token"]))
+        return pl.owner_reply(lock.acquire(session, request.meta["token"], request.meta.get("lease_s")))
     if op is Op.RELEASE:
         lock.release(session, request.meta["token"])
         return Message()

@@ -22,6 +22,7 @@ per connection (or pty session), holding the token that connection presented.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from drivers.base import BoardOwner
 from drivers.errors import DeviceFault
 from drivers.wire import codes
-from drivers.wire.payload import OPEN_WHILE_OWNED, Op, check_token
+from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, OPEN_WHILE_OWNED, Op, check_token
 
 # how long a token no connection presents keeps the board: the host drivers' reconnect takes a
 # few seconds at most (attempts with backoff up to 1 s); a crashed run resumed at once waits this
@@ -54,8 +55,31 @@ class LockSession:
         self.lock.leave(self)
 
 
+def check_lease(lease: object) -> float:
+    """A lease a host asked for: a number of seconds (-224 otherwise) within [LEASE_MIN_S,
+    LEASE_MAX_S] (-222 otherwise)."""
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or math.isnan(lease):
+        raise DeviceFault(
+            codes.ILLEGAL_PARAMETER_VALUE, f"a lease is a number of seconds, got {str(lease)[:40]!r}"
+        )
+    if not LEASE_MIN_S <= lease <= LEASE_MAX_S:
+        raise DeviceFault(
+            codes.DATA_OUT_OF_RANGE,
+            f"a lease of {lease:g} s is outside [{LEASE_MIN_S:g}, {LEASE_MAX_S:g}] s: ask for one within "
+            "it, or for none (the board's own)",
+        )
+    return float(lease)
+
+
 class BoardLock:
-    """The board's owner, shared by every connection of every server of one board."""
+    """The board's owner, shared by every connection of every server of one board.
+
+    `lease_s` is the board's lease, what an owner that asked for none gets; an owner that
+    asked for one (`acquire(..., lease_s=)`, within [LEASE_MIN_S, LEASE_MAX_S]) gets its own.
+    `takes_lease` False is firmware from before the host could ask (tests of older boards):
+    SCPI refuses the parameter (-108), the framed ACQUIRE's ``lease_s`` is ignored."""
+
+    takes_lease = True
 
     def __init__(
         self,
@@ -67,6 +91,7 @@ class BoardLock:
         if not lease_s >= 0:
             raise ValueError(f"lease_s must be >= 0 seconds, got {lease_s}")
         self.lease_s = float(lease_s)
+        self._lease = self.lease_s  # the owner's lease (the board's unless it asked for one)
         self._clock = clock
         self._wall = wall
         self._mutex = threading.Lock()
@@ -95,15 +120,19 @@ class BoardLock:
         now = self._clock()
         if self._left_at is None:
             self._left_at = now
-        if now - self._left_at >= self.lease_s:
-            self._token = self._since = self._left_at = None
+        if now - self._left_at >= self._lease:
+            self._drop()
+
+    def _drop(self) -> None:
+        self._token = self._since = self._left_at = None
+        self._lease = self.lease_s
 
     def _state(self) -> BoardOwner:
         self._expire()
         if self._token is None:
             return BoardOwner(None, None, 0, self.lease_s, None)
-        left = None if self._left_at is None else max(0.0, self.lease_s - (self._clock() - self._left_at))
-        return BoardOwner(self._token, self._since, self._presenting(), self.lease_s, left)
+        left = None if self._left_at is None else max(0.0, self._lease - (self._clock() - self._left_at))
+        return BoardOwner(self._token, self._since, self._presenting(), self._lease, left)
 
     def _broken_refusal(self, what: str) -> DeviceFault:
         return DeviceFault(
@@ -127,9 +156,11 @@ class BoardLock:
         )
 
     # -- the operations
-    def acquire(self, session: LockSession, token: object) -> BoardOwner:
-        """Take the board for `token` (or present it again: the owner's reconnect)."""
+    def acquire(self, session: LockSession, token: object, lease_s: object = None) -> BoardOwner:
+        """Take the board for `token` (or present it again: the owner's reconnect), with the
+        lease `lease_s` asked for (None: the board's); every acquire sets the owner's lease."""
         token = check_token(token)
+        lease = self.lease_s if lease_s is None or not self.takes_lease else check_lease(lease_s)
         with self._mutex:
             if token in self._broken:
                 raise self._broken_refusal("acquire")
@@ -140,6 +171,7 @@ class BoardLock:
             session.token = token  # a connection presents one token: the one it acquired with last
             if self._token != token:  # a free board, or the owner's own connection passing it on
                 self._token, self._since = token, self._wall()
+            self._lease = lease
             self._expire()  # presented now: no lease running
             return self._state()
 
@@ -148,7 +180,7 @@ class BoardLock:
         token = check_token(token)
         with self._mutex:
             if self._token == token:
-                self._token = self._since = self._left_at = None
+                self._drop()
             if session.token == token:
                 session.token = None
 
@@ -159,7 +191,7 @@ class BoardLock:
             if self._token is not None:
                 self.broken += 1
                 self._broken.append(self._token)
-            self._token = self._since = self._left_at = None
+            self._drop()
             return before
 
     def state(self) -> BoardOwner:
@@ -172,7 +204,7 @@ class BoardLock:
         presented are forgotten (a real board's connections all go down with it; the
         emulator's other connections stay open and present nothing until they acquire again)."""
         with self._mutex:
-            self._token = self._since = self._left_at = None
+            self._drop()
             self._broken.clear()
             self.broken = 0
             for s in self._sessions:

@@ -776,8 +776,13 @@ class ScpiSession:
 
     # -- ownership
     def _lock_acquire_q(self, params: list[Param], h: str) -> Reply:
+        """``SYST:LOCK:ACQ? <token>[,<lease_s>]`` (the lease: firmware that takes one)."""
+        meta: dict[str, object] = {}
+        if len(params) == 2 and self.lock is not None and self.lock.lock.takes_lease:
+            meta["lease_s"] = _float(params.pop())
         _want(params, 1, h)
-        return scpi.block(pl.meta_json(self._op(Op.ACQUIRE, Message({"token": _string(params[0])}))))
+        meta["token"] = _string(params[0])
+        return scpi.block(pl.meta_json(self._op(Op.ACQUIRE, Message(meta))))
 
     def _lock_owner_q(self, params: list[Param], h: str) -> Reply:
         _want(params, 0, h)
