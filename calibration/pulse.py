@@ -26,17 +26,41 @@ import numpy as np
 
 from calibration.measure import Progress, ReadStats, leave_out, no_progress, read_stats
 from drivers import Device
+from drivers.base import Limits
 
 PILOT = 3
-# the pulse budget of a calibration session, per device: the default is the worst case of the
-# default sequence on a board of max_pulses 1000 (`pulse_worst_case(1000)`: 442 007; the
-# emulator's presets, and typical of RRAM/PCM testers); no session may declare more
-DEFAULT_PULSE_BUDGET = 442_007
+# The pulse budget of a calibration session, per device (`default_pulse_budget`): on a board
+# that declares its devices' endurance (`Limits.pulse_endurance`), ENDURANCE_SHARE of it, so a
+# session's worst case wears at most 1 % of a device's rated life; on one that declares none,
+# FALLBACK_PULSE_BUDGET, the worst case of the default sequence on a board of max_pulses 1000
+# (`pulse_worst_case(1000)`: 442 007; the emulator's presets): a figure of the routine, not of
+# any device, which the default routine always fits and which sets its bound where the board
+# gives none. No session may declare more than PULSE_BUDGET_MAX.
+ENDURANCE_SHARE = 0.01
+FALLBACK_PULSE_BUDGET = 442_007
 PULSE_BUDGET_MAX = 1_000_000
 
 
 class PulseBudgetError(ValueError):
     """The pulse routine's worst case exceeds the session's pulse budget (nothing pulsed)."""
+
+
+def default_pulse_budget(limits: Limits) -> tuple[int, str]:
+    """The pulse budget a session gets unless it sets one, and how it was derived: 1 %
+    (ENDURANCE_SHARE) of the pulses per device the board declares its devices endure, within
+    [1, PULSE_BUDGET_MAX]; FALLBACK_PULSE_BUDGET when it declares none."""
+    endurance = limits.pulse_endurance
+    if endurance is None:
+        return FALLBACK_PULSE_BUDGET, (
+            "the board declares no device endurance: the default routine's worst case at max_pulses "
+            "1000, not a figure of its devices; set --pulse-budget from their datasheet"
+        )
+    budget = max(1, min(PULSE_BUDGET_MAX, int(endurance * ENDURANCE_SHARE)))
+    capped = " (capped)" if budget == PULSE_BUDGET_MAX else ""
+    return (
+        budget,
+        f"{ENDURANCE_SHARE:.0%} of the {endurance} pulses per device the board's devices endure{capped}",
+    )
 
 
 @dataclass

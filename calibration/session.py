@@ -36,8 +36,9 @@ from calibration.dac import TILES_PER_DAC_PASS, measure_dac
 from calibration.measure import Progress, no_progress, tile_topology
 from calibration.mvm import measure_mvm
 from calibration.pulse import (
-    DEFAULT_PULSE_BUDGET,
     PULSE_BUDGET_MAX,
+    PulseBudgetError,
+    default_pulse_budget,
     measure_pulse_response,
     pulse_worst_case,
 )
@@ -45,6 +46,7 @@ from calibration.pulse_fit import fit_pulse_model
 from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint
 from calibration.settling import profile_settle
 from drivers import Device
+from drivers.base import Limits
 
 T = TypeVar("T")
 
@@ -96,20 +98,43 @@ class SessionOptions:
     reads: int = 64  # reads of the conductance map
     stuck_reads: int = 4
     pulse_chunks: int = 200
-    # pulses per device the pulse routine may apply to each tile, worst case (checked before it
-    # starts; `calibration.pulse.pulse_worst_case`); at most PULSE_BUDGET_MAX
-    pulse_budget: int = DEFAULT_PULSE_BUDGET
+    # pulses per device the pulse routine may apply to each tile, worst case (checked before the
+    # session starts; `calibration.pulse.pulse_worst_case`); at most PULSE_BUDGET_MAX; None: the
+    # board's default (`calibration.pulse.default_pulse_budget`: 1 % of its devices' declared
+    # endurance, or the default routine's worst case where it declares none)
+    pulse_budget: int | None = None
     converter: ConverterOptions = field(default_factory=ConverterOptions)
     seed: int = 0
 
     def __post_init__(self) -> None:
         b = self.pulse_budget
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= PULSE_BUDGET_MAX:
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= PULSE_BUDGET_MAX
+        ):
             raise ValueError(
                 f"pulse budget {b!r}: give a whole number of pulses per device from 1 to "
-                f"{PULSE_BUDGET_MAX} (default {DEFAULT_PULSE_BUDGET}, the worst case of the default "
-                "pulse routine on a board of max_pulses 1000)"
+                f"{PULSE_BUDGET_MAX}, or none for the board's default (1 % of its devices' declared "
+                "endurance)"
             )
+
+    def with_pulse_budget(self, limits: Limits) -> tuple[SessionOptions, str]:
+        """These options with the pulse budget set (the board's default where None), and
+        where it came from; PulseBudgetError if the pulse routine's worst case on this board
+        exceeds it (before anything runs: a refusal after the other routines wastes them)."""
+        if self.pulse_budget is None:
+            budget, source = default_pulse_budget(limits)
+        else:
+            budget, source = self.pulse_budget, "set by the session: --pulse-budget"
+        worst = self.pulse_worst_case(limits.max_pulses)
+        if worst > budget:
+            raise PulseBudgetError(
+                f"the pulse routine may apply up to {worst} pulses per device on this board "
+                f"(max_pulses {limits.max_pulses} per call, {self.pulse_chunks} sweep chunks), above "
+                f"the pulse budget of {budget} ({source}): nothing was run. Raise the budget "
+                f"(hil calibrate --pulse-budget {worst}, at most {PULSE_BUDGET_MAX}) if the devices' "
+                "endurance allows it, or leave the pulse routine out (--routines)"
+            )
+        return dataclasses.replace(self, pulse_budget=budget), source
 
     def pulse_worst_case(self, max_pulses: int) -> int:
         """The most pulses one device can get from this session's pulse routine on a board
@@ -152,7 +177,8 @@ def run_session(
     had finished (`CalibrationRecord.partial`: ``session["partial"]`` true, `routines` those
     finished on every tile, ``session["stopped_in"]`` the part that was running), then lets
     the exception go on: a long session keeps its finished routines."""
-    state: dict[str, Any] = {}
+    options, source = options.with_pulse_budget(device.info.limits)
+    state: dict[str, Any] = {"budget_source": source}
     try:
         return _run(device, options, progress, state)
     except BaseException:
@@ -161,7 +187,9 @@ def run_session(
             finished = tuple(r for r in state["routines"] if r in state["finished"])
             record.routines = finished
             record.session = {
-                **_session_options(options, state["conv"], state["channels"], state["adc_channels"]),
+                **_session_options(
+                    options, state["conv"], state["channels"], state["adc_channels"], state["budget_source"]
+                ),
                 "partial": True,
                 "stopped_in": state.get("running"),
                 "durations_s": dict(state["durations"]),
@@ -174,7 +202,7 @@ def run_session(
 
 
 def _session_options(
-    options: SessionOptions, conv: ConverterOptions, channels: int, adc_channels: int
+    options: SessionOptions, conv: ConverterOptions, channels: int, adc_channels: int, source: str
 ) -> dict[str, Any]:
     return {
         "options": {
@@ -186,6 +214,7 @@ def _session_options(
             "stuck_reads": options.stuck_reads,
             "pulse_chunks": options.pulse_chunks,
             "pulse_budget": options.pulse_budget,
+            "pulse_budget_source": source,
             "converter": dataclasses.asdict(conv),
         },
         "seed": options.seed,
@@ -284,7 +313,7 @@ def _run(
             "settle", profile_settle, device, options.tile_shapes[0], seed=options.seed, progress=progress
         )
     record.session = {
-        **_session_options(options, conv, channels, adc_channels),
+        **_session_options(options, conv, channels, adc_channels, state["budget_source"]),
         "durations_s": durations,
         "total_s": float(sum(durations.values())),
         "preset": info.preset,

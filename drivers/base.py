@@ -113,6 +113,12 @@ class Limits:
     # computed as docs/protocol.md "Limits" says; inf: not declared (a board or peer that
     # predates the field), nothing checked. A declared value is finite and > 0.
     max_line_current_a: float = math.inf
+    # pulses one device is rated to take over its life (its datasheet's write endurance; for
+    # devices rated in SET/RESET cycles, the cycles: a partial pulse wears no more than a full
+    # one), from which the calibration's default pulse budget is derived
+    # (`calibration.pulse.default_pulse_budget`); None: not declared (a board or peer that
+    # predates the field, or a board that models no wear)
+    pulse_endurance: int | None = None
 
     @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once
     def clamp_max(self) -> float:

@@ -167,6 +167,7 @@ class Board:
             max_pulses=per.max_pulses,
             settle_step_s=per.settle_step_s,
             max_line_current_a=line_current_limit(per, m.g_max),
+            pulse_endurance=m.pulse_endurance,
         )
         self._limits = (self.preset, lim)
         return lim

@@ -42,7 +42,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from drivers.errors import ConfigurationError
-from drivers.scalars import check_within
+from drivers.scalars import as_int, check_within
 from emulator.ir_drop import check_ir_model
 from emulator.statistics import check_statistics
 
@@ -130,6 +130,10 @@ class DeviceModel:
     pulse_time_s: float = 50e-9  # one programming pulse (rows are programmed one at a time)
     read_time_s: float = 1e-6  # reading one row of devices (all columns in parallel)
     read_energy_j: float = 0.0  # one read of one device
+    # pulses one device is rated for over its life, declared as `Limits.pulse_endurance`; the
+    # emulator models no wear (docs/emulator.md), so its presets declare none; set it
+    # (``emulator://?preset=rram&pulse_endurance=1000000``) to try a board that declares one
+    pulse_endurance: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -142,6 +146,8 @@ class DeviceModel:
             raise ConfigurationError(f"up_down must be in (-1, 1), got {self.up_down}")
         if not 0.0 <= self.stuck_fraction <= 1.0:
             raise ConfigurationError(f"stuck_fraction must be in [0, 1], got {self.stuck_fraction}")
+        if self.pulse_endurance is not None:
+            as_int("pulse_endurance", self.pulse_endurance, 1, 10**15)
         check_statistics(self.statistics)
         check_ir_model(self.ir_model)
         if not 0.0 <= self.wire_resistance <= MAX_WIRE_OHMS:

@@ -361,6 +361,8 @@ def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
     limits = dataclasses.asdict(info.limits)
     if limits["max_line_current_a"] == math.inf:  # not declared: omitted, as an older board omits it
         del limits["max_line_current_a"]
+    if limits["pulse_endurance"] is None:  # the same
+        del limits["pulse_endurance"]
     return {
         "identity": dataclasses.asdict(info.identity),
         "limits": limits,
@@ -396,6 +398,7 @@ _LIMIT_RANGES: dict[str, tuple[float, float]] = {
     "max_drive": (0.0, math.inf),
     "max_batch": (1, INT32_MAX),
     "max_line_current_a": (_POSITIVE, math.inf),  # finite (as_float), > 0; omitted: not declared
+    "pulse_endurance": (1, 10**15),  # pulses per device; omitted or null: not declared
 }
 
 

@@ -20,7 +20,7 @@ from calibration import (
     runnable,
     write,
 )
-from calibration.pulse import DEFAULT_PULSE_BUDGET, PULSE_BUDGET_MAX
+from calibration.pulse import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX, default_pulse_budget
 from calibration.report import plot, summary
 from drivers import Limits, open_device
 from hil.cli.common import fail, user_errors
@@ -188,13 +188,16 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(
             True, "--progress/--no-progress", help="A bar per stage (--no-progress: a line as a stage ends)."
         ),
-        pulse_budget: int = typer.Option(
-            DEFAULT_PULSE_BUDGET,
+        pulse_budget: int | None = typer.Option(
+            None,
             min=1,
             max=PULSE_BUDGET_MAX,
-            help="Pulses per device the pulse routine may apply to a tile, worst case (checked before it "
-            f"starts; default {DEFAULT_PULSE_BUDGET}: the worst case of the default routine on a board of "
-            "max_pulses 1000). The record keeps what was applied (session.pulses_per_device).",
+            help="Pulses per device the pulse routine may apply to a tile, worst case (checked before the "
+            f"session starts; at most {PULSE_BUDGET_MAX}). Default: {ENDURANCE_SHARE:.0%} of the device "
+            "endurance the board declares; on a board that declares none, "
+            f"{FALLBACK_PULSE_BUDGET} (the default routine's worst case at max_pulses 1000, not a figure "
+            "of any device: set it from the datasheet). The record keeps what was applied "
+            "(session.pulses_per_device).",
         ),
         threads: int = typer.Option(
             1,
@@ -277,9 +280,14 @@ def register(app: typer.Typer) -> None:
                 )
                 worst = options.pulse_worst_case(dev.info.limits.max_pulses)
                 if worst:
+                    budget, source = (
+                        (pulse_budget, "--pulse-budget")
+                        if pulse_budget is not None
+                        else default_pulse_budget(dev.info.limits)
+                    )
                     typer.echo(
-                        f"pulse routine: at most {worst} pulses per device of each tile (budget "
-                        f"{pulse_budget}; {dev.info.limits.max_pulses} per call on this board)"
+                        f"pulse routine: at most {worst} pulses per device of each tile "
+                        f"({dev.info.limits.max_pulses} per call on this board); budget {budget}: {source}"
                     )
                 n, adc = options.node_channels(), options.adc_channels()
                 said = []

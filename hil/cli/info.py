@@ -53,6 +53,12 @@ def describe(dev: Device, uri: str) -> list[str]:
         f"work bounds   batch {lim.max_batch} samples, settle {lim.max_settle_steps} steps "
         f"({lim.settle_step_s:g} s each), {lim.max_pulses} pulses per device per call, "
         f"{lim.max_verify_iters} write-verify rounds, wait {lim.max_wait_s:g} s",
+        "endurance     "
+        + (
+            "not declared (hil calibrate's default pulse budget is then the routine's worst case)"
+            if lim.pulse_endurance is None
+            else f"{lim.pulse_endurance} pulses per device"
+        ),
     ]
     st = dev.status()
     open_tx = f"open transaction {st.transaction!r}" if st.transaction else "no open transaction"
