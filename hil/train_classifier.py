@@ -79,7 +79,7 @@ class TrainResult:
 def train_classifier(
     cfg: RunConfig,
     *,
-    progress: bool = False,
+    progress: bool | None = False,
     data: Dataset | None = None,
     opener: Callable[[str], Device] = open_board,
     on_epoch: Callable[[EpochStats], None] | None = None,
@@ -138,7 +138,7 @@ def _train(
     cfg: RunConfig,
     ds: Dataset,
     model: Classifier,
-    progress: bool,
+    progress: bool | None,
     on_epoch: Callable[[EpochStats], None] | None,
     log: RunLog | None,
     state: dict | None,
@@ -186,7 +186,7 @@ def _train(
     bar = tqdm(
         total=cfg.train.epochs * n_batches,
         initial=step,
-        disable=not progress,
+        disable=None if progress is None else not progress,  # None: a bar when stderr is a terminal
         unit="batch",
         dynamic_ncols=True,
     )

@@ -243,7 +243,8 @@ def test_serve_refuses_a_link_fault_rate_outside_0_1(option: str, value: str, fi
 
 # ------------------------------------------------------------------------ 5. progress and wall time
 def test_gradcheck_shows_progress_and_wall_time() -> None:
-    done = _hil("gradcheck", "--betas", "0.1,0.01", "--sizes", "64,16,10", "--batch", "8")
+    # --progress: the bar is drawn by default only when stderr is a terminal (tests/test_cli_ci.py)
+    done = _hil("gradcheck", "--betas", "0.1,0.01", "--sizes", "64,16,10", "--batch", "8", "--progress")
     assert done.exit_code == 0, done.output
     assert "beta 0.01 centered" in done.stderr and "5/5" in done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("done in ")

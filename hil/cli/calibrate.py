@@ -23,7 +23,7 @@ from calibration import (
 from calibration.pulse import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX, default_pulse_budget
 from calibration.report import plot, summary
 from drivers import Limits, open_device
-from hil.cli.common import fail, user_errors
+from hil.cli.common import fail, show_progress, user_errors
 
 # Node channels a default session calibrates: every node of the default networks of `hil train
 # classifier` and `hil gradcheck` (64-256-10: 330) and `hil train vae` (TDH-VAE 64+64+4+4: 136),
@@ -67,8 +67,8 @@ class Bars:
 
 
 class StageLines:
-    """`--no-progress`: one line per stage as it ends, with its time (for logs and CI, where
-    redrawn bars pile up as hundreds of lines)."""
+    """`--no-progress`, and the default when stderr is not a terminal: one line per stage as it
+    ends, with its time (for logs and CI, where redrawn bars pile up as hundreds of lines)."""
 
     def __init__(self) -> None:
         self.started: dict[str, float] = {}
@@ -185,8 +185,11 @@ def register(app: typer.Typer) -> None:
         png: Path = _PNG,
         check: Path = _CHECK,
         overwrite: bool = _OVERWRITE,
-        progress: bool = typer.Option(
-            True, "--progress/--no-progress", help="A bar per stage (--no-progress: a line as a stage ends)."
+        progress: bool | None = typer.Option(
+            None,
+            "--progress/--no-progress",
+            help="A bar per stage on stderr (--no-progress: a line on stdout as a stage ends); default: "
+            "bars when stderr is a terminal, the lines otherwise (a CI log, 2> FILE).",
         ),
         pulse_budget: int | None = typer.Option(
             None,
@@ -238,7 +241,7 @@ def register(app: typer.Typer) -> None:
             import torch
 
             torch.set_num_threads(threads)
-        bars = Bars() if progress else StageLines()
+        bars = Bars() if show_progress(progress) else StageLines()
         stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
         try:
             with open_device(uri) as dev:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,19 @@ def fail(message: str) -> typer.Exit:
     """Print ``error: message`` on stderr; return the exit (code 2) for the caller to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def show_progress(option: bool | None) -> bool:
+    """Whether a command draws progress bars: as ``--progress/--no-progress`` says, and when
+    neither is given, only if stderr is a terminal (tqdm's ``disable=None``): written to a file
+    or a CI log, a bar's redraws are one line of carriage-return frames, and the command's
+    plain lines (one per epoch or stage) say the same once."""
+    if option is not None:
+        return option
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

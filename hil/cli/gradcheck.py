@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from drivers import SettleBudget, Topology
 from drivers.base import Device
-from hil.cli.common import fail, one_line_errors
+from hil.cli.common import fail, one_line_errors, show_progress
 from hil.ep import EBBlock
 from hil.gradcheck import CheckRow
 from hil.init import gaussian_init
@@ -110,8 +110,11 @@ def register(app: typer.Typer) -> None:
             "auto",
             help="Where settles run: board, host (iterated through the board's mvm) or auto (board if it can settle).",
         ),
-        progress: bool = typer.Option(
-            True, "--progress/--no-progress", help="Progress bar: the reference, then each beta and mode."
+        progress: bool | None = typer.Option(
+            None,
+            "--progress/--no-progress",
+            help="Progress bar on stderr: the reference, then each beta and mode (default: when stderr "
+            "is a terminal).",
         ),
         activation: str = typer.Option(
             "hard_sigmoid",
@@ -184,7 +187,7 @@ def register(app: typer.Typer) -> None:
                     "board compare larger --betas.",
                     err=True,
                 )
-            with _progress(len(beta_list) * len(MODES), enabled=progress) as tick:
+            with _progress(len(beta_list) * len(MODES), enabled=show_progress(progress)) as tick:
                 kind_of_loss: Literal["mse", "ce"] = "ce" if loss == "ce" else "mse"
                 rows = run_check(
                     blk, x, y, betas=beta_list, modes=MODES, on_step=tick, loss=kind_of_loss, tau=tau

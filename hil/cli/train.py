@@ -76,8 +76,13 @@ def classifier(
         bool, typer.Option("--overwrite", help="Replace an existing run log at --out.")
     ] = False,
     progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Progress bar (off: one line per epoch).")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar (--no-progress: one line per epoch on stdout instead); "
+            "default: a bar when stderr is a terminal, the epoch lines otherwise (a CI log, 2> FILE).",
+        ),
+    ] = None,
     threads: Annotated[
         int,
         typer.Option(
@@ -158,6 +163,7 @@ def classifier(
         resume_log,
         resumed_config,
         run_store,
+        show_progress,
         sigterm_as_interrupt,
     )
     from hil.config import (
@@ -172,6 +178,7 @@ def classifier(
     )
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
 
+    progress = show_progress(progress)
     state = None
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
     if resume is not None and (out is not None or overwrite):

@@ -51,7 +51,14 @@ def vae(
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the resolved config and exit.")
     ] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar (--no-progress: one line per epoch on stdout instead); default: a bar "
+            "when stderr is a terminal, the epoch lines otherwise (a CI log, 2> FILE).",
+        ),
+    ] = None,
     threads: Annotated[
         int,
         typer.Option(
@@ -81,6 +88,7 @@ def vae(
         resume_log,
         resumed_config,
         run_store,
+        show_progress,
         sigterm_as_interrupt,
     )
     from hil.config import ConfigError, apply_dict, apply_recorded, load_into, to_toml
@@ -91,6 +99,7 @@ def vae(
 
     if threads:
         torch.set_num_threads(threads)
+    progress = show_progress(progress)
     state = None
     if resume is not None and (out is not None or overwrite):
         raise fail(

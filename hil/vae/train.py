@@ -231,7 +231,7 @@ def evaluate(
 def train_vae(
     cfg: VAERunConfig,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     out_dir: Path | None = None,
     log: RunLog | None = None,
     state: dict | None = None,
@@ -241,7 +241,8 @@ def train_vae(
     traces, tile snapshots, programming reports and resume snapshots (`RunLog.snapshot_due`: at an
     epoch's end, at most every `log.snapshot_every_s`, and at the last); with `state`
     (from `open_for_resume`), continue from that snapshot. PNGs of samples and
-    reconstructions go to `out_dir`."""
+    reconstructions go to `out_dir`. `progress`: a tqdm bar on stderr (None: when stderr is a
+    terminal)."""
     t0 = time.perf_counter()
     d = cfg.data
     data = load_dataset(
@@ -296,7 +297,11 @@ def train_vae(
             initial = Evaluation(**extra["initial"])
         history: list[dict[str, float]] = []
         bar = tqdm(
-            total=total, initial=step, desc=f"train {cfg.model.variant}", disable=not progress, unit="batch"
+            total=total,
+            initial=step,
+            desc=f"train {cfg.model.variant}",
+            disable=None if progress is None else not progress,
+            unit="batch",
         )
         sums: dict[str, float] = {}
         count = 0
