@@ -1,7 +1,8 @@
 """The safety audit: `hil calibrate` killed by SIGTERM (a batch scheduler's time limit, `kill`)
 stopped mid pulse request, never sent SAFE_STATE, printed nothing and wrote no record. Every
 `hil` command now takes SIGTERM as Ctrl-C (`hil.cli.main`): the board goes to its safe state,
-the routines that finished are written as a partial record, and the exit code is 130."""
+the routines that finished are written as a partial record, and the exit code is 143 (128 +
+SIGTERM, what batch schedulers expect of a terminated job; Ctrl-C's is 130)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_sigterm_mid_pulse_routine_leaves_the_board_safe_and_keeps_the_finished_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, (stdout, stderr)
+    assert proc.returncode == 143, (stdout, stderr)
     with lock:
         last_pulse = len(calls) - 1 - calls[::-1].index("pulse")
         assert "safe" in calls[last_pulse:], calls[-5:]  # the board was made safe after its last pulse

@@ -47,11 +47,18 @@ def one_line_warning(
 def main() -> None:
     """The `hil` command. SIGTERM (a batch scheduler's time limit, `kill`, torchrun stopping
     a job's ranks) is Ctrl-C for every command (`sigterm_as_interrupt`): the transaction in
-    flight finishes, the board goes to its safe state, the command says what it kept, and it
-    exits with code 130, where the default action ended it mid-request with the board left
-    as it was."""
-    from hil.cli.common import sigterm_as_interrupt
+    flight finishes, the board goes to its safe state, the command says what it kept (and how
+    to resume), where the default action ended it mid-request with the board left as it was.
+    It then exits with code 143 (128 + SIGTERM, what batch schedulers expect of a terminated
+    job), and with 130 after Ctrl-C (SIGINT)."""
+    from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT, sigterm_as_interrupt
 
-    with warnings.catch_warnings(), sigterm_as_interrupt():
+    with warnings.catch_warnings(), sigterm_as_interrupt() as term:
         warnings.formatwarning = one_line_warning
-        app()
+        try:
+            app()
+        except SystemExit as exc:
+            # typer ends a command stopped by KeyboardInterrupt with 130, whichever signal it was
+            if term.received and exc.code == SIGINT_EXIT:
+                raise SystemExit(SIGTERM_EXIT) from None
+            raise

@@ -79,40 +79,60 @@ def one_line_errors(prefix: str = "") -> Iterator[None]:
         raise fail(f"{prefix}{exc}{hint}") from None
 
 
+SIGINT_EXIT = 128 + signal.SIGINT  # 130: Ctrl-C, as shells and typer report it
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what batch schedulers expect of a terminated job
+
+
+class TermAsInterrupt:
+    """The SIGTERM handler `sigterm_as_interrupt` installs: it notes that SIGTERM came
+    (`received`, which `hil.cli.main` turns into exit code 143), ignores the SIGTERMs after it
+    and raises SIGINT in the process, which Python delivers as KeyboardInterrupt once the
+    board's transaction in flight is complete."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, *_: object) -> None:
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[TermAsInterrupt]:
     """Inside, SIGTERM (torchrun stopping the other ranks of a job whose rank failed, a batch
     scheduler's time limit, `kill`) is taken as Ctrl-C: the board's transaction in flight
     finishes, the board goes to its safe state, the run log is closed as interrupted and the
     `--resume` command is printed, where the default action ended the process at once and left
     the run log saying it still runs. Later SIGTERMs are ignored from then on (torchrun and
     schedulers send more than one, and the clean-up after the block must not be cut; they kill
-    with SIGKILL after their grace period). Outside the main thread it does nothing.
+    with SIGKILL after their grace period). Outside the main thread it does nothing. It yields
+    the handler, whose `received` says whether SIGTERM came; inside another one, it yields that
+    one's handler and changes nothing.
 
     `hil` (`hil.cli.main`) runs every command inside it: each command that drives a board
     (calibrate, demo, gradcheck, mhn, conformance, sweep, train...) stops on SIGTERM as on
-    Ctrl-C, with exit code 130. A process started in the background by a non-interactive
-    shell inherits SIGINT ignored: inside, SIGINT is then Python's Ctrl-C again, or the
-    SIGTERM taken as one would be ignored too."""
-    received = []
-
-    def interrupt(*_: object) -> None:
-        received.append(True)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.kill(os.getpid(), signal.SIGINT)
-
+    Ctrl-C, with exit code 143 (128 + SIGTERM, what batch schedulers expect of a terminated
+    job; Ctrl-C itself exits with 130). A process started in the background by a
+    non-interactive shell inherits SIGINT ignored: inside, SIGINT is then Python's Ctrl-C
+    again, or the SIGTERM taken as one would be ignored too."""
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, TermAsInterrupt):  # `hil.cli.main`'s, around a command that asks again
+        yield current
+        return
+    handler = TermAsInterrupt()
     try:
-        before = signal.signal(signal.SIGTERM, interrupt)
+        before = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: signals are not ours to take
-        yield
+        yield handler
         return
     ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        yield
+        yield handler
     finally:
-        if not received:
+        if not handler.received:
             signal.signal(signal.SIGTERM, before)
             if ignored:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
