@@ -6,6 +6,7 @@ process's own streams."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import struct
@@ -46,7 +47,7 @@ def _hil(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess
     [
         (["train", "classifier", *_sets(*TINY)], "epoch   2"),
         (["train", "vae", *_sets(*TINY_VAE)], "epoch   1/1"),
-        (["gradcheck", "--sizes", "64,12,10", "--batch", "8", "--betas", "0.01"], "centered"),
+        (["gradcheck", "--sizes", "64,16,10", "--batch", "8", "--betas", "0.01"], "centered"),
         (["calibrate", EMU, "--routines", "adc", "--channels", "8"], "adc        done in"),
     ],
     ids=["train-classifier", "train-vae", "gradcheck", "calibrate"],
@@ -96,3 +97,41 @@ def test_progress_forces_the_bar_and_a_terminal_gets_one_by_default(tmp_path: Pa
     assert proc.returncode == 0, seen.decode(errors="replace")
     assert b"\r" in seen and b"batch" in seen, seen
     assert "epoch   1" not in stdout, stdout
+
+
+# ------------------------------------------------------------------ 2. gradcheck as a gate
+GRADCHECK = ["gradcheck", "--no-progress", "--sizes", "64,16,10", "--batch", "8"]
+
+
+def test_gradcheck_fails_a_build_when_ep_misses_at_its_smallest_beta(tmp_path: Path) -> None:
+    """`hil gradcheck --betas 0.1,2.0` printed cosines down to 0.77 and exited 0. At the smallest
+    beta every cosine must reach --min-cosine (0.999 by default: what EP reaches at small beta):
+    exit 1, the table still on stdout, one FAIL line naming the rows; --json FILE records them."""
+    out = tmp_path / "gc.json"
+    done = _hil(*GRADCHECK, "--betas", "0.1,2.0", "--json", out)
+    assert done.returncode == 1, done.stderr
+    assert "cos centered" in done.stdout and "input:s0" in done.stdout
+    fails = [line for line in done.stderr.splitlines() if line.startswith("FAIL: ")]
+    assert len(fails) == 1 and "at beta 0.1 " in fails[0] and "--min-cosine 0.999" in fails[0], done.stderr
+    record = json.loads(out.read_text())
+    assert record["ok"] is False and record["checked_beta"] == 0.1 and record["min_cosine"] == 0.999
+    assert record["failed"]
+    for r in record["failed"]:
+        assert (r["beta"], r["mode"]) == (0.1, "centered") and r["cosine"] < 0.999, r
+        assert f"{r['param']} {r['cosine']:.6f}" in fails[0]
+    assert {r["beta"] for r in record["rows"]} == {0.1, 2.0} and len(record["rows"]) == 2 * 2 * 5
+    assert record["network"]["sizes"] == [64, 16, 10] and record["identity"].startswith("xbar-hil,")
+
+    lenient = _hil(*GRADCHECK, "--betas", "0.1,2.0", "--min-cosine", "-1")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "FAIL" not in lenient.stderr and "PASS" in lenient.stdout
+
+
+def test_gradcheck_passes_at_small_beta_and_writes_json_to_stdout() -> None:
+    """With --json - the JSON object is all of stdout (the table goes to stderr)."""
+    done = _hil(*GRADCHECK, "--betas", "0.1,0.001", "--json", "-")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["ok"] is True and record["failed"] == [] and record["checked_beta"] == 0.001
+    assert min(r["cosine"] for r in record["rows"] if (r["beta"], r["mode"]) == (0.001, "centered")) >= 0.999
+    assert "cos centered" in done.stderr and "PASS" in done.stderr
