@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from hil.testing import BoardServers
+
 HIL = [sys.executable, "-c", "from hil.cli import main; main()"]
 EMU = "emulator://?preset=rram&seed=0"
 TINY = ["train.epochs=2", "data.limit_train=64", "data.limit_test=32", "model.sizes=[64,16,10]"]
@@ -135,3 +137,74 @@ def test_gradcheck_passes_at_small_beta_and_writes_json_to_stdout() -> None:
     assert record["ok"] is True and record["failed"] == [] and record["checked_beta"] == 0.001
     assert min(r["cosine"] for r in record["rows"] if (r["beta"], r["mode"]) == (0.001, "centered")) >= 0.999
     assert "cos centered" in done.stderr and "PASS" in done.stderr
+
+
+# ------------------------------------------------------------------ 3. info and inspect --json
+INFO_KEYS = ["uri", "idn", "identity", "preset", "limits", "capabilities", "extra", "status", "safety"]
+INFO_KEYS += ["meter", "owner"]
+INSPECT_KEYS = ["path", "kind", "name", "status", "created", "finished", "error", "resumes", "versions"]
+INSPECT_KEYS += ["device", "boards", "ranks", "device_state", "calibration_id", "resolved", "config"]
+INSPECT_KEYS += ["metrics", "traces", "tiles", "program", "snapshots"]
+
+
+def test_info_json_over_a_real_transport(board_servers: BoardServers, tmp_path: Path) -> None:
+    """`hil info --json -`: one JSON object, all of stdout, with the documented keys and the
+    board's own values; --json FILE keeps the text on stdout."""
+    from drivers import open_device
+
+    uri = board_servers.uri("visa-tcp")
+    done = _hil("info", uri, "--json", "-", timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert list(record) == INFO_KEYS
+    with open_device(uri + "?lock=0") as dev:
+        info = dev.info
+    assert record["uri"] == uri and record["idn"] == info.identity.idn()
+    assert record["identity"]["model"] == info.identity.model
+    assert record["capabilities"] == sorted(info.capabilities)
+    assert record["limits"]["g_max"] == info.limits.g_max and record["limits"]["adc_range"] == [0.0, 1.0]
+    assert record["limits"]["clamp_max"] == info.limits.clamp_max
+    assert record["safety"] == {"refused": 0, "violations": 0}
+    assert set(record["status"]) == {"epoch", "transaction", "configured"}
+
+    out = tmp_path / "info.json"
+    both = _hil("info", uri, "--json", out, timeout=120)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.startswith("device ") and json.loads(out.read_text())["idn"] == record["idn"]
+    missing = _hil("info", uri, "--json", tmp_path / "nope" / "info.json", timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --json "), missing.stderr
+
+
+def test_inspect_json(tmp_path: Path) -> None:
+    """`hil inspect RUN --json -`: the summary's content with stable keys and the run's numbers."""
+    from hil.runlog import open_run
+
+    run = tmp_path / "run.zarr"
+    trained = _hil("train", "classifier", *_sets(*TINY), "--out", run)
+    assert trained.returncode == 0, trained.stderr
+    done = _hil("inspect", run, "--json", "-")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert list(record) == INSPECT_KEYS
+    log = open_run(run)
+    assert (record["kind"], record["status"]) == ("train-classifier", "complete")
+    assert record["config"] == log.config and record["device"]["idn"] == log.device["idn"]
+    train = log.table("metrics/train")
+    assert record["metrics"]["train"]["rows"] == len(train["step"])
+    assert record["metrics"]["train"]["columns"]["loss"]["last"] == float(train["loss"][-1])
+    assert record["metrics"]["test"]["epochs"] == [1, 2]
+    assert record["tiles"]["W0"]["shape"] == [65, 16] and record["snapshots"]["kept"] == len(log.snapshots)
+    assert set(record["program"]["W0"]["last"]) == {"iterations", "within_tol", "residual_max", "gave_up"}
+
+
+def test_conformance_json_to_stdout() -> None:
+    """`--json -` means the same in every command: the object on stdout, the lines on stderr."""
+    done = _hil("conformance", "emulator://?preset=ideal&seed=0", "--json", "-", timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert (
+        record["ok"] is True
+        and record["failed"] == 0
+        and record["passed"] == len([c for c in record["checks"] if c["status"] == "PASS"])
+    )
+    assert "passed, 0 failed" in done.stderr

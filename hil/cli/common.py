@@ -42,6 +42,41 @@ def show_progress(option: bool | None) -> bool:
         return False
 
 
+JSON_HELP = (
+    "Also write what is printed as one JSON object (keys: {doc}) to this file; - writes it to stdout "
+    "in place of the text."
+)
+
+
+def to_stdout(dest: Path | None) -> bool:
+    """``--json -``: the JSON object is all of stdout (the human-readable text goes to stderr
+    or is left out)."""
+    return dest is not None and str(dest) == "-"
+
+
+def check_json_dest(dest: Path | None) -> None:
+    """Refuse a ``--json FILE`` whose folder does not exist before any work (exit 2)."""
+    if dest is not None and not to_stdout(dest) and not dest.parent.is_dir():
+        raise fail(f"--json {dest}: folder {dest.parent} does not exist; create it or pick another")
+
+
+def write_json(record: dict[str, Any], dest: Path) -> None:
+    """``--json DEST``: `record` as one JSON object (`plain`), to stdout for ``-``, otherwise to
+    the file DEST (a disk error is one line, exit 2), like `hil conformance --json`."""
+    import json
+
+    from hil.runlog.meta import plain
+
+    text = json.dumps(plain(record), indent=1, allow_nan=False)
+    if to_stdout(dest):
+        typer.echo(text)
+        return
+    try:
+        dest.write_text(text + "\n")
+    except OSError as exc:
+        raise fail(f"cannot write --json {dest}: {exc}") from None
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input or an unreachable board, not a bug."""
     from calibration import CalibrationError

@@ -7,9 +7,14 @@ from pathlib import Path
 import typer
 
 from drivers import DeviceError, open_device
+from hil.cli.common import to_stdout
 from hil.conformance import Options, plan_topology, run_conformance
 
-_JSON = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+_JSON = typer.Option(
+    None,
+    "--json",
+    help="Also write the results to this JSON file; - writes them to stdout, and the check lines to stderr.",
+)
 
 
 def _error(message: str) -> typer.Exit:
@@ -53,19 +58,22 @@ def register(app: typer.Typer) -> None:
             dev = open_device(uri)
         except (DeviceError, OSError, ValueError) as exc:
             raise _error(f"cannot open {uri}: {exc}") from None
+        say = (lambda line: typer.echo(line, err=True)) if to_stdout(json_out) else typer.echo
         try:
             plan_topology(dev.info.limits, options)
-            typer.echo(f"board  {dev.info.identity.idn()}  ({uri})")
-            report = run_conformance(dev, uri, options, on_check=lambda c: typer.echo(c.line()))
+            say(f"board  {dev.info.identity.idn()}  ({uri})")
+            report = run_conformance(dev, uri, options, on_check=lambda c: say(c.line()))
         except ValueError as exc:
             raise _error(str(exc)) from None
         finally:
             dev.close()
-        typer.echo(report.summary())
-        if json_out is not None:
+        say(report.summary())
+        if to_stdout(json_out):
+            typer.echo(report.to_json())
+        elif json_out is not None:
             try:
                 json_out.write_text(report.to_json())
             except OSError as exc:
                 raise _error(f"cannot write --json {json_out}: {exc}") from None
-            typer.echo(f"results  {json_out}")
+            say(f"results  {json_out}")
         raise typer.Exit(0 if report.ok else 1)

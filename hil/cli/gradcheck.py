@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ from tqdm import tqdm
 
 from drivers import SettleBudget, Topology
 from drivers.base import Device
-from hil.cli.common import fail, one_line_errors, show_progress
+from hil.cli.common import check_json_dest, fail, one_line_errors, show_progress, to_stdout, write_json
 from hil.ep import EBBlock
 from hil.gradcheck import CheckRow
 from hil.init import gaussian_init
@@ -93,7 +91,8 @@ _JSON = typer.Option(
     None,
     "--json",
     help="Also write the results (device, network, every row, the check and the rows that failed it) "
-    "as one JSON object to this file; - writes it to stdout, and the table to stderr.",
+    "as one JSON object to this file (keys: README, hil gradcheck); - writes it to stdout, and the "
+    "table to stderr.",
 )
 
 
@@ -105,13 +104,6 @@ def below(rows: list[CheckRow], min_cosine: float) -> list[CheckRow]:
     smallest = min(r.beta for r in rows)
     checked = [r for r in rows if r.beta == smallest and r.mode == "centered"]
     return [r for r in checked if not r.cosine >= min_cosine]  # a NaN fails too
-
-
-def _row(r: CheckRow) -> dict[str, object]:
-    """A row for --json: a NaN (a gradient of zero norm) as null, which JSON has."""
-    return {
-        k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(r).items()
-    }
 
 
 def format_table(rows: list[CheckRow]) -> str:
@@ -216,12 +208,8 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--sizes: the first size must be {ds.features} (the digits' pixels), got {sizes!r}")
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
-        to_stdout = json_out is not None and str(json_out) == "-"
-        if json_out is not None and not to_stdout and not json_out.parent.is_dir():
-            raise fail(
-                f"--json {json_out}: folder {json_out.parent} does not exist; create it or pick another"
-            )
-        say = (lambda line: typer.echo(line, err=True)) if to_stdout else typer.echo
+        check_json_dest(json_out)
+        say = (lambda line: typer.echo(line, err=True)) if to_stdout(json_out) else typer.echo
         with one_line_errors(), open_device(uri) as dev:
             blk = check_block(
                 dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle,
@@ -270,30 +258,23 @@ def register(app: typer.Typer) -> None:
                 "min_cosine": min_cosine,
                 "checked_beta": smallest,
                 "ok": not failed,
-                "failed": [_row(r) for r in failed],
-                "rows": [_row(r) for r in rows],
+                "failed": [dataclasses.asdict(r) for r in failed],
+                "rows": [dataclasses.asdict(r) for r in rows],
                 "wall_s": wall,
             }  # fmt: skip
-            text = json.dumps(record, indent=1)
-            if to_stdout:
-                typer.echo(text)
-            else:
-                try:
-                    json_out.write_text(text + "\n")
-                except OSError as exc:
-                    raise fail(f"cannot write --json {json_out}: {exc}") from None
+            write_json(record, json_out)
+            if not to_stdout(json_out):
                 say(f"results  {json_out}")
         if failed:
             named = ", ".join(f"{r.param} {r.cosine:.6f}" for r in failed)
             typer.echo(
                 f"FAIL: EP does not match implicit differentiation at beta {smallest:g} (the smallest of "
-                f"--betas, the one checked): centered EP's cosine below --min-cosine {min_cosine:g} for {named}. On a noisy board the "
-                "nudge may be below its noise (try larger --betas); with the hard sigmoid, units on a "
-                "kink bias EP (docs/neuron.md); --min-cosine -1 tabulates without checking",
+                f"--betas, the one checked): centered EP's cosine below --min-cosine {min_cosine:g} for "
+                f"{named}. On a noisy board the nudge may be below its noise (try larger --betas); with "
+                "the hard sigmoid, units on a kink bias EP (docs/neuron.md); --min-cosine -1 tabulates "
+                "without checking",
                 err=True,
             )
             raise typer.Exit(1)
-        say(
-            f"check    PASS: centered EP's cosines at beta {smallest:g} are at least --min-cosine {min_cosine:g}"
-        )
+        say(f"check    PASS: centered EP's cosines at beta {smallest:g} reach --min-cosine {min_cosine:g}")
         say(f"done in {wall:.1f} s")

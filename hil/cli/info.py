@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import typer
 
 from drivers.base import BoardOwner, Device
 from drivers.uri import looking_uri
-from hil.cli.common import one_line_errors
+from hil.cli.common import JSON_HELP, check_json_dest, one_line_errors, to_stdout, write_json
+
+_JSON = typer.Option(None, "--json", help=JSON_HELP.format(doc='the README, "Scripts and CI"'))
 
 
 def owner_line(owner: BoardOwner | None) -> str:
@@ -79,27 +84,57 @@ def describe(dev: Device, uri: str) -> list[str]:
     return lines
 
 
+def info_record(dev: Device, uri: str) -> dict[str, Any]:
+    """What `hil info --json` writes, the same queries as `describe` (keys: README, "Scripts and
+    CI"): ``uri``, ``idn``, ``identity`` (manufacturer, model, serial, firmware), ``preset``,
+    ``capabilities`` (sorted), ``limits`` (every `Limits` field in its unit: volts, siemens,
+    seconds, amperes; ``clamp_max`` added; an undeclared limit is null), ``extra``, ``status``
+    (epoch, transaction, configured), ``safety`` (refused, violations), ``meter`` (clock_s,
+    energy_j, mvm_calls; null: the board keeps none), ``owner`` (token, since, connections,
+    lease_s, lapses_in; null: no ownership). The device part is the run log's ``device``
+    record (`hil.runlog.meta.device_record`)."""
+    from hil.runlog.meta import device_record
+
+    record = device_record(dev.info, uri)
+    record["limits"]["clamp_max"] = dev.info.limits.clamp_max
+    meter, owner = dev.meter(), dev.owner()
+    return {
+        "uri": uri,
+        **{k: v for k, v in record.items() if k != "uri"},
+        "status": dataclasses.asdict(dev.status()),
+        "safety": dataclasses.asdict(dev.safety()),
+        "meter": None if meter is None else dataclasses.asdict(meter),
+        "owner": None if owner is None else dataclasses.asdict(owner),
+    }
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
         uri: str = typer.Argument(
             ..., help="Device URI: visa://RESOURCE, serial://PORT, serial+socket://HOST:PORT, emulator://..."
         ),
+        json_out: Path = _JSON,
     ) -> None:
         """Print what a board says about itself: identity, capabilities, limits (with units),
         status (epoch, configuration, an open programming transaction), safety counters and
         its meter, and who owns it. It only queries: nothing is configured or programmed, the
         board is not taken (as if `?lock=0`), and the lines are not driven to the safe state on
         close, so it can look at a board another host is using. On an emulator:// URI it shows
-        a fresh emulated board."""
+        a fresh emulated board. --json writes the same as one JSON object."""
         from drivers import open_device
 
+        check_json_dest(json_out)
         with one_line_errors():
             dev = open_device(looking_uri(uri))
             try:
                 lines = describe(dev, uri)
+                record = info_record(dev, uri) if json_out is not None else None
             finally:
                 # not `close`: its safe state would drive the lines of a board another host uses
                 dev.close_link()
-        for line in lines:
-            typer.echo(line)
+        if not to_stdout(json_out):
+            for line in lines:
+                typer.echo(line)
+        if record is not None and json_out is not None:
+            write_json(record, json_out)

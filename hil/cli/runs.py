@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hil.cli.common import fail, run_store
+from hil.cli.common import JSON_HELP, check_json_dest, fail, run_store, to_stdout, write_json
 from hil.runlog import RunLogError, open_run
 
 RunArg = Annotated[
@@ -18,22 +18,31 @@ RunArg = Annotated[
     ),
 ]
 
+_JSON = typer.Option(None, "--json", help=JSON_HELP.format(doc='docs/runlog.md, "hil inspect --json"'))
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def inspect(run: RunArg) -> None:
+    def inspect(run: RunArg, json_out: Path = _JSON) -> None:
         """Print a run's summary: status, versions, device, config, metrics (last, min, max),
-        traces, tiles, programming reports and snapshots."""
-        from hil.runlog.summary import summary
+        traces, tiles, programming reports and snapshots. --json writes the same as one JSON
+        object."""
+        from hil.runlog.summary import summary, summary_record
 
+        check_json_dest(json_out)
         run = run_store(run)
         try:
-            text = summary(open_run(run, verify=True))
+            log = open_run(run, verify=True)
+            text = summary(log)
+            record = summary_record(log) if json_out is not None else None
         except RunLogError as exc:
             raise fail(str(exc)) from None
         except Exception as exc:  # a store this reader did not foresee: still one line
             raise fail(f"{run}: cannot read the run log: {type(exc).__name__}: {exc}") from None
-        typer.echo(text)
+        if not to_stdout(json_out):
+            typer.echo(text)
+        if record is not None and json_out is not None:
+            write_json(record, json_out)
 
     @app.command()
     def plot(

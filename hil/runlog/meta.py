@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -130,6 +130,24 @@ def _recovery(device: Device) -> Any:
             return stats
         dev = own.get("inner")
     return None
+
+
+def plain(value: Any) -> Any:
+    """`value` as strict JSON data (what the commands' ``--json`` write): numpy scalars and
+    arrays as numbers and lists, tuples as lists, paths as strings, NaN and infinities as null."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
 
 
 def _finite(value: Any) -> Any:

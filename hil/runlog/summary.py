@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from hil.runlog.layout import METRICS, PROGRAM, TILES, TRACES
+from hil.runlog.meta import plain
 from hil.runlog.reader import Run
 
 _INDEX = ("step", "epoch")
@@ -204,3 +205,120 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _bits(bits: int | None) -> str:
     return f"{bits} bit" if bits else "ideal"
+
+
+def summary_record(run: Run) -> dict[str, Any]:
+    """What `hil inspect --json` writes: the summary's content as one JSON object, its keys
+    stable (docs/runlog.md, "hil inspect --json"). Numbers stay numbers; a NaN or infinite one
+    is null."""
+    a = run.attrs
+    snaps = run.snapshots
+    last = run.snapshot_attrs(snaps[-1]) if snaps else None
+    return plain(
+        {
+            "path": str(run.path),
+            "kind": a.get("kind"),
+            "name": a.get("name"),
+            "status": run.status,
+            "created": a.get("created"),
+            "finished": a.get("finished"),
+            "error": a.get("error"),
+            "resumes": a.get("resumes", []),
+            "versions": a.get("versions", {}),
+            "device": run.device or None,
+            "boards": run.boards,
+            "ranks": a.get("ranks") or [],
+            "device_state": a.get("device_state") or {},
+            "calibration_id": a.get("calibration_id") or None,
+            "resolved": a.get("resolved") or {},
+            "config": run.config,
+            "metrics": _metrics_record(run),
+            "traces": _traces_record(run),
+            "tiles": _tiles_record(run),
+            "program": _program_record(run),
+            "snapshots": {
+                "kept": len(snaps),
+                "last_step": None if last is None else last["step"],
+                "last_time": None if last is None else last.get("time"),
+            },
+        }
+    )
+
+
+def _metrics_record(run: Run) -> dict[str, Any]:
+    """Per stream: ``rows``, ``steps`` and ``epochs`` ([first, last] / [min, max]; null when
+    empty) and, per column, its ``last``, ``min`` and ``max`` over the finite values."""
+    out: dict[str, Any] = {}
+    for s in run.streams(METRICS):
+        t = run.table(f"{METRICS}/{s}")
+        steps = t.get("step", np.zeros(0))
+        epochs = t.get("epoch")
+        n = len(steps)
+        has_epochs = n and epochs is not None and epochs.max() >= 0
+        columns = {}
+        for c in (c for c in t if c not in _INDEX):
+            col = t[c].astype(np.float64)
+            ok = col[np.isfinite(col)]
+            columns[c] = {
+                "last": ok[-1] if ok.size else None,
+                "min": ok.min() if ok.size else None,
+                "max": ok.max() if ok.size else None,
+            }
+        out[s] = {
+            "rows": n,
+            "steps": [steps[0], steps[-1]] if n else None,
+            "epochs": [epochs.min(), epochs.max()] if has_epochs else None,
+            "columns": columns,
+        }
+    return out
+
+
+def _traces_record(run: Run) -> dict[str, Any]:
+    """``settles`` and ``steps`` traced (0 when none), ``phases`` (settles per phase) and the
+    writer's trace ``options``."""
+    opts = run.attrs.get("log", {}).get("traces", {})
+    empty = {"settles": 0, "steps": 0, "phases": {}, "options": opts}
+    if f"{TRACES}/settles" not in run.tables:
+        return empty
+    t = run.table(f"{TRACES}/settles")
+    if not len(t.get("step", ())):
+        return empty
+    labels = run.labels(f"{TRACES}/settles", "phase")
+    phases = {lab: int(np.sum(t["phase"] == i)) for i, lab in enumerate(labels) if np.any(t["phase"] == i)}
+    return {"settles": len(t["step"]), "steps": len(np.unique(t["step"])), "phases": phases, "options": opts}
+
+
+def _tiles_record(run: Run) -> dict[str, Any]:
+    """Per tile with snapshots: ``shape`` (rows, cols), ``snapshots`` and the ``arrays`` kept."""
+    out: dict[str, Any] = {}
+    for tile in run.streams(TILES):
+        t = run.table(f"{TILES}/{tile}")
+        if not len(t.get("step", ())):
+            continue
+        kinds = [c for c in ("weights", "g_plus", "g_minus") if c in t]
+        shape = next((t[c].shape[1:] for c in kinds), ())
+        out[tile] = {"shape": list(shape), "snapshots": len(t["step"]), "arrays": kinds}
+    return out
+
+
+def _program_record(run: Run) -> dict[str, Any]:
+    """Per tile with programming reports: ``reports``, ``pulses`` in all and the ``last``
+    report's ``iterations``, ``within_tol`` (a fraction), ``residual_max`` (siemens) and
+    ``gave_up`` (null where the board did not report it)."""
+    out: dict[str, Any] = {}
+    for tile in run.streams(PROGRAM):
+        t = run.table(f"{PROGRAM}/{tile}")
+        if not len(t.get("step", ())):
+            continue
+        gave = int(t["gave_up"][-1]) if len(t.get("gave_up", ())) else -1
+        out[tile] = {
+            "reports": len(t["step"]),
+            "pulses": int(t["pulses"].sum()),
+            "last": {
+                "iterations": int(t["iterations"][-1]),
+                "within_tol": t["within_tol"][-1],
+                "residual_max": t["residual_max"][-1],
+                "gave_up": gave if gave >= 0 else None,
+            },
+        }
+    return out
