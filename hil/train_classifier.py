@@ -76,25 +76,29 @@ class TrainResult:
         return ", ".join(f"{t} {r}x{c}" for t, (r, c) in self.tiles.items())
 
 
-def train_classifier(
+@dataclass
+class Prepared:
+    """A classifier run made ready (`prepare_classifier`): its data set, limited and split as
+    the config says and checked, and its model built on its boards, which are open."""
+
+    ds: Dataset
+    model: Classifier
+
+
+def prepare_classifier(
     cfg: RunConfig,
     *,
-    progress: bool | None = False,
     data: Dataset | None = None,
     opener: Callable[[str], Device] = open_board,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    log: RunLog | None = None,
-    state: dict | None = None,
     dp: DataParallel | None = None,
-) -> TrainResult:
-    """Train `cfg` and return the test accuracy after the last epoch and the history. With
-    `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
-    resume snapshots (at an epoch's end, at most every `log.snapshot_every_s`, and at the
-    last); with `state` (from `open_for_resume`), continue from it. If training fails, the
-    boards are closed (left in their safe state) before the error goes on. With `dp`
-    (`hil.distributed`), this is one rank of a data parallel job: it settles its shard of
-    every batch on its own board (cfg.device), `log` is given on rank 0 only, and rank 0's
-    `state` is broadcast to every rank."""
+) -> Prepared:
+    """Everything of a run that can fail on its config, its data or its boards, done before
+    anything is written: load the data set (unless given) and apply the config's limits and
+    validation split, check it against the config (pixel range, shifts, model.sizes against
+    its features and classes, a data parallel job's batches) and build the model on its boards
+    (`hil.classifier.Classifier`: opening them, refusing what they cannot hold). `hil train
+    classifier` calls it before it creates the run log, so that a config or board error leaves
+    no run behind. On failure the boards opened are closed (in their safe state)."""
     # one path for a data set given by the caller and one loaded by name: the run log records
     # the config, and a limit that is not applied would make that record wrong
     if data is None:
@@ -107,16 +111,45 @@ def train_classifier(
         opener = functools.partial(open_board, calibration=cfg.calibration)
     if dp is not None:
         dp.check_batches(len(ds.x_train), cfg.train.batch_size)
-        state = dp.broadcast(state)
     with warnings.catch_warnings():
         # a board left mid-transaction is reported once, by `_train` (which programs it again),
         # not also by its link as it opens
         warnings.simplefilter("ignore", OpenTransactionWarning)
         model = Classifier(cfg, ds.features, ds.classes, opener, image_shape=ds.image_shape)
-    if log is not None:
-        log.configure(**dataclasses.asdict(cfg.log))
-        log.set_boards(model.board_records())
+    return Prepared(ds, model)
+
+
+def train_classifier(
+    cfg: RunConfig,
+    *,
+    progress: bool | None = False,
+    data: Dataset | None = None,
+    opener: Callable[[str], Device] = open_board,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    log: RunLog | None = None,
+    state: dict | None = None,
+    dp: DataParallel | None = None,
+    prepared: Prepared | None = None,
+) -> TrainResult:
+    """Train `cfg` and return the test accuracy after the last epoch and the history. With
+    `log`, record device, metrics, free-settle traces, tile snapshots, programming reports and
+    resume snapshots (at an epoch's end, at most every `log.snapshot_every_s`, and at the
+    last); with `state` (from `open_for_resume`), continue from it. If training fails, the
+    boards are closed (left in their safe state) before the error goes on. With `dp`
+    (`hil.distributed`), this is one rank of a data parallel job: it settles its shard of
+    every batch on its own board (cfg.device), `log` is given on rank 0 only, and rank 0's
+    `state` is broadcast to every rank. `prepared`: the run made ready by `prepare_classifier`
+    (with the same config; `data` and `opener` are then unused), else it is prepared here.
+    `progress`: a tqdm bar on stderr (None: when stderr is a terminal)."""
+    if prepared is None:
+        prepared = prepare_classifier(cfg, data=data, opener=opener, dp=dp)
+    ds, model = prepared.ds, prepared.model
     try:
+        if dp is not None:
+            state = dp.broadcast(state)
+        if log is not None:
+            log.configure(**dataclasses.asdict(cfg.log))
+            log.set_boards(model.board_records())
         return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
     except BaseException as err:
         record_end_state(log, model.devices, model.board_uris)  # the boards' counters as the run failed

@@ -208,3 +208,77 @@ def test_conformance_json_to_stdout() -> None:
         and record["passed"] == len([c for c in record["checks"] if c["status"] == "PASS"])
     )
     assert "passed, 0 failed" in done.stderr
+
+
+# ------------------------------------------------------------------ 4. exit codes, nothing left behind
+DEAD = "visa://TCPIP0::127.0.0.1::1::SOCKET"  # nothing listens on port 1: refused at once
+
+
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def test_a_sweep_on_a_dead_board_is_one_line_before_any_trial(tmp_path: Path) -> None:
+    """A sweep whose board does not answer ran every trial against it and exited 1 ("no trial
+    completed"): its board is opened before the first trial and the sweep folder, as a bad
+    device URI is answered everywhere (one line, exit 2)."""
+    spec = tmp_path / "dead.toml"
+    spec.write_text(
+        '[sweep]\ntrainer = "classifier"\nobjective = "test_acc"\nn_trials = 3\nbatch = 1\n'
+        f'[base]\ndevice = "{DEAD}"\nmodel.sizes = [64, 8, 10]\ntrain.epochs = 1\n'
+        'data.limit_train = 32\ndata.limit_test = 16\n[space."train.lr"]\ntype = "float"\n'
+        "low = 0.01\nhigh = 0.5\n"
+    )
+    out = tmp_path / "sweep"
+    line = _one_line(_hil("sweep", spec, "--out", out))
+    assert f"cannot open the board {DEAD}" in line and "Connection refused" in line, line
+    assert not out.exists()
+    # --board URI in place of the base config's device: that board is the one checked
+    line = _one_line(_hil("sweep", spec, "--out", out, "--board", DEAD.replace("::1::", "::2::")))
+    assert "127.0.0.1::2::SOCKET" in line and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, sets",
+    [
+        (["train", "classifier"], ["model.sizes=[64,32,7]"]),  # 10 classes, not 7
+        (["train", "classifier"], [f"device={DEAD}", "model.sizes=[64,8,10]"]),
+        (["train", "vae"], [f"device={DEAD}"]),
+        (["train", "vae"], ["data.name=mnist", "data.root=nowhere"]),
+    ],
+    ids=["classifier-sizes", "classifier-dead-board", "vae-dead-board", "vae-no-data"],
+)
+def test_a_run_that_cannot_start_leaves_no_run_behind(
+    tmp_path: Path, command: list[str], sets: list[str]
+) -> None:
+    """`--set model.sizes=[64,32,7]` exited 2 and left an empty run store at --out (a rerun was
+    then refused as "already exists"): the data, the model and its boards are checked before
+    the run log is created; the default run folder (runs/...) is not made either."""
+    out = tmp_path / "runs" / "x3"
+    _one_line(_hil(*command, *_sets(*sets), "--out", out))
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    default = subprocess.run(
+        [*HIL, *command, *_sets(*sets)], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300
+    )
+    _one_line(default)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resume_on_a_dead_board_leaves_the_run_log_as_it_was(tmp_path: Path) -> None:
+    """The board is opened before the run log is reopened for the resume: the log keeps its
+    status and resumes, and the line says how to go on once the board is back."""
+    from hil.runlog import open_run
+
+    run = tmp_path / "run.zarr"
+    assert _hil("train", "classifier", *_sets(*TINY), "--out", run).returncode == 0
+    before = open_run(run).attrs
+    done = _hil("train", "classifier", "--resume", run, *_sets(f"device={DEAD}"))
+    assert done.returncode == 2 and done.stderr.startswith("error: "), done.stderr
+    assert f"--resume {run}" in done.stderr  # once the board is back
+    after = open_run(run).attrs
+    assert (after["status"], after.get("resumes"), after["config"]) == (
+        before["status"], before.get("resumes"), before["config"]
+    )  # fmt: skip

@@ -166,11 +166,25 @@ def test_a_run_that_never_reached_its_board_does_not_block_its_folder(tmp_path: 
     assert again.exit_code == 0, again.output
 
 
+def _failed_run(path: Path, cfg: Any, kind: str, name: str) -> None:
+    """A run log whose board stopped answering before its first snapshot (a board that does not
+    answer at the start leaves no run log: the board is opened before it is created)."""
+    from hil.runlog import RunLog
+
+    with pytest.raises(ConnectionError), RunLog.create(path, cfg, kind=kind, name=name):
+        raise ConnectionError(f"{cfg.device}: the board stopped answering")
+
+
 def test_resume_takes_a_new_device_and_nothing_else(tmp_path: Path) -> None:
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+
     folder = tmp_path / "run"
-    _one_line_error(
-        _hil("train", "vae", "--out", folder, *_sets(f"device={DEAD}", "train.epochs=1", *FAST_VAE))
-    )
+    sets = [f"device={DEAD}", "train.epochs=1", *FAST_VAE]
+    _one_line_error(_hil("train", "vae", "--out", folder, *_sets(*sets)))
+    assert not folder.exists()  # the board is opened before the run folder is made
+    cfg = load_into(VAERunConfig(), None, sets)
+    _failed_run(folder / "run.zarr", cfg, "train-vae", cfg.model.variant)
     line = _one_line_error(
         _hil("train", "vae", "--resume", folder, *_sets(f"device={EMU}", "train.epochs=3"))
     )
@@ -184,8 +198,13 @@ def test_resume_takes_a_new_device_and_nothing_else(tmp_path: Path) -> None:
 
 
 def test_classifier_resume_takes_a_new_device(tmp_path: Path) -> None:
+    from hil.config import load_config
+
     run = tmp_path / "c.zarr"
     _one_line_error(_hil("train", "classifier", "--out", run, *_sets(f"device={DEAD}", *FAST_CLASSIFIER)))
+    assert not run.exists()  # the board is opened before the run log is created
+    cfg = load_config(None, [f"device={DEAD}", *FAST_CLASSIFIER])
+    _failed_run(run, cfg, "train-classifier", cfg.name)
     done = _hil("train", "classifier", "--resume", run, "--no-progress", *_sets(f"device={EMU}"))
     assert done.exit_code == 0, done.output
     assert open_run(run).config["device"] == EMU

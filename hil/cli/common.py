@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +75,22 @@ def write_json(record: dict[str, Any], dest: Path) -> None:
         dest.write_text(text + "\n")
     except OSError as exc:
         raise fail(f"cannot write --json {dest}: {exc}") from None
+
+
+def check_boards(uris: Iterable[str]) -> None:
+    """Open each board of `uris` (each URI once) and close it again, before a command starts
+    work that would run against it (a sweep's trials): a malformed URI or a board that does not
+    answer is one line naming it, exit 2 (`fail`). It looks as `hil info` does: no lock taken,
+    nothing configured or driven, no safe state on close."""
+    from drivers import open_device
+    from drivers.uri import looking_uri
+
+    for uri in dict.fromkeys(uris):
+        try:
+            dev = open_device(looking_uri(uri))
+        except user_errors() as exc:
+            raise fail(f"cannot open the board {uri}: {exc}") from None
+        dev.close_link()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from hil.cli.common import fail
+from hil.cli.common import check_boards, fail
 
 if TYPE_CHECKING:
     from hil.sweep import SweepSpec
@@ -69,6 +69,7 @@ def sweep(
 
     Prints one line per trial, then the best trial and its run log. A bad spec exits with code 2 and a message that starts with the offending key."""
     from drivers import DeviceError
+    from hil.config import ConfigError
     from hil.sweep import SpecError, SweepError, load_spec, run_sweep
     from hil.sweep.study import FolderInUse, claim_folder, trials_done
 
@@ -76,8 +77,17 @@ def sweep(
         spec = load_spec(spec_file, n_trials)
         _check_uris(spec.base["device"], board or [])
         executor = _executor(ray_address, board or [], spec.base["device"], max_board_losses)
-    except (SpecError, SweepError, DeviceError) as exc:
+        # in this process, the trials' boards before the first trial and the sweep folder: a board
+        # that does not answer is one line and exit 2, where every trial failed on it (exit 1)
+        local = None if ray_address else spec.trainer_def.boards(spec.config_for({}, executor.uri))
+    except (SpecError, SweepError, DeviceError, ConfigError) as exc:
         raise fail(str(exc)) from None
+    if local is not None:
+        try:
+            check_boards(local)
+        except typer.Exit:
+            executor.close()
+            raise
     try:
         folder = claim_folder(spec, out or Path("runs") / "sweeps" / spec.name)
     except SweepError as exc:

@@ -248,7 +248,24 @@ def classifier(
     elif rank_device or rank_calibration:
         raise fail("--rank-device and --rank-calibration are for --distributed runs")
 
-    from hil.train_classifier import train_classifier
+    from hil.boards import close_boards
+    from hil.train_classifier import prepare_classifier, train_classifier
+
+    command = (
+        "torchrun [its options] -m hil.cli train classifier --distributed"
+        if dp is not None
+        else "hil train classifier"
+    )
+    # the data, the model and its boards before the run log: a config, data or board error
+    # (model.sizes that do not fit the data, a board that does not answer) leaves no run behind,
+    # and a resume on a board that does not answer leaves the run log as it was
+    try:
+        with resume_hint(command, resume), one_line_errors(prefix="" if dp is None else f"rank {dp.rank}: "):
+            prepared = prepare_classifier(cfg, dp=dp)
+    except BaseException:
+        if dp is not None:
+            dp.close(wait=False)
+        raise
 
     warned = []
     warned_gave_up = []
@@ -274,37 +291,38 @@ def classifier(
             typer.echo(f"warning (epoch {st.epoch}): {note}", err=True)
 
     try:
-        if dp is not None and dp.rank != 0:
-            log = None  # rank 0 writes the run log
-        elif resume is not None:
-            log, state = resume_log(resume, cfg.device)
-        else:
-            run = out or claim_new_run("classifier")
-            log = RunLog.create(
-                run, cfg, kind="train-classifier", name=cfg.name, overwrite=overwrite or out is None
-            )
-    except RunExistsError:
-        raise fail(exists_message(run, run)) from None
-    except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
-        raise fail(str(exc)) from None
+        try:
+            if dp is not None and dp.rank != 0:
+                log = None  # rank 0 writes the run log
+            elif resume is not None:
+                log, state = resume_log(resume, cfg.device)
+            else:
+                run = out or claim_new_run("classifier")
+                log = RunLog.create(
+                    run, cfg, kind="train-classifier", name=cfg.name, overwrite=overwrite or out is None
+                )
+        except RunExistsError:
+            raise fail(exists_message(run, run)) from None
+        except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
+            raise fail(str(exc)) from None
+    except BaseException as err:
+        close_boards(prepared.model.devices, during=err)  # each in its safe state, its link released
+        if dp is not None:
+            dp.close(wait=False)
+        raise
     try:
         # every rank names the run to resume (rank 0 writes it; the others were given its --out)
         run_path = log.path if log is not None else (resume or out)
         with (
             sigterm_as_interrupt(),
-            resume_hint(
-                "torchrun [its options] -m hil.cli train classifier --distributed"
-                if dp is not None
-                else "hil train classifier",
-                run_path,
-            ),
+            resume_hint(command, run_path),
             one_line_errors(prefix="" if dp is None else f"rank {dp.rank}: "),
             log if log is not None else contextlib.nullcontext(),
         ):
             try:
                 res = train_classifier(
                     cfg, progress=progress and (dp is None or dp.rank == 0), on_epoch=on_epoch, log=log,
-                    state=state, dp=dp,
+                    state=state, dp=dp, prepared=prepared,
                 )  # fmt: skip
             except RuntimeError as exc:  # a collective whose peer stopped: said so, and logged so
                 from hil.distributed import peer_failure

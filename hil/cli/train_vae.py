@@ -79,6 +79,7 @@ def vae(
 
     import torch
 
+    from hil.boards import close_boards
     from hil.cli.common import (
         RUN_STORE,
         exists_message,
@@ -95,7 +96,7 @@ def vae(
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
     from hil.vae.config import VAERunConfig, vae_boards, validate_vae
     from hil.vae.hopfield import dense_topology
-    from hil.vae.train import train_vae
+    from hil.vae.train import prepare_vae, train_vae
 
     if threads:
         torch.set_num_threads(threads)
@@ -128,18 +129,28 @@ def vae(
         typer.echo(to_toml(cfg), nl=False)
         raise typer.Exit(0)
     m = cfg.model
+    if resume is None:
+        run_dir = out or Path(cfg.out) / m.variant
+    # the data, the model and its boards before the run folder: a data or board error (a board
+    # that does not answer) leaves no run behind, and a resume on a board that does not answer
+    # leaves the run log as it was
+    with resume_hint("hil train vae", run_dir if resume is not None else None), one_line_errors():
+        prepared = prepare_vae(cfg)
     try:
-        if resume is not None:
-            log, state = resume_log(store, cfg.device)
-        else:
-            run_dir = out or Path(cfg.out) / m.variant
-            log = RunLog.create(
-                run_dir / RUN_STORE, cfg, kind="train-vae", name=m.variant, overwrite=overwrite
-            )
-    except RunExistsError:
-        raise fail(exists_message(run_dir, run_dir)) from None
-    except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
-        raise fail(str(exc)) from None
+        try:
+            if resume is not None:
+                log, state = resume_log(store, cfg.device)
+            else:
+                log = RunLog.create(
+                    run_dir / RUN_STORE, cfg, kind="train-vae", name=m.variant, overwrite=overwrite
+                )
+        except RunExistsError:
+            raise fail(exists_message(run_dir, run_dir)) from None
+        except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
+            raise fail(str(exc)) from None
+    except BaseException as err:
+        close_boards(prepared.model.devices, during=err)  # each in its safe state, its link released
+        raise
     if m.variant in ("tdh-vae", "dh-vae"):
         one = dense_topology(64, m.hidden, m.latent * m.copies).cells()
         typer.echo(
@@ -164,6 +175,7 @@ def vae(
             log=log,
             state=state,
             on_epoch=None if progress else on_epoch,
+            prepared=prepared,
         )
     f, i = result.final, result.initial
     neuron = f", {result.neuron} neuron" if result.neuron else ""

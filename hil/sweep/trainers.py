@@ -26,6 +26,8 @@ class Trainer:
     run: Callable[[Any, Path], dict[str, float]]  # config, run folder -> metrics
     # metric -> what a config needs for the run to report it: None when it has it, else the fix
     requires: Mapping[str, Callable[[Any], str | None]] = field(default_factory=dict)
+    # config -> the board URIs a run of it opens (checked before a sweep's first trial)
+    boards: Callable[[Any], list[str]] = lambda cfg: [cfg.device]
 
 
 def _classifier_config() -> Any:
@@ -55,6 +57,12 @@ def _classifier_run(cfg: Any, run_dir: Path) -> dict[str, float]:
     return out
 
 
+def _classifier_boards(cfg: Any) -> list[str]:
+    from hil.boards import block_uris
+
+    return block_uris(cfg)
+
+
 def _needs_validation(cfg: Any) -> str | None:
     if cfg.data.validation > 0:
         return None
@@ -71,6 +79,12 @@ def _vae_validate(cfg: Any) -> None:
     from hil.vae.config import validate_vae
 
     validate_vae(cfg)
+
+
+def _vae_boards(cfg: Any) -> list[str]:
+    from hil.vae.config import vae_boards
+
+    return vae_boards(cfg)
 
 
 def _vae_run(cfg: Any, run_dir: Path) -> dict[str, float]:
@@ -104,6 +118,7 @@ TRAINERS: Mapping[str, Trainer] = MappingProxyType(
             },
             _classifier_run,
             MappingProxyType({"val_acc": _needs_validation}),
+            _classifier_boards,
         ),
         "vae": Trainer(
             "vae",
@@ -117,6 +132,7 @@ TRAINERS: Mapping[str, Trainer] = MappingProxyType(
                 "converged": "maximize",
             },
             _vae_run,
+            boards=_vae_boards,
         ),
     }
 )

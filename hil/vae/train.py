@@ -228,6 +228,33 @@ def evaluate(
     )
 
 
+@dataclass
+class VAEPrepared:
+    """A VAE run made ready (`prepare_vae`): its data set and its model, on its boards (open),
+    and when the preparation started (the run's wall time counts from there)."""
+
+    data: Dataset
+    model: _Model
+    started: float
+
+
+def prepare_vae(cfg: VAERunConfig) -> VAEPrepared:
+    """Everything of a run that can fail on its data or its boards, done before anything is
+    written: load the data set and build the model on its boards (opening them). `hil train vae`
+    calls it before it creates the run folder, so that such an error leaves no run behind. On
+    failure the boards opened are closed (in their safe state)."""
+    t0 = time.perf_counter()
+    d = cfg.data
+    data = load_dataset(
+        d.name, d.root or None, limit_train=d.limit_train or None, limit_test=d.limit_test or None
+    )
+    with warnings.catch_warnings():
+        # a board left mid-transaction is reported once, by `train_vae`, not also by its link as it opens
+        warnings.simplefilter("ignore", OpenTransactionWarning)
+        model = _Model(cfg, int(np.prod(data.image_shape)))
+    return VAEPrepared(data, model, t0)
+
+
 def train_vae(
     cfg: VAERunConfig,
     *,
@@ -236,26 +263,21 @@ def train_vae(
     log: RunLog | None = None,
     state: dict | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    prepared: VAEPrepared | None = None,
 ) -> VAEResult:
     """Train the configured variant. With `log`, record config, device, metrics, free-settle
     traces, tile snapshots, programming reports and resume snapshots (`RunLog.snapshot_due`: at an
     epoch's end, at most every `log.snapshot_every_s`, and at the last); with `state`
     (from `open_for_resume`), continue from that snapshot. PNGs of samples and
     reconstructions go to `out_dir`. `progress`: a tqdm bar on stderr (None: when stderr is a
-    terminal)."""
-    t0 = time.perf_counter()
-    d = cfg.data
-    data = load_dataset(
-        d.name, d.root or None, limit_train=d.limit_train or None, limit_test=d.limit_test or None
-    )
-    pixels = int(np.prod(data.image_shape))
-    lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
-    features = DigitsFeatures.load_or_train()
-    with warnings.catch_warnings():
-        # a board left mid-transaction is reported once, below, not also by its link as it opens
-        warnings.simplefilter("ignore", OpenTransactionWarning)
-        model = _Model(cfg, pixels)
+    terminal). `prepared`: the run made ready by `prepare_vae` (with the same config), else it
+    is prepared here."""
+    if prepared is None:
+        prepared = prepare_vae(cfg)
+    t0, data, model = prepared.started, prepared.data, prepared.model
     try:
+        lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
+        features = DigitsFeatures.load_or_train()
         # left by a killed host: the first step programs every tile again, in its own transaction
         report_open_transactions(model.devices)
         opt = torch.optim.Adam(model.params, lr=cfg.train.lr)
