@@ -298,6 +298,7 @@ def _train(
                     training_state(
                         model=module, optimizer=model.opt, scheduler=model.sched, step=step,
                         order=order.state(), history=[dataclasses.asdict(h) for h in history],
+                        global_rng=False,  # every draw is from the run's own seeded generators
                     ),
                 )  # fmt: skip
             if on_epoch is not None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -282,3 +283,103 @@ def test_a_resume_on_a_dead_board_leaves_the_run_log_as_it_was(tmp_path: Path) -
     assert (after["status"], after.get("resumes"), after["config"]) == (
         before["status"], before.get("resumes"), before["config"]
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ 5. two runs of one seed
+# What may differ between two runs of one seed: the wall clock and the process, nothing else.
+# Arrays: none (`program/*/time_s`, `traces/settles/settle_time_s` are the board's simulated
+# time). Attributes: docs/runlog.md ("Root attributes", "Snapshots").
+ARRAYS_ALLOWED_TO_DIFFER: frozenset[str] = frozenset()
+ROOT_ATTRS_ALLOWED_TO_DIFFER = frozenset({"created", "finished", "writer"})  # writer: host, pid, argv
+SNAPSHOT_ATTRS_ALLOWED_TO_DIFFER = frozenset({"time"})
+
+
+def _seeded_hil(global_seed: int) -> list[str]:
+    """`hil` with the process's global generators (torch, numpy, random) seeded first."""
+    code = (
+        "import random, numpy, torch; "
+        f"torch.manual_seed({global_seed}); numpy.random.seed({global_seed}); random.seed({global_seed}); "
+        "from hil.cli import main; main()"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _arrays(group: Any, prefix: str = "") -> dict[str, Any]:
+    import zarr
+
+    out = {}
+    for name, member in group.members():
+        path = f"{prefix}/{name}"
+        out.update(_arrays(member, path) if isinstance(member, zarr.Group) else {path: member})
+    return out
+
+
+def _groups(group: Any, prefix: str = "") -> dict[str, Any]:
+    import zarr
+
+    out = {prefix or "/": group}
+    for name, member in group.members():
+        if isinstance(member, zarr.Group):
+            out.update(_groups(member, f"{prefix}/{name}"))
+    return out
+
+
+def _without_wall_clock(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's state less each epoch's wall-clock `seconds` (its `history`)."""
+    extra = dict(state.get("extra", {}))
+    extra["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in extra.get("history", [])]
+    return {**state, "extra": extra}
+
+
+def test_two_runs_of_one_seed_write_the_same_run_log(tmp_path: Path) -> None:
+    """The same seed gave the same weights and metrics, but every snapshot's `rng.torch` and
+    `rng.numpy.1` differed: the process's global generator states were saved, never seeded,
+    and never drawn from by the trainers (tests/test_global_rng.py). Two runs in processes
+    whose global generators start in different states write the same arrays, and the same
+    attributes but for the wall clock."""
+    import numpy as np
+    import zarr
+
+    sets = [*TINY, "log.snapshot_every_s=0"]  # a snapshot at every epoch
+    stores = []
+    for global_seed in (1, 2):
+        store = tmp_path / f"run{global_seed}.zarr"
+        done = subprocess.run(
+            [*_seeded_hil(global_seed), "train", "classifier", *_sets(*sets), "--out", str(store)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        stores.append(zarr.open_group(str(store), mode="r"))
+    a, b = stores
+    arrays_a, arrays_b = _arrays(a), _arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    assert any(p.startswith("/snapshots/") for p in arrays_a) and len(a["snapshots"].attrs["committed"]) == 2
+    assert not [p for p in arrays_a if ".rng" in p or "/rng." in p]  # no global generator state kept
+    differ = sorted(
+        p
+        for p in arrays_a
+        if arrays_a[p].shape != arrays_b[p].shape
+        or not np.array_equal(arrays_a[p][...], arrays_b[p][...], equal_nan=arrays_a[p].dtype.kind == "f")
+    )
+    assert set(differ) <= ARRAYS_ALLOWED_TO_DIFFER, differ
+
+    groups_a, groups_b = _groups(a), _groups(b)
+    assert sorted(groups_a) == sorted(groups_b)
+    for path, group in groups_a.items():
+        x, y = group.attrs.asdict(), groups_b[path].attrs.asdict()
+        if path == "/":
+            allowed = ROOT_ATTRS_ALLOWED_TO_DIFFER
+            for when in ("start", "end"):  # each board's counters, read at a wall-clock `time`
+                for rec in (*x["device_state"][when].values(), *y["device_state"][when].values()):
+                    rec.pop("time")
+        elif path.startswith("/snapshots/"):
+            allowed = SNAPSHOT_ATTRS_ALLOWED_TO_DIFFER
+            assert "rng" not in x["state"]
+            x["state"], y["state"] = _without_wall_clock(x["state"]), _without_wall_clock(y["state"])
+        else:
+            allowed = frozenset()
+        assert sorted(x) == sorted(y), path
+        assert [k for k in x if k not in allowed and x[k] != y[k]] == [], path

@@ -619,3 +619,25 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     toy_train(args.run, resume=args.resume, sleep=args.sleep, flush_every_s=args.flush)
+
+
+def test_snapshots_with_and_without_the_global_generators_resume(tmp_path: Path) -> None:
+    """The trainers' snapshots no longer carry the process's global generator states
+    (`training_state(global_rng=False)`: their runs never draw from them); a snapshot that
+    has them (an older store, or a loop of one's own) still resumes with them or without."""
+    model = nn.Linear(3, 2)
+    for global_rng in (True, False):
+        path = tmp_path / f"rng-{global_rng}.zarr"
+        log = RunLog.create(path, {"seed": 0})
+        log.snapshot(1, training_state(model=model, step=1, global_rng=global_rng))
+        log.fail("stopped")  # a failed run, as a resume finds it
+        resumed, state = open_for_resume(path)
+        assert state is not None and ("rng" in state) is global_rng
+        assert restore_training(state, model=model, global_rng=False) == {"step": 1}
+        if global_rng:
+            with torch.random.fork_rng(devices=[]):
+                assert restore_training(state, model=model) == {"step": 1}
+        else:
+            with pytest.raises(RunLogError, match=r"no global RNG states.*global_rng=False"):
+                restore_training(state, model=model)
+        resumed.close()

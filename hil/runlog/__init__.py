@@ -35,7 +35,9 @@ so: once `snapshot_every_s` (10 s by default; the config's ``log.snapshot_every_
 passed since the last snapshot, and at the last epoch.
 
 `restore_training` puts the model, optimizer and scheduler states back and the global RNG
-states (torch, numpy, Python), and returns the rest of what `training_state` was given
+states (torch, numpy, Python; a loop that draws only from generators of its own, such as the
+project's trainers, leaves them out with ``global_rng=False`` on both sides), and returns the
+rest of what `training_state` was given
 (here the step to continue from and the data order). A model's own generators
 (``torch.Generator``, e.g. ``EBBlock.generator``) go in as extra tensors (``gen.get_state()``).
 Everything is stored as arrays and JSON, never pickled. `open_for_resume` drops the rows

@@ -156,11 +156,18 @@ def training_state(
     model: _StateDict | None = None,
     optimizer: _StateDict | None = None,
     scheduler: _StateDict | None = None,
+    global_rng: bool = True,
     **extra: Any,
 ) -> dict[str, Any]:
     """The state a snapshot needs to resume training: the state dicts of the model, optimizer
-    and scheduler given, the global RNG states, and `extra` (step, data order, generators...)."""
-    state: dict[str, Any] = {"rng": rng_state(), "extra": extra}
+    and scheduler given, the global RNG states (``rng``), and `extra` (step, data order,
+    generators...). `global_rng=False` leaves the global states out: for a loop whose every draw
+    comes from generators of its own (kept in `extra`), such as the project's trainers, whose
+    runs never seed the global generators, so their states would differ between two runs of one
+    seed and restoring them would change nothing."""
+    state: dict[str, Any] = {"extra": extra}
+    if global_rng:
+        state["rng"] = rng_state()
     for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None:
             state[key] = obj.state_dict()
@@ -186,5 +193,11 @@ def restore_training(
             raise RunLogError(f"the snapshot has no {key} state to restore")
         obj.load_state_dict(state[key])
     if global_rng:
+        if "rng" not in state:
+            raise RunLogError(
+                "the snapshot has no global RNG states to restore (it was taken with "
+                "training_state(global_rng=False), by a loop that draws from generators of its own): "
+                "restore it with restore_training(..., global_rng=False)"
+            )
         restore_rng(state["rng"])
     return dict(state.get("extra", {}))

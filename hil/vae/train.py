@@ -368,6 +368,7 @@ def train_vae(
                         order=order.state(),
                         noise=noise.get_state(),
                         initial=dataclasses.asdict(initial),
+                        global_rng=False,  # every draw is from the run's own seeded generators
                     ),
                 )
             if on_epoch is not None:
