@@ -383,3 +383,83 @@ def test_two_runs_of_one_seed_write_the_same_run_log(tmp_path: Path) -> None:
             allowed = frozenset()
         assert sorted(x) == sorted(y), path
         assert [k for k in x if k not in allowed and x[k] != y[k]] == [], path
+
+
+# ------------------------------------------------------------------ 6. help and usage, piped
+def _help_paths() -> list[list[str]]:
+    import typer
+
+    from hil.cli import app
+
+    def walk(cmd: Any, path: list[str]) -> list[list[str]]:
+        out = [path]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            out += walk(sub, [*path, name])
+        return out
+
+    return walk(typer.main.get_command(app), [])
+
+
+def test_piped_help_wraps_instead_of_cutting() -> None:
+    """`hil train classifier --help | cat` was cut at 80 columns, words longer than the help
+    column ending in an ellipsis ("model.sizes=[64,…", "'device=emulator…"): help written to a
+    pipe is drawn wide enough for every option text of every command."""
+    done = _hil("train", "classifier", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout, done.stdout
+    flat = " ".join(done.stdout.replace("│", " ").split())
+    for text in (
+        "--set model.sizes=[64,128,10]",
+        "'device=emulator://?preset=rram&seed=0'",
+        "ep.programming=NAME.",
+    ):
+        assert text in flat, text
+
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    cut = {}
+    for path in _help_paths():
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": None, "TERMINAL_WIDTH": None})
+        assert shown.exit_code == 0, shown.output
+        if "…" in shown.output:
+            cut[" ".join(path)] = [line for line in shown.output.splitlines() if "…" in line]
+    assert cut == {}
+    # the user's COLUMNS still rules
+    narrow = CliRunner().invoke(app, ["train", "classifier", "--help"], env={"COLUMNS": "80"})
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80
+
+
+def test_usage_errors_are_plain_text_when_stderr_is_not_a_terminal() -> None:
+    """A usage error in a CI log is click's plain text, not a box of rich's frame characters;
+    on a terminal (a pty) it keeps the box."""
+    done = _hil("train", "classifier", "--bogus")
+    assert done.returncode == 2
+    assert "Error: No such option: --bogus" in done.stderr and "╭" not in done.stderr, done.stderr
+    assert done.stderr.startswith("Usage: ") and "train classifier [OPTIONS]" in done.stderr, done.stderr
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.run(
+            [*HIL, "train", "classifier", "--bogus"],
+            stderr=follower,
+            stdout=subprocess.PIPE,
+            env=_env(),
+            timeout=60,
+        )
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    assert proc.returncode == 2
+    assert "╭".encode() in seen and b"No such option" in seen, seen
