@@ -349,8 +349,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     ap.add_argument("--skip-rram", action="store_true")
     ap.add_argument("--rram-uri", default=RRAM, help="the rram line's board (default: rram, IR drop off)")
-    ap.add_argument("--ideal-uri", default=IDEAL, help="the project's ideal board; a hidden layer wider "
-                    "than 1024 needs wider tiles, e.g. emulator://?preset=ideal&seed=0&tile_cols_max=4096")
+    ap.add_argument(
+        "--ideal-uri",
+        default=IDEAL,
+        help="the project's ideal board; a hidden layer wider "
+        "than 1024 needs wider tiles, e.g. emulator://?preset=ideal&seed=0&tile_cols_max=4096",
+    )
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: this torch has no CUDA device (build {torch.__version__})")

@@ -130,6 +130,7 @@ PCM_DEVICE = DeviceModel(
     read_energy_j=0.2 * 0.2 * 12e-6 * 250e-9,
 )
 
+
 # ECRAM (Li-ion / protonic electrochemical RAM). Sources:
 # - ~1000 near-linear states, linear-step shape, d2d 0.1, c2c 0.3: aihwkit's
 #   EcRamPresetDevice, a fit to Tang et al., IEDM 2018 ("ECRAM as scalable synaptic cell

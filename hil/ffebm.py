@@ -210,7 +210,12 @@ class FFEBM(nn.Module):
                     lin.to(compute)
                 parts += [lin, Clamp01()]
             topo = Topology.layered(
-                list(bs), gain=gain, w_max=w_max, budget=budget, mode=settle_mode, prefix="s",
+                list(bs),
+                gain=gain,
+                w_max=w_max,
+                budget=budget,
+                mode=settle_mode,
+                prefix="s",
                 activation=activation,
             )
             parts.append(_eb_layer(

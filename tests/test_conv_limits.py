@@ -75,8 +75,16 @@ def _topology(g: dict) -> dict:
         "groups": {k: a * b * c for k, (a, b, c) in shapes.items()},
         "shapes": shapes,
         "couplings": [
-            {"tile": "W0", "rows": rows, "cols": ["b"], "kind": "conv", "w_max": 1.0,
-             "kernel": g["kernel"], "padding": g["padding"], "pool": g["pool"]}
+            {
+                "tile": "W0",
+                "rows": rows,
+                "cols": ["b"],
+                "kind": "conv",
+                "w_max": 1.0,
+                "kernel": g["kernel"],
+                "padding": g["padding"],
+                "pool": g["pool"],
+            }
         ],
         "budget": {"max_steps": 2, "tol": 0.0},
     }

@@ -208,9 +208,7 @@ def test_config_selects_the_scheme() -> None:
     assert bad.exit_code == 2 and "ep.programming" in bad.output
 
 
-def _drifted_pcm(
-    mode: str | None, scheme_name: str = "mixed"
-) -> tuple[Device, Any, np.ndarray]:
+def _drifted_pcm(mode: str | None, scheme_name: str = "mixed") -> tuple[Device, Any, np.ndarray]:
     """A pcm tile trained by a few updates, committed, one simulated day later."""
     dev = open_device(PCM)
     tile = _configure(dev)

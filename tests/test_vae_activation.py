@@ -42,7 +42,7 @@ def _cosine(activation: str, seed: int) -> float:
         loss, nets = vae.reference_loss(x, eps, lik)
         loss.backward()
     assert step.loss == pytest.approx(loss.item(), rel=1e-4)
-    (tile, ref), = nets["net"].weights.items()
+    ((tile, ref),) = nets["net"].weights.items()
     return float(cosine(step.grads["net"][tile], ref.grad))
 
 
