@@ -171,14 +171,9 @@ def _traces(run: Run) -> list[str]:
 
 def _tiles(run: Run) -> list[str]:
     out = []
-    for tile in run.streams(TILES):
-        t = run.table(f"{TILES}/{tile}")
-        if not len(t.get("step", ())):
-            continue
-        kinds = [c for c in ("weights", "g_plus", "g_minus") if c in t]
-        shape = next((t[c].shape[1:] for c in kinds), ())
-        dims = "x".join(map(str, shape))
-        out.append(f"tile         {tile} {dims}: {len(t['step'])} snapshots ({', '.join(kinds)})")
+    for tile, r in _tiles_record(run).items():
+        dims = "x".join(map(str, r["shape"]))
+        out.append(f"tile         {tile} {dims}: {r['snapshots']} snapshots ({', '.join(r['arrays'])})")
     for tile in run.streams(PROGRAM):
         t = run.table(f"{PROGRAM}/{tile}")
         if not len(t.get("step", ())):
