@@ -324,8 +324,9 @@ def test_a_busy_lab_board_fails_naming_its_owner_and_the_wait_option(
     (tmp_path / "test_user.py").write_text(BUSY_SUITE)
     with open_device(lab) as holder:  # another host's session
         token = holder.lock_token  # type: ignore[attr-defined]
-        code, out = _finish(_pytest(tmp_path, "--xbar-board", lab, "--xbar-board-wait", "1.5"))
+        code, out = _finish(_pytest(tmp_path, "--xbar-board", lab, "--xbar-board-wait", "1.5", "-rN"))
         assert code == pytest.ExitCode.TESTS_FAILED, out
+        # -rN: no short summary, which repeats each message (whole where CI is set, else cut)
         assert "3 failed" in out and out.count(f"is held by {token!r}") == 3, out
         assert (
             "waited 1.5 s" in out and "--xbar-board-wait SECONDS" in out and f"hil lock break {lab}" in out
