@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -229,6 +229,22 @@ def _has_snapshot(run: Path) -> bool:
         return bool(open_run(store, validate=False).snapshots)
     except RunLogError:
         return False
+
+
+@contextmanager
+def boards_closed_on_error(devices: Iterable[Any], then: Callable[[], None] | None = None) -> Iterator[None]:
+    """A block run after a command opened its boards (creating or resuming its run log): if it
+    fails, each board is put in its safe state and closed (their errors added to the block's as
+    notes), then `then` runs (a distributed group's close), and the block's error goes on."""
+    try:
+        yield
+    except BaseException as err:
+        from hil.boards import close_boards
+
+        close_boards(devices, during=err)
+        if then is not None:
+            then()
+        raise
 
 
 def run_store(path: Path) -> Path:

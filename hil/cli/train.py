@@ -155,6 +155,7 @@ def classifier(
 
     The last line gives the test accuracy, the device identity and the config."""
     from hil.cli.common import (
+        boards_closed_on_error,
         claim_new_run,
         exists_message,
         fail,
@@ -248,7 +249,6 @@ def classifier(
     elif rank_device or rank_calibration:
         raise fail("--rank-device and --rank-calibration are for --distributed runs")
 
-    from hil.boards import close_boards
     from hil.train_classifier import prepare_classifier, train_classifier
 
     command = (
@@ -290,7 +290,7 @@ def classifier(
             warned_gave_up.append(st.epoch)
             typer.echo(f"warning (epoch {st.epoch}): {note}", err=True)
 
-    try:
+    with boards_closed_on_error(prepared.model.devices, None if dp is None else lambda: dp.close(wait=False)):
         try:
             if dp is not None and dp.rank != 0:
                 log = None  # rank 0 writes the run log
@@ -305,11 +305,6 @@ def classifier(
             raise fail(exists_message(run, run)) from None
         except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
             raise fail(str(exc)) from None
-    except BaseException as err:
-        close_boards(prepared.model.devices, during=err)  # each in its safe state, its link released
-        if dp is not None:
-            dp.close(wait=False)
-        raise
     try:
         # every rank names the run to resume (rank 0 writes it; the others were given its --out)
         run_path = log.path if log is not None else (resume or out)

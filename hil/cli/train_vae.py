@@ -79,9 +79,9 @@ def vae(
 
     import torch
 
-    from hil.boards import close_boards
     from hil.cli.common import (
         RUN_STORE,
+        boards_closed_on_error,
         exists_message,
         fail,
         one_line_errors,
@@ -136,7 +136,7 @@ def vae(
     # leaves the run log as it was
     with resume_hint("hil train vae", run_dir if resume is not None else None), one_line_errors():
         prepared = prepare_vae(cfg)
-    try:
+    with boards_closed_on_error(prepared.model.devices):
         try:
             if resume is not None:
                 log, state = resume_log(store, cfg.device)
@@ -148,9 +148,6 @@ def vae(
             raise fail(exists_message(run_dir, run_dir)) from None
         except (RunLogError, OSError) as exc:  # a damaged store, or one on a full or read-only disk
             raise fail(str(exc)) from None
-    except BaseException as err:
-        close_boards(prepared.model.devices, during=err)  # each in its safe state, its link released
-        raise
     if m.variant in ("tdh-vae", "dh-vae"):
         one = dense_topology(64, m.hidden, m.latent * m.copies).cells()
         typer.echo(
