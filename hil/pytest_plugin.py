@@ -67,15 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("xbar_board_wait", "seconds to wait for a busy lab board (--xbar-board-wait)", default="0")
 
 
-_direct_id = IN_PROCESS  # the id of transport_device's IN_PROCESS parameter in this session
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    """Check the ini option xbar_board_wait as the command line's is checked; name the link of
-    `transport_device`'s first parameter after the board's URI scheme."""
-    global _direct_id
-    uri = config.getoption("--xbar-board", None) or str(config.getini("xbar_board"))
-    _direct_id = uri.split("://", 1)[0] if "://" in uri else IN_PROCESS
+    """Check the ini option xbar_board_wait as the command line's is checked."""
     if config.getoption("--xbar-board-wait", None) is None:
         import argparse
 
@@ -85,16 +78,19 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"ini option xbar_board_wait (--xbar-board-wait): {exc}") from None
 
 
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """`transport_device`'s ids name the link truthfully: IN_PROCESS is the board's URI opened
+    as it is, so its id is the URI's scheme (``emulator``, in process, on emulator:// boards;
+    ``visa``, ``serial``, ... on a lab board). Any other parameter keeps pytest's id."""
+    if argname != "transport_device" or val != IN_PROCESS:
+        return None
+    uri = config.getoption("--xbar-board", None) or str(config.getini("xbar_board"))
+    return uri.split("://", 1)[0] if "://" in uri else IN_PROCESS
+
+
 def _is_lab(uri: str) -> bool:
     """A board the fixtures do not start but open: anything but an emulator:// URI."""
     return not uri.startswith("emulator://")
-
-
-def _transport_id(transport: str) -> str:
-    """`transport_device`'s ids name the link truthfully: IN_PROCESS is the board's URI opened
-    as it is, so its id is the URI's scheme (set by pytest_configure: ``emulator``, in
-    process, on emulator:// boards; ``visa``, ``serial``, ... on a lab board)."""
-    return _direct_id if transport == IN_PROCESS else transport
 
 
 @pytest.fixture(scope="session")
@@ -273,7 +269,7 @@ def board_servers(xbar_board: str, _xbar_board_for: Callable[[str], str | Device
         yield servers
 
 
-@pytest.fixture(params=TRANSPORTS, ids=_transport_id)
+@pytest.fixture(params=TRANSPORTS)
 def transport_device(
     request: pytest.FixtureRequest, xbar_board: str, _xbar_board_for: Callable[[str], str | Device]
 ) -> Iterator[Device]:
