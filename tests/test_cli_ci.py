@@ -431,6 +431,33 @@ def test_piped_help_wraps_instead_of_cutting() -> None:
     assert max(len(line) for line in narrow.output.splitlines()) <= 80
 
 
+def test_a_group_given_no_command_shows_piped_help_as_wide_as_its_help_option() -> None:
+    """`hil train` with no command prints its help (exit 2), drawn by the group's argument
+    parsing rather than by ``--help``: piped, it was 80 columns wide while ``hil train --help``
+    was `PIPED_WIDTH`. Every group of the tree now draws both alike."""
+    import typer
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+    from hil.cli.help_format import PIPED_WIDTH
+
+    root = typer.main.get_command(app)
+    groups = [p for p in _help_paths() if p and getattr(_command(root, p), "no_args_is_help", False)]
+    assert ["train"] in groups
+    for path in groups:
+        bare = CliRunner().invoke(app, path, env={"COLUMNS": None, "TERMINAL_WIDTH": None})
+        helped = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": None, "TERMINAL_WIDTH": None})
+        assert bare.exit_code == 2 and "Usage: " in bare.output, (path, bare.output)
+        widths = {max(len(line) for line in r.output.splitlines()) for r in (bare, helped)}
+        assert widths == {PIPED_WIDTH}, (path, widths)
+
+
+def _command(root: Any, path: list[str]) -> Any:
+    for name in path:
+        root = root.commands[name]
+    return root
+
+
 def test_usage_errors_are_plain_text_when_stderr_is_not_a_terminal() -> None:
     """A usage error in a CI log is click's plain text, not a box of rich's frame characters;
     on a terminal (a pty) it keeps the box."""

@@ -92,21 +92,25 @@ def help_width() -> Iterator[None]:
 
 
 def wide_piped_help(cmd: Any, ctx: click.Context | None = None) -> None:
-    """Make the ``--help`` of `cmd` and its subcommands draw inside `help_width`."""
+    """Make the help of `cmd` and its subcommands draw inside `help_width`: the one ``--help``
+    shows, and the one a group shows when it is given no command (``hil train``), which its
+    `parse_args` draws."""
     if hasattr(cmd, "get_help_option"):
         option = cmd.get_help_option(ctx or cmd.context_class(cmd))
         if option is not None and option.callback is not None:
             option.callback = _in_help_width(option.callback)
+    if getattr(cmd, "no_args_is_help", False):
+        cmd.parse_args = _in_help_width(cmd.parse_args)
     for sub in getattr(cmd, "commands", {}).values():
         wide_piped_help(sub)
 
 
 def _in_help_width(show: Callable[..., Any]) -> Callable[..., Any]:
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    def drawn_wide(*args: Any) -> Any:
         with help_width():
-            return show(ctx, param, value)
+            return show(*args)
 
-    return callback
+    return drawn_wide
 
 
 class ShortMetavarGroup(TyperGroup):
