@@ -133,15 +133,19 @@ def run_data_parallel(
             a.run_rank.remote(cfg, devices, r, len(names), master, str(out), resume or attempt > 0, overwrite)
             for r, a in enumerate(actors)
         ]  # fmt: skip
+        executor.busy.update(zip(names, refs, strict=True))  # interrupted, not just killed, when stopped
         error = _first_error(ray, refs, names)
         if error is None:
+            for name in names:
+                executor.busy.pop(name, None)
             reply = ray.get(refs[0])
             return RayJobResult(
                 reply["test_acc"], reply["epochs"], reply["run_log"], tuple(names), attempt
             )  # fmt: skip
         errors.append(error)
-        for a in actors:  # the other ranks wait in their collectives: end the attempt
-            ray.kill(a, no_restart=True)
+        # the other ranks wait in their collectives: end the attempt, each rank interrupted first
+        # (its board to its safe state) and killed after the executor's grace period
+        executor.stop(names)
         ray.wait(refs, num_returns=len(refs), timeout=60)  # every rank's process gone (the run log's writer)
         for name in names:  # fresh actors on the same boards: for the next attempt, or the pool's next job
             executor.restart(name)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from hil.sweep import SpecError, SweepError, load_spec, parse_spec, run_sweep
 from hil.sweep.local import LocalExecutor
 from hil.sweep.ray_runner import Board, import_ray
 from hil.sweep.trial import TrialEvent
+from hil.testing import BoardServers
 
 # Four trials of a small digits classifier (under a second each); two per round, and TPE's
 # model takes over after two trials, so the second round depends on what the first told it.
@@ -216,6 +219,77 @@ def test_a_trial_that_loses_too_many_boards_is_failed_not_moved_on(
     assert by_number[2].state != "COMPLETE" and by_number[2].lost_on == ["a"]
     assert "lost its board on 1 board(s) (a)" in (by_number[2].error or "")
     assert all(t.state == "COMPLETE" for n, t in by_number.items() if n != 2)
+
+
+@pytest.mark.parametrize("stop", ["close", "sigterm"])
+def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
+    stop: str, ray_cluster: dict[str, str], emulated_board: Callable[..., BoardServers], tmp_path: Path
+) -> None:
+    """The safety audit: `RayExecutor.close` (the driver's Ctrl-C or SIGTERM, an error, the end)
+    killed a board actor mid-trial at once: its board, served over TCP, never got SAFE_STATE
+    and stayed locked by the dead actor's token until its lease ran out. Now the trial is
+    interrupted first (as by Ctrl-C), its board made safe and released, then the actor killed.
+    `sigterm`: the actor's worker is sent SIGTERM (its node shutting down); Ray's handler raised
+    SystemExit wherever the trial was, whose clean-up then also made the board safe (so this
+    case passed before too), but could cut a board transaction in flight; now the trial stops
+    as on Ctrl-C (the transaction completes first), then the worker exits (the board is lost
+    to the sweep)."""
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    calls: list[str] = []
+    guard = threading.Lock()
+    for op in ("configure", "program", "settle", "mvm", "safe_state"):
+        inner = getattr(served.device, op)
+
+        def logged(*args: Any, _op: str = op, _inner: Any = inner, **kw: Any) -> Any:
+            with guard:
+                calls.append(_op)
+            return _inner(*args, **kw)
+
+        setattr(served.device, op, logged)
+    uri = served.uri("serial-socket")
+    spec = tmp_path / "long.toml"
+    spec.write_text(
+        SPEC.replace("n_trials = 4", "n_trials = 1")
+        .replace("batch = 2", "batch = 1")
+        .replace("train.epochs = 2", "train.epochs = 200")
+        .replace('device = "emulator://?preset=ideal&seed=0"', f'device = "{uri}"')
+    )
+    from hil.sweep.ray_runner import RayExecutor
+
+    executor = RayExecutor([Board("a", uri)], stop_grace_s=20.0)
+
+    def interrupt_mid_trial(e: TrialEvent) -> None:
+        if e.kind != "start":
+            return
+        deadline = time.monotonic() + 60
+        while sum(c in ("settle", "mvm") for c in calls) < 20:  # the trial trains on the board
+            assert time.monotonic() < deadline, f"the trial did not start within 60 s: {calls[-5:]}"
+            time.sleep(0.05)
+        if stop == "sigterm":
+            os.kill(executor.placement["a"]["pid"], signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt  # the driver's Ctrl-C
+
+    t0 = time.monotonic()
+    try:
+        stopped = (SweepError, "every board was lost") if stop == "sigterm" else (KeyboardInterrupt, None)
+        with pytest.raises(stopped[0], match=stopped[1]):
+            run_sweep(load_spec(spec), tmp_path / "sweep", executor, on_event=interrupt_mid_trial)
+    finally:
+        executor.close()
+    assert time.monotonic() - t0 < 60 and not executor.actors and not executor.busy
+    with guard:
+        last_work = max(i for i, c in enumerate(calls) if c != "safe_state")
+        assert "safe_state" in calls[last_work:], calls[-5:]  # made safe after its last operation
+    assert served.lock is not None and served.lock.state().token is None  # released, not left to lapse
+
+
+@pytest.mark.parametrize("grace", [-1.0, 301.0, float("nan")])
+def test_the_stop_grace_period_is_checked(grace: float) -> None:
+    from hil.sweep.ray_runner import RayExecutor
+
+    with pytest.raises(SweepError, match=r"stop_grace_s must be within \[0, 300\] s"):
+        RayExecutor(stop_grace_s=grace)
 
 
 def test_a_board_that_does_not_open_is_left_out(ray_cluster: dict[str, str]) -> None:

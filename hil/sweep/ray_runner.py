@@ -10,6 +10,13 @@ stops answering goes back to the queue and runs on another board; the lost board
 pool for the rest of the sweep. The same actors can instead be the ranks of one data parallel
 training (`BoardActor.run_rank`, driven by `hil.distributed_ray.run_data_parallel`).
 
+Stopping an actor that runs a trial or a rank (`RayExecutor.stop`: the executor closed, the
+driver interrupted, a rank's peers ended) interrupts its task as Ctrl-C would, so the board
+goes to its safe state and the run log is closed as interrupted, waits `stop_grace_s` for that
+and only then kills the actor (`interruptible` says how). A worker that receives SIGTERM (its
+node shutting down) likewise stops its task as on Ctrl-C first, then exits as Ray's own
+SIGTERM handler makes it.
+
 Ray is optional: this module imports it only when an executor is made.
 """
 
@@ -19,12 +26,15 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,9 @@ from hil.sweep.trial import (
 
 RESOURCE_PREFIX = "board:"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+STOP_GRACE_S = 5.0  # how long a stopped actor's trial or rank may take to make its board safe
+STOP_GRACE_MAX_S = 300.0
+_ACTOR_TITLE = b"ray::BoardActor"  # how Ray titles a board actor's worker process (its cmdline)
 
 
 def import_ray() -> Any:
@@ -90,6 +103,74 @@ def name_boards(boards: list[Board]) -> list[Board]:
     return named
 
 
+class _FirstInterrupt:
+    """The SIGINT handler inside `interruptible`: the first SIGINT is Ctrl-C, later ones are
+    ignored, so that a second one (the terminal's Ctrl-C, then the executor's interrupt) does
+    not cut the clean-up the first one started."""
+
+    def __call__(self, signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Around a board actor's task: SIGINT interrupts it as Ctrl-C does, and SIGTERM is taken
+    as Ctrl-C (`hil.cli.common.TermAsInterrupt`), so the board goes to its safe state and the
+    run log is closed as interrupted. Outside the main thread it does nothing.
+
+    Why a signal, and why this way (found with Ray 2.x; tests/test_sweep.py checks it):
+    `ray.cancel` does not interrupt a running task of a regular actor (the task runs to its
+    end and is then reported cancelled). A second concurrency group with an `interrupt`
+    method does not work either: an actor that declares concurrency groups runs its default
+    group's tasks in a worker thread, not the main thread, where no signal reaches them and
+    where the drivers cannot defer Ctrl-C until a board transaction is complete. A regular
+    actor runs its tasks in the worker process's main thread, but Ray blocks SIGINT there
+    (`pthread_sigmask`), so a SIGINT sent to the process stays pending. Inside this block
+    SIGINT is unblocked, so the SIGINT that `RayExecutor.stop` sends to the worker, from a
+    zero-CPU task on the actor's node, raises KeyboardInterrupt in the task (one that came
+    before the task began, while SIGINT was blocked, as the block is entered).
+
+    Ray's own SIGTERM handler raises SystemExit wherever the task is: the trial's clean-up
+    runs, but a board transaction in flight is cut (the drivers defer SIGINT, not SystemExit),
+    which can leave the link broken and the safe state unsent. Inside this block SIGTERM is
+    taken as Ctrl-C instead, and once the task's clean-up is done the SIGTERM is raised again
+    under Ray's handler, so the worker exits as Ray meant it to (the driver sees the actor
+    died, and moves the trial on)."""
+    from hil.cli.common import TermAsInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    term = TermAsInterrupt()
+    before_int = signal.signal(signal.SIGINT, _FirstInterrupt())
+    before_term = signal.signal(signal.SIGTERM, term)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending: raised here
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGTERM, before_term)
+        if term.received:
+            signal.raise_signal(signal.SIGTERM)  # now Ray's: the worker exits
+
+
+def _interrupt_worker(pid: int) -> bool:
+    """SIGINT to the board actor's worker process `pid` on this node (run there as a Ray
+    task); False if that process is gone or is no longer a board actor's."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        if cmdline.exists() and not cmdline.read_bytes().startswith(_ACTOR_TITLE):
+            return False
+        os.kill(pid, signal.SIGINT)
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    return True
+
+
 class BoardActor:
     """The Ray actor that owns one board (wrapped by `ray.remote` in `RayExecutor`)."""
 
@@ -111,6 +192,12 @@ class BoardActor:
             "error": self._probe(uri) if (uri := self.uri or default_uri) else None,
         }
 
+    def ident(self) -> tuple[str, int]:
+        """The node this actor runs on and its worker's process id (to interrupt it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
     def endpoint(self) -> tuple[str, int]:
         """This host's address and a free port: the rendezvous when this actor is rank 0 of a
         data parallel job (`hil.distributed_ray`)."""
@@ -122,7 +209,8 @@ class BoardActor:
         """One rank of a data parallel job on this actor's board (`hil.distributed_ray.run_rank`)."""
         from hil.distributed_ray import run_rank
 
-        return run_rank(*args)
+        with interruptible():
+            return run_rank(*args)
 
     @staticmethod
     def _probe(uri: str) -> str | None:
@@ -139,6 +227,10 @@ class BoardActor:
         """Run one trial; returns its status (ok | failed | lost), metrics or error, seconds
         and the run folder as a tar archive. A board that no longer opens is lost, not the
         trial's fault."""
+        with interruptible():
+            return self._run(spec, number, params)
+
+    def _run(self, spec: SweepSpec, number: int, params: dict[str, Any]) -> dict[str, Any]:
         uri = self.uri or spec.base["device"]
         reply: dict[str, Any] = {"status": "ok", "metrics": None, "error": None, "archive": b""}
         if (error := self._probe(uri)) is not None:
@@ -200,7 +292,10 @@ class RayExecutor:
     `ready_timeout_s`: how long the actors may take to start. `max_board_losses`: a trial
     that has lost this many boards (its actor died or its board stopped answering each time)
     is reported failed instead of being moved on: such a trial may itself be what brings
-    boards down, and would otherwise take every board of the cluster with it."""
+    boards down, and would otherwise take every board of the cluster with it.
+    `stop_grace_s`: how long an actor stopped while it runs a trial or a rank (`stop`) is
+    given to make its board safe before it is killed (0 to STOP_GRACE_MAX_S; 0: killed at
+    once, its board left as it was)."""
 
     def __init__(
         self,
@@ -211,10 +306,17 @@ class RayExecutor:
         cpus_per_board: float = 1.0,
         ready_timeout_s: float = 120.0,
         max_board_losses: int = 2,
+        stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         if max_board_losses < 1:
             raise SweepError(f"max_board_losses must be >= 1, got {max_board_losses}")
+        if not 0.0 <= stop_grace_s <= STOP_GRACE_MAX_S:  # NaN too
+            raise SweepError(f"stop_grace_s must be within [0, {STOP_GRACE_MAX_S:g}] s, got {stop_grace_s}")
         self.max_board_losses = max_board_losses
+        self.stop_grace_s = float(stop_grace_s)
+        self.actors: dict[str, Any] = {}
+        self.busy: dict[str, Any] = {}  # board -> the ref of the trial or rank its actor runs
+        self._idents: dict[str, Any] = {}  # board -> the ref of its actor's (node id, pid)
         ray = import_ray()
         boards = name_boards(boards or [])
         self._owns_ray = not ray.is_initialized()
@@ -258,7 +360,8 @@ class RayExecutor:
                 )
         self.boards = {b.name: b for b in boards}
         self._cpus = cpus
-        self.actors: dict[str, Any] = {b.name: self._actor(ray, b) for b in boards}
+        for b in boards:
+            self.actors[b.name] = self._actor(ray, b)
         refs = {self.actors[n].where.remote(default_uri): n for n in self.actors}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if pending:
@@ -275,12 +378,14 @@ class RayExecutor:
 
     def _actor(self, ray: Any, board: Board) -> Any:
         remote = ray.remote(BoardActor)
-        return remote.options(resources={board.resource: 1}, num_cpus=self._cpus, max_restarts=0).remote(
+        actor = remote.options(resources={board.resource: 1}, num_cpus=self._cpus, max_restarts=0).remote(
             board.name, board.uri
         )
+        self._idents[board.name] = actor.ident.remote()  # its first task: known before any trial
+        return actor
 
     def restart(self, name: str) -> None:
-        """Replace the actor of board `name` by a fresh one (the old one killed, if alive)."""
+        """Replace the actor of board `name` by a fresh one (the old one stopped, if alive: `stop`)."""
         ray = import_ray()
         self._drop(ray, name)
         self.actors[name] = self._actor(ray, self.boards[name])
@@ -303,13 +408,15 @@ class RayExecutor:
         while queue or running:
             while queue and idle:
                 job, name = queue.popleft(), idle.popleft()
-                running[self.actors[name].run.remote(spec, job.number, job.params)] = (job, name)
+                self.busy[name] = self.actors[name].run.remote(spec, job.number, job.params)
+                running[self.busy[name]] = (job, name)
                 on_event(TrialEvent("start", job.number, name))
             if not running:
                 left = ", ".join(str(j.number) for j in queue)
                 raise SweepError(f"every board was lost; trials {left} did not run")
             [ref], _ = ray.wait(list(running), num_returns=1)
             job, name = running.pop(ref)
+            self.busy.pop(name, None)
             try:
                 reply = ray.get(ref)
             except RayActorError as exc:
@@ -338,14 +445,56 @@ class RayExecutor:
             )  # fmt: skip
 
     def _drop(self, ray: Any, name: str) -> None:
-        actor = self.actors.pop(name, None)
-        if actor is not None:
-            ray.kill(actor)
+        self.stop([name])
+
+    def stop(self, names: Iterable[str]) -> None:
+        """Stop the actors of boards `names` (leaving the pool): those running a trial or a
+        rank (`busy`) are interrupted as by Ctrl-C (`interruptible`), so their boards go to
+        their safe state, and given `stop_grace_s` for it together; then every one is killed.
+        An interrupt for a worker on another host is sent by a task there, which waits for a
+        worker process to start (seconds): the grace period starts once it is sent, and the
+        sending gets as long at most."""
+        ray = import_ray()
+        names = [n for n in names if n in self.actors]
+        refs = {n: self.busy.pop(n) for n in names if n in self.busy}
+        running = [n for n in refs if not ray.wait([refs[n]], timeout=0)[0]]
+        if running and self.stop_grace_s > 0:
+            sent = self._interrupt(ray, running)
+            ray.wait(sent, num_returns=len(sent), timeout=self.stop_grace_s)
+            ray.wait([refs[n] for n in running], num_returns=len(running), timeout=self.stop_grace_s)
+        for name in names:
+            ray.kill(self.actors.pop(name))
+            self._idents.pop(name, None)
+
+    def _interrupt(self, ray: Any, names: list[str]) -> list[Any]:
+        """Send SIGINT to the worker processes of the actors of `names`: from here to those on
+        this driver's node, from a zero-CPU task on its node to every other (the refs of those
+        tasks are returned). An actor whose process is not known yet is running nothing."""
+        from ray.util.client import ray as client
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = None if client.is_connected() else ray.get_runtime_context().get_node_id()
+        send = ray.remote(num_cpus=0, max_retries=0)(_interrupt_worker)
+        idents = [self._idents[n] for n in names if n in self._idents]
+        ready, _ = ray.wait(idents, num_returns=len(idents), timeout=min(1.0, self.stop_grace_s))
+        sent = []
+        for ident in ready:
+            try:
+                node, pid = ray.get(ident)
+            except Exception:  # the actor died before it answered
+                continue
+            if node == here:
+                _interrupt_worker(pid)
+            else:
+                strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+                sent.append(send.options(scheduling_strategy=strategy).remote(pid))
+        return sent
 
     def close(self) -> None:
+        """Stop every actor (`stop`: a trial or rank running is interrupted first), then Ray
+        if this executor started it."""
         ray = import_ray()
         if ray.is_initialized():
-            for name in list(getattr(self, "actors", {})):
-                self._drop(ray, name)
+            self.stop(list(self.actors))
         if self._owns_ray:
             ray.shutdown()
