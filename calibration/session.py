@@ -119,12 +119,21 @@ class SessionOptions:
 
     def with_pulse_budget(self, limits: Limits) -> tuple[SessionOptions, str]:
         """These options with the pulse budget set (the board's default where None), and
-        where it came from; PulseBudgetError if the pulse routine's worst case on this board
-        exceeds it (before anything runs: a refusal after the other routines wastes them)."""
+        where it came from; PulseBudgetError if it exceeds the pulse endurance the board
+        declares, or the pulse routine's worst case on this board exceeds it (before anything
+        runs: a refusal after the other routines wastes them)."""
         if self.pulse_budget is None:
             budget, source = default_pulse_budget(limits)
         else:
             budget, source = self.pulse_budget, "set by the session: --pulse-budget"
+        endurance = limits.pulse_endurance
+        if endurance is not None and budget > endurance:
+            raise PulseBudgetError(
+                f"the pulse budget of {budget} pulses per device ({source}) is above the board's "
+                f"declared pulse_endurance of {endurance} pulses per device over its life: nothing "
+                f"was run. Give --pulse-budget at most {endurance} (the board's declared "
+                "pulse_endurance), or leave it out for the default (1 % of it)"
+            )
         worst = self.pulse_worst_case(limits.max_pulses)
         if worst > budget:
             raise PulseBudgetError(

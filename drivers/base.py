@@ -116,8 +116,9 @@ class Limits:
     # pulses one device is rated to take over its life (its datasheet's write endurance; for
     # devices rated in SET/RESET cycles, the cycles: a partial pulse wears no more than a full
     # one), from which the calibration's default pulse budget is derived
-    # (`calibration.pulse.default_pulse_budget`); None: not declared (a board or peer that
-    # predates the field, or a board that models no wear)
+    # (`calibration.pulse.default_pulse_budget`), and which a board that declares it enforces
+    # on each device's life count (docs/protocol.md, "Pulse endurance"); None: not declared (a
+    # board or peer that predates the field, or a board that models no wear)
     pulse_endurance: int | None = None
 
     @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once

@@ -362,9 +362,18 @@ def check_conductance_range(limits: Limits, tile: str, name: str, lo: float, hi:
         )
 
 
-def pulse_counts(tile: str, name: str, value: object, shape: tuple[int, int], max_pulses: int) -> np.ndarray:
-    """Whole pulse counts of `shape` as int32, each within +-max_pulses: checked in the
-    array's own dtype (min and max, never an absolute value that overflows) before the cast."""
+def pulse_counts(
+    tile: str,
+    name: str,
+    value: object,
+    shape: tuple[int, int],
+    max_pulses: int,
+    endurance: int | None = None,
+) -> np.ndarray:
+    """Whole pulse counts of `shape` as int32, each within +-max_pulses and, where the board
+    declares one, within its pulse `endurance` (no single request may take a device past its
+    rated life): checked in the array's own dtype (min and max, never an absolute value that
+    overflows) before the cast, so the count compared is the one the int32 wire carries."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -391,6 +400,14 @@ def pulse_counts(tile: str, name: str, value: object, shape: tuple[int, int], ma
         raise LimitViolation(
             f"pulses per device ({name} of {tile!r})", float(peak), bound, "split into several calls"
         )
+    if endurance is not None and peak > endurance:
+        raise LimitViolation(
+            f"pulse endurance ({name} of {tile!r}: pulses per device over its life)",
+            float(peak),
+            endurance,
+            "the board declares its devices endure no more (Limits.pulse_endurance); no request "
+            "may exceed it",
+        )
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
@@ -398,9 +415,59 @@ def check_pulse(
     topology: Topology | None, limits: Limits, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = check_tile(topology, tile)
-    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses)
-    cm = pulse_counts(tile, "counts_minus", counts_minus, shape, limits.max_pulses)
+    endurance = limits.pulse_endurance
+    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses, endurance)
+    cm = pulse_counts(tile, "counts_minus", counts_minus, shape, limits.max_pulses, endurance)
     return cp, cm
+
+
+class SessionWear:
+    """The pulses one host session sent to each device by explicit `pulse` requests, per tile
+    name (int64 (2, rows, cols)), so that a request that would take a device past the board's
+    declared endurance on this session's count alone is refused before it is sent. A lower
+    bound of the wear (earlier sessions, programming pulses and other hosts are not in it):
+    the board's own count is the authority. Cleared when the topology changes (a tile name
+    may then stand for other devices; a reset and the same network again keep them)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, np.ndarray] = {}
+        self._network: tuple[object, object] | None = None  # (groups, couplings) counted for
+
+    def configured(self, topology: Topology) -> None:
+        """After a configure: the counts are kept for the same network, else cleared."""
+        network = (dict(topology.groups), topology.couplings)
+        if network != self._network:
+            self._sent.clear()
+            self._network = network
+
+    def check(self, limits: Limits, tile: str, cp: np.ndarray, cm: np.ndarray) -> np.ndarray | None:
+        """The session's counts of `tile` after checked counts (`check_pulse`) `cp`, `cm`
+        (None when the board declares no endurance); `LimitViolation` if a device would pass
+        the endurance. Nothing is recorded until `record`."""
+        endurance = limits.pulse_endurance
+        if endurance is None:
+            return None
+        sent = self._sent.get(tile)
+        total = np.abs(np.stack((cp, cm)).astype(np.int64))
+        if sent is not None and sent.shape == total.shape:
+            total += sent
+        worst = int(np.argmax(total)) if total.size else 0
+        if total.size and int(total.flat[worst]) > endurance:
+            side, row, col = np.unravel_index(worst, total.shape)
+            had = 0 if sent is None or sent.shape != total.shape else int(sent.flat[worst])
+            raise LimitViolation(
+                f"pulse endurance of tile {tile!r} (this session's pulses)",
+                float(total.flat[worst]),
+                endurance,
+                f"{'G+' if side == 0 else 'G-'} device ({row}, {col}) was sent {had} pulses in this "
+                f"session and this request adds {int(total.flat[worst]) - had}; nothing was sent",
+            )
+        return total
+
+    def record(self, tile: str, total: np.ndarray | None) -> None:
+        """Keep `total` (from `check`) as the session's counts of `tile`, once sent."""
+        if total is not None:
+            self._sent[tile] = total
 
 
 def check_mvm(

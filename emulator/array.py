@@ -450,14 +450,23 @@ class TileArray:
         return torch.stack((a, b))
 
     def write(
-        self, target_plus: torch.Tensor, target_minus: torch.Tensor, t: float, gen: torch.Generator
+        self,
+        target_plus: torch.Tensor,
+        target_minus: torch.Tensor,
+        t: float,
+        gen: torch.Generator,
+        wear: torch.Tensor | None = None,
     ) -> WriteStats:
         """Direct programming without verify: every non-stuck device lands at
         ``clip(target + N(0, write_noise), own bounds)`` and is marked written at `t`."""
-        return self.write_stacked(self.stack_targets(target_plus, target_minus, "write"), t, gen)
+        return self.write_stacked(self.stack_targets(target_plus, target_minus, "write"), t, gen, wear)
 
-    def write_stacked(self, target: torch.Tensor, t: float, gen: torch.Generator) -> WriteStats:
-        """`write` with the targets as one (2, rows, cols) tensor (`_stack`)."""
+    def write_stacked(
+        self, target: torch.Tensor, t: float, gen: torch.Generator, wear: torch.Tensor | None = None
+    ) -> WriteStats:
+        """`write` with the targets as one (2, rows, cols) tensor (`_stack`). `wear`: the
+        devices' life pulse counts (int64, (2, rows, cols)), each raised by the write's one
+        pulse (stuck devices take it too)."""
         target = target.to(torch.float32)
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
             z = self._table_window(gen)
@@ -482,6 +491,8 @@ class TileArray:
         # device holds clamp(target, lo, hi) exactly, which `deviation` can use
         clean = self.model.write_noise == 0 and self._bounds is not None and self._stuck_idx is None
         self._clean = (target, self._version) if clean else None
+        if wear is not None:
+            wear.add_(1)
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
 
@@ -555,25 +566,42 @@ class TileArray:
         self._g0 = torch.where(p.stuck, p.stuck_value, landed)
         self._written(t)
 
+    def pulse_counts(
+        self, counts_plus: torch.Tensor, counts_minus: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed counts, pulses each device gets) as int64 (2, rows, cols): |n|, and on a
+        one-sided (PCM) device 1 for a negative count of any size (one RESET pulse)."""
+        n = self.stack_targets(counts_plus, counts_minus, "pulse")
+        if n.is_floating_point() and not torch.equal(n, n.round()):
+            raise ConfigurationError("pulse counts must be integers")
+        n = n.to(torch.int64)
+        mag = n.abs()
+        if self.model.one_sided:
+            mag = torch.where(n < 0, torch.ones_like(mag), mag)
+        return n, mag
+
     def pulse(
-        self, counts_plus: torch.Tensor, counts_minus: torch.Tensor, t: float, gen: torch.Generator
+        self,
+        counts_plus: torch.Tensor,
+        counts_minus: torch.Tensor,
+        t: float,
+        gen: torch.Generator,
+        wear: torch.Tensor | None = None,
     ) -> WriteStats:
         """Apply signed pulse counts (positive: potentiate) to every device, |n| pulses in sequence.
 
         Each pulse goes through the device model with cycle-to-cycle noise, asymmetry and the
         device's own bounds; stuck devices do not move. On a one-sided (PCM) device a negative
         count of any size is one RESET pulse to just above g_lo. A pulsed device takes its
-        drifted conductance as the start and counts as written at `t`.
+        drifted conductance as the start and counts as written at `t`. `wear`: the devices'
+        life pulse counts (int64, (2, rows, cols)), raised by the pulses each gets (stuck
+        devices' included: the pulse reaches them).
         """
-        n = self.stack_targets(counts_plus, counts_minus, "pulse")
-        if n.is_floating_point() and not torch.equal(n, n.round()):
-            raise ConfigurationError("pulse counts must be integers")
-        n = n.to(torch.int64)
+        n, mag = self.pulse_counts(counts_plus, counts_minus)
+        if wear is not None:
+            wear.add_(mag)
         model = self.model
         p = self.params
-        mag = n.abs()
-        if model.one_sided:
-            mag = torch.where(n < 0, torch.ones_like(mag), mag)
         per_row = mag.amax(dim=(0, 2))
         stats = WriteStats(
             int(mag.sum()),
@@ -626,6 +654,8 @@ class TileArray:
         *,
         max_pulses: int = 64,
         patience: int = 3,
+        wear: torch.Tensor | None = None,
+        endurance: int | None = None,
     ) -> VerifyStats:
         """Firmware-style write-verify: a direct write, then up to `max_iters` rounds of
         {one noisy read of the tile; every device not yet verified gets
@@ -648,6 +678,11 @@ class TileArray:
           (once that movement is well above the read noise) is given up (`gave_up`).
 
         `within_tol` counts every device, stuck ones included, by its true conductance.
+
+        `wear` (int64, (2, rows, cols)): the devices' life pulse counts, raised by every pulse
+        sent (the write's one included). With `endurance`, a round's count is cut to the pulses
+        a device has left, and a device that needs pulses and has none left is given up
+        (`gave_up`): no device is pulsed past its endurance (the caller checked the write).
         """
         if tol <= 0:
             raise ConfigurationError(f"tol must be > 0 siemens, got {tol}")
@@ -655,7 +690,7 @@ class TileArray:
             raise ConfigurationError(f"max_iters must be >= 0, got {max_iters}")
         model = self.model
         target = self.stack_targets(target_plus, target_minus, "program_verify").to(torch.float32)
-        stats = self.write(target[0], target[1], t, gen)
+        stats = self.write(target[0], target[1], t, gen, wear)
         rn = model.read_noise
         accept = max(tol - 2.0 * rn, 0.5 * tol)
         # an expected movement this large is distinguishable from two reads' noise
@@ -703,11 +738,17 @@ class TileArray:
                 move = torch.where(err < 0, model.g_min - r, move)
             n = torch.where(need, n, torch.zeros_like(n))
             move = torch.where(need, move, zeros)
+            if wear is not None and endurance is not None:
+                left = (endurance - wear).clamp_min(0).to(torch.float32)
+                cut = torch.sign(n) * torch.minimum(n.abs(), left)
+                move = torch.where(n != 0, move * cut / torch.where(n != 0, n, 1.0), zeros)
+                gave_up |= need & (left == 0)
+                n = cut
             same = (streak > 0) & (torch.sign(move) == torch.sign(expected)) & (n != 0)
             anchor = torch.where(same, anchor, r)
             expected = torch.where(same, expected + move, move)
             streak = torch.where(n == 0, torch.zeros_like(streak), torch.where(same, streak + 1, 1))
-            stats = stats + self.pulse(n[0].to(torch.int64), n[1].to(torch.int64), t, gen)
+            stats = stats + self.pulse(n[0].to(torch.int64), n[1].to(torch.int64), t, gen, wear)
             prev_err = err
 
         read_cost = WriteStats(

@@ -112,6 +112,12 @@ class Board:
         self._groups: dict[str, int] = {}  # the configured groups, as they were at configure
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
+        # Wear: pulses each device of physical tile k has taken over the board's life, int64
+        # (2, rows, cols) at the largest shape tile k has been configured to (a configured tile
+        # is the top-left block of its physical array), kept only when the board declares a
+        # pulse endurance. Physical: a reset, the safe state and reconfigures keep it.
+        self._wear: dict[int, torch.Tensor] = {}
+        self._physical_of: dict[str, int] = {}  # configured tile name -> physical tile index
         # Run-time noise (write, read-back, MVM and node noise) is drawn on the board's device, from
         # a generator there seeded from the `board.noise` stream, and that of the host's reads
         # (`read_conductance`) from one seeded from `board.read`: boards of one seed on CPU and
@@ -220,11 +226,13 @@ class Board:
                 phys = TileArray(shape[0], shape[1], self.preset.device, fab, self.device)
                 self._physical[k] = phys
             tiles[c.tile] = phys
+            self._grow_wear(k, shape)
         if old is None or (old.groups, old.couplings) != (topology.groups, topology.couplings):
             self.engine.clear()  # a new budget, gain or mode keeps the plans: they do not depend on them
         self.topology = topology
         self._groups = dict(topology.groups)
         self._tiles = tiles
+        self._physical_of = {c.tile: k for k, c in enumerate(topology.couplings)}
         offsets, start = {}, 0
         for g, n in topology.groups.items():
             offsets[g] = start
@@ -240,10 +248,74 @@ class Board:
             raise ConfigurationError(f"unknown tile {name!r}; known: {sorted(self._tiles)}") from None
 
     def reset(self) -> None:
-        """Power-on state: configuration cleared. Conductances are non-volatile and stay."""
+        """Power-on state: configuration cleared. Conductances are non-volatile and stay, and
+        so does the devices' wear (it is physical)."""
         self.topology = None
         self._tiles = {}
+        self._physical_of = {}
         self.engine.clear()
+
+    # ---------------------------------------------------------------- wear
+
+    def _grow_wear(self, k: int, shape: tuple[int, int]) -> None:
+        """Physical tile `k`'s wear, grown (zeros: devices never pulsed) to cover `shape`."""
+        if self.limits.pulse_endurance is None:
+            return
+        old = self._wear.get(k)
+        if old is not None and old.shape[1] >= shape[0] and old.shape[2] >= shape[1]:
+            return
+        rows, cols = shape if old is None else (max(shape[0], old.shape[1]), max(shape[1], old.shape[2]))
+        grown = torch.zeros((2, rows, cols), dtype=torch.int64, device=self.device)
+        if old is not None:
+            grown[:, : old.shape[1], : old.shape[2]] = old
+        self._wear[k] = grown
+
+    def wear(self, name: str) -> torch.Tensor | None:
+        """The life pulse counts of tile `name`'s devices, int64 (2, rows, cols) (a view:
+        the board's own counts); None when the board declares no pulse endurance."""
+        tile = self.tile(name)
+        if self.limits.pulse_endurance is None:
+            return None
+        w = self._wear.get(self._physical_of[name])
+        if w is None:  # the endurance came with a preset swapped in after configure
+            self._grow_wear(self._physical_of[name], tile.shape)
+            w = self._wear[self._physical_of[name]]
+        return w[:, : tile.rows, : tile.cols]
+
+    def max_wear(self) -> dict[str, int]:
+        """The most pulses any device of each configured tile has taken (empty when the board
+        declares no pulse endurance or has no topology)."""
+        out = {}
+        for name in self._tiles:
+            w = self.wear(name)
+            if w is not None:
+                out[name] = int(w.max()) if w.numel() else 0
+        return out
+
+    def _check_wear(self, name: str, wear: torch.Tensor, added: torch.Tensor | int, what: str) -> None:
+        """Refuse (-222, counted in `refused`) a request that would take a device of tile
+        `name` past the declared endurance: `added` pulses per device (int64 (2, rows, cols),
+        or the same count for every device) on top of `wear`. Nothing is applied."""
+        endurance = self.limits.pulse_endurance
+        if endurance is None or not wear.numel():
+            return
+        total = wear + added
+        worst = int(torch.argmax(total))
+        side, rest = divmod(worst, wear.shape[1] * wear.shape[2])
+        row, col = divmod(rest, wear.shape[2])
+        after = int(total.view(-1)[worst])
+        if after <= endurance:
+            return
+        had = int(wear.view(-1)[worst])
+        raise self.safety.refuse(
+            LimitViolation(
+                f"pulse endurance of tile {name!r}",
+                float(after),
+                endurance,
+                f"{'G+' if side == 0 else 'G-'} device ({row}, {col}) has taken {had} pulses and this "
+                f"{what} adds {after - had}; nothing was applied: use another tile or board",
+            )
+        )
 
     def wait(self, seconds: float) -> None:
         try:
@@ -328,11 +400,17 @@ class Board:
         tol = 0.02 * (m.g_max - m.g_min) if tol is None else tol
         target = tile.stack_targets(g_plus, g_minus, "program")
         self._check_read_lines(name, target)
+        wear = self.wear(name)
+        if wear is not None:
+            self._check_wear(name, wear, 1, "program's write")
         if verify:
-            st = tile.program_verify(g_plus, g_minus, tol, max_iters, self.clock, self.noise)
+            st = tile.program_verify(
+                g_plus, g_minus, tol, max_iters, self.clock, self.noise,
+                wear=wear, endurance=self.limits.pulse_endurance,
+            )  # fmt: skip
             iterations, within, gave_up = st.iterations, st.within_tol, st.gave_up
         else:
-            st = tile.write_stacked(target, self.clock, self.noise)
+            st = tile.write_stacked(target, self.clock, self.noise, wear)
             iterations, gave_up = 0, 0
         self.clock += st.time_s
         self.energy_j += st.energy_j
@@ -368,7 +446,10 @@ class Board:
         peak = max(_peak_count(counts_plus), _peak_count(counts_minus))
         if peak > bound:
             raise self.safety.refuse(LimitViolation("pulses per device", float(peak), bound))
-        st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise)
+        wear = self.wear(name)
+        if wear is not None:
+            self._check_wear(name, wear, tile.pulse_counts(counts_plus, counts_minus)[1], "pulse request")
+        st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise, wear)
         self.clock += st.time_s
         self.energy_j += st.energy_j
         return {"pulses": int(st.pulses), "energy_j": float(st.energy_j), "time_s": float(st.time_s)}

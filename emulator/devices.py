@@ -131,8 +131,9 @@ class DeviceModel:
     read_time_s: float = 1e-6  # reading one row of devices (all columns in parallel)
     read_energy_j: float = 0.0  # one read of one device
     # pulses one device is rated for over its life, declared as `Limits.pulse_endurance`; the
-    # emulator models no wear (docs/emulator.md), so its presets declare none; set it
-    # (``emulator://?preset=rram&pulse_endurance=1000000``) to try a board that declares one
+    # presets declare none; set it (``emulator://?preset=rram&pulse_endurance=1000000``) to
+    # try a board that declares one: it counts each device's pulses and refuses past it
+    # (`Board.wear`; a worn device behaves as a new one, docs/emulator.md)
     pulse_endurance: int | None = None
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ HIL = [sys.executable, "-c", "from hil.cli import main; main()"]
 def test_without_a_declared_endurance_the_budget_is_the_default_routines_worst_case() -> None:
     assert pulse_worst_case(1000) == 3 * 16 * 1000 + 1 + 2 * (3 + 197 * 1000) == FALLBACK_PULSE_BUDGET
     assert pulse_worst_case(1000, chunks=40) < FALLBACK_PULSE_BUDGET
-    with open_device("emulator://?preset=rram&seed=0") as dev:  # the emulator models no wear
+    with open_device("emulator://?preset=rram&seed=0") as dev:  # the presets declare no endurance
         assert dev.info.limits.pulse_endurance is None
         budget, source = default_pulse_budget(dev.info.limits)
     assert budget == FALLBACK_PULSE_BUDGET and "declares no device endurance" in source

@@ -258,6 +258,7 @@ class RemoteDevice(Device):
         self._info: DeviceInfo | None = None
         self._topology: Topology | None = None
         self._refused = 0  # requests refused here, before they reached the link
+        self._wear = checks.SessionWear()  # this session's pulses per device (endurance)
         self._broken = False
         self._closed = False
         self._depth = 0
@@ -611,6 +612,7 @@ class RemoteDevice(Device):
         with self.lock:
             self._checked(checks.check_topology, topology, self.info.limits)
             self._transact(Op.CONFIGURE, Message(pl.topology_to_dict(topology)))
+            self._wear.configured(topology)
             self._topology = topology
 
     def program(
@@ -639,7 +641,10 @@ class RemoteDevice(Device):
             cp, cm = self._checked(
                 checks.check_pulse, self.topology, self.info.limits, tile, counts_plus, counts_minus
             )
-            return pl.pulse_report(self._transact(Op.PULSE, pl.pulse_request(tile, cp, cm)), tile)
+            sent = self._checked(self._wear.check, self.info.limits, tile, cp, cm)
+            report = pl.pulse_report(self._transact(Op.PULSE, pl.pulse_request(tile, cp, cm)), tile)
+            self._wear.record(tile, sent)
+            return report
 
     def read_conductance(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:

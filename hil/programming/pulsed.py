@@ -112,7 +112,6 @@ class PulsedUpdates(SchemeBase):
         self, device: Device, tile: str, st: TileState, w: np.ndarray | torch.Tensor
     ) -> list[Programmed]:
         wn = _float64_copy(w)
-        st.updates += 1
         m = st.mapping
         clipped = 0
         if not st.bounded:  # as the writes' mapping does: weights past +-w_max are clipped, counted
@@ -120,7 +119,6 @@ class PulsedUpdates(SchemeBase):
             if clipped:
                 wn = np.clip(wn, -m.w_max, m.w_max)
         dw = wn - st.host
-        st.host = wn
         req = st.acc + dw if self.carries else dw
         d_g = req * (m.g_range / m.w_max)  # change of G+ - G-
         if st.one_sided:
@@ -141,13 +139,17 @@ class PulsedUpdates(SchemeBase):
         # expected move of every device; a device at the edge of the window does not go past it
         moved = np.clip(st.g_est + dev * frac, m.g_min, m.g_max) - st.g_est
         applied = (moved[0] - moved[1]) * (m.w_max / m.g_range)
-        st.acc = req - applied if self.carries else np.zeros_like(req)
         counts = k.astype(np.int32)
         if counts.any():
+            # a refusal (a device at its pulse endurance, a limit) leaves the tile's state as it
+            # was: nothing below has changed it yet
             rep = device.pulse(tile, counts[0], counts[1])
             pulses, energy, time_s = rep.pulses, rep.energy_j, rep.time_s
         else:
             pulses, energy, time_s = 0, 0.0, 0.0
+        st.updates += 1
+        st.host = wn
+        st.acc = req - applied if self.carries else np.zeros_like(req)
         st.g_est = st.g_est + moved
         missing = np.abs(dev - moved)
         half_step = 0.5 * self._nominal_step(st)

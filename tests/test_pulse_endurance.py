@@ -1,0 +1,258 @@
+"""The audit: a board's declared `Limits.pulse_endurance` (pulses per device over its life) was
+enforced nowhere: 50 pulse requests of 1000 on a board rated for 1000 were all accepted, and a
+calibration with --pulse-budget 500000 ran 7795 pulses per device. Now the board keeps each
+device's wear and refuses (-222) a request that would take one past its endurance, applying
+nothing; the host refuses a single request past it, and a session's own pulses past it, before
+sending; a calibration budget above it is refused before any routine runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calibration import SessionOptions, run_session
+from calibration.pulse import PulseBudgetError
+from drivers import Device, LimitViolation, Topology, checks, open_device
+from drivers.base import Limits
+from drivers.emulated import EmulatedDevice
+from hil.programming import make_scheme
+from hil.testing import BoardServers
+
+ENDURANCE = 1000
+WORN = f"emulator://?preset=rram&seed=0&pulse_endurance={ENDURANCE}"
+SHAPE = (5, 3)  # W0 of a 4-3 layered network: 4 inputs and the bias row
+
+
+def _full(n: int) -> np.ndarray:
+    return np.full(SHAPE, n, np.int32)
+
+
+def _board(dev: Device) -> EmulatedDevice:
+    assert isinstance(dev, EmulatedDevice)
+    return dev
+
+
+def _state(dev: EmulatedDevice) -> torch.Tensor:
+    b = dev.board
+    return b.tile("W0").state(b.clock).clone()
+
+
+# ---- host: one request past the endurance ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rram_limits() -> Limits:
+    with open_device("emulator://?preset=rram&seed=0") as dev:
+        return dev.info.limits
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    endurance=st.integers(1, 990),
+    delta=st.integers(-3, 3),
+    dtype=st.sampled_from(["<i4", "<i8", "<f8", "<i2"]),
+    which=st.sampled_from(["counts_plus", "counts_minus"]),
+    sign=st.sampled_from([1, -1]),
+)
+def test_host_refuses_one_request_past_the_endurance(
+    rram_limits: Limits, endurance: int, delta: int, dtype: str, which: str, sign: int
+) -> None:
+    topo = Topology.layered([4, 3])
+    limits = dataclasses.replace(rram_limits, pulse_endurance=endurance)
+    n = max(endurance + delta, 0)
+    if np.dtype(dtype).kind == "i" and n > np.iinfo(dtype).max:
+        return
+    counts = np.zeros(SHAPE, dtype)
+    counts[1, 2] = sign * n
+    zero = np.zeros(SHAPE, np.int32)
+    args = (counts, zero) if which == "counts_plus" else (zero, counts)
+    if n > endurance:
+        with pytest.raises(LimitViolation, match=rf"pulse endurance \({which} of 'W0'.*limit {endurance}"):
+            checks.check_pulse(topo, limits, "W0", *args)
+    else:
+        cp, cm = checks.check_pulse(topo, limits, "W0", *args)
+        assert cp.dtype == np.int32 and int(np.abs(np.stack((cp, cm))).max()) == n
+
+
+def test_host_session_refuses_its_own_pulses_past_the_endurance_before_sending(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    served = emulated_board(WORN)
+    board = _board(served.device)
+    with open_device(served.uris["visa-tcp"]) as dev:
+        dev.configure(Topology.layered([4, 3]))
+        dev.pulse("W0", _full(400), -_full(400))
+        dev.pulse("W0", _full(400), _full(0))
+        before = _state(board)
+        with pytest.raises(LimitViolation, match=r"this session's pulses.*requested 1200, limit 1000"):
+            dev.pulse("W0", _full(400), _full(0))
+        assert torch.equal(_state(board), before)
+        assert board.safety().refused == 0  # refused on the host: it never reached the board
+        assert dev.safety().refused == 1
+        assert board.board.max_wear() == {"W0": 800}
+        dev.pulse("W0", _full(0), _full(600))  # the G- devices have taken 400: 1000 is the limit
+
+
+# ---- board: wear kept, refusal before anything is applied ----------------------------------
+
+
+def test_board_refuses_cumulative_wear_and_applies_nothing() -> None:
+    """The audit's reproduction: 50 requests of 1000 pulses on a board rated for 1000."""
+    with open_device(WORN) as d:
+        dev = _board(d)
+        dev.configure(Topology.layered([4, 3]))
+        dev.pulse("W0", _full(300), -_full(300))
+        dev.pulse("W0", -_full(300), _full(300))
+        dev.pulse("W0", _full(300), _full(0))
+        clock, state = dev.board.clock, _state(dev)
+        with pytest.raises(
+            LimitViolation,
+            match=r"pulse endurance of tile 'W0' exceeded: requested 1100, limit 1000\. G\+ device "
+            r"\(0, 0\) has taken 900 pulses and this pulse request adds 200; nothing was applied",
+        ):
+            dev.pulse("W0", _full(200), _full(0))
+        assert torch.equal(_state(dev), state) and dev.board.clock == clock
+        assert dev.safety().refused == 1 and dev.safety().violations == 0
+        dev.pulse("W0", _full(100), _full(400))  # exactly the endurance: accepted
+        assert dev.board.max_wear() == {"W0": 1000}
+        refused = 0
+        for _ in range(50):
+            with pytest.raises(LimitViolation, match="pulse endurance"):
+                dev.pulse("W0", _full(1), _full(0))
+            refused += 1
+        assert refused == 50 and dev.safety().refused == 51 and dev.safety().violations == 0
+
+
+def test_wear_survives_reset_and_safe_state_and_counts_programming_pulses() -> None:
+    with open_device(WORN) as d:
+        dev = _board(d)
+        dev.configure(Topology.layered([4, 3]))
+        g = np.full(SHAPE, 5e-6, np.float32)
+        dev.program("W0", g, g)  # a direct write: one pulse per device
+        assert dev.board.max_wear() == {"W0": 1}
+        dev.pulse("W0", _full(500), _full(0))
+        dev.safe_state()
+        dev.reset()
+        dev.configure(Topology.layered([2, 2]))  # a smaller block of the same physical tile
+        assert dev.board.max_wear() == {"W0": 501}
+        dev.configure(Topology.layered([4, 3]))
+        wear = dev.board.wear("W0")
+        assert wear is not None and int(wear[0].min()) == 501 and int(wear[1].max()) == 1
+        with pytest.raises(LimitViolation, match="has taken 501 pulses"):
+            dev.pulse("W0", _full(500), _full(0))
+
+
+def test_a_program_at_the_end_of_life_is_refused_and_write_verify_stops_at_the_endurance() -> None:
+    with open_device(WORN) as d:
+        dev = _board(d)
+        dev.configure(Topology.layered([4, 3]))
+        dev.pulse("W0", _full(990), _full(990))
+        # write-verify: the write's pulse, then at most the 9 each device has left; the devices
+        # that need more are given up, never pulsed past the endurance
+        rep = dev.program(
+            "W0", np.full(SHAPE, 9e-6, np.float32), np.full(SHAPE, 2e-6, np.float32), verify=True
+        )
+        assert dev.board.max_wear()["W0"] <= ENDURANCE and rep.gave_up
+        wear = dev.board.wear("W0")
+        assert wear is not None
+        left = (ENDURANCE - wear).numpy().astype(np.int32)
+        dev.pulse("W0", left[0], -left[1])
+        assert dev.board.max_wear() == {"W0": ENDURANCE}
+        state = _state(dev)
+        with pytest.raises(LimitViolation, match=r"this program's write adds 1; nothing was applied"):
+            dev.program("W0", np.full(SHAPE, 5e-6, np.float32), np.full(SHAPE, 5e-6, np.float32))
+        assert torch.equal(_state(dev), state)
+
+
+def test_without_a_declared_endurance_nothing_is_counted_or_refused() -> None:
+    with open_device("emulator://?preset=rram&seed=0") as d:
+        dev = _board(d)
+        dev.configure(Topology.layered([4, 3]))
+        for _ in range(3):
+            dev.pulse("W0", _full(1000), -_full(1000))
+        assert dev.board.wear("W0") is None and dev.board.max_wear() == {}
+        assert dev.safety().refused == 0
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_board_refusal_over_the_real_transports(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """The host's session count starts at 0 in each session: a second session is refused by
+    the board, whose count is the authority (-222 on both protocols, its text carried)."""
+    served = emulated_board(WORN)
+    board = _board(served.device)
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(Topology.layered([4, 3]))
+        dev.pulse("W0", _full(450), _full(0))
+        dev.pulse("W0", _full(450), _full(0))
+    state = _state(board)
+    with open_device(served.uris[transport]) as dev:
+        with pytest.raises(
+            LimitViolation,
+            match=r"pulse endurance of tile 'W0' exceeded: requested 1350, limit 1000\. G\+ device "
+            r"\(0, 0\) has taken 900 pulses and this pulse request adds 450; nothing was applied",
+        ):
+            dev.pulse("W0", _full(450), _full(0))
+        assert dev.safety().refused == 1 and dev.safety().violations == 0
+        dev.pulse("W0", _full(0), _full(1000))  # the G- devices are new
+    assert torch.equal(_state(board)[0], state[0])
+    assert board.board.max_wear() == {"W0": 1000}
+
+
+def test_board_refusal_code_on_raw_scpi(emulated_board: Callable[..., BoardServers]) -> None:
+    from drivers.wire import codes
+    from tests.raw_scpi import RawScpi
+
+    served = emulated_board(WORN)
+    served.device.configure(Topology.layered([4, 3]))
+    served.device.pulse("W0", _full(1000), _full(0))
+    counts = np.concatenate([_full(1).ravel(), _full(0).ravel()]).astype("<i4").tobytes()
+    n = str(len(counts))
+    with RawScpi(served.uris["visa-tcp"]) as raw:
+        raw.send(b'TILE:PULS? "W0",#' + str(len(n)).encode() + n.encode() + counts + b"\n")
+        raw.line()
+        code, message = raw.error()
+    assert code == codes.DATA_OUT_OF_RANGE
+    assert "pulse endurance of tile 'W0'" in message and "has taken 1000 pulses" in message
+
+
+# ---- calibration and programming ---------------------------------------------------------
+
+
+def test_calibration_budget_above_the_endurance_is_refused_before_any_routine() -> None:
+    with open_device(WORN) as d:
+        dev = _board(d)
+        opts = SessionOptions(routines=("pulse",), tile_shapes=((4, 4),), pulse_budget=500_000)
+        with pytest.raises(
+            PulseBudgetError,
+            match=r"above the board's declared pulse_endurance of 1000.*at most 1000 \(the board's "
+            r"declared pulse_endurance\)",
+        ):
+            run_session(dev, opts)
+        assert dev.board.clock == 0.0 and dev.topology is None  # nothing ran
+
+
+def test_a_pulsed_scheme_meets_the_boards_refusal_cleanly() -> None:
+    """The pulsed scheme's updates run into the board's refusal: a LimitViolation, the
+    scheme's state and the tile as they were before the refused update."""
+    with open_device("emulator://?preset=rram&seed=0&pulse_endurance=400") as d:
+        dev = _board(d)
+        dev.configure(Topology.layered([4, 3]))
+        scheme = make_scheme("pulsed", seed=1)
+        w = np.zeros(SHAPE)
+        scheme.program(dev, "W0", w)
+        with pytest.raises(LimitViolation, match="pulse endurance of tile 'W0'"):
+            for k in range(200):
+                host = scheme.tiles["W0"].host.copy()
+                state = _state(dev)
+                w = w + (0.5 if k % 2 == 0 else -0.5)
+                scheme.program(dev, "W0", w)
+        assert np.array_equal(scheme.tiles["W0"].host, host) and torch.equal(_state(dev), state)
+        assert dev.safety().violations == 0 and dev.board.max_wear()["W0"] <= 400
