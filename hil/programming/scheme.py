@@ -25,6 +25,8 @@ scheme's fields added; the scheme also keeps the JSON-ready `to_dict()` of every
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from drivers.base import Device, ProgramReport
 from drivers.numerics import to_numpy
 from hil.programming.mapping import LinearMapping, StuckDevices
 from hil.programming.steps import StepModel, probe_steps
-from hil.programming.tune import tune_pairs
+from hil.programming.tune import MAX_TUNE_ITERS, MAX_TUNE_READS, check_count, check_positive, tune_pairs
 
 REFRESH_MODES: tuple[str, ...] = ("verify", "tune")
 
@@ -142,7 +144,11 @@ class RefreshPolicy:
     tolerance; on pcm 1 % made it worse: more one-sided devices end the verify budget freshly
     RESET); `tune_tol` (fraction of the range), `tune_reads` (reads averaged per check),
     `tune_iters`: the tuning loop's tolerance on ``G+ - G-``, averaging and budget;
-    `drift_tol`: relative conductance decay that `refresh_if_drifted` acts on."""
+    `drift_tol`: relative conductance decay that `refresh_if_drifted` acts on.
+
+    The tuning's work is bounded: `tune_iters` at most `MAX_TUNE_ITERS` rounds, `tune_reads`
+    at most `MAX_TUNE_READS` reads per check (`hil.programming.tune`); `tune_tol` must be
+    finite and in (0, 1] (a NaN tolerance is never met: every round would run)."""
 
     every: int = 0
     mode: str | None = None
@@ -157,6 +163,28 @@ class RefreshPolicy:
             raise ValueError(f"refresh_every must be >= 0, got {self.every}")
         if self.mode is not None and self.mode not in REFRESH_MODES:
             raise ValueError(f"refresh_mode must be one of {REFRESH_MODES}, got {self.mode!r}")
+        check_positive("tune_tol", self.tune_tol, 1.0, "give it as a fraction of the conductance range")
+        check_count(
+            "tune_reads",
+            self.tune_reads,
+            1,
+            MAX_TUNE_READS,
+            "average at most MAX_TUNE_READS reads per check, at least 1",
+        )
+        check_count(
+            "tune_iters",
+            self.tune_iters,
+            0,
+            MAX_TUNE_ITERS,
+            "give the tuning at most MAX_TUNE_ITERS rounds (0: read only)",
+        )
+        if self.tol is not None:
+            check_positive("refresh_tol", self.tol, 1.0, "give it as a fraction of the conductance range")
+        d = self.drift_tol
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and d >= 0):
+            raise ValueError(
+                f"drift_tol must be a finite relative decay >= 0, got {d!r}; a NaN refreshes at every check"
+            )
 
 
 class ProgrammingScheme(Protocol):

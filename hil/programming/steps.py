@@ -92,9 +92,17 @@ def probe_steps(device: Device, tile: str, *, reads: int = 8, k: int = 2, probes
     pulsed devices highest in the window get one negative pulse: a drop far beyond their
     step (to near ``g_min``) is a RESET, and the tile is one-sided; otherwise every pulsed
     device goes back down by ``k`` pulses, which measures the down step. Moves the weights by
-    a few steps: for a caller that corrects them next (a refresh by tuning).
+    a few steps: for a caller that corrects them next (a refresh by tuning). `reads` is at
+    most `MAX_TUNE_READS`, `k` at most `MAX_PROBE_PULSES`; `probes` at least 1 (the tile's
+    size bounds it).
     """
-    from hil.programming.tune import mean_read
+    from hil.programming.tune import MAX_PROBE_PULSES, MAX_TUNE_READS, check_count, mean_read
+
+    reads = check_count(
+        "probe reads", reads, 1, MAX_TUNE_READS, "average at most MAX_TUNE_READS reads per check, at least 1"
+    )
+    k = check_count("probe k", k, 1, MAX_PROBE_PULSES, "probe with 1 to MAX_PROBE_PULSES pulses per device")
+    probes = check_count("probes", probes, 1, 2**31 - 1, "probe at least one device")
 
     lim = device.info.limits
     g_range = lim.g_max - lim.g_min

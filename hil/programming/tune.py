@@ -23,12 +23,57 @@ both devices of the pair (``+e/2`` on G+, ``-e/2`` on G-).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from drivers.base import Device
+
+# Declared bounds on the work of one tuning (a refresh by `tune_pairs`, and the `probe_steps`
+# before it). A tuning of the defaults (40 rounds of 16 averaged reads) ends well within its
+# budget on pcm and rram; without a bound, 10**6 rounds with a NaN tolerance pulsed a 2 x 2
+# tile for 6 893 rounds (30 320 pulses, 19 s) before the audit stopped it.
+# Rounds of one tuning: 5x the default of 40. With the scheme's 32 pulses per device and
+# round that caps one refresh at 6 400 pulses per device, about what a whole pulse
+# calibration gives an 8 x 8 rram tile (docs/calibration.md); a pair that needs more is
+# stuck or out of reach, which the patience rule gives up on long before.
+MAX_TUNE_ITERS = 200
+# Reads averaged per check: 16x the default of 16. Averaging 256 reads puts a check's noise
+# 16x below one read's (0.15 uS on pcm -> ~0.01 uS), a tenth of the default tolerance
+# (0.1 uS); more reads buy time, not precision.
+MAX_TUNE_READS = 256
+# Pulses one device gets in one tuning round: the emulator presets' per-call bound
+# (`Limits.max_pulses`, 1000); the schemes pass 32 or the board's lower bound.
+MAX_ROUND_PULSES = 1000
+# Pulses per device of one step of `probe_steps`: the scheme's per-round bound (32); the probe
+# moves every device below 80 % of its window by that many steps, which the tuning then undoes.
+MAX_PROBE_PULSES = 32
+
+
+def check_count(name: str, value: object, lo: int, hi: int, fix: str) -> int:
+    """`value` as an int in [lo, hi] (an integer type, not a bool or a float); a ValueError that
+    names the parameter, the bound and `fix` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}; {fix}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}; {fix}")
+    return v
+
+
+def check_positive(name: str, value: object, hi: float, fix: str) -> float:
+    """`value` as a finite float in (0, hi]; a ValueError that names the parameter, the bound and
+    `fix` otherwise (NaN passes a plain ``value <= 0`` test and would never be met)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number in (0, {hi:g}], got {value!r}; {fix}")
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 < v <= hi):
+        raise ValueError(f"{name} must be finite and in (0, {hi:g}], got {v!r}; {fix}")
+    return v
+
 
 # `counts(g, dev)`: expected (real) signed pulse counts that move devices at conductances
 # `g` by `dev` siemens, both (2, rows, cols)
@@ -82,10 +127,37 @@ def tune_pairs(
 
     Pulse bound: each round gives a device at most `max_pulses` pulses (or one RESET), and
     there are at most `max_iters` rounds: at most ``max_iters * max_pulses`` pulses per device
-    in one call (1280 with the defaults).
+    in one call (1280 with the defaults). `reads`, `max_iters` and `max_pulses` are refused
+    past their declared bounds (`MAX_TUNE_READS`, `MAX_TUNE_ITERS`, `MAX_ROUND_PULSES`), and
+    `tol` unless finite and > 0 (a NaN tolerance is never met: every round would run).
     """
-    if reads < 1 or max_iters < 0 or tol <= 0:
-        raise ValueError(f"need reads >= 1, max_iters >= 0, tol > 0; got {reads}, {max_iters}, {tol}")
+    reads = check_count(
+        "tune reads", reads, 1, MAX_TUNE_READS, "average at most MAX_TUNE_READS reads per check, at least 1"
+    )
+    max_iters = check_count(
+        "tune max_iters",
+        max_iters,
+        0,
+        MAX_TUNE_ITERS,
+        "give the tuning at most MAX_TUNE_ITERS rounds (0: read only)",
+    )
+    max_pulses = check_count(
+        "tune max_pulses",
+        max_pulses,
+        1,
+        MAX_ROUND_PULSES,
+        "give a device 1 to MAX_ROUND_PULSES pulses per round",
+    )
+    patience = check_count(
+        "tune patience",
+        patience,
+        1,
+        MAX_TUNE_ITERS,
+        "give up on a stalled device after 1 to MAX_TUNE_ITERS rounds",
+    )
+    tol = check_positive("tune tol", tol, math.inf, "give the tolerance in siemens, e.g. 0.4 % of the range")
+    gain = check_positive("tune gain", gain, 1.0, "aim at most the full step the model gives (<= 1)")
+    ceiling = check_positive("tune ceiling", ceiling, 1.0, "give the ceiling as a fraction of the window")
     target = np.asarray(target, dtype=np.float64)
     top = g_min + ceiling * (g_max - g_min)
     done = np.zeros(target.shape, bool)
