@@ -334,20 +334,25 @@ WINDOW_ULPS = 4  # float32 steps past an end of the conductance window that a ta
 
 
 def conductance_window(limits: Limits) -> tuple[float, float]:
-    """The smallest and largest program target accepted (`check_conductance_range`)."""
+    """The smallest and largest program target accepted (`check_conductance_range`): each end
+    rounded to float32 and widened by `WINDOW_ULPS` float32 steps of that end itself
+    (``np.spacing`` of the end). A slack sized from the larger end grew below g_min with the
+    on/off ratio: with g_min 1e-10 and g_max 1e-4 it let 7.1e-11 S (29 % below g_min) through.
+    Host and board both check with this (`drivers.emulated` for the in-process board and for
+    the servers, which run one)."""
     g_min, g_max = np.float32(limits.g_min), np.float32(limits.g_max)
-    step = np.spacing(max(abs(g_min), abs(g_max)))
-    low = max(float(g_min) - WINDOW_ULPS * float(step), 0.0 if limits.g_min >= 0 else -math.inf)
-    return low, float(g_max) + WINDOW_ULPS * float(step)
+    low = float(g_min) - WINDOW_ULPS * abs(float(np.spacing(g_min)))
+    high = float(g_max) + WINDOW_ULPS * abs(float(np.spacing(g_max)))
+    return max(low, 0.0 if limits.g_min >= 0 else -math.inf), high
 
 
 def check_conductance_range(limits: Limits, tile: str, name: str, lo: float, hi: float) -> None:
     """The program targets `name` of `tile`, whose smallest and largest values are `lo` and
     `hi` (siemens, as float32 holds them; min and max carry any NaN or infinity), are finite
     and within the board's conductance window in float32, the width targets travel in: the
-    window's ends rounded to float32, widened by `WINDOW_ULPS` float32 steps (targets computed
-    in float32 as ``g_min + w (g_max - g_min)`` land a step or two past an end), and never
-    below 0 siemens. A slack of 1e-6 of the window let negative targets through on a board
+    window's ends rounded to float32, each widened by `WINDOW_ULPS` float32 steps of its own
+    (targets computed in float32 as ``g_min + w (g_max - g_min)`` land a step or two past an
+    end), and never below 0 siemens. A slack of 1e-6 of the window let negative targets through on a board
     with g_min 0, and 8e-12 S past g_max on one with g_max 1e-5."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ConfigurationError(f"program {tile!r}: {name} contains NaN or infinite values")
