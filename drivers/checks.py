@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from drivers.errors import ConfigurationError, LimitViolation
+from drivers.errors import ConfigurationError, LimitViolation, distinct_numbers
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import BIAS, SettleBudget, Topology
 
@@ -196,22 +196,24 @@ def check_state_range_voltage(v_read: float, v_read_max: float, state_range: tup
             "allowed state would be infinite; declare the read voltage and its limit in volts"
         )
     if peak > top:
+        reach, most = distinct_numbers(peak * v_read, v_read_max)
         raise ConfigurationError(
-            f"v_read_max {v_read_max:g} V is below the voltage of the board's own states: the state "
+            f"v_read_max {most} V is below the voltage of the board's own states: the state "
             f"range [{state_range[0]:g}, {state_range[1]:g}] at v_read {v_read:g} V reaches "
-            f"{peak * v_read:g} V, so a settle would drive free nodes past the limit; raise v_read_max "
-            f"to at least {peak * v_read:g} V or lower v_read"
+            f"{reach} V, so a settle would drive free nodes past the limit; raise v_read_max "
+            f"to at least {reach} V or lower v_read"
         )
 
 
 def _check_voltage(name: str, peak: float, limits: Limits) -> None:
     if peak > limits.clamp_max:
+        state, most = distinct_numbers(peak, limits.clamp_max)
         raise LimitViolation(
             f"read-voltage limit on {name}",
             peak * limits.v_read,
             limits.v_read_max,
-            f"state {peak:.4g} x v_read {limits.v_read:g} V; node states must lie within "
-            f"+-{limits.clamp_max:.4g} (normalised units, 1.0 = {limits.v_read:g} V)",
+            f"state {state} x v_read {limits.v_read:g} V; node states must lie within "
+            f"+-{most} (normalised units, 1.0 = {limits.v_read:g} V)",
         )
 
 

@@ -5,6 +5,9 @@ Each error says what went wrong and, where there is one, what to do about it.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 
 class DeviceError(Exception):
     """Base class of every error raised by a Device or by `open_device`."""
@@ -41,11 +44,45 @@ class BoardLocked(DeviceFault):
         )
 
 
+def distinct_numbers(a: float, b: float) -> tuple[str, str]:
+    """`a` and `b` as text that differs whenever the numbers differ: 6 significant digits, more
+    where those print alike (up to the shortest repr that round-trips); an integer (a count) in
+    full up to 2**53. A state one float32 step past its limit was refused as "requested 0.25,
+    limit 0.25"."""
+    fa, fb = _real(a), _real(b)
+    digits = 6
+    if fa != fb and fa == fa and fb == fb:  # differ, neither a NaN
+        for digits in (6, 9, 12, 0):
+            if _number(fa, digits) != _number(fb, digits):
+                break
+    return _shown(a, fa, digits), _shown(b, fb, digits)
+
+
+def _real(x: float) -> float:
+    try:
+        return float(x)
+    except OverflowError:  # a Python int past float range
+        return math.inf if x > 0 else -math.inf
+
+
+def _number(x: float, digits: int) -> str:
+    """`x` with `digits` significant digits (0: the shortest repr that round-trips)."""
+    return repr(x) if digits == 0 else f"{x:.{digits}g}"
+
+
+def _shown(x: float, real: float, digits: int) -> str:
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool) and abs(real) <= 2**53:
+        return str(int(x))  # a count, exact
+    return _number(real, digits)
+
+
 class LimitViolation(DeviceError):
-    """A request would exceed a device limit; it was refused before reaching the array."""
+    """A request would exceed a device limit; it was refused before reaching the array. The
+    message shows `value` and `bound` so that they differ whenever they do (`distinct_numbers`)."""
 
     def __init__(self, limit: str, value: float, bound: float, hint: str = "") -> None:
-        text = f"{limit} exceeded: requested {value:.6g}, limit {bound:.6g}"
+        shown, most = distinct_numbers(value, bound)
+        text = f"{limit} exceeded: requested {shown}, limit {most}"
         super().__init__(f"{text}. {hint}" if hint else text)
         self.limit = limit
         self.value = value

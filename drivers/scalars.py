@@ -14,7 +14,7 @@ import numbers
 
 import numpy as np
 
-from drivers.errors import ConfigurationError, LimitViolation
+from drivers.errors import ConfigurationError, LimitViolation, distinct_numbers
 
 INT32_MAX = 2**31 - 1  # widest count the wire and the board's int32 buffers hold
 
@@ -73,11 +73,13 @@ def as_float(
     if not math.isfinite(f):
         raise ConfigurationError(f"{name} must be finite, got {_shown(value)}")
     if f < lo or (lo_open and f == lo):
-        raise ConfigurationError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {f:g}")
+        got, bound = distinct_numbers(f, lo)
+        raise ConfigurationError(f"{name} must be {'>' if lo_open else '>='} {bound}, got {got}")
     if f > hi:
         if limit is not None:
             raise LimitViolation(limit, f, hi)
-        raise ConfigurationError(f"{name} must be <= {hi:g}, got {f:g}")
+        got, bound = distinct_numbers(f, hi)
+        raise ConfigurationError(f"{name} must be <= {bound}, got {got}")
     return f
 
 
@@ -110,8 +112,13 @@ def check_within(
     above = f > lo if lo_open else f >= lo
     below = f < hi if hi_open else f <= hi
     if not (above and below):  # NaN fails both
+        # the value and the end it passed, as text that differs (6 digits can print them alike)
+        shown, end = distinct_numbers(f, lo if not above else hi)
+        lo_t, hi_t = (end, f"{hi:g}") if not above else (f"{lo:g}", end)
+        ends = f"{'(' if lo_open else '['}{lo_t}, {hi_t}{')' if hi_open else ']'}"
+        interval = ends + (f" {unit}" if unit else "")
         raise ConfigurationError(
-            f"{label} parameter {name}={f:g} is outside {interval}"
+            f"{label} parameter {name}={shown} is outside {interval}"
             + (f": {why}" if why else "")
             + f"; set {name} to a value in {interval}"
         )

@@ -37,7 +37,7 @@ from drivers.base import (
     SafetyCounters,
 )
 from drivers.checks import check_state_range_voltage
-from drivers.errors import ConfigurationError, LimitViolation, ProtocolError
+from drivers.errors import ConfigurationError, LimitViolation, ProtocolError, distinct_numbers
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import Coupling, SettleBudget, Topology
 
@@ -430,7 +430,8 @@ def _limits_from_peer(d: Any) -> dict[str, Any]:
                 out[name] = (a, as_float("limits.adc_range high", value[1], a, math.inf, lo_open=True))
         g_min, g_max = out.get("g_min", 0.0), out.get("g_max", math.inf)
         if "g_max" in out and not g_max > g_min:
-            raise ConfigurationError(f"limits.g_max ({g_max:g}) must exceed limits.g_min ({g_min:g})")
+            top, bottom = distinct_numbers(g_max, g_min)
+            raise ConfigurationError(f"limits.g_max ({top}) must exceed limits.g_min ({bottom})")
         if {"v_read", "v_read_max", "adc_range"} <= out.keys():
             check_state_range_voltage(out["v_read"], out["v_read_max"], out["adc_range"])
     except (ConfigurationError, LimitViolation) as exc:
