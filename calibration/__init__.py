@@ -40,38 +40,84 @@ Check whether a record still holds (re-measures a sample; reprograms the board):
     if report.recalibrate: print(report)
 
 Import rule: this package uses only `drivers` (the Device interface), never `emulator` or `hil`.
+
+The names below load on first use (`__getattr__`, PEP 562): importing the package, or
+`calibration.routines` (the routine names and pulse-budget bounds `hil calibrate --help` shows),
+imports none of numpy, torch and zarr.
 """
 
-from calibration.apply import (
-    Corrections,
-    Targets,
-    channel_offsets,
-    conductance_targets,
-    correct_mvm,
-    correct_readings,
-    dac_requests,
-    pulses_needed,
-    weights_to_conductances,
-)
-from calibration.calibrated import CalibratedDevice
-from calibration.converters import ConverterOptions
-from calibration.drift import DriftReport, drift_check
-from calibration.record import (
-    FORMAT_VERSION,
-    CalibrationError,
-    CalibrationMismatch,
-    CalibrationRecord,
-    ChannelCal,
-    ConductanceMap,
-    PulseModel,
-    SettleProfile,
-    StuckMap,
-    TileCalibration,
-    board_fingerprint,
-    load,
-    write,
-)
-from calibration.session import ROUTINES, SessionOptions, resolve_routines, run_session, runnable
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from calibration.apply import (
+        Corrections,
+        Targets,
+        channel_offsets,
+        conductance_targets,
+        correct_mvm,
+        correct_readings,
+        dac_requests,
+        pulses_needed,
+        weights_to_conductances,
+    )
+    from calibration.calibrated import CalibratedDevice
+    from calibration.converters import ConverterOptions
+    from calibration.drift import DriftReport, drift_check
+    from calibration.record import (
+        FORMAT_VERSION,
+        CalibrationError,
+        CalibrationMismatch,
+        CalibrationRecord,
+        ChannelCal,
+        ConductanceMap,
+        PulseModel,
+        SettleProfile,
+        StuckMap,
+        TileCalibration,
+        board_fingerprint,
+        load,
+        write,
+    )
+    from calibration.routines import ROUTINES
+    from calibration.session import SessionOptions, resolve_routines, run_session, runnable
+
+# The module each name of the package comes from, imported on the name's first use
+_HOMES = {
+    "calibration.routines": ("ROUTINES",),
+    "calibration.apply": (
+        "Corrections",
+        "Targets",
+        "channel_offsets",
+        "conductance_targets",
+        "correct_mvm",
+        "correct_readings",
+        "dac_requests",
+        "pulses_needed",
+        "weights_to_conductances",
+    ),
+    "calibration.calibrated": ("CalibratedDevice",),
+    "calibration.converters": ("ConverterOptions",),
+    "calibration.drift": ("DriftReport", "drift_check"),
+    "calibration.record": (
+        "FORMAT_VERSION",
+        "CalibrationError",
+        "CalibrationMismatch",
+        "CalibrationRecord",
+        "ChannelCal",
+        "ConductanceMap",
+        "PulseModel",
+        "SettleProfile",
+        "StuckMap",
+        "TileCalibration",
+        "board_fingerprint",
+        "load",
+        "write",
+    ),
+    "calibration.session": ("SessionOptions", "resolve_routines", "run_session", "runnable"),
+}
 
 __all__ = [
     "FORMAT_VERSION",
@@ -106,3 +152,15 @@ __all__ = [
     "weights_to_conductances",
     "write",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A name of `__all__`, from its module (imported now if it was not yet)."""
+    for module, names in _HOMES.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -25,20 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration.measure import Progress, ReadStats, leave_out, no_progress, read_stats
+from calibration.routines import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX
 from drivers import Device
 from drivers.base import Limits
 
 PILOT = 3
-# The pulse budget of a calibration session, per device (`default_pulse_budget`): on a board
-# that declares its devices' endurance (`Limits.pulse_endurance`), ENDURANCE_SHARE of it, so a
-# session's worst case wears at most 1 % of a device's rated life; on one that declares none,
-# FALLBACK_PULSE_BUDGET, the worst case of the default sequence on a board of max_pulses 1000
-# (`pulse_worst_case(1000)`: 442 007; the emulator's presets): a figure of the routine, not of
-# any device, which the default routine always fits and which sets its bound where the board
-# gives none. No session may declare more than PULSE_BUDGET_MAX.
-ENDURANCE_SHARE = 0.01
-FALLBACK_PULSE_BUDGET = 442_007
-PULSE_BUDGET_MAX = 1_000_000
 
 
 class PulseBudgetError(ValueError):

@@ -36,7 +36,6 @@ from calibration.dac import TILES_PER_DAC_PASS, measure_dac
 from calibration.measure import Progress, no_progress, tile_topology
 from calibration.mvm import measure_mvm
 from calibration.pulse import (
-    PULSE_BUDGET_MAX,
     PulseBudgetError,
     default_pulse_budget,
     measure_pulse_response,
@@ -44,19 +43,12 @@ from calibration.pulse import (
 )
 from calibration.pulse_fit import fit_pulse_model
 from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint
+from calibration.routines import NEEDS, PULSE_BUDGET_MAX, REQUIRES, ROUTINES
 from calibration.settling import profile_settle
 from drivers import Device
 from drivers.base import Limits
 
 T = TypeVar("T")
-
-ROUTINES = ("adc", "dac", "mvm", "stuck", "gmap", "pulse", "settle")
-REQUIRES = {"dac": ("adc",), "mvm": ("dac",)}
-
-
-# the capability each routine needs beyond reading conductances (adc and dac read node states
-# through a settle; stuck and gmap only read)
-NEEDS = {"adc": "settle", "dac": "settle", "mvm": "mvm", "pulse": "pulse", "settle": "settle"}
 
 
 def runnable(routines: tuple[str, ...], capabilities: frozenset[str] | set[str]) -> dict[str, str]:

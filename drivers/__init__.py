@@ -1,40 +1,90 @@
-"""Device-abstraction layer: one Device interface, several backends, one error hierarchy."""
+"""Device-abstraction layer: one Device interface, several backends, one error hierarchy.
 
-from drivers.base import (
-    CAPABILITIES,
-    BoardStatus,
-    Device,
-    DeviceInfo,
-    Equilibrium,
-    Identity,
-    Limits,
-    Meter,
-    Nudge,
-    ProgramReport,
-    PulseReport,
-    SafetyCounters,
-    programming_transaction,
-    report_open_transactions,
-)
-from drivers.errors import (
-    BoardReset,
-    ConfigurationError,
-    DeviceError,
-    DeviceFault,
-    DeviceTimeout,
-    LimitViolation,
-    NotSupported,
-    OpenTransactionWarning,
-    ProtocolError,
-    RetriesExhausted,
-    SafeStateWarning,
-)
-from drivers.placement import Placement, place
-from drivers.shared import BlockView, SharedBoard
-from drivers.tiled import TiledDevice
-from drivers.topology import BIAS, Coupling, SettleBudget, Topology
-from drivers.uri import open_device, register_backend, replace_params
-from drivers.watch import BoardViolations, SafetyWatch
+The names below load on first use (`__getattr__`, PEP 562): importing the package imports
+neither numpy nor torch, nor does importing its plain modules `drivers.capabilities` (which
+`hil emulator serve --help` names) and `drivers.errors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from drivers.base import (
+        BoardStatus,
+        Device,
+        DeviceInfo,
+        Equilibrium,
+        Identity,
+        Limits,
+        Meter,
+        Nudge,
+        ProgramReport,
+        PulseReport,
+        SafetyCounters,
+        programming_transaction,
+        report_open_transactions,
+    )
+    from drivers.capabilities import CAPABILITIES
+    from drivers.errors import (
+        BoardReset,
+        ConfigurationError,
+        DeviceError,
+        DeviceFault,
+        DeviceTimeout,
+        LimitViolation,
+        NotSupported,
+        OpenTransactionWarning,
+        ProtocolError,
+        RetriesExhausted,
+        SafeStateWarning,
+    )
+    from drivers.placement import Placement, place
+    from drivers.shared import BlockView, SharedBoard
+    from drivers.tiled import TiledDevice
+    from drivers.topology import BIAS, Coupling, SettleBudget, Topology
+    from drivers.uri import open_device, register_backend, replace_params
+    from drivers.watch import BoardViolations, SafetyWatch
+
+# The module each name of the package comes from, imported on the name's first use
+_HOMES = {
+    "drivers.capabilities": ("CAPABILITIES",),
+    "drivers.base": (
+        "BoardStatus",
+        "Device",
+        "DeviceInfo",
+        "Equilibrium",
+        "Identity",
+        "Limits",
+        "Meter",
+        "Nudge",
+        "ProgramReport",
+        "PulseReport",
+        "SafetyCounters",
+        "programming_transaction",
+        "report_open_transactions",
+    ),
+    "drivers.errors": (
+        "BoardReset",
+        "ConfigurationError",
+        "DeviceError",
+        "DeviceFault",
+        "DeviceTimeout",
+        "LimitViolation",
+        "NotSupported",
+        "OpenTransactionWarning",
+        "ProtocolError",
+        "RetriesExhausted",
+        "SafeStateWarning",
+    ),
+    "drivers.placement": ("Placement", "place"),
+    "drivers.shared": ("BlockView", "SharedBoard"),
+    "drivers.tiled": ("TiledDevice",),
+    "drivers.topology": ("BIAS", "Coupling", "SettleBudget", "Topology"),
+    "drivers.uri": ("open_device", "register_backend", "replace_params"),
+    "drivers.watch": ("BoardViolations", "SafetyWatch"),
+}
 
 __all__ = [
     "BIAS",
@@ -77,3 +127,15 @@ __all__ = [
     "replace_params",
     "report_open_transactions",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A name of `__all__`, from its module (imported now if it was not yet)."""
+    for module, names in _HOMES.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

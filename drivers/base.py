@@ -26,33 +26,12 @@ from typing import Any
 
 import numpy as np
 
+# CAPABILITIES: the Device interface's vocabulary, also as drivers.base.CAPABILITIES
+from drivers.capabilities import CAPABILITIES as CAPABILITIES
+from drivers.capabilities import CAPABILITY_ACTIONS, CAPABILITY_INSTEAD
 from drivers.errors import ConfigurationError, NotSupported, OpenTransactionWarning, SafeStateWarning
 from drivers.numerics import to_numpy
 from drivers.topology import Topology
-
-CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
-
-# What a call needing each capability does, and what a host uses on a board without it:
-# `Device.require` words every refusal from these two tables, so all backends say the same.
-CAPABILITY_ACTIONS = {
-    "settle": "settle",
-    "mvm": "multiply (mvm)",
-    "pulse": "apply programming pulses",
-    "program_verify": "program with write-verify",
-    "trace": "record a settle trace",
-    "preset_state": "start a settle from given node states (init=)",
-}
-CAPABILITY_INSTEAD = {
-    "settle": (
-        "iterate the fixed point on the host: EBBlock(..., settle='host') or `--set ep.settle=host`, "
-        "which use `mvm`"
-    ),
-    "mvm": "use settle, or read_conductance and multiply on the host",
-    "pulse": "program with write-verify instead (programming scheme `verify`)",
-    "program_verify": "use program(..., verify=False), or verify on the host with read_conductance",
-    "trace": "settle with trace=False",
-    "preset_state": "settle without init= (the board relaxes from its rest state), or settle on the host",
-}
 
 
 @dataclass(frozen=True)

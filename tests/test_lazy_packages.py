@@ -1,0 +1,64 @@
+"""`drivers` and `calibration` load their names on first use: importing either package, or its
+plain modules (`drivers.capabilities`, `drivers.errors`, `calibration.routines`), imports
+neither numpy nor torch nor zarr; every name of `__all__` still resolves, to the object of
+the module the package says it comes from, and the imports its type checkers read name the
+same modules and names."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import calibration
+import drivers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("package", [drivers, calibration], ids=lambda p: p.__name__)
+def test_every_name_resolves_to_its_home(package: ModuleType) -> None:
+    homes = package._HOMES
+    listed = [name for names in homes.values() for name in names]
+    assert sorted(listed) == sorted(package.__all__)
+    assert len(set(listed)) == len(listed)  # a name has one home
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(package, name) is getattr(importlib.import_module(module), name)
+    assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        package.no_such_name  # noqa: B018
+    with pytest.raises(ImportError):
+        exec(f"from {package.__name__} import no_such_name", {})
+
+
+@pytest.mark.parametrize("package", [drivers, calibration], ids=lambda p: p.__name__)
+def test_type_checking_imports_match_the_homes(package: ModuleType) -> None:
+    """The `if TYPE_CHECKING:` imports of the package's __init__ (what type checkers, editors and
+    lint-imports read) import each name from the module `_HOMES` gives it."""
+    assert package.__file__ is not None
+    tree = ast.parse(Path(package.__file__).read_text())
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    imported: dict[str, set[str]] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.module is not None
+        imported.setdefault(node.module, set()).update(alias.name for alias in node.names)
+    assert imported == {module: set(names) for module, names in package._HOMES.items()}
+
+
+def test_light_modules_import_no_numerics() -> None:
+    code = (
+        "import sys, drivers, drivers.capabilities, drivers.errors, calibration, calibration.routines\n"
+        "print(','.join(m for m in ('numpy', 'torch', 'zarr') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == ""
