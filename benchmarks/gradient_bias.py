@@ -48,11 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drivers import SettleBudget, open_device
-from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.data import load_digits
 from hil.ep import EBBlock
-from hil.gradcheck import gradcheck
+from hil.gradcheck import check_block, gradcheck
 from hil.init import centre_biases, goe_init, kink_fraction
 from hil.train_classifier import train_classifier
 from hil.vae.config import VAERunConfig

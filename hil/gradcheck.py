@@ -1,6 +1,7 @@
 """The gradient check: EP on a block's Device against implicit differentiation of the
-pure-torch reference (`gradcheck`, what `hil gradcheck` tabulates), and the comparison metrics
-and losses it and the tests use (`cosine`, `rel_error`, `mse_loss`, `ce_loss`).
+pure-torch reference (`gradcheck`, what `hil gradcheck` tabulates, on the network that
+`check_block` builds), and the comparison metrics and losses it and the tests use (`cosine`,
+`rel_error`, `mse_loss`, `ce_loss`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,28 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from drivers import BIAS, Topology
+from drivers import BIAS, Device, SettleBudget, Topology
 from hil.ep import ArrayLike, EBBlock
+from hil.init import gaussian_init
 from hil.reference import States
 
-__all__ = ["CheckRow", "ce_loss", "cosine", "gradcheck", "mse_loss", "rel_error", "split_bias"]
+__all__ = [
+    "CHECK_BUDGET",
+    "NOISY_RESIDUAL",
+    "CheckRow",
+    "ce_loss",
+    "check_block",
+    "cosine",
+    "gradcheck",
+    "mse_loss",
+    "rel_error",
+    "split_bias",
+]
+
+CHECK_BUDGET = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5, check_every=5)
+# a free phase still moving by more than this (100 times the check's tolerance) was stopped by
+# a noisy board's noise floor (`SettleResult.converged` counts that as converged), not settled
+NOISY_RESIDUAL = 100 * CHECK_BUDGET.tol
 
 
 @dataclass
@@ -26,6 +44,40 @@ class CheckRow:
     param: str  # "W0.weight", "W0.bias", ..., "input"
     cosine: float
     rel_error: float
+
+
+def check_block(
+    device: Device,
+    sizes: list[int],
+    *,
+    dense: bool = False,
+    init_scale: float = 0.5,
+    bias: tuple[float, float] = (0.1, 0.4),
+    seed: int = 0,
+    budget: SettleBudget = CHECK_BUDGET,
+    settle: str = "auto",
+    activation: str = "hard_sigmoid",
+) -> EBBlock:
+    """The network `hil gradcheck` checks: weights ``N(0, init_scale^2 / fan_in)``, biases
+    ``U(bias)`` (so that units are active and few sit on a kink of the hard sigmoid), a
+    tight settle budget (a converged free phase). Layered: groups s0 (input) ... sL (output);
+    dense: groups ``x`` (input, clamped), ``h0`` ... (hidden), ``y`` (output) on one tile.
+    `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`); `activation`: the node
+    curve (`drivers.activation`)."""
+    gen = torch.Generator().manual_seed(seed)
+    if dense:
+        groups = {"x": sizes[0], **{f"h{k}": n for k, n in enumerate(sizes[1:-1])}, "y": sizes[-1]}
+        topo = Topology.dense(groups, budget=budget, activation=activation)
+        inputs, outputs = ("x",), ("y",)
+    else:
+        topo = Topology.layered(sizes, budget=budget, activation=activation)
+        inputs, outputs = ("s0",), (f"s{len(sizes) - 1}",)
+    w = gaussian_init(topo, init_scale, gen)
+    lo, hi = bias
+    for tile, m in w.items():
+        if topo.coupling(tile).rows[-1] == "bias":
+            m[-1] = lo + (hi - lo) * torch.rand(m.shape[1], generator=gen)
+    return EBBlock(device, topo, inputs=inputs, outputs=outputs, weights=w, seed=seed, settle=settle)  # type: ignore[arg-type]
 
 
 def split_bias(topology: Topology, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:

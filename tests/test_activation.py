@@ -20,11 +20,10 @@ from drivers import SettleBudget, Topology, open_device
 from drivers.activation import ACTIVATIONS, MAX_WIDTH, MIN_WIDTH, Activation
 from drivers.errors import ConfigurationError
 from drivers.wire.payload import topology_from_dict, topology_to_dict
-from hil.cli.gradcheck import check_block
 from hil.config import AUTO_ACTIVATION, ConfigError, RunConfig, apply_recorded, model_activation, validate
 from hil.data import load_digits
 from hil.ep import EBBlock
-from hil.gradcheck import gradcheck
+from hil.gradcheck import check_block, gradcheck
 from hil.reference import DHN
 
 IDEAL = "emulator://?preset=ideal&seed=0"

@@ -17,8 +17,8 @@ import torch
 
 from drivers import SettleBudget, open_device
 from drivers.numerics import denormals_flushed, flushing_denormals
-from hil.cli.gradcheck import check_block
 from hil.ep import EBBlock
+from hil.gradcheck import check_block
 from hil.host_settle import HostSettle
 
 IDEAL = "emulator://?preset=ideal&seed=0"

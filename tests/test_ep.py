@@ -9,10 +9,9 @@ from typer.testing import CliRunner
 
 from drivers import SettleBudget, Topology, open_device
 from hil.cli import app
-from hil.cli.gradcheck import check_block
 from hil.data import load_digits
 from hil.ep import EBBlock
-from hil.gradcheck import cosine, gradcheck, rel_error, split_bias
+from hil.gradcheck import check_block, cosine, gradcheck, rel_error, split_bias
 from hil.programming import LinearMapping, read_weights
 
 IDEAL = "emulator://?preset=ideal&seed=0"

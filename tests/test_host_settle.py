@@ -16,11 +16,10 @@ from typer.testing import CliRunner
 
 from drivers import NotSupported, Nudge, SettleBudget, open_device
 from hil.cli import app
-from hil.cli.gradcheck import check_block
 from hil.config import load_config
 from hil.ep import EBBlock, settle_path
 from hil.estimator import EPEstimator
-from hil.gradcheck import cosine, gradcheck, mse_loss, rel_error
+from hil.gradcheck import check_block, cosine, gradcheck, mse_loss, rel_error
 from hil.host_settle import HostSettle
 from hil.reference import DHN, reference_settle
 from hil.train_classifier import train_classifier

@@ -14,10 +14,9 @@ import torch
 
 from drivers import ConfigurationError, Nudge, SettleBudget, Topology, open_device
 from hil.classifier import Classifier
-from hil.cli.gradcheck import check_block
 from hil.config import ConfigError, load_config
 from hil.ep import EBBlock
-from hil.gradcheck import gradcheck
+from hil.gradcheck import check_block, gradcheck
 from hil.host_settle import HostSettle
 from hil.init import goe_init
 

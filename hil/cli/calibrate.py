@@ -5,25 +5,18 @@ from __future__ import annotations
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from tqdm import tqdm
 
-from calibration import (
-    ROUTINES,
-    CalibrationRecord,
-    SessionOptions,
-    drift_check,
-    load,
-    resolve_routines,
-    run_session,
-    runnable,
-    write,
-)
-from calibration.pulse import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX, default_pulse_budget
-from calibration.report import plot, summary
-from drivers import Limits, open_device
+from calibration.routines import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX, ROUTINES
 from hil.cli.common import fail, show_progress, user_errors
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from calibration import CalibrationRecord
+    from drivers import Limits
 
 # Node channels a default session calibrates: every node of the default networks of `hil train
 # classifier` and `hil gradcheck` (64-256-10: 330) and `hil train vae` (TDH-VAE 64+64+4+4: 136),
@@ -52,6 +45,8 @@ class Bars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         bar = self.bars.get(stage)
         if bar is None:
+            from tqdm import tqdm
+
             bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", leave=True, dynamic_ncols=True)
         bar.total = total
         bar.n = min(done, total)
@@ -136,6 +131,8 @@ def _rerun(uri: str, out: Path, tiles: str | None, channels: int | None, routine
 def _keep_partial(stopped: list[CalibrationRecord], out: Path) -> str:
     """Write the record of a stopped session's finished routines to `out` (marked partial);
     say where it is, or why there is none."""
+    from calibration import write
+
     if not stopped:
         return "no routine had finished: no record written"
     record = stopped[-1]
@@ -213,6 +210,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
         settling on a board; write the record, a text summary and a PNG report."""
+        from calibration import (
+            SessionOptions,
+            drift_check,
+            load,
+            resolve_routines,
+            run_session,
+            runnable,
+            write,
+        )
+        from calibration.pulse import default_pulse_budget
+        from calibration.report import plot, summary
+        from drivers import open_device
+
         if check is not None:
             unused = [
                 f"--{n}" for n, v in (("routines", routines), ("tiles", tiles), ("channels", channels)) if v

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from drivers import DeviceError, open_device
 from hil.cli.common import to_stdout
-from hil.conformance import Options, plan_topology, run_conformance
 
 _JSON = typer.Option(
     None,
@@ -53,6 +51,9 @@ def register(app: typer.Typer) -> None:
         """Run the protocol conformance checks for every capability the board declares, one
         line per operation (PASS/FAIL, what was sent, what came back, what the spec says).
         Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened."""
+        from drivers import DeviceError, open_device
+        from hil.conformance import Options, plan_topology, run_conformance
+
         options = Options(sizes=_sizes(sizes), batch=batch, reads=reads, repeats=repeats, seed=seed)
         try:
             dev = open_device(uri)

@@ -7,7 +7,6 @@ import math
 import typer
 
 from hil.cli.common import fail, one_line_errors
-from hil.demo import run_demo
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +43,8 @@ def register(app: typer.Typer) -> None:
         if settle not in ("auto", "board", "host"):
             raise fail(f"--settle takes auto, board or host, got {settle!r}")
         import torch
+
+        from hil.demo import run_demo
 
         torch.set_num_threads(threads)
         with one_line_errors():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
-from drivers import open_device
-from drivers.base import CAPABILITIES, DeviceInfo
-from drivers.uri import replace_params
+from drivers.capabilities import CAPABILITIES
+
+if TYPE_CHECKING:
+    from drivers.base import DeviceInfo
 
 _SET_OPTION = typer.Option(
     None, "--set", help="Board parameter KEY=VALUE (any emulator:// URI parameter); repeatable."
@@ -20,6 +22,8 @@ def board_uri(preset: str, seed: int, capabilities: str | None = None, sets: lis
     """The emulator URI `serve` opens: the preset, the seed, the declared capabilities
     (comma-separated, None: all) and every ``--set KEY=VALUE``, validated (ConfigurationError
     naming a bad parameter) and written in canonical form."""
+    from drivers.uri import replace_params
+
     params = {"preset": preset, "seed": str(seed)}
     if capabilities is not None:
         params["capabilities"] = capabilities
@@ -131,6 +135,7 @@ def register(app: typer.Typer) -> None:
         faults of the framed links on a line of their own; --delay-ms is not counted)."""
         import torch
 
+        from drivers import open_device
         from emulator.server.launch import FaultPlan, Faults, serve
 
         torch.set_num_threads(threads)

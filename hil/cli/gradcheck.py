@@ -7,59 +7,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
-from tqdm import tqdm
 
-from drivers import SettleBudget, Topology
-from drivers.base import Device
 from hil.cli.common import check_json_dest, fail, one_line_errors, show_progress, to_stdout, write_json
-from hil.ep import EBBlock
-from hil.gradcheck import CheckRow
-from hil.init import gaussian_init
+
+if TYPE_CHECKING:
+    from hil.gradcheck import CheckRow
 
 MODES = ("positive", "centered")  # one-sided and centered EP, the two columns of the table
-CHECK_BUDGET = SettleBudget(max_steps=20_000, tol=1e-7, dt=0.5, check_every=5)
-# a free phase still moving by more than this (100 times the check's tolerance) was stopped by
-# a noisy board's noise floor (`SettleResult.converged` counts that as converged), not settled
-NOISY_RESIDUAL = 100 * CHECK_BUDGET.tol
-
-
-def check_block(
-    device: Device,
-    sizes: list[int],
-    *,
-    dense: bool = False,
-    init_scale: float = 0.5,
-    bias: tuple[float, float] = (0.1, 0.4),
-    seed: int = 0,
-    budget: SettleBudget = CHECK_BUDGET,
-    settle: str = "auto",
-    activation: str = "hard_sigmoid",
-) -> EBBlock:
-    """The network `hil gradcheck` checks: weights ``N(0, init_scale^2 / fan_in)``, biases
-    ``U(bias)`` (so that units are active and few sit on a kink of the hard sigmoid), a
-    tight settle budget (a converged free phase). Layered: groups s0 (input) ... sL (output);
-    dense: groups ``x`` (input, clamped), ``h0`` ... (hidden), ``y`` (output) on one tile.
-    `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`); `activation`: the node
-    curve (`drivers.activation`)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    if dense:
-        groups = {"x": sizes[0], **{f"h{k}": n for k, n in enumerate(sizes[1:-1])}, "y": sizes[-1]}
-        topo = Topology.dense(groups, budget=budget, activation=activation)
-        inputs, outputs = ("x",), ("y",)
-    else:
-        topo = Topology.layered(sizes, budget=budget, activation=activation)
-        inputs, outputs = ("s0",), (f"s{len(sizes) - 1}",)
-    w = gaussian_init(topo, init_scale, gen)
-    lo, hi = bias
-    for tile, m in w.items():
-        if topo.coupling(tile).rows[-1] == "bias":
-            m[-1] = lo + (hi - lo) * torch.rand(m.shape[1], generator=gen)
-    return EBBlock(device, topo, inputs=inputs, outputs=outputs, weights=w, seed=seed, settle=settle)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -67,6 +24,8 @@ def _progress(checks: int, *, enabled: bool = True) -> Iterator[Callable[[str], 
     """A bar over what `hil.gradcheck.gradcheck` does: one tick for the reference (implicit
     differentiation, float64) and the free phase, then one per EP estimate (beta x mode);
     yields the `on_step` callback that advances it."""
+    from tqdm import tqdm
+
     bar = tqdm(total=1 + checks, desc="reference", unit="check", disable=not enabled, dynamic_ncols=True)
 
     def tick(what: str) -> None:
@@ -189,6 +148,7 @@ def register(app: typer.Typer) -> None:
 
         from drivers import open_device
         from hil.data import load_digits
+        from hil.gradcheck import CHECK_BUDGET, NOISY_RESIDUAL, check_block
         from hil.gradcheck import gradcheck as run_check
 
         t0 = time.perf_counter()

@@ -6,13 +6,14 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from drivers.base import BoardOwner, Device
-from drivers.uri import looking_uri
 from hil.cli.common import JSON_HELP, check_json_dest, one_line_errors, to_stdout, write_json
+
+if TYPE_CHECKING:
+    from drivers.base import BoardOwner, Device
 
 _JSON = typer.Option(None, "--json", help=JSON_HELP.format(doc='the README, "Scripts and CI"'))
 
@@ -123,6 +124,7 @@ def register(app: typer.Typer) -> None:
         close, so it can look at a board another host is using. On an emulator:// URI it shows
         a fresh emulated board. --json writes the same as one JSON object."""
         from drivers import open_device
+        from drivers.uri import looking_uri
 
         check_json_dest(json_out)
         with one_line_errors():

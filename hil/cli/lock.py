@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from drivers.uri import looking_uri
 from hil.cli.common import one_line_errors
 from hil.cli.info import owner_line
 
@@ -25,6 +24,7 @@ def register(app: typer.Typer) -> None:
         """Print the board's owner: its token (host:pid:random), since when, and whether a
         connection still presents it. Takes nothing: works while another host owns the board."""
         from drivers import open_device
+        from drivers.uri import looking_uri
 
         with one_line_errors():
             dev = open_device(looking_uri(uri))
@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         is free, the next host to open it takes it, and the old owner's next request (and its
         reconnect) is refused with error 120. A run still going is not stopped cleanly: ask first."""
         from drivers import open_device
+        from drivers.uri import looking_uri
 
         with one_line_errors():
             dev = open_device(looking_uri(uri))

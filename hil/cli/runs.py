@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from hil.cli.common import JSON_HELP, check_json_dest, fail, run_store, to_stdout, write_json
-from hil.runlog import RunLogError, open_run
 
 RunArg = Annotated[
     Path,
@@ -27,6 +26,7 @@ def register(app: typer.Typer) -> None:
         """Print a run's summary: status, versions, device, config, metrics (last, min, max),
         traces, tiles, programming reports and snapshots. --json writes the same as one JSON
         object."""
+        from hil.runlog import RunLogError, open_run
         from hil.runlog.summary import summary, summary_record
 
         check_json_dest(json_out)
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write PNGs: loss and accuracy curves, settle energy traces (free vs nudged),
         conductance histograms per tile over time."""
+        from hil.runlog import RunLogError, open_run
         from hil.runlog.plots import plot_run
 
         run = run_store(run)
