@@ -433,6 +433,22 @@ def test_cli_refuses_several_boards_without_ray(spec_file: Path, tmp_path: Path)
     assert res.exit_code == 2 and "--ray-address" in res.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("grace", ["-1", "301", "nan"])
+def test_cli_stop_grace_outside_its_bound_is_refused_before_ray_starts(
+    spec_file: Path, tmp_path: Path, grace: str
+) -> None:
+    """`--stop-grace` reaches the Ray executor, whose bound (0 to 300 s) refuses it before Ray
+    is started or joined: exit 2, one line naming the bound, no sweep folder."""
+    res = CliRunner().invoke(
+        app,
+        ["sweep", str(spec_file), "--out", str(tmp_path / "o"), "--ray-address", "local", "-b", "a=emulator://",
+         "--stop-grace", grace],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: stop_grace_s must be within [0, 300] s"), res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_bad_search_space_exits_2_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(SPEC.replace('[space."train.lr"]', '[space."train.lrate"]'))

@@ -62,6 +62,14 @@ def sweep(
             help="With --ray-address: a trial that has lost this many boards (its actor died or its board stopped answering) is reported failed instead of being moved to another board.",
         ),
     ] = 2,
+    stop_grace: Annotated[
+        float | None,
+        typer.Option(
+            "--stop-grace",
+            metavar="SECONDS",
+            help="With --ray-address: how long a board actor stopped mid-trial (Ctrl-C, SIGTERM, an error, the sweep's end) is given to put its board in its safe state before it is killed; 0 to 300, 0: killed at once, its board left as it was. Default: 5 (docs/sweep.md).",
+        ),
+    ] = None,
 ) -> None:
     """Tune any `hil train` config by Bayesian optimisation (Optuna's TPE), in this process or across the boards of a Ray cluster.
 
@@ -76,7 +84,7 @@ def sweep(
     try:
         spec = load_spec(spec_file, n_trials)
         _check_uris(spec.base["device"], board or [])
-        executor = _executor(ray_address, board or [], spec.base["device"], max_board_losses)
+        executor = _executor(ray_address, board or [], spec.base["device"], max_board_losses, stop_grace)
         # in this process, the trials' boards before the first trial and the sweep folder: a board
         # that does not answer is one line and exit 2, where every trial failed on it (exit 1)
         local = None if ray_address else spec.trainer_def.boards(spec.config_for({}, executor.uri))
@@ -142,14 +150,23 @@ def _check_uris(device: str, boards: list[str]) -> None:
         parse_options(uri)
 
 
-def _executor(ray_address: str | None, boards: list[str], device: str, max_board_losses: int = 2) -> Any:
+def _executor(
+    ray_address: str | None,
+    boards: list[str],
+    device: str,
+    max_board_losses: int = 2,
+    stop_grace_s: float | None = None,
+) -> Any:
     from hil.sweep import SweepError
     from hil.sweep.local import LocalExecutor
     from hil.sweep.ray_runner import Board, RayExecutor
 
     parsed = [Board.parse(b) for b in boards]
     if ray_address:
-        return RayExecutor(parsed, ray_address, default_uri=device, max_board_losses=max_board_losses)
+        grace = {} if stop_grace_s is None else {"stop_grace_s": stop_grace_s}
+        return RayExecutor(
+            parsed, ray_address, default_uri=device, max_board_losses=max_board_losses, **grace
+        )
     if len(parsed) > 1:
         raise SweepError(
             "several --board need --ray-address (`--ray-address local` for this machine's boards)"
