@@ -157,14 +157,17 @@ def run_data_parallel(
 
 
 def train_on_ray(
-    cfg: RunConfig, address: str, boards: list[str], out: Path, resume: bool, overwrite: bool
-) -> RayJobResult:
+    cfg: RunConfig, address: str, boards: list[str], out: Path, resume: bool, overwrite: bool,
+    stop_grace_s: float | None = None,
+) -> RayJobResult:  # fmt: skip
     """`hil train classifier --distributed --ray-address ADDRESS --board ...`: the job on the
     board actors of the cluster at `address` (`local`: a Ray instance started here declaring
-    `boards`), restarted once from its last snapshot if a rank fails."""
+    `boards`), restarted once from its last snapshot if a rank fails. `stop_grace_s`: the
+    executor's (`RayExecutor`; None: its default)."""
     from hil.sweep.ray_runner import Board
 
-    executor = RayExecutor([Board.parse(b) for b in boards], address, default_uri=cfg.device)
+    grace = {} if stop_grace_s is None else {"stop_grace_s": stop_grace_s}
+    executor = RayExecutor([Board.parse(b) for b in boards], address, default_uri=cfg.device, **grace)
     try:
         return run_data_parallel(executor, cfg, out, resume=resume, overwrite=overwrite)
     finally:

@@ -82,6 +82,25 @@ def test_cli_ray_options_need_distributed(tmp_path: Path) -> None:
     assert not (tmp_path / "r.zarr").exists()
 
 
+@pytest.mark.parametrize("grace", ["-1", "301", "nan"])
+def test_cli_stop_grace_outside_its_bound_is_refused_before_ray_starts(tmp_path: Path, grace: str) -> None:
+    """`--stop-grace` reaches the job's Ray executor, whose bound (0 to 300 s) refuses it before
+    Ray is started: exit 2, one line naming the bound, no run log; without --ray-address it
+    is refused as the other Ray options are."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    out = tmp_path / "r.zarr"
+    args = ["train", "classifier", "--distributed", "--out", str(out), "--stop-grace", grace]
+    result = CliRunner().invoke(app, [*args, "--ray-address", "local", "--board", "b0=emulator://"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: stop_grace_s must be within [0, 300] s"), result.output
+    alone = CliRunner().invoke(app, args)
+    assert alone.exit_code == 2 and "--stop-grace go with --distributed" in alone.stderr, alone.output
+    assert not out.exists()
+
+
 def test_two_board_actors_equal_one_board_with_the_whole_batch(
     executor: Any, one_board: Path, tmp_path: Path
 ) -> None:

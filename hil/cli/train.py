@@ -138,6 +138,16 @@ def classifier(
             "seeds spread over the ranks). Repeatable. Default: every board:NAME resource of the cluster.",
         ),
     ] = None,
+    stop_grace: Annotated[
+        float | None,
+        typer.Option(
+            "--stop-grace",
+            metavar="SECONDS",
+            help="With --ray-address: how long a rank stopped mid-run (Ctrl-C, SIGTERM, a failed rank's "
+            "peers) is given to put its board in its safe state before its actor is killed; 0 to 300, "
+            "0: killed at once. Default: 5 (docs/sweep.md).",
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier by EP on a device and report its test accuracy.
 
@@ -211,9 +221,11 @@ def classifier(
     import os
 
     dp = None
-    if ray_address is not None or board:
+    if ray_address is not None or board or stop_grace is not None:
         if not distributed or ray_address is None or (out is None and resume is None):
-            raise fail("--ray-address and --board go with --distributed and --out RUN (or --resume RUN)")
+            raise fail(
+                "--ray-address, --board and --stop-grace go with --distributed and --out RUN (or --resume RUN)"
+            )
         if rank_device or rank_calibration:
             raise fail("with --ray-address, give each rank's board as --board NAME=URI (no --rank-device)")
         from hil.distributed_ray import train_on_ray
@@ -222,7 +234,7 @@ def classifier(
         try:
             with one_line_errors():
                 res = train_on_ray(
-                    cfg, ray_address, board or [], resume or out, resume is not None, overwrite
+                    cfg, ray_address, board or [], resume or out, resume is not None, overwrite, stop_grace
                 )
         except (SweepError, ConfigError, RunLogError) as exc:
             raise fail(str(exc)) from None
