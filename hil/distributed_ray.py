@@ -166,8 +166,9 @@ def train_on_ray(
     executor's (`RayExecutor`; None: its default)."""
     from hil.sweep.ray_runner import Board
 
-    grace = {} if stop_grace_s is None else {"stop_grace_s": stop_grace_s}
-    executor = RayExecutor([Board.parse(b) for b in boards], address, default_uri=cfg.device, **grace)
+    executor = RayExecutor(
+        [Board.parse(b) for b in boards], address, default_uri=cfg.device, stop_grace_s=stop_grace_s
+    )
     try:
         return run_data_parallel(executor, cfg, out, resume=resume, overwrite=overwrite)
     finally:

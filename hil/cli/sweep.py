@@ -163,9 +163,12 @@ def _executor(
 
     parsed = [Board.parse(b) for b in boards]
     if ray_address:
-        grace = {} if stop_grace_s is None else {"stop_grace_s": stop_grace_s}
         return RayExecutor(
-            parsed, ray_address, default_uri=device, max_board_losses=max_board_losses, **grace
+            parsed,
+            ray_address,
+            default_uri=device,
+            max_board_losses=max_board_losses,
+            stop_grace_s=stop_grace_s,
         )
     if len(parsed) > 1:
         raise SweepError(

@@ -295,7 +295,7 @@ class RayExecutor:
     boards down, and would otherwise take every board of the cluster with it.
     `stop_grace_s`: how long an actor stopped while it runs a trial or a rank (`stop`) is
     given to make its board safe before it is killed (0 to STOP_GRACE_MAX_S; 0: killed at
-    once, its board left as it was)."""
+    once, its board left as it was; None: STOP_GRACE_S)."""
 
     def __init__(
         self,
@@ -306,10 +306,11 @@ class RayExecutor:
         cpus_per_board: float = 1.0,
         ready_timeout_s: float = 120.0,
         max_board_losses: int = 2,
-        stop_grace_s: float = STOP_GRACE_S,
+        stop_grace_s: float | None = None,
     ) -> None:
         if max_board_losses < 1:
             raise SweepError(f"max_board_losses must be >= 1, got {max_board_losses}")
+        stop_grace_s = STOP_GRACE_S if stop_grace_s is None else stop_grace_s
         if not 0.0 <= stop_grace_s <= STOP_GRACE_MAX_S:  # NaN too
             raise SweepError(f"stop_grace_s must be within [0, {STOP_GRACE_MAX_S:g}] s, got {stop_grace_s}")
         self.max_board_losses = max_board_losses
