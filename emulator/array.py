@@ -598,6 +598,18 @@ class TileArray:
         devices' included: the pulse reaches them).
         """
         n, mag = self.pulse_counts(counts_plus, counts_minus)
+        return self.apply_pulses(n, mag, t, gen, wear)
+
+    def apply_pulses(
+        self,
+        n: torch.Tensor,
+        mag: torch.Tensor,
+        t: float,
+        gen: torch.Generator,
+        wear: torch.Tensor | None = None,
+    ) -> WriteStats:
+        """`pulse` with its counts as `pulse_counts` gives them (signed counts, pulses per
+        device), for a caller that has them already (the board, which checks the wear first)."""
         if wear is not None:
             wear.add_(mag)
         model = self.model

@@ -446,10 +446,11 @@ class Board:
         peak = max(_peak_count(counts_plus), _peak_count(counts_minus))
         if peak > bound:
             raise self.safety.refuse(LimitViolation("pulses per device", float(peak), bound))
+        n, mag = tile.pulse_counts(counts_plus, counts_minus)
         wear = self.wear(name)
         if wear is not None:
-            self._check_wear(name, wear, tile.pulse_counts(counts_plus, counts_minus)[1], "pulse request")
-        st = tile.pulse(counts_plus, counts_minus, self.clock, self.noise, wear)
+            self._check_wear(name, wear, mag, "pulse request")
+        st = tile.apply_pulses(n, mag, self.clock, self.noise, wear)
         self.clock += st.time_s
         self.energy_j += st.energy_j
         return {"pulses": int(st.pulses), "energy_j": float(st.energy_j), "time_s": float(st.time_s)}
