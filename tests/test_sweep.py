@@ -221,9 +221,13 @@ def test_a_trial_that_loses_too_many_boards_is_failed_not_moved_on(
     assert all(t.state == "COMPLETE" for n, t in by_number.items() if n != 2)
 
 
-@pytest.mark.parametrize("stop", ["close", "sigterm"])
+@pytest.mark.parametrize(("stop", "board"), [("close", "a"), ("sigterm", "a"), ("close", "b")])
 def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
-    stop: str, ray_cluster: dict[str, str], emulated_board: Callable[..., BoardServers], tmp_path: Path
+    stop: str,
+    board: str,
+    ray_cluster: dict[str, str],
+    emulated_board: Callable[..., BoardServers],
+    tmp_path: Path,
 ) -> None:
     """The safety audit: `RayExecutor.close` (the driver's Ctrl-C or SIGTERM, an error, the end)
     killed a board actor mid-trial at once: its board, served over TCP, never got SAFE_STATE
@@ -233,7 +237,9 @@ def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
     SystemExit wherever the trial was, whose clean-up then also made the board safe (so this
     case passed before too), but could cut a board transaction in flight; now the trial stops
     as on Ctrl-C (the transaction completes first), then the worker exits (the board is lost
-    to the sweep)."""
+    to the sweep). Board `a` sits on the driver's node, which signals its worker itself; board
+    `b` on the cluster's second node, whose worker gets the interrupt from a task pinned there
+    (the path of a board on another host)."""
     served = emulated_board("emulator://?preset=ideal&seed=0")
     calls: list[str] = []
     guard = threading.Lock()
@@ -256,7 +262,8 @@ def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
     )
     from hil.sweep.ray_runner import RayExecutor
 
-    executor = RayExecutor([Board("a", uri)], stop_grace_s=20.0)
+    executor = RayExecutor([Board(board, uri)], stop_grace_s=20.0)
+    assert executor.placement[board]["node"] == ray_cluster[board]
 
     def interrupt_mid_trial(e: TrialEvent) -> None:
         if e.kind != "start":
@@ -266,7 +273,7 @@ def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
             assert time.monotonic() < deadline, f"the trial did not start within 60 s: {calls[-5:]}"
             time.sleep(0.05)
         if stop == "sigterm":
-            os.kill(executor.placement["a"]["pid"], signal.SIGTERM)
+            os.kill(executor.placement[board]["pid"], signal.SIGTERM)
         else:
             raise KeyboardInterrupt  # the driver's Ctrl-C
 
