@@ -7,13 +7,18 @@ by its shard size, so the result is the gradient of the whole batch); every rank
 the same optimiser step and programs the same host weights onto its own board. Rank 0 writes
 the run log; on a restart every rank continues from rank 0's last snapshot, broadcast to all.
 
-The process group uses gloo when the host stack computes on the CPU and NCCL on CUDA.
+The process group uses gloo when the host stack computes on the CPU and NCCL on CUDA. Under
+gloo every collective is waited for in slices (`wait_interruptibly`), so that a stop (Ctrl-C,
+torchrun's SIGTERM, `RayExecutor.stop`'s SIGINT) reaches a rank that waits for a peer which
+will never contribute, and its board goes to its safe state instead of waiting out the group's
+timeout; the collective left pending then keeps its group alive until the process ends.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +36,46 @@ from hil.config import ConfigError, RunConfig
 MAX_WORLD = 1024  # ranks (boards) one job may span
 RANK_SEED_STRIDE = 1000  # emulator seed of rank r: seed + 1000 r (ff-EBM blocks take seed + k, k < 1000)
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long one wait on a gloo collective blocks before Python looks at its signals: the most a
+# stop (Ctrl-C, SIGTERM taken as one, RayExecutor.stop's SIGINT) waits to reach a rank blocked
+# in a collective. A collective that completes wakes its waiter at once, whatever the slice.
+WAIT_SLICE_S = 0.05
+
+# Collectives this process stopped waiting for (interrupted): their work is still queued on
+# the gloo group's worker thread, which only the peers (or the group's timeout) can end.
+# Destroying the group, or the interpreter's teardown freeing it, joins that thread and so
+# waits as long; the group is therefore kept (here) and the process ends with `os._exit`.
+_abandoned: list[Any] = []
+
+
+def wait_interruptibly(work: Any, slice_s: float = WAIT_SLICE_S) -> None:
+    """Wait for the collective `work` (``async_op=True``) in slices of `slice_s`, between which
+    Python runs its signal handlers: a KeyboardInterrupt (or any error a handler raises) gets
+    through within a slice, where ``work.wait()`` blocks in C++ until every peer has
+    contributed. The collective's own error (a peer's connection closed, the group's timeout)
+    is raised as ``work.wait()`` raises it. Interrupted, the work is recorded as abandoned
+    (`collective_abandoned`)."""
+    step = timedelta(seconds=slice_s)
+    try:
+        while True:
+            try:
+                work.wait(step)  # wakes as soon as the work completes
+                return
+            except RuntimeError:  # the slice ran out ("Operation timed out!"), or the work failed
+                if work.is_completed():
+                    work.wait()  # its own result: returns, or raises the collective's error
+                    return
+    except BaseException:
+        if not work.is_completed():
+            _abandoned.append(work)
+        raise
+
+
+def collective_abandoned() -> bool:
+    """Whether this process stopped waiting for a collective that is still pending: its
+    process group cannot be destroyed, nor the interpreter torn down, before the peers end it;
+    such a process ends with `DataParallel.exit_worker` (``os._exit``)."""
+    return any(not w.is_completed() for w in _abandoned)
 
 
 class MixedBoardsWarning(UserWarning):
@@ -122,10 +167,14 @@ class DataParallel:
         (a gloo rank torn down while a peer still talks to it can abort its process at exit).
         `wait=False` after a failure, when the other ranks may be gone. The collection that
         follows runs the destructors of the group's C++ objects (worker threads, pairs) now,
-        while the interpreter is whole, not during its teardown."""
+        while the interpreter is whole, not during its teardown. After an interrupted
+        collective (`collective_abandoned`) the group is left as it is: destroying it would
+        wait for the pending collective, i.e. for peers that may never contribute."""
+        if collective_abandoned():
+            return
         if dist.is_initialized():
             if wait:
-                dist.barrier()
+                self._barrier()
             dist.destroy_process_group()
         gc.collect()
 
@@ -168,11 +217,28 @@ class DataParallel:
             )
 
     # ------------------------------------------------------------------------- collectives
+    @property
+    def _interruptible(self) -> bool:
+        """gloo: collectives issued with ``async_op=True`` and waited for in slices. NCCL's
+        keep the blocking calls: there a work's ``wait`` makes the CUDA stream wait and the
+        host blocks later, at a synchronisation, so slicing the wait is not the same fix (and
+        not one to make without a GPU to test it on)."""
+        return self.backend == "gloo"
+
     def _all_reduce(self, t: Tensor) -> None:
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        if self._interruptible:
+            wait_interruptibly(dist.all_reduce(t, async_op=True))
+        else:
+            dist.all_reduce(t)
         self.reduce_s += time.perf_counter() - t0
         self.reduce_calls += 1
+
+    def _barrier(self) -> None:
+        if self._interruptible:
+            wait_interruptibly(dist.barrier(async_op=True))
+        else:
+            dist.barrier()
 
     def reduce_grads(self, params: Sequence[Tensor]) -> None:
         """Replace every parameter's ``.grad`` by the gradient of the global batch: the sum
@@ -212,15 +278,40 @@ class DataParallel:
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (picklable objects)."""
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        if not self._interruptible:
+            out: list[Any] = [None] * self.world
+            dist.all_gather_object(out, obj)
+            return out
+        # all_gather_object's two collectives (the sizes, then the padded pickles), each waited
+        # for interruptibly
+        data = _bytes(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        wait_interruptibly(dist.all_gather(sizes, torch.tensor([len(data)]), async_op=True))
+        longest = max(int(n) for n in sizes)
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[: len(data)] = data
+        wait_interruptibly(dist.all_gather(parts, mine, async_op=True))
+        return [pickle.loads(p[: int(n)].numpy().tobytes()) for p, n in zip(parts, sizes, strict=True)]
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. the resume state of rank 0's run log)."""
-        box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        if not self._interruptible:
+            box = [obj if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        data = _bytes(obj) if self.rank == 0 else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([len(data)])
+        wait_interruptibly(dist.broadcast(size, src=0, async_op=True))
+        if self.rank != 0:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        wait_interruptibly(dist.broadcast(data, src=0, async_op=True))
+        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
+
+
+def _bytes(obj: Any) -> Tensor:
+    """`obj` pickled, as a uint8 tensor."""
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
 
 
 def _job_store(rank: int, world: int, timeout_s: float) -> dist.Store:

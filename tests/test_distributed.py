@@ -8,8 +8,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from hil.cli import app
 from hil.config import ConfigError, RunConfig
 from hil.distributed import DataParallel, rank_config
 from hil.runlog import RunLogError, open_run
+from hil.testing import BoardServers
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,11 +208,87 @@ def test_a_killed_rank_without_restarts_leaves_a_closed_run_log_and_says_how_to_
     assert "another rank" in error or "KeyboardInterrupt" in error, error
 
 
+def _gone(pid: int) -> bool:
+    """Whether process `pid` (another's child) has ended: no longer there, or a zombie."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+def test_a_rank_blocked_in_an_all_reduce_is_stopped_with_its_board_safe_and_free(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path
+) -> None:
+    """The gap a stop left: a rank waiting in a gloo all-reduce for a peer that never comes (the
+    peer interrupted, stopped or hung, its process still there) could not take SIGINT or
+    torchrun's SIGTERM: ``dist.all_reduce`` blocks in C++ until every rank contributes, so it
+    waited out the group's timeout (600 s) and was killed after the stop's grace period with
+    its board neither in its safe state nor released. Here rank 1 is frozen (SIGSTOP) mid-run,
+    rank 0 (on a board served over TCP) goes on to its next collective and waits there; then
+    rank 0 gets torchrun's SIGTERM. Now its wait is interruptible: its board is put in its safe
+    state after its last operation and released, and the process ends, within seconds."""
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    calls: list[tuple[float, str]] = []
+    guard = threading.Lock()
+    for op in ("configure", "program", "pulse", "settle", "mvm", "read_conductance", "safe_state"):
+        inner = getattr(served.device, op)
+
+        def logged(*args: Any, _op: str = op, _inner: Any = inner, **kw: Any) -> Any:
+            with guard:
+                calls.append((time.monotonic(), _op))
+            return _inner(*args, **kw)
+
+        setattr(served.device, op, logged)
+    out = tmp_path / "blocked.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
+        "--distributed", "--no-progress", "--out", str(out),
+        "--rank-device", served.uri("serial-socket"), "--rank-device", "emulator://?preset=ideal&seed=1000",
+        *_sets([*RUN, "train.epochs=50"]),
+    ]  # fmt: skip
+    job = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    peer = None
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while sum(op in ("settle", "mvm") for _, op in calls) < 20:  # rank 0 trains on its board
+            assert job.poll() is None, job.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "rank 0 did not start training"
+            time.sleep(0.05)
+        peer = _worker(job.pid, 1)
+        os.kill(peer, signal.SIGSTOP)  # rank 1 never reaches the next collective
+        while time.monotonic() - calls[-1][0] < 1.0:  # rank 0's board idle: it waits in a collective
+            time.sleep(0.05)
+        rank0 = _worker(job.pid, 0)
+        t0 = time.monotonic()
+        os.kill(rank0, signal.SIGTERM)  # what torchrun sends to stop its workers
+        while not (_gone(rank0) and served.lock is not None and served.lock.state().token is None):
+            assert time.monotonic() - t0 < 10, f"rank 0 still blocked: {calls[-3:]}"
+            time.sleep(0.05)
+        with guard:
+            last_work = max(i for i, (_, op) in enumerate(calls) if op != "safe_state")
+            assert "safe_state" in [op for _, op in calls[last_work:]], calls[-5:]
+        print(f"rank 0 stopped, its board safe and released, {time.monotonic() - t0:.2f} s after SIGTERM")
+        run = open_run(out, validate=False)  # rank 0 closed its run log, naming the interrupt
+        assert run.status == "failed" and "KeyboardInterrupt" in run.attrs["error"], run.attrs
+    finally:
+        if peer is not None:
+            os.kill(peer, signal.SIGKILL)
+        try:
+            job.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.communicate()
+
+
 def test_ranks_on_boards_of_different_kinds_are_named(tmp_path: Path) -> None:
     """The distributed audit: an ideal and an rram board trained one job silently (36.9 % against
     50.6 % on two ideal boards) and only rank 0's board was recorded. Rank 0 now warns, naming
     both, and the run log records every rank's board."""
     out = tmp_path / "mixed.zarr"
+    out = tmp_path / "blocked.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
@@ -230,6 +310,7 @@ def test_write_verify_counts_are_summed_over_every_ranks_board(tmp_path: Path) -
     ideal board has no stuck devices and rank 1's has 5 %: rank 0's counts were 0 given up of
     77 120 written (16 steps x 4820 devices), which hid rank 1's stuck devices."""
     out = tmp_path / "verify.zarr"
+    out = tmp_path / "blocked.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
@@ -247,6 +328,59 @@ def test_write_verify_counts_are_summed_over_every_ranks_board(tmp_path: Path) -
     assert 0.005 * per_rank < epoch["gave_up"] < 0.05 * per_rank  # rank 1's stuck devices (rank 0: none)
     said = re.search(r"write-verify gave up on (\d+) of (\d+) devices", done.stdout)
     assert said is not None and said.groups() == (str(epoch["gave_up"]), str(2 * per_rank)), done.stdout
+
+
+class _Work:
+    """A collective's work as gloo's behaves: `wait(timeout)` raises "Operation timed out!" while
+    it is pending; once done, `wait` returns or raises the collective's error."""
+
+    def __init__(self, done_after_s: float | None = None, error: Exception | None = None) -> None:
+        self.t_done = None if done_after_s is None else time.monotonic() + done_after_s
+        self.error = error
+
+    def is_completed(self) -> bool:
+        return self.t_done is not None and time.monotonic() >= self.t_done
+
+    def wait(self, timeout: Any = None) -> bool:
+        left = None if self.t_done is None else self.t_done - time.monotonic()
+        step = timeout.total_seconds() if timeout is not None else left
+        assert step is not None, "an untimed wait on a work that never completes"
+        time.sleep(max(0.0, min(step, left if left is not None else step)))
+        if not self.is_completed():
+            raise RuntimeError("Operation timed out!")
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_a_collective_is_waited_for_interruptibly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wait_interruptibly` (every gloo collective of `DataParallel`): a signal's KeyboardInterrupt
+    reaches a rank whose collective never completes within a slice (the work is then recorded
+    as abandoned, and `close` leaves the group alone); a completed collective returns, a failed
+    one raises its own error."""
+    import hil.distributed as hd
+
+    monkeypatch.setattr(hd, "_abandoned", [])
+    hd.wait_interruptibly(_Work(done_after_s=0.12))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        hd.wait_interruptibly(_Work(done_after_s=0.07, error=RuntimeError("Connection closed by peer")))
+    assert not hd.collective_abandoned()
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            hd.wait_interruptibly(_Work())  # never completes: a peer that never contributes
+        assert time.monotonic() - t0 < 0.2 + 2 * hd.WAIT_SLICE_S
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert hd.collective_abandoned()
+    DataParallel(rank=0, world=2).close(wait=False)  # returns: the group is not destroyed
 
 
 # ------------------------------------------------------------------- shards and bad input
