@@ -16,6 +16,7 @@ import numpy as np
 from drivers.errors import ConfigurationError, LimitViolation, distinct_numbers
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import BIAS, SettleBudget, Topology
+from drivers.wear import endurance_refusal
 
 if TYPE_CHECKING:
     from drivers.base import Limits, Nudge
@@ -456,19 +457,12 @@ class SessionWear:
             return None
         sent = self._sent.get(tile)
         total = np.abs(np.stack((cp, cm)).astype(np.int64))
-        if sent is not None and sent.shape == total.shape:
-            total += sent
-        worst = int(np.argmax(total)) if total.size else 0
-        if total.size and int(total.flat[worst]) > endurance:
-            side, row, col = np.unravel_index(worst, total.shape)
-            had = 0 if sent is None or sent.shape != total.shape else int(sent.flat[worst])
-            raise LimitViolation(
-                f"pulse endurance of tile {tile!r} (this session's pulses)",
-                float(total.flat[worst]),
-                endurance,
-                f"{'G+' if side == 0 else 'G-'} device ({row}, {col}) was sent {had} pulses in this "
-                f"session and this request adds {int(total.flat[worst]) - had}; nothing was sent",
-            )
+        if sent is None or sent.shape != total.shape:
+            sent = np.zeros_like(total)
+        total += sent
+        refusal = endurance_refusal(tile, endurance, sent, total, "request", session=True)
+        if refusal is not None:
+            raise refusal
         return total
 
     def record(self, tile: str, total: np.ndarray | None) -> None:

@@ -41,6 +41,7 @@ from drivers.errors import ConfigurationError, LimitViolation
 from drivers.numerics import denormals_flushed
 from drivers.scalars import INT32_MAX, as_int
 from drivers.topology import Coupling, Topology
+from drivers.wear import endurance_refusal
 from emulator.array import TileArray
 from emulator.conv_settle import ConvSettle
 from emulator.periphery import ChannelErrors, line_current_limit, quantize
@@ -297,25 +298,11 @@ class Board:
         `name` past the declared endurance: `added` pulses per device (int64 (2, rows, cols),
         or the same count for every device) on top of `wear`. Nothing is applied."""
         endurance = self.limits.pulse_endurance
-        if endurance is None or not wear.numel():
+        if endurance is None:
             return
-        total = wear + added
-        worst = int(torch.argmax(total))
-        side, rest = divmod(worst, wear.shape[1] * wear.shape[2])
-        row, col = divmod(rest, wear.shape[2])
-        after = int(total.view(-1)[worst])
-        if after <= endurance:
-            return
-        had = int(wear.view(-1)[worst])
-        raise self.safety.refuse(
-            LimitViolation(
-                f"pulse endurance of tile {name!r}",
-                float(after),
-                endurance,
-                f"{'G+' if side == 0 else 'G-'} device ({row}, {col}) has taken {had} pulses and this "
-                f"{what} adds {after - had}; nothing was applied: use another tile or board",
-            )
-        )
+        refusal = endurance_refusal(name, endurance, wear, wear + added, what)
+        if refusal is not None:
+            raise self.safety.refuse(refusal)
 
     def wait(self, seconds: float) -> None:
         try:

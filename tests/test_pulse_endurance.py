@@ -256,3 +256,39 @@ def test_a_pulsed_scheme_meets_the_boards_refusal_cleanly() -> None:
                 scheme.program(dev, "W0", w)
         assert np.array_equal(scheme.tiles["W0"].host, host) and torch.equal(_state(dev), state)
         assert dev.safety().violations == 0 and dev.board.max_wear()["W0"] <= 400
+
+
+# ---- one wording of the refusal, board and host ----------------------------------------------
+
+
+def test_board_and_host_refusals_are_worded_by_one_function(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The refusal was built twice (emulator.board and drivers.checks.SessionWear): both now
+    come from `drivers.wear.endurance_refusal`, so the texts cannot drift apart."""
+    from drivers.wear import endurance_refusal
+
+    worn = np.zeros((2, *SHAPE), np.int64)
+    worn[1, 2, 1] = 900
+    served = emulated_board(WORN)
+    served.device.configure(Topology.layered([4, 3]))
+    served.device.pulse("W0", _full(0), np.where(worn[1] > 0, 900, 0).astype(np.int32))
+    with pytest.raises(LimitViolation) as board_err:
+        served.device.pulse("W0", _full(0), _full(101))
+    said = endurance_refusal("W0", ENDURANCE, worn, worn + 101, "pulse request")
+    assert said is not None and str(board_err.value) == str(said)
+    assert "G- device (2, 1) has taken 900 pulses and this pulse request adds 101" in str(said)
+    with open_device(served.uris["visa-tcp"]) as dev:
+        dev.pulse("W0", _full(600), _full(0))
+        with pytest.raises(LimitViolation) as host_err:
+            dev.pulse("W0", _full(401), _full(0))
+    sent = np.zeros((2, *SHAPE), np.int64)
+    sent[0] = 600
+    said = endurance_refusal(
+        "W0", ENDURANCE, sent, sent + np.stack((_full(401), _full(0))), "request", session=True
+    )
+    assert said is not None and str(host_err.value) == str(said)
+    assert str(said).startswith(
+        "pulse endurance of tile 'W0' (this session's pulses) exceeded: requested 1001"
+    )
+    assert endurance_refusal("W0", ENDURANCE, worn, worn + 100, "pulse request") is None  # at the limit: none
