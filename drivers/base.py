@@ -99,6 +99,10 @@ class Limits:
     # on each device's life count (docs/protocol.md, "Pulse endurance"); None: not declared (a
     # board or peer that predates the field, or a board that models no wear)
     pulse_endurance: int | None = None
+    # the devices are one-sided (PCM): pulses only raise G, and a negative count of any size is
+    # one RESET pulse (to near g_min), which wears a device once; False: a count of n is |n|
+    # pulses either way (also what a board or peer that predates the field is taken to have)
+    one_sided: bool = False
 
     @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once
     def clamp_max(self) -> float:

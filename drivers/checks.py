@@ -16,7 +16,7 @@ import numpy as np
 from drivers.errors import ConfigurationError, LimitViolation, distinct_numbers
 from drivers.scalars import INT32_MAX, as_float, as_int
 from drivers.topology import BIAS, SettleBudget, Topology
-from drivers.wear import endurance_refusal
+from drivers.wear import endurance_refusal, pulse_wear
 
 if TYPE_CHECKING:
     from drivers.base import Limits, Nudge
@@ -377,11 +377,13 @@ def pulse_counts(
     shape: tuple[int, int],
     max_pulses: int,
     endurance: int | None = None,
+    one_sided: bool = False,
 ) -> np.ndarray:
     """Whole pulse counts of `shape` as int32, each within +-max_pulses and, where the board
     declares one, within its pulse `endurance` (no single request may take a device past its
-    rated life): checked in the array's own dtype (min and max, never an absolute value that
-    overflows) before the cast, so the count compared is the one the int32 wire carries."""
+    rated life; on `one_sided` devices a negative count wears once, `drivers.wear.pulse_wear`):
+    checked in the array's own dtype (min and max, never an absolute value that overflows)
+    before the cast, so the count compared is the one the int32 wire carries."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -408,10 +410,12 @@ def pulse_counts(
         raise LimitViolation(
             f"pulses per device ({name} of {tile!r})", float(peak), bound, "split into several calls"
         )
-    if endurance is not None and peak > endurance:
+    # the pulses the worst device takes (`pulse_wear`): on one-sided devices a negative count is 1
+    worst = max(hi, 1 if lo < 0 else 0) if one_sided else peak
+    if endurance is not None and worst > endurance:
         raise LimitViolation(
             f"pulse endurance ({name} of {tile!r}: pulses per device over its life)",
-            float(peak),
+            float(worst),
             endurance,
             "the board declares its devices endure no more (Limits.pulse_endurance); no request "
             "may exceed it",
@@ -424,8 +428,10 @@ def check_pulse(
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = check_tile(topology, tile)
     endurance = limits.pulse_endurance
-    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses, endurance)
-    cm = pulse_counts(tile, "counts_minus", counts_minus, shape, limits.max_pulses, endurance)
+    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses, endurance, limits.one_sided)
+    cm = pulse_counts(
+        tile, "counts_minus", counts_minus, shape, limits.max_pulses, endurance, limits.one_sided
+    )
     return cp, cm
 
 
@@ -456,7 +462,7 @@ class SessionWear:
         if endurance is None:
             return None
         sent = self._sent.get(tile)
-        total = np.abs(np.stack((cp, cm)).astype(np.int64))
+        total = pulse_wear(np.stack((cp, cm)).astype(np.int64), limits.one_sided)  # as the board counts
         if sent is None or sent.shape != total.shape:
             sent = np.zeros_like(total)
         total += sent

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from drivers.errors import ConfigurationError
+from drivers.wear import pulse_wear
 from emulator.devices import (
     DeviceModel,
     DeviceParams,
@@ -575,10 +576,7 @@ class TileArray:
         if n.is_floating_point() and not torch.equal(n, n.round()):
             raise ConfigurationError("pulse counts must be integers")
         n = n.to(torch.int64)
-        mag = n.abs()
-        if self.model.one_sided:
-            mag = torch.where(n < 0, torch.ones_like(mag), mag)
-        return n, mag
+        return n, pulse_wear(n, self.model.one_sided)  # the host's SessionWear counts the same
 
     def pulse(
         self,

@@ -175,6 +175,7 @@ class Board:
             settle_step_s=per.settle_step_s,
             max_line_current_a=line_current_limit(per, m.g_max),
             pulse_endurance=m.pulse_endurance,
+            one_sided=m.one_sided,
         )
         self._limits = (self.preset, lim)
         return lim

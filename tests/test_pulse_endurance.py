@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -292,3 +293,81 @@ def test_board_and_host_refusals_are_worded_by_one_function(
         "pulse endurance of tile 'W0' (this session's pulses) exceeded: requested 1001"
     )
     assert endurance_refusal("W0", ENDURANCE, worn, worn + 100, "pulse request") is None  # at the limit: none
+
+
+# ---- one count of wear, board and host: a one-sided (PCM) device's RESET is one pulse ------------
+
+PCM_WORN = f"emulator://?preset=pcm&seed=0&pulse_endurance={ENDURANCE}"
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_host_session_counts_a_pcm_reset_as_the_board_does(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """The host's SessionWear counted |n| for a negative count on a one-sided tile, where the
+    board counts one RESET pulse: the third -400 here was refused by the host ("this session's
+    pulses ... requested 1200") while the board had counted 3. Both count with
+    `drivers.wear.pulse_wear` now, the host told by the board's `limits.one_sided`."""
+    served = emulated_board(PCM_WORN)
+    board = _board(served.device)
+    with open_device(served.uris[transport]) as dev:
+        assert dev.info.limits.one_sided is True
+        dev.configure(Topology.layered([4, 3]))
+        for _ in range(3):
+            dev.pulse("W0", -_full(400), _full(0))
+        assert board.board.max_wear() == {"W0": 3}
+        assert dev.safety().refused == 0
+        dev.pulse("W0", _full(997), _full(0))  # 3 RESETs + 997 SETs: exactly the endurance
+        with pytest.raises(LimitViolation, match=r"this session's pulses.*requested 1001, limit 1000"):
+            dev.pulse("W0", -_full(1), _full(0))
+    assert board.board.max_wear() == {"W0": ENDURANCE}
+
+
+def test_one_sided_is_declared_on_the_wire_only_by_a_one_sided_board() -> None:
+    from drivers.wire import payload as pl
+
+    for preset, one_sided in (("pcm", True), ("rram", False)):
+        with open_device(f"emulator://?preset={preset}&seed=0") as dev:
+            d = pl.info_to_dict(dev.info)
+            assert d["limits"].get("one_sided", False) is one_sided
+            assert ("one_sided" in d["limits"]) is one_sided  # omitted when false, as older boards do
+            assert pl.info_from_dict(d).limits.one_sided is one_sided
+    d["limits"]["one_sided"] = 1
+    with pytest.raises(Exception, match=r"limits.one_sided must be true or false"):
+        pl.info_from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def tiles() -> dict[bool, Any]:
+    """W0 of a two-sided (rram) and a one-sided (pcm) emulated board, by one-sidedness."""
+    out = {}
+    for preset in ("rram", "pcm"):
+        dev = _board(open_device(f"emulator://?preset={preset}&seed=0"))
+        dev.configure(Topology.layered([4, 3]))
+        out[dev.board.tile("W0").model.one_sided] = dev.board.tile("W0")
+    assert sorted(out) == [False, True]
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counts=st.lists(st.integers(-1000, 1000), min_size=15, max_size=15),
+    one_sided=st.booleans(),
+    endurance=st.integers(1, 1000),
+)
+def test_host_and_board_count_one_request_alike(
+    rram_limits: Limits, tiles: dict[bool, Any], counts: list[int], one_sided: bool, endurance: int
+) -> None:
+    """The board's per-device count (`TileArray.pulse_counts`) and the host's single-request
+    check agree: a request is refused on the host exactly when a device would take more than
+    the endurance by the board's count (a PCM RESET of any size: 1)."""
+    n = np.array(counts, np.int32).reshape(SHAPE)
+    limits = dataclasses.replace(rram_limits, pulse_endurance=endurance, one_sided=one_sided)
+    zero = np.zeros(SHAPE, np.int32)
+    _, mag = tiles[one_sided].pulse_counts(torch.from_numpy(n), torch.from_numpy(zero))
+    try:
+        checks.check_pulse(Topology.layered([4, 3]), limits, "W0", n, zero)
+        refused = False
+    except LimitViolation:
+        refused = True
+    assert refused == (int(mag.max()) > endurance)

@@ -363,6 +363,8 @@ def info_to_dict(info: DeviceInfo) -> dict[str, Any]:
         del limits["max_line_current_a"]
     if limits["pulse_endurance"] is None:  # the same
         del limits["pulse_endurance"]
+    if not limits["one_sided"]:  # the same: omitted, as an older (two-sided) board omits it
+        del limits["one_sided"]
     return {
         "identity": dataclasses.asdict(info.identity),
         "limits": limits,
@@ -419,6 +421,10 @@ def _limits_from_peer(d: Any) -> dict[str, Any]:
             lo, hi = _LIMIT_RANGES.get(name, (-math.inf, math.inf))
             if value is None and kind.endswith("| None"):
                 out[name] = None
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigurationError(f"limits.{name} must be true or false, got {str(value)[:40]}")
+                out[name] = value
             elif kind.startswith("int"):
                 out[name] = as_int(f"limits.{name}", value, int(lo), int(hi))
             elif kind == "float":
