@@ -246,6 +246,27 @@ class Meter:
 
 
 @dataclass(frozen=True)
+class TileWear:
+    """How worn one tile's devices are (G+ and G-, each a device), against the board's declared
+    pulse endurance (docs/protocol.md, "Pulse endurance")."""
+
+    max_wear: int  # the most pulses any device of the tile has taken over its life
+    near_end: int  # devices at `Wear.near_from` or more: at most a tenth of the endurance left
+    spent: int  # devices at the endurance: none left, so every `program` of the tile is refused
+
+
+@dataclass(frozen=True)
+class Wear:
+    """The wear of a board that declares a pulse endurance (`Device.wear`): per configured tile,
+    in the topology's order (none without a topology: wear is counted per device and kept across
+    reconfigures, but only a configured tile has a name)."""
+
+    endurance: int  # pulses per device over its life (`Limits.pulse_endurance`)
+    near_from: int  # the wear from which a device counts as near its end (`drivers.wear.near_end_from`)
+    tiles: dict[str, TileWear]
+
+
+@dataclass(frozen=True)
 class BoardStatus:
     """What a host checks after a link failure and when a session starts.
 
@@ -421,6 +442,16 @@ class Device(ABC):
     def meter(self) -> Meter | None:
         """The board's cumulative clock, energy and mvm counters; None: it keeps none."""
         return None
+
+    def wear(self) -> Wear | None:
+        """Per tile, the most pulses a device has taken and how many devices are near or at the
+        board's declared pulse endurance; None: the board declares no endurance (and counts no
+        wear). NotSupported: it declares one but does not report its wear."""
+        if self.info.limits.pulse_endurance is None:
+            return None
+        raise NotSupported(
+            f"{type(self).__name__} does not report wear, though the board declares a pulse endurance"
+        )
 
     def owner(self) -> BoardOwner | None:
         """Who owns the board (a served board that announces the capability ``lock``);

@@ -30,12 +30,14 @@ from drivers.base import (
     ProgramReport,
     PulseReport,
     SafetyCounters,
+    Wear,
 )
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.numerics import to_numpy
 from drivers.options import encode_query, format_value, parse_value, settable
 from drivers.topology import BIAS, Topology
 from drivers.uri import Backend
+from drivers.wear import near_end_from, tile_wear
 from emulator.board import Board
 from emulator.devices import DeviceModel
 from emulator.periphery import PeripheryModel
@@ -516,6 +518,16 @@ class EmulatedDevice(Device):
         with self.lock:
             b = self.board
             return Meter(clock_s=float(b.clock), energy_j=float(b.energy_j), mvm_calls=int(b.mvm_calls))
+
+    def wear(self) -> Wear | None:
+        with self.lock:
+            b = self.board
+            endurance = b.limits.pulse_endurance
+            if endurance is None:
+                return None
+            names = [] if b.topology is None else [c.tile for c in b.topology.couplings]
+            tiles = {name: tile_wear(b.wear(name), endurance) for name in names}
+            return Wear(endurance, near_end_from(endurance), tiles)
 
     def reset(self) -> None:
         with self.lock:

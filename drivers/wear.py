@@ -11,7 +11,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from drivers.base import TileWear
 from drivers.errors import LimitViolation
+
+# A device counts as near its end with at most this share of its endurance left (`Wear.near_from`)
+NEAR_END_SHARE = 0.1
+
+
+def near_end_from(endurance: int) -> int:
+    """The wear from which a device has at most a tenth of `endurance` left, in integers
+    (``endurance - wear <= endurance / 10``): ``endurance - endurance // 10``."""
+    return endurance - endurance // 10
+
+
+def tile_wear(wear: Any, endurance: int) -> TileWear:
+    """The summary of one tile's wear (an integer array, numpy or torch, G+ then G-) that the
+    wear query reports: its largest count, the devices near their end, the devices spent."""
+    if math.prod(wear.shape) == 0:
+        return TileWear(0, 0, 0)
+    return TileWear(
+        max_wear=int(wear.max()),
+        near_end=int((wear >= near_end_from(endurance)).sum()),
+        spent=int((wear >= endurance).sum()),
+    )
 
 
 def pulse_wear(counts: Any, one_sided: bool) -> Any:

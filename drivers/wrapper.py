@@ -20,6 +20,7 @@ from drivers.base import (
     ProgramReport,
     PulseReport,
     SafetyCounters,
+    Wear,
 )
 from drivers.topology import Topology
 
@@ -79,6 +80,9 @@ class DeviceWrapper(Device):
 
     def meter(self) -> Meter | None:
         return self.inner.meter()
+
+    def wear(self) -> Wear | None:
+        return self.inner.wear()
 
     def owner(self) -> BoardOwner | None:
         return self.inner.owner()

@@ -4,6 +4,10 @@ changing anything on it (the instrument audit found no read-only command: `confo
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -49,3 +53,37 @@ def test_info_on_a_bad_uri_is_one_line() -> None:
     res = CliRunner().invoke(app, ["info", "emulator://?preset=nope"])
     assert res.exit_code == 2
     assert res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_info_shows_each_tiles_wear_on_a_board_with_an_endurance(
+    emulated_board: Callable[..., BoardServers], transport: str, tmp_path: Path
+) -> None:
+    """A board that declares a pulse endurance counted each device's wear, but nothing showed
+    it to a lab user: `hil info` prints one line per configured tile (SYST:WEAR?, opcode 0x24)."""
+    worn = emulated_board("emulator://?preset=rram&seed=0&pulse_endurance=1000")
+    worn.device.configure(Topology.layered([4, 3, 2]))
+    cp, cm = np.zeros((5, 3), np.int32), np.zeros((5, 3), np.int32)
+    cp[0, 0], cm[1, 1] = 950, 1000
+    worn.device.pulse("W0", cp, cm)
+    out = tmp_path / "info.json"
+    res = CliRunner().invoke(app, ["info", worn.uri(transport), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [line for line in res.output.splitlines() if line.startswith("wear")] == [
+        "wear          W0: at most 1000 pulses on a device (100% of 1000); 2 of 30 devices at 900 or "
+        "more (10 % or less left), 1 spent (a program of the tile is then refused)",
+        "wear          W1: at most 0 pulses on a device (0% of 1000); 0 of 16 devices at 900 or more "
+        "(10 % or less left), 0 spent (a program of the tile is then refused)",
+    ]
+    assert json.loads(out.read_text())["wear"] == {
+        "endurance": 1000,
+        "near_from": 900,
+        "tiles": {
+            "W0": {"max_wear": 1000, "near_end": 2, "spent": 1},
+            "W1": {"max_wear": 0, "near_end": 0, "spent": 0},
+        },
+    }
+    new = emulated_board("emulator://?preset=rram&seed=0")  # no endurance: no wear line, null
+    res = CliRunner().invoke(app, ["info", new.uri(transport), "--json", str(out)])
+    assert res.exit_code == 0 and "wear" not in res.output
+    assert json.loads(out.read_text())["wear"] is None

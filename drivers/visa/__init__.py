@@ -549,6 +549,25 @@ class VisaDevice(RemoteDevice):
         except ValueError:
             raise ProtocolError(f"{self.name}: malformed meter reply {text!r}") from None
 
+    def _op_wear(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
+        """The wear JSON block, read as one line (JSON holds no raw newline): firmware that
+        predates the query answers it with an empty line (-113 queued), which a block read would
+        wait on for a second byte until its timeout, and then retry."""
+        what = _short(scpi.WEAR_Q)
+        with self._io(what):
+            text = self._query_text(what)
+            if not text.strip() or text == "#10":
+                self._raise_queued(what, expected=True)
+        digits = text[1:2]
+        if text[:1] != "#" or not digits.isdigit() or digits == "0":
+            raise ProtocolError(f"{self.name}: expected a block from {what}, got {text[:40]!r}")
+        length, body = text[2 : 2 + int(digits)], text[2 + int(digits) :]
+        if not length.isdigit() or int(length) != len(body):
+            raise ProtocolError(
+                f"{self.name}: the block from {what} announces {length!r} bytes, holds {len(body)}"
+            )
+        return Message(pl.loads(body.encode("ascii")))
+
     def _op_acquire(self, request: Message, m: dict[str, Any], a: dict[str, np.ndarray], rid: str) -> Message:
         lease = f",{scpi.number(m['lease_s'])}" if "lease_s" in m else ""  # only when asked: older firmware
         return Message(self._query_json(f"{_short(scpi.LOCK_ACQUIRE_Q)} {scpi.quote(m['token'])}{lease}"))
@@ -604,6 +623,7 @@ _CALLS: dict[Op, Callable[..., Message]] = {
     Op.WAIT: VisaDevice._op_wait,
     Op.SAFETY: VisaDevice._op_safety,
     Op.METER: VisaDevice._op_meter,
+    Op.WEAR: VisaDevice._op_wear,
     Op.RESET: VisaDevice._op_reset,
     Op.SAFE_STATE: VisaDevice._op_safe_state,
     Op.ACQUIRE: VisaDevice._op_acquire,

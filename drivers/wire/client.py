@@ -56,6 +56,7 @@ from drivers.base import (
     ProgramReport,
     PulseReport,
     SafetyCounters,
+    Wear,
 )
 from drivers.errors import (
     BoardLocked,
@@ -696,6 +697,27 @@ class RemoteDevice(Device):
             if exc.code in _UNKNOWN_OP:
                 return None
             raise
+
+    def wear(self) -> Wear | None:
+        """The board's wear (`Device.wear`); None, without asking, from a board that declares no
+        pulse endurance. NotSupported from firmware that declares one but lacks the query."""
+        limits = self.info.limits
+        if limits.pulse_endurance is None:
+            return None
+        with self.lock:
+            try:
+                reply = self._transact(Op.WEAR, Message())
+            except DeviceFault as exc:
+                if exc.code in _UNKNOWN_OP:
+                    raise NotSupported(
+                        f"{self.name}: the board declares a pulse endurance of {limits.pulse_endurance} "
+                        f"but its firmware does not report wear (SYST:WEAR?, opcode 0x24; it answered "
+                        f'{exc.code}); it still counts and enforces it (docs/protocol.md, "Pulse endurance")'
+                    ) from None
+                raise
+            topo = self._topology
+            shapes = None if topo is None else {c.tile: topo.tile_shape(c.tile) for c in topo.couplings}
+            return pl.wear(reply, limits, shapes)
 
     def reset(self) -> None:
         with self.lock:

@@ -35,6 +35,8 @@ from drivers.base import (
     ProgramReport,
     PulseReport,
     SafetyCounters,
+    TileWear,
+    Wear,
 )
 from drivers.checks import check_state_range_voltage
 from drivers.errors import ConfigurationError, LimitViolation, ProtocolError, distinct_numbers
@@ -78,6 +80,8 @@ class Op(IntEnum):
     OWNER = 0x21
     RELEASE = 0x22
     BREAK = 0x23
+    # the devices' wear against a declared pulse endurance (docs/protocol.md, "Pulse endurance")
+    WEAR = 0x24
 
 
 # Operations a host may repeat after a link failure without changing the outcome. The
@@ -86,7 +90,7 @@ IDEMPOTENT = frozenset(
     {
         Op.INFO, Op.TOPOLOGY, Op.CONFIGURE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE, Op.SAFETY,
         Op.RESET, Op.SAFE_STATE, Op.STATUS, Op.BEGIN, Op.COMMIT, Op.METER,
-        Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK,
+        Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK, Op.WEAR,
     }
 )  # fmt: skip
 # Of the others, operations whose repetition after a board reset is still right: program
@@ -101,7 +105,7 @@ REPEATABLE_AFTER_RESET = frozenset({Op.PROGRAM})
 # changes its state or spends its clock, and is the owner's alone.
 LOCK_CAPABILITY = "lock"
 LOCK_OPS = frozenset({Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK})
-OPEN_WHILE_OWNED = frozenset({Op.INFO, Op.TOPOLOGY, Op.SAFETY, Op.STATUS, Op.METER, *LOCK_OPS})
+OPEN_WHILE_OWNED = frozenset({Op.INFO, Op.TOPOLOGY, Op.SAFETY, Op.STATUS, Op.METER, Op.WEAR, *LOCK_OPS})
 MAX_TOKEN = 100  # characters of an owner token (an error message that names it fits 255)
 # The lease a host may ask for when it acquires (optional; without one, the board's own): at
 # least 1 s, so a dropped link always leaves the owner time for its drivers' reconnect (the
@@ -991,6 +995,43 @@ def meter(msg: Message) -> Meter:
         _float(op, "energy_j", m["energy_j"]),
         _int(op, "mvm_calls", m["mvm_calls"]),
     )
+
+
+_TILE_WEAR = tuple(f.name for f in dataclasses.fields(TileWear))
+
+
+def wear_reply(w: Wear) -> Message:
+    tiles = {name: {k: getattr(t, k) for k in _TILE_WEAR} for name, t in w.tiles.items()}
+    return Message({"endurance": w.endurance, "near_from": w.near_from, "tiles": tiles})
+
+
+def wear(msg: Message, limits: Limits, shapes: dict[str, tuple[int, int]] | None = None) -> Wear:
+    """A wear reply, checked against the board's declared limits: its `endurance` the declared
+    one, `near_from` within it, at most `max_tiles` tiles, each count within its tile's devices
+    (`shapes`, the host's topology; a tile it does not know, within the largest tile's), no device
+    past the endurance and no more devices spent than near their end."""
+    op = "wear"
+    m = _meta(op, msg, "endurance", "near_from", "tiles")
+    declared = limits.pulse_endurance
+    endurance = _int(op, "endurance", m["endurance"], 1, 10**15)
+    if endurance != declared:
+        raise _bad(op, f"endurance {endurance} is not the board's declared pulse_endurance {declared}")
+    near_from = _int(op, "near_from", m["near_from"], 0, endurance)
+    tiles = m["tiles"]
+    if not isinstance(tiles, dict) or len(tiles) > limits.max_tiles:
+        raise _bad(op, f"tiles must be an object of at most {limits.max_tiles} tiles, got {str(tiles)[:60]}")
+    out = {}
+    for name, t in tiles.items():
+        if not isinstance(t, dict) or set(t) != set(_TILE_WEAR):
+            raise _bad(op, f"tile {name[:60]!r} must hold {', '.join(_TILE_WEAR)}, got {str(t)[:60]}")
+        rows, cols = (shapes or {}).get(name, (limits.tile_rows_max, limits.tile_cols_max))
+        near = _int(op, f"{name[:60]}.near_end", t["near_end"], 0, 2 * rows * cols)
+        out[name] = TileWear(
+            max_wear=_int(op, f"{name[:60]}.max_wear", t["max_wear"], 0, endurance),
+            near_end=near,
+            spent=_int(op, f"{name[:60]}.spent", t["spent"], 0, near),
+        )
+    return Wear(endurance, near_from, out)
 
 
 def owner_reply(o: BoardOwner) -> Message:

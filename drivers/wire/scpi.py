@@ -46,6 +46,7 @@ SETTLE_Q = "NETwork:SETTle?"
 FETCH_DATA_Q = "FETCh:DATA?"
 STATE_Q = "SYSTem:STATe?"
 METER_Q = "SYSTem:METer?"
+WEAR_Q = "SYSTem:WEAR?"
 BEGIN = "SYSTem:TRANsaction:BEGin"
 COMMIT = "SYSTem:TRANsaction:COMMit"
 # ownership (capability "lock"; docs/protocol.md, "Ownership")
@@ -85,6 +86,7 @@ OP_HEADERS: dict[Op, str] = {
     Op.OWNER: LOCK_OWNER_Q,
     Op.RELEASE: LOCK_RELEASE,
     Op.BREAK: LOCK_BREAK,
+    Op.WEAR: WEAR_Q,
 }
 
 TERMINATOR = b"\n"

@@ -100,6 +100,13 @@ def _meter(d: Device, m: Message) -> Message:
     return pl.meter_reply(found)
 
 
+def _wear(d: Device, m: Message) -> Message:
+    found = d.wear()
+    if found is None:
+        raise NotSupported("this board declares no pulse endurance and counts no wear")
+    return pl.wear_reply(found)
+
+
 def _tag(m: Message) -> str:
     tag = m.meta["tag"]
     if not isinstance(tag, str):
@@ -134,6 +141,7 @@ HANDLERS: dict[Op, Callable[[Device, Message], Message]] = {
     Op.BEGIN: _begin,
     Op.COMMIT: _commit,
     Op.METER: _meter,
+    Op.WEAR: _wear,
 }
 
 MAX_RID = (1 << 53) - 1  # request ids are JSON integers that a double holds exactly

@@ -486,6 +486,7 @@ class ScpiSession:
             (scpi.FETCH_DATA_Q, self._fetch_q, True),
             (scpi.STATE_Q, self._state_q, True),
             (scpi.METER_Q, self._meter_q, False),
+            (scpi.WEAR_Q, self._wear_q, True),
             (scpi.BEGIN, self._begin, False),
             (scpi.COMMIT, self._commit, False),
             (scpi.CHECK_MODE, self._check_mode, False),
@@ -763,6 +764,10 @@ class ScpiSession:
         _want(params, 0, h)
         m = pl.meter(self._op(Op.METER, Message()))
         return f"{scpi.number(m.clock_s)},{scpi.number(m.energy_j)},{m.mvm_calls}".encode()
+
+    def _wear_q(self, params: list[Param], h: str) -> Reply:
+        _want(params, 0, h)
+        return scpi.block(pl.meta_json(self._op(Op.WEAR, Message())))
 
     def _begin(self, params: list[Param], h: str) -> Reply:
         _want(params, 1, h)

@@ -13,7 +13,7 @@ import typer
 from hil.cli.common import JSON_HELP, check_json_dest, one_line_errors, to_stdout, write_json
 
 if TYPE_CHECKING:
-    from drivers.base import BoardOwner, Device
+    from drivers.base import BoardOwner, Device, Wear
 
 _JSON = typer.Option(None, "--json", help=JSON_HELP.format(doc='the README, "Scripts and CI"'))
 
@@ -31,6 +31,42 @@ def owner_line(owner: BoardOwner | None) -> str:
         else f"no connection presents its token: lapses in {owner.lapses_in:.0f} s"
     )
     return f"owner         {owner.token} since {since}; {held}"
+
+
+def _wear(dev: Device) -> tuple[Wear | None, str]:
+    """The board's wear and, where there is none to show, why (firmware without the query)."""
+    from drivers.errors import NotSupported
+
+    try:
+        return dev.wear(), ""
+    except NotSupported as exc:
+        return None, str(exc)
+
+
+def wear_lines(dev: Device) -> list[str]:
+    """One ``wear`` line per configured tile of a board that declares a pulse endurance: its most
+    worn device and how many devices are near (a tenth of the endurance left) or at the end."""
+    if dev.info.limits.pulse_endurance is None:
+        return []
+    wear, why = _wear(dev)
+    if wear is None:
+        return [f"wear          not reported: {why}"]
+    if not wear.tiles:
+        return ["wear          no tile configured (the board counts wear per device; a tile names them)"]
+    topo = dev.topology
+    lines = []
+    for name, t in wear.tiles.items():
+        devices = ""
+        if topo is not None and name in {c.tile for c in topo.couplings}:
+            rows, cols = topo.tile_shape(name)
+            devices = f" of {2 * rows * cols}"
+        lines.append(
+            f"wear          {name}: at most {t.max_wear} pulses on a device "
+            f"({t.max_wear / wear.endurance:.0%} of {wear.endurance}); {t.near_end}{devices} devices "
+            f"at {wear.near_from} or more (10 % or less left), {t.spent} spent (a program of the tile "
+            "is then refused)"
+        )
+    return lines
 
 
 def describe(dev: Device, uri: str) -> list[str]:
@@ -66,6 +102,7 @@ def describe(dev: Device, uri: str) -> list[str]:
             else f"{lim.pulse_endurance} pulses per device"
         ),
     ]
+    lines += wear_lines(dev)
     st = dev.status()
     open_tx = f"open transaction {st.transaction!r}" if st.transaction else "no open transaction"
     lines.append(
@@ -92,13 +129,14 @@ def info_record(dev: Device, uri: str) -> dict[str, Any]:
     seconds, amperes; ``clamp_max`` added; an undeclared limit is null), ``extra``, ``status``
     (epoch, transaction, configured), ``safety`` (refused, violations), ``meter`` (clock_s,
     energy_j, mvm_calls; null: the board keeps none), ``owner`` (token, since, connections,
-    lease_s, lapses_in; null: no ownership). The device part is the run log's ``device``
+    lease_s, lapses_in; null: no ownership), ``wear`` (endurance, near_from, tiles: per tile
+    max_wear, near_end, spent; null: no endurance declared, or not reported). The device part is the run log's ``device``
     record (`hil.runlog.meta.device_record`)."""
     from hil.runlog.meta import device_record
 
     record = device_record(dev.info, uri)
     record["limits"]["clamp_max"] = dev.info.limits.clamp_max
-    meter, owner = dev.meter(), dev.owner()
+    meter, owner, (wear, _) = dev.meter(), dev.owner(), _wear(dev)
     return {
         "uri": uri,
         **{k: v for k, v in record.items() if k != "uri"},
@@ -106,6 +144,7 @@ def info_record(dev: Device, uri: str) -> dict[str, Any]:
         "safety": dataclasses.asdict(dev.safety()),
         "meter": None if meter is None else dataclasses.asdict(meter),
         "owner": None if owner is None else dataclasses.asdict(owner),
+        "wear": None if wear is None else dataclasses.asdict(wear),
     }
 
 
@@ -119,7 +158,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print what a board says about itself: identity, capabilities, limits (with units),
         status (epoch, configuration, an open programming transaction), safety counters and
-        its meter, and who owns it. It only queries: nothing is configured or programmed, the
+        its meter, who owns it, and, on a board that declares a pulse endurance, each tile's
+        wear (its most worn device, the devices near or at the end of their life). It only queries: nothing is configured or programmed, the
         board is not taken (as if `?lock=0`), and the lines are not driven to the safe state on
         close, so it can look at a board another host is using. On an emulator:// URI it shows
         a fresh emulated board. --json writes the same as one JSON object."""
