@@ -41,20 +41,14 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # in a collective. A collective that completes wakes its waiter at once, whatever the slice.
 WAIT_SLICE_S = 0.05
 
-# Collectives this process stopped waiting for (interrupted): their work is still queued on
-# the gloo group's worker thread, which only the peers (or the group's timeout) can end.
-# Destroying the group, or the interpreter's teardown freeing it, joins that thread and so
-# waits as long; the group is therefore kept (here) and the process ends with `os._exit`.
-_abandoned: list[Any] = []
 
-
-def wait_interruptibly(work: Any, slice_s: float = WAIT_SLICE_S) -> None:
+def wait_interruptibly(work: Any, pending: list[Any] | None = None, slice_s: float = WAIT_SLICE_S) -> None:
     """Wait for the collective `work` (``async_op=True``) in slices of `slice_s`, between which
     Python runs its signal handlers: a KeyboardInterrupt (or any error a handler raises) gets
     through within a slice, where ``work.wait()`` blocks in C++ until every peer has
     contributed. The collective's own error (a peer's connection closed, the group's timeout)
-    is raised as ``work.wait()`` raises it. Interrupted, the work is recorded as abandoned
-    (`collective_abandoned`)."""
+    is raised as ``work.wait()`` raises it. Interrupted, a work still pending is appended to
+    `pending` (`DataParallel.collective_abandoned`)."""
     step = timedelta(seconds=slice_s)
     try:
         while True:
@@ -66,16 +60,17 @@ def wait_interruptibly(work: Any, slice_s: float = WAIT_SLICE_S) -> None:
                     work.wait()  # its own result: returns, or raises the collective's error
                     return
     except BaseException:
-        if not work.is_completed():
-            _abandoned.append(work)
+        if pending is not None and not work.is_completed():
+            pending.append(work)
         raise
 
 
-def collective_abandoned() -> bool:
-    """Whether this process stopped waiting for a collective that is still pending: its
-    process group cannot be destroyed, nor the interpreter torn down, before the peers end it;
-    such a process ends with `DataParallel.exit_worker` (``os._exit``)."""
-    return any(not w.is_completed() for w in _abandoned)
+def group_left_up() -> bool:
+    """Whether this process's process group is still up: a rank that stopped waiting for a
+    collective keeps it (`DataParallel.close`), since destroying it, or the interpreter's
+    teardown freeing it, joins the gloo worker thread that still waits for the peers; such a
+    process ends with `DataParallel.exit_worker` (``os._exit``)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 class MixedBoardsWarning(UserWarning):
@@ -136,6 +131,9 @@ class DataParallel:
     device: str = "cpu"  # where collectives' tensors live: cuda:LOCAL_RANK under NCCL
     reduce_s: float = 0.0
     reduce_calls: int = 0
+    # collectives this rank stopped waiting for (interrupted) that are still queued on the gloo
+    # group's worker thread, which only the peers (or the group's timeout) can end
+    _pending: list[Any] = field(default_factory=list, repr=False)
     _batch: tuple[int, int] = field(default=(0, 0), repr=False)  # (this rank's, global) examples
 
     @staticmethod
@@ -170,7 +168,7 @@ class DataParallel:
         while the interpreter is whole, not during its teardown. After an interrupted
         collective (`collective_abandoned`) the group is left as it is: destroying it would
         wait for the pending collective, i.e. for peers that may never contribute."""
-        if collective_abandoned():
+        if self.collective_abandoned():
             return
         if dist.is_initialized():
             if wait:
@@ -225,10 +223,15 @@ class DataParallel:
         not one to make without a GPU to test it on)."""
         return self.backend == "gloo"
 
+    def collective_abandoned(self) -> bool:
+        """Whether this rank stopped waiting for a collective that is still pending: its process
+        group cannot be destroyed, nor the interpreter torn down, before the peers end it."""
+        return any(not w.is_completed() for w in self._pending)
+
     def _all_reduce(self, t: Tensor) -> None:
         t0 = time.perf_counter()
         if self._interruptible:
-            wait_interruptibly(dist.all_reduce(t, async_op=True))
+            wait_interruptibly(dist.all_reduce(t, async_op=True), self._pending)
         else:
             dist.all_reduce(t)
         self.reduce_s += time.perf_counter() - t0
@@ -236,7 +239,7 @@ class DataParallel:
 
     def _barrier(self) -> None:
         if self._interruptible:
-            wait_interruptibly(dist.barrier(async_op=True))
+            wait_interruptibly(dist.barrier(async_op=True), self._pending)
         else:
             dist.barrier()
 
@@ -286,12 +289,12 @@ class DataParallel:
         # for interruptibly
         data = _bytes(obj)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        wait_interruptibly(dist.all_gather(sizes, torch.tensor([len(data)]), async_op=True))
+        wait_interruptibly(dist.all_gather(sizes, torch.tensor([len(data)]), async_op=True), self._pending)
         longest = max(int(n) for n in sizes)
         parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
         mine = torch.zeros(longest, dtype=torch.uint8)
         mine[: len(data)] = data
-        wait_interruptibly(dist.all_gather(parts, mine, async_op=True))
+        wait_interruptibly(dist.all_gather(parts, mine, async_op=True), self._pending)
         return [pickle.loads(p[: int(n)].numpy().tobytes()) for p, n in zip(parts, sizes, strict=True)]
 
     def broadcast(self, obj: Any) -> Any:
@@ -302,10 +305,10 @@ class DataParallel:
             return box[0]
         data = _bytes(obj) if self.rank == 0 else torch.empty(0, dtype=torch.uint8)
         size = torch.tensor([len(data)])
-        wait_interruptibly(dist.broadcast(size, src=0, async_op=True))
+        wait_interruptibly(dist.broadcast(size, src=0, async_op=True), self._pending)
         if self.rank != 0:
             data = torch.empty(int(size), dtype=torch.uint8)
-        wait_interruptibly(dist.broadcast(data, src=0, async_op=True))
+        wait_interruptibly(dist.broadcast(data, src=0, async_op=True), self._pending)
         return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
 

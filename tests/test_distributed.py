@@ -353,18 +353,20 @@ class _Work:
         return True
 
 
-def test_a_collective_is_waited_for_interruptibly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_collective_is_waited_for_interruptibly() -> None:
     """`wait_interruptibly` (every gloo collective of `DataParallel`): a signal's KeyboardInterrupt
     reaches a rank whose collective never completes within a slice (the work is then recorded
     as abandoned, and `close` leaves the group alone); a completed collective returns, a failed
     one raises its own error."""
     import hil.distributed as hd
 
-    monkeypatch.setattr(hd, "_abandoned", [])
-    hd.wait_interruptibly(_Work(done_after_s=0.12))
+    dp = DataParallel(rank=0, world=2)
+    hd.wait_interruptibly(_Work(done_after_s=0.12), dp._pending)
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
-        hd.wait_interruptibly(_Work(done_after_s=0.07, error=RuntimeError("Connection closed by peer")))
-    assert not hd.collective_abandoned()
+        hd.wait_interruptibly(
+            _Work(done_after_s=0.07, error=RuntimeError("Connection closed by peer")), dp._pending
+        )
+    assert not dp.collective_abandoned()
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -374,13 +376,13 @@ def test_a_collective_is_waited_for_interruptibly(monkeypatch: pytest.MonkeyPatc
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         t0 = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            hd.wait_interruptibly(_Work())  # never completes: a peer that never contributes
+            hd.wait_interruptibly(_Work(), dp._pending)  # never completes: a peer that never contributes
         assert time.monotonic() - t0 < 0.2 + 2 * hd.WAIT_SLICE_S
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
-    assert hd.collective_abandoned()
-    DataParallel(rank=0, world=2).close(wait=False)  # returns: the group is not destroyed
+    assert dp.collective_abandoned()
+    dp.close(wait=False)  # returns: the group is not destroyed
 
 
 # ------------------------------------------------------------------- shards and bad input

@@ -50,9 +50,10 @@ def main() -> None:
     flight finishes, the board goes to its safe state, the command says what it kept (and how
     to resume), where the default action ended it mid-request with the board left as it was.
     It then exits with code 143 (128 + SIGTERM, what batch schedulers expect of a terminated
-    job), and with 130 after Ctrl-C (SIGINT). A rank of a data parallel job stopped inside a
-    collective (`hil.distributed.collective_abandoned`) ends with `os._exit` once the command
-    is done: the interpreter's teardown would wait for that collective, i.e. for its peers."""
+    job), and with 130 after Ctrl-C (SIGINT). A rank of a data parallel job whose process group
+    is still up when the command is done (it stopped waiting for a collective:
+    `hil.distributed.group_left_up`) ends with `os._exit`: the interpreter's teardown would wait
+    for that collective, i.e. for its peers."""
     from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT, sigterm_as_interrupt
 
     with warnings.catch_warnings(), sigterm_as_interrupt() as term:
@@ -62,20 +63,21 @@ def main() -> None:
         except SystemExit as exc:
             # typer ends a command stopped by KeyboardInterrupt with 130, whichever signal it was
             code = SIGTERM_EXIT if term.received and exc.code == SIGINT_EXIT else exc.code
-            _end_if_collective_abandoned(code)
+            _end_if_group_left_up(code)
             if code != exc.code:
                 raise SystemExit(code) from None
             raise
 
 
-def _end_if_collective_abandoned(code: int | str | None) -> None:
-    """`os._exit(code)` (`DataParallel.exit_worker`) if this process left a collective pending
-    (a rank interrupted while it waited for a peer); else nothing. `hil.distributed` is looked
-    up, not imported: a command that did not load it (and torch) has no collective."""
+def _end_if_group_left_up(code: int | str | None) -> None:
+    """`os._exit(code)` (`DataParallel.exit_worker`) if this process's process group is still up
+    (a rank interrupted while it waited for a peer keeps it: `DataParallel.close`); else nothing.
+    `hil.distributed` is looked up, not imported: a command that did not load it (and torch) has
+    no process group."""
     import sys
 
     distributed = sys.modules.get("hil.distributed")
-    if distributed is None or not distributed.collective_abandoned():
+    if distributed is None or not distributed.group_left_up():
         return
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
