@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import serial as pyserial
 
-from drivers.errors import ConfigurationError, DeviceTimeout, ProtocolError
+from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, ProtocolError
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, frames
@@ -35,7 +35,10 @@ from drivers.wire.client import (
     RemoteDevice,
     check_timeout,
     describe_request,
+    is_text,
     message_too_large,
+    other_port,
+    preview,
 )
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
@@ -84,6 +87,9 @@ class SerialDevice(RemoteDevice):
         self.board_hello: dict[str, Any] = {}  # the board's HELLO reply
         self.board_max_message: int | None = None  # the HELLO's max_message (None: not declared)
         self.stats = LinkStats()  # this end's counters, kept across reconnects
+        self._heard = bytearray()  # the first bytes received on this connection (a wrong port's)
+        self._frames0 = 0  # stats.frames_received and crc_errors when this connection opened
+        self._crc0 = 0
 
     @property
     def timeout(self) -> float:
@@ -128,6 +134,8 @@ class SerialDevice(RemoteDevice):
             except (AttributeError, NotImplementedError, pyserial.SerialException):
                 self._fd = None
         self._port = port
+        self._heard.clear()
+        self._frames0, self._crc0 = self.stats.frames_received, self.stats.crc_errors
         seq0 = int.from_bytes(os.urandom(2), "little")  # so a fresh session never looks like a retransmission
         self._link = Link(
             self._read,
@@ -178,6 +186,27 @@ class SerialDevice(RemoteDevice):
                 link.fragment = min(self.fragment, value)
             else:
                 self.board_max_message = value
+
+    def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
+        """No byte at all in answer to the HELLO, or only bytes that hold no frame (an SCPI
+        board's text), mean a wrong port: said at once, not after every attempt's
+        retransmissions. Frames that arrived (bad ones too) are a board of this protocol, retried."""
+        frames_in = self.stats.frames_received - self._frames0
+        if not isinstance(exc, DeviceTimeout) or frames_in or self.stats.crc_errors - self._crc0:
+            return None
+        question = other_port("framed", "SCPI")
+        tries = f"{self.retries + 1} tries of the HELLO, {self.ack_timeout:g} s each"
+        got = bytes(self._heard)
+        if not got:
+            return DeviceTimeout(
+                f"{self.name}: no reply at all to the HELLO ({tries}), not a byte: {question} (an "
+                "SCPI board ignores frames). If it is the framed port: is the board connected and running?"
+            )
+        scpi = "; lines of text, as an SCPI board sends" if is_text(got) else ""
+        return ProtocolError(
+            f"{self.name}: the board answered the HELLO with bytes that hold no frame ({tries}): "
+            f"{preview(got)}{scpi}; {question}"
+        )
 
     def _cannot_open(self, exc: Exception) -> ConfigurationError:
         tcp = self.url.startswith("socket://")
@@ -230,7 +259,9 @@ class SerialDevice(RemoteDevice):
             else:
                 port = self._port
                 first = port.read(1)
-                return bytes(first) + bytes(port.read(port.in_waiting)) if first else b""
+                if not first:
+                    return b""
+                data = bytes(first) + bytes(port.read(port.in_waiting))
         except BlockingIOError:
             return b""
         except ConnectionResetError as exc:
@@ -239,6 +270,8 @@ class SerialDevice(RemoteDevice):
             raise ProtocolError(f"{self.name}: serial read failed: {exc}") from exc
         if not data:
             raise _Closed(f"{self.name}: the connection was closed by the board")
+        if len(self._heard) < 64:
+            self._heard += data[:64]
         return data
 
     def _write(self, data: bytes) -> None:

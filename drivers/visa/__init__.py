@@ -34,13 +34,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from drivers.base import Meter, SafetyCounters
-from drivers.errors import ConfigurationError, DeviceFault, DeviceTimeout, ProtocolError
+from drivers.errors import ConfigurationError, DeviceError, DeviceFault, DeviceTimeout, ProtocolError
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
-from drivers.wire.client import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_S, RemoteDevice, check_timeout
+from drivers.wire.client import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BACKOFF_S,
+    RemoteDevice,
+    check_timeout,
+    is_text,
+    other_port,
+    preview,
+)
 from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, Message, Op
 
 log = logging.getLogger("drivers.visa")  # DEBUG: every SCPI line sent and received (docs/bringup.md)
@@ -49,6 +57,7 @@ DEFAULT_TIMEOUT_S = 10.0
 CHUNK = 1 << 20
 FAST_MIN = 1 << 16  # blocks at least this long are received with `_read_direct`
 MAX_ERRORS = 64
+LATE_REPLY_S = 2.0  # how long a first query that timed out waits on for a late reply (a slow board)
 MAX_ERROR_LINE = 1024  # bytes of an error line read where a block belongs
 _ERROR_START = re.compile(rb"-\d[\d,]")  # the first three bytes of an error string (-360,"...")
 
@@ -56,6 +65,14 @@ _ERROR_START = re.compile(rb"-\d[\d,]")  # the first three bytes of an error str
 @functools.cache
 def _short(spec: str) -> str:
     return scpi.short_form(spec)
+
+
+class _NotABlock(ProtocolError):
+    """Bytes read where a reply's block belongs that start no block (`got`)."""
+
+    def __init__(self, message: str, got: bytes) -> None:
+        super().__init__(message)
+        self.got = got
 
 
 class VisaDevice(RemoteDevice):
@@ -151,6 +168,58 @@ class VisaDevice(RemoteDevice):
                     # answered in neither (checked mode is off once it has run)
                     self._res.write_raw(scpi.seal_request(f"{_short(scpi.CHECK_MODE)} OFF".encode("ascii")))
                 self._res.write(scpi.CLS)
+
+    def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
+        """No reply at all to the first query, not even late (LATE_REPLY_S more), or bytes that
+        are not SCPI text (a framed board's frames), mean a wrong port: said at once, not
+        after every attempt's timeout. A late reply (a slow board) and text that is not a
+        block (a stale reply) are retried as before."""
+        if self.backend != "@py":
+            return None  # another VISA library's buffers are not to be seen here
+        if isinstance(exc, _NotABlock):
+            got = exc.got + self._unread(0.0)
+        elif isinstance(exc, DeviceTimeout):
+            got = self._unread(late := min(self.timeout, LATE_REPLY_S))  # a slow board's late reply
+        else:
+            return None
+        question = other_port("SCPI", "framed")
+        if not got and self._unread_seen():
+            return DeviceTimeout(
+                f"{self.name}: no reply at all to the first query, not a byte in {self.timeout + late:g} s: "
+                f"{question} (a framed board ignores SCPI text). If it is the SCPI port: is the board "
+                "on and running, and does its firmware answer a query that fails (IEEE 488.2 lets it "
+                "stay silent; this protocol needs an empty reply, docs/protocol.md section 2)?"
+            )
+        if not got or is_text(got):
+            return None
+        framed = ", 0x00-delimited frames as the framed binary protocol sends" if b"\x00" in got else ""
+        return ProtocolError(
+            f"{self.name}: the first reply is not SCPI text: {len(got)} bytes {preview(got)}{framed}; "
+            f"{question}"
+        )
+
+    def _unread_seen(self) -> bool:
+        """Whether `_unread` sees the link's bytes (pyvisa-py's TCP sessions, and its serial
+        ones through the fast path); pyvisa-py's own serial reads keep theirs."""
+        return isinstance(self._fast_io, SerialIO) or not self.resource_name.upper().startswith("ASRL")
+
+    def _unread(self, wait: float) -> bytes:
+        """The bytes received and not read, after waiting up to `wait` seconds for a first one."""
+        if isinstance(self._fast_io, SerialIO):
+            io = self._fast_io
+            if not io.buf and wait > 0:
+                with contextlib.suppress(OSError, ValueError):
+                    if select.select([io.fd], [], [], wait)[0]:
+                        io._fill(io.buf)
+            return bytes(io.buf)
+        if not self._unread_seen() or self._rm is None or self._res is None:
+            return b""
+        session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
+        sock = getattr(session, "interface", None)
+        if wait > 0 and not getattr(session, "_pending_buffer", None) and isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError, ValueError):
+                select.select([sock], [], [], wait)
+        return self._said_before_closing()
 
     def _disconnect(self) -> None:
         self._fast_io = None
@@ -355,7 +424,7 @@ class VisaDevice(RemoteDevice):
             if _ERROR_START.fullmatch(got):  # the start of an error line: read it to its end
                 got += self._rest_of_line(what, io)
                 self._raise_error_line(what, got)
-            raise ProtocolError(f"{self.name}: expected a block from {what}, got {got!r}")
+            raise _NotABlock(f"{self.name}: expected a block from {what}, got {got!r}", got)
         digits = bytes(read(int(head[1:2])))
         if not digits.isdigit():
             raise ProtocolError(f"{self.name}: bad block length {digits!r} from {what}")

@@ -113,6 +113,24 @@ def message_too_large(name: str, what: str, size: int, limit: int) -> LimitViola
     return exc
 
 
+def other_port(mine: str, other: str) -> str:
+    """The question a first contact that got nothing, or bytes of another protocol, asks."""
+    return (
+        f"is this the {mine} port or the {other} one? `hil emulator serve` prints one URI per "
+        "protocol (docs/bringup.md)"
+    )
+
+
+def is_text(data: bytes) -> bool:
+    """Whether `data` is printable ASCII lines, as an SCPI board sends (not frames)."""
+    return all(32 <= b < 127 or b in b"\r\n\t" for b in data)
+
+
+def preview(data: bytes, n: int = 48) -> str:
+    """The first bytes of `data` for a message."""
+    return repr(bytes(data[:n])) + (" ..." if len(data) > n else "")
+
+
 def _name_operation(exc: DeviceError, what: str) -> None:
     """Prefix an error the board reported with the request it answered (once)."""
     text = str(exc)
@@ -283,6 +301,13 @@ class RemoteDevice(Device):
     def _call(self, op: Op, request: Message) -> Message:
         """One complete transaction; raise `drivers.errors` exceptions."""
 
+    def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
+        """The error to raise at once (no retry) when the first open attempt failed with `exc`
+        before the board said anything in this transport's protocol: it said nothing at all,
+        or sent bytes of another protocol (a wrong port). None: retry as for any link failure.
+        Called before the link is closed, so what arrived on it can be looked at."""
+        return None
+
     # -- connection management
     def open(self) -> RemoteDevice:
         """Connect, read the board's information, topology and status. An open programming
@@ -291,17 +316,24 @@ class RemoteDevice(Device):
             self._refuse_if_closed()
             t0 = time.monotonic()
             for attempt in range(1, self.attempts + 1):
+                greeted = False  # the board answered this connection in its protocol
                 try:
                     self._connect()
                     self._info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
+                    greeted = True
                     if self.take_lock and LOCK_CAPABILITY in self._info.capabilities:
                         self._acquire()
                     self._topology = self._remote_topology()
                     status = self._board_status()
                     break
                 except (DeviceTimeout, ProtocolError) as exc:
+                    # a first contact that got nothing, or only bytes of another protocol, is a
+                    # wrong port (or a dead board), not a flaky link: another try gets the same
+                    wrong = None if greeted or attempt > 1 else self._first_contact_failed(exc)
                     self._disconnect()
                     self.recovery.failures += 1
+                    if wrong is not None:
+                        raise wrong from exc
                     if attempt == self.attempts:
                         raise RetriesExhausted("open", attempt, time.monotonic() - t0, exc) from exc
                     self.recovery.retries += 1

@@ -1,0 +1,123 @@
+"""A URI aimed at the other protocol's port (the bring-up audit): the SCPI client on the framed
+server, the framed client on the SCPI server, over TCP and over the ptys. The first contact
+gets nothing (or bytes of the other protocol), which no retry changes: the open fails after
+one attempt, naming the likely mismatch, where it took every attempt's timeout (4 x 10 s by
+default) and blamed the firmware or the cable."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from drivers import DeviceTimeout, ProtocolError, open_device
+from drivers.wire import frames
+from drivers.wire.frames import NO_SEQ, Reason
+from hil.testing import BoardServers
+
+BOARD = "emulator://?preset=rram&seed=0&capabilities=mvm,program_verify"
+QUESTION = "`hil emulator serve` prints one URI per protocol"
+
+
+def _port(uri: str) -> str:
+    return uri.rsplit(":", 1)[1] if uri.startswith("serial+socket") else uri.split("::")[2]
+
+
+def _pty(uri: str) -> str:
+    return uri.removeprefix("serial://") if uri.startswith("serial://") else uri[len("visa://ASRL") : -7]
+
+
+def _wrong(s: BoardServers, case: str) -> str:
+    """The URI of `case`: a client of one protocol aimed at the other's server."""
+    if case == "visa-tcp on the framed port":
+        return f"visa://TCPIP0::127.0.0.1::{_port(s.uris['serial-socket'])}::SOCKET?timeout=1.5"
+    if case == "visa-asrl on the framed pty":
+        return f"visa://ASRL{_pty(s.uris['serial-pty'])}::INSTR?timeout=1.5"
+    if case == "serial-socket on the SCPI port":
+        return f"serial+socket://127.0.0.1:{_port(s.uris['visa-tcp'])}?ack_timeout=0.2"
+    return f"serial://{_pty(s.uris['visa-asrl'])}?ack_timeout=0.2"
+
+
+CASES = [
+    "visa-tcp on the framed port",
+    "visa-asrl on the framed pty",
+    "serial-socket on the SCPI port",
+    "serial-pty on the SCPI pty",
+]
+
+
+def _open_fails(uri: str, kind: type[Exception]) -> tuple[str, float]:
+    t0 = time.monotonic()
+    with pytest.raises(kind) as info:
+        open_device(uri)
+    return str(info.value), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_client_on_the_other_protocols_port_is_told_so_at_once(
+    case: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """One attempt, a DeviceTimeout naming the mismatch: the SCPI client waits its 1.5 s timeout
+    and as long again for a late reply (a slow board's; at most 2 s), 3 s; the framed client
+    sends its 6 HELLOs of 0.2 s, 1.2 s. The old code made 4 attempts: over 6 s and 4.8 s."""
+    s = emulated_board(BOARD)
+    text, seconds = _open_fails(_wrong(s, case), DeviceTimeout)
+    assert "no reply at all" in text and "not a byte" in text, text
+    mine, other = ("SCPI", "framed") if case.startswith("visa") else ("framed", "SCPI")
+    assert f"is this the {mine} port or the {other} one?" in text and QUESTION in text, text
+    assert "failed 4 time(s)" not in text
+    assert seconds < (4.5 if case.startswith("visa") else 3.0), seconds
+    with open_device(s.uris["visa-tcp" if case.startswith("visa") else "serial-socket"]) as dev:
+        assert dev.info.capabilities  # the right port opens
+
+
+@pytest.fixture
+def talker() -> Iterator[Callable[[bytes], int]]:
+    """Factory: a TCP server on loopback that answers whatever arrives with `reply` (a board
+    of another protocol than the client's); returns its port."""
+    socks: list[socket.socket] = []
+
+    def start(reply: bytes) -> int:
+        srv = socket.create_server(("127.0.0.1", 0))
+        socks.append(srv)
+
+        def serve() -> None:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            socks.append(conn)
+            while True:
+                try:
+                    if not conn.recv(4096):
+                        return
+                    conn.sendall(reply)
+                except OSError:
+                    return
+
+        threading.Thread(target=serve, daemon=True).start()
+        return int(srv.getsockname()[1])
+
+    yield start
+    for s in socks:
+        s.close()
+
+
+def test_frames_in_place_of_an_scpi_reply_are_named(talker: Callable[[bytes], int]) -> None:
+    port = talker(frames.encode(frames.nack(NO_SEQ, Reason.COBS)))
+    text, seconds = _open_fails(f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?timeout=1", ProtocolError)
+    assert "the first reply is not SCPI text" in text and "0x00-delimited frames" in text, text
+    assert "is this the SCPI port or the framed one?" in text and QUESTION in text, text
+    assert seconds < 3.0, seconds
+
+
+def test_scpi_text_in_place_of_frames_is_named(talker: Callable[[bytes], int]) -> None:
+    port = talker(b'-113,"Undefined header"\n')
+    text, seconds = _open_fails(f"serial+socket://127.0.0.1:{port}?ack_timeout=0.2", ProtocolError)
+    assert "bytes that hold no frame" in text and "Undefined header" in text, text
+    assert "lines of text, as an SCPI board sends" in text, text
+    assert "is this the framed port or the SCPI one?" in text and QUESTION in text, text
+    assert seconds < 3.0, seconds
