@@ -132,11 +132,16 @@ def _override(name: str, value: object) -> tuple[str, object]:
     field's type; unknown names and fields a URI cannot carry are refused."""
     fields = _override_fields()
     if name not in fields:
-        known = ", ".join(sorted({*_BOARD_PARAMS, *fields}))
+        # only what a URI can set: a field of another type is named as such below, not offered
+        known = ", ".join(sorted({*_BOARD_PARAMS, *(k for k, (_, a) in fields.items() if settable(a))}))
         raise ConfigurationError(f"unknown emulator URI parameter {name!r}; known: {known}")
     annotation = fields[name][1]
     if not settable(annotation):
-        raise ConfigurationError(f"emulator URI parameter {name!r} cannot be set from a URI")
+        raise ConfigurationError(
+            f"emulator URI parameter {name!r} cannot be set from a URI (a field of the preset's "
+            f"{fields[name][0]} model that a URI value cannot carry): give the board a preset of "
+            "your own with it replaced (emulator.presets.BoardPreset, dataclasses.replace)"
+        )
     text = value if isinstance(value, str) else format_value(value)
     return name, parse_value("emulator", name, text, annotation)
 

@@ -74,6 +74,20 @@ def test_bad_uris_name_the_problem(uri: str, message: str) -> None:
         open_device(uri)
 
 
+def test_the_known_emulator_parameters_are_only_what_a_uri_can_set() -> None:
+    """The list offered for a misspelt parameter held state_range, which a URI cannot carry
+    (a tuple): every name offered must be accepted by a URI."""
+    with pytest.raises(ConfigurationError, match="unknown emulator URI parameter 'bogus'") as info:
+        open_device("emulator://?preset=rram&bogus=1")
+    known = str(info.value).split("known: ", 1)[1].split(", ")
+    assert "adc_bits" in known and "capabilities" in known
+    assert "state_range" not in known
+    unsettable = [k for k in known if k not in _BOARD_PARAMS and k not in _SETTABLE]
+    assert unsettable == []
+    with pytest.raises(ConfigurationError, match=r"'state_range' cannot be set from a URI .* preset of your"):
+        open_device("emulator://?preset=rram&state_range=0,0.5")
+
+
 def test_exhausted_retries_ask_the_generic_question_only_where_the_cause_asks_none() -> None:
     from drivers.errors import ProtocolError, RetriesExhausted
 
@@ -360,6 +374,7 @@ def test_replace_params_rewrites_a_uri() -> None:
         replace_params("emulator://?preset=rram", seed="x")
 
 
+_BOARD_PARAMS = ("preset", "seed", "device", "capabilities")
 _SETTABLE = {
     name: annotation
     for name, (_, annotation) in emulated._override_fields().items()
