@@ -79,6 +79,7 @@ from drivers import (
     Device,
     Equilibrium,
     Limits,
+    LimitViolation,
     Nudge,
     Topology,
     conv,
@@ -223,6 +224,29 @@ def _two_colouring(topo: Topology, clamped: frozenset[str]) -> tuple[list[str], 
     return [g for g in free if colour[g] == 0], [g for g in free if colour[g] == 1]
 
 
+STATE_TOP = 1.0  # the largest node state every activation gives (`drivers.activation`), and the bias
+
+
+def check_state_voltage(limits: Limits) -> None:
+    """Refuse, before any settle, a board whose read-voltage limit refuses mvm inputs of 1.0:
+    the host-iterated settle sends the node states (up to the activation's top, 1.0) and the
+    bias (1.0) as mvm inputs, so such a board would refuse its first settle's first product,
+    mid-training."""
+    if np.float32(STATE_TOP) <= limits.clamp_max:
+        return
+    raise LimitViolation(
+        "read-voltage limit on the host-iterated settle's mvm inputs",
+        STATE_TOP * limits.v_read,
+        limits.v_read_max,
+        f"The host-iterated settle drives the board's mvm with node states up to {STATE_TOP:g} (the "
+        f"activation's top) and the bias {STATE_TOP:g}, i.e. {STATE_TOP:g} x v_read {limits.v_read:g} V; "
+        f"this board's v_read_max allows states up to clamp_max {limits.clamp_max:.4g} only, so its "
+        "first settle would be refused. The firmware declares what state 1.0 means: declare v_read "
+        f"as the read voltage of state 1.0 it can drive (at most v_read_max {limits.v_read_max:g} V), "
+        "or settle on a board that relaxes by itself (capability 'settle')",
+    )
+
+
 class HostSettle:
     """A settle function with the signature of `Device.settle`, iterated on the host through
     the board's `mvm` (see the module docstring). `stats` describes the last settle."""
@@ -236,6 +260,7 @@ class HostSettle:
         update: HostUpdate = "synchronous",
         bold_steps: bool = True,
     ) -> None:
+        check_state_voltage(device.info.limits)
         self.device = device
         self.reference = reference
         self.probe_noise = probe_noise

@@ -14,7 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drivers import NotSupported, Nudge, SettleBudget, open_device
+from drivers import LimitViolation, NotSupported, Nudge, SettleBudget, open_device
+from drivers.emulated import EmulatedDevice
+from emulator.board import Board
+from emulator.presets import get_preset
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock, settle_path
@@ -264,3 +267,29 @@ def test_a_host_settle_larger_than_max_batch_is_split_into_requests() -> None:
     assert hs.stats.mvm_calls == 2 * (1 + 20 * 2)
     parts = [hs({"s0": x[:750]}).states["s2"], hs({"s0": x[750:]}).states["s2"]]
     assert np.allclose(whole.states["s2"], np.concatenate(parts), atol=1e-6)
+
+
+def _mvm_board(state_top: float) -> EmulatedDevice:
+    """An MVM-only rram board whose read-voltage limit allows states up to `state_top` (its
+    state range and v_read_max = state_top x v_read; a URI cannot set a state range)."""
+    preset = get_preset("rram")
+    per = preset.periphery
+    per = replace(per, state_range=(0.0, state_top), v_read_max=state_top * per.v_read)
+    return EmulatedDevice(Board(replace(preset, periphery=per), 0), capabilities={"mvm", "program_verify"})
+
+
+def test_a_board_that_refuses_states_of_1_is_refused_before_the_first_settle() -> None:
+    """The host-iterated settle sends states up to 1.0 and the bias 1.0 as mvm inputs; a board
+    with clamp_max 0.5 passed the block's construction and refused the first settle's first
+    product (LimitViolation mid-training). Now the construction says so, naming the fix."""
+    dev = _mvm_board(0.5)
+    assert dev.info.limits.clamp_max == 0.5
+    with pytest.raises(LimitViolation) as info:
+        EBBlock.layered(dev, [4, 3, 2])
+    text = str(info.value)
+    assert "host-iterated settle's mvm inputs" in text and "clamp_max 0.5" in text, text
+    assert "declare v_read as the read voltage of state 1.0" in text, text
+    with pytest.raises(LimitViolation, match=r"clamp_max 0\.5"):
+        HostSettle(dev)
+    blk = EBBlock.layered(_mvm_board(1.0), [4, 3, 2])  # states of 1.0 allowed: it settles
+    assert blk.free(np.full((2, 4), 0.5, np.float32)).states["s2"].shape == (2, 2)
