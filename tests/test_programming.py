@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,15 @@ from hil.classifier import Classifier
 from hil.cli import app
 from hil.config import load_config
 from hil.ep import EBBlock
-from hil.programming import StepModel, make_scheme, probe_steps, read_weights, tune_pairs
+from hil.programming import (
+    ClippedWeightsWarning,
+    StepModel,
+    make_scheme,
+    probe_steps,
+    read_weights,
+    tune_pairs,
+    write_weights,
+)
 from hil.train_classifier import train_classifier
 
 RRAM = "emulator://?preset=rram&seed=0"
@@ -104,6 +113,33 @@ def test_pulsed_updates_clip_and_count_weights_past_w_max(name: str) -> None:
         st = scheme.tiles[tile]
         np.testing.assert_array_equal(st.host.flat[:40], 1.0)  # the scheme aims at w_max, reachable
         assert float(np.abs(st.host).max()) <= 1.0
+
+
+def test_write_weights_warns_of_weights_it_clipped_and_training_stays_quiet() -> None:
+    """write_weights clipped 5.0 to w_max 1 silently (the count only in WriteResult.clipped,
+    which the bring-up example never printed); it now warns, naming the count and the fix.
+    Training (EBBlock, which clips and counts on its own) and in-range writes warn of nothing."""
+    with open_device(RRAM) as dev:
+        dev.configure(Topology.layered([8, 6, 3]))
+        with pytest.warns(ClippedWeightsWarning) as caught:
+            res = write_weights(dev, "W0", np.full((9, 6), 5.0, np.float32))
+        assert res.clipped == 54 and len(caught) == 1
+        text = str(caught[0].message)
+        assert "write_weights('W0'): 54 of 54 weights" in text and "+-w_max = +-1" in text, text
+        assert "scale the weights" in text and "larger w_max" in text, text
+        assert caught[0].filename == __file__  # points at the caller's line
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClippedWeightsWarning)
+            write_weights(dev, "W0", np.full((9, 6), 0.5, np.float32))
+    with open_device(RRAM) as dev, warnings.catch_warnings():
+        warnings.simplefilter("error", ClippedWeightsWarning)
+        topo = Topology.layered([5, 4, 3], w_max=0.5, budget=SettleBudget(max_steps=20))
+        for scheme in ("verify", "pulsed"):
+            blk = EBBlock(dev, topo, weights={"W1": torch.full((5, 3), 0.9)}, programming=scheme)
+            with torch.no_grad():
+                blk.weights["W1"].add_(0.5)
+            blk.sync()
+            assert blk.clipped >= 30  # W1 at construction and after the step (W0 drawn may add)
 
 
 def test_stochastic_rounding_is_unbiased() -> None:

@@ -4,7 +4,14 @@ scheme behind the `ProgrammingScheme` protocol of `scheme`), the pulse-response 
 use without a calibration record (`steps`) and the closed-loop tuning of pairs that
 refreshes a tile from the state it is in (`tune`)."""
 
-from hil.programming.mapping import LinearMapping, StuckDevices, WriteResult, read_weights, write_weights
+from hil.programming.mapping import (
+    ClippedWeightsWarning,
+    LinearMapping,
+    StuckDevices,
+    WriteResult,
+    read_weights,
+    write_weights,
+)
 from hil.programming.pulsed import MixedPrecision, PulsedUpdates
 from hil.programming.scheme import (
     REFRESH_MODES,
@@ -24,6 +31,7 @@ __all__ = [
     "REFRESH_MODES",
     "SCHEMES",
     "SCHEME_CLASSES",
+    "ClippedWeightsWarning",
     "IdealWrites",
     "LinearMapping",
     "MixedPrecision",

@@ -26,6 +26,7 @@ flows through a clamped node).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,10 @@ import torch
 from drivers.base import Device, ProgramReport
 
 Array = np.ndarray | torch.Tensor
+
+
+class ClippedWeightsWarning(UserWarning):
+    """`write_weights` clipped weights outside ``+-w_max`` (the tile's coupling) to it."""
 
 
 @dataclass(frozen=True)
@@ -244,10 +249,21 @@ def write_weights(
     tol: float | None = None,
     max_iters: int | None = None,
 ) -> WriteResult:
-    """Map `w` to conductance pairs and program them into `tile` through the Device."""
+    """Map `w` to conductance pairs and program them into `tile` through the Device. Weights
+    outside ``+-w_max`` are clipped to it: counted in `WriteResult.clipped` and warned of
+    (`ClippedWeightsWarning`; training clips and counts on its own, `EBBlock.clipped`)."""
     m = mapping or LinearMapping.for_tile(device, tile)
     gp, gm, clipped = m.to_conductance(w)
     rep = device.program(tile, gp, gm, verify=verify, tol=tol, max_iters=max_iters)
+    if clipped:
+        warnings.warn(
+            f"write_weights({tile!r}): {clipped} of {int(np.prod(np.shape(w)))} weights lay outside "
+            f"+-w_max = +-{m.w_max:g} and were written clipped to it; scale the weights into that "
+            "range, or give the tile's coupling a larger w_max in the topology (a weight is "
+            "w_max (G+ - G-) / (g_max - g_min)). WriteResult.clipped counts them",
+            ClippedWeightsWarning,
+            stacklevel=2,
+        )
     return WriteResult(rep, m, clipped)
 
 
