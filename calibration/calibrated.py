@@ -25,6 +25,7 @@ import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
 from calibration.record import CalibrationError, CalibrationRecord, TileCalibration
+from calibration.routines import NEEDS
 from calibration.wires import predistort
 from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
@@ -32,6 +33,8 @@ from drivers.wrapper import DeviceWrapper
 # a tile is compensated for IR drop only where no column's weights must be scaled below this
 # (`calibration.wires.Predistorted.column_scale`)
 MIN_COMPENSATED_SCALE = 0.9
+# the routines `hil calibrate --channels` sets the extent of
+CHANNEL_ROUTINES = ("adc", "dac")
 # what passes uncorrected when a record lacks each converter bank
 UNCORRECTED_PATHS = {
     "dac": "clamps, nudge targets and mvm inputs",
@@ -89,10 +92,14 @@ class CalibratedDevice(DeviceWrapper):
     def rerun(self, tiles: str | None = None, channels: int | None = None) -> str:
         """The session command that replaces this record: `session` with ``--overwrite``, the
         record's own tiles and channels unless `tiles` (``ROWSxCOLS,...``) or `channels` say
-        otherwise (so that following the advice does not lose what the record covered)."""
+        otherwise (so that following the advice does not lose what the record covered). The
+        record's channels only where this board can run a routine that uses them (the DAC and
+        state-ADC ones, `CHANNEL_ROUTINES`): on an MVM-only board they would change nothing."""
         opts = self.record.session.get("options", {})
         shapes = tiles or ",".join(f"{r}x{c}" for r, c in opts.get("tile_shapes", []))
-        n = channels or opts.get("channels")
+        caps = self.info.capabilities
+        uses_channels = any(NEEDS.get(r) in caps for r in CHANNEL_ROUTINES)
+        n = channels or (opts.get("channels") if uses_channels else None)
         return " ".join(
             [
                 self.session,

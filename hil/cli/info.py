@@ -92,8 +92,13 @@ def describe(dev: Device, uri: str) -> list[str]:
         ),
         f"converters    {', '.join(conv)}",
         f"tiles         up to {lim.max_tiles} of at most {lim.tile_rows_max} x {lim.tile_cols_max} cells",
-        f"work bounds   batch {lim.max_batch} samples, settle {lim.max_settle_steps} steps "
-        f"({lim.settle_step_s:g} s each), {lim.max_pulses} pulses per device per call, "
+        f"work bounds   batch {lim.max_batch} samples, "
+        + (
+            f"settle {lim.max_settle_steps} steps ({lim.settle_step_s:g} s each), "
+            if "settle" in info.capabilities
+            else "settle not supported (capability 'settle' not declared), "
+        )
+        + f"{lim.max_pulses} pulses per device per call, "
         f"{lim.max_verify_iters} write-verify rounds, wait {lim.max_wait_s:g} s",
         "endurance     "
         + (
