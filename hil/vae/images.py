@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,9 @@ def _tile(images: np.ndarray, shape: tuple[int, int], cols: int) -> np.ndarray:
 def save_grid(
     path: str | Path, images: np.ndarray, shape: tuple[int, int], title: str, cols: int = 10
 ) -> Path:
-    """Save `images` (n, h*w) in [0, 1] as a grid."""
+    """Save `images` (n, h*w) in [0, 1] as a grid, through a temporary file in the same folder
+    and a rename: a crash or a full disk leaves the picture before (or none), never a truncated
+    PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas = _tile(np.clip(images, 0, 1), shape, cols)
@@ -32,7 +36,13 @@ def save_grid(
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
