@@ -34,3 +34,64 @@ def test_a_picture_cut_by_a_full_disk_leaves_the_one_before_whole(tmp_path: Path
         save_reconstructions(tmp_path / "recon.png", images, images, (8, 8), "after")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.png"]
+
+
+def _create_racing(path: str, barrier, tag: int, overwrite: bool, results) -> None:
+    """One of two processes starting a run at `path` at once: ("won", tag) if its run log was
+    created, written and closed, else the error it got."""
+    from hil.runlog import RunExistsError, RunLog, RunLogError
+
+    barrier.wait()
+    try:
+        log = RunLog.create(path, {"tag": tag}, overwrite=overwrite)
+    except RunExistsError as exc:
+        results.put(("exists", tag, str(exc)))
+        return
+    except RunLogError as exc:
+        results.put(("refused", tag, str(exc)))
+        return
+    except Exception as exc:  # what the old code did: the store pulled from under its creator
+        results.put(("crashed", tag, f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        with log:
+            log.metrics("train", step=1, tag=float(tag))
+        results.put(("won", tag, ""))
+    except Exception as exc:
+        results.put(("crashed", tag, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.parametrize("start", ["new", "never-started"])
+def test_two_runs_started_on_one_folder_at_once_give_one_run_and_one_refusal(
+    tmp_path: Path, start: str
+) -> None:
+    """`RunLog.create` checked the folder, then let zarr delete and create it: two runs started
+    at once both "succeeded" (one run log, one run's config and the other's metrics), or one
+    crashed with "cannot create the store: No such file or directory: ...partial". Now exactly
+    one wins and the other is told the run exists, every time; also where the folder holds a
+    run that never started (which a new run may replace)."""
+    import multiprocessing as mp
+
+    from hil.runlog import RunLog, open_run
+
+    ctx = mp.get_context("fork")
+    for i in range(12):
+        path = tmp_path / f"r{i}.zarr"
+        if start == "never-started":
+            with pytest.raises(RuntimeError), RunLog.create(path, {"tag": -1}):
+                raise RuntimeError("the board could not be opened")
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [
+            ctx.Process(target=_create_racing, args=(str(path), barrier, t, False, results)) for t in (0, 1)
+        ]
+        for p in procs:
+            p.start()
+        got = sorted((results.get(timeout=60) for _ in procs), key=lambda r: r[0] != "won")
+        for p in procs:
+            p.join(timeout=60)
+        assert [r[0] for r in got] == ["won", "exists"], got
+        assert "already exists" in got[1][2]
+        run = open_run(path)
+        assert run.status == "complete"
+        assert run.config == {"tag": got[0][1]}  # the winner's config with the winner's metrics
+        assert run.table("metrics/train")["tag"].tolist() == [float(got[0][1])]

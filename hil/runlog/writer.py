@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import signal
 import threading
@@ -48,6 +49,11 @@ from hil.runlog.meta import device_record, device_state, now, versions, writer
 from hil.runlog.reader import Run, open_run
 from hil.runlog.state import encode_state
 from hil.runlog.table import Table, gather
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run logs are created without `_store_lock`
+    fcntl = None  # type: ignore[assignment]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED = ("step", "epoch")
@@ -129,51 +135,55 @@ class RunLog:
         `flush_every_s`: the flush timer, checked at every write; `keep_snapshots`: how many
         resume snapshots to keep (0: all); `snapshot_every_s`: the least time between the
         snapshots a trainer takes (`snapshot_due`). An existing run at `path` raises `RunExistsError`
-        unless `overwrite`, or unless it never started (`never_started`): then it is replaced."""
+        unless `overwrite`, or unless it never started (`never_started`): then it is replaced; a run
+        still being written is never replaced. The check and the creation hold `_store_lock`, so of
+        two processes creating one store at once, one wins and the other gets `RunExistsError`."""
         path = Path(path)
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
         config = dict(config)
         check_json(config, "config")
-        if path.exists() and not overwrite and not never_started(path):
-            raise RunExistsError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
-        if path.exists() and overwrite:
-            _check_not_live(path)  # overwriting a run that is still written would delete it under its writer
         traces = traces or TraceConfig()
-        try:
-            root = zarr.open_group(str(path), mode="w", zarr_format=3)
-        except OSError as exc:
-            raise RunLogError(f"{path}: cannot create the store: {exc}") from None
-        for top in (*TABLE_GROUPS, SNAPSHOTS):
-            root.create_group(top)
-        root[SNAPSHOTS].update_attributes({"committed": []})
-        # The root attributes last: a store without them is not a run log.
-        root.update_attributes(  # one metadata write, so the store becomes a run log at once
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "kind": kind,
-                "name": name or path.name.removesuffix(".zarr"),
-                "status": STATUS_RUNNING,
-                "complete": False,
-                "created": now(),
-                "finished": None,
-                "error": None,
-                "config": config,
-                "versions": versions(),
-                "device": None,
-                "device_state": {},
-                "calibration_id": calibration_id,
-                "log": {
-                    "traces": dataclasses.asdict(traces),
-                    "flush_every_s": flush_every_s,
-                    "keep_snapshots": keep_snapshots,
-                    "snapshot_every_s": snapshot_every_s,
-                },
-                "writer": writer(),
-                "resumes": [],
-            }
-        )
+        # the check and the creation as one step: of two runs started at once, one wins
+        with _store_lock(path):
+            if path.exists() and not overwrite and not never_started(path):
+                raise RunExistsError(f"{path}: already exists (pass overwrite=True or pick a new run folder)")
+            if path.exists() and overwrite:  # a run still being written would be deleted under its writer
+                _check_not_live(path)
+            try:
+                root = zarr.open_group(str(path), mode="w", zarr_format=3)
+            except OSError as exc:
+                raise RunLogError(f"{path}: cannot create the store: {exc}") from None
+            for top in (*TABLE_GROUPS, SNAPSHOTS):
+                root.create_group(top)
+            root[SNAPSHOTS].update_attributes({"committed": []})
+            # The root attributes last: a store without them is not a run log.
+            root.update_attributes(  # one metadata write, so the store becomes a run log at once
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "kind": kind,
+                    "name": name or path.name.removesuffix(".zarr"),
+                    "status": STATUS_RUNNING,
+                    "complete": False,
+                    "created": now(),
+                    "finished": None,
+                    "error": None,
+                    "config": config,
+                    "versions": versions(),
+                    "device": None,
+                    "device_state": {},
+                    "calibration_id": calibration_id,
+                    "log": {
+                        "traces": dataclasses.asdict(traces),
+                        "flush_every_s": flush_every_s,
+                        "keep_snapshots": keep_snapshots,
+                        "snapshot_every_s": snapshot_every_s,
+                    },
+                    "writer": writer(),
+                    "resumes": [],
+                }
+            )
         log = RunLog(Run(path, mode="r+"))
         if device is not None:
             log.set_device(device, uri=device_uri)
@@ -575,6 +585,11 @@ def open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     are skipped (named in the ``resumes`` entry, under ``skipped``) and deleted, and the
     tables cut back to the snapshot used. Snapshots that are all damaged raise
     `RunLogCorrupt`."""
+    with _store_lock(Path(path)):  # two resumes at once (or a resume and a new run): one goes on
+        return _open_for_resume(path)
+
+
+def _open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
     run = open_run(path, validate=False)  # each snapshot and table is checked below, on its own
     if run.complete:
         raise RunLogError(f"{run.path}: the run is complete; nothing to resume")
@@ -674,6 +689,39 @@ def _table_error(run: Run, path: str) -> str:
 
 class AnotherBoardWarning(UserWarning):
     """A resumed run continues on a board of another identity than the one it ran on."""
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path) -> Iterator[None]:
+    """Held while a run log at `path` is created, replaced or reopened for resume, so that
+    checking what is there and writing the store (or its ``writer``) is one step: of two
+    processes starting a run on one folder at once, one creates it and the other finds it and
+    is refused. An exclusive `flock` of the store's parent folder (created if missing), which
+    the system releases when the process ends, however it ends; where the file system does not
+    lock folders, of a lock file beside the store (``.NAME.lock``, left there)."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunLogError(f"{path}: cannot create the store: {exc}") from None
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        fd = os.open(parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def _check_not_live(path: Path) -> None:
