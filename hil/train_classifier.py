@@ -145,6 +145,11 @@ def train_classifier(
         prepared = prepare_classifier(cfg, data=data, opener=opener, dp=dp)
     ds, model = prepared.ds, prepared.model
     try:
+        # the board first, as soon as it is open: a run log whose device is null never opened
+        # its board (docs/runlog.md). On resume too: the board may have moved
+        if log is not None and model.devices:
+            log.set_device(model.devices[0].info, uri=model.board_uris[0])
+            log.set_calibration(cfg.calibration or None)
         if dp is not None:
             state = dp.broadcast(state)
         if log is not None:
@@ -198,9 +203,7 @@ def _train(
             warnings.warn(MixedBoardsWarning(mixed), stacklevel=2)
         if log is not None:
             log.set_ranks([{k: r[k] for k in ("rank", "uri", "idn", "model")} for r in ranks])
-    if log is not None and model.devices:  # on resume too: the board may be at another address
-        log.set_device(model.devices[0].info, uri=model.board_uris[0])
-        log.set_calibration(cfg.calibration or None)
+    if log is not None and model.devices:  # the device itself is recorded by `train_classifier`, first
         log.set_resolved(
             {"model.activation": model_activation(cfg.model), "ep.settle": settle_paths(model.blocks())}
         )

@@ -95,3 +95,45 @@ def test_two_runs_started_on_one_folder_at_once_give_one_run_and_one_refusal(
         assert run.status == "complete"
         assert run.config == {"tag": got[0][1]}  # the winner's config with the winner's metrics
         assert run.table("metrics/train")["tag"].tolist() == [float(got[0][1])]
+
+
+VAE_SMALL = [
+    "train.epochs=1", "data.limit_train=32", "data.limit_test=16", "eval.samples=16", "eval.eps_draws=1",
+]  # fmt: skip
+CLASSIFIER_SMALL = ["train.epochs=1", "data.limit_train=32", "data.limit_test=16", "model.sizes=[64,8,10]"]
+
+
+@pytest.mark.parametrize("trainer", ["vae", "classifier"])
+def test_a_run_interrupted_before_its_first_step_records_the_board_it_opened(
+    tmp_path: Path, monkeypatch, trainer: str
+) -> None:
+    """A VAE run stopped early (while the digits features loaded) had `device: null`, which
+    docs/runlog.md reads as "its board could not be opened", and which lets a new run replace
+    the store without --overwrite. The board is recorded as soon as it is open (the
+    classifier recorded it after the open-transaction check, the same gap)."""
+    import hil.train_classifier as classifier_train
+    import hil.vae.train as vae_train
+    from hil.config import load_config, load_into
+    from hil.runlog import RunExistsError, RunLog, never_started, open_run
+    from hil.vae.config import VAERunConfig
+
+    def stopped(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    board = "emulator://?preset=ideal&seed=0"
+    path = tmp_path / "run.zarr"
+    if trainer == "vae":
+        monkeypatch.setattr(vae_train.DigitsFeatures, "load_or_train", staticmethod(stopped))
+        cfg = load_into(VAERunConfig(), None, [*VAE_SMALL, f"device={board}"])
+        with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+            vae_train.train_vae(cfg, progress=False, log=log)
+    else:
+        monkeypatch.setattr(classifier_train, "report_open_transactions", stopped)
+        cfg = load_config(None, [*CLASSIFIER_SMALL, f"device={board}"])
+        with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+            classifier_train.train_classifier(cfg, log=log)
+    run = open_run(path)
+    assert run.device is not None and run.device["uri"] == board
+    assert not never_started(path)
+    with pytest.raises(RunExistsError):
+        RunLog.create(path, {})

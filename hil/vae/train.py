@@ -276,6 +276,11 @@ def train_vae(
         prepared = prepare_vae(cfg)
     t0, data, model = prepared.started, prepared.data, prepared.model
     try:
+        # the board first, as soon as it is open: a run log whose device is null never opened
+        # its board (docs/runlog.md). On resume too: the board may have moved
+        if log is not None and model.devices:
+            log.set_device(model.devices[0].info, uri=model.uris[0])
+            log.set_calibration(model.calibration_id)
         lik = make_likelihood(cfg.likelihood.kind, cfg.likelihood.sigma, cfg.likelihood.eps)
         features = DigitsFeatures.load_or_train()
         # left by a killed host: the first step programs every tile again, in its own transaction
@@ -292,9 +297,7 @@ def train_vae(
         x_train = data.x_train.reshape(len(data.x_train), -1)
         if log is not None:
             log.configure(**dataclasses.asdict(cfg.log))
-        if log is not None and model.devices:  # on resume too: the board may be at another address
-            log.set_device(model.devices[0].info, uri=model.uris[0])
-            log.set_calibration(model.calibration_id)
+        if log is not None and model.devices:
             if (h := model.hvae) is not None:
                 resolved = {"activation": h.activation, "init": h.weight_init, "init_bias": h.bias_init}
                 log.set_resolved(
