@@ -35,3 +35,18 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+_STOP_SIGNAL: list[str] = []  # the signal this process was asked to stop by, taken as Ctrl-C
+
+
+def note_stop_signal(name: str | None) -> None:
+    """Record which signal this process was asked to stop by, when a handler turns it into
+    Ctrl-C (``"SIGTERM"``: `hil.cli.common.TermAsInterrupt`); None forgets it. The run log
+    reads it as it closes an interrupted run (`stop_signal`)."""
+    _STOP_SIGNAL[:] = [] if name is None else [name]
+
+
+def stop_signal() -> str | None:
+    """The signal `note_stop_signal` recorded, or None (a KeyboardInterrupt is then Ctrl-C)."""
+    return _STOP_SIGNAL[0] if _STOP_SIGNAL else None

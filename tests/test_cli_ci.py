@@ -143,8 +143,17 @@ def test_gradcheck_passes_at_small_beta_and_writes_json_to_stdout() -> None:
 # ------------------------------------------------------------------ 3. info and inspect --json
 INFO_KEYS = ["uri", "idn", "identity", "preset", "limits", "capabilities", "extra", "status", "safety"]
 INFO_KEYS += ["meter", "owner"]
-INSPECT_KEYS = ["path", "kind", "name", "status", "created", "finished", "error", "resumes", "versions"]
-INSPECT_KEYS += ["device", "boards", "ranks", "device_state", "calibration_id", "resolved", "config"]
+INSPECT_KEYS = ["path", "kind", "name", "status", "created", "finished", "error", "stopped", "resumes"]
+INSPECT_KEYS += [
+    "versions",
+    "device",
+    "boards",
+    "ranks",
+    "device_state",
+    "calibration_id",
+    "resolved",
+    "config",
+]
 INSPECT_KEYS += ["metrics", "traces", "tiles", "program", "snapshots"]
 
 

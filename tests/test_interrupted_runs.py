@@ -137,3 +137,53 @@ def test_a_run_interrupted_before_its_first_step_records_the_board_it_opened(
     assert not never_started(path)
     with pytest.raises(RunExistsError):
         RunLog.create(path, {})
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_says_by_which_signal_and_after_which_step(tmp_path: Path, sig: str) -> None:
+    """An interrupted run was recorded as ``error: KeyboardInterrupt``, after SIGTERM too (which
+    the command line takes as Ctrl-C), and nothing said where it stopped. Now the error says
+    "interrupted by SIGTERM after step 5 (epoch 2)", the root attribute ``stopped`` holds the
+    same, `hil inspect` prints it, and a resume clears it (keeping it in its ``resumes`` entry)."""
+    import os
+    import signal
+    import time
+
+    from hil.cli.common import sigterm_as_interrupt
+    from hil.runlog import RunLog, open_for_resume, open_run
+    from hil.runlog.summary import summary, summary_record
+
+    path = tmp_path / "run.zarr"
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt(), RunLog.create(path, {}) as log:
+            for step in range(1, 6):
+                log.metrics("train", step=step, epoch=(step - 1) // 3, loss=1.0 / step)
+            log.metrics("test", step=3, epoch=1, acc=0.5)  # an older step of another stream
+            os.kill(os.getpid(), getattr(signal, sig))
+            time.sleep(5)  # the signal arrives as KeyboardInterrupt well before
+    finally:
+        signal.signal(signal.SIGTERM, before)  # sigterm_as_interrupt leaves a received SIGTERM ignored
+    run = open_run(path)
+    assert run.status == "failed"
+    assert run.attrs["error"] == f"interrupted by {sig} after step 5 (epoch 2)"
+    assert run.attrs["stopped"] == {"by": sig, "step": 5, "epoch": 2}
+    assert f"stopped      by {sig} after step 5 (epoch 2)" in summary(run)
+    assert summary_record(run)["stopped"] == {"by": sig, "step": 5, "epoch": 2}
+    log, _ = open_for_resume(path)
+    with log:
+        pass
+    run = open_run(path)
+    assert run.attrs["stopped"] is None and run.attrs["resumes"][-1]["stopped_before"]["by"] == sig
+
+
+def test_a_run_that_failed_on_an_error_records_where_it_stopped(tmp_path: Path) -> None:
+    from hil.runlog import RunLog, open_run
+
+    path = tmp_path / "run.zarr"
+    with pytest.raises(RuntimeError), RunLog.create(path, {}) as log:
+        log.metrics("train", step=1, epoch=0, loss=1.0)
+        raise RuntimeError("boom")
+    run = open_run(path)
+    assert run.attrs["error"] == "RuntimeError: boom"
+    assert run.attrs["stopped"] == {"by": "error", "step": 1, "epoch": 1}

@@ -141,10 +141,16 @@ class TermAsInterrupt:
     board's transaction in flight is complete."""
 
     def __init__(self) -> None:
+        from hil.processes import note_stop_signal
+
         self.received = False
+        note_stop_signal(None)
 
     def __call__(self, *_: object) -> None:
+        from hil.processes import note_stop_signal
+
         self.received = True
+        note_stop_signal("SIGTERM")  # what the run log records: interrupted by SIGTERM, not Ctrl-C
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -153,7 +159,8 @@ class TermAsInterrupt:
 def sigterm_as_interrupt() -> Iterator[TermAsInterrupt]:
     """Inside, SIGTERM (torchrun stopping the other ranks of a job whose rank failed, a batch
     scheduler's time limit, `kill`) is taken as Ctrl-C: the board's transaction in flight
-    finishes, the board goes to its safe state, the run log is closed as interrupted and the
+    finishes, the board goes to its safe state, the run log is closed as interrupted by SIGTERM
+    (its `error` and `stopped` say so, with the last step; docs/runlog.md) and the
     `--resume` command is printed, where the default action ended the process at once and left
     the run log saying it still runs. Later SIGTERMs are ignored from then on (torchrun and
     schedulers send more than one, and the clean-up after the block must not be cut; they kill

@@ -23,6 +23,8 @@ def summary(run: Run) -> str:
     lines.append(status)
     if a.get("error"):
         lines.append(f"error        {a['error']}")
+    if isinstance(stopped := a.get("stopped"), dict):
+        lines.append(f"stopped      {_stopped(stopped)}")
     for r in a.get("resumes", []):
         was = r.get("status_before")
         start = r.get("from_step")
@@ -55,6 +57,13 @@ def summary(run: Run) -> str:
     else:
         lines.append("snapshots    none")
     return "\n".join(lines)
+
+
+def _stopped(stopped: dict[str, Any]) -> str:
+    """The root attribute ``stopped`` in words: ``by SIGTERM after step 37 (epoch 3)``."""
+    by, step, epoch = stopped.get("by"), stopped.get("step"), stopped.get("epoch")
+    where = "before its first step" if step is None else f"after step {step}"
+    return f"by {by} {where}" + ("" if step is None or epoch is None else f" (epoch {epoch})")
 
 
 def _device(dev: dict[str, Any] | None) -> list[str]:
@@ -218,6 +227,7 @@ def summary_record(run: Run) -> dict[str, Any]:
             "created": a.get("created"),
             "finished": a.get("finished"),
             "error": a.get("error"),
+            "stopped": a.get("stopped"),
             "resumes": a.get("resumes", []),
             "versions": a.get("versions", {}),
             "device": run.device or None,

@@ -23,7 +23,7 @@ from zarr.core.sync import sync
 from drivers.base import Device, DeviceInfo, Equilibrium, ProgramReport
 from drivers.numerics import to_numpy
 from hil.config import LogConfig
-from hil.processes import other_process_alive
+from hil.processes import other_process_alive, stop_signal
 from hil.runlog.chunks import ArrayCopier
 from hil.runlog.layout import (
     ARRAY_CONFIG,
@@ -111,6 +111,8 @@ class RunLog:
         self._last_flush = self._last_snapshot = time.monotonic()
         self._closed = False
         self.resumed_step: int | None = None
+        self.last_step: int | None = None  # the last step of a metrics row (`stopped`)
+        self.last_epoch: int | None = None  # the epoch (from 1) of the last step of the train metrics
         self.skipped_snapshots: list[dict[str, str]] = []  # damaged ones a resume fell back past
 
     # ------------------------------------------------------------------------------ creation
@@ -182,6 +184,7 @@ class RunLog:
                     },
                     "writer": writer(),
                     "resumes": [],
+                    "stopped": None,
                 }
             )
         log = RunLog(Run(path, mode="r+"))
@@ -288,6 +291,10 @@ class RunLog:
             _check_name(key, "metric")
             row[key] = np.float64(value)
         self._append(f"{METRICS}/{stream}", row)
+        if self.last_step is None or step >= self.last_step:
+            self.last_step = int(step)
+            if stream == "train" and epoch >= 0:  # the trainers' per-step rows count epochs from 0
+                self.last_epoch = int(epoch) + 1
 
     # ------------------------------------------------------------------------------ traces
     def trace_for(self, step: int) -> int:
@@ -493,10 +500,26 @@ class RunLog:
             self._update_root({"status": STATUS_COMPLETE, "complete": True, "finished": now()})
             self._closed = True
 
-    def fail(self, error: str) -> None:
-        """Flush what can be flushed and mark the run failed with `error`."""
+    def stopped(self, by: str) -> dict[str, Any]:
+        """The ``stopped`` record of a run that ends now, not complete: `by` (``"SIGINT"``,
+        ``"SIGTERM"``, ``"error"``), and the last step of a metrics row (null: none yet) and
+        the epoch of that step (counted from 1; null: not known)."""
+        return {"by": by, "step": self.last_step, "epoch": self.last_epoch}
+
+    def where(self) -> str:
+        """Where the run stopped, as words: ``after step 37 (epoch 3)``, ``before its first step``."""
+        if self.last_step is None:
+            return "before its first step"
+        return f"after step {self.last_step}" + (
+            f" (epoch {self.last_epoch})" if self.last_epoch is not None else ""
+        )
+
+    def fail(self, error: str, stopped: dict[str, Any] | None = None) -> None:
+        """Flush what can be flushed and mark the run failed with `error`; `stopped`: how and
+        where it stopped (`stopped`; default: by an error, at the last step logged)."""
         if self._closed:
             return
+        stopped = stopped or self.stopped("error")
         with _signals_held():
             try:
                 self.flush()
@@ -504,7 +527,15 @@ class RunLog:
                     table.trim()
             except Exception as exc:
                 error = f"{error} (and the final flush failed: {type(exc).__name__}: {exc})"
-            self._update_root({"status": STATUS_FAILED, "complete": False, "finished": now(), "error": error})
+            self._update_root(
+                {
+                    "status": STATUS_FAILED,
+                    "complete": False,
+                    "finished": now(),
+                    "error": error,
+                    "stopped": stopped,
+                }
+            )
             self._closed = True
 
     def __enter__(self) -> RunLog:
@@ -518,6 +549,9 @@ class RunLog:
     ) -> None:
         if exc_type is None:
             self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, or SIGTERM taken as one (`stop_signal`)
+            by = stop_signal() or "SIGINT"
+            self.fail(f"interrupted by {by} {self.where()}", self.stopped(by))
         else:
             self.fail(f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__)
 
@@ -641,6 +675,8 @@ def _open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
         "status_before": run.status,
         "error_before": run.attrs.get("error"),
     }
+    if run.attrs.get("stopped"):
+        entry["stopped_before"] = run.attrs["stopped"]
     if skipped:
         entry["skipped"] = skipped
     if run.attrs.get("device_state"):  # the boards' counters of the session before
@@ -652,12 +688,13 @@ def _open_for_resume(path: str | Path) -> tuple[RunLog, dict[str, Any] | None]:
             "complete": False,
             "finished": None,
             "error": None,
+            "stopped": None,
             "writer": writer(),
             "resumes": resumes,
             "device_state": {},
         }
     )
-    log.resumed_step = step
+    log.resumed_step = log.last_step = step
     log.skipped_snapshots = skipped
     return log, state
 
