@@ -187,3 +187,42 @@ def test_a_run_that_failed_on_an_error_records_where_it_stopped(tmp_path: Path) 
     run = open_run(path)
     assert run.attrs["error"] == "RuntimeError: boom"
     assert run.attrs["stopped"] == {"by": "error", "step": 1, "epoch": 1}
+
+
+def test_the_closing_line_says_what_resume_does_with_and_without_a_snapshot(tmp_path: Path, capsys) -> None:
+    """Ctrl-C said the run log "keeps what was logged up to its last snapshot; --resume
+    continues from there" when there was no snapshot, and a board or disk error before the
+    first snapshot gave no resume hint at all. One line now, in both cases: the snapshot's step
+    and the resume command, or "no snapshot yet" and that the resume starts again."""
+    import typer
+
+    from drivers import DeviceError
+    from hil.cli.common import one_line_errors, resume_hint
+    from hil.runlog import RunLog
+
+    run = tmp_path / "run.zarr"
+    log = RunLog.create(run, {})
+    log.metrics("train", step=1, loss=1.0)
+
+    def closing(stop: type[BaseException] | BaseException) -> str:
+        with (
+            pytest.raises((KeyboardInterrupt, typer.Exit)),
+            resume_hint("hil train vae", run),
+            one_line_errors(),
+        ):
+            raise stop
+        lines = [line for line in capsys.readouterr().err.splitlines() if "--resume" in line]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    resume = f"`hil train vae --resume {run}`"
+    for stop in (KeyboardInterrupt, DeviceError("the board is gone"), OSError(28, "No space left on device")):
+        line = closing(stop)
+        assert f"no snapshot yet: {resume} starts again from the first step" in line, line
+        assert "last snapshot" not in line
+    log.snapshot(7, {"extra": {"step": 7}})
+    for stop in (KeyboardInterrupt, DeviceError("the board is gone")):
+        line = closing(stop)
+        assert f"up to its last snapshot (step 7): {resume} continues from there" in line, line
+    assert closing(KeyboardInterrupt).startswith("interrupted: ")
+    log.close()

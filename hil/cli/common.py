@@ -199,43 +199,52 @@ def sigterm_as_interrupt() -> Iterator[TermAsInterrupt]:
 @contextmanager
 def resume_hint(command: str, run: Path | None) -> Iterator[None]:
     """On Ctrl-C inside, or on an error of the board, its link or the disk (`user_errors`
-    less bad input), say where the run stopped and how to continue it; the exception then
-    ends the command as before. Put it outside `one_line_errors`, which prints the error."""
+    less bad input), close with one line saying where the run stopped and how to continue it
+    (`resume_line`); the exception then ends the command as before. Put it outside
+    `one_line_errors`, which prints the error."""
     try:
         yield
     except KeyboardInterrupt:
         if run is not None:
-            typer.echo(
-                f"interrupted: the run log {run} keeps what was logged up to its last snapshot; "
-                f"`{command} --resume {run}` continues from there and programs every tile again "
-                "(the board may hold a half-finished update)",
-                err=True,
-            )
+            typer.echo(f"interrupted: {resume_line(command, run)}", err=True)
         raise
     except typer.Exit as exc:
         from drivers import ConfigurationError, DeviceError
 
         cause = exc.__context__  # what `one_line_errors` reported
         stopped = isinstance(cause, DeviceError | OSError) and not isinstance(cause, ConfigurationError)
-        if run is not None and stopped and _has_snapshot(run):
+        if run is not None and stopped:
             typer.echo(
-                f"the run log {run} keeps what was logged up to its last snapshot; once the board "
-                f"(or the disk) is back, `{command} --resume {run}` continues from there",
-                err=True,
+                f"stopped: once the board (or the disk) is back, {resume_line(command, run)}", err=True
             )
         raise
 
 
-def _has_snapshot(run: Path) -> bool:
-    """Whether the run log at `run` (a store, or a run folder holding one) can be resumed from
-    a snapshot (without one, a rerun starts over anyway)."""
+def resume_line(command: str, run: Path) -> str:
+    """What `--resume` does for the run log at `run` (a store, or a run folder holding one):
+    continue from its last snapshot (naming its step), or, without one, start again from the
+    first step (a resume works then too: it only has nothing to continue from)."""
+    step = _snapshot_step(run)
+    if step is None:
+        return f"the run log {run} has no snapshot yet: `{command} --resume {run}` starts again from the first step"
+    return (
+        f"the run log {run} keeps what was logged up to its last snapshot (step {step}): "
+        f"`{command} --resume {run}` continues from there and programs every tile again "
+        "(the board may hold a half-finished update)"
+    )
+
+
+def _snapshot_step(run: Path) -> int | None:
+    """The step of the last snapshot of the run log at `run` (a store, or a run folder holding
+    one); None without one (or without a readable run log)."""
     from hil.runlog import RunLogError, open_run
 
     store = run / RUN_STORE if (run / RUN_STORE).exists() else run
     try:
-        return bool(open_run(store, validate=False).snapshots)
-    except RunLogError:
-        return False
+        log = open_run(store, validate=False)
+        return int(log.snapshot_attrs(log.snapshots[-1])["step"]) if log.snapshots else None
+    except (RunLogError, KeyError, TypeError, ValueError):
+        return None
 
 
 @contextmanager
