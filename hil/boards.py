@@ -10,7 +10,8 @@ import shlex
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from drivers import Device, open_device
+from drivers import Device, DeviceError, open_device
+from drivers.errors import RetriesExhausted
 from drivers.tiled import TiledDevice
 from drivers.uri import parse_options, replace_params
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
@@ -62,6 +63,48 @@ def block_uris(cfg: RunConfig) -> list[str]:
     return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]
 
 
+class BoardLost(DeviceError):
+    """A run stopped because the link to one of its boards was given up (`lost_board`)."""
+
+
+def link_lost(device: Device, error: BaseException | None) -> bool:
+    """Whether `error` (a failed run's) means that `device`'s link is gone: the driver gave up
+    an operation on it (`RetriesExhausted`, in `error`'s chain, and counted in the driver's
+    recovery statistics). Its end-of-run reads and safe state would each spend the driver's
+    retry budget again (one warning per attempt) on a board known to be unreachable."""
+    from hil.runlog.meta import recovery_stats
+
+    if error is None or _exhausted(error) is None:
+        return False
+    stats = recovery_stats(device)
+    return stats is not None and getattr(stats, "exhausted", 0) > 0
+
+
+def lost_board(
+    error: BaseException, devices: Sequence[Device], uris: Sequence[str], where: str
+) -> BoardLost | None:
+    """The one-line error of a run whose board's link was given up: ``lost the board URI after
+    step 37 (epoch 3): settle failed 4 time(s) ...`` (which board, where the run was, which
+    operation failed and why), to raise from `error`; None for any other failure."""
+    gave_up = _exhausted(error)
+    if gave_up is None or isinstance(error, BoardLost):
+        return None
+    lost = [uri for dev, uri in zip(devices, uris, strict=False) if link_lost(dev, error)]
+    board = f"the board {', '.join(dict.fromkeys(lost))}" if lost else "the board"
+    return BoardLost(f"lost {board} {where}: {gave_up}".replace("  ", " "))
+
+
+def _exhausted(error: BaseException) -> RetriesExhausted | None:
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, RetriesExhausted):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def close_boards(devices: Iterable[Device], *, during: BaseException | None = None) -> None:
     """Put every board of `devices` in its safe state and close it, carrying on after a failure
     (a board whose `safe_state` or `close` raises does not keep the others driven or open);
@@ -70,7 +113,10 @@ def close_boards(devices: Iterable[Device], *, during: BaseException | None = No
     raised: the errors are added to `during` as notes, never in place of the run's own error."""
     errors: list[BaseException] = []
     for d in devices:
-        for op in (d.safe_state, d.close):  # close after a failed safe_state too: the port is released
+        # a board whose link the run lost: closed only (the driver skips the safe state of a link
+        # that failed), not sent a safe state through another round of retries
+        ops = (d.close,) if link_lost(d, during) else (d.safe_state, d.close)
+        for op in ops:  # close after a failed safe_state too: the port is released
             try:
                 op()
             except BaseException as e:  # an interrupt too: the remaining boards are still closed
@@ -88,10 +134,13 @@ def close_boards(devices: Iterable[Device], *, during: BaseException | None = No
     raise first
 
 
-def record_end_state(log: RunLog | None, devices: Sequence[Device], uris: Sequence[str]) -> None:
+def record_end_state(
+    log: RunLog | None, devices: Sequence[Device], uris: Sequence[str], during: BaseException | None = None
+) -> None:
     """Record the boards' state (their counters) in `log` as a run fails, ignoring errors:
     the failure's cause may be the boards themselves, and this is never in place of the run's
-    own error. Nothing without a log or boards."""
+    own error. Boards whose link `during` (the run's error) lost are not read (`link_lost`).
+    Nothing without a log or boards."""
     if log is not None and devices:
         with contextlib.suppress(Exception):
-            log.device_state("end", devices, uris)
+            log.device_state("end", devices, uris, lost=[d for d in devices if link_lost(d, during)])

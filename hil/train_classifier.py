@@ -18,7 +18,7 @@ from drivers import Device, OpenTransactionWarning
 from drivers.base import ProgramReport, programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.augment import check_shift, shift_images, step_offsets
-from hil.boards import close_boards, open_board, record_end_state
+from hil.boards import close_boards, lost_board, open_board, record_end_state
 from hil.classifier import Classifier
 from hil.config import RunConfig, model_activation
 from hil.data import Dataset, hold_out, limited, load_dataset
@@ -157,9 +157,13 @@ def train_classifier(
             log.set_boards(model.board_records())
         return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
     except BaseException as err:
-        record_end_state(log, model.devices, model.board_uris)  # the boards' counters as the run failed
+        # the boards' counters as the run failed (not of a board whose link it lost)
+        record_end_state(log, model.devices, model.board_uris, during=err)
         # each board to its safe state, its port released; the run log keeps every step
         close_boards(model.devices, during=err)
+        lost = lost_board(err, model.devices, model.board_uris, "" if log is None else log.where())
+        if lost is not None:  # one line: which board, where, which operation failed
+            raise lost from err
         raise
 
 

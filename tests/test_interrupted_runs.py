@@ -226,3 +226,47 @@ def test_the_closing_line_says_what_resume_does_with_and_without_a_snapshot(tmp_
         assert f"up to its last snapshot (step 7): {resume} continues from there" in line, line
     assert closing(KeyboardInterrupt).startswith("interrupted: ")
     log.close()
+
+
+def test_a_board_lost_mid_run_is_one_error_naming_the_step_and_no_end_of_run_retries(
+    tmp_path: Path, emulated_board, caplog
+) -> None:
+    """The server of a VAE run's board went away after its first epoch: the user got some 13
+    "... failed; reconnecting, attempt 2 of 4" warnings (the end-of-run reads of safety, meter
+    and status, and the safe state, each through the whole retry budget on a board already
+    given up) and an error naming the operation alone. Now the run's error says it lost the
+    board, after which step, and why; only the failed operation's own retries are warned of;
+    the run log records the end-of-run counters as not read."""
+    import logging
+
+    import hil.vae.train as vae_train
+    from hil.boards import BoardLost
+    from hil.config import load_into
+    from hil.runlog import RunLog, open_run
+    from hil.runlog.meta import LINK_LOST
+    from hil.vae.config import VAERunConfig
+
+    servers = emulated_board(board="emulator://?preset=ideal&seed=0")
+    uri = servers.uri("visa-tcp", attempts="3", timeout="2")
+    sets = [*VAE_SMALL, "train.epochs=3", "log.snapshot_every_s=0", f"device={uri}"]
+    cfg = load_into(VAERunConfig(), None, sets)
+    path = tmp_path / "run.zarr"
+
+    def board_gone(epoch: int, row: dict[str, float]) -> None:
+        servers.close()  # the lab's server killed after the first epoch
+
+    caplog.set_level(logging.WARNING, logger="drivers.wire")
+    with pytest.raises(BoardLost) as err, RunLog.create(path, cfg) as log:
+        vae_train.train_vae(cfg, progress=False, log=log, on_epoch=board_gone)
+    message = str(err.value)
+    assert message.startswith(f"lost the board {uri} after step 1 (epoch 1): "), message
+    assert "failed 3 time(s)" in message and "\n" not in message
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, warned  # attempts 2 and 3 of the operation that failed, nothing after
+    ops = {w.split(": ", 1)[1].split(" failed")[0] for w in warned}
+    assert len(ops) == 1 and not ops & {"safety", "meter", "status", "safe_state"}, warned
+    run = open_run(path)
+    assert run.attrs["error"].startswith("BoardLost: lost the board")
+    end = run.attrs["device_state"]["end"][uri]
+    assert end["safety"] == end["meter"] == end["status"] == {"error": LINK_LOST}
+    assert end["recovery"]["exhausted"] == 1

@@ -17,6 +17,7 @@ import torch
 import zarr
 
 from drivers.base import Device, DeviceInfo
+from drivers.errors import RetriesExhausted
 from hil.processes import this_process
 
 
@@ -93,13 +94,19 @@ def device_record(info: DeviceInfo, uri: str | None = None) -> dict[str, Any]:
     }
 
 
-def device_state(device: Device) -> dict[str, Any]:
+LINK_LOST = "not read: the link to the board was lost"
+
+
+def device_state(device: Device, *, lost: bool = False) -> dict[str, Any]:
     """The board's dynamic counters now, as plain JSON (a station snapshot): `safety`
     (refused, violations), `meter` (clock_s, energy_j, mvm_calls; null: the board keeps none),
     `status` (epoch, transaction, configured) and, where the driver has them (a remote
     board's link), `recovery` (failures, retries, reconnects, resets, reconfigured, exhausted).
     Each is read on its own: one that fails (a lost board at a failed run's end) is recorded as
-    ``{"error": ...}`` and the others still are."""
+    ``{"error": ...}`` and the others still are, except after a read whose driver gave up on
+    the link (`RetriesExhausted`), and with `lost` (a board whose link is known to be gone):
+    the board's reads are then recorded as `LINK_LOST`, not sent through the driver's whole
+    retry budget each (the driver's own `recovery` is still read)."""
     out: dict[str, Any] = {"time": now()}
     reads: dict[str, Any] = {
         "safety": lambda: dataclasses.asdict(device.safety()),
@@ -110,11 +117,20 @@ def device_state(device: Device) -> dict[str, Any]:
     if recovery is not None:
         reads["recovery"] = recovery.as_dict
     for key, read in reads.items():
+        if lost and key != "recovery":
+            out[key] = {"error": LINK_LOST}
+            continue
         try:
             out[key] = _finite(read())
         except Exception as exc:
             out[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            lost = lost or isinstance(exc, RetriesExhausted)
     return out
+
+
+def recovery_stats(device: Device) -> Any:
+    """The driver's recovery statistics under `device` (``exhausted``, ...); None if none."""
+    return _recovery(device)
 
 
 def _recovery(device: Device) -> Any:

@@ -214,14 +214,20 @@ class RunLog:
         self._update_root(update)
 
     def device_state(
-        self, when: str, devices: Device | Sequence[Device], uris: Sequence[str | None] | None = None
+        self,
+        when: str,
+        devices: Device | Sequence[Device],
+        uris: Sequence[str | None] | None = None,
+        *,
+        lost: Sequence[Device] = (),
     ) -> None:
         """Record the boards' dynamic counters at the run's ``"start"`` or ``"end"``, like a
         station snapshot: safety counters, meter, status and the driver's recovery statistics
         (`hil.runlog.meta.device_state`), under ``device_state[when]``, one record per device
         URI (`uris`, one per device; a URI given twice, as the VAE's two boards of one URI, gets
         ``#<index>``; no URI: ``device<index>``). A read that fails is recorded as its error,
-        so the end of a failed run is recorded too. A resumed run starts a new ``device_state``
+        so the end of a failed run is recorded too; the boards in `lost` (their link known to be
+        gone) are not read (`hil.runlog.meta.LINK_LOST`). A resumed run starts a new ``device_state``
         (`open_for_resume` keeps the one before in its ``resumes`` entry)."""
         if when not in ("start", "end"):
             raise RunLogError(f"device_state: when is 'start' or 'end', got {when!r}")
@@ -235,7 +241,7 @@ class RunLog:
             key = uri or f"device{i}"
             if key in records:
                 key = f"{key}#{i}"
-            records[key] = device_state(dev)
+            records[key] = device_state(dev, lost=any(dev is d for d in lost))
         states = {**(self.root.attrs.get("device_state") or {}), when: records}
         self._update_root({"device_state": states})
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from drivers import Device, Equilibrium, OpenTransactionWarning, SettleBudget, seeds
 from drivers.base import programming_transaction, report_open_transactions
 from drivers.watch import SafetyWatch
-from hil.boards import close_boards, open_board, record_end_state
+from hil.boards import close_boards, lost_board, open_board, record_end_state
 from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
@@ -275,6 +275,7 @@ def train_vae(
     if prepared is None:
         prepared = prepare_vae(cfg)
     t0, data, model = prepared.started, prepared.data, prepared.model
+    step = 0  # where the run is, for the error of a board lost on the way
     try:
         # the board first, as soon as it is open: a run log whose device is null never opened
         # its board (docs/runlog.md). On resume too: the board may have moved
@@ -399,8 +400,12 @@ def train_vae(
             model.settles(),
         )
     except BaseException as err:
-        record_end_state(log, model.devices, model.uris)  # as the run failed
+        record_end_state(log, model.devices, model.uris, during=err)  # as the run failed
         close_boards(model.devices, during=err)  # never in place of the run's own error
+        where = log.where() if log is not None else f"after step {step}"
+        lost = lost_board(err, model.devices, model.uris, where)
+        if lost is not None:  # one line: which board, where, which operation failed
+            raise lost from err
         raise
     model.close()
     return result
