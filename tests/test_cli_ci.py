@@ -142,7 +142,7 @@ def test_gradcheck_passes_at_small_beta_and_writes_json_to_stdout() -> None:
 
 # ------------------------------------------------------------------ 3. info and inspect --json
 INFO_KEYS = ["uri", "idn", "identity", "preset", "limits", "capabilities", "extra", "status", "safety"]
-INFO_KEYS += ["meter", "owner"]
+INFO_KEYS += ["meter", "owner", "wear"]
 INSPECT_KEYS = ["path", "kind", "name", "status", "created", "finished", "error", "stopped", "resumes"]
 INSPECT_KEYS += [
     "versions",
@@ -176,6 +176,7 @@ def test_info_json_over_a_real_transport(board_servers: BoardServers, tmp_path: 
     assert record["limits"]["clamp_max"] == info.limits.clamp_max
     assert record["safety"] == {"refused": 0, "violations": 0}
     assert set(record["status"]) == {"epoch", "transaction", "configured"}
+    assert record["wear"] is None  # the board declares no pulse endurance
 
     out = tmp_path / "info.json"
     both = _hil("info", uri, "--json", out, timeout=120)
