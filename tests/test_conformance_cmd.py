@@ -67,12 +67,13 @@ def test_passes_on_every_transport(
                "pulse +", "pulse -", "unknown tile", "limit conductance", "reset", "safe_state"):  # fmt: skip
         assert ops[op] == "PASS", op
     if board == MVM_ONLY:
-        assert data["skipped"] == 1 and ops["settle"] == "SKIP" and ops["settle refused"] == "PASS"
+        assert data["skipped"] == 2 and ops["settle"] == "SKIP" and ops["settle refused"] == "PASS"
         assert "settle free" not in ops
     else:
-        assert data["skipped"] == 0
+        assert data["skipped"] == 1
         for op in ("settle free", "settle nudged", "settle trace", "settle init", "limit clamp"):
             assert ops[op] == "PASS", op
+    assert ops["wear"] == "SKIP"  # no pulse endurance declared (tests/test_conformance_wear.py)
     if transport.startswith("visa"):  # the board's own error queue and limit checks, by raw SCPI
         assert ops["scpi error queue"] == "PASS"
         assert ops["scpi board limit"] == "PASS"
@@ -295,7 +296,7 @@ def test_fails_when_an_undeclared_capability_runs() -> None:
     assert failed == {"settle refused", "program verify refused", "pulse refused"}
     refused = next(c for c in report.checks if c.operation == "settle refused")
     assert "although it does not declare 'settle'" in refused.got
-    assert report.count("SKIP") == 3 and not report.ok
+    assert report.count("SKIP") == 4 and not report.ok  # and the wear query (no endurance)
 
 
 @pytest.mark.parametrize(("transport", "check"), [("visa-tcp", "scpi"), ("serial-socket", "unchecked")])

@@ -13,7 +13,8 @@ pass. `hil conformance URI` prints them.
 Modules: `report` (the results), `session` (options, test network, one check at a time),
 then one module per family of operations (`board`, `arrays`, `mvm`, `settle`, `refusals`,
 then the board-side checks past the host's own: `scpi`, `framed`, `replay` (request ids),
-`fragments` (messages over one frame), and `lifecycle`), run in that order by `suite`.
+`fragments` (messages over one frame), `lines` (the line-current limit), `wear` (the wear
+query of a board that declares a pulse endurance), `ownership` and `lifecycle`), run in that order by `suite`.
 """
 
 from hil.conformance.report import Check, Report

@@ -20,6 +20,7 @@ from hil.conformance import (
     replay,
     scpi,
     settle,
+    wear,
 )
 from hil.conformance.report import Check, Report
 from hil.conformance.session import LinkLost, Options, Session
@@ -57,6 +58,7 @@ def run_conformance(
             replay.program_ids(sess)
             fragments.checks(sess)
             lines.checks(sess)
+            wear.checks(sess)
             ownership.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
