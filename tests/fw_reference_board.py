@@ -10,7 +10,10 @@ firmware bugs that the conformance suite must catch:
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. It is a board
-without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 110); its RESET keeps
+without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 110), and without a
+pulse endurance (no `pulse`, no `pulse_endurance` limit: it counts no wear, so of the wear query,
+opcode 0x24 WEAR, it has only what docs/protocol.md asks of such a board, error 101 at once, "this
+board declares no pulse endurance and counts no wear"; a host does not ask it); its RESET keeps
 what docs/bringup.md's RESET and SAFE_STATE table says (topology cleared, epoch advanced, the
 record of request ids cleared, transaction tag and meter kept).
 `FirmwareBoard(bug).start()` serves it on a free loopback port (`.uri`); `.stop()` ends it."""
@@ -40,6 +43,7 @@ OPS = {
     0x10: "info", 0x11: "topology", 0x12: "configure", 0x13: "program", 0x14: "pulse",
     0x15: "read_conductance", 0x16: "mvm", 0x17: "settle", 0x18: "wait", 0x19: "safety",
     0x1A: "reset", 0x1B: "safe_state", 0x1C: "status", 0x1D: "begin", 0x1E: "commit", 0x1F: "meter",
+    0x24: "wear",
 }  # fmt: skip
 NOT_IDEMPOTENT = ("program", "pulse", "wait")
 LIM: dict[str, Any] = {
@@ -285,6 +289,9 @@ class Board:
 
     def op_meter(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         return message({"clock_s": self.clock, "energy_j": self.energy, "mvm_calls": self.mvm_calls})
+
+    def op_wear(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        raise Fail(101, "this board declares no pulse endurance and counts no wear")
 
     def handle(self, op: int, payload: bytes) -> tuple[str, Any]:
         """("ok", reply message) or ("err", Fail); program, pulse and wait at most once by id."""

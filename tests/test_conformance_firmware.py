@@ -5,11 +5,13 @@ variant fails the check named for its bug, with a line that says what the board 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from drivers import open_device
+from drivers import NotSupported, open_device
+from drivers.wire.payload import Message, Op
 from hil.conformance import Report, run_conformance
 from hil.conformance.fragments import FRAGMENT, tile_shape
 from tests.fw_reference_board import FirmwareBoard
@@ -42,6 +44,7 @@ def test_the_reference_firmware_passes_every_check(correct: Report) -> None:
     ops = {c.operation: c.status for c in correct.checks}
     for op in (FRAGMENTED, NO_ID, RESENT, "unchecked board limit", "reset"):
         assert ops[op] == "PASS", op
+    assert ops["wear"] == "SKIP"  # no pulse endurance declared
     fragmented = next(c for c in correct.checks if c.operation == FRAGMENTED)
     assert "2 fragments" in fragmented.sent and "mvm x (129, 65)" in fragmented.sent
 
@@ -74,3 +77,25 @@ def test_the_large_tile_is_over_one_fragment_within_the_limits_or_none() -> None
     assert narrow is not None and narrow[0] <= 40 and narrow[1] <= 200
     assert 8 * narrow[0] * narrow[1] > FRAGMENT
     assert tile_shape(dataclasses.replace(lim, tile_rows_max=64, tile_cols_max=64)) is None  # 32768 exactly
+
+
+def test_the_reference_firmware_refuses_the_wear_query_at_once() -> None:
+    """It declares no pulse endurance and counts no wear: the host does not ask it (wear() is
+    None), and a WEAR request (opcode 0x24) sent anyway gets what docs/protocol.md asks of such
+    a board, error 101 with its text, at once (it answered 110, unknown opcode, before)."""
+    board = FirmwareBoard().start()
+    try:
+        dev = open_device(f"{board.uri}?attempts=1&timeout=5")
+        try:
+            assert dev.info.limits.pulse_endurance is None
+            assert dev.wear() is None
+            t0 = time.perf_counter()
+            # NotSupported is error 101 (drivers.wire.codes); 110 would be a DeviceFault
+            with pytest.raises(NotSupported, match="declares no pulse endurance and counts no wear"):
+                dev.send_unchecked(Op.WEAR, Message())
+            assert time.perf_counter() - t0 < 1.0  # an answer, not the link's 5 s timeout
+            assert dev.status().configured is False  # the link goes on
+        finally:
+            dev.close()
+    finally:
+        board.stop()
