@@ -44,8 +44,10 @@ def _wear(dev: Device) -> tuple[Wear | None, str]:
 
 
 def wear_lines(dev: Device) -> list[str]:
-    """One ``wear`` line per configured tile of a board that declares a pulse endurance: its most
-    worn device and how many devices are near (a tenth of the endurance left) or at the end."""
+    """One ``wear`` line per configured tile of a board that declares a pulse endurance: the
+    pulses of its most worn device (and their share of the endurance), the devices near the end
+    (at ``near_from`` or more: a tenth of the endurance or less left) and the spent ones (none
+    left: a program of the tile is then refused). The command's help says what these mean."""
     if dev.info.limits.pulse_endurance is None:
         return []
     wear, why = _wear(dev)
@@ -61,10 +63,8 @@ def wear_lines(dev: Device) -> list[str]:
             rows, cols = topo.tile_shape(name)
             devices = f" of {2 * rows * cols}"
         lines.append(
-            f"wear          {name}: at most {t.max_wear} pulses on a device "
-            f"({t.max_wear / wear.endurance:.0%} of {wear.endurance}); {t.near_end}{devices} devices "
-            f"at {wear.near_from} or more (10 % or less left), {t.spent} spent (a program of the tile "
-            "is then refused)"
+            f"wear          {name}: most worn {t.max_wear} pulses ({t.max_wear / wear.endurance:.0%}); "
+            f"{t.near_end}{devices} devices near the end (>= {wear.near_from}), {t.spent} spent"
         )
     return lines
 
@@ -164,7 +164,10 @@ def register(app: typer.Typer) -> None:
         """Print what a board says about itself: identity, capabilities, limits (with units),
         status (epoch, configuration, an open programming transaction), safety counters and
         its meter, who owns it, and, on a board that declares a pulse endurance, each tile's
-        wear (its most worn device, the devices near or at the end of their life). It only queries: nothing is configured or programmed, the
+        wear: the pulses its most worn device has taken (and their share of the endurance), its
+        devices near the end (a tenth of the endurance or less left: a wear of at least the number
+        after >=) and spent (none left: a program of the tile, whose write pulses every device
+        once, is then refused). It only queries: nothing is configured or programmed, the
         board is not taken (as if `?lock=0`), and the lines are not driven to the safe state on
         close, so it can look at a board another host is using. On an emulator:// URI it shows
         a fresh emulated board. --json writes the same as one JSON object."""
