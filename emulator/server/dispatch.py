@@ -227,6 +227,15 @@ def reboot(device: Device, lock: BoardLock | None) -> None:
         lock.reboot()
 
 
+def guard(device: Device, lock: BoardLock | None) -> None:
+    """Firmware: the board applies its own safe state when its owner is gone (docs/protocol.md,
+    "Ownership", Lease): `lock` runs SAFE_STATE on `device` as a request does (`execute`, under
+    the device's lock) when no connection presents the owner's token any more without a
+    RELEASE. Both servers of a board attach it to the board's lock; None: no ownership."""
+    if lock is not None:
+        lock.attach(device.lock, lambda: execute(device, Op.SAFE_STATE, Message()))
+
+
 def _lock_op(session: LockSession, op: Op, request: Message) -> Message:
     lock = session.lock
     if op is Op.ACQUIRE:

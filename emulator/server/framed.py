@@ -19,7 +19,7 @@ from drivers.wire import payload as pl
 from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import LOCK_OPS, Op
-from emulator.server.dispatch import ReplayCache, execute, reboot
+from emulator.server.dispatch import ReplayCache, execute, guard, reboot
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
@@ -77,6 +77,7 @@ class FramedServer(EndpointServer):
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
         self.max_message = max_message
+        guard(device, lock)  # the board makes itself safe when its owner is gone
         super().__init__(max_connections, idle_timeout_s)
         self.links: list[Link] = []  # the links of open connections (and ptys)
         self._links_lock = threading.Lock()

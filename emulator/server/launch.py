@@ -64,6 +64,8 @@ class ServedBoard:
         try:
             self.scpi.close()
             self.framed.close()
+            if self.lock is not None:
+                self.lock.close()  # no safe state of its own after this: the board closes
             with contextlib.suppress(Exception):  # a board that is already gone has no safe state to reach
                 self.device.safe_state()
         finally:

@@ -16,12 +16,24 @@ connection that presents the owner's token may acquire with another token: the b
 to it (an SCPI serial line is one session for as long as the board is powered, so the next
 host on that line takes the board over from the one before).
 
+An owner that is gone cannot make the board safe (a host killed, without power or without its
+cable sends no SAFE_STATE), so the board does: the moment no connection presents the owner's
+token any more without a RELEASE (its last one closed, or a framed HELLO began a new session on
+it: the moment the lease starts), the board applies its safe state, as SAFE_STATE does and by
+the same path (`attach`), and keeps the lock for its lease as before. A reconnect within the
+lease finds everything the owner left but the lines, which SAFE_STATE drives to 0 V: topology,
+conductances, transaction tag, epoch, request-id record. Should that safe state fail, the board
+tries again when the lease lapses. A RELEASE (the host made the board safe itself before it)
+applies nothing; a board nobody owns applies nothing when a connection closes.
+
 One `BoardLock` per board, shared by all its servers and connections; one `LockSession`
 per connection (or pty session), holding the token that connection presented.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 import time
@@ -37,6 +49,8 @@ from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, OPEN_WHILE_OWNED, Op,
 # few seconds at most (attempts with backoff up to 1 s); a crashed run resumed at once waits this
 DEFAULT_LEASE_S = 15.0
 BROKEN_KEPT = 16  # broken tokens the board refuses (their hosts open the board again, with new ones)
+
+log = logging.getLogger(__name__)
 
 
 class LockSession:
@@ -101,6 +115,21 @@ class BoardLock:
         self._left_at: float | None = None  # clock time the last connection presenting it left
         self.broken = 0  # locks broken (BREAK) since the board started
         self._broken: deque[str] = deque(maxlen=BROKEN_KEPT)  # tokens whose lock was broken
+        # the board's own safe state for an owner that is gone (`attach`; None: none applied)
+        self._board: tuple[contextlib.AbstractContextManager[object], Callable[[], None]] | None = None
+        self._unsafe = False  # the owner left without RELEASE and the board is not safe since
+        self._gone: str | None = None  # the token of the owner that left last (for the log)
+        self._retry: threading.Timer | None = None  # a failed safe state tried again at the lapse
+        self.owner_gone = 0  # safe states applied because the owner was gone, since the board started
+
+    def attach(
+        self, serialize: contextlib.AbstractContextManager[object], safe_state: Callable[[], None]
+    ) -> None:
+        """The board's safe state (what SAFE_STATE runs, `safe_state`) and what serializes it
+        with the board's requests (`serialize`, the device's lock), applied when the owner is
+        gone (the module's docstring). The servers attach their board; a lock no board is
+        attached to (unit tests of the lock alone) applies nothing."""
+        self._board = (serialize, safe_state)
 
     def session(self) -> LockSession:
         s = LockSession(self)
@@ -112,20 +141,30 @@ class BoardLock:
     def _presenting(self) -> int:
         return sum(1 for s in self._sessions if s.token is not None and s.token == self._token)
 
-    def _expire(self) -> None:
-        """Drop an owner whose lease ran out (no connection presented its token for lease_s)."""
+    def _expire(self) -> bool:
+        """Drop an owner whose lease ran out (no connection presented its token for lease_s).
+        True: the lease started now (the owner is gone and the board is not safe since)."""
         if self._token is None or self._presenting():
             self._left_at = None
-            return
+            if self._token is not None:
+                self._unsafe = False  # its owner is there (again) to drive it
+            return False
         now = self._clock()
-        if self._left_at is None:
+        started = self._left_at is None
+        if started:
             self._left_at = now
+            self._unsafe = True
+            self._gone = self._token
         if now - self._left_at >= self._lease:
-            self._drop()
+            self._drop(lapsed=True)
+        return started
 
-    def _drop(self) -> None:
+    def _drop(self, *, lapsed: bool = False) -> None:
+        """Free the board. A lapse keeps `_unsafe` (the owner's board is still to be made
+        safe); a RELEASE, BREAK or reboot clears it (the host, a colleague or the power-on did)."""
         self._token = self._since = self._left_at = None
         self._lease = self.lease_s
+        self._unsafe = self._unsafe and lapsed
 
     def _state(self) -> BoardOwner:
         self._expire()
@@ -207,6 +246,7 @@ class BoardLock:
             self._drop()
             self._broken.clear()
             self.broken = 0
+            self.owner_gone = 0
             for s in self._sessions:
                 s.token = None
 
@@ -228,10 +268,63 @@ class BoardLock:
     def withdraw(self, session: LockSession) -> None:
         with self._mutex:
             session.token = None
-            self._expire()  # starts the lease if that was the last connection presenting it
+            gone = self._expire()  # starts the lease if that was the last connection presenting it
+        if gone:
+            self._make_safe()
 
     def leave(self, session: LockSession) -> None:
         with self._mutex:
             session.token = None
             self._sessions.discard(session)
-            self._expire()
+            gone = self._expire()
+        if gone:
+            self._make_safe()
+
+    def _make_safe(self) -> None:
+        """Apply the board's safe state if its owner is gone and it is not safe since; if that
+        fails, try again when the lease lapses (`_retry`)."""
+        board = self._board
+        if board is None:
+            return
+        serialize, safe_state = board
+        with serialize:  # between two requests: nothing of a returning owner's is running
+            with self._mutex:
+                self._expire()
+                if not self._unsafe or self._board is None:
+                    return  # the owner came back (its board to drive), it is safe already, or closed
+                token = self._gone
+            try:
+                safe_state()
+            except Exception as exc:
+                with self._mutex:
+                    again = self._token is not None  # the lease still runs: try again at its lapse
+                    if again:
+                        self._arm_retry()
+                log.warning(
+                    "the owner %r is gone; the board's safe state failed%s: %r",
+                    token, ", tried again when its lease lapses" if again else "", exc,
+                )  # fmt: skip
+                return
+            with self._mutex:
+                self._unsafe = False
+                self.owner_gone += 1
+        log.info("the owner %r is gone: the board applied its safe state", token)
+
+    def _arm_retry(self) -> None:
+        """(With the mutex held, while the lease runs.) Try the safe state again when the
+        lease lapses (once: a board whose safe state fails then too is left to its next owner)."""
+        if self._retry is not None:
+            self._retry.cancel()
+        assert self._left_at is not None
+        left = max(0.0, self._lease - (self._clock() - self._left_at))
+        self._retry = threading.Timer(left + 0.01, self._make_safe)
+        self._retry.daemon = True
+        self._retry.start()
+
+    def close(self) -> None:
+        """The servers closed: the lock applies no safe state of its own from now on (one
+        already running finishes; the board's close follows, with its own safe state)."""
+        with self._mutex:
+            if self._retry is not None:
+                self._retry.cancel()
+            self._board = None

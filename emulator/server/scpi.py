@@ -24,7 +24,7 @@ from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from drivers.wire.scpi import MAX_LINE
-from emulator.server.dispatch import ReplayCache, execute, reboot
+from emulator.server.dispatch import ReplayCache, execute, guard, reboot
 from emulator.server.faults import FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
@@ -932,6 +932,7 @@ class ScpiServer(EndpointServer):
         self.plan = plan or FaultPlan()
         self.cache = cache or ReplayCache()
         self.max_block = max_block
+        guard(device, lock)  # the board makes itself safe when its owner is gone
         super().__init__(max_connections, idle_timeout_s)
 
     def _refuse(self, conn: socket.socket) -> None:

@@ -1,0 +1,189 @@
+"""The board makes itself safe when its owner is gone (docs/protocol.md, "Ownership", Lease):
+a host killed with its board owned cannot send SAFE_STATE, so the board applies it when the
+owner's last connection closes without a release; the lock still waits out its lease for a
+reconnect, which finds the topology, the conductances and the open transaction as the host
+left them. Through the real servers over TCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from drivers import Topology, open_device, report_open_transactions
+from drivers.errors import BoardLocked
+from drivers.wire import payload as pl
+from drivers.wire.frames import LinkOp
+from hil.testing import BoardLock, BoardServers, socket_link
+from tests.raw_scpi import RawScpi
+
+BOARD = "emulator://?preset=ideal&seed=0"
+TOPOLOGY = Topology.layered([6, 5, 3])
+
+# a host that takes the board (asking for a 1 s lease), configures it, begins a programming
+# transaction and programs one tile, says its lock token, then waits to be killed
+_HOST = """
+import sys, time
+import numpy as np
+from drivers import Topology, open_device
+dev = open_device(sys.argv[1])
+dev.configure(Topology.layered([6, 5, 3]))
+lim = dev.info.limits
+dev.begin("update-7")
+dev.program("W0", np.full((7, 5), lim.g_max, np.float32), np.full((7, 5), lim.g_min, np.float32))
+print(dev.lock_token, flush=True)
+time.sleep(60)
+"""
+
+
+def _block_json(reply: bytes) -> dict[str, object]:
+    digits = int(reply[1:2])
+    return json.loads(reply[2 + digits :])
+
+
+def _count_safe_states(s: BoardServers) -> list[float]:
+    """Wrap the served board's `safe_state` (what SAFE_STATE runs): the times it was called."""
+    calls: list[float] = []
+    inner = s.device.safe_state
+    s.device.safe_state = lambda: (calls.append(time.monotonic()), inner())[1]  # type: ignore[method-assign]
+    return calls
+
+
+def _until(cond: Callable[[], bool], timeout: float = 2.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    calls = _count_safe_states(s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    uri = s.uri(transport, lease="1")
+    host = subprocess.Popen([sys.executable, "-c", _HOST, uri], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert host.stdout is not None
+        token = host.stdout.readline().strip()
+        assert token and calls == []  # the host is alive, mid-transaction; nothing made it safe
+    finally:
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        host.stdout.close()  # type: ignore[union-attr]
+    killed = time.monotonic()
+    # the board applies its safe state as soon as the dead host's connection drops ...
+    assert _until(lambda: len(calls) == 1), "the board did not apply its safe state"
+    assert calls[0] - killed < 1.0 and s.lock is not None and s.lock.owner_gone == 1
+    # ... and keeps the lock for the lease (1 s, the host's), for a reconnect
+    with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("visa-tcp", lock="0")) as looker:
+        owner = looker.owner()
+        assert owner is not None and owner.token == token and owner.connections == 0
+        assert owner.lapses_in is not None and 0.0 < owner.lapses_in <= 1.0
+    with pytest.raises(BoardLocked, match="no connection presents its token: free in"):
+        open_device(s.uri("serial-socket"))
+    # the dead host's reconnect within the lease finds its board as it left it: SAFE_STATE keeps
+    # the topology, the conductances, the transaction tag and the epoch (no reconfigure needed)
+    with RawScpi(s.uris["visa-tcp"]) as again:
+        owner_json = _block_json(again.query(f'SYST:LOCK:ACQ? "{token}",1'))
+        assert owner_json["token"] == token and owner_json["lapses_in"] is None
+        status = _block_json(again.query("SYST:STAT?"))
+        assert status == {"epoch": 0, "transaction": "update-7", "configured": True}
+        assert pl.topology_from_dict(_block_json(again.query("CONF:TOP?"))["topology"]) == TOPOLOGY  # type: ignore[arg-type]
+        assert again.query("SYST:ERR?") == b'0,"No error"'
+        assert len(calls) == 1  # the owner is back: nothing more applied
+    # it dies again (its socket closed, no release): safe state again, then the lease lapses
+    assert _until(lambda: len(calls) == 2)
+    lim = s.device.info.limits
+    g_plus, g_minus = s.device.read_conductance("W0")  # the board itself: kept throughout
+    np.testing.assert_allclose(g_plus, lim.g_max, rtol=1e-6)
+    np.testing.assert_allclose(g_minus, lim.g_min, rtol=1e-6)
+    time.sleep(1.05)
+    # the next host finds the board free, configured, and the transaction the dead one left open
+    with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri(transport)) as dev:
+        assert len(calls) == 2  # the lapse applied nothing more: the board was safe since
+        assert dev.owns and dev.open_transaction == "update-7" and dev.topology == TOPOLOGY
+        with pytest.warns(RuntimeWarning, match="'update-7' was begun and never committed"):
+            assert len(report_open_transactions([dev])) == 1
+    assert s.lock.owner_gone == 2
+
+
+def test_a_release_a_board_nobody_owns_and_one_without_ownership_apply_nothing(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    s = emulated_board(BOARD, lock=BoardLock(lease_s=0.2))
+    calls = _count_safe_states(s)
+    with RawScpi(s.uris["visa-tcp"]) as clean:  # an owner that releases (after its own SYST:SAFE)
+        assert _block_json(clean.query('SYST:LOCK:ACQ? "clean:1:aa"'))["token"] == "clean:1:aa"
+        clean.query('SYST:LOCK:REL "clean:1:aa";*OPC?')
+    with RawScpi(s.uris["visa-tcp"]) as nobody:  # drives a free board, never owns it
+        assert nobody.query("SYST:WAIT 0;*OPC?") == b"1"
+    with RawScpi(s.uris["visa-tcp"]) as looker:  # hil info's queries
+        assert _block_json(looker.query("SYST:LOCK:OWN?"))["token"] is None
+    time.sleep(0.3)  # past any lease
+    assert calls == [] and s.lock is not None and s.lock.owner_gone == 0
+    unlocked = emulated_board(BOARD, lock=False)  # firmware without the capability
+    calls = _count_safe_states(unlocked)
+    with RawScpi(unlocked.uris["visa-tcp"]) as raw:
+        assert raw.query("SYST:WAIT 0;*OPC?") == b"1"
+    time.sleep(0.2)
+    assert calls == []
+
+
+def test_a_framed_hello_that_withdraws_the_owners_token_makes_the_board_safe(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A framed HELLO begins a new session on its link (a serial line's next host): the token
+    it presented is withdrawn, the lease starts, and the board applies its safe state then."""
+    s = emulated_board(BOARD)
+    calls = _count_safe_states(s)
+    host, port = s.uris["serial-socket"].split("://", 1)[1].rsplit(":", 1)
+    import socket
+
+    link = socket_link(socket.create_connection((host, int(port)), timeout=5), ack_timeout=1.0, retries=3)
+    try:
+        seq = link.send(int(pl.Op.ACQUIRE), pl.pack(pl.Message({"token": "pty:1:aa"})))
+        assert link.receive(5.0, response=True, ref=seq, opcode=int(pl.Op.ACQUIRE)) is not None
+        assert calls == []
+        seq = link.send(LinkOp.HELLO, b"")
+        assert link.receive(5.0, response=True, ref=seq, opcode=LinkOp.HELLO) is not None
+        assert _until(lambda: len(calls) == 1)
+        owner = s.lock.state()  # type: ignore[union-attr]
+        assert owner.token == "pty:1:aa" and owner.connections == 0 and owner.lapses_in is not None
+    finally:
+        link.close()
+
+
+def test_a_safe_state_that_fails_is_tried_again_when_the_lease_lapses(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    s = emulated_board(BOARD, lock=BoardLock(lease_s=0.3))
+    calls: list[str] = []
+
+    def flaky() -> None:
+        calls.append("safe")
+        if len(calls) == 1:
+            raise OSError("the line drivers did not answer")
+
+    s.device.safe_state = flaky  # type: ignore[method-assign]
+    with RawScpi(s.uris["visa-tcp"]) as dead:
+        assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
+    assert _until(lambda: calls == ["safe"])  # tried at once, failed
+    assert s.lock is not None and s.lock.owner_gone == 0
+    time.sleep(0.15)
+    assert calls == ["safe"] and s.lock.state().token == "dead:1:00"  # nothing more during the lease
+    assert _until(lambda: calls == ["safe", "safe"])  # at the lapse: applied
+    assert s.lock.owner_gone == 1 and s.lock.state().token is None
+    time.sleep(0.1)
+    assert calls == ["safe", "safe"]
