@@ -10,7 +10,6 @@ five length digits (`#5...`), which the test network's blocks (`#3`) do not reac
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -116,12 +115,8 @@ def _large(sess: Session, sent: list[str], send: Send, shape: tuple[int, int], s
     size = len(pl.pack(request))
     reads = f"read_conductance x {sess.opt.reads}"
     sent.append(f"{TILE} {rows} x {cols}: program ({_fragments(size, scpi)}), {reads}")
-    sess.dev.configure(topo)
-    try:
+    with sess.configured(topo):
         return _program_read_mvm(sess, sent, send, request, size, scpi)
-    finally:  # the test network again, for the checks after this one
-        with contextlib.suppress(DeviceError):
-            sess.dev.configure(sess.topo)
 
 
 def _program_read_mvm(

@@ -6,7 +6,6 @@ with `violations` unchanged and the tile unchanged; one just under the limit run
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -103,12 +102,8 @@ def _line(sess: Session, sent: list[str], send: Send, t: LineTile) -> str:
     topo = Topology(
         {"l0": t.rows, "l1": t.cols}, (Coupling(TILE, ("l0",), ("l1",)),), budget=sess.topo.budget
     )
-    sess.dev.configure(topo)
-    try:
+    with sess.configured(topo):
         return _over_and_under(sess, sent, send, t)
-    finally:  # the test network again, for the checks after this one
-        with contextlib.suppress(DeviceError):
-            sess.dev.configure(sess.topo)
 
 
 def _read(sess: Session, send: Send, t: LineTile) -> np.ndarray:

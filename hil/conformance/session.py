@@ -3,9 +3,10 @@ the `Session` that runs one check at a time and keeps what later checks need."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from drivers.base import Device, Limits
 from drivers.converters import lsb
-from drivers.errors import DeviceTimeout, NotSupported, RetriesExhausted
+from drivers.errors import DeviceError, DeviceTimeout, NotSupported, RetriesExhausted
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from hil.conformance.report import Check, Mismatch, Report
 
@@ -118,6 +119,17 @@ class Session:
         self.free_mean: dict[str, np.ndarray] = {}  # free equilibrium averaged over repeats
         self.free_sigma = 0.0  # its noise (std of one settle's states)
         self.has_status = False  # the board keeps STATUS (it recorded a transaction)
+
+    @contextlib.contextmanager
+    def configured(self, topo: Topology) -> Iterator[None]:
+        """Inside, the board has `topo` (a check's own network); after, the test network again,
+        for the checks that follow (a board that fails to take it back is left to them)."""
+        try:
+            self.dev.configure(topo)
+            yield
+        finally:
+            with contextlib.suppress(DeviceError):
+                self.dev.configure(self.topo)
 
     # -- bookkeeping
     def add(self, check: Check) -> None:

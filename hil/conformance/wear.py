@@ -8,13 +8,12 @@ endurance: SKIPPED, with the reason."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
 
 from drivers.base import Wear
-from drivers.errors import DeviceError, NotSupported
+from drivers.errors import NotSupported
 from drivers.topology import Coupling, Topology
 from drivers.wear import near_end_from
 from drivers.wire import payload as pl
@@ -121,23 +120,16 @@ def _left(sess: Session, topo: Topology) -> int | None:
     """The pulses left to the most worn device of `topo`'s one tile; None: the board did not
     say (the check then runs and reports what went wrong)."""
     try:
-        sess.dev.configure(topo)
-        wear = _ask(sess, _shapes(topo))
+        with sess.configured(topo):
+            wear = _ask(sess, _shapes(topo))
         return wear.endurance - wear.tiles[TILE].max_wear
     except Exception:  # the check itself reports it
         return None
-    finally:
-        with contextlib.suppress(DeviceError):
-            sess.dev.configure(sess.topo)
 
 
 def _counts(sess: Session, sent: list[str], topo: Topology, n: int, neg: int) -> str:
-    sess.dev.configure(topo)
-    try:
+    with sess.configured(topo):
         return _spend(sess, sent, n, neg)
-    finally:  # the test network again, for the checks after this one
-        with contextlib.suppress(DeviceError):
-            sess.dev.configure(sess.topo)
 
 
 def _spend(sess: Session, sent: list[str], n: int, neg: int) -> str:
