@@ -205,7 +205,7 @@ def test_a_killed_rank_without_restarts_leaves_a_closed_run_log_and_says_how_to_
     run = open_run(out, validate=False)
     assert run.status == "failed", run.status
     error = run.attrs["error"]
-    assert "another rank" in error or "KeyboardInterrupt" in error, error
+    assert "another rank" in error or error.startswith("interrupted by SIG"), error
 
 
 def _gone(pid: int) -> bool:
@@ -272,7 +272,7 @@ def test_a_rank_blocked_in_an_all_reduce_is_stopped_with_its_board_safe_and_free
             assert "safe_state" in [op for _, op in calls[last_work:]], calls[-5:]
         print(f"rank 0 stopped, its board safe and released, {time.monotonic() - t0:.2f} s after SIGTERM")
         run = open_run(out, validate=False)  # rank 0 closed its run log, naming the interrupt
-        assert run.status == "failed" and "KeyboardInterrupt" in run.attrs["error"], run.attrs
+        assert run.status == "failed" and run.attrs["error"].startswith("interrupted by SIGTERM"), run.attrs
     finally:
         if peer is not None:
             os.kill(peer, signal.SIGKILL)

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,13 +215,21 @@ dev.commit("update-7")
 """
 
 
+def _until(done: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
     transport: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "host.py"
     script.write_text(textwrap.dedent(_HOST))
-    with faulty_board(lock=BoardLock(lease_s=0.5)) as served:
+    lock = BoardLock(lease_s=2.0)
+    with faulty_board(lock=lock) as served:
         uri = getattr(served, transport)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         host = subprocess.Popen(
@@ -232,10 +241,13 @@ def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
             host.send_signal(signal.SIGKILL)
             host.wait(timeout=10)
         assert served.device.status().transaction == "update-7"
-        # the killed host owned the board: its lease keeps it a moment (for a reconnect), then frees it
+        # the killed host owned the board: its lease keeps it a moment (for a reconnect), then
+        # frees it; waited for as the server sees it (the killed host's connection closing is
+        # noticed by a server thread, later on a loaded machine)
+        _until(lambda: lock.state().connections == 0, "the server to see the killed host's connection close")
         with pytest.raises(BoardLocked, match="no connection presents its token: free in"):
             open_device(uri)
-        time.sleep(0.6)
+        _until(lambda: lock.state().token is None, "the killed host's lease to lapse")
         with pytest.warns(RuntimeWarning, match="update-7"), open_device(uri) as dev:
             assert dev.open_transaction == "update-7"
         # the trainer repairs it: every tile programmed again inside its own transaction
