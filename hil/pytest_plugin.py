@@ -68,7 +68,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Check the ini option xbar_board_wait as the command line's is checked."""
+    """Check the ini option xbar_board_wait as the command line's is checked, and refuse an
+    empty --xbar-board (``--xbar-board "$LAB_BOARD_URI"`` with the variable unset), which ran
+    on the default emulator without a word."""
+    given = config.getoption("--xbar-board", None)
+    if given is not None and not given.strip():
+        raise pytest.UsageError(
+            f"--xbar-board was given an empty URI ({given!r}; an unset variable in "
+            '--xbar-board "$LAB_BOARD_URI"?): pass a board URI (visa://..., serial://..., emulator://...), '
+            f"or leave the option out for the ini option xbar_board (else {DEFAULT_BOARD})"
+        )
     if config.getoption("--xbar-board-wait", None) is None:
         import argparse
 
@@ -84,8 +93,17 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
     ``visa``, ``serial``, ... on a lab board). Any other parameter keeps pytest's id."""
     if argname != "transport_device" or val != IN_PROCESS:
         return None
-    uri = config.getoption("--xbar-board", None) or str(config.getini("xbar_board"))
+    uri = _board_uri(config)[0]
     return uri.split("://", 1)[0] if "://" in uri else IN_PROCESS
+
+
+def _board_uri(config: pytest.Config) -> tuple[str, str]:
+    """(the board URI, where it was given): --xbar-board if given (empty is refused by
+    pytest_configure), else the ini option xbar_board."""
+    uri = config.getoption("--xbar-board", None)
+    if uri is not None:
+        return uri, "--xbar-board"
+    return str(config.getini("xbar_board")), "the ini option xbar_board"
 
 
 def _is_lab(uri: str) -> bool:
@@ -101,10 +119,7 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
     without the safe state (it may be another host's board)."""
     from drivers.uri import looking_uri, parse_options
 
-    uri = pytestconfig.getoption("--xbar-board")
-    where = "--xbar-board"
-    if not uri:
-        uri, where = pytestconfig.getini("xbar_board"), "the ini option xbar_board"
+    uri, where = _board_uri(pytestconfig)
     try:
         parse_options(uri)
     except Exception as exc:  # a ConfigurationError, or a third-party backend's own error

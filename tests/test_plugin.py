@@ -350,3 +350,15 @@ def test_the_wait_option_is_bounded(tmp_path: Path, value: str) -> None:
         code, out = _finish(_pytest(tmp_path, f"--xbar-board-wait={value}"))
     assert code == pytest.ExitCode.USAGE_ERROR, out
     assert "xbar_board_wait" in out.replace("-", "_") and "from 0 to 3600" in out, out
+
+
+@pytest.mark.parametrize("form", [["--xbar-board", ""], ["--xbar-board=  "]])
+def test_an_empty_board_option_is_a_usage_error(tmp_path: Path, form: list[str]) -> None:
+    """CI's ``--xbar-board "$LAB_BOARD_URI"`` with the variable unset passed an empty URI and
+    the session silently ran on the default emulator (an empty ini value was refused): an
+    option given but empty is a usage error naming it and the fix, before any test runs."""
+    (tmp_path / "test_user.py").write_text("def test_x(xbar_board):\n    pass\n")
+    code, out = _finish(_pytest(tmp_path, *form))
+    assert code == pytest.ExitCode.USAGE_ERROR, out
+    assert "--xbar-board was given an empty URI" in out and "LAB_BOARD_URI" in out, out
+    assert "leave the option out" in out and "passed" not in out, out
