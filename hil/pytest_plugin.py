@@ -94,7 +94,7 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
     if argname != "transport_device" or val != IN_PROCESS:
         return None
     uri = _board_uri(config)[0]
-    return uri.split("://", 1)[0] if "://" in uri else IN_PROCESS
+    return uri.split("://", 1)[0].lower() if "://" in uri else IN_PROCESS
 
 
 def _board_uri(config: pytest.Config) -> tuple[str, str]:
@@ -107,8 +107,11 @@ def _board_uri(config: pytest.Config) -> tuple[str, str]:
 
 
 def _is_lab(uri: str) -> bool:
-    """A board the fixtures do not start but open: anything but an emulator:// URI."""
-    return not uri.startswith("emulator://")
+    """A board the fixtures do not start but open: anything but an emulator:// URI (its scheme
+    compared as `open_device` does, whatever its case: ``EMULATOR://`` is the emulator)."""
+    from drivers.uri import parse_uri
+
+    return parse_uri(uri)[0] != "emulator"
 
 
 @pytest.fixture(scope="session")

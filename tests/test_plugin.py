@@ -362,3 +362,28 @@ def test_an_empty_board_option_is_a_usage_error(tmp_path: Path, form: list[str])
     assert code == pytest.ExitCode.USAGE_ERROR, out
     assert "--xbar-board was given an empty URI" in out and "LAB_BOARD_URI" in out, out
     assert "leave the option out" in out and "passed" not in out, out
+
+
+CASE_SUITE = """
+from drivers import Topology
+
+
+def test_each_call_is_a_board_of_its_own(device_on):
+    a = device_on("emulator")
+    b = device_on("emulator")
+    a.configure(Topology.layered([3, 2]))
+    assert not b.status().configured
+
+
+def test_t(transport_device):
+    assert transport_device.info.identity.model == "emulator-pcm"
+"""
+
+
+def test_an_emulator_uri_in_capitals_is_the_emulator_not_a_lab_board(tmp_path: Path) -> None:
+    """`open_device` takes the scheme in any case; the plugin took ``EMULATOR://`` for a lab
+    board (one lent device for every fixture, ids ``[EMULATOR]``)."""
+    (tmp_path / "test_user.py").write_text(CASE_SUITE)
+    code, out = _finish(_pytest(tmp_path, "-v", "--xbar-board", "EMULATOR://?preset=pcm&seed=1"))
+    assert code == 0, out
+    assert "6 passed" in out and "test_t[emulator]" in out, out
