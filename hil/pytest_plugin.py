@@ -3,7 +3,8 @@ real servers as fixtures, for any test suite in the environment (`hil.testing` l
 
 ``--xbar-board URI`` with a lab board's URI (not emulator://) points them at that board: the
 session takes it (its lock, docs/protocol.md "Ownership") when a test first needs it, lends it
-to every fixture, resets it before and after each test, and gives it back at the end; a board
+to every fixture, resets it before and after each test, and gives it back at the end (or once
+the tests of a module, or each test, that use it are done: ``--xbar-board-hold``); a board
 another session holds is waited for up to ``--xbar-board-wait SECONDS`` (docs/sweep.md 4).
 
 Loading it imports pytest and `hil.testing` only, which imports nothing of the drivers, the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 MAX_BOARD_WAIT_S = 3600.0  # --xbar-board-wait: at most an hour for another suite to give a lab board back
 WAIT_POLL_S = (0.1, 2.0)  # first and longest pause between two tries to take a busy lab board
+HOLDS = ("session", "module", "test")  # --xbar-board-hold: how long a lab board is held once taken
 
 
 def _wait_seconds(text: str) -> float:
@@ -52,7 +54,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--xbar-board",
         default=None,
         metavar="URI",
-        help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD})",
+        help=f"board URI started by the xbar-hil fixtures (default: ini xbar_board, else {DEFAULT_BOARD}). "
+        "A lab board (not emulator://) is taken (its lock) when a test first needs it and held as "
+        "--xbar-board-hold says (default: the whole session)",
+    )
+    group.addoption(
+        "--xbar-board-hold",
+        default=None,
+        choices=HOLDS,
+        help="how long a lab board is held once a test takes it: 'session' (default: until the session "
+        "ends), 'module' (until the module's last test that uses it is done) or 'test' (until that test "
+        "is done); released reset and safe, taken again (waiting as --xbar-board-wait says) by the next "
+        "test that needs it, so that others can use it meanwhile "
+        "(default: ini xbar_board_hold, else session)",
     )
     group.addoption(
         "--xbar-board-wait",
@@ -65,6 +79,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("xbar_board", "board URI started by the xbar-hil fixtures", default=DEFAULT_BOARD)
     parser.addini("xbar_board_wait", "seconds to wait for a busy lab board (--xbar-board-wait)", default="0")
+    parser.addini("xbar_board_hold", "how long a lab board is held: session, module, test", default="session")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,6 +100,19 @@ def pytest_configure(config: pytest.Config) -> None:
             _wait_seconds(str(config.getini("xbar_board_wait")))
         except argparse.ArgumentTypeError as exc:
             raise pytest.UsageError(f"ini option xbar_board_wait (--xbar-board-wait): {exc}") from None
+    _hold(config)
+
+
+def _hold(config: pytest.Config) -> str:
+    """--xbar-board-hold, else the ini option xbar_board_hold (checked: UsageError)."""
+    hold = config.getoption("--xbar-board-hold", None)
+    if hold is None:
+        hold = str(config.getini("xbar_board_hold")).strip()
+        if hold not in HOLDS:
+            raise pytest.UsageError(
+                f"ini option xbar_board_hold (--xbar-board-hold): {hold!r}: one of {', '.join(HOLDS)}"
+            )
+    return hold
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
@@ -150,8 +178,9 @@ class _LabBoards:
     for the session (each test that needs it fails with the same message, without waiting
     again). Closed, with the safe state and the lock given back, when the session ends."""
 
-    def __init__(self, wait_s: float) -> None:
+    def __init__(self, wait_s: float, hold: str = "session") -> None:
         self.wait_s = wait_s
+        self.hold = hold
         self.devices: dict[str, Device] = {}
         self.refused: dict[str, str] = {}
 
@@ -188,14 +217,16 @@ class _LabBoards:
         )
         pytest.fail(self.refused[uri], pytrace=False)
 
-    def close(self) -> None:
-        """Each board reset (unconfigured for whoever comes next), then closed: the safe state,
-        then the lock given back; one that fails does not keep the others."""
+    def close(self, uris: Iterable[str] | None = None) -> None:
+        """Each board (of `uris`, default all) reset (unconfigured for whoever comes next),
+        then closed: the safe state, then the lock given back; one that fails does not keep
+        the others. A board closed is taken again by the next test that needs it."""
         with contextlib.ExitStack() as stack:
-            for dev in self.devices.values():
-                stack.callback(dev.close)
-                stack.callback(dev.reset)  # the stack runs it first
-            self.devices.clear()
+            for uri in list(self.devices if uris is None else uris):
+                dev = self.devices.pop(uri, None)
+                if dev is not None:
+                    stack.callback(dev.close)
+                    stack.callback(dev.reset)  # the stack runs it first
 
 
 def _holder(uri: str, refusal: str) -> str:
@@ -220,7 +251,8 @@ def _holder(uri: str, refusal: str) -> str:
 @pytest.fixture(scope="session")
 def _xbar_lab_boards(pytestconfig: pytest.Config) -> Iterator[_LabBoards]:
     wait = pytestconfig.getoption("--xbar-board-wait")
-    boards = _LabBoards(_wait_seconds(str(pytestconfig.getini("xbar_board_wait"))) if wait is None else wait)
+    wait_s = _wait_seconds(str(pytestconfig.getini("xbar_board_wait"))) if wait is None else wait
+    boards = _LabBoards(wait_s, _hold(pytestconfig))
     try:
         yield boards
     finally:
@@ -235,25 +267,56 @@ def _fresh(dev: Device) -> None:
     dev.safe_state()
 
 
+@pytest.fixture(scope="module")
+def _xbar_lab_module(_xbar_lab_boards: _LabBoards) -> Iterator[_LabBoards]:
+    """--xbar-board-hold module: the module's lab boards given back when its tests are done
+    at the latest (a test that is the module's last user gives them back sooner)."""
+    yield _xbar_lab_boards
+    if _xbar_lab_boards.hold == "module":
+        _xbar_lab_boards.close()
+
+
+def _uses_board(item: pytest.Item) -> bool:
+    return "_xbar_board_for" in getattr(item, "fixturenames", ())
+
+
+def _last_user_in_module(node: pytest.Item) -> bool:
+    """Whether no test after `node` in its module (in this session's order) uses a board fixture."""
+    items = node.session.items
+    try:
+        later = items[items.index(node) + 1 :]
+    except ValueError:
+        return False
+    return not any(_uses_board(it) for it in later if it.path == node.path)
+
+
 @pytest.fixture
-def _xbar_board_for(_xbar_lab_boards: _LabBoards) -> Iterator[Callable[[str], str | Device]]:
+def _xbar_board_for(
+    request: pytest.FixtureRequest, _xbar_lab_module: _LabBoards
+) -> Iterator[Callable[[str], str | Device]]:
     """Factory: the board a fixture serves for `uri` in this test: the URI itself for an
     emulator:// board (each fixture starts its own), the session's device, lent, for a lab
-    board, reset when this test first uses it and again when the test ends."""
-    used: list[Device] = []
+    board, reset when this test first uses it and again when the test ends, then given back
+    if --xbar-board-hold says so (test; module: after the module's last test that uses it)."""
+    boards = _xbar_lab_module
+    used: dict[str, Device] = {}
 
     def board_for(uri: str) -> str | Device:
         if not _is_lab(uri):
             return uri
-        dev = _xbar_lab_boards.take(uri)
-        if dev not in used:
+        dev = boards.take(uri)
+        if uri not in used:
             _fresh(dev)
-            used.append(dev)
+            used[uri] = dev
         return lend(dev)
 
     yield board_for
-    for dev in used:
-        _fresh(dev)
+    try:
+        for dev in used.values():
+            _fresh(dev)
+    finally:
+        if boards.hold == "test" or (boards.hold == "module" and _last_user_in_module(request.node)):
+            boards.close(used)
 
 
 @pytest.fixture

@@ -387,3 +387,71 @@ def test_an_emulator_uri_in_capitals_is_the_emulator_not_a_lab_board(tmp_path: P
     code, out = _finish(_pytest(tmp_path, "-v", "--xbar-board", "EMULATOR://?preset=pcm&seed=1"))
     assert code == 0, out
     assert "6 passed" in out and "test_t[emulator]" in out, out
+
+
+HOLD_SUITE = {
+    "test_m1.py": """
+import pathlib
+import time
+
+from drivers import Topology
+
+
+def test_a_uses_the_board(device_on):
+    device_on("visa-tcp").configure(Topology.layered([3, 2]))
+
+
+def test_b_needs_no_board():
+    pathlib.Path("free").write_text("")
+    deadline = time.monotonic() + 60
+    while not pathlib.Path("done").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+""",
+    "test_m2.py": """
+def test_c_takes_it_again(device_on):
+    assert not device_on("emulator").status().configured
+""",
+}
+
+
+@pytest.mark.parametrize("hold", ["test", "module", "ini test", "session"])
+def test_the_hold_option_gives_a_lab_board_back_between_the_tests_that_use_it(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers], hold: str
+) -> None:
+    """A lab board was locked for the whole session, also while tests that do not use it ran,
+    and colleagues were refused. With --xbar-board-hold test (or module) it is given back,
+    reset, once the last test (of the module) that uses it is done, and taken again by the
+    next one: another client takes the board while a board-free test runs."""
+    from drivers.errors import BoardLocked
+
+    lab = _lab_board(emulated_board)
+    for name, text in HOLD_SUITE.items():
+        (tmp_path / name).write_text(text)
+    if hold.startswith("ini "):
+        (tmp_path / "pytest.ini").write_text(f"[pytest]\nxbar_board_hold = {hold[4:]}\n")
+        proc = _pytest(tmp_path, "test_m2.py", "--xbar-board", lab, name="test_m1.py")
+    else:
+        proc = _pytest(
+            tmp_path, "test_m2.py", "--xbar-board", lab, "--xbar-board-hold", hold, name="test_m1.py"
+        )
+    try:
+        _wait_for(tmp_path / "free", proc)
+        if hold == "session":
+            with pytest.raises(BoardLocked):
+                open_device(lab)
+        else:
+            with open_device(lab) as colleague:  # taken at once: the board is free
+                assert not colleague.status().configured  # and given back reset
+    finally:
+        (tmp_path / "done").write_text("")
+    code, out = _finish(proc)
+    assert code == 0 and "3 passed" in out, out
+
+
+def test_the_hold_is_in_the_help_and_a_bad_ini_hold_is_a_usage_error(tmp_path: Path) -> None:
+    code, out = _finish(_pytest(tmp_path, "--help"))
+    assert code == 0 and "--xbar-board-hold" in out and "--xbar-board-hold says" in out, out
+    (tmp_path / "test_user.py").write_text("def test_x():\n    pass\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nxbar_board_hold = forever\n")
+    code, out = _finish(_pytest(tmp_path))
+    assert code == pytest.ExitCode.USAGE_ERROR and "xbar_board_hold" in out and "'forever'" in out, out
