@@ -183,12 +183,35 @@ class _LabBoards:
         self.hold = hold
         self.devices: dict[str, Device] = {}
         self.refused: dict[str, str] = {}
+        self._term: contextlib.ExitStack | None = None  # SIGTERM taken as Ctrl-C while a board is held
+
+    def _hold_signals(self) -> None:
+        """While this session holds a lab board, SIGTERM (a CI job cancelled, `timeout`) is
+        Ctrl-C (`hil.cli.common.sigterm_as_interrupt`): pytest stops, the fixtures' teardown and
+        `close` give the board back reset and safe at once, where the default action killed the
+        process and left the board configured and locked until its lease lapsed. The previous
+        handler comes back when no board is held (a SIGTERM received leaves it ignored for the
+        clean-up that follows)."""
+        if self._term is None:
+            from hil.cli.common import sigterm_as_interrupt
+
+            self._term = contextlib.ExitStack()
+            self._term.enter_context(sigterm_as_interrupt())
+
+    def _release_signals(self) -> None:
+        if self._term is not None and not self.devices:
+            term, self._term = self._term, None
+            term.close()
 
     def take(self, uri: str) -> Device:
         if uri in self.refused:
             pytest.fail(self.refused[uri], pytrace=False)
         if uri not in self.devices:
-            self.devices[uri] = self._open(uri)
+            self._hold_signals()
+            try:
+                self.devices[uri] = self._open(uri)
+            finally:
+                self._release_signals()
         return self.devices[uri]
 
     def _open(self, uri: str) -> Device:
@@ -222,6 +245,7 @@ class _LabBoards:
         then closed: the safe state, then the lock given back; one that fails does not keep
         the others. A board closed is taken again by the next test that needs it."""
         with contextlib.ExitStack() as stack:
+            stack.callback(self._release_signals)  # run last: once the boards are given back
             for uri in list(self.devices if uris is None else uris):
                 dev = self.devices.pop(uri, None)
                 if dev is not None:

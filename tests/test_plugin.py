@@ -455,3 +455,43 @@ def test_the_hold_is_in_the_help_and_a_bad_ini_hold_is_a_usage_error(tmp_path: P
     (tmp_path / "pytest.ini").write_text("[pytest]\nxbar_board_hold = forever\n")
     code, out = _finish(_pytest(tmp_path))
     assert code == pytest.ExitCode.USAGE_ERROR and "xbar_board_hold" in out and "'forever'" in out, out
+
+
+SIGTERM_SUITE = """
+import pathlib
+import time
+
+from drivers import Topology
+
+
+def test_runs_long(device_on):
+    device_on("visa-tcp").configure(Topology.layered([3, 2]))
+    pathlib.Path("started").write_text("")
+    time.sleep(60)
+"""
+
+
+def test_sigterm_gives_a_lab_board_back_as_ctrl_c_does(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """SIGTERM (a CI job cancelled, `timeout`) killed pytest with no teardown: the board stayed
+    configured and locked until its lease lapsed. It is Ctrl-C now while a lab board is held:
+    the teardown resets the board, its safe state is applied and the lock released at once."""
+    import signal
+
+    s = emulated_board("emulator://?preset=ideal&seed=0")
+    lab = s.uri("visa-tcp")
+    calls: list[float] = []
+    inner = s.device.safe_state
+    s.device.safe_state = lambda: (calls.append(time.monotonic()), inner())[1]  # type: ignore[method-assign]
+    (tmp_path / "test_user.py").write_text(SIGTERM_SUITE)
+    proc = _pytest(tmp_path, "--xbar-board", lab)
+    _wait_for(tmp_path / "started", proc)
+    n_before = len(calls)
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    assert code == pytest.ExitCode.INTERRUPTED and "KeyboardInterrupt" in out, out
+    assert len(calls) > n_before, "no SAFE_STATE reached the board"
+    assert s.lock is not None and s.lock.owner_gone == 0, "the board found its owner gone"
+    with open_device(lab) as dev:  # not locked: released at once, not at the lease's end
+        assert not dev.status().configured
