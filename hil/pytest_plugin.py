@@ -269,6 +269,12 @@ def _holder(uri: str, refusal: str) -> str:
     if owner is None or owner.token is None:
         return f"another session or host ({refusal}; it has let go since)"
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(owner.since)) if owner.since else "?"
+    if owner.lapses_in is not None:  # no connection presents the token: the lease runs out
+        lapses = math.ceil(owner.lapses_in)
+        return (
+            f"{owner.token!r} since {since}, but the owner is gone (no connection presents its token); "
+            f"the lock lapses in ~{lapses} s: --xbar-board-wait {lapses + 1} (or more) takes the board then"
+        )
     return f"{owner.token!r} (another test session or host) since {since}"
 
 

@@ -495,3 +495,21 @@ def test_sigterm_gives_a_lab_board_back_as_ctrl_c_does(
     assert s.lock is not None and s.lock.owner_gone == 0, "the board found its owner gone"
     with open_device(lab) as dev:  # not locked: released at once, not at the lease's end
         assert not dev.status().configured
+
+
+def test_a_board_whose_owner_is_gone_says_when_the_lock_lapses(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """The refusal named the owner but not that it was gone with its lock lapsing soon: it
+    says so, in how many seconds, and the wait that would take the board then."""
+    from tests.raw_scpi import RawScpi
+
+    s = emulated_board("emulator://?preset=ideal&seed=0")
+    with RawScpi(s.uris["visa-tcp"]) as gone:  # a host that took the board and vanished
+        gone.query('SYST:LOCK:ACQ? "gone-host",30')
+    (tmp_path / "test_user.py").write_text("def test_x(device_on):\n    device_on('emulator')\n")
+    code, out = _finish(_pytest(tmp_path, "--xbar-board", s.uri("visa-tcp"), "-rN"))
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "'gone-host'" in out and "the owner is gone" in out and "the lock lapses in ~" in out, out
+    lapses = int(out.split("the lock lapses in ~", 1)[1].split(" ", 1)[0])
+    assert 20 < lapses <= 30 and f"--xbar-board-wait {lapses + 1}" in out, out
