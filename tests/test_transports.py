@@ -287,7 +287,7 @@ def test_cli_serves_on_every_transport() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
-    assert proc.returncode == 0
+    assert proc.returncode == 143  # README: 128 + SIGTERM, after a clean stop (it was 0)
 
 
 def test_cli_serve_stops_on_sigint_even_when_started_with_it_ignored_and_counts_frame_faults() -> None:
@@ -312,7 +312,7 @@ def test_cli_serve_stops_on_sigint_even_when_started_with_it_ignored_and_counts_
         _, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # README: 128 + SIGINT, after a clean stop (it was 0)
     line = next(x for x in err.splitlines() if x.startswith("frame faults injected (framed links): "))
     counts = ast.literal_eval(line.split(": ", 1)[1])  # the printed dict
     assert counts["corrupt"] > 0 and counts["drop"] == 0, line

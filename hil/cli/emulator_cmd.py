@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from drivers.capabilities import CAPABILITIES
+from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT
 
 if TYPE_CHECKING:
     from drivers.base import DeviceInfo
@@ -125,7 +126,7 @@ def register(app: typer.Typer) -> None:
             help="Close a TCP connection with no byte in or out for this many seconds (0: never).",
         ),
     ) -> None:
-        """Serve one emulated board until Ctrl-C (SIGINT) or SIGTERM, printing the device URIs
+        """Serve one emulated board until Ctrl-C (SIGINT, exit code 130) or SIGTERM (143), printing the device URIs
         to connect with (`visa://RESOURCE` for pyvisa: drop `visa://`; `serial://PORT` and
         `serial+socket://HOST:PORT` for the framed protocol: drop the scheme).
 
@@ -181,6 +182,9 @@ def register(app: typer.Typer) -> None:
         for what, uri in resource_lines(served.uris):
             typer.echo(f"{what:<26}{uri}")
         typer.echo("Ctrl-C (SIGINT) or SIGTERM stops the servers.", err=True)
+        # exit codes as every command's (README "Scripts and CI"): 143 after SIGTERM, 130 after
+        # Ctrl-C, once the servers are stopped and the board is safe
+        code = [SIGTERM_EXIT]
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         # a job a non-interactive shell starts in the background inherits SIGINT ignored
         # (`hil emulator serve &` in CI): `kill -INT` must stop it as Ctrl-C does
@@ -189,12 +193,13 @@ def register(app: typer.Typer) -> None:
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
-            pass
+            code = [SIGINT_EXIT]
         finally:
             served.close()  # the servers stop, the board goes to its safe state and closes
             if plan.active:
                 typer.echo(f"faults injected: {plan.summary()}", err=True)
             if corrupt_rate or drop_rate:
                 typer.echo(f"frame faults injected (framed links): {served.framed.frame_faults()}", err=True)
+        raise typer.Exit(code[0])
 
     app.add_typer(emulator_app, name="emulator")
