@@ -212,6 +212,7 @@ def test_board_uri_takes_capabilities_and_settings() -> None:
         board_uri("rram", 0, "relax")
     with open_device(uri) as dev:
         assert banner(dev.info).endswith("(preset rram, seed 2, capabilities mvm,pulse)")
+        assert banner(dev.info, lock=True).endswith("(preset rram, seed 2, capabilities mvm,pulse,lock)")
 
 
 def test_serve_declares_the_capabilities_it_was_given() -> None:
@@ -229,7 +230,8 @@ def test_serve_declares_the_capabilities_it_was_given() -> None:
             if not line:
                 break
             lines.append(line.strip())
-        assert lines and "capabilities mvm,program_verify" in lines[0], (lines, proc.stderr)
+        # the banner lists what a client sees: lock (the server's) was left out
+        assert lines and lines[0].endswith("capabilities mvm,program_verify,lock)"), (lines, proc.stderr)
         uri = next(line.split()[-1] for line in lines if line.startswith("SCPI over TCP"))
         with open_device(uri) as dev:
             assert dev.info.capabilities == {"mvm", "program_verify", "lock"}  # lock: the server's

@@ -36,9 +36,15 @@ def board_uri(preset: str, seed: int, capabilities: str | None = None, sets: lis
     return replace_params("emulator://", **params)
 
 
-def banner(info: DeviceInfo) -> str:
-    """The first line `serve` prints: the board's identity, preset, seed and capabilities."""
-    caps = ",".join(c for c in CAPABILITIES if c in info.capabilities) or "none"
+def banner(info: DeviceInfo, lock: bool = False) -> str:
+    """The first line `serve` prints: the board's identity, preset, seed and capabilities as a
+    client sees them (`hil info`): the board's, in CAPABILITIES' order then any others, and
+    ``lock`` where the servers give the board an owner (`lock`), which CAPABILITIES lacks."""
+    from drivers.wire.payload import LOCK_CAPABILITY
+
+    declared = set(info.capabilities) - {LOCK_CAPABILITY}
+    ordered = [c for c in CAPABILITIES if c in declared] + sorted(declared - set(CAPABILITIES))
+    caps = ",".join(ordered + [LOCK_CAPABILITY] * lock) or "none"
     return (
         f"board  {info.identity.idn()}  (preset {info.preset}, seed {info.extra.get('seed')}, "
         f"capabilities {caps})"
@@ -178,7 +184,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: cannot serve: {exc}", err=True)
             raise typer.Exit(2) from None
         stop = threading.Event()
-        typer.echo(banner(device.info))
+        typer.echo(banner(device.info, lock=served.lock is not None))
         for what, uri in resource_lines(served.uris):
             typer.echo(f"{what:<26}{uri}")
         typer.echo("Ctrl-C (SIGINT) or SIGTERM stops the servers.", err=True)
