@@ -482,3 +482,15 @@ def test_line_current_check_skips_without_a_limit_and_where_no_tile_can_exceed_i
     report = run_conformance(Undeclared(open_device(FULL)))
     check = next(c for c in report.checks if c.operation == "line current limit")
     assert check.status == "SKIP" and "not declared" in check.spec
+
+
+def test_readme_lists_the_json_keys_of_hil_conformance() -> None:
+    """README "Scripts and CI" lists each --json's stable keys; conformance's were missing."""
+    from hil.conformance.report import Check, Report
+
+    report = Report("emulator://", "x", [Check("idn", "PASS", "*IDN?", "x", "4 fields")], 1.0)
+    data = json.loads(report.to_json())
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listed = readme.split("`hil conformance` (", 1)[1].split("), `hil gradcheck`", 1)[0]
+    names = set(re.findall(r"`(\w+)`", listed)) - {"PASS", "FAIL", "SKIP"}
+    assert names == set(data) | set(data["checks"][0]), listed
