@@ -381,3 +381,25 @@ def test_unreachable_board_gives_a_device_error_naming_it(scheme: str) -> None:
     )
     with pytest.raises(DeviceError, match=str(port)):
         open_device(uri)
+
+
+def test_cli_serve_json_prints_one_object_with_its_uris() -> None:
+    """`hil emulator serve --json`: one JSON line a CI script reads (URIs by transport)."""
+    import json
+
+    cmd = [sys.executable, "-c", "from hil.cli import main; main()", "emulator", "serve", "--json"]
+    cmd += ["--preset", "ideal", "--seed", "3", "--scpi-port", "0", "--serial-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        served = json.loads(proc.stdout.readline())
+        assert sorted(served["uris"]) == ["serial-socket", "visa-tcp"], served
+        assert served["preset"] == "ideal" and served["seed"] == 3 and "lock" in served["capabilities"]
+        for uri in served["uris"].values():
+            with open_device(uri) as dev:
+                assert dev.info.identity.idn() == served["identity"]
+                assert sorted(dev.info.capabilities) == sorted(served["capabilities"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 143 and proc.stdout.read() == ""  # one line, nothing else

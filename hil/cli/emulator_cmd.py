@@ -36,18 +36,41 @@ def board_uri(preset: str, seed: int, capabilities: str | None = None, sets: lis
     return replace_params("emulator://", **params)
 
 
-def banner(info: DeviceInfo, lock: bool = False) -> str:
-    """The first line `serve` prints: the board's identity, preset, seed and capabilities as a
-    client sees them (`hil info`): the board's, in CAPABILITIES' order then any others, and
-    ``lock`` where the servers give the board an owner (`lock`), which CAPABILITIES lacks."""
+def served_capabilities(info: DeviceInfo, lock: bool = False) -> list[str]:
+    """The board's capabilities as a client of its servers sees them: the board's, in
+    CAPABILITIES' order then any others, and ``lock`` where the servers give it an owner."""
     from drivers.wire.payload import LOCK_CAPABILITY
 
     declared = set(info.capabilities) - {LOCK_CAPABILITY}
     ordered = [c for c in CAPABILITIES if c in declared] + sorted(declared - set(CAPABILITIES))
-    caps = ",".join(ordered + [LOCK_CAPABILITY] * lock) or "none"
+    return ordered + [LOCK_CAPABILITY] * lock
+
+
+def banner(info: DeviceInfo, lock: bool = False) -> str:
+    """The first line `serve` prints: the board's identity, preset, seed and capabilities as a
+    client sees them (`hil info`): the board's, in CAPABILITIES' order then any others, and
+    ``lock`` where the servers give the board an owner (`lock`), which CAPABILITIES lacks."""
+    caps = ",".join(served_capabilities(info, lock)) or "none"
     return (
         f"board  {info.identity.idn()}  (preset {info.preset}, seed {info.extra.get('seed')}, "
         f"capabilities {caps})"
+    )
+
+
+def served_json(info: DeviceInfo, uris: dict[str, str], lock: bool = False) -> str:
+    """`serve --json`'s line: ``identity`` (the *IDN? reply), ``preset``, ``seed``,
+    ``capabilities`` (as the banner lists them) and ``uris``, the device URI of each transport
+    served (keys as in `hil.testing.TRANSPORTS`: visa-tcp, visa-asrl, serial-pty, serial-socket)."""
+    import json
+
+    return json.dumps(
+        {
+            "identity": info.identity.idn(),
+            "preset": info.preset,
+            "seed": info.extra.get("seed"),
+            "capabilities": served_capabilities(info, lock),
+            "uris": {t: uris[t] for t in ENDPOINT_NAMES if t in uris},
+        }
     )
 
 
@@ -126,6 +149,13 @@ def register(app: typer.Typer) -> None:
         max_connections: int = typer.Option(
             16, min=1, max=1024, help="TCP connections each server admits at a time; one more is refused."
         ),
+        as_json: bool = typer.Option(
+            False,
+            "--json",
+            help="Print one JSON object on one line instead of the text lines, for scripts: identity, preset, "
+            "seed, capabilities and uris (device URI by transport: visa-tcp, visa-asrl, serial-pty, "
+            "serial-socket, those served).",
+        ),
         idle_timeout: float = typer.Option(
             3600.0,
             min=0.0,
@@ -184,9 +214,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: cannot serve: {exc}", err=True)
             raise typer.Exit(2) from None
         stop = threading.Event()
-        typer.echo(banner(device.info, lock=served.lock is not None))
-        for what, uri in resource_lines(served.uris):
-            typer.echo(f"{what:<26}{uri}")
+        if as_json:
+            typer.echo(served_json(device.info, served.uris, lock=served.lock is not None))
+        else:
+            typer.echo(banner(device.info, lock=served.lock is not None))
+            for what, uri in resource_lines(served.uris):
+                typer.echo(f"{what:<26}{uri}")
         typer.echo("Ctrl-C (SIGINT) or SIGTERM stops the servers.", err=True)
         # exit codes as every command's (README "Scripts and CI"): 143 after SIGTERM, 130 after
         # Ctrl-C, once the servers are stopped and the board is safe
