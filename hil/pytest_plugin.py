@@ -173,7 +173,9 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
 class _LabBoards:
     """The lab boards (URIs other than emulator://) this session holds: each opened once, when
     a test first needs it, taking the board's lock (docs/protocol.md, "Ownership") with one
-    token for the whole session; every fixture of every test is lent that one device. A board
+    token, held as `hold` (--xbar-board-hold) says: the whole session, or until `close(uris)`
+    after a module's or a test's last use, then taken again with a new token by the next test
+    that needs it; every fixture of a test is lent that one device. A board
     another session holds is waited for up to `wait_s` (--xbar-board-wait), then refused once
     for the session (each test that needs it fails with the same message, without waiting
     again). Closed, with the safe state and the lock given back, when the session ends."""
