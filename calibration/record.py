@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,8 +320,40 @@ def board_fingerprint(info: DeviceInfo) -> str:
 
 
 def write(record: CalibrationRecord, path: str | Path) -> Path:
-    """Write `record` to a new Zarr store at `path` (an existing store there is replaced)."""
+    """Write `record` to a new Zarr store at `path` (an existing store there is replaced).
+
+    Atomic: the store is written to a temporary store beside `path` (``.NAME.tmp-PID``) and
+    renamed into place only once complete, so an interrupted write (Ctrl-C, SIGTERM, a full
+    disk) leaves whatever was at `path` before, untouched, and no half-written record."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for stale in (tmp, old):
+        _remove(stale)
+    try:
+        _write_store(record, tmp)
+        if path.is_dir() and not path.is_symlink():
+            os.replace(path, old)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # interrupted between the two renames: put the old one back
+        raise
+    _remove(old)
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write_store(record: CalibrationRecord, path: Path) -> None:
     root = zarr.open_group(str(path), mode="w")
     root.attrs.update(
         {
@@ -350,7 +384,6 @@ def write(record: CalibrationRecord, path: str | Path) -> Path:
                 _write_section(g.create_group(name), part)
     if record.settle is not None:
         _write_section(root.create_group("settle"), record.settle)
-    return path
 
 
 def load(
@@ -381,6 +414,25 @@ def load(
             f"{str(path)!r} has record format version {version}; this toolkit reads up to "
             f"{FORMAT_VERSION}: upgrade xbar-hil"
         )
+    try:
+        return _read_record(root, attrs, version, identity, board)
+    except CalibrationError:
+        raise
+    except (TypeError, KeyError, ValueError, OSError) as exc:
+        raise CalibrationError(
+            f"{str(path)!r} is a damaged calibration record (a section is missing or incomplete, as "
+            f"when its write was interrupted: {type(exc).__name__}: {exc}); rerun the session with "
+            f"`hil calibrate URI --out {path} --overwrite`"
+        ) from None
+
+
+def _read_record(
+    root: zarr.Group,
+    attrs: dict[str, Any],
+    version: int,
+    identity: Identity | None,
+    board: DeviceInfo | None,
+) -> CalibrationRecord:
     converters = {}
     if "converters" in root:
         for name, g in root["converters"].groups():

@@ -27,7 +27,12 @@ if TYPE_CHECKING:
 DEFAULT_CHANNELS = 512
 
 _OUT = typer.Option(Path("cal.zarr"), "--out", help="Calibration record (Zarr store) to write.")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing record at --out (and its PNG).")
+_OVERWRITE = typer.Option(
+    False,
+    "--overwrite",
+    help="Replace an existing record at --out (and its PNG pages) once the new one is complete; a "
+    "session stopped part-way writes its partial record beside it (NAME.partial.zarr).",
+)
 _PNG = typer.Option(
     None,
     help="PNG report path (default: next to --out, .png); a record of several tiles adds a page per "
@@ -128,23 +133,48 @@ def _rerun(uri: str, out: Path, tiles: str | None, channels: int | None, routine
     return shlex.join(words)
 
 
-def _keep_partial(stopped: list[CalibrationRecord], out: Path) -> str:
-    """Write the record of a stopped session's finished routines to `out` (marked partial);
-    say where it is, or why there is none."""
+def _partial_path(out: Path) -> Path:
+    """Where a stopped session's partial record goes when `out` holds a record already
+    (`--overwrite`): beside it, so the complete record is not replaced by a partial one."""
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
+def _stale_pages(first: Path) -> list[Path]:
+    """Every report page of `first` on disk: `first` and its NAME-tileK.png pages."""
+    pages = [first] if first.exists() else []
+    return pages + sorted(first.parent.glob(f"{first.stem}-tile*{first.suffix}"))
+
+
+def _remove_pages(first: Path) -> None:
+    for page in _stale_pages(first):
+        page.unlink(missing_ok=True)
+
+
+def _keep_partial(stopped: list[CalibrationRecord], out: Path, image: Path) -> str:
+    """Write the record of a stopped session's finished routines (marked partial) to `out`,
+    or beside it where `out` holds a record already (which is kept, with its report); say
+    where it is, or why there is none. A report left at `image` that described another
+    record goes."""
     from calibration import write
 
     if not stopped:
-        return "no routine had finished: no record written"
+        kept = f"; the record already at {out} is kept" if out.exists() else ""
+        return f"no routine had finished: no record written{kept}"
     record = stopped[-1]
     done = ", ".join(record.routines) or "no whole routine"
+    target = _partial_path(out) if out.exists() else out
     try:
-        write(record, out)
+        write(record, target)
     except OSError as exc:
-        return f"the finished routines ({done}) could not be written to {out}: {exc}"
+        return f"the finished routines ({done}) could not be written to {target}: {exc}"
+    if target == out:
+        _remove_pages(image)  # they described a record no longer here
+    kept = f"; the complete record at {out} and its report are kept" if target != out else ""
     return (
         f"the record of the routines that finished ({done}; stopped in "
-        f"{record.session.get('stopped_in') or 'between routines'}) is at {out}, marked partial "
-        "(its attribute partial is true); run `hil calibrate` again with --overwrite for a whole one"
+        f"{record.session.get('stopped_in') or 'between routines'}) is at {target}, marked partial "
+        f"(its attribute partial is true){kept}; run `hil calibrate` again with --overwrite for a "
+        "whole one"
     )
 
 
@@ -319,15 +349,30 @@ def register(app: typer.Typer) -> None:
                 record = run_session(dev, options, bars, partial=stopped.append)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM taken as one: the board is in its safe state
             bars.close()
-            typer.echo(f"interrupted: {_keep_partial(stopped, out)}", err=True)
+            typer.echo(f"interrupted: {_keep_partial(stopped, out, image_path)}", err=True)
             raise
         except user_errors() as exc:
             bars.close()
-            kept = f"; {_keep_partial(stopped, out)}" if stopped else ""
+            kept = f"; {_keep_partial(stopped, out, image_path)}" if stopped else ""
             raise fail(f"{exc}{kept}") from None
         bars.close()
-        write(record, out)
+        try:
+            write(record, out)  # atomic: an interrupted write leaves what was at `out` before
+        except KeyboardInterrupt:
+            was = f"the record already at {out} is kept" if out.exists() else "no record written"
+            typer.echo(f"interrupted while writing the record to {out}: {was}", err=True)
+            raise
         typer.echo(summary(record))
         typer.echo(f"record    {out}")
-        drawn = [plot(record, page, tile=k) for k, page in enumerate(pages)]
+        try:
+            _remove_pages(image_path)  # the old report (and its extra tile pages) describe another record
+            drawn = [plot(record, page, tile=k) for k, page in enumerate(pages)]
+        except KeyboardInterrupt:
+            _remove_pages(image_path)
+            typer.echo(
+                f"interrupted while drawing the report: the record at {out} is complete; no report "
+                "written (calibration.report.plot draws it)",
+                err=True,
+            )
+            raise
         typer.echo(f"report    {', '.join(str(page) for page in drawn)}")
