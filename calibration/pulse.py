@@ -2,8 +2,10 @@
 
 The sequence, on all devices at once:
 
-1. bursts of `max_pulses` up-pulses until the reads stop moving: every device sits at its own
-   upper bound, read `plateau_reads` times -> g_hi;
+1. bursts of `SATURATE_BURST` up-pulses (in calls of at most the board's `max_pulses`) until
+   the reads stop moving: every device sits at its own upper bound, read `plateau_reads` times
+   -> g_hi; a plateau that does not hold within `max_bursts` bursts marks every device of the
+   tile invalid (`PulseData.plateau`), rather than fitting a window the devices never reached;
 2. one down-pulse: a device that falls most of its window in one pulse is one-sided (PCM: a
    negative count is a RESET, not a gradual step);
 3. two-sided: bursts of down-pulses to the lower plateau -> g_lo, a sweep of up-pulse chunks,
@@ -30,6 +32,10 @@ from drivers import Device
 from drivers.base import Limits
 
 PILOT = 3
+# pulses per device of one saturation burst, and the largest sweep chunk: whatever the board's
+# `max_pulses` (a board of small calls gets a burst in several calls, one of large calls no
+# more per burst than this), so the plateau test and the worst case do not depend on it
+SATURATE_BURST = 1000
 
 
 class PulseBudgetError(ValueError):
@@ -86,6 +92,7 @@ class PulseData:
     # from the two reads of every sweep point; None: the pooled `read_noise` everywhere
     read_noise_curve: tuple[np.ndarray, np.ndarray] | None = None
     pulses_per_device: int = 0  # pulses every device got (all calls pulse the whole tile)
+    plateau: bool = True  # every saturation's plateau held (False: the window was not reached)
 
     def read_var(self, g: np.ndarray) -> np.ndarray:
         """One read's noise variance at conductances `g` (S): the curve interpolated, held
@@ -110,14 +117,14 @@ def pulse_worst_case(
 ) -> int:
     """The most pulses any one device gets from `measure_pulse_response` on a board whose
     `pulse` call takes at most `max_pulses` per device: every `_saturate` running all its
-    `max_bursts` bursts of `max_pulses`, and every sweep chunk after the `PILOT` single pulses
-    sized `max_pulses` (devices that barely move). Two-sided boards (3 saturations, 1 probe,
-    2 sweeps) cost more than one-sided ones (1 saturation, probe, `reset_cycles` RESETs, 1
-    sweep). With the defaults and max_pulses 1000: 3 x 16 x 1000 + 1 + 2 x (3 + 197 x 1000)
-    = 442 007."""
-    sweep = min(chunks, PILOT) + max(chunks - PILOT, 0) * max_pulses
-    two_sided = 3 * max_bursts * max_pulses + 1 + 2 * sweep
-    one_sided = max_bursts * max_pulses + 1 + reset_cycles + sweep
+    `max_bursts` bursts of `SATURATE_BURST`, and every sweep chunk after the `PILOT` single
+    pulses sized `max_pulses`, at most `SATURATE_BURST` (devices that barely move). Two-sided
+    boards (3 saturations, 1 probe, 2 sweeps) cost more than one-sided ones (1 saturation,
+    probe, `reset_cycles` RESETs, 1 sweep). With the defaults and max_pulses 1000 or more:
+    3 x 16 x 1000 + 1 + 2 x (3 + 197 x 1000) = 442 007."""
+    sweep = min(chunks, PILOT) + max(chunks - PILOT, 0) * min(max_pulses, SATURATE_BURST)
+    two_sided = 3 * max_bursts * SATURATE_BURST + 1 + 2 * sweep
+    one_sided = max_bursts * SATURATE_BURST + 1 + reset_cycles + sweep
     return max(two_sided, one_sided)
 
 
@@ -126,6 +133,16 @@ def _pulse_all(device: Device, tile: str, shape: tuple[int, int], count: int, ta
     c = np.full(shape, count, np.int32)
     device.pulse(tile, c, c)
     tally[0] += abs(count)
+
+
+def _burst(device: Device, tile: str, shape: tuple[int, int], count: int, tally: list[int]) -> None:
+    """`count` pulses on every device of `tile`, in calls of at most the board's `max_pulses`."""
+    most = device.info.limits.max_pulses
+    left = abs(count)
+    while left > 0:
+        n = min(left, most)
+        _pulse_all(device, tile, shape, n if count > 0 else -n, tally)
+        left -= n
 
 
 def _flat(st: ReadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -141,24 +158,24 @@ def _saturate(
     max_bursts: int,
     working: np.ndarray,
     tally: list[int],
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pulse bursts in one direction until the plateau holds; returns (mean, se, bursts)."""
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Pulse bursts of `SATURATE_BURST` in one direction until the plateau holds; returns
+    (mean, se, bursts, held): `held` False when `max_bursts` bursts ended still moving."""
     lim = device.info.limits
     span = lim.g_max - lim.g_min
     prev = None
     bursts = 0
     while True:
-        _pulse_all(device, tile, shape, sign * lim.max_pulses, tally)
+        _burst(device, tile, shape, sign * SATURATE_BURST, tally)
         bursts += 1
         mean, se = _flat(read_stats(device, tile, reads))
         if prev is not None:
             tol = max(0.002 * span, 4.0 * float(np.median(se[working])) * np.sqrt(2.0))
             if np.percentile(np.abs(mean - prev)[working], 99) < tol:
-                break
+                return mean, se, bursts, True
         if bursts >= max_bursts:
-            break
+            return mean, se, bursts, False
         prev = mean
-    return mean, se, bursts
 
 
 def _sweep(
@@ -174,7 +191,7 @@ def _sweep(
     b_reads: int,
     tally: list[int],
 ) -> Sweep:
-    max_pulses = device.info.limits.max_pulses
+    max_pulses = min(device.info.limits.max_pulses, SATURATE_BURST)
     a0, b0 = _read2(device, tile, b_reads)
     a, b, sizes = [a0], [b0], []
     n = 1
@@ -226,7 +243,9 @@ def measure_pulse_response(
     working = np.ones(devices, bool) if stuck is None else ~np.asarray(stuck).reshape(-1)
     if not working.any():
         working = np.ones(devices, bool)
-    g_hi, g_hi_se, bursts = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working, tally)
+    g_hi, g_hi_se, bursts, held = _saturate(
+        device, tile, shape, +1, plateau_reads, max_bursts, working, tally
+    )
     progress("pulse", 1, 4)
     _pulse_all(device, tile, shape, -1, tally)
     probe, _ = _read2(device, tile)
@@ -254,13 +273,19 @@ def measure_pulse_response(
         span = float(np.median((g_hi - g_lo)[working]))
         up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads, tally)
     else:
-        g_lo, g_lo_se, b2 = _saturate(device, tile, shape, -1, plateau_reads, max_bursts, working, tally)
+        g_lo, g_lo_se, b2, held2 = _saturate(
+            device, tile, shape, -1, plateau_reads, max_bursts, working, tally
+        )
         bursts += b2
+        held &= held2
         progress("pulse", 2, 4)
         span = float(np.median((g_hi - g_lo)[working]))
         up = _sweep(device, tile, shape, +1, chunks, span, working, progress, "pulse up", b_reads, tally)
-        g_hi2, g_hi2_se, b3 = _saturate(device, tile, shape, +1, plateau_reads, max_bursts, working, tally)
+        g_hi2, g_hi2_se, b3, held3 = _saturate(
+            device, tile, shape, +1, plateau_reads, max_bursts, working, tally
+        )
         bursts += b3
+        held &= held3
         g_hi = 0.5 * (g_hi + g_hi2)
         g_hi_se = 0.5 * np.sqrt(g_hi_se**2 + g_hi2_se**2)
         progress("pulse", 3, 4)
@@ -288,6 +313,7 @@ def measure_pulse_response(
         bursts=bursts,
         read_noise_curve=curve,
         pulses_per_device=tally[0],
+        plateau=held,
     )
 
 

@@ -328,7 +328,12 @@ def fit_pulse_model(data: PulseData, stuck: np.ndarray | None, g_range: float, s
         "chunk_up": int(data.up.chunk.max()),
         "chunk_down": int(data.down.chunk.max()) if data.down is not None else 0,
         "plateau_bursts": data.bursts,
+        # False: a saturation ended still moving, so g_lo / g_hi are not the devices' window
+        # and every device is marked invalid
+        "plateau_held": data.plateau,
     }
+    if not data.plateau:
+        valid[:] = False
     raw_idx = np.sort(rng.choice(cand, min(RAW_DEVICES, cand.size), replace=False)) if cand.size else cand
     raw = {
         "device": raw_idx,

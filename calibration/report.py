@@ -96,6 +96,13 @@ def summary(record: CalibrationRecord) -> str:
                 f"window {s['g_min'] * 1e6:.3f}-{s['g_max'] * 1e6:.3f} uS, d2d {s['dw_min_dtod']:.2f}, "
                 f"c2c {s['dw_min_ctoc']:.2f}, per-device step se {s['dw_up_rel_se_median'] * 100:.1f} %"
             )
+            if s.get("plateau_held") is False:
+                lines.append(
+                    f"{'':<10} INVALID: the conductance did not plateau within {s['plateau_bursts']} bursts "
+                    "of pulses, so the window and steps above are not the devices': every device of "
+                    "this tile is marked invalid (rerun the pulse routine; a board of very fine "
+                    "steps needs more pulses than the routine's bursts give)"
+                )
     if record.settle is not None:
         s = record.settle.summary
         lines.append(

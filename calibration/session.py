@@ -119,21 +119,43 @@ class SessionOptions:
         else:
             budget, source = self.pulse_budget, "set by the session: --pulse-budget"
         endurance = limits.pulse_endurance
+        worst = self.pulse_worst_case(limits.max_pulses)
+        # the pulse routine's worst case is a property of the routine and the board: no budget
+        # within the declared endurance covers one above it; say so instead of a number to try
+        beyond = (
+            f"The pulse routine's worst case on this board is {worst} pulses per device, above "
+            f"its declared pulse_endurance of {endurance}: no budget the board allows covers it. "
+            "Leave pulse out of --routines (the other routines apply no pulses)"
+        )
         if endurance is not None and budget > endurance:
+            if worst > endurance:
+                advice = beyond
+            elif worst > default_pulse_budget(limits)[0]:
+                advice = (
+                    f"Give --pulse-budget from {worst} (the pulse routine's worst case on this board) to "
+                    f"{endurance} (the board's declared pulse_endurance)"
+                )
+            else:
+                advice = (
+                    f"Give --pulse-budget at most {endurance} (the board's declared pulse_endurance), "
+                    "or leave it out for the default (1 % of it)"
+                )
             raise PulseBudgetError(
                 f"the pulse budget of {budget} pulses per device ({source}) is above the board's "
                 f"declared pulse_endurance of {endurance} pulses per device over its life: nothing "
-                f"was run. Give --pulse-budget at most {endurance} (the board's declared "
-                "pulse_endurance), or leave it out for the default (1 % of it)"
+                f"was run. {advice}"
             )
-        worst = self.pulse_worst_case(limits.max_pulses)
         if worst > budget:
+            advice = (
+                beyond
+                if endurance is not None and worst > endurance
+                else f"Raise the budget (hil calibrate --pulse-budget {worst}, at most {PULSE_BUDGET_MAX}) "
+                "if the devices' endurance allows it, or leave the pulse routine out (--routines)"
+            )
             raise PulseBudgetError(
                 f"the pulse routine may apply up to {worst} pulses per device on this board "
                 f"(max_pulses {limits.max_pulses} per call, {self.pulse_chunks} sweep chunks), above "
-                f"the pulse budget of {budget} ({source}): nothing was run. Raise the budget "
-                f"(hil calibrate --pulse-budget {worst}, at most {PULSE_BUDGET_MAX}) if the devices' "
-                "endurance allows it, or leave the pulse routine out (--routines)"
+                f"the pulse budget of {budget} ({source}): nothing was run. {advice}"
             )
         return dataclasses.replace(self, pulse_budget=budget), source
 

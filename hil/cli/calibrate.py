@@ -249,7 +249,7 @@ def register(app: typer.Typer) -> None:
             runnable,
             write,
         )
-        from calibration.pulse import default_pulse_budget
+        from calibration.pulse import PulseBudgetError, default_pulse_budget
         from calibration.report import plot, summary
         from drivers import open_device
 
@@ -283,6 +283,7 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         bars = Bars() if show_progress(progress) else StageLines()
         stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
+        chosen: tuple[str, ...] = ()
         try:
             with open_device(uri) as dev:
                 if check is not None:
@@ -351,6 +352,15 @@ def register(app: typer.Typer) -> None:
             bars.close()
             typer.echo(f"interrupted: {_keep_partial(stopped, out, image_path)}", err=True)
             raise
+        except PulseBudgetError as exc:  # refused before anything ran: say the command that runs
+            bars.close()
+            rest = [r for r in chosen if r != "pulse"]
+            way = (
+                f"; `{_rerun(uri, out, tiles, channels, rest)}` runs the other routines"
+                if "pulse" in chosen and rest
+                else ""
+            )
+            raise fail(f"{exc}{way}") from None
         except user_errors() as exc:
             bars.close()
             kept = f"; {_keep_partial(stopped, out, image_path)}" if stopped else ""

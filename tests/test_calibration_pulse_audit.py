@@ -1,0 +1,81 @@
+"""The pulse routine on boards whose `pulse` call is small or large (`max_pulses`), and the
+pulse budget's refusals: what the audit of `hil calibrate` found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import calibration.pulse as pulse_mod
+from calibration import SessionOptions, run_session
+from calibration.pulse import PulseBudgetError, measure_pulse_response, pulse_worst_case
+from calibration.pulse_fit import fit_pulse_model
+from calibration.report import summary
+from calibration.session import tile_topology
+from drivers import open_device
+
+
+def test_a_board_of_small_pulse_calls_still_reaches_the_plateau() -> None:
+    """max_pulses 10: the saturation stopped after 16 calls of 10 pulses, far from the
+    plateau, and the fit took that for the window (g_lo 2.4 uS against 1.0, kind linear)."""
+    dev = open_device("emulator://?preset=rram&seed=0&max_pulses=10&wire_resistance=0")
+    record = run_session(
+        dev, SessionOptions(routines=("stuck", "pulse"), tile_shapes=((8, 8),), pulse_chunks=60)
+    )
+    pm = record.tiles[0].pulse
+    dev.configure(tile_topology([(8, 8)]))
+    truth = {k: v.numpy() for k, v in dev.board.tile("T0").truth().items()}  # type: ignore[attr-defined]
+    model = dev.board.preset.device  # type: ignore[attr-defined]
+    v = pm.valid & ~truth["stuck"]
+    span = model.g_max - model.g_min
+    assert pm.kind == model.kind and pm.summary["plateau_held"]
+    assert abs(float(np.mean(pm.g_lo[v] - truth["g_min"][v]))) <= 0.01 * span
+    assert abs(float(np.mean(pm.g_hi[v] - truth["g_max"][v]))) <= 0.01 * span
+    assert abs(float(np.mean(pm.dw_up[v])) / float(np.mean(truth["dw_up"][v])) - 1) <= 0.10
+
+
+def test_a_plateau_that_does_not_hold_marks_the_tile_invalid_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pulse_mod, "SATURATE_BURST", 2)  # far too few pulses to reach a bound
+    dev = open_device("emulator://?preset=rram&seed=0&wire_resistance=0")
+    dev.configure(tile_topology([(4, 4)]))
+    data = measure_pulse_response(dev, "T0", (4, 4), chunks=20, max_bursts=3)
+    assert not data.plateau
+    lim = dev.info.limits
+    pm = fit_pulse_model(data, None, lim.g_max - lim.g_min)
+    assert not pm.valid.any() and pm.summary["plateau_held"] is False
+    record = run_session(dev, SessionOptions(routines=("stuck",), tile_shapes=((4, 4),)))
+    record.tiles[0].pulse = pm
+    assert "INVALID: the conductance did not plateau" in summary(record)
+
+
+def test_the_worst_case_does_not_grow_with_the_boards_call_size() -> None:
+    """max_pulses 100000: the worst case was 44 200 007, over any budget allowed (10^6)."""
+    assert pulse_worst_case(100_000) == pulse_worst_case(1000) == 442_007
+    assert pulse_worst_case(10) < 442_007
+    dev = open_device("emulator://?preset=rram&seed=0&max_pulses=100000")
+    options = SessionOptions(routines=("pulse",), tile_shapes=((2, 2),), pulse_chunks=12)
+    record = run_session(dev, options)
+    assert record.session["pulses_per_device"]["max"] <= pulse_worst_case(100_000, chunks=12)
+
+
+def test_a_budget_over_a_short_endurance_names_the_way_out_not_a_circle(tmp_path) -> None:
+    """endurance 1000, --pulse-budget 500000: the advice was 'at most 1000, or the default',
+    both refused next (worst case 442007), whose refusal then suggested 442007 > 1000."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    uri = "emulator://?preset=rram&pulse_endurance=1000"
+    out = tmp_path / "cal.zarr"
+    for extra in (["--pulse-budget", "500000"], []):
+        result = CliRunner().invoke(app, ["calibrate", uri, "--out", str(out), "--no-progress", *extra])
+        assert result.exit_code == 2
+        text = " ".join(result.output.split())
+        assert "no budget the board allows covers it" in text, text
+        assert "--pulse-budget 442007" not in text and "at most 1000" not in text
+        assert "--routines adc,dac,mvm,stuck,gmap,settle` runs the other routines" in text
+    dev = open_device("emulator://?preset=rram&pulse_endurance=500000")  # room for the routine
+    with pytest.raises(PulseBudgetError, match=r"Give --pulse-budget from 442007 .* to 500000"):
+        run_session(dev, SessionOptions(routines=("pulse",), tile_shapes=((2, 2),), pulse_budget=10**6))
