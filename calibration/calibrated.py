@@ -147,9 +147,10 @@ class CalibratedDevice(DeviceWrapper):
         it corrects what its finished routines measured, and nothing the stopped one would have."""
         if not self.record.partial:
             return
-        stopped = self.record.session.get("stopped_in", "an unknown routine")
+        where = self.record.session.get("stopped_in", "an unknown routine")
+        stopped = "between routines" if where is None else f"in {where}"
         warnings.warn(
-            f"the calibration record is partial: its session stopped in {stopped}, and it holds "
+            f"the calibration record is partial: its session stopped {stopped}, and it holds "
             f"only the routines that had finished ({', '.join(self.record.routines) or 'none'}); "
             f"rerun `{self.rerun()}` for a whole record",
             stacklevel=4,

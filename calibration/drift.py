@@ -39,9 +39,21 @@ class DriftReport:
     recalibrate: bool
     reasons: list[str]
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a partial record (`CalibrationRecord.partial`): the routines its session was to run and
+    # never finished, which no check covers, and where it stopped (None: between routines)
+    unmeasured: tuple[str, ...] = ()
+    stopped_in: str | None = None
 
     def __str__(self) -> str:
-        head = "re-calibrate: " + "; ".join(self.reasons) if self.recalibrate else "calibration still holds"
+        held = "calibration still holds"
+        if self.unmeasured:
+            where = "between routines" if self.stopped_in is None else f"in {self.stopped_in}"
+            held += (
+                f" for what the record measured; the record is partial (its session stopped {where}): "
+                f"{', '.join(self.unmeasured)} never measured, so nothing of theirs is corrected or "
+                "checked (run `hil calibrate` again with --overwrite for a whole record)"
+            )
+        head = "re-calibrate: " + "; ".join(self.reasons) if self.recalibrate else held
         lines = [head]
         for name, c in self.checks.items():
             state = "DRIFTED" if c.get("drifted") else "not checked" if c.get("skipped") else "ok"
@@ -186,4 +198,9 @@ def drift_check(
         }
         if age > max_age_s:
             reasons.append(f"the record is {_duration(age)} old (limit {_duration(max_age_s)})")
-    return DriftReport(bool(reasons), reasons, checks)
+    unmeasured: tuple[str, ...] = ()
+    if record.partial:
+        planned = record.session.get("options", {}).get("routines", [])
+        unmeasured = tuple(str(r) for r in planned if r not in record.routines)
+    stopped = record.session.get("stopped_in")
+    return DriftReport(bool(reasons), reasons, checks, unmeasured, None if stopped is None else str(stopped))

@@ -293,6 +293,16 @@ def _unjson(value: Any) -> Any:
     return value
 
 
+def _session(stored: dict[str, Any]) -> dict[str, Any]:
+    """The session attribute read back: None is NaN in numbers (`_jsonable`), but the
+    ``stopped_in`` of a session stopped between routines is None, not NaN (which is truthy,
+    and read "stopped in nan")."""
+    session = _unjson(stored)
+    if "stopped_in" in stored and stored["stopped_in"] is None:
+        session["stopped_in"] = None
+    return session
+
+
 def _read_section(group: zarr.Group, cls: type) -> Any:
     attrs = dict(group.attrs)
     kwargs: dict[str, Any] = {}
@@ -455,7 +465,7 @@ def _read_record(
         converters=converters,
         tiles=tiles,
         settle=settle,
-        session=_unjson(attrs.get("session", {})),
+        session=_session(attrs.get("session", {})),
         version=version,
         fingerprint=str(attrs.get("fingerprint", "")),
         configuration=str(attrs.get("configuration", "")),

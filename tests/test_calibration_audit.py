@@ -158,3 +158,37 @@ def test_overwrite_with_fewer_tiles_removes_the_old_extra_pages(tmp_path: Path) 
     second = CliRunner().invoke(app, [*args, "--tiles", "8x8", "--overwrite"])
     assert second.exit_code == 0, second.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.png", "two.zarr"]
+
+
+# ---------------------------------------------------------- 6, 7, 8: partial records, --check
+
+
+def _partial(tmp_path: Path, stopped_in: str | None) -> Path:
+    record = _small_record(("stuck", "gmap"))
+    record.session["options"]["routines"] = ["stuck", "gmap", "pulse", "settle"]
+    record.session.update(partial=True, stopped_in=stopped_in)
+    return write(record, tmp_path / "cal.zarr")
+
+
+def test_check_of_a_partial_record_says_what_was_never_measured(tmp_path: Path) -> None:
+    out = _partial(tmp_path, "pulse[0]")
+    check = CliRunner().invoke(app, ["calibrate", BOARD, "--check", str(out)])
+    assert check.exit_code == 0, check.output
+    text = " ".join(check.output.split())
+    assert "calibration still holds for what the record measured; the record is partial (its session " in text
+    assert "stopped in pulse[0]): pulse, settle never measured" in text
+
+
+def test_a_record_stopped_between_routines_reloads_as_stopped_between_routines(tmp_path: Path) -> None:
+    """`stopped_in` None came back NaN (truthy): "stopped in nan"."""
+    from calibration import CalibratedDevice, drift_check
+    from drivers import Topology
+
+    out = _partial(tmp_path, None)
+    record = load(out)
+    assert record.session["stopped_in"] is None
+    assert "stopped in nan" not in str(drift_check(open_device(BOARD), record))
+    assert "stopped between routines" in str(drift_check(open_device(BOARD), record))
+    dev = open_device(BOARD)
+    with pytest.warns(UserWarning, match="its session stopped between routines"):
+        CalibratedDevice(dev, record).configure(Topology.layered([3, 4]))
