@@ -192,3 +192,29 @@ def test_a_record_stopped_between_routines_reloads_as_stopped_between_routines(t
     dev = open_device(BOARD)
     with pytest.warns(UserWarning, match="its session stopped between routines"):
         CalibratedDevice(dev, record).configure(Topology.layered([3, 4]))
+
+
+def test_check_refuses_every_option_of_a_new_session(tmp_path: Path) -> None:
+    """--tile-size, --reads, --pulse-budget (and --seed, --out, --png, --overwrite) were
+    silently ignored with --check."""
+    out = _partial(tmp_path, None)
+    args = [
+        "calibrate",
+        BOARD,
+        "--check",
+        str(out),
+        "--tile-size",
+        "8",
+        "--reads",
+        "4",
+        "--pulse-budget",
+        "10",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "which --tile-size, --reads, --pulse-budget do not change" in text, text
+    for option, value in (("--seed", "1"), ("--png", "x.png"), ("--overwrite", None), ("--out", "y.zarr")):
+        given = [option] if value is None else [option, value]
+        result = CliRunner().invoke(app, ["calibrate", BOARD, "--check", str(out), *given])
+        assert result.exit_code == 2 and f"which {option} do not change" in result.output

@@ -181,6 +181,7 @@ def _keep_partial(stopped: list[CalibrationRecord], out: Path, image: Path) -> s
 def register(app: typer.Typer) -> None:
     @app.command()
     def calibrate(
+        ctx: typer.Context,
         uri: str = typer.Argument(
             ..., help="Device URI: emulator://?preset=rram&seed=0, visa://..., serial://..."
         ),
@@ -254,8 +255,16 @@ def register(app: typer.Typer) -> None:
         from drivers import open_device
 
         if check is not None:
+            # every option of a new session: --check uses only the URI, --progress and --threads
+            session_only = (
+                "routines", "tiles", "tile_size", "channels", "reads", "seed", "pulse_budget", "out",
+                "png", "overwrite",
+            )  # fmt: skip
             unused = [
-                f"--{n}" for n, v in (("routines", routines), ("tiles", tiles), ("channels", channels)) if v
+                f"--{n.replace('_', '-')}"
+                for n in session_only
+                # typer carries its own copy of click: its ParameterSource, compared by name
+                if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") != "DEFAULT"
             ]
             if unused:
                 raise fail(
