@@ -77,10 +77,13 @@ class CalibratedDevice(DeviceWrapper):
             cal = self.record.converters.get(bank)
             if cal is not None and cal.channels < nodes:
                 groups = ", ".join(f"{g} {n}" for g, n in topology.groups.items())
+                # the network's tiles where the record corrects tiles: the record's own would
+                # leave this network's uncorrected, and a second session to follow
+                tiles = _tile_list(topology) if self._device_tiles() else None
                 raise CalibrationError(
                     f"this network has {nodes} node channels ({groups}); the calibration record "
                     f"covers {cal.channels} ({bank} channels 0..{cal.channels - 1}): rerun "
-                    f"`{self.rerun(channels=nodes)}` (or more channels)"
+                    f"`{self.rerun(tiles=tiles, channels=nodes)}` (or more channels)"
                 )
         if not self._told_uncorrected:
             self._told_uncorrected = True
@@ -120,7 +123,7 @@ class CalibratedDevice(DeviceWrapper):
         A record of the default session (one 64 x 64 tile) corrects no tile of the default
         64-256-10 network (65 x 256 and 257 x 10), so this names the session that would."""
         measured = self._device_tiles()
-        names = list(dict.fromkeys(c.tile for c in topology.couplings))
+        names = _tile_names(topology)
         shapes = [topology.tile_shape(name) for name in names]
         if not measured or tuple(shapes) in self._told_tiles:
             return
@@ -134,7 +137,7 @@ class CalibratedDevice(DeviceWrapper):
                 got = "x".join(str(n) for n in cal.shape)
                 unmatched.append(f"{name} {rows}x{cols} at position {k} (measured as {got})")
         if unmatched:
-            tiles = ",".join(f"{r}x{c}" for r, c in shapes)
+            tiles = _tile_list(topology)
             warnings.warn(
                 f"the calibration record has no device calibration for {'; '.join(unmatched)}: "
                 "programmed without stuck-device or window correction; rerun "
@@ -276,3 +279,13 @@ class CalibratedDevice(DeviceWrapper):
             fixed = {"step", "energy", *clamp}
             out_trace = {k: v if k in fixed else corr.states({k: v})[k] for k, v in out_trace.items()}
         return dataclasses.replace(eq, states=states, trace=out_trace)
+
+
+def _tile_names(topology: Topology) -> list[str]:
+    """The topology's tiles in the order of its couplings (a tile's position)."""
+    return list(dict.fromkeys(c.tile for c in topology.couplings))
+
+
+def _tile_list(topology: Topology) -> str:
+    """The topology's tiles as `hil calibrate --tiles` takes them: ROWSxCOLS,... by position."""
+    return ",".join("x".join(str(n) for n in topology.tile_shape(name)) for name in _tile_names(topology))

@@ -218,3 +218,24 @@ def test_check_refuses_every_option_of_a_new_session(tmp_path: Path) -> None:
         given = [option] if value is None else [option, value]
         result = CliRunner().invoke(app, ["calibrate", BOARD, "--check", str(out), *given])
         assert result.exit_code == 2 and f"which {option} do not change" in result.output
+
+
+# ------------------------------------------------------------ 9: training with a short record
+
+
+def test_too_few_channels_names_the_networks_tiles_the_first_time() -> None:
+    """The refusal named the record's tiles (`--tiles 4x4 --channels N`): following it, the next
+    configure warned that the network's own tiles were not calibrated, a second session."""
+    import numpy as np
+
+    from calibration import CalibratedDevice, ChannelCal
+    from drivers import Topology
+
+    record = _small_record(("stuck",))  # a 4 x 4 tile
+    ones, zeros = np.ones(4), np.zeros(4)
+    record.converters["dac"] = ChannelCal("dac", ones, zeros, zeros, zeros, ones > 0, 0.01, "V")
+    topology = Topology.layered([5, 6])
+    shape = "x".join(str(n) for n in topology.tile_shape(topology.couplings[0].tile))
+    dev = CalibratedDevice(open_device(BOARD), record, session="hil calibrate URI --out cal.zarr")
+    with pytest.raises(CalibrationError, match=rf"--overwrite --tiles {shape} --channels 11`"):
+        dev.configure(topology)
