@@ -329,7 +329,11 @@ def _run(
                     budget=options.pulse_budget,
                 )
                 pulses[name] = data.pulses_per_device
+                # a stage of its own: a progress display that times each stage from the end of the
+                # one before charged the fit (seconds, where the next stage took milliseconds) to it
+                progress("pulse fit", 0, 1)
                 tile.pulse = timed(f"pulse_fit[{k}]", fit_pulse_model, data, stuck, g_range, options.seed)
+                progress("pulse fit", 1, 1)
                 del data
     if "settle" in routines:
         record.settle = timed(
