@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,6 +132,12 @@ def _mean_trajectory(pm: PulseModel, device: int, start: float, chunks: np.ndarr
     return np.asarray(out)
 
 
+def _pair_axes(ax: Any, cols: int) -> None:
+    """Axes of a G+ | G- map drawn side by side: rows, columns of each half, a divider."""
+    ax.axvline(cols - 0.5, color="k", lw=1.5)
+    ax.set(ylabel="row", xlabel=f"column: G+ 0..{cols - 1} | G- {cols}..{2 * cols - 1} (G- column - {cols})")
+
+
 def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
     """Write the one-page PNG report: per-channel gain and offset, conductance and stuck maps,
     measured against fitted pulse responses, settle convergence."""
@@ -145,7 +152,8 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
     for name, cal in record.converters.items():
         ch = np.arange(cal.channels)
         v = cal.valid
-        label = BANK_TITLES[name]
+        # node channels (DAC, state ADC) and mvm output lines share the x axis: say which is which
+        label = f"{BANK_TITLES[name]} ({'output line' if name == 'mvm' else 'node channel'})"
         ax_gain.errorbar(
             ch[v], (cal.gain[v] - 1) * 100, yerr=cal.gain_se[v] * 100, fmt=".", ms=2, lw=0.5, label=label
         )
@@ -158,8 +166,9 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
             lw=0.5,
             label=label,
         )
-    ax_gain.set(title="per-channel gain error", xlabel="channel", ylabel="gain - 1 (%)")
-    ax_off.set(title="per-channel offset", xlabel="channel", ylabel="offset (LSB of its converter)")
+    xlabel = "node channel (DAC, state ADC) / output line (mvm ADC)"
+    ax_gain.set(title="per-channel gain error", xlabel=xlabel, ylabel="gain - 1 (%)")
+    ax_off.set(title="per-channel offset", xlabel=xlabel, ylabel="offset (LSB of its converter)")
     for ax in (ax_gain, ax_off):
         if record.converters:
             ax.legend(fontsize=8)
@@ -172,6 +181,7 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
         im = ax_map.imshow(np.hstack((gm.mean[0], gm.mean[1])) * 1e6, aspect="auto", cmap="viridis")
         fig.colorbar(im, ax=ax_map, label="uS")
         ax_map.set(title=f"conductance map, tile {tile}: G+ | G- (mean of {gm.reads} reads)")
+        _pair_axes(ax_map, gm.mean.shape[2])
         ax_noise.hist(gm.std.ravel() * 1e6, bins=60, color="tab:gray")
         pooled = gm.read_noise * 1e6
         ax_noise.axvline(pooled, color="k", ls="--", label=f"pooled {pooled:.4f} uS")
@@ -190,6 +200,7 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
         both = np.hstack((st.stuck[0], st.stuck[1]))
         ax_stuck.imshow(both, aspect="auto", cmap="Reds", interpolation="nearest")
         ax_stuck.set(title=f"stuck devices, tile {tile}: G+ | G- ({st.count})")
+        _pair_axes(ax_stuck, st.stuck.shape[2])
     if cal_tile is not None and cal_tile.pulse is not None:
         pm = cal_tile.pulse
         raw = pm.raw
@@ -206,7 +217,7 @@ def plot(record: CalibrationRecord, path: str | Path, tile: int = 0) -> Path:
                 model = _mean_trajectory(pm, int(dev[j]), float(b[0]), chunks, sign)
                 ax_pulse.plot(x, model * 1e6, "-", lw=0.8, color=line.get_color())
         ax_pulse.set(
-            title=f"pulse response ({pm.kind}): measured vs fitted mean",
+            title=f"pulse response, tile {tile} ({pm.kind}): measured vs fitted mean",
             xlabel="pulse number",
             ylabel="G (uS)",
         )

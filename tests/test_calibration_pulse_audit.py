@@ -106,3 +106,40 @@ def test_the_pulse_fit_is_a_stage_of_its_own(monkeypatch: pytest.MonkeyPatch, ca
     }
     assert times["pulse fit"] >= 1.0, times
     assert times["settle"] < record.session["durations_s"]["settle"] + 0.5, times
+
+
+def test_the_report_labels_rows_columns_tiles_and_channels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The maps had no axis labels and no divider between G+ and G- (x ran 0 to 2C), the
+    tile-k pages' pulse panel did not name its tile, and the gain and offset panels called
+    node channels and mvm output lines both 'channel'."""
+    import matplotlib.figure
+
+    from calibration.report import plot
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: seen.append(fig))
+    dev = open_device("emulator://?preset=rram&seed=0&wire_resistance=0")
+    options = SessionOptions(
+        routines=("stuck", "gmap", "pulse"), tile_shapes=((4, 4), (4, 3)), reads=4, pulse_chunks=12
+    )
+    record = run_session(dev, options)
+    plot(record, tmp_path / "cal-tile1.png", tile=1)
+    axes = {ax.get_title(): ax for ax in seen[0].axes}
+    pulse = [t for t in axes if t.startswith("pulse response")]
+    assert pulse and pulse[0].startswith("pulse response, tile 1 ("), pulse
+    for title in ("conductance map, tile 1", "stuck devices, tile 1"):
+        ax = next(a for t, a in axes.items() if t.startswith(title))
+        assert ax.get_ylabel() == "row" and "G+ 0..2 | G- 3..5" in ax.get_xlabel()
+        assert any(list(line.get_xdata()) == [2.5, 2.5] for line in ax.get_lines())  # the divider
+    # the gain and offset panels, with a node-channel bank and the mvm bank
+    from calibration import ChannelCal
+
+    ones, zeros = np.ones(4), np.zeros(4)
+    for bank in ("dac", "mvm"):
+        record.converters[bank] = ChannelCal(bank, ones, zeros, zeros, zeros, ones > 0, 0.01, "V")
+    seen.clear()
+    plot(record, tmp_path / "cal.png")
+    gain = next(a for a in seen[0].axes if a.get_title() == "per-channel gain error")
+    assert "node channel" in gain.get_xlabel() and "output line" in gain.get_xlabel()
+    labels = [t.get_text() for t in gain.get_legend().get_texts()]
+    assert labels == ["DAC (node channel)", "mvm ADC (output line)"]
