@@ -22,25 +22,11 @@ from drivers.errors import BoardLocked
 from drivers.wire import payload as pl
 from drivers.wire.frames import LinkOp
 from hil.testing import BoardLock, BoardServers, socket_link
+from tests.killed_host import killed_host
 from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=ideal&seed=0"
 TOPOLOGY = Topology.layered([6, 5, 3])
-
-# a host that takes the board (asking for a 1 s lease), configures it, begins a programming
-# transaction and programs one tile, says its lock token, then waits to be killed
-_HOST = """
-import sys, time
-import numpy as np
-from drivers import Topology, open_device
-dev = open_device(sys.argv[1])
-dev.configure(Topology.layered([6, 5, 3]))
-lim = dev.info.limits
-dev.begin("update-7")
-dev.program("W0", np.full((7, 5), lim.g_max, np.float32), np.full((7, 5), lim.g_min, np.float32))
-print(dev.lock_token, flush=True)
-time.sleep(60)
-"""
 
 
 def _block_json(reply: bytes) -> dict[str, object]:
@@ -73,7 +59,9 @@ def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
     calls = _count_safe_states(s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     uri = s.uri(transport, lease="1")
-    host = subprocess.Popen([sys.executable, "-c", _HOST, uri], stdout=subprocess.PIPE, text=True, env=env)
+    host = subprocess.Popen(
+        [sys.executable, "-c", killed_host("dev.lock_token"), uri], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert host.stdout is not None
         token = host.stdout.readline().strip()

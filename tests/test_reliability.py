@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -26,6 +25,7 @@ from drivers.wire.payload import Op
 from emulator.server.faults import KINDS, FaultPlan
 from emulator.server.harness import faulty_board
 from emulator.server.ownership import BoardLock
+from tests.killed_host import killed_host
 from tests.raw_scpi import RawScpi
 
 TOPO = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
@@ -199,21 +199,6 @@ def test_checked_scpi_refuses_a_corrupted_message_and_seals_responses() -> None:
 
 # ---- programming transactions and a killed host ------------------------------------------
 
-_HOST = """
-import sys, time
-import numpy as np
-from drivers import Topology, open_device
-dev = open_device(sys.argv[1])
-dev.configure(Topology.layered([6, 5, 3]))
-lim = dev.info.limits
-dev.begin("update-7")
-dev.program("W0", np.full((7, 5), lim.g_max, np.float32), np.full((7, 5), lim.g_min, np.float32))
-print("programmed W0", flush=True)
-time.sleep(60)
-dev.program("W1", np.full((6, 3), lim.g_max, np.float32), np.full((6, 3), lim.g_min, np.float32))
-dev.commit("update-7")
-"""
-
 
 def _until(done: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -227,7 +212,7 @@ def test_sigkill_mid_programming_is_detected_and_repaired_by_the_next_session(
     transport: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "host.py"
-    script.write_text(textwrap.dedent(_HOST))
+    script.write_text(killed_host('"programmed W0"'))
     lock = BoardLock(lease_s=2.0)
     with faulty_board(lock=lock) as served:
         uri = getattr(served, transport)
