@@ -113,7 +113,7 @@ def device_state(device: Device, *, lost: bool = False) -> dict[str, Any]:
         "meter": lambda: None if (m := device.meter()) is None else dataclasses.asdict(m),
         "status": lambda: dataclasses.asdict(device.status()),
     }
-    recovery = _recovery(device)
+    recovery = recovery_stats(device)
     if recovery is not None:
         reads["recovery"] = recovery.as_dict
     for key, read in reads.items():
@@ -129,11 +129,6 @@ def device_state(device: Device, *, lost: bool = False) -> dict[str, Any]:
 
 
 def recovery_stats(device: Device) -> Any:
-    """The driver's recovery statistics under `device` (``exhausted``, ...); None if none."""
-    return _recovery(device)
-
-
-def _recovery(device: Device) -> Any:
     """The driver's recovery statistics (an object with ``as_dict``), looked for through the
     wrappers (calibration, tiling, shared-board views) down to the driver; None if none."""
     seen: set[int] = set()
