@@ -98,8 +98,17 @@ def describe(dev: Device, uri: str) -> list[str]:
             if "settle" in info.capabilities
             else "settle not supported (capability 'settle' not declared), "
         )
-        + f"{lim.max_pulses} pulses per device per call, "
-        f"{lim.max_verify_iters} write-verify rounds, wait {lim.max_wait_s:g} s",
+        + (
+            f"{lim.max_pulses} pulses per device per call, "
+            if "pulse" in info.capabilities
+            else "pulses not supported (capability 'pulse' not declared), "
+        )
+        + (
+            f"{lim.max_verify_iters} write-verify rounds, "
+            if "program_verify" in info.capabilities
+            else "write-verify not supported (capability 'program_verify' not declared), "
+        )
+        + f"wait {lim.max_wait_s:g} s",
         "endurance     "
         + (
             "not declared (hil calibrate's default pulse budget is then the routine's worst case)"
