@@ -356,6 +356,31 @@ def write(record: CalibrationRecord, path: str | Path) -> Path:
     return path
 
 
+def _missing_record(path: Path) -> str:
+    """What to say of a record that is not at `path`: a write killed between its two renames
+    (SIGKILL, power loss: nothing could put the old store back) leaves the previous record at
+    ``.NAME.old-PID`` and the new one, complete, at ``.NAME.tmp-PID``; name them and the rename
+    that restores either."""
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if not olds:
+        return (
+            f"no calibration record at {str(path)!r}; `hil calibrate URI --out {path}` writes one for "
+            "the board at URI"
+        )
+    old = olds[-1]
+    tmp = path.with_name(f".{path.name}.tmp-{old.name.rsplit('-', 1)[1]}")
+    new = (
+        f"the new record, complete, is at {str(tmp)!r} (`mv {tmp} {path}` keeps it) and "
+        if tmp.is_dir()
+        else ""
+    )
+    return (
+        f"no calibration record at {str(path)!r}: a write of a new record there was stopped between "
+        f"its two renames (the process killed); {new}the previous record is at {str(old)!r} "
+        f"(`mv {old} {path}` restores it)"
+    )
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -404,10 +429,7 @@ def load(
     `identity` alone, unless it was measured on that board."""
     path = Path(path)
     if not path.exists():
-        raise CalibrationError(
-            f"no calibration record at {str(path)!r}; `hil calibrate URI --out {path}` writes one for "
-            "the board at URI"
-        )
+        raise CalibrationError(_missing_record(path))
     try:
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, NotADirectoryError) as exc:

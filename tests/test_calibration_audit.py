@@ -3,6 +3,9 @@ writes, --overwrite with an interrupt, and what the record and the command say a
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,48 @@ def test_an_interrupted_first_write_leaves_nothing(tmp_path: Path, monkeypatch: 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(CalibrationError, match="no calibration record"):
         load(out)
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+import calibration.record as record
+from calibration import SessionOptions, run_session
+from drivers import open_device
+inner = os.replace
+def replace(src, dst):
+    if str(dst) == sys.argv[1]:  # the new store's rename into place: killed before it
+        os.kill(os.getpid(), signal.SIGKILL)
+    inner(src, dst)
+os.replace = replace
+dev = open_device("emulator://?preset=rram&seed=0")
+rec = run_session(dev, SessionOptions(routines=("stuck", "gmap"), tile_shapes=((4, 4),), reads=4))
+record.write(rec, sys.argv[1])
+"""
+
+
+def test_a_write_killed_between_its_renames_names_both_records_and_the_rename(tmp_path: Path) -> None:
+    """SIGKILL after the old store was moved aside and before the new one was moved in: the
+    record's path is empty and nothing could put the old one back; `load` said only "no
+    calibration record" and the previous record sat hidden in ``.cal.zarr.old-PID``."""
+    out = tmp_path / "cal.zarr"
+    good = _small_record(("stuck",))
+    write(good, out)
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(out)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    with pytest.raises(CalibrationError) as err:
+        load(out)
+    msg = str(err.value)
+    old = next(tmp_path.glob(".cal.zarr.old-*"))
+    new = next(tmp_path.glob(".cal.zarr.tmp-*"))
+    assert "stopped between its two renames" in msg, msg
+    assert f"`mv {old} {out}` restores it" in msg, msg
+    assert f"`mv {new} {out}` keeps it" in msg, msg
+    new.rename(out)
+    assert load(out).routines == ("stuck", "gmap")
+    out.rename(tmp_path / "kept.zarr")
+    old.rename(out)
+    assert load(out).routines == good.routines
 
 
 def test_a_damaged_store_is_a_calibration_error_naming_the_rerun(tmp_path: Path) -> None:
