@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 MAX_BOARD_WAIT_S = 3600.0  # --xbar-board-wait: at most an hour for another suite to give a lab board back
 WAIT_POLL_S = (0.1, 2.0)  # first and longest pause between two tries to take a busy lab board
 HOLDS = ("session", "module", "test")  # --xbar-board-hold: how long a lab board is held once taken
+SIGTERM_EXIT = 143  # 128 + SIGTERM: the exit code of a session stopped by SIGTERM while it held a board
+_TERMINATED = pytest.StashKey[bool]()  # the session was stopped by SIGTERM taken as Ctrl-C
 
 
 def _wait_seconds(text: str) -> float:
@@ -186,6 +188,7 @@ class _LabBoards:
         self.devices: dict[str, Device] = {}
         self.refused: dict[str, str] = {}
         self._term: contextlib.ExitStack | None = None  # SIGTERM taken as Ctrl-C while a board is held
+        self.terminated = False  # a SIGTERM came while a board was held
 
     def _hold_signals(self) -> None:
         """While this session holds a lab board, SIGTERM (a CI job cancelled, `timeout`) is
@@ -193,12 +196,14 @@ class _LabBoards:
         `close` give the board back reset and safe at once, where the default action killed the
         process and left the board configured and locked until its lease lapsed. The previous
         handler comes back when no board is held (a SIGTERM received leaves it ignored for the
-        clean-up that follows)."""
+        clean-up that follows); the session then exits with code 143, as `hil` commands do
+        (`pytest_sessionfinish`), where pytest's own code for an interrupted session is 2."""
         if self._term is None:
             from hil.cli.common import sigterm_as_interrupt
 
             self._term = contextlib.ExitStack()
-            self._term.enter_context(sigterm_as_interrupt())
+            handler = self._term.enter_context(sigterm_as_interrupt())
+            self._term.callback(lambda: setattr(self, "terminated", self.terminated or handler.received))
 
     def _release_signals(self) -> None:
         if self._term is not None and not self.devices:
@@ -289,6 +294,16 @@ def _xbar_lab_boards(pytestconfig: pytest.Config) -> Iterator[_LabBoards]:
         yield boards
     finally:
         boards.close()
+        pytestconfig.stash[_TERMINATED] = boards.terminated
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Exit code 143 (128 + SIGTERM, what CI runners and batch schedulers expect of a
+    terminated job) for a session that SIGTERM stopped while it held a lab board; pytest says
+    2 (interrupted) for it as for Ctrl-C. Runs after the session fixtures' teardown."""
+    if session.config.stash.get(_TERMINATED, False):
+        session.exitstatus = SIGTERM_EXIT
 
 
 def _fresh(dev: Device) -> None:
