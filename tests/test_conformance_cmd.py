@@ -126,6 +126,20 @@ def test_leaves_the_board_in_its_safe_state() -> None:
     assert dev.safety().violations == 0
 
 
+def test_the_command_leaves_a_served_board_unconfigured_for_the_next_host(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The command left its test network configured on a shared lab board: the next host found
+    a topology it had not set (safe, but not the power-on state)."""
+    servers = emulated_board(board=FULL)
+    code, stdout, stderr = _invoke(servers.uris["visa-tcp"])
+    assert code == 0, stdout + stderr
+    assert "could not reset" not in stdout + stderr
+    with open_device(servers.uris["serial-socket"]) as dev:
+        assert not dev.status().configured and dev.topology is None
+    assert servers.device.safety().violations == 0
+
+
 class LinkDropsAtMvm(Recording):
     """The board stops answering at the first mvm."""
 

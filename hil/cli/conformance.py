@@ -50,7 +50,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the protocol conformance checks for every capability the board declares, one
         line per operation (PASS/FAIL, what was sent, what came back, what the spec says).
-        Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened."""
+        Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened. The board
+        is left reset (no topology; the test network's conductances stay in its devices) and in
+        its safe state."""
         from drivers import DeviceError, open_device
         from hil.conformance import Options, plan_topology, run_conformance
 
@@ -67,7 +69,12 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise _error(str(exc)) from None
         finally:
-            dev.close()
+            try:
+                dev.reset()  # the test network is nobody's: the next host finds the board unconfigured
+            except DeviceError as exc:
+                say(f"note   could not reset the board at the end ({type(exc).__name__}: {exc})")
+            finally:
+                dev.close()
         say(report.summary())
         if to_stdout(json_out):
             typer.echo(report.to_json())
