@@ -9,14 +9,19 @@ firmware bugs that the conformance suite must catch:
 - `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
-the board are its own), so tests that pass against both are tests of the spec. It is a board
-without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 110), and without a
+the board are its own), so tests that pass against both are tests of the spec. By default it is
+a board without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 110);
+`FirmwareBoard(lock=True)` announces `lock` and keeps an owner as docs/protocol.md "Ownership"
+and docs/bringup.md "Ownership (optional)" say (`Ownership` below: tokens, leases, error 120 before
+the payload is read, break, and its own safe state when the owner's last connection closes or a
+framed HELLO withdraws its token without a release). Either way it is a board without a
 pulse endurance (no `pulse`, no `pulse_endurance` limit: it counts no wear, so of the wear query,
 opcode 0x24 WEAR, it has only what docs/protocol.md asks of such a board, error 101 at once, "this
 board declares no pulse endurance and counts no wear"; a host does not ask it); its RESET keeps
 what docs/bringup.md's RESET and SAFE_STATE table says (topology cleared, epoch advanced, the
 record of request ids cleared, transaction tag and meter kept).
-`FirmwareBoard(bug).start()` serves it on a free loopback port (`.uri`); `.stop()` ends it."""
+`FirmwareBoard(bug, lock=..., lease_s=...).start()` serves it on a free loopback port (`.uri`);
+`.stop()` ends it."""
 
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ import struct
 import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +52,17 @@ OPS = {
     0x1A: "reset", 0x1B: "safe_state", 0x1C: "status", 0x1D: "begin", 0x1E: "commit", 0x1F: "meter",
     0x24: "wear",
 }  # fmt: skip
+LOCK_OPS = {0x20: "acquire", 0x21: "owner", 0x22: "release", 0x23: "break"}
 NOT_IDEMPOTENT = ("program", "pulse", "wait")
+# what drives or changes the board: refused (120) to a connection without the owner's token; the
+# rest (info, topology query, status, safety, meter, wear, the lock commands) is open to everyone
+DRIVES = frozenset(
+    ("configure", "program", "pulse", "read_conductance", "mvm", "settle", "wait", "reset", "safe_state",
+     "begin", "commit")
+)  # fmt: skip
+LOCKED = 120
+LEASE_MIN_S, LEASE_MAX_S = 1.0, 600.0
+BROKEN_KEPT = 16
 LIM: dict[str, Any] = {
     "v_read": 0.2, "v_read_max": 0.25, "g_min": 1e-6, "g_max": 1e-5, "dac_bits": 8, "adc_bits": 8,
     "adc_range": [0.0, 1.0], "tile_rows_max": 512, "tile_cols_max": 512, "max_tiles": 16,
@@ -132,10 +149,157 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class Board:
-    """The board: tiles of (G+, G-) float32 with write and read noise; mvm only."""
+@dataclass(eq=False)
+class Session:
+    """One connection: the token it presented (the one it acquired with last), or None."""
 
-    def __init__(self, norid: bool = False, seed: int = 0) -> None:
+    token: str | None = None
+
+
+def _when(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
+class Ownership:
+    """The lock of a board that announces `lock` (docs/protocol.md, "Ownership"). Every method
+    runs under the board's lock. `safe` is what SAFE_STATE runs on the board; `clock` the
+    monotonic clock of leases (`time.time` gives `since`, the Unix time of the board clock)."""
+
+    def __init__(self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float]) -> None:
+        self.safe, self.clock = safe, clock
+        self.own_lease_s = lease_s
+        self.lease_s = lease_s
+        self.token: str | None = None
+        self.since: float | None = None
+        self.lapse_at: float | None = None  # set while no connection presents the owner's token
+        self.retry_safe = False  # the owner-gone safe state failed: try again at the lapse
+        self.sessions: list[Session] = []
+        self.broken: deque[str] = deque(maxlen=BROKEN_KEPT)
+        self.owner_gone = 0  # safe states applied because the owner was gone (applied, not tried)
+        self.refusals: list[str] = []  # the operations refused with 120, in order
+
+    # -- connections ------------------------------------------------------------------------
+    def presenting(self) -> int:
+        return sum(1 for s in self.sessions if self.token is not None and s.token == self.token)
+
+    def opened(self, session: Session) -> None:
+        self.sessions.append(session)
+
+    def closed(self, session: Session) -> None:
+        """A connection ended (its socket closed, the host killed or gone)."""
+        if session in self.sessions:
+            self.sessions.remove(session)
+            self._withdrawn(session)
+
+    def hello(self, session: Session) -> None:
+        """A framed HELLO begins a new session on the link: the token it presented is withdrawn."""
+        self._withdrawn(session)
+
+    def _withdrawn(self, session: Session) -> None:
+        token, session.token = session.token, None
+        if token is None or token != self.token or self.presenting() > 0:
+            return
+        # the owner's last connection is gone without a release: the lease starts, and the board
+        # makes itself safe now (the dead host cannot)
+        self.lapse_at = self.clock() + self.lease_s
+        self._apply_safe()
+
+    def _apply_safe(self) -> None:
+        try:
+            self.safe()
+        except Exception:  # the line drivers did not answer: tried again at the lapse
+            self.retry_safe = True
+        else:
+            self.retry_safe = False
+            self.owner_gone += 1
+
+    def tick(self) -> None:
+        """The lapse: a lease that ran out frees the board (a failed safe state is tried again)."""
+        if self.lapse_at is not None and self.clock() >= self.lapse_at:
+            if self.retry_safe:
+                self._apply_safe()
+            self._free()
+
+    def _free(self) -> None:
+        self.token = self.since = self.lapse_at = None
+        self.lease_s = self.own_lease_s
+        self.retry_safe = False
+
+    # -- the check before a request that drives the board is read ---------------------------
+    def check(self, session: Session, name: str) -> None:
+        if (session.token is not None and session.token in self.broken) or (
+            self.token is not None and session.token != self.token
+        ):
+            self.refusals.append(name)
+        if session.token is not None and session.token in self.broken:
+            raise Fail(LOCKED, f"{name} refused: this host's lock on the board was broken "
+                               f"(token {session.token!r}); open the board again to take it")  # fmt: skip
+        if self.token is None or session.token == self.token:
+            return
+        raise Fail(LOCKED, f"{name} refused: {self.describe()}")
+
+    def describe(self) -> str:
+        assert self.token is not None and self.since is not None
+        said = f"the board is owned by {self.token!r} since {_when(self.since)}"
+        if self.lapse_at is not None:
+            left = max(self.lapse_at - self.clock(), 0.0)
+            said += f"; no connection presents its token: free in {left:.1f} s"
+        return said + " (SYST:LOCK:BRE, opcode 0x23, breaks it)"
+
+    # -- the lock commands ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        lapses_in = None if self.lapse_at is None else max(self.lapse_at - self.clock(), 0.0)
+        return {"token": self.token, "since": self.since, "connections": self.presenting(),
+                "lease_s": self.lease_s, "lapses_in": lapses_in}  # fmt: skip
+
+    def acquire(self, session: Session, meta: dict[str, Any]) -> dict[str, Any]:
+        token = _token(meta)
+        lease = self.own_lease_s
+        if "lease_s" in meta:
+            asked = meta["lease_s"]
+            if not isinstance(asked, int | float) or isinstance(asked, bool):
+                raise Fail(-224, f"lease_s {asked!r} is not a number")
+            if not LEASE_MIN_S <= asked <= LEASE_MAX_S:
+                raise Fail(-222, f"lease_s {asked!r} outside [{LEASE_MIN_S:g}, {LEASE_MAX_S:g}] s")
+            lease = float(asked)
+        if token in self.broken:
+            raise Fail(LOCKED, f"acquire refused: this host's lock on the board was broken (token {token!r})")
+        if self.token is not None and token != self.token and session.token != self.token:
+            raise Fail(LOCKED, f"acquire refused: {self.describe()}")
+        if token != self.token:  # a free board, or the owner's connection passes it on
+            self.token, self.since = token, time.time()
+        session.token = token
+        self.lapse_at, self.retry_safe = None, False  # the owner is back: nothing (more) applied
+        self.lease_s = lease
+        return self.state()
+
+    def release(self, meta: dict[str, Any]) -> None:
+        if _token(meta) == self.token:
+            self._free()
+
+    def break_(self) -> None:
+        if self.token is not None:
+            self.broken.append(self.token)
+            if self.retry_safe:
+                self._apply_safe()
+            self._free()
+
+
+def _token(meta: dict[str, Any]) -> str:
+    if "token" not in meta:
+        raise Fail(-109, "missing token")
+    token = meta["token"]
+    if not isinstance(token, str) or not 1 <= len(token) <= 100 or not all(" " <= c <= "~" for c in token):
+        raise Fail(-224, f"token {token!r}: 1 to 100 printable ASCII characters")
+    return token
+
+
+class Board:
+    """The board: tiles of (G+, G-) float32 with write and read noise; mvm only. `line_v` is
+    the largest voltage the board leaves on a line after an operation (its DACs hold the last
+    input); SAFE_STATE, RESET and a gone owner's safe state bring every line to 0 V."""
+
+    def __init__(self, norid: bool = False, seed: int = 0, lock: bool = False, lease_s: float = 15.0) -> None:
         self.norid = norid
         self.rng = np.random.default_rng(seed)
         self.g: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -147,6 +311,18 @@ class Board:
         self.outcomes: OrderedDict[int, tuple[str, Any]] = OrderedDict()
         self.seen: OrderedDict[int, None] = OrderedDict()
         self.lock = threading.Lock()
+        self.line_v = 0.0
+        self.safe_states: list[float] = []  # monotonic times the lines were brought to 0 V
+        self.ownership = Ownership(self.lines_to_zero, lease_s, time.monotonic) if lock else None
+
+    def lines_to_zero(self) -> None:
+        """What SAFE_STATE runs: every line to 0 V (requests run one at a time under `lock`, so
+        nothing else is in flight)."""
+        self.line_v = 0.0
+        self.safe_states.append(time.monotonic())
+
+    def knows(self, op: int) -> bool:
+        return op in OPS or (self.ownership is not None and op in LOCK_OPS)
 
     def refuse(self, text: str) -> Fail:
         self.refused += 1
@@ -154,8 +330,9 @@ class Board:
 
     def op_info(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         identity = {"manufacturer": "TestLab", "model": "fw-reference", "serial": "R-0001", "firmware": "0.1"}
+        caps = ["mvm"] if self.ownership is None else ["lock", "mvm"]
         return message(
-            {"identity": identity, "limits": LIM, "capabilities": ["mvm"], "preset": "test", "extra": {}}
+            {"identity": identity, "limits": LIM, "capabilities": caps, "preset": "test", "extra": {}}
         )
 
     def op_topology(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -218,6 +395,7 @@ class Board:
             for g in (gp, gm)
         )
         self.clock += 1e-6 * rows * cols
+        self.line_v = LIM["v_read"]  # the read-back's read voltage stays on the lines
         rp, rm = self._read(tile)
         residual = float(np.maximum(abs(rp - gp), abs(rm - gm)).max())
         report = {"tile": tile, "iterations": 0, "pulses": 2 * rows * cols, "residual_max": residual,
@@ -240,6 +418,7 @@ class Board:
         if not np.all(np.isfinite(x)) or float(np.abs(x).max(initial=0)) * LIM["v_read"] > LIM["v_read_max"]:
             raise self.refuse("mvm input beyond clamp_max")
         gp, gm = self._read(tile)
+        self.line_v = float(np.abs(x[-1]).max(initial=0)) * LIM["v_read"]  # the last row stays held
         w = w_max * (gp.astype(np.float64) - gm) / (LIM["g_max"] - LIM["g_min"])
         self.mvm_calls += 1
         return message({}, (("y", (x @ (w.T if transpose else w)).astype(F32)),))
@@ -262,11 +441,13 @@ class Board:
 
     def op_reset(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         self.topology, self.shapes, self.epoch = None, {}, self.epoch + 1
+        self.line_v = 0.0  # the lock (if any) stays: only the owner sends RESET
         self.outcomes.clear()
         self.seen.clear()
         return message({})
 
     def op_safe_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+        self.lines_to_zero()
         return message({})
 
     def op_status(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -293,8 +474,17 @@ class Board:
     def op_wear(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         raise Fail(101, "this board declares no pulse endurance and counts no wear")
 
-    def handle(self, op: int, payload: bytes) -> tuple[str, Any]:
-        """("ok", reply message) or ("err", Fail); program, pulse and wait at most once by id."""
+    def handle(self, op: int, payload: bytes, session: Session) -> tuple[str, Any]:
+        """("ok", reply message) or ("err", Fail); program, pulse and wait at most once by id.
+        On a board with ownership, a request that drives the board is checked against the owner
+        first, before its payload is read (docs/protocol.md, "The order of the checks")."""
+        own = self.ownership
+        if own is not None:
+            own.tick()
+            if op in LOCK_OPS:
+                return "ok", self.lock_op(own, LOCK_OPS[op], payload, session)
+            if OPS[op] in DRIVES:
+                own.check(session, OPS[op])
         name = OPS[op]
         meta, arrays = unmessage(payload)
         run = getattr(self, f"op_{name}")
@@ -318,6 +508,18 @@ class Board:
             self.seen.popitem(last=False)
         return outcome
 
+    def lock_op(self, own: Ownership, name: str, payload: bytes, session: Session) -> bytes:
+        meta, _ = unmessage(payload)
+        if name == "acquire":
+            return message(own.acquire(session, meta))
+        if name == "owner":
+            return message(own.state())
+        if name == "release":
+            own.release(meta)
+        else:
+            own.break_()
+        return message({})
+
 
 class Link:
     """One connection's link engine: stop-and-wait, fragments, ACKs, duplicate filter."""
@@ -329,6 +531,7 @@ class Link:
         self.assembly: list[Any] | None = None  # [op, ref, bytearray]
         self.outq: list[tuple[int, int, int, bytes]] = []
         self.sent_at, self.tries = 0.0, 0
+        self.session = Session()
 
     def send(self, data: bytes, ack: bool = False) -> None:
         if ack and self.bug == "noack":
@@ -389,6 +592,9 @@ class Link:
         self.last_rx = seq
         if op == HELLO:
             self.last_rx = -1
+            if self.board.ownership is not None:
+                with self.board.lock:
+                    self.board.ownership.hello(self.session)
             agreed = self.bug == "noack"  # it may hold ACKs back for replies, so it skips them all
             hello = {"version": 1, "max_fragment": FRAG, "piggyback": agreed, "request_acks": False}
             return self.reply(op, seq & 0xFF, json.dumps(hello).encode())
@@ -411,13 +617,13 @@ class Link:
             return self.reply(op, ref, data)
         if op == STATS:
             return self.reply(op, ref, b"{}")
-        if op not in OPS:
+        if not self.board.knows(op):
             return self.reply(
                 op, ref, json.dumps({"code": 110, "message": f"unknown opcode {op:#x}"}).encode(), True
             )
         try:
             with self.board.lock:
-                kind, out = self.board.handle(op, data)
+                kind, out = self.board.handle(op, data, self.session)
         except Fail as exc:
             kind, out = "err", exc
         if kind == "ok":
@@ -447,11 +653,13 @@ class Link:
 class FirmwareBoard:
     """The board served on a loopback TCP port, one thread per connection."""
 
-    def __init__(self, bug: str | None = None) -> None:
+    def __init__(self, bug: str | None = None, lock: bool = False, lease_s: float = 15.0) -> None:
+        """`lock`: announce the capability and keep an owner, whose lease (when no host asks for
+        one) is `lease_s` seconds; without it, a board without ownership, as before."""
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
         self.bug = bug
-        self.board = Board(norid=bug == "norid")
+        self.board = Board(norid=bug == "norid", lock=lock, lease_s=lease_s)
         self.stop_event = threading.Event()
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -469,6 +677,7 @@ class FirmwareBoard:
 
     def _accept(self) -> None:
         while not self.stop_event.is_set():
+            self._tick()
             try:
                 conn, _ = self.server.accept()
             except TimeoutError:
@@ -480,13 +689,27 @@ class FirmwareBoard:
             thread.start()
             self.threads.append(thread)
 
+    def _tick(self) -> None:
+        """A lease lapses on time even when no request comes (the accept loop wakes every 0.1 s)."""
+        if self.board.ownership is not None:
+            with self.board.lock:
+                self.board.ownership.tick()
+
     def _serve(self, conn: socket.socket) -> None:
+        link = Link(conn, self.board, self.bug)
+        own = self.board.ownership
+        if own is not None:
+            with self.board.lock:
+                own.opened(link.session)
         try:
-            Link(conn, self.board, self.bug).run(self.stop_event)
+            link.run(self.stop_event)
         except OSError:
             pass
         finally:
             conn.close()
+            if own is not None:  # the connection is gone: so is the token it presented
+                with self.board.lock:
+                    own.closed(link.session)
 
     def stop(self) -> None:
         self.stop_event.set()

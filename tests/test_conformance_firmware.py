@@ -1,10 +1,14 @@
 """`hil conformance` against a second, independent firmware (tests/fw_reference_board.py,
 over real TCP sockets): the correct board passes every check, and each deliberately broken
-variant fails the check named for its bug, with a line that says what the board did wrong."""
+variant fails the check named for its bug, with a line that says what the board did wrong. Its
+variant with ownership (`lock=True`) passes them too, the ownership check included, in process
+and through `hil conformance URI` (tests/test_fw_reference_ownership.py tests the lock itself)."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -21,14 +25,18 @@ NO_ID = "unchecked program without id"
 RESENT = "unchecked program request id"
 
 
-def _conformance(bug: str | None) -> Report:
-    board = FirmwareBoard(bug).start()
+def _conformance(bug: str | None, lock: bool = False) -> Report:
+    board = FirmwareBoard(bug, lock=lock).start()
     try:
         dev = open_device(f"{board.uri}?attempts=2&timeout=5")
         try:
-            return run_conformance(dev, board.uri)
+            assert dev.owns is lock  # the host takes a board that announces lock, and only such
+            report = run_conformance(dev, board.uri)
         finally:
             dev.close()
+        own = board.board.ownership
+        assert own is None or (own.token is None and own.owner_gone == 0)  # released, not gone
+        return report
     finally:
         board.stop()
 
@@ -45,8 +53,36 @@ def test_the_reference_firmware_passes_every_check(correct: Report) -> None:
     for op in (FRAGMENTED, NO_ID, RESENT, "unchecked board limit", "reset"):
         assert ops[op] == "PASS", op
     assert ops["wear"] == "SKIP"  # no pulse endurance declared
+    assert "ownership" not in ops  # no lock announced: nothing to check
     fragmented = next(c for c in correct.checks if c.operation == FRAGMENTED)
     assert "2 fragments" in fragmented.sent and "mvm x (129, 65)" in fragmented.sent
+
+
+def test_the_reference_firmware_with_ownership_passes_every_check_and_the_ownership_one() -> None:
+    report = _conformance(None, lock=True)
+    failed = [c.line() for c in report.checks if c.status == "FAIL"]
+    assert not failed, failed
+    ownership = [c for c in report.checks if c.operation == "ownership"]
+    assert len(ownership) == 1 and ownership[0].status == "PASS", ownership
+    assert "refused wait, safe_state and the take (120)" in ownership[0].got
+
+
+def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> None:
+    board = FirmwareBoard(lock=True).start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hil.cli", "conformance", f"{board.uri}?timeout=5"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert any(line.startswith("PASS  ownership") for line in done.stdout.splitlines()), done.stdout
+        own = board.board.ownership
+        assert own is not None and own.token is None and own.owner_gone == 0  # released at close
+        assert {"wait", "safe_state"} <= set(own.refusals)  # the suite's second connection was refused
+    finally:
+        board.stop()
 
 
 @pytest.mark.parametrize(
