@@ -14,7 +14,10 @@ a board without ownership (no capability `lock`: opcodes 0x20-0x23 are unknown, 
 `FirmwareBoard(lock=True)` announces `lock` and keeps an owner as docs/protocol.md "Ownership"
 and docs/bringup.md "Ownership (optional)" say (`Ownership` below: tokens, leases, error 120 before
 the payload is read, break, and its own safe state when the owner's last connection closes or a
-framed HELLO withdraws its token without a release). Either way it is a board without a
+framed HELLO withdraws its token without a release). Where the docs are silent it chooses: a
+release or break that ends a lease whose safe state failed tries the safe state again (the docs
+name only the lapse; the emulator does not), and a RELEASE leaves the connection presenting its
+token (the one it acquired with last, as the emulator does). Either way it is a board without a
 pulse endurance (no `pulse`, no `pulse_endurance` limit: it counts no wear, so of the wear query,
 opcode 0x24 WEAR, it has only what docs/protocol.md asks of such a board, error 101 at once, "this
 board declares no pulse endurance and counts no wear"; a host does not ask it); its RESET keeps
@@ -257,8 +260,8 @@ class Ownership:
         lease = self.own_lease_s
         if "lease_s" in meta:
             asked = meta["lease_s"]
-            if not isinstance(asked, int | float) or isinstance(asked, bool):
-                raise Fail(-224, f"lease_s {asked!r} is not a number")
+            if not isinstance(asked, int | float) or isinstance(asked, bool) or math.isnan(asked):
+                raise Fail(-224, f"lease_s {asked!r} is not a number")  # NaN included (-Infinity: -222)
             if not LEASE_MIN_S <= asked <= LEASE_MAX_S:
                 raise Fail(-222, f"lease_s {asked!r} outside [{LEASE_MIN_S:g}, {LEASE_MAX_S:g}] s")
             lease = float(asked)
@@ -275,14 +278,19 @@ class Ownership:
 
     def release(self, meta: dict[str, Any]) -> None:
         if _token(meta) == self.token:
-            self._free()
+            self._end()
 
     def break_(self) -> None:
         if self.token is not None:
             self.broken.append(self.token)
-            if self.retry_safe:
-                self._apply_safe()
-            self._free()
+            self._end()
+
+    def _end(self) -> None:
+        """A release or break ends the lock; one that ends a lease whose safe state failed tries
+        it again, as the lapse it forestalls would have (the docs name only the lapse)."""
+        if self.retry_safe:
+            self._apply_safe()
+        self._free()
 
 
 def _token(meta: dict[str, Any]) -> str:

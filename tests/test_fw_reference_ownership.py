@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from drivers import ConfigurationError, open_device
+from drivers import ConfigurationError, Topology, open_device
 from drivers.errors import BoardLocked
 from drivers.uri import replace_params
 from drivers.wire import payload as pl
@@ -108,7 +108,10 @@ def test_the_lock_board_announces_lock_and_answers_its_opcodes_byte_exact(
         for bad in ("", "x" * 101, "tab\there", 7, None):
             assert raw.error(0x20, pl.pack(pl.Message({"token": bad})))[0] == -224, bad
         assert raw.error(0x20, EMPTY)[0] == -109
-        for lease, code in ((1000.0, -222), (0.5, -222), ("60", -224), (True, -224)):
+        for lease, code in (
+            (1000.0, -222), (0.5, -222), (float("inf"), -222),
+            ("60", -224), (True, -224), (float("nan"), -224),
+        ):  # fmt: skip
             assert raw.error(0x20, pl.pack(pl.Message({"token": "x:1:aa", "lease_s": lease})))[0] == code
         assert raw.meta(0x21)["token"] is None  # a refused acquire took nothing
     finally:
@@ -324,6 +327,18 @@ def test_a_safe_state_that_fails_is_tried_again_when_the_lease_lapses(
     assert len(tries) == 1 and own.token == "dead:1:00"  # nothing more during the lease
     assert _until(lambda: len(tries) == 2)  # at the lapse: applied
     assert own.owner_gone == 1 and own.token is None
+    # a break that ends such a lease before it lapses tries it again too (the lapse never comes)
+    dead = Raw(board)
+    dead.meta(0x20, {"token": "dead:2:00"})
+    tries.clear()
+    dead.close()
+    assert _until(lambda: len(tries) == 1) and own.owner_gone == 1
+    admin = Raw(board)
+    try:
+        admin.ask(0x23)
+        assert len(tries) == 2 and own.owner_gone == 2 and own.token is None
+    finally:
+        admin.close()
 
 
 def test_break_frees_the_board_and_refuses_the_old_owner(served: Callable[..., FirmwareBoard]) -> None:
@@ -377,3 +392,23 @@ def test_a_looking_session_leaving_its_with_block_makes_a_free_board_safe(
     with open_device(_uri(board, lock=False)) as looker:
         assert not looker.owns
     assert len(fw.safe_states) == 1 and fw.ownership is not None and fw.ownership.refusals == []
+
+
+def test_the_owners_reconnect_through_the_drivers_keeps_the_board(
+    served: Callable[..., FirmwareBoard],
+) -> None:
+    """The host's own reconnect (a new connection; the old one closes): the token is presented
+    again first, so the board stays the host's, and another host is still refused."""
+    board = served(lease_s=1.0)
+    with open_device(_uri(board)) as dev:
+        dev.configure(Topology.layered([3, 2]))
+        dev.reconnect()
+        assert dev.recovery.reconnects == 1
+        owner = dev.owner()
+        assert owner is not None and owner.token == dev.lock_token
+        assert owner.connections == 1 and owner.lapses_in is None
+        assert dev.status().configured and dev.status().epoch == 1  # nothing to configure again
+        dev.wait(0.0)
+        with pytest.raises(BoardLocked):
+            open_device(_uri(board))
+    assert board.board.ownership is not None and board.board.ownership.token is None
