@@ -170,8 +170,7 @@ class Ownership:
 
     def __init__(self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float]) -> None:
         self.safe, self.clock = safe, clock
-        self.own_lease_s = lease_s
-        self.lease_s = lease_s
+        self.own_lease_s = self.lease_s = float(lease_s)
         self.token: str | None = None
         self.since: float | None = None
         self.lapse_at: float | None = None  # set while no connection presents the owner's token

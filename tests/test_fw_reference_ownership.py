@@ -101,6 +101,8 @@ def test_the_lock_board_announces_lock_and_answers_its_opcodes_byte_exact(
         assert owner["token"] == "alice:1:aa" and owner["connections"] == 1 and owner["lapses_in"] is None
         assert owner["since"] == pytest.approx(time.time(), abs=60) and owner["lease_s"] == 15.0
         assert raw.meta(0x20, {"token": "alice:1:aa"}) == owner  # presented again: the same reply
+        raw.meta(int(pl.Op.RESET))  # the owner's RESET is not a reboot: the lock stays
+        assert raw.meta(int(pl.Op.STATUS))["epoch"] == 2 and raw.meta(0x21) == owner
         assert raw.ask(0x22, pl.pack(pl.Message({"token": "bob"}))) == (Flag.RESPONSE | Flag.START, EMPTY)
         assert raw.meta(0x21)["token"] == "alice:1:aa"  # a release by another token: nothing
         assert raw.ask(0x22, pl.pack(pl.Message({"token": "alice:1:aa"})))[1] == EMPTY
