@@ -28,6 +28,7 @@ record of request ids cleared, transaction tag and meter kept).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import select
@@ -675,6 +676,8 @@ class FirmwareBoard:
         self.server.settimeout(0.1)
         self.uri = f"serial+socket://127.0.0.1:{self.server.getsockname()[1]}"
         self.threads: list[threading.Thread] = []
+        self.conns: set[socket.socket] = set()  # open connections (under conns_lock)
+        self.conns_lock = threading.Lock()
 
     def start(self) -> FirmwareBoard:
         thread = threading.Thread(target=self._accept, daemon=True)
@@ -702,7 +705,19 @@ class FirmwareBoard:
             with self.board.lock:
                 self.board.ownership.tick()
 
+    def hang_up(self) -> int:
+        """End every open connection from the board's side (a cable pulled, a switch rebooted):
+        their hosts see the link fail; returns how many there were."""
+        with self.conns_lock:
+            conns = list(self.conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        return len(conns)
+
     def _serve(self, conn: socket.socket) -> None:
+        with self.conns_lock:
+            self.conns.add(conn)
         link = Link(conn, self.board, self.bug)
         own = self.board.ownership
         if own is not None:
@@ -713,6 +728,8 @@ class FirmwareBoard:
         except OSError:
             pass
         finally:
+            with self.conns_lock:
+                self.conns.discard(conn)
             conn.close()
             if own is not None:  # the connection is gone: so is the token it presented
                 with self.board.lock:
