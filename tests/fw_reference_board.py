@@ -167,7 +167,7 @@ def _when(unix: float) -> str:
 class Ownership:
     """The lock of a board that announces `lock` (docs/protocol.md, "Ownership"). Every method
     runs under the board's lock. `safe` is what SAFE_STATE runs on the board; `clock` the
-    monotonic clock of leases (`time.time` gives `since`, the Unix time of the board clock)."""
+    monotonic clock of leases (`since` is Unix time, the board's real-time clock)."""
 
     def __init__(self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float]) -> None:
         self.safe, self.clock = safe, clock
@@ -230,16 +230,15 @@ class Ownership:
 
     # -- the check before a request that drives the board is read ---------------------------
     def check(self, session: Session, name: str) -> None:
-        if (session.token is not None and session.token in self.broken) or (
-            self.token is not None and session.token != self.token
-        ):
-            self.refusals.append(name)
         if session.token is not None and session.token in self.broken:
-            raise Fail(LOCKED, f"{name} refused: this host's lock on the board was broken "
-                               f"(token {session.token!r}); open the board again to take it")  # fmt: skip
-        if self.token is None or session.token == self.token:
+            said = (f"{name} refused: this host's lock on the board was broken (token {session.token!r}); "
+                    "open the board again to take it")  # fmt: skip
+        elif self.token is not None and session.token != self.token:
+            said = f"{name} refused: {self.describe()}"
+        else:
             return
-        raise Fail(LOCKED, f"{name} refused: {self.describe()}")
+        self.refusals.append(name)
+        raise Fail(LOCKED, said)
 
     def describe(self) -> str:
         assert self.token is not None and self.since is not None
