@@ -20,7 +20,7 @@ def checks(sess: Session) -> None:
         return
     sess.run(
         "ownership",
-        "while this connection owns the board, a second one is refused wait/mvm/safe (error 120) and "
+        "while this connection owns the board, a second one is refused wait and safe_state (error 120) and "
         "taking the board, and still reads SYST:INFO?, SYST:STAT?, SYST:SAF?, SYST:MET? and the owner",
         lambda sent: _second_connection(sess, sent),
     )
