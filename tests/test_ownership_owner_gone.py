@@ -175,3 +175,30 @@ def test_a_safe_state_that_fails_is_tried_again_when_the_lease_lapses(
     assert s.lock.owner_gone == 1 and s.lock.state().token is None
     time.sleep(0.1)
     assert calls == ["safe", "safe"]
+
+
+@pytest.mark.parametrize("ended_by", ["break", "release"])
+def test_a_failed_safe_state_is_tried_again_when_a_break_or_release_ends_the_lease_early(
+    emulated_board: Callable[..., BoardServers], ended_by: str
+) -> None:
+    """The retry waited for the lapse; a colleague's BREAK (or a RELEASE sent for the gone
+    owner's token) ended the lease first, cleared the mark, and the lines stayed as the dead
+    host left them (one attempt, never again)."""
+    s = emulated_board(BOARD, lock=BoardLock(lease_s=30.0))
+    calls: list[str] = []
+
+    def flaky() -> None:
+        calls.append("safe")
+        if len(calls) == 1:
+            raise OSError("the line drivers did not answer")
+
+    s.device.safe_state = flaky  # type: ignore[method-assign]
+    with RawScpi(s.uris["visa-tcp"]) as dead:
+        assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
+    assert _until(lambda: calls == ["safe"])  # tried at once, failed; the lapse is 30 s away
+    assert s.lock is not None and s.lock.owner_gone == 0
+    with RawScpi(s.uris["visa-tcp"]) as colleague:
+        command = "SYST:LOCK:BRE" if ended_by == "break" else 'SYST:LOCK:REL "dead:1:00"'
+        assert colleague.query(command + ";SYST:ERR?") == b'0,"No error"'
+    assert _until(lambda: calls == ["safe", "safe"])  # at once, not at the lapse
+    assert s.lock.owner_gone == 1 and s.lock.state().token is None

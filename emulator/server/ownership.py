@@ -156,15 +156,15 @@ class BoardLock:
             self._unsafe = True
             self._gone = self._token
         if now - self._left_at >= self._lease:
-            self._drop(lapsed=True)
+            self._drop()
         return started
 
-    def _drop(self, *, lapsed: bool = False) -> None:
-        """Free the board. A lapse keeps `_unsafe` (the owner's board is still to be made
-        safe); a RELEASE, BREAK or reboot clears it (the host, a colleague or the power-on did)."""
+    def _drop(self) -> None:
+        """Free the board. `_unsafe` stays: a gone owner's board whose safe state failed is
+        still to be made safe, whether its lease lapsed or a RELEASE or BREAK ended it early
+        (`release` and `break_` try it again at once; only a reboot, the power-on, makes it safe)."""
         self._token = self._since = self._left_at = None
         self._lease = self.lease_s
-        self._unsafe = self._unsafe and lapsed
 
     def _state(self) -> BoardOwner:
         self._expire()
@@ -222,6 +222,9 @@ class BoardLock:
                 self._drop()
             if session.token == token:
                 session.token = None
+            unsafe = self._unsafe
+        if unsafe:  # released on behalf of an owner that is gone, whose safe state failed
+            self._make_safe()
 
     def break_(self) -> BoardOwner:
         """End the ownership whoever holds it; the owner as it was."""
@@ -231,7 +234,10 @@ class BoardLock:
                 self.broken += 1
                 self._broken.append(self._token)
             self._drop()
-            return before
+            unsafe = self._unsafe
+        if unsafe:  # the lease of a gone owner whose safe state failed, ended early: try it now
+            self._make_safe()
+        return before
 
     def state(self) -> BoardOwner:
         with self._mutex:
@@ -244,6 +250,7 @@ class BoardLock:
         emulator's other connections stay open and present nothing until they acquire again)."""
         with self._mutex:
             self._drop()
+            self._unsafe = False  # the power-on state is the safe state
             self._broken.clear()
             self.broken = 0
             self.owner_gone = 0
