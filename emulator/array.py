@@ -37,6 +37,7 @@ from emulator.devices import (
 from emulator.ir_drop import WireSolver
 from emulator.noise_table import NoisePool
 from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std
+from emulator.wear import window_left, worn_bounds
 
 
 @dataclass
@@ -122,17 +123,19 @@ class TileArray:
         self.model = model
         self.device = torch.device(device)
         self._dshape = (2, rows, cols)
-        self.params = DeviceParams.draw(model, self._dshape, fab, self.device)
+        self.params, side = DeviceParams.draw_chip(model, self._dshape, fab, self.device)
         self._nominal = DeviceParams.nominal(model, self._dshape, self.device)
         self._g0 = torch.where(self.params.stuck, self.params.stuck_value, self.params.g_lo)
-        self._any_stuck = bool(self.params.stuck.any())
-        # for direct writes: the stuck devices' flat indices and values, and the devices' own
-        # bounds as two numbers when every device shares them (a scalar clamp, same result)
-        self._stuck_idx = self.params.stuck.reshape(-1).nonzero().squeeze(1) if self._any_stuck else None
-        self._stuck_val = (
-            None if self._stuck_idx is None else self.params.stuck_value.reshape(-1)[self._stuck_idx]
-        )
-        self._bounds = _uniform(self.params.g_lo, self.params.g_hi)
+        # wear-out (`emulator.wear`), only with a declared endurance: the fabricated bounds and
+        # stuck devices (the worn ones are derived from them and the wear) and which bound each
+        # device fails at, from the draw that sides a factory-stuck device (no draw of its own)
+        self._fab: tuple[torch.Tensor, ...] | None = None
+        self._fails_high: torch.Tensor | None = None
+        if model.pulse_endurance is not None:
+            p = self.params
+            self._fab = (p.g_lo.clone(), p.g_hi.clone(), p.stuck.clone(), p.stuck_value.clone())
+            self._fails_high = side >= 1.0 - model.wear_stuck_high
+        self._stuck_derived()
         self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
         self._clean: tuple[torch.Tensor, int] | None = None  # see `write_stacked`, `deviation`
         # (g, target, their versions, absolute) of the difference the scratch holds (`_diff`)
@@ -145,8 +148,7 @@ class TileArray:
         # drift lowers G toward 0 but never below a device's own g_lo (its RESET / HRS floor):
         # one number when the bounds are uniform, None when every g_lo is 0 (pcm), where
         # G0 (t / t0)^-nu >= 0 already holds and a drifted state needs no extra pass
-        floor: float | torch.Tensor | None = self._bounds[0] if self._bounds else self.params.g_lo
-        self._drift_floor = None if float(self.params.g_lo.max()) <= 0.0 else floor
+        self._drift_floor = self._floor()
         # the common write time while all devices share one; `_t_written` holds per-device
         # times (and is meaningful) only while `_t_uniform` is None
         self._t_uniform: float | None = 0.0
@@ -176,6 +178,62 @@ class TileArray:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
             self._nu_gen = torch.Generator().manual_seed(seed)
             self._redraw_nu(None)
+
+    def _stuck_derived(self) -> None:
+        """What direct writes take from the stuck devices and the bounds: the stuck devices'
+        flat indices and values, and the devices' own bounds as two numbers when every device
+        shares them (a scalar clamp, same result)."""
+        p = self.params
+        self._any_stuck = bool(p.stuck.any())
+        self._stuck_idx = p.stuck.reshape(-1).nonzero().squeeze(1) if self._any_stuck else None
+        self._stuck_val = None if self._stuck_idx is None else p.stuck_value.reshape(-1)[self._stuck_idx]
+        self._bounds = _uniform(p.g_lo, p.g_hi)
+
+    def _floor(self) -> float | torch.Tensor | None:
+        """Drift lowers G toward 0 but never below a device's own g_lo (its RESET / HRS floor):
+        one number when the bounds are uniform, None when every g_lo is 0 (pcm), where
+        G0 (t / t0)^-nu >= 0 already holds and a drifted state needs no extra pass."""
+        floor: float | torch.Tensor = self._bounds[0] if self._bounds else self.params.g_lo
+        return None if float(self.params.g_lo.max()) <= 0.0 else floor
+
+    # ----------------------------------------------------------------- wear-out
+
+    def wear_out(self, wear: torch.Tensor) -> None:
+        """Make the devices as worn as `wear` says (their life pulse counts, int64 (2, rows,
+        cols)), against the model's declared endurance (`emulator.wear`): each device's window
+        narrowed toward the bound it fails at, spent devices (at the endurance) stuck at that
+        bound with no drift, and every device's state clamped into its window. A function of
+        the fabrication and `wear` alone (a tile drawn anew over worn devices, on a
+        reconfigure, is worn alike); nothing changes while no device is past the onset. No-op
+        without an endurance."""
+        endurance = self.model.pulse_endurance
+        if endurance is None or self._fab is None or self._fails_high is None:
+            return
+        if wear.shape != self._dshape:
+            raise ConfigurationError(
+                f"wear must have the tile's device shape {self._dshape}, got {tuple(wear.shape)}: pass "
+                "the tile's own counts (`Board.wear`)"
+            )
+        if int(wear.max()) <= self.model.wear_onset * endurance:
+            return  # the common case: no device has started to wear out
+        lo0, hi0, stuck0, value0 = self._fab
+        lo, hi = worn_bounds(lo0, hi0, self._fails_high, window_left(wear, endurance, self.model.wear_onset))
+        stuck = stuck0 | (wear >= endurance)
+        p = self.params
+        if torch.equal(lo, p.g_lo) and torch.equal(hi, p.g_hi) and torch.equal(stuck, p.stuck):
+            return
+        spent = stuck & ~stuck0
+        p.g_lo, p.g_hi, p.stuck = lo, hi, stuck
+        p.stuck_value = torch.where(spent, torch.where(self._fails_high, hi0, lo0), value0)
+        p.nu = torch.where(spent, torch.zeros_like(p.nu), p.nu)
+        self._drifts = bool((p.nu > 0).any())
+        self._nu_max = float(p.nu.max())
+        self._stuck_derived()
+        self._drift_floor = self._floor()
+        self._g0 = torch.where(stuck, p.stuck_value, torch.clamp(self._g0, lo, hi))
+        self._version += 1  # the cached weights, line sums and `deviation`'s shortcut are stale
+        self._scratch_key = None
+        self._clean = None
 
     # ----------------------------------------------------------------- shape and truth
     @property
@@ -467,7 +525,11 @@ class TileArray:
     ) -> WriteStats:
         """`write` with the targets as one (2, rows, cols) tensor (`_stack`). `wear`: the
         devices' life pulse counts (int64, (2, rows, cols)), each raised by the write's one
-        pulse (stuck devices take it too)."""
+        pulse (stuck devices take it too); with a declared endurance the devices wear out
+        (`wear_out`) before the write lands."""
+        if wear is not None:
+            wear.add_(1)
+            self.wear_out(wear)
         target = target.to(torch.float32)
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
             z = self._table_window(gen)
@@ -492,8 +554,6 @@ class TileArray:
         # device holds clamp(target, lo, hi) exactly, which `deviation` can use
         clean = self.model.write_noise == 0 and self._bounds is not None and self._stuck_idx is None
         self._clean = (target, self._version) if clean else None
-        if wear is not None:
-            wear.add_(1)
         n = 2 * self.cells
         return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
 
@@ -610,6 +670,7 @@ class TileArray:
         device), for a caller that has them already (the board, which checks the wear first)."""
         if wear is not None:
             wear.add_(mag)
+            self.wear_out(wear)  # with a declared endurance: the pulses find the devices worn
         model = self.model
         p = self.params
         per_row = mag.amax(dim=(0, 2))

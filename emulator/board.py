@@ -116,7 +116,8 @@ class Board:
         # Wear: pulses each device of physical tile k has taken over the board's life, int64
         # (2, rows, cols) at the largest shape tile k has been configured to (a configured tile
         # is the top-left block of its physical array), kept only when the board declares a
-        # pulse endurance. Physical: a reset, the safe state and reconfigures keep it.
+        # pulse endurance. Physical: a reset, the safe state and reconfigures keep it, and the
+        # tiles wear out by it (`TileArray.wear_out`, `emulator.wear`).
         self._wear: dict[int, torch.Tensor] = {}
         self._physical_of: dict[str, int] = {}  # configured tile name -> physical tile index
         # Run-time noise (write, read-back, MVM and node noise) is drawn on the board's device, from
@@ -185,7 +186,11 @@ class Board:
         """A fingerprint of everything the board is built from (device model, periphery,
         converters' error spreads, limits): boards with equal identities but another preset
         or override differ here, so a calibration record can tell them apart."""
-        return hashlib.sha256(repr(self.preset).encode()).hexdigest()[:16]
+        key = repr(self.preset)
+        m = self.preset.device
+        if m.pulse_endurance is not None:  # the wear-out model's fields, out of the repr
+            key += f" wear({m.wear_key()})"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property
     def identity(self) -> Identity:
@@ -229,6 +234,9 @@ class Board:
                 self._physical[k] = phys
             tiles[c.tile] = phys
             self._grow_wear(k, shape)
+            worn = self._wear.get(k)
+            if worn is not None:  # a tile drawn anew over worn devices is as worn (`TileArray.wear_out`)
+                phys.wear_out(worn[:, : shape[0], : shape[1]])
         if old is None or (old.groups, old.couplings) != (topology.groups, topology.couplings):
             self.engine.clear()  # a new budget, gain or mode keeps the plans: they do not depend on them
         self.topology = topology

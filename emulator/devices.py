@@ -30,13 +30,16 @@ Drift (PCM): after a write at time ``t_w`` the conductance is
 ``G(t) = G0 * (max(t - t_w, t0) / t0) ** -nu`` with ``nu`` per device
 (``drift_nu + drift_nu_dtod N(0,1)``, clipped at 0), never below the device's own ``g_lo``
 (`TileArray` clamps the drifted state: a device does not drift past its RESET / HRS floor).
+
+Wear-out (only with a declared ``pulse_endurance``): a device's bounds narrow with its pulse
+count and a spent device is stuck (`emulator.wear`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal, NamedTuple
 
 import torch
@@ -133,8 +136,15 @@ class DeviceModel:
     # pulses one device is rated for over its life, declared as `Limits.pulse_endurance`; the
     # presets declare none; set it (``emulator://?preset=rram&pulse_endurance=1000000``) to
     # try a board that declares one: it counts each device's pulses and refuses past it
-    # (`Board.wear`; a worn device behaves as a new one, docs/emulator.md)
+    # (`Board.wear`) and models the devices' wear-out (`emulator.wear`, docs/emulator.md "Wear")
     pulse_endurance: int | None = None
+    # wear-out, only with a pulse_endurance (`emulator.wear`): the share of the endurance after
+    # which a device's window narrows (linearly in log pulses, closed at the endurance), and
+    # the share of the devices that fail stuck at g_hi (the others at g_lo). Left out of the
+    # repr, so a board without an endurance keeps its configuration fingerprint
+    # (`Board.configuration` adds them where an endurance is declared)
+    wear_onset: float = field(default=0.1, repr=False)
+    wear_stuck_high: float = field(default=0.5, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -217,6 +227,16 @@ class DeviceModel:
             Bound("read_energy_j", 0.0, MAX_ENERGY_J, "a device read costs < 1 nJ even at 10 mS", "J"),
             Bound("pulse_time_s", 0.0, MAX_TIME_S, "programming pulses last ns-ms", "s"),
             Bound("read_time_s", 0.0, MAX_TIME_S, "a row read takes ns-us", "s"),
+            # wear-out (`emulator.wear`): the window narrows from this share of the endurance on;
+            # 1 keeps it whole until the device is spent, 0 would narrow it from the first pulse
+            Bound(
+                "wear_onset",
+                0.0,
+                1.0,
+                "a share of the endurance, > 0 (1: no narrowing before the end)",
+                lo_open=True,
+            ),
+            Bound("wear_stuck_high", 0.0, 1.0, "a share of the devices (those that fail stuck at g_max)"),
         )
 
     @property
@@ -232,6 +252,10 @@ class DeviceModel:
     @property
     def gamma_dn(self) -> float:
         return self.gamma if self.gamma_down is None else self.gamma_down
+
+    def wear_key(self) -> str:
+        """The wear-out fields as text (they are left out of the repr), for a fingerprint."""
+        return f"wear_onset={self.wear_onset!r}, wear_stuck_high={self.wear_stuck_high!r}"
 
     @property
     def drifts(self) -> bool:
@@ -259,6 +283,15 @@ class DeviceParams:
     ) -> DeviceParams:
         """Draw one chip. Every draw is taken whatever the spreads are, in a fixed order, so
         turning one spread on does not change the others for the same seed."""
+        return DeviceParams.draw_chip(model, shape, fab, device)[0]
+
+    @staticmethod
+    def draw_chip(
+        model: DeviceModel, shape: tuple[int, ...], fab: torch.Generator, device: torch.device
+    ) -> tuple[DeviceParams, torch.Tensor]:
+        """`draw`, and the uniform draw (float32, `shape`) that picks which bound a stuck
+        device sits at (below 0.5: g_lo): the wear-out model (`emulator.wear`) takes the bound a
+        device fails at from it, so that it needs no draw of its own."""
 
         def normal() -> torch.Tensor:
             return torch.randn(shape, generator=fab, device=fab.device).to(device, torch.float32)
@@ -282,7 +315,8 @@ class DeviceParams:
         stuck = u_stuck < model.stuck_fraction
         stuck_value = torch.where(u_side < 0.5, g_lo, g_hi)
         nu = torch.where(stuck, torch.zeros_like(nu), nu)
-        return DeviceParams(g_lo, g_hi, scale * (1.0 + ud), scale * (1.0 - ud), nu, stuck, stuck_value)
+        params = DeviceParams(g_lo, g_hi, scale * (1.0 + ud), scale * (1.0 - ud), nu, stuck, stuck_value)
+        return params, u_side
 
     @staticmethod
     def nominal(model: DeviceModel, shape: tuple[int, ...], device: torch.device) -> DeviceParams:
