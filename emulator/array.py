@@ -204,8 +204,14 @@ class TileArray:
         narrowed toward the bound it fails at, spent devices (at the endurance) stuck at that
         bound with no drift, and every device's state clamped into its window. A function of
         the fabrication and `wear` alone (a tile drawn anew over worn devices, on a
-        reconfigure, is worn alike); nothing changes while no device is past the onset. No-op
-        without an endurance."""
+        reconfigure, is worn alike); nothing changes while no device is past the onset, or
+        when `wear` is what the tile was last worn by. No-op without an endurance."""
+        self._wear_out(wear, check=True)
+
+    def _wear_out(self, wear: torch.Tensor, *, check: bool = False) -> None:
+        """`wear_out`; without `check` (a write or pulse, which changes the state and the
+        wear anyway) the tile's caches are invalidated without first comparing the new bounds
+        with the old."""
         endurance = self.model.pulse_endurance
         if endurance is None or self._fab is None or self._fails_high is None:
             return
@@ -214,23 +220,29 @@ class TileArray:
                 f"wear must have the tile's device shape {self._dshape}, got {tuple(wear.shape)}: pass "
                 "the tile's own counts (`Board.wear`)"
             )
-        if int(wear.max()) <= self.model.wear_onset * endurance:
+        top = int(wear.max())
+        if top <= self.model.wear_onset * endurance:
             return  # the common case: no device has started to wear out
         lo0, hi0, stuck0, value0 = self._fab
         lo, hi = worn_bounds(lo0, hi0, self._fails_high, window_left(wear, endurance, self.model.wear_onset))
-        stuck = stuck0 | (wear >= endurance)
         p = self.params
-        if torch.equal(lo, p.g_lo) and torch.equal(hi, p.g_hi) and torch.equal(stuck, p.stuck):
+        stuck = stuck0 | (wear >= endurance) if top >= endurance else p.stuck
+        if check and torch.equal(lo, p.g_lo) and torch.equal(hi, p.g_hi) and torch.equal(stuck, p.stuck):
             return
-        spent = stuck & ~stuck0
-        p.g_lo, p.g_hi, p.stuck = lo, hi, stuck
-        p.stuck_value = torch.where(spent, torch.where(self._fails_high, hi0, lo0), value0)
-        p.nu = torch.where(spent, torch.zeros_like(p.nu), p.nu)
-        self._drifts = bool((p.nu > 0).any())
-        self._nu_max = float(p.nu.max())
-        self._stuck_derived()
+        p.g_lo, p.g_hi = lo, hi
+        if stuck is not p.stuck:  # devices spent: stuck at the bound each failed at, no drift
+            spent = stuck & ~stuck0
+            p.stuck = stuck
+            p.stuck_value = torch.where(spent, torch.where(self._fails_high, hi0, lo0), value0)
+            p.nu = torch.where(spent, torch.zeros_like(p.nu), p.nu)
+            self._drifts = bool((p.nu > 0).any())
+            self._nu_max = float(p.nu.max())
+            self._stuck_derived()
+        else:
+            self._bounds = None  # worn bounds differ device to device: per-device clamps
         self._drift_floor = self._floor()
-        self._g0 = torch.where(stuck, p.stuck_value, torch.clamp(self._g0, lo, hi))
+        g0 = torch.clamp(self._g0, lo, hi)
+        self._g0 = torch.where(stuck, p.stuck_value, g0) if self._any_stuck else g0
         self._version += 1  # the cached weights, line sums and `deviation`'s shortcut are stale
         self._scratch_key = None
         self._clean = None
@@ -529,7 +541,7 @@ class TileArray:
         (`wear_out`) before the write lands."""
         if wear is not None:
             wear.add_(1)
-            self.wear_out(wear)
+            self._wear_out(wear)
         target = target.to(torch.float32)
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
             z = self._table_window(gen)
@@ -670,7 +682,7 @@ class TileArray:
         device), for a caller that has them already (the board, which checks the wear first)."""
         if wear is not None:
             wear.add_(mag)
-            self.wear_out(wear)  # with a declared endurance: the pulses find the devices worn
+            self._wear_out(wear)  # with a declared endurance: the pulses find the devices worn
         model = self.model
         p = self.params
         per_row = mag.amax(dim=(0, 2))

@@ -56,12 +56,13 @@ def window_left(wear: torch.Tensor, endurance: int, onset: float) -> torch.Tenso
             f"wear_onset is the share of the endurance after which a window narrows, in (0, 1], got "
             f"{onset}: give e.g. 0.1 (the last decade of the device's life)"
         )
-    n_on = onset_pulses(endurance, onset)
-    n = wear.to(torch.float64)
     if onset == 1.0:  # no gradual narrowing: the window holds until the device is spent
-        return torch.where(n >= endurance, 0.0, 1.0).to(torch.float32)
-    closed = torch.log(n.clamp_min(n_on) / n_on) / math.log(endurance / n_on)
-    return (1.0 - closed).clamp(0.0, 1.0).to(torch.float32)
+        return (wear < endurance).to(torch.float32)
+    n_on = onset_pulses(endurance, onset)
+    # float32: a count's log to 1e-7 relative, far below any window's resolution
+    closed = wear.to(torch.float32).clamp_min_(n_on).div_(n_on).log_().mul_(1.0 / math.log(endurance / n_on))
+    left = closed.neg_().add_(1.0).clamp_(0.0, 1.0)
+    return torch.where(wear >= endurance, 0.0, left)
 
 
 def worn_bounds(

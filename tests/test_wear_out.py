@@ -120,8 +120,16 @@ def test_a_tile_drawn_anew_over_worn_devices_is_as_worn() -> None:
         n = np.zeros(W0, np.int32)
         n[0, 0] = ENDURANCE
         dev.pulse("W0", n, np.zeros(W0, np.int32))
-        assert bool(board.tile("W0").truth()["stuck"][0, 0, 0])
+        tile = board.tile("W0")
+        assert bool(tile.truth()["stuck"][0, 0, 0])
+        tile.weights(board.clock)
+        epoch = tile.weights_epoch
+        dev.configure(Topology.layered([4, 3, 2]))  # the same tiles: worn as they were, caches kept
+        assert board.tile("W0") is tile
+        tile.weights(board.clock)
+        assert tile.weights_epoch == epoch
         dev.configure(Topology.layered([3, 2]))  # W0 becomes 4 x 2: a new draw over the same wear
+        assert board.tile("W0") is not tile
         assert bool(board.tile("W0").truth()["stuck"][0, 0, 0])
 
 
