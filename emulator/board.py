@@ -204,9 +204,17 @@ class Board:
 
     def configure(self, topology: Topology) -> None:
         old = self.topology
-        if old is not None and topology.couplings is old.couplings and topology.groups == self._groups:
+        if (
+            old is not None
+            and topology.couplings is old.couplings
+            and topology.groups == self._groups
+            and topology.shapes == old.shapes
+        ):
             # the same network with another budget, gain or mode (an EBBlock switching between
-            # its free and nudge budgets): tiles, channels and plans stay as they are
+            # its free and nudge budgets): tiles, channels and plans stay as they are. Not with
+            # other map shapes: a conv tile's size is C_in k^2 by C_out, so new (C, H, W) shapes
+            # of the same group sizes are new tiles, checked against the tile limits and made
+            # anew below (the shortcut took a 2305-row tile on a board of 1024 rows)
             try:
                 check_settings(topology, self.limits)
             except LimitViolation as exc:
@@ -237,7 +245,11 @@ class Board:
             worn = self._wear.get(k)
             if worn is not None:  # a tile drawn anew over worn devices is as worn (`TileArray.wear_out`)
                 phys.wear_out(worn[:, : shape[0], : shape[1]])
-        if old is None or (old.groups, old.couplings) != (topology.groups, topology.couplings):
+        if old is None or (old.groups, old.couplings, old.shapes) != (
+            topology.groups,
+            topology.couplings,
+            topology.shapes,
+        ):
             self.engine.clear()  # a new budget, gain or mode keeps the plans: they do not depend on them
         self.topology = topology
         self._groups = dict(topology.groups)
