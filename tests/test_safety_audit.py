@@ -5,13 +5,17 @@ counters."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
+from drivers.base import SafetyCounters
 from drivers.errors import LimitViolation
 from drivers.topology import Topology
 from drivers.uri import open_device
+from hil.testing import BoardServers
 
 
 def test_configure_with_new_shapes_is_checked_like_a_new_network() -> None:
@@ -38,3 +42,78 @@ def test_configure_with_new_shapes_is_checked_like_a_new_network() -> None:
     assert y.shape == (1, c)
     eq = d.settle({"s0": np.full((2, 256), 0.5, np.float32)})
     assert eq.states["s1"].shape == (2, 1024)
+
+
+class _Trace:
+    """A trace interval whose every conversion runs the caller's code (as a custom integer
+    type may): the first gives 1, and it then writes 20 V into the clamp the host checked; a
+    second conversion would give a value past the board's bound."""
+
+    def __init__(self, clamp: np.ndarray) -> None:
+        self.clamp = clamp
+        self.calls = 0
+
+    def __int__(self) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            self.clamp[...] = 100.0
+            return 1
+        return 10**12
+
+    def __bool__(self) -> bool:
+        return True
+
+
+numbers.Integral.register(_Trace)  # an integer to `as_int`, as a user's integer type would be
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_remote_settle_checks_trace_before_the_arrays_and_sends_the_checked_interval(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """A remote settle converts `trace` once, before it checks the arrays (a conversion that
+    runs the caller's code cannot change an array after its check), and sends the interval it
+    checked (a second conversion could send another): the host refuses the 20 V clamp itself,
+    nothing reaches the board."""
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(Topology.layered([4, 3, 2]))
+        x = np.full((1, 4), 0.5, np.float32)
+        trace = _Trace(x)
+        with pytest.raises(LimitViolation, match="read-voltage"):
+            dev.settle({"s0": x}, trace=trace)
+        assert trace.calls == 1
+        assert served.device.safety() == SafetyCounters(refused=0, violations=0)
+        assert dev.safety().refused == 1
+        # and a settle traced by such an interval sends the interval checked (1), not 10**12
+        x[...] = 0.5
+        eq = dev.settle({"s0": x}, trace=_Trace(np.zeros(1, np.float32)))
+        assert eq.trace is not None and served.device.safety().refused == 0
+
+
+class _Transpose:
+    """A transpose flag whose second conversion writes 20 V into the mvm input the host checked."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.calls = 0
+
+    def __bool__(self) -> bool:
+        self.calls += 1
+        if self.calls == 2:
+            self.x[...] = 100.0
+        return False
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_remote_mvm_converts_transpose_once_before_the_input_is_checked(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(Topology.layered([4, 3]))
+        x = np.full((1, 5), 0.5, np.float32)
+        flag = _Transpose(x)
+        y = dev.mvm("W0", x, transpose=flag)
+        assert y.shape == (1, 3) and flag.calls == 1
+        assert served.device.safety() == SafetyCounters(refused=0, violations=0)

@@ -687,6 +687,7 @@ class RemoteDevice(Device):
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         self.require("mvm")
+        transpose = bool(transpose)  # once, before the input's check: its conversion runs the caller's code
         with self.lock:
             arr = self._checked(checks.check_mvm, self.topology, self.info.limits, tile, x, transpose, True)
             rows, cols = checks.check_tile(self.topology, tile)
@@ -702,13 +703,16 @@ class RemoteDevice(Device):
     ) -> Equilibrium:
         self.require_settle(trace, init)
         with self.lock:
+            # the trace interval before the arrays (converting it runs the caller's code, which
+            # must not change an array after its check), and sent as checked (converted once)
+            every = self._checked(checks.check_trace, self.info.limits, trace)
             cl, nd, ini, batch = self._checked(
                 checks.check_settle, self.topology, self.info.limits, clamp, nudge, init
             )
-            every = self._checked(checks.check_trace, self.info.limits, trace)
             topo = checks.require_topology(self.topology)
             self._checked(checks.check_settle_lines, topo, self.info.limits, cl, ini)
-            reply = self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, trace))
+            sent = trace if isinstance(trace, bool) else every
+            reply = self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, sent))
             return pl.equilibrium(reply, topo.groups, batch, every, topo.budget.max_steps)
 
     def wait(self, seconds: float) -> None:
