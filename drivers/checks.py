@@ -330,6 +330,7 @@ def check_program(
             raise ConfigurationError(f"program {tile!r}: {name} has shape {arr.shape}, the tile is {shape}")
         check_conductance_range(limits, tile, name, *_min_max(arr))
         out.append(arr)
+    check_program_lines(limits, tile, out[0], out[1])
     return out[0], out[1]
 
 
@@ -499,6 +500,34 @@ LINE_CURRENT_FIX = (
 # a bound computed in float64 from line sums may differ from the exact sum by rounding: a request
 # is waved through on a bound only with this relative margin below the limit
 _BOUND_MARGIN = 1e-9
+
+
+# the board's margin on the read voltage of a program's reads (`emulator.board.Board._check_read_lines`)
+READ_MARGIN = 1e-9
+
+
+def check_program_lines(limits: Limits, tile: str, g_plus: np.ndarray, g_minus: np.ndarray) -> None:
+    """The row currents of a program's reads, from its checked float32 targets: the board reads
+    a programmed tile back (write-verify, and the read-back of its report) one row at a time at
+    `v_read`, so row ``i`` of each array carries ``v_read * sum_j G_ij``. Computed as the board
+    computes it from the targets (float64 sums, the read voltage with `READ_MARGIN`), so the host
+    refuses what the board would, before sending. One multiply when every device at the top of
+    the window passes (a tile within the declared limit at g_max), else one pass per array."""
+    limit = limits.max_line_current_a
+    if limit == math.inf or not g_plus.size:
+        return
+    v = limits.v_read * (1.0 + READ_MARGIN)
+    if v * (g_plus.shape[1] * conductance_window(limits)[1]) <= limit:
+        return
+    for side, g in (("G+", g_plus), ("G-", g_minus)):
+        rows = g.astype(np.float64).sum(axis=1)
+        i = int(np.argmax(rows))
+        check_line_current(
+            f"row {i} of {tile!r} ({side} array, the reads of a program at v_read {limits.v_read:g} V, "
+            "from its targets)",
+            v * float(rows[i]),
+            limits,
+        )
 
 
 def check_line_current(what: str, current: float, limits: Limits, fix: str = LINE_CURRENT_FIX) -> None:

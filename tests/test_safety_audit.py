@@ -117,3 +117,49 @@ def test_remote_mvm_converts_transpose_once_before_the_input_is_checked(
         y = dev.mvm("W0", x, transpose=flag)
         assert y.shape == (1, 3) and flag.calls == 1
         assert served.device.safety() == SafetyCounters(refused=0, violations=0)
+
+
+LOW_LINE_LIMIT = "emulator://?preset=ideal&seed=0&max_line_current_a=1e-5"
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_host_refuses_a_program_whose_reads_would_pass_the_line_current_limit(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """A program is read back (its write-verify reads, and the read of its report) one row at a
+    time at v_read, so its targets set the row currents: ``v_read * sum_j G_ij``. The host
+    knows the targets exactly and checks them as the board does, before sending: a row of 8
+    devices at g_max (1e-5 S, 0.2 V: 16 uA) on a board of 10 uA is refused on the host, the
+    board never sees it (its refused counter stays 0), nothing is written; the same row at
+    half the current is programmed."""
+    served = emulated_board(LOW_LINE_LIMIT)
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(Topology.layered([4, 8]))
+        lim = dev.info.limits
+        before = dev.read_conductance("W0")
+        g_hi = np.full((5, 8), lim.g_max, np.float32)
+        g_lo = np.full((5, 8), lim.g_min, np.float32)
+        with pytest.raises(LimitViolation, match=r"line current \(A\) of row 0 of 'W0' \(G\+ array") as err:
+            dev.program("W0", g_hi, g_lo)
+        assert "program lower conductances" in str(err.value)
+        assert served.device.safety() == SafetyCounters(refused=0, violations=0)
+        assert dev.safety().refused == 1
+        after = dev.read_conductance("W0")
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        g_half = np.full((5, 8), 0.5 * lim.g_max, np.float32)  # 4 uA of G+ rows, 0.8 uA of G-: within
+        dev.program("W0", g_half, g_lo)
+        # the G- array is checked too
+        with pytest.raises(LimitViolation, match=r"row 0 of 'W0' \(G- array"):
+            dev.program("W0", g_lo, g_hi)
+        assert served.device.safety() == SafetyCounters(refused=0, violations=0)
+
+
+def test_in_process_program_refusal_of_read_currents_is_counted_and_writes_nothing() -> None:
+    d = open_device(LOW_LINE_LIMIT)
+    d.configure(Topology.layered([4, 8]))
+    lim = d.info.limits
+    before = d.read_conductance("W0")
+    with pytest.raises(LimitViolation, match="line current"):
+        d.program("W0", np.full((5, 8), lim.g_max, np.float32), np.full((5, 8), lim.g_min, np.float32))
+    assert d.safety() == SafetyCounters(refused=1, violations=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, d.read_conductance("W0"), strict=True))
