@@ -51,15 +51,32 @@ def check_settings(topology: Topology, limits: Limits) -> None:
     """What may change between two configures of the same network: gain, scales and budget
     (Topology itself has checked that they are finite and > 0)."""
     if topology.gain > limits.max_gain:
-        raise LimitViolation("activation gain", topology.gain, limits.max_gain)
+        raise LimitViolation(
+            "activation gain",
+            topology.gain,
+            limits.max_gain,
+            f"give the topology a gain of at most {limits.max_gain:g} (Topology.gain)",
+        )
     for c in topology.couplings:
         if c.w_max > limits.max_w_max:
-            raise LimitViolation(f"w_max of {c.tile!r}", c.w_max, limits.max_w_max)
+            raise LimitViolation(
+                f"w_max of {c.tile!r}",
+                c.w_max,
+                limits.max_w_max,
+                f"give the coupling a w_max of at most {limits.max_w_max:g} (scale its weights down)",
+            )
     check_budget(topology.budget, limits)
 
 
 def check_budget(b: SettleBudget, limits: Limits) -> None:
-    as_int("settle budget max_steps", b.max_steps, 1, limits.max_settle_steps, "settle budget max_steps")
+    as_int(
+        "settle budget max_steps",
+        b.max_steps,
+        1,
+        limits.max_settle_steps,
+        "settle budget max_steps",
+        f"give the settle budget at most {limits.max_settle_steps} steps (SettleBudget.max_steps)",
+    )
     as_float("settle budget dt", b.dt, 0.0, 1.0, lo_open=True)
     as_int("settle budget check_every", b.check_every, 1, max(limits.max_settle_steps, 1))
     as_float("settle budget tol", b.tol, 0.0, math.inf)
@@ -76,12 +93,26 @@ def check_verify(limits: Limits, tol: object, max_iters: object) -> tuple[float 
     t = None if tol is None else as_float("program tol", tol, 0.0, math.inf)
     if max_iters is None:
         return t, min(DEFAULT_VERIFY_ITERS, limits.max_verify_iters)
-    n = as_int("max_iters", max_iters, 1, limits.max_verify_iters, "write-verify max_iters")
+    n = as_int(
+        "max_iters",
+        max_iters,
+        1,
+        limits.max_verify_iters,
+        "write-verify max_iters",
+        f"ask for at most {limits.max_verify_iters} write-verify rounds (program max_iters)",
+    )
     return t, n
 
 
 def check_wait(limits: Limits, seconds: object) -> float:
-    return as_float("wait duration (seconds)", seconds, 0.0, limits.max_wait_s, limit="wait duration (s)")
+    return as_float(
+        "wait duration (seconds)",
+        seconds,
+        0.0,
+        limits.max_wait_s,
+        limit="wait duration (s)",
+        fix=f"wait at most {limits.max_wait_s:g} s per call (several calls for longer)",
+    )
 
 
 def check_trace(limits: Limits, trace: object) -> int:
@@ -248,7 +279,12 @@ def nudge_beta(
         raise ConfigurationError(f"nudge {group!r}: expected a Nudge, got {type(nd).__name__}")
     beta = as_float(f"nudge {group!r} beta", nd.beta, -math.inf, math.inf)
     if abs(beta) > limits.max_beta:
-        raise LimitViolation(f"|beta| of the nudge on {group!r}", abs(beta), limits.max_beta)
+        raise LimitViolation(
+            f"|beta| of the nudge on {group!r}",
+            abs(beta),
+            limits.max_beta,
+            f"nudge with |beta| of at most {limits.max_beta:g}",
+        )
     return beta
 
 
@@ -259,7 +295,12 @@ def check_injected_current(group: str, beta: float, peak: float, limits: Limits)
     with np.errstate(over="ignore"):
         drive = float(np.float32(beta) * np.float32(peak))
     if not drive <= limits.max_drive:
-        raise LimitViolation(f"injected nudge current |beta * grad| on {group!r}", drive, limits.max_drive)
+        raise LimitViolation(
+            f"injected nudge current |beta * grad| on {group!r}",
+            drive,
+            limits.max_drive,
+            f"lower |beta| or scale the grad so that |beta| x max |grad| is at most {limits.max_drive:g}",
+        )
     return drive
 
 

@@ -32,8 +32,9 @@ def _as_reported(v: float | int) -> float:
         return math.inf if v > 0 else -math.inf
 
 
-def as_int(name: str, value: object, lo: int, hi: int, limit: str | None = None) -> int:
-    """`value` as a Python int in [lo, hi]."""
+def as_int(name: str, value: object, lo: int, hi: int, limit: str | None = None, fix: str = "") -> int:
+    """`value` as a Python int in [lo, hi]; past `hi` with a `limit`, a LimitViolation saying
+    `fix` (what to do instead)."""
     if type(value) is int:  # the common case first (a bool's type is bool, not int)
         v = value
     elif isinstance(value, bool | np.bool_):
@@ -46,7 +47,7 @@ def as_int(name: str, value: object, lo: int, hi: int, limit: str | None = None)
         raise ConfigurationError(f"{name} must be >= {lo}, got {v}")
     if v > hi:
         if limit is not None:
-            raise LimitViolation(limit, _as_reported(v), hi)
+            raise LimitViolation(limit, _as_reported(v), hi, fix)
         raise ConfigurationError(f"{name} must be <= {hi}, got {v}")
     return v
 
@@ -59,8 +60,10 @@ def as_float(
     *,
     lo_open: bool = False,
     limit: str | None = None,
+    fix: str = "",
 ) -> float:
-    """`value` as a finite float64 in [lo, hi] (``(lo, hi]`` with `lo_open`)."""
+    """`value` as a finite float64 in [lo, hi] (``(lo, hi]`` with `lo_open`); past `hi` with a
+    `limit`, a LimitViolation saying `fix` (what to do instead)."""
     if type(value) is float:  # the common case first
         f = value
     elif isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
@@ -77,7 +80,7 @@ def as_float(
         raise ConfigurationError(f"{name} must be {'>' if lo_open else '>='} {bound}, got {got}")
     if f > hi:
         if limit is not None:
-            raise LimitViolation(limit, f, hi)
+            raise LimitViolation(limit, f, hi, fix)
         got, bound = distinct_numbers(f, hi)
         raise ConfigurationError(f"{name} must be <= {bound}, got {got}")
     return f

@@ -453,7 +453,9 @@ class Board:
         bound = min(self.preset.periphery.max_pulses, INT32_MAX)
         peak = max(_peak_count(counts_plus), _peak_count(counts_minus))
         if peak > bound:
-            raise self.safety.refuse(LimitViolation("pulses per device", float(peak), bound))
+            raise self.safety.refuse(
+                LimitViolation("pulses per device", float(peak), bound, "split into several calls")
+            )
         n, mag = tile.pulse_counts(counts_plus, counts_minus)
         wear = self.wear(name)
         if wear is not None:

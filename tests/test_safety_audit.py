@@ -11,10 +11,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from drivers.base import SafetyCounters
+from drivers.base import Nudge, SafetyCounters
 from drivers.errors import LimitViolation
 from drivers.topology import Topology
 from drivers.uri import open_device
+from drivers.wire.scpi import block as scpi_block
 from hil.testing import BoardServers
 
 
@@ -163,3 +164,58 @@ def test_in_process_program_refusal_of_read_currents_is_counted_and_writes_nothi
         d.program("W0", np.full((5, 8), lim.g_max, np.float32), np.full((5, 8), lim.g_min, np.float32))
     assert d.safety() == SafetyCounters(refused=1, violations=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, d.read_conductance("W0"), strict=True))
+
+
+def _refusal(call: Callable[[], object]) -> str:
+    with pytest.raises(LimitViolation) as err:
+        call()
+    return str(err.value)
+
+
+def test_every_limit_refusal_says_what_to_do_instead() -> None:
+    """A refusal names the limit, the value, the bound and the fix: the gain, w_max, settle
+    steps, write-verify rounds, wait, |beta| and injected-current refusals said only the first
+    three."""
+    d = open_device("emulator://?preset=ideal&seed=0")
+    lim = d.info.limits
+    topo = Topology.layered([4, 3, 2])
+    d.configure(topo)
+    g = np.full((5, 3), lim.g_min, np.float32)
+    x = np.full((1, 4), 0.5, np.float32)
+    cases = {
+        "Topology.gain": lambda: d.configure(dataclasses.replace(topo, gain=2 * lim.max_gain)),
+        "scale its weights down": lambda: d.configure(Topology.layered([4, 3, 2], w_max=2 * lim.max_w_max)),
+        "SettleBudget.max_steps": lambda: d.configure(
+            dataclasses.replace(
+                topo, budget=dataclasses.replace(topo.budget, max_steps=lim.max_settle_steps + 1)
+            )
+        ),
+        "program max_iters": lambda: d.program("W0", g, g, max_iters=lim.max_verify_iters + 1),
+        "several calls for longer": lambda: d.wait(2 * lim.max_wait_s),
+        "|beta| of at most": lambda: d.settle({"s0": x}, {"s2": Nudge(2 * lim.max_beta, np.zeros((1, 2)))}),
+        "scale the grad": lambda: d.settle(
+            {"s0": x}, {"s2": Nudge(1.0, grad=np.full((1, 2), 2 * lim.max_drive, np.float32))}
+        ),
+    }
+    for fix, call in cases.items():
+        text = _refusal(call)
+        assert fix in text, text
+    assert d.safety() == SafetyCounters(refused=len(cases), violations=0)
+
+
+def test_the_boards_own_pulse_refusal_says_what_to_do_instead() -> None:
+    """What a raw SCPI peer past the host's checks reads from the board."""
+    from drivers.wire import codes
+    from emulator.server import ScpiServer
+    from tests.raw_scpi import RawScpi
+
+    d = open_device("emulator://?preset=ideal&seed=0")
+    d.configure(Topology.layered([4, 3]))
+    counts = np.zeros((2, 5, 3), "<i4")
+    counts[0, 0, 0] = d.info.limits.max_pulses + 1
+    with ScpiServer(d) as server, RawScpi(server.listen_tcp()[1]) as raw:  # type: ignore[arg-type]
+        raw.send(b"TILE:PULS? 'W0'," + scpi_block(counts.tobytes()) + b"\n")
+        assert raw.line() == b"#10"
+        code, text = raw.error()
+    assert code == codes.DATA_OUT_OF_RANGE and "split into several calls" in text, text
+    assert d.safety() == SafetyCounters(refused=1, violations=0)
