@@ -94,7 +94,13 @@ class SharedBoard:
             )
         blocks = {v.name: (topology if v is view else v.own) for v in self._configured_views()}
         blocks[view.name] = topology
-        key = tuple((n, t.couplings, tuple(t.groups.items())) for n, t in blocks.items())  # type: ignore[union-attr]
+        # the shapes too: a conv tile's size is C_in k^2 by C_out, so maps of new (C, H, W) shapes
+        # with the same group sizes are other tiles (kept out, the view saw 37 x 16 tiles where
+        # the board held 10 x 4 and settled the old network)
+        key = tuple(
+            (n, t.couplings, tuple(t.groups.items()), tuple(t.shapes.items()))  # type: ignore[union-attr]
+            for n, t in blocks.items()
+        )
         with self.device.lock:
             if self._merged is not None and key == self._merged_key:
                 # the same networks: only the budget may differ (no re-configure of the tiles)
@@ -201,9 +207,10 @@ class BlockView(DeviceWrapper):
     def configure(self, topology: Topology) -> None:
         if not isinstance(topology, Topology):
             raise ConfigurationError(f"configure takes a Topology, got {type(topology).__name__}")
-        if self.own is not None and (self.own.groups, self.own.couplings) != (
+        if self.own is not None and (self.own.groups, self.own.couplings, self.own.shapes) != (
             topology.groups,
             topology.couplings,
+            topology.shapes,
         ):
             self._targets.clear()  # another network: the old targets are not its tiles'
             self._pulsed.clear()

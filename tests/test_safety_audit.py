@@ -219,3 +219,31 @@ def test_the_boards_own_pulse_refusal_says_what_to_do_instead() -> None:
         code, text = raw.error()
     assert code == codes.DATA_OUT_OF_RANGE and "split into several calls" in text, text
     assert d.safety() == SafetyCounters(refused=1, violations=0)
+
+
+def test_shared_board_view_reconfigured_with_new_map_shapes_reconfigures_the_board() -> None:
+    """A block that configures its network again with other (C, H, W) shapes of the same group
+    sizes has other conv tiles: the shared board re-configures (its check runs on the new tile
+    sizes) instead of keeping the old merged network, which the view then mistook for the new
+    one (37 x 16 tiles on the host, 10 x 4 on the board, settles of the old network)."""
+    from drivers.shared import SharedBoard
+
+    shared = SharedBoard(open_device("emulator://?preset=ideal&seed=0"))
+    view = shared.view("a")
+    t = Topology.convolutional((1, 8, 8), [4], pools=[1])
+    view.configure(t)
+    lim = view.info.limits
+    g = np.full(t.tile_shape("W0"), lim.g_min, np.float32)
+    view.program("W0", g, g)
+    t2 = dataclasses.replace(t, shapes={"s0": (4, 4, 4), "s1": (16, 4, 4)})
+    view.configure(t2)
+    board = shared.device.topology
+    assert board is not None and board.tile_shape("a.W0") == t2.tile_shape("W0") == (37, 16)
+    assert board.shapes["a.s0"] == (4, 4, 4)
+    eq = view.settle({"s0": np.full((1, 64), 0.5, np.float32)})
+    assert eq.states["s1"].shape == (1, 256)
+    # a block configuring a second time (another view's change re-writes its targets): the
+    # old targets, of the old tile size, are not kept to be written to the new tile
+    other = shared.view("b")
+    other.configure(Topology.layered([3, 2]))
+    assert shared.device.safety() == SafetyCounters(refused=0, violations=0)
