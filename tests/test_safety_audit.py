@@ -5,16 +5,26 @@ counters."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import numbers
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from drivers.base import Nudge, SafetyCounters
-from drivers.errors import LimitViolation
+from drivers import checks
+from drivers.base import Device, Nudge, SafetyCounters
+from drivers.errors import ConfigurationError, LimitViolation
 from drivers.topology import Topology
 from drivers.uri import open_device
+from drivers.wire import payload as pl
+from drivers.wire.link import Link
 from drivers.wire.scpi import block as scpi_block
 from hil.testing import BoardServers
 
@@ -247,3 +257,180 @@ def test_shared_board_view_reconfigured_with_new_map_shapes_reconfigures_the_boa
     other = shared.view("b")
     other.configure(Topology.layered([3, 2]))
     assert shared.device.safety() == SafetyCounters(refused=0, violations=0)
+
+
+# ---- raw peers past the host: the board's checks agree with the host's, over the real servers
+
+_SPECIALS = (
+    0.0, -0.0, 1.25, 1.2500001, 1.25000001, 5e-324, 1e-45, math.nan, math.inf, -math.inf,
+    3.4028235e38, 3.5e38, 1e-6, 1e-5, 1.0000001e-5, 9.999999e-7, 2.0**31 - 1, 2.0**31, -(2.0**31),
+    1000.0, 1001.0, -1000.0, -1001.0, 2.0**53 + 1, 0.5, 1.0,
+)  # fmt: skip
+_WIRE_DTYPES = ("<f4", "<f8", "<i4", "<i8")
+
+
+def _filled(value: float, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    with np.errstate(all="ignore"):
+        try:
+            return np.full(shape, value, dtype=dtype)
+        except (OverflowError, ValueError):
+            return None
+
+
+def _host_verdict(check: Callable[[], object]) -> bool:
+    try:
+        check()
+    except (LimitViolation, ConfigurationError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def raw_framed() -> Iterator[tuple[Device, Link, itertools.count[int]]]:
+    from emulator.server import FramedServer
+    from hil.testing import socket_link
+
+    dev = open_device("emulator://?preset=pcm&seed=0&pulse_endurance=100000&max_line_current_a=4e-5")
+    dev.configure(Topology.layered([4, 3, 2]))
+    with FramedServer(dev) as server:
+        sock = socket.create_connection(("127.0.0.1", server.listen_tcp()[1]), timeout=5)
+        with sock:
+            yield dev, socket_link(sock, ack_timeout=1.0, retries=3), itertools.count()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    value=st.one_of(st.sampled_from(_SPECIALS), st.floats(width=64)),
+    dtype=st.sampled_from(_WIRE_DTYPES),
+    op=st.sampled_from(["program", "pulse", "mvm", "clamp", "init", "target", "grad"]),
+)
+def test_raw_framed_requests_are_refused_exactly_where_the_host_refuses(
+    raw_framed: tuple[Device, Link, itertools.count[int]], value: float, dtype: str, op: str
+) -> None:
+    """Any value in any wire dtype, sent as a raw framed request (no host checks on the way):
+    the board refuses it exactly when the host's own checks would (the host never sends what
+    the board refuses, and the board takes everything the host sends), a refusal changes no
+    conductance, and no violation reaches the array."""
+    from drivers.wire.frames import Flag
+
+    dev, link, rids = raw_framed
+    rid = next(rids)  # each request its own id (a repeated one gets the stored outcome)
+    topo, lim = dev.topology, dev.info.limits
+    assert topo is not None
+    half = np.full((1, 4), 0.5, np.float32)
+    if op in ("program", "pulse"):
+        a = _filled(value, dtype, (5, 3))
+        if a is None:
+            return
+        other = np.full((5, 3), lim.g_min if op == "program" else 0, a.dtype)
+        names = ("g_plus", "g_minus") if op == "program" else ("counts_plus", "counts_minus")
+        msg = pl.Message({"tile": "W0", "rid": rid}, dict(zip(names, (a, other), strict=True)))
+        if op == "program":
+            msg.meta.update({"verify": False, "tol": None, "max_iters": 1})
+            ok = _host_verdict(lambda: checks.check_program(topo, lim, "W0", a, other))
+        else:
+            ok = _host_verdict(lambda: checks.check_pulse(topo, lim, "W0", a, other))
+        opcode = pl.Op.PROGRAM if op == "program" else pl.Op.PULSE
+    elif op == "mvm":
+        a = _filled(value, dtype, (2, 5))
+        if a is None:
+            return
+        msg = pl.Message({"tile": "W0", "transpose": False}, {"x": a})
+        ok = _host_verdict(lambda: checks.check_mvm(topo, lim, "W0", a, False, True))
+        opcode = pl.Op.MVM
+    else:
+        a = _filled(value, dtype, (1, 4 if op == "clamp" else 3))
+        if a is None:
+            return
+        clamp = {"s0": a if op == "clamp" else half}
+        nudge = {"s1": Nudge(0.5, a if op == "target" else None, a if op == "grad" else None)}
+        nudge = nudge if op in ("target", "grad") else {}
+        init = {"s1": a} if op == "init" else {}
+        msg = pl.settle_request(clamp, nudge, init, False)
+
+        def host() -> None:
+            cl, _, ini, _ = checks.check_settle(topo, lim, clamp, nudge, init)
+            checks.check_settle_lines(topo, lim, cl, ini)
+
+        ok = _host_verdict(host)
+        opcode = pl.Op.SETTLE
+    board = dev.board  # type: ignore[attr-defined]
+    clock, before = board.clock, board.tile("W0").state64(board.clock).clone()
+    seq = link.send(int(opcode), pl.pack(msg))
+    got = link.receive(5.0, response=True, ref=seq)
+    assert got is not None
+    first, body = got
+    refused = bool(first.flags & Flag.ERROR)
+    assert refused != ok, (op, value, dtype, pl.loads(body) if refused else "accepted")
+    if refused:  # nothing changed: not the devices, not the board's clock
+        assert board.clock == clock and torch.equal(board.tile("W0").state64(clock), before)
+    assert dev.safety().violations == 0
+
+
+@pytest.fixture(scope="module")
+def raw_scpi() -> Iterator[tuple[Device, Any]]:
+    from emulator.server import ScpiServer
+    from tests.raw_scpi import RawScpi
+
+    dev = open_device("emulator://?preset=pcm&seed=0&pulse_endurance=100000&max_line_current_a=4e-5")
+    dev.configure(Topology.layered([4, 3, 2]))
+    with ScpiServer(dev) as server, RawScpi(server.listen_tcp()[1]) as raw:  # type: ignore[arg-type]
+        yield dev, raw
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    value=st.one_of(st.sampled_from(_SPECIALS), st.floats(width=64)),
+    op=st.sampled_from(["program", "pulse", "mvm"]),
+    tol=st.sampled_from(["DEF", "0", "1e-7", "-1e-9", "nan", "inf", "9.9E37", "1e309"]),
+    iters=st.sampled_from(["1", "20", "1000", "1001", "0", "-1", "2.5", "1e3", "9223372036854775808"]),
+)
+def test_raw_scpi_requests_are_refused_exactly_where_the_host_refuses(
+    raw_scpi: tuple[Device, Any], value: float, op: str, tol: str, iters: str
+) -> None:
+    """The same over SCPI, whose blocks are little-endian f4 (program, mvm) and i4 (pulse), with
+    the program's tolerance and iteration budget as text a host could send."""
+    dev, raw = raw_scpi
+    topo, lim = dev.topology, dev.info.limits
+    assert topo is not None
+    board = dev.board  # type: ignore[attr-defined]
+    clock, before = board.clock, board.tile("W0").state64(board.clock).clone()
+    if op == "program":
+        a = _filled(value, "<f4", (2, 5, 3))
+        if a is None:
+            return
+        a[1] = lim.g_min
+        line = f"TILE:PROG? 'W0',0,{tol},{iters},".encode() + scpi_block(a.tobytes())
+
+        def host() -> None:
+            checks.check_program(topo, lim, "W0", a[0], a[1])
+            t = None if tol == "DEF" else float(tol)
+            n = float(iters)  # SCPI's integers: any decimal form of a whole number (1e3 is 1000)
+            checks.check_verify(
+                lim, t, int(iters) if iters.lstrip("-").isdigit() else int(n) if n.is_integer() else n
+            )
+
+        ok = _host_verdict(host) and tol not in ("nan", "inf", "1e309") and iters != "9223372036854775808"
+    elif op == "pulse":
+        a = _filled(value, "<i4", (2, 5, 3))
+        if a is None or float(a.flat[0]) != value:  # the i4 block holds whole counts only
+            return
+        a[1] = 0
+        line = b"TILE:PULS? 'W0'," + scpi_block(a.tobytes())
+        ok = _host_verdict(lambda: checks.check_pulse(topo, lim, "W0", a[0], a[1]))
+    else:
+        a = _filled(value, "<f4", (2, 5))
+        if a is None:
+            return
+        line = b"TILE:MVM? 'W0',0," + scpi_block(a.tobytes())
+        ok = _host_verdict(lambda: checks.check_mvm(topo, lim, "W0", a, False, True))
+    raw.send(line + b"\n")
+    reply = raw.line()
+    code, text = raw.error()
+    refused = code != 0
+    assert refused != ok, (op, value, tol, iters, code, text, reply[:40])
+    assert raw.error()[0] == 0
+    if refused:
+        assert reply == b"#10"
+        assert board.clock == clock and torch.equal(board.tile("W0").state64(clock), before)
+    assert dev.safety().violations == 0
