@@ -22,6 +22,26 @@ from calibration.record import CalibrationError, ChannelCal
 from drivers import Device, SettleBudget
 
 MAX_REF_WIDTH = 1024  # cells of a state-ADC reference row, at most
+# the most of each count of the converter routines (each sets how much work a session does, and
+# `levels` how often the state-ADC routine writes its reference pairs): 32 to 64 times the defaults
+COUNT_BOUNDS = {
+    "levels": 4096,
+    "repeats": 4096,
+    "samples": 1 << 16,
+    "reads": 1 << 16,
+    "level_reads": 4096,
+    "steps": 1 << 16,
+}
+
+
+def check_count(owner: str, name: str, value: object, lo: int, hi: int) -> None:
+    """`value` of the option `name` of `owner` is a whole number (not a bool) in [lo, hi];
+    else CalibrationError naming it, the bounds and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise CalibrationError(
+            f"{owner}.{name} is {value!r}: give a whole number from {lo} to {hi} (every count of a "
+            "calibration session has a bound, so that none can ask for unbounded reads, settles or writes)"
+        )
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class ConverterOptions:
     offset_tol_lsb: float | None = 1.0
 
     def __post_init__(self) -> None:
+        for name, hi in COUNT_BOUNDS.items():
+            check_count("ConverterOptions", name, getattr(self, name), 1, hi)
         if not 1 <= self.ref_width <= MAX_REF_WIDTH:
             raise CalibrationError(
                 f"ref_width must be 1 to {MAX_REF_WIDTH} cells, got {self.ref_width}: 8 keeps the "

@@ -31,7 +31,7 @@ import numpy as np
 
 from calibration.adc import measure_adc
 from calibration.conductance import conductance_map, find_stuck
-from calibration.converters import ConverterOptions
+from calibration.converters import ConverterOptions, check_count
 from calibration.dac import TILES_PER_DAC_PASS, measure_dac
 from calibration.measure import Progress, no_progress, tile_topology
 from calibration.mvm import measure_mvm
@@ -49,6 +49,9 @@ from drivers import Device
 from drivers.base import Limits
 
 T = TypeVar("T")
+
+MAX_MAP_READS = 4096  # reads of the conductance map and of the stuck-device search (the CLI's bound)
+MAX_PULSE_CHUNKS = 10_000  # sweep chunks of the pulse routine (50 times the default)
 
 
 def runnable(routines: tuple[str, ...], capabilities: frozenset[str] | set[str]) -> dict[str, str]:
@@ -99,6 +102,10 @@ class SessionOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # the counts' bounds (the CLI's for `reads`): none may ask for unbounded reads or sweeps
+        check_count("SessionOptions", "reads", self.reads, 2, MAX_MAP_READS)
+        check_count("SessionOptions", "stuck_reads", self.stuck_reads, 1, MAX_MAP_READS)
+        check_count("SessionOptions", "pulse_chunks", self.pulse_chunks, 1, MAX_PULSE_CHUNKS)
         b = self.pulse_budget
         if b is not None and (
             isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= PULSE_BUDGET_MAX

@@ -434,3 +434,34 @@ def test_raw_scpi_requests_are_refused_exactly_where_the_host_refuses(
         assert reply == b"#10"
         assert board.clock == clock and torch.equal(board.tile("W0").state64(clock), before)
     assert dev.safety().violations == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "value"),
+    [
+        ("session", "reads", 10**9),
+        ("session", "reads", 1),
+        ("session", "stuck_reads", 10**9),
+        ("session", "pulse_chunks", 10**9),
+        ("session", "reads", 64.0),
+        ("converter", "levels", 10**12),
+        ("converter", "samples", 10**12),
+        ("converter", "reads", 10**9),
+        ("converter", "level_reads", 10**9),
+        ("converter", "repeats", 0),
+        ("converter", "steps", True),
+    ],
+)
+def test_every_count_of_a_calibration_session_is_bounded(make: str, field: str, value: object) -> None:
+    """Through the Python API, the counts that set a calibration session's work (reads, sweep
+    chunks, levels, samples, repeats, steps; `levels` also the writes of the state-ADC routine's
+    reference pairs) are refused past their bound with one naming the option and the range:
+    levels=10**12 went on to allocate (levels, channels) arrays and loop over them."""
+    from calibration.converters import ConverterOptions
+    from calibration.record import CalibrationError
+    from calibration.session import SessionOptions
+
+    cls = SessionOptions if make == "session" else ConverterOptions
+    with pytest.raises(CalibrationError, match=rf"{cls.__name__}\.{field} is .*: give a whole number from"):
+        cls(**{field: value})  # type: ignore[arg-type]
+    cls()  # the defaults are within
