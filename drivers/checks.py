@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -192,6 +192,33 @@ def check_settle_batch(topology: Topology, batch: int, limits: Limits) -> int:
             f"split the {batch} samples into chunks of at most {most} for this network",
         )
     return batch
+
+
+def check_trace_values(
+    topology: Topology, clamped: Iterable[str], batch: int, every: int, limits: Limits
+) -> None:
+    """A traced settle's record (`every` > 0: a record of the free groups' states and of the
+    energy every `every` steps, at most ``max_steps // every + 2`` records, each ``batch x (free
+    nodes + 1)`` values) within `MAX_SETTLE_VALUES`, the most one reply carries: the board would
+    otherwise keep records without bound (100 000 steps of a 784-512-10 network at batch 1024,
+    every step: 200 GB) and the host refuse the reply it could not take."""
+    if not every:
+        return
+    skip = set(clamped)
+    free = sum(n for g, n in topology.groups.items() if g not in skip)
+    records = topology.budget.max_steps // every + 2
+    values = records * batch * (free + 1)
+    if values > MAX_SETTLE_VALUES:
+        per_sample = records * (free + 1)
+        most = MAX_SETTLE_VALUES // per_sample
+        fewer = f"trace at most {most} samples" if most else "trace fewer steps"
+        raise LimitViolation(
+            f"values in one settle's trace ({records} records of {batch} samples x {free + 1} values)",
+            values,
+            MAX_SETTLE_VALUES,
+            f"{fewer} at this interval, trace every k > {every} steps, or lower the budget's max_steps "
+            f"({topology.budget.max_steps}); a trace is for a few samples",
+        )
 
 
 _REAL_KINDS = "biuf"  # bool, integers, floats: what converts to float32 without losing meaning

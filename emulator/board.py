@@ -32,6 +32,7 @@ from drivers.checks import (
     check_settings,
     check_settle_batch,
     check_topology,
+    check_trace_values,
     check_verify,
     check_wait,
     settle_line_volts,
@@ -644,6 +645,7 @@ class Board:
         batch = next(iter(clamp.values())).shape[0]
         try:
             check_settle_batch(self.topology, int(batch), self.limits)
+            check_trace_values(self.topology, clamp, int(batch), trace, self.limits)
         except LimitViolation as exc:
             raise self.safety.refuse(exc) from None
         self._check_settle_lines(clamp, init or {})

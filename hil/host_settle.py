@@ -85,7 +85,7 @@ from drivers import (
     conv,
     topology,
 )
-from drivers.checks import MAX_SETTLE_VALUES, check_settle, require_topology
+from drivers.checks import MAX_SETTLE_VALUES, check_settle, check_trace_values, require_topology
 from drivers.converters import lsb
 from drivers.numerics import denormals_flushed, power_norm
 from hil.reference import DHN
@@ -312,6 +312,7 @@ class HostSettle:
         every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
         if every < 0:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
+        check_trace_values(topo, cl, batch, every, limits)  # the records a board would keep, bounded alike
         budget, gain, act = topo.budget, topo.gain, topo.activation
         clamped = frozenset(cl)
         key = (topo.couplings, clamped)  # the couplings themselves: an id could be reused

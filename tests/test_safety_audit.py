@@ -465,3 +465,51 @@ def test_every_count_of_a_calibration_session_is_bounded(make: str, field: str, 
     with pytest.raises(CalibrationError, match=rf"{cls.__name__}\.{field} is .*: give a whole number from"):
         cls(**{field: value})  # type: ignore[arg-type]
     cls()  # the defaults are within
+
+
+def _long_budget(topo: Topology) -> Topology:
+    from drivers.topology import SettleBudget
+
+    return dataclasses.replace(topo, budget=SettleBudget(max_steps=100_000, tol=1e-3))
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_trace_past_what_one_reply_holds_is_refused_on_the_host_and_on_the_board(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """A traced settle's worst case (max_steps // k + 2 records of batch x (free nodes + 1)
+    values) is bounded like its states (MAX_SETTLE_VALUES, what one reply carries): every step
+    of 100 000 at batch 1024 of a 4-3-2 network is 614 million values (2.5 GB the board would
+    keep). The host refuses it before sending; a raw peer that sends it is refused by the board
+    before it settles; every 20th step fits and runs."""
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    topo = _long_budget(Topology.layered([4, 3, 2]))
+    x = np.full((1024, 4), 0.5, np.float32)
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(topo)
+        with pytest.raises(LimitViolation, match=r"values in one settle's trace .*trace every k > 1 steps"):
+            dev.settle({"s0": x}, trace=True)
+        assert served.device.safety() == SafetyCounters(refused=0, violations=0)
+        assert dev.safety().refused == 1
+        eq = dev.settle({"s0": x[:4]}, trace=20)  # 5002 records of 4 x 6 values
+        assert eq.trace is not None
+    board = served.device
+    clock = board.board.clock  # type: ignore[attr-defined]
+    with pytest.raises(LimitViolation, match="values in one settle's trace"):
+        board.settle({"s0": x}, trace=1)  # the board's own check (a peer past the host)
+    assert board.safety() == SafetyCounters(refused=1, violations=0)
+    assert board.board.clock == clock  # type: ignore[attr-defined]  # nothing ran
+
+
+def test_the_host_iterated_settle_bounds_its_trace_alike() -> None:
+    """An MVM-only board's settle runs on the host (`hil.host_settle`), which keeps the trace
+    itself: its record is bounded as a board's (nothing is asked of the board)."""
+    from hil.host_settle import HostSettle
+
+    dev = open_device("emulator://?preset=ideal&seed=0&capabilities=mvm")
+    dev.configure(_long_budget(Topology.layered([4, 3, 2])))
+    host = HostSettle(dev)
+    before = dev.meter()
+    with pytest.raises(LimitViolation, match="values in one settle's trace"):
+        host({"s0": np.full((1024, 4), 0.5, np.float32)}, trace=1)
+    assert dev.meter() == before  # no mvm was run

@@ -710,6 +710,7 @@ class RemoteDevice(Device):
                 checks.check_settle, self.topology, self.info.limits, clamp, nudge, init
             )
             topo = checks.require_topology(self.topology)
+            self._checked(checks.check_trace_values, topo, cl, batch, every, self.info.limits)
             self._checked(checks.check_settle_lines, topo, self.info.limits, cl, ini)
             sent = trace if isinstance(trace, bool) else every
             reply = self._transact(Op.SETTLE, pl.settle_request(cl, nd, ini, sent))
