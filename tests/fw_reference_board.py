@@ -6,7 +6,9 @@ firmware bugs that the conformance suite must catch:
 - `noack`: the board says `"piggyback": true` in its HELLO, then never sends an ACK frame (the
   host's acceptance of a reply as its request's ACK hides it until a request needs two
   fragments; a board that does not say so fails at open, tests/test_link_diagnostics.py);
-- `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids.
+- `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids;
+- `slack`: program targets checked with a slack of 0.1 % (up to 1.001 g_max taken), not the
+  window of docs/protocol.md "Limits".
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -44,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-BUGS = ("nofrag", "noack", "norid")
+BUGS = ("nofrag", "noack", "norid", "slack")
 
 HDR = struct.Struct("<BBBBHH")
 RESP, MORE, ERR, START = 1, 2, 4, 8
@@ -306,8 +308,16 @@ class Board:
     the largest voltage the board leaves on a line after an operation (its DACs hold the last
     input); SAFE_STATE, RESET and a gone owner's safe state bring every line to 0 V."""
 
-    def __init__(self, norid: bool = False, seed: int = 0, lock: bool = False, lease_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        norid: bool = False,
+        seed: int = 0,
+        lock: bool = False,
+        lease_s: float = 15.0,
+        slack: bool = False,
+    ) -> None:
         self.norid = norid
+        self.slack = slack
         self.rng = np.random.default_rng(seed)
         self.g: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.shapes: dict[str, tuple[int, int, float]] = {}
@@ -394,8 +404,15 @@ class Board:
         gp, gm = arrays.get("g_plus"), arrays.get("g_minus")
         if gp is None or gm is None or gp.shape != (rows, cols) or gm.shape != (rows, cols):
             raise Fail(100, f"program {tile}: need g_plus, g_minus f4 of shape {(rows, cols)}")
+        # docs/protocol.md, "Limits": the window's ends rounded to float32, each widened by 4
+        # float32 steps of its own, never below 0 (a slack of 0.1 % took 1.001 g_max)
+        lo32, hi32 = F32(LIM["g_min"]), F32(LIM["g_max"])
+        low = max(float(lo32) - 4 * float(np.spacing(lo32)), 0.0)
+        high = float(hi32) + 4 * float(np.spacing(hi32))
+        if self.slack:
+            low, high = LIM["g_min"] * 0.999, LIM["g_max"] * 1.001
         for g in (gp, gm):
-            if not np.all(np.isfinite(g)) or g.min() < LIM["g_min"] * 0.999 or g.max() > LIM["g_max"] * 1.001:
+            if not np.all(np.isfinite(g)) or float(g.min()) < low or float(g.max()) > high:
                 raise self.refuse("conductance target outside [g_min, g_max]")
         self.g[tile] = tuple(  # type: ignore[assignment]
             np.clip(g + self.rng.normal(0, 4.5e-8, g.shape), LIM["g_min"], LIM["g_max"]).astype(F32)
@@ -666,7 +683,7 @@ class FirmwareBoard:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
         self.bug = bug
-        self.board = Board(norid=bug == "norid", lock=lock, lease_s=lease_s)
+        self.board = Board(norid=bug == "norid", lock=lock, lease_s=lease_s, slack=bug == "slack")
         self.stop_event = threading.Event()
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -513,3 +513,56 @@ def test_the_host_iterated_settle_bounds_its_trace_alike() -> None:
     with pytest.raises(LimitViolation, match="values in one settle's trace"):
         host({"s0": np.full((1024, 4), 0.5, np.float32)}, trace=1)
     assert dev.meter() == before  # no mvm was run
+
+
+def test_conformance_probes_of_the_boards_own_checks_send_the_least_excess(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """`hil conformance` runs on boards in bring-up, whose own limit checks are what it tests: a
+    probe past a limit is what such a board takes if its check is missing. It sent 2 x clamp_max
+    on every input line (0.5 V against 0.25 V) and 4 x g_max to every device of the tile; now
+    one float32 step past the limit on one line or device, every other at 0 or g_min (the
+    board still refuses it: its check must catch the least excess)."""
+    from types import SimpleNamespace
+
+    from hil.conformance import framed
+
+    served = emulated_board("emulator://?preset=ideal&seed=0")
+    got: list[pl.Message] = []
+    with open_device(served.uris["serial-socket"]) as dev:
+        topo = Topology.layered([4, 3])
+        dev.configure(topo)
+        lim = dev.info.limits
+
+        def send(op: pl.Op, request: pl.Message) -> pl.Message:
+            got.append(request)
+            return dev.send_unchecked(op, request)  # type: ignore[attr-defined]
+
+        sess = SimpleNamespace(
+            lim=lim,
+            topo=topo,
+            counted_refusal=lambda sent, value, attempt, what=None: attempt(),
+            tile_within_window=lambda tile: "",
+        )
+        framed._board_limit(sess, [], send, "W0", 5)  # type: ignore[arg-type]
+        framed._board_conductance_limit(sess, [], send, "W0")  # type: ignore[arg-type]
+    x = got[0].arrays["x"]
+    step = float(np.nextafter(np.float32(lim.clamp_max), np.float32(np.inf)))
+    assert float(x.max()) == step and np.count_nonzero(x) == 1
+    gp, gm = got[1].arrays["g_plus"], got[1].arrays["g_minus"]
+    top = checks.conductance_window(lim)[1]
+    assert float(gp.max()) == float(np.nextafter(np.float32(top), np.float32(np.inf)))
+    assert np.count_nonzero(gp > lim.g_min) == 1 and float(gm.max()) == np.float32(lim.g_min)
+    assert served.device.safety() == SafetyCounters(refused=2, violations=0)
+
+
+def test_conformance_fails_a_firmware_whose_target_check_has_slack() -> None:
+    """The reference firmware (tests/fw_reference_board.py) checked program targets with a
+    0.1 % slack, against docs/protocol.md's window (4 float32 steps of each end): the probe of
+    4 x g_max passed it. The probe one step past the window fails such a firmware."""
+    from tests.test_conformance_firmware import _conformance
+
+    report = _conformance("slack")
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == {"unchecked board conductance limit"}, [c.line() for c in failed.values()]
+    assert "the board ran PROGRAM; expected LimitViolation" in failed["unchecked board conductance limit"].got

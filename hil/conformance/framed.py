@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from drivers.errors import DeviceError, LimitViolation, NotSupported
+from drivers.checks import conductance_window
+from drivers.errors import DeviceError, LimitViolation, NotSupported, distinct_numbers
 from drivers.wire import payload as pl
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
@@ -67,19 +68,37 @@ def _refused(sent: list[str], send: Send, op: pl.Op, request: pl.Message, expect
     raise Mismatch(f"the board ran {op.name}; expected {expected.__name__}")
 
 
+def _step_past(limit: float) -> float:
+    """The first float32 above `limit` (as float32 holds it): the smallest value a board must
+    refuse. The probes of the board's own checks send it on one line or device, every other
+    at a harmless value, so that a board in bring-up whose check is missing (what they look
+    for) takes the least possible excess, not 2 to 4 times a limit on every line."""
+    return float(np.nextafter(np.float32(limit), np.float32(np.inf)))
+
+
 def _board_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: int) -> str:
-    value = 2.0 * max(1.0, sess.lim.clamp_max)
+    value = _step_past(sess.lim.clamp_max)
+    x = np.zeros((1, rows), np.float32)
+    x[0, 0] = value
+    request = pl.mvm_request(tile, x, False)
+    shown, most = distinct_numbers(value, sess.lim.clamp_max)
     return sess.counted_refusal(
-        sent, value, lambda: _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, value), LimitViolation)
-    )
+        sent, value, lambda: _refused(sent, send, pl.Op.MVM, request, LimitViolation),
+        what=f"x[0] = {shown} > clamp_max {most} (one float32 step past it; every other input 0)",
+    )  # fmt: skip
 
 
 def _board_conductance_limit(sess: Session, sent: list[str], send: Send, tile: str) -> str:
-    value = 4.0 * sess.lim.g_max
-    g = np.full(sess.topo.tile_shape(tile), value, np.float32)
-    request = pl.program_request(tile, g, g, False, None, 1)
+    top = conductance_window(sess.lim)[1]
+    value = _step_past(top)
+    gm = np.full(sess.topo.tile_shape(tile), sess.lim.g_min, np.float32)
+    gp = gm.copy()
+    gp[0, 0] = value
+    request = pl.program_request(tile, gp, gm, False, None, 1)
+    shown, most = distinct_numbers(value, top)
     got = sess.counted_refusal(
         sent, value, lambda: _refused(sent, send, pl.Op.PROGRAM, request, LimitViolation),
-        what=f"G = {value:g} S > g_max {sess.lim.g_max:.3g} S",
+        what=f"G+[0, 0] = {shown} S > the window's top {most} S (one float32 step past it; every other "
+        "device g_min)",
     )  # fmt: skip
     return got + sess.tile_within_window(tile)

@@ -110,9 +110,28 @@ def text_block(values: np.ndarray) -> str:
     return scpi.block(values.tobytes()).decode("ascii")
 
 
+# the smallest positive float32 whose bytes are all printable ASCII (0x20202020, about 1.3e-19):
+# the harmless value of the lines and devices a probe does not drive past a limit
+ASCII_TINY = float(np.frombuffer(b"    ", "<f4")[0])
+
+
+def _ascii_float_within(lo: float, hi: float) -> float | None:
+    """The smallest float32 in [lo, hi] whose bytes are all printable ASCII (None: none is)."""
+    for b3 in range(0x20, 0x7F):
+        for b2 in range(0x20, 0x7F):
+            v = float(np.frombuffer(bytes((0x20, 0x20, b2, b3)), "<f4")[0])
+            if lo <= v <= hi:
+                return v
+    return None
+
+
 def _mvm_command(sess: Session, tile: str, value: float) -> str:
+    """An mvm whose first input line is `value` and every other one `ASCII_TINY` (0 V, as near
+    as a text block allows): a probe past a limit drives one line, not all."""
     rows, _ = sess.topo.tile_shape(tile)
-    return f'TILE:MVM? "{tile}",0,{text_block(np.full(rows, value, "<f4"))}'
+    x = np.full(rows, ASCII_TINY, "<f4")
+    x[0] = value
+    return f'TILE:MVM? "{tile}",0,{text_block(x)}'
 
 
 def _settle_command() -> str:
@@ -125,20 +144,26 @@ def _settle_command() -> str:
 def _board_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
     value = _ascii_float(sess.lim.clamp_max)
     return sess.counted_refusal(
-        sent, value, lambda: _expect_error(sent, query, _mvm_command(sess, tile, value), "-222")
-    )
+        sent, value, lambda: _expect_error(sent, query, _mvm_command(sess, tile, value), "-222"),
+        what=f"x[0] = {value:g} > clamp_max {sess.lim.clamp_max:.3g} (every other input {ASCII_TINY:.2g})",
+    )  # fmt: skip
 
 
 def _program_command(sess: Session, tile: str, value: float) -> str:
-    """A plain program of every device of `tile` to `value` siemens, without a request id."""
+    """A plain program of G+ device (0, 0) of `tile` to `value` siemens and every other device
+    to an ASCII value within the window (where there is one; else all to `value`), without a
+    request id."""
     rows, cols = sess.topo.tile_shape(tile)
-    return f'TILE:PROG? "{tile}",0,DEF,1,{text_block(np.full(2 * rows * cols, value, "<f4"))}'
+    inside = _ascii_float_within(sess.lim.g_min, sess.lim.g_max)
+    g = np.full(2 * rows * cols, value if inside is None else inside, "<f4")
+    g[0] = value
+    return f'TILE:PROG? "{tile}",0,DEF,1,{text_block(g)}'
 
 
 def _board_conductance_limit(sess: Session, sent: list[str], query: Query, tile: str) -> str:
     value = _ascii_float(sess.lim.g_max)
     got = sess.counted_refusal(
         sent, value, lambda: _expect_error(sent, query, _program_command(sess, tile, value), "-222"),
-        what=f"G = {value:g} S > g_max {sess.lim.g_max:.3g} S",
+        what=f"G+[0, 0] = {value:g} S > g_max {sess.lim.g_max:.3g} S (every other device within the window)",
     )  # fmt: skip
     return got + sess.tile_within_window(tile)
