@@ -264,6 +264,11 @@ class Wear:
     endurance: int  # pulses per device over its life (`Limits.pulse_endurance`)
     near_from: int  # the wear from which a device counts as near its end (`drivers.wear.near_end_from`)
     tiles: dict[str, TileWear]
+    # where each tile lives, filled by the host's wrappers (`drivers.tiled.TiledDevice`, a
+    # `drivers.shared` block view), empty as a board reports it: per tile, the *IDN string of the
+    # board that holds it and the board's own (physical) tiles it lies on
+    boards: dict[str, str] = field(default_factory=dict)
+    physical: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport
+from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport, Wear
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.topology import BIAS, Coupling, Topology
 from drivers.wrapper import DeviceWrapper
@@ -261,6 +261,23 @@ class BlockView(DeviceWrapper):
 
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
         return self.inner.mvm(self._tile(tile), x, transpose=transpose)
+
+    def wear(self) -> Wear | None:
+        """The board's wear of this block's tiles only, under the block's own names (the board
+        calls them ``name.<tile>``), with the board and physical tiles each lies on."""
+        w = self.inner.wear()
+        if w is None:
+            return None
+        idn = self.inner.info.identity.idn()
+        own = [] if self.own is None else [c.tile for c in self.own.couplings]
+        tiles = {t: w.tiles[self.prefix + t] for t in own if self.prefix + t in w.tiles}
+        return Wear(
+            w.endurance,
+            w.near_from,
+            tiles,
+            {t: w.boards.get(self.prefix + t, idn) for t in tiles},
+            {t: w.physical.get(self.prefix + t, (self.prefix + t,)) for t in tiles},
+        )
 
     # ------------------------------------------------------------------------------ settles
     def _map_in(

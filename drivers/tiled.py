@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from drivers import checks
-from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport
+from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport, TileWear, Wear
 from drivers.errors import ConfigurationError, DeviceError
 from drivers.placement import Block, Placement, place, rebudget
 from drivers.topology import Topology
@@ -226,6 +226,35 @@ class TiledDevice(DeviceWrapper):
                 dst = slice(b.c0, b.c1) if transpose else slice(b.r0, b.r1)
                 y[:, dst] += self.inner.mvm(b.tile, np.ascontiguousarray(src), transpose=not transpose)
         return y
+
+    def wear(self) -> Wear | None:
+        """The board's wear under the logical tiles' names, in the logical topology's order: per
+        tile, the most worn device of any of its physical tiles, and its devices near or at the
+        end summed over them (each physical tile belongs to one logical tile; a dense pair tile's
+        devices count once). `Wear.boards` names the board (its *IDN string) and `Wear.physical`
+        the board's tiles each logical tile lies on. A logical tile one of whose physical tiles
+        the board did not report is left out, as a board leaves out a tile it has no count of."""
+        w = self.inner.wear()
+        p = self._placement
+        if w is None or p is None or self.inner.topology is None:
+            return w
+        idn = self.inner.info.identity.idn()
+        tiles: dict[str, TileWear] = {}
+        boards: dict[str, str] = {}
+        physical: dict[str, tuple[str, ...]] = {}
+        for c in p.logical.couplings:
+            where = tuple(dict.fromkeys(b.tile for b in p.blocks.get(c.tile, ())))
+            if not where or any(t not in w.tiles for t in where):
+                continue
+            parts = [w.tiles[t] for t in where]
+            tiles[c.tile] = TileWear(
+                max_wear=max(t.max_wear for t in parts),
+                near_end=sum(t.near_end for t in parts),
+                spent=sum(t.spent for t in parts),
+            )
+            boards[c.tile] = idn
+            physical[c.tile] = tuple(q for t in where for q in w.physical.get(t, (t,)))
+        return Wear(w.endurance, w.near_from, tiles, boards, physical)
 
     # ------------------------------------------------------------------------ settles
     def _split(self, p: Placement, values: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -158,7 +158,10 @@ def info_record(dev: Device, uri: str) -> dict[str, Any]:
         "safety": dataclasses.asdict(dev.safety()),
         "meter": None if meter is None else dataclasses.asdict(meter),
         "owner": None if owner is None else dataclasses.asdict(owner),
-        "wear": None if wear is None else dataclasses.asdict(wear),
+        # `boards` and `physical` are the host's placement (empty as a board reports its wear)
+        "wear": None
+        if wear is None
+        else {k: v for k, v in dataclasses.asdict(wear).items() if v or k == "tiles"},
     }
 
 
