@@ -248,8 +248,40 @@ class RunLog:
     def set_boards(self, boards: list[dict[str, Any]]) -> None:
         """Record which board held which block: one JSON record per EB block (block index,
         board index, URI, *IDN, tile names; `Classifier.board_records`), read back as
-        `RunReader.boards`."""
-        self._update_root({"boards": [dict(b) for b in boards]})
+        `RunReader.boards`. A resumed run whose blocks continue on boards of other identities
+        keeps the records before in the last ``resumes`` entry (``boards_before``) and says so
+        (`AnotherBoardWarning`, one for every block that moved, but those on board 0 then and now,
+        whose change `set_device` words)."""
+        update: dict[str, Any] = {"boards": [dict(b) for b in boards]}
+        before = self.root.attrs.get("boards")
+        resumes = list(self.root.attrs.get("resumes", []))
+        if isinstance(before, list) and resumes:
+            old = {r.get("block"): r for r in before if isinstance(r, dict)}
+            moved = [
+                (b, old[b.get("block")])
+                for b in boards
+                if b.get("block") in old and old[b.get("block")].get("idn") not in (None, b.get("idn"))
+            ]
+            if moved:
+                resumes[-1] = {**resumes[-1], "boards_before": [dict(r) for r in before]}
+                update["resumes"] = resumes
+            # board 0 then and now: the run's `device`, whose change `set_device` words
+            told = [(b, o) for b, o in moved if (b.get("board"), o.get("board")) != (0, 0)]
+            if told:
+                which = "; ".join(
+                    f"block {b['block']} continues on {b.get('idn')} ({b.get('uri')}), it ran on "
+                    f"{o.get('idn')} ({o.get('uri')})"
+                    for b, o in told
+                )
+                warnings.warn(
+                    f"{self.path}: another board than the run's for {which}; the run log keeps both "
+                    "(resumes: boards_before). Every tile is programmed again from the snapshot; the "
+                    "new board's devices differ, so expect the first steps to differ from what the old "
+                    "board would have given",
+                    AnotherBoardWarning,
+                    stacklevel=2,
+                )
+        self._update_root(update)
 
     def set_ranks(self, ranks: list[dict[str, Any]]) -> None:
         """Record the board of every rank of a data parallel job (rank, URI, *IDN, model), read

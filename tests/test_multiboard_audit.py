@@ -1,0 +1,76 @@
+"""An ff-EBM's EB blocks on several served boards (docs/multiboard.md), as a user meets them:
+a run resumed with one block's board swapped for another chip, and a block refused by its
+board's tiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hil.config import load_config
+from hil.runlog import AnotherBoardWarning, RunLog, open_for_resume, open_run
+from hil.testing import BoardServers
+from hil.train_classifier import train_classifier
+
+MODEL = ["model.kind=ffebm", "model.sizes=[64,24,16,10]", "model.block_layers=2", "model.between=linear"]
+SHORT = ["train.epochs=2", "train.batch_size=16", "data.limit_train=32", "data.limit_test=16"]
+
+
+def _devices(*uris: str) -> str:
+    return "devices=" + json.dumps(list(uris))
+
+
+def test_a_resume_with_another_board_for_block_1_says_so_and_keeps_both(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path
+) -> None:
+    """Block 0's board swapped was warned of and kept (`RunLog.set_device`); block 1's was
+    taken without a word, and the run log's `boards` forgot which chip trained its first steps."""
+    a = emulated_board(board="emulator://?preset=ideal&seed=0").uri("visa-tcp")
+    b = emulated_board(board="emulator://?preset=ideal&seed=1").uri("serial-socket")
+    c = emulated_board(board="emulator://?preset=ideal&seed=7").uri("serial-socket")
+    cfg = load_config(None, [*MODEL, *SHORT, _devices(a, b), "log.snapshot_every_s=0"])
+
+    def crash(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+        train_classifier(cfg, log=log, on_epoch=crash)
+    swapped = dataclasses.replace(cfg, devices=[a, c])
+    log, state = open_for_resume(path)
+    with log, pytest.warns(AnotherBoardWarning) as caught:
+        train_classifier(swapped, log=log, state=state).model.close()
+    texts = [str(w.message) for w in caught if issubclass(w.category, AnotherBoardWarning)]
+    assert len(texts) == 1, texts  # block 0's board did not change: one warning, block 1's
+    assert "block 1" in texts[0] and "EMU-00000007" in texts[0] and "EMU-00000001" in texts[0], texts[0]
+    run = open_run(path)
+    assert [r["idn"].split(",")[2] for r in run.boards] == ["EMU-00000000", "EMU-00000007"]
+    before = run.attrs["resumes"][-1]["boards_before"]
+    assert [(r["block"], r["idn"].split(",")[2], r["uri"]) for r in before] == [
+        (0, "EMU-00000000", a),
+        (1, "EMU-00000001", b),
+    ]
+
+
+def test_a_resume_on_the_same_boards_says_nothing(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    a = emulated_board(board="emulator://?preset=ideal&seed=0").uri("visa-tcp")
+    b = emulated_board(board="emulator://?preset=ideal&seed=1").uri("serial-socket")
+    cfg = load_config(None, [*MODEL, *SHORT, _devices(a, b), "log.snapshot_every_s=0"])
+
+    def crash(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    path = tmp_path / "run.zarr"
+    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+        train_classifier(cfg, log=log, on_epoch=crash)
+    log, state = open_for_resume(path)
+    with log:
+        train_classifier(cfg, log=log, state=state).model.close()
+    assert not [w for w in recwarn if issubclass(w.category, AnotherBoardWarning)]
+    assert "boards_before" not in open_run(path).attrs["resumes"][-1]
