@@ -26,13 +26,14 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
 from drivers.checks import MAX_SETTLE_VALUES
+from drivers.errors import ConfigurationError, DeviceError, LimitViolation
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
 from hil.boards import block_uris, close_boards
 from hil.compute import board_uri, resolve_compute
 from hil.config import RunConfig, model_activation
 from hil.ep import EBBlock
-from hil.ffebm import FFEBM
+from hil.ffebm import FFEBM, split_layered
 from hil.init import init_weights
 from hil.programming import make_scheme
 
@@ -61,11 +62,37 @@ class Classifier:
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.devices: list[Device] = []  # the boards, each once (a board blocks share: once)
+        self._building: int | None = None  # the EB block being built on its board (`dev` in `_build`)
         try:
             self._build(cfg, features, classes, opener, image_shape)
         except BaseException as err:
             close_boards(self.devices, during=err)  # the boards opened before the failure, each safe
+            if isinstance(err, LimitViolation | ConfigurationError) and self._building is not None:
+                self._name_block(err, cfg, self._building)
             raise
+
+    def _name_block(self, err: DeviceError, cfg: RunConfig, k: int) -> None:
+        """Prefix a refusal met while block `k` configured its board (a network too large for
+        the board's tiles, ...) with the block, its layers and its board, and say what to change
+        for that block: a model on several boards was told to "split it into EB blocks on several
+        boards" without learning which block or board was refused."""
+        uris = block_uris(cfg)
+        if len(uris) < 2:
+            return
+        m = cfg.model
+        layers = "" if m.channels else f" (layers {split_layered(m.sizes, m.block_layers)[k]})"
+        others = [j for j, u in enumerate(uris[:k]) if u == uris[k]]
+        shared = (
+            f" (shared with block{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})"
+            if others
+            else ""
+        )
+        fix = (
+            f"For this block: devices[{k}] = a board with more or larger tiles"
+            + (" or a board of its own" if others else "")
+            + ", or a smaller model.block_layers to spread its layers over more blocks and boards"
+        )
+        err.args = (f"EB block {k}{layers} on board {uris[k]}{shared}: {err}. {fix}", *err.args[1:])
 
     def _build(
         self,
@@ -110,6 +137,7 @@ class Classifier:
         shared: dict[str, SharedBoard] = {}  # URI -> the board several blocks share
 
         def dev(k: int) -> Device:
+            self._building = k
             uri = uris[k]
             if uri not in self.board_uris:
                 board = opener(board_uri(uri, self.compute))
@@ -167,6 +195,7 @@ class Classifier:
                     **blocks,  # type: ignore[arg-type]
                 )
             tiles = self.ffebm.block_parameters()
+        self._building = None  # every block configured on its board
         for blk in self.blocks():
             blk.free_start = e.free_start
             blk.host_update = e.host_update

@@ -74,3 +74,33 @@ def test_a_resume_on_the_same_boards_says_nothing(
         train_classifier(cfg, log=log, state=state).model.close()
     assert not [w for w in recwarn if issubclass(w.category, AnotherBoardWarning)]
     assert "boards_before" not in open_run(path).attrs["resumes"][-1]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path, shared: bool
+) -> None:
+    """The refusal said "the network needs 7 tiles of 16 x 16 ... split it into EB blocks on
+    several boards", of a model already on several boards, without saying which block or board."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    a = emulated_board(board="emulator://?preset=ideal&seed=0").uri("visa-tcp")
+    # block 0 takes 12 tiles of 16 x 16, block 1 9: shared, 16 hold block 0 only; alone, 4 not block 1
+    tiles = 16 if shared else 4
+    small = f"emulator://?preset=ideal&seed=1&tile_rows_max=16&tile_cols_max=16&max_tiles={tiles}"
+    c = emulated_board(board=small).uri("serial-socket")
+    devices = [c, c] if shared else [a, c]
+    sets = [*MODEL, *SHORT, "model.sizes=[64,24,16,40,10]", _devices(*devices)]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        ["train", "classifier", *[x for s in sets for x in ("--set", s)], "--out", str(out), "--no-progress"],
+    )
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: EB block 1 (layers [16, 40, 10]) on board " + c), line
+    assert "exceeded" in line and "devices[1]" in line and "model.block_layers" in line, line
+    assert ("shared with block 0" in line) == shared, line
+    assert not out.exists()
