@@ -104,3 +104,52 @@ def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
     assert "exceeded" in line and "devices[1]" in line and "model.block_layers" in line, line
     assert ("shared with block 0" in line) == shared, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["tdh-vae", "dh-vae"])
+def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_the_boards_safe(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path, variant: str
+) -> None:
+    """`hil train vae` on a board of 32 x 32 tiles: the refusal told a VAE user to set
+    ``model.kind = 'ffebm'`` and ``model.block_layers`` (classifier keys), and the boards opened
+    were never put in their safe state or closed (the run stopped while building its blocks)."""
+    from typer.testing import CliRunner
+
+    from drivers import open_device
+    from hil.cli import app
+    from tests.test_training_board_safety import SafeStatesServed
+
+    small = "emulator://?preset=ideal&seed=0&tile_rows_max=32&tile_cols_max=32&max_tiles=8"
+    boards = [
+        SafeStatesServed(open_device(small)),
+        SafeStatesServed(open_device("emulator://?preset=ideal&seed=1")),
+    ]
+    uris = [
+        emulated_board(board=b).uri(t) for b, t in zip(boards, ["visa-tcp", "serial-socket"], strict=True)
+    ]
+    where = [f"device={uris[0]}"] if variant == "tdh-vae" else [f"devices={json.dumps(uris[::-1])}"]
+    sets = [*where, "train.epochs=1", "data.limit_train=32", "data.limit_test=16", "eval.samples=16"]
+    before = [b.safe_states for b in boards]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "vae",
+            "--model",
+            variant,
+            "--out",
+            str(out),
+            "--no-progress",
+            *[x for s in sets for x in ("--set", s)],
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    used = 1 if variant == "tdh-vae" else 2
+    # every board the run opened reached its safe state (the one it did not use was not touched)
+    assert [b.safe_states - n for b, n in zip(boards, before, strict=True)][:used] == [1] * used
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "exceeded" in line and uris[0] in line, line
+    assert "ffebm" not in line and "block_layers" not in line, line
+    assert "model.hidden" in line, line
+    assert not out.exists()

@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from drivers import Device, Equilibrium, OpenTransactionWarning, SettleBudget, seeds
 from drivers.base import programming_transaction, report_open_transactions
+from drivers.errors import LimitViolation
 from drivers.watch import SafetyWatch
 from hil.boards import close_boards, lost_board, open_board, record_end_state
 from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
-from hil.vae.config import VAERunConfig, vae_boards
+from hil.vae.config import TWO_BOARDS, VAERunConfig, vae_boards
 from hil.vae.fvae import FVAE
 from hil.vae.hopfield import HopfieldVAE
 from hil.vae.images import save_grid, save_reconstructions
@@ -58,6 +59,28 @@ class VAEResult:
 EVAL_CHUNK = 512  # samples per settle when evaluating a whole test set (as EBBlock's predict)
 
 
+def _for_the_vae(err: LimitViolation, cfg: VAERunConfig, uris: list[str], devices: list[Device]) -> None:
+    """Word a board's refusal of the VAE's network (too many physical tiles for its tiles,
+    `drivers.placement`) for `hil train vae`: the board and the VAE's own keys, where the
+    placement's hint names the classifier's (``model.kind = 'ffebm'``, ``model.block_layers``)."""
+    if not err.limit.startswith("physical tiles"):
+        return
+    m = cfg.model
+    # the board that refused: the first whose network was never placed (encoder, then decoder)
+    refused = [u for u, d in zip(uris, devices, strict=False) if getattr(d, "placement", None) is None]
+    board = (refused or uris)[0]
+    two = (
+        ""
+        if m.variant in TWO_BOARDS
+        else f"; {' and '.join(TWO_BOARDS)} put the encoder and the decoder on two boards (`devices`)"
+    )
+    text = str(err).split("; use a smaller network", 1)[0]
+    err.args = (
+        f"{m.variant} on {board}: {text}; use a smaller model.hidden (now {m.hidden}) or "
+        f"model.copies (now {m.copies}), or a board with more or larger tiles{two} (docs/placement.md)",
+    )
+
+
 class _Model:
     """One face for F-VAE (autograd) and the Hopfield VAEs (EP on a Device)."""
 
@@ -89,8 +112,22 @@ class _Model:
         self.calibration_id = (
             f"{cfg.calibration} ({self.devices[0].record.created})" if cfg.calibration else None  # type: ignore[attr-defined]
         )
+        try:
+            self.hvae = self._hopfield(cfg, pixels, compute)
+        except BaseException as err:  # a network its board refuses: every board opened, safe and closed
+            close_boards(self.devices, during=err)
+            if isinstance(err, LimitViolation):
+                _for_the_vae(err, cfg, self.uris, self.devices)
+            raise
+        self.params = self.hvae.parameters()
+        self.identity = self.devices[0].info.identity.idn()
+        self.module = torch.nn.ModuleDict(self.hvae.blocks())
+
+    def _hopfield(self, cfg: VAERunConfig, pixels: int, compute: torch.device) -> HopfieldVAE:
+        """The Hopfield VAE's blocks, each configured and programmed on its board."""
+        m = cfg.model
         budget = SettleBudget(max_steps=cfg.ep.steps, tol=cfg.ep.tol, dt=cfg.ep.dt)
-        self.hvae = HopfieldVAE(
+        return HopfieldVAE(
             m.variant,  # type: ignore[arg-type]
             tuple(self.devices),
             pixels=pixels,
@@ -109,9 +146,6 @@ class _Model:
             settle=cfg.ep.settle,
             compute=compute,  # the blocks' weights, gradients and settles' tensors there too
         )
-        self.params = self.hvae.parameters()
-        self.identity = self.devices[0].info.identity.idn()
-        self.module = torch.nn.ModuleDict(self.hvae.blocks())
 
     def cells(self) -> int:
         return 0 if self.hvae is None else self.hvae.cells()
