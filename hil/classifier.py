@@ -87,12 +87,16 @@ class Classifier:
             if others
             else ""
         )
+        tiles = isinstance(err, LimitViolation) and "tile" in err.limit  # too many (physical) tiles
         fix = (
-            f"For this block: devices[{k}] = a board with more or larger tiles"
+            f" For this block: devices[{k}] = a board with more or larger tiles"
             + (" or a board of its own" if others else "")
             + ", or a smaller model.block_layers to spread its layers over more blocks and boards"
+            if tiles
+            else ""  # the board's refusal says what to change; devices[k] names the board
         )
-        err.args = (f"EB block {k}{layers} on board {uris[k]}{shared}: {err}. {fix}", *err.args[1:])
+        text = str(err).rstrip(".")
+        err.args = (f"EB block {k}{layers} on board {uris[k]}{shared}: {text}.{fix}", *err.args[1:])
 
     def _build(
         self,

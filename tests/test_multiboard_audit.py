@@ -153,3 +153,30 @@ def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_
     assert "ffebm" not in line and "block_layers" not in line, line
     assert "model.hidden" in line, line
     assert not out.exists()
+
+
+def test_a_block_its_board_refuses_for_another_limit_is_named_without_the_tiles_fix(tmp_path: Path) -> None:
+    """A block whose settle budget is over its board's limit: named, with the board's own fix only."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    tight = "emulator://?preset=ideal&seed=1&max_settle_steps=50"
+    sets = [*MODEL, *SHORT, _devices("emulator://?preset=ideal&seed=0", tight)]
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "classifier",
+            *[x for s in sets for x in ("--set", s)],
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: EB block 1 (layers [16, 10]) on board {tight}: settle budget max_steps"
+    ), line
+    assert "tiles" not in line, line
