@@ -11,9 +11,10 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from drivers import Device, DeviceError, open_device
-from drivers.errors import RetriesExhausted
+from drivers.errors import BoardLocked, RetriesExhausted
 from drivers.tiled import TiledDevice
 from drivers.uri import parse_options, replace_params
+from drivers.wrapper import DeviceWrapper
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
 
 if TYPE_CHECKING:
@@ -61,6 +62,64 @@ def block_uris(cfg: RunConfig) -> list[str]:
     """The board URI of every EB block: `cfg.devices`, or `cfg.device` expanded by `block_uri`."""
     check_devices(cfg)
     return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]
+
+
+def _innermost(device: Device) -> Device:
+    """The board under every wrapper (placement, calibration)."""
+    seen = 0
+    while isinstance(device, DeviceWrapper) and seen < 16:
+        device, seen = device.inner, seen + 1
+    return device
+
+
+def _same_board(k: int, uri: str, j: int, other: str, why: str, what: str) -> ConfigError:
+    return ConfigError(
+        f"devices[{k}] ({uri}) is the board devices[{j}] ({other}) already opened ({why}): two URIs "
+        f"of one board would put two {what} on it, each configuring it over the other. To put them "
+        f"on one board, repeat its URI (devices[{k}] = {other!r}); else give devices[{k}] a board of "
+        "its own"
+    )
+
+
+def opened_twice(
+    error: BaseException, uri: str, k: int, opened: Sequence[Device], uris: Sequence[str], what: str
+) -> ConfigError | None:
+    """The error of `devices[k]` = `uri` refused by a board's lock whose owner is this very run:
+    a board `opened` already holds under another URI (`uris`: the devices list); None for any
+    other refusal. The lock's own refusal said to wait for the owner or break the lock."""
+    if not isinstance(error, BoardLocked):
+        return None
+    for d in opened:
+        token = getattr(_innermost(d), "lock_token", None)
+        if isinstance(token, str) and token and token in str(error):
+            other = next((u for u in uris if u != uri and _board_of(u, opened, uris) is d), None)
+            if other is not None:
+                why = f"the board refused it as owned by this run, {token!r}"
+                return _same_board(k, uri, list(uris).index(other), other, why, what)
+    return None
+
+
+def _board_of(u: str, opened: Sequence[Device], uris: Sequence[str]) -> Device | None:
+    """The device of `opened` that URI `u` opened (`opened` in the order of the distinct `uris`)."""
+    distinct = list(dict.fromkeys(uris))
+    i = distinct.index(u) if u in distinct else -1
+    return opened[i] if 0 <= i < len(opened) else None
+
+
+def check_distinct(
+    board: Device, uri: str, k: int, opened: Sequence[Device], uris: Sequence[str], what: str
+) -> None:
+    """Refuse `board`, just opened from `devices[k]` = `uri`, when it is a board `opened` holds
+    under another URI (same *IDN, serial number included; boards that take no lock, ``?lock=0``).
+    In-process emulator boards are each their own board, whatever their identity."""
+    scheme, _, _ = parse_options(uri)
+    ident = board.info.identity
+    if scheme == "emulator" or not ident.serial.strip():
+        return
+    for u in dict.fromkeys(uris):
+        d = _board_of(u, opened, uris)
+        if u != uri and d is not None and d is not board and d.info.identity == ident:
+            raise _same_board(k, uri, list(uris).index(u), u, f"both answer *IDN? {ident.idn()}", what)
 
 
 class BoardLost(DeviceError):

@@ -180,3 +180,71 @@ def test_a_block_its_board_refuses_for_another_limit_is_named_without_the_tiles_
         f"error: EB block 1 (layers [16, 10]) on board {tight}: settle budget max_steps"
     ), line
     assert "tiles" not in line, line
+
+
+@pytest.mark.parametrize("lock", ["1", "0"])
+def test_two_uris_of_one_board_are_refused_naming_both_and_the_fix(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path, lock: str
+) -> None:
+    """`devices` naming one board twice, spelled two ways (127.0.0.1 and localhost): the run was
+    refused by the board's lock as "owned by <this very run>; wait for it to release the board, or
+    break the lock", and without the lock (``?lock=0``) both blocks would configure one board,
+    each re-configuring it under the other."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    served = emulated_board(board="emulator://?preset=ideal&seed=0")
+    one = served.uri("visa-tcp", lock=lock)
+    other = one.replace("127.0.0.1", "localhost")
+    assert one != other
+    sets = [*MODEL, *SHORT, _devices(one, other)]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        ["train", "classifier", *[x for s in sets for x in ("--set", s)], "--out", str(out), "--no-progress"],
+    )
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: devices[1] ({other}) is the board devices[0] ({one}) already opened"), (
+        line
+    )
+    assert "repeat" in line and "break the lock" not in line, line
+    assert not out.exists()
+
+
+def test_a_dh_vae_on_two_uris_of_one_board_is_refused(
+    emulated_board: Callable[..., BoardServers], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    one = emulated_board(board="emulator://?preset=ideal&seed=0").uri("serial-socket")
+    other = one.replace("127.0.0.1", "localhost")
+    sets = [
+        f"devices={json.dumps([one, other])}",
+        "train.epochs=1",
+        "data.limit_train=32",
+        "data.limit_test=16",
+    ]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "vae",
+            "--model",
+            "dh-vae",
+            "--out",
+            str(out),
+            "--no-progress",
+            *[x for s in sets for x in ("--set", s)],
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: devices[1] ({other}) is the board devices[0] ({one}) already opened"), (
+        line
+    )
+    assert not out.exists()
