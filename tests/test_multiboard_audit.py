@@ -248,3 +248,15 @@ def test_a_dh_vae_on_two_uris_of_one_board_is_refused(
         line
     )
     assert not out.exists()
+
+
+def test_open_run_on_the_run_folder_names_its_run_log(tmp_path: Path) -> None:
+    """docs/multiboard.md reads the boards back with `open_run(path).boards`; given the run
+    folder (as `hil inspect RUN` takes it), it said only "not a zarr v3 store"."""
+    from hil.runlog.layout import RunLogError
+
+    cfg = load_config(None, [*MODEL, *SHORT, "train.epochs=1"])
+    with RunLog.create(tmp_path / "run.zarr", cfg):
+        pass
+    with pytest.raises(RunLogError, match=r"a run folder: its run log is .*run\.zarr"):
+        open_run(tmp_path)

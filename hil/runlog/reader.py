@@ -316,6 +316,8 @@ def _open_root(path: Path, mode: str) -> zarr.Group:
     meta = path / "zarr.json"
     if not meta.is_file():
         hint = " (a zarr v2 store?)" if (path / ".zgroup").exists() else ""
+        if (path / "run.zarr" / "zarr.json").is_file():  # the run folder `hil train --out` made
+            hint = f" (a run folder: its run log is {path / 'run.zarr'}, which `hil inspect` finds by itself)"
         raise RunLogError(f"{path}: not a zarr v3 store (no zarr.json){hint}")
     try:
         root = zarr.open_group(str(path), mode=mode, zarr_format=3)
