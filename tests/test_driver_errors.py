@@ -5,7 +5,7 @@ already in use."""
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +25,7 @@ from drivers.wire import codes
 from emulator.server.launch import serve
 from hil.cli import app
 from hil.testing import BoardServers
+from tests.waiting import until
 
 BOARD = "emulator://?preset=ideal&seed=0"
 
@@ -53,11 +54,7 @@ def test_conformance_on_an_unresolvable_host_is_one_error_line_and_exit_code_2()
 # ---- a link lost for good -------------------------------------------------------------
 
 
-def _until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond() and time.monotonic() < end:
-        time.sleep(0.01)
-    return cond()
+_until = functools.partial(until, timeout=3.0)  # most waits here are this long
 
 
 @pytest.mark.parametrize("transport", ["serial-pty", "serial-socket", "visa-tcp"])

@@ -26,6 +26,7 @@ count.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,7 @@ from emulator.server import FramedServer, ScpiServer
 from emulator.server import scpi as scpi_mod
 from hil.testing import socket_link
 from tests.raw_scpi import RawScpi
+from tests.waiting import until
 
 BOARD = "emulator://?preset=rram&seed=0"
 TOPO = Topology.layered([3, 2])  # one tile, W0: 4 x 2 (bias row included)
@@ -398,13 +400,7 @@ def _rss_kib() -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def _until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+_until = functools.partial(until, timeout=5.0)  # most waits here are this long
 
 
 @dataclass

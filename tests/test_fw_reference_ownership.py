@@ -6,6 +6,7 @@ RELEASE), the lock kept for the lease, the owner's reconnect with its token, and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from drivers.wire.link import Link
 from hil.testing import socket_link
 from tests.fw_reference_board import LIM, FirmwareBoard
 from tests.killed_host import killed_host
+from tests.waiting import until
 
 LOCKED = 120
 EMPTY = pl.pack(pl.Message())
@@ -79,13 +81,7 @@ class Raw:
         self.sock.close()
 
 
-def _until(cond: Callable[[], bool], timeout: float = 2.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+_until = functools.partial(until, timeout=2.0)  # most waits here are this long
 
 
 def test_the_lock_board_announces_lock_and_answers_its_opcodes_byte_exact(

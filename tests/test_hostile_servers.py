@@ -5,10 +5,11 @@ Raw sockets play the attacker; each test then shows a well-formed peer is still 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from emulator.server import links as links_mod
 from emulator.server import scpi as scpi_mod
 from hil.testing import socket_link
 from tests.raw_scpi import RawScpi
+from tests.waiting import until
 
 BOARD = "emulator://?preset=rram&seed=0"
 
@@ -50,13 +52,7 @@ def scpi_server(device: Device, **kw: int) -> Iterator[tuple[ScpiServer, int]]:
         yield server, server.listen_tcp()[1]
 
 
-def _until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+_until = functools.partial(until, timeout=3.0)  # most waits here are this long
 
 
 def _framed_link(sock: socket.socket) -> Link:

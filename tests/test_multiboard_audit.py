@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hil.config import load_config
+from hil.config import RunConfig, load_config
 from hil.runlog import AnotherBoardWarning, RunLog, open_for_resume, open_run
 from hil.testing import BoardServers
 from hil.train_classifier import train_classifier
@@ -24,6 +24,17 @@ def _devices(*uris: str) -> str:
     return "devices=" + json.dumps(list(uris))
 
 
+def _interrupted_after_an_epoch(cfg: RunConfig, path: Path) -> Path:
+    """A run of `cfg` logged at `path`, stopped (as by Ctrl-C) after its first epoch."""
+
+    def crash(stats: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
+        train_classifier(cfg, log=log, on_epoch=crash)
+    return path
+
+
 def test_a_resume_with_another_board_for_block_1_says_so_and_keeps_both(
     emulated_board: Callable[..., BoardServers], tmp_path: Path
 ) -> None:
@@ -33,13 +44,7 @@ def test_a_resume_with_another_board_for_block_1_says_so_and_keeps_both(
     b = emulated_board(board="emulator://?preset=ideal&seed=1").uri("serial-socket")
     c = emulated_board(board="emulator://?preset=ideal&seed=7").uri("serial-socket")
     cfg = load_config(None, [*MODEL, *SHORT, _devices(a, b), "log.snapshot_every_s=0"])
-
-    def crash(stats: object) -> None:
-        raise KeyboardInterrupt
-
-    path = tmp_path / "run.zarr"
-    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
-        train_classifier(cfg, log=log, on_epoch=crash)
+    path = _interrupted_after_an_epoch(cfg, tmp_path / "run.zarr")
     swapped = dataclasses.replace(cfg, devices=[a, c])
     log, state = open_for_resume(path)
     with log, pytest.warns(AnotherBoardWarning) as caught:
@@ -62,13 +67,7 @@ def test_a_resume_on_the_same_boards_says_nothing(
     a = emulated_board(board="emulator://?preset=ideal&seed=0").uri("visa-tcp")
     b = emulated_board(board="emulator://?preset=ideal&seed=1").uri("serial-socket")
     cfg = load_config(None, [*MODEL, *SHORT, _devices(a, b), "log.snapshot_every_s=0"])
-
-    def crash(stats: object) -> None:
-        raise KeyboardInterrupt
-
-    path = tmp_path / "run.zarr"
-    with pytest.raises(KeyboardInterrupt), RunLog.create(path, cfg) as log:
-        train_classifier(cfg, log=log, on_epoch=crash)
+    path = _interrupted_after_an_epoch(cfg, tmp_path / "run.zarr")
     log, state = open_for_resume(path)
     with log:
         train_classifier(cfg, log=log, state=state).model.close()

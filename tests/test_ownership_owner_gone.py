@@ -6,6 +6,7 @@ left them. Through the real servers over TCP."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from drivers.wire.frames import LinkOp
 from hil.testing import BoardLock, BoardServers, socket_link
 from tests.killed_host import killed_host
 from tests.raw_scpi import RawScpi
+from tests.waiting import until
 
 BOARD = "emulator://?preset=ideal&seed=0"
 TOPOLOGY = Topology.layered([6, 5, 3])
@@ -42,13 +44,21 @@ def _count_safe_states(s: BoardServers) -> list[float]:
     return calls
 
 
-def _until(cond: Callable[[], bool], timeout: float = 2.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+_until = functools.partial(until, timeout=2.0)  # most waits here are this long
+
+
+def _safe_state_fails_once(s: BoardServers) -> list[str]:
+    """The served board's safe state fails the first time (its line drivers did not answer),
+    then works: the calls, in order."""
+    calls: list[str] = []
+
+    def flaky() -> None:
+        calls.append("safe")
+        if len(calls) == 1:
+            raise OSError("the line drivers did not answer")
+
+    s.device.safe_state = flaky  # type: ignore[method-assign]
+    return calls
 
 
 @pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
@@ -157,14 +167,7 @@ def test_a_safe_state_that_fails_is_tried_again_when_the_lease_lapses(
     emulated_board: Callable[..., BoardServers],
 ) -> None:
     s = emulated_board(BOARD, lock=BoardLock(lease_s=0.3))
-    calls: list[str] = []
-
-    def flaky() -> None:
-        calls.append("safe")
-        if len(calls) == 1:
-            raise OSError("the line drivers did not answer")
-
-    s.device.safe_state = flaky  # type: ignore[method-assign]
+    calls = _safe_state_fails_once(s)
     with RawScpi(s.uris["visa-tcp"]) as dead:
         assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
     assert _until(lambda: calls == ["safe"])  # tried at once, failed
@@ -185,14 +188,7 @@ def test_a_failed_safe_state_is_tried_again_when_a_break_or_release_ends_the_lea
     owner's token) ended the lease first, cleared the mark, and the lines stayed as the dead
     host left them (one attempt, never again)."""
     s = emulated_board(BOARD, lock=BoardLock(lease_s=30.0))
-    calls: list[str] = []
-
-    def flaky() -> None:
-        calls.append("safe")
-        if len(calls) == 1:
-            raise OSError("the line drivers did not answer")
-
-    s.device.safe_state = flaky  # type: ignore[method-assign]
+    calls = _safe_state_fails_once(s)
     with RawScpi(s.uris["visa-tcp"]) as dead:
         assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
     assert _until(lambda: calls == ["safe"])  # tried at once, failed; the lapse is 30 s away
