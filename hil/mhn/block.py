@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivers import ConfigurationError, Device
+from drivers import ConfigurationError, Device, LimitViolation
 from drivers.converters import lsb
+from drivers.tiled import TiledDevice
 from hil.mhn.core import RetrievalBudget, check_beta
 from hil.mhn.tile import Encoding, topology
 from hil.programming import ProgrammingScheme, make_scheme
@@ -124,7 +125,10 @@ class MHNBlock:
         self.budget = budget or RetrievalBudget()
         self.encoding = Encoding.of(xi, device.info.limits, out_range=out_range, margin=margin)
         self.d, self.n = xi.shape
-        device.configure(topology(self.d, self.n, self.encoding.w_max, tile))
+        try:
+            device.configure(topology(self.d, self.n, self.encoding.w_max, tile))
+        except LimitViolation as exc:
+            raise _too_large(device, tile, self.d, self.n, exc) from exc
         self.patterns = nn.Parameter(xi)
         self.programming = make_scheme(programming, seed=seed)
         self.probe_noise = probe_noise
@@ -318,6 +322,31 @@ class MHNBlock:
         else:
             t, j = time.perf_counter() - wall, math.nan
         return Retrieval(x, p, energy, steps, converged, residual, floor, calls[0], t, j)
+
+
+def _too_large(device: Device, tile: str, d: int, n: int, exc: LimitViolation) -> Exception:
+    """The error for a memory the board refused to configure: what the memory needs against the
+    board's tiles, and the fix (the board's own refusal when the memory fits one tile)."""
+    lim = device.info.limits
+    rows, cols = lim.tile_rows_max, lim.tile_cols_max
+    if d + 1 <= rows and n <= cols:
+        return exc
+    what = (
+        f"the memory's tile {tile!r} is (d + 1) x N = {d + 1} x {n} cells ({n} patterns of dimension "
+        f"{d} plus the bias row), past the board's {rows} x {cols} tiles"
+    )
+    if isinstance(device, TiledDevice):
+        return ConfigurationError(
+            f"{what}, and placing it on several tiles needs more than the board has ({exc.limit}: "
+            f"{exc.value:g} needed, {exc.bound:g} available). Store fewer patterns or shorter ones "
+            f"(one tile holds {cols} patterns of dimension up to {rows - 1}), or use a board with "
+            "more or larger tiles"
+        )
+    return ConfigurationError(
+        f"{what}. Open the board with hil.boards.open_board(uri), which places a memory larger than "
+        f"a tile on several tiles (as `hil mhn phase` does), or store at most {cols} patterns of "
+        f"dimension at most {rows - 1}"
+    )
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""A modern Hopfield memory larger than the board's tiles: the error names the memory (its
+patterns, dimension and tile) and the fix, on a bare board and on a placed (tiled) one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drivers import ConfigurationError, open_device
+from hil.boards import open_board
+from hil.mhn import MHNBlock, RetrievalBudget, equidistant_patterns
+
+SMALL = "emulator://?preset=ideal&seed=0&tile_rows_max=16&tile_cols_max=16"
+
+
+def test_a_memory_past_a_bare_boards_tile_says_how_to_place_it() -> None:
+    xi = equidistant_patterns(20, 24, 1.0).float().numpy()  # a 25 x 20 tile
+    with open_device(SMALL) as dev, pytest.raises(ConfigurationError) as err:
+        MHNBlock(dev, xi, beta=2.0)
+    msg = str(err.value)
+    assert "20 patterns" in msg and "25 x 20" in msg and "16 x 16" in msg
+    assert "hil.boards.open_board" in msg
+
+
+def test_the_placed_memory_retrieves_as_on_one_large_tile() -> None:
+    xi = equidistant_patterns(20, 24, 1.0).float().numpy()
+    budget = RetrievalBudget(max_steps=20, tol=0.0)
+    x0 = np.random.default_rng(0).uniform(xi.min(), xi.max(), (8, 24))
+    with open_board(SMALL) as dev:
+        got = MHNBlock(dev, xi, beta=30.0, budget=budget).retrieve(x0).x
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        want = MHNBlock(dev, xi, beta=30.0, budget=budget).retrieve(x0).x
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_a_memory_past_a_placed_boards_tiles_names_the_patterns() -> None:
+    xi = equidistant_patterns(20, 24, 1.0).float().numpy()
+    with open_board(SMALL + "&max_tiles=2") as dev, pytest.raises(ConfigurationError) as err:
+        MHNBlock(dev, xi, beta=2.0)
+    msg = str(err.value)
+    assert "20 patterns" in msg and "4 needed, 2 available" in msg and "fewer patterns" in msg
+    assert "EB blocks" not in msg  # the ff-EBM's fix does not apply to a memory
