@@ -389,6 +389,21 @@ def check_compute(value: str, key: str = "compute") -> None:
         raise ConfigError(str(exc)) from None
 
 
+# the largest nudge a trainer accepts: EP's gradient is a finite difference in beta, so past 1
+# (a nudge as strong as the cost itself) the estimate is no longer EP's (the sweeps search 0.05
+# to 0.6); an ep.beta of 5e4 trained to chance, one of 1e9 was refused by the board mid-run
+MAX_EP_BETA: float = 1.0
+
+
+def check_ep_beta(beta: float) -> None:
+    """Refuse an EP nudge strength outside (0, MAX_EP_BETA], naming the key and the range."""
+    if not 0 < beta <= MAX_EP_BETA:
+        raise ConfigError(
+            f"ep.beta: the nudge strength, in (0, {MAX_EP_BETA:g}] (EP estimates the gradient as a "
+            f"finite difference in beta: 0.01 to 0.5 is the usual range), got {beta:g}"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Range checks that the types alone do not express."""
     check_compute(cfg.compute)
@@ -422,8 +437,7 @@ def validate(cfg: RunConfig) -> None:
         Activation.parse(model_activation(m))
     except ConfigurationError as exc:
         raise ConfigError(f"model.activation: {exc} (or auto: the model kind's default)") from None
-    if cfg.ep.beta <= 0:
-        raise ConfigError(f"ep.beta: must be > 0, got {cfg.ep.beta}")
+    check_ep_beta(cfg.ep.beta)
     if not 0 < cfg.ep.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {cfg.ep.dt}")
     for key, value in (("ep.free_steps", cfg.ep.free_steps), ("ep.nudge_steps", cfg.ep.nudge_steps)):

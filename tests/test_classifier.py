@@ -55,7 +55,7 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ("model.sizes=[64, 1.5]", r"model.sizes\[1\]: expected an integer"),
         ("train=3", "train: is a section"),
         ("ep.beta", "not key=value"),
-        ("ep.beta=-1", "ep.beta: must be > 0"),
+        ("ep.beta=-1", r"^ep.beta: the nudge strength, in \(0, 1\] .*got -1$"),
         ("data.validation=-5", "data.validation: held-out training images, >= 0"),
         ("train.warmup=-1", r"train.warmup: epochs of learning-rate warmup, 0 \(off\) to train.epochs"),
         ("train.warmup=nan", "train.warmup: expected a finite number, got nan"),

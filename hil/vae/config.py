@@ -16,6 +16,7 @@ from hil.config import (
     DataConfig,
     LogConfig,
     check_compute,
+    check_ep_beta,
     check_log,
 )
 
@@ -164,8 +165,7 @@ def validate_vae(cfg: VAERunConfig) -> None:
     for key, value in checks:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if e.beta <= 0:
-        raise ConfigError(f"ep.beta: must be > 0, got {e.beta}")
+    check_ep_beta(e.beta)
     if not 0 < e.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {e.dt}")
     if m.lv_max <= m.lv_min:
