@@ -361,11 +361,27 @@ class Topology:
                 f"{len(pools)} pools"
             )
         c, h, w = input_shape
+        if min(c, h, w) < 1:
+            raise ConfigurationError(
+                f"input_shape is the input map's (C, H, W), each >= 1; got {tuple(input_shape)}"
+            )
         shapes = {f"{prefix}0": (c, h, w)}
         couplings = []
         bias_rows = (BIAS,) if bias else ()
         for k, (ch, pool) in enumerate(zip(channels, pools, strict=True)):
-            h, w = (h + 2 * padding - kernel + 1) // pool, (w + 2 * padding - kernel + 1) // pool
+            oh, ow = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+            if min(oh, ow) < 1:
+                raise ConfigurationError(
+                    f"conv layer {k} (tile W{k}): its {h} x {w} input map with kernel {kernel} and padding "
+                    f"{padding} gives a {oh} x {ow} output; use a smaller kernel, more padding (at most "
+                    "kernel - 1), a larger input or fewer pooled layers before it"
+                )
+            if min(oh, ow) < pool:
+                raise ConfigurationError(
+                    f"conv layer {k} (tile W{k}): its {oh} x {ow} output is smaller than its pool {pool}; "
+                    "use a smaller pool, a smaller kernel or more padding"
+                )
+            h, w = oh // pool, ow // pool
             shapes[f"{prefix}{k + 1}"] = (ch, h, w)
             src, dst = f"{prefix}{k}", f"{prefix}{k + 1}"
             tile = Coupling(
