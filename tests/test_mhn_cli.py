@@ -60,3 +60,15 @@ def test_phase_command_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["mhn", "phase", "--n", "9", "--d", "4", "--out", str(tmp_path)])
     assert res.exit_code == 2
     assert "n <= d" in res.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--beta", "0"), ("--beta", "-1"), ("--beta", "1e7"), ("--norm", "0")]
+)
+def test_phase_command_names_the_option_out_of_range(tmp_path: Path, option: str, value: str) -> None:
+    out = tmp_path / "run"
+    args = ["mhn", "phase", "--n", "4", "--d", "8", "--starts", "2", option, value, "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert f"{option}: " in res.output and f"{float(value):g}" in res.output
+    assert not out.exists()

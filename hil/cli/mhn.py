@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from hil.boards import open_board
+        from hil.mhn.core import MAX_BETA
         from hil.mhn.diagnose import describe, phase_diagnostic
         from hil.mhn.digits import digit_memory
         from hil.mhn.phase import equidistant_patterns
@@ -95,6 +96,10 @@ def register(app: typer.Typer) -> None:
 
         torch.set_num_threads(1)
         with one_line_errors():
+            if beta is not None and not (math.isfinite(beta) and 0.0 < beta <= MAX_BETA):
+                raise ValueError(f"--beta: your inverse temperature, in (0, {MAX_BETA:g}], got {beta:g}")
+            if not (math.isfinite(norm) and norm > 0):
+                raise ValueError(f"--norm: the norm of every pattern, > 0, got {norm:g}")
             if digits:
                 if not 1 <= n <= 10:
                     raise ValueError(f"--digits stores one image per class: --n must be 1 to 10, got {n}")
