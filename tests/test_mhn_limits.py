@@ -40,3 +40,26 @@ def test_a_memory_past_a_placed_boards_tiles_names_the_patterns() -> None:
     msg = str(err.value)
     assert "20 patterns" in msg and "4 needed, 2 available" in msg and "fewer patterns" in msg
     assert "EB blocks" not in msg  # the ff-EBM's fix does not apply to a memory
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.01, 1.0, 5.0, float("nan")])
+def test_an_mhn_layers_nudge_out_of_range_is_refused_when_built(beta: float) -> None:
+    from hil.mhn.layer import MHNLayer
+
+    xi = np.random.default_rng(0).uniform(0, 1, (12, 6)).astype(np.float32)
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        blk = MHNBlock(dev, xi, beta=3.0, margin=0.1)
+        with pytest.raises(ConfigurationError, match=r"MHNLayer beta \(the EP nudge\) must be in \(0, 1\)"):
+            MHNLayer(blk, 8, beta=beta)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+def test_ep_gradients_nudge_out_of_range_is_refused(beta: float) -> None:
+    from hil.mhn.learn import ep_gradient
+
+    xi = np.random.default_rng(0).uniform(0, 1, (8, 4)).astype(np.float32)
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        blk = MHNBlock(dev, xi, beta=3.0)
+        x0 = np.full((2, 8), 0.5)
+        with pytest.raises(ConfigurationError, match=r"beta_ep \(the EP nudge\) must be in \(0, 1\)"):
+            ep_gradient(blk, x0, x0, beta_ep=beta)

@@ -26,6 +26,22 @@ MAX_RETRIEVAL_STEPS = 1_000_000
 MAX_BETA = 1e6  # inverse temperature: past this the softmax is an argmax in float32 anyway
 
 
+def check_ep_beta(beta: float, name: str = "beta_ep") -> float:
+    """An EP nudge strength in (0, 1): the two nudged retrievals use +-beta, and a retrieval
+    refuses a nudge of |beta| >= 1 (`MHNBlock.retrieve`); ConfigurationError otherwise, naming
+    `name`, so that the error comes where the nudge is set, not in a backward pass."""
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} (the EP nudge) must be a number, got {beta!r}") from None
+    if not (math.isfinite(b) and 0.0 < b < 1.0):
+        raise ConfigurationError(
+            f"{name} (the EP nudge) must be in (0, 1), got {beta!r}: 0.01 on an ideal board, more on "
+            "a noisy one (docs/mhn.md)"
+        )
+    return b
+
+
 def check_beta(beta: float) -> float:
     """A finite inverse temperature in (0, MAX_BETA]; ConfigurationError otherwise."""
     try:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hil.mhn.block import CurrentNudge, MHNBlock, Retrieval
+from hil.mhn.core import check_ep_beta
 
 
 class MHNFunction(torch.autograd.Function):
@@ -72,7 +73,7 @@ class MHNLayer(nn.Module):
             raise ValueError(f"d_in must be in (0, {block.d}), got {d_in}")
         self.block = block
         self.d_in = d_in
-        self.beta = beta
+        self.beta = check_ep_beta(beta, "MHNLayer beta")
         self.clamp = np.arange(block.d) < d_in
         self.last: tuple[Retrieval, Retrieval, Retrieval] | None = None
         self.patterns = block.patterns  # registered: optimisers see it
