@@ -20,7 +20,9 @@ def test_phase_command_writes_the_plot_and_places_the_users_beta(tmp_path: Path)
     assert res.exit_code == 0, res.output
     # 5 orthogonal patterns of norm 2: beta_c = N / r^2 = 1.25, so beta 2 is 1.6 of it
     assert "beta_c derived 1.25 " in res.output
-    assert "beta_eff / beta_c = 1.600" in res.output
+    # the ratio of effective temperatures, named as such, is the one the next line gives
+    assert "beta_eff / beta_eff_c = beta / beta_c = 1.6" in res.output
+    assert "beta is 1.6 of beta_c" in res.output
     assert "retrieval phase" in res.output
     png = (out / "phase.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -72,3 +74,15 @@ def test_phase_command_names_the_option_out_of_range(tmp_path: Path, option: str
     assert res.exit_code == 2
     assert f"{option}: " in res.output and f"{float(value):g}" in res.output
     assert not out.exists()
+
+
+def test_the_printed_ratio_is_the_effective_temperatures_and_agrees_with_the_verdict() -> None:
+    from hil.mhn.diagnose import describe
+    from hil.mhn.phase import critical_beta, equidistant_patterns
+
+    crit = critical_beta(equidistant_patterns(10, 64, 1.0))  # beta_c 10
+    report = type("R", (), {"crit": crit, "beta_c_measured": 10.0, "beta_c_readback": 10.0, "points": []})()
+    report.points = [type("P", (), {"beta": 2.5})()]
+    lines = describe(report, 0.125)  # type: ignore[arg-type]
+    assert "beta_eff / beta_eff_c = beta / beta_c = 0.0125" in lines[1]
+    assert "beta is 0.0125 of beta_c" in lines[2]

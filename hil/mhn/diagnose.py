@@ -135,7 +135,7 @@ def describe(report: PhaseReport, beta: float) -> list[str]:
         f"{KINDS[c.kind]}); "
         f"from the read-back patterns {report.beta_c_readback:.4g}; measured on the board " + where,
         f"beta {beta:.4g}: beta_eff = beta * lambda_max(C) = {beta * c.lambda_cov:.4g}, critical "
-        f"{c.beta_eff_c:.4g}; beta_eff / beta_c = {ratio:.3f}",
+        f"{c.beta_eff_c:.4g}; beta_eff / beta_eff_c = beta / beta_c = {ratio:.3g}",
         meaning(ratio),
     ]
     if math.isfinite(meas) and abs(meas / c.beta_c - 1) > 0.1:
