@@ -63,3 +63,20 @@ def test_ep_gradients_nudge_out_of_range_is_refused(beta: float) -> None:
         x0 = np.full((2, 8), 0.5)
         with pytest.raises(ConfigurationError, match=r"beta_ep \(the EP nudge\) must be in \(0, 1\)"):
             ep_gradient(blk, x0, x0, beta_ep=beta)
+
+
+def test_an_mhn_layers_input_of_the_wrong_width_or_range_names_the_layer() -> None:
+    import torch
+
+    from hil.mhn.layer import MHNLayer
+
+    xi = np.random.default_rng(0).uniform(0, 1, (12, 6)).astype(np.float32)
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        layer = MHNLayer(MHNBlock(dev, xi, beta=3.0, margin=0.1), 8, beta=0.01)
+        with pytest.raises(ConfigurationError, match=r"MHNLayer input: 8 features per sample .* got 7"):
+            layer(torch.full((4, 7), 0.5))
+        with pytest.raises(
+            ConfigurationError, match=r"MHNLayer input: .*state box \[-0.09\d*, 1.09\d*\].* 2"
+        ):
+            layer(torch.full((4, 8), 2.0))
+        assert layer(torch.full((4, 2, 4), 0.5)).shape == (4, 4)  # flattened per sample

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from drivers import ConfigurationError
 from hil.mhn.block import CurrentNudge, MHNBlock, Retrieval
 from hil.mhn.core import check_ep_beta
 
@@ -85,4 +86,19 @@ class MHNLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], -1)
+        if x.shape[1] != self.d_in:
+            raise ConfigurationError(
+                f"MHNLayer input: {self.d_in} features per sample (the clamped part of the block's "
+                f"{self.block.d}-dimensional state), got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        lo, hi = self.block.box()
+        v = x.detach()
+        if v.numel() and not (
+            torch.isfinite(v).all() and lo - 1e-6 <= float(v.min()) and float(v.max()) <= hi + 1e-6
+        ):
+            raise ConfigurationError(
+                f"MHNLayer input: must lie in the block's state box [{lo:.4g}, {hi:.4g}] (the patterns' "
+                f"range plus margin), got values in [{float(v.min()):.4g}, {float(v.max()):.4g}]; clamp "
+                "the part in front (as a clamp to [0, 1] does) or give the block a larger margin"
+            )
         return MHNFunction.apply(x, self, self.patterns)
