@@ -42,7 +42,10 @@ def check_topology(topology: Topology, limits: Limits) -> None:
                 f"tile size of {c.tile!r} ({rows} x {cols})",
                 max(rows / limits.tile_rows_max, cols / limits.tile_cols_max),
                 1.0,
-                f"tiles hold at most {limits.tile_rows_max} x {limits.tile_cols_max} cells; split the layer",
+                f"tiles hold at most {limits.tile_rows_max} x {limits.tile_cols_max} cells; split the layer: "
+                "open the board with hil.boards.open_board(uri), which places a larger tile on several "
+                "of the board's tiles (`hil train` does), or split the network into EB blocks "
+                "(model.block_layers)",
             )
     check_settings(topology, limits)
 

@@ -43,6 +43,17 @@ def test_an_mvm_input_one_float32_step_past_the_limit_shows_two_numbers() -> Non
     assert state and most and float(state.group(1)) > float(most.group(1)), text
 
 
+def test_a_tile_past_the_boards_tiles_names_the_ways_to_split_it() -> None:
+    """The refusal said only "split the layer", not how (a conv user on `open_device`)."""
+    dev = open_device("emulator://?preset=ideal&seed=0&tile_rows_max=16&tile_cols_max=16")
+    with dev, pytest.raises(LimitViolation) as err:
+        dev.configure(Topology.layered([20, 4]))
+    text = str(err.value)
+    assert "tile size of 'W0' (21 x 4)" in text and "tiles hold at most 16 x 16 cells" in text, text
+    assert "hil.boards.open_board(uri)" in text and "model.block_layers" in text, text
+    assert dev.safety().violations == 0
+
+
 def test_counts_are_shown_in_full() -> None:
     text = str(LimitViolation("batch size", 1_000_001, 1_000_000))
     assert "requested 1000001, limit 1000000" in text
