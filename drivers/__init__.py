@@ -27,10 +27,12 @@ if TYPE_CHECKING:
         TileWear,
         Wear,
         programming_transaction,
+        repair_lost_arrays,
         report_open_transactions,
     )
     from drivers.capabilities import CAPABILITIES
     from drivers.errors import (
+        ArraysLost,
         BoardReset,
         ConfigurationError,
         DeviceError,
@@ -68,9 +70,11 @@ _HOMES = {
         "TileWear",
         "Wear",
         "programming_transaction",
+        "repair_lost_arrays",
         "report_open_transactions",
     ),
     "drivers.errors": (
+        "ArraysLost",
         "BoardReset",
         "ConfigurationError",
         "DeviceError",
@@ -94,6 +98,7 @@ _HOMES = {
 __all__ = [
     "BIAS",
     "CAPABILITIES",
+    "ArraysLost",
     "BlockView",
     "BoardReset",
     "BoardStatus",
@@ -131,6 +136,7 @@ __all__ = [
     "place",
     "programming_transaction",
     "register_backend",
+    "repair_lost_arrays",
     "replace_params",
     "report_open_transactions",
 ]

@@ -14,6 +14,7 @@ Arrays are numpy float32, batch first. Every backend checks a request against
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -279,11 +280,17 @@ class BoardStatus:
     a host that remembers the value it saw learns of a reset it did not ask for.
     `transaction` is the tag of a programming sequence begun (`Device.begin`) and never
     committed: a host died or the board reset in the middle of it, so the conductances may
-    be a mix of old and new targets until the tiles are programmed again."""
+    be a mix of old and new targets until the tiles are programmed again.
+    `arrays_id` (None: the board does not say) changes whenever its devices may no longer hold
+    what was programmed (arrays re-formed or erased, a chip or board replaced; an emulator
+    started again) and at no other time: a reset or power cycle that keeps the
+    conductances keeps it. A host that remembers the value it saw learns that every tile
+    must be programmed again (`drivers.errors.ArraysLost`)."""
 
     epoch: int = 0
     transaction: str | None = None
     configured: bool = False
+    arrays_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,10 @@ class Device(ABC):
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        # called (no arguments) by a board that finds its arrays lost, after configuring its
+        # topology again and before resending the interrupted operation; None: raise
+        # `ArraysLost` instead (`repair_lost_arrays` sets it for the length of a block)
+        self.arrays_repair: Callable[[], None] | None = None
 
     @property
     @abstractmethod
@@ -519,6 +530,35 @@ def programming_transaction(devices: Iterable[Device], tag: str) -> Iterator[Non
     yield
     for d in devices:
         d.commit(tag)
+
+
+@contextlib.contextmanager
+def repair_lost_arrays(devices: Iterable[Device], repair: Callable[[Device], None]) -> Iterator[None]:
+    """While the block runs, a board of `devices` that finds its arrays lost (STATUS
+    `arrays_id` changed across a reconnect: docs/protocol.md, "Board status") calls
+    ``repair(board)``, which must program every tile of that board again from the host's
+    weights, and then resends the operation it was running, instead of raising
+    `ArraysLost`. The trainers use it so that a board whose conductances were lost mid-run
+    is reprogrammed, and the step goes on as if nothing happened (on the ideal preset the
+    run is bit-identical to an uninterrupted one). `devices` may be wrappers (a placement):
+    the board each drives is the one watched, and `repair` gets the device as given."""
+    boards = {id(board_of(d)): (board_of(d), d) for d in devices}  # wrappers: the board they drive
+    for board, d in boards.values():
+        board.arrays_repair = functools.partial(repair, d)
+    try:
+        yield
+    finally:
+        for board, _ in boards.values():
+            board.arrays_repair = None
+
+
+def board_of(device: Device) -> Device:
+    """The board a wrapper (a placement, a shared board's view: `drivers.wrapper`) drives,
+    following its `inner` devices; a board itself for a board."""
+    inner = getattr(device, "inner", None)
+    while isinstance(inner, Device):
+        device, inner = inner, getattr(inner, "inner", None)
+    return device
 
 
 def report_open_transactions(devices: Iterable[Device]) -> list[str]:

@@ -541,7 +541,8 @@ class EmulatedDevice(Device):
     def status(self) -> BoardStatus:
         with self.lock:
             b = self.board
-            return BoardStatus(epoch=b.epoch, transaction=b.transaction, configured=b.topology is not None)
+            configured = b.topology is not None
+            return BoardStatus(b.epoch, b.transaction, configured, arrays_id=b.arrays_id)
 
     def begin(self, tag: str) -> None:
         with self.lock:

@@ -103,6 +103,14 @@ class BoardReset(DeviceError):
     `read_conductance` after a `pulse`) or re-program from the host's copy."""
 
 
+class ArraysLost(BoardReset):
+    """The board's arrays no longer hold what was programmed: its STATUS `arrays_id` value
+    changed across a reconnect (arrays re-formed or erased at boot, a board or chip swapped,
+    an emulator started again). The host configured its topology again, but the
+    conductances are the devices' own: program every tile again from the host's weights
+    before using the board (the trainers do, through `drivers.base.repair_lost_arrays`)."""
+
+
 class RetriesExhausted(DeviceError):
     """An operation failed on the link on every attempt of its recovery budget; `op` names
     it, `attempts` counts the tries, `__cause__` is the last failure."""

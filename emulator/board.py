@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,10 @@ class Board:
         self._groups: dict[str, int] = {}  # the configured groups, as they were at configure
         self._physical: dict[int, TileArray] = {}
         self._tiles: dict[str, TileArray] = {}
+        # STATUS `arrays_id` (docs/protocol.md, "Board status"): the arrays live in this process's
+        # memory, so every new board (every server start) holds devices nobody programmed; a
+        # random value, so one started again on the same port says so. Resets keep it.
+        self.arrays_id = secrets.randbits(53)
         # Wear: pulses each device of physical tile k has taken over the board's life, int64
         # (2, rows, cols) at the largest shape tile k has been configured to (a configured tile
         # is the top-left block of its physical array), kept only when the board declares a

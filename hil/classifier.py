@@ -240,6 +240,13 @@ class Classifier:
     def blocks(self) -> list[EBBlock]:
         return [self.block] if self.ffebm is None else [lay.block for lay in self.ffebm.eb_layers]
 
+    def reprogram(self, board: Device) -> None:
+        """Program every tile of the blocks on `board` (one of `devices`) again from the host's
+        weights: the board lost its arrays (`drivers.base.repair_lost_arrays`)."""
+        for k, blk in enumerate(self.blocks()):
+            if self.devices[self.block_boards[k]] is board:
+                blk.sync(force=True)
+
     def tile_shapes(self) -> dict[str, tuple[int, int]]:
         """(rows, cols) of every tile on the boards, by run-log name."""
         return {

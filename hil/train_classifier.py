@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from drivers import Device, OpenTransactionWarning
-from drivers.base import ProgramReport, programming_transaction, report_open_transactions
+from drivers.base import ProgramReport, programming_transaction, repair_lost_arrays, report_open_transactions
 from drivers.watch import SafetyWatch
 from hil.augment import check_shift, shift_images, step_offsets
 from hil.boards import close_boards, lost_board, open_board, record_end_state
@@ -155,7 +155,11 @@ def train_classifier(
         if log is not None:
             log.configure(**dataclasses.asdict(cfg.log))
             log.set_boards(model.board_records())
-        return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
+        # a board found with its arrays lost (STATUS `arrays_id` changed: a board or chip swapped, an
+        # emulator started again) gets every tile of its blocks programmed again from the host's
+        # weights, and the operation it was running resent: the step goes on as it would have
+        with repair_lost_arrays(model.devices, model.reprogram):
+            return _train(cfg, ds, model, progress, on_epoch, log, state, dp)
     except BaseException as err:
         # the boards' counters as the run failed (not of a board whose link it lost)
         record_end_state(log, model.devices, model.board_uris, during=err)

@@ -175,7 +175,8 @@ def test_info_json_over_a_real_transport(board_servers: BoardServers, tmp_path: 
     assert record["limits"]["g_max"] == info.limits.g_max and record["limits"]["adc_range"] == [0.0, 1.0]
     assert record["limits"]["clamp_max"] == info.limits.clamp_max
     assert record["safety"] == {"refused": 0, "violations": 0}
-    assert set(record["status"]) == {"epoch", "transaction", "configured"}
+    assert set(record["status"]) == {"epoch", "transaction", "configured", "arrays_id"}
+    assert type(record["status"]["arrays_id"]) is int  # the emulator keeps its arrays' generation
     assert record["wear"] is None  # the board declares no pulse endurance
 
     out = tmp_path / "info.json"
@@ -385,6 +386,7 @@ def test_two_runs_of_one_seed_write_the_same_run_log(tmp_path: Path) -> None:
             for when in ("start", "end"):  # each board's counters, read at a wall-clock `time`
                 for rec in (*x["device_state"][when].values(), *y["device_state"][when].values()):
                     rec.pop("time")
+                    rec["status"].pop("arrays_id", None)  # random per board started (docs/protocol.md)
         elif path.startswith("/snapshots/"):
             allowed = SNAPSHOT_ATTRS_ALLOWED_TO_DIFFER
             assert "rng" not in x["state"]

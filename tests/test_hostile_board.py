@@ -764,6 +764,7 @@ def test_program_decoder(board: Device, field: str, value: object, fill: float) 
             "epoch",
             "transaction",
             "configured",
+            "arrays_id",
             "pulses",
             "time_s",
             "tile",
@@ -794,6 +795,8 @@ def test_small_reply_decoders(which: str, field: str, value: object) -> None:
                 assert type(v) is bool
             elif k == "epoch":
                 assert type(v) is int
+            elif k == "arrays_id":  # optional: None where the board does not send it
+                assert v is None or (type(v) is int and 0 <= v < 2**53), v
             else:
                 assert type(v) in (int, float) and math.isfinite(v) and v >= 0, (k, v)
 

@@ -495,3 +495,177 @@ def test_closing_a_server_ends_a_reply_held_back_by_a_slow_board(transport: str)
     asker.join(timeout=10.0)
     dev.close()
     assert errors, "a request answered after its server closed"
+
+
+# ---- a board that lost its arrays ---------------------------------------------------------
+
+
+TRANSPORT_PORTS = {"visa-tcp": "scpi_port", "serial-socket": "framed_port"}
+
+
+def _port(uri: str) -> int:
+    """The TCP port of a served board's URI (``TCPIP::host::port::SOCKET`` or ``host:port``)."""
+    return int(uri.split("::")[2]) if "::" in uri else int(uri.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_served_board_started_again_mid_run_is_reprogrammed_and_the_run_matches(
+    transport: str, trained_fault_free
+) -> None:
+    """The board's server is stopped after the first epoch and a fresh one, whose devices were
+    never programmed, bound to the same port (what `hil emulator serve` killed and started
+    again does). The host sees the reconnect, configures the topology again, and from the
+    new STATUS `arrays_id` learns the conductances are gone: the trainer programs every tile
+    again and resends the operation, so the run ends with the weights and accuracies of the
+    uninterrupted one (before, it went on with the fresh devices' conductances and diverged)."""
+    from emulator.server.launch import serve
+    from hil.config import load_config
+    from hil.train_classifier import train_classifier
+
+    board = "emulator://?preset=ideal&seed=0"
+    served = [serve(board, scpi_pty=False, framed_pty=False)]
+    port = _port(served[0].uris[transport])
+    ports = {"scpi_port": None, "framed_port": None, TRANSPORT_PORTS[transport]: port}
+
+    def start_again(stats: object) -> None:
+        if len(served) == 1:  # after the first epoch: the server dies, a fresh one takes its port
+            served[0].close()
+            served.append(serve(board, scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
+
+    params = {"timeout": "1", "attempts": "25", "backoff": "0.01"}
+    if transport == "serial-socket":
+        params["ack_timeout"] = "0.05"
+    try:
+        cfg = load_config(
+            None,
+            [f"device={served[0].uri(transport, **params)}", "train.epochs=2", "data.limit_train=64",
+             "data.limit_test=48", "model.sizes=[64,16,10]"],
+        )  # fmt: skip
+        result = train_classifier(cfg, on_epoch=start_again)
+        recovery = result.model.devices[0].recovery
+        result.model.close()
+        assert len(served) == 2 and served[1].device.safety().violations == 0
+    finally:
+        for s in served:
+            s.close()
+    for tile, p in result.model.block.weights.items():
+        want = trained_fault_free.model.block.weights[tile].detach().numpy()
+        assert p.detach().numpy().tobytes() == want.tobytes(), tile
+    assert [h.test_acc for h in result.history] == [h.test_acc for h in trained_fault_free.history]
+    assert (recovery.reconfigured, recovery.arrays_lost) == (1, 1)
+
+
+def test_a_board_that_keeps_its_arrays_across_a_reboot_is_configured_again_not_reprogrammed() -> None:
+    """An injected reboot (the emulator's `reset` fault) keeps the conductances and so the
+    STATUS `arrays_id`: the host configures the topology again and goes on, with no repair
+    and no `ArraysLost`."""
+    plan = FaultPlan(p_reset=1.0, seed=0, limit=1)
+    board = "emulator://?preset=ideal&seed=0"
+    with faulty_board(board, plan, timeout=0.5, attempts=4) as served, open_device(served.visa_uri) as dev:
+        dev.configure(TOPO)
+        before = dev.status().arrays_id
+        assert before is not None
+        calls: list[str] = []
+        dev.arrays_repair = lambda: calls.append("repair")
+        gp = np.full(TOPO.tile_shape("W1"), 8e-6, np.float32)
+        gm = np.full(TOPO.tile_shape("W1"), 4e-6, np.float32)
+        dev.program("W1", gp, gm)  # the board reboots instead of running it: resent
+        assert dev.recovery.resets == 1 and dev.recovery.reconfigured == 1
+        assert dev.recovery.arrays_lost == 0 and not calls
+        assert dev.status().arrays_id == before
+    assert plan.summary()["reset"] == 1
+
+
+def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed() -> None:
+    """A 2-block ff-EBM on two served boards, block 1's board started again (fresh devices)
+    after the first epoch: only that board's tiles are programmed again, and the run ends with
+    the weights and accuracies of the same run left alone."""
+    import json
+
+    from emulator.server.launch import ServedBoard, serve
+    from hil.config import load_config
+    from hil.train_classifier import TrainResult, train_classifier
+
+    boards = ["emulator://?preset=ideal&seed=0", "emulator://?preset=ideal&seed=1"]
+    params = {"timeout": "1", "attempts": "25", "backoff": "0.01", "ack_timeout": "0.05"}
+    sets = ["model.kind=ffebm", "model.sizes=[64,24,16,10]", "model.block_layers=2", "model.between=linear",
+            "train.epochs=2", "train.batch_size=16", "data.limit_train=48", "data.limit_test=32"]  # fmt: skip
+
+    def run(restart: bool) -> tuple[TrainResult, list[int]]:
+        served = [serve(b, scpi_pty=False, framed_pty=False) for b in boards]
+        port = _port(served[1].uris["serial-socket"])
+        again: list[ServedBoard] = []
+
+        def start_again(stats: object) -> None:
+            if restart and not again:
+                served[1].close()
+                ports = {"scpi_port": None, "framed_port": port}
+                again.append(serve(boards[1], scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
+
+        try:
+            uris = [served[0].uri("visa-tcp", timeout="1"), served[1].uri("serial-socket", **params)]
+            cfg = load_config(None, [*sets, "devices=" + json.dumps(uris)])
+            result = train_classifier(cfg, on_epoch=start_again)
+            lost = [getattr(d.recovery, "arrays_lost", -1) for d in result.model.devices]
+            result.model.close()
+        finally:
+            for s in (*served, *again):
+                s.close()
+        assert len(again) == restart
+        return result, lost
+
+    alone, lost_alone = run(restart=False)
+    restarted, lost = run(restart=True)
+    assert [h.test_acc for h in restarted.history] == [h.test_acc for h in alone.history]
+    assert alone.model.ffebm is not None and restarted.model.ffebm is not None
+    want = alone.model.ffebm.state_dict()
+    for name, p in restarted.model.ffebm.state_dict().items():
+        assert p.numpy().tobytes() == want[name].numpy().tobytes(), name
+    assert lost_alone == [0, 0] and lost == [0, 1]  # one repair, of block 1's board
+
+
+def test_a_vae_whose_served_board_is_started_again_mid_run_is_reprogrammed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`train_vae` (tdh-vae, one served board) with the board's server started again, fresh
+    devices and all, after the first epoch: every tile is programmed again and the run ends
+    with the metrics of the same run left alone."""
+    import logging
+
+    from emulator.server.launch import ServedBoard, serve
+    from hil.config import load_into
+    from hil.vae.config import VAERunConfig
+    from hil.vae.train import VAEResult, train_vae
+
+    board = "emulator://?preset=ideal&seed=0"
+    sets = ["data.limit_train=48", "data.limit_test=32", "eval.samples=32", "eval.eps_draws=1",
+            "model.hidden=16", "train.epochs=2", "train.batch_size=16"]  # fmt: skip
+    params = {"timeout": "1", "attempts": "25", "backoff": "0.01", "ack_timeout": "0.05"}
+
+    def run(restart: bool) -> VAEResult:
+        served = serve(board, scpi_pty=False, framed_pty=False)
+        port = _port(served.uris["serial-socket"])
+        again: list[ServedBoard] = []
+
+        def start_again(epoch: int, row: dict[str, float]) -> None:
+            if restart and not again:
+                served.close()
+                ports = {"scpi_port": None, "framed_port": port}
+                again.append(serve(board, scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
+
+        cfg = load_into(VAERunConfig(), None, [*sets, f"device={served.uri('serial-socket', **params)}"])
+        try:
+            result = train_vae(cfg, on_epoch=start_again)
+        finally:
+            for s in (served, *again):
+                s.close()
+        assert len(again) == restart
+        return result
+
+    alone = run(restart=False)
+    with caplog.at_level(logging.WARNING, logger="drivers.wire"):
+        restarted = run(restart=True)
+    assert restarted.history == alone.history
+    assert (restarted.final.neg_elbo, restarted.final.frechet) == (alone.final.neg_elbo, alone.final.frechet)
+    repairs = [r for r in caplog.records if "programming every tile again" in r.getMessage()]
+    assert len(repairs) == 1, [r.getMessage() for r in caplog.records]

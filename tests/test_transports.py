@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import Device, DeviceError, SettleBudget, Topology, open_device
+from drivers import ArraysLost, Device, DeviceError, SettleBudget, Topology, open_device
 from drivers.serial import SerialDevice
 from drivers.wire import codes, scpi
 from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, FaultPlan, Faults, open_transport
@@ -192,7 +192,9 @@ def test_a_board_powered_up_again_is_configured_again(
 ) -> None:
     """A board that powers up again at the same address may start at the epoch it had (here
     0, as a fresh emulator does): the host finds it without a topology and configures it
-    again, where it used to fail with "the device has no topology yet"."""
+    again, where it used to fail with "the device has no topology yet". A fresh emulator's
+    devices were never programmed, and its STATUS `arrays_id` says so: the operation raises
+    `ArraysLost` (it used to go on with the devices' own conductances); the next one runs."""
     from emulator.server.launch import serve
 
     s = emulated_board(BOARD)
@@ -215,11 +217,16 @@ def test_a_board_powered_up_again_is_configured_again(
                 else {"scpi_port": port, "framed_port": None}
             )
             fresh = serve(BOARD, scpi_pty=False, framed_pty=False, **ports)  # type: ignore[arg-type]
-            y = dev.mvm("W0", np.full((2, 5), 0.5, np.float32))
-            assert y.shape == (2, 3)
+            x = np.full((2, 5), 0.5, np.float32)
+            with pytest.raises(
+                ArraysLost, match=r"arrays no longer hold what was programmed.*Program every tile"
+            ):
+                dev.mvm("W0", x)
             assert fresh.device.status().epoch == before  # the same epoch: only the topology tells
             assert fresh.device.topology == dev.topology
-            assert dev.recovery.reconfigured == 1
+            assert dev.recovery.reconfigured == 1 and dev.recovery.arrays_lost == 1
+            assert dev.mvm("W0", x).shape == (2, 3)  # the host knows now: the next operation runs
+            assert dev.status().arrays_id == fresh.device.status().arrays_id
     finally:
         if fresh is not None:  # after the host closed (its close makes the board safe)
             fresh.close()

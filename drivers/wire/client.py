@@ -59,6 +59,7 @@ from drivers.base import (
     Wear,
 )
 from drivers.errors import (
+    ArraysLost,
     BoardLocked,
     BoardReset,
     ConfigurationError,
@@ -159,6 +160,7 @@ class RecoveryStats:
     reconnects: int = 0
     resets: int = 0  # board resets detected (epoch changed)
     reconfigured: int = 0  # topologies configured again after a reset
+    arrays_lost: int = 0  # reconnects that found the arrays lost (STATUS `arrays_id` changed)
     exhausted: int = 0  # operations given up (RetriesExhausted)
 
     def as_dict(self) -> dict[str, int]:
@@ -273,6 +275,7 @@ class RemoteDevice(Device):
         self.recovery = RecoveryStats()
         self._epoch: int | None = None  # the board's epoch as last seen (None: no STATUS support)
         self._counted_epoch: int | None = None  # the last epoch counted as a reset
+        self._arrays: int | None = None  # STATUS `arrays_id` as last seen (None: the board does not say)
         self.open_transaction: str | None = None  # found open on the board when the session began
         self._info: DeviceInfo | None = None
         self._topology: Topology | None = None
@@ -351,6 +354,7 @@ class RemoteDevice(Device):
                     raise
             self._broken = False
             self._epoch = None if status is None else status.epoch
+            self._arrays = None if status is None else status.arrays_id
             self.open_transaction = None if status is None else status.transaction
         if self.open_transaction is not None:
             warnings.warn(
@@ -511,6 +515,38 @@ class RemoteDevice(Device):
         if status is not None:
             self._epoch = status.epoch
         self._broken = False
+        if status is not None:
+            self._check_arrays(status)
+
+    def _check_arrays(self, status: BoardStatus, *, repair: bool = True) -> None:
+        """After a reconnect or a reset: if the board's STATUS `arrays_id` is not the value seen
+        before, its devices no longer hold what was programmed. With a repair set
+        (`drivers.base.repair_lost_arrays`) it programs every tile again, and the caller goes
+        on; without one (or with `repair` False: after a RESET, which leaves no topology to
+        program), `ArraysLost`, so nothing carries on with the devices' own values."""
+        before, now = self._arrays, status.arrays_id
+        if now is not None:
+            self._arrays = now
+        if before is None or now is None or now == before:
+            return
+        self.recovery.arrays_lost += 1
+        fix = self.arrays_repair if repair else None
+        log.warning(
+            "%s: the board's arrays were lost (STATUS arrays_id %d, before %d): its conductances are not "
+            "what was programmed%s", self.name, status.arrays_id, before,
+            "; programming every tile again from the host's weights" if fix is not None else "",
+        )  # fmt: skip
+        if fix is not None:
+            fix()
+            return
+        raise ArraysLost(
+            f"{self.name}: the board's arrays no longer hold what was programmed (STATUS arrays_id "
+            f"{status.arrays_id}, before {before}: its arrays were re-formed or erased, the board or chip "
+            "was swapped, or its emulator was started again); its conductances are lost"
+            + (", its topology was configured again" if self._topology is not None else "")
+            + ". Program every tile again from the host's weights before using it (a stopped "
+            "training run: resume it with the --resume command it printed, which programs every tile)"
+        )
 
     def send_unchecked(self, op: Op, request: Message, *, request_id: bool = True) -> Message:
         """Send one request exactly as given, without the host's capability and limit checks,
@@ -763,6 +799,8 @@ class RemoteDevice(Device):
             self._topology = self._board_topology(self._topology_meta())
             status = self.status()
             self._epoch = status.epoch if self._epoch is not None else None
+            if self._epoch is not None:
+                self._check_arrays(status, repair=False)  # firmware that erases its arrays on RESET says so
 
     def _topology_meta(self) -> dict[str, Any] | None:
         return self._transact(Op.TOPOLOGY, Message()).meta.get("topology")

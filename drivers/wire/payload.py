@@ -968,8 +968,15 @@ def safety_counters(msg: Message) -> SafetyCounters:
     )
 
 
+ARRAYS_MAX = (1 << 53) - 1  # STATUS `arrays_id`: an integer JSON carries exactly
+
+
 def status_reply(s: BoardStatus) -> Message:
-    return Message({f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+    """`arrays_id` only where the board keeps it (older firmware never sends it)."""
+    m = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    if s.arrays_id is None:
+        del m["arrays_id"]
+    return Message(m)
 
 
 def board_status(msg: Message) -> BoardStatus:
@@ -978,8 +985,12 @@ def board_status(msg: Message) -> BoardStatus:
     tx = m.get("transaction")
     if tx is not None and (not isinstance(tx, str) or len(tx) > 256):
         raise _bad(op, f"transaction must be null or a tag of at most 256 characters, got {str(tx)[:40]}")
+    arrays_id = m.get("arrays_id")  # optional: absent from firmware that does not keep it
     return BoardStatus(
-        _int(op, "epoch", m["epoch"], -I64_MAX - 1), tx, _bool(op, "configured", m.get("configured", False))
+        _int(op, "epoch", m["epoch"], -I64_MAX - 1),
+        tx,
+        _bool(op, "configured", m.get("configured", False)),
+        None if arrays_id is None else _int(op, "arrays_id", arrays_id, 0, ARRAYS_MAX),
     )
 
 

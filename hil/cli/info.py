@@ -119,8 +119,11 @@ def describe(dev: Device, uri: str) -> list[str]:
     lines += wear_lines(dev)
     st = dev.status()
     open_tx = f"open transaction {st.transaction!r}" if st.transaction else "no open transaction"
+    # the arrays' generation, where the board keeps one: it changes when the devices lost what
+    # was programmed (docs/protocol.md, "Board status")
+    arrays = "" if st.arrays_id is None else f", arrays_id {st.arrays_id}"
     lines.append(
-        f"status        epoch {st.epoch}, {'configured' if st.configured else 'not configured'}, {open_tx}"
+        f"status        epoch {st.epoch}, {'configured' if st.configured else 'not configured'}, {open_tx}{arrays}"
     )
     safety = dev.safety()
     lines.append(f"safety        refused {safety.refused}, violations {safety.violations} (must stay 0)")
@@ -141,7 +144,7 @@ def info_record(dev: Device, uri: str) -> dict[str, Any]:
     CI"): ``uri``, ``idn``, ``identity`` (manufacturer, model, serial, firmware), ``preset``,
     ``capabilities`` (sorted), ``limits`` (every `Limits` field in its unit: volts, siemens,
     seconds, amperes; ``clamp_max`` added; an undeclared limit is null), ``extra``, ``status``
-    (epoch, transaction, configured), ``safety`` (refused, violations), ``meter`` (clock_s,
+    (epoch, transaction, configured, arrays_id: null where the board keeps none), ``safety`` (refused, violations), ``meter`` (clock_s,
     energy_j, mvm_calls; null: the board keeps none), ``owner`` (token, since, connections,
     lease_s, lapses_in; null: no ownership), ``wear`` (endurance, near_from, tiles: per tile
     max_wear, near_end, spent; null: no endurance declared, or not reported). The device part is the run log's ``device``

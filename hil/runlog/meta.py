@@ -100,8 +100,8 @@ LINK_LOST = "not read: the link to the board was lost"
 def device_state(device: Device, *, lost: bool = False) -> dict[str, Any]:
     """The board's dynamic counters now, as plain JSON (a station snapshot): `safety`
     (refused, violations), `meter` (clock_s, energy_j, mvm_calls; null: the board keeps none),
-    `status` (epoch, transaction, configured) and, where the driver has them (a remote
-    board's link), `recovery` (failures, retries, reconnects, resets, reconfigured, exhausted).
+    `status` (epoch, transaction, configured, arrays_id) and, where the driver has them (a remote
+    board's link), `recovery` (failures, retries, reconnects, resets, reconfigured, exhausted, arrays_lost).
     Each is read on its own: one that fails (a lost board at a failed run's end) is recorded as
     ``{"error": ...}`` and the others still are, except after a read whose driver gave up on
     the link (`RetriesExhausted`), and with `lost` (a board whose link is known to be gone):

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from drivers import Device, Equilibrium, OpenTransactionWarning, SettleBudget, seeds
-from drivers.base import programming_transaction, report_open_transactions
+from drivers.base import board_of, programming_transaction, repair_lost_arrays, report_open_transactions
 from drivers.errors import BoardLocked, LimitViolation
 from drivers.watch import SafetyWatch
 from hil.boards import check_distinct, close_boards, lost_board, open_board, opened_twice, record_end_state
@@ -164,6 +164,15 @@ class _Model:
 
     def cells(self) -> int:
         return 0 if self.hvae is None else self.hvae.cells()
+
+    def reprogram(self, board: Device) -> None:
+        """Program every tile of the blocks on `board` (one of `devices`) again from the host's
+        weights: the board lost its arrays (`drivers.base.repair_lost_arrays`)."""
+        if self.hvae is None:
+            return
+        for blk in self.hvae.blocks().values():
+            if board_of(blk.device) is board_of(board):
+                blk.sync(force=True)
 
     def settles(self) -> str:
         """Where the Hopfield VAE's blocks settle (``board``, ``host``); "" for F-VAE."""
@@ -320,9 +329,34 @@ def train_vae(
     (from `open_for_resume`), continue from that snapshot. PNGs of samples and
     reconstructions go to `out_dir`. `progress`: a tqdm bar on stderr (None: when stderr is a
     terminal). `prepared`: the run made ready by `prepare_vae` (with the same config), else it
-    is prepared here."""
+    is prepared here. A board found with its arrays lost mid-run (STATUS `arrays_id` changed) gets
+    every tile of its blocks programmed again from the host's weights, and the operation it
+    was running resent (`drivers.base.repair_lost_arrays`)."""
     if prepared is None:
         prepared = prepare_vae(cfg)
+    with repair_lost_arrays(prepared.model.devices, prepared.model.reprogram):
+        return _train_vae(
+            cfg,
+            progress=progress,
+            out_dir=out_dir,
+            log=log,
+            state=state,
+            on_epoch=on_epoch,
+            prepared=prepared,
+        )
+
+
+def _train_vae(
+    cfg: VAERunConfig,
+    *,
+    progress: bool | None,
+    out_dir: Path | None,
+    log: RunLog | None,
+    state: dict | None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+    prepared: VAEPrepared,
+) -> VAEResult:
+    """`train_vae` once its run is prepared and its boards' arrays are watched."""
     t0, data, model = prepared.started, prepared.data, prepared.model
     step = 0  # where the run is, for the error of a board lost on the way
     try:
