@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from drivers import (
+    BoardStatus,
     ConfigurationError,
     Device,
     DeviceError,
@@ -194,7 +195,16 @@ def test_transport_matches_in_process(
     got = script(device_on(transport, BOARD))  # the plugin's fixture (hil.testing)
     assert [n for n, _ in got] == [n for n, _ in reference]
     for (name, want), (_, have) in zip(reference, got, strict=True):
-        assert_same(want, _without_request_name(have), name)
+        assert_same(_without_arrays_id(want), _without_request_name(_without_arrays_id(have)), name)
+
+
+def _without_arrays_id(out: Any) -> Any:
+    """A status with its `arrays_id` checked and left out: each emulated board draws its own
+    (docs/protocol.md, "Board status"), so the served board's is not the in-process one's."""
+    if not isinstance(out, BoardStatus):
+        return out
+    assert type(out.arrays_id) is int
+    return dataclasses.replace(out, arrays_id=None)
 
 
 def _without_request_name(out: Any) -> Any:
