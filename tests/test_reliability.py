@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from drivers import SettleBudget, Topology, open_device
-from drivers.errors import BoardLocked, BoardReset, RetriesExhausted
+from drivers.errors import BoardLocked, BoardReset, DeviceError, RetriesExhausted
 from drivers.wire import codes, scpi
 from drivers.wire.payload import Op
 from emulator.server.faults import KINDS, FaultPlan
@@ -624,47 +624,74 @@ def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed() -
     assert lost_alone == [0, 0] and lost == [0, 1]  # one repair, of block 1's board
 
 
-def test_a_vae_whose_served_board_is_started_again_mid_run_is_reprogrammed(
+class _StartedAgain:
+    """A served board whose servers are stopped, and a fresh board (devices never programmed)
+    served on the same port, while it runs its `at`-th settle: from the server's own thread,
+    so the host's settle is cut off unanswered, as a killed server's would be. `settles`
+    counts the settles it ran (`at` None: never stopped)."""
+
+    def __init__(self, board: str, transport: str, at: int | None) -> None:
+        from emulator.server.launch import serve
+
+        self.board, self.transport, self.at = board, transport, at
+        self.settles = 0
+        self.served = [serve(board, scpi_pty=False, framed_pty=False)]
+        inner = self.served[0].device.settle
+
+        def settle(*args: object, **kwargs: object) -> object:
+            self.settles += 1
+            if self.settles == self.at:
+                self._start_again()
+                raise DeviceError("the server was stopped")  # its connection is gone: never sent
+            return inner(*args, **kwargs)  # type: ignore[arg-type]
+
+        self.served[0].device.settle = settle  # type: ignore[method-assign]
+
+    def _start_again(self) -> None:
+        from emulator.server.launch import serve
+
+        port = _port(self.served[0].uris[self.transport])
+        self.served[0].close()
+        ports = {"scpi_port": None, "framed_port": None, TRANSPORT_PORTS[self.transport]: port}
+        self.served.append(serve(self.board, scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
+
+    def uri(self, **params: str) -> str:
+        return self.served[0].uri(self.transport, **params)
+
+    def close(self) -> None:
+        for s in self.served:
+            s.close()
+
+
+def test_a_vae_whose_served_board_is_started_again_mid_step_is_reprogrammed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """`train_vae` (tdh-vae, one served board) with the board's server started again, fresh
-    devices and all, after the first epoch: every tile is programmed again and the run ends
-    with the metrics of the same run left alone."""
+    """`train_vae` (tdh-vae, one served board) with the board's server stopped in the middle
+    of a settle half-way through the run and a fresh board served on its port: every tile is
+    programmed again, the settle is resent, and the run ends with the metrics of the same run
+    left alone (the code before `arrays_id` settled on the fresh devices and ended elsewhere)."""
     import logging
 
-    from emulator.server.launch import ServedBoard, serve
     from hil.config import load_into
     from hil.vae.config import VAERunConfig
     from hil.vae.train import VAEResult, train_vae
 
-    board = "emulator://?preset=ideal&seed=0"
     sets = ["data.limit_train=48", "data.limit_test=32", "eval.samples=32", "eval.eps_draws=1",
             "model.hidden=16", "train.epochs=2", "train.batch_size=16"]  # fmt: skip
     params = {"timeout": "1", "attempts": "25", "backoff": "0.01", "ack_timeout": "0.05"}
 
-    def run(restart: bool) -> VAEResult:
-        served = serve(board, scpi_pty=False, framed_pty=False)
-        port = _port(served.uris["serial-socket"])
-        again: list[ServedBoard] = []
-
-        def start_again(epoch: int, row: dict[str, float]) -> None:
-            if restart and not again:
-                served.close()
-                ports = {"scpi_port": None, "framed_port": port}
-                again.append(serve(board, scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
-
-        cfg = load_into(VAERunConfig(), None, [*sets, f"device={served.uri('serial-socket', **params)}"])
+    def run(at: int | None) -> tuple[VAEResult, _StartedAgain]:
+        board = _StartedAgain("emulator://?preset=ideal&seed=0", "serial-socket", at)
         try:
-            result = train_vae(cfg, on_epoch=start_again)
+            cfg = load_into(VAERunConfig(), None, [*sets, f"device={board.uri(**params)}"])
+            return train_vae(cfg), board
         finally:
-            for s in (served, *again):
-                s.close()
-        assert len(again) == restart
-        return result
+            board.close()
 
-    alone = run(restart=False)
+    alone, counted = run(at=None)
     with caplog.at_level(logging.WARNING, logger="drivers.wire"):
-        restarted = run(restart=True)
+        restarted, board = run(at=counted.settles // 2)
+    assert len(board.served) == 2
     assert restarted.history == alone.history
     assert (restarted.final.neg_elbo, restarted.final.frechet) == (alone.final.neg_elbo, alone.final.frechet)
     repairs = [r for r in caplog.records if "programming every tile again" in r.getMessage()]
