@@ -357,6 +357,22 @@ def test_reset_must_change_the_epoch_of_a_board_with_status() -> None:
     assert "no STATUS" in reset.got
 
 
+class ArraysRedrawnOnReset(DeviceWrapper):
+    """A firmware bug: the conductances survive RESET, but STATUS `arrays_id` changes with it
+    (every host would program every tile again after each reset)."""
+
+    def status(self) -> BoardStatus:
+        s = self.inner.status()
+        return dataclasses.replace(s, arrays_id=s.epoch)
+
+
+def test_reset_must_keep_the_arrays_id_of_a_board_that_sends_one() -> None:
+    redrawn = run_conformance(ArraysRedrawnOnReset(open_device(FULL)))
+    failed = [c for c in redrawn.checks if c.status == "FAIL"]
+    assert [c.operation for c in failed] == ["reset"] and "must keep arrays_id" in failed[0].got, failed
+    assert run_conformance(open_device(FULL)).ok  # the emulator keeps its arrays_id across RESET
+
+
 @pytest.mark.parametrize(
     "uri",
     ["nope://board", "emulator://?preset=unobtainium", "serial+socket://127.0.0.1:1?attempts=1"],

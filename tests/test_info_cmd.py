@@ -40,7 +40,7 @@ def test_info_reads_a_board_in_use_without_touching_it(
         assert "mvm" in lines["capabilities"] and "settle" in lines["capabilities"]
         assert f"v_read {lim.v_read:g} V" in lines["voltages"]
         assert f"{lim.g_min:g} to {lim.g_max:g} S" in lines["conductances"]
-        assert "configured, no open transaction" in lines["status"]
+        assert f"configured, no open transaction, arrays_id {host.status().arrays_id}" in lines["status"]
         assert lines["safety"].startswith("refused 0, violations 0")
         assert f"{calls} mvm calls" in lines["meter"]
         # nothing changed: no safe state, the topology and weights as the host left them

@@ -576,10 +576,12 @@ def test_a_board_that_keeps_its_arrays_across_a_reboot_is_configured_again_not_r
     assert plan.summary()["reset"] == 1
 
 
-def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed(shared: bool) -> None:
     """A 2-block ff-EBM on two served boards, block 1's board started again (fresh devices)
     after the first epoch: only that board's tiles are programmed again, and the run ends with
-    the weights and accuracies of the same run left alone."""
+    the weights and accuracies of the same run left alone. `shared`: both blocks on that one
+    board (`drivers.shared.SharedBoard`): both blocks' tiles are programmed again."""
     import json
 
     from emulator.server.launch import ServedBoard, serve
@@ -604,6 +606,8 @@ def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed() -
 
         try:
             uris = [served[0].uri("visa-tcp", timeout="1"), served[1].uri("serial-socket", **params)]
+            if shared:
+                uris[0] = uris[1]
             cfg = load_config(None, [*sets, "devices=" + json.dumps(uris)])
             result = train_classifier(cfg, on_epoch=start_again)
             lost = [getattr(d.recovery, "arrays_lost", -1) for d in result.model.devices]
@@ -621,7 +625,7 @@ def test_the_board_of_one_ff_ebm_block_started_again_mid_run_is_reprogrammed() -
     want = alone.model.ffebm.state_dict()
     for name, p in restarted.model.ffebm.state_dict().items():
         assert p.numpy().tobytes() == want[name].numpy().tobytes(), name
-    assert lost_alone == [0, 0] and lost == [0, 1]  # one repair, of block 1's board
+    assert (lost_alone, lost) == (([0], [1]) if shared else ([0, 0], [0, 1]))  # one repair, of that board
 
 
 class _StartedAgain:
@@ -696,3 +700,20 @@ def test_a_vae_whose_served_board_is_started_again_mid_step_is_reprogrammed(
     assert (restarted.final.neg_elbo, restarted.final.frechet) == (alone.final.neg_elbo, alone.final.frechet)
     repairs = [r for r in caplog.records if "programming every tile again" in r.getMessage()]
     assert len(repairs) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_status_without_arrays_id_is_sent_and_read_without_it() -> None:
+    """Firmware that keeps no arrays' generation (the reference firmware, older boards) leaves
+    the field out, and the host reads None (and trusts the conductances across resets); one
+    that keeps it sends an integer in [0, 2^53), and anything else is a malformed reply."""
+    from drivers.base import BoardStatus
+    from drivers.errors import ProtocolError
+    from drivers.wire import payload as pl
+    from drivers.wire.payload import Message
+
+    assert "arrays_id" not in pl.status_reply(BoardStatus(3, None, True)).meta
+    assert pl.board_status(Message({"epoch": 3, "configured": True})).arrays_id is None
+    assert pl.board_status(pl.status_reply(BoardStatus(3, "t", True, 2**53 - 1))).arrays_id == 2**53 - 1
+    for bad in (-1, 2**53, 1.5, "7", True):
+        with pytest.raises(ProtocolError, match="arrays_id"):
+            pl.board_status(Message({"epoch": 3, "arrays_id": bad}))

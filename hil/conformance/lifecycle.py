@@ -55,6 +55,12 @@ def _reset(sess: Session, sent: list[str]) -> str:
     after = sess.dev.status()
     if sess.dev.topology is not None or after.configured:
         raise Mismatch(f"after reset: topology {sess.dev.topology}, status {after}")
+    if before.arrays_id is not None and after.arrays_id != before.arrays_id:
+        raise Mismatch(
+            f"after reset: arrays_id {before.arrays_id} -> {after.arrays_id}: a reset keeps the "
+            "conductances, so it must keep arrays_id (docs/protocol.md, 'Board status'), or every "
+            "host programs every tile again"
+        )
     epoch = f"epoch {before.epoch} -> {after.epoch}"
     if before.epoch == after.epoch:
         if sess.has_status or before.epoch != 0:
