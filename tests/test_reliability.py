@@ -25,6 +25,7 @@ from drivers.wire.payload import Op
 from emulator.server.faults import KINDS, FaultPlan
 from emulator.server.harness import faulty_board
 from emulator.server.ownership import BoardLock
+from hil.testing import BoardServers
 from tests.killed_host import killed_host
 from tests.raw_scpi import RawScpi
 
@@ -717,3 +718,39 @@ def test_a_status_without_arrays_id_is_sent_and_read_without_it() -> None:
     for bad in (-1, 2**53, 1.5, "7", True):
         with pytest.raises(ProtocolError, match="arrays_id"):
             pl.board_status(Message({"epoch": 3, "arrays_id": bad}))
+
+
+def test_a_repair_that_fails_leaves_the_loss_to_be_found_again(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A repair that raises (the board lost again while it programs) propagates, and the
+    host does not take the new arrays as repaired: the next recovery finds the loss again."""
+    from drivers.errors import ArraysLost
+    from emulator.server.launch import serve
+
+    board = "emulator://?preset=ideal&seed=0"
+    s = emulated_board(board)
+    port = _port(s.uris["serial-socket"])
+    ports = {"scpi_port": None, "framed_port": port}
+    fresh = []
+    try:
+        with open_device(s.uri("serial-socket", timeout="1", ack_timeout="0.05", backoff="0.01")) as dev:
+            dev.configure(TOPO)
+            x = np.full((2, 7), 0.5, np.float32)
+
+            def fail() -> None:
+                raise RuntimeError("the repair failed")
+
+            dev.arrays_repair = fail
+            s.close()
+            fresh.append(serve(board, scpi_pty=False, framed_pty=False, **ports))  # type: ignore[arg-type]
+            with pytest.raises(RuntimeError, match="the repair failed"):
+                dev.mvm("W0", x)
+            dev.arrays_repair = None
+            with pytest.raises(ArraysLost):
+                dev.reconnect()  # the same fresh board: still not repaired
+            assert dev.recovery.arrays_lost == 2
+            assert dev.mvm("W0", x).shape == (2, 5)
+    finally:
+        for f in fresh:
+            f.close()

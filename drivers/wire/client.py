@@ -537,7 +537,11 @@ class RemoteDevice(Device):
             "; programming every tile again from the host's weights" if fix is not None else "",
         )  # fmt: skip
         if fix is not None:
-            fix()
+            try:
+                fix()
+            except BaseException:
+                self._arrays = before  # not repaired: a later recovery finds the loss again
+                raise
             return
         raise ArraysLost(
             f"{self.name}: the board's arrays no longer hold what was programmed (STATUS arrays_id "
