@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from hil.cli import app
 from hil.config import RunConfig, load_config
 from hil.runlog import AnotherBoardWarning, RunLog, open_for_resume, open_run
 from hil.testing import BoardServers
@@ -22,6 +24,14 @@ SHORT = ["train.epochs=2", "train.batch_size=16", "data.limit_train=32", "data.l
 
 def _devices(*uris: str) -> str:
     return "devices=" + json.dumps(list(uris))
+
+
+def _refused(command: str, sets: list[str], out: Path, *options: str) -> str:
+    """`hil train COMMAND` with `sets` as --set overrides: it must exit 2; its last line."""
+    args = ["train", command, *options, "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(app, [*args, *[x for s in sets for x in ("--set", s)]])
+    assert res.exit_code == 2, res.output
+    return res.output.strip().splitlines()[-1]
 
 
 def _interrupted_after_an_epoch(cfg: RunConfig, path: Path) -> Path:
@@ -81,9 +91,6 @@ def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
 ) -> None:
     """The refusal said "the network needs 7 tiles of 16 x 16 ... split it into EB blocks on
     several boards", of a model already on several boards, without saying which block or board."""
-    from typer.testing import CliRunner
-
-    from hil.cli import app
 
     a = emulated_board(board="emulator://?preset=ideal&seed=0").uri("visa-tcp")
     # block 0 takes 12 tiles of 16 x 16, block 1 9: shared, 16 hold block 0 only; alone, 4 not block 1
@@ -93,12 +100,7 @@ def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
     devices = [c, c] if shared else [a, c]
     sets = [*MODEL, *SHORT, "model.sizes=[64,24,16,40,10]", _devices(*devices)]
     out = tmp_path / "run"
-    res = CliRunner().invoke(
-        app,
-        ["train", "classifier", *[x for s in sets for x in ("--set", s)], "--out", str(out), "--no-progress"],
-    )
-    assert res.exit_code == 2, res.output
-    line = res.output.strip().splitlines()[-1]
+    line = _refused("classifier", sets, out)
     assert line.startswith("error: EB block 1 (layers [16, 40, 10]) on board " + c), line
     assert "exceeded" in line and "devices[1]" in line and "model.block_layers" in line, line
     assert ("shared with block 0" in line) == shared, line
@@ -112,10 +114,8 @@ def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_
     """`hil train vae` on a board of 32 x 32 tiles: the refusal told a VAE user to set
     ``model.kind = 'ffebm'`` and ``model.block_layers`` (classifier keys), and the boards opened
     were never put in their safe state or closed (the run stopped while building its blocks)."""
-    from typer.testing import CliRunner
 
     from drivers import open_device
-    from hil.cli import app
     from tests.test_training_board_safety import SafeStatesServed
 
     small = "emulator://?preset=ideal&seed=0&tile_rows_max=32&tile_cols_max=32&max_tiles=8"
@@ -130,24 +130,10 @@ def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_
     sets = [*where, "train.epochs=1", "data.limit_train=32", "data.limit_test=16", "eval.samples=16"]
     before = [b.safe_states for b in boards]
     out = tmp_path / "run"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "vae",
-            "--model",
-            variant,
-            "--out",
-            str(out),
-            "--no-progress",
-            *[x for s in sets for x in ("--set", s)],
-        ],
-    )
-    assert res.exit_code == 2, res.output
+    line = _refused("vae", sets, out, "--model", variant)
     used = 1 if variant == "tdh-vae" else 2
     # every board the run opened reached its safe state (the one it did not use was not touched)
     assert [b.safe_states - n for b, n in zip(boards, before, strict=True)][:used] == [1] * used
-    line = res.output.strip().splitlines()[-1]
     assert line.startswith("error: ") and "exceeded" in line and uris[0] in line, line
     assert "ffebm" not in line and "block_layers" not in line, line
     assert "model.hidden" in line, line
@@ -156,25 +142,10 @@ def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_
 
 def test_a_block_its_board_refuses_for_another_limit_is_named_without_the_tiles_fix(tmp_path: Path) -> None:
     """A block whose settle budget is over its board's limit: named, with the board's own fix only."""
-    from typer.testing import CliRunner
-
-    from hil.cli import app
 
     tight = "emulator://?preset=ideal&seed=1&max_settle_steps=50"
     sets = [*MODEL, *SHORT, _devices("emulator://?preset=ideal&seed=0", tight)]
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "classifier",
-            *[x for s in sets for x in ("--set", s)],
-            "--out",
-            str(tmp_path / "r"),
-            "--no-progress",
-        ],
-    )
-    assert res.exit_code == 2, res.output
-    line = res.output.strip().splitlines()[-1]
+    line = _refused("classifier", sets, tmp_path / "r")
     assert line.startswith(
         f"error: EB block 1 (layers [16, 10]) on board {tight}: settle budget max_steps"
     ), line
@@ -189,9 +160,6 @@ def test_two_uris_of_one_board_are_refused_naming_both_and_the_fix(
     refused by the board's lock as "owned by <this very run>; wait for it to release the board, or
     break the lock", and without the lock (``?lock=0``) both blocks would configure one board,
     each re-configuring it under the other."""
-    from typer.testing import CliRunner
-
-    from hil.cli import app
 
     served = emulated_board(board="emulator://?preset=ideal&seed=0")
     one = served.uri("visa-tcp", lock=lock)
@@ -199,12 +167,7 @@ def test_two_uris_of_one_board_are_refused_naming_both_and_the_fix(
     assert one != other
     sets = [*MODEL, *SHORT, _devices(one, other)]
     out = tmp_path / "run"
-    res = CliRunner().invoke(
-        app,
-        ["train", "classifier", *[x for s in sets for x in ("--set", s)], "--out", str(out), "--no-progress"],
-    )
-    assert res.exit_code == 2, res.output
-    line = res.output.strip().splitlines()[-1]
+    line = _refused("classifier", sets, out)
     assert line.startswith(f"error: devices[1] ({other}) is the board devices[0] ({one}) already opened"), (
         line
     )
@@ -215,9 +178,6 @@ def test_two_uris_of_one_board_are_refused_naming_both_and_the_fix(
 def test_a_dh_vae_on_two_uris_of_one_board_is_refused(
     emulated_board: Callable[..., BoardServers], tmp_path: Path
 ) -> None:
-    from typer.testing import CliRunner
-
-    from hil.cli import app
 
     one = emulated_board(board="emulator://?preset=ideal&seed=0").uri("serial-socket")
     other = one.replace("127.0.0.1", "localhost")
@@ -228,21 +188,7 @@ def test_a_dh_vae_on_two_uris_of_one_board_is_refused(
         "data.limit_test=16",
     ]
     out = tmp_path / "run"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "vae",
-            "--model",
-            "dh-vae",
-            "--out",
-            str(out),
-            "--no-progress",
-            *[x for s in sets for x in ("--set", s)],
-        ],
-    )
-    assert res.exit_code == 2, res.output
-    line = res.output.strip().splitlines()[-1]
+    line = _refused("vae", sets, out, "--model", "dh-vae")
     assert line.startswith(f"error: devices[1] ({other}) is the board devices[0] ({one}) already opened"), (
         line
     )
