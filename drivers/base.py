@@ -218,6 +218,10 @@ class ProgramReport:
     # devices write-verify stopped correcting because they did not move (stuck or worn; 0
     # without verify); None: the board did not report it (an older board), unknown, not 0
     gave_up: int | None = None
+    # devices the write skipped because they were spent (at the declared pulse endurance: no
+    # pulse left; docs/protocol.md "Pulse endurance"); None: no endurance declared, or a board
+    # that does not report it
+    spent: int | None = None
 
 
 @dataclass

@@ -66,6 +66,7 @@ def _program_report(
         energy_j=float(r["energy_j"]),
         time_s=float(r["time_s"]),
         gave_up=int(r["gave_up"]),
+        spent=None if r.get("spent") is None else int(r["spent"]),
     )
 
 

@@ -164,6 +164,7 @@ class TiledDevice(DeviceWrapper):
             time_s=sum(r.time_s for r, _ in reps),
             # unknown (None) when any block's board did not report it
             gave_up=None if any(r.gave_up is None for r, _ in reps) else sum(r.gave_up or 0 for r, _ in reps),
+            spent=None if any(r.spent is None for r, _ in reps) else sum(r.spent or 0 for r, _ in reps),
         )
 
     def pulse(self, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray) -> PulseReport:

@@ -45,10 +45,14 @@ class WriteStats:
     pulses: int  # programming pulses sent (one per device for a direct write)
     energy_j: float
     time_s: float
+    spent: int = 0  # devices a write skipped: spent (at the declared endurance), no pulse left
 
     def __add__(self, other: WriteStats) -> WriteStats:
         return WriteStats(
-            self.pulses + other.pulses, self.energy_j + other.energy_j, self.time_s + other.time_s
+            self.pulses + other.pulses,
+            self.energy_j + other.energy_j,
+            self.time_s + other.time_s,
+            self.spent + other.spent,
         )
 
 
@@ -62,6 +66,7 @@ class VerifyStats:
     time_s: float
     gave_up: int = 0  # devices the firmware stopped correcting because they did not move
     reads: int = 0  # full-tile reads taken
+    spent: int = 0  # devices the write skipped: spent (at the declared endurance)
 
 
 def _uniform(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float] | None:
@@ -538,9 +543,18 @@ class TileArray:
         """`write` with the targets as one (2, rows, cols) tensor (`_stack`). `wear`: the
         devices' life pulse counts (int64, (2, rows, cols)), each raised by the write's one
         pulse (stuck devices take it too); with a declared endurance the devices wear out
-        (`wear_out`) before the write lands."""
+        (`wear_out`) before the write lands, and a spent device (at the endurance: no pulse
+        left) is skipped, as firmware skips a dead cell: no pulse, its wear stays at the
+        endurance, it stays stuck where it failed (`WriteStats.spent` counts them)."""
+        spent = 0
         if wear is not None:
-            wear.add_(1)
+            endurance = self.model.pulse_endurance
+            if endurance is not None and int(wear.max()) >= endurance:
+                left = wear < endurance
+                spent = int(left.numel() - left.sum())
+                wear.add_(left.to(wear.dtype))
+            else:
+                wear.add_(1)
             self._wear_out(wear)
         target = target.to(torch.float32)
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
@@ -566,8 +580,8 @@ class TileArray:
         # device holds clamp(target, lo, hi) exactly, which `deviation` can use
         clean = self.model.write_noise == 0 and self._bounds is not None and self._stuck_idx is None
         self._clean = (target, self._version) if clean else None
-        n = 2 * self.cells
-        return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s)
+        n = 2 * self.cells - spent
+        return WriteStats(n, n * self.model.pulse_energy_j, self.rows * self.model.pulse_time_s, spent)
 
     def deviation(
         self, g: torch.Tensor, target: torch.Tensor, target_range: tuple[float, float] | None = None
@@ -848,5 +862,6 @@ class TileArray:
             energy_j=stats.energy_j,
             time_s=stats.time_s,
             gave_up=int(gave_up.sum()),
+            spent=stats.spent,
             reads=reads,
         )

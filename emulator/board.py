@@ -414,9 +414,7 @@ class Board:
         tol = 0.02 * (m.g_max - m.g_min) if tol is None else tol
         target = tile.stack_targets(g_plus, g_minus, "program")
         self._check_read_lines(name, target)
-        wear = self.wear(name)
-        if wear is not None:
-            self._check_wear(name, wear, 1, "program's write")
+        wear = self.wear(name)  # a spent device is skipped by the write, never refused for (the tile's)
         if verify:
             st = tile.program_verify(
                 g_plus, g_minus, tol, max_iters, self.clock, self.noise,
@@ -426,6 +424,7 @@ class Board:
         else:
             st = tile.write_stacked(target, self.clock, self.noise, wear)
             iterations, gave_up = 0, 0
+        spent = None if wear is None else st.spent
         self.clock += st.time_s
         self.energy_j += st.energy_j
         self._count_read_violation(tile)
@@ -452,6 +451,7 @@ class Board:
             "energy_j": float(st.energy_j),
             "time_s": float(st.time_s),
             "gave_up": int(gave_up),
+            "spent": spent,
         }
 
     def pulse(self, name: str, counts_plus: torch.Tensor, counts_minus: torch.Tensor) -> dict[str, object]:

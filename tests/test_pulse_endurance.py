@@ -149,7 +149,11 @@ def test_wear_survives_reset_and_safe_state_and_counts_programming_pulses() -> N
             dev.pulse("W0", _full(500), _full(0))
 
 
-def test_a_program_at_the_end_of_life_is_refused_and_write_verify_stops_at_the_endurance() -> None:
+def test_a_program_skips_spent_devices_and_write_verify_stops_at_the_endurance() -> None:
+    """A program's write refused the whole tile once one device was spent (with wear-out
+    modelled, one dead cell made the tile unprogrammable for good: no more training, no
+    calibration); it skips the spent devices now, as firmware skips a dead cell, and counts
+    them in the report."""
     with open_device(WORN) as d:
         dev = _board(d)
         dev.configure(Topology.layered([4, 3]))
@@ -165,10 +169,23 @@ def test_a_program_at_the_end_of_life_is_refused_and_write_verify_stops_at_the_e
         left = (ENDURANCE - wear).numpy().astype(np.int32)
         dev.pulse("W0", left[0], -left[1])
         assert dev.board.max_wear() == {"W0": ENDURANCE}
-        state = _state(dev)
-        with pytest.raises(LimitViolation, match=r"this program's write adds 1; nothing was applied"):
-            dev.program("W0", np.full(SHAPE, 5e-6, np.float32), np.full(SHAPE, 5e-6, np.float32))
-        assert torch.equal(_state(dev), state)
+        refused = dev.safety().refused
+        rep = dev.program("W0", np.full(SHAPE, 5e-6, np.float32), np.full(SHAPE, 5e-6, np.float32))
+        assert rep.spent == 2 * SHAPE[0] * SHAPE[1] and rep.pulses == 0, rep
+        assert dev.board.max_wear() == {"W0": ENDURANCE} and dev.safety().refused == refused
+        # one spent device among fresh ones: the others take their write, it does not
+        dev.configure(Topology.layered([6, 3]))  # a larger block: rows 5.. of W0 are fresh
+        wear = dev.board.wear("W0")
+        assert wear is not None
+        before = wear.clone()
+        rep = dev.program("W0", np.full((7, 3), 5e-6, np.float32), np.full((7, 3), 5e-6, np.float32))
+        spent = int((before >= ENDURANCE).sum())
+        assert rep.spent == spent == 2 * SHAPE[0] * SHAPE[1] and rep.pulses == 2 * 7 * 3 - spent, rep
+        after = dev.board.wear("W0")
+        assert after is not None and torch.equal(after, before + (before < ENDURANCE).to(torch.int64))
+        g = _state(dev)
+        fresh = g[:, SHAPE[0] :, :]
+        assert torch.allclose(fresh, torch.full_like(fresh, 5e-6), atol=1e-6)  # written
 
 
 def test_without_a_declared_endurance_nothing_is_counted_or_refused() -> None:
@@ -205,6 +222,25 @@ def test_board_refusal_over_the_real_transports(
         dev.pulse("W0", _full(0), _full(1000))  # the G- devices are new
     assert torch.equal(_state(board)[0], state[0])
     assert board.board.max_wear() == {"W0": 1000}
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_program_over_the_real_transports_reports_the_spent_devices_it_skipped(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    served = emulated_board(WORN)
+    board = _board(served.device)
+    with open_device(served.uris[transport]) as dev:
+        dev.configure(Topology.layered([4, 3]))
+        target = np.full(SHAPE, 5e-6, np.float32)
+        assert dev.program("W0", target, target).spent == 0
+        board.pulse("W0", _full(ENDURANCE - 1), _full(0))  # the G+ devices spent, the G- fresh
+        rep = dev.program("W0", target, target)
+        assert rep.spent == SHAPE[0] * SHAPE[1] and rep.pulses == SHAPE[0] * SHAPE[1], rep
+        assert dev.safety().refused == 0 and dev.safety().violations == 0
+    with open_device("emulator://?preset=rram&seed=0") as no_endurance:
+        no_endurance.configure(Topology.layered([4, 3]))
+        assert no_endurance.program("W0", target, target).spent is None  # not reported: nothing counted
 
 
 def test_board_refusal_code_on_raw_scpi(emulated_board: Callable[..., BoardServers]) -> None:

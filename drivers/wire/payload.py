@@ -713,11 +713,13 @@ def program_request(
 
 
 def program_reply(r: ProgramReport) -> Message:
-    """The reply to a program; `gave_up` goes only when known (an unknown one is not sent)."""
+    """The reply to a program; `gave_up` and `spent` go only when known (an unknown one is
+    not sent)."""
     meta = {
         f.name: getattr(r, f.name)
         for f in dataclasses.fields(r)
-        if f.name not in ("g_plus", "g_minus") and not (f.name == "gave_up" and r.gave_up is None)
+        if f.name not in ("g_plus", "g_minus")
+        and not (f.name in ("gave_up", "spent") and getattr(r, f.name) is None)
     }
     return Message(meta, {"g_plus": r.g_plus, "g_minus": r.g_minus})
 
@@ -730,17 +732,19 @@ def program_report(
     max_iters: int | None = None,
 ) -> ProgramReport:
     """The report of a `program` reply, checked against the request (`tile`, `shape`,
-    `max_iters`) and the declared `limits` where given. `gave_up` is optional (boards older
-    than it do not send it): absent or null, the report's `gave_up` is None (unknown); else
-    a count of at most the tile's 2 x rows x cols devices. Fields this host does not know are
+    `max_iters`) and the declared `limits` where given. `gave_up` and `spent` are optional
+    (boards older than them, or without a pulse endurance, do not send them): absent or null,
+    the report's field is None (unknown); else a count of at most the tile's 2 x rows x cols
+    devices. Fields this host does not know are
     ignored."""
     op = "program"
     m = _meta(op, msg, "tile", "iterations", "pulses", "residual_max", "within_tol", "energy_j", "time_s")
     dims: tuple[int | None, ...] = shape if shape is not None else (None, None)
     bounds = conductance_bounds(limits)
-    raw = m.get("gave_up")
     devices = I64_MAX if shape is None else 2 * shape[0] * shape[1]
-    gave_up = None if raw is None else _int(op, "gave_up", raw, 0, devices)
+    gave_up, spent = (
+        None if m.get(k) is None else _int(op, k, m[k], 0, devices) for k in ("gave_up", "spent")
+    )
     return ProgramReport(
         tile=_str(op, "tile", m["tile"], tile),
         g_plus=_array(op, msg.arrays, "g_plus", dims, bounds=bounds),
@@ -752,6 +756,7 @@ def program_report(
         energy_j=_float(op, "energy_j", m["energy_j"]),
         time_s=_float(op, "time_s", m["time_s"]),
         gave_up=gave_up,
+        spent=spent,
     )
 
 
