@@ -1,5 +1,5 @@
 """A second, independent firmware: an MVM-only board speaking the framed protocol over TCP,
-written from docs/protocol.md alone (after an audit's `fwboard.py`), with switches for three
+written from docs/protocol.md alone (after an audit's `fwboard.py`), with switches for
 firmware bugs that the conformance suite must catch:
 
 - `nofrag`: each frame is taken as a whole message (MORE ignored, every frame a START);
@@ -8,7 +8,10 @@ firmware bugs that the conformance suite must catch:
   fragments; a board that does not say so fails at open, tests/test_link_diagnostics.py);
 - `norid`: no -109 for a program, pulse or wait without a request id, and no record of ids;
 - `slack`: program targets checked with a slack of 0.1 % (up to 1.001 g_max taken), not the
-  window of docs/protocol.md "Limits".
+  window of docs/protocol.md "Limits";
+- `nolease` (with `lock=True`): a lock bound to the connection, not the token: the owner is
+  dropped at once when its last connection closes without a release (no lease, no safe state
+  of the board's own), so a killed host's colleagues may take a board it left driven.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -46,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-BUGS = ("nofrag", "noack", "norid", "slack")
+BUGS = ("nofrag", "noack", "norid", "slack", "nolease")
 
 HDR = struct.Struct("<BBBBHH")
 RESP, MORE, ERR, START = 1, 2, 4, 8
@@ -171,8 +174,11 @@ class Ownership:
     runs under the board's lock. `safe` is what SAFE_STATE runs on the board; `clock` the
     monotonic clock of leases (`since` is Unix time, the board's real-time clock)."""
 
-    def __init__(self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float], nolease: bool = False
+    ) -> None:
         self.safe, self.clock = safe, clock
+        self.nolease = nolease  # the bug: a gone owner is dropped at once
         self.own_lease_s = self.lease_s = float(lease_s)
         self.token: str | None = None
         self.since: float | None = None
@@ -203,6 +209,9 @@ class Ownership:
     def _withdrawn(self, session: Session) -> None:
         token, session.token = session.token, None
         if token is None or token != self.token or self.presenting() > 0:
+            return
+        if self.nolease:  # the bug: the lock was the connection's, and goes with it
+            self._free()
             return
         # the owner's last connection is gone without a release: the lease starts, and the board
         # makes itself safe now (the dead host cannot)
@@ -315,6 +324,7 @@ class Board:
         lock: bool = False,
         lease_s: float = 15.0,
         slack: bool = False,
+        nolease: bool = False,
     ) -> None:
         self.norid = norid
         self.slack = slack
@@ -330,7 +340,8 @@ class Board:
         self.lock = threading.Lock()
         self.line_v = 0.0
         self.safe_states: list[float] = []  # monotonic times the lines were brought to 0 V
-        self.ownership = Ownership(self.lines_to_zero, lease_s, time.monotonic) if lock else None
+        own = Ownership(self.lines_to_zero, lease_s, time.monotonic, nolease) if lock else None
+        self.ownership = own
 
     def lines_to_zero(self) -> None:
         """What SAFE_STATE runs: every line to 0 V (requests run one at a time under `lock`, so
@@ -683,7 +694,11 @@ class FirmwareBoard:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
         self.bug = bug
-        self.board = Board(norid=bug == "norid", lock=lock, lease_s=lease_s, slack=bug == "slack")
+        if bug == "nolease" and not lock:
+            raise ValueError("the bug 'nolease' is one of ownership: serve it with lock=True")
+        self.board = Board(
+            norid=bug == "norid", lock=lock, lease_s=lease_s, slack=bug == "slack", nolease=bug == "nolease"
+        )
         self.stop_event = threading.Event()
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

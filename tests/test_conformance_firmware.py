@@ -1,8 +1,10 @@
 """`hil conformance` against a second, independent firmware (tests/fw_reference_board.py,
 over real TCP sockets): the correct board passes every check, and each deliberately broken
 variant fails the check named for its bug, with a line that says what the board did wrong. Its
-variant with ownership (`lock=True`) passes them too, the ownership check included, in process
-and through `hil conformance URI` (tests/test_fw_reference_ownership.py tests the lock itself)."""
+variant with ownership (`lock=True`) passes them too, the ownership and owner-gone checks
+included, in process and through `hil conformance URI` (tests/test_fw_reference_ownership.py tests
+the lock itself); its `nolease` variant, which drops an owner whose connection closed at once,
+fails the owner-gone check alone."""
 
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ def _conformance(bug: str | None, lock: bool = False) -> Report:
         finally:
             dev.close()
         own = board.board.ownership
-        assert own is None or (own.token is None and own.owner_gone == 0)  # released, not gone
+        # released at the end; the owner-gone check's own gone owner was made safe by the board
+        # (what the wire cannot show), unless the bug dropped it without
+        assert own is None or (own.token is None and own.owner_gone == (bug != "nolease"))
         return report
     finally:
         board.stop()
@@ -54,6 +58,7 @@ def test_the_reference_firmware_passes_every_check(correct: Report) -> None:
         assert ops[op] == "PASS", op
     assert ops["wear"] == "SKIP"  # no pulse endurance declared
     assert "ownership" not in ops  # no lock announced: nothing to check
+    assert ops["owner gone"] == "SKIP"
     fragmented = next(c for c in correct.checks if c.operation == FRAGMENTED)
     assert "2 fragments" in fragmented.sent and "mvm x (129, 65)" in fragmented.sent
 
@@ -65,6 +70,22 @@ def test_the_reference_firmware_with_ownership_passes_every_check_and_the_owners
     ownership = [c for c in report.checks if c.operation == "ownership"]
     assert len(ownership) == 1 and ownership[0].status == "PASS", ownership
     assert "refused wait, safe_state and the take (120)" in ownership[0].got
+    gone = next(c for c in report.checks if c.operation == "owner gone")
+    assert gone.status == "PASS" and "kept: 0 connections, lapses in" in gone.got, gone.line()
+    assert "taken back by this connection's token" in gone.got
+    assert 1.0 <= gone.seconds < 3.0  # the lease of 1 s, and the check is not much longer
+
+
+def test_a_firmware_that_drops_a_gone_owner_at_once_fails_the_owner_gone_check() -> None:
+    """`nolease`: the lock goes with its connection, so a killed host's board is free at once
+    (and left as the host drove it). Every other check passes, the ownership one included (the
+    owner is still there then); the suite takes its board back and goes on."""
+    report = _conformance("nolease", lock=True)
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == {"owner gone"}, [c.line() for c in failed.values()]
+    assert "dropped the gone owner at once instead of keeping it for its lease" in failed["owner gone"].got
+    ops = {c.operation: c.status for c in report.checks}
+    assert ops["ownership"] == ops["reset"] == ops["safe_state"] == "PASS"  # the suite owns it again
 
 
 def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> None:
@@ -78,8 +99,10 @@ def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> N
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert any(line.startswith("PASS  ownership") for line in done.stdout.splitlines()), done.stdout
+        assert any(line.startswith("PASS  owner gone") for line in done.stdout.splitlines()), done.stdout
         own = board.board.ownership
-        assert own is not None and own.token is None and own.owner_gone == 0  # released at close
+        # released at close; the check's gone owner was made safe by the board
+        assert own is not None and own.token is None and own.owner_gone == 1
         assert {"wait", "safe_state"} <= set(own.refusals)  # the suite's second connection was refused
     finally:
         board.stop()

@@ -14,7 +14,8 @@ Modules: `report` (the results), `session` (options, test network, one check at 
 then one module per family of operations (`board`, `arrays`, `mvm`, `settle`, `refusals`,
 then the board-side checks past the host's own: `scpi`, `framed`, `replay` (request ids),
 `fragments` (messages over one frame), `lines` (the line-current limit), `wear` (the wear
-query of a board that declares a pulse endurance), `ownership` and `lifecycle`), run in that order by `suite`.
+query of a board that declares a pulse endurance), `ownership`, `owner_gone` (the lease of an
+owner whose connection closed without a release) and `lifecycle`), run in that order by `suite`.
 """
 
 from hil.conformance.report import Check, Report

@@ -13,7 +13,7 @@ from hil.conformance.session import Session
 
 
 def checks(sess: Session) -> None:
-    if LOCK_CAPABILITY not in sess.caps or not sess.report.uri or _serial_line(sess.report.uri):
+    if LOCK_CAPABILITY not in sess.caps or not sess.report.uri or serial_line(sess.report.uri):
         return
     owner = sess.dev.owner()
     if owner is None or not getattr(sess.dev, "owns", False):  # opened with lock=0: nothing to check
@@ -26,7 +26,7 @@ def checks(sess: Session) -> None:
     )
 
 
-def _serial_line(uri: str) -> bool:
+def serial_line(uri: str) -> bool:
     """A serial port is one session: a second host cannot share it, so there is no second
     connection to refuse (over TCP there is)."""
     scheme, _, target = uri.partition("://")

@@ -15,6 +15,7 @@ from hil.conformance import (
     lifecycle,
     lines,
     mvm,
+    owner_gone,
     ownership,
     refusals,
     replay,
@@ -60,6 +61,7 @@ def run_conformance(
             lines.checks(sess)
             wear.checks(sess)
             ownership.checks(sess)
+            owner_gone.checks(sess)
             lifecycle.status_reset(sess)
     except LinkLost as exc:
         sess.add(
