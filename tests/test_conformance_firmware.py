@@ -158,3 +158,30 @@ def test_the_reference_firmware_refuses_the_wear_query_at_once() -> None:
             dev.close()
     finally:
         board.stop()
+
+
+def test_a_lease_that_never_lapses_fails_the_owner_gone_check_and_the_suite_takes_its_board_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A firmware that keeps a gone owner's lock past its lease (its lapse never comes without a
+    break) fails after the lease + 2 s; the check releases its own token and the suite's
+    connection takes the board back, so the checks that follow drive it."""
+    board = FirmwareBoard(lock=True).start()
+    try:
+        own = board.board.ownership
+        assert own is not None
+        monkeypatch.setattr(own, "tick", lambda: None)  # no lapse
+        dev = open_device(f"{board.uri}?attempts=2&timeout=5")
+        try:
+            report = run_conformance(dev, board.uri)
+            assert dev.owner() is not None and dev.owner().token == dev.lock_token  # type: ignore[union-attr]
+        finally:
+            dev.close()
+        failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+        assert set(failed) == {"owner gone"}, [c.line() for c in failed.values()]
+        assert "the board is still owned" in failed["owner gone"].got
+        assert "it must free a lease of 1 s when it lapses, with no request" in failed["owner gone"].got
+        assert 3.0 <= failed["owner gone"].seconds < 5.0
+        assert own.token is None and own.owner_gone == 1  # applied at the close; released at the end
+    finally:
+        board.stop()
