@@ -25,7 +25,7 @@ import numpy as np
 
 from calibration.apply import Corrections, conductance_targets
 from calibration.record import CalibrationError, CalibrationRecord, TileCalibration
-from calibration.routines import NEEDS
+from calibration.routines import NEEDS, REQUIRES, ROUTINES
 from calibration.wires import predistort
 from drivers import Device, Equilibrium, Nudge, ProgramReport, Topology
 from drivers.wrapper import DeviceWrapper
@@ -35,6 +35,8 @@ from drivers.wrapper import DeviceWrapper
 MIN_COMPENSATED_SCALE = 0.9
 # the routines `hil calibrate --channels` sets the extent of
 CHANNEL_ROUTINES = ("adc", "dac")
+# the routines that calibrate devices of the session's tiles at their positions and shapes
+DEVICE_ROUTINES = ("stuck", "gmap", "pulse")
 # what passes uncorrected when a record lacks each converter bank
 UNCORRECTED_PATHS = {
     "dac": "clamps, nudge targets and mvm inputs",
@@ -71,46 +73,112 @@ class CalibratedDevice(DeviceWrapper):
 
     def configure(self, topology: Topology) -> None:
         """Refuse, before anything reaches the board, a topology with more node channels than the
-        record's DAC or state-ADC calibration covers (the message gives the session to rerun)."""
+        record's DAC or state-ADC calibration covers (the message gives the one session to rerun,
+        `cover`, whose record this network then takes without further hints)."""
         nodes = sum(topology.groups.values())
         for bank in ("dac", "adc"):
             cal = self.record.converters.get(bank)
             if cal is not None and cal.channels < nodes:
                 groups = ", ".join(f"{g} {n}" for g, n in topology.groups.items())
-                # the network's tiles where the record corrects tiles: the record's own would
-                # leave this network's uncorrected, and a second session to follow
-                tiles = _tile_list(topology) if self._device_tiles() else None
                 raise CalibrationError(
                     f"this network has {nodes} node channels ({groups}); the calibration record "
                     f"covers {cal.channels} ({bank} channels 0..{cal.channels - 1}): rerun "
-                    f"`{self.rerun(tiles=tiles, channels=nodes)}` (or more channels)"
+                    f"`{self.cover(topology)}` (the record this network needs)"
                 )
         if not self._told_uncorrected:
             self._told_uncorrected = True
-            self._warn_partial()
-            self._warn_uncorrected()
+            self._warn_partial(topology)
+            self._warn_uncorrected(topology)
         self._warn_unmatched_tiles(topology)
         super().configure(topology)
 
-    def rerun(self, tiles: str | None = None, channels: int | None = None) -> str:
+    def rerun(
+        self, tiles: str | None = None, channels: int | None = None, routines: tuple[str, ...] | None = None
+    ) -> str:
         """The session command that replaces this record: `session` with ``--overwrite``, the
-        record's own tiles and channels unless `tiles` (``ROWSxCOLS,...``) or `channels` say
-        otherwise (so that following the advice does not lose what the record covered). The
-        record's channels only where this board can run a routine that uses them (the DAC and
-        state-ADC ones, `CHANNEL_ROUTINES`): on an MVM-only board they would change nothing."""
+        record's own tiles, channels and routines unless `tiles` (``ROWSxCOLS,...``), `channels`
+        or `routines` say otherwise (so that following the advice does not lose what the record
+        covered, nor add routines it left out: a record of ``adc,dac,mvm`` rerun with every
+        routine gains device calibrations at its tiles' positions, which a network of other
+        shapes is then warned about). The record's channels only where this board can run a
+        routine that uses them (the DAC and state-ADC ones, `CHANNEL_ROUTINES`): on an
+        MVM-only board they would change nothing."""
         opts = self.record.session.get("options", {})
         shapes = tiles or ",".join(f"{r}x{c}" for r, c in opts.get("tile_shapes", []))
         caps = self.info.capabilities
         uses_channels = any(NEEDS.get(r) in caps for r in CHANNEL_ROUTINES)
         n = channels or (opts.get("channels") if uses_channels else None)
+        names = routines or self._routines()
         return " ".join(
             [
                 self.session,
                 "--overwrite",
                 *(["--tiles", shapes] if shapes else []),
                 *(["--channels", str(n)] if n else []),
+                *(["--routines", ",".join(names)] if names and set(names) != set(ROUTINES) else []),
             ]
         )
+
+    def _routines(self) -> tuple[str, ...]:
+        """The routines the record's session was asked for (all of them for a partial record),
+        in running order."""
+        asked = self.record.session.get("options", {}).get("routines") or self.record.routines
+        return tuple(r for r in ROUTINES if r in set(asked))
+
+    def _cover_routines(self) -> tuple[str, ...]:
+        """The routines of `cover`: the record's, and on a board that settles the converter
+        routines it lacks (whose paths `_warn_uncorrected` says pass uncorrected)."""
+        names = set(self._routines()) | set(self.record.converters)
+        if "settle" in self.info.capabilities:
+            names |= {b for b in UNCORRECTED_PATHS if b not in self.record.converters}
+        while True:  # with what each needs (`hil calibrate` would add it)
+            more = {need for r in names for need in REQUIRES.get(r, ())} - names
+            if not more:
+                return tuple(r for r in ROUTINES if r in names)
+            names |= more
+
+    def cover(self, topology: Topology) -> str:
+        """The one session command whose record covers every line and channel `topology` uses,
+        with this record's routines: the node channels (DAC and state ADC); with the mvm routine,
+        every line an mvm of the network's tiles reaches either way (the routine measures the
+        lines 0..max(rows, cols)-1 of the session's first tile); with device routines, the
+        network's tiles at their positions and shapes. Without device routines the mvm routine's
+        tile is square, of the network's longest tile side (docs/mhn.md: on a ROWSxCOLS tile the
+        lines past COLS are fitted from the transposed sweep alone, and keep up to half an ADC
+        step of offset); with them the first tile is the network's own, and its side must reach
+        the longest (`_warn_mvm_reach` says where it cannot)."""
+        routines = self._cover_routines()
+        shapes = [topology.tile_shape(name) for name in _tile_names(topology)]
+        side = max((max(s) for s in shapes), default=0)
+        channels = sum(topology.groups.values())
+        opts = self.record.session.get("options", {})
+        tiles: str | None = None
+        if any(r in routines for r in DEVICE_ROUTINES):
+            tiles = _tile_list(topology)
+        elif "mvm" in routines and shapes:
+            mvm = self.record.converters.get("mvm")
+            measured = mvm.channels if mvm is not None else 0
+            first = opts.get("tile_shapes") or [[0, 0]]
+            if measured < side or first[0][0] != first[0][1]:
+                # square where the board's tiles allow it (a side past one of its bounds: as long
+                # as that bound), so that the routine measures `side` lines
+                lim = self.info.limits
+                tiles = f"{min(side, lim.tile_rows_max)}x{min(side, lim.tile_cols_max)}"
+        if "mvm" in routines:
+            # the session calibrates the DAC for every line its mvm routine drives
+            channels = max(channels, side)
+        caps = self.info.capabilities
+        if not any(NEEDS.get(r) in caps for r in CHANNEL_ROUTINES):
+            return self.rerun(tiles=tiles, routines=routines)  # no routine here uses --channels
+        channels = max(channels, int(opts.get("channels") or 0))
+        return self.rerun(tiles=tiles, channels=channels, routines=routines)
+
+    def _cover_reaches(self, topology: Topology) -> int:
+        """The mvm lines the record of `cover` measures: the longest side of its first tile."""
+        if any(r in self._cover_routines() for r in DEVICE_ROUTINES):
+            names = _tile_names(topology)
+            return max(topology.tile_shape(names[0])) if names else 0
+        return max((max(topology.tile_shape(n)) for n in _tile_names(topology)), default=0)
 
     def _device_tiles(self) -> dict[int, TileCalibration]:
         """The record's tiles with a device calibration that corrects programming targets
@@ -137,15 +205,14 @@ class CalibratedDevice(DeviceWrapper):
                 got = "x".join(str(n) for n in cal.shape)
                 unmatched.append(f"{name} {rows}x{cols} at position {k} (measured as {got})")
         if unmatched:
-            tiles = _tile_list(topology)
             warnings.warn(
                 f"the calibration record has no device calibration for {'; '.join(unmatched)}: "
                 "programmed without stuck-device or window correction; rerun "
-                f"`{self.rerun(tiles=tiles)}` to calibrate this network's tiles",
+                f"`{self.cover(topology)}` to calibrate this network's tiles",
                 stacklevel=3,
             )
 
-    def _warn_partial(self) -> None:
+    def _warn_partial(self, topology: Topology) -> None:
         """Say that the record is of a session stopped part-way (`CalibrationRecord.partial`):
         it corrects what its finished routines measured, and nothing the stopped one would have."""
         if not self.record.partial:
@@ -155,11 +222,11 @@ class CalibratedDevice(DeviceWrapper):
         warnings.warn(
             f"the calibration record is partial: its session stopped {stopped}, and it holds "
             f"only the routines that had finished ({', '.join(self.record.routines) or 'none'}); "
-            f"rerun `{self.rerun()}` for a whole record",
+            f"rerun `{self.cover(topology)}` for a whole record",
             stacklevel=4,
         )
 
-    def _warn_uncorrected(self) -> None:
+    def _warn_uncorrected(self, topology: Topology) -> None:
         """Say once which paths the record leaves uncorrected: those through a converter bank
         it lacks (a board that does not settle cannot have them measured)."""
         missing = [b for b in UNCORRECTED_PATHS if b not in self.record.converters]
@@ -167,7 +234,7 @@ class CalibratedDevice(DeviceWrapper):
             return
         paths = "; ".join(f"{UNCORRECTED_PATHS[b]} ({b})" for b in missing)
         if "settle" in self.info.capabilities:
-            why = f"rerun `{self.rerun()}` to measure them"
+            why = f"rerun `{self.cover(topology)}` to measure them"
         else:
             why = "a board that does not settle cannot have them measured"
         rest = (
@@ -250,11 +317,13 @@ class CalibratedDevice(DeviceWrapper):
             if cal is None or n <= cal.channels or bank in self._told_reach:
                 continue
             self._told_reach.add(bank)
-            fix = (
-                f"a session whose first tile (--tiles) has a side of at least {n}"
-                if bank == "mvm"
-                else f"`{self.rerun(channels=n)}`"
-            )
+            fix = f"`{self.cover(corr.topology)}`"
+            covered = self._cover_reaches(corr.topology) if bank == "mvm" else n
+            if covered < n:  # the network's first tile is shorter: a session of its tiles cannot
+                fix += (
+                    f" calibrates this network's tiles but its mvm routine only the first tile's "
+                    f"{covered} lines; a record of routines adc,dac,mvm on one {n}x{n} tile"
+                )
             lines = f"line {n - 1} passes" if n - 1 == cal.channels else f"lines {cal.channels}..{n - 1} pass"
             warnings.warn(
                 f"an mvm of {tile} ({rows}x{cols}{', transposed' if transpose else ''}) reaches {n} "

@@ -79,12 +79,15 @@ def test_a_short_record_names_the_session_to_rerun(tmp_path: Path) -> None:
     run = _hil("train", "vae", "--out", tmp_path / "run", *_sets(f"device={EMU}", f"calibration={cal}"))
     line = _one_line_error(run)
     assert "136 node channels" in line
-    # the command to paste keeps the record's tiles and asks for the channels the network needs
+    # the command to paste asks for the channels the network needs, keeps the record's routines
+    # and adds the mvm routine it lacks (the run would otherwise warn that mvm outputs pass
+    # uncorrected: a second hint), on a square tile of the network's longest side (137: its
+    # 136 nodes' tile with the bias row), so that its mvm lines are all measured
     rerun = line.split("`")[1]
     assert (
         rerun
         == shlex.join(["hil", "calibrate", EMU, "--out", str(cal)])
-        + " --overwrite --tiles 64x64 --channels 136"
+        + " --overwrite --tiles 137x137 --channels 137 --routines adc,dac,mvm"
     )
 
 
