@@ -573,7 +573,8 @@ LINE_CURRENT_FIX = (
 _BOUND_MARGIN = 1e-9
 
 
-# the board's margin on the read voltage of a program's reads (`emulator.board.Board._check_read_lines`)
+# the margin on the read voltage of a tile's row reads, host and board alike (`check_program_lines`,
+# `emulator.board.Board._check_read_lines`)
 READ_MARGIN = 1e-9
 
 

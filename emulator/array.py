@@ -217,6 +217,11 @@ class TileArray:
         """`wear_out`; without `check` (a write or pulse, which changes the state and the
         wear anyway) the tile's caches are invalidated without first comparing the new bounds
         with the old."""
+        if self.model.pulse_endurance is not None:
+            self._wear_to(wear, int(wear.max()), check)
+
+    def _wear_to(self, wear: torch.Tensor, top: int, check: bool = False) -> None:
+        """`_wear_out` with `top`, the largest count of `wear`, known to the caller (a write)."""
         endurance = self.model.pulse_endurance
         if endurance is None or self._fab is None or self._fails_high is None:
             return
@@ -225,7 +230,6 @@ class TileArray:
                 f"wear must have the tile's device shape {self._dshape}, got {tuple(wear.shape)}: pass "
                 "the tile's own counts (`Board.wear`)"
             )
-        top = int(wear.max())
         if top <= self.model.wear_onset * endurance:
             return  # the common case: no device has started to wear out
         lo0, hi0, stuck0, value0 = self._fab
@@ -547,15 +551,20 @@ class TileArray:
         left) is skipped, as firmware skips a dead cell: no pulse, its wear stays at the
         endurance, it stays stuck where it failed (`WriteStats.spent` counts them)."""
         spent = 0
-        if wear is not None:
-            endurance = self.model.pulse_endurance
-            if endurance is not None and int(wear.max()) >= endurance:
+        endurance = self.model.pulse_endurance
+        if wear is not None and endurance is not None:
+            # after the write the largest count is as before once a device is spent (spent
+            # devices take no pulse), else one more
+            top = int(wear.max())
+            if top >= endurance:
                 left = wear < endurance
                 spent = int(left.numel() - left.sum())
                 wear.add_(left.to(wear.dtype))
             else:
                 wear.add_(1)
-            self._wear_out(wear)
+            self._wear_to(wear, top if top >= endurance else top + 1)
+        elif wear is not None:
+            wear.add_(1)
         target = target.to(torch.float32)
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
             z = self._table_window(gen)

@@ -28,6 +28,7 @@ import torch
 from drivers import seeds
 from drivers.base import Identity, Limits
 from drivers.checks import (
+    READ_MARGIN,
     check_batch,
     check_line_current,
     check_settings,
@@ -414,7 +415,7 @@ class Board:
         tol = 0.02 * (m.g_max - m.g_min) if tol is None else tol
         target = tile.stack_targets(g_plus, g_minus, "program")
         self._check_read_lines(name, target)
-        wear = self.wear(name)  # a spent device is skipped by the write, never refused for (the tile's)
+        wear = self.wear(name)  # the write skips spent devices: a program is never refused for wear
         if verify:
             st = tile.program_verify(
                 g_plus, g_minus, tol, max_iters, self.clock, self.noise,
@@ -581,7 +582,7 @@ class Board:
         if limit == math.inf:
             return
         tile = self.tile(name)
-        v = self.preset.periphery.v_read * (1.0 + 1e-9)
+        v = self.preset.periphery.v_read * (1.0 + READ_MARGIN)
         if v * tile.line_ceiling() <= limit:  # whatever the tile holds or is written to
             return
         if target is None and v * tile.line_sum_max() <= limit:

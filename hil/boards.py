@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from drivers import Device, DeviceError, open_device
+from drivers.base import board_of
 from drivers.errors import BoardLocked, RetriesExhausted
 from drivers.tiled import TiledDevice
 from drivers.uri import parse_options, replace_params
-from drivers.wrapper import DeviceWrapper
 from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
 
 if TYPE_CHECKING:
@@ -64,14 +64,6 @@ def block_uris(cfg: RunConfig) -> list[str]:
     return list(cfg.devices) or [block_uri(cfg.device, k) for k in range(eb_blocks(cfg))]
 
 
-def _innermost(device: Device) -> Device:
-    """The board under every wrapper (placement, calibration)."""
-    seen = 0
-    while isinstance(device, DeviceWrapper) and seen < 16:
-        device, seen = device.inner, seen + 1
-    return device
-
-
 def _same_board(k: int, uri: str, j: int, other: str, why: str, what: str) -> ConfigError:
     return ConfigError(
         f"devices[{k}] ({uri}) is the board devices[{j}] ({other}) already opened ({why}): two URIs "
@@ -90,20 +82,41 @@ def opened_twice(
     if not isinstance(error, BoardLocked):
         return None
     for d in opened:
-        token = getattr(_innermost(d), "lock_token", None)
+        token = getattr(board_of(d), "lock_token", None)
         if isinstance(token, str) and token and token in str(error):
-            other = next((u for u in uris if u != uri and _board_of(u, opened, uris) is d), None)
+            other = next((u for u in uris if u != uri and _opened_by(u, opened, uris) is d), None)
             if other is not None:
                 why = f"the board refused it as owned by this run, {token!r}"
                 return _same_board(k, uri, list(uris).index(other), other, why, what)
     return None
 
 
-def _board_of(u: str, opened: Sequence[Device], uris: Sequence[str]) -> Device | None:
+def _opened_by(u: str, opened: Sequence[Device], uris: Sequence[str]) -> Device | None:
     """The device of `opened` that URI `u` opened (`opened` in the order of the distinct `uris`)."""
     distinct = list(dict.fromkeys(uris))
     i = distinct.index(u) if u in distinct else -1
     return opened[i] if 0 <= i < len(opened) else None
+
+
+def open_distinct(
+    open_one: Callable[[], Device], uri: str, k: int, opened: Sequence[Device], uris: Sequence[str], what: str
+) -> Device:
+    """`open_one()`, the board of `devices[k]` = `uri`, refused (`ConfigError`, naming both
+    entries) when it is a board `opened` holds under another of `uris` (`opened_twice`: its
+    lock refuses this very run; `check_distinct`: the same *IDN), its second handle closed."""
+    try:
+        board = open_one()
+    except BoardLocked as err:
+        twice = opened_twice(err, uri, k, opened, uris, what)
+        if twice is not None:
+            raise twice from err
+        raise
+    try:
+        check_distinct(board, uri, k, opened, uris, what)
+    except ConfigError:
+        board.close()  # this second handle; the board itself is closed with the run's boards
+        raise
+    return board
 
 
 def check_distinct(
@@ -117,7 +130,7 @@ def check_distinct(
     if scheme == "emulator" or not ident.serial.strip():
         return
     for u in dict.fromkeys(uris):
-        d = _board_of(u, opened, uris)
+        d = _opened_by(u, opened, uris)
         if u != uri and d is not None and d is not board and d.info.identity == ident:
             raise _same_board(k, uri, list(uris).index(u), u, f"both answer *IDN? {ident.idn()}", what)
 

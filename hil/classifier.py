@@ -26,12 +26,12 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
 from drivers.checks import MAX_SETTLE_VALUES
-from drivers.errors import BoardLocked, ConfigurationError, DeviceError, LimitViolation
+from drivers.errors import ConfigurationError, DeviceError, LimitViolation
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
-from hil.boards import block_uris, check_distinct, close_boards, opened_twice
+from hil.boards import block_uris, close_boards, open_distinct
 from hil.compute import board_uri, resolve_compute
-from hil.config import ConfigError, RunConfig, model_activation
+from hil.config import RunConfig, model_activation
 from hil.ep import EBBlock
 from hil.ffebm import FFEBM, split_layered
 from hil.init import init_weights
@@ -144,19 +144,14 @@ class Classifier:
             self._building = k
             uri = uris[k]
             if uri not in self.board_uris:
-                what = "EB blocks' networks"
-                try:
-                    board = opener(board_uri(uri, self.compute))
-                except BoardLocked as err:  # by this very run: the board of another URI of `devices`
-                    twice = opened_twice(err, uri, k, self.devices, uris, what)
-                    if twice is not None:
-                        raise twice from err
-                    raise
-                try:
-                    check_distinct(board, uri, k, self.devices, uris, what)
-                except ConfigError:
-                    board.close()  # this second handle; the board itself is closed with the run's boards
-                    raise
+                board = open_distinct(
+                    lambda: opener(board_uri(uri, self.compute)),
+                    uri,
+                    k,
+                    self.devices,
+                    uris,
+                    "EB blocks' networks",
+                )
                 self.devices.append(board)
                 self.board_uris.append(uri)
                 if uris.count(uri) > 1:

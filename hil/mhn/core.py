@@ -26,7 +26,7 @@ MAX_RETRIEVAL_STEPS = 1_000_000
 MAX_BETA = 1e6  # inverse temperature: past this the softmax is an argmax in float32 anyway
 
 
-def check_ep_beta(beta: float, name: str = "beta_ep") -> float:
+def check_nudge(beta: float, name: str = "beta_ep") -> float:
     """An EP nudge strength in (0, 1): the two nudged retrievals use +-beta, and a retrieval
     refuses a nudge of |beta| >= 1 (`MHNBlock.retrieve`); ConfigurationError otherwise, naming
     `name`, so that the error comes where the nudge is set, not in a backward pass."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from drivers import ConfigurationError
 from hil.mhn.block import CurrentNudge, MHNBlock, Retrieval
-from hil.mhn.core import check_ep_beta
+from hil.mhn.core import check_nudge
 
 
 class MHNFunction(torch.autograd.Function):
@@ -74,7 +74,7 @@ class MHNLayer(nn.Module):
             raise ValueError(f"d_in must be in (0, {block.d}), got {d_in}")
         self.block = block
         self.d_in = d_in
-        self.beta = check_ep_beta(beta, "MHNLayer beta")
+        self.beta = check_nudge(beta, "MHNLayer beta")
         self.clamp = np.arange(block.d) < d_in
         self.last: tuple[Retrieval, Retrieval, Retrieval] | None = None
         self.patterns = block.patterns  # registered: optimisers see it
@@ -92,13 +92,13 @@ class MHNLayer(nn.Module):
                 f"{self.block.d}-dimensional state), got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
         lo, hi = self.block.box()
-        v = x.detach()
-        if v.numel() and not (
-            torch.isfinite(v).all() and lo - 1e-6 <= float(v.min()) and float(v.max()) <= hi + 1e-6
-        ):
-            raise ConfigurationError(
-                f"MHNLayer input: must lie in the block's state box [{lo:.4g}, {hi:.4g}] (the patterns' "
-                f"range plus margin), got values in [{float(v.min()):.4g}, {float(v.max()):.4g}]; clamp "
-                "the part in front (as a clamp to [0, 1] does) or give the block a larger margin"
-            )
+        if x.numel():
+            # one pass: a NaN gives NaN extremes, and an infinity lies outside the box either way
+            least, most = (float(t) for t in torch.aminmax(x.detach()))
+            if not (lo - 1e-6 <= least and most <= hi + 1e-6):
+                raise ConfigurationError(
+                    f"MHNLayer input: must lie in the block's state box [{lo:.4g}, {hi:.4g}] (the "
+                    f"patterns' range plus margin), got values in [{least:.4g}, {most:.4g}]; clamp the "
+                    "part in front (as a clamp to [0, 1] does) or give the block a larger margin"
+                )
         return MHNFunction.apply(x, self, self.patterns)

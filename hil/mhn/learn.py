@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hil.mhn.block import ElasticNudge, MHNBlock, Retrieval
-from hil.mhn.core import RetrievalBudget, check_ep_beta, fixed_point, jacobian, update
+from hil.mhn.core import RetrievalBudget, check_nudge, fixed_point, jacobian, update
 
 
 @dataclass
@@ -56,7 +56,7 @@ def ep_gradient(
     """Centered EP estimate of the patterns' gradient: a free retrieval from `x0`, then the
     two nudged ones from its end state (`clamp`: components held at `x0`'s values in all
     three, `MHNBlock.retrieve`)."""
-    check_ep_beta(beta_ep)
+    check_nudge(beta_ep)
     free = block.retrieve(x0, budget=budget, clamp=clamp)
     plus = block.retrieve(free.x, budget=budget, nudge=ElasticNudge(beta_ep, target, mask), clamp=clamp)
     minus = block.retrieve(free.x, budget=budget, nudge=ElasticNudge(-beta_ep, target, mask), clamp=clamp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -17,11 +18,10 @@ from tqdm import tqdm
 
 from drivers import Device, Equilibrium, OpenTransactionWarning, SettleBudget, seeds
 from drivers.base import board_of, programming_transaction, repair_lost_arrays, report_open_transactions
-from drivers.errors import BoardLocked, LimitViolation
+from drivers.errors import LimitViolation
 from drivers.watch import SafetyWatch
-from hil.boards import check_distinct, close_boards, lost_board, open_board, opened_twice, record_end_state
+from hil.boards import close_boards, lost_board, open_board, open_distinct, record_end_state
 from hil.compute import board_uri, resolve_compute
-from hil.config import ConfigError
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
@@ -107,19 +107,15 @@ class _Model:
         # one at a time: a board that fails to open closes those before it
         for k, uri in enumerate(self.uris):
             try:
-                try:
-                    # an in-process board on `compute`
-                    board = open_board(board_uri(uri, compute), cfg.calibration)
-                except BoardLocked as err:  # by this very run: the board of the other URI of `devices`
-                    twice = opened_twice(err, uri, k, self.devices, self.uris, what)
-                    if twice is not None:
-                        raise twice from err
-                    raise
-                try:
-                    check_distinct(board, uri, k, self.devices, self.uris, what)
-                except ConfigError:
-                    board.close()  # this second handle; the board itself is closed below
-                    raise
+                # an in-process board on `compute`
+                board = open_distinct(
+                    functools.partial(open_board, board_uri(uri, compute), cfg.calibration),
+                    uri,
+                    k,
+                    self.devices,
+                    self.uris,
+                    what,
+                )
                 self.devices.append(board)
             except BaseException as err:
                 close_boards(self.devices, during=err)
