@@ -64,6 +64,12 @@ class Points:
     mask: np.ndarray
     var_b: np.ndarray  # the mean of the b-read variances at the two ends of each increment
 
+    def __post_init__(self) -> None:
+        # the read-noise term of every increment's variance (`weights`): the same for every
+        # shape and gamma a fit tries, so computed once
+        self.read_var_term = 2.0 * self.var_b / self.n**2
+        self.multi = bool(np.any(self.n > 1))  # n-pulse chunks: the shape is evaluated mid-chunk
+
 
 @dataclass
 class DirectionFit:
@@ -108,7 +114,7 @@ def weights(p: Points, f: np.ndarray, noise: tuple[float, float] | None) -> np.n
     if noise is None:
         return np.ones_like(f)
     c, dw_ref = noise
-    var = c * c * (dw_ref * f) ** 2 / p.n + 2.0 * p.var_b / p.n**2
+    var = c * c * (dw_ref * f) ** 2 / p.n + p.read_var_term
     positive = var > 0
     if not positive.all():  # a noiseless board (the ideal emulator): no increment is surer than another
         var = np.maximum(var, var[positive].min() if positive.any() else 1.0)
@@ -137,17 +143,26 @@ def fit_direction(
             int(sum(q.points for q in parts)),
             np.concatenate([q.resid for q in parts], axis=1),
         )
+    f0 = shape(kind, p.u, gamma)
+    return _fit_direction(p, kind, gamma, noise, f0, weights(p, f0, noise))
+
+
+def _fit_direction(
+    p: Points, kind: str, gamma: float, noise: tuple[float, float] | None, f0: np.ndarray, w0: np.ndarray
+) -> DirectionFit:
+    """`fit_direction` given the shape at the chunks' starts, ``f0 = shape(kind, p.u, gamma)``,
+    and its weights ``w0 = weights(p, f0, noise)``."""
     m = p.mask
-    u = p.u
-    dw = np.zeros(p.u.shape[1])
-    for _ in range(2 if np.any(p.n > 1) else 1):
-        f = shape(kind, u, gamma)
+    f = f0
+    w = np.where(m, w0, 0.0)
+    dw = _least_squares(w, f, p.s)
+    if p.multi:  # n-pulse chunks: fit again with the shape halfway through each chunk
+        f = _mid_chunk_shape(p, kind, gamma, dw, f)
         w = np.where(m, weights(p, f, noise), 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dw = (w * f * p.s).sum(0) / (w * f * f).sum(0)
-        u = p.u + 0.5 * (p.n - 1) * np.nan_to_num(dw) * f / p.span
-    f = shape(kind, u, gamma)
-    w = np.where(m, weights(p, f, noise), 0.0)
+        dw = _least_squares(w, f, p.s)
+        f = _mid_chunk_shape(p, kind, gamma, dw, f)  # the residuals' shape, at the final dw
+        w = np.where(m, weights(p, f, noise), 0.0)
+    # (single pulses: the residuals are taken at the chunks' starts, where the fit was made)
     r = np.where(m, p.s - dw * f, 0.0)
     npts = m.sum(0)
     wsse_dev = (w * r * r).sum(0)
@@ -162,17 +177,29 @@ def fit_direction(
     return DirectionFit(dw, dw_se, float(wsse_dev.sum()), int(npts.sum()), resid)
 
 
+def _least_squares(w: np.ndarray, f: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Per-device weighted least-squares ``dw`` of ``s = dw f`` (NaN for a device without points)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * f * s).sum(0) / (w * f * f).sum(0)
+
+
+def _mid_chunk_shape(p: Points, kind: str, gamma: float, dw: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """The shape halfway through each chunk, the devices moved by ``dw f`` per pulse."""
+    return shape(kind, p.u + 0.5 * (p.n - 1) * np.nan_to_num(dw) * f / p.span, gamma)
+
+
 def _sub(p: Points, idx: np.ndarray) -> Points:
     return Points(p.u[:, idx], p.s[:, idx], p.n, p.span[idx], p.mask[:, idx], p.var_b[:, idx])
 
 
 def _objective(p: Points, kind: str, gamma: float, noise: tuple[float, float] | None) -> float:
     """-2 log-likelihood up to constants: n log(WSSE / n) + sum log(variance factor)."""
-    fit = fit_direction(p, kind, gamma, noise)
+    f = shape(kind, p.u, gamma)
+    w = weights(p, f, noise)
+    fit = _fit_direction(p, kind, gamma, noise, f, w)
     if noise is None:
         return fit.sse
-    f = shape(kind, p.u, gamma)
-    logv = float(np.where(p.mask, -np.log(weights(p, f, noise)), 0.0).sum())
+    logv = float(np.where(p.mask, -np.log(w), 0.0).sum())
     return fit.points * float(np.log(max(fit.sse, 1e-300) / max(fit.points, 1))) + logv
 
 
