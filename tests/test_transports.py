@@ -244,11 +244,18 @@ def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
     calls: list[str] = []
     inner = s.device.safe_state
     s.device.safe_state = lambda: (calls.append("safe"), inner())[1]  # type: ignore[method-assign]
+    board_wait = s.device.wait
+
+    def interrupted_wait(seconds: float) -> None:
+        # the Ctrl-C lands once the request has reached the board, and its reply is delayed:
+        # the host is inside the transaction whatever the machine's load
+        os.kill(os.getpid(), signal.SIGINT)
+        board_wait(seconds)
+
     with open_device(s.uri(transport)) as dev:
         if transport != "visa-tcp":
             s.framed.links[-1].faults.delay_s = 0.1  # each frame from the board waits 0.1 s
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        s.device.wait = interrupted_wait  # type: ignore[method-assign]
         t0 = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
             dev.wait(1.0)
