@@ -199,3 +199,58 @@ def test_a_failed_safe_state_is_tried_again_when_a_break_or_release_ends_the_lea
         assert colleague.query(command + ";SYST:ERR?") == b'0,"No error"'
     assert _until(lambda: calls == ["safe", "safe"])  # at once, not at the lapse
     assert s.lock.owner_gone == 1 and s.lock.state().token is None
+
+
+def test_a_host_killed_on_a_serial_line_leaves_its_board_safe_and_then_free(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A serial line has no close the board could see: a host killed on it (or whose cable was
+    pulled) kept the board locked and its lines driven for ever (before, nothing but the next
+    host's HELLO or a break ended it). Now a line silent for the owner's lease counts as closed:
+    the board applies its safe state and the lock lapses a lease later. A live host that owns
+    the board over the line and sits idle sends keep-alives (framed PING), so it keeps its
+    board, unsafe-made never, however long it computes between requests."""
+    s = emulated_board(BOARD)
+    calls = _count_safe_states(s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    host = subprocess.Popen(
+        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri("serial-pty", lease="1")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert host.stdout is not None
+        token = host.stdout.readline().strip()
+        assert token
+        # alive and idle (it sleeps between two tiles) for three leases: its keep-alives hold the board
+        assert not until(lambda: len(calls) > 0, 3.0), "the board made a live, idle owner's board safe"
+        assert s.lock is not None and s.lock.owner_gone == 0
+        owner = s.lock.state()
+        assert owner.token == token and owner.connections == 1 and owner.lapses_in is None
+    finally:
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        host.stdout.close()  # type: ignore[union-attr]
+    killed = time.monotonic()
+    # silent for its lease (1 s, counted from its last keep-alive, at most a third of it before
+    # the kill): the board makes itself safe, and keeps the lock one lease more
+    assert until(lambda: len(calls) == 1, 3.0), "a host killed on a serial line left its board driven"
+    assert 0.6 < calls[0] - killed < 2.5 and s.lock.owner_gone == 1
+    owner = s.lock.state()
+    assert owner.token in (token, None) and owner.connections == 0
+    # a host that looks meanwhile (HELLO, a new session on the line) neither brings the dead
+    # one's token back nor makes the board safe a second time, nor starts its lease again
+    if owner.token is not None:
+        with pytest.warns(RuntimeWarning, match="update-7"):  # the dead host's open transaction
+            looker = open_device(s.uri("serial-pty", lock="0"))
+        try:
+            seen = looker.owner()
+        finally:
+            looker.close_link()  # no safe state of its own: not its board
+        assert seen is not None and seen.connections == 0 and seen.lapses_in is not None
+        assert len(calls) == 1 and s.lock.owner_gone == 1
+    assert until(lambda: s.lock.state().token is None, 3.0), "a host killed on a serial line kept the board"
+    # the next host on the line takes the board and finds the dead one's open transaction
+    with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("serial-pty")) as dev:
+        assert dev.owns and dev.status().transaction == "update-7"

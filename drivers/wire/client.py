@@ -290,6 +290,7 @@ class RemoteDevice(Device):
         self.lease = lease
         self.lock_token = owner_token()  # presented on every (re)connect while this host owns the board
         self._owns = False  # this host took the board (and presents its token after a reconnect)
+        self.owner_lease_s: float | None = None  # the lease the board gave this host's lock
 
     # -- what a transport provides
     @abstractmethod
@@ -390,6 +391,7 @@ class RemoteDevice(Device):
                 self._call(Op.RELEASE, Message({"token": self.lock_token}))
             raise self._no_lease(owner.lease_s)
         self._owns = True
+        self.owner_lease_s = owner.lease_s
 
     def _no_lease(self, kept: float | None) -> ConfigurationError:
         has = "" if kept is None else f" (it keeps its own {kept:g} s)"

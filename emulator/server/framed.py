@@ -120,6 +120,11 @@ class FramedServer(EndpointServer):
         throttle = ErrorThrottle()
         charged = 0.0  # of the link's errors, those charged to the throttle
         errors = 0.0  # ERROR replies and dropped fragments (the link counts its NACKs)
+        # a serial line never closes: a host that died on it is seen by its silence (the
+        # owner's lease without a frame; `BoardLock.silence`)
+        serial_line = session is not None and not closable(stream)
+        quiet_since = time.monotonic()
+        heard_frames = 0  # the link's frames received when last looked at
         try:
             while not stopping.is_set():
                 total = errors + _link_errors(link)
@@ -144,8 +149,15 @@ class FramedServer(EndpointServer):
                         link.drain()
                     continue
                 if got is None:
+                    if serial_line and session is not None and session.token is not None:
+                        if link.stats.frames_received != heard_frames:  # a message on its way in
+                            heard_frames, quiet_since = link.stats.frames_received, time.monotonic()
+                        session.lock.silence(session, time.monotonic() - quiet_since)
                     continue
                 first, body = got
+                quiet_since = time.monotonic()
+                if session is not None and first.opcode != LinkOp.HELLO:  # a HELLO is a new session:
+                    session.heard()  # it brings a silent one's token back no more than a closed one's
                 # an inactive plan draws no fault (its rates are all 0): no draw, no lock per request
                 fault = plan.request_fault(first.opcode) if plan.active and first.opcode in _OPS else None
                 if fault == "close" or (fault == "reset" and self.plan.reset_after):
@@ -171,6 +183,7 @@ class FramedServer(EndpointServer):
                     continue
                 except Exception:  # the client went away mid-reply: wait for its next request
                     link.drain()
+                quiet_since = time.monotonic()  # a long request is no silence of the host's
                 served += 1
                 if plan.hang_up_after and served >= plan.hang_up_after:
                     return

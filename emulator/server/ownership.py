@@ -18,9 +18,10 @@ host on that line takes the board over from the one before).
 
 An owner that is gone cannot make the board safe (a host killed, without power or without its
 cable sends no SAFE_STATE), so the board does: the moment no connection presents the owner's
-token any more without a RELEASE (its last one closed, or a framed HELLO began a new session on
-it: the moment the lease starts), the board applies its safe state, as SAFE_STATE does and by
-the same path (`attach`), and keeps the lock for its lease as before. A reconnect within the
+token any more without a RELEASE (its last one closed, a framed HELLO began a new session on
+it, or its serial line fell silent for the lease, `silence`: the moment the lease starts), the
+board applies its safe state, as SAFE_STATE does and by the same path (`attach`), and keeps the
+lock for its lease as before. A reconnect within the
 lease finds everything the owner left but the lines, which SAFE_STATE drives to 0 V: topology,
 conductances, transaction tag, epoch, request-id record. Should that safe state fail, the board
 tries again when the lease lapses. A RELEASE (the host made the board safe itself before it)
@@ -59,6 +60,14 @@ class LockSession:
     def __init__(self, lock: BoardLock) -> None:
         self.lock = lock
         self.token: str | None = None
+        # a link that cannot close (a serial line) on which nothing came for the owner's lease:
+        # it presents its token no more until it speaks again (`BoardLock.silence`)
+        self.silent = False
+
+    def heard(self) -> None:
+        """Something came over this connection: a silent one presents its token again."""
+        if self.silent:
+            self.lock.heard(self)
 
     def withdraw(self) -> None:
         """The connection stops presenting its token (it closed, or a framed link began a new
@@ -139,7 +148,9 @@ class BoardLock:
 
     # -- state (call with the mutex held)
     def _presenting(self) -> int:
-        return sum(1 for s in self._sessions if s.token is not None and s.token == self._token)
+        return sum(
+            1 for s in self._sessions if s.token is not None and s.token == self._token and not s.silent
+        )
 
     def _expire(self) -> bool:
         """Drop an owner whose lease ran out (no connection presented its token for lease_s).
@@ -275,9 +286,32 @@ class BoardLock:
     def withdraw(self, session: LockSession) -> None:
         with self._mutex:
             session.token = None
+            session.silent = False
             gone = self._expire()  # starts the lease if that was the last connection presenting it
         if gone:
             self._make_safe()
+
+    def silence(self, session: LockSession, quiet_s: float) -> None:
+        """`session` is a link that cannot close (a serial line), and nothing came over it for
+        `quiet_s` seconds: once that is the owner's lease, it counts as closed (a host that died
+        on a serial line sends no FIN): the board applies its safe state and the lease runs, as
+        when the last connection of a TCP owner closes. Host drivers that own a board over a
+        serial line send a keep-alive (framed PING) well within the lease, so only a host that
+        is gone falls silent; one that speaks again within the lease presents its token again."""
+        if session.silent or session.token is None:
+            return
+        with self._mutex:
+            if session.token != self._token or quiet_s < self._lease:
+                return
+            session.silent = True
+            gone = self._expire()
+        if gone:
+            self._make_safe()
+
+    def heard(self, session: LockSession) -> None:
+        with self._mutex:
+            session.silent = False
+            self._expire()  # presented again: no lease running
 
     def leave(self, session: LockSession) -> None:
         with self._mutex:
