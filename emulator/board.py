@@ -688,6 +688,17 @@ class Board:
         self.reset()
         self.epoch += 1
 
+    def lose_arrays(self) -> None:
+        """A restart that lost the arrays (re-formed or erased, a spare chip of this identity
+        fitted; the fault plan's `lose`): the devices come back as fabricated (drawn from the
+        board's seed as at its first configure: never programmed, never worn), under a new
+        STATUS `arrays_id`; the identity, the epoch's advance and the transaction tag as for
+        any restart. What the host sees is what a server started again on its port shows."""
+        self.restart()
+        self._physical = {}
+        self._wear = {}
+        self.arrays_id = secrets.randbits(53)
+
     def begin_transaction(self, tag: str) -> None:
         if not tag or len(tag) > 256:
             raise ConfigurationError(f"a transaction tag is 1 to 256 characters, got {len(tag)}")

@@ -6,11 +6,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from drivers.base import Device
+from drivers.base import Device, board_of
 from drivers.errors import DeviceFault, NotSupported, ProtocolError
 from drivers.wire import codes
 from drivers.wire import payload as pl
 from drivers.wire.payload import IDEMPOTENT, LOCK_CAPABILITY, LOCK_OPS, Message, Op
+from emulator.board import Board
 from emulator.server.ownership import BoardLock, LockSession
 
 
@@ -217,14 +218,33 @@ def request_id(op: Op, request: Message) -> int | None:
     return rid
 
 
-def reboot(device: Device, lock: BoardLock | None) -> None:
+def reboot(device: Device, lock: BoardLock | None, *, arrays_lost: bool = False) -> None:
     """The board reboots (the fault plan's injected `reset`: a power cycle or a watchdog
     reset, not the RESET command): its configuration is lost and its epoch advances
     (`Device.reset`), the conductances and the transaction tag are kept (non-volatile), and
-    the ownership, which lives in RAM, is forgotten (`BoardLock.reboot`)."""
-    device.reset()
+    the ownership, which lives in RAM, is forgotten (`BoardLock.reboot`). `arrays_lost` (the
+    plan's `lose`): the conductances are not kept either: the devices come back as fabricated,
+    under a new STATUS `arrays_id` (`emulator.board.Board.lose_arrays`; an emulated board only)."""
+    if arrays_lost:
+        board = emulated_board(device)
+        with device.lock:
+            board.lose_arrays()
+    else:
+        device.reset()
     if lock is not None:
         lock.reboot()
+
+
+def emulated_board(device: Device) -> Board:
+    """The emulator's board behind `device` (through its wrappers), for the faults only an
+    emulated board can show (`lose`); ValueError naming the fix for any other device."""
+    board = getattr(board_of(device), "board", None)
+    if not isinstance(board, Board):
+        raise ValueError(
+            f"the 'lose' fault (arrays lost) needs an emulated board (emulator://...) to give fresh "
+            f"devices; {type(board_of(device)).__name__} is not one: serve an emulator, or leave p_lose 0"
+        )
+    return board
 
 
 def guard(device: Device, lock: BoardLock | None) -> None:

@@ -13,6 +13,12 @@ per received request (an SCPI program message, a framed request):
   transaction tag kept, the epoch advanced, the ownership forgotten) instead of running it
   (with `reset_after`: right after running it), and its link goes down as a rebooting
   board's does;
+- `lose`: a `reset` that also loses the arrays (`emulator.server.dispatch.reboot` with
+  `arrays_lost`: a re-formed or erased array, a spare chip of the same identity fitted): the
+  board comes back with devices as fabricated, never programmed, and a new STATUS `arrays_id`,
+  so the host must program every tile again (docs/reliability.md, guarantee 3). What a server
+  process killed and started again on the same port does, without the process, and on a pty
+  too (a server started again gets another pty); it needs an emulated board;
 - `close`: the board runs the request, then closes the connection before replying (on a
   pty, which cannot close, it forgets the link state and swallows the reply).
 
@@ -39,8 +45,10 @@ from drivers.wire.link import Faults
 from drivers.wire.payload import Op
 from emulator.server.links import Stream
 
-KINDS = ("corrupt", "drop", "delay", "reset", "close")
+KINDS = ("corrupt", "drop", "delay", "reset", "close", "lose")
 RESET_OPS = frozenset({Op.SETTLE, Op.PROGRAM})
+REBOOTS = frozenset({"reset", "lose"})  # the request faults after which the board reboots
+HANG_UPS = REBOOTS | {"close"}  # ... and those after which its link goes down
 
 
 @dataclass
@@ -51,6 +59,7 @@ class FaultPlan:
     delay_s: float = 0.5
     p_reset: float = 0.0  # per settle / program request: the board restarts instead
     p_close: float = 0.0  # per request: run it, then hang up before replying
+    p_lose: float = 0.0  # per settle / program request: a reset whose arrays come back fresh
     seed: int = 0
     limit: int | None = None  # at most this many faults of each kind
     reset_ops: frozenset[int] = RESET_OPS  # the requests a reset strikes
@@ -62,7 +71,7 @@ class FaultPlan:
     injected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        for name in ("ber", "drop_rate", "p_delay", "p_reset", "p_close"):
+        for name in ("ber", "drop_rate", "p_delay", "p_reset", "p_close", "p_lose"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault rate {name} must be in [0, 1], got {value}")
@@ -77,7 +86,7 @@ class FaultPlan:
 
     @property
     def active(self) -> bool:
-        return any((self.ber, self.drop_rate, self.p_delay, self.p_reset, self.p_close))
+        return any((self.ber, self.drop_rate, self.p_delay, self.p_reset, self.p_close, self.p_lose))
 
     def _room(self, kind: str, n: int = 1) -> int:
         if self.limit is None:
@@ -93,8 +102,11 @@ class FaultPlan:
 
     def request_fault(self, op: int | None) -> str | None:
         """The fault (if any) for one received request of opcode `op` (None: unknown)."""
-        if op is not None and op in self.reset_ops and self._draw("reset", self.p_reset):
-            return "reset"
+        if op is not None and op in self.reset_ops:
+            if self._draw("lose", self.p_lose):
+                return "lose"
+            if self._draw("reset", self.p_reset):
+                return "reset"
         if self._draw("close", self.p_close):
             return "close"
         if self._draw("delay", self.p_delay):

@@ -20,7 +20,7 @@ from drivers.wire.frames import Flag, LinkOp
 from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smaller_timeout
 from drivers.wire.payload import LOCK_OPS, Op
 from emulator.server.dispatch import ReplayCache, execute, guard, reboot
-from emulator.server.faults import FaultPlan, FaultyStream, closable
+from emulator.server.faults import HANG_UPS, REBOOTS, FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
@@ -160,11 +160,11 @@ class FramedServer(EndpointServer):
                     session.heard()  # it brings a silent one's token back no more than a closed one's
                 # an inactive plan draws no fault (its rates are all 0): no draw, no lock per request
                 fault = plan.request_fault(first.opcode) if plan.active and first.opcode in _OPS else None
-                if fault == "close" or (fault == "reset" and self.plan.reset_after):
+                if fault == "close" or (fault in REBOOTS and self.plan.reset_after):
                     self._answer(link, first.opcode, body, session)
-                if fault == "reset":  # the board reboots (instead of or after running the request)
-                    reboot(self.device, self.lock)
-                if fault in ("reset", "close"):
+                if fault in REBOOTS:  # the board reboots (instead of or after running the request)
+                    reboot(self.device, self.lock, arrays_lost=fault == "lose")
+                if fault in HANG_UPS:
                     if closable(stream):
                         return
                     self._free(link)  # a pty stays: the board forgets the link state, the reply is lost

@@ -19,7 +19,7 @@ from typing import Self
 from drivers import open_device
 from drivers.base import Device
 from drivers.wire.link import Faults
-from emulator.server.dispatch import ReplayCache
+from emulator.server.dispatch import ReplayCache, emulated_board
 from emulator.server.faults import FaultPlan
 from emulator.server.framed import FramedServer
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS
@@ -102,6 +102,12 @@ def serve(
     failure everything started is closed again and the error raised."""
     device = open_device(board) if isinstance(board, str) else board
     plan = plan or FaultPlan()
+    if plan.p_lose:
+        try:
+            emulated_board(device)  # only an emulator can give fresh devices: refused before serving
+        except ValueError:
+            device.close()
+            raise
     # one board: one record of requests, whichever server they came by
     cache = ReplayCache(keep=not plan.rerun_ids)
     owner = BoardLock() if lock is True else (lock or None)

@@ -25,7 +25,7 @@ from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
 from drivers.wire.scpi import MAX_LINE
 from emulator.server.dispatch import ReplayCache, execute, guard, reboot
-from emulator.server.faults import FaultPlan, FaultyStream, closable
+from emulator.server.faults import HANG_UPS, REBOOTS, FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
 from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
@@ -897,12 +897,12 @@ class Connection:
         active = plan.active  # a property over five rates: once per read, not once per message
         for msg in messages(self.session, self.splitter):
             fault = plan.request_fault(_op_of(msg)) if active else None
-            ran = fault != "reset" or plan.reset_after
+            ran = fault not in REBOOTS or plan.reset_after
             reply = self.session.handle(msg) if ran else None
-            if fault == "reset":  # the board reboots (instead of or after running the message)
-                reboot(self.device, self.lock)
+            if fault in REBOOTS:  # the board reboots (instead of or after running the message)
+                reboot(self.device, self.lock, arrays_lost=fault == "lose")
             yield Answer(reply, fault)
-            if fault in ("reset", "close"):
+            if fault in HANG_UPS:
                 return
 
 
@@ -969,7 +969,7 @@ class ScpiServer(EndpointServer):
                 continue
             backlog = False
             for answer in conn.respond(data):
-                if answer.fault in ("reset", "close"):
+                if answer.fault in HANG_UPS:
                     if closable(stream):
                         return
                     conn.renew()  # a pty stays: a new session, the reply and any buffered input lost

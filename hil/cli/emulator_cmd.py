@@ -127,6 +127,12 @@ def register(app: typer.Typer) -> None:
             help="Probability that the board reboots instead of running a settle or program request "
             "(configuration lost, epoch advanced, conductances kept, its owner lock forgotten).",
         ),
+        lose_rate: float = typer.Option(
+            0.0,
+            help="Probability that the board reboots with its arrays lost instead of running a settle or "
+            "program request: as --reset-rate, and the devices come back as fabricated, never programmed, "
+            "under a new STATUS arrays_id (what a server killed and started again shows).",
+        ),
         close_rate: float = typer.Option(
             0.0,
             help="Probability that the board hangs up after a request ran, before replying (also after a "
@@ -186,7 +192,7 @@ def register(app: typer.Typer) -> None:
         try:
             plan = FaultPlan(
                 ber=ber, drop_rate=byte_drop_rate, p_delay=late_rate, delay_s=late_ms / 1e3,
-                p_reset=reset_rate, p_close=close_rate, seed=fault_seed,
+                p_reset=reset_rate, p_close=close_rate, p_lose=lose_rate, seed=fault_seed,
                 link=Faults(p_corrupt=corrupt_rate, p_drop=drop_rate, seed=fault_seed),
                 reply_delay_s=delay_ms / 1e3,
             )  # fmt: skip
