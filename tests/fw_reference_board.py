@@ -11,7 +11,11 @@ firmware bugs that the conformance suite must catch:
   window of docs/protocol.md "Limits";
 - `nolease` (with `lock=True`): a lock bound to the connection, not the token: the owner is
   dropped at once when its last connection closes without a release (no lease, no safe state
-  of the board's own), so a killed host's colleagues may take a board it left driven.
+  of the board's own), so a killed host's colleagues may take a board it left driven;
+- `noreturn` (with `lock=True`): an ordinary reconnect taken for a lost owner: the lock is kept
+  for the lease and made safe as it should, but the owner's own token, presented again on a new
+  connection within the lease (the host drivers' reconnect after a dropped link), is refused
+  (`120`), so a host whose cable hiccuped loses its board for the lease.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -49,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-BUGS = ("nofrag", "noack", "norid", "slack", "nolease")
+BUGS = ("nofrag", "noack", "norid", "slack", "nolease", "noreturn")
 
 HDR = struct.Struct("<BBBBHH")
 RESP, MORE, ERR, START = 1, 2, 4, 8
@@ -175,10 +179,16 @@ class Ownership:
     monotonic clock of leases (`since` is Unix time, the board's real-time clock)."""
 
     def __init__(
-        self, safe: Callable[[], None], lease_s: float, clock: Callable[[], float], nolease: bool = False
+        self,
+        safe: Callable[[], None],
+        lease_s: float,
+        clock: Callable[[], float],
+        nolease: bool = False,
+        noreturn: bool = False,
     ) -> None:
         self.safe, self.clock = safe, clock
         self.nolease = nolease  # the bug: a gone owner is dropped at once
+        self.noreturn = noreturn  # the bug: a gone owner's token is refused during its lease
         self.own_lease_s = self.lease_s = float(lease_s)
         self.token: str | None = None
         self.since: float | None = None
@@ -277,6 +287,10 @@ class Ownership:
             lease = float(asked)
         if token in self.broken:
             raise Fail(LOCKED, f"acquire refused: this host's lock on the board was broken (token {token!r})")
+        if self.noreturn and self.lapse_at is not None and token == self.token:  # the bug
+            raise Fail(
+                LOCKED, f"acquire refused: the owner {token!r} is gone; its board is free at the lapse"
+            )
         if self.token is not None and token != self.token and session.token != self.token:
             raise Fail(LOCKED, f"acquire refused: {self.describe()}")
         if token != self.token:  # a free board, or the owner's connection passes it on
@@ -325,6 +339,7 @@ class Board:
         lease_s: float = 15.0,
         slack: bool = False,
         nolease: bool = False,
+        noreturn: bool = False,
     ) -> None:
         self.norid = norid
         self.slack = slack
@@ -340,7 +355,7 @@ class Board:
         self.lock = threading.Lock()
         self.line_v = 0.0
         self.safe_states: list[float] = []  # monotonic times the lines were brought to 0 V
-        own = Ownership(self.lines_to_zero, lease_s, time.monotonic, nolease) if lock else None
+        own = Ownership(self.lines_to_zero, lease_s, time.monotonic, nolease, noreturn) if lock else None
         self.ownership = own
 
     def lines_to_zero(self) -> None:
@@ -694,10 +709,15 @@ class FirmwareBoard:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; one of {BUGS}")
         self.bug = bug
-        if bug == "nolease" and not lock:
-            raise ValueError("the bug 'nolease' is one of ownership: serve it with lock=True")
+        if bug in ("nolease", "noreturn") and not lock:
+            raise ValueError(f"the bug {bug!r} is one of ownership: serve it with lock=True")
         self.board = Board(
-            norid=bug == "norid", lock=lock, lease_s=lease_s, slack=bug == "slack", nolease=bug == "nolease"
+            norid=bug == "norid",
+            lock=lock,
+            lease_s=lease_s,
+            slack=bug == "slack",
+            nolease=bug == "nolease",
+            noreturn=bug == "noreturn",
         )
         self.stop_event = threading.Event()
         self.server = socket.socket()

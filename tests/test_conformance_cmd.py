@@ -105,8 +105,9 @@ def test_passes_on_every_transport(
         assert ops["line current limit"] == "PASS"
         # ... and the mvm over the line-current limit, sent unchecked on either link
         assert servers.device.safety() == SafetyCounters(refused=3, violations=0)
-        # the owner the check left gone was made safe by the board (not visible on the wire)
-        assert servers.lock is not None and servers.lock.owner_gone == (1 if tcp else 0)
+        # the owner the check left gone was made safe by the board (not visible on the wire), at
+        # its close and again after its reconnect's close
+        assert servers.lock is not None and servers.lock.owner_gone == (2 if tcp else 0)
 
 
 class Recording(DeviceWrapper):

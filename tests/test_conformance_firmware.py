@@ -38,8 +38,10 @@ def _conformance(bug: str | None, lock: bool = False) -> Report:
             dev.close()
         own = board.board.ownership
         # released at the end; the owner-gone check's own gone owner was made safe by the board
-        # (what the wire cannot show), unless the bug dropped it without
-        assert own is None or (own.token is None and own.owner_gone == (bug != "nolease"))
+        # (what the wire cannot show) at both its closes, unless the bug dropped it without
+        # (nolease) or refused the reconnect that makes the second (noreturn)
+        gone = {"nolease": 0, "noreturn": 1}.get(bug or "", 2)
+        assert own is None or (own.token is None and own.owner_gone == gone)
         return report
     finally:
         board.stop()
@@ -88,6 +90,17 @@ def test_a_firmware_that_drops_a_gone_owner_at_once_fails_the_owner_gone_check()
     assert ops["ownership"] == ops["reset"] == ops["safe_state"] == "PASS"  # the suite owns it again
 
 
+def test_a_firmware_that_takes_an_ordinary_reconnect_for_a_lost_owner_fails_the_owner_gone_check() -> None:
+    """`noreturn`: the lock is kept for the lease and made safe, but the owner's own token,
+    presented again within the lease on a new connection (the host drivers' reconnect after a
+    dropped link), is refused: a host whose cable hiccuped loses its board. The check passed it
+    before (it never presented the gone owner's token again); every other check passes."""
+    report = _conformance("noreturn", lock=True)
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == {"owner gone"}, [c.line() for c in failed.values()]
+    assert "took an ordinary reconnect" in failed["owner gone"].got, failed["owner gone"].got
+
+
 def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> None:
     board = FirmwareBoard(lock=True).start()
     try:
@@ -101,8 +114,8 @@ def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> N
         assert any(line.startswith("PASS  ownership") for line in done.stdout.splitlines()), done.stdout
         assert any(line.startswith("PASS  owner gone") for line in done.stdout.splitlines()), done.stdout
         own = board.board.ownership
-        # released at close; the check's gone owner was made safe by the board
-        assert own is not None and own.token is None and own.owner_gone == 1
+        # released at close; the check's gone owner was made safe by the board (at both its closes)
+        assert own is not None and own.token is None and own.owner_gone == 2
         assert {"wait", "safe_state"} <= set(own.refusals)  # the suite's second connection was refused
     finally:
         board.stop()
@@ -182,6 +195,6 @@ def test_a_lease_that_never_lapses_fails_the_owner_gone_check_and_the_suite_take
         assert "the board is still owned" in failed["owner gone"].got
         assert "it must free a lease of 1 s when it lapses, with no request" in failed["owner gone"].got
         assert 3.0 <= failed["owner gone"].seconds < 5.0
-        assert own.token is None and own.owner_gone == 1  # applied at the close; released at the end
+        assert own.token is None and own.owner_gone == 2  # applied at both closes; released at the end
     finally:
         board.stop()

@@ -9,9 +9,12 @@ poll of the owner query and one reconnect). A raw connection presents the suite'
 (the owner's reconnect), acquires with a fresh conformance token and the shortest lease a host
 may ask (`LEASE_MIN_S`, so the board passes to it), and closes without a release, as a killed
 host's socket closes. A looking connection (``lock=0``) must then see the conformance token
-with 0 connections and `lapses_in` within the lease; another token's take is refused (120);
-the owner query must show the board free within the lease plus 2 s, and the suite's own
-connection takes it back (`reconnect`, which presents its token again). The safe state the
+with 0 connections and `lapses_in` within the lease; another token's take is refused (120); a
+new raw connection presenting the conformance token (the gone owner's ordinary reconnect, what
+the host drivers do after a dropped link) must get the board back, its lease stopped, and
+closes again without a release; the owner query must show the board free within the lease
+plus 2 s of that second close, and the suite's own connection takes it back (`reconnect`,
+which presents its token again). The safe state the
 board must apply when its owner goes is not visible on the wire: not checked here."""
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ NAME = "owner gone"
 SPEC = (
     f"an owner whose last connection closes without a release (lease {pl.LEASE_MIN_S:g} s asked) keeps "
     "the board: its token, 0 connections, lapses_in within the lease; another token's take is refused "
-    "(120); after the lease the board is free with no request but the owner query, and takeable. Its "
+    "(120); the owner's reconnect within the lease gets it back (its lease stopped); after the lease "
+    "that its second close starts the board is free with no request but the owner query, and takeable. Its "
     "own safe state at that moment is not visible on the wire: not checked"
 )
 SLACK_S = 2.0  # how long past the lease the board may take to show itself free
@@ -133,6 +137,16 @@ def _owner_gone(sess: Session, sent: list[str], opener: Callable[[], RawLink], m
         finally:
             taker.close()
         sent.append(
+            f"a new raw connection presents {gone_token!r} again (the owner's reconnect), then closes "
+            "without a release"
+        )
+        back = opener()
+        try:
+            returned = _returned(back, gone_token)
+        finally:
+            back.close()
+        closed = time.monotonic()
+        sent.append(
             f"a looking connection (lock=0) polls the owner query for up to the lease + {SLACK_S:g} s"
         )
         freed = _freed(looking, gone_token, closed)
@@ -147,7 +161,7 @@ def _owner_gone(sess: Session, sent: list[str], opener: Callable[[], RawLink], m
         back = _take_back(sess, looking, opener, mine, (gone_token, other_token))
     finally:
         looking.close_link()
-    return f"{seen}; the take refused (120); {freed}; {back}"
+    return f"{seen}; the take refused (120); {returned}; {freed}; {back}"
 
 
 def _leased(looking: Device, token: str, closed: float) -> str:
@@ -182,6 +196,25 @@ def _refused(taker: RawLink, token: str) -> None:
             f"another token's take during the lease: {type(exc).__name__} ({exc}), not 120"
         ) from exc
     raise Mismatch("another token took the board during the gone owner's lease")
+
+
+def _returned(back: RawLink, token: str) -> str:
+    """The gone owner's reconnect within its lease: its token presented again must get the board
+    back (a board that takes an ordinary reconnect for a lost owner fails here)."""
+    try:
+        owner = back.acquire(token, pl.LEASE_MIN_S)
+    except BoardLocked as exc:
+        raise Mismatch(
+            f"the owner's reconnect within its lease was refused ({exc}): the board took an ordinary "
+            "reconnect (a dropped link, the host drivers presenting the token again) for a lost owner; "
+            "a token presented again within its lease must get the board back"
+        ) from exc
+    if owner.token != token or owner.lapses_in is not None or owner.connections < 1:
+        raise Mismatch(
+            f"the owner's reconnect within its lease got {owner}: the board must be its own again, "
+            "presented by this connection, with no lease running"
+        )
+    return "the owner's reconnect within the lease got it back"
 
 
 def _freed(looking: Device, token: str, closed: float) -> str:
