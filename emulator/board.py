@@ -197,6 +197,7 @@ class Board:
         m = self.preset.device
         if m.pulse_endurance is not None:  # the wear-out model's fields, out of the repr
             key += f" wear({m.wear_key()})"
+        key += self.preset.periphery.out_key()  # output noise, where it is set
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property
@@ -502,9 +503,12 @@ class Board:
         xd = self._dac(x, 0, signed=True)
         y = xd @ (w.T if transpose else w)
         scale = c.w_max * tile.mvm_noise_std(xd)  # (B,)
-        if float(scale.abs().max()) > 0:
-            y = y + scale[:, None] * torch.randn(y.shape, generator=self.noise, device=self.device)
         per = self.preset.periphery
+        if per.out_noise > 0:  # the read-out's own noise, independent of the input
+            scale = torch.sqrt(scale.square() + (c.w_max * per.out_noise) ** 2)
+            y = y + scale[:, None] * torch.randn(y.shape, generator=self.noise, device=self.device)
+        elif float(scale.abs().max()) > 0:
+            y = y + scale[:, None] * torch.randn(y.shape, generator=self.noise, device=self.device)
         self.clock += per.mvm_time_s * x.shape[0]
         self.energy_j += self._read_energy(tile, xd, transpose) * per.mvm_time_s
         self.mvm_calls += 1

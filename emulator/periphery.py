@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,15 @@ class PeripheryModel:
     # the board's design point, a full line of the largest tile at g_max read at v_read
     # (`Board.limits`, `line_current_limit`)
     max_line_current_a: float | None = None
+    # std of a Gaussian noise added to every output of every mvm read-out (the board's `mvm`
+    # command and each product of an mvm-mode settle), in the mvm ADC's units (weight x state,
+    # as `mvm_range`; scaled by a coupling's w_max like its weights): the TIA / ADC noise of a
+    # column, what aihwkit calls `IOParameters.out_noise` (default 0.06 there, in the same units:
+    # one device pair at full weight read at full input gives 1). An analog settle's lines feed
+    # node circuits, not read-outs: their output-referred noise is `node_noise`. 0 (every
+    # preset): no output noise. Left out of the repr, so boards without it keep their
+    # configuration fingerprint (`Board.configuration` adds it where it is set)
+    out_noise: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         """Refuse a periphery no board could have (a URI override of 0 bits or a v_read of 0
@@ -79,6 +88,8 @@ class PeripheryModel:
             ),
             # input-referred, normalised: a std past the whole state range drowns every state
             Bound("node_noise", 0.0, hi - lo, "a node noise std past the whole state range"),
+            # in the mvm ADC's units: a std past its half-range drowns every read-out
+            Bound("out_noise", 0.0, self.mvm_range, "an output noise std past the mvm ADC's half-range"),
             # a read below a millivolt is under the sense amplifiers' offsets
             Bound("v_read", MIN_READ_V, MAX_READ_V, "a read above 1 mV (amplifier offsets); " + read, "V"),
             # at least the voltage of the board's own states (`check_state_range_voltage`)
@@ -96,7 +107,12 @@ class PeripheryModel:
         """The same periphery with ideal converters and no noise."""
         from dataclasses import replace
 
-        return replace(self, dac_bits=None, adc_bits=None, gain_error=0.0, offset_error=0.0, node_noise=0.0)
+        off = {"gain_error": 0.0, "offset_error": 0.0, "node_noise": 0.0, "out_noise": 0.0}
+        return replace(self, dac_bits=None, adc_bits=None, **off)
+
+    def out_key(self) -> str:
+        """The fields left out of the repr, as text for a fingerprint ('' where all are off)."""
+        return f" out_noise={self.out_noise!r}" if self.out_noise else ""
 
 
 def line_current_limit(periphery: PeripheryModel, g_max: float) -> float:

@@ -56,6 +56,7 @@ may block differently), so results may differ from an uncached settle at float r
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -280,11 +281,15 @@ class SettleEngine:
                 products[pair] = (out[:, a:b], transposed)
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
+        if per.out_noise:  # every product's read-out adds its output noise, every step
+            for term in (*plan.const_terms, *plan.dyn_terms):
+                for (dst, _a, _b, _k), ov in zip(term.dsts, term.out_var, strict=True):
+                    const_var[dst] += ov
         gain, tol, act = topo.gain, budget.tol, topo.activation
         dt = self.planner.step_dt(plan, key)
         pool = (
             self._pool(batch * max(topo.groups[g] for g in plan.free))
-            if plan.noisy or per.node_noise
+            if plan.noisy or per.node_noise or per.out_noise
             else None
         )
         elastic = nudge.elastic
@@ -298,7 +303,13 @@ class SettleEngine:
 
         def mvm_out(term: Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             """One MVM with its own read noise, digitised by the ADC."""
-            if term.noisy:
+            if per.out_noise:  # read noise (where the devices have it) and output noise
+                assert pool is not None
+                y = y.clone()
+                for (_dst, a, b, k), ov in zip(term.dsts, term.out_var, strict=True):
+                    std = (term.noise_var(x, k) + ov).sqrt() if k else math.sqrt(ov)
+                    y[:, a:b] += std * pool.draw((batch, b - a))
+            elif term.noisy:
                 assert pool is not None
                 y = y.clone()
                 for _dst, a, b, k in term.dsts:

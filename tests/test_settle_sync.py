@@ -86,7 +86,13 @@ def _board(preset: str, mode: str):
     return dev
 
 
-CASES = [("ideal", "analog", 1), ("rram", "analog", 2), ("rram", "mvm", 2), ("ideal", "mvm", 2)]
+CASES = [
+    ("ideal", "analog", 1),
+    ("rram", "analog", 2),
+    ("rram", "mvm", 2),
+    ("ideal", "mvm", 2),
+    ("ideal&out_noise=0.05", "mvm", 2),  # output noise: drawn on the device, no sync per step
+]
 
 
 @pytest.mark.parametrize(("preset", "mode", "per_check"), CASES)
