@@ -36,7 +36,14 @@ from emulator.devices import (
 )
 from emulator.ir_drop import WireSolver
 from emulator.noise_table import NoisePool
-from emulator.statistics import pcm_nu, pcm_read_std, pcm_write_std
+from emulator.statistics import (
+    pcm_1f_q,
+    pcm_1f_time,
+    pcm_1f_times,
+    pcm_nu,
+    pcm_read_std,
+    pcm_write_std,
+)
 from emulator.wear import window_left, worn_bounds
 
 
@@ -183,6 +190,20 @@ class TileArray:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
             self._nu_gen = torch.Generator().manual_seed(seed)
             self._redraw_nu(None)
+        # accumulated 1/f noise (`DeviceModel.noise_1f_scale`; off: None and no draw, so the chip
+        # and every stream are as without it): per device ``scale Q(G0) z``, drawn at each write
+        # from a generator of the tile's own on the compute device, and when the write ended
+        # (one number while all devices share it, else per device, float64)
+        self._1f: torch.Tensor | None = None
+        self._1f_gen: torch.Generator | None = None
+        self._1f_uniform: float | None = 0.0
+        self._1f_ended: torch.Tensor | None = None
+        self._1f_latest = 0.0  # the latest end of a write of any device
+        self._1f_amp = 0.0  # max |scale Q(G0) z| x the largest G0 (S), for the weights' cache
+        if model.noise_1f_scale > 0:
+            seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
+            self._1f_gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._mark_1f(0.0, None)
 
     def _stuck_derived(self) -> None:
         """What direct writes take from the stuck devices and the bounds: the stuck devices'
@@ -244,6 +265,8 @@ class TileArray:
             p.stuck = stuck
             p.stuck_value = torch.where(spent, torch.where(self._fails_high, hi0, lo0), value0)
             p.nu = torch.where(spent, torch.zeros_like(p.nu), p.nu)
+            if self._1f is not None:  # nor 1/f noise
+                self._1f = self._1f.masked_fill(spent, 0.0)
             self._drifts = bool((p.nu > 0).any())
             self._nu_max = float(p.nu.max())
             self._stuck_derived()
@@ -289,7 +312,63 @@ class TileArray:
 
     # ----------------------------------------------------------------- state
     def _now(self, t: float) -> torch.Tensor:
-        """True conductances (2, rows, cols) at time t."""
+        """True conductances (2, rows, cols) at time t: drifted, and with accumulated 1/f noise
+        where the model has it."""
+        g = self._drifted(t)
+        return g if self._1f is None else self._with_1f(g, t)
+
+    def _with_1f(self, g: torch.Tensor, t: float) -> torch.Tensor:
+        """`g` with each device's accumulated 1/f noise at `t`, ``g (1 + f(tau) c)``, kept within
+        the device's own bounds (a fluctuation does not take a device past its SET or RESET
+        state): a fresh tensor, or `g` itself while no device has noise yet (tau <= t_read)."""
+        assert self._1f is not None
+        t_read = self.model.noise_1f_t_read
+        if self._1f_uniform is not None:
+            f = pcm_1f_time(t - self._1f_uniform, t_read)
+            if f == 0.0:
+                return g
+            out = torch.addcmul(g, g, self._1f, value=f)
+        else:
+            assert self._1f_ended is not None
+            out = torch.addcmul(g, g, self._1f * pcm_1f_times(t - self._1f_ended, t_read))
+        if self._bounds is not None:
+            return out.clamp_(*self._bounds)
+        return self._clamp_own(out, out=out)
+
+    def _mark_1f(self, end: float, mask: torch.Tensor | None) -> None:
+        """New 1/f draws for the devices just written (`mask`; None: all), whose write ended
+        at `end`: ``scale Q(G0) z`` of what each holds; stuck devices get none."""
+        assert self._1f_gen is not None
+        z = torch.randn(self._dshape, generator=self._1f_gen, device=self.device)
+        c = pcm_1f_q(self._g0, self.model.g_max).mul_(z).mul_(self.model.noise_1f_scale)
+        c = c.masked_fill_(self.params.stuck, 0.0)
+        if mask is None:
+            self._1f, self._1f_uniform, self._1f_ended = c, end, None
+        else:
+            assert self._1f is not None
+            self._1f = torch.where(mask, c, self._1f)
+            if self._1f_uniform is not None:
+                self._1f_ended = torch.full(
+                    self._dshape, self._1f_uniform, dtype=torch.float64, device=self.device
+                )
+            assert self._1f_ended is not None
+            self._1f_ended = self._1f_ended.masked_fill_(mask, end)
+            self._1f_uniform = None
+        self._1f_latest = max(self._1f_latest, end)
+        self._1f_amp = float(self._1f.abs().max()) * float(self._g0.max())  # one sync per write
+
+    def _1f_cached(self, t: float) -> bool:
+        """Whether the accumulated 1/f noise moved no device by more than the cache's tolerance
+        between the cached weights' time and `t`: ``|f(b) - f(a)| max |c| max G0``, with the
+        times taken from the latest write (f grows fastest soonest after a write), within the
+        larger of 1e-6 g_max and 1 % of one read's noise std."""
+        t_read = self.model.noise_1f_t_read
+        a, b = sorted((self._cache_t - self._1f_latest, t - self._1f_latest))
+        moved = (pcm_1f_time(b, t_read) - pcm_1f_time(a, t_read)) * self._1f_amp
+        return moved <= max(1e-6 * self.model.g_max, 0.01 * self.model.read_noise)
+
+    def _drifted(self, t: float) -> torch.Tensor:
+        """Drifted conductances (2, rows, cols) at time t (the tile's `_g0` while none drifts)."""
         if not self._drifts:
             return self._g0
         if self._t_uniform is not None:
@@ -308,8 +387,9 @@ class TileArray:
             return g.clamp_min_(floor)
         return torch.maximum(g, floor, out=g)
 
-    def _written(self, t: float, mask: torch.Tensor | None = None) -> None:
-        """Record a write at `t` of all devices (mask None) or of the masked ones."""
+    def _written(self, t: float, mask: torch.Tensor | None = None, end: float | None = None) -> None:
+        """Record a write at `t` of all devices (mask None) or of the masked ones, which ended
+        at `end` (default `t`; the accumulated 1/f noise counts from there, drift from `t`)."""
         if mask is None:
             self._t_uniform = t  # `_t_written` is filled in only when the devices' times part
         else:
@@ -322,6 +402,8 @@ class TileArray:
         self._scratch_key = None  # (and `_diff` holds no old state alive)
         if self._pcm:
             self._redraw_nu(mask)
+        if self._1f_gen is not None:
+            self._mark_1f(t if end is None else end, mask)
 
     def _redraw_nu(self, mask: torch.Tensor | None) -> None:
         """New drift exponents for the devices just written (`mask`; None: all), drawn from
@@ -383,7 +465,7 @@ class TileArray:
         Cached between writes of a tile that does not drift (the host's iteration reads a
         tile many times between two writes); do not modify them."""
         hit = self._lines
-        if hit is not None and hit[0] == self._version and not self._drifts:
+        if hit is not None and hit[0] == self._version and not self._drifts and self._1f is None:
             return hit[1], hit[2]
         if self._wire > 0:
             self.weights(t)  # computes (or keeps) the effective conductances and their sums
@@ -419,6 +501,8 @@ class TileArray:
         if hit is not None and hit[0] == self._version:
             return hit[1]
         g = self._g0
+        if self._1f is not None:  # the 1/f noise may raise a device up to its own g_hi
+            g = torch.where(self._1f > 0, self.params.g_hi, g)
         margin = max(self.rows, self.cols) * 2.0**-23
         top = max(float(g.sum(2).max()), float(g.sum(1).max())) * (1.0 + margin)
         self._line_max = (self._version, top)
@@ -454,10 +538,11 @@ class TileArray:
         keep a snapshot.
         """
         if self._cache is not None and self._cache_version == self._version:
-            if not self._drifts:
+            if not self._drifts and self._1f is None:
                 return self._cache
             since = max(min(t, self._cache_t) - self._t_latest, self.model.drift_t0)
-            if self._nu_max * abs(t - self._cache_t) <= 1e-6 * since:
+            drift_ok = not self._drifts or self._nu_max * abs(t - self._cache_t) <= 1e-6 * since
+            if drift_ok and (self._1f is None or self._1f_cached(t)):
                 return self._cache
         g = self._now(t)
         if self._cache is None:
@@ -584,7 +669,7 @@ class TileArray:
         if self._stuck_idx is not None:
             landed.view(-1)[self._stuck_idx] = self._stuck_val
         self._g0 = landed
-        self._written(t)
+        self._written(t, end=t + self.rows * self.model.pulse_time_s)
         # a noise-free write of a tile whose devices share their bounds and none is stuck: every
         # device holds clamp(target, lo, hi) exactly, which `deviation` can use
         clean = self.model.write_noise == 0 and self._bounds is not None and self._stuck_idx is None
@@ -746,7 +831,7 @@ class TileArray:
         g0 = self._g0.reshape(-1).clone()
         g0[idx] = g  # pulsed devices restart from their drifted value; the others keep theirs
         self._g0 = g0.reshape(self._dshape)
-        self._written(t, act)
+        self._written(t, act, end=t + stats.time_s)
         return stats
 
     def program_verify(

@@ -197,7 +197,7 @@ class Board:
         m = self.preset.device
         if m.pulse_endurance is not None:  # the wear-out model's fields, out of the repr
             key += f" wear({m.wear_key()})"
-        key += self.preset.periphery.out_key()  # output noise, where it is set
+        key += self.preset.periphery.out_key() + m.extra_key()  # opt-in effects, where they are on
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property

@@ -31,6 +31,11 @@ Drift (PCM): after a write at time ``t_w`` the conductance is
 (``drift_nu + drift_nu_dtod N(0,1)``, clipped at 0), never below the device's own ``g_lo``
 (`TileArray` clamps the drifted state: a device does not drift past its RESET / HRS floor).
 
+Accumulated 1/f noise (PCM, opt-in ``noise_1f_scale``): after the write (or pulse train) that
+set it ends, a device's conductance wanders as ``G(t) (1 + noise_1f_scale Q(G0) f(tau) z)``,
+``f(tau) = sqrt(ln((tau + t_read) / (2 t_read)))`` (0 at ``tau = t_read``), ``z ~ N(0, 1)``
+drawn per device at the write: the accumulated 1/f read noise of aihwkit's PCMLikeNoiseModel.
+
 Wear-out (only with a declared ``pulse_endurance``): a device's bounds narrow with its pulse
 count and a spent device is stuck (`emulator.wear`).
 """
@@ -145,6 +150,16 @@ class DeviceModel:
     # (`Board.configuration` adds them where an endurance is declared)
     wear_onset: float = field(default=0.1, repr=False)
     wear_stuck_high: float = field(default=0.5, repr=False)
+    # accumulated 1/f noise (PCM): the conductance a device holds wanders from what was written
+    # by ``noise_1f_scale Q(G0) G(t) sqrt(ln((tau + t_read) / (2 t_read))) z``, tau the time since
+    # the write or pulse train that set it ended, z ~ N(0, 1) drawn per device at that write, Q
+    # the 1/f term of the PCM fit (`emulator.statistics.pcm_1f_q`); the accumulated read noise of
+    # aihwkit's PCMLikeNoiseModel (Nandakumar et al., ICECS 2019; Joshi et al., Nat. Commun.
+    # 2020), whose ``read_noise_scale`` is this scale (1: the fit). 0 (every preset): off. Apart
+    # from the per-read `read_noise`, which stays: the short-term noise of one read. Out of the
+    # repr, so boards without it keep their fingerprint (`extra_key`)
+    noise_1f_scale: float = field(default=0.0, repr=False)
+    noise_1f_t_read: float = field(default=250e-9, repr=False)  # s: the fit's t_read (aihwkit's default)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -237,6 +252,11 @@ class DeviceModel:
                 lo_open=True,
             ),
             Bound("wear_stuck_high", 0.0, 1.0, "a share of the devices (those that fail stuck at g_max)"),
+            # a multiple of the published fit (aihwkit's read_noise_scale); Q(G) <= 0.2 and the
+            # time factor stays under 6.5 for 300 years, so past 10 the noise exceeds G itself
+            Bound("noise_1f_scale", 0.0, 10.0, "a multiple of the PCM fit's 1/f noise; past 10 it exceeds G"),
+            # the fit's read time (250 ns): a read lasts ns-ms
+            Bound("noise_1f_t_read", 0.0, 1e-3, "the 1/f fit's read time; reads last ns-ms", "s", True),
         )
 
     @property
@@ -252,6 +272,13 @@ class DeviceModel:
     @property
     def gamma_dn(self) -> float:
         return self.gamma if self.gamma_down is None else self.gamma_down
+
+    def extra_key(self) -> str:
+        """The fields of effects that are off by default and left out of the repr, as text for
+        a fingerprint: '' where all of them are off."""
+        if not self.noise_1f_scale:
+            return ""
+        return f" 1f(scale={self.noise_1f_scale!r}, t_read={self.noise_1f_t_read!r})"
 
     def wear_key(self) -> str:
         """The wear-out fields as text (they are left out of the repr), for a fingerprint."""

@@ -27,6 +27,8 @@ devices follow.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from drivers.errors import ConfigurationError
@@ -69,6 +71,25 @@ def _relative_1f(g: torch.Tensor, g_max: float) -> torch.Tensor:
     rel = (g.abs() / g_max).clamp_min(_ZERO)
     q = (0.0088 / rel.pow(0.65).clamp_min(1e-3)).clamp_max(0.2)
     return q * g.abs()
+
+
+def pcm_1f_q(g: torch.Tensor, g_max: float) -> torch.Tensor:
+    """The fit's relative 1/f noise ``Q(G) = min(0.0088 / max(g_rel^0.65, 1e-3), 0.2)`` of
+    devices at `g` (S): the accumulated noise's std is ``Q(G) G sqrt(ln((t + t_read) / (2
+    t_read)))`` at a time t after programming (`pcm_1f_time`)."""
+    rel = (g.abs() / g_max).clamp_min(_ZERO)
+    return (0.0088 / rel.pow(0.65).clamp_min(1e-3)).clamp_max(0.2)
+
+
+def pcm_1f_time(tau: float, t_read: float) -> float:
+    """``sqrt(ln((tau + t_read) / (2 t_read)))``, the 1/f noise's growth with the time `tau` (s)
+    since programming ended; 0 up to ``tau = t_read`` (no read can finish sooner)."""
+    return math.sqrt(math.log((max(tau, t_read) + t_read) / (2.0 * t_read)))
+
+
+def pcm_1f_times(tau: torch.Tensor, t_read: float) -> torch.Tensor:
+    """`pcm_1f_time` of a tensor of times (float64 in, float32 out)."""
+    return ((tau.clamp_min(t_read) + t_read) / (2.0 * t_read)).log_().sqrt_().to(torch.float32)
 
 
 def pcm_read_std(g: torch.Tensor, g_max: float, read_noise_mid: float) -> torch.Tensor:
