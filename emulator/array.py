@@ -190,20 +190,24 @@ class TileArray:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
             self._nu_gen = torch.Generator().manual_seed(seed)
             self._redraw_nu(None)
-        # accumulated 1/f noise (`DeviceModel.noise_1f_scale`; off: None and no draw, so the chip
-        # and every stream are as without it): per device ``scale Q(G0) z``, drawn at each write
-        # from a generator of the tile's own on the compute device, and when the write ended
-        # (one number while all devices share it, else per device, float64)
+        # what accumulates after a write (off: None and no draw, so the chip and every stream are
+        # as without it): the PCM 1/f noise (`DeviceModel.noise_1f_scale`), per device
+        # ``scale Q(G0) z``, and the RRAM relaxation (`relax_sigma`, `relax_mean`), per device
+        # ``relax_mean + relax_sigma z`` (S per e-fold of time), drawn at each write from a
+        # generator of the tile's own on the compute device; and when each write ended (one
+        # number while all devices share it, else per device, float64)
         self._1f: torch.Tensor | None = None
-        self._1f_gen: torch.Generator | None = None
-        self._1f_uniform: float | None = 0.0
-        self._1f_ended: torch.Tensor | None = None
-        self._1f_latest = 0.0  # the latest end of a write of any device
+        self._rx: torch.Tensor | None = None
+        self._acc_gen: torch.Generator | None = None
+        self._acc_uniform: float | None = 0.0
+        self._acc_ended: torch.Tensor | None = None
+        self._acc_latest = 0.0  # the latest end of a write of any device
         self._1f_amp = 0.0  # max |scale Q(G0) z| x the largest G0 (S), for the weights' cache
-        if model.noise_1f_scale > 0:
+        self._rx_amp = 0.0  # max |relax_mean + relax_sigma z| (S), likewise
+        if model.noise_1f_scale > 0 or model.relaxes:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
-            self._1f_gen = torch.Generator(device=self.device).manual_seed(seed)
-            self._mark_1f(0.0, None)
+            self._acc_gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._mark_acc(0.0, None)
 
     def _stuck_derived(self) -> None:
         """What direct writes take from the stuck devices and the bounds: the stuck devices'
@@ -267,6 +271,8 @@ class TileArray:
             p.nu = torch.where(spent, torch.zeros_like(p.nu), p.nu)
             if self._1f is not None:  # nor 1/f noise
                 self._1f = self._1f.masked_fill(spent, 0.0)
+            if self._rx is not None:  # nor relaxation
+                self._rx = self._rx.masked_fill(spent, 0.0)
             self._drifts = bool((p.nu > 0).any())
             self._nu_max = float(p.nu.max())
             self._stuck_derived()
@@ -315,57 +321,79 @@ class TileArray:
         """True conductances (2, rows, cols) at time t: drifted, and with accumulated 1/f noise
         where the model has it."""
         g = self._drifted(t)
-        return g if self._1f is None else self._with_1f(g, t)
+        return g if self._acc_gen is None else self._with_acc(g, t)
 
-    def _with_1f(self, g: torch.Tensor, t: float) -> torch.Tensor:
-        """`g` with each device's accumulated 1/f noise at `t`, ``g (1 + f(tau) c)``, kept within
-        the device's own bounds (a fluctuation does not take a device past its SET or RESET
-        state): a fresh tensor, or `g` itself while no device has noise yet (tau <= t_read)."""
-        assert self._1f is not None
-        t_read = self.model.noise_1f_t_read
-        if self._1f_uniform is not None:
-            f = pcm_1f_time(t - self._1f_uniform, t_read)
-            if f == 0.0:
+    def _with_acc(self, g: torch.Tensor, t: float) -> torch.Tensor:
+        """`g` with what each device accumulated since its write ended, at `t`: its 1/f noise
+        ``g (1 + f(tau) c_1f)`` and its relaxation ``+ ln(1 + tau / relax_t0) c_rx``, kept
+        within the device's own bounds (a fluctuation does not take a device past its SET or
+        RESET state): a fresh tensor, or `g` itself while nothing has accumulated yet."""
+        m = self.model
+        out = g
+        if self._acc_uniform is not None:
+            tau = t - self._acc_uniform
+            f = pcm_1f_time(tau, m.noise_1f_t_read) if self._1f is not None else 0.0
+            if f > 0.0:
+                out = torch.addcmul(g, g, self._1f, value=f)
+            r = math.log1p(max(tau, 0.0) / m.relax_t0) if self._rx is not None else 0.0
+            if r > 0.0:
+                out = torch.add(out, self._rx, alpha=r)
+            if out is g:
                 return g
-            out = torch.addcmul(g, g, self._1f, value=f)
         else:
-            assert self._1f_ended is not None
-            out = torch.addcmul(g, g, self._1f * pcm_1f_times(t - self._1f_ended, t_read))
+            assert self._acc_ended is not None
+            taus = t - self._acc_ended
+            if self._1f is not None:
+                out = torch.addcmul(g, g, self._1f * pcm_1f_times(taus, m.noise_1f_t_read))
+            if self._rx is not None:
+                out = out + self._rx * taus.clamp_min(0.0).div_(m.relax_t0).log1p_().to(torch.float32)
         if self._bounds is not None:
             return out.clamp_(*self._bounds)
         return self._clamp_own(out, out=out)
 
-    def _mark_1f(self, end: float, mask: torch.Tensor | None) -> None:
-        """New 1/f draws for the devices just written (`mask`; None: all), whose write ended
-        at `end`: ``scale Q(G0) z`` of what each holds; stuck devices get none."""
-        assert self._1f_gen is not None
-        z = torch.randn(self._dshape, generator=self._1f_gen, device=self.device)
-        c = pcm_1f_q(self._g0, self.model.g_max).mul_(z).mul_(self.model.noise_1f_scale)
-        c = c.masked_fill_(self.params.stuck, 0.0)
+    def _mark_acc(self, end: float, mask: torch.Tensor | None) -> None:
+        """New draws for the devices just written (`mask`; None: all), whose write ended at
+        `end`: 1/f ``scale Q(G0) z`` of what each holds, relaxation ``relax_mean + relax_sigma
+        z'``; stuck devices get none."""
+        assert self._acc_gen is not None
+        m, stuck = self.model, self.params.stuck
+        if m.noise_1f_scale > 0:
+            z = torch.randn(self._dshape, generator=self._acc_gen, device=self.device)
+            c = pcm_1f_q(self._g0, m.g_max).mul_(z).mul_(m.noise_1f_scale).masked_fill_(stuck, 0.0)
+            self._1f = c if mask is None or self._1f is None else torch.where(mask, c, self._1f)
+            self._1f_amp = float(self._1f.abs().max()) * float(self._g0.max())  # one sync per write
+        if m.relaxes:
+            z = torch.randn(self._dshape, generator=self._acc_gen, device=self.device)
+            c = z.mul_(m.relax_sigma).add_(m.relax_mean).masked_fill_(stuck, 0.0)
+            self._rx = c if mask is None or self._rx is None else torch.where(mask, c, self._rx)
+            self._rx_amp = float(self._rx.abs().max())  # one sync per write
         if mask is None:
-            self._1f, self._1f_uniform, self._1f_ended = c, end, None
+            self._acc_uniform, self._acc_ended = end, None
         else:
-            assert self._1f is not None
-            self._1f = torch.where(mask, c, self._1f)
-            if self._1f_uniform is not None:
-                self._1f_ended = torch.full(
-                    self._dshape, self._1f_uniform, dtype=torch.float64, device=self.device
+            if self._acc_uniform is not None:
+                self._acc_ended = torch.full(
+                    self._dshape, self._acc_uniform, dtype=torch.float64, device=self.device
                 )
-            assert self._1f_ended is not None
-            self._1f_ended = self._1f_ended.masked_fill_(mask, end)
-            self._1f_uniform = None
-        self._1f_latest = max(self._1f_latest, end)
-        self._1f_amp = float(self._1f.abs().max()) * float(self._g0.max())  # one sync per write
+            assert self._acc_ended is not None
+            self._acc_ended = self._acc_ended.masked_fill_(mask, end)
+            self._acc_uniform = None
+        self._acc_latest = max(self._acc_latest, end)
 
-    def _1f_cached(self, t: float) -> bool:
-        """Whether the accumulated 1/f noise moved no device by more than the cache's tolerance
-        between the cached weights' time and `t`: ``|f(b) - f(a)| max |c| max G0``, with the
-        times taken from the latest write (f grows fastest soonest after a write), within the
-        larger of 1e-6 g_max and 1 % of one read's noise std."""
-        t_read = self.model.noise_1f_t_read
-        a, b = sorted((self._cache_t - self._1f_latest, t - self._1f_latest))
-        moved = (pcm_1f_time(b, t_read) - pcm_1f_time(a, t_read)) * self._1f_amp
-        return moved <= max(1e-6 * self.model.g_max, 0.01 * self.model.read_noise)
+    def _acc_cached(self, t: float) -> bool:
+        """Whether what accumulates after a write moved no device by more than the cache's
+        tolerance between the cached weights' time and `t`: ``|f(b) - f(a)| max |c|`` per
+        effect, with the times taken from the latest write (both laws grow fastest soonest after
+        a write), within the larger of 1e-6 g_max and 1 % of one read's noise std."""
+        m = self.model
+        a, b = sorted((self._cache_t - self._acc_latest, t - self._acc_latest))
+        moved = 0.0
+        if self._1f is not None:
+            moved += (pcm_1f_time(b, m.noise_1f_t_read) - pcm_1f_time(a, m.noise_1f_t_read)) * self._1f_amp
+        if self._rx is not None:
+            moved += (
+                math.log1p(max(b, 0.0) / m.relax_t0) - math.log1p(max(a, 0.0) / m.relax_t0)
+            ) * self._rx_amp
+        return moved <= max(1e-6 * m.g_max, 0.01 * m.read_noise)
 
     def _drifted(self, t: float) -> torch.Tensor:
         """Drifted conductances (2, rows, cols) at time t (the tile's `_g0` while none drifts)."""
@@ -402,8 +430,8 @@ class TileArray:
         self._scratch_key = None  # (and `_diff` holds no old state alive)
         if self._pcm:
             self._redraw_nu(mask)
-        if self._1f_gen is not None:
-            self._mark_1f(t if end is None else end, mask)
+        if self._acc_gen is not None:
+            self._mark_acc(t if end is None else end, mask)
 
     def _redraw_nu(self, mask: torch.Tensor | None) -> None:
         """New drift exponents for the devices just written (`mask`; None: all), drawn from
@@ -465,7 +493,7 @@ class TileArray:
         Cached between writes of a tile that does not drift (the host's iteration reads a
         tile many times between two writes); do not modify them."""
         hit = self._lines
-        if hit is not None and hit[0] == self._version and not self._drifts and self._1f is None:
+        if hit is not None and hit[0] == self._version and not self._drifts and self._acc_gen is None:
             return hit[1], hit[2]
         if self._wire > 0:
             self.weights(t)  # computes (or keeps) the effective conductances and their sums
@@ -503,6 +531,8 @@ class TileArray:
         g = self._g0
         if self._1f is not None:  # the 1/f noise may raise a device up to its own g_hi
             g = torch.where(self._1f > 0, self.params.g_hi, g)
+        if self._rx is not None:  # and so may its relaxation
+            g = torch.where(self._rx > 0, self.params.g_hi, g)
         margin = max(self.rows, self.cols) * 2.0**-23
         top = max(float(g.sum(2).max()), float(g.sum(1).max())) * (1.0 + margin)
         self._line_max = (self._version, top)
@@ -538,11 +568,11 @@ class TileArray:
         keep a snapshot.
         """
         if self._cache is not None and self._cache_version == self._version:
-            if not self._drifts and self._1f is None:
+            if not self._drifts and self._acc_gen is None:
                 return self._cache
             since = max(min(t, self._cache_t) - self._t_latest, self.model.drift_t0)
             drift_ok = not self._drifts or self._nu_max * abs(t - self._cache_t) <= 1e-6 * since
-            if drift_ok and (self._1f is None or self._1f_cached(t)):
+            if drift_ok and (self._acc_gen is None or self._acc_cached(t)):
                 return self._cache
         g = self._now(t)
         if self._cache is None:

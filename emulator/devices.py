@@ -35,6 +35,8 @@ Accumulated 1/f noise (PCM, opt-in ``noise_1f_scale``): after the write (or puls
 set it ends, a device's conductance wanders as ``G(t) (1 + noise_1f_scale Q(G0) f(tau) z)``,
 ``f(tau) = sqrt(ln((tau + t_read) / (2 t_read)))`` (0 at ``tau = t_read``), ``z ~ N(0, 1)``
 drawn per device at the write: the accumulated 1/f read noise of aihwkit's PCMLikeNoiseModel.
+Relaxation (RRAM, opt-in ``relax_sigma`` / ``relax_mean``): likewise a move of
+``ln(1 + tau / relax_t0) (relax_mean + relax_sigma z)`` siemens.
 
 Wear-out (only with a declared ``pulse_endurance``): a device's bounds narrow with its pulse
 count and a spent device is stuck (`emulator.wear`).
@@ -160,6 +162,19 @@ class DeviceModel:
     # repr, so boards without it keep their fingerprint (`extra_key`)
     noise_1f_scale: float = field(default=0.0, repr=False)
     noise_1f_t_read: float = field(default=250e-9, repr=False)  # s: the fit's t_read (aihwkit's default)
+    # conductance relaxation (RRAM): after the write (or pulse train) that set it ends, a
+    # device moves by ``ln(1 + tau / relax_t0) (relax_mean + relax_sigma z)`` siemens, z ~ N(0, 1)
+    # drawn per device at that write: a spread (and a mean decay, < 0) growing with log time,
+    # the form of aihwkit's ReRamCMONoiseModel (std and mean linear in ln t) and of the spread
+    # Wan et al. (Nature 2022) measured from 1 s to 2 days (aihwkit's ReRamWan2022NoiseModel);
+    # values in `emulator.presets` (RRAM_RELAXATION). 0 (every preset): off. Out of the repr
+    relax_sigma: float = field(default=0.0, repr=False)  # S per e-fold of time
+    relax_mean: float = field(default=0.0, repr=False)  # S per e-fold of time (< 0: decay)
+    relax_t0: float = field(default=1.0, repr=False)  # s: the time scale of the log
+
+    @property
+    def relaxes(self) -> bool:
+        return self.relax_sigma > 0 or self.relax_mean != 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -257,6 +272,18 @@ class DeviceModel:
             Bound("noise_1f_scale", 0.0, 10.0, "a multiple of the PCM fit's 1/f noise; past 10 it exceeds G"),
             # the fit's read time (250 ns): a read lasts ns-ms
             Bound("noise_1f_t_read", 0.0, 1e-3, "the 1/f fit's read time; reads last ns-ms", "s", True),
+            # per e-fold of time (ln(1 + tau / t0) is 33 after 10 years at t0 = 1 s): a spread or
+            # a decay of more than the window per e-fold leaves no state after one
+            Bound("relax_sigma", 0.0, window, "a relaxation spread per e-fold past the window", "S"),
+            Bound("relax_mean", -window, window, "a relaxation drift per e-fold past the window", "S"),
+            Bound(
+                "relax_t0",
+                0.0,
+                MAX_DRIFT_T0,
+                "the log's time scale, > 0 and within a 10-year retention",
+                "s",
+                True,
+            ),
         )
 
     @property
@@ -276,9 +303,12 @@ class DeviceModel:
     def extra_key(self) -> str:
         """The fields of effects that are off by default and left out of the repr, as text for
         a fingerprint: '' where all of them are off."""
-        if not self.noise_1f_scale:
-            return ""
-        return f" 1f(scale={self.noise_1f_scale!r}, t_read={self.noise_1f_t_read!r})"
+        key = ""
+        if self.noise_1f_scale:
+            key += f" 1f(scale={self.noise_1f_scale!r}, t_read={self.noise_1f_t_read!r})"
+        if self.relaxes:
+            key += f" relax(sigma={self.relax_sigma!r}, mean={self.relax_mean!r}, t0={self.relax_t0!r})"
+        return key
 
     def wear_key(self) -> str:
         """The wear-out fields as text (they are left out of the repr), for a fingerprint."""
