@@ -202,7 +202,7 @@ class TileArray:
         self._acc_uniform: float | None = 0.0
         self._acc_ended: torch.Tensor | None = None
         self._acc_latest = 0.0  # the latest end of a write of any device
-        self._1f_amp = 0.0  # max |scale Q(G0) z| x the largest G0 (S), for the weights' cache
+        self._1f_amp = 0.0  # max |scale Q(G0) z G0| (S), for the weights' cache
         self._rx_amp = 0.0  # max |relax_mean + relax_sigma z| (S), likewise
         if model.noise_1f_scale > 0 or model.relaxes:
             seed = int(torch.randint(0, 2**62, (1,), generator=fab, device=fab.device))
@@ -361,7 +361,7 @@ class TileArray:
             z = torch.randn(self._dshape, generator=self._acc_gen, device=self.device)
             c = pcm_1f_q(self._g0, m.g_max).mul_(z).mul_(m.noise_1f_scale).masked_fill_(stuck, 0.0)
             self._1f = c if mask is None or self._1f is None else torch.where(mask, c, self._1f)
-            self._1f_amp = float(self._1f.abs().max()) * float(self._g0.max())  # one sync per write
+            self._1f_amp = float((self._1f * self._g0).abs().max())  # one sync per write
         if m.relaxes:
             z = torch.randn(self._dshape, generator=self._acc_gen, device=self.device)
             c = z.mul_(m.relax_sigma).add_(m.relax_mean).masked_fill_(stuck, 0.0)
