@@ -14,6 +14,7 @@ board's (`Board.settle` may take a smaller step than the budget's dt when the co
 strong: the floor is given the same one).
 
     python benchmarks/settle.py [--repeats 15] [--device cpu] [--threads 1]
+        [--boards "ideal" "rram&wire_resistance=0" ...] [--mode analog|mvm]
 
 Board and floor alternate per repeat; the figures are medians (ms per sample, and the
 median of the per-repeat ratios).
@@ -108,17 +109,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
+    parser.add_argument(
+        "--boards",
+        nargs="+",
+        default=["ideal", "rram&wire_resistance=0", "rram"],
+        help="preset and URI overrides per board, e.g. 'pcm&noise_1f_scale=1' (the IR-drop ratios "
+        "need 'rram&wire_resistance=0' and 'rram')",
+    )
+    parser.add_argument("--mode", choices=("analog", "mvm"), default="analog", help="the settle mode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes, batch, steps, dt = [784, 512, 10], args.batch, args.steps, 0.5
     results = []
     write_ms: dict[str, float] = {}
-    for preset, extra in (("ideal", ""), ("rram", "&wire_resistance=0"), ("rram", "")):
+    for spec in args.boards:
+        preset, _, rest = spec.partition("&")
+        extra = f"&{rest}" if rest else ""
         rng = np.random.default_rng(0)  # the same weights and inputs for every board
         with open_device(f"emulator://?preset={preset}&seed=0&device={args.device}{extra}") as dev:
             # one convergence check, at the last step: every settle runs `steps` steps
             topo = Topology.layered(
-                sizes, budget=SettleBudget(max_steps=steps, tol=0.0, dt=dt, check_every=steps)
+                sizes,
+                budget=SettleBudget(max_steps=steps, tol=0.0, dt=dt, check_every=steps),
+                mode=args.mode,
             )
             dev.configure(topo)
             lim = dev.info.limits
@@ -156,8 +169,11 @@ def main() -> None:
                     "wire_ohms": board.preset.device.wire_resistance,
                     "write_ms_per_batch": write_ms[label],
                     "write_ratio_ir": (
-                        write_ms[label] / write_ms["rram&wire_resistance=0"] if preset == "rram" else None
+                        write_ms[label] / write_ms["rram&wire_resistance=0"]
+                        if preset == "rram" and "rram&wire_resistance=0" in write_ms
+                        else None
                     ),
+                    "mode": args.mode,
                     "sizes": sizes,
                     "batch": batch,
                     "steps": steps,
@@ -169,10 +185,11 @@ def main() -> None:
                     "target": 1.5 if preset == "ideal" else 3.0,
                 }
             )
-    off = next(r for r in results if r["preset"] == "rram&wire_resistance=0")
+    off = next((r for r in results if r["preset"] == "rram&wire_resistance=0"), None)
     for r in results:
-        if r["preset"] == "rram":  # the settle's overhead with wires over that without (same
-            # weights and inputs; each against its own floor, so load between the runs cancels)
+        # the settle's overhead with wires over that without (same weights and inputs; each
+        # against its own floor, so load between the runs cancels)
+        if r["preset"] == "rram" and off is not None:
             r["settle_ratio_ir"] = r["ratio"] / off["ratio"]
     for r in results:
         print(json.dumps(r))
