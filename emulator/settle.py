@@ -281,10 +281,16 @@ class SettleEngine:
                 products[pair] = (out[:, a:b], transposed)
                 if k:
                     const_var[dst] += term.noise_var(s[term.src], k)
-        if per.out_noise:  # every product's read-out adds its output noise, every step
-            for term in (*plan.const_terms, *plan.dyn_terms):
-                for (dst, _a, _b, _k), ov in zip(term.dsts, term.out_var, strict=True):
-                    const_var[dst] += ov
+        # the output noise of the read-outs, every step: one per tile that feeds a group (the
+        # bias row is read with its tile's other rows, a dense tile once for all its sources)
+        out_std = self._out_noise_std(plan.free)
+        for g, std in out_std.items():
+            const_var[g] += std**2
+        # node noise and output noise: one Gaussian per node and step (the node noise alone,
+        # as it was, where there is no output noise)
+        node_std = {
+            g: math.hypot(per.node_noise, out_std[g]) if g in out_std else per.node_noise for g in plan.free
+        }
         gain, tol, act = topo.gain, budget.tol, topo.activation
         dt = self.planner.step_dt(plan, key)
         pool = (
@@ -303,13 +309,7 @@ class SettleEngine:
 
         def mvm_out(term: Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             """One MVM with its own read noise, digitised by the ADC."""
-            if per.out_noise:  # read noise (where the devices have it) and output noise
-                assert pool is not None
-                y = y.clone()
-                for (_dst, a, b, k), ov in zip(term.dsts, term.out_var, strict=True):
-                    std = (term.noise_var(x, k) + ov).sqrt() if k else math.sqrt(ov)
-                    y[:, a:b] += std * pool.draw((batch, b - a))
-            elif term.noisy:
+            if term.noisy:
                 assert pool is not None
                 y = y.clone()
                 for _dst, a, b, k in term.dsts:
@@ -342,9 +342,9 @@ class SettleEngine:
                 if g in elastic:
                     beta, target = elastic[g]
                     u = u + beta * (target - s[g])
-                if per.node_noise:
+                if node_std[g]:
                     assert pool is not None
-                    u = u + per.node_noise * pool.draw(u.shape)
+                    u = u + node_std[g] * pool.draw(u.shape)
                 if act.hard:
                     new = (u * gain).clamp_(0.0, 1.0) if gain != 1.0 else u.clamp(0.0, 1.0)
                 else:
@@ -714,6 +714,23 @@ class SettleEngine:
             r = rows[g]
             ops.append(partial(_add_noise, new[r], std[i : i + 1], pool, r.stop - r.start, batch))
         return ops, [std]
+
+    def _out_noise_std(self, free: list[str]) -> dict[str, float]:
+        """Per free group, the std of the output noise (`PeripheryModel.out_noise`) that the
+        read-outs feeding it add to its drive in one mvm-mode step: one read-out per tile that
+        drives the group (a bipartite tile's columns through a forward mvm, its rows through a
+        transposed one; a dense tile once; the bias row with its tile's other rows), each
+        ``out_noise x w_max``; empty without output noise."""
+        per = self.board.preset.periphery
+        topo = self.board.topology
+        if not per.out_noise or topo is None:
+            return {}
+        var: dict[str, float] = {}
+        for c in topo.couplings:
+            for g in (set(c.rows) | set(c.cols)) - {BIAS}:
+                if g in free:
+                    var[g] = var.get(g, 0.0) + (c.w_max * per.out_noise) ** 2
+        return {g: math.sqrt(v) for g, v in var.items()}
 
     def _pool(self, size: int) -> NoisePool:
         """The engine's noise pool, with windows of at least `size` values (this settle's

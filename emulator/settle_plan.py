@@ -38,9 +38,6 @@ class Term:
     dsts: list[tuple[str, int, int, float]]  # (group, start, stop, read-noise variance coefficient)
     noisy: bool  # any coefficient > 0
     pairs: list[tuple[int, bool]]  # per dst: (index into Plan.energy_pairs, block is transposed)
-    # per dst: the variance of the output noise of one mvm read-out of its product
-    # (`PeripheryModel.out_noise` x the coupling's w_max, squared); used by mvm-mode settles only
-    out_var: list[float] = field(default_factory=list)
 
     def noise_var(self, x: torch.Tensor, k: float) -> torch.Tensor:
         """Read-noise variance (batch, 1) of one output line of ``x @ matrix``: each of the two
@@ -229,7 +226,7 @@ class SettlePlanner:
                 plan.epochs = epochs
             return plan
         topo = self.board.topology
-        pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool], float]]] = {}
+        pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
         refreshers: list[Callable[[], object]] = []
         for c in topo.couplings:
@@ -241,7 +238,6 @@ class SettlePlanner:
             tile = self.board._tiles[c.tile]
             m = tile.model
             noise_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
-            out_v = (c.w_max * self.board.preset.periphery.out_noise) ** 2
             r0 = 0
             for rg in c.rows:
                 rn = topo.size(rg)
@@ -255,29 +251,26 @@ class SettlePlanner:
                         refreshers.append(partial(torch.mul, block, mask, out=masked))
                         block = masked
                     if cg not in clamped:
-                        pair = (len(energy_pairs), False)
-                        pieces.setdefault(rg, []).append((cg, block, noise_k, pair, out_v))
+                        pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
-                        pair = (len(energy_pairs), True)
-                        pieces.setdefault(cg, []).append((rg, block.T, noise_k, pair, out_v))
+                        pieces.setdefault(cg, []).append((rg, block.T, noise_k, (len(energy_pairs), True)))
                     factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
                     energy_pairs.append((rg, cg, block, factor))
                     c0 += cn
                 r0 += rn
         const_terms, dyn_terms = [], []
         for src, items in pieces.items():
-            blocks = [b for _, b, _, _, _ in items]
+            blocks = [b for _, b, _, _ in items]
             if len(blocks) == 1:
                 matrix = blocks[0].T
             else:
                 matrix = torch.cat(blocks, dim=1).T.contiguous()
                 refreshers.append(partial(copy_joined, matrix, blocks))
             dsts, start = [], 0
-            for dst, b, k, _pair, _out in items:
+            for dst, b, k, _pair in items:
                 dsts.append((dst, start, start + b.shape[1], k))
                 start += b.shape[1]
-            noisy = any(k > 0 for _, _, k, _, _ in items)
-            term = Term(src, matrix, dsts, noisy, [p for *_, p, _ in items], [o for *_, o in items])
+            term = Term(src, matrix, dsts, any(k > 0 for _, _, k, _ in items), [p for *_, p in items])
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = Plan(free, const_terms, dyn_terms, energy_pairs, self.line_conductance())

@@ -117,3 +117,19 @@ def test_out_noise_is_drawn_on_the_board_device() -> None:
         dev.configure(Topology.layered([4, 3]))
         y = dev.board.mvm("W0", torch.ones(2, 5))
         assert y.device == dev.board.device
+
+
+def test_mvm_mode_counts_one_read_out_per_tile_feeding_a_group() -> None:
+    """In an mvm-mode step a layered network's hidden group is fed by two read-outs (W0 forward,
+    its bias row included, and W1 transposed) and its output group by one; a dense tile is read
+    once for all its sources. The output noise follows (and each read-out's w_max scales it)."""
+    with open_device("emulator://?preset=ideal&seed=0&out_noise=0.05") as dev:
+        dev.configure(Topology.layered([16, 12, 5], mode="mvm"))
+        std = dev.board.engine._out_noise_std(["s1", "s2"])
+        assert std["s1"] == pytest.approx(0.05 * math.sqrt(2)) and std["s2"] == pytest.approx(0.05)
+        dev.configure(Topology.dense({"x": 8, "h": 6, "y": 3}, mode="mvm"))
+        std = dev.board.engine._out_noise_std(["h", "y"])
+        assert std == pytest.approx({"h": 0.05, "y": 0.05})
+    with open_device("emulator://?preset=ideal&seed=0") as dev:
+        dev.configure(Topology.layered([16, 12, 5], mode="mvm"))
+        assert dev.board.engine._out_noise_std(["s1", "s2"]) == {}
