@@ -336,7 +336,8 @@ def test_calibrate_refuses_what_would_fail_after_the_session(tmp_path: Path) -> 
 
 
 def test_calibrate_without_progress_prints_a_line_per_stage(tmp_path: Path) -> None:
-    done = _hil("calibrate", EMU, "--out", tmp_path / "cal.zarr", "--routines", "adc,dac", "--no-progress")
+    args = ("--routines", "adc,dac", "--channels", "8", "--no-progress")  # 8 channels: the lines, fast
+    done = _hil("calibrate", EMU, "--out", tmp_path / "cal.zarr", *args)
     assert done.exit_code == 0, done.output
     stages = [line.split()[0] for line in done.stdout.splitlines() if " done in " in line]
     assert "adc" in stages and len(stages) == len(set(stages))
