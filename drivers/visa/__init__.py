@@ -663,14 +663,40 @@ class VisaDevice(RemoteDevice):
         return Message()
 
     # -- extras for lab use
+    def _check_raw(self, method: str, text: str) -> None:
+        """Raw text reaches the board with none of the host's limit checks, so only what reads
+        (`scpi.RAW_ALLOWED`) is sent; anything that drives or changes the board is refused,
+        naming the typed operation that checks it (`scpi.raw_refusal`)."""
+        why = scpi.raw_refusal(text)
+        if why is not None:
+            raise ConfigurationError(f"{self.name}: {method}({text[:80]!r}) refused, nothing sent: {why}")
+
     def query(self, text: str) -> str:
-        """Send any SCPI query (under the device lock) and return its reply."""
+        """Send a SCPI query that only reads (``*IDN?``, ``SYST:ERR?``, ``SYST:INFO?``,
+        ``SYST:SAF?``, ``SYST:STAT?``, ``SYST:WEAR?`` ...: `scpi.RAW_ALLOWED`) under the device
+        lock and return its reply. A message that drives or changes the board (program, pulse,
+        mvm, settle, a read of the arrays, configure, wait, reset, safe state, ownership,
+        checked mode) is refused with `ConfigurationError` naming the typed method to call:
+        raw text would skip the host's limit checks."""
+        self._check_raw("query", text)
+        with self.lock:
+            return self._query_text(text)
+
+    def query_unchecked(self, text: str) -> str:
+        """Send one raw SCPI query exactly as given, without the host's limit checks, and return
+        its reply. For conformance suites (`hil conformance`, as `RemoteDevice.send_unchecked` on
+        the framed link): the host refuses a bad request before sending it, so only an unchecked
+        one shows whether the board refuses it too. Not for normal use: `query` reads, the typed
+        operations drive."""
         with self.lock:
             return self._query_text(text)
 
     def write(self, text: str) -> None:
-        """Send any SCPI command (under the device lock); no error check (in checked mode
-        its empty response is read)."""
+        """Send a SCPI command that changes nothing on the arrays (``*CLS``, ``*ESE n``,
+        ``*SRE n``, ``*OPC``, ``*WAI``, or reading queries: `scpi.RAW_ALLOWED`) under the device
+        lock; no error check (in checked mode its empty response is read). Anything else is
+        refused as `query` refuses it."""
+        self._check_raw("write", text)
         with self.lock, self._io(text):
             self._send(text)
             if self.check:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from drivers.wire import codes
 from drivers.wire.payload import Op
@@ -265,3 +266,174 @@ def open_response(data: bytes | bytearray | memoryview) -> bytes:
     if not sep and body:
         raise ValueError("malformed checked response")
     return body
+
+
+# ---- program messages: the grammar both the SCPI server and the VISA client parse with
+
+
+class ParseError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Param(NamedTuple):
+    kind: str  # "block", "string" or "token"
+    value: bytes | str
+
+
+class Unit(NamedTuple):
+    header: str
+    params: list[Param]
+
+
+_HEADER_CHARS = re.compile(rb"[0-9A-Za-z*:?_]*")  # what a header may hold (IEEE 488.2 program mnemonics)
+
+
+def parse_message(msg: bytes) -> list[Unit]:
+    """Split a program message into units; raises ParseError on the first malformed one
+    (`MessageParser` does the same and remembers short messages)."""
+    units: list[Unit] = []
+    i, n = 0, len(msg)
+    while True:
+        while i < n and msg[i] in b" \t\r":
+            i += 1
+        if i >= n:
+            return units
+        start = i
+        i = _HEADER_CHARS.match(msg, i).end()  # type: ignore[union-attr]  # matches the empty string too
+        header = msg[start:i].decode("ascii")
+        if not header:
+            c = msg[i]
+            code = codes.INVALID_CHARACTER if not 0x20 < c < 0x7F else codes.SYNTAX_ERROR
+            raise ParseError(code, f"unexpected {bytes([c])!r} where a header should start")
+        params: list[Param] = []
+        if i < n and msg[i] not in b" \t\r;":
+            raise ParseError(codes.HEADER_SEPARATOR_ERROR, f"{bytes([msg[i]])!r} after header {header!r}")
+        while i < n and msg[i] in b" \t\r":
+            i += 1
+        while i < n and msg[i] != 0x3B:  # ';'
+            param, i = _param(msg, i)
+            params.append(param)
+            while i < n and msg[i] in b" \t\r":
+                i += 1
+            if i < n and msg[i] == 0x2C:  # ','
+                i += 1
+                while i < n and msg[i] in b" \t\r":
+                    i += 1
+                if i >= n or msg[i] == 0x3B:
+                    raise ParseError(codes.MISSING_PARAMETER, f"{header}: nothing after ','")
+            elif i < n and msg[i] != 0x3B:
+                raise ParseError(codes.INVALID_SEPARATOR, f"{header}: {bytes([msg[i]])!r} between parameters")
+        units.append(Unit(header, params))
+        i += 1
+
+
+def _param(msg: bytes, i: int) -> tuple[Param, int]:
+    c = msg[i]
+    if c == 0x23:  # '#'
+        try:
+            extent = block_extent(msg, i)
+        except BlockError as exc:
+            raise ParseError(exc.code, str(exc)) from None
+        if extent is None or extent[1] > len(msg):
+            raise ParseError(codes.INVALID_BLOCK_DATA, "block shorter than its header says")
+        return Param("block", msg[extent[0] : extent[1]]), extent[1]
+    if c in (0x22, 0x27):
+        j, out = i + 1, bytearray()
+        while True:
+            k = msg.find(bytes([c]), j)
+            if k < 0:
+                raise ParseError(codes.INVALID_STRING_DATA, "unterminated string")
+            out += msg[j:k]
+            if k + 1 < len(msg) and msg[k + 1] == c:
+                out.append(c)
+                j = k + 2
+                continue
+            try:
+                return Param("string", out.decode("utf-8")), k + 1
+            except UnicodeDecodeError:
+                raise ParseError(codes.INVALID_STRING_DATA, "string is not UTF-8") from None
+    j = i
+    while j < len(msg) and msg[j] not in b",; \t\r":
+        j += 1
+    token = msg[i:j]
+    if not all(0x20 < b < 0x7F for b in token):
+        raise ParseError(codes.INVALID_CHARACTER, f"invalid character in parameter {token!r}")
+    return Param("token", token.decode("ascii")), j
+
+
+# ---- raw SCPI from a lab user (`VisaDevice.query` / `VisaDevice.write`)
+
+# what a user may send as raw text: commands and queries that read the board, its identity and
+# its status registers, and drive no line and change no device, topology, owner or link mode
+RAW_ALLOWED: tuple[Header, ...] = tuple(
+    Header(spec)
+    for spec in (
+        IDN, OPC, OPC_Q, WAI, CLS, STB_Q, ESR_Q, ESE, ESE_Q, SRE, SRE_Q, ERROR_Q, ERROR_COUNT_Q,
+        INFO_Q, SAFETY_Q, TOPOLOGY_Q, STATE_Q, METER_Q, WEAR_Q, LOCK_OWNER_Q, CHECK_MODE_Q, FETCH_DATA_Q,
+    )
+)  # fmt: skip
+
+# the rest of the protocol's commands, each with what to call instead: the typed operation runs
+# the host's limit checks before anything is sent, and keeps the session's own state (topology,
+# request ids, owner, wear, checked mode) true
+RAW_INSTEAD: tuple[tuple[Header, str], ...] = tuple(
+    (Header(spec), instead)
+    for spec, instead in (
+        (PROGRAM_Q, "dev.program(tile, g_plus, g_minus, verify=..., tol=..., max_iters=...)"),
+        (PULSE_Q, "dev.pulse(tile, counts_plus, counts_minus)"),
+        (MVM_Q, "dev.mvm(tile, x, transpose=...)"),
+        (CONDUCTANCE_Q, "dev.read_conductance(tile) (a read drives every row at v_read)"),
+        (SETTLE_Q, "dev.settle(clamp, nudge=..., init=...)"),
+        (TOPOLOGY, "dev.configure(topology)"),
+        (WAIT, "dev.wait(seconds)"),
+        (RST, "dev.reset()"),
+        (SAFE, "dev.safe_state()"),
+        (BEGIN, "dev.begin(tag)"),
+        (COMMIT, "dev.commit(tag)"),
+        (LOCK_ACQUIRE_Q, "the URI's lock=1 (the default: the session takes the board when it opens)"),
+        (LOCK_RELEASE, "dev.close() (it releases the board)"),
+        (LOCK_BREAK, "dev.break_lock()"),
+        (CHECK_MODE, "the URI's check=1 (checked mode is set when the session opens)"),
+        (CHECKSUM, "the URI's check=1 (the session seals every message itself)"),
+        (TST_Q, "`hil conformance URI` (a self-test may drive the arrays)"),
+    )
+)
+
+
+def raw_refusal(text: str) -> str | None:
+    """Why the raw program message `text` may not be sent, or None when every unit of it is
+    in `RAW_ALLOWED`. Parsed with the board's own grammar (`parse_message`), so what is
+    checked is what runs: a message that does not parse, holds a character outside printable
+    ASCII (a newline would end it early and start a message this check never saw), or names a
+    header outside this protocol (a vendor command may drive the arrays) is refused too."""
+    try:
+        units = parse_message(text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return "it holds characters that are not bytes; a raw message is one line of printable ASCII"
+    except ParseError as exc:
+        return f"it does not parse as SCPI ({exc})"
+    if not units:
+        return "it is empty"
+    for unit in units:
+        if any(h.matches(unit.header) for h in RAW_ALLOWED):
+            continue
+        instead = next((use for h, use in RAW_INSTEAD if h.matches(unit.header)), None)
+        if instead is not None:
+            return (
+                f"{unit.header} drives the board or changes its state, and raw text skips the host's "
+                f"limit checks: call {instead}"
+            )
+        return (
+            f"{unit.header} is not a command of this protocol (docs/protocol.md), so the host cannot "
+            "tell what it drives; raw text may only read (*IDN?, SYST:ERR?, SYST:INFO?, SYST:SAF?, "
+            "SYST:STAT?, SYST:WEAR? ...)"
+        )
+    bad = next((ch for ch in text if not " " <= ch <= "~"), None)
+    if bad is not None:  # a board cuts a message at a newline, even inside a string
+        return (
+            f"it holds {bad!r}: a raw message is one line of printable ASCII (a newline would end "
+            "it there and start a message this check never saw); send one message per call"
+        )
+    return None

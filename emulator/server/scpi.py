@@ -23,7 +23,7 @@ from drivers.errors import ConfigurationError, DeviceFault, ProtocolError
 from drivers.wire import codes, scpi
 from drivers.wire import payload as pl
 from drivers.wire.payload import Message, Op
-from drivers.wire.scpi import MAX_LINE
+from drivers.wire.scpi import MAX_LINE, Param, ParseError, Unit, parse_message
 from emulator.server.dispatch import ReplayCache, execute, guard, reboot
 from emulator.server.faults import HANG_UPS, REBOOTS, FaultPlan, FaultyStream, closable
 from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
@@ -35,22 +35,6 @@ MAX_ERROR_TEXT = 255  # characters of a queued error message (SCPI-99 21.8); inp
 QUEUE_SIZE = 32
 HEADER_CACHE = 256  # distinct headers a session remembers the command of
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # any integer parameter (commands narrow it)
-
-
-class ParseError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Param(NamedTuple):
-    kind: str  # "block", "string" or "token"
-    value: bytes | str
-
-
-class Unit(NamedTuple):
-    header: str
-    params: list[Param]
 
 
 class MessageSplitter:
@@ -182,9 +166,6 @@ class MessageSplitter:
         self.discard, self.skipping = 0, False
 
 
-_HEADER_CHARS = re.compile(rb"[0-9A-Za-z*:?_]*")  # what a header may hold (IEEE 488.2 program mnemonics)
-
-
 PARSE_CACHE = 256  # short messages without parameters whose headers a session remembers
 PARSE_CACHE_LINE = 64  # bytes: a longer message is parsed every time
 
@@ -212,79 +193,6 @@ class MessageParser:
                 self.headers.clear()
             self.headers[msg] = tuple(u.header for u in units)
         return units
-
-
-def parse_message(msg: bytes) -> list[Unit]:
-    """Split a program message into units; raises ParseError on the first malformed one
-    (`MessageParser` does the same and remembers short messages)."""
-    units: list[Unit] = []
-    i, n = 0, len(msg)
-    while True:
-        while i < n and msg[i] in b" \t\r":
-            i += 1
-        if i >= n:
-            return units
-        start = i
-        i = _HEADER_CHARS.match(msg, i).end()  # type: ignore[union-attr]  # matches the empty string too
-        header = msg[start:i].decode("ascii")
-        if not header:
-            c = msg[i]
-            code = codes.INVALID_CHARACTER if not 0x20 < c < 0x7F else codes.SYNTAX_ERROR
-            raise ParseError(code, f"unexpected {bytes([c])!r} where a header should start")
-        params: list[Param] = []
-        if i < n and msg[i] not in b" \t\r;":
-            raise ParseError(codes.HEADER_SEPARATOR_ERROR, f"{bytes([msg[i]])!r} after header {header!r}")
-        while i < n and msg[i] in b" \t\r":
-            i += 1
-        while i < n and msg[i] != 0x3B:  # ';'
-            param, i = _param(msg, i)
-            params.append(param)
-            while i < n and msg[i] in b" \t\r":
-                i += 1
-            if i < n and msg[i] == 0x2C:  # ','
-                i += 1
-                while i < n and msg[i] in b" \t\r":
-                    i += 1
-                if i >= n or msg[i] == 0x3B:
-                    raise ParseError(codes.MISSING_PARAMETER, f"{header}: nothing after ','")
-            elif i < n and msg[i] != 0x3B:
-                raise ParseError(codes.INVALID_SEPARATOR, f"{header}: {bytes([msg[i]])!r} between parameters")
-        units.append(Unit(header, params))
-        i += 1
-
-
-def _param(msg: bytes, i: int) -> tuple[Param, int]:
-    c = msg[i]
-    if c == 0x23:  # '#'
-        try:
-            extent = scpi.block_extent(msg, i)
-        except scpi.BlockError as exc:
-            raise ParseError(exc.code, str(exc)) from None
-        if extent is None or extent[1] > len(msg):
-            raise ParseError(codes.INVALID_BLOCK_DATA, "block shorter than its header says")
-        return Param("block", msg[extent[0] : extent[1]]), extent[1]
-    if c in (0x22, 0x27):
-        j, out = i + 1, bytearray()
-        while True:
-            k = msg.find(bytes([c]), j)
-            if k < 0:
-                raise ParseError(codes.INVALID_STRING_DATA, "unterminated string")
-            out += msg[j:k]
-            if k + 1 < len(msg) and msg[k + 1] == c:
-                out.append(c)
-                j = k + 2
-                continue
-            try:
-                return Param("string", out.decode("utf-8")), k + 1
-            except UnicodeDecodeError:
-                raise ParseError(codes.INVALID_STRING_DATA, "string is not UTF-8") from None
-    j = i
-    while j < len(msg) and msg[j] not in b",; \t\r":
-        j += 1
-    token = msg[i:j]
-    if not all(0x20 < b < 0x7F for b in token):
-        raise ParseError(codes.INVALID_CHARACTER, f"invalid character in parameter {token!r}")
-    return Param("token", token.decode("ascii")), j
 
 
 # ---- parameter conversion ------------------------------------------------------------

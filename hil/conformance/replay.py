@@ -35,7 +35,7 @@ def checks(sess: Session) -> None:
         return
     uri = sess.report.uri.lower()
     tile = sess.topo.couplings[-1].tile
-    query = getattr(sess.dev, "query", None)
+    query = getattr(sess.dev, "query_unchecked", None)  # raw text, the host checks skipped
     send = getattr(sess.dev, "send_unchecked", None)
     if uri.startswith("visa://") and callable(query):
         pulse: Pulse = lambda counts, rid: str(query(_scpi_pulse(tile, counts, rid))).strip()  # noqa: E731

@@ -19,7 +19,7 @@ EMPTY_BLOCK = "#10"  # the reply of a block query that failed (docs/protocol.md,
 
 
 def checks(sess: Session) -> None:
-    query = getattr(sess.dev, "query", None)
+    query = getattr(sess.dev, "query_unchecked", None)  # raw text, the host checks skipped
     if not (callable(query) and sess.report.uri.lower().startswith("visa://")):
         return
     tile = sess.topo.couplings[0].tile
