@@ -137,8 +137,11 @@ def batch_and_peak(
     name: str, value: object, n: int, batch: int | None = None, limits: Limits | None = None
 ) -> tuple[np.ndarray, float]:
     """`as_batch`, and the array's peak ``max |x|`` from the extremes its checks read (0 for
-    an empty array): a caller that bounds the peak needs no pass of its own."""
-    arr = _float32(name, value, copy=False)
+    an empty array): a caller that bounds the peak needs no pass of its own. The array
+    returned is the host's own float32 copy, made before any check: what is checked is what
+    is sent (and sent again on a retry), whatever the caller's array holds by then (another
+    thread, or a callback such as a log handler, may change it after the call began)."""
+    arr = _float32(name, value)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != n:
@@ -147,11 +150,6 @@ def batch_and_peak(
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
     if limits is not None:
         check_batch(name, arr.shape[0], limits)
-    if arr.dtype != np.float32:
-        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-    elif not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
     peak = 0.0
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
@@ -455,9 +453,11 @@ def pulse_counts(
     declares one, within its pulse `endurance` (no single request may take a device past its
     rated life; on `one_sided` devices a negative count wears once, `drivers.wear.pulse_wear`):
     checked in the array's own dtype (min and max, never an absolute value that overflows)
-    before the cast, so the count compared is the one the int32 wire carries."""
+    before the cast, so the count compared is the one the int32 wire carries. The counts are
+    copied first and the copy is checked and returned (the caller's array may change after the
+    call began: what is checked is what is sent)."""
     try:
-        arr = np.asarray(value)
+        arr = np.array(value, copy=True)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"pulse {tile!r}: {name} is not an array of pulse counts ({exc})") from None
     if arr.shape != shape:
