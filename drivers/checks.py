@@ -573,8 +573,10 @@ LINE_CURRENT_FIX = (
 _BOUND_MARGIN = 1e-9
 
 
-# the margin on the read voltage of a tile's row reads, host and board alike (`check_program_lines`,
-# `emulator.board.Board._check_read_lines`)
+# the margin on the read voltage of a tile's row reads in the bounds that wave a read through
+# without summing the rows (host and board alike: `check_program_lines`,
+# `emulator.board.Board._check_read_lines`); the exact check that follows uses `v_read` itself, so
+# a row exactly at the limit passes (docs/protocol.md "Line currents": equal passes)
 READ_MARGIN = 1e-9
 
 
@@ -582,14 +584,15 @@ def check_program_lines(limits: Limits, tile: str, g_plus: np.ndarray, g_minus: 
     """The row currents of a program's reads, from its checked float32 targets: the board reads
     a programmed tile back (write-verify, and the read-back of its report) one row at a time at
     `v_read`, so row ``i`` of each array carries ``v_read * sum_j G_ij``. Computed as the board
-    computes it from the targets (float64 sums, the read voltage with `READ_MARGIN`), so the host
-    refuses what the board would, before sending. One multiply when every device at the top of
-    the window passes (a tile within the declared limit at g_max), else one pass per array."""
+    computes it from the targets (float64 row sums, times `v_read`; a current equal to the limit
+    passes), so the host refuses what the board would, before sending. One multiply when every
+    device at the top of the window passes (a tile within the declared limit at g_max, with
+    `READ_MARGIN`), else one pass per array."""
     limit = limits.max_line_current_a
     if limit == math.inf or not g_plus.size:
         return
-    v = limits.v_read * (1.0 + READ_MARGIN)
-    if v * (g_plus.shape[1] * conductance_window(limits)[1]) <= limit:
+    v = limits.v_read
+    if v * (1.0 + READ_MARGIN) * (g_plus.shape[1] * conductance_window(limits)[1]) <= limit:
         return
     for side, g in (("G+", g_plus), ("G-", g_minus)):
         rows = g.astype(np.float64).sum(axis=1)

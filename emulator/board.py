@@ -586,10 +586,11 @@ class Board:
         if limit == math.inf:
             return
         tile = self.tile(name)
-        v = self.preset.periphery.v_read * (1.0 + READ_MARGIN)
-        if v * tile.line_ceiling() <= limit:  # whatever the tile holds or is written to
+        v = self.preset.periphery.v_read
+        bound = v * (1.0 + READ_MARGIN)  # the bounds wave through with a margin; the sums are exact
+        if bound * tile.line_ceiling() <= limit:  # whatever the tile holds or is written to
             return
-        if target is None and v * tile.line_sum_max() <= limit:
+        if target is None and bound * tile.line_sum_max() <= limit:
             return
         g = tile.state64(self.clock) if target is None else target.to(torch.float64)
         cur = v * g.sum(2)

@@ -234,3 +234,56 @@ def test_hil_info_shows_the_line_current_limit() -> None:
     with open_device("emulator://?preset=rram") as dev:
         text = "\n".join(describe(dev, "emulator://?preset=rram"))
     assert "line current  at most 0.002048 A on any tile line" in text
+
+
+# ---------------------------------------------------------------- reads exactly at the limit
+
+targets = st.lists(
+    st.floats(1e-6, 1e-5).map(lambda v: float(np.float32(v))), min_size=2 * 6 * 5, max_size=2 * 6 * 5
+).map(lambda v: np.array(v, np.float32).reshape(2, 6, 5))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(g=targets)
+def test_a_read_row_exactly_at_the_limit_passes_on_host_and_board_and_one_float_over_is_refused(
+    board: Board, g: np.ndarray
+) -> None:
+    """docs/protocol.md "Line currents": every current `<= max_line_current_a` (equal passes),
+    reads included. The row current of a program's reads (from its targets, host and board)
+    and of a read (the board, from what it holds) is ``v_read * sum_j G_ij`` with float64 row
+    sums; the limit set to exactly the largest passes everywhere, the float below it is refused
+    everywhere with the same current named. (A margin of 1e-9 on v_read refused a row at the
+    limit, and every row within 1e-9 below it.)"""
+    current = V_READ * float(g.astype(np.float64).sum(axis=2).max())
+    at = dataclasses.replace(LIMITS, max_line_current_a=current)
+    checks.check_program_lines(at, "W", g[0], g[1])  # the host: passes
+    _set_limit(board, current)
+    gt = torch.from_numpy(g)
+    board.program("W", gt[0], gt[1], verify=True, tol=None, max_iters=None)  # the board: passes
+    board.read_conductance("W")  # the ideal preset holds the targets exactly: the same rows
+    below = dataclasses.replace(LIMITS, max_line_current_a=_below(current))
+    with pytest.raises(LimitViolation) as host:
+        checks.check_program_lines(below, "W", g[0], g[1])
+    _set_limit(board, _below(current))
+    with pytest.raises(LimitViolation) as on_board:
+        board.read_conductance("W")
+    assert host.value.value == on_board.value.value == current
+    assert board.safety.violations == 0
+
+
+def test_a_program_whose_reads_are_exactly_at_the_limit_runs_through_the_scpi_server(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """Through the SCPI server over pyvisa-py TCP: a program whose largest read row is exactly
+    the declared limit passes the host's check and the board's, and the tile reads back."""
+    g = np.full((2, 6, 5), np.float32(7e-6), np.float32)
+    g[0, 2, :] = np.float32(1e-5)  # the G+ row 2: 5 devices at g_max
+    current = V_READ * float(g.astype(np.float64).sum(axis=2).max())
+    servers = emulated_board(f"emulator://?preset=ideal&seed=0&max_line_current_a={current!r}")
+    with open_device(servers.uri("visa-tcp")) as dev:
+        assert dev.info.limits.max_line_current_a == current
+        dev.configure(_topology(6, 5))
+        dev.program("W", g[0], g[1], verify=False)
+        gp, _ = dev.read_conductance("W")
+        np.testing.assert_array_equal(gp, g[0])
+        assert dev.safety().refused == 0 and dev.safety().violations == 0
