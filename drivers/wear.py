@@ -64,16 +64,21 @@ def endurance_refusal(
     side, rest = divmod(worst, total.shape[1] * total.shape[2])
     row, col = divmod(rest, total.shape[2])
     device = f"{'G+' if side == 0 else 'G-'} device ({row}, {col})"
+    # what to do instead, short enough for a SCPI error string (255 characters)
+    go_on = (
+        f"give it at most {endurance - had}, or use another tile or board" if had < endurance
+        else "give it 0 (spent: a program skips it), or use another tile or board"
+    )  # fmt: skip
     if session:
         limit = f"pulse endurance of tile {tile!r} (this session's pulses)"
         hint = (
             f"{device} was sent {had} pulses in this session and this {what} adds {after - had}; "
-            "nothing was sent"
+            f"nothing was sent: {go_on}"
         )
     else:
         limit = f"pulse endurance of tile {tile!r}"
         hint = (
             f"{device} has taken {had} pulses and this {what} adds {after - had}; nothing was applied: "
-            "use another tile or board"
+            f"{go_on}"
         )
     return LimitViolation(limit, float(after), endurance, hint)

@@ -47,7 +47,8 @@ def wear_lines(dev: Device) -> list[str]:
     """One ``wear`` line per configured tile of a board that declares a pulse endurance: the
     pulses of its most worn device (and their share of the endurance), the devices near the end
     (at ``near_from`` or more: a tenth of the endurance or less left) and the spent ones (none
-    left: a program of the tile is then refused). The command's help says what these mean."""
+    left: a pulse that asks one of them for a pulse is refused whole, a program of the tile skips
+    them and counts them in its report's `spent`). The command's help says what these mean."""
     if dev.info.limits.pulse_endurance is None:
         return []
     wear, why = _wear(dev)
@@ -181,8 +182,9 @@ def register(app: typer.Typer) -> None:
         its meter, who owns it, and, on a board that declares a pulse endurance, each tile's
         wear: the pulses its most worn device has taken (and their share of the endurance), its
         devices near the end (a tenth of the endurance or less left: a wear of at least the number
-        after >=) and spent (none left: a program of the tile, whose write pulses every device
-        once, is then refused). It only queries: nothing is configured or programmed, the
+        after >=) and spent (none left: a pulse that asks one of them for a pulse is refused
+        whole; a program of the tile still runs, skips them and counts them in its report's
+        `spent`). It only queries: nothing is configured or programmed, the
         board is not taken (as if `?lock=0`), and the lines are not driven to the safe state on
         close, so it can look at a board another host is using. On an emulator:// URI it shows
         a fresh emulated board. --json writes the same as one JSON object."""
