@@ -37,6 +37,7 @@ from drivers.checks import (
     check_trace_values,
     check_verify,
     check_wait,
+    conductance_window,
     settle_line_volts,
 )
 from drivers.converters import IDEAL_LSB_BITS, lsb
@@ -588,10 +589,15 @@ class Board:
         tile = self.tile(name)
         v = self.preset.periphery.v_read
         bound = v * (1.0 + READ_MARGIN)  # the bounds wave through with a margin; the sums are exact
-        if bound * tile.line_ceiling() <= limit:  # whatever the tile holds or is written to
-            return
-        if target is None and bound * tile.line_sum_max() <= limit:
-            return
+        if target is not None:
+            # a program is checked from its targets (docs/protocol.md "Line currents"), as the host
+            # checks it (`check_program_lines`): a row of targets at the window's top, not the
+            # devices' own ceiling (targets may lie a few float32 steps past it; the host refused
+            # such a program that this board took)
+            if bound * (target.shape[-1] * conductance_window(self.limits)[1]) <= limit:
+                return
+        elif bound * tile.line_ceiling() <= limit or bound * tile.line_sum_max() <= limit:
+            return  # whatever the tile holds, or by the conductances written
         g = tile.state64(self.clock) if target is None else target.to(torch.float64)
         cur = v * g.sum(2)
         k, i = divmod(int(torch.argmax(cur)), cur.shape[1])

@@ -32,6 +32,9 @@ opcode 0x24 WEAR, it has only what docs/protocol.md asks of such a board, error 
 board declares no pulse endurance and counts no wear"; a host does not ask it); its RESET keeps
 what docs/bringup.md's RESET and SAFE_STATE table says (topology cleared, epoch advanced, the
 record of request ids cleared, transaction tag and meter kept).
+It declares `max_line_current_a` (a full 512-device line at g_max read at v_read) and refuses
+(-222) an mvm whose driven or sensed line, a program whose read-back row (from its targets) or a
+read whose row would carry more, in float64 from its float32 conductances; equal passes.
 `FirmwareBoard(bug, lock=..., lease_s=...).start()` serves it on a free loopback port (`.uri`);
 `.stop()` ends it."""
 
@@ -82,6 +85,8 @@ LIM: dict[str, Any] = {
     "max_settle_steps": 100000, "max_pulses": 1000, "settle_step_s": 0.0, "max_verify_iters": 1000,
     "max_wait_s": 1e9, "max_gain": 100.0, "max_w_max": 1e4, "max_beta": 100.0, "max_drive": 1e6,
     "max_batch": 1024,
+    # a full line of the largest tile at g_max read at v_read (docs/protocol.md "Line currents")
+    "max_line_current_a": 512 * 1e-5 * 0.2,
 }  # fmt: skip
 F32 = np.float32
 
@@ -423,6 +428,21 @@ class Board:
             gm + self.rng.normal(0, 1e-8, gm.shape)
         ).astype(F32)
 
+    def _check_lines(
+        self, g: tuple[np.ndarray, np.ndarray], volts: np.ndarray, transpose: bool, what: str
+    ) -> None:
+        """docs/protocol.md "Line currents": G+ and G- each its own crossbar; driven line i carries
+        V_i sum_j G_ij, sensed line j sum_i V_i G_ij, in float64 from the float32 conductances and
+        the float64 volts (|x| v_read); each at most max_line_current_a, equal passes."""
+        limit = LIM["max_line_current_a"]
+        for side, gg in zip(("G+", "G-"), g, strict=True):
+            g64 = gg.astype(np.float64)
+            driven = volts * (g64.sum(axis=0) if transpose else g64.sum(axis=1))
+            sensed = g64 @ volts if transpose else volts @ g64
+            worst = max(float(driven.max(initial=0.0)), float(sensed.max(initial=0.0)))
+            if not worst <= limit:
+                raise self.refuse(f"line current {worst!r} A on {side} ({what}) over {limit!r} A")
+
     def op_program(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         tile, (rows, cols, _) = self._tile(meta)
         if meta.get("verify"):
@@ -440,6 +460,11 @@ class Board:
         for g in (gp, gm):
             if not np.all(np.isfinite(g)) or float(g.min()) < low or float(g.max()) > high:
                 raise self.refuse("conductance target outside [g_min, g_max]")
+        # the read-back reads one row at a time at v_read: from the targets, before anything is written
+        for side, g in (("G+", gp), ("G-", gm)):
+            row = LIM["v_read"] * float(g.astype(np.float64).sum(axis=1).max(initial=0.0))
+            if not row <= LIM["max_line_current_a"]:
+                raise self.refuse(f"line current {row!r} A on a {side} row (the reads of a program)")
         self.g[tile] = tuple(  # type: ignore[assignment]
             np.clip(g + self.rng.normal(0, 4.5e-8, g.shape), LIM["g_min"], LIM["g_max"]).astype(F32)
             for g in (gp, gm)
@@ -454,6 +479,10 @@ class Board:
 
     def op_read_conductance(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         tile, _ = self._tile(meta)
+        for side, g in zip(("G+", "G-"), self.g[tile], strict=True):  # a read drives a row at v_read
+            row = LIM["v_read"] * float(g.astype(np.float64).sum(axis=1).max(initial=0.0))
+            if not row <= LIM["max_line_current_a"]:
+                raise self.refuse(f"line current {row!r} A on a {side} row (a read)")
         rp, rm = self._read(tile)
         return message({}, (("g_plus", rp), ("g_minus", rm)))
 
@@ -467,6 +496,8 @@ class Board:
             raise self.refuse("batch > max_batch")
         if not np.all(np.isfinite(x)) or float(np.abs(x).max(initial=0)) * LIM["v_read"] > LIM["v_read_max"]:
             raise self.refuse("mvm input beyond clamp_max")
+        volts = np.abs(x).max(axis=0, initial=0.0).astype(np.float64) * LIM["v_read"]
+        self._check_lines(self.g[tile], volts, transpose, "mvm")
         gp, gm = self._read(tile)
         self.line_v = float(np.abs(x[-1]).max(initial=0)) * LIM["v_read"]  # the last row stays held
         w = w_max * (gp.astype(np.float64) - gm) / (LIM["g_max"] - LIM["g_min"])

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from drivers import checks, open_device
-from drivers.base import Limits
+from drivers.base import Device, Limits
 from drivers.errors import LimitViolation, ProtocolError
 from drivers.topology import Coupling, Topology
 from drivers.wire import payload as pl
@@ -287,3 +287,67 @@ def test_a_program_whose_reads_are_exactly_at_the_limit_runs_through_the_scpi_se
         gp, _ = dev.read_conductance("W")
         np.testing.assert_array_equal(gp, g[0])
         assert dev.safety().refused == 0 and dev.safety().violations == 0
+
+
+# ------------------------------------------- host, emulator board and reference firmware agree
+
+
+@pytest.fixture(scope="module")
+def firmware() -> Iterator[tuple[Device, Board]]:
+    """The reference firmware (tests/fw_reference_board.py, written from docs/protocol.md alone)
+    over its framed TCP server, configured with a 1 x 512 tile, and an emulator board with the
+    firmware's limits: a full row of 512 devices at g_max read at v_read is its declared limit."""
+    from tests.fw_reference_board import LIM, FirmwareBoard
+
+    fw = FirmwareBoard().start()
+    try:
+        with open_device(fw.uri) as dev:
+            dev.configure(_topology(1, 512))
+            board = _board(LIM["max_line_current_a"])
+            board.configure(_topology(1, 512))
+            yield dev, board
+    finally:
+        fw.stop()
+
+
+near_g_max = st.lists(st.integers(-4, 4), min_size=512, max_size=512).map(
+    lambda k: (np.float32(G_MAX) + np.array(k, np.float32) * np.spacing(np.float32(G_MAX))).astype(np.float32)
+)
+
+
+_STEP = np.spacing(np.float32(G_MAX))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=near_g_max)
+@example(row=np.full(512, np.float32(G_MAX), np.float32))  # under: float32(1e-5) < 1e-5
+@example(row=np.full(512, np.float32(G_MAX) + _STEP, np.float32))  # over by 512 steps
+def test_host_emulator_board_and_reference_firmware_agree_on_a_read_row_near_the_limit(
+    firmware: tuple[Device, Board], row: np.ndarray
+) -> None:
+    """A program of a 1 x 512 tile whose row, read at v_read, carries about the declared limit
+    (devices a few float32 steps around g_max): the host's check, the emulator board's and the
+    reference firmware's (through its framed server, the host check skipped) take the same
+    decision, and the firmware refuses with -222 exactly when the row is over the limit."""
+    dev, board = firmware
+    limits = dev.info.limits
+    g = row.reshape(1, 512)
+    low = np.full((1, 512), np.float32(limits.g_min), np.float32)
+    current = V_READ * float(g.astype(np.float64).sum())
+    over = current > limits.max_line_current_a
+
+    def refused(fn: Callable[[], object]) -> bool:
+        try:
+            fn()
+        except LimitViolation:
+            return True
+        return False
+
+    host = refused(lambda: checks.check_program_lines(limits, "W", g, low))
+    gt, lt = torch.from_numpy(g), torch.from_numpy(low)
+    on_board = refused(lambda: board.program("W", gt, lt, verify=True, tol=None, max_iters=None))
+    before = dev.safety().refused
+    request = pl.program_request("W", g, low, False, None, 10)
+    on_fw = refused(lambda: dev.send_unchecked(Op.PROGRAM, request))  # type: ignore[attr-defined]
+    assert host == on_board == on_fw == over
+    assert dev.safety().refused == before + int(over)
