@@ -351,3 +351,50 @@ def test_host_emulator_board_and_reference_firmware_agree_on_a_read_row_near_the
     on_fw = refused(lambda: dev.send_unchecked(Op.PROGRAM, request))  # type: ignore[attr-defined]
     assert host == on_board == on_fw == over
     assert dev.safety().refused == before + int(over)
+
+
+# ------------------------------------------------ the board checks what its DACs drive
+
+
+@pytest.fixture(scope="module")
+def rram_board() -> Board:
+    b = Board(get_preset("rram"), seed=0)  # DACs with per-channel gain errors up to 1.5 %, 8 bits
+    b.configure(_topology(6, 5))
+    return b
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    x=st.lists(st.floats(0.0625, 1.0, width=32), min_size=6, max_size=6),
+    g=st.lists(st.floats(2e-6, 9e-6).map(lambda v: float(np.float32(v))), min_size=60, max_size=60),
+)
+def test_an_mvm_the_board_runs_never_drives_a_line_past_the_limit_at_its_dacs_output(
+    rram_board: Board, x: list[float], g: list[float]
+) -> None:
+    """The limit set to exactly the current of the request's own inputs (what the host and the
+    old board computed): the board runs the mvm only if the currents at its DACs' output (gain
+    error, rounding: what the lines carry) are within it, else refuses it (-222, refused + 1,
+    nothing driven). Before, it checked the request and drove up to 1.5 % more."""
+    b = rram_board
+    _set_limit(b, 1.0)
+    gg = torch.tensor(g, dtype=torch.float32).reshape(2, 6, 5)
+    b.program("W", gg[0], gg[1], verify=False, tol=None, max_iters=None)
+    xt = torch.tensor(x, dtype=torch.float32).reshape(1, 6)
+    v_read = b.preset.periphery.v_read
+
+    def current(inputs: torch.Tensor) -> float:
+        volts = inputs.abs().amax(0).double() * v_read
+        return max(float(c.max()) for c in b.line_currents("W", volts, False))
+
+    asked, driven = current(xt), current(b.dac_convert(xt, 0, signed=True))
+    _set_limit(b, asked)
+    refused, calls = b.safety.refused, b.mvm_calls
+    if driven <= asked:
+        b.mvm("W", xt)
+        assert b.mvm_calls == calls + 1
+    else:
+        with pytest.raises(LimitViolation, match="at the DACs' output") as err:
+            b.mvm("W", xt)
+        assert err.value.value == driven
+        assert (b.safety.refused, b.mvm_calls) == (refused + 1, calls)
+    assert b.safety.violations == 0
