@@ -639,8 +639,14 @@ class Board:
         tiles = [self.tile(c.tile) for c in self.topology.couplings]
         if all(v_max * t.line_sum_max() <= limits.max_line_current_a for t in tiles):
             return  # every line at v_read_max, by the conductances written (one bound a write)
-        lo, hi = self.preset.periphery.state_range
+        per = self.preset.periphery
+        lo, hi = per.state_range
         free = max(abs(lo), abs(hi))
+        if per.dac_bits is None and not self.dac_errors.exact:
+            # a free node is driven through its DAC (`dac_convert`): quantised, it saturates at
+            # the state range; unquantised with gain errors, only at its rails (clamp_max), so a
+            # node at the top of the range drives up to that (20 % gain: 1.25, not 1.0)
+            free = self.limits.clamp_max
 
         def driven(g: str, x: torch.Tensor) -> float:
             """A clamp's peak at its DACs' output (gain errors and rounding: what its lines carry)."""

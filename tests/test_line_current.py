@@ -398,3 +398,29 @@ def test_an_mvm_the_board_runs_never_drives_a_line_past_the_limit_at_its_dacs_ou
         assert err.value.value == driven
         assert (b.safety.refused, b.mvm_calls) == (refused + 1, calls)
     assert b.safety.violations == 0
+
+
+def test_a_settle_bounds_free_nodes_by_what_an_unquantised_dac_with_gain_errors_drives() -> None:
+    """A free node is written back through its DAC: an 8-bit one saturates at the state range,
+    an unquantised one with gain errors only at its rails (clamp_max). With 20 % gain error a
+    node at state 1.0 drives 1.25 (the board's own `dac_convert`), so a settle whose lines meet
+    the limit with free nodes at 1.0 would carry up to 25 % more: the board refuses it, and runs
+    it once the limit covers the nodes at their rails."""
+    preset = get_preset("rram")
+    per = dataclasses.replace(preset.periphery, dac_bits=None, gain_error=0.2)
+    b = Board(dataclasses.replace(preset, periphery=per), seed=0)
+    b.configure(_topology(6, 5))
+    g = torch.full((2, 6, 5), float(np.float32(9e-6)))
+    b.program("W", g[0], g[1], verify=False, tol=None, max_iters=None)
+    top = float(b.dac_convert(torch.ones(1, 64), 0).max())
+    assert top == b.limits.clamp_max == 1.25  # what a free node at 1.0 can drive
+    v, col = per.v_read, float(b.tile("W").state64(b.clock).sum(1).max())  # G+ and G- columns
+    # the largest line with free nodes at 1.0: a free column driven, its 6 devices
+    _set_limit(b, 1.0 * v * col)
+    refused = b.safety.refused
+    with pytest.raises(LimitViolation, match=r"column \d of 'W'.*settle"):
+        b.settle({"a": torch.full((1, 6), 0.5)})
+    assert b.safety.refused == refused + 1
+    _set_limit(b, top * v * col * (1 + 1e-9))
+    b.settle({"a": torch.full((1, 6), 0.5)})
+    assert b.safety.violations == 0
