@@ -502,11 +502,13 @@ class Board:
         self._check_batch(f"mvm input to {name!r}", int(x.shape[0]))
         c = self.topology.coupling(name)
         tile = self.tile(name)
-        # the lines are checked at what the DACs drive, not at the request: a DAC's gain error and
-        # its rounding put up to ~1.5 % more on a line (rram), past a limit the request met
+        # the lines are checked at the request (docs/protocol.md) and at what the DACs drive,
+        # whichever is larger per line: a DAC's gain error and its rounding put up to ~1.5 % more
+        # on a line (rram), past a limit the request met
         xd = self.dac_convert(x, 0, signed=True)
         if not self._lines_within_at_any_drive(name):  # a DAC's output is within clamp_max
-            self._check_lines(name, [(self._input_volts(xd), transpose)], "mvm, at the DACs' output")
+            volts = torch.maximum(self._input_volts(x), self._input_volts(xd))
+            self._check_lines(name, [(volts, transpose)], "mvm, inputs as asked and as the DACs drive them")
         self._count_dac_violation(xd)
         w = self._weights(c)
         y = xd @ (w.T if transpose else w)
@@ -649,8 +651,11 @@ class Board:
             free = self.limits.clamp_max
 
         def driven(g: str, x: torch.Tensor) -> float:
-            """A clamp's peak at its DACs' output (gain errors and rounding: what its lines carry)."""
-            return float(self.dac_convert(x, self._channel[g]).abs().max()) if x.numel() else 0.0
+            """A clamp's peak as asked or at its DACs' output (gain errors and rounding: what its
+            lines carry), whichever is larger."""
+            if not x.numel():
+                return 0.0
+            return max(float(x.abs().max()), float(self.dac_convert(x, self._channel[g]).abs().max()))
 
         peaks = {g: driven(g, x) for g, x in clamp.items()}
         for g, x in init.items():

@@ -372,9 +372,10 @@ def test_an_mvm_the_board_runs_never_drives_a_line_past_the_limit_at_its_dacs_ou
     rram_board: Board, x: list[float], g: list[float]
 ) -> None:
     """The limit set to exactly the current of the request's own inputs (what the host and the
-    old board computed): the board runs the mvm only if the currents at its DACs' output (gain
-    error, rounding: what the lines carry) are within it, else refuses it (-222, refused + 1,
-    nothing driven). Before, it checked the request and drove up to 1.5 % more."""
+    old board computed): the board runs the mvm only if the currents with each line at the
+    larger of its input and its DAC's output (gain error, rounding: what the line carries) are
+    within it, else refuses it (-222, refused + 1, nothing driven). Before, it checked the
+    request and drove up to 1.5 % more."""
     b = rram_board
     _set_limit(b, 1.0)
     gg = torch.tensor(g, dtype=torch.float32).reshape(2, 6, 5)
@@ -386,14 +387,15 @@ def test_an_mvm_the_board_runs_never_drives_a_line_past_the_limit_at_its_dacs_ou
         volts = inputs.abs().amax(0).double() * v_read
         return max(float(c.max()) for c in b.line_currents("W", volts, False))
 
-    asked, driven = current(xt), current(b.dac_convert(xt, 0, signed=True))
+    xd = b.dac_convert(xt, 0, signed=True)
+    asked, driven = current(xt), current(torch.maximum(xt.abs(), xd.abs()))  # each line's larger
     _set_limit(b, asked)
     refused, calls = b.safety.refused, b.mvm_calls
     if driven <= asked:
         b.mvm("W", xt)
         assert b.mvm_calls == calls + 1
     else:
-        with pytest.raises(LimitViolation, match="at the DACs' output") as err:
+        with pytest.raises(LimitViolation, match="as the DACs drive them") as err:
             b.mvm("W", xt)
         assert err.value.value == driven
         assert (b.safety.refused, b.mvm_calls) == (refused + 1, calls)
