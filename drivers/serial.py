@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import socket
-import threading
 import time
 from typing import Any, ClassVar
 
@@ -51,10 +50,6 @@ DEFAULT_BAUD = 115200
 DEFAULT_TIMEOUT_S = 10.0
 POLL_S = 0.05
 READ_SIZE = 1 << 16
-# a host that owns a board over a serial line (which has no close the board could see) sends a
-# keep-alive PING when it has sent nothing for this share of its lease (docs/protocol.md,
-# "Ownership": the board takes a serial line silent for a whole lease as a host that died)
-KEEPALIVE_SHARE = 1 / 3
 _ERROR = int(Flag.ERROR)  # a plain int: IntFlag arithmetic costs a microsecond per reply
 
 
@@ -95,10 +90,6 @@ class SerialDevice(RemoteDevice):
         self._heard = bytearray()  # the first bytes received on this connection (a wrong port's)
         self._frames0 = 0  # stats.frames_received and crc_errors when this connection opened
         self._crc0 = 0
-        self._sent_at = time.monotonic()  # when this host last wrote to the link
-        self.keepalives = 0  # keep-alive PINGs sent (an owner idle on a serial line)
-        self._keepalive: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     @property
     def timeout(self) -> float:
@@ -173,43 +164,12 @@ class SerialDevice(RemoteDevice):
         self._link.holds_responses = True
         self._apply_hello(self._link, self.board_hello)
 
-    def open(self) -> SerialDevice:
-        super().open()
-        if self._owns and self._sock is None and self._keepalive is None:
-            # a serial line: the board sees this host gone only by its silence; keep it talking
-            self._keepalive = threading.Thread(
-                target=self._keep_alive, name=f"keepalive-{self.name}", daemon=True
-            )
-            self._keepalive.start()
-        return self
+    def _serial_line(self) -> bool:
+        return self._sock is None  # serial:// (serial+socket:// is a TCP connection)
 
-    def _keep_alive(self) -> None:
-        """While this host owns the board: a PING when nothing was sent for KEEPALIVE_SHARE of
-        the lease (skipped while an operation holds the link: that one talks for it). A PING
-        that fails leaves the link to be opened again by the next operation."""
-        while True:
-            lease = self.owner_lease_s or LEASE_MIN_S
-            every = lease * KEEPALIVE_SHARE
-            if self._stopping.wait(max(every - (time.monotonic() - self._sent_at), POLL_S)):
-                return
-            if time.monotonic() - self._sent_at < every or not self.lock.acquire(blocking=False):
-                continue
-            try:
-                if self._closed or self._stopping.is_set():
-                    return
-                if self._owns and not self._broken and self._link is not None:
-                    try:
-                        self._exchange(LinkOp.PING, b"")
-                        self.keepalives += 1
-                    except DeviceError as exc:
-                        self._broken = True  # the next operation reconnects (and says why if it cannot)
-                        log.info("%s: keep-alive failed: %s", self.name, exc)
-            finally:
-                self.lock.release()
-
-    def close_link(self) -> None:
-        self._stopping.set()
-        super().close_link()
+    def _send_keepalive(self) -> None:
+        if self._link is not None:
+            self._exchange(LinkOp.PING, b"")
 
     def _apply_hello(self, link: Link, board: Any) -> None:
         """What the board's HELLO reply binds this session to: a response is taken as the

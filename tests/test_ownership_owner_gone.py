@@ -254,3 +254,47 @@ def test_a_host_killed_on_a_serial_line_leaves_its_board_safe_and_then_free(
     # the next host on the line takes the board and finds the dead one's open transaction
     with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("serial-pty")) as dev:
         assert dev.owns and dev.status().transaction == "update-7"
+
+
+def test_a_host_killed_on_an_scpi_serial_line_leaves_its_board_safe_and_then_free(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """SCPI over a serial line (VISA ASRL, the emulator's SCPI pty) has no close the board could
+    see either: a host killed on it kept the board locked and its lines driven for ever. Now the
+    SCPI server takes a line silent for the owner's lease as closed (`BoardLock.silence`, as the
+    framed server does), and a VisaDevice that owns the board over ASRL sends a keep-alive
+    ``*OPC?`` after a third of its lease without a message, so a live idle owner keeps it."""
+    s = emulated_board(BOARD)
+    calls = _count_safe_states(s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    host = subprocess.Popen(
+        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri("visa-asrl", lease="1")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert host.stdout is not None
+        token = host.stdout.readline().strip()
+        assert token
+        # alive and idle for three leases: its keep-alives hold the board
+        assert not until(lambda: len(calls) > 0, 3.0), "the board made a live, idle owner's board safe"
+        assert s.lock is not None and s.lock.owner_gone == 0
+        owner = s.lock.state()
+        assert owner.token == token and owner.connections == 1 and owner.lapses_in is None
+    finally:
+        killed = time.monotonic()
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        host.stdout.close()  # type: ignore[union-attr]
+    # silent for its lease (1 s, from its last message, a third of it or a little more before
+    # the kill on busy cores): the board makes itself safe, and keeps the lock one lease more
+    assert until(lambda: len(calls) == 1, 3.0), "a host killed on an SCPI serial line left its board driven"
+    assert 0.4 < calls[0] - killed < 2.5 and s.lock.owner_gone == 1
+    owner = s.lock.state()
+    assert owner.token in (token, None) and owner.connections == 0
+    assert until(lambda: s.lock.state().token is None, 3.0), "an SCPI serial line kept a dead host's board"
+    assert len(calls) == 1
+    # the next host on the line takes the board and finds the dead one's open transaction
+    with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("visa-asrl")) as dev:
+        assert dev.owns and dev.status().transaction == "update-7"

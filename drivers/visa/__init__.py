@@ -230,8 +230,19 @@ class VisaDevice(RemoteDevice):
 
     def _io(self, what: str) -> IoErrors:
         """A context manager turning VISA, socket and parse errors during `what` into
-        DeviceTimeout / ProtocolError (a class, not a generator: it wraps every transaction)."""
+        DeviceTimeout / ProtocolError (a class, not a generator: it wraps every transaction,
+        each of which writes: the keep-alive's clock starts again here)."""
+        self._sent_at = time.monotonic()
         return IoErrors(self, what)
+
+    def _serial_line(self) -> bool:
+        return self.resource_name.upper().startswith("ASRL")
+
+    def _send_keepalive(self) -> None:
+        """``*OPC?``: a query that only reads (`scpi.RAW_ALLOWED`), answered ``1`` at once."""
+        reply = self._query_text(scpi.OPC_Q)
+        if reply.strip() != "1":
+            raise ProtocolError(f"{self.name}: keep-alive {scpi.OPC_Q} answered {reply[:40]!r}, expected '1'")
 
     # -- SCPI plumbing
     def _send(self, text: str, values: np.ndarray | None = None, tail: str = "") -> None:

@@ -88,6 +88,12 @@ from drivers.wire.payload import (
 
 log = logging.getLogger("drivers.wire")
 
+# a host that owns a board over a serial line (which has no close the board could see) sends a
+# keep-alive when it has sent nothing for this share of its lease (docs/protocol.md,
+# "Ownership": the board takes a serial line silent for a whole lease as a host that died)
+KEEPALIVE_SHARE = 1 / 3
+KEEPALIVE_POLL_S = 0.05  # the keep-alive thread's shortest wait
+
 
 def _summary(request: Message) -> str:
     """A request for the log: its fields (long values cut) and its arrays' shapes."""
@@ -291,6 +297,10 @@ class RemoteDevice(Device):
         self.lock_token = owner_token()  # presented on every (re)connect while this host owns the board
         self._owns = False  # this host took the board (and presents its token after a reconnect)
         self.owner_lease_s: float | None = None  # the lease the board gave this host's lock
+        self._sent_at = time.monotonic()  # when this host last wrote to the link (the keep-alive's clock)
+        self.keepalives = 0  # keep-alives sent (an owner idle on a serial line)
+        self._keepalive: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- what a transport provides
     @abstractmethod
@@ -304,6 +314,50 @@ class RemoteDevice(Device):
     @abstractmethod
     def _call(self, op: Op, request: Message) -> Message:
         """One complete transaction; raise `drivers.errors` exceptions."""
+
+    def _serial_line(self) -> bool:
+        """Whether the link is a serial line, which has no close the board could see: the board
+        takes it silent for the owner's lease as a host that died, so this host keeps it
+        talking while it owns the board (`_keep_alive`). False for a transport over TCP."""
+        return False
+
+    def _send_keepalive(self) -> None:
+        """One keep-alive exchange that changes nothing on the board (the device lock held);
+        raise `drivers.errors` exceptions. Transports whose `_serial_line` can be True
+        provide it."""
+        raise NotImplementedError(f"{type(self).__name__} has no keep-alive for a serial line")
+
+    def _start_keepalive(self) -> None:
+        """Once this host owns the board over a serial line: the keep-alive thread."""
+        if self._owns and self._keepalive is None and not self._stopping.is_set() and self._serial_line():
+            self._keepalive = threading.Thread(
+                target=self._keep_alive, name=f"keepalive-{self.name}", daemon=True
+            )
+            self._keepalive.start()
+
+    def _keep_alive(self) -> None:
+        """While this host owns the board: a keep-alive (`_send_keepalive`) when nothing was
+        sent for KEEPALIVE_SHARE of the lease (skipped while an operation holds the device
+        lock: that one talks for it). One that fails leaves the link to be opened again by the
+        next operation."""
+        while True:
+            every = (self.owner_lease_s or LEASE_MIN_S) * KEEPALIVE_SHARE
+            if self._stopping.wait(max(every - (time.monotonic() - self._sent_at), KEEPALIVE_POLL_S)):
+                return
+            if time.monotonic() - self._sent_at < every or not self.lock.acquire(blocking=False):
+                continue
+            try:
+                if self._closed or self._stopping.is_set():
+                    return
+                if self._owns and not self._broken and self._info is not None:
+                    try:
+                        self._send_keepalive()
+                        self.keepalives += 1
+                    except DeviceError as exc:
+                        self._broken = True  # the next operation reconnects (and says why if it cannot)
+                        log.info("%s: keep-alive failed: %s", self.name, exc)
+            finally:
+                self.lock.release()
 
     def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
         """The error to raise at once (no retry) when the first open attempt failed with `exc`
@@ -392,6 +446,7 @@ class RemoteDevice(Device):
             raise self._no_lease(owner.lease_s)
         self._owns = True
         self.owner_lease_s = owner.lease_s
+        self._start_keepalive()
 
     def _no_lease(self, kept: float | None) -> ConfigurationError:
         has = "" if kept is None else f" (it keeps its own {kept:g} s)"
@@ -860,6 +915,7 @@ class RemoteDevice(Device):
     def close_link(self) -> None:
         """Close the link without `close`'s safe state: for a session that only looked at a
         board another host drives (`hil info`), whose lines it must not drive to 0 V."""
+        self._stopping.set()  # the keep-alive thread ends
         with self.lock:
             if not self._closed:
                 try:

@@ -296,7 +296,7 @@ class BoardLock:
         `quiet_s` seconds: once that is the owner's lease, it counts as closed (a host that died
         on a serial line sends no FIN): the board applies its safe state and the lease runs, as
         when the last connection of a TCP owner closes. Host drivers that own a board over a
-        serial line send a keep-alive (framed PING) well within the lease, so only a host that
+        serial line send a keep-alive (framed PING, SCPI `*OPC?`) well within the lease, so only a host that
         is gone falls silent; one that speaks again within the lease presents its token again."""
         if session.silent or session.token is None:
             return

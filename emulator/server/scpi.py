@@ -11,6 +11,7 @@ import math
 import re
 import socket
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -864,6 +865,10 @@ class ScpiServer(EndpointServer):
         throttle = ErrorThrottle()
         served = 0
         backlog = False  # complete messages may wait in the splitter (the allowance ran out)
+        # a serial line never closes: a host that died on it is seen by its silence (the
+        # owner's lease without a byte; `BoardLock.silence`), as on the framed server's pty
+        serial_line = conn.lock is not None and not closable(stream)
+        quiet_since = time.monotonic()
         while not stopping.is_set():
             wait = throttle.charge(conn.session.errors_pushed - conn.errors_charged)
             conn.errors_charged = conn.session.errors_pushed
@@ -871,10 +876,17 @@ class ScpiServer(EndpointServer):
                 if throttle.kick and closable(stream):
                     return
                 throttle.hold(wait, stopping)
+                quiet_since = time.monotonic()  # not read meanwhile: no silence of the host's
                 continue
             data = b"" if backlog else stream.read(POLL_S)
             if not data and not backlog:
+                owner = conn.session.lock
+                if serial_line and owner is not None and owner.token is not None:
+                    owner.lock.silence(owner, time.monotonic() - quiet_since)
                 continue
+            if data and conn.session.lock is not None:
+                quiet_since = time.monotonic()
+                conn.session.lock.heard()  # a silent session presents its token again
             backlog = False
             for answer in conn.respond(data):
                 if answer.fault in HANG_UPS:
@@ -893,3 +905,4 @@ class ScpiServer(EndpointServer):
                 if throttle.spent(conn.session.errors_pushed - conn.errors_charged):
                     backlog = True  # the rest of what it sent waits until its allowance refills
                     break
+            quiet_since = time.monotonic()  # a long request is no silence of the host's
