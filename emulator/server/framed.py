@@ -21,7 +21,14 @@ from drivers.wire.link import Abandoned, Link, MessageTooLarge, ack_hold, smalle
 from drivers.wire.payload import LOCK_OPS, Op
 from emulator.server.dispatch import ReplayCache, execute, guard, reboot
 from emulator.server.faults import HANG_UPS, REBOOTS, FaultPlan, FaultyStream, closable
-from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.links import (
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    POLL_S,
+    EndpointServer,
+    Stream,
+    keepalive_within,
+)
 from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
 
@@ -78,7 +85,10 @@ class FramedServer(EndpointServer):
         self.cache = cache or ReplayCache()
         self.max_message = max_message
         guard(device, lock)  # the board makes itself safe when its owner is gone
-        super().__init__(max_connections, idle_timeout_s)
+        # a TCP owner that lost power (no FIN) is dropped within about the lease: its lease runs
+        super().__init__(
+            max_connections, idle_timeout_s, keepalive_within(None if lock is None else lock.lease_s)
+        )
         self.links: list[Link] = []  # the links of open connections (and ptys)
         self._links_lock = threading.Lock()
         self._closed_injected: Counter[str] = Counter()  # frame faults of the links already closed

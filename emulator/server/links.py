@@ -39,6 +39,11 @@ WRITE_TIMEOUT_S = 30.0  # a peer that reads none of a reply for this long is dis
 # never). An hour: a notebook's VISA session left open over lunch survives, a peer that
 # opened 16 connections and went quiet frees the slots the same afternoon
 IDLE_TIMEOUT_S = 3600.0
+# TCP keepalive on every accepted connection: a peer that vanished without a FIN (it lost
+# power, its cable or its network) is found dead within about this many seconds (the board's
+# lease for a server of a board with ownership), not only at the idle timeout
+KEEPALIVE_S = 15.0
+KEEPALIVE_PROBES = 3  # unanswered probes before the kernel drops the connection
 # after refusing a connection over the cap the accept loop waits this long: peers retrying in
 # a tight loop then wait in the kernel's listen backlog instead of costing a refusal each
 REFUSAL_PACE_S = 0.05
@@ -202,6 +207,31 @@ class PtyStream:
             os.close(self.master)
 
 
+def keepalive_within(lease_s: float | None) -> float:
+    """How soon a server drops a TCP peer gone without a FIN: within the board's lease (None: a
+    board without ownership, KEEPALIVE_S), at least a second (the options are whole seconds)."""
+    return KEEPALIVE_S if lease_s is None else max(lease_s, 1.0)
+
+
+def tcp_keepalive(conn: socket.socket, within_s: float) -> dict[str, int]:
+    """Turn on TCP keepalive on `conn`, sized so that a peer gone without a FIN is dropped
+    within about `within_s` seconds: the first probe after a third of it idle, then
+    KEEPALIVE_PROBES probes two ninths of it apart (whole seconds, at least 1 each). Where the
+    platform lacks an option (TCP_KEEPIDLE: Linux, Windows; TCP_KEEPALIVE: macOS) its
+    default stays. The options set, by name."""
+    idle = max(1, round(within_s / 3))
+    interval = max(1, round(within_s * 2 / 9))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    done = {"SO_KEEPALIVE": 1}
+    idle_opt = "TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE"
+    for name, value in ((idle_opt, idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            conn.setsockopt(socket.IPPROTO_TCP, opt, value)
+            done[name] = value
+    return done
+
+
 def _serve(handler: Handler, stream: Stream, stopping: threading.Event) -> None:
     try:
         handler(stream, stopping)
@@ -223,9 +253,11 @@ class TcpListener:
         gate: Gate | None = None,
         refuse: Refuse = _refuse_silently,
         idle_timeout: float | None = IDLE_TIMEOUT_S,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.handler = handler
         self.idle_timeout = idle_timeout
+        self.keepalive_s = keepalive_s  # TCP keepalive on accepted connections (`tcp_keepalive`)
         self.gate = gate or Gate()
         self.refuse = refuse
         self.failures = 0  # connections that could not be set up (closed, not served)
@@ -270,6 +302,7 @@ class TcpListener:
                 conn.close()
             return False
         try:
+            tcp_keepalive(conn, self.keepalive_s)
             stream = SocketStream(conn, self.idle_timeout)
             with self._streams_lock:
                 self._streams.add(stream)
@@ -332,10 +365,15 @@ class EndpointServer(ABC):
     stream to the server's `_handler`, and closing them all. Use as a context manager."""
 
     def __init__(
-        self, max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float | None = IDLE_TIMEOUT_S
+        self,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         if idle_timeout_s is not None and not 0 < idle_timeout_s < float("inf"):
             raise ValueError(f"idle_timeout_s must be positive seconds or None (never), got {idle_timeout_s}")
+        # a TCP peer gone without a FIN is dropped within about this (`tcp_keepalive`)
+        self.keepalive_s = keepalive_s
         self.listeners: list[TcpListener] = []
         self.ptys: list[PtyEndpoint] = []
         self.gate = Gate(max_connections)
@@ -351,7 +389,13 @@ class EndpointServer(ABC):
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         listener = TcpListener(
-            self._handler, host, port, gate=self.gate, refuse=self._refuse, idle_timeout=self.idle_timeout_s
+            self._handler,
+            host,
+            port,
+            gate=self.gate,
+            refuse=self._refuse,
+            idle_timeout=self.idle_timeout_s,
+            keepalive_s=self.keepalive_s,
         )
         self.listeners.append(listener)
         return listener.address

@@ -27,7 +27,14 @@ from drivers.wire.payload import Message, Op
 from drivers.wire.scpi import MAX_LINE, Param, ParseError, Unit, parse_message
 from emulator.server.dispatch import ReplayCache, execute, guard, reboot
 from emulator.server.faults import HANG_UPS, REBOOTS, FaultPlan, FaultyStream, closable
-from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS, POLL_S, EndpointServer, Stream
+from emulator.server.links import (
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    POLL_S,
+    EndpointServer,
+    Stream,
+    keepalive_within,
+)
 from emulator.server.ownership import BoardLock, LockSession
 from emulator.server.throttle import ErrorThrottle
 
@@ -842,7 +849,10 @@ class ScpiServer(EndpointServer):
         self.cache = cache or ReplayCache()
         self.max_block = max_block
         guard(device, lock)  # the board makes itself safe when its owner is gone
-        super().__init__(max_connections, idle_timeout_s)
+        # a TCP owner that lost power (no FIN) is dropped within about the lease: its lease runs
+        super().__init__(
+            max_connections, idle_timeout_s, keepalive_within(None if lock is None else lock.lease_s)
+        )
 
     def _refuse(self, conn: socket.socket) -> None:
         """A connection over the cap reads one error line, then the server closes it."""
