@@ -265,6 +265,8 @@ def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
     executor = RayExecutor([Board(board, uri)], stop_grace_s=20.0)
     assert executor.placement[board]["node"] == ray_cluster[board]
 
+    stopped_at: list[float] = []
+
     def interrupt_mid_trial(e: TrialEvent) -> None:
         if e.kind != "start":
             return
@@ -272,19 +274,22 @@ def test_a_trial_stopped_mid_run_leaves_its_board_safe_and_free(
         while sum(c in ("settle", "mvm") for c in calls) < 20:  # the trial trains on the board
             assert time.monotonic() < deadline, f"the trial did not start within 60 s: {calls[-5:]}"
             time.sleep(0.05)
+        stopped_at.append(time.monotonic())
         if stop == "sigterm":
             os.kill(executor.placement[board]["pid"], signal.SIGTERM)
         else:
             raise KeyboardInterrupt  # the driver's Ctrl-C
 
-    t0 = time.monotonic()
     try:
         stopped = (SweepError, "every board was lost") if stop == "sigterm" else (KeyboardInterrupt, None)
         with pytest.raises(stopped[0], match=stopped[1]):
             run_sweep(load_spec(spec), tmp_path / "sweep", executor, on_event=interrupt_mid_trial)
     finally:
         executor.close()
-    assert time.monotonic() - t0 < 60 and not executor.actors and not executor.busy
+    # stopped within the grace period (and the actor's end), not after the trial's 200 epochs:
+    # timed from the stop, so a loaded machine's slow start (ray, the actor, the trial) is not counted
+    assert time.monotonic() - stopped_at[0] < 40, time.monotonic() - stopped_at[0]
+    assert not executor.actors and not executor.busy
     with guard:
         last_work = max(i for i, c in enumerate(calls) if c != "safe_state")
         assert "safe_state" in calls[last_work:], calls[-5:]  # made safe after its last operation
