@@ -126,22 +126,36 @@ def check_trace(limits: Limits, trace: object) -> int:
 
 
 def as_batch(
-    name: str, value: object, n: int, batch: int | None = None, limits: Limits | None = None
+    name: str,
+    value: object,
+    n: int,
+    batch: int | None = None,
+    limits: Limits | None = None,
+    copy: bool = True,
 ) -> np.ndarray:
-    """Return a C-contiguous float32 (batch, n) array (a view where possible), refusing NaN and
-    infinities and, with `limits`, states beyond the read-voltage limit."""
-    return batch_and_peak(name, value, n, batch, limits)[0]
+    """Return a C-contiguous float32 (batch, n) array (the host's own copy; with ``copy=False``
+    a view where possible), refusing NaN and infinities and, with `limits`, states beyond the
+    read-voltage limit."""
+    return batch_and_peak(name, value, n, batch, limits, copy)[0]
 
 
 def batch_and_peak(
-    name: str, value: object, n: int, batch: int | None = None, limits: Limits | None = None
+    name: str,
+    value: object,
+    n: int,
+    batch: int | None = None,
+    limits: Limits | None = None,
+    copy: bool = True,
 ) -> tuple[np.ndarray, float]:
     """`as_batch`, and the array's peak ``max |x|`` from the extremes its checks read (0 for
     an empty array): a caller that bounds the peak needs no pass of its own. The array
     returned is the host's own float32 copy, made before any check: what is checked is what
     is sent (and sent again on a retry), whatever the caller's array holds by then (another
-    thread, or a callback such as a log handler, may change it after the call began)."""
-    arr = _float32(name, value)
+    thread, or a callback such as a log handler, may change it after the call began).
+    ``copy=False`` (the in-process emulator, which must not copy on CPU, DESIGN.md section 3:
+    no line of a real board is behind it) returns the caller's array where it is already C-
+    contiguous float32."""
+    arr = _float32(name, value, copy)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != n:
@@ -150,6 +164,11 @@ def batch_and_peak(
         raise ConfigurationError(f"{name}: batch size {arr.shape[0]} differs from the clamp's {batch}")
     if limits is not None:
         check_batch(name, arr.shape[0], limits)
+    if arr.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+    elif not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     peak = 0.0
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())  # a NaN or infinity shows in one of them
@@ -278,7 +297,12 @@ def _check_voltage(name: str, peak: float, limits: Limits) -> None:
 
 
 def check_states(
-    kind: str, states: dict[str, np.ndarray], topology: Topology, limits: Limits, batch: int | None
+    kind: str,
+    states: dict[str, np.ndarray],
+    topology: Topology,
+    limits: Limits,
+    batch: int | None,
+    copy: bool = True,
 ) -> tuple[dict[str, np.ndarray], int | None]:
     out: dict[str, np.ndarray] = {}
     for group, value in states.items():
@@ -286,7 +310,7 @@ def check_states(
             raise ConfigurationError(f"{kind}: the bias node is fixed at 1 and cannot be set")
         if group not in topology.groups:
             raise ConfigurationError(f"{kind}: unknown group {group!r}; known: {sorted(topology.groups)}")
-        arr = as_batch(f"{kind} {group!r}", value, topology.groups[group], batch, limits)
+        arr = as_batch(f"{kind} {group!r}", value, topology.groups[group], batch, limits, copy)
         batch = arr.shape[0]
         out[group] = arr
     return out, batch
@@ -338,7 +362,10 @@ def check_settle(
     clamp: dict[str, np.ndarray],
     nudge: dict[str, Nudge] | None,
     init: dict[str, np.ndarray] | None,
+    copy: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, Nudge], dict[str, np.ndarray], int]:
+    """A settle's clamps, nudges and initial states checked; each array the host's own copy
+    (``copy=False``: views where possible, `batch_and_peak`)."""
     from drivers.base import Nudge
 
     topo = require_topology(topology)
@@ -347,7 +374,7 @@ def check_settle(
     # the scalars first: converting one runs the caller's code (`__float__`), which must not
     # change an array after its check
     betas = {group: nudge_beta(group, nd, clamp, topo, limits) for group, nd in (nudge or {}).items()}
-    clamp, batch = check_states("clamp", clamp, topo, limits, None)
+    clamp, batch = check_states("clamp", clamp, topo, limits, None, copy)
     assert batch is not None
     if batch == 0:
         raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
@@ -358,16 +385,16 @@ def check_settle(
         n = topo.groups[group]
         target = None
         if nd.target is not None:
-            target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits)
+            target = as_batch(f"nudge target {group!r}", nd.target, n, batch, limits, copy)
         grad = None
         if nd.grad is not None:
-            grad, peak = batch_and_peak(f"nudge grad {group!r}", nd.grad, n, batch)
+            grad, peak = batch_and_peak(f"nudge grad {group!r}", nd.grad, n, batch, copy=copy)
             if grad.size:
                 check_injected_current(group, abs(beta), peak, limits)
         nudges[group] = Nudge(beta, target, grad)
     # Entries for clamped groups are ignored, so a previous Equilibrium's states can be passed whole.
     free_init = {g: v for g, v in (init or {}).items() if g not in clamp}
-    init_states, _ = check_states("init", free_init, topo, limits, batch)
+    init_states, _ = check_states("init", free_init, topo, limits, batch, copy)
     return clamp, nudges, init_states, batch
 
 
@@ -448,6 +475,7 @@ def pulse_counts(
     max_pulses: int,
     endurance: int | None = None,
     one_sided: bool = False,
+    copy: bool = True,
 ) -> np.ndarray:
     """Whole pulse counts of `shape` as int32, each within +-max_pulses and, where the board
     declares one, within its pulse `endurance` (no single request may take a device past its
@@ -455,9 +483,10 @@ def pulse_counts(
     checked in the array's own dtype (min and max, never an absolute value that overflows)
     before the cast, so the count compared is the one the int32 wire carries. The counts are
     copied first and the copy is checked and returned (the caller's array may change after the
-    call began: what is checked is what is sent)."""
+    call began: what is checked is what is sent); ``copy=False`` (the in-process emulator)
+    checks the caller's array and returns it where it already is int32."""
     try:
-        arr = np.array(value, copy=True)
+        arr = np.array(value, copy=True) if copy else np.asarray(value)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"pulse {tile!r}: {name} is not an array of pulse counts ({exc})") from None
     if arr.shape != shape:
@@ -496,15 +525,21 @@ def pulse_counts(
 
 
 def check_pulse(
-    topology: Topology | None, limits: Limits, tile: str, counts_plus: np.ndarray, counts_minus: np.ndarray
+    topology: Topology | None,
+    limits: Limits,
+    tile: str,
+    counts_plus: np.ndarray,
+    counts_minus: np.ndarray,
+    copy: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Both count arrays of a pulse request checked (`pulse_counts`; ``copy=False``: the
+    in-process emulator's, without the host's copies)."""
     shape = check_tile(topology, tile)
-    endurance = limits.pulse_endurance
-    cp = pulse_counts(tile, "counts_plus", counts_plus, shape, limits.max_pulses, endurance, limits.one_sided)
-    cm = pulse_counts(
-        tile, "counts_minus", counts_minus, shape, limits.max_pulses, endurance, limits.one_sided
+    args = (shape, limits.max_pulses, limits.pulse_endurance, limits.one_sided, copy)
+    return (
+        pulse_counts(tile, "counts_plus", counts_plus, *args),
+        pulse_counts(tile, "counts_minus", counts_minus, *args),
     )
-    return cp, cm
 
 
 class SessionWear:
@@ -550,12 +585,20 @@ class SessionWear:
 
 
 def check_mvm(
-    topology: Topology | None, limits: Limits, tile: str, x: np.ndarray, transpose: bool, lines: bool = False
+    topology: Topology | None,
+    limits: Limits,
+    tile: str,
+    x: np.ndarray,
+    transpose: bool,
+    lines: bool = False,
+    copy: bool = True,
 ) -> np.ndarray:
-    """The mvm input `x` as checked float32; with `lines`, also the host's line-current bound
-    (`check_mvm_lines`: the remote backends; a board checks from its own conductances)."""
+    """The mvm input `x` as checked float32 (the host's own copy; ``copy=False``: a view where
+    possible); with `lines`, also the host's line-current bound (`check_mvm_lines`: the remote
+    backends; a board checks from its own conductances)."""
     rows, cols = check_tile(topology, tile)
-    arr, peak = batch_and_peak(f"mvm input to {tile!r}", x, cols if transpose else rows, limits=limits)
+    n = cols if transpose else rows
+    arr, peak = batch_and_peak(f"mvm input to {tile!r}", x, n, limits=limits, copy=copy)
     if arr.shape[0] == 0:
         raise ConfigurationError(f"mvm input to {tile!r} is an empty batch (0 samples); pass one or more")
     if lines:

@@ -346,7 +346,9 @@ class EmulatedDevice(Device):
         self.require("pulse")
         with self.lock:
             try:
-                cp, cm = checks.check_pulse(self.topology, self.info.limits, tile, counts_plus, counts_minus)
+                cp, cm = checks.check_pulse(
+                    self.topology, self.info.limits, tile, counts_plus, counts_minus, copy=False
+                )
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             dev = self.board.device
@@ -363,7 +365,7 @@ class EmulatedDevice(Device):
         self.require("mvm")
         with self.lock:
             try:
-                arr = checks.check_mvm(self.topology, self.info.limits, tile, x, transpose)
+                arr = checks.check_mvm(self.topology, self.info.limits, tile, x, transpose, copy=False)
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             return to_numpy(self.board.mvm(tile, _t(arr, self.board.device), transpose), dtype=None)
@@ -379,7 +381,9 @@ class EmulatedDevice(Device):
         with self.lock:
             every = checks.check_trace(self.info.limits, trace)  # before the arrays' checks
             try:
-                cl, nd, ini, _batch = checks.check_settle(self.topology, self.info.limits, clamp, nudge, init)
+                cl, nd, ini, _batch = checks.check_settle(
+                    self.topology, self.info.limits, clamp, nudge, init, copy=False
+                )
             except LimitViolation as exc:
                 raise self._refuse(exc) from None
             dev = self.board.device
