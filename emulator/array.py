@@ -175,6 +175,9 @@ class TileArray:
         self._cache: torch.Tensor | None = None
         self.weights_epoch = 0  # recomputations of the cached weights (see `weights`)
         self._table: NoisePool | None = None  # write and read noise of a large tile
+        # `pcm_read_std` of the written state (`_g0`), kept with that tensor and its in-place
+        # version: an undrifted tile's reads (the converter routines' reference tiles) share it
+        self._read_std: tuple[torch.Tensor, int, torch.Tensor] | None = None
         # state-dependent statistics (`emulator.statistics`): a device's drift exponent is
         # drawn anew from what it holds at every write, from a stream of the tile's own (so
         # the board's noise stream is the same with and without them)
@@ -470,7 +473,7 @@ class TileArray:
         if self._pcm and self.model.read_noise > 0:  # each device's std follows what it holds
             z = self._table_window(gen) if table else None
             z = _randn(self._dshape, gen, self.device) if z is None else z
-            return torch.addcmul(g, pcm_read_std(g, self.model.g_max, self.model.read_noise), z)
+            return torch.addcmul(g, self._pcm_read_std(g), z)
         if self.model.read_noise > 0:
             z = self._table_window(gen) if table else None
             if z is not None:
@@ -478,6 +481,20 @@ class TileArray:
             # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
             return _randn(self._dshape, gen, self.device).mul_(self.model.read_noise).add_(g)
         return g
+
+    def _pcm_read_std(self, g: torch.Tensor) -> torch.Tensor:
+        """`pcm_read_std` of the state `g` a read finds: kept while `g` is the written state
+        (`_g0`: nothing drifted or accumulated since the write) and unmodified (the tensor's own
+        version counter), so repeated reads of such a tile compute it once, the same numbers
+        as computed anew (a drifted state, a fresh tensor each read, is computed every time).
+        Shared: do not modify it."""
+        hit = self._read_std
+        if hit is not None and hit[0] is g and hit[1] == g._version:
+            return hit[2]
+        std = pcm_read_std(g, self.model.g_max, self.model.read_noise)
+        if g is self._g0:
+            self._read_std = (g, g._version, std)
+        return std
 
     def state(self, t: float) -> torch.Tensor:
         """True conductances (2, rows, cols) at time `t`; shared with the tile: do not modify."""
