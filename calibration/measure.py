@@ -55,19 +55,21 @@ def read_stats(device: Device, tile: str, reads: int) -> ReadStats:
     """Read every device of `tile` `reads` times (Welford's running mean and variance)."""
     if reads < 1:
         raise ValueError(f"reads must be >= 1, got {reads}")
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
-    for k in range(1, reads + 1):
+    gp, gm = device.read_conductance(tile)
+    # one float64 buffer per quantity, reused by every read (the per-read work of an emulated
+    # board's small tiles is mostly numpy's own overhead): the same operations as
+    # ``delta = g - mean; mean += delta / k; m2 += delta * (g - mean)``, the same numbers
+    g = np.empty((2, *np.shape(gp)), np.float64)
+    g[0], g[1] = gp, gm
+    mean = g.copy()
+    m2 = np.zeros_like(g)
+    delta, step = np.empty_like(g), np.empty_like(g)
+    for k in range(2, reads + 1):
         gp, gm = device.read_conductance(tile)
-        g = np.stack((gp, gm)).astype(np.float64)
-        if mean is None:
-            mean = g.copy()
-            m2 = np.zeros_like(g)
-            continue
-        delta = g - mean
-        mean += delta / k
-        m2 += delta * (g - mean)
-    assert mean is not None and m2 is not None
+        g[0], g[1] = gp, gm
+        np.subtract(g, mean, out=delta)
+        mean += np.divide(delta, k, out=step)
+        m2 += np.multiply(delta, np.subtract(g, mean, out=step), out=step)
     std = np.sqrt(m2 / (reads - 1)) if reads > 1 else np.zeros_like(mean)
     return ReadStats(mean, std, reads)
 
