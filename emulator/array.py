@@ -571,6 +571,11 @@ class TileArray:
         g = self._read(t, gen, table=False)
         return g[0], g[1]
 
+    def read_host(self, t: float, gen: torch.Generator) -> torch.Tensor:
+        """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself
+        (shared with the tile: do not modify it)."""
+        return self._read(t, gen, table=False)
+
     def weights(self, t: float) -> torch.Tensor:
         """``(G+ - G-) / (g_max - g_min)`` (nominal range), IR drop applied, shape (rows, cols).
 

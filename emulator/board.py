@@ -484,12 +484,18 @@ class Board:
         time, so on a drifting preset (`pcm`) later states are a read's time older. It costs
         what a verify read of the tile costs (`TileArray.program_verify`): one row at a time,
         ``read_time_s`` each, and ``read_energy_j`` per device."""
+        g = self.read_conductance_stacked(name)
+        return g[0], g[1]
+
+    def read_conductance_stacked(self, name: str) -> torch.Tensor:
+        """`read_conductance` as one (2, rows, cols) tensor (0: G+, 1: G-), for a host that
+        converts it in one go (the emulated driver: one numpy conversion a read, not two)."""
         tile = self.tile(name)
         self._check_read_lines(name)
         m = tile.model
         self.clock += tile.rows * m.read_time_s
         self.energy_j += 2 * tile.cells * m.read_energy_j
-        return tile.read(self.clock, self.host_reads)
+        return tile.read_host(self.clock, self.host_reads)
 
     def _check_batch(self, name: str, batch: int) -> None:
         try:
