@@ -178,6 +178,7 @@ class TileArray:
         # `pcm_read_std` of the written state (`_g0`), kept with that tensor and its in-place
         # version: an undrifted tile's reads (the converter routines' reference tiles) share it
         self._read_std: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._read_noise_t: tuple[float, torch.Tensor] | None = None  # `_read_noise_scalar`
         # state-dependent statistics (`emulator.statistics`): a device's drift exponent is
         # drawn anew from what it holds at every write, from a stream of the tile's own (so
         # the board's noise stream is the same with and without them)
@@ -479,8 +480,19 @@ class TileArray:
             if z is not None:
                 return torch.add(g, z, alpha=self.model.read_noise)
             # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
-            return _randn(self._dshape, gen, self.device).mul_(self.model.read_noise).add_(g)
+            return _randn(self._dshape, gen, self.device).mul_(self._read_noise_scalar()).add_(g)
         return g
+
+    def _read_noise_scalar(self) -> torch.Tensor:
+        """The model's `read_noise` as a 0-d float32 CPU tensor, the factor a read's draw is
+        scaled by: the same float32 product as the Python float (which the multiply casts to
+        float32 anyway), without wrapping the float into a new tensor at every read (a third of
+        a small tile's read). Kept with the value it was made from."""
+        hit = self._read_noise_t
+        v = self.model.read_noise
+        if hit is None or hit[0] != v:
+            hit = self._read_noise_t = (v, torch.tensor(v, dtype=torch.float32))
+        return hit[1]
 
     def _pcm_read_std(self, g: torch.Tensor) -> torch.Tensor:
         """`pcm_read_std` of the state `g` a read finds: kept while `g` is the written state
