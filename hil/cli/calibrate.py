@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 # Node channels a default session calibrates: every node of the default networks of `hil train
 # classifier` and `hil gradcheck` (64-256-10: 330) and `hil train vae` (TDH-VAE 64+64+4+4: 136),
-# with room for wider ones. Measured on the rram emulator (2 cores, load average about 1): the DAC
-# and state-ADC routines take 5.7 s for 512 channels against 4.1 s for 128 (the old default:
-# rows + cols of the 64 x 64 tile); the whole default session took 28-98 s at load 3-5, most of
-# it in the pulse routine, which the channel count does not touch.
+# with room for wider ones. The channel count sets the cost of the DAC and state-ADC routines,
+# mostly the state-ADC routine's host reads (96 levels x 32 reads of each 1 x 8 reference row):
+# on the rram emulator (`--routines adc,dac`, seed 0, one torch thread, AMD EPYC 2 cores,
+# 2026-12-07) they took 24.4 s for 512 channels and 8.2 s for 136 at load average 1.7-3.0
+# (42.8 s and 11.9 s before that day's read-path shortcuts, run in turns), and 23-65 s for 512
+# at load 3.8-5.9 (another job on the cores).
 DEFAULT_CHANNELS = 512
 
 _OUT = typer.Option(Path("cal.zarr"), "--out", help="Calibration record (Zarr store) to write.")
