@@ -575,18 +575,18 @@ class TileArray:
         """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself."""
         return self._read(t, gen)
 
-    def read(self, t: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One noisy read of every device for the host: true + N(0, read_noise), fresh from
-        `gen` (its own stream: the board's `read_conductance`), never from the noise table
-        that the tile's writes share. Not clipped at 0: this is a measurement, and a clipped
-        one would bias the noise statistics near g = 0."""
-        g = self._read(t, gen, table=False)
-        return g[0], g[1]
-
     def read_host(self, t: float, gen: torch.Generator) -> torch.Tensor:
-        """`read` as one (2, rows, cols) tensor; without read noise it is `state(t)` itself
-        (shared with the tile: do not modify it)."""
+        """One noisy read of every device for the host, (2, rows, cols): true + N(0,
+        read_noise), fresh from `gen` (its own stream: the board's `read_conductance`), never
+        from the noise table that the tile's writes share. Not clipped at 0: this is a
+        measurement, and a clipped one would bias the noise statistics near g = 0. Without
+        read noise it is `state(t)` itself (shared with the tile: do not modify it)."""
         return self._read(t, gen, table=False)
+
+    def read(self, t: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`read_host` as (G+, G-)."""
+        g = self.read_host(t, gen)
+        return g[0], g[1]
 
     def weights(self, t: float) -> torch.Tensor:
         """``(G+ - G-) / (g_max - g_min)`` (nominal range), IR drop applied, shape (rows, cols).
