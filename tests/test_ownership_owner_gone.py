@@ -201,6 +201,36 @@ def test_a_failed_safe_state_is_tried_again_when_a_break_or_release_ends_the_lea
     assert s.lock.owner_gone == 1 and s.lock.state().token is None
 
 
+def _kill_an_idle_owner(s: BoardServers, transport: str) -> tuple[list[float], str, float]:
+    """A host process owns `s` over the serial `transport` with a 1 s lease and sits idle (it
+    sleeps between two tiles) for three leases, which its keep-alives must hold the board
+    through (no safe state, one connection, no lapse running); then it is SIGKILLed. The safe
+    states the board applies (times, growing), the host's token and the time of the kill."""
+    assert s.lock is not None
+    calls = _count_safe_states(s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    host = subprocess.Popen(
+        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri(transport, lease="1")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert host.stdout is not None
+        token = host.stdout.readline().strip()
+        assert token
+        assert not until(lambda: len(calls) > 0, 3.0), "the board made a live, idle owner's board safe"
+        assert s.lock.owner_gone == 0
+        owner = s.lock.state()
+        assert owner.token == token and owner.connections == 1 and owner.lapses_in is None
+    finally:
+        killed = time.monotonic()
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=10)
+        host.stdout.close()  # type: ignore[union-attr]
+    return calls, token, killed
+
+
 def test_a_host_killed_on_a_serial_line_leaves_its_board_safe_and_then_free(
     emulated_board: Callable[..., BoardServers],
 ) -> None:
@@ -211,28 +241,7 @@ def test_a_host_killed_on_a_serial_line_leaves_its_board_safe_and_then_free(
     the board over the line and sits idle sends keep-alives (framed PING), so it keeps its
     board, unsafe-made never, however long it computes between requests."""
     s = emulated_board(BOARD)
-    calls = _count_safe_states(s)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    host = subprocess.Popen(
-        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri("serial-pty", lease="1")],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert host.stdout is not None
-        token = host.stdout.readline().strip()
-        assert token
-        # alive and idle (it sleeps between two tiles) for three leases: its keep-alives hold the board
-        assert not until(lambda: len(calls) > 0, 3.0), "the board made a live, idle owner's board safe"
-        assert s.lock is not None and s.lock.owner_gone == 0
-        owner = s.lock.state()
-        assert owner.token == token and owner.connections == 1 and owner.lapses_in is None
-    finally:
-        host.send_signal(signal.SIGKILL)
-        host.wait(timeout=10)
-        host.stdout.close()  # type: ignore[union-attr]
-    killed = time.monotonic()
+    calls, token, killed = _kill_an_idle_owner(s, "serial-pty")
     # silent for its lease (1 s, counted from its last keep-alive, at most a third of it before
     # the kill): the board makes itself safe, and keeps the lock one lease more
     assert until(lambda: len(calls) == 1, 3.0), "a host killed on a serial line left its board driven"
@@ -265,28 +274,7 @@ def test_a_host_killed_on_an_scpi_serial_line_leaves_its_board_safe_and_then_fre
     framed server does), and a VisaDevice that owns the board over ASRL sends a keep-alive
     ``*OPC?`` after a third of its lease without a message, so a live idle owner keeps it."""
     s = emulated_board(BOARD)
-    calls = _count_safe_states(s)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    host = subprocess.Popen(
-        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri("visa-asrl", lease="1")],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert host.stdout is not None
-        token = host.stdout.readline().strip()
-        assert token
-        # alive and idle for three leases: its keep-alives hold the board
-        assert not until(lambda: len(calls) > 0, 3.0), "the board made a live, idle owner's board safe"
-        assert s.lock is not None and s.lock.owner_gone == 0
-        owner = s.lock.state()
-        assert owner.token == token and owner.connections == 1 and owner.lapses_in is None
-    finally:
-        killed = time.monotonic()
-        host.send_signal(signal.SIGKILL)
-        host.wait(timeout=10)
-        host.stdout.close()  # type: ignore[union-attr]
+    calls, token, killed = _kill_an_idle_owner(s, "visa-asrl")
     # silent for its lease (1 s, from its last message, a third of it or a little more before
     # the kill on busy cores): the board makes itself safe, and keeps the lock one lease more
     assert until(lambda: len(calls) == 1, 3.0), "a host killed on an SCPI serial line left its board driven"
