@@ -83,6 +83,9 @@ def test_refusal_names_the_typed_method(dev: VisaDevice) -> None:
         dev.write('TILE:PULS? "W0",' + _block(np.full(12, 5, "<i4")))
     with pytest.raises(ConfigurationError, match=r"dev\.settle\(clamp"):
         dev.query("NET:SETT? #12{},#10")
+    # a vendor query: the host cannot tell what it drives; one the user knows reads has a way
+    with pytest.raises(ConfigurationError, match=r"not a command of this protocol.*query_unchecked"):
+        dev.query("MEAS:TEMP?")
 
 
 @pytest.mark.parametrize(

@@ -428,7 +428,8 @@ def raw_refusal(text: str) -> str | None:
         return (
             f"{unit.header} is not a command of this protocol (docs/protocol.md), so the host cannot "
             "tell what it drives; raw text may only read (*IDN?, SYST:ERR?, SYST:INFO?, SYST:SAF?, "
-            "SYST:STAT?, SYST:WEAR? ...)"
+            "SYST:STAT?, SYST:WEAR? ...). A vendor query you know only reads (a temperature, a "
+            "firmware status) goes through query_unchecked, which sends it with no check at all"
         )
     bad = next((ch for ch in text if not " " <= ch <= "~"), None)
     if bad is not None:  # a board cuts a message at a newline, even inside a string
