@@ -13,7 +13,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.peer_ep import IDEAL, RRAM, check_same_work, compare, peers, project, project_step
+from benchmarks.peer_ep import (
+    IDEAL,
+    RRAM,
+    check_same_work,
+    compare,
+    peers,
+    project,
+    project_step,
+    time_programming,
+)
 
 T1, T2 = 30, 10
 
@@ -112,3 +121,30 @@ def test_cuda_syncs_counts_each_wait_in_the_phase_it_came_from(monkeypatch: pyte
     assert figures["by_phase"] == {"programming": 2.0} and figures["per_programmed_tile"] == 1.0
     assert figures["settles_per_step"] >= 2 and figures["per_settle"] == 0.0
     assert (blk.sync, dev.settle_tensors, clf.opt.step) == before  # the wrappers are gone
+
+
+def test_programming_time_counts_the_plan_refresh_its_writes_cause() -> None:
+    """The benchmark's programming figure once stopped at `EBBlock.sync`, but a write also costs
+    the emulated board the refresh of its settle plan, paid by the next settle (the weights
+    recomputed from the conductances, the line conductances): `time_programming` counts that
+    refresh, and only after a write (settles with no write between them add nothing)."""
+    sizes = [36, 24, 10]
+    clf = project(IDEAL, sizes, 8, T1, T2)
+    try:
+        acc = {"sync": 0.0, "refresh": 0.0}
+        time_programming(clf, acc)
+        x, y = _batch(sizes[0], 8)
+        clf.step(x, y)  # its free settle builds the plan; its writes come at the end of the step
+        assert acc["sync"] > 0.0 and acc["refresh"] == 0.0, acc  # built, not refreshed
+        clf.predict(x)  # the first settle after the writes refreshes the plan
+        assert acc["refresh"] > 0.0, acc
+        acc.update(sync=0.0, refresh=0.0)
+        clf.predict(x)
+        clf.predict(x)
+        assert acc == {"sync": 0.0, "refresh": 0.0}  # nothing written since the last settle
+        clf.step(x, y)  # refreshes nothing (no write since), then writes
+        assert acc["sync"] > 0.0 and acc["refresh"] == 0.0, acc
+        clf.step(x, y)  # refreshes the plan for the last step's writes, then writes
+        assert acc["refresh"] > 0.0, acc
+    finally:
+        clf.close()
