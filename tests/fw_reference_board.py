@@ -15,7 +15,25 @@ firmware bugs that the conformance suite must catch:
 - `noreturn` (with `lock=True`): an ordinary reconnect taken for a lost owner: the lock is kept
   for the lease and made safe as it should, but the owner's own token, presented again on a new
   connection within the lease (the host drivers' reconnect after a dropped link), is refused
-  (`120`), so a host whose cable hiccuped loses its board for the lease.
+  (`120`), so a host whose cable hiccuped loses its board for the lease;
+- `crcpayload`: the frame CRC-32 over the payload alone, not the header and payload (both ways);
+- `cobsff`: a COBS decoder that puts a zero after a 0xFF code block too (a run of 254 non-zero bytes);
+- `bigendian`: reply arrays (a program's and a read's conductances, an mvm's y) sent big-endian;
+- `colmajor`: a tile's conductances taken and returned in column-major order (a read gives back what
+  was programmed, but the product runs through another arrangement of the devices);
+- `gscale`: the mvm's W = w_max (G+ - G-) / g_max, not / (g_max - g_min);
+- `coarseadc`: the mvm's ADC quantises y at 4 bits over +-(inputs x w_max) while the board declares 8;
+- `batchge`: an mvm of exactly max_batch samples refused (>= where > belongs);
+- `batchover`: an mvm of max_batch + 1 samples run (the board's own batch check one too loose);
+- `clampstrict`: an mvm input exactly at clamp_max refused (x v_read >= v_read_max: equal must pass);
+- `lineslack`: the line-current limit enforced with a slack of 5 %;
+- `ridreset`: RESET keeps the record of request ids (an id from before it answered from the old epoch);
+- `rid1`: the outcome of the last request id alone kept, not of the last 64;
+- `meterrows`: the meter's mvm_calls counts samples, not requests;
+- `lastref`: a reply's ref is the low byte of the seq of the request's last fragment, not its first;
+- `code100`: a limit refusal answered 100 (configuration), not -222;
+- `nowait`: WAIT returns at once, its seconds neither waited nor added to the board clock;
+- `tilege`: a tile of exactly tile_rows_max rows refused (>= where > belongs).
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -56,7 +74,11 @@ from typing import Any
 
 import numpy as np
 
-BUGS = ("nofrag", "noack", "norid", "slack", "nolease", "noreturn")
+BUGS = (
+    "nofrag", "noack", "norid", "slack", "nolease", "noreturn", "crcpayload", "cobsff", "bigendian",
+    "colmajor", "gscale", "coarseadc", "batchge", "batchover", "clampstrict", "lineslack", "ridreset",
+    "rid1", "meterrows", "lastref", "code100", "nowait", "tilege",
+)  # fmt: skip
 
 HDR = struct.Struct("<BBBBHH")
 RESP, MORE, ERR, START = 1, 2, 4, 8
@@ -105,7 +127,7 @@ def cobs_encode(data: bytes) -> bytes:
     return bytes(out + bytes([len(block) + 1]) + block)
 
 
-def cobs_decode(data: bytes) -> bytes:
+def cobs_decode(data: bytes, bug: str | None = None) -> bytes:
     out, i = bytearray(), 0
     while i < len(data):
         code = data[i]
@@ -113,14 +135,15 @@ def cobs_decode(data: bytes) -> bytes:
             raise ValueError("bad COBS")
         out += data[i + 1 : i + code]
         i += code
-        if code < 255 and i < len(data):
+        if (code < 255 or bug == "cobsff") and i < len(data):
             out.append(0)
     return bytes(out)
 
 
-def frame(flags: int, op: int, ref: int, seq: int, payload: bytes = b"") -> bytes:
+def frame(flags: int, op: int, ref: int, seq: int, payload: bytes = b"", bug: str | None = None) -> bytes:
     body = HDR.pack(1, flags, op, ref, seq & 0xFFFF, len(payload)) + payload
-    return b"\0" + cobs_encode(body + struct.pack("<I", zlib.crc32(body))) + b"\0"
+    crc = zlib.crc32(payload if bug == "crcpayload" else body)
+    return b"\0" + cobs_encode(body + struct.pack("<I", crc)) + b"\0"
 
 
 class Fail(Exception):
@@ -129,11 +152,13 @@ class Fail(Exception):
         self.code = code
 
 
-def message(meta: dict[str, Any], arrays: tuple[tuple[str, np.ndarray], ...] = ()) -> bytes:
+def message(
+    meta: dict[str, Any], arrays: tuple[tuple[str, np.ndarray], ...] = (), dtype: str = "<f4"
+) -> bytes:
     if arrays:
         meta = dict(meta, arrays=[[n, "f4", list(a.shape)] for n, a in arrays])
     text = json.dumps(meta, separators=(",", ":")).encode()
-    data = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for _, a in arrays)
+    data = b"".join(np.ascontiguousarray(a, dtype).tobytes() for _, a in arrays)
     return struct.pack("<I", len(text)) + text + data
 
 
@@ -345,7 +370,9 @@ class Board:
         slack: bool = False,
         nolease: bool = False,
         noreturn: bool = False,
+        bug: str | None = None,
     ) -> None:
+        self.bug = bug
         self.norid = norid
         self.slack = slack
         self.rng = np.random.default_rng(seed)
@@ -374,7 +401,15 @@ class Board:
 
     def refuse(self, text: str) -> Fail:
         self.refused += 1
-        return Fail(-222, text)
+        return Fail(100 if self.bug == "code100" else -222, text)
+
+    def out(
+        self, meta: dict[str, Any], arrays: tuple[tuple[str, np.ndarray], ...], tile: bool = True
+    ) -> bytes:
+        """A reply with arrays (`colmajor`: a tile's conductances written column-major; `bigendian`)."""
+        if self.bug == "colmajor" and tile:
+            arrays = tuple((n, a.ravel(order="F").reshape(a.shape)) for n, a in arrays)
+        return message(meta, arrays, ">f4" if self.bug == "bigendian" else "<f4")
 
     def op_info(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         identity = {"manufacturer": "TestLab", "model": "fw-reference", "serial": "R-0001", "firmware": "0.1"}
@@ -402,7 +437,7 @@ class Board:
                 raise Fail(100, f"tile {c['tile']}: unknown group")
             rows = sum(1 if g == "bias" else groups[g] for g in c["rows"])
             cols = sum(groups[g] for g in c["cols"])
-            if rows > LIM["tile_rows_max"] or cols > LIM["tile_cols_max"]:
+            if rows > LIM["tile_rows_max"] - (self.bug == "tilege") or cols > LIM["tile_cols_max"]:
                 raise self.refuse(f"tile {c['tile']} {rows}x{cols} too large")
             shapes[c["tile"]] = (rows, cols, float(c["w_max"]))
         self.topology, self.shapes = meta, shapes
@@ -434,7 +469,7 @@ class Board:
         """docs/protocol.md "Line currents": G+ and G- each its own crossbar; driven line i carries
         V_i sum_j G_ij, sensed line j sum_i V_i G_ij, in float64 from the float32 conductances and
         the float64 volts (|x| v_read); each at most max_line_current_a, equal passes."""
-        limit = LIM["max_line_current_a"]
+        limit = LIM["max_line_current_a"] * (1.05 if self.bug == "lineslack" else 1.0)
         for side, gg in zip(("G+", "G-"), g, strict=True):
             g64 = gg.astype(np.float64)
             driven = volts * (g64.sum(axis=0) if transpose else g64.sum(axis=1))
@@ -450,6 +485,8 @@ class Board:
         gp, gm = arrays.get("g_plus"), arrays.get("g_minus")
         if gp is None or gm is None or gp.shape != (rows, cols) or gm.shape != (rows, cols):
             raise Fail(100, f"program {tile}: need g_plus, g_minus f4 of shape {(rows, cols)}")
+        if self.bug == "colmajor":
+            gp, gm = (g.ravel().reshape((rows, cols), order="F") for g in (gp, gm))
         # docs/protocol.md, "Limits": the window's ends rounded to float32, each widened by 4
         # float32 steps of its own, never below 0 (a slack of 0.1 % took 1.001 g_max)
         lo32, hi32 = F32(LIM["g_min"]), F32(LIM["g_max"])
@@ -475,7 +512,7 @@ class Board:
         residual = float(np.maximum(abs(rp - gp), abs(rm - gm)).max())
         report = {"tile": tile, "iterations": 0, "pulses": 2 * rows * cols, "residual_max": residual,
                   "within_tol": 1.0, "energy_j": 0.0, "time_s": 1e-6 * rows * cols}  # fmt: skip
-        return message(report, (("g_plus", rp), ("g_minus", rm)))
+        return self.out(report, (("g_plus", rp), ("g_minus", rm)))
 
     def op_read_conductance(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         tile, _ = self._tile(meta)
@@ -484,7 +521,7 @@ class Board:
             if not row <= LIM["max_line_current_a"]:
                 raise self.refuse(f"line current {row!r} A on a {side} row (a read)")
         rp, rm = self._read(tile)
-        return message({}, (("g_plus", rp), ("g_minus", rm)))
+        return self.out({}, (("g_plus", rp), ("g_minus", rm)))
 
     def op_mvm(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         tile, (rows, cols, w_max) = self._tile(meta)
@@ -492,17 +529,25 @@ class Board:
         n = cols if transpose else rows
         if x is None or x.ndim != 2 or x.shape[1] != n:
             raise Fail(100, f"mvm {tile}: x must be f4 B x {n}")
-        if x.shape[0] > LIM["max_batch"]:
+        if x.shape[0] > LIM["max_batch"] + {"batchge": -1, "batchover": 1}.get(self.bug or "", 0):
             raise self.refuse("batch > max_batch")
-        if not np.all(np.isfinite(x)) or float(np.abs(x).max(initial=0)) * LIM["v_read"] > LIM["v_read_max"]:
+        peak = float(np.abs(x).max(initial=0)) * LIM["v_read"]
+        over = peak >= LIM["v_read_max"] if self.bug == "clampstrict" else peak > LIM["v_read_max"]
+        if not np.all(np.isfinite(x)) or over:
             raise self.refuse("mvm input beyond clamp_max")
         volts = np.abs(x).max(axis=0, initial=0.0).astype(np.float64) * LIM["v_read"]
         self._check_lines(self.g[tile], volts, transpose, "mvm")
         gp, gm = self._read(tile)
         self.line_v = float(np.abs(x[-1]).max(initial=0)) * LIM["v_read"]  # the last row stays held
-        w = w_max * (gp.astype(np.float64) - gm) / (LIM["g_max"] - LIM["g_min"])
-        self.mvm_calls += 1
-        return message({}, (("y", (x @ (w.T if transpose else w)).astype(F32)),))
+        span = LIM["g_max"] - (0.0 if self.bug == "gscale" else LIM["g_min"])
+        w = w_max * (gp.astype(np.float64) - gm) / span
+        self.mvm_calls += len(x) if self.bug == "meterrows" else 1
+        y = x @ (w.T if transpose else w)
+        if self.bug == "coarseadc":  # 4 bits over +-(inputs x w_max)
+            full = n * w_max
+            step = 2 * full / 15
+            y = np.clip(np.round(y / step) * step, -full, full)
+        return self.out({}, (("y", y.astype(F32)),), tile=False)
 
     def op_settle(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         raise Fail(101, "settle not supported: settle on the host with mvm")
@@ -514,7 +559,8 @@ class Board:
         seconds = meta.get("seconds")
         if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
             raise Fail(100, "seconds")
-        self.clock += seconds
+        if self.bug != "nowait":
+            self.clock += seconds
         return message({})
 
     def op_safety(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -523,8 +569,9 @@ class Board:
     def op_reset(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         self.topology, self.shapes, self.epoch = None, {}, self.epoch + 1
         self.line_v = 0.0  # the lock (if any) stays: only the owner sends RESET
-        self.outcomes.clear()
-        self.seen.clear()
+        if self.bug != "ridreset":
+            self.outcomes.clear()
+            self.seen.clear()
         return message({})
 
     def op_safe_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -583,7 +630,7 @@ class Board:
         except Fail as exc:
             outcome = ("err", exc)
         self.outcomes[rid], self.seen[rid] = outcome, None
-        while len(self.outcomes) > 64:
+        while len(self.outcomes) > (1 if self.bug == "rid1" else 64):
             self.outcomes.popitem(last=False)
         while len(self.seen) > 4096:
             self.seen.popitem(last=False)
@@ -637,15 +684,15 @@ class Link:
         flags, op, ref, payload = self.outq[0]
         if not again:
             self.seq, self.tries = (self.seq + 1) & 0xFFFF, 0
-        self.send(frame(flags, op, ref, self.seq, payload))
+        self.send(frame(flags, op, ref, self.seq, payload, self.bug))
         self.sent_at = time.monotonic()
 
     def nack(self, reason: int) -> None:
-        self.send(frame(RESP, NACK, 0, 0xFFFF, bytes([reason])))
+        self.send(frame(RESP, NACK, 0, 0xFFFF, bytes([reason]), self.bug))
 
     def on_chunk(self, chunk: bytes) -> None:
         try:
-            body = cobs_decode(chunk)
+            body = cobs_decode(chunk, self.bug)
         except ValueError:
             return self.nack(1)
         if len(body) < 12:
@@ -653,7 +700,10 @@ class Link:
         version, flags, op, _, seq, length = HDR.unpack_from(body)
         if length != len(body) - 12:
             return self.nack(3)
-        if zlib.crc32(body[:-4]) != struct.unpack_from("<I", body, len(body) - 4)[0]:
+        if (
+            zlib.crc32(body[8:-4] if self.bug == "crcpayload" else body[:-4])
+            != struct.unpack_from("<I", body, len(body) - 4)[0]
+        ):
             return self.nack(4)
         if version != 1:
             return self.nack(5)
@@ -667,7 +717,7 @@ class Link:
             if self.outq and seq in (self.seq, 0xFFFF):
                 self.push(again=True)
             return None
-        self.send(frame(RESP, ACK, 0, seq), ack=True)
+        self.send(frame(RESP, ACK, 0, seq, b"", self.bug), ack=True)
         if op != HELLO and seq == self.last_rx:
             return None  # a retransmission whose ACK was lost
         self.last_rx = seq
@@ -687,6 +737,8 @@ class Link:
         if self.assembly is None or self.assembly[0] != op:
             return None
         self.assembly[2] += payload
+        if self.bug == "lastref":
+            self.assembly[1] = seq & 0xFF
         if flags & MORE:
             return None
         op, ref, data = self.assembly
@@ -749,6 +801,7 @@ class FirmwareBoard:
             slack=bug == "slack",
             nolease=bug == "nolease",
             noreturn=bug == "noreturn",
+            bug=bug,
         )
         self.stop_event = threading.Event()
         self.server = socket.socket()

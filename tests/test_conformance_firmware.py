@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from drivers import NotSupported, open_device
+from drivers.errors import RetriesExhausted
 from drivers.wire.payload import Message, Op
 from hil.conformance import Report, run_conformance
 from hil.conformance.fragments import FRAGMENT, tile_shape
@@ -27,10 +28,10 @@ NO_ID = "unchecked program without id"
 RESENT = "unchecked program request id"
 
 
-def _conformance(bug: str | None, lock: bool = False) -> Report:
+def _conformance(bug: str | None, lock: bool = False, timeout: float = 5.0) -> Report:
     board = FirmwareBoard(bug, lock=lock).start()
     try:
-        dev = open_device(f"{board.uri}?attempts=2&timeout=5")
+        dev = open_device(f"{board.uri}?attempts=2&timeout={timeout:g}")
         try:
             assert dev.owns is lock  # the host takes a board that announces lock, and only such
             report = run_conformance(dev, board.uri)
@@ -196,5 +197,59 @@ def test_a_lease_that_never_lapses_fails_the_owner_gone_check_and_the_suite_take
         assert "it must free a lease of 1 s when it lapses, with no request" in failed["owner gone"].got
         assert 3.0 <= failed["owner gone"].seconds < 5.0
         assert own.token is None and own.owner_gone == 2  # applied at both closes; released at the end
+    finally:
+        board.stop()
+
+
+MVM = {"mvm", "mvm transpose", "mvm 1-D"}
+PRODUCTS = {*MVM, FRAGMENTED}  # each compares products with x @ W; a wrong product fails one or more
+BIG_ENDIAN = {
+    "program W0", "program W1", "read_conductance W0", "read_conductance W1", *MVM, "error queue",
+    "mvm w_max", "unchecked board conductance limit", NO_ID, RESENT, FRAGMENTED, "line current limit",
+    "reset",
+}  # fmt: skip
+LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit"}
+
+
+@pytest.mark.parametrize(
+    ("bug", "fails", "check", "says"),
+    [
+        # caught before this suite grew (with a line that names the mistake, or now does)
+        ("bigendian", BIG_ENDIAN, "program W0", "the board sends big-endian numbers"),
+        ("gscale", PRODUCTS, "mvm", "the board divides by g_max, not by g_max - g_min"),
+        ("colmajor", PRODUCTS, "mvm", "stores a tile's arrays in Fortran order"),
+        ("coarseadc", PRODUCTS, "mvm", "coarser than the adc_bits 8"),
+        ("rid1", {RESENT}, RESENT, "holds the outcome of fewer than the last 2 ids"),
+        (
+            "code100",
+            {*LIMIT_CHECKS, "line current limit"},
+            "unchecked board limit",
+            "refused as ConfigurationError",
+        ),
+        ("lastref", {FRAGMENTED}, FRAGMENTED, "its reply was dropped as stale"),
+    ],
+)
+def test_a_firmware_that_misreads_the_docs_fails_the_check_that_names_its_mistake(
+    bug: str, fails: set[str], check: str, says: str
+) -> None:
+    """Mutation testing of the suite (tests/fw_reference_board.py's switches): each is a mistake a
+    firmware author makes reading docs/protocol.md and docs/bringup.md. It fails `check`, with a line
+    that names the mistake, and no check outside `fails` (a wrong product fails the product checks
+    whose inputs show it: all of them, or all but one). `lastref` costs the link's reply timeout,
+    so its link is opened with one of 1 s."""
+    report = _conformance(bug, timeout=1.0 if bug == "lastref" else 5.0)
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert check in failed and set(failed) <= fails, [c.line() for c in failed.values()]
+    assert fails is PRODUCTS or set(failed) == fails, [c.line() for c in failed.values()]
+    assert says in failed[check].got, failed[check].line()
+
+
+def test_a_firmware_whose_frame_crc_skips_the_header_is_not_opened_and_the_error_says_why() -> None:
+    """`crcpayload`: the CRC-32 over the payload alone. No frame of it passes, so `hil conformance`
+    cannot open it (exit 2); the host's error names the CRC's span."""
+    board = FirmwareBoard("crcpayload").start()
+    try:
+        with pytest.raises(RetriesExhausted, match=r"failed their CRC \(the CRC covers header \+ payload"):
+            open_device(f"{board.uri}?attempts=1&timeout=1")
     finally:
         board.stop()

@@ -91,6 +91,13 @@ def _failed(exc: DeviceError, what: str, scpi: bool) -> Mismatch:
     cause = exc.__cause__ if isinstance(exc, RetriesExhausted) else exc
     if scpi:
         return Mismatch(f"{what} failed: {type(exc).__name__}: {exc}; {SCPI_RULES}")
+    if isinstance(cause, DeviceTimeout) and "dropped as stale" in str(cause):
+        return Mismatch(
+            f"{what}: the board acknowledged the request, but its reply was dropped as stale "
+            f"({type(exc).__name__}: {exc}): a response's ref must be the low byte of the seq of the "
+            f"request's first fragment, and the board's is not (it passes every one-frame request, where "
+            f"first and last are one frame); {RULES}, and rule 5"
+        )
     if isinstance(cause, DeviceTimeout):
         return Mismatch(
             f"{what}: no acknowledgement of its first fragment ({type(exc).__name__}: {exc}): the board "

@@ -91,8 +91,48 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
     got = f"y {desc(ys[0])}, max |y - x @ W| {float(err.max()):.3g}, {how} (min {float(tol.min()):.3g})"
     if worst > 0:
         i = np.unravel_index(int(np.argmax(err - tol)), err.shape)
-        raise Mismatch(f"{got}; y{list(map(int, i))} = {stack.mean(0)[i]:.4g}, x @ W = {ref[i]:.4g}")
+        hint = _hint(sess, tile, transpose, x, stack, tol)
+        raise Mismatch(f"{got}; y{list(map(int, i))} = {stack.mean(0)[i]:.4g}, x @ W = {ref[i]:.4g}{hint}")
     return f"{got}; {_aggregate(ref, stack.mean(0), out_lsb)}"
+
+
+def _hint(sess: Session, tile: str, transpose: bool, x: np.ndarray, ys: np.ndarray, tol: np.ndarray) -> str:
+    """What a failed product looks like, of the mistakes a firmware author makes reading
+    docs/protocol.md: "" when none of them fits."""
+    gp, gm = sess.g[tile]
+    w_max = sess.topo.coupling(tile).w_max
+    x64, y = x.astype(np.float64), ys.mean(0)
+
+    def fits(gp_: np.ndarray, gm_: np.ndarray, span: float) -> bool:
+        w = w_max * (gp_ - gm_) / span
+        return bool(np.all(np.abs(y - x64 @ (w.T if transpose else w)) <= tol))
+
+    lim = sess.lim
+    if lim.g_min > 0 and fits(gp, gm, lim.g_max):
+        return (
+            "; y is x @ W with W = w_max (G+ - G-) / g_max: the board divides by g_max, not by "
+            f"g_max - g_min (a gain of {sess.g_range / lim.g_max:.3g}; docs/protocol.md section 1, Units)"
+        )
+    shape = gp.shape
+    if fits(*(g.ravel().reshape(shape, order="F") for g in (gp, gm)), sess.g_range):
+        return (
+            "; y is x @ W with the conductances the board read back taken column-major: the board stores a "
+            "tile's arrays in Fortran order (what it reads back is what was programmed, but not where the "
+            "product finds it); arrays travel in C order, row-major (docs/protocol.md section 1, Arrays)"
+        )
+    if lim.adc_bits is not None:
+        levels = np.unique(ys.astype(np.float64))
+        gaps = np.diff(levels)
+        gaps = gaps[gaps > 1e-9 * max(1.0, float(np.abs(levels).max()))]
+        full = shape[1 if transpose else 0] * w_max * max(abs(sess.x_lo), abs(sess.x_hi))
+        if gaps.size and float(gaps.min()) > 2 * lsb(lim.adc_bits, 2 * full):
+            bits = float(np.log2(2 * full / float(gaps.min()) + 1))
+            return (
+                f"; the outputs lie on levels {float(gaps.min()):.4g} apart: a read-out of about "
+                f"{bits:.1f} bits over +-{full:g}, coarser than the adc_bits {lim.adc_bits} the board "
+                "declares (docs/bringup.md section 3, The converters)"
+            )
+    return ""
 
 
 def w_max(sess: Session) -> None:

@@ -27,6 +27,7 @@ from hil.conformance.report import Mismatch
 from hil.conformance.scpi import text_block
 from hil.conformance.session import Session
 
+EXECUTION_ERROR = -200  # "already ran; its outcome is no longer held" (docs/protocol.md section 1)
 Pulse = Callable[[np.ndarray, int], object]  # (counts of G+, request id) -> the board's reply
 
 
@@ -198,7 +199,15 @@ def _program_twice(sess: Session, sent: list[str], send: Callable[..., pl.Messag
     )
     first = program(low, r)
     program(high, s)
-    again = program(low, r)
+    try:
+        again = program(low, r)
+    except DeviceFault as exc:
+        if exc.code != EXECUTION_ERROR:
+            raise
+        raise Mismatch(
+            f"the resend of id {r} was refused ({exc}) one request after it ran: the board holds the outcome "
+            f"of fewer than the last 2 ids, and must hold those of the last 64; {ID_RULE}"
+        ) from exc
     level, mean = _reads_as(sess, tile, low, high)
     got = f"the tile reads {mean:.3g} S after the resend"
     if level == "low":
