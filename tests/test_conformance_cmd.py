@@ -103,8 +103,13 @@ def test_passes_on_every_transport(
         # raw SCPI ones, or the unchecked framed ones (an mvm input, program targets), reached
         # the board, which refused them
         assert ops["line current limit"] == "PASS"
-        # ... and the mvm over the line-current limit, sent unchecked on either link
-        assert servers.device.safety() == SafetyCounters(refused=3, violations=0)
+        # ... and the two mvms over the line-current limit (at clamp_max and 1 % over it), sent
+        # unchecked on either link; on the framed link the mvm of max_batch + 1 samples too
+        framed = not transport.startswith("visa")
+        assert servers.device.safety() == SafetyCounters(refused=4 + framed, violations=0)
+        if framed:
+            assert ops["unchecked mvm at clamp_max"] == ops["unchecked batch limit"] == "PASS"
+        assert ops["configure largest tile"] == "PASS"
         # the owner the check left gone was made safe by the board (not visible on the wire), at
         # its close and again after its reconnect's close
         assert servers.lock is not None and servers.lock.owner_gone == (2 if tcp else 0)

@@ -24,6 +24,13 @@ from hil.conformance.fragments import FRAGMENT, tile_shape
 from tests.fw_reference_board import FirmwareBoard
 
 FRAGMENTED = "fragmented messages"
+# the checks added for the firmware-reading mistakes below (each catches one the suite passed)
+ADDED = (
+    "configure largest tile",
+    "unchecked mvm at clamp_max",
+    "unchecked batch limit",
+    "line current limit",
+)
 NO_ID = "unchecked program without id"
 RESENT = "unchecked program request id"
 
@@ -57,7 +64,7 @@ def test_the_reference_firmware_passes_every_check(correct: Report) -> None:
     failed = [c.line() for c in correct.checks if c.status == "FAIL"]
     assert not failed, failed
     ops = {c.operation: c.status for c in correct.checks}
-    for op in (FRAGMENTED, NO_ID, RESENT, "unchecked board limit", "reset"):
+    for op in (FRAGMENTED, NO_ID, RESENT, "unchecked board limit", "reset", *ADDED):
         assert ops[op] == "PASS", op
     assert ops["wear"] == "SKIP"  # no pulse endurance declared
     assert "ownership" not in ops  # no lock announced: nothing to check
@@ -208,7 +215,7 @@ BIG_ENDIAN = {
     "mvm w_max", "unchecked board conductance limit", NO_ID, RESENT, FRAGMENTED, "line current limit",
     "reset",
 }  # fmt: skip
-LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit"}
+LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "unchecked batch limit"}
 
 
 @pytest.mark.parametrize(
@@ -227,6 +234,22 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit"}
             "refused as ConfigurationError",
         ),
         ("lastref", {FRAGMENTED}, FRAGMENTED, "its reply was dropped as stale"),
+        # passed by the suite before: each fails the check added for it
+        (
+            "batchge",
+            {"unchecked batch limit"},
+            "unchecked batch limit",
+            "max_batch = 1024 samples was refused",
+        ),
+        ("batchover", {"unchecked batch limit"}, "unchecked batch limit", "batch check is off by one"),
+        (
+            "clampstrict",
+            {"unchecked mvm at clamp_max"},
+            "unchecked mvm at clamp_max",
+            "the board checks with >=",
+        ),
+        ("lineslack", {"line current limit"}, "line current limit", "enforces the limit with a slack"),
+        ("tilege", {"configure largest tile"}, "configure largest tile", "counts the bias row twice"),
     ],
 )
 def test_a_firmware_that_misreads_the_docs_fails_the_check_that_names_its_mistake(

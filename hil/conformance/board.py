@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from drivers.base import CAPABILITIES, BoardStatus
-from drivers.topology import Topology
+from drivers.errors import DeviceError
+from drivers.topology import BIAS, Coupling, Topology
 from drivers.wire.payload import LOCK_CAPABILITY
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
@@ -80,6 +81,13 @@ def configure(sess: Session) -> bool:
         lambda sent: _max_tiles(sess, sent),
     )
 
+    sess.run(
+        "configure largest tile",
+        "a board takes a tile of tile_rows_max x tile_cols_max, the bias row counted (docs/protocol.md "
+        "section 1, Topology: a tile within tile_rows_max x tile_cols_max; bias adds one row)",
+        lambda sent: _largest_tile(sess, sent),
+    )
+
     def body(sent: list[str]) -> str:
         t = sess.topo
         sent.append(
@@ -112,3 +120,29 @@ def _max_tiles(sess: Session, sent: list[str]) -> str:
         raise Mismatch(f"the {n}-tile topology read back differs ({tiles} tiles)")
     of = "" if n == sess.lim.max_tiles else f" (of {sess.lim.max_tiles})"
     return f"{n} tiles configured and read back{of}"
+
+
+def _largest_tile(sess: Session, sent: list[str]) -> str:
+    """A board whose tile check is strict (`>=`) or counts the bias row twice refuses the largest
+    tile it declares, which a placement that fills the board asks for; nothing is programmed."""
+    rows, cols = sess.lim.tile_rows_max, sess.lim.tile_cols_max
+    sources = ("m0", BIAS) if rows > 1 else ("m0",)
+    topo = Topology(
+        {"m0": rows - len(sources) + 1, "m1": cols},
+        (Coupling("W0", sources, ("m1",)),),
+        budget=sess.topo.budget,
+    )
+    sent.append(
+        f"{rows - len(sources) + 1}-{cols}{' (+bias)' if rows > 1 else ''}: one tile of {rows} x {cols}"
+    )
+    try:
+        sess.dev.configure(topo)
+    except DeviceError as exc:
+        raise Mismatch(
+            f"refused ({type(exc).__name__}: {exc}): a tile of exactly tile_rows_max x tile_cols_max "
+            "(the bias row one of its rows) is within the limits; the board checks with >= or counts the "
+            "bias row twice"
+        ) from exc
+    if sess.dev.topology != topo:
+        raise Mismatch(f"the topology read back differs: {sess.dev.topology}")
+    return f"a {rows} x {cols} tile configured and read back"

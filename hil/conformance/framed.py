@@ -13,10 +13,12 @@ import numpy as np
 from drivers.checks import conductance_window
 from drivers.errors import DeviceError, LimitViolation, NotSupported, distinct_numbers
 from drivers.wire import payload as pl
-from hil.conformance.report import Mismatch
+from hil.conformance.report import Check, Mismatch
 from hil.conformance.session import Session
 
 Send = Callable[[pl.Op, pl.Message], pl.Message]
+LIMITS = 'docs/protocol.md section 1, "Limits": refused before anything is sent; a board must check again'
+MAX_BATCH_PROBE_BYTES = 8 << 20  # the largest framed message (docs/protocol.md section 1, "Server limits")
 
 
 def checks(sess: Session) -> None:
@@ -38,6 +40,25 @@ def checks(sess: Session) -> None:
             "refused + 1, violations 0",
             lambda sent: _board_limit(sess, sent, send, tile, rows),
         )
+        sess.run(
+            "unchecked mvm at clamp_max",
+            "an mvm input exactly at clamp_max runs: the limit is x v_read <= v_read_max, equal passes "
+            f"({LIMITS})",
+            lambda sent: _at_clamp_max(sess, sent, send, tile, rows),
+        )
+        batch_bytes = 4 * (sess.lim.max_batch + 1) * rows
+        if batch_bytes > MAX_BATCH_PROBE_BYTES:
+            reason = (
+                f"an mvm of max_batch + 1 = {sess.lim.max_batch + 1} samples would be {batch_bytes} bytes"
+            )
+            sess.add(Check("unchecked batch limit", "SKIP", "-", "-", reason))
+        else:
+            sess.run(
+                "unchecked batch limit",
+                "an mvm of max_batch samples runs, one of max_batch + 1 is error -222 on the board, its own "
+                f"refused + 1 ({LIMITS})",
+                lambda sent: _batch_limit(sess, sent, send, tile, rows),
+            )
     else:
         sess.run(
             "unchecked undeclared mvm",
@@ -102,3 +123,58 @@ def _board_conductance_limit(sess: Session, sent: list[str], send: Send, tile: s
         "device g_min)",
     )  # fmt: skip
     return got + sess.tile_within_window(tile)
+
+
+def _at_clamp_max(sess: Session, sent: list[str], send: Send, tile: str, rows: int) -> str:
+    """A board whose check is strict (`>=`), or made in float32 where clamp_max times v_read rounds
+    up, refuses the largest input the host sends (a clamp at the rail) in the middle of training."""
+    x = np.zeros((1, rows), np.float32)
+    x[0, 0] = np.float32(sess.lim.clamp_max)
+    sent.append(f"MVM unchecked, x[0] = clamp_max {float(x[0, 0])!r} (every other input 0)")
+    before = sess.dev.safety()
+    try:
+        y = pl.mvm_result(send(pl.Op.MVM, pl.mvm_request(tile, x, False)), 1, sess.topo.tile_shape(tile)[1])
+    except DeviceError as exc:
+        raise Mismatch(
+            f"refused ({type(exc).__name__}: {exc}): x v_read = {float(x[0, 0]) * sess.lim.v_read!r} V is "
+            f"within v_read_max {sess.lim.v_read_max!r} V (computed in float64); the board checks with >= or "
+            f"in another width than the host, which sends this value; {LIMITS}"
+        ) from exc
+    after = sess.dev.safety()
+    if after.refused != before.refused:
+        raise Mismatch(f"ran, but refused {before.refused} -> {after.refused}: nothing was refused")
+    return f"ran: y {y.shape}; refused {after.refused} unchanged"
+
+
+def _batch_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: int) -> str:
+    """The host splits a larger set into chunks of max_batch, so a board that refuses max_batch
+    (`>=`) fails every full chunk; one that runs max_batch + 1 has no bound on a request's work
+    (its buffers are sized for max_batch)."""
+    n = sess.lim.max_batch
+    cols = sess.topo.tile_shape(tile)[1]
+    sent.append(f"MVM unchecked, x = 0 of {n} x {rows} (max_batch), then of {n + 1} x {rows}")
+    try:
+        pl.mvm_result(send(pl.Op.MVM, _mvm_batch(tile, n, rows)), n, cols)
+    except DeviceError as exc:
+        raise Mismatch(
+            f"a batch of max_batch = {n} samples was refused ({type(exc).__name__}: {exc}): the limit is "
+            f"'at most max_batch' (> where the board has >=), and the host sends full chunks of {n}; {LIMITS}"
+        ) from exc
+    request = _mvm_batch(tile, n + 1, rows)
+    what = f"a batch of max_batch + 1 = {n + 1} samples"
+    try:
+        got = sess.counted_refusal(
+            sent, 0.0, lambda: _refused(sent, send, pl.Op.MVM, request, LimitViolation), what=what
+        )
+    except Mismatch as exc:
+        if "the board ran MVM" in str(exc):
+            raise Mismatch(
+                f"{what} ran: the board's own batch check is off by one (or missing), so a request's work "
+                f"is not bounded by max_batch; {LIMITS}"
+            ) from exc
+        raise
+    return f"{n} samples ran; {got}"
+
+
+def _mvm_batch(tile: str, n: int, rows: int) -> pl.Message:
+    return pl.mvm_request(tile, np.zeros((n, rows), np.float32), False)

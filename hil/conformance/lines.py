@@ -24,6 +24,7 @@ NAME = "line current limit"
 MAX_LINE = 1 << 16  # devices on the line at most (a board whose limit needs more is SKIPPED)
 OVER = 1.2  # the line's current at x = clamp_max, as a multiple of the limit (where the tile allows)
 UNDER = 0.9  # the request "just under": this fraction of the limit, from the conductances read back
+JUST_OVER = 0.01  # the request "just over": this much over the limit at least (more where reads are noisy)
 RULE = (
     'docs/protocol.md section 1, "Limits", Line currents: G+ and G- are two crossbars; a driven line '
     "carries V_i sum_j G_ij, a sensed line sum_i V_i G_ij (V_i = |x_i| v_read, float64); a request over "
@@ -80,8 +81,8 @@ def checks(sess: Session) -> None:
         return
     spec = (
         f"an mvm whose line would carry more than max_line_current_a (at x <= clamp_max) is refused on "
-        f"the board: -222, refused + 1, violations unchanged, the tile unchanged; at {UNDER:.0%} of the "
-        f"limit it runs ({RULE})"
+        f"the board: -222, refused + 1, violations unchanged, the tile unchanged; {JUST_OVER:.0%} over the "
+        f"limit too (no slack); at {UNDER:.0%} of the limit it runs ({RULE})"
     )
     limit = sess.lim.max_line_current_a
     if not math.isfinite(limit):
@@ -180,6 +181,7 @@ def _over_and_under(sess: Session, sent: list[str], send: Send, t: LineTile) -> 
             f"{got}; {counts}; the tile moved by up to {moved:.4g} S (allowed {margin:.3g}): nothing may "
             f"change; {RULE}"
         )
+    got += _just_over(sess, sent, send, t, per_volt, held)
     x_under = np.float32(UNDER * limit / (lim.v_read * per_volt))
     under = float(x_under) * lim.v_read * per_volt
     xu = np.full((1, t.n), x_under, np.float32)
@@ -192,3 +194,35 @@ def _over_and_under(sess: Session, sent: list[str], send: Send, t: LineTile) -> 
             f"refused ({type(exc).__name__}: {exc}): a board must run what is within its limit; {RULE}"
         ) from exc
     return f"{got}; {counts}; the tile unchanged (within {margin:.3g} S); at {under:.4g} A y {desc(yu)}"
+
+
+def _just_over(
+    sess: Session, sent: list[str], send: Send, t: LineTile, per_volt: float, held: np.ndarray
+) -> str:
+    """A request `JUST_OVER` past the limit (or 6 sigma of the line sum read back, if more) must be
+    refused too: a board that enforces the limit with a slack (a "margin" added the wrong way)
+    refuses the request at `OVER` and runs this one."""
+    lim, limit = sess.lim, sess.lim.max_line_current_a
+    sigma = sess.sigma_g * math.sqrt(held[0].size / sess.opt.reads)  # of one array's line sum, averaged
+    excess = max(JUST_OVER, 6.0 * sigma / per_volt)
+    x_just = np.float32((1.0 + excess) * limit / (lim.v_read * per_volt))
+    just = float(x_just) * lim.v_read * per_volt
+    if not x_just < np.float32(lim.clamp_max):
+        return "; no request just over the limit (it needs x = clamp_max, sent above)"
+    sent.append(f"mvm x = {float(x_just):.6g}: ~{just:.6g} A ({just / limit - 1:+.2%} over the limit)")
+    before = sess.dev.safety()
+    try:
+        y = _mvm(send, np.full((1, t.n), x_just, np.float32), t)
+    except LimitViolation as exc:
+        after = sess.dev.safety()
+        if after.refused != before.refused + 1:
+            raise Mismatch(
+                f"a request {just / limit - 1:.2%} over the limit was refused ({exc}) but refused went "
+                f"{before.refused} -> {after.refused}; {RULE}"
+            ) from exc
+        return f"; {just / limit - 1:.2%} over: refused too"
+    raise Mismatch(
+        f"refused at x = clamp_max, but ran (y {desc(y)}) at x = {float(x_just):.6g}, where {t.line()} "
+        f"carries {just:.6g} A, {just / limit - 1:.2%} over max_line_current_a {limit:g} A: the board "
+        f"enforces the limit with a slack; {RULE}"
+    )
