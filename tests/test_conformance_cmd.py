@@ -109,7 +109,8 @@ def test_passes_on_every_transport(
         assert servers.device.safety() == SafetyCounters(refused=4 + framed, violations=0)
         if framed:
             assert ops["unchecked mvm at clamp_max"] == ops["unchecked batch limit"] == "PASS"
-        assert ops["configure largest tile"] == "PASS"
+        prefix = "unchecked" if framed else "scpi"
+        assert ops[f"{prefix} request id after reset"] == ops["configure largest tile"] == "PASS"
         # the owner the check left gone was made safe by the board (not visible on the wire), at
         # its close and again after its reconnect's close
         assert servers.lock is not None and servers.lock.owner_gone == (2 if tcp else 0)

@@ -30,6 +30,8 @@ ADDED = (
     "unchecked mvm at clamp_max",
     "unchecked batch limit",
     "line current limit",
+    "meter",
+    "unchecked request id after reset",
 )
 NO_ID = "unchecked program without id"
 RESENT = "unchecked program request id"
@@ -213,7 +215,7 @@ PRODUCTS = {*MVM, FRAGMENTED}  # each compares products with x @ W; a wrong prod
 BIG_ENDIAN = {
     "program W0", "program W1", "read_conductance W0", "read_conductance W1", *MVM, "error queue",
     "mvm w_max", "unchecked board conductance limit", NO_ID, RESENT, FRAGMENTED, "line current limit",
-    "reset",
+    "reset", "unchecked request id after reset",
 }  # fmt: skip
 LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "unchecked batch limit"}
 
@@ -249,7 +251,15 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
             "the board checks with >=",
         ),
         ("lineslack", {"line current limit"}, "line current limit", "enforces the limit with a slack"),
+        ("meterrows", {"meter"}, "meter", "it counts samples, not requests"),
+        ("nowait", {"meter"}, "meter", "the wait's seconds did not pass on the board"),
         ("tilege", {"configure largest tile"}, "configure largest tile", "counts the bias row twice"),
+        (
+            "ridreset",
+            {"unchecked request id after reset"},
+            "unchecked request id after reset",
+            "across the reset",
+        ),
     ],
 )
 def test_a_firmware_that_misreads_the_docs_fails_the_check_that_names_its_mistake(

@@ -35,9 +35,17 @@ def mvm(sess: Session) -> None:
     if callable(meter):
         sess.run(
             "meter",
-            "meter() is None, or clock_s and energy_j never fall and mvm_calls counts mvm calls",
+            "meter() is None, or clock_s and energy_j never fall, mvm_calls counts mvm requests (one per "
+            f"request whatever its batch) and clock_s counts a wait's seconds ({METER_RULE})",
             lambda sent: _meter(sess, sent, tile, meter),
         )
+
+
+METER_RULE = (
+    'docs/protocol.md section 1, "Meter": mvm_calls is the number of mvm operations run, one per request '
+    "whatever its batch; clock_s is the board clock, waits included"
+)
+WAIT_S = 0.01  # the wait the meter check sends: a board sleeps it (the emulator advances its clock)
 
 
 def mvm_tolerance(
@@ -234,16 +242,28 @@ def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) 
     if first is None:
         sent.append("meter()")
         return "None (the board does not meter)"
-    n = 3
-    sent.append(f"meter(), {n} mvm calls, meter()")
-    x = sess.inputs((1, rows))
+    n, batch = 3, 2
+    sent.append(f"meter(), {n} mvm calls of {batch} samples, wait({WAIT_S}), meter()")
+    x = sess.inputs((batch, rows))
     for _ in range(n):
         sess.dev.mvm(tile, x)
+    sess.dev.wait(WAIT_S)
     second = meter()
     if second is None:
         raise Mismatch(f"{first} first, then None")
     if second.clock_s < first.clock_s or second.energy_j < first.energy_j:
         raise Mismatch(f"went backwards: {first} -> {second}")
-    if second.mvm_calls - first.mvm_calls != n:
-        raise Mismatch(f"mvm_calls {first.mvm_calls} -> {second.mvm_calls} after {n} calls")
+    calls = second.mvm_calls - first.mvm_calls
+    if calls != n:
+        counts = " (it counts samples, not requests)" if calls == n * batch else ""
+        raise Mismatch(
+            f"mvm_calls {first.mvm_calls} -> {second.mvm_calls} after {n} calls of {batch} samples{counts}; "
+            f"{METER_RULE}"
+        )
+    if second.clock_s - first.clock_s < WAIT_S * (1 - 1e-9):  # float64 sums: a rounding step
+        raise Mismatch(
+            f"clock_s {first.clock_s!r} -> {second.clock_s!r} over {n} mvm calls and a wait of {WAIT_S} s: "
+            f"the wait's seconds did not pass on the board (a WAIT that returns at once measures no drift); "
+            f"{METER_RULE}"
+        )
     return f"{first} -> {second}"

@@ -218,3 +218,52 @@ def _program_twice(sess: Session, sent: list[str], send: Callable[..., pl.Messag
             f"{first.meta} (or their arrays do); {ID_RULE}"
         )
     return f"{got} (B's level); the resend got A's first reply, arrays and all"
+
+
+RESET_RULE = (
+    'docs/protocol.md section 1, "Request ids": a reset clears the record (docs/bringup.md, "RESET and '
+    'SAFE_STATE": its outcomes belong to the old epoch)'
+)
+
+
+def after_reset(sess: Session) -> None:
+    """A request id from before a RESET runs again after it (every board reached over a link)."""
+    send = getattr(sess.dev, "send_unchecked", None)
+    if not callable(send):
+        return
+    prefix = "scpi" if sess.report.uri.lower().startswith("visa://") else "unchecked"
+    sess.run(
+        f"{prefix} request id after reset",
+        f"program A (id r), RESET, configure, program B with id r: B runs, the tile reads B ({RESET_RULE})",
+        lambda sent: _id_after_reset(sess, sent, send, sess.topo.couplings[-1].tile),
+    )
+
+
+def _id_after_reset(sess: Session, sent: list[str], send: Callable[..., pl.Message], tile: str) -> str:
+    """A board that keeps the record across a reset answers the host's first request of the new
+    epoch that reuses an id (a recovery that resends a program in flight, docs/protocol.md section
+    4) with the old epoch's outcome, an error included, and runs nothing."""
+    low, high = _levels(sess, tile)
+    r = int.from_bytes(os.urandom(6), "little")
+
+    def program(g: np.ndarray) -> pl.Message:
+        request = pl.program_request(tile, g, g, False, None, 1)
+        request.meta["rid"] = r
+        return send(pl.Op.PROGRAM, request)
+
+    sent.append(
+        f"{tile}: A = {low.flat[0]:.3g} S with id {r}; reset(); configure; B = {high.flat[0]:.3g} S, id {r}"
+    )
+    first = program(low)
+    sess.dev.reset()
+    sess.dev.configure(sess.topo)
+    again = program(high)
+    level, mean = _reads_as(sess, tile, low, high)
+    got = f"the tile reads {mean:.3g} S"
+    if level == "low" or _same(first, again):
+        raise Mismatch(
+            f"{got} ({level} level; the reply {'is' if _same(first, again) else 'is not'} A's stored one): "
+            f"the board kept the record of request ids across the reset and answered the new epoch's "
+            f"request from the old one; {RESET_RULE}"
+        )
+    return f"{got} (B's level): the id ran again in the new epoch"

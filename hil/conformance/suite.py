@@ -63,6 +63,7 @@ def run_conformance(
             ownership.checks(sess)
             owner_gone.checks(sess)
             lifecycle.status_reset(sess)
+            replay.after_reset(sess)
     except LinkLost as exc:
         sess.add(
             Check(
