@@ -26,6 +26,7 @@ from tests.fw_reference_board import FirmwareBoard
 FRAGMENTED = "fragmented messages"
 # the checks added for the firmware-reading mistakes below (each catches one the suite passed)
 ADDED = (
+    "link COBS runs",
     "configure largest tile",
     "unchecked mvm at clamp_max",
     "unchecked batch limit",
@@ -237,6 +238,12 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
         ),
         ("lastref", {FRAGMENTED}, FRAGMENTED, "its reply was dropped as stale"),
         # passed by the suite before: each fails the check added for it
+        (
+            "cobsff",
+            {"link COBS runs", "configure max_tiles", "link"},
+            "link COBS runs",
+            "a run of 254 non-zero",
+        ),
         (
             "batchge",
             {"unchecked batch limit"},

@@ -10,6 +10,7 @@ from drivers.errors import DeviceError
 from hil.conformance import (
     arrays,
     board,
+    cobs,
     fragments,
     framed,
     lifecycle,
@@ -45,6 +46,7 @@ def run_conformance(
     sess = Session(dev, options, report, on_check)
     try:
         board.identity(sess)
+        cobs.checks(sess)
         if board.configure(sess):
             arrays.program(sess)
             arrays.read_conductance(sess)
