@@ -33,7 +33,9 @@ firmware bugs that the conformance suite must catch:
 - `lastref`: a reply's ref is the low byte of the seq of the request's last fragment, not its first;
 - `code100`: a limit refusal answered 100 (configuration), not -222;
 - `nowait`: WAIT returns at once, its seconds neither waited nor added to the board clock;
-- `tilege`: a tile of exactly tile_rows_max rows refused (>= where > belongs).
+- `tilege`: a tile of exactly tile_rows_max rows refused (>= where > belongs);
+- `adcrefuse`: an mvm whose output is past its read-out's range (+-64 w_max) refused (-240), not
+  saturated at the rail.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -77,7 +79,7 @@ import numpy as np
 BUGS = (
     "nofrag", "noack", "norid", "slack", "nolease", "noreturn", "crcpayload", "cobsff", "bigendian",
     "colmajor", "gscale", "coarseadc", "batchge", "batchover", "clampstrict", "lineslack", "ridreset",
-    "rid1", "meterrows", "lastref", "code100", "nowait", "tilege",
+    "rid1", "meterrows", "lastref", "code100", "nowait", "tilege", "adcrefuse",
 )  # fmt: skip
 
 HDR = struct.Struct("<BBBBHH")
@@ -543,6 +545,8 @@ class Board:
         w = w_max * (gp.astype(np.float64) - gm) / span
         self.mvm_calls += len(x) if self.bug == "meterrows" else 1
         y = x @ (w.T if transpose else w)
+        if self.bug == "adcrefuse" and float(np.abs(y).max(initial=0.0)) > 64 * w_max:
+            raise Fail(-240, f"mvm read-out over range: |y| {float(np.abs(y).max())!r} > {64 * w_max!r}")
         if self.bug == "coarseadc":  # 4 bits over +-(inputs x w_max)
             full = n * w_max
             step = 2 * full / 15

@@ -261,6 +261,7 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
         ("meterrows", {"meter"}, "meter", "it counts samples, not requests"),
         ("nowait", {"meter"}, "meter", "the wait's seconds did not pass on the board"),
         ("tilege", {"configure largest tile"}, "configure largest tile", "counts the bias row twice"),
+        ("adcrefuse", {"line current limit"}, "line current limit", "saturates at its rail, never an error"),
         (
             "ridreset",
             {"unchecked request id after reset"},

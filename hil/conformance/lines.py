@@ -25,6 +25,10 @@ MAX_LINE = 1 << 16  # devices on the line at most (a board whose limit needs mor
 OVER = 1.2  # the line's current at x = clamp_max, as a multiple of the limit (where the tile allows)
 UNDER = 0.9  # the request "just under": this fraction of the limit, from the conductances read back
 JUST_OVER = 0.01  # the request "just over": this much over the limit at least (more where reads are noisy)
+SATURATION = (
+    "an output past the read-out's range saturates at its rail, never an error (docs/protocol.md section 2, "
+    "TILE:MVM?)"
+)
 RULE = (
     'docs/protocol.md section 1, "Limits", Line currents: G+ and G- are two crossbars; a driven line '
     "carries V_i sum_j G_ij, a sensed line sum_i V_i G_ij (V_i = |x_i| v_read, float64); a request over "
@@ -189,9 +193,13 @@ def _over_and_under(sess: Session, sent: list[str], send: Send, t: LineTile) -> 
     try:
         yu = _mvm(send, xu, t)
     except DeviceError as exc:
+        # the product (w_max 1, every input x_under): past most read-outs' rails
+        y_expected = float(x_under) * float(held[0].sum() - held[1].sum()) / sess.g_range
+        saturates = "" if isinstance(exc, LimitViolation) else f" ({SATURATION}: about {y_expected:.4g} here)"
         raise Mismatch(
             f"{got}; {counts}; then a request at {UNDER:.0%} of the limit ({under:.4g} A <= {limit:g} A) was "
-            f"refused ({type(exc).__name__}: {exc}): a board must run what is within its limit; {RULE}"
+            f"refused ({type(exc).__name__}: {exc}): a board must run what is within its limit{saturates}; "
+            f"{RULE}"
         ) from exc
     return f"{got}; {counts}; the tile unchanged (within {margin:.3g} S); at {under:.4g} A y {desc(yu)}"
 
