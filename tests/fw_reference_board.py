@@ -35,7 +35,10 @@ firmware bugs that the conformance suite must catch:
 - `nowait`: WAIT returns at once, its seconds neither waited nor added to the board clock;
 - `tilege`: a tile of exactly tile_rows_max rows refused (>= where > belongs);
 - `adcrefuse`: an mvm whose output is past its read-out's range (+-64 w_max) refused (-240), not
-  saturated at the rail.
+  saturated at the rail;
+- `noepoch`: RESET leaves the epoch as it was;
+- `keeptopo`: RESET keeps the topology (STATUS still configured);
+- `microsiemens`: conductances read back (a program's and a read's) in microsiemens, not siemens.
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -79,7 +82,8 @@ import numpy as np
 BUGS = (
     "nofrag", "noack", "norid", "slack", "nolease", "noreturn", "crcpayload", "cobsff", "bigendian",
     "colmajor", "gscale", "coarseadc", "batchge", "batchover", "clampstrict", "lineslack", "ridreset",
-    "rid1", "meterrows", "lastref", "code100", "nowait", "tilege", "adcrefuse",
+    "rid1", "meterrows", "lastref", "code100", "nowait", "tilege", "adcrefuse", "noepoch", "keeptopo",
+    "microsiemens",
 )  # fmt: skip
 
 HDR = struct.Struct("<BBBBHH")
@@ -409,6 +413,8 @@ class Board:
         self, meta: dict[str, Any], arrays: tuple[tuple[str, np.ndarray], ...], tile: bool = True
     ) -> bytes:
         """A reply with arrays (`colmajor`: a tile's conductances written column-major; `bigendian`)."""
+        if self.bug == "microsiemens" and tile:
+            arrays = tuple((n, a * F32(1e6)) for n, a in arrays)
         if self.bug == "colmajor" and tile:
             arrays = tuple((n, a.ravel(order="F").reshape(a.shape)) for n, a in arrays)
         return message(meta, arrays, ">f4" if self.bug == "bigendian" else "<f4")
@@ -571,7 +577,9 @@ class Board:
         return message({"refused": self.refused, "violations": 0})
 
     def op_reset(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-        self.topology, self.shapes, self.epoch = None, {}, self.epoch + 1
+        if self.bug != "keeptopo":
+            self.topology, self.shapes = None, {}
+        self.epoch += self.bug != "noepoch"
         self.line_v = 0.0  # the lock (if any) stays: only the owner sends RESET
         if self.bug != "ridreset":
             self.outcomes.clear()

@@ -213,7 +213,7 @@ def test_a_lease_that_never_lapses_fails_the_owner_gone_check_and_the_suite_take
 
 MVM = {"mvm", "mvm transpose", "mvm 1-D"}
 PRODUCTS = {*MVM, FRAGMENTED}  # each compares products with x @ W; a wrong product fails one or more
-BIG_ENDIAN = {
+G_UNREADABLE = {
     "program W0", "program W1", "read_conductance W0", "read_conductance W1", *MVM, "error queue",
     "mvm w_max", "unchecked board conductance limit", NO_ID, RESENT, FRAGMENTED, "line current limit",
     "reset", "unchecked request id after reset",
@@ -225,7 +225,7 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
     ("bug", "fails", "check", "says"),
     [
         # caught before this suite grew (with a line that names the mistake, or now does)
-        ("bigendian", BIG_ENDIAN, "program W0", "the board sends big-endian numbers"),
+        ("bigendian", G_UNREADABLE, "program W0", "the board sends big-endian numbers"),
         ("gscale", PRODUCTS, "mvm", "the board divides by g_max, not by g_max - g_min"),
         ("colmajor", PRODUCTS, "mvm", "stores a tile's arrays in Fortran order"),
         ("coarseadc", PRODUCTS, "mvm", "coarser than the adc_bits 8"),
@@ -237,6 +237,9 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
             "refused as ConfigurationError",
         ),
         ("lastref", {FRAGMENTED}, FRAGMENTED, "its reply was dropped as stale"),
+        ("noepoch", {"reset"}, "reset", "a reset must change the epoch"),
+        ("keeptopo", {"reset"}, "reset", "after reset: topology Topology("),
+        ("microsiemens", G_UNREADABLE, "program W0", "malformed program reply: array 'g_plus' holds values"),
         # passed by the suite before: each fails the check added for it
         (
             "cobsff",

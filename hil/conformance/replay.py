@@ -252,8 +252,10 @@ def _id_after_reset(sess: Session, sent: list[str], send: Callable[..., pl.Messa
         return send(pl.Op.PROGRAM, request)
 
     sent.append(
-        f"{tile}: A = {low.flat[0]:.3g} S with id {r}; reset(); configure; B = {high.flat[0]:.3g} S, id {r}"
+        f"configure; {tile}: A = {low.flat[0]:.3g} S with id {r}; reset(); configure; "
+        f"B = {high.flat[0]:.3g} S, id {r}"
     )
+    sess.dev.configure(sess.topo)  # whatever the reset check left (it stops at its first mismatch)
     first = program(low)
     sess.dev.reset()
     sess.dev.configure(sess.topo)
