@@ -38,7 +38,8 @@ firmware bugs that the conformance suite must catch:
   saturated at the rail;
 - `noepoch`: RESET leaves the epoch as it was;
 - `keeptopo`: RESET keeps the topology (STATUS still configured);
-- `microsiemens`: conductances read back (a program's and a read's) in microsiemens, not siemens.
+- `microsiemens`: conductances read back (a program's and a read's) in microsiemens, not siemens;
+- `noconfcheck`: a topology's w_max, gain and activation taken as sent (this board's first version).
 
 It shares no code with the emulator or the host drivers (framing, CRC, COBS, messages and
 the board are its own), so tests that pass against both are tests of the spec. By default it is
@@ -83,7 +84,7 @@ BUGS = (
     "nofrag", "noack", "norid", "slack", "nolease", "noreturn", "crcpayload", "cobsff", "bigendian",
     "colmajor", "gscale", "coarseadc", "batchge", "batchover", "clampstrict", "lineslack", "ridreset",
     "rid1", "meterrows", "lastref", "code100", "nowait", "tilege", "adcrefuse", "noepoch", "keeptopo",
-    "microsiemens",
+    "microsiemens", "noconfcheck",
 )  # fmt: skip
 
 HDR = struct.Struct("<BBBBHH")
@@ -196,6 +197,17 @@ def unmessage(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _width_ok(text: str) -> bool:
+    try:
+        return 0.01 <= float(text) <= 0.25
+    except ValueError:
+        return False
 
 
 @dataclass(eq=False)
@@ -435,6 +447,8 @@ class Board:
             raise Fail(100, "groups/couplings missing")
         if len(couplings) > LIM["max_tiles"]:
             raise self.refuse(f"{len(couplings)} tiles > max_tiles")
+        if self.bug != "noconfcheck":
+            self._check_settle_fields(meta)
         shapes = {}
         for c in couplings:
             if c.get("kind") not in ("bipartite", "dense"):
@@ -447,7 +461,12 @@ class Board:
             cols = sum(groups[g] for g in c["cols"])
             if rows > LIM["tile_rows_max"] - (self.bug == "tilege") or cols > LIM["tile_cols_max"]:
                 raise self.refuse(f"tile {c['tile']} {rows}x{cols} too large")
-            shapes[c["tile"]] = (rows, cols, float(c["w_max"]))
+            w_max = c.get("w_max")
+            if self.bug != "noconfcheck" and not (_is_number(w_max) and 0 < w_max <= LIM["max_w_max"]):
+                raise self.refuse(
+                    f"tile {c['tile']}: w_max {w_max!r} outside (0, max_w_max {LIM['max_w_max']!r}]"
+                )
+            shapes[c["tile"]] = (rows, cols, float(w_max))
         self.topology, self.shapes = meta, shapes
         for name, (rows, cols, _) in shapes.items():
             if name not in self.g or self.g[name][0].shape != (rows, cols):
@@ -456,6 +475,27 @@ class Board:
                     self.rng.uniform(2e-6, 9e-6, (rows, cols)).astype(F32),
                 )
         return message({})
+
+    def _check_settle_fields(self, meta: dict[str, Any]) -> None:
+        """docs/protocol.md, Topology: a board without settle validates gain, activation and budget
+        as one that settles would (and only stores them): 100 for a rule, -222 for a declared limit."""
+        gain, activation = meta.get("gain", 1.0), meta.get("activation", "hard_sigmoid")
+        if not _is_number(gain) or not 0 < gain <= LIM["max_gain"]:
+            if _is_number(gain) and gain > 0:
+                raise self.refuse(f"gain {gain!r} > max_gain {LIM['max_gain']!r}")
+            raise Fail(100, f"gain {gain!r}: finite and > 0")
+        name, _, width = str(activation).partition(":")
+        known = (name in ("hard_sigmoid", "logistic") and not width) or name == "soft_sigmoid"
+        if not isinstance(activation, str) or not known or (width and not _width_ok(width)):
+            raise Fail(
+                100,
+                f"activation {activation!r}: hard_sigmoid, logistic or soft_sigmoid[:W], W in [0.01, 0.25]",
+            )
+        steps = meta.get("budget", {}).get("max_steps", 1) if isinstance(meta.get("budget"), dict) else None
+        if not _is_int(steps) or steps < 1:
+            raise Fail(100, f"budget max_steps {steps!r}: an integer >= 1")
+        if steps > LIM["max_settle_steps"]:
+            raise self.refuse(f"budget max_steps {steps} > max_settle_steps {LIM['max_settle_steps']}")
 
     def _tile(self, meta: dict[str, Any]) -> tuple[str, tuple[int, int, float]]:
         if self.topology is None:

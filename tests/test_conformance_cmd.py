@@ -103,10 +103,12 @@ def test_passes_on_every_transport(
         # raw SCPI ones, or the unchecked framed ones (an mvm input, program targets), reached
         # the board, which refused them
         assert ops["line current limit"] == "PASS"
-        # ... and the two mvms over the line-current limit (at clamp_max and 1 % over it), sent
-        # unchecked on either link; on the framed link the mvm of max_batch + 1 samples too
+        # ... and the two mvms over the line-current limit (at clamp_max and 1 % over it) and the
+        # topologies with w_max and gain past their limits, sent unchecked on either link; on the
+        # framed link the mvm of max_batch + 1 samples too
         framed = not transport.startswith("visa")
-        assert servers.device.safety() == SafetyCounters(refused=4 + framed, violations=0)
+        assert servers.device.safety() == SafetyCounters(refused=6 + framed, violations=0)
+        assert ops[f"{'unchecked' if framed else 'scpi'} configure limits"] == "PASS"
         if framed:
             assert ops["unchecked mvm at clamp_max"] == ops["unchecked batch limit"] == "PASS"
         prefix = "unchecked" if framed else "scpi"

@@ -33,6 +33,7 @@ ADDED = (
     "line current limit",
     "meter",
     "unchecked request id after reset",
+    "unchecked configure limits",
 )
 NO_ID = "unchecked program without id"
 RESENT = "unchecked program request id"
@@ -232,7 +233,7 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
         ("rid1", {RESENT}, RESENT, "holds the outcome of fewer than the last 2 ids"),
         (
             "code100",
-            {*LIMIT_CHECKS, "line current limit"},
+            {*LIMIT_CHECKS, "line current limit", "unchecked configure limits"},
             "unchecked board limit",
             "refused as ConfigurationError",
         ),
@@ -264,6 +265,12 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
         ("meterrows", {"meter"}, "meter", "it counts samples, not requests"),
         ("nowait", {"meter"}, "meter", "the wait's seconds did not pass on the board"),
         ("tilege", {"configure largest tile"}, "configure largest tile", "counts the bias row twice"),
+        (
+            "noconfcheck",
+            {"unchecked configure limits"},
+            "unchecked configure limits",
+            "the board configured it",
+        ),
         ("adcrefuse", {"line current limit"}, "line current limit", "saturates at its rail, never an error"),
         (
             "ridreset",

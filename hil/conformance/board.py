@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 from drivers.base import CAPABILITIES, BoardStatus
-from drivers.errors import DeviceError
+from drivers.errors import ConfigurationError, DeviceError, LimitViolation
 from drivers.topology import BIAS, Coupling, Topology
+from drivers.wire import payload as pl
 from drivers.wire.payload import LOCK_CAPABILITY
 from hil.conformance.report import Mismatch
 from hil.conformance.session import Session
@@ -146,3 +150,66 @@ def _largest_tile(sess: Session, sent: list[str]) -> str:
     if sess.dev.topology != topo:
         raise Mismatch(f"the topology read back differs: {sess.dev.topology}")
     return f"a {rows} x {cols} tile configured and read back"
+
+
+CONFIGURE_RULE = (
+    "docs/protocol.md section 1, Topology: a topology that breaks a rule is error 100, one beyond a "
+    "declared limit -222 (counted in refused); a board without settle validates gain, activation and "
+    "budget all the same; w_max finite in (0, max_w_max], gain finite in (0, max_gain]"
+)
+
+
+def configure_limits(sess: Session) -> None:
+    """A board checks a topology again (a host may be buggy), on every link; with the test network
+    configured (it must stay so)."""
+    send = getattr(sess.dev, "send_unchecked", None)
+    if not callable(send):  # in-process: no wire past the host's checks
+        return
+    prefix = "scpi" if sess.report.uri.lower().startswith("visa://") else "unchecked"
+    sess.run(
+        f"{prefix} configure limits",
+        "the board checks a topology again: w_max and gain past their declared limits are -222 "
+        f"(refused + 1), an unknown activation 100; the configured topology stays ({CONFIGURE_RULE})",
+        lambda sent: _configure_limits(sess, sent, send),
+    )
+    with contextlib.suppress(DeviceError):  # a board that took a probe holds it: the test network again
+        sess.dev.configure(sess.topo)
+
+
+def _configure_limits(sess: Session, sent: list[str], send: Callable[..., pl.Message]) -> str:
+    """An MVM-only board computes every product with a coupling's w_max, so one that takes a w_max
+    past max_w_max (or NaN) scales every product by it; gain and activation it only stores, and
+    still refuses what it does not declare."""
+    lim = sess.lim
+    base = pl.topology_to_dict(sess.topo)
+    w_max = dict(base, couplings=[dict(c, w_max=2 * lim.max_w_max) for c in base["couplings"]])
+    probes = (
+        (f"w_max 2 x max_w_max = {2 * lim.max_w_max:g}", w_max, LimitViolation),
+        (f"gain 2 x max_gain = {2 * lim.max_gain:g}", dict(base, gain=2 * lim.max_gain), LimitViolation),
+        ("activation 'no-such-curve'", dict(base, activation="no-such-curve"), ConfigurationError),
+    )
+    said = []
+    for what, topo, expected in probes:
+        sent.append(f"CONFIGURE unchecked, {what}")
+        before = sess.dev.safety()
+        try:
+            send(pl.Op.CONFIGURE, pl.Message(topo))
+        except expected as exc:
+            said.append(f"{what}: {type(exc).__name__}")
+        except DeviceError as exc:
+            raise Mismatch(
+                f"{what}: refused as {type(exc).__name__} ({exc}), expected {expected.__name__}; "
+                f"{CONFIGURE_RULE}"
+            ) from exc
+        else:
+            raise Mismatch(f"{what}: the board configured it; {CONFIGURE_RULE}")
+        after = sess.dev.safety()
+        counted = after.refused - before.refused
+        if counted != (1 if expected is LimitViolation else 0):
+            raise Mismatch(
+                f"{what}: refused, but the board's refused went {before.refused} -> {after.refused}"
+            )
+        back = sess.dev.send_unchecked(pl.Op.TOPOLOGY, pl.Message()).meta.get("topology")
+        if back is None or pl.topology_from_dict(back) != sess.topo:
+            raise Mismatch(f"{what}: refused, but the board's topology changed: {str(back)[:200]}")
+    return "; ".join(said) + "; the test network still configured"

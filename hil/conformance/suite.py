@@ -48,6 +48,7 @@ def run_conformance(
         board.identity(sess)
         cobs.checks(sess)
         if board.configure(sess):
+            board.configure_limits(sess)
             arrays.program(sess)
             arrays.read_conductance(sess)
             mvm.mvm(sess)
