@@ -814,8 +814,16 @@ class RemoteDevice(Device):
             return pl.equilibrium(reply, topo.groups, batch, every, topo.budget.max_steps)
 
     def wait(self, seconds: float) -> None:
+        """`seconds` of board time pass. Hardware may let them pass in real time before it
+        answers, so the reply deadline of this one request is the link's `timeout` plus
+        `seconds`: a long wait is not taken for a dead link (and resent)."""
         seconds = self._checked(checks.check_wait, self.info.limits, seconds)
-        self._transact(Op.WAIT, Message({"seconds": seconds}))
+        base = self.timeout
+        self.timeout = base + seconds
+        try:
+            self._transact(Op.WAIT, Message({"seconds": seconds}))
+        finally:
+            self.timeout = base
 
     def safety(self) -> SafetyCounters:
         remote = pl.safety_counters(self._transact(Op.SAFETY, Message()))
