@@ -30,9 +30,9 @@ class SleepingBoard(DeviceWrapper):
 
 
 @contextlib.contextmanager
-def _host(kind: str) -> Iterator[tuple[Device, Device]]:
+def _host(kind: str, sleeps: bool = True) -> Iterator[tuple[Device, Device]]:
     with open_device("emulator://?preset=ideal&seed=0") as inner:
-        board = SleepingBoard(inner)
+        board = SleepingBoard(inner) if sleeps else inner
         server_type = ScpiServer if kind == "scpi" else FramedServer
         with server_type(board) as server:  # type: ignore[arg-type]
             port = server.listen_tcp()[1]
@@ -59,3 +59,15 @@ def test_a_wait_longer_than_the_timeout_is_waited_for_once(kind: str) -> None:
         assert after.clock_s - before.clock_s == pytest.approx(WAIT_S)  # waited once, not resent
         assert dev.timeout == TIMEOUT_S  # type: ignore[attr-defined]  # the deadline is the wait's only
         dev.safety()  # and the link still answers
+
+
+@pytest.mark.parametrize("kind", ["scpi", "framed"])
+def test_the_longest_wait_the_board_allows_gives_a_deadline_the_link_takes(kind: str) -> None:
+    """The emulator answers a wait at once; the deadline of its longest (`max_wait_s`, 1e9 s,
+    past the 49.7 days that VISA counts in ms) is one pyvisa takes (as infinite)."""
+    with _host(kind, sleeps=False) as (dev, _):
+        longest = dev.info.limits.max_wait_s
+        assert longest * 1000 > 0xFFFFFFFF
+        dev.wait(longest)
+        assert dev.timeout == TIMEOUT_S  # type: ignore[attr-defined]
+        dev.safety()

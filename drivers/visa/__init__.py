@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import re
 import select
 import socket
@@ -57,6 +58,7 @@ DEFAULT_TIMEOUT_S = 10.0
 CHUNK = 1 << 20
 FAST_MIN = 1 << 16  # blocks at least this long are received with `_read_direct`
 MAX_ERRORS = 64
+VISA_TIMEOUT_INFINITE_MS = 0xFFFFFFFF  # VI_TMO_INFINITE: a finite VISA timeout is below it (49.7 days)
 LATE_REPLY_S = 2.0  # how long a first query that timed out waits on for a late reply (a slow board)
 MAX_ERROR_LINE = 1024  # bytes of an error line read where a block belongs
 _ERROR_START = re.compile(rb"-\d[\d,]")  # the first three bytes of an error string (-360,"...")
@@ -117,8 +119,9 @@ class VisaDevice(RemoteDevice):
         self._timeout = check_timeout(self.name, seconds)
         if self._fast_io is not None:
             self._fast_io.timeout = self._timeout
-        if self._res is not None:
-            self._res.timeout = int(self._timeout * 1000)
+        if self._res is not None:  # whole ms, or infinite past what VISA can count
+            ms = int(self._timeout * 1000)
+            self._res.timeout = ms if ms < VISA_TIMEOUT_INFINITE_MS else math.inf
 
     # -- link
     def _connect(self) -> None:
