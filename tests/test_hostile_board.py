@@ -373,6 +373,11 @@ COND_CASES = [
         lambda r: block(np.linspace(3.7e-6, 7.75e-6, 32).astype(">f4").tobytes()),
         r"byte-swapped they would lie in \[3.7e-06, 5.6\d*e-06\]: the board sends big-endian numbers",
     ),
+    (
+        "microsiemens",  # a firmware that sends conductances in uS: the message names the unit
+        lambda r: block(_f4(np.linspace(3.7, 7.75, 32))),
+        r"times 1e-06 they would lie in \[3.7e-06, 5.6\d*e-06\]: the board sends micro-units",
+    ),
 ]
 
 

@@ -665,7 +665,8 @@ def _array(
             raise _bad(
                 op,
                 f"array {name!r} holds values in [{lo:.6g}, {hi:.6g}], "
-                f"outside [{bounds[0]:.6g}, {bounds[1]:.6g}]{_byte_order_hint(arr, bounds)}",
+                f"outside [{bounds[0]:.6g}, {bounds[1]:.6g}]{_byte_order_hint(arr, bounds)}"
+                f"{_unit_hint(lo, hi, bounds)}",
             )
     return arr
 
@@ -685,6 +686,22 @@ def _byte_order_hint(arr: np.ndarray, bounds: tuple[float, float] | None) -> str
         f"; byte-swapped they would lie in [{lo:.6g}, {hi:.6g}]: the board sends big-endian numbers, and "
         "arrays are little-endian (docs/protocol.md, Arrays)"
     )
+
+
+UNIT_PREFIXES = ((1e-6, "micro"), (1e-3, "milli"), (1e-9, "nano"))
+
+
+def _unit_hint(lo: float, hi: float, bounds: tuple[float, float]) -> str:
+    """What to say when values in [lo, hi] scaled by a unit prefix lie within `bounds`: the
+    peer sent them in micro-, milli- or nano-units (uS for S), and arrays carry SI units."""
+    for scale, prefix in UNIT_PREFIXES:
+        if bounds[0] <= lo * scale and hi * scale <= bounds[1] and (lo, hi) != (0.0, 0.0):
+            return (
+                f"; times {scale:g} they would lie in [{lo * scale:.6g}, {hi * scale:.6g}]: the board "
+                f"sends {prefix}-units (uS for siemens, mV for volts), and arrays are in SI units, "
+                "siemens and volts (docs/protocol.md)"
+            )
+    return ""
 
 
 def _unexpected(op: str, arrays: dict[str, np.ndarray], known: set[str]) -> None:
