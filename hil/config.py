@@ -180,6 +180,14 @@ class LogConfig:
     keep_snapshots: int = 3
 
 
+def check_data(d: DataConfig) -> None:
+    """The data section's counts: a limit of N images keeps the first N (0: all). A negative
+    one was taken as a Python slice's end, ``[:-N]``: every image but the last N, with no word."""
+    for key, value in (("data.limit_train", d.limit_train), ("data.limit_test", d.limit_test)):
+        if value < 0:
+            raise ConfigError(f"{key}: use only the first N images, N >= 0 (0: all), got {value}")
+
+
 def check_log(log: LogConfig) -> None:
     if not (log.snapshot_every_s >= 0 and log.flush_every_s >= 0 and log.keep_snapshots >= 0):
         raise ConfigError(
@@ -408,6 +416,7 @@ def validate(cfg: RunConfig) -> None:
     """Range checks that the types alone do not express."""
     check_compute(cfg.compute)
     check_log(cfg.log)
+    check_data(cfg.data)
     if len(cfg.model.sizes) < 2 or any(n < 1 for n in cfg.model.sizes):
         raise ConfigError(f"model.sizes: need at least two positive layer sizes, got {cfg.model.sizes}")
     if cfg.model.block_layers < 1:

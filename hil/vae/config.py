@@ -16,9 +16,15 @@ from hil.config import (
     DataConfig,
     LogConfig,
     check_compute,
+    check_data,
     check_ep_beta,
     check_log,
 )
+
+# declared bounds on one evaluation's work: noise draws of the test -ELBO (each settles the whole
+# test set twice) and generated images of the Frechet distance (the default 360: the digits' test set)
+MAX_EVAL_DRAWS = 1024
+MAX_EVAL_SAMPLES = 65_536
 
 
 @dataclass
@@ -156,6 +162,7 @@ def validate_vae(cfg: VAERunConfig) -> None:
     check_compute(cfg.compute)
     _check_boards(cfg)
     check_log(cfg.log)
+    check_data(cfg.data)
     checks = (
         ("model.hidden", m.hidden),
         ("model.latent", m.latent),
@@ -197,5 +204,10 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(f"likelihood.sigma: must be > 0, got {cfg.likelihood.sigma}")
     if not 0 < cfg.likelihood.eps < 0.5:
         raise ConfigError(f"likelihood.eps: must be in (0, 0.5), got {cfg.likelihood.eps}")
-    if cfg.eval.eps_draws < 1 or cfg.eval.samples < 2:
-        raise ConfigError("eval.eps_draws >= 1 and eval.samples >= 2 required")
+    ev = cfg.eval
+    if not (1 <= ev.eps_draws <= MAX_EVAL_DRAWS and 2 <= ev.samples <= MAX_EVAL_SAMPLES and ev.every >= 0):
+        raise ConfigError(
+            f"eval.eps_draws in [1, {MAX_EVAL_DRAWS}], eval.samples in [2, {MAX_EVAL_SAMPLES}] (declared "
+            "bounds on an evaluation's work) and eval.every >= 0 (0: only at the end) required, got "
+            f"{ev.eps_draws}, {ev.samples} and {ev.every}"
+        )
