@@ -111,6 +111,15 @@ class ArraysLost(BoardReset):
     before using the board (the trainers do, through `drivers.base.repair_lost_arrays`)."""
 
 
+class BoardChanged(DeviceError):
+    """A reconnect found a board that declares other limits than the one the device was
+    opened on (another board or chip behind the same address, new firmware, an emulator
+    started again with other settings). The host's checks use what the board declares now;
+    the request in flight, checked against the old limits, was not sent again, and no
+    topology was configured on it. Reopen the board (`open_device`) and start what was
+    running again (a training run: its --resume command)."""
+
+
 class RetriesExhausted(DeviceError):
     """An operation failed on the link on every attempt of its recovery budget; `op` names
     it, `attempts` counts the tries, `__cause__` is the last failure."""

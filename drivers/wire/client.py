@@ -38,7 +38,7 @@ import time
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -60,6 +60,7 @@ from drivers.base import (
 )
 from drivers.errors import (
     ArraysLost,
+    BoardChanged,
     BoardLocked,
     BoardReset,
     ConfigurationError,
@@ -548,6 +549,7 @@ class RemoteDevice(Device):
             raise ProtocolError(
                 f"{self.name}: the link worked, and reconnecting it failed: {detail}"
             ) from exc
+        self._board_info()
         if self._owns:  # the lock is the token's: present it again on the new connection
             self._acquire()
         status = self._board_status()
@@ -567,6 +569,7 @@ class RemoteDevice(Device):
                 "a board whose arrays lost them needs programming again)" if self._topology else "",
             )  # fmt: skip
         if reset and self._topology is not None:
+            checks.check_topology(self._topology, self.info.limits)  # as `configure` checks it
             self._call(Op.CONFIGURE, Message(pl.topology_to_dict(self._topology)))
             self.recovery.reconfigured += 1
         if status is not None:
@@ -574,6 +577,29 @@ class RemoteDevice(Device):
         self._broken = False
         if status is not None:
             self._check_arrays(status)
+
+    def _board_info(self) -> None:
+        """After a reconnect: the board's INFO read again. A board that declares other limits
+        than the ones the host has checked every request against since `open` (another board
+        behind the address, an emulator started again with other settings) is `BoardChanged`:
+        its limits become the host's, and the request in flight, checked against the old ones,
+        is not sent (it could pass a limit the new board declares)."""
+        info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
+        before, self._info = self._info, info
+        if before is None or before.limits == info.limits:
+            return
+        changed = [
+            f"{f.name} {getattr(before.limits, f.name)!r} -> {getattr(info.limits, f.name)!r}"
+            for f in fields(info.limits)
+            if getattr(before.limits, f.name) != getattr(info.limits, f.name)
+        ]
+        raise BoardChanged(
+            f"{self.name}: the board that answered the reconnect declares other limits than the one "
+            f"opened ({'; '.join(changed)}; *IDN {info.identity.idn()!r}, before "
+            f"{before.identity.idn()!r}): the request in flight was checked against the old limits and "
+            "was not sent again. Its limits are the host's from now on; reopen the board and start "
+            "again (a training run: its --resume command, which programs every tile)"
+        )
 
     def _check_arrays(self, status: BoardStatus, *, repair: bool = True) -> None:
         """After a reconnect or a reset: if the board's STATUS `arrays_id` is not the value seen

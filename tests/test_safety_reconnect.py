@@ -1,0 +1,81 @@
+"""A host that reconnects to a board must check against the limits the board that answered
+declares, not the ones it read when it opened the address (the safety audit of 2026-12-07):
+another board behind the address, or an emulator started again with narrower limits, took
+requests the host had checked against the old, wider ones."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from drivers import Topology, open_device
+from drivers.errors import ArraysLost, BoardChanged, LimitViolation
+from emulator.server.launch import serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _served(board: str, transport: str, port: int):  # type: ignore[no-untyped-def]
+    ports = {"scpi_port": None, "framed_port": None}
+    ports["framed_port" if transport == "serial-socket" else "scpi_port"] = port
+    return serve(board, scpi_pty=False, framed_pty=False, **ports)
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_a_reconnect_to_a_board_with_narrower_limits_refuses_on_the_host(transport: str) -> None:
+    port = _free_port()
+    first = _served("emulator://?preset=ideal", transport, port)
+    uri = first.uris[transport] + ("?" if "?" not in first.uris[transport] else "&") + "timeout=2"
+    try:
+        d = open_device(uri)
+    except BaseException:
+        first.close()
+        raise
+    with d:
+        assert d.info.limits.v_read_max == 0.25
+        d.configure(Topology.layered([4, 3]))
+        first.close()
+        # the same address, now a board whose read-voltage limit is 0.21 V (state 1.05)
+        second = _served("emulator://?preset=ideal&v_read_max=0.21", transport, port)
+        try:
+            x = np.full((1, 4), 1.2, np.float32)  # 0.24 V: within the first board's limit only
+            with pytest.raises(BoardChanged, match=r"v_read_max 0\.25 -> 0\.21"):
+                d.settle({"s0": x})
+            assert d.info.limits.v_read_max == 0.21
+            with pytest.raises(LimitViolation, match="read-voltage limit"):
+                d.mvm("W0", np.full((1, 5), 1.2, np.float32))
+            # nothing past its limits reached the new board, not even to be refused there
+            assert second.device.safety().refused == 0
+            assert second.device.safety().violations == 0
+            # the next call recovers as ever (the new board's devices are not the programmed
+            # ones), and what is within its limits then runs
+            with pytest.raises(ArraysLost):
+                d.settle({"s0": np.full((1, 4), 1.0, np.float32)})
+            eq = d.settle({"s0": np.full((1, 4), 1.0, np.float32)})
+            assert eq.states["s1"].shape == (1, 3)
+            d.close()
+        finally:
+            second.close()
+
+
+def test_a_reconnect_to_a_restarted_board_with_the_same_limits_is_no_change() -> None:
+    port = _free_port()
+    first = _served("emulator://?preset=ideal", "serial-socket", port)
+    d = open_device(first.uris["serial-socket"] + "?timeout=2")
+    first.close()
+    second = _served("emulator://?preset=ideal", "serial-socket", port)
+    try:
+        with pytest.raises(ArraysLost):  # its devices are new, as before; its limits the same
+            d.reconnect()
+        d.configure(Topology.layered([4, 3]))
+        d.mvm("W0", np.full((1, 5), 1.2, np.float32))
+        assert second.device.safety().refused == second.device.safety().violations == 0
+        d.close()
+    finally:
+        second.close()
