@@ -126,7 +126,8 @@ class MHNBlock:
         self.encoding = Encoding.of(xi, device.info.limits, out_range=out_range, margin=margin)
         self.d, self.n = xi.shape
         try:
-            device.configure(topology(self.d, self.n, self.encoding.w_max, tile))
+            steps = device.info.limits.max_settle_steps
+            device.configure(topology(self.d, self.n, self.encoding.w_max, tile, steps))
         except LimitViolation as exc:
             raise _too_large(device, tile, self.d, self.n, exc) from exc
         self.patterns = nn.Parameter(xi)
