@@ -23,7 +23,7 @@ from calibration.adc import measure_adc
 from calibration.conductance import find_stuck
 from calibration.converters import ConverterOptions
 from calibration.dac import measure_dac
-from calibration.measure import Progress, no_progress, read_stats, tile_topology
+from calibration.measure import Progress, board_budget, no_progress, read_stats, tile_topology
 from calibration.mvm import measure_mvm
 from calibration.record import CalibrationRecord, ChannelCal
 from drivers import Coupling, Device, Topology, seeds
@@ -152,7 +152,9 @@ def drift_check(
     maps = [t for t in record.tiles.values() if t.gmap is not None]
     if maps:
         n = 16
-        device.configure(Topology({"r": n, "c": n}, (Coupling("T", ("r",), ("c",)),)))
+        device.configure(
+            Topology({"r": n, "c": n}, (Coupling("T", ("r",), ("c",)),), budget=board_budget(device))
+        )
         lim = device.info.limits
         g = np.full((n, n), lim.g_min + 0.5 * (lim.g_max - lim.g_min), np.float32)
         device.program("T", g, g)
@@ -171,7 +173,7 @@ def drift_check(
         progress("drift", 4, 5)
     positions = sorted(record.tiles)
     if positions and positions == list(range(len(positions))):
-        device.configure(tile_topology([record.tiles[p].shape for p in positions]))
+        device.configure(tile_topology([record.tiles[p].shape for p in positions], board_budget(device)))
         for p in positions:
             tile = record.tiles[p]
             if tile.stuck is None:

@@ -10,11 +10,11 @@ putting uncoupled "pad" groups in front of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from drivers import Coupling, Device, Topology
+from drivers import Coupling, Device, SettleBudget, Topology
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called by the routines as they advance."""
@@ -148,16 +148,30 @@ def runs(channels: np.ndarray, max_len: int) -> list[tuple[int, int]]:
     return out
 
 
-def tile_topology(shapes: list[tuple[int, int]]) -> Topology:
+def board_budget(device: Device, budget: SettleBudget | None = None) -> SettleBudget:
+    """`budget` (default: `SettleBudget()`, 100 steps) with at most the steps the board declares
+    (`Limits.max_settle_steps`): the budget of a routine's topology that does not settle, or
+    settles under the host's default budget. A board that declares fewer steps than the
+    default refused the configure of the mvm, stuck, gmap, pulse and settle routines, after the
+    minutes the routines before them took."""
+    budget = budget or SettleBudget()
+    most = device.info.limits.max_settle_steps
+    if budget.max_steps <= most:
+        return budget
+    return replace(budget, max_steps=most, check_every=min(budget.check_every, most))
+
+
+def tile_topology(shapes: list[tuple[int, int]], budget: SettleBudget | None = None) -> Topology:
     """Tiles ``T0, T1, ...`` of the given shapes at positions 0, 1, ..., each coupling its own
     row group ``r<k>`` to its own column group ``c<k>``: the layout of the device routines
-    (a physical tile is its position and its shape)."""
+    (a physical tile is its position and its shape). `budget`: the topology's settle budget
+    (the routines that use it do not settle; `board_budget` fits it to the board)."""
     groups: dict[str, int] = {}
     for k, (rows, cols) in enumerate(shapes):
         groups[f"r{k}"] = rows
         groups[f"c{k}"] = cols
     couplings = tuple(Coupling(f"T{k}", (f"r{k}",), (f"c{k}",)) for k in range(len(shapes)))
-    return Topology(groups, couplings)
+    return Topology(groups, couplings, budget=budget or SettleBudget())
 
 
 @dataclass

@@ -19,6 +19,7 @@ from calibration.measure import (
     LineFit,
     Progress,
     ReadStats,
+    board_budget,
     fit_lines,
     leave_out,
     no_progress,
@@ -38,7 +39,9 @@ TWO_LEVEL_MIN_LINES = 16  # mvm routine: two-level inputs (the most signal) from
 def _probe_mvm_range(device: Device, shape: tuple[int, int], lim_lo: float) -> tuple[float, float]:
     """Saturate the mvm read-out both ways: the rails it clips to are its range."""
     n, m = shape
-    topo = Topology({"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=1e4 / n),))
+    topo = Topology(
+        {"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=1e4 / n),), budget=board_budget(device)
+    )
     device.configure(topo)
     lim = device.info.limits
     g_hi, g_lo = lim.g_min + 0.9 * _g_range(device), lim.g_min + 0.1 * _g_range(device)
@@ -88,7 +91,9 @@ def measure_mvm(
     # about zero and its output is centred; the outputs' spread is aimed at a third of the range.
     d_lo, d_hi = 0.03, 0.97
     w_max = (half / 3.0) / np.sqrt(n * 0.64 * 0.25 * (d_hi - d_lo) ** 2)
-    topo = Topology({"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=float(w_max)),))
+    topo = Topology(
+        {"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=float(w_max)),), budget=board_budget(device)
+    )
     device.configure(topo)
     span_g = _g_range(device)
     sign = rng.choice([-1.0, 1.0], shape)

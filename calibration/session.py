@@ -33,7 +33,7 @@ from calibration.adc import measure_adc
 from calibration.conductance import conductance_map, find_stuck
 from calibration.converters import ConverterOptions, check_count
 from calibration.dac import TILES_PER_DAC_PASS, measure_dac
-from calibration.measure import Progress, no_progress, tile_topology
+from calibration.measure import Progress, board_budget, no_progress, tile_topology
 from calibration.mvm import measure_mvm
 from calibration.pulse import (
     PulseBudgetError,
@@ -42,7 +42,7 @@ from calibration.pulse import (
     pulse_worst_case,
 )
 from calibration.pulse_fit import fit_pulse_model
-from calibration.record import CalibrationRecord, TileCalibration, board_fingerprint
+from calibration.record import CalibrationError, CalibrationRecord, TileCalibration, board_fingerprint
 from calibration.routines import NEEDS, PULSE_BUDGET_MAX, REQUIRES, ROUTINES
 from calibration.settling import profile_settle
 from drivers import Device
@@ -208,6 +208,7 @@ def run_session(
     finished on every tile, ``session["stopped_in"]`` the part that was running), then lets
     the exception go on: a long session keeps its finished routines."""
     options, source = options.with_pulse_budget(device.info.limits)
+    _check_settle_steps(options, device.info.limits)
     state: dict[str, Any] = {"budget_source": source}
     try:
         return _run(device, options, progress, state)
@@ -229,6 +230,21 @@ def run_session(
             }
             partial(record)
         raise
+
+
+def _check_settle_steps(options: SessionOptions, limits: Limits) -> None:
+    """The converter routines' settles (`ConverterOptions.steps` each, a measurement setting)
+    within the steps the board declares, before anything runs (the other routines fit their
+    budgets to the board: `calibration.measure.board_budget`)."""
+    steps = options.converter.steps
+    converters = [r for r in resolve_routines(options.routines) if r in ("adc", "dac")]
+    if converters and steps > limits.max_settle_steps:
+        raise CalibrationError(
+            f"the converter routines ({', '.join(converters)}) settle {steps} steps per measurement "
+            f"(ConverterOptions.steps) and the board declares at most {limits.max_settle_steps} "
+            "(max_settle_steps): nothing was run. Give ConverterOptions(steps=...) at most "
+            f"{limits.max_settle_steps}, or leave adc, dac and mvm out of the routines"
+        )
 
 
 def _session_options(
@@ -300,7 +316,7 @@ def _run(
     shapes = list(options.tile_shapes)
     record.tiles = {k: TileCalibration(k, shape) for k, shape in enumerate(shapes)}
     if any(r in routines for r in ("stuck", "gmap", "pulse")):
-        topo = tile_topology(shapes)
+        topo = tile_topology(shapes, board_budget(device))
         g_range = info.limits.g_max - info.limits.g_min
         for k, shape in enumerate(shapes):
             tile = record.tiles[k]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.measure import Progress, leave_out, no_progress
+from calibration.measure import Progress, board_budget, leave_out, no_progress
 from calibration.record import SettleProfile
 from drivers import Device, SettleBudget, Topology, seeds
 
@@ -50,7 +50,7 @@ def profile_settle(
     rows, cols = shape
     out = min(cols, 32)
     rng = seeds.numpy_rng(seed, "calibration.settle")
-    topo = Topology.layered([rows, cols, out], bias=False)
+    topo = Topology.layered([rows, cols, out], bias=False, budget=board_budget(device))
     device.configure(topo)
     _program_random(device, topo, rng, 2.0)
     steps, conv, times, joules = [], [], [], []
@@ -62,6 +62,7 @@ def profile_settle(
         times.append(eq.settle_time_s / batch)
         joules.append(eq.energy_j / batch)
         progress("settle", k + 1, repeats + 1)
+    long_steps = min(long_steps, device.info.limits.max_settle_steps)
     budget = SettleBudget(max_steps=long_steps, tol=0.0, dt=topo.budget.dt, check_every=long_steps)
     device.configure(Topology.layered([rows, cols, out], bias=False, budget=budget))
     x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)

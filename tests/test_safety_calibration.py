@@ -1,0 +1,68 @@
+"""Calibration sessions on a board whose limits are narrower than the emulator presets'
+(the safety audit of 2026-12-07), through the real framed server over TCP and the real
+`hil calibrate`: the routines keep to the board's declared settle steps, and nothing they
+send is refused by the board or reaches it past a limit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from emulator.server.launch import ServedBoard, serve
+from hil.cli import app
+
+
+@pytest.fixture
+def narrow_board(request: pytest.FixtureRequest) -> Iterator[ServedBoard]:
+    b = serve(
+        f"emulator://?preset=rram&seed=0&{request.param}",
+        scpi_port=None,
+        scpi_pty=False,
+        framed_pty=False,
+    )
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _calibrate(board: ServedBoard, out: Path, *args: str) -> tuple[int, str]:
+    uri = board.uris["serial-socket"]
+    r = CliRunner().invoke(app, ["calibrate", uri, "--out", str(out), "--no-progress", *args])
+    return r.exit_code, r.output
+
+
+@pytest.mark.parametrize("narrow_board", ["max_settle_steps=50"], indirect=True)
+def test_device_and_settle_routines_keep_to_a_board_of_fewer_settle_steps(
+    narrow_board: ServedBoard, tmp_path: Path
+) -> None:
+    """The stuck, gmap, pulse and settle routines configured the host's default budget (100
+    steps) or the settle profile's 200: a board that declares 50 refused each configure (the
+    mvm routine's too), after the minutes the routines before it took."""
+    out = tmp_path / "cal.zarr"
+    code, text = _calibrate(
+        narrow_board, out, "--routines", "stuck,gmap,settle", "--tile-size", "4", "--reads", "2"
+    )
+    assert code == 0, text
+    settle = zarr.open_group(str(out), mode="r")["settle"].attrs.asdict()
+    summary = settle.get("summary", settle)
+    assert summary["default_budget"]["max_steps"] == 50
+    assert narrow_board.device.safety().refused == 0
+    assert narrow_board.device.safety().violations == 0
+
+
+@pytest.mark.parametrize("narrow_board", ["max_settle_steps=8"], indirect=True)
+def test_converter_routines_past_the_boards_settle_steps_are_refused_before_anything_runs(
+    narrow_board: ServedBoard, tmp_path: Path
+) -> None:
+    out = tmp_path / "cal.zarr"
+    code, text = _calibrate(narrow_board, out, "--routines", "adc", "--tile-size", "4", "--channels", "4")
+    assert code == 2, text
+    assert "nothing was run" in text and "max_settle_steps" in text
+    assert narrow_board.device.topology is None  # not even configured
+    assert narrow_board.device.safety().refused == 0
+    assert not out.exists() and not (tmp_path / "cal.partial.zarr").exists()
