@@ -32,6 +32,9 @@ MAX_POOL = 8  # a conv layer's pooling window (`drivers.conv`: pool must be <= 8
 MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 
 
+# ep.tau, the ce loss's logit scale, as `hil gradcheck --tau` bounds it: the injected error
+# current's peak is beta * tau (docs/neuron.md), 1e3 at the largest ep.beta of 1
+MAX_TAU = 1e3
 MAX_EPOCHS = 100_000  # declared bounds on the work one run config can ask for
 MAX_BATCH = 65_536  # samples per batch (a board splits a batch past its max_batch into requests)
 
@@ -478,6 +481,26 @@ def validate(cfg: RunConfig) -> None:
         )
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
+    check_training_signs(cfg)
+
+
+def check_training_signs(cfg: RunConfig) -> None:
+    """The scales whose sign the optimiser or the loss takes as given: a negative ce logit scale
+    (the loss then rewards the wrong class), a learning rate of the digital parts <= 0 or a
+    negative weight decay (ascent, weights that grow), a momentum of 1 or more (a step that never
+    decays) trained on with no word."""
+    e, t = cfg.ep, cfg.train
+    if not 0 < e.tau <= MAX_TAU:
+        raise ConfigError(
+            f"ep.tau: the ce loss's logit scale, in (0, {MAX_TAU:g}] (the injected error current peaks "
+            f"at ep.beta x ep.tau; default 6), got {e.tau:g}"
+        )
+    if t.lr_digital <= 0:
+        raise ConfigError(f"train.lr_digital: the digital parts' learning rate, > 0, got {t.lr_digital:g}")
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"train.momentum: in [0, 1) (0: none), got {t.momentum:g}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: >= 0 (0: none), got {t.weight_decay:g}")
 
 
 def eb_blocks(cfg: RunConfig) -> int:

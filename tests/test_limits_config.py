@@ -1,7 +1,7 @@
 """Config values that set an amount of work have a declared bound and a clear error through
 the real CLI (the safety audit of 2026-12-07): a negative image limit was taken as a slice's
 end (every image but the last N, with no word) and a negative evaluation interval evaluated
-every epoch."""
+every epoch, and a negative ce logit scale (ep.tau) trained toward the wrong classes."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from hil.cli import app
     [
         ("classifier", "data.limit_train=-5", "data.limit_train"),
         ("classifier", "data.limit_test=-1", "data.limit_test"),
+        ("classifier", "ep.tau=-6", "ep.tau"),
+        ("classifier", "ep.tau=0", "ep.tau"),
+        ("classifier", "ep.tau=1e9", "ep.tau"),
+        ("classifier", "train.momentum=1.0", "train.momentum"),
+        ("classifier", "train.lr_digital=0", "train.lr_digital"),
         ("vae", "data.limit_train=-1000", "data.limit_train"),
         ("vae", "data.limit_test=-3", "data.limit_test"),
         ("vae", "eval.every=-1", "eval.every"),
