@@ -15,6 +15,9 @@ MAX_GAIN_ERROR = 0.2  # std of a per-channel relative gain error: gains 1 + N(0,
 MIN_READ_V = 1e-3  # volts: a read under a millivolt is below the sense amplifiers' offsets
 MAX_READ_V = 10.0  # volts on a read line: past any cell's breakdown (reads are 0.1-0.3 V)
 MAX_STEP_S = 1.0  # seconds per node step or per mvm
+# amps a declared line-current limit may be: a crossbar line's driver and TIA carry uA to tens of
+# mA (the presets' design points are 1-5 mA), so 1 A is a limit in the wrong unit (2 meant as 2 mA)
+MAX_LINE_CURRENT_A = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,14 @@ class PeripheryModel:
             # a node step or an mvm takes ns-us on a crossbar; a second is a million times slower
             Bound("settle_step_s", 0.0, MAX_STEP_S, "a node step takes ns-us", "s", True),
             Bound("mvm_time_s", 0.0, MAX_STEP_S, "an mvm takes ns-us", "s", True),
+            Bound(
+                "max_line_current_a",
+                0.0,
+                MAX_LINE_CURRENT_A,
+                "a line carries uA to tens of mA, in amps (2 mA is 2e-3)",
+                "A",
+                True,
+            ),
         )
 
     def _full_scale_lsb(self) -> float:
