@@ -25,6 +25,12 @@ from hil.config import (
 # test set twice) and generated images of the Frechet distance (the default 360: the digits' test set)
 MAX_EVAL_DRAWS = 1024
 MAX_EVAL_SAMPLES = 65_536
+# declared bounds of the latent read-out's scales: log sigma^2 within +-MAX_LOG_VAR (sigma from
+# e^-10 to e^10; an lv_max of 1000 overflowed exp() and the encoder's nudge was NaN), |mu| up to
+# MAX_MU_SCALE / 2, and the likelihood's sigma (the reconstruction nudge is 1 / sigma^2)
+MAX_LOG_VAR = 20.0
+MAX_MU_SCALE = 100.0
+SIGMA_RANGE = (1e-3, 1e3)
 
 
 @dataclass
@@ -175,14 +181,17 @@ def validate_vae(cfg: VAERunConfig) -> None:
     check_ep_beta(e.beta)
     if not 0 < e.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {e.dt}")
-    if m.lv_max <= m.lv_min:
-        raise ConfigError(f"model.lv_max must exceed model.lv_min, got {m.lv_min}..{m.lv_max}")
+    if not -MAX_LOG_VAR <= m.lv_min < m.lv_max <= MAX_LOG_VAR:
+        raise ConfigError(
+            f"model.lv_min < model.lv_max, both within +-{MAX_LOG_VAR:g} (log sigma^2 of the latent, a "
+            f"declared bound; at 1000 sigma overflowed and the nudge was NaN), got {m.lv_min}..{m.lv_max}"
+        )
     if not 0 < m.init_scale <= MAX_INIT_SCALE:
         raise ConfigError(
             f"model.init_scale: the initial weights' scale, in (0, {MAX_INIT_SCALE:g}], got {m.init_scale}"
         )
-    if m.mu_scale <= 0:
-        raise ConfigError(f"model.mu_scale: must be > 0, got {m.mu_scale}")
+    if not 0 < m.mu_scale <= MAX_MU_SCALE:
+        raise ConfigError(f"model.mu_scale: in (0, {MAX_MU_SCALE:g}] (default 3), got {m.mu_scale:g}")
     try:
         if m.activation != "auto":
             Activation.parse(m.activation)
@@ -200,8 +209,12 @@ def validate_vae(cfg: VAERunConfig) -> None:
             "data.validation: the VAE trainer holds out no validation split (the classifier does); "
             "leave it at 0"
         )
-    if cfg.likelihood.sigma <= 0:
-        raise ConfigError(f"likelihood.sigma: must be > 0, got {cfg.likelihood.sigma}")
+    lo, hi = SIGMA_RANGE
+    if not lo <= cfg.likelihood.sigma <= hi:
+        raise ConfigError(
+            f"likelihood.sigma: in [{lo:g}, {hi:g}] (the reconstruction nudge is 1 / sigma^2; default 0.3), "
+            f"got {cfg.likelihood.sigma:g}"
+        )
     if not 0 < cfg.likelihood.eps < 0.5:
         raise ConfigError(f"likelihood.eps: must be in (0, 0.5), got {cfg.likelihood.eps}")
     ev = cfg.eval
