@@ -284,11 +284,14 @@ def test_the_owner_keeps_the_board_across_a_reconnect(
 def test_the_owner_keeps_the_board_across_a_lost_connection(
     emulated_board: Callable[..., BoardServers],
 ) -> None:
-    s = emulated_board(BOARD, plan=pytest.importorskip("hil.testing").FaultPlan(hang_up_after=7))
+    s = emulated_board(BOARD, plan=pytest.importorskip("hil.testing").FaultPlan(hang_up_after=8))
     with open_device(s.uri("visa-tcp", timeout="2")) as dev:  # 5 messages: *CLS, INFO, ACQ, TOP, STAT
         dev.wait(0.0)
-        dev.wait(0.0)  # the 7th message: answered, then the server hangs up
-        dev.wait(0.0)  # fails on the link: reconnected (ACQ with the same token), sent again
+        dev.wait(0.0)  # answered, then the server hangs up
+        # fails on the link: reconnected (INFO read again, ACQ with the same token), sent again.
+        # A reconnect reads INFO again (a board with other limits is BoardChanged): one request
+        # more on the new connection, which at hang_up_after 7 reached it within this wait
+        dev.wait(0.0)
         assert (dev.recovery.reconnects, dev.recovery.retries) == (1, 1)
         assert dev.owner().token == dev.lock_token  # type: ignore[union-attr]
         with pytest.raises(BoardLocked):
