@@ -286,6 +286,37 @@ def test_fails_when_the_board_does_not_refuse_program_targets_past_its_window(
     assert "PASS  limit conductance" in stdout  # the host's own check
 
 
+class WritesPastItsWindow(ClippedProgram):
+    """ClippedProgram that keeps the largest target asked of it (what reached its devices'
+    write circuit on a real chip)."""
+
+    def __init__(self, inner: Device) -> None:
+        super().__init__(inner)
+        self.largest = 0.0
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: object) -> ProgramReport:
+        self.largest = max(self.largest, float(np.max(g_plus)), float(np.max(g_minus)))
+        return super().program(tile, g_plus, g_minus, **kw)
+
+
+def test_no_limit_probes_sends_nothing_past_a_limit_and_says_what_went_unverified(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A chip in use may not take a probe: with --no-limit-probes, a board that would write
+    targets past its window gets none, passes, and the report SKIPs what was not verified.
+    Without it the same board gets a target past g_max (and fails, test above)."""
+    board = WritesPastItsWindow(open_device(FULL))
+    servers = emulated_board(board=board)
+    code, stdout, _ = _invoke(servers.uris["serial-socket"], "--no-limit-probes")
+    assert code == 0, stdout
+    assert board.largest <= board.info.limits.g_max
+    skipped = {x[6:].split(" sent: ")[0].strip() for x in stdout.splitlines() if x.startswith("SKIP")}
+    assert {"unchecked board conductance limit", "unchecked board limit", "line current limit"} <= skipped
+    assert "not sent (--no-limit-probes)" in stdout
+    code, stdout, _ = _invoke(servers.uris["serial-socket"])
+    assert code == 1 and board.largest > board.info.limits.g_max
+
+
 class LowReadout(DeviceWrapper):
     """A firmware bug: settled states come back 10 % low (a wrong ADC gain)."""
 

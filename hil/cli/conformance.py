@@ -47,6 +47,13 @@ def register(app: typer.Typer) -> None:
             4, min=2, max=1024, help="Repeats of an mvm or settle to measure its noise."
         ),
         seed: int = typer.Option(0, help="Seed of the test patterns."),
+        limit_probes: bool = typer.Option(
+            True,
+            help="Send the probes that go past a limit only the board's own check stops (a device one "
+            "float32 step past g_max, an mvm input one step past clamp_max, a line 1 % and 20 % over its "
+            "current limit): on a board without that check its devices take them. --no-limit-probes "
+            "SKIPs them, for a chip already in use; the board's own checks then go unverified.",
+        ),
     ) -> None:
         """Run the protocol conformance checks for every capability the board declares, one
         line per operation (PASS/FAIL, what was sent, what came back, what the spec says).
@@ -56,7 +63,14 @@ def register(app: typer.Typer) -> None:
         from drivers import DeviceError, open_device
         from hil.conformance import Options, plan_topology, run_conformance
 
-        options = Options(sizes=_sizes(sizes), batch=batch, reads=reads, repeats=repeats, seed=seed)
+        options = Options(
+            sizes=_sizes(sizes),
+            batch=batch,
+            reads=reads,
+            repeats=repeats,
+            seed=seed,
+            limit_probes=limit_probes,
+        )
         try:
             dev = open_device(uri)
         except (DeviceError, OSError, ValueError) as exc:

@@ -27,14 +27,14 @@ def checks(sess: Session) -> None:
         return
     tile = sess.topo.couplings[0].tile
     rows, _ = sess.topo.tile_shape(tile)
-    sess.run(
+    sess.probe(
         "unchecked board conductance limit",
         "the board checks program targets again: above g_max is error -222, its own refused + 1, "
         "violations 0, the tile unchanged",
         lambda sent: _board_conductance_limit(sess, sent, send, tile),
     )
     if "mvm" in sess.caps:
-        sess.run(
+        sess.probe(
             "unchecked board limit",
             "the board checks limits again: an mvm input above clamp_max is error -222, its own "
             "refused + 1, violations 0",

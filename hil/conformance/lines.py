@@ -100,7 +100,7 @@ def checks(sess: Session) -> None:
     if isinstance(plan, str):
         sess.add(Check(NAME, "SKIP", "-", "-", plan))
         return
-    sess.run(NAME, spec, lambda sent: _line(sess, sent, send, plan))
+    sess.probe(NAME, spec, lambda sent: _line(sess, sent, send, plan))
 
 
 def _line(sess: Session, sent: list[str], send: Send, t: LineTile) -> str:

@@ -28,14 +28,14 @@ def checks(sess: Session) -> None:
         'a failed query answers #10 and queues its error: SYST:ERR? gives 100,... then 0,"No error"',
         lambda sent: _queue(sent, query),
     )
-    sess.run(
+    sess.probe(
         "scpi board conductance limit",
         "the board checks program targets again: above g_max is -222 in the queue, its own refused + 1, "
         "violations 0, the tile unchanged",
         lambda sent: _board_conductance_limit(sess, sent, query, tile),
     )
     if "mvm" in sess.caps:
-        sess.run(
+        sess.probe(
             "scpi board limit",
             "the board checks limits again: -222 in the queue, its own refused + 1, violations 0",
             lambda sent: _board_limit(sess, sent, query, tile),
