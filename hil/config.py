@@ -37,6 +37,9 @@ MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 MAX_TAU = 1e3
 MAX_EPOCHS = 100_000  # declared bounds on the work one run config can ask for
 MAX_BATCH = 65_536  # samples per batch (a board splits a batch past its max_batch into requests)
+# steps of one settle phase: what the emulator's boards allow (PeripheryModel.max_settle_steps);
+# a host-iterated settle (an mvm-only board) is one mvm round trip per step, with no board limit
+MAX_SETTLE_STEPS = 100_000
 
 
 class ConfigError(ValueError):
@@ -453,8 +456,7 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < cfg.ep.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {cfg.ep.dt}")
     for key, value in (("ep.free_steps", cfg.ep.free_steps), ("ep.nudge_steps", cfg.ep.nudge_steps)):
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
+        check_settle_steps(key, value)
     check_devices(cfg)
     if cfg.data.validation < 0:
         raise ConfigError(
@@ -482,6 +484,16 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
     check_training_signs(cfg)
+
+
+def check_settle_steps(key: str, value: int) -> None:
+    """A settle phase's step budget: 1 to MAX_SETTLE_STEPS (a declared bound on its work; a
+    board may declare fewer, and refuses more at configure)."""
+    if not 1 <= value <= MAX_SETTLE_STEPS:
+        raise ConfigError(
+            f"{key}: a settle phase's step budget, 1 to {MAX_SETTLE_STEPS} (a declared bound; a board may "
+            f"allow fewer, its max_settle_steps), got {value}"
+        )
 
 
 def check_training_signs(cfg: RunConfig) -> None:

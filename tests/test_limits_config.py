@@ -32,6 +32,9 @@ from hil.cli import app
         ("vae", "likelihood.sigma=1e-300", "likelihood.sigma"),
         ("vae", "eval.eps_draws=100000000", "eval.eps_draws"),
         ("vae", "eval.samples=1000000000", "eval.samples"),
+        ("classifier", "ep.free_steps=1000000000", "ep.free_steps"),
+        ("classifier", "ep.nudge_steps=100001", "ep.nudge_steps"),
+        ("vae", "ep.steps=1000000000", "ep.steps"),
     ],
 )
 def test_a_count_past_its_bound_is_refused_before_the_run_starts(
@@ -45,7 +48,9 @@ def test_a_count_past_its_bound_is_refused_before_the_run_starts(
     assert not (out / "run.zarr").exists()  # refused before anything was trained or written
 
 
-@pytest.mark.parametrize("setting", ["data.limit_train=0", "eval.every=0", "eval.eps_draws=1"])
+@pytest.mark.parametrize(
+    "setting", ["data.limit_train=0", "eval.every=0", "eval.eps_draws=1", "ep.steps=100000"]
+)
 def test_the_bounds_keep_what_ran_before(setting: str) -> None:
     from hil.config import load_into
     from hil.vae.config import VAERunConfig, validate_vae

@@ -19,6 +19,7 @@ from hil.config import (
     check_data,
     check_ep_beta,
     check_log,
+    check_settle_steps,
 )
 
 # declared bounds on one evaluation's work: noise draws of the test -ELBO (each settles the whole
@@ -173,11 +174,11 @@ def validate_vae(cfg: VAERunConfig) -> None:
         ("model.hidden", m.hidden),
         ("model.latent", m.latent),
         ("model.copies", m.copies),
-        ("ep.steps", e.steps),
     )
     for key, value in checks:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    check_settle_steps("ep.steps", e.steps)
     check_ep_beta(e.beta)
     if not 0 < e.dt <= 1:
         raise ConfigError(f"ep.dt: must be in (0, 1], got {e.dt}")
