@@ -133,3 +133,15 @@ def test_classifier_hint_gives_a_record_the_network_takes_without_hints(
     assert _use(rec) == []
     # the record's routines kept (and, on this board that settles, the converters it lacks)
     assert f"--routines {'adc,dac,mvm,stuck' if routines == 'stuck' else routines}" in hint, hint
+
+
+def test_a_tile_past_the_line_current_limit_is_told_the_tile_size_that_fits(tmp_path: Path) -> None:
+    """A calibration refused for a line's current names the calibration's own fix (a smaller
+    --tile-size, with the most devices a line may hold), and that size runs."""
+    lean = f"{RRAM}&max_line_current_a=2e-5"  # 10 devices at g_max read at v_read
+    args = ["calibrate", lean, "--routines", "gmap", "--out", str(tmp_path / "r.json"), "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    said = re.search(r"smaller --tile-size .* \(at most (\d+) devices at g_max read at v_read", res.output)
+    assert said is not None, res.output
+    _calibrate([*args[1:], "--tile-size", said.group(1), "--overwrite"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from pathlib import Path
@@ -119,6 +120,23 @@ def _check_tiles_fit(shapes: tuple[tuple[int, int], ...], limits: Limits) -> Non
             )
     if len(shapes) > limits.max_tiles:
         raise ValueError(f"--tiles names {len(shapes)} tiles; this board holds {limits.max_tiles}")
+
+
+def _line_current_hint(exc: Exception, limits: Limits | None) -> str:
+    """What to add to a refusal over the line-current limit during a calibration: the fix the
+    check names (smaller inputs, more tiles) is a network's; a calibration's is smaller tiles."""
+    from drivers.errors import LimitViolation
+
+    if limits is None or not isinstance(exc, LimitViolation) or "line current" not in str(exc):
+        return ""
+    per = limits.g_max * limits.v_read  # one device at the top of the window, read
+    fit = limits.max_line_current_a / per if per > 0 else math.inf
+    most = (
+        f" (at most {int(fit)} devices at g_max read at v_read fit this board's line limit)"
+        if fit < 1e9
+        else ""
+    )
+    return f"; for a calibration, a smaller --tile-size (or --tiles ROWSxCOLS) puts fewer devices on each line{most}"
 
 
 def _report_pages(first: Path, tiles: int) -> list[Path]:
@@ -294,9 +312,11 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         bars = Bars() if show_progress(progress) else StageLines()
         stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
+        limits: Limits | None = None  # the board's, once it is open
         chosen: tuple[str, ...] = ()
         try:
             with open_device(uri) as dev:
+                limits = dev.info.limits
                 if check is not None:
                     report = drift_check(dev, load(check), progress=bars)
                     bars.close()
@@ -375,7 +395,7 @@ def register(app: typer.Typer) -> None:
         except user_errors() as exc:
             bars.close()
             kept = f"; {_keep_partial(stopped, out, image_path)}" if stopped else ""
-            raise fail(f"{exc}{kept}") from None
+            raise fail(f"{exc}{_line_current_hint(exc, limits)}{kept}") from None
         bars.close()
         try:
             write(record, out)  # atomic: an interrupted write leaves what was at `out` before
