@@ -5,6 +5,7 @@ must still be zero."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,38 @@ import drivers.emulated as emulated
 torch.set_num_threads(1)
 
 _boards: list[emulated.Board] = []
+
+# a test module that defines one of these fixtures shares it between its tests
+_SHARED_FIXTURE = re.compile(r"""@pytest\.fixture\([^)]*scope=["'](?:class|module|package)["']""")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n`` (pytest-xdist's default ``--dist load``): the tests of a module that defines
+    a module- or class-scoped fixture go to one worker as one unit, so the fixture (six
+    calibration sessions, a torchrun job, a Ray cluster, a trained run the tests inspect) is
+    built once, not once on each worker that draws one of its tests; every other test is
+    handed out one by one as before. Units go out largest first (pytest-xdist's loadscope
+    order), the single tests last, so the two workers still end together. Another ``--dist``
+    asked for explicitly is left alone. (``--dist loadgroup`` with ``xdist_group`` marks would
+    say the same, but pytest-xdist 3.8 renames the test ids for it through an attribute pytest
+    9 no longer reads, so the marks group nothing.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    grouped = {
+        f"{path.relative_to(config.rootpath).as_posix()}"
+        for path in (config.rootpath / "tests").glob("test_*.py")
+        if _SHARED_FIXTURE.search(path.read_text(encoding="utf-8"))
+    }
+
+    class SharedFixtureScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in grouped else nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")
