@@ -290,10 +290,24 @@ def test_training_reports_an_open_transaction_once(tmp_path: Path) -> None:
     assert "programmed again before training" in lines[0]
 
 
+# Epochs of the runs the tests below stop or kill after their first epoch or step: enough that
+# the run is still going when the signal lands (the tests read the first epoch's line, or poll
+# for the first step's report every 10 ms, then signal at once; one epoch of this run takes
+# 0.03-0.1 s on the shared 2-core machine, so 49 more are over a second of margin), and few
+# enough that the resumed run, which trains all the rest, is short (200 took 17.8 s there)
+STOPPED_EPOCHS = 50
+STOPPED_RUN = [
+    f"train.epochs={STOPPED_EPOCHS}",
+    "data.limit_train=64",
+    "data.limit_test=16",
+    "model.sizes=[64,8,10]",
+]
+
+
 def _stop_training(run: Path, sig: signal.Signals) -> tuple[int, str]:
     """Start a long `hil train classifier`, send `sig` once its first epoch is done; (exit code,
     stderr)."""
-    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
+    sets = STOPPED_RUN
     cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -324,8 +338,9 @@ def test_ctrl_c_in_training_says_where_the_run_stopped_and_how_to_resume(tmp_pat
     assert named[0] == "hil"
     resumed = subprocess.run([*HIL, *named[1:], "--no-progress"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
-    # all 200 from the start, or the rest after the snapshot the interrupt left
-    assert re.search(r"trained (200 epochs|epochs \d+-200) in", resumed.stdout), resumed.stdout
+    # all of them from the start, or the rest after the snapshot the interrupt left
+    n = STOPPED_EPOCHS
+    assert re.search(rf"trained ({n} epochs|epochs \d+-{n}) in", resumed.stdout), resumed.stdout
 
 
 def test_sigterm_in_training_is_taken_as_ctrl_c(tmp_path: Path) -> None:
@@ -348,8 +363,7 @@ def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_p
     """SIGKILL after the run log's tables exist but before any flush or snapshot: `hil inspect`
     reads it (empty tables, no snapshot) and `--resume` says it starts over."""
     run = tmp_path / "run.zarr"
-    sets = ["train.epochs=200", "data.limit_train=64", "data.limit_test=16", "model.sizes=[64,8,10]"]
-    sets += ["log.flush_every_s=600", "log.snapshot_every_s=600"]
+    sets = [*STOPPED_RUN, "log.flush_every_s=600", "log.snapshot_every_s=600"]
     cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
