@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -492,14 +490,20 @@ def test_the_lock_option_is_validated_and_written_back() -> None:
 
 
 def test_cli_info_and_lock_status_and_break(emulated_board: Callable[..., BoardServers]) -> None:
+    """`hil info`, `hil lock status` and `hil lock break` as another host sees the owned board:
+    each command opens its own connection with its own token (`owner_token` draws a random part
+    per connection), so they run in this process (the CLI's own app, as tests/test_info_cmd.py
+    runs it), not as four interpreters starting torch."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
     s = emulated_board(BOARD)
     with open_device(s.uri("visa-tcp")) as dev:  # leaving the block after the break only closes
 
         def hil(*args: str) -> str:
-            done = subprocess.run(
-                [sys.executable, "-m", "hil.cli", *args], capture_output=True, text=True, timeout=120
-            )
-            assert done.returncode == 0, done.stderr
+            done = CliRunner().invoke(app, list(args))
+            assert done.exit_code == 0, (done.output, done.exception)
             return done.stdout
 
         info = hil("info", s.uris["serial-socket"])
