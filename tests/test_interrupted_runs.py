@@ -228,6 +228,46 @@ def test_the_closing_line_says_what_resume_does_with_and_without_a_snapshot(tmp_
     log.close()
 
 
+def test_a_stop_signal_while_the_stop_is_reported_still_leaves_the_resume_line(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A torchrun rank reporting that another rank stopped got torchrun's SIGTERM while it made
+    its resume line (which reads the run log): the signal's KeyboardInterrupt replaced the line,
+    and the user was told nothing of how to go on (flaky under load). The line is now made and
+    written with SIGINT and SIGTERM held; the signal is taken after it."""
+    import os
+    import signal
+
+    from drivers import DeviceError
+    from hil.cli import common
+    from hil.runlog import RunLog
+
+    run = tmp_path / "run.zarr"
+    RunLog.create(run, {}).close()
+    plain = common._snapshot_step
+
+    def read_while_signalled(path: Path) -> int | None:
+        os.kill(os.getpid(), signal.SIGTERM)  # as torchrun does, while the run log is read
+        return plain(path)
+
+    def as_the_cli_takes_it(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "_snapshot_step", read_while_signalled)
+    before = signal.signal(signal.SIGTERM, as_the_cli_takes_it)
+    try:
+        with (
+            pytest.raises(KeyboardInterrupt),
+            common.resume_hint("hil train classifier", run),
+            common.one_line_errors(),
+        ):
+            raise DeviceError("another rank stopped")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert f"`hil train classifier --resume {run}` starts again from the first step" in err, err
+
+
 def test_a_board_lost_mid_run_is_one_error_naming_the_step_and_no_end_of_run_retries(
     tmp_path: Path, emulated_board, caplog
 ) -> None:

@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,7 +207,7 @@ def resume_hint(command: str, run: Path | None) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         if run is not None:
-            typer.echo(f"interrupted: {resume_line(command, run)}", err=True)
+            _say_held(lambda: f"interrupted: {resume_line(command, run)}")
         raise
     except typer.Exit as exc:
         from drivers import ConfigurationError, DeviceError
@@ -214,10 +215,37 @@ def resume_hint(command: str, run: Path | None) -> Iterator[None]:
         cause = exc.__context__  # what `one_line_errors` reported
         stopped = isinstance(cause, DeviceError | OSError) and not isinstance(cause, ConfigurationError)
         if run is not None and stopped:
-            typer.echo(
-                f"stopped: once the board (or the disk) is back, {resume_line(command, run)}", err=True
-            )
+            try:
+                _say_held(
+                    lambda: f"stopped: once the board (or the disk) is back, {resume_line(command, run)}"
+                )
+            except KeyboardInterrupt:  # a stop signal came before the signals were held
+                _say_held(lambda: f"interrupted: {resume_line(command, run)}")
+                raise
         raise
+
+
+def _say_held(line: Callable[[], str]) -> None:
+    """Print `line()` on stderr with SIGINT and SIGTERM held, so a stop signal that comes while
+    the line is made (it reads the run log) or written is taken after it, not in its place
+    (torchrun's SIGTERM to a rank reporting that another rank stopped). The signals are noted
+    by a handler of their own meanwhile and sent again once the line is out; a thread mask would
+    not do, since the run log's threads would take them. Off the main thread, printed as is."""
+    if threading.current_thread() is not threading.main_thread():
+        typer.echo(line(), err=True)
+        return
+    came: list[int] = []
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    held = [signum for signum, handler in before.items() if handler is not None]  # None: not Python's
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: came.append(signum))
+    try:
+        typer.echo(line(), err=True)
+    finally:
+        for signum in held:
+            signal.signal(signum, before[signum])
+    if came:
+        os.kill(os.getpid(), came[0])  # now its own handler takes it
 
 
 def resume_line(command: str, run: Path) -> str:
