@@ -141,14 +141,17 @@ def _final_elbo(output: str) -> float:
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     """`hil train vae` killed with SIGKILL after its first epoch snapshot leaves a store that
-    opens; `--resume` finishes it with the final metrics of an uninterrupted run."""
+    opens; `--resume` finishes it with the final metrics of an uninterrupted run. A snapshot at
+    every epoch (the default waits 10 s between them, longer than this whole run, so its one
+    snapshot came after the last epoch and the kill landed in the final evaluation): the kill
+    comes before the last epoch's snapshot, and the resume trains the rest."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    sets = _args(*SMALL, "train.epochs=4")
+    sets = _args(*SMALL, "train.epochs=4", "log.snapshot_every_s=0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hil.cli.__main__", "train", "vae", "--no-progress"]
     killed = tmp_path / "killed"
@@ -165,6 +168,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> No
     proc.wait()
     run = open_run(killed / "run.zarr")
     assert run.attrs["status"] == "running" and len(run.snapshots) >= 1  # died mid-run
+    killed_at = run.snapshot_attrs(run.snapshots[-1])["step"]
     resumed = subprocess.run([*cmd, "--resume", str(killed)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     straight = subprocess.run(
@@ -174,6 +178,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> No
     assert _final_elbo(resumed.stdout) == pytest.approx(_final_elbo(straight.stdout), abs=1e-3)
     done, ref = open_run(killed / "run.zarr"), open_run(tmp_path / "straight" / "run.zarr")
     assert done.attrs["status"] == "complete"
+    assert killed_at < ref.snapshot_attrs(ref.snapshots[-1])["step"]  # before the last epoch's snapshot
     a, b = done.table("metrics/test"), ref.table("metrics/test")
     for key in ("neg_elbo", "frechet", "recon_mse"):
         assert abs(float(a[key][-1]) - float(b[key][-1])) <= 1e-6, key
