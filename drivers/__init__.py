@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from drivers.capabilities import CAPABILITIES
     from drivers.errors import (
         ArraysLost,
+        BoardChanged,
         BoardReset,
         ConfigurationError,
         DeviceError,
@@ -75,6 +76,7 @@ _HOMES = {
     ),
     "drivers.errors": (
         "ArraysLost",
+        "BoardChanged",
         "BoardReset",
         "ConfigurationError",
         "DeviceError",
@@ -100,6 +102,7 @@ __all__ = [
     "CAPABILITIES",
     "ArraysLost",
     "BlockView",
+    "BoardChanged",
     "BoardReset",
     "BoardStatus",
     "BoardViolations",
