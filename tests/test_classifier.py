@@ -72,7 +72,7 @@ def test_config_file_and_overrides(tmp_path) -> None:
         ),
         ("train.epochs=0", r"^train.epochs: must be >= 1, got 0$"),
         ("train.batch_size=-2", r"^train.batch_size: must be >= 1, got -2$"),
-        ("ep.nudge_steps=0", r"^ep.nudge_steps: must be >= 1, got 0$"),
+        ("ep.nudge_steps=0", r"^ep.nudge_steps: a settle phase's step budget, 1 to 100000 .*, got 0$"),
         ("train.epochs=1000000", r"^train.epochs: at most 100000 \(a declared bound on the run's work\)"),
         ("train.batch_size=100000", r"^train.batch_size: at most 65536"),
     ],
