@@ -547,13 +547,14 @@ def repair_lost_arrays(devices: Iterable[Device], repair: Callable[[Device], Non
     run is bit-identical to an uninterrupted one). `devices` may be wrappers (a placement):
     the board each drives is the one watched, and `repair` gets the device as given."""
     boards = {id(board_of(d)): (board_of(d), d) for d in devices}  # wrappers: the board they drive
+    before = {key: getattr(board, "arrays_repair", None) for key, (board, _) in boards.items()}
     for board, d in boards.values():
         board.arrays_repair = functools.partial(repair, d)
     try:
         yield
     finally:
-        for board, _ in boards.values():
-            board.arrays_repair = None
+        for key, (board, _) in boards.items():
+            board.arrays_repair = before[key]  # an enclosing repair (a block built mid-run) again
 
 
 def board_of(device: Device) -> Device:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport, Wear
+from drivers.base import Device, Equilibrium, Nudge, ProgramReport, PulseReport, Wear, repair_lost_arrays
 from drivers.errors import ConfigurationError, LimitViolation
 from drivers.topology import BIAS, Coupling, Topology
 from drivers.wrapper import DeviceWrapper
@@ -118,8 +118,11 @@ class SharedBoard:
             self.device.configure(merged)
             self._merged, self._merged_key = merged, key
             view.own = topology
-            for v in self._configured_views():  # the targets the re-configure may have lost
-                if v is not view:
+            rewritten = [v for v in self._configured_views() if v is not view]
+            # the targets the re-configure may have lost; a board that loses its arrays meanwhile
+            # (it rebooted) has them all written again, and the write in flight goes on
+            with repair_lost_arrays([self.device], lambda _: [v.rewrite() for v in rewritten]):
+                for v in rewritten:
                     v.rewrite()
 
     def use_budget(self, view: BlockView) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
+from drivers.base import board_of
 from drivers.checks import MAX_SETTLE_VALUES
 from drivers.errors import ConfigurationError, DeviceError, LimitViolation
 from drivers.shared import SharedBoard
@@ -134,6 +135,7 @@ class Classifier:
         free, budgets = _budgets(cfg)
         gen = seeds.torch_generator(t.seed, "classifier.init")  # a CPU generator whatever `compute` is
         self.board_uris: list[str] = []  # the URI of each of `devices`
+        lost_at_open: list[int] = []  # each board's arrays-lost count when it was opened
         self.block_boards: list[int] = []  # block k lives on devices[block_boards[k]]
         # the host stack's torch device; an in-process emulator board gets it too (`hil.compute`)
         self.compute = resolve_compute(cfg.compute)
@@ -154,6 +156,7 @@ class Classifier:
                 )
                 self.devices.append(board)
                 self.board_uris.append(uri)
+                lost_at_open.append(_arrays_lost(board))
                 if uris.count(uri) > 1:
                     shared[uri] = SharedBoard(board)
             self.block_boards.append(self.board_uris.index(uri))
@@ -207,6 +210,9 @@ class Classifier:
                 )
             tiles = self.ffebm.block_parameters()
         self._building = None  # every block configured on its board
+        for board, lost in zip(self.devices, lost_at_open, strict=True):
+            if _arrays_lost(board) > lost:  # lost while its blocks were first written
+                self.reprogram(board)  # the block being written repaired itself; those before it did not
         for blk in self.blocks():
             blk.free_start = e.free_start
             blk.host_update = e.host_update
@@ -390,3 +396,9 @@ class Classifier:
         """Put every board in its safe state and close it, once each (a board several blocks
         share included); a board that fails does not keep the others open (`close_boards`)."""
         close_boards(self.devices)
+
+
+def _arrays_lost(device: Device) -> int:
+    """How often the board `device` drives found its arrays lost (0 for a board in this process)."""
+    recovery = getattr(board_of(device), "recovery", None)
+    return int(getattr(recovery, "arrays_lost", 0))

@@ -44,6 +44,7 @@ from drivers import (
     seeds,
 )
 from drivers.activation import HARD_SIGMOID, Activation
+from drivers.base import repair_lost_arrays
 from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
@@ -206,7 +207,10 @@ class EBBlock(nn.Module):
         device.configure(topology)
         self._configured = topology.budget
         self.mappings = {c.tile: self.programming.mapping(device, c.tile) for c in topology.couplings}
-        self.sync(force=True)
+        # a board that loses its arrays during this first write (it rebooted) has them written
+        # again, and the write goes on: the trainers' repair is not in place yet (it needs the model)
+        with repair_lost_arrays([device], lambda _: self.sync(force=True)):
+            self.sync(force=True)
 
     # ------------------------------------------------------------------------------ factories
     @property

@@ -454,6 +454,64 @@ def test_training_under_every_fault_kind_matches_the_fault_free_run(
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.parametrize("transport", ["serial_uri", "visa_uri"])
+def test_a_board_that_loses_its_arrays_in_the_first_write_is_written_again(
+    transport: str, trained_fault_free
+) -> None:
+    """The board rebooted with its arrays lost during the run's very first program (the model's
+    first write, before the trainers' repair is in place): that raised ArraysLost and the run
+    never started (seen under load in the every-fault-kind test above). Now the first write
+    writes every tile again and goes on; the run ends as the fault-free one."""
+    plan = FaultPlan(p_lose=1.0, limit=1, seed=0)  # the first program (or settle) request: lost arrays
+    with faulty_board("emulator://?preset=ideal&seed=0", plan, timeout=2.0, attempts=4) as served:
+        result = _train(getattr(served, transport))
+        lost = result.model.devices[0].recovery.arrays_lost
+        result.model.close()
+    assert plan.summary()["lose"] == 1 and lost == 1
+    assert [h.test_acc for h in result.history] == [h.test_acc for h in trained_fault_free.history]
+    for tile, p in result.model.block.weights.items():
+        want = trained_fault_free.model.block.weights[tile]
+        assert p.detach().numpy().tobytes() == want.detach().numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        0,  # draws 0.64, 0.27: lost in the second program request, the first block's tile written again
+        # when the second block's network joins the board's topology
+        1,  # draws 0.51, 0.95, 0.14: lost in the third, the second block's own first write
+    ],
+)
+def test_blocks_written_before_a_shared_board_lost_its_arrays_are_written_again(seed: int) -> None:
+    """Two EB blocks of an ff-EBM share one board, which loses its arrays while the model is
+    first written: in the shared board's rewrite of the first block's tile when the second
+    block's network joins (seed 0), or in the second block's own first write (seed 1). Either
+    raised ArraysLost, and the run never started; had the second block only repaired itself,
+    the first block's tile would have stayed lost with no word (the board's new arrays_id
+    taken as seen). Now every tile on the board is written again; the run ends as the
+    fault-free one."""
+    from hil.config import load_config
+    from hil.train_classifier import train_classifier
+
+    def train(uri: str):
+        sets = ["model.kind=ffebm", "model.block_layers=1", f'devices=["{uri}", "{uri}"]', "train.epochs=1",
+                "data.limit_train=64", "data.limit_test=48", "model.sizes=[64,16,10]"]  # fmt: skip
+        return train_classifier(load_config(None, sets))
+
+    clean = train("emulator://?preset=ideal&seed=0")
+    clean.model.close()
+    plan = FaultPlan(p_lose=0.5, limit=1, seed=seed)  # one draw per program request, in order
+    with faulty_board("emulator://?preset=ideal&seed=0", plan, timeout=2.0, attempts=4) as served:
+        result = train(served.serial_uri)
+        lost = result.model.devices[0].recovery.arrays_lost
+        result.model.close()
+    assert plan.summary()["lose"] == 1 and lost == 1
+    assert [h.test_acc for h in result.history] == [h.test_acc for h in clean.history]
+    got, want = result.model.ffebm.block_parameters(), clean.model.ffebm.block_parameters()
+    for p, q in zip(got, want, strict=True):
+        assert p.detach().numpy().tobytes() == q.detach().numpy().tobytes()
+
+
 def test_servers_listen_on_loopback_by_default() -> None:
     from emulator.server import FramedServer, ScpiServer
 
