@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_distributed import RRAM, _final, _finish, _one_board, _torchrun  # noqa: E402
+from tests.test_distributed import rram_pair  # noqa: E402
 
 
 def main() -> int:
@@ -46,15 +46,9 @@ def main() -> int:
         one, two = [], []
         for s in args.seeds:
             t0 = time.perf_counter()
-            sets = [*RRAM[:-1], f"device=emulator://?preset=rram&seed={s}"]
-            job = _torchrun(out / f"two{s}.zarr", sets)
-            _one_board(out / f"one{s}.zarr", sets)  # meanwhile, in this process
-            _finish(job)
-            w2, _, test2 = _final(out / f"two{s}.zarr")
-            w1, _, test1 = _final(out / f"one{s}.zarr")
-            one.append(float(test1["test_acc"][-1]))
-            two.append(float(test2["test_acc"][-1]))
-            differ = any(not np.array_equal(w2[k], w1[k]) for k in w1)
+            acc1, acc2, differ = rram_pair(out, s)
+            one.append(acc1)
+            two.append(acc2)
             row = {"seed": s, "one_board": one[-1], "two_boards": two[-1], "weights_differ": differ,
                    "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             print(json.dumps(row), flush=True)

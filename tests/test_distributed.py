@@ -118,15 +118,23 @@ def test_two_rram_boards_train_and_draw_their_own_noise(tmp_path: Path) -> None:
     board's own noise moved the run (not bit-equal to one board on seed 0). The claim about
     accuracy (two boards cost none) is one about means over board seeds: the slow test below
     and benchmarks/distributed_noisy_boards.py make it."""
-    sets = [*RRAM[:-1], "device=emulator://?preset=rram&seed=0"]
-    job = _torchrun(tmp_path / "two.zarr", sets)
-    _one_board(tmp_path / "one.zarr", sets)  # meanwhile, in this process
-    _finish(job)
-    w2, _, test2 = _final(tmp_path / "two.zarr")
-    w1, _, test1 = _final(tmp_path / "one.zarr")
-    assert any(not np.array_equal(w2[k], w1[k]) for k in w1)
-    one, two = float(test1["test_acc"][-1]), float(test2["test_acc"][-1])
+    one, two, differ = rram_pair(tmp_path, 0)
+    assert differ
     assert min(one, two) > 0.8, (one, two)  # both learned
+
+
+def rram_pair(out: Path, seed: int) -> tuple[float, float, bool]:
+    """On board seed `seed`: a torchrun job of two ranks on rram boards (seeds `seed` and
+    `seed` + 1000) and one rram board in this process, both the RRAM recipe, their run logs in
+    `out`: (one board's final test accuracy, the two boards', whether their weights differ)."""
+    sets = [*RRAM[:-1], f"device=emulator://?preset=rram&seed={seed}"]
+    job = _torchrun(out / f"two{seed}.zarr", sets)
+    _one_board(out / f"one{seed}.zarr", sets)  # meanwhile, in this process
+    _finish(job)
+    w2, _, test2 = _final(out / f"two{seed}.zarr")
+    w1, _, test1 = _final(out / f"one{seed}.zarr")
+    differ = any(not np.array_equal(w2[k], w1[k]) for k in w1)
+    return float(test1["test_acc"][-1]), float(test2["test_acc"][-1]), differ
 
 
 @pytest.mark.slow
@@ -142,16 +150,11 @@ def test_two_rram_boards_train_at_least_as_well_as_one(tmp_path: Path) -> None:
     the fast test above checks the mechanism on seed 0."""
     one, two = [], []
     for s in (0, 2, 4):
-        sets = [*RRAM[:-1], f"device=emulator://?preset=rram&seed={s}"]
-        job = _torchrun(tmp_path / f"two{s}.zarr", sets)
-        _one_board(tmp_path / f"one{s}.zarr", sets)  # meanwhile, in this process
-        _finish(job)
-        w2, _, test2 = _final(tmp_path / f"two{s}.zarr")
-        w1, _, test1 = _final(tmp_path / f"one{s}.zarr")
+        acc1, acc2, differ = rram_pair(tmp_path, s)
         # the second board's own noise (its own seed) moved the run: not bit-equal to one board
-        assert any(not np.array_equal(w2[k], w1[k]) for k in w1)
-        one.append(float(test1["test_acc"][-1]))
-        two.append(float(test2["test_acc"][-1]))
+        assert differ
+        one.append(acc1)
+        two.append(acc2)
     assert min(one + two) > 0.8, (one, two)  # every run learned
     assert np.mean(two) >= np.mean(one) - 0.01, (two, one)
 
