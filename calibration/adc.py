@@ -34,6 +34,7 @@ from calibration.measure import (
     place_groups,
     read_stats,
     runs,
+    settle_states,
 )
 from calibration.record import ChannelCal
 from drivers import BIAS, Coupling, Device, Topology, seeds
@@ -114,9 +115,9 @@ def measure_adc(
                     cell = (stats.mean[0, 0] + stats.mean[1, 0]) / g_range
                     load[k, start : start + n] = cell.sum() - cell  # the rest of the row
                     init[f"y{b}"] = np.tile(np.clip(np.nan_to_num(w[0]), 0, 1), (batch, 1)).astype(np.float32)
-                eq = device.settle({"_z": np.zeros((batch, 1), np.float32)}, init=init)
+                states = settle_states(device, {"_z": np.zeros((batch, 1), np.float32)}, init)
                 for b, (start, n) in enumerate(chunk):
-                    r = eq.states[f"y{b}"].astype(np.float64)
+                    r = states[f"y{b}"].astype(np.float64)
                     rail = (r <= lo + 0.5 * out.lsb) | (r >= hi - 0.5 * out.lsb)
                     # a level with a reading on a rail is clipped: its mean would be biased
                     r_mean[k, start : start + n] = np.where(rail.any(0), np.nan, r.mean(0))

@@ -28,6 +28,7 @@ from calibration.measure import (
     pair_weights,
     place_groups,
     read_stats,
+    settle_states,
 )
 from calibration.record import CalibrationError, ChannelCal
 from drivers import Coupling, Device, Topology, seeds
@@ -129,10 +130,10 @@ def measure_dac(
                     f"y{i}": np.clip(gamma * np.nan_to_num(w_i[i]) * x[:, i : i + 1], 0, 1).astype(np.float32)
                     for i in range(n)
                 }
-                eq = device.settle(clamp, init=init)
+                states = settle_states(device, clamp, init)
                 for i in np.flatnonzero(usable):
                     ch, rch = int(block[i]), int(rd[i])
-                    r = eq.states[f"y{i}"][:, 0].astype(np.float64)
+                    r = states[f"y{i}"][:, 0].astype(np.float64)
                     s_hat = (r - adc.offset[rch]) / adc.gain[rch]
                     d_hat = s_hat / (gamma * w_i[i])
                     pred = gamma * w_i[i] * x[:, i]

@@ -37,6 +37,39 @@ def no_progress(stage: str, done: int, total: int) -> None:
     """The default progress callback: says nothing."""
 
 
+def batch_size(device: Device) -> int:
+    """The most samples one request may carry on `device` (`Limits.max_batch`)."""
+    return int(device.info.limits.max_batch)
+
+
+def mvm_batched(device: Device, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+    """``device.mvm(tile, x)`` in requests of at most the board's `Limits.max_batch` samples
+    (one request where it fits): a routine's sample count is a measurement setting, not a
+    request the board must take whole."""
+    step = batch_size(device)
+    if x.shape[0] <= step:
+        return device.mvm(tile, x, transpose=transpose)
+    return np.concatenate(
+        [device.mvm(tile, x[i : i + step], transpose=transpose) for i in range(0, x.shape[0], step)]
+    )
+
+
+def settle_states(
+    device: Device, clamp: dict[str, np.ndarray], init: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The states of ``device.settle(clamp, init=init)``, settled in requests of at most the
+    board's `Limits.max_batch` samples (one request where it fits), joined again."""
+    batch = next(iter(clamp.values())).shape[0]
+    step = batch_size(device)
+    if batch <= step:
+        return device.settle(clamp, init=init).states
+    parts = []
+    for i in range(0, batch, step):
+        part_init = None if init is None else {g: v[i : i + step] for g, v in init.items()}
+        parts.append(device.settle({g: v[i : i + step] for g, v in clamp.items()}, init=part_init).states)
+    return {g: np.concatenate([p[g] for p in parts]) for g in parts[0]}
+
+
 @dataclass
 class ReadStats:
     """Per-device statistics of repeated reads of one tile, shape (2, rows, cols) (0: G+, 1: G-)."""

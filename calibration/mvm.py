@@ -22,6 +22,7 @@ from calibration.measure import (
     board_budget,
     fit_lines,
     leave_out,
+    mvm_batched,
     no_progress,
     pair_weights,
     read_stats,
@@ -33,17 +34,21 @@ from drivers.converters import IDEAL_LSB_BITS, lsb
 
 MVM_LOADS = ((0.8, 0.0), (1.0, 0.2))  # mvm routine: (high, low) device of a pair, shares of the range
 WIRE_FIT_TOL = 1e-3  # relative precision of the bisection for the wire resistance
+PROBE_W_MAX = 1e4  # mvm-range probe: weight scale x rows that clips any read-out ADC
 TWO_LEVEL_MIN_LINES = 16  # mvm routine: two-level inputs (the most signal) from this many input lines on
 
 
 def _probe_mvm_range(device: Device, shape: tuple[int, int], lim_lo: float) -> tuple[float, float]:
     """Saturate the mvm read-out both ways: the rails it clips to are its range."""
     n, m = shape
+    lim = device.info.limits
+    # the weight scale that clips the read-out by far (1e4 / rows), or the board's bound
+    # (`Limits.max_w_max`, which a board may declare far lower): a configure past it is refused
+    w_max = min(PROBE_W_MAX / n, lim.max_w_max)
     topo = Topology(
-        {"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=1e4 / n),), budget=board_budget(device)
+        {"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=w_max),), budget=board_budget(device)
     )
     device.configure(topo)
-    lim = device.info.limits
     g_hi, g_lo = lim.g_min + 0.9 * _g_range(device), lim.g_min + 0.1 * _g_range(device)
     sign = np.where(np.arange(m) % 2 == 0, 1.0, -1.0)[None, :]
     gp = np.where(sign > 0, g_hi, g_lo) * np.ones((n, 1))
@@ -52,6 +57,19 @@ def _probe_mvm_range(device: Device, shape: tuple[int, int], lim_lo: float) -> t
     y = device.mvm("T", np.full((1, n), lim_lo + 0.9, np.float32))
     top = float(y.max())
     bottom = float(y.min()) if m > 1 else -top
+    # unclipped, every output would be +-(rows x input x 0.8 w_max): a rail is well below that
+    # (PROBE_W_MAX / rows puts it 1e3 times past any read-out range); a board whose max_w_max
+    # lets the outputs stay on the line reads them, not the rails the routine needs
+    unclipped = n * (lim_lo + 0.9) * 0.8 * w_max
+    # (an ideal read-out, adc_bits None, has no rails: what it reads is its range, as before)
+    capped = w_max < PROBE_W_MAX / n
+    if capped and lim.adc_bits is not None and max(top, -bottom) > 0.5 * unclipped:
+        raise CalibrationError(
+            f"the mvm routine cannot find the read-out's range on this board: at its declared max_w_max "
+            f"{lim.max_w_max:g} a {n}-row tile drives the outputs to {max(top, -bottom):.4g} of an unclipped "
+            f"{unclipped:.4g} weight units, not into the ADC's rails; calibrate a tile with more rows "
+            "(SessionOptions.tile_shapes, `hil calibrate --tiles`) or leave mvm out of the routines"
+        )
     return bottom, top
 
 
@@ -90,7 +108,8 @@ def measure_mvm(
     # Rows come in antithetic pairs (row 2k+1 is row 2k negated), so that every column sums to
     # about zero and its output is centred; the outputs' spread is aimed at a third of the range.
     d_lo, d_hi = 0.03, 0.97
-    w_max = (half / 3.0) / np.sqrt(n * 0.64 * 0.25 * (d_hi - d_lo) ** 2)
+    # at most the board's max_w_max (a smaller spread: less signal, nothing refused)
+    w_max = min((half / 3.0) / np.sqrt(n * 0.64 * 0.25 * (d_hi - d_lo) ** 2), lim.max_w_max)
     topo = Topology(
         {"r": n, "c": m}, (Coupling("T", ("r",), ("c",), w_max=float(w_max)),), budget=board_budget(device)
     )
@@ -125,7 +144,7 @@ def measure_mvm(
         reads.append(read_stats(device, "T", options.reads))
         outputs.append(
             [
-                device.mvm("T", dac_codes_to_requests(dac, d, 0), transpose=t).astype(np.float64)
+                mvm_batched(device, "T", dac_codes_to_requests(dac, d, 0), transpose=t).astype(np.float64)
                 for t, d in zip(sweeps, inputs, strict=True)
             ]
         )

@@ -48,6 +48,7 @@ def profile_settle(
 ) -> SettleProfile:
     device.require("settle", instead=leave_out("the settle-time profile", "settle"))
     rows, cols = shape
+    batch = min(batch, device.info.limits.max_batch)  # one request each, within the board's bound
     out = min(cols, 32)
     rng = seeds.numpy_rng(seed, "calibration.settle")
     topo = Topology.layered([rows, cols, out], bias=False, budget=board_budget(device))
