@@ -439,6 +439,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.init_scale: the initial weights' scale, in (0, {MAX_INIT_SCALE:g}], got {m.init_scale}"
         )
+    check_scales(m.gain, m.w_max)
     if any(not 1 <= p <= MAX_POOL for p in m.pools):
         raise ConfigError(
             f"model.pools: each conv layer's pooling window is 1 (none) to {MAX_POOL}, got {m.pools}"
@@ -484,6 +485,21 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.train.lr or any(v <= 0 for v in cfg.train.lr):
         raise ConfigError(f"train.lr: need positive learning rates, got {cfg.train.lr}")
     check_training_signs(cfg)
+
+
+def check_scales(gain: float, w_max: float) -> None:
+    """model.gain and model.w_max > 0, named by their keys before anything opens a board (the
+    topology refused them later in its own words, "activation gain must be > 0", naming no
+    key); their upper bounds are each board's (Limits.max_gain, max_w_max), checked at configure."""
+    for key, value, what in (
+        ("model.gain", gain, "the activation slope (default 1)"),
+        ("model.w_max", w_max, "the weight of a fully-on conductance pair (default 1)"),
+    ):
+        if not value > 0:
+            raise ConfigError(
+                f"{key}: {what}, > 0 (a board bounds it from above: its max_gain / max_w_max, `hil info`), "
+                f"got {value:g}"
+            )
 
 
 def check_settle_steps(key: str, value: int) -> None:

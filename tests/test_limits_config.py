@@ -35,6 +35,11 @@ from hil.cli import app
         ("classifier", "ep.free_steps=1000000000", "ep.free_steps"),
         ("classifier", "ep.nudge_steps=100001", "ep.nudge_steps"),
         ("vae", "ep.steps=1000000000", "ep.steps"),
+        ("classifier", "model.gain=0", "model.gain"),
+        ("classifier", "model.gain=-1", "model.gain"),
+        ("classifier", "model.w_max=-2", "model.w_max"),
+        ("vae", "model.gain=-0.5", "model.gain"),
+        ("vae", "model.w_max=0", "model.w_max"),
     ],
 )
 def test_a_count_past_its_bound_is_refused_before_the_run_starts(

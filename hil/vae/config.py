@@ -19,6 +19,7 @@ from hil.config import (
     check_data,
     check_ep_beta,
     check_log,
+    check_scales,
     check_settle_steps,
 )
 
@@ -191,6 +192,7 @@ def validate_vae(cfg: VAERunConfig) -> None:
         raise ConfigError(
             f"model.init_scale: the initial weights' scale, in (0, {MAX_INIT_SCALE:g}], got {m.init_scale}"
         )
+    check_scales(m.gain, m.w_max)
     if not 0 < m.mu_scale <= MAX_MU_SCALE:
         raise ConfigError(f"model.mu_scale: in (0, {MAX_MU_SCALE:g}] (default 3), got {m.mu_scale:g}")
     try:
