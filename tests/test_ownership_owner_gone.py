@@ -201,7 +201,7 @@ def test_a_failed_safe_state_is_tried_again_when_a_break_or_release_ends_the_lea
     assert s.lock.owner_gone == 1 and s.lock.state().token is None
 
 
-def _kill_an_idle_owner(s: BoardServers, transport: str) -> tuple[list[float], str, float]:
+def _kill_an_idle_owner(s: BoardServers, transport: str, lease: str = "1") -> tuple[list[float], str, float]:
     """A host process owns `s` over the serial `transport` with a 1 s lease and sits idle (it
     sleeps between two tiles) for three leases, which its keep-alives must hold the board
     through (no safe state, one connection, no lapse running); then it is SIGKILLed. The safe
@@ -210,7 +210,7 @@ def _kill_an_idle_owner(s: BoardServers, transport: str) -> tuple[list[float], s
     calls = _count_safe_states(s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     host = subprocess.Popen(
-        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri(transport, lease="1")],
+        [sys.executable, "-c", killed_host("dev.lock_token"), s.uri(transport, lease=lease)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -286,3 +286,52 @@ def test_a_host_killed_on_an_scpi_serial_line_leaves_its_board_safe_and_then_fre
     # the next host on the line takes the board and finds the dead one's open transaction
     with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("visa-asrl")) as dev:
         assert dev.owns and dev.status().transaction == "update-7"
+
+
+def test_a_looker_on_an_scpi_serial_line_does_not_revive_a_dead_owners_lock(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """An SCPI serial line is one session for its whole life, so the dead owner's token stays
+    with it. Before, the first byte of the next host brought the token back: a host that opened
+    the line with ``lock=0`` (it takes nothing) then drove the board with the dead owner's
+    rights, and every request it made kept the dead lock from lapsing. Now a line that fell
+    silent for the lease presents the token again only through an acquire with it (the owner's
+    driver presents its token again after a failed link): a looker's request that drives the
+    board is refused (120) and the lock lapses a lease after the safe state, however much the
+    looker talks."""
+    s = emulated_board(BOARD)
+    calls, token, _ = _kill_an_idle_owner(s, "visa-asrl", lease="4")
+    assert until(lambda: len(calls) == 1, 8.0), "a host killed on an SCPI serial line left its board driven"
+    assert s.lock is not None and s.lock.state().token == token  # the lease runs: 4 s
+    with pytest.warns(RuntimeWarning, match="update-7"):
+        looker = open_device(s.uri("visa-asrl", lock="0"))
+    try:
+        with pytest.raises(BoardLocked, match="owned by"):
+            looker.wait(0.0)  # drives the board: the dead owner's, not the looker's
+        seen = looker.owner()
+        assert (
+            seen is not None and seen.token == token and seen.connections == 0 and seen.lapses_in is not None
+        )
+        # the looker keeps talking (a status every 0.1 s): the lock still lapses with its lease
+        assert until(lambda: looker.owner().token is None, 8.0), "a looker's bytes kept a dead owner's lock"  # type: ignore[union-attr]
+        assert len(calls) == 1
+    finally:
+        looker.close_link()
+
+
+def test_an_scpi_serial_owner_taken_for_gone_is_told_so_by_its_own_token(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The other side of the looker's case: an owner whose SCPI serial line fell silent for its
+    lease (its keep-alives stopped: a paused process) is refused (120) until it acquires again,
+    and the refusal says that the token is this host's own and what to do."""
+    s = emulated_board(BOARD)
+    assert s.lock is not None
+    dev = open_device(s.uri("visa-asrl", lease="1"))
+    try:
+        dev._stopping.set()  # type: ignore[attr-defined]  # its keep-alives stop, as in a paused process
+        assert until(lambda: s.lock.state().connections == 0, 5.0)  # type: ignore[union-attr]
+        with pytest.raises(BoardLocked, match="this host's own"):
+            dev.wait(0.0)
+    finally:
+        dev.close_link()  # type: ignore[attr-defined]

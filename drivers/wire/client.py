@@ -425,7 +425,16 @@ class RemoteDevice(Device):
     def _locked(self, exc: BoardLocked) -> BoardLocked:
         """The refusal, naming this board's URI in its fix. Refused, this host does not own the
         board (whatever it thought: its lock may have been broken)."""
+        mine = self._owns and self.lock_token in exc.message
         self._owns = False
+        if mine:  # the board took this host for gone (its serial line silent for the lease)
+            exc = BoardLocked(
+                exc.code,
+                f"{exc.message}; that token is this host's own: the board took this host for gone "
+                "(nothing came over its serial line for the lease, e.g. the process was paused) and "
+                "applied its safe state; close the device and open the board again",
+                exc.uri,
+            )
         return exc if exc.uri is not None else BoardLocked(exc.code, exc.message, self.name)
 
     def _acquire(self) -> None:

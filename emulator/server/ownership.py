@@ -65,7 +65,10 @@ class LockSession:
         self.silent = False
 
     def heard(self) -> None:
-        """Something came over this connection: a silent one presents its token again."""
+        """Something came over this framed connection: a silent one presents its token again
+        (a framed link's next host begins with HELLO, which withdraws the token first). An SCPI
+        serial line does not call this: it cannot tell its next host from the one before, so a
+        silent one presents the token again only by acquiring with it (`BoardLock.acquire`)."""
         if self.silent:
             self.lock.heard(self)
 
@@ -219,6 +222,7 @@ class BoardLock:
             if self._token is not None and self._token != token and not taking_over:
                 raise self._refusal("acquire")
             session.token = token  # a connection presents one token: the one it acquired with last
+            session.silent = False  # presented now, on a line that had fallen silent too
             if self._token != token:  # a free board, or the owner's own connection passing it on
                 self._token, self._since = token, self._wall()
             self._lease = lease
@@ -273,7 +277,8 @@ class BoardLock:
         if op in OPEN_WHILE_OWNED:
             return
         with self._mutex:
-            if session.token is not None and session.token == self._token:
+            # a silent line (its host taken for gone, `silence`) presents its token no more
+            if session.token is not None and session.token == self._token and not session.silent:
                 return
             if session.token is not None and session.token in self._broken:
                 raise self._broken_refusal(op.name.lower())
@@ -297,7 +302,8 @@ class BoardLock:
         on a serial line sends no FIN): the board applies its safe state and the lease runs, as
         when the last connection of a TCP owner closes. Host drivers that own a board over a
         serial line send a keep-alive (framed PING, SCPI `*OPC?`) well within the lease, so only a host that
-        is gone falls silent; one that speaks again within the lease presents its token again."""
+        is gone falls silent; one that speaks again within the lease presents its token again:
+        on a framed line by speaking (`LockSession.heard`), on an SCPI line by acquiring with it."""
         if session.silent or session.token is None:
             return
         with self._mutex:

@@ -894,9 +894,11 @@ class ScpiServer(EndpointServer):
                 if serial_line and owner is not None and owner.token is not None:
                     owner.lock.silence(owner, time.monotonic() - quiet_since)
                 continue
-            if data and conn.session.lock is not None:
+            if data:
+                # a silent session stays silent: the bytes may be the next host's (a looker's,
+                # lock=0), which must not drive the board with the dead owner's token nor keep
+                # its lock from lapsing; the token is presented again by an acquire with it
                 quiet_since = time.monotonic()
-                conn.session.lock.heard()  # a silent session presents its token again
             backlog = False
             for answer in conn.respond(data):
                 if answer.fault in HANG_UPS:
