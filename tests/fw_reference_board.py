@@ -33,6 +33,7 @@ firmware bugs that the conformance suite must catch:
 - `lastref`: a reply's ref is the low byte of the seq of the request's last fragment, not its first;
 - `code100`: a limit refusal answered 100 (configuration), not -222;
 - `nowait`: WAIT returns at once, its seconds neither waited nor added to the board clock;
+- `nowaitlimit`: WAIT takes any finite seconds, past max_wait_s too (this board's first version);
 - `tilege`: a tile of exactly tile_rows_max rows refused (>= where > belongs);
 - `adcrefuse`: an mvm whose output is past its read-out's range (+-64 w_max) refused (-240), not
   saturated at the rail;
@@ -84,7 +85,7 @@ BUGS = (
     "nofrag", "noack", "norid", "slack", "nolease", "noreturn", "crcpayload", "cobsff", "bigendian",
     "colmajor", "gscale", "coarseadc", "batchge", "batchover", "clampstrict", "lineslack", "ridreset",
     "rid1", "meterrows", "lastref", "code100", "nowait", "tilege", "adcrefuse", "noepoch", "keeptopo",
-    "microsiemens", "noconfcheck",
+    "microsiemens", "noconfcheck", "nowaitlimit",
 )  # fmt: skip
 
 HDR = struct.Struct("<BBBBHH")
@@ -609,6 +610,8 @@ class Board:
         seconds = meta.get("seconds")
         if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
             raise Fail(100, "seconds")
+        if seconds > LIM["max_wait_s"] and self.bug != "nowaitlimit":
+            raise self.refuse(f"wait {seconds!r} s > max_wait_s {LIM['max_wait_s']!r}")
         if self.bug != "nowait":
             self.clock += seconds
         return message({})

@@ -84,6 +84,7 @@ def test_passes_on_every_transport(
         assert ops["scpi error queue"] == "PASS"
         assert ops["scpi board limit"] == "PASS"
         assert ops["scpi board conductance limit"] == "PASS"
+        assert ops["scpi wait limit"] == "PASS"  # NaN and one float64 step past max_wait_s refused
         assert ops.get("scpi undeclared settle") == ("PASS" if board == MVM_ONLY else None)
         # blocks of five length digits; a program resent with its id after another program
         assert ops["scpi large blocks"] == ops["scpi program request id"] == "PASS"
@@ -92,6 +93,7 @@ def test_passes_on_every_transport(
     if servers is not None and not transport.startswith("visa"):  # the framed link: unchecked requests
         assert ops["unchecked board limit"] == "PASS"
         assert ops["unchecked board conductance limit"] == "PASS"
+        assert ops["unchecked wait limit"] == "PASS"  # NaN and one float64 step past max_wait_s refused
         assert ops.get("unchecked undeclared settle") == ("PASS" if board == MVM_ONLY else None)
         assert ops["unchecked program without id"] == ops["unchecked program request id"] == "PASS"
         assert ops["fragmented messages"] == ops["link COBS runs"] == "PASS"
@@ -105,9 +107,10 @@ def test_passes_on_every_transport(
         assert ops["line current limit"] == "PASS"
         # ... and the two mvms over the line-current limit (at clamp_max and 1 % over it) and the
         # topologies with w_max and gain past their limits, sent unchecked on either link; on the
-        # framed link the mvm of max_batch + 1 samples too
+        # framed link the mvm of max_batch + 1 samples too; and the wait one float64 step past
+        # max_wait_s on either link
         framed = not transport.startswith("visa")
-        assert servers.device.safety() == SafetyCounters(refused=6 + framed, violations=0)
+        assert servers.device.safety() == SafetyCounters(refused=7 + framed, violations=0)
         assert ops[f"{'unchecked' if framed else 'scpi'} configure limits"] == "PASS"
         if framed:
             assert ops["unchecked mvm at clamp_max"] == ops["unchecked batch limit"] == "PASS"

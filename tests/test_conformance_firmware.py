@@ -219,7 +219,10 @@ G_UNREADABLE = {
     "mvm w_max", "unchecked board conductance limit", NO_ID, RESENT, FRAGMENTED, "line current limit",
     "reset", "unchecked request id after reset",
 }  # fmt: skip
-LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "unchecked batch limit"}
+LIMIT_CHECKS = {
+    "unchecked board conductance limit", "unchecked board limit", "unchecked batch limit",
+    "unchecked wait limit",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -264,6 +267,7 @@ LIMIT_CHECKS = {"unchecked board conductance limit", "unchecked board limit", "u
         ("lineslack", {"line current limit"}, "line current limit", "enforces the limit with a slack"),
         ("meterrows", {"meter"}, "meter", "it counts samples, not requests"),
         ("nowait", {"meter"}, "meter", "the wait's seconds did not pass on the board"),
+        ("nowaitlimit", {"unchecked wait limit"}, "unchecked wait limit", "the board ran WAIT"),
         ("tilege", {"configure largest tile"}, "configure largest tile", "counts the bias row twice"),
         (
             "noconfcheck",

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             True,
             help="Send the probes that go past a limit only the board's own check stops (a device one "
             "float32 step past g_max, an mvm input one step past clamp_max, a line 1 % and 20 % over its "
-            "current limit): on a board without that check its devices take them. --no-limit-probes "
+            "current limit, a wait one step past max_wait_s): on a board without that check its devices take them. --no-limit-probes "
             "SKIPs them, for a chip already in use; the board's own checks then go unverified.",
         ),
     ) -> None:

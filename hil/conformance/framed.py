@@ -6,6 +6,7 @@ refuses what it does not declare."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -65,6 +66,12 @@ def checks(sess: Session) -> None:
             "an undeclared capability is error 101 on the board too",
             lambda sent: _refused(sent, send, pl.Op.MVM, _mvm(tile, rows, 0.0), NotSupported),
         )
+    sess.probe(
+        "unchecked wait limit",
+        "the board checks a wait again: NaN seconds refused, one float64 step past max_wait_s is error "
+        f"-222, its own refused + 1 ({LIMITS})",
+        lambda sent: _wait_limit(sess, sent, send),
+    )
     if "settle" not in sess.caps:  # the host driver refuses it first: only an unchecked one reaches the board
         settle = pl.settle_request({}, {}, {}, False)
         sess.run(
@@ -178,3 +185,19 @@ def _batch_limit(sess: Session, sent: list[str], send: Send, tile: str, rows: in
 
 def _mvm_batch(tile: str, n: int, rows: int) -> pl.Message:
     return pl.mvm_request(tile, np.zeros((n, rows), np.float32), False)
+
+
+def _wait_limit(sess: Session, sent: list[str], send: Send) -> str:
+    """A wait's seconds are a physical quantity (board time over which the devices drift, and on
+    hardware the board is busy for them): a board that compares ``seconds > max_wait_s`` passes a
+    NaN, and one without the check sleeps as long as a buggy host asks. NaN first (a board that
+    takes it has no finite-number check), then one float64 step past max_wait_s (JSON carries
+    float64: the step a board must refuse)."""
+    nan = _refused(sent, send, pl.Op.WAIT, pl.Message({"seconds": math.nan}), DeviceError)
+    value = math.nextafter(sess.lim.max_wait_s, math.inf)
+    request = pl.Message({"seconds": value})
+    got = sess.counted_refusal(
+        sent, value, lambda: _refused(sent, send, pl.Op.WAIT, request, LimitViolation),
+        what=f"WAIT seconds = {value!r} > max_wait_s {sess.lim.max_wait_s!r} (one float64 step past it)",
+    )  # fmt: skip
+    return f"NaN: {nan}; {got}"

@@ -5,6 +5,7 @@ checks its limits again ("a host may be buggy") and refuses what it does not dec
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -46,6 +47,12 @@ def checks(sess: Session) -> None:
             "an undeclared capability is error 101 on the board too",
             lambda sent: _expect_error(sent, query, _mvm_command(sess, tile, 0.0), "101"),
         )
+    sess.probe(
+        "scpi wait limit",
+        "the board checks a wait again: SYST:WAIT NAN is refused (-224 or -222), one float64 step past "
+        "max_wait_s is -222 in the queue, its own refused + 1",
+        lambda sent: _wait_limit(sess, sent, query),
+    )
     if "settle" not in sess.caps:  # the host driver refuses it first: only a raw one reaches the board
         sess.run(
             "scpi undeclared settle",
@@ -167,3 +174,28 @@ def _board_conductance_limit(sess: Session, sent: list[str], query: Query, tile:
         what=f"G+[0, 0] = {value:g} S > g_max {sess.lim.g_max:.3g} S (every other device within the window)",
     )  # fmt: skip
     return got + sess.tile_within_window(tile)
+
+
+def _expect_command_error(sent: list[str], query: Query, command: str, codes_: tuple[str, ...]) -> str:
+    """`command` (no reply of its own) followed by ``SYST:ERR?`` in one message: its error is
+    one of `codes_`, then the queue is empty."""
+    _errors(query)  # start from an empty queue
+    sent.append(f"{command};SYST:ERR?; SYST:ERR? until 0")
+    first = str(query(f"{command};SYST:ERR?")).strip()
+    rest = _errors(query)
+    got = f"SYST:ERR? {[first, *rest]}"
+    if not first.startswith(tuple(f"{c}," for c in codes_)) or not rest[-1].startswith("0,"):
+        raise Mismatch(f'{got}: expected {" or ".join(codes_)} (the board refuses it), then 0,"No error"')
+    return got
+
+
+def _wait_limit(sess: Session, sent: list[str], query: Query) -> str:
+    """`hil.conformance.framed._wait_limit` over SCPI: NaN, then one float64 step past max_wait_s
+    (SCPI numbers are text: the float64 repr is what the board parses)."""
+    nan = _expect_command_error(sent, query, "SYST:WAIT NAN", ("-224", "-222"))
+    value = math.nextafter(sess.lim.max_wait_s, math.inf)
+    got = sess.counted_refusal(
+        sent, value, lambda: _expect_command_error(sent, query, f"SYST:WAIT {value!r}", ("-222",)),
+        what=f"SYST:WAIT {value!r} > max_wait_s {sess.lim.max_wait_s!r} (one float64 step past it)",
+    )  # fmt: skip
+    return f"NAN: {nan}; {got}"
