@@ -26,6 +26,7 @@ from drivers import (
     SafetyCounters,
     open_device,
 )
+from drivers.errors import LimitViolation
 from drivers.wrapper import DeviceWrapper
 from hil.cli import app
 from hil.conformance import Options, run_conformance
@@ -107,14 +108,13 @@ def test_passes_on_every_transport(
         assert ops["line current limit"] == "PASS"
         # ... and the two mvms over the line-current limit (at clamp_max and 1 % over it) and the
         # topologies with w_max and gain past their limits, sent unchecked on either link; on the
-        # framed link the mvm of max_batch + 1 samples too; and the wait one float64 step past
-        # max_wait_s on either link
+        # framed link the mvm of max_batch + 1 samples too
+        # (now over SCPI too), and the wait one float64 step past max_wait_s on either link
         framed = not transport.startswith("visa")
-        assert servers.device.safety() == SafetyCounters(refused=7 + framed, violations=0)
+        assert servers.device.safety() == SafetyCounters(refused=8, violations=0)
         assert ops[f"{'unchecked' if framed else 'scpi'} configure limits"] == "PASS"
-        if framed:
-            assert ops["unchecked mvm at clamp_max"] == ops["unchecked batch limit"] == "PASS"
         prefix = "unchecked" if framed else "scpi"
+        assert ops[f"{prefix} mvm at clamp_max"] == ops[f"{prefix} batch limit"] == "PASS"
         assert ops[f"{prefix} request id after reset"] == ops["configure largest tile"] == "PASS"
         # the owner the check left gone was made safe by the board (not visible on the wire), at
         # its close and again after its reconnect's close
@@ -262,6 +262,37 @@ def test_fails_when_the_board_does_not_check_its_limits(emulated_board: Callable
     line = next(x for x in stdout.splitlines() if x.startswith("FAIL"))
     assert "the board ran the request; expected #10 and error -222" in line, line
     assert "PASS  limit mvm input" in stdout  # the host's own check
+
+
+class StrictMvmEdges(DeviceWrapper):
+    """Two firmware bugs at the mvm's edges, each refusing what the host sends in every full
+    chunk or at the rail: the batch checked with >= max_batch, the input with >= clamp_max."""
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        lim = self.info.limits
+        if np.shape(x)[0] >= lim.max_batch:
+            raise LimitViolation("batch size of mvm input", np.shape(x)[0], lim.max_batch, "split it")
+        if float(np.max(np.abs(x))) >= lim.clamp_max:
+            raise LimitViolation(
+                "read-voltage limit on mvm input", float(np.max(np.abs(x))), lim.clamp_max, "-"
+            )
+        return self.inner.mvm(tile, x, transpose=transpose)
+
+
+def test_fails_when_an_scpi_board_refuses_clamp_max_or_a_full_batch(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The probes of an mvm input exactly at clamp_max and of exactly max_batch samples ran over
+    the framed link only; an SCPI board with >= where > belongs passed. Its text queries carry
+    only printable bytes, so they go as unchecked typed requests (`send_unchecked`), which the
+    VisaDevice sends as SCPI blocks."""
+    servers = emulated_board(board=StrictMvmEdges(open_device(FULL)))
+    code, stdout, _ = _invoke(servers.uris["visa-tcp"])
+    assert code == 1
+    assert {"scpi mvm at clamp_max", "scpi batch limit"} <= _failed(stdout)
+    lines = [x for x in stdout.splitlines() if x.startswith("FAIL")]
+    assert any("the board checks with >=" in x for x in lines), lines
+    assert any("max_batch = 1024 samples was refused" in x for x in lines), lines
 
 
 class ClippedProgram(DeviceWrapper):

@@ -24,10 +24,17 @@ MAX_BATCH_PROBE_BYTES = 8 << 20  # the largest framed message (docs/protocol.md 
 
 def checks(sess: Session) -> None:
     send = getattr(sess.dev, "send_unchecked", None)
-    if not callable(send) or sess.report.uri.lower().startswith("visa://"):
+    if not callable(send):
         return
     tile = sess.topo.couplings[0].tile
     rows, _ = sess.topo.tile_shape(tile)
+    if sess.report.uri.lower().startswith("visa://"):
+        # raw SCPI has its own probes (`hil.conformance.scpi`), but its text queries carry only
+        # printable bytes: the two whose blocks cannot be text (clamp_max itself, a batch of
+        # zeros) go as unchecked typed requests, which a VisaDevice sends as SCPI as given
+        if "mvm" in sess.caps:
+            _mvm_edges(sess, send, tile, rows, "scpi")
+        return
     sess.probe(
         "unchecked board conductance limit",
         "the board checks program targets again: above g_max is error -222, its own refused + 1, "
@@ -41,25 +48,7 @@ def checks(sess: Session) -> None:
             "refused + 1, violations 0",
             lambda sent: _board_limit(sess, sent, send, tile, rows),
         )
-        sess.run(
-            "unchecked mvm at clamp_max",
-            "an mvm input exactly at clamp_max runs: the limit is x v_read <= v_read_max, equal passes "
-            f"({LIMITS})",
-            lambda sent: _at_clamp_max(sess, sent, send, tile, rows),
-        )
-        batch_bytes = 4 * (sess.lim.max_batch + 1) * rows
-        if batch_bytes > MAX_BATCH_PROBE_BYTES:
-            reason = (
-                f"an mvm of max_batch + 1 = {sess.lim.max_batch + 1} samples would be {batch_bytes} bytes"
-            )
-            sess.add(Check("unchecked batch limit", "SKIP", "-", "-", reason))
-        else:
-            sess.run(
-                "unchecked batch limit",
-                "an mvm of max_batch samples runs, one of max_batch + 1 is error -222 on the board, its own "
-                f"refused + 1 ({LIMITS})",
-                lambda sent: _batch_limit(sess, sent, send, tile, rows),
-            )
+        _mvm_edges(sess, send, tile, rows, "unchecked")
     else:
         sess.run(
             "unchecked undeclared mvm",
@@ -78,6 +67,27 @@ def checks(sess: Session) -> None:
             "unchecked undeclared settle",
             "a settle on a board that does not declare it is error 101 on the board too",
             lambda sent: _refused(sent, send, pl.Op.SETTLE, settle, NotSupported),
+        )
+
+
+def _mvm_edges(sess: Session, send: Send, tile: str, rows: int, prefix: str) -> None:
+    """An mvm input exactly at clamp_max runs; max_batch samples run, max_batch + 1 are refused."""
+    sess.run(
+        f"{prefix} mvm at clamp_max",
+        "an mvm input exactly at clamp_max runs: the limit is x v_read <= v_read_max, equal passes "
+        f"({LIMITS})",
+        lambda sent: _at_clamp_max(sess, sent, send, tile, rows),
+    )
+    batch_bytes = 4 * (sess.lim.max_batch + 1) * rows
+    if batch_bytes > MAX_BATCH_PROBE_BYTES:
+        reason = f"an mvm of max_batch + 1 = {sess.lim.max_batch + 1} samples would be {batch_bytes} bytes"
+        sess.add(Check(f"{prefix} batch limit", "SKIP", "-", "-", reason))
+    else:
+        sess.run(
+            f"{prefix} batch limit",
+            "an mvm of max_batch samples runs, one of max_batch + 1 is error -222 on the board, its own "
+            f"refused + 1 ({LIMITS})",
+            lambda sent: _batch_limit(sess, sent, send, tile, rows),
         )
 
 
