@@ -79,3 +79,41 @@ def test_a_reconnect_to_a_restarted_board_with_the_same_limits_is_no_change() ->
         d.close()
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "visa-asrl"])
+def test_a_board_swapped_behind_a_serial_line_at_the_same_epoch_is_seen_before_anything_is_sent(
+    transport: str,
+) -> None:
+    """A serial line does not break when the board behind it is power-cycled or swapped for a
+    spare, and a fresh board starts at epoch 0, as the one opened may have been. Before, the
+    host took the new board's "no topology" refusal for the caller's error (its epoch had not
+    changed), kept the old limits, and after the caller configured again sent a 0.24 V input
+    that only the new 0.21 V board's own check stopped. Now a board that holds no topology
+    while the host configured one is a reset whatever its epoch: the host reconnects, reads
+    INFO and raises BoardChanged, and refuses the input itself."""
+    import dataclasses
+
+    s = serve("emulator://?preset=ideal&seed=0", scpi_port=None, framed_port=None)
+    try:
+        with open_device(s.uris[transport]) as d:
+            d.configure(Topology.layered([3, 2]))
+            x = np.full((1, 4), 1.2, np.float32)  # 0.24 V: within the first board's 0.25 V only
+            d.mvm("W0", x)
+            served = s.device
+            with served.lock:  # the spare, powered up behind the same line: epoch 0, 0.21 V
+                board = served.board  # type: ignore[attr-defined]
+                board.restart()
+                board.epoch = 0
+                narrower = dataclasses.replace(board.limits, v_read_max=0.21)
+                board._limits = (board.preset, narrower)
+                served._info = dataclasses.replace(served.info, limits=narrower)  # type: ignore[attr-defined]
+            with pytest.raises(BoardChanged, match=r"v_read_max 0\.25 -> 0\.21"):
+                d.mvm("W0", x)
+            assert d.info.limits.v_read_max == 0.21
+            with pytest.raises(LimitViolation, match="read-voltage limit"):
+                d.configure(Topology.layered([3, 2]))
+                d.mvm("W0", x)
+            assert served.safety().refused == 0 and served.safety().violations == 0
+    finally:
+        s.close()

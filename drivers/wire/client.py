@@ -739,10 +739,17 @@ class RemoteDevice(Device):
             time.sleep(pause)
 
     def _silently_reset(self) -> bool:
-        """After a configuration error from the board: did it reset behind our back?"""
+        """After a configuration error from the board: did it reset behind our back? A new
+        epoch says so, and so does a board that holds no topology while the host configured
+        one, whatever its epoch (as `_recover` takes it): a board powered up again, or another
+        board swapped in behind a serial line that never broke, may start at the epoch the host
+        last saw (0 on a fresh board); the recovery then reads its INFO again (`BoardChanged`
+        if it declares other limits), where before the host went on with the old ones."""
         try:
             status = self._board_status()
             if status is not None:
+                if not status.configured and self._topology is not None:
+                    return True
                 return self._epoch is not None and status.epoch != self._epoch
             return self._topology is not None and self._remote_topology() != self._topology
         except DeviceError:
