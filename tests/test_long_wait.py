@@ -71,3 +71,27 @@ def test_the_longest_wait_the_board_allows_gives_a_deadline_the_link_takes(kind:
         dev.wait(longest)
         assert dev.timeout == TIMEOUT_S  # type: ignore[attr-defined]
         dev.safety()
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "visa-asrl"])
+def test_a_wait_longer_than_the_lease_on_a_serial_line_is_no_silence_of_the_owner(transport: str) -> None:
+    """On a serial line the board takes a line silent for the owner's lease as its host gone
+    (safe state, then the lock lapses); the host sends keep-alives, but not while an operation
+    holds the device, and a hardware WAIT holds it for its seconds. The time the board spends
+    answering is no silence of the host's, and the silence clock starts again at the reply:
+    an owner with a 1 s lease that waits 2.5 s keeps its board, made safe never."""
+    from emulator.server.launch import serve
+
+    with open_device("emulator://?preset=ideal&seed=0") as inner:
+        s = serve(SleepingBoard(inner), scpi_port=None, framed_port=None)
+        try:
+            with open_device(s.uri(transport, lease="1")) as dev:
+                assert dev.owns  # type: ignore[attr-defined]
+                dev.wait(2.5)
+                time.sleep(0.5)  # the reply's own keep-alive window: a third of the lease and more
+                assert s.lock is not None and s.lock.owner_gone == 0
+                owner = s.lock.state()
+                assert owner.token == dev.lock_token and owner.connections == 1  # type: ignore[attr-defined]
+                dev.wait(0.0)  # still its board
+        finally:
+            s.close()
