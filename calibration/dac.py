@@ -122,7 +122,12 @@ def measure_dac(
                 if not usable.any():
                     continue
                 w_i = w_tile[pos]
-                gamma = 0.85 / float(np.median(w_tile[:n][w_tile[:n] >= REF_MIN_W]))
+                # the node at 0.85 of its range for a full-scale request, at most the board's
+                # max_gain (a board declaring a lower one refused the configure; the outputs then
+                # span less of the range, and the fit's usable share says whether that is enough)
+                gamma = min(
+                    0.85 / float(np.median(w_tile[:n][w_tile[:n] >= REF_MIN_W])), device.info.limits.max_gain
+                )
                 device.configure(replace(topo, gain=gamma))
                 x = rng.uniform(r_lo[block], r_hi[block], (options.samples, n)).astype(np.float32)
                 clamp = {f"x{i}": x[:, i : i + 1] for i in range(n)}

@@ -43,9 +43,9 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[ServedBoard, Device
 
 @pytest.mark.parametrize(
     "served",
-    [{"max_batch": 200}, {"max_w_max": 100.0}],
+    [{"max_batch": 200}, {"max_w_max": 100.0}, {"max_gain": 1.0}],
     indirect=True,
-    ids=["max_batch=200", "max_w_max=100"],
+    ids=["max_batch=200", "max_w_max=100", "max_gain=1"],
 )
 def test_the_converter_routines_stay_within_the_boards_declared_bounds(
     served: tuple[ServedBoard, Device],
