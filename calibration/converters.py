@@ -14,6 +14,7 @@ measurements alone, so every bank is referred to something the board holds exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,16 @@ class ConverterOptions:
     def __post_init__(self) -> None:
         for name, hi in COUNT_BOUNDS.items():
             check_count("ConverterOptions", name, getattr(self, name), 1, hi)
+        for name in ("gain_tol", "offset_tol_lsb"):
+            tol = getattr(self, name)
+            # a NaN passes no `>` test: every channel's fit would count as precise, none invalid
+            if tol is not None and (
+                isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < math.inf
+            ):
+                raise CalibrationError(
+                    f"ConverterOptions.{name} is {tol!r}: give a finite number > 0 (a channel whose fit "
+                    "does not pin it that closely is marked invalid), or None for no such requirement"
+                )
         if not 1 <= self.ref_width <= MAX_REF_WIDTH:
             raise CalibrationError(
                 f"ref_width must be 1 to {MAX_REF_WIDTH} cells, got {self.ref_width}: 8 keeps the "

@@ -6,11 +6,15 @@ defaults is calibrated in requests it takes, never sent one it refuses."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calibration import CalibrationError, SessionOptions, run_session
+from calibration.converters import ConverterOptions
 from calibration.mvm import _probe_mvm_range
 from drivers import Device, open_device
 from drivers.emulated import EmulatedDevice
@@ -63,3 +67,31 @@ def test_a_max_w_max_too_low_to_clip_the_readout_is_a_calibration_error_naming_t
     with pytest.raises(CalibrationError, match=r"max_w_max 1 .*more rows.*--tiles"):
         _probe_mvm_range(dev, (4, 4), dev.info.limits.adc_range[0])
     assert dev.safety().refused == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.one_of(
+        st.none(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-3, 3),
+        st.booleans(),
+        st.sampled_from([float("nan"), float("inf"), -0.0, 0.0, 5e-324]),
+    ),
+    name=st.sampled_from(["gain_tol", "offset_tol_lsb"]),
+)
+def test_a_converter_tolerance_is_none_or_finite_and_positive(value: object, name: str) -> None:
+    """The converter routines mark a channel invalid when its fit does not pin the gain to
+    `gain_tol` or the offset to `offset_tol_lsb` (``3 se > tol x ...``): a NaN tolerance passes
+    no such test, so every channel counted as precise. Accepted exactly when None or a finite
+    number > 0; else a CalibrationError naming the option."""
+    ok = value is None or (
+        not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf
+    )
+    try:
+        ConverterOptions(**{name: value})  # type: ignore[arg-type]
+    except CalibrationError as exc:
+        assert not ok, (value, exc)
+        assert f"ConverterOptions.{name}" in str(exc)
+    else:
+        assert ok, value
