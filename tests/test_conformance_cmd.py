@@ -607,3 +607,30 @@ def test_readme_lists_the_json_keys_of_hil_conformance() -> None:
     listed = readme.split("`hil conformance` (", 1)[1].split("), `hil gradcheck`", 1)[0]
     names = set(re.findall(r"`(\w+)`", listed)) - {"PASS", "FAIL", "SKIP"}
     assert names == set(data) | set(data["checks"][0]), listed
+
+
+def _declaring(**bounds: object) -> Device:
+    """The full emulated board, declaring (host's and board's limits) lower work bounds."""
+    dev = open_device(FULL)
+    board = dev.board  # type: ignore[attr-defined]
+    lim = dataclasses.replace(board.limits, **bounds)
+    board._limits = (board.preset, lim)
+    dev._info = dataclasses.replace(dev.info, limits=lim)  # type: ignore[attr-defined]
+    return dev
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_a_board_that_declares_lower_work_bounds_passes_within_them(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """The suite sent mvms of at least 16 samples and a 0.01 s wait whatever the board declared:
+    a conforming board with max_batch 8 and max_wait_s 0.001 failed mvm, mvm transpose, mvm
+    w_max and meter (refused on the host, each a false FAIL). Now the mvm checks take at most
+    max_batch samples and the meter's wait at most max_wait_s; a --batch past max_batch is one
+    line naming the bound (exit 2) before anything is sent."""
+    servers = emulated_board(board=_declaring(max_batch=8, max_wait_s=0.001))
+    code, stdout, _ = _invoke(servers.uris[transport])
+    assert code == 0 and not _failed(stdout), stdout
+    assert servers.device.safety().violations == 0
+    code, _, stderr = _invoke(servers.uris[transport], "--batch", "9")
+    assert code == 2 and "max_batch 8" in stderr and "--batch 8 or fewer" in stderr, stderr

@@ -86,7 +86,7 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
     if transpose:
         w = w.T
     n_in, n_out = w.shape
-    x = sess.inputs((max(16, sess.opt.batch), n_in))
+    x = sess.inputs((sess.opt.mvm_batch(sess.lim), n_in))
     sent.append(f"{tile} x {desc(x)}, transpose={transpose}, {sess.opt.repeats} times")
     ys = []
     for _ in range(sess.opt.repeats):
@@ -168,7 +168,7 @@ def _w_max(sess: Session, sent: list[str], tile: str) -> str:
     gp = (mid + 0.25 * sess.g_range * sign).astype(np.float32)
     gm = (mid - 0.25 * sess.g_range * sign).astype(np.float32)
     sess.dev.program(tile, gp, gm, verify="program_verify" in sess.caps)
-    x = (0.5 * sess.inputs((max(16, sess.opt.batch), rows))).astype(np.float32)  # half: room to double
+    x = (0.5 * sess.inputs((sess.opt.mvm_batch(sess.lim), rows))).astype(np.float32)  # half: room to double
     w_max = sess.topo.coupling(tile).w_max
     doubled = dataclasses.replace(
         sess.topo,
@@ -242,12 +242,13 @@ def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) 
     if first is None:
         sent.append("meter()")
         return "None (the board does not meter)"
-    n, batch = 3, 2
-    sent.append(f"meter(), {n} mvm calls of {batch} samples, wait({WAIT_S}), meter()")
+    n, batch = 3, min(2, sess.lim.max_batch)
+    wait_s = min(WAIT_S, sess.lim.max_wait_s)  # a board may declare shorter waits than 0.01 s
+    sent.append(f"meter(), {n} mvm calls of {batch} samples, wait({wait_s}), meter()")
     x = sess.inputs((batch, rows))
     for _ in range(n):
         sess.dev.mvm(tile, x)
-    sess.dev.wait(WAIT_S)
+    sess.dev.wait(wait_s)
     second = meter()
     if second is None:
         raise Mismatch(f"{first} first, then None")
@@ -260,9 +261,9 @@ def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) 
             f"mvm_calls {first.mvm_calls} -> {second.mvm_calls} after {n} calls of {batch} samples{counts}; "
             f"{METER_RULE}"
         )
-    if second.clock_s - first.clock_s < WAIT_S * (1 - 1e-9):  # float64 sums: a rounding step
+    if second.clock_s - first.clock_s < wait_s * (1 - 1e-9):  # float64 sums: a rounding step
         raise Mismatch(
-            f"clock_s {first.clock_s!r} -> {second.clock_s!r} over {n} mvm calls and a wait of {WAIT_S} s: "
+            f"clock_s {first.clock_s!r} -> {second.clock_s!r} over {n} mvm calls and a wait of {wait_s} s: "
             f"the wait's seconds did not pass on the board (a WAIT that returns at once measures no drift); "
             f"{METER_RULE}"
         )

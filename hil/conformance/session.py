@@ -64,6 +64,11 @@ class Options:
     # current limit); False: SKIP them, for a board whose devices may not take one
     limit_probes: bool = True
 
+    def mvm_batch(self, limits: Limits) -> int:
+        """Samples of an mvm check: `batch`, at least 16 (their noise averages), at most the
+        board's `max_batch` (a board that declares fewer takes no more in one request)."""
+        return min(max(16, self.batch), limits.max_batch)
+
 
 def plan_topology(limits: Limits, options: Options) -> Topology:
     """The layered test network; ValueError naming the limit when it does not fit the board."""
@@ -79,6 +84,11 @@ def plan_topology(limits: Limits, options: Options) -> Topology:
                 f"tile W{k} would be {rows} x {cols} (bias row included); the board allows "
                 f"{limits.tile_rows_max} x {limits.tile_cols_max}: choose smaller sizes"
             )
+    if options.batch > limits.max_batch:
+        raise ValueError(
+            f"a batch of {options.batch} samples per settle; the board takes at most max_batch "
+            f"{limits.max_batch} per request: choose --batch {limits.max_batch} or fewer"
+        )
     # convergence is checked first after 20 steps: a settle that stops on its noise floor after a
     # few steps would still lag its fixed point (by dt^steps of the distance from the start)
     steps = min(200, limits.max_settle_steps)
