@@ -151,11 +151,13 @@ def drift_check(
         progress("drift", 3, 5)
     maps = [t for t in record.tiles.values() if t.gmap is not None]
     if maps:
-        n = 16
+        lim = device.info.limits
+        # a 16 x 16 tile of read-noise samples, or the largest the board holds (a board with
+        # smaller tiles refused the configure, with a hint to split a layer the check never had)
+        n = min(16, lim.tile_rows_max, lim.tile_cols_max)
         device.configure(
             Topology({"r": n, "c": n}, (Coupling("T", ("r",), ("c",)),), budget=board_budget(device))
         )
-        lim = device.info.limits
         g = np.full((n, n), lim.g_min + 0.5 * (lim.g_max - lim.g_min), np.float32)
         device.program("T", g, g)
         st = read_stats(device, "T", 32)

@@ -95,3 +95,16 @@ def test_a_converter_tolerance_is_none_or_finite_and_positive(value: object, nam
         assert f"ConverterOptions.{name}" in str(exc)
     else:
         assert ok, value
+
+
+def test_the_drift_check_fits_a_board_with_tiles_smaller_than_its_read_noise_sample() -> None:
+    """The drift check read its read-noise sample from a 16 x 16 tile whatever the board holds:
+    a board of 12 x 12 tiles refused it (with a hint to split a layer). Now the sample tile is
+    at most the board's tile size."""
+    from calibration import drift_check
+
+    dev = open_device("emulator://?preset=rram&seed=0&wire_resistance=0&tile_rows_max=12&tile_cols_max=12")
+    record = run_session(dev, SessionOptions(routines=("gmap",), tile_shapes=((12, 12),)))
+    report = drift_check(dev, record)
+    assert "read_noise" in report.checks
+    assert dev.safety().refused == 0
