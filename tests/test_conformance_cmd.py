@@ -634,3 +634,20 @@ def test_a_board_that_declares_lower_work_bounds_passes_within_them(
     assert servers.device.safety().violations == 0
     code, _, stderr = _invoke(servers.uris[transport], "--batch", "9")
     assert code == 2 and "max_batch 8" in stderr and "--batch 8 or fewer" in stderr, stderr
+
+
+def test_a_board_whose_weights_are_normalised_to_one_is_checked_at_half_the_w_max(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The mvm w_max check configured the tile at twice the test network's w_max of 1: a board
+    that declares max_w_max 1 (weights normalised to +-1) failed it, refused on the host. Now it
+    halves the w_max there instead; a firmware that leaves w_max out of the product still
+    fails (a = 1 where 0.5 is expected)."""
+    servers = emulated_board(board=_declaring(max_w_max=1.0))
+    code, stdout, _ = _invoke(servers.uris["serial-socket"])
+    assert code == 0 and not _failed(stdout), stdout
+    assert "PASS  mvm w_max" in stdout and "fit y(0.5 w_max)" in stdout
+    bug = IgnoresWMax(_declaring(max_w_max=1.0))
+    report = run_conformance(bug)
+    failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
+    assert set(failed) == {"mvm w_max"} and "a = 1: w_max is left out" in failed["mvm w_max"].got
