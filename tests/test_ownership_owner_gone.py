@@ -319,19 +319,24 @@ def test_a_looker_on_an_scpi_serial_line_does_not_revive_a_dead_owners_lock(
         looker.close_link()
 
 
-def test_an_scpi_serial_owner_taken_for_gone_is_told_so_by_its_own_token(
-    emulated_board: Callable[..., BoardServers],
+def test_an_scpi_serial_owner_taken_for_gone_presents_its_token_again(
+    emulated_board: Callable[..., BoardServers], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The other side of the looker's case: an owner whose SCPI serial line fell silent for its
-    lease (its keep-alives stopped: a paused process) is refused (120) until it acquires again,
-    and the refusal says that the token is this host's own and what to do."""
+    lease (its keep-alives stopped: a paused process) is refused (120) by the board, which made
+    itself safe; its driver, refused as the owner it is, presents its token again (an acquire,
+    as after a reconnect), says so, and the request runs. A looker has no token to present."""
     s = emulated_board(BOARD)
     assert s.lock is not None
     dev = open_device(s.uri("visa-asrl", lease="1"))
     try:
         dev._stopping.set()  # type: ignore[attr-defined]  # its keep-alives stop, as in a paused process
         assert until(lambda: s.lock.state().connections == 0, 5.0)  # type: ignore[union-attr]
-        with pytest.raises(BoardLocked, match="this host's own"):
+        assert s.lock.owner_gone == 1  # the board made itself safe
+        with caplog.at_level("WARNING"):
             dev.wait(0.0)
+        assert "took this host for gone" in caplog.text
+        owner = s.lock.state()
+        assert owner.token == dev.lock_token and owner.connections == 1  # type: ignore[attr-defined]
     finally:
         dev.close_link()  # type: ignore[attr-defined]

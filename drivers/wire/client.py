@@ -663,9 +663,9 @@ class RemoteDevice(Device):
             try:
                 if self._depth == 1:
                     with self._guard.active():
-                        reply = self._run(op, request, attempts, request_id)
+                        reply = self._run_presenting(op, request, attempts, request_id)
                 else:
-                    reply = self._run(op, request, attempts, request_id)
+                    reply = self._run_presenting(op, request, attempts, request_id)
             except BoardLocked as exc:
                 raise self._locked(exc) from None
             finally:
@@ -673,6 +673,27 @@ class RemoteDevice(Device):
             if self._depth == 0 and self._guard.fired:
                 self._after_interrupt()
             return reply
+
+    def _run_presenting(
+        self, op: Op, request: Message, attempts: int | None = None, request_id: bool = True
+    ) -> Message:
+        """`_run`; refused (120) as the owner it is, by a board that took this host for gone (an
+        SCPI serial line silent for the lease: the process was paused, or its keep-alives could
+        not run; the board applied its safe state, and such a line presents the token again
+        only by an acquire), it presents its token again, as after a reconnect, and sends the
+        request once more (it was refused, so it did not run)."""
+        try:
+            return self._run(op, request, attempts, request_id)
+        except BoardLocked as exc:
+            if not (self._owns and not self._broken and self.lock_token in exc.message):
+                raise
+            log.warning(
+                "%s: the board took this host for gone (nothing came over its line for the lease) and "
+                "applied its safe state (lines at 0 V; topology and conductances kept); presenting this "
+                "host's token again", self.name,
+            )  # fmt: skip
+            self._acquire()
+            return self._run(op, request, attempts, request_id)
 
     def _run(self, op: Op, request: Message, attempts: int | None = None, request_id: bool = True) -> Message:
         """One transaction with recovery (see the module docstring); `attempts` overrides the
