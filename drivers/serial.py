@@ -32,6 +32,9 @@ from drivers.wire import payload as pl
 from drivers.wire.client import (
     DEFAULT_ATTEMPTS,
     DEFAULT_BACKOFF_S,
+    MAX_ACK_TIMEOUT_S,
+    MAX_ATTEMPTS,
+    MAX_TIMEOUT_S,
     RemoteDevice,
     check_timeout,
     describe_request,
@@ -394,13 +397,19 @@ class SerialOptions(QueryOptions):
     LABEL: ClassVar[str] = "serial"
 
     baud: int = dataclasses.field(default=DEFAULT_BAUD, metadata={"gt": 0})
-    timeout: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"gt": 0})  # reply deadline, s
-    ack_timeout: float = dataclasses.field(default=0.25, metadata={"gt": 0})  # seconds
-    retries: int = dataclasses.field(default=5, metadata={"ge": 0})  # frame retransmissions
+    timeout: float = dataclasses.field(
+        default=DEFAULT_TIMEOUT_S, metadata={"gt": 0, "le": MAX_TIMEOUT_S}
+    )  # reply deadline, s
+    ack_timeout: float = dataclasses.field(
+        default=0.25, metadata={"gt": 0, "le": MAX_ACK_TIMEOUT_S}
+    )  # seconds
+    retries: int = dataclasses.field(
+        default=5, metadata={"ge": 0, "le": MAX_ATTEMPTS}
+    )  # frame retransmissions
     fragment: int = dataclasses.field(
         default=frames.MAX_FRAGMENT, metadata={"ge": 16, "le": frames.MAX_FRAGMENT}
     )
-    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
+    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1, "le": MAX_ATTEMPTS})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
     lock: bool = True  # take the board while open, if it announces ownership (docs/protocol.md)
     # seconds the board keeps this host's lock while no connection of it is open; None: the board's

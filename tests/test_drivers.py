@@ -32,6 +32,7 @@ from drivers.uri import (
     unregister_backend,
 )
 from drivers.visa import VisaOptions
+from drivers.wire.client import MAX_ACK_TIMEOUT_S, MAX_TIMEOUT_S
 from emulator.presets import PRESETS
 
 
@@ -407,7 +408,7 @@ _emulator_options = st.builds(
     capabilities=st.frozensets(st.sampled_from(CAPABILITIES)),
     overrides=_overrides.map(lambda d: tuple(d.items())),
 )
-_seconds = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False)
+_seconds = st.floats(min_value=1e-6, max_value=MAX_TIMEOUT_S, allow_nan=False)  # the declared bound
 _visa_options = st.builds(
     VisaOptions,
     backend=st.sampled_from(["@py", "@ivi", "@sim", "/opt/visa/lib.so@ivi"]),
@@ -421,7 +422,7 @@ _serial_options = st.builds(
     SerialOptions,
     baud=st.integers(1, 10**7),
     timeout=_seconds,
-    ack_timeout=_seconds,
+    ack_timeout=st.floats(min_value=1e-6, max_value=MAX_ACK_TIMEOUT_S, allow_nan=False),
     retries=st.integers(0, 50),
     fragment=st.integers(16, 32768),
     attempts=st.integers(1, 100),

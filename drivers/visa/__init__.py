@@ -44,6 +44,8 @@ from drivers.wire import payload as pl
 from drivers.wire.client import (
     DEFAULT_ATTEMPTS,
     DEFAULT_BACKOFF_S,
+    MAX_ATTEMPTS,
+    MAX_TIMEOUT_S,
     RemoteDevice,
     check_timeout,
     is_text,
@@ -749,10 +751,12 @@ class VisaOptions(QueryOptions):
     LABEL: ClassVar[str] = "visa"
 
     backend: str = "@py"  # the VISA library: @py (pyvisa-py), @ivi (NI-VISA, Keysight), a path
-    timeout: float = dataclasses.field(default=DEFAULT_TIMEOUT_S, metadata={"gt": 0})  # seconds
+    timeout: float = dataclasses.field(
+        default=DEFAULT_TIMEOUT_S, metadata={"gt": 0, "le": MAX_TIMEOUT_S}
+    )  # seconds
     fast: bool = True  # receive large blocks straight from pyvisa-py's TCP socket
     check: bool = False  # checked mode: CRC-32 on every message and response
-    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1})
+    attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1, "le": MAX_ATTEMPTS})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
     # line rate of an ASRL (serial) resource, bits per second; None: the VISA library's default
     baud: int | None = dataclasses.field(default=None, metadata={"gt": 0, "le": 10_000_000})

@@ -154,6 +154,13 @@ except ImportError:  # pragma: no cover - interpreters without it
 DEFAULT_ATTEMPTS = 4
 DEFAULT_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
+# declared bounds of a link's URI parameters (each sets how long a host may go on before it
+# reports a board it cannot reach): a reply deadline of a day (a WAIT's seconds come on top),
+# an ACK deadline of a minute, at most 1000 attempts of an operation and 1000 retransmissions
+# of a frame (a typo of attempts=4000000 retried a lost board for days without a word)
+MAX_TIMEOUT_S = 86_400.0
+MAX_ACK_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 1000
 _NEEDS_TOPOLOGY = frozenset({Op.PROGRAM, Op.PULSE, Op.READ_CONDUCTANCE, Op.MVM, Op.SETTLE})
 _UNKNOWN_OP = (codes.UNDEFINED_HEADER, codes.FRAME_ERROR)  # a board without STATUS answers so
 
