@@ -19,6 +19,7 @@ device read.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,55 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -
     return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float32)
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors hold `t`'s storage (`t` and its views), or a large number where this
+    torch cannot tell (then no buffer is ever reused)."""
+    try:
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata)) - 1  # less the storage object
+    except (AttributeError, RuntimeError):
+        return 1 << 30
+
+
+class Spares:
+    """Retired (2, rows, cols) float32 buffers of one tile (its former states, its former
+    reads), handed out again for the next write or read instead of a new allocation (a fresh
+    buffer of a large tile costs more than the pass that fills it: the allocator maps and
+    faults in its pages). A buffer is handed out only while nothing but this pool holds it:
+    no other Python reference to the tensor and no view of its storage (a report's G+ and G-,
+    a caller's `state`), so what anyone still holds is never written over; a buffer still
+    held stays in the pool until it is free or pushed out by newer ones (`keep`)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, keep: int = 2) -> None:
+        self.shape = shape
+        self.device = device
+        self.keep = keep
+        self._bufs: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor | None:
+        """A free buffer (removed from the pool), or None."""
+        for i in range(len(self._bufs)):
+            # references: the list's, getrefcount's argument; the storage: the tensor alone
+            if sys.getrefcount(self._bufs[i]) == 2 and _storage_users(self._bufs[i]) == 1:
+                return self._bufs.pop(i)
+        return None
+
+    def give(self, t: torch.Tensor | None) -> None:
+        """Retire `t` into the pool (if it is a plain buffer of the pool's shape)."""
+        if (
+            t is None
+            or tuple(t.shape) != self.shape
+            or t.dtype != torch.float32
+            or t.device != self.device
+            or not t.is_contiguous()
+            or t._base is not None
+            or any(t is b for b in self._bufs)
+        ):
+            return
+        self._bufs.append(t)
+        if len(self._bufs) > self.keep:
+            self._bufs.pop(0)
+
+
 class TileArray:
     """A ``rows x cols`` tile of differential pairs drawn from `model` with the `fab` generator.
 
@@ -149,6 +199,9 @@ class TileArray:
             self._fails_high = side >= 1.0 - model.wear_stuck_high
         self._stuck_derived()
         self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
+        # former states and former noisy reads, reused for the next write and read (`Spares`)
+        self._spare_states = Spares(self._dshape, self.device)
+        self._spare_reads = Spares(self._dshape, self.device)
         self._clean: tuple[torch.Tensor, int] | None = None  # see `write_stacked`, `deviation`
         # (g, target, their versions, absolute) of the difference the scratch holds (`_diff`)
         self._scratch_key: tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool] | None = None
@@ -478,7 +531,11 @@ class TileArray:
         if self.model.read_noise > 0:
             z = self._table_window(gen) if table else None
             if z is not None:
-                return torch.add(g, z, alpha=self.model.read_noise)
+                out = self._spare_reads.take()
+                r = torch.add(g, z, alpha=self.model.read_noise, out=out) if out is not None else (
+                    torch.add(g, z, alpha=self.model.read_noise))  # fmt: skip
+                self._spare_reads.give(r)
+                return r
             # read_noise * N(0,1) + g, in the draw's own buffer (the same numbers as g + ...)
             return _randn(self._dshape, gen, self.device).mul_(self._read_noise_scalar()).add_(g)
         return g
@@ -715,6 +772,8 @@ class TileArray:
         elif wear is not None:
             wear.add_(1)
         target = target.to(torch.float32)
+        # the new state goes into a former state's buffer when nothing holds that any more
+        buf = self._spare_states.take()
         if self._pcm and self.model.write_noise > 0:  # the std follows the target
             z = self._table_window(gen)
             z = _randn(self._dshape, gen, self.device) if z is None else z
@@ -723,15 +782,25 @@ class TileArray:
         elif self.model.write_noise > 0:
             z = self._table_window(gen)
             if z is not None:
-                landed = torch.add(target, z, alpha=self.model.write_noise)
+                wn = self.model.write_noise
+                landed = (
+                    torch.add(target, z, alpha=wn) if buf is None else torch.add(target, z, alpha=wn, out=buf)
+                )
             else:
                 # write_noise * N(0,1) + target, in the draw's own buffer (the same numbers)
                 landed = _randn(self._dshape, gen, self.device).mul_(self.model.write_noise).add_(target)
             landed = landed.clamp_(*self._bounds) if self._bounds else self._clamp_own(landed, out=landed)
+        elif self._bounds:
+            landed = (
+                torch.clamp(target, *self._bounds, out=buf)
+                if buf is not None
+                else torch.clamp(target, *self._bounds)
+            )
         else:
-            landed = torch.clamp(target, *self._bounds) if self._bounds else self._clamp_own(target)
+            landed = self._clamp_own(target, out=buf)
         if self._stuck_idx is not None:
             landed.view(-1)[self._stuck_idx] = self._stuck_val
+        self._spare_states.give(self._g0)
         self._g0 = landed
         self._written(t, end=t + self.rows * self.model.pulse_time_s)
         # a noise-free write of a tile whose devices share their bounds and none is stuck: every
