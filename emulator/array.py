@@ -240,6 +240,8 @@ class TileArray:
         self._read_rms: tuple[int, float] | None = None  # (version, RMS read-noise std)
         self._lines: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, `line_sums`)
         self._line_max: tuple[int, float] | None = None  # (version, `line_sum_max`)
+        # (version, the per-array row and column sums of that version's state): `_array_line_sums`
+        self._array_sums: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._ceiling: float | None = None  # `line_ceiling`
         # with wire resistance: the line sums of the effective conductances `weights` last used
         self._eff_lines: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -587,9 +589,25 @@ class TileArray:
             rows, cols = self._eff_lines
         else:
             g = self._now(t)
-            rows, cols = g.sum((0, 2)), g.sum((0, 1))
+            if g is self._g0:  # the per-array sums `line_sum_max` takes too: one reading of the tile
+                per_row, per_col = self._array_line_sums()
+                rows, cols = per_row.sum(0), per_col.sum(0)
+            else:
+                rows, cols = g.sum((0, 2)), g.sum((0, 1))
         self._lines = (self._version, rows, cols)
         return rows, cols
+
+    def _array_line_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum G`` along each row and each column of each array of the conductances as last
+        written (`_g0`), shapes (2, rows) and (2, cols), float32; cached between writes. Both
+        the line-current bound (`line_sum_max`: its largest line of either array) and the
+        power's line sums (`line_sums`: the two arrays added) come from them, so a write costs
+        one pair of sums, not two."""
+        hit = self._array_sums
+        if hit is None or hit[0] != self._version:  # every new state is a new version
+            g = self._g0
+            hit = self._array_sums = (self._version, g.sum(2), g.sum(1))
+        return hit[1], hit[2]
 
     def line_ceiling(self) -> float:
         """A bound on ``sum G`` along any line that holds whatever the tile is written to: the
@@ -620,7 +638,8 @@ class TileArray:
         if self._rx is not None:  # and so may its relaxation
             g = torch.where(self._rx > 0, self.params.g_hi, g)
         margin = max(self.rows, self.cols) * 2.0**-23
-        top = max(float(g.sum(2).max()), float(g.sum(1).max())) * (1.0 + margin)
+        per_row, per_col = self._array_line_sums() if g is self._g0 else (g.sum(2), g.sum(1))
+        top = max(float(per_row.max()), float(per_col.max())) * (1.0 + margin)
         self._line_max = (self._version, top)
         return top
 
