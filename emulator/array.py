@@ -199,9 +199,13 @@ class TileArray:
             self._fails_high = side >= 1.0 - model.wear_stuck_high
         self._stuck_derived()
         self._scratch: torch.Tensor | None = None  # |g - target| of `deviation` and `within`
-        # former states and former noisy reads, reused for the next write and read (`Spares`)
-        self._spare_states = Spares(self._dshape, self.device)
-        self._spare_reads = Spares(self._dshape, self.device)
+        # former states and former noisy reads, reused for the next write and read (`Spares`).
+        # One former state is enough: the state before the present one is free by the next
+        # write (a report viewing it has been replaced by then). A read's report is still
+        # held when the next read is taken, so reads keep two. At most one extra state and
+        # two extra reads of the tile's size stay allocated.
+        self._spare_states = Spares(self._dshape, self.device, keep=1)
+        self._spare_reads = Spares(self._dshape, self.device, keep=2)
         self._clean: tuple[torch.Tensor, int] | None = None  # see `write_stacked`, `deviation`
         # (g, target, their versions, absolute) of the difference the scratch holds (`_diff`)
         self._scratch_key: tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool] | None = None

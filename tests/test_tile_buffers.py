@@ -43,6 +43,33 @@ def test_a_write_reuses_a_former_state_nothing_holds(preset: str) -> None:
     assert len(seen) <= 3
 
 
+def test_an_ep_step_reuses_states_and_reads_in_the_steady_state() -> None:
+    """Written as a scheme writes (the report of the last write held, as `EBBlock` holds it
+    in `last_reports`, until the next write's replaces it): every write after the first two
+    reuses a buffer, states with one kept, reads with two."""
+    t = tile("rram")
+    gen = torch.Generator().manual_seed(1)
+    taken = {"states": 0, "reads": 0}
+    pools = {"states": t._spare_states, "reads": t._spare_reads}
+    for name, pool in pools.items():
+        plain = pool.take
+
+        def counted(plain=plain, name=name):  # type: ignore[no-untyped-def]
+            b = plain()
+            taken[name] += b is not None
+            return b
+
+        pool.take = counted  # type: ignore[method-assign]
+    report = None
+    for k in range(8):
+        t.write_stacked(targets(t, k), float(k), gen)
+        read = t.read_stacked(float(k), gen)
+        report = (read[0], read[1])  # replaces the last one, as `last_reports` does
+        del read
+    assert report is not None
+    assert taken == {"states": 7, "reads": 6}
+
+
 @pytest.mark.parametrize("preset", ["ideal", "rram"])
 def test_what_a_caller_holds_is_never_written_over(preset: str) -> None:
     t = tile(preset)
@@ -65,6 +92,9 @@ def test_what_a_caller_holds_is_never_written_over(preset: str) -> None:
     assert torch.equal(view, kept_state[1])
     assert torch.equal(view2, kept_view2)
     assert torch.equal(read_view, kept_read[0])
+    # the memory the pools keep while callers hold old states: one former state, two reads
+    assert len(t._spare_states._bufs) <= 1
+    assert len(t._spare_reads._bufs) <= 2
 
 
 def test_reused_buffers_give_the_same_numbers() -> None:
