@@ -57,3 +57,22 @@ def test_deviation_sees_a_changed_tensor_and_nan(tile_and_board) -> None:  # typ
     assert tile.deviation(g, target) == float((g - target).abs().max())
     g[0, 1, 1] = float("nan")
     assert math.isnan(tile.deviation(g, target))
+
+
+def test_within_counts_in_the_scratch_and_the_tile_keeps_one_buffer(tile_and_board) -> None:  # type: ignore[no-untyped-def]
+    """`within` writes its comparison over the difference in the one scratch buffer (no second
+    tile-sized buffer kept for it); a `deviation` after it computes the difference again."""
+    tile, board = tile_and_board
+    m = tile.model
+    gen = torch.Generator().manual_seed(12)
+    tol = 0.02 * m.g_range
+    target = torch.rand((2, *tile.shape), generator=gen) * m.g_range + m.g_min
+    tile.write_stacked(target, board.clock, board.noise)
+    g = tile.read_stacked(board.clock, board.noise)
+    d = (g - target).abs()
+    for _ in range(2):
+        assert tile.deviation(g, target) == float(d.max())
+        assert tile.within(g, target, tol) == float((d <= tol).float().mean())
+        assert tile.deviation(g, target) == float(d.max())  # not the comparison's 0 / 1
+    buffers = [v for k, v in vars(tile).items() if k.startswith("_scratch") and isinstance(v, torch.Tensor)]
+    assert len(buffers) == 1
