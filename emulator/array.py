@@ -92,13 +92,27 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -
     return torch.randn(shape, generator=gen, device=gen.device).to(device, torch.float32)
 
 
-def _storage_users(t: torch.Tensor) -> int:
-    """How many tensors hold `t`'s storage (`t` and its views), or a large number where this
-    torch cannot tell (then no buffer is ever reused)."""
+def _storage_refs(t: torch.Tensor) -> int:
+    """The reference count of `t`'s storage as this torch reports it (`t` and its views hold
+    one each; the count may include the storage object asked for it), or -1 where this torch
+    cannot tell (then no buffer is ever reused)."""
     try:
-        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata)) - 1  # less the storage object
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
     except (AttributeError, RuntimeError):
-        return 1 << 30
+        return -1
+
+
+def _list_only_refcount() -> int:
+    """What ``sys.getrefcount(lst[i])`` reads for an object that only a list holds, on this
+    interpreter (3.11 counts the call's argument, later versions may not): `Spares.take`
+    compares with it, in the same form of call."""
+    probe = [object()]
+    return sys.getrefcount(probe[0])
+
+
+_LIST_ONLY = _list_only_refcount()
+# what `_storage_refs` reads for a tensor with no views, on this torch (-1: it cannot tell)
+_STORAGE_ALONE = _storage_refs(torch.empty(1))
 
 
 class Spares:
@@ -119,8 +133,11 @@ class Spares:
     def take(self) -> torch.Tensor | None:
         """A free buffer (removed from the pool), or None."""
         for i in range(len(self._bufs)):
-            # references: the list's, getrefcount's argument; the storage: the tensor alone
-            if sys.getrefcount(self._bufs[i]) == 2 and _storage_users(self._bufs[i]) == 1:
+            # Python references: the list's alone; the storage: the tensor alone (no views)
+            b = self._bufs[i]
+            alone = _STORAGE_ALONE >= 0 and _storage_refs(b) == _STORAGE_ALONE
+            del b
+            if alone and sys.getrefcount(self._bufs[i]) == _LIST_ONLY:
                 return self._bufs.pop(i)
         return None
 

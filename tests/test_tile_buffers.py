@@ -108,3 +108,24 @@ def test_reused_buffers_give_the_same_numbers() -> None:
         held.append(b.state(float(k)))  # b holds every state: it never reuses one
         assert torch.equal(a.state(float(k)), b.state(float(k)))
         assert torch.equal(a.read_stacked(float(k), ga), b.read_stacked(float(k), gb))
+
+
+def test_the_pool_hands_out_only_what_nothing_else_holds() -> None:
+    from emulator.array import Spares
+
+    pool = Spares((2, 3, 4), CPU, keep=3)
+    held = torch.zeros(2, 3, 4)
+    viewed = torch.zeros(2, 3, 4)
+    view = viewed[1]
+    ids = (id(held), id(viewed))
+    pool.give(held)
+    pool.give(viewed)
+    del viewed  # only its view is held now
+    assert pool.take() is None  # one is held as a tensor, the other through a view
+    del held
+    got = pool.take()
+    assert id(got) == ids[0]
+    assert pool.take() is None  # the viewed one still
+    del view
+    got = pool.take()
+    assert id(got) == ids[1]
