@@ -36,7 +36,7 @@ MAX_DEVICES = 1024  # board URIs of one run (`devices`): one per EB block
 # current's peak is beta * tau (docs/neuron.md), 1e3 at the largest ep.beta of 1
 MAX_TAU = 1e3
 MAX_EPOCHS = 100_000  # declared bounds on the work one run config can ask for
-MAX_BATCH = 65_536  # samples per batch (a board splits a batch past its max_batch into requests)
+MAX_BATCH = 65_536  # samples per batch (past the board's max_batch, a settle goes as several requests)
 # steps of one settle phase: what the emulator's boards allow (PeripheryModel.max_settle_steps);
 # a host-iterated settle (an mvm-only board) is one mvm round trip per step, with no board limit
 MAX_SETTLE_STEPS = 100_000

@@ -45,6 +45,7 @@ from drivers import (
 )
 from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import repair_lost_arrays
+from drivers.checks import MAX_SETTLE_VALUES
 from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
@@ -52,6 +53,7 @@ from hil.host_settle import HostSettle, HostUpdate, check_host_update
 from hil.init import gaussian_init
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
+from hil.settle_batches import batch_of, settle_in_chunks
 
 __all__ = [
     "MODES",
@@ -415,12 +417,20 @@ class EBBlock(nn.Module):
         minimiser: SettleFn = self.device.settle if self.host_settle is None else self.host_settle
         if self.tensor_settle:
             minimiser = self.device.settle_tensors
-        return minimiser(
-            self.clamp_arrays(clamp),
-            nudge=dict(nudge) if nudge else None,
-            init=dict(init) if init else None,
-            trace=trace,
-        )
+        clamps = self.clamp_arrays(clamp)
+        nudges = dict(nudge) if nudge else None
+        inits = dict(init) if init else None
+        most = self.settle_batch_most()
+        if self.host_settle is None and batch_of(clamps) > most:
+            return settle_in_chunks(minimiser, clamps, nudges, inits, trace, most)
+        return minimiser(clamps, nudge=nudges, init=inits, trace=trace)
+
+    def settle_batch_most(self) -> int:
+        """The most samples one settle request on the board carries: the board's `max_batch`,
+        and at most `MAX_SETTLE_VALUES` states in its reply. A larger batch is settled in
+        chunks (`hil.settle_batches`); a host-iterated settle splits its own products."""
+        nodes = sum(self.topology.groups.values())
+        return max(1, min(self.device.info.limits.max_batch, MAX_SETTLE_VALUES // nodes))
 
     def free(self, clamp: ArrayLike | Mapping[str, ArrayLike], trace: bool | int = False) -> Equilibrium:
         """The free phase: inputs clamped, outputs not nudged; started from the forward
