@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from drivers import Coupling, Device, SettleBudget, Topology
+from drivers.batches import batch_of, settle_in_chunks
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called by the routines as they advance."""
@@ -59,15 +60,10 @@ def settle_states(
 ) -> dict[str, np.ndarray]:
     """The states of ``device.settle(clamp, init=init)``, settled in requests of at most the
     board's `Limits.max_batch` samples (one request where it fits), joined again."""
-    batch = next(iter(clamp.values())).shape[0]
     step = batch_size(device)
-    if batch <= step:
+    if batch_of(clamp) <= step:
         return device.settle(clamp, init=init).states
-    parts = []
-    for i in range(0, batch, step):
-        part_init = None if init is None else {g: v[i : i + step] for g, v in init.items()}
-        parts.append(device.settle({g: v[i : i + step] for g, v in clamp.items()}, init=part_init).states)
-    return {g: np.concatenate([p[g] for p in parts]) for g in parts[0]}
+    return settle_in_chunks(device.settle, clamp, None, init, False, step).states
 
 
 @dataclass

@@ -45,6 +45,7 @@ from drivers import (
 )
 from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import repair_lost_arrays
+from drivers.batches import batch_of, settle_in_chunks
 from drivers.checks import MAX_SETTLE_VALUES
 from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
@@ -53,7 +54,6 @@ from hil.host_settle import HostSettle, HostUpdate, check_host_update
 from hil.init import gaussian_init
 from hil.programming import Programmed, ProgrammingScheme, SchemeBase, UpdateReport, make_scheme
 from hil.reference import DHN
-from hil.settle_batches import batch_of, settle_in_chunks
 
 __all__ = [
     "MODES",
@@ -428,7 +428,7 @@ class EBBlock(nn.Module):
     def settle_batch_most(self) -> int:
         """The most samples one settle request on the board carries: the board's `max_batch`,
         and at most `MAX_SETTLE_VALUES` states in its reply. A larger batch is settled in
-        chunks (`hil.settle_batches`); a host-iterated settle splits its own products."""
+        chunks (`drivers.batches`); a host-iterated settle splits its own products."""
         nodes = sum(self.topology.groups.values())
         return max(1, min(self.device.info.limits.max_batch, MAX_SETTLE_VALUES // nodes))
 

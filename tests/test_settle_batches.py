@@ -1,5 +1,5 @@
 """A settle of more samples than the board takes in one request goes as several
-(`hil.settle_batches`): `hil train classifier --set train.batch_size=600` stopped at its first
+(`drivers.batches`): `hil train classifier --set train.batch_size=600` stopped at its first
 step ("batch size of clamp 's0' exceeded: requested 1200, limit 1024", the centered nudged
 phases settle the doubled batch as one) with a fix its user could not apply, and a board that
 declares a smaller `max_batch` refused evaluations of 512 samples."""
@@ -14,11 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from drivers import SettleBudget, Topology, open_device
+from drivers.batches import _joined_trace
 from emulator.server.launch import serve
 from hil.cli import app
 from hil.data import load_digits
 from hil.ep import EBBlock
-from hil.settle_batches import _joined_trace
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 
@@ -101,7 +101,7 @@ def test_chunks_that_stop_at_other_steps_join_into_one_trace() -> None:
 
 @pytest.mark.parametrize("most", [0, -3])
 def test_a_chunk_holds_at_least_one_sample(most: int) -> None:
-    from hil.settle_batches import settle_in_chunks
+    from drivers.batches import settle_in_chunks
 
     with pytest.raises(ValueError, match="at least one sample"):
         settle_in_chunks(lambda *a, **k: None, {"s0": np.zeros((2, 3))}, None, None, False, most)  # type: ignore[arg-type,return-value]

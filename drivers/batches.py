@@ -3,7 +3,8 @@
 A board declares the most samples one settle request may carry (`Limits.max_batch`), and the
 host takes at most `MAX_SETTLE_VALUES` states in one reply. A training step asks for more
 than that when `train.batch_size` is large (the centered nudged phases settle the doubled
-batch as one), and so does an evaluation over a whole test set. Samples settle independently
+batch as one, `hil.ep.EBBlock.settle`), and so do an evaluation over a whole test set and a
+calibration routine's repeated reads (`calibration.measure.settle_states`). Samples settle independently
 of each other, so the batch goes to the board in consecutive chunks of rows, each chunk with
 its rows of the clamps, the nudges' targets and error currents and the initial states, and the
 chunks' equilibria are joined into the one the whole batch would have given:
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from drivers import Equilibrium, Nudge
+from drivers.base import Equilibrium, Nudge
 
 __all__ = ["batch_of", "settle_in_chunks"]
 
