@@ -185,6 +185,7 @@ class Board:
             max_line_current_a=line_current_limit(per, m.g_max),
             pulse_endurance=m.pulse_endurance,
             one_sided=m.one_sided,
+            **per.request_bounds(),
         )
         self._limits = (self.preset, lim)
         return lim

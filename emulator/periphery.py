@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from drivers.base import Limits
 from drivers.checks import check_state_range_voltage
 from drivers.converters import IDEAL_LSB_BITS, lsb
 from drivers.scalars import INT32_MAX, as_float, as_int
@@ -18,6 +19,14 @@ MAX_STEP_S = 1.0  # seconds per node step or per mvm
 # amps a declared line-current limit may be: a crossbar line's driver and TIA carry uA to tens of
 # mA (the presets' design points are 1-5 mA), so 1 A is a limit in the wrong unit (2 meant as 2 mA)
 MAX_LINE_CURRENT_A = 1.0
+# The bounds on one request's work and scale a board declares (`Limits`), at the defaults of
+# `Limits` unless a URI or preset sets them (`emulator://?preset=ideal&max_batch=256&max_w_max=1`),
+# so that a test stack can meet the limits its own chip declares: integers as counts of at least
+# one, floats finite and > 0
+REQUEST_BOUNDS = (
+    "max_batch", "max_verify_iters", "max_wait_s", "max_gain", "max_w_max", "max_beta", "max_drive"
+)  # fmt: skip
+_LIMIT_DEFAULTS = {f.name: f.default for f in fields(Limits) if f.name in REQUEST_BOUNDS}
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,15 @@ class PeripheryModel:
     # preset): no output noise. Left out of the repr, so boards without it keep their
     # configuration fingerprint (`Board.configuration` adds it where it is set)
     out_noise: float = field(default=0.0, repr=False)
+    # the request bounds the board declares (`REQUEST_BOUNDS`, docs/protocol.md "Limits"); left
+    # out of the repr like `out_noise`, so boards at the defaults keep their fingerprint
+    max_batch: int = field(default=_LIMIT_DEFAULTS["max_batch"], repr=False)
+    max_verify_iters: int = field(default=_LIMIT_DEFAULTS["max_verify_iters"], repr=False)
+    max_wait_s: float = field(default=_LIMIT_DEFAULTS["max_wait_s"], repr=False)
+    max_gain: float = field(default=_LIMIT_DEFAULTS["max_gain"], repr=False)
+    max_w_max: float = field(default=_LIMIT_DEFAULTS["max_w_max"], repr=False)
+    max_beta: float = field(default=_LIMIT_DEFAULTS["max_beta"], repr=False)
+    max_drive: float = field(default=_LIMIT_DEFAULTS["max_drive"], repr=False)
 
     def __post_init__(self) -> None:
         """Refuse a periphery no board could have (a URI override of 0 bits or a v_read of 0
@@ -65,6 +83,10 @@ class PeripheryModel:
         for name in ("tile_rows_max", "tile_cols_max", "max_tiles", "max_settle_steps", "max_pulses"):
             as_int(name, getattr(self, name), 1, INT32_MAX)
         as_int("channels", self.channels, 1, 1 << 24)
+        for name in ("max_batch", "max_verify_iters"):
+            as_int(name, getattr(self, name), 1, INT32_MAX)
+        for name in ("max_wait_s", "max_gain", "max_w_max", "max_beta", "max_drive"):
+            as_float(name, getattr(self, name), 0.0, float("inf"), lo_open=True)
         for name in ("v_read", "v_read_max", "settle_step_s", "mvm_time_s", "mvm_range"):
             as_float(name, getattr(self, name), 0.0, float("inf"), lo_open=True)
         if self.max_line_current_a is not None:
@@ -122,8 +144,17 @@ class PeripheryModel:
         return replace(self, dac_bits=None, adc_bits=None, **off)
 
     def out_key(self) -> str:
-        """The fields left out of the repr, as text for a fingerprint ('' where all are off)."""
-        return f" out_noise={self.out_noise!r}" if self.out_noise else ""
+        """The fields left out of the repr, as text for a fingerprint ('' where all are off or
+        at their defaults)."""
+        key = f" out_noise={self.out_noise!r}" if self.out_noise else ""
+        for name in REQUEST_BOUNDS:
+            if getattr(self, name) != _LIMIT_DEFAULTS[name]:
+                key += f" {name}={getattr(self, name)!r}"
+        return key
+
+    def request_bounds(self) -> dict[str, int | float]:
+        """The request bounds as `Limits` takes them (`REQUEST_BOUNDS`)."""
+        return {name: getattr(self, name) for name in REQUEST_BOUNDS}
 
 
 def line_current_limit(periphery: PeripheryModel, g_max: float) -> float:

@@ -1,0 +1,84 @@
+"""An emulated board declares the request bounds a URI gives it (`emulator.periphery.
+REQUEST_BOUNDS`: max_batch, max_verify_iters, max_wait_s, max_gain, max_w_max, max_beta,
+max_drive), so a stack tested in CI against the emulator meets the limits its own chip
+declares: ``emulator://?preset=rram&max_batch=256&max_w_max=1``. Before, only tests that
+patched a board's private limits could, and the URI refused the names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from drivers import Limits, LimitViolation, Topology, open_device
+from drivers.errors import ConfigurationError
+from emulator.periphery import REQUEST_BOUNDS
+from emulator.server.launch import serve
+from hil.cli import app
+
+SET = {"max_batch": 8, "max_verify_iters": 5, "max_wait_s": 0.5, "max_gain": 2.0, "max_w_max": 1.0,
+       "max_beta": 0.5, "max_drive": 10.0}  # fmt: skip
+URI = "emulator://?preset=ideal&seed=0&" + "&".join(f"{k}={v}" for k, v in SET.items())
+
+
+def test_a_uri_sets_every_request_bound_the_board_declares_over_the_wire() -> None:
+    assert set(SET) == set(REQUEST_BOUNDS)
+    served = serve(URI, framed_port=None, scpi_pty=False, framed_pty=False)
+    try:
+        with open_device(served.uris["visa-tcp"]) as dev:
+            limits = dev.info.limits
+            assert {k: getattr(limits, k) for k in SET} == SET
+            dev.configure(Topology.layered([3, 2]))
+            with pytest.raises(LimitViolation, match="batch size of mvm input"):
+                dev.mvm("W0", np.zeros((9, 4), np.float32))  # refused on the host
+            assert dev.mvm("W0", np.zeros((8, 4), np.float32)).shape == (8, 2)
+            with pytest.raises(LimitViolation, match="w_max"):
+                dev.configure(Topology.layered([3, 2], w_max=1.5))
+    finally:
+        served.close()
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_the_board_itself_keeps_a_uri_bound_and_passes_conformance(transport: str) -> None:
+    """`hil conformance` probes max_batch and max_batch + 1 and a wait past max_wait_s on the
+    board itself (unchecked by the host): a board declaring the URI's bounds refuses past them
+    and runs up to them. Its verified writes ask for at most the board's max_verify_iters
+    rounds: they asked for 20 whatever the board declared, and a board declaring 5 failed
+    program, program verify, mvm and mvm transpose (refused on the host)."""
+    served = serve(URI, scpi_pty=False, framed_pty=False)
+    try:
+        result = CliRunner().invoke(app, ["conformance", served.uris[transport]])
+        assert result.exit_code == 0, result.stdout
+        assert "FAIL" not in result.stdout
+        for line in ("PASS  program verify W0", "max_iters=5", "PASS  mvm transpose"):
+            assert line in result.stdout, line
+        if transport == "serial-socket":
+            assert "PASS  unchecked batch limit" in result.stdout
+            assert "PASS  unchecked wait limit" in result.stdout
+        assert served.device.safety().violations == 0
+    finally:
+        served.close()
+
+
+@pytest.mark.parametrize(
+    "param", ["max_batch=0", "max_batch=1.5", "max_verify_iters=0", "max_wait_s=0", "max_gain=nan",
+              "max_w_max=-1", "max_beta=inf", "max_drive=0"],
+)  # fmt: skip
+def test_a_bound_no_board_could_declare_is_refused_naming_it(param: str) -> None:
+    with pytest.raises(ConfigurationError, match=param.split("=")[0]) as err:
+        open_device(f"emulator://?preset=ideal&{param}")
+    assert "unknown emulator URI parameter" not in str(err.value)  # a known one, out of its range
+
+
+def test_the_defaults_are_those_of_limits_and_keep_the_boards_fingerprint() -> None:
+    default = open_device("emulator://?preset=rram&seed=0")
+    same = open_device(f"emulator://?preset=rram&seed=0&max_batch={Limits.max_batch}")
+    other = open_device("emulator://?preset=rram&seed=0&max_batch=256")
+    for f in dataclasses.fields(Limits):
+        if f.name in REQUEST_BOUNDS:
+            assert getattr(default.info.limits, f.name) == f.default
+    assert default.board.configuration == same.board.configuration  # type: ignore[attr-defined]
+    # a calibration record made on the default board is not taken for the narrower one
+    assert other.board.configuration != default.board.configuration  # type: ignore[attr-defined]
