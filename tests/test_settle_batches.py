@@ -6,8 +6,6 @@ declares a smaller `max_batch` refused evaluations of 512 samples."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -23,16 +21,6 @@ from hil.ep import EBBlock
 IDEAL = "emulator://?preset=ideal&seed=0"
 
 
-def _narrow(max_batch: int):  # type: ignore[no-untyped-def]
-    """The ideal board declaring (host's and board's limits) a smaller max_batch."""
-    dev = open_device(IDEAL)
-    board = dev.board  # type: ignore[attr-defined]
-    lim = dataclasses.replace(board.limits, max_batch=max_batch)
-    board._limits = (board.preset, lim)
-    dev._info = dataclasses.replace(dev.info, limits=lim)  # type: ignore[attr-defined]
-    return dev
-
-
 def _block(dev) -> EBBlock:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
     w = {"W0": 0.3 * torch.randn(65, 32, generator=gen), "W1": 0.3 * torch.randn(33, 10, generator=gen)}
@@ -46,7 +34,7 @@ def test_a_batch_past_the_boards_max_batch_settles_in_chunks_over_the_wire() -> 
     of one request on a board that takes them all, and the board refused nothing."""
     x = load_digits().x_train[:20].float()
     grad = torch.linspace(-1, 1, 200).reshape(20, 10)
-    served = serve(_narrow(8), scpi_port=None, scpi_pty=False, framed_pty=False)
+    served = serve(IDEAL + "&max_batch=8", scpi_port=None, scpi_pty=False, framed_pty=False)
     try:
         with open_device(served.uris["serial-socket"]) as small, open_device(IDEAL) as whole:
             assert small.info.limits.max_batch == 8
