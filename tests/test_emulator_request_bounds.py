@@ -82,3 +82,14 @@ def test_the_defaults_are_those_of_limits_and_keep_the_boards_fingerprint() -> N
     assert default.board.configuration == same.board.configuration  # type: ignore[attr-defined]
     # a calibration record made on the default board is not taken for the narrower one
     assert other.board.configuration != default.board.configuration  # type: ignore[attr-defined]
+
+
+def test_hil_info_shows_the_declared_bounds() -> None:
+    result = CliRunner().invoke(app, ["info", URI])
+    assert result.exit_code == 0, result.output
+    lines = {line[:13].strip(): line[14:] for line in result.output.splitlines()}
+    work = lines["work bounds"]
+    assert work.startswith("batch 8 samples") and "5 write-verify rounds" in work and "wait 0.5 s" in work
+    assert lines["scale bounds"] == (
+        "gain at most 2, w_max at most 1, nudge |beta| at most 0.5, injected current |beta grad| at most 10"
+    )

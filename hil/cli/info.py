@@ -110,6 +110,8 @@ def describe(dev: Device, uri: str) -> list[str]:
             else "write-verify not supported (capability 'program_verify' not declared), "
         )
         + f"wait {lim.max_wait_s:g} s",
+        f"scale bounds  gain at most {lim.max_gain:g}, w_max at most {lim.max_w_max:g}, nudge |beta| at most "
+        f"{lim.max_beta:g}, injected current |beta grad| at most {lim.max_drive:g}",
         "endurance     "
         + (
             "not declared (hil calibrate's default pulse budget is then the routine's worst case)"
