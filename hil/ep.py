@@ -556,8 +556,9 @@ class EBBlock(nn.Module):
         clamped = set(cl)
         f = free if free is not None else self.free(cl)
         ph = self.estimator.phases(
-            self.settle, cl, f, lambda b: self._nudges(b, tg, gd, clamped), beta=beta, mode=mode, trace=trace
-        )
+            self.settle, cl, f, lambda b: self._nudges(b, tg, gd, clamped), beta=beta, mode=mode, trace=trace,
+            max_beta=self.device.info.limits.max_beta,
+        )  # fmt: skip
         inputs = tuple(cl)
         grads, in_grads = self.estimator.gradients(
             ph,

@@ -25,6 +25,7 @@ may run its two nudged phases as one settle over the batch twice over (`settle_b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -81,6 +82,7 @@ def settle_both(
     nudge: dict[str, Nudge],
     init: dict[str, np.ndarray],
     trace: bool | int,
+    max_beta: float = math.inf,
 ) -> tuple[Equilibrium, Equilibrium]:
     """The +beta and -beta phases of centered EP (`nudge`: the +beta phase's error-current
     nudges) as one settle over the batch twice over: the samples are independent, so the
@@ -91,7 +93,12 @@ def settle_both(
     this way (their beta is one number per settle), so they settle phase by phase.
 
     The two halves share `steps`, `converged` and `residual` (taken over both phases); the
-    settle time and the array energy are split equally."""
+    settle time and the array energy are split equally.
+
+    `max_beta`: the board's bound on a nudge's |beta| (`Limits.max_beta`). Where it allows 1,
+    the nudge carries beta 1 and the error current ``beta grad`` computed here; a board that
+    declares less (a chip whose nudge is a small injected current) gets the phase's own
+    ``|beta|`` and ``+-grad``, the sign flips exact, the product ``|beta| grad`` the board's."""
     n = next(iter(clamp.values())).shape[0]
 
     def twice(x: np.ndarray) -> np.ndarray:
@@ -108,6 +115,15 @@ def settle_both(
     for g, nd in nudge.items():
         if nd.target is not None or nd.grad is None:
             raise ValueError(f"settle_both takes error-current (grad) nudges only; {g!r} has a target")
+        if max_beta < 1.0:
+            sign = -1.0 if nd.beta < 0 else 1.0
+            if isinstance(nd.grad, Tensor):
+                gt = nd.grad.to(torch.float32) * sign
+                nudges[g] = Nudge(abs(nd.beta), grad=torch.cat([gt, -gt]))  # type: ignore[arg-type]
+            else:
+                gn = np.asarray(nd.grad, dtype=np.float32) * np.float32(sign)
+                nudges[g] = Nudge(abs(nd.beta), grad=np.concatenate([gn, -gn]))
+            continue
         if isinstance(nd.grad, Tensor):
             dt = nd.grad.to(torch.float32) * nd.beta
             nudges[g] = Nudge(1.0, grad=torch.cat([dt, -dt]))  # type: ignore[arg-type]
@@ -185,9 +201,11 @@ class EPEstimator:
         beta: float,
         mode: Mode = "centered",
         trace: bool | int = False,
+        max_beta: float = math.inf,
     ) -> Phases:
         """Settle the nudged phases of `mode` from the free equilibrium `free`; `nudges(b)`
-        gives the nudges of the phase with signed beta ``b``."""
+        gives the nudges of the phase with signed beta ``b``. `max_beta`: the board's bound on
+        a nudge's |beta| (`settle_both`)."""
         check_phases(beta, mode)
         init = {g: free.states[g] for g in self.topology.groups if g not in clamp}
         if mode == "random":
@@ -195,7 +213,7 @@ class EPEstimator:
             mode = "positive" if sign > 0 else "negative"
         plus = nudges(beta) if mode in ("positive", "centered") else {}
         if mode == "centered" and self.joint_phases and all(n.target is None for n in plus.values()):
-            first, second = settle_both(settle, clamp, plus, init, trace)
+            first, second = settle_both(settle, clamp, plus, init, trace, max_beta)
             return Phases(first, second, (beta, -beta), first.steps + second.steps)
         steps = 0
         if mode in ("positive", "centered"):

@@ -10,9 +10,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from drivers import Limits, LimitViolation, Topology, open_device
+from drivers import Limits, LimitViolation, SettleBudget, Topology, open_device
 from drivers.errors import ConfigurationError
 from emulator.periphery import REQUEST_BOUNDS
 from emulator.server.launch import serve
@@ -93,3 +94,31 @@ def test_hil_info_shows_the_declared_bounds() -> None:
     assert lines["scale bounds"] == (
         "gain at most 2, w_max at most 1, nudge |beta| at most 0.5, injected current |beta grad| at most 10"
     )
+
+
+@pytest.mark.parametrize("tensors", [False, True], ids=["numpy", "tensors"])
+def test_centered_ep_on_a_board_that_declares_a_nudge_beta_below_one(tensors: bool) -> None:
+    """The two centered phases settle as one over the doubled batch with one nudge; it carried
+    beta 1 and the error current beta grad folded in, so a board declaring max_beta 0.5
+    refused every EP step whatever ep.beta was (0.2 here). It now carries the phase's |beta|
+    there, and gives the gradients of a board that takes beta 1."""
+    from hil.ep import EBBlock
+
+    x = torch.linspace(0.05, 0.95, 6 * 5).reshape(6, 5)
+    grad = torch.linspace(-1, 1, 6 * 3).reshape(6, 3)
+    gen = torch.Generator().manual_seed(0)
+    w = {"W0": 0.4 * torch.randn(6, 4, generator=gen), "W1": 0.4 * torch.randn(5, 3, generator=gen)}
+    topo = Topology.layered([5, 4, 3], budget=SettleBudget(max_steps=40, tol=0.0))
+    results = []
+    for uri in ("emulator://?preset=ideal&seed=0", "emulator://?preset=ideal&seed=0&max_beta=0.5"):
+        with open_device(uri) as dev:
+            blk = EBBlock(
+                dev, topo, weights={k: v.clone() for k, v in w.items()}, compute="cpu" if tensors else None
+            )
+            assert blk.tensor_settle == tensors
+            for beta in (0.2, 0.05):
+                results.append(blk.ep(x, grad=grad, beta=beta).grads)
+            assert dev.safety().refused == 0
+    for default, narrow in zip(results[:2], results[2:], strict=True):
+        for k in ("W0", "W1"):
+            np.testing.assert_allclose(narrow[k].numpy(), default[k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
