@@ -523,7 +523,12 @@ def test_servers_listen_on_loopback_by_default() -> None:
 
 def test_cli_serves_a_faulty_board_and_reports_the_faults() -> None:
     cmd = [sys.executable, "-c", "from hil.cli import main; main()", "emulator", "serve", "--preset", "ideal"]
-    cmd += ["--scpi-port", "-1", "--serial-port", "0", "--close-rate", "0.3", "--late-rate", "0.2"]
+    # 15% of requests closed, 10% late: every reconnect sends three requests (INFO, the lock's
+    # acquire, the request again), so at the 30% and 20% this test had, an attempt went through
+    # one time in eight and the ten calls needed 34 reconnects, chains up to attempt 10 of 12 and
+    # its 1 s backoff (5.4 s); at these rates (seed 1): 10 reconnects, 9 closes and 4 late
+    # replies, 0.8 s
+    cmd += ["--scpi-port", "-1", "--serial-port", "0", "--close-rate", "0.15", "--late-rate", "0.1"]
     cmd += ["--late-ms", "300", "--fault-seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
