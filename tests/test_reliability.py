@@ -362,6 +362,10 @@ def test_sigterm_in_training_is_taken_as_ctrl_c(tmp_path: Path) -> None:
 def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_path: Path) -> None:
     """SIGKILL after the run log's tables exist but before any flush or snapshot: `hil inspect`
     reads it (empty tables, no snapshot) and `--resume` says it starts over."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
     run = tmp_path / "run.zarr"
     sets = [*STOPPED_RUN, "log.flush_every_s=600", "log.snapshot_every_s=600"]
     cmd = [*HIL, "train", "classifier", "--out", str(run), "--no-progress"]
@@ -376,9 +380,10 @@ def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_p
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    inspected = subprocess.run([*HIL, "inspect", str(run)], capture_output=True, text=True, env=env)
-    assert inspected.returncode == 0, inspected.stderr
-    assert "status       running" in inspected.stdout and "snapshots    none" in inspected.stdout
+    # `hil inspect` runs in this process (the CLI's own app), not as an interpreter starting torch
+    inspected = CliRunner().invoke(app, ["inspect", str(run)])
+    assert inspected.exit_code == 0, (inspected.output, inspected.exception)
+    assert "status       running" in inspected.output and "snapshots    none" in inspected.output
     resumed = subprocess.run(
         [*HIL, "train", "classifier", "--resume", str(run), "--no-progress"],
         capture_output=True,
@@ -387,8 +392,9 @@ def test_a_run_killed_before_anything_was_flushed_is_inspected_and_resumed(tmp_p
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "before its first snapshot: training starts again from its first step" in resumed.stderr
-    again = subprocess.run([*HIL, "inspect", str(run)], capture_output=True, text=True, env=env)
-    assert "from the start (no snapshot had been taken) (was running)" in again.stdout
+    again = CliRunner().invoke(app, ["inspect", str(run)])
+    assert again.exit_code == 0, (again.output, again.exception)
+    assert "from the start (no snapshot had been taken) (was running)" in again.output
 
 
 # ---- training under faults ---------------------------------------------------------------
