@@ -151,7 +151,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> No
     import sys
     import time
 
-    sets = _args(*SMALL, "train.epochs=4", "log.snapshot_every_s=0")
+    sets = _args(*SMALL, "train.epochs=12", "log.snapshot_every_s=0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hil.cli.__main__", "train", "vae", "--no-progress"]
     killed = tmp_path / "killed"
