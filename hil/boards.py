@@ -99,11 +99,19 @@ def _opened_by(u: str, opened: Sequence[Device], uris: Sequence[str]) -> Device 
 
 
 def open_distinct(
-    open_one: Callable[[], Device], uri: str, k: int, opened: Sequence[Device], uris: Sequence[str], what: str
+    open_one: Callable[[], Device],
+    uri: str,
+    k: int,
+    opened: Sequence[Device],
+    uris: Sequence[str],
+    what: str,
+    within: Sequence[tuple[str, float, str]] = (),
 ) -> Device:
     """`open_one()`, the board of `devices[k]` = `uri`, refused (`ConfigError`, naming both
     entries) when it is a board `opened` holds under another of `uris` (`opened_twice`: its
-    lock refuses this very run; `check_distinct`: the same *IDN), its second handle closed."""
+    lock refuses this very run; `check_distinct`: the same *IDN), its second handle closed;
+    and refused, naming the config key, when a value of `within` is past the bound the board
+    declares (`check_within_board`)."""
     try:
         board = open_one()
     except BoardLocked as err:
@@ -116,7 +124,27 @@ def open_distinct(
     except ConfigError:
         board.close()  # this second handle; the board itself is closed with the run's boards
         raise
+    try:
+        check_within_board(board, uri, within)
+    except ConfigError:
+        board.close()  # in its safe state, before anything was configured on it
+        raise
     return board
+
+
+def check_within_board(board: Device, uri: str, within: Sequence[tuple[str, float, str]]) -> None:
+    """Refuse a run whose config asks for more than `board` declares: each of `within` is
+    (config key, value, the `Limits` field that bounds its magnitude), e.g. ``("ep.beta", 0.2,
+    "max_beta")``. Checked as the board opens, so the error names the key to change before a
+    run log exists, where the board's own refusal at the first settle named only the request."""
+    limits = board.info.limits
+    for key, value, bound in within:
+        most = getattr(limits, bound)
+        if abs(value) > most:
+            raise ConfigError(
+                f"{key} = {value:g}, but the board at {uri} declares {bound} {most:g}: "
+                f"set {key} to at most {most:g} (`hil info {shlex.quote(uri)}` shows what it declares)"
+            )
 
 
 def check_distinct(

@@ -153,7 +153,9 @@ class Classifier:
                     self.devices,
                     uris,
                     "EB blocks' networks",
-                )
+                    within=(("model.gain", m.gain, "max_gain"), ("model.w_max", m.w_max, "max_w_max"),
+                            ("ep.beta", e.beta, "max_beta")),
+                )  # fmt: skip
                 self.devices.append(board)
                 self.board_uris.append(uri)
                 lost_at_open.append(_arrays_lost(board))

@@ -122,3 +122,27 @@ def test_centered_ep_on_a_board_that_declares_a_nudge_beta_below_one(tensors: bo
     for default, narrow in zip(results[:2], results[2:], strict=True):
         for k in ("W0", "W1"):
             np.testing.assert_allclose(narrow[k].numpy(), default[k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("command", [["classifier"], ["vae", "--model", "tdh-vae"]], ids=["cls", "vae"])
+@pytest.mark.parametrize(
+    ("bound", "key", "value"),
+    [
+        ("max_gain=0.5", "model.gain", "1"),
+        ("max_w_max=0.5", "model.w_max", "1"),
+        ("max_beta=0.1", "ep.beta", "0.2"),
+    ],
+)
+def test_a_config_past_what_the_board_declares_is_refused_naming_its_key(
+    tmp_path, command: list[str], bound: str, key: str, value: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Before, gain and w_max were refused at the first configure naming `Topology.gain` and
+    the coupling, and ep.beta at the first nudged settle, after the run log was made, naming
+    only the request: the config key is what a user changes."""
+    uri = f"emulator://?preset=ideal&seed=0&{bound}"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", *command, "--out", str(out), "--set", f"device={uri}"])
+    assert result.exit_code != 0
+    assert f"{key} = {value}, but the board at {uri} declares {bound.replace('=', ' ')}" in result.output
+    assert f"set {key} to at most {bound.split('=')[1]}" in result.output
+    assert not out.exists()  # refused before a run log was made

@@ -115,6 +115,11 @@ class _Model:
                     self.devices,
                     self.uris,
                     what,
+                    within=(
+                        ("model.gain", cfg.model.gain, "max_gain"),
+                        ("model.w_max", cfg.model.w_max, "max_w_max"),
+                        ("ep.beta", cfg.ep.beta, "max_beta"),
+                    ),
                 )
                 self.devices.append(board)
             except BaseException as err:
