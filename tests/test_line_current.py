@@ -431,3 +431,25 @@ def test_a_settle_bounds_free_nodes_by_what_an_unquantised_dac_with_gain_errors_
     _set_limit(b, top * v * col * (1 + 1e-9))
     b.settle({"a": torch.full((1, 6), 0.5)})
     assert b.safety.violations == 0
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_settle_at_the_design_point_of_a_128_wide_tile_runs_through_the_servers(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """A board declaring 128 x 128 tiles declares the current of a full 128-device line at g_max
+    and v_read (rram: 128 x 10 uS x 0.2 V). A settle of a 4 x 128 tile whose free nodes may reach
+    1.0 drives each row, in the host's bound, at exactly that current: it passes, as it does on
+    the in-process board. Summing the 128 equal column voltages one by one came out one rounding
+    above the limit, and `hil train classifier` on such a served board stopped at its first settle
+    (refusing, by a float's last bit, a request the board accepts in-process)."""
+    uri = "emulator://?preset=rram&seed=0&tile_rows_max=128&tile_cols_max=128"
+    servers = emulated_board(uri)
+    with open_device(servers.uri(transport)) as dev:
+        limits = dev.info.limits
+        assert limits.max_line_current_a == 128 * limits.g_max * limits.v_read
+        dev.configure(_topology(4, 128))
+        x = np.ones((2, 4), np.float32)
+        eq = dev.settle({"a": x})
+        assert eq.states["b"].shape == (2, 128)
+        assert dev.safety().refused == 0 and dev.safety().violations == 0
