@@ -154,7 +154,9 @@ class Classifier:
                     uris,
                     "EB blocks' networks",
                     within=(("model.gain", m.gain, "max_gain"), ("model.w_max", m.w_max, "max_w_max"),
-                            ("ep.beta", e.beta, "max_beta")),
+                            ("ep.beta", e.beta, "max_beta"),
+                            ("ep.free_steps", e.free_steps, "max_settle_steps"),
+                            ("ep.nudge_steps", e.nudge_steps, "max_settle_steps")),
                 )  # fmt: skip
                 self.devices.append(board)
                 self.board_uris.append(uri)

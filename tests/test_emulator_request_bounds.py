@@ -146,3 +146,33 @@ def test_a_config_past_what_the_board_declares_is_refused_naming_its_key(
     assert f"{key} = {value}, but the board at {uri} declares {bound.replace('=', ' ')}" in result.output
     assert f"set {key} to at most {bound.split('=')[1]}" in result.output
     assert not out.exists()  # refused before a run log was made
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "value"),
+    [
+        (["classifier"], "ep.free_steps", "300"),
+        (["classifier"], "ep.nudge_steps", "300"),
+        (["vae", "--model", "tdh-vae"], "ep.steps", "1600"),  # the VAE's default
+        (["vae", "--model", "h-vae"], "ep.steps", "1600"),
+    ],
+    ids=["cls-free", "cls-nudge", "tdh-vae", "h-vae"],
+)
+@pytest.mark.parametrize("caps", ["", "&capabilities=mvm,pulse,program_verify"], ids=["settle", "mvm-only"])
+def test_settle_steps_past_the_boards_max_settle_steps_are_refused_naming_the_key(
+    tmp_path, command: list[str], key: str, value: str, caps: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Before, a board declaring max_settle_steps=200 refused these at the first configure with
+    'give the settle budget at most 200 steps (SettleBudget.max_steps)': an internal, not the
+    key a user sets (the VAE's default ep.steps is 1600, past it)."""
+    uri = f"emulator://?preset=ideal&seed=0&max_settle_steps=200{caps}"
+    out = tmp_path / "run"
+    args = ["train", *command, "--out", str(out), "--set", f"device={uri}"]
+    if key != "ep.steps":
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert f"{key} = {value}, but the board at {uri} declares max_settle_steps 200" in result.output
+    assert f"set {key} to at most 200" in result.output
+    assert "SettleBudget" not in result.output
+    assert not out.exists()  # refused before a run log was made

@@ -119,6 +119,7 @@ class _Model:
                         ("model.gain", cfg.model.gain, "max_gain"),
                         ("model.w_max", cfg.model.w_max, "max_w_max"),
                         ("ep.beta", cfg.ep.beta, "max_beta"),
+                        ("ep.steps", cfg.ep.steps, "max_settle_steps"),
                     ),
                 )
                 self.devices.append(board)
