@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         input or a board that cannot be opened."""
         import torch
 
-        from drivers import open_device
+        from hil.boards import open_board
         from hil.data import load_digits
         from hil.gradcheck import CHECK_BUDGET, NOISY_RESIDUAL, check_block
         from hil.gradcheck import gradcheck as run_check
@@ -170,7 +170,8 @@ def register(app: typer.Typer) -> None:
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
         check_json_dest(json_out)
         say = (lambda line: typer.echo(line, err=True)) if to_stdout(json_out) else typer.echo
-        with one_line_errors(), open_device(uri) as dev:
+        # open_board: a layer wider than the board's tiles is placed on several of them, as in hil train
+        with one_line_errors(), open_board(uri) as dev:
             blk = check_block(
                 dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle,
                 activation=activation,

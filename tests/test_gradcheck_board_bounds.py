@@ -1,0 +1,21 @@
+"""`hil gradcheck` on an emulated board that declares a chip's tight bounds (small tiles, a
+short settle budget): it runs within them, or stops naming the option to change."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from hil.cli import app
+
+ARGS = ["gradcheck", "--betas", "0.01", "--batch", "8", "--no-progress", "--min-cosine", "-1"]
+
+
+def test_a_layer_wider_than_the_boards_tiles_is_placed_on_several_tiles() -> None:
+    """64-40-10 on 32 x 32 tiles: W0 (65 x 40) spans 3 x 2 tiles. Before, the check opened the
+    board bare and stopped with 'open the board with hil.boards.open_board(uri)' (an internal);
+    now it places the layer as `hil train` does and checks its gradients."""
+    uri = "emulator://?preset=ideal&seed=0&tile_rows_max=32&tile_cols_max=32"
+    res = CliRunner().invoke(app, [*ARGS, "--uri", uri, "--sizes", "64,40,10"])
+    assert res.exit_code == 0, res.output
+    assert "layered 64-40-10" in res.output
+    assert "centered" in res.output
