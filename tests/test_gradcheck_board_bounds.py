@@ -19,3 +19,16 @@ def test_a_layer_wider_than_the_boards_tiles_is_placed_on_several_tiles() -> Non
     assert res.exit_code == 0, res.output
     assert "layered 64-40-10" in res.output
     assert "centered" in res.output
+
+
+def test_the_checks_settle_budget_stays_within_the_boards_max_settle_steps() -> None:
+    """The check settles with up to 20000 steps to tol 1e-7; a board declaring
+    max_settle_steps=200 refused that at configure, naming SettleBudget.max_steps (nothing a
+    user of the command can set). Now each settle takes at most the board's 200 steps, on a
+    settling board and through the host's settle on one that only multiplies, and says so."""
+    for caps in ("", "&capabilities=mvm,pulse,program_verify"):
+        uri = f"emulator://?preset=ideal&seed=0&max_settle_steps=200{caps}"
+        res = CliRunner().invoke(app, [*ARGS, "--uri", uri, "--sizes", "64,12,10"])
+        assert res.exit_code == 0, res.output
+        assert "at most 200 steps a settle (the board's max_settle_steps)" in res.output
+        assert "SettleBudget" not in res.output

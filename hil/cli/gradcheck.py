@@ -172,9 +172,16 @@ def register(app: typer.Typer) -> None:
         say = (lambda line: typer.echo(line, err=True)) if to_stdout(json_out) else typer.echo
         # open_board: a layer wider than the board's tiles is placed on several of them, as in hil train
         with one_line_errors(), open_board(uri) as dev:
+            # the check's long budget, within the steps the board declares (it refuses more)
+            most = dev.info.limits.max_settle_steps
+            budget = dataclasses.replace(
+                CHECK_BUDGET,
+                max_steps=min(CHECK_BUDGET.max_steps, most),
+                check_every=min(CHECK_BUDGET.check_every, most),
+            )
             blk = check_block(
                 dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle,
-                activation=activation,
+                activation=activation, budget=budget,
             )  # fmt: skip
             free = blk.free(x)
             kind = "dense" if dense else "layered"
@@ -185,6 +192,11 @@ def register(app: typer.Typer) -> None:
                 f"batch {len(x)}, loss {'mse' if loss == 'mse' else f'ce (tau {tau:g})'}; free phase "
                 f"{'converged' if free.converged else 'NOT converged'} in {free.steps} steps "
                 f"(residual {free.residual:.1e})"
+                + (
+                    f"; at most {most} steps a settle (the board's max_settle_steps)"
+                    if most < CHECK_BUDGET.max_steps
+                    else ""
+                )
             )
             if free.residual > NOISY_RESIDUAL:
                 typer.echo(
