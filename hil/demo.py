@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from drivers import Nudge, SettleBudget, Topology, open_device
+from drivers import Nudge, SettleBudget, Topology
+from hil.boards import open_board
 from hil.data import load_digits
 from hil.ep import settle_path
 from hil.host_settle import HostSettle
@@ -59,7 +60,7 @@ def run_demo(
     x = data.x_test[:batch].numpy()
     target = np.eye(data.classes, dtype=np.float32)[data.y_test[:batch].numpy()]
     topology = Topology.layered(list(sizes), budget=SettleBudget(max_steps=200, tol=1e-3, dt=0.5))
-    with open_device(uri) as dev:
+    with open_board(uri) as dev:  # a layer wider than the board's tiles spans several (as in hil train)
         path = settle_path(dev, settle)
         minimiser = dev.settle if path == "board" else HostSettle(dev)
         dev.configure(topology)
