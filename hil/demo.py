@@ -59,8 +59,12 @@ def run_demo(
     rng = np.random.default_rng(seed)
     x = data.x_test[:batch].numpy()
     target = np.eye(data.classes, dtype=np.float32)[data.y_test[:batch].numpy()]
-    topology = Topology.layered(list(sizes), budget=SettleBudget(max_steps=200, tol=1e-3, dt=0.5))
     with open_board(uri) as dev:  # a layer wider than the board's tiles spans several (as in hil train)
+        steps = min(200, dev.info.limits.max_settle_steps)  # within what the board declares
+        budget = SettleBudget(
+            max_steps=steps, tol=1e-3, dt=0.5, check_every=min(SettleBudget().check_every, steps)
+        )
+        topology = Topology.layered(list(sizes), budget=budget)
         path = settle_path(dev, settle)
         minimiser = dev.settle if path == "board" else HostSettle(dev)
         dev.configure(topology)

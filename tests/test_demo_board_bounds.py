@@ -21,3 +21,26 @@ def test_a_layer_wider_than_the_boards_tiles_is_placed_on_several_tiles() -> Non
         res = _demo(f"emulator://?preset=ideal&seed=0&tile_rows_max=32&tile_cols_max=32{caps}")
         assert res.exit_code == 0, res.output
         assert "safety    0 refused requests, 0 limit violations" in res.output, res.output
+
+
+def test_the_demos_settle_budget_stays_within_the_boards_max_settle_steps() -> None:
+    """The demo settles with up to 200 steps; a board declaring max_settle_steps=100 refused
+    that at configure, naming SettleBudget.max_steps (the demo has no option for it)."""
+    for caps in ("", MVM_ONLY):
+        res = _demo(f"emulator://?preset=ideal&seed=0&max_settle_steps=100{caps}")
+        assert res.exit_code == 0, res.output
+        assert "SettleBudget" not in res.output
+        assert "safety    0 refused requests, 0 limit violations" in res.output, res.output
+
+
+def test_a_batch_or_beta_past_the_board_is_refused_naming_the_option_before_programming() -> None:
+    """--batch past max_batch was refused at the first settle, after the network was programmed,
+    as 'batch size of clamp 's0' exceeded' (naming a group, not the option); --beta past
+    max_beta only at the first nudged settle."""
+    res = _demo("emulator://?preset=ideal&seed=0&max_batch=4")
+    assert res.exit_code != 0
+    assert "--batch 8" in res.output and "max_batch 4" in res.output and "--batch 4 or fewer" in res.output
+    assert "program" not in res.output.split("error:")[0]  # nothing printed before the refusal
+    res = _demo("emulator://?preset=ideal&seed=0&max_beta=0.1", "--beta", "0.2")
+    assert res.exit_code != 0
+    assert "--beta 0.2" in res.output and "max_beta 0.1" in res.output and "--beta 0.1 or less" in res.output
