@@ -14,6 +14,7 @@ import numpy as np
 
 from drivers import Nudge, SettleBudget, Topology
 from hil.boards import open_board
+from hil.config import ConfigError
 from hil.data import load_digits
 from hil.ep import settle_path
 from hil.host_settle import HostSettle
@@ -60,7 +61,18 @@ def run_demo(
     x = data.x_test[:batch].numpy()
     target = np.eye(data.classes, dtype=np.float32)[data.y_test[:batch].numpy()]
     with open_board(uri) as dev:  # a layer wider than the board's tiles spans several (as in hil train)
-        steps = min(200, dev.info.limits.max_settle_steps)  # within what the board declares
+        limits = dev.info.limits
+        if batch > limits.max_batch:  # refused before anything is programmed, naming the option
+            raise ConfigError(
+                f"--batch {batch}: the board at {uri} declares max_batch {limits.max_batch} (samples a "
+                f"request); pass --batch {limits.max_batch} or fewer"
+            )
+        if abs(beta) > limits.max_beta:
+            raise ConfigError(
+                f"--beta {beta:g}: the board at {uri} declares max_beta {limits.max_beta:g} (the largest "
+                f"nudge it takes); pass --beta {limits.max_beta:g} or less"
+            )
+        steps = min(200, limits.max_settle_steps)  # within what the board declares
         budget = SettleBudget(
             max_steps=steps, tol=1e-3, dt=0.5, check_every=min(SettleBudget().check_every, steps)
         )
