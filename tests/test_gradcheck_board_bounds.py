@@ -32,3 +32,17 @@ def test_the_checks_settle_budget_stays_within_the_boards_max_settle_steps() -> 
         assert res.exit_code == 0, res.output
         assert "at most 200 steps a settle (the board's max_settle_steps)" in res.output
         assert "SettleBudget" not in res.output
+
+
+def test_betas_past_the_boards_max_beta_are_refused_naming_the_option_before_programming() -> None:
+    """The default --betas 0.1,0.01,0.001 on a board declaring max_beta=0.05 ran the free phase
+    and was then refused at the first nudged settle as "|beta| of the nudge on 's2'" (a group,
+    not the option)."""
+    uri = "emulator://?preset=ideal&seed=0&max_beta=0.05"
+    res = CliRunner().invoke(
+        app, ["gradcheck", "--batch", "8", "--no-progress", "--uri", uri, "--sizes", "64,12,10"]
+    )
+    assert res.exit_code == 2
+    assert "--betas 0.1,0.01,0.001: 0.1 is past the max_beta 0.05" in res.output
+    assert "pass --betas of at most 0.05" in res.output
+    assert "free phase" not in res.output  # refused before the network was programmed and settled

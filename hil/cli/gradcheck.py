@@ -173,6 +173,13 @@ def register(app: typer.Typer) -> None:
         # open_board: a layer wider than the board's tiles is placed on several of them, as in hil train
         with one_line_errors(), open_board(uri) as dev:
             # the check's long budget, within the steps the board declares (it refuses more)
+            largest = max(beta_list)
+            if largest > dev.info.limits.max_beta:  # before anything is programmed, naming the option
+                raise fail(
+                    f"--betas {betas}: {largest:g} is past the max_beta {dev.info.limits.max_beta:g} the board "
+                    f"at {uri} declares (the largest nudge it takes); pass --betas of at most "
+                    f"{dev.info.limits.max_beta:g}"
+                )
             most = dev.info.limits.max_settle_steps
             budget = dataclasses.replace(
                 CHECK_BUDGET,
