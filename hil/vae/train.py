@@ -513,7 +513,8 @@ def _pictures(
     latent_gen = seeds.torch_generator(cfg.train.seed, "vae.samples")
     samples = torch.randn(50, cfg.model.latent, generator=latent_gen)
     gen_x, _, _ = model.decode(samples)
-    xt = data.x_test[:30].reshape(30, -1)
+    xt = data.x_test[:30]
+    xt = xt.reshape(len(xt), -1)  # data.limit_test may leave fewer than 30
     mu, _, _, _ = model.encode(xt)
     recon, _, _ = model.decode(mu)
     title = f"{cfg.model.variant}"
