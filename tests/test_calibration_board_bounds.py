@@ -108,3 +108,30 @@ def test_the_drift_check_fits_a_board_with_tiles_smaller_than_its_read_noise_sam
     report = drift_check(dev, record)
     assert "read_noise" in report.checks
     assert dev.safety().refused == 0
+
+
+@pytest.mark.parametrize("caps", ["", "&capabilities=mvm,pulse,program_verify"], ids=["settle", "mvm-only"])
+def test_the_default_tile_size_past_the_boards_tiles_names_tile_size_and_the_value_that_fits(
+    tmp_path, caps: str
+) -> None:  # type: ignore[no-untyped-def]
+    """`hil calibrate URI --out REC` with no tile option on a board of 32 x 32 tiles: the
+    default --tile-size 64 was refused as '--tiles 64x64', an option the user never passed,
+    with no value that fits. Now it names --tile-size and the size to pass, and that runs."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    uri = f"emulator://?preset=rram&seed=0&tile_rows_max=32&tile_cols_max=32{caps}"
+    out = tmp_path / "rec.zarr"
+    res = CliRunner().invoke(
+        app, ["calibrate", uri, "--out", str(out), "--routines", "stuck", "--no-progress"]
+    )
+    assert res.exit_code == 2
+    assert (
+        "--tile-size 64: this board's tiles hold at most 32 rows x 32 columns; pass --tile-size 32"
+        in res.output
+    )
+    assert not out.exists()
+    args = ["calibrate", uri, "--out", str(out), "--routines", "stuck", "--tile-size", "32", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output

@@ -108,12 +108,18 @@ def _parse_tiles(tiles: str | None, tile_size: int) -> tuple[tuple[int, int], ..
     return tuple(out)
 
 
-def _check_tiles_fit(shapes: tuple[tuple[int, int], ...], limits: Limits) -> None:
-    """Refuse, in the terms of --tiles, tiles the board cannot hold (the session would stop
-    at its first configure, naming its own internal tiles)."""
+def _check_tiles_fit(shapes: tuple[tuple[int, int], ...], limits: Limits, tiles: str | None = None) -> None:
+    """Refuse, in the terms of --tiles (or of --tile-size, where `tiles` is not given), tiles
+    the board cannot hold (the session would stop at its first configure, naming its own
+    internal tiles)."""
     rows, cols = limits.tile_rows_max, limits.tile_cols_max
     for r, c in shapes:
         if r > rows or c > cols:
+            if not tiles:  # the square tile of --tile-size (default 64)
+                raise ValueError(
+                    f"--tile-size {r}: this board's tiles hold at most {rows} rows x {cols} columns; "
+                    f"pass --tile-size {min(rows, cols)} (or --tiles {min(r, rows)}x{min(c, cols)})"
+                )
             raise ValueError(
                 f"--tiles {r}x{c}: this board's tiles hold at most {rows} rows x {cols} columns (a "
                 "network's larger couplings are split over several tiles: calibrate those)"
@@ -344,7 +350,7 @@ def register(app: typer.Typer) -> None:
                     chosen = tuple(r for r in chosen if r not in missing)
                     if not chosen:
                         raise ValueError("this board can run none of the calibration routines")
-                _check_tiles_fit(shapes, dev.info.limits)
+                _check_tiles_fit(shapes, dev.info.limits, tiles)
                 options = SessionOptions(
                     routines=chosen,
                     tile_shapes=shapes,
