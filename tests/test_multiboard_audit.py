@@ -141,13 +141,15 @@ def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_
 
 
 def test_a_block_its_board_refuses_for_another_limit_is_named_without_the_tiles_fix(tmp_path: Path) -> None:
-    """A block whose settle budget is over its board's limit: named, with the board's own fix only."""
+    """A block whose settle budget is over its board's limit: named, with the board's own fix only
+    (the config key to change, as the board opens: `hil.boards.check_within_board`)."""
 
     tight = "emulator://?preset=ideal&seed=1&max_settle_steps=50"
     sets = [*MODEL, *SHORT, _devices("emulator://?preset=ideal&seed=0", tight)]
     line = _refused("classifier", sets, tmp_path / "r")
     assert line.startswith(
-        f"error: EB block 1 (layers [16, 10]) on board {tight}: settle budget max_steps"
+        f"error: ep.free_steps = 100, but the board at {tight} declares max_settle_steps 50: "
+        "set ep.free_steps to at most 50"
     ), line
     assert "tiles" not in line, line
 
