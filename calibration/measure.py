@@ -10,7 +10,7 @@ putting uncoupled "pad" groups in front of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -183,11 +183,7 @@ def board_budget(device: Device, budget: SettleBudget | None = None) -> SettleBu
     settles under the host's default budget. A board that declares fewer steps than the
     default refused the configure of the mvm, stuck, gmap, pulse and settle routines, after the
     minutes the routines before them took."""
-    budget = budget or SettleBudget()
-    most = device.info.limits.max_settle_steps
-    if budget.max_steps <= most:
-        return budget
-    return replace(budget, max_steps=most, check_every=min(budget.check_every, most))
+    return (budget or SettleBudget()).capped(device.info.limits.max_settle_steps)
 
 
 def tile_topology(shapes: list[tuple[int, int]], budget: SettleBudget | None = None) -> Topology:

@@ -22,7 +22,7 @@ row of a tile.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
@@ -93,6 +93,13 @@ class SettleBudget:
     tol: float = 1e-4
     dt: float = 0.5
     check_every: int = 5
+
+    def capped(self, most: int) -> SettleBudget:
+        """This budget with at most `most` steps (a board's `Limits.max_settle_steps`, which it
+        refuses past), its convergence checked no less often than that; itself where it fits."""
+        if self.max_steps <= most:
+            return self
+        return replace(self, max_steps=most, check_every=min(self.check_every, most))
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,8 @@ def run_demo(
                 f"--beta {beta:g}: the board at {uri} declares max_beta {limits.max_beta:g} (the largest "
                 f"nudge it takes); pass --beta {limits.max_beta:g} or less"
             )
-        steps = min(200, limits.max_settle_steps)  # within what the board declares
-        budget = SettleBudget(
-            max_steps=steps, tol=1e-3, dt=0.5, check_every=min(SettleBudget().check_every, steps)
-        )
+        # within the steps the board declares
+        budget = SettleBudget(max_steps=200, tol=1e-3, dt=0.5).capped(limits.max_settle_steps)
         topology = Topology.layered(list(sizes), budget=budget)
         path = settle_path(dev, settle)
         minimiser = dev.settle if path == "board" else HostSettle(dev)

@@ -181,11 +181,7 @@ def register(app: typer.Typer) -> None:
                     f"{dev.info.limits.max_beta:g}"
                 )
             most = dev.info.limits.max_settle_steps
-            budget = dataclasses.replace(
-                CHECK_BUDGET,
-                max_steps=min(CHECK_BUDGET.max_steps, most),
-                check_every=min(CHECK_BUDGET.check_every, most),
-            )
+            budget = CHECK_BUDGET.capped(most)
             blk = check_block(
                 dev, layer_sizes, dense=dense, init_scale=init_scale, seed=seed, settle=settle,
                 activation=activation, budget=budget,

@@ -91,8 +91,7 @@ def plan_topology(limits: Limits, options: Options) -> Topology:
         )
     # convergence is checked first after 20 steps: a settle that stops on its noise floor after a
     # few steps would still lag its fixed point (by dt^steps of the distance from the start)
-    steps = min(200, limits.max_settle_steps)
-    budget = SettleBudget(max_steps=steps, tol=1e-3, dt=0.5, check_every=min(20, steps))
+    budget = SettleBudget(max_steps=200, tol=1e-3, dt=0.5, check_every=20).capped(limits.max_settle_steps)
     return Topology.layered(sizes, budget=budget)
 
 
