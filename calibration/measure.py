@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers import Coupling, Device, SettleBudget, Topology
-from drivers.batches import batch_of, settle_in_chunks
+from drivers.batches import mvm_in_chunks, settle_in_chunks
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called by the routines as they advance."""
@@ -47,12 +47,7 @@ def mvm_batched(device: Device, tile: str, x: np.ndarray, *, transpose: bool = F
     """``device.mvm(tile, x)`` in requests of at most the board's `Limits.max_batch` samples
     (one request where it fits): a routine's sample count is a measurement setting, not a
     request the board must take whole."""
-    step = batch_size(device)
-    if x.shape[0] <= step:
-        return device.mvm(tile, x, transpose=transpose)
-    return np.concatenate(
-        [device.mvm(tile, x[i : i + step], transpose=transpose) for i in range(0, x.shape[0], step)]
-    )
+    return mvm_in_chunks(device, tile, x, transpose=transpose, most=batch_size(device))
 
 
 def settle_states(
@@ -60,10 +55,7 @@ def settle_states(
 ) -> dict[str, np.ndarray]:
     """The states of ``device.settle(clamp, init=init)``, settled in requests of at most the
     board's `Limits.max_batch` samples (one request where it fits), joined again."""
-    step = batch_size(device)
-    if batch_of(clamp) <= step:
-        return device.settle(clamp, init=init).states
-    return settle_in_chunks(device.settle, clamp, None, init, False, step).states
+    return settle_in_chunks(device.settle, clamp, None, init, False, batch_size(device)).states
 
 
 @dataclass

@@ -32,12 +32,27 @@ import torch
 
 from drivers.base import Equilibrium, Nudge
 
-__all__ = ["batch_of", "settle_in_chunks"]
+__all__ = ["batch_of", "chunks", "mvm_in_chunks", "settle_in_chunks"]
 
 
 def batch_of(clamp: Mapping[str, Any]) -> int:
     """The number of samples of a settle's clamp (the first axis of its arrays)."""
     return int(next(iter(clamp.values())).shape[0])
+
+
+def chunks(batch: int, most: int) -> range:
+    """The first rows of the requests that carry `batch` samples, at most `most` each (one
+    request for an empty batch)."""
+    if most < 1:
+        raise ValueError(f"a request holds at least one sample, got {most}")
+    return range(0, max(batch, 1), most)
+
+
+def mvm_in_chunks(device: Any, tile: str, x: np.ndarray, *, transpose: bool = False, most: int) -> np.ndarray:
+    """``device.mvm(tile, x)`` in requests of at most `most` rows (the board's
+    `Limits.max_batch`), the outputs joined; one request where it fits."""
+    parts = [device.mvm(tile, x[lo : lo + most], transpose=transpose) for lo in chunks(x.shape[0], most)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _rows(x: Any, lo: int, hi: int) -> Any:
@@ -89,12 +104,11 @@ def settle_in_chunks(
     most: int,
 ) -> Equilibrium:
     """`settle` (a `Device.settle` or `Device.settle_tensors`) of the whole batch of `clamp`,
-    sent as consecutive chunks of at most `most` samples, joined into one equilibrium."""
-    if most < 1:
-        raise ValueError(f"a settle chunk holds at least one sample, got {most}")
+    sent as consecutive chunks of at most `most` samples, joined into one equilibrium (the one
+    reply itself where the batch fits)."""
     batch = batch_of(clamp)
     eqs: list[Equilibrium] = []
-    for lo in range(0, batch, most):
+    for lo in chunks(batch, most):
         hi = min(batch, lo + most)
         part_nudge = None
         if nudge:
@@ -110,6 +124,8 @@ def settle_in_chunks(
                 trace=trace,
             )
         )
+    if len(eqs) == 1:
+        return eqs[0]
     energies = [eq.energy for eq in eqs]
     return Equilibrium(
         states={g: _stack([eq.states[g] for eq in eqs]) for g in eqs[0].states},

@@ -85,6 +85,7 @@ from drivers import (
     conv,
     topology,
 )
+from drivers.batches import chunks, mvm_in_chunks
 from drivers.checks import MAX_SETTLE_VALUES, check_settle, check_trace_values, require_topology
 from drivers.converters import lsb
 from drivers.numerics import denormals_flushed, power_norm
@@ -338,12 +339,8 @@ class HostSettle:
         winners: dict[str, torch.Tensor | None] = {}  # per conv tile, its last forward read's
 
         def mvm(term: _Term, rows: np.ndarray) -> np.ndarray:
-            step = limits.max_batch
-            parts = []
-            for k in range(0, max(rows.shape[0], 1), step):
-                stats.mvm_calls += 1
-                parts.append(dev.mvm(term.tile, rows[k : k + step], transpose=term.transpose))
-            return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            stats.mvm_calls += len(chunks(rows.shape[0], limits.max_batch))
+            return mvm_in_chunks(dev, term.tile, rows, transpose=term.transpose, most=limits.max_batch)
 
         def product(term: _Term) -> np.ndarray:
             if term.geom is not None:
