@@ -1040,7 +1040,10 @@ class TileArray:
         - stuck devices, and devices whose target lies beyond their own bounds, are detected
           instead of looped on: a device pulsed in the same direction for `patience` rounds
           in a row whose read moved by less than a fifth of the expected total movement
-          (once that movement is well above the read noise) is given up (`gave_up`).
+          (once that movement is well above the read noise) is given up (`gave_up`); on a
+          one-sided device only where that shortfall is also beyond 4 standard deviations of
+          the pulses' c2c scatter (and two reads' noise): a RESET device climbs back in
+          full-size steps that c2c noise scatters by as much as a three-round shortfall.
 
         `within_tol` counts every device, stuck ones included, by its true conductance.
 
@@ -1066,6 +1069,7 @@ class TileArray:
         streak = torch.zeros(self._dshape, dtype=torch.int32, device=self.device)
         anchor = zeros  # read before the first pulse of the current same-direction streak
         expected = zeros  # signed movement the streak's pulses should have produced
+        spread = zeros  # one-sided: sum of n step^2 over the streak's SET pulses (c2c variance / ctoc^2)
         gain = torch.ones(self._dshape, dtype=torch.float32, device=self.device)
         n = torch.zeros_like(gain)
         prev_err = zeros
@@ -1084,6 +1088,15 @@ class TileArray:
                 stalled = (
                     (streak >= patience) & (expected.abs() >= detectable) & (progress < 0.2 * expected.abs())
                 )
+                if model.one_sided:
+                    # a working device's climb scatters by its pulses' c2c noise: a shortfall
+                    # within 4 of its standard deviations (and two reads') is no sign of a stuck
+                    # one. A RESET sends a PCM device to the bottom, where its steps are full
+                    # size (1 uS on pcm) and their c2c scatter (0.6 uS) is as large as a 3-round
+                    # shortfall: without this, 0.2 % of working pcm devices were given up, up to
+                    # 5 uS from their targets (tests/test_verify_c2c.py)
+                    scatter = (model.dw_min_ctoc**2 * spread + 2.0 * rn * rn).sqrt_()
+                    stalled &= expected.abs() - progress > 4.0 * scatter
                 gave_up |= stalled
             done |= err.abs() <= accept
             need = ~done & ~gave_up
@@ -1112,6 +1125,9 @@ class TileArray:
             same = (streak > 0) & (torch.sign(move) == torch.sign(expected)) & (n != 0)
             anchor = torch.where(same, anchor, r)
             expected = torch.where(same, expected + move, move)
+            if model.one_sided:  # a RESET (n < 0) lands by `reset_noise`, not by c2c-scattered steps
+                var = torch.where(n > 0, n * step * step, zeros)
+                spread = torch.where(same, spread + var, var)
             streak = torch.where(n == 0, torch.zeros_like(streak), torch.where(same, streak + 1, 1))
             stats = stats + self.pulse(n[0].to(torch.int64), n[1].to(torch.int64), t, gen, wear)
             prev_err = err
