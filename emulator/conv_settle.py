@@ -96,7 +96,8 @@ class ConvSettle:
                 n = w.shape[1]
                 w = torch.cat([w[:n] * (1 - torch.eye(n, device=w.device)), w[n:]])
             m = tile.model
-            k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
+            # a device's read noise reaches the lines through the wires, attenuated as its signal
+            k = 2 * (c.w_max * m.read_noise * tile.noise_atten / (m.g_max - m.g_min)) ** 2
             per_row, per_col = tile.line_sums(board.clock)
             geom = conv.ConvGeometry.of(topo, c) if c.kind == "conv" else None
             out.append(_Link(c, w, k, per_row, per_col, geom, w is cached))

@@ -25,8 +25,16 @@ from drivers.numerics import power_norm
 from drivers.topology import BIAS
 
 if TYPE_CHECKING:
+    from emulator.array import TileArray
     from emulator.board import Board
     from emulator.settle_script import Product
+
+
+def _renoise(term: Term, i: int, tile: TileArray, base_k: float) -> None:
+    """Destination `i` of `term`: its read-noise coefficient at the tile's present
+    `noise_atten` (the wires attenuate a device's noise as they attenuate its signal)."""
+    dst, a, b, _k = term.dsts[i]
+    term.dsts[i] = (dst, a, b, base_k * tile.noise_atten**2)
 
 
 @dataclass
@@ -227,6 +235,9 @@ class SettlePlanner:
             return plan
         topo = self.board.topology
         pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
+        # per piece (keyed by its block's id): its tile and its read-noise coefficient with ideal
+        # wires; the coefficient itself scales with the tile's `noise_atten`, refreshed with it
+        noise_of: dict[int, tuple[TileArray, float]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
         refreshers: list[Callable[[], object]] = []
         for c in topo.couplings:
@@ -237,7 +248,9 @@ class SettlePlanner:
                 w = scaled
             tile = self.board._tiles[c.tile]
             m = tile.model
-            noise_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
+            base_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
+            # a device's read noise reaches the lines through the wires, attenuated as its signal
+            noise_k = base_k * tile.noise_atten**2
             r0 = 0
             for rg in c.rows:
                 rn = topo.size(rg)
@@ -252,8 +265,10 @@ class SettlePlanner:
                         block = masked
                     if cg not in clamped:
                         pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
+                        noise_of[id(pieces[rg][-1])] = (tile, base_k)
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
                         pieces.setdefault(cg, []).append((rg, block.T, noise_k, (len(energy_pairs), True)))
+                        noise_of[id(pieces[cg][-1])] = (tile, base_k)
                     factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
                     energy_pairs.append((rg, cg, block, factor))
                     c0 += cn
@@ -271,6 +286,10 @@ class SettlePlanner:
                 dsts.append((dst, start, start + b.shape[1], k))
                 start += b.shape[1]
             term = Term(src, matrix, dsts, any(k > 0 for _, _, k, _ in items), [p for *_, p in items])
+            for i, item in enumerate(items):
+                wired, base_k = noise_of[id(item)]
+                if base_k > 0 and wired.model.wire_resistance > 0:
+                    refreshers.append(partial(_renoise, term, i, wired, base_k))
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = Plan(free, const_terms, dyn_terms, energy_pairs, self.line_conductance())
