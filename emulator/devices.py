@@ -20,8 +20,10 @@ mean 1 and relative std ``dw_min_dtod`` (``up_down`` itself is scattered by
 ``up_down_dtod``). So ``dw_min`` is the step a pulse takes when it starts at the bound it
 moves away from; ``soft_bounds`` is ``linear`` with ``gamma = 1``, and its mid-range step
 is ``dw_min / 2`` (aihwkit quotes its ``dw_min`` at mid-range). Every pulse is multiplied
-by ``1 + dw_min_ctoc N(0,1)`` (cycle-to-cycle noise, as aihwkit's ``dw_min_std``) and the
-result is clipped to the device's bounds.
+by ``1 + dw_min_ctoc N(0,1)`` (cycle-to-cycle noise, as aihwkit's ``dw_min_std`` with its
+default ``mult_noise=True``; its ReRamSBPresetDevice sets ``mult_noise=False``, an additive
+``dw_min dw_min_std N(0,1)`` that does not vanish with the step at a soft bound, where this
+model's does) and the result is clipped to the device's bounds.
 
 A one-sided device (PCM) only has gradual SET (up) pulses; a negative pulse count is a
 RESET, which melts the cell back to ``g_lo + |N(0, reset_noise)|`` whatever the count.

@@ -53,7 +53,10 @@ IDEAL_DEVICE = DeviceModel(
 #   ReRamSBPresetDevice / ReRamESPresetDevice, fits to Gong et al., Nat. Commun. 9, 2102
 #   (2018); the ES fit has up_down 0.26, we take 0.2;
 # - c2c noise: the aihwkit fits use a very large c2c std (3.75-5 x dw_min) for stochastic
-#   pulse trains; we choose 0.5 per pulse, since this preset models write-verify use;
+#   pulse trains; we choose 0.5 per pulse, since this preset models write-verify use. Its form
+#   differs too: ReRamSBPresetDevice's is additive (mult_noise=False: dw_min x 3.75 x N(0,1) at
+#   any state, so a device at its bound still diffuses), ours multiplies the soft-bounded step
+#   (`emulator.devices`), so it vanishes at the bounds with the step;
 # - write noise 0.25 uS (~2.8 % of the range, "a few %") and read noise 0.03 uS (~0.3 %
 #   of the range, ~0.6 % of a mid-range G; 1/f and RTN): our choices, within the ranges
 #   reported for such arrays;
