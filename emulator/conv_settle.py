@@ -96,8 +96,10 @@ class ConvSettle:
                 n = w.shape[1]
                 w = torch.cat([w[:n] * (1 - torch.eye(n, device=w.device)), w[n:]])
             m = tile.model
-            # a device's read noise reaches the lines through the wires, attenuated as its signal
-            k = 2 * (c.w_max * m.read_noise * tile.noise_atten / (m.g_max - m.g_min)) ** 2
+            # the tile's read-noise figure in its present state (pcm: state-dependent), which the
+            # wires attenuate as they attenuate the signal (`emulator.settle_plan._read_noise_k`)
+            sigma = tile.read_noise_rms() * tile.noise_atten if m.read_noise > 0 else 0.0
+            k = 2 * (c.w_max * sigma / (m.g_max - m.g_min)) ** 2
             per_row, per_col = tile.line_sums(board.clock)
             geom = conv.ConvGeometry.of(topo, c) if c.kind == "conv" else None
             out.append(_Link(c, w, k, per_row, per_col, geom, w is cached))

@@ -30,11 +30,23 @@ if TYPE_CHECKING:
     from emulator.settle_script import Product
 
 
-def _renoise(term: Term, i: int, tile: TileArray, base_k: float) -> None:
-    """Destination `i` of `term`: its read-noise coefficient at the tile's present
-    `noise_atten` (the wires attenuate a device's noise as they attenuate its signal)."""
+def _read_noise_k(tile: TileArray, w_max: float) -> float:
+    """A line's read-noise variance coefficient (`Term.noise_var`) for a coupling of `w_max` on
+    `tile`: ``2 (w_max sigma / span)^2`` (two devices per cell), sigma the tile's one read-noise
+    figure in its present state (`TileArray.read_noise_rms`: the model's `read_noise`, or pcm's
+    state-dependent RMS, as an mvm takes it) times what its wires let through
+    (`TileArray.noise_atten`); 0 where the devices read without noise."""
+    m = tile.model
+    if m.read_noise == 0:
+        return 0.0
+    return 2 * (w_max * (tile.read_noise_rms() * tile.noise_atten) / (m.g_max - m.g_min)) ** 2
+
+
+def _renoise(term: Term, i: int, tile: TileArray, w_max: float) -> None:
+    """Destination `i` of `term`: its read-noise coefficient at the tile's present state
+    (`_read_noise_k`), after a write changed it."""
     dst, a, b, _k = term.dsts[i]
-    term.dsts[i] = (dst, a, b, base_k * tile.noise_atten**2)
+    term.dsts[i] = (dst, a, b, _read_noise_k(tile, w_max))
 
 
 @dataclass
@@ -235,8 +247,8 @@ class SettlePlanner:
             return plan
         topo = self.board.topology
         pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
-        # per piece (keyed by its block's id): its tile and its read-noise coefficient with ideal
-        # wires; the coefficient itself scales with the tile's `noise_atten`, refreshed with it
+        # per piece (keyed by its tuple's id): its tile and coupling's w_max, whose read-noise
+        # coefficient (`_read_noise_k`) is refreshed with the plan after each write
         noise_of: dict[int, tuple[TileArray, float]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
         refreshers: list[Callable[[], object]] = []
@@ -247,10 +259,9 @@ class SettlePlanner:
                 refreshers.append(partial(torch.mul, w, c.w_max, out=scaled))
                 w = scaled
             tile = self.board._tiles[c.tile]
-            m = tile.model
-            base_k = 2 * (c.w_max * m.read_noise / (m.g_max - m.g_min)) ** 2
-            # a device's read noise reaches the lines through the wires, attenuated as its signal
-            noise_k = base_k * tile.noise_atten**2
+            # each of the two devices of a cell reads with the tile's read-noise figure, which
+            # the wires attenuate as they attenuate the signal (`_read_noise_k`)
+            noise_k = _read_noise_k(tile, c.w_max)
             r0 = 0
             for rg in c.rows:
                 rn = topo.size(rg)
@@ -265,10 +276,10 @@ class SettlePlanner:
                         block = masked
                     if cg not in clamped:
                         pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
-                        noise_of[id(pieces[rg][-1])] = (tile, base_k)
+                        noise_of[id(pieces[rg][-1])] = (tile, c.w_max)
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
                         pieces.setdefault(cg, []).append((rg, block.T, noise_k, (len(energy_pairs), True)))
-                        noise_of[id(pieces[cg][-1])] = (tile, base_k)
+                        noise_of[id(pieces[cg][-1])] = (tile, c.w_max)
                     factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
                     energy_pairs.append((rg, cg, block, factor))
                     c0 += cn
@@ -287,9 +298,11 @@ class SettlePlanner:
                 start += b.shape[1]
             term = Term(src, matrix, dsts, any(k > 0 for _, _, k, _ in items), [p for *_, p in items])
             for i, item in enumerate(items):
-                wired, base_k = noise_of[id(item)]
-                if base_k > 0 and wired.model.wire_resistance > 0:
-                    refreshers.append(partial(_renoise, term, i, wired, base_k))
+                src_tile, w_max = noise_of[id(item)]
+                mod = src_tile.model
+                # the figure changes with a write where the wires or the devices' state set it
+                if mod.read_noise > 0 and (mod.wire_resistance > 0 or mod.statistics != "constant"):
+                    refreshers.append(partial(_renoise, term, i, src_tile, w_max))
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = Plan(free, const_terms, dyn_terms, energy_pairs, self.line_conductance())
