@@ -2,7 +2,10 @@
 
 Everything is in SI units: siemens, seconds, joules. A device sits at a conductance
 ``G`` inside its own bounds ``[g_lo, g_hi]`` (the nominal ``[g_min, g_max]`` scattered
-device to device). With ``x = (G - g_lo) / (g_hi - g_lo)`` the *mean* size of one
+device to device by ``bounds_dtod``, and kept inside it: the spread only narrows a device's
+window, as a SET's compliance current caps what a real cell conducts, so no device ever
+holds more than the g_max its board declares, nor less than its g_min).
+With ``x = (G - g_lo) / (g_hi - g_lo)`` the *mean* size of one
 potentiating (up) or depressing (down) pulse is
 
 =============  ===============================  =====================================
@@ -119,7 +122,7 @@ class DeviceModel:
     dw_min_dtod: float = 0.0  # relative d2d std of the step (log-normal)
     up_down_dtod: float = 0.0  # absolute d2d std of up_down
     dw_min_ctoc: float = 0.0  # relative c2c std of each pulse
-    bounds_dtod: float = 0.0  # relative d2d std of g_min and of g_max (each relative to itself)
+    bounds_dtod: float = 0.0  # relative d2d std of g_min and of g_max (each relative to itself, inside them)
     write_noise: float = 0.0  # std (S) of a direct programming write
     reset_noise: float = 0.0  # one-sided devices: a RESET lands at g_lo + |N(0, reset_noise)|
     read_noise: float = 0.0  # std (S) of one read of one device
@@ -321,6 +324,19 @@ class DeviceModel:
         return self.drift_nu > 0 or self.drift_nu_dtod > 0 or self.statistics == "pcm"
 
 
+def _window_in_float32(model: DeviceModel) -> tuple[float, float]:
+    """The declared window [g_min, g_max] as float32 values inside it (g_min rounded up, g_max
+    down), so that a device clamped to it never reads a float32 step past what the board
+    declares."""
+    lo = torch.tensor(model.g_min, dtype=torch.float32)
+    hi = torch.tensor(model.g_max, dtype=torch.float32)
+    if float(lo) < model.g_min:
+        lo = torch.nextafter(lo, torch.tensor(math.inf, dtype=torch.float32))
+    if float(hi) > model.g_max:
+        hi = torch.nextafter(hi, torch.tensor(-math.inf, dtype=torch.float32))
+    return float(lo), float(hi)
+
+
 @dataclass
 class DeviceParams:
     """Per-device parameters (the fabrication draw). All tensors have the tile's device shape.
@@ -366,10 +382,16 @@ class DeviceParams:
         s = math.sqrt(math.log1p(model.dw_min_dtod**2))
         scale = model.dw_min * torch.exp(s * n_scale - 0.5 * s * s)
         ud = (model.up_down + model.up_down_dtod * n_ud).clamp(-1.0, 1.0)
-        g_lo = (model.g_min * (1.0 + model.bounds_dtod * n_lo)).clamp_min(0.0)
-        g_hi = model.g_max * (1.0 + model.bounds_dtod * n_hi)
+        # every device's own window lies inside the declared [g_min, g_max] (the spread only
+        # narrows it): the board declares g_max as the most any device conducts (a SET's
+        # compliance), and its line-current limit is its longest line at g_max; a device above
+        # it would take a full line of saturated devices past that limit (issue: rram devices
+        # 0.5 % over g_max stopped `hil calibrate --tile-size` at the tile maximum in pulse)
+        lo, hi = _window_in_float32(model)
+        g_lo = (model.g_min * (1.0 + model.bounds_dtod * n_lo)).clamp(lo, hi - 0.1 * model.g_range)
+        g_hi = (model.g_max * (1.0 + model.bounds_dtod * n_hi)).clamp(max=hi)
         # a device's window never collapses below a tenth of the nominal range
-        g_hi = torch.maximum(g_hi, g_lo + 0.1 * model.g_range)
+        g_hi = torch.maximum(g_hi, g_lo + 0.1 * model.g_range).clamp(max=hi)
         nu = (model.drift_nu + model.drift_nu_dtod * n_nu).clamp_min(0.0)
         stuck = u_stuck < model.stuck_fraction
         stuck_value = torch.where(u_side < 0.5, g_lo, g_hi)

@@ -4,7 +4,8 @@ The numbers are rounded, order-of-magnitude values from the cited device literat
 from the device fits shipped with IBM's aihwkit; they are not a fit to any one chip. Where
 a value is a choice made for this emulator (rather than a published number) the comment
 says so. The nominal window [g_min, g_max] of each preset is the window the board
-guarantees (every working device saturates at or near it: ``bounds_dtod`` of 1-2 %), so a
+guarantees (every working device saturates at or just inside it: ``bounds_dtod`` of 1-2 %,
+a spread that only narrows a device's window, never takes it past the declared ends), so a
 weight mapping may use all of it; aihwkit's much larger bound spreads (``w_max_dtod``
 0.1-0.3) describe raw devices before such a window is chosen, and can be restored with
 ``bounds_dtod``. To vary a preset, ``dataclasses.replace(PRESETS["rram"].device, wire_resistance=2.0)``.
