@@ -32,7 +32,7 @@ from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
 from hil.boards import block_uris, close_boards, open_distinct
 from hil.compute import board_uri, resolve_compute
-from hil.config import RunConfig, model_activation
+from hil.config import RunConfig, board_bounds, model_activation
 from hil.ep import EBBlock
 from hil.ffebm import FFEBM, split_layered
 from hil.init import init_weights
@@ -153,11 +153,8 @@ class Classifier:
                     self.devices,
                     uris,
                     "EB blocks' networks",
-                    within=(("model.gain", m.gain, "max_gain"), ("model.w_max", m.w_max, "max_w_max"),
-                            ("ep.beta", e.beta, "max_beta"),
-                            ("ep.free_steps", e.free_steps, "max_settle_steps"),
-                            ("ep.nudge_steps", e.nudge_steps, "max_settle_steps")),
-                )  # fmt: skip
+                    within=board_bounds(cfg),
+                )
                 self.devices.append(board)
                 self.board_uris.append(uri)
                 lost_at_open.append(_arrays_lost(board))

@@ -487,6 +487,23 @@ def validate(cfg: RunConfig) -> None:
     check_training_signs(cfg)
 
 
+BoardBound = tuple[str, float, str]  # (config key, its value, the `Limits` field bounding |value|)
+
+
+def board_bounds(cfg: RunConfig) -> tuple[BoardBound, ...]:
+    """The settings of a classifier run that each board it opens bounds from above: (config
+    key, value, `Limits` field). Checked as a board opens (`hil.boards.check_within_board`) and
+    by `hil sweep` against the ends of its search space before any trial runs."""
+    m, e = cfg.model, cfg.ep
+    return (
+        ("model.gain", m.gain, "max_gain"),
+        ("model.w_max", m.w_max, "max_w_max"),
+        ("ep.beta", e.beta, "max_beta"),
+        ("ep.free_steps", e.free_steps, "max_settle_steps"),
+        ("ep.nudge_steps", e.nudge_steps, "max_settle_steps"),
+    )
+
+
 def check_scales(gain: float, w_max: float) -> None:
     """model.gain and model.w_max > 0, named by their keys before anything opens a board (the
     topology refused them later in its own words, "activation gain must be > 0", naming no

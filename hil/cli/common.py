@@ -78,20 +78,24 @@ def write_json(record: dict[str, Any], dest: Path) -> None:
         raise fail(f"cannot write --json {dest}: {exc}") from None
 
 
-def check_boards(uris: Iterable[str]) -> None:
+def check_boards(uris: Iterable[str]) -> dict[str, Any]:
     """Open each board of `uris` (each URI once) and close it again, before a command starts
     work that would run against it (a sweep's trials): a malformed URI or a board that does not
     answer is one line naming it, exit 2 (`fail`). It looks as `hil info` does: no lock taken,
-    nothing configured or driven, no safe state on close."""
+    nothing configured or driven, no safe state on close. Returns each board's declared
+    `Limits` by URI (a sweep checks its space against them)."""
     from drivers import open_device
     from drivers.uri import looking_uri
 
+    limits: dict[str, Any] = {}
     for uri in dict.fromkeys(uris):
         try:
             dev = open_device(looking_uri(uri))
         except user_errors() as exc:
             raise fail(f"cannot open the board {uri}: {exc}") from None
+        limits[uri] = dev.info.limits
         dev.close_link()
+    return limits
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -79,6 +79,7 @@ def sweep(
     from drivers import DeviceError
     from hil.config import ConfigError
     from hil.sweep import SpecError, SweepError, load_spec, run_sweep
+    from hil.sweep.spec import check_within_boards
     from hil.sweep.study import FolderInUse, claim_folder, trials_done
 
     try:
@@ -92,10 +93,15 @@ def sweep(
         raise fail(str(exc)) from None
     if local is not None:
         try:
-            check_boards(local)
+            limits = check_boards(local)
         except typer.Exit:
             executor.close()
             raise
+        try:  # the base and the space's ends against what those boards declare
+            check_within_boards(spec, limits, executor.uri)
+        except SpecError as exc:
+            executor.close()
+            raise fail(str(exc)) from None
     try:
         folder = claim_folder(spec, out or Path("runs") / "sweeps" / spec.name)
     except SweepError as exc:

@@ -47,8 +47,10 @@ import dataclasses
 import functools
 import math
 import re
+import shlex
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -465,4 +467,49 @@ def _param(key: str, entry: dict[str, Any], cfg: Any, trainer: Trainer) -> Param
     return param
 
 
-__all__ = ["Param", "SpecError", "SweepSpec", "field_type", "load_spec", "parse_spec"]
+def check_within_boards(spec: SweepSpec, limits: Mapping[str, Any], device: str | None = None) -> None:
+    """Refuse a sweep, before its first trial, whose base config or an end of its search space
+    (each choice of a categorical) asks for more than a board declares: `limits` maps each board
+    URI the trials open to its `drivers.Limits`; the trainer's `bounds` name the settings a
+    board bounds (ep.beta by max_beta, model.gain by max_gain, ...). Every trial past a bound
+    was refused as its board opened, one failed trial after another; the error names the space
+    key, the end, the bound and the value to set."""
+    bounds_of = spec.trainer_def.bounds
+
+    def past(cfg: Any) -> list[tuple[str, float, str, float, str]]:
+        out = []
+        for key, value, bound in bounds_of(cfg):
+            for uri, lim in limits.items():
+                most = getattr(lim, bound)
+                if abs(value) > most:
+                    out.append((key, value, bound, most, uri))
+                    break
+        return out
+
+    for key, value, bound, most, uri in past(spec.config_for({}, device)):
+        raise SpecError(
+            f"base.{key}: {value:g} is past the board's declared {bound} {most:g} ({uri}); set {key} "
+            f"to at most {most:g} (`hil info {shlex.quote(uri)}` shows what the board declares)"
+        )
+    for p in spec.space:
+        ends = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+        path = _split_index(p.key)[0]
+        for end in ends:
+            for key, _value, bound, most, uri in past(spec.config_for({p.key: end}, device)):
+                if key != path:
+                    continue
+                if p.kind == "categorical":
+                    what, fix = f"the choice {end!r}", f"drop the choices above {most:g}"
+                elif p.low is not None and abs(p.low) > most:
+                    what = f"the whole range [{p.low}, {p.high}]"
+                    fix = f"set low and high to at most {most:g}"
+                else:
+                    what, fix = f"high = {p.high}", f"set high to at most {most:g}"
+                raise SpecError(
+                    f"space.{p.key}: {what} is past the board's declared {bound} {most:g} ({uri}), so "
+                    f"every trial there would be refused; {fix} (`hil info {shlex.quote(uri)}` shows "
+                    "what the board declares)"
+                )
+
+
+__all__ = ["Param", "SpecError", "SweepSpec", "check_within_boards", "field_type", "load_spec", "parse_spec"]

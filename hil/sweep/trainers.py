@@ -28,6 +28,9 @@ class Trainer:
     requires: Mapping[str, Callable[[Any], str | None]] = field(default_factory=dict)
     # config -> the board URIs a run of it opens (checked before a sweep's first trial)
     boards: Callable[[Any], list[str]] = lambda cfg: [cfg.device]
+    # config -> (config key, value, `Limits` field) of each setting its boards bound from above
+    # (checked against the ends of a sweep's space before its first trial)
+    bounds: Callable[[Any], tuple[tuple[str, float, str], ...]] = lambda cfg: ()
 
 
 def _classifier_config() -> Any:
@@ -63,6 +66,12 @@ def _classifier_boards(cfg: Any) -> list[str]:
     return block_uris(cfg)
 
 
+def _classifier_bounds(cfg: Any) -> tuple[tuple[str, float, str], ...]:
+    from hil.config import board_bounds
+
+    return board_bounds(cfg)
+
+
 def _needs_validation(cfg: Any) -> str | None:
     if cfg.data.validation > 0:
         return None
@@ -85,6 +94,12 @@ def _vae_boards(cfg: Any) -> list[str]:
     from hil.vae.config import vae_boards
 
     return vae_boards(cfg)
+
+
+def _vae_bounds(cfg: Any) -> tuple[tuple[str, float, str], ...]:
+    from hil.vae.config import vae_board_bounds
+
+    return vae_board_bounds(cfg)
 
 
 def _vae_run(cfg: Any, run_dir: Path) -> dict[str, float]:
@@ -119,6 +134,7 @@ TRAINERS: Mapping[str, Trainer] = MappingProxyType(
             _classifier_run,
             MappingProxyType({"val_acc": _needs_validation}),
             _classifier_boards,
+            _classifier_bounds,
         ),
         "vae": Trainer(
             "vae",
@@ -133,6 +149,7 @@ TRAINERS: Mapping[str, Trainer] = MappingProxyType(
             },
             _vae_run,
             boards=_vae_boards,
+            bounds=_vae_bounds,
         ),
     }
 )

@@ -132,6 +132,17 @@ class VAERunConfig:
 TWO_BOARDS = ("h-vae", "dh-vae")  # variants whose encoder and decoder are two networks on two boards
 
 
+def vae_board_bounds(cfg: VAERunConfig) -> tuple[tuple[str, float, str], ...]:
+    """The settings of a VAE run that each of its boards bounds from above (config key, value,
+    `Limits` field): checked as each board opens and by `hil sweep` before any trial runs."""
+    return (
+        ("model.gain", cfg.model.gain, "max_gain"),
+        ("model.w_max", cfg.model.w_max, "max_w_max"),
+        ("ep.beta", cfg.ep.beta, "max_beta"),
+        ("ep.steps", cfg.ep.steps, "max_settle_steps"),
+    )
+
+
 def vae_boards(cfg: VAERunConfig) -> list[str]:
     """The board URIs of the variant: none for f-vae, one for tdh-vae and the shared layered
     net, the encoder's and the decoder's for h-vae and dh-vae (`devices`, else `device` twice

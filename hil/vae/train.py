@@ -25,7 +25,7 @@ from hil.compute import board_uri, resolve_compute
 from hil.data import Dataset, load_dataset
 from hil.ep import settle_paths
 from hil.runlog import DataOrder, RunLog, restore_training, training_state
-from hil.vae.config import TWO_BOARDS, VAERunConfig, vae_boards
+from hil.vae.config import TWO_BOARDS, VAERunConfig, vae_board_bounds, vae_boards
 from hil.vae.fvae import FVAE
 from hil.vae.hopfield import HopfieldVAE
 from hil.vae.images import save_grid, save_reconstructions
@@ -115,12 +115,7 @@ class _Model:
                     self.devices,
                     self.uris,
                     what,
-                    within=(
-                        ("model.gain", cfg.model.gain, "max_gain"),
-                        ("model.w_max", cfg.model.w_max, "max_w_max"),
-                        ("ep.beta", cfg.ep.beta, "max_beta"),
-                        ("ep.steps", cfg.ep.steps, "max_settle_steps"),
-                    ),
+                    within=vae_board_bounds(cfg),
                 )
                 self.devices.append(board)
             except BaseException as err:
