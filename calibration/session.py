@@ -208,7 +208,7 @@ def run_session(
     finished on every tile, ``session["stopped_in"]`` the part that was running), then lets
     the exception go on: a long session keeps its finished routines."""
     options, source = options.with_pulse_budget(device.info.limits)
-    _check_settle_steps(options, device.info.limits)
+    _check_settle_steps(options, device.info.limits, device.info.capabilities)
     state: dict[str, Any] = {"budget_source": source}
     try:
         return _run(device, options, progress, state)
@@ -232,19 +232,35 @@ def run_session(
         raise
 
 
-def _check_settle_steps(options: SessionOptions, limits: Limits) -> None:
+def _check_settle_steps(
+    options: SessionOptions, limits: Limits, capabilities: frozenset[str] | set[str]
+) -> None:
     """The converter routines' settles (`ConverterOptions.steps` each, a measurement setting)
     within the steps the board declares, before anything runs (the other routines fit their
-    budgets to the board: `calibration.measure.board_budget`)."""
-    steps = options.converter.steps
-    converters = [r for r in resolve_routines(options.routines) if r in ("adc", "dac")]
-    if converters and steps > limits.max_settle_steps:
-        raise CalibrationError(
-            f"the converter routines ({', '.join(converters)}) settle {steps} steps per measurement "
-            f"(ConverterOptions.steps) and the board declares at most {limits.max_settle_steps} "
-            "(max_settle_steps): nothing was run. Give ConverterOptions(steps=...) at most "
-            f"{limits.max_settle_steps}, or leave adc, dac and mvm out of the routines"
-        )
+    budgets to the board: `calibration.measure.board_budget`). The error names what a user
+    sets: `hil calibrate` has no option for the converter steps, so from the command line the
+    fix is a --routines list without them (given in full); from Python, the steps that fit."""
+    steps, most = options.converter.steps, limits.max_settle_steps
+    chosen = resolve_routines(options.routines)
+    converters = [r for r in chosen if r in ("adc", "dac")]
+    if not converters or steps <= most:
+        return
+    needing = ("adc", "dac", "mvm")  # mvm needs dac, dac needs adc (REQUIRES)
+    rest = [r for r in chosen if r not in needing]
+    if not rest:  # only converter routines were asked for: those the board can run instead
+        rest = [r for r in ROUTINES if r not in needing and r not in runnable(ROUTINES, capabilities)]
+    cli = (
+        f"with `hil calibrate`, leave them out: --routines {','.join(rest)}"
+        if rest
+        else "`hil calibrate` cannot calibrate this board's converters"
+    )
+    raise CalibrationError(
+        f"the converter routines ({', '.join(converters)}) settle {steps} steps per measurement and "
+        f"the board declares at most {most} (max_settle_steps): nothing was run. {cli[0].upper()}{cli[1:]} "
+        f"(adc, dac and mvm, which needs dac, need the {steps} steps); from Python, "
+        f"SessionOptions(converter=ConverterOptions(steps={most})) fits the board, at the cost of node "
+        f"noise short of the stationary spread that {steps} steps reach"
+    )
 
 
 def _session_options(

@@ -66,3 +66,24 @@ def test_converter_routines_past_the_boards_settle_steps_are_refused_before_anyt
     assert narrow_board.device.topology is None  # not even configured
     assert narrow_board.device.safety().refused == 0
     assert not out.exists() and not (tmp_path / "cal.partial.zarr").exists()
+
+
+@pytest.mark.parametrize("narrow_board", ["max_settle_steps=8"], indirect=True)
+def test_the_settle_step_refusal_names_what_a_cli_user_sets_and_that_it_runs(
+    narrow_board: ServedBoard, tmp_path: Path
+) -> None:
+    """The refusal named `ConverterOptions(steps=...)`, a Python setting no `hil calibrate`
+    option reaches. It now gives the --routines list that fits the board (and the Python
+    setting, with the value that fits), and that list runs."""
+    out = tmp_path / "cal.zarr"
+    code, text = _calibrate(narrow_board, out, "--tile-size", "4", "--channels", "4")
+    assert code == 2, text
+    assert "--routines stuck,gmap,pulse,settle" in text
+    assert "ConverterOptions(steps=8)" in text
+    assert "ConverterOptions(steps=...)" not in text
+    assert not out.exists()
+    code, text = _calibrate(
+        narrow_board, out, "--routines", "stuck,gmap,pulse,settle", "--tile-size", "4", "--reads", "2"
+    )
+    assert code == 0, text
+    assert narrow_board.device.safety().refused == 0
