@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration.measure import Progress, ReadStats, leave_out, no_progress, read_stats
-from calibration.routines import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX
+from calibration.routines import ENDURANCE_SHARE, FALLBACK_PULSE_BUDGET, PULSE_BUDGET_MAX  # noqa: F401 (re-exported)
 from drivers import Device
 from drivers.base import Limits
 
@@ -45,12 +45,15 @@ class PulseBudgetError(ValueError):
 def default_pulse_budget(limits: Limits) -> tuple[int, str]:
     """The pulse budget a session gets unless it sets one, and how it was derived: 1 %
     (ENDURANCE_SHARE) of the pulses per device the board declares its devices endure, within
-    [1, PULSE_BUDGET_MAX]; FALLBACK_PULSE_BUDGET when it declares none."""
+    [1, PULSE_BUDGET_MAX]; when it declares none, the default routine's worst case on this
+    board (`pulse_worst_case` at its `max_pulses`: FALLBACK_PULSE_BUDGET at 1000 or more, less
+    on a board of smaller `pulse` calls), and the line says which max_pulses it is taken at."""
     endurance = limits.pulse_endurance
     if endurance is None:
-        return FALLBACK_PULSE_BUDGET, (
-            "the board declares no device endurance: the default routine's worst case at max_pulses "
-            "1000, not a figure of its devices; set --pulse-budget from their datasheet"
+        return pulse_worst_case(limits.max_pulses), (
+            "the board declares no device endurance: the default routine's worst case at this board's "
+            f"max_pulses {limits.max_pulses}, not a figure of its devices; set --pulse-budget from "
+            "their datasheet"
         )
     budget = max(1, min(PULSE_BUDGET_MAX, int(endurance * ENDURANCE_SHARE)))
     capped = " (capped)" if budget == PULSE_BUDGET_MAX else ""

@@ -13,10 +13,11 @@ NEEDS = {"adc": "settle", "dac": "settle", "mvm": "mvm", "pulse": "pulse", "sett
 # The pulse budget of a calibration session, per device (`default_pulse_budget`): on a board
 # that declares its devices' endurance (`Limits.pulse_endurance`), ENDURANCE_SHARE of it, so a
 # session's worst case wears at most 1 % of a device's rated life; on one that declares none,
-# FALLBACK_PULSE_BUDGET, the worst case of the default sequence on a board of max_pulses 1000
-# (`pulse_worst_case(1000)`: 442 007; the emulator's presets): a figure of the routine, not of
-# any device, which the default routine always fits and which sets its bound where the board
-# gives none. No session may declare more than PULSE_BUDGET_MAX.
+# the worst case of the default sequence at the board's own max_pulses (`pulse_worst_case`),
+# FALLBACK_PULSE_BUDGET on a board of max_pulses 1000 or more (442 007; the emulator's
+# presets), less on one of smaller calls: a figure of the routine, not of any device, which the
+# default routine always fits and which sets its bound where the board gives none. No session
+# may declare more than PULSE_BUDGET_MAX.
 ENDURANCE_SHARE = 0.01
 FALLBACK_PULSE_BUDGET = 442_007
 PULSE_BUDGET_MAX = 1_000_000

@@ -124,3 +124,27 @@ def test_hil_calibrate_derives_the_budget_from_a_served_boards_endurance(
         and "--pulse-budget 442007" in run.stderr
     )
     assert not (tmp_path / "cal.zarr").exists()
+
+
+def test_the_budget_line_quotes_the_boards_own_max_pulses(
+    tmp_path, emulated_board: Callable[..., BoardServers]
+) -> None:  # type: ignore[no-untyped-def]
+    """The printed budget line said 'the default routine's worst case at max_pulses 1000' on a
+    board of 32 pulses per call, whose worst case is 60 615, and gave that board 442 007. The
+    default on a board that declares no endurance is now the routine's worst case at the board's
+    own max_pulses, and the line names it (framed server over TCP)."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    served = emulated_board("emulator://?preset=rram&seed=0&max_pulses=32")
+    worst = pulse_worst_case(32)
+    assert worst == 3 * 16 * 1000 + 1 + 2 * (3 + 197 * 32) == 60_615
+    uri = served.uri("serial-socket")
+    args = ["calibrate", uri, "--out", str(tmp_path / "c.zarr"), "--routines", "pulse", "--tile-size", "2"]
+    res = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    line = next(s for s in res.output.splitlines() if s.startswith("pulse routine:"))
+    assert f"at most {worst} pulses per device" in line and f"budget {worst}:" in line
+    assert "max_pulses 32" in line and "max_pulses 1000" not in line
+    assert default_pulse_budget(served.device.info.limits)[0] == worst

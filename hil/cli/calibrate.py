@@ -252,8 +252,9 @@ def register(app: typer.Typer) -> None:
             help="Pulses per device the pulse routine may apply to a tile, worst case (checked before the "
             f"session starts; at most {PULSE_BUDGET_MAX}). Default: {ENDURANCE_SHARE:.0%} of the device "
             "endurance the board declares; on a board that declares none, "
-            f"{FALLBACK_PULSE_BUDGET} (the default routine's worst case at max_pulses 1000, not a figure "
-            "of any device: set it from the datasheet). The record keeps what was applied "
+            "the default routine's worst case at the board's max_pulses "
+            f"({FALLBACK_PULSE_BUDGET} at 1000 or more), not a figure "
+            "of any device: set it from the datasheet. The record keeps what was applied "
             "(session.pulses_per_device).",
         ),
         threads: int = typer.Option(
