@@ -117,3 +117,56 @@ def test_a_board_swapped_behind_a_serial_line_at_the_same_epoch_is_seen_before_a
             assert served.safety().refused == 0 and served.safety().violations == 0
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "visa-asrl"])
+def test_a_board_swapped_behind_a_serial_line_before_the_host_configured_it_is_seen_at_configure(
+    transport: str,
+) -> None:
+    """The case the test above leaves: the spare is powered up behind the line after the host
+    opened the board and before it configured it, at the epoch the host saw. Nothing the host
+    sends then needs a topology the board lacks, so nothing was refused: the configure went
+    through on the host's old limits, and so did a 0.24 V input only the spare's own 0.21 V
+    check stopped (refused + 1). Now configure asks STATUS first: a board whose arrays_id (or
+    epoch) is not the one seen has its INFO read again, and other limits are BoardChanged before
+    the configure is sent; the input is then refused on the host."""
+    import dataclasses
+
+    s = serve("emulator://?preset=ideal&seed=0", scpi_port=None, framed_port=None)
+    try:
+        with open_device(s.uris[transport]) as d:
+            x = np.full((1, 4), 1.2, np.float32)  # 0.24 V: within the first board's 0.25 V only
+            served = s.device
+            with served.lock:  # the spare, powered up behind the same line: epoch 0, 0.21 V
+                board = served.board  # type: ignore[attr-defined]
+                board.restart()
+                board.epoch = 0
+                board.lose_arrays()  # a spare's own arrays (its own arrays_id)
+                board.epoch = 0
+                narrower = dataclasses.replace(board.limits, v_read_max=0.21)
+                board._limits = (board.preset, narrower)
+                served._info = dataclasses.replace(served.info, limits=narrower)  # type: ignore[attr-defined]
+            with pytest.raises(BoardChanged, match=r"v_read_max 0\.25 -> 0\.21"):
+                d.configure(Topology.layered([3, 2]))
+            assert d.info.limits.v_read_max == 0.21
+            d.configure(Topology.layered([3, 2]))
+            with pytest.raises(LimitViolation, match="read-voltage limit"):
+                d.mvm("W0", x)
+            assert served.safety().refused == 0 and served.safety().violations == 0
+    finally:
+        s.close()
+
+
+def test_a_board_power_cycled_with_the_same_limits_configures_as_before() -> None:
+    """The same board power-cycled before the host configures it (same limits): no change,
+    the configure goes through."""
+    s = serve("emulator://?preset=ideal&seed=0", scpi_port=None, framed_port=None)
+    try:
+        with open_device(s.uris["serial-pty"]) as d:
+            with s.device.lock:
+                s.device.board.restart()  # type: ignore[attr-defined]
+            d.configure(Topology.layered([3, 2]))
+            d.mvm("W0", np.full((1, 4), 1.2, np.float32))
+            assert s.device.safety().refused == 0
+    finally:
+        s.close()

@@ -594,13 +594,14 @@ class RemoteDevice(Device):
         if status is not None:
             self._check_arrays(status)
 
-    def _board_info(self) -> None:
-        """After a reconnect: the board's INFO read again. A board that declares other limits
-        than the ones the host has checked every request against since `open` (another board
+    def _board_info(self, meta: dict[str, Any] | None = None) -> None:
+        """After a reconnect: the board's INFO read again (`meta`: already read). A board that
+        declares other limits than the ones the host has checked every request against since
+        `open` (another board
         behind the address, an emulator started again with other settings) is `BoardChanged`:
         its limits become the host's, and the request in flight, checked against the old ones,
         is not sent (it could pass a limit the new board declares)."""
-        info = pl.info_from_dict(self._call(Op.INFO, Message()).meta)
+        info = pl.info_from_dict(self._call(Op.INFO, Message()).meta if meta is None else meta)
         before, self._info = self._info, info
         if before is None or before.limits == info.limits:
             return
@@ -616,6 +617,44 @@ class RemoteDevice(Device):
             "was not sent again. Its limits are the host's from now on; reopen the board and start "
             "again (a training run: its --resume command, which programs every tile)"
         )
+
+    def _same_board(self) -> None:
+        """Before a configure: is the board behind the link the one whose limits the host
+        checks against? A serial line does not break when its board is power-cycled or swapped
+        for a spare, and a fresh board may start at the epoch the host last saw; once the host
+        holds a topology the board's "no topology" refusal shows it (`_silently_reset`), but a
+        configure itself needs none, so a board swapped before the host configured it (or
+        between two configures) took the configure and every request after it checked against
+        the old limits. STATUS tells: an `arrays_id` or epoch other than the one seen means
+        another power-up, and the board's INFO is read again (`BoardChanged`, nothing sent, if
+        it declares other limits). A board without STATUS has its INFO read before the first
+        configure. One small exchange per configure (twice a training step with separate
+        free and nudged budgets)."""
+        if self._broken:
+            return  # the transaction's own recovery reads STATUS and INFO again
+        try:  # with the transactions' recovery: a link that fails here is retried as ever
+            status: BoardStatus | None = pl.board_status(self._transact(Op.STATUS, Message()))
+        except DeviceFault as exc:
+            if exc.code not in _UNKNOWN_OP:
+                raise
+            status = None
+        if status is None:
+            if self._topology is None:
+                self._board_info(self._transact(Op.INFO, Message()).meta)
+            return
+        epoch = self._epoch is not None and status.epoch != self._epoch
+        arrays = (
+            self._arrays is not None and status.arrays_id is not None and status.arrays_id != self._arrays
+        )
+        if not (epoch or arrays):
+            return
+        log.warning(
+            "%s: the board behind the link was powered up again or swapped (epoch %s, before %s; "
+            "arrays_id %s, before %s); reading its INFO again before configuring it", self.name,
+            status.epoch, self._epoch, status.arrays_id, self._arrays,
+        )  # fmt: skip
+        self._board_info(self._transact(Op.INFO, Message()).meta)  # BoardChanged if other limits
+        self._epoch = status.epoch
 
     def _check_arrays(self, status: BoardStatus, *, repair: bool = True) -> None:
         """After a reconnect or a reset: if the board's STATUS `arrays_id` is not the value seen
@@ -810,6 +849,7 @@ class RemoteDevice(Device):
 
     def configure(self, topology: Topology) -> None:
         with self.lock:
+            self._same_board()
             self._checked(checks.check_topology, topology, self.info.limits)
             self._transact(Op.CONFIGURE, Message(pl.topology_to_dict(topology)))
             self._wear.configured(topology)
