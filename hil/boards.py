@@ -141,8 +141,9 @@ def check_within_board(board: Device, uri: str, within: Sequence[tuple[str, floa
     for key, value, bound in within:
         most = getattr(limits, bound)
         if abs(value) > most:
+            what = " (the largest nudge current the run injects)" if bound == "max_drive" else ""
             raise ConfigError(
-                f"{key} = {value:g}, but the board at {uri} declares {bound} {most:g}: "
+                f"{key} = {value:g}{what}, but the board at {uri} declares {bound} {most:g}: "
                 f"set {key} to at most {most:g} (`hil info {shlex.quote(uri)}` shows what it declares)"
             )
 

@@ -495,13 +495,23 @@ def board_bounds(cfg: RunConfig) -> tuple[BoardBound, ...]:
     key, value, `Limits` field). Checked as a board opens (`hil.boards.check_within_board`) and
     by `hil sweep` against the ends of its search space before any trial runs."""
     m, e = cfg.model, cfg.ep
-    return (
+    bounds: tuple[BoardBound, ...] = (
         ("model.gain", m.gain, "max_gain"),
         ("model.w_max", m.w_max, "max_w_max"),
         ("ep.beta", e.beta, "max_beta"),
         ("ep.free_steps", e.free_steps, "max_settle_steps"),
         ("ep.nudge_steps", e.nudge_steps, "max_settle_steps"),
     )
+    if e.loss == "ce":
+        # the ce nudge injects beta x tau (softmax(tau s) - onehot), whose entries stay below
+        # tau in magnitude and come near it on a confident wrong answer: the board's max_drive
+        # bounds that current (refused at the first nudge, after programming and the run log)
+        # (to 12 digits: 0.2 x 6 is 1.2, not the float product's 1.2000000000000002)
+        bounds += ((DRIVE_KEY, float(f"{e.beta * e.tau:.12g}"), "max_drive"),)
+    return bounds
+
+
+DRIVE_KEY = "ep.beta x ep.tau"  # the ce loss's largest injected nudge current |beta grad|
 
 
 def check_scales(gain: float, w_max: float) -> None:

@@ -495,9 +495,16 @@ def check_within_boards(spec: SweepSpec, limits: Mapping[str, Any], device: str 
         ends = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
         path = _split_index(p.key)[0]
         for end in ends:
-            for key, _value, bound, most, uri in past(spec.config_for({p.key: end}, device)):
-                if key != path:
+            for key, value, bound, most, uri in past(spec.config_for({p.key: end}, device)):
+                if path not in key.split(" x "):
                     continue
+                if key != path:  # a product of settings (the ce loss's ep.beta x ep.tau)
+                    raise SpecError(
+                        f"space.{p.key}: the value {end!r} makes {key} = {value:g}, past the board's "
+                        f"declared {bound} {most:g} ({uri}), so trials there would be refused; narrow "
+                        f"the range until {key} is at most {most:g} (`hil info {shlex.quote(uri)}` "
+                        "shows what the board declares)"
+                    )
                 if p.kind == "categorical":
                     what, fix = f"the choice {end!r}", f"drop the choices above {most:g}"
                 elif p.low is not None and abs(p.low) > most:

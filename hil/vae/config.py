@@ -134,12 +134,15 @@ TWO_BOARDS = ("h-vae", "dh-vae")  # variants whose encoder and decoder are two n
 
 def vae_board_bounds(cfg: VAERunConfig) -> tuple[tuple[str, float, str], ...]:
     """The settings of a VAE run that each of its boards bounds from above (config key, value,
-    `Limits` field): checked as each board opens and by `hil sweep` before any trial runs."""
+    `Limits` field): checked as each board opens and by `hil sweep` before any trial runs
+    (ep.beta twice: the nudge strength, max_beta, and the current it injects, max_drive)."""
     return (
         ("model.gain", cfg.model.gain, "max_gain"),
         ("model.w_max", cfg.model.w_max, "max_w_max"),
         ("ep.beta", cfg.ep.beta, "max_beta"),
         ("ep.steps", cfg.ep.steps, "max_settle_steps"),
+        # the nudge is the grad scaled to a peak of 1 (`EBBlock.vjp`): it injects beta itself
+        ("ep.beta", cfg.ep.beta, "max_drive"),
     )
 
 
