@@ -46,3 +46,22 @@ def test_betas_past_the_boards_max_beta_are_refused_naming_the_option_before_pro
     assert "--betas 0.1,0.01,0.001: 0.1 is past the max_beta 0.05" in res.output
     assert "pass --betas of at most 0.05" in res.output
     assert "free phase" not in res.output  # refused before the network was programmed and settled
+
+
+def test_a_ce_nudge_current_past_max_drive_is_refused_naming_betas_and_tau(emulated_board) -> None:  # type: ignore[no-untyped-def]
+    """--loss ce injects beta x tau (softmax - onehot), up to beta x tau: on a board declaring
+    max_drive 0.05 the default --betas 0.1,... ran the free phase and was refused at the first
+    nudge as "injected nudge current |beta * grad| on 's2'" (a group, not an option). Served
+    over TCP (pyvisa-py SCPI)."""
+    served = emulated_board("emulator://?preset=ideal&seed=0&max_drive=0.05")
+    uri = served.uri("visa-tcp")
+    base = ["gradcheck", "--batch", "8", "--no-progress", "--uri", uri, "--sizes", "64,12,10", "--loss", "ce"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2, res.output
+    assert "--betas 0.1,0.01,0.001 with --loss ce --tau 6: the nudge injects a current of up to" in res.output
+    assert "pass --betas of at most 0.008333 or --tau of at most 0.5" in res.output
+    assert "free phase" not in res.output
+    assert served.device.topology is None and served.device.safety().refused == 0
+    res = CliRunner().invoke(app, [*base, "--betas", "0.008,0.001", "--min-cosine", "-1"])
+    assert res.exit_code == 0, res.output
+    assert served.device.safety().refused == 0

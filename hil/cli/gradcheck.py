@@ -180,6 +180,13 @@ def register(app: typer.Typer) -> None:
                     f"at {uri} declares (the largest nudge it takes); pass --betas of at most "
                     f"{dev.info.limits.max_beta:g}"
                 )
+            drive, max_drive = float(f"{largest * tau:.12g}"), dev.info.limits.max_drive
+            if loss == "ce" and drive > max_drive:  # the ce nudge injects up to beta x tau
+                raise fail(
+                    f"--betas {betas} with --loss ce --tau {tau:g}: the nudge injects a current of up to "
+                    f"beta x tau = {drive:g}, past the max_drive {max_drive:g} the board at {uri} declares; "
+                    f"pass --betas of at most {max_drive / tau:.4g} or --tau of at most {max_drive / largest:.4g}"
+                )
             most = dev.info.limits.max_settle_steps
             budget = CHECK_BUDGET.capped(most)
             blk = check_block(
