@@ -17,7 +17,7 @@ from drivers.topology import Coupling, Topology
 from drivers.wire import payload as pl
 from hil.conformance.framed import Send
 from hil.conformance.report import Check, Mismatch
-from hil.conformance.session import Session, desc
+from hil.conformance.session import Session, desc, scales
 
 TILE = "L0"
 NAME = "line current limit"
@@ -104,8 +104,12 @@ def checks(sess: Session) -> None:
 
 
 def _line(sess: Session, sent: list[str], send: Send, t: LineTile) -> str:
+    gain, w_max = scales(sess.lim)
     topo = Topology(
-        {"l0": t.rows, "l1": t.cols}, (Coupling(TILE, ("l0",), ("l1",)),), budget=sess.topo.budget
+        {"l0": t.rows, "l1": t.cols},
+        (Coupling(TILE, ("l0",), ("l1",), w_max=w_max),),
+        budget=sess.topo.budget,
+        gain=gain,
     )
     with sess.configured(topo):
         return _over_and_under(sess, sent, send, t)
@@ -193,8 +197,9 @@ def _over_and_under(sess: Session, sent: list[str], send: Send, t: LineTile) -> 
     try:
         yu = _mvm(send, xu, t)
     except DeviceError as exc:
-        # the product (w_max 1, every input x_under): past most read-outs' rails
-        y_expected = float(x_under) * float(held[0].sum() - held[1].sum()) / sess.g_range
+        # the product (every input x_under): past most read-outs' rails
+        w_max = scales(sess.lim)[1]
+        y_expected = w_max * float(x_under) * float(held[0].sum() - held[1].sum()) / sess.g_range
         saturates = "" if isinstance(exc, LimitViolation) else f" ({SATURATION}: about {y_expected:.4g} here)"
         raise Mismatch(
             f"{got}; {counts}; then a request at {UNDER:.0%} of the limit ({under:.4g} A <= {limit:g} A) was "
