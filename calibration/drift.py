@@ -26,7 +26,7 @@ from calibration.dac import measure_dac
 from calibration.measure import Progress, board_budget, no_progress, read_stats, tile_topology
 from calibration.mvm import measure_mvm
 from calibration.record import CalibrationRecord, ChannelCal
-from drivers import Coupling, Device, Topology, seeds
+from drivers import Device, seeds
 
 GAIN_TOL = 0.0025
 OFFSET_TOL_LSB = 0.5
@@ -155,12 +155,10 @@ def drift_check(
         # a 16 x 16 tile of read-noise samples, or the largest the board holds (a board with
         # smaller tiles refused the configure, with a hint to split a layer the check never had)
         n = min(16, lim.tile_rows_max, lim.tile_cols_max)
-        device.configure(
-            Topology({"r": n, "c": n}, (Coupling("T", ("r",), ("c",)),), budget=board_budget(device))
-        )
+        device.configure(tile_topology([(n, n)], board_budget(device), lim))
         g = np.full((n, n), lim.g_min + 0.5 * (lim.g_max - lim.g_min), np.float32)
-        device.program("T", g, g)
-        st = read_stats(device, "T", 32)
+        device.program("T0", g, g)
+        st = read_stats(device, "T0", 32)
         now = float(np.sqrt(np.mean(st.std**2)))
         then = float(np.mean([t.gmap.read_noise for t in maps if t.gmap is not None]))
         se = now / np.sqrt(2.0 * st.std.size * 31)
@@ -175,7 +173,8 @@ def drift_check(
         progress("drift", 4, 5)
     positions = sorted(record.tiles)
     if positions and positions == list(range(len(positions))):
-        device.configure(tile_topology([record.tiles[p].shape for p in positions], board_budget(device)))
+        shapes = [record.tiles[p].shape for p in positions]
+        device.configure(tile_topology(shapes, board_budget(device), device.info.limits))
         for p in positions:
             tile = record.tiles[p]
             if tile.stuck is None:

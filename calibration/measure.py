@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers import Coupling, Device, SettleBudget, Topology
+from drivers.base import Limits
 from drivers.batches import mvm_in_chunks, settle_in_chunks
 
 Progress = Callable[[str, int, int], None]
@@ -178,17 +179,32 @@ def board_budget(device: Device, budget: SettleBudget | None = None) -> SettleBu
     return (budget or SettleBudget()).capped(device.info.limits.max_settle_steps)
 
 
-def tile_topology(shapes: list[tuple[int, int]], budget: SettleBudget | None = None) -> Topology:
+def board_scales(limits: Limits | None) -> tuple[float, float]:
+    """The gain and coupling w_max of a routine's topology whose measurement does not depend on
+    them (the device routines read and pulse conductances; the settle profile times the
+    board's own settles): 1 and 1, or the board's `max_gain` and `max_w_max` where it declares
+    less. A board of a narrower scale refused every routine's configure ('give the topology a
+    gain of at most 0.5 (Topology.gain)'), something no `hil calibrate` option sets."""
+    if limits is None:
+        return 1.0, 1.0
+    return min(1.0, limits.max_gain), min(1.0, limits.max_w_max)
+
+
+def tile_topology(
+    shapes: list[tuple[int, int]], budget: SettleBudget | None = None, limits: Limits | None = None
+) -> Topology:
     """Tiles ``T0, T1, ...`` of the given shapes at positions 0, 1, ..., each coupling its own
     row group ``r<k>`` to its own column group ``c<k>``: the layout of the device routines
     (a physical tile is its position and its shape). `budget`: the topology's settle budget
-    (the routines that use it do not settle; `board_budget` fits it to the board)."""
+    (the routines that use it do not settle; `board_budget` fits it to the board); `limits`:
+    the board's, whose gain and weight scale it keeps within (`board_scales`)."""
     groups: dict[str, int] = {}
     for k, (rows, cols) in enumerate(shapes):
         groups[f"r{k}"] = rows
         groups[f"c{k}"] = cols
-    couplings = tuple(Coupling(f"T{k}", (f"r{k}",), (f"c{k}",)) for k in range(len(shapes)))
-    return Topology(groups, couplings, budget=budget or SettleBudget())
+    gain, w_max = board_scales(limits)
+    couplings = tuple(Coupling(f"T{k}", (f"r{k}",), (f"c{k}",), w_max=w_max) for k in range(len(shapes)))
+    return Topology(groups, couplings, budget=budget or SettleBudget(), gain=gain)
 
 
 @dataclass

@@ -209,6 +209,7 @@ def run_session(
     the exception go on: a long session keeps its finished routines."""
     options, source = options.with_pulse_budget(device.info.limits)
     _check_settle_steps(options, device.info.limits, device.info.capabilities)
+    _check_converter_scales(options, device.info.limits, device.info.capabilities)
     state: dict[str, Any] = {"budget_source": source}
     try:
         return _run(device, options, progress, state)
@@ -245,21 +246,50 @@ def _check_settle_steps(
     converters = [r for r in chosen if r in ("adc", "dac")]
     if not converters or steps <= most:
         return
-    needing = ("adc", "dac", "mvm")  # mvm needs dac, dac needs adc (REQUIRES)
-    rest = [r for r in chosen if r not in needing]
-    if not rest:  # only converter routines were asked for: those the board can run instead
-        rest = [r for r in ROUTINES if r not in needing and r not in runnable(ROUTINES, capabilities)]
-    cli = (
-        f"with `hil calibrate`, leave them out: --routines {','.join(rest)}"
-        if rest
-        else "`hil calibrate` cannot calibrate this board's converters"
-    )
+    cli = _without_converters(chosen, capabilities)
     raise CalibrationError(
         f"the converter routines ({', '.join(converters)}) settle {steps} steps per measurement and "
         f"the board declares at most {most} (max_settle_steps): nothing was run. {cli[0].upper()}{cli[1:]} "
         f"(adc, dac and mvm, which needs dac, need the {steps} steps); from Python, "
         f"SessionOptions(converter=ConverterOptions(steps={most})) fits the board, at the cost of node "
         f"noise short of the stationary spread that {steps} steps reach"
+    )
+
+
+def _without_converters(chosen: tuple[str, ...], capabilities: frozenset[str] | set[str]) -> str:
+    """How a `hil calibrate` user runs the rest: the --routines list without adc, dac and mvm
+    (mvm needs dac, dac needs adc), from the routines asked for, else those the board runs."""
+    needing = ("adc", "dac", "mvm")
+    rest = [r for r in chosen if r not in needing]
+    if not rest:  # only converter routines were asked for: those the board can run instead
+        rest = [r for r in ROUTINES if r not in needing and r not in runnable(ROUTINES, capabilities)]
+    if rest:
+        return f"with `hil calibrate`, leave them out: --routines {','.join(rest)}"
+    return "`hil calibrate` cannot calibrate this board's converters"
+
+
+def _check_converter_scales(
+    options: SessionOptions, limits: Limits, capabilities: frozenset[str] | set[str]
+) -> None:
+    """The converter routines' networks run at gain 1 and w_max 1 (their references are
+    computed at them; the DAC routine lowers its gain, the mvm probe its w_max, to what the
+    board allows): on a board that declares less the first configure was refused naming
+    Topology.gain or a coupling's w_max, which no `hil calibrate` option sets. Refused before
+    anything runs, naming the bound and the routines that run."""
+    chosen = resolve_routines(options.routines)
+    converters = [r for r in chosen if r in ("adc", "dac", "mvm")]
+    short = [
+        f"{name} {most:g}"
+        for name, most in (("max_gain", limits.max_gain), ("max_w_max", limits.max_w_max))
+        if most < 1.0
+    ]
+    if not converters or not short:
+        return
+    cli = _without_converters(chosen, capabilities)
+    raise CalibrationError(
+        f"the converter routines ({', '.join(converters)}) configure their reference networks at gain 1 "
+        f"and w_max 1, and the board declares {' and '.join(short)}: nothing was run. "
+        f"{cli[0].upper()}{cli[1:]} (the device and settle routines keep within the board's bounds)"
     )
 
 
@@ -332,7 +362,7 @@ def _run(
     shapes = list(options.tile_shapes)
     record.tiles = {k: TileCalibration(k, shape) for k, shape in enumerate(shapes)}
     if any(r in routines for r in ("stuck", "gmap", "pulse")):
-        topo = tile_topology(shapes, board_budget(device))
+        topo = tile_topology(shapes, board_budget(device), device.info.limits)
         g_range = info.limits.g_max - info.limits.g_min
         for k, shape in enumerate(shapes):
             tile = record.tiles[k]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.measure import Progress, board_budget, leave_out, no_progress
+from calibration.measure import Progress, board_budget, board_scales, leave_out, no_progress
 from calibration.record import SettleProfile
 from drivers import Device, SettleBudget, Topology, seeds
 
@@ -51,7 +51,10 @@ def profile_settle(
     batch = min(batch, device.info.limits.max_batch)  # one request each, within the board's bound
     out = min(cols, 32)
     rng = seeds.numpy_rng(seed, "calibration.settle")
-    topo = Topology.layered([rows, cols, out], bias=False, budget=board_budget(device))
+    gain, w_max = board_scales(device.info.limits)  # within the board's gain and weight scale
+    topo = Topology.layered(
+        [rows, cols, out], bias=False, budget=board_budget(device), gain=gain, w_max=w_max
+    )
     device.configure(topo)
     _program_random(device, topo, rng, 2.0)
     steps, conv, times, joules = [], [], [], []
@@ -65,7 +68,7 @@ def profile_settle(
         progress("settle", k + 1, repeats + 1)
     long_steps = min(long_steps, device.info.limits.max_settle_steps)
     budget = SettleBudget(max_steps=long_steps, tol=0.0, dt=topo.budget.dt, check_every=long_steps)
-    device.configure(Topology.layered([rows, cols, out], bias=False, budget=budget))
+    device.configure(Topology.layered([rows, cols, out], bias=False, budget=budget, gain=gain, w_max=w_max))
     x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)
     eq = device.settle({"s0": x}, trace=True)
     progress("settle", repeats + 1, repeats + 1)

@@ -87,3 +87,28 @@ def test_the_settle_step_refusal_names_what_a_cli_user_sets_and_that_it_runs(
     )
     assert code == 0, text
     assert narrow_board.device.safety().refused == 0
+
+
+@pytest.mark.parametrize("narrow_board", ["max_gain=0.5", "max_w_max=0.5"], indirect=True)
+def test_a_board_of_a_narrower_gain_or_weight_scale_calibrates_within_it(
+    narrow_board: ServedBoard, tmp_path: Path
+) -> None:
+    """Every routine configured gain 1 and w_max 1: on a board declaring max_gain 0.5 (or
+    max_w_max 0.5) no routine ran, the first configure refused naming 'Topology.gain' (or a
+    coupling's w_max), which no option sets. The device and settle routines (and the drift
+    check) now keep within the board's gain and weight scale; the converter routines, whose
+    references need 1, are refused before anything runs, naming the --routines that run."""
+    out = tmp_path / "cal.zarr"
+    code, text = _calibrate(narrow_board, out, "--tile-size", "4", "--channels", "4")
+    assert code == 2, text
+    assert "nothing was run" in text and "--routines stuck,gmap,pulse,settle" in text
+    assert "Topology.gain" not in text and "scale its weights down" not in text
+    assert narrow_board.device.topology is None
+    code, text = _calibrate(
+        narrow_board, out, "--routines", "stuck,gmap,pulse,settle", "--tile-size", "4", "--reads", "2"
+    )
+    assert code == 0, text
+    uri = narrow_board.uris["serial-socket"]
+    r = CliRunner().invoke(app, ["calibrate", uri, "--check", str(out)])
+    assert r.exit_code == 0, r.output
+    assert narrow_board.device.safety().refused == 0
