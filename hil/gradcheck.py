@@ -65,12 +65,16 @@ def check_block(
     `settle`: ``auto``, ``board`` or ``host`` (`hil.ep.settle_path`); `activation`: the node
     curve (`drivers.activation`)."""
     gen = torch.Generator().manual_seed(seed)
+    # gain 1 and w_max 1, or the board's max_gain / max_w_max where it declares less (the
+    # reference takes both from the topology; a board of a narrower scale refused the configure)
+    lim = device.info.limits
+    gain, w_max = min(1.0, lim.max_gain), min(1.0, lim.max_w_max)
     if dense:
         groups = {"x": sizes[0], **{f"h{k}": n for k, n in enumerate(sizes[1:-1])}, "y": sizes[-1]}
-        topo = Topology.dense(groups, budget=budget, activation=activation)
+        topo = Topology.dense(groups, budget=budget, activation=activation, gain=gain, w_max=w_max)
         inputs, outputs = ("x",), ("y",)
     else:
-        topo = Topology.layered(sizes, budget=budget, activation=activation)
+        topo = Topology.layered(sizes, budget=budget, activation=activation, gain=gain, w_max=w_max)
         inputs, outputs = ("s0",), (f"s{len(sizes) - 1}",)
     w = gaussian_init(topo, init_scale, gen)
     lo, hi = bias

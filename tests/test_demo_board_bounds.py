@@ -44,3 +44,15 @@ def test_a_batch_or_beta_past_the_board_is_refused_naming_the_option_before_prog
     res = _demo("emulator://?preset=ideal&seed=0&max_beta=0.1", "--beta", "0.2")
     assert res.exit_code != 0
     assert "--beta 0.2" in res.output and "max_beta 0.1" in res.output and "--beta 0.1 or less" in res.output
+
+
+def test_a_board_of_a_narrower_gain_or_weight_scale_runs_within_it(emulated_board) -> None:  # type: ignore[no-untyped-def]
+    """The demo's network had gain 1 and w_max 1: a board declaring max_gain 0.5 (or max_w_max
+    0.5) refused its configure naming 'Topology.gain' (or a coupling's w_max), nothing the demo
+    lets a user set. It now runs at the board's bound (served over pyvisa-py SCPI/TCP)."""
+    for bound in ("max_gain=0.5", "max_w_max=0.5"):
+        served = emulated_board(f"emulator://?preset=ideal&seed=0&{bound}")
+        res = _demo(served.uri("visa-tcp"))
+        assert res.exit_code == 0, res.output
+        assert "safety    0 refused requests, 0 limit violations" in res.output, res.output
+        assert served.device.safety().refused == 0

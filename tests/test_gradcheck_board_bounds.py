@@ -3,6 +3,7 @@ short settle budget): it runs within them, or stops naming the option to change.
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from hil.cli import app
@@ -65,3 +66,18 @@ def test_a_ce_nudge_current_past_max_drive_is_refused_naming_betas_and_tau(emula
     res = CliRunner().invoke(app, [*base, "--betas", "0.008,0.001", "--min-cosine", "-1"])
     assert res.exit_code == 0, res.output
     assert served.device.safety().refused == 0
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["layered", "dense"])
+def test_a_board_of_a_narrower_gain_or_weight_scale_is_checked_within_it(emulated_board, dense: bool) -> None:  # type: ignore[no-untyped-def]
+    """The checked network had gain 1 and w_max 1: on a board declaring max_gain 0.5 (or
+    max_w_max 0.5) its configure was refused naming 'Topology.gain' (or a coupling's w_max),
+    no option of the command. It now runs at the board's bound, and the reference (which takes
+    both from the topology) agrees. Served over pyvisa-py SCPI/TCP."""
+    for bound in ("max_gain=0.5", "max_w_max=0.5"):
+        served = emulated_board(f"emulator://?preset=ideal&seed=0&{bound}")
+        args = [*ARGS, "--uri", served.uri("visa-tcp"), "--sizes", "64,12,10", "--min-cosine", "0.99"]
+        res = CliRunner().invoke(app, [*args, *(["--dense"] if dense else [])])
+        assert res.exit_code == 0, res.output
+        assert "check    PASS" in res.output
+        assert served.device.safety().refused == 0
