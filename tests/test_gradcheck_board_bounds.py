@@ -81,3 +81,10 @@ def test_a_board_of_a_narrower_gain_or_weight_scale_is_checked_within_it(emulate
         assert res.exit_code == 0, res.output
         assert "check    PASS" in res.output
         assert served.device.safety().refused == 0
+
+
+def test_an_output_layer_other_than_the_digits_classes_is_refused_naming_sizes() -> None:
+    """--sizes 64,8,4 ended in a traceback ('Class values must be smaller than num_classes')."""
+    res = CliRunner().invoke(app, [*ARGS, "--sizes", "64,8,4"])
+    assert res.exit_code == 2, res.output
+    assert "--sizes: the last size must be 10 (the digits' classes), got '64,8,4'" in res.output

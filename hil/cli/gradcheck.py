@@ -166,6 +166,8 @@ def register(app: typer.Typer) -> None:
         ds = load_digits()
         if layer_sizes[0] != ds.features:
             raise fail(f"--sizes: the first size must be {ds.features} (the digits' pixels), got {sizes!r}")
+        if layer_sizes[-1] != ds.classes:  # the one-hot targets have one unit per class
+            raise fail(f"--sizes: the last size must be {ds.classes} (the digits' classes), got {sizes!r}")
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
         check_json_dest(json_out)
