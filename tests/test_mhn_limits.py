@@ -80,3 +80,20 @@ def test_an_mhn_layers_input_of_the_wrong_width_or_range_names_the_layer() -> No
         ):
             layer(torch.full((4, 8), 2.0))
         assert layer(torch.full((4, 2, 4), 0.5)).shape == (4, 4)  # flattened per sample
+
+
+def test_a_board_of_a_gain_below_one_stores_the_memory(emulated_board, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The memory's tile (mode mvm: no settle, so no use for a gain) was configured at gain 1:
+    a board declaring max_gain 0.5 refused it naming 'Topology.gain', which no option of
+    `hil mhn phase` sets. It is now configured within the board's gain (served over pyvisa-py
+    SCPI/TCP)."""
+    from typer.testing import CliRunner
+
+    from hil.cli import app
+
+    served = emulated_board("emulator://?preset=ideal&seed=0&max_gain=0.5")
+    args = ["mhn", "phase", "--device", served.uri("visa-tcp"), "--n", "4", "--d", "8", "--starts", "4"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "phase")])
+    assert res.exit_code == 0, res.output
+    assert "Topology.gain" not in res.output
+    assert served.device.safety().refused == 0

@@ -126,8 +126,9 @@ class MHNBlock:
         self.encoding = Encoding.of(xi, device.info.limits, out_range=out_range, margin=margin)
         self.d, self.n = xi.shape
         try:
-            steps = device.info.limits.max_settle_steps
-            device.configure(topology(self.d, self.n, self.encoding.w_max, tile, steps))
+            lim = device.info.limits
+            topo = topology(self.d, self.n, self.encoding.w_max, tile, lim.max_settle_steps, lim.max_gain)
+            device.configure(topo)
         except LimitViolation as exc:
             raise _too_large(device, tile, self.d, self.n, exc) from exc
         self.patterns = nn.Parameter(xi)

@@ -91,15 +91,25 @@ class Encoding:
         return Encoding(lo, hi, dlo, dhi, k, w_max)
 
 
-def topology(d: int, n: int, w_max: float, tile: str = "xi", max_steps: int | None = None) -> Topology:
+def topology(
+    d: int,
+    n: int,
+    w_max: float,
+    tile: str = "xi",
+    max_steps: int | None = None,
+    max_gain: float | None = None,
+) -> Topology:
     """One bipartite tile, ``(x, bias) x p``; no settle is asked of the board (mode ``mvm``).
     `max_steps`: the steps the board declares (`Limits.max_settle_steps`); the budget, which
     no settle uses, keeps within them (the default's 100 steps were refused by a board that
-    declares fewer, with a fix about a budget the user of an MHN block never sets)."""
+    declares fewer, with a fix about a budget the user of an MHN block never sets). `max_gain`:
+    the board's (`Limits.max_gain`); the gain, which no settle uses either, keeps within it
+    (gain 1 was refused by a board declaring less, naming Topology.gain)."""
     steps = SettleBudget().max_steps if max_steps is None else min(SettleBudget().max_steps, max_steps)
     return Topology(
         {STATE: d, SIM: n},
         (Coupling(tile, (STATE, BIAS), (SIM,), w_max=w_max),),
         mode="mvm",
         budget=SettleBudget(max_steps=steps, check_every=min(SettleBudget().check_every, steps)),
+        gain=1.0 if max_gain is None else min(1.0, max_gain),
     )
