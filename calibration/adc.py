@@ -19,6 +19,8 @@ tile. A channel that no working reference reaches is returned with ``valid`` Fal
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from calibration.converters import ConverterOptions, _budget, _empty, _g_range, _imprecise
@@ -38,10 +40,23 @@ from calibration.measure import (
 )
 from calibration.record import ChannelCal
 from drivers import BIAS, Coupling, Device, Topology, seeds
+from drivers.base import Limits
 from drivers.converters import IDEAL_LSB_BITS, lsb
 
 ADC_LOAD_SHIFT = 0.3  # state-ADC routine: every other round raises both devices of a pair by this
 IR_CORRECT_MAX = 0.02  # a state-ADC reference row's IR drop corrected to first order up to this share
+
+
+def _line_width(lim: Limits) -> int:
+    """The most cells of a reference row whose line stays within the board's line-current limit
+    with every device at g_max, read at v_read (the bias node's drive), strictly below the
+    limit: a board of a low `max_line_current_a` refused the fourth reference row's program
+    part-way through the routine, with a hint to pass a smaller --tile-size, which does not
+    set the rows' width."""
+    per = lim.g_max * lim.v_read
+    if not math.isfinite(lim.max_line_current_a) or per <= 0:
+        return 1 << 30
+    return max(1, math.ceil(lim.max_line_current_a / per) - 1)
 
 
 def measure_adc(
@@ -69,7 +84,7 @@ def measure_adc(
     channels = np.unique(np.asarray(channels, dtype=np.int64))
     size = int(channels[-1]) + 1
     out = _empty(size, "adc", lsb(lim.adc_bits, span, ideal_bits=IDEAL_LSB_BITS), "state (1.0 = v_read)")
-    blocks = runs(channels, min(options.ref_width, lim.tile_cols_max))
+    blocks = runs(channels, min(options.ref_width, lim.tile_cols_max, _line_width(lim)))
     per_pass = max(1, lim.max_tiles - 3)  # room for the retries' dummy couplings
     s_lo, s_hi = max(lo, 0.0) + 0.04 * span, min(hi, 1.0) - 0.06 * span
     s_hi_loaded = min(s_hi, 0.97 - ADC_LOAD_SHIFT)

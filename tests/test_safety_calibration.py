@@ -112,3 +112,20 @@ def test_a_board_of_a_narrower_gain_or_weight_scale_calibrates_within_it(
     r = CliRunner().invoke(app, ["calibrate", uri, "--check", str(out)])
     assert r.exit_code == 0, r.output
     assert narrow_board.device.safety().refused == 0
+
+
+@pytest.mark.parametrize("narrow_board", ["max_line_current_a=1e-5"], indirect=True)
+def test_the_adc_reference_rows_fit_the_boards_line_current_limit(
+    narrow_board: ServedBoard, tmp_path: Path
+) -> None:
+    """The state-ADC routine's reference rows are 8 cells wide (ConverterOptions.ref_width); on
+    a board whose line limit holds 5 devices at g_max read at v_read the fourth row's program
+    was refused part-way through the routine ('line current of row 0 of B3'), with a hint to
+    pass a smaller --tile-size, which does not set the rows' width. The rows are now narrowed
+    to what the line limit holds."""
+    out = tmp_path / "cal.zarr"
+    code, text = _calibrate(narrow_board, out, "--routines", "adc", "--tile-size", "4", "--channels", "16")
+    assert code == 0, text
+    assert "line current" not in text
+    assert narrow_board.device.safety().refused == 0
+    assert narrow_board.device.safety().violations == 0
