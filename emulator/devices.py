@@ -325,16 +325,14 @@ class DeviceModel:
 
 
 def _window_in_float32(model: DeviceModel) -> tuple[float, float]:
-    """The declared window [g_min, g_max] as float32 values inside it (g_min rounded up, g_max
-    down), so that a device clamped to it never reads a float32 step past what the board
-    declares."""
-    lo = torch.tensor(model.g_min, dtype=torch.float32)
+    """The declared window [g_min, g_max] as float32 values: g_max rounded down (a device never
+    reads a float32 step above what the board declares, which its line-current limit is
+    computed from), g_min to nearest (a float32 step below it is within the window's float32
+    slack, `drivers.checks.conductance_window`, and leaves the presets' devices as they were)."""
     hi = torch.tensor(model.g_max, dtype=torch.float32)
-    if float(lo) < model.g_min:
-        lo = torch.nextafter(lo, torch.tensor(math.inf, dtype=torch.float32))
     if float(hi) > model.g_max:
         hi = torch.nextafter(hi, torch.tensor(-math.inf, dtype=torch.float32))
-    return float(lo), float(hi)
+    return float(torch.tensor(model.g_min, dtype=torch.float32)), float(hi)
 
 
 @dataclass
