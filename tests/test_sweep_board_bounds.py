@@ -118,3 +118,22 @@ def test_a_space_within_the_boards_bounds_runs(
     )
     assert code == 0, output
     assert "FAILED" not in output
+
+
+def test_on_ray_the_space_is_checked_against_what_each_actors_board_declared(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """With --ray-address the boards open on their hosts only, and the check above did not
+    run: every trial past a bound failed on its actor. Each actor now reports what its board
+    declared as it opened, and the sweep is refused before its first trial."""
+    pytest.importorskip("ray")
+    served = emulated_board(BOARD)
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(key='"ep.beta"', entry='type = "float"\nlow = 0.1\nhigh = 1.0', base=""))
+    out = tmp_path / "sweep"
+    args = ["sweep", str(spec), "--out", str(out), "--ray-address", "local"]
+    res = CliRunner().invoke(app, [*args, "--board", f"a={served.uri('visa-tcp')}"])
+    assert res.exit_code == 2, res.output
+    assert "space.ep.beta: high = 1.0 is past the board's declared max_beta 0.5 " in res.output
+    assert "(board a)" in res.output
+    assert not out.exists()

@@ -102,6 +102,12 @@ def sweep(
         except SpecError as exc:
             executor.close()
             raise fail(str(exc)) from None
+    else:  # on Ray: what each actor's board declared as it opened on its host
+        try:
+            check_within_boards(spec, getattr(executor, "limits", {}))
+        except SpecError as exc:
+            executor.close()
+            raise fail(str(exc)) from None
     try:
         folder = claim_folder(spec, out or Path("runs") / "sweeps" / spec.name)
     except SweepError as exc:

@@ -179,17 +179,23 @@ class BoardActor:
         self.uri = uri
 
     def where(self, default_uri: str | None) -> dict[str, Any]:
-        """Where the actor runs, and whether its board opens (`error`: why not). Also loads
-        torch, so that the first trial's time is its own."""
+        """Where the actor runs, whether its board opens (`error`: why not) and what it
+        declares (`limits`, its `drivers.Limits`, and `uri`: the driver checks the sweep's
+        space against them before any trial). Also loads torch, so that the first trial's
+        time is its own."""
         import ray
         import torch  # noqa: F401
 
+        uri = self.uri or default_uri
+        error, limits = self._probe(uri) if uri else (None, None)
         return {
             "board": self.name,
             "host": socket.gethostname(),
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
-            "error": self._probe(uri) if (uri := self.uri or default_uri) else None,
+            "error": error,
+            "uri": uri,
+            "limits": limits,
         }
 
     def ident(self) -> tuple[str, int]:
@@ -213,15 +219,18 @@ class BoardActor:
             return run_rank(*args)
 
     @staticmethod
-    def _probe(uri: str) -> str | None:
-        """None if the board at `uri` opens (and closes) now, else why not."""
+    def _probe(uri: str) -> tuple[str | None, Any]:
+        """(None, its declared limits) if the board at `uri` opens (and closes) now, else (why
+        not, None)."""
         from drivers import open_device
 
         try:
-            open_device(uri).close()
+            dev = open_device(uri)
+            limits = dev.info.limits
+            dev.close()
         except Exception as exc:
-            return f"cannot open {uri}: {type(exc).__name__}: {exc}"
-        return None
+            return f"cannot open {uri}: {type(exc).__name__}: {exc}", None
+        return None, limits
 
     def run(self, spec: SweepSpec, number: int, params: dict[str, Any]) -> dict[str, Any]:
         """Run one trial; returns its status (ok | failed | lost), metrics or error, seconds
@@ -233,7 +242,7 @@ class BoardActor:
     def _run(self, spec: SweepSpec, number: int, params: dict[str, Any]) -> dict[str, Any]:
         uri = self.uri or spec.base["device"]
         reply: dict[str, Any] = {"status": "ok", "metrics": None, "error": None, "archive": b""}
-        if (error := self._probe(uri)) is not None:
+        if (error := self._probe(uri)[0]) is not None:
             return {**reply, "status": "lost", "error": error}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="xbar-trial-") as tmp:
@@ -376,6 +385,12 @@ class RayExecutor:
             self._drop(ray, name)
         if not self.actors:
             raise SweepError(f"no board opens: {'; '.join(self.unavailable.values())}")
+        # what each board that opened declares, by URI (`hil.sweep.spec.check_within_boards`)
+        self.limits: dict[str, Any] = {
+            f"{p['uri']} (board {n})": p["limits"]
+            for n, p in self.placement.items()
+            if n in self.actors and p.get("limits") is not None
+        }
 
     def _actor(self, ray: Any, board: Board) -> Any:
         remote = ray.remote(BoardActor)
