@@ -594,13 +594,13 @@ class RemoteDevice(Device):
         if status is not None:
             self._check_arrays(status)
 
-    def _board_info(self, meta: dict[str, Any] | None = None) -> None:
-        """After a reconnect: the board's INFO read again (`meta`: already read). A board that
-        declares other limits than the ones the host has checked every request against since
-        `open` (another board
-        behind the address, an emulator started again with other settings) is `BoardChanged`:
-        its limits become the host's, and the request in flight, checked against the old ones,
-        is not sent (it could pass a limit the new board declares)."""
+    def _board_info(self, meta: dict[str, Any] | None = None, *, at_configure: bool = False) -> None:
+        """After a reconnect (or before a configure, `at_configure`): the board's INFO read
+        again (`meta`: already read). A board that declares other limits than the ones the
+        host has checked every request against since `open` (another board behind the
+        address, an emulator started again with other settings) is `BoardChanged`: its limits
+        become the host's, and the request in flight, checked against the old ones, is not
+        sent (it could pass a limit the new board declares)."""
         info = pl.info_from_dict(self._call(Op.INFO, Message()).meta if meta is None else meta)
         before, self._info = self._info, info
         if before is None or before.limits == info.limits:
@@ -610,12 +610,19 @@ class RemoteDevice(Device):
             for f in fields(info.limits)
             if getattr(before.limits, f.name) != getattr(info.limits, f.name)
         ]
+        answered, unsent = (
+            ("the configure (powered up again or swapped behind the link)", "the configure was not sent")
+            if at_configure
+            else (
+                "the reconnect",
+                "the request in flight was checked against the old limits and was not sent again",
+            )
+        )
         raise BoardChanged(
-            f"{self.name}: the board that answered the reconnect declares other limits than the one "
+            f"{self.name}: the board that answered {answered} declares other limits than the one "
             f"opened ({'; '.join(changed)}; *IDN {info.identity.idn()!r}, before "
-            f"{before.identity.idn()!r}): the request in flight was checked against the old limits and "
-            "was not sent again. Its limits are the host's from now on; reopen the board and start "
-            "again (a training run: its --resume command, which programs every tile)"
+            f"{before.identity.idn()!r}): {unsent}. Its limits are the host's from now on; reopen the "
+            "board and start again (a training run: its --resume command, which programs every tile)"
         )
 
     def _same_board(self) -> None:
@@ -640,7 +647,7 @@ class RemoteDevice(Device):
             status = None
         if status is None:
             if self._topology is None:
-                self._board_info(self._transact(Op.INFO, Message()).meta)
+                self._board_info(self._transact(Op.INFO, Message()).meta, at_configure=True)
             return
         epoch = self._epoch is not None and status.epoch != self._epoch
         arrays = (
@@ -653,7 +660,7 @@ class RemoteDevice(Device):
             "arrays_id %s, before %s); reading its INFO again before configuring it", self.name,
             status.epoch, self._epoch, status.arrays_id, self._arrays,
         )  # fmt: skip
-        self._board_info(self._transact(Op.INFO, Message()).meta)  # BoardChanged if other limits
+        self._board_info(self._transact(Op.INFO, Message()).meta, at_configure=True)  # BoardChanged?
         self._epoch = status.epoch
 
     def _check_arrays(self, status: BoardStatus, *, repair: bool = True) -> None:
