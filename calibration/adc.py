@@ -10,7 +10,7 @@ noise dither the ADC, so the fit resolves fractions of an LSB. Every other round
 devices of every pair alike (the same weights, more current in the row): how a channel's slope
 moves with its row's current is the wires' share of it, which is corrected to first order
 (pooled over the channels at the same place in their rows) up to `IR_CORRECT_MAX` and marked
-"ir_drop" beyond.
+"ir_drop" beyond, or where a channel's share leaves its row's (`_ir_outliers`).
 
 Stuck devices in a reference pair are recognised from the reads (the reference does not
 follow the random targets) and the channel is measured again through another physical
@@ -45,6 +45,8 @@ from drivers.converters import IDEAL_LSB_BITS, lsb
 
 ADC_LOAD_SHIFT = 0.3  # state-ADC routine: every other round raises both devices of a pair by this
 IR_CORRECT_MAX = 0.02  # a state-ADC reference row's IR drop corrected to first order up to this share
+IR_NEIGHBOURS = 3  # a channel's IR share is compared with those of this many places either side in its row
+IR_OUTLIER_SE = 4.0  # ... and is not trusted where it differs from their median by more standard errors
 
 
 def _line_width(lim: Limits) -> int:
@@ -171,6 +173,17 @@ def measure_adc(
             f"{100 * IR_CORRECT_MAX:g} % a first-order correction takes): measure with narrower "
             "reference rows (ConverterOptions.ref_width)"
         )
+    tol = np.inf if options.gain_tol is None else options.gain_tol
+    for ch, typical in _ir_outliers(share, share_se, channels, blocks, tol).items():
+        if ch in reasons:
+            continue
+        reasons[ch] = (
+            f"ir_drop: the wires' share of its gain ({100 * share[ch]:.2f} +- {100 * share_se[ch]:.2f} %) "
+            f"is not its reference row's ({100 * typical:.2f} % at the places beside it, more than "
+            f"{IR_OUTLIER_SE:g} standard errors away): a device of its reference pair does not follow "
+            "the row (stuck or faulty), so its first-order IR correction cannot be trusted; measure "
+            "with narrower reference rows (ConverterOptions.ref_width), or again"
+        )
     for ch, why in _imprecise(out, reasons, options).items():
         if abs(fit.slope[ch]) * share_se[ch] > fit.slope_se[ch]:
             # the uncertainty is the IR correction's more than the fit's own
@@ -202,6 +215,44 @@ def measure_adc(
         "ir_drop_median": float(np.nanmedian(share)) if np.isfinite(share).any() else float("nan"),
         "invalid": {str(ch): why for ch, why in reasons.items()},
     }
+    return out
+
+
+def _ir_outliers(
+    share: np.ndarray,
+    share_se: np.ndarray,
+    channels: np.ndarray,
+    blocks: list[tuple[int, int]],
+    tol: float = 0.0,
+) -> dict[int, float]:
+    """The channels whose IR share disagrees with their reference row's by more than `tol` (the
+    gain precision asked for: a correction wrong by less does no harm), with the row's share
+    beside them: the wires' share of a channel's gain grows smoothly with its place along the
+    row (the drop accumulates along the wire), so a share more than `IR_OUTLIER_SE` standard
+    errors from the median of the `IR_NEIGHBOURS` places either side (the larger of the two
+    standard errors) comes from a reference pair that does not follow the row, and its
+    correction is as wrong as its share. Where rows of one width are pooled
+    (`_pooled_ir_share`), an outlier moves the shares of its place in every row alike: they
+    are compared with their neighbours all the same."""
+    measured = np.zeros(share.shape[0], bool)
+    measured[channels] = True
+    measured &= np.isfinite(share) & (share_se > 0)
+    out: dict[int, float] = {}
+    for start, n in blocks:
+        for ch in range(start, start + n):
+            if not measured[ch]:
+                continue
+            near = [
+                c
+                for c in range(max(start, ch - IR_NEIGHBOURS), min(start + n, ch + IR_NEIGHBOURS + 1))
+                if c != ch and measured[c]
+            ]
+            if len(near) < 2:
+                continue
+            typical = float(np.median(share[near]))
+            se = max(float(share_se[ch]), float(np.median(share_se[near])))
+            if abs(share[ch] - typical) > max(IR_OUTLIER_SE * se, tol):
+                out[ch] = typical
     return out
 
 
