@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("torch", "zarr", "matplotlib", "sklearn", "pyvisa", "ray", "optuna")
@@ -59,3 +61,90 @@ def test_help_imports_no_heavy_package() -> None:
         for module in s["loaded"]:
             first.setdefault(module, s["path"])
     assert first == {}, f"--help imported heavy packages (package: first help with it loaded): {first}"
+
+
+# ---------------------------------------------------------------- the read-only commands
+# Runs `hil ARGS...` in this interpreter (as the console script does) and prints, as JSON, the
+# exit code and which of the packages given were loaded once the command was done.
+RUN_COMMAND = """
+import json, sys
+from hil.cli import main
+
+packages = sys.argv[1].split(",")
+sys.argv = ["hil", *sys.argv[2:]]
+try:
+    main()
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"exit": code, "loaded": [m for m in packages if m in sys.modules]}), file=sys.stderr)
+"""
+
+# what a reader of a run log, or of a board, never needs: the model's packages and the ones of
+# other commands (zarr is the run log's own format, matplotlib draws `hil plot`'s PNGs)
+NOT_FOR_READING = ("torch", "sklearn", "optuna", "ray", "hil.runlog.writer", "hil.runlog.order")
+
+
+def _loaded(*args: str | Path) -> list[str]:
+    """The packages of HEAVY and NOT_FOR_READING loaded by `hil ARGS...` in a fresh interpreter."""
+    watched = ",".join(dict.fromkeys((*HEAVY, *NOT_FOR_READING)))
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_COMMAND, watched, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["exit"] == 0, (done.stdout, done.stderr)
+    return report["loaded"]
+
+
+@pytest.fixture(scope="module")
+def run_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run log as a training run leaves it, written by the run log's writer: the device, metrics,
+    settles with traces, tile snapshots, programming reports and a resume snapshot with a tensor."""
+    import numpy as np
+    import torch
+
+    from drivers import Nudge, SettleBudget, Topology, open_device
+    from hil.runlog import RunLog, TraceConfig
+
+    uri, sizes = "emulator://?preset=ideal&seed=0", [8, 6, 3]
+    path = tmp_path_factory.mktemp("runs") / "run.zarr"
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (4, sizes[0])).astype(np.float32)
+    target = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], 4)]
+    topo = Topology.layered(sizes, budget=SettleBudget(max_steps=30, tol=1e-4, dt=0.5))
+    traces = TraceConfig(every_steps=1, settle_stride=2, samples=2)
+    with open_device(uri) as dev, RunLog.create(path, {"sizes": sizes}, traces=traces) as log:
+        log.set_device(dev.info, uri=uri)
+        dev.configure(topo)
+        lim = dev.info.limits
+        for step in range(2):
+            for c in topo.couplings:
+                w = rng.uniform(0, 1, topo.tile_shape(c.tile)).astype(np.float32)
+                g = (lim.g_min + w * (lim.g_max - lim.g_min)).astype(np.float32)
+                log.program(step, dev.program(c.tile, g, g), conductances=True)
+                log.tile(step, c.tile, weights=w)
+            free = dev.settle({"s0": x}, trace=log.trace_for(step))
+            log.settle(step, "free", free)
+            nudge = {"s2": Nudge(0.2, target=target)}
+            log.settle(step, "nudged+", dev.settle({"s0": x}, nudge=nudge, init=free.states))
+            log.metrics("train", step=step, epoch=step, loss=1.0 / (step + 1), acc=0.5 * step)
+            log.snapshot(step, {"w": torch.arange(3.0), "step": step})
+    return path
+
+
+def test_inspect_loads_no_torch(run_log: Path) -> None:
+    """`hil inspect RUN` (text and --json) reads the store with zarr and nothing of the model:
+    the run log's reader needs no torch (it took ~1.1 s of its ~1.6 s)."""
+    assert _loaded("inspect", run_log) == ["zarr"]
+    assert _loaded("inspect", run_log, "--json", "-") == ["zarr"]
+
+
+def test_plot_loads_no_torch(run_log: Path, tmp_path: Path) -> None:
+    """`hil plot RUN` reads the store and draws it: zarr and matplotlib, no torch."""
+    assert _loaded("plot", run_log, "--out", tmp_path / "plots") == ["zarr", "matplotlib"]
+    assert (tmp_path / "plots" / "loss.png").is_file()

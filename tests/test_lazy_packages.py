@@ -1,8 +1,9 @@
-"""`drivers` and `calibration` load their names on first use: importing either package, or its
-plain modules (`drivers.capabilities`, `drivers.errors`, `calibration.routines`), imports
-neither numpy nor torch nor zarr; every name of `__all__` still resolves, to the object of
-the module the package says it comes from, and the imports its type checkers read name the
-same modules and names."""
+"""`drivers`, `calibration` and `hil.runlog` load their names on first use: importing `drivers`
+or `calibration`, or their plain modules (`drivers.capabilities`, `drivers.errors`,
+`calibration.routines`), imports neither numpy nor torch nor zarr, and importing `hil.runlog`
+imports neither its writer nor torch (tests/test_cli_lazy_imports.py runs its readers); every
+name of `__all__` still resolves, to the object of the module the package says it comes from,
+and the imports its type checkers read name the same modules and names."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import pytest
 
 import calibration
 import drivers
+import hil.runlog
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("package", [drivers, calibration], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("package", [drivers, calibration, hil.runlog], ids=lambda p: p.__name__)
 def test_every_name_resolves_to_its_home(package: ModuleType) -> None:
     homes = package._HOMES
     listed = [name for names in homes.values() for name in names]
@@ -37,7 +39,7 @@ def test_every_name_resolves_to_its_home(package: ModuleType) -> None:
         exec(f"from {package.__name__} import no_such_name", {})
 
 
-@pytest.mark.parametrize("package", [drivers, calibration], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("package", [drivers, calibration, hil.runlog], ids=lambda p: p.__name__)
 def test_type_checking_imports_match_the_homes(package: ModuleType) -> None:
     """The `if TYPE_CHECKING:` imports of the package's __init__ (what type checkers, editors and
     lint-imports read) import each name from the module `_HOMES` gives it."""
@@ -57,6 +59,19 @@ def test_light_modules_import_no_numerics() -> None:
     code = (
         "import sys, drivers, drivers.capabilities, drivers.errors, calibration, calibration.routines\n"
         "print(','.join(m for m in ('numpy', 'torch', 'zarr') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == ""
+
+
+def test_run_log_readers_import_no_torch() -> None:
+    """The run log's package and its reading modules (`hil inspect`, `hil plot`) import zarr and
+    numpy, not torch nor the writer."""
+    code = (
+        "import sys, hil.runlog, hil.runlog.reader, hil.runlog.summary, hil.runlog.meta, hil.runlog.state\n"
+        "print(','.join(m for m in ('torch', 'hil.runlog.writer', 'drivers.base') if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True

@@ -48,11 +48,35 @@ damaged one raises `RunLogCorrupt` naming the array and chunk, and `open_for_res
 past damaged snapshots to the newest intact one (docs/runlog.md, "Checksums").
 """
 
-from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogCorrupt, RunLogError
-from hil.runlog.order import DataOrder
-from hil.runlog.reader import Run, open_run
-from hil.runlog.state import restore_rng, restore_training, rng_state, training_state
-from hil.runlog.writer import AnotherBoardWarning, RunLog, TraceConfig, never_started, open_for_resume
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from drivers.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from hil.runlog.layout import FORMAT, FORMAT_VERSION, RunExistsError, RunLogCorrupt, RunLogError
+    from hil.runlog.order import DataOrder
+    from hil.runlog.reader import Run, open_run
+    from hil.runlog.state import restore_rng, restore_training, rng_state, training_state
+    from hil.runlog.writer import (
+        AnotherBoardWarning,
+        RunLog,
+        TraceConfig,
+        never_started,
+        open_for_resume,
+    )
+
+# The module each name of the package comes from, imported on the name's first use (PEP 562):
+# a reader of a run log (`hil inspect`, `hil plot`) loads the reader's modules, not the
+# writer's nor the data order's (torch)
+_HOMES = {
+    "hil.runlog.layout": ("FORMAT", "FORMAT_VERSION", "RunExistsError", "RunLogCorrupt", "RunLogError"),
+    "hil.runlog.order": ("DataOrder",),
+    "hil.runlog.reader": ("Run", "open_run"),
+    "hil.runlog.state": ("restore_rng", "restore_training", "rng_state", "training_state"),
+    "hil.runlog.writer": ("AnotherBoardWarning", "RunLog", "TraceConfig", "never_started", "open_for_resume"),
+}
 
 __all__ = [
     "FORMAT",
@@ -73,3 +97,6 @@ __all__ = [
     "rng_state",
     "training_state",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -10,15 +10,15 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import zarr
 
-from drivers.base import Device, DeviceInfo
 from drivers.errors import RetriesExhausted
 from hil.processes import this_process
+
+if TYPE_CHECKING:  # annotations only: drivers.base loads torch (drivers.topology), `hil inspect` needs none
+    from drivers.base import Device, DeviceInfo
 
 
 def now() -> str:
@@ -27,6 +27,11 @@ def now() -> str:
 
 
 def versions() -> dict[str, str | None]:
+    # torch and zarr are imported here, not by the module: `hil inspect` (summary.plain) and
+    # `hil info` (device_record) use this module and need neither
+    import torch
+    import zarr
+
     try:
         own = importlib.metadata.version("xbar-hil")
     except importlib.metadata.PackageNotFoundError:

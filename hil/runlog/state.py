@@ -23,20 +23,32 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from hil.runlog.layout import RunLogError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a tensor is encoded or decoded, not by this module: a reader of a run
+# log (`hil inspect`, `hil plot`) decodes no tensor and loads no torch (tests/test_cli_lazy_imports.py)
 _SAFE_INT = 2**53
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
-_RAW_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw_int(width: int) -> torch.dtype:
+    """The torch integer dtype of `width` bytes, that a tensor numpy has no dtype for is stored as."""
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
 
 
 def encode_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, np.ndarray]]:
     """Return (JSON tree, arrays by name) for `state`; raise RunLogError on unsupported values."""
+    import torch
+
     arrays: dict[str, np.ndarray] = {}
 
     def name_for(path: list[str]) -> str:
@@ -63,7 +75,7 @@ def encode_state(state: Mapping[str, Any]) -> tuple[Any, dict[str, np.ndarray]]:
             try:
                 data, raw = t.numpy(), False
             except TypeError:
-                data, raw = t.view(_RAW_INT[t.element_size()]).numpy(), True
+                data, raw = t.view(_raw_int(t.element_size())).numpy(), True
             name = name_for(path)
             arrays[name] = data
             ref = {"__array__": name, "kind": "tensor", "dtype": str(t.dtype).removeprefix("torch.")}
@@ -104,6 +116,8 @@ def decode_state(tree: Any, load: Callable[[str], np.ndarray]) -> Any:
             data = load(x["__array__"])
             if x["kind"] == "ndarray":
                 return data.astype(np.dtype(x["dtype"]), copy=False)
+            import torch
+
             t = torch.from_numpy(np.array(data, copy=True))
             dtype = getattr(torch, x["dtype"])
             return t.view(dtype) if x.get("raw") else t.to(dtype)
@@ -126,6 +140,8 @@ def rng_state() -> dict[str, Any]:
     """The global random states: torch (CPU, and CUDA when present), numpy's legacy global
     generator and Python's `random`. Generators a loop owns (``torch.Generator``,
     ``np.random.Generator``) go in the state by their own ``get_state()``/``bit_generator.state``."""
+    import torch
+
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -138,6 +154,8 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng(state: Mapping[str, Any]) -> None:
     """Set the global random states captured by `rng_state`."""
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
