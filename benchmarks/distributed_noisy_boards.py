@@ -1,7 +1,7 @@
 """Data parallel over noisy boards costs no accuracy (docs/distributed.md, "Noisy boards draw
 their own noise"): for each board seed s, a real `torchrun` job of two ranks on rram boards
 (rank r on board seed s + 1000 r) against one rram board (seed s) in this process, both the
-recipe of `tests/test_distributed.py` (digits 800 train / whole test set, 64-64-10, soft
+recipe `hil.distributed_pair.RRAM` (digits 800 train / whole test set, 64-64-10, soft
 sigmoid 0.1, Adam 0.002/0.001, batch 25, 6 epochs).
 
 One pair says little (the final accuracy follows the noise of the last write), so the claim
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_distributed import rram_pair  # noqa: E402
+from hil.distributed_pair import rram_pair  # noqa: E402
 
 
 def main() -> int:

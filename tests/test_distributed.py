@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,10 +21,19 @@ from typer.testing import CliRunner
 from hil.cli import app
 from hil.config import ConfigError, RunConfig
 from hil.distributed import DataParallel, rank_config
+from hil.distributed_pair import (
+    JOB_TIMEOUT_S,
+    TORCHRUN,
+    final,
+    finish,
+    one_board,
+    rram_pair,
+    sets,
+    torchrun_job,
+)
 from hil.runlog import RunLogError, open_run
 from hil.testing import BoardServers
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 ROOT = Path(__file__).resolve().parents[1]
 # 16 batches of 25 per epoch: shards of 13 and 12, so the all-reduce's weighting by shard size
 # matters. ep.tol = 0 makes every settle run its full budget: a batch-wide convergence test
@@ -37,64 +45,19 @@ RUN = [
 ]  # fmt: skip
 # train.shift: each rank moves its images by its share of the global batch's offsets
 IDEAL = [*RUN, "train.epochs=6", "train.shift=1"]
-# a recipe that trains on the noisy rram board (digits_98.toml's, smaller), whole test set
-RRAM = [
-    "data.limit_train=800", "model.sizes=[64,64,10]", "model.activation=soft_sigmoid:0.1", "train.epochs=6",
-    "train.optimizer=adam", "train.lr=[0.002,0.001]", "train.batch_size=25",
-    "device=emulator://?preset=rram&seed=0",
-]  # fmt: skip
-JOB_TIMEOUT_S = 240
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-def _torchrun(out: Path, sets: list[str], max_restarts: int = 0) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", f"--max-restarts={max_restarts}",
-        "-m", "hil.cli", "train", "classifier", "--distributed", "--no-progress", "--out", str(out),
-        *_sets(sets),
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _finish(job: subprocess.Popen[str]) -> str:
-    output, _ = job.communicate(timeout=JOB_TIMEOUT_S)
-    assert job.returncode == 0, output[-4000:]
-    return output
-
-
-def _one_board(out: Path, sets: list[str]) -> None:
-    result = CliRunner().invoke(
-        app, ["train", "classifier", "--no-progress", "--out", str(out), *_sets(sets)], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-
-
-def _final(run_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(host weights of the last snapshot, train metrics, test metrics) of a complete run."""
-    run = open_run(run_path)
-    assert run.complete
-    _, state = run.load_snapshot(run.snapshots[-1])
-    weights = {k: v.numpy() for k, v in state["model"].items()}
-    return weights, run.table("metrics/train"), run.table("metrics/test")
 
 
 @pytest.fixture(scope="module")
 def ideal_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dp") / "ideal.zarr"
-    _finish(_torchrun(out, IDEAL))
+    finish(torchrun_job(out, IDEAL))
     return out
 
 
 def test_two_ideal_boards_equal_one_board_with_the_whole_batch(ideal_job: Path, tmp_path: Path) -> None:
-    _one_board(tmp_path / "one.zarr", IDEAL)
-    w2, train2, test2 = _final(ideal_job)
-    w1, train1, test1 = _final(tmp_path / "one.zarr")
+    one_board(tmp_path / "one.zarr", IDEAL)
+    w2, train2, test2 = final(ideal_job)
+    w1, train1, test1 = final(tmp_path / "one.zarr")
     assert w2.keys() == w1.keys() == {"net.weights.W0", "net.weights.W1"}
     for k in w1:
         assert np.abs(w1[k]).max() > 0.1  # trained weights, not zeros
@@ -121,20 +84,6 @@ def test_two_rram_boards_train_and_draw_their_own_noise(tmp_path: Path) -> None:
     one, two, differ = rram_pair(tmp_path, 0)
     assert differ
     assert min(one, two) > 0.8, (one, two)  # both learned
-
-
-def rram_pair(out: Path, seed: int) -> tuple[float, float, bool]:
-    """On board seed `seed`: a torchrun job of two ranks on rram boards (seeds `seed` and
-    `seed` + 1000) and one rram board in this process, both the RRAM recipe, their run logs in
-    `out`: (one board's final test accuracy, the two boards', whether their weights differ)."""
-    sets = [*RRAM[:-1], f"device=emulator://?preset=rram&seed={seed}"]
-    job = _torchrun(out / f"two{seed}.zarr", sets)
-    _one_board(out / f"one{seed}.zarr", sets)  # meanwhile, in this process
-    _finish(job)
-    w2, _, test2 = _final(out / f"two{seed}.zarr")
-    w1, _, test1 = _final(out / f"one{seed}.zarr")
-    differ = any(not np.array_equal(w2[k], w1[k]) for k in w1)
-    return float(test1["test_acc"][-1]), float(test2["test_acc"][-1]), differ
 
 
 @pytest.mark.slow
@@ -197,15 +146,15 @@ def test_killed_rank_is_restarted_and_finishes_equal(ideal_job: Path, tmp_path: 
     snapshot is in the run log: torchrun --max-restarts=1 restarts the job, which resumes from
     that snapshot and ends with the uninterrupted job's weights and metrics."""
     out = tmp_path / "killed.zarr"
-    job = _torchrun(out, IDEAL, max_restarts=1)
+    job = torchrun_job(out, IDEAL, max_restarts=1)
     _kill_after_first_snapshot(job, out, rank)
-    output = _finish(job)
+    output = finish(job)
     run = open_run(out)
     resumes = run.attrs.get("resumes", [])
     assert len(resumes) == 1, (resumes, output[-2000:])  # the kill landed before the end
     assert 0 < resumes[0]["from_step"] < 6 * 16
-    w, train, test = _final(out)
-    w_ref, train_ref, test_ref = _final(ideal_job)
+    w, train, test = final(out)
+    w_ref, train_ref, test_ref = final(ideal_job)
     for k in w_ref:
         np.testing.assert_array_equal(w[k], w_ref[k], err_msg=k)
     np.testing.assert_array_equal(train["loss"], train_ref["loss"])
@@ -220,7 +169,7 @@ def test_a_killed_rank_without_restarts_leaves_a_closed_run_log_and_says_how_to_
     go on. Now rank 0 closes the run log as failed, naming what stopped it, and the resume
     command is printed."""
     out = tmp_path / "stopped.zarr"
-    job = _torchrun(out, IDEAL, max_restarts=0)
+    job = torchrun_job(out, IDEAL, max_restarts=0)
     _kill_after_first_snapshot(job, out, 1)
     output, _ = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode != 0
@@ -269,7 +218,7 @@ def test_a_rank_blocked_in_an_all_reduce_is_stopped_with_its_board_safe_and_free
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
         "--distributed", "--no-progress", "--out", str(out),
         "--rank-device", served.uri("serial-socket"), "--rank-device", "emulator://?preset=ideal&seed=1000",
-        *_sets([*RUN, "train.epochs=50"]),
+        *sets([*RUN, "train.epochs=50"]),
     ]  # fmt: skip
     job = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -318,7 +267,7 @@ def test_ranks_on_boards_of_different_kinds_are_named(tmp_path: Path) -> None:
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
         "--distributed", "--no-progress", "--out", str(out),
         "--rank-device", "emulator://?preset=ideal&seed=0", "--rank-device", "emulator://?preset=rram&seed=1",
-        *_sets([*RUN, "train.epochs=1"]),
+        *sets([*RUN, "train.epochs=1"]),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -340,7 +289,7 @@ def test_write_verify_counts_are_summed_over_every_ranks_board(tmp_path: Path) -
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hil.cli", "train", "classifier",
         "--distributed", "--no-progress", "--out", str(out), "--rank-device", "emulator://?preset=ideal&seed=0",
         "--rank-device", "emulator://?preset=ideal&seed=1000&stuck_fraction=0.05",
-        *_sets([*RUN, "train.epochs=1", "ep.programming=verify"]),
+        *sets([*RUN, "train.epochs=1", "ep.programming=verify"]),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
