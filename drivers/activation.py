@@ -16,22 +16,26 @@ sigmoid's midpoint (rho = 1/2 at a = 1/2) and at most its slope (``gain``), so t
 noise-floor bounds the settles derive from ``gain`` hold for all of them. Kinks bias EP: at a
 corner rho' jumps, and a finite beta straddles it (issue 20); the smooth curves have none.
 
-This module is the one place where the curves live; it imports torch only, so the emulator,
-the host stack and the drivers share it.
+This module and `drivers.activation_curves` are the one place where the curves live, shared
+by the emulator, the host stack and the drivers. This one names them (`Activation`) and
+imports no torch, so that a `Topology` (which holds an `Activation`) and the Device layer load
+without it (`hil info` of a board); the curves themselves are torch functions in
+`drivers.activation_curves`, imported at the first curve computed, and their names
+(`rho_inplace`...) are read from here as before.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Literal
 
 from drivers.errors import ConfigurationError
 from drivers.scalars import as_float
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ActivationKind = Literal["hard_sigmoid", "soft_sigmoid", "logistic"]
 ACTIVATIONS: tuple[str, ...] = ("hard_sigmoid", "soft_sigmoid", "logistic")
@@ -123,127 +127,54 @@ class Activation:
         return self.kind == "hard_sigmoid"
 
     # ------------------------------------------------------------------------------ curves
+    # computed by `drivers.activation_curves` (torch), imported at the first curve computed
     def rho(self, u: Tensor, gain: float) -> Tensor:
         """The node's output for the drive `u`."""
-        if self.kind == "hard_sigmoid":
-            return torch.clamp(gain * u, 0.0, 1.0)
-        if self.kind == "logistic":
-            return torch.sigmoid(4.0 * gain * u - 2.0)
-        return _soft_rho_(gain * u, self.width)
+        return _curves.rho(self, u, gain)
 
     def rho_(self, x: Tensor, gain: float) -> Tensor:
         """`rho` in place on the drive `x` (the settle loops' buffers); returns `x`."""
-        return rho_inplace(x, self.kind, gain, self.width)
+        return _curves.rho_(self, x, gain)
 
     def rho_prime(self, u: Tensor, gain: float) -> Tensor:
         """d rho / du: for the hard sigmoid ``gain`` off the rails and 0 on them (its value at
         the corners themselves is the one-sided 0)."""
-        a = gain * u
-        if self.kind == "hard_sigmoid":
-            return ((a > 0) & (a < 1)).to(u.dtype) * gain
-        if self.kind == "logistic":
-            r = torch.sigmoid(4.0 * a - 2.0)
-            return 4.0 * gain * r * (1.0 - r)
-        return gain * (torch.sigmoid(a / self.width) - torch.sigmoid((a - 1.0) / self.width))
+        return _curves.rho_prime(self, u, gain)
 
     def inverse(self, s: Tensor, gain: float) -> Tensor:
         """The drive u with ``rho(u) = s`` (for the hard sigmoid: ``s / gain``, the leak's
         current); ±inf at the rails of the smooth curves."""
-        if self.kind == "hard_sigmoid":
-            return s / gain
-        if self.kind == "logistic":
-            return (torch.logit(s) + 2.0) / (4.0 * gain)
-        return _soft_inverse(s, self.width) / gain
+        return _curves.inverse(self, s, gain)
 
     def leak(self, s: Tensor, gain: float) -> Tensor:
         """The energy's node term ``G(s)``, elementwise: ``G' = rho^{-1}``, so that the energy
         ``sum_free G(s) - Phi(s)`` is stationary exactly at ``s = rho(dPhi/ds)``. Finite on
         [0, 1] (states at the rails included); G(rho(0)) = 0."""
-        if self.kind == "hard_sigmoid":
-            return s.square() / (2.0 * gain)
-        x = s.double().clamp(_EDGE, _TOP)
-        if self.kind == "logistic":
-            g = _logistic_g(x) - _logistic_g(torch.tensor(1.0 / (1.0 + math.exp(2.0)), dtype=x.dtype))
-        else:
-            a = _soft_inverse(x, self.width)
-            g = x * a - _soft_primitive(a, self.width)
-        return (g / gain).to(s.dtype)
+        return _curves.leak(self, s, gain)
 
 
-def _logistic_g(x: Tensor) -> Tensor:
-    """An antiderivative of the logistic's inverse ``(logit(x) + 2) / 4``: the binary entropy's
-    negative over 4, plus x / 2."""
-    return (torch.xlogy(x, x) + torch.xlogy(1.0 - x, 1.0 - x)) / 4.0 + x / 2.0
+class _Curves:
+    """`drivers.activation_curves`, imported at the first attribute read; each attribute is
+    then kept on this object, so a curve's call costs one attribute lookup more than before."""
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(importlib.import_module("drivers.activation_curves"), name)
+        setattr(self, name, value)
+        return value
 
 
-def rho_inplace(x: Tensor, kind: str, gain: float, width: float) -> Tensor:
-    """`Activation.rho_` of the curve named `kind` (with its corner `width`) as a plain
-    function of tensors, strings and floats, so that TorchScript can compile it into a
-    settle loop (`emulator.settle_script`): the same calls, so the same numbers."""
-    if kind == "hard_sigmoid":
-        if gain != 1.0:
-            x.mul_(gain)
-        return x.clamp_(0.0, 1.0)
-    if kind == "logistic":
-        return x.mul_(4.0 * gain).sub_(2.0).sigmoid_()
-    if gain != 1.0:
-        x.mul_(gain)
-    return _soft_rho_(x, width)
+_curves = _Curves()
 
 
-def _soft_rho_(a: Tensor, w: float) -> Tensor:
-    """The soft sigmoid of the normalised drive `a`, in place on `a`: ``w sp(a/w) - w sp((a-1)/w)``
-    written as ``clamp(a, 0, 1) + w log(1 + e^{-|a|/w}) - w log(1 + e^{-|a-1|/w})`` (``w sp(x/w) =
-    relu(x) + w log(1 + e^{-|x|/w})`` and ``relu(a) - relu(a - 1) = clamp(a, 0, 1)``), each corner
-    term one ``softplus`` of a non-positive argument, so that `F.softplus` never switches to its
-    linear branch (past its threshold it returns x, an error of w e^{-20} that the inverse near a
-    rail, with its slope near 0, would blow up). 10 torch calls against 18 for the two softplus
-    written out; the same curve to float rounding, and exactly 1 far past the upper rail, where
-    ``relu(a) - relu(a - 1)`` rounds."""
-    beta = 1.0 / w
-    low = F.softplus(torch.abs(a).neg_(), beta)
-    high = F.softplus(torch.sub(a, 1.0).abs_().neg_(), beta)
-    return a.clamp_(0.0, 1.0).add_(low).sub_(high)
-
-
-def _log1mexp(t: Tensor) -> Tensor:
-    """``log(1 - exp(-t))`` for t > 0, accurate at small and large t."""
-    return torch.where(t < math.log(2.0), torch.log(-torch.expm1(-t)), torch.log1p(-torch.exp(-t)))
-
-
-def _soft_inverse(s: Tensor, w: float) -> Tensor:
-    """The normalised drive a with ``w sp(a/w) - w sp((a-1)/w) = s``: solving for e^{a/w} gives
-    ``a = s + w log(1 - e^{-s/w}) - w log(1 - e^{-(1-s)/w})``."""
-    x = s.clamp(_EDGE, _TOP) if s.dtype == torch.float64 else s.clamp(1e-38, 1.0 - 2.0**-24)
-    return x + w * _log1mexp(x / w) - w * _log1mexp((1.0 - x) / w)
-
-
-def _eta(t: Tensor) -> Tensor:
-    """``eta(T) = integral_0^T log(1 + e^{-x}) dx`` for T >= 0: a Taylor series of
-    ``T log 2 - T^2/4 + integral log cosh(x/2)`` below 1, else ``pi^2/12 + Li2(-e^{-T})`` as its
-    alternating series (24 terms: error below 1e-13)."""
-    small = t < 1.0
-    x = torch.where(small, t, torch.zeros_like(t)) / 2.0
-    x2 = x * x
-    series = x2 * x * (1 / 6 + x2 * (-1 / 60 + x2 * (1 / 315 + x2 * (-17 / 22680 + x2 * 31 / 155925))))
-    low = t * math.log(2.0) - t * t / 4.0 + 2.0 * series
-    q = torch.exp(-torch.where(small, torch.ones_like(t), t))
-    tail = torch.zeros_like(t)
-    p = torch.ones_like(t)
-    for k in range(1, 25):
-        p = p * q
-        tail = tail + (1.0 if k % 2 else -1.0) * p / (k * k)
-    return torch.where(small, low, _PI2_12 - tail)
-
-
-def _soft_primitive(a: Tensor, w: float) -> Tensor:
-    """``F(a) = integral_0^a rho(x) dx`` of the soft sigmoid (normalised drive): the hard
-    sigmoid's ``relu(a)^2/2 - relu(a-1)^2/2`` plus the corners' share ``w^2 [sgn(a) eta(|a|/w)
-    - sgn(a-1) eta(|a-1|/w) - eta(1/w)]`` (``w softplus(x/w) = relu(x) + w log(1 + e^{-|x|/w})``)."""
-    b = a - 1.0
-    hard = (F.relu(a).square() - F.relu(b).square()) / 2.0
-    corners = torch.sign(a) * _eta(a.abs() / w) - torch.sign(b) * _eta(b.abs() / w)
-    return hard + w * w * (corners - _eta(torch.tensor(1.0 / w, dtype=a.dtype)))
+def __getattr__(name: str) -> Any:
+    """The curve functions (`rho_inplace`, which `emulator.settle_script` compiles, and the
+    others) from `drivers.activation_curves`, as when they were defined here."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module("drivers.activation_curves"), name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 HARD_SIGMOID = Activation()

@@ -23,16 +23,24 @@ stack and the Device layer use.
 another, which bounds a settle's step: the emulator's analog settles (`emulator.settle_plan`,
 `emulator.conv_settle`) and the host-iterated settle (`hil.host_settle`) call it with their own
 operator, start vector, iteration count, stopping rule and margin.
+
+torch is imported where a tensor is handled, not by this module: `drivers.base` imports
+`to_numpy`, and a command that only reads a board or a run log (`hil info`, `hil inspect`)
+loads no torch (tests/test_cli_lazy_imports.py). A value can only be a tensor once torch is
+loaded, so `to_numpy` looks torch up in `sys.modules`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["denormals_flushed", "flushing_denormals", "power_norm", "to_numpy"]
 
@@ -54,6 +62,8 @@ def denormals_flushed() -> Iterator[None]:
     if flushing_denormals():
         yield
         return
+    import torch
+
     torch.set_flush_denormal(True)
     try:
         yield
@@ -62,13 +72,14 @@ def denormals_flushed() -> Iterator[None]:
 
 
 # the numpy dtypes a tensor is converted to before it leaves torch (a bfloat16 tensor has no
-# numpy view); any other dtype is cast by numpy after the conversion
+# numpy view), by the names of their torch dtypes; any other dtype is cast by numpy after the
+# conversion
 _TORCH_DTYPES = {
-    np.dtype(np.float16): torch.float16,
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float64,
-    np.dtype(np.int32): torch.int32,
-    np.dtype(np.int64): torch.int64,
+    np.dtype(np.float16): "float16",
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float64): "float64",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.int64): "int64",
 }
 
 
@@ -77,7 +88,8 @@ def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
     numpy array of `dtype` (float32 by default; None keeps the input's dtype). No copy when
     possible: a contiguous CPU tensor or array of that dtype is returned as a view of its
     memory. A tensor is detached and, off the CPU, copied to the host; a 0-d input stays 0-d."""
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach()
         if x.device.type != "cpu":
             x = x.cpu()
@@ -86,7 +98,7 @@ def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
         want = np.dtype(dtype)
         to = _TORCH_DTYPES.get(want)
         if to is not None:
-            return x.to(to).contiguous().numpy()
+            return x.to(getattr(torch, to)).contiguous().numpy()
         return np.ascontiguousarray(x.contiguous().numpy(), dtype=want)
     a = np.asarray(x, dtype=dtype)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
@@ -94,11 +106,13 @@ def to_numpy(x: Any, dtype: Any = np.float32) -> np.ndarray:
 
 # a vector of the power iteration: one tensor, or one tensor per node group (one vector over all
 # of them, whose norm is that of all their entries together)
-Vector = TypeVar("Vector", torch.Tensor, dict[str, torch.Tensor])
+Vector = TypeVar("Vector", "torch.Tensor", "dict[str, torch.Tensor]")
 
 
 def _norm(v: Vector) -> tuple[float, torch.Tensor | None]:
     """The 2-norm of `v` as a float, and for a single tensor as the 0-d tensor it came from."""
+    import torch
+
     if isinstance(v, torch.Tensor):
         n = torch.linalg.vector_norm(v)
         return float(n), n
@@ -107,6 +121,8 @@ def _norm(v: Vector) -> tuple[float, torch.Tensor | None]:
 
 def _divided(v: Vector, est: float, n: torch.Tensor | None, eps: float | None) -> Vector:
     """`v` over its norm (`est`, or `n` for one tensor), plus `eps` where that is given."""
+    import torch
+
     if isinstance(v, torch.Tensor):
         assert n is not None
         return v / est if eps is None else v / (n + eps)

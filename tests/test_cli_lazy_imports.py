@@ -8,8 +8,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from hil.testing import BoardServers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,3 +152,35 @@ def test_plot_loads_no_torch(run_log: Path, tmp_path: Path) -> None:
     """`hil plot RUN` reads the store and draws it: zarr and matplotlib, no torch."""
     assert _loaded("plot", run_log, "--out", tmp_path / "plots") == ["zarr", "matplotlib"]
     assert (tmp_path / "plots" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["fresh", "configured"])
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_info_of_a_served_board_loads_no_torch(
+    board_servers: BoardServers, transport: str, configured: bool
+) -> None:
+    """`hil info URI` and `hil lock status URI` of a board behind a server (a lab board, `hil
+    emulator serve`) only query it over the link: numpy and the transport's packages, no torch
+    (it took ~0.8 s of `hil info`'s ~1.2 s: drivers.base -> drivers.topology ->
+    drivers.activation, and drivers.numerics), also when the board holds a network (the client
+    decodes its Topology, whose curve is named by drivers.activation; the curves' torch code is
+    drivers.activation_curves). An emulator:// URI runs the board in this process, torch and all."""
+    from drivers import Topology, open_device
+
+    uri = board_servers.uri(transport)
+    if configured:
+        with open_device(uri) as dev:
+            dev.configure(Topology.layered([4, 3], activation="soft_sigmoid:0.05"))
+    transport_packages = ["pyvisa"] if transport == "visa-tcp" else []
+    assert _loaded("info", uri) == transport_packages
+    assert _loaded("info", uri, "--json", "-") == transport_packages
+    assert _loaded("lock", "status", uri) == transport_packages
+    done = subprocess.run(
+        [sys.executable, "-c", "from hil.cli import main; main()", "info", uri],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert (", configured," in done.stdout) is configured, done.stdout

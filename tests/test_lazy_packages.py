@@ -66,6 +66,45 @@ def test_light_modules_import_no_numerics() -> None:
     assert done.stdout.strip() == ""
 
 
+def test_device_layer_imports_no_torch() -> None:
+    """The Device interface, its topology and numerics (what a remote backend and `hil info`
+    load), and a Topology built with a curve, import numpy, not torch: the curves' names
+    (drivers.activation) are torch-free, their torch code (drivers.activation_curves) is
+    imported at the first curve computed, and a tensor can only be passed once torch is loaded."""
+    code = (
+        "import sys, drivers.base, drivers.topology, drivers.numerics, drivers.checks, drivers.uri\n"
+        "from drivers.topology import Topology\n"
+        "Topology.layered([4, 3], activation='soft_sigmoid:0.05')\n"
+        "print(','.join(m for m in ('torch', 'drivers.activation_curves') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == ""
+
+
+def test_curve_names_resolve_to_the_curves() -> None:
+    """drivers.activation still gives the curves' functions (`rho_inplace`, which
+    emulator.settle_script imports and TorchScript compiles, and the private ones) from
+    drivers.activation_curves, and `Activation`'s methods compute with them."""
+    import torch
+
+    import drivers.activation as names
+    import drivers.activation_curves as curves
+    from emulator import settle_script
+
+    assert names.rho_inplace is curves.rho_inplace is settle_script.rho_inplace
+    assert names._soft_rho_ is curves._soft_rho_
+    with pytest.raises(AttributeError, match="no_such_curve"):
+        names.no_such_curve  # noqa: B018
+    assert settle_script.loop() is not None  # TorchScript compiled the loop with the curve
+    u = torch.linspace(-1.0, 2.0, 7)
+    for spec in ("hard_sigmoid", "logistic", "soft_sigmoid:0.05"):
+        act = names.Activation.parse(spec)
+        assert torch.equal(act.rho(u, 1.5), curves.rho(act, u, 1.5))
+        assert torch.equal(act.rho_(u.clone(), 1.5), curves.rho_inplace(u.clone(), act.kind, 1.5, act.width))
+
+
 def test_run_log_readers_import_no_torch() -> None:
     """The run log's package and its reading modules (`hil inspect`, `hil plot`) import zarr and
     numpy, not torch nor the writer."""
