@@ -184,3 +184,9 @@ def test_info_of_a_served_board_loads_no_torch(
         check=True,
     )
     assert (", configured," in done.stdout) is configured, done.stdout
+
+
+def test_conformance_of_a_served_board_loads_no_torch(board_servers: BoardServers) -> None:
+    """`hil conformance URI` checks a board over its link; its networks are hard sigmoids, whose
+    predicted fixed points are numpy (hil.conformance.settle): no torch (~0.8 s of ~2.6 s)."""
+    assert _loaded("conformance", board_servers.uri("serial-socket")) == []

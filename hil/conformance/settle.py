@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS
@@ -142,6 +141,8 @@ def _fixed_point(
         if topo.activation.hard:
             pred = np.clip(topo.gain * u, 0.0, 1.0)
         else:  # the topology's curve (`drivers.activation`); its slope is at most the gain's
+            import torch  # here: the suite's networks are hard sigmoids, `hil conformance` loads no torch
+
             pred = topo.activation.rho(torch.from_numpy(np.asarray(u, np.float64)), topo.gain).numpy()
         tol = (
             topo.gain
