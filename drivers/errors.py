@@ -97,6 +97,12 @@ class ConfigurationError(DeviceError):
     """Bad topology, unknown tile or group, wrong array shape, or a bad URI."""
 
 
+class PortInUse(ConfigurationError):
+    """A local serial port (``serial://``) another process, or another device in this one,
+    holds open (its exclusive lock): the board is there but busy, as one whose lock another
+    host holds (`BoardLocked`); who waits for a busy board waits for this too."""
+
+
 class BoardReset(DeviceError):
     """The board reset (its epoch changed) while an operation that must not be repeated
     blindly was in flight: whether it took effect is unknown. Re-read what it changed (e.g.

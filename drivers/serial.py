@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import serial as pyserial
 
-from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, ProtocolError
+from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, PortInUse, ProtocolError
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, frames
@@ -117,7 +117,7 @@ class SerialDevice(RemoteDevice):
             )
         except pyserial.SerialException as exc:
             if exclusive and exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise ConfigurationError(
+                raise PortInUse(
                     f"{self.name}: the port {self.url} is in use: another process (or another device "
                     "in this one) holds its exclusive lock, e.g. another host session on this board; "
                     f"close that first (`fuser {self.url}` names the processes that have it open)"

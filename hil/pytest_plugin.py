@@ -5,7 +5,8 @@ real servers as fixtures, for any test suite in the environment (`hil.testing` l
 session takes it (its lock, docs/protocol.md "Ownership") when a test first needs it, lends it
 to every fixture, resets it before and after each test, and gives it back at the end (or once
 the tests of a module, or each test, that use it are done: ``--xbar-board-hold``); a board
-another session holds is waited for up to ``--xbar-board-wait SECONDS`` (docs/sweep.md 4).
+another session holds (its lock, or a ``serial://`` port another process has open) is waited
+for up to ``--xbar-board-wait SECONDS`` (docs/sweep.md 4).
 
 Loading it imports pytest and `hil.testing` only, which imports nothing of the drivers, the
 emulator or torch until a fixture is used: a session that uses none pays nothing, and a
@@ -159,9 +160,12 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
         pytest.exit(f"{where} {uri!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
     if _is_lab(uri):
         from drivers import open_device
+        from drivers.errors import PortInUse
 
         try:
             dev = open_device(looking_uri(uri))  # not taking a board another host may own
+        except PortInUse:  # a serial port another session has open: there, busy (waited for as taken)
+            return uri
         except Exception as exc:  # unreachable, refused, or no board answering there
             pytest.exit(
                 f"{where} {uri!r}: cannot open the board ({type(exc).__name__}: {exc}); check that it is "
@@ -223,14 +227,15 @@ class _LabBoards:
 
     def _open(self, uri: str) -> Device:
         from drivers import open_device
-        from drivers.errors import BoardLocked
+        from drivers.errors import BoardLocked, PortInUse
 
         deadline = time.monotonic() + self.wait_s
         pause = WAIT_POLL_S[0]
+        refusal: BoardLocked | PortInUse
         while True:
             try:
                 return open_device(uri)
-            except BoardLocked as exc:
+            except (BoardLocked, PortInUse) as exc:  # its lock, or its serial port's, held elsewhere
                 refusal = exc
             left = deadline - time.monotonic()
             if left <= 0:
@@ -238,12 +243,18 @@ class _LabBoards:
             time.sleep(min(pause, left))
             pause = min(2 * pause, WAIT_POLL_S[1])
         waited = f"waited {self.wait_s:g} s (--xbar-board-wait)" if self.wait_s else "did not wait for it"
+        if isinstance(refusal, BoardLocked):
+            held, gone = (
+                f"held by {_holder(uri, refusal.message)}",
+                f"if the owner is gone: hil lock break {uri}",
+            )
+        else:  # its serial port: the board cannot be asked who has it, the port's lock goes with its holder
+            held, gone = f"in use: {refusal}", "the port is free once that process closes it or ends"
         self.refused[uri] = (
-            f"lab board {uri!r} is held by {_holder(uri, refusal.message)}; {waited}. One board runs one "
+            f"lab board {uri!r} is {held}; {waited}. One board runs one "
             f"test session at a time: pass --xbar-board-wait SECONDS (at most {MAX_BOARD_WAIT_S:g}; or the "
             "ini option xbar_board_wait) so that this session waits for the other to finish, or use an "
-            "emulator:// board, whose fixtures run in parallel; if the owner is gone: "
-            f"hil lock break {uri}"
+            f"emulator:// board, whose fixtures run in parallel; {gone}"
         )
         pytest.fail(self.refused[uri], pytrace=False)
 

@@ -519,3 +519,32 @@ def test_a_board_whose_owner_is_gone_says_when_the_lock_lapses(
     # what was left of the lease when the user's session asked (rounded to whole seconds)
     assert lease - elapsed - 1 <= lapses <= lease, (lapses, elapsed, out)
     assert f"--xbar-board-wait {lapses + 1}" in out, out
+
+
+def test_a_serial_lab_board_another_session_has_open_is_waited_for_as_a_locked_one(
+    tmp_path: Path, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """A serial:// lab board is opened exclusively (the port's lock): a second pytest run, or
+    another pytest-xdist worker, found it in use and stopped the whole session as a board that
+    cannot be opened (exit 4, "check that it is powered"; under xdist an INTERNALERROR), and
+    --xbar-board-wait did not wait for it. Now a port in use is a busy board: waited for as
+    one whose lock another session holds, and past the wait each test fails naming the port."""
+    lab = emulated_board("emulator://?preset=ideal&seed=0").uri("serial-pty")
+    (tmp_path / "test_user.py").write_text(WAITING_SUITE)
+    with open_device(lab):  # another session has the port open
+        code, out = _finish(_pytest(tmp_path, "--xbar-board", lab, "-rN"))
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "is in use" in out and "--xbar-board-wait SECONDS" in out and "cannot open the board" not in out, (
+        out
+    )
+    holder = open_device(lab)
+    try:
+        waiting = _pytest(tmp_path, "--xbar-board", lab, "--xbar-board-wait", "60")
+        time.sleep(2.0)
+        assert waiting.poll() is None, _finish(waiting)[1]  # still waiting for the port
+        released = time.time()
+    finally:
+        holder.close()
+    code, out = _finish(waiting)
+    assert code == 0, out
+    assert float((tmp_path / "got").read_text()) > released
