@@ -220,7 +220,9 @@ class _InterruptGuard:
         self.previous: Any = None
 
     def _handler(self, signum: int, frame: object) -> None:
-        self.fired = True
+        # a process that ignores SIGINT (a background job of a non-interactive shell) goes on
+        # ignoring it: nothing to deliver, and its failing transactions retried as ever
+        self.fired = self.fired or self.previous != signal.SIG_IGN
 
     def active(self) -> _Deferring:
         """A context manager: SIGINT is deferred inside it (a class, not a generator: this
@@ -713,16 +715,23 @@ class RemoteDevice(Device):
             if self._closed:
                 raise DeviceError(f"{self.name} is closed; open a new device with open_device()")
             self._depth += 1
+            done = False
             try:
                 if self._depth == 1:
                     with self._guard.active():
                         reply = self._run_presenting(op, request, attempts, request_id)
                 else:
                     reply = self._run_presenting(op, request, attempts, request_id)
+                done = True
             except BoardLocked as exc:
                 raise self._locked(exc) from None
             finally:
                 self._depth -= 1
+                if not done and self._depth == 0 and self._guard.fired:
+                    # it failed (a hung or dead board): the interrupt is delivered now, chained
+                    # to the failure, not kept for whichever transaction next succeeds; the
+                    # safe state tried once (the link has just failed: a hung board costs a timeout a try)
+                    self._after_interrupt(attempts=1)
             if self._depth == 0 and self._guard.fired:
                 self._after_interrupt()
             return reply
@@ -800,7 +809,7 @@ class RemoteDevice(Device):
                 last = exc
             self.recovery.failures += 1
             what = op.name.lower()
-            if attempt >= budget:
+            if attempt >= budget or (self._guard.fired and self._depth > 0):  # Ctrl-C: no more tries
                 self.recovery.exhausted += 1
                 log.info("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)  # raised
                 raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
@@ -829,11 +838,11 @@ class RemoteDevice(Device):
         except DeviceError:
             return True  # the link failed too: recover and see
 
-    def _after_interrupt(self) -> None:
+    def _after_interrupt(self, attempts: int = 2) -> None:
         """Ctrl-C came during a transaction: now that it is complete, make the board safe
-        (itself not interruptible), then deliver the interrupt."""
+        (itself not interruptible; `attempts` tries), then deliver the interrupt."""
         with self._guard.active(), contextlib.suppress(DeviceError):
-            self._run(Op.SAFE_STATE, Message(), attempts=2)
+            self._run(Op.SAFE_STATE, Message(), attempts=attempts)
         self._guard.deliver()
 
     def _checked(self, check: Callable[..., T], *args: Any) -> T:
