@@ -59,7 +59,7 @@ def faulty_board(
     with serve(board, plan=plan, ack_timeout=ack_timeout, scpi_pty=False, lock=lock) as served:
         yield FaultyBoard(
             served,
-            visa_uri=f"{served.uris['visa-tcp']}?check=1&{common}",
+            visa_uri=f"{served.uris['visa-tcp'].split('?', 1)[0]}?check=1&{common}",  # whatever the plan
             serial_uri=f"{served.uris['serial-socket']}?{framed_q}",
             serial_pty_uri=f"{served.uris['serial-pty']}?{framed_q}",
         )

@@ -36,7 +36,8 @@ LOOPBACK = "127.0.0.1"
 @dataclass
 class ServedBoard:
     """A board behind both servers. `uris`: transport (one of TRANSPORTS) -> device URI,
-    for the endpoints that are served. Closing stops the servers, puts the board in its
+    for the endpoints that are served (the SCPI ones with ``?check=1`` where the plan corrupts
+    or drops bytes: docs/protocol.md, "Checked mode"). Closing stops the servers, puts the board in its
     safe state and closes it."""
 
     device: Device
@@ -51,14 +52,14 @@ class ServedBoard:
         """transport -> what a tool outside this package opens: a VISA resource string
         (``TCPIP0::127.0.0.1::PORT::SOCKET``, ``ASRL/dev/pts/N::INSTR``), a serial port
         (``/dev/pts/N``) or ``host:port`` for the framed protocol over TCP."""
-        return {t: uri.split("://", 1)[1] for t, uri in self.uris.items()}
+        return {t: uri.split("://", 1)[1].split("?", 1)[0] for t, uri in self.uris.items()}
 
     def uri(self, transport: str, **params: str) -> str:
         """The device URI of `transport` with query parameters (``timeout="1"``) added."""
         base = self.uris[transport]
         if not params:
             return base
-        return base + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+        return base + ("&" if "?" in base else "?") + "&".join(f"{k}={v}" for k, v in params.items())
 
     def close(self) -> None:
         try:
@@ -120,12 +121,15 @@ def serve(
         raise
     served = ServedBoard(device, plan, scpi, framed, owner)
     shown = LOOPBACK if host in ("", "0.0.0.0", "::") else host  # all interfaces: loopback works here
+    # bytes corrupted or lost on the wire (TCP too): plain SCPI has no check of its own and would
+    # take them for data, so its URIs ask for checked mode (the framed protocol checks every frame)
+    checked = "?check=1" if plan.ber or plan.drop_rate else ""
     try:
         if scpi_port is not None:
             port = scpi.listen_tcp(host, scpi_port)[1]
-            served.uris["visa-tcp"] = f"visa://TCPIP0::{shown}::{port}::SOCKET"
+            served.uris["visa-tcp"] = f"visa://TCPIP0::{shown}::{port}::SOCKET{checked}"
         if scpi_pty:
-            served.uris["visa-asrl"] = f"visa://ASRL{scpi.open_pty()}::INSTR"
+            served.uris["visa-asrl"] = f"visa://ASRL{scpi.open_pty()}::INSTR{checked}"
         if framed_pty:
             served.uris["serial-pty"] = f"serial://{framed.open_pty()}"
         if framed_port is not None:
