@@ -791,6 +791,12 @@ class RemoteDevice(Device):
                 except (DeviceFault, LimitViolation, ConfigurationError, NotSupported) as exc:
                     _name_operation(exc, describe_request(op, request))  # the board refused it
                     raise
+                except BaseException as exc:
+                    if not isinstance(exc, DeviceError):  # cut half-way (a signal handler's raise:
+                        # pytest-timeout, SystemExit): its reply may still come, where the next
+                        # request would read it as its own; a new session first
+                        self._broken = True
+                    raise
                 if debug:
                     ms = 1e3 * (time.monotonic() - sent)
                     log.debug("%s <- %s in %.2f ms", self.name, op.name.lower(), ms)
