@@ -34,6 +34,8 @@ WAIT_POLL_S = (0.1, 2.0)  # first and longest pause between two tries to take a 
 HOLDS = ("session", "module", "test")  # --xbar-board-hold: how long a lab board is held once taken
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the exit code of a session stopped by SIGTERM while it held a board
 _TERMINATED = pytest.StashKey[bool]()  # the session was stopped by SIGTERM taken as Ctrl-C
+_USAGE = pytest.StashKey[str]()  # the board URI check's usage error, from a pytest-xdist worker
+USAGE_KEY = "xbar_hil_usage_error"  # where a pytest-xdist worker hands it to the controller
 
 
 def _wait_seconds(text: str) -> float:
@@ -145,8 +147,29 @@ def _is_lab(uri: str) -> bool:
     return parse_uri(uri)[0] != "emulator"
 
 
+def _usage_error(request: pytest.FixtureRequest, message: str) -> None:
+    """Stop the session with `message` as a usage error (exit code 4). In a pytest-xdist
+    worker, whose pytest.exit the controller takes for a crash (an INTERNALERROR, the message
+    lost), the worker fails this test with it and stops; the controller prints it and exits
+    with the usage error's code (`pytest_testnodedown`, `pytest_sessionfinish`)."""
+    config = request.config
+    if not hasattr(config, "workerinput"):
+        pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+    config.workeroutput[USAGE_KEY] = message  # type: ignore[attr-defined]
+    request.session.shouldstop = message
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller: a worker that stopped on the board URI's usage error."""
+    message = getattr(node, "workeroutput", {}).get(USAGE_KEY)
+    if message:
+        node.config.stash[_USAGE] = message
+
+
 @pytest.fixture(scope="session")
-def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
+def _xbar_board_checked(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> str:
     """The board URI, checked once per session: a URI no board can be opened from stops the
     session with one usage error (where every test using a fixture would fail with the same).
     A lab board's URI (not ``emulator://``) is opened once to check it answers, and closed
@@ -154,25 +177,26 @@ def _xbar_board_checked(pytestconfig: pytest.Config) -> str:
     from drivers.uri import looking_uri, parse_options
 
     uri, where = _board_uri(pytestconfig)
+    problem = None  # the usage error, raised outside the except: its message alone, no chained traceback
     try:
         parse_options(uri)
     except Exception as exc:  # a ConfigurationError, or a third-party backend's own error
-        pytest.exit(f"{where} {uri!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
-    if _is_lab(uri):
+        problem = f"{where} {uri!r}: {exc}"
+    if problem is None and _is_lab(uri):
         from drivers import open_device
         from drivers.errors import PortInUse
 
         try:
-            dev = open_device(looking_uri(uri))  # not taking a board another host may own
+            open_device(looking_uri(uri)).close_link()  # not taking a board another host may own
         except PortInUse:  # a serial port another session has open: there, busy (waited for as taken)
-            return uri
+            pass
         except Exception as exc:  # unreachable, refused, or no board answering there
-            pytest.exit(
+            problem = (
                 f"{where} {uri!r}: cannot open the board ({type(exc).__name__}: {exc}); check that it is "
-                "powered, connected and served at that address, or pass an emulator:// URI",
-                returncode=pytest.ExitCode.USAGE_ERROR,
+                "powered, connected and served at that address, or pass an emulator:// URI"
             )
-        dev.close_link()
+    if problem is not None:
+        _usage_error(request, problem)
     return uri
 
 
@@ -315,6 +339,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     2 (interrupted) for it as for Ctrl-C. Runs after the session fixtures' teardown."""
     if session.config.stash.get(_TERMINATED, False):
         session.exitstatus = SIGTERM_EXIT
+    elif session.config.stash.get(_USAGE, None):  # pytest-xdist: a worker's usage error, not an interrupt
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def _fresh(dev: Device) -> None:

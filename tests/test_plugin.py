@@ -548,3 +548,19 @@ def test_a_serial_lab_board_another_session_has_open_is_waited_for_as_a_locked_o
     code, out = _finish(waiting)
     assert code == 0, out
     assert float((tmp_path / "got").read_text()) > released
+
+
+@pytest.mark.parametrize("board", ["emulator://?preset=rrm", "visa://TCPIP0::127.0.0.1::1::SOCKET"])
+def test_a_bad_board_uri_under_xdist_is_the_usage_error_not_an_internal_error(
+    tmp_path: Path, board: str
+) -> None:
+    """Under pytest-xdist the URI check runs in a worker, whose pytest.exit the controller took
+    for a crash: an INTERNALERROR traceback (exit 3), and the message naming the option and
+    what is wrong was not printed at all. Now the worker stops the session with it: the
+    message is shown and the exit code is the usage error's, 4, as without xdist."""
+    pytest.importorskip("xdist")
+    tests = "".join(f"def test_{k}(xbar_board):\n    pass\n\n\n" for k in range(4))
+    (tmp_path / "test_user.py").write_text(tests)
+    code, out = _finish(_pytest(tmp_path, "-n", "2", "--xbar-board", board))
+    assert code == pytest.ExitCode.USAGE_ERROR, out
+    assert "INTERNALERROR" not in out and f"--xbar-board {board!r}" in out, out
