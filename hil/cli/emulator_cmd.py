@@ -169,8 +169,9 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Serve one emulated board until Ctrl-C (SIGINT, exit code 130) or SIGTERM (143), printing the device URIs
-        to connect with (`visa://RESOURCE` for pyvisa: drop `visa://`; `serial://PORT` and
-        `serial+socket://HOST:PORT` for the framed protocol: drop the scheme).
+        to connect with (`visa://RESOURCE` for pyvisa: drop `visa://`, and the `?check=1` that
+        --ber and --byte-drop-rate add: such a client must speak checked mode, docs/protocol.md;
+        `serial://PORT` and `serial+socket://HOST:PORT` for the framed protocol: drop the scheme).
 
         Fault options (docs/reliability.md) make it a noisy, slow or crashing board to try a
         host's recovery against; the same --fault-seed gives the same faults at the same
