@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_distributed import RUN, _final, _one_board, _snapshots
+from test_distributed import RUN, _snapshots
 
+from hil import distributed_pair
 from hil.config import load_config
+from hil.distributed_pair import final
 from hil.sweep.ray_runner import Board
 from hil.sweep.study import SweepError
 
@@ -44,7 +46,7 @@ def executor() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def one_board(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one") / "one.zarr"
-    _one_board(out, SHORT)
+    distributed_pair.one_board(out, SHORT)
     return out
 
 
@@ -63,8 +65,8 @@ def test_cli_runs_the_job_on_a_local_ray_instance(one_board: Path, tmp_path: Pat
     job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "boards b0, b1 | restarts 0" in job.stdout.splitlines()[-1]
-    w2, _, test2 = _final(out)
-    w1, _, _ = _final(one_board)
+    w2, _, test2 = final(out)
+    w1, _, _ = final(one_board)
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
     assert f"test accuracy {test2['test_acc'][-1]:.2%}" in job.stdout
@@ -111,8 +113,8 @@ def test_two_board_actors_equal_one_board_with_the_whole_batch(
     res = run_data_parallel(executor, load_config(None, SHORT), out)
     print(f"ray data parallel, 2 ranks: {time.perf_counter() - t0:.1f} s")
     assert (res.boards, res.restarts, res.epochs) == (("b0", "b1"), 0, 3)
-    w2, train2, test2 = _final(out)
-    w1, train1, test1 = _final(one_board)
+    w2, train2, test2 = final(out)
+    w1, train1, test1 = final(one_board)
     for k in w1:
         assert np.abs(w1[k]).max() > 0.1  # trained weights, not zeros
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
@@ -153,8 +155,8 @@ def test_a_killed_rank_restarts_the_job_from_the_last_snapshot(
     assert res.restarts == 1
     resumes = open_run(out).attrs.get("resumes", [])
     assert len(resumes) == 1 and 0 < resumes[0]["from_step"] < 3 * 16, resumes
-    w, train, _ = _final(out)
-    w1, train1, _ = _final(one_board)
+    w, train, _ = final(out)
+    w1, train1, _ = final(one_board)
     for k in w1:
         np.testing.assert_allclose(w[k], w1[k], rtol=0, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(train["loss"], train1["loss"], rtol=1e-5)
