@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nodal import nodal_matrix
 
 from drivers import Coupling, Topology, open_device
 from drivers.emulated import EmulatedDevice
@@ -35,39 +36,12 @@ from emulator.presets import PRESETS
 def nodal_solution(g: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Column currents of one array: row i driven at v_i through one segment into cell
     (i, 0); column j sensed at 0 V through one segment below cell (R-1, j); every node's
-    currents sum to zero. Unknowns: the row-wire and column-wire voltage at every cell."""
-    rows, cols = g.shape
-    n = rows * cols
-
-    def row_node(i: int, j: int) -> int:
-        return i * cols + j
-
-    def col_node(i: int, j: int) -> int:
-        return n + i * cols + j
-
-    a = np.zeros((2 * n, 2 * n))
-    b = np.zeros(2 * n)
-    gw = 1.0 / r
-
-    def link(p: int, q: int, c: float) -> None:
-        a[p, p] += c
-        a[q, q] += c
-        a[p, q] -= c
-        a[q, p] -= c
-
-    for i in range(rows):
-        for j in range(cols):
-            link(row_node(i, j), col_node(i, j), g[i, j])  # the device
-            if j + 1 < cols:
-                link(row_node(i, j), row_node(i, j + 1), gw)
-            if i + 1 < rows:
-                link(col_node(i, j), col_node(i + 1, j), gw)
-        a[row_node(i, 0), row_node(i, 0)] += gw  # the driver at v_i
-        b[row_node(i, 0)] += gw * v[i]
-    for j in range(cols):
-        a[col_node(rows - 1, j), col_node(rows - 1, j)] += gw  # the sense amplifier at 0 V
+    currents sum to zero (`nodal.nodal_matrix`)."""
+    a, drive, sense = nodal_matrix(g, r)
+    b = np.zeros(a.shape[0])
+    b[drive] = v / r
     x = np.linalg.solve(a, b)
-    return np.array([x[col_node(rows - 1, j)] * gw for j in range(cols)])
+    return x[sense] / r
 
 
 @pytest.mark.parametrize(("rows", "cols", "r"), [(4, 3, 50.0), (6, 5, 200.0), (3, 7, 1000.0)])

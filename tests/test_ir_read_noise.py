@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from nodal import nodal_matrix
 
 from drivers import Topology, open_device
 
@@ -33,29 +34,10 @@ def _sensitivities(g: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     below their last row, one segment of `r` ohms between neighbouring cells and at both ends."""
     rows, cols = g.shape
     n = rows * cols
-    a = np.zeros((2 * n, 2 * n))
+    a, drive, sense = nodal_matrix(g, r)
     gw = 1.0 / r
-
-    def link(p: int, q: int, c: float) -> None:
-        a[p, p] += c
-        a[q, q] += c
-        a[p, q] -= c
-        a[q, p] -= c
-
-    for i in range(rows):
-        for j in range(cols):
-            link(i * cols + j, n + i * cols + j, g[i, j])
-            if j + 1 < cols:
-                link(i * cols + j, i * cols + j + 1, gw)
-            if i + 1 < rows:
-                link(n + i * cols + j, n + (i + 1) * cols + j, gw)
-        a[i * cols, i * cols] += gw
-    sense = [n + (rows - 1) * cols + j for j in range(cols)]
-    for s in sense:
-        a[s, s] += gw
     rhs = np.zeros((2 * n, 1 + cols))
-    for i in range(rows):
-        rhs[i * cols, 0] = gw * v[i]  # the forward problem
+    rhs[drive, 0] = gw * v  # the forward problem
     for j, s in enumerate(sense):
         rhs[s, 1 + j] = gw  # output j = gw * V[s]: its adjoint
     x = np.linalg.solve(a, rhs)
