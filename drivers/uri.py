@@ -162,9 +162,20 @@ class BackendRegistry:
         # the target is everything up to '?': VISA resource strings hold '::', ports and paths
         target, _, query = rest.partition("?")
         try:
-            params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse the query string {query!r} of {uri!r}: {exc}") from exc
+        params: dict[str, str] = {}
+        for key, value in pairs:
+            if key in params:
+                # a bound given twice (a copy-paste) must not silently become its last value
+                given = [v for k, v in pairs if k == key]
+                raise ConfigurationError(
+                    f"device URI {uri!r} gives {key!r} {len(given)} times ("
+                    + ", ".join(f"{key}={v}" for v in given)
+                    + "); keep the one you mean and delete the others"
+                )
+            params[key] = value
         return scheme, target, params
 
     def parse(self, uri: str) -> tuple[Backend, str, Any]:
