@@ -6,6 +6,7 @@ The server program waits for a line on stdin before it serves (a standby: torch 
 and the board built while the host trains, so the fresh board binds the port the moment the
 dead one's is free), prints its URIs as one JSON line, and, with `hang_at` N, prints
 ``settling`` and blocks inside its N-th settle, so a test kills it in the middle of a request.
+It exits when its stdin reaches EOF, so a test process that is itself SIGKILLed leaves none behind.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _SERVER = """
-import json, sys, threading
+import json, os, sys, threading
 import torch
 torch.set_num_threads(1)
 from emulator.server.launch import serve
 board, scpi_port, framed_port, hang_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-sys.stdin.readline()  # 'go': serve now
+if not sys.stdin.readline():  # 'go': serve now; EOF: the test process is gone
+    sys.exit(0)
 served = serve(board, scpi_port=scpi_port, framed_port=framed_port, scpi_pty=False, framed_pty=False)
 inner = served.device.settle
 settles = [0]
@@ -38,7 +40,8 @@ def settle(*args, **kwargs):
     return inner(*args, **kwargs)
 served.device.settle = settle
 print(json.dumps(served.uris), flush=True)
-threading.Event().wait()
+sys.stdin.read()  # until EOF: the test closes stdin or is gone (SIGKILLed pytest leaves no server)
+os._exit(0)
 """
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING
@@ -167,6 +169,14 @@ def register(app: typer.Typer) -> None:
             min=0.0,
             help="Close a TCP connection with no byte in or out for this many seconds (0: never).",
         ),
+        exit_with_parent: bool = typer.Option(
+            False,
+            "--exit-with-parent",
+            help="Stop as on SIGTERM (servers closed, board safe, exit 143) once the process that started "
+            "this one is gone, even SIGKILLed: for a test fixture or a script that starts it in the "
+            "background (checked every 0.5 s; the parent is the process that ran `hil`, so start it "
+            "directly, not through a wrapper that stays behind).",
+        ),
     ) -> None:
         """Serve one emulated board until Ctrl-C (SIGINT, exit code 130) or SIGTERM (143), printing the device URIs
         to connect with (`visa://RESOURCE` for pyvisa: drop `visa://`, and the `?check=1` that
@@ -177,6 +187,7 @@ def register(app: typer.Typer) -> None:
         host's recovery against; the same --fault-seed gives the same faults at the same
         requests. The injected faults are counted and printed on exit, by kind (the frame
         faults of the framed links on a line of their own; --delay-ms is not counted)."""
+        parent = os.getppid()  # before the slow imports: the parent may go while they run
         import torch
 
         from drivers import open_device
@@ -237,15 +248,21 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while not stop.wait(0.5):
-                pass
+                if exit_with_parent and os.getppid() != parent:  # reparented: the parent is gone
+                    with contextlib.suppress(OSError):  # its end of a stderr pipe may be closed
+                        typer.echo(f"the parent process {parent} is gone: stopping the servers", err=True)
+                    break
         except KeyboardInterrupt:
             code = [SIGINT_EXIT]
         finally:
             served.close()  # the servers stop, the board goes to its safe state and closes
-            if plan.active:
-                typer.echo(f"faults injected: {plan.summary()}", err=True)
-            if corrupt_rate or drop_rate:
-                typer.echo(f"frame faults injected (framed links): {served.framed.frame_faults()}", err=True)
+            with contextlib.suppress(OSError):  # a stderr whose reader is gone (--exit-with-parent)
+                if plan.active:
+                    typer.echo(f"faults injected: {plan.summary()}", err=True)
+                if corrupt_rate or drop_rate:
+                    typer.echo(
+                        f"frame faults injected (framed links): {served.framed.frame_faults()}", err=True
+                    )
         raise typer.Exit(code[0])
 
     app.add_typer(emulator_app, name="emulator")
