@@ -13,6 +13,8 @@ what they need of the fault types is re-exported here.
 from __future__ import annotations
 
 import contextlib
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -26,11 +28,29 @@ from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS
 from emulator.server.ownership import BoardLock
 from emulator.server.scpi import ScpiServer
 
-__all__ = ["TRANSPORTS", "BoardLock", "FaultPlan", "Faults", "ServedBoard", "serve"]
+__all__ = ["TRANSPORTS", "BoardLock", "FaultPlan", "Faults", "PortInUse", "ServedBoard", "serve"]
 
 # the remote transports a served board is reached by, as the device URIs name them
 TRANSPORTS = ("visa-tcp", "visa-asrl", "serial-pty", "serial-socket")
 LOOPBACK = "127.0.0.1"
+
+
+class PortInUse(OSError):
+    """A TCP port a server was asked to bind is taken: `server` ("scpi" or "framed") and
+    `host`:`port` say which (the OSError's errno is EADDRINUSE)."""
+
+    def __init__(self, server: str, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"the {server} server's port {host}:{port} is already in use")
+        self.server, self.host, self.port = server, host, port
+
+
+def _listen(server: str, listen: Callable[[str, int], tuple[str, int]], host: str, port: int) -> int:
+    try:
+        return listen(host, port)[1]
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(server, host, port) from exc
+        raise
 
 
 @dataclass
@@ -126,14 +146,14 @@ def serve(
     checked = "?check=1" if plan.ber or plan.drop_rate else ""
     try:
         if scpi_port is not None:
-            port = scpi.listen_tcp(host, scpi_port)[1]
+            port = _listen("scpi", scpi.listen_tcp, host, scpi_port)
             served.uris["visa-tcp"] = f"visa://TCPIP0::{shown}::{port}::SOCKET{checked}"
         if scpi_pty:
             served.uris["visa-asrl"] = f"visa://ASRL{scpi.open_pty()}::INSTR{checked}"
         if framed_pty:
             served.uris["serial-pty"] = f"serial://{framed.open_pty()}"
         if framed_port is not None:
-            port = framed.listen_tcp(host, framed_port)[1]
+            port = _listen("framed", framed.listen_tcp, host, framed_port)
             served.uris["serial-socket"] = f"serial+socket://{shown}:{port}"
     except BaseException:
         served.close()

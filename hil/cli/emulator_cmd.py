@@ -191,7 +191,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from drivers import open_device
-        from emulator.server.launch import FaultPlan, Faults, serve
+        from emulator.server.launch import FaultPlan, Faults, PortInUse, serve
 
         torch.set_num_threads(threads)
         try:
@@ -228,6 +228,15 @@ def register(app: typer.Typer) -> None:
                 max_connections=max_connections,
                 idle_timeout_s=idle_timeout or None,
             )
+        except PortInUse as exc:
+            option = "--scpi-port" if exc.server == "scpi" else "--serial-port"
+            typer.echo(
+                f"error: cannot serve: {option} {exc.port}: {exc.host}:{exc.port} is already in use (another "
+                f"`hil emulator serve`, or another program, holds it); give another port, or {option} 0 "
+                "to pick a free one (--json prints the ports chosen, in its device URIs)",
+                err=True,
+            )
+            raise typer.Exit(2) from None
         except OSError as exc:
             typer.echo(f"error: cannot serve: {exc}", err=True)
             raise typer.Exit(2) from None
