@@ -70,6 +70,16 @@ def register(app: typer.Typer) -> None:
                 help="Folder for phase.png and phase.json (relative to here; existing ones replaced)."
             ),
         ] = Path("mhn_phase"),
+        out_range: Annotated[
+            float,
+            typer.Option(
+                min=1e-6,
+                max=1e6,
+                help="The mvm ADC's range, in weight units, that the read-out may fill (4: the emulator's); "
+                "the tile's largest weight is proportional to it, so a smaller one fits a board with a "
+                "smaller w_max (the error says what fits).",
+            ),
+        ] = 4.0,
         calibration: Annotated[
             str,
             typer.Option(
@@ -120,6 +130,7 @@ def register(app: typer.Typer) -> None:
                     seed=seed,
                     extra=(user_beta,),
                     programming=programming,
+                    out_range=out_range,
                 )
             out.mkdir(parents=True, exist_ok=True)
             png = save_phase_figure(report, out / "phase.png", f"{what} on {device}", user_beta)

@@ -63,12 +63,14 @@ def phase_diagnostic(
     extra: Sequence[float] = (),
     programming: str = "verify",
     dither: float | str = "auto",
+    out_range: float = 4.0,
 ) -> PhaseReport:
     """Store `xi` (d, N) on `device` (`programming`: a scheme of `hil.programming`), sweep beta
     over `ratios` of the derived beta_c from the same starts (and at the `extra` betas, e.g.
     the user's), and bisect `refine` times inside the bracket where the escape crosses 1/2.
     `dither` (`MHNBlock`): "auto" dithers the reads on a board whose mvm ADC quantises, so
-    that displacements of the near-centre starts below an ADC step are not rounded away."""
+    that displacements of the near-centre starts below an ADC step are not rounded away.
+    `out_range`: the mvm ADC's range in weight units the read-out may fill (`MHNBlock`)."""
     crit = critical_beta(xi)
     blk = MHNBlock(
         device,
@@ -78,6 +80,7 @@ def phase_diagnostic(
         seed=seed,
         programming=programming,
         dither=dither,
+        out_range=out_range,
     )
     # a second write: the first one's read-back finds stuck devices, and the scheme lets their
     # partners carry the weight (`hil.programming.StuckDevices`); on rram one stuck-high device

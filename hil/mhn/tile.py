@@ -87,7 +87,15 @@ class Encoding:
         k = out_range / max(bound, 1e-30)
         w_max = float(w.abs().max()) * k
         if w_max > limits.max_w_max:
-            raise ConfigurationError(f"patterns need w_max {w_max:.3g} > the board's {limits.max_w_max:g}")
+            # w_max is proportional to out_range and does not depend on the patterns' scale
+            fits = math.floor(out_range * limits.max_w_max / w_max * 1000) / 1000
+            raise ConfigurationError(
+                f"patterns need w_max {w_max:.3g} > the board's {limits.max_w_max:g} (their largest weight "
+                f"when the read-out fills the mvm ADC's out_range {out_range:g}); give out_range={fits:g} or "
+                f"less (MHNBlock(out_range=...), `hil mhn phase --out-range {fits:g}`): the reads then use "
+                f"{fits:g} of the ADC's {out_range:g} weight units. Scaling the patterns changes nothing "
+                "(the encoding is scale-free); more patterns, or longer ones, lower w_max"
+            )
         return Encoding(lo, hi, dlo, dhi, k, w_max)
 
 
