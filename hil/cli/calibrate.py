@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import time
 from pathlib import Path
@@ -143,6 +144,33 @@ def _line_current_hint(exc: Exception, limits: Limits | None) -> str:
         else ""
     )
     return f"; for a calibration, a smaller --tile-size (or --tiles ROWSxCOLS) puts fewer devices on each line{most}"
+
+
+_TOO_FEW_CHANNELS = re.compile(r"topology needs (\d+) converter channels.*?the board has (\d+) channels")
+
+
+def _channels_fix(exc: Exception, uri: str, given: int | None, asked: int | None) -> str | None:
+    """The refusal of a board with fewer converter channels than the session asked for, said
+    as the --channels that fits (the board's own message names a network's fix, or an emulated
+    board's URI); None for any other error. `given`: --channels as typed; `asked`: the node
+    channels the session used (with the default, `given` is None)."""
+    found = _TOO_FEW_CHANNELS.search(str(exc))
+    if found is None or asked is None:
+        return None
+    needed, board = int(found.group(1)), int(found.group(2))
+    fits = board - (needed - asked)  # the session's other channels (the bias line) come on top
+    if fits < 1:
+        return None
+    what = f"--channels {given}" if given is not None else f"the default --channels {asked}"
+    more = (
+        f" (or give the emulated board more: &channels={needed} in its URI)"
+        if uri.startswith("emulator:")
+        else ""
+    )
+    return (
+        f"{what} needs {needed} converter channels; the board has {board}: give --channels {fits} or less "
+        f"(a network uses channels 0 .. its node count - 1){more}"
+    )
 
 
 def _report_pages(first: Path, tiles: int) -> list[Path]:
@@ -320,6 +348,7 @@ def register(app: typer.Typer) -> None:
         bars = Bars() if show_progress(progress) else StageLines()
         stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
         limits: Limits | None = None  # the board's, once it is open
+        asked: int | None = None  # the node channels the session uses, once known
         chosen: tuple[str, ...] = ()
         try:
             with open_device(uri) as dev:
@@ -372,6 +401,7 @@ def register(app: typer.Typer) -> None:
                         f"({dev.info.limits.max_pulses} per call on this board); budget {budget}: {source}"
                     )
                 n, adc = options.node_channels(), options.adc_channels()
+                asked = n
                 said = []
                 if channels is not None and n != channels:
                     said.append(
@@ -402,7 +432,8 @@ def register(app: typer.Typer) -> None:
         except user_errors() as exc:
             bars.close()
             kept = f"; {_keep_partial(stopped, out, image_path)}" if stopped else ""
-            raise fail(f"{exc}{_line_current_hint(exc, limits)}{kept}") from None
+            said = _channels_fix(exc, uri, channels, asked) or f"{exc}{_line_current_hint(exc, limits)}"
+            raise fail(f"{said}{kept}") from None
         bars.close()
         try:
             write(record, out)  # atomic: an interrupted write leaves what was at `out` before
