@@ -46,3 +46,15 @@ def test_distinct_keys_still_parse() -> None:
         "max_batch": "64",
         "seed": "0",
     }
+
+
+def test_a_served_boards_uri_with_a_parameter_it_has_replaces_it() -> None:
+    """`ServedBoard.uri` (behind the plugin's `device_on`) pasted parameters onto its URI: on a
+    board with byte faults, whose SCPI URIs carry ``?check=1``, ``check=...`` came twice."""
+    from hil.testing import FaultPlan, served_board
+
+    with served_board(plan=FaultPlan(ber=1e-9)) as servers:
+        uri = servers.uri("visa-tcp", check="1", timeout="2")
+        assert uri.count("check=") == 1 and uri.endswith("?check=1&timeout=2"), uri
+        with open_device(uri) as dev:
+            assert dev.info.identity.model

@@ -17,6 +17,7 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
+from urllib.parse import parse_qsl
 
 from drivers import open_device
 from drivers.base import Device
@@ -75,11 +76,15 @@ class ServedBoard:
         return {t: uri.split("://", 1)[1].split("?", 1)[0] for t, uri in self.uris.items()}
 
     def uri(self, transport: str, **params: str) -> str:
-        """The device URI of `transport` with query parameters (``timeout="1"``) added."""
+        """The device URI of `transport` with query parameters (``timeout="1"``) added; one the
+        URI has already (``check=1`` of a board with byte faults) is replaced, not repeated (a
+        device URI refuses a key given twice)."""
         base = self.uris[transport]
         if not params:
             return base
-        return base + ("&" if "?" in base else "?") + "&".join(f"{k}={v}" for k, v in params.items())
+        target, _, query = base.partition("?")
+        merged = {**dict(parse_qsl(query, keep_blank_values=True)), **params}
+        return target + "?" + "&".join(f"{k}={v}" for k, v in merged.items())
 
     def close(self) -> None:
         try:
