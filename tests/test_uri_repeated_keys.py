@@ -58,3 +58,16 @@ def test_a_served_boards_uri_with_a_parameter_it_has_replaces_it() -> None:
         assert uri.count("check=") == 1 and uri.endswith("?check=1&timeout=2"), uri
         with open_device(uri) as dev:
             assert dev.info.identity.model
+
+
+def test_serve_refuses_a_set_key_given_twice() -> None:
+    """`hil emulator serve --set max_batch=64 --set max_batch=32` built its URI from a dict:
+    the same copy-paste as in a URI's query, and 32 was served without a word."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", "--preset", "ideal", "--scpi-port", "-1"]
+    cmd += ["--set", "max_batch=64", "--set", "max_batch=32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--set max_batch given twice (--set max_batch=64, --set max_batch=32)" in done.stderr

@@ -30,11 +30,16 @@ def board_uri(preset: str, seed: int, capabilities: str | None = None, sets: lis
     params = {"preset": preset, "seed": str(seed)}
     if capabilities is not None:
         params["capabilities"] = capabilities
+    given: dict[str, str] = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set takes KEY=VALUE, got {item!r}")
-        params[key] = value
+        if key in given:  # as a URI's query: a bound given twice must not become its last value
+            raise typer.BadParameter(
+                f"--set {key} given twice (--set {key}={given[key]}, --set {key}={value}); keep the one you mean"
+            )
+        given[key] = params[key] = value
     return replace_params("emulator://", **params)
 
 
