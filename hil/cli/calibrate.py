@@ -149,28 +149,79 @@ def _line_current_hint(exc: Exception, limits: Limits | None) -> str:
 _TOO_FEW_CHANNELS = re.compile(r"topology needs (\d+) converter channels.*?the board has (\d+) channels")
 
 
-def _channels_fix(exc: Exception, uri: str, given: int | None, asked: int | None) -> str | None:
+def _channels_needed(routine: str, shapes: tuple[tuple[int, int], ...]) -> int | None:
+    """Converter channels the network of `routine` needs on tiles `shapes` (None: a routine
+    whose network is the node channels'): mvm drives the first tile's rows and columns at
+    once, stuck/gmap/pulse every tile's (`tile_topology`), settle a layered
+    rows-cols-min(cols, 32) (`calibration.settling`)."""
+    rows, cols = shapes[0]
+    if routine == "mvm":
+        return rows + cols
+    if routine == "settle":
+        return rows + cols + min(cols, 32)
+    if routine in ("stuck", "gmap", "pulse"):
+        return sum(r + c for r, c in shapes)
+    return None
+
+
+def _channels_fix(
+    exc: Exception,
+    uri: str,
+    given: int | None,
+    asked: int | None,
+    stage: str | None,
+    shapes: tuple[tuple[int, int], ...],
+    chosen: tuple[str, ...],
+) -> str | None:
     """The refusal of a board with fewer converter channels than the session asked for, said
-    as the --channels that fits (the board's own message names a network's fix, or an emulated
-    board's URI); None for any other error. `given`: --channels as typed; `asked`: the node
-    channels the session used (with the default, `given` is None)."""
+    as the --channels and --tile-size that fit (the board's own message names a network's fix,
+    or an emulated board's URI); None for any other error. `given`: --channels as typed (None:
+    the default); `asked`: the node channels the session used; `stage`: the routine refused
+    ("": between routines, where the device routines configure every tile); `chosen`: the
+    session's routines."""
     found = _TOO_FEW_CHANNELS.search(str(exc))
-    if found is None or asked is None:
+    if found is None or asked is None or stage is None:
         return None
     needed, board = int(found.group(1)), int(found.group(2))
-    fits = board - (needed - asked)  # the session's other channels (the bias line) come on top
-    if fits < 1:
+    stage = stage.split("[")[0] or "stuck"
+    fixes, what = [], ""
+    node_fits = board
+    if stage in ("adc", "dac"):
+        node_fits = board - (needed - asked)  # the node channels' others (the bias line) come on top
+        if node_fits < 1:
+            return None
+        if "mvm" in chosen and (given or 0) < asked == max(shapes[0]):  # the tile's lines set the count
+            what = f"the first tile's {asked} lines (the mvm routine calibrates each) need"
+        else:
+            what = (
+                f"--channels {given} needs" if given is not None else f"the default --channels {asked} needs"
+            )
+            fixes.append(f"--channels {node_fits} or less")
+    elif _channels_needed(stage, shapes) == needed:
+        what = f"the {stage} routine's network on the tiles {','.join(f'{r}x{c}' for r, c in shapes)} needs"
+    else:
         return None
-    what = f"--channels {given}" if given is not None else f"the default --channels {asked}"
+    # the tiles every routine of the session fits with, and the lines the mvm routine makes channels
+    tiles = [r for r in chosen if _channels_needed(r, shapes) is not None]
+    largest = max(max(s) for s in shapes)
+
+    def fits(n: int) -> bool:
+        square = tuple((n, n) for _ in shapes)
+        return all((_channels_needed(r, square) or 0) <= board for r in tiles) and (
+            "mvm" not in chosen or n <= node_fits
+        )
+
+    if not fits(largest):
+        side = max((n for n in range(1, largest) if fits(n)), default=0)
+        if not side:
+            return None
+        fixes.append(f"--tile-size {side} or less (or --tiles as small)")
     more = (
         f" (or give the emulated board more: &channels={needed} in its URI)"
         if uri.startswith("emulator:")
         else ""
     )
-    return (
-        f"{what} needs {needed} converter channels; the board has {board}: give --channels {fits} or less "
-        f"(a network uses channels 0 .. its node count - 1){more}"
-    )
+    return f"{what} {needed} converter channels; the board has {board}: give {' and '.join(fixes)}{more}"
 
 
 def _report_pages(first: Path, tiles: int) -> list[Path]:
@@ -432,7 +483,10 @@ def register(app: typer.Typer) -> None:
         except user_errors() as exc:
             bars.close()
             kept = f"; {_keep_partial(stopped, out, image_path)}" if stopped else ""
-            said = _channels_fix(exc, uri, channels, asked) or f"{exc}{_line_current_hint(exc, limits)}"
+            # the routine refused: the one running, or the first when none had finished
+            stage = (stopped[-1].session.get("stopped_in") or "") if stopped else (chosen or (None,))[0]
+            said = _channels_fix(exc, uri, channels, asked, stage, shapes, chosen)
+            said = said or f"{exc}{_line_current_hint(exc, limits)}"
             raise fail(f"{said}{kept}") from None
         bars.close()
         try:
