@@ -170,3 +170,44 @@ def test_a_board_power_cycled_with_the_same_limits_configures_as_before() -> Non
             assert s.device.safety().refused == 0
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("transport", ["serial-pty", "visa-asrl"])
+def test_a_board_that_lost_its_arrays_behind_a_serial_line_is_seen_at_the_next_configure(
+    transport: str,
+) -> None:
+    """A board of the same limits powered up again with its arrays lost (erased, or an identical
+    spare) between two configures (a training step configures twice when its free and nudged
+    budgets differ): the configure's STATUS shows another arrays_id. With no repair set the
+    configure raises ArraysLost; with one the tiles are programmed again and an mvm reads what
+    the host programmed. Before, the configure went through and the host went on with the
+    spare's devices, unprogrammed (an mvm of them, not of the weights, and no error)."""
+    from drivers import repair_lost_arrays
+    from drivers.errors import ArraysLost
+
+    topo = Topology.layered([3, 2])
+    gp = np.full((4, 2), 6e-6, np.float32)
+    gm = np.full((4, 2), 2e-6, np.float32)
+    x = np.full((1, 4), 0.5, np.float32)
+    s = serve("emulator://?preset=ideal&seed=0", scpi_port=None, framed_port=None)
+    try:
+        with open_device(s.uris[transport]) as d:
+            d.configure(topo)
+            d.program("W0", gp, gm)
+            want = d.mvm("W0", x)
+            with s.device.lock:
+                s.device.board.lose_arrays()  # type: ignore[attr-defined]
+            with pytest.raises(ArraysLost, match="no longer hold what was programmed"):
+                d.configure(topo)
+
+            def program_again(dev: object) -> None:
+                d.program("W0", gp, gm)
+
+            with s.device.lock:
+                s.device.board.lose_arrays()  # type: ignore[attr-defined]
+            with repair_lost_arrays([d], program_again):
+                d.configure(topo)
+            np.testing.assert_allclose(d.mvm("W0", x), want, rtol=1e-6)
+            assert s.device.safety().refused == 0
+    finally:
+        s.close()

@@ -627,7 +627,7 @@ class RemoteDevice(Device):
             "board and start again (a training run: its --resume command, which programs every tile)"
         )
 
-    def _same_board(self) -> None:
+    def _same_board(self) -> BoardStatus | None:
         """Before a configure: is the board behind the link the one whose limits the host
         checks against? A serial line does not break when its board is power-cycled or swapped
         for a spare, and a fresh board may start at the epoch the host last saw; once the host
@@ -638,9 +638,10 @@ class RemoteDevice(Device):
         another power-up, and the board's INFO is read again (`BoardChanged`, nothing sent, if
         it declares other limits). A board without STATUS has its INFO read before the first
         configure. One small exchange per configure (twice a training step with separate
-        free and nudged budgets)."""
+        free and nudged budgets). Returns the STATUS of a board powered up again with the same
+        limits (None otherwise), whose arrays `configure` checks once it is configured."""
         if self._broken:
-            return  # the transaction's own recovery reads STATUS and INFO again
+            return None  # the transaction's own recovery reads STATUS and INFO again
         try:  # with the transactions' recovery: a link that fails here is retried as ever
             status: BoardStatus | None = pl.board_status(self._transact(Op.STATUS, Message()))
         except DeviceFault as exc:
@@ -650,13 +651,13 @@ class RemoteDevice(Device):
         if status is None:
             if self._topology is None:
                 self._board_info(self._transact(Op.INFO, Message()).meta, at_configure=True)
-            return
+            return None
         epoch = self._epoch is not None and status.epoch != self._epoch
         arrays = (
             self._arrays is not None and status.arrays_id is not None and status.arrays_id != self._arrays
         )
         if not (epoch or arrays):
-            return
+            return None
         log.warning(
             "%s: the board behind the link was powered up again or swapped (epoch %s, before %s; "
             "arrays_id %s, before %s); reading its INFO again before configuring it", self.name,
@@ -664,6 +665,7 @@ class RemoteDevice(Device):
         )  # fmt: skip
         self._board_info(self._transact(Op.INFO, Message()).meta, at_configure=True)  # BoardChanged?
         self._epoch = status.epoch
+        return status
 
     def _check_arrays(self, status: BoardStatus, *, repair: bool = True) -> None:
         """After a reconnect or a reset: if the board's STATUS `arrays_id` is not the value seen
@@ -871,11 +873,20 @@ class RemoteDevice(Device):
 
     def configure(self, topology: Topology) -> None:
         with self.lock:
-            self._same_board()
+            powered_up = self._same_board()
             self._checked(checks.check_topology, topology, self.info.limits)
             self._transact(Op.CONFIGURE, Message(pl.topology_to_dict(topology)))
             self._wear.configured(topology)
-            self._topology = topology
+            before, self._topology = self._topology, topology
+            if powered_up is None:
+                return
+            if before is None:  # nothing programmed on the host's side yet: nothing lost
+                self._arrays = powered_up.arrays_id
+                return
+            # the same limits, but its arrays may be another chip's or erased: programmed again
+            # with the repair set (`repair_lost_arrays`), else `ArraysLost`, as after a
+            # reconnect; without this the host went on with the devices' own values
+            self._check_arrays(powered_up)
 
     def program(
         self,
