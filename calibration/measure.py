@@ -187,7 +187,7 @@ def board_scales(limits: Limits | None) -> tuple[float, float]:
     gain of at most 0.5 (Topology.gain)'), something no `hil calibrate` option sets."""
     if limits is None:
         return 1.0, 1.0
-    return min(1.0, limits.max_gain), min(1.0, limits.max_w_max)
+    return limits.unit_scales
 
 
 def tile_topology(

@@ -105,6 +105,13 @@ class Limits:
     # pulses either way (also what a board or peer that predates the field is taken to have)
     one_sided: bool = False
 
+    @property
+    def unit_scales(self) -> tuple[float, float]:
+        """(gain, w_max) of a network whose scale the caller does not choose (conformance
+        checks, calibration routines, demos): 1 and 1, or the most this board declares
+        (`max_gain`, `max_w_max`) where that is less, so that its configure is not refused."""
+        return min(1.0, self.max_gain), min(1.0, self.max_w_max)
+
     @cached_property  # every checked array asks (each mvm of a host-iterated settle): found once
     def clamp_max(self) -> float:
         """Largest normalised clamp value the read-voltage limit allows: the largest float32

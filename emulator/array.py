@@ -732,7 +732,8 @@ class TileArray:
             m = [self._ir[k].effective(g[k]) for k in (0, 1)]
             both = m[0] + m[1]
             self._eff_lines = (both.sum(1), both.sum(0))
-            self._noise_atten = _attenuation_rms(g, m)
+            if self.model.read_noise > 0:  # what it scales: none without read noise
+                self._noise_atten = _attenuation_rms(g, m)
             w = torch.sub(m[0], m[1], out=self._cache).div_(self.model.g_range)
         else:
             w = torch.sub(g[0], g[1], out=self._cache).div_(self.model.g_range)

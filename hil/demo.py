@@ -75,7 +75,7 @@ def run_demo(
         # within the steps the board declares
         budget = SettleBudget(max_steps=200, tol=1e-3, dt=0.5).capped(limits.max_settle_steps)
         # gain 1 and w_max 1, or the board's max_gain / max_w_max where it declares less
-        gain, w_max = min(1.0, limits.max_gain), min(1.0, limits.max_w_max)
+        gain, w_max = limits.unit_scales
         topology = Topology.layered(list(sizes), budget=budget, gain=gain, w_max=w_max)
         path = settle_path(dev, settle)
         minimiser = dev.settle if path == "board" else HostSettle(dev)

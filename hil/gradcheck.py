@@ -68,7 +68,7 @@ def check_block(
     # gain 1 and w_max 1, or the board's max_gain / max_w_max where it declares less (the
     # reference takes both from the topology; a board of a narrower scale refused the configure)
     lim = device.info.limits
-    gain, w_max = min(1.0, lim.max_gain), min(1.0, lim.max_w_max)
+    gain, w_max = lim.unit_scales
     if dense:
         groups = {"x": sizes[0], **{f"h{k}": n for k, n in enumerate(sizes[1:-1])}, "y": sizes[-1]}
         topo = Topology.dense(groups, budget=budget, activation=activation, gain=gain, w_max=w_max)

@@ -11,7 +11,7 @@ from drivers.topology import BIAS, Coupling, Topology
 from drivers.wire import payload as pl
 from drivers.wire.payload import LOCK_CAPABILITY
 from hil.conformance.report import Mismatch
-from hil.conformance.session import Session, scales
+from hil.conformance.session import Session
 
 
 def identity(sess: Session) -> None:
@@ -115,7 +115,7 @@ def _max_tiles(sess: Session, sent: list[str]) -> str:
     """A board that declares more tiles than it has passes every other check (the test network
     needs two) and fails mid-training on a network of more tiles."""
     n = min(sess.lim.max_tiles, MAX_TILES_CHECKED)
-    gain, w_max = scales(sess.lim)
+    gain, w_max = sess.lim.unit_scales
     chain = Topology.layered([1] * (n + 1), budget=sess.topo.budget, gain=gain, w_max=w_max)
     sent.append(f"layered 1-1-...-1 ({n + 1} layers: {n} tiles of 2 x 1), then the test network")
     sess.dev.configure(chain)
@@ -132,7 +132,7 @@ def _largest_tile(sess: Session, sent: list[str]) -> str:
     tile it declares, which a placement that fills the board asks for; nothing is programmed."""
     rows, cols = sess.lim.tile_rows_max, sess.lim.tile_cols_max
     sources = ("m0", BIAS) if rows > 1 else ("m0",)
-    gain, w_max = scales(sess.lim)
+    gain, w_max = sess.lim.unit_scales
     topo = Topology(
         {"m0": rows - len(sources) + 1, "m1": cols},
         (Coupling("W0", sources, ("m1",), w_max=w_max),),

@@ -21,7 +21,7 @@ from drivers.wire import frames
 from drivers.wire import payload as pl
 from hil.conformance.mvm import mvm_tolerance
 from hil.conformance.report import Check, Mismatch
-from hil.conformance.session import WRITE_ALLOWANCE, Session, desc, expect_array, scales
+from hil.conformance.session import WRITE_ALLOWANCE, Session, desc, expect_array
 
 Send = Callable[[pl.Op, pl.Message], pl.Message]
 FRAGMENT = frames.MAX_FRAGMENT  # payload bytes of one frame at most (docs/protocol.md section 3)
@@ -114,7 +114,7 @@ def _failed(exc: DeviceError, what: str, scpi: bool) -> Mismatch:
 
 def _large(sess: Session, sent: list[str], send: Send, shape: tuple[int, int], scpi: bool) -> str:
     rows, cols = shape
-    gain, w_max = scales(sess.lim)
+    gain, w_max = sess.lim.unit_scales
     coupling = Coupling(TILE, ("f0",), ("f1",), w_max=w_max)
     topo = Topology({"f0": rows, "f1": cols}, (coupling,), budget=sess.topo.budget, gain=gain)
     mid = sess.lim.g_min + 0.5 * sess.g_range
@@ -157,7 +157,7 @@ def _program_read_mvm(
     if batch > sess.lim.max_batch:
         return f"{got}; no mvm: a batch of {batch} is needed, max_batch is {sess.lim.max_batch}"
     gp_avg, gm_avg, _ = sess.read_avg(TILE)
-    w = scales(sess.lim)[1] * (gp_avg - gm_avg) / r
+    w = sess.lim.unit_scales[1] * (gp_avg - gm_avg) / r
     # inputs scaled to the test network's 6 rows: the products stay within the range of the
     # main mvm check (an mvm ADC clips outputs of a whole 65-row tile at full inputs)
     x = (sess.inputs((batch, rows)) * min(1.0, 6.0 / rows)).astype(np.float32)

@@ -17,7 +17,7 @@ from drivers.topology import Coupling, Topology
 from drivers.wire import payload as pl
 from hil.conformance.framed import Send
 from hil.conformance.report import Check, Mismatch
-from hil.conformance.session import Session, desc, scales
+from hil.conformance.session import Session, desc
 
 TILE = "L0"
 NAME = "line current limit"
@@ -104,7 +104,7 @@ def checks(sess: Session) -> None:
 
 
 def _line(sess: Session, sent: list[str], send: Send, t: LineTile) -> str:
-    gain, w_max = scales(sess.lim)
+    gain, w_max = sess.lim.unit_scales
     topo = Topology(
         {"l0": t.rows, "l1": t.cols},
         (Coupling(TILE, ("l0",), ("l1",), w_max=w_max),),
@@ -198,7 +198,7 @@ def _over_and_under(sess: Session, sent: list[str], send: Send, t: LineTile) -> 
         yu = _mvm(send, xu, t)
     except DeviceError as exc:
         # the product (every input x_under): past most read-outs' rails
-        w_max = scales(sess.lim)[1]
+        w_max = sess.lim.unit_scales[1]
         y_expected = w_max * float(x_under) * float(held[0].sum() - held[1].sum()) / sess.g_range
         saturates = "" if isinstance(exc, LimitViolation) else f" ({SATURATION}: about {y_expected:.4g} here)"
         raise Mismatch(

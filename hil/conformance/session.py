@@ -92,16 +92,8 @@ def plan_topology(limits: Limits, options: Options) -> Topology:
     # convergence is checked first after 20 steps: a settle that stops on its noise floor after a
     # few steps would still lag its fixed point (by dt^steps of the distance from the start)
     budget = SettleBudget(max_steps=200, tol=1e-3, dt=0.5, check_every=20).capped(limits.max_settle_steps)
-    gain, w_max = scales(limits)
+    gain, w_max = limits.unit_scales
     return Topology.layered(sizes, budget=budget, gain=gain, w_max=w_max)
-
-
-def scales(limits: Limits) -> tuple[float, float]:
-    """The gain and coupling w_max of every network the checks configure: 1 and 1, or the most
-    the board declares (`max_gain`, `max_w_max`) where that is less. A board that declares a
-    narrower gain or weight scale failed the configure checks on the host's own refusal, and
-    every check after them; the checks' predictions take both from the topology."""
-    return min(1.0, limits.max_gain), min(1.0, limits.max_w_max)
 
 
 def desc(a: Any) -> str:

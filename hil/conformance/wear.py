@@ -18,7 +18,7 @@ from drivers.topology import Coupling, Topology
 from drivers.wear import near_end_from
 from drivers.wire import payload as pl
 from hil.conformance.report import Check, Mismatch
-from hil.conformance.session import Session, scales
+from hil.conformance.session import Session
 
 NAME = "wear"
 TILE = "E0"  # the 1 x 1 tile whose two devices the write and pulse checks wear
@@ -53,7 +53,7 @@ def checks(sess: Session) -> None:
     pulses = "pulse" in sess.caps and n >= 1
     neg = 1 if sess.lim.one_sided else n
     spend = 1 + (n + neg if pulses else 0)
-    gain, w_max = scales(sess.lim)
+    gain, w_max = sess.lim.unit_scales
     coupling = Coupling(TILE, ("e0",), ("e1",), w_max=w_max)
     topo = Topology({"e0": 1, "e1": 1}, (coupling,), budget=sess.topo.budget, gain=gain)
     left = _left(sess, topo)

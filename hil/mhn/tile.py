@@ -113,11 +113,11 @@ def topology(
     declares fewer, with a fix about a budget the user of an MHN block never sets). `max_gain`:
     the board's (`Limits.max_gain`); the gain, which no settle uses either, keeps within it
     (gain 1 was refused by a board declaring less, naming Topology.gain)."""
-    steps = SettleBudget().max_steps if max_steps is None else min(SettleBudget().max_steps, max_steps)
+    budget = SettleBudget() if max_steps is None else SettleBudget().capped(max_steps)
     return Topology(
         {STATE: d, SIM: n},
         (Coupling(tile, (STATE, BIAS), (SIM,), w_max=w_max),),
         mode="mvm",
-        budget=SettleBudget(max_steps=steps, check_every=min(SettleBudget().check_every, steps)),
+        budget=budget,
         gain=1.0 if max_gain is None else min(1.0, max_gain),
     )
