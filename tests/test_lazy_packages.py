@@ -55,15 +55,21 @@ def test_type_checking_imports_match_the_homes(package: ModuleType) -> None:
     assert imported == {module: set(names) for module, names in package._HOMES.items()}
 
 
+def _printed(code: str) -> str:
+    """What `code` prints, run in a fresh interpreter (a module loaded by an earlier test of this
+    process would be in sys.modules already)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout.strip()
+
+
 def test_light_modules_import_no_numerics() -> None:
     code = (
         "import sys, drivers, drivers.capabilities, drivers.errors, calibration, calibration.routines\n"
         "print(','.join(m for m in ('numpy', 'torch', 'zarr') if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert done.stdout.strip() == ""
+    assert _printed(code) == ""
 
 
 def test_device_layer_imports_no_torch() -> None:
@@ -77,10 +83,7 @@ def test_device_layer_imports_no_torch() -> None:
         "Topology.layered([4, 3], activation='soft_sigmoid:0.05')\n"
         "print(','.join(m for m in ('torch', 'drivers.activation_curves') if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert done.stdout.strip() == ""
+    assert _printed(code) == ""
 
 
 def test_curve_names_resolve_to_the_curves() -> None:
@@ -112,7 +115,4 @@ def test_run_log_readers_import_no_torch() -> None:
         "import sys, hil.runlog, hil.runlog.reader, hil.runlog.summary, hil.runlog.meta, hil.runlog.state\n"
         "print(','.join(m for m in ('torch', 'hil.runlog.writer', 'drivers.base') if m in sys.modules))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert done.stdout.strip() == ""
+    assert _printed(code) == ""
