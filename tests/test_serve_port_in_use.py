@@ -32,13 +32,13 @@ def test_a_taken_port_names_the_option_the_port_and_port_0(option: str, other: s
 
 
 def test_the_launcher_says_which_server_s_port_is_taken() -> None:
-    from emulator.server.launch import PortInUse, serve
+    from emulator.server.launch import ListenPortTaken, serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(PortInUse) as info:
+        with pytest.raises(ListenPortTaken) as info:
             serve(
                 "emulator://?preset=ideal", scpi_port=None, framed_port=port, scpi_pty=False, framed_pty=False
             )

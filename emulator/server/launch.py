@@ -29,14 +29,14 @@ from emulator.server.links import IDLE_TIMEOUT_S, MAX_CONNECTIONS
 from emulator.server.ownership import BoardLock
 from emulator.server.scpi import ScpiServer
 
-__all__ = ["TRANSPORTS", "BoardLock", "FaultPlan", "Faults", "PortInUse", "ServedBoard", "serve"]
+__all__ = ["TRANSPORTS", "BoardLock", "FaultPlan", "Faults", "ListenPortTaken", "ServedBoard", "serve"]
 
 # the remote transports a served board is reached by, as the device URIs name them
 TRANSPORTS = ("visa-tcp", "visa-asrl", "serial-pty", "serial-socket")
 LOOPBACK = "127.0.0.1"
 
 
-class PortInUse(OSError):
+class ListenPortTaken(OSError):
     """A TCP port a server was asked to bind is taken: `server` ("scpi" or "framed") and
     `host`:`port` say which (the OSError's errno is EADDRINUSE)."""
 
@@ -50,7 +50,7 @@ def _listen(server: str, listen: Callable[[str, int], tuple[str, int]], host: st
         return listen(host, port)[1]
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(server, host, port) from exc
+            raise ListenPortTaken(server, host, port) from exc
         raise
 
 

@@ -196,7 +196,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from drivers import open_device
-        from emulator.server.launch import FaultPlan, Faults, PortInUse, serve
+        from emulator.server.launch import FaultPlan, Faults, ListenPortTaken, serve
 
         torch.set_num_threads(threads)
         try:
@@ -233,7 +233,7 @@ def register(app: typer.Typer) -> None:
                 max_connections=max_connections,
                 idle_timeout_s=idle_timeout or None,
             )
-        except PortInUse as exc:
+        except ListenPortTaken as exc:
             option = "--scpi-port" if exc.server == "scpi" else "--serial-port"
             typer.echo(
                 f"error: cannot serve: {option} {exc.port}: {exc.host}:{exc.port} is already in use (another "
