@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -47,6 +47,18 @@ def _renoise(term: Term, i: int, tile: TileArray, w_max: float) -> None:
     (`_read_noise_k`), after a write changed it."""
     dst, a, b, _k = term.dsts[i]
     term.dsts[i] = (dst, a, b, _read_noise_k(tile, w_max))
+
+
+class _Piece(NamedTuple):
+    """One block of a coupling as a matmul source of a destination group, while a plan is built:
+    its tile and the coupling's w_max give its read-noise coefficient (`_read_noise_k`)."""
+
+    dst: str
+    block: torch.Tensor
+    noise_k: float
+    pair: tuple[int, bool]  # (index into Plan.energy_pairs, block is transposed)
+    tile: TileArray
+    w_max: float
 
 
 @dataclass
@@ -246,10 +258,7 @@ class SettlePlanner:
                 plan.epochs = epochs
             return plan
         topo = self.board.topology
-        pieces: dict[str, list[tuple[str, torch.Tensor, float, tuple[int, bool]]]] = {}
-        # per piece (keyed by its tuple's id): its tile and coupling's w_max, whose read-noise
-        # coefficient (`_read_noise_k`) is refreshed with the plan after each write
-        noise_of: dict[int, tuple[TileArray, float]] = {}
+        pieces: dict[str, list[_Piece]] = {}
         energy_pairs: list[tuple[str, str, torch.Tensor, float]] = []
         refreshers: list[Callable[[], object]] = []
         for c in topo.couplings:
@@ -275,34 +284,34 @@ class SettlePlanner:
                         refreshers.append(partial(torch.mul, block, mask, out=masked))
                         block = masked
                     if cg not in clamped:
-                        pieces.setdefault(rg, []).append((cg, block, noise_k, (len(energy_pairs), False)))
-                        noise_of[id(pieces[rg][-1])] = (tile, c.w_max)
+                        pair = (len(energy_pairs), False)
+                        pieces.setdefault(rg, []).append(_Piece(cg, block, noise_k, pair, tile, c.w_max))
                     if c.kind == "bipartite" and rg != BIAS and rg not in clamped:
-                        pieces.setdefault(cg, []).append((rg, block.T, noise_k, (len(energy_pairs), True)))
-                        noise_of[id(pieces[cg][-1])] = (tile, c.w_max)
+                        pair = (len(energy_pairs), True)
+                        pieces.setdefault(cg, []).append(_Piece(rg, block.T, noise_k, pair, tile, c.w_max))
                     factor = 0.5 if (c.kind == "dense" and rg != BIAS) else 1.0
                     energy_pairs.append((rg, cg, block, factor))
                     c0 += cn
                 r0 += rn
         const_terms, dyn_terms = [], []
         for src, items in pieces.items():
-            blocks = [b for _, b, _, _ in items]
+            blocks = [item.block for item in items]
             if len(blocks) == 1:
                 matrix = blocks[0].T
             else:
                 matrix = torch.cat(blocks, dim=1).T.contiguous()
                 refreshers.append(partial(copy_joined, matrix, blocks))
             dsts, start = [], 0
-            for dst, b, k, _pair in items:
-                dsts.append((dst, start, start + b.shape[1], k))
-                start += b.shape[1]
-            term = Term(src, matrix, dsts, any(k > 0 for _, _, k, _ in items), [p for *_, p in items])
+            for item in items:
+                dsts.append((item.dst, start, start + item.block.shape[1], item.noise_k))
+                start += item.block.shape[1]
+            noisy = any(item.noise_k > 0 for item in items)
+            term = Term(src, matrix, dsts, noisy, [item.pair for item in items])
             for i, item in enumerate(items):
-                src_tile, w_max = noise_of[id(item)]
-                mod = src_tile.model
+                mod = item.tile.model
                 # the figure changes with a write where the wires or the devices' state set it
                 if mod.read_noise > 0 and (mod.wire_resistance > 0 or mod.statistics != "constant"):
-                    refreshers.append(partial(_renoise, term, i, src_tile, w_max))
+                    refreshers.append(partial(_renoise, term, i, item.tile, item.w_max))
             (const_terms if (src == BIAS or src in clamped) else dyn_terms).append(term)
         free = [g for g in topo.groups if g not in clamped]
         plan = Plan(free, const_terms, dyn_terms, energy_pairs, self.line_conductance())
