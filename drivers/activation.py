@@ -127,43 +127,41 @@ class Activation:
         return self.kind == "hard_sigmoid"
 
     # ------------------------------------------------------------------------------ curves
-    # computed by `drivers.activation_curves` (torch), imported at the first curve computed
+    # computed by `drivers.activation_curves` (torch), imported at the first curve computed (an
+    # import statement of a loaded module: a dictionary lookup per call)
     def rho(self, u: Tensor, gain: float) -> Tensor:
         """The node's output for the drive `u`."""
-        return _curves.rho(self, u, gain)
+        from drivers import activation_curves
+
+        return activation_curves.rho(self, u, gain)
 
     def rho_(self, x: Tensor, gain: float) -> Tensor:
         """`rho` in place on the drive `x` (the settle loops' buffers); returns `x`."""
-        return _curves.rho_(self, x, gain)
+        from drivers import activation_curves
+
+        return activation_curves.rho_(self, x, gain)
 
     def rho_prime(self, u: Tensor, gain: float) -> Tensor:
         """d rho / du: for the hard sigmoid ``gain`` off the rails and 0 on them (its value at
         the corners themselves is the one-sided 0)."""
-        return _curves.rho_prime(self, u, gain)
+        from drivers import activation_curves
+
+        return activation_curves.rho_prime(self, u, gain)
 
     def inverse(self, s: Tensor, gain: float) -> Tensor:
         """The drive u with ``rho(u) = s`` (for the hard sigmoid: ``s / gain``, the leak's
         current); ±inf at the rails of the smooth curves."""
-        return _curves.inverse(self, s, gain)
+        from drivers import activation_curves
+
+        return activation_curves.inverse(self, s, gain)
 
     def leak(self, s: Tensor, gain: float) -> Tensor:
         """The energy's node term ``G(s)``, elementwise: ``G' = rho^{-1}``, so that the energy
         ``sum_free G(s) - Phi(s)`` is stationary exactly at ``s = rho(dPhi/ds)``. Finite on
         [0, 1] (states at the rails included); G(rho(0)) = 0."""
-        return _curves.leak(self, s, gain)
+        from drivers import activation_curves
 
-
-class _Curves:
-    """`drivers.activation_curves`, imported at the first attribute read; each attribute is
-    then kept on this object, so a curve's call costs one attribute lookup more than before."""
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(importlib.import_module("drivers.activation_curves"), name)
-        setattr(self, name, value)
-        return value
-
-
-_curves = _Curves()
+        return activation_curves.leak(self, s, gain)
 
 
 def __getattr__(name: str) -> Any:
