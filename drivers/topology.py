@@ -241,10 +241,17 @@ class Topology:
         drive the same destination map with the same kernel size, padding and pool."""
         first: dict[str, Coupling] = {}
         for c in self.couplings:
-            if c.kind != "conv" or not c.pool_group:
+            if c.kind != "conv":
                 continue
+            # the type first: a falsy non-name (0, false, null, [] over the wire) must not pass
+            # silently as "no pool group" (a peer that meant a group would get separate pools)
             if not isinstance(c.pool_group, str):
-                raise ConfigurationError(f"conv tile {c.tile!r}: pool_group is a name, got {c.pool_group!r}")
+                raise ConfigurationError(
+                    f'conv tile {c.tile!r}: pool_group is a name (a string; "" or absent: none), got '
+                    f"{c.pool_group!r:.60}; send the group's name, or leave the field out"
+                )
+            if not c.pool_group:
+                continue
             a = first.setdefault(c.pool_group, c)
             shared = ("cols", "kernel", "padding", "pool", "pool_mode")
             if any(getattr(a, f) != getattr(c, f) for f in shared):
