@@ -225,6 +225,27 @@ def _two_colouring(topo: Topology, clamped: frozenset[str]) -> tuple[list[str], 
     return [g for g in free if colour[g] == 0], [g for g in free if colour[g] == 1]
 
 
+# values of one conv read's rows or outputs (samples x positions x tile lines) the host holds at
+# once (`conv_chunk`): the bound on one settle's states (256 MiB of float32). A read's rows are
+# the patches of every position, C_in k^2 (+1) values each, so a map's reads hold up to
+# k^2 x (positions / map size) times its states (225 x for a 15 x 15 kernel): built for the
+# whole batch at once, a settle the checks allow (2730 samples of a 1-4-1 channel 64 x 64
+# network with 15 x 15 kernels) needed 40 GB of patches on the host
+CONV_READ_VALUES = MAX_SETTLE_VALUES
+
+
+def conv_chunk(members: tuple[_Term, ...]) -> int:
+    """The samples of a conv read (the tiles of one pool unit, `members`) the host handles at
+    once: at most `CONV_READ_VALUES` values in the rows, the outputs and the pre-pooling maps
+    of one tile's read, and at least one sample."""
+    per_sample = 0
+    for m in members:
+        g = m.geom
+        assert g is not None
+        per_sample = max(per_sample, g.positions * max(g.rows, g.c_out))
+    return max(1, CONV_READ_VALUES // max(per_sample, 1))
+
+
 STATE_TOP = 1.0  # the largest node state every activation gives (`drivers.activation`), and the bias
 
 
@@ -350,22 +371,39 @@ class HostSettle:
             return mvm(term, xs)
 
         def conv_product(term: _Term, g: conv.ConvGeometry) -> np.ndarray:
+            # a few samples at a time (`conv_chunk`): a read's rows are the positions' patches,
+            # positions x rows values per sample, up to hundreds of times the sample's states
+            members = term.members or (term,)
+            step = conv_chunk(members)
             if not term.transpose:  # every position's patch, then the pooling on the host
-                pre = None
-                for m in term.members or (term,):
-                    assert m.geom is not None
-                    rows = conv.patches(torch.from_numpy(s[m.sources[0]]), m.geom).numpy()
-                    part = conv.from_positions(torch.from_numpy(mvm(m, rows)), m.geom)
-                    pre = part if pre is None else pre + part
-                assert pre is not None
-                y, idx = conv.pool(pre, g)
-                for m in term.members or (term,):
-                    winners[m.tile] = idx
-                return y.numpy()
+                ys: list[torch.Tensor] = []
+                idxs: list[torch.Tensor] = []
+                for lo in range(0, max(batch, 1), step):
+                    pre = None
+                    for m in members:
+                        assert m.geom is not None
+                        src = torch.from_numpy(s[m.sources[0]][lo : lo + step])
+                        part = conv.from_positions(
+                            torch.from_numpy(mvm(m, conv.patches(src, m.geom).numpy())), m.geom
+                        )
+                        pre = part if pre is None else pre + part
+                    assert pre is not None
+                    y, idx = conv.pool(pre, g)
+                    ys.append(y)
+                    if idx is not None:
+                        idxs.append(idx)
+                idx_all = torch.cat(idxs) if idxs else None
+                for m in members:
+                    winners[m.tile] = idx_all
+                return torch.cat(ys).numpy()
             y_dst = conv.joined({d: torch.from_numpy(s[d]) for d in term.sources}, term.sources)
-            routed = conv.unpool(y_dst, g, winners.get(term.tile))
-            out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
-            return conv.fold_patches(torch.from_numpy(out), g).numpy()
+            won = winners.get(term.tile)
+            outs = []
+            for lo in range(0, max(batch, 1), step):
+                routed = conv.unpool(y_dst[lo : lo + step], g, None if won is None else won[lo : lo + step])
+                out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
+                outs.append(conv.fold_patches(torch.from_numpy(out), g))
+            return torch.cat(outs).numpy()
 
         # the constant drive: clamped products (read once), injected currents
         const = {g: np.zeros((batch, topo.groups[g]), np.float32) for g in free}
