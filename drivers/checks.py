@@ -198,19 +198,51 @@ def check_batch(name: str, batch: int, limits: Limits) -> int:
 MAX_SETTLE_VALUES = 1 << 26
 
 
-def check_settle_batch(topology: Topology, batch: int, limits: Limits) -> int:
+def conv_map_values(topology: Topology) -> list[tuple[str, int, int]]:
+    """Per conv tile, (tile, C_out, positions): a settle on a board that relaxes holds its
+    pre-pooling maps, ``C_out x positions`` values per sample, up to ``pool^2`` (64) times
+    the destination's nodes that the bound on a settle's states counts."""
+    out = []
+    for c in topology.couplings:
+        if c.kind == "conv":
+            _c_in, h, w = topology.shapes[c.rows[0]]
+            ho, wo = h + 2 * c.padding - c.kernel + 1, w + 2 * c.padding - c.kernel + 1
+            out.append((c.tile, topology.tile_shape(c.tile)[1], ho * wo))
+    return out
+
+
+def settle_samples_most(topology: Topology) -> int:
+    """The most samples one settle of `topology` may carry under `MAX_SETTLE_VALUES` (its
+    states, and each conv tile's pre-pooling maps; `check_settle_batch`), at least 1."""
+    per_sample = max([sum(topology.groups.values())] + [c * n for _t, c, n in conv_map_values(topology)])
+    return max(1, MAX_SETTLE_VALUES // per_sample)
+
+
+def check_settle_batch(topology: Topology, batch: int, limits: Limits, maps: bool = True) -> int:
     """A settle's batch within `Limits.max_batch`, and its states (batch x the topology's
-    nodes) within `MAX_SETTLE_VALUES`."""
+    nodes) within `MAX_SETTLE_VALUES`; with `maps` (a settle the board relaxes), each conv
+    tile's pre-pooling maps (batch x C_out x positions) too."""
     check_batch("settle clamp", batch, limits)
     nodes = sum(topology.groups.values())
     if batch * nodes > MAX_SETTLE_VALUES:
-        most = max(1, MAX_SETTLE_VALUES // nodes)
+        # with the maps' bound, the chunk that meets both (a chunk of nodes alone may not)
+        most = settle_samples_most(topology) if maps else max(1, MAX_SETTLE_VALUES // nodes)
         raise LimitViolation(
             f"values in one settle ({batch} samples x {nodes} nodes)",
             batch * nodes,
             MAX_SETTLE_VALUES,
             f"split the {batch} samples into chunks of at most {most} for this network",
         )
+    for tile, c_out, positions in conv_map_values(topology) if maps else ():
+        if batch * c_out * positions > MAX_SETTLE_VALUES:
+            raise LimitViolation(
+                f"pre-pooling values of conv tile {tile!r} in one settle ({batch} samples x {c_out} "
+                f"channels x {positions} positions)",
+                batch * c_out * positions,
+                MAX_SETTLE_VALUES,
+                f"split the {batch} samples into chunks of at most {settle_samples_most(topology)} for "
+                "this network (hil's EB blocks and predict do), or pool less",
+            )
     return batch
 
 
@@ -363,9 +395,12 @@ def check_settle(
     nudge: dict[str, Nudge] | None,
     init: dict[str, np.ndarray] | None,
     copy: bool = True,
+    maps: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, Nudge], dict[str, np.ndarray], int]:
     """A settle's clamps, nudges and initial states checked; each array the host's own copy
-    (``copy=False``: views where possible, `batch_and_peak`)."""
+    (``copy=False``: views where possible, `batch_and_peak`). `maps`: the conv pre-pooling
+    maps' bound too (`check_settle_batch`; False for the host's iterated settle, which reads
+    them a few samples at a time)."""
     from drivers.base import Nudge
 
     topo = require_topology(topology)
@@ -378,7 +413,7 @@ def check_settle(
     assert batch is not None
     if batch == 0:
         raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
-    check_settle_batch(topo, batch, limits)
+    check_settle_batch(topo, batch, limits, maps)
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
         beta = betas[group]

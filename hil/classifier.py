@@ -26,7 +26,7 @@ from torch import Tensor
 
 from drivers import Device, Equilibrium, ProgramReport, SettleBudget, Topology, seeds
 from drivers.base import board_of
-from drivers.checks import MAX_SETTLE_VALUES
+from drivers.checks import settle_samples_most
 from drivers.errors import ConfigurationError, DeviceError, LimitViolation
 from drivers.shared import SharedBoard
 from drivers.tiled import placement_record
@@ -349,8 +349,7 @@ class Classifier:
         batch-norm normalises with the running statistics of training and does not update
         them), so an image's output does not depend on the others predicted with it."""
         # chunks whose settles fit the bound on one settle's values (feature-map networks)
-        nodes = max(sum(blk.topology.groups.values()) for blk in self.blocks())
-        batch_size = max(1, min(batch_size, MAX_SETTLE_VALUES // nodes))
+        batch_size = max(1, min([batch_size] + [settle_samples_most(blk.topology) for blk in self.blocks()]))
         training = self.ffebm is not None and self.ffebm.training
         if self.ffebm is not None:
             self.ffebm.eval()

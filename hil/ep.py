@@ -46,7 +46,7 @@ from drivers import (
 from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import repair_lost_arrays
 from drivers.batches import batch_of, settle_in_chunks
-from drivers.checks import MAX_SETTLE_VALUES
+from drivers.checks import settle_samples_most
 from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
@@ -427,10 +427,10 @@ class EBBlock(nn.Module):
 
     def settle_batch_most(self) -> int:
         """The most samples one settle request on the board carries: the board's `max_batch`,
-        and at most `MAX_SETTLE_VALUES` states in its reply. A larger batch is settled in
-        chunks (`drivers.batches`); a host-iterated settle splits its own products."""
-        nodes = sum(self.topology.groups.values())
-        return max(1, min(self.device.info.limits.max_batch, MAX_SETTLE_VALUES // nodes))
+        and at most `MAX_SETTLE_VALUES` states in its reply and pre-pooling values of each conv
+        tile (`drivers.checks.settle_samples_most`). A larger batch is settled in chunks
+        (`drivers.batches`); a host-iterated settle splits its own products."""
+        return min(self.device.info.limits.max_batch, settle_samples_most(self.topology))
 
     def free(self, clamp: ArrayLike | Mapping[str, ArrayLike], trace: bool | int = False) -> Equilibrium:
         """The free phase: inputs clamped, outputs not nudged; started from the forward

@@ -330,7 +330,7 @@ class HostSettle:
         # split into requests of at most that many rows), not the batch; the bound on one
         # settle's values still holds
         unbounded = dataclasses.replace(limits, max_batch=MAX_SETTLE_VALUES)
-        cl, nd, ini, batch = check_settle(topo, unbounded, clamp, nudge, init)
+        cl, nd, ini, batch = check_settle(topo, unbounded, clamp, nudge, init, maps=False)
         every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
         if every < 0:
             raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
