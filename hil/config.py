@@ -329,9 +329,31 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.split("."), parse_value(text.strip())
 
 
+def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse a key that the ``key=value`` overrides give more than once, naming it and every
+    value, as a device URI's repeated query key is refused (`drivers.uri`): ``--set
+    train.epochs=5 --set train.epochs=50`` (a copy-paste, a recipe with an edit appended) would
+    otherwise run with the last without a word."""
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and key.strip():
+            given.setdefault(key.strip(), []).append(text.strip())
+    for key, values in given.items():
+        if len(values) > 1:
+            times = "twice" if len(values) == 2 else f"{len(values)} times"
+            raise ConfigError(
+                f"--set {key} given {times} ("
+                + ", ".join(f"--set {key}={v}" for v in values)
+                + "); keep the one you mean"
+            )
+
+
 def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Fill the config dataclass `cfg` (its defaults) from the TOML file at `path` (if any),
-    then from the ``key=value`` overrides; unknown keys and wrong types name the key."""
+    then from the ``key=value`` overrides; unknown keys and wrong types name the key, and a key
+    the overrides give twice is refused (`check_repeated_overrides`)."""
+    check_repeated_overrides(overrides)
     if path:
         p = Path(path)
         try:

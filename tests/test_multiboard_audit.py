@@ -98,7 +98,8 @@ def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
     small = f"emulator://?preset=ideal&seed=1&tile_rows_max=16&tile_cols_max=16&max_tiles={tiles}"
     c = emulated_board(board=small).uri("serial-socket")
     devices = [c, c] if shared else [a, c]
-    sets = [*MODEL, *SHORT, "model.sizes=[64,24,16,40,10]", _devices(*devices)]
+    model = [s for s in MODEL if not s.startswith("model.sizes=")]
+    sets = [*model, *SHORT, "model.sizes=[64,24,16,40,10]", _devices(*devices)]
     out = tmp_path / "run"
     line = _refused("classifier", sets, out)
     assert line.startswith("error: EB block 1 (layers [16, 40, 10]) on board " + c), line
@@ -202,7 +203,7 @@ def test_open_run_on_the_run_folder_names_its_run_log(tmp_path: Path) -> None:
     folder (as `hil inspect RUN` takes it), it said only "not a zarr v3 store"."""
     from hil.runlog.layout import RunLogError
 
-    cfg = load_config(None, [*MODEL, *SHORT, "train.epochs=1"])
+    cfg = load_config(None, [*MODEL, *SHORT])
     with RunLog.create(tmp_path / "run.zarr", cfg):
         pass
     with pytest.raises(RunLogError, match=r"a run folder: its run log is .*run\.zarr"):

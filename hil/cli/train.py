@@ -43,7 +43,7 @@ def classifier(
             "--set",
             "-s",
             help="Override one config key, dotted, TOML value: --set train.epochs=5 "
-            "--set model.sizes=[64,128,10] --set 'device=emulator://?preset=rram&seed=0' (quoted: a shell ends a command at &). Repeatable.",
+            "--set model.sizes=[64,128,10] --set 'device=emulator://?preset=rram&seed=0' (quoted: a shell ends a command at &). Repeatable, each key once.",
         ),
     ] = None,
     programming: Annotated[
@@ -191,6 +191,13 @@ def classifier(
 
     progress = show_progress(progress)
     state = None
+    if programming is not None:
+        for item in set_ or []:
+            key, sep, _ = item.partition("=")
+            if sep and key.strip() == "ep.programming":
+                raise fail(
+                    f"--programming {programming} and --set {item} both set ep.programming; keep the one you mean"
+                )
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
     if resume is not None and (out is not None or overwrite):
         raise fail(

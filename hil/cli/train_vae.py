@@ -30,7 +30,7 @@ def vae(
             "--set",
             "-s",
             help="Override a config key, dotted, TOML value: --set train.epochs=10 "
-            "--set 'device=emulator://?preset=rram&seed=0' (quoted: a shell ends a command at &). Repeatable.",
+            "--set 'device=emulator://?preset=rram&seed=0' (quoted: a shell ends a command at &). Repeatable, each key once.",
         ),
     ] = None,
     out: Annotated[

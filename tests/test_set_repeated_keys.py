@@ -1,0 +1,54 @@
+"""`hil train ... --set k=a --set k=b` is refused, naming the key and both values, as a device
+URI's repeated query key and `hil emulator serve`'s repeated --set are (tests/test_uri_repeated_keys.py):
+it used to run with the last value without a word (``--set train.epochs=5 --set
+train.epochs=50`` trained 50 epochs)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from hil.cli import app
+from hil.config import ConfigError, RunConfig, load_config, load_into
+from hil.vae.config import VAERunConfig
+
+
+def _refused(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["train", "classifier"], ["train", "vae"]])
+def test_train_refuses_a_set_key_given_twice(command: list[str]) -> None:
+    line = _refused(*command, "--set", "train.epochs=5", "--set", "train.epochs=50", "--show-config")
+    assert "--set train.epochs given twice (--set train.epochs=5, --set train.epochs=50)" in line
+    assert "keep the one you mean" in line
+
+
+def test_a_key_given_three_times_names_every_value() -> None:
+    sets = ["train.lr=0.1", "train.epochs=2", "train.lr=0.2", "train.lr = 0.3"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets)
+    assert "--set train.lr given 3 times (--set train.lr=0.1, --set train.lr=0.2, --set train.lr=0.3)" in str(
+        info.value
+    )
+    with pytest.raises(ConfigError, match=r"train\.lr given 3 times"):
+        load_into(VAERunConfig(), None, sets)
+
+
+def test_programming_and_its_set_key_together_are_refused() -> None:
+    line = _refused(
+        "train", "classifier", "--programming", "verify", "--set", "ep.programming=pulsed", "--show-config"
+    )
+    assert "--programming verify and --set ep.programming=pulsed both set ep.programming" in line
+
+
+def test_distinct_keys_still_apply() -> None:
+    cfg = load_into(RunConfig(), None, ["train.epochs=3", "train.seed=7", "ep.programming=verify"])
+    assert (cfg.train.epochs, cfg.train.seed, cfg.ep.programming) == (3, 7, "verify")
+    result = CliRunner().invoke(app, ["train", "classifier", "--programming", "verify", "--show-config"])
+    assert result.exit_code == 0, result.output
+    assert 'programming = "verify"' in result.stdout
