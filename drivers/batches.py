@@ -23,12 +23,12 @@ would have.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from drivers.base import Equilibrium, Nudge
 
@@ -59,8 +59,16 @@ def _rows(x: Any, lo: int, hi: int) -> Any:
     return None if x is None else x[lo:hi]
 
 
+def _torch_of(x: Any) -> Any:
+    """The torch module where `x` is a tensor, else None. This module does not import torch:
+    a board on a link (numpy on the wire) and the calibration routines never load it (about
+    0.8 s of start-up), and no tensor exists before torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
 def _stack(parts: list[Any]) -> Any:
-    if isinstance(parts[0], torch.Tensor):
+    if (torch := _torch_of(parts[0])) is not None:
         return torch.cat(parts)
     return np.concatenate(parts)
 
@@ -70,7 +78,7 @@ def _pad_steps(x: Any, steps: int) -> Any:
     missing = steps - x.shape[0]
     if missing <= 0:
         return x
-    if isinstance(x, torch.Tensor):
+    if (torch := _torch_of(x)) is not None:
         return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
     return np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
 
@@ -90,7 +98,7 @@ def _joined_trace(traces: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 
 def _stack_along_batch(parts: list[Any]) -> Any:
     """(T, B_i, ...) parts stacked along their second axis, the batch."""
-    if isinstance(parts[0], torch.Tensor):
+    if (torch := _torch_of(parts[0])) is not None:
         return torch.cat(parts, dim=1)
     return np.concatenate(parts, axis=1)
 

@@ -190,3 +190,45 @@ def test_conformance_of_a_served_board_loads_no_torch(board_servers: BoardServer
     """`hil conformance URI` checks a board over its link; its networks are hard sigmoids, whose
     predicted fixed points are numpy (hil.conformance.settle): no torch (~0.8 s of ~2.6 s)."""
     assert _loaded("conformance", board_servers.uri("serial-socket")) == []
+
+
+# a session small enough for a test: every default routine, on one 8 x 8 tile
+SMALL_SESSION = ("--tile-size", "8", "--channels", "16", "--reads", "4", "--no-progress")
+
+
+def test_calibrate_of_a_served_board_loads_no_torch(board_servers: BoardServers, tmp_path: Path) -> None:
+    """`hil calibrate URI` of a board behind a link (a lab board, `hil emulator serve`) runs every
+    routine with numpy on the host: no torch (~0.8 s of start-up). It was loaded twice over:
+    by --threads' default of 1 (torch.set_num_threads before the board was opened) and by
+    drivers.batches (calibration.measure's chunked settles and mvms), which imported it to
+    recognise a tensor."""
+    uri = board_servers.uri("serial-socket")
+    loaded = _loaded("calibrate", uri, "--out", tmp_path / "cal.zarr", *SMALL_SESSION)
+    assert (tmp_path / "cal.zarr").is_dir() and (tmp_path / "cal.png").is_file()
+    assert [m for m in loaded if m in ("torch", "sklearn", "optuna", "ray")] == [], loaded
+
+
+def test_calibrate_of_an_in_process_board_still_takes_its_threads(tmp_path: Path) -> None:
+    """An emulator:// board runs in this process on torch: --threads (default 1) reaches torch
+    before the session runs, once the board is open."""
+    script = (
+        "import sys\n"
+        "from hil.cli import main\n"
+        "sys.argv = ['hil', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "import torch\n"  # loaded by the board, not by this script
+        "print('threads', torch.get_num_threads())\n"
+    )
+    out = tmp_path / "cal.zarr"
+    uri = "emulator://?preset=ideal&seed=0"
+    args = ["calibrate", uri, "--out", str(out), "--routines", "gmap", *SMALL_SESSION]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "threads 1", done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -340,9 +341,10 @@ def register(app: typer.Typer) -> None:
             1,
             min=0,
             max=1024,
-            help="torch CPU threads (0: torch's default, one per core). Default 1: the routines work "
-            "on small tiles and batches, where more threads only add overhead; see docs/calibration.md "
-            "for the measured times.",
+            help="torch CPU threads of a board run in this process (emulator://; a board on a link "
+            "leaves the host numpy and loads no torch). 0: torch's default, one per core. Default 1: "
+            "the routines work on small tiles and batches, where more threads only add overhead; see "
+            "docs/calibration.md for the measured times.",
         ),
     ) -> None:
         """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
@@ -392,10 +394,6 @@ def register(app: typer.Typer) -> None:
         taken = [page for page in pages if page.exists()]
         if check is None and taken and not overwrite:
             raise fail(f"{taken[0]} already exists; add --overwrite to replace it, or pick another --png")
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         bars = Bars() if show_progress(progress) else StageLines()
         stopped: list[CalibrationRecord] = []  # what had finished when the session stopped
         limits: Limits | None = None  # the board's, once it is open
@@ -403,6 +401,10 @@ def register(app: typer.Typer) -> None:
         chosen: tuple[str, ...] = ()
         try:
             with open_device(uri) as dev:
+                if threads and "torch" in sys.modules:
+                    # an in-process board (emulator://) runs on torch, loaded as it opened; a board
+                    # on a link leaves the host numpy alone: no torch to load (~0.8 s)
+                    sys.modules["torch"].set_num_threads(threads)
                 limits = dev.info.limits
                 if check is not None:
                     report = drift_check(dev, load(check), progress=bars)
