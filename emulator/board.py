@@ -240,7 +240,9 @@ class Board:
             raise ConfigurationError(
                 f"topology needs {total} converter channels (its nodes; a conv map only its tile's "
                 f"lines); the board has {self.preset.periphery.channels} channels: give the emulated "
-                f"board more with &channels={total} in its URI, or make the network smaller"
+                f"board more (&channels={total} in its emulator:// URI; served, `hil emulator serve "
+                f"--set channels={total}`: a client's visa:// or serial:// URI does not take it), or "
+                "make the network smaller"
             )
         tiles: dict[str, TileArray] = {}
         for k, c in enumerate(topology.couplings):
