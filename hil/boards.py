@@ -15,7 +15,7 @@ from drivers.base import board_of
 from drivers.errors import BoardLocked, RetriesExhausted
 from drivers.tiled import TiledDevice
 from drivers.uri import parse_options, replace_params
-from hil.config import ConfigError, RunConfig, check_devices, eb_blocks
+from hil.config import ConfigError, RunConfig, check_devices, eb_blocks, past_bounds
 
 if TYPE_CHECKING:
     from hil.runlog import RunLog
@@ -137,15 +137,14 @@ def check_within_board(board: Device, uri: str, within: Sequence[tuple[str, floa
     (config key, value, the `Limits` field that bounds its magnitude), e.g. ``("ep.beta", 0.2,
     "max_beta")``. Checked as the board opens, so the error names the key to change before a
     run log exists, where the board's own refusal at the first settle named only the request."""
-    limits = board.info.limits
-    for key, value, bound in within:
-        most = getattr(limits, bound)
-        if abs(value) > most:
-            what = " (the largest nudge current the run injects)" if bound == "max_drive" else ""
-            raise ConfigError(
-                f"{key} = {value:g}{what}, but the board at {uri} declares {bound} {most:g}: "
-                f"set {key} to at most {most:g} (`hil info {shlex.quote(uri)}` shows what it declares)"
-            )
+    past = past_bounds(within, board.info.limits)
+    if past:
+        key, value, bound, most = past[0]
+        what = " (the largest nudge current the run injects)" if bound == "max_drive" else ""
+        raise ConfigError(
+            f"{key} = {value:g}{what}, but the board at {uri} declares {bound} {most:g}: "
+            f"set {key} to at most {most:g} (`hil info {shlex.quote(uri)}` shows what it declares)"
+        )
 
 
 def check_distinct(

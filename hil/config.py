@@ -16,6 +16,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -510,6 +511,20 @@ def validate(cfg: RunConfig) -> None:
 
 
 BoardBound = tuple[str, float, str]  # (config key, its value, the `Limits` field bounding |value|)
+
+
+def past_bounds(within: Iterable[BoardBound], limits: Any) -> list[tuple[str, float, str, float]]:
+    """The settings of `within` whose magnitude is past the bound a board declares in `limits`
+    (its `drivers.Limits`), in order, each as (config key, value, `Limits` field, the field's
+    value). The one test of a run's settings against a board: as the board opens
+    (`hil.boards.check_within_board`) and by `hil sweep` against the ends of its search space
+    (`hil.sweep.spec.check_within_boards`), each with its own words."""
+    past = []
+    for key, value, bound in within:
+        most = getattr(limits, bound)
+        if abs(value) > most:
+            past.append((key, value, bound, most))
+    return past
 
 
 def board_bounds(cfg: RunConfig) -> tuple[BoardBound, ...]:

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hil.config import ConfigError, apply_dict, load_into, toml_error
+from hil.config import ConfigError, apply_dict, load_into, past_bounds, toml_error
 from hil.sweep.trainers import TRAINERS, Direction, Trainer
 
 ParamKind = Literal["float", "int", "categorical"]
@@ -477,14 +477,14 @@ def check_within_boards(spec: SweepSpec, limits: Mapping[str, Any], device: str 
     bounds_of = spec.trainer_def.bounds
 
     def past(cfg: Any) -> list[tuple[str, float, str, float, str]]:
-        out = []
-        for key, value, bound in bounds_of(cfg):
-            for uri, lim in limits.items():
-                most = getattr(lim, bound)
-                if abs(value) > most:
-                    out.append((key, value, bound, most, uri))
-                    break
-        return out
+        """Each setting of `cfg` past a bound, with the first board (in `limits`' order) past
+        whose bound it is, in the settings' order."""
+        within = bounds_of(cfg)
+        first: dict[str, tuple[str, float, str, float, str]] = {}
+        for uri, lim in limits.items():
+            for key, value, bound, most in past_bounds(within, lim):
+                first.setdefault(key, (key, value, bound, most, uri))
+        return [first[key] for key, _, _ in within if key in first]
 
     for key, value, bound, most, uri in past(spec.config_for({}, device)):
         raise SpecError(
