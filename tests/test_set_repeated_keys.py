@@ -46,6 +46,15 @@ def test_programming_and_its_set_key_together_are_refused() -> None:
     assert "--programming verify and --set ep.programming=pulsed both set ep.programming" in line
 
 
+def test_model_and_its_set_key_together_are_refused() -> None:
+    """`hil train vae --model h-vae --set model.variant=dh-vae` trained the h-vae without a word."""
+    line = _refused("train", "vae", "--model", "h-vae", "--set", "model.variant=dh-vae", "--show-config")
+    assert "--model h-vae and --set model.variant=dh-vae both set model.variant" in line
+    result = CliRunner().invoke(app, ["train", "vae", "--model", "h-vae", "--show-config"])
+    assert result.exit_code == 0, result.output
+    assert 'variant = "h-vae"' in result.stdout
+
+
 def test_distinct_keys_still_apply() -> None:
     cfg = load_into(RunConfig(), None, ["train.epochs=3", "train.seed=7", "ep.programming=verify"])
     assert (cfg.train.epochs, cfg.train.seed, cfg.ep.programming) == (3, 7, "verify")

@@ -30,6 +30,18 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def refuse_option_and_set(option: str, value: str | None, key: str, sets: list[str] | None) -> None:
+    """Refuse (exit 2) an option given together with a --set of the config key it stands for
+    (``--programming verify --set ep.programming=pulsed``): as a --set key given twice
+    (`hil.config.check_repeated_overrides`), one of the two would win without a word."""
+    if value is None:
+        return
+    for item in sets or []:
+        name, sep, _ = item.partition("=")
+        if sep and name.strip() == key:
+            raise fail(f"{option} {value} and --set {item} both set {key}; keep the one you mean")
+
+
 def show_progress(option: bool | None) -> bool:
     """Whether a command draws progress bars: as ``--progress/--no-progress`` says, and when
     neither is given, only if stderr is a terminal (tqdm's ``disable=None``): written to a file

@@ -170,6 +170,7 @@ def classifier(
         exists_message,
         fail,
         one_line_errors,
+        refuse_option_and_set,
         resume_hint,
         resume_log,
         resumed_config,
@@ -191,13 +192,7 @@ def classifier(
 
     progress = show_progress(progress)
     state = None
-    if programming is not None:
-        for item in set_ or []:
-            key, sep, _ = item.partition("=")
-            if sep and key.strip() == "ep.programming":
-                raise fail(
-                    f"--programming {programming} and --set {item} both set ep.programming; keep the one you mean"
-                )
+    refuse_option_and_set("--programming", programming, "ep.programming", set_)
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
     if resume is not None and (out is not None or overwrite):
         raise fail(

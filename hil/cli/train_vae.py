@@ -85,6 +85,7 @@ def vae(
         exists_message,
         fail,
         one_line_errors,
+        refuse_option_and_set,
         resume_hint,
         resume_log,
         resumed_config,
@@ -106,6 +107,7 @@ def vae(
         raise fail(
             f"--resume {resume} continues that run log where it is; --out and --overwrite are for a new run: drop them"
         )
+    refuse_option_and_set("--model", model, "model.variant", set_)
     try:
         if resume is not None:
             store = run_store(resume)
