@@ -48,7 +48,12 @@ def register(app: typer.Typer) -> None:
     def plot(
         run: RunArg,
         out: Annotated[
-            Path | None, typer.Option(help="Folder for the PNGs (default: RUN without .zarr, + '-plots').")
+            Path | None,
+            typer.Option(
+                help="Folder for the PNGs. Default: beside the run-log store, its name without .zarr "
+                "and '-plots': RUN/run-plots for a run folder RUN (hil train vae's, holding run.zarr), "
+                "runs/NAME-plots for a store runs/NAME.zarr (hil train classifier's)."
+            ),
         ] = None,
     ) -> None:
         """Write PNGs: loss and accuracy curves, settle energy traces (free vs nudged),
