@@ -238,11 +238,13 @@ class Board:
         total = _channels_needed(topology)
         if total > self.preset.periphery.channels:
             raise ConfigurationError(
-                f"topology needs {total} converter channels (its nodes; a conv map only its tile's "
-                f"lines); the board has {self.preset.periphery.channels} channels: give the emulated "
-                f"board more (&channels={total} in its emulator:// URI; served, `hil emulator serve "
-                f"--set channels={total}`: a client's visa:// or serial:// URI does not take it), or "
-                "make the network smaller"
+                # within the 255 characters of an SCPI error (a served board's refusal reaches its
+                # client through the error queue); the server's option first, the part a host on a
+                # link acts on (its visa:// or serial:// URI takes no channels)
+                f"topology needs {total} converter channels (its nodes; a conv map: its tile's lines); "
+                f"the board has {self.preset.periphery.channels} channels: make the network smaller "
+                f"or give the emulator more (hil emulator serve --set channels={total}; &channels={total} "
+                "in an emulator:// URI)"
             )
         tiles: dict[str, TileArray] = {}
         for k, c in enumerate(topology.couplings):
