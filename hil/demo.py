@@ -53,10 +53,14 @@ def run_demo(
     settle: str = "auto",
 ) -> DemoReport:
     data = load_digits()
-    if sizes[0] != data.features or sizes[-1] != data.classes:
+    given = ",".join(map(str, sizes))
+    if len(sizes) < 2 or sizes[0] != data.features or sizes[-1] != data.classes:
         raise ValueError(
-            f"sizes must start with {data.features} (digits pixels) and end with {data.classes} (classes)"
+            f"--sizes {given}: the layers run from the digits' {data.features} pixels to their "
+            f"{data.classes} classes, e.g. --sizes {data.features},256,{data.classes}"
         )
+    if min(sizes) < 1:
+        raise ValueError(f"--sizes {given}: every layer needs at least one node")
     rng = np.random.default_rng(seed)
     x = data.x_test[:batch].numpy()
     target = np.eye(data.classes, dtype=np.float32)[data.y_test[:batch].numpy()]

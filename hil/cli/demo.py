@@ -18,7 +18,11 @@ def register(app: typer.Typer) -> None:
             "--device",
             help="Device URI: emulator://?preset=NAME&seed=N, visa://RESOURCE, serial://PORT, ...",
         ),
-        sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64 pixels of the digits)."),
+        sizes: str = typer.Option(
+            "64,256,10",
+            help="Layer sizes, comma-separated, from the 64 inputs (the digits' pixels) to the 10 outputs "
+            "(their classes).",
+        ),
         batch: int = typer.Option(64, min=1, max=1024, help="Test images settled at once."),
         beta: float = typer.Option(0.2, help="Nudge strength of the two nudged phases."),
         seed: int = typer.Option(0, help="Seed of the random weights."),

@@ -89,7 +89,11 @@ def register(app: typer.Typer) -> None:
         uri: str = typer.Option(
             "emulator://?preset=ideal&seed=0", "--uri", "--device", help="Device URI (see `hil demo --help`)."
         ),
-        sizes: str = typer.Option("64,256,10", help="Layer sizes, input first (64: the digits' pixels)."),
+        sizes: str = typer.Option(
+            "64,256,10",
+            help="Layer sizes, comma-separated, from the 64 inputs (the digits' pixels) to the 10 outputs "
+            "(their classes).",
+        ),
         dense: bool = typer.Option(False, "--dense", help="All-to-all network over the same groups."),
         batch: int = typer.Option(64, min=1, max=1024, help="Digits images in the checked batch."),
         init_scale: float = typer.Option(0.5, help="Weights N(0, scale^2/fan_in); biases U(0.1, 0.4)."),
@@ -168,6 +172,8 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--sizes: the first size must be {ds.features} (the digits' pixels), got {sizes!r}")
         if layer_sizes[-1] != ds.classes:  # the one-hot targets have one unit per class
             raise fail(f"--sizes: the last size must be {ds.classes} (the digits' classes), got {sizes!r}")
+        if min(layer_sizes) < 1:
+            raise fail(f"--sizes: every layer needs at least one node, got {sizes!r}")
         x = ds.x_train[:batch]
         y = torch.nn.functional.one_hot(ds.y_train[:batch], layer_sizes[-1]).float()
         check_json_dest(json_out)
