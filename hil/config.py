@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -229,6 +230,20 @@ def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _list_example(value: object, item: object) -> str:
+    """`value`, given where a list of `item` belongs, as that list in TOML: a number in
+    brackets, and a text's comma- or space-separated words as the list's items (``64,32,10`` is
+    ``[64,32,10]`` for a list of int, not ``['64,32,10']``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"[{value!r}]"
+    if not isinstance(value, str):
+        return "[...]"
+    words = [w for w in re.split(r"[,\s]+", value.strip()) if w]
+    if item is str:
+        return "[" + ",".join(repr(w) for w in words) + "]"
+    return "[" + ",".join(words) + "]"
+
+
 def _coerce(key: str, value: object, tp: object) -> object:
     """Check `value` against the annotation `tp` (int -> float is allowed)."""
     origin = typing.get_origin(tp)
@@ -248,7 +263,7 @@ def _coerce(key: str, value: object, tp: object) -> object:
         raise ConfigError(f"{key}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
     if origin is list:
         if not isinstance(value, list):
-            example = f"[{value!r}]" if isinstance(value, int | float | str) else "[...]"
+            example = _list_example(value, args[0])
             raise ConfigError(
                 f"{key}: expected a list of {_type_name(args[0])}, got {value!r}; write it in brackets, "
                 f"e.g. {key}={example}"
