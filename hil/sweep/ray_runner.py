@@ -342,6 +342,14 @@ class RayExecutor:
                     log_to_driver=False,
                 )
             except Exception as exc:
+                if address == "auto" and isinstance(exc, ConnectionError):
+                    # Ray's own words name its `ray` CLI's --address flag, which hil does not take
+                    raise SweepError(
+                        "--ray-address auto: no Ray cluster runs on this machine (and RAY_ADDRESS names "
+                        "none); start one (ray start --head, its nodes declaring their boards: "
+                        "docs/sweep.md), give a head on another host as --ray-address HOST:PORT, or run "
+                        "Ray in this process with --ray-address local --board NAME=URI"
+                    ) from None
                 raise SweepError(f"cannot start or join Ray at {address!r}: {exc}") from None
         try:
             self._start(ray, boards, default_uri, cpus_per_board, ready_timeout_s)
