@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from drivers.capabilities import CAPABILITIES
-from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT
+from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT, fail
 
 if TYPE_CHECKING:
     from drivers.base import DeviceInfo
@@ -114,34 +115,54 @@ def register(app: typer.Typer) -> None:
         set_: list[str] | None = _SET_OPTION,
         corrupt_rate: float = typer.Option(
             0.0,
+            min=0.0,
+            max=1.0,
             help="Framed links: probability of corrupting a frame the board sends (ACKs included). Each link "
             "draws from its own copy of the seed: a reconnection meets the same faults again.",
         ),
         drop_rate: float = typer.Option(
-            0.0, help="Framed links: probability of dropping a frame the board sends (ACKs included)."
+            0.0,
+            min=0.0,
+            max=1.0,
+            help="Framed links: probability of dropping a frame the board sends (ACKs included).",
         ),
         delay_ms: float = typer.Option(
-            0.0, help="Delay before every reply (both servers), milliseconds; not counted on exit."
+            0.0, min=0.0, help="Delay before every reply (both servers), milliseconds; not counted on exit."
         ),
-        ber: float = typer.Option(0.0, help="Both servers: bit-error rate of every byte in and out."),
-        byte_drop_rate: float = typer.Option(0.0, help="Both servers: probability that a byte is lost."),
+        ber: float = typer.Option(
+            0.0, min=0.0, max=1.0, help="Both servers: bit-error rate of every byte in and out."
+        ),
+        byte_drop_rate: float = typer.Option(
+            0.0, min=0.0, max=1.0, help="Both servers: probability that a byte is lost."
+        ),
         late_rate: float = typer.Option(
-            0.0, help="Probability that a reply comes --late-ms late (counted as 'delay' on exit)."
+            0.0,
+            min=0.0,
+            max=1.0,
+            help="Probability that a reply comes --late-ms late (counted as 'delay' on exit).",
         ),
-        late_ms: float = typer.Option(500.0, help="How late a late reply is (beyond the host's timeout)."),
+        late_ms: float = typer.Option(
+            500.0, min=0.0, help="How late a late reply is (beyond the host's timeout)."
+        ),
         reset_rate: float = typer.Option(
             0.0,
+            min=0.0,
+            max=1.0,
             help="Probability that the board reboots instead of running a settle or program request "
             "(configuration lost, epoch advanced, conductances kept, its owner lock forgotten).",
         ),
         lose_rate: float = typer.Option(
             0.0,
+            min=0.0,
+            max=1.0,
             help="Probability that the board reboots with its arrays lost instead of running a settle or "
             "program request: as --reset-rate, and the devices come back as fabricated, never programmed, "
             "under a new STATUS arrays_id (what a server killed and started again shows).",
         ),
         close_rate: float = typer.Option(
             0.0,
+            min=0.0,
+            max=1.0,
             help="Probability that the board hangs up after a request ran, before replying (also after a "
             "command with no reply: the client then finds out on its next send). Over a pty the port stays: "
             "the reply is lost, like a late one.",
@@ -193,6 +214,20 @@ def register(app: typer.Typer) -> None:
         requests. The injected faults are counted and printed on exit, by kind (the frame
         faults of the framed links on a line of their own; --delay-ms is not counted)."""
         parent = os.getppid()  # before the slow imports: the parent may go while they run
+        # the ranges above pass NaN (no comparison holds for it), and --delay-ms / --late-ms inf:
+        # named here by option, where the fault plan would name its own fields (p_reset, delay_s)
+        timings = {"--delay-ms": delay_ms, "--late-ms": late_ms}
+        rates = {
+            "--corrupt-rate": corrupt_rate, "--drop-rate": drop_rate, "--ber": ber,
+            "--byte-drop-rate": byte_drop_rate, "--late-rate": late_rate, "--reset-rate": reset_rate,
+            "--lose-rate": lose_rate, "--close-rate": close_rate,
+        }  # fmt: skip
+        for option, value in {**rates, **timings}.items():
+            if not math.isfinite(value):
+                what = (
+                    "a probability in [0, 1]" if option in rates else "a finite number of milliseconds >= 0"
+                )
+                raise fail(f"{option} takes {what}, got {value}")
         import torch
 
         from drivers import open_device
