@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
         from hil.mhn.digits import digit_memory
         from hil.mhn.phase import equidistant_patterns
         from hil.mhn.plot import save_phase_figure
+        from hil.programming.schemes import SCHEMES
 
         torch.set_num_threads(1)
         with one_line_errors():
@@ -110,6 +111,19 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--beta: your inverse temperature, in (0, {MAX_BETA:g}], got {beta:g}")
             if not (math.isfinite(norm) and norm > 0):
                 raise ValueError(f"--norm: the norm of every pattern, > 0, got {norm:g}")
+            if programming not in SCHEMES:
+                raise ValueError(
+                    f"--programming takes {', '.join(SCHEMES)} (docs/programming.md), got {programming!r}"
+                )
+            if not digits and n > d:  # n equidistant patterns span n dimensions
+                raise ValueError(
+                    f"--n {n} equidistant patterns need --d of at least {n} (n <= d), got --d {d}"
+                )
+            if not digits and not -1.0 / max(n - 1, 1) < cos < 1.0:
+                raise ValueError(
+                    f"--cos {cos:g}: the cosine of {n} equidistant patterns is in (-1/(n-1), 1) = "
+                    f"({-1.0 / max(n - 1, 1):.4g}, 1)"
+                )
             if digits:
                 if not 1 <= n <= 10:
                     raise ValueError(f"--digits stores one image per class: --n must be 1 to 10, got {n}")
