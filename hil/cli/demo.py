@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
             "(their classes).",
         ),
         batch: int = typer.Option(64, min=1, max=1024, help="Test images settled at once."),
-        beta: float = typer.Option(0.2, help="Nudge strength of the two nudged phases."),
+        beta: float = typer.Option(
+            0.2, help="Nudge strength, > 0: the two nudged phases take +beta and -beta."
+        ),
         seed: int = typer.Option(0, help="Seed of the random weights."),
         settle: str = typer.Option(
             "auto",
@@ -46,6 +48,10 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--sizes takes comma-separated integers (e.g. 64,256,10), got {sizes!r}") from None
         if settle not in ("auto", "board", "host"):
             raise fail(f"--settle takes auto, board or host, got {settle!r}")
+        if not (math.isfinite(beta) and beta > 0):
+            raise fail(
+                f"--beta: the nudge strength, > 0 (the nudged phases take +beta and -beta), got {beta:g}"
+            )
         import torch
 
         from hil.demo import run_demo

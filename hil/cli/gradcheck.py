@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -161,8 +162,8 @@ def register(app: typer.Typer) -> None:
             layer_sizes = [int(s) for s in sizes.split(",")]
         except ValueError:
             raise fail("--betas and --sizes take comma-separated numbers (e.g. --betas 0.1,0.01)") from None
-        if any(b <= 0 for b in beta_list):
-            raise fail(f"--betas must be > 0, got {betas!r}")
+        if not all(math.isfinite(b) and b > 0 for b in beta_list):  # NaN passes a `b <= 0` test
+            raise fail(f"--betas must be finite and > 0, got {betas!r}")
         if loss not in ("mse", "ce"):
             raise fail(f"--loss takes mse or ce, got {loss!r}")
         if settle not in ("auto", "board", "host"):
