@@ -248,7 +248,7 @@ class RunLog:
     def set_boards(self, boards: list[dict[str, Any]]) -> None:
         """Record which board held which block: one JSON record per EB block (block index,
         board index, URI, *IDN, tile names; `Classifier.board_records`), read back as
-        `RunReader.boards`. A resumed run whose blocks continue on boards of other identities
+        `hil.runlog.Run.boards`. A resumed run whose blocks continue on boards of other identities
         keeps the records before in the last ``resumes`` entry (``boards_before``) and says so
         (`AnotherBoardWarning`, one for every block that moved, but those on board 0 then and now,
         whose change `set_device` words)."""
