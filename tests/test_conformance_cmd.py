@@ -651,3 +651,19 @@ def test_a_board_whose_weights_are_normalised_to_one_is_checked_at_half_the_w_ma
     report = run_conformance(bug)
     failed = {c.operation: c for c in report.checks if c.status == "FAIL"}
     assert set(failed) == {"mvm w_max"} and "a = 1: w_max is left out" in failed["mvm w_max"].got
+
+
+def test_the_summary_does_not_blame_every_skip_on_undeclared_capabilities() -> None:
+    """docs/bringup.md: a check is SKIPPED for a capability the board does not declare, and also
+    under --no-limit-probes, for a limit it does not declare (`pulse_endurance`) or on a serial
+    line (`owner gone`), each line saying why. The summary said "N skipped (capabilities the
+    board does not declare)" whatever the reasons; it points at the lines instead."""
+    from hil.conformance.report import Check, Report
+
+    report = Report(uri="emulator://", identity="x,y,z,1")
+    report.checks.append(Check("mvm", "PASS", "-", "-", "-"))
+    report.checks.append(Check("line current limit", "SKIP", "-", "-", "not sent (--no-limit-probes): ..."))
+    summary = report.summary()
+    assert summary.startswith("1 passed, 0 failed, 1 skipped"), summary
+    assert "capabilities the board does not declare" not in summary, summary
+    assert "each SKIP line says why" in summary, summary

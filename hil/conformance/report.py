@@ -47,7 +47,7 @@ class Report:
     def summary(self) -> str:
         return (
             f"{self.count('PASS')} passed, {self.count('FAIL')} failed, {self.count('SKIP')} skipped "
-            f"(capabilities the board does not declare) in {self.wall_s:.2f} s"
+            f"(each SKIP line says why) in {self.wall_s:.2f} s"
         )
 
     def to_json(self) -> str:
