@@ -407,7 +407,7 @@ def unconverged_warning(share: float, tol: float, free_steps: int, nudge_steps: 
 
 # Share of the devices write-verify worked on that it gave up on (they did not move), above
 # which `hil train classifier` warns. Healthy emulated chips stay well below it: with
-# ep.programming=verify, pcm 0.63-0.68 % and rram 0.18-0.19 % per epoch (docs/programming.md).
+# ep.programming=verify, pcm 0.30-0.40 % and rram 0.15-0.18 % per epoch (docs/programming.md).
 GAVE_UP_WARN = 0.02
 
 
