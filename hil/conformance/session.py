@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from drivers.base import Device, Limits
+from drivers.checks import check_topology
 from drivers.converters import lsb
-from drivers.errors import DeviceError, DeviceTimeout, NotSupported, RetriesExhausted
+from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, NotSupported, RetriesExhausted
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from hil.conformance.report import Check, Mismatch, Report
 
@@ -43,6 +44,14 @@ LINK_LOST = (DeviceTimeout, RetriesExhausted)
 
 class LinkLost(Exception):
     """The board stopped answering during the check named by the message."""
+
+
+class Unavailable(Exception):
+    """A check's own network, within every limit the board declares, was refused by the board as a
+    configuration error (100), not as past a declared limit (-222): it lacks a resource the
+    protocol gives it no limit to declare (converter channels: a tile of R x C needs R + C of
+    them on an emulated board). The check is SKIPPED with the board's words, not FAILED: the host
+    cannot know the count, so it cannot tell such a refusal from a fault; one as -222 it can."""
 
 
 NO_PROBES = (
@@ -140,12 +149,33 @@ class Session:
         self.free_sigma = 0.0  # its noise (std of one settle's states)
         self.has_status = False  # the board keeps STATUS (it recorded a transaction)
 
-    @contextlib.contextmanager
-    def configured(self, topo: Topology) -> Iterator[None]:
-        """Inside, the board has `topo` (a check's own network); after, the test network again,
-        for the checks that follow (a board that fails to take it back is left to them)."""
+    def configure_own(self, topo: Topology) -> None:
+        """Configure a check's own network (within every declared limit: the host's copy of the
+        board's checks passes it first, a planning mistake of the suite raises as it is). A board
+        that refuses it as a configuration error (100) lacks an undeclared resource for it:
+        `Unavailable`, the check SKIPPED with the board's words. Its other refusals (-222 for a
+        limit that the network is within) are the check's FAIL, raised as they are."""
+        check_topology(topo, self.lim)
         try:
             self.dev.configure(topo)
+        except ConfigurationError as exc:
+            nodes = sum(topo.groups.values())
+            tiles = [f"{c.tile} {'x'.join(map(str, topo.tile_shape(c.tile)))}" for c in topo.couplings]
+            shapes = ", ".join(tiles) if len(tiles) <= 3 else f"{len(tiles)} tiles"
+            raise Unavailable(
+                f"the board refused this check's network ({nodes} nodes; {shapes}), which is within every "
+                f"limit it declares, as a configuration error (100), not as past a declared limit (-222): "
+                f"{exc}. It lacks a resource the protocol has no limit for (e.g. converter channels: one per "
+                "node the tiles drive at once), which the host cannot know: SKIPPED, unchecked on this board"
+            ) from exc
+
+    @contextlib.contextmanager
+    def configured(self, topo: Topology) -> Iterator[None]:
+        """Inside, the board has `topo` (a check's own network, `configure_own`); after, the test
+        network again, for the checks that follow (a board that fails to take it back is left to
+        them)."""
+        try:
+            self.configure_own(topo)
             yield
         finally:
             with contextlib.suppress(DeviceError):
@@ -167,6 +197,8 @@ class Session:
             got, status = body(sent), "PASS"
         except Mismatch as exc:
             got, status = str(exc), "FAIL"
+        except Unavailable as exc:
+            got, status = str(exc), "SKIP"
         except Exception as exc:  # a foreign board may fail in any way: report it, go on
             got, status = f"raised {type(exc).__name__}: {exc}", "FAIL"
             lost = isinstance(exc, LINK_LOST)
