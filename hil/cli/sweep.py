@@ -120,11 +120,13 @@ def sweep(
     done = trials_done(folder)
     so_far = f" (continued: {done} done)" if done else ""
     typer.echo(
-        f"sweep {spec.name}: {spec.n_trials} trials{so_far} of the {spec.trainer} trainer, {spec.direction} "
+        f"sweep {spec.name}: {_trials(spec.n_trials)}{so_far} of the {spec.trainer} trainer, {spec.direction} "
         f"{spec.objective}, {spec.batch} per round, {executor.describe()}; folder {folder}"
     )
     if done >= spec.n_trials:
-        typer.echo(f"nothing to run: {done} trials are done; --n-trials N (above {done}) extends the sweep")
+        typer.echo(
+            f"nothing to run: {_trials(done)} {'is' if done == 1 else 'are'} done; --n-trials N (above {done}) extends the sweep"
+        )
     try:
         result = run_sweep(spec, folder, executor, on_event=lambda e: _progress(spec, e))
     except FolderInUse as exc:
@@ -143,7 +145,7 @@ def sweep(
     finally:
         executor.close()
     failed = sum(t.state != "COMPLETE" for t in result.trials)
-    typer.echo(f"summary {result.out / 'summary.json'} ({len(result.trials)} trials, {failed} failed)")
+    typer.echo(f"summary {result.out / 'summary.json'} ({_trials(len(result.trials))}, {failed} failed)")
     best = result.best
     if best is None:
         typer.echo("error: no trial completed; see the errors in the summary", err=True)
@@ -191,6 +193,11 @@ def _executor(
     if parsed:
         return LocalExecutor(parsed[0].uri, parsed[0].name or "local")
     return LocalExecutor()
+
+
+def _trials(n: int) -> str:
+    """`n` trials, counted in words: "1 trial", "0 trials", "2 trials"."""
+    return f"{n} trial" if n == 1 else f"{n} trials"
 
 
 def _params(params: dict[str, Any]) -> str:
