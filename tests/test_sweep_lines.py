@@ -4,6 +4,7 @@ sweep folder), not an internal file:line of the code that raised it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -31,3 +32,17 @@ def test_one_trial_is_counted_as_one_trial(tmp_path: Path) -> None:
     assert "1 trials" not in output, output
     assert "sweep fails: 1 trial of the classifier trainer" in output
     assert "summary.json (1 trial, 1 failed)" in output
+
+
+def test_a_failed_trial_says_its_error_and_where_its_traceback_is(tmp_path: Path) -> None:
+    output, out = _sweep(tmp_path)
+    [line] = [x for x in output.splitlines() if "FAILED" in x]
+    assert "FAILED DataError: mnist: missing" in line
+    head, _, params = line.rpartition("  ")
+    assert params == "data.name=mnist", line
+    assert head.endswith("(traceback: trials/0000/error.txt)"), line
+    assert ".py:" not in line, line  # no internal file:line
+    text = (out / "trials" / "0000" / "error.txt").read_text()
+    assert text.startswith("Traceback (most recent call last):") and "DataError: mnist: missing" in text
+    [trial] = json.loads((out / "summary.json").read_text())["trials"]
+    assert trial["error"].endswith("(traceback: trials/0000/error.txt)"), trial["error"]

@@ -42,7 +42,7 @@ class LocalExecutor:
                 outcome.error = f"board lost: {exc}"
                 outcome.lost_on.append(self.name)
             except Exception as exc:
-                outcome.error = describe_error(exc)
+                outcome.error = describe_error(exc, job.run_dir, job.number)
             outcome.seconds = time.perf_counter() - t0
             yield outcome
 

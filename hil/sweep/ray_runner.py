@@ -252,7 +252,7 @@ class BoardActor:
             except BoardLost as exc:
                 reply.update(status="lost", error=str(exc))
             except Exception as exc:
-                reply.update(status="failed", error=describe_error(exc))
+                reply.update(status="failed", error=describe_error(exc, run_dir, number))
             reply["seconds"] = time.perf_counter() - t0
             if run_dir.exists():
                 reply["archive"] = _pack(run_dir)
@@ -446,7 +446,8 @@ class RayExecutor:
             except RayActorError as exc:
                 reply = {"status": "lost", "error": f"actor died: {type(exc).__name__}"}
             except Exception as exc:  # a task error outside the trial (e.g. pickling)
-                reply = {"status": "failed", "error": describe_error(exc), "metrics": None}
+                error = describe_error(exc, job.run_dir, job.number)
+                reply = {"status": "failed", "error": error, "metrics": None}
             if reply["status"] == "lost":
                 self._drop(ray, name)
                 lost[job.number].append(name)

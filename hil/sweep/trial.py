@@ -84,8 +84,23 @@ def run_trial(spec: SweepSpec, number: int, params: dict[str, Any], device: str,
         torch.set_num_threads(threads)
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for the summary, plus where it came from (the last frame)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+ERROR_FILE = "error.txt"  # a failed trial's full traceback, in its run folder
+
+
+def trial_folder(number: int) -> str:
+    """Trial `number`'s run folder, relative to the sweep folder (`trials/NNNN`)."""
+    return f"trials/{number:04d}"
+
+
+def describe_error(exc: BaseException, run_dir: Path, number: int) -> str:
+    """One line for the summary and the progress line: the error, and where its full traceback
+    is. The traceback is written to `run_dir`/error.txt (the trial's run folder, which the
+    sweep folder holds as trials/NNNN), and the line names that file: the last frame alone was
+    an internal file:line (`(__init__.py:365)`) that told a user nothing."""
+    where = f"{trial_folder(number)}/{ERROR_FILE}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text("".join(traceback.format_exception(exc)))
+    except OSError as write_error:
+        where = f"not kept: {run_dir / ERROR_FILE}: {write_error.strerror or write_error}"
+    return f"{type(exc).__name__}: {exc} (traceback: {where})"
