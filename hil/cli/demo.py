@@ -34,9 +34,10 @@ def register(app: typer.Typer) -> None:
         ),
         threads: int = typer.Option(
             1,
-            min=1,
+            min=0,
             max=1024,
-            help="torch CPU threads (1: fastest for the small products of a settle on 2 cores).",
+            help="torch CPU threads (0: torch's default, one per core). Default 1: fastest for the small "
+            "products of a settle on 2 cores.",
         ),
     ) -> None:
         """Program a layered network with write-verify, settle free and nudged (+-beta) on
@@ -56,7 +57,8 @@ def register(app: typer.Typer) -> None:
 
         from hil.demo import run_demo
 
-        torch.set_num_threads(threads)
+        if threads:  # 0: torch's default, as in every command's --threads
+            torch.set_num_threads(threads)
         with one_line_errors():
             r = run_demo(uri, layer_sizes, batch, beta, seed, settle)
         typer.echo(f"board     {r.identity}")

@@ -170,9 +170,9 @@ def register(app: typer.Typer) -> None:
         fault_seed: int = typer.Option(0, help="Seed of the fault injection."),
         threads: int = typer.Option(
             1,
-            min=1,
+            min=0,
             max=1024,
-            help="torch threads for the board's computations. 1 (default): a host-iterated settle sends many small products, and on 2 cores torch's default thread count made each 64-256-10 mvm 10 times slower (2.2 vs 21.9 ms per call over serial+socket, batch 16, cores busy).",
+            help="torch threads for the board's computations (0: torch's default, one per core). 1 (default): a host-iterated settle sends many small products, and on 2 cores torch's default thread count made each 64-256-10 mvm 10 times slower (2.2 vs 21.9 ms per call over serial+socket, batch 16, cores busy).",
         ),
         capabilities: str | None = typer.Option(
             None,
@@ -233,7 +233,8 @@ def register(app: typer.Typer) -> None:
         from drivers import open_device
         from emulator.server.launch import FaultPlan, Faults, ListenPortTaken, serve
 
-        torch.set_num_threads(threads)
+        if threads:  # 0: torch's default, as in every command's --threads
+            torch.set_num_threads(threads)
         try:
             device = open_device(board_uri(preset, seed, capabilities, set_))
         except typer.BadParameter:
