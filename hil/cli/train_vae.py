@@ -121,6 +121,8 @@ def vae(
             cfg = load_into(VAERunConfig(), config, set_ or [])
             if model is not None:
                 cfg = apply_dict(cfg, {"model": {"variant": model}})
+            if out is not None:  # the config records where the run went: --out's folder is under its parent
+                cfg = apply_dict(cfg, {"out": str(out.parent)})
     except (ConfigError, RunLogError) as exc:
         raise fail(str(exc)) from None
     try:

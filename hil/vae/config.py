@@ -116,7 +116,9 @@ class VAERunConfig:
     # gradients and settles' tensors live there; evaluation metrics are computed on the CPU.
     compute: str = "cpu"
     calibration: str = ""  # calibration record (hil calibrate ... --out cal.zarr) applied to the board
-    out: str = "runs"  # the run folder goes under here
+    # the run folder goes under here (as VARIANT; `hil train vae --out DIR` names the run folder
+    # itself, and its run log records DIR's parent here: the config says where the run went)
+    out: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     ep: VAEEPConfig = field(default_factory=VAEEPConfig)
