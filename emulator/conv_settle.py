@@ -18,8 +18,8 @@ node noise on every free node; clamps through the DAC (`Board.settle`), states t
 ADC at the end.
 
 Convergence: every `check_every` steps the largest state change is compared with `tol`; on a
-noisy board a settle also stops within `tol` of the noise floor (six standard deviations of
-the largest read's noise, times the gain) once a check shows no progress over the last one.
+noisy board every sample stops on its own, by the rule of the board's other settles
+(`drivers.settle_stop.SampleStop`, with the sample's largest read + node noise per step).
 
 Accounting: a step's time is the analog step (``settle_step_s``, when the network has fully
 connected couplings between free groups) plus one ``mvm_time_s`` per tile read (positions of
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from drivers import conv
 from drivers.errors import ConfigurationError
 from drivers.numerics import power_norm
+from drivers.settle_stop import SampleStop
 from drivers.topology import BIAS, Coupling, Topology
 from emulator.noise_table import NoisePool
 from emulator.settle_types import SettleNudge, SettleResult
@@ -289,15 +290,29 @@ class ConvSettle:
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in free} if trace else {}
         trace_steps: list[int] = []
 
+        sizes = [topo.groups[g] for g in free]
+
+        def joined() -> torch.Tensor:  # the free states as one (nodes, batch) tensor
+            return torch.cat([s[g] for g in free], 1).T
+
+        # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
+        # batch's largest change is within tol
+        stop = SampleStop(joined(), budget.tol) if noisy and free else None
+
         def record(step: int) -> None:
             trace_steps.append(step)
-            for g in free:
-                traces[g].append(s[g].clone())
+            if stop is None:
+                for g in free:
+                    traces[g].append(s[g].clone())
+                return
+            for g, part in zip(free, stop.view(joined()).T.split(sizes, 1), strict=True):
+                traces[g].append(part.clone())
 
         if trace:
             record(0)
         check_every = budget.check_every if budget.tol > 0 or noisy else budget.max_steps
-        residual, step, floor, last = float("inf"), 0, 0.0, float("inf")
+        residual, step, running = float("inf"), 0, batch
+        converged = False
         while step < budget.max_steps:
             u = self._step_drive(links, s, free, held, noisy)
             for g, (beta, target) in elastic.items():
@@ -307,24 +322,30 @@ class ConvSettle:
             new = {g: topo.activation.rho(u[g], gain) for g in free}
             step += 1
             checked = step % check_every == 0 or step == budget.max_steps
-            if checked:
+            change = None
+            if checked and stop is None:
                 residual = max(float((new[g] - s[g]).abs().max()) for g in free) if free else 0.0
-                if noisy:
-                    floor = 6.0 * gain * self._noise_sigma(links, s)
+                converged = residual <= budget.tol
+            elif checked:
+                change = torch.cat([(new[g] - s[g]).abs() for g in free], 1).T
+                sd = self._noise_sd(links, s).mul_(gain)
             for g in free:  # s + dt (new - s), in place on the step's own tensors: the same roundings
                 s[g].add_(new[g].sub_(s[g]).mul_(dt))
+            if stop is not None and change is not None:
+                running, residual = stop.check(joined(), sd, change, step, dt)
             if trace and step % trace == 0:
                 record(step)
-            # within tol, or within the noise floor and no better than at the last check (a
-            # conv network's states start at 0 and take steps to fill the layers: a small change
-            # early on is no equilibrium; as `hil.host_settle` judges noisy reads)
-            if checked and (residual <= budget.tol or (residual <= budget.tol + floor and residual >= last)):
+            if checked and (converged if stop is None else running == 0):
                 break
-            if checked:
-                last = residual
+        mean_steps: float = step
+        if stop is not None:  # the stopped samples' states, their steps and residuals
+            state = joined().contiguous()
+            stop.final(state, step)
+            s.update(zip(free, state.T.split(sizes, 1), strict=True))
+            mean_steps, residual, converged = stop.outcome()
         if trace and trace_steps[-1] != step:
             record(step)
-        seconds, joules = self._account(links, s, free, held, step, dt, batch)
+        seconds, joules = self._account(links, s, free, held, mean_steps, dt, batch)
         states = {g: board._adc_state(s[g], board._channel[g]) for g in free}
         final = dict(s)
         out_trace = None
@@ -338,16 +359,22 @@ class ConvSettle:
             out_trace = {"step": torch.tensor(trace_steps), "energy": torch.stack(energies)}
             for g in free:
                 out_trace[g] = board._adc_state(stacked[g], board._channel[g])
-        outcome = (step, residual <= budget.tol + floor, residual)
+        outcome = (step, converged, residual)
+        sample_steps = None if stop is None else stop.steps
         if trace:
             value = _energy(topo, links, final, free, nudge)
-            return SettleResult(states, *outcome, lambda: value, seconds, joules, out_trace, value)
-        return SettleResult(states, *outcome, _later_energy(topo, links, final, free, nudge), seconds, joules)
+            return SettleResult(
+                states, *outcome, lambda: value, seconds, joules, out_trace, value, sample_steps=sample_steps
+            )
+        energy = _later_energy(topo, links, final, free, nudge)
+        return SettleResult(states, *outcome, energy, seconds, joules, sample_steps=sample_steps)
 
-    def _noise_sigma(self, links: list[_Link], s: dict[str, torch.Tensor]) -> float:
-        """The largest read + node noise std of a drive at states `s`: for the noise floor."""
+    def _noise_sd(self, links: list[_Link], s: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per sample (batch,), the largest read + node noise std of a drive at states `s`: the
+        noise one step adds to a node's target, before the gain (`drivers.settle_stop`)."""
+        batch = next(iter(s.values())).shape[0]
         var = self.board.preset.periphery.node_noise**2
-        worst = 0.0
+        worst = torch.zeros(batch, device=self.board.device)
         for link in links:
             if not link.noise_k:
                 continue
@@ -355,11 +382,11 @@ class ConvSettle:
             if c.kind == "conv":
                 assert link.geom is not None
                 x = s[c.rows[0]]
-                worst = max(worst, float(conv.patch_norms(x, link.geom).max()) * link.noise_k)
+                worst = torch.maximum(worst, conv.patch_norms(x, link.geom).flatten(1).amax(1) * link.noise_k)
                 continue
             x = conv.joined(s, c.rows)
-            worst = max(worst, float(x.square().sum(1).max()) * link.noise_k)
-        return (var + worst) ** 0.5
+            worst = torch.maximum(worst, x.square().sum(1) * link.noise_k)
+        return worst.add_(var).sqrt_()
 
     def _coupling_norm(self, links: list[_Link], s: dict[str, torch.Tensor], free: list[str]) -> float:
         """A power-iteration estimate of the norm of the free groups' drive on one another
@@ -393,7 +420,7 @@ class ConvSettle:
         s: dict[str, torch.Tensor],
         free: list[str],
         held: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-        steps: int,
+        steps: float,
         dt: float,
         batch: int,
     ) -> tuple[float, float]:

@@ -17,7 +17,10 @@ meter; it puts the nudges through the DAC and hands the clamps and the nudge (a
   from the engine's `NoisePool`; on the CPU a noise-free settle runs that loop as one
   TorchScript call, `emulator.settle_script`) or `_settle_mvm` (the ``mvm`` mode, where the host
   iterates the fixed point through quantised MVMs);
-- stops at the noise floor (`_noise_floor`) and accounts the settle's time and array energy
+- stops: a noise-free settle when the batch's largest residual is within `tol`, one with
+  noise (or, in mvm mode, converter steps) per sample (`drivers.settle_stop.SampleStop`: a
+  sample stops once its states move no more than its noise moves them, and keeps the states
+  of its stop while the rest of the batch runs on); and accounts the settle's time and array energy
   (`_account`: line power at equilibrium times the settle time, once per settle; the
   clamped lines' share is kept with the clamp; `emulator.settle_energy.settle_power`);
 - leaves the network's energy per sample (`SettleResult.energy`) to be computed when read,
@@ -67,6 +70,7 @@ import torch.nn.functional as F
 
 from drivers import topology
 from drivers.converters import lsb
+from drivers.settle_stop import SampleStop
 from drivers.topology import BIAS
 from emulator import settle_energy, settle_script
 from emulator.clamp_cache import ClampCache
@@ -302,11 +306,6 @@ class SettleEngine:
         traces: dict[str, list[torch.Tensor]] = {}
         trace_steps: list[int] = []
 
-        def record(step: int) -> None:
-            trace_steps.append(step)
-            for g in plan.free:
-                traces.setdefault(g, []).append(s[g])  # states are replaced, never written in place
-
         def mvm_out(term: Term, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             """One MVM with its own read noise, digitised by the ADC."""
             if term.noisy:
@@ -317,10 +316,27 @@ class SettleEngine:
                     y[:, a:b] += std * pool.draw((batch, b - a))
             return self.board._adc_mvm(y)
 
+        # a settle with noise or converter steps stops per sample (`drivers.settle_stop`); an
+        # exact one when the batch's largest residual is within tol
+        quant = self._quant_floor(gain)
+        stop = (
+            SampleStop(torch.cat([s[g] for g in plan.free], 1).T, tol) if pool is not None or quant else None
+        )
+
+        def record(step: int) -> None:
+            trace_steps.append(step)
+            if stop is None:
+                held = {g: s[g] for g in plan.free}
+            else:  # a stopped sample's states as it holds them
+                cat = stop.view(torch.cat([s[g] for g in plan.free], 1).T).T
+                held = dict(zip(plan.free, cat.split([topo.groups[g] for g in plan.free], 1), strict=True))
+            for g in plan.free:
+                traces.setdefault(g, []).append(held[g])  # states are replaced, never written in place
+
         if trace:
             record(0)
         peaks: list[torch.Tensor] = []  # the DAC's peak output per step and group (safety)
-        residual, converged, steps, floor = float("inf"), False, 0, 0.0
+        residual, converged, steps = float("inf"), False, 0
         for step in range(1, budget.max_steps + 1):
             drive = dict(base)
             var = dict(const_var)
@@ -351,30 +367,44 @@ class SettleEngine:
                     new = act.rho(u, gain)
                 new = self._dac_step(new, self.board._channel[g], peaks)
                 if check:
-                    changes.append((new - s[g]).abs().max())
+                    changes.append((new - s[g]).abs())
                 s[g] = torch.lerp(s[g], new, dt) if dt != 1.0 else new
             steps = step
-            if check:  # one synchronisation for the residual, one for the noise floor
-                residual = float(torch.stack(changes).max())
-                floor = self._noise_floor(var, True, gain)
+            running = batch
+            if check and stop is None:  # one synchronisation for the residual
+                residual = float(torch.stack([c.max() for c in changes]).max())
+                converged = residual <= tol
+            elif check:  # one for the samples still running
+                assert stop is not None
+                sd = torch.cat([v for v in var.values()], 1).amax(1).sqrt_().mul_(gain)
+                state = torch.cat([s[g] for g in plan.free], 1).T
+                running, residual = stop.check(state, sd, torch.cat(changes, 1).T, step, dt, quant)
             if trace and step % trace == 0:
                 record(step)
-            if check and residual <= tol + floor:
-                converged = True
+            if check and (converged if stop is None else running == 0):
                 break
+        mean_steps: float = steps
+        if stop is not None:  # the stopped samples' states, their steps and residuals
+            state = torch.cat([s[g] for g in plan.free], 1).T.contiguous()
+            stop.final(state, steps)
+            s.update(zip(plan.free, state.T.split([topo.groups[g] for g in plan.free], 1), strict=True))
+            mean_steps, residual, converged = stop.outcome()
         if trace and trace_steps[-1] != steps:
             record(steps)
         if peaks:
             over = torch.stack(peaks).double().mul_(per.v_read).gt_(per.v_read_max).sum()
             self.board.safety.violations += int(over)
-        settle_time, energy_j = self._account(plan, s, None, steps, dt, batch)
+        settle_time, energy_j = self._account(plan, s, None, mean_steps, dt, batch)
         energy = settle_energy.energy(s, plan, nudge, products, gain, act)
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
-        return self._result(s, plan, nudge, products, (steps, converged, residual), energy,
-                            (settle_time, energy_j), trace_steps, stacked)  # fmt: skip
+        result = self._result(s, plan, nudge, products, (steps, converged, residual), energy,
+                              (settle_time, energy_j), trace_steps, stacked)  # fmt: skip
+        if stop is not None:
+            result.sample_steps = stop.steps
+        return result
 
     def _account(
-        self, plan: Plan, s: dict[str, torch.Tensor], ws: Workspace | None, steps: int, dt: float,
+        self, plan: Plan, s: dict[str, torch.Tensor], ws: Workspace | None, steps: float, dt: float,
         batch: int,
     ) -> tuple[float, float]:  # fmt: skip
         """A settle's (seconds, joules), by which `Board.settle` advances its clock and meter. The
@@ -472,8 +502,10 @@ class SettleEngine:
         gain, with a variance per sample that has a constant part (node noise, clamped
         sources, bias) and a part that follows the free sources' states; the draws are
         windows of the engine's `NoisePool`, added in place (``addcmul_``), and the step
-        allocates nothing. A noisy settle counts as converged within `tol` of its noise
-        floor (`_noise_floor`), checked every `check_every` steps.
+        allocates nothing. A noisy settle stops per sample, checked every `check_every`
+        steps (`drivers.settle_stop.SampleStop`; tol adds to the noise's bound): `steps` is
+        the last sample's stop, `converged` that every sample stopped before the budget ran
+        out, `residual` the largest of the samples' residuals at their stops.
 
         Without noise and with ``tol = 0`` convergence is never checked: the settle runs
         exactly `max_steps` (the fixed-step recipe of the EP literature) and the residual is
@@ -549,15 +581,19 @@ class SettleEngine:
             graph_ops = [*pre, partial(state.lerp_, new, ws.dt)]
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
+        # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
+        # batch's largest residual is within tol
+        stop = SampleStop(state, budget.tol) if noisy else None
 
         def record(step: int) -> None:
             trace_steps.append(step)
+            held = state if stop is None else stop.view(state)
             for g in plan.free:
-                traces[g].append(state[rows[g]].T.clone())
+                traces[g].append(held[rows[g]].T.clone())
 
         if trace:
             record(0)
-        residual, step, floor = float("inf"), 0, 0.0
+        residual, step, running = float("inf"), 0, batch
         best, stalled, fell_back = float("inf"), 0, -1
         done = None
         if self.scripted and not (noisy or elastic or trace or state.is_cuda):
@@ -594,15 +630,20 @@ class SettleEngine:
             for op in pre:
                 op()
             checked = mark % every == 0 or mark == last
+            change = None
             if checked:
-                residual = float((new - state).abs_().max())
-                if stds:
-                    floor = 6.0 * gain * float(stds[0].max())
+                change = (new - state).abs_()
+                if stop is None:
+                    residual = float(change.max())
             relax()
             step = mark
+            if checked and stop is not None:
+                assert change is not None
+                sd = stds[0].amax(0).mul_(gain) if stds else torch.zeros(batch, device=state.device)
+                running, residual = stop.check(state, sd, change, mark, dt)
             if trace and mark % trace == 0:
                 record(mark)
-            if checked and residual <= budget.tol + floor:
+            if checked and (running == 0 if stop is not None else residual <= budget.tol):
                 break
             if checked and residual < best:
                 best, stalled = residual, 0
@@ -616,6 +657,11 @@ class SettleEngine:
                         relax = step_ops[-1] = partial(state.lerp_, new, dt)
                         if ws.dt is not None:  # the captured steps read it
                             ws.dt.fill_(dt)
+        mean_steps: float = step
+        converged = residual <= budget.tol
+        if stop is not None:  # the stopped samples' states, their steps and residuals
+            stop.final(state, step)
+            mean_steps, residual, converged = stop.outcome()
         if trace and trace_steps[-1] != step:
             record(step)
         # the final states out of the workspace (the next settle reuses it) in one copy of the
@@ -629,7 +675,7 @@ class SettleEngine:
         # first size, the rest at the second
         before = step if fell_back < 0 else fell_back
         mean_dt = (before * first_dt + (step - before) * (safe_dt or first_dt)) / max(step, 1)
-        cost = self._account(plan, s, ws, step, mean_dt, batch)
+        cost = self._account(plan, s, ws, mean_steps, mean_dt, batch)
         energy: torch.Tensor | Callable[[], torch.Tensor] | None = None
         if not trace:
             if plan.const_unit:
@@ -646,8 +692,11 @@ class SettleEngine:
                 else settle_energy.energy(s, plan, nudge, products, gain, act)
             )
         stacked = {g: torch.stack(traces[g]) for g in plan.free} if trace else {}
-        outcome = (step, residual <= budget.tol + floor, residual)
-        return self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)
+        outcome = (step, converged, residual)
+        result = self._result(s, plan, nudge, products, outcome, energy, cost, trace_steps, stacked)
+        if stop is not None:
+            result.sample_steps = stop.steps
+        return result
 
     @staticmethod
     def _graph_steps(ws: Workspace, ops: list[Callable[[], object]], n: int) -> bool:
@@ -751,14 +800,11 @@ class SettleEngine:
             peaks.append(y.abs().max())
         return y
 
-    def _noise_floor(self, var: dict[str, torch.Tensor], mvm_mode: bool, gain: float) -> float:
-        """The step-to-step change of the node states that noise and quantisation alone cause
-        at equilibrium: a settle counts as converged when its residual is within `tol` of it.
-        Six standard deviations: the residual is a maximum over every node of the batch."""
-        sigma = float(torch.stack([v.max() for v in var.values()]).max()) ** 0.5 if var else 0.0
-        floor = 6.0 * gain * sigma
-        if mvm_mode:
-            per = self.board.preset.periphery
-            floor += gain * lsb(per.adc_bits, 2 * per.mvm_range)
-            floor += lsb(per.dac_bits, per.state_range[1] - per.state_range[0])
-        return floor
+    def _quant_floor(self, gain: float) -> float:
+        """What the converters' steps alone move a node between two steps of an mvm-mode
+        settle: an ADC step of its drive (times the gain) and a DAC step of its state; 0 with
+        exact converters."""
+        per = self.board.preset.periphery
+        return gain * lsb(per.adc_bits, 2 * per.mvm_range) + lsb(
+            per.dac_bits, per.state_range[1] - per.state_range[0]
+        )

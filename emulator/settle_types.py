@@ -71,6 +71,9 @@ class SettleResult:
     energy_j: float
     trace: dict[str, torch.Tensor] | None = None
     _energy: torch.Tensor | None = field(default=None, repr=False)
+    # a noisy settle's steps per sample (each sample stops on its own, `drivers.settle_stop`;
+    # `steps` is the largest); None where the batch stopped as one
+    sample_steps: torch.Tensor | None = None
 
     @property
     def energy(self) -> torch.Tensor:

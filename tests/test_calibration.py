@@ -176,10 +176,17 @@ def test_pulse_response_parameters_within_ten_percent(sessions, case) -> None:
 
 
 def test_settle_profile(sessions) -> None:
+    """The 24-24-24 network contracts by 0.93 per step on rram: under the default budget
+    (100 steps) a fifth to a quarter of each batch's 32 samples are still moving by more than
+    their noise at step 100, so no settle counts as converged (every sample stops on its own,
+    `drivers.settle_stop`; the batch-wide residual test this replaced stopped every batch at
+    45-60 steps, converged, and recommended 90 steps), and the profile recommends more steps
+    than the budget has."""
     s = sessions[("rram", 0)].record.settle
-    assert s.summary["converged_fraction"] == 1.0
+    assert s.summary["converged_fraction"] == 0.0
     assert 0 < s.summary["contraction_per_step"] < 1
     assert s.summary["recommended_max_steps"] >= s.summary["steps_max"]
+    assert s.summary["recommended_max_steps"] > s.summary["default_budget"]["max_steps"]
 
 
 def test_no_limit_violations(sessions) -> None:

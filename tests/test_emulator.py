@@ -338,7 +338,10 @@ def test_noisy_board_converges_to_its_noise_floor() -> None:
     with open_device("emulator://?preset=rram&seed=0&gain_error=0&offset_error=0") as dev:
         random_layered(dev, sizes, budget=budget)
         eq = dev.settle({"s0": x})
-        assert eq.converged and eq.steps < 100
+        # each sample stops on its own once its states move no more than its noise moves them
+        # (drivers.settle_stop): the last of the 16 at step 145 (the batch-wide residual test
+        # this replaced stopped the batch at step 20)
+        assert eq.converged and eq.steps < 200
         assert eq.residual > budget.tol  # the raw residual is noise-dominated
         board = dev.board
         true_w = {f"W{k}": board.tile(f"W{k}").weights(board.clock).numpy() for k in range(2)}

@@ -8,9 +8,9 @@ running the same settle for two budgets: with convergence checks off (``tol = 0`
 check at the last step) the count must not grow with the number of steps, and with checks on
 (``tol > 0``, every `check_every` steps) it may grow by the allowance per check only:
 
-- analog settles (noise-free and noisy): one synchronisation per check for the residual,
-  and one more on a noisy board for its noise floor;
-- mvm-mode settles (the host iterating through quantised MVMs): the same two per check; the
+- analog settles (noise-free and noisy): one synchronisation per check, for the residual
+  (noise-free) or for how many samples still run (noisy, `drivers.settle_stop`);
+- mvm-mode settles (the host iterating through quantised MVMs): the same one per check; the
   DAC's safety check of every step stays on the device until the settle ends.
 """
 
@@ -88,10 +88,10 @@ def _board(preset: str, mode: str):
 
 CASES = [
     ("ideal", "analog", 1),
-    ("rram", "analog", 2),
-    ("rram", "mvm", 2),
-    ("ideal", "mvm", 2),
-    ("ideal&out_noise=0.05", "mvm", 2),  # output noise: drawn on the device, no sync per step
+    ("rram", "analog", 1),
+    ("rram", "mvm", 1),
+    ("ideal", "mvm", 1),
+    ("ideal&out_noise=0.05", "mvm", 1),  # output noise: drawn on the device, no sync per step
 ]
 
 
