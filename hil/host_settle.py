@@ -28,19 +28,24 @@ themselves. `HostSettle` runs the settle on the host and lets the board do every
   lowest energy given the other half, so no damping is needed, and the same reads per step).
 
 The budget means what it means on a board (`drivers.SettleBudget`): at most `max_steps`
-steps; every `check_every` steps the largest state change is compared with `tol`, and a
-settle also stops when it is within `tol` of the noise floor, below which read noise and
-converter steps alone move the states, and no smaller than at the previous check (no
-progress left that the noise does not hide); ``tol = 0`` runs exactly `max_steps`. (Stopping
-at the first check within the floor ended the nudged phases of a dense VAE on an MVM-only
-rram board a few steps after they started: -ELBO 43.9 after 2 epochs against 16.3 with the
-board's own settle; with the no-progress condition 16.6.)
+steps; every `check_every` steps the largest state change is compared with `tol` (on a
+deterministic board: the batch stops as one, when its largest change is within `tol`, or
+within `tol` of the converters' floor and no smaller than at the previous check); ``tol = 0``
+runs exactly `max_steps`. On a noisy board every sample stops on its own, by the rule of the
+emulator's settles (`drivers.settle_stop.SampleStop`: its states' movement from the check
+half-way back against the movement its own noise gives them, two checks in a row; a stopped
+sample keeps its states while the batch runs on), so a sample's result does not depend on
+the samples that share its settle. (A batch-wide test had stopped the nudged phases of a dense
+VAE on an MVM-only rram board a few steps after they started: -ELBO 43.9 after 2 epochs
+against 16.3 with the board's own settle; with a no-progress condition 16.6.)
 
-The noise floor is measured, not assumed, at the state being judged: at each convergence
-check every per-step product is read twice, the largest difference of the two reads (read
-noise and the ADC steps it flips, over the whole batch) sets the floor (`HostSettle._floor`)
-and the step takes their mean. Where the two reads are equal (a deterministic board) the
-settle stops reading twice.
+The noise is measured, not assumed, at the state being judged: at each convergence check
+every per-step product is read twice, and the step takes their mean. Per sample, the mean
+square of the two reads' difference over its outputs (the largest over the products, averaged
+over the settle's checks: one pair of reads is a noisy estimate) gives its read noise, times
+the gain and the square root of the fan-in the noise of its nodes' targets; the largest
+difference over the batch sets `HostSettleStats.noise_floor` (`HostSettle._floor`). Where the
+two reads are equal (a deterministic board) the settle stops reading twice.
 
 Accounting: settle time and array energy are what the board's meter (`Device.meter`) counted
 over the settle's calls; a board without a meter gets the host's wall time and NaN joules.
@@ -89,6 +94,7 @@ from drivers.batches import chunks, mvm_in_chunks
 from drivers.checks import MAX_SETTLE_VALUES, check_settle, check_trace_values, require_topology
 from drivers.converters import lsb
 from drivers.numerics import denormals_flushed, power_norm
+from drivers.settle_stop import SampleStop
 from hil.reference import DHN
 
 
@@ -448,13 +454,36 @@ class HostSettle:
                 pooled = term.geom is not None and term.geom.has_winners
                 if term.transpose and pooled and fwd is not None and term.tile not in winners:
                     product(fwd)
+        sizes = [topo.groups[g] for g in free]
+
+        def joined() -> torch.Tensor:  # the free states as one (nodes, batch) view
+            return torch.from_numpy(np.concatenate([s[g] for g in free], 1)).T
+
+        # on a noisy board (the probes' two reads differ) every sample stops on its own
+        # (`drivers.settle_stop`, as the emulator's settles do); on a deterministic one the
+        # batch stops as one
+        stop = SampleStop(joined(), budget.tol) if probe and free else None
+        noisy = False
+        spreads = np.zeros(batch, np.float64)  # the probes' spreads summed over the checks
+        probes = 0
+
+        def held() -> dict[str, np.ndarray]:
+            if stop is None or not noisy:
+                return {g: s[g].copy() for g in free}
+            parts = stop.view(joined()).T.split(sizes, 1)
+            return {g: p.numpy().copy() for g, p in zip(free, parts, strict=True)}
+
         records: list[tuple[int, dict[str, np.ndarray]]] = []
         if every:
-            records.append((0, {g: s[g].copy() for g in free}))
+            records.append((0, held()))
         residual, converged, steps = math.inf, False, 0
         for step in range(1, budget.max_steps + 1):
             check = step % check_every == 0 or step == budget.max_steps
             jump, res = 0.0, 0.0
+            # per sample: the largest mean square of the two reads' difference over the terms
+            # (its read noise), and the largest state change of the step
+            spread = np.zeros(batch, np.float64)
+            change = np.zeros(batch, np.float32)
             for half, half_terms in phases:
                 u = {g: const[g].copy() for g in half}
                 for term in half_terms:
@@ -463,6 +492,8 @@ class HostSettle:
                         y2 = product(term)
                         stats.probe_calls += 1
                         jump = max(jump, self._noise(y, y2))
+                        if y.size:
+                            spread = np.maximum(spread, np.square(y - y2, dtype=np.float64).mean(1))
                         y = (y + y2) * np.float32(0.5)
                     for g, a, b in term.dsts:
                         u[g] += y[:, a:b]
@@ -478,15 +509,36 @@ class HostSettle:
                     else:
                         new = act.rho(torch.from_numpy(u[g]), gain).numpy()
                     if check:
-                        res = max(res, float(np.abs(new - s[g]).max()))
+                        moved = np.abs(new - s[g]).max(1) if new.size else np.zeros(batch, np.float32)
+                        change = np.maximum(change, moved)
+                        res = max(res, float(moved.max(initial=0.0)))
                     s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
             if check and probe:
                 stats.noise_floor = self._floor(jump, fan_in, gain, limits)
                 probe = jump > 0  # two equal reads: a deterministic board, no need to read twice again
+                noisy = noisy or probe
             steps = step
+            running = batch
+            if check and stop is not None and noisy:
+                # a read's noise per output (two reads differ by sqrt(2) of it; the mean over
+                # this settle's checks: one pair of reads is a noisy estimate), summed over the
+                # node's fan-in, times the gain: the noise one step adds to a node's target
+                spreads += spread
+                probes += 1
+                var = spreads / probes / 2 * max(fan_in, 1)
+                sd = torch.from_numpy((gain * np.sqrt(var)).astype(np.float32))
+                quant = lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
+                running, res = stop.check(joined(), sd, torch.from_numpy(change)[None], step, dt, quant)
             if every and step % every == 0:
-                records.append((step, {g: s[g].copy() for g in free}))
-            if check:
+                records.append((step, held()))
+            if check and stop is not None and noisy:
+                residual = res
+                if running == 0:
+                    break
+                best, stalled = (res, 0) if res < best else (best, stalled + 1)
+                if bold and stalled == topology.STALL_CHECKS:
+                    dt = self._dt(topo, clamped, free, ref)
+            elif check:
                 settled = residual <= res  # no progress since the last check
                 residual = res
                 if budget.tol > 0 and (
@@ -499,8 +551,13 @@ class HostSettle:
                     dt = self._dt(topo, clamped, free, ref)
         if budget.tol == 0:
             converged = residual <= stats.noise_floor
+        if stop is not None and noisy:  # the stopped samples' states, and their residuals
+            state = joined().contiguous()
+            stop.final(state, steps)
+            s.update({g: p.numpy() for g, p in zip(free, state.T.split(sizes, 1), strict=True)})
+            _mean, residual, converged = stop.outcome()
         if every and records[-1][0] != steps:
-            records.append((steps, {g: s[g].copy() for g in free}))
+            records.append((steps, held()))
 
         wall = time.perf_counter() - wall
         after = dev.meter() if meter is not None else None
