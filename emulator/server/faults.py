@@ -1,5 +1,5 @@
 """Fault injection shared by both servers: what a noisy link, a slow or crashing board and a
-flaky cable do to a host, drawn from one seeded generator and counted per kind.
+flaky cable do to a host, drawn from seeded generators and counted per kind.
 
 Byte faults act on the byte stream of every connection in both directions (`FaultyStream`):
 each byte is dropped with probability `drop_rate` and has one bit flipped with probability
@@ -31,6 +31,12 @@ that many requests (0: never).
 `limit` caps the number of each kind (None: no cap), so a long run can be given an exact
 budget of faults. This is the one fault type of both servers: `hil emulator serve --ber ...
 --fault-seed`, the pytest plugin and the test harness all build one.
+
+Each kind draws from its own generator (`kind_rng`: `SeedSequence(seed).spawn` keyed by the
+kind's index in `KINDS`), so a kind's faults depend only on the events it is drawn for: the
+n-th request a request fault is drawn for meets the same draw whatever bytes, keep-alives or
+other kinds' faults came before it. (One generator shared by all kinds let the byte traffic,
+whose chunking is a matter of timing, shift which requests the request faults struck.)
 """
 
 from __future__ import annotations
@@ -45,10 +51,16 @@ from drivers.wire.link import Faults
 from drivers.wire.payload import Op
 from emulator.server.links import Stream
 
-KINDS = ("corrupt", "drop", "delay", "reset", "close", "lose")
+KINDS = ("corrupt", "drop", "delay", "reset", "close", "lose")  # append only: the index seeds a kind
 RESET_OPS = frozenset({Op.SETTLE, Op.PROGRAM})
 REBOOTS = frozenset({"reset", "lose"})  # the request faults after which the board reboots
 HANG_UPS = REBOOTS | {"close"}  # ... and those after which its link goes down
+
+
+def kind_rng(seed: int, kind: str) -> np.random.Generator:
+    """The generator of fault kind `kind` under `seed`: child `KINDS.index(kind)` of
+    `SeedSequence(seed).spawn(...)`, independent of every other kind's."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(KINDS.index(kind),)))
 
 
 @dataclass
@@ -81,7 +93,7 @@ class FaultPlan:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
         if self.hang_up_after < 0:
             raise ValueError(f"hang_up_after must be >= 0 (0: never), got {self.hang_up_after}")
-        self._rng = np.random.default_rng(self.seed)
+        self._rngs = {kind: kind_rng(self.seed, kind) for kind in KINDS}
         self._lock = threading.Lock()
 
     @property
@@ -95,7 +107,7 @@ class FaultPlan:
 
     def _draw(self, kind: str, p: float) -> bool:
         with self._lock:
-            if p <= 0 or not self._room(kind) or self._rng.random() >= p:
+            if p <= 0 or not self._room(kind) or self._rngs[kind].random() >= p:
                 return False
             self.injected[kind] += 1
             return True
@@ -120,15 +132,16 @@ class FaultPlan:
         if not n or not (p_flip or self.drop_rate):
             return data
         with self._lock:
-            flips = self._room("corrupt", int(self._rng.binomial(n, p_flip))) if p_flip else 0
-            drops = self._room("drop", int(self._rng.binomial(n, self.drop_rate))) if self.drop_rate else 0
+            corrupt, drop = self._rngs["corrupt"], self._rngs["drop"]
+            flips = self._room("corrupt", int(corrupt.binomial(n, p_flip))) if p_flip else 0
+            drops = self._room("drop", int(drop.binomial(n, self.drop_rate))) if self.drop_rate else 0
             if not (flips or drops):
                 return data
             buf = bytearray(data)
-            for i in self._rng.integers(0, n, flips):
-                buf[i] ^= 1 << int(self._rng.integers(0, 8))
+            for i in corrupt.integers(0, n, flips):
+                buf[i] ^= 1 << int(corrupt.integers(0, 8))
             keep = np.ones(n, bool)
-            keep[self._rng.integers(0, n, drops)] = False
+            keep[drop.integers(0, n, drops)] = False
             self.injected["corrupt"] += flips
             self.injected["drop"] += int(n - keep.sum())
         return np.frombuffer(bytes(buf), np.uint8)[keep].tobytes() if drops else bytes(buf)
