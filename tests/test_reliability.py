@@ -68,6 +68,36 @@ def test_fault_plan_counts_and_caps_byte_faults() -> None:
     assert FaultPlan().mangle(data) is data  # no faults: not even a copy
 
 
+def test_byte_faults_strike_the_same_bytes_however_the_stream_is_cut() -> None:
+    """Which bytes a seeded plan corrupts or drops depends on their place in the stream, not on
+    the reads and writes it came in (a matter of timing): the same bytes in one piece, in 7
+    or in pieces of 1 to 300 bytes come out the same. With a binomial count drawn per piece
+    they came out different; and the rates hold (one plan, a million bytes)."""
+    data = np.random.default_rng(0).integers(0, 256, 200_000, np.uint8).tobytes()
+
+    def cut(sizes: list[int]) -> tuple[bytes, dict[str, int]]:
+        plan = FaultPlan(ber=1e-4, drop_rate=5e-4, seed=5)
+        out, at = [], 0
+        for size in sizes:
+            out.append(bytes(plan.mangle(data[at : at + size])))
+            at += size
+        assert at == len(data)
+        return b"".join(out), plan.summary()
+
+    whole, counts = cut([len(data)])
+    assert counts["corrupt"] > 100 and counts["drop"] > 50 and len(whole) == len(data) - counts["drop"]
+    assert cut([len(data) // 7] * 6 + [len(data) - 6 * (len(data) // 7)]) == (whole, counts)
+    sizes = np.random.default_rng(1).integers(1, 300, len(data)).tolist()
+    ends = np.cumsum(sizes)
+    sizes = sizes[: int(np.searchsorted(ends, len(data)))]
+    assert cut([*sizes, len(data) - sum(sizes)]) == (whole, counts)
+    # the rates: a flip per byte at 8 * ber, a loss at drop_rate (mean 1000, sd about 32)
+    plan = FaultPlan(ber=1e-3 / 8, drop_rate=1e-3, seed=2)
+    for _ in range(10):
+        plan.mangle(bytes(100_000))
+    assert 900 < plan.summary()["corrupt"] < 1100 and 900 < plan.summary()["drop"] < 1100
+
+
 def _request_faults(plan: FaultPlan, ops: list[int], chunks: int) -> list[str | None]:
     """The request faults `plan` draws for `ops`, each request's bytes passed through
     `plan.mangle` in `chunks` pieces in and out (as a connection's reads and writes)."""

@@ -3,7 +3,9 @@ flaky cable do to a host, drawn from seeded generators and counted per kind.
 
 Byte faults act on the byte stream of every connection in both directions (`FaultyStream`):
 each byte is dropped with probability `drop_rate` and has one bit flipped with probability
-`8 * ber` (a bit-error rate `ber` on 8-bit bytes, for small rates). Request faults act once
+`8 * ber` (a bit-error rate `ber` on 8-bit bytes, for small rates). They are drawn as the gaps
+between struck bytes (`ByteStrikes`), so which bytes of the plan's stream they strike does not
+depend on how it was cut into reads and writes (timing). Request faults act once
 per received request (an SCPI program message, a framed request):
 
 - `delay`: the board runs the request, then holds the reply for `delay_s` (set it beyond
@@ -63,6 +65,51 @@ def kind_rng(seed: int, kind: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(KINDS.index(kind),)))
 
 
+class ByteStrikes:
+    """Which bytes one byte-fault kind strikes, as a stream: the gap to each struck byte
+    (geometric at the rate) and the bit it flips are drawn from the kind's generator in fixed
+    batches and used in order, so the n-th byte the plan sees is struck or not whatever the
+    lengths of the pieces it came in (a binomial count drawn per read or write made the faults
+    depend on how the stream was cut, which is timing)."""
+
+    BATCH = 256
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.rate = 0.0
+        self.ahead = 0  # bytes to pass before the next struck one
+        self.bit = 0  # the bit the next struck byte has flipped (corrupt)
+        self.batch: list[tuple[int, int]] = []
+        self.used = 0
+
+    def _next(self) -> tuple[int, int]:
+        """The next (gap, bit): the bytes from the last struck one to the next, its bit."""
+        if self.used == len(self.batch):
+            gaps = self.rng.geometric(self.rate, self.BATCH).tolist()
+            self.batch = list(zip(gaps, self.rng.integers(0, 8, self.BATCH).tolist(), strict=True))
+            self.used = 0
+        self.used += 1
+        return self.batch[self.used - 1]
+
+    def strikes(self, rate: float, n: int, room: int | None) -> list[tuple[int, int]]:
+        """(position, bit) of each struck byte among the next `n`, at most `room` (None: no cap;
+        those past the cap are passed over unstruck, the stream keeping its place)."""
+        if room == 0:
+            return []
+        if rate != self.rate:  # the first bytes at this rate (or the rate changed mid-run)
+            self.rate, self.batch, self.used = rate, [], 0
+            gap, self.bit = self._next()
+            self.ahead = gap - 1
+        hits: list[tuple[int, int]] = []
+        while self.ahead < n:
+            if room is None or len(hits) < room:
+                hits.append((self.ahead, self.bit))
+            gap, self.bit = self._next()
+            self.ahead += gap
+        self.ahead -= n
+        return hits
+
+
 @dataclass
 class FaultPlan:
     ber: float = 0.0  # bit-error rate of every byte in and out
@@ -94,20 +141,20 @@ class FaultPlan:
         if self.hang_up_after < 0:
             raise ValueError(f"hang_up_after must be >= 0 (0: never), got {self.hang_up_after}")
         self._rngs = {kind: kind_rng(self.seed, kind) for kind in KINDS}
+        self._bytes = {kind: ByteStrikes(self._rngs[kind]) for kind in ("corrupt", "drop")}
         self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
         return any((self.ber, self.drop_rate, self.p_delay, self.p_reset, self.p_close, self.p_lose))
 
-    def _room(self, kind: str, n: int = 1) -> int:
-        if self.limit is None:
-            return n
-        return max(0, min(n, self.limit - self.injected[kind]))
+    def _room(self, kind: str) -> int | None:
+        """How many more faults of `kind` the limit allows (None: no limit)."""
+        return None if self.limit is None else max(0, self.limit - self.injected[kind])
 
     def _draw(self, kind: str, p: float) -> bool:
         with self._lock:
-            if p <= 0 or not self._room(kind) or self._rngs[kind].random() >= p:
+            if p <= 0 or self._room(kind) == 0 or self._rngs[kind].random() >= p:
                 return False
             self.injected[kind] += 1
             return True
@@ -132,19 +179,21 @@ class FaultPlan:
         if not n or not (p_flip or self.drop_rate):
             return data
         with self._lock:
-            corrupt, drop = self._rngs["corrupt"], self._rngs["drop"]
-            flips = self._room("corrupt", int(corrupt.binomial(n, p_flip))) if p_flip else 0
-            drops = self._room("drop", int(drop.binomial(n, self.drop_rate))) if self.drop_rate else 0
+            corrupt, drop = self._bytes["corrupt"], self._bytes["drop"]
+            flips = corrupt.strikes(p_flip, n, self._room("corrupt")) if p_flip else []
+            drops = drop.strikes(self.drop_rate, n, self._room("drop")) if self.drop_rate else []
             if not (flips or drops):
                 return data
-            buf = bytearray(data)
-            for i in corrupt.integers(0, n, flips):
-                buf[i] ^= 1 << int(corrupt.integers(0, 8))
-            keep = np.ones(n, bool)
-            keep[drop.integers(0, n, drops)] = False
-            self.injected["corrupt"] += flips
-            self.injected["drop"] += int(n - keep.sum())
-        return np.frombuffer(bytes(buf), np.uint8)[keep].tobytes() if drops else bytes(buf)
+            self.injected["corrupt"] += len(flips)
+            self.injected["drop"] += len(drops)
+        buf = bytearray(data)
+        for i, bit in flips:
+            buf[i] ^= 1 << bit
+        if not drops:
+            return bytes(buf)
+        keep = np.ones(n, bool)
+        keep[[i for i, _ in drops]] = False
+        return np.frombuffer(bytes(buf), np.uint8)[keep].tobytes()
 
     def summary(self) -> dict[str, int]:
         return {k: int(self.injected[k]) for k in KINDS}
