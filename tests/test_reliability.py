@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -485,31 +486,83 @@ def trained_fault_free():
     return result
 
 
+class _CountingPlan(FaultPlan):
+    """A FaultPlan that notes, for each request fault kind, the draw of its own generator at
+    which it first struck, and counts the bytes it saw."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.draws: Counter[str] = Counter()
+        self.first: dict[str, int] = {}
+        self.bytes_seen = 0
+        self._seen_lock = threading.Lock()
+
+    def _draw(self, kind: str, p: float) -> bool:
+        struck = super()._draw(kind, p)
+        if p > 0 and kind not in self.first:  # before its first strike every call draws (room left)
+            self.draws[kind] += 1
+            if struck:
+                self.first[kind] = self.draws[kind]
+        return struck
+
+    def mangle(self, data: bytes | memoryview) -> bytes | memoryview:
+        with self._seen_lock:
+            self.bytes_seen += len(data)
+        return super().mangle(data)
+
+
+def _first_strikes(seed: int, **rates: float) -> dict[str, int]:
+    """Where each kind of a plan of these rates first strikes, from a twin plan of that rate
+    alone: the request kinds at their n-th draw, the byte kinds at the n-th byte of the stream
+    (each kind draws from its own generator: the others' rates do not move it)."""
+    first: dict[str, int] = {}
+    for name, kind in (("p_lose", "lose"), ("p_reset", "reset"), ("p_close", "close"), ("p_delay", "delay")):
+        twin = FaultPlan(**{name: rates[name]}, seed=seed)
+        first[kind] = next(n for n in range(1, 10_000) if twin.request_fault(int(Op.SETTLE)) == kind)
+    n = 1 << 20
+    flipped = FaultPlan(ber=rates["ber"], seed=seed).mangle(bytes(n))
+    first["corrupt"] = int(np.flatnonzero(np.frombuffer(flipped, np.uint8))[0]) + 1
+    data = (np.arange(n) % 251).astype(np.uint8)  # a loss shifts what follows: the first mismatch
+    kept = np.frombuffer(FaultPlan(drop_rate=rates["drop_rate"], seed=seed).mangle(data.tobytes()), np.uint8)
+    first["drop"] = int(np.flatnonzero(kept != data[: len(kept)])[0]) + 1
+    return first
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_training_under_every_fault_kind_matches_the_fault_free_run(
     transport: str, trained_fault_free, tmp_path: Path
 ) -> None:
     """A short digits training (ideal preset) with faults of every kind ends with the test
     accuracies and weights of the fault-free in-process run, and its run log holds every
-    step exactly once (benchmarks/faults.py runs the same with >= 200 of each kind)."""
+    step exactly once (benchmarks/faults.py runs the same with >= 200 of each kind).
+
+    Every kind strikes by construction, not by luck: each draws from its own generator, so
+    it first strikes at a draw (a byte) of its own stream that a twin plan tells, early, and
+    the run makes many more: 44 settle or program requests and about 110 in all, 700 kB
+    (fault-free; faults only add). With one generator shared by all kinds, the byte traffic
+    (its cutting into reads is timing) moved the request faults: `lose` (p 0.1 over 44
+    settles and programs) missed a run about one time in a hundred (seen in CI)."""
     from hil.runlog import open_run
 
-    plan = FaultPlan(
-        ber=2e-5,
-        drop_rate=4e-5,
-        p_delay=0.1,
-        delay_s=0.3,
-        p_reset=0.2,
-        p_close=0.1,
-        p_lose=0.1,
-        seed=7,
-        limit=2,
-    )
+    rates = dict(ber=2e-5, drop_rate=4e-5, p_delay=0.1, p_reset=0.2, p_close=0.1, p_lose=0.1)
+    first = _first_strikes(11, **rates)
+    # lose at the 9th settle or program, reset at its 1st draw, close at its 5th, delay at its
+    # 7th; the first flip at byte 21032, the first loss at byte 21319: all early in the run ...
+    assert max(first[k] for k in ("lose", "reset", "close", "delay")) <= 10, first
+    assert max(first["corrupt"], first["drop"]) <= 100_000, first
+    # ... but none in the first query of the first open (SCPI: the 3rd request, after two
+    # writes; a few hundred bytes): a first query that gets no byte in twice the timeout is a
+    # wrong port, not retried (guarantee 1), and a 0.3 s late reply races that window (seed 7,
+    # this test's seed before, delayed that query and failed so over SCPI)
+    assert min(first["close"], first["delay"]) > 3 and min(first["corrupt"], first["drop"]) > 1000, first
+    plan = _CountingPlan(**rates, seed=11, delay_s=0.3, limit=2)
     with faulty_board("emulator://?preset=ideal&seed=0", plan, timeout=0.15, attempts=16) as served:
         result = _train(getattr(served, transport), tmp_path / "run.zarr")
         recovery = result.model.devices[0].recovery
         result.model.close()
         assert served.device.safety().violations == 0
+    assert plan.first == {k: first[k] for k in ("delay", "reset", "close", "lose")}, (plan.first, first)
+    assert plan.bytes_seen >= max(first["corrupt"], first["drop"]), plan.bytes_seen
     assert all(plan.summary()[k] >= 1 for k in KINDS), plan.summary()
     assert recovery.failures >= 3 and recovery.exhausted == 0  # each delay, reset and close fails one
     assert [h.test_acc for h in result.history] == [h.test_acc for h in trained_fault_free.history]
