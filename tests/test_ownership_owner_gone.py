@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from drivers import Topology, open_device, report_open_transactions
 from drivers.errors import BoardLocked
 from drivers.wire import payload as pl
 from drivers.wire.frames import LinkOp
+from drivers.wire.link import Link
+from drivers.wire.payload import Message, Op
 from hil.testing import BoardLock, BoardServers, socket_link
 from tests.killed_host import killed_host
 from tests.raw_scpi import RawScpi
@@ -263,6 +266,58 @@ def test_a_host_killed_on_a_serial_line_leaves_its_board_safe_and_then_free(
     # the next host on the line takes the board and finds the dead one's open transaction
     with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("serial-pty")) as dev:
         assert dev.owns and dev.status().transaction == "update-7"
+
+
+def test_a_host_that_dies_before_acknowledging_a_reply_on_a_serial_line_is_silent_from_then(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A host that owns the board over a framed serial line sends a keep-alive PING and dies
+    before it acknowledges the reply: the board resends the reply until its ACK retries are
+    spent (6 tries of 0.25 s), and the line is silent from the host's PING on. The board
+    counted the silence from a poll after it gave up (the PING's frame was counted then as
+    news), so the safe state came a lease plus 1.5 s after the host's last frame: 2.52 s after
+    the kill in the test above under load, past its 2.5 s bound (seen failing once in three
+    runs), and 2.6 s here every time. Now an unacknowledged reply is silence from when it was
+    ready: the safe state comes when the resends end (1.5 s, the longer of the two), not a
+    lease after that."""
+    s = emulated_board(BOARD)
+    calls = _count_safe_states(s)
+    fd = os.open(s.uris["serial-pty"].removeprefix("serial://"), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+
+        def read(timeout: float) -> bytes:
+            ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+            return os.read(fd, 1 << 16) if ready else b""
+
+        dies: list[bool] = []  # [] alive; [False]: dies once its next frame is written; [True]: dead
+
+        def write(data: bytes | memoryview) -> None:
+            if dies == [True]:
+                return  # dead: nothing it would send (the ACK of the reply) reaches the line
+            view = memoryview(data)
+            while view:
+                select.select([], [fd], [], 1.0)
+                view = view[os.write(fd, view) :]
+            if dies:
+                dies[0] = True
+
+        link = Link(read, write, ack_timeout=0.25)
+
+        def call(opcode: int, body: bytes) -> bytes:
+            got = link.receive(2.0, response=True, ref=link.send(opcode, body), opcode=opcode)
+            assert got is not None, f"no reply to {opcode:#x}"
+            return got[1]
+
+        call(LinkOp.HELLO, pl.dumps({}))
+        owner = pl.board_owner(pl.unpack(call(Op.ACQUIRE, pl.pack(Message({"token": "t1", "lease_s": 1.0})))))
+        assert owner.token == "t1" and owner.lease_s == 1.0
+        dies.append(False)
+        pinged = time.monotonic()
+        link.send(LinkOp.PING, b"")  # the board ACKs it and replies; the host died after its PING
+        assert until(lambda: len(calls) == 1, 4.0), "the board never made a silent owner's board safe"
+        assert 1.0 < calls[0] - pinged < 2.1, calls[0] - pinged  # 1.56 s (was 2.6 s)
+    finally:
+        os.close(fd)
 
 
 def test_a_host_killed_on_an_scpi_serial_line_leaves_its_board_safe_and_then_free(

@@ -187,13 +187,19 @@ class FramedServer(EndpointServer):
                 delay = (plan.delay_s if fault == "delay" else 0.0) + plan.reply_delay_s
                 if delay and stopping.wait(delay):
                     return  # the server closed while the reply was held back: nobody waits for it
+                ready, heard_by_then = time.monotonic(), link.stats.frames_received
                 try:
                     link.send(first.opcode, reply, flags=_RESPONSE | flags, ref=first.seq)
+                    quiet_since = time.monotonic()  # a long request is no silence of the host's
                 except Abandoned:
                     continue
                 except Exception:  # the client went away mid-reply: wait for its next request
                     link.drain()
-                quiet_since = time.monotonic()  # a long request is no silence of the host's
+                    # ... but a reply it never acknowledged is: the line is silent since the reply
+                    # was ready (unless a frame came while it was resent), not since the resends
+                    # ran out, nor since the request's frames were next counted (each put a dead
+                    # owner's safe state later: a lease plus 1.5 s after its last frame)
+                    quiet_since, heard_frames = ready, heard_by_then
                 served += 1
                 if plan.hang_up_after and served >= plan.hang_up_after:
                     return
