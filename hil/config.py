@@ -349,7 +349,8 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
     """Refuse a key that the ``key=value`` overrides give more than once, naming it and every
     value, as a device URI's repeated query key is refused (`drivers.uri`): ``--set
     train.epochs=5 --set train.epochs=50`` (a copy-paste, a recipe with an edit appended) would
-    otherwise run with the last without a word."""
+    otherwise run with the last without a word. For what a person typed (the commands' --set);
+    `load_into` itself lets a later override win, for callers that append to defaults."""
     given: dict[str, list[str]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -367,9 +368,9 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
 
 def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Fill the config dataclass `cfg` (its defaults) from the TOML file at `path` (if any),
-    then from the ``key=value`` overrides; unknown keys and wrong types name the key, and a key
-    the overrides give twice is refused (`check_repeated_overrides`)."""
-    check_repeated_overrides(overrides)
+    then from the ``key=value`` overrides, in order (a key given twice takes its last value, so
+    a caller can append to a list of defaults); unknown keys and wrong types name the key. The
+    commands refuse a key that their user's --set gives twice (`check_repeated_overrides`)."""
     if path:
         p = Path(path)
         try:

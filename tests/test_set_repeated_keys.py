@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hil.cli import app
-from hil.config import ConfigError, RunConfig, load_config, load_into
+from hil.config import ConfigError, RunConfig, check_repeated_overrides, load_config, load_into
 from hil.vae.config import VAERunConfig
 
 
@@ -31,12 +31,21 @@ def test_train_refuses_a_set_key_given_twice(command: list[str]) -> None:
 def test_a_key_given_three_times_names_every_value() -> None:
     sets = ["train.lr=0.1", "train.epochs=2", "train.lr=0.2", "train.lr = 0.3"]
     with pytest.raises(ConfigError) as info:
-        load_config(None, sets)
+        check_repeated_overrides(sets)
     assert "--set train.lr given 3 times (--set train.lr=0.1, --set train.lr=0.2, --set train.lr=0.3)" in str(
         info.value
     )
-    with pytest.raises(ConfigError, match=r"train\.lr given 3 times"):
-        load_into(VAERunConfig(), None, sets)
+    line = _refused("train", "vae", *[a for s in sets for a in ("--set", s)], "--show-config")
+    assert "--set train.lr given 3 times" in line
+
+
+def test_a_library_caller_appending_to_defaults_gets_the_last_value() -> None:
+    """`load_config` / `load_into` apply overrides in order: code that appends its own to a list
+    of defaults (tests, benchmarks, a lab's scripts) gets its own; only a person's --set is refused."""
+    cfg = load_config(None, ["train.epochs=1", "train.seed=4", "train.epochs=2"])
+    assert (cfg.train.epochs, cfg.train.seed) == (2, 4)
+    vae = load_into(VAERunConfig(), None, ["train.epochs=1", "train.epochs=3"])
+    assert vae.train.epochs == 3
 
 
 def test_programming_and_its_set_key_together_are_refused() -> None:

@@ -183,6 +183,7 @@ def classifier(
         RunConfig,
         apply_dict,
         apply_recorded,
+        check_repeated_overrides,
         load_config,
         load_into,
         to_toml,
@@ -193,6 +194,10 @@ def classifier(
     progress = show_progress(progress)
     state = None
     refuse_option_and_set("--programming", programming, "ep.programming", set_)
+    try:
+        check_repeated_overrides(set_ or [])
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     overrides = [*(set_ or []), *([f"ep.programming={programming}"] if programming is not None else [])]
     if resume is not None and (out is not None or overwrite):
         raise fail(

@@ -93,7 +93,14 @@ def vae(
         show_progress,
         sigterm_as_interrupt,
     )
-    from hil.config import ConfigError, apply_dict, apply_recorded, load_into, to_toml
+    from hil.config import (
+        ConfigError,
+        apply_dict,
+        apply_recorded,
+        check_repeated_overrides,
+        load_into,
+        to_toml,
+    )
     from hil.runlog import RunExistsError, RunLog, RunLogError, open_run
     from hil.vae.config import VAERunConfig, vae_boards, validate_vae
     from hil.vae.hopfield import dense_topology
@@ -109,6 +116,7 @@ def vae(
         )
     refuse_option_and_set("--model", model, "model.variant", set_)
     try:
+        check_repeated_overrides(set_ or [])
         if resume is not None:
             store = run_store(resume)
             run_dir = store.parent if store.name == RUN_STORE else store
