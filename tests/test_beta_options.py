@@ -7,26 +7,17 @@ the EP block's "beta must be > 0 (the mode sets the sign), got nan"."""
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
-from hil.cli import app
-
-
-def _error(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+from tests.cli_errors import one_line_error
 
 
 @pytest.mark.parametrize("beta", ["-0.2", "0", "nan", "-inf"])
 def test_demo_refuses_a_beta_that_is_not_positive(beta: str) -> None:
-    assert _error("demo", "--beta", beta).startswith("error: --beta: the nudge strength, > 0"), beta
+    assert one_line_error("demo", "--beta", beta).startswith("error: --beta: the nudge strength, > 0"), beta
 
 
 @pytest.mark.parametrize("betas", ["0.1,nan", "nan", "0.1,-0.01"])
 def test_gradcheck_refuses_a_beta_that_is_not_positive(betas: str) -> None:
-    assert _error("gradcheck", "--betas", betas, "--batch", "4") == (
+    assert one_line_error("gradcheck", "--betas", betas, "--batch", "4") == (
         f"error: --betas must be finite and > 0, got {betas!r}"
     )

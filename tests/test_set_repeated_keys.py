@@ -11,19 +11,12 @@ from typer.testing import CliRunner
 from hil.cli import app
 from hil.config import ConfigError, RunConfig, check_repeated_overrides, load_config, load_into
 from hil.vae.config import VAERunConfig
-
-
-def _refused(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+from tests.cli_errors import one_line_error
 
 
 @pytest.mark.parametrize("command", [["train", "classifier"], ["train", "vae"]])
 def test_train_refuses_a_set_key_given_twice(command: list[str]) -> None:
-    line = _refused(*command, "--set", "train.epochs=5", "--set", "train.epochs=50", "--show-config")
+    line = one_line_error(*command, "--set", "train.epochs=5", "--set", "train.epochs=50", "--show-config")
     assert "--set train.epochs given twice (--set train.epochs=5, --set train.epochs=50)" in line
     assert "keep the one you mean" in line
 
@@ -35,7 +28,7 @@ def test_a_key_given_three_times_names_every_value() -> None:
     assert "--set train.lr given 3 times (--set train.lr=0.1, --set train.lr=0.2, --set train.lr=0.3)" in str(
         info.value
     )
-    line = _refused("train", "vae", *[a for s in sets for a in ("--set", s)], "--show-config")
+    line = one_line_error("train", "vae", *[a for s in sets for a in ("--set", s)], "--show-config")
     assert "--set train.lr given 3 times" in line
 
 
@@ -49,7 +42,7 @@ def test_a_library_caller_appending_to_defaults_gets_the_last_value() -> None:
 
 
 def test_programming_and_its_set_key_together_are_refused() -> None:
-    line = _refused(
+    line = one_line_error(
         "train", "classifier", "--programming", "verify", "--set", "ep.programming=pulsed", "--show-config"
     )
     assert "--programming verify and --set ep.programming=pulsed both set ep.programming" in line
@@ -57,7 +50,9 @@ def test_programming_and_its_set_key_together_are_refused() -> None:
 
 def test_model_and_its_set_key_together_are_refused() -> None:
     """`hil train vae --model h-vae --set model.variant=dh-vae` trained the h-vae without a word."""
-    line = _refused("train", "vae", "--model", "h-vae", "--set", "model.variant=dh-vae", "--show-config")
+    line = one_line_error(
+        "train", "vae", "--model", "h-vae", "--set", "model.variant=dh-vae", "--show-config"
+    )
     assert "--model h-vae and --set model.variant=dh-vae both set model.variant" in line
     result = CliRunner().invoke(app, ["train", "vae", "--model", "h-vae", "--show-config"])
     assert result.exit_code == 0, result.output

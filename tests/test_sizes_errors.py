@@ -10,18 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hil.cli import app
-
-
-def _error(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+from tests.cli_errors import one_line_error
 
 
 def test_demo_names_the_sizes_given_and_an_example_that_fits() -> None:
-    line = _error("demo", "--sizes", "10,5,3")
+    line = one_line_error("demo", "--sizes", "10,5,3")
     assert line == (
         "error: --sizes 10,5,3: the layers run from the digits' 64 pixels to their 10 classes, "
         "e.g. --sizes 64,256,10"
@@ -30,7 +23,7 @@ def test_demo_names_the_sizes_given_and_an_example_that_fits() -> None:
 
 @pytest.mark.parametrize("command", ["demo", "gradcheck"])
 def test_an_empty_layer_is_named_by_the_option(command: str) -> None:
-    line = _error(command, "--sizes", "64,0,10", "--batch", "4")
+    line = one_line_error(command, "--sizes", "64,0,10", "--batch", "4")
     assert line.startswith("error: --sizes") and "at least one node" in line, line
     assert "group" not in line
 
