@@ -196,6 +196,13 @@ class BlockView(DeviceWrapper):
         return self.own
 
     @property
+    def settle_topology(self) -> Topology | None:
+        """What one settle of this view carries on the board: the merged topology (every
+        block's groups are in its clamps and reply, the others' held at 0), so the bounds on a
+        settle's values count it, not the block's own (`hil.ep.EBBlock.settle_batch_most`)."""
+        return self.shared.merged or self.own
+
+    @property
     def tensor_device(self) -> Any:  # type: ignore[override]
         return self.inner.tensor_device
 

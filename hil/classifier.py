@@ -349,7 +349,8 @@ class Classifier:
         batch-norm normalises with the running statistics of training and does not update
         them), so an image's output does not depend on the others predicted with it."""
         # chunks whose settles fit the bound on one settle's values (feature-map networks)
-        batch_size = max(1, min([batch_size] + [settle_samples_most(blk.topology) for blk in self.blocks()]))
+        fits = [settle_samples_most(blk.board_topology()) for blk in self.blocks()]
+        batch_size = max(1, min([batch_size, *fits]))
         training = self.ffebm is not None and self.ffebm.training
         if self.ffebm is not None:
             self.ffebm.eval()

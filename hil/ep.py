@@ -429,8 +429,14 @@ class EBBlock(nn.Module):
         """The most samples one settle request on the board carries: the board's `max_batch`,
         and at most `MAX_SETTLE_VALUES` states in its reply and pre-pooling values of each conv
         tile (`drivers.checks.settle_samples_most`). A larger batch is settled in chunks
-        (`drivers.batches`); a host-iterated settle splits its own products."""
-        return min(self.device.info.limits.max_batch, settle_samples_most(self.topology))
+        (`drivers.batches`); a host-iterated settle splits its own products. On a shared board
+        the settle carries every block's groups (`board_topology`)."""
+        return min(self.device.info.limits.max_batch, settle_samples_most(self.board_topology()))
+
+    def board_topology(self) -> Topology:
+        """The topology one of this block's settles carries on its board: the merged one on a
+        `drivers.shared.SharedBoard` view (its bounds count every block's nodes), else its own."""
+        return getattr(self.device, "settle_topology", None) or self.topology
 
     def free(self, clamp: ArrayLike | Mapping[str, ArrayLike], trace: bool | int = False) -> Equilibrium:
         """The free phase: inputs clamped, outputs not nudged; started from the forward

@@ -363,3 +363,26 @@ def test_the_command_names_the_boards_it_used(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     last = res.stdout.strip().splitlines()[-1]
     assert f"({U0} ; {U1})" in last, last
+
+
+def test_blocks_on_a_shared_board_chunk_their_settles_by_the_merged_network(monkeypatch) -> None:
+    """A block on a shared board settles the merged network (every block's groups in the clamps
+    and the reply), so its chunks must fit the bound on one settle's values counted over the
+    merged nodes: with the bound lowered to 1300 values, block 0 (104 nodes of its own, 130
+    merged) chunked a batch of 16 by its own count (12) and the board refused 12 x 130. Ideal
+    preset and fixed step counts (a noise-free batch stops as one at tol, so with tol > 0 its
+    chunks would stop elsewhere): the chunked run ends at the unchunked run's weights."""
+    import drivers.checks
+
+    whole = _train(_devices(U0, U0), "ep.tol=0")
+    monkeypatch.setattr(drivers.checks, "MAX_SETTLE_VALUES", 1300)
+    chunked = _train(_devices(U0, U0), "ep.tol=0")
+    m = chunked.model
+    assert isinstance(m, Classifier) and m.block_boards == [0, 0]
+    assert [blk.settle_batch_most() for blk in m.blocks()] == [10, 10]  # 1300 // 130
+    for a, b in zip(_params(chunked), _params(whole), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert chunked.test_acc == whole.test_acc
+    for r in (whole, chunked):
+        assert isinstance(r.model, Classifier)
+        r.model.close()
