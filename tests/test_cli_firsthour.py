@@ -380,6 +380,19 @@ def test_calibrate_on_a_board_that_does_not_settle_runs_what_it_can(tmp_path: Pa
     assert "test accuracy" in trained.stdout
 
 
+def test_calibrate_asked_for_routines_it_partly_cannot_run_suggests_only_the_rest_asked_for(
+    tmp_path: Path,
+) -> None:
+    """`--routines adc,stuck` on a board that does not settle: the refusal names adc and why,
+    and the command it suggests runs stuck, the one asked for that can run, not every routine
+    the board can (stuck,gmap,pulse: calibration the user did not ask for, pulses included)."""
+    out = tmp_path / "c.zarr"
+    line = _one_line_error(_hil("calibrate", MVM_ONLY, "--out", out, "--routines", "adc,stuck"))
+    assert "cannot run adc (needs 'settle');" in line, line
+    rerun = shlex.join(["hil", "calibrate", MVM_ONLY, "--out", str(out), "--routines", "stuck"])
+    assert f"`{rerun}` runs the others asked for" in line, line
+
+
 def test_demo_on_a_board_that_does_not_settle_shows_no_nan() -> None:
     done = _hil("demo", "--device", MVM_ONLY)
     assert done.exit_code == 0, done.output

@@ -421,10 +421,13 @@ def register(app: typer.Typer) -> None:
                 missing = runnable(chosen, caps)
                 lacking = ", ".join(f"{r} ({why})" for r, why in missing.items())
                 if missing and asked:
-                    can = [r for r in ROUTINES if r not in runnable(ROUTINES, caps)]
+                    # the routines asked for that can run (those they need are added again); only
+                    # where none can, every routine the board can run
+                    rest = [r for r in chosen if r in names and r not in missing]
+                    can = rest or [r for r in ROUTINES if r not in runnable(ROUTINES, caps)]
                     raise ValueError(
                         f"this board cannot run {lacking}; `{_rerun(uri, out, tiles, channels, can)}` "
-                        "runs what it can"
+                        + ("runs the others asked for" if rest else "runs what it can")
                         if can
                         else f"this board cannot run {lacking}, nor any other calibration routine"
                     )
