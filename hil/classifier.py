@@ -76,11 +76,14 @@ class Classifier:
         """Prefix a refusal met while block `k` configured its board (a network too large for
         the board's tiles, ...) with the block, its layers and its board, and say what to change
         for that block: a model on several boards was told to "split it into EB blocks on several
-        boards" without learning which block or board was refused."""
-        uris = block_uris(cfg)
-        if len(uris) < 2:
-            return
+        boards" without learning which block or board was refused. A lone block (an ff-EBM of one
+        block) is named the same way, its fix then a board with more or larger tiles or more
+        blocks; a DHN has no EB blocks, and its board's refusal says what to change."""
         m = cfg.model
+        if m.kind != "ffebm":
+            return
+        uris = block_uris(cfg)
+        board = "device" if len(uris) == 1 and not cfg.devices else f"devices[{k}]"
         layers = "" if m.channels else f" (layers {split_layered(m.sizes, m.block_layers)[k]})"
         others = [j for j, u in enumerate(uris[:k]) if u == uris[k]]
         shared = (
@@ -90,7 +93,7 @@ class Classifier:
         )
         tiles = isinstance(err, LimitViolation) and "tile" in err.limit  # too many (physical) tiles
         fix = (
-            f" For this block: devices[{k}] = a board with more or larger tiles"
+            f" For this block: {board} = a board with more or larger tiles"
             + (" or a board of its own" if others else "")
             + ", or a smaller model.block_layers to spread its layers over more blocks and boards"
             if tiles

@@ -108,6 +108,29 @@ def test_a_block_too_large_for_its_boards_tiles_names_the_block_and_the_board(
     assert not out.exists()
 
 
+def test_a_lone_block_too_large_for_its_boards_tiles_is_named_as_two_blocks_are(tmp_path: Path) -> None:
+    """An ff-EBM of one EB block on a board of 4 tiles of 16 x 16: the refusal named no block,
+    where two blocks had theirs named with the fix for the block (docs/placement.md says the
+    trainer names the block and its board); a lone block's fix is its `device`."""
+    small = "emulator://?preset=ideal&seed=1&tile_rows_max=16&tile_cols_max=16&max_tiles=4"
+    model = [s for s in MODEL if not s.startswith("model.block_layers=")]
+    out = tmp_path / "run"
+    line = _refused("classifier", [*model, *SHORT, "model.block_layers=3", f"device={small}"], out)
+    assert line.startswith(f"error: EB block 0 (layers [64, 24, 16, 10]) on board {small}: "), line
+    assert "For this block: device = a board with more or larger tiles" in line, line
+    assert "model.block_layers" in line and "devices[" not in line, line
+    assert not out.exists()
+
+
+def test_a_dhn_too_large_for_its_boards_tiles_names_no_block(tmp_path: Path) -> None:
+    """A DHN has no EB blocks: its board's refusal is the whole message."""
+    small = "emulator://?preset=ideal&seed=1&tile_rows_max=16&tile_cols_max=16&max_tiles=1"
+    sets = ["model.kind=dhn", "model.sizes=[64,24,10]", *SHORT, f"device={small}"]
+    line = _refused("classifier", sets, tmp_path / "run")
+    assert line.startswith("error: physical tiles of the split network exceeded"), line
+    assert "EB block 0" not in line, line
+
+
 @pytest.mark.parametrize("variant", ["tdh-vae", "dh-vae"])
 def test_a_vae_too_large_for_its_boards_tiles_is_refused_for_the_vae_and_leaves_the_boards_safe(
     emulated_board: Callable[..., BoardServers], tmp_path: Path, variant: str
