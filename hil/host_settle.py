@@ -252,6 +252,12 @@ def conv_chunk(members: tuple[_Term, ...]) -> int:
     return max(1, CONV_READ_VALUES // max(per_sample, 1))
 
 
+def _along_batch(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks of a conv read joined along the batch; one chunk (every read of a network
+    within `CONV_READ_VALUES`, the common case, once per product and step) as it is, uncopied."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 STATE_TOP = 1.0  # the largest node state every activation gives (`drivers.activation`), and the bias
 
 
@@ -398,10 +404,10 @@ class HostSettle:
                     ys.append(y)
                     if idx is not None:
                         idxs.append(idx)
-                idx_all = torch.cat(idxs) if idxs else None
+                idx_all = _along_batch(idxs) if idxs else None
                 for m in members:
                     winners[m.tile] = idx_all
-                return torch.cat(ys).numpy()
+                return _along_batch(ys).numpy()
             y_dst = conv.joined({d: torch.from_numpy(s[d]) for d in term.sources}, term.sources)
             won = winners.get(term.tile)
             outs = []
@@ -409,7 +415,7 @@ class HostSettle:
                 routed = conv.unpool(y_dst[lo : lo + step], g, None if won is None else won[lo : lo + step])
                 out = mvm(term, np.ascontiguousarray(conv.to_positions(routed).numpy()))
                 outs.append(conv.fold_patches(torch.from_numpy(out), g))
-            return torch.cat(outs).numpy()
+            return _along_batch(outs).numpy()
 
         # the constant drive: clamped products (read once), injected currents
         const = {g: np.zeros((batch, topo.groups[g]), np.float32) for g in free}
