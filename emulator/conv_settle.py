@@ -20,6 +20,7 @@ ADC at the end.
 Convergence: every `check_every` steps the largest state change is compared with `tol`; on a
 noisy board every sample stops on its own, by the rule of the board's other settles
 (`drivers.settle_stop.SampleStop`, with the sample's largest read + node noise per step).
+With ``tol = 0`` neither stops early: a fixed step count, checked at its last step.
 
 Accounting: a step's time is the analog step (``settle_step_s``, when the network has fully
 connected couplings between free groups) plus one ``mvm_time_s`` per tile read (positions of
@@ -297,7 +298,7 @@ class ConvSettle:
 
         # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
         # batch's largest change is within tol
-        stop = SampleStop(joined(), budget.tol) if noisy and free else None
+        stop = SampleStop(joined(), budget.tol) if noisy and free and budget.tol > 0 else None
 
         def record(step: int) -> None:
             trace_steps.append(step)
@@ -310,7 +311,7 @@ class ConvSettle:
 
         if trace:
             record(0)
-        check_every = budget.check_every if budget.tol > 0 or noisy else budget.max_steps
+        check_every = budget.check_every if budget.tol > 0 else budget.max_steps  # tol 0: fixed steps
         residual, step, running = float("inf"), 0, batch
         converged = False
         while step < budget.max_steps:

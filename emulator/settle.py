@@ -20,7 +20,8 @@ meter; it puts the nudges through the DAC and hands the clamps and the nudge (a
 - stops: a noise-free settle when the batch's largest residual is within `tol`, one with
   noise (or, in mvm mode, converter steps) per sample (`drivers.settle_stop.SampleStop`: a
   sample stops once its states move no more than its noise moves them, and keeps the states
-  of its stop while the rest of the batch runs on); and accounts the settle's time and array energy
+  of its stop while the rest of the batch runs on); with ``tol = 0`` neither stops early: a
+  fixed step count, checked at its last step; and accounts the settle's time and array energy
   (`_account`: line power at equilibrium times the settle time, once per settle; the
   clamped lines' share is kept with the clamp; `emulator.settle_energy.settle_power`);
 - leaves the network's energy per sample (`SettleResult.energy`) to be computed when read,
@@ -318,10 +319,14 @@ class SettleEngine:
 
         # a settle with noise or converter steps stops per sample (`drivers.settle_stop`); an
         # exact one when the batch's largest residual is within tol
+        # (``tol = 0``: a fixed step count, checked at the last step only, as without noise)
         quant = self._quant_floor(gain)
         stop = (
-            SampleStop(torch.cat([s[g] for g in plan.free], 1).T, tol) if pool is not None or quant else None
+            SampleStop(torch.cat([s[g] for g in plan.free], 1).T, tol)
+            if (pool is not None or quant) and tol > 0
+            else None
         )
+        every = budget.check_every if tol > 0 else budget.max_steps
 
         def record(step: int) -> None:
             trace_steps.append(step)
@@ -351,7 +356,7 @@ class SettleEngine:
                     drive[dst] = drive[dst] + y[:, a:b]
                     if k:
                         var[dst] = var[dst] + term.noise_var(x, k)
-            check = step % budget.check_every == 0 or step == budget.max_steps
+            check = step % every == 0 or step == budget.max_steps
             changes: list[torch.Tensor] = []
             for g in plan.free:
                 u = drive[g]
@@ -507,9 +512,9 @@ class SettleEngine:
         the last sample's stop, `converged` that every sample stopped before the budget ran
         out, `residual` the largest of the samples' residuals at their stops.
 
-        Without noise and with ``tol = 0`` convergence is never checked: the settle runs
-        exactly `max_steps` (the fixed-step recipe of the EP literature) and the residual is
-        measured at the last step only."""
+        With ``tol = 0`` (noisy or not) convergence is never checked: the settle runs exactly
+        `max_steps` (the fixed-step recipe of the EP literature) and the residual is measured
+        at the last step only."""
         assert self.board.topology is not None
         budget, gain = self.board.topology.budget, self.board.topology.gain
         act = self.board.topology.activation
@@ -548,10 +553,11 @@ class SettleEngine:
         for g, (beta, grad) in nudge.currents.items():
             drive[rows[g]].sub_(grad.T, alpha=beta)
         elastic = nudge.elastic
-        # the steps that check convergence (every `check_every`; with tol = 0 only the last)
-        # or record the trace; the steps between them run the flat list alone
+        # the steps that check convergence (every `check_every`; with tol = 0 only the last,
+        # noisy or not: a fixed step count) or record the trace; the steps between them run
+        # the flat list alone
         last = budget.max_steps
-        every = budget.check_every if budget.tol > 0 or noisy else last
+        every = budget.check_every if budget.tol > 0 else last
         first_dt, safe_dt = self.planner.step_sizes(plan, key, self.bold_steps and every < last)
         dt = first_dt
         # one step as a flat list of bound calls: the workspace's products, the elastic pulls,
@@ -582,8 +588,8 @@ class SettleEngine:
         trace_steps: list[int] = []
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
         # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
-        # batch's largest residual is within tol
-        stop = SampleStop(state, budget.tol) if noisy else None
+        # batch's largest residual is within tol; with tol = 0 neither stops early
+        stop = SampleStop(state, budget.tol) if noisy and budget.tol > 0 else None
 
         def record(step: int) -> None:
             trace_steps.append(step)

@@ -22,14 +22,16 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
+from test_conv_settle import topology, weights
 
-from drivers import Equilibrium, SettleBudget, Topology
+from drivers import Equilibrium, SettleBudget, Topology, open_device
 from drivers.batches import settle_in_chunks
 from drivers.emulated import EmulatedDevice
 from drivers.settle_stop import movement_sd
 from emulator.board import Board
 from emulator.presets import PRESETS
 from emulator.settle_types import SettleResult
+from hil.ep import EBBlock
 from hil.host_settle import HostSettle
 
 N = 32  # inputs
@@ -165,3 +167,33 @@ def test_the_noise_movement_of_a_relaxing_node() -> None:
             hist.append(s)
         sd = float((hist[-1] - hist[-1 - k]).std())
         assert abs(sd - movement_sd(dt, k)) < 0.03 * movement_sd(dt, k), (dt, k, sd)
+
+
+def test_tol_zero_is_a_fixed_step_count_on_a_noisy_board_too() -> None:
+    """``tol = 0`` (as `ep.tol = 0` and `ep.nudge_fixed` give) runs every loop to `max_steps`
+    exactly on a noisy board, checked at its last step only, as it does without noise: the
+    fixed-step recipe. Until 2026-12-07 the board's analog, mvm-mode and conv settles still
+    stopped per sample at ``tol`` 0 (the analog one's 4 samples here at 55, 60, 75 and 97
+    steps, flagged converged; the conv one's at 35-45 of 97: the rule's noise bound alone let
+    them), while the host-iterated settle ran its budget: the same config ran different step
+    counts on a relaxing board and on an MVM-only one."""
+    x = _inputs()[:4]
+    for kind in ("analog", "mvm", "host"):
+        board, settle = _loop(kind)
+        _budget(board, SettleBudget(max_steps=97, tol=0.0, check_every=5))
+        r = settle(x)
+        assert r.steps == 97, (kind, r.steps)
+        assert not r.converged, kind  # a noisy last step moves: not within tol 0
+        if isinstance(r, SettleResult):
+            assert r.sample_steps is None or bool((r.sample_steps == 97).all()), kind
+
+
+def test_tol_zero_is_a_fixed_step_count_in_a_noisy_conv_settle() -> None:
+    """The conv settle by the same rule (`emulator.conv_settle`): on `rram` at ``tol = 0`` it
+    runs all 97 steps (it stopped its samples at 35-45 steps before)."""
+    t = dataclasses.replace(topology(), budget=SettleBudget(max_steps=97, tol=0.0, check_every=5, dt=0.5))
+    dev = open_device("emulator://?preset=rram&seed=0&stuck_fraction=0")
+    EBBlock(dev, t, weights=weights(t))
+    r = dev.board.settle({"s0": torch.rand(4, 128, generator=torch.Generator().manual_seed(1))})
+    assert r.steps == 97 and not r.converged
+    assert r.sample_steps is None or bool((r.sample_steps == 97).all())
