@@ -18,6 +18,7 @@ import pytest
 from drivers import open_device
 from drivers.errors import RetriesExhausted
 from hil.testing import BoardServers
+from tests.main_thread import skip_unless_main_thread
 
 TIMEOUT_S = 0.5
 ATTEMPTS = 20
@@ -27,8 +28,7 @@ ATTEMPTS = 20
 def test_ctrl_c_at_a_hung_board_stops_the_retries_and_is_delivered_once(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals are delivered to the main thread only")
+    skip_unless_main_thread()
     handler = signal.getsignal(signal.SIGINT)
     served = emulated_board("emulator://?preset=ideal&seed=0")
     tcp = transport in ("visa-tcp", "serial-socket")  # a pty has one server thread, asleep in the hang
@@ -58,8 +58,7 @@ def test_ctrl_c_at_a_hung_board_stops_the_retries_and_is_delivered_once(
 def test_a_process_that_ignores_sigint_retries_as_ever(emulated_board: Callable[..., BoardServers]) -> None:
     """SIGINT ignored (a background job of a non-interactive shell): the guard catches the signal
     meant to be ignored; it must neither raise it nor cut a failing transaction's retries."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals are delivered to the main thread only")
+    skip_unless_main_thread()
     served = emulated_board("emulator://?preset=ideal&seed=0")
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

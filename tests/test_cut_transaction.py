@@ -8,7 +8,6 @@ next transaction reconnects first (a new session: the stale reply goes with the 
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Callable
 
@@ -17,6 +16,7 @@ import pytest
 
 from drivers import Topology, open_device
 from hil.testing import BoardServers
+from tests.main_thread import skip_unless_main_thread
 
 
 class Cut(BaseException):
@@ -31,8 +31,7 @@ def _cut(signum: int, frame: object) -> None:
 def test_a_transaction_cut_by_an_exception_does_not_leave_its_reply_for_the_next(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals are delivered to the main thread only")
+    skip_unless_main_thread()
     served = emulated_board("emulator://?preset=ideal&seed=0")
     previous = signal.signal(signal.SIGALRM, _cut)
     try:

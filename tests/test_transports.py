@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,6 +20,7 @@ from drivers import ArraysLost, Device, DeviceError, SettleBudget, Topology, ope
 from drivers.serial import SerialDevice
 from drivers.wire import codes, scpi
 from hil.testing import IN_PROCESS, REMOTE_TRANSPORTS, BoardServers, FaultPlan, Faults, open_transport
+from tests.main_thread import skip_unless_main_thread
 from tests.raw_scpi import RawScpi
 
 BOARD = "emulator://?preset=ideal&seed=0"
@@ -236,8 +236,7 @@ def test_a_board_powered_up_again_is_configured_again(
 def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals are delivered to the main thread only")
+    skip_unless_main_thread()
     handler = signal.getsignal(signal.SIGINT)
     plan = FaultPlan(reply_delay_s=0.15) if transport == "visa-tcp" else None
     s = emulated_board(BOARD, plan=plan)
