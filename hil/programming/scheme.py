@@ -37,7 +37,7 @@ import torch
 
 from calibration import CalibrationRecord, conductance_targets, pulses_needed
 from drivers import seeds
-from drivers.base import Device, ProgramReport
+from drivers.base import Device, ProgramReport, board_of
 from drivers.numerics import to_numpy
 from hil.programming.mapping import LinearMapping, StuckDevices
 from hil.programming.steps import StepModel, probe_steps
@@ -255,8 +255,9 @@ class SchemeBase(ABC):
         self.max_iters = max_iters
         self.refresh_policy = refresh or RefreshPolicy()
         self.rng = seeds.numpy_rng(seed, "programming")
-        self.tiles: dict[str, TileState] = {}
+        self.tiles: dict[str, TileState] = {}  # by tile name: the tiles of `device`
         self.history: list[dict[str, Any]] = []
+        self.device: Device | None = None  # the Device whose tiles `tiles` holds (the first used)
 
     @property
     def refresh_mode(self) -> str | None:
@@ -274,7 +275,32 @@ class SchemeBase(ABC):
         """(measured steps, one-sided) of a tile; schemes that do not pulse need neither."""
         return None, False
 
+    def _bind(self, device: Device, tile: str) -> None:
+        """Refuse a second Device: the per-tile state is keyed by tile name, and two boards (or
+        two blocks' views of one shared board) name their tiles alike, so a second Device would
+        be programmed with the first one's mapping, written flag and stuck devices (its first
+        write taken as done: an open-loop pulse update of a tile never written)."""
+        if self.device is None:
+            self.device = device
+            return
+        if device is not self.device:
+            same = board_of(device) is board_of(self.device)
+            other = (
+                "another Device of the same board (a wrapper, another block's view)"
+                if same
+                else "another Device"
+            )
+            raise ValueError(
+                f"this {self.name!r} programming scheme already holds the state of the tiles of "
+                f"{_describe(self.device)} (mapping, written flag, stuck devices, by tile name); it was "
+                f"asked to program tile {tile!r} of {other}, {_describe(device)}, which it would have "
+                "taken for the first one's tile of that name. One scheme serves one Device: make one "
+                "scheme per block (make_scheme(...) for each, or pass the scheme's name, as the "
+                "trainers do)"
+            )
+
     def _state(self, device: Device, tile: str) -> TileState:
+        self._bind(device, tile)
         st = self.tiles.get(tile)
         if st is not None:
             return st
@@ -448,6 +474,7 @@ class SchemeBase(ABC):
         later `refresh` restores the committed weights rather than the host's, as long as no
         update is programmed in between (the next update starts from the host weights again:
         `mixed` pays the committed difference back with pulses, `pulsed` drops it)."""
+        self._bind(device, tile)
         st = self.tiles[tile]
         g = np.zeros(st.g_est.shape)
         for _ in range(reads):
@@ -463,6 +490,7 @@ class SchemeBase(ABC):
         """Relative decay of the tile's conductances since they were programmed:
         ``1 - mean(G_read - g_min) / mean(G_expected - g_min)`` (positive: decayed). Pulse
         noise averages out over a tile; power-law drift lowers every device alike."""
+        self._bind(device, tile)
         st = self.tiles[tile]
         acc = np.zeros(st.g_est.shape)
         for _ in range(reads):
@@ -488,6 +516,12 @@ class SchemeBase(ABC):
             "updates": float(sum(r["kind"] != "refresh" for r in h)),
             "refreshes": float(sum(r["kind"] == "refresh" for r in h)),
         }
+
+
+def _describe(device: Device) -> str:
+    """A Device in a refusal: its class and the identity of its board."""
+    ident = device.info.identity
+    return f"{type(device).__name__} {ident.model!r} serial {ident.serial or '(none)'!r}"
 
 
 def _float64_copy(w: np.ndarray | torch.Tensor) -> np.ndarray:
