@@ -349,8 +349,11 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
     """Refuse a key that the ``key=value`` overrides give more than once, naming it and every
     value, as a device URI's repeated query key is refused (`drivers.uri`): ``--set
     train.epochs=5 --set train.epochs=50`` (a copy-paste, a recipe with an edit appended) would
-    otherwise run with the last without a word. For what a person typed (the commands' --set);
-    `load_into` itself lets a later override win, for callers that append to defaults."""
+    otherwise run with the last without a word. A key given once by its name and once inside
+    its table (``--set ep.beta=0.2 --set 'ep={beta=0.3}'``) is refused alike, naming both. For
+    what a person typed (the commands' --set); `load_into` itself lets a later override win,
+    for callers that append to defaults, and a --set over a key of the --config file is an
+    override, not a repeat."""
     given: dict[str, list[str]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -364,6 +367,35 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
                 + ", ".join(f"--set {key}={v}" for v in values)
                 + "); keep the one you mean"
             )
+    # the same key by two spellings: a key and its table (``ep.beta=0.2`` and ``ep={beta=0.3}``)
+    spelled = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and key.strip():
+            spelled.append((f"{key.strip()}={text.strip()}", override_keys(item)))
+    for i, (first, keys) in enumerate(spelled):
+        for second, others in spelled[i + 1 :]:
+            both = next((max(a, b, key=len) for a in keys for b in others if overlapping(a, b)), None)
+            if both is not None:
+                raise ConfigError(
+                    f"--set {first} and --set {second} both set {both} (a key and its table are two "
+                    "spellings of it; the later would win without a word); keep the one you mean"
+                )
+
+
+def override_keys(item: str) -> list[str]:
+    """The config keys, dotted as --set names them, that one ``key=value`` override sets: its
+    key, or where the value is a table (``ep={beta=0.3}``) each key inside it (``ep.beta``)."""
+    key, _, text = item.partition("=")
+    key = key.strip()
+    value = parse_value(text.strip())
+    return list(dotted_keys(value, f"{key}.")) if isinstance(value, dict) else [key]
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether dotted config keys `a` and `b` set the same value: equal, or one a table that
+    holds the other (``ep`` and ``ep.beta``)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
 def load_into(cfg: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

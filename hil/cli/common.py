@@ -32,13 +32,16 @@ def fail(message: str) -> typer.Exit:
 
 def refuse_option_and_set(option: str, value: str | None, key: str, sets: list[str] | None) -> None:
     """Refuse (exit 2) an option given together with a --set of the config key it stands for
-    (``--programming verify --set ep.programming=pulsed``): as a --set key given twice
+    (``--programming verify --set ep.programming=pulsed``, or its table ``--set
+    'ep={programming="pulsed"}'``): as a --set key given twice
     (`hil.config.check_repeated_overrides`), one of the two would win without a word."""
     if value is None:
         return
+    from hil.config import overlapping, override_keys
+
     for item in sets or []:
-        name, sep, _ = item.partition("=")
-        if sep and name.strip() == key:
+        _, sep, _ = item.partition("=")
+        if sep and any(overlapping(k, key) for k in override_keys(item)):
             raise fail(f"{option} {value} and --set {item} both set {key}; keep the one you mean")
 
 
