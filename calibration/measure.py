@@ -16,7 +16,8 @@ import numpy as np
 
 from drivers import Coupling, Device, SettleBudget, Topology
 from drivers.base import Limits
-from drivers.batches import mvm_in_chunks, settle_in_chunks
+from drivers.batches import mvm_in_chunks, settle_in_chunks, settle_samples
+from drivers.checks import require_topology
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called by the routines as they advance."""
@@ -54,9 +55,12 @@ def mvm_batched(device: Device, tile: str, x: np.ndarray, *, transpose: bool = F
 def settle_states(
     device: Device, clamp: dict[str, np.ndarray], init: dict[str, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
-    """The states of ``device.settle(clamp, init=init)``, settled in requests of at most the
-    board's `Limits.max_batch` samples (one request where it fits), joined again."""
-    return settle_in_chunks(device.settle, clamp, None, init, False, batch_size(device)).states
+    """The states of ``device.settle(clamp, init=init)`` on its configured topology, settled in
+    requests of at most the samples one settle may carry (`drivers.batches.settle_samples`:
+    the board's `Limits.max_batch`, and `MAX_SETTLE_VALUES` states in a reply, as training
+    chunks its settles; one request where it fits), joined again."""
+    most = settle_samples(device.info.limits, require_topology(device.topology))
+    return settle_in_chunks(device.settle, clamp, None, init, False, most).states
 
 
 @dataclass

@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Equilibrium, Nudge
+from drivers.base import Equilibrium, Limits, Nudge
+from drivers.checks import settle_samples_most
+from drivers.topology import Topology
 
-__all__ = ["batch_of", "chunks", "mvm_in_chunks", "settle_in_chunks"]
+__all__ = ["batch_of", "chunks", "mvm_in_chunks", "settle_in_chunks", "settle_samples"]
 
 
 def batch_of(clamp: Mapping[str, Any]) -> int:
@@ -46,6 +48,15 @@ def chunks(batch: int, most: int) -> range:
     if most < 1:
         raise ValueError(f"a request holds at least one sample, got {most}")
     return range(0, max(batch, 1), most)
+
+
+def settle_samples(limits: Limits, topology: Topology) -> int:
+    """The most samples one settle request of `topology` carries on a board of `limits`: its
+    `max_batch`, and at most `MAX_SETTLE_VALUES` states in the reply and pre-pooling values of
+    each conv tile (`drivers.checks.settle_samples_most`), the `most` of `settle_in_chunks` for
+    the training's settles (`hil.ep.EBBlock.settle_batch_most`) and the calibration's
+    (`calibration.measure.settle_states`) alike."""
+    return min(limits.max_batch, settle_samples_most(topology))
 
 
 def mvm_in_chunks(device: Any, tile: str, x: np.ndarray, *, transpose: bool = False, most: int) -> np.ndarray:

@@ -45,8 +45,7 @@ from drivers import (
 )
 from drivers.activation import HARD_SIGMOID, Activation
 from drivers.base import repair_lost_arrays
-from drivers.batches import batch_of, settle_in_chunks
-from drivers.checks import settle_samples_most
+from drivers.batches import batch_of, settle_in_chunks, settle_samples
 from drivers.numerics import to_numpy
 from hil.compute import resolve_compute
 from hil.estimator import MODES, EPEstimator, Mode, SettleFn, check_phases
@@ -431,7 +430,7 @@ class EBBlock(nn.Module):
         tile (`drivers.checks.settle_samples_most`). A larger batch is settled in chunks
         (`drivers.batches`); a host-iterated settle splits its own products. On a shared board
         the settle carries every block's groups (`board_topology`)."""
-        return min(self.device.info.limits.max_batch, settle_samples_most(self.board_topology()))
+        return settle_samples(self.device.info.limits, self.board_topology())
 
     def board_topology(self) -> Topology:
         """The topology one of this block's settles carries on its board: the merged one on a
