@@ -91,7 +91,13 @@ from drivers import (
     topology,
 )
 from drivers.batches import chunks, mvm_in_chunks
-from drivers.checks import MAX_SETTLE_VALUES, check_settle, check_trace_values, require_topology
+from drivers.checks import (
+    MAX_SETTLE_VALUES,
+    check_settle,
+    check_trace,
+    check_trace_values,
+    require_topology,
+)
 from drivers.converters import lsb
 from drivers.numerics import denormals_flushed, power_norm
 from drivers.settle_stop import SampleStop
@@ -324,16 +330,20 @@ class HostSettle:
         init: dict[str, np.ndarray] | None = None,
         trace: bool | int = False,
     ) -> Equilibrium:
+        # the trace interval as a board's settle checks it (an integer, never truncated, within
+        # max_settle_steps), before the arrays (its conversion may run the caller's code) and
+        # outside the flushed mode (where a subnormal float's text reads 0.0)
+        every = check_trace(self.device.info.limits, trace)
         # states decaying at a clamp go subnormal; numpy's loops follow the thread's mode too
         with denormals_flushed():
-            return self._iterate(clamp, nudge, init, trace)
+            return self._iterate(clamp, nudge, init, every)
 
     def _iterate(
         self,
         clamp: dict[str, np.ndarray],
         nudge: dict[str, Nudge] | None,
         init: dict[str, np.ndarray] | None,
-        trace: bool | int,
+        every: int,
     ) -> Equilibrium:
         dev = self.device
         topo = require_topology(dev.topology)
@@ -343,9 +353,6 @@ class HostSettle:
         # settle's values still holds
         unbounded = dataclasses.replace(limits, max_batch=MAX_SETTLE_VALUES)
         cl, nd, ini, batch = check_settle(topo, unbounded, clamp, nudge, init, maps=False)
-        every = int(trace) if not isinstance(trace, bool) else (1 if trace else 0)
-        if every < 0:
-            raise ConfigurationError(f"trace must be True/False or a step interval >= 1, got {trace}")
         check_trace_values(topo, cl, batch, every, limits)  # the records a board would keep, bounded alike
         budget, gain, act = topo.budget, topo.gain, topo.activation
         clamped = frozenset(cl)
