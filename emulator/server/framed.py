@@ -53,6 +53,44 @@ def _error(code: int, message: str) -> bytes:
     return pl.dumps({"code": code, "message": message})
 
 
+class _SilenceWatch:
+    """A serial line's stream whose reads, while a reply to the owner goes out (`arm`), check
+    the line's silence (`BoardLock.silence`) from when the reply was ready or the last byte
+    came, whichever is later. A reply that nobody acknowledges is resent until the link's
+    retries are spent, each resend waiting for a line nobody drains (2 s on a pty): checked
+    only after that, a long reply to a dead host put its board's safe state a dozen seconds
+    past the lease. Reads while nothing is armed pass through (the handler's loop checks
+    the silence itself between requests)."""
+
+    def __init__(self, inner: Stream) -> None:
+        self.inner = inner  # `closable` looks through it
+        self._session: LockSession | None = None
+        self._since = 0.0
+
+    def arm(self, session: LockSession, since: float) -> None:
+        self._session, self._since = session, since
+
+    def disarm(self) -> None:
+        self._session = None
+
+    def read(self, timeout: float) -> bytes:
+        data = self.inner.read(timeout)
+        session = self._session
+        if session is not None:
+            now = time.monotonic()
+            if data:
+                self._since = now  # the host speaks (its ACKs): no silence
+            elif session.token is not None:
+                session.lock.silence(session, now - self._since)
+        return data
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class FramedServer(EndpointServer):
     """Serves one Device over the framed protocol on any number of ptys and TCP ports.
 
@@ -124,15 +162,19 @@ class FramedServer(EndpointServer):
         plan = self.plan
         if plan.active:
             stream = FaultyStream(stream, plan)
-        link = self._new_link(stream)
         session = None if self.lock is None else self.lock.session()
+        # a serial line never closes: a host that died on it is seen by its silence (the
+        # owner's lease without a frame; `BoardLock.silence`), also while a reply to it is
+        # resent (`_SilenceWatch`)
+        serial_line = session is not None and not closable(stream)
+        watch = _SilenceWatch(stream) if serial_line else None
+        if watch is not None:
+            stream = watch
+        link = self._new_link(stream)
         served = 0
         throttle = ErrorThrottle()
         charged = 0.0  # of the link's errors, those charged to the throttle
         errors = 0.0  # ERROR replies and dropped fragments (the link counts its NACKs)
-        # a serial line never closes: a host that died on it is seen by its silence (the
-        # owner's lease without a frame; `BoardLock.silence`)
-        serial_line = session is not None and not closable(stream)
         quiet_since = time.monotonic()
         heard_frames = 0  # the link's frames received when last looked at
         try:
@@ -188,6 +230,8 @@ class FramedServer(EndpointServer):
                 if delay and stopping.wait(delay):
                     return  # the server closed while the reply was held back: nobody waits for it
                 ready, heard_by_then = time.monotonic(), link.stats.frames_received
+                if watch is not None and session is not None:
+                    watch.arm(session, ready)  # a reply nobody acknowledges is silence from now
                 try:
                     link.send(first.opcode, reply, flags=_RESPONSE | flags, ref=first.seq)
                     quiet_since = time.monotonic()  # a long request is no silence of the host's
@@ -200,6 +244,9 @@ class FramedServer(EndpointServer):
                     # ran out, nor since the request's frames were next counted (each put a dead
                     # owner's safe state later: a lease plus 1.5 s after its last frame)
                     quiet_since, heard_frames = ready, heard_by_then
+                finally:
+                    if watch is not None:
+                        watch.disarm()
                 served += 1
                 if plan.hang_up_after and served >= plan.hang_up_after:
                     return
