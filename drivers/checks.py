@@ -413,6 +413,12 @@ def check_settle(
     assert batch is not None
     if batch == 0:
         raise ConfigurationError("settle got an empty batch (0 samples); pass at least one sample")
+    if all(g in clamp for g in topo.groups):
+        raise ConfigurationError(
+            f"settle clamps every group of the network ({', '.join(map(repr, topo.groups))}): no node is "
+            "free to settle; leave at least one group unclamped (give its start as init), or read the "
+            "clamped states' products with mvm"
+        )
     check_settle_batch(topo, batch, limits, maps)
     nudges: dict[str, Nudge] = {}
     for group, nd in (nudge or {}).items():
