@@ -72,17 +72,29 @@ def check_settings(topology: Topology, limits: Limits) -> None:
 
 
 def check_budget(b: SettleBudget, limits: Limits) -> None:
-    as_int(
-        "settle budget max_steps",
-        b.max_steps,
-        1,
-        limits.max_settle_steps,
-        "settle budget max_steps",
-        f"give the settle budget at most {limits.max_settle_steps} steps (SettleBudget.max_steps)",
-    )
-    as_float("settle budget dt", b.dt, 0.0, 1.0, lo_open=True)
-    as_int("settle budget check_every", b.check_every, 1, max(limits.max_settle_steps, 1))
-    as_float("settle budget tol", b.tol, 0.0, math.inf)
+    """A settle budget within the board's bounds; each refusal names the field, its value, the
+    bound it passed and what to give instead."""
+    most = max(limits.max_settle_steps, 1)
+    # what to do, said with each refusal (the checks' own words name the value and the bound; past
+    # max_settle_steps, a declared limit, the LimitViolation says its own fix)
+    fixes = (
+        (lambda: as_int(
+            "settle budget max_steps", b.max_steps, 1, limits.max_settle_steps, "settle budget max_steps",
+            f"give the settle budget at most {limits.max_settle_steps} steps (SettleBudget.max_steps)",
+        ), f"give SettleBudget.max_steps a whole number of steps from 1 to {limits.max_settle_steps}"),
+        (lambda: as_float("settle budget dt", b.dt, 0.0, 1.0, lo_open=True),
+         "give SettleBudget.dt a step in (0, 1] (1: undamped; dense networks need less, e.g. 0.5)"),
+        (lambda: as_int("settle budget check_every", b.check_every, 1, most),
+         f"give SettleBudget.check_every a whole number of steps from 1 to {most}"),
+        (lambda: as_float("settle budget tol", b.tol, 0.0, math.inf),
+         "give SettleBudget.tol a finite tolerance >= 0 (0: no convergence test, every settle of a "
+         "noise-free board runs max_steps)"),
+    )  # fmt: skip
+    for check, fix in fixes:
+        try:
+            check()
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc}; {fix}") from None
 
 
 DEFAULT_VERIFY_ITERS = 20  # write-verify rounds of a `program` that names none (or the board's bound)
