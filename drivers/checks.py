@@ -88,7 +88,7 @@ def check_budget(b: SettleBudget, limits: Limits) -> None:
          f"give SettleBudget.check_every a whole number of steps from 1 to {most}"),
         (lambda: as_float("settle budget tol", b.tol, 0.0, math.inf),
          "give SettleBudget.tol a finite tolerance >= 0 (0: no convergence test, every settle of a "
-         "noise-free board runs max_steps)"),
+         "board runs max_steps, noisy or not)"),
     )  # fmt: skip
     for check, fix in fixes:
         try:
