@@ -6,8 +6,6 @@ once the resends of the reply to nobody are spent."""
 
 from __future__ import annotations
 
-import os
-import select
 import time
 from collections.abc import Callable
 
@@ -15,21 +13,12 @@ import numpy as np
 
 from drivers import Topology
 from drivers.wire import payload as pl
-from drivers.wire.frames import LinkOp
-from drivers.wire.link import Link
-from drivers.wire.payload import Message, Op
+from drivers.wire.payload import Op
 from hil.testing import BoardServers
+from tests.pty_host import PtyHost, count_safe_states
 from tests.waiting import until
 
 BOARD = "emulator://?preset=ideal&seed=0&capabilities=mvm,program_verify"
-
-
-def _count_safe_states(s: BoardServers) -> list[float]:
-    """Wrap the served board's `safe_state` (what SAFE_STATE runs): the times it was called."""
-    calls: list[float] = []
-    inner = s.device.safe_state
-    s.device.safe_state = lambda: (calls.append(time.monotonic()), inner())[1]  # type: ignore[method-assign]
-    return calls
 
 
 def test_a_host_that_dies_during_a_long_reply_on_a_serial_line_is_made_safe_a_lease_later(
@@ -45,42 +34,14 @@ def test_a_host_that_dies_during_a_long_reply_on_a_serial_line_is_made_safe_a_le
     s = emulated_board(BOARD)
     topo = Topology.layered([512, 8, 2])
     s.device.configure(topo)  # a free board: configured before the host takes it
-    calls = _count_safe_states(s)
-    fd = os.open(s.uris["serial-pty"].removeprefix("serial://"), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        dead: list[bool] = []
-
-        def read(timeout: float) -> bytes:
-            if dead:
-                return b""  # dead: it reads nothing (the board's writes fill the line and wait)
-            ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
-            return os.read(fd, 1 << 16) if ready else b""
-
-        def write(data: bytes | memoryview) -> None:
-            if dead:
-                return
-            view = memoryview(data)
-            while view:
-                select.select([], [fd], [], 1.0)
-                view = view[os.write(fd, view) :]
-
-        link = Link(read, write, ack_timeout=0.25)
-
-        def call(opcode: int, body: bytes) -> bytes:
-            got = link.receive(2.0, response=True, ref=link.send(opcode, body), opcode=opcode)
-            assert got is not None, f"no reply to {opcode:#x}"
-            return got[1]
-
-        call(LinkOp.HELLO, pl.dumps({}))
-        owner = pl.board_owner(pl.unpack(call(Op.ACQUIRE, pl.pack(Message({"token": "t1", "lease_s": 1.0})))))
-        assert owner.token == "t1" and owner.lease_s == 1.0
+    calls = count_safe_states(s)
+    with PtyHost(s) as host:
+        host.acquire("t1", 1.0)
         x = np.full((256, 8), 0.5, np.float32)  # transposed through the 513 x 8 tile: 256 x 513 back
-        link.send(Op.MVM, pl.pack(pl.mvm_request("W0", x, True)))  # its one frame acknowledged
+        host.link.send(Op.MVM, pl.pack(pl.mvm_request("W0", x, True)))  # its one frame acknowledged
         asked = time.monotonic()
-        dead.append(True)  # the host dies: it reads and writes nothing more
+        host.reads = host.writes = False  # the host dies: it reads and writes nothing more
         assert until(lambda: len(calls) == 1, 8.0), (
             "the board did not make a silent owner's board safe in 8 s"
         )
         assert calls[0] - asked < 4.5, calls[0] - asked
-    finally:
-        os.close(fd)

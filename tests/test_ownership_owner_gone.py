@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -23,10 +22,9 @@ from drivers import Topology, open_device, report_open_transactions
 from drivers.errors import BoardLocked
 from drivers.wire import payload as pl
 from drivers.wire.frames import LinkOp
-from drivers.wire.link import Link
-from drivers.wire.payload import Message, Op
 from hil.testing import BoardLock, BoardServers, socket_link
 from tests.killed_host import killed_host
+from tests.pty_host import PtyHost, count_safe_states
 from tests.raw_scpi import RawScpi
 from tests.waiting import until
 
@@ -37,14 +35,6 @@ TOPOLOGY = Topology.layered([6, 5, 3])
 def _block_json(reply: bytes) -> dict[str, object]:
     digits = int(reply[1:2])
     return json.loads(reply[2 + digits :])
-
-
-def _count_safe_states(s: BoardServers) -> list[float]:
-    """Wrap the served board's `safe_state` (what SAFE_STATE runs): the times it was called."""
-    calls: list[float] = []
-    inner = s.device.safe_state
-    s.device.safe_state = lambda: (calls.append(time.monotonic()), inner())[1]  # type: ignore[method-assign]
-    return calls
 
 
 _until = functools.partial(until, timeout=2.0)  # most waits here are this long
@@ -69,7 +59,7 @@ def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
     s = emulated_board(BOARD)
-    calls = _count_safe_states(s)
+    calls = count_safe_states(s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     uri = s.uri(transport, lease="1")
     host = subprocess.Popen(
@@ -125,7 +115,7 @@ def test_a_release_a_board_nobody_owns_and_one_without_ownership_apply_nothing(
     emulated_board: Callable[..., BoardServers],
 ) -> None:
     s = emulated_board(BOARD, lock=BoardLock(lease_s=0.2))
-    calls = _count_safe_states(s)
+    calls = count_safe_states(s)
     with RawScpi(s.uris["visa-tcp"]) as clean:  # an owner that releases (after its own SYST:SAFE)
         assert _block_json(clean.query('SYST:LOCK:ACQ? "clean:1:aa"'))["token"] == "clean:1:aa"
         clean.query('SYST:LOCK:REL "clean:1:aa";*OPC?')
@@ -136,7 +126,7 @@ def test_a_release_a_board_nobody_owns_and_one_without_ownership_apply_nothing(
     time.sleep(0.3)  # past any lease
     assert calls == [] and s.lock is not None and s.lock.owner_gone == 0
     unlocked = emulated_board(BOARD, lock=False)  # firmware without the capability
-    calls = _count_safe_states(unlocked)
+    calls = count_safe_states(unlocked)
     with RawScpi(unlocked.uris["visa-tcp"]) as raw:
         assert raw.query("SYST:WAIT 0;*OPC?") == b"1"
     time.sleep(0.2)
@@ -149,7 +139,7 @@ def test_a_framed_hello_that_withdraws_the_owners_token_makes_the_board_safe(
     """A framed HELLO begins a new session on its link (a serial line's next host): the token
     it presented is withdrawn, the lease starts, and the board applies its safe state then."""
     s = emulated_board(BOARD)
-    calls = _count_safe_states(s)
+    calls = count_safe_states(s)
     host, port = s.uris["serial-socket"].split("://", 1)[1].rsplit(":", 1)
     import socket
 
@@ -210,7 +200,7 @@ def _kill_an_idle_owner(s: BoardServers, transport: str, lease: str = "1") -> tu
     through (no safe state, one connection, no lapse running); then it is SIGKILLed. The safe
     states the board applies (times, growing), the host's token and the time of the kill."""
     assert s.lock is not None
-    calls = _count_safe_states(s)
+    calls = count_safe_states(s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     host = subprocess.Popen(
         [sys.executable, "-c", killed_host("dev.lock_token"), s.uri(transport, lease=lease)],
@@ -281,43 +271,14 @@ def test_a_host_that_dies_before_acknowledging_a_reply_on_a_serial_line_is_silen
     ready: the safe state comes when the resends end (1.5 s, the longer of the two), not a
     lease after that."""
     s = emulated_board(BOARD)
-    calls = _count_safe_states(s)
-    fd = os.open(s.uris["serial-pty"].removeprefix("serial://"), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-
-        def read(timeout: float) -> bytes:
-            ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
-            return os.read(fd, 1 << 16) if ready else b""
-
-        dies: list[bool] = []  # [] alive; [False]: dies once its next frame is written; [True]: dead
-
-        def write(data: bytes | memoryview) -> None:
-            if dies == [True]:
-                return  # dead: nothing it would send (the ACK of the reply) reaches the line
-            view = memoryview(data)
-            while view:
-                select.select([], [fd], [], 1.0)
-                view = view[os.write(fd, view) :]
-            if dies:
-                dies[0] = True
-
-        link = Link(read, write, ack_timeout=0.25)
-
-        def call(opcode: int, body: bytes) -> bytes:
-            got = link.receive(2.0, response=True, ref=link.send(opcode, body), opcode=opcode)
-            assert got is not None, f"no reply to {opcode:#x}"
-            return got[1]
-
-        call(LinkOp.HELLO, pl.dumps({}))
-        owner = pl.board_owner(pl.unpack(call(Op.ACQUIRE, pl.pack(Message({"token": "t1", "lease_s": 1.0})))))
-        assert owner.token == "t1" and owner.lease_s == 1.0
-        dies.append(False)
+    calls = count_safe_states(s)
+    with PtyHost(s) as host:
+        host.acquire("t1", 1.0)
+        host.die_after_next_write()  # dead once its PING is out: the reply's ACK never comes
         pinged = time.monotonic()
-        link.send(LinkOp.PING, b"")  # the board ACKs it and replies; the host died after its PING
+        host.link.send(LinkOp.PING, b"")  # the board ACKs it and replies; the host died after its PING
         assert until(lambda: len(calls) == 1, 4.0), "the board never made a silent owner's board safe"
         assert 1.0 < calls[0] - pinged < 2.1, calls[0] - pinged  # 1.56 s (was 2.6 s)
-    finally:
-        os.close(fd)
 
 
 def test_a_host_killed_on_an_scpi_serial_line_leaves_its_board_safe_and_then_free(
