@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c args[0] args[1:]`` in the repository, its output captured as text (at most
+    5 minutes; the caller checks the exit code)."""
+    return subprocess.run(
+        [sys.executable, "-c", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
 HEAVY = ("torch", "zarr", "matplotlib", "sklearn", "pyvisa", "ray", "optuna")
 
 # Renders the help of every group and command of the `hil` tree, in one interpreter; prints, as
@@ -45,14 +54,7 @@ print(json.dumps(shown))
 
 
 def test_help_imports_no_heavy_package() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", HELP_ALL, ",".join(HEAVY)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _python(HELP_ALL, ",".join(HEAVY))
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     # the tree as it is today: every command's help was rendered, not only the root's
@@ -92,14 +94,7 @@ NOT_FOR_READING = ("torch", "sklearn", "optuna", "ray", "hil.runlog.writer", "hi
 def _loaded(*args: str | Path) -> list[str]:
     """The packages of HEAVY and NOT_FOR_READING loaded by `hil ARGS...` in a fresh interpreter."""
     watched = ",".join(dict.fromkeys((*HEAVY, *NOT_FOR_READING)))
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_COMMAND, watched, *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _python(RUN_COMMAND, watched, *map(str, args))
     report = json.loads(done.stderr.strip().splitlines()[-1])
     assert report["exit"] == 0, (done.stdout, done.stderr)
     return report["loaded"]
@@ -222,13 +217,6 @@ def test_calibrate_of_an_in_process_board_still_takes_its_threads(tmp_path: Path
     out = tmp_path / "cal.zarr"
     uri = "emulator://?preset=ideal&seed=0"
     args = ["calibrate", uri, "--out", str(out), "--routines", "gmap", *SMALL_SESSION]
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _python(script, *args)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "threads 1", done.stdout
