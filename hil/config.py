@@ -355,10 +355,12 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
     for callers that append to defaults, and a --set over a key of the --config file is an
     override, not a repeat."""
     given: dict[str, list[str]] = {}
+    spelled: list[tuple[str, list[str]]] = []  # each override as typed, and the keys it sets
     for item in overrides:
         key, sep, text = item.partition("=")
         if sep and key.strip():
             given.setdefault(key.strip(), []).append(text.strip())
+            spelled.append((f"{key.strip()}={text.strip()}", override_keys(item)))
     for key, values in given.items():
         if len(values) > 1:
             times = "twice" if len(values) == 2 else f"{len(values)} times"
@@ -368,11 +370,6 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...]) -> None:
                 + "); keep the one you mean"
             )
     # the same key by two spellings: a key and its table (``ep.beta=0.2`` and ``ep={beta=0.3}``)
-    spelled = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if sep and key.strip():
-            spelled.append((f"{key.strip()}={text.strip()}", override_keys(item)))
     for i, (first, keys) in enumerate(spelled):
         for second, others in spelled[i + 1 :]:
             both = next((max(a, b, key=len) for a in keys for b in others if overlapping(a, b)), None)
