@@ -84,15 +84,27 @@ STALL_CHECKS = 16
 class SettleBudget:
     """How a settle runs. `dt` < 1 damps the update (needed for dense networks).
 
-    A settle stops when the largest state change in a step is within `tol` of the board's
-    noise floor (checked every `check_every` steps) or after `max_steps`. On a noise-free
-    board ``tol = 0`` switches the test off: every settle runs exactly `max_steps` (the
-    fixed-step recipe of the EP literature)."""
+    A settle stops when its largest state change in a step is within `tol` (checked every
+    `check_every` steps; on a noisy board per sample, within `tol` of what its noise moves
+    it, `drivers.settle_stop`) or after `max_steps`. ``tol = 0`` switches the test off on
+    every board, noisy or not: every settle runs exactly `max_steps`, checked at its last
+    step only (the fixed-step recipe of the EP literature; `fixed_steps`)."""
 
     max_steps: int = 100
     tol: float = 1e-4
     dt: float = 0.5
     check_every: int = 5
+
+    @property
+    def fixed_steps(self) -> bool:
+        """``tol = 0``: every settle runs `max_steps`, with no early stop of any kind."""
+        return self.tol == 0
+
+    @property
+    def check_interval(self) -> int:
+        """The steps between convergence checks: `check_every`, or with `fixed_steps` only the
+        last step's."""
+        return self.max_steps if self.fixed_steps else self.check_every
 
     def capped(self, most: int) -> SettleBudget:
         """This budget with at most `most` steps (a board's `Limits.max_settle_steps`, which it

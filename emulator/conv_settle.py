@@ -298,7 +298,7 @@ class ConvSettle:
 
         # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
         # batch's largest change is within tol
-        stop = SampleStop(joined(), budget.tol) if noisy and free and budget.tol > 0 else None
+        stop = SampleStop(joined(), budget.tol) if noisy and free and not budget.fixed_steps else None
 
         def record(step: int) -> None:
             trace_steps.append(step)
@@ -311,7 +311,7 @@ class ConvSettle:
 
         if trace:
             record(0)
-        check_every = budget.check_every if budget.tol > 0 else budget.max_steps  # tol 0: fixed steps
+        check_every = budget.check_interval
         residual, step, running = float("inf"), 0, batch
         converged = False
         while step < budget.max_steps:

@@ -323,10 +323,10 @@ class SettleEngine:
         quant = self._quant_floor(gain)
         stop = (
             SampleStop(torch.cat([s[g] for g in plan.free], 1).T, tol)
-            if (pool is not None or quant) and tol > 0
+            if (pool is not None or quant) and not budget.fixed_steps
             else None
         )
-        every = budget.check_every if tol > 0 else budget.max_steps
+        every = budget.check_interval
 
         def record(step: int) -> None:
             trace_steps.append(step)
@@ -557,7 +557,7 @@ class SettleEngine:
         # noisy or not: a fixed step count) or record the trace; the steps between them run
         # the flat list alone
         last = budget.max_steps
-        every = budget.check_every if budget.tol > 0 else last
+        every = budget.check_interval
         first_dt, safe_dt = self.planner.step_sizes(plan, key, self.bold_steps and every < last)
         dt = first_dt
         # one step as a flat list of bound calls: the workspace's products, the elastic pulls,
@@ -589,7 +589,7 @@ class SettleEngine:
         traces: dict[str, list[torch.Tensor]] = {g: [] for g in plan.free} if trace else {}
         # a noisy settle stops per sample (`drivers.settle_stop`); a noise-free one when the
         # batch's largest residual is within tol; with tol = 0 neither stops early
-        stop = SampleStop(state, budget.tol) if noisy and budget.tol > 0 else None
+        stop = SampleStop(state, budget.tol) if noisy and not budget.fixed_steps else None
 
         def record(step: int) -> None:
             trace_steps.append(step)

@@ -374,7 +374,7 @@ class HostSettle:
         meter = dev.meter()
         wall = time.perf_counter()
         stats = HostSettleStats()
-        probe = self.probe_noise and budget.tol > 0
+        probe = self.probe_noise and not budget.fixed_steps
 
         winners: dict[str, torch.Tensor | None] = {}  # per conv tile, its last forward read's
 
@@ -450,7 +450,7 @@ class HostSettle:
         # STALL_CHECKS checks without a new smallest residual, as the analog board does
         # (docs/emulator.md): fewer steps, so fewer mvm round trips
         fan_in = max((sum(1 for t in dynamic for d in t.dsts if d[0] == g) for g in free), default=0)
-        check_every = budget.check_every if budget.tol > 0 else budget.max_steps
+        check_every = budget.check_interval
         bold = self.bold_steps and self.update == "synchronous" and check_every < budget.max_steps
         dt = self._dt(topo, clamped, free, ref) if self.update == "synchronous" and not bold else budget.dt
         best, stalled = math.inf, 0
