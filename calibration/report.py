@@ -111,10 +111,30 @@ def summary(record: CalibrationRecord) -> str:
             f"{s['converged_fraction'] * 100:.0f} % converged, {s['settle_time_s'] * 1e9:.0f} ns and "
             f"{s['energy_j']:.3g} J per sample, contraction {s['contraction_per_step']:.3f} per step"
         )
+        lines.append(f"{'':<10} {_settle_advice(s)}")
     total = record.session.get("total_s")
     if total is not None:
         lines.append(f"session    {total:.1f} s")
     return "\n".join(lines)
+
+
+def _settle_advice(s: dict) -> str:
+    """What the settle profile says about the budget: the steps under which every settle
+    converged and the max_steps to give, or that none of the budgets tried converged (a record
+    written before the profile tried longer budgets says nothing)."""
+    if "converged_budget" not in s:
+        return "(no budget advice in this record: calibrate again for it)"
+    rec, budget = s["recommended_max_steps"], s["converged_budget"]
+    if rec is None or rec != rec:  # None as measured, NaN as a record stores it
+        return (
+            f"not every settle converged under budgets of {', '.join(map(str, s['budgets_tried']))} "
+            "steps (the longest the routine tries within the board's max_settle_steps): a network "
+            "that does not settle on this board, or one that needs a longer budget"
+        )
+    return (
+        f"every settle converged within {s['converged_steps_max']} steps under a budget of {budget}: "
+        f"settle budgets of networks like this one need about {rec} steps (SettleBudget.max_steps)"
+    )
 
 
 def _mean_trajectory(pm: PulseModel, device: int, start: float, chunks: np.ndarray, sign: int) -> np.ndarray:

@@ -10,7 +10,13 @@ batch of random inputs in two ways:
   geometric decay gives the contraction factor per step and whose plateau is the noise
   floor the board's read noise and node noise leave.
 
-The summary recommends ``max_steps`` at 1.5 x the largest number of steps taken. The residual
+Where some settle under the default budget did not converge, the same inputs are settled again
+under budgets of 2, 4, 8 and 16 times its steps (never more than the board declares,
+`Limits.max_settle_steps`), until all of them converge. The summary recommends ``max_steps``
+at 1.5 x the largest number of steps a converged settle took (under the default budget or the
+first larger one under which all converged), within the board's limit; None where none of those
+budgets converged every settle (the report says so: a longer budget than the routine tries, or a
+network that does not settle on this board). The residual
 is measured on read-out (ADC-quantised) states, so its floor is at least one ADC step: it
 says how settled a read-out can look, not the board's analog noise floor (which the board's
 own convergence test adds to `tol`).
@@ -18,11 +24,22 @@ own convergence test adds to `tol`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import numpy as np
 
 from calibration.measure import Progress, board_budget, board_scales, leave_out, no_progress
 from calibration.record import SettleProfile
 from drivers import Device, SettleBudget, Topology, seeds
+
+
+def recommended_steps(converged_steps: int | None, most: int) -> int | None:
+    """1.5 x the most steps a converged settle took, within the board's `most` steps; None
+    where no budget tried converged every settle."""
+    if converged_steps is None:
+        return None
+    return min(int(np.ceil(1.5 * converged_steps)), most)
 
 
 def _program_random(device: Device, topology: Topology, rng: np.random.Generator, scale: float) -> None:
@@ -34,6 +51,42 @@ def _program_random(device: Device, topology: Topology, rng: np.random.Generator
         gp = lim.g_min + np.maximum(w, 0.0) * span
         gm = lim.g_min + np.maximum(-w, 0.0) * span
         device.program(c.tile, gp.astype(np.float32), gm.astype(np.float32))
+
+
+LONGER_BUDGETS = (2, 4, 8, 16)
+"""The multiples of the default budget's steps tried, in order, where some settle under it did
+not converge (a declared bound on the routine's work: at most 30 times the default budget's
+steps per input batch)."""
+
+
+def _converged_budget(
+    device: Device,
+    layered: Callable[[SettleBudget], Topology],
+    default: SettleBudget,
+    xs: list[np.ndarray],
+    tried: list[int],
+) -> tuple[int | None, int | None]:
+    """(the first budget's max_steps of `LONGER_BUDGETS` x the default under which every settle
+    of `xs` converged, the most steps one of them took), or (None, None); each budget's steps
+    tried are appended to `tried`. Budgets the board does not allow
+    (`Limits.max_settle_steps`) are not tried. Leaves the board configured with the last
+    budget tried."""
+    most = device.info.limits.max_settle_steps
+    for k in LONGER_BUDGETS:
+        steps = default.max_steps * k
+        if steps > most:
+            break
+        tried.append(steps)
+        device.configure(layered(replace(default, max_steps=steps)))
+        taken = []
+        for x in xs:
+            eq = device.settle({"s0": x})
+            if not eq.converged:
+                break
+            taken.append(eq.steps)
+        else:
+            return steps, max(taken)
+    return None, None
 
 
 def profile_settle(
@@ -52,26 +105,35 @@ def profile_settle(
     out = min(cols, 32)
     rng = seeds.numpy_rng(seed, "calibration.settle")
     gain, w_max = board_scales(device.info.limits)  # within the board's gain and weight scale
-    topo = Topology.layered(
-        [rows, cols, out], bias=False, budget=board_budget(device), gain=gain, w_max=w_max
-    )
+
+    def layered(budget: SettleBudget) -> Topology:
+        return Topology.layered([rows, cols, out], bias=False, budget=budget, gain=gain, w_max=w_max)
+
+    topo = layered(board_budget(device))
     device.configure(topo)
     _program_random(device, topo, rng, 2.0)
-    steps, conv, times, joules = [], [], [], []
+    steps, conv, times, joules, xs = [], [], [], [], []
     for k in range(repeats):
         x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)
         eq = device.settle({"s0": x})
+        xs.append(x)
         steps.append(eq.steps)
         conv.append(eq.converged)
         times.append(eq.settle_time_s / batch)
         joules.append(eq.energy_j / batch)
-        progress("settle", k + 1, repeats + 1)
+        progress("settle", k + 1, repeats + 2)
+    tried = [topo.budget.max_steps]
+    if all(conv):
+        converged_budget, converged_steps = topo.budget.max_steps, max(steps)
+    else:
+        converged_budget, converged_steps = _converged_budget(device, layered, topo.budget, xs, tried)
+    progress("settle", repeats + 1, repeats + 2)
     long_steps = min(long_steps, device.info.limits.max_settle_steps)
     budget = SettleBudget(max_steps=long_steps, tol=0.0, dt=topo.budget.dt, check_every=long_steps)
-    device.configure(Topology.layered([rows, cols, out], bias=False, budget=budget, gain=gain, w_max=w_max))
+    device.configure(layered(budget))
     x = rng.uniform(0.0, 1.0, (batch, rows)).astype(np.float32)
     eq = device.settle({"s0": x}, trace=True)
-    progress("settle", repeats + 1, repeats + 1)
+    progress("settle", repeats + 2, repeats + 2)
     assert eq.trace is not None
     states = np.concatenate([eq.trace[g] for g in ("s1", "s2")], axis=2)  # (T, batch, nodes)
     residual = np.abs(np.diff(states, axis=0)).max(axis=2)  # (T - 1, batch)
@@ -97,6 +159,9 @@ def profile_settle(
         "time_per_step_s": float(per_step),
         "contraction_per_step": contraction,
         "readout_residual_floor": floor,
-        "recommended_max_steps": int(np.ceil(1.5 * steps_arr.max())),
+        "budgets_tried": tried,
+        "converged_budget": converged_budget,
+        "converged_steps_max": converged_steps,
+        "recommended_max_steps": recommended_steps(converged_steps, device.info.limits.max_settle_steps),
     }
     return SettleProfile(summary=summary, residual=res.astype(np.float32), steps=steps_arr)
