@@ -232,12 +232,22 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def preset_list(text: str) -> list[str]:
+    """The boards a `--presets` value names (``ideal,rram``), each once, in `PRESETS` order."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in PRESETS]
+    if not names or bad:
+        raise SystemExit(f"--presets: {text!r}: name one or more of {', '.join(PRESETS)}, comma-separated")
+    return [p for p in PRESETS if p in names]
+
+
 def jobs(args: argparse.Namespace) -> list[dict]:
     seeds = [0] if args.quick else seed_list(args.seeds)
     epochs = ["train.epochs=1", "data.limit_train=512", "data.limit_test=256"] if args.quick else []
     out = []
     if not args.skip_main:
-        for preset, uri in PRESETS.items():
+        for preset in preset_list(args.presets):
+            uri = PRESETS[preset]
             for seed in seeds:
                 for model in ("conv", "fc"):
                     ov = [f"device={uri.format(seed=seed)}", f"train.seed={seed}", *epochs]
@@ -271,6 +281,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2",
                    help="training (and device) seeds of the main comparison, comma-separated; a seed "
                         "moves a conv run by up to 1 point (docs/conv.md)")  # fmt: skip
+    p.add_argument("--presets", default=",".join(PRESETS),
+                   help="boards of the main comparison, comma-separated (default: ideal,rram); the "
+                        "targets line needs ideal")  # fmt: skip
     p.add_argument("--skip-split", action="store_true")
     p.add_argument("--skip-main", action="store_true")
     p.add_argument("--mapping", action="store_true", help="also the w_max mapping study (no training)")
