@@ -203,6 +203,7 @@ class Link:
         self._rx_first: Frame | None = None
         self._rx_parts: list[bytes] = []
         self._rx_size = 0
+        self._rx_next = 0  # the seq the next fragment of the message being reassembled must carry
         self._rx_skip: Frame | None = None  # first frame of an over-size message being dropped
         self._write_lock = threading.Lock()  # the deferred-ACK thread writes too
         self._deferred: _DeferredAck | None = None
@@ -447,8 +448,13 @@ class Link:
 
         Frames that cannot belong to the exchange (wrong direction, a reply to another
         request: another `ref` or, when given, another `opcode`; a fragment without its
-        start) are counted as stale and dropped. (`ref` is 8 bits of the request's sequence
-        number: a stale reply can share them, its opcode then tells it apart.)
+        start) are counted as stale and dropped, and so is a fragment that is not the next
+        one of the message being reassembled (docs/protocol.md section 3, rule 4: the seq
+        after the last fragment taken, the first fragment's opcode and `ref`): a missing,
+        repeated or swapped fragment, or one of another message, never splices into it; a
+        message with a fragment missing never completes (the next START starts over). (`ref`
+        is 8 bits of the request's sequence number: a stale reply can share them, its opcode
+        then tells it apart.)
 
         With `max_message`, a message that grows past it is dropped fragment by fragment as
         it arrives (nothing more is buffered) and its last fragment raises MessageTooLarge."""
@@ -466,14 +472,17 @@ class Link:
                         continue
                     self._rx_first, self._rx_parts, self._rx_size = f, [f.payload], len(f.payload)
                     self._rx_skip = None
-                elif self._rx_skip is not None and f.opcode == self._rx_skip.opcode:
-                    self._rx_size += len(f.payload)
-                elif self._rx_first is None or f.opcode != self._rx_first.opcode:
-                    self.stats.stale += 1
-                    continue
                 else:
-                    self._rx_parts.append(f.payload)
+                    head = self._rx_first if self._rx_skip is None else self._rx_skip
+                    if head is None or (f.opcode, f.ref, f.seq) != (head.opcode, head.ref, self._rx_next):
+                        # not the next fragment of this message: a missing, repeated or swapped
+                        # fragment, or one of another message (an older request's, another ref)
+                        self.stats.stale += 1
+                        continue
+                    if self._rx_skip is None:
+                        self._rx_parts.append(f.payload)
                     self._rx_size += len(f.payload)
+                self._rx_next = (f.seq + 1) % frames.SEQ_MOD
                 if self.max_message is not None and self._rx_size > self.max_message:
                     self.stats.oversize += 1
                     if self._rx_first is not None:
