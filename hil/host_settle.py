@@ -45,7 +45,9 @@ square of the two reads' difference over its outputs (the largest over the produ
 over the settle's checks: one pair of reads is a noisy estimate) gives its read noise, times
 the gain and the square root of the fan-in the noise of its nodes' targets; the largest
 difference over the batch sets `HostSettleStats.noise_floor` (`HostSettle._floor`). Where the
-two reads are equal (a deterministic board) the settle stops reading twice.
+two reads are equal (a deterministic board) the settle stops reading twice: at a check where
+some free state is not 0 (with all at 0 and no bias, no current flows: a noisy board reads
+equal products too), and only while no check has found noise (once noisy, always probed).
 
 Accounting: settle time and array energy are what the board's meter (`Device.meter`) counted
 over the settle's calls; a board without a meter gets the host's wall time and NaN joules.
@@ -492,6 +494,9 @@ class HostSettle:
         residual, converged, steps = math.inf, False, 0
         for step in range(1, budget.max_steps + 1):
             check = step % check_every == 0 or step == budget.max_steps
+            # free states all 0: products of free states alone carry no current, so two equal
+            # reads say nothing of the board's noise (a bias term's would: one probe more)
+            idle = check and probe and not noisy and not any(s[g].any() for g in free)
             jump, res = 0.0, 0.0
             # per sample: the largest mean square of the two reads' difference over the terms
             # (its read noise), and the largest state change of the step
@@ -528,8 +533,10 @@ class HostSettle:
                     s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
             if check and probe:
                 stats.noise_floor = self._floor(jump, fan_in, gain, limits)
-                probe = jump > 0  # two equal reads: a deterministic board, no need to read twice again
-                noisy = noisy or probe
+                noisy = noisy or jump > 0
+                # two equal reads where current flows, on a board never seen noisy: a deterministic
+                # board, no need to read twice again (a noisy board's reads can be equal by chance)
+                probe = noisy or idle
             steps = step
             running = batch
             if check and stop is not None and noisy:
