@@ -130,6 +130,9 @@ class HostSettleStats:
     per_settle: int = 0  # mvm calls once per settle (the constant products)
     probe_calls: int = 0  # second reads at convergence checks (noise probes)
     noise_floor: float = 0.0  # residual below which the states only move by noise
+    # False while the settle runs, and for good after one that did not end (an error, Ctrl-C):
+    # the counters are then what it had cost when it stopped
+    finished: bool = False
 
 
 def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
@@ -375,7 +378,7 @@ class HostSettle:
 
         meter = dev.meter()
         wall = time.perf_counter()
-        stats = HostSettleStats()
+        stats = self.stats = HostSettleStats()  # from now on: a settle broken off leaves its own
         probe = self.probe_noise and not budget.fixed_steps
 
         winners: dict[str, torch.Tensor | None] = {}  # per conv tile, its last forward read's
@@ -585,7 +588,7 @@ class HostSettle:
             settle_time, energy_j = after.clock_s - meter.clock_s, after.energy_j - meter.energy_j
         else:
             settle_time, energy_j = wall, math.nan
-        self.stats = stats
+        stats.finished = True
         energy = None if ref is None else self._energy(ref, s, clamped, nd)
         out_trace = None
         if every:

@@ -1,10 +1,17 @@
 """The host-iterated settle's noise probe and its statistics: a noisy board whose first check
 reads two equal products (the free states all 0, no bias: no current flows) is still probed
-at the later checks."""
+at the later checks, and a settle interrupted by Ctrl-C leaves statistics that say so (not
+the last finished settle's)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 
 from drivers import SettleBudget, Topology, open_device
@@ -44,3 +51,25 @@ def test_a_deterministic_board_stops_probing_after_one_informative_check() -> No
     host({"s0": X})
     # step 1 (zero states) tells nothing; step 2 reads equal products: no more probes
     assert host.stats.probe_calls == 2 * 2 and host.stats.noise_floor < 1e-2
+
+
+def test_statistics_after_a_ctrl_c_mid_settle_are_not_the_last_settles() -> None:
+    host = _host(NOISY, SettleBudget(3, 0.0, 0.5, 5))
+    dev = host.device
+    host({"s0": X})
+    last = host.stats
+    assert last.mvm_calls == 1 + 3 * 2
+    topo = dev.topology
+    assert topo is not None
+    dev.configure(replace(topo, budget=SettleBudget(20000, 0.0, 0.5, 5)))  # tol 0: all 20000 steps
+    before = dev.meter().mvm_calls
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C, half a second in
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        host({"s0": X})
+    timer.join()
+    calls = dev.meter().mvm_calls - before
+    assert calls > 10, "interrupted before it got going"
+    assert host.stats is not last, "the interrupted settle left the last one's statistics"
+    assert abs(host.stats.mvm_calls - calls) <= 1, (host.stats.mvm_calls, calls)  # what it cost
+    assert not host.stats.finished and last.finished
