@@ -201,7 +201,8 @@ def register(app: typer.Typer) -> None:
             help="Stop as on SIGTERM (servers closed, board safe, exit 143) once the process that started "
             "this one is gone, even SIGKILLed: for a test fixture or a script that starts it in the "
             "background (checked every 0.5 s; the parent is the process that ran `hil`, so start it "
-            "directly, not through a wrapper that stays behind).",
+            "directly, not through a wrapper that stays behind). A parent that is init (pid 1) at the start "
+            "is taken as gone: exit 143 at once, nothing served.",
         ),
     ) -> None:
         """Serve one emulated board until Ctrl-C (SIGINT, exit code 130) or SIGTERM (143), printing the device URIs
@@ -214,6 +215,17 @@ def register(app: typer.Typer) -> None:
         requests. The injected faults are counted and printed on exit, by kind (the frame
         faults of the framed links on a line of their own; --delay-ms is not counted)."""
         parent = os.getppid()  # before the slow imports: the parent may go while they run
+        if exit_with_parent and parent == 1:
+            # adopted by init before it could look: the parent that ran `hil` is gone already (init
+            # itself as the parent, e.g. tini in a container, never goes: the option means nothing
+            # there). Waiting for init to change would serve for ever; stop as once it is gone
+            with contextlib.suppress(OSError):  # its end of a stderr pipe may be closed
+                typer.echo(
+                    "the parent process is gone (this process's parent is init, pid 1, from the start): "
+                    "not serving (--exit-with-parent; under an init that starts `hil` itself, leave it out)",
+                    err=True,
+                )
+            raise typer.Exit(SIGTERM_EXIT)
         # the ranges above pass NaN (no comparison holds for it), and --delay-ms / --late-ms inf:
         # named here by option, where the fault plan would name its own fields (p_reset, delay_s)
         timings = {"--delay-ms": delay_ms, "--late-ms": late_ms}
