@@ -267,13 +267,15 @@ def test_ctrl_c_waits_for_the_transaction_then_makes_the_board_safe(
 
 def test_a_serial_scpi_line_opens_plain_after_a_checked_session(servers: BoardServers) -> None:
     """A pty (a serial line) is one SCPI session for its whole life: the checked mode a host
-    turned on outlives it. A plain open after it must still work, and a checked one after that."""
+    turned on outlives it. A plain open (``check=0``) after it must still work, and a checked
+    one after that (a serial resource is checked unless its URI says ``check=0``)."""
     uri = servers.uris["visa-asrl"]
-    for query in ("check=1", "", "check=1", ""):
+    for query in ("check=1", "check=0", "", "check=0"):
         with open_device(f"{uri}?{query}" if query else uri) as dev:
             assert dev.info.identity.model == "emulator-ideal"
             assert dev.safety().violations == 0
-            assert dev.query("SYST:COMM:CHEC?") == ("1" if query else "0")  # type: ignore[attr-defined]
+            checked = query != "check=0"
+            assert dev.query("SYST:COMM:CHEC?") == ("1" if checked else "0")  # type: ignore[attr-defined]
 
 
 # ---- the CLI -------------------------------------------------------------------------

@@ -9,9 +9,11 @@ that fails replies with an empty block and its error is read from the queue.
 
 ``?check=1`` turns on checked mode (docs/protocol.md, section 2): every message and every
 response carries a CRC-32, so bytes corrupted on a noisy serial line are detected (and the
-transaction retried) instead of being taken for data. Non-idempotent commands carry a
-request id after their block, so the messages are built here rather than by pyvisa's
-``write_binary_values`` (the bytes are the same: header, block, terminator).
+transaction retried) instead of being taken for data. A serial (ASRL) resource is checked
+unless the URI says ``check=0``: its line checks no byte, where TCP has its checksums.
+Non-idempotent commands carry a request id after their block, so the messages are built
+here rather than by pyvisa's ``write_binary_values`` (the bytes are the same: header,
+block, terminator).
 
 The raw I/O (the fast path on a pyvisa-py session's socket or serial port, and the
 translation of VISA and socket errors) is in `drivers.visa.io`.
@@ -87,7 +89,7 @@ class VisaDevice(RemoteDevice):
         backend: str = "@py",
         timeout: float = DEFAULT_TIMEOUT_S,
         fast: bool = True,
-        check: bool = False,
+        check: bool | None = None,
         attempts: int = DEFAULT_ATTEMPTS,
         backoff: float = DEFAULT_BACKOFF_S,
         baud: int | None = None,
@@ -102,7 +104,11 @@ class VisaDevice(RemoteDevice):
             )
         self.baud = baud  # None: the VISA library's default (9600 for pyvisa-py's ASRL sessions)
         self.fast = fast
-        self.check = check
+        # checked mode; None: on for a serial (ASRL) resource, whose line checks no byte (TCP
+        # has its own checksums), off for the others
+        serial = resource.upper().startswith("ASRL")
+        self.check = serial if check is None else check
+        self._check_asked = check is not None
         self.resource_name = resource
         self.backend = backend
         self._rm: Any = None
@@ -161,7 +167,15 @@ class VisaDevice(RemoteDevice):
                     self._res.flush(pyvisa.constants.BufferOperation.discard_read_buffer)
             if self.check:  # checked mode first, then a checked *CLS (clears what garbage queued)
                 self._res.write(f"{_short(scpi.CHECK_MODE)} ON")
-                self._read_checked_line("checked mode")
+                try:
+                    self._read_checked_line("checked mode")
+                except ProtocolError as exc:
+                    if self._check_asked:
+                        raise
+                    raise ProtocolError(
+                        f"{exc}; a serial resource runs in checked mode unless its URI says check=0 "
+                        "(a board that does not speak it, docs/protocol.md section 2, is then unchecked)"
+                    ) from None
                 self._send(f"{scpi.CLS};{scpi.OPC_Q}")
                 if self._read_checked_line(scpi.CLS) != b"1":
                     raise ProtocolError(f"{self.name}: the board did not confirm {scpi.CLS} in checked mode")
@@ -755,7 +769,8 @@ class VisaOptions(QueryOptions):
         default=DEFAULT_TIMEOUT_S, metadata={"gt": 0, "le": MAX_TIMEOUT_S}
     )  # seconds
     fast: bool = True  # receive large blocks straight from pyvisa-py's TCP socket
-    check: bool = False  # checked mode: CRC-32 on every message and response
+    # checked mode: CRC-32 on every message and response; None: on for a serial (ASRL) resource
+    check: bool | None = None
     attempts: int = dataclasses.field(default=DEFAULT_ATTEMPTS, metadata={"ge": 1, "le": MAX_ATTEMPTS})
     backoff: float = dataclasses.field(default=DEFAULT_BACKOFF_S, metadata={"ge": 0})  # seconds
     # line rate of an ASRL (serial) resource, bits per second; None: the VISA library's default
