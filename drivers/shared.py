@@ -259,9 +259,15 @@ class BlockView(DeviceWrapper):
 
     def keep_pulsed(self) -> None:
         """Before the merged topology changes: the tiles pulsed since their last `program`
-        get what they read now as their target (one read per such tile, not one per pulse)."""
+        get what they read now as their target (one read per such tile, not one per pulse),
+        within [g_min, g_max]: a noisy read of a device at an end lies past it by its noise, and
+        a target past the window is refused (the re-write, and so the configure, failed)."""
+        lim = self.inner.info.limits
         for tile in sorted(self._pulsed):
-            gp, gm = self.inner.read_conductance(self.prefix + tile)
+            gp, gm = (
+                np.clip(g, lim.g_min, lim.g_max).astype(np.float32)
+                for g in self.inner.read_conductance(self.prefix + tile)
+            )
             _, _, verify, tol, iters = self._targets.get(tile, (gp, gm, False, None, 20))
             self._targets[tile] = (gp, gm, verify, tol, iters)
         self._pulsed.clear()

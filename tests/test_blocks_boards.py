@@ -386,3 +386,29 @@ def test_blocks_on_a_shared_board_chunk_their_settles_by_the_merged_network(monk
     for r in (whole, chunked):
         assert isinstance(r.model, Classifier)
         r.model.close()
+
+
+def test_a_pulsed_tile_that_reads_past_the_window_is_rewritten_within_it() -> None:
+    """A noisy board's read of a device at g_max (or g_min) lies past it by the read noise; the
+    re-write after another block's configure took those reads as program targets, the host
+    refused them (LimitViolation, g_plus of b0.W0 past g_max) and the other block's configure
+    failed, block 0's tile left unwritten. The targets are the reads within [g_min, g_max]."""
+    board = open_device("emulator://?preset=rram&seed=0")
+    lim = board.info.limits
+    shared = SharedBoard(board)
+    va, vb = shared.view("b0"), shared.view("b1")
+    a = Topology.layered([6, 5, 3])
+    va.configure(a)
+    shape = a.tile_shape("W0")
+    va.program("W0", np.full(shape, lim.g_max, np.float32), np.full(shape, lim.g_min, np.float32))
+    ones = np.ones(shape, np.int32)
+    va.pulse("W0", ones, ones)
+    gp = va.read_conductance("W0")[0]
+    assert gp.max() > lim.g_max  # read noise: past the window (so would the target be)
+    refused = board.safety().refused
+    vb.configure(Topology.layered([4, 3]))  # re-configures the merged network, then re-writes b0.W0
+    assert board.safety().refused == refused and board.safety().violations == 0
+    after = va.read_conductance("W0")[0]
+    # written again near what it read (rram: write and read noise of a few % of g_max)
+    assert np.abs(after - np.clip(gp, lim.g_min, lim.g_max)).max() < 0.1 * lim.g_max
+    shared.close()
