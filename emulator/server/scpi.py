@@ -251,10 +251,19 @@ def _shown(p: Param) -> str:
     return text if len(text) <= 42 else text[:40] + "..."
 
 
+# a decimal number as SCPI writes it (<NRf>: sign, digits, point, exponent), or the words for an
+# infinity and NaN that float() reads (refused by their own codes below); float() alone also took
+# `1_000` (Python's digit separators) as a number
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
+
+
 def _float(p: Param) -> float:
     """A finite decimal number: not a number -120, infinite -222, NaN -224."""
+    text = _string(p).strip()
     try:
-        x = float(_string(p))
+        if not _NUMBER.fullmatch(text):
+            raise ValueError(text)
+        x = float(text)
     except ValueError:
         raise ParseError(codes.NUMERIC_DATA_ERROR, f"{_shown(p)} is not a number") from None
     if math.isnan(x):
