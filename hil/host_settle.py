@@ -48,6 +48,11 @@ difference over the batch sets `HostSettleStats.noise_floor` (`HostSettle._floor
 two reads are equal (a deterministic board) the settle stops reading twice: at a check where
 some free state is not 0 (with all at 0 and no bias, no current flows: a noisy board reads
 equal products too), and only while no check has found noise (once noisy, always probed).
+To that floor, and to every sample's stop, come the converters' steps, as the board's own
+mvm-mode settle counts them (`HostSettle._quant`): a DAC step of the states and, times the
+gain, a step of the mvm read-out, whose range the limits do not declare: its step is measured
+from the reads (`HostSettle._read_step`, `HostSettleStats.read_step`). Without it a drive on a
+code boundary flipping between two codes (a one-step limit cycle) never stopped.
 
 Accounting: settle time and array energy are what the board's meter (`Device.meter`) counted
 over the settle's calls; a board without a meter gets the host's wall time and NaN joules.
@@ -133,6 +138,7 @@ class HostSettleStats:
     # False while the settle runs, and for good after one that did not end (an error, Ctrl-C):
     # the counters are then what it had cost when it stopped
     finished: bool = False
+    read_step: float = 0.0  # the mvm read-out's step as the settle's reads showed it (`_read_step`)
 
 
 def _terms(topo: Topology, clamped: frozenset[str]) -> list[_Term]:
@@ -509,9 +515,13 @@ class HostSettle:
                 u = {g: const[g].copy() for g in half}
                 for term in half_terms:
                     y = product(term)
+                    if check and limits.adc_bits is not None:
+                        stats.read_step = self._read_step(stats.read_step, y)
                     if check and probe:  # a second read of the same product: the noise at this state
                         y2 = product(term)
                         stats.probe_calls += 1
+                        if limits.adc_bits is not None:
+                            stats.read_step = self._read_step(stats.read_step, y2, np.abs(y - y2))
                         jump = max(jump, self._noise(y, y2))
                         if y.size:
                             spread = np.maximum(spread, np.square(y - y2, dtype=np.float64).mean(1))
@@ -534,8 +544,10 @@ class HostSettle:
                         change = np.maximum(change, moved)
                         res = max(res, float(moved.max(initial=0.0)))
                     s[g] = new if dt == 1.0 else s[g] + np.float32(dt) * (new - s[g])
+            if check:
+                quant = self._quant(gain, stats.read_step, limits)
             if check and probe:
-                stats.noise_floor = self._floor(jump, fan_in, gain, limits)
+                stats.noise_floor = self._floor(jump, fan_in, gain) + quant
                 noisy = noisy or jump > 0
                 # two equal reads where current flows, on a board never seen noisy: a deterministic
                 # board, no need to read twice again (a noisy board's reads can be equal by chance)
@@ -550,7 +562,6 @@ class HostSettle:
                 probes += 1
                 var = spreads / probes / 2 * max(fan_in, 1)
                 sd = torch.from_numpy((gain * np.sqrt(var)).astype(np.float32))
-                quant = lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
                 running, res = stop.check(joined(), sd, torch.from_numpy(change)[None], step, dt, quant)
             if every and step % every == 0:
                 records.append((step, held()))
@@ -562,6 +573,8 @@ class HostSettle:
                 if bold and stalled == topology.STALL_CHECKS:
                     dt = self._dt(topo, clamped, free, ref)
             elif check:
+                # a deterministic board's floor, after its probes stopped: the converters' steps
+                stats.noise_floor = max(stats.noise_floor, quant)
                 settled = residual <= res  # no progress since the last check
                 residual = res
                 if budget.tol > 0 and (
@@ -622,16 +635,49 @@ class HostSettle:
         return float(np.abs(y1 - y2).max()) if y1.size else 0.0
 
     @staticmethod
-    def _floor(jump: float, fan_in: int, gain: float, limits: Limits) -> float:
-        """The residual ``max |rho(u) - s|`` below which read noise and converter steps alone
-        can move the states: a node's drive terms each jump by up to `jump` between two steps
-        when nothing else moves (`fan_in` independent terms: the square root of their number
-        times that), times the gain; a DAC step on the states adds one state step. A tighter
-        figure (a relaxing node averages its targets, ``jump / (2 - dt)`` for a 2-cycle) left
-        most settles of a 6-bit rram board running to their step budget without a better
-        result, so the floor keeps the whole jump."""
-        floor = gain * jump * math.sqrt(max(fan_in, 1))
-        return floor + lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
+    def _floor(jump: float, fan_in: int, gain: float) -> float:
+        """The residual ``max |rho(u) - s|`` below which read noise alone can move the states: a
+        node's drive terms each jump by up to `jump` between two steps when nothing else moves
+        (`fan_in` independent terms: the square root of their number times that), times the
+        gain (the converters' steps, `_quant`, are added to it). A tighter figure (a relaxing
+        node averages its targets, ``jump / (2 - dt)`` for a 2-cycle) left most settles of a
+        6-bit rram board running to their step budget without a better result, so the floor
+        keeps the whole jump."""
+        return gain * jump * math.sqrt(max(fan_in, 1))
+
+    @staticmethod
+    def _quant(gain: float, read_step: float, limits: Limits) -> float:
+        """What the converters' steps alone move a node between two steps, as the board's own
+        mvm-mode settle counts them (`emulator.settle`'s ``_quant_floor``): a step of the mvm
+        read-out on its drive, times the gain (a node whose drive sits on a code boundary flips
+        between two codes: a limit cycle of one step), and a DAC step of its state. The limits
+        do not declare the mvm read-out's range, so its step is the one the reads showed
+        (`_read_step`); 0 with an ideal ADC."""
+        return gain * read_step + lsb(limits.dac_bits, limits.adc_range[1] - limits.adc_range[0])
+
+    @staticmethod
+    def _read_step(seen: float, y: np.ndarray, diff: np.ndarray | None = None) -> float:
+        """The mvm read-out's step measured from a read `y` (batch, outputs), folded into the
+        smallest one `seen` so far (0.0: none yet): per output, the smallest gap between two
+        distinct values the batch read (one channel's codes: a calibration record's per-channel
+        gain and offset keep a channel's codes evenly spaced, not the channels' together), and
+        the smallest nonzero difference `diff` of two reads of the same product (read noise
+        flips codes: a multiple of the step). Each is a whole number of steps, one where the
+        outputs are dense enough: the smallest over a settle's reads is the step, or larger
+        where they are sparse (a batch of a few samples), never smaller."""
+        parts = []
+        if y.ndim == 2 and y.shape[0] > 1:
+            gaps = np.diff(np.sort(y, axis=0), axis=0)
+            parts.append(gaps)
+        if diff is not None:
+            parts.append(diff)
+        tiny = 1e-6 * max(1.0, float(np.abs(y).max(initial=0.0)))
+        best = seen or math.inf
+        for a in parts:
+            a = a[a > tiny]
+            if a.size:
+                best = min(best, float(a.min()))
+        return 0.0 if best == math.inf else best
 
     @staticmethod
     def _diagonals(topo: Topology, ref: DHN | None) -> dict[str, np.ndarray]:

@@ -127,10 +127,14 @@ def test_budget_semantics_and_accounting(digits) -> None:
 
 
 def test_noise_aware_convergence_on_a_coarse_adc(digits) -> None:
-    """With a 6-bit ADC the states never stop moving by a converter step: the floor measured
-    from the noise probe lets the settle stop, as the board's own settle does."""
+    """With a 6-bit ADC and read noise past its step (an output noise of 0.06 weight units, half
+    a step) the states never stop moving: the floor measured from the noise probe lets the
+    settle stop, as the board's own settle does. Without the probes the floor holds the
+    converters' steps alone (the read step as the reads show it, tests/test_host_settle_read_step.py:
+    without this noise that settle stops in its one-step limit cycle), which this noise exceeds."""
     x, _ = digits
-    blk = _block(dense=False, uri=f"emulator://?preset=rram&seed=0&adc_bits=6&{MVM_ONLY}", settle="host")
+    uri = f"emulator://?preset=rram&seed=0&adc_bits=6&out_noise=0.06&{MVM_ONLY}"
+    blk = _block(dense=False, uri=uri, settle="host")
     dev = blk.device
     dev.configure(replace(blk.topology, budget=SettleBudget(300, 1e-4, 0.5, 5)))
     host = HostSettle(dev, reference=blk.device_weights)
