@@ -30,7 +30,7 @@ from calibration.measure import (
 from calibration.record import CalibrationError, ChannelCal
 from calibration.wires import MAX_OHMS, effective_weights
 from drivers import Coupling, Device, Topology, seeds
-from drivers.converters import IDEAL_LSB_BITS, lsb
+from drivers.converters import IDEAL_LSB_BITS, rail_lsb
 
 MVM_LOADS = ((0.8, 0.0), (1.0, 0.2))  # mvm routine: (high, low) device of a pair, shares of the range
 WIRE_FIT_TOL = 1e-3  # relative precision of the bisection for the wire resistance
@@ -39,7 +39,8 @@ TWO_LEVEL_MIN_LINES = 16  # mvm routine: two-level inputs (the most signal) from
 
 
 def _probe_mvm_range(device: Device, shape: tuple[int, int], lim_lo: float) -> tuple[float, float]:
-    """Saturate the mvm read-out both ways: the rails it clips to are its range."""
+    """Saturate the mvm read-out both ways: the rails it clips to, its outermost codes (half a
+    step inside its nominal range: a mid-tread ADC, `drivers.converters.rail_lsb`)."""
     n, m = shape
     lim = device.info.limits
     # the weight scale that clips the read-out by far (1e4 / rows), or the board's bound
@@ -121,7 +122,8 @@ def measure_mvm(
     levels = round((hi - lo) / dac.lsb)
     k_lo, k_hi = round(d_lo * levels), round(d_hi * levels)
     size = max(n, m)
-    est_step = lsb(lim.adc_bits, top - bottom, ideal_bits=IDEAL_LSB_BITS)
+    # the probe found the rails, the outermost codes of a mid-tread ADC: 2**bits - 2 steps apart
+    est_step = rail_lsb(lim.adc_bits, top - bottom, ideal_bits=IDEAL_LSB_BITS)
     out = _empty(size, "mvm", est_step, "weight units (x @ W)")
     sweeps = [False] + ([True] if n > m else [])
     inputs = []

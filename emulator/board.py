@@ -48,7 +48,7 @@ from drivers.topology import Coupling, Topology
 from drivers.wear import endurance_refusal
 from emulator.array import TileArray
 from emulator.conv_settle import ConvSettle
-from emulator.periphery import ChannelErrors, line_current_limit, quantize
+from emulator.periphery import ChannelErrors, line_current_limit, quantize, quantize_signed
 from emulator.presets import BoardPreset
 from emulator.settle import SettleEngine
 from emulator.settle_types import SettleNudge, SettleResult
@@ -391,8 +391,10 @@ class Board:
         return quantize(self.adc_errors.apply(x, channel), per.adc_bits, lo, hi)
 
     def _adc_mvm(self, y: torch.Tensor) -> torch.Tensor:
+        """The mvm read-out's ADC: a signed, mid-tread converter over ``[-mvm_range,
+        mvm_range]`` (`quantize_signed`): a column of no current reads 0, not half a step."""
         per = self.preset.periphery
-        return quantize(self.mvm_errors.apply(y), per.adc_bits, -per.mvm_range, per.mvm_range)
+        return quantize_signed(self.mvm_errors.apply(y), per.adc_bits, per.mvm_range)
 
     # ---------------------------------------------------------------- array operations
 
