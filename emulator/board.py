@@ -101,6 +101,16 @@ class SafetyMonitor:
         return exc
 
 
+def _auto_range(bits: int | None) -> float:
+    """The range, in units of the largest magnitude it must carry, of a signed mid-tread DAC
+    auto-ranged so that this magnitude is its top code (`quantize_signed`: the top code is
+    ``(2**(bits-1) - 1)`` steps of ``2 range / (2**bits - 1)``): the injected nudge currents'
+    DAC, whose zero current is then a code (it was driven as half a step either way)."""
+    if not bits or bits == 1:
+        return 1.0
+    return ((1 << bits) - 1) / ((1 << bits) - 2)
+
+
 class Board:
     def __init__(self, preset: BoardPreset, seed: int = 0, device: str | torch.device = "cpu") -> None:
         self.preset = preset
@@ -691,7 +701,8 @@ class Board:
         """Relax the network (`SettleEngine.settle`). `nudge` maps a group to (beta, target,
         grad); `trace` records every `trace` steps (0: no trace). Inputs were checked by the
         caller. Clamps and nudge targets go through the DAC once, injected currents through
-        a DAC auto-ranged to the current it must carry this settle."""
+        a signed, mid-tread DAC auto-ranged to the current it must carry this settle (its top
+        code the largest, a zero current exactly zero: `_auto_range`)."""
         if self.topology is None:
             raise ConfigurationError("the board has no topology yet; call configure(topology) first")
         per = self.preset.periphery
@@ -713,7 +724,7 @@ class Board:
             gr = None
             if grad is not None:
                 span = float(grad.abs().max()) or 1.0
-                gr = quantize(grad, per.dac_bits, -span, span)
+                gr = quantize_signed(grad, per.dac_bits, span * _auto_range(per.dac_bits))
             groups[g] = (beta, t, gr)
         engine = self.conv_engine if conv else self.engine
         with denormals_flushed():  # states decaying at a clamp go subnormal (drivers.numerics)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import Device, Topology, open_device
+from drivers import Device, Nudge, SettleBudget, Topology, open_device
 from drivers.converters import lsb, rail_lsb
 from emulator.periphery import quantize_signed
 
@@ -84,3 +84,21 @@ def test_the_mvm_calibration_models_the_same_step() -> None:
         step = lsb(8, 8.0)
         assert top == pytest.approx(4.0 - step / 2, rel=1e-6) and bottom == pytest.approx(-top, rel=1e-6)
         assert rail_lsb(8, top - bottom) == pytest.approx(step, rel=1e-6)
+
+
+def test_a_zero_error_current_is_injected_as_zero() -> None:
+    """The injected nudge current's DAC (auto-ranged to the largest current) is mid-tread too:
+    an output unit with no error current (grad 0) settles where it settled free, and the
+    largest current is its top code. Two output units that do not couple (a 1-2 network, no
+    bias); an exact state ADC, so the states show the drive."""
+    uri = "emulator://?preset=ideal&seed=0&dac_bits=8&adc_bits=none"
+    budget = SettleBudget(max_steps=20_000, tol=1e-9, dt=0.5, check_every=5)
+    with open_device(uri) as dev:
+        dev.configure(Topology.layered([1, 2], bias=False, budget=budget))
+        program_weights(dev, "W0", np.array([[0.5, 0.5]], np.float32))
+        x = {"s0": np.full((1, 1), 0.8, np.float32)}
+        free = dev.settle(x).states["s1"]
+        grad = np.array([[0.2, 0.0]], np.float32)
+        nudged = dev.settle(x, nudge={"s1": Nudge(0.5, grad=grad)}).states["s1"]
+        assert nudged[0, 1] == pytest.approx(free[0, 1], abs=1e-6)  # was 0.5 x 0.2 / 255 / 2 off
+        assert nudged[0, 0] == pytest.approx(free[0, 0] - 0.1, abs=1e-6)  # the top code: the full current
