@@ -358,3 +358,21 @@ def test_training_warns_once_when_settles_stop_before_they_settle(tmp_path) -> N
     )  # fmt: skip
     assert fixed.exit_code == 0, fixed.output
     assert "warning" not in fixed.output and "unconverged" not in fixed.output
+
+
+def test_epoch_line_never_shows_a_nonzero_unconverged_share_as_0_percent(tmp_path) -> None:
+    """A few settles in a few hundred cut at their budget: the epoch line printed `unconverged
+    0%` (the share rounded to whole percent), which reads as none and leaves the reader to guess
+    why it was printed. It shows the share to a tenth of a percent below 1 %."""
+    sets = _sets(
+        "train.epochs=1", "data.limit_train=200", "data.limit_test=16", "model.sizes=[64,8,10]",
+        "train.batch_size=1", "ep.free_steps=24", "ep.nudge_steps=100",
+    )  # fmt: skip
+    out = str(tmp_path / "r.zarr")
+    res = CliRunner().invoke(app, ["train", "classifier", "--no-progress", "--out", out, *sets])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("epoch   1"))
+    assert "unconverged " in line, line  # some settles hit the budget on this ideal board...
+    assert "unconverged 0%" not in line, line  # ... and the line says how few, not none
+    shown = line.split("unconverged ")[1].split()[0]
+    assert shown == "<0.1%" or 0 < float(shown.rstrip("%")) < 1, line

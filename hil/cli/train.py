@@ -297,7 +297,7 @@ def classifier(
                 f"epoch {st.epoch:>3}  loss {st.train_loss:.4f}  train {st.train_acc:.2%}  "
                 f"{'' if st.val_acc is None else f'val {st.val_acc:.2%}  '}test {st.test_acc:.2%}  "
                 f"{st.seconds:.2f} s"
-                + (f"  unconverged {st.unconverged:.0%}" if st.unconverged and cfg.ep.tol > 0 else "")
+                + (f"  unconverged {share_text(st.unconverged)}" if st.unconverged and cfg.ep.tol > 0 else "")
                 + ("" if st.gave_up_share is None else f"  gave up {st.gave_up_share:.2%}")
             )
         note = unconverged_warning(st.unconverged, cfg.ep.tol, cfg.ep.free_steps, cfg.ep.nudge_steps)
@@ -390,6 +390,16 @@ def _print_result(res: TrainResult, log: RunLog, cfg: RunConfig) -> None:
         typer.echo(f"validation accuracy {res.val_acc:.2%} ({cfg.data.validation} held-out training images)")
     uris = " ; ".join(cfg.devices) if cfg.devices else cfg.device  # `device` is unused when `devices` is set
     typer.echo(f"test accuracy {res.test_acc:.2%} | device {devices} ({uris}) | config {compact}")
+
+
+def share_text(share: float) -> str:
+    """A share of settles as the epoch line prints it: whole percent from 1 % up, one decimal
+    below (`0.4%`, `<0.1%` under 0.05 %), so a nonzero share never reads `0%` (a line that
+    said `unconverged 0%` left the reader to guess why it was printed at all)."""
+    if share <= 0 or share >= 0.01:
+        return f"{share:.0%}"
+    text = f"{share:.1%}"
+    return "<0.1%" if text == "0.0%" else text
 
 
 UNCONVERGED_WARN = 0.05  # share of an epoch's settles that stopped at their budget above tol
