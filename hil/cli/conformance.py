@@ -57,9 +57,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the protocol conformance checks for every capability the board declares, one
         line per operation (PASS/FAIL, what was sent, what came back, what the spec says).
-        Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened. The board
-        is left reset (no topology; the test network's conductances stay in its devices) and in
-        its safe state."""
+        Exit 0 when all pass, 1 when any fails, 2 when the board cannot be opened or the test
+        network (--sizes) does not fit its limits. The board is left reset (no topology; the
+        test network's conductances stay in its devices) and in its safe state."""
         from drivers import DeviceError, open_device
         from hil.conformance import Options, plan_topology, run_conformance
 
