@@ -348,7 +348,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Measure DAC/ADC gains and offsets, conductance and stuck maps, pulse responses and
-        settling on a board; write the record, a text summary and a PNG report."""
+        settling on a board; write the record (--out, default cal.zarr) and a PNG report beside
+        it (--png), and print a text summary of the record on stdout."""
         from calibration import (
             SessionOptions,
             drift_check,
