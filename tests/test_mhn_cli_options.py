@@ -32,3 +32,17 @@ def test_a_bad_value_is_named_by_its_option(args: list[str], message: str, tmp_p
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_the_board_is_named_by_uri_as_in_demo_and_gradcheck(tmp_path: Path) -> None:
+    """`hil demo --uri URI` and `hil gradcheck --uri URI` take the board as --uri (or --device);
+    `hil mhn phase --uri URI` was a usage error that offered --out instead. It takes both now:
+    the URI given reaches the board's opening, whose error names its scheme."""
+    for flag in ("--uri", "--device"):
+        args = ["mhn", "phase", flag, "nosuch://board", "--out", str(tmp_path / "m")]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (flag, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (flag, result.stderr)
+        assert "unknown device scheme 'nosuch'" in lines[0], (flag, lines[0])
+        assert not (tmp_path / "m").exists()

@@ -20,7 +20,15 @@ def register(app: typer.Typer) -> None:
 
     @mhn_app.command()
     def phase(
-        device: Annotated[str, typer.Option(help="Board URI.")] = IDEAL,
+        device: Annotated[
+            str,
+            typer.Option(
+                "--device",
+                "--uri",
+                help="Board URI: emulator://?preset=NAME&seed=N, visa://RESOURCE, serial://PORT, ... "
+                "(--uri as in hil demo and hil gradcheck).",
+            ),
+        ] = IDEAL,
         n: Annotated[
             int, typer.Option(min=1, max=1024, help="Patterns (with --digits: digit classes, at most 10).")
         ] = 10,
