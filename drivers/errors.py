@@ -21,6 +21,14 @@ class ProtocolError(DeviceError):
     """Malformed reply, bad framing, CRC mismatch or sequence error on the wire."""
 
 
+class Corrupted(ProtocolError):
+    """Checked mode (docs/protocol.md, section 2) caught bytes corrupted on the line: a request
+    whose checksum failed on the board, which did not run it (it answered the empty response
+    ``0`` and queued -360), or a reply that failed the host's check. A link failure: the host
+    resends the request (a program, pulse or wait with its request id, so a copy that ran is
+    answered from the board's record, never run twice)."""
+
+
 class DeviceFault(DeviceError):
     """The device reported a fault; `code` is its error code (SCPI or device specific)."""
 
@@ -144,17 +152,30 @@ class RetriesExhausted(DeviceError):
                 "named (a reply that belongs to another request, e.g. an extra reply line sent earlier, "
                 "shows the same way)"
             )
+        elif isinstance(last, Corrupted):
+            hint = (
+                ". Checked mode caught bytes corrupted on the line: the link is too noisy for "
+                "messages this long (one is resent whole). Check the cable (short, shielded, "
+                "seated), lower the line rate (URI baud=), allow more tries (URI attempts=), or use the "
+                "framed protocol (serial://), which resends single frames; docs/reliability.md"
+            )
         elif "docs/protocol.md" in cause:
             hint = ""
         else:
             hint = ". Is the board powered and the link connected?"
         super().__init__(
             f"{op} failed {attempts} time(s) over {seconds:.2f} s; last cause: "
-            f"{type(last).__name__}: {cause}{hint}"
+            f"{_public_name(type(last))}: {cause}{hint}"
         )
         self.op = op
         self.attempts = attempts
         self.last = last
+
+
+def _public_name(kind: type) -> str:
+    """The name of `kind`, or of its nearest base that is not private (a driver's
+    ``_NotABlock`` shows as the ``ProtocolError`` a caller can catch)."""
+    return next(c.__name__ for c in kind.__mro__ if not c.__name__.startswith("_"))
 
 
 class OpenTransactionWarning(RuntimeWarning):

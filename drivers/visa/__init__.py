@@ -37,7 +37,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from drivers.base import Meter, SafetyCounters
-from drivers.errors import ConfigurationError, DeviceError, DeviceFault, DeviceTimeout, ProtocolError
+from drivers.errors import (
+    ConfigurationError,
+    Corrupted,
+    DeviceError,
+    DeviceFault,
+    DeviceTimeout,
+    ProtocolError,
+)
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd
@@ -292,7 +299,8 @@ class VisaDevice(RemoteDevice):
             return scpi.open_response(raw.removesuffix(b"\n"))
         except ValueError as exc:
             self._raise_error_line(what, raw)
-            raise ProtocolError(f"{self.name}: reply to {what}: {exc}") from None
+            kind = Corrupted if "mismatch" in str(exc) else ProtocolError
+            raise kind(f"{self.name}: reply to {what}: {exc}") from None
 
     def _rest_of_line(self, what: str, io: SocketIO | None) -> bytes:
         """The bytes up to and including the next terminator (at most MAX_ERROR_LINE)."""
@@ -373,7 +381,7 @@ class VisaDevice(RemoteDevice):
         code, message = errors[0]
         exc = codes.error_for(code, message)
         if code == codes.COMMUNICATION_ERROR:  # the board saw a corrupted message: a link failure
-            exc = ProtocolError(f"{self.name}: the board received {what} corrupted ({message})")
+            exc = Corrupted(f"{self.name}: the board received {what} corrupted ({message}); it did not run")
         for extra_code, extra in errors[1:]:
             exc.add_note(f"also queued: {extra_code} {extra}")
         raise exc
@@ -387,7 +395,10 @@ class VisaDevice(RemoteDevice):
                 self._raise_queued(what, expected=False)
                 return
             self._send(text, tail=f"{tail};{_short(scpi.ERROR_Q)}")
-            code, message = scpi.parse_error(self._read_checked_line(what).decode("ascii", "replace"))
+            body = self._read_checked_line(what)
+            if not body:  # no response to its SYST:ERR?: the message was not run
+                raise self._not_run(what)
+            code, message = scpi.parse_error(body.decode("ascii", "replace"))
             if code != codes.NO_ERROR:
                 self._raise_queued(what, expected=False, first=(code, message))
 
@@ -425,7 +436,7 @@ class VisaDevice(RemoteDevice):
             del data[-1:]
             crc = zlib.crc32(data, zlib.crc32(digits, zlib.crc32(head)))
             if rest[:1] != b";" or rest[-1:] != b"\n" or not rest[1:-1].isdigit() or int(rest[1:-1]) != crc:
-                raise ProtocolError(f"{self.name}: the reply to {what} failed its check (corrupted)")
+                raise Corrupted(f"{self.name}: the reply to {what} failed its check (corrupted)")
         else:
             if data[-1:] != b"\n":
                 raise ProtocolError(f"{self.name}: the block from {what} does not end with a newline")
@@ -454,6 +465,8 @@ class VisaDevice(RemoteDevice):
             if _ERROR_START.fullmatch(got):  # the start of an error line: read it to its end
                 got += self._rest_of_line(what, io)
                 self._raise_error_line(what, got)
+            if self.check and got == b"0\n":
+                raise self._not_run(what)
             raise _NotABlock(f"{self.name}: expected a block from {what}, got {got!r}", got)
         digits = bytes(read(int(head[1:2])))
         if not digits.isdigit():
@@ -467,6 +480,14 @@ class VisaDevice(RemoteDevice):
         elif data is None:
             data = bytearray(res.read_bytes(n + 1, chunk_size=max(n + 1, CHUNK)))
         return digits, n, data
+
+    def _not_run(self, what: str) -> Corrupted:
+        """A checked-mode request answered ``0``, the sealed empty response: the board did not
+        run it, as its checksum failed (it queued -360; docs/protocol.md, section 2)."""
+        return Corrupted(
+            f"{self.name}: the board did not run {what}: the request reached it corrupted (its "
+            "checksum failed, so the board answered the empty checked response 0 and queued -360)"
+        )
 
     def _read_direct(self, n: int) -> bytearray | None:
         """pyvisa-py TCPIP SOCKET only: receive `n` bytes straight into one buffer.
