@@ -7,13 +7,15 @@ default) and blamed the firmware or the cable."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from drivers import DeviceTimeout, ProtocolError, open_device
+from drivers import DeviceTimeout, ProtocolError, RetriesExhausted, open_device
 from drivers.wire import frames
 from drivers.wire.frames import NO_SEQ, Reason
 from hil.testing import BoardServers
@@ -121,3 +123,71 @@ def test_scpi_text_in_place_of_frames_is_named(talker: Callable[[bytes], int]) -
     assert "lines of text, as an SCPI board sends" in text, text
     assert "is this the framed port or the SCPI one?" in text and QUESTION in text, text
     assert seconds < 3.0, seconds
+
+
+@pytest.fixture
+def web_port() -> Iterator[int]:
+    """A real web server (`python -m http.server`), as a board's web page port is."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("check", ["0", "1"])
+def test_a_visa_uri_on_a_web_port_is_told_it_answers_http(web_port: int, check: str) -> None:
+    """An HTTP server answers SYST:INFO? (or the checked-mode request) with a web page: the open
+    said "expected a block from SYST:INFO?, got b'<!D' ... Is the board powered" after 4
+    attempts. It says at once that the port answers HTTP and which port to use."""
+    uri = f"visa://TCPIP0::127.0.0.1::{web_port}::SOCKET?timeout=2&check={check}"
+    text, seconds = _open_fails(uri, ProtocolError)
+    assert "this port answers HTTP, not SCPI" in text and "SCPI port (5025 by default" in text, text
+    assert "failed 4 time(s)" not in text and "powered" not in text, text
+    assert "\n" not in text
+    assert seconds < 2.0, seconds
+
+
+def test_text_of_another_protocol_in_place_of_an_scpi_reply_is_named(talker: Callable[[bytes], int]) -> None:
+    """A fresh TCP connection holds no stale reply: text that is no SCPI reply at first contact
+    is a wrong port (here a mail server's greeting), said at once."""
+    port = talker(b"220 mail.example.org ESMTP ready\r\n")
+    text, seconds = _open_fails(f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?timeout=1", ProtocolError)
+    assert "the first reply is not SCPI's" in text and "220 mail.example.org" in text, text
+    assert "SCPI port (5025 by default)" in text and "failed 4 time(s)" not in text, text
+    assert seconds < 2.0, seconds
+
+
+def test_a_slow_boards_late_first_reply_is_not_taken_for_another_protocol(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """The first reply of a slow board comes after the timeout (a block, or checked mode's `0`):
+    it is text, but the board's own, so the open retries and ends on the timeout; it is not
+    told that the port speaks another protocol."""
+    s = emulated_board(BOARD)
+    # every answer held back (unchecked, *CLS's silent one too): the first reply comes 0.5 s
+    # (unchecked: *CLS, then SYST:INFO?) or 0.6 s (checked mode's `0`) after its request, past
+    # the 0.4 s timeout and within the late wait after it (0.4 s more)
+    for check, delay in (("0", 0.25), ("1", 0.6)):
+        s.plan.reply_delay_s = delay
+        with pytest.raises(RetriesExhausted) as info:
+            open_device(s.uri("visa-tcp", timeout="0.4", attempts="2", backoff="0", check=check))
+        assert isinstance(info.value.last, DeviceTimeout), str(info.value)
+        assert "not SCPI" not in str(info.value) and "no reply at all" not in str(info.value)
+    s.plan.reply_delay_s = 0.0

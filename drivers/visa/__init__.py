@@ -59,6 +59,7 @@ from drivers.wire.client import (
     check_timeout,
     is_text,
     other_port,
+    other_protocol,
     preview,
 )
 from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, Message, Op
@@ -81,7 +82,7 @@ def _short(spec: str) -> str:
 
 
 class _NotABlock(ProtocolError):
-    """Bytes read where a reply's block belongs that start no block (`got`)."""
+    """Bytes read where a reply's block, or a checked response, belongs that are not one (`got`)."""
 
     def __init__(self, message: str, got: bytes) -> None:
         super().__init__(message)
@@ -196,10 +197,12 @@ class VisaDevice(RemoteDevice):
                 self._res.write(scpi.CLS)
 
     def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
-        """No reply at all to the first query, not even late (LATE_REPLY_S more), or bytes that
-        are not SCPI text (a framed board's frames), mean a wrong port: said at once, not
-        after every attempt's timeout. A late reply (a slow board) and text that is not a
-        block (a stale reply) are retried as before."""
+        """No reply at all to the first query, not even late (LATE_REPLY_S more), bytes that
+        are not SCPI text (a framed board's frames), or text of another protocol (an HTTP
+        reply: a board's web port), mean a wrong port: said at once, not after every attempt's
+        timeout. So does any other text read in place of the reply on a TCP connection, which
+        is new, so holds no stale reply. A late reply (a slow board: text after a timeout) and
+        text on a serial line (a stale reply of a session before) are retried as before."""
         if self.backend != "@py":
             return None  # another VISA library's buffers are not to be seen here
         if isinstance(exc, _NotABlock):
@@ -216,8 +219,23 @@ class VisaDevice(RemoteDevice):
                 "on and running, and does its firmware answer a query that fails (IEEE 488.2 lets it "
                 "stay silent; this protocol needs an empty reply, docs/protocol.md section 2)?"
             )
-        if not got or is_text(got):
+        if not got:
             return None
+        protocol = other_protocol(got)
+        if protocol is not None:
+            return ProtocolError(
+                f"{self.name}: this port answers {protocol}, not SCPI (the first reply: {preview(got)}): "
+                "point the URI at the board's SCPI port (5025 by default; `hil emulator serve` prints "
+                "the URIs of an emulated board)"
+            )
+        if is_text(got):
+            if self._serial_line() or not isinstance(exc, _NotABlock):
+                return None  # a stale reply, or a slow board's late one (after a timeout)
+            return ProtocolError(
+                f"{self.name}: the first reply is not SCPI's (a block, #<digits><length><bytes>): "
+                f"{preview(got)}; is this the board's SCPI port (5025 by default)? `hil emulator serve` "
+                "prints the URIs of an emulated board (docs/bringup.md)"
+            )
         framed = ", 0x00-delimited frames as the framed binary protocol sends" if b"\x00" in got else ""
         return ProtocolError(
             f"{self.name}: the first reply is not SCPI text: {len(got)} bytes {preview(got)}{framed}; "
@@ -299,8 +317,9 @@ class VisaDevice(RemoteDevice):
             return scpi.open_response(raw.removesuffix(b"\n"))
         except ValueError as exc:
             self._raise_error_line(what, raw)
-            kind = Corrupted if "mismatch" in str(exc) else ProtocolError
-            raise kind(f"{self.name}: reply to {what}: {exc}") from None
+            if "mismatch" in str(exc):
+                raise Corrupted(f"{self.name}: reply to {what}: {exc}") from None
+            raise _NotABlock(f"{self.name}: reply to {what}: {exc}", raw) from None
 
     def _rest_of_line(self, what: str, io: SocketIO | None) -> bytes:
         """The bytes up to and including the next terminator (at most MAX_ERROR_LINE)."""

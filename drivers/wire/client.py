@@ -129,6 +129,17 @@ def other_port(mine: str, other: str) -> str:
     )
 
 
+def other_protocol(data: bytes) -> str | None:
+    """The protocol whose reply `data` starts, where it is one a board's ports are often
+    confused with (a board's web page, a login port): "HTTP", "SSH"; None if none of them."""
+    head = bytes(data).lstrip()[:16].lower()
+    if head.startswith((b"http/", b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        return "HTTP"  # a status line, or an HTTP/0.9 reply (its body alone) to a line that is no request
+    if head.startswith(b"ssh-"):
+        return "SSH"
+    return None
+
+
 def is_text(data: bytes) -> bool:
     """Whether `data` is printable ASCII lines, as an SCPI board sends (not frames)."""
     return all(32 <= b < 127 or b in b"\r\n\t" for b in data)
