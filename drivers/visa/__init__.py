@@ -144,9 +144,9 @@ class VisaDevice(RemoteDevice):
         import pyvisa
 
         self._fast_io = None
+        if self._rm is None:
+            self._rm = self._resource_manager()
         with self._io("open"):
-            if self._rm is None:
-                self._rm = pyvisa.ResourceManager(self.backend)
             self._res = self._rm.open_resource(
                 self.resource_name,
                 read_termination="\n",
@@ -195,6 +195,33 @@ class VisaDevice(RemoteDevice):
                     # answered in neither (checked mode is off once it has run)
                     self._res.write_raw(scpi.seal_request(f"{_short(scpi.CHECK_MODE)} OFF".encode("ascii")))
                 self._res.write(scpi.CLS)
+
+    def _resource_manager(self) -> Any:
+        """pyvisa's resource manager of `backend`; a VISA library that cannot be loaded (NI-VISA
+        not installed for ``@ivi``, a wrong path) or a backend pyvisa does not know is a
+        ConfigurationError of this computer's set-up, said in one line and not retried: no
+        board was asked anything."""
+        import pyvisa
+
+        try:
+            return pyvisa.ResourceManager(self.backend)
+        except (OSError, ValueError) as exc:
+            why = " ".join(str(exc).split()).rstrip(":")  # pyvisa's "Could not open VISA library:\n"
+            default = "or leave backend= out to use the default @py (pyvisa-py, installed with xbar-hil)"
+            if isinstance(exc, ValueError):
+                raise ConfigurationError(
+                    f"{self.name}: backend={self.backend} names no VISA library pyvisa knows ({why}): "
+                    "give @ivi (NI-VISA, Keysight) or the path of a VISA library, or leave backend= out "
+                    "for the default @py (pyvisa-py, installed with xbar-hil)"
+                ) from None
+            if self.backend.startswith("@"):
+                fix = "install NI-VISA (or Keysight IO Libraries)"
+            else:
+                fix = "check the path of the VISA library"
+            raise ConfigurationError(
+                f"{self.name}: the VISA library of backend={self.backend} cannot be loaded on this "
+                f"computer ({why}); the board was not asked anything: {fix}, {default}"
+            ) from None
 
     def _first_contact_failed(self, exc: DeviceTimeout | ProtocolError) -> DeviceError | None:
         """No reply at all to the first query, not even late (LATE_REPLY_S more), bytes that
