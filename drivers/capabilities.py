@@ -4,6 +4,11 @@ torch (`hil emulator serve --help` names them)."""
 
 CAPABILITIES = ("settle", "mvm", "pulse", "program_verify", "trace", "preset_state")
 
+# The link's capability, not the array's: a board whose servers keep one owner at a time
+# (docs/protocol.md, "Ownership") declares it; `emulator://?capabilities=` takes CAPABILITIES
+# only, and `hil emulator serve` adds it.
+LOCK = "lock"
+
 # What a call needing each capability does, and what a host uses on a board without it:
 # `Device.require` words every refusal from these two tables, so all backends say the same.
 CAPABILITY_ACTIONS = {

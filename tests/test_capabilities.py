@@ -242,3 +242,44 @@ def test_serve_declares_the_capabilities_it_was_given() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_serve_help_names_every_capability_the_served_board_declares_by_default() -> None:
+    """`hil emulator serve --help` gave the --capabilities default as the array's six, where the
+    served board also declares lock (its servers keep an owner): the help says what a client of
+    a default `hil emulator serve` sees, every capability of it."""
+    import re
+
+    import typer.main
+
+    from hil.cli import app
+
+    serve_cmd = typer.main.get_command(app).commands["emulator"].commands["serve"]  # type: ignore[attr-defined]
+    helptext = next(p.help for p in serve_cmd.params if p.name == "capabilities")
+    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", "--preset", "ideal", "--scpi-port", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        uri = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not uri:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            if line.startswith("SCPI over TCP"):
+                uri = line.split()[-1]
+        assert uri, proc.stderr
+        with open_device(uri) as dev:
+            served = set(dev.info.capabilities)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "lock" in served
+    named = set(re.findall(r"[a-z_]+", helptext or ""))
+    assert served <= named, (served - named, helptext)
+    shown = re.search(r"sees ([a-z_,]+)", helptext or "")
+    assert shown and set(shown.group(1).split(",")) == served, helptext

@@ -38,6 +38,7 @@ from drivers.base import (
     TileWear,
     Wear,
 )
+from drivers.capabilities import LOCK
 from drivers.checks import check_state_range_voltage
 from drivers.errors import ConfigurationError, LimitViolation, ProtocolError, distinct_numbers
 from drivers.scalars import INT32_MAX, as_float, as_int
@@ -103,7 +104,7 @@ REPEATABLE_AFTER_RESET = frozenset({Op.PROGRAM})
 # nothing the owner relies on. Every other operation (configure, program, pulse,
 # read_conductance, mvm, settle, wait, reset, safe_state, begin, commit) drives the array,
 # changes its state or spends its clock, and is the owner's alone.
-LOCK_CAPABILITY = "lock"
+LOCK_CAPABILITY = LOCK
 LOCK_OPS = frozenset({Op.ACQUIRE, Op.OWNER, Op.RELEASE, Op.BREAK})
 OPEN_WHILE_OWNED = frozenset({Op.INFO, Op.TOPOLOGY, Op.SAFETY, Op.STATUS, Op.METER, Op.WEAR, *LOCK_OPS})
 MAX_TOKEN = 100  # characters of an owner token (an error message that names it fits 255)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from drivers.capabilities import CAPABILITIES
+from drivers.capabilities import CAPABILITIES, LOCK
 from hil.cli.common import SIGINT_EXIT, SIGTERM_EXIT, fail
 
 if TYPE_CHECKING:
@@ -176,9 +176,13 @@ def register(app: typer.Typer) -> None:
         ),
         capabilities: str | None = typer.Option(
             None,
-            help="Capabilities the board declares, comma-separated (default: all of "
+            help="Capabilities of the array the board declares, comma-separated, of "
             + ",".join(CAPABILITIES)
-            + "); e.g. mvm,pulse,program_verify for a board that multiplies but does not settle.",
+            + " (default: all); e.g. mvm,pulse,program_verify for a board that multiplies but does not "
+            "settle. The served board declares "
+            + LOCK
+            + " as well, whatever this says: its servers keep one owner at a time (docs/protocol.md, "
+            "Ownership). So by default a client (hil info) sees " + ",".join((*CAPABILITIES, LOCK)) + ".",
         ),
         max_connections: int = typer.Option(
             16, min=1, max=1024, help="TCP connections each server admits at a time; one more is refused."
