@@ -37,7 +37,10 @@ MVM_ONLY = "emulator://?preset=rram&seed=0&capabilities=mvm,pulse,program_verify
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["conformance", *args])
+    """`hil conformance` with the past-limit probes, as CI runs it on the emulator's served boards
+    (off by default for any board but an emulator:// URI), unless `args` say otherwise."""
+    probes = [] if {"--limit-probes", "--no-limit-probes"} & set(args) else ["--limit-probes"]
+    result = CliRunner().invoke(app, ["conformance", *args, *probes])
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -346,9 +349,31 @@ def test_no_limit_probes_sends_nothing_past_a_limit_and_says_what_went_unverifie
     assert board.largest <= board.info.limits.g_max
     skipped = {x[6:].split(" sent: ")[0].strip() for x in stdout.splitlines() if x.startswith("SKIP")}
     assert {"unchecked board conductance limit", "unchecked board limit", "line current limit"} <= skipped
-    assert "not sent (--no-limit-probes)" in stdout
+    assert "not sent (limit probes off; --limit-probes sends them)" in stdout
     code, stdout, _ = _invoke(servers.uris["serial-socket"])
     assert code == 1 and board.largest > board.info.limits.g_max
+
+
+def test_only_an_emulator_uri_gets_the_limit_probes_unasked(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """`hil conformance` sent its past-limit probes (g one float32 step past g_max, a line 20 %
+    over its current limit, ...) to every board by default: on a chip whose firmware check is
+    missing or wrong, its devices took them. Now a board other than an emulator:// URI gets none
+    unless --limit-probes says so (a served board's identity is its own claim), and is told so."""
+    board = WritesPastItsWindow(open_device(FULL))
+    servers = emulated_board(board=board)
+    result = CliRunner().invoke(app, ["conformance", servers.uris["serial-socket"]])
+    assert result.exit_code == 0, result.stdout
+    assert board.largest <= board.info.limits.g_max  # nothing past the window reached the devices
+    assert "note   limit probes off (not an emulator:// URI)" in result.stdout, result.stdout
+    lines = result.stdout.splitlines()
+    skipped = {x[6:].split(" sent: ")[0].strip() for x in lines if x.startswith("SKIP")}
+    assert {"unchecked board conductance limit", "unchecked board limit", "line current limit"} <= skipped
+    assert "not sent (limit probes off; --limit-probes sends them)" in result.stdout
+    result = CliRunner().invoke(app, ["conformance", FULL])  # the in-process emulator: probes on
+    assert result.exit_code == 0, result.stdout
+    assert "limit probes off" not in result.stdout, result.stdout
 
 
 class LowReadout(DeviceWrapper):
@@ -662,7 +687,8 @@ def test_the_summary_does_not_blame_every_skip_on_undeclared_capabilities() -> N
 
     report = Report(uri="emulator://", identity="x,y,z,1")
     report.checks.append(Check("mvm", "PASS", "-", "-", "-"))
-    report.checks.append(Check("line current limit", "SKIP", "-", "-", "not sent (--no-limit-probes): ..."))
+    off = "not sent (limit probes off; --limit-probes sends them): ..."
+    report.checks.append(Check("line current limit", "SKIP", "-", "-", off))
     summary = report.summary()
     assert summary.startswith("1 passed, 0 failed, 1 skipped"), summary
     assert "capabilities the board does not declare" not in summary, summary

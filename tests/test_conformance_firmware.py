@@ -117,7 +117,7 @@ def test_hil_conformance_cli_passes_the_reference_firmware_with_ownership() -> N
     board = FirmwareBoard(lock=True).start()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "hil.cli", "conformance", f"{board.uri}?timeout=5"],
+            [sys.executable, "-m", "hil.cli", "conformance", f"{board.uri}?timeout=5", "--limit-probes"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -50,7 +50,7 @@ def test_the_board_itself_keeps_a_uri_bound_and_passes_conformance(transport: st
     program, program verify, mvm and mvm transpose (refused on the host)."""
     served = serve(URI, scpi_pty=False, framed_pty=False)
     try:
-        result = CliRunner().invoke(app, ["conformance", served.uris[transport]])
+        result = CliRunner().invoke(app, ["conformance", served.uris[transport], "--limit-probes"])
         assert result.exit_code == 0, result.stdout
         assert "FAIL" not in result.stdout
         for line in ("PASS  program verify W0", "max_iters=5", "PASS  mvm transpose"):

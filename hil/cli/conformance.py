@@ -31,6 +31,14 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _probes_by_default(uri: str) -> bool:
+    """Whether the past-limit probes go out without --limit-probes / --no-limit-probes: only to
+    the in-process emulator (an ``emulator://`` URI), the one board known not to be a chip. A
+    remote board's identity is what its firmware says, and the emulator's is the example in
+    docs/protocol.md, so it tells no emulator from a firmware that copied it."""
+    return uri.partition("://")[0].strip().lower() == "emulator"
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def conformance(
@@ -47,12 +55,17 @@ def register(app: typer.Typer) -> None:
             4, min=2, max=1024, help="Repeats of an mvm or settle to measure its noise."
         ),
         seed: int = typer.Option(0, help="Seed of the test patterns."),
-        limit_probes: bool = typer.Option(
-            True,
+        limit_probes: bool | None = typer.Option(
+            None,
+            "--limit-probes/--no-limit-probes",
             help="Send the probes that go past a limit only the board's own check stops (a device one "
             "float32 step past g_max, an mvm input one step past clamp_max, a line 1 % and 20 % over its "
-            "current limit, a wait one step past max_wait_s): on a board without that check its devices take them. --no-limit-probes "
-            "SKIPs them, for a chip already in use; the board's own checks then go unverified.",
+            "current limit, a wait one step past max_wait_s): on a board whose firmware lacks that check "
+            "or gets it wrong, its devices take them. Default: on for an emulator:// URI only; off for any "
+            "other board, the emulator behind `hil emulator serve` included (a board's identity is its own "
+            "claim: firmware started from docs/protocol.md's example declares the emulator's), and those "
+            "checks are SKIPPED, unverified. --limit-probes sends them: to verify a firmware's own limit "
+            "checks on a board whose devices you can spare, or in CI on `hil emulator serve`.",
         ),
     ) -> None:
         """Run the protocol conformance checks for every capability the board declares, one
@@ -63,13 +76,14 @@ def register(app: typer.Typer) -> None:
         from drivers import DeviceError, open_device
         from hil.conformance import Options, plan_topology, run_conformance
 
+        probes = _probes_by_default(uri) if limit_probes is None else limit_probes
         options = Options(
             sizes=_sizes(sizes),
             batch=batch,
             reads=reads,
             repeats=repeats,
             seed=seed,
-            limit_probes=limit_probes,
+            limit_probes=probes,
         )
         try:
             dev = open_device(uri)
@@ -79,6 +93,11 @@ def register(app: typer.Typer) -> None:
         try:
             plan_topology(dev.info.limits, options)
             say(f"board  {dev.info.identity.idn()}  ({uri})")
+            if not probes:
+                why = "--no-limit-probes" if limit_probes is False else "not an emulator:// URI"
+                say(
+                    f"note   limit probes off ({why}): nothing past a limit is sent; --limit-probes sends them"
+                )
             report = run_conformance(dev, uri, options, on_check=lambda c: say(c.line()))
         except ValueError as exc:
             raise _error(str(exc)) from None

@@ -55,8 +55,8 @@ class Unavailable(Exception):
 
 
 NO_PROBES = (
-    "not sent (--no-limit-probes): a request past the limit, which only the board's own check "
-    "stops, so the board's check of it is unverified"
+    "not sent (limit probes off; --limit-probes sends them): a request past the limit, which only "
+    "the board's own check stops, so the board's check of it is unverified"
 )
 
 
@@ -210,7 +210,8 @@ class Session:
     def probe(self, operation: str, spec: str, body: Callable[[list[str]], str]) -> bool:
         """`run` for a check whose request goes past a limit that only the board's own check
         stops: on a board without that check, the devices take it. SKIP when the options say
-        not to send such probes (`hil conformance --no-limit-probes`)."""
+        not to send such probes (`hil conformance` on a board other than ``emulator://`` without
+        --limit-probes, or with --no-limit-probes)."""
         if self.opt.limit_probes:
             return self.run(operation, spec, body)
         self.add(Check(operation, "SKIP", "-", "-", f"{NO_PROBES}; the spec: {spec}"))
