@@ -3,12 +3,13 @@ meter: in process, over real transports, and from `hil emulator serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -215,26 +216,24 @@ def test_board_uri_takes_capabilities_and_settings() -> None:
         assert banner(dev.info, lock=True).endswith("(preset rram, seed 2, capabilities mvm,pulse,lock)")
 
 
-def test_serve_declares_the_capabilities_it_was_given() -> None:
-    """`hil emulator serve --capabilities mvm,program_verify` as a user runs it: a process whose
-    printed VISA resource opens a board that declares exactly those."""
-    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", "--preset", "rram", "--seed", "0"]
-    cmd += ["--scpi-port", "0", "--capabilities", "mvm,program_verify"]
+@contextlib.contextmanager
+def _served(*args: str) -> Iterator[tuple[list[str], str]]:
+    """`hil emulator serve --scpi-port 0 ARGS` as a user runs it, a process of its own: (the
+    lines it printed up to its SCPI/TCP URI, that URI); stopped by SIGTERM on exit."""
+    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", *args, "--scpi-port", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = []
+        lines: list[str] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(line.startswith("SCPI over TCP") for line in lines):
             line = proc.stdout.readline()  # type: ignore[union-attr]
             if not line:
                 break
             lines.append(line.strip())
-        # the banner lists what a client sees: lock (the server's) was left out
-        assert lines and lines[0].endswith("capabilities mvm,program_verify,lock)"), (lines, proc.stderr)
-        uri = next(line.split()[-1] for line in lines if line.startswith("SCPI over TCP"))
-        with open_device(uri) as dev:
-            assert dev.info.capabilities == {"mvm", "program_verify", "lock"}  # lock: the server's
+        uri = next((line.split()[-1] for line in lines if line.startswith("SCPI over TCP")), "")
+        assert uri, (lines, proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
+        yield lines, uri
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -242,6 +241,16 @@ def test_serve_declares_the_capabilities_it_was_given() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_serve_declares_the_capabilities_it_was_given() -> None:
+    """`hil emulator serve --capabilities mvm,program_verify` as a user runs it: a process whose
+    printed VISA resource opens a board that declares exactly those."""
+    with _served("--preset", "rram", "--seed", "0", "--capabilities", "mvm,program_verify") as (lines, uri):
+        # the banner lists what a client sees: lock (the server's) was left out
+        assert lines[0].endswith("capabilities mvm,program_verify,lock)"), lines
+        with open_device(uri) as dev:
+            assert dev.info.capabilities == {"mvm", "program_verify", "lock"}  # lock: the server's
 
 
 def test_serve_help_names_every_capability_the_served_board_declares_by_default() -> None:
@@ -256,28 +265,8 @@ def test_serve_help_names_every_capability_the_served_board_declares_by_default(
 
     serve_cmd = typer.main.get_command(app).commands["emulator"].commands["serve"]  # type: ignore[attr-defined]
     helptext = next(p.help for p in serve_cmd.params if p.name == "capabilities")
-    cmd = [sys.executable, "-m", "hil.cli", "emulator", "serve", "--preset", "ideal", "--scpi-port", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        uri = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not uri:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                break
-            if line.startswith("SCPI over TCP"):
-                uri = line.split()[-1]
-        assert uri, proc.stderr
-        with open_device(uri) as dev:
-            served = set(dev.info.capabilities)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with _served("--preset", "ideal") as (_lines, uri), open_device(uri) as dev:
+        served = set(dev.info.capabilities)
     assert "lock" in served
     named = set(re.findall(r"[a-z_]+", helptext or ""))
     assert served <= named, (served - named, helptext)
