@@ -64,19 +64,12 @@ def _converged_budget(
     layered: Callable[[SettleBudget], Topology],
     default: SettleBudget,
     xs: list[np.ndarray],
-    tried: list[int],
+    budgets: list[int],
 ) -> tuple[int | None, int | None]:
-    """(the first budget's max_steps of `LONGER_BUDGETS` x the default under which every settle
-    of `xs` converged, the most steps one of them took), or (None, None); each budget's steps
-    tried are appended to `tried`. Budgets the board does not allow
-    (`Limits.max_settle_steps`) are not tried. Leaves the board configured with the last
+    """(the first of `budgets` (max_steps) under which every settle of `xs` converged, the
+    most steps one of them took), or (None, None). Leaves the board configured with the last
     budget tried."""
-    most = device.info.limits.max_settle_steps
-    for k in LONGER_BUDGETS:
-        steps = default.max_steps * k
-        if steps > most:
-            break
-        tried.append(steps)
+    for steps in budgets:
         device.configure(layered(replace(default, max_steps=steps)))
         taken = []
         for x in xs:
@@ -122,11 +115,14 @@ def profile_settle(
         times.append(eq.settle_time_s / batch)
         joules.append(eq.energy_j / batch)
         progress("settle", k + 1, repeats + 2)
-    tried = [topo.budget.max_steps]
+    default = topo.budget.max_steps
     if all(conv):
-        converged_budget, converged_steps = topo.budget.max_steps, max(steps)
-    else:
-        converged_budget, converged_steps = _converged_budget(device, layered, topo.budget, xs, tried)
+        converged_budget, converged_steps = default, max(steps)
+        tried = [default]
+    else:  # the longer budgets the board allows (`Limits.max_settle_steps`), until one converges
+        longer = [default * k for k in LONGER_BUDGETS if default * k <= device.info.limits.max_settle_steps]
+        converged_budget, converged_steps = _converged_budget(device, layered, topo.budget, xs, longer)
+        tried = [default, *longer[: longer.index(converged_budget) + 1 if converged_budget else None]]
     progress("settle", repeats + 1, repeats + 2)
     long_steps = min(long_steps, device.info.limits.max_settle_steps)
     budget = SettleBudget(max_steps=long_steps, tol=0.0, dt=topo.budget.dt, check_every=long_steps)
