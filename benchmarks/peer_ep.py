@@ -33,10 +33,19 @@ of (a), (b) and (c) are compared and reported (``check_*``: max abs differences,
 the largest entry for gradients), so the timings cannot drift into measuring different work.
 ``tests/test_peer_ep.py`` asserts the same at small sizes.
 
-Timing: each repeat runs one batch through every implementation, in an order rotated per
-repeat, so load from other processes hits all alike; the figures are medians over repeats
-(ms per batch), the ratios medians of the per-repeat ratios (``*_quartiles``: their 25 % and 75 %
-quartiles, how far the load moved them). ``rram_over_ideal_without_programming``
+Timing: each repeat runs every implementation in turn, in an order rotated per repeat, so
+load from other processes hits all alike; each runs `--run` consecutive batches (default 4;
+the same batches for all). The headline figures are the warm steps, the second to the last
+of each run (their mean per repeat): a step right after a step of its own, as in training.
+The first step of each run, right after another implementation's work (the Xeon's L2 cache
+is 4 MiB a core; one tile's conductance pair alone is 3.2 MiB), is reported under ``cold``.
+A one-step rotation (``--run 1``, what this benchmark did before 2026-12-07) measures only
+cold steps: on the Xeon at load 0.8 (2026-12-07, 20:57 UTC, one thread, code of 511b4d2) the
+project's step took 15.5 ms run back to back and 27-31 ms right after a formulation step,
+the floor's 7.9 and 9.4-10.2 ms. The figures are medians over repeats (ms per batch), the
+ratios medians of the per-repeat ratios (``*_quartiles``: their 25 % and 75 % quartiles, how
+far the load moved them).
+``rram_over_ideal_without_programming``
 is the same ratio with each step's programming time taken out of both. ``programming_share`` is the
 time of the project's per-batch programming (`EBBlock.sync` when it writes tiles) over its
 whole ideal step, measured in the same steps. The writes cost the emulated board more than
@@ -386,6 +395,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--t1", type=int, default=30)
     ap.add_argument("--t2", type=int, default=10)
+    ap.add_argument(
+        "--run",
+        type=int,
+        default=4,
+        help="consecutive batches each implementation runs per round: the first is timed as 'cold' "
+        "(right after another implementation's step), the rest as the headline, warm figures "
+        "(after its own step, as in training); 1: one step per round, every figure cold",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     ap.add_argument("--skip-rram", action="store_true")
     ap.add_argument("--rram-uri", default=RRAM, help="the rram line's board (default: rram, IR drop off)")
@@ -398,6 +415,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: this torch has no CUDA device (build {torch.__version__})")
+    for flag, value, most in (
+        ("--repeats", a.repeats, 1000),
+        ("--run", a.run, 100),
+        ("--threads", a.threads, 256),
+    ):
+        if not 1 <= value <= most:
+            ap.error(f"{flag} {value}: give a whole number from 1 to {most}")
     torch.set_num_threads(a.threads)
     repeats = 3 if a.quick else a.repeats
     sizes, bs, t1, t2, dev = [784, a.hidden, 10], a.batch, a.t1, a.t2, a.device
@@ -453,50 +477,74 @@ def main() -> None:
     if rram is not None:
         impls["rram"] = run_project(rram, "rram")
     names = list(impls)
+    run = a.run
+    # per round and implementation: the first step of its run (cold: after another one's
+    # work), the mean of the others (warm: after its own step, as in training), and the
+    # programming and plan-refresh times of each
+    cold: dict[str, list[float]] = {n: [] for n in names}
     ms: dict[str, list[float]] = {n: [] for n in names}
-    share: list[float] = []
-    share_refresh: list[float] = []  # programming and the plan refresh it causes, over the step
     prog_ms: dict[str, list[float]] = {"project": [], "rram": []}
     refresh_ms: dict[str, list[float]] = {"project": [], "rram": []}
+    prog_cold: dict[str, list[float]] = {"project": [], "rram": []}
+    refresh_cold: dict[str, list[float]] = {"project": [], "rram": []}
     warm = 2
     for k in range(warm + repeats):
-        x, y = batch(k + 1)
         rot = k % len(names)
         for name in names[rot:] + names[:rot]:
-            prog["sync"] = prog["refresh"] = 0.0
-            sync(dev)
-            t = time.perf_counter()
-            impls[name](x, y)
-            sync(dev)
-            el = time.perf_counter() - t
-            if k >= warm:
-                ms[name].append(1e3 * el)
-                if name == "project":
-                    share.append(prog["sync"] / el)
-                    share_refresh.append((prog["sync"] + prog["refresh"]) / el)
-                if name in prog_ms:
-                    prog_ms[name].append(1e3 * prog["sync"])
-                    refresh_ms[name].append(1e3 * prog["refresh"])
-        print(f"  repeat {k + 1}/{warm + repeats}: " + ", ".join(f"{n} {ms[n][-1]:.1f} ms" for n in names
-              if ms[n]), file=sys.stderr, flush=True)  # fmt: skip
+            times, progs, refreshes = [], [], []
+            for j in range(run):
+                x, y = batch(1 + k * run + j)  # the same batches for every implementation
+                prog["sync"] = prog["refresh"] = 0.0
+                sync(dev)
+                t = time.perf_counter()
+                impls[name](x, y)
+                sync(dev)
+                times.append(1e3 * (time.perf_counter() - t))
+                progs.append(1e3 * prog["sync"])
+                refreshes.append(1e3 * prog["refresh"])
+            if k < warm:
+                continue
+            cold[name].append(times[0])
+            ms[name].append(statistics.fmean(times[1:]) if run > 1 else times[0])
+            if name in prog_ms:
+                prog_cold[name].append(progs[0])
+                refresh_cold[name].append(refreshes[0])
+                prog_ms[name].append(statistics.fmean(progs[1:]) if run > 1 else progs[0])
+                refresh_ms[name].append(statistics.fmean(refreshes[1:]) if run > 1 else refreshes[0])
+        print(f"  repeat {k + 1}/{warm + repeats}: " + ", ".join(
+            f"{n} {ms[n][-1]:.1f} ms (cold {cold[n][-1]:.1f})" for n in names if ms[n]),
+            file=sys.stderr, flush=True)  # fmt: skip
 
-    def med(n: str) -> float:
-        return round(statistics.median(ms[n]), 2)
+    def med(n: str, of: dict[str, list[float]] = ms) -> float:
+        return round(statistics.median(of[n]), 2)
 
-    def ratio(n: str, d: str) -> float:
-        return round(statistics.median(p / q for p, q in zip(ms[n], ms[d], strict=True)), 3)
+    def ratio(n: str, d: str, of: dict[str, list[float]] = ms) -> float:
+        return round(statistics.median(p / q for p, q in zip(of[n], of[d], strict=True)), 3)
 
-    def spread(n: str, d: str) -> list[float]:
+    def spread(n: str, d: str, of: dict[str, list[float]] = ms) -> list[float]:
         """The quartiles (25 %, 75 %) of the per-repeat ratios `n` / `d`: how far load moved them."""
-        r = [p / q for p, q in zip(ms[n], ms[d], strict=True)]
+        r = [p / q for p, q in zip(of[n], of[d], strict=True)]
         if len(r) < 2:
             return [round(r[0], 3)] * 2 if r else []
         q = statistics.quantiles(r, n=4)
         return [round(q[0], 3), round(q[2], 3)]
 
+    def share(
+        prog_of: dict[str, list[float]], refresh_of: dict[str, list[float]] | None, of: dict[str, list[float]]
+    ) -> float:
+        """The median over rounds of the project's programming (and plan refresh) over its step."""
+        return round(statistics.median(
+            (p + (refresh_of["project"][i] if refresh_of else 0.0)) / of["project"][i]
+            for i, p in enumerate(prog_of["project"])), 3)  # fmt: skip
+
+    def without_programming(of: dict[str, list[float]], prog_of: dict[str, list[float]]) -> float:
+        return round(statistics.median(
+            (r - pr) / (i - pi) for r, pr, i, pi in zip(of["rram"], prog_of["rram"], of["project"],
+                                                        prog_of["project"], strict=True)), 3)  # fmt: skip
+
     common = {"sizes": sizes, "batch": bs, "T1": t1, "T2": f"{t2}+{t2}", "device": dev,
               "project_device": compute, "threads": a.threads, "repeats": repeats,
-              "cpus": os.cpu_count(),
+              "cpus": os.cpu_count(), "run": run,
               "load_avg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     out = [
         {
@@ -506,11 +554,19 @@ def main() -> None:
             "project_over_floor": ratio("project", "floor"),
             "formulation_over_project_quartiles": spread("formulation", "project"),
             "project_over_floor_quartiles": spread("project", "floor"),
-            "programming_ms": round(statistics.median(s * p for s, p in zip(share, ms["project"],
-                                                                               strict=True)), 2),
-            "programming_share": round(statistics.median(share), 3),
-            "plan_refresh_ms": round(statistics.median(refresh_ms["project"]), 2),
-            "programming_with_refresh_share": round(statistics.median(share_refresh), 3),
+            "programming_ms": med("project", prog_ms),
+            "programming_share": share(prog_ms, None, ms),
+            "plan_refresh_ms": med("project", refresh_ms),
+            "programming_with_refresh_share": share(prog_ms, refresh_ms, ms),
+            "cold": {
+                "formulation_ms": med("formulation", cold), "project_ms": med("project", cold),
+                "floor_ms": med("floor", cold),
+                "formulation_over_project": ratio("formulation", "project", cold),
+                "project_over_floor": ratio("project", "floor", cold),
+                "programming_ms": med("project", prog_cold),
+                "programming_share": share(prog_cold, None, cold),
+                "programming_with_refresh_share": share(prog_cold, refresh_cold, cold),
+            },
             "targets": {"formulation_over_project": ">= 10 (stretch 15)", "project_over_floor": "<= 1.2",
                         "programming_share": "<= 0.10"},
             "check_state_max_diff_a_b": check["state_a_b"], "check_grad_rel_diff_a_b": check["grad_a_b"],
@@ -523,12 +579,16 @@ def main() -> None:
             "bench": "peer_ep", "preset": "rram", "uri": a.rram_uri, **common, "rram_ms": med("rram"),
             "ideal_ms": med("project"), "rram_over_ideal": ratio("rram", "project"), "target": "<= 1.5",
             "rram_over_ideal_quartiles": spread("rram", "project"),
-            "rram_programming_ms": round(statistics.median(prog_ms["rram"]), 2),
-            "ideal_programming_ms": round(statistics.median(prog_ms["project"]), 2),
-            "rram_plan_refresh_ms": round(statistics.median(refresh_ms["rram"]), 2),
-            "rram_over_ideal_without_programming": round(statistics.median(
-                (r - pr) / (i - pi) for r, pr, i, pi in zip(ms["rram"], prog_ms["rram"], ms["project"],
-                                                            prog_ms["project"], strict=True)), 3),
+            "rram_programming_ms": med("rram", prog_ms),
+            "ideal_programming_ms": med("project", prog_ms),
+            "rram_plan_refresh_ms": med("rram", refresh_ms),
+            "rram_over_ideal_without_programming": without_programming(ms, prog_ms),
+            "cold": {
+                "rram_ms": med("rram", cold), "ideal_ms": med("project", cold),
+                "rram_over_ideal": ratio("rram", "project", cold),
+                "rram_programming_ms": med("rram", prog_cold),
+                "rram_over_ideal_without_programming": without_programming(cold, prog_cold),
+            },
             "settle_steps_per_batch": {"ideal": statistics.median(steps["project"]),
                                        "rram": statistics.median(steps["rram"])},
         })  # fmt: skip

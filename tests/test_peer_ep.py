@@ -5,6 +5,8 @@ the ideal emulator give the same free states and weight gradients to float toler
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,3 +150,23 @@ def test_programming_time_counts_the_plan_refresh_its_writes_cause() -> None:
         assert acc["refresh"] > 0.0, acc
     finally:
         clf.close()
+
+
+def test_the_benchmark_reports_warm_and_cold_steps_of_the_same_batches() -> None:
+    """The whole benchmark at toy sizes, as a user runs it: one JSON line per preset, warm
+    (headline) and cold figures for every implementation, and a bad --run refused."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "peer_ep.py"), "--hidden", "16", "--batch", "8",
+           "--t1", "3", "--t2", "2", "--repeats", "2", "--run", "2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    ideal, rram = lines
+    assert ideal["run"] == 2 and ideal["repeats"] == 2
+    for d in (ideal, ideal["cold"]):
+        assert d["formulation_ms"] > 0 and d["project_ms"] > 0 and d["floor_ms"] > 0
+        assert d["formulation_over_project"] > 0 and 0 <= d["programming_share"] < 1
+    assert rram["cold"]["rram_ms"] > 0 and rram["rram_over_ideal"] > 0
+    assert rram["settle_steps_per_batch"] == {"ideal": 5.0, "rram": 5.0}
+    bad = subprocess.run([*cmd[:2], "--run", "0"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert bad.returncode == 2 and "--run 0: give a whole number from 1 to 100" in bad.stderr
