@@ -376,6 +376,31 @@ def test_only_an_emulator_uri_gets_the_limit_probes_unasked(
     assert "limit probes off" not in result.stdout, result.stdout
 
 
+def test_the_python_api_sends_no_limit_probes_to_a_board_it_does_not_know_to_be_the_emulator(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """`run_conformance(dev)` sent the past-limit probes to any board (`Options.limit_probes`
+    was True by default) while `hil conformance` sent them only to an emulator:// URI: a lab
+    calling the Python API on a chip whose firmware lacks a check had its devices take a target
+    past g_max. Now the Python default is the CLI's, and the report names what went unverified."""
+    board = WritesPastItsWindow(open_device(FULL))
+    uri = emulated_board(board=board).uris["serial-socket"]
+    with open_device(uri) as dev:
+        report = run_conformance(dev, uri)
+    assert board.largest <= board.info.limits.g_max, board.largest  # nothing past the window
+    assert report.ok, [c.line() for c in report.checks if c.status == "FAIL"]
+    assert {"unchecked board conductance limit", "unchecked board limit", "line current limit"} <= set(
+        report.unverified
+    )
+    assert "UNVERIFIED (limit probes off" in report.summary() and "line current limit" in report.summary()
+    assert json.loads(report.to_json())["unverified"] == report.unverified
+    with open_device(uri) as dev:  # asked: the probes go out, and this board fails them
+        report = run_conformance(dev, uri, Options(limit_probes=True))
+    assert board.largest > board.info.limits.g_max and not report.ok and not report.unverified
+    in_process = run_conformance(open_device(FULL), FULL)  # the in-process emulator: on unasked
+    assert in_process.ok and not in_process.unverified
+
+
 class LowReadout(DeviceWrapper):
     """A firmware bug: settled states come back 10 % low (a wrong ADC gain)."""
 

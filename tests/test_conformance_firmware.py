@@ -19,7 +19,7 @@ import pytest
 from drivers import NotSupported, open_device
 from drivers.errors import RetriesExhausted
 from drivers.wire.payload import Message, Op
-from hil.conformance import Report, run_conformance
+from hil.conformance import Options, Report, run_conformance
 from hil.conformance.fragments import FRAGMENT, tile_shape
 from tests.fw_reference_board import FirmwareBoard
 
@@ -45,7 +45,8 @@ def _conformance(bug: str | None, lock: bool = False, timeout: float = 5.0) -> R
         dev = open_device(f"{board.uri}?attempts=2&timeout={timeout:g}")
         try:
             assert dev.owns is lock  # the host takes a board that announces lock, and only such
-            report = run_conformance(dev, board.uri)
+            # the probes past its limits too: each firmware bug of a limit check is one to catch
+            report = run_conformance(dev, board.uri, Options(limit_probes=True))
         finally:
             dev.close()
         own = board.board.ownership

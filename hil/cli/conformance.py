@@ -31,14 +31,6 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _probes_by_default(uri: str) -> bool:
-    """Whether the past-limit probes go out without --limit-probes / --no-limit-probes: only to
-    the in-process emulator (an ``emulator://`` URI), the one board known not to be a chip. A
-    remote board's identity is what its firmware says, and the emulator's is the example in
-    docs/protocol.md, so it tells no emulator from a firmware that copied it."""
-    return uri.partition("://")[0].strip().lower() == "emulator"
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     def conformance(
@@ -75,8 +67,9 @@ def register(app: typer.Typer) -> None:
         test network's conductances stay in its devices) and in its safe state."""
         from drivers import DeviceError, open_device
         from hil.conformance import Options, plan_topology, run_conformance
+        from hil.conformance.session import probes_by_default
 
-        probes = _probes_by_default(uri) if limit_probes is None else limit_probes
+        probes = probes_by_default(uri) if limit_probes is None else limit_probes
         options = Options(
             sizes=_sizes(sizes),
             batch=batch,

@@ -36,6 +36,9 @@ class Report:
     identity: str
     checks: list[Check] = field(default_factory=list)
     wall_s: float = 0.0
+    # the board-side limit checks not verified because their past-limit probes were not sent
+    # (limit probes off): a PASS of the run says nothing about them
+    unverified: list[str] = field(default_factory=list)
 
     def count(self, status: Status) -> int:
         return sum(c.status == status for c in self.checks)
@@ -45,10 +48,16 @@ class Report:
         return self.count("FAIL") == 0
 
     def summary(self) -> str:
-        return (
+        line = (
             f"{self.count('PASS')} passed, {self.count('FAIL')} failed, {self.count('SKIP')} skipped "
             f"(each SKIP line says why) in {self.wall_s:.2f} s"
         )
+        if self.unverified:
+            line += (
+                f"; UNVERIFIED (limit probes off; --limit-probes or Options(limit_probes=True) sends "
+                f"them): {', '.join(self.unverified)}"
+            )
+        return line
 
     def to_json(self) -> str:
         return json.dumps(
@@ -60,6 +69,7 @@ class Report:
                 "failed": self.count("FAIL"),
                 "skipped": self.count("SKIP"),
                 "wall_s": self.wall_s,
+                "unverified": self.unverified,
                 "checks": [asdict(c) for c in self.checks],
             },
             indent=1,

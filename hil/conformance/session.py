@@ -56,8 +56,18 @@ class Unavailable(Exception):
 
 NO_PROBES = (
     "not sent (limit probes off; --limit-probes sends them): a request past the limit, which only "
-    "the board's own check stops, so the board's check of it is unverified"
+    "the board's own check stops, so the board's check of it is unverified (in Python: "
+    "Options(limit_probes=True))"
 )
+
+
+def probes_by_default(uri: str) -> bool:
+    """Whether the past-limit probes go out when nobody said (`Options.limit_probes` None, no
+    --limit-probes / --no-limit-probes): only to the in-process emulator (an ``emulator://``
+    URI), the one board known not to be a chip. A remote board's identity is what its firmware
+    says, and the emulator's is the example in docs/protocol.md, so it tells no emulator from a
+    firmware that copied it; a board given without a URI is not known to be the emulator."""
+    return uri.partition("://")[0].strip().lower() == "emulator"
 
 
 @dataclass(frozen=True)
@@ -70,8 +80,9 @@ class Options:
     seed: int = 0
     # send the probes past a limit that only the board's own check stops (a device one float32
     # step past g_max, an mvm input one step past clamp_max, a line 1 % and 20 % over its
-    # current limit); False: SKIP them, for a board whose devices may not take one
-    limit_probes: bool = True
+    # current limit); False: SKIP them, for a board whose devices may not take one; None: on
+    # only for an emulator:// URI (`probes_by_default`), as `hil conformance` does unasked
+    limit_probes: bool | None = None
 
     def mvm_batch(self, limits: Limits) -> int:
         """Samples of an mvm check: `batch`, at least 16 (their noise averages), at most the
@@ -210,10 +221,11 @@ class Session:
     def probe(self, operation: str, spec: str, body: Callable[[list[str]], str]) -> bool:
         """`run` for a check whose request goes past a limit that only the board's own check
         stops: on a board without that check, the devices take it. SKIP when the options say
-        not to send such probes (`hil conformance` on a board other than ``emulator://`` without
-        --limit-probes, or with --no-limit-probes)."""
+        not to send such probes (`Options.limit_probes` False, or None for a board other than
+        ``emulator://``: `hil conformance` without --limit-probes, or with --no-limit-probes)."""
         if self.opt.limit_probes:
             return self.run(operation, spec, body)
+        self.report.unverified.append(operation)
         self.add(Check(operation, "SKIP", "-", "-", f"{NO_PROBES}; the spec: {spec}"))
         return False
 

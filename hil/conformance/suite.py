@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,7 @@ from hil.conformance import (
     wear,
 )
 from hil.conformance.report import Check, Report
-from hil.conformance.session import LinkLost, Options, Session
+from hil.conformance.session import LinkLost, Options, Session, probes_by_default
 
 
 def run_conformance(
@@ -39,8 +40,15 @@ def run_conformance(
 
     ValueError when the test network does not fit the board's limits (see `plan_topology`).
     When the link is lost (a timeout, or a retry budget spent), the remaining checks are not
-    run: the report says so in a last failed line."""
+    run: the report says so in a last failed line.
+
+    The probes past a limit that only the board's own check stops go out only when
+    `options.limit_probes` is True, or left None with an ``emulator://`` `uri` (the in-process
+    emulator): a chip whose firmware lacks the check would take them. Off, those checks are
+    SKIPPED and `Report.unverified` names them."""
     options = options or Options()
+    if options.limit_probes is None:
+        options = dataclasses.replace(options, limit_probes=probes_by_default(uri))
     report = Report(uri=uri, identity=dev.info.identity.idn())
     t0 = time.perf_counter()
     sess = Session(dev, options, report, on_check)
