@@ -125,14 +125,15 @@ def _large(sess: Session, sent: list[str], send: Send, shape: tuple[int, int], s
     reads = f"read_conductance x {sess.opt.reads}"
     sent.append(f"{TILE} {rows} x {cols}: program ({_fragments(size, scpi)}), {reads}")
     with sess.configured(topo):
-        return _program_read_mvm(sess, sent, send, request, size, scpi)
+        return _program_read_mvm(sess, sent, send, topo, request, size, scpi)
 
 
 def _program_read_mvm(
-    sess: Session, sent: list[str], send: Send, request: pl.Message, size: int, scpi: bool
+    sess: Session, sent: list[str], send: Send, topo: Topology, request: pl.Message, size: int, scpi: bool
 ) -> str:
     gp, gm = request.arrays["g_plus"], request.arrays["g_minus"]
     rows, cols = gp.shape
+    sess.program_lines_within(TILE, gp, gm)
     try:
         reply = send(pl.Op.PROGRAM, request)
     except DeviceError as exc:
@@ -161,6 +162,7 @@ def _program_read_mvm(
     # inputs scaled to the test network's 6 rows: the products stay within the range of the
     # main mvm check (an mvm ADC clips outputs of a whole 65-row tile at full inputs)
     x = (sess.inputs((batch, rows)) * min(1.0, 6.0 / rows)).astype(np.float32)
+    sess.mvm_lines_within(topo, TILE, x, False)
     mvm = pl.mvm_request(TILE, x, False)
     sent.append(
         f"mvm x {desc(x)} ({_fragments(len(pl.pack(mvm)), scpi)}; y {_fragments(4 * batch * cols, scpi)}) "

@@ -148,6 +148,7 @@ def _at_clamp_max(sess: Session, sent: list[str], send: Send, tile: str, rows: i
     x = np.zeros((1, rows), np.float32)
     x[0, 0] = np.float32(sess.lim.clamp_max)
     sent.append(f"MVM unchecked, x[0] = clamp_max {float(x[0, 0])!r} (every other input 0)")
+    sess.mvm_lines_within(sess.topo, tile, x, False)
     before = sess.dev.safety()
     try:
         y = pl.mvm_result(send(pl.Op.MVM, pl.mvm_request(tile, x, False)), 1, sess.topo.tile_shape(tile)[1])

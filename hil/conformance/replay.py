@@ -153,6 +153,7 @@ def _reads_as(sess: Session, tile: str, low: np.ndarray, high: np.ndarray) -> tu
 
 def _without_id(sess: Session, sent: list[str], send: Callable[..., pl.Message], tile: str) -> str:
     low, high = _levels(sess, tile)
+    sess.program_lines_within(tile, high, high)  # the higher level's reads carry the more current
     sess.dev.program(tile, low, low, verify="program_verify" in sess.caps)
     sent.append(f"{tile} programmed to {low.flat[0]:.3g} S; PROGRAM to {high.flat[0]:.3g} S without rid")
     try:
@@ -186,6 +187,7 @@ def _same(a: pl.Message, b: pl.Message) -> bool:
 
 def _program_twice(sess: Session, sent: list[str], send: Callable[..., pl.Message], tile: str) -> str:
     low, high = _levels(sess, tile)
+    sess.program_lines_within(tile, high, high)
     r, s = (int.from_bytes(os.urandom(6), "little") for _ in range(2))
 
     def program(g: np.ndarray, rid: int) -> pl.Message:
@@ -244,6 +246,7 @@ def _id_after_reset(sess: Session, sent: list[str], send: Callable[..., pl.Messa
     epoch that reuses an id (a recovery that resends a program in flight, docs/protocol.md section
     4) with the old epoch's outcome, an error included, and runs nothing."""
     low, high = _levels(sess, tile)
+    sess.program_lines_within(tile, high, high)
     r = int.from_bytes(os.urandom(6), "little")
 
     def program(g: np.ndarray) -> pl.Message:

@@ -13,9 +13,16 @@ from typing import Any
 import numpy as np
 
 from drivers.base import Device, Limits
-from drivers.checks import check_topology
+from drivers.checks import check_mvm_lines, check_program_lines, check_topology
 from drivers.converters import lsb
-from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, NotSupported, RetriesExhausted
+from drivers.errors import (
+    ConfigurationError,
+    DeviceError,
+    DeviceTimeout,
+    LimitViolation,
+    NotSupported,
+    RetriesExhausted,
+)
 from drivers.topology import BIAS, Coupling, SettleBudget, Topology
 from hil.conformance.report import Check, Mismatch, Report
 
@@ -52,6 +59,15 @@ class Unavailable(Exception):
     protocol gives it no limit to declare (converter channels: a tile of R x C needs R + C of
     them on an emulated board). The check is SKIPPED with the board's words, not FAILED: the host
     cannot know the count, so it cannot tell such a refusal from a fault; one as -222 it can."""
+
+
+class OverLimit(Unavailable):
+    """A check's own request, which goes out unchecked (past the host driver's checks, to test
+    something else of the board: fragments, request ids, the voltage limit's edge), is over the
+    line-current limit the board declares by the host's own bound, so the checked path would
+    refuse it: it is not sent, and the check is SKIPPED naming the limit. Only the limit probes
+    go past a limit, and only when asked (`Options.limit_probes`): a board whose firmware lacks
+    the line-current check would drive the line past its rating."""
 
 
 NO_PROBES = (
@@ -191,6 +207,24 @@ class Session:
         finally:
             with contextlib.suppress(DeviceError):
                 self.dev.configure(self.topo)
+
+    # -- the host's own checks on a request a check sends unchecked
+
+    def program_lines_within(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray) -> None:
+        """`OverLimit` when the reads of a program of these targets would carry more than the
+        declared line current (`drivers.checks.check_program_lines`, as the checked path)."""
+        try:
+            check_program_lines(self.lim, tile, g_plus, g_minus)
+        except LimitViolation as exc:
+            raise OverLimit(f"not sent: {exc} (a request the host's own check refuses)") from exc
+
+    def mvm_lines_within(self, topo: Topology, tile: str, x: np.ndarray, transpose: bool) -> None:
+        """`OverLimit` when an mvm of `x` through `tile` of `topo` could carry more than the
+        declared line current by the host's bound (`drivers.checks.check_mvm_lines`)."""
+        try:
+            check_mvm_lines(topo, self.lim, tile, x, float(np.abs(x).max(initial=0.0)), transpose)
+        except LimitViolation as exc:
+            raise OverLimit(f"not sent: {exc} (a request the host's own check refuses)") from exc
 
     # -- bookkeeping
     def add(self, check: Check) -> None:

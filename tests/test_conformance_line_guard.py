@@ -1,0 +1,94 @@
+"""`hil conformance` with its limit probes off sends nothing over the line-current limit a board
+declares: the checks whose own requests go out unchecked (past the host driver's checks, to test
+fragments, request ids or the voltage limit's edge) are checked against the limit first, as the
+checked path would, and SKIPPED naming it when over."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from drivers import DeviceInfo, ProgramReport, open_device
+from drivers.wrapper import DeviceWrapper
+from hil.conformance import Options, run_conformance
+from hil.testing import BoardServers
+
+# over the host's bound of the test network's own mvms and settles (12 uA: 6 rows at g_max 10 uS
+# read at 0.2 V), under the reads of a 65 x 64 fragments tile at mid-window (~70 uA a row)
+RATED_A = 13e-6
+
+
+class NoLineCheck(DeviceWrapper):
+    """A firmware that declares a line-current limit (`RATED_A`) but never checks it (the
+    emulator behind it declares its design point, 2 mA): it runs whatever reaches it, and keeps
+    the largest current any line carried (what a chip's line would have taken)."""
+
+    def __init__(self, rated: float = RATED_A) -> None:
+        super().__init__(open_device("emulator://?preset=rram&seed=0"))
+        self.rated = rated
+        self.worst = 0.0
+        self.worst_what = ""
+
+    @property
+    def info(self) -> DeviceInfo:
+        inner = self.inner.info
+        return dataclasses.replace(
+            inner, limits=dataclasses.replace(inner.limits, max_line_current_a=self.rated)
+        )
+
+    def _carried(self, current: float, what: str) -> None:
+        if current > self.worst:
+            self.worst, self.worst_what = current, what
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: object) -> ProgramReport:
+        rows = max(float(g.astype(np.float64).sum(axis=1).max()) for g in (g_plus, g_minus))
+        self._carried(rows * self.info.limits.v_read, f"program {tile} read-back")
+        return self.inner.program(tile, g_plus, g_minus, **kw)  # type: ignore[arg-type]
+
+    def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
+        volts = torch.from_numpy(np.abs(x).max(axis=0).astype(np.float64) * self.info.limits.v_read)
+        driven, sensed = self.inner.board.line_currents(tile, volts, transpose)  # type: ignore[attr-defined]
+        self._carried(max(float(driven.max()), float(sensed.max())), f"mvm {tile}")
+        return self.inner.mvm(tile, x, transpose=transpose)
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_no_unchecked_request_of_a_run_without_probes_is_over_the_declared_line_current(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """The fragments check programmed (unchecked) a 65 x 64 tile around mid-window, whose
+    read-back rows carry ~70 uA, on a board declaring 13 uA: with the limit probes off, a
+    firmware without the line-current check drove its lines 5 times past their rating. Now
+    that check is SKIPPED, naming the limit, and nothing sent is over it."""
+    board = NoLineCheck()
+    uri = emulated_board(board=board).uris[transport]
+    with open_device(uri) as dev:
+        report = run_conformance(dev, uri, Options(limit_probes=False))
+    assert board.worst <= RATED_A, (board.worst, board.worst_what)
+    skipped = {c.operation: c.got for c in report.checks if c.status == "SKIP"}
+    large = "fragmented messages" if transport == "serial-socket" else "scpi large blocks"
+    assert large in skipped, sorted(skipped)
+    assert skipped[large].startswith("not sent: line current (A) of row"), skipped[large]
+    assert "limit 1.3e-05" in skipped[large], skipped[large]
+    assert report.ok, [c.line() for c in report.checks if c.status == "FAIL"]
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_the_request_id_checks_send_no_level_over_a_tighter_limit(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """At 4 uA the test network's own programs are refused on the host (FAILs, nothing sent),
+    but the request-id checks programmed a whole tile at three quarters of the window unchecked
+    (4.65 uA on a read-back row of W1): now SKIPPED, naming the limit."""
+    board = NoLineCheck(4e-6)
+    uri = emulated_board(board=board).uris[transport]
+    with open_device(uri) as dev:
+        report = run_conformance(dev, uri, Options(limit_probes=False))
+    assert board.worst <= 4e-6, (board.worst, board.worst_what)
+    prefix = "unchecked" if transport == "serial-socket" else "scpi"
+    check = next(c for c in report.checks if c.operation == f"{prefix} program request id")
+    assert check.status == "SKIP" and check.got.startswith("not sent: line current (A) of row"), check.line()
