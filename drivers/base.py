@@ -121,6 +121,21 @@ class Limits:
         ``v_read_max / v_read`` could pass one that the board then counts as a violation."""
         return largest_state(self.v_read, self.v_read_max)
 
+    @property
+    def dac_range(self) -> tuple[float, float]:
+        """What the board's DACs drive of an accepted state (a settle's clamp, nudge target or
+        init; an mvm input is driven sign and magnitude, within ``+-max(|dac_range|)``): a
+        quantised DAC (`dac_bits` set) has its codes over `adc_range` (its step is
+        ``lsb(dac_bits, hi - lo)``) and saturates at its ends, so a value the voltage limit
+        accepts past them (up to `clamp_max`; a negative clamp on a range from 0) is driven at
+        the end, not refused; the settle reports clamps as requested. An ideal DAC drives every
+        accepted value: ``(-clamp_max, clamp_max)``. Keep inputs within this range where the
+        value matters (the voltage limit is what protects the devices, not what the DAC
+        reproduces; docs/protocol.md, "Limits")."""
+        if self.dac_bits is None:
+            return -self.clamp_max, self.clamp_max
+        return self.adc_range
+
 
 def largest_state(v_read: float, v_read_max: float) -> float:
     """The largest float32 ``x`` with ``float(x) * v_read <= v_read_max`` (`Limits.clamp_max`)."""
@@ -157,7 +172,9 @@ class Nudge:
 
 @dataclass
 class Equilibrium:
-    states: dict[str, np.ndarray]  # free groups, after the ADC; clamped groups as applied
+    # free groups, after the ADC; clamped groups as requested (a quantised DAC drives them
+    # saturated to `Limits.dac_range`: a clamp past it is reported as sent, not as driven)
+    states: dict[str, np.ndarray]
     steps: int
     converged: bool
     residual: float  # max |s_t - s_{t-1}| at the last check
@@ -364,7 +381,9 @@ class Device(ABC):
 
     @abstractmethod
     def mvm(self, tile: str, x: np.ndarray, *, transpose: bool = False) -> np.ndarray:
-        """``x @ W`` (or ``x @ W.T``) through the tile, DAC on x and ADC on the result."""
+        """``x @ W`` (or ``x @ W.T``) through the tile, DAC on x and ADC on the result. A
+        quantised DAC drives ``|x|`` past ``max(|Limits.dac_range|)`` (still within `clamp_max`,
+        so accepted) saturated at it, silently: keep x within it where its value matters."""
 
     @abstractmethod
     def settle(
@@ -374,7 +393,9 @@ class Device(ABC):
         init: dict[str, np.ndarray] | None = None,
         trace: bool | int = False,
     ) -> Equilibrium:
-        """Relax the network with `clamp` groups held; `trace` True or every-k steps."""
+        """Relax the network with `clamp` groups held; `trace` True or every-k steps. A quantised
+        DAC drives clamps, nudge targets and init states past `Limits.dac_range` (a negative clamp
+        on a range from 0, one over its top up to `clamp_max`) saturated at its ends, silently."""
 
     # -- the in-process fast path: numpy stays the documented type of every call above
     tensor_device: Any = None

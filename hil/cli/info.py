@@ -75,7 +75,9 @@ def describe(dev: Device, uri: str) -> list[str]:
     with its unit. Only queries: no configure, program, settle, mvm or safe state."""
     info, lim = dev.info, dev.info.limits
     conv = [
-        f"DAC {'ideal' if lim.dac_bits is None else f'{lim.dac_bits} bit'}",
+        "DAC ideal"
+        if lim.dac_bits is None
+        else f"DAC {lim.dac_bits} bit over [{lim.dac_range[0]:g}, {lim.dac_range[1]:g}] (saturates past it)",
         f"ADC {'ideal' if lim.adc_bits is None else f'{lim.adc_bits} bit'} over "
         f"[{lim.adc_range[0]:g}, {lim.adc_range[1]:g}]",
     ]
