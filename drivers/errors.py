@@ -188,4 +188,6 @@ class OpenTransactionWarning(RuntimeWarning):
 class SafeStateWarning(RuntimeWarning):
     """Leaving a Device's `with` block because of an exception, the board could not be put in
     its safe state either (its link is gone, say). The block's exception is raised as it
-    was, with a note saying so; the board may still hold its lines driven."""
+    was, with a note saying so; the board may still hold its lines driven. Also warned by a
+    remote device's `close()` that could not send the safe state (nothing raised), saying
+    whether and when the board's lease makes it safe."""

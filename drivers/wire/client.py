@@ -72,6 +72,7 @@ from drivers.errors import (
     OpenTransactionWarning,
     ProtocolError,
     RetriesExhausted,
+    SafeStateWarning,
 )
 from drivers.topology import Topology
 from drivers.wire import codes
@@ -313,6 +314,7 @@ class RemoteDevice(Device):
         self._depth = 0
         self._guard = _InterruptGuard()
         self._safe = False  # the last transaction was a successful safe_state
+        self._unsafe_told = False  # the last transaction was a safe_state() whose failure was raised
         self.take_lock = lock
         self.lease = lease
         self.lock_token = owner_token()  # presented on every (re)connect while this host owns the board
@@ -775,6 +777,7 @@ class RemoteDevice(Device):
         device's budget (closing a device whose board is gone should not take long);
         `request_id` False sends a non-idempotent request without an id (`send_unchecked`)."""
         budget = self.attempts if attempts is None else min(attempts, self.attempts)
+        self._unsafe_told = False
         if request_id and op not in IDEMPOTENT and "rid" not in request.meta:
             request.meta["rid"] = _request_id()
         t0 = time.monotonic()
@@ -1045,20 +1048,60 @@ class RemoteDevice(Device):
     def safe_state(self) -> None:
         """Idempotent: a failed link is reconnected and the request sent once more (not the
         whole budget: leaving a `with` block on a board that is gone should not take long)."""
-        self._transact(Op.SAFE_STATE, Message(), attempts=2)
+        try:
+            self._transact(Op.SAFE_STATE, Message(), attempts=2)
+        except DeviceError:
+            self._unsafe_told = True  # raised to the caller: `close` does not warn of it again
+            raise
 
     def close(self) -> None:
-        """Put the board in its safe state (if the link still works) and close the link."""
+        """Put the board in its safe state (if the link still works) and close the link. A
+        board that could not be told (its link failed before or during the close) is closed
+        all the same, with a `SafeStateWarning` saying so and whether and when the board makes
+        itself safe (its lease); nothing is raised, so an error being handled is not hidden."""
         with self.lock:
             if self._closed:
                 return
+            unsafe: str | None = None  # why the board was not told to go safe
+            owned = self._owns
             try:
-                if not (self._broken or self._safe) and self._info is not None:
-                    self._transact(Op.SAFE_STATE, Message(), attempts=2)  # one resend at most
-            except DeviceError:
-                pass
+                if self._info is not None and not self._safe:
+                    if self._broken:
+                        unsafe = "its link had already failed"
+                    else:
+                        self._transact(Op.SAFE_STATE, Message(), attempts=2)  # one resend at most
+            except BoardLocked:
+                pass  # another host owns the board: its safe state is that host's to apply
+            except DeviceError as exc:
+                unsafe = f"{type(exc).__name__}: {exc}"
             finally:
+                told = self._unsafe_told
                 self.close_link()  # releases the board first
+            if unsafe is not None and not told:
+                warnings.warn(self._unsafe_close(unsafe, owned), SafeStateWarning, stacklevel=2)
+
+    def _unsafe_close(self, why: str, owned: bool) -> str:
+        """What a close that could not send the safe state says: why, and what the board does."""
+        head = f"{self.name}: closed without putting the board in its safe state ({why})"
+        info = self._info
+        if info is not None and LOCK_CAPABILITY in info.capabilities and owned:
+            lease = f"{self.owner_lease_s:g} s" if self.owner_lease_s is not None else "its lease"
+            return (
+                f"{head}; its lines may still be driven. The board applies its safe state itself "
+                "once it finds this host gone: at once if it sees this connection close (TCP), "
+                f"else after {lease} (its lease) with nothing from this host (a serial line, a "
+                f"network that dropped), so within about {lease} from now if it is still running"
+            )
+        whose = (
+            "this session did not own it (lock=0)"
+            if info is not None and LOCK_CAPABILITY in info.capabilities
+            else "it has no ownership lease (capability 'lock')"
+        )
+        return (
+            f"{head}; its lines may still be driven, and the board will not make itself safe "
+            f"({whose}): open it again and call safe_state(), or switch it off, before touching "
+            "its wiring"
+        )
 
     def __exit__(
         self,

@@ -1,0 +1,97 @@
+"""`close()` on a board whose link is lost, against the real servers (pyvisa-py over TCP to the
+SCPI server, pyserial's socket:// to the framed one): it returns within the bounded safe-state
+try, raises nothing (an error being handled is not hidden), and says with a `SafeStateWarning`
+that the board was not told to go safe and when its lease does it; a healthy close says nothing,
+and a `with` block whose safe state already failed is warned of once, not twice."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import pytest
+
+from drivers import RetriesExhausted, SafeStateWarning, open_device
+from hil.testing import BoardServers
+from tests.waiting import until
+
+BOARD = "emulator://?preset=ideal&seed=0"
+TRANSPORTS = ["visa-tcp", "serial-socket"]
+NOT_SAFE = r"closed without putting the board in its safe state"
+LEASE = r"applies its safe state itself once it finds this host gone.*within about 15 s from now"
+
+
+def _lose_the_board(s: BoardServers) -> None:
+    """Stop both servers and wait until their connections have ended (the board's process is gone)."""
+    s.scpi.close()
+    s.framed.close()
+    assert until(lambda: not s.framed.links and s.scpi.gate.active == 0, 5.0)
+
+
+def _uri(s: BoardServers, transport: str) -> str:
+    return s.uri(transport, timeout="0.5", attempts="2", backoff="0")
+
+
+def _safe_state_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, SafeStateWarning)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_on_a_board_that_is_gone_warns_that_it_is_not_safe_and_when_its_lease_makes_it(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    dev = open_device(_uri(s, transport))
+    _lose_the_board(s)
+    t0 = time.monotonic()
+    with pytest.warns(SafeStateWarning, match=NOT_SAFE) as caught:
+        dev.close()  # raises nothing
+    assert time.monotonic() - t0 < 2.5  # the safe state tried twice at most, no retry budget
+    (said,) = _safe_state_warnings(caught.list)
+    assert dev.name in said and "RetriesExhausted: safe_state failed" in said
+    assert __import__("re").search(LEASE, said), said
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_after_an_operation_lost_the_link_warns_without_trying_again(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    dev = open_device(_uri(s, transport))
+    _lose_the_board(s)
+    with pytest.raises(RetriesExhausted, match="safety failed 2 time"):
+        dev.safety()
+    t0 = time.monotonic()
+    with pytest.warns(SafeStateWarning, match=NOT_SAFE + r" \(its link had already failed\)"):
+        dev.close()
+    assert time.monotonic() - t0 < 0.5  # no new round of reconnects on a link known lost
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_healthy_close_and_a_second_close_say_nothing(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    dev = open_device(_uri(s, transport))
+    dev.safety()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dev.close()
+        _lose_the_board(s)
+        dev.close()
+    assert _safe_state_warnings(caught) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_with_block_on_a_board_that_is_gone_is_warned_of_once(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="the block's own error"), open_device(_uri(s, transport)):
+            _lose_the_board(s)
+            raise ValueError("the block's own error")
+    said = _safe_state_warnings(caught)
+    assert len(said) == 1 and "while the with block raised ValueError" in said[0], said
