@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import time
+import urllib.parse
 from typing import Any, ClassVar
 
 import serial as pyserial
@@ -41,7 +42,9 @@ from drivers.wire.client import (
     is_text,
     message_too_large,
     other_port,
+    other_protocol,
     preview,
+    probe_tcp,
 )
 from drivers.wire.frames import Flag, LinkOp, LinkStats
 from drivers.wire.link import Link, MessageTooLarge, ack_hold, smaller_timeout
@@ -208,6 +211,9 @@ class SerialDevice(RemoteDevice):
         tries = f"{self.retries + 1} tries of the HELLO, {self.ack_timeout:g} s each"
         got = bytes(self._heard)
         if not got:
+            named = self._named_peer(tries)
+            if named is not None:
+                return named
             return DeviceTimeout(
                 f"{self.name}: no reply at all to the HELLO ({tries}), not a byte: {question} (an "
                 "SCPI board ignores frames). If it is the framed port: is the board connected and running?"
@@ -217,6 +223,34 @@ class SerialDevice(RemoteDevice):
             f"{self.name}: the board answered the HELLO with bytes that hold no frame ({tries}): "
             f"{preview(got)}{scpi}; {question}"
         )
+
+    def _named_peer(self, tries: str) -> ProtocolError | None:
+        """A TCP port silent to the HELLO, asked ``*IDN?`` on a connection of its own: an SCPI
+        board's answer (or a web server's page) names what is there and the URI to use; None
+        where it stays silent too (a board that is not running, a serial line)."""
+        where = urllib.parse.urlsplit(self.url)
+        if where.scheme != "socket" or where.hostname is None or where.port is None:
+            return None
+        self._disconnect()  # first: a board or web server may serve one connection at a time
+        got = probe_tcp(where.hostname, where.port, b"*IDN?\n")
+        if not got:
+            return None
+        silent = f"{self.name}: no reply at all to the HELLO ({tries})"
+        protocol = other_protocol(got)
+        if protocol is not None:
+            return ProtocolError(
+                f"{silent}, and this port answers {protocol} (its reply to *IDN?: {preview(got)}): "
+                "point the URI at the board's framed port (`hil emulator serve --serial-port N` "
+                "prints the serial+socket:// URI of an emulated board)"
+            )
+        if is_text(got):
+            host = f"[{where.hostname}]" if ":" in where.hostname else where.hostname
+            return ProtocolError(
+                f"{silent}: this is an SCPI port (*IDN? answered {preview(got.strip())}); open it "
+                f"as visa://TCPIP0::{host}::{where.port}::SOCKET, or point serial+socket:// at the "
+                "board's framed port (`hil emulator serve --serial-port N` prints both URIs)"
+            )
+        return None
 
     def _cannot_open(self, exc: Exception) -> ConfigurationError:
         tcp = self.url.startswith("socket://")

@@ -44,10 +44,12 @@ def _wrong(s: BoardServers, case: str) -> str:
 
 
 CASES = [
-    "visa-tcp on the framed port",
     "visa-asrl on the framed pty",
-    "serial-socket on the SCPI port",
     "serial-pty on the SCPI pty",
+]
+TCP_CASES = [
+    "visa-tcp on the framed port",
+    "serial-socket on the SCPI port",
 ]
 
 
@@ -74,6 +76,53 @@ def test_a_client_on_the_other_protocols_port_is_told_so_at_once(
     assert seconds < (4.5 if case.startswith("visa") else 3.0), seconds
     with open_device(s.uris["visa-tcp" if case.startswith("visa") else "serial-socket"]) as dev:
         assert dev.info.capabilities  # the right port opens
+
+
+@pytest.mark.parametrize("case", TCP_CASES)
+def test_a_client_on_the_other_protocols_tcp_port_is_told_what_is_there_and_the_uri_to_open(
+    case: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """Over TCP the silent port is asked once, on a connection of its own, in the other
+    protocol (a HELLO frame, or *IDN?): the error names that protocol and the URI that opens
+    it, where it asked "is this the SCPI port or the framed one?". One attempt, and the probe's
+    0.5 s at most on top: the SCPI client's 1.5 s timeout and as long again, the framed
+    client's 6 HELLOs of 0.2 s."""
+    s = emulated_board(BOARD)
+    text, seconds = _open_fails(_wrong(s, case), ProtocolError)
+    if case.startswith("visa"):
+        right = s.uris["serial-socket"]
+        assert "this is a framed port (a HELLO frame was answered with frames)" in text, text
+    else:
+        right = s.uris["visa-tcp"]
+        assert "this is an SCPI port (*IDN? answered b'xbar-hil,emulator-rram" in text, text
+    assert f"open it as {right}," in text and "failed 4 time(s)" not in text, text
+    assert seconds < (4.0 if case.startswith("visa") else 2.5), seconds
+    with open_device(right) as dev:
+        assert dev.info.capabilities  # the URI it names opens
+
+
+def test_a_framed_uri_on_a_web_port_is_told_it_answers_http(web_port: int) -> None:
+    """A web server says nothing to HELLO frames (no line ends them): the open timed out asking
+    which protocol's port it was. Asked *IDN? it answers with a page: said as HTTP."""
+    text, seconds = _open_fails(f"serial+socket://127.0.0.1:{web_port}?ack_timeout=0.2", ProtocolError)
+    assert "no reply at all to the HELLO" in text and "this port answers HTTP" in text, text
+    assert "point the URI at the board's framed port" in text, text
+    assert seconds < 2.5, seconds
+
+
+@pytest.mark.parametrize("scheme", ["visa", "serial+socket"])
+def test_a_port_silent_to_both_protocols_keeps_the_question(
+    scheme: str, talker: Callable[[bytes], int]
+) -> None:
+    """A port that answers neither protocol (a board not running its server) is not named:
+    the timeout's question stands."""
+    port = talker(b"")
+    if scheme == "visa":
+        uri = f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?timeout=0.5"
+    else:
+        uri = f"serial+socket://127.0.0.1:{port}?ack_timeout=0.1"
+    text, _ = _open_fails(uri, DeviceTimeout)
+    assert "no reply at all" in text and "not a byte" in text and "this is a" not in text, text
 
 
 @pytest.fixture

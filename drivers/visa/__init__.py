@@ -48,7 +48,7 @@ from drivers.errors import (
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd
-from drivers.wire import codes, scpi
+from drivers.wire import codes, frames, scpi
 from drivers.wire import payload as pl
 from drivers.wire.client import (
     DEFAULT_ATTEMPTS,
@@ -61,6 +61,7 @@ from drivers.wire.client import (
     other_port,
     other_protocol,
     preview,
+    probe_tcp,
 )
 from drivers.wire.payload import LEASE_MAX_S, LEASE_MIN_S, Message, Op
 
@@ -79,6 +80,17 @@ _ERROR_START = re.compile(rb"-\d[\d,]")  # the first three bytes of an error str
 @functools.cache
 def _short(spec: str) -> str:
     return scpi.short_form(spec)
+
+
+def _is_frame(chunk: bytes) -> bool:
+    """Whether `chunk` (bytes between two 0x00 delimiters) decodes as a frame of the framed protocol."""
+    if not chunk:
+        return False
+    try:
+        frames.decode(chunk)
+    except ProtocolError:
+        return False
+    return True
 
 
 class _NotABlock(ProtocolError):
@@ -240,6 +252,9 @@ class VisaDevice(RemoteDevice):
             return None
         question = other_port("SCPI", "framed")
         if not got and self._unread_seen():
+            named = self._named_peer(self.timeout + late)
+            if named is not None:
+                return named
             return DeviceTimeout(
                 f"{self.name}: no reply at all to the first query, not a byte in {self.timeout + late:g} s: "
                 f"{question} (a framed board ignores SCPI text). If it is the SCPI port: is the board "
@@ -267,6 +282,28 @@ class VisaDevice(RemoteDevice):
         return ProtocolError(
             f"{self.name}: the first reply is not SCPI text: {len(got)} bytes {preview(got)}{framed}; "
             f"{question}"
+        )
+
+    def _named_peer(self, waited: float) -> ProtocolError | None:
+        """A TCPIP SOCKET port silent to the first query, sent a framed HELLO on a connection of
+        its own: a framed board's answer names what is there and the URI to use; None where it
+        stays silent too (or answers something else: the timeout's question stands)."""
+        parts = self.resource_name.split("::")
+        if len(parts) != 4 or not parts[0].upper().startswith("TCPIP") or parts[3].upper() != "SOCKET":
+            return None
+        host, port = parts[1], parts[2]
+        if not port.isdigit():
+            return None
+        self._disconnect()  # first: a board may serve one connection at a time
+        hello = pl.dumps({"version": frames.VERSION})
+        got = probe_tcp(host, int(port), frames.encode(frames.Frame(int(frames.LinkOp.HELLO), 1, 0, hello)))
+        if not any(_is_frame(chunk) for chunk in got.split(b"\x00")):
+            return None
+        return ProtocolError(
+            f"{self.name}: no reply at all to the first query in {waited:g} s: this is a framed port "
+            f"(a HELLO frame was answered with frames); open it as serial+socket://{host}:{port}, or "
+            "point the visa:// URI at the board's SCPI port (5025 by default; `hil emulator serve` "
+            "prints both URIs)"
         )
 
     def _unread_seen(self) -> bool:

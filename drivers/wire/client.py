@@ -141,6 +141,33 @@ def other_protocol(data: bytes) -> str | None:
     return None
 
 
+PROBE_S = 0.5  # how long a probe of a silent port waits for the other protocol's answer
+
+
+def probe_tcp(host: str, port: int, send: bytes, wait: float = PROBE_S) -> bytes:
+    """What a TCP port answers `send` with, on a connection of its own, within `wait` seconds
+    (b"" if nothing, or if it cannot be reached). For a first contact that got no byte at all:
+    asking in the other protocol names what is on the other end (an SCPI board answers
+    ``*IDN?``, a framed board a HELLO, a web server with its page) instead of a question. Both
+    probes only read (a HELLO begins a session on the probe's own connection, closed after)."""
+    got = b""
+    try:
+        with socket.create_connection((host, port), timeout=wait) as sock:
+            sock.sendall(send)
+            end = time.monotonic() + wait
+            while len(got) < 4096 and (left := end - time.monotonic()) > 0:
+                sock.settimeout(left)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+                if (b"\n" in got and is_text(got)) or got.count(b"\x00") >= 2:
+                    break  # a line, or a whole frame: enough to tell
+    except OSError:
+        pass
+    return got
+
+
 def is_text(data: bytes) -> bool:
     """Whether `data` is printable ASCII lines, as an SCPI board sends (not frames)."""
     return all(32 <= b < 127 or b in b"\r\n\t" for b in data)
