@@ -26,7 +26,13 @@ class Corrupted(ProtocolError):
     whose checksum failed on the board, which did not run it (it answered the empty response
     ``0`` and queued -360), or a reply that failed the host's check. A link failure: the host
     resends the request (a program, pulse or wait with its request id, so a copy that ran is
-    answered from the board's record, never run twice)."""
+    answered from the board's record, never run twice). `not_run`: the board said it did not
+    run the request (its checksum failed there), as opposed to a reply that failed the host's
+    check (the request may have run): the host then counts that copy as not run."""
+
+    def __init__(self, message: str, *, not_run: bool = False) -> None:
+        super().__init__(message)
+        self.not_run = not_run
 
 
 class DeviceFault(DeviceError):

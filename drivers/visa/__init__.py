@@ -464,7 +464,9 @@ class VisaDevice(RemoteDevice):
         code, message = errors[0]
         exc = codes.error_for(code, message)
         if code == codes.COMMUNICATION_ERROR:  # the board saw a corrupted message: a link failure
-            exc = Corrupted(f"{self.name}: the board received {what} corrupted ({message}); it did not run")
+            exc = Corrupted(
+                f"{self.name}: the board received {what} corrupted ({message}); it did not run", not_run=True
+            )
         for extra_code, extra in errors[1:]:
             exc.add_note(f"also queued: {extra_code} {extra}")
         raise exc
@@ -569,7 +571,8 @@ class VisaDevice(RemoteDevice):
         run it, as its checksum failed (it queued -360; docs/protocol.md, section 2)."""
         return Corrupted(
             f"{self.name}: the board did not run {what}: the request reached it corrupted (its "
-            "checksum failed, so the board answered the empty checked response 0 and queued -360)"
+            "checksum failed, so the board answered the empty checked response 0 and queued -360)",
+            not_run=True,
         )
 
     def _read_direct(self, n: int) -> bytearray | None:

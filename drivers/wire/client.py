@@ -64,6 +64,7 @@ from drivers.errors import (
     BoardLocked,
     BoardReset,
     ConfigurationError,
+    Corrupted,
     DeviceError,
     DeviceFault,
     DeviceTimeout,
@@ -847,7 +848,9 @@ class RemoteDevice(Device):
                 return reply
             except (DeviceTimeout, ProtocolError, OSError) as exc:
                 self._broken = True
-                maybe_ran = True
+                # a copy the board said it did not run (checked mode's `0`, -360) leaves the
+                # outcome as it was: a pulse or wait is sent again after a reset, not given up
+                maybe_ran = maybe_ran or not (isinstance(exc, Corrupted) and exc.not_run)
                 last: BaseException = exc
                 if isinstance(exc, OSError):
                     last = ProtocolError(f"{self.name}: link failed ({exc})")

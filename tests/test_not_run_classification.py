@@ -1,0 +1,86 @@
+"""A request the board certainly did not run is not counted as one that may have run
+(docs/protocol.md, "Checked mode": a message whose checksum fails "is not run at all"; the
+board answers the empty checked response `0` and queues -360). Over pyvisa-py to the real
+SCPI server, through a TCP proxy that corrupts one byte of the first pulse request and, before
+passing it on, has another session reset the board (`*RST`, a new epoch): the host finds the
+new epoch as it recovers. A pulse whose copy may have run raises `BoardReset` there (its
+effect unknown); this one did not run, so it is sent again and runs once."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from drivers import SettleBudget, Topology, open_device
+from emulator.server.harness import faulty_board
+from tests.raw_scpi import RawScpi
+
+TOPO = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
+COUNTS = (np.full((6, 3), 3, np.int32), np.zeros((6, 3), np.int32))
+
+
+@contextlib.contextmanager
+def _corrupting_proxy(scpi_port: int) -> Iterator[tuple[int, list[int]]]:
+    """A proxy to `scpi_port` that flips a byte of the first message holding ``TILE:PULS``
+    after resetting the board from a session of its own; yields its port and the count of
+    messages it corrupted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    corrupted = [0]
+    socks: list[socket.socket] = [listener]
+
+    def pump(src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                at = chunk.find(b"TILE:PULS")
+                if upstream and at >= 0 and not corrupted[0]:
+                    corrupted[0] += 1
+                    with RawScpi(scpi_port) as other:  # another session resets the board
+                        other.send(b"*RST;*OPC?\n")
+                        assert other.line() == b"1"
+                    chunk = chunk[:at] + b"X" + chunk[at + 1 :]  # its checksum now fails
+                dst.sendall(chunk)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                board = socket.create_connection(("127.0.0.1", scpi_port))
+                socks.extend((client, board))
+                threading.Thread(target=pump, args=(client, board, True), daemon=True).start()
+                threading.Thread(target=pump, args=(board, client, False), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield int(listener.getsockname()[1]), corrupted
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_checked_pulse_the_board_did_not_run_is_sent_again_after_a_reset() -> None:
+    with faulty_board("emulator://?preset=ideal&seed=0", lock=False) as served:
+        scpi_port = int(served.visa_uri.split("::")[2])
+        query = served.visa_uri.split("?", 1)[1]
+        with (
+            _corrupting_proxy(scpi_port) as (port, corrupted),
+            open_device(f"visa://TCPIP0::127.0.0.1::{port}::SOCKET?{query}") as dev,
+        ):
+            dev.configure(TOPO)
+            before = dev.read_conductance("W1")
+            dev.pulse("W1", *COUNTS)  # raised BoardReset: "whether it took effect is unknown"
+            after = dev.read_conductance("W1")
+            assert corrupted == [1] and dev.recovery.resets == 1
+    with open_device("emulator://?preset=ideal&seed=0") as local:
+        local.configure(TOPO)
+        g0 = local.read_conductance("W1")
+        local.pulse("W1", *COUNTS)
+        want = local.read_conductance("W1")
+    assert np.array_equal(before[0], g0[0])
+    assert np.array_equal(after[0], want[0]) and np.array_equal(after[1], want[1])  # pulsed once
