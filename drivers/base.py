@@ -538,7 +538,7 @@ class Device(ABC):
         except Exception as failure:
             if exc is None:
                 raise
-            what = f"{type(failure).__name__}: {failure}"
+            what = "; ".join([f"{type(failure).__name__}: {failure}", *getattr(failure, "__notes__", ())])
             exc.add_note(f"leaving the with block, safe_state() failed too ({what})")
             name = getattr(self, "name", type(self).__name__)
             warnings.warn(

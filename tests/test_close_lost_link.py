@@ -6,6 +6,7 @@ and a `with` block whose safe state already failed is warned of once, not twice.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from tests.waiting import until
 BOARD = "emulator://?preset=ideal&seed=0"
 TRANSPORTS = ["visa-tcp", "serial-socket"]
 NOT_SAFE = r"closed without putting the board in its safe state"
-LEASE = r"applies its safe state itself once it finds this host gone.*within about 15 s from now"
+LEASE = r"applies its safe state itself once it finds this host gone.*within about 15 s of the close"
 
 
 def _lose_the_board(s: BoardServers) -> None:
@@ -50,7 +51,7 @@ def test_close_on_a_board_that_is_gone_warns_that_it_is_not_safe_and_when_its_le
     assert time.monotonic() - t0 < 2.5  # the safe state tried twice at most, no retry budget
     (said,) = _safe_state_warnings(caught.list)
     assert dev.name in said and "RetriesExhausted: safe_state failed" in said
-    assert __import__("re").search(LEASE, said), said
+    assert re.search(LEASE, said), said
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -95,3 +96,21 @@ def test_a_with_block_on_a_board_that_is_gone_is_warned_of_once(
             raise ValueError("the block's own error")
     said = _safe_state_warnings(caught)
     assert len(said) == 1 and "while the with block raised ValueError" in said[0], said
+    assert re.search(LEASE, said[0]), said[0]  # and when the board's lease makes it safe
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_with_block_whose_safe_state_fails_raises_it_saying_when_the_lease_makes_the_board_safe(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    s = emulated_board(BOARD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with (
+            pytest.raises(RetriesExhausted, match="safe_state failed 2 time") as info,
+            open_device(_uri(s, transport)),
+        ):
+            _lose_the_board(s)
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1 and re.search(LEASE, notes[0]), notes
+    assert _safe_state_warnings(caught) == []  # raised, so not warned of again by close()

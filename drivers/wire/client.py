@@ -1080,8 +1080,9 @@ class RemoteDevice(Device):
         whole budget: leaving a `with` block on a board that is gone should not take long)."""
         try:
             self._transact(Op.SAFE_STATE, Message(), attempts=2)
-        except DeviceError:
+        except DeviceError as exc:
             self._unsafe_told = True  # raised to the caller: `close` does not warn of it again
+            exc.add_note(self._who_makes_it_safe(self._owns))
             raise
 
     def close(self) -> None:
@@ -1112,15 +1113,19 @@ class RemoteDevice(Device):
 
     def _unsafe_close(self, why: str, owned: bool) -> str:
         """What a close that could not send the safe state says: why, and what the board does."""
-        head = f"{self.name}: closed without putting the board in its safe state ({why})"
+        then = self._who_makes_it_safe(owned)
+        return f"{self.name}: closed without putting the board in its safe state ({why}); {then}"
+
+    def _who_makes_it_safe(self, owned: bool) -> str:
+        """Whether and when a board this host could not tell to go safe makes itself safe."""
         info = self._info
         if info is not None and LOCK_CAPABILITY in info.capabilities and owned:
             lease = f"{self.owner_lease_s:g} s" if self.owner_lease_s is not None else "its lease"
             return (
-                f"{head}; its lines may still be driven. The board applies its safe state itself "
-                "once it finds this host gone: at once if it sees this connection close (TCP), "
-                f"else after {lease} (its lease) with nothing from this host (a serial line, a "
-                f"network that dropped), so within about {lease} from now if it is still running"
+                "its lines may still be driven. The board applies its safe state itself once it "
+                "finds this host gone: at once if it sees this connection close (TCP), else after "
+                f"{lease} (its lease) with nothing from this host (a serial line, a network that "
+                f"dropped), so within about {lease} of the close if it is still running"
             )
         whose = (
             "this session did not own it (lock=0)"
@@ -1128,9 +1133,8 @@ class RemoteDevice(Device):
             else "it has no ownership lease (capability 'lock')"
         )
         return (
-            f"{head}; its lines may still be driven, and the board will not make itself safe "
-            f"({whose}): open it again and call safe_state(), or switch it off, before touching "
-            "its wiring"
+            f"its lines may still be driven, and the board will not make itself safe ({whose}): "
+            "open it again and call safe_state(), or switch it off, before touching its wiring"
         )
 
     def __exit__(
