@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from drivers import RetriesExhausted, SafeStateWarning, open_device
-from hil.testing import BoardServers
+from hil.testing import BoardServers, FaultPlan
 from tests.waiting import until
 
 BOARD = "emulator://?preset=ideal&seed=0"
@@ -114,3 +114,23 @@ def test_a_with_block_whose_safe_state_fails_raises_it_saying_when_the_lease_mak
     notes = getattr(info.value, "__notes__", [])
     assert len(notes) == 1 and re.search(LEASE, notes[0]), notes
     assert _safe_state_warnings(caught) == []  # raised, so not warned of again by close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_on_a_board_that_stopped_answering_is_bounded_and_warns(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """A board that hangs (every reply 1.5 s late, past the 0.5 s timeout): close() waits for
+    two tries of the safe state at most (its timeout twice, or the framed link's two rounds of
+    retransmissions), not the retry budget, then warns."""
+    s = emulated_board(BOARD, plan=FaultPlan())
+    uri = s.uri(transport, timeout="0.5", attempts="4", backoff="0")
+    if transport == "serial-socket":
+        uri += "&ack_timeout=0.05"
+    dev = open_device(uri)
+    s.plan.reply_delay_s = 1.5
+    t0 = time.monotonic()
+    with pytest.warns(SafeStateWarning, match=NOT_SAFE + r" \(RetriesExhausted: safe_state failed 2 time"):
+        dev.close()
+    assert time.monotonic() - t0 < 2.0
+    s.plan.reply_delay_s = 0.0
