@@ -134,3 +134,19 @@ def test_close_on_a_board_that_stopped_answering_is_bounded_and_warns(
         dev.close()
     assert time.monotonic() - t0 < 2.0
     s.plan.reply_delay_s = 0.0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_on_a_board_without_ownership_says_it_will_not_make_itself_safe(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """A board without capability 'lock' has no lease: nothing puts it in its safe state when
+    this host goes, and the warning says so instead of promising a lease."""
+    s = emulated_board(BOARD, lock=False)
+    dev = open_device(_uri(s, transport))
+    _lose_the_board(s)
+    with pytest.warns(SafeStateWarning, match=NOT_SAFE) as caught:
+        dev.close()
+    (said,) = _safe_state_warnings(caught.list)
+    assert "the board will not make itself safe (it has no ownership lease" in said, said
+    assert "call safe_state(), or switch it off" in said and "applies its safe state itself" not in said, said
