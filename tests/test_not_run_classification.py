@@ -14,10 +14,13 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import pytest
 
-from drivers import SettleBudget, Topology, open_device
+from drivers import RetriesExhausted, SettleBudget, Topology, open_device
 from emulator.server.harness import faulty_board
+from emulator.server.launch import ServedBoard, serve
 from tests.raw_scpi import RawScpi
+from tests.waiting import until
 
 TOPO = Topology.layered([6, 5, 3], budget=SettleBudget(max_steps=30))
 COUNTS = (np.full((6, 3), 3, np.int32), np.zeros((6, 3), np.int32))
@@ -84,3 +87,58 @@ def test_a_checked_pulse_the_board_did_not_run_is_sent_again_after_a_reset() -> 
         want = local.read_conductance("W1")
     assert np.array_equal(before[0], g0[0])
     assert np.array_equal(after[0], want[0]) and np.array_equal(after[1], want[1])  # pulsed once
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_pulse_never_sent_while_the_board_was_down_is_sent_to_the_board_that_comes_back(
+    transport: str,
+) -> None:
+    """The link was already lost (a read gave up on a board that went away). The next pulse's
+    first tries only reconnect, and fail (nothing listens): the pulse never leaves the host.
+    A fresh board comes back on the same ports at another epoch (the old one had been reset;
+    its arrays are taken as they are): the pulse is configured for and sent to it, and runs
+    once. It raised BoardReset ("the board reset while pulse was in flight; whether it took
+    effect is unknown") for a pulse that was never in flight."""
+    board = "emulator://?preset=ideal&seed=0"
+    first = serve(board, scpi_pty=False, framed_pty=False)
+    uri = f"{first.uris[transport]}?timeout=0.5&attempts=6&backoff=0.3"
+    scpi_port = int(first.uris["visa-tcp"].split("::")[2])
+    framed_port = int(first.uris["serial-socket"].rsplit(":", 1)[1])
+    again: list[ServedBoard] = []
+    try:
+        with open_device(uri) as dev:
+            dev.configure(TOPO)
+            dev.reset()  # the board's epoch moves on; a fresh board starts at its first again
+            dev.configure(TOPO)
+            dev.arrays_repair = lambda: None  # the fresh board's conductances are taken as they are
+            first.close()
+            dev.attempts = 2
+            with pytest.raises(RetriesExhausted):
+                dev.read_conductance("W1")
+            dev.attempts = 6
+            failures = dev.recovery.failures
+
+            def come_back() -> None:  # once the pulse's first try has failed to reconnect
+                assert until(lambda: dev.recovery.failures > failures, 5.0)
+                again.append(
+                    serve(
+                        board, scpi_port=scpi_port, framed_port=framed_port, scpi_pty=False, framed_pty=False
+                    )
+                )
+
+            helper = threading.Thread(target=come_back)
+            helper.start()
+            try:
+                dev.pulse("W1", *COUNTS)
+            finally:
+                helper.join()
+            got = dev.read_conductance("W1")
+            assert dev.recovery.resets >= 1
+    finally:
+        for s in [first, *again]:
+            s.close()
+    with open_device(board) as local:
+        local.configure(TOPO)
+        local.pulse("W1", *COUNTS)
+        want = local.read_conductance("W1")
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])  # pulsed once

@@ -816,6 +816,7 @@ class RemoteDevice(Device):
         while True:
             attempt += 1
             self._safe = False
+            sending = False  # this try got as far as sending its copy (a failed reconnect did not)
             try:
                 if self._broken:
                     self._recover()
@@ -830,6 +831,7 @@ class RemoteDevice(Device):
                 if debug:
                     log.debug("%s -> %s %s", self.name, op.name.lower(), _summary(request))
                 sent = time.monotonic()
+                sending = True
                 try:
                     reply = self._call(op, request)
                 except (DeviceFault, LimitViolation, ConfigurationError, NotSupported) as exc:
@@ -848,9 +850,11 @@ class RemoteDevice(Device):
                 return reply
             except (DeviceTimeout, ProtocolError, OSError) as exc:
                 self._broken = True
-                # a copy the board said it did not run (checked mode's `0`, -360) leaves the
-                # outcome as it was: a pulse or wait is sent again after a reset, not given up
-                maybe_ran = maybe_ran or not (isinstance(exc, Corrupted) and exc.not_run)
+                # a try that failed to reconnect sent nothing, and a copy the board said it did
+                # not run (checked mode's `0`, -360) did not run: either leaves the outcome as it
+                # was, so a pulse or wait is sent again after a reset, not given up
+                not_run = isinstance(exc, Corrupted) and exc.not_run
+                maybe_ran = maybe_ran or (sending and not not_run)
                 last: BaseException = exc
                 if isinstance(exc, OSError):
                     last = ProtocolError(f"{self.name}: link failed ({exc})")
