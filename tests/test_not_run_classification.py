@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from drivers import RetriesExhausted, SettleBudget, Topology, open_device
+from drivers import Device, RetriesExhausted, SafeStateWarning, SettleBudget, Topology, open_device
+from drivers.wire.payload import Op
+from emulator.server.faults import FaultPlan
 from emulator.server.harness import faulty_board
 from emulator.server.launch import ServedBoard, serve
 from tests.raw_scpi import RawScpi
@@ -142,3 +145,67 @@ def test_a_pulse_never_sent_while_the_board_was_down_is_sent_to_the_board_that_c
         local.pulse("W1", *COUNTS)
         want = local.read_conductance("W1")
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])  # pulsed once
+
+
+class _HangUpOnEveryPulse(FaultPlan):
+    """The board runs (or answers from its record) every pulse copy, then hangs up before replying."""
+
+    def request_fault(self, op: int | None) -> str | None:
+        return "close" if op == Op.PULSE else None
+
+
+@pytest.mark.parametrize("transport", ["visa_uri", "serial_uri"])
+def test_a_pulse_given_up_after_a_copy_ran_says_it_may_have_run_once(transport: str) -> None:
+    """Every reply to the pulse is lost: RetriesExhausted, with a note that the pulse may have
+    run, at most once, and what to do; the board shows it ran once."""
+    with (
+        faulty_board(
+            "emulator://?preset=ideal&seed=0", _HangUpOnEveryPulse(p_close=1.0), attempts=2
+        ) as served,
+        open_device(getattr(served, transport)) as dev,
+    ):
+        dev.configure(TOPO)
+        with pytest.raises(RetriesExhausted, match="pulse failed 2 time") as info:
+            dev.pulse("W1", *COUNTS)
+        got = dev.read_conductance("W1")
+    (note,) = getattr(info.value, "__notes__", [])
+    assert "the pulse may have run on the board at most once" in note and "read_conductance" in note, note
+    with open_device("emulator://?preset=ideal&seed=0") as local:
+        local.configure(TOPO)
+        local.pulse("W1", *COUNTS)
+        want = local.read_conductance("W1")
+    assert np.array_equal(got[0], want[0])  # it did run, once
+
+
+@contextlib.contextmanager
+def _lost_board(transport: str) -> Iterator[Device]:
+    """A configured device whose board's servers are then closed (closed without its safe
+    state's warning at the end)."""
+    served = serve("emulator://?preset=ideal&seed=0", scpi_pty=False, framed_pty=False)
+    dev = open_device(f"{served.uris[transport]}?timeout=0.5&attempts=2&backoff=0")
+    try:
+        dev.configure(TOPO)
+        served.close()
+        yield dev
+    finally:
+        served.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SafeStateWarning)
+            dev.close()
+
+
+@pytest.mark.parametrize("transport", ["visa-tcp", "serial-socket"])
+def test_a_pulse_given_up_without_reaching_the_board_says_it_did_not_run(transport: str) -> None:
+    with _lost_board(transport) as dev:
+        with pytest.raises(RetriesExhausted):  # the read finds the link lost
+            dev.read_conductance("W1")
+        with pytest.raises(RetriesExhausted, match="pulse failed 2 time") as info:
+            dev.pulse("W1", *COUNTS)
+    (note,) = getattr(info.value, "__notes__", [])
+    assert note.startswith("the pulse did not run: no copy of it reached the board"), note
+
+
+def test_an_idempotent_read_given_up_carries_no_outcome_note() -> None:
+    with _lost_board("visa-tcp") as dev, pytest.raises(RetriesExhausted) as info:
+        dev.read_conductance("W1")
+    assert not getattr(info.value, "__notes__", [])

@@ -179,6 +179,24 @@ def preview(data: bytes, n: int = 48) -> str:
     return repr(bytes(data[:n])) + (" ..." if len(data) > n else "")
 
 
+def _outcome_note(what: str, maybe_ran: bool, rid: bool) -> str:
+    """What a program, pulse or wait given up on did to the board, as far as the host knows."""
+    if not maybe_ran:
+        return (
+            f"the {what} did not run: no copy of it reached the board (the link could not be "
+            "opened again, or the board refused the copies it received unrun)"
+        )
+    once = " at most once (every copy carried the same request id)" if rid else ""
+    then = {
+        "pulse": "read the tile's conductances (read_conductance) before pulsing it again",
+        "program": "program the tile again (its targets are absolute: a second run does no harm)",
+    }.get(what, "check the board's state before sending it again")
+    return (
+        f"the {what} may have run on the board{once}: a copy was sent and its outcome is "
+        f"unknown (the link failed before its reply was read); {then}"
+    )
+
+
 def _name_operation(exc: DeviceError, what: str) -> None:
     """Prefix an error the board reported with the request it answered (once)."""
     text = str(exc)
@@ -868,7 +886,10 @@ class RemoteDevice(Device):
             if attempt >= budget or (self._guard.fired and self._depth > 0):  # Ctrl-C: no more tries
                 self.recovery.exhausted += 1
                 log.info("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)  # raised
-                raise RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last) from last
+                gave_up = RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last)
+                if op not in IDEMPOTENT:  # did it change the board? what a user needs to go on
+                    gave_up.add_note(_outcome_note(what, maybe_ran, "rid" in request.meta))
+                raise gave_up from last
             self.recovery.retries += 1
             pause = _backoff(self.backoff, attempt)
             log.warning(
