@@ -150,3 +150,16 @@ def test_close_on_a_board_without_ownership_says_it_will_not_make_itself_safe(
     (said,) = _safe_state_warnings(caught.list)
     assert "the board will not make itself safe (it has no ownership lease" in said, said
     assert "call safe_state(), or switch it off" in said and "applies its safe state itself" not in said, said
+
+
+def test_close_of_a_session_that_did_not_take_the_lock_says_the_lease_will_not_make_the_board_safe(
+    emulated_board: Callable[..., BoardServers],
+) -> None:
+    """A lock=0 session holds no lease: the board does not make itself safe when it goes."""
+    s = emulated_board(BOARD)
+    dev = open_device(s.uri("visa-tcp", timeout="0.5", attempts="2", backoff="0", lock="0"))
+    _lose_the_board(s)
+    with pytest.warns(SafeStateWarning, match=NOT_SAFE) as caught:
+        dev.close()
+    (said,) = _safe_state_warnings(caught.list)
+    assert "will not make itself safe (this session did not hold its lock: opened with lock=0" in said, said

@@ -1153,7 +1153,7 @@ class RemoteDevice(Device):
                 f"dropped), so within about {lease} of the close if it is still running"
             )
         whose = (
-            "this session did not own it (lock=0)"
+            "this session did not hold its lock: opened with lock=0, or its lock was broken"
             if info is not None and LOCK_CAPABILITY in info.capabilities
             else "it has no ownership lease (capability 'lock')"
         )
