@@ -553,7 +553,7 @@ def test_training_under_every_fault_kind_matches_the_fault_free_run(
 ) -> None:
     """A short digits training (ideal preset) with faults of every kind ends with the test
     accuracies and weights of the fault-free in-process run, and its run log holds every
-    step exactly once (benchmarks/faults.py runs the same with >= 200 of each kind).
+    step exactly once (benchmarks/faults.py runs the same with 130 to 250 of each kind).
 
     Every kind strikes by construction, not by luck: each draws from its own generator, so
     it first strikes at a draw (a byte) of its own stream that a twin plan tells, early, and
