@@ -53,36 +53,37 @@ def _values(edges: list[float]) -> st.SearchStrategy[float]:
     )
 
 
-@pytest.fixture(scope="module", params=["pcm", "rram", "reference firmware"])
-def boards(request: pytest.FixtureRequest) -> Iterator[dict[str, Device]]:
-    """Hosts on the board by transport: the emulator's servers (no lock: one host on each
-    transport, the same board behind both), or the independent reference firmware of
-    tests/fw_reference_board.py (framed only, mvm only), whose checks share no code with the
-    host's."""
+# every board on every transport it is served over: the emulator's presets on both, the
+# reference firmware framed only
+BOARDS = [(preset, t) for preset in ("pcm", "rram") for t in TRANSPORTS] + [
+    ("reference firmware", "serial-socket")
+]
+
+
+@pytest.fixture(scope="module", params=BOARDS, ids=[f"{b}-{t}" for b, t in BOARDS])
+def board(request: pytest.FixtureRequest) -> Iterator[Device]:
+    """A host on the board over one transport: the emulator's servers (no lock: one host), or
+    the independent reference firmware of tests/fw_reference_board.py (framed only, mvm only),
+    whose checks share no code with the host's."""
+    name, transport = request.param
     with contextlib.ExitStack() as stack:
-        if request.param == "reference firmware":
+        if name == "reference firmware":
             fw = FirmwareBoard().start()
             stack.callback(fw.stop)
-            uris = {"serial-socket": fw.uri}
+            uri = fw.uri
         else:
-            s = serve(
-                f"emulator://?preset={request.param}&seed=0", scpi_pty=False, framed_pty=False, lock=False
-            )
+            s = serve(f"emulator://?preset={name}&seed=0", scpi_pty=False, framed_pty=False, lock=False)
             stack.callback(s.close)
-            uris = {t: s.uris[t] for t in TRANSPORTS}
-        devs = {}
-        for t, uri in uris.items():
-            devs[t] = stack.enter_context(open_device(uri))
-            devs[t].configure(TOPO)
-        yield devs
+            uri = s.uris[transport]
+        dev = stack.enter_context(open_device(uri))
+        dev.configure(TOPO)
+        yield dev
 
 
-def _device(boards: dict[str, Device], transport: str, capability: str) -> Device:
-    if transport not in boards:
-        pytest.skip(f"this board is not served over {transport}")
-    if capability not in boards[transport].info.capabilities:
+def _device(board: Device, capability: str) -> Device:
+    if capability not in board.info.capabilities:
         pytest.skip(f"this board does not declare {capability!r}")
-    return boards[transport]
+    return board
 
 
 def _decides(call: object) -> str:
@@ -111,11 +112,10 @@ SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @SETTINGS
 @given(data=st.data(), pos=st.integers(0, 7))
-def test_program_targets(boards: dict[str, Device], transport: str, data: st.DataObject, pos: int) -> None:
-    dev = _device(boards, transport, "mvm")
+def test_program_targets(board: Device, data: st.DataObject, pos: int) -> None:
+    dev = _device(board, "mvm")
     lim = _lim(dev)
     low, high = checks.conductance_window(lim)
     value = data.draw(_values([lim.g_min, lim.g_max, low, high]))
@@ -131,11 +131,10 @@ def test_program_targets(boards: dict[str, Device], transport: str, data: st.Dat
     )
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @SETTINGS
 @given(data=st.data(), pos=st.integers(0, 3))
-def test_mvm_inputs(boards: dict[str, Device], transport: str, data: st.DataObject, pos: int) -> None:
-    dev = _device(boards, transport, "mvm")
+def test_mvm_inputs(board: Device, data: st.DataObject, pos: int) -> None:
+    dev = _device(board, "mvm")
     lim = _lim(dev)
     value = data.draw(_values([lim.clamp_max, -lim.clamp_max, *lim.dac_range]))
     x = np.full((1, 4), 0.5, np.float32)
@@ -149,11 +148,10 @@ def test_mvm_inputs(boards: dict[str, Device], transport: str, data: st.DataObje
     )
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @SETTINGS
 @given(data=st.data(), pos=st.integers(0, 2))
-def test_settle_clamps(boards: dict[str, Device], transport: str, data: st.DataObject, pos: int) -> None:
-    dev = _device(boards, transport, "settle")
+def test_settle_clamps(board: Device, data: st.DataObject, pos: int) -> None:
+    dev = _device(board, "settle")
     lim = _lim(dev)
     value = data.draw(_values([lim.clamp_max, -lim.clamp_max, *lim.dac_range]))
     x = np.full((1, 3), 0.5, np.float32)
