@@ -38,7 +38,7 @@ load from other processes hits all alike; each runs `--run` consecutive batches 
 the same batches for all). The headline figures are the warm steps, the second to the last
 of each run (their mean per repeat): a step right after a step of its own, as in training.
 The first step of each run, right after another implementation's work (the Xeon's L2 cache
-is 4 MiB a core; one tile's conductance pair alone is 3.1 MiB), is reported under ``cold``.
+is 2 MiB a core, 4 MiB over its 2; one tile's conductance pair alone is 3.1 MiB), is reported under ``cold``.
 A one-step rotation (``--run 1``, what this benchmark did before 2026-12-07) measures only
 cold steps: on the Xeon at load 0.8 (2026-12-07, 20:57 UTC, one thread, code of 511b4d2) the
 project's step took 15.5 ms run back to back and 27-31 ms right after a formulation step,
