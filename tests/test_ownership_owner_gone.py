@@ -160,15 +160,17 @@ def test_a_framed_hello_that_withdraws_the_owners_token_makes_the_board_safe(
 def test_a_safe_state_that_fails_is_tried_again_when_the_lease_lapses(
     emulated_board: Callable[..., BoardServers],
 ) -> None:
-    s = emulated_board(BOARD, lock=BoardLock(lease_s=0.3))
+    """The lease is 2 s, so that the check made during it (0.3 s in) holds on a loaded CI
+    machine; with 0.3 s, a first safe state seen late let the lease lapse before the check."""
+    s = emulated_board(BOARD, lock=BoardLock(lease_s=2.0))
     calls = _safe_state_fails_once(s)
     with RawScpi(s.uris["visa-tcp"]) as dead:
         assert _block_json(dead.query('SYST:LOCK:ACQ? "dead:1:00"'))["token"] == "dead:1:00"
     assert _until(lambda: calls == ["safe"])  # tried at once, failed
     assert s.lock is not None and s.lock.owner_gone == 0
-    time.sleep(0.15)
+    time.sleep(0.3)
     assert calls == ["safe"] and s.lock.state().token == "dead:1:00"  # nothing more during the lease
-    assert _until(lambda: calls == ["safe", "safe"])  # at the lapse: applied
+    assert until(lambda: calls == ["safe", "safe"], timeout=6.0)  # at the lapse: applied
     assert s.lock.owner_gone == 1 and s.lock.state().token is None
     time.sleep(0.1)
     assert calls == ["safe", "safe"]
