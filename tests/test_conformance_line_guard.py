@@ -92,3 +92,28 @@ def test_the_request_id_checks_send_no_level_over_a_tighter_limit(
     prefix = "unchecked" if transport == "serial-socket" else "scpi"
     check = next(c for c in report.checks if c.operation == f"{prefix} program request id")
     assert check.status == "SKIP" and check.got.startswith("not sent: line current (A) of row"), check.line()
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_a_declared_limit_below_the_test_networks_bound_skips_its_mvm_and_settle_checks(
+    emulated_board: Callable[..., BoardServers], transport: str
+) -> None:
+    """A board declaring 10 uA, under the host's bound of the test network's own mvms and settles
+    (12 uA: 6 rows at g_max 10 uS read at 0.2 V): those requests are refused on the host, nothing
+    sent. They were FAILs ("raised LimitViolation"), which blamed the board; now SKIPPED, naming the
+    limit and the --sizes that fit it, and with those sizes they run and pass."""
+    uri = emulated_board(board="emulator://?preset=rram&seed=0&max_line_current_a=1e-5").uris[transport]
+    with open_device(uri) as dev:
+        report = run_conformance(dev, uri, Options(limit_probes=False))
+    status = {c.operation: c for c in report.checks}
+    for op in ("mvm", "mvm transpose", "settle free", "settle nudged", "settle trace", "settle init"):
+        check = status[op]
+        assert check.status == "SKIP", check.line()
+        assert "max_line_current_a 1e-05 A" in check.got, check.line()
+        assert "--sizes 4,4,3" in check.got, check.line()
+    assert report.ok, [c.line() for c in report.checks if c.status == "FAIL"]
+    with open_device(uri) as dev:
+        fits = run_conformance(dev, uri, Options(limit_probes=False, sizes=(4, 4, 3)))
+    passed = {c.operation for c in fits.checks if c.status == "PASS"}
+    assert {"mvm", "mvm transpose", "settle free", "settle nudged"} <= passed, [c.line() for c in fits.checks]
+    assert fits.ok, [c.line() for c in fits.checks if c.status == "FAIL"]

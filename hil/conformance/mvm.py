@@ -90,7 +90,7 @@ def _mvm(sess: Session, sent: list[str], tile: str, transpose: bool) -> str:
     sent.append(f"{tile} x {desc(x)}, transpose={transpose}, {sess.opt.repeats} times")
     ys = []
     for _ in range(sess.opt.repeats):
-        ys.append(expect_array("y", sess.dev.mvm(tile, x, transpose=transpose), (len(x), n_out)))
+        ys.append(expect_array("y", sess.own_mvm(tile, x, transpose), (len(x), n_out)))
     stack = np.stack(ys).astype(np.float64)
     ref = x.astype(np.float64) @ w
     tol, how, out_lsb = mvm_tolerance(sess, sess.topo.coupling(tile).w_max, x, w, stack)
@@ -136,10 +136,7 @@ def _fit(
     x = _reach_inputs(sess, w)
     batch = sess.lim.max_batch
     chunks = [x[i : i + batch] for i in range(0, len(x), batch)]
-    ys = [
-        np.concatenate([sess.dev.mvm(tile, c, transpose=transpose) for c in chunks])
-        for _ in range(sess.opt.repeats)
-    ]
+    ys = [np.concatenate([sess.own_mvm(tile, c, transpose) for c in chunks]) for _ in range(sess.opt.repeats)]
     ref_all = np.concatenate([ref, x.astype(np.float64) @ w])
     y_all = np.concatenate([y, np.mean(ys, axis=0, dtype=np.float64)])
     spread = f"outputs over {float(np.ptp(ref_all)) / out_lsb:.1f} LSB with inputs at the rails"
@@ -233,7 +230,7 @@ def _w_max(sess: Session, sent: list[str], tile: str) -> str:
     )
 
     def mean_y() -> np.ndarray:
-        return np.mean([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)], axis=0, dtype=np.float64)
+        return np.mean([sess.own_mvm(tile, x) for _ in range(sess.opt.repeats)], axis=0, dtype=np.float64)
 
     y1 = mean_y()
     sess.dev.configure(doubled)
@@ -280,8 +277,8 @@ def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
     w = sess.weights(tile)
     x = sess.inputs((rows,))
     sent.append(f"{tile} x {desc(x)}")
-    y = expect_array("y", sess.dev.mvm(tile, x), (1, cols))
-    stack = np.stack([sess.dev.mvm(tile, x) for _ in range(sess.opt.repeats)] + [y]).astype(np.float64)
+    y = expect_array("y", sess.own_mvm(tile, x), (1, cols))
+    stack = np.stack([sess.own_mvm(tile, x) for _ in range(sess.opt.repeats)] + [y]).astype(np.float64)
     tol, how, _ = mvm_tolerance(sess, sess.topo.coupling(tile).w_max, x[None, :], w, stack)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64) @ w)
     got = f"y {desc(y)}, max |y - x @ W| {float(err.max()):.3g}"
@@ -301,7 +298,7 @@ def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) 
     sent.append(f"meter(), {n} mvm calls of {batch} samples, wait({wait_s}), meter()")
     x = sess.inputs((batch, rows))
     for _ in range(n):
-        sess.dev.mvm(tile, x)
+        sess.own_mvm(tile, x)
     sess.dev.wait(wait_s)
     second = meter()
     if second is None:

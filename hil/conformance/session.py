@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Device, Limits
-from drivers.checks import check_mvm_lines, check_program_lines, check_topology
+from drivers.base import Device, Equilibrium, Limits, Nudge
+from drivers.checks import check_mvm_lines, check_program_lines, check_settle_lines, check_topology
 from drivers.converters import lsb
 from drivers.errors import (
     ConfigurationError,
@@ -68,6 +68,16 @@ class OverLimit(Unavailable):
     refuse it: it is not sent, and the check is SKIPPED naming the limit. Only the limit probes
     go past a limit, and only when asked (`Options.limit_probes`): a board whose firmware lacks
     the line-current check would drive the line past its rating."""
+
+
+class NetworkOverLimit(Unavailable):
+    """One of the test network's own requests (an mvm or a settle of the suite's inputs, through
+    the checked path) is over the line-current limit the board declares by the host's bound
+    (every device at g_max, `drivers.checks.check_mvm_lines` / `check_settle_lines`), and was
+    refused as such: by a remote driver before anything was sent, by the in-process board from
+    the conductances it holds. A board that declares a limit this low cannot run the test
+    network, which says nothing of its firmware: the check is SKIPPED naming the limit and the
+    fix (a smaller --sizes), not FAILED."""
 
 
 NO_PROBES = (
@@ -225,6 +235,71 @@ class Session:
             check_mvm_lines(topo, self.lim, tile, x, float(np.abs(x).max(initial=0.0)), transpose)
         except LimitViolation as exc:
             raise OverLimit(f"not sent: {exc} (a request the host's own check refuses)") from exc
+
+    # -- the test network's own mvms and settles, within the declared line-current limit
+
+    def own_mvm(self, tile: str, x: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """``dev.mvm`` of one of the suite's inputs; `NetworkOverLimit` (SKIP) when it is refused
+        as over the line-current limit and the host's bound puts it there (`own_request`)."""
+        arr = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+        peak = float(np.abs(arr).max(initial=0.0))
+        return self.own_request(
+            lambda: self.dev.mvm(tile, x, transpose=transpose),
+            lambda: check_mvm_lines(self.topo, self.lim, tile, arr, peak, transpose),
+            f"an mvm through {tile}",
+        )
+
+    def own_settle(
+        self,
+        clamp: dict[str, np.ndarray],
+        nudge: dict[str, Nudge] | None = None,
+        init: dict[str, np.ndarray] | None = None,
+        trace: bool | int = False,
+    ) -> Equilibrium:
+        """``dev.settle`` of the test network (`own_request`, as `own_mvm`)."""
+        return self.own_request(
+            lambda: self.dev.settle(clamp, nudge=nudge, init=init, trace=trace),
+            lambda: check_settle_lines(self.topo, self.lim, clamp, init or {}),
+            "a settle",
+        )
+
+    def own_request(self, call: Callable[[], Any], bound: Callable[[], None], what: str) -> Any:
+        """`call` (one of the test network's requests); when it raises `LimitViolation` and the
+        host's line-current `bound` of the same request raises too, `NetworkOverLimit` naming the
+        limit and the fix. A refusal of a request within the host's bound is the board's: raised
+        as it is (a FAIL)."""
+        try:
+            return call()
+        except LimitViolation as exc:
+            try:
+                bound()
+            except LimitViolation as over:
+                raise NetworkOverLimit(self.network_over_limit(what, over)) from exc
+            raise
+
+    def network_over_limit(self, what: str, over: LimitViolation) -> str:
+        """Why the test network's `what` is not run, and the --sizes that fit the declared limit."""
+        lim = self.lim
+        peak = max(abs(self.x_lo), abs(self.x_hi), abs(lim.adc_range[0]), abs(lim.adc_range[1]), 1.0)
+        # by the host's bound a line carries at most (devices on it) x g_max x v_read x peak: a
+        # tile fits when neither its rows (bias row included) nor its columns outnumber `most`
+        per = lim.g_max * lim.v_read * peak
+        most = math.floor(lim.max_line_current_a / per * (1.0 + 1e-12)) if per > 0 else 0
+        sizes = ",".join(map(str, self.opt.sizes))
+        if most >= 2:
+            fit = ",".join(str(min(s, most - 1)) for s in self.opt.sizes)
+            fix = (
+                f"to check it on this board, run a test network of at most {most - 1} nodes a layer: "
+                f"hil conformance --sizes {fit} (Options(sizes=({fit},)))"
+            )
+        else:
+            fix = "no layered test network fits this limit (one device at g_max at full scale is over it)"
+        return (
+            f"not run: {what} of the test network ({sizes}) is over the board's declared max_line_current_a "
+            f"{lim.max_line_current_a:g} A by the host's bound ({over.limit}: {over.value:.4g} A), so it was "
+            f"refused before reaching a line (nothing driven); the limit is below what this network needs, "
+            f"which says nothing of the board; {fix}"
+        )
 
     # -- bookkeeping
     def add(self, check: Check) -> None:
