@@ -64,7 +64,6 @@ from drivers.errors import (
     BoardLocked,
     BoardReset,
     ConfigurationError,
-    Corrupted,
     DeviceError,
     DeviceFault,
     DeviceTimeout,
@@ -183,8 +182,9 @@ def _outcome_note(what: str, maybe_ran: bool, rid: bool) -> str:
     """What a program, pulse or wait given up on did to the board, as far as the host knows."""
     if not maybe_ran:
         return (
-            f"the {what} did not run: no copy of it reached the board (the link could not be "
-            "opened again, or the board refused the copies it received unrun)"
+            f"the {what} did not run: no copy of it reached the board whole (the link could not be "
+            "opened again, the board refused the copies it received unrun, or every copy was given "
+            "up before its last fragment went out)"
         )
     once = " at most once (every copy carried the same request id)" if rid else ""
     then = {
@@ -868,10 +868,11 @@ class RemoteDevice(Device):
                 return reply
             except (DeviceTimeout, ProtocolError, OSError) as exc:
                 self._broken = True
-                # a try that failed to reconnect sent nothing, and a copy the board said it did
-                # not run (checked mode's `0`, -360) did not run: either leaves the outcome as it
-                # was, so a pulse or wait is sent again after a reset, not given up
-                not_run = isinstance(exc, Corrupted) and exc.not_run
+                # a try that failed to reconnect sent nothing, a copy the board said it did not
+                # run (checked mode's `0`, -360) did not run, and neither did a framed message
+                # given up before its last fragment went out (`Link.send`): each leaves the
+                # outcome as it was, so a pulse or wait is sent again after a reset, not given up
+                not_run = getattr(exc, "not_run", False) is True
                 maybe_ran = maybe_ran or (sending and not not_run)
                 last: BaseException = exc
                 if isinstance(exc, OSError):

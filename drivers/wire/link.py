@@ -378,6 +378,14 @@ class Link:
             self._piggyback = (opcode, first & 0xFF) if last and not responder and takes else None
             try:
                 preempted = self._deliver(Frame(opcode, seq, bits, part, ref))
+            except (DeviceTimeout, ProtocolError) as exc:
+                if not last:
+                    # given up before the last fragment went out: the peer hands a message up at
+                    # its last fragment only (rule 4), so it cannot have taken this one. Only that
+                    # is provable: a NACK (0xFFFF) names no frame, and a last fragment the peer took
+                    # may have had its ACK lost, so a message NACKed there may still have run.
+                    exc.not_run = True  # type: ignore[attr-defined]
+                raise
             finally:
                 self._piggyback = None
             if preempted and not last:
