@@ -36,6 +36,7 @@ from drivers.wire.client import (
     MAX_ACK_TIMEOUT_S,
     MAX_ATTEMPTS,
     MAX_TIMEOUT_S,
+    NOT_RETRIED,
     RemoteDevice,
     check_timeout,
     describe_request,
@@ -257,7 +258,8 @@ class SerialDevice(RemoteDevice):
         return ConfigurationError(
             f"{self.name}: cannot open the link ({exc}). Is the board on and this the right "
             f"{'address' if tcp else 'port'}? (`hil emulator serve "
-            f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board)"
+            f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board). "
+            f"{NOT_RETRIED}"
         )
 
     def _response_ack_delay(self, board: Any) -> float:

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import re
 import select
 import socket
@@ -47,7 +48,7 @@ from drivers.errors import (
 )
 from drivers.options import QueryOptions
 from drivers.uri import Backend
-from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd
+from drivers.visa.io import IoErrors, SerialIO, SocketIO, serial_fd, unreachable
 from drivers.wire import codes, frames, scpi
 from drivers.wire import payload as pl
 from drivers.wire.client import (
@@ -55,6 +56,7 @@ from drivers.wire.client import (
     DEFAULT_BACKOFF_S,
     MAX_ATTEMPTS,
     MAX_TIMEOUT_S,
+    NOT_RETRIED,
     RemoteDevice,
     check_timeout,
     is_text,
@@ -158,20 +160,34 @@ class VisaDevice(RemoteDevice):
         self._fast_io = None
         if self._rm is None:
             self._rm = self._resource_manager()
+        try:
+            with self._io("open"):
+                self._res = self._rm.open_resource(
+                    self.resource_name,
+                    read_termination="\n",
+                    write_termination="\n",
+                    timeout=int(self.timeout * 1000),
+                )
+        except DeviceError as exc:
+            # no connection at all (refused, a host that does not resolve or answer, no such
+            # serial port): as serial:// and serial+socket:// say it, a ConfigurationError, which
+            # a first open raises at once (another try finds the same address) and a reconnect
+            # of a link that was up retries with the rest of its budget (`RemoteDevice._recover`)
+            raise ConfigurationError(f"{exc} {NOT_RETRIED}") from exc
+        session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
+        sock = getattr(session, "interface", None)
+        if isinstance(sock, socket.socket) and (err := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
+            # pyvisa-py connects without blocking and opens the session once the socket is
+            # ready, which a refused connect is too: its error would come at the first write
+            self._disconnect()
+            refused = OSError(err, os.strerror(err))
+            raise ConfigurationError(f"{unreachable(self.name, 'open', refused)} {NOT_RETRIED}")
         with self._io("open"):
-            self._res = self._rm.open_resource(
-                self.resource_name,
-                read_termination="\n",
-                write_termination="\n",
-                timeout=int(self.timeout * 1000),
-            )
             self._res.chunk_size = CHUNK
             if self.baud is not None:
                 self._res.baud_rate = self.baud
-            session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
             if hasattr(session, "max_recv_size"):  # pyvisa-py TCP reads 4 KiB per recv otherwise
                 session.max_recv_size = CHUNK
-            sock = getattr(session, "interface", None)
             if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
                 # pyvisa-py leaves Nagle on: a message written in two pieces (a command and its
                 # error query) then waits for the board's delayed ACK, ~40 ms

@@ -210,6 +210,12 @@ except ImportError:  # pragma: no cover - interpreters without it
     _set_handler = signal.signal
 
 DEFAULT_ATTEMPTS = 4
+# what a first open that could not connect at all adds to its ConfigurationError, on every
+# transport: it is raised at once, where a reconnect of a link that was up retries
+NOT_RETRIED = (
+    "A first connection is not retried (another try finds the same address): attempts= retries a "
+    "link that was up. A board still starting: open it again once it serves."
+)
 DEFAULT_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 # declared bounds of a link's URI parameters (each sets how long a host may go on before it
@@ -622,7 +628,7 @@ class RemoteDevice(Device):
             # its serial port gone while it reboots) is a failure of the link, retried with the
             # rest of the budget; on a first open the same error means a wrong URI and stays one
             self._disconnect()
-            detail = str(exc).removeprefix(f"{self.name}: ")
+            detail = str(exc).removeprefix(f"{self.name}: ").replace(f" {NOT_RETRIED}", "")
             raise ProtocolError(
                 f"{self.name}: the link worked, and reconnecting it failed: {detail}"
             ) from exc
