@@ -163,3 +163,40 @@ def test_close_of_a_session_that_did_not_take_the_lock_says_the_lease_will_not_m
         dev.close()
     (said,) = _safe_state_warnings(caught.list)
     assert "will not make itself safe (this session did not hold its lock: opened with lock=0" in said, said
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_from_another_thread_does_not_wait_for_the_request_in_flight_to_spend_its_budget(
+    transport: str, emulated_board: Callable[..., BoardServers]
+) -> None:
+    """A board that stopped answering while a request of another thread is in flight: close()
+    waited for that request's whole retry budget (attempts x timeout, 4 s here; 40 s at the
+    defaults) before its own safe-state try. Now the request is not retried once a close is
+    waiting: the close returns after the current attempt, warning that the board was not told."""
+    import threading
+
+    s = emulated_board(BOARD, plan=FaultPlan())
+    dev = open_device(s.uri(transport, timeout="0.5", attempts="8", backoff="0"))
+    s.plan.reply_delay_s = 30.0  # the board stops answering
+    failed: list[BaseException] = []
+
+    def in_flight() -> None:
+        try:
+            dev.safety()
+        except BaseException as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=in_flight)
+    worker.start()
+    time.sleep(0.1)  # the request is in flight
+    t0 = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dev.close()
+    took = time.monotonic() - t0
+    worker.join(10)
+    s.plan.reply_delay_s = 0.0
+    assert took < 2.0, f"close took {took:.2f} s: it waited for the request's retries"
+    assert failed and isinstance(failed[0], RetriesExhausted), failed
+    assert "close() was called from another thread" in " ".join(getattr(failed[0], "__notes__", []))
+    assert any(re.search(NOT_SAFE, w) for w in _safe_state_warnings(caught)), _safe_state_warnings(caught)

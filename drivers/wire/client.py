@@ -376,6 +376,9 @@ class RemoteDevice(Device):
         self.keepalives = 0  # keep-alives sent (an owner idle on a serial line)
         self._keepalive: threading.Thread | None = None
         self._stopping = threading.Event()
+        # set by a close() waiting for the lock: the request in flight is not retried (a hung
+        # board would otherwise hold the close for the request's whole budget, attempts x timeout)
+        self._closing = threading.Event()
 
     # -- what a transport provides
     @abstractmethod
@@ -890,10 +893,14 @@ class RemoteDevice(Device):
                 last = exc
             self.recovery.failures += 1
             what = op.name.lower()
-            if attempt >= budget or (self._guard.fired and self._depth > 0):  # Ctrl-C: no more tries
+            closing = self._closing.is_set()
+            # Ctrl-C, or a close() from another thread waiting for this request: no more tries
+            if attempt >= budget or (self._guard.fired and self._depth > 0) or closing:
                 self.recovery.exhausted += 1
                 log.info("%s: %s failed %d time(s); giving up: %s", self.name, what, attempt, last)  # raised
                 gave_up = RetriesExhausted(op.name.lower(), attempt, time.monotonic() - t0, last)
+                if closing and attempt < budget:
+                    gave_up.add_note("not retried: close() was called from another thread meanwhile")
                 if op not in IDEMPOTENT:  # did it change the board? what a user needs to go on
                     gave_up.add_note(_outcome_note(what, maybe_ran, "rid" in request.meta))
                 raise gave_up from last
@@ -1122,7 +1129,9 @@ class RemoteDevice(Device):
         board that could not be told (its link failed before or during the close) is closed
         all the same, with a `SafeStateWarning` saying so and whether and when the board makes
         itself safe (its lease); nothing is raised, so an error being handled is not hidden."""
+        self._closing.set()  # a request in flight in another thread gives up after its attempt
         with self.lock:
+            self._closing.clear()  # the safe state below keeps its one resend
             if self._closed:
                 return
             unsafe: str | None = None  # why the board was not told to go safe
