@@ -3,11 +3,18 @@ crossbar cells, settle energy per image, settle convergence and wall time, on th
 
     python benchmarks/vae_table.py [--epochs 40] [--presets ideal,rram] [--variants ...]
                                    [--mvm-only tdh-vae] [--tuned] [--seeds 0,1,2] [--jobs 2]
+                                   [--set KEY=VALUE ...]
 
 Each run uses the `hil train vae` defaults (the main job's budget) with only the variant, the
 device and the training seed (`train.seed`; the board's seed stays 0) changed. `--tuned`
 starts each variant from its shipped best settings instead, `examples/vae_tuned/VARIANT.toml`
-(the best trials of `examples/sweep_*.toml`, docs/vae.md "Tuned variants"). `--mvm-only`
+(the best trials of `examples/sweep_*.toml`, docs/vae.md "Tuned variants"). `--set KEY=VALUE`
+(repeatable) sets one config key on every run, after the tuned file, as `hil train vae --set`
+does and with its parser and checks (`hil.config.load_into`, `check_repeated_overrides`,
+`validate_vae`): `--set ep.joint_phases=true`, `--set ep.programming=mixed`. It refuses the
+keys the benchmark's own options set (`model.variant`, `device`, `train.seed`,
+`train.epochs`: use `--variants`, `--presets`, `--seeds`, `--epochs`); each run's JSON line
+records the overrides under "set". `--mvm-only`
 variants also run on each preset's board without the `settle` capability
 (`capabilities=mvm,pulse,program_verify`: the host iterates every settle through the board's
 mvm). `--jobs N` trains N runs at once in separate processes (each with `--threads` threads).
@@ -34,42 +41,79 @@ from typing import Any
 
 import torch
 
-from hil.config import load_into
+from hil.config import ConfigError, check_repeated_overrides, load_into, overlapping, override_keys
 from hil.vae.config import VAERunConfig, validate_vae
 
 VARIANTS = ("f-vae", "h-vae", "dh-vae", "tdh-vae", "shared-layered")
 HOPFIELD = VARIANTS[1:]
 TUNED_DIR = Path(__file__).resolve().parent.parent / "examples" / "vae_tuned"
 SUMMARY_KEYS = ("neg_elbo", "recon_mse", "frechet", "frechet_untrained", "converged", "wall_s")
+# the config keys the benchmark's own options set on every run, which --set may not set too
+OWN_KEYS = {
+    "model.variant": "--variants",
+    "device": "--presets (and --mvm-only)",
+    "train.seed": "--seeds",
+    "train.epochs": "--epochs",
+}
 
 
 def tuned_path(variant: str, tuned_dir: Path = TUNED_DIR) -> Path:
     return tuned_dir / f"{variant}.toml"
 
 
+def check_sets(sets: list[str]) -> None:
+    """Refuse (SystemExit, naming the override) --set items that are not ``key=value``, that
+    give a key twice, or that set a key one of the benchmark's own options sets."""
+    try:
+        check_repeated_overrides(sets)
+        for item in (i for i in sets if "=" in i):  # load_into refuses the rest, naming them
+            for key in override_keys(item):
+                for own, option in OWN_KEYS.items():
+                    if overlapping(key, own):
+                        raise ConfigError(f"--set {item} sets {own}, which the benchmark sets from {option}")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def run_config(
-    variant: str, preset: str, caps: str, seed: int, epochs: int | None, tuned_dir: Path | None
+    variant: str,
+    preset: str,
+    caps: str,
+    seed: int,
+    epochs: int | None,
+    tuned_dir: Path | None,
+    sets: list[str] | tuple[str, ...] = (),
 ) -> VAERunConfig:
-    """The config of one run: defaults, or the variant's tuned file, then board, seed, epochs."""
+    """The config of one run: defaults, or the variant's tuned file, then the --set overrides,
+    then board, seed, epochs. A bad override or value exits naming it."""
     cfg = VAERunConfig()
     if tuned_dir is not None:
         path = tuned_path(variant, tuned_dir)
         load_into(cfg, path)
         if cfg.model.variant != variant:
             raise SystemExit(f"{path}: model.variant is {cfg.model.variant!r}, not {variant!r}")
+    try:
+        load_into(cfg, None, list(sets))
+    except ConfigError as exc:
+        raise SystemExit(f"error: --set: {exc}") from None
     cfg.model.variant = variant  # type: ignore[assignment]
     cfg.device = f"emulator://?preset={preset}&seed=0{caps}"
     cfg.train.seed = seed
     if epochs is not None:
         cfg.train.epochs = epochs
-    validate_vae(cfg)
+    try:
+        validate_vae(cfg)
+    except ConfigError as exc:
+        raise SystemExit(
+            f"error: config: {exc}" + (f" (with --set {' --set '.join(sets)})" if sets else "")
+        ) from None
     return cfg
 
 
-def _train(job: tuple[VAERunConfig, str, int]) -> dict[str, Any]:
+def _train(job: tuple[VAERunConfig, str, int, list[str]]) -> dict[str, Any]:
     from hil.vae.train import train_vae
 
-    cfg, preset, threads = job
+    cfg, preset, threads, sets = job
     torch.set_num_threads(threads)
     r = train_vae(cfg, progress=False)
     return {
@@ -82,6 +126,10 @@ def _train(job: tuple[VAERunConfig, str, int]) -> dict[str, Any]:
         "lr": cfg.train.lr,
         "beta": cfg.ep.beta,
         "mu_scale": cfg.model.mu_scale,
+        "set": list(sets),
+        "joint_phases": cfg.ep.joint_phases,
+        "programming": cfg.ep.programming,
+        "threads": threads,
         "neg_elbo": r.final.neg_elbo,
         "recon_mse": r.final.recon_mse,
         "frechet": r.final.frechet,
@@ -119,6 +167,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             s[f"{k}_max"] = max(vals)
             s[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         s["cells"] = rs[0]["cells"]
+        s["set"] = rs[0]["set"]
         out.append(s)
     return out
 
@@ -158,10 +207,21 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="each variant's examples/vae_tuned/VARIANT.toml")
     parser.add_argument("--tuned-dir", type=Path, default=TUNED_DIR)
     parser.add_argument("--seeds", default="0", help="training seeds (train.seed), comma-separated")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key for every run, as hil train vae --set (repeatable), e.g. ep.joint_phases=true",
+    )
     args = parser.parse_args()
+    check_sets(args.sets)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    for variant in args.variants.split(","):  # a bad --set or value exits before the references
+        run_config(variant, "ideal", "", 0, args.epochs, args.tuned_dir if args.tuned else None, args.sets)
     refs = references(VAERunConfig().eval.samples)
     print(
         "Frechet references against the test images: "
@@ -181,8 +241,8 @@ def main() -> None:
             label = (preset + (", MVM-only" if caps else "")) if variant != "f-vae" else "digital"
             tuned = args.tuned_dir if args.tuned else None
             for seed in seeds:
-                cfg = run_config(variant, preset, caps, seed, args.epochs, tuned)
-                jobs.append((cfg, label, args.threads))
+                cfg = run_config(variant, preset, caps, seed, args.epochs, tuned, args.sets)
+                jobs.append((cfg, label, args.threads, args.sets))
     rows = []
 
     def done(r: dict[str, Any]) -> None:
