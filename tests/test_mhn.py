@@ -11,17 +11,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers import ConfigurationError, open_device
+from drivers import ConfigurationError
 from hil.mhn import MHNBlock, RetrievalBudget, critical_beta, equidistant_patterns, retrieve
 from hil.mhn.core import MAX_BETA, MAX_RETRIEVAL_STEPS, check_beta, energy, jacobian, update
-from hil.mhn.digits import corrupt, digit_memory
-from hil.mhn.phase import Starts, covariance, distinct, measured_critical, sweep
+from hil.mhn.phase import covariance, distinct, measured_critical, sweep
+from hil.mhn.setups import (
+    DIGITS_COLLAPSED_RATIOS,
+    DIGITS_RETRIEVED_RATIOS,
+    RETRIEVAL_CONVERGED,
+    TRANSITION_FACTORS,
+    TRANSITION_SETTINGS,
+    digits_setup,
+    ideal_block,
+    retrieval_setup,
+    transition_setup,
+)
 
 IDEAL = "emulator://?preset=ideal&seed=0"
 
 
 def _block(xi: torch.Tensor, beta: float, budget: RetrievalBudget | None = None) -> MHNBlock:
-    return MHNBlock(open_device(IDEAL), xi.float().numpy(), beta=beta, budget=budget)
+    return ideal_block(xi, beta, budget)
 
 
 def _board_retrieve(blk: MHNBlock):
@@ -32,11 +42,8 @@ def _board_retrieve(blk: MHNBlock):
 
 
 def test_ideal_board_retrieval_equals_the_torch_update() -> None:
-    xi = equidistant_patterns(10, 64, 1.0, seed=1)
+    blk, x0 = retrieval_setup()  # shared with benchmarks/mhn_checks.py, which prints the figures
     steps = RetrievalBudget(max_steps=40, tol=0.0)
-    blk = _block(xi, beta=14.0, budget=steps)
-    lo, hi = blk.box()
-    x0 = np.random.default_rng(0).uniform(lo, hi, (48, 64))
     got = blk.retrieve(x0)
     want = retrieve(torch.from_numpy(x0), blk.device_patterns(), 14.0, steps).x.numpy()
     np.testing.assert_allclose(got.x, want, rtol=0, atol=1e-5)
@@ -48,7 +55,7 @@ def test_ideal_board_retrieval_equals_the_torch_update() -> None:
     assert (got.energy <= e0 + 1e-6).all()
     assert got.time_s > 0 and got.energy_j > 0
     # with a tolerance: it converges, to the same states, within far fewer steps
-    conv = blk.retrieve(x0, budget=RetrievalBudget(max_steps=500, tol=1e-7))
+    conv = blk.retrieve(x0, budget=RETRIEVAL_CONVERGED)
     assert conv.converged and conv.steps < 40 and conv.noise_floor == 0.0
     np.testing.assert_allclose(conv.x, want, rtol=0, atol=1e-5)
 
@@ -117,13 +124,11 @@ def test_jacobian_at_the_symmetric_point_is_beta_times_the_covariance() -> None:
         assert crit.beta_c == pytest.approx(n / (r * r * (1 - c)), rel=1e-9)
 
 
-@pytest.mark.parametrize(("n", "d", "r"), [(10, 64, 1.0), (5, 32, 2.0), (8, 16, 0.5)])
+@pytest.mark.parametrize(("n", "d", "r"), TRANSITION_SETTINGS)
 def test_measured_transition_on_the_ideal_board_within_ten_percent(n: int, d: int, r: float) -> None:
-    xi = equidistant_patterns(n, d, r, seed=0)
-    crit = critical_beta(xi)
-    blk = _block(xi, beta=crit.beta_c, budget=RetrievalBudget(max_steps=3000, tol=1e-8))
-    starts = Starts.draw(xi, centre=24, anywhere=16, eps=0.02, seed=0)
-    factors = (0.5, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 2.0)
+    setup = transition_setup(n, d, r)
+    xi, crit, blk, starts = setup.xi, setup.crit, setup.block, setup.starts
+    factors = TRANSITION_FACTORS
     pts = sweep(
         _board_retrieve(blk), xi, [f * crit.beta_c for f in factors], crit=crit, starts=starts, box=blk.box()
     )
@@ -136,21 +141,14 @@ def test_measured_transition_on_the_ideal_board_within_ten_percent(n: int, d: in
 
 
 def test_stored_digits_retrieved_above_the_transition_and_collapse_below() -> None:
-    mem = digit_memory(per_class=1, norm=1.0)
-    xi = mem.patterns
-    crit = critical_beta(xi)
+    setup = digits_setup()
+    crit, blk, queries, labels = setup.crit, setup.block, setup.queries, setup.labels
     assert not crit.symmetric  # a general set: the branch of x* ends at a fold
-    rng = np.random.default_rng(0)
-    images = np.repeat(mem.raw.T, 10, axis=0)
-    labels = np.repeat(mem.labels, 10)
-    queries = mem.encode(corrupt(images, 0.3, rng))
-    blk = _block(xi, beta=crit.beta_c, budget=RetrievalBudget(max_steps=3000, tol=1e-8))
-    queries = np.clip(queries, *blk.box())
     pats = blk.device_patterns().numpy()
-    for ratio in (2.0, 4.0):
+    for ratio in DIGITS_RETRIEVED_RATIOS:
         end = blk.retrieve(queries, beta=ratio * crit.beta_c).x
         nearest = np.linalg.norm(end[:, :, None] - pats[None], axis=1).argmin(1)
-        assert (mem.labels[nearest] == labels).mean() >= 0.95, ratio
-    for ratio in (0.5, 0.8):
+        assert (setup.labels_of_patterns[nearest] == labels).mean() >= 0.95, ratio
+    for ratio in DIGITS_COLLAPSED_RATIOS:
         end = blk.retrieve(queries, beta=ratio * crit.beta_c).x
         assert len(distinct(end, 0.01)) == 1, ratio  # every query fell to the single attractor

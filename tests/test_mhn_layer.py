@@ -7,34 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import open_device
-from hil.mhn import MHNBlock, RetrievalBudget
-from hil.mhn.core import update
 from hil.mhn.layer import MHNLayer
 from hil.mhn.learn import cosine
+from hil.mhn.setups import LAYER_D_IN, LAYER_D_OUT, layer_setup, layer_unrolled
 
-IDEAL = "emulator://?preset=ideal&seed=0"
-D_IN, D_OUT, N, BETA = 8, 4, 6, 3.0
-
-
-def _unrolled(xin: torch.Tensor, xi: torch.Tensor, steps: int = 400) -> torch.Tensor:
-    """The output part at the clamped fixed point, by plain iteration (autograd through it
-    converges to the implicit gradient where the iteration contracts)."""
-    out = torch.zeros(xin.shape[0], D_OUT, dtype=xi.dtype)
-    for _ in range(steps):
-        out = update(torch.cat([xin, out], 1), xi, BETA)[:, D_IN:]
-    return out
+D_IN, D_OUT = LAYER_D_IN, LAYER_D_OUT
+_unrolled = layer_unrolled
 
 
 @pytest.fixture(scope="module")
 def setup():
-    gen = torch.Generator().manual_seed(0)
-    xi = 0.8 * torch.randn(D_IN + D_OUT, N, generator=gen, dtype=torch.float64)
-    budget = RetrievalBudget(max_steps=2000, tol=1e-9)
-    # a margin: a state at a pattern's extreme value sits on the box's edge, where a nudge
-    # would be clipped (margin 0 gave a cosine of 0.95 for the patterns' gradient)
-    blk = MHNBlock(open_device(IDEAL), xi.float().numpy(), beta=BETA, budget=budget, margin=0.1)
-    return blk, gen
+    # shared with benchmarks/mhn_checks.py, which prints the figures these tests bound
+    return layer_setup()
 
 
 def test_layer_forward_and_ep_backward_match_autograd(setup) -> None:

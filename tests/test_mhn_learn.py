@@ -8,25 +8,15 @@ import pytest
 import torch
 
 from drivers import open_device
-from hil.mhn import MHNBlock, RetrievalBudget, critical_beta, equidistant_patterns
 from hil.mhn.core import fixed_point
 from hil.mhn.learn import cosine, ep_gradient, implicit_gradient
-
-IDEAL = "emulator://?preset=ideal&seed=0"
-TIGHT = RetrievalBudget(max_steps=1000, tol=1e-8)  # at 0.5 beta_c float32 reads stop short of 1e-8
+from hil.mhn.setups import GRADIENT_RATIOS, IDEAL, gradient_clamp, gradient_problem
 
 
 def _problem(ratio: float):
-    xi = equidistant_patterns(6, 16, 1.0, seed=3)
-    beta = ratio * critical_beta(xi).beta_c
-    blk = MHNBlock(open_device(IDEAL), xi.float().numpy(), beta=beta, budget=TIGHT)
-    rng = np.random.default_rng(0)
-    lo, hi = blk.box()
-    x0 = rng.dirichlet(np.ones(6), 12) @ xi.numpy().T
-    target = 0.5 * rng.uniform(lo, hi, (12, 16))
-    mask = np.zeros(16)
-    mask[:8] = 1.0
-    return blk, beta, x0, target, mask
+    """The setup, shared with benchmarks/mhn_checks.py (which prints the figures these bound)."""
+    p = gradient_problem(ratio)
+    return p.block, p.beta, p.x0, p.target, p.mask
 
 
 def test_implicit_gradient_matches_finite_differences() -> None:
@@ -49,7 +39,7 @@ def test_implicit_gradient_matches_finite_differences() -> None:
         assert fd == pytest.approx(float(grad[i, j]), rel=1e-4, abs=1e-8)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 1.5, 3.0])
+@pytest.mark.parametrize("ratio", GRADIENT_RATIOS)
 def test_ep_gradient_of_the_patterns_matches_implicit_differentiation(ratio: float) -> None:
     """Centered EP at beta_EP 0.01 through ideal-board retrievals, below and above the transition."""
     blk, beta, x0, target, mask = _problem(ratio)
@@ -70,8 +60,7 @@ def test_ep_gradient_with_clamped_components_matches_implicit_differentiation() 
     """Half the state held at the query (an input): EP over the free half against implicit
     differentiation restricted to it."""
     blk, beta, x0, target, mask = _problem(1.5)
-    clamp = np.zeros(16, dtype=bool)
-    clamp[8:] = True
+    clamp = gradient_clamp()
     ep = ep_gradient(blk, x0, target, mask=mask, beta_ep=0.01, clamp=clamp)
     np.testing.assert_array_equal(ep.free.x[:, 8:], x0[:, 8:])  # held where clamped
     ref = implicit_gradient(blk.device_patterns(), ep.free.x, target, beta, mask=mask, clamp=clamp)
