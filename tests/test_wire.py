@@ -22,6 +22,7 @@ from drivers import (
     NotSupported,
     Nudge,
     ProgramReport,
+    ProtocolError,
     SettleBudget,
     Topology,
 )
@@ -584,3 +585,35 @@ def test_the_frames_a_seed_corrupts_do_not_depend_on_the_frames_lengths() -> Non
         hit.append(marks)
     assert hit[0] == hit[1] and 10 < sum(hit[0]) < 50
     assert link.faults.injected["corrupt"] == sum(hit[1])
+
+
+def _nacking_peer(link_in: Pipe, link_out: Pipe, stop: threading.Event) -> threading.Thread:
+    """A peer that answers every frame it reads with NACK(0xFFFF) (a header it could not read)."""
+
+    def run() -> None:
+        deframer = frames.Deframer()
+        while not stop.is_set():
+            for _ in deframer.feed(link_in.read(0.01)):
+                link_out.write(frames.encode(frames.nack(frames.NO_SEQ, Reason.CRC)))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(("size", "outcome"), [(10, "may have run"), (200, "did not run")])
+def test_a_frame_nacked_as_unreadable_is_not_said_to_be_rejected(size: int, outcome: str) -> None:
+    """NACK(0xFFFF) names no frame and an ACK can be lost: the give-up says no copy was
+    acknowledged, and whether the request may have run (its last fragment) or did not (an earlier one)."""
+    ab, ba = Pipe(), Pipe()
+    client = Link(ba.read, ab.write, ack_timeout=0.05, retries=2, fragment=64)
+    stop = threading.Event()
+    t = _nacking_peer(ab, ba, stop)
+    try:
+        with pytest.raises(ProtocolError, match="no copy of frame seq 0 was acknowledged: 3 NACKs") as err:
+            client.send(LinkOp.PING, bytes(size))
+    finally:
+        stop.set()
+        t.join(timeout=2)
+    assert "rejected" not in str(err.value) and outcome in str(err.value), err.value
+    assert getattr(err.value, "not_run", False) is (outcome == "did not run")

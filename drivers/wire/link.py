@@ -385,6 +385,13 @@ class Link:
                     # is provable: a NACK (0xFFFF) names no frame, and a last fragment the peer took
                     # may have had its ACK lost, so a message NACKed there may still have run.
                     exc.not_run = True  # type: ignore[attr-defined]
+                    outcome = "given up before the message's last fragment went out: the peer cannot have it"
+                    outcome += "" if responder else ", so the request did not run"
+                else:
+                    outcome = "the peer may have taken the message's last fragment"
+                    outcome += "" if responder else ", so the request may have run"
+                if isinstance(exc, ProtocolError) and str(exc).startswith("no copy of frame seq"):
+                    exc.args = (f"{exc}; {outcome}",)
                 raise
             finally:
                 self._piggyback = None
@@ -419,9 +426,14 @@ class Link:
                     nacks += 1
                 if tries >= self.retries:
                     if nacks > tries // 2:
+                        # a NACK of 0xFFFF (a header the peer could not read) names no frame, and
+                        # the ACK of a copy the peer took can be lost on the way back: NACKs do not
+                        # prove that no copy was taken (`send` says what that means for the message)
                         raise ProtocolError(
-                            f"frame seq {frame.seq} rejected {nacks} times; the link is too noisy "
-                            "or the peer speaks another protocol version"
+                            f"no copy of frame seq {frame.seq} was acknowledged: {nacks} NACKs and "
+                            f"{tries + 1 - nacks} ACK timeouts over {tries + 1} sends (a NACK of seq "
+                            f"0xFFFF names no frame, and an ACK can be lost, so a copy may have been "
+                            "taken); the link is too noisy or the peer speaks another protocol version"
                         )
                     raise DeviceTimeout(
                         f"no acknowledgement for frame seq {frame.seq} after {tries} retransmissions "
