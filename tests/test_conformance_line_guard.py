@@ -6,14 +6,18 @@ checked path would, and SKIPPED naming it when over."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from drivers import DeviceInfo, ProgramReport, open_device
+from drivers import DeviceInfo, LimitViolation, ProgramReport, open_device
 from drivers.wrapper import DeviceWrapper
+from hil.cli import app
 from hil.conformance import Options, run_conformance
 from hil.testing import BoardServers
 
@@ -117,3 +121,47 @@ def test_a_declared_limit_below_the_test_networks_bound_skips_its_mvm_and_settle
     passed = {c.operation for c in fits.checks if c.status == "PASS"}
     assert {"mvm", "mvm transpose", "settle free", "settle nudged"} <= passed, [c.line() for c in fits.checks]
     assert fits.ok, [c.line() for c in fits.checks if c.status == "FAIL"]
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_a_declared_limit_below_the_test_networks_programs_skips_them_and_what_needs_them(
+    emulated_board: Callable[..., BoardServers], transport: str, tmp_path: Path
+) -> None:
+    """A board declaring 5 uA, under the reads of the test network's own programs (6.2 uA: a row
+    of W0's targets at v_read 0.2 V): the host refuses them, nothing sent. They were FAILs
+    ("raised LimitViolation"), and so was mvm w_max; now SKIPPED naming the limit and the fix, the
+    checks that need the programmed tile SKIP naming it, and `hil conformance` exits 0 (SKIPs are
+    not failures)."""
+    served = emulated_board(board="emulator://?preset=rram&seed=0&max_line_current_a=5e-6")
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["conformance", served.uris[transport], "--json", str(out)])
+    checks = {c["operation"]: c for c in json.loads(out.read_text())["checks"]}
+    for op in ("program W0", "program verify W0", "mvm w_max"):
+        assert checks[op]["status"] == "SKIP", checks[op]
+        assert "a program of W0" in checks[op]["got"], checks[op]
+        assert "max_line_current_a 5e-06 A" in checks[op]["got"] and "--sizes 1,1,1" in checks[op]["got"]
+    for op in ("mvm", "mvm transpose", "mvm 1-D"):
+        assert checks[op]["status"] == "SKIP" and checks[op]["got"].startswith("needs program W0,"), checks[
+            op
+        ]
+    assert checks["program W1"]["status"] == "PASS", checks["program W1"]
+    assert res.exit_code == 0, res.output
+    assert served.device.safety().violations == 0
+
+
+class RefusesPrograms(DeviceWrapper):
+    """A firmware that refuses every program as over the line current, however low its targets."""
+
+    def program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: object) -> ProgramReport:
+        raise LimitViolation(
+            f"line current (A) of row 0 of {tile!r}", 1.0, self.info.limits.max_line_current_a
+        )
+
+
+def test_a_program_refused_within_the_hosts_check_is_still_a_fail() -> None:
+    """The SKIP is for the test network over the declared limit by the host's check; a board
+    that refuses a program the host's check passes is the board's fault: FAIL."""
+    with RefusesPrograms(open_device("emulator://?preset=rram&seed=0")) as dev:
+        report = run_conformance(dev, "", Options(limit_probes=False))
+    check = next(c for c in report.checks if c.operation == "program W0")
+    assert check.status == "FAIL" and check.got.startswith("raised LimitViolation"), check.line()

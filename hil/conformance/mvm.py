@@ -211,7 +211,7 @@ def _w_max(sess: Session, sent: list[str], tile: str) -> str:
     mid = sess.lim.g_min + 0.5 * sess.g_range
     gp = (mid + 0.25 * sess.g_range * sign).astype(np.float32)
     gm = (mid - 0.25 * sess.g_range * sign).astype(np.float32)
-    sess.dev.program(tile, gp, gm, verify="program_verify" in sess.caps)
+    sess.own_program(tile, gp, gm, verify="program_verify" in sess.caps)
     x = (0.5 * sess.inputs((sess.opt.mvm_batch(sess.lim), rows))).astype(np.float32)  # half: room to double
     w_max = sess.topo.coupling(tile).w_max
     # twice the w_max, or half where twice is past the board's max_w_max (a board whose weights

@@ -75,7 +75,7 @@ def _resend(sess: Session, sent: list[str], tile: str, pulse: Pulse) -> str:
 
     def moved(ids: list[int]) -> tuple[float, list[object]]:
         """Mean change of G+ from `low` after one pulse request per id in `ids`, and the replies."""
-        sess.dev.program(tile, low, low, verify="program_verify" in sess.caps)
+        sess.own_program(tile, low, low, verify="program_verify" in sess.caps)
         g0, _, _ = sess.read_avg(tile)
         replies = [pulse(counts, rid) for rid in ids]
         g1, _, _ = sess.read_avg(tile)
@@ -154,7 +154,7 @@ def _reads_as(sess: Session, tile: str, low: np.ndarray, high: np.ndarray) -> tu
 def _without_id(sess: Session, sent: list[str], send: Callable[..., pl.Message], tile: str) -> str:
     low, high = _levels(sess, tile)
     sess.program_lines_within(tile, high, high)  # the higher level's reads carry the more current
-    sess.dev.program(tile, low, low, verify="program_verify" in sess.caps)
+    sess.own_program(tile, low, low, verify="program_verify" in sess.caps)
     sent.append(f"{tile} programmed to {low.flat[0]:.3g} S; PROGRAM to {high.flat[0]:.3g} S without rid")
     try:
         send(pl.Op.PROGRAM, pl.program_request(tile, high, high, False, None, 1), request_id=False)

@@ -12,8 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Device, Equilibrium, Limits, Nudge
-from drivers.checks import check_mvm_lines, check_program_lines, check_settle_lines, check_topology
+from drivers.base import Device, Equilibrium, Limits, Nudge, ProgramReport
+from drivers.checks import (
+    check_line_current,
+    check_mvm_lines,
+    check_program_lines,
+    check_settle_lines,
+    check_topology,
+)
 from drivers.converters import lsb
 from drivers.errors import (
     ConfigurationError,
@@ -71,13 +77,24 @@ class OverLimit(Unavailable):
 
 
 class NetworkOverLimit(Unavailable):
-    """One of the test network's own requests (an mvm or a settle of the suite's inputs, through
-    the checked path) is over the line-current limit the board declares by the host's bound
-    (every device at g_max, `drivers.checks.check_mvm_lines` / `check_settle_lines`), and was
+    """One of the test network's own requests (an mvm or a settle of the suite's inputs, or a
+    program of its tiles' targets, through the checked path) is over the line-current limit the
+    board declares by the host's bound (every device at g_max, `drivers.checks.check_mvm_lines` /
+    `check_settle_lines`; a program's reads from its targets, `check_program_lines`), and was
     refused as such: by a remote driver before anything was sent, by the in-process board from
     the conductances it holds. A board that declares a limit this low cannot run the test
     network, which says nothing of its firmware: the check is SKIPPED naming the limit and the
-    fix (a smaller --sizes), not FAILED."""
+    fix (a smaller --sizes), not FAILED. `what`: the request that was not sent."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+class Needs(Unavailable):
+    """A check that needs what an earlier check was to leave (a tile programmed to the test
+    network's targets, a tile at mid-range before pulsing) when that check was SKIPPED as
+    `NetworkOverLimit`: SKIPPED too, naming the check it needs and why that one was not run."""
 
 
 NO_PROBES = (
@@ -185,6 +202,8 @@ class Session:
         self.free_mean: dict[str, np.ndarray] = {}  # free equilibrium averaged over repeats
         self.free_sigma = 0.0  # its noise (std of one settle's states)
         self.has_status = False  # the board keeps STATUS (it recorded a transaction)
+        # checks SKIPPED as `NetworkOverLimit` -> why: the checks that need them are SKIPPED too
+        self.not_run: dict[str, str] = {}
 
     def configure_own(self, topo: Topology) -> None:
         """Configure a check's own network (within every declared limit: the host's copy of the
@@ -263,7 +282,42 @@ class Session:
             "a settle",
         )
 
-    def own_request(self, call: Callable[[], Any], bound: Callable[[], None], what: str) -> Any:
+    def own_program(self, tile: str, g_plus: np.ndarray, g_minus: np.ndarray, **kw: Any) -> ProgramReport:
+        """``dev.program`` of targets of the suite's own (the test network's tiles, a check's
+        levels on them); `NetworkOverLimit` (SKIP) when it is refused as over the line-current
+        limit and the host's check of its reads from the targets puts it there (`own_request`)."""
+        return self.own_request(
+            lambda: self.dev.program(tile, g_plus, g_minus, **kw),
+            lambda: check_program_lines(self.lim, tile, g_plus, g_minus),
+            f"a program of {tile}",
+            "check",
+        )
+
+    def own_read(self, tile: str) -> tuple[np.ndarray, np.ndarray]:
+        """``dev.read_conductance`` of a tile (`own_request`): the board checks a read's rows from
+        the conductances it holds, which pulses move; the host's bound, for a tile of the test
+        network, is every device of a row at g_max (a check's own tile: a refusal is raised)."""
+
+        def bound() -> None:
+            if tile in {c.tile for c in self.topo.couplings}:
+                cols = self.topo.tile_shape(tile)[1]
+                check_line_current(
+                    f"a row of {tile!r} (read at v_read {self.lim.v_read:g} V, every device at g_max "
+                    f"{self.lim.g_max:g} S (the host's bound))",
+                    self.lim.v_read * cols * self.lim.g_max,
+                    self.lim,
+                )
+
+        return self.own_request(lambda: self.dev.read_conductance(tile), bound, f"a read of {tile}")
+
+    def needs(self, operation: str) -> None:
+        """`Needs` (SKIP) when the check `operation` was SKIPPED as `NetworkOverLimit`."""
+        if operation in self.not_run:
+            raise Needs(f"needs {operation}, which was SKIPPED: {self.not_run[operation]}")
+
+    def own_request(
+        self, call: Callable[[], Any], bound: Callable[[], None], what: str, how: str = "bound"
+    ) -> Any:
         """`call` (one of the test network's requests); when it raises `LimitViolation` and the
         host's line-current `bound` of the same request raises too, `NetworkOverLimit` naming the
         limit and the fix. A refusal of a request within the host's bound is the board's: raised
@@ -274,10 +328,10 @@ class Session:
             try:
                 bound()
             except LimitViolation as over:
-                raise NetworkOverLimit(self.network_over_limit(what, over)) from exc
+                raise NetworkOverLimit(self.network_over_limit(what, over, how), what) from exc
             raise
 
-    def network_over_limit(self, what: str, over: LimitViolation) -> str:
+    def network_over_limit(self, what: str, over: LimitViolation, how: str = "bound") -> str:
         """Why the test network's `what` is not run, and the --sizes that fit the declared limit."""
         lim = self.lim
         peak = max(abs(self.x_lo), abs(self.x_hi), abs(lim.adc_range[0]), abs(lim.adc_range[1]), 1.0)
@@ -296,7 +350,7 @@ class Session:
             fix = "no layered test network fits this limit (one device at g_max at full scale is over it)"
         return (
             f"not run: {what} of the test network ({sizes}) is over the board's declared max_line_current_a "
-            f"{lim.max_line_current_a:g} A by the host's bound ({over.limit}: {over.value:.4g} A), so it was "
+            f"{lim.max_line_current_a:g} A by the host's {how} ({over.limit}: {over.value:.4g} A), so it was "
             f"refused before reaching a line (nothing driven); the limit is below what this network needs, "
             f"which says nothing of the board; {fix}"
         )
@@ -319,6 +373,8 @@ class Session:
             got, status = str(exc), "FAIL"
         except Unavailable as exc:
             got, status = str(exc), "SKIP"
+            if isinstance(exc, NetworkOverLimit):
+                self.not_run[operation] = got
         except Exception as exc:  # a foreign board may fail in any way: report it, go on
             got, status = f"raised {type(exc).__name__}: {exc}", "FAIL"
             lost = isinstance(exc, LINK_LOST)
@@ -385,6 +441,7 @@ class Session:
 
     def weights(self, tile: str) -> np.ndarray:
         """The reference weights of `tile` from the averaged reads of `read_conductance`."""
+        self.needs(f"program {tile}")
         if tile not in self.g:
             raise Mismatch(
                 f"no reference weights for {tile}: its read_conductance check failed above (the "
@@ -399,7 +456,7 @@ class Session:
 
     def read_avg(self, tile: str) -> tuple[np.ndarray, np.ndarray, float]:
         """`reads` reads of a tile: mean G+, mean G- (float64) and the pooled read-noise std."""
-        reads = [self.dev.read_conductance(tile) for _ in range(self.opt.reads)]
+        reads = [self.own_read(tile) for _ in range(self.opt.reads)]
         stack = np.stack([np.stack(r) for r in reads]).astype(np.float64)  # (reads, 2, rows, cols)
         sigma = float(np.sqrt(stack.var(axis=0, ddof=1).mean())) if len(reads) > 1 else 0.0
         mean = stack.mean(axis=0)
