@@ -165,3 +165,24 @@ def test_a_program_refused_within_the_hosts_check_is_still_a_fail() -> None:
         report = run_conformance(dev, "", Options(limit_probes=False))
     check = next(c for c in report.checks if c.operation == "program W0")
     assert check.status == "FAIL" and check.got.startswith("raised LimitViolation"), check.line()
+
+
+@pytest.mark.parametrize("transport", ["serial-socket", "visa-tcp"])
+def test_the_sent_column_of_a_check_over_the_limit_says_nothing_was_sent(
+    emulated_board: Callable[..., BoardServers], transport: str, tmp_path: Path
+) -> None:
+    """The mvm checks SKIPPED over a declared 10 uA said "sent: W0 x (16, 6) ..., 4 times", which
+    the host never sent; the report (text and JSON) now says what went out."""
+    served = emulated_board(board="emulator://?preset=rram&seed=0&max_line_current_a=1e-5")
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["conformance", served.uris[transport], "--json", str(out)])
+    checks = {c["operation"]: c for c in json.loads(out.read_text())["checks"]}
+    for op, what in (
+        ("mvm", "an mvm through W0"),
+        ("mvm transpose", "an mvm through W0"),
+        ("settle free", "a settle"),
+    ):
+        assert checks[op]["status"] == "SKIP", checks[op]
+        assert checks[op]["sent"].startswith(f"nothing sent: {what} was refused on the host"), checks[op]
+    line = next(s for s in res.output.splitlines() if s.startswith("SKIP  mvm "))
+    assert "sent: nothing sent: " in line, line

@@ -97,7 +97,7 @@ def read_conductance(sess: Session) -> None:
 def _read(sess: Session, sent: list[str], tile: str) -> str:
     sent.append(f"TILE:COND? {tile!r} x {sess.opt.reads}")
     shape = sess.topo.tile_shape(tile)
-    for name, a in zip(("G+", "G-"), sess.dev.read_conductance(tile), strict=True):
+    for name, a in zip(("G+", "G-"), sess.own_read(tile), strict=True):
         expect_array(name, a, shape)
         margin = RANGE_MARGIN * sess.g_range
         if a.min() < sess.lim.g_min - margin or a.max() > sess.lim.g_max + margin:

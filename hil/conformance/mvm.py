@@ -290,6 +290,7 @@ def _mvm_1d(sess: Session, sent: list[str], tile: str) -> str:
 def _meter(sess: Session, sent: list[str], tile: str, meter: Callable[[], Any]) -> str:
     rows, _ = sess.topo.tile_shape(tile)
     first = meter()
+    sess.requests_out += 1
     if first is None:
         sent.append("meter()")
         return "None (the board does not meter)"

@@ -204,6 +204,10 @@ class Session:
         self.has_status = False  # the board keeps STATUS (it recorded a transaction)
         # checks SKIPPED as `NetworkOverLimit` -> why: the checks that need them are SKIPPED too
         self.not_run: dict[str, str] = {}
+        # requests of the running check that went out before one of its own was refused on the
+        # host (`own_request` counts its own; a check counts others it sends first): the report's
+        # "sent" column says what went out, not what the check planned
+        self.requests_out = 0
 
     def configure_own(self, topo: Topology) -> None:
         """Configure a check's own network (within every declared limit: the host's copy of the
@@ -323,13 +327,15 @@ class Session:
         limit and the fix. A refusal of a request within the host's bound is the board's: raised
         as it is (a FAIL)."""
         try:
-            return call()
+            result = call()
         except LimitViolation as exc:
             try:
                 bound()
             except LimitViolation as over:
                 raise NetworkOverLimit(self.network_over_limit(what, over, how), what) from exc
             raise
+        self.requests_out += 1
+        return result
 
     def network_over_limit(self, what: str, over: LimitViolation, how: str = "bound") -> str:
         """Why the test network's `what` is not run, and the --sizes that fit the declared limit."""
@@ -355,6 +361,17 @@ class Session:
             f"which says nothing of the board; {fix}"
         )
 
+    def sent_before(self, exc: NetworkOverLimit | Needs, planned: list[str]) -> str:
+        """The "sent" column of a check SKIPPED as `NetworkOverLimit` or `Needs`: what went out
+        before it stopped (its planned requests did not, from the one refused on)."""
+        n = self.requests_out
+        gone = "nothing sent" if n == 0 else f"{n} request{'s' * (n != 1)} sent first"
+        if isinstance(exc, NetworkOverLimit):
+            stop = f"{exc.what} was refused on the host, over the declared line-current limit, and not sent"
+        else:
+            stop = "it needs a check that was SKIPPED"
+        return f"{gone}: {stop}" + (f" (planned: {'; '.join(planned)})" if planned else "")
+
     # -- bookkeeping
     def add(self, check: Check) -> None:
         self.report.checks.append(check)
@@ -365,6 +382,7 @@ class Session:
         """Run one check; `body` puts what it sends in its list argument and returns what came
         back, or raises Mismatch (any other exception is a failure too)."""
         sent: list[str] = []
+        self.requests_out = 0
         t0 = time.perf_counter()
         lost = False
         try:
@@ -375,6 +393,8 @@ class Session:
             got, status = str(exc), "SKIP"
             if isinstance(exc, NetworkOverLimit):
                 self.not_run[operation] = got
+            if isinstance(exc, NetworkOverLimit | Needs):
+                sent = [self.sent_before(exc, sent)]
         except Exception as exc:  # a foreign board may fail in any way: report it, go on
             got, status = f"raised {type(exc).__name__}: {exc}", "FAIL"
             lost = isinstance(exc, LINK_LOST)
