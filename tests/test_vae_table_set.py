@@ -7,7 +7,6 @@ trained (the figures themselves are measured by the command docs/vae.md names)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,21 +15,13 @@ from typing import Any
 
 import pytest
 
+import benchmarks.vae_table as bench
 from hil.vae.config import VAERunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("vae_table", ROOT / "benchmarks" / "vae_table.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_set_applies_to_every_run_after_the_tuned_file() -> None:
-    bench = _bench()
     cfg = bench.run_config(
         "tdh-vae", "rram", "", 1, 3, None, ["ep.joint_phases=true", "ep.programming=mixed"]
     )
@@ -65,7 +56,6 @@ def test_set_applies_to_every_run_after_the_tuned_file() -> None:
 def test_bad_overrides_exit_naming_them_before_any_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sets: list[str], words: str
 ) -> None:
-    bench = _bench()
     monkeypatch.setattr(bench, "references", lambda samples: pytest.fail("references computed"))
     argv = ["vae_table.py", "--presets", "ideal", "--variants", "tdh-vae", "--mvm-only", ""]
     monkeypatch.setattr(sys, "argv", [*argv, *(a for s in sets for a in ("--set", s))])
@@ -79,7 +69,6 @@ def test_runs_get_the_overrides_and_their_json_lines_record_them(
 ) -> None:
     import hil.vae.train
 
-    bench = _bench()
     ran: list[VAERunConfig] = []
 
     def train(cfg: VAERunConfig, progress: bool = True) -> Any:

@@ -6,15 +6,14 @@ Frechet references of `benchmarks/vae_table.py` behave. Seconds: nothing is trai
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
+import benchmarks.vae_table as bench
 from hil.config import dotted_keys, load_into
 from hil.data import load_digits
 from hil.sweep.spec import SweepSpec, load_spec
@@ -31,14 +30,6 @@ SWEPT_CURVE = "hard_sigmoid"  # the node curve every shipped sweep ran with
 
 def _sweep(variant: str) -> SweepSpec:
     return load_spec(EXAMPLES / f"sweep_{variant.replace('-', '_')}.toml")
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("vae_table", ROOT / "benchmarks" / "vae_table.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_every_variant_has_a_sweep_with_one_budget() -> None:
@@ -79,7 +70,6 @@ def test_every_variant_has_a_sweep_with_one_budget() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tuned_settings_load_and_name_only_swept_keys(variant: str) -> None:
-    bench = _bench()
     path = bench.tuned_path(variant)
     keys = dotted_keys(tomllib.loads(path.read_text()))
     cfg = load_into(VAERunConfig(), path)  # raises on a key the VAE config does not have
