@@ -38,6 +38,7 @@ def _block_json(reply: bytes) -> dict[str, object]:
 
 
 _until = functools.partial(until, timeout=2.0)  # most waits here are this long
+LEASE_S = 3  # the killed owner's lease: what is checked during it has seconds to spare on a loaded machine
 
 
 def _safe_state_fails_once(s: BoardServers) -> list[str]:
@@ -58,10 +59,13 @@ def _safe_state_fails_once(s: BoardServers) -> list[str]:
 def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
     transport: str, emulated_board: Callable[..., BoardServers]
 ) -> None:
+    """The host asks for a 3 s lease: the looker's open, the refused open and the reconnect
+    made during it took 0.66-0.81 s after the kill over visa-tcp on a loaded 2-core machine,
+    0.2 s short of a 1 s lease."""
     s = emulated_board(BOARD)
     calls = count_safe_states(s)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    uri = s.uri(transport, lease="1")
+    uri = s.uri(transport, lease=str(LEASE_S))
     host = subprocess.Popen(
         [sys.executable, "-c", killed_host("dev.lock_token"), uri], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -77,11 +81,11 @@ def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
     # the board applies its safe state as soon as the dead host's connection drops ...
     assert _until(lambda: len(calls) == 1), "the board did not apply its safe state"
     assert calls[0] - killed < 1.0 and s.lock is not None and s.lock.owner_gone == 1
-    # ... and keeps the lock for the lease (1 s, the host's), for a reconnect
+    # ... and keeps the lock for the lease (3 s, the host's), for a reconnect
     with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri("visa-tcp", lock="0")) as looker:
         owner = looker.owner()
         assert owner is not None and owner.token == token and owner.connections == 0
-        assert owner.lapses_in is not None and 0.0 < owner.lapses_in <= 1.0
+        assert owner.lapses_in is not None and 0.0 < owner.lapses_in <= LEASE_S
     with pytest.raises(BoardLocked, match="no connection presents its token: free in"):
         open_device(s.uri("serial-socket"))
     # the dead host's reconnect within the lease finds its board as it left it: SAFE_STATE keeps
@@ -101,7 +105,7 @@ def test_a_killed_owner_leaves_its_board_safe_and_locked_for_its_lease(
     g_plus, g_minus = s.device.read_conductance("W0")  # the board itself: kept throughout
     np.testing.assert_allclose(g_plus, lim.g_max, rtol=1e-6)
     np.testing.assert_allclose(g_minus, lim.g_min, rtol=1e-6)
-    time.sleep(1.05)
+    time.sleep(1.05)  # the lease its reconnect asked for (1 s) runs from the close, before the safe state
     # the next host finds the board free, configured, and the transaction the dead one left open
     with pytest.warns(RuntimeWarning, match="update-7"), open_device(s.uri(transport)) as dev:
         assert len(calls) == 2  # the lapse applied nothing more: the board was safe since
