@@ -127,12 +127,16 @@ def test_a_release_a_board_nobody_owns_and_one_without_ownership_apply_nothing(
         assert nobody.query("SYST:WAIT 0;*OPC?") == b"1"
     with RawScpi(s.uris["visa-tcp"]) as looker:  # hil info's queries
         assert _block_json(looker.query("SYST:LOCK:OWN?"))["token"] is None
-    time.sleep(0.3)  # past any lease
+    # the server has seen every close (a safe state it applied wrongly would be applied by then;
+    # a loaded machine could outlast a bare 0.3 s sleep before it did) ...
+    assert _until(lambda: s.scpi.gate.active == 0)
+    time.sleep(0.3)  # ... and past any lease
     assert calls == [] and s.lock is not None and s.lock.owner_gone == 0
     unlocked = emulated_board(BOARD, lock=False)  # firmware without the capability
     calls = count_safe_states(unlocked)
     with RawScpi(unlocked.uris["visa-tcp"]) as raw:
         assert raw.query("SYST:WAIT 0;*OPC?") == b"1"
+    assert _until(lambda: unlocked.scpi.gate.active == 0)
     time.sleep(0.2)
     assert calls == []
 
