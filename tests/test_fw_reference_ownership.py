@@ -280,7 +280,10 @@ def test_nothing_is_applied_after_a_release_or_when_a_free_boards_connection_clo
     nobody = Raw(board)  # drives a free board, never owns it
     nobody.meta(int(pl.Op.WAIT), {"seconds": 0.0, "rid": 1})
     nobody.close()
-    time.sleep(0.3)
+    # the board has seen both closes (a safe state it applied wrongly would be applied by then;
+    # a loaded machine could outlast a bare 0.3 s sleep before it did) ...
+    assert fw.ownership is not None and _until(lambda: not fw.ownership.sessions)  # type: ignore[union-attr]
+    time.sleep(0.3)  # ... and past the lease
     assert fw.safe_states == [] and fw.ownership is not None and fw.ownership.owner_gone == 0
 
 
