@@ -705,6 +705,9 @@ def test_closing_a_server_ends_a_reply_held_back_by_a_slow_board(transport: str)
         dev = open_device(getattr(served, transport).replace("attempts=8", "attempts=1"))
         dev.timeout = 60.0
         served.plan.reply_delay_s = 30.0
+        arrived = threading.Event()  # the board ran the request: its reply is held back from then
+        safety = served.device.safety
+        served.device.safety = lambda: (arrived.set(), safety())[1]  # type: ignore[method-assign]
 
         def ask() -> None:
             try:
@@ -714,7 +717,9 @@ def test_closing_a_server_ends_a_reply_held_back_by_a_slow_board(transport: str)
 
         asker = threading.Thread(target=ask, daemon=True)
         asker.start()
-        time.sleep(0.3)  # the request has arrived and its reply is being held back
+        # waited for, not slept for (0.3 s): a request that had not arrived when the server
+        # closed left nothing held back, and the test passed without testing anything
+        assert arrived.wait(10.0), "the request never reached the server"
         conns = [t for t in threading.enumerate() if t not in before and t.name.endswith("-conn")]
         assert conns, "the request never reached the server"
     t0 = time.monotonic()
