@@ -150,7 +150,15 @@ class RetriesExhausted(DeviceError):
         # not followed by the generic question; a malformed reply came from a board that
         # answers, so the question is its firmware's, not the cable's (as is one that names the
         # rule of docs/protocol.md the board breaks)
-        if cause.rstrip().endswith("?"):
+        nacks = getattr(last, "nacks", 0)
+        if nacks:  # the framed link's give-up: the board answered, with NACKs (`Link._deliver`)
+            hint = (
+                f". The board answered with {nacks} NACK(s), so it is powered and connected, but it reads "
+                "the frames damaged: a noisy or mis-set line. Check that both ends use the same line "
+                "settings (URI baud=, 8N1 framing), the cable (short, shielded, seated) and a common "
+                "ground; docs/reliability.md"
+            )
+        elif cause.rstrip().endswith("?"):
             hint = ""
         elif isinstance(last, ProtocolError) and cause.startswith("malformed"):
             hint = (

@@ -69,3 +69,34 @@ def test_a_pulse_whose_last_fragment_never_went_out_did_not_run(which: str) -> N
         np.testing.assert_allclose(after, before, atol=0.05 * float(np.abs(before).max()))
     else:
         assert "may have run" in notes, notes
+
+
+def _is_mvm(frame: Frame) -> bool:
+    return frame.opcode == Op.MVM and not frame.flags & Flag.RESPONSE
+
+
+@pytest.mark.parametrize("line", ["corrupting", "dropping"])
+def test_the_advice_after_a_give_up_fits_what_the_link_saw(line: str) -> None:
+    """Every copy of an mvm corrupted on the way to the board (it NACKs each: it is powered and
+    connected, the line is noisy or mis-set), or dropped (no answer at all). RetriesExhausted's
+    advice asks about power and connection only where nothing came back."""
+
+    def to_board(frame: Frame) -> bytes | None:
+        if _is_mvm(frame):
+            return _corrupt(frame) if line == "corrupting" else None
+        return frames.encode(frame)
+
+    with served_board() as servers:
+        port = int(servers.uris["serial-socket"].rsplit(":", 1)[1])
+        with FrameProxy(port, to_board=to_board) as proxy, open_device(proxy.uri + LINK) as dev:
+            dev.configure(Topology.layered([4, 3], w_max=1.0))
+            with pytest.raises(RetriesExhausted) as err:
+                dev.mvm("W0", np.full((1, 5), 0.1, np.float32))
+    text = str(err.value)
+    if line == "corrupting":
+        assert "no copy of frame seq" in text and "powered and the link connected" not in text, text
+        assert "The board answered with 3 NACK(s), so it is powered and connected" in text, text
+        assert "baud=" in text and "ground" in text, text
+    else:
+        assert "DeviceTimeout: no acknowledgement" in text and "NACKed" not in text, text
+        assert text.endswith("is the board connected and running?"), text

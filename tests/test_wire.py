@@ -617,3 +617,34 @@ def test_a_frame_nacked_as_unreadable_is_not_said_to_be_rejected(size: int, outc
         t.join(timeout=2)
     assert "rejected" not in str(err.value) and outcome in str(err.value), err.value
     assert getattr(err.value, "not_run", False) is (outcome == "did not run")
+
+
+def test_a_timeout_after_some_nacks_does_not_ask_whether_the_board_is_connected() -> None:
+    """One copy NACKed, the others unanswered: DeviceTimeout (most copies timed out), but a NACK
+    came back, so the board is there: the message says so, and RetriesExhausted's advice is the
+    line's (settings, cable, ground), not 'is the board powered'."""
+    from drivers import DeviceTimeout, RetriesExhausted
+
+    ab, ba = Pipe(), Pipe()
+    client = Link(ba.read, ab.write, ack_timeout=0.05, retries=2)
+    stop = threading.Event()
+
+    def run() -> None:  # NACKs the first frame it reads, then goes silent
+        deframer, nacked = frames.Deframer(), False
+        while not stop.is_set():
+            for _ in deframer.feed(ab.read(0.01)):
+                if not nacked:
+                    ba.write(frames.encode(frames.nack(frames.NO_SEQ, Reason.CRC)))
+                    nacked = True
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(DeviceTimeout) as err:
+            client.send(LinkOp.PING, b"hi")
+    finally:
+        stop.set()
+        t.join(timeout=2)
+    assert "NACKed 1 of the copies" in str(err.value) and "connected and running" not in str(err.value)
+    text = str(RetriesExhausted("ping", 1, 0.2, err.value))
+    assert "powered and the link connected" not in text and "answered with 1 NACK(s)" in text, text

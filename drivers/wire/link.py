@@ -425,20 +425,28 @@ class Link:
                 else:
                     nacks += 1
                 if tries >= self.retries:
+                    gave_up: DeviceTimeout | ProtocolError
                     if nacks > tries // 2:
                         # a NACK of 0xFFFF (a header the peer could not read) names no frame, and
                         # the ACK of a copy the peer took can be lost on the way back: NACKs do not
                         # prove that no copy was taken (`send` says what that means for the message)
-                        raise ProtocolError(
+                        gave_up = ProtocolError(
                             f"no copy of frame seq {frame.seq} was acknowledged: {nacks} NACKs and "
                             f"{tries + 1 - nacks} ACK timeouts over {tries + 1} sends (a NACK of seq "
                             f"0xFFFF names no frame, and an ACK can be lost, so a copy may have been "
                             "taken); the link is too noisy or the peer speaks another protocol version"
                         )
-                    raise DeviceTimeout(
-                        f"no acknowledgement for frame seq {frame.seq} after {tries} retransmissions "
-                        f"({self.ack_timeout:g} s each); {self._why_no_ack(self.stats.crc_errors - crc0)}"
-                    )
+                    else:
+                        why = self._why_no_ack(self.stats.crc_errors - crc0, nacks)
+                        gave_up = DeviceTimeout(
+                            f"no acknowledgement for frame seq {frame.seq} after {tries} retransmissions "
+                            f"({self.ack_timeout:g} s each); {why}"
+                        )
+                    # what the link saw, for the advice a caller gives (`RetriesExhausted`): a NACK
+                    # comes from a board that is powered, connected and reading damaged frames
+                    gave_up.nacks = nacks  # type: ignore[attr-defined]
+                    gave_up.ack_timeouts = tries + 1 - nacks  # type: ignore[attr-defined]
+                    raise gave_up
                 tries += 1
                 self.stats.retransmissions += 1
                 self._nacked = False
@@ -447,8 +455,10 @@ class Link:
         finally:
             self._awaiting = None
 
-    def _why_no_ack(self, crc_errors: int) -> str:
+    def _why_no_ack(self, crc_errors: int, nacks: int = 0) -> str:
         """What a missing ACK most likely means, from what did arrive meanwhile."""
+        if nacks:
+            return f"the board NACKed {nacks} of the copies: it answers, but reads frames damaged"
         if crc_errors:
             return (
                 f"received {crc_errors} frames from the board that failed their CRC (the CRC covers "
