@@ -183,6 +183,32 @@ def test_the_sent_column_of_a_check_over_the_limit_says_nothing_was_sent(
         ("settle free", "a settle"),
     ):
         assert checks[op]["status"] == "SKIP", checks[op]
-        assert checks[op]["sent"].startswith(f"nothing sent: {what} was refused on the host"), checks[op]
+        assert checks[op]["sent"].startswith(f"nothing sent: {what} was refused by the host's check"), checks[
+            op
+        ]
     line = next(s for s in res.output.splitlines() if s.startswith("SKIP  mvm "))
     assert "sent: nothing sent: " in line, line
+
+
+@pytest.mark.parametrize("where", ["in-process", "serial-socket"])
+def test_the_sent_column_names_whose_check_refused_the_request(
+    emulated_board: Callable[..., BoardServers], where: str, tmp_path: Path
+) -> None:
+    """Over a declared 5 uA, program W0 and the settles are refused: served, by the host driver's
+    check, nothing sent; in-process, by the emulator's own check (the board), which the report
+    said was "refused on the host" too."""
+    board = "emulator://?preset=rram&seed=0&max_line_current_a=5e-6"
+    uri = board if where == "in-process" else emulated_board(board=board).uris[where]
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["conformance", uri, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    checks = {c["operation"]: c for c in json.loads(out.read_text())["checks"]}
+    for op, what in (("program W0", "a program of W0"), ("settle free", "a settle")):
+        sent = checks[op]["sent"]
+        assert checks[op]["status"] == "SKIP" and "on the host" not in sent, checks[op]
+        if where == "in-process":
+            assert sent.startswith(f"nothing run: {what} was refused by the board's own check"), sent
+            assert "host" not in sent.split(" (planned")[0], sent
+        else:
+            assert sent.startswith(f"nothing sent: {what} was refused by the host's check"), sent
+            assert sent.split(" (planned")[0].endswith("and not sent"), sent

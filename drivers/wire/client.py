@@ -939,8 +939,9 @@ class RemoteDevice(Device):
     def _checked(self, check: Callable[..., T], *args: Any) -> T:
         try:
             return check(*args)
-        except LimitViolation:
+        except LimitViolation as exc:
             self._refused += 1
+            exc.sent = False  # type: ignore[attr-defined]  # refused here: nothing went out
             raise
 
     # -- the Device interface

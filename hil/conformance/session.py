@@ -86,9 +86,12 @@ class NetworkOverLimit(Unavailable):
     network, which says nothing of its firmware: the check is SKIPPED naming the limit and the
     fix (a smaller --sizes), not FAILED. `what`: the request that was not sent."""
 
-    def __init__(self, message: str, what: str) -> None:
+    def __init__(self, message: str, what: str, by: str = "host") -> None:
         super().__init__(message)
         self.what = what
+        # who refused it: "host" (a remote driver's check, nothing sent), "board" (the in-process
+        # board's own check), "remote board" (sent, and refused by the board's own check)
+        self.by = by
 
 
 class Needs(Unavailable):
@@ -332,10 +335,20 @@ class Session:
             try:
                 bound()
             except LimitViolation as over:
-                raise NetworkOverLimit(self.network_over_limit(what, over, how), what) from exc
+                raise NetworkOverLimit(
+                    self.network_over_limit(what, over, how), what, self._refused_by(exc)
+                ) from exc
             raise
         self.requests_out += 1
         return result
+
+    def _refused_by(self, exc: LimitViolation) -> str:
+        """Whose check refused `exc`'s request (`NetworkOverLimit.by`): a remote driver marks its
+        own refusals (nothing sent); an in-process board (no wire: no ``send_unchecked``) refuses
+        by its own check, as a remote board does one that went out."""
+        if getattr(exc, "sent", None) is False:
+            return "host"
+        return "remote board" if callable(getattr(self.dev, "send_unchecked", None)) else "board"
 
     def network_over_limit(self, what: str, over: LimitViolation, how: str = "bound") -> str:
         """Why the test network's `what` is not run, and the --sizes that fit the declared limit."""
@@ -365,11 +378,22 @@ class Session:
         """The "sent" column of a check SKIPPED as `NetworkOverLimit` or `Needs`: what went out
         before it stopped (its planned requests did not, from the one refused on)."""
         n = self.requests_out
-        gone = "nothing sent" if n == 0 else f"{n} request{'s' * (n != 1)} sent first"
-        if isinstance(exc, NetworkOverLimit):
-            stop = f"{exc.what} was refused on the host, over the declared line-current limit, and not sent"
-        else:
+        # an in-process board is called, not sent to: its requests ran (or were refused) in this process
+        verb = "run" if not callable(getattr(self.dev, "send_unchecked", None)) else "sent"
+        gone = f"nothing {verb}" if n == 0 else f"{n} request{'s' * (n != 1)} {verb} first"
+        over = "over the declared line-current limit"
+        if not isinstance(exc, NetworkOverLimit):
             stop = "it needs a check that was SKIPPED"
+        elif exc.by == "host":
+            stop = f"{exc.what} was refused by the host's check, {over}, and not sent"
+        elif exc.by == "board":
+            stop = (
+                f"{exc.what} was refused by the board's own check (the in-process board), {over}, "
+                "before reaching a line"
+            )
+        else:
+            gone = "nothing sent before it" if n == 0 else gone
+            stop = f"{exc.what} was sent and refused by the board's own check, {over}, before reaching a line"
         return f"{gone}: {stop}" + (f" (planned: {'; '.join(planned)})" if planned else "")
 
     # -- bookkeeping
