@@ -626,7 +626,8 @@ def test_a_timeout_after_some_nacks_does_not_ask_whether_the_board_is_connected(
     from drivers import DeviceTimeout, RetriesExhausted
 
     ab, ba = Pipe(), Pipe()
-    client = Link(ba.read, ab.write, ack_timeout=0.05, retries=2)
+    # 0.2 s a copy: the one NACK must come back within the three copies' 0.6 s on a loaded machine
+    client = Link(ba.read, ab.write, ack_timeout=0.2, retries=2)
     stop = threading.Event()
 
     def run() -> None:  # NACKs the first frame it reads, then goes silent
