@@ -101,6 +101,9 @@ class LimitViolation(DeviceError):
         self.limit = limit
         self.value = value
         self.bound = bound
+        # False where a remote driver's own check refused it (nothing went out); None otherwise
+        # (a board's check, in this process or answered over the link)
+        self.sent: bool | None = None
 
 
 class NotSupported(DeviceError):

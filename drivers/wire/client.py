@@ -941,7 +941,7 @@ class RemoteDevice(Device):
             return check(*args)
         except LimitViolation as exc:
             self._refused += 1
-            exc.sent = False  # type: ignore[attr-defined]  # refused here: nothing went out
+            exc.sent = False  # refused here: nothing went out
             raise
 
     # -- the Device interface

@@ -346,7 +346,7 @@ class Session:
         """Whose check refused `exc`'s request (`NetworkOverLimit.by`): a remote driver marks its
         own refusals (nothing sent); an in-process board (no wire: no ``send_unchecked``) refuses
         by its own check, as a remote board does one that went out."""
-        if getattr(exc, "sent", None) is False:
+        if exc.sent is False:
             return "host"
         return "remote board" if callable(getattr(self.dev, "send_unchecked", None)) else "board"
 
