@@ -114,6 +114,13 @@ class ConfigurationError(DeviceError):
     """Bad topology, unknown tile or group, wrong array shape, or a bad URI."""
 
 
+class Unreachable(ConfigurationError):
+    """A first connection could not be made at all (refused, a host that does not resolve or
+    answer, no such serial port). Raised at once, not retried: another try finds the same
+    address. It is a ConfigurationError because a wrong URI looks the same; a board that is off
+    or still starting looks the same too, so a command that can continue later says how."""
+
+
 class PortInUse(ConfigurationError):
     """A local serial port (``serial://``) another process, or another device in this one,
     holds open (its exclusive lock): the board is there but busy, as one whose lock another

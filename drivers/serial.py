@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 
 import serial as pyserial
 
-from drivers.errors import ConfigurationError, DeviceError, DeviceTimeout, PortInUse, ProtocolError
+from drivers.errors import (
+    ConfigurationError,
+    DeviceError,
+    DeviceTimeout,
+    PortInUse,
+    ProtocolError,
+    Unreachable,
+)
 from drivers.options import QueryOptions
 from drivers.uri import Backend
 from drivers.wire import codes, frames
@@ -253,9 +260,9 @@ class SerialDevice(RemoteDevice):
             )
         return None
 
-    def _cannot_open(self, exc: Exception) -> ConfigurationError:
+    def _cannot_open(self, exc: Exception) -> Unreachable:
         tcp = self.url.startswith("socket://")
-        return ConfigurationError(
+        return Unreachable(
             f"{self.name}: cannot open the link ({exc}). Is the board on and this the right "
             f"{'address' if tcp else 'port'}? (`hil emulator serve "
             f"{'--serial-port N' if tcp else '--serial-pty'}` prints the URI of an emulated board). "

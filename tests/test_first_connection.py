@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from drivers import ConfigurationError, open_device
+from drivers.errors import Unreachable
 from hil.testing import BoardServers
 
 BOARD = "emulator://?preset=ideal&seed=0"
@@ -46,6 +47,8 @@ def test_a_refused_first_connection_fails_at_once_naming_the_address(
         open_device(uri)
     took = time.monotonic() - t0
     text = str(info.value)
+    # its own type, so a command can tell a board that may come back from a wrong URI's other errors
+    assert isinstance(info.value, Unreachable), repr(info.value)
     assert took < 3.0, f"{took:.1f} s: the refused first connection was retried ({text})"
     assert str(port) in text and "refused" in text.lower(), text
     assert "Is the board on" in text and "not retried" in text, text

@@ -45,6 +45,7 @@ from drivers.errors import (
     DeviceFault,
     DeviceTimeout,
     ProtocolError,
+    Unreachable,
 )
 from drivers.options import QueryOptions
 from drivers.uri import Backend
@@ -173,7 +174,7 @@ class VisaDevice(RemoteDevice):
             # serial port): as serial:// and serial+socket:// say it, a ConfigurationError, which
             # a first open raises at once (another try finds the same address) and a reconnect
             # of a link that was up retries with the rest of its budget (`RemoteDevice._recover`)
-            raise ConfigurationError(f"{exc} {NOT_RETRIED}") from exc
+            raise Unreachable(f"{exc} {NOT_RETRIED}") from exc
         session = getattr(self._rm.visalib, "sessions", {}).get(self._res.session)
         sock = getattr(session, "interface", None)
         if isinstance(sock, socket.socket) and (err := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
@@ -181,7 +182,7 @@ class VisaDevice(RemoteDevice):
             # ready, which a refused connect is too: its error would come at the first write
             self._disconnect()
             refused = OSError(err, os.strerror(err))
-            raise ConfigurationError(f"{unreachable(self.name, 'open', refused)} {NOT_RETRIED}")
+            raise Unreachable(f"{unreachable(self.name, 'open', refused)} {NOT_RETRIED}")
         with self._io("open"):
             self._res.chunk_size = CHUNK
             if self.baud is not None:

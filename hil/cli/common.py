@@ -230,9 +230,13 @@ def resume_hint(command: str, run: Path | None) -> Iterator[None]:
         raise
     except typer.Exit as exc:
         from drivers import ConfigurationError, DeviceError
+        from drivers.errors import Unreachable
 
         cause = exc.__context__  # what `one_line_errors` reported
-        stopped = isinstance(cause, DeviceError | OSError) and not isinstance(cause, ConfigurationError)
+        # a board that cannot be reached may be off or starting: a resume works once it is back
+        stopped = isinstance(cause, DeviceError | OSError) and (
+            not isinstance(cause, ConfigurationError) or isinstance(cause, Unreachable)
+        )
         if run is not None and stopped:
             try:
                 _say_held(
