@@ -6,7 +6,7 @@ import numpy as np
 
 from drivers.base import Equilibrium, Nudge
 from drivers.topology import BIAS
-from hil.conformance.report import Check, Mismatch
+from hil.conformance.report import Mismatch
 from hil.conformance.session import GAIN_ALLOWANCE, SYSTEMATIC, Session, desc, expect_array
 
 _SETTLE_SPEC = {
@@ -33,22 +33,20 @@ def settle(sess: Session) -> None:
         "s = rho(gain * drive), rho = clamp(., 0, 1); states after the ADC; steps <= max_steps",
         lambda sent: _settle_free(sess, sent, clamp, free),
     )
-    # a free settle SKIPPED (its network over the declared line-current limit, `NetworkOverLimit`)
-    # leaves nothing to nudge or start from: those are SKIPPED for the same reason, not FAILED
-    not_run = sess.report.checks[-1].got if sess.report.checks[-1].status == "SKIP" else None
     last = list(sess.topo.groups)[-1]
-    nudged_spec = "drive of a nudged group + beta (target - s): the group moves toward the target"
-    if ok:
-        sess.run("settle nudged", nudged_spec, lambda sent: _settle_nudged(sess, sent, clamp, free[0], last))
-    elif not_run is not None:
-        sess.add(Check("settle nudged", "SKIP", "-", f"settle free was SKIPPED: {not_run}", nudged_spec))
+    # a free settle SKIPPED (its network over the declared line-current limit) leaves nothing to
+    # nudge or start from: those SKIP naming it (`Session.needs`), not FAIL
+    if ok or "settle free" in sess.not_run:
+        sess.run(
+            "settle nudged",
+            "drive of a nudged group + beta (target - s): the group moves toward the target",
+            lambda sent: _settle_nudged(sess, sent, clamp, free, last),
+        )
     for cap, operation, call in (
         ("trace", "settle trace", lambda sent: _trace(sess, sent, clamp)),
         ("preset_state", "settle init", lambda sent: _init(sess, sent, clamp, free)),
     ):
-        if cap in sess.caps and not_run is not None and operation == "settle init":
-            sess.add(Check(operation, "SKIP", "-", f"settle free was SKIPPED: {not_run}", _SETTLE_SPEC[cap]))
-        elif cap in sess.caps:
+        if cap in sess.caps:
             sess.run(operation, _SETTLE_SPEC[cap], call)
         elif cap == "trace":
             sess.skip(cap, operation, lambda: sess.dev.settle(clamp, trace=True))
@@ -224,9 +222,10 @@ NUDGE_BETA = 0.5  # the nudged settle's strength, where the board's max_beta all
 
 
 def _settle_nudged(
-    sess: Session, sent: list[str], clamp: dict[str, np.ndarray], free: Equilibrium, group: str
+    sess: Session, sent: list[str], clamp: dict[str, np.ndarray], free: list[Equilibrium], group: str
 ) -> str:
-    s_free = free.states[group]
+    sess.needs("settle free")
+    s_free = free[0].states[group]
     target = np.where(s_free > 0.5 * sum(sess.lim.adc_range), sess.x_lo, sess.x_hi).astype(np.float32)
     # 0.5, or the most the board declares (`max_beta`): a probe past it is the host's refusal,
     # a FAIL of a board that only declared a narrower nudge (the limit probes test that refusal)
@@ -276,6 +275,7 @@ def _trace(sess: Session, sent: list[str], clamp: dict[str, np.ndarray]) -> str:
 
 
 def _init(sess: Session, sent: list[str], clamp: dict[str, np.ndarray], free: list[Equilibrium]) -> str:
+    sess.needs("settle free")
     if not free:
         raise Mismatch("no free equilibrium to start from (settle free failed)")
     init = {g: s for g, s in free[0].states.items() if g not in clamp}
