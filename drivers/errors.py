@@ -10,7 +10,15 @@ import numbers
 
 
 class DeviceError(Exception):
-    """Base class of every error raised by a Device or by `open_device`."""
+    """Base class of every error raised by a Device or by `open_device`.
+
+    `not_run`: the request it ended provably did not run on the board (`Corrupted`: the board
+    said so; a framed message given up before its last fragment went out, `Link.send`).
+    `nacks`: the NACKs a framed link's give-up saw (`Link._deliver`), for the advice
+    `RetriesExhausted` gives: a NACK comes from a board that is powered and connected."""
+
+    not_run: bool = False
+    nacks: int = 0
 
 
 class DeviceTimeout(DeviceError):
@@ -160,7 +168,7 @@ class RetriesExhausted(DeviceError):
         # not followed by the generic question; a malformed reply came from a board that
         # answers, so the question is its firmware's, not the cable's (as is one that names the
         # rule of docs/protocol.md the board breaks)
-        nacks = getattr(last, "nacks", 0)
+        nacks = last.nacks if isinstance(last, DeviceError) else 0
         if nacks:  # the framed link's give-up: the board answered, with NACKs (`Link._deliver`)
             hint = (
                 f". The board answered with {nacks} NACK(s), so it is powered and connected, but it reads "

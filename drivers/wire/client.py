@@ -881,7 +881,7 @@ class RemoteDevice(Device):
                 # run (checked mode's `0`, -360) did not run, and neither did a framed message
                 # given up before its last fragment went out (`Link.send`): each leaves the
                 # outcome as it was, so a pulse or wait is sent again after a reset, not given up
-                not_run = getattr(exc, "not_run", False) is True
+                not_run = isinstance(exc, DeviceError) and exc.not_run
                 maybe_ran = maybe_ran or (sending and not not_run)
                 last: BaseException = exc
                 if isinstance(exc, OSError):

@@ -384,7 +384,7 @@ class Link:
                     # its last fragment only (rule 4), so it cannot have taken this one. Only that
                     # is provable: a NACK (0xFFFF) names no frame, and a last fragment the peer took
                     # may have had its ACK lost, so a message NACKed there may still have run.
-                    exc.not_run = True  # type: ignore[attr-defined]
+                    exc.not_run = True
                     outcome = "given up before the message's last fragment went out: the peer cannot have it"
                     outcome += "" if responder else ", so the request did not run"
                 else:
@@ -444,8 +444,7 @@ class Link:
                         )
                     # what the link saw, for the advice a caller gives (`RetriesExhausted`): a NACK
                     # comes from a board that is powered, connected and reading damaged frames
-                    gave_up.nacks = nacks  # type: ignore[attr-defined]
-                    gave_up.ack_timeouts = tries + 1 - nacks  # type: ignore[attr-defined]
+                    gave_up.nacks = nacks
                     raise gave_up
                 tries += 1
                 self.stats.retransmissions += 1
